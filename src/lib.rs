@@ -1,0 +1,25 @@
+//! skiff: a lean, single-binary message broker for ARM gateways.
+//!
+//! Map of the crate (dependencies point downwards only):
+//!
+//! - [`batch`]: the record batch format, the unit that is produced, stored,
+//!   and fetched as the same bytes. Shared by every other room.
+//! - [`storage`]: the log engine: segment rings, I/O backends (io_uring,
+//!   pwrite, fault-injecting), recovery. Knows nothing about the network.
+//! - [`broker`]: topics and partitions on top of storage; producer dedup.
+//! - [`protocol`]: CBOR frames and wire types; sans-IO.
+//! - [`server`]: listeners and per-connection sessions (smol).
+//! - [`client`]: the Rust client library used by the CLI, tests and benches.
+//! - [`config`]: the TOML schema, embedded default, device profiles.
+//! - [`metrics`]: counters, histograms, the Prometheus/health endpoint.
+//!
+//! `main.rs` only parses the command line and calls into this library.
+
+pub mod batch;
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod storage;

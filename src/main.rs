@@ -1,0 +1,3 @@
+fn main() {
+    println!("skiff {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,61 @@
+//! The I/O seam: the one narrow trait the log engine does its disk I/O
+//! through. Three implementations:
+//!
+//! - `uring`: io_uring with O_DIRECT (the default where the kernel has it),
+//! - `pwrite`: positional syscalls on the same O_DIRECT files (fallback),
+//! - `fault`: an in-memory disk with seeded faults, for tests.
+//!
+//! The storage thread owns its backend and calls it synchronously: a call
+//! returns when the kernel has completed the work. Group commit comes from
+//! handing [`IoBackend::write_batch`] every dirty tail at once, so one
+//! submission carries many partitions' writes and their fdatasyncs.
+
+use std::io;
+use std::path::Path;
+
+/// Alignment of every write offset, length and buffer address (O_DIRECT).
+pub const BLOCK_BYTES: usize = 4096;
+
+/// A file opened through a backend. Only meaningful to the backend that
+/// returned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileHandle(pub u32);
+
+/// One positional write. `offset`, `data.len()` and `data.as_ptr()` are
+/// multiples of [`BLOCK_BYTES`].
+#[derive(Debug)]
+pub struct WriteOp<'a> {
+    pub file: FileHandle,
+    pub offset: u64,
+    pub data: &'a [u8],
+}
+
+/// Positional reads and writes, fdatasync and allocation over files.
+pub trait IoBackend: Send + 'static {
+    /// For the start-up log line and metrics: "io_uring", "pwrite", "fault".
+    fn name(&self) -> &'static str;
+
+    /// Opens (and with `create`, creates) a file for direct I/O.
+    fn open(&mut self, path: &Path, create: bool) -> io::Result<FileHandle>;
+
+    fn close(&mut self, file: FileHandle);
+
+    /// Reserves `len` bytes so later writes below `len` never need new
+    /// blocks (fallocate; a full disk fails here, at creation, not later).
+    fn allocate(&mut self, file: FileHandle, len: u64) -> io::Result<()>;
+
+    /// Reads at `offset` into `buf` (aligned like writes); returns the number
+    /// of bytes read, short only at end of file.
+    fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Performs every write, then, if `sync` is non-empty, fdatasyncs each
+    /// file in it, and returns once all of it is complete. The first error
+    /// wins; after an error nothing about the other writes may be assumed.
+    fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()>;
+
+    /// fdatasync of one file.
+    fn sync(&mut self, file: FileHandle) -> io::Result<()>;
+
+    /// fsync of a directory, after creating, renaming or removing in it.
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+}
