@@ -1,0 +1,141 @@
+//! Argument types of the client-side commands. The flags are a contract
+//! that scripts rely on: add, never rename.
+
+use clap::{Args, Subcommand, ValueEnum};
+
+/// The embedded default config's TCP listener.
+pub const DEFAULT_BROKER: &str = "127.0.0.1:9471";
+
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArg {
+    /// Broker address: host:port, or the path of a Unix socket.
+    #[arg(long, global = true, default_value = DEFAULT_BROKER)]
+    pub broker: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicsCommand {
+    /// Create a topic with a preallocated ring per partition.
+    Create {
+        name: String,
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Size of each segment file (multiple of 4096).
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+        /// Segments per partition ring (at least 2).
+        #[arg(long)]
+        segments: Option<u32>,
+        /// Drop data older than this (0: size retention only).
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        /// always | interval:MS | never
+        #[arg(long)]
+        fsync: Option<String>,
+        /// overwrite | reject: what a full ring does.
+        #[arg(long)]
+        overflow: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// List topic names, one per line.
+    List {
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Show a topic's config and each partition's offsets.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ProduceArgs {
+    pub topic: String,
+    /// Record key (routes the record to a partition by hash).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Send to this partition instead of the key's.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Record values; without any, one record per line of stdin.
+    pub values: Vec<String>,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ConsumeArgs {
+    pub topic: String,
+    /// earliest | latest | OFFSET | @UNIX_MS
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+    /// Read only this partition (default: all of them).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Exit after this many records.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this many ms without a new record.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Durable produce: records/s, MB/s, ack latency percentiles.
+    Produce(BenchProduceArgs),
+    /// Replay a topic from the earliest offset: records/s, MB/s.
+    Consume(BenchConsumeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchProduceArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub messages: u64,
+    /// Record value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Concurrent producer connections.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
+    /// always | interval:MS | never (for the bench topic).
+    #[arg(long, default_value = "always")]
+    pub fsync: String,
+    #[arg(long, default_value = "skiff-bench")]
+    pub topic: String,
+    /// At most this many records un-acknowledged per producer.
+    #[arg(long, default_value_t = 1000)]
+    pub in_flight: u32,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchConsumeArgs {
+    #[arg(long, default_value = "skiff-bench")]
+    pub topic: String,
+    /// Stop after this many records (default: everything up to the latest offset).
+    #[arg(long)]
+    pub messages: Option<u64>,
+    #[command(flatten)]
+    pub broker: BrokerArg,
+}
