@@ -501,3 +501,165 @@ proptest! {
         let _ = decode_response(&body);
     }
 }
+
+/// The bytes of every sample message, pinned. A failure here means the
+/// wire format changed: a renumbered field or variant breaks every deployed
+/// peer. Only add entries; never edit one.
+const GOLDEN_REQUESTS: [(&str, &str); 10] = [
+    (
+        "hello",
+        "820182018301016f736b6966662d636c692f302e312e30",
+    ),
+    (
+        "metadata",
+        "8201820281816c73656e736f72732e74656d70",
+    ),
+    (
+        "create_topic",
+        "82018203a3006c73656e736f72732e74656d700104056c696e74657276616c3a313030",
+    ),
+    (
+        "describe_topic",
+        "82018204816c73656e736f72732e74656d70",
+    ),
+    (
+        "list_topics",
+        "8201820580",
+    ),
+    (
+        "delete_topic",
+        "82018206816c73656e736f72732e74656d70",
+    ),
+    (
+        "produce",
+        "820182078181836c73656e736f72732e74656d700247534b42312e2e2e",
+    ),
+    (
+        "fetch",
+        "820182088381846c73656e736f72732e74656d700218281a001000001901f401",
+    ),
+    (
+        "list_offsets",
+        "820182098183836c73656e736f72732e74656d70008100836c73656e736f72732e74656d70018101836c73656e736f72732e74656d700282021b0000018bcfe56800",
+    ),
+    (
+        "init_producer",
+        "8201820a8169676174657761792d37",
+    ),
+];
+
+const GOLDEN_RESPONSES: [(&str, &str); 11] = [
+    (
+        "error",
+        "820182008201781b6e6f20746f706963206e616d65642073656e736f72732e74656d70",
+    ),
+    (
+        "hello",
+        "8201820184016b736b69666620302e312e301a008000001a00100000",
+    ),
+    (
+        "metadata",
+        "820182028181836c73656e736f72732e74656d70008184000000182a",
+    ),
+    (
+        "create_topic",
+        "8201820381a6006c73656e736f72732e74656d700104021a0400000003080566616c7761797306696f7665727772697465",
+    ),
+    (
+        "describe_topic",
+        "8201820482a7006c73656e736f72732e74656d700104021a040000000308041a05265c000566616c7761797306696f76657277726974658184000000182a",
+    ),
+    (
+        "list_topics",
+        "8201820581826b73656e736f72732e68756d6c73656e736f72732e74656d70",
+    ),
+    (
+        "delete_topic",
+        "8201820680",
+    ),
+    (
+        "produce",
+        "820182078182866c73656e736f72732e74656d7002001828183100876c73656e736f72732e74656d700308000000781d72696e672066756c6c206f6620756e666f727761726465642064617461",
+    ),
+    (
+        "fetch",
+        "820182088181866c73656e736f72732e74656d70020018320047534b42312e2e2e",
+    ),
+    (
+        "list_offsets",
+        "820182098182846c73656e736f72732e74656d70000000836c73656e736f72732e74656d700200",
+    ),
+    (
+        "init_producer",
+        "8201820a821103",
+    ),
+];
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn golden_frames_pin_every_message_kind() {
+    let reqs = sample_requests();
+    assert_eq!(reqs.len(), GOLDEN_REQUESTS.len());
+    for ((name, r), (golden_name, golden)) in reqs.iter().zip(GOLDEN_REQUESTS) {
+        assert_eq!(*name, golden_name);
+        let f = request_frame(r);
+        assert_eq!(hex(&f[FRAME_HEADER_BYTES..]), golden, "request {name}");
+        assert_eq!(
+            body_len(f[..4].try_into().unwrap()) as usize,
+            golden.len() / 2
+        );
+    }
+    let resps = sample_responses();
+    assert_eq!(resps.len(), GOLDEN_RESPONSES.len());
+    for ((name, r), (golden_name, golden)) in resps.iter().zip(GOLDEN_RESPONSES) {
+        assert_eq!(*name, golden_name);
+        let f = response_frame(r);
+        assert_eq!(hex(&f[FRAME_HEADER_BYTES..]), golden, "response {name}");
+    }
+}
+
+const PROTOCOL_MD: &str = include_str!("../../docs/protocol.md");
+
+#[test]
+fn docs_show_every_sample() {
+    let reqs = sample_requests();
+    let resps = sample_responses();
+    let diags = reqs
+        .iter()
+        .map(|(n, r)| (*n, request_frame(r)))
+        .chain(resps.iter().map(|(n, r)| (*n, response_frame(r))));
+    for (name, frame) in diags {
+        let diag = minicbor::display(&frame[FRAME_HEADER_BYTES..]).to_string();
+        assert!(
+            PROTOCOL_MD.contains(&diag),
+            "docs/protocol.md lacks the example for {name}:\n{diag}"
+        );
+    }
+}
+
+#[test]
+fn docs_error_table_matches_the_codes() {
+    let rows: Vec<(u16, String, String)> = PROTOCOL_MD
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let code = cells.get(1)?.parse().ok()?;
+            let name = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((code, name.to_string(), cells.get(3)?.to_string()))
+        })
+        .collect();
+    assert_eq!(rows.len(), ErrorCode::ALL.len());
+    for ((code, name, retriable), c) in rows.iter().zip(ErrorCode::ALL) {
+        assert_eq!(*code, c.as_u16());
+        assert_eq!(name, c.name());
+        let want = match c {
+            ErrorCode::None => "—",
+            c if c.is_retriable() => "yes",
+            _ => "no",
+        };
+        assert_eq!(retriable, want, "{name}");
+    }
+}
