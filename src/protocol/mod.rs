@@ -1,1 +1,56 @@
-//! See the crate map in lib.rs.
+//! The wire protocol: frames of one CBOR item each, the message types, the
+//! error codes. Sans-IO: this module never touches a socket; the server and
+//! the client feed it bytes and send what it encodes. The specification for
+//! humans is `docs/protocol.md`.
+//!
+//! - [`codec`]: the frame layout, `frame_len` (is a whole frame buffered?),
+//!   `decode_*` and `encode_*`.
+//! - [`types`]: every request and response, with the index rule.
+//! - [`error`]: [`ErrorCode`] (on the wire) and [`FrameError`] (bad bytes).
+
+pub mod codec;
+pub mod error;
+pub mod types;
+
+#[cfg(test)]
+mod tests;
+
+pub use codec::{
+    body_len, decode_request, decode_response, encode_request, encode_response, error_response,
+    frame_error_response, frame_len, peek_correlation_id, FRAME_HEADER_BYTES,
+};
+pub use error::{ErrorCode, FrameError, MalformedKind};
+pub use types::*;
+
+/// The protocol versions this build speaks. A version changes when an
+/// operation is added or a field's meaning changes; adding an optional field
+/// does not need one.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
+
+/// The hard ceiling on a frame body, whatever the config says: a produce of
+/// one batch of the largest size the batch format allows, plus room for the
+/// request around it.
+pub const FRAME_BYTES_MAX: u32 = 80 * 1024 * 1024;
+/// Room for the CBOR around a batch in a produce frame (topic name, indices,
+/// headers of the byte string); topic names are far shorter than this.
+pub const FRAME_OVERHEAD_BYTES_MAX: u32 = 64 * 1024;
+const _: () = assert!(
+    crate::batch::BATCH_BYTES_MAX as u64 + FRAME_OVERHEAD_BYTES_MAX as u64
+        <= FRAME_BYTES_MAX as u64
+);
+
+/// The limit on frames before `hello` is done. A hello request is tiny; a
+/// peer that sends a large first frame is not a skiff client (an HTTP or TLS
+/// client hitting the wrong port), and is cut off before it costs memory.
+pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
+
+/// The version a server speaking `[PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX]`
+/// picks for a client offering `[client_min, client_max]`: the highest both
+/// speak, or `None` when the ranges do not meet.
+pub fn negotiate_version(client_min: u16, client_max: u16) -> Option<u16> {
+    let high = client_max.min(PROTOCOL_VERSION_MAX);
+    let low = client_min.max(PROTOCOL_VERSION_MIN);
+    (low <= high).then_some(high)
+}

@@ -1,0 +1,137 @@
+//! Framing: check that a whole frame is buffered, then decode it.
+//!
+//! # Frame layout
+//!
+//! | offset | size | field | notes                                          |
+//! |-------:|-----:|-------|------------------------------------------------|
+//! |      0 |    4 | len   | u32, big-endian: the body's size in bytes      |
+//! |      4 |  len | body  | exactly one CBOR item: a [`Request`] or [`Response`] |
+//!
+//! The length is checked against the limit before anything is allocated or
+//! awaited, so a bit-flipped or hostile prefix (up to 4 GiB) is an error at
+//! once, never an allocation. A body with bytes after its CBOR item is an
+//! error: such a peer's framing cannot be trusted.
+//!
+//! Use: buffer bytes from the socket; `frame_len(buf, max)` says whether a
+//! whole frame is there and how long it is; decode `&buf[FRAME_HEADER_BYTES..n]`
+//! and drop `n` bytes from the buffer.
+
+use minicbor::Decoder;
+
+use super::error::{ErrorCode, FrameError};
+use super::types::{ErrorResponse, Request, Response, ResponseBody};
+
+/// The size of the length prefix.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// Returns the size of the first frame in `buf`, prefix included, once all
+/// of it is buffered: `Ok(None)` means "read more". A length above
+/// `max_frame_bytes` is an error as soon as the prefix is in.
+pub fn frame_len(buf: &[u8], max_frame_bytes: u32) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = buf.get(..FRAME_HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes"));
+    if len > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: max_frame_bytes,
+        });
+    }
+    let total = FRAME_HEADER_BYTES + len as usize;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// The body's declared length, from a buffer holding at least the prefix.
+/// For a reader that wants to size one read exactly.
+pub fn body_len(prefix: [u8; FRAME_HEADER_BYTES]) -> u32 {
+    u32::from_be_bytes(prefix)
+}
+
+fn decode_exact<'b, T: minicbor::Decode<'b, ()>>(body: &'b [u8]) -> Result<T, FrameError> {
+    let mut d = Decoder::new(body);
+    let item = d.decode().map_err(|e| FrameError::malformed(&e))?;
+    if d.position() != body.len() {
+        return Err(FrameError::TrailingBytes {
+            item_end: d.position(),
+            frame_len: body.len(),
+        });
+    }
+    Ok(item)
+}
+
+/// Decodes one request from a frame body (without the length prefix).
+pub fn decode_request(frame_body: &[u8]) -> Result<Request, FrameError> {
+    decode_exact(frame_body)
+}
+
+/// Decodes one response from a frame body (without the length prefix).
+pub fn decode_response(frame_body: &[u8]) -> Result<Response, FrameError> {
+    decode_exact(frame_body)
+}
+
+/// Reads just the correlation id of a frame body that may be malformed
+/// further on, so the error answer can carry it. `None` when even that is
+/// unreadable; the server then answers with correlation id 0.
+pub fn peek_correlation_id(frame_body: &[u8]) -> Option<u32> {
+    let mut d = Decoder::new(frame_body);
+    d.array().ok()?;
+    d.u32().ok()
+}
+
+fn encode_frame<T: minicbor::Encode<()>>(item: &T, out: &mut Vec<u8>) -> Result<usize, FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    minicbor::encode(item, &mut *out).expect("Vec<u8> writes are infallible");
+    let body = out.len() - start - FRAME_HEADER_BYTES;
+    let Ok(len) = u32::try_from(body) else {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: body as u64,
+            max: u32::MAX,
+        });
+    };
+    out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
+    Ok(FRAME_HEADER_BYTES + body)
+}
+
+/// Appends one frame (length prefix and item) to `out` and returns its size,
+/// prefix included. Fails only when the body does not fit a u32 length;
+/// checking the peer's `max_frame_bytes` is the caller's job, since only it
+/// knows the negotiated limit.
+pub fn encode_request(request: &Request, out: &mut Vec<u8>) -> Result<usize, FrameError> {
+    encode_frame(request, out)
+}
+
+/// As [`encode_request`], for a response.
+pub fn encode_response(response: &Response, out: &mut Vec<u8>) -> Result<usize, FrameError> {
+    encode_frame(response, out)
+}
+
+/// The answer to a frame that could not be decoded: the correlation id if it
+/// was readable (else 0) and the error's code. The server sends it and then
+/// closes the connection.
+pub fn frame_error_response(frame_body: &[u8], error: &FrameError) -> Response {
+    Response {
+        correlation_id: peek_correlation_id(frame_body).unwrap_or(0),
+        body: ResponseBody::Error(ErrorResponse {
+            code: error.code(),
+            message: error.to_string(),
+        }),
+    }
+}
+
+/// An error answer for a request as a whole.
+pub fn error_response(
+    correlation_id: u32,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Response {
+    Response {
+        correlation_id,
+        body: ResponseBody::Error(ErrorResponse {
+            code,
+            message: message.into(),
+        }),
+    }
+}

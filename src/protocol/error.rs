@@ -1,0 +1,302 @@
+//! Error codes on the wire, and the codec's own errors.
+//!
+//! Two kinds of failure are kept apart:
+//!
+//! - [`ErrorCode`]: a domain answer the server sends back inside a response
+//!   (unknown topic, storage full, ...). It is part of the wire format.
+//! - [`FrameError`]: bytes that are not a valid frame. The codec returns it;
+//!   a server maps it to an [`ErrorCode`] with [`FrameError::code`], answers,
+//!   and closes the connection.
+
+use minicbor::decode;
+use minicbor::encode::{self, Write};
+use minicbor::{Decode, Decoder, Encode, Encoder};
+
+/// A typed failure, sent as an unsigned integer (a `u16`). The numbers are
+/// part of the wire format: never renumber or reuse one; add new codes at the
+/// end. A server only sends codes that the negotiated protocol version
+/// defines, so a client never meets a number it does not know.
+///
+/// "Retriable" ([`ErrorCode::is_retriable`]) means the same request may
+/// succeed later without any change by the client or an operator; a client
+/// retries those with backoff, and fails fast on the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Success. Used in per-partition results, where each entry carries a
+    /// code; never in an [`ErrorResponse`](super::ErrorResponse).
+    None = 0,
+    /// The topic does not exist (never created, or deleted). Not retriable:
+    /// create it first.
+    UnknownTopic = 1,
+    /// The topic exists but has no partition with that number. Not retriable:
+    /// refresh metadata; the partition count is fixed at creation.
+    UnknownPartition = 2,
+    /// `create_topic` for a name that already exists. Not retriable.
+    TopicExists = 3,
+    /// The request decoded but asks for something invalid: a bad topic name,
+    /// zero partitions, an unparsable fsync policy, an operation before
+    /// `hello`, a second `hello`, ... Not retriable: fix the request.
+    InvalidRequest = 4,
+    /// The frame's length prefix is above the server's `max_frame_bytes`.
+    /// The server answers and closes the connection. Not retriable as is.
+    FrameTooLarge = 5,
+    /// The frame is not one CBOR item of the expected shape (bad CBOR, unknown
+    /// operation, missing field, trailing bytes). The server answers (with
+    /// correlation id 0 when it could not read one) and closes the
+    /// connection. Not retriable: this is a client bug.
+    MalformedFrame = 6,
+    /// `hello` offered no protocol version the server speaks; the message
+    /// names the server's range. Not retriable.
+    UnsupportedVersion = 7,
+    /// The partition's ring is full of data that may not be dropped yet
+    /// (overflow policy `reject` and data not yet forwarded upstream).
+    /// Retriable: space frees up as the mirror forwards.
+    StorageFull = 8,
+    /// A write or fsync failed on the server. The partition refuses writes
+    /// until it is recovered, so a retry does not help before an operator or
+    /// a restart does. Not retriable. The outcome of the failed write is
+    /// unknown to the client, but it was never acknowledged.
+    StorageFailed = 9,
+    /// Recovery found the partition damaged beyond its torn-tail policy and
+    /// set it aside. Not retriable: needs an operator.
+    PartitionQuarantined = 10,
+    /// A fetch asked for an offset below the partition's earliest or above
+    /// its latest offset. Not retriable: reset the position (see
+    /// `earliest_offset` / `high_watermark` in the result).
+    OffsetOutOfRange = 11,
+    /// A produced batch fails its checks (CRC, magic, record count, body).
+    /// Not retriable: the bytes are wrong.
+    InvalidBatch = 12,
+    /// A produced batch is above the server's `max_batch_bytes`. Not
+    /// retriable as is: split it.
+    BatchTooLarge = 13,
+    /// The connection's identity may not do this. Not retriable.
+    NotAuthorized = 14,
+    /// `create_topic` would exceed the server's topic limit. Not retriable.
+    TooManyTopics = 15,
+    /// `create_topic` would exceed the server's partition limit. Not
+    /// retriable.
+    TooManyPartitions = 16,
+    /// The server is at its connection limit; it answers `hello` with this
+    /// and closes. Retriable: connect again after a backoff.
+    TooManyConnections = 17,
+    /// The producer's epoch is older than the current one for its id:
+    /// another instance took over. Not retriable: this producer must stop.
+    FencedProducer = 18,
+    /// The batch's sequence number leaves a gap after the last one written.
+    /// Not retriable as is: earlier batches were lost; the producer must
+    /// re-initialise.
+    OutOfOrderSequence = 19,
+    /// The batch's sequence number was already written. Not retriable; the
+    /// data is in the log already (the result carries the offsets when the
+    /// server still knows them).
+    DuplicateSequence = 20,
+    /// The server is shutting down and takes no new work. Retriable:
+    /// reconnect after a backoff.
+    ShuttingDown = 21,
+    /// A server bug. Not retriable; the message says what happened.
+    Internal = 22,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order. Used by tests and by the docs table.
+    pub const ALL: [ErrorCode; 23] = [
+        Self::None,
+        Self::UnknownTopic,
+        Self::UnknownPartition,
+        Self::TopicExists,
+        Self::InvalidRequest,
+        Self::FrameTooLarge,
+        Self::MalformedFrame,
+        Self::UnsupportedVersion,
+        Self::StorageFull,
+        Self::StorageFailed,
+        Self::PartitionQuarantined,
+        Self::OffsetOutOfRange,
+        Self::InvalidBatch,
+        Self::BatchTooLarge,
+        Self::NotAuthorized,
+        Self::TooManyTopics,
+        Self::TooManyPartitions,
+        Self::TooManyConnections,
+        Self::FencedProducer,
+        Self::OutOfOrderSequence,
+        Self::DuplicateSequence,
+        Self::ShuttingDown,
+        Self::Internal,
+    ];
+
+    /// The number on the wire.
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The code for a wire number, or `None` for a number this version does
+    /// not define.
+    pub fn from_u16(code: u16) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
+    /// The snake_case name used in docs, logs and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::UnknownTopic => "unknown_topic",
+            Self::UnknownPartition => "unknown_partition",
+            Self::TopicExists => "topic_exists",
+            Self::InvalidRequest => "invalid_request",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::MalformedFrame => "malformed_frame",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::StorageFull => "storage_full",
+            Self::StorageFailed => "storage_failed",
+            Self::PartitionQuarantined => "partition_quarantined",
+            Self::OffsetOutOfRange => "offset_out_of_range",
+            Self::InvalidBatch => "invalid_batch",
+            Self::BatchTooLarge => "batch_too_large",
+            Self::NotAuthorized => "not_authorized",
+            Self::TooManyTopics => "too_many_topics",
+            Self::TooManyPartitions => "too_many_partitions",
+            Self::TooManyConnections => "too_many_connections",
+            Self::FencedProducer => "fenced_producer",
+            Self::OutOfOrderSequence => "out_of_order_sequence",
+            Self::DuplicateSequence => "duplicate_sequence",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Whether the same request may succeed later unchanged. See each
+    /// variant's docs for the reason.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            Self::StorageFull | Self::TooManyConnections | Self::ShuttingDown
+        )
+    }
+
+    /// Whether this is the success code.
+    pub fn is_none(self) -> bool {
+        self == Self::None
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl<C> Encode<C> for ErrorCode {
+    fn encode<W: Write>(
+        &self,
+        e: &mut Encoder<W>,
+        _: &mut C,
+    ) -> Result<(), encode::Error<W::Error>> {
+        e.u16(self.as_u16())?.ok()
+    }
+}
+
+impl<C> Decode<'_, C> for ErrorCode {
+    fn decode(d: &mut Decoder<'_>, _: &mut C) -> Result<Self, decode::Error> {
+        let at = d.position();
+        let code = d.u16()?;
+        Self::from_u16(code).ok_or_else(|| decode::Error::message("unknown error code").at(at))
+    }
+}
+
+/// What kind of CBOR problem made a frame malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MalformedKind {
+    /// The CBOR item ends before its declared content does.
+    Truncated,
+    /// A value has another CBOR type than the field needs.
+    TypeMismatch,
+    /// An operation or enum variant index this version does not define.
+    UnknownVariant,
+    /// A required field is absent.
+    MissingField,
+    /// A number out of its field's range, an unknown error code, invalid
+    /// UTF-8, an indefinite-length byte string, or another CBOR-level error.
+    InvalidValue,
+}
+
+impl MalformedKind {
+    fn of(e: &decode::Error) -> Self {
+        if e.is_end_of_input() {
+            Self::Truncated
+        } else if e.is_type_mismatch() {
+            Self::TypeMismatch
+        } else if e.is_unknown_variant() {
+            Self::UnknownVariant
+        } else if e.is_missing_value() {
+            Self::MissingField
+        } else {
+            Self::InvalidValue
+        }
+    }
+}
+
+/// Why bytes are not a valid frame. Each variant names what was seen, with
+/// byte offsets into the frame body (after the length prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix is above the limit. Likely a peer with a bigger
+    /// limit, a bug, or not a skiff peer at all (an HTTP request reads as a
+    /// length of about 1.2 GB).
+    TooLarge { len: u64, max: u32 },
+    /// The body is not one CBOR item of the expected shape.
+    Malformed {
+        /// Where the decoder stopped, when it knows.
+        offset: Option<usize>,
+        kind: MalformedKind,
+    },
+    /// A valid item ends before the frame does: the peer's framing or
+    /// encoder is broken, so nothing after it can be trusted.
+    TrailingBytes { item_end: usize, frame_len: usize },
+}
+
+impl FrameError {
+    pub(crate) fn malformed(e: &decode::Error) -> Self {
+        Self::Malformed {
+            offset: e.position(),
+            kind: MalformedKind::of(e),
+        }
+    }
+
+    /// The code a server answers with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            Self::Malformed { .. } | Self::TrailingBytes { .. } => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes is above the limit of {max}")
+            }
+            Self::Malformed {
+                offset: Some(at),
+                kind,
+            } => write!(f, "malformed frame at byte {at}: {kind:?}"),
+            Self::Malformed { offset: None, kind } => write!(f, "malformed frame: {kind:?}"),
+            Self::TrailingBytes {
+                item_end,
+                frame_len,
+            } => write!(
+                f,
+                "trailing bytes: the item ends at byte {item_end} of a {frame_len}-byte frame"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}

@@ -1,0 +1,665 @@
+//! Codec and wire-format tests. `samples` holds one message of every kind;
+//! the golden test pins their bytes and the docs test checks that
+//! `docs/protocol.md` shows each of them.
+
+use super::*;
+use minicbor::bytes::ByteVec;
+use proptest::prelude::*;
+
+fn partition_meta(partition: u32) -> PartitionMetadata {
+    PartitionMetadata {
+        partition,
+        error: ErrorCode::None,
+        earliest_offset: 0,
+        latest_offset: 42,
+    }
+}
+
+fn topic_config() -> TopicConfig {
+    TopicConfig {
+        name: "sensors.temp".into(),
+        partitions: 4,
+        segment_bytes: 64 * 1024 * 1024,
+        segments: 8,
+        retention_ms: None,
+        fsync: "always".into(),
+        overflow: "overwrite".into(),
+    }
+}
+
+/// One request of every operation, named for the docs.
+pub(super) fn sample_requests() -> Vec<(&'static str, Request)> {
+    let body = |b| Request {
+        correlation_id: 1,
+        body: b,
+    };
+    vec![
+        (
+            "hello",
+            body(RequestBody::Hello(HelloRequest {
+                version_min: 1,
+                version_max: 1,
+                client_name: Some("skiff-cli/0.1.0".into()),
+            })),
+        ),
+        (
+            "metadata",
+            body(RequestBody::Metadata(MetadataRequest {
+                topics: Some(vec!["sensors.temp".into()]),
+            })),
+        ),
+        (
+            "create_topic",
+            body(RequestBody::CreateTopic(CreateTopicRequest {
+                name: "sensors.temp".into(),
+                partitions: Some(4),
+                fsync: Some("interval:100".into()),
+                ..Default::default()
+            })),
+        ),
+        (
+            "describe_topic",
+            body(RequestBody::DescribeTopic(DescribeTopicRequest {
+                name: "sensors.temp".into(),
+            })),
+        ),
+        (
+            "list_topics",
+            body(RequestBody::ListTopics(ListTopicsRequest {})),
+        ),
+        (
+            "delete_topic",
+            body(RequestBody::DeleteTopic(DeleteTopicRequest {
+                name: "sensors.temp".into(),
+            })),
+        ),
+        (
+            "produce",
+            body(RequestBody::Produce(ProduceRequest {
+                partitions: vec![ProducePartition {
+                    topic: "sensors.temp".into(),
+                    partition: 2,
+                    batch: ByteVec::from(b"SKB1...".to_vec()),
+                }],
+            })),
+        ),
+        (
+            "fetch",
+            body(RequestBody::Fetch(FetchRequest {
+                partitions: vec![FetchPartition {
+                    topic: "sensors.temp".into(),
+                    partition: 2,
+                    offset: 40,
+                    max_bytes: 1024 * 1024,
+                }],
+                max_wait_ms: 500,
+                min_bytes: 1,
+            })),
+        ),
+        (
+            "list_offsets",
+            body(RequestBody::ListOffsets(ListOffsetsRequest {
+                partitions: vec![
+                    ListOffsetsPartition {
+                        topic: "sensors.temp".into(),
+                        partition: 0,
+                        spec: OffsetSpec::Earliest,
+                    },
+                    ListOffsetsPartition {
+                        topic: "sensors.temp".into(),
+                        partition: 1,
+                        spec: OffsetSpec::Latest,
+                    },
+                    ListOffsetsPartition {
+                        topic: "sensors.temp".into(),
+                        partition: 2,
+                        spec: OffsetSpec::Timestamp(1_700_000_000_000),
+                    },
+                ],
+            })),
+        ),
+        (
+            "init_producer",
+            body(RequestBody::InitProducer(InitProducerRequest {
+                producer_name: Some("gateway-7".into()),
+            })),
+        ),
+    ]
+}
+
+/// One response of every operation and the error answer, named for the docs.
+pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
+    let body = |b| Response {
+        correlation_id: 1,
+        body: b,
+    };
+    vec![
+        (
+            "error",
+            body(ResponseBody::Error(ErrorResponse {
+                code: ErrorCode::UnknownTopic,
+                message: "no topic named sensors.temp".into(),
+            })),
+        ),
+        (
+            "hello",
+            body(ResponseBody::Hello(HelloResponse {
+                version: 1,
+                server_version: "skiff 0.1.0".into(),
+                max_frame_bytes: 8 * 1024 * 1024,
+                max_batch_bytes: 1024 * 1024,
+            })),
+        ),
+        (
+            "metadata",
+            body(ResponseBody::Metadata(MetadataResponse {
+                topics: vec![TopicMetadata {
+                    name: "sensors.temp".into(),
+                    error: ErrorCode::None,
+                    partitions: vec![partition_meta(0)],
+                }],
+            })),
+        ),
+        (
+            "create_topic",
+            body(ResponseBody::CreateTopic(CreateTopicResponse {
+                config: topic_config(),
+            })),
+        ),
+        (
+            "describe_topic",
+            body(ResponseBody::DescribeTopic(DescribeTopicResponse {
+                config: TopicConfig {
+                    retention_ms: Some(86_400_000),
+                    ..topic_config()
+                },
+                partitions: vec![partition_meta(0)],
+            })),
+        ),
+        (
+            "list_topics",
+            body(ResponseBody::ListTopics(ListTopicsResponse {
+                topics: vec!["sensors.hum".into(), "sensors.temp".into()],
+            })),
+        ),
+        (
+            "delete_topic",
+            body(ResponseBody::DeleteTopic(DeleteTopicResponse {})),
+        ),
+        (
+            "produce",
+            body(ResponseBody::Produce(ProduceResponse {
+                partitions: vec![
+                    ProducePartitionResult {
+                        topic: "sensors.temp".into(),
+                        partition: 2,
+                        error: ErrorCode::None,
+                        base_offset: 40,
+                        last_offset: 49,
+                        duplicate_records: 0,
+                        message: None,
+                    },
+                    ProducePartitionResult {
+                        topic: "sensors.temp".into(),
+                        partition: 3,
+                        error: ErrorCode::StorageFull,
+                        base_offset: 0,
+                        last_offset: 0,
+                        duplicate_records: 0,
+                        message: Some("ring full of unforwarded data".into()),
+                    },
+                ],
+            })),
+        ),
+        (
+            "fetch",
+            body(ResponseBody::Fetch(FetchResponse {
+                partitions: vec![FetchPartitionResult {
+                    topic: "sensors.temp".into(),
+                    partition: 2,
+                    error: ErrorCode::None,
+                    high_watermark: 50,
+                    earliest_offset: 0,
+                    records: ByteVec::from(b"SKB1...".to_vec()),
+                }],
+            })),
+        ),
+        (
+            "list_offsets",
+            body(ResponseBody::ListOffsets(ListOffsetsResponse {
+                partitions: vec![
+                    ListOffsetsPartitionResult {
+                        topic: "sensors.temp".into(),
+                        partition: 0,
+                        error: ErrorCode::None,
+                        offset: Some(0),
+                    },
+                    ListOffsetsPartitionResult {
+                        topic: "sensors.temp".into(),
+                        partition: 2,
+                        error: ErrorCode::None,
+                        offset: None,
+                    },
+                ],
+            })),
+        ),
+        (
+            "init_producer",
+            body(ResponseBody::InitProducer(InitProducerResponse {
+                producer_id: 17,
+                producer_epoch: 3,
+            })),
+        ),
+    ]
+}
+
+fn request_frame(r: &Request) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = encode_request(r, &mut out).unwrap();
+    assert_eq!(n, out.len());
+    out
+}
+
+fn response_frame(r: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = encode_response(r, &mut out).unwrap();
+    assert_eq!(n, out.len());
+    out
+}
+
+#[test]
+fn every_request_round_trips_through_a_frame() {
+    for (name, r) in sample_requests() {
+        let f = request_frame(&r);
+        let n = frame_len(&f, FRAME_BYTES_MAX).unwrap().unwrap();
+        assert_eq!(n, f.len(), "{name}");
+        assert_eq!(
+            decode_request(&f[FRAME_HEADER_BYTES..n]).unwrap(),
+            r,
+            "{name}"
+        );
+        assert_eq!(r.body.name(), name);
+    }
+}
+
+#[test]
+fn every_response_round_trips_through_a_frame() {
+    for (name, r) in sample_responses() {
+        let f = response_frame(&r);
+        let n = frame_len(&f, FRAME_BYTES_MAX).unwrap().unwrap();
+        assert_eq!(n, f.len(), "{name}");
+        assert_eq!(
+            decode_response(&f[FRAME_HEADER_BYTES..n]).unwrap(),
+            r,
+            "{name}"
+        );
+        assert_eq!(r.body.name(), name);
+    }
+}
+
+#[test]
+fn every_error_code_round_trips_and_names_are_unique() {
+    let mut names = std::collections::HashSet::new();
+    for (i, code) in ErrorCode::ALL.iter().enumerate() {
+        assert_eq!(usize::from(code.as_u16()), i, "ALL is in wire order");
+        assert_eq!(ErrorCode::from_u16(code.as_u16()), Some(*code));
+        assert!(names.insert(code.name()));
+        let bytes = minicbor::to_vec(code).unwrap();
+        assert_eq!(minicbor::decode::<ErrorCode>(&bytes).unwrap(), *code);
+    }
+    assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16), None);
+}
+
+#[test]
+fn truncated_frames_say_read_more() {
+    for (_, r) in sample_requests() {
+        let f = request_frame(&r);
+        for cut in 0..f.len() {
+            assert_eq!(
+                frame_len(&f[..cut], FRAME_BYTES_MAX),
+                Ok(None),
+                "cut at {cut}"
+            );
+        }
+    }
+}
+
+#[test]
+fn frame_len_sees_only_the_first_of_two_frames() {
+    let reqs = sample_requests();
+    let mut buf = request_frame(&reqs[0].1);
+    let first = buf.len();
+    buf.extend(request_frame(&reqs[1].1));
+    assert_eq!(frame_len(&buf, FRAME_BYTES_MAX), Ok(Some(first)));
+    let rest = &buf[first..];
+    let n = frame_len(rest, FRAME_BYTES_MAX).unwrap().unwrap();
+    assert_eq!(
+        decode_request(&rest[FRAME_HEADER_BYTES..n]).unwrap(),
+        reqs[1].1
+    );
+}
+
+#[test]
+fn oversized_length_is_rejected_from_the_prefix_alone() {
+    // Only the prefix is buffered: the answer must not wait for (or
+    // allocate) the 4 GiB the prefix announces.
+    assert_eq!(
+        frame_len(&[0xff; 4], FRAME_BYTES_MAX),
+        Err(FrameError::TooLarge {
+            len: u64::from(u32::MAX),
+            max: FRAME_BYTES_MAX
+        })
+    );
+    // The limit is inclusive.
+    let max = 16;
+    assert_eq!(frame_len(&[0, 0, 0, 16], max), Ok(None));
+    assert!(matches!(
+        frame_len(&[0, 0, 0, 17], max),
+        Err(FrameError::TooLarge { len: 17, max: 16 })
+    ));
+    assert_eq!(
+        FrameError::TooLarge { len: 17, max: 16 }.code(),
+        ErrorCode::FrameTooLarge
+    );
+}
+
+#[test]
+fn trailing_bytes_after_the_item_are_rejected() {
+    let f = request_frame(&sample_requests()[0].1);
+    let mut body = f[FRAME_HEADER_BYTES..].to_vec();
+    let item_end = body.len();
+    body.push(0x00);
+    assert_eq!(
+        decode_request(&body),
+        Err(FrameError::TrailingBytes {
+            item_end,
+            frame_len: item_end + 1
+        })
+    );
+    assert_eq!(
+        decode_request(&body).unwrap_err().code(),
+        ErrorCode::MalformedFrame
+    );
+}
+
+#[test]
+fn unknown_operation_index_is_malformed_and_keeps_the_correlation_id() {
+    // [9, [99, []]]: correlation id 9, operation 99.
+    let body = [0x82, 0x09, 0x82, 0x18, 0x63, 0x80];
+    let err = decode_request(&body).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FrameError::Malformed {
+                kind: MalformedKind::UnknownVariant,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let answer = frame_error_response(&body, &err);
+    assert_eq!(answer.correlation_id, 9);
+    assert!(matches!(
+        answer.body,
+        ResponseBody::Error(ErrorResponse {
+            code: ErrorCode::MalformedFrame,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn request_index_zero_is_reserved() {
+    // [1, [0, []]]: operation 0 is the error answer, not a request.
+    let body = [0x82, 0x01, 0x82, 0x00, 0x80];
+    assert!(matches!(
+        decode_request(&body),
+        Err(FrameError::Malformed {
+            kind: MalformedKind::UnknownVariant,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn unreadable_correlation_id_answers_with_zero() {
+    for body in [&[][..], &[0xff][..], &[0x82, 0x61, 0x41][..]] {
+        let err = decode_request(body).unwrap_err();
+        assert_eq!(frame_error_response(body, &err).correlation_id, 0);
+    }
+}
+
+#[test]
+fn unknown_error_code_is_malformed() {
+    // A response whose error code is past the last one defined.
+    let body = [0x82, 0x01, 0x82, 0x00, 0x82, 0x19, 0x03, 0xe8, 0x60];
+    assert!(matches!(
+        decode_response(&body),
+        Err(FrameError::Malformed {
+            kind: MalformedKind::InvalidValue,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn version_negotiation_picks_the_highest_common() {
+    assert_eq!(negotiate_version(1, 1), Some(1));
+    assert_eq!(negotiate_version(0, 9), Some(PROTOCOL_VERSION_MAX));
+    assert_eq!(negotiate_version(PROTOCOL_VERSION_MAX + 1, 99), None);
+    assert_eq!(negotiate_version(0, 0), None);
+    assert_eq!(
+        negotiate_version(1, 0),
+        None,
+        "an empty range meets nothing"
+    );
+}
+
+#[test]
+fn policies_parse_their_wire_strings() {
+    for s in ["always", "never", "interval:250"] {
+        assert_eq!(FsyncPolicy::parse(s).unwrap().to_string(), s);
+    }
+    for s in ["", "interval:", "interval:-1", "Always", "interval:1ms"] {
+        assert_eq!(FsyncPolicy::parse(s), None, "{s:?}");
+    }
+    for s in ["overwrite", "reject"] {
+        assert_eq!(OverflowPolicy::parse(s).unwrap().to_string(), s);
+    }
+    assert_eq!(OverflowPolicy::parse("drop"), None);
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = frame_len(&bytes, FRAME_BYTES_MAX);
+        let _ = decode_request(&bytes);
+        let _ = decode_response(&bytes);
+        let _ = peek_correlation_id(&bytes);
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic(
+        which in 0usize..10,
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+    ) {
+        let reqs = sample_requests();
+        let f = request_frame(&reqs[which % reqs.len()].1);
+        let mut body = f[FRAME_HEADER_BYTES..].to_vec();
+        for (at, x) in flips {
+            let i = at % body.len();
+            body[i] ^= x;
+        }
+        if let Err(e) = decode_request(&body) {
+            let _ = frame_error_response(&body, &e);
+        }
+        let resps = sample_responses();
+        let f = response_frame(&resps[which % resps.len()].1);
+        let mut body = f[FRAME_HEADER_BYTES..].to_vec();
+        let i = body.len() / 2;
+        body[i] ^= 0x5a;
+        let _ = decode_response(&body);
+    }
+}
+
+/// The bytes of every sample message, pinned. A failure here means the
+/// wire format changed: a renumbered field or variant breaks every deployed
+/// peer. Only add entries; never edit one.
+const GOLDEN_REQUESTS: [(&str, &str); 10] = [
+    (
+        "hello",
+        "820182018301016f736b6966662d636c692f302e312e30",
+    ),
+    (
+        "metadata",
+        "8201820281816c73656e736f72732e74656d70",
+    ),
+    (
+        "create_topic",
+        "82018203a3006c73656e736f72732e74656d700104056c696e74657276616c3a313030",
+    ),
+    (
+        "describe_topic",
+        "82018204816c73656e736f72732e74656d70",
+    ),
+    (
+        "list_topics",
+        "8201820580",
+    ),
+    (
+        "delete_topic",
+        "82018206816c73656e736f72732e74656d70",
+    ),
+    (
+        "produce",
+        "820182078181836c73656e736f72732e74656d700247534b42312e2e2e",
+    ),
+    (
+        "fetch",
+        "820182088381846c73656e736f72732e74656d700218281a001000001901f401",
+    ),
+    (
+        "list_offsets",
+        "820182098183836c73656e736f72732e74656d70008100836c73656e736f72732e74656d70018101836c73656e736f72732e74656d700282021b0000018bcfe56800",
+    ),
+    (
+        "init_producer",
+        "8201820a8169676174657761792d37",
+    ),
+];
+
+const GOLDEN_RESPONSES: [(&str, &str); 11] = [
+    (
+        "error",
+        "820182008201781b6e6f20746f706963206e616d65642073656e736f72732e74656d70",
+    ),
+    (
+        "hello",
+        "8201820184016b736b69666620302e312e301a008000001a00100000",
+    ),
+    (
+        "metadata",
+        "820182028181836c73656e736f72732e74656d70008184000000182a",
+    ),
+    (
+        "create_topic",
+        "8201820381a6006c73656e736f72732e74656d700104021a0400000003080566616c7761797306696f7665727772697465",
+    ),
+    (
+        "describe_topic",
+        "8201820482a7006c73656e736f72732e74656d700104021a040000000308041a05265c000566616c7761797306696f76657277726974658184000000182a",
+    ),
+    (
+        "list_topics",
+        "8201820581826b73656e736f72732e68756d6c73656e736f72732e74656d70",
+    ),
+    (
+        "delete_topic",
+        "8201820680",
+    ),
+    (
+        "produce",
+        "820182078182866c73656e736f72732e74656d7002001828183100876c73656e736f72732e74656d700308000000781d72696e672066756c6c206f6620756e666f727761726465642064617461",
+    ),
+    (
+        "fetch",
+        "820182088181866c73656e736f72732e74656d70020018320047534b42312e2e2e",
+    ),
+    (
+        "list_offsets",
+        "820182098182846c73656e736f72732e74656d70000000836c73656e736f72732e74656d700200",
+    ),
+    (
+        "init_producer",
+        "8201820a821103",
+    ),
+];
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn golden_frames_pin_every_message_kind() {
+    let reqs = sample_requests();
+    assert_eq!(reqs.len(), GOLDEN_REQUESTS.len());
+    for ((name, r), (golden_name, golden)) in reqs.iter().zip(GOLDEN_REQUESTS) {
+        assert_eq!(*name, golden_name);
+        let f = request_frame(r);
+        assert_eq!(hex(&f[FRAME_HEADER_BYTES..]), golden, "request {name}");
+        assert_eq!(
+            body_len(f[..4].try_into().unwrap()) as usize,
+            golden.len() / 2
+        );
+    }
+    let resps = sample_responses();
+    assert_eq!(resps.len(), GOLDEN_RESPONSES.len());
+    for ((name, r), (golden_name, golden)) in resps.iter().zip(GOLDEN_RESPONSES) {
+        assert_eq!(*name, golden_name);
+        let f = response_frame(r);
+        assert_eq!(hex(&f[FRAME_HEADER_BYTES..]), golden, "response {name}");
+    }
+}
+
+const PROTOCOL_MD: &str = include_str!("../../docs/protocol.md");
+
+#[test]
+fn docs_show_every_sample() {
+    let reqs = sample_requests();
+    let resps = sample_responses();
+    let diags = reqs
+        .iter()
+        .map(|(n, r)| (*n, request_frame(r)))
+        .chain(resps.iter().map(|(n, r)| (*n, response_frame(r))));
+    for (name, frame) in diags {
+        let diag = minicbor::display(&frame[FRAME_HEADER_BYTES..]).to_string();
+        assert!(
+            PROTOCOL_MD.contains(&diag),
+            "docs/protocol.md lacks the example for {name}:\n{diag}"
+        );
+    }
+}
+
+#[test]
+fn docs_error_table_matches_the_codes() {
+    let rows: Vec<(u16, String, String)> = PROTOCOL_MD
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let code = cells.get(1)?.parse().ok()?;
+            let name = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((code, name.to_string(), cells.get(3)?.to_string()))
+        })
+        .collect();
+    assert_eq!(rows.len(), ErrorCode::ALL.len());
+    for ((code, name, retriable), c) in rows.iter().zip(ErrorCode::ALL) {
+        assert_eq!(*code, c.as_u16());
+        assert_eq!(name, c.name());
+        let want = match c {
+            ErrorCode::None => "—",
+            c if c.is_retriable() => "yes",
+            _ => "no",
+        };
+        assert_eq!(retriable, want, "{name}");
+    }
+}
