@@ -1,1 +1,387 @@
-//! See the crate map in lib.rs.
+//! The configuration: TOML schema, embedded default, device profiles,
+//! validation, and the memory budget.
+//!
+//! A config is built in layers, each a TOML table deep-merged over the one
+//! before (a key present in a later layer wins):
+//!
+//! 1. the embedded default (`default.toml`, every key present),
+//! 2. an optional device profile from `firmware-config/` (embedded in the
+//!    binary), named by `--profile` or by `profile = "NAME"` in the file,
+//! 3. an optional config file (`--config FILE`).
+//!
+//! Because the embedded default names every key, the Rust structs have no
+//! serde defaults: `default.toml` is the only place a default value lives.
+//!
+//! Every error names its source (file, profile or the embedded default), the
+//! dotted key and, when known, the line: `skiff-bad.toml: unknown key
+//! 'server.max_conections' (line 3)`.
+
+mod budget;
+mod error;
+mod profiles;
+mod schema;
+
+pub use budget::{BudgetLine, MemoryBudget};
+pub use error::{ConfigError, ConfigErrorKind};
+pub use profiles::{profile_names, profile_text, PROFILES};
+pub use schema::{
+    Config, FsyncPolicy, LogConfig, MetricsConfig, OverflowPolicy, ProducersConfig, ServerConfig,
+    StorageBackend, StorageSection, TopicDefaults,
+};
+
+use std::path::{Path, PathBuf};
+
+/// skiff's default TCP port (produce/consume protocol).
+pub const DEFAULT_PORT: u16 = 9471;
+/// The port device profiles use for the metrics endpoint.
+pub const DEFAULT_METRICS_PORT: u16 = 9472;
+
+/// The embedded default config, the first layer of every config.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Where a layer came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    Embedded,
+    Profile(String),
+    File(PathBuf),
+}
+
+impl Origin {
+    fn name(&self) -> String {
+        match self {
+            Origin::Embedded => "embedded default config".to_string(),
+            Origin::Profile(name) => format!("profile '{name}' (firmware-config/{name}.toml)"),
+            Origin::File(path) => path.display().to_string(),
+        }
+    }
+}
+
+/// One parsed layer: its origin, text (for line numbers) and table.
+struct Layer {
+    origin: Origin,
+    text: String,
+    /// The span-preserving parse, used to find the line of a dotted key.
+    doc: toml_edit::ImDocument<String>,
+    table: toml::Table,
+}
+
+impl Layer {
+    fn parse(origin: Origin, text: String) -> Result<Layer, ConfigError> {
+        let doc = toml_edit::ImDocument::parse(text.clone()).map_err(|e| {
+            let line = e.span().map(|s| line_of(&text, s.start));
+            ConfigError::new(
+                origin.name(),
+                line,
+                ConfigErrorKind::Syntax(e.message().to_string()),
+            )
+        })?;
+        // The same text parsed by `toml` into a plain table for merging; it
+        // cannot fail where toml_edit succeeded (same parser underneath), but
+        // map the error anyway rather than assume.
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| line_of(&text, s.start));
+            ConfigError::new(
+                origin.name(),
+                line,
+                ConfigErrorKind::Syntax(e.message().to_string()),
+            )
+        })?;
+        let layer = Layer {
+            origin,
+            text,
+            doc,
+            table,
+        };
+        layer.check_keys()?;
+        Ok(layer)
+    }
+
+    /// Rejects keys the schema does not know, with their dotted path and
+    /// line, and keys that do not belong in this kind of layer (a profile
+    /// names a device, not an install, so it has no `data_dir`).
+    ///
+    /// serde's `deny_unknown_fields` would catch unknown keys too, but its
+    /// error names neither the full path nor the line; this walk does.
+    fn check_keys(&self) -> Result<(), ConfigError> {
+        let known = known_keys();
+        let mut stack: Vec<(String, &dyn toml_edit::TableLike)> = vec![(
+            String::new(),
+            self.doc.as_table() as &dyn toml_edit::TableLike,
+        )];
+        while let Some((prefix, table)) = stack.pop() {
+            for (key, item) in table.iter() {
+                let path = if prefix.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                let line = table
+                    .get_key_value(key)
+                    .and_then(|(k, _)| k.span())
+                    .map(|s| line_of(&self.text, s.start));
+                if !known.iter().any(|k| k.path == path) {
+                    return Err(ConfigError::new(
+                        self.origin.name(),
+                        line,
+                        ConfigErrorKind::UnknownKey(path),
+                    ));
+                }
+                if matches!(self.origin, Origin::Profile(_))
+                    && (path == "data_dir" || path == "profile")
+                {
+                    return Err(ConfigError::new(
+                        self.origin.name(),
+                        line,
+                        ConfigErrorKind::NotAllowedInProfile(path),
+                    ));
+                }
+                let section = known.iter().any(|k| k.path == path && k.is_section);
+                match item.as_table_like() {
+                    Some(inner) if section => stack.push((path, inner)),
+                    _ if section => {
+                        return Err(ConfigError::new(
+                            self.origin.name(),
+                            line,
+                            ConfigErrorKind::BadValue {
+                                key: path,
+                                message: "expected a table".to_string(),
+                            },
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The line of a dotted key in this layer, if the layer sets it.
+    fn line_of_key(&self, dotted: &str) -> Option<Option<usize>> {
+        let mut table: &dyn toml_edit::TableLike = self.doc.as_table();
+        let mut parts = dotted.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (key, item) = table.get_key_value(part)?;
+            if parts.peek().is_none() {
+                return Some(key.span().map(|s| line_of(&self.text, s.start)));
+            }
+            table = item.as_table_like()?;
+        }
+        None
+    }
+}
+
+/// A key of the schema, found by serializing the embedded default.
+struct KnownKey {
+    path: String,
+    is_section: bool,
+}
+
+/// The schema's keys: every key of the embedded default (which names them
+/// all) plus `profile`, which the default leaves unset.
+fn known_keys() -> Vec<KnownKey> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<KnownKey>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            if let toml::Value::Table(inner) = value {
+                out.push(KnownKey {
+                    path: path.clone(),
+                    is_section: true,
+                });
+                walk(&path, inner, out);
+            } else {
+                out.push(KnownKey {
+                    path,
+                    is_section: false,
+                });
+            }
+        }
+    }
+    let mut out = vec![KnownKey {
+        path: "profile".to_string(),
+        is_section: false,
+    }];
+    // The embedded default is checked by a unit test to parse; if it ever did
+    // not, no key would be known and every config would fail loudly.
+    if let Ok(table) = toml::from_str::<toml::Table>(DEFAULT_TOML) {
+        walk("", &table, &mut out);
+    }
+    out
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Deep merge: keys of `over` replace those of `base`; tables merge.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The embedded default config.
+    pub fn embedded_default() -> Config {
+        // The embedded default is a compile-time constant checked by the unit
+        // tests (`embedded_default_is_valid`), so failing here is a build
+        // defect, not a runtime condition.
+        match Config::load_layers(None, None) {
+            Ok(cfg) => cfg,
+            Err(e) => panic!("the embedded default config is invalid: {e}"),
+        }
+    }
+
+    /// Loads a config file layered over the embedded default (and over the
+    /// profile the file names, if any). `None` gives the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_layers(path, None)
+    }
+
+    /// The embedded default with a device profile layered over it.
+    pub fn with_profile(name: &str) -> Result<Config, ConfigError> {
+        Config::load_layers(None, Some(name))
+    }
+
+    /// The general form behind `skiff serve [--config FILE] [--profile NAME]`:
+    /// default, then the profile (`profile` argument, else the file's
+    /// `profile` key), then the file. Validated.
+    pub fn load_layers(path: Option<&Path>, profile: Option<&str>) -> Result<Config, ConfigError> {
+        let mut layers = vec![Layer::parse(Origin::Embedded, DEFAULT_TOML.to_string())?];
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::new(p.display().to_string(), None, ConfigErrorKind::Io(e))
+                })?;
+                Some(Layer::parse(Origin::File(p.to_path_buf()), text)?)
+            }
+            None => None,
+        };
+        let from_file = file
+            .as_ref()
+            .and_then(|f| f.table.get("profile"))
+            .and_then(|v| v.as_str().map(str::to_string));
+        let profile_name = profile.map(str::to_string).or(from_file);
+        if let Some(name) = &profile_name {
+            let text = profile_text(name).ok_or_else(|| {
+                let origin = file
+                    .as_ref()
+                    .map(|f| f.origin.name())
+                    .unwrap_or_else(|| "--profile".to_string());
+                let line = file
+                    .as_ref()
+                    .and_then(|f| f.line_of_key("profile"))
+                    .flatten();
+                ConfigError::new(origin, line, ConfigErrorKind::UnknownProfile(name.clone()))
+            })?;
+            layers.push(Layer::parse(
+                Origin::Profile(name.clone()),
+                text.to_string(),
+            )?);
+        }
+        layers.extend(file);
+
+        let mut merged = toml::Table::new();
+        for layer in &layers {
+            merge(&mut merged, layer.table.clone());
+        }
+        if let Some(name) = &profile_name {
+            // Record the profile actually applied (a --profile argument wins
+            // over the file's key), so the effective config says what it is.
+            merged.insert("profile".to_string(), toml::Value::String(name.clone()));
+        }
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                locate(
+                    &layers,
+                    &key,
+                    ConfigErrorKind::BadValue {
+                        key: key.clone(),
+                        message,
+                    },
+                )
+            })?;
+        cfg.validate().map_err(|(key, reason)| {
+            locate(&layers, key, ConfigErrorKind::Invalid { key, reason })
+        })?;
+        Ok(cfg)
+    }
+
+    /// Command-line overrides (`--data-dir`, `--listen`), applied after
+    /// loading and validated again.
+    pub fn apply_overrides(
+        &mut self,
+        data_dir: Option<PathBuf>,
+        listen: Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(dir) = data_dir {
+            self.data_dir = dir;
+        }
+        if let Some(listen) = listen {
+            self.server.listen = listen;
+        }
+        self.validate().map_err(|(key, reason)| {
+            ConfigError::new(
+                "command line".to_string(),
+                None,
+                ConfigErrorKind::Invalid { key, reason },
+            )
+        })
+    }
+
+    /// The effective config as TOML: every key, defaults included. Feeding
+    /// it back to [`Config::load`] gives the same config.
+    pub fn to_toml_string(&self) -> String {
+        // Serializing plain structs of strings and integers to TOML cannot
+        // fail (no maps with non-string keys, no values after tables).
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The worst-case memory this config lets skiff use, one line per user.
+    pub fn memory_budget(&self) -> MemoryBudget {
+        MemoryBudget::of(self)
+    }
+}
+
+/// Attributes an error about `key` to the last layer that sets it (that is
+/// the value that won the merge), else to the top layer.
+fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
+    for layer in layers.iter().rev() {
+        if let Some(line) = layer.line_of_key(key) {
+            return ConfigError::new(layer.origin.name(), line, kind);
+        }
+    }
+    let top = layers.last().map(|l| l.origin.name()).unwrap_or_default();
+    ConfigError::new(top, None, kind)
+}
+
+/// What `skiff config check FILE` prints: the effective config, then the
+/// memory budget.
+pub fn check_report(cfg: &Config) -> String {
+    let mut out = String::new();
+    out.push_str("# effective configuration\n");
+    out.push_str(&cfg.to_toml_string());
+    out.push('\n');
+    out.push_str(&cfg.memory_budget().to_string());
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,460 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Writes `text` to a file named `name` in a fresh temp dir.
+fn write_config(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+fn load_text(name: &str, text: &str) -> Result<Config, ConfigError> {
+    let (_dir, path) = write_config(name, text);
+    Config::load(Some(&path))
+}
+
+#[test]
+fn embedded_default_is_valid_and_matches_the_documented_values() {
+    let cfg = Config::embedded_default();
+    assert_eq!(cfg.data_dir, PathBuf::from("./skiff-data"));
+    assert_eq!(cfg.profile, None);
+    assert_eq!(cfg.server.listen, format!("127.0.0.1:{DEFAULT_PORT}"));
+    assert_eq!(cfg.server.unix_socket, "./skiff.sock");
+    assert_eq!(cfg.server.max_connections, 256);
+    assert_eq!(cfg.server.max_frame_bytes, 1_114_112);
+    assert_eq!(cfg.server.max_inflight_bytes_per_connection, 8 * MIB);
+    assert_eq!(cfg.server.max_topics, 64);
+    assert_eq!(cfg.server.max_partitions, 256);
+    assert_eq!(cfg.storage.backend, StorageBackend::Auto);
+    assert_eq!(cfg.storage.append_queue_depth, 1024);
+    assert_eq!(cfg.storage.tail_buffer_bytes, MIB);
+    assert_eq!(cfg.storage.max_batch_bytes, MIB);
+    assert_eq!(cfg.topic_defaults.partitions, 1);
+    assert_eq!(cfg.topic_defaults.segment_bytes, 16 * MIB);
+    assert_eq!(cfg.topic_defaults.segments, 4);
+    assert_eq!(cfg.default_retention(), None);
+    assert_eq!(cfg.topic_defaults.fsync, FsyncPolicy::Always);
+    assert_eq!(cfg.topic_defaults.overflow, OverflowPolicy::Overwrite);
+    assert_eq!(cfg.producers.max_producers, 1024);
+    assert_eq!(cfg.producers.idle_expiry_ms, 604_800_000);
+    assert_eq!(cfg.metrics.listen, "");
+    assert_eq!(cfg.metrics_listen(), None);
+    assert_eq!(cfg.log.level, "info");
+    assert_eq!(Config::load(None).expect("load None"), cfg);
+}
+
+#[test]
+fn a_file_overrides_only_the_keys_it_sets() {
+    let cfg = load_text(
+        "skiff.toml",
+        "data_dir = \"/var/lib/skiff\"\n[server]\nmax_connections = 8\n[topic_defaults]\nfsync = \"interval:250\"\n",
+    )
+    .expect("valid");
+    assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/skiff"));
+    assert_eq!(cfg.server.max_connections, 8);
+    assert_eq!(cfg.topic_defaults.fsync, FsyncPolicy::IntervalMs(250));
+    // Untouched keys keep the embedded default.
+    assert_eq!(cfg.server.max_topics, 64);
+    assert_eq!(cfg.storage.append_queue_depth, 1024);
+}
+
+#[test]
+fn unknown_key_names_file_dotted_key_and_line() {
+    let err = load_text(
+        "skiff-bad.toml",
+        "data_dir = \"x\"\n[server]\nmax_conections = 3\n",
+    )
+    .expect_err("typo must be rejected");
+    assert!(matches!(err.kind, ConfigErrorKind::UnknownKey(ref k) if k == "server.max_conections"));
+    assert_eq!(err.line, Some(3));
+    let shown = err.to_string();
+    assert!(
+        shown.ends_with("skiff-bad.toml: unknown key 'server.max_conections' (line 3)"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unknown_section_and_dotted_keys_are_found() {
+    let err = load_text("a.toml", "[sever]\nlisten = \"\"\n").expect_err("unknown table");
+    assert_eq!(err.key(), Some("sever"));
+    assert_eq!(err.line, Some(1));
+
+    let err = load_text("b.toml", "\n\nstorage.bakend = \"pwrite\"\n").expect_err("dotted typo");
+    assert_eq!(err.key(), Some("storage.bakend"));
+    assert_eq!(err.line, Some(3));
+
+    let err = load_text("c.toml", "server = { listen = \"\", nope = 1 }\n").expect_err("inline");
+    assert_eq!(err.key(), Some("server.nope"));
+}
+
+#[test]
+fn bad_values_name_the_key_and_line() {
+    let err =
+        load_text("f.toml", "[topic_defaults]\n\nfsync = \"sometimes\"\n").expect_err("bad fsync");
+    assert!(
+        matches!(err.kind, ConfigErrorKind::BadValue { .. }),
+        "{err}"
+    );
+    assert_eq!(err.key(), Some("topic_defaults.fsync"));
+    assert_eq!(err.line, Some(3));
+    assert!(err.to_string().contains("interval:<ms>"), "{err}");
+
+    let err = load_text("g.toml", "[server]\nmax_connections = \"many\"\n").expect_err("type");
+    assert_eq!(err.key(), Some("server.max_connections"));
+    assert_eq!(err.line, Some(2));
+
+    let err = load_text("h.toml", "[server]\nmax_connections = -1\n").expect_err("negative");
+    assert_eq!(err.key(), Some("server.max_connections"));
+
+    let err = load_text("i.toml", "[storage]\nbackend = \"uring\"\n").expect_err("backend");
+    assert_eq!(err.key(), Some("storage.backend"));
+}
+
+#[test]
+fn syntax_errors_give_a_line() {
+    let err = load_text("s.toml", "[server]\nlisten = \"127.0.0.1:1\n").expect_err("syntax");
+    assert!(matches!(err.kind, ConfigErrorKind::Syntax(_)), "{err}");
+    assert_eq!(err.line, Some(2));
+    assert!(err.to_string().contains("s.toml: not valid TOML"), "{err}");
+}
+
+#[test]
+fn missing_file_is_an_io_error() {
+    let err = Config::load(Some(Path::new("/nonexistent/skiff.toml"))).expect_err("missing");
+    assert!(matches!(err.kind, ConfigErrorKind::Io(_)));
+    assert!(err
+        .to_string()
+        .starts_with("/nonexistent/skiff.toml: cannot read"));
+}
+
+/// Each case: (TOML, key the error must name).
+const INVALID: &[(&str, &str)] = &[
+    ("data_dir = \"\"", "data_dir"),
+    ("[server]\nlisten = \"localhost:9471\"", "server.listen"),
+    (
+        "[server]\nlisten = \"\"\nunix_socket = \"\"",
+        "server.listen",
+    ),
+    ("[server]\nmax_connections = 0", "server.max_connections"),
+    (
+        "[server]\nmax_frame_bytes = 1048576",
+        "server.max_frame_bytes",
+    ),
+    (
+        "[server]\nmax_inflight_bytes_per_connection = 4096",
+        "server.max_inflight_bytes_per_connection",
+    ),
+    ("[server]\nmax_topics = 0", "server.max_topics"),
+    ("[server]\nmax_partitions = 8", "server.max_partitions"),
+    (
+        "[storage]\nappend_queue_depth = 0",
+        "storage.append_queue_depth",
+    ),
+    (
+        "[storage]\ntail_buffer_bytes = 5000",
+        "storage.tail_buffer_bytes",
+    ),
+    ("[storage]\nmax_batch_bytes = 10", "storage.max_batch_bytes"),
+    (
+        "[topic_defaults]\npartitions = 0",
+        "topic_defaults.partitions",
+    ),
+    (
+        "[topic_defaults]\npartitions = 1000",
+        "topic_defaults.partitions",
+    ),
+    (
+        "[topic_defaults]\nsegment_bytes = 100000",
+        "topic_defaults.segment_bytes",
+    ),
+    (
+        "[topic_defaults]\nsegment_bytes = 32768",
+        "topic_defaults.segment_bytes",
+    ),
+    (
+        "[topic_defaults]\nsegment_bytes = 1048576",
+        "topic_defaults.segment_bytes",
+    ),
+    ("[topic_defaults]\nsegments = 1", "topic_defaults.segments"),
+    (
+        "[topic_defaults]\nfsync = \"interval:0\"",
+        "topic_defaults.fsync",
+    ),
+    (
+        "[topic_defaults]\nfsync = \"interval:x\"",
+        "topic_defaults.fsync",
+    ),
+    (
+        "[topic_defaults]\noverflow = \"drop\"",
+        "topic_defaults.overflow",
+    ),
+    ("[producers]\nmax_producers = 0", "producers.max_producers"),
+    (
+        "[producers]\nidle_expiry_ms = 0",
+        "producers.idle_expiry_ms",
+    ),
+    ("[metrics]\nlisten = \"9472\"", "metrics.listen"),
+    ("[metrics]\nlisten = \"127.0.0.1:9471\"", "metrics.listen"),
+    ("[log]\nlevel = \"verbose\"", "log.level"),
+    ("[log]\nlevel = \"warn,skiff=loud\"", "log.level"),
+];
+
+#[test]
+fn every_rule_names_its_key() {
+    for (text, key) in INVALID {
+        let err = load_text("bad.toml", text)
+            .err()
+            .unwrap_or_else(|| panic!("accepted invalid config:\n{text}"));
+        assert_eq!(err.key(), Some(*key), "for:\n{text}\ngot: {err}");
+        assert!(err.to_string().contains(key), "{err}");
+        // The file sets the key, so the error points into the file.
+        assert!(err.to_string().contains("bad.toml"), "{err}");
+    }
+}
+
+#[test]
+fn valid_edge_values_are_accepted() {
+    for text in [
+        "[server]\nlisten = \"[::1]:9471\"",
+        "[server]\nlisten = \"\"\nunix_socket = \"/run/skiff/skiff.sock\"",
+        "[topic_defaults]\nfsync = \"never\"\nretention_ms = 3600000\noverflow = \"reject\"",
+        "[topic_defaults]\nsegment_bytes = 1052672\nsegments = 2",
+        "[storage]\nbackend = \"io_uring\"",
+        "[storage]\nbackend = \"pwrite\"",
+        "[log]\nlevel = \"warn, skiff::storage=debug\"",
+        "[log]\nlevel = \"TRACE\"",
+    ] {
+        if let Err(e) = load_text("ok.toml", text) {
+            panic!("rejected valid config:\n{text}\n{e}");
+        }
+    }
+}
+
+#[test]
+fn effective_config_round_trips() {
+    let cfg = load_text(
+        "r.toml",
+        "profile = \"pi4-sd\"\n[topic_defaults]\nfsync = \"interval:100\"\n[server]\nlisten = \"[::1]:1\"\n",
+    )
+    .expect("valid");
+    let text = cfg.to_toml_string();
+    assert!(text.contains("fsync = \"interval:100\""), "{text}");
+    assert!(text.contains("profile = \"pi4-sd\""), "{text}");
+    let again = load_text("again.toml", &text).expect("effective config reloads");
+    assert_eq!(again, cfg);
+    let default_text = Config::embedded_default().to_toml_string();
+    assert_eq!(
+        load_text("d.toml", &default_text).expect("reload"),
+        Config::embedded_default()
+    );
+}
+
+#[test]
+fn profile_from_file_is_layered_under_the_file() {
+    let cfg = load_text(
+        "p.toml",
+        "profile = \"gateway-256m\"\ndata_dir = \"/var/lib/skiff\"\n[server]\nmax_connections = 4\n",
+    )
+    .expect("valid");
+    let profile = Config::with_profile("gateway-256m").expect("profile");
+    assert_eq!(cfg.profile.as_deref(), Some("gateway-256m"));
+    // From the file:
+    assert_eq!(cfg.server.max_connections, 4);
+    assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/skiff"));
+    // From the profile:
+    assert_eq!(cfg.server.max_topics, profile.server.max_topics);
+    assert_eq!(
+        cfg.metrics.listen,
+        format!("127.0.0.1:{DEFAULT_METRICS_PORT}")
+    );
+    // From the embedded default (profiles have no data_dir):
+    assert_eq!(profile.data_dir, Config::embedded_default().data_dir);
+}
+
+#[test]
+fn profile_argument_wins_over_the_file_key() {
+    let (_dir, path) = write_config("q.toml", "profile = \"pi5-nvme\"\n");
+    let cfg = Config::load_layers(Some(&path), Some("pi-zero-2w")).expect("valid");
+    assert_eq!(cfg.profile.as_deref(), Some("pi-zero-2w"));
+    assert_eq!(
+        cfg.server.max_partitions,
+        Config::with_profile("pi-zero-2w")
+            .expect("p")
+            .server
+            .max_partitions
+    );
+}
+
+#[test]
+fn unknown_profile_is_named() {
+    let err = load_text("u.toml", "\nprofile = \"pi3\"\n").expect_err("unknown");
+    assert!(matches!(err.kind, ConfigErrorKind::UnknownProfile(ref n) if n == "pi3"));
+    assert_eq!(err.line, Some(2));
+    assert!(
+        err.to_string().contains("pi4-sd"),
+        "lists the available ones: {err}"
+    );
+    assert!(Config::with_profile("nope").is_err());
+}
+
+#[test]
+fn errors_from_a_profile_value_are_attributed_to_the_file_that_set_it() {
+    // The file sets a value that conflicts with the profile's batch size:
+    // the error points at the file's key.
+    let err = load_text(
+        "conflict.toml",
+        "profile = \"gateway-256m\"\n[server]\nmax_frame_bytes = 65536\n",
+    )
+    .expect_err("frame smaller than the profile's batch");
+    assert_eq!(err.key(), Some("server.max_frame_bytes"));
+    assert_eq!(err.line, Some(3));
+    assert!(err.to_string().contains("conflict.toml: invalid"), "{err}");
+}
+
+/// Worst-case memory each profile must fit, in bytes: an eighth of the
+/// smallest RAM the profile targets (the 256 MiB gateway: 32 MiB). A new
+/// profile must add its limit here; the test below fails until it does.
+const PROFILE_BUDGET_BYTES_MAX: &[(&str, u64)] = &[
+    ("gateway-256m", 32 * MIB),
+    ("pi-zero-2w", 64 * MIB),
+    ("pi4-sd", 128 * MIB),
+    ("pi5-nvme", 256 * MIB),
+];
+
+#[test]
+fn every_profile_file_is_embedded_valid_and_fits_its_device() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("firmware-config/ exists") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        seen += 1;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 name");
+        let on_disk = std::fs::read_to_string(&path).expect("read profile");
+        assert_eq!(
+            profile_text(name),
+            Some(on_disk.as_str()),
+            "firmware-config/{name}.toml is not in config::PROFILES (or differs from it)"
+        );
+        let cfg = Config::with_profile(name).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            cfg.metrics_listen().is_some(),
+            "profile {name} must turn metrics on"
+        );
+        let max = PROFILE_BUDGET_BYTES_MAX
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| *b)
+            .unwrap_or_else(|| panic!("add profile {name} to PROFILE_BUDGET_BYTES_MAX"));
+        let budget = cfg.memory_budget();
+        assert!(
+            budget.total_bytes() <= max,
+            "profile {name} needs {} worst case, more than {}:\n{budget}",
+            budget::human(budget.total_bytes()),
+            budget::human(max)
+        );
+    }
+    assert_eq!(seen, PROFILES.len(), "every embedded profile has its file");
+}
+
+#[test]
+fn a_profile_may_not_set_data_dir() {
+    // Profiles are embedded, so exercise the layer check directly.
+    let err = Layer::parse(
+        Origin::Profile("x".into()),
+        "\ndata_dir = \"/tmp\"\n".to_string(),
+    )
+    .err()
+    .expect("rejected");
+    assert!(matches!(err.kind, ConfigErrorKind::NotAllowedInProfile(ref k) if k == "data_dir"));
+    assert_eq!(err.line, Some(2));
+}
+
+#[test]
+fn memory_budget_sums_its_lines_and_prints_each() {
+    let cfg = Config::embedded_default();
+    let budget = cfg.memory_budget();
+    let sum: u64 = budget.lines.iter().map(|l| l.bytes).sum();
+    assert_eq!(budget.total_bytes(), sum);
+    let tails = &budget.lines[0];
+    assert_eq!(tails.user, "partition tail buffers");
+    assert_eq!(tails.bytes, 256 * MIB);
+    // in-flight batches: min(256 x 8 MiB, 1024 x 1 MiB) = 1 GiB
+    let inflight = budget
+        .lines
+        .iter()
+        .find(|l| l.user == "in-flight produce batches")
+        .expect("line");
+    assert_eq!(inflight.bytes, 1024 * MIB);
+    let shown = budget.to_string();
+    assert_eq!(shown.lines().count(), budget.lines.len() + 2);
+    assert!(shown.lines().all(|l| l.starts_with('#')));
+    assert!(shown.contains("256 MiB  partition tail buffers"), "{shown}");
+    assert!(shown.lines().last().expect("total").ends_with("total"));
+
+    // Halving the partitions halves the tail line.
+    let mut smaller = cfg.clone();
+    smaller.server.max_partitions = 128;
+    assert_eq!(smaller.memory_budget().lines[0].bytes, 128 * MIB);
+}
+
+#[test]
+fn check_report_shows_config_and_budget() {
+    let report = check_report(&Config::with_profile("pi4-sd").expect("profile"));
+    assert!(report.contains("[topic_defaults]"));
+    assert!(report.contains("profile = \"pi4-sd\""));
+    assert!(report.contains("# memory budget"));
+    assert!(report.trim_end().ends_with("total"));
+}
+
+#[test]
+fn apply_overrides_validates() {
+    let mut cfg = Config::embedded_default();
+    cfg.apply_overrides(Some(PathBuf::from("/tmp/d")), Some("0.0.0.0:1".into()))
+        .expect("valid overrides");
+    assert_eq!(cfg.data_dir, PathBuf::from("/tmp/d"));
+    assert_eq!(cfg.tcp_listen(), Some("0.0.0.0:1".parse().expect("addr")));
+    let err = cfg
+        .apply_overrides(None, Some("nowhere".into()))
+        .expect_err("bad listen");
+    assert_eq!(err.key(), Some("server.listen"));
+    assert!(err
+        .to_string()
+        .starts_with("command line: invalid 'server.listen'"));
+}
+
+#[test]
+fn fsync_policy_round_trips_through_its_text() {
+    for text in ["always", "never", "interval:1", "interval:4294967295"] {
+        let p: FsyncPolicy = text.parse().expect("parses");
+        assert_eq!(p.to_string(), text);
+    }
+    for bad in [
+        "",
+        "Always",
+        "interval:",
+        "interval:-1",
+        "interval:4294967296",
+        "interval",
+    ] {
+        assert!(bad.parse::<FsyncPolicy>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn human_sizes() {
+    assert_eq!(budget::human(0), "0 B");
+    assert_eq!(budget::human(4096), "4 KiB");
+    assert_eq!(budget::human(1_114_112), "1.1 MiB");
+    assert_eq!(budget::human(3 * 1024 * MIB), "3 GiB");
+}
