@@ -12,11 +12,13 @@
 //! - [`client`]: the Rust client library used by the CLI, tests and benches.
 //! - [`config`]: the TOML schema, embedded default, device profiles.
 //! - [`metrics`]: counters, histograms, the Prometheus/health endpoint.
+//! - [`cli`]: the commands behind `main.rs`.
 //!
 //! `main.rs` only parses the command line and calls into this library.
 
 pub mod batch;
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod metrics;

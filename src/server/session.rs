@@ -1,0 +1,333 @@
+//! One client connection: a reader that frames and dispatches requests in
+//! order, handler tasks that may finish out of order, and a writer that
+//! sends responses as they complete.
+//!
+//! Memory per connection is bounded: the read buffer never exceeds one
+//! frame (`max_frame_bytes`), and requests are not read while the bytes of
+//! requests being handled plus responses not yet written exceed
+//! `max_inflight_bytes`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use event_listener::Event;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::{
+    self, decode_request, encode_response, error_response, frame_error_response, frame_len,
+    ErrorCode, FrameError, HelloResponse, RequestBody, Response, ResponseBody,
+    FRAME_HEADER_BYTES,
+};
+
+use super::handler;
+use super::Ctx;
+
+/// First read buffer size; it grows to the largest frame seen, at most
+/// `max_frame_bytes`.
+const READ_BUFFER_BYTES_MIN: usize = 64 * 1024;
+/// Responses waiting for the writer. Bounded together with in-flight bytes.
+const RESPONSE_QUEUE_DEPTH: usize = 256;
+
+/// Bytes of requests being handled on one connection.
+struct InFlight {
+    bytes: AtomicUsize,
+    changed: Event,
+}
+
+impl InFlight {
+    fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Waits until `n` more bytes fit under `max`; one request alone is
+    /// always admitted, so a frame of any allowed size makes progress.
+    async fn acquire(&self, n: usize, max: usize) {
+        loop {
+            let listener = self.changed.listen();
+            let cur = self.bytes.load(Ordering::Acquire);
+            if cur == 0 || cur + n <= max {
+                self.bytes.fetch_add(n, Ordering::AcqRel);
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    async fn drained(&self) {
+        loop {
+            let listener = self.changed.listen();
+            if self.bytes.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+enum Next {
+    Frame(usize),
+    Eof,
+    Shutdown,
+}
+
+pub(crate) async fn run<S>(stream: S, ctx: Arc<Ctx>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Clone + Unpin + Send + 'static,
+{
+    let (tx, rx) = async_channel::bounded::<(Response, usize)>(RESPONSE_QUEUE_DEPTH);
+    let inflight = Arc::new(InFlight {
+        bytes: AtomicUsize::new(0),
+        changed: Event::new(),
+    });
+    let writer = ctx.executor.spawn(write_loop(stream.clone(), rx, inflight.clone()));
+    let reason = read_loop(stream, &ctx, &tx, &inflight).await;
+    match &reason {
+        Ok(()) => log::debug!("{peer}: connection closed"),
+        Err(e) => log::info!("{peer}: closing connection: {e}"),
+    }
+    // Finish what was read before closing: every request gets its answer.
+    inflight.drained().await;
+    drop(tx);
+    writer.await;
+}
+
+async fn write_loop<S>(
+    mut stream: S,
+    rx: async_channel::Receiver<(Response, usize)>,
+    inflight: Arc<InFlight>,
+) where
+    S: AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut broken = false;
+    while let Ok((first, n)) = rx.recv().await {
+        buf.clear();
+        let mut release = n;
+        encode(&first, &mut buf);
+        // Coalesce whatever else is ready into one write.
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok((r, n)) => {
+                    encode(&r, &mut buf);
+                    release += n;
+                }
+                Err(_) => break,
+            }
+        }
+        if !broken && stream.write_all(&buf).await.is_err() {
+            // The peer is gone; keep draining so in-flight accounting ends.
+            broken = true;
+        }
+        inflight.release(release);
+    }
+    if !broken {
+        let _ = stream.flush().await;
+        let _ = stream.close().await;
+    }
+}
+
+fn encode(r: &Response, buf: &mut Vec<u8>) {
+    if encode_response(r, buf).is_err() {
+        // Only a body above 4 GiB fails, which limits make impossible; answer
+        // with an error rather than a truncated frame all the same.
+        let e = error_response(r.correlation_id, ErrorCode::Internal, "response too large");
+        let _ = encode_response(&e, buf);
+    }
+}
+
+#[derive(Debug)]
+enum SessionEnd {
+    Io(std::io::Error),
+    Frame(FrameError),
+    Protocol(&'static str),
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Frame(e) => write!(f, "{e}"),
+            Self::Protocol(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Reads until the buffer holds one whole frame, EOF, or shutdown.
+async fn next_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    filled: &mut usize,
+    ctx: &Ctx,
+) -> Result<Next, SessionEnd> {
+    loop {
+        match frame_len(&buf[..*filled], ctx.settings.max_frame_bytes as u32) {
+            Ok(Some(n)) => return Ok(Next::Frame(n)),
+            Ok(None) => {}
+            Err(e) => return Err(SessionEnd::Frame(e)),
+        }
+        if *filled >= FRAME_HEADER_BYTES {
+            let need = FRAME_HEADER_BYTES
+                + protocol::body_len(buf[..4].try_into().expect("4 bytes")) as usize;
+            if buf.len() < need {
+                buf.resize(need, 0);
+            }
+        }
+        if *filled == buf.len() {
+            let grow = (buf.len() * 2).min(ctx.settings.max_frame_bytes + FRAME_HEADER_BYTES);
+            buf.resize(grow.max(buf.len() + 1), 0);
+        }
+        let read = futures_lite::future::or(
+            async { Some(stream.read(&mut buf[*filled..]).await) },
+            async {
+                ctx.shutdown.wait().await;
+                None
+            },
+        )
+        .await;
+        match read {
+            None => return Ok(Next::Shutdown),
+            Some(Ok(0)) => {
+                return if *filled == 0 {
+                    Ok(Next::Eof)
+                } else {
+                    Err(SessionEnd::Protocol("connection closed inside a frame"))
+                }
+            }
+            Some(Ok(n)) => *filled += n,
+            Some(Err(e)) => return Err(SessionEnd::Io(e)),
+        }
+    }
+}
+
+async fn read_loop<S>(
+    mut stream: S,
+    ctx: &Arc<Ctx>,
+    tx: &async_channel::Sender<(Response, usize)>,
+    inflight: &Arc<InFlight>,
+) -> Result<(), SessionEnd>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN];
+    let mut filled = 0usize;
+    let mut hello_done = false;
+    loop {
+        let n = match next_frame(&mut stream, &mut buf, &mut filled, ctx).await {
+            Ok(Next::Frame(n)) => n,
+            Ok(Next::Eof) | Ok(Next::Shutdown) => return Ok(()),
+            Err(SessionEnd::Frame(e)) => {
+                // The prefix alone was bad (too large): no body to peek into.
+                ctx.metrics_frame_error();
+                inflight.acquire(1, usize::MAX).await;
+                let r = frame_error_response(&[], &e);
+                let _ = tx.send((r, 1)).await;
+                return Err(SessionEnd::Frame(e));
+            }
+            Err(e) => return Err(e),
+        };
+        let body = &buf[FRAME_HEADER_BYTES..n];
+        inflight.acquire(n, ctx.settings.max_inflight_bytes).await;
+        let request = match decode_request(body) {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.metrics_frame_error();
+                let r = frame_error_response(body, &e);
+                let _ = tx.send((r, n)).await;
+                return Err(SessionEnd::Frame(e));
+            }
+        };
+        let cid = request.correlation_id;
+        let answer = |body: ResponseBody| {
+            (
+                Response {
+                    correlation_id: cid,
+                    body,
+                },
+                n,
+            )
+        };
+        match request.body {
+            RequestBody::Hello(h) => {
+                match protocol::negotiate_version(h.version_min, h.version_max) {
+                    Some(version) => {
+                        hello_done = true;
+                        let body = ResponseBody::Hello(HelloResponse {
+                            version,
+                            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                            max_frame_bytes: ctx.settings.max_frame_bytes as u32,
+                            max_batch_bytes: ctx.settings.max_batch_bytes as u32,
+                        });
+                        let _ = tx.send(answer(body)).await;
+                    }
+                    None => {
+                        let msg = format!(
+                            "client speaks versions {}..={}, server {}..={}",
+                            h.version_min,
+                            h.version_max,
+                            protocol::PROTOCOL_VERSION_MIN,
+                            protocol::PROTOCOL_VERSION_MAX
+                        );
+                        let body = handler::error_body(ErrorCode::UnsupportedVersion, msg);
+                        let _ = tx.send(answer(body)).await;
+                        return Err(SessionEnd::Protocol("no common protocol version"));
+                    }
+                }
+            }
+            _ if !hello_done => {
+                let body = handler::error_body(
+                    ErrorCode::InvalidRequest,
+                    "the first request on a connection must be hello",
+                );
+                let _ = tx.send(answer(body)).await;
+                return Err(SessionEnd::Protocol("request before hello"));
+            }
+            RequestBody::Produce(req) => {
+                // Submitted here, in frame order; acked in a task.
+                let pending = handler::produce_submit(ctx, req).await;
+                let tx = tx.clone();
+                ctx.executor.spawn(async move {
+                    let body = handler::produce_complete(pending).await;
+                    let _ = tx.send(answer(body)).await;
+                })
+                .detach();
+            }
+            body => {
+                let ctx2 = ctx.clone();
+                let tx = tx.clone();
+                ctx.executor.spawn(async move {
+                    let ctx = ctx2;
+                    let body = dispatch(&ctx, body).await;
+                    let _ = tx.send(answer(body)).await;
+                })
+                .detach();
+            }
+        }
+        buf.copy_within(n..filled, 0);
+        filled -= n;
+        if buf.len() > READ_BUFFER_BYTES_MIN && filled <= READ_BUFFER_BYTES_MIN {
+            // Give back a buffer grown for one large frame.
+            buf.truncate(READ_BUFFER_BYTES_MIN);
+            buf.shrink_to_fit();
+        }
+    }
+}
+
+async fn dispatch(ctx: &Ctx, body: RequestBody) -> ResponseBody {
+    match body {
+        RequestBody::Metadata(r) => handler::metadata(ctx, r),
+        RequestBody::CreateTopic(r) => handler::create_topic(ctx, r).await,
+        RequestBody::DescribeTopic(r) => handler::describe_topic(ctx, &r.name),
+        RequestBody::ListTopics(_) => handler::list_topics(ctx),
+        RequestBody::DeleteTopic(r) => handler::delete_topic(ctx, &r.name).await,
+        RequestBody::Fetch(r) => handler::fetch(ctx, r).await,
+        RequestBody::ListOffsets(r) => handler::list_offsets(ctx, r).await,
+        RequestBody::InitProducer(_) => handler::error_body(
+            ErrorCode::InvalidRequest,
+            "idempotent producers are not enabled on this broker yet",
+        ),
+        RequestBody::Hello(_) | RequestBody::Produce(_) => {
+            unreachable!("handled by the reader")
+        }
+    }
+}
