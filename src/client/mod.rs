@@ -1,1 +1,34 @@
-//! See the crate map in lib.rs.
+//! The Rust client library: used by the CLI, the end-to-end tests and the
+//! benches.
+//!
+//! - [`Client`]: one pipelined connection (TCP or Unix socket) with the
+//!   admin calls and raw produce/fetch; reconnects when the connection dies.
+//! - [`Producer`]: batches records per partition (linger, size), pipelines
+//!   produce requests, retries retriable failures until a delivery timeout.
+//! - [`Consumer`]: long-polling fetch loop over assigned partitions.
+//! - [`partitioner`]: Kafka-compatible murmur2 key hashing.
+//! - [`blocking`]: the same API for synchronous callers.
+//!
+//! Everything is async on smol; the connection's reader and writer and the
+//! producer's sender run as tasks on smol's global executor, so
+//! `smol::block_on` is enough to drive a call from synchronous code.
+
+mod accumulator;
+pub mod blocking;
+#[allow(
+    clippy::module_inception,
+    reason = "client::client holds the Client type"
+)]
+mod client;
+mod connection;
+mod consumer;
+mod error;
+pub mod partitioner;
+mod producer;
+
+pub use client::{Client, ClientConfig};
+pub use connection::{Address, ServerInfo};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartFrom};
+pub use error::ClientError;
+pub use partitioner::Partitioner;
+pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata};

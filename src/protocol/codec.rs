@@ -19,7 +19,7 @@
 use minicbor::Decoder;
 
 use super::error::{ErrorCode, FrameError};
-use super::types::{ErrorResponse, Request, Response, ResponseBody};
+use super::types::{ErrorResponse, Request, RequestBody, Response, ResponseBody};
 
 /// The size of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
@@ -100,7 +100,41 @@ fn encode_frame<T: minicbor::Encode<()>>(item: &T, out: &mut Vec<u8>) -> Result<
 /// checking the peer's `max_frame_bytes` is the caller's job, since only it
 /// knows the negotiated limit.
 pub fn encode_request(request: &Request, out: &mut Vec<u8>) -> Result<usize, FrameError> {
-    encode_frame(request, out)
+    encode_request_body(request.correlation_id, &request.body, out)
+}
+
+/// As [`encode_request`], from the parts of a [`Request`]: the caller keeps
+/// ownership of the body (the client keeps produced batches for a retry).
+pub fn encode_request_body(
+    correlation_id: u32,
+    body: &RequestBody,
+    out: &mut Vec<u8>,
+) -> Result<usize, FrameError> {
+    encode_frame(
+        &RequestRef {
+            correlation_id,
+            body,
+        },
+        out,
+    )
+}
+
+/// Encodes exactly like [`Request`]'s derived `Encode`, over a borrowed
+/// body. The golden tests go through this path.
+struct RequestRef<'a> {
+    correlation_id: u32,
+    body: &'a RequestBody,
+}
+
+impl<C> minicbor::Encode<C> for RequestRef<'_> {
+    fn encode<W: minicbor::encode::Write>(
+        &self,
+        e: &mut minicbor::Encoder<W>,
+        ctx: &mut C,
+    ) -> Result<(), minicbor::encode::Error<W::Error>> {
+        e.array(2)?.u32(self.correlation_id)?;
+        minicbor::Encode::encode(self.body, e, ctx)
+    }
 }
 
 /// As [`encode_request`], for a response.

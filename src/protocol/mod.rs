@@ -16,8 +16,9 @@ pub mod types;
 mod tests;
 
 pub use codec::{
-    body_len, decode_request, decode_response, encode_request, encode_response, error_response,
-    frame_error_response, frame_len, peek_correlation_id, FRAME_HEADER_BYTES,
+    body_len, decode_request, decode_response, encode_request, encode_request_body,
+    encode_response, error_response, frame_error_response, frame_len, peek_correlation_id,
+    FRAME_HEADER_BYTES,
 };
 pub use error::{ErrorCode, FrameError, MalformedKind};
 pub use types::*;

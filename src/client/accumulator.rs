@@ -1,0 +1,607 @@
+//! The producer's batching, as plain data: which records form which batch,
+//! when a batch is ready (full, lingered long enough, or flushed), how many
+//! batches per partition are in flight, and where a retried batch goes.
+//! No I/O and no clock of its own: every call takes `now`, so the tests
+//! drive time by hand.
+//!
+//! Ordering: batches of a partition leave in the order they were closed,
+//! and a retried batch goes back in front of every later batch of its
+//! partition, which waits behind it. With more than one batch in flight a
+//! retry can still reorder against a later batch that was already written;
+//! idempotent producers (next protocol step) close that gap, until then
+//! `max_in_flight = 1` gives strict order.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::ClientError;
+use super::partitioner::{partition_for_key, Partitioner};
+use crate::batch::{BatchBuilder, ProducerStamp, HEADER_BYTES};
+
+/// Where a record's outcome goes.
+pub(crate) type Waiter = async_channel::Sender<Result<RecordMetadata, ClientError>>;
+
+/// Where a produced record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMetadata {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AccumulatorConfig {
+    /// A batch is closed once it reaches this size.
+    pub batch_bytes_target: usize,
+    /// No batch may exceed this (the server's `max_batch_bytes`).
+    pub batch_bytes_max: usize,
+    /// How long an open batch waits for more records.
+    pub linger: Duration,
+    /// Batches of one partition sent and not yet answered.
+    pub max_in_flight: usize,
+    /// Bytes of records appended and not yet answered, over all partitions.
+    pub buffer_bytes_max: usize,
+}
+
+/// An upper bound on the encoded size of one record in a batch body:
+/// CBOR heads are at most 9 bytes, each integer at most 9.
+pub(crate) fn record_bytes_max(
+    key: Option<&[u8]>,
+    value: &[u8],
+    headers: &[(&str, &[u8])],
+) -> usize {
+    const HEAD: usize = 9;
+    let fixed = 1 + HEAD + HEAD; // array head, offset delta, timestamp delta
+    let key = HEAD + key.map_or(0, <[u8]>::len);
+    let value = HEAD + value.len();
+    let headers = HEAD
+        + headers
+            .iter()
+            .map(|(n, v)| 1 + HEAD + n.len() + HEAD + v.len())
+            .sum::<usize>();
+    fixed + key + value + headers
+}
+
+/// The size of an empty batch around its records: the fixed header and the
+/// body's array head.
+const BATCH_OVERHEAD_BYTES: usize = HEADER_BYTES + 9;
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    waiters: Vec<Waiter>,
+    created: Instant,
+    /// The sum of the records' `record_bytes_max`, counted in the buffer.
+    reserved: usize,
+}
+
+/// A closed batch on its way to the server.
+#[derive(Debug)]
+pub(crate) struct ReadyBatch {
+    pub tp: TopicPartition,
+    /// Closing order within the partition; retries keep their place.
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    /// One per record, in offset order.
+    pub waiters: Vec<Waiter>,
+    /// When its first record was appended: the delivery timeout runs from
+    /// here.
+    pub created: Instant,
+    pub attempts: u32,
+    pub retry_at: Option<Instant>,
+    pub reserved: usize,
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    /// Sorted by `seq`.
+    ready: VecDeque<ReadyBatch>,
+    in_flight: usize,
+}
+
+#[derive(Default)]
+struct Sticky {
+    /// The partition unkeyed records go to until its batch closes.
+    current: Option<u32>,
+    /// The next partition in round-robin order.
+    next: u32,
+}
+
+pub(crate) struct Accumulator {
+    config: AccumulatorConfig,
+    queues: BTreeMap<TopicPartition, PartitionQueue>,
+    sticky: HashMap<Arc<str>, Sticky>,
+    buffered_bytes: usize,
+    next_seq: u64,
+}
+
+impl Accumulator {
+    pub fn new(config: AccumulatorConfig) -> Self {
+        Self {
+            config,
+            queues: BTreeMap::new(),
+            sticky: HashMap::new(),
+            buffered_bytes: 0,
+            next_seq: 0,
+        }
+    }
+
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered_bytes
+    }
+
+    /// Nothing open, queued or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.buffered_bytes == 0
+            && self
+                .queues
+                .values()
+                .all(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight == 0)
+    }
+
+    /// Picks the partition for a record of `topic` with `partitions`
+    /// partitions.
+    pub fn choose_partition(
+        &mut self,
+        topic: &Arc<str>,
+        key: Option<&[u8]>,
+        partitions: u32,
+        partitioner: Partitioner,
+    ) -> u32 {
+        assert!(partitions > 0, "a topic has at least one partition");
+        let sticky = self.sticky.entry(topic.clone()).or_default();
+        let mut next = || {
+            let p = sticky.next % partitions;
+            sticky.next = (p + 1) % partitions;
+            p
+        };
+        match (partitioner, key) {
+            (Partitioner::Default, Some(k)) => partition_for_key(k, partitions),
+            (Partitioner::RoundRobin, _) => next(),
+            (Partitioner::Default, None) => match sticky.current {
+                Some(p) if p < partitions => p,
+                _ => {
+                    let p = next();
+                    sticky.current = Some(p);
+                    p
+                }
+            },
+        }
+    }
+
+    /// Whether a record of this size may be appended now, else the error.
+    pub fn check_room(&self, record_bytes: usize) -> Result<(), ClientError> {
+        if BATCH_OVERHEAD_BYTES + record_bytes > self.config.batch_bytes_max {
+            return Err(ClientError::RecordTooLarge {
+                len: record_bytes,
+                max: self.config.batch_bytes_max,
+            });
+        }
+        // An empty buffer takes any record that fits a batch, so a record
+        // larger than the buffer still goes out, alone.
+        if self.buffered_bytes > 0
+            && self.buffered_bytes + record_bytes > self.config.buffer_bytes_max
+        {
+            return Err(ClientError::BufferFull {
+                buffered_bytes: self.buffered_bytes,
+                max: self.config.buffer_bytes_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends one record to its partition's open batch, closing the batch
+    /// first when the record would push it past the target size, and after
+    /// when it reached it. On error the waiter is handed back.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one record's parts, passed through"
+    )]
+    pub fn append(
+        &mut self,
+        tp: TopicPartition,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+        waiter: Waiter,
+        now: Instant,
+    ) -> Result<(), (ClientError, Waiter)> {
+        let size = record_bytes_max(key, value, headers);
+        if let Err(e) = self.check_room(size) {
+            return Err((e, waiter));
+        }
+        let target = self
+            .config
+            .batch_bytes_target
+            .min(self.config.batch_bytes_max);
+        let max = self.config.batch_bytes_max;
+        let full_before = self
+            .queues
+            .get(&tp)
+            .and_then(|q| q.open.as_ref())
+            .is_some_and(|o| {
+                let after = o.builder.estimated_bytes() + size;
+                after > target || after > max
+            });
+        if full_before {
+            self.close_open(&tp);
+        }
+        let q = self.queues.entry(tp.clone()).or_default();
+        let open = q.open.get_or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::new(),
+            waiters: Vec::new(),
+            created: now,
+            reserved: 0,
+        });
+        open.builder.push(timestamp_ms, key, value, headers);
+        open.waiters.push(waiter);
+        open.reserved += size;
+        self.buffered_bytes += size;
+        if open.builder.estimated_bytes() >= target {
+            self.close_open(&tp);
+        }
+        Ok(())
+    }
+
+    fn close_open(&mut self, tp: &TopicPartition) {
+        let Some(q) = self.queues.get_mut(tp) else {
+            return;
+        };
+        let Some(mut open) = q.open.take() else {
+            return;
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        q.ready.push_back(ReadyBatch {
+            tp: tp.clone(),
+            seq,
+            bytes: open.builder.finish(ProducerStamp::NONE),
+            waiters: open.waiters,
+            created: open.created,
+            attempts: 0,
+            retry_at: None,
+            reserved: open.reserved,
+        });
+        if let Some(s) = self.sticky.get_mut(&tp.topic) {
+            if s.current == Some(tp.partition) {
+                s.current = None;
+            }
+        }
+    }
+
+    /// Closes batches that lingered long enough (all of them when
+    /// `flush`), and takes the batches that may be sent now: in order per
+    /// partition, up to `max_in_flight`, stopping at one waiting out its
+    /// retry backoff.
+    pub fn drain(&mut self, now: Instant, flush: bool) -> Vec<ReadyBatch> {
+        let linger = self.config.linger;
+        let due: Vec<TopicPartition> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| {
+                q.open
+                    .as_ref()
+                    .is_some_and(|o| flush || now.saturating_duration_since(o.created) >= linger)
+            })
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &due {
+            self.close_open(tp);
+        }
+        let mut out = Vec::new();
+        for q in self.queues.values_mut() {
+            while q.in_flight < self.config.max_in_flight {
+                match q.ready.front() {
+                    Some(b) if b.retry_at.is_none_or(|t| t <= now) => {
+                        out.push(q.ready.pop_front().expect("front exists"));
+                        q.in_flight += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+
+    /// The next instant something becomes due: a linger ends or a retry
+    /// backoff ends for a partition with room in flight.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.queues
+            .values()
+            .flat_map(|q| {
+                let linger = q.open.as_ref().map(|o| o.created + self.config.linger);
+                let retry = (q.in_flight < self.config.max_in_flight)
+                    .then(|| q.ready.front().and_then(|b| b.retry_at))
+                    .flatten();
+                linger.into_iter().chain(retry)
+            })
+            .min()
+    }
+
+    /// A sent batch is answered for good (written or failed): frees its
+    /// in-flight slot and its buffer bytes.
+    pub fn complete(&mut self, batch: &ReadyBatch) {
+        self.buffered_bytes -= batch.reserved;
+        if let Some(q) = self.queues.get_mut(&batch.tp) {
+            q.in_flight -= 1;
+            if q.open.is_none() && q.ready.is_empty() && q.in_flight == 0 {
+                self.queues.remove(&batch.tp);
+            }
+        }
+    }
+
+    /// A sent batch failed with a retriable error: it goes back in front of
+    /// the later batches of its partition and waits until `retry_at`.
+    pub fn retry(&mut self, mut batch: ReadyBatch, retry_at: Instant) {
+        batch.attempts += 1;
+        batch.retry_at = Some(retry_at);
+        let q = self.queues.entry(batch.tp.clone()).or_default();
+        q.in_flight -= 1;
+        let at = q.ready.partition_point(|b| b.seq < batch.seq);
+        q.ready.insert(at, batch);
+    }
+
+    /// Takes every batch not in flight whose delivery timeout ran out,
+    /// open ones included; the caller fails their records. Their buffer
+    /// bytes are freed.
+    pub fn expire(&mut self, now: Instant, delivery_timeout: Duration) -> Vec<ReadyBatch> {
+        let late = |created: Instant| now.saturating_duration_since(created) >= delivery_timeout;
+        let stale: Vec<TopicPartition> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.open.as_ref().is_some_and(|o| late(o.created)))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &stale {
+            self.close_open(tp);
+        }
+        let mut out = Vec::new();
+        for q in self.queues.values_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) = q.ready.drain(..).partition(|b| late(b.created));
+            q.ready = kept.into();
+            out.extend(gone);
+        }
+        for b in &out {
+            self.buffered_bytes -= b.reserved;
+        }
+        self.queues
+            .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight > 0);
+        out
+    }
+}
+
+/// The backoff before retry number `attempts` (1-based): doubling from
+/// `base`, capped at `max`.
+pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::BatchView;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn config() -> AccumulatorConfig {
+        AccumulatorConfig {
+            batch_bytes_target: 1024,
+            batch_bytes_max: 4096,
+            linger: 5 * MS,
+            max_in_flight: 2,
+            buffer_bytes_max: 64 * 1024,
+        }
+    }
+
+    fn tp(p: u32) -> TopicPartition {
+        TopicPartition {
+            topic: "t".into(),
+            partition: p,
+        }
+    }
+
+    fn waiter() -> (
+        Waiter,
+        async_channel::Receiver<Result<RecordMetadata, ClientError>>,
+    ) {
+        async_channel::bounded(1)
+    }
+
+    fn push(acc: &mut Accumulator, p: u32, value: &[u8], now: Instant) {
+        acc.append(tp(p), 1, None, value, &[], waiter().0, now)
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+
+    fn records_in(b: &ReadyBatch) -> usize {
+        BatchView::new(&b.bytes).unwrap().records().unwrap().len()
+    }
+
+    #[test]
+    fn a_batch_waits_for_linger_then_leaves() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        push(&mut acc, 0, b"a", t0);
+        push(&mut acc, 0, b"b", t0 + MS);
+        assert!(acc.drain(t0 + 4 * MS, false).is_empty(), "still lingering");
+        assert_eq!(
+            acc.next_wakeup(),
+            Some(t0 + 5 * MS),
+            "linger runs from the first record"
+        );
+        let out = acc.drain(t0 + 5 * MS, false);
+        assert_eq!(out.len(), 1);
+        assert_eq!(records_in(&out[0]), 2);
+        assert_eq!(out[0].waiters.len(), 2);
+    }
+
+    #[test]
+    fn a_full_batch_leaves_without_waiting() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        // Three 400-byte records: the third would pass the 1024 target, so
+        // the first two close and the third opens a new batch.
+        for _ in 0..3 {
+            push(&mut acc, 0, &[7; 400], t0);
+        }
+        let out = acc.drain(t0, false);
+        assert_eq!(out.len(), 1, "only the full batch, at once");
+        assert_eq!(records_in(&out[0]), 2);
+        assert!(out[0].bytes.len() <= 1024);
+        let rest = acc.drain(t0 + 5 * MS, false);
+        assert_eq!(records_in(&rest[0]), 1);
+    }
+
+    #[test]
+    fn flush_sends_open_batches_at_once() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        push(&mut acc, 0, b"a", t0);
+        push(&mut acc, 1, b"b", t0);
+        assert_eq!(acc.drain(t0, true).len(), 2);
+    }
+
+    #[test]
+    fn in_flight_is_capped_per_partition_and_order_kept() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        for _ in 0..4 {
+            push(&mut acc, 0, &[1; 600], t0); // each closes the one before
+        }
+        push(&mut acc, 1, b"x", t0);
+        let out = acc.drain(t0 + 5 * MS, false);
+        let p0: Vec<u64> = out
+            .iter()
+            .filter(|b| b.tp.partition == 0)
+            .map(|b| b.seq)
+            .collect();
+        assert_eq!(p0.len(), 2, "max_in_flight = 2");
+        assert!(p0[0] < p0[1]);
+        assert_eq!(out.iter().filter(|b| b.tp.partition == 1).count(), 1);
+        // Nothing more for partition 0 until one completes.
+        assert!(acc.drain(t0 + 6 * MS, false).is_empty());
+        let first = out.into_iter().find(|b| b.tp.partition == 0).unwrap();
+        acc.complete(&first);
+        let next = acc.drain(t0 + 6 * MS, false);
+        assert_eq!(next.len(), 1);
+        assert!(next[0].seq > p0[1]);
+    }
+
+    #[test]
+    fn a_retried_batch_goes_first_after_its_backoff() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            max_in_flight: 1,
+            ..config()
+        });
+        push(&mut acc, 0, &[1; 600], t0);
+        push(&mut acc, 0, &[2; 600], t0); // closes the first
+        let first = acc.drain(t0, false).pop().unwrap();
+        let first_seq = first.seq;
+        acc.drain(t0 + 5 * MS, false); // closes the second; no room in flight
+        acc.retry(first, t0 + 100 * MS);
+        assert!(
+            acc.drain(t0 + 50 * MS, false).is_empty(),
+            "the later batch waits behind"
+        );
+        assert_eq!(acc.next_wakeup(), Some(t0 + 100 * MS));
+        let again = acc.drain(t0 + 100 * MS, false);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].seq, first_seq);
+        assert_eq!(again[0].attempts, 1);
+    }
+
+    #[test]
+    fn buffer_and_batch_limits_are_enforced() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            buffer_bytes_max: 1000,
+            ..config()
+        });
+        let big = vec![0; 4096];
+        let err = acc
+            .append(tp(0), 1, None, &big, &[], waiter().0, t0)
+            .unwrap_err()
+            .0;
+        assert!(matches!(err, ClientError::RecordTooLarge { .. }), "{err:?}");
+        push(&mut acc, 0, &[0; 600], t0);
+        let err = acc
+            .append(tp(1), 1, None, &[0; 600], &[], waiter().0, t0)
+            .unwrap_err()
+            .0;
+        assert!(matches!(err, ClientError::BufferFull { .. }), "{err:?}");
+        let b = acc.drain(t0, true).pop().unwrap();
+        acc.complete(&b);
+        assert_eq!(acc.buffered_bytes(), 0);
+        assert!(acc.is_idle());
+        push(&mut acc, 1, &[0; 600], t0);
+    }
+
+    #[test]
+    fn record_size_bound_holds() {
+        let mut b = BatchBuilder::new();
+        let headers: [(&str, &[u8]); 2] = [("a", b"xyz"), ("long-header", &[9; 300])];
+        let before = b.estimated_bytes();
+        b.push(i64::MAX, Some(&[1; 70000]), &[2; 30], &headers);
+        let grown = b.estimated_bytes() - before;
+        assert!(grown <= record_bytes_max(Some(&[1; 70000]), &[2; 30], &headers));
+        let whole = b.finish(ProducerStamp::NONE).len();
+        assert!(
+            whole <= BATCH_OVERHEAD_BYTES + record_bytes_max(Some(&[1; 70000]), &[2; 30], &headers)
+        );
+    }
+
+    #[test]
+    fn expired_batches_are_taken_with_their_bytes() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        push(&mut acc, 0, b"a", t0);
+        assert!(acc.expire(t0 + 99 * MS, 100 * MS).is_empty());
+        let gone = acc.expire(t0 + 100 * MS, 100 * MS);
+        assert_eq!(gone.len(), 1);
+        assert!(acc.is_idle());
+    }
+
+    #[test]
+    fn unkeyed_records_stick_until_the_batch_closes() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        let topic: Arc<str> = "t".into();
+        let p = acc.choose_partition(&topic, None, 3, Partitioner::Default);
+        assert_eq!(
+            acc.choose_partition(&topic, None, 3, Partitioner::Default),
+            p
+        );
+        push(&mut acc, p, b"a", t0);
+        acc.drain(t0 + 5 * MS, false);
+        let q = acc.choose_partition(&topic, None, 3, Partitioner::Default);
+        assert_eq!(q, (p + 1) % 3, "moves on once the batch left");
+        // Keys ignore stickiness; round-robin moves every record.
+        assert_eq!(
+            acc.choose_partition(&topic, Some(b"1"), 4, Partitioner::Default),
+            3
+        );
+        let rr: Vec<u32> = (0..4)
+            .map(|_| acc.choose_partition(&"u".into(), Some(b"k"), 2, Partitioner::RoundRobin))
+            .collect();
+        assert_eq!(rr, vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = |n| backoff(n, 100 * MS, 1000 * MS);
+        assert_eq!(b(1), 100 * MS);
+        assert_eq!(b(2), 200 * MS);
+        assert_eq!(b(4), 800 * MS);
+        assert_eq!(b(5), 1000 * MS);
+        assert_eq!(b(60), 1000 * MS);
+    }
+}

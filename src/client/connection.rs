@@ -1,0 +1,408 @@
+//! One connection to a server: hello, then pipelined requests.
+//!
+//! A writer task drains a bounded queue of encoded frames and writes them,
+//! coalescing whatever is queued into one write. A reader task reads frames
+//! and hands each response to the request waiting for its correlation id.
+//! When either side fails, every waiting request gets the error and the
+//! connection is dead for good; [`super::Client`] opens a new one.
+
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use smol::net::unix::UnixStream;
+use smol::net::TcpStream;
+use smol::{Task, Timer};
+
+use super::error::ClientError;
+use crate::protocol::{
+    body_len, decode_response, encode_request, encode_request_body, frame_len, HelloRequest,
+    Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES, HELLO_FRAME_BYTES_MAX,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+
+/// Frames waiting for the writer. Bounds the memory a burst of requests can
+/// hold before the socket takes them; callers wait when it is full.
+const OUTBOX_FRAMES_MAX: usize = 256;
+/// The writer stops coalescing queued frames past this size, so one write
+/// does not grow without bound.
+const WRITE_COALESCE_BYTES_MAX: usize = 1024 * 1024;
+/// The reader's buffer: one syscall reads many small responses.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// What the server said in its hello answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub version: u16,
+    pub server_version: String,
+    pub max_frame_bytes: u32,
+    pub max_batch_bytes: u32,
+}
+
+/// Where to connect: an address is a Unix socket path when it contains a
+/// `/` or ends in `.sock`, else `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl Address {
+    pub fn parse(addr: &str) -> Result<Self, ClientError> {
+        if addr.contains('/') || addr.ends_with(".sock") {
+            return Ok(Self::Unix(addr.into()));
+        }
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(addr.to_string()))
+            }
+            _ => Err(ClientError::InvalidAddress(addr.to_string())),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    async fn connect(addr: &Address) -> std::io::Result<Self> {
+        Ok(match addr {
+            Address::Tcp(a) => {
+                let s = TcpStream::connect(a.as_str()).await?;
+                // Requests are small and latency matters; the writer task
+                // already coalesces frames, so Nagle only adds delay.
+                s.set_nodelay(true)?;
+                Self::Tcp(s)
+            }
+            Address::Unix(p) => Self::Unix(UnixStream::connect(p).await?),
+        })
+    }
+
+    fn shutdown(&self) {
+        // Errors mean the socket is already gone, which is the goal.
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_close(cx),
+            Self::Unix(s) => Pin::new(s).poll_close(cx),
+        }
+    }
+}
+
+type Waiter = async_channel::Sender<Result<ResponseBody, ClientError>>;
+
+/// What the request side and the two tasks share.
+struct Shared {
+    /// Requests sent and not yet answered, by correlation id. `None` once
+    /// the connection failed: the error every later request gets.
+    pending: Mutex<Result<HashMap<u32, Waiter>, ClientError>>,
+    stream: Stream,
+}
+
+impl Shared {
+    /// Marks the connection dead and fails every waiting request. The first
+    /// error wins; later ones are consequences.
+    fn fail(&self, error: ClientError) {
+        let waiters = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            match std::mem::replace(&mut *pending, Err(error.clone())) {
+                Ok(map) => map,
+                Err(first) => {
+                    *pending = Err(first);
+                    HashMap::new()
+                }
+            }
+        };
+        for (_, w) in waiters {
+            let _ = w.try_send(Err(error.clone()));
+        }
+        self.stream.shutdown();
+    }
+
+    fn take_waiter(&self, id: u32) -> Option<Waiter> {
+        match &mut *self.pending.lock().expect("pending lock") {
+            Ok(map) => map.remove(&id),
+            Err(_) => None,
+        }
+    }
+}
+
+/// A live connection. Dropping it cancels its tasks and closes the socket.
+pub(crate) struct Connection {
+    shared: Arc<Shared>,
+    outbox: async_channel::Sender<Vec<u8>>,
+    next_id: AtomicU32,
+    pub(crate) info: ServerInfo,
+    _reader: Task<()>,
+    _writer: Task<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.stream.shutdown();
+    }
+}
+
+impl Connection {
+    /// Connects and says hello. The whole exchange is bounded by `timeout`.
+    pub(crate) async fn open(
+        addr: &Address,
+        client_name: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let handshake = async {
+            let mut stream = Stream::connect(addr).await?;
+            let info = hello(&mut stream, client_name).await?;
+            Ok::<_, ClientError>((stream, info))
+        };
+        let (stream, info) = with_timeout(timeout, handshake).await?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Ok(HashMap::new())),
+            stream: stream.clone(),
+        });
+        let (outbox, inbox) = async_channel::bounded(OUTBOX_FRAMES_MAX);
+        let reader = smol::spawn(read_loop(shared.clone(), info.max_frame_bytes));
+        let writer = smol::spawn(write_loop(shared.clone(), inbox));
+        Ok(Self {
+            shared,
+            outbox,
+            next_id: AtomicU32::new(1),
+            info,
+            _reader: reader,
+            _writer: writer,
+        })
+    }
+
+    /// Whether the connection has failed; a dead connection stays dead.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.shared.pending.lock().expect("pending lock").is_err()
+    }
+
+    fn next_correlation_id(&self) -> u32 {
+        loop {
+            // 0 is what the server uses when it cannot read an id: never
+            // hand it out, so such an answer matches no request.
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Sends one request and waits for its answer, at most `timeout`. An
+    /// error answer becomes [`ClientError::Server`].
+    pub(crate) async fn call(
+        &self,
+        body: &RequestBody,
+        timeout: Duration,
+    ) -> Result<ResponseBody, ClientError> {
+        let (correlation_id, frame) = self.encode(body)?;
+        self.send_frame(correlation_id, frame, timeout).await
+    }
+
+    /// As [`call`](Self::call) for a request the caller encoded.
+    pub(crate) async fn send_frame(
+        &self,
+        correlation_id: u32,
+        frame: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<ResponseBody, ClientError> {
+        let body_len = frame.len() - FRAME_HEADER_BYTES;
+        if body_len > self.info.max_frame_bytes as usize {
+            return Err(ClientError::RequestTooLarge {
+                len: body_len,
+                max: self.info.max_frame_bytes,
+            });
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        match &mut *self.shared.pending.lock().expect("pending lock") {
+            Ok(map) => {
+                map.insert(correlation_id, tx);
+            }
+            Err(e) => return Err(e.clone()),
+        }
+        let exchange = async {
+            self.outbox
+                .send(frame)
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
+            rx.recv().await.map_err(|_| ClientError::Disconnected)?
+        };
+        let answer = with_timeout(timeout, exchange).await;
+        if answer.is_err() {
+            // A late answer then matches nothing and is dropped.
+            self.shared.take_waiter(correlation_id);
+        }
+        match answer? {
+            ResponseBody::Error(e) => Err(ClientError::Server {
+                code: e.code,
+                message: e.message,
+            }),
+            body => Ok(body),
+        }
+    }
+
+    /// Encodes a request with a fresh correlation id, for callers that want
+    /// to keep ownership of the body (the producer keeps its batches for a
+    /// retry).
+    pub(crate) fn encode(&self, body: &RequestBody) -> Result<(u32, Vec<u8>), ClientError> {
+        let correlation_id = self.next_correlation_id();
+        let mut frame = Vec::new();
+        encode_request_body(correlation_id, body, &mut frame)?;
+        Ok((correlation_id, frame))
+    }
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    futures_lite::future::or(f, async {
+        Timer::after(timeout).await;
+        Err(ClientError::Timeout)
+    })
+    .await
+}
+
+async fn hello(
+    stream: &mut Stream,
+    client_name: Option<String>,
+) -> Result<ServerInfo, ClientError> {
+    let mut frame = Vec::new();
+    encode_request(
+        &Request {
+            correlation_id: 1,
+            body: RequestBody::Hello(HelloRequest {
+                version_min: PROTOCOL_VERSION_MIN,
+                version_max: PROTOCOL_VERSION_MAX,
+                client_name,
+            }),
+        },
+        &mut frame,
+    )?;
+    stream.write_all(&frame).await?;
+    stream.flush().await?;
+    let body = read_frame(stream, HELLO_FRAME_BYTES_MAX).await?;
+    let response = decode_response(&body)?;
+    match response.body {
+        ResponseBody::Hello(h) => Ok(ServerInfo {
+            version: h.version,
+            server_version: h.server_version,
+            max_frame_bytes: h.max_frame_bytes,
+            max_batch_bytes: h.max_batch_bytes,
+        }),
+        ResponseBody::Error(e) => Err(ClientError::Server {
+            code: e.code,
+            message: e.message,
+        }),
+        other => Err(ClientError::UnexpectedResponse {
+            expected: "hello",
+            got: other.name(),
+        }),
+    }
+}
+
+/// Reads one frame body. The length is checked before the body is
+/// allocated. A clean end of stream before a frame starts is
+/// [`ClientError::Disconnected`].
+async fn read_frame(
+    r: &mut (impl AsyncRead + Unpin),
+    max_frame_bytes: u32,
+) -> Result<Vec<u8>, ClientError> {
+    let mut prefix = [0u8; FRAME_HEADER_BYTES];
+    match r.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ClientError::Disconnected)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // Checks the length against the limit; the body is not buffered yet.
+    frame_len(&prefix, max_frame_bytes)?;
+    let len = body_len(prefix) as usize;
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.clone());
+    let error = loop {
+        let body = match read_frame(&mut reader, max_frame_bytes).await {
+            Ok(b) => b,
+            Err(e) => break e,
+        };
+        let response = match decode_response(&body) {
+            Ok(r) => r,
+            Err(e) => break e.into(),
+        };
+        // No waiter: the request timed out and gave up; drop the answer.
+        if let Some(w) = shared.take_waiter(response.correlation_id) {
+            let _ = w.try_send(Ok(response.body));
+        }
+    };
+    shared.fail(error);
+}
+
+async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>) {
+    let mut stream = shared.stream.clone();
+    let mut buf = Vec::new();
+    while let Ok(frame) = inbox.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&frame);
+        while buf.len() < WRITE_COALESCE_BYTES_MAX {
+            match inbox.try_recv() {
+                Ok(f) => buf.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = stream.write_all(&buf).await {
+            shared.fail(e.into());
+            return;
+        }
+    }
+}

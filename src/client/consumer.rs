@@ -1,0 +1,359 @@
+//! [`Consumer`]: reads records from assigned partitions with long-poll
+//! fetches, keeping one position per partition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smol::Timer;
+
+use super::accumulator::backoff;
+use super::client::{check, Client};
+use super::error::ClientError;
+use crate::batch::BatchIter;
+use crate::protocol::{ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, OffsetSpec};
+
+/// Where a newly assigned partition starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The first record still in the log.
+    Earliest,
+    /// Only records written from now on.
+    Latest,
+    Offset(u64),
+    /// The first record at or after this time (ms since the Unix epoch);
+    /// the end of the log when every record is older.
+    Timestamp(i64),
+}
+
+/// What to do when the position is outside the log: below the earliest
+/// offset (the ring reused the segment) or above the high watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// Go to the earliest offset: a consumer that fell behind a ring loses
+    /// what was overwritten and carries on.
+    Earliest,
+    /// Go to the high watermark.
+    Latest,
+    /// Return the error from `poll`.
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// How long the server may hold a fetch waiting for data.
+    pub max_wait: Duration,
+    /// The server answers as soon as this many bytes are ready.
+    pub min_bytes: u32,
+    /// A soft cap on the bytes fetched per partition per poll.
+    pub partition_max_bytes: u32,
+    pub offset_reset: OffsetReset,
+    /// How long `poll` keeps retrying a lost connection or a retriable
+    /// error before it returns the error.
+    pub retry_timeout: Duration,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_millis(500),
+            min_bytes: 1,
+            partition_max_bytes: 1024 * 1024,
+            offset_reset: OffsetReset::Earliest,
+            retry_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One record read from a partition, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    /// Milliseconds since the Unix epoch, as the producer stamped it.
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads assigned partitions. Positions live in the consumer only
+/// (consumer groups with committed offsets come later).
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    /// The next offset to read, per assigned partition.
+    positions: BTreeMap<(Arc<str>, u32), u64>,
+}
+
+impl Consumer {
+    pub fn new(client: Client, config: ConsumerConfig) -> Self {
+        Self {
+            client,
+            config,
+            positions: BTreeMap::new(),
+        }
+    }
+
+    pub async fn connect(addr: &str, config: ConsumerConfig) -> Result<Self, ClientError> {
+        Ok(Self::new(Client::connect(addr).await?, config))
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Adds partitions of `topic` (all of them with `None`), starting at
+    /// `from`. Assigning a partition again moves its position.
+    pub async fn assign(
+        &mut self,
+        topic: &str,
+        partitions: Option<&[u32]>,
+        from: StartFrom,
+    ) -> Result<(), ClientError> {
+        let partitions: Vec<u32> = match partitions {
+            Some(p) => p.to_vec(),
+            None => (0..self.client.partition_count(topic).await?).collect(),
+        };
+        let topic: Arc<str> = topic.into();
+        for p in partitions {
+            let offset = match from {
+                StartFrom::Offset(o) => o,
+                StartFrom::Earliest => self.lookup(&topic, p, OffsetSpec::Earliest).await?,
+                StartFrom::Latest => self.lookup(&topic, p, OffsetSpec::Latest).await?,
+                StartFrom::Timestamp(ms) => {
+                    match self
+                        .client
+                        .offset_for(&topic, p, OffsetSpec::Timestamp(ms))
+                        .await?
+                    {
+                        Some(o) => o,
+                        None => self.lookup(&topic, p, OffsetSpec::Latest).await?,
+                    }
+                }
+            };
+            self.positions.insert((topic.clone(), p), offset);
+        }
+        Ok(())
+    }
+
+    async fn lookup(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<u64, ClientError> {
+        self.client.offset_for(topic, partition, spec).await?.ok_or(
+            ClientError::UnexpectedResponse {
+                expected: "an offset for earliest/latest",
+                got: "none",
+            },
+        )
+    }
+
+    /// Stops reading a partition.
+    pub fn unassign(&mut self, topic: &str, partition: u32) {
+        self.positions.remove(&(Arc::from(topic), partition));
+    }
+
+    /// Moves an assigned partition's position; `false` if not assigned.
+    pub fn seek(&mut self, topic: &str, partition: u32, offset: u64) -> bool {
+        match self.positions.get_mut(&(Arc::from(topic), partition)) {
+            Some(p) => {
+                *p = offset;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The next offset `poll` reads from a partition.
+    pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.positions.get(&(Arc::from(topic), partition)).copied()
+    }
+
+    /// Every assigned partition and its position.
+    pub fn assignment(&self) -> Vec<(Arc<str>, u32, u64)> {
+        self.positions
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
+    }
+
+    /// One fetch over every assigned partition: the records after each
+    /// position, possibly none once `max_wait` passed. Lost connections and
+    /// retriable errors are retried with backoff for `retry_timeout`.
+    pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+        if self.positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let request = FetchRequest {
+            partitions: self
+                .positions
+                .iter()
+                .map(|((topic, partition), offset)| FetchPartition {
+                    topic: topic.to_string(),
+                    partition: *partition,
+                    offset: *offset,
+                    max_bytes: self.config.partition_max_bytes,
+                })
+                .collect(),
+            max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
+            min_bytes: self.config.min_bytes,
+        };
+        let started = Instant::now();
+        let mut attempts = 0;
+        let response = loop {
+            match self.client.fetch(request.clone()).await {
+                Ok(r) => break r,
+                Err(e) if e.is_retriable() && started.elapsed() < self.config.retry_timeout => {
+                    attempts += 1;
+                    log::debug!("fetch failed ({e}); retrying");
+                    Timer::after(backoff(
+                        attempts,
+                        self.config.retry_backoff,
+                        self.config.retry_backoff_max,
+                    ))
+                    .await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // Positions move only when every partition's result is good, so an
+        // error never drops records whose position already advanced.
+        let mut out = Vec::new();
+        let mut moves = Vec::with_capacity(request.partitions.len());
+        for (asked, result) in request.partitions.iter().zip(response.partitions) {
+            if result.topic != asked.topic || result.partition != asked.partition {
+                return Err(ClientError::UnexpectedResponse {
+                    expected: "fetch results in request order",
+                    got: "a result for another partition",
+                });
+            }
+            let key = (Arc::<str>::from(asked.topic.as_str()), asked.partition);
+            let Some(((topic, _), _)) = self.positions.get_key_value(&key) else {
+                continue;
+            };
+            let topic = topic.clone();
+            let next = self.settle(&topic, asked.offset, result, &mut out)?;
+            moves.push((key, next));
+        }
+        self.positions.extend(moves);
+        Ok(out)
+    }
+
+    /// Turns one partition's result into records; returns the new position.
+    fn settle(
+        &self,
+        topic: &Arc<str>,
+        position: u64,
+        result: FetchPartitionResult,
+        out: &mut Vec<ConsumerRecord>,
+    ) -> Result<u64, ClientError> {
+        if result.error == ErrorCode::OffsetOutOfRange {
+            let where_ = format!(
+                "{topic}/{}: offset {position} outside {}..={}",
+                result.partition, result.earliest_offset, result.high_watermark
+            );
+            return match self.config.offset_reset {
+                OffsetReset::Earliest => {
+                    log::warn!("{where_}; resetting to earliest");
+                    Ok(result.earliest_offset)
+                }
+                OffsetReset::Latest => {
+                    log::warn!("{where_}; resetting to latest");
+                    Ok(result.high_watermark)
+                }
+                OffsetReset::Fail => Err(ClientError::server(result.error, where_)),
+            };
+        }
+        check(result.error, || format!("{topic}/{}", result.partition))?;
+        decode_records(topic, result.partition, position, &result.records, out)
+    }
+}
+
+/// Appends the records at or after `position` from concatenated batches;
+/// returns the position after the last batch.
+pub(crate) fn decode_records(
+    topic: &Arc<str>,
+    partition: u32,
+    position: u64,
+    bytes: &[u8],
+    out: &mut Vec<ConsumerRecord>,
+) -> Result<u64, ClientError> {
+    let mut next = position;
+    for batch in BatchIter::new(bytes) {
+        let batch = batch?;
+        let h = batch.header;
+        for r in batch.records()? {
+            let offset = h.base_offset + u64::from(r.offset_delta);
+            if offset < position {
+                continue;
+            }
+            out.push(ConsumerRecord {
+                topic: topic.clone(),
+                partition,
+                offset,
+                timestamp_ms: h.first_timestamp + r.timestamp_delta,
+                key: r.key.map(|k| k.to_vec()),
+                value: r.value.to_vec(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|hd| (hd.name.to_string(), hd.value.to_vec()))
+                    .collect(),
+            });
+        }
+        next = next.max(h.next_offset());
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, ProducerStamp};
+
+    fn batch_at(base: u64, values: &[&[u8]]) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for (i, v) in values.iter().enumerate() {
+            b.push(1000 + i as i64, Some(b"k"), v, &[("h", b"1")]);
+        }
+        b.finish_with(ProducerStamp::NONE, base)
+    }
+
+    #[test]
+    fn records_below_the_position_are_skipped() {
+        let mut bytes = batch_at(10, &[b"a", b"b", b"c"]);
+        bytes.extend(batch_at(13, &[b"d"]));
+        let topic: Arc<str> = "t".into();
+        let mut out = Vec::new();
+        let next = decode_records(&topic, 2, 11, &bytes, &mut out).unwrap();
+        assert_eq!(next, 14);
+        let got: Vec<(u64, &[u8])> = out.iter().map(|r| (r.offset, &r.value[..])).collect();
+        assert_eq!(got, vec![(11, &b"b"[..]), (12, b"c"), (13, b"d")]);
+        assert_eq!(out[0].timestamp_ms, 1001);
+        assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(out[0].headers, vec![("h".to_string(), b"1".to_vec())]);
+        assert_eq!(out[0].partition, 2);
+    }
+
+    #[test]
+    fn empty_fetch_keeps_the_position_and_bad_bytes_fail() {
+        let topic: Arc<str> = "t".into();
+        let mut out = Vec::new();
+        assert_eq!(decode_records(&topic, 0, 7, &[], &mut out).unwrap(), 7);
+        let mut bytes = batch_at(7, &[b"a"]);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_records(&topic, 0, 7, &bytes, &mut out),
+            Err(ClientError::Batch(_))
+        ));
+    }
+}

@@ -1,0 +1,139 @@
+//! The client's error type.
+
+use std::sync::Arc;
+
+use crate::batch::BatchError;
+use crate::protocol::{ErrorCode, FrameError};
+
+/// Why a client call failed. Cloneable, because one failure (a lost
+/// connection, a failed batch) is delivered to every waiter it affects.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Connecting, reading or writing failed. The request's outcome is
+    /// unknown: a produce may have been written.
+    Io(Arc<std::io::Error>),
+    /// The server sent bytes that are not a valid frame; the connection is
+    /// closed.
+    Protocol(FrameError),
+    /// The server answered with an error code.
+    Server { code: ErrorCode, message: String },
+    /// The server answered with another operation than the one asked, or a
+    /// result list that does not match the request's entries.
+    UnexpectedResponse {
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// Fetched bytes are not valid record batches.
+    Batch(BatchError),
+    /// No answer in time. The outcome is unknown, as with [`Self::Io`].
+    Timeout,
+    /// The connection closed while the request was in flight or queued.
+    Disconnected,
+    /// The address is neither `host:port` nor a Unix socket path.
+    InvalidAddress(String),
+    /// A request frame above the server's `max_frame_bytes`.
+    RequestTooLarge { len: usize, max: u32 },
+    /// A single record that cannot fit a batch of the server's
+    /// `max_batch_bytes`.
+    RecordTooLarge { len: usize, max: usize },
+    /// The producer's buffer is full; retry after deliveries complete, or
+    /// use `send_wait`.
+    BufferFull { buffered_bytes: usize, max: usize },
+    /// The producer or consumer was closed.
+    Closed,
+}
+
+impl ClientError {
+    /// Whether retrying the same request later may succeed: connection
+    /// loss, timeouts, and server codes that say so.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Io(_) | Self::Timeout | Self::Disconnected => true,
+            Self::Server { code, .. } => code.is_retriable(),
+            _ => false,
+        }
+    }
+
+    /// The server's error code, when the server sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn server(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Server {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "i/o error: {e}"),
+            Self::Protocol(e) => write!(f, "protocol error: {e}"),
+            Self::Server { code, message } if message.is_empty() => {
+                write!(f, "server error {code}")
+            }
+            Self::Server { code, message } => write!(f, "server error {code}: {message}"),
+            Self::UnexpectedResponse { expected, got } => {
+                write!(f, "unexpected response: expected {expected}, got {got}")
+            }
+            Self::Batch(e) => write!(f, "bad fetched data: {e}"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::Disconnected => f.write_str("connection lost"),
+            Self::InvalidAddress(a) => write!(
+                f,
+                "invalid address {a:?}: use host:port or a Unix socket path"
+            ),
+            Self::RequestTooLarge { len, max } => {
+                write!(
+                    f,
+                    "request of {len} bytes is above the server's limit of {max}"
+                )
+            }
+            Self::RecordTooLarge { len, max } => write!(
+                f,
+                "record of about {len} bytes does not fit a batch of {max} bytes"
+            ),
+            Self::BufferFull {
+                buffered_bytes,
+                max,
+            } => write!(f, "producer buffer full ({buffered_bytes} of {max} bytes)"),
+            Self::Closed => f.write_str("closed"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(&**e),
+            Self::Protocol(e) => Some(e),
+            Self::Batch(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(Arc::new(e))
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        Self::Protocol(e)
+    }
+}
+
+impl From<BatchError> for ClientError {
+    fn from(e: BatchError) -> Self {
+        Self::Batch(e)
+    }
+}

@@ -1,0 +1,655 @@
+//! [`Producer`]: batches records per partition and pipelines produce
+//! requests, retrying retriable failures until a delivery timeout.
+//!
+//! `send` appends the record at once (under one short lock) and returns a
+//! [`Delivery`] that resolves when the server acknowledged, or gave up on,
+//! the record. A background task closes batches when they are full or have
+//! lingered, sends every batch that may go in one produce request, and
+//! handles answers: offsets to the waiting records, retriable failures back
+//! into the queue with backoff, other failures to the records.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use futures_lite::Stream;
+use minicbor::bytes::ByteVec;
+use smol::{Task, Timer};
+
+pub use super::accumulator::RecordMetadata;
+use super::accumulator::{
+    backoff, record_bytes_max, Accumulator, AccumulatorConfig, ReadyBatch, TopicPartition, Waiter,
+};
+use super::client::Client;
+use super::error::ClientError;
+use super::partitioner::Partitioner;
+use crate::batch::now_ms;
+use crate::protocol::{
+    ErrorCode, ProducePartition, ProducePartitionResult, ProduceRequest, RequestBody,
+    FRAME_OVERHEAD_BYTES_MAX,
+};
+
+/// Tuning for a [`Producer`].
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records before it is sent.
+    pub linger: Duration,
+    /// A batch is sent once it reaches this size (capped by the server's
+    /// `max_batch_bytes`).
+    pub batch_bytes: usize,
+    /// Batches of one partition sent and not yet answered. 1 keeps strict
+    /// order even across retries (see the ordering note in the accumulator).
+    pub max_in_flight: usize,
+    /// How long a record may wait for its acknowledgement, retries
+    /// included, before it fails with [`ClientError::Timeout`].
+    pub delivery_timeout: Duration,
+    /// The first retry backoff; it doubles up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// Bytes of records buffered and in flight; `send` fails with
+    /// [`ClientError::BufferFull`] beyond it, `send_wait` waits.
+    pub buffer_bytes: usize,
+    pub partitioner: Partitioner,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            linger: Duration::from_millis(5),
+            batch_bytes: 64 * 1024,
+            max_in_flight: 5,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            buffer_bytes: 32 * 1024 * 1024,
+            partitioner: Partitioner::Default,
+        }
+    }
+}
+
+/// The outcome of one `send`: the record's partition and offset once the
+/// server acknowledged it durably.
+pub struct Delivery {
+    state: DeliveryState,
+}
+
+enum DeliveryState {
+    Done(Option<Result<RecordMetadata, ClientError>>),
+    /// Boxed: the receiver is not `Unpin`, and a `Delivery` should be.
+    Waiting(Pin<Box<async_channel::Receiver<Result<RecordMetadata, ClientError>>>>),
+}
+
+impl Delivery {
+    fn failed(e: ClientError) -> Self {
+        Self {
+            state: DeliveryState::Done(Some(Err(e))),
+        }
+    }
+}
+
+impl Future for Delivery {
+    type Output = Result<RecordMetadata, ClientError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            DeliveryState::Done(r) => Poll::Ready(r.take().unwrap_or(Err(ClientError::Closed))),
+            // The sender is dropped without a value only when the producer
+            // was dropped with the record still queued.
+            DeliveryState::Waiting(rx) => rx
+                .as_mut()
+                .poll_next(cx)
+                .map(|r| r.unwrap_or(Err(ClientError::Closed))),
+        }
+    }
+}
+
+/// A record whose topic's partition count is not known yet.
+struct Unresolved {
+    partition: Option<u32>,
+    timestamp_ms: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+    waiter: Waiter,
+    size: usize,
+    enqueued: Instant,
+}
+
+enum TopicMeta {
+    Known(u32),
+    /// Metadata is being fetched; records wait here in send order.
+    Pending(VecDeque<Unresolved>),
+}
+
+struct State {
+    acc: Accumulator,
+    topics: HashMap<Arc<str>, TopicMeta>,
+    /// Bytes of records waiting for metadata, counted against the buffer.
+    unresolved_bytes: usize,
+    /// Flushes in progress: while above 0, open batches go out at once.
+    flushing: usize,
+}
+
+struct Inner {
+    client: Client,
+    config: ProducerConfig,
+    /// The largest produce request body: the server's frame limit less
+    /// room for the CBOR around the batches.
+    request_bytes_max: usize,
+    state: Mutex<State>,
+    /// Wakes the sender task: new records, answers, metadata.
+    wake: Event,
+    /// Wakes `flush` and `send_wait`: something completed.
+    progress: Event,
+}
+
+/// Sends records in batches. Cheap to share behind an `Arc`; every method
+/// takes `&self`. Dropping it stops the sender task; records still queued
+/// then fail with [`ClientError::Closed`] (use [`flush`](Self::flush)
+/// first).
+pub struct Producer {
+    inner: Arc<Inner>,
+    _sender: Task<()>,
+}
+
+impl Producer {
+    /// A producer over an existing client (sharing its connection).
+    pub async fn new(client: Client, config: ProducerConfig) -> Result<Self, ClientError> {
+        let info = client.server_info().await?;
+        let batch_bytes_max = info.max_batch_bytes as usize;
+        let acc = Accumulator::new(AccumulatorConfig {
+            batch_bytes_target: config.batch_bytes.min(batch_bytes_max),
+            batch_bytes_max,
+            linger: config.linger,
+            max_in_flight: config.max_in_flight.max(1),
+            buffer_bytes_max: config.buffer_bytes,
+        });
+        let inner = Arc::new(Inner {
+            client,
+            request_bytes_max: (info.max_frame_bytes as usize)
+                .saturating_sub(FRAME_OVERHEAD_BYTES_MAX as usize)
+                .max(batch_bytes_max),
+            config,
+            state: Mutex::new(State {
+                acc,
+                topics: HashMap::new(),
+                unresolved_bytes: 0,
+                flushing: 0,
+            }),
+            wake: Event::new(),
+            progress: Event::new(),
+        });
+        let sender = smol::spawn(run(inner.clone()));
+        Ok(Self {
+            inner,
+            _sender: sender,
+        })
+    }
+
+    /// Connects to `addr` and makes a producer.
+    pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Self, ClientError> {
+        Self::new(Client::connect(addr).await?, config).await
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Queues one record for `topic`; the partition comes from the
+    /// partitioner. Never waits: a full buffer fails the delivery at once
+    /// with [`ClientError::BufferFull`].
+    pub fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Delivery {
+        self.enqueue(topic, None, key, value, headers)
+            .unwrap_or_else(Delivery::failed)
+    }
+
+    /// As [`send`](Self::send), to a chosen partition.
+    pub fn send_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Delivery {
+        self.enqueue(topic, Some(partition), key, value, headers)
+            .unwrap_or_else(Delivery::failed)
+    }
+
+    /// As [`send`](Self::send), but waits for room in the buffer first, so
+    /// a loop that sends faster than the server writes is slowed down
+    /// instead of failed.
+    pub async fn send_wait(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, ClientError> {
+        loop {
+            let listener = self.inner.progress.listen();
+            match self.enqueue(topic, None, key, value, headers) {
+                Err(ClientError::BufferFull { .. }) => listener.await,
+                other => return other,
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, ClientError> {
+        let size = record_bytes_max(key, value, headers);
+        let timestamp_ms = now_ms();
+        let (tx, rx) = async_channel::bounded(1);
+        let now = Instant::now();
+        {
+            let mut st = self.inner.state.lock().expect("producer state");
+            let st = &mut *st;
+            // The accumulator checks the record against the batch limit and
+            // the buffer; records waiting for metadata count too.
+            if st.unresolved_bytes > 0 {
+                let total = st.acc.buffered_bytes() + st.unresolved_bytes;
+                if total + size > self.inner.config.buffer_bytes {
+                    return Err(ClientError::BufferFull {
+                        buffered_bytes: total,
+                        max: self.inner.config.buffer_bytes,
+                    });
+                }
+            }
+            st.acc.check_room(size)?;
+            let topic: Arc<str> = match st.topics.get_key_value(topic) {
+                Some((t, _)) => t.clone(),
+                None => topic.into(),
+            };
+            match st.topics.get_mut(&topic) {
+                Some(TopicMeta::Known(n)) => {
+                    let n = *n;
+                    let p = match partition {
+                        Some(p) if p >= n => {
+                            return Err(ClientError::server(
+                                ErrorCode::UnknownPartition,
+                                format!("{topic} has {n} partitions, not {}", p + 1),
+                            ))
+                        }
+                        Some(p) => p,
+                        None => {
+                            st.acc
+                                .choose_partition(&topic, key, n, self.inner.config.partitioner)
+                        }
+                    };
+                    let tp = TopicPartition {
+                        topic,
+                        partition: p,
+                    };
+                    st.acc
+                        .append(tp, timestamp_ms, key, value, headers, tx, now)
+                        .map_err(|(e, _)| e)?;
+                }
+                Some(TopicMeta::Pending(q)) => {
+                    q.push_back(Unresolved {
+                        partition,
+                        timestamp_ms,
+                        key: key.map(<[u8]>::to_vec),
+                        value: value.to_vec(),
+                        headers: headers
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.to_vec()))
+                            .collect(),
+                        waiter: tx,
+                        size,
+                        enqueued: now,
+                    });
+                    st.unresolved_bytes += size;
+                }
+                None => {
+                    let mut q = VecDeque::new();
+                    q.push_back(Unresolved {
+                        partition,
+                        timestamp_ms,
+                        key: key.map(<[u8]>::to_vec),
+                        value: value.to_vec(),
+                        headers: headers
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.to_vec()))
+                            .collect(),
+                        waiter: tx,
+                        size,
+                        enqueued: now,
+                    });
+                    st.unresolved_bytes += size;
+                    st.topics.insert(topic.clone(), TopicMeta::Pending(q));
+                    smol::spawn(resolve_topic(self.inner.clone(), topic)).detach();
+                }
+            }
+        }
+        self.inner.wake.notify(1);
+        Ok(Delivery {
+            state: DeliveryState::Waiting(Box::pin(rx)),
+        })
+    }
+
+    /// Sends every queued record now and waits until nothing is buffered or
+    /// in flight. Records sent meanwhile are waited for too.
+    pub async fn flush(&self) {
+        struct Flushing<'a>(&'a Inner);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().expect("producer state").flushing -= 1;
+            }
+        }
+        self.inner.state.lock().expect("producer state").flushing += 1;
+        let _guard = Flushing(&self.inner);
+        loop {
+            let listener = self.inner.progress.listen();
+            self.inner.wake.notify(1);
+            {
+                let st = self.inner.state.lock().expect("producer state");
+                if st.acc.is_idle() && st.unresolved_bytes == 0 {
+                    return;
+                }
+            }
+            listener.await;
+        }
+    }
+
+    /// Flushes, then stops.
+    pub async fn close(self) {
+        self.flush().await;
+    }
+}
+
+/// Fetches a topic's partition count and moves its waiting records into
+/// batches; retries retriable failures until the oldest waiting record's
+/// delivery timeout.
+async fn resolve_topic(inner: Arc<Inner>, topic: Arc<str>) {
+    let mut attempts = 0;
+    loop {
+        let result = inner.client.partition_count(&topic).await;
+        let retry = settle_topic(&inner, &topic, result);
+        inner.wake.notify(1);
+        inner.progress.notify(usize::MAX);
+        if !retry {
+            return;
+        }
+        attempts += 1;
+        let pause = backoff(
+            attempts,
+            inner.config.retry_backoff,
+            inner.config.retry_backoff_max,
+        );
+        Timer::after(pause).await;
+    }
+}
+
+/// Applies a metadata answer to the records waiting for it. Returns whether
+/// to ask again (a retriable failure within the delivery timeout).
+fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError>) -> bool {
+    let now = Instant::now();
+    let mut st = inner.state.lock().expect("producer state");
+    let st = &mut *st;
+    let oldest = match st.topics.get(topic) {
+        Some(TopicMeta::Pending(q)) => q.front().map(|u| u.enqueued),
+        _ => None,
+    };
+    let expired = oldest.is_some_and(|t| now.duration_since(t) >= inner.config.delivery_timeout);
+    let error = match result {
+        Ok(0) => ClientError::server(
+            ErrorCode::UnknownTopic,
+            format!("{topic} has no partitions"),
+        ),
+        Ok(n) => {
+            let Some(TopicMeta::Pending(waiting)) =
+                st.topics.insert(topic.clone(), TopicMeta::Known(n))
+            else {
+                return false;
+            };
+            for u in waiting {
+                st.unresolved_bytes -= u.size;
+                let partition = match u.partition {
+                    Some(p) if p >= n => {
+                        let _ = u.waiter.try_send(Err(ClientError::server(
+                            ErrorCode::UnknownPartition,
+                            format!("{topic} has {n} partitions, not {}", p + 1),
+                        )));
+                        continue;
+                    }
+                    Some(p) => p,
+                    None => st.acc.choose_partition(
+                        topic,
+                        u.key.as_deref(),
+                        n,
+                        inner.config.partitioner,
+                    ),
+                };
+                let headers: Vec<(&str, &[u8])> = u
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_slice()))
+                    .collect();
+                let tp = TopicPartition {
+                    topic: topic.clone(),
+                    partition,
+                };
+                // Linger and delivery timeout run from when it was sent.
+                if let Err((e, w)) = st.acc.append(
+                    tp,
+                    u.timestamp_ms,
+                    u.key.as_deref(),
+                    &u.value,
+                    &headers,
+                    u.waiter,
+                    u.enqueued,
+                ) {
+                    let _ = w.try_send(Err(e));
+                }
+            }
+            return false;
+        }
+        Err(e) if e.is_retriable() && !expired => return true,
+        Err(e) => e,
+    };
+    if let Some(TopicMeta::Pending(waiting)) = st.topics.remove(topic) {
+        for u in waiting {
+            st.unresolved_bytes -= u.size;
+            let _ = u.waiter.try_send(Err(error.clone()));
+        }
+    }
+    false
+}
+
+/// The sender task: drains ready batches into produce requests and sleeps
+/// until the next linger or backoff ends or something changes.
+async fn run(inner: Arc<Inner>) {
+    loop {
+        let listener = inner.wake.listen();
+        let now = Instant::now();
+        let (batches, expired, wakeup) = {
+            let mut st = inner.state.lock().expect("producer state");
+            let expired = st.acc.expire(now, inner.config.delivery_timeout);
+            let flush = st.flushing > 0;
+            let batches = st.acc.drain(now, flush);
+            (batches, expired, st.acc.next_wakeup())
+        };
+        if !expired.is_empty() {
+            for b in expired {
+                fail(b, &ClientError::Timeout);
+            }
+            inner.progress.notify(usize::MAX);
+        }
+        for request in group_requests(batches, inner.request_bytes_max) {
+            smol::spawn(send_batches(inner.clone(), request)).detach();
+        }
+        match wakeup {
+            Some(at) => {
+                futures_lite::future::or(listener, async {
+                    Timer::at(at).await;
+                })
+                .await
+            }
+            None => listener.await,
+        }
+    }
+}
+
+/// Splits batches into requests of at most `max_bytes` of batch data; a
+/// request always takes at least one batch.
+fn group_requests(batches: Vec<ReadyBatch>, max_bytes: usize) -> Vec<Vec<ReadyBatch>> {
+    let mut out: Vec<Vec<ReadyBatch>> = Vec::new();
+    let mut size = 0;
+    for b in batches {
+        match out.last_mut() {
+            Some(last) if size + b.bytes.len() <= max_bytes => {
+                size += b.bytes.len();
+                last.push(b);
+            }
+            _ => {
+                size = b.bytes.len();
+                out.push(vec![b]);
+            }
+        }
+    }
+    out
+}
+
+fn fail(batch: ReadyBatch, error: &ClientError) {
+    for w in batch.waiters {
+        let _ = w.try_send(Err(error.clone()));
+    }
+}
+
+/// Sends one produce request and settles each batch in it.
+async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
+    let body = RequestBody::Produce(ProduceRequest {
+        partitions: batches
+            .iter_mut()
+            .map(|b| ProducePartition {
+                topic: b.tp.topic.to_string(),
+                partition: b.tp.partition,
+                batch: ByteVec::from(std::mem::take(&mut b.bytes)),
+            })
+            .collect(),
+    });
+    let answer = inner.client.produce_ref(&body).await;
+    // Take the bytes back: a retry sends them again.
+    if let RequestBody::Produce(req) = body {
+        for (b, p) in batches.iter_mut().zip(req.partitions) {
+            b.bytes = p.batch.into();
+        }
+    }
+    let outcomes: Vec<Result<(u64, u64), ClientError>> = match answer {
+        Ok(results) => batches
+            .iter()
+            .zip(&results)
+            .map(|(b, r)| outcome(b, r))
+            .collect(),
+        Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let now = Instant::now();
+    let mut st = inner.state.lock().expect("producer state");
+    for (b, outcome) in batches.into_iter().zip(outcomes) {
+        match outcome {
+            Ok((base, _last)) => {
+                st.acc.complete(&b);
+                for (i, w) in b.waiters.iter().enumerate() {
+                    let _ = w.try_send(Ok(RecordMetadata {
+                        partition: b.tp.partition,
+                        offset: base + i as u64,
+                    }));
+                }
+            }
+            Err(e)
+                if e.is_retriable()
+                    && now.duration_since(b.created) < inner.config.delivery_timeout =>
+            {
+                let pause = backoff(
+                    b.attempts + 1,
+                    inner.config.retry_backoff,
+                    inner.config.retry_backoff_max,
+                );
+                log::debug!(
+                    "produce to {}/{} failed ({e}); retry in {pause:?}",
+                    b.tp.topic,
+                    b.tp.partition
+                );
+                st.acc.retry(b, now + pause);
+            }
+            Err(e) => {
+                if matches!(
+                    e.code(),
+                    Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+                ) {
+                    // The topic was deleted or recreated: ask again next time.
+                    st.topics.remove(&b.tp.topic);
+                }
+                st.acc.complete(&b);
+                fail(b, &e);
+            }
+        }
+    }
+    drop(st);
+    inner.wake.notify(1);
+    inner.progress.notify(usize::MAX);
+}
+
+/// A batch's result, checked against the batch it answers.
+fn outcome(batch: &ReadyBatch, r: &ProducePartitionResult) -> Result<(u64, u64), ClientError> {
+    if *r.topic != *batch.tp.topic || r.partition != batch.tp.partition {
+        return Err(ClientError::UnexpectedResponse {
+            expected: "produce results in request order",
+            got: "a result for another partition",
+        });
+    }
+    r.offsets().map_err(|code| {
+        ClientError::server(
+            code,
+            r.message
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", r.topic, r.partition)),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(len: usize) -> ReadyBatch {
+        ReadyBatch {
+            tp: TopicPartition {
+                topic: "t".into(),
+                partition: 0,
+            },
+            seq: 0,
+            bytes: vec![0; len],
+            waiters: Vec::new(),
+            created: Instant::now(),
+            attempts: 0,
+            retry_at: None,
+            reserved: len,
+        }
+    }
+
+    #[test]
+    fn requests_are_split_by_size_and_never_empty() {
+        let sizes = |g: &Vec<Vec<ReadyBatch>>| -> Vec<usize> { g.iter().map(Vec::len).collect() };
+        let g = group_requests(vec![batch(40), batch(40), batch(40)], 100);
+        assert_eq!(sizes(&g), vec![2, 1]);
+        let g = group_requests(vec![batch(500), batch(10)], 100);
+        assert_eq!(sizes(&g), vec![1, 1], "an oversized batch goes alone");
+        assert!(group_requests(Vec::new(), 100).is_empty());
+    }
+}
