@@ -3,6 +3,7 @@
 //! Errors go to stderr as one line that names the problem.
 
 mod args;
+mod bench;
 mod commands;
 
 use std::path::PathBuf;

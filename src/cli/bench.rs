@@ -1,0 +1,231 @@
+//! `skiff bench`: the standard workloads of BENCHMARKING.md against a
+//! running broker. A progress line goes to stderr each second; the result is
+//! one JSON line on stdout.
+
+use std::collections::VecDeque;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::client::{
+    Client, ClientError, Consumer, ConsumerConfig, OffsetReset, Producer, ProducerConfig,
+    StartFrom,
+};
+use crate::protocol::{CreateTopicRequest, ErrorCode};
+
+use super::args::{BenchConsumeArgs, BenchProduceArgs};
+use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
+
+/// Latencies are recorded in microseconds, up to a minute, 3 significant
+/// digits.
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+fn progress(done: &AtomicU64, total: u64, start: Instant, stop: &AtomicU64) {
+    let mut last = 0;
+    while stop.load(Ordering::Relaxed) == 0 {
+        std::thread::sleep(Duration::from_millis(200));
+        let secs = start.elapsed().as_secs();
+        if secs != last {
+            last = secs;
+            let n = done.load(Ordering::Relaxed);
+            eprintln!(
+                "progress: {n}/{total} records, {:.0} records/s",
+                n as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Deletes and recreates the bench topic so every run starts empty.
+async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), ClientError> {
+    match client.delete_topic(topic).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {}
+        Err(e) => return Err(e),
+    }
+    client
+        .create_topic(CreateTopicRequest {
+            name: topic.to_owned(),
+            partitions: Some(1),
+            segment_bytes: Some(64 * 1024 * 1024),
+            segments: Some(8),
+            fsync: Some(fsync.to_owned()),
+            ..CreateTopicRequest::default()
+        })
+        .await?;
+    Ok(())
+}
+
+async fn produce_one(
+    addr: String,
+    topic: Arc<str>,
+    messages: u64,
+    size: usize,
+    in_flight: usize,
+    done: Arc<AtomicU64>,
+) -> Result<Histogram<u64>, ClientError> {
+    let producer = Producer::connect(
+        &addr,
+        ProducerConfig {
+            // A pipelined producer: batches fill while earlier ones are
+            // being made durable.
+            linger: Duration::from_millis(1),
+            batch_bytes: 256 * 1024,
+            ..ProducerConfig::default()
+        },
+    )
+    .await?;
+    let value = vec![b'x'; size];
+    let mut hist = histogram();
+    let mut pending = VecDeque::with_capacity(in_flight);
+    for _ in 0..messages {
+        if pending.len() >= in_flight {
+            let (sent, d): (Instant, crate::client::Delivery) =
+                pending.pop_front().expect("non-empty");
+            d.await?;
+            hist.saturating_record(sent.elapsed().as_micros() as u64);
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        let sent = Instant::now();
+        let d = producer.send_wait(&topic, None, &value, &[]).await?;
+        pending.push_back((sent, d));
+    }
+    producer.flush().await;
+    while let Some((sent, d)) = pending.pop_front() {
+        d.await?;
+        hist.saturating_record(sent.elapsed().as_micros() as u64);
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hist)
+}
+
+pub fn produce(a: BenchProduceArgs) -> ExitCode {
+    if a.producers == 0 || a.size == 0 || a.in_flight == 0 {
+        return fail(EXIT_USAGE, "--producers, --size and --in-flight must be at least 1");
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicU64::new(0));
+    let result = smol::block_on(async {
+        let client = Client::connect(&a.broker.broker).await?;
+        fresh_topic(&client, &a.topic, &a.fsync).await?;
+        let start = Instant::now();
+        let progress_thread = {
+            let (done, stop, total) = (done.clone(), stop.clone(), a.messages);
+            std::thread::spawn(move || progress(&done, total, start, &stop))
+        };
+        let topic: Arc<str> = a.topic.as_str().into();
+        let per = a.messages / u64::from(a.producers);
+        let tasks: Vec<_> = (0..a.producers)
+            .map(|i| {
+                // The first producer takes the remainder.
+                let n = per + if i == 0 { a.messages % u64::from(a.producers) } else { 0 };
+                smol::spawn(produce_one(
+                    a.broker.broker.clone(),
+                    topic.clone(),
+                    n,
+                    a.size,
+                    a.in_flight as usize,
+                    done.clone(),
+                ))
+            })
+            .collect();
+        let mut hist = histogram();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(h) => hist.add(&h).expect("same histogram bounds"),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        stop.store(1, Ordering::Relaxed);
+        let _ = progress_thread.join();
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok((elapsed, hist))
+    });
+    let (elapsed, hist) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
+    };
+    let secs = elapsed.as_secs_f64();
+    let line = serde_json::json!({
+        "workload": "produce",
+        "messages": a.messages,
+        "size_bytes": a.size,
+        "producers": a.producers,
+        "in_flight": a.in_flight,
+        "fsync": a.fsync,
+        "elapsed_s": secs,
+        "msgs_per_s": a.messages as f64 / secs,
+        "mb_per_s": (a.messages as f64 * a.size as f64) / secs / 1e6,
+        "ack_latency_us": {
+            "p50": hist.value_at_quantile(0.50),
+            "p99": hist.value_at_quantile(0.99),
+            "p999": hist.value_at_quantile(0.999),
+            "max": hist.max(),
+        },
+    });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+pub fn consume(a: BenchConsumeArgs) -> ExitCode {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicU64::new(0));
+    let result = smol::block_on(async {
+        let config = ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            offset_reset: OffsetReset::Fail,
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = Consumer::connect(&a.broker.broker, config).await?;
+        let client = consumer.client().clone();
+        let d = client.describe_topic(&a.topic).await?;
+        let end: u64 = d.partitions.iter().map(|p| p.latest_offset - p.earliest_offset).sum();
+        let target = a.messages.unwrap_or(end).min(end);
+        consumer.assign(&a.topic, None, StartFrom::Earliest).await?;
+        let start = Instant::now();
+        let progress_thread = {
+            let (done, stop) = (done.clone(), stop.clone());
+            std::thread::spawn(move || progress(&done, target, start, &stop))
+        };
+        let (mut records, mut bytes) = (0u64, 0u64);
+        while records < target {
+            for r in consumer.poll().await? {
+                records += 1;
+                bytes += r.value.len() as u64 + r.key.as_ref().map_or(0, |k| k.len() as u64);
+            }
+            done.store(records, Ordering::Relaxed);
+        }
+        let elapsed = start.elapsed();
+        stop.store(1, Ordering::Relaxed);
+        let _ = progress_thread.join();
+        Ok::<_, ClientError>((records, bytes, elapsed))
+    });
+    let (records, bytes, elapsed) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench consume: {e}")),
+    };
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let line = serde_json::json!({
+        "workload": "consume",
+        "messages": records,
+        "payload_bytes": bytes,
+        "elapsed_s": secs,
+        "msgs_per_s": records as f64 / secs,
+        "mb_per_s": bytes as f64 / secs / 1e6,
+    });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
