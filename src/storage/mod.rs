@@ -1,1 +1,845 @@
-//! See the crate map in lib.rs.
+//! The log engine: partitions stored as rings of preallocated segment files,
+//! written by one storage thread per data directory through an [`IoBackend`]
+//! (io_uring, pwrite, or the fault-injecting disk in tests), with group
+//! commit, per-topic durability, crash recovery and retention.
+//!
+//! Nothing here knows about the network. Callers hold a [`Storage`] handle
+//! (cheap to clone) and talk to the storage thread through a bounded
+//! channel; appends complete through an [`AppendTicket`] future.
+//!
+//! Map of the module:
+//! - `io/`: the I/O seam and its backends, the aligned buffer type.
+//! - [`segment`]: the segment header (first block of every segment file).
+//! - [`meta`]: small metadata files (postcard + CRC, atomic replace).
+//! - `engine`: the storage thread: partitions, tail buffers, group commit,
+//!   reads, recovery, retention.
+//!
+//! The on-disk format is documented in `docs/format.md` and next to the
+//! code that reads it.
+
+pub mod io;
+pub mod meta;
+pub mod segment;
+
+mod engine;
+
+pub use io::{IoBackend, BLOCK_BYTES};
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+
+/// Smallest segment: the header block plus room for a useful number of
+/// batches.
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+/// Largest segment: positions inside a segment are kept as `u32`.
+pub const SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+pub const SEGMENTS_MIN: u32 = 2;
+pub const SEGMENTS_MAX: u32 = 4096;
+/// Topic names: Kafka's rule (also keeps them safe as directory names).
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+
+const _: () = assert!(SEGMENT_BYTES_MIN % BLOCK_BYTES as u64 == 0);
+const _: () = assert!(SEGMENT_BYTES_MAX % BLOCK_BYTES as u64 == 0);
+const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
+
+/// Which I/O backend the storage thread uses. Config key
+/// `storage.backend = "auto" | "io_uring" | "pwrite"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring where the kernel allows it, else pwrite.
+    Auto,
+    IoUring,
+    Pwrite,
+}
+
+impl FromStr for BackendChoice {
+    type Err = StorageError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "io_uring" => Ok(BackendChoice::IoUring),
+            "pwrite" => Ok(BackendChoice::Pwrite),
+            _ => Err(StorageError::InvalidConfig(
+                "storage.backend must be \"auto\", \"io_uring\" or \"pwrite\"",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::IoUring => "io_uring",
+            BackendChoice::Pwrite => "pwrite",
+        })
+    }
+}
+
+/// Durability policy per topic. FromStr/Display: "always",
+/// "interval:<ms>", "never".
+///
+/// - `Always`: acked after the batch is written and fdatasynced (group
+///   commit: every append that arrives during a commit joins the next one).
+/// - `IntervalMs(ms)`: writes are gathered for up to `ms` after the first
+///   pending append, then written and fdatasynced together, and acked. Far
+///   fewer and larger writes (less wear on SD cards), ack latency up to `ms`.
+/// - `Never`: acked after the write reaches the device queue; fdatasync
+///   only when a segment is closed and at shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Durability {
+    Always,
+    IntervalMs(u32),
+    Never,
+}
+
+impl FromStr for Durability {
+    type Err = StorageError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const MSG: &str = "durability must be \"always\", \"interval:<ms>\" (ms >= 1) or \"never\"";
+        match s {
+            "always" => Ok(Durability::Always),
+            "never" => Ok(Durability::Never),
+            _ => {
+                let ms = s
+                    .strip_prefix("interval:")
+                    .and_then(|ms| ms.parse::<u32>().ok())
+                    .filter(|&ms| ms >= 1)
+                    .ok_or(StorageError::InvalidConfig(MSG))?;
+                Ok(Durability::IntervalMs(ms))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Durability::Always => f.write_str("always"),
+            Durability::IntervalMs(ms) => write!(f, "interval:{ms}"),
+            Durability::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// What an append does when the ring is full and the oldest segment still
+/// holds retained data. FromStr/Display: "overwrite" (the default), "reject".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OverflowPolicy {
+    /// Size retention: reuse the oldest segment, dropping its data.
+    Overwrite,
+    /// Refuse the append with [`StorageError::Full`].
+    Reject,
+}
+
+impl FromStr for OverflowPolicy {
+    type Err = StorageError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "overwrite" => Ok(OverflowPolicy::Overwrite),
+            "reject" => Ok(OverflowPolicy::Reject),
+            _ => Err(StorageError::InvalidConfig(
+                "overflow must be \"overwrite\" or \"reject\"",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OverflowPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OverflowPolicy::Overwrite => "overwrite",
+            OverflowPolicy::Reject => "reject",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionConfig {
+    /// Bytes per segment file, header block included. Multiple of
+    /// [`BLOCK_BYTES`], at least [`SEGMENT_BYTES_MIN`].
+    pub segment_bytes: u64,
+    /// Segments in the ring (at least 2). The partition's disk budget is
+    /// `segments * segment_bytes`, reserved at creation.
+    pub segments: u32,
+    /// Time retention: a closed segment whose newest record is older is
+    /// freed. None = size retention only.
+    pub retention_ms: Option<u64>,
+    pub durability: Durability,
+    pub overflow: OverflowPolicy,
+}
+
+impl PartitionConfig {
+    pub fn validate(&self) -> Result<(), StorageError> {
+        if self.segment_bytes % BLOCK_BYTES as u64 != 0 {
+            return Err(StorageError::InvalidConfig(
+                "segment_bytes must be a multiple of 4096",
+            ));
+        }
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
+            return Err(StorageError::InvalidConfig(
+                "segment_bytes must be between 64 KiB and 1 GiB",
+            ));
+        }
+        if !(SEGMENTS_MIN..=SEGMENTS_MAX).contains(&self.segments) {
+            return Err(StorageError::InvalidConfig(
+                "segments must be between 2 and 4096",
+            ));
+        }
+        if self.retention_ms == Some(0) {
+            return Err(StorageError::InvalidConfig("retention_ms must be positive"));
+        }
+        if self.durability == Durability::IntervalMs(0) {
+            return Err(StorageError::InvalidConfig(
+                "interval durability needs ms >= 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The disk budget of the partition.
+    pub fn ring_bytes(&self) -> u64 {
+        self.segment_bytes * u64::from(self.segments)
+    }
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        PartitionConfig {
+            segment_bytes: 16 * 1024 * 1024,
+            segments: 4,
+            retention_ms: None,
+            durability: Durability::Always,
+            overflow: OverflowPolicy::Overwrite,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionId {
+    pub topic: String,
+    pub partition: u32,
+}
+
+impl PartitionId {
+    pub fn new(topic: impl Into<String>, partition: u32) -> PartitionId {
+        PartitionId {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// Checks a topic name: 1..=249 bytes of `[A-Za-z0-9._-]`, not "." or "..".
+pub fn validate_topic_name(name: &str) -> Result<(), StorageError> {
+    let ok = !name.is_empty()
+        && name.len() <= TOPIC_NAME_BYTES_MAX
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidConfig(
+            "topic names are 1 to 249 characters of [A-Za-z0-9._-], not \".\" or \"..\"",
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub backend: BackendChoice,
+    /// Bound of the channel to the storage thread: senders wait when full.
+    pub append_queue_depth: usize,
+    /// Aligned in-memory tail per partition: a multiple of [`BLOCK_BYTES`],
+    /// at least `max_batch_bytes`. (Each tail gets one more block for the
+    /// partial block carried over when it is recycled.)
+    pub tail_buffer_bytes: usize,
+    /// Pools (tail buffers) are bounded by this; creating more partitions
+    /// fails with [`StorageError::TooManyPartitions`].
+    pub max_partitions: usize,
+    /// Larger appends fail with [`StorageError::BatchTooLarge`].
+    pub max_batch_bytes: usize,
+    /// Write zeros over every segment when a partition is created, so the
+    /// hot path overwrites initialised blocks (on ext4, writes into
+    /// fallocated-but-unwritten extents cost a journal commit at
+    /// fdatasync). See docs/performance.md for the measured difference.
+    pub prewrite_segments: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./skiff-data"),
+            backend: BackendChoice::Auto,
+            append_queue_depth: 1024,
+            tail_buffer_bytes: 1024 * 1024,
+            max_partitions: 64,
+            max_batch_bytes: 1024 * 1024,
+            prewrite_segments: true,
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn validate(&self) -> Result<(), StorageError> {
+        if self.append_queue_depth == 0 {
+            return Err(StorageError::InvalidConfig(
+                "append_queue_depth must be positive",
+            ));
+        }
+        if self.max_partitions == 0 {
+            return Err(StorageError::InvalidConfig(
+                "max_partitions must be positive",
+            ));
+        }
+        if self.max_batch_bytes < crate::batch::HEADER_BYTES
+            || self.max_batch_bytes > crate::batch::BATCH_BYTES_MAX
+        {
+            return Err(StorageError::InvalidConfig(
+                "max_batch_bytes must be between 64 bytes and 64 MiB",
+            ));
+        }
+        if self.tail_buffer_bytes % BLOCK_BYTES != 0
+            || self.tail_buffer_bytes < self.max_batch_bytes
+        {
+            return Err(StorageError::InvalidConfig(
+                "tail_buffer_bytes must be a multiple of 4096 and at least max_batch_bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendAck {
+    pub base_offset: u64,
+    pub last_offset: u64,
+}
+
+/// `high_watermark`: the next offset to be written, and the end of what
+/// reads return (only acknowledged data is visible).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offsets {
+    pub earliest: u64,
+    pub high_watermark: u64,
+}
+
+/// What recovery found in one partition at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub id: PartitionId,
+    /// Valid batches found.
+    pub batches: u64,
+    /// Bytes of torn or corrupt tail dropped (never acknowledged data).
+    pub bytes_truncated: u64,
+    /// Corruption before the durable tail: the partition is read-only.
+    pub quarantined: bool,
+    pub earliest: u64,
+    pub high_watermark: u64,
+}
+
+/// A snapshot of the storage counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    pub appends: u64,
+    /// Batch bytes accepted by appends.
+    pub payload_bytes: u64,
+    /// Bytes handed to the device in writes (whole blocks, rewrites included).
+    pub device_bytes_written: u64,
+    pub writes: u64,
+    pub fsyncs: u64,
+    /// Duration of write+fdatasync submissions, summed, and their count.
+    pub fsync_latency_us_sum: u64,
+    pub fsync_latency_count: u64,
+    pub recovery_truncated_bytes: u64,
+    /// Sticky write/fsync failures and read-side corruption found.
+    pub failures: u64,
+    pub quarantined: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsInner {
+    pub appends: AtomicU64,
+    pub payload_bytes: AtomicU64,
+    pub device_bytes_written: AtomicU64,
+    pub writes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub fsync_latency_us_sum: AtomicU64,
+    pub fsync_latency_count: AtomicU64,
+    pub recovery_truncated_bytes: AtomicU64,
+    pub failures: AtomicU64,
+    pub quarantined: AtomicU64,
+}
+
+impl StatsInner {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> StorageStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StorageStats {
+            appends: g(&self.appends),
+            payload_bytes: g(&self.payload_bytes),
+            device_bytes_written: g(&self.device_bytes_written),
+            writes: g(&self.writes),
+            fsyncs: g(&self.fsyncs),
+            fsync_latency_us_sum: g(&self.fsync_latency_us_sum),
+            fsync_latency_count: g(&self.fsync_latency_count),
+            recovery_truncated_bytes: g(&self.recovery_truncated_bytes),
+            failures: g(&self.failures),
+            quarantined: g(&self.quarantined),
+        }
+    }
+}
+
+pub(crate) const STATE_OK: u8 = 0;
+pub(crate) const STATE_FAILED: u8 = 1;
+pub(crate) const STATE_QUARANTINED: u8 = 2;
+
+/// What the handle can see of a partition without asking the thread.
+#[derive(Debug)]
+pub(crate) struct PartShared {
+    pub cfg: PartitionConfig,
+    pub earliest: AtomicU64,
+    pub hw: AtomicU64,
+    pub state: AtomicU8,
+    pub event: Arc<event_listener::Event>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub parts: RwLock<HashMap<PartitionId, Arc<PartShared>>>,
+    pub stats: StatsInner,
+    pub reports: Mutex<Vec<RecoveryReport>>,
+}
+
+impl Shared {
+    fn part(&self, id: &PartitionId) -> Result<Arc<PartShared>, StorageError> {
+        let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
+        parts
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))
+    }
+}
+
+/// Why a storage operation failed. Each variant names the likely cause.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum StorageError {
+    /// No such partition: never created, or deleted.
+    UnknownPartition(PartitionId),
+    /// `create_partition` for an id that exists.
+    PartitionExists(PartitionId),
+    /// A read or seek outside `[earliest, high_watermark]`: the data was
+    /// dropped by retention, or the consumer is ahead of the log.
+    OffsetOutOfRange {
+        requested: u64,
+        earliest: u64,
+        high_watermark: u64,
+    },
+    /// The producer's batch failed its checks (CRC, framing, fields).
+    InvalidBatch(crate::batch::BatchError),
+    /// Larger than `max_batch_bytes` (or than a segment can hold).
+    BatchTooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    /// `OverflowPolicy::Reject` and the ring is full of retained data.
+    Full(PartitionId),
+    /// A write or fsync failed earlier (disk error, full thin-provisioned
+    /// device): the partition refuses writes until reopened and recovered.
+    Failed {
+        partition: PartitionId,
+        cause: std::io::ErrorKind,
+        errno: Option<i32>,
+    },
+    /// Corruption found in acknowledged data (bit rot, a tampered file):
+    /// the partition is read-only up to the damage.
+    Quarantined(PartitionId),
+    /// A config value out of range; the text says which.
+    InvalidConfig(&'static str),
+    /// More partitions than `max_partitions` (pools are sized from it).
+    TooManyPartitions {
+        max: usize,
+    },
+    /// The disk cannot hold the partition's ring (ENOSPC at creation);
+    /// nothing was left behind.
+    InsufficientSpace {
+        partition: PartitionId,
+        bytes: u64,
+    },
+    /// Setup, open or metadata I/O failed.
+    Io(std::io::Error),
+    Meta(meta::MetaError),
+    /// The storage thread has stopped (shutdown, or it is stopping).
+    ShuttingDown,
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageError::UnknownPartition(id) => write!(f, "unknown partition {id}"),
+            StorageError::PartitionExists(id) => write!(f, "partition {id} exists"),
+            StorageError::OffsetOutOfRange {
+                requested,
+                earliest,
+                high_watermark,
+            } => write!(
+                f,
+                "offset {requested} out of range [{earliest}, {high_watermark}]"
+            ),
+            StorageError::InvalidBatch(e) => write!(f, "invalid batch: {e}"),
+            StorageError::BatchTooLarge { bytes, max } => {
+                write!(f, "batch of {bytes} bytes exceeds the limit of {max}")
+            }
+            StorageError::Full(id) => write!(f, "partition {id} is full (overflow = reject)"),
+            StorageError::Failed {
+                partition,
+                cause,
+                errno,
+            } => write!(
+                f,
+                "partition {partition} failed a write or fsync ({cause:?}, errno {errno:?}); \
+                 it refuses writes until restarted"
+            ),
+            StorageError::Quarantined(id) => {
+                write!(f, "partition {id} is quarantined (corrupt data): read-only")
+            }
+            StorageError::InvalidConfig(what) => write!(f, "invalid storage config: {what}"),
+            StorageError::TooManyPartitions { max } => {
+                write!(f, "too many partitions (max_partitions = {max})")
+            }
+            StorageError::InsufficientSpace { partition, bytes } => write!(
+                f,
+                "not enough disk space for partition {partition} ({bytes} bytes)"
+            ),
+            StorageError::Io(e) => write!(f, "storage I/O: {e}"),
+            StorageError::Meta(e) => write!(f, "{e}"),
+            StorageError::ShuttingDown => f.write_str("storage is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::InvalidBatch(e) => Some(e),
+            StorageError::Io(e) => Some(e),
+            StorageError::Meta(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for StorageError {
+    fn from(e: std::io::Error) -> Self {
+        StorageError::Io(e)
+    }
+}
+
+impl From<meta::MetaError> for StorageError {
+    fn from(e: meta::MetaError) -> Self {
+        StorageError::Meta(e)
+    }
+}
+
+impl From<crate::batch::BatchError> for StorageError {
+    fn from(e: crate::batch::BatchError) -> Self {
+        StorageError::InvalidBatch(e)
+    }
+}
+
+type Reply<T> = async_channel::Sender<Result<T, StorageError>>;
+
+/// A pending append: resolves when the batch is durable under the
+/// partition's policy (or failed).
+pub struct AppendTicket {
+    fut: Pin<Box<dyn Future<Output = Result<AppendAck, StorageError>> + Send>>,
+}
+
+impl Future for AppendTicket {
+    type Output = Result<AppendAck, StorageError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for AppendTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AppendTicket")
+    }
+}
+
+struct Inner {
+    tx: async_channel::Sender<engine::Cmd>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    backend_name: &'static str,
+    max_batch_bytes: usize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The thread flushes and checkpoints when the channel closes.
+        self.tx.close();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Cloneable, Send + Sync handle to the storage thread.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("backend", &self.inner.backend_name)
+            .finish()
+    }
+}
+
+async fn reply<T>(rx: async_channel::Receiver<Result<T, StorageError>>) -> Result<T, StorageError> {
+    rx.recv().await.unwrap_or(Err(StorageError::ShuttingDown))
+}
+
+impl Storage {
+    /// Creates data_dir if needed, picks the backend (one log line naming
+    /// it and why), starts the storage thread, recovers every partition
+    /// found on disk, and returns once recovery is complete.
+    pub fn open(cfg: StorageConfig) -> Result<Storage, StorageError> {
+        cfg.validate()?;
+        let (backend, reason) = io::open_backend(cfg.backend)?;
+        log::info!("storage backend: {} ({reason})", backend.name());
+        Storage::open_with_backend(cfg, backend)
+    }
+
+    /// As [`Storage::open`] with a given backend (tests, benches, and the
+    /// fault-injecting disk). `cfg.backend` is ignored.
+    pub fn open_with_backend(
+        cfg: StorageConfig,
+        backend: Box<dyn IoBackend>,
+    ) -> Result<Storage, StorageError> {
+        cfg.validate()?;
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let shared = Arc::new(Shared::default());
+        let backend_name = backend.name();
+        let max_batch_bytes = cfg.max_batch_bytes;
+        let (tx, thread) = engine::start(cfg, backend, shared.clone())?;
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+                backend_name,
+                max_batch_bytes,
+            }),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend_name
+    }
+
+    pub fn recovery_report(&self) -> Vec<RecoveryReport> {
+        self.inner
+            .shared
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn partitions(&self) -> Vec<(PartitionId, PartitionConfig)> {
+        let parts = self
+            .inner
+            .shared
+            .parts
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = parts
+            .iter()
+            .map(|(id, p)| (id.clone(), p.cfg.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> engine::Cmd) -> Result<T, StorageError> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.inner
+            .tx
+            .send(make(tx))
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        reply(rx).await
+    }
+
+    /// Preallocates the ring (fallocate), writes the partition's metadata
+    /// atomically. Err(PartitionExists) if it exists.
+    pub async fn create_partition(
+        &self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+    ) -> Result<(), StorageError> {
+        validate_topic_name(&id.topic)?;
+        cfg.validate()?;
+        self.call(|reply| engine::Cmd::Create { id, cfg, reply })
+            .await
+    }
+
+    pub async fn delete_partition(&self, id: &PartitionId) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::Delete { id, reply }).await
+    }
+
+    /// Enqueues one producer batch (base offset as sent by the producer).
+    /// Awaiting this waits for room in the bounded channel; awaiting the
+    /// ticket waits for the ack. Appends are applied in submit order.
+    pub async fn submit(
+        &self,
+        id: &PartitionId,
+        batch: Vec<u8>,
+    ) -> Result<AppendTicket, StorageError> {
+        if batch.len() > self.inner.max_batch_bytes {
+            return Err(StorageError::BatchTooLarge {
+                bytes: batch.len(),
+                max: self.inner.max_batch_bytes,
+            });
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        self.inner
+            .tx
+            .send(engine::Cmd::Append {
+                id: id.clone(),
+                batch,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        Ok(AppendTicket {
+            fut: Box::pin(reply(rx)),
+        })
+    }
+
+    /// Convenience: submit then await the ticket.
+    pub async fn append(
+        &self,
+        id: &PartitionId,
+        batch: Vec<u8>,
+    ) -> Result<AppendAck, StorageError> {
+        self.submit(id, batch).await?.await
+    }
+
+    /// Whole batches, as stored, starting with the batch containing
+    /// `offset`, up to `max_bytes` (at least one whole batch if any), never
+    /// beyond the high watermark. Empty when `offset == high_watermark`.
+    pub async fn read(
+        &self,
+        id: &PartitionId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::Read {
+            id,
+            offset,
+            max_bytes,
+            reply,
+        })
+        .await
+    }
+
+    pub fn offsets(&self, id: &PartitionId) -> Result<Offsets, StorageError> {
+        let p = self.inner.shared.part(id)?;
+        // hw first: earliest only grows, so this never shows earliest > hw.
+        let high_watermark = p.hw.load(Ordering::Acquire);
+        let earliest = p.earliest.load(Ordering::Acquire).min(high_watermark);
+        Ok(Offsets {
+            earliest,
+            high_watermark,
+        })
+    }
+
+    /// First offset whose batch max_timestamp >= ts_ms; None if none.
+    pub async fn offset_for_timestamp(
+        &self,
+        id: &PartitionId,
+        ts_ms: i64,
+    ) -> Result<Option<u64>, StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::OffsetForTs { id, ts_ms, reply })
+            .await
+    }
+
+    /// Notified every time the partition's high watermark advances.
+    pub fn data_event(&self, id: &PartitionId) -> Result<Arc<event_listener::Event>, StorageError> {
+        Ok(self.inner.shared.part(id)?.event.clone())
+    }
+
+    /// Flushes every tail, fsyncs, writes checkpoints, stops the thread.
+    /// Idempotent.
+    pub fn shutdown(&self) -> Result<(), StorageError> {
+        let handle = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(handle) = handle else {
+            return Ok(());
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self
+            .inner
+            .tx
+            .send_blocking(engine::Cmd::Shutdown { reply: tx })
+            .is_ok();
+        let result = if sent {
+            rx.recv().unwrap_or(Err(StorageError::ShuttingDown))
+        } else {
+            Ok(())
+        };
+        self.inner.tx.close();
+        let _ = handle.join();
+        result
+    }
+
+    pub fn stats(&self) -> StorageStats {
+        self.inner.shared.stats.snapshot()
+    }
+}
+
+/// A temp dir for tests that need real files: under target/ (tmpfs has no
+/// O_DIRECT, and /tmp is tmpfs on many machines).
+#[cfg(test)]
+pub(crate) fn test_dir() -> tempfile::TempDir {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tmp");
+    std::fs::create_dir_all(&base).expect("create target/test-tmp");
+    tempfile::tempdir_in(base).expect("tempdir")
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,6 +13,12 @@
 use std::io;
 use std::path::Path;
 
+pub mod aligned;
+pub mod fault;
+pub mod pwrite;
+
+pub use aligned::AlignedBuf;
+
 /// Alignment of every write offset, length and buffer address (O_DIRECT).
 pub const BLOCK_BYTES: usize = 4096;
 
@@ -58,4 +64,34 @@ pub trait IoBackend: Send + 'static {
 
     /// fsync of a directory, after creating, renaming or removing in it.
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+
+    /// Removes a (closed) file, for deleting a partition or undoing a
+    /// half-created one. Backends over real files can keep the default.
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+}
+
+/// Picks the backend for `choice`, returning it and the reason for the
+/// one start-up log line. `Auto` tries io_uring and falls back to pwrite.
+///
+/// The io_uring backend lives in `uring.rs` (written in parallel); until it
+/// is wired in here, `Auto` resolves to pwrite and a forced `IoUring` is an
+/// `Unsupported` error.
+pub fn open_backend(choice: super::BackendChoice) -> io::Result<(Box<dyn IoBackend>, String)> {
+    use super::BackendChoice;
+    match choice {
+        BackendChoice::Pwrite => Ok((
+            Box::new(pwrite::PwriteBackend::new()),
+            "forced by storage.backend = \"pwrite\"".to_string(),
+        )),
+        BackendChoice::IoUring => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the io_uring backend is not built into this binary",
+        )),
+        BackendChoice::Auto => Ok((
+            Box::new(pwrite::PwriteBackend::new()),
+            "io_uring backend not built into this binary".to_string(),
+        )),
+    }
 }

@@ -1,0 +1,1760 @@
+//! The storage thread: owns the I/O backend and every partition's state.
+//!
+//! One thread per data directory. It takes commands from a bounded channel,
+//! drains whatever is queued (the group), copies each appended batch into
+//! its partition's aligned tail buffer, and then issues one
+//! [`IoBackend::write_batch`] with every dirty tail and the fdatasyncs the
+//! partitions' durability policies call for. Acks complete after that
+//! call returns. Everything here is single-threaded; the handle sees the
+//! offsets through atomics in [`PartShared`].
+//!
+//! # A partition in memory
+//!
+//! The ring has `segments` slots; the live segments are the ring range
+//! `[oldest, oldest + live)`, the last of which is the active one. The
+//! active segment's last bytes live in the tail buffer, which mirrors the
+//! file range `[tail_file_off, tail_file_off + tail_len)`, with
+//! `tail_file_off` block-aligned and zeros after `tail_len`. A commit writes
+//! the blocks from the first dirty one to the end of the tail (so the
+//! partial last block is rewritten as it grows).
+
+use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
+use super::{
+    meta, AppendAck, Durability, OverflowPolicy, PartShared, PartitionConfig, PartitionId,
+    RecoveryReport, Reply, Shared, StatsInner, StorageConfig, StorageError, STATE_FAILED, STATE_OK,
+    STATE_QUARANTINED,
+};
+use crate::batch::{self, BatchError, HEADER_BYTES};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const B: usize = BLOCK_BYTES;
+const B64: u64 = BLOCK_BYTES as u64;
+
+/// One sparse index entry per this many bytes of segment: bounds both the
+/// index memory (a 16 MiB segment holds at most 513 entries, 12 KiB) and
+/// the bytes a read scans past to reach its offset.
+pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
+/// How often a partition's checkpoint is refreshed while data flows. A
+/// checkpoint costs a temp file write and three fsyncs.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// How often time retention is checked.
+pub const RETENTION_CHECK_INTERVAL_MS: u64 = 1000;
+/// The zero buffer for pre-writing segments and scrubbing torn tails.
+pub const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+/// The read buffer holds at least this much (plus a block of slack for
+/// alignment): reads and recovery scan in windows of this size.
+pub const READ_WINDOW_BYTES_MIN: usize = 256 * 1024;
+
+const _: () = assert!(INDEX_INTERVAL_BYTES % B64 == 0);
+const _: () = assert!(ZERO_CHUNK_BYTES % B == 0);
+const _: () = assert!(READ_WINDOW_BYTES_MIN % B == 0);
+
+pub(crate) enum Cmd {
+    Create {
+        id: PartitionId,
+        cfg: PartitionConfig,
+        reply: Reply<()>,
+    },
+    Delete {
+        id: PartitionId,
+        reply: Reply<()>,
+    },
+    Append {
+        id: PartitionId,
+        batch: Vec<u8>,
+        reply: Reply<AppendAck>,
+    },
+    Read {
+        id: PartitionId,
+        offset: u64,
+        max_bytes: usize,
+        reply: Reply<Vec<u8>>,
+    },
+    OffsetForTs {
+        id: PartitionId,
+        ts_ms: i64,
+        reply: Reply<Option<u64>>,
+    },
+    Shutdown {
+        reply: std::sync::mpsc::Sender<Result<(), StorageError>>,
+    },
+}
+
+/// `partition.meta`: what the partition is. Written once, at creation,
+/// last (its presence marks a complete partition directory).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct PartitionMeta {
+    topic: String,
+    partition: u32,
+    cfg: PartitionConfig,
+}
+
+/// `checkpoint.meta`: a hint for recovery. It never claims more than was
+/// fdatasynced when it was written, so data before it is known durable and
+/// acknowledged: damage there quarantines, it is never truncated away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    /// Epoch of the segment `pos` is in.
+    epoch: u64,
+    /// End of durable data in that segment (bytes from the file start).
+    pos: u64,
+    /// The offset after the last durable batch.
+    next_offset: u64,
+    /// Written by a clean shutdown: nothing was written after it.
+    clean: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    offset: u64,
+    pos: u32,
+    /// Largest batch max_timestamp before `pos` in this segment.
+    max_ts_before: i64,
+}
+
+#[derive(Debug)]
+struct Seg {
+    /// 0: the slot is not live.
+    epoch: u64,
+    base_offset: u64,
+    next_offset: u64,
+    /// End of the batches (file position), header block included.
+    end_pos: u64,
+    max_ts: i64,
+    /// Capacity fixed at creation (segment_bytes / INDEX_INTERVAL_BYTES + 2).
+    index: Vec<IndexEntry>,
+}
+
+impl Seg {
+    fn new(segment_bytes: u64) -> Seg {
+        Seg {
+            epoch: 0,
+            base_offset: 0,
+            next_offset: 0,
+            end_pos: SEG_HEADER_BYTES as u64,
+            max_ts: i64::MIN,
+            index: Vec::with_capacity((segment_bytes / INDEX_INTERVAL_BYTES + 2) as usize),
+        }
+    }
+
+    /// Records a batch at `pos` in the index when it is far enough from the
+    /// previous entry.
+    fn note_batch(&mut self, h: &batch::BatchHeader, pos: u64) {
+        let far = self
+            .index
+            .last()
+            .is_none_or(|e| pos - u64::from(e.pos) >= INDEX_INTERVAL_BYTES);
+        if far && self.index.len() < self.index.capacity() {
+            self.index.push(IndexEntry {
+                offset: h.base_offset,
+                pos: pos as u32,
+                max_ts_before: self.max_ts,
+            });
+        }
+        self.max_ts = self.max_ts.max(h.max_timestamp);
+        self.next_offset = h.next_offset();
+        self.end_pos = pos + u64::from(h.total_len);
+    }
+
+    /// The position to start scanning from to find `offset`.
+    fn seek(&self, offset: u64) -> u64 {
+        let i = self.index.partition_point(|e| e.offset <= offset);
+        if i == 0 {
+            SEG_HEADER_BYTES as u64
+        } else {
+            u64::from(self.index[i - 1].pos)
+        }
+    }
+
+    /// The position to start scanning from to find the first batch with
+    /// max_timestamp >= ts: everything before it is older.
+    fn seek_ts(&self, ts: i64) -> u64 {
+        let i = self.index.partition_point(|e| e.max_ts_before < ts);
+        if i == 0 {
+            SEG_HEADER_BYTES as u64
+        } else {
+            u64::from(self.index[i - 1].pos)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartState {
+    Ok,
+    Failed {
+        cause: io::ErrorKind,
+        errno: Option<i32>,
+    },
+    Quarantined,
+}
+
+struct Pending {
+    reply: Reply<AppendAck>,
+    ack: AppendAck,
+}
+
+struct Part {
+    id: PartitionId,
+    cfg: PartitionConfig,
+    dir: PathBuf,
+    files: Vec<FileHandle>,
+    segs: Vec<Seg>,
+    /// Live ring range `[oldest, oldest + live)`; `live >= 1`.
+    oldest: usize,
+    live: usize,
+    next_epoch: u64,
+    /// The offset the next appended batch gets.
+    next_offset: u64,
+    /// Everything below is acknowledged and readable.
+    hw: u64,
+    tail: AlignedBuf,
+    tail_file_off: u64,
+    tail_len: usize,
+    /// First tail byte not yet written to the file.
+    dirty_from: Option<usize>,
+    /// Written but not yet fdatasynced.
+    unsynced: bool,
+    pending: Vec<Pending>,
+    first_pending_at: Option<Instant>,
+    durable: Checkpoint,
+    checkpointed: Checkpoint,
+    last_checkpoint: Instant,
+    state: PartState,
+    shared: Arc<PartShared>,
+}
+
+impl Part {
+    fn n(&self) -> usize {
+        self.segs.len()
+    }
+    fn slot(&self, k: usize) -> usize {
+        (self.oldest + k) % self.n()
+    }
+    fn active(&self) -> usize {
+        self.slot(self.live - 1)
+    }
+    fn earliest(&self) -> u64 {
+        self.segs[self.oldest].base_offset
+    }
+
+    fn publish(&self) {
+        self.shared.hw.store(self.hw, Ordering::Release);
+        self.shared
+            .earliest
+            .store(self.earliest(), Ordering::Release);
+        self.shared.event.notify(usize::MAX);
+    }
+
+    fn set_state(&mut self, state: PartState) {
+        self.state = state;
+        let s = match state {
+            PartState::Ok => STATE_OK,
+            PartState::Failed { .. } => STATE_FAILED,
+            PartState::Quarantined => STATE_QUARANTINED,
+        };
+        self.shared.state.store(s, Ordering::Release);
+    }
+
+    fn refuse_writes(&self) -> Option<StorageError> {
+        match self.state {
+            PartState::Ok => None,
+            PartState::Failed { cause, errno } => Some(StorageError::Failed {
+                partition: self.id.clone(),
+                cause,
+                errno,
+            }),
+            PartState::Quarantined => Some(StorageError::Quarantined(self.id.clone())),
+        }
+    }
+
+    /// Sticky failure: fail every pending append, refuse writes from now on.
+    fn fail(&mut self, e: &io::Error, stats: &StatsInner) {
+        log::error!(
+            "partition {}: write or fdatasync failed ({e}); refusing writes until restart, \
+             {} pending appends fail",
+            self.id,
+            self.pending.len()
+        );
+        self.set_state(PartState::Failed {
+            cause: e.kind(),
+            errno: e.raw_os_error(),
+        });
+        StatsInner::add(&stats.failures, 1);
+        for p in self.pending.drain(..) {
+            let _ = p.reply.try_send(Err(StorageError::Failed {
+                partition: self.id.clone(),
+                cause: e.kind(),
+                errno: e.raw_os_error(),
+            }));
+        }
+        self.first_pending_at = None;
+    }
+
+    fn quarantine(&mut self, why: &str, stats: &StatsInner) {
+        if self.state != PartState::Quarantined {
+            log::error!("partition {} quarantined (read-only): {why}", self.id);
+            StatsInner::add(&stats.quarantined, 1);
+        }
+        self.set_state(PartState::Quarantined);
+        for p in self.pending.drain(..) {
+            let _ = p
+                .reply
+                .try_send(Err(StorageError::Quarantined(self.id.clone())));
+        }
+    }
+
+    /// The write covering the dirty part of the tail, if any.
+    fn dirty_write(&self) -> Option<WriteOp<'_>> {
+        let from = self.dirty_from? / B * B;
+        let to = self.tail_len.div_ceil(B) * B;
+        Some(WriteOp {
+            file: self.files[self.active()],
+            offset: self.tail_file_off + from as u64,
+            data: &self.tail.as_slice()[from..to],
+        })
+    }
+
+    /// After a successful write (and fdatasync when `synced`): advance
+    /// the high watermark and complete the acks.
+    fn committed(&mut self, synced: bool) {
+        self.dirty_from = None;
+        if synced {
+            self.unsynced = false;
+            let active = self.active();
+            self.durable = Checkpoint {
+                epoch: self.segs[active].epoch,
+                pos: self.segs[active].end_pos,
+                next_offset: self.next_offset,
+                clean: false,
+            };
+        } else {
+            self.unsynced = true;
+        }
+        let advanced = self.hw != self.next_offset;
+        self.hw = self.next_offset;
+        // Publish before acking: a producer that got its ack must see the
+        // high watermark at or past its batch.
+        if advanced {
+            self.publish();
+        }
+        for p in self.pending.drain(..) {
+            let _ = p.reply.try_send(Ok(p.ack));
+        }
+        self.first_pending_at = None;
+    }
+
+    /// Writes (and with `sync`, fdatasyncs) this partition alone, now.
+    fn commit_now(&mut self, ctx: &mut Ctx, sync: bool) -> Result<(), StorageError> {
+        if let Some(e) = self.refuse_writes() {
+            return Err(e);
+        }
+        let sync = sync && (self.dirty_from.is_some() || self.unsynced);
+        let file = self.files[self.active()];
+        let res = {
+            let op = self.dirty_write();
+            let ops: &[WriteOp<'_>] = match &op {
+                Some(op) => std::slice::from_ref(op),
+                None => &[],
+            };
+            if ops.is_empty() && !sync {
+                None
+            } else {
+                let files = [file];
+                let syncs: &[FileHandle] = if sync { &files } else { &[] };
+                Some(ctx.write_batch(ops, syncs))
+            }
+        };
+        match res {
+            None | Some(Ok(())) => {
+                self.committed(sync);
+                Ok(())
+            }
+            Some(Err(e)) => {
+                self.fail(&e, &ctx.shared.stats);
+                Err(self.refuse_writes().expect("failed"))
+            }
+        }
+    }
+
+    /// Makes room for `len` more bytes in the tail: writes what is dirty
+    /// (without fdatasync: the commit that follows covers it), then keeps
+    /// only the partial last block.
+    fn make_tail_room(&mut self, ctx: &mut Ctx, len: usize) -> Result<(), StorageError> {
+        if self.tail_len + len <= self.tail.len() {
+            return Ok(());
+        }
+        if let Some(op) = self.dirty_write() {
+            if let Err(e) = ctx.write_batch(&[op], &[]) {
+                self.fail(&e, &ctx.shared.stats);
+                return Err(self.refuse_writes().expect("failed"));
+            }
+            self.dirty_from = None;
+            self.unsynced = true;
+        }
+        let keep = self.tail_len % B;
+        let start = self.tail_len - keep;
+        let old_len = self.tail_len;
+        let buf = self.tail.as_mut_slice();
+        buf.copy_within(start..old_len, 0);
+        buf[keep..old_len].fill(0);
+        self.tail_file_off += start as u64;
+        self.tail_len = keep;
+        debug_assert!(self.tail_len + len <= self.tail.len());
+        Ok(())
+    }
+
+    /// (Re)starts `slot` as the new active segment at `base`: its header
+    /// goes into the (clean) tail and is written with the first batches.
+    fn start_segment(&mut self, slot: usize, base: u64) {
+        debug_assert!(self.dirty_from.is_none());
+        let h = SegmentHeader {
+            epoch: self.next_epoch,
+            base_offset: base,
+            created_ms: batch::now_ms(),
+            slot: slot as u32,
+            segment_bytes: self.cfg.segment_bytes,
+        };
+        self.next_epoch += 1;
+        let old_len = self.tail_len.div_ceil(B) * B;
+        let buf = self.tail.as_mut_slice();
+        buf[..old_len].fill(0);
+        h.encode(&mut buf[..SEG_HEADER_BYTES]);
+        self.tail_file_off = 0;
+        self.tail_len = SEG_HEADER_BYTES;
+        self.dirty_from = Some(0);
+        let seg = &mut self.segs[slot];
+        seg.epoch = h.epoch;
+        seg.base_offset = base;
+        seg.next_offset = base;
+        seg.end_pos = SEG_HEADER_BYTES as u64;
+        seg.max_ts = i64::MIN;
+        seg.index.clear();
+    }
+
+    fn expired(&self, slot: usize, now_ms: i64) -> bool {
+        match self.cfg.retention_ms {
+            Some(r) => {
+                let seg = &self.segs[slot];
+                seg.next_offset == seg.base_offset
+                    || seg.max_ts < now_ms.saturating_sub(r.min(i64::MAX as u64) as i64)
+            }
+            None => false,
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        debug_assert!(self.live > 1);
+        self.segs[self.oldest].epoch = 0;
+        self.oldest = (self.oldest + 1) % self.n();
+        self.live -= 1;
+    }
+
+    /// Time retention: frees closed segments whose newest record is older
+    /// than retention_ms. Returns whether earliest moved.
+    fn apply_time_retention(&mut self, now_ms: i64) -> bool {
+        let mut moved = false;
+        while self.live > 1 && self.expired(self.oldest, now_ms) {
+            log::info!(
+                "partition {}: time retention frees offsets {}..{}",
+                self.id,
+                self.segs[self.oldest].base_offset,
+                self.segs[self.oldest].next_offset
+            );
+            self.drop_oldest();
+            moved = true;
+        }
+        moved
+    }
+
+    /// Opens the next segment of the ring for a batch that does not fit in
+    /// the active one.
+    fn roll(&mut self, ctx: &mut Ctx) -> Result<(), StorageError> {
+        let next = (self.active() + 1) % self.n();
+        let ring_full = self.live == self.n();
+        if ring_full
+            && self.cfg.overflow == OverflowPolicy::Reject
+            && !self.expired(self.oldest, batch::now_ms())
+        {
+            return Err(StorageError::Full(self.id.clone()));
+        }
+        // The new header names where this segment ends: make this segment
+        // durable first, so recovery never finds a header that points past
+        // data it cannot see.
+        self.commit_now(ctx, true)?;
+        if ring_full {
+            self.drop_oldest();
+        }
+        self.start_segment(next, self.next_offset);
+        self.live += 1;
+        self.publish();
+        Ok(())
+    }
+
+    /// Bytes of the active or a closed segment at `pos`: from the tail when
+    /// they are in memory, else through `win` from the file.
+    fn bytes_at<'a>(
+        &'a self,
+        ctx: &'a mut Ctx,
+        win: &mut Window,
+        slot: usize,
+        pos: u64,
+        need: usize,
+    ) -> io::Result<(&'a [u8], bool)> {
+        if slot == self.active() && pos >= self.tail_file_off {
+            let from = (pos - self.tail_file_off) as usize;
+            return Ok((
+                &self.tail.as_slice()[from.min(self.tail_len)..self.tail_len],
+                false,
+            ));
+        }
+        let limit = self.segs[slot].end_pos.div_ceil(B64) * B64;
+        let bytes = window(
+            &mut *ctx.io,
+            &mut ctx.rbuf,
+            win,
+            self.files[slot],
+            pos,
+            need,
+            limit,
+        )?;
+        Ok((bytes, true))
+    }
+}
+
+/// The part of the engine partitions borrow while the map is borrowed.
+struct Ctx {
+    cfg: StorageConfig,
+    io: Box<dyn IoBackend>,
+    /// The one read buffer: reads and recovery scans happen one at a time.
+    rbuf: AlignedBuf,
+    /// Zeros, for pre-writing segments and scrubbing torn tails.
+    zeros: AlignedBuf,
+    shared: Arc<Shared>,
+}
+
+impl Ctx {
+    /// The one path to `write_batch`, so the counters are always right.
+    fn write_batch(&mut self, ops: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
+        let st = &self.shared.stats;
+        let t = Instant::now();
+        let res = self.io.write_batch(ops, sync);
+        let bytes: u64 = ops.iter().map(|o| o.data.len() as u64).sum();
+        StatsInner::add(&st.device_bytes_written, bytes);
+        StatsInner::add(&st.writes, ops.len() as u64);
+        if !sync.is_empty() {
+            StatsInner::add(&st.fsyncs, sync.len() as u64);
+            StatsInner::add(&st.fsync_latency_us_sum, t.elapsed().as_micros() as u64);
+            StatsInner::add(&st.fsync_latency_count, 1);
+        }
+        res
+    }
+
+    /// Writes zeros over `[from, to)` (block-aligned) of a file.
+    fn write_zeros(&mut self, file: FileHandle, from: u64, to: u64) -> io::Result<()> {
+        let mut at = from;
+        while at < to {
+            let n = ((to - at) as usize).min(self.zeros.len());
+            let op = WriteOp {
+                file,
+                offset: at,
+                data: &self.zeros.as_slice()[..n],
+            };
+            let res = self.io.write_batch(&[op], &[]);
+            StatsInner::add(&self.shared.stats.device_bytes_written, n as u64);
+            StatsInner::add(&self.shared.stats.writes, 1);
+            res?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A block-aligned range of one file held in the read buffer.
+#[derive(Debug, Default)]
+struct Window {
+    file: Option<FileHandle>,
+    start: u64,
+    len: usize,
+}
+
+/// Returns the file's bytes from `pos`, at least `need` of them unless the
+/// file or `limit` (block-aligned) ends first, reading a new window into
+/// `rbuf` when the current one does not cover them.
+fn window<'a>(
+    io: &mut dyn IoBackend,
+    rbuf: &'a mut AlignedBuf,
+    win: &mut Window,
+    file: FileHandle,
+    pos: u64,
+    need: usize,
+    limit: u64,
+) -> io::Result<&'a [u8]> {
+    let covered = win.file == Some(file)
+        && pos >= win.start
+        && pos + need as u64 <= win.start + win.len as u64;
+    if !covered {
+        let start = pos / B64 * B64;
+        let len = (rbuf.len() as u64).min(limit.saturating_sub(start)) as usize;
+        let n = io.read_at(file, start, &mut rbuf.as_mut_slice()[..len])?;
+        win.file = Some(file);
+        win.start = start;
+        win.len = n.min(len);
+    }
+    let from = ((pos - win.start) as usize).min(win.len);
+    Ok(&rbuf.as_slice()[from..win.len])
+}
+
+/// How a segment scan ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// Reached the end of the file or of usable space.
+    End,
+    /// Zeros, or a whole valid batch from an earlier lap of the ring.
+    Clean,
+    /// Bytes that are neither: a torn or corrupt batch of `bytes` bytes.
+    Torn { bytes: u64, err: BatchError },
+}
+
+struct Scan {
+    batches: u64,
+    stop: Stop,
+}
+
+/// Rebuilds `seg` (whose header is already decoded into it) by reading
+/// its batches from the file.
+fn scan_segment(
+    io: &mut dyn IoBackend,
+    rbuf: &mut AlignedBuf,
+    file: FileHandle,
+    segment_bytes: u64,
+    seg: &mut Seg,
+) -> io::Result<Scan> {
+    let mut win = Window::default();
+    let mut pos = SEG_HEADER_BYTES as u64;
+    let mut batches = 0;
+    let mut retried = false;
+    let window_max = rbuf.len() - B;
+    seg.index.clear();
+    seg.max_ts = i64::MIN;
+    seg.next_offset = seg.base_offset;
+    seg.end_pos = pos;
+    let stop = loop {
+        if pos + HEADER_BYTES as u64 > segment_bytes {
+            break Stop::End;
+        }
+        let bytes = window(io, rbuf, &mut win, file, pos, HEADER_BYTES, segment_bytes)?;
+        if bytes.len() < HEADER_BYTES {
+            break Stop::End;
+        }
+        if bytes[..HEADER_BYTES].iter().all(|&b| b == 0) {
+            break Stop::Clean;
+        }
+        let checked = match batch::parse_header(bytes) {
+            Ok(h)
+                if pos + u64::from(h.total_len) <= segment_bytes
+                    && h.total_len as usize <= window_max =>
+            {
+                let need = h.total_len as usize;
+                let bytes = window(io, rbuf, &mut win, file, pos, need, segment_bytes)?;
+                batch::verify(bytes)
+            }
+            Ok(h) => Err(BatchError::BadLength {
+                total_len: h.total_len,
+            }),
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(h) if h.base_offset == seg.next_offset => {
+                seg.note_batch(&h, pos);
+                pos = seg.end_pos;
+                batches += 1;
+                retried = false;
+            }
+            Ok(_) => break Stop::Clean,
+            Err(_) if !retried => {
+                // Read it again from the device: a bit flipped in transit is
+                // not damage on disk, and truncating on it would lose data.
+                retried = true;
+                win = Window::default();
+            }
+            Err(err) => {
+                let bytes = match batch::parse_header(window(
+                    io,
+                    rbuf,
+                    &mut win,
+                    file,
+                    pos,
+                    HEADER_BYTES,
+                    segment_bytes,
+                )?) {
+                    Ok(h) if pos + u64::from(h.total_len) <= segment_bytes => {
+                        u64::from(h.total_len)
+                    }
+                    _ => B64 - pos % B64,
+                };
+                break Stop::Torn { bytes, err };
+            }
+        }
+    };
+    Ok(Scan { batches, stop })
+}
+
+fn seg_path(dir: &Path, slot: usize) -> PathBuf {
+    dir.join(format!("seg-{slot:05}.log"))
+}
+
+fn part_dir(data_dir: &Path, id: &PartitionId) -> PathBuf {
+    data_dir
+        .join("topics")
+        .join(&id.topic)
+        .join(id.partition.to_string())
+}
+
+const PARTITION_META: &str = "partition.meta";
+const CHECKPOINT_META: &str = "checkpoint.meta";
+
+struct Engine {
+    ctx: Ctx,
+    parts: HashMap<PartitionId, Part>,
+    /// Tail buffers of deleted partitions, reused before allocating.
+    free_tails: Vec<AlignedBuf>,
+    tails_made: usize,
+    next_retention_check: Instant,
+}
+
+/// Starts the storage thread and waits for recovery to finish.
+pub(crate) fn start(
+    cfg: StorageConfig,
+    io: Box<dyn IoBackend>,
+    shared: Arc<Shared>,
+) -> Result<(async_channel::Sender<Cmd>, std::thread::JoinHandle<()>), StorageError> {
+    let (tx, rx) = async_channel::bounded(cfg.append_queue_depth);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("skiff-storage".into())
+        .spawn(move || {
+            let read_bytes = (cfg.max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B;
+            let mut engine = Engine {
+                ctx: Ctx {
+                    rbuf: AlignedBuf::new(read_bytes),
+                    zeros: AlignedBuf::new(ZERO_CHUNK_BYTES),
+                    cfg,
+                    io,
+                    shared,
+                },
+                parts: HashMap::new(),
+                free_tails: Vec::new(),
+                tails_made: 0,
+                next_retention_check: Instant::now(),
+            };
+            match engine.recover_all() {
+                Ok(()) => {
+                    let _ = ready_tx.send(Ok(()));
+                    engine.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((tx, handle)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(StorageError::ShuttingDown)
+        }
+    }
+}
+
+enum Wake {
+    Cmd(Cmd),
+    Timeout,
+    Closed,
+}
+
+fn wait(rx: &async_channel::Receiver<Cmd>, deadline: Option<Instant>) -> Wake {
+    let recv = async {
+        match rx.recv().await {
+            Ok(c) => Wake::Cmd(c),
+            Err(_) => Wake::Closed,
+        }
+    };
+    match deadline {
+        None => smol::block_on(recv),
+        Some(d) => smol::block_on(futures_lite::future::or(recv, async {
+            smol::Timer::at(d).await;
+            Wake::Timeout
+        })),
+    }
+}
+
+impl Engine {
+    fn run(mut self, rx: async_channel::Receiver<Cmd>) {
+        let drain_max = self.ctx.cfg.append_queue_depth;
+        loop {
+            let mut shutdown = None;
+            let mut closed = false;
+            match wait(&rx, self.next_deadline()) {
+                Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
+                Wake::Cmd(c) => self.handle(c),
+                Wake::Timeout => {}
+                Wake::Closed => closed = true,
+            }
+            // The group: everything that queued up while we were busy.
+            if shutdown.is_none() && !closed {
+                for _ in 0..drain_max {
+                    match rx.try_recv() {
+                        Ok(Cmd::Shutdown { reply }) => {
+                            shutdown = Some(reply);
+                            break;
+                        }
+                        Ok(c) => self.handle(c),
+                        Err(async_channel::TryRecvError::Empty) => break,
+                        Err(async_channel::TryRecvError::Closed) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            self.commit_round(false);
+            self.housekeeping(false);
+            if shutdown.is_some() || closed {
+                rx.close();
+                // Commands still queued get ShuttingDown when their reply
+                // senders drop with the channel.
+                let res = self.shutdown_all();
+                if let Some(reply) = shutdown {
+                    let _ = reply.send(res);
+                }
+                return;
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d: Option<Instant> = None;
+        let mut consider = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
+        let mut periodic = false;
+        for p in self.parts.values() {
+            if p.state != PartState::Ok {
+                continue;
+            }
+            if let (Durability::IntervalMs(ms), Some(at)) = (p.cfg.durability, p.first_pending_at) {
+                consider(at + Duration::from_millis(u64::from(ms)));
+            }
+            if p.durable != p.checkpointed {
+                consider(p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS));
+            }
+            periodic |= p.cfg.retention_ms.is_some();
+        }
+        if periodic {
+            consider(self.next_retention_check);
+        }
+        d
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Create { id, cfg, reply } => {
+                let r = self.create(id, cfg);
+                let _ = reply.try_send(r);
+            }
+            Cmd::Delete { id, reply } => {
+                let r = self.delete(&id);
+                let _ = reply.try_send(r);
+            }
+            Cmd::Append { id, batch, reply } => self.append(id, batch, reply),
+            Cmd::Read {
+                id,
+                offset,
+                max_bytes,
+                reply,
+            } => {
+                let r = self.read(&id, offset, max_bytes);
+                let _ = reply.try_send(r);
+            }
+            Cmd::OffsetForTs { id, ts_ms, reply } => {
+                let r = self.offset_for_ts(&id, ts_ms);
+                let _ = reply.try_send(r);
+            }
+            Cmd::Shutdown { reply } => {
+                let _ = reply.send(Err(StorageError::ShuttingDown));
+            }
+        }
+    }
+
+    fn take_tail(&mut self) -> Result<AlignedBuf, StorageError> {
+        if let Some(t) = self.free_tails.pop() {
+            return Ok(t);
+        }
+        let max = self.ctx.cfg.max_partitions;
+        if self.tails_made >= max {
+            return Err(StorageError::TooManyPartitions { max });
+        }
+        self.tails_made += 1;
+        // One extra block: after recycling, the partial last block stays at
+        // the front, and a max-size batch must still fit behind it.
+        Ok(AlignedBuf::new(self.ctx.cfg.tail_buffer_bytes + B))
+    }
+
+    fn give_tail(&mut self, mut t: AlignedBuf) {
+        t.as_mut_slice().fill(0);
+        self.free_tails.push(t);
+    }
+
+    fn new_part(
+        &mut self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+        dir: PathBuf,
+        files: Vec<FileHandle>,
+    ) -> Result<Part, StorageError> {
+        let tail = self.take_tail()?;
+        let segs = (0..cfg.segments)
+            .map(|_| Seg::new(cfg.segment_bytes))
+            .collect();
+        let shared = Arc::new(PartShared {
+            cfg: cfg.clone(),
+            earliest: 0.into(),
+            hw: 0.into(),
+            state: STATE_OK.into(),
+            event: Arc::new(event_listener::Event::new()),
+        });
+        Ok(Part {
+            id,
+            cfg,
+            dir,
+            files,
+            segs,
+            oldest: 0,
+            live: 1,
+            next_epoch: 1,
+            next_offset: 0,
+            hw: 0,
+            tail,
+            tail_file_off: 0,
+            tail_len: 0,
+            dirty_from: None,
+            unsynced: false,
+            pending: Vec::new(),
+            first_pending_at: None,
+            durable: Checkpoint::default(),
+            checkpointed: Checkpoint::default(),
+            last_checkpoint: Instant::now(),
+            state: PartState::Ok,
+            shared,
+        })
+    }
+
+    fn register(&mut self, part: Part) {
+        part.publish();
+        self.ctx
+            .shared
+            .parts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(part.id.clone(), part.shared.clone());
+        self.parts.insert(part.id.clone(), part);
+    }
+
+    fn create(&mut self, id: PartitionId, cfg: PartitionConfig) -> Result<(), StorageError> {
+        super::validate_topic_name(&id.topic)?;
+        cfg.validate()?;
+        if self.parts.contains_key(&id) {
+            return Err(StorageError::PartitionExists(id));
+        }
+        if self.parts.len() >= self.ctx.cfg.max_partitions {
+            return Err(StorageError::TooManyPartitions {
+                max: self.ctx.cfg.max_partitions,
+            });
+        }
+        let dir = part_dir(&self.ctx.cfg.data_dir, &id);
+        if dir.exists() {
+            // A directory without partition.meta: a creation that never
+            // completed (nothing in it was ever acknowledged).
+            log::warn!("removing incomplete partition directory {}", dir.display());
+            self.remove_dir(&dir, cfg.segments as usize);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let mut files = Vec::with_capacity(cfg.segments as usize);
+        let res = self.create_files(&id, &cfg, &dir, &mut files);
+        let res = match res {
+            Ok(()) => self.new_part(id.clone(), cfg.clone(), dir.clone(), files.clone()),
+            Err(e) => Err(e),
+        };
+        let res = res.and_then(|mut part| {
+            part.start_segment(0, 0);
+            match part.commit_now(&mut self.ctx, true) {
+                Ok(()) => Ok(part),
+                Err(e) => {
+                    self.give_tail(std::mem::replace(&mut part.tail, AlignedBuf::new(B)));
+                    Err(e)
+                }
+            }
+        });
+        let res = res.and_then(|part| {
+            let meta = PartitionMeta {
+                topic: id.topic.clone(),
+                partition: id.partition,
+                cfg: cfg.clone(),
+            };
+            let synced = self
+                .ctx
+                .io
+                .sync_dir(&dir)
+                .map_err(StorageError::from)
+                .and_then(|()| Ok(meta::write_atomic(&dir.join(PARTITION_META), &meta)?))
+                .and_then(|()| {
+                    // Make the new directory entries themselves durable.
+                    if let Some(topic_dir) = dir.parent() {
+                        self.ctx.io.sync_dir(topic_dir)?;
+                        if let Some(topics) = topic_dir.parent() {
+                            self.ctx.io.sync_dir(topics)?;
+                        }
+                    }
+                    Ok(())
+                });
+            match synced {
+                Ok(()) => Ok(part),
+                Err(e) => {
+                    self.give_tail(std::mem::replace(&mut { part }.tail, AlignedBuf::new(B)));
+                    Err(e)
+                }
+            }
+        });
+        match res {
+            Ok(part) => {
+                log::info!(
+                    "created partition {id}: {} x {} bytes, durability {}, overflow {}",
+                    cfg.segments,
+                    cfg.segment_bytes,
+                    cfg.durability,
+                    cfg.overflow
+                );
+                self.register(part);
+                Ok(())
+            }
+            Err(e) => {
+                for &f in &files {
+                    self.ctx.io.close(f);
+                }
+                self.remove_dir(&dir, cfg.segments as usize);
+                Err(e)
+            }
+        }
+    }
+
+    fn create_files(
+        &mut self,
+        id: &PartitionId,
+        cfg: &PartitionConfig,
+        dir: &Path,
+        files: &mut Vec<FileHandle>,
+    ) -> Result<(), StorageError> {
+        for slot in 0..cfg.segments as usize {
+            let f = self.ctx.io.open(&seg_path(dir, slot), true)?;
+            files.push(f);
+            match self.ctx.io.allocate(f, cfg.segment_bytes) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(StorageError::InsufficientSpace {
+                        partition: id.clone(),
+                        bytes: cfg.ring_bytes(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if self.ctx.cfg.prewrite_segments {
+                self.ctx.write_zeros(f, 0, cfg.segment_bytes)?;
+            }
+        }
+        for &f in files.iter() {
+            match self.ctx.io.sync(f) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(StorageError::InsufficientSpace {
+                        partition: id.clone(),
+                        bytes: cfg.ring_bytes(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Best effort: removes a partition directory and its segment files
+    /// (through the backend, which may not be the real file system).
+    fn remove_dir(&mut self, dir: &Path, segments: usize) {
+        let _ = std::fs::remove_file(dir.join(PARTITION_META));
+        if segments > 0 {
+            for slot in 0..segments {
+                let _ = self.ctx.io.remove(&seg_path(dir, slot));
+            }
+        } else {
+            // Count unknown (no partition.meta): files are created in slot
+            // order, so stop at the first one missing.
+            let mut slot = 0;
+            while self.ctx.io.remove(&seg_path(dir, slot)).is_ok() {
+                slot += 1;
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("could not remove {}: {e}", dir.display());
+            }
+        }
+        if let Some(parent) = dir.parent() {
+            // Leaves the topic directory when other partitions remain.
+            let _ = std::fs::remove_dir(parent);
+            let _ = self.ctx.io.sync_dir(parent.parent().unwrap_or(parent));
+        }
+    }
+
+    fn delete(&mut self, id: &PartitionId) -> Result<(), StorageError> {
+        let Some(mut part) = self.parts.remove(id) else {
+            return Err(StorageError::UnknownPartition(id.clone()));
+        };
+        self.ctx
+            .shared
+            .parts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        for p in part.pending.drain(..) {
+            let _ = p
+                .reply
+                .try_send(Err(StorageError::UnknownPartition(id.clone())));
+        }
+        // partition.meta goes first: a crash mid-delete leaves a directory
+        // that start-up recognises as incomplete and removes.
+        std::fs::remove_file(part.dir.join(PARTITION_META))?;
+        self.ctx.io.sync_dir(&part.dir)?;
+        for &f in &part.files {
+            self.ctx.io.close(f);
+        }
+        let dir = part.dir.clone();
+        self.remove_dir(&dir, part.segs.len());
+        part.shared.event.notify(usize::MAX);
+        let tail = std::mem::replace(&mut part.tail, AlignedBuf::new(B));
+        self.give_tail(tail);
+        log::info!("deleted partition {id}");
+        Ok(())
+    }
+
+    fn append(&mut self, id: PartitionId, mut batch: Vec<u8>, reply: Reply<AppendAck>) {
+        let Some(p) = self.parts.get_mut(&id) else {
+            let _ = reply.try_send(Err(StorageError::UnknownPartition(id)));
+            return;
+        };
+        let r = (|| {
+            if let Some(e) = p.refuse_writes() {
+                return Err(e);
+            }
+            let max = self
+                .ctx
+                .cfg
+                .max_batch_bytes
+                .min((p.cfg.segment_bytes - SEG_HEADER_BYTES as u64) as usize);
+            if batch.len() > max {
+                return Err(StorageError::BatchTooLarge {
+                    bytes: batch.len(),
+                    max,
+                });
+            }
+            let h = batch::verify_and_assign_offset(&mut batch, p.next_offset)?;
+            let len = batch.len();
+            if p.segs[p.active()].end_pos + len as u64 > p.cfg.segment_bytes {
+                p.roll(&mut self.ctx)?;
+            }
+            p.make_tail_room(&mut self.ctx, len)?;
+            let pos = p.tail_file_off + p.tail_len as u64;
+            p.tail.as_mut_slice()[p.tail_len..p.tail_len + len].copy_from_slice(&batch);
+            p.dirty_from.get_or_insert(p.tail_len);
+            p.tail_len += len;
+            let active = p.active();
+            p.segs[active].note_batch(&h, pos);
+            debug_assert_eq!(p.segs[active].end_pos, p.tail_file_off + p.tail_len as u64);
+            p.next_offset = h.next_offset();
+            let stats = &self.ctx.shared.stats;
+            StatsInner::add(&stats.appends, 1);
+            StatsInner::add(&stats.payload_bytes, len as u64);
+            Ok(AppendAck {
+                base_offset: h.base_offset,
+                last_offset: h.last_offset(),
+            })
+        })();
+        match r {
+            Ok(ack) => {
+                p.pending.push(Pending { reply, ack });
+                p.first_pending_at.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                let _ = reply.try_send(Err(e));
+            }
+        }
+    }
+
+    /// One group commit: every partition whose policy says "now" gets its
+    /// dirty tail written, and the fdatasyncs its policy needs, in one
+    /// `write_batch`.
+    fn commit_round(&mut self, force: bool) {
+        let now = Instant::now();
+        let mut ids: Vec<(PartitionId, bool)> = Vec::new();
+        for p in self.parts.values() {
+            if p.state != PartState::Ok {
+                continue;
+            }
+            let dirty = p.dirty_from.is_some();
+            let work = dirty || p.unsynced || !p.pending.is_empty();
+            if !work {
+                continue;
+            }
+            let (due, sync) = match p.cfg.durability {
+                Durability::Always => (true, true),
+                Durability::IntervalMs(ms) => {
+                    let late = p
+                        .first_pending_at
+                        .is_some_and(|t| now >= t + Duration::from_millis(u64::from(ms)));
+                    (force || late, true)
+                }
+                Durability::Never => (force || dirty || !p.pending.is_empty(), force),
+            };
+            if due {
+                ids.push((p.id.clone(), sync && (dirty || p.unsynced)));
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let res = {
+            let Engine { ctx, parts, .. } = self;
+            let mut ops = Vec::with_capacity(ids.len());
+            let mut syncs = Vec::with_capacity(ids.len());
+            for (id, sync) in &ids {
+                let p = &parts[id];
+                if let Some(op) = p.dirty_write() {
+                    ops.push(op);
+                }
+                if *sync {
+                    syncs.push(p.files[p.active()]);
+                }
+            }
+            if ops.is_empty() && syncs.is_empty() {
+                Ok(())
+            } else {
+                ctx.write_batch(&ops, &syncs)
+            }
+        };
+        for (id, sync) in ids {
+            let p = self.parts.get_mut(&id).expect("collected above");
+            match &res {
+                Ok(()) => p.committed(sync),
+                // After an error nothing about the other writes of the
+                // submission may be assumed: every partition in it fails.
+                Err(e) => p.fail(e, &self.ctx.shared.stats),
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, force: bool) {
+        let now = Instant::now();
+        if now >= self.next_retention_check {
+            self.next_retention_check = now + Duration::from_millis(RETENTION_CHECK_INTERVAL_MS);
+            let now_ms = batch::now_ms();
+            for p in self.parts.values_mut() {
+                if p.apply_time_retention(now_ms) {
+                    p.publish();
+                }
+            }
+        }
+        for p in self.parts.values_mut() {
+            let due = now >= p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+            if p.durable != p.checkpointed && (due || force) {
+                write_checkpoint(p, p.durable);
+            }
+        }
+    }
+
+    fn shutdown_all(&mut self) -> Result<(), StorageError> {
+        self.commit_round(true);
+        let ids: Vec<PartitionId> = self.parts.keys().cloned().collect();
+        for id in ids {
+            let p = self.parts.get_mut(&id).expect("listed");
+            if p.state == PartState::Ok && p.commit_now(&mut self.ctx, true).is_ok() {
+                let ck = Checkpoint {
+                    clean: true,
+                    ..p.durable
+                };
+                write_checkpoint(p, ck);
+            }
+            for &f in &p.files {
+                self.ctx.io.close(f);
+            }
+        }
+        self.parts.clear();
+        Ok(())
+    }
+
+    fn read(
+        &mut self,
+        id: &PartitionId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, StorageError> {
+        let Engine { ctx, parts, .. } = self;
+        let p = parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let (earliest, hw) = (p.earliest(), p.hw);
+        if offset < earliest || offset > hw {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                earliest,
+                high_watermark: hw,
+            });
+        }
+        let mut out = Vec::new();
+        let reserve_max = ctx.rbuf.len();
+        if offset == hw {
+            return Ok(out);
+        }
+        let first = (0..p.live)
+            .rev()
+            .find(|&k| p.segs[p.slot(k)].base_offset <= offset)
+            .unwrap_or(0);
+        for k in first..p.live {
+            let slot = p.slot(k);
+            let mut pos = if k == first {
+                p.segs[slot].seek(offset)
+            } else {
+                SEG_HEADER_BYTES as u64
+            };
+            let mut win = Window::default();
+            let mut retried = false;
+            while pos < p.segs[slot].end_pos {
+                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw);
+                let (h, bytes) = match found {
+                    Ok(Some(x)) => x,
+                    Ok(None) => return Ok(out),
+                    Err(ReadErr::Io(e)) => return Err(e.into()),
+                    Err(ReadErr::Corrupt(_)) if !retried => {
+                        retried = true;
+                        win = Window::default();
+                        continue;
+                    }
+                    Err(ReadErr::Corrupt(e)) => {
+                        let why = format!("batch at segment slot {slot} position {pos}: {e}");
+                        p.quarantine(&why, &ctx.shared.stats);
+                        return Err(StorageError::Quarantined(id.clone()));
+                    }
+                };
+                retried = false;
+                let len = h.total_len as usize;
+                if h.next_offset() > offset {
+                    if !out.is_empty() && out.len() + len > max_bytes {
+                        return Ok(out);
+                    }
+                    if out.is_empty() {
+                        out.reserve(max_bytes.max(len).min(reserve_max));
+                    }
+                    out.extend_from_slice(bytes);
+                    if out.len() >= max_bytes {
+                        return Ok(out);
+                    }
+                }
+                pos += len as u64;
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+        Ok(out)
+    }
+
+    fn offset_for_ts(&mut self, id: &PartitionId, ts: i64) -> Result<Option<u64>, StorageError> {
+        let Engine { ctx, parts, .. } = self;
+        let p = parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let hw = p.hw;
+        for k in 0..p.live {
+            let slot = p.slot(k);
+            if p.segs[slot].max_ts < ts {
+                continue;
+            }
+            let mut pos = p.segs[slot].seek_ts(ts);
+            let mut win = Window::default();
+            while pos < p.segs[slot].end_pos {
+                match read_batch_at(p, ctx, &mut win, slot, pos, hw) {
+                    Ok(Some((h, _))) => {
+                        if h.max_timestamp >= ts {
+                            return Ok(Some(h.base_offset.max(p.earliest())));
+                        }
+                        pos += u64::from(h.total_len);
+                    }
+                    Ok(None) => return Ok(None),
+                    Err(ReadErr::Io(e)) => return Err(e.into()),
+                    Err(ReadErr::Corrupt(e)) => {
+                        let why = format!("batch at segment slot {slot} position {pos}: {e}");
+                        p.quarantine(&why, &ctx.shared.stats);
+                        return Err(StorageError::Quarantined(id.clone()));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn recover_all(&mut self) -> Result<(), StorageError> {
+        let topics = self.ctx.cfg.data_dir.join("topics");
+        std::fs::create_dir_all(&topics)?;
+        let mut dirs = Vec::new();
+        for t in std::fs::read_dir(&topics)? {
+            let t = t?;
+            if !t.file_type()?.is_dir() {
+                continue;
+            }
+            for p in std::fs::read_dir(t.path())? {
+                let p = p?;
+                if p.file_type()?.is_dir() {
+                    dirs.push(p.path());
+                }
+            }
+        }
+        dirs.sort();
+        for dir in dirs {
+            let meta: Option<PartitionMeta> = match meta::read(&dir.join(PARTITION_META)) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::error!(
+                        "partition directory {}: unreadable partition.meta ({e}); skipped",
+                        dir.display()
+                    );
+                    continue;
+                }
+            };
+            let Some(meta) = meta else {
+                log::warn!(
+                    "removing incomplete partition directory {} (no partition.meta)",
+                    dir.display()
+                );
+                self.remove_dir(&dir, 0);
+                continue;
+            };
+            let id = PartitionId::new(meta.topic.clone(), meta.partition);
+            if part_dir(&self.ctx.cfg.data_dir, &id) != dir {
+                log::error!(
+                    "partition directory {} holds metadata for {id}; skipped",
+                    dir.display()
+                );
+                continue;
+            }
+            if self.parts.len() >= self.ctx.cfg.max_partitions {
+                return Err(StorageError::TooManyPartitions {
+                    max: self.ctx.cfg.max_partitions,
+                });
+            }
+            let (part, report) = self.recover_part(id, meta.cfg, dir)?;
+            self.ctx
+                .shared
+                .reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(report);
+            self.register(part);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds one partition from its segment files; see docs/format.md,
+    /// "Recovery".
+    fn recover_part(
+        &mut self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+        dir: PathBuf,
+    ) -> Result<(Part, RecoveryReport), StorageError> {
+        let n = cfg.segments as usize;
+        let mut files = Vec::with_capacity(n);
+        for slot in 0..n {
+            let path = seg_path(&dir, slot);
+            match self.ctx.io.open(&path, false) {
+                Ok(f) => files.push(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // A lost segment file: recreate it empty; if it held
+                    // acknowledged data, the chain checks below notice.
+                    log::error!("partition {id}: segment file {} missing", path.display());
+                    let f = self.ctx.io.open(&path, true)?;
+                    self.ctx.io.allocate(f, cfg.segment_bytes)?;
+                    files.push(f);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let ckpt: Checkpoint = match meta::read(&dir.join(CHECKPOINT_META)) {
+            Ok(c) => c.unwrap_or_default(),
+            Err(e) => {
+                log::warn!("partition {id}: checkpoint unreadable ({e}); recovering without it");
+                Checkpoint::default()
+            }
+        };
+        let mut part = self.new_part(id.clone(), cfg.clone(), dir, files)?;
+        let mut problem: Option<String> = None;
+
+        // 1. Headers.
+        let mut headers: Vec<Result<SegmentHeader, HeaderError>> = Vec::with_capacity(n);
+        for slot in 0..n {
+            let buf = &mut self.ctx.rbuf.as_mut_slice()[..B];
+            let got = self.ctx.io.read_at(part.files[slot], 0, buf)?;
+            headers.push(SegmentHeader::decode(
+                &self.ctx.rbuf.as_slice()[..got],
+                slot as u32,
+                cfg.segment_bytes,
+            ));
+        }
+        let active = (0..n)
+            .filter_map(|s| headers[s].as_ref().ok().map(|h| (h.epoch, s)))
+            .max()
+            .map(|(_, s)| s);
+        let mut truncated = 0u64;
+        let mut batches = 0u64;
+        match active {
+            None => {
+                if ckpt.next_offset > 0 {
+                    problem =
+                        Some("no valid segment header, but the checkpoint records data".into());
+                }
+                part.next_offset = ckpt.next_offset;
+                part.next_epoch = ckpt.epoch + 1;
+                part.start_segment(0, ckpt.next_offset);
+            }
+            Some(active) => {
+                // 2. The chain of live segments, walking back from the newest.
+                let mut chain = vec![active];
+                let mut s = active;
+                while chain.len() < n {
+                    let prev = (s + n - 1) % n;
+                    match (&headers[prev], &headers[s]) {
+                        (Ok(hp), Ok(hs)) if hp.epoch < hs.epoch => {
+                            chain.push(prev);
+                            s = prev;
+                        }
+                        _ => break,
+                    }
+                }
+                chain.reverse();
+                let oldest_ok = (active + 1) % n;
+                for (slot, h) in headers.iter().enumerate() {
+                    match h {
+                        Err(HeaderError::Unused) | Ok(_) => {}
+                        // The slot after the newest is the one a roll
+                        // restarts: its header may be torn by a crash then.
+                        Err(_) if slot == oldest_ok && !chain.contains(&slot) => {
+                            log::warn!(
+                                "partition {id}: segment slot {slot} header unreadable \
+                                 (a segment restart cut short by a crash); treated as free"
+                            );
+                        }
+                        Err(e) => {
+                            problem.get_or_insert(format!(
+                                "segment slot {slot} header is corrupt ({e:?})"
+                            ));
+                        }
+                    }
+                }
+                part.next_epoch = headers[active].as_ref().map_or(1, |h| h.epoch) + 1;
+                part.next_epoch = part.next_epoch.max(ckpt.epoch + 1);
+                // 3. Scan the chain.
+                let mut kept = 0;
+                for (i, &slot) in chain.iter().enumerate() {
+                    let h = headers[slot].as_ref().expect("chain holds valid headers");
+                    let seg = &mut part.segs[slot];
+                    seg.epoch = h.epoch;
+                    seg.base_offset = h.base_offset;
+                    let scan = scan_segment(
+                        &mut *self.ctx.io,
+                        &mut self.ctx.rbuf,
+                        part.files[slot],
+                        cfg.segment_bytes,
+                        seg,
+                    )?;
+                    batches += scan.batches;
+                    kept = i + 1;
+                    let seg = &part.segs[slot];
+                    if let Some(&next) = chain.get(i + 1) {
+                        let next_base = headers[next].as_ref().expect("valid").base_offset;
+                        if seg.next_offset != next_base {
+                            problem.get_or_insert(format!(
+                                "segment slot {slot} ends at offset {} ({:?}), but the next \
+                                 segment starts at {next_base}",
+                                seg.next_offset, scan.stop
+                            ));
+                            break;
+                        }
+                        continue;
+                    }
+                    // The newest segment: its end may be a torn tail.
+                    let claims_more = ckpt.epoch > seg.epoch
+                        || (ckpt.epoch == seg.epoch && ckpt.pos > seg.end_pos)
+                        || ckpt.next_offset > seg.next_offset;
+                    if claims_more {
+                        problem.get_or_insert(format!(
+                            "checkpoint says offsets below {} were durable, but the log ends \
+                             at {} ({:?})",
+                            ckpt.next_offset, seg.next_offset, scan.stop
+                        ));
+                        break;
+                    }
+                    if let Stop::Torn { bytes, err } = &scan.stop {
+                        let clean_end =
+                            ckpt.clean && ckpt.epoch == seg.epoch && ckpt.pos == seg.end_pos;
+                        if !clean_end {
+                            log::warn!(
+                                "partition {id}: torn tail truncated at segment slot {slot} \
+                                 position {} (offset {}): {bytes} bytes dropped ({err})",
+                                seg.end_pos,
+                                seg.next_offset
+                            );
+                            truncated = *bytes;
+                        }
+                    }
+                }
+                chain.truncate(kept);
+                part.oldest = chain[0];
+                part.live = chain.len();
+                let last = *chain.last().expect("non-empty");
+                part.next_offset = part.segs[last].next_offset;
+                // 4. The tail: the partial last block, back in memory.
+                let end = part.segs[last].end_pos;
+                part.tail_file_off = end / B64 * B64;
+                part.tail_len = (end - part.tail_file_off) as usize;
+                if part.tail_len > 0 {
+                    let got = self.ctx.io.read_at(
+                        part.files[last],
+                        part.tail_file_off,
+                        &mut part.tail.as_mut_slice()[..B],
+                    )?;
+                    if got < part.tail_len {
+                        return Err(StorageError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "segment file shorter than its data",
+                        )));
+                    }
+                    part.tail.as_mut_slice()[part.tail_len..B].fill(0);
+                }
+                if truncated > 0 && problem.is_none() {
+                    // Rewrite the partial block and zero the torn bytes, so
+                    // the next recovery does not find (and report) them again.
+                    let file = part.files[last];
+                    let from = end.div_ceil(B64) * B64;
+                    let to = ((end + truncated).div_ceil(B64) * B64).min(cfg.segment_bytes);
+                    if from < to {
+                        self.ctx.write_zeros(file, from, to)?;
+                    }
+                    if part.tail_len > 0 {
+                        part.dirty_from = Some(part.tail_len);
+                    }
+                    part.commit_now(&mut self.ctx, true)?;
+                }
+            }
+        }
+        // What was read back is on the device from now on: make it durable
+        // before a checkpoint may claim it.
+        let last = part.active();
+        if part.state == PartState::Ok {
+            self.ctx.io.sync(part.files[last])?;
+        }
+        part.hw = part.next_offset;
+        part.durable = Checkpoint {
+            epoch: part.segs[last].epoch,
+            pos: part.segs[last].end_pos,
+            next_offset: part.next_offset,
+            clean: false,
+        };
+        part.checkpointed = ckpt;
+        if part.cfg.retention_ms.is_some() {
+            part.apply_time_retention(batch::now_ms());
+        }
+        StatsInner::add(&self.ctx.shared.stats.recovery_truncated_bytes, truncated);
+        if let Some(why) = &problem {
+            part.quarantine(why, &self.ctx.shared.stats);
+        }
+        let report = RecoveryReport {
+            id: id.clone(),
+            batches,
+            bytes_truncated: truncated,
+            quarantined: problem.is_some(),
+            earliest: part.earliest(),
+            high_watermark: part.hw,
+        };
+        log::info!(
+            "recovered partition {id}: offsets {}..{}, {batches} batches, {truncated} bytes \
+             truncated{}",
+            report.earliest,
+            report.high_watermark,
+            if report.quarantined {
+                ", QUARANTINED"
+            } else {
+                ""
+            }
+        );
+        Ok((part, report))
+    }
+}
+
+fn write_checkpoint(p: &mut Part, ck: Checkpoint) {
+    match meta::write_atomic(&p.dir.join(CHECKPOINT_META), &ck) {
+        Ok(()) => p.checkpointed = ck,
+        Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
+    }
+    p.last_checkpoint = Instant::now();
+}
+
+enum ReadErr {
+    Io(io::Error),
+    Corrupt(BatchError),
+}
+
+/// The batch at `pos` if it is below `hw`, checked (CRC) when it came
+/// from the device.
+fn read_batch_at<'a>(
+    p: &'a Part,
+    ctx: &'a mut Ctx,
+    win: &mut Window,
+    slot: usize,
+    pos: u64,
+    hw: u64,
+) -> Result<Option<(batch::BatchHeader, &'a [u8])>, ReadErr> {
+    let (bytes, _) = p
+        .bytes_at(ctx, win, slot, pos, HEADER_BYTES)
+        .map_err(ReadErr::Io)?;
+    let h = batch::parse_header(bytes).map_err(ReadErr::Corrupt)?;
+    if h.base_offset >= hw {
+        return Ok(None);
+    }
+    let len = h.total_len as usize;
+    let (bytes, from_disk) = p.bytes_at(ctx, win, slot, pos, len).map_err(ReadErr::Io)?;
+    if bytes.len() < len {
+        return Err(ReadErr::Corrupt(BatchError::Truncated {
+            have: bytes.len(),
+            need: len,
+        }));
+    }
+    let bytes = &bytes[..len];
+    if from_disk {
+        batch::verify(bytes).map_err(ReadErr::Corrupt)?;
+    }
+    Ok(Some((h, bytes)))
+}

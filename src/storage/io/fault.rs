@@ -1,0 +1,396 @@
+//! A fault-injecting in-memory disk, for tests.
+//!
+//! [`FaultDisk`] is the disk (shared: it outlives the storage that uses it,
+//! as a real disk outlives a crashed process); [`FaultBackend`] is an
+//! [`IoBackend`] over it. Driven by a seed, the disk can:
+//!
+//! - fail a write or an fdatasync with EIO or ENOSPC (a failed write may
+//!   leave a torn prefix of its data behind),
+//! - flip a bit in data returned by a read (the stored bytes stay intact),
+//! - refuse `allocate` beyond a capacity (ENOSPC),
+//! - [`FaultDisk::crash`]: lose what was not fdatasynced. Each unsynced
+//!   write is independently kept, dropped, or torn at a byte boundary, as a
+//!   real device may persist any subset of its queue in any order.
+//!
+//! File existence is treated as durable once created (the log engine syncs
+//! directories after creating files; metadata files live on the real file
+//! system through `meta`).
+
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Probabilities are per million operations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub write_error_per_million: u32,
+    pub sync_error_per_million: u32,
+    pub read_flip_per_million: u32,
+    /// Fail the n-th write op (1-based, counted over the disk's life).
+    pub fail_write_nth: Option<u64>,
+    /// Fail the n-th fdatasync (1-based).
+    pub fail_sync_nth: Option<u64>,
+    /// The errno injected failures carry: `libc::EIO` or `libc::ENOSPC`.
+    pub errno: i32,
+    /// Total bytes `allocate` may reserve over all files; None = unlimited.
+    pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct MemFile {
+    /// What reads see now.
+    data: Vec<u8>,
+    /// What survives a crash.
+    durable: Vec<u8>,
+    /// Writes since the last fdatasync, in order.
+    unsynced: Vec<(u64, Vec<u8>)>,
+    allocated: u64,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    files: HashMap<PathBuf, MemFile>,
+    rng: u64,
+    plan: FaultPlan,
+    crashed: bool,
+    writes: u64,
+    syncs: u64,
+    faults_injected: u64,
+}
+
+impl DiskState {
+    /// splitmix64: tiny, seedable, good enough to pick faults.
+    fn next(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn chance(&mut self, per_million: u32) -> bool {
+        per_million > 0 && self.next() % 1_000_000 < u64::from(per_million)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn injected(&mut self) -> io::Error {
+        self.faults_injected += 1;
+        io::Error::from_raw_os_error(if self.plan.errno == 0 {
+            libc::EIO
+        } else {
+            self.plan.errno
+        })
+    }
+}
+
+fn apply(buf: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let end = offset as usize + data.len();
+    if buf.len() < end {
+        buf.resize(end, 0);
+    }
+    buf[offset as usize..end].copy_from_slice(data);
+}
+
+fn crashed_error() -> io::Error {
+    io::Error::other("fault disk: crashed")
+}
+
+/// The shared in-memory disk. Clone to share.
+#[derive(Debug, Clone)]
+pub struct FaultDisk(Arc<Mutex<DiskState>>);
+
+impl FaultDisk {
+    pub fn new(seed: u64, plan: FaultPlan) -> FaultDisk {
+        FaultDisk(Arc::new(Mutex::new(DiskState {
+            files: HashMap::new(),
+            rng: seed,
+            plan,
+            crashed: false,
+            writes: 0,
+            syncs: 0,
+            faults_injected: 0,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        // A panicking test thread must not hide the disk from the checks.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_plan(&self, plan: FaultPlan) {
+        self.lock().plan = plan;
+    }
+
+    /// Simulates power loss: every unsynced write is kept, dropped or torn
+    /// (seeded), and every operation fails until [`FaultDisk::restart`].
+    pub fn crash(&self) {
+        let mut st = self.lock();
+        let mut files = std::mem::take(&mut st.files);
+        for f in files.values_mut() {
+            let mut next = f.durable.clone();
+            for (off, data) in std::mem::take(&mut f.unsynced) {
+                match st.below(3) {
+                    0 => {}
+                    1 => apply(&mut next, off, &data),
+                    _ => {
+                        let cut = st.below(data.len() as u64) as usize;
+                        apply(&mut next, off, &data[..cut]);
+                    }
+                }
+            }
+            f.data = next.clone();
+            f.durable = next;
+        }
+        st.files = files;
+        st.crashed = true;
+    }
+
+    /// Like a crash where nothing unsynced survives.
+    pub fn crash_dropping_unsynced(&self) {
+        let mut st = self.lock();
+        for f in st.files.values_mut() {
+            f.unsynced.clear();
+            f.data = f.durable.clone();
+        }
+        st.crashed = true;
+    }
+
+    /// Powers the disk back on after a crash (and clears the fault plan's
+    /// random faults, so recovery runs on a healthy disk unless re-planned).
+    pub fn restart(&self) {
+        let mut st = self.lock();
+        st.crashed = false;
+    }
+
+    /// Flips one stored bit (durable and current), as bit rot would.
+    pub fn flip_stored_bit(&self, path: &Path, offset: u64, bit: u8) -> bool {
+        let mut st = self.lock();
+        let Some(f) = st.files.get_mut(path) else {
+            return false;
+        };
+        let o = offset as usize;
+        if o >= f.data.len() {
+            return false;
+        }
+        f.data[o] ^= 1 << (bit % 8);
+        if o < f.durable.len() {
+            f.durable[o] ^= 1 << (bit % 8);
+        }
+        true
+    }
+
+    /// The current bytes of a file (for checks in tests).
+    pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
+        self.lock().files.get(path).map(|f| f.data.clone())
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.lock().faults_injected
+    }
+
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.lock().files.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// An [`IoBackend`] over a [`FaultDisk`].
+#[derive(Debug)]
+pub struct FaultBackend {
+    disk: FaultDisk,
+    handles: Vec<Option<PathBuf>>,
+}
+
+impl FaultBackend {
+    pub fn new(disk: FaultDisk) -> FaultBackend {
+        FaultBackend {
+            disk,
+            handles: Vec::new(),
+        }
+    }
+
+    fn path(&self, h: FileHandle) -> io::Result<PathBuf> {
+        self.handles
+            .get(h.0 as usize)
+            .and_then(Clone::clone)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown file handle"))
+    }
+}
+
+fn check_aligned(offset: u64, len: usize) -> io::Result<()> {
+    if offset % BLOCK_BYTES as u64 != 0 || len % BLOCK_BYTES != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unaligned direct I/O",
+        ));
+    }
+    Ok(())
+}
+
+impl IoBackend for FaultBackend {
+    fn name(&self) -> &'static str {
+        "fault"
+    }
+
+    fn open(&mut self, path: &Path, create: bool) -> io::Result<FileHandle> {
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        if !st.files.contains_key(path) {
+            if !create {
+                return Err(io::Error::from(io::ErrorKind::NotFound));
+            }
+            st.files.insert(path.to_path_buf(), MemFile::default());
+        }
+        drop(st);
+        let slot = self.handles.iter().position(Option::is_none);
+        let h = match slot {
+            Some(i) => {
+                self.handles[i] = Some(path.to_path_buf());
+                i
+            }
+            None => {
+                self.handles.push(Some(path.to_path_buf()));
+                self.handles.len() - 1
+            }
+        };
+        Ok(FileHandle(h as u32))
+    }
+
+    fn close(&mut self, file: FileHandle) {
+        if let Some(slot) = self.handles.get_mut(file.0 as usize) {
+            *slot = None;
+        }
+    }
+
+    fn allocate(&mut self, file: FileHandle, len: u64) -> io::Result<()> {
+        let path = self.path(file)?;
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        let used: u64 = st.files.values().map(|f| f.allocated).sum();
+        let cur = st.files.get(&path).map_or(0, |f| f.allocated);
+        if let Some(cap) = st.plan.capacity_bytes {
+            if len > cur && used + (len - cur) > cap {
+                st.faults_injected += 1;
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        let f = st.files.entry(path).or_default();
+        f.allocated = f.allocated.max(len);
+        // Allocation extends the file with zeros, durably (like fallocate
+        // followed by the directory and file syncs the engine does).
+        if (f.data.len() as u64) < len {
+            f.data.resize(len as usize, 0);
+        }
+        if (f.durable.len() as u64) < len {
+            f.durable.resize(len as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        check_aligned(offset, buf.len())?;
+        let path = self.path(file)?;
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        let n = {
+            let f = st.files.get(&path).ok_or(io::ErrorKind::NotFound)?;
+            let start = (offset as usize).min(f.data.len());
+            let n = (f.data.len() - start).min(buf.len());
+            buf[..n].copy_from_slice(&f.data[start..start + n]);
+            n
+        };
+        let flip = st.plan.read_flip_per_million;
+        if n > 0 && st.chance(flip) {
+            let at = st.below(n as u64) as usize;
+            let bit = st.below(8) as u8;
+            buf[at] ^= 1 << bit;
+            st.faults_injected += 1;
+        }
+        Ok(n)
+    }
+
+    fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
+        for w in writes {
+            check_aligned(w.offset, w.data.len())?;
+            let path = self.path(w.file)?;
+            let mut st = self.disk.lock();
+            if st.crashed {
+                return Err(crashed_error());
+            }
+            st.writes += 1;
+            let nth = st.writes;
+            let p = st.plan;
+            let fail = p.fail_write_nth == Some(nth) || st.chance(p.write_error_per_million);
+            let data: &[u8] = if fail {
+                // A failed write may still have reached part of the media.
+                let cut = st.below(w.data.len() as u64 + 1) as usize;
+                &w.data[..cut]
+            } else {
+                w.data
+            };
+            let f = st.files.get_mut(&path).ok_or(io::ErrorKind::NotFound)?;
+            apply(&mut f.data, w.offset, data);
+            f.unsynced.push((w.offset, data.to_vec()));
+            if fail {
+                return Err(st.injected());
+            }
+        }
+        for &s in sync {
+            self.sync(s)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self, file: FileHandle) -> io::Result<()> {
+        let path = self.path(file)?;
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        st.syncs += 1;
+        let nth = st.syncs;
+        let p = st.plan;
+        if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
+            // Like Linux after a failed writeback: the error is reported
+            // once, and what reached the media is unknown. Keep the
+            // unsynced writes pending so a crash decides their fate.
+            return Err(st.injected());
+        }
+        let f = st.files.get_mut(&path).ok_or(io::ErrorKind::NotFound)?;
+        for (off, data) in std::mem::take(&mut f.unsynced) {
+            apply(&mut f.durable, off, &data);
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&mut self, _dir: &Path) -> io::Result<()> {
+        if self.disk.lock().crashed {
+            return Err(crashed_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        st.files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+}

@@ -1,0 +1,145 @@
+//! The fallback backend: positional syscalls (pwrite/pread/fdatasync) on
+//! O_DIRECT files, one call at a time from the storage thread.
+//!
+//! Where O_DIRECT is refused (tmpfs and some FUSE file systems answer
+//! EINVAL), files are opened buffered instead, with one warning: fdatasync
+//! still makes them durable, only the page cache is in the way.
+
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Files opened through this backend, indexed by `FileHandle.0`. Closed
+/// slots are reused so the table does not grow with churn.
+#[derive(Debug, Default)]
+pub struct PwriteBackend {
+    files: Vec<Option<File>>,
+    /// Set once O_DIRECT was refused, so the warning is logged once.
+    buffered_fallback: bool,
+}
+
+impl PwriteBackend {
+    pub fn new() -> PwriteBackend {
+        PwriteBackend::default()
+    }
+
+    fn file(&self, h: FileHandle) -> io::Result<&File> {
+        self.files
+            .get(h.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown file handle"))
+    }
+
+    fn insert(&mut self, f: File) -> FileHandle {
+        if let Some(i) = self.files.iter().position(Option::is_none) {
+            self.files[i] = Some(f);
+            FileHandle(i as u32)
+        } else {
+            self.files.push(Some(f));
+            FileHandle((self.files.len() - 1) as u32)
+        }
+    }
+}
+
+fn open_options(create: bool, direct: bool) -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(create);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o
+}
+
+fn check_aligned(offset: u64, data: &[u8]) -> io::Result<()> {
+    let b = BLOCK_BYTES as u64;
+    if offset % b != 0 || data.len() % BLOCK_BYTES != 0 || data.as_ptr() as usize % BLOCK_BYTES != 0
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unaligned direct I/O",
+        ));
+    }
+    Ok(())
+}
+
+impl IoBackend for PwriteBackend {
+    fn name(&self) -> &'static str {
+        "pwrite"
+    }
+
+    fn open(&mut self, path: &Path, create: bool) -> io::Result<FileHandle> {
+        let f = if self.buffered_fallback {
+            open_options(create, false).open(path)?
+        } else {
+            match open_options(create, true).open(path) {
+                Ok(f) => f,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::warn!(
+                        "O_DIRECT refused for {} (file system without direct I/O, e.g. tmpfs): \
+                         using buffered I/O with fdatasync",
+                        path.display()
+                    );
+                    self.buffered_fallback = true;
+                    open_options(create, false).open(path)?
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(self.insert(f))
+    }
+
+    fn close(&mut self, file: FileHandle) {
+        if let Some(slot) = self.files.get_mut(file.0 as usize) {
+            *slot = None;
+        }
+    }
+
+    fn allocate(&mut self, file: FileHandle, len: u64) -> io::Result<()> {
+        let fd = self.file(file)?.as_raw_fd();
+        let len = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+        // SAFETY: fd is an open descriptor owned by self.files; plain syscall.
+        let rc = unsafe { libc::posix_fallocate(fd, 0, len) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        check_aligned(offset, buf)?;
+        let f = self.file(file)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
+        for w in writes {
+            check_aligned(w.offset, w.data)?;
+            self.file(w.file)?.write_all_at(w.data, w.offset)?;
+        }
+        for &s in sync {
+            self.file(s)?.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self, file: FileHandle) -> io::Result<()> {
+        self.file(file)?.sync_data()
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}

@@ -1,0 +1,189 @@
+//! Small metadata files (partition configs, checkpoints): postcard with a
+//! CRC, replaced atomically.
+//!
+//! # Layout (little-endian)
+//!
+//! | offset | size | field    | notes                                  |
+//! |-------:|-----:|----------|----------------------------------------|
+//! |      0 |    4 | magic    | `b"SKM1"`                              |
+//! |      4 |    2 | version  | [`META_VERSION`]                       |
+//! |      6 |    2 | reserved | zero                                   |
+//! |      8 |    4 | len      | payload bytes                          |
+//! |     12 |    4 | crc32c   | over the payload                       |
+//! |     16 |  len | payload  | postcard encoding of the value         |
+//!
+//! A write goes to `<name>.tmp`, is fsynced, renamed over `<name>`, and
+//! the directory is fsynced: a reader sees the old file or the new one,
+//! never a mix, also after power loss.
+
+use crate::batch::CRC32C;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub const META_MAGIC: [u8; 4] = *b"SKM1";
+pub const META_VERSION: u16 = 1;
+pub const META_HEADER_BYTES: usize = 16;
+/// Metadata files are small; a larger length field is corruption.
+pub const META_BYTES_MAX: usize = 1024 * 1024;
+
+/// Why a metadata file could not be written or read.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MetaError {
+    /// The file system refused: permissions, full disk, I/O error.
+    Io(io::Error),
+    /// The file exists but is not a valid metadata file: bit rot, a
+    /// foreign file, or a write that bypassed the atomic rename.
+    Corrupt(&'static str),
+    /// Written by a newer skiff.
+    UnsupportedVersion(u16),
+    /// The payload did not decode as the expected type.
+    Decode(postcard::Error),
+    /// The value could not be encoded (should not happen for our types).
+    Encode(postcard::Error),
+}
+
+impl std::fmt::Display for MetaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaError::Io(e) => write!(f, "metadata I/O: {e}"),
+            MetaError::Corrupt(what) => write!(f, "corrupt metadata file: {what}"),
+            MetaError::UnsupportedVersion(v) => write!(f, "unsupported metadata version {v}"),
+            MetaError::Decode(e) => write!(f, "metadata does not decode: {e}"),
+            MetaError::Encode(e) => write!(f, "metadata does not encode: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MetaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MetaError::Io(e) => Some(e),
+            MetaError::Decode(e) | MetaError::Encode(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for MetaError {
+    fn from(e: io::Error) -> Self {
+        MetaError::Io(e)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Encodes `value`, writes it to a temp file, fsyncs, renames it over
+/// `path` and fsyncs the directory.
+pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), MetaError> {
+    let payload = postcard::to_allocvec(value).map_err(MetaError::Encode)?;
+    let mut out = Vec::with_capacity(META_HEADER_BYTES + payload.len());
+    out.extend_from_slice(&META_MAGIC);
+    out.extend_from_slice(&META_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&CRC32C.checksum(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let tmp = tmp_path(path);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&out)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+    Ok(())
+}
+
+/// Reads and checks a metadata file; `Ok(None)` when it does not exist.
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, MetaError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    decode(&bytes).map(Some)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, MetaError> {
+    if bytes.len() < META_HEADER_BYTES {
+        return Err(MetaError::Corrupt("shorter than its header"));
+    }
+    if bytes[..4] != META_MAGIC {
+        return Err(MetaError::Corrupt("bad magic"));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != META_VERSION {
+        return Err(MetaError::UnsupportedVersion(version));
+    }
+    if bytes[6..8] != [0, 0] {
+        return Err(MetaError::Corrupt("reserved field is not zero"));
+    }
+    let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    if len > META_BYTES_MAX || bytes.len() != META_HEADER_BYTES + len {
+        return Err(MetaError::Corrupt("length does not match the file"));
+    }
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    let payload = &bytes[META_HEADER_BYTES..];
+    if CRC32C.checksum(payload) != crc {
+        return Err(MetaError::Corrupt("CRC mismatch"));
+    }
+    postcard::from_bytes(payload).map_err(MetaError::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Sample {
+        a: u64,
+        b: String,
+    }
+
+    #[test]
+    fn round_trip_and_replace() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("x.meta");
+        assert!(read::<Sample>(&p).unwrap().is_none());
+        let v = Sample {
+            a: 7,
+            b: "seven".into(),
+        };
+        write_atomic(&p, &v).unwrap();
+        assert_eq!(read::<Sample>(&p).unwrap(), Some(v));
+        let w = Sample {
+            a: 8,
+            b: "eight".into(),
+        };
+        write_atomic(&p, &w).unwrap();
+        assert_eq!(read::<Sample>(&p).unwrap(), Some(w));
+        assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn every_bit_flip_is_an_error() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("x.meta");
+        write_atomic(
+            &p,
+            &Sample {
+                a: 1,
+                b: "one".into(),
+            },
+        )
+        .unwrap();
+        let good = fs::read(&p).unwrap();
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x10;
+            assert!(decode::<Sample>(&b).is_err(), "flip in byte {i} unnoticed");
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! Storage engine tests. Every behavioural test runs over each backend
+//! through [`Rig`]: the fault-injecting in-memory disk and pwrite over real
+//! files (io_uring joins with one line in `rigs()`).
+
+use super::io::fault::{FaultBackend, FaultDisk, FaultPlan};
+use super::io::pwrite::PwriteBackend;
+use super::*;
+use crate::batch::{self, BatchBuilder, BatchIter, ProducerStamp};
+use smol::block_on;
+
+/// A data directory plus a way to make backends over it, so a test can
+/// stop and reopen the storage (and, on the fault disk, crash it).
+pub(crate) struct Rig {
+    pub dir: tempfile::TempDir,
+    pub kind: RigKind,
+}
+
+pub(crate) enum RigKind {
+    Fault(FaultDisk),
+    Files(fn() -> Box<dyn IoBackend>),
+}
+
+fn pwrite_backend() -> Box<dyn IoBackend> {
+    Box::new(PwriteBackend::new())
+}
+
+impl Rig {
+    pub fn fault(seed: u64) -> Rig {
+        Rig {
+            dir: test_dir(),
+            kind: RigKind::Fault(FaultDisk::new(seed, FaultPlan::default())),
+        }
+    }
+    pub fn files(make: fn() -> Box<dyn IoBackend>) -> Rig {
+        Rig {
+            dir: test_dir(),
+            kind: RigKind::Files(make),
+        }
+    }
+    pub fn disk(&self) -> Option<&FaultDisk> {
+        match &self.kind {
+            RigKind::Fault(d) => Some(d),
+            RigKind::Files(_) => None,
+        }
+    }
+    pub fn cfg(&self) -> StorageConfig {
+        StorageConfig {
+            data_dir: self.dir.path().to_path_buf(),
+            backend: BackendChoice::Pwrite,
+            append_queue_depth: 64,
+            tail_buffer_bytes: 64 * 1024,
+            max_partitions: 8,
+            max_batch_bytes: 32 * 1024,
+            prewrite_segments: false,
+        }
+    }
+    pub fn open_with(&self, cfg: StorageConfig) -> Result<Storage, StorageError> {
+        let backend: Box<dyn IoBackend> = match &self.kind {
+            RigKind::Fault(d) => Box::new(FaultBackend::new(d.clone())),
+            RigKind::Files(make) => make(),
+        };
+        Storage::open_with_backend(cfg, backend)
+    }
+    pub fn open(&self) -> Storage {
+        self.open_with(self.cfg()).expect("open storage")
+    }
+}
+
+/// Every backend the behavioural tests run on.
+pub(crate) fn rigs() -> Vec<(&'static str, Rig)> {
+    vec![
+        ("fault", Rig::fault(7)),
+        ("pwrite", Rig::files(pwrite_backend)),
+        // io_uring: ("io_uring", Rig::files(uring_backend)),
+    ]
+}
+
+pub(crate) fn pid(t: &str, p: u32) -> PartitionId {
+    PartitionId::new(t, p)
+}
+
+pub(crate) fn small_cfg() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 64 * 1024,
+        segments: 3,
+        retention_ms: None,
+        durability: Durability::Always,
+        overflow: OverflowPolicy::Overwrite,
+    }
+}
+
+/// A producer batch of `records` records of `value_bytes` each; the
+/// values encode `tag` so batches differ.
+pub(crate) fn make_batch(records: u32, value_bytes: usize, tag: u64, ts: i64) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    for i in 0..records {
+        let mut v = vec![0u8; value_bytes];
+        for (j, x) in v.iter_mut().enumerate() {
+            *x = (tag as usize + i as usize * 31 + j) as u8;
+        }
+        b.push(ts + i64::from(i), Some(&tag.to_le_bytes()), &v, &[]);
+    }
+    b.finish(ProducerStamp::NONE)
+}
+
+/// The batch as the log stores it: offsets assigned.
+pub(crate) fn stored(mut b: Vec<u8>, base: u64) -> Vec<u8> {
+    batch::verify_and_assign_offset(&mut b, base).expect("valid batch");
+    b
+}
+
+/// Reads everything in `[from, hw)` batch by batch.
+pub(crate) fn read_all(s: &Storage, id: &PartitionId, from: u64) -> Vec<Vec<u8>> {
+    let hw = s.offsets(id).unwrap().high_watermark;
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < hw {
+        let bytes = block_on(s.read(id, at, 16 * 1024)).expect("read");
+        assert!(!bytes.is_empty(), "empty read below hw at {at}");
+        for v in BatchIter::new(&bytes) {
+            let v = v.expect("read returned a valid batch");
+            assert!(v.header.base_offset <= at.max(v.header.base_offset));
+            at = v.header.next_offset();
+            out.push(v.bytes.to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn config_strings_round_trip() {
+    for s in ["always", "never", "interval:5"] {
+        assert_eq!(s.parse::<Durability>().unwrap().to_string(), s);
+    }
+    for bad in ["interval:", "interval:0", "sometimes", "interval:-1"] {
+        assert!(bad.parse::<Durability>().is_err(), "{bad}");
+    }
+    assert_eq!(
+        "reject".parse::<OverflowPolicy>().unwrap(),
+        OverflowPolicy::Reject
+    );
+    assert_eq!(
+        "io_uring".parse::<BackendChoice>().unwrap().to_string(),
+        "io_uring"
+    );
+    assert!(PartitionConfig::default().validate().is_ok());
+    let mut c = small_cfg();
+    c.segment_bytes = 64 * 1024 + 1;
+    assert!(c.validate().is_err());
+    c.segment_bytes = 32 * 1024;
+    assert!(c.validate().is_err());
+    let mut c = small_cfg();
+    c.segments = 1;
+    assert!(c.validate().is_err());
+    assert!(StorageConfig::default().validate().is_ok());
+    let s = StorageConfig {
+        tail_buffer_bytes: 512 * 1024,
+        ..StorageConfig::default()
+    };
+    assert!(s.validate().is_err(), "tail must hold a max batch");
+    assert_eq!(pid("a.b", 3).to_string(), "a.b/3");
+    assert!(validate_topic_name("../x").is_err());
+    assert!(validate_topic_name("").is_err());
+    assert!(validate_topic_name("sensors.temp-1_a").is_ok());
+}
+
+#[test]
+fn append_read_reopen() {
+    for (name, rig) in rigs() {
+        let id = pid("t", 0);
+        let mut sent = Vec::new();
+        {
+            let s = rig.open();
+            block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+            assert!(matches!(
+                block_on(s.create_partition(id.clone(), small_cfg())),
+                Err(StorageError::PartitionExists(_))
+            ));
+            let o = s.offsets(&id).unwrap();
+            assert_eq!((o.earliest, o.high_watermark), (0, 0), "{name}");
+            assert!(block_on(s.read(&id, 0, 1000)).unwrap().is_empty());
+            let mut next = 0;
+            for i in 0..20u64 {
+                let n = 1 + (i % 4) as u32;
+                let b = make_batch(n, 50 + i as usize * 7, i, 1_000 + i as i64 * 10);
+                let ack = block_on(s.append(&id, b.clone())).unwrap();
+                assert_eq!(ack.base_offset, next, "{name}");
+                assert_eq!(ack.last_offset, next + u64::from(n) - 1);
+                sent.push(stored(b, next));
+                next += u64::from(n);
+            }
+            assert_eq!(s.offsets(&id).unwrap().high_watermark, next);
+            assert_eq!(read_all(&s, &id, 0), sent, "{name}: read back");
+            // A read from the middle of a batch starts with that batch.
+            let mid = block_on(s.read(&id, 2, 1)).unwrap();
+            assert_eq!(mid, sent[1], "{name}");
+            assert!(matches!(
+                block_on(s.read(&id, next + 1, 10)),
+                Err(StorageError::OffsetOutOfRange { .. })
+            ));
+            assert_eq!(s.partitions(), vec![(id.clone(), small_cfg())]);
+            s.shutdown().unwrap();
+            s.shutdown().unwrap();
+            assert!(matches!(
+                block_on(s.append(&id, make_batch(1, 1, 1, 1))),
+                Err(StorageError::ShuttingDown)
+            ));
+        }
+        let s = rig.open();
+        let rep = s.recovery_report();
+        assert_eq!(rep.len(), 1);
+        assert_eq!(rep[0].bytes_truncated, 0, "{name}: {rep:?}");
+        assert!(!rep[0].quarantined);
+        assert_eq!(read_all(&s, &id, 0), sent, "{name}: after reopen");
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let ack = block_on(s.append(&id, make_batch(2, 10, 99, 5_000))).unwrap();
+        assert_eq!(ack.base_offset, hw);
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn ring_wraps_and_overwrites_oldest() {
+    for (name, rig) in rigs() {
+        let id = pid("wrap", 1);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut sent = Vec::new();
+        let mut next = 0u64;
+        // ~3 KiB batches: 3 segments of 60 KiB usable hold ~60; write 150.
+        for i in 0..150u64 {
+            let b = make_batch(3, 1000, i, i as i64);
+            let ack = block_on(s.append(&id, b.clone())).unwrap();
+            assert_eq!(ack.base_offset, next);
+            sent.push((next, stored(b, next)));
+            next += 3;
+        }
+        let o = s.offsets(&id).unwrap();
+        assert_eq!(o.high_watermark, next, "{name}");
+        assert!(o.earliest > 0, "{name}: the ring must have wrapped");
+        let expect: Vec<Vec<u8>> = sent
+            .iter()
+            .filter(|(off, _)| *off >= o.earliest)
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(read_all(&s, &id, o.earliest), expect, "{name}");
+        assert!(matches!(
+            block_on(s.read(&id, o.earliest - 1, 10)),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        s.shutdown().unwrap();
+        let s = rig.open();
+        assert_eq!(s.offsets(&id).unwrap(), o, "{name}: offsets after reopen");
+        assert_eq!(
+            read_all(&s, &id, o.earliest),
+            expect,
+            "{name}: after reopen"
+        );
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn reject_policy_says_full() {
+    for (name, rig) in rigs() {
+        let id = pid("rej", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            overflow: OverflowPolicy::Reject,
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        let mut full_at = None;
+        for i in 0..200u64 {
+            match block_on(s.append(&id, make_batch(3, 1000, i, 0))) {
+                Ok(_) => {}
+                Err(StorageError::Full(_)) => {
+                    full_at = Some(i);
+                    break;
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+        }
+        let i = full_at.expect("ring must fill");
+        assert!(i > 40, "{name}: filled after {i}");
+        assert_eq!(
+            s.offsets(&id).unwrap().earliest,
+            0,
+            "{name}: nothing dropped"
+        );
+        assert_eq!(read_all(&s, &id, 0).len() as u64, i);
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn offset_for_timestamp_finds_first_at_or_after() {
+    for (name, rig) in rigs() {
+        let id = pid("ts", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        for i in 0..100u64 {
+            // Batch i has records at 10_000 + 100 i and + 1.
+            block_on(s.append(&id, make_batch(2, 500, i, 10_000 + i as i64 * 100))).unwrap();
+        }
+        let earliest = s.offsets(&id).unwrap().earliest;
+        let q = |ts| block_on(s.offset_for_timestamp(&id, ts)).unwrap();
+        assert_eq!(q(0), Some(earliest), "{name}");
+        assert_eq!(q(10_000 + 50 * 100 + 1), Some(100), "{name}");
+        assert_eq!(q(10_000 + 50 * 100 + 2), Some(102), "{name}");
+        assert_eq!(q(10_000 + 99 * 100 + 1), Some(198), "{name}");
+        assert_eq!(q(10_000 + 99 * 100 + 2), None, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn invalid_and_oversized_batches_are_refused() {
+    for (name, rig) in rigs() {
+        let id = pid("bad", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut b = make_batch(1, 10, 1, 1);
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert!(matches!(
+            block_on(s.append(&id, b)),
+            Err(StorageError::InvalidBatch(_))
+        ));
+        assert!(matches!(
+            block_on(s.append(&id, make_batch(1, 40 * 1024, 1, 1))),
+            Err(StorageError::BatchTooLarge { .. })
+        ));
+        assert!(matches!(
+            block_on(s.append(&pid("nope", 0), make_batch(1, 1, 1, 1))),
+            Err(StorageError::UnknownPartition(_))
+        ));
+        assert_eq!(s.offsets(&id).unwrap().high_watermark, 0, "{name}");
+        block_on(s.append(&id, make_batch(1, 10, 1, 1))).unwrap();
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn group_commit_shares_fsyncs() {
+    for (name, rig) in rigs() {
+        let id = pid("gc", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let before = s.stats();
+        let acks = block_on(async {
+            let mut tickets = Vec::new();
+            for i in 0..50u64 {
+                tickets.push(s.submit(&id, make_batch(1, 100, i, 0)).await.unwrap());
+            }
+            let mut acks = Vec::new();
+            for t in tickets {
+                acks.push(t.await.unwrap());
+            }
+            acks
+        });
+        for (i, a) in acks.iter().enumerate() {
+            assert_eq!(
+                a.base_offset, i as u64,
+                "{name}: submit order is offset order"
+            );
+        }
+        let d = s.stats();
+        assert_eq!(d.appends - before.appends, 50);
+        assert!(
+            d.fsyncs - before.fsyncs < 50,
+            "{name}: {} fsyncs for 50 queued appends",
+            d.fsyncs - before.fsyncs
+        );
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn interval_and_never_policies_ack_and_persist() {
+    for (name, rig) in rigs() {
+        let s = rig.open();
+        for (t, d) in [
+            ("iv", Durability::IntervalMs(20)),
+            ("nv", Durability::Never),
+        ] {
+            let id = pid(t, 0);
+            let cfg = PartitionConfig {
+                durability: d,
+                ..small_cfg()
+            };
+            block_on(s.create_partition(id.clone(), cfg)).unwrap();
+            let t0 = std::time::Instant::now();
+            let a = block_on(s.append(&id, make_batch(1, 100, 1, 0))).unwrap();
+            if d == Durability::IntervalMs(20) {
+                assert!(
+                    t0.elapsed() >= std::time::Duration::from_millis(15),
+                    "{name}"
+                );
+            }
+            assert_eq!(a.base_offset, 0);
+            block_on(s.append(&id, make_batch(1, 100, 2, 0))).unwrap();
+        }
+        s.shutdown().unwrap();
+        let s = rig.open();
+        for t in ["iv", "nv"] {
+            assert_eq!(read_all(&s, &pid(t, 0), 0).len(), 2, "{name} {t}");
+        }
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn delete_partition_removes_it() {
+    for (name, rig) in rigs() {
+        let id = pid("del", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        block_on(s.append(&id, make_batch(1, 10, 1, 1))).unwrap();
+        block_on(s.delete_partition(&id)).unwrap();
+        assert!(matches!(
+            s.offsets(&id),
+            Err(StorageError::UnknownPartition(_))
+        ));
+        assert!(!rig.dir.path().join("topics/del/0").exists(), "{name}");
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        assert_eq!(s.offsets(&id).unwrap().high_watermark, 0, "{name}");
+        s.shutdown().unwrap();
+        let s = rig.open();
+        assert_eq!(s.partitions().len(), 1);
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn too_many_partitions() {
+    let rig = Rig::fault(1);
+    let s = rig
+        .open_with(StorageConfig {
+            max_partitions: 2,
+            ..rig.cfg()
+        })
+        .unwrap();
+    block_on(s.create_partition(pid("a", 0), small_cfg())).unwrap();
+    block_on(s.create_partition(pid("a", 1), small_cfg())).unwrap();
+    assert!(matches!(
+        block_on(s.create_partition(pid("a", 2), small_cfg())),
+        Err(StorageError::TooManyPartitions { max: 2 })
+    ));
+    s.shutdown().unwrap();
+}
+
+/// Appends `n` batches and returns them as stored, with their offsets.
+fn fill(s: &Storage, id: &PartitionId, n: u64, tag0: u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let b = make_batch(
+            1 + (i % 3) as u32,
+            200 + (i as usize * 13) % 700,
+            tag0 + i,
+            0,
+        );
+        let ack = block_on(s.append(id, b.clone())).unwrap();
+        out.push(stored(b, ack.base_offset));
+    }
+    out
+}
+
+#[test]
+fn crash_keeps_every_acknowledged_batch() {
+    for seed in 0..20 {
+        let rig = Rig::fault(seed);
+        let disk = rig.disk().unwrap().clone();
+        let id = pid("crash", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 10 + seed * 3, 0);
+        // More appends in flight, never awaited: some may reach the disk.
+        let tickets: Vec<_> = (0..5)
+            .map(|i| block_on(s.submit(&id, make_batch(2, 300, 1000 + i, 0))).unwrap())
+            .collect();
+        disk.crash();
+        drop(tickets);
+        let _ = s.shutdown();
+        drop(s);
+        disk.restart();
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(!rep.quarantined, "seed {seed}: {rep:?}");
+        let got = read_all(&s, &id, 0);
+        assert!(got.len() >= acked.len(), "seed {seed}: lost acked batches");
+        assert_eq!(got[..acked.len()], acked[..], "seed {seed}");
+        // The log goes on densely after recovery.
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let a = block_on(s.append(&id, make_batch(1, 10, 7, 0))).unwrap();
+        assert_eq!(a.base_offset, hw);
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn failed_fsync_is_sticky_and_never_acked() {
+    let rig = Rig::fault(3);
+    let disk = rig.disk().unwrap().clone();
+    let id = pid("sticky", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let acked = fill(&s, &id, 5, 0);
+    disk.set_plan(FaultPlan {
+        sync_error_per_million: 1_000_000,
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+    let e = block_on(s.append(&id, make_batch(1, 10, 1, 0))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::Failed {
+                errno: Some(libc::EIO),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    disk.set_plan(FaultPlan::default());
+    let e = block_on(s.append(&id, make_batch(1, 10, 1, 0))).unwrap_err();
+    assert!(matches!(e, StorageError::Failed { .. }), "sticky: {e}");
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 9, "hw did not move");
+    assert_eq!(s.stats().failures, 1);
+    // The unsynced write may or may not survive a crash; acked data must.
+    disk.crash();
+    let _ = s.shutdown();
+    drop(s);
+    disk.restart();
+    let s = rig.open();
+    let got = read_all(&s, &id, 0);
+    assert_eq!(got[..acked.len()], acked[..]);
+    block_on(s.append(&id, make_batch(1, 10, 1, 0))).unwrap();
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn failed_write_fails_the_append_with_enospc() {
+    let rig = Rig::fault(4);
+    let disk = rig.disk().unwrap().clone();
+    let id = pid("wfail", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let acked = fill(&s, &id, 3, 0);
+    disk.set_plan(FaultPlan {
+        write_error_per_million: 1_000_000,
+        errno: libc::ENOSPC,
+        ..FaultPlan::default()
+    });
+    let e = block_on(s.append(&id, make_batch(1, 10, 1, 0))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::Failed {
+                errno: Some(libc::ENOSPC),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    disk.set_plan(FaultPlan::default());
+    assert!(block_on(s.append(&id, make_batch(1, 10, 1, 0))).is_err());
+    s.shutdown().unwrap();
+    let s = rig.open();
+    // The failed write's outcome is unknown (it may have landed whole):
+    // it was never acknowledged, but may be there. Acked data must be.
+    let got = read_all(&s, &id, 0);
+    assert_eq!(got[..3], acked[..]);
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn bit_flip_in_acknowledged_data_quarantines() {
+    for (name, rig) in rigs() {
+        let id = pid("rot", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 10, 0);
+        s.shutdown().unwrap();
+        drop(s);
+        // Flip a bit inside the fourth batch.
+        let at: u64 =
+            BLOCK_BYTES as u64 + acked[..3].iter().map(|b| b.len() as u64).sum::<u64>() + 70;
+        let seg0 = rig.dir.path().join("topics/rot/0/seg-00000.log");
+        match rig.disk() {
+            Some(d) => assert!(d.flip_stored_bit(&seg0, at, 2)),
+            None => flip_file_bit(&seg0, at, 2),
+        }
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(rep.quarantined, "{name}: {rep:?}");
+        assert_eq!(rep.bytes_truncated, 0, "{name}: never truncate acked data");
+        assert!(matches!(
+            block_on(s.append(&id, make_batch(1, 10, 1, 0))),
+            Err(StorageError::Quarantined(_))
+        ));
+        // Read-only up to the damage.
+        assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+pub(crate) fn flip_file_bit(path: &std::path::Path, at: u64, bit: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 1 << bit;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn enospc_at_create_leaves_nothing() {
+    let rig = Rig::fault(5);
+    let disk = rig.disk().unwrap().clone();
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(100 * 1024),
+        ..FaultPlan::default()
+    });
+    let s = rig.open();
+    let id = pid("big", 0);
+    let e = block_on(s.create_partition(id.clone(), small_cfg())).unwrap_err();
+    assert!(matches!(e, StorageError::InsufficientSpace { .. }), "{e}");
+    assert!(disk.file_paths().is_empty(), "{:?}", disk.file_paths());
+    assert!(!rig.dir.path().join("topics/big").exists());
+    assert!(s.partitions().is_empty());
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn bit_flips_on_read_never_return_corrupt_data() {
+    let rig = Rig::fault(6);
+    let disk = rig.disk().unwrap().clone();
+    let id = pid("flip", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let acked = fill(&s, &id, 60, 0);
+    disk.set_plan(FaultPlan {
+        read_flip_per_million: 200_000,
+        ..FaultPlan::default()
+    });
+    let mut ok = 0;
+    for _ in 0..20 {
+        match block_on(s.read(&id, 0, 64 * 1024)) {
+            Ok(bytes) => {
+                let got: Vec<Vec<u8>> = BatchIter::new(&bytes)
+                    .map(|b| b.unwrap().bytes.to_vec())
+                    .collect();
+                assert_eq!(got[..], acked[..got.len()]);
+                ok += 1;
+            }
+            Err(StorageError::Quarantined(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(ok > 0 || disk.faults_injected() > 0);
+    s.shutdown().unwrap();
+}
