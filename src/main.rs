@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use skiff::cli;
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "A lean message broker for ARM gateways")]
+#[command(
+    name = "skiff",
+    version,
+    about = "A lean message broker for ARM gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

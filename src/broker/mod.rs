@@ -55,12 +55,19 @@ pub struct TopicSpec {
 #[non_exhaustive]
 pub enum BrokerError {
     UnknownTopic(String),
-    UnknownPartition { topic: String, partition: u32 },
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+    },
     TopicExists(String),
     /// Empty, too long, or a character outside `[A-Za-z0-9._-]`.
     InvalidTopicName(String),
-    TooManyTopics { max: usize },
-    TooManyPartitions { max: usize },
+    TooManyTopics {
+        max: usize,
+    },
+    TooManyPartitions {
+        max: usize,
+    },
     InvalidConfig(&'static str),
     Storage(StorageError),
 }
@@ -218,7 +225,11 @@ impl Broker {
         table.values().map(|t| t.partitions as usize).sum()
     }
 
-    pub async fn create_topic(&self, name: &str, spec: &TopicSpec) -> Result<TopicMeta, BrokerError> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        spec: &TopicSpec,
+    ) -> Result<TopicMeta, BrokerError> {
         validate_topic_name(name)?;
         let mut config = self.defaults.clone();
         if let Some(v) = spec.segment_bytes {
@@ -275,11 +286,19 @@ impl Broker {
             }
         }
         *self.topics.write().expect("topic table lock") = table;
-        log::info!("created topic {name}: {partitions} partition(s), {:?}", meta.config);
+        log::info!(
+            "created topic {name}: {partitions} partition(s), {:?}",
+            meta.config
+        );
         Ok(meta)
     }
 
-    async fn rollback_create(&self, name: &str, made: u32, table: &mut BTreeMap<String, TopicMeta>) {
+    async fn rollback_create(
+        &self,
+        name: &str,
+        made: u32,
+        table: &mut BTreeMap<String, TopicMeta>,
+    ) {
         for p in 0..made {
             let id = PartitionId {
                 topic: name.to_owned(),

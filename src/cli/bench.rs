@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::client::{
-    Client, ClientError, Consumer, ConsumerConfig, OffsetReset, Producer, ProducerConfig,
-    StartFrom,
+    Client, ClientError, Consumer, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartFrom,
 };
 use crate::protocol::{CreateTopicRequest, ErrorCode};
 
@@ -108,7 +107,10 @@ async fn produce_one(
 
 pub fn produce(a: BenchProduceArgs) -> ExitCode {
     if a.producers == 0 || a.size == 0 || a.in_flight == 0 {
-        return fail(EXIT_USAGE, "--producers, --size and --in-flight must be at least 1");
+        return fail(
+            EXIT_USAGE,
+            "--producers, --size and --in-flight must be at least 1",
+        );
     }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
@@ -125,7 +127,12 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         let tasks: Vec<_> = (0..a.producers)
             .map(|i| {
                 // The first producer takes the remainder.
-                let n = per + if i == 0 { a.messages % u64::from(a.producers) } else { 0 };
+                let n = per
+                    + if i == 0 {
+                        a.messages % u64::from(a.producers)
+                    } else {
+                        0
+                    };
                 smol::spawn(produce_one(
                     a.broker.broker.clone(),
                     topic.clone(),
@@ -192,7 +199,11 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
         let mut consumer = Consumer::connect(&a.broker.broker, config).await?;
         let client = consumer.client().clone();
         let d = client.describe_topic(&a.topic).await?;
-        let end: u64 = d.partitions.iter().map(|p| p.latest_offset - p.earliest_offset).sum();
+        let end: u64 = d
+            .partitions
+            .iter()
+            .map(|p| p.latest_offset - p.earliest_offset)
+            .sum();
         let target = a.messages.unwrap_or(end).min(end);
         consumer.assign(&a.topic, None, StartFrom::Earliest).await?;
         let start = Instant::now();

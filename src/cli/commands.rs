@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::client::{
-    Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset,
-    Producer, ProducerConfig, StartFrom,
+    Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset, Producer,
+    ProducerConfig, StartFrom,
 };
 use crate::protocol::{CreateTopicRequest, ErrorCode, TopicConfig};
 
@@ -259,9 +259,9 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
                 }
                 seen += 1;
                 let written = match args.format {
-                    OutputFormat::Text => out
-                        .write_all(&r.value)
-                        .and_then(|()| out.write_all(b"\n")),
+                    OutputFormat::Text => {
+                        out.write_all(&r.value).and_then(|()| out.write_all(b"\n"))
+                    }
                     OutputFormat::Json => {
                         writeln!(out, "{}", record_json(&r))
                     }

@@ -25,8 +25,8 @@ pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 /// Logging for every command: `RUST_LOG` wins over `level`; no timestamps
 /// under systemd, where journald adds its own.
 pub fn init_logging(level: &str) {
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some()
-        || std::env::var_os("INVOCATION_ID").is_some();
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
     let mut b = env_logger::Builder::new();
     b.parse_filters(level);
     if let Ok(filters) = std::env::var("RUST_LOG") {

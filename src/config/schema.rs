@@ -4,7 +4,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,8 +36,6 @@ pub const MAX_PARTITIONS_LIMIT: u32 = 65536;
 /// throughput, grows.
 pub const APPEND_QUEUE_DEPTH_MAX: u32 = 65536;
 pub const MAX_PRODUCERS_LIMIT: u32 = 1 << 20;
-/// An interval fsync shorter than this is `always` with extra steps.
-pub const FSYNC_INTERVAL_MS_MIN: u32 = 1;
 
 /// The whole config. Field order is TOML order: plain keys before tables.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +72,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSection {
+    #[serde(with = "as_text")]
     pub backend: StorageBackend,
     pub append_queue_depth: u32,
     /// Aligned in-memory tail per partition.
@@ -90,7 +88,9 @@ pub struct TopicDefaults {
     pub segments: u32,
     /// 0 = size retention only.
     pub retention_ms: u64,
+    #[serde(with = "as_text")]
     pub fsync: FsyncPolicy,
+    #[serde(with = "as_text")]
     pub overflow: OverflowPolicy,
 }
 
@@ -116,108 +116,34 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// `storage.backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StorageBackend {
-    /// io_uring where the kernel (and seccomp) allows it, else pwrite.
-    Auto,
-    IoUring,
-    Pwrite,
-}
+/// `storage.backend`, `topic_defaults.fsync` and `topic_defaults.overflow`
+/// are the storage engine's own types, written in TOML as their text
+/// (`"auto"`, `"interval:5"`, `"reject"`): one parser for config files,
+/// the wire and the CLI.
+pub use crate::storage::{
+    BackendChoice as StorageBackend, Durability as FsyncPolicy, OverflowPolicy,
+};
 
-/// `topic_defaults.overflow`: what an append does when the ring is full of
-/// retained data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OverflowPolicy {
-    /// Reuse the oldest segment (size retention).
-    Overwrite,
-    /// Refuse the append with a typed "storage full" error.
-    Reject,
-}
+/// Serde for types whose config form is their `Display`/`FromStr` text.
+mod as_text {
+    use std::fmt::Display;
+    use std::str::FromStr;
 
-/// `topic_defaults.fsync`: `always`, `interval:<ms>` or `never`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum FsyncPolicy {
-    /// fdatasync before every ack (group commit shares it among producers).
-    Always,
-    /// Ack after the write; fdatasync at most this many ms later.
-    IntervalMs(u32),
-    /// Leave flushing to the kernel.
-    Never,
-}
+    use serde::{Deserialize, Deserializer, Serializer};
 
-/// Why an `fsync` value does not parse.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FsyncParseError(String);
-
-impl fmt::Display for FsyncParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "'{}' is not a fsync policy: expected always, interval:<ms> (ms >= {FSYNC_INTERVAL_MS_MIN}) or never",
-            self.0
-        )
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
     }
-}
 
-impl std::error::Error for FsyncParseError {}
-
-impl FromStr for FsyncPolicy {
-    type Err = FsyncParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "always" => Ok(FsyncPolicy::Always),
-            "never" => Ok(FsyncPolicy::Never),
-            _ => match s.strip_prefix("interval:").map(str::parse::<u32>) {
-                Some(Ok(ms)) if ms >= FSYNC_INTERVAL_MS_MIN => Ok(FsyncPolicy::IntervalMs(ms)),
-                _ => Err(FsyncParseError(s.to_string())),
-            },
-        }
-    }
-}
-
-impl TryFrom<String> for FsyncPolicy {
-    type Error = FsyncParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for FsyncPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FsyncPolicy::Always => f.write_str("always"),
-            FsyncPolicy::IntervalMs(ms) => write!(f, "interval:{ms}"),
-            FsyncPolicy::Never => f.write_str("never"),
-        }
-    }
-}
-
-impl From<FsyncPolicy> for String {
-    fn from(p: FsyncPolicy) -> String {
-        p.to_string()
-    }
-}
-
-impl fmt::Display for StorageBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            StorageBackend::Auto => "auto",
-            StorageBackend::IoUring => "io_uring",
-            StorageBackend::Pwrite => "pwrite",
-        })
-    }
-}
-
-impl fmt::Display for OverflowPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            OverflowPolicy::Overwrite => "overwrite",
-            OverflowPolicy::Reject => "reject",
-        })
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| serde::de::Error::custom(format!("'{text}': {e}")))
     }
 }
 

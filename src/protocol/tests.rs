@@ -455,20 +455,6 @@ fn version_negotiation_picks_the_highest_common() {
     );
 }
 
-#[test]
-fn policies_parse_their_wire_strings() {
-    for s in ["always", "never", "interval:250"] {
-        assert_eq!(FsyncPolicy::parse(s).unwrap().to_string(), s);
-    }
-    for s in ["", "interval:", "interval:-1", "Always", "interval:1ms"] {
-        assert_eq!(FsyncPolicy::parse(s), None, "{s:?}");
-    }
-    for s in ["overwrite", "reject"] {
-        assert_eq!(OverflowPolicy::parse(s).unwrap().to_string(), s);
-    }
-    assert_eq!(OverflowPolicy::parse("drop"), None);
-}
-
 proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -254,10 +254,10 @@ pub struct CreateTopicRequest {
     /// Time retention; 0 means none (only the ring's size bounds the data).
     #[n(4)]
     pub retention_ms: Option<u64>,
-    /// `"always"`, `"interval:MS"` or `"never"`; see [`FsyncPolicy`].
+    /// `"always"`, `"interval:MS"` or `"never"`; see `storage::Durability`.
     #[n(5)]
     pub fsync: Option<String>,
-    /// `"overwrite"` or `"reject"`; see [`OverflowPolicy`].
+    /// `"overwrite"` or `"reject"`; see `storage::OverflowPolicy`.
     #[n(6)]
     pub overflow: Option<String>,
 }
@@ -520,70 +520,4 @@ pub struct InitProducerResponse {
     pub producer_id: u64,
     #[n(1)]
     pub producer_epoch: u16,
-}
-
-// ---------------------------------------------------------------- policies
-
-/// When the server fsyncs a partition's writes. Carried as a string on the
-/// wire so the set can grow without a new protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Before every acknowledgement (group commit). `"always"`.
-    Always,
-    /// At most this many ms after a write; acks do not wait. `"interval:MS"`.
-    IntervalMs(u32),
-    /// Never; the OS writes back when it likes. `"never"`.
-    Never,
-}
-
-impl FsyncPolicy {
-    /// Parses the wire string; `None` when it is not one of the forms.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "always" => Some(Self::Always),
-            "never" => Some(Self::Never),
-            _ => s
-                .strip_prefix("interval:")
-                .and_then(|ms| ms.parse().ok())
-                .map(Self::IntervalMs),
-        }
-    }
-}
-
-impl std::fmt::Display for FsyncPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Always => f.write_str("always"),
-            Self::IntervalMs(ms) => write!(f, "interval:{ms}"),
-            Self::Never => f.write_str("never"),
-        }
-    }
-}
-
-/// What a full ring does with a new write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverflowPolicy {
-    /// Reuse the oldest segment, dropping its records. `"overwrite"`.
-    Overwrite,
-    /// Refuse the write with `storage_full`. `"reject"`.
-    Reject,
-}
-
-impl OverflowPolicy {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "overwrite" => Some(Self::Overwrite),
-            "reject" => Some(Self::Reject),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for OverflowPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Overwrite => "overwrite",
-            Self::Reject => "reject",
-        })
-    }
 }

@@ -6,11 +6,11 @@ use minicbor::bytes::ByteVec;
 
 use crate::broker::{BrokerError, TopicMeta, TopicSpec};
 use crate::protocol::{
-    CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse,
-    ErrorCode, ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse,
-    ListOffsetsPartitionResult, ListOffsetsRequest, ListOffsetsResponse, ListTopicsResponse,
-    MetadataRequest, MetadataResponse, OffsetSpec, PartitionMetadata, ProducePartitionResult,
-    ResponseBody, TopicConfig, TopicMetadata,
+    CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse, ErrorCode,
+    ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
+    ListOffsetsRequest, ListOffsetsResponse, ListTopicsResponse, MetadataRequest, MetadataResponse,
+    OffsetSpec, PartitionMetadata, ProducePartitionResult, ResponseBody, TopicConfig,
+    TopicMetadata,
 };
 use crate::storage::{AppendAck, AppendTicket, Durability, OverflowPolicy, StorageError};
 
@@ -54,7 +54,6 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::TooManyTopics { .. } => ErrorCode::TooManyTopics,
         BrokerError::TooManyPartitions { .. } => ErrorCode::TooManyPartitions,
         BrokerError::Storage(e) => storage_error_code(e),
-        _ => ErrorCode::Internal,
     }
 }
 
@@ -131,7 +130,10 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
         None => None,
         Some(Ok(o)) => Some(o),
         Some(Err(_)) => {
-            return error_body(ErrorCode::InvalidRequest, "overflow must be overwrite or reject")
+            return error_body(
+                ErrorCode::InvalidRequest,
+                "overflow must be overwrite or reject",
+            )
         }
     };
     let spec = TopicSpec {
@@ -305,7 +307,10 @@ pub(crate) async fn fetch(ctx: &Ctx, req: FetchRequest) -> ResponseBody {
                 let id = ctx.broker.partition_id(&p.topic, p.partition);
                 match id {
                     Ok(id) => match ctx.broker.storage().read(&id, p.offset, max_bytes).await {
-                        Ok(bytes) => ctx.broker.offsets(&p.topic, p.partition).map(|o| (bytes, o)),
+                        Ok(bytes) => ctx
+                            .broker
+                            .offsets(&p.topic, p.partition)
+                            .map(|o| (bytes, o)),
                         Err(e) => Err(e.into()),
                     },
                     Err(e) => Err(e),
@@ -360,7 +365,7 @@ async fn wait_any(ctx: &Ctx, listeners: Vec<event_listener::EventListener>, dead
         let mut futs: Vec<_> = listeners.into_iter().map(Box::pin).collect();
         futures_lite::future::poll_fn(|cx| {
             for f in futs.iter_mut() {
-                if f.as_mut().poll(cx).is_ready() {
+                if std::future::Future::poll(f.as_mut(), cx).is_ready() {
                     return std::task::Poll::Ready(());
                 }
             }

@@ -174,7 +174,12 @@ impl Server {
         let mut accept_tasks = Vec::new();
         let mut tcp_addr = None;
         if let Some(addr) = cfg.tcp_listen() {
-            let listener = smol::net::TcpListener::from(bind_tcp(addr)?);
+            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
+                ServeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
             tcp_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
@@ -305,17 +310,12 @@ fn network_threads() -> usize {
 pub fn storage_config(cfg: &Config) -> crate::storage::StorageConfig {
     crate::storage::StorageConfig {
         data_dir: cfg.data_dir.clone(),
-        backend: match cfg.storage.backend {
-            crate::config::schema::StorageBackend::Auto => crate::storage::BackendChoice::Auto,
-            crate::config::schema::StorageBackend::IoUring => {
-                crate::storage::BackendChoice::IoUring
-            }
-            crate::config::schema::StorageBackend::Pwrite => crate::storage::BackendChoice::Pwrite,
-        },
+        backend: cfg.storage.backend,
         append_queue_depth: cfg.storage.append_queue_depth as usize,
         tail_buffer_bytes: cfg.storage.tail_buffer_bytes as usize,
         max_partitions: cfg.server.max_partitions as usize,
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,
+        ..crate::storage::StorageConfig::default()
     }
 }
 
@@ -406,7 +406,8 @@ async fn accept_tcp(
                 if admit(&ctx) {
                     spawn_session(stream, ctx.clone(), &ex, peer.to_string());
                 } else {
-                    ex.spawn(refuse(stream, ctx.settings.max_connections)).detach();
+                    ex.spawn(refuse(stream, ctx.settings.max_connections))
+                        .detach();
                 }
             }
             Err(e) => {
@@ -429,7 +430,8 @@ async fn accept_unix(
                 if admit(&ctx) {
                     spawn_session(stream, ctx.clone(), &ex, "unix".to_owned());
                 } else {
-                    ex.spawn(refuse(stream, ctx.settings.max_connections)).detach();
+                    ex.spawn(refuse(stream, ctx.settings.max_connections))
+                        .detach();
                 }
             }
             Err(e) => {

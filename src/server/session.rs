@@ -15,8 +15,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{
     self, decode_request, encode_response, error_response, frame_error_response, frame_len,
-    ErrorCode, FrameError, HelloResponse, RequestBody, Response, ResponseBody,
-    FRAME_HEADER_BYTES,
+    ErrorCode, FrameError, HelloResponse, RequestBody, Response, ResponseBody, FRAME_HEADER_BYTES,
 };
 
 use super::handler;
@@ -80,7 +79,9 @@ where
         bytes: AtomicUsize::new(0),
         changed: Event::new(),
     });
-    let writer = ctx.executor.spawn(write_loop(stream.clone(), rx, inflight.clone()));
+    let writer = ctx
+        .executor
+        .spawn(write_loop(stream.clone(), rx, inflight.clone()));
     let reason = read_loop(stream, &ctx, &tx, &inflight).await;
     match &reason {
         Ok(()) => log::debug!("{peer}: connection closed"),
@@ -238,7 +239,7 @@ where
             }
         };
         let cid = request.correlation_id;
-        let answer = |body: ResponseBody| {
+        let answer = move |body: ResponseBody| {
             (
                 Response {
                     correlation_id: cid,
@@ -286,21 +287,23 @@ where
                 // Submitted here, in frame order; acked in a task.
                 let pending = handler::produce_submit(ctx, req).await;
                 let tx = tx.clone();
-                ctx.executor.spawn(async move {
-                    let body = handler::produce_complete(pending).await;
-                    let _ = tx.send(answer(body)).await;
-                })
-                .detach();
+                ctx.executor
+                    .spawn(async move {
+                        let body = handler::produce_complete(pending).await;
+                        let _ = tx.send(answer(body)).await;
+                    })
+                    .detach();
             }
             body => {
                 let ctx2 = ctx.clone();
                 let tx = tx.clone();
-                ctx.executor.spawn(async move {
-                    let ctx = ctx2;
-                    let body = dispatch(&ctx, body).await;
-                    let _ = tx.send(answer(body)).await;
-                })
-                .detach();
+                ctx.executor
+                    .spawn(async move {
+                        let ctx = ctx2;
+                        let body = dispatch(&ctx, body).await;
+                        let _ = tx.send(answer(body)).await;
+                    })
+                    .detach();
             }
         }
         buf.copy_within(n..filled, 0);
