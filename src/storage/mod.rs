@@ -1,1 +1,3 @@
 //! See the crate map in lib.rs.
+
+pub mod io;

@@ -13,6 +13,13 @@
 use std::io;
 use std::path::Path;
 
+pub mod aligned;
+#[cfg(test)]
+pub mod conformance;
+pub mod raw_bandwidth;
+#[cfg(target_os = "linux")]
+pub mod uring;
+
 /// Alignment of every write offset, length and buffer address (O_DIRECT).
 pub const BLOCK_BYTES: usize = 4096;
 
