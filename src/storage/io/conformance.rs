@@ -1,0 +1,334 @@
+//! The behaviour every [`IoBackend`] must show, as one function to run
+//! against each implementation (io_uring, pwrite, fault-injecting with no
+//! faults armed), so they cannot drift apart.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::aligned::AlignedBuf;
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+
+/// A scratch directory for backend tests on a filesystem that supports
+/// O_DIRECT: `SKIFF_TEST_DIR` if set, else `/var/tmp` (usually disk-backed;
+/// `/tmp` is often tmpfs, which refuses O_DIRECT), else the system temp dir.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("SKIFF_TEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("/var/tmp")).filter(|p| p.is_dir()))
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("skiff-io-")
+        .tempdir_in(base)
+        .expect("create scratch dir")
+}
+
+/// Fills `buf` with bytes that differ per file, block and position, so a
+/// write landing at the wrong offset or file is caught.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let block = (i / BLOCK_BYTES) as u64;
+        *b = (seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(block * 131 + i as u64 * 7)
+            >> 3) as u8;
+    }
+}
+
+fn block_buf(blocks: usize, seed: u64) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(blocks * BLOCK_BYTES).expect("aligned length");
+    fill_pattern(&mut buf, seed);
+    buf
+}
+
+fn read_back(backend: &mut impl IoBackend, file: FileHandle, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = AlignedBuf::new(len).expect("aligned length");
+    let n = backend.read_at(file, offset, &mut buf).expect("read back");
+    buf[..n].to_vec()
+}
+
+fn assert_io_error<T: std::fmt::Debug>(what: &str, result: io::Result<T>) {
+    assert!(
+        result.is_err(),
+        "{what}: expected an io error, got {result:?}"
+    );
+}
+
+/// Runs every check against `backend`, using files under `dir`.
+/// Panics (test failure) on the first deviation.
+pub fn run_all(backend: &mut impl IoBackend, dir: &Path) {
+    batch_across_two_files_reads_back(backend, dir);
+    short_read_at_end_of_file(backend, dir);
+    allocated_space_reads_as_zeros(backend, dir);
+    overwrite_in_place(backend, dir);
+    batch_larger_than_a_queue(backend, dir);
+    open_and_close(backend, dir);
+    errors_are_io_errors(backend, dir);
+}
+
+/// Several aligned writes over two files and an fdatasync of both in one
+/// batch; then reads of everything, through a reopened handle too.
+pub fn batch_across_two_files_reads_back(backend: &mut impl IoBackend, dir: &Path) {
+    let (path_a, path_b) = (dir.join("a.seg"), dir.join("b.seg"));
+    let a = backend.open(&path_a, true).expect("open a");
+    let b = backend.open(&path_b, true).expect("open b");
+    let bufs: Vec<AlignedBuf> = (0..5).map(|i| block_buf(1 + i % 3, i as u64)).collect();
+    let writes = [
+        WriteOp {
+            file: a,
+            offset: 0,
+            data: &bufs[0],
+        },
+        WriteOp {
+            file: b,
+            offset: 0,
+            data: &bufs[1],
+        },
+        WriteOp {
+            file: a,
+            offset: BLOCK_BYTES as u64,
+            data: &bufs[2],
+        },
+        WriteOp {
+            file: b,
+            offset: 8 * BLOCK_BYTES as u64,
+            data: &bufs[3],
+        },
+        WriteOp {
+            file: a,
+            offset: 4 * BLOCK_BYTES as u64,
+            data: &bufs[4],
+        },
+    ];
+    backend.write_batch(&writes, &[a, b]).expect("write batch");
+    for w in &writes {
+        assert_eq!(read_back(backend, w.file, w.offset, w.data.len()), w.data);
+    }
+    backend.sync_dir(dir).expect("sync dir");
+    backend.close(a);
+    let a = backend.open(&path_a, false).expect("reopen a");
+    assert_eq!(read_back(backend, a, 0, bufs[0].len()), &bufs[0][..]);
+    backend.close(a);
+    backend.close(b);
+}
+
+/// A read past the end returns only what exists; at the end it returns 0.
+pub fn short_read_at_end_of_file(backend: &mut impl IoBackend, dir: &Path) {
+    let f = backend.open(&dir.join("short.seg"), true).expect("open");
+    let data = block_buf(3, 7);
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &data,
+            }],
+            &[f],
+        )
+        .expect("write");
+    let mut buf = AlignedBuf::new(8 * BLOCK_BYTES).expect("aligned");
+    let n = backend
+        .read_at(f, BLOCK_BYTES as u64, &mut buf)
+        .expect("read");
+    assert_eq!(n, 2 * BLOCK_BYTES);
+    assert_eq!(&buf[..n], &data[BLOCK_BYTES..]);
+    let n = backend
+        .read_at(f, 3 * BLOCK_BYTES as u64, &mut buf)
+        .expect("read at end");
+    assert_eq!(n, 0);
+    let n = backend
+        .read_at(f, 100 * BLOCK_BYTES as u64, &mut buf)
+        .expect("read past end");
+    assert_eq!(n, 0);
+    backend.close(f);
+}
+
+/// `allocate` extends the file; the new space reads as zeros; writes into
+/// it read back.
+pub fn allocated_space_reads_as_zeros(backend: &mut impl IoBackend, dir: &Path) {
+    let f = backend.open(&dir.join("alloc.seg"), true).expect("open");
+    let len = 16 * BLOCK_BYTES;
+    backend.allocate(f, len as u64).expect("allocate");
+    let mut buf = block_buf(16, 99);
+    let n = backend.read_at(f, 0, &mut buf).expect("read allocated");
+    assert_eq!(n, len, "allocate must extend the file size");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "allocated space must read as zeros"
+    );
+    let data = block_buf(2, 5);
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 6 * BLOCK_BYTES as u64,
+                data: &data,
+            }],
+            &[f],
+        )
+        .expect("write into allocated");
+    assert_eq!(
+        read_back(backend, f, 6 * BLOCK_BYTES as u64, data.len()),
+        &data[..]
+    );
+    assert!(read_back(backend, f, 8 * BLOCK_BYTES as u64, BLOCK_BYTES)
+        .iter()
+        .all(|&b| b == 0));
+    // Allocating less than the size never shrinks the file.
+    backend
+        .allocate(f, BLOCK_BYTES as u64)
+        .expect("allocate less");
+    let n = backend.read_at(f, 0, &mut buf).expect("read");
+    assert_eq!(n, len);
+    backend.close(f);
+}
+
+/// Rewriting a partial tail block in place: the later batch wins.
+pub fn overwrite_in_place(backend: &mut impl IoBackend, dir: &Path) {
+    let f = backend.open(&dir.join("tail.seg"), true).expect("open");
+    let first = block_buf(2, 1);
+    let second = block_buf(1, 2);
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &first,
+            }],
+            &[f],
+        )
+        .expect("write first");
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: BLOCK_BYTES as u64,
+                data: &second,
+            }],
+            &[f],
+        )
+        .expect("rewrite tail");
+    let back = read_back(backend, f, 0, 2 * BLOCK_BYTES);
+    assert_eq!(&back[..BLOCK_BYTES], &first[..BLOCK_BYTES]);
+    assert_eq!(&back[BLOCK_BYTES..], &second[..]);
+    backend.sync(f).expect("sync");
+    backend.close(f);
+}
+
+/// More writes and syncs than a small submission queue holds: the backend
+/// must split the batch and still write and sync everything.
+pub fn batch_larger_than_a_queue(backend: &mut impl IoBackend, dir: &Path) {
+    const FILES: usize = 12;
+    const WRITES_PER_FILE: usize = 24;
+    let files: Vec<FileHandle> = (0..FILES)
+        .map(|i| {
+            backend
+                .open(&dir.join(format!("many-{i}.seg")), true)
+                .expect("open")
+        })
+        .collect();
+    let bufs: Vec<AlignedBuf> = (0..FILES * WRITES_PER_FILE)
+        .map(|i| block_buf(1, 1000 + i as u64))
+        .collect();
+    let writes: Vec<WriteOp<'_>> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, data)| WriteOp {
+            file: files[i % FILES],
+            offset: ((i / FILES) * BLOCK_BYTES) as u64,
+            data,
+        })
+        .collect();
+    backend.write_batch(&writes, &files).expect("large batch");
+    // Only syncs, more than a small queue holds.
+    backend.write_batch(&[], &files).expect("sync-only batch");
+    for w in &writes {
+        assert_eq!(read_back(backend, w.file, w.offset, BLOCK_BYTES), w.data);
+    }
+    for f in files {
+        backend.close(f);
+    }
+}
+
+/// Opening a missing file without `create` fails; closed handles are
+/// rejected; a handle number may be reused by a later open.
+pub fn open_and_close(backend: &mut impl IoBackend, dir: &Path) {
+    let missing = backend.open(&dir.join("missing.seg"), false);
+    assert_eq!(
+        missing.expect_err("open missing").kind(),
+        io::ErrorKind::NotFound
+    );
+    let f = backend.open(&dir.join("closed.seg"), true).expect("open");
+    backend.close(f);
+    backend.close(f); // closing twice is harmless
+    let mut buf = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+    assert_io_error("read closed handle", backend.read_at(f, 0, &mut buf));
+    assert_io_error("sync closed handle", backend.sync(f));
+}
+
+/// Bad handles and unaligned writes are io errors, not panics, and the
+/// backend keeps working afterwards.
+pub fn errors_are_io_errors(backend: &mut impl IoBackend, dir: &Path) {
+    let bad = FileHandle(u32::MAX - 1);
+    let data = block_buf(1, 3);
+    let mut buf = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+    assert_io_error(
+        "write to bad handle",
+        backend.write_batch(
+            &[WriteOp {
+                file: bad,
+                offset: 0,
+                data: &data,
+            }],
+            &[],
+        ),
+    );
+    assert_io_error("sync bad handle in batch", backend.write_batch(&[], &[bad]));
+    assert_io_error("sync bad handle", backend.sync(bad));
+    assert_io_error("read bad handle", backend.read_at(bad, 0, &mut buf));
+    assert_io_error(
+        "allocate bad handle",
+        backend.allocate(bad, BLOCK_BYTES as u64),
+    );
+
+    let f = backend.open(&dir.join("errors.seg"), true).expect("open");
+    let big = block_buf(2, 4);
+    let unaligned = [
+        WriteOp {
+            file: f,
+            offset: 512,
+            data: &data,
+        },
+        WriteOp {
+            file: f,
+            offset: 0,
+            data: &data[..BLOCK_BYTES - 512],
+        },
+        WriteOp {
+            file: f,
+            offset: 0,
+            data: &big[512..512 + BLOCK_BYTES],
+        },
+    ];
+    for w in unaligned {
+        let what = format!("unaligned write {w:?}");
+        assert_io_error(&what, backend.write_batch(&[w], &[f]));
+    }
+    assert_io_error(
+        "sync of a missing dir",
+        backend.sync_dir(&dir.join("no-such-dir")),
+    );
+
+    // Still usable.
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &data,
+            }],
+            &[f],
+        )
+        .expect("write after errors");
+    assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..]);
+    backend.close(f);
+}

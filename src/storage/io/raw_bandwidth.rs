@@ -1,0 +1,333 @@
+//! The raw sequential O_DIRECT write bandwidth of a disk, and its block
+//! counters: the yardsticks `skiff bench` and the storage benches print
+//! beside their results (see BENCHMARKING.md).
+//!
+//! The measurement: one preallocated file, 1 MiB writes, 4 in flight
+//! (io_uring; plain `pwrite` one at a time where io_uring is unavailable),
+//! an fdatasync at the end included in the time, the file removed
+//! afterwards.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::aligned::AlignedBuf;
+use super::BLOCK_BYTES;
+
+/// Size of one write.
+pub const WRITE_BYTES: usize = 1 << 20;
+/// Writes kept in flight.
+pub const WRITE_DEPTH: usize = 4;
+/// Amount BENCHMARKING.md asks for.
+pub const DEFAULT_TOTAL_BYTES: u64 = 1 << 30;
+
+/// The `stat` file counts sectors of 512 bytes whatever the device's block
+/// size (Documentation/block/stat.rst).
+const STAT_SECTOR_BYTES: u64 = 512;
+/// 0-based field indexes in `/sys/class/block/<dev>/stat`.
+const STAT_WRITE_SECTORS_FIELD: usize = 6;
+const STAT_FLUSHES_FIELD: usize = 15;
+
+const _: () = assert!(WRITE_BYTES % BLOCK_BYTES == 0);
+
+/// How the file is prepared before the timed writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepare {
+    /// fallocate only: the extents exist but are "unwritten", so each first
+    /// write also converts them (metadata, journaled at fdatasync).
+    Fallocate,
+    /// fallocate, then one untimed pass of zeros and an fdatasync: the
+    /// timed pass is a plain overwrite.
+    PreWritten,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawBandwidth {
+    /// "io_uring" or "pwrite".
+    pub backend: &'static str,
+    pub total_bytes: u64,
+    /// Writes plus the final fdatasync.
+    pub elapsed: Duration,
+    pub bytes_per_sec: f64,
+    /// Flushes the device completed during the timed part (None where the
+    /// counter is unavailable: no block device, old kernel).
+    pub device_flushes: Option<u64>,
+    /// Bytes the device wrote during the timed part.
+    pub device_write_bytes: Option<u64>,
+}
+
+/// Measures with the default preparation ([`Prepare::Fallocate`]: a
+/// preallocated file, as BENCHMARKING.md describes).
+pub fn measure(dir: &Path, total_bytes: u64) -> io::Result<RawBandwidth> {
+    measure_prepared(dir, total_bytes, Prepare::Fallocate)
+}
+
+/// Measures writing `total_bytes` (rounded down to whole writes, at least
+/// one) into a fresh file under `dir`, prepared as `prepare` says.
+pub fn measure_prepared(
+    dir: &Path,
+    total_bytes: u64,
+    prepare: Prepare,
+) -> io::Result<RawBandwidth> {
+    let total_bytes = (total_bytes / WRITE_BYTES as u64).max(1) * WRITE_BYTES as u64;
+    let file = ScratchFile::new(dir)?;
+    let mut data = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
+    // Not zeros: keeps devices that compress or dedupe zero blocks honest.
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+    let mut writer = Writer::open(&file.path)?;
+    writer.allocate(total_bytes)?;
+    if prepare == Prepare::PreWritten {
+        let zeros = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
+        writer.write_all(&zeros, total_bytes)?;
+        writer.sync()?;
+    }
+
+    let flushes_before = device_flushes(dir);
+    let bytes_before = device_write_bytes(dir);
+    let started = Instant::now();
+    writer.write_all(&data, total_bytes)?;
+    writer.sync()?;
+    let elapsed = started.elapsed();
+    let flushes_after = device_flushes(dir);
+    let bytes_after = device_write_bytes(dir);
+
+    Ok(RawBandwidth {
+        backend: writer.name(),
+        total_bytes,
+        elapsed,
+        bytes_per_sec: total_bytes as f64 / elapsed.as_secs_f64().max(1e-9),
+        device_flushes: flushes_before
+            .zip(flushes_after)
+            .map(|(b, a)| a.saturating_sub(b)),
+        device_write_bytes: bytes_before
+            .zip(bytes_after)
+            .map(|(b, a)| a.saturating_sub(b)),
+    })
+}
+
+/// Completed flush requests of the block device holding `dir` (field 16 of
+/// its `stat`, Linux 5.5+). None when `dir` is not on a block device
+/// (tmpfs, overlay, btrfs subvolumes have anonymous devices) or the kernel
+/// does not count flushes.
+pub fn device_flushes(dir: &Path) -> Option<u64> {
+    stat_field(dir, STAT_FLUSHES_FIELD)
+}
+
+/// Bytes written to the block device holding `dir` since boot (field 7,
+/// sectors written, x 512). None as for [`device_flushes`].
+pub fn device_write_bytes(dir: &Path) -> Option<u64> {
+    stat_field(dir, STAT_WRITE_SECTORS_FIELD).map(|sectors| sectors * STAT_SECTOR_BYTES)
+}
+
+/// `/sys/dev/block/MAJ:MIN/stat` of the device holding `dir`. For a
+/// partition this is the partition's own counter, which the kernel keeps
+/// for flushes too.
+fn stat_field(dir: &Path, field: usize) -> Option<u64> {
+    let dev = fs::metadata(dir).ok()?.dev();
+    // glibc's encoding of dev_t (what `major()`/`minor()` compute).
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
+    let stat = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_ascii_whitespace().nth(field)?.parse().ok()
+}
+
+/// The measurement file; removed when dropped, also after an error.
+struct ScratchFile {
+    path: PathBuf,
+}
+
+impl ScratchFile {
+    fn new(dir: &Path) -> io::Result<ScratchFile> {
+        let path = dir.join(format!(".skiff-raw-bandwidth-{}", std::process::id()));
+        // A leftover of a killed run would be overwritten; start clean.
+        match fs::remove_file(&path) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        Ok(ScratchFile { path })
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_file(&self.path) {
+            if err.kind() != io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {err}", self.path.display());
+            }
+        }
+    }
+}
+
+/// io_uring where the kernel has it, else positional writes.
+enum Writer {
+    #[cfg(target_os = "linux")]
+    Uring {
+        backend: Box<super::uring::UringBackend>,
+        file: super::FileHandle,
+    },
+    Pwrite(fs::File),
+}
+
+impl Writer {
+    fn open(path: &Path) -> io::Result<Writer> {
+        #[cfg(target_os = "linux")]
+        {
+            use super::IoBackend;
+            match super::uring::UringBackend::new(WRITE_DEPTH as u32) {
+                Ok(mut backend) => {
+                    let file = backend.open(path, true)?;
+                    return Ok(Writer::Uring {
+                        backend: Box::new(backend),
+                        file,
+                    });
+                }
+                Err(err) => log::info!("raw bandwidth: io_uring unavailable ({err}); using pwrite"),
+            }
+            Ok(Writer::Pwrite(
+                super::uring::open_direct(path, true)?.into(),
+            ))
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Ok(Writer::Pwrite(
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .open(path)?,
+            ))
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            #[cfg(target_os = "linux")]
+            Writer::Uring { .. } => "io_uring",
+            Writer::Pwrite(_) => "pwrite",
+        }
+    }
+
+    fn allocate(&mut self, len: u64) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Writer::Uring { backend, file } => {
+                super::IoBackend::allocate(&mut **backend, *file, len)
+            }
+            #[cfg(target_os = "linux")]
+            Writer::Pwrite(f) => {
+                use std::os::fd::AsRawFd;
+                super::uring::fallocate(f.as_raw_fd(), len)
+            }
+            #[cfg(not(target_os = "linux"))]
+            Writer::Pwrite(f) => f.set_len(len),
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8], total_bytes: u64) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Writer::Uring { backend, file } => {
+                backend.write_sequential(*file, data, 0, total_bytes, WRITE_DEPTH)
+            }
+            Writer::Pwrite(f) => {
+                let mut offset = 0;
+                while offset < total_bytes {
+                    let len = data.len().min((total_bytes - offset) as usize);
+                    f.write_all_at(&data[..len], offset)?;
+                    offset += len as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Writer::Uring { backend, file } => super::IoBackend::sync(&mut **backend, *file),
+            Writer::Pwrite(f) => f.sync_data(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_of_the_root_disk_are_readable_and_move() {
+        let dir = super::super::conformance::scratch_dir();
+        let Some(before) = device_write_bytes(dir.path()) else {
+            eprintln!(
+                "no block device counters for {}; skipped",
+                dir.path().display()
+            );
+            return;
+        };
+        let run = measure(dir.path(), 8 * WRITE_BYTES as u64).expect("measure");
+        eprintln!("raw bandwidth smoke run: {run:?}");
+        assert_eq!(run.total_bytes, 8 * WRITE_BYTES as u64);
+        assert!(run.bytes_per_sec > 0.0);
+        let after = device_write_bytes(dir.path()).expect("counter");
+        // Other processes write too, so only a lower bound holds.
+        assert!(
+            after >= before + run.total_bytes,
+            "device bytes {before} -> {after}"
+        );
+        assert!(run.device_write_bytes.expect("delta") >= run.total_bytes);
+        if let Some(flushes) = run.device_flushes {
+            assert!(
+                flushes >= 1,
+                "an fdatasync on a write-back cache must flush"
+            );
+        }
+        assert!(
+            fs::read_dir(dir.path()).expect("list").next().is_none(),
+            "the measurement file must be removed"
+        );
+    }
+
+    #[test]
+    fn no_counters_for_paths_off_block_devices() {
+        assert_eq!(device_flushes(Path::new("/proc")), None);
+        assert_eq!(device_write_bytes(Path::new("/no/such/dir")), None);
+    }
+
+    /// `cargo test --release --lib raw_bandwidth -- --ignored --nocapture`
+    /// (SKIFF_BENCH_DIR picks the disk; 1 GiB by default, SKIFF_BENCH_BYTES).
+    #[test]
+    #[ignore = "measures the disk: slow, run by hand in release mode"]
+    fn measure_this_disk() {
+        let scratch = super::super::conformance::scratch_dir();
+        let dir = std::env::var_os("SKIFF_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| scratch.path().to_path_buf());
+        let total: u64 = std::env::var("SKIFF_BENCH_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_TOTAL_BYTES);
+        for prepare in [
+            Prepare::Fallocate,
+            Prepare::PreWritten,
+            Prepare::Fallocate,
+            Prepare::PreWritten,
+        ] {
+            let run = measure_prepared(&dir, total, prepare).expect("measure");
+            eprintln!(
+                "{prepare:?}: {} MiB via {} in {:.3} s = {:.1} MiB/s, device flushes {:?}, \
+                 device bytes {:?}",
+                run.total_bytes >> 20,
+                run.backend,
+                run.elapsed.as_secs_f64(),
+                run.bytes_per_sec / f64::from(1 << 20),
+                run.device_flushes,
+                run.device_write_bytes,
+            );
+        }
+    }
+}

@@ -1,0 +1,903 @@
+//! The io_uring backend: O_DIRECT files, registered file slots, and one
+//! submission per group commit.
+//!
+//! # How a `write_batch` goes to the kernel
+//!
+//! ```text
+//!   WRITE f1@0  WRITE f2@0  WRITE f1@8K ...  NOP(IO_DRAIN)  FSYNC f1  FSYNC f2
+//!   '----------- run in parallel ---------'  '- barrier -'  '-- in parallel --'
+//! ```
+//!
+//! An fdatasync must not start before the writes it covers have completed.
+//! The NOP carries `IOSQE_IO_DRAIN`, so it starts only when every earlier
+//! request has completed, and nothing after it starts before it completes:
+//! one barrier, after which all the fdatasyncs run in parallel. (A DRAIN on
+//! the first fsync instead would serialise that fsync against the others;
+//! linking write->fsync chains cannot express "fsync after *all* writes to
+//! this file".) The whole round is one `io_uring_enter` when the SQ has room.
+//!
+//! A short write, `-EAGAIN` or `-EINTR` leaves a remainder: it is submitted in
+//! a next round, and any file of `sync` that still had a remainder is
+//! fdatasynced again in that round, because the first fsync did not cover it.
+//! An fdatasync error is never retried (after a failed fsync the page state is
+//! unknown; the engine treats it as sticky).
+//!
+//! # Safety of the borrowed buffers
+//!
+//! The kernel reads from (writes) and writes into (reads) memory the caller
+//! borrowed. Every method blocks until every submitted request has completed
+//! before it returns, so the borrows outlive the I/O. If the ring itself
+//! fails in a way that leaves submitted requests unaccounted for, the process
+//! aborts rather than return and let the buffers be freed under the kernel.
+//!
+//! All `unsafe` of the io_uring path is in this file.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+
+/// Registered (fixed) file slots. Fixed files save the kernel an fd lookup
+/// and reference count per request on the hot path. 1024 covers 64
+/// partitions x 8 segments twice over; files past it still work through
+/// plain fds. The kernel keeps about 8 bytes per slot.
+pub const FIXED_FILES_MAX: u32 = 1024;
+
+/// Largest single write or read request. The kernel caps one request at
+/// about 2 GiB anyway (`MAX_RW_COUNT`); requests are u32 lengths.
+const REQUEST_BYTES_MAX: usize = 1 << 30;
+
+/// `user_data` of the drain barrier NOP; writes use their index in the
+/// batch, fsyncs `FSYNC_TAG | index`.
+const NOP_TAG: u64 = u64::MAX;
+const FSYNC_TAG: u64 = 1 << 63;
+
+/// A file opened by this backend.
+#[derive(Debug)]
+struct OpenFile {
+    fd: OwnedFd,
+    /// Whether `fd` sits in the registered slot with the handle's index.
+    fixed: bool,
+}
+
+/// A write of a batch that is not fully done yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// Index into the caller's `writes`.
+    op: usize,
+    /// Bytes of it already written.
+    done_bytes: usize,
+}
+
+/// [`IoBackend`] over one io_uring instance. Owned by the storage thread;
+/// every call blocks until the kernel completed all it submitted.
+pub struct UringBackend {
+    ring: IoUring,
+    /// Indexed by `FileHandle.0`; `None` marks a closed, reusable handle.
+    files: Vec<Option<OpenFile>>,
+    /// Number of sparse registered file slots (0 when the kernel refused
+    /// registration: then every request uses a plain fd).
+    fixed_slots: u32,
+    /// Set when the ring failed with submissions unaccounted for in the SQ
+    /// (never submitted): every later call returns this errno instead of
+    /// entering the ring again.
+    broken_errno: Option<i32>,
+    /// Entries pushed and not yet reaped (queued in the SQ or in the
+    /// kernel). Zero between calls.
+    outstanding: usize,
+    /// Scratch lists reused across batches so the hot path does not allocate
+    /// once they reached the batch size.
+    pending: Vec<Pending>,
+    retry: Vec<Pending>,
+    sync_todo: Vec<(FileHandle, bool)>,
+}
+
+impl UringBackend {
+    /// Creates a ring with `entries` submission slots (rounded up to a power
+    /// of two by the kernel). Fails with the kernel's error where io_uring is
+    /// unavailable: ENOSYS (old kernel, qemu-user), EPERM (seccomp, or
+    /// `kernel.io_uring_disabled`), ENOMEM (locked-memory limit).
+    pub fn new(entries: u32) -> io::Result<UringBackend> {
+        let ring = IoUring::new(entries.max(2))?;
+        // Sparse registration needs Linux 5.19; older kernels just use fds.
+        let fixed_slots = match ring.submitter().register_files_sparse(FIXED_FILES_MAX) {
+            Ok(()) => FIXED_FILES_MAX,
+            Err(err) => {
+                log::info!("io_uring: no registered files ({err}); using plain fds");
+                0
+            }
+        };
+        Ok(UringBackend {
+            ring,
+            files: Vec::new(),
+            fixed_slots,
+            broken_errno: None,
+            outstanding: 0,
+            pending: Vec::new(),
+            retry: Vec::new(),
+            sync_todo: Vec::new(),
+        })
+    }
+
+    /// Number of submission queue slots the kernel gave the ring.
+    pub fn sq_entries(&mut self) -> usize {
+        self.ring.submission().capacity()
+    }
+
+    fn file(&self, file: FileHandle) -> io::Result<&OpenFile> {
+        self.files
+            .get(file.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+    }
+
+    fn check_usable(&self) -> io::Result<()> {
+        match self.broken_errno {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits every queued entry and reaps exactly `count` completions,
+    /// handing each to `on_cqe` (completions beyond `count` stay in the CQ
+    /// for the next call). Retries interrupted and resource-busy enters:
+    /// returning early would free buffers the kernel still uses.
+    fn submit_and_reap(
+        &mut self,
+        count: usize,
+        mut on_cqe: impl FnMut(u64, i32),
+    ) -> io::Result<()> {
+        debug_assert!(count <= self.outstanding);
+        let mut left = count;
+        while left > 0 {
+            // One enter submits everything and waits for `left`
+            // completions. When the kernel submits only part (an entry
+            // failed to prepare), it returns without waiting and the loop
+            // submits the rest.
+            if let Err(err) = self.ring.submitter().submit_and_wait(left) {
+                let errno = err.raw_os_error().unwrap_or(libc::EIO);
+                // EINTR: a signal; EAGAIN: no request memory right now;
+                // EBUSY: CQ overflow, cleared by reaping below.
+                if !matches!(errno, libc::EINTR | libc::EAGAIN | libc::EBUSY) {
+                    let queued = self.ring.submission().len();
+                    if queued == self.outstanding {
+                        // Nothing is in the kernel's hands: stop using the
+                        // ring so the queued entries are never submitted
+                        // after their buffers are gone.
+                        self.broken_errno = Some(errno);
+                        return Err(err);
+                    }
+                    log::error!(
+                        "io_uring_enter failed ({err}) with {} requests in flight \
+                         into borrowed buffers; aborting",
+                        self.outstanding - queued
+                    );
+                    std::process::abort();
+                }
+            }
+            let mut reaped = 0;
+            for cqe in self.ring.completion().take(left) {
+                reaped += 1;
+                on_cqe(cqe.user_data(), cqe.result());
+            }
+            left -= reaped;
+            self.outstanding -= reaped;
+        }
+        Ok(())
+    }
+
+    /// Pushes one entry. The caller sized the round to the SQ capacity.
+    fn push(&mut self, entry: &squeue::Entry) {
+        // SAFETY: every entry points into memory (the caller's write or read
+        // buffer) that stays borrowed until `submit_and_reap` has seen its
+        // completion, which happens before the method that built the entry
+        // returns (see the module docs), and into no other memory.
+        let pushed = unsafe { self.ring.submission().push(entry) };
+        self.outstanding += usize::from(pushed.is_ok());
+        debug_assert!(pushed.is_ok(), "round sized past the SQ capacity");
+        if pushed.is_err() {
+            // Unreachable by construction; abort rather than lose a request.
+            log::error!("io_uring submission queue full while building a round");
+            std::process::abort();
+        }
+    }
+
+    /// The submission entry for `op` on `handle` (registered slot or fd).
+    fn entry(&self, handle: FileHandle, op: Op) -> io::Result<squeue::Entry> {
+        let file = self.file(handle)?;
+        // The two branches differ only in the target type, which the crate
+        // keeps as distinct types.
+        macro_rules! build {
+            ($t:expr) => {
+                match op {
+                    Op::Write { ptr, len, offset } => {
+                        opcode::Write::new($t, ptr, len).offset(offset).build()
+                    }
+                    Op::Read { ptr, len, offset } => {
+                        opcode::Read::new($t, ptr, len).offset(offset).build()
+                    }
+                    Op::Datasync => opcode::Fsync::new($t)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                }
+            };
+        }
+        Ok(if file.fixed {
+            build!(types::Fixed(handle.0))
+        } else {
+            build!(types::Fd(file.fd.as_raw_fd()))
+        })
+    }
+
+    /// One synchronous request (read or fdatasync), retried on EINTR/EAGAIN.
+    fn single(&mut self, handle: FileHandle, op: Op) -> io::Result<usize> {
+        self.check_usable()?;
+        let entry = self.entry(handle, op)?.user_data(0);
+        loop {
+            self.push(&entry);
+            let mut res = 0;
+            self.submit_and_reap(1, |_, r| res = r)?;
+            match res {
+                n if n >= 0 => return Ok(n as usize),
+                n if -n == libc::EINTR || -n == libc::EAGAIN => continue,
+                n => return Err(io::Error::from_raw_os_error(-n)),
+            }
+        }
+    }
+
+    fn check_write(&self, op: &WriteOp<'_>) -> io::Result<()> {
+        self.file(op.file)?;
+        let aligned = op.offset % BLOCK_BYTES as u64 == 0
+            && op.data.len() % BLOCK_BYTES == 0
+            && op.data.as_ptr() as usize % BLOCK_BYTES == 0;
+        if aligned {
+            Ok(())
+        } else {
+            // Refused here even when the file fell back to buffered I/O, so
+            // the engine sees the same contract on every filesystem.
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+    }
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("sq_entries", &self.ring.params().sq_entries())
+            .field("files", &self.files)
+            .field("fixed_slots", &self.fixed_slots)
+            .field("broken_errno", &self.broken_errno)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one submission entry does.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write {
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+    },
+    Read {
+        ptr: *mut u8,
+        len: u32,
+        offset: u64,
+    },
+    Datasync,
+}
+
+/// Opens `path` read-write with O_DIRECT (and O_CLOEXEC, which std always
+/// sets). Filesystems without direct I/O (tmpfs) reject O_DIRECT with EINVAL:
+/// then the file is opened buffered, with a warning, since data written
+/// there is not durable anyway.
+pub(crate) fn open_direct(path: &Path, create: bool) -> io::Result<OwnedFd> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .mode(0o644)
+            .custom_flags(flags)
+            .open(path)
+    };
+    match open(libc::O_DIRECT) {
+        Ok(file) => Ok(file.into()),
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            log::warn!(
+                "{}: filesystem refuses O_DIRECT; using buffered I/O for this file",
+                path.display()
+            );
+            Ok(open(0)?.into())
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// fallocate(mode 0): reserves blocks and extends the size to at least
+/// `len`, so a full disk fails here and later writes below `len` need no new
+/// blocks.
+pub(crate) fn fallocate(fd: RawFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; an invalid fd
+        // is reported as EBADF.
+        let rc = unsafe { libc::fallocate(fd, 0, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// fsync of a directory: makes creates, renames and removes in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .sync_all()
+}
+
+impl IoBackend for UringBackend {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn open(&mut self, path: &Path, create: bool) -> io::Result<FileHandle> {
+        self.check_usable()?;
+        // Reject interior NULs the same way open(2) callers expect.
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = open_direct(path, create)?;
+        let index = match self.files.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.files.push(None);
+                self.files.len() - 1
+            }
+        };
+        let handle = FileHandle(
+            u32::try_from(index).map_err(|_| io::Error::from_raw_os_error(libc::EMFILE))?,
+        );
+        let mut fixed = false;
+        if handle.0 < self.fixed_slots {
+            match self
+                .ring
+                .submitter()
+                .register_files_update(handle.0, &[fd.as_raw_fd()])
+            {
+                Ok(_) => fixed = true,
+                Err(err) => log::warn!("io_uring: cannot register file slot {}: {err}", handle.0),
+            }
+        }
+        self.files[index] = Some(OpenFile { fd, fixed });
+        Ok(handle)
+    }
+
+    fn close(&mut self, file: FileHandle) {
+        let Some(open) = self.files.get_mut(file.0 as usize).and_then(Option::take) else {
+            return;
+        };
+        if open.fixed {
+            // -1 empties the slot; the kernel drops its file reference.
+            if let Err(err) = self.ring.submitter().register_files_update(file.0, &[-1]) {
+                log::warn!("io_uring: cannot clear file slot {}: {err}", file.0);
+            }
+        }
+        drop(open.fd);
+    }
+
+    fn allocate(&mut self, file: FileHandle, len: u64) -> io::Result<()> {
+        fallocate(self.file(file)?.fd.as_raw_fd(), len)
+    }
+
+    fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let mut done_bytes = 0;
+        while done_bytes < buf.len() {
+            let rest = &mut buf[done_bytes..];
+            let len = rest.len().min(REQUEST_BYTES_MAX);
+            let op = Op::Read {
+                ptr: rest.as_mut_ptr(),
+                len: len as u32,
+                offset: offset + done_bytes as u64,
+            };
+            // `buf` stays mutably borrowed across `single`, which returns
+            // only after the read completed.
+            let n = self.single(file, op)?;
+            done_bytes += n;
+            // 0 is end of file. A short read is end of file too, unless it
+            // stopped on a block boundary (then O_DIRECT can go on).
+            if n == 0 || (n < len && n % BLOCK_BYTES != 0) {
+                break;
+            }
+        }
+        Ok(done_bytes)
+    }
+
+    fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
+        self.check_usable()?;
+        for op in writes {
+            self.check_write(op)?;
+        }
+        for &file in sync {
+            self.file(file)?;
+        }
+        let capacity = self.sq_entries();
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut retry = std::mem::take(&mut self.retry);
+        let mut sync_todo = std::mem::take(&mut self.sync_todo);
+        pending.clear();
+        pending.extend(
+            (0..writes.len())
+                .filter(|&op| !writes[op].data.is_empty())
+                .map(|op| Pending { op, done_bytes: 0 }),
+        );
+        sync_todo.clear();
+        sync_todo.extend(sync.iter().map(|&file| (file, false)));
+        sync_todo.sort_unstable_by_key(|&(file, _)| file.0);
+        sync_todo.dedup();
+
+        let result = self.run_rounds(writes, capacity, &mut pending, &mut retry, &mut sync_todo);
+
+        self.pending = pending;
+        self.retry = retry;
+        self.sync_todo = sync_todo;
+        result
+    }
+
+    fn sync(&mut self, file: FileHandle) -> io::Result<()> {
+        self.single(file, Op::Datasync).map(|_| ())
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        sync_dir(dir)
+    }
+}
+
+impl UringBackend {
+    /// The rounds of one `write_batch` (see the module docs). `pending`
+    /// holds the unfinished writes, `sync_todo` the files still to
+    /// fdatasync with whether this round's fdatasync of it succeeded.
+    fn run_rounds(
+        &mut self,
+        writes: &[WriteOp<'_>],
+        capacity: usize,
+        pending: &mut Vec<Pending>,
+        retry: &mut Vec<Pending>,
+        sync_todo: &mut Vec<(FileHandle, bool)>,
+    ) -> io::Result<()> {
+        let mut first_error: Option<io::Error> = None;
+        while !pending.is_empty() || !sync_todo.is_empty() {
+            // The fsyncs ride along when the barrier and all of them fit
+            // after the writes; otherwise this round only writes, and once
+            // the writes are done the fsyncs go in queue-sized chunks.
+            let barrier = !pending.is_empty();
+            let sync_count = if !barrier {
+                sync_todo.len().min(capacity)
+            } else if pending.len() + 1 + sync_todo.len() <= capacity {
+                sync_todo.len()
+            } else {
+                0
+            };
+            let write_count = pending.len().min(capacity);
+            let mut in_flight = 0;
+            // Entries are only built from handles checked at the start of
+            // `write_batch`; should one still fail, what was pushed is
+            // submitted and reaped before the error is returned.
+            for (i, p) in pending[..write_count].iter().enumerate() {
+                let op = &writes[p.op];
+                let rest = &op.data[p.done_bytes..];
+                let write = Op::Write {
+                    ptr: rest.as_ptr(),
+                    len: rest.len().min(REQUEST_BYTES_MAX) as u32,
+                    offset: op.offset + p.done_bytes as u64,
+                };
+                match self.entry(op.file, write) {
+                    Ok(entry) => {
+                        self.push(&entry.user_data(i as u64));
+                        in_flight += 1;
+                    }
+                    Err(err) => {
+                        first_error.get_or_insert(err);
+                        break;
+                    }
+                }
+            }
+            for (_, done) in sync_todo.iter_mut() {
+                *done = false;
+            }
+            if sync_count > 0 && first_error.is_none() {
+                if barrier {
+                    let nop = opcode::Nop::new()
+                        .build()
+                        .flags(squeue::Flags::IO_DRAIN)
+                        .user_data(NOP_TAG);
+                    self.push(&nop);
+                    in_flight += 1;
+                }
+                for (i, &(file, _)) in sync_todo[..sync_count].iter().enumerate() {
+                    match self.entry(file, Op::Datasync) {
+                        Ok(entry) => {
+                            self.push(&entry.user_data(FSYNC_TAG | i as u64));
+                            in_flight += 1;
+                        }
+                        Err(err) => {
+                            first_error.get_or_insert(err);
+                            break;
+                        }
+                    }
+                }
+            }
+
+            // Completions: advance writes, mark the fdatasyncs that are done.
+            retry.clear();
+            retry.extend_from_slice(&pending[write_count..]);
+            let submitted = &pending[..write_count];
+            self.submit_and_reap(in_flight, |tag, res| {
+                if tag == NOP_TAG {
+                    return;
+                }
+                let retryable = res == -libc::EINTR || res == -libc::EAGAIN;
+                if tag & FSYNC_TAG != 0 {
+                    let i = (tag & !FSYNC_TAG) as usize;
+                    if res >= 0 {
+                        sync_todo[i].1 = true;
+                    } else if !retryable {
+                        first_error.get_or_insert(io::Error::from_raw_os_error(-res));
+                    }
+                    return;
+                }
+                let p = submitted[tag as usize];
+                let rest_len = writes[p.op].data.len() - p.done_bytes;
+                if res > 0 && (res as usize) < rest_len {
+                    retry.push(Pending {
+                        op: p.op,
+                        done_bytes: p.done_bytes + res as usize,
+                    });
+                } else if res == 0 {
+                    first_error.get_or_insert(io::Error::from(io::ErrorKind::WriteZero));
+                } else if retryable {
+                    retry.push(p);
+                } else if res < 0 {
+                    first_error.get_or_insert(io::Error::from_raw_os_error(-res));
+                }
+            })?;
+            if let Some(err) = first_error {
+                return Err(err);
+            }
+            std::mem::swap(pending, retry);
+            // A file stays to sync if its fdatasync did not run or succeed,
+            // or if it still has a remainder the fdatasync did not cover.
+            sync_todo
+                .retain(|&(file, done)| !done || pending.iter().any(|p| writes[p.op].file == file));
+        }
+        Ok(())
+    }
+}
+
+impl UringBackend {
+    /// Writes `data` over and over at consecutive offsets from `start` until
+    /// `total_bytes` are written, keeping `depth` writes in flight. For the
+    /// raw bandwidth measurement (a steady queue depth, unlike a batch).
+    /// `data.len()`, `start` and `total_bytes` must be multiples of
+    /// [`BLOCK_BYTES`], and `data` aligned like any write.
+    pub fn write_sequential(
+        &mut self,
+        file: FileHandle,
+        data: &[u8],
+        start: u64,
+        total_bytes: u64,
+        depth: usize,
+    ) -> io::Result<()> {
+        self.check_usable()?;
+        self.check_write(&WriteOp {
+            file,
+            offset: start,
+            data,
+        })?;
+        if data.is_empty() || total_bytes % BLOCK_BYTES as u64 != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let depth = depth.clamp(1, self.sq_entries());
+        let end = start + total_bytes;
+        let mut next = start;
+        // Requests waiting to be pushed again after a short or retryable
+        // completion: (offset, length). At most `depth` of them.
+        let mut redo: Vec<(u64, usize)> = Vec::with_capacity(depth);
+        let mut in_flight = 0usize;
+        let mut first_error = None;
+        loop {
+            while in_flight < depth && first_error.is_none() {
+                let (offset, len) = if let Some(r) = redo.pop() {
+                    r
+                } else if next < end {
+                    let len = data.len().min((end - next) as usize);
+                    next += len as u64;
+                    (next - len as u64, len)
+                } else {
+                    break;
+                };
+                // `user_data` carries the offset; the length is known from
+                // the offset (a full `data` unless at the end).
+                let write = Op::Write {
+                    ptr: data.as_ptr(),
+                    len: len as u32,
+                    offset,
+                };
+                match self.entry(file, write) {
+                    Ok(entry) => {
+                        self.push(&entry.user_data(offset));
+                        in_flight += 1;
+                    }
+                    // Not expected (checked above); the writes in flight
+                    // are still reaped before returning.
+                    Err(err) => {
+                        first_error = Some(err);
+                    }
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            // Submit what was pushed and wait for one completion, then
+            // refill: a steady `depth` in flight.
+            self.submit_and_reap(1, |offset, res| {
+                let len = data.len().min((end - offset) as usize);
+                if res == -libc::EINTR || res == -libc::EAGAIN {
+                    redo.push((offset, len));
+                } else if res < 0 {
+                    first_error.get_or_insert(io::Error::from_raw_os_error(-res));
+                } else if res == 0 {
+                    first_error.get_or_insert(io::Error::from(io::ErrorKind::WriteZero));
+                } else if (res as usize) < len {
+                    // The remainder would need an offset into `data`;
+                    // bandwidth runs treat a short write as a failure.
+                    first_error.get_or_insert(io::Error::from(io::ErrorKind::WriteZero));
+                }
+            })?;
+            in_flight -= 1;
+            if first_error.is_some() && in_flight == 0 {
+                break;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+    use crate::storage::io::aligned::AlignedBuf;
+    use crate::storage::io::conformance;
+
+    /// The backend, or None (with a note) where the kernel refuses io_uring.
+    fn backend(entries: u32) -> Option<UringBackend> {
+        match UringBackend::new(entries) {
+            Ok(b) => {
+                eprintln!(
+                    "backend io_uring: {} SQ entries, {} registered file slots",
+                    b.ring.params().sq_entries(),
+                    b.fixed_slots
+                );
+                Some(b)
+            }
+            Err(err) => {
+                eprintln!("io_uring unavailable here ({err}); skipped");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn conformance_with_a_roomy_ring() {
+        let Some(mut b) = backend(256) else { return };
+        assert_eq!(b.name(), "io_uring");
+        let dir = conformance::scratch_dir();
+        conformance::run_all(&mut b, dir.path());
+    }
+
+    /// 8 SQ entries: batches of 288 writes and 12 fsyncs must be split.
+    #[test]
+    fn conformance_with_a_tiny_ring() {
+        let Some(mut b) = backend(8) else { return };
+        assert_eq!(b.sq_entries(), 8);
+        let dir = conformance::scratch_dir();
+        conformance::run_all(&mut b, dir.path());
+    }
+
+    /// The path for kernels without sparse file registration, and for files
+    /// past the registered slots.
+    #[test]
+    fn conformance_without_registered_files() {
+        let Some(mut b) = backend(16) else { return };
+        b.fixed_slots = 0;
+        let dir = conformance::scratch_dir();
+        conformance::run_all(&mut b, dir.path());
+        assert!(b.files.iter().flatten().all(|f| !f.fixed));
+    }
+
+    #[test]
+    fn files_use_o_direct_on_disk_filesystems() {
+        let Some(mut b) = backend(8) else { return };
+        let dir = conformance::scratch_dir();
+        let f = b.open(&dir.path().join("direct.seg"), true).expect("open");
+        let fd = b.file(f).expect("open file").fd.as_raw_fd();
+        // SAFETY: F_GETFL only reads the flags of an fd we own.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert!(flags >= 0);
+        let fs_is_tmpfs = std::process::Command::new("findmnt")
+            .args(["-n", "-o", "FSTYPE", "-T"])
+            .arg(dir.path())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
+            .unwrap_or(false);
+        if !fs_is_tmpfs {
+            assert_ne!(flags & libc::O_DIRECT, 0, "file must be opened O_DIRECT");
+        }
+        assert!(
+            b.file(f).expect("open").fixed,
+            "first handle uses a registered slot"
+        );
+    }
+
+    /// Puts `fd` into the table as if `open` had returned it, so errors
+    /// come from the kernel through completions, not from our checks.
+    fn adopt(b: &mut UringBackend, fd: OwnedFd) -> FileHandle {
+        b.files.push(Some(OpenFile { fd, fixed: false }));
+        FileHandle((b.files.len() - 1) as u32)
+    }
+
+    #[test]
+    fn kernel_write_error_propagates_with_its_errno() {
+        let Some(mut b) = backend(8) else { return };
+        let dir = conformance::scratch_dir();
+        let path = dir.path().join("ro.seg");
+        std::fs::write(&path, [0u8; BLOCK_BYTES]).expect("create");
+        let read_only = adopt(&mut b, File::open(&path).expect("open ro").into());
+        let good = b.open(&dir.path().join("good.seg"), true).expect("open");
+        let data = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        let writes = [
+            WriteOp {
+                file: good,
+                offset: 0,
+                data: &data,
+            },
+            WriteOp {
+                file: read_only,
+                offset: 0,
+                data: &data,
+            },
+        ];
+        let err = b
+            .write_batch(&writes, &[good])
+            .expect_err("write to read-only fd");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        // A write far past the largest file size ext4/xfs allow.
+        let err = b
+            .write_batch(
+                &[WriteOp {
+                    file: good,
+                    offset: 1 << 62,
+                    data: &data,
+                }],
+                &[],
+            )
+            .expect_err("write past max file size");
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EFBIG) | Some(libc::EINVAL)),
+            "{err:?}"
+        );
+        // The ring is still usable afterwards.
+        b.write_batch(
+            &[WriteOp {
+                file: good,
+                offset: 0,
+                data: &data,
+            }],
+            &[good],
+        )
+        .expect("write after errors");
+    }
+
+    #[test]
+    fn fdatasync_error_propagates_with_its_errno() {
+        let Some(mut b) = backend(8) else { return };
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array we pass.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read_end);
+        // fdatasync on a pipe fails with EINVAL in the kernel.
+        let pipe = adopt(&mut b, write_end);
+        let dir = conformance::scratch_dir();
+        let good = b.open(&dir.path().join("good.seg"), true).expect("open");
+        let data = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        let err = b
+            .write_batch(
+                &[WriteOp {
+                    file: good,
+                    offset: 0,
+                    data: &data,
+                }],
+                &[good, pipe],
+            )
+            .expect_err("fdatasync of a pipe");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        let err = b.sync(pipe).expect_err("sync of a pipe");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+        b.sync(good).expect("sync after errors");
+    }
+
+    #[test]
+    fn handles_are_reused_and_slots_cleared() {
+        let Some(mut b) = backend(8) else { return };
+        let dir = conformance::scratch_dir();
+        let first = b.open(&dir.path().join("1.seg"), true).expect("open");
+        let second = b.open(&dir.path().join("2.seg"), true).expect("open");
+        b.close(first);
+        let third = b.open(&dir.path().join("3.seg"), true).expect("open");
+        assert_eq!(third, first, "freed handle numbers are reused");
+        let data = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        b.write_batch(
+            &[
+                WriteOp {
+                    file: third,
+                    offset: 0,
+                    data: &data,
+                },
+                WriteOp {
+                    file: second,
+                    offset: 0,
+                    data: &data,
+                },
+            ],
+            &[third, second],
+        )
+        .expect("write through reused slot");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("3.seg"))
+                .expect("stat")
+                .len(),
+            4096
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("1.seg"))
+                .expect("stat")
+                .len(),
+            0
+        );
+    }
+
+    #[test]
+    fn sequential_writes_keep_depth_and_land_in_order() {
+        let Some(mut b) = backend(4) else { return };
+        let dir = conformance::scratch_dir();
+        let f = b.open(&dir.path().join("seq.seg"), true).expect("open");
+        let mut data = AlignedBuf::new(2 * BLOCK_BYTES).expect("aligned");
+        conformance::fill_pattern(&mut data, 11);
+        b.write_sequential(f, &data, 0, 20 * BLOCK_BYTES as u64, 4)
+            .expect("write");
+        b.sync(f).expect("sync");
+        let mut back = AlignedBuf::new(24 * BLOCK_BYTES).expect("aligned");
+        assert_eq!(b.read_at(f, 0, &mut back).expect("read"), 20 * BLOCK_BYTES);
+        for chunk in back[..20 * BLOCK_BYTES].chunks(data.len()) {
+            assert_eq!(chunk, &data[..]);
+        }
+    }
+}
