@@ -1,69 +1,130 @@
-//! A heap buffer whose address and length are multiples of [`BLOCK_BYTES`],
-//! as O_DIRECT requires. This is the only `unsafe` outside the backends.
+//! [`AlignedBuf`]: the heap buffer O_DIRECT needs.
+//!
+//! O_DIRECT requires the buffer address, the length and the file offset to
+//! be multiples of the logical block size. A `Vec<u8>` only guarantees an
+//! alignment of 1, so the engine's tail buffers, read buffers and pools are
+//! `AlignedBuf`s: allocated once at start-up with an alignment and capacity
+//! of [`BLOCK_BYTES`], zero-filled, and never reallocated (no growth under
+//! load; the memory budget is fixed when the pools are built).
+//!
+//! This file is the one place where allocation needs `unsafe`.
 
-use super::BLOCK_BYTES;
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-/// A zero-initialised, block-aligned byte buffer of fixed capacity.
-///
-/// Invariant: `ptr` points to `len` initialised bytes allocated with
-/// `Layout::from_size_align(len, BLOCK_BYTES)`; `len` is a non-zero
-/// multiple of `BLOCK_BYTES`.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
+use super::BLOCK_BYTES;
+
+/// Why an [`AlignedBuf`] could not be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AlignedBufError {
+    /// The requested length is zero or not a multiple of [`BLOCK_BYTES`]:
+    /// a caller sized a pool from an unchecked config value.
+    Unaligned { len_bytes: usize },
+    /// The length overflows `isize` once rounded (an absurd config value).
+    TooLarge { len_bytes: usize },
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
+impl fmt::Display for AlignedBufError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AlignedBufError::Unaligned { len_bytes } => write!(
+                f,
+                "aligned buffer length {len_bytes} is zero or not a multiple of {BLOCK_BYTES}"
+            ),
+            AlignedBufError::TooLarge { len_bytes } => {
+                write!(f, "aligned buffer length {len_bytes} is too large")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AlignedBufError {}
+
+/// A zero-initialised heap buffer whose address and length are multiples of
+/// [`BLOCK_BYTES`]. Fixed size: it never grows or reallocates.
+pub struct AlignedBuf {
+    /// Start of the allocation. Invariant: allocated by `alloc_zeroed` with
+    /// `layout`, not yet freed, aligned to `BLOCK_BYTES`.
+    ptr: NonNull<u8>,
+    /// `layout.size()` is the buffer length: non-zero, a multiple of
+    /// `BLOCK_BYTES`; `layout.align() == BLOCK_BYTES`.
+    layout: Layout,
+}
+
+// SAFETY: `AlignedBuf` owns its allocation exclusively (like `Box<[u8]>`);
+// nothing else holds the pointer, so moving it to another thread is sound.
 unsafe impl Send for AlignedBuf {}
-// SAFETY: shared references only give out `&[u8]`.
+// SAFETY: shared access only hands out `&[u8]`, which is `Sync`.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// Allocates `len` bytes rounded up to a whole number of blocks (at
-    /// least one). Zeroed, so a partial block is always padded with zeros.
-    pub fn new(len: usize) -> AlignedBuf {
-        let len = len.max(1).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        let layout = Layout::from_size_align(len, BLOCK_BYTES).expect("block-aligned layout");
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc_zeroed(layout) };
+    /// Allocates `len_bytes` zeroed bytes aligned to [`BLOCK_BYTES`].
+    /// `len_bytes` must be a non-zero multiple of [`BLOCK_BYTES`].
+    ///
+    /// Aborts (via [`alloc::handle_alloc_error`]) if the allocator is out of
+    /// memory, like `Vec` does: pools are allocated at start-up, so this
+    /// happens at start or never.
+    pub fn new(len_bytes: usize) -> Result<AlignedBuf, AlignedBufError> {
+        if len_bytes == 0 || len_bytes % BLOCK_BYTES != 0 {
+            return Err(AlignedBufError::Unaligned { len_bytes });
+        }
+        let layout = Layout::from_size_align(len_bytes, BLOCK_BYTES)
+            .map_err(|_| AlignedBufError::TooLarge { len_bytes })?;
+        // SAFETY: `layout` has a non-zero size (checked above), which is the
+        // one requirement of `alloc_zeroed`.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
-            handle_alloc_error(layout)
+            alloc::handle_alloc_error(layout)
         };
-        AlignedBuf { ptr, len }
+        Ok(AlignedBuf { ptr, layout })
     }
 
+    /// Length in bytes (fixed at construction).
     pub fn len(&self) -> usize {
-        self.len
+        self.layout.size()
     }
 
+    /// Always false: zero-length buffers cannot be built. Present because
+    /// clippy asks for it next to `len`.
     pub fn is_empty(&self) -> bool {
-        false
+        self.layout.size() == 0
     }
+}
 
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: per the type invariant, `len` initialised bytes live at `ptr`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+impl Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `layout.size()` initialised (zeroed at
+        // allocation, then only written through `&mut [u8]`) bytes that live
+        // as long as `self`; the returned borrow is tied to `&self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
     }
+}
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` guarantees the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, BLOCK_BYTES).expect("block-aligned layout");
-        // SAFETY: allocated in `new` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), layout) }
+        // SAFETY: `ptr` was allocated by the global allocator with exactly
+        // `layout` and is freed only here, once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,12 +133,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn aligned_and_zeroed() {
-        let mut b = AlignedBuf::new(5000);
-        assert_eq!(b.len(), 2 * BLOCK_BYTES);
-        assert_eq!(b.as_slice().as_ptr() as usize % BLOCK_BYTES, 0);
-        assert!(b.as_slice().iter().all(|&x| x == 0));
-        b.as_mut_slice()[8191] = 7;
-        assert_eq!(b.as_slice()[8191], 7);
+    fn address_and_length_are_block_aligned_and_zeroed() {
+        for blocks in [1usize, 2, 3, 17] {
+            let buf = AlignedBuf::new(blocks * BLOCK_BYTES).expect("valid length");
+            assert_eq!(buf.len(), blocks * BLOCK_BYTES);
+            assert_eq!(buf.as_ptr() as usize % BLOCK_BYTES, 0);
+            assert!(buf.iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn writes_are_kept() {
+        let mut buf = AlignedBuf::new(2 * BLOCK_BYTES).expect("valid length");
+        buf[BLOCK_BYTES..].fill(0xA5);
+        assert!(buf[..BLOCK_BYTES].iter().all(|&b| b == 0));
+        assert!(buf[BLOCK_BYTES..].iter().all(|&b| b == 0xA5));
+    }
+
+    #[test]
+    fn rejects_zero_and_unaligned_lengths() {
+        assert_eq!(
+            AlignedBuf::new(0).unwrap_err(),
+            AlignedBufError::Unaligned { len_bytes: 0 }
+        );
+        assert_eq!(
+            AlignedBuf::new(BLOCK_BYTES + 1).unwrap_err(),
+            AlignedBufError::Unaligned {
+                len_bytes: BLOCK_BYTES + 1
+            }
+        );
+        assert!(matches!(
+            AlignedBuf::new(usize::MAX - BLOCK_BYTES + 1),
+            Err(AlignedBufError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<AlignedBuf>();
     }
 }
