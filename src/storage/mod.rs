@@ -852,4 +852,6 @@ pub(crate) fn test_dir() -> tempfile::TempDir {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
