@@ -316,7 +316,7 @@ impl Part {
         Some(WriteOp {
             file: self.files[self.active()],
             offset: self.tail_file_off + from as u64,
-            data: &self.tail.as_slice()[from..to],
+            data: &self.tail[from..to],
         })
     }
 
@@ -400,7 +400,7 @@ impl Part {
         let keep = self.tail_len % B;
         let start = self.tail_len - keep;
         let old_len = self.tail_len;
-        let buf = self.tail.as_mut_slice();
+        let buf = &mut self.tail[..];
         buf.copy_within(start..old_len, 0);
         buf[keep..old_len].fill(0);
         self.tail_file_off += start as u64;
@@ -422,7 +422,7 @@ impl Part {
         };
         self.next_epoch += 1;
         let old_len = self.tail_len.div_ceil(B) * B;
-        let buf = self.tail.as_mut_slice();
+        let buf = &mut self.tail[..];
         buf[..old_len].fill(0);
         h.encode(&mut buf[..SEG_HEADER_BYTES]);
         self.tail_file_off = 0;
@@ -508,10 +508,7 @@ impl Part {
     ) -> io::Result<(&'a [u8], bool)> {
         if slot == self.active() && pos >= self.tail_file_off {
             let from = (pos - self.tail_file_off) as usize;
-            return Ok((
-                &self.tail.as_slice()[from.min(self.tail_len)..self.tail_len],
-                false,
-            ));
+            return Ok((&self.tail[from.min(self.tail_len)..self.tail_len], false));
         }
         let limit = self.segs[slot].end_pos.div_ceil(B64) * B64;
         let bytes = window(
@@ -563,7 +560,7 @@ impl Ctx {
             let op = WriteOp {
                 file,
                 offset: at,
-                data: &self.zeros.as_slice()[..n],
+                data: &self.zeros[..n],
             };
             let res = self.io.write_batch(&[op], &[]);
             StatsInner::add(&self.shared.stats.device_bytes_written, n as u64);
@@ -601,13 +598,13 @@ fn window<'a>(
     if !covered {
         let start = pos / B64 * B64;
         let len = (rbuf.len() as u64).min(limit.saturating_sub(start)) as usize;
-        let n = io.read_at(file, start, &mut rbuf.as_mut_slice()[..len])?;
+        let n = io.read_at(file, start, &mut rbuf[..len])?;
         win.file = Some(file);
         win.start = start;
         win.len = n.min(len);
     }
     let from = ((pos - win.start) as usize).min(win.len);
-    Ok(&rbuf.as_slice()[from..win.len])
+    Ok(&rbuf[from..win.len])
 }
 
 /// How a segment scan ended.
@@ -740,10 +737,18 @@ pub(crate) fn start(
         .name("skiff-storage".into())
         .spawn(move || {
             let read_bytes = (cfg.max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B;
+            let bufs = AlignedBuf::new(read_bytes)
+                .and_then(|r| Ok((r, AlignedBuf::new(ZERO_CHUNK_BYTES)?)));
+            let Ok((rbuf, zeros)) = bufs else {
+                let _ = ready_tx.send(Err(StorageError::InvalidConfig(
+                    "max_batch_bytes is not allocatable",
+                )));
+                return;
+            };
             let mut engine = Engine {
                 ctx: Ctx {
-                    rbuf: AlignedBuf::new(read_bytes),
-                    zeros: AlignedBuf::new(ZERO_CHUNK_BYTES),
+                    rbuf,
+                    zeros,
                     cfg,
                     io,
                     shared,
@@ -905,11 +910,12 @@ impl Engine {
         self.tails_made += 1;
         // One extra block: after recycling, the partial last block stays at
         // the front, and a max-size batch must still fit behind it.
-        Ok(AlignedBuf::new(self.ctx.cfg.tail_buffer_bytes + B))
+        AlignedBuf::new(self.ctx.cfg.tail_buffer_bytes + B)
+            .map_err(|_| StorageError::InvalidConfig("tail_buffer_bytes is not allocatable"))
     }
 
     fn give_tail(&mut self, mut t: AlignedBuf) {
-        t.as_mut_slice().fill(0);
+        t.fill(0);
         self.free_tails.push(t);
     }
 
@@ -998,7 +1004,7 @@ impl Engine {
             match part.commit_now(&mut self.ctx, true) {
                 Ok(()) => Ok(part),
                 Err(e) => {
-                    self.give_tail(std::mem::replace(&mut part.tail, AlignedBuf::new(B)));
+                    self.give_tail(part.tail);
                     Err(e)
                 }
             }
@@ -1028,7 +1034,7 @@ impl Engine {
             match synced {
                 Ok(()) => Ok(part),
                 Err(e) => {
-                    self.give_tail(std::mem::replace(&mut { part }.tail, AlignedBuf::new(B)));
+                    self.give_tail(part.tail);
                     Err(e)
                 }
             }
@@ -1147,8 +1153,7 @@ impl Engine {
         let dir = part.dir.clone();
         self.remove_dir(&dir, part.segs.len());
         part.shared.event.notify(usize::MAX);
-        let tail = std::mem::replace(&mut part.tail, AlignedBuf::new(B));
-        self.give_tail(tail);
+        self.give_tail(part.tail);
         log::info!("deleted partition {id}");
         Ok(())
     }
@@ -1180,7 +1185,7 @@ impl Engine {
             }
             p.make_tail_room(&mut self.ctx, len)?;
             let pos = p.tail_file_off + p.tail_len as u64;
-            p.tail.as_mut_slice()[p.tail_len..p.tail_len + len].copy_from_slice(&batch);
+            p.tail[p.tail_len..p.tail_len + len].copy_from_slice(&batch);
             p.dirty_from.get_or_insert(p.tail_len);
             p.tail_len += len;
             let active = p.active();
@@ -1516,10 +1521,10 @@ impl Engine {
         // 1. Headers.
         let mut headers: Vec<Result<SegmentHeader, HeaderError>> = Vec::with_capacity(n);
         for slot in 0..n {
-            let buf = &mut self.ctx.rbuf.as_mut_slice()[..B];
+            let buf = &mut self.ctx.rbuf[..B];
             let got = self.ctx.io.read_at(part.files[slot], 0, buf)?;
             headers.push(SegmentHeader::decode(
-                &self.ctx.rbuf.as_slice()[..got],
+                &self.ctx.rbuf[..got],
                 slot as u32,
                 cfg.segment_bytes,
             ));
@@ -1644,7 +1649,7 @@ impl Engine {
                     let got = self.ctx.io.read_at(
                         part.files[last],
                         part.tail_file_off,
-                        &mut part.tail.as_mut_slice()[..B],
+                        &mut part.tail[..B],
                     )?;
                     if got < part.tail_len {
                         return Err(StorageError::Io(io::Error::new(
@@ -1652,7 +1657,7 @@ impl Engine {
                             "segment file shorter than its data",
                         )));
                     }
-                    part.tail.as_mut_slice()[part.tail_len..B].fill(0);
+                    part.tail[part.tail_len..B].fill(0);
                 }
                 if truncated > 0 && problem.is_none() {
                     // Rewrite the partial block and zero the torn bytes, so

@@ -594,6 +594,8 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     backend_name: &'static str,
     max_batch_bytes: usize,
+    /// Held until shutdown: one process per data directory.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for Inner {
@@ -644,6 +646,7 @@ impl Storage {
     ) -> Result<Storage, StorageError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir)?;
+        let lock = io::lock_dir(&cfg.data_dir)?;
         let shared = Arc::new(Shared::default());
         let backend_name = backend.name();
         let max_batch_bytes = cfg.max_batch_bytes;
@@ -655,6 +658,7 @@ impl Storage {
                 thread: Mutex::new(Some(thread)),
                 backend_name,
                 max_batch_bytes,
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -824,6 +828,12 @@ impl Storage {
         };
         self.inner.tx.close();
         let _ = handle.join();
+        // The thread is gone: another storage may open the directory now.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         result
     }
 
@@ -841,5 +851,7 @@ pub(crate) fn test_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(base).expect("tempdir")
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

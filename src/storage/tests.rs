@@ -666,3 +666,17 @@ fn bit_flips_on_read_never_return_corrupt_data() {
     assert!(ok > 0 || disk.faults_injected() > 0);
     s.shutdown().unwrap();
 }
+
+#[test]
+fn one_storage_per_data_dir() {
+    let rig = Rig::files(pwrite_backend);
+    let s = rig.open();
+    let e = rig.open_with(rig.cfg()).unwrap_err();
+    assert!(
+        matches!(&e, StorageError::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock),
+        "{e}"
+    );
+    s.shutdown().unwrap();
+    drop(s);
+    rig.open().shutdown().unwrap();
+}
