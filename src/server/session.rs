@@ -259,6 +259,15 @@ where
             )
         };
         match request.body {
+            RequestBody::Hello(_) if hello_done => {
+                // The version is fixed for the connection; the request is
+                // refused, the connection stays usable.
+                let body = handler::error_body(
+                    ErrorCode::InvalidRequest,
+                    "hello was already done on this connection",
+                );
+                let _ = tx.send(answer(body)).await;
+            }
             RequestBody::Hello(h) => {
                 match protocol::negotiate_version(h.version_min, h.version_max) {
                     Some(version) => {
