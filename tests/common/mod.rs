@@ -54,9 +54,17 @@ impl Broker {
         let data = dir.path().join("data");
         let config_path = dir.path().join("skiff.toml");
         let (top, sections) = split_extra(extra);
-        let text = format!(
-            "data_dir = {data:?}\n{top}\n[server]\nlisten = {tcp:?}\nunix_socket = {unix:?}\n{sections}\n"
-        );
+        let server_keys = format!("listen = {tcp:?}\nunix_socket = {unix:?}\n");
+        // A [server] section in `extra` gets the listeners added to it (TOML
+        // forbids a second [server] header).
+        let sections = match sections.find("[server]\n") {
+            Some(i) => {
+                let at = i + "[server]\n".len();
+                format!("{}{server_keys}{}", &sections[..at], &sections[at..])
+            }
+            None => format!("[server]\n{server_keys}{sections}"),
+        };
+        let text = format!("data_dir = {data:?}\n{top}\n{sections}\n");
         std::fs::write(&config_path, text).expect("writing the config");
         let mut b = Broker {
             log_path: dir.path().join("broker.log"),
