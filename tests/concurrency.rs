@@ -56,7 +56,7 @@ fn eight_producers_exactly_once_and_per_key_order() {
             std::thread::spawn(move || {
                 let producer =
                     blocking::Producer::connect(&tcp, ProducerConfig::default()).expect("producer");
-                let mut seq = vec![0u64; KEYS_PER_PRODUCER];
+                let mut seq = [0u64; KEYS_PER_PRODUCER];
                 let mut deliveries = Vec::with_capacity(RECORDS_PER_PRODUCER);
                 for i in 0..RECORDS_PER_PRODUCER {
                     let k = i % KEYS_PER_PRODUCER;
