@@ -76,6 +76,59 @@ fn random_bytes_are_answered_or_dropped_and_the_broker_survives() {
     b.assert_serves();
 }
 
+/// Reads one answer that must be `malformed_frame` (or, should random bytes
+/// happen to decode as a request, `invalid_request`), then EOF.
+#[track_caller]
+fn expect_refused_body(c: &mut RawConn, what: &str) {
+    let r = c
+        .read_response()
+        .unwrap_or_else(|| panic!("{what}: closed without an answer"));
+    match r.body {
+        ResponseBody::Error(e) => assert!(
+            matches!(
+                e.code,
+                ErrorCode::MalformedFrame | ErrorCode::InvalidRequest
+            ),
+            "{what}: unexpected code {e:?}"
+        ),
+        other => panic!("{what}: expected an error, got {other:?}"),
+    }
+    c.expect_closed();
+}
+
+#[test]
+fn random_bodies_in_valid_frames_are_malformed() {
+    let mut b = Broker::start("");
+    let max_frame = 1_114_112usize; // the embedded default's max_frame_bytes
+    let mut rng = Rng(0x5eed);
+    // Before hello: bodies up to HELLO_FRAME_BYTES_MAX.
+    for size in [1usize, 2, 17, 300, HELLO_FRAME_BYTES_MAX as usize] {
+        let mut c = RawConn::connect(&b.tcp);
+        let mut frame = (size as u32).to_be_bytes().to_vec();
+        frame.extend(rng.bytes(size));
+        c.send(&frame);
+        expect_refused_body(&mut c, &format!("{size} random bytes before hello"));
+    }
+    // After hello: up to max_frame_bytes exactly.
+    for size in [1usize, 5000, 100_000, max_frame] {
+        let mut c = RawConn::connect(&b.tcp);
+        c.hello();
+        let mut frame = (size as u32).to_be_bytes().to_vec();
+        frame.extend(rng.bytes(size));
+        c.send(&frame);
+        expect_refused_body(&mut c, &format!("{size} random bytes after hello"));
+    }
+    // One byte above the limit is refused from the prefix alone.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send(&(max_frame as u32 + 1).to_be_bytes());
+    c.expect_error(ErrorCode::FrameTooLarge);
+    c.expect_closed();
+    let rss = b.rss_kib();
+    assert!(rss < RSS_KIB_MAX, "broker RSS {rss} KiB");
+    b.assert_serves();
+}
+
 #[test]
 fn truncated_hello_is_dropped() {
     let mut b = Broker::start("");
