@@ -171,6 +171,15 @@ fn kill9_restart_keeps_every_acked_record() {
 
 #[test]
 fn kill9_under_a_running_producer_keeps_every_acked_record() {
+    stop_under_a_running_producer(true);
+}
+
+#[test]
+fn sigterm_under_a_running_producer_keeps_every_acked_record() {
+    stop_under_a_running_producer(false);
+}
+
+fn stop_under_a_running_producer(kill: bool) {
     let mut b = Broker::start("");
     create(&b, "live");
     let stop = Arc::new(AtomicBool::new(false));
@@ -235,7 +244,11 @@ fn kill9_under_a_running_producer_keeps_every_acked_record() {
     wait_until(Duration::from_secs(30), "3000 acknowledged records", || {
         acked_count.load(Ordering::SeqCst) >= 3000
     });
-    b.kill9();
+    if kill {
+        b.kill9();
+    } else {
+        assert_eq!(b.stop(), Some(0), "SIGTERM exit status:\n{}", b.log());
+    }
     stop.store(true, Ordering::SeqCst);
     let producer = producer.join().expect("producer thread");
     let (acked, failed) = acker.join().expect("acker thread");
