@@ -293,7 +293,16 @@ impl Broker {
     pub fn assert_serves(&mut self) {
         assert!(self.is_alive(), "the broker died:\n{}", self.log());
         let topic = unique_topic("alive");
-        assert_ok(&self.cli(&["topics", "create", &topic]));
+        // Small rings: these probes add up over a test's many checks.
+        assert_ok(&self.cli(&[
+            "topics",
+            "create",
+            &topic,
+            "--segment-bytes",
+            &PROBE_SEGMENT_BYTES.to_string(),
+            "--segments",
+            "2",
+        ]));
         let value = format!("still-serving-{topic}");
         assert_ok(&self.cli(&["produce", &topic, &value]));
         let o = self.cli(&["consume", &topic, "--count", "1", "--timeout-ms", "10000"]);
@@ -302,6 +311,11 @@ impl Broker {
         assert!(self.is_alive(), "the broker died:\n{}", self.log());
     }
 }
+
+/// Segment size of the probe topics of [`Broker::assert_serves`]: the
+/// smallest that holds a batch of the default `max_batch_bytes` (1 MiB) plus
+/// 4 KiB, rounded to 4 KiB.
+pub const PROBE_SEGMENT_BYTES: u64 = 1024 * 1024 + 8192;
 
 /// A raw protocol connection for feeding the broker bytes by hand.
 pub struct RawConn {
