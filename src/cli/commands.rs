@@ -106,8 +106,14 @@ fn exit_code_for(e: &ClientError) -> u8 {
 }
 
 pub fn produce(args: ProduceArgs) -> ExitCode {
+    // Connect first so that a broker that is not there is reported with its
+    // address, as for the other commands.
+    let client = match connect(&args.broker.broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let result = smol::block_on(async {
-        let producer = Producer::connect(&args.broker.broker, ProducerConfig::default()).await?;
+        let producer = Producer::new(client, ProducerConfig::default()).await?;
         let key = args.key.as_deref().map(str::as_bytes);
         let mut pending: VecDeque<Delivery> = VecDeque::new();
         let mut sent = 0u64;
@@ -224,6 +230,10 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             ),
         );
     };
+    let client = match connect(&args.broker.broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let stdout = std::io::stdout();
     let result = smol::block_on(async {
         let config = ConsumerConfig {
@@ -231,7 +241,7 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             offset_reset: OffsetReset::Earliest,
             ..ConsumerConfig::default()
         };
-        let mut consumer = Consumer::connect(&args.broker.broker, config).await?;
+        let mut consumer = Consumer::new(client, config);
         let partitions = args.partition.map(|p| vec![p]);
         consumer
             .assign(&args.topic, partitions.as_deref(), from)

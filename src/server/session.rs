@@ -160,9 +160,10 @@ async fn next_frame<S: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     filled: &mut usize,
     ctx: &Ctx,
+    max_frame_bytes: usize,
 ) -> Result<Next, SessionEnd> {
     loop {
-        match frame_len(&buf[..*filled], ctx.settings.max_frame_bytes as u32) {
+        match frame_len(&buf[..*filled], max_frame_bytes as u32) {
             Ok(Some(n)) => return Ok(Next::Frame(n)),
             Ok(None) => {}
             Err(e) => return Err(SessionEnd::Frame(e)),
@@ -175,7 +176,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
             }
         }
         if *filled == buf.len() {
-            let grow = (buf.len() * 2).min(ctx.settings.max_frame_bytes + FRAME_HEADER_BYTES);
+            let grow = (buf.len() * 2).min(max_frame_bytes + FRAME_HEADER_BYTES);
             buf.resize(grow.max(buf.len() + 1), 0);
         }
         let read = futures_lite::future::or(
@@ -214,7 +215,16 @@ where
     let mut filled = 0usize;
     let mut hello_done = false;
     loop {
-        let n = match next_frame(&mut stream, &mut buf, &mut filled, ctx).await {
+        // Before hello only a hello-sized frame is accepted: a peer that
+        // opens with more is not a skiff client (docs/protocol.md).
+        let max_frame_bytes = if hello_done {
+            ctx.settings.max_frame_bytes
+        } else {
+            ctx.settings
+                .max_frame_bytes
+                .min(protocol::HELLO_FRAME_BYTES_MAX as usize)
+        };
+        let n = match next_frame(&mut stream, &mut buf, &mut filled, ctx, max_frame_bytes).await {
             Ok(Next::Frame(n)) => n,
             Ok(Next::Eof) | Ok(Next::Shutdown) => return Ok(()),
             Err(SessionEnd::Frame(e)) => {
@@ -249,6 +259,15 @@ where
             )
         };
         match request.body {
+            RequestBody::Hello(_) if hello_done => {
+                // The version is fixed for the connection; the request is
+                // refused, the connection stays usable.
+                let body = handler::error_body(
+                    ErrorCode::InvalidRequest,
+                    "hello was already done on this connection",
+                );
+                let _ = tx.send(answer(body)).await;
+            }
             RequestBody::Hello(h) => {
                 match protocol::negotiate_version(h.version_min, h.version_max) {
                     Some(version) => {

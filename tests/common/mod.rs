@@ -54,9 +54,17 @@ impl Broker {
         let data = dir.path().join("data");
         let config_path = dir.path().join("skiff.toml");
         let (top, sections) = split_extra(extra);
-        let text = format!(
-            "data_dir = {data:?}\n{top}\n[server]\nlisten = {tcp:?}\nunix_socket = {unix:?}\n{sections}\n"
-        );
+        let server_keys = format!("listen = {tcp:?}\nunix_socket = {unix:?}\n");
+        // A [server] section in `extra` gets the listeners added to it (TOML
+        // forbids a second [server] header).
+        let sections = match sections.find("[server]\n") {
+            Some(i) => {
+                let at = i + "[server]\n".len();
+                format!("{}{server_keys}{}", &sections[..at], &sections[at..])
+            }
+            None => format!("[server]\n{server_keys}{sections}"),
+        };
+        let text = format!("data_dir = {data:?}\n{top}\n{sections}\n");
         std::fs::write(&config_path, text).expect("writing the config");
         let mut b = Broker {
             log_path: dir.path().join("broker.log"),
@@ -178,7 +186,10 @@ fn unsafe_kill(pid: u32, sig: i32) {
 }
 
 fn split_extra(extra: &str) -> (String, String) {
-    match extra.find("\n[").or_else(|| extra.starts_with('[').then_some(0)) {
+    match extra
+        .find("\n[")
+        .or_else(|| extra.starts_with('[').then_some(0))
+    {
         Some(i) => (extra[..i].to_owned(), extra[i..].to_owned()),
         None => (extra.to_owned(), String::new()),
     }
@@ -235,4 +246,196 @@ pub fn assert_ok(o: &Output) {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after
+/// `timeout`. For waiting on a condition instead of sleeping.
+#[track_caller]
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+static NEXT_TOPIC: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A topic name not used before in this test process.
+pub fn unique_topic(prefix: &str) -> String {
+    let n = NEXT_TOPIC.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{n}")
+}
+
+impl Broker {
+    /// Whether the broker process is still running (not exited).
+    pub fn is_alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The broker's resident set size in KiB, from /proc/PID/status.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Checks that the broker still serves a client: creates a fresh topic,
+    /// produces one record with the CLI and consumes it back.
+    #[track_caller]
+    pub fn assert_serves(&mut self) {
+        assert!(self.is_alive(), "the broker died:\n{}", self.log());
+        let topic = unique_topic("alive");
+        // Small rings: these probes add up over a test's many checks.
+        assert_ok(&self.cli(&[
+            "topics",
+            "create",
+            &topic,
+            "--segment-bytes",
+            &PROBE_SEGMENT_BYTES.to_string(),
+            "--segments",
+            "2",
+        ]));
+        let value = format!("still-serving-{topic}");
+        assert_ok(&self.cli(&["produce", &topic, &value]));
+        let o = self.cli(&["consume", &topic, "--count", "1", "--timeout-ms", "10000"]);
+        assert_ok(&o);
+        assert_eq!(stdout(&o), format!("{value}\n"));
+        assert!(self.is_alive(), "the broker died:\n{}", self.log());
+    }
+}
+
+/// Segment size of the probe topics of [`Broker::assert_serves`]: the
+/// smallest that holds a batch of the default `max_batch_bytes` (1 MiB) plus
+/// 4 KiB, rounded to 4 KiB.
+pub const PROBE_SEGMENT_BYTES: u64 = 1024 * 1024 + 8192;
+
+/// A raw protocol connection for feeding the broker bytes by hand.
+pub struct RawConn {
+    pub stream: std::net::TcpStream,
+}
+
+/// How long a raw read waits for the broker before the test fails.
+pub const RAW_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RawConn {
+    pub fn connect(addr: &str) -> RawConn {
+        let stream = std::net::TcpStream::connect(addr).expect("connecting to the broker");
+        stream
+            .set_read_timeout(Some(RAW_READ_TIMEOUT))
+            .expect("setting a read timeout");
+        RawConn { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("writing to the broker");
+    }
+
+    pub fn send_request(&mut self, correlation_id: u32, body: skiff::protocol::RequestBody) {
+        let mut buf = Vec::new();
+        skiff::protocol::encode_request(
+            &skiff::protocol::Request {
+                correlation_id,
+                body,
+            },
+            &mut buf,
+        )
+        .expect("encoding a request");
+        self.send(&buf);
+    }
+
+    /// Sends a hello for version 1 and checks the answer.
+    pub fn hello(&mut self) {
+        self.send_request(1, hello_body(1, 1));
+        let r = self.read_response().expect("a hello answer");
+        assert!(
+            matches!(r.body, skiff::protocol::ResponseBody::Hello(_)),
+            "expected a hello answer, got {r:?}"
+        );
+    }
+
+    /// Reads one whole frame body; `None` on a clean EOF before any byte.
+    /// Panics on a timeout or EOF inside a frame.
+    pub fn read_frame(&mut self) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.stream.read(&mut prefix[got..]) {
+                Ok(0) if got == 0 => return None,
+                Ok(0) => panic!("EOF inside a frame prefix"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("reading from the broker: {e}"),
+            }
+        }
+        let len = u32::from_be_bytes(prefix) as usize;
+        assert!(len <= 64 * 1024 * 1024, "absurd frame length {len}");
+        let mut body = vec![0u8; len];
+        self.stream
+            .read_exact(&mut body)
+            .expect("reading a frame body");
+        Some(body)
+    }
+
+    pub fn read_response(&mut self) -> Option<skiff::protocol::Response> {
+        self.read_frame()
+            .map(|b| skiff::protocol::decode_response(&b).expect("the broker sent a valid frame"))
+    }
+
+    /// Reads one response, which must be an error with `code`; returns it.
+    #[track_caller]
+    pub fn expect_error(&mut self, code: skiff::protocol::ErrorCode) -> skiff::protocol::Response {
+        let r = self
+            .read_response()
+            .unwrap_or_else(|| panic!("connection closed; expected error {code:?}"));
+        match &r.body {
+            skiff::protocol::ResponseBody::Error(e) => {
+                assert_eq!(e.code, code, "unexpected error: {r:?}")
+            }
+            other => panic!("expected error {code:?}, got {other:?}"),
+        }
+        r
+    }
+
+    /// The broker closes the connection: EOF (or reset) within the timeout,
+    /// with no further frame.
+    #[track_caller]
+    pub fn expect_closed(&mut self) {
+        if let Some(b) = self.read_frame() {
+            panic!(
+                "expected the connection to close, got a frame: {:?}",
+                skiff::protocol::decode_response(&b)
+            );
+        }
+    }
+}
+
+pub fn hello_body(version_min: u16, version_max: u16) -> skiff::protocol::RequestBody {
+    skiff::protocol::RequestBody::Hello(skiff::protocol::HelloRequest {
+        version_min,
+        version_max,
+        client_name: Some("skiff-e2e".to_owned()),
+    })
+}
+
+/// The bytes of one request frame.
+pub fn request_frame(correlation_id: u32, body: skiff::protocol::RequestBody) -> Vec<u8> {
+    let mut buf = Vec::new();
+    skiff::protocol::encode_request(
+        &skiff::protocol::Request {
+            correlation_id,
+            body,
+        },
+        &mut buf,
+    )
+    .expect("encoding a request");
+    buf
 }

@@ -1,0 +1,437 @@
+//! The CLI contract end to end: topics admin, produce, consume (text and
+//! JSON), the --from/--partition/--count/--timeout-ms flags, both transports,
+//! and exit codes. Everything runs the real `skiff` binary.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use common::*;
+use serde_json::Value;
+use skiff::client::{blocking, ProducerConfig};
+use skiff::protocol::CreateTopicRequest;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+fn lines(o: &std::process::Output) -> Vec<String> {
+    stdout(o).lines().map(str::to_owned).collect()
+}
+
+fn json_lines(o: &std::process::Output) -> Vec<Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// Exit code `code` and exactly one stderr line containing every `needles`.
+#[track_caller]
+fn assert_fails(o: &std::process::Output, code: i32, needles: &[&str]) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "one stderr line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr should name {n:?}: {err}");
+    }
+}
+
+#[test]
+fn topics_create_list_describe_delete() {
+    let b = Broker::start("");
+    let o = b.cli(&[
+        "topics",
+        "create",
+        "orders",
+        "--partitions",
+        "3",
+        "--segment-bytes",
+        "1048576",
+        "--segments",
+        "3",
+        "--retention-ms",
+        "60000",
+        "--fsync",
+        "interval:50",
+        "--overflow",
+        "reject",
+    ]);
+    assert_ok(&o);
+    let created = lines(&o);
+    assert_eq!(
+        created,
+        [
+            "topic: orders",
+            "partitions: 3",
+            "segment_bytes: 1048576",
+            "segments: 3",
+            "retention_ms: 60000",
+            "fsync: interval:50",
+            "overflow: reject",
+        ]
+    );
+    assert_ok(&b.cli(&["topics", "create", "audit"]));
+
+    let o = b.cli(&["topics", "list"]);
+    assert_ok(&o);
+    assert_eq!(lines(&o), ["audit", "orders"]);
+
+    assert_ok(&b.cli(&["produce", "orders", "--partition", "1", "a", "b"]));
+    let o = b.cli(&["topics", "describe", "orders"]);
+    assert_ok(&o);
+    let mut expected = created.clone();
+    expected.extend([
+        "partition 0: earliest 0 latest 0".to_owned(),
+        "partition 1: earliest 0 latest 2".to_owned(),
+        "partition 2: earliest 0 latest 0".to_owned(),
+    ]);
+    assert_eq!(lines(&o), expected);
+
+    // Creating it again is an error naming the topic.
+    let o = b.cli(&["topics", "create", "orders"]);
+    assert_fails(&o, 1, &["orders"]);
+
+    let o = b.cli(&["topics", "delete", "orders"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "");
+    let o = b.cli(&["topics", "list"]);
+    assert_ok(&o);
+    assert_eq!(lines(&o), ["audit"]);
+    assert_fails(&b.cli(&["topics", "describe", "orders"]), 1, &["orders"]);
+    assert_fails(&b.cli(&["topics", "delete", "orders"]), 1, &["orders"]);
+
+    // A bad policy is a usage error.
+    let o = b.cli(&["topics", "create", "x", "--fsync", "sometimes"]);
+    assert_fails(&o, 2, &["fsync"]);
+}
+
+#[test]
+fn produce_values_and_stdin_consume_text_over_tcp_and_unix() {
+    let b = Broker::start("");
+    let unix = b.unix.to_str().expect("utf-8 path").to_owned();
+    assert_ok(&run_cli(&["topics", "create", "t"], &unix, None));
+    assert_ok(&b.cli(&["produce", "t", "one", "two words", ""]));
+    // Stdin: one record per line, CRLF stripped, a last line without a
+    // newline still counts, empty lines are empty records.
+    let o = run_cli(
+        &["produce", "t"],
+        &unix,
+        Some(b"three\r\nfour\n\nfive\xffbytes\nsix"),
+    );
+    assert_ok(&o);
+    let expected: Vec<&[u8]> = vec![
+        b"one",
+        b"two words",
+        b"",
+        b"three",
+        b"four",
+        b"",
+        b"five\xffbytes",
+        b"six",
+    ];
+    let mut want = Vec::new();
+    for v in &expected {
+        want.extend_from_slice(v);
+        want.push(b'\n');
+    }
+    for broker in [b.tcp.as_str(), unix.as_str()] {
+        let o = run_cli(&["consume", "t", "--timeout-ms", "300"], broker, None);
+        assert_ok(&o);
+        assert_eq!(o.stdout, want, "via {broker}");
+        // JSON: offsets in order, the non-UTF-8 line in base64.
+        let o = run_cli(
+            &["consume", "t", "--format", "json", "--count", "8"],
+            broker,
+            None,
+        );
+        assert_ok(&o);
+        let recs = json_lines(&o);
+        assert_eq!(recs.len(), 8);
+        for (i, (r, v)) in recs.iter().zip(&expected).enumerate() {
+            assert_eq!(r["offset"], i as u64);
+            match std::str::from_utf8(v) {
+                Ok(s) => {
+                    assert_eq!(r["value"], s);
+                    assert_eq!(r["value_encoding"], "utf8");
+                }
+                Err(_) => {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(v);
+                    assert_eq!(r["value"], b64.as_str());
+                    assert_eq!(r["value_encoding"], "base64");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn consume_json_has_every_field_and_base64_for_binary() {
+    let b = Broker::start("");
+    let client = blocking::Client::connect(&b.tcp).expect("connect");
+    client
+        .create_topic(CreateTopicRequest {
+            name: "bin".to_owned(),
+            partitions: Some(2),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+    let producer = blocking::Producer::new(&client, ProducerConfig::default()).expect("producer");
+    let before = now_ms();
+    let d1 = producer.send_to(
+        "bin",
+        1,
+        Some(&[0xff, 0x00, 0xfe]),
+        &[0x80, 0x81, b'x', 0x00],
+        &[("trace", b"abc"), ("raw", &[0xc3, 0x28])],
+    );
+    let d2 = producer.send_to("bin", 1, Some(b"k\xc3\xa9"), "héllo".as_bytes(), &[]);
+    let d3 = producer.send_to("bin", 0, None, b"plain", &[]);
+    producer.flush();
+    let m1 = blocking::wait(d1).expect("ack");
+    let m2 = blocking::wait(d2).expect("ack");
+    let m3 = blocking::wait(d3).expect("ack");
+    let after = now_ms();
+    assert_eq!((m1.partition, m1.offset), (1, 0));
+    assert_eq!((m2.partition, m2.offset), (1, 1));
+    assert_eq!((m3.partition, m3.offset), (0, 0));
+
+    let o = b.cli(&[
+        "consume",
+        "bin",
+        "--format",
+        "json",
+        "--partition",
+        "1",
+        "--count",
+        "2",
+    ]);
+    assert_ok(&o);
+    let recs = json_lines(&o);
+    assert_eq!(recs.len(), 2);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let r = &recs[0];
+    let obj = r.as_object().expect("an object");
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "headers",
+            "key",
+            "key_encoding",
+            "offset",
+            "partition",
+            "timestamp",
+            "topic",
+            "value",
+            "value_encoding"
+        ]
+    );
+    assert_eq!(r["topic"], "bin");
+    assert_eq!(r["partition"], 1);
+    assert_eq!(r["offset"], 0);
+    let ts = r["timestamp"].as_i64().expect("timestamp is an integer");
+    assert!(before <= ts && ts <= after, "{before} <= {ts} <= {after}");
+    assert_eq!(r["key"], b64(&[0xff, 0x00, 0xfe]).as_str());
+    assert_eq!(r["key_encoding"], "base64");
+    assert_eq!(r["value"], b64(&[0x80, 0x81, b'x', 0x00]).as_str());
+    assert_eq!(r["value_encoding"], "base64");
+    assert_eq!(
+        r["headers"],
+        serde_json::json!([
+            {"name": "trace", "value": "abc", "value_encoding": "utf8"},
+            {"name": "raw", "value": b64(&[0xc3, 0x28]), "value_encoding": "base64"},
+        ])
+    );
+    let r = &recs[1];
+    assert_eq!(r["offset"], 1);
+    assert_eq!(r["key"], "ké");
+    assert_eq!(r["key_encoding"], "utf8");
+    assert_eq!(r["value"], "héllo");
+    assert_eq!(r["value_encoding"], "utf8");
+    assert_eq!(r["headers"], serde_json::json!([]));
+
+    let o = b.cli(&[
+        "consume",
+        "bin",
+        "--format",
+        "json",
+        "--partition",
+        "0",
+        "--timeout-ms",
+        "300",
+    ]);
+    assert_ok(&o);
+    let recs = json_lines(&o);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["key"], Value::Null);
+    assert_eq!(recs[0]["key_encoding"], Value::Null);
+    assert_eq!(recs[0]["value"], "plain");
+    assert_eq!(recs[0]["partition"], 0);
+}
+
+#[test]
+fn from_partition_count_and_timeout_flags() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "f", "--partitions", "2"]));
+    assert_ok(&b.cli(&["produce", "f", "--partition", "0", "a0", "a1", "a2"]));
+    assert_ok(&b.cli(&["produce", "f", "--partition", "1", "b0", "b1"]));
+    // A time strictly after every record so far.
+    let t = {
+        let last = now_ms();
+        wait_until(Duration::from_secs(5), "the clock to tick", || {
+            now_ms() > last
+        });
+        now_ms()
+    };
+    assert_ok(&b.cli(&["produce", "f", "--partition", "0", "a3", "a4"]));
+
+    let consume = |args: &[&str]| {
+        let mut all = vec!["consume", "f", "--timeout-ms", "300"];
+        all.extend_from_slice(args);
+        let o = b.cli(&all);
+        assert_ok(&o);
+        lines(&o)
+    };
+    assert_eq!(
+        consume(&["--partition", "0"]),
+        ["a0", "a1", "a2", "a3", "a4"]
+    );
+    assert_eq!(
+        consume(&["--partition", "0", "--from", "earliest"]),
+        ["a0", "a1", "a2", "a3", "a4"]
+    );
+    assert_eq!(consume(&["--partition", "1"]), ["b0", "b1"]);
+    assert_eq!(consume(&["--partition", "0", "--from", "3"]), ["a3", "a4"]);
+    assert_eq!(consume(&["--partition", "1", "--from", "1"]), ["b1"]);
+    assert_eq!(
+        consume(&["--partition", "0", "--from", &format!("@{t}")]),
+        ["a3", "a4"]
+    );
+    // Every record of partition 1 is older than t: nothing.
+    assert!(consume(&["--partition", "1", "--from", &format!("@{t}")]).is_empty());
+    assert!(consume(&["--from", "latest"]).is_empty());
+    // All partitions: every record once.
+    let mut all = consume(&[]);
+    all.sort();
+    assert_eq!(all, ["a0", "a1", "a2", "a3", "a4", "b0", "b1"]);
+    assert_eq!(consume(&["--partition", "0", "--count", "2"]), ["a0", "a1"]);
+
+    // --count without --timeout-ms exits as soon as it has its records.
+    let o = b.cli(&[
+        "consume",
+        "f",
+        "--partition",
+        "0",
+        "--from",
+        "4",
+        "--count",
+        "1",
+    ]);
+    assert_ok(&o);
+    assert_eq!(lines(&o), ["a4"]);
+
+    // --timeout-ms on an idle partition: exits 0 promptly with nothing.
+    let started = Instant::now();
+    let o = b.cli(&["consume", "f", "--from", "latest", "--timeout-ms", "200"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // --from latest sees only records produced after it started: keep
+    // producing until the consumer picks one up.
+    let mut child = Command::new(BIN)
+        .args([
+            "consume",
+            "f",
+            "--partition",
+            "1",
+            "--from",
+            "latest",
+            "--count",
+            "1",
+            "--broker",
+        ])
+        .arg(&b.tcp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning consume");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    while child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "consume --from latest never got a record"
+        );
+        assert_ok(&b.cli(&["produce", "f", "--partition", "1", &format!("new{n}")]));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().expect("consume output");
+    assert_ok(&o);
+    let got = lines(&o);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].starts_with("new"), "{got:?}");
+}
+
+#[test]
+fn exit_codes_and_error_messages() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "exists"]));
+
+    assert_fails(
+        &b.cli(&["consume", "missing-topic", "--timeout-ms", "300"]),
+        1,
+        &["missing-topic"],
+    );
+    assert_fails(
+        &b.cli(&["produce", "missing-topic", "v"]),
+        1,
+        &["missing-topic"],
+    );
+    assert_fails(
+        &b.cli(&["topics", "describe", "missing-topic"]),
+        1,
+        &["missing-topic"],
+    );
+
+    for bad in ["yesterday", "-1", "@", "@soon", "12x"] {
+        let o = b.cli(&["consume", "exists", &format!("--from={bad}")]);
+        assert_fails(&o, 2, &["--from", bad]);
+    }
+
+    let o = b.cli(&["consume", "exists", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--no-such-flag"), "{}", stderr(&o));
+    let o = run_bin(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    // No broker there: a closed port and a missing socket path.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let o = run_cli(&["topics", "list"], &addr, None);
+    assert_fails(&o, 1, &["cannot connect", &addr]);
+    let gone = b.dir.path().join("nobody.sock");
+    let gone = gone.to_str().expect("utf-8 path");
+    let o = run_cli(&["produce", "exists", "v"], gone, None);
+    assert_fails(&o, 1, &[gone]);
+    let o = run_cli(&["consume", "exists", "--timeout-ms", "100"], gone, None);
+    assert_fails(&o, 1, &[gone]);
+}

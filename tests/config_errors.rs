@@ -1,0 +1,237 @@
+//! Configuration errors stop `skiff serve` with exit status 2 and a message
+//! naming the key and the file; the connection and batch limits hold on a
+//! running broker.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use minicbor::bytes::ByteVec;
+use skiff::batch::{BatchBuilder, ProducerStamp};
+use skiff::client::blocking;
+use skiff::protocol::{CreateTopicRequest, ErrorCode, ProducePartition};
+
+/// A `skiff serve` that wrongly accepts a bad config would run forever: give
+/// it this long, then kill it and fail.
+const SERVE_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `skiff ARGS` in `cwd` and waits for it to exit, bounded.
+fn run_in(cwd: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running skiff");
+    let deadline = Instant::now() + SERVE_EXIT_TIMEOUT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().expect("output");
+            panic!(
+                "skiff {args:?} did not exit:\nstdout: {}\nstderr: {}",
+                stdout(&o),
+                stderr(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Exit status 2, one stderr line containing every needle.
+#[track_caller]
+fn assert_usage_error(o: &Output, needles: &[&str]) {
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "one stderr line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr should name {n:?}: {err}");
+    }
+}
+
+/// Writes `text` to `name` in `dir` with a data_dir and listeners that
+/// cannot collide with anything, so a wrongly accepted config stays local.
+fn config_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("writing the config");
+    path.to_str().expect("utf-8 path").to_owned()
+}
+
+#[test]
+fn serve_refuses_bad_configs_with_exit_2_naming_key_and_file() {
+    let dir = temp_dir();
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nmax_conections = 3\n", "server.max_conections"),
+        (
+            "[topic_defaults]\nsegments = 1\n",
+            "topic_defaults.segments",
+        ),
+        (
+            "[topic_defaults]\nfsync = \"sometimes\"\n",
+            "topic_defaults.fsync",
+        ),
+        (
+            "[server]\nmax_connections = \"x\"\n",
+            "server.max_connections",
+        ),
+        ("colour = \"blue\"\n", "colour"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let file = config_file(dir.path(), &format!("bad{i}.toml"), text);
+        let o = run_in(dir.path(), &["serve", "--config", &file]);
+        assert_usage_error(&o, &[key, &file]);
+        let o = run_in(dir.path(), &["config", "check", &file]);
+        assert_usage_error(&o, &[key, &file]);
+    }
+    // Nothing was started: no data directory, no socket.
+    assert!(!dir.path().join("skiff-data").exists());
+    assert!(!dir.path().join("skiff.sock").exists());
+
+    let missing = dir.path().join("nope.toml");
+    let missing = missing.to_str().expect("utf-8 path");
+    let o = run_in(dir.path(), &["serve", "--config", missing]);
+    assert_usage_error(&o, &[missing]);
+    let o = run_in(dir.path(), &["config", "check", missing]);
+    assert_usage_error(&o, &[missing]);
+
+    let o = run_in(dir.path(), &["serve", "--profile", "nope"]);
+    assert_usage_error(&o, &["nope"]);
+    let o = run_in(dir.path(), &["serve", "--listen", "not-an-address"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!dir.path().join("skiff-data").exists());
+}
+
+#[test]
+fn config_check_accepts_a_good_file() {
+    let dir = temp_dir();
+    let file = config_file(
+        dir.path(),
+        "good.toml",
+        "data_dir = \"/var/lib/skiff\"\n[server]\nmax_connections = 8\n[topic_defaults]\nfsync = \"interval:100\"\n",
+    );
+    let o = run_in(dir.path(), &["config", "check", &file]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("max_connections = 8"), "{out}");
+    assert!(out.contains("interval:100"), "{out}");
+    // With no file: the embedded default, valid by construction.
+    assert_ok(&run_in(dir.path(), &["config", "check"]));
+    // A profile from the file is layered in.
+    let file = config_file(dir.path(), "prof.toml", "profile = \"pi4-sd\"\n");
+    assert_ok(&run_in(dir.path(), &["config", "check", &file]));
+}
+
+/// Connects and says hello; `None` when the broker refused the connection
+/// with too_many_connections.
+fn try_hello(addr: &str) -> Option<RawConn> {
+    let mut c = RawConn::connect(addr);
+    c.send_request(1, hello_body(1, 1));
+    let r = c.read_response()?;
+    match r.body {
+        skiff::protocol::ResponseBody::Hello(_) => Some(c),
+        skiff::protocol::ResponseBody::Error(e) if e.code == ErrorCode::TooManyConnections => None,
+        other => panic!("unexpected answer to hello: {other:?}"),
+    }
+}
+
+#[test]
+fn the_connection_limit_refuses_the_third_connection() {
+    let mut b = Broker::start("[server]\nmax_connections = 2\n");
+    // The readiness probes may still count for a moment: retry until two
+    // connections are in.
+    let mut held = Vec::new();
+    wait_until(Duration::from_secs(10), "two admitted connections", || {
+        if let Some(c) = try_hello(&b.tcp) {
+            held.push(c);
+        }
+        held.len() == 2
+    });
+    let mut third = RawConn::connect(&b.tcp);
+    let r = third.expect_error(ErrorCode::TooManyConnections);
+    assert_eq!(r.correlation_id, 0);
+    third.expect_closed();
+    // The admitted ones still work.
+    for c in &mut held {
+        c.send_request(
+            2,
+            skiff::protocol::RequestBody::ListTopics(Default::default()),
+        );
+        let r = c.read_response().expect("an answer");
+        assert!(
+            matches!(r.body, skiff::protocol::ResponseBody::ListTopics(_)),
+            "{r:?}"
+        );
+    }
+    // A freed slot is usable again.
+    held.pop();
+    let mut again = None;
+    wait_until(Duration::from_secs(10), "a freed connection slot", || {
+        again = try_hello(&b.tcp);
+        again.is_some()
+    });
+    assert!(b.is_alive());
+    drop(again);
+    drop(held);
+}
+
+fn batch_of(value_bytes: usize) -> ByteVec {
+    let mut bb = BatchBuilder::new();
+    bb.push(1_700_000_000_000, None, &vec![b'x'; value_bytes], &[]);
+    ByteVec::from(bb.finish(ProducerStamp::NONE))
+}
+
+#[test]
+fn a_batch_above_max_batch_bytes_is_refused_for_its_partition_only() {
+    let mut b = Broker::start("[storage]\nmax_batch_bytes = 1024\n");
+    let client = blocking::Client::connect(&b.tcp).expect("connect");
+    assert_eq!(client.server_info().expect("info").max_batch_bytes, 1024);
+    client
+        .create_topic(CreateTopicRequest {
+            name: "limits".to_owned(),
+            partitions: Some(2),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+    let results = client
+        .produce_raw(vec![
+            ProducePartition {
+                topic: "limits".to_owned(),
+                partition: 0,
+                batch: batch_of(2000),
+            },
+            ProducePartition {
+                topic: "limits".to_owned(),
+                partition: 1,
+                batch: batch_of(100),
+            },
+        ])
+        .expect("produce answered");
+    assert_eq!(results[0].error, ErrorCode::BatchTooLarge, "{results:?}");
+    assert_eq!(results[1].offsets(), Ok((0, 0)), "{results:?}");
+    // The connection keeps working.
+    assert_eq!(client.list_topics().expect("list"), ["limits"]);
+    let results = client
+        .produce_raw(vec![ProducePartition {
+            topic: "limits".to_owned(),
+            partition: 0,
+            batch: batch_of(500),
+        }])
+        .expect("produce answered");
+    assert_eq!(results[0].offsets(), Ok((0, 0)), "{results:?}");
+    let d = client.describe_topic("limits").expect("describe");
+    let latest: Vec<u64> = d.partitions.iter().map(|p| p.latest_offset).collect();
+    assert_eq!(latest, [1, 1]);
+    b.assert_serves();
+}

@@ -1,0 +1,265 @@
+//! Hostile and broken peers on a raw TcpStream: the broker answers with the
+//! documented error frame where there is one, closes the connection, and
+//! keeps serving everyone else.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+
+use common::*;
+use skiff::protocol::{
+    ErrorCode, ListTopicsRequest, RequestBody, ResponseBody, HELLO_FRAME_BYTES_MAX,
+};
+
+/// The broker's RSS after a hostile prefix must stay below this: a broker
+/// that allocated for the declared length would be far above it.
+const RSS_KIB_MAX: u64 = 64 * 1024;
+
+/// xorshift64*: a seeded generator, so a failure replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[test]
+fn random_bytes_are_answered_or_dropped_and_the_broker_survives() {
+    let mut b = Broker::start("");
+    for (seed, size) in [
+        (1u64, 1usize),
+        (2, 3),
+        (3, 4),
+        (4, 7),
+        (5, 64),
+        (6, 1000),
+        (7, 4096),
+        (8, 65_536),
+        (9, 300_000),
+    ] {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+        let bytes = rng.bytes(size);
+        let mut c = RawConn::connect(&b.tcp);
+        // The broker may close before reading everything: a failed write is
+        // an answer too.
+        let _ = c.stream.write_all(&bytes);
+        let _ = c.stream.shutdown(Shutdown::Write);
+        // Whatever it sent must be one valid error frame, then EOF.
+        if let Some(body) = c.read_frame() {
+            let r = skiff::protocol::decode_response(&body)
+                .unwrap_or_else(|e| panic!("seed {seed}: undecodable answer: {e}"));
+            match r.body {
+                ResponseBody::Error(e) => assert!(
+                    matches!(
+                        e.code,
+                        ErrorCode::FrameTooLarge
+                            | ErrorCode::MalformedFrame
+                            | ErrorCode::InvalidRequest
+                    ),
+                    "seed {seed} size {size}: unexpected code {e:?}"
+                ),
+                other => panic!("seed {seed}: expected an error, got {other:?}"),
+            }
+            c.expect_closed();
+        }
+        assert!(b.is_alive(), "seed {seed} size {size} killed the broker");
+        b.assert_serves();
+    }
+}
+
+/// Reads one answer that must be `malformed_frame` (or, should random bytes
+/// happen to decode as a request, `invalid_request`), then EOF.
+#[track_caller]
+fn expect_refused_body(c: &mut RawConn, what: &str) {
+    let r = c
+        .read_response()
+        .unwrap_or_else(|| panic!("{what}: closed without an answer"));
+    match r.body {
+        ResponseBody::Error(e) => assert!(
+            matches!(
+                e.code,
+                ErrorCode::MalformedFrame | ErrorCode::InvalidRequest
+            ),
+            "{what}: unexpected code {e:?}"
+        ),
+        other => panic!("{what}: expected an error, got {other:?}"),
+    }
+    c.expect_closed();
+}
+
+#[test]
+fn random_bodies_in_valid_frames_are_malformed() {
+    let mut b = Broker::start("");
+    let max_frame = 1_114_112usize; // the embedded default's max_frame_bytes
+    let mut rng = Rng(0x5eed);
+    // Before hello: bodies up to HELLO_FRAME_BYTES_MAX.
+    for size in [1usize, 2, 17, 300, HELLO_FRAME_BYTES_MAX as usize] {
+        let mut c = RawConn::connect(&b.tcp);
+        let mut frame = (size as u32).to_be_bytes().to_vec();
+        frame.extend(rng.bytes(size));
+        c.send(&frame);
+        expect_refused_body(&mut c, &format!("{size} random bytes before hello"));
+    }
+    // After hello: up to max_frame_bytes exactly.
+    for size in [1usize, 5000, 100_000, max_frame] {
+        let mut c = RawConn::connect(&b.tcp);
+        c.hello();
+        let mut frame = (size as u32).to_be_bytes().to_vec();
+        frame.extend(rng.bytes(size));
+        c.send(&frame);
+        expect_refused_body(&mut c, &format!("{size} random bytes after hello"));
+    }
+    // One byte above the limit is refused from the prefix alone.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send(&(max_frame as u32 + 1).to_be_bytes());
+    c.expect_error(ErrorCode::FrameTooLarge);
+    c.expect_closed();
+    let rss = b.rss_kib();
+    assert!(rss < RSS_KIB_MAX, "broker RSS {rss} KiB");
+    b.assert_serves();
+}
+
+#[test]
+fn truncated_hello_is_dropped() {
+    let mut b = Broker::start("");
+    let frame = request_frame(7, hello_body(1, 1));
+    let body = &frame[4..];
+    for cut in [1, body.len() / 2, body.len() - 1] {
+        // The full length prefix, part of the body, then close: the broker
+        // sees EOF inside a frame and drops the connection without an answer.
+        let mut c = RawConn::connect(&b.tcp);
+        c.send(&frame[..4 + cut]);
+        c.stream.shutdown(Shutdown::Write).expect("shutdown");
+        c.expect_closed();
+
+        // A complete frame whose CBOR item is cut short: malformed_frame.
+        let mut c = RawConn::connect(&b.tcp);
+        let mut short = (cut as u32).to_be_bytes().to_vec();
+        short.extend_from_slice(&body[..cut]);
+        c.send(&short);
+        c.expect_error(ErrorCode::MalformedFrame);
+        c.expect_closed();
+    }
+    b.assert_serves();
+}
+
+#[test]
+fn four_gib_length_prefix_is_refused_without_allocating() {
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.send(&[0xff, 0xff, 0xff, 0xff]);
+    let r = c.expect_error(ErrorCode::FrameTooLarge);
+    assert_eq!(r.correlation_id, 0);
+    c.expect_closed();
+    let rss = b.rss_kib();
+    assert!(
+        rss < RSS_KIB_MAX,
+        "broker RSS {rss} KiB after a 4 GiB prefix"
+    );
+
+    // The same after hello, where max_frame_bytes is the limit.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send(&[0xff, 0xff, 0xff, 0xff]);
+    c.expect_error(ErrorCode::FrameTooLarge);
+    c.expect_closed();
+    let rss = b.rss_kib();
+    assert!(
+        rss < RSS_KIB_MAX,
+        "broker RSS {rss} KiB after a 4 GiB prefix"
+    );
+    b.assert_serves();
+}
+
+#[test]
+fn a_large_first_frame_is_refused_before_hello() {
+    // docs/protocol.md: before hello a frame body is at most
+    // HELLO_FRAME_BYTES_MAX; a peer opening with more is not a skiff client.
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.send(&(HELLO_FRAME_BYTES_MAX + 1).to_be_bytes());
+    c.expect_error(ErrorCode::FrameTooLarge);
+    c.expect_closed();
+    b.assert_serves();
+}
+
+#[test]
+fn trailing_bytes_after_the_item_are_malformed() {
+    let mut b = Broker::start("");
+    let frame = request_frame(9, hello_body(1, 1));
+    let mut body = frame[4..].to_vec();
+    body.push(0x00);
+    let mut bad = (body.len() as u32).to_be_bytes().to_vec();
+    bad.extend_from_slice(&body);
+    let mut c = RawConn::connect(&b.tcp);
+    c.send(&bad);
+    let r = c.expect_error(ErrorCode::MalformedFrame);
+    // The correlation id was readable, so it is echoed.
+    assert_eq!(r.correlation_id, 9);
+    c.expect_closed();
+
+    // After a good hello too.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    let frame = request_frame(10, RequestBody::ListTopics(ListTopicsRequest {}));
+    let mut body = frame[4..].to_vec();
+    body.extend_from_slice(&[0x01, 0x02]);
+    let mut bad = (body.len() as u32).to_be_bytes().to_vec();
+    bad.extend_from_slice(&body);
+    c.send(&bad);
+    let r = c.expect_error(ErrorCode::MalformedFrame);
+    assert_eq!(r.correlation_id, 10);
+    c.expect_closed();
+    b.assert_serves();
+}
+
+#[test]
+fn unsupported_version_is_refused() {
+    let mut b = Broker::start("");
+    for (lo, hi) in [(2u16, 9u16), (0, 0), (100, 200)] {
+        let mut c = RawConn::connect(&b.tcp);
+        c.send_request(5, hello_body(lo, hi));
+        let r = c.expect_error(ErrorCode::UnsupportedVersion);
+        assert_eq!(r.correlation_id, 5);
+        c.expect_closed();
+    }
+    b.assert_serves();
+}
+
+#[test]
+fn request_before_hello_is_invalid() {
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.send_request(3, RequestBody::ListTopics(ListTopicsRequest {}));
+    let r = c.expect_error(ErrorCode::InvalidRequest);
+    assert_eq!(r.correlation_id, 3);
+    c.expect_closed();
+    b.assert_serves();
+}
+
+#[test]
+fn a_second_hello_is_invalid() {
+    // docs/protocol.md: "A second hello is invalid_request."
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send_request(2, hello_body(1, 1));
+    let r = c.expect_error(ErrorCode::InvalidRequest);
+    assert_eq!(r.correlation_id, 2);
+    // The connection still works after a refused request.
+    c.send_request(4, RequestBody::ListTopics(ListTopicsRequest {}));
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.correlation_id, 4);
+    assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+    b.assert_serves();
+}

@@ -1,0 +1,279 @@
+//! Acknowledged records survive a restart: after SIGTERM (clean stop, exit
+//! status 0), after kill -9, and when the broker is killed under a running
+//! producer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::*;
+use skiff::client::{blocking, ConsumerConfig, ConsumerRecord, ProducerConfig, StartFrom};
+use skiff::protocol::CreateTopicRequest;
+
+const PARTITIONS: u32 = 3;
+const RECORDS: usize = 6_000;
+
+fn create(b: &Broker, topic: &str) {
+    blocking::Client::connect(&b.tcp)
+        .expect("connect")
+        .create_topic(CreateTopicRequest {
+            name: topic.to_owned(),
+            partitions: Some(PARTITIONS),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+}
+
+/// Produces `n` records "v{i}" and returns where each was acknowledged:
+/// (partition, offset) -> i.
+fn produce_acked(b: &Broker, topic: &str, n: usize) -> BTreeMap<(u32, u64), usize> {
+    let producer =
+        blocking::Producer::connect(&b.tcp, ProducerConfig::default()).expect("producer");
+    let deliveries: Vec<_> = (0..n)
+        .map(|i| {
+            let key = format!("k{}", i % 7);
+            let d = producer
+                .send_wait(topic, Some(key.as_bytes()), format!("v{i}").as_bytes(), &[])
+                .expect("send");
+            (i, d)
+        })
+        .collect();
+    producer.flush();
+    deliveries
+        .into_iter()
+        .map(|(i, d)| {
+            let m = blocking::wait(d).expect("acknowledged");
+            ((m.partition, m.offset), i)
+        })
+        .collect()
+}
+
+/// Every record of every partition, from the earliest offset to the high
+/// watermark at the time of the call.
+fn consume_all(b: &Broker, topic: &str) -> Vec<ConsumerRecord> {
+    let client = blocking::Client::connect(&b.tcp).expect("connect");
+    let d = client
+        .describe_topic(topic)
+        .expect("describe after restart");
+    let total: u64 = d
+        .partitions
+        .iter()
+        .map(|p| p.latest_offset - p.earliest_offset)
+        .sum();
+    let mut consumer = blocking::Consumer::new(
+        &client,
+        ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer
+        .assign(topic, None, StartFrom::Earliest)
+        .expect("assign");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (records.len() as u64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {total} records",
+            records.len()
+        );
+        records.extend(consumer.poll().expect("poll"));
+    }
+    assert!(
+        consumer.poll().expect("poll").is_empty(),
+        "records beyond the high watermark"
+    );
+    records
+}
+
+fn value_index(r: &ConsumerRecord) -> usize {
+    let s = std::str::from_utf8(&r.value).expect("utf-8");
+    s.strip_prefix('v')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected value {s}"))
+}
+
+/// The log holds exactly the acknowledged records, at their acknowledged
+/// offsets, in send order per partition.
+#[track_caller]
+fn assert_exactly(records: &[ConsumerRecord], acked: &BTreeMap<(u32, u64), usize>) {
+    let got: BTreeMap<(u32, u64), usize> = records
+        .iter()
+        .map(|r| ((r.partition, r.offset), value_index(r)))
+        .collect();
+    assert_eq!(got.len(), records.len(), "an offset read twice");
+    if &got != acked {
+        let missing: Vec<_> = acked
+            .iter()
+            .filter(|(k, _)| !got.contains_key(k))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|(k, _)| !acked.contains_key(k))
+            .take(5)
+            .collect();
+        panic!(
+            "log differs from the acknowledged records: {} vs {}; missing e.g. {missing:?}, extra e.g. {extra:?}",
+            got.len(),
+            acked.len()
+        );
+    }
+}
+
+fn restart_keeps_acked_records(kill: bool) {
+    let mut b = Broker::start("");
+    create(&b, "durable");
+    let acked = produce_acked(&b, "durable", RECORDS);
+    assert_eq!(acked.len(), RECORDS);
+    if kill {
+        b.kill9();
+    } else {
+        assert_eq!(b.stop(), Some(0), "SIGTERM exit status:\n{}", b.log());
+        assert!(b.log().contains("stopped cleanly"), "{}", b.log());
+    }
+    b.restart();
+    let records = consume_all(&b, "durable");
+    assert_exactly(&records, &acked);
+
+    // The log carries on where it stopped: the next offsets follow on.
+    let latest: BTreeMap<u32, u64> = acked.keys().fold(BTreeMap::new(), |mut m, &(p, o)| {
+        let e = m.entry(p).or_insert(0);
+        *e = (*e).max(o + 1);
+        m
+    });
+    let more = produce_acked(&b, "durable", 50);
+    for &(p, o) in more.keys() {
+        assert!(
+            o >= latest.get(&p).copied().unwrap_or(0),
+            "partition {p}: offset {o} reused after restart"
+        );
+    }
+    let mut all = acked.clone();
+    all.extend(more.iter().map(|(k, i)| (*k, *i)));
+    // "v0".."v49" again, as new records at new offsets.
+    assert_exactly(&consume_all(&b, "durable"), &all);
+}
+
+#[test]
+fn sigterm_restart_keeps_every_acked_record() {
+    restart_keeps_acked_records(false);
+}
+
+#[test]
+fn kill9_restart_keeps_every_acked_record() {
+    restart_keeps_acked_records(true);
+}
+
+#[test]
+fn kill9_under_a_running_producer_keeps_every_acked_record() {
+    stop_under_a_running_producer(true);
+}
+
+#[test]
+fn sigterm_under_a_running_producer_keeps_every_acked_record() {
+    stop_under_a_running_producer(false);
+}
+
+fn stop_under_a_running_producer(kill: bool) {
+    let mut b = Broker::start("");
+    create(&b, "live");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel();
+    let producer = {
+        let (tcp, stop) = (b.tcp.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let producer = blocking::Producer::connect(
+                &tcp,
+                ProducerConfig {
+                    // Give up soon once the broker is gone, instead of
+                    // retrying into the restarted one.
+                    delivery_timeout: Duration::from_secs(2),
+                    retry_backoff: Duration::from_millis(20),
+                    retry_backoff_max: Duration::from_millis(200),
+                    ..ProducerConfig::default()
+                },
+            )
+            .expect("producer");
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let key = format!("k{}", i % 5);
+                match producer.send_wait(
+                    "live",
+                    Some(key.as_bytes()),
+                    format!("v{i}").as_bytes(),
+                    &[],
+                ) {
+                    Ok(d) => {
+                        if tx.send((i, d)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+                i += 1;
+            }
+            producer.flush();
+            // Keep the producer alive until every delivery has resolved.
+            drop(tx);
+            producer
+        })
+    };
+    let acker = {
+        let acked_count = acked_count.clone();
+        std::thread::spawn(move || {
+            let mut acked = BTreeMap::new();
+            let mut failed = 0usize;
+            for (i, d) in rx {
+                match blocking::wait(d) {
+                    Ok(m) => {
+                        acked.insert((m.partition, m.offset), i);
+                        acked_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            (acked, failed)
+        })
+    };
+    wait_until(Duration::from_secs(30), "3000 acknowledged records", || {
+        acked_count.load(Ordering::SeqCst) >= 3000
+    });
+    if kill {
+        b.kill9();
+    } else {
+        assert_eq!(b.stop(), Some(0), "SIGTERM exit status:\n{}", b.log());
+    }
+    stop.store(true, Ordering::SeqCst);
+    let producer = producer.join().expect("producer thread");
+    let (acked, failed) = acker.join().expect("acker thread");
+    drop(producer);
+    eprintln!("{} acknowledged, {failed} failed", acked.len());
+    assert!(acked.len() >= 3000);
+
+    b.restart();
+    let records = consume_all(&b, "live");
+    // Every acknowledged record is there, at its offset; unacknowledged ones
+    // may or may not be, but nothing twice and nothing out of order.
+    let got: BTreeMap<(u32, u64), usize> = records
+        .iter()
+        .map(|r| ((r.partition, r.offset), value_index(r)))
+        .collect();
+    for (k, i) in &acked {
+        assert_eq!(got.get(k), Some(i), "acknowledged v{i} at {k:?} lost");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut last: BTreeMap<u32, usize> = BTreeMap::new();
+    for ((p, _), i) in &got {
+        assert!(seen.insert(*i), "v{i} stored twice");
+        if let Some(prev) = last.insert(*p, *i) {
+            assert!(prev < *i, "partition {p}: v{i} after v{prev}");
+        }
+    }
+    b.assert_serves();
+}
