@@ -198,7 +198,9 @@ impl Accumulator {
 
     /// Appends one record to its partition's open batch, closing the batch
     /// first when the record would push it past the target size, and after
-    /// when it reached it. On error the waiter is handed back.
+    /// when it reached it. Returns whether the sender needs a look: a batch
+    /// was closed (ready to go) or opened (a linger timer to arm). On error
+    /// the waiter is handed back.
     #[allow(
         clippy::too_many_arguments,
         reason = "one record's parts, passed through"
@@ -212,7 +214,7 @@ impl Accumulator {
         headers: &[(&str, &[u8])],
         waiter: Waiter,
         now: Instant,
-    ) -> Result<(), (ClientError, Waiter)> {
+    ) -> Result<bool, (ClientError, Waiter)> {
         let size = record_bytes_max(key, value, headers);
         if let Err(e) = self.check_room(size) {
             return Err((e, waiter));
@@ -234,6 +236,7 @@ impl Accumulator {
             self.close_open(&tp);
         }
         let q = self.queues.entry(tp.clone()).or_default();
+        let opened = q.open.is_none();
         let open = q.open.get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::new(),
             waiters: Vec::new(),
@@ -244,10 +247,11 @@ impl Accumulator {
         open.waiters.push(waiter);
         open.reserved += size;
         self.buffered_bytes += size;
-        if open.builder.estimated_bytes() >= target {
+        let full = open.builder.estimated_bytes() >= target;
+        if full {
             self.close_open(&tp);
         }
-        Ok(())
+        Ok(full_before || opened || full)
     }
 
     fn close_open(&mut self, tp: &TopicPartition) {
@@ -458,6 +462,20 @@ mod tests {
         assert!(out[0].bytes.len() <= 1024);
         let rest = acc.drain(t0 + 5 * MS, false);
         assert_eq!(records_in(&rest[0]), 1);
+    }
+
+    #[test]
+    fn append_says_when_the_sender_must_look() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        let mut add = |v: &[u8]| {
+            acc.append(tp(0), 1, None, v, &[], waiter().0, t0)
+                .map_err(|(e, _)| e)
+                .unwrap()
+        };
+        assert!(add(b"a"), "a new batch: arm its linger");
+        assert!(!add(b"b"), "joined the open batch");
+        assert!(add(&[0; 2000]), "closed the open batch");
     }
 
     #[test]

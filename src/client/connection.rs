@@ -380,9 +380,20 @@ async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
             Ok(r) => r,
             Err(e) => break e.into(),
         };
-        // No waiter: the request timed out and gave up; drop the answer.
-        if let Some(w) = shared.take_waiter(response.correlation_id) {
-            let _ = w.try_send(Ok(response.body));
+        match (shared.take_waiter(response.correlation_id), response.body) {
+            (Some(w), body) => {
+                let _ = w.try_send(Ok(body));
+            }
+            // Correlation id 0 answers a frame the server could not read;
+            // it closes the connection next, and this says why.
+            (None, ResponseBody::Error(e)) if response.correlation_id == 0 => {
+                break ClientError::Server {
+                    code: e.code,
+                    message: e.message,
+                }
+            }
+            // The request timed out and gave up: drop the late answer.
+            (None, _) => {}
         }
     };
     shared.fail(error);

@@ -256,6 +256,7 @@ impl Producer {
         let timestamp_ms = now_ms();
         let (tx, rx) = async_channel::bounded(1);
         let now = Instant::now();
+        let mut wake = false;
         {
             let mut st = self.inner.state.lock().expect("producer state");
             let st = &mut *st;
@@ -295,7 +296,8 @@ impl Producer {
                         topic,
                         partition: p,
                     };
-                    st.acc
+                    wake = st
+                        .acc
                         .append(tp, timestamp_ms, key, value, headers, tx, now)
                         .map_err(|(e, _)| e)?;
                 }
@@ -336,7 +338,11 @@ impl Producer {
                 }
             }
         }
-        self.inner.wake.notify(1);
+        // Waking the sender for every record would cost a scan of every
+        // partition per record; it only needs to know about new batches.
+        if wake {
+            self.inner.wake.notify(1);
+        }
         Ok(Delivery {
             state: DeliveryState::Waiting(Box::pin(rx)),
         })
