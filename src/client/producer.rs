@@ -256,6 +256,20 @@ impl Producer {
         let timestamp_ms = now_ms();
         let (tx, rx) = async_channel::bounded(1);
         let now = Instant::now();
+        // The owned copy a record needs while its topic's metadata is asked.
+        let unresolved = |waiter| Unresolved {
+            partition,
+            timestamp_ms,
+            key: key.map(<[u8]>::to_vec),
+            value: value.to_vec(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            waiter,
+            size,
+            enqueued: now,
+        };
         let mut wake = false;
         {
             let mut st = self.inner.state.lock().expect("producer state");
@@ -302,36 +316,11 @@ impl Producer {
                         .map_err(|(e, _)| e)?;
                 }
                 Some(TopicMeta::Pending(q)) => {
-                    q.push_back(Unresolved {
-                        partition,
-                        timestamp_ms,
-                        key: key.map(<[u8]>::to_vec),
-                        value: value.to_vec(),
-                        headers: headers
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_vec()))
-                            .collect(),
-                        waiter: tx,
-                        size,
-                        enqueued: now,
-                    });
+                    q.push_back(unresolved(tx));
                     st.unresolved_bytes += size;
                 }
                 None => {
-                    let mut q = VecDeque::new();
-                    q.push_back(Unresolved {
-                        partition,
-                        timestamp_ms,
-                        key: key.map(<[u8]>::to_vec),
-                        value: value.to_vec(),
-                        headers: headers
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_vec()))
-                            .collect(),
-                        waiter: tx,
-                        size,
-                        enqueued: now,
-                    });
+                    let q = VecDeque::from([unresolved(tx)]);
                     st.unresolved_bytes += size;
                     st.topics.insert(topic.clone(), TopicMeta::Pending(q));
                     smol::spawn(resolve_topic(self.inner.clone(), topic)).detach();

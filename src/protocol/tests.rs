@@ -481,6 +481,33 @@ fn unknown_trailing_fields_are_ignored() {
 }
 
 #[test]
+fn fetch_size_bound_holds_for_extreme_values() {
+    let topic = "t".repeat(300);
+    let results: Vec<FetchPartitionResult> = (0..3)
+        .map(|i| FetchPartitionResult {
+            topic: topic.clone(),
+            partition: u32::MAX - i,
+            error: ErrorCode::Internal,
+            high_watermark: u64::MAX,
+            earliest_offset: u64::MAX,
+            records: ByteVec::from(vec![0; 70_000]),
+        })
+        .collect();
+    let bound = FETCH_RESPONSE_ENVELOPE_BYTES_MAX
+        + results
+            .iter()
+            .map(|r| FetchPartitionResult::envelope_bytes_max(&r.topic) + r.records.len())
+            .sum::<usize>();
+    let frame = response_frame(&Response {
+        correlation_id: u32::MAX,
+        body: ResponseBody::Fetch(FetchResponse {
+            partitions: results,
+        }),
+    });
+    assert!(frame.len() <= bound, "{} > {bound}", frame.len());
+}
+
+#[test]
 fn version_negotiation_picks_the_highest_common() {
     assert_eq!(negotiate_version(1, 1), Some(1));
     assert_eq!(negotiate_version(0, 9), Some(PROTOCOL_VERSION_MAX));
