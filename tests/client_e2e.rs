@@ -30,7 +30,14 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        // Under the target directory, not /tmp: /tmp may be tmpfs, which
+        // has no O_DIRECT for the storage engine.
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("client-e2e-")
+            .tempdir_in(base)
+            .unwrap();
         Self::start_in(dir)
     }
 
