@@ -21,6 +21,17 @@ use skiff::protocol::{
     FRAME_HEADER_BYTES,
 };
 
+/// A fresh directory under the target directory, not /tmp: /tmp may be
+/// tmpfs, which has no O_DIRECT for the storage engine.
+fn temp_dir() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix("client-e2e-")
+        .tempdir_in(base)
+        .unwrap()
+}
+
 /// A running `skiff serve`, killed on drop.
 struct Server {
     child: Child,
@@ -30,23 +41,20 @@ struct Server {
 
 impl Server {
     fn start() -> Self {
-        // Under the target directory, not /tmp: /tmp may be tmpfs, which
-        // has no O_DIRECT for the storage engine.
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        std::fs::create_dir_all(&base).unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("client-e2e-")
-            .tempdir_in(base)
-            .unwrap();
-        Self::start_in(dir)
+        Self::start_in(temp_dir())
     }
 
     fn start_in(dir: tempfile::TempDir) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// Starts with a TCP listener on `tcp` too ("" for none).
+    fn start_with(dir: tempfile::TempDir, tcp: &str) -> Self {
         let config = dir.path().join("skiff.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n[server]\nlisten = \"\"\nunix_socket = {:?}\n",
+                "data_dir = {:?}\n[server]\nlisten = {tcp:?}\nunix_socket = {:?}\n",
                 dir.path().join("data"),
                 dir.path().join("skiff.sock"),
             ),
@@ -532,4 +540,29 @@ fn unknown_topic_fails_the_delivery_without_retrying() {
         }
     ));
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+#[ignore = "needs the server: enable at merge"]
+fn tcp_and_unix_socket_reach_the_same_broker() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let server = Server::start_with(temp_dir(), &tcp);
+    let over_unix = blocking::Client::connect(&server.addr()).unwrap();
+    create(&over_unix, "shared", 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let over_tcp = loop {
+        match blocking::Client::connect(&tcp) {
+            Ok(c) => break c,
+            Err(e) if e.is_retriable() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(over_tcp.list_topics().unwrap(), vec!["shared"]);
 }
