@@ -403,15 +403,22 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
     let mut stream = shared.stream.clone();
     let mut buf = Vec::new();
     while let Ok(frame) = inbox.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&frame);
-        while buf.len() < WRITE_COALESCE_BYTES_MAX {
-            match inbox.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
-                Err(_) => break,
+        // A lone frame goes out as it is; queued ones are copied together
+        // so many small requests cost one syscall.
+        let bytes = if inbox.is_empty() {
+            &frame
+        } else {
+            buf.clear();
+            buf.extend_from_slice(&frame);
+            while buf.len() < WRITE_COALESCE_BYTES_MAX {
+                match inbox.try_recv() {
+                    Ok(f) => buf.extend_from_slice(&f),
+                    Err(_) => break,
+                }
             }
-        }
-        if let Err(e) = stream.write_all(&buf).await {
+            &buf
+        };
+        if let Err(e) = stream.write_all(bytes).await {
             shared.fail(e.into());
             return;
         }
