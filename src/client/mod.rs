@@ -23,6 +23,7 @@ mod client;
 mod connection;
 mod consumer;
 mod error;
+mod outcome;
 pub mod partitioner;
 mod producer;
 
