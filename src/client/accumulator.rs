@@ -16,18 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::ClientError;
+use super::outcome::{Delivery, Outcome, Settler};
 use super::partitioner::{partition_for_key, Partitioner};
 use crate::batch::{BatchBuilder, ProducerStamp, HEADER_BYTES};
-
-/// Where a record's outcome goes.
-pub(crate) type Waiter = async_channel::Sender<Result<RecordMetadata, ClientError>>;
-
-/// Where a produced record was written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecordMetadata {
-    pub partition: u32,
-    pub offset: u64,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct TopicPartition {
@@ -68,13 +59,17 @@ pub(crate) fn record_bytes_max(
     fixed + key + value + headers
 }
 
+/// A refused record: why, and the outcome it brought, to settle.
+pub(crate) type AppendError = (ClientError, Option<Arc<Outcome>>);
+
 /// The size of an empty batch around its records: the fixed header and the
 /// body's array head.
 const BATCH_OVERHEAD_BYTES: usize = HEADER_BYTES + 9;
 
 struct OpenBatch {
     builder: BatchBuilder,
-    waiters: Vec<Waiter>,
+    /// Settles every record's delivery when the batch is answered.
+    settler: Settler,
     created: Instant,
     /// The sum of the records' `record_bytes_max`, counted in the buffer.
     reserved: usize,
@@ -87,8 +82,10 @@ pub(crate) struct ReadyBatch {
     /// Closing order within the partition; retries keep their place.
     pub seq: u64,
     pub bytes: Vec<u8>,
-    /// One per record, in offset order.
-    pub waiters: Vec<Waiter>,
+    pub records: u32,
+    /// Settles every record's delivery; dropping it unsettled fails them
+    /// with `Closed`.
+    pub settler: Settler,
     /// When its first record was appended: the delivery timeout runs from
     /// here.
     pub created: Instant,
@@ -198,7 +195,11 @@ impl Accumulator {
 
     /// Appends one record to its partition's open batch, closing the batch
     /// first when the record would push it past the target size, and after
-    /// when it reached it. On error the waiter is handed back.
+    /// when it reached it. Returns the record's delivery (or, for a record
+    /// that brings its own `linked` outcome, a delivery on the batch that
+    /// the caller drops) and whether the sender needs a look: a batch was
+    /// closed (ready to go) or opened (a linger timer to arm). On error
+    /// `linked` is handed back.
     #[allow(
         clippy::too_many_arguments,
         reason = "one record's parts, passed through"
@@ -210,12 +211,12 @@ impl Accumulator {
         key: Option<&[u8]>,
         value: &[u8],
         headers: &[(&str, &[u8])],
-        waiter: Waiter,
+        linked: Option<Arc<Outcome>>,
         now: Instant,
-    ) -> Result<(), (ClientError, Waiter)> {
+    ) -> Result<(Delivery, bool), AppendError> {
         let size = record_bytes_max(key, value, headers);
         if let Err(e) = self.check_room(size) {
-            return Err((e, waiter));
+            return Err((e, linked));
         }
         let target = self
             .config
@@ -234,20 +235,26 @@ impl Accumulator {
             self.close_open(&tp);
         }
         let q = self.queues.entry(tp.clone()).or_default();
+        let opened = q.open.is_none();
         let open = q.open.get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::new(),
-            waiters: Vec::new(),
+            settler: Settler::new(),
             created: now,
             reserved: 0,
         });
+        let index = open.builder.len();
         open.builder.push(timestamp_ms, key, value, headers);
-        open.waiters.push(waiter);
+        let delivery = open.settler.delivery(index);
+        if let Some(o) = linked {
+            open.settler.link(index, o);
+        }
         open.reserved += size;
         self.buffered_bytes += size;
-        if open.builder.estimated_bytes() >= target {
+        let full = open.builder.estimated_bytes() >= target;
+        if full {
             self.close_open(&tp);
         }
-        Ok(())
+        Ok((delivery, full_before || opened || full))
     }
 
     fn close_open(&mut self, tp: &TopicPartition) {
@@ -262,8 +269,9 @@ impl Accumulator {
         q.ready.push_back(ReadyBatch {
             tp: tp.clone(),
             seq,
+            records: open.builder.len(),
             bytes: open.builder.finish(ProducerStamp::NONE),
-            waiters: open.waiters,
+            settler: open.settler,
             created: open.created,
             attempts: 0,
             retry_at: None,
@@ -408,15 +416,8 @@ mod tests {
         }
     }
 
-    fn waiter() -> (
-        Waiter,
-        async_channel::Receiver<Result<RecordMetadata, ClientError>>,
-    ) {
-        async_channel::bounded(1)
-    }
-
     fn push(acc: &mut Accumulator, p: u32, value: &[u8], now: Instant) {
-        acc.append(tp(p), 1, None, value, &[], waiter().0, now)
+        acc.append(tp(p), 1, None, value, &[], None, now)
             .map_err(|(e, _)| e)
             .unwrap();
     }
@@ -440,7 +441,7 @@ mod tests {
         let out = acc.drain(t0 + 5 * MS, false);
         assert_eq!(out.len(), 1);
         assert_eq!(records_in(&out[0]), 2);
-        assert_eq!(out[0].waiters.len(), 2);
+        assert_eq!(out[0].records, 2);
     }
 
     #[test]
@@ -458,6 +459,21 @@ mod tests {
         assert!(out[0].bytes.len() <= 1024);
         let rest = acc.drain(t0 + 5 * MS, false);
         assert_eq!(records_in(&rest[0]), 1);
+    }
+
+    #[test]
+    fn append_says_when_the_sender_must_look() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(config());
+        let mut add = |v: &[u8]| {
+            acc.append(tp(0), 1, None, v, &[], None, t0)
+                .map_err(|(e, _)| e)
+                .unwrap()
+                .1
+        };
+        assert!(add(b"a"), "a new batch: arm its linger");
+        assert!(!add(b"b"), "joined the open batch");
+        assert!(add(&[0; 2000]), "closed the open batch");
     }
 
     #[test]
@@ -528,13 +544,13 @@ mod tests {
         });
         let big = vec![0; 4096];
         let err = acc
-            .append(tp(0), 1, None, &big, &[], waiter().0, t0)
+            .append(tp(0), 1, None, &big, &[], None, t0)
             .unwrap_err()
             .0;
         assert!(matches!(err, ClientError::RecordTooLarge { .. }), "{err:?}");
         push(&mut acc, 0, &[0; 600], t0);
         let err = acc
-            .append(tp(1), 1, None, &[0; 600], &[], waiter().0, t0)
+            .append(tp(1), 1, None, &[0; 600], &[], None, t0)
             .unwrap_err()
             .0;
         assert!(matches!(err, ClientError::BufferFull { .. }), "{err:?}");

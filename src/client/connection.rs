@@ -380,9 +380,20 @@ async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
             Ok(r) => r,
             Err(e) => break e.into(),
         };
-        // No waiter: the request timed out and gave up; drop the answer.
-        if let Some(w) = shared.take_waiter(response.correlation_id) {
-            let _ = w.try_send(Ok(response.body));
+        match (shared.take_waiter(response.correlation_id), response.body) {
+            (Some(w), body) => {
+                let _ = w.try_send(Ok(body));
+            }
+            // Correlation id 0 answers a frame the server could not read;
+            // it closes the connection next, and this says why.
+            (None, ResponseBody::Error(e)) if response.correlation_id == 0 => {
+                break ClientError::Server {
+                    code: e.code,
+                    message: e.message,
+                }
+            }
+            // The request timed out and gave up: drop the late answer.
+            (None, _) => {}
         }
     };
     shared.fail(error);
@@ -392,17 +403,138 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
     let mut stream = shared.stream.clone();
     let mut buf = Vec::new();
     while let Ok(frame) = inbox.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&frame);
-        while buf.len() < WRITE_COALESCE_BYTES_MAX {
-            match inbox.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
-                Err(_) => break,
+        // A lone frame goes out as it is; queued ones are copied together
+        // so many small requests cost one syscall.
+        let bytes = if inbox.is_empty() {
+            &frame
+        } else {
+            buf.clear();
+            buf.extend_from_slice(&frame);
+            while buf.len() < WRITE_COALESCE_BYTES_MAX {
+                match inbox.try_recv() {
+                    Ok(f) => buf.extend_from_slice(&f),
+                    Err(_) => break,
+                }
             }
-        }
-        if let Err(e) = stream.write_all(&buf).await {
+            &buf
+        };
+        if let Err(e) = stream.write_all(bytes).await {
             shared.fail(e.into());
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::FrameError;
+
+    #[test]
+    fn addresses_pick_tcp_or_unix() {
+        assert_eq!(
+            Address::parse("127.0.0.1:9471").unwrap(),
+            Address::Tcp("127.0.0.1:9471".into())
+        );
+        assert_eq!(
+            Address::parse("[::1]:9471").unwrap(),
+            Address::Tcp("[::1]:9471".into())
+        );
+        assert_eq!(
+            Address::parse("./skiff.sock").unwrap(),
+            Address::Unix("./skiff.sock".into())
+        );
+        assert_eq!(
+            Address::parse("skiff.sock").unwrap(),
+            Address::Unix("skiff.sock".into())
+        );
+        assert_eq!(
+            Address::parse("/run/skiff/socket").unwrap(),
+            Address::Unix("/run/skiff/socket".into())
+        );
+        for bad in ["", "localhost", ":9471", "host:", "host:99999"] {
+            assert!(
+                matches!(Address::parse(bad), Err(ClientError::InvalidAddress(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn nothing_listening_is_an_io_error() {
+        // Bind and drop to find a port that nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = Address::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let err = smol::block_on(Connection::open(&addr, None, SECOND))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClientError::Io(_)), "{err:?}");
+        assert!(err.is_retriable());
+    }
+
+    #[test]
+    fn a_peer_that_hangs_up_during_hello_is_disconnected() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 4];
+            std::io::Read::read_exact(&mut s, &mut hello).unwrap();
+        });
+        let err = smol::block_on(Connection::open(&addr, None, 5 * SECOND))
+            .err()
+            .unwrap();
+        peer.join().unwrap();
+        assert!(
+            matches!(err, ClientError::Disconnected | ClientError::Io(_)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_http_server_is_rejected_by_its_first_bytes() {
+        // Pointing the client at an HTTP port: "HTTP" read as a length is
+        // 1.2 GB, far above the hello limit, and must fail at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            std::io::Write::write_all(&mut s, b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+            // Hold the socket open: the client must not wait for more.
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let started = std::time::Instant::now();
+        let err = smol::block_on(Connection::open(&addr, None, 5 * SECOND))
+            .err()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_millis(400));
+        peer.join().unwrap();
+        assert!(
+            matches!(
+                err,
+                ClientError::Protocol(FrameError::TooLarge {
+                    len: 0x4854_5450,
+                    max: HELLO_FRAME_BYTES_MAX
+                })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_silent_peer_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let err = smol::block_on(Connection::open(&addr, None, Duration::from_millis(200)))
+            .err()
+            .unwrap();
+        drop(listener);
+        assert!(matches!(err, ClientError::Timeout), "{err:?}");
     }
 }

@@ -26,6 +26,40 @@ pub enum StartFrom {
     Timestamp(i64),
 }
 
+impl std::str::FromStr for StartFrom {
+    type Err = InvalidStartFrom;
+
+    /// `earliest`, `latest`, an offset, or `@` and a Unix time in ms: the
+    /// CLI's `--from`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            _ => match s.strip_prefix('@') {
+                Some(ms) => ms.parse().map(Self::Timestamp),
+                None => s.parse().map(Self::Offset),
+            }
+            .map_err(|_| InvalidStartFrom(s.to_string())),
+        }
+    }
+}
+
+/// A `--from` value that is none of the forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidStartFrom(pub String);
+
+impl std::fmt::Display for InvalidStartFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid start {:?}: use earliest, latest, an offset, or @UNIX_MS",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidStartFrom {}
+
 /// What to do when the position is outside the log: below the earliest
 /// offset (the ring reused the segment) or above the high watermark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,6 +359,20 @@ mod tests {
             b.push(1000 + i as i64, Some(b"k"), v, &[("h", b"1")]);
         }
         b.finish_with(ProducerStamp::NONE, base)
+    }
+
+    #[test]
+    fn start_from_parses_the_cli_forms() {
+        assert_eq!("earliest".parse(), Ok(StartFrom::Earliest));
+        assert_eq!("latest".parse(), Ok(StartFrom::Latest));
+        assert_eq!("42".parse(), Ok(StartFrom::Offset(42)));
+        assert_eq!(
+            "@1700000000000".parse(),
+            Ok(StartFrom::Timestamp(1_700_000_000_000))
+        );
+        for bad in ["", "@", "-1", "first", "@x"] {
+            assert!(bad.parse::<StartFrom>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -23,12 +23,15 @@ mod client;
 mod connection;
 mod consumer;
 mod error;
+mod outcome;
 pub mod partitioner;
 mod producer;
 
 pub use client::{Client, ClientConfig};
 pub use connection::{Address, ServerInfo};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartFrom};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, InvalidStartFrom, OffsetReset, StartFrom,
+};
 pub use error::ClientError;
 pub use partitioner::Partitioner;
 pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata};

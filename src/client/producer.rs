@@ -9,23 +9,20 @@
 //! into the queue with backoff, other failures to the records.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use futures_lite::Stream;
 use minicbor::bytes::ByteVec;
 use smol::{Task, Timer};
 
-pub use super::accumulator::RecordMetadata;
 use super::accumulator::{
-    backoff, record_bytes_max, Accumulator, AccumulatorConfig, ReadyBatch, TopicPartition, Waiter,
+    backoff, record_bytes_max, Accumulator, AccumulatorConfig, ReadyBatch, TopicPartition,
 };
 use super::client::Client;
 use super::error::ClientError;
+use super::outcome::Settler;
+pub use super::outcome::{Delivery, RecordMetadata};
 use super::partitioner::Partitioner;
 use crate::batch::now_ms;
 use crate::protocol::{
@@ -71,41 +68,6 @@ impl Default for ProducerConfig {
     }
 }
 
-/// The outcome of one `send`: the record's partition and offset once the
-/// server acknowledged it durably.
-pub struct Delivery {
-    state: DeliveryState,
-}
-
-enum DeliveryState {
-    Done(Option<Result<RecordMetadata, ClientError>>),
-    /// Boxed: the receiver is not `Unpin`, and a `Delivery` should be.
-    Waiting(Pin<Box<async_channel::Receiver<Result<RecordMetadata, ClientError>>>>),
-}
-
-impl Delivery {
-    fn failed(e: ClientError) -> Self {
-        Self {
-            state: DeliveryState::Done(Some(Err(e))),
-        }
-    }
-}
-
-impl Future for Delivery {
-    type Output = Result<RecordMetadata, ClientError>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.get_mut().state {
-            DeliveryState::Done(r) => Poll::Ready(r.take().unwrap_or(Err(ClientError::Closed))),
-            // The sender is dropped without a value only when the producer
-            // was dropped with the record still queued.
-            DeliveryState::Waiting(rx) => rx
-                .as_mut()
-                .poll_next(cx)
-                .map(|r| r.unwrap_or(Err(ClientError::Closed))),
-        }
-    }
-}
-
 /// A record whose topic's partition count is not known yet.
 struct Unresolved {
     partition: Option<u32>,
@@ -113,7 +75,9 @@ struct Unresolved {
     key: Option<Vec<u8>>,
     value: Vec<u8>,
     headers: Vec<(String, Vec<u8>)>,
-    waiter: Waiter,
+    /// Settles the record's delivery; linked into its batch once the
+    /// partition is known.
+    settler: Settler,
     size: usize,
     enqueued: Instant,
 }
@@ -254,8 +218,23 @@ impl Producer {
     ) -> Result<Delivery, ClientError> {
         let size = record_bytes_max(key, value, headers);
         let timestamp_ms = now_ms();
-        let (tx, rx) = async_channel::bounded(1);
         let now = Instant::now();
+        // The owned copy a record needs while its topic's metadata is asked.
+        let unresolved = |settler| Unresolved {
+            partition,
+            timestamp_ms,
+            key: key.map(<[u8]>::to_vec),
+            value: value.to_vec(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_vec()))
+                .collect(),
+            settler,
+            size,
+            enqueued: now,
+        };
+        let wake;
+        let delivery;
         {
             let mut st = self.inner.state.lock().expect("producer state");
             let st = &mut *st;
@@ -295,51 +274,35 @@ impl Producer {
                         topic,
                         partition: p,
                     };
-                    st.acc
-                        .append(tp, timestamp_ms, key, value, headers, tx, now)
+                    (delivery, wake) = st
+                        .acc
+                        .append(tp, timestamp_ms, key, value, headers, None, now)
                         .map_err(|(e, _)| e)?;
                 }
                 Some(TopicMeta::Pending(q)) => {
-                    q.push_back(Unresolved {
-                        partition,
-                        timestamp_ms,
-                        key: key.map(<[u8]>::to_vec),
-                        value: value.to_vec(),
-                        headers: headers
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_vec()))
-                            .collect(),
-                        waiter: tx,
-                        size,
-                        enqueued: now,
-                    });
+                    let settler = Settler::new();
+                    delivery = settler.delivery(0);
+                    wake = false;
+                    q.push_back(unresolved(settler));
                     st.unresolved_bytes += size;
                 }
                 None => {
-                    let mut q = VecDeque::new();
-                    q.push_back(Unresolved {
-                        partition,
-                        timestamp_ms,
-                        key: key.map(<[u8]>::to_vec),
-                        value: value.to_vec(),
-                        headers: headers
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_vec()))
-                            .collect(),
-                        waiter: tx,
-                        size,
-                        enqueued: now,
-                    });
+                    let settler = Settler::new();
+                    delivery = settler.delivery(0);
+                    wake = false;
+                    let q = VecDeque::from([unresolved(settler)]);
                     st.unresolved_bytes += size;
                     st.topics.insert(topic.clone(), TopicMeta::Pending(q));
                     smol::spawn(resolve_topic(self.inner.clone(), topic)).detach();
                 }
             }
         }
-        self.inner.wake.notify(1);
-        Ok(Delivery {
-            state: DeliveryState::Waiting(Box::pin(rx)),
-        })
+        // Waking the sender for every record would cost a scan of every
+        // partition per record; it only needs to know about new batches.
+        if wake {
+            self.inner.wake.notify(1);
+        }
+        Ok(delivery)
     }
 
     /// Sends every queued record now and waits until nothing is buffered or
@@ -421,7 +384,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
                 st.unresolved_bytes -= u.size;
                 let partition = match u.partition {
                     Some(p) if p >= n => {
-                        let _ = u.waiter.try_send(Err(ClientError::server(
+                        u.settler.settle(Err(ClientError::server(
                             ErrorCode::UnknownPartition,
                             format!("{topic} has {n} partitions, not {}", p + 1),
                         )));
@@ -445,16 +408,17 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
                     partition,
                 };
                 // Linger and delivery timeout run from when it was sent.
-                if let Err((e, w)) = st.acc.append(
+                // The batch settles the record's own outcome when answered.
+                if let Err((e, Some(linked))) = st.acc.append(
                     tp,
                     u.timestamp_ms,
                     u.key.as_deref(),
                     &u.value,
                     &headers,
-                    u.waiter,
+                    Some(u.settler.disarm()),
                     u.enqueued,
                 ) {
-                    let _ = w.try_send(Err(e));
+                    Settler::rearm(linked).settle(Err(e));
                 }
             }
             return false;
@@ -465,7 +429,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
     if let Some(TopicMeta::Pending(waiting)) = st.topics.remove(topic) {
         for u in waiting {
             st.unresolved_bytes -= u.size;
-            let _ = u.waiter.try_send(Err(error.clone()));
+            u.settler.settle(Err(error.clone()));
         }
     }
     false
@@ -486,7 +450,7 @@ async fn run(inner: Arc<Inner>) {
         };
         if !expired.is_empty() {
             for b in expired {
-                fail(b, &ClientError::Timeout);
+                b.settler.settle(Err(ClientError::Timeout));
             }
             inner.progress.notify(usize::MAX);
         }
@@ -525,12 +489,6 @@ fn group_requests(batches: Vec<ReadyBatch>, max_bytes: usize) -> Vec<Vec<ReadyBa
     out
 }
 
-fn fail(batch: ReadyBatch, error: &ClientError) {
-    for w in batch.waiters {
-        let _ = w.try_send(Err(error.clone()));
-    }
-}
-
 /// Sends one produce request and settles each batch in it.
 async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
     let body = RequestBody::Produce(ProduceRequest {
@@ -559,17 +517,16 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
         Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
     };
     let now = Instant::now();
+    // Settled after the lock is released: waking deliveries under it would
+    // hold up `send` on other threads.
+    let mut settled = Vec::with_capacity(batches.len());
     let mut st = inner.state.lock().expect("producer state");
     for (b, outcome) in batches.into_iter().zip(outcomes) {
         match outcome {
             Ok((base, _last)) => {
                 st.acc.complete(&b);
-                for (i, w) in b.waiters.iter().enumerate() {
-                    let _ = w.try_send(Ok(RecordMetadata {
-                        partition: b.tp.partition,
-                        offset: base + i as u64,
-                    }));
-                }
+                let partition = b.tp.partition;
+                settled.push((b, Ok((partition, base))));
             }
             Err(e)
                 if e.is_retriable()
@@ -596,11 +553,14 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
                     st.topics.remove(&b.tp.topic);
                 }
                 st.acc.complete(&b);
-                fail(b, &e);
+                settled.push((b, Err(e)));
             }
         }
     }
     drop(st);
+    for (b, result) in settled {
+        b.settler.settle(result);
+    }
     inner.wake.notify(1);
     inner.progress.notify(usize::MAX);
 }
@@ -613,14 +573,23 @@ fn outcome(batch: &ReadyBatch, r: &ProducePartitionResult) -> Result<(u64, u64),
             got: "a result for another partition",
         });
     }
-    r.offsets().map_err(|code| {
+    let (base, last) = r.offsets().map_err(|code| {
         ClientError::server(
             code,
             r.message
                 .clone()
                 .unwrap_or_else(|| format!("{}/{}", r.topic, r.partition)),
         )
-    })
+    })?;
+    // Offsets are dense within a batch: a range of another size would hand
+    // records wrong offsets.
+    if last.checked_sub(base) != Some(u64::from(batch.records) - 1) {
+        return Err(ClientError::UnexpectedResponse {
+            expected: "offsets for every record of the batch",
+            got: "an offset range of another size",
+        });
+    }
+    Ok((base, last))
 }
 
 #[cfg(test)]
@@ -635,7 +604,8 @@ mod tests {
             },
             seq: 0,
             bytes: vec![0; len],
-            waiters: Vec::new(),
+            records: 1,
+            settler: Settler::new(),
             created: Instant::now(),
             attempts: 0,
             retry_at: None,

@@ -443,6 +443,71 @@ fn unknown_error_code_is_malformed() {
 }
 
 #[test]
+fn deep_nesting_in_an_unknown_field_is_skipped_without_recursion() {
+    // [1, [2, [null, <100k nested arrays>]]]: metadata with an unknown
+    // field 1. Skipping it must not recurse (a stack overflow would take the
+    // whole server down), for definite and indefinite arrays alike.
+    for open in [0x81u8, 0x9f] {
+        let depth = 100_000;
+        let mut body = vec![0x82, 0x01, 0x82, 0x02, 0x82, 0xf6];
+        body.extend(std::iter::repeat_n(open, depth));
+        body.push(0x80);
+        if open == 0x9f {
+            body.extend(std::iter::repeat_n(0xff, depth));
+        }
+        let r = decode_request(&body).unwrap();
+        assert_eq!(
+            r.body,
+            RequestBody::Metadata(MetadataRequest { topics: None })
+        );
+    }
+}
+
+#[test]
+fn unknown_trailing_fields_are_ignored() {
+    // A newer client's hello with a field 3 this version does not know.
+    let body = [
+        0x82, 0x01, 0x82, 0x01, 0x84, 0x01, 0x02, 0xf6, 0x63, b'n', b'e', b'w',
+    ];
+    let r = decode_request(&body).unwrap();
+    assert_eq!(
+        r.body,
+        RequestBody::Hello(HelloRequest {
+            version_min: 1,
+            version_max: 2,
+            client_name: None
+        })
+    );
+}
+
+#[test]
+fn fetch_size_bound_holds_for_extreme_values() {
+    let topic = "t".repeat(300);
+    let results: Vec<FetchPartitionResult> = (0..3)
+        .map(|i| FetchPartitionResult {
+            topic: topic.clone(),
+            partition: u32::MAX - i,
+            error: ErrorCode::Internal,
+            high_watermark: u64::MAX,
+            earliest_offset: u64::MAX,
+            records: ByteVec::from(vec![0; 70_000]),
+        })
+        .collect();
+    let bound = FETCH_RESPONSE_ENVELOPE_BYTES_MAX
+        + results
+            .iter()
+            .map(|r| FetchPartitionResult::envelope_bytes_max(&r.topic) + r.records.len())
+            .sum::<usize>();
+    let frame = response_frame(&Response {
+        correlation_id: u32::MAX,
+        body: ResponseBody::Fetch(FetchResponse {
+            partitions: results,
+        }),
+    });
+    assert!(frame.len() <= bound, "{} > {bound}", frame.len());
+}
+
+#[test]
 fn version_negotiation_picks_the_highest_common() {
     assert_eq!(negotiate_version(1, 1), Some(1));
     assert_eq!(negotiate_version(0, 9), Some(PROTOCOL_VERSION_MAX));
@@ -456,6 +521,59 @@ fn version_negotiation_picks_the_highest_common() {
 }
 
 proptest! {
+    #[test]
+    fn arbitrary_values_round_trip(
+        id in any::<u32>(),
+        topic in ".{0,40}",
+        partition in any::<u32>(),
+        a in any::<u64>(),
+        b in any::<u64>(),
+        ts in any::<i64>(),
+        code in 0u16..23,
+        records in proptest::collection::vec(any::<u8>(), 0..300),
+        message in proptest::option::of(".{0,20}"),
+    ) {
+        let error = ErrorCode::from_u16(code).unwrap();
+        let requests = [
+            RequestBody::Fetch(FetchRequest {
+                partitions: vec![FetchPartition { topic: topic.clone(), partition, offset: a, max_bytes: partition }],
+                max_wait_ms: id,
+                min_bytes: partition,
+            }),
+            RequestBody::ListOffsets(ListOffsetsRequest {
+                partitions: vec![ListOffsetsPartition { topic: topic.clone(), partition, spec: OffsetSpec::Timestamp(ts) }],
+            }),
+            RequestBody::Produce(ProduceRequest {
+                partitions: vec![ProducePartition { topic: topic.clone(), partition, batch: ByteVec::from(records.clone()) }],
+            }),
+        ];
+        for body in requests {
+            let r = Request { correlation_id: id, body };
+            let f = request_frame(&r);
+            prop_assert_eq!(decode_request(&f[FRAME_HEADER_BYTES..]).unwrap(), r);
+        }
+        let responses = [
+            ResponseBody::Produce(ProduceResponse {
+                partitions: vec![ProducePartitionResult {
+                    topic: topic.clone(), partition, error, base_offset: a, last_offset: b,
+                    duplicate_records: id, message: message.clone(),
+                }],
+            }),
+            ResponseBody::Fetch(FetchResponse {
+                partitions: vec![FetchPartitionResult {
+                    topic: topic.clone(), partition, error, high_watermark: a, earliest_offset: b,
+                    records: ByteVec::from(records.clone()),
+                }],
+            }),
+            ResponseBody::Error(ErrorResponse { code: error, message: message.unwrap_or_default() }),
+        ];
+        for body in responses {
+            let r = Response { correlation_id: id, body };
+            let f = response_frame(&r);
+            prop_assert_eq!(decode_response(&f[FRAME_HEADER_BYTES..]).unwrap(), r);
+        }
+    }
+
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = frame_len(&bytes, FRAME_BYTES_MAX);

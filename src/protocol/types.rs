@@ -449,6 +449,22 @@ pub struct FetchPartitionResult {
     pub records: ByteVec,
 }
 
+/// An upper bound on the bytes a fetch response adds around its results:
+/// the frame prefix, `[correlation_id, [8, [results...]]]`'s heads and
+/// numbers. With [`FetchPartitionResult::envelope_bytes_max`] the server
+/// keeps a response under the peer's `max_frame_bytes`.
+pub const FETCH_RESPONSE_ENVELOPE_BYTES_MAX: usize = 4 + 1 + 5 + 1 + 1 + 1 + 9;
+
+impl FetchPartitionResult {
+    /// An upper bound on the encoded size of one result for `topic`, not
+    /// counting the record bytes themselves. CBOR heads are at most 9 bytes.
+    pub fn envelope_bytes_max(topic: &str) -> usize {
+        // array head, topic head + text, partition, error, two offsets,
+        // records' byte-string head
+        1 + 9 + topic.len() + 5 + 3 + 9 + 9 + 9
+    }
+}
+
 // ---------------------------------------------------------------- offsets
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
