@@ -73,9 +73,9 @@ async fn produce_one(
     let producer = Producer::connect(
         &addr,
         ProducerConfig {
-            // A pipelined producer: batches fill while earlier ones are
-            // being made durable.
-            linger: Duration::from_millis(1),
+            // No linger: with a bounded number of records in flight, a
+            // batch fills while the previous one is being made durable.
+            linger: Duration::ZERO,
             batch_bytes: 256 * 1024,
             ..ProducerConfig::default()
         },
