@@ -125,7 +125,6 @@ fn create(client: &blocking::Client, name: &str, partitions: u32) {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn admin_calls_round_trip() {
     let server = Server::start();
     let c = blocking::Client::connect(&server.addr()).unwrap();
@@ -184,7 +183,6 @@ fn admin_calls_round_trip() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn raw_produce_fetch_and_offsets() {
     let server = Server::start();
     let c = blocking::Client::connect(&server.addr()).unwrap();
@@ -253,7 +251,6 @@ fn raw_produce_fetch_and_offsets() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn producer_batches_and_consumer_reads_everything_in_order() {
     let server = Server::start();
     smol::block_on(async {
@@ -317,7 +314,6 @@ fn producer_batches_and_consumer_reads_everything_in_order() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn long_poll_waits_then_returns_new_records() {
     let server = Server::start();
     smol::block_on(async {
@@ -365,7 +361,6 @@ fn long_poll_waits_then_returns_new_records() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn pipelined_calls_from_many_tasks_share_one_connection() {
     let server = Server::start();
     smol::block_on(async {
@@ -422,7 +417,6 @@ fn raw_exchange(server: &Server, bytes: &[u8]) -> (Option<skiff::protocol::Respo
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn malformed_and_oversized_frames_get_an_answer_and_a_close() {
     let server = Server::start();
     let other = blocking::Client::connect(&server.addr()).unwrap();
@@ -494,7 +488,6 @@ fn malformed_and_oversized_frames_get_an_answer_and_a_close() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn client_reconnects_and_producer_retries_across_a_restart() {
     let server = Server::start();
     let addr = server.addr();
@@ -526,7 +519,6 @@ fn client_reconnects_and_producer_retries_across_a_restart() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn unknown_topic_fails_the_delivery_without_retrying() {
     let server = Server::start();
     let producer = blocking::Producer::connect(&server.addr(), ProducerConfig::default()).unwrap();
@@ -543,7 +535,6 @@ fn unknown_topic_fails_the_delivery_without_retrying() {
 }
 
 #[test]
-#[ignore = "needs the server: enable at merge"]
 fn tcp_and_unix_socket_reach_the_same_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

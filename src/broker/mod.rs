@@ -395,6 +395,9 @@ impl Broker {
         }
     }
 
+    /// The first offset whose record timestamp is at or after `ts_ms`.
+    /// Storage indexes whole batches (by their max timestamp); the record
+    /// is found inside the batch it points at.
     pub async fn offset_for_timestamp(
         &self,
         topic: &str,
@@ -402,6 +405,24 @@ impl Broker {
         ts_ms: i64,
     ) -> Result<Option<u64>, BrokerError> {
         let id = self.partition_id(topic, partition)?;
-        Ok(self.storage.offset_for_timestamp(&id, ts_ms).await?)
+        let Some(at) = self.storage.offset_for_timestamp(&id, ts_ms).await? else {
+            return Ok(None);
+        };
+        // One batch is enough: its max timestamp is at or after ts_ms.
+        let bytes = self.storage.read(&id, at, 1).await?;
+        for view in crate::batch::BatchIter::new(&bytes) {
+            let view = view.map_err(|e| BrokerError::Storage(StorageError::InvalidBatch(e)))?;
+            let h = view.header;
+            let records = view
+                .records()
+                .map_err(|e| BrokerError::Storage(StorageError::InvalidBatch(e)))?;
+            for r in records {
+                let offset = h.base_offset + u64::from(r.offset_delta);
+                if offset >= at && h.first_timestamp + r.timestamp_delta >= ts_ms {
+                    return Ok(Some(offset));
+                }
+            }
+        }
+        Ok(Some(at))
     }
 }
