@@ -20,6 +20,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod storage;
