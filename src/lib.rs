@@ -22,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod storage;
