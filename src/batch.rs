@@ -375,6 +375,22 @@ impl<'a> Iterator for BatchIter<'a> {
     }
 }
 
+/// Records in a buffer of concatenated batches, from their headers alone
+/// (no CRC pass): for counters on the fetch path. Stops at the first header
+/// that does not parse.
+pub fn count_records(mut bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    while let Ok(h) = parse_header(bytes) {
+        let len = h.total_len as usize;
+        if len > bytes.len() {
+            break;
+        }
+        n += u64::from(h.record_count);
+        bytes = &bytes[len..];
+    }
+    n
+}
+
 /// Producer identity stamped into a batch header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerStamp {
@@ -572,6 +588,19 @@ mod tests {
             Err(BatchError::CrcMismatch { .. })
         ));
         assert_eq!(bytes, before);
+    }
+
+    #[test]
+    fn count_records_walks_headers() {
+        let mut all = sample(3);
+        all.extend(sample(5));
+        assert_eq!(count_records(&all), 8);
+        assert_eq!(
+            count_records(&all[..all.len() - 1]),
+            3,
+            "a cut batch is not counted"
+        );
+        assert_eq!(count_records(&[]), 0);
     }
 
     #[test]

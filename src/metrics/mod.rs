@@ -452,3 +452,14 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests;
+
+impl crate::storage::IoObserver for Metrics {
+    fn write_round(&self, elapsed: Duration, device_bytes: u64, payload_bytes: u64, synced: bool) {
+        self.observe_storage_write(elapsed, device_bytes, payload_bytes);
+        if synced {
+            // One group commit: the writes and their fdatasyncs in one
+            // submission, so this is the durable-write latency acks wait on.
+            self.observe_fsync(elapsed);
+        }
+    }
+}

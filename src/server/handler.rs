@@ -170,7 +170,10 @@ pub(crate) fn list_topics(ctx: &Ctx) -> ResponseBody {
 
 pub(crate) async fn delete_topic(ctx: &Ctx, name: &str) -> ResponseBody {
     match ctx.broker.delete_topic(name).await {
-        Ok(()) => ResponseBody::DeleteTopic(DeleteTopicResponse {}),
+        Ok(()) => {
+            ctx.metrics.remove_topic(name);
+            ResponseBody::DeleteTopic(DeleteTopicResponse {})
+        }
         Err(e) => broker_error_body(&e),
     }
 }

@@ -18,6 +18,7 @@ use event_listener::Event;
 
 use crate::broker::{Broker, BrokerError, BrokerLimits};
 use crate::config::Config;
+use crate::metrics::{Listener, Metrics};
 use crate::protocol::{encode_response, error_response, ErrorCode};
 use crate::storage::{Storage, StorageError};
 
@@ -85,6 +86,7 @@ pub(crate) struct Ctx {
     pub connections_changed: Event,
     pub frame_errors: AtomicUsize,
     pub executor: Arc<smol::Executor<'static>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Ctx {
@@ -136,6 +138,9 @@ impl From<BrokerError> for ServeError {
 /// A running broker: listeners bound, sessions served on an executor.
 pub struct Server {
     ctx: Arc<Ctx>,
+    metrics_addr: Option<SocketAddr>,
+    /// What `/ready` answers: true from start-up's end to stop's start.
+    ready: Arc<AtomicBool>,
     tcp_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -149,7 +154,15 @@ impl Server {
     /// Opens storage and the topic table from `cfg`, binds the listeners and
     /// starts serving on `threads` executor threads.
     pub fn start(cfg: &Config, threads: usize) -> Result<Server, ServeError> {
-        let storage = Storage::open(storage_config(cfg))?;
+        let metrics = Metrics::new();
+        let mut storage_cfg = storage_config(cfg);
+        storage_cfg.observer = Some(crate::storage::Observer(metrics.clone()));
+        let storage = Storage::open(storage_cfg)?;
+        let reports = storage.recovery_report();
+        metrics.record_recovery(
+            reports.iter().map(|r| r.bytes_truncated).sum(),
+            reports.iter().filter(|r| r.quarantined).count() as i64,
+        );
         let broker = Broker::open(
             storage,
             cfg.data_dir.clone(),
@@ -169,6 +182,7 @@ impl Server {
             connections_changed: Event::new(),
             frame_errors: AtomicUsize::new(0),
             executor: executor.clone(),
+            metrics: metrics.clone(),
         });
         let stopped = Arc::new(Shutdown::default());
         let mut accept_tasks = Vec::new();
@@ -192,6 +206,22 @@ impl Server {
             unix_path = Some(path);
             accept_tasks.push(executor.spawn(accept_unix(listener, ctx.clone(), executor.clone())));
         }
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics_listen() {
+            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
+                ServeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+            metrics_addr = listener.local_addr().ok();
+            accept_tasks.push(executor.spawn(crate::metrics::serve_http(
+                listener,
+                metrics.clone(),
+                ready.clone(),
+            )));
+        }
         let threads = (0..threads.max(1))
             .map(|i| {
                 let ex = executor.clone();
@@ -203,8 +233,12 @@ impl Server {
                     .expect("spawning a network thread")
             })
             .collect();
+        // Recovery is done and the listeners are bound: serving.
+        ready.store(true, Ordering::SeqCst);
         Ok(Server {
             ctx,
+            metrics_addr,
+            ready,
             tcp_addr,
             unix_path,
             threads,
@@ -216,6 +250,22 @@ impl Server {
 
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.ctx.metrics
+    }
+
+    /// Runs `fut` on the server's executor.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> smol::Task<T> {
+        self.executor.spawn(fut)
     }
 
     pub fn unix_path(&self) -> Option<&Path> {
@@ -233,6 +283,7 @@ impl Server {
     /// Stops accepting, lets every connection answer what it has read (up
     /// to a bound), then flushes and checkpoints storage.
     pub fn stop(self) -> Result<(), ServeError> {
+        self.ready.store(false, Ordering::SeqCst);
         self.ctx.shutdown.trigger();
         let ctx = self.ctx.clone();
         let drained = smol::block_on(self.executor.run(async {
@@ -273,15 +324,25 @@ impl Server {
 }
 
 /// `skiff serve`: runs until SIGTERM or SIGINT, then stops gracefully.
+/// Under systemd (`Type=notify`) it says READY once recovery is done and
+/// the listeners are bound, keeps STATUS current, feeds the watchdog only
+/// while both the network executor and the storage thread answer, and says
+/// STOPPING when it begins to stop.
 pub fn serve(cfg: &Config) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+    let watchdog = crate::notify::Watchdog::from_env().unwrap_or_else(|e| {
+        log::warn!("systemd watchdog disabled: {e}");
+        crate::notify::Watchdog::disabled()
+    });
     let server = Server::start(cfg, network_threads())?;
+    let storage = server.broker().storage().clone();
+    let budget = cfg.memory_budget();
     log::info!(
-        "skiff {} serving: backend {}, data {}, tcp {}, unix {}",
+        "skiff {} serving: backend {}, data {}, tcp {}, unix {}, metrics {}, memory budget {}",
         env!("CARGO_PKG_VERSION"),
-        server.broker().storage().backend_name(),
+        storage.backend_name(),
         cfg.data_dir.display(),
         server
             .tcp_addr()
@@ -289,13 +350,54 @@ pub fn serve(cfg: &Config) -> Result<(), ServeError> {
         server
             .unix_path()
             .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
+        server
+            .metrics_addr()
+            .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        crate::config::human(budget.total_bytes()),
     );
+    let partitions = storage.partitions().len();
+    notify(&format!(
+        "READY=1\nSTATUS=serving {} partition(s) on the {} backend",
+        partitions,
+        storage.backend_name()
+    ));
+    let interval = watchdog.beat_interval();
+    let network = watchdog.register("network");
+    let beat_network = server.spawn(async move {
+        loop {
+            network.beat();
+            smol::Timer::after(interval).await;
+        }
+    });
+    let storage_hb = watchdog.register("storage");
+    let beat_storage = server.spawn(async move {
+        // A ping goes through the storage thread's queue: a hung thread
+        // (a stuck device) never answers, the beats stop, and so do the
+        // watchdog pings.
+        while storage.ping().await.is_ok() {
+            storage_hb.beat();
+            smol::Timer::after(interval).await;
+        }
+    });
+    let ticker = watchdog.start().map_err(ServeError::Signals)?;
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: stopping");
     }
+    notify("STOPPING=1\nSTATUS=stopping: finishing requests, flushing");
+    drop(ticker);
+    drop(beat_network);
+    drop(beat_storage);
     server.stop()?;
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// Best effort: not running under systemd is normal, a failing socket is
+/// logged once per message.
+fn notify(state: &str) {
+    if let Err(e) = crate::notify::notify(state) {
+        log::warn!("sd_notify: {e}");
+    }
 }
 
 fn network_threads() -> usize {
@@ -382,11 +484,17 @@ fn admit(ctx: &Ctx) -> bool {
     }
 }
 
-fn spawn_session<S>(stream: S, ctx: Arc<Ctx>, ex: &smol::Executor<'static>, peer: String)
-where
+fn spawn_session<S>(
+    stream: S,
+    ctx: Arc<Ctx>,
+    ex: &smol::Executor<'static>,
+    peer: String,
+    listener: Listener,
+) where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Clone + Unpin + Send + 'static,
 {
     ex.spawn(async move {
+        let _open = ctx.metrics.connection_opened(listener);
         session::run(stream, ctx.clone(), peer).await;
         ctx.connections.fetch_sub(1, Ordering::SeqCst);
         ctx.connections_changed.notify(usize::MAX);
@@ -404,7 +512,7 @@ async fn accept_tcp(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 if admit(&ctx) {
-                    spawn_session(stream, ctx.clone(), &ex, peer.to_string());
+                    spawn_session(stream, ctx.clone(), &ex, peer.to_string(), Listener::Tcp);
                 } else {
                     ex.spawn(refuse(stream, ctx.settings.max_connections))
                         .detach();
@@ -428,7 +536,7 @@ async fn accept_unix(
         match listener.accept().await {
             Ok((stream, _)) => {
                 if admit(&ctx) {
-                    spawn_session(stream, ctx.clone(), &ex, "unix".to_owned());
+                    spawn_session(stream, ctx.clone(), &ex, "unix".to_owned(), Listener::Unix);
                 } else {
                     ex.spawn(refuse(stream, ctx.settings.max_connections))
                         .detach();

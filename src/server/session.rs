@@ -249,7 +249,19 @@ where
             }
         };
         let cid = request.correlation_id;
+        let kind = request.body.name();
+        let started = std::time::Instant::now();
+        let metrics = ctx.metrics.clone();
         let answer = move |body: ResponseBody| {
+            metrics.observe_request(kind, started.elapsed());
+            if let ResponseBody::Fetch(f) = &body {
+                for p in &f.partitions {
+                    if !p.records.is_empty() {
+                        let records = crate::batch::count_records(&p.records);
+                        metrics.record_fetch(&p.topic, records, p.records.len() as u64);
+                    }
+                }
+            }
             (
                 Response {
                     correlation_id: cid,
@@ -304,11 +316,25 @@ where
             }
             RequestBody::Produce(req) => {
                 // Submitted here, in frame order; acked in a task.
+                let sizes: Vec<u64> = req
+                    .partitions
+                    .iter()
+                    .map(|p| p.batch.len() as u64)
+                    .collect();
                 let pending = handler::produce_submit(ctx, req).await;
                 let tx = tx.clone();
+                let metrics_p = ctx.metrics.clone();
                 ctx.executor
                     .spawn(async move {
                         let body = handler::produce_complete(pending).await;
+                        if let ResponseBody::Produce(r) = &body {
+                            for (p, bytes) in r.partitions.iter().zip(sizes) {
+                                if p.error.is_none() {
+                                    let records = p.last_offset - p.base_offset + 1;
+                                    metrics_p.record_produce(&p.topic, records, bytes);
+                                }
+                            }
+                        }
                         let _ = tx.send(answer(body)).await;
                     })
                     .detach();

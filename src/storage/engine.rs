@@ -81,6 +81,11 @@ pub(crate) enum Cmd {
         ts_ms: i64,
         reply: Reply<Option<u64>>,
     },
+    /// Answered as soon as the thread reaches it: proof of liveness for
+    /// the service watchdog.
+    Ping {
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: std::sync::mpsc::Sender<Result<(), StorageError>>,
     },
@@ -533,6 +538,8 @@ struct Ctx {
     /// Zeros, for pre-writing segments and scrubbing torn tails.
     zeros: AlignedBuf,
     shared: Arc<Shared>,
+    /// Payload bytes already reported to the observer.
+    observed_payload_bytes: u64,
 }
 
 impl Ctx {
@@ -548,6 +555,13 @@ impl Ctx {
             StatsInner::add(&st.fsyncs, sync.len() as u64);
             StatsInner::add(&st.fsync_latency_us_sum, t.elapsed().as_micros() as u64);
             StatsInner::add(&st.fsync_latency_count, 1);
+        }
+        if let Some(obs) = &self.cfg.observer {
+            let payload = st.payload_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let delta = payload.saturating_sub(self.observed_payload_bytes);
+            self.observed_payload_bytes = payload;
+            obs.0
+                .write_round(t.elapsed(), bytes, delta, !sync.is_empty());
         }
         res
     }
@@ -752,6 +766,7 @@ pub(crate) fn start(
                     cfg,
                     io,
                     shared,
+                    observed_payload_bytes: 0,
                 },
                 parts: HashMap::new(),
                 free_tails: Vec::new(),
@@ -892,6 +907,9 @@ impl Engine {
             Cmd::OffsetForTs { id, ts_ms, reply } => {
                 let r = self.offset_for_ts(&id, ts_ms);
                 let _ = reply.try_send(r);
+            }
+            Cmd::Ping { reply } => {
+                let _ = reply.try_send(Ok(()));
             }
             Cmd::Shutdown { reply } => {
                 let _ = reply.send(Err(StorageError::ShuttingDown));

@@ -281,6 +281,33 @@ pub struct StorageConfig {
     /// fallocated-but-unwritten extents cost a journal commit at
     /// fdatasync). See docs/performance.md for the measured difference.
     pub prewrite_segments: bool,
+    /// Told about every write round, for latency histograms outside
+    /// storage (the metrics endpoint); storage itself keeps only counters.
+    pub observer: Option<Observer>,
+}
+
+/// Hears about each write round of the storage thread. Called on the
+/// storage thread: implementations must be cheap and never block.
+pub trait IoObserver: Send + Sync {
+    /// `elapsed` covers the writes and, when `synced`, the fdatasyncs of
+    /// one group commit; `payload_bytes` are the batch bytes appended
+    /// since the previous round.
+    fn write_round(
+        &self,
+        elapsed: std::time::Duration,
+        device_bytes: u64,
+        payload_bytes: u64,
+        synced: bool,
+    );
+}
+
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn IoObserver>);
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Default for StorageConfig {
@@ -293,6 +320,7 @@ impl Default for StorageConfig {
             max_partitions: 64,
             max_batch_bytes: 1024 * 1024,
             prewrite_segments: true,
+            observer: None,
         }
     }
 }
@@ -796,6 +824,13 @@ impl Storage {
         let id = id.clone();
         self.call(|reply| engine::Cmd::OffsetForTs { id, ts_ms, reply })
             .await
+    }
+
+    /// Completes once the storage thread has taken a command off its queue:
+    /// a hung thread (a stuck device, a deadlock) never answers, which is
+    /// what the service watchdog needs to notice.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        self.call(|reply| engine::Cmd::Ping { reply }).await
     }
 
     /// Notified every time the partition's high watermark advances.

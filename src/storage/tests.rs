@@ -52,6 +52,7 @@ impl Rig {
             max_partitions: 8,
             max_batch_bytes: 32 * 1024,
             prewrite_segments: false,
+            observer: None,
         }
     }
     pub fn open_with(&self, cfg: StorageConfig) -> Result<Storage, StorageError> {

@@ -37,6 +37,8 @@ pub struct Broker {
     pub unix: PathBuf,
     child: Option<Child>,
     pub log_path: PathBuf,
+    /// Extra environment for `skiff serve` (NOTIFY_SOCKET in the service test).
+    env: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -48,6 +50,10 @@ impl Broker {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Broker {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    pub fn start_with_env(dir: tempfile::TempDir, extra: &str, env: &[(&str, &str)]) -> Broker {
         let port = free_port();
         let tcp = format!("127.0.0.1:{port}");
         let unix = dir.path().join("skiff.sock");
@@ -73,6 +79,10 @@ impl Broker {
             tcp,
             unix,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.spawn();
         b
@@ -88,6 +98,7 @@ impl Broker {
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

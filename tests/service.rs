@@ -1,0 +1,167 @@
+//! Running as a service: systemd notify (READY, STATUS, WATCHDOG,
+//! STOPPING) and the metrics endpoint, through the real binary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn datagrams_until(
+    sock: &UnixDatagram,
+    deadline: Duration,
+    mut done: impl FnMut(&[String]) -> bool,
+) -> Vec<String> {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let end = Instant::now() + deadline;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end && !done(&seen) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    seen
+}
+
+#[test]
+fn notify_ready_watchdog_and_stopping() {
+    let dir = temp_dir();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("binding the notify socket");
+    let sock_str = sock_path.to_str().expect("utf-8 path").to_owned();
+    // 400 ms: the broker pings every 200 ms while its loops are alive.
+    let mut b = Broker::start_with_env(
+        dir,
+        "",
+        &[("NOTIFY_SOCKET", &sock_str), ("WATCHDOG_USEC", "400000")],
+    );
+    let seen = datagrams_until(&sock, Duration::from_secs(10), |s| {
+        s.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3
+    });
+    let ready = seen
+        .iter()
+        .position(|m| m.lines().any(|l| l == "READY=1"))
+        .unwrap_or_else(|| panic!("no READY=1 in {seen:?}\n{}", b.log()));
+    assert!(
+        seen[ready].contains("STATUS=serving"),
+        "READY comes with a status line: {seen:?}"
+    );
+    let pings = seen.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(pings >= 3, "watchdog pings while healthy: {seen:?}");
+    assert!(
+        seen.iter().position(|m| m.contains("WATCHDOG=1")).unwrap() > ready,
+        "pings start after READY: {seen:?}"
+    );
+    let pid = b.pid();
+    let waiter = std::thread::spawn(move || {
+        datagrams_until(&sock, Duration::from_secs(10), |s| {
+            s.iter().any(|m| m.contains("STOPPING=1"))
+        })
+    });
+    assert_eq!(b.stop(), Some(0), "skiff {pid} stops cleanly");
+    let after = waiter.join().expect("reader thread");
+    assert!(
+        after.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        "STOPPING=1 on SIGTERM: {after:?}"
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the first sample of `name` whose labels contain `labels`.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_count_what_was_produced_and_fetched() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let b = Broker::start(&format!("[metrics]\nlisten = {addr:?}\n"));
+    assert_eq!(http_get(&addr, "/health").0, 200);
+    assert_eq!(http_get(&addr, "/ready").0, 200);
+
+    assert_ok(&b.cli(&["topics", "create", "m1", "--partitions", "2"]));
+    let lines: String = (0..500).map(|i| format!("value-{i:05}\n")).collect();
+    assert_ok(&b.cli_stdin(&["produce", "m1"], Some(lines.as_bytes())));
+    let out = b.cli(&["consume", "m1", "--count", "500", "--timeout-ms", "5000"]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out).lines().count(), 500);
+
+    let (status, text) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let produced = sample(&text, "skiff_produce_records_total", "topic=\"m1\"")
+        .unwrap_or_else(|| panic!("no produce counter in:\n{text}"));
+    assert_eq!(produced, 500.0);
+    let fetched =
+        sample(&text, "skiff_fetch_records_total", "topic=\"m1\"").expect("fetch counter");
+    assert_eq!(fetched, 500.0);
+    let produce_bytes = sample(&text, "skiff_produce_bytes_total", "topic=\"m1\"").expect("bytes");
+    assert!(
+        produce_bytes > 500.0 * 11.0,
+        "batch bytes include every value: {produce_bytes}"
+    );
+    let payload = sample(&text, "skiff_storage_payload_bytes_total", "").expect("payload bytes");
+    assert_eq!(
+        payload, produce_bytes,
+        "storage saw exactly the produced batches"
+    );
+    let device = sample(&text, "skiff_storage_device_bytes_total", "").expect("device bytes");
+    assert!(
+        device >= payload,
+        "blocks written cover the payload: {device} < {payload}"
+    );
+    let fsyncs = sample(&text, "skiff_storage_fsync_duration_seconds_count", "").expect("fsyncs");
+    assert!(fsyncs >= 1.0, "fsync=always made durable writes");
+    assert!(
+        sample(
+            &text,
+            "skiff_request_duration_seconds_count",
+            "kind=\"produce\""
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "produce latency observed:\n{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "skiff_connections_accepted_total",
+            "listener=\"tcp\""
+        )
+        .unwrap_or(0.0)
+            >= 3.0,
+        "three CLI connections counted"
+    );
+}
