@@ -360,6 +360,13 @@ impl Config {
     }
 }
 
+impl Default for Config {
+    /// The embedded default.
+    fn default() -> Config {
+        Config::embedded_default()
+    }
+}
+
 /// Attributes an error about `key` to the last layer that sets it (that is
 /// the value that won the merge), else to the top layer.
 fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
