@@ -360,15 +360,28 @@ impl Config {
     }
 }
 
+impl Default for Config {
+    /// The embedded default.
+    fn default() -> Config {
+        Config::embedded_default()
+    }
+}
+
 /// Attributes an error about `key` to the last layer that sets it (that is
-/// the value that won the merge), else to the top layer.
+/// the value that won the merge). When only the embedded default sets it,
+/// the default is fine on its own and the conflict comes from a value the
+/// user changed elsewhere (`storage.max_batch_bytes` raised past the
+/// default `server.max_frame_bytes`): name the user's top layer, no line.
 fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
+    let top = layers.last().map(|l| l.origin.name()).unwrap_or_default();
     for layer in layers.iter().rev() {
         if let Some(line) = layer.line_of_key(key) {
+            if layer.origin == Origin::Embedded && layers.len() > 1 {
+                break;
+            }
             return ConfigError::new(layer.origin.name(), line, kind);
         }
     }
-    let top = layers.last().map(|l| l.origin.name()).unwrap_or_default();
     ConfigError::new(top, None, kind)
 }
 

@@ -458,3 +458,19 @@ fn human_sizes() {
     assert_eq!(budget::human(1_114_112), "1.1 MiB");
     assert_eq!(budget::human(3 * 1024 * MIB), "3 GiB");
 }
+
+#[test]
+fn a_conflict_with_an_untouched_default_names_the_users_file() {
+    // The file raises the batch size; the default frame size no longer
+    // holds a batch. The key at fault is the frame size, the file is the
+    // user's, and there is no line to point at.
+    let err = load_text("raise.toml", "[storage]\nmax_batch_bytes = 2097152\n")
+        .expect_err("frame too small for the batch");
+    assert_eq!(err.key(), Some("server.max_frame_bytes"));
+    assert_eq!(err.line, None);
+    assert!(
+        err.to_string()
+            .contains("raise.toml: invalid 'server.max_frame_bytes'"),
+        "{err}"
+    );
+}
