@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -356,7 +356,7 @@ fn from_partition_count_and_timeout_flags() {
 
     // --from latest sees only records produced after it started: keep
     // producing until the consumer picks one up.
-    let mut child = Command::new(BIN)
+    let mut child = skiff_command()
         .args([
             "consume",
             "f",

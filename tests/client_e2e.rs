@@ -1,14 +1,15 @@
 //! End-to-end tests of the client library against the real `skiff serve`.
 //!
-//! Ignored until the server is merged: run them with
-//! `cargo test --test client_e2e -- --ignored`. Each test starts its own
+//! Each test starts its own
 //! server on a Unix socket in a temporary directory (no port to pick) and
 //! kills it when it ends.
+
+mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
@@ -60,7 +61,7 @@ impl Server {
             ),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        let child = common::skiff_command()
             .arg("serve")
             .arg("--config")
             .arg(&config)

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,7 +20,7 @@ const SERVE_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs `skiff ARGS` in `cwd` and waits for it to exit, bounded.
 fn run_in(cwd: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = skiff_command()
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())

@@ -6,7 +6,7 @@ mod common;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,7 +27,7 @@ impl Drop for Guard {
 
 /// Runs `skiff ARGS` in `cwd` exactly as given (no --broker).
 fn skiff_in(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
+    skiff_command()
         .args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
@@ -48,7 +48,7 @@ fn serve_without_arguments_uses_the_embedded_default() {
     let dir = temp_dir();
     let cwd = dir.path();
     let log = std::fs::File::create(cwd.join("broker.log")).expect("log file");
-    let child = Command::new(BIN)
+    let child = skiff_command()
         .arg("serve")
         .current_dir(cwd)
         .stdin(Stdio::null())

@@ -30,7 +30,7 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.server.max_topics, 64);
     assert_eq!(cfg.server.max_partitions, 256);
     assert_eq!(cfg.storage.backend, StorageBackend::Auto);
-    assert_eq!(cfg.storage.append_queue_depth, 1024);
+    assert_eq!(cfg.storage.append_queue_depth, 256);
     assert_eq!(cfg.storage.tail_buffer_bytes, MIB);
     assert_eq!(cfg.storage.max_batch_bytes, MIB);
     assert_eq!(cfg.topic_defaults.partitions, 1);
@@ -59,7 +59,7 @@ fn a_file_overrides_only_the_keys_it_sets() {
     assert_eq!(cfg.topic_defaults.fsync, FsyncPolicy::IntervalMs(250));
     // Untouched keys keep the embedded default.
     assert_eq!(cfg.server.max_topics, 64);
-    assert_eq!(cfg.storage.append_queue_depth, 1024);
+    assert_eq!(cfg.storage.append_queue_depth, 256);
 }
 
 #[test]

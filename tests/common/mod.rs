@@ -11,6 +11,22 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_skiff");
 
+/// A command running the skiff binary; under scripts/cross-test it runs
+/// through the emulator named in `SKIFF_TEST_RUNNER` (e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`), since an ARM binary
+/// cannot be executed directly without binfmt_misc.
+pub fn skiff_command() -> Command {
+    match std::env::var("SKIFF_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut cmd = Command::new(parts.next().expect("non-empty runner"));
+            cmd.args(parts).arg(BIN);
+            cmd
+        }
+        _ => Command::new(BIN),
+    }
+}
+
 /// A directory on the same filesystem as the build (ext4 here; /tmp may be
 /// tmpfs, which has no O_DIRECT). Removed on drop.
 pub fn temp_dir() -> tempfile::TempDir {
@@ -94,7 +110,7 @@ impl Broker {
             .append(true)
             .open(&self.log_path)
             .expect("opening the broker log");
-        let child = Command::new(BIN)
+        let child = skiff_command()
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
@@ -207,7 +223,7 @@ fn split_extra(extra: &str) -> (String, String) {
 }
 
 pub fn run_cli(args: &[&str], broker: &str, stdin: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = skiff_command();
     cmd.args(args).arg("--broker").arg(broker);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
@@ -229,7 +245,7 @@ pub fn run_cli(args: &[&str], broker: &str, stdin: Option<&[u8]>) -> Output {
 
 /// Runs the binary with exactly these arguments (no --broker).
 pub fn run_bin(args: &[&str]) -> Output {
-    Command::new(BIN)
+    skiff_command()
         .args(args)
         .stdin(Stdio::null())
         .output()
