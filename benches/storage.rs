@@ -207,10 +207,11 @@ fn throughput_run(
 
 /// Open loop: single-record appends of `value` bytes at a fixed rate under
 /// interval:2, measuring bytes written per payload byte.
-fn wa_run(p: &Params, dir: &Path, value: usize) -> Run {
+fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
     let s = open(dir, true);
     let id = PartitionId::new("wa", 0);
-    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::IntervalMs(2)))).unwrap();
+    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::IntervalMs(interval_ms))))
+        .unwrap();
     let batches = make_batches(1, value);
     let total = p.wa_rate_per_s * p.wa_time.as_millis() as u64 / 1000;
     let interval = Duration::from_nanos(1_000_000_000 / p.wa_rate_per_s);
@@ -357,29 +358,32 @@ fn main() {
         );
     }
 
-    println!(
-        "\nwrite amplification: 100 B single-record appends at {}/s, durability interval:2",
-        p.wa_rate_per_s
-    );
-    let runs: Vec<Run> = (0..RUNS).map(|_| wa_run(&p, &dir, 100)).collect();
-    let (we, wmin, wmax) = mmm(&runs, |r| r.wa_engine);
-    let (wd, dmin, dmax) = mmm(&runs, |r| r.device_bytes as f64 / r.payload as f64);
-    let (wl, _, _) = mmm(&runs, |r| {
-        r.wa_engine * r.payload as f64
-            / (r.log_bytes_per_s * r.payload as f64 / r.value_bytes_per_s)
-    });
-    println!(
-        "  engine bytes written / value bytes: {we:.2} [{wmin:.2}..{wmax:.2}]; per log (batch) byte: {wl:.2}"
-    );
-    println!(
-        "  device bytes written (/sys stat, whole disk, includes journal and other processes) / value bytes: {wd:.2} [{dmin:.2}..{dmax:.2}]"
-    );
-    println!(
-        "  achieved {:.0} records/s, mean commit {:.0} us, fsyncs {:.0}, device flushes {:.0}",
-        mmm(&runs, |r| r.records_per_s).0,
-        mmm(&runs, |r| r.commit_us).0,
-        mmm(&runs, |r| r.fsyncs as f64).0,
-        mmm(&runs, |r| r.flushes as f64).0
-    );
+    for interval_ms in [2u32, 10] {
+        println!(
+            "\nwrite amplification: 100 B single-record appends at {}/s, durability interval:{interval_ms}",
+            p.wa_rate_per_s
+        );
+        let runs: Vec<Run> = (0..RUNS)
+            .map(|_| wa_run(&p, &dir, 100, interval_ms))
+            .collect();
+        let (we, wmin, wmax) = mmm(&runs, |r| r.wa_engine);
+        let (wd, dmin, dmax) = mmm(&runs, |r| r.device_bytes as f64 / r.payload as f64);
+        let (wl, _, _) = mmm(&runs, |r| {
+            r.wa_engine * r.value_bytes_per_s / r.log_bytes_per_s
+        });
+        println!(
+            "  engine bytes written / value bytes: {we:.2} [{wmin:.2}..{wmax:.2}]; per log (batch) byte: {wl:.2}"
+        );
+        println!(
+            "  device bytes written (/sys stat, whole disk: includes the journal and other processes) / value bytes: {wd:.2} [{dmin:.2}..{dmax:.2}]"
+        );
+        println!(
+            "  achieved {:.0} records/s, mean commit {:.0} us, fsyncs {:.0}, device flushes {:.0}",
+            mmm(&runs, |r| r.records_per_s).0,
+            mmm(&runs, |r| r.commit_us).0,
+            mmm(&runs, |r| r.fsyncs as f64).0,
+            mmm(&runs, |r| r.flushes as f64).0
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
