@@ -1285,6 +1285,12 @@ impl Engine {
             }
         }
         for p in self.parts.values_mut() {
+            // A quarantined or failed partition keeps its checkpoint as it
+            // is: it is the evidence of what was durable, and rewriting it
+            // smaller would let the next start truncate acknowledged data.
+            if p.state != PartState::Ok {
+                continue;
+            }
             let due = now >= p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS);
             if p.durable != p.checkpointed && (due || force) {
                 write_checkpoint(p, p.durable);
@@ -1695,6 +1701,7 @@ impl Engine {
         StatsInner::add(&self.ctx.shared.stats.recovery_truncated_bytes, truncated);
         if let Some(why) = &problem {
             part.quarantine(why, &self.ctx.shared.stats);
+            part.durable = ckpt;
         }
         let report = RecoveryReport {
             id: id.clone(),

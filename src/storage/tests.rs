@@ -601,6 +601,15 @@ fn bit_flip_in_acknowledged_data_quarantines() {
         ));
         // Read-only up to the damage.
         assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
+        // Still quarantined on the next start: the evidence (checkpoint)
+        // must survive, or the damage would be truncated as a torn tail.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(rep.quarantined, "{name}: second start: {rep:?}");
+        assert_eq!(rep.bytes_truncated, 0);
         s.shutdown().unwrap();
     }
 }
