@@ -284,7 +284,14 @@ struct Part {
     dirty_from: Option<usize>,
     /// Written but not yet fdatasynced.
     unsynced: bool,
+    /// Appends copied into the tail, not yet written.
     pending: Vec<Pending>,
+    /// Written in this round, waiting for their fdatasync to start.
+    awaiting_sync: Vec<Pending>,
+    /// Covered by the fdatasync in flight; acked when it completes.
+    syncing: Vec<Pending>,
+    /// What becomes durable (and the high watermark) when it completes.
+    syncing_to: Checkpoint,
     first_pending_at: Option<Instant>,
     durable: Checkpoint,
     checkpointed: Checkpoint,
@@ -343,14 +350,19 @@ impl Part {
             "partition {}: write or fdatasync failed ({e}); refusing writes until restart, \
              {} pending appends fail",
             self.id,
-            self.pending.len()
+            self.pending.len() + self.awaiting_sync.len() + self.syncing.len()
         );
         self.set_state(PartState::Failed {
             cause: e.kind(),
             errno: e.raw_os_error(),
         });
         StatsInner::add(&stats.failures, 1);
-        for p in self.pending.drain(..) {
+        let waiting = self
+            .syncing
+            .drain(..)
+            .chain(self.awaiting_sync.drain(..))
+            .chain(self.pending.drain(..));
+        for p in waiting {
             let _ = p.reply.try_send(Err(StorageError::Failed {
                 partition: self.id.clone(),
                 cause: e.kind(),
@@ -787,6 +799,11 @@ struct Engine {
     free_tails: Vec<AlignedBuf>,
     tails_made: usize,
     next_retention_check: Instant,
+    /// Partitions whose fdatasync group is in flight (`sync_start` done,
+    /// `sync_wait` not yet): the next group is written meanwhile.
+    inflight: Vec<PartitionId>,
+    inflight_files: usize,
+    inflight_started: Instant,
 }
 
 /// Starts the storage thread and waits for recovery to finish.
@@ -821,6 +838,9 @@ pub(crate) fn start(
                 free_tails: Vec::new(),
                 tails_made: 0,
                 next_retention_check: Instant::now(),
+                inflight: Vec::new(),
+                inflight_files: 0,
+                inflight_started: Instant::now(),
             };
             match engine.recover_all() {
                 Ok(()) => {
@@ -873,11 +893,15 @@ impl Engine {
         loop {
             let mut shutdown = None;
             let mut closed = false;
-            match wait(&rx, self.next_deadline()) {
-                Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
-                Wake::Cmd(c) => self.handle(c),
-                Wake::Timeout => {}
-                Wake::Closed => closed = true,
+            // While a sync group is in flight, do not sleep: take what has
+            // queued, write it, then complete the group.
+            if self.inflight.is_empty() {
+                match wait(&rx, self.next_deadline()) {
+                    Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
+                    Wake::Cmd(c) => self.handle(c),
+                    Wake::Timeout => {}
+                    Wake::Closed => closed = true,
+                }
             }
             // The group: everything that queued up while we were busy.
             if shutdown.is_none() && !closed {
@@ -936,10 +960,12 @@ impl Engine {
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Create { id, cfg, reply } => {
+                self.finish_inflight();
                 let r = self.create(id, cfg);
                 let _ = reply.try_send(r);
             }
             Cmd::Delete { id, reply } => {
+                self.finish_inflight();
                 let r = self.delete(&id);
                 let _ = reply.try_send(r);
             }
@@ -1023,6 +1049,9 @@ impl Engine {
             dirty_from: None,
             unsynced: false,
             pending: Vec::new(),
+            awaiting_sync: Vec::new(),
+            syncing: Vec::new(),
+            syncing_to: Checkpoint::default(),
             first_pending_at: None,
             durable: Checkpoint::default(),
             checkpointed: Checkpoint::default(),
@@ -1234,6 +1263,15 @@ impl Engine {
         checked: Prechecked,
         reply: Reply<AppendAck>,
     ) {
+        // A roll makes the old segment durable synchronously: the group in
+        // flight completes first.
+        let rolls = self
+            .parts
+            .get(&id)
+            .is_some_and(|p| p.segs[p.active()].end_pos + batch.len() as u64 > p.cfg.segment_bytes);
+        if rolls {
+            self.finish_inflight();
+        }
         let Some(p) = self.parts.get_mut(&id) else {
             let _ = reply.try_send(Err(StorageError::UnknownPartition(id)));
             return;
@@ -1286,12 +1324,14 @@ impl Engine {
         }
     }
 
-    /// One group commit: every partition whose policy says "now" gets its
-    /// dirty tail written, and the fdatasyncs its policy needs, in one
-    /// `write_batch`.
+    /// One group commit, pipelined: every partition whose policy says "now"
+    /// gets its dirty tail written (one `write_batch`); then the previous
+    /// group's fdatasync is completed and acked; then this group's
+    /// fdatasyncs are started, to complete while the next group is written.
+    /// `Never` partitions are acked right after their write.
     fn commit_round(&mut self, force: bool) {
         let now = Instant::now();
-        let mut ids: Vec<(PartitionId, bool)> = Vec::new();
+        let mut due: Vec<(PartitionId, bool)> = Vec::new();
         for p in self.parts.values() {
             if p.state != PartState::Ok {
                 continue;
@@ -1301,7 +1341,7 @@ impl Engine {
             if !work {
                 continue;
             }
-            let (due, sync) = match p.cfg.durability {
+            let (is_due, sync) = match p.cfg.durability {
                 Durability::Always => (true, true),
                 Durability::IntervalMs(ms) => {
                     let late = p
@@ -1311,39 +1351,125 @@ impl Engine {
                 }
                 Durability::Never => (force || dirty || !p.pending.is_empty(), force),
             };
-            if due {
-                ids.push((p.id.clone(), sync && (dirty || p.unsynced)));
+            if is_due {
+                due.push((p.id.clone(), sync));
             }
         }
-        if ids.is_empty() {
+        // 1. Write this group.
+        if !due.is_empty() {
+            let res = {
+                let Engine { ctx, parts, .. } = &mut *self;
+                let ops: Vec<WriteOp<'_>> = due
+                    .iter()
+                    .filter_map(|(id, _)| parts[id].dirty_write())
+                    .collect();
+                if ops.is_empty() {
+                    Ok(())
+                } else {
+                    ctx.write_batch(&ops, &[])
+                }
+            };
+            for (id, sync) in &due {
+                let p = self.parts.get_mut(id).expect("collected above");
+                match &res {
+                    // After an error nothing about the other writes of the
+                    // submission may be assumed: every partition in it fails.
+                    Err(e) => p.fail(e, &self.ctx.shared.stats),
+                    Ok(()) => {
+                        if p.dirty_from.take().is_some() {
+                            p.unsynced = true;
+                        }
+                        p.first_pending_at = None;
+                        if *sync {
+                            p.awaiting_sync.append(&mut p.pending);
+                        } else {
+                            p.committed(false);
+                        }
+                    }
+                }
+            }
+        }
+        // 2. Complete the group in flight (its flush overlapped step 1).
+        self.finish_inflight();
+        // 3. Start this group's fdatasyncs.
+        let mut files = Vec::new();
+        for (id, sync) in due {
+            let p = self.parts.get_mut(&id).expect("collected above");
+            if !sync || p.state != PartState::Ok {
+                continue;
+            }
+            if !p.unsynced {
+                // Nothing written since the last fdatasync: durable already.
+                if p.hw != p.next_offset {
+                    p.hw = p.next_offset;
+                    p.publish();
+                }
+                for a in p.awaiting_sync.drain(..) {
+                    let _ = a.reply.try_send(Ok(a.ack));
+                }
+                continue;
+            }
+            let active = p.active();
+            p.syncing.append(&mut p.awaiting_sync);
+            p.syncing_to = Checkpoint {
+                epoch: p.segs[active].epoch,
+                pos: p.segs[active].end_pos,
+                next_offset: p.next_offset,
+                clean: false,
+            };
+            p.unsynced = false;
+            files.push(p.files[active]);
+            self.inflight.push(id);
+        }
+        if files.is_empty() {
             return;
         }
-        let res = {
-            let Engine { ctx, parts, .. } = self;
-            let mut ops = Vec::with_capacity(ids.len());
-            let mut syncs = Vec::with_capacity(ids.len());
-            for (id, sync) in &ids {
-                let p = &parts[id];
-                if let Some(op) = p.dirty_write() {
-                    ops.push(op);
-                }
-                if *sync {
-                    syncs.push(p.files[p.active()]);
-                }
+        self.inflight_files = files.len();
+        self.inflight_started = Instant::now();
+        if let Err(e) = self.ctx.io.sync_start(&files) {
+            self.fail_inflight(&e);
+        }
+    }
+
+    /// Waits for the fdatasync group in flight and acks what it covered.
+    fn finish_inflight(&mut self) {
+        if self.inflight.is_empty() {
+            return;
+        }
+        let res = self.ctx.io.sync_wait();
+        let st = &self.ctx.shared.stats;
+        StatsInner::add(&st.fsyncs, self.inflight_files as u64);
+        StatsInner::add(
+            &st.fsync_latency_us_sum,
+            self.inflight_started.elapsed().as_micros() as u64,
+        );
+        StatsInner::add(&st.fsync_latency_count, 1);
+        if let Err(e) = res {
+            self.fail_inflight(&e);
+            return;
+        }
+        for id in std::mem::take(&mut self.inflight) {
+            let Some(p) = self.parts.get_mut(&id) else {
+                continue;
+            };
+            if matches!(p.state, PartState::Failed { .. }) {
+                continue;
             }
-            if ops.is_empty() && syncs.is_empty() {
-                Ok(())
-            } else {
-                ctx.write_batch(&ops, &syncs)
+            p.durable = p.syncing_to;
+            if p.hw < p.syncing_to.next_offset {
+                p.hw = p.syncing_to.next_offset;
+                p.publish();
             }
-        };
-        for (id, sync) in ids {
-            let p = self.parts.get_mut(&id).expect("collected above");
-            match &res {
-                Ok(()) => p.committed(sync),
-                // After an error nothing about the other writes of the
-                // submission may be assumed: every partition in it fails.
-                Err(e) => p.fail(e, &self.ctx.shared.stats),
+            for a in p.syncing.drain(..) {
+                let _ = a.reply.try_send(Ok(a.ack));
+            }
+        }
+    }
+
+    fn fail_inflight(&mut self, e: &io::Error) {
+        for id in std::mem::take(&mut self.inflight) {
+            if let Some(p) = self.parts.get_mut(&id) {
+                p.fail(e, &self.ctx.shared.stats);
             }
         }
     }
@@ -1375,6 +1501,7 @@ impl Engine {
 
     fn shutdown_all(&mut self) -> Result<(), StorageError> {
         self.commit_round(true);
+        self.finish_inflight();
         let ids: Vec<PartitionId> = self.parts.keys().cloned().collect();
         for id in ids {
             let p = self.parts.get_mut(&id).expect("listed");
