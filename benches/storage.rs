@@ -17,6 +17,60 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
+
+/// pwrite without the pipelined fdatasync (the trait's default
+/// `sync_start`, which syncs at once): the A/B for pipelining.
+struct Unpipelined(PwriteBackend);
+
+impl IoBackend for Unpipelined {
+    fn name(&self) -> &'static str {
+        "pwrite-unpipelined"
+    }
+    fn open(
+        &mut self,
+        path: &Path,
+        create: bool,
+    ) -> std::io::Result<skiff::storage::io::FileHandle> {
+        self.0.open(path, create)
+    }
+    fn close(&mut self, file: skiff::storage::io::FileHandle) {
+        self.0.close(file)
+    }
+    fn allocate(&mut self, file: skiff::storage::io::FileHandle, len: u64) -> std::io::Result<()> {
+        self.0.allocate(file, len)
+    }
+    fn read_at(
+        &mut self,
+        file: skiff::storage::io::FileHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<usize> {
+        self.0.read_at(file, offset, buf)
+    }
+    fn write_batch(
+        &mut self,
+        writes: &[WriteOp<'_>],
+        sync: &[skiff::storage::io::FileHandle],
+    ) -> std::io::Result<()> {
+        self.0.write_batch(writes, sync)
+    }
+    fn sync(&mut self, file: skiff::storage::io::FileHandle) -> std::io::Result<()> {
+        self.0.sync(file)
+    }
+    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.0.sync_dir(dir)
+    }
+}
+
+static PIPELINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn backend() -> Box<dyn IoBackend> {
+    if PIPELINED.load(std::sync::atomic::Ordering::Relaxed) {
+        Box::new(PwriteBackend::new())
+    } else {
+        Box::new(Unpipelined(PwriteBackend::new()))
+    }
+}
 const RUNS: usize = 3;
 /// BENCHMARKING.md: at most 1,000 records un-acknowledged in flight.
 const IN_FLIGHT_RECORDS_MAX: usize = 1000;
@@ -134,7 +188,7 @@ fn open(dir: &Path, prewrite: bool) -> Storage {
             prewrite_segments: prewrite,
             ..StorageConfig::default()
         },
-        Box::new(PwriteBackend::new()),
+        backend(),
     )
     .expect("open storage")
 }
@@ -303,6 +357,10 @@ fn main() {
     );
 
     println!("\nappend throughput, durability always, <= 1000 records in flight:");
+    if std::env::var_os("SKIFF_BENCH_AB").is_some() {
+        pipelining_ab(&p, &base.join("data"), raw_med);
+        return;
+    }
     println!(
         "{:>6} {:>6} {:>8} {:>9} {:>13} {:>22} {:>9} {:>8} {:>8} {:>9} {:>8}",
         "record",
@@ -445,4 +503,47 @@ fn recovery(p: &Params, dir: &Path) {
         times[RUNS - 1] * 1e3,
         times[RUNS / 2] / (ring_bytes as f64 / (1024.0 * MIB as f64))
     );
+}
+
+/// Pipelined against unpipelined fdatasync, runs interleaved (A B A B ..)
+/// so drift in the machine's load hits both alike.
+fn pipelining_ab(p: &Params, dir: &Path, raw: f64) {
+    println!("\npipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
+    for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..RUNS {
+            PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
+            a.push(throughput_run(
+                p,
+                dir,
+                true,
+                records,
+                value,
+                IN_FLIGHT_RECORDS_MAX,
+            ));
+            PIPELINED.store(false, std::sync::atomic::Ordering::Relaxed);
+            b.push(throughput_run(
+                p,
+                dir,
+                true,
+                records,
+                value,
+                IN_FLIGHT_RECORDS_MAX,
+            ));
+        }
+        PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (name, runs) in [("pipelined", &a), ("unpipelined", &b)] {
+            let (l, lmin, lmax) = mmm(runs, |r| r.log_bytes_per_s);
+            println!(
+                "  {value:>5} B x {records:>3} {name:>12}: {:>9.0} records/s, {:>6.1} MB/s [{:.1}..{:.1}] = {:>5.1}% of raw, commit {:>5.0} us",
+                mmm(runs, |r| r.records_per_s).0,
+                mb(l),
+                mb(lmin),
+                mb(lmax),
+                100.0 * l / raw,
+                mmm(runs, |r| r.commit_us).0
+            );
+        }
+    }
 }
