@@ -51,7 +51,11 @@ pub const ZERO_CHUNK_BYTES: usize = 256 * 1024;
 /// alignment): reads and recovery scan in windows of this size.
 pub const READ_WINDOW_BYTES_MIN: usize = 256 * 1024;
 
+/// Read size while recovering (a temporary buffer, freed afterwards).
+pub const RECOVERY_READ_BYTES: usize = 4 * 1024 * 1024 + B;
+
 const _: () = assert!(INDEX_INTERVAL_BYTES % B64 == 0);
+const _: () = assert!(RECOVERY_READ_BYTES % B == 0);
 const _: () = assert!(ZERO_CHUNK_BYTES % B == 0);
 const _: () = assert!(READ_WINDOW_BYTES_MIN % B == 0);
 
@@ -68,6 +72,7 @@ pub(crate) enum Cmd {
     Append {
         id: PartitionId,
         batch: Vec<u8>,
+        checked: Prechecked,
         reply: Reply<AppendAck>,
     },
     Read {
@@ -89,6 +94,65 @@ pub(crate) enum Cmd {
     Shutdown {
         reply: std::sync::mpsc::Sender<Result<(), StorageError>>,
     },
+}
+
+/// A producer batch checked on the submitting task (header, length, CRC),
+/// carrying the CRC digest of everything but the base offset: the storage
+/// thread only feeds it the assigned offset (8 bytes) instead of hashing
+/// the whole batch again. The same checks and result as
+/// `batch::verify_and_assign_offset`, split in two; the CRC work runs on
+/// the producers' threads, in parallel, not on the one storage thread.
+pub(crate) struct Prechecked {
+    header: batch::BatchHeader,
+    digest: crc::Digest<'static, u32, crc::Table<16>>,
+}
+
+impl Prechecked {
+    pub(crate) fn check(b: &[u8]) -> Result<Prechecked, BatchError> {
+        let header = batch::parse_header(b)?;
+        let len = header.total_len as usize;
+        if b.len() != len {
+            return Err(if b.len() < len {
+                BatchError::Truncated {
+                    have: b.len(),
+                    need: len,
+                }
+            } else {
+                BatchError::Malformed("trailing bytes after batch")
+            });
+        }
+        // The order batch.rs documents: bytes 24..total_len, 0..12, then
+        // the base offset (16..24) last.
+        let mut digest = batch::CRC32C.digest();
+        digest.update(&b[batch::OFFSET_RECORD_COUNT..]);
+        digest.update(&b[..batch::OFFSET_CRC]);
+        let mut whole = digest.clone();
+        whole.update(&b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT]);
+        let computed = whole.finalize();
+        if computed != header.crc {
+            return Err(BatchError::CrcMismatch {
+                stored: header.crc,
+                computed,
+            });
+        }
+        Ok(Prechecked { header, digest })
+    }
+
+    /// Writes `base_offset` and the matching CRC into the (checked) batch.
+    fn assign_offset(self, b: &mut [u8], base_offset: u64) -> batch::BatchHeader {
+        let mut d = self.digest;
+        d.update(&base_offset.to_le_bytes());
+        let crc = d.finalize();
+        b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT]
+            .copy_from_slice(&base_offset.to_le_bytes());
+        b[batch::OFFSET_CRC..batch::OFFSET_BASE_OFFSET].copy_from_slice(&crc.to_le_bytes());
+        debug_assert!(batch::verify(b).is_ok());
+        batch::BatchHeader {
+            base_offset,
+            crc,
+            ..self.header
+        }
+    }
 }
 
 /// `partition.meta`: what the partition is. Written once, at creation,
@@ -225,7 +289,14 @@ struct Part {
     dirty_from: Option<usize>,
     /// Written but not yet fdatasynced.
     unsynced: bool,
+    /// Appends copied into the tail, not yet written.
     pending: Vec<Pending>,
+    /// Written in this round, waiting for their fdatasync to start.
+    awaiting_sync: Vec<Pending>,
+    /// Covered by the fdatasync in flight; acked when it completes.
+    syncing: Vec<Pending>,
+    /// What becomes durable (and the high watermark) when it completes.
+    syncing_to: Checkpoint,
     first_pending_at: Option<Instant>,
     durable: Checkpoint,
     checkpointed: Checkpoint,
@@ -284,14 +355,19 @@ impl Part {
             "partition {}: write or fdatasync failed ({e}); refusing writes until restart, \
              {} pending appends fail",
             self.id,
-            self.pending.len()
+            self.pending.len() + self.awaiting_sync.len() + self.syncing.len()
         );
         self.set_state(PartState::Failed {
             cause: e.kind(),
             errno: e.raw_os_error(),
         });
         StatsInner::add(&stats.failures, 1);
-        for p in self.pending.drain(..) {
+        let waiting = self
+            .syncing
+            .drain(..)
+            .chain(self.awaiting_sync.drain(..))
+            .chain(self.pending.drain(..));
+        for p in waiting {
             let _ = p.reply.try_send(Err(StorageError::Failed {
                 partition: self.id.clone(),
                 cause: e.kind(),
@@ -737,6 +813,11 @@ struct Engine {
     free_tails: Vec<AlignedBuf>,
     tails_made: usize,
     next_retention_check: Instant,
+    /// Partitions whose fdatasync group is in flight (`sync_start` done,
+    /// `sync_wait` not yet): the next group is written meanwhile.
+    inflight: Vec<PartitionId>,
+    inflight_files: usize,
+    inflight_started: Instant,
 }
 
 /// Starts the storage thread and waits for recovery to finish.
@@ -772,6 +853,9 @@ pub(crate) fn start(
                 free_tails: Vec::new(),
                 tails_made: 0,
                 next_retention_check: Instant::now(),
+                inflight: Vec::new(),
+                inflight_files: 0,
+                inflight_started: Instant::now(),
             };
             match engine.recover_all() {
                 Ok(()) => {
@@ -824,11 +908,15 @@ impl Engine {
         loop {
             let mut shutdown = None;
             let mut closed = false;
-            match wait(&rx, self.next_deadline()) {
-                Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
-                Wake::Cmd(c) => self.handle(c),
-                Wake::Timeout => {}
-                Wake::Closed => closed = true,
+            // While a sync group is in flight, do not sleep: take what has
+            // queued, write it, then complete the group.
+            if self.inflight.is_empty() {
+                match wait(&rx, self.next_deadline()) {
+                    Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
+                    Wake::Cmd(c) => self.handle(c),
+                    Wake::Timeout => {}
+                    Wake::Closed => closed = true,
+                }
             }
             // The group: everything that queued up while we were busy.
             if shutdown.is_none() && !closed {
@@ -887,14 +975,21 @@ impl Engine {
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Create { id, cfg, reply } => {
+                self.finish_inflight();
                 let r = self.create(id, cfg);
                 let _ = reply.try_send(r);
             }
             Cmd::Delete { id, reply } => {
+                self.finish_inflight();
                 let r = self.delete(&id);
                 let _ = reply.try_send(r);
             }
-            Cmd::Append { id, batch, reply } => self.append(id, batch, reply),
+            Cmd::Append {
+                id,
+                batch,
+                checked,
+                reply,
+            } => self.append(id, batch, checked, reply),
             Cmd::Read {
                 id,
                 offset,
@@ -972,6 +1067,9 @@ impl Engine {
             dirty_from: None,
             unsynced: false,
             pending: Vec::new(),
+            awaiting_sync: Vec::new(),
+            syncing: Vec::new(),
+            syncing_to: Checkpoint::default(),
             first_pending_at: None,
             durable: Checkpoint::default(),
             checkpointed: Checkpoint::default(),
@@ -1176,7 +1274,22 @@ impl Engine {
         Ok(())
     }
 
-    fn append(&mut self, id: PartitionId, mut batch: Vec<u8>, reply: Reply<AppendAck>) {
+    fn append(
+        &mut self,
+        id: PartitionId,
+        mut batch: Vec<u8>,
+        checked: Prechecked,
+        reply: Reply<AppendAck>,
+    ) {
+        // A roll makes the old segment durable synchronously: the group in
+        // flight completes first.
+        let rolls = self
+            .parts
+            .get(&id)
+            .is_some_and(|p| p.segs[p.active()].end_pos + batch.len() as u64 > p.cfg.segment_bytes);
+        if rolls {
+            self.finish_inflight();
+        }
         let Some(p) = self.parts.get_mut(&id) else {
             let _ = reply.try_send(Err(StorageError::UnknownPartition(id)));
             return;
@@ -1196,7 +1309,7 @@ impl Engine {
                     max,
                 });
             }
-            let h = batch::verify_and_assign_offset(&mut batch, p.next_offset)?;
+            let h = checked.assign_offset(&mut batch, p.next_offset);
             let len = batch.len();
             if p.segs[p.active()].end_pos + len as u64 > p.cfg.segment_bytes {
                 p.roll(&mut self.ctx)?;
@@ -1229,12 +1342,14 @@ impl Engine {
         }
     }
 
-    /// One group commit: every partition whose policy says "now" gets its
-    /// dirty tail written, and the fdatasyncs its policy needs, in one
-    /// `write_batch`.
+    /// One group commit, pipelined: every partition whose policy says "now"
+    /// gets its dirty tail written (one `write_batch`); then the previous
+    /// group's fdatasync is completed and acked; then this group's
+    /// fdatasyncs are started, to complete while the next group is written.
+    /// `Never` partitions are acked right after their write.
     fn commit_round(&mut self, force: bool) {
         let now = Instant::now();
-        let mut ids: Vec<(PartitionId, bool)> = Vec::new();
+        let mut due: Vec<(PartitionId, bool)> = Vec::new();
         for p in self.parts.values() {
             if p.state != PartState::Ok {
                 continue;
@@ -1244,7 +1359,7 @@ impl Engine {
             if !work {
                 continue;
             }
-            let (due, sync) = match p.cfg.durability {
+            let (is_due, sync) = match p.cfg.durability {
                 Durability::Always => (true, true),
                 Durability::IntervalMs(ms) => {
                     let late = p
@@ -1254,39 +1369,125 @@ impl Engine {
                 }
                 Durability::Never => (force || dirty || !p.pending.is_empty(), force),
             };
-            if due {
-                ids.push((p.id.clone(), sync && (dirty || p.unsynced)));
+            if is_due {
+                due.push((p.id.clone(), sync));
             }
         }
-        if ids.is_empty() {
+        // 1. Write this group.
+        if !due.is_empty() {
+            let res = {
+                let Engine { ctx, parts, .. } = &mut *self;
+                let ops: Vec<WriteOp<'_>> = due
+                    .iter()
+                    .filter_map(|(id, _)| parts[id].dirty_write())
+                    .collect();
+                if ops.is_empty() {
+                    Ok(())
+                } else {
+                    ctx.write_batch(&ops, &[])
+                }
+            };
+            for (id, sync) in &due {
+                let p = self.parts.get_mut(id).expect("collected above");
+                match &res {
+                    // After an error nothing about the other writes of the
+                    // submission may be assumed: every partition in it fails.
+                    Err(e) => p.fail(e, &self.ctx.shared.stats),
+                    Ok(()) => {
+                        if p.dirty_from.take().is_some() {
+                            p.unsynced = true;
+                        }
+                        p.first_pending_at = None;
+                        if *sync {
+                            p.awaiting_sync.append(&mut p.pending);
+                        } else {
+                            p.committed(false);
+                        }
+                    }
+                }
+            }
+        }
+        // 2. Complete the group in flight (its flush overlapped step 1).
+        self.finish_inflight();
+        // 3. Start this group's fdatasyncs.
+        let mut files = Vec::new();
+        for (id, sync) in due {
+            let p = self.parts.get_mut(&id).expect("collected above");
+            if !sync || p.state != PartState::Ok {
+                continue;
+            }
+            if !p.unsynced {
+                // Nothing written since the last fdatasync: durable already.
+                if p.hw != p.next_offset {
+                    p.hw = p.next_offset;
+                    p.publish();
+                }
+                for a in p.awaiting_sync.drain(..) {
+                    let _ = a.reply.try_send(Ok(a.ack));
+                }
+                continue;
+            }
+            let active = p.active();
+            p.syncing.append(&mut p.awaiting_sync);
+            p.syncing_to = Checkpoint {
+                epoch: p.segs[active].epoch,
+                pos: p.segs[active].end_pos,
+                next_offset: p.next_offset,
+                clean: false,
+            };
+            p.unsynced = false;
+            files.push(p.files[active]);
+            self.inflight.push(id);
+        }
+        if files.is_empty() {
             return;
         }
-        let res = {
-            let Engine { ctx, parts, .. } = self;
-            let mut ops = Vec::with_capacity(ids.len());
-            let mut syncs = Vec::with_capacity(ids.len());
-            for (id, sync) in &ids {
-                let p = &parts[id];
-                if let Some(op) = p.dirty_write() {
-                    ops.push(op);
-                }
-                if *sync {
-                    syncs.push(p.files[p.active()]);
-                }
+        self.inflight_files = files.len();
+        self.inflight_started = Instant::now();
+        if let Err(e) = self.ctx.io.sync_start(&files) {
+            self.fail_inflight(&e);
+        }
+    }
+
+    /// Waits for the fdatasync group in flight and acks what it covered.
+    fn finish_inflight(&mut self) {
+        if self.inflight.is_empty() {
+            return;
+        }
+        let res = self.ctx.io.sync_wait();
+        let st = &self.ctx.shared.stats;
+        StatsInner::add(&st.fsyncs, self.inflight_files as u64);
+        StatsInner::add(
+            &st.fsync_latency_us_sum,
+            self.inflight_started.elapsed().as_micros() as u64,
+        );
+        StatsInner::add(&st.fsync_latency_count, 1);
+        if let Err(e) = res {
+            self.fail_inflight(&e);
+            return;
+        }
+        for id in std::mem::take(&mut self.inflight) {
+            let Some(p) = self.parts.get_mut(&id) else {
+                continue;
+            };
+            if matches!(p.state, PartState::Failed { .. }) {
+                continue;
             }
-            if ops.is_empty() && syncs.is_empty() {
-                Ok(())
-            } else {
-                ctx.write_batch(&ops, &syncs)
+            p.durable = p.syncing_to;
+            if p.hw < p.syncing_to.next_offset {
+                p.hw = p.syncing_to.next_offset;
+                p.publish();
             }
-        };
-        for (id, sync) in ids {
-            let p = self.parts.get_mut(&id).expect("collected above");
-            match &res {
-                Ok(()) => p.committed(sync),
-                // After an error nothing about the other writes of the
-                // submission may be assumed: every partition in it fails.
-                Err(e) => p.fail(e, &self.ctx.shared.stats),
+            for a in p.syncing.drain(..) {
+                let _ = a.reply.try_send(Ok(a.ack));
+            }
+        }
+    }
+
+    fn fail_inflight(&mut self, e: &io::Error) {
+        for id in std::mem::take(&mut self.inflight) {
+            if let Some(p) = self.parts.get_mut(&id) {
+                p.fail(e, &self.ctx.shared.stats);
             }
         }
     }
@@ -1303,6 +1504,12 @@ impl Engine {
             }
         }
         for p in self.parts.values_mut() {
+            // A quarantined or failed partition keeps its checkpoint as it
+            // is: it is the evidence of what was durable, and rewriting it
+            // smaller would let the next start truncate acknowledged data.
+            if p.state != PartState::Ok {
+                continue;
+            }
             let due = now >= p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS);
             if p.durable != p.checkpointed && (due || force) {
                 write_checkpoint(p, p.durable);
@@ -1312,6 +1519,7 @@ impl Engine {
 
     fn shutdown_all(&mut self) -> Result<(), StorageError> {
         self.commit_round(true);
+        self.finish_inflight();
         let ids: Vec<PartitionId> = self.parts.keys().cloned().collect();
         for id in ids {
             let p = self.parts.get_mut(&id).expect("listed");
@@ -1441,6 +1649,18 @@ impl Engine {
     }
 
     fn recover_all(&mut self) -> Result<(), StorageError> {
+        // Recovery reads every live segment once: larger reads are faster
+        // (here 4 MiB O_DIRECT reads ran at 590 MB/s against 430 MB/s for
+        // 1 MiB). The buffer is freed when recovery ends.
+        let big = AlignedBuf::new(RECOVERY_READ_BYTES.max(self.ctx.rbuf.len()))
+            .map_err(|_| StorageError::InvalidConfig("recovery read buffer"))?;
+        let normal = std::mem::replace(&mut self.ctx.rbuf, big);
+        let res = self.recover_dirs();
+        self.ctx.rbuf = normal;
+        res
+    }
+
+    fn recover_dirs(&mut self) -> Result<(), StorageError> {
         let topics = self.ctx.cfg.data_dir.join("topics");
         std::fs::create_dir_all(&topics)?;
         let mut dirs = Vec::new();
@@ -1713,6 +1933,7 @@ impl Engine {
         StatsInner::add(&self.ctx.shared.stats.recovery_truncated_bytes, truncated);
         if let Some(why) = &problem {
             part.quarantine(why, &self.ctx.shared.stats);
+            part.durable = ckpt;
         }
         let report = RecoveryReport {
             id: id.clone(),
@@ -1780,4 +2001,34 @@ fn read_batch_at<'a>(
         batch::verify(bytes).map_err(ReadErr::Corrupt)?;
     }
     Ok(Some((h, bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split check gives exactly what batch::verify_and_assign_offset
+    /// gives, for good batches and for every single-bit corruption.
+    #[test]
+    fn prechecked_matches_verify_and_assign_offset() {
+        let good = crate::storage::tests::make_batch(3, 40, 9, 1_000);
+        let mut cases = vec![good.clone()];
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 1 << (i % 8);
+            cases.push(b);
+        }
+        cases.push(good[..good.len() - 1].to_vec());
+        let mut long = good.clone();
+        long.push(0);
+        cases.push(long);
+        for (n, case) in cases.into_iter().enumerate() {
+            let mut a = case.clone();
+            let mut b = case;
+            let ra = batch::verify_and_assign_offset(&mut a, 777);
+            let rb = Prechecked::check(&b).map(|c| c.assign_offset(&mut b, 777));
+            assert_eq!(ra, rb, "case {n}");
+            assert_eq!(a, b, "case {n}");
+        }
+    }
 }

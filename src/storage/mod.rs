@@ -761,12 +761,14 @@ impl Storage {
                 max: self.inner.max_batch_bytes,
             });
         }
+        let checked = engine::Prechecked::check(&batch)?;
         let (tx, rx) = async_channel::bounded(1);
         self.inner
             .tx
             .send(engine::Cmd::Append {
                 id: id.clone(),
                 batch,
+                checked,
                 reply: tx,
             })
             .await

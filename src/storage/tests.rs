@@ -602,6 +602,15 @@ fn bit_flip_in_acknowledged_data_quarantines() {
         ));
         // Read-only up to the damage.
         assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
+        // Still quarantined on the next start: the evidence (checkpoint)
+        // must survive, or the damage would be truncated as a torn tail.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(rep.quarantined, "{name}: second start: {rep:?}");
+        assert_eq!(rep.bytes_truncated, 0);
         s.shutdown().unwrap();
     }
 }
@@ -680,4 +689,132 @@ fn one_storage_per_data_dir() {
     s.shutdown().unwrap();
     drop(s);
     rig.open().shutdown().unwrap();
+}
+
+#[test]
+fn time_retention_frees_old_segments() {
+    for (name, rig) in rigs() {
+        let id = pid("ttl", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            retention_ms: Some(60_000),
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        // Old records (timestamp 1 ms after the epoch) fill more than one
+        // segment; then fresh ones.
+        for i in 0..30u64 {
+            block_on(s.append(&id, make_batch(1, 3000, i, 1))).unwrap();
+        }
+        let now = batch::now_ms();
+        for i in 0..3u64 {
+            block_on(s.append(&id, make_batch(1, 3000, 100 + i, now))).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s.offsets(&id).unwrap().earliest == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let o = s.offsets(&id).unwrap();
+        assert!(o.earliest > 0, "{name}: old segments were not freed");
+        assert_eq!(o.high_watermark, 33);
+        // Only the segment holding fresh records (the active one) stays.
+        assert_eq!(
+            block_on(s.offset_for_timestamp(&id, now)).unwrap(),
+            Some(30)
+        );
+        s.shutdown().unwrap();
+        let s = rig.open();
+        assert_eq!(
+            s.offsets(&id).unwrap(),
+            o,
+            "{name}: retention is re-applied at start"
+        );
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn missing_checkpoint_and_incomplete_dirs_are_handled() {
+    for (name, rig) in rigs() {
+        let id = pid("ck", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 40, 0);
+        s.shutdown().unwrap();
+        std::fs::remove_file(rig.dir.path().join("topics/ck/0/checkpoint.meta")).unwrap();
+        // A creation cut short: a directory without partition.meta.
+        std::fs::create_dir_all(rig.dir.path().join("topics/half/0")).unwrap();
+        let s = rig.open();
+        assert_eq!(read_all(&s, &id, 0), acked, "{name}");
+        assert_eq!(s.partitions().len(), 1);
+        assert!(!rig.dir.path().join("topics/half/0").exists(), "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn reads_respect_max_bytes_and_span_tail_and_disk() {
+    for (name, rig) in rigs() {
+        let id = pid("rd", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        // 100 KiB of data: more than the 64 KiB tail, so early batches are
+        // served from the file and late ones from memory.
+        let acked = fill(&s, &id, 200, 0);
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let earliest = s.offsets(&id).unwrap().earliest;
+        let mut at = earliest;
+        let mut got = Vec::new();
+        while at < hw {
+            let bytes = block_on(s.read(&id, at, 2000)).unwrap();
+            let views: Vec<_> = BatchIter::new(&bytes).map(|v| v.unwrap()).collect();
+            assert!(!views.is_empty());
+            assert!(
+                bytes.len() <= 2000 || views.len() == 1,
+                "{name}: {} bytes in {} batches",
+                bytes.len(),
+                views.len()
+            );
+            for v in views {
+                at = v.header.next_offset();
+                got.push(v.bytes.to_vec());
+            }
+        }
+        let kept: Vec<Vec<u8>> = acked
+            .into_iter()
+            .filter(|b| batch::parse_header(b).unwrap().base_offset >= earliest)
+            .collect();
+        assert_eq!(got, kept, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn auto_backend_opens_and_names_itself() {
+    let dir = test_dir();
+    let s = Storage::open(StorageConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..StorageConfig::default()
+    })
+    .unwrap();
+    assert!(["pwrite", "io_uring"].contains(&s.backend_name()));
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn data_event_fires_when_hw_advances() {
+    let rig = Rig::fault(11);
+    let s = rig.open();
+    let id = pid("ev", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let ev = s.data_event(&id).unwrap();
+    let l = ev.listen();
+    let s2 = s.clone();
+    let id2 = id.clone();
+    let h = std::thread::spawn(move || block_on(s2.append(&id2, make_batch(1, 10, 1, 1))).unwrap());
+    block_on(l);
+    // The event fires after the high watermark is stored.
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 1);
+    assert_eq!(h.join().unwrap().base_offset, 0);
+    s.shutdown().unwrap();
 }

@@ -206,6 +206,10 @@ impl FaultDisk {
 pub struct FaultBackend {
     disk: FaultDisk,
     handles: Vec<Option<PathBuf>>,
+    /// A started sync group: each file and how many of its unsynced writes
+    /// existed at `sync_start` (only those become durable at `sync_wait`,
+    /// as a real fdatasync covers only the writes before it began).
+    started: Vec<(PathBuf, usize)>,
 }
 
 impl FaultBackend {
@@ -213,6 +217,7 @@ impl FaultBackend {
         FaultBackend {
             disk,
             handles: Vec::new(),
+            started: Vec::new(),
         }
     }
 
@@ -350,6 +355,42 @@ impl IoBackend for FaultBackend {
         }
         for &s in sync {
             self.sync(s)?;
+        }
+        Ok(())
+    }
+
+    fn sync_start(&mut self, files: &[FileHandle]) -> io::Result<()> {
+        self.sync_wait()?;
+        for &f in files {
+            let path = self.path(f)?;
+            let st = self.disk.lock();
+            if st.crashed {
+                return Err(crashed_error());
+            }
+            let n = st.files.get(&path).map_or(0, |f| f.unsynced.len());
+            drop(st);
+            self.started.push((path, n));
+        }
+        Ok(())
+    }
+
+    fn sync_wait(&mut self) -> io::Result<()> {
+        for (path, n) in std::mem::take(&mut self.started) {
+            let mut st = self.disk.lock();
+            if st.crashed {
+                return Err(crashed_error());
+            }
+            st.syncs += 1;
+            let nth = st.syncs;
+            let p = st.plan;
+            if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
+                return Err(st.injected());
+            }
+            let f = st.files.get_mut(&path).ok_or(io::ErrorKind::NotFound)?;
+            let n = n.min(f.unsynced.len());
+            for (off, data) in f.unsynced.drain(..n) {
+                apply(&mut f.durable, off, &data);
+            }
         }
         Ok(())
     }

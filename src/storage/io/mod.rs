@@ -70,6 +70,25 @@ pub trait IoBackend: Send + 'static {
     /// fsync of a directory, after creating, renaming or removing in it.
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
 
+    /// Starts an fdatasync of each file and may return before it is done,
+    /// so the caller can write its next group meanwhile (pipelined group
+    /// commit). It covers the writes completed before the call. At most one
+    /// started group is outstanding: [`IoBackend::sync_wait`] completes it
+    /// (and a second `sync_start` first waits for the first). The default
+    /// syncs right away, so `sync_wait` has nothing left to do.
+    fn sync_start(&mut self, files: &[FileHandle]) -> io::Result<()> {
+        for &f in files {
+            self.sync(f)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the group started by [`IoBackend::sync_start`]; the first
+    /// error wins. Ok when nothing is outstanding.
+    fn sync_wait(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Removes a (closed) file, for deleting a partition or undoing a
     /// half-created one. Backends over real files can keep the default.
     fn remove(&mut self, path: &Path) -> io::Result<()> {

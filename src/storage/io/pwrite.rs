@@ -11,14 +11,63 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::{mpsc, Arc};
+
+/// The thread that runs fdatasyncs started by `sync_start`, so the storage
+/// thread can write the next group while the device flushes this one.
+#[derive(Debug)]
+struct SyncWorker {
+    tx: Option<mpsc::Sender<Vec<Arc<File>>>>,
+    /// The finished group's result, and its list back for reuse.
+    rx: mpsc::Receiver<(io::Result<()>, Vec<Arc<File>>)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SyncWorker {
+    fn start() -> io::Result<SyncWorker> {
+        let (tx, work) = mpsc::channel::<Vec<Arc<File>>>();
+        let (done, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("skiff-fsync".into())
+            .spawn(move || {
+                while let Ok(mut files) = work.recv() {
+                    let res = files.iter().try_for_each(|f| f.sync_data());
+                    files.clear();
+                    if done.send((res, files)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(SyncWorker {
+            tx: Some(tx),
+            rx,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for SyncWorker {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
 
 /// Files opened through this backend, indexed by `FileHandle.0`. Closed
 /// slots are reused so the table does not grow with churn.
 #[derive(Debug, Default)]
 pub struct PwriteBackend {
-    files: Vec<Option<File>>,
+    files: Vec<Option<Arc<File>>>,
     /// Set once O_DIRECT was refused, so the warning is logged once.
     buffered_fallback: bool,
+    /// Started on the first `sync_start`.
+    worker: Option<SyncWorker>,
+    /// A started sync group has not been waited for.
+    outstanding: bool,
+    /// The list handed to the worker, reused between groups.
+    spare: Vec<Arc<File>>,
 }
 
 impl PwriteBackend {
@@ -26,7 +75,7 @@ impl PwriteBackend {
         PwriteBackend::default()
     }
 
-    fn file(&self, h: FileHandle) -> io::Result<&File> {
+    fn file(&self, h: FileHandle) -> io::Result<&Arc<File>> {
         self.files
             .get(h.0 as usize)
             .and_then(Option::as_ref)
@@ -34,6 +83,7 @@ impl PwriteBackend {
     }
 
     fn insert(&mut self, f: File) -> FileHandle {
+        let f = Arc::new(f);
         if let Some(i) = self.files.iter().position(Option::is_none) {
             self.files[i] = Some(f);
             FileHandle(i as u32)
@@ -141,5 +191,40 @@ impl IoBackend for PwriteBackend {
 
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn sync_start(&mut self, files: &[FileHandle]) -> io::Result<()> {
+        self.sync_wait()?;
+        if self.worker.is_none() {
+            self.worker = Some(SyncWorker::start()?);
+        }
+        let mut list = std::mem::take(&mut self.spare);
+        for &f in files {
+            list.push(self.file(f)?.clone());
+        }
+        let worker = self.worker.as_ref().expect("started above");
+        let sent = worker.tx.as_ref().map(|tx| tx.send(list));
+        match sent {
+            Some(Ok(())) => {
+                self.outstanding = true;
+                Ok(())
+            }
+            _ => Err(io::Error::other("fsync worker thread is gone")),
+        }
+    }
+
+    fn sync_wait(&mut self) -> io::Result<()> {
+        if !self.outstanding {
+            return Ok(());
+        }
+        self.outstanding = false;
+        let worker = self.worker.as_ref().expect("outstanding implies a worker");
+        match worker.rx.recv() {
+            Ok((res, list)) => {
+                self.spare = list;
+                res
+            }
+            Err(_) => Err(io::Error::other("fsync worker thread is gone")),
+        }
     }
 }

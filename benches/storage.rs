@@ -1,0 +1,549 @@
+//! Storage engine benchmark (harness = false): durable append throughput
+//! beside the raw O_DIRECT write bandwidth of the same disk, and write
+//! amplification of small interval-synced appends.
+//!
+//! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
+//! SKIFF_BENCH_DIR to measure another disk). Each figure is the median of
+//! three runs, min and max kept (see /work/shared/BENCHMARKING.md).
+
+use skiff::batch::{BatchBuilder, ProducerStamp};
+use skiff::storage::io::pwrite::PwriteBackend;
+use skiff::storage::io::{AlignedBuf, IoBackend, WriteOp};
+use skiff::storage::{
+    Durability, OverflowPolicy, PartitionConfig, PartitionId, Storage, StorageConfig,
+};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1024 * 1024;
+
+/// pwrite without the pipelined fdatasync (the trait's default
+/// `sync_start`, which syncs at once): the A/B for pipelining.
+struct Unpipelined(PwriteBackend);
+
+impl IoBackend for Unpipelined {
+    fn name(&self) -> &'static str {
+        "pwrite-unpipelined"
+    }
+    fn open(
+        &mut self,
+        path: &Path,
+        create: bool,
+    ) -> std::io::Result<skiff::storage::io::FileHandle> {
+        self.0.open(path, create)
+    }
+    fn close(&mut self, file: skiff::storage::io::FileHandle) {
+        self.0.close(file)
+    }
+    fn allocate(&mut self, file: skiff::storage::io::FileHandle, len: u64) -> std::io::Result<()> {
+        self.0.allocate(file, len)
+    }
+    fn read_at(
+        &mut self,
+        file: skiff::storage::io::FileHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<usize> {
+        self.0.read_at(file, offset, buf)
+    }
+    fn write_batch(
+        &mut self,
+        writes: &[WriteOp<'_>],
+        sync: &[skiff::storage::io::FileHandle],
+    ) -> std::io::Result<()> {
+        self.0.write_batch(writes, sync)
+    }
+    fn sync(&mut self, file: skiff::storage::io::FileHandle) -> std::io::Result<()> {
+        self.0.sync(file)
+    }
+    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+        self.0.sync_dir(dir)
+    }
+}
+
+static PIPELINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn backend() -> Box<dyn IoBackend> {
+    if PIPELINED.load(std::sync::atomic::Ordering::Relaxed) {
+        Box::new(PwriteBackend::new())
+    } else {
+        Box::new(Unpipelined(PwriteBackend::new()))
+    }
+}
+const RUNS: usize = 3;
+/// BENCHMARKING.md: at most 1,000 records un-acknowledged in flight.
+const IN_FLIGHT_RECORDS_MAX: usize = 1000;
+const RAW_WRITE_BYTES: usize = MIB as usize;
+
+struct Params {
+    raw_total_bytes: u64,
+    run_time: Duration,
+    ring_segments: u32,
+    segment_bytes: u64,
+    wa_rate_per_s: u64,
+    wa_time: Duration,
+}
+
+fn params() -> Params {
+    if std::env::var_os("SKIFF_BENCH_QUICK").is_some() {
+        Params {
+            raw_total_bytes: 64 * MIB,
+            run_time: Duration::from_millis(300),
+            ring_segments: 4,
+            segment_bytes: 16 * MIB,
+            wa_rate_per_s: 10_000,
+            wa_time: Duration::from_millis(500),
+        }
+    } else {
+        Params {
+            raw_total_bytes: 1024 * MIB,
+            run_time: Duration::from_millis(1500),
+            ring_segments: 4,
+            segment_bytes: 64 * MIB,
+            wa_rate_per_s: 10_000,
+            wa_time: Duration::from_secs(3),
+        }
+    }
+}
+
+/// `/sys/dev/block/MAJ:MIN/stat` field (0-based) of the device holding `dir`.
+fn dev_stat(dir: &Path, field: usize) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
+    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_ascii_whitespace().nth(field)?.parse().ok()
+}
+fn dev_flushes(dir: &Path) -> u64 {
+    dev_stat(dir, 15).unwrap_or(0)
+}
+fn dev_write_bytes(dir: &Path) -> u64 {
+    dev_stat(dir, 6).unwrap_or(0) * 512
+}
+
+/// Raw sequential O_DIRECT write bandwidth: 1 MiB pwrites into a
+/// preallocated file, one fdatasync at the end (inside the timing).
+/// At merge this can become `storage::io::raw_bandwidth::measure`.
+fn raw_bandwidth(dir: &Path, total: u64) -> f64 {
+    let path = dir.join("raw-bandwidth.tmp");
+    let _ = std::fs::remove_file(&path);
+    let mut io = PwriteBackend::new();
+    let f = io.open(&path, true).expect("open raw file");
+    io.allocate(f, total).expect("fallocate raw file");
+    let mut buf = AlignedBuf::new(RAW_WRITE_BYTES).expect("buffer");
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+    let t = Instant::now();
+    let mut at = 0;
+    while at < total {
+        let op = WriteOp {
+            file: f,
+            offset: at,
+            data: &buf[..],
+        };
+        io.write_batch(&[op], &[]).expect("raw write");
+        at += RAW_WRITE_BYTES as u64;
+    }
+    io.sync(f).expect("raw sync");
+    let bw = total as f64 / t.elapsed().as_secs_f64();
+    io.close(f);
+    let _ = std::fs::remove_file(&path);
+    bw
+}
+
+fn make_batches(records: usize, value_bytes: usize) -> Vec<Vec<u8>> {
+    let mut b = BatchBuilder::new();
+    (0..16)
+        .map(|k| {
+            for i in 0..records {
+                let v: Vec<u8> = (0..value_bytes).map(|j| (k + i + j) as u8).collect();
+                b.push(1_700_000_000_000 + i as i64, None, &v, &[]);
+            }
+            b.finish(ProducerStamp::NONE)
+        })
+        .collect()
+}
+
+struct Run {
+    records_per_s: f64,
+    value_bytes_per_s: f64,
+    log_bytes_per_s: f64,
+    fsyncs: u64,
+    flushes: u64,
+    device_bytes: u64,
+    payload: u64,
+    wa_engine: f64,
+    /// Mean duration of one write+fdatasync submission.
+    commit_us: f64,
+}
+
+fn open(dir: &Path, prewrite: bool) -> Storage {
+    let _ = std::fs::remove_dir_all(dir);
+    Storage::open_with_backend(
+        StorageConfig {
+            data_dir: dir.to_path_buf(),
+            prewrite_segments: prewrite,
+            ..StorageConfig::default()
+        },
+        backend(),
+    )
+    .expect("open storage")
+}
+
+fn ring(p: &Params, durability: Durability) -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: p.segment_bytes,
+        segments: p.ring_segments,
+        retention_ms: None,
+        durability,
+        overflow: OverflowPolicy::Overwrite,
+    }
+}
+
+/// Closed loop: keeps up to 1,000 records in flight until the time is up
+/// or the ring would wrap (so fallocate-only runs stay on fresh extents).
+fn throughput_run(
+    p: &Params,
+    dir: &Path,
+    prewrite: bool,
+    records: usize,
+    value: usize,
+    in_flight_records: usize,
+) -> Run {
+    let s = open(dir, prewrite);
+    let id = PartitionId::new("bench", 0);
+    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::Always))).unwrap();
+    let batches = make_batches(records, value);
+    let in_flight = (in_flight_records / records).max(1);
+    let budget = p.segment_bytes * u64::from(p.ring_segments - 1);
+    let before = s.stats();
+    let flushes0 = dev_flushes(dir);
+    let t = Instant::now();
+    let (n, bytes) = smol::block_on(async {
+        let mut q = VecDeque::new();
+        let (mut n, mut bytes, mut i) = (0u64, 0u64, 0usize);
+        while t.elapsed() < p.run_time && bytes < budget {
+            while q.len() < in_flight {
+                let b = batches[i % batches.len()].clone();
+                i += 1;
+                bytes += b.len() as u64;
+                q.push_back(s.submit(&id, b).await.expect("submit"));
+            }
+            q.pop_front().unwrap().await.expect("append");
+            n += 1;
+        }
+        while let Some(t) = q.pop_front() {
+            t.await.expect("append");
+            n += 1;
+        }
+        (n, bytes)
+    });
+    let el = t.elapsed().as_secs_f64();
+    let after = s.stats();
+    let flushes = dev_flushes(dir) - flushes0;
+    s.shutdown().unwrap();
+    let recs = n * records as u64;
+    Run {
+        records_per_s: recs as f64 / el,
+        value_bytes_per_s: (recs * value as u64) as f64 / el,
+        log_bytes_per_s: bytes as f64 / el,
+        fsyncs: after.fsyncs - before.fsyncs,
+        flushes,
+        device_bytes: after.device_bytes_written - before.device_bytes_written,
+        payload: recs * value as u64,
+        wa_engine: 0.0,
+        commit_us: commit_us(&before, &after),
+    }
+}
+
+/// Open loop: single-record appends of `value` bytes at a fixed rate under
+/// interval:2, measuring bytes written per payload byte.
+fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
+    let s = open(dir, true);
+    let id = PartitionId::new("wa", 0);
+    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::IntervalMs(interval_ms))))
+        .unwrap();
+    let batches = make_batches(1, value);
+    let total = p.wa_rate_per_s * p.wa_time.as_millis() as u64 / 1000;
+    let interval = Duration::from_nanos(1_000_000_000 / p.wa_rate_per_s);
+    let before = s.stats();
+    let dev0 = dev_write_bytes(dir);
+    let flushes0 = dev_flushes(dir);
+    let t = Instant::now();
+    let log_bytes = smol::block_on(async {
+        let mut tickets = VecDeque::new();
+        let mut bytes = 0u64;
+        for k in 0..total {
+            let due = t + interval * k as u32;
+            if due > Instant::now() + Duration::from_millis(1) {
+                smol::Timer::at(due).await;
+            }
+            let b = batches[k as usize % batches.len()].clone();
+            bytes += b.len() as u64;
+            tickets.push_back(s.submit(&id, b).await.expect("submit"));
+            while tickets.len() > 2000 {
+                tickets.pop_front().unwrap().await.expect("append");
+            }
+        }
+        for t in tickets {
+            t.await.expect("append");
+        }
+        bytes
+    });
+    let el = t.elapsed().as_secs_f64();
+    let after = s.stats();
+    let dev = dev_write_bytes(dir) - dev0;
+    let flushes = dev_flushes(dir) - flushes0;
+    s.shutdown().unwrap();
+    let payload = total * value as u64;
+    Run {
+        records_per_s: total as f64 / el,
+        value_bytes_per_s: payload as f64 / el,
+        log_bytes_per_s: log_bytes as f64 / el,
+        fsyncs: after.fsyncs - before.fsyncs,
+        flushes,
+        device_bytes: dev,
+        payload,
+        wa_engine: (after.device_bytes_written - before.device_bytes_written) as f64
+            / payload as f64,
+        commit_us: commit_us(&before, &after),
+    }
+}
+
+fn commit_us(before: &skiff::storage::StorageStats, after: &skiff::storage::StorageStats) -> f64 {
+    (after.fsync_latency_us_sum - before.fsync_latency_us_sum) as f64
+        / (after.fsync_latency_count - before.fsync_latency_count).max(1) as f64
+}
+
+/// Median, min, max of a metric over runs.
+fn mmm(runs: &[Run], f: impl Fn(&Run) -> f64) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn mb(x: f64) -> f64 {
+    x / 1e6
+}
+
+fn main() {
+    let p = params();
+    let base = std::env::var_os("SKIFF_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench"));
+    std::fs::create_dir_all(&base).unwrap();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "storage bench: dir {} kernel {} backend pwrite, {} runs (median [min..max])",
+        base.display(),
+        kernel.trim(),
+        RUNS
+    );
+
+    let mut raw: Vec<f64> = (0..RUNS)
+        .map(|_| raw_bandwidth(&base, p.raw_total_bytes))
+        .collect();
+    raw.sort_by(|a, b| a.total_cmp(b));
+    let raw_med = raw[RUNS / 2];
+    println!(
+        "raw O_DIRECT sequential write (1 MiB pwrite, {} MiB, fdatasync at end): {:.0} MB/s [{:.0}..{:.0}]",
+        p.raw_total_bytes / MIB,
+        mb(raw_med),
+        mb(raw[0]),
+        mb(raw[RUNS - 1])
+    );
+
+    println!("\nappend throughput, durability always, <= 1000 records in flight:");
+    if std::env::var_os("SKIFF_BENCH_AB").is_some() {
+        pipelining_ab(&p, &base.join("data"), raw_med);
+        return;
+    }
+    println!(
+        "{:>6} {:>6} {:>8} {:>9} {:>13} {:>22} {:>9} {:>8} {:>8} {:>9} {:>8}",
+        "record",
+        "batch",
+        "inflight",
+        "prewrite",
+        "records/s",
+        "log MB/s",
+        "% of raw",
+        "fsyncs",
+        "flushes",
+        "commit us",
+        "dev/pay"
+    );
+    let dir = base.join("data");
+    let mut configs = Vec::new();
+    for value in [100usize, 1024] {
+        for records in [1usize, 16, 256] {
+            configs.push((value, records, true, IN_FLIGHT_RECORDS_MAX));
+        }
+    }
+    configs.push((100, 1, false, IN_FLIGHT_RECORDS_MAX));
+    configs.push((1024, 256, false, IN_FLIGHT_RECORDS_MAX));
+    // Beyond the standard workload: what a deeper producer pipeline gets.
+    configs.push((1024, 256, true, 4 * 1024));
+    for (value, records, prewrite, in_flight) in configs {
+        let runs: Vec<Run> = (0..RUNS)
+            .map(|_| throughput_run(&p, &dir, prewrite, records, value, in_flight))
+            .collect();
+        let (rps, rmin, rmax) = mmm(&runs, |r| r.records_per_s);
+        let (lbs, lmin, lmax) = mmm(&runs, |r| r.log_bytes_per_s);
+        let (fs, _, _) = mmm(&runs, |r| r.fsyncs as f64);
+        let (fl, _, _) = mmm(&runs, |r| r.flushes as f64);
+        let (wa, _, _) = mmm(&runs, |r| r.device_bytes as f64 / r.payload as f64);
+        println!(
+            "{:>6} {:>6} {:>8} {:>9} {:>13.0} {:>7.1} [{:.1}..{:.1}] {:>8.1}% {:>8.0} {:>8.0} {:>9.0} {:>8.2}   ({:.0}..{:.0} rec/s, value {:.1} MB/s)",
+            value,
+            records,
+            in_flight,
+            prewrite,
+            rps,
+            mb(lbs),
+            mb(lmin),
+            mb(lmax),
+            100.0 * lbs / raw_med,
+            fs,
+            fl,
+            mmm(&runs, |r| r.commit_us).0,
+            wa,
+            rmin,
+            rmax,
+            mb(mmm(&runs, |r| r.value_bytes_per_s).0)
+        );
+    }
+
+    for interval_ms in [2u32, 10] {
+        println!(
+            "\nwrite amplification: 100 B single-record appends at {}/s, durability interval:{interval_ms}",
+            p.wa_rate_per_s
+        );
+        let runs: Vec<Run> = (0..RUNS)
+            .map(|_| wa_run(&p, &dir, 100, interval_ms))
+            .collect();
+        let (we, wmin, wmax) = mmm(&runs, |r| r.wa_engine);
+        let (wd, dmin, dmax) = mmm(&runs, |r| r.device_bytes as f64 / r.payload as f64);
+        let (wl, _, _) = mmm(&runs, |r| {
+            r.wa_engine * r.value_bytes_per_s / r.log_bytes_per_s
+        });
+        println!(
+            "  engine bytes written / value bytes: {we:.2} [{wmin:.2}..{wmax:.2}]; per log (batch) byte: {wl:.2}"
+        );
+        println!(
+            "  device bytes written (/sys stat, whole disk: includes the journal and other processes) / value bytes: {wd:.2} [{dmin:.2}..{dmax:.2}]"
+        );
+        println!(
+            "  achieved {:.0} records/s, mean commit {:.0} us, fsyncs {:.0}, device flushes {:.0}",
+            mmm(&runs, |r| r.records_per_s).0,
+            mmm(&runs, |r| r.commit_us).0,
+            mmm(&runs, |r| r.fsyncs as f64).0,
+            mmm(&runs, |r| r.flushes as f64).0
+        );
+    }
+    recovery(&p, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Start-up time with a full ring (every segment scanned, CRCs checked,
+/// index rebuilt), after dropping the page cache is not possible here: the
+/// segments are O_DIRECT, so reads go to the device anyway.
+fn recovery(p: &Params, dir: &Path) {
+    let s = open(dir, false);
+    let id = PartitionId::new("rec", 0);
+    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::Never))).unwrap();
+    let batches = make_batches(256, 1024);
+    let budget = p.segment_bytes * u64::from(p.ring_segments) * 95 / 100;
+    smol::block_on(async {
+        let mut q = VecDeque::new();
+        let mut bytes = 0u64;
+        let mut i = 0;
+        while bytes < budget {
+            let b = batches[i % batches.len()].clone();
+            i += 1;
+            bytes += b.len() as u64;
+            q.push_back(s.submit(&id, b).await.expect("submit"));
+            if q.len() > 8 {
+                q.pop_front().unwrap().await.expect("append");
+            }
+        }
+        for t in q {
+            t.await.expect("append");
+        }
+    });
+    s.shutdown().unwrap();
+    drop(s);
+    let mut times = Vec::new();
+    let mut scanned = 0;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let s = Storage::open_with_backend(
+            StorageConfig {
+                data_dir: dir.to_path_buf(),
+                ..StorageConfig::default()
+            },
+            Box::new(PwriteBackend::new()),
+        )
+        .expect("reopen");
+        times.push(t.elapsed().as_secs_f64());
+        let o = s.offsets(&id).unwrap();
+        scanned = o.high_watermark - o.earliest;
+        s.shutdown().unwrap();
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let ring_bytes = p.segment_bytes * u64::from(p.ring_segments);
+    println!(
+        "\nrecovery (open) of a {} MiB ring, {} records of 1 KiB: {:.0} ms [{:.0}..{:.0}] = {:.2} s per GiB",
+        ring_bytes / MIB,
+        scanned,
+        times[RUNS / 2] * 1e3,
+        times[0] * 1e3,
+        times[RUNS - 1] * 1e3,
+        times[RUNS / 2] / (ring_bytes as f64 / (1024.0 * MIB as f64))
+    );
+}
+
+/// Pipelined against unpipelined fdatasync, runs interleaved (A B A B ..)
+/// so drift in the machine's load hits both alike.
+fn pipelining_ab(p: &Params, dir: &Path, raw: f64) {
+    println!("\npipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
+    for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for _ in 0..RUNS {
+            PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
+            a.push(throughput_run(
+                p,
+                dir,
+                true,
+                records,
+                value,
+                IN_FLIGHT_RECORDS_MAX,
+            ));
+            PIPELINED.store(false, std::sync::atomic::Ordering::Relaxed);
+            b.push(throughput_run(
+                p,
+                dir,
+                true,
+                records,
+                value,
+                IN_FLIGHT_RECORDS_MAX,
+            ));
+        }
+        PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (name, runs) in [("pipelined", &a), ("unpipelined", &b)] {
+            let (l, lmin, lmax) = mmm(runs, |r| r.log_bytes_per_s);
+            println!(
+                "  {value:>5} B x {records:>3} {name:>12}: {:>9.0} records/s, {:>6.1} MB/s [{:.1}..{:.1}] = {:>5.1}% of raw, commit {:>5.0} us",
+                mmm(runs, |r| r.records_per_s).0,
+                mb(l),
+                mb(lmin),
+                mb(lmax),
+                100.0 * l / raw,
+                mmm(runs, |r| r.commit_us).0
+            );
+        }
+    }
+}
