@@ -389,13 +389,13 @@ fn memory_budget_sums_its_lines_and_prints_each() {
     let tails = &budget.lines[0];
     assert_eq!(tails.user, "partition tail buffers");
     assert_eq!(tails.bytes, 256 * MIB);
-    // in-flight batches: min(256 x 8 MiB, 1024 x 1 MiB) = 1 GiB
+    // in-flight batches: min(256 x 8 MiB, 256 x 1 MiB) = 256 MiB
     let inflight = budget
         .lines
         .iter()
         .find(|l| l.user == "in-flight produce batches")
         .expect("line");
-    assert_eq!(inflight.bytes, 1024 * MIB);
+    assert_eq!(inflight.bytes, 256 * MIB);
     let shown = budget.to_string();
     assert_eq!(shown.lines().count(), budget.lines.len() + 2);
     assert!(shown.lines().all(|l| l.starts_with('#')));
