@@ -298,6 +298,9 @@ struct Part {
     last_checkpoint: Instant,
     state: PartState,
     shared: Arc<PartShared>,
+    /// Background pre-writing of the ring after creation: the next slot and
+    /// position to zero. Only slots never started (epoch 0) are touched.
+    prewrite_next: Option<(usize, u64)>,
 }
 
 impl Part {
@@ -896,7 +899,12 @@ impl Engine {
             // While a sync group is in flight, do not sleep: take what has
             // queued, write it, then complete the group.
             if self.inflight.is_empty() {
-                match wait(&rx, self.next_deadline()) {
+                let deadline = if self.prewrite_pending() {
+                    Some(Instant::now())
+                } else {
+                    self.next_deadline()
+                };
+                match wait(&rx, deadline) {
                     Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
                     Wake::Cmd(c) => self.handle(c),
                     Wake::Timeout => {}
@@ -922,6 +930,9 @@ impl Engine {
             }
             self.commit_round(false);
             self.housekeeping(false);
+            if rx.is_empty() && self.inflight.is_empty() && shutdown.is_none() && !closed {
+                self.prewrite_step();
+            }
             if shutdown.is_some() || closed {
                 rx.close();
                 // Commands still queued get ShuttingDown when their reply
@@ -932,6 +943,61 @@ impl Engine {
                 }
                 return;
             }
+        }
+    }
+
+    fn prewrite_pending(&self) -> bool {
+        self.parts
+            .values()
+            .any(|p| p.prewrite_next.is_some() && p.state == PartState::Ok)
+    }
+
+    /// Zeroes one chunk of a not-yet-started segment (see `prewrite_next`).
+    fn prewrite_step(&mut self) {
+        let Engine { ctx, parts, .. } = self;
+        let Some(p) = parts
+            .values_mut()
+            .find(|p| p.prewrite_next.is_some() && p.state == PartState::Ok)
+        else {
+            return;
+        };
+        let Some((mut slot, mut pos)) = p.prewrite_next else {
+            return;
+        };
+        // Never write over a segment that has been started: the ring may
+        // have reached it before the background pass did.
+        while slot < p.n() && p.segs[slot].epoch != 0 {
+            slot += 1;
+            pos = 0;
+        }
+        if slot >= p.n() {
+            p.prewrite_next = None;
+            return;
+        }
+        let file = p.files[slot];
+        let end = (pos + ZERO_CHUNK_BYTES as u64).min(p.cfg.segment_bytes);
+        let res = ctx.write_zeros(file, pos, end).and_then(|()| {
+            if end == p.cfg.segment_bytes {
+                ctx.io.sync(file)
+            } else {
+                Ok(())
+            }
+        });
+        match res {
+            Ok(()) if end == p.cfg.segment_bytes => p.prewrite_next = Some((slot + 1, 0)),
+            Ok(()) => p.prewrite_next = Some((slot, end)),
+            Err(e) => {
+                // Nothing acknowledged depends on it: the segment stays
+                // allocated, its first writes are only slower.
+                log::warn!(
+                    "partition {}: pre-writing segment {slot} failed ({e}); stopped",
+                    p.id
+                );
+                p.prewrite_next = None;
+            }
+        }
+        if p.prewrite_next.is_some_and(|(s, _)| s >= p.n()) {
+            p.prewrite_next = None;
         }
     }
 
@@ -1058,6 +1124,7 @@ impl Engine {
             last_checkpoint: Instant::now(),
             state: PartState::Ok,
             shared,
+            prewrite_next: None,
         })
     }
 
@@ -1097,7 +1164,11 @@ impl Engine {
             Ok(()) => self.new_part(id.clone(), cfg.clone(), dir.clone(), files.clone()),
             Err(e) => Err(e),
         };
+        let prewrite = self.ctx.cfg.prewrite_segments;
         let res = res.and_then(|mut part| {
+            if prewrite {
+                part.prewrite_next = Some((1, 0));
+            }
             part.start_segment(0, 0);
             match part.commit_now(&mut self.ctx, true) {
                 Ok(()) => Ok(part),
@@ -1179,7 +1250,10 @@ impl Engine {
                 }
                 Err(e) => return Err(e.into()),
             }
-            if self.ctx.cfg.prewrite_segments {
+            // Slot 0 is pre-written now (it takes the first writes); the
+            // others in the background, while the storage thread is idle,
+            // so creating a partition does not stall every other one.
+            if self.ctx.cfg.prewrite_segments && slot == 0 {
                 self.ctx.write_zeros(f, 0, cfg.segment_bytes)?;
             }
         }

@@ -276,10 +276,11 @@ pub struct StorageConfig {
     pub max_partitions: usize,
     /// Larger appends fail with [`StorageError::BatchTooLarge`].
     pub max_batch_bytes: usize,
-    /// Write zeros over every segment when a partition is created, so the
-    /// hot path overwrites initialised blocks (on ext4, writes into
+    /// Write zeros over every segment of a new partition, so the hot path
+    /// overwrites initialised blocks (on ext4, writes into
     /// fallocated-but-unwritten extents cost a journal commit at
-    /// fdatasync). See docs/performance.md for the measured difference.
+    /// fdatasync). The first segment at creation, the rest in the
+    /// background while idle. See docs/performance.md for the measurements.
     pub prewrite_segments: bool,
 }
 
