@@ -16,6 +16,20 @@
 //!
 //! The on-disk format is documented in `docs/format.md` and next to the
 //! code that reads it.
+//!
+//! # Memory budget (fixed by config at start-up; nothing grows with load)
+//!
+//! ```text
+//! tail buffers   max_partitions x (tail_buffer_bytes + 4 KiB)    taken as partitions are created
+//! read buffer    max(max_batch_bytes, 256 KiB) + 4 KiB           one, reads and scans take turns
+//! zero buffer    256 KiB                                         pre-writing and scrubbing
+//! recovery       4 MiB + 4 KiB                                   only while Storage::open runs
+//! sparse index   per segment (segment_bytes / 32 KiB + 2) x 24 B  reserved at creation
+//! ```
+//!
+//! With the defaults (64 partitions, 1 MiB tails, 4 x 16 MiB rings) that is
+//! at most 64 x 1 MiB of tails (only touched pages count towards RSS), 1 MiB
+//! of read buffer, and 50 KiB of index per partition.
 
 pub mod io;
 pub mod meta;
