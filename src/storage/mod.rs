@@ -98,7 +98,7 @@ impl fmt::Display for BackendChoice {
 }
 
 /// Durability policy per topic. FromStr/Display: "always",
-/// "interval:<ms>", "never".
+/// `"interval:<ms>"`, "never".
 ///
 /// - `Always`: acked after the batch is written and fdatasynced (group
 ///   commit: every append that arrives during a commit joins the next one).
