@@ -91,6 +91,11 @@ pub(crate) enum Cmd {
     },
 }
 
+/// Tests hold the background pre-write back to let the ring overtake it.
+#[cfg(test)]
+pub(crate) static PREWRITE_PAUSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A producer batch checked on the submitting task (header, length, CRC),
 /// carrying the CRC digest of everything but the base offset: the storage
 /// thread only feeds it the assigned offset (8 bytes) instead of hashing
@@ -954,6 +959,10 @@ impl Engine {
 
     /// Zeroes one chunk of a not-yet-started segment (see `prewrite_next`).
     fn prewrite_step(&mut self) {
+        #[cfg(test)]
+        if PREWRITE_PAUSED.load(Ordering::Relaxed) {
+            return;
+        }
         let Engine { ctx, parts, .. } = self;
         let Some(p) = parts
             .values_mut()
