@@ -193,6 +193,18 @@ fn open(dir: &Path, prewrite: bool) -> Storage {
     .expect("open storage")
 }
 
+/// Creates the partition and, when segments are pre-written, waits for the
+/// background pass to finish, so it does not compete with the timed part.
+fn create(s: &Storage, id: &PartitionId, cfg: PartitionConfig, prewrite: bool) {
+    let before = s.stats().device_bytes_written;
+    let ring = cfg.ring_bytes();
+    smol::block_on(s.create_partition(id.clone(), cfg)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prewrite && s.stats().device_bytes_written - before < ring && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn ring(p: &Params, durability: Durability) -> PartitionConfig {
     PartitionConfig {
         segment_bytes: p.segment_bytes,
@@ -215,7 +227,7 @@ fn throughput_run(
 ) -> Run {
     let s = open(dir, prewrite);
     let id = PartitionId::new("bench", 0);
-    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::Always))).unwrap();
+    create(&s, &id, ring(p, Durability::Always), prewrite);
     let batches = make_batches(records, value);
     let in_flight = (in_flight_records / records).max(1);
     let budget = p.segment_bytes * u64::from(p.ring_segments - 1);
@@ -264,8 +276,7 @@ fn throughput_run(
 fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
     let s = open(dir, true);
     let id = PartitionId::new("wa", 0);
-    smol::block_on(s.create_partition(id.clone(), ring(p, Durability::IntervalMs(interval_ms))))
-        .unwrap();
+    create(&s, &id, ring(p, Durability::IntervalMs(interval_ms)), true);
     let batches = make_batches(1, value);
     let total = p.wa_rate_per_s * p.wa_time.as_millis() as u64 / 1000;
     let interval = Duration::from_nanos(1_000_000_000 / p.wa_rate_per_s);
