@@ -1160,6 +1160,11 @@ impl Engine {
             });
         }
         let dir = part_dir(&self.ctx.cfg.data_dir, &id);
+        if dir.join(PARTITION_META).exists() {
+            // Not loaded (its metadata was unreadable at start-up, see the
+            // log), but its data may still matter: never overwrite it.
+            return Err(StorageError::PartitionExists(id));
+        }
         if dir.exists() {
             // A directory without partition.meta: a creation that never
             // completed (nothing in it was ever acknowledged).

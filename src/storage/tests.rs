@@ -876,3 +876,26 @@ fn background_prewrite_never_zeroes_a_started_segment() {
     );
     s.shutdown().unwrap();
 }
+
+#[test]
+fn unreadable_partition_meta_is_skipped_not_overwritten() {
+    let rig = Rig::files(pwrite_backend);
+    let id = pid("lost", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    fill(&s, &id, 5, 0);
+    s.shutdown().unwrap();
+    let meta_path = rig.dir.path().join("topics/lost/0/partition.meta");
+    flip_file_bit(&meta_path, 20, 0);
+    let s = rig.open();
+    assert!(
+        s.partitions().is_empty(),
+        "a partition with corrupt metadata is not served"
+    );
+    assert!(matches!(
+        block_on(s.create_partition(id.clone(), small_cfg())),
+        Err(StorageError::PartitionExists(_))
+    ));
+    assert!(rig.dir.path().join("topics/lost/0/seg-00000.log").exists());
+    s.shutdown().unwrap();
+}
