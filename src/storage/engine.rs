@@ -1752,9 +1752,30 @@ impl Engine {
                 Ok(m) => m,
                 Err(e) => {
                     log::error!(
-                        "partition directory {}: unreadable partition.meta ({e}); skipped",
+                        "partition directory {}: unreadable partition.meta ({e}); skipped, \
+                         its data left untouched",
                         dir.display()
                     );
+                    // Reported like a quarantined partition, under the id
+                    // its directory names.
+                    let topic = dir.parent().and_then(Path::file_name);
+                    let number = dir.file_name().and_then(|n| n.to_str()?.parse().ok());
+                    if let (Some(topic), Some(number)) = (topic, number) {
+                        StatsInner::add(&self.ctx.shared.stats.quarantined, 1);
+                        self.ctx
+                            .shared
+                            .reports
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(RecoveryReport {
+                                id: PartitionId::new(topic.to_string_lossy(), number),
+                                batches: 0,
+                                bytes_truncated: 0,
+                                quarantined: true,
+                                earliest: 0,
+                                high_watermark: 0,
+                            });
+                    }
                     continue;
                 }
             };
