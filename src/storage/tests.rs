@@ -892,6 +892,9 @@ fn unreadable_partition_meta_is_skipped_not_overwritten() {
         s.partitions().is_empty(),
         "a partition with corrupt metadata is not served"
     );
+    let rep = s.recovery_report();
+    assert_eq!(rep.len(), 1);
+    assert!(rep[0].quarantined && rep[0].id == id, "{rep:?}");
     assert!(matches!(
         block_on(s.create_partition(id.clone(), small_cfg())),
         Err(StorageError::PartitionExists(_))
