@@ -662,6 +662,18 @@ struct Window {
     file: Option<FileHandle>,
     start: u64,
     len: usize,
+    /// Bytes worth reading at once (0: the whole buffer). A fetch of
+    /// 16 KiB should not read a megabyte from the device.
+    hint: usize,
+}
+
+impl Window {
+    fn with_hint(hint: usize) -> Window {
+        Window {
+            hint,
+            ..Window::default()
+        }
+    }
 }
 
 /// Returns the file's bytes from `pos`, at least `need` of them unless the
@@ -681,7 +693,13 @@ fn window<'a>(
         && pos + need as u64 <= win.start + win.len as u64;
     if !covered {
         let start = pos / B64 * B64;
-        let len = (rbuf.len() as u64).min(limit.saturating_sub(start)) as usize;
+        let want = if win.hint == 0 {
+            rbuf.len()
+        } else {
+            // From the block start: the bytes wanted plus the offset into it.
+            (need.max(win.hint) + (pos - start) as usize).div_ceil(B) * B
+        };
+        let len = (rbuf.len().min(want) as u64).min(limit.saturating_sub(start)) as usize;
         let n = io.read_at(file, start, &mut rbuf[..len])?;
         win.file = Some(file);
         win.start = start;
@@ -1642,7 +1660,10 @@ impl Engine {
             } else {
                 SEG_HEADER_BYTES as u64
             };
-            let mut win = Window::default();
+            let hint = max_bytes
+                .saturating_add(HEADER_BYTES)
+                .max(INDEX_INTERVAL_BYTES as usize);
+            let mut win = Window::with_hint(hint);
             let mut retried = false;
             while pos < p.segs[slot].end_pos {
                 let found = read_batch_at(p, ctx, &mut win, slot, pos, hw);
@@ -1652,7 +1673,7 @@ impl Engine {
                     Err(ReadErr::Io(e)) => return Err(e.into()),
                     Err(ReadErr::Corrupt(_)) if !retried => {
                         retried = true;
-                        win = Window::default();
+                        win = Window::with_hint(win.hint);
                         continue;
                     }
                     Err(ReadErr::Corrupt(e)) => {
