@@ -370,4 +370,11 @@ proptest! {
     fn real_files_pwrite_survive_torn_tails_and_bit_flips(rounds in rounds()) {
         run_real_file_model(pwrite_backend, rounds);
     }
+
+    #[test]
+    fn real_files_io_uring_survive_torn_tails_and_bit_flips(rounds in rounds()) {
+        if super::tests::uring_available() {
+            run_real_file_model(super::tests::uring_backend, rounds);
+        }
+    }
 }

@@ -96,10 +96,25 @@ pub trait IoBackend: Send + 'static {
     }
 }
 
-/// Submission queue slots of the io_uring instance: enough for one group
-/// commit's writes and fsyncs across many partitions in one submission;
-/// larger batches are submitted in chunks.
+/// Submission queue entries for the io_uring backend: one group commit
+/// puts a write per dirty partition and an fdatasync per file in flight.
 pub const URING_ENTRIES: u32 = 256;
+
+/// Sets up the io_uring backend; fails with the kernel's reason where it
+/// cannot (ENOSYS on old kernels and qemu-user, EPERM under seccomp).
+fn try_uring() -> io::Result<Box<dyn IoBackend>> {
+    #[cfg(target_os = "linux")]
+    {
+        uring::UringBackend::new(URING_ENTRIES).map(|b| Box::new(b) as Box<dyn IoBackend>)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring exists only on Linux",
+        ))
+    }
+}
 
 /// Picks the backend for `choice`, returning it and the reason for the
 /// one start-up log line. `Auto` tries io_uring and falls back to pwrite
@@ -111,31 +126,17 @@ pub fn open_backend(choice: super::BackendChoice) -> io::Result<(Box<dyn IoBacke
             Box::new(pwrite::PwriteBackend::new()),
             "forced by storage.backend = \"pwrite\"".to_string(),
         )),
-        #[cfg(target_os = "linux")]
-        BackendChoice::IoUring => uring::UringBackend::new(URING_ENTRIES).map(|b| {
-            (
-                Box::new(b) as Box<dyn IoBackend>,
-                "forced by storage.backend = \"io_uring\"".to_string(),
-            )
-        }),
-        #[cfg(target_os = "linux")]
-        BackendChoice::Auto => match uring::UringBackend::new(URING_ENTRIES) {
-            Ok(b) => Ok((Box::new(b), "io_uring is available".to_string())),
+        BackendChoice::IoUring => Ok((
+            try_uring()?,
+            "forced by storage.backend = \"io_uring\"".to_string(),
+        )),
+        BackendChoice::Auto => match try_uring() {
+            Ok(b) => Ok((b, "io_uring is available".to_string())),
             Err(e) => Ok((
                 Box::new(pwrite::PwriteBackend::new()),
-                format!("io_uring cannot be set up here: {e}"),
+                format!("io_uring could not be set up: {e}"),
             )),
         },
-        #[cfg(not(target_os = "linux"))]
-        BackendChoice::IoUring => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "io_uring exists only on Linux",
-        )),
-        #[cfg(not(target_os = "linux"))]
-        BackendChoice::Auto => Ok((
-            Box::new(pwrite::PwriteBackend::new()),
-            "io_uring exists only on Linux".to_string(),
-        )),
     }
 }
 
