@@ -1,6 +1,6 @@
 //! Storage engine tests. Every behavioural test runs over each backend
-//! through [`Rig`]: the fault-injecting in-memory disk and pwrite over real
-//! files (io_uring joins with one line in `rigs()`).
+//! through [`Rig`]: the fault-injecting in-memory disk, and pwrite and
+//! io_uring (where the kernel allows it) over real files.
 
 use super::io::fault::{FaultBackend, FaultDisk, FaultPlan};
 use super::io::pwrite::PwriteBackend;
@@ -22,6 +22,27 @@ pub(crate) enum RigKind {
 
 fn pwrite_backend() -> Box<dyn IoBackend> {
     Box::new(PwriteBackend::new())
+}
+
+/// io_uring over real files; only handed out where [`uring_available`]
+/// said the kernel allows it.
+#[cfg(target_os = "linux")]
+pub(crate) fn uring_backend() -> Box<dyn IoBackend> {
+    let b = super::io::uring::UringBackend::new(super::io::URING_ENTRIES);
+    Box::new(b.expect("io_uring was available a moment ago"))
+}
+
+/// Whether io_uring can be set up here (not under qemu-user, seccomp or
+/// `kernel.io_uring_disabled`); its suites are skipped, with a note, if not.
+#[cfg(target_os = "linux")]
+pub(crate) fn uring_available() -> bool {
+    match super::io::uring::UringBackend::new(2) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("io_uring unavailable here ({e}); its rig is skipped");
+            false
+        }
+    }
 }
 
 impl Rig {
@@ -69,11 +90,15 @@ impl Rig {
 
 /// Every backend the behavioural tests run on.
 pub(crate) fn rigs() -> Vec<(&'static str, Rig)> {
-    vec![
+    let mut rigs = vec![
         ("fault", Rig::fault(7)),
         ("pwrite", Rig::files(pwrite_backend)),
-        // io_uring: ("io_uring", Rig::files(uring_backend)),
-    ]
+    ];
+    #[cfg(target_os = "linux")]
+    if uring_available() {
+        rigs.push(("io_uring", Rig::files(uring_backend)));
+    }
+    rigs
 }
 
 pub(crate) fn pid(t: &str, p: u32) -> PartitionId {
