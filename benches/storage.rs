@@ -3,8 +3,10 @@
 //! amplification of small interval-synced appends.
 //!
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
-//! SKIFF_BENCH_DIR to measure another disk). Each figure is the median of
-//! three runs, min and max kept (see /work/shared/BENCHMARKING.md).
+//! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_BACKEND=pwrite to
+//! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring,
+//! pwrite and unpipelined pwrite). Each figure is the median of three runs,
+//! min and max kept (see /work/shared/BENCHMARKING.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
 use skiff::storage::io::pwrite::PwriteBackend;
@@ -62,13 +64,65 @@ impl IoBackend for Unpipelined {
     }
 }
 
-static PIPELINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// The backend the engine runs on in this bench.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// skiff's default where the kernel allows it.
+    Uring,
+    Pwrite,
+    PwriteUnpipelined,
+}
+
+/// Set once in `main` (`SKIFF_BENCH_BACKEND`), switched by the A/B.
+static KIND: std::sync::Mutex<Kind> = std::sync::Mutex::new(Kind::Pwrite);
+
+fn set_kind(kind: Kind) {
+    *KIND.lock().unwrap() = kind;
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Uring => "io_uring",
+        Kind::Pwrite => "pwrite",
+        Kind::PwriteUnpipelined => "pwrite-unpipelined",
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn uring() -> std::io::Result<Box<dyn IoBackend>> {
+    use skiff::storage::io::{uring::UringBackend, URING_ENTRIES};
+    Ok(Box::new(UringBackend::new(URING_ENTRIES)?))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn uring() -> std::io::Result<Box<dyn IoBackend>> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
 
 fn backend() -> Box<dyn IoBackend> {
-    if PIPELINED.load(std::sync::atomic::Ordering::Relaxed) {
-        Box::new(PwriteBackend::new())
-    } else {
-        Box::new(Unpipelined(PwriteBackend::new()))
+    match *KIND.lock().unwrap() {
+        Kind::Uring => uring().expect("io_uring was available at start"),
+        Kind::Pwrite => Box::new(PwriteBackend::new()),
+        Kind::PwriteUnpipelined => Box::new(Unpipelined(PwriteBackend::new())),
+    }
+}
+
+/// `SKIFF_BENCH_BACKEND=pwrite|io_uring`; by default io_uring where the
+/// kernel allows it, as skiff itself picks.
+fn pick_kind() -> Kind {
+    match std::env::var("SKIFF_BENCH_BACKEND").as_deref() {
+        Ok("pwrite") => Kind::Pwrite,
+        Ok("io_uring") => {
+            uring().expect("SKIFF_BENCH_BACKEND=io_uring but io_uring is unavailable");
+            Kind::Uring
+        }
+        _ => match uring() {
+            Ok(_) => Kind::Uring,
+            Err(e) => {
+                println!("io_uring unavailable ({e}): benchmarking pwrite");
+                Kind::Pwrite
+            }
+        },
     }
 }
 const RUNS: usize = 3;
@@ -347,10 +401,13 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storage-bench"));
     std::fs::create_dir_all(&base).unwrap();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kind = pick_kind();
+    set_kind(kind);
     println!(
-        "storage bench: dir {} kernel {} backend pwrite, {} runs (median [min..max])",
+        "storage bench: dir {} kernel {} backend {}, {} runs (median [min..max])",
         base.display(),
         kernel.trim(),
+        kind_name(kind),
         RUNS
     );
 
@@ -369,7 +426,7 @@ fn main() {
 
     println!("\nappend throughput, durability always, <= 1000 records in flight:");
     if std::env::var_os("SKIFF_BENCH_AB").is_some() {
-        pipelining_ab(&p, &base.join("data"), raw_med);
+        pipelining_ab(&p, &base.join("data"), raw_med, kind);
         return;
     }
     println!(
@@ -540,44 +597,44 @@ fn recovery(p: &Params, dir: &Path) {
     );
 }
 
-/// Pipelined against unpipelined fdatasync, runs interleaved (A B A B ..)
-/// so drift in the machine's load hits both alike.
-fn pipelining_ab(p: &Params, dir: &Path, raw: f64) {
-    println!("\npipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
+/// io_uring (when picked) against pipelined and unpipelined pwrite group
+/// commit, runs interleaved (A B C A B C ..) so drift in the machine's load
+/// hits all alike.
+fn pipelining_ab(p: &Params, dir: &Path, raw: f64, kind: Kind) {
+    println!("\nio_uring vs pwrite, pipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
+    let kinds: Vec<Kind> = [Kind::Uring, Kind::Pwrite, Kind::PwriteUnpipelined]
+        .into_iter()
+        .filter(|&k| k != Kind::Uring || kind == Kind::Uring)
+        .collect();
     for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {
-        let mut a = Vec::new();
-        let mut b = Vec::new();
+        let mut runs: Vec<Vec<Run>> = kinds.iter().map(|_| Vec::new()).collect();
         for _ in 0..RUNS {
-            PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
-            a.push(throughput_run(
-                p,
-                dir,
-                true,
-                records,
-                value,
-                IN_FLIGHT_RECORDS_MAX,
-            ));
-            PIPELINED.store(false, std::sync::atomic::Ordering::Relaxed);
-            b.push(throughput_run(
-                p,
-                dir,
-                true,
-                records,
-                value,
-                IN_FLIGHT_RECORDS_MAX,
-            ));
+            for (k, out) in kinds.iter().zip(runs.iter_mut()) {
+                set_kind(*k);
+                out.push(throughput_run(
+                    p,
+                    dir,
+                    true,
+                    records,
+                    value,
+                    IN_FLIGHT_RECORDS_MAX,
+                ));
+            }
         }
-        PIPELINED.store(true, std::sync::atomic::Ordering::Relaxed);
-        for (name, runs) in [("pipelined", &a), ("unpipelined", &b)] {
+        set_kind(kind);
+        for (k, runs) in kinds.iter().zip(&runs) {
             let (l, lmin, lmax) = mmm(runs, |r| r.log_bytes_per_s);
             println!(
-                "  {value:>5} B x {records:>3} {name:>12}: {:>9.0} records/s, {:>6.1} MB/s [{:.1}..{:.1}] = {:>5.1}% of raw, commit {:>5.0} us",
+                "  {value:>5} B x {records:>3} {:>18}: {:>9.0} records/s, {:>6.1} MB/s [{:.1}..{:.1}] = {:>5.1}% of raw, commit {:>5.0} us, fsyncs {:>5.0}, flushes {:>5.0}",
+                kind_name(*k),
                 mmm(runs, |r| r.records_per_s).0,
                 mb(l),
                 mb(lmin),
                 mb(lmax),
                 100.0 * l / raw,
-                mmm(runs, |r| r.commit_us).0
+                mmm(runs, |r| r.commit_us).0,
+                mmm(runs, |r| r.fsyncs as f64).0,
+                mmm(runs, |r| r.flushes as f64).0
             );
         }
     }

@@ -259,8 +259,7 @@ fn damage() -> impl Strategy<Value = Damage> {
     ]
 }
 
-/// The real-file suite, generic over the backend: io_uring plugs in with
-/// one more `#[test]` calling this with its constructor.
+/// The real-file suite, generic over the backend (pwrite and io_uring).
 pub(crate) fn run_real_file_model(
     make: fn() -> Box<dyn IoBackend>,
     rounds: Vec<(Vec<(u32, usize)>, Damage)>,
@@ -371,6 +370,7 @@ proptest! {
         run_real_file_model(pwrite_backend, rounds);
     }
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn real_files_io_uring_survive_torn_tails_and_bit_flips(rounds in rounds()) {
         if super::tests::uring_available() {

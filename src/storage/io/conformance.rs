@@ -63,6 +63,12 @@ pub fn run_all(backend: &mut impl IoBackend, dir: &Path) {
     batch_larger_than_a_queue(backend, dir);
     open_and_close(backend, dir);
     errors_are_io_errors(backend, dir);
+    sync_group_start_then_wait(backend, dir);
+    writes_while_a_sync_group_is_outstanding(backend, dir);
+    second_sync_start_waits_for_the_first(backend, dir);
+    // Last: opening a FIFO makes pwrite fall back to buffered I/O for
+    // every later open of the same backend.
+    sync_group_error_surfaces_once(backend, dir);
 }
 
 /// Several aligned writes over two files and an fdatasync of both in one
@@ -331,4 +337,202 @@ pub fn errors_are_io_errors(backend: &mut impl IoBackend, dir: &Path) {
         .expect("write after errors");
     assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..]);
     backend.close(f);
+}
+
+/// Opens `count` files under `dir` named `<stem>-<i>.seg`.
+fn open_files(
+    backend: &mut impl IoBackend,
+    dir: &Path,
+    stem: &str,
+    count: usize,
+) -> Vec<FileHandle> {
+    (0..count)
+        .map(|i| {
+            backend
+                .open(&dir.join(format!("{stem}-{i}.seg")), true)
+                .expect("open")
+        })
+        .collect()
+}
+
+/// One block per file at block `block`, without fdatasync.
+fn write_one_block_each(
+    backend: &mut impl IoBackend,
+    files: &[FileHandle],
+    block: usize,
+    bufs: &[AlignedBuf],
+) {
+    let writes: Vec<WriteOp<'_>> = files
+        .iter()
+        .zip(bufs)
+        .map(|(&file, data)| WriteOp {
+            file,
+            offset: (block * BLOCK_BYTES) as u64,
+            data,
+        })
+        .collect();
+    backend.write_batch(&writes, &[]).expect("write group");
+}
+
+/// A sync group started after its writes completed, then waited for: more
+/// files than a small submission queue holds. Waiting with nothing
+/// outstanding and a group of no files are both fine.
+pub fn sync_group_start_then_wait(backend: &mut impl IoBackend, dir: &Path) {
+    const FILES: usize = 12;
+    let files = open_files(backend, dir, "group", FILES);
+    let bufs: Vec<AlignedBuf> = (0..FILES).map(|i| block_buf(1, 2000 + i as u64)).collect();
+    write_one_block_each(backend, &files, 0, &bufs);
+    backend.sync_start(&files).expect("sync_start");
+    backend.sync_wait().expect("sync_wait");
+    backend
+        .sync_wait()
+        .expect("sync_wait with nothing outstanding");
+    backend.sync_start(&[]).expect("sync_start of no files");
+    backend.sync_wait().expect("sync_wait of no files");
+    for (&f, data) in files.iter().zip(&bufs) {
+        assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..]);
+        backend.close(f);
+    }
+}
+
+/// The engine's pipeline: group k's fdatasyncs are outstanding while group
+/// k+1 is written (with and without a batch fdatasync of its own), read
+/// and synced singly; then group k is waited for and k+1 started. Every
+/// call succeeds and every write reads back.
+pub fn writes_while_a_sync_group_is_outstanding(backend: &mut impl IoBackend, dir: &Path) {
+    const FILES: usize = 3;
+    const GROUPS: usize = 8;
+    let files = open_files(backend, dir, "pipe", FILES);
+    let solo = backend
+        .open(&dir.join("pipe-solo.seg"), true)
+        .expect("open");
+    let bufs: Vec<Vec<AlignedBuf>> = (0..GROUPS)
+        .map(|g| {
+            (0..FILES)
+                .map(|i| block_buf(1, 3000 + (g * FILES + i) as u64))
+                .collect()
+        })
+        .collect();
+    write_one_block_each(backend, &files, 0, &bufs[0]);
+    backend.sync_start(&files).expect("sync_start");
+    for (g, group) in bufs.iter().enumerate().skip(1) {
+        write_one_block_each(backend, &files, g, group);
+        // A batch with its own fdatasync, as a partition committing alone.
+        let solo_data = &bufs[g - 1][0];
+        backend
+            .write_batch(
+                &[WriteOp {
+                    file: solo,
+                    offset: (g * BLOCK_BYTES) as u64,
+                    data: solo_data,
+                }],
+                &[solo],
+            )
+            .expect("write_batch with fdatasync while a group is outstanding");
+        assert_eq!(
+            read_back(
+                backend,
+                files[0],
+                ((g - 1) * BLOCK_BYTES) as u64,
+                BLOCK_BYTES
+            ),
+            &bufs[g - 1][0][..]
+        );
+        backend
+            .sync(solo)
+            .expect("sync while a group is outstanding");
+        backend.sync_wait().expect("sync_wait");
+        backend.sync_start(&files).expect("sync_start");
+    }
+    backend.sync_wait().expect("last sync_wait");
+    for (g, group) in bufs.iter().enumerate() {
+        for (&f, data) in files.iter().zip(group) {
+            assert_eq!(
+                read_back(backend, f, (g * BLOCK_BYTES) as u64, BLOCK_BYTES),
+                &data[..]
+            );
+        }
+    }
+    for f in files {
+        backend.close(f);
+    }
+    backend.close(solo);
+}
+
+/// A second `sync_start` first completes the first group: both succeed and
+/// one wait finishes the second.
+pub fn second_sync_start_waits_for_the_first(backend: &mut impl IoBackend, dir: &Path) {
+    let files = open_files(backend, dir, "twice", 2);
+    let bufs = [block_buf(1, 41), block_buf(1, 42)];
+    write_one_block_each(backend, &files, 0, &bufs);
+    backend.sync_start(&files[..1]).expect("first sync_start");
+    backend.sync_start(&files[1..]).expect("second sync_start");
+    backend.sync_wait().expect("sync_wait");
+    backend.sync_wait().expect("nothing outstanding");
+    for f in files {
+        backend.close(f);
+    }
+}
+
+/// fdatasync of a FIFO fails with EINVAL in the kernel. In a sync group the
+/// error comes from `sync_wait`, exactly once, and not from a `write_batch`
+/// that ran meanwhile; a second `sync_start` reports the first group's
+/// error and starts nothing.
+pub fn sync_group_error_surfaces_once(backend: &mut impl IoBackend, dir: &Path) {
+    let path = dir.join("fifo");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: mkfifo only reads the NUL-terminated path for the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // O_RDWR on a FIFO does not block on Linux.
+    let fifo = backend.open(&path, false).expect("open fifo");
+    let good = backend
+        .open(&dir.join("fifo-good.seg"), true)
+        .expect("open");
+    let data = block_buf(1, 77);
+    let write = || WriteOp {
+        file: good,
+        offset: 0,
+        data: &data,
+    };
+    backend.write_batch(&[write()], &[]).expect("write");
+
+    backend.sync_start(&[good, fifo]).expect("sync_start");
+    let err = backend.sync_wait().expect_err("fdatasync of a FIFO");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err:?}");
+    backend.sync_wait().expect("the error is reported once");
+
+    backend.sync_start(&[fifo]).expect("sync_start");
+    backend
+        .write_batch(&[write()], &[good])
+        .expect("the group's error is not the batch's");
+    let err = backend.sync_wait().expect_err("fdatasync of a FIFO");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err:?}");
+
+    backend.sync_start(&[fifo]).expect("sync_start");
+    let err = backend
+        .sync_start(&[good])
+        .expect_err("second sync_start reports the first group's error");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err:?}");
+    backend.sync_wait().expect("nothing was started");
+
+    // Still usable.
+    backend
+        .sync_start(&[good])
+        .expect("sync_start after errors");
+    backend.sync_wait().expect("sync_wait after errors");
+    backend.close(fifo);
+    backend.close(good);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::pwrite::PwriteBackend;
+
+    /// The reference behaviour: pwrite runs the same suite as io_uring.
+    #[test]
+    fn pwrite_conforms() {
+        let dir = scratch_dir();
+        run_all(&mut PwriteBackend::new(), dir.path());
+    }
 }
