@@ -10,6 +10,12 @@
 //!   no entry are deleted at the next start.
 //!
 //! So a crash never leaves a half-made topic visible to clients.
+//!
+//! Idempotent producers (ids, epochs, sequence windows) live in
+//! [`producers`]; the broker checks every idempotent batch there before it
+//! reaches storage and rebuilds the table at start-up.
+
+pub mod producers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::BatchHeader;
 use crate::storage::{
     meta, AppendAck, AppendTicket, Offsets, PartitionConfig, PartitionId, Storage, StorageError,
 };
@@ -37,6 +44,36 @@ pub struct BrokerLimits {
     pub max_topics: usize,
     /// Across all topics.
     pub max_partitions: usize,
+    /// Capacity of the producer sequence table (entries are per producer
+    /// and partition).
+    pub max_producers: usize,
+    /// A producer entry idle this long is forgotten.
+    pub producer_idle_expiry_ms: u64,
+}
+
+/// Bytes read per step when the producer table is rebuilt from the log.
+const RECOVERY_READ_BYTES: usize = 1024 * 1024;
+
+/// Where an idempotent or plain batch stands after [`Broker::submit_produce`].
+#[derive(Debug)]
+pub enum Submitted {
+    /// In storage's queue; `tracked` goes back to
+    /// [`Broker::complete_produce`] with the outcome.
+    Queued {
+        ticket: AppendTicket,
+        tracked: Option<producers::Ticket>,
+    },
+    /// A retry of a batch already written: nothing was written again.
+    Duplicate {
+        base_offset: u64,
+        last_offset: u64,
+        records: u32,
+    },
+    /// A retry of a batch still in flight: its outcome is the answer.
+    InFlight {
+        slot: Arc<producers::Slot>,
+        records: u32,
+    },
 }
 
 /// What a client asks for when creating a topic; unset fields take the
@@ -69,6 +106,8 @@ pub enum BrokerError {
         max: usize,
     },
     InvalidConfig(&'static str),
+    /// An idempotent producer's batch was refused (fenced, out of order...).
+    Sequence(producers::SequenceError),
     Storage(StorageError),
 }
 
@@ -87,6 +126,7 @@ impl std::fmt::Display for BrokerError {
             Self::TooManyTopics { max } => write!(f, "topic limit reached ({max})"),
             Self::TooManyPartitions { max } => write!(f, "partition limit reached ({max})"),
             Self::InvalidConfig(what) => write!(f, "invalid topic config: {what}"),
+            Self::Sequence(e) => write!(f, "{e}"),
             Self::Storage(e) => write!(f, "{e}"),
         }
     }
@@ -130,6 +170,10 @@ pub struct Broker {
     limits: BrokerLimits,
     defaults: PartitionConfig,
     default_partitions: u32,
+    producers: producers::Producers,
+    /// Held from an idempotent batch's sequence check to its submit, so the
+    /// order of checks is the order in the log.
+    submit_order: smol::lock::Mutex<()>,
 }
 
 impl Broker {
@@ -146,6 +190,14 @@ impl Broker {
         let topics: BTreeMap<String, TopicMeta> = meta::read(&meta_path)
             .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?
             .unwrap_or_default();
+        let producers = producers::Producers::open(
+            &data_dir,
+            producers::ProducersConfig {
+                max_producers: limits.max_producers,
+                idle_expiry_ms: limits.producer_idle_expiry_ms,
+            },
+        )
+        .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
         let broker = Broker {
             storage,
             topics: RwLock::new(topics),
@@ -154,9 +206,100 @@ impl Broker {
             limits,
             defaults,
             default_partitions,
+            producers,
+            submit_order: smol::lock::Mutex::new(()),
         };
-        smol::block_on(broker.reconcile())?;
+        smol::block_on(async {
+            broker.reconcile().await?;
+            broker.recover_producers().await
+        })?;
         Ok(Arc::new(broker))
+    }
+
+    /// Rebuilds the producer table: each partition's snapshot, then the
+    /// batch headers after it up to the high watermark.
+    async fn recover_producers(&self) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
+        let mut scanned = 0u64;
+        for (topic, meta) in self.topics() {
+            for p in 0..meta.partitions {
+                let id = PartitionId {
+                    topic: topic.clone(),
+                    partition: p,
+                };
+                let o = self.storage.offsets(&id)?;
+                let mut at = self
+                    .producers
+                    .load_snapshot(&topic, p, o.earliest, o.high_watermark);
+                while at < o.high_watermark {
+                    let bytes = match self.storage.read(&id, at, RECOVERY_READ_BYTES).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            // A quarantined partition, say: its producers
+                            // start unknown, which accepts their batches.
+                            log::warn!("{id}: producer state not rebuilt past {at}: {e}");
+                            break;
+                        }
+                    };
+                    let before = at;
+                    for view in crate::batch::BatchIter::new(&bytes) {
+                        let Ok(view) = view else { break };
+                        self.producers.recover_batch(&topic, p, &view.header);
+                        scanned += 1;
+                        at = at.max(view.header.next_offset());
+                    }
+                    if at == before {
+                        break;
+                    }
+                }
+            }
+        }
+        log::info!(
+            "producer state rebuilt: {} entries, {scanned} batch header(s) scanned in {:?}",
+            self.producers.stats().entries,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Snapshots the producer state of every partition (`all`, at clean
+    /// shutdown) or of those written by idempotent producers since the last
+    /// snapshot (the periodic task), so start-up scans only the log after
+    /// it.
+    pub fn snapshot_producers(&self, all: bool) {
+        let dirty = self.producers.take_dirty();
+        let parts: Vec<(String, u32)> = if all {
+            self.topics()
+                .into_iter()
+                .flat_map(|(t, m)| (0..m.partitions).map(move |p| (t.clone(), p)))
+                .collect()
+        } else {
+            dirty
+        };
+        for (topic, p) in parts {
+            let Ok(o) = self.offsets(&topic, p) else {
+                continue;
+            };
+            if let Err(e) = self.producers.snapshot(&topic, p, o.high_watermark) {
+                log::warn!("{topic}/{p}: cannot write the producer snapshot: {e}");
+            }
+        }
+    }
+
+    pub fn producers(&self) -> &producers::Producers {
+        &self.producers
+    }
+
+    pub fn producer_stats(&self) -> producers::ProducerStats {
+        self.producers.stats()
+    }
+
+    /// See [`producers::Producers::init`].
+    pub async fn init_producer(
+        &self,
+        name: Option<&str>,
+    ) -> Result<(u64, u16), producers::InitError> {
+        self.producers.init(name).await
     }
 
     async fn reconcile(&self) -> Result<(), BrokerError> {
@@ -329,6 +472,7 @@ impl Broker {
                 partition: p,
             };
             self.storage.delete_partition(&id).await?;
+            self.producers.forget_partition(name, p);
         }
         log::info!("deleted topic {name}");
         Ok(())
@@ -344,6 +488,92 @@ impl Broker {
     ) -> Result<AppendTicket, BrokerError> {
         let id = self.partition_id(topic, partition)?;
         Ok(self.storage.submit(&id, batch).await?)
+    }
+
+    /// Submits a producer batch, checking an idempotent producer's
+    /// sequence first (see [`producers`]): a retry of a written batch is
+    /// answered from the table and not written again.
+    pub async fn submit_produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Vec<u8>,
+    ) -> Result<Submitted, BrokerError> {
+        let id = self.partition_id(topic, partition)?;
+        let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
+        let header: BatchHeader = crate::batch::parse_header(&batch).map_err(invalid)?;
+        if !header.is_idempotent() {
+            let ticket = self.storage.submit(&id, batch).await?;
+            return Ok(Submitted::Queued {
+                ticket,
+                tracked: None,
+            });
+        }
+        // A whole check (CRC included) before the batch takes a sequence:
+        // storage can then fail it only for reasons that are sticky or
+        // shared by the batches after it (see producers' module docs).
+        crate::batch::verify(&batch).map_err(invalid)?;
+        if batch.len() != header.total_len as usize {
+            return Err(invalid(crate::batch::BatchError::Malformed(
+                "trailing bytes after batch",
+            )));
+        }
+        let _order = self.submit_order.lock().await;
+        let hw = self.storage.offsets(&id)?.high_watermark;
+        match self.producers.check(topic, partition, &header, hw) {
+            producers::Check::Untracked => {
+                let ticket = self.storage.submit(&id, batch).await?;
+                Ok(Submitted::Queued {
+                    ticket,
+                    tracked: None,
+                })
+            }
+            producers::Check::Accept(tracked) => match self.storage.submit(&id, batch).await {
+                Ok(ticket) => Ok(Submitted::Queued {
+                    ticket,
+                    tracked: Some(tracked),
+                }),
+                Err(e) => {
+                    // Nobody waits on this slot (the order lock is held),
+                    // so a description of the error is enough for it.
+                    let copy = StorageError::Io(std::io::Error::other(e.to_string()));
+                    self.producers.complete(tracked, Err(Arc::new(copy)));
+                    Err(e.into())
+                }
+            },
+            producers::Check::Duplicate {
+                base_offset,
+                last_offset,
+                records,
+            } => Ok(Submitted::Duplicate {
+                base_offset,
+                last_offset,
+                records,
+            }),
+            producers::Check::InFlight { slot, records } => {
+                Ok(Submitted::InFlight { slot, records })
+            }
+            producers::Check::Reject(e) => Err(BrokerError::Sequence(e)),
+        }
+    }
+
+    /// Awaits a queued batch's acknowledgement and records it for its
+    /// producer.
+    pub async fn complete_produce(
+        &self,
+        ticket: AppendTicket,
+        tracked: Option<producers::Ticket>,
+    ) -> Result<AppendAck, Arc<StorageError>> {
+        let r = ticket.await.map_err(Arc::new);
+        if let Some(t) = tracked {
+            self.producers.complete(
+                t,
+                r.as_ref()
+                    .map(|a| (a.base_offset, a.last_offset))
+                    .map_err(Arc::clone),
+            );
+        }
+        r
     }
 
     pub async fn append(

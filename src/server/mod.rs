@@ -156,6 +156,8 @@ impl Server {
             BrokerLimits {
                 max_topics: cfg.server.max_topics as usize,
                 max_partitions: cfg.server.max_partitions as usize,
+                max_producers: cfg.producers.max_producers as usize,
+                producer_idle_expiry_ms: cfg.producers.idle_expiry_ms,
             },
             partition_defaults(cfg),
             cfg.topic_defaults.partitions,
@@ -192,6 +194,7 @@ impl Server {
             unix_path = Some(path);
             accept_tasks.push(executor.spawn(accept_unix(listener, ctx.clone(), executor.clone())));
         }
+        accept_tasks.push(executor.spawn(snapshot_producers_loop(ctx.broker.clone())));
         let threads = (0..threads.max(1))
             .map(|i| {
                 let ex = executor.clone();
@@ -263,12 +266,28 @@ impl Server {
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
+        // Every session is done: the producer table is exact up to each
+        // high watermark, so the next start scans nothing.
+        ctx.broker.snapshot_producers(true);
         let result = ctx.broker.storage().shutdown();
         self.stopped.trigger();
         for t in self.threads {
             let _ = t.join();
         }
         result.map_err(ServeError::from)
+    }
+}
+
+/// How often producer state is snapshotted while serving: bounds the log
+/// scanned at the next start after a crash.
+const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 30_000;
+
+async fn snapshot_producers_loop(broker: Arc<Broker>) {
+    loop {
+        smol::Timer::after(Duration::from_millis(PRODUCER_SNAPSHOT_INTERVAL_MS)).await;
+        let b = broker.clone();
+        // Off the network threads: each snapshot is a write and fsyncs.
+        smol::unblock(move || b.snapshot_producers(false)).await;
     }
 }
 

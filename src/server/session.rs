@@ -306,9 +306,10 @@ where
                 // Submitted here, in frame order; acked in a task.
                 let pending = handler::produce_submit(ctx, req).await;
                 let tx = tx.clone();
+                let ctx2 = ctx.clone();
                 ctx.executor
                     .spawn(async move {
-                        let body = handler::produce_complete(pending).await;
+                        let body = handler::produce_complete(&ctx2, pending).await;
                         let _ = tx.send(answer(body)).await;
                     })
                     .detach();
@@ -344,10 +345,7 @@ async fn dispatch(ctx: &Ctx, body: RequestBody) -> ResponseBody {
         RequestBody::DeleteTopic(r) => handler::delete_topic(ctx, &r.name).await,
         RequestBody::Fetch(r) => handler::fetch(ctx, r).await,
         RequestBody::ListOffsets(r) => handler::list_offsets(ctx, r).await,
-        RequestBody::InitProducer(_) => handler::error_body(
-            ErrorCode::InvalidRequest,
-            "idempotent producers are not enabled on this broker yet",
-        ),
+        RequestBody::InitProducer(r) => handler::init_producer(ctx, r).await,
         RequestBody::Hello(_) | RequestBody::Produce(_) => {
             unreachable!("handled by the reader")
         }
