@@ -131,10 +131,9 @@ pub enum InitError {
 impl std::fmt::Display for InitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::InvalidName => write!(
-                f,
-                "producer names are 1 to {PRODUCER_NAME_BYTES_MAX} bytes"
-            ),
+            Self::InvalidName => {
+                write!(f, "producer names are 1 to {PRODUCER_NAME_BYTES_MAX} bytes")
+            }
             Self::EpochExhausted => f.write_str("the producer name's epoch is exhausted"),
             Self::Meta(e) => write!(f, "producer registry: {e}"),
         }
@@ -248,7 +247,10 @@ pub enum Check {
         records: u32,
     },
     /// The same batch is in flight: answer with its outcome.
-    InFlight { slot: Arc<Slot>, records: u32 },
+    InFlight {
+        slot: Arc<Slot>,
+        records: u32,
+    },
     Reject(SequenceError),
 }
 
@@ -447,9 +449,7 @@ impl Producers {
         let r = self.check_inner(topic, partition, h, hw);
         match &r {
             Check::Reject(SequenceError::Fenced { .. }) => bump(&self.counters.fenced, 1),
-            Check::Reject(SequenceError::OutOfOrder { .. }) => {
-                bump(&self.counters.out_of_order, 1)
-            }
+            Check::Reject(SequenceError::OutOfOrder { .. }) => bump(&self.counters.out_of_order, 1),
             Check::Duplicate { records, .. } => {
                 bump(&self.counters.duplicate_batches, 1);
                 bump(&self.counters.duplicate_records, u64::from(*records));
@@ -635,11 +635,7 @@ impl Producers {
     }
 
     /// Records an accepted batch's outcome and wakes retries waiting on it.
-    pub fn complete(
-        &self,
-        t: Ticket,
-        result: Result<(u64, u64), Arc<StorageError>>,
-    ) {
+    pub fn complete(&self, t: Ticket, result: Result<(u64, u64), Arc<StorageError>>) {
         {
             let mut table = self.table.lock().expect("producer table lock");
             if let Some(e) = table.get_mut(&t.key) {

@@ -68,6 +68,16 @@ pub struct ProduceArgs {
     pub partition: Option<u32>,
     /// Record values; without any, one record per line of stdin.
     pub values: Vec<String>,
+    /// Produce as the named idempotent producer: the same name gets the
+    /// same producer id with a new epoch, which fences an older `skiff
+    /// produce` still running under that name.
+    #[arg(long, value_name = "NAME")]
+    pub idempotent_name: Option<String>,
+    /// Each record (VALUE argument or stdin line) is `ID<TAB>VALUE`; the
+    /// record is sent as VALUE with header H = ID. A topic with a msg-id
+    /// window drops records whose id it has seen (use H = msg-id).
+    #[arg(long, value_name = "H")]
+    pub msg_id_header: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArg,
 }
@@ -125,6 +135,10 @@ pub struct BenchProduceArgs {
     /// At most this many records un-acknowledged per producer.
     #[arg(long, default_value_t = 1000)]
     pub in_flight: u32,
+    /// Idempotent producers (producer id, epoch, sequences checked by the
+    /// broker), as the client library's default.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub idempotent: bool,
     #[command(flatten)]
     pub broker: BrokerArg,
 }

@@ -51,7 +51,23 @@ pub struct ProducerConfig {
     /// [`ClientError::BufferFull`] beyond it, `send_wait` waits.
     pub buffer_bytes: usize,
     pub partitioner: Partitioner,
+    /// Idempotent produce (the default): the producer gets an id and epoch
+    /// from the broker and stamps every batch with a per-partition
+    /// sequence, so a retried batch is written once, across reconnects and
+    /// broker restarts. `max_in_flight` is then capped at
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`].
+    pub idempotent: bool,
+    /// A stable identity (like Kafka's `transactional.id`): the same name
+    /// gets the same producer id with a new epoch, which fences every
+    /// older instance (their batches fail with `fenced_producer`). `None`:
+    /// a fresh anonymous id. Only with `idempotent`.
+    pub producer_name: Option<String>,
 }
+
+/// The deepest per-partition pipeline the broker keeps ordered for an
+/// idempotent producer: its sequence window (`broker::producers::
+/// WINDOW_BATCHES`, checked equal by a test there), as Kafka's 5.
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -64,6 +80,8 @@ impl Default for ProducerConfig {
             retry_backoff_max: Duration::from_secs(1),
             buffer_bytes: 32 * 1024 * 1024,
             partitioner: Partitioner::Default,
+            idempotent: true,
+            producer_name: None,
         }
     }
 }
@@ -108,6 +126,8 @@ struct Inner {
     wake: Event,
     /// Wakes `flush` and `send_wait`: something completed.
     progress: Event,
+    /// The broker's id and epoch for this producer, when idempotent.
+    producer: Option<(u64, u16)>,
 }
 
 /// Sends records in batches. Cheap to share behind an `Arc`; every method
@@ -124,12 +144,27 @@ impl Producer {
     pub async fn new(client: Client, config: ProducerConfig) -> Result<Self, ClientError> {
         let info = client.server_info().await?;
         let batch_bytes_max = info.max_batch_bytes as usize;
+        let (producer, max_in_flight) = if config.idempotent {
+            // One id and epoch for the producer's life: kept across
+            // reconnects, so a retry after a cut connection or a broker
+            // restart is recognised.
+            let r = client
+                .init_producer(config.producer_name.as_deref())
+                .await?;
+            (
+                Some((r.producer_id, r.producer_epoch)),
+                config.max_in_flight.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
+            )
+        } else {
+            (None, config.max_in_flight.max(1))
+        };
         let acc = Accumulator::new(AccumulatorConfig {
             batch_bytes_target: config.batch_bytes.min(batch_bytes_max),
             batch_bytes_max,
             linger: config.linger,
-            max_in_flight: config.max_in_flight.max(1),
+            max_in_flight,
             buffer_bytes_max: config.buffer_bytes,
+            producer,
         });
         let inner = Arc::new(Inner {
             client,
@@ -145,6 +180,7 @@ impl Producer {
             }),
             wake: Event::new(),
             progress: Event::new(),
+            producer,
         });
         let sender = smol::spawn(run(inner.clone()));
         Ok(Self {
@@ -160,6 +196,12 @@ impl Producer {
 
     pub fn client(&self) -> &Client {
         &self.inner.client
+    }
+
+    /// The producer id and epoch the broker gave this producer, when it is
+    /// idempotent.
+    pub fn producer_id(&self) -> Option<(u64, u16)> {
+        self.inner.producer
     }
 
     /// Queues one record for `topic`; the partition comes from the
@@ -529,7 +571,11 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
                 settled.push((b, Ok((partition, base))));
             }
             Err(e)
-                if e.is_retriable()
+                if (e.is_retriable()
+                    // It overtook an earlier batch that is being retried
+                    // or is still in flight: it goes again after it.
+                    || (e.code() == Some(ErrorCode::OutOfOrderSequence)
+                        && st.acc.has_earlier(&b)))
                     && now.duration_since(b.created) < inner.config.delivery_timeout =>
             {
                 let pause = backoff(

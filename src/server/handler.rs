@@ -257,7 +257,11 @@ pub(crate) async fn produce_submit(
             )));
             continue;
         }
-        match ctx.broker.submit_produce(&p.topic, p.partition, batch).await {
+        match ctx
+            .broker
+            .submit_produce(&p.topic, p.partition, batch)
+            .await
+        {
             Ok(Submitted::Queued { ticket, tracked }) => pending.push(PendingProduce::Waiting {
                 topic: p.topic,
                 partition: p.partition,
