@@ -66,6 +66,12 @@ pub const PRODUCER_NAME_BYTES_MAX: usize = 249;
 /// The sequence space wraps to 0 after `i32::MAX`, as Kafka's does.
 const SEQ_SPACE: i64 = i32::MAX as i64 + 1;
 
+/// Whether sequence `a` is ahead of `b` on the wrapping circle.
+fn ahead_of(a: i32, b: i32) -> bool {
+    let d = (i64::from(a) - i64::from(b)).rem_euclid(SEQ_SPACE);
+    d != 0 && d < SEQ_SPACE / 2
+}
+
 fn next_seq(last: i32) -> i32 {
     if last == i32::MAX {
         0
@@ -151,22 +157,25 @@ pub struct WrittenBatch {
     pub last_offset: u64,
 }
 
+/// A written batch's `(base_offset, last_offset)`, or why it failed.
+pub type BatchOutcome = Result<(u64, u64), Arc<StorageError>>;
+
 /// The outcome of an in-flight batch, shared with retries of it that
 /// arrive before it is acknowledged.
 #[derive(Debug, Default)]
 pub struct Slot {
-    result: Mutex<Option<Result<(u64, u64), Arc<StorageError>>>>,
+    result: Mutex<Option<BatchOutcome>>,
     done: event_listener::Event,
 }
 
 impl Slot {
-    fn set(&self, r: Result<(u64, u64), Arc<StorageError>>) {
+    fn set(&self, r: BatchOutcome) {
         *self.result.lock().expect("slot lock") = Some(r);
         self.done.notify(usize::MAX);
     }
 
     /// Waits for the batch's acknowledgement: its offsets, or why it failed.
-    pub async fn wait(&self) -> Result<(u64, u64), Arc<StorageError>> {
+    pub async fn wait(&self) -> BatchOutcome {
         loop {
             let listener = self.done.listen();
             if let Some(r) = self.result.lock().expect("slot lock").clone() {
@@ -194,6 +203,9 @@ struct Entry {
     written: heapless::Vec<WrittenBatch, WINDOW_BATCHES>,
     /// In submit order.
     in_flight: heapless::Vec<InFlight, WINDOW_BATCHES>,
+    /// The sequence the next new batch must start at. Explicit, because
+    /// batches complete out of order: `written` is in completion order.
+    next_seq: i32,
     last_active_ms: i64,
 }
 
@@ -203,16 +215,9 @@ impl Entry {
             epoch,
             written: heapless::Vec::new(),
             in_flight: heapless::Vec::new(),
+            next_seq: 0,
             last_active_ms: now,
         }
-    }
-
-    /// The last sequence written or in flight, if any.
-    fn last_seq(&self) -> Option<i32> {
-        self.in_flight
-            .last()
-            .map(|b| b.last_seq)
-            .or_else(|| self.written.last().map(|b| b.last_seq))
     }
 
     fn remember(&mut self, b: WrittenBatch) {
@@ -321,6 +326,8 @@ pub struct SnapshotEntry {
     pub producer_id: u64,
     pub epoch: u16,
     pub last_active_ms: i64,
+    /// The sequence the next new batch must start at.
+    pub next_seq: i32,
     pub written: Vec<WrittenBatch>,
 }
 
@@ -529,6 +536,7 @@ impl Producers {
             self.make_room(&mut table, now);
             let mut e = Entry::new(epoch, now);
             e.in_flight.push(in_flight).expect("empty");
+            e.next_seq = next_seq(last_seq);
             table.insert(key.clone(), e);
             return Check::Accept(ticket(key));
         };
@@ -548,6 +556,7 @@ impl Producers {
             }
             *entry = Entry::new(epoch, now);
             entry.in_flight.push(in_flight).expect("empty");
+            entry.next_seq = next_seq(last_seq);
             return Check::Accept(ticket(key));
         }
         entry.last_active_ms = now;
@@ -573,7 +582,7 @@ impl Producers {
                 records,
             };
         }
-        let expected = entry.last_seq().map_or(0, next_seq);
+        let expected = entry.next_seq;
         if base_seq != expected {
             // Ahead of the expected sequence (a gap) or behind it (written
             // before the window), told apart on the wrapping circle.
@@ -593,6 +602,7 @@ impl Producers {
         if entry.in_flight.push(in_flight).is_err() {
             return Check::Reject(SequenceError::TooManyInFlight);
         }
+        entry.next_seq = next_seq(last_seq);
         Check::Accept(ticket(key))
     }
 
@@ -635,7 +645,7 @@ impl Producers {
     }
 
     /// Records an accepted batch's outcome and wakes retries waiting on it.
-    pub fn complete(&self, t: Ticket, result: Result<(u64, u64), Arc<StorageError>>) {
+    pub fn complete(&self, t: Ticket, result: BatchOutcome) {
         {
             let mut table = self.table.lock().expect("producer table lock");
             if let Some(e) = table.get_mut(&t.key) {
@@ -650,15 +660,23 @@ impl Producers {
                         }
                         // It and every later in-flight batch leave the
                         // expected sequence: the retry comes next.
-                        (Err(_), Some(i)) => e.in_flight.truncate(i),
-                        (Ok(_), None) => log::warn!(
-                            "{}/{}: producer {} sequence {} was written after an earlier \
+                        (Err(_), Some(i)) => {
+                            e.in_flight.truncate(i);
+                            e.next_seq = t.base_seq;
+                        }
+                        (Ok(_), None) => {
+                            if ahead_of(next_seq(t.last_seq), e.next_seq) {
+                                e.next_seq = next_seq(t.last_seq);
+                            }
+                            log::warn!(
+                                "{}/{}: producer {} sequence {} was written after an earlier \
                              batch of it failed; its retry will follow it",
-                            t.key.topic,
-                            t.key.partition,
-                            t.key.producer_id,
-                            t.base_seq
-                        ),
+                                t.key.topic,
+                                t.key.partition,
+                                t.key.producer_id,
+                                t.base_seq
+                            );
+                        }
                         (Err(_), None) => {}
                     }
                     if let Ok((base_offset, last_offset)) = &result {
@@ -678,6 +696,7 @@ impl Producers {
                 let now = now_ms();
                 self.make_room(&mut table, now);
                 let mut e = Entry::new(t.epoch, now);
+                e.next_seq = next_seq(t.last_seq);
                 e.remember(WrittenBatch {
                     base_seq: t.base_seq,
                     last_seq: t.last_seq,
@@ -733,11 +752,13 @@ impl Producers {
                 }
                 e.last_active_ms = e.last_active_ms.max(active);
                 e.remember(written);
+                e.next_seq = next_seq(written.last_seq);
             }
             None => {
                 self.make_room(&mut table, now);
                 let mut e = Entry::new(h.producer_epoch, active);
                 e.remember(written);
+                e.next_seq = next_seq(written.last_seq);
                 table.insert(key, e);
             }
         }
@@ -781,6 +802,7 @@ impl Producers {
             };
             self.make_room(&mut table, now);
             let mut e = Entry::new(s.epoch, s.last_active_ms);
+            e.next_seq = s.next_seq;
             for w in s.written.into_iter().rev().take(WINDOW_BATCHES).rev() {
                 e.remember(w);
             }
@@ -810,6 +832,9 @@ impl Producers {
                     producer_id: k.producer_id,
                     epoch: e.epoch,
                     last_active_ms: e.last_active_ms,
+                    // In-flight batches are not covered (see covers_to):
+                    // the scan re-applies them if they were written.
+                    next_seq: e.in_flight.first().map_or(e.next_seq, |f| f.base_seq),
                     written: e.written.iter().copied().collect(),
                 });
             }

@@ -98,6 +98,10 @@ pub(crate) struct ReadyBatch {
     pub attempts: u32,
     pub retry_at: Option<Instant>,
     pub reserved: usize,
+    /// Set when it was last sent while a batch of the same partition closed
+    /// before it was still unanswered: it may reach the broker first, so an
+    /// `out_of_order_sequence` answer is worth a retry.
+    pub sent_behind: bool,
 }
 
 #[derive(Default)]
@@ -303,6 +307,7 @@ impl Accumulator {
             attempts: 0,
             retry_at: None,
             reserved: open.reserved,
+            sent_behind: false,
         });
         if let Some(s) = self.sticky.get_mut(&tp.topic) {
             if s.current == Some(tp.partition) {
@@ -335,7 +340,8 @@ impl Accumulator {
             while q.in_flight.len() < self.config.max_in_flight {
                 match q.ready.front() {
                     Some(b) if b.retry_at.is_none_or(|t| t <= now) => {
-                        let b = q.ready.pop_front().expect("front exists");
+                        let mut b = q.ready.pop_front().expect("front exists");
+                        b.sent_behind = q.in_flight.iter().any(|&s| s < b.seq);
                         q.in_flight.push(b.seq);
                         out.push(b);
                     }

@@ -575,7 +575,7 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
                     // It overtook an earlier batch that is being retried
                     // or is still in flight: it goes again after it.
                     || (e.code() == Some(ErrorCode::OutOfOrderSequence)
-                        && st.acc.has_earlier(&b)))
+                        && (b.sent_behind || st.acc.has_earlier(&b))))
                     && now.duration_since(b.created) < inner.config.delivery_timeout =>
             {
                 let pause = backoff(
@@ -656,6 +656,7 @@ mod tests {
             attempts: 0,
             retry_at: None,
             reserved: len,
+            sent_behind: false,
         }
     }
 
