@@ -555,3 +555,73 @@ fn cli_msg_id_header_sends_the_id_as_a_header() {
     assert!(stderr(&out).contains("TAB"), "{}", stderr(&out));
     b.stop_checked();
 }
+
+fn with_msg_id(values: &[(&str, &str)]) -> ProducePartition {
+    let mut b = BatchBuilder::new();
+    for (id, v) in values {
+        b.push(
+            skiff::batch::now_ms(),
+            None,
+            v.as_bytes(),
+            &[("msg-id", id.as_bytes())],
+        );
+    }
+    ProducePartition {
+        topic: "idem-window".into(),
+        partition: 0,
+        batch: b.finish(ProducerStamp::NONE).into(),
+    }
+}
+
+fn values_of(addr: &str, topic: &str) -> Vec<String> {
+    consume_all(addr, topic)
+        .into_iter()
+        .map(|r| String::from_utf8(r.value).expect("utf-8"))
+        .collect()
+}
+
+#[test]
+fn msg_id_window_drops_duplicates_and_forgets_after_the_window() {
+    let b = Broker::start("");
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    let config = c
+        .create_topic(CreateTopicRequest {
+            name: "idem-window".into(),
+            partitions: Some(1),
+            msg_id_window_ms: Some(1000),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+    assert_eq!(config.msg_id_window_ms, Some(1000));
+    let r = send(&c, with_msg_id(&[("e1", "a"), ("e2", "b"), ("e1", "c")]));
+    assert_written(&r, 0, 1, 1);
+    // All duplicates: nothing written, the last offset named.
+    let r = send(&c, with_msg_id(&[("e2", "d")]));
+    assert_written(&r, 1, 1, 1);
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = send(&c, with_msg_id(&[("e1", "e")]));
+    assert_written(&r, 2, 2, 0);
+    assert_eq!(values_of(&b.tcp, "idem-window"), vec!["a", "b", "e"]);
+
+    // A count-bounded window through the CLI (idempotent producer).
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "idem-count",
+        "--partitions",
+        "1",
+        "--msg-id-window-records",
+        "2",
+    ]));
+    let produce = |lines: &str| {
+        b.cli_stdin(
+            &["produce", "idem-count", "--msg-id-header", "msg-id"],
+            Some(lines.as_bytes()),
+        )
+    };
+    assert_ok(&produce("e1\ta\ne2\tb\ne1\tdup\n"));
+    assert_ok(&produce("e3\tc\ne1\td\n"));
+    // e1 was pushed out by e2 and e3 before "d" came.
+    assert_eq!(values_of(&b.tcp, "idem-count"), vec!["a", "b", "c", "d"]);
+    b.stop_checked();
+}

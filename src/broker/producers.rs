@@ -561,22 +561,16 @@ impl Producers {
         }
         entry.last_active_ms = now;
         let records = h.record_count;
-        if let Some(w) = entry
-            .written
-            .iter()
-            .find(|w| w.base_seq == base_seq && w.last_seq == last_seq)
-        {
+        if let Some(w) = entry.written.iter().find(|w| w.last_seq == last_seq) {
+            // Matched by the last sequence: a batch re-encoded by the
+            // message-id window is logged with a later base sequence.
             return Check::Duplicate {
                 base_offset: w.base_offset,
                 last_offset: w.last_offset,
                 records,
             };
         }
-        if let Some(f) = entry
-            .in_flight
-            .iter()
-            .find(|f| f.base_seq == base_seq && f.last_seq == last_seq)
-        {
+        if let Some(f) = entry.in_flight.iter().find(|f| f.last_seq == last_seq) {
             return Check::InFlight {
                 slot: f.slot.clone(),
                 records,
@@ -870,5 +864,143 @@ impl Producers {
             fenced: g(&c.fenced),
             out_of_order: g(&c.out_of_order),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{parse_header, BatchBuilder, ProducerStamp};
+
+    fn table(max: usize) -> (tempfile::TempDir, Producers) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Producers::open(
+            dir.path(),
+            ProducersConfig {
+                max_producers: max,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("open");
+        (dir, p)
+    }
+
+    fn header(id: u64, epoch: u16, seq: i32, records: u32) -> BatchHeader {
+        let mut b = BatchBuilder::new();
+        for _ in 0..records {
+            b.push(1, None, b"v", &[]);
+        }
+        let bytes = b.finish(ProducerStamp {
+            producer_id: id,
+            producer_epoch: epoch,
+            base_sequence: seq,
+        });
+        parse_header(&bytes).expect("header")
+    }
+
+    fn accept(p: &Producers, h: &BatchHeader) -> Ticket {
+        match p.check("t", 0, h, 0) {
+            Check::Accept(t) => t,
+            other => panic!("expected accept, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn window_matches_the_client_constant() {
+        assert_eq!(WINDOW_BATCHES, crate::client::IDEMPOTENT_IN_FLIGHT_MAX);
+    }
+
+    #[test]
+    fn sequences_wrap_after_i32_max() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let t = accept(&p, &header(id, 0, i32::MAX - 1, 2));
+        p.complete(t, Ok((0, 1)));
+        let t = accept(&p, &header(id, 0, 0, 1));
+        p.complete(t, Ok((2, 2)));
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, i32::MAX - 1, 2), 0),
+            Check::Duplicate { base_offset: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_batch_rolls_back_the_expected_sequence() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let a = accept(&p, &header(id, 0, 0, 2));
+        let b = accept(&p, &header(id, 0, 2, 2));
+        // A retry of `b` while it is in flight waits for it.
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 2, 2), 0),
+            Check::InFlight { .. }
+        ));
+        p.complete(a, Err(Arc::new(StorageError::ShuttingDown)));
+        // `a` and everything after it left the expected sequence.
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 4, 1), 0),
+            Check::Reject(SequenceError::OutOfOrder { expected: 0, .. })
+        ));
+        p.complete(b, Err(Arc::new(StorageError::ShuttingDown)));
+        let a = accept(&p, &header(id, 0, 0, 2));
+        p.complete(a, Ok((0, 1)));
+        let b = accept(&p, &header(id, 0, 2, 2));
+        p.complete(b, Ok((2, 3)));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_a_bad_one_is_ignored() {
+        let (d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let t = accept(&p, &header(id, 0, 0, 3));
+        p.complete(t, Ok((0, 2)));
+        p.snapshot("t", 0, 3).expect("snapshot");
+        let q = Producers::open(
+            d.path(),
+            ProducersConfig {
+                max_producers: 8,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("reopen");
+        assert_eq!(q.load_snapshot("t", 0, 0, 3), 3);
+        assert!(matches!(
+            q.check("t", 0, &header(id, 0, 0, 3), 3),
+            Check::Duplicate {
+                base_offset: 0,
+                last_offset: 2,
+                ..
+            }
+        ));
+        // Beyond the log's end: ignored, scan from the start.
+        assert_eq!(q.load_snapshot("t", 0, 0, 2), 0);
+        std::fs::write(q.snapshot_path("t", 0), b"garbage").expect("write");
+        assert_eq!(q.load_snapshot("t", 0, 0, 3), 0);
+    }
+
+    #[test]
+    fn ids_are_not_reused_across_reopen_and_names_persist() {
+        let (d, p) = table(8);
+        let a = smol::block_on(p.init(None)).expect("init").0;
+        let n = smol::block_on(p.init(Some("gw"))).expect("init");
+        drop(p);
+        let q = Producers::open(
+            d.path(),
+            ProducersConfig {
+                max_producers: 8,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("reopen");
+        let b = smol::block_on(q.init(None)).expect("init").0;
+        assert!(b > a && b > n.0);
+        assert_eq!(smol::block_on(q.init(Some("gw"))).expect("init"), (n.0, 1));
+        assert!(matches!(
+            q.check("t", 0, &header(n.0, 0, 0, 1), 0),
+            Check::Reject(SequenceError::Fenced {
+                epoch: 0,
+                current: 1
+            })
+        ));
     }
 }

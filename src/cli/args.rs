@@ -35,6 +35,14 @@ pub enum TopicsCommand {
         /// overwrite | reject: what a full ring does.
         #[arg(long)]
         overflow: Option<String>,
+        /// Drop records whose `msg-id` header was seen on the topic within
+        /// this many ms (0: off).
+        #[arg(long)]
+        msg_id_window_ms: Option<u64>,
+        /// Drop records whose `msg-id` header is among the topic's last N
+        /// ids (0: off; at most 100000).
+        #[arg(long)]
+        msg_id_window_records: Option<u32>,
         #[command(flatten)]
         broker: BrokerArg,
     },

@@ -33,6 +33,12 @@ fn print_config(c: &TopicConfig) {
     println!("retention_ms: {}", c.retention_ms.unwrap_or(0));
     println!("fsync: {}", c.fsync);
     println!("overflow: {}", c.overflow);
+    if let Some(ms) = c.msg_id_window_ms {
+        println!("msg_id_window_ms: {ms}");
+    }
+    if let Some(n) = c.msg_id_window_records {
+        println!("msg_id_window_records: {n}");
+    }
 }
 
 pub fn topics(command: TopicsCommand) -> ExitCode {
@@ -56,6 +62,8 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                 retention_ms,
                 fsync,
                 overflow,
+                msg_id_window_ms,
+                msg_id_window_records,
                 ..
             } => {
                 let config = client
@@ -67,6 +75,8 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         retention_ms,
                         fsync,
                         overflow,
+                        msg_id_window_ms,
+                        msg_id_window_records,
                     })
                     .await?;
                 print_config(&config);

@@ -24,6 +24,8 @@ fn topic_config() -> TopicConfig {
         retention_ms: None,
         fsync: "always".into(),
         overflow: "overwrite".into(),
+        msg_id_window_ms: None,
+        msg_id_window_records: None,
     }
 }
 

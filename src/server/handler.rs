@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use minicbor::bytes::ByteVec;
 
 use crate::broker::producers::{InitError, SequenceError, Slot};
-use crate::broker::{BrokerError, Submitted, TopicMeta, TopicSpec};
+use crate::broker::{BrokerError, PendingWrite, Submitted, TopicMeta, TopicSpec};
 use crate::protocol::{
     CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse, ErrorCode,
     ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
@@ -71,8 +71,11 @@ fn broker_error_body(e: &BrokerError) -> ResponseBody {
     error_body(broker_error_code(e), e.to_string())
 }
 
-fn topic_config(name: &str, meta: &TopicMeta) -> TopicConfig {
+fn topic_config(ctx: &Ctx, name: &str, meta: &TopicMeta) -> TopicConfig {
+    let window = ctx.broker.msg_id_config(name);
     TopicConfig {
+        msg_id_window_ms: (window.window_ms > 0).then_some(window.window_ms),
+        msg_id_window_records: (window.window_records > 0).then_some(window.window_records),
         name: name.to_owned(),
         partitions: meta.partitions,
         segment_bytes: meta.config.segment_bytes,
@@ -153,10 +156,12 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
         retention_ms: req.retention_ms,
         durability,
         overflow,
+        msg_id_window_ms: req.msg_id_window_ms,
+        msg_id_window_records: req.msg_id_window_records,
     };
     match ctx.broker.create_topic(&req.name, &spec).await {
         Ok(meta) => ResponseBody::CreateTopic(CreateTopicResponse {
-            config: topic_config(&req.name, &meta),
+            config: topic_config(ctx, &req.name, &meta),
         }),
         Err(e) => broker_error_body(&e),
     }
@@ -165,7 +170,7 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
 pub(crate) fn describe_topic(ctx: &Ctx, name: &str) -> ResponseBody {
     match ctx.broker.topic(name) {
         Ok(meta) => ResponseBody::DescribeTopic(DescribeTopicResponse {
-            config: topic_config(name, &meta),
+            config: topic_config(ctx, name, &meta),
             partitions: partition_metadata(ctx, name, &meta),
         }),
         Err(e) => broker_error_body(&e),
@@ -191,7 +196,7 @@ pub(crate) enum PendingProduce {
         topic: String,
         partition: u32,
         ticket: AppendTicket,
-        tracked: Option<crate::broker::producers::Ticket>,
+        write: PendingWrite,
     },
     /// A retry of an idempotent batch still in flight: answered with that
     /// batch's outcome, as a duplicate.
@@ -262,11 +267,14 @@ pub(crate) async fn produce_submit(
             .submit_produce(&p.topic, p.partition, batch)
             .await
         {
-            Ok(Submitted::Queued { ticket, tracked }) => pending.push(PendingProduce::Waiting {
+            Ok(Submitted::Queued {
+                ticket,
+                pending: write,
+            }) => pending.push(PendingProduce::Waiting {
                 topic: p.topic,
                 partition: p.partition,
                 ticket,
-                tracked,
+                write,
             }),
             Ok(Submitted::Duplicate {
                 base_offset,
@@ -307,14 +315,15 @@ pub(crate) async fn produce_complete(ctx: &Ctx, pending: Vec<PendingProduce>) ->
                 topic,
                 partition,
                 ticket,
-                tracked,
+                write,
             } => {
+                let dropped = write.dropped;
                 let r = ctx
                     .broker
-                    .complete_produce(ticket, tracked)
+                    .complete_produce(ticket, write)
                     .await
                     .map_err(|e| (storage_error_code(&e), e.to_string()));
-                produce_result(topic, partition, r, 0)
+                produce_result(topic, partition, r, dropped)
             }
             PendingProduce::SameAs {
                 topic,
