@@ -206,6 +206,7 @@ pub struct Broker {
     msgid_path: PathBuf,
     /// Topics with a message-id window.
     windows: std::sync::Mutex<BTreeMap<String, msgid::Window>>,
+    msg_id_duplicates: std::sync::atomic::AtomicU64,
 }
 
 impl Broker {
@@ -252,6 +253,7 @@ impl Broker {
                     .map(|(t, c)| (t, msgid::Window::new(c)))
                     .collect(),
             ),
+            msg_id_duplicates: std::sync::atomic::AtomicU64::new(0),
         };
         smol::block_on(async {
             broker.reconcile().await?;
@@ -356,8 +358,14 @@ impl Broker {
         &self.producers
     }
 
+    /// Dedup and producer-table counters (for the metrics endpoint).
     pub fn producer_stats(&self) -> producers::ProducerStats {
-        self.producers.stats()
+        producers::ProducerStats {
+            msg_id_duplicates: self
+                .msg_id_duplicates
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ..self.producers.stats()
+        }
     }
 
     /// See [`producers::Producers::init`].
@@ -728,6 +736,8 @@ impl Broker {
         }
         let kept = keep.iter().filter(|&&k| k).count() as u32;
         let dropped = header.record_count - kept;
+        self.msg_id_duplicates
+            .fetch_add(u64::from(dropped), std::sync::atomic::Ordering::Relaxed);
         if dropped == 0 {
             return Ok(Windowed::Keep {
                 batch,

@@ -282,6 +282,8 @@ pub struct ProducerStats {
     pub duplicate_records: u64,
     pub fenced: u64,
     pub out_of_order: u64,
+    /// Records dropped by message-id windows (filled in by the broker).
+    pub msg_id_duplicates: u64,
 }
 
 #[derive(Debug, Default)]
@@ -863,6 +865,7 @@ impl Producers {
             duplicate_records: g(&c.duplicate_records),
             fenced: g(&c.fenced),
             out_of_order: g(&c.out_of_order),
+            msg_id_duplicates: 0,
         }
     }
 }
