@@ -1007,3 +1007,17 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod size {
+    #[test]
+    fn an_entry_fits_the_memory_budget_estimate() {
+        // Key, entry, one control byte, at worst twice (bucket rounding).
+        let bytes =
+            (std::mem::size_of::<super::Key>() + std::mem::size_of::<super::Entry>() + 1) * 2;
+        assert!(
+            bytes as u64 <= crate::config::PRODUCER_ENTRY_BYTES,
+            "{bytes} B per producer entry"
+        );
+    }
+}
