@@ -207,6 +207,8 @@ pub struct Broker {
     /// Topics with a message-id window.
     windows: std::sync::Mutex<BTreeMap<String, msgid::Window>>,
     msg_id_duplicates: std::sync::atomic::AtomicU64,
+    /// One snapshot writer at a time (the periodic task and the stop).
+    snapshot_lock: std::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -254,6 +256,7 @@ impl Broker {
                     .collect(),
             ),
             msg_id_duplicates: std::sync::atomic::AtomicU64::new(0),
+            snapshot_lock: std::sync::Mutex::new(()),
         };
         smol::block_on(async {
             broker.reconcile().await?;
@@ -313,6 +316,7 @@ impl Broker {
     /// snapshot (the periodic task), so start-up scans only the log after
     /// it.
     pub fn snapshot_producers(&self, all: bool) {
+        let _one_writer = self.snapshot_lock.lock().expect("snapshot lock");
         let dirty = self.producers.take_dirty();
         let parts: Vec<(String, u32)> = if all {
             self.topics()
@@ -386,6 +390,7 @@ impl Broker {
             if !wanted {
                 log::warn!("deleting partition {id}: its topic was being deleted at the last stop");
                 self.storage.delete_partition(id).await?;
+                self.producers.forget_partition(&id.topic, id.partition);
             }
         }
         for (topic, meta) in &table {
@@ -496,6 +501,11 @@ impl Broker {
             });
         }
         table.insert(name.to_owned(), meta.clone());
+        // A topic of this name deleted during a crash may have left
+        // producer snapshots behind: they must not describe the new one.
+        for p in 0..partitions {
+            self.producers.forget_partition(name, p);
+        }
         // Intent first (see the module docs), then the rings.
         meta::write_atomic(&self.meta_path, &table)
             .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
