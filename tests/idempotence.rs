@@ -325,6 +325,15 @@ impl StopChecked for Broker {
     }
 }
 
+/// The broker log's last "producer state rebuilt" line.
+fn last_rebuild(b: &Broker) -> String {
+    b.log()
+        .lines()
+        .rfind(|l| l.contains("producer state rebuilt"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn raw_batch(values: &[&str], id: u64, epoch: u16, seq: i32) -> ProducePartition {
     let mut b = BatchBuilder::new();
     for v in values {
@@ -395,6 +404,11 @@ fn sequences_duplicates_gaps_and_stale_epochs_get_the_documented_answers() {
     // The window survives a clean restart (snapshot) and kill -9 (scan).
     b.stop();
     b.restart();
+    assert!(
+        last_rebuild(&b).contains("2 entries, 0 batch header(s) scanned"),
+        "a clean stop's snapshot leaves nothing to scan: {}",
+        last_rebuild(&b)
+    );
     let c = blocking::Client::connect(&b.tcp).expect("connect");
     assert_written(&send(&c, raw_batch(&["i"], id, 0, 8)), 8, 8, 1);
     assert_written(&send(&c, raw_batch(&["j"], id, 0, 9)), 10, 10, 0);
@@ -406,6 +420,11 @@ fn sequences_duplicates_gaps_and_stale_epochs_get_the_documented_answers() {
     );
     b.kill9();
     b.restart();
+    assert!(
+        last_rebuild(&b).contains("1 batch header(s) scanned"),
+        "only the batch after the snapshot is scanned: {}",
+        last_rebuild(&b)
+    );
     let c = blocking::Client::connect(&b.tcp).expect("connect");
     assert_written(&send(&c, raw_batch(&["j"], id, 0, 9)), 10, 10, 1);
     let r = send(&c, raw_batch(&["l"], id, 0, 11));
