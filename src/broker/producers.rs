@@ -982,6 +982,40 @@ mod tests {
     }
 
     #[test]
+    fn idle_entries_expire_and_a_full_table_evicts_the_least_recent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Producers::open(
+            dir.path(),
+            ProducersConfig {
+                max_producers: 2,
+                idle_expiry_ms: 50,
+            },
+        )
+        .expect("open");
+        let ids: Vec<u64> = (0..3)
+            .map(|_| smol::block_on(p.init(None)).expect("init").0)
+            .collect();
+        for (i, &id) in ids.iter().take(2).enumerate() {
+            let t = accept(&p, &header(id, 0, 0, 1));
+            p.complete(t, Ok((i as u64, i as u64)));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t = accept(&p, &header(ids[2], 0, 0, 1));
+        p.complete(t, Ok((2, 2)));
+        assert_eq!(p.stats().evictions, 1);
+        assert_eq!(p.stats().entries, 2);
+        // ids[0] was the least recently active: forgotten, so its next
+        // sequence is accepted as an unknown producer's.
+        let t = accept(&p, &header(ids[0], 0, 7, 1));
+        p.complete(t, Ok((3, 3)));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        // Idle past the expiry: dropped when next looked at.
+        let t = accept(&p, &header(ids[0], 0, 42, 1));
+        p.complete(t, Ok((4, 4)));
+        assert!(p.stats().expirations >= 1, "{:?}", p.stats());
+    }
+
+    #[test]
     fn ids_are_not_reused_across_reopen_and_names_persist() {
         let (d, p) = table(8);
         let a = smol::block_on(p.init(None)).expect("init").0;
