@@ -38,8 +38,10 @@ pub struct ProducerConfig {
     /// A batch is sent once it reaches this size (capped by the server's
     /// `max_batch_bytes`).
     pub batch_bytes: usize,
-    /// Batches of one partition sent and not yet answered. 1 keeps strict
-    /// order even across retries (see the ordering note in the accumulator).
+    /// Batches of one partition sent and not yet answered. Idempotent
+    /// producers keep order with up to [`IDEMPOTENT_IN_FLIGHT_MAX`] (the
+    /// cap); without idempotence only 1 keeps strict order across retries
+    /// (see the ordering note in the accumulator).
     pub max_in_flight: usize,
     /// How long a record may wait for its acknowledgement, retries
     /// included, before it fails with [`ClientError::Timeout`].
