@@ -66,6 +66,11 @@ pub enum TopicsCommand {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Records are sent by an idempotent producer: through a lost connection or a \
+broker restart it retries (for up to 2 minutes) and the broker writes every record exactly \
+once. Exits 0 only when every record is acknowledged."
+)]
 pub struct ProduceArgs {
     pub topic: String,
     /// Record key (routes the record to a partition by hash).
