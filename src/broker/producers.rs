@@ -14,6 +14,10 @@
 //! One table for the whole broker, keyed by (topic, partition, producer id),
 //! allocated once with `producers.max_producers` entries and never grown:
 //! when it is full the least recently active entry is evicted (counted).
+//! (A `HashMap` allocated with its full capacity rather than a heapless
+//! map: heapless capacities are compile-time constants, this one comes
+//! from config. The per-entry windows are heapless.) Finding the least
+//! recently active entry is a scan, done only when the table is full.
 //! Each entry keeps the producer's epoch, the last [`WINDOW_BATCHES`]
 //! written batches (sequence range and offsets) and the batches submitted
 //! but not yet acknowledged. A batch is checked at submit time, in the
