@@ -10,6 +10,13 @@
 //!   no entry are deleted at the next start.
 //!
 //! So a crash never leaves a half-made topic visible to clients.
+//!
+//! Idempotent producers (ids, epochs, sequence windows) live in
+//! [`producers`]; the broker checks every idempotent batch there before it
+//! reaches storage and rebuilds the table at start-up.
+
+pub mod msgid;
+pub mod producers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::BatchHeader;
 use crate::storage::{
     meta, AppendAck, AppendTicket, Offsets, PartitionConfig, PartitionId, Storage, StorageError,
 };
@@ -25,6 +33,10 @@ use crate::storage::{
 /// Longest topic name, as Kafka's (so mirrored names fit upstream).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 const TOPICS_META_FILE: &str = "topics.meta";
+/// Per-topic message-id windows. A file of its own: topics.meta is postcard,
+/// which is not self-describing, so a field added to `TopicMeta` would make
+/// old files unreadable.
+const MSGID_META_FILE: &str = "msgid.meta";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicMeta {
@@ -37,6 +49,56 @@ pub struct BrokerLimits {
     pub max_topics: usize,
     /// Across all topics.
     pub max_partitions: usize,
+    /// Capacity of the producer sequence table (entries are per producer
+    /// and partition).
+    pub max_producers: usize,
+    /// A producer entry idle this long is forgotten.
+    pub producer_idle_expiry_ms: u64,
+}
+
+/// What a queued batch leaves to do once it is acknowledged or failed.
+#[derive(Debug, Default)]
+pub struct PendingWrite {
+    tracked: Option<producers::Ticket>,
+    /// Message ids remembered for this batch: forgotten if it fails.
+    remembered: Option<(String, Vec<u64>)>,
+    /// Records dropped by the message-id window before writing.
+    pub dropped: u32,
+}
+
+/// Bytes read per step when the producer table is rebuilt from the log.
+const RECOVERY_READ_BYTES: usize = 1024 * 1024;
+
+enum Windowed {
+    /// Write this batch; the ids remembered for it and the records dropped.
+    Keep {
+        batch: Vec<u8>,
+        remembered: (Vec<u64>, u32),
+    },
+    /// Every record was a duplicate: write nothing.
+    AllDuplicates,
+}
+
+/// Where an idempotent or plain batch stands after [`Broker::submit_produce`].
+#[derive(Debug)]
+pub enum Submitted {
+    /// In storage's queue; `pending` goes back to
+    /// [`Broker::complete_produce`] with the outcome.
+    Queued {
+        ticket: AppendTicket,
+        pending: PendingWrite,
+    },
+    /// A retry of a batch already written: nothing was written again.
+    Duplicate {
+        base_offset: u64,
+        last_offset: u64,
+        records: u32,
+    },
+    /// A retry of a batch still in flight: its outcome is the answer.
+    InFlight {
+        slot: Arc<producers::Slot>,
+        records: u32,
+    },
 }
 
 /// What a client asks for when creating a topic; unset fields take the
@@ -49,6 +111,10 @@ pub struct TopicSpec {
     pub retention_ms: Option<u64>,
     pub durability: Option<crate::storage::Durability>,
     pub overflow: Option<crate::storage::OverflowPolicy>,
+    /// Message-id dedup window by time; 0 or None = off.
+    pub msg_id_window_ms: Option<u64>,
+    /// Message-id dedup window by count; 0 or None = off.
+    pub msg_id_window_records: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -69,6 +135,8 @@ pub enum BrokerError {
         max: usize,
     },
     InvalidConfig(&'static str),
+    /// An idempotent producer's batch was refused (fenced, out of order...).
+    Sequence(producers::SequenceError),
     Storage(StorageError),
 }
 
@@ -87,6 +155,7 @@ impl std::fmt::Display for BrokerError {
             Self::TooManyTopics { max } => write!(f, "topic limit reached ({max})"),
             Self::TooManyPartitions { max } => write!(f, "partition limit reached ({max})"),
             Self::InvalidConfig(what) => write!(f, "invalid topic config: {what}"),
+            Self::Sequence(e) => write!(f, "{e}"),
             Self::Storage(e) => write!(f, "{e}"),
         }
     }
@@ -130,6 +199,16 @@ pub struct Broker {
     limits: BrokerLimits,
     defaults: PartitionConfig,
     default_partitions: u32,
+    producers: producers::Producers,
+    /// Held from an idempotent or windowed batch's checks to its submit, so
+    /// the order of checks is the order in the log.
+    submit_order: smol::lock::Mutex<()>,
+    msgid_path: PathBuf,
+    /// Topics with a message-id window.
+    windows: std::sync::Mutex<BTreeMap<String, msgid::Window>>,
+    msg_id_duplicates: std::sync::atomic::AtomicU64,
+    /// One snapshot writer at a time (the periodic task and the stop).
+    snapshot_lock: std::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -143,9 +222,21 @@ impl Broker {
         default_partitions: u32,
     ) -> Result<Arc<Broker>, BrokerError> {
         let meta_path = data_dir.join(TOPICS_META_FILE);
+        let msgid_path = data_dir.join(MSGID_META_FILE);
+        let msgid: BTreeMap<String, msgid::MsgIdConfig> = meta::read(&msgid_path)
+            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?
+            .unwrap_or_default();
         let topics: BTreeMap<String, TopicMeta> = meta::read(&meta_path)
             .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?
             .unwrap_or_default();
+        let producers = producers::Producers::open(
+            &data_dir,
+            producers::ProducersConfig {
+                max_producers: limits.max_producers,
+                idle_expiry_ms: limits.producer_idle_expiry_ms,
+            },
+        )
+        .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
         let broker = Broker {
             storage,
             topics: RwLock::new(topics),
@@ -154,9 +245,139 @@ impl Broker {
             limits,
             defaults,
             default_partitions,
+            producers,
+            submit_order: smol::lock::Mutex::new(()),
+            msgid_path,
+            windows: std::sync::Mutex::new(
+                msgid
+                    .into_iter()
+                    .filter(|(_, c)| c.enabled())
+                    .map(|(t, c)| (t, msgid::Window::new(c)))
+                    .collect(),
+            ),
+            msg_id_duplicates: std::sync::atomic::AtomicU64::new(0),
+            snapshot_lock: std::sync::Mutex::new(()),
         };
-        smol::block_on(broker.reconcile())?;
+        smol::block_on(async {
+            broker.reconcile().await?;
+            broker.recover_producers().await
+        })?;
         Ok(Arc::new(broker))
+    }
+
+    /// Rebuilds the producer table: each partition's snapshot, then the
+    /// batch headers after it up to the high watermark.
+    async fn recover_producers(&self) -> Result<(), BrokerError> {
+        let started = std::time::Instant::now();
+        let mut scanned = 0u64;
+        for (topic, meta) in self.topics() {
+            for p in 0..meta.partitions {
+                let id = PartitionId {
+                    topic: topic.clone(),
+                    partition: p,
+                };
+                let o = self.storage.offsets(&id)?;
+                let mut at = self
+                    .producers
+                    .load_snapshot(&topic, p, o.earliest, o.high_watermark);
+                while at < o.high_watermark {
+                    let bytes = match self.storage.read(&id, at, RECOVERY_READ_BYTES).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            // A quarantined partition, say: its producers
+                            // start unknown, which accepts their batches.
+                            log::warn!("{id}: producer state not rebuilt past {at}: {e}");
+                            break;
+                        }
+                    };
+                    let before = at;
+                    for view in crate::batch::BatchIter::new(&bytes) {
+                        let Ok(view) = view else { break };
+                        self.producers.recover_batch(&topic, p, &view.header);
+                        scanned += 1;
+                        at = at.max(view.header.next_offset());
+                    }
+                    if at == before {
+                        break;
+                    }
+                }
+            }
+        }
+        log::info!(
+            "producer state rebuilt: {} entries, {scanned} batch header(s) scanned in {:?}",
+            self.producers.stats().entries,
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Snapshots the producer state of every partition (`all`, at clean
+    /// shutdown) or of those written by idempotent producers since the last
+    /// snapshot (the periodic task), so start-up scans only the log after
+    /// it.
+    pub fn snapshot_producers(&self, all: bool) {
+        let _one_writer = self.snapshot_lock.lock().expect("snapshot lock");
+        let dirty = self.producers.take_dirty();
+        let parts: Vec<(String, u32)> = if all {
+            self.topics()
+                .into_iter()
+                .flat_map(|(t, m)| (0..m.partitions).map(move |p| (t.clone(), p)))
+                .collect()
+        } else {
+            dirty
+        };
+        for (topic, p) in parts {
+            let Ok(o) = self.offsets(&topic, p) else {
+                continue;
+            };
+            if let Err(e) = self.producers.snapshot(&topic, p, o.high_watermark) {
+                log::warn!("{topic}/{p}: cannot write the producer snapshot: {e}");
+            }
+        }
+    }
+
+    /// The topic's message-id window settings (off when not set).
+    pub fn msg_id_config(&self, topic: &str) -> msgid::MsgIdConfig {
+        self.windows
+            .lock()
+            .expect("windows lock")
+            .get(topic)
+            .map(msgid::Window::config)
+            .unwrap_or_default()
+    }
+
+    fn write_msgid_meta(&self) -> Result<(), BrokerError> {
+        let table: BTreeMap<String, msgid::MsgIdConfig> = self
+            .windows
+            .lock()
+            .expect("windows lock")
+            .iter()
+            .map(|(t, w)| (t.clone(), w.config()))
+            .collect();
+        meta::write_atomic(&self.msgid_path, &table)
+            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))
+    }
+
+    pub fn producers(&self) -> &producers::Producers {
+        &self.producers
+    }
+
+    /// Dedup and producer-table counters (for the metrics endpoint).
+    pub fn producer_stats(&self) -> producers::ProducerStats {
+        producers::ProducerStats {
+            msg_id_duplicates: self
+                .msg_id_duplicates
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ..self.producers.stats()
+        }
+    }
+
+    /// See [`producers::Producers::init`].
+    pub async fn init_producer(
+        &self,
+        name: Option<&str>,
+    ) -> Result<(u64, u16), producers::InitError> {
+        self.producers.init(name).await
     }
 
     async fn reconcile(&self) -> Result<(), BrokerError> {
@@ -169,6 +390,7 @@ impl Broker {
             if !wanted {
                 log::warn!("deleting partition {id}: its topic was being deleted at the last stop");
                 self.storage.delete_partition(id).await?;
+                self.producers.forget_partition(&id.topic, id.partition);
             }
         }
         for (topic, meta) in &table {
@@ -248,6 +470,15 @@ impl Broker {
             config.overflow = v;
         }
         config.validate()?;
+        let window = msgid::MsgIdConfig {
+            window_ms: spec.msg_id_window_ms.unwrap_or(0),
+            window_records: spec.msg_id_window_records.unwrap_or(0),
+        };
+        if window.window_records > msgid::WINDOW_RECORDS_MAX {
+            return Err(BrokerError::InvalidConfig(
+                "msg_id_window_records must be at most 100000",
+            ));
+        }
         let partitions = spec.partitions.unwrap_or(self.default_partitions);
         if partitions == 0 {
             return Err(BrokerError::InvalidConfig("partitions must be at least 1"));
@@ -270,6 +501,11 @@ impl Broker {
             });
         }
         table.insert(name.to_owned(), meta.clone());
+        // A topic of this name deleted during a crash may have left
+        // producer snapshots behind: they must not describe the new one.
+        for p in 0..partitions {
+            self.producers.forget_partition(name, p);
+        }
         // Intent first (see the module docs), then the rings.
         meta::write_atomic(&self.meta_path, &table)
             .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
@@ -286,6 +522,21 @@ impl Broker {
             }
         }
         *self.topics.write().expect("topic table lock") = table;
+        let stale = self
+            .windows
+            .lock()
+            .expect("windows lock")
+            .remove(name)
+            .is_some();
+        if window.enabled() {
+            self.windows
+                .lock()
+                .expect("windows lock")
+                .insert(name.to_owned(), msgid::Window::new(window));
+        }
+        if window.enabled() || stale {
+            self.write_msgid_meta()?;
+        }
         log::info!(
             "created topic {name}: {partitions} partition(s), {:?}",
             meta.config
@@ -329,6 +580,16 @@ impl Broker {
                 partition: p,
             };
             self.storage.delete_partition(&id).await?;
+            self.producers.forget_partition(name, p);
+        }
+        let had_window = self
+            .windows
+            .lock()
+            .expect("windows lock")
+            .remove(name)
+            .is_some();
+        if had_window {
+            self.write_msgid_meta()?;
         }
         log::info!("deleted topic {name}");
         Ok(())
@@ -344,6 +605,218 @@ impl Broker {
     ) -> Result<AppendTicket, BrokerError> {
         let id = self.partition_id(topic, partition)?;
         Ok(self.storage.submit(&id, batch).await?)
+    }
+
+    /// Submits a producer batch, checking an idempotent producer's
+    /// sequence first (see [`producers`]): a retry of a written batch is
+    /// answered from the table and not written again. On a topic with a
+    /// message-id window, records whose id is in the window are dropped
+    /// (see [`msgid`]).
+    pub async fn submit_produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Vec<u8>,
+    ) -> Result<Submitted, BrokerError> {
+        let id = self.partition_id(topic, partition)?;
+        let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
+        let header: BatchHeader = crate::batch::parse_header(&batch).map_err(invalid)?;
+        let windowed = self
+            .windows
+            .lock()
+            .expect("windows lock")
+            .contains_key(topic);
+        if !header.is_idempotent() && !windowed {
+            let ticket = self.storage.submit(&id, batch).await?;
+            return Ok(Submitted::Queued {
+                ticket,
+                pending: PendingWrite::default(),
+            });
+        }
+        // A whole check (CRC included) before the batch takes a sequence:
+        // storage can then fail it only for reasons that are sticky or
+        // shared by the batches after it (see producers' module docs).
+        crate::batch::verify(&batch).map_err(invalid)?;
+        if batch.len() != header.total_len as usize {
+            return Err(invalid(crate::batch::BatchError::Malformed(
+                "trailing bytes after batch",
+            )));
+        }
+        let _order = self.submit_order.lock().await;
+        let hw = self.storage.offsets(&id)?.high_watermark;
+        let tracked = match self.producers.check(topic, partition, &header, hw) {
+            producers::Check::Untracked => None,
+            producers::Check::Accept(tracked) => Some(tracked),
+            producers::Check::Duplicate {
+                base_offset,
+                last_offset,
+                records,
+            } => {
+                return Ok(Submitted::Duplicate {
+                    base_offset,
+                    last_offset,
+                    records,
+                })
+            }
+            producers::Check::InFlight { slot, records } => {
+                return Ok(Submitted::InFlight { slot, records })
+            }
+            producers::Check::Reject(e) => return Err(BrokerError::Sequence(e)),
+        };
+        let mut pending = PendingWrite {
+            tracked,
+            ..PendingWrite::default()
+        };
+        let batch = if windowed {
+            match self.apply_window(topic, &header, batch)? {
+                Windowed::Keep { batch, remembered } => {
+                    pending.remembered = Some((topic.to_owned(), remembered.0));
+                    pending.dropped = remembered.1;
+                    batch
+                }
+                Windowed::AllDuplicates => {
+                    // Nothing to write. The answer names the last offset
+                    // written (none: 0); see docs/semantics.md.
+                    let at = hw.saturating_sub(1);
+                    if let Some(t) = pending.tracked.take() {
+                        self.producers.complete(t, Ok((at, at)));
+                    }
+                    return Ok(Submitted::Duplicate {
+                        base_offset: at,
+                        last_offset: at,
+                        records: header.record_count,
+                    });
+                }
+            }
+        } else {
+            batch
+        };
+        match self.storage.submit(&id, batch).await {
+            Ok(ticket) => Ok(Submitted::Queued { ticket, pending }),
+            Err(e) => {
+                // Nobody waits on this slot (the order lock is held),
+                // so a description of the error is enough for it.
+                let copy = Arc::new(StorageError::Io(std::io::Error::other(e.to_string())));
+                self.fail_pending(pending, copy);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Drops the records whose message id is in the topic's window and
+    /// remembers the others' ids. A batch that loses records is re-encoded
+    /// (the one place the broker re-encodes a batch): for an idempotent
+    /// producer its base sequence is moved up so that its last sequence,
+    /// which the next batch follows, is unchanged.
+    fn apply_window(
+        &self,
+        topic: &str,
+        header: &BatchHeader,
+        batch: Vec<u8>,
+    ) -> Result<Windowed, BrokerError> {
+        let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
+        let view = crate::batch::BatchView::new(&batch).map_err(invalid)?;
+        let records = view.records().map_err(invalid)?;
+        let now = crate::batch::now_ms();
+        let mut remembered = Vec::new();
+        let mut keep = Vec::with_capacity(records.len());
+        {
+            let mut windows = self.windows.lock().expect("windows lock");
+            let Some(w) = windows.get_mut(topic) else {
+                return Ok(Windowed::Keep {
+                    batch,
+                    remembered: (Vec::new(), 0),
+                });
+            };
+            for r in &records {
+                let id = r
+                    .headers
+                    .iter()
+                    .find(|h| h.name == msgid::MSG_ID_HEADER)
+                    .map(|h| msgid::id_hash(h.value));
+                match id {
+                    Some(h) if w.check_and_insert(h, now) => keep.push(false),
+                    Some(h) => {
+                        remembered.push(h);
+                        keep.push(true);
+                    }
+                    None => keep.push(true),
+                }
+            }
+        }
+        let kept = keep.iter().filter(|&&k| k).count() as u32;
+        let dropped = header.record_count - kept;
+        self.msg_id_duplicates
+            .fetch_add(u64::from(dropped), std::sync::atomic::Ordering::Relaxed);
+        if dropped == 0 {
+            return Ok(Windowed::Keep {
+                batch,
+                remembered: (remembered, 0),
+            });
+        }
+        if kept == 0 {
+            return Ok(Windowed::AllDuplicates);
+        }
+        let mut b = crate::batch::BatchBuilder::new();
+        for (r, _) in records.iter().zip(&keep).filter(|(_, &k)| k) {
+            let headers: Vec<(&str, &[u8])> = r
+                .headers
+                .iter()
+                .map(|h| (h.name, h.value.as_ref()))
+                .collect();
+            b.push(
+                header.first_timestamp + r.timestamp_delta,
+                r.key.map(|k| k.as_ref()),
+                r.value,
+                &headers,
+            );
+        }
+        let stamp = if header.is_idempotent() {
+            let last = i64::from(header.last_sequence());
+            crate::batch::ProducerStamp {
+                producer_id: header.producer_id,
+                producer_epoch: header.producer_epoch,
+                base_sequence: (last - i64::from(kept) + 1).rem_euclid(i64::from(i32::MAX) + 1)
+                    as i32,
+            }
+        } else {
+            crate::batch::ProducerStamp::NONE
+        };
+        Ok(Windowed::Keep {
+            batch: b.finish(stamp),
+            remembered: (remembered, dropped),
+        })
+    }
+
+    fn fail_pending(&self, pending: PendingWrite, e: Arc<StorageError>) {
+        if let Some(t) = pending.tracked {
+            self.producers.complete(t, Err(e));
+        }
+        if let Some((topic, ids)) = pending.remembered {
+            if let Some(w) = self.windows.lock().expect("windows lock").get_mut(&topic) {
+                w.forget(&ids);
+            }
+        }
+    }
+
+    /// Awaits a queued batch's acknowledgement and records it for its
+    /// producer (or, on failure, forgets its message ids).
+    pub async fn complete_produce(
+        &self,
+        ticket: AppendTicket,
+        pending: PendingWrite,
+    ) -> Result<AppendAck, Arc<StorageError>> {
+        let r = ticket.await.map_err(Arc::new);
+        match &r {
+            Ok(a) => {
+                if let Some(t) = pending.tracked {
+                    self.producers
+                        .complete(t, Ok((a.base_offset, a.last_offset)));
+                }
+            }
+            Err(e) => self.fail_pending(pending, e.clone()),
+        }
+        r
     }
 
     pub async fn append(

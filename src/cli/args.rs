@@ -35,6 +35,14 @@ pub enum TopicsCommand {
         /// overwrite | reject: what a full ring does.
         #[arg(long)]
         overflow: Option<String>,
+        /// Drop records whose `msg-id` header was seen on the topic within
+        /// this many ms (0: off).
+        #[arg(long)]
+        msg_id_window_ms: Option<u64>,
+        /// Drop records whose `msg-id` header is among the topic's last N
+        /// ids (0: off; at most 100000).
+        #[arg(long)]
+        msg_id_window_records: Option<u32>,
         #[command(flatten)]
         broker: BrokerArg,
     },
@@ -58,6 +66,11 @@ pub enum TopicsCommand {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Records are sent by an idempotent producer: through a lost connection or a \
+broker restart it retries (for up to 2 minutes) and the broker writes every record exactly \
+once. Exits 0 only when every record is acknowledged."
+)]
 pub struct ProduceArgs {
     pub topic: String,
     /// Record key (routes the record to a partition by hash).
@@ -68,6 +81,16 @@ pub struct ProduceArgs {
     pub partition: Option<u32>,
     /// Record values; without any, one record per line of stdin.
     pub values: Vec<String>,
+    /// Produce as the named idempotent producer: the same name gets the
+    /// same producer id with a new epoch, which fences an older `skiff
+    /// produce` still running under that name.
+    #[arg(long, value_name = "NAME")]
+    pub idempotent_name: Option<String>,
+    /// Each record (VALUE argument or stdin line) is `ID<TAB>VALUE`; the
+    /// record is sent as VALUE with header H = ID. A topic with a msg-id
+    /// window drops records whose id it has seen (use H = msg-id).
+    #[arg(long, value_name = "H")]
+    pub msg_id_header: Option<String>,
     #[command(flatten)]
     pub broker: BrokerArg,
 }
@@ -125,6 +148,10 @@ pub struct BenchProduceArgs {
     /// At most this many records un-acknowledged per producer.
     #[arg(long, default_value_t = 1000)]
     pub in_flight: u32,
+    /// Idempotent producers (producer id, epoch, sequences checked by the
+    /// broker), as the client library's default.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub idempotent: bool,
     #[command(flatten)]
     pub broker: BrokerArg,
 }

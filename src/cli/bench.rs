@@ -68,6 +68,7 @@ async fn produce_one(
     messages: u64,
     size: usize,
     in_flight: usize,
+    idempotent: bool,
     done: Arc<AtomicU64>,
 ) -> Result<Histogram<u64>, ClientError> {
     let producer = Producer::connect(
@@ -77,6 +78,7 @@ async fn produce_one(
             // batch fills while the previous one is being made durable.
             linger: Duration::ZERO,
             batch_bytes: 256 * 1024,
+            idempotent,
             ..ProducerConfig::default()
         },
     )
@@ -139,6 +141,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     n,
                     a.size,
                     a.in_flight as usize,
+                    a.idempotent,
                     done.clone(),
                 ))
             })
@@ -172,6 +175,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         "size_bytes": a.size,
         "producers": a.producers,
         "in_flight": a.in_flight,
+        "idempotent": a.idempotent,
         "fsync": a.fsync,
         "elapsed_s": secs,
         "msgs_per_s": a.messages as f64 / secs,

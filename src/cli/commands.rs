@@ -33,6 +33,12 @@ fn print_config(c: &TopicConfig) {
     println!("retention_ms: {}", c.retention_ms.unwrap_or(0));
     println!("fsync: {}", c.fsync);
     println!("overflow: {}", c.overflow);
+    if let Some(ms) = c.msg_id_window_ms {
+        println!("msg_id_window_ms: {ms}");
+    }
+    if let Some(n) = c.msg_id_window_records {
+        println!("msg_id_window_records: {n}");
+    }
 }
 
 pub fn topics(command: TopicsCommand) -> ExitCode {
@@ -56,6 +62,8 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                 retention_ms,
                 fsync,
                 overflow,
+                msg_id_window_ms,
+                msg_id_window_records,
                 ..
             } => {
                 let config = client
@@ -67,6 +75,8 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         retention_ms,
                         fsync,
                         overflow,
+                        msg_id_window_ms,
+                        msg_id_window_records,
                     })
                     .await?;
                 print_config(&config);
@@ -113,15 +123,34 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         Err(code) => return code,
     };
     let result = smol::block_on(async {
-        let producer = Producer::new(client, ProducerConfig::default()).await?;
+        // Idempotent (the default), so retries through a cut connection or
+        // a broker restart write every record exactly once; the delivery
+        // timeout (2 minutes) bounds how long it keeps trying.
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                producer_name: args.idempotent_name.clone(),
+                ..ProducerConfig::default()
+            },
+        )
+        .await?;
         let key = args.key.as_deref().map(str::as_bytes);
         let mut pending: VecDeque<Delivery> = VecDeque::new();
         let mut sent = 0u64;
-        let mut send = |value: &[u8]| -> Result<Delivery, ClientError> {
+        let header = args.msg_id_header.as_deref();
+        let mut send = |input: &[u8]| -> Result<Delivery, ProduceFail> {
             sent += 1;
+            let (value, id): (&[u8], Option<&[u8]>) = match header {
+                None => (input, None),
+                Some(_) => match input.iter().position(|&b| b == b'\t') {
+                    Some(i) => (&input[i + 1..], Some(&input[..i])),
+                    None => return Err(ProduceFail::NoMsgId(sent)),
+                },
+            };
+            let headers: Vec<(&str, &[u8])> = header.zip(id).into_iter().collect();
             Ok(match args.partition {
-                Some(p) => producer.send_to(&args.topic, p, key, value, &[]),
-                None => producer.send(&args.topic, key, value, &[]),
+                Some(p) => producer.send_to(&args.topic, p, key, value, &headers),
+                None => producer.send(&args.topic, key, value, &headers),
             })
         };
         async fn settle(pending: &mut VecDeque<Delivery>, keep: usize) -> Result<(), ClientError> {
@@ -159,11 +188,30 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         }
         producer.flush().await;
         settle(&mut pending, 0).await?;
-        Ok::<u64, ClientError>(sent)
+        Ok::<u64, ProduceFail>(sent)
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(exit_code_for(&e), format!("produce to {}: {e}", args.topic)),
+        Err(ProduceFail::Client(e)) => {
+            fail(exit_code_for(&e), format!("produce to {}: {e}", args.topic))
+        }
+        Err(ProduceFail::NoMsgId(n)) => fail(
+            EXIT_USAGE,
+            format!("record {n} has no TAB between its message id and value (--msg-id-header)"),
+        ),
+    }
+}
+
+/// Why `skiff produce` stopped.
+enum ProduceFail {
+    Client(ClientError),
+    /// Record number n (1-based) has no `ID<TAB>` prefix.
+    NoMsgId(u64),
+}
+
+impl From<ClientError> for ProduceFail {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
     }
 }
 

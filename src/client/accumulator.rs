@@ -6,10 +6,13 @@
 //!
 //! Ordering: batches of a partition leave in the order they were closed,
 //! and a retried batch goes back in front of every later batch of its
-//! partition, which waits behind it. With more than one batch in flight a
-//! retry can still reorder against a later batch that was already written;
-//! idempotent producers (next protocol step) close that gap, until then
-//! `max_in_flight = 1` gives strict order.
+//! partition, which waits behind it. An idempotent producer stamps each
+//! batch with its producer id, epoch and the partition's next sequence when
+//! the batch closes; a retry resends the same bytes, so the broker writes it
+//! once and keeps the batches in sequence order (a later batch that reaches
+//! it first is refused with `out_of_order_sequence` and retried). Without
+//! idempotence, more than one batch in flight lets a retry reorder against
+//! a later batch that was already written; `max_in_flight = 1` avoids it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -38,6 +41,9 @@ pub(crate) struct AccumulatorConfig {
     pub max_in_flight: usize,
     /// Bytes of records appended and not yet answered, over all partitions.
     pub buffer_bytes_max: usize,
+    /// Producer id and epoch for idempotent batches; `None` sends plain
+    /// batches.
+    pub producer: Option<(u64, u16)>,
 }
 
 /// An upper bound on the encoded size of one record in a batch body:
@@ -92,6 +98,10 @@ pub(crate) struct ReadyBatch {
     pub attempts: u32,
     pub retry_at: Option<Instant>,
     pub reserved: usize,
+    /// Set when it was last sent while a batch of the same partition closed
+    /// before it was still unanswered: it may reach the broker first, so an
+    /// `out_of_order_sequence` answer is worth a retry.
+    pub sent_behind: bool,
 }
 
 #[derive(Default)]
@@ -99,7 +109,8 @@ struct PartitionQueue {
     open: Option<OpenBatch>,
     /// Sorted by `seq`.
     ready: VecDeque<ReadyBatch>,
-    in_flight: usize,
+    /// The `seq`s of the batches sent and not yet answered.
+    in_flight: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -116,6 +127,9 @@ pub(crate) struct Accumulator {
     sticky: HashMap<Arc<str>, Sticky>,
     buffered_bytes: usize,
     next_seq: u64,
+    /// The next producer sequence per partition (idempotent producers).
+    /// Kept when a partition's queue empties.
+    sequences: HashMap<TopicPartition, i32>,
 }
 
 impl Accumulator {
@@ -126,6 +140,7 @@ impl Accumulator {
             sticky: HashMap::new(),
             buffered_bytes: 0,
             next_seq: 0,
+            sequences: HashMap::new(),
         }
     }
 
@@ -139,7 +154,7 @@ impl Accumulator {
             && self
                 .queues
                 .values()
-                .all(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight == 0)
+                .all(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight.is_empty())
     }
 
     /// Picks the partition for a record of `topic` with `partitions`
@@ -266,16 +281,33 @@ impl Accumulator {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
+        let records = open.builder.len();
+        let stamp = match self.config.producer {
+            None => ProducerStamp::NONE,
+            Some((producer_id, producer_epoch)) => {
+                let next = self.sequences.entry(tp.clone()).or_insert(0);
+                let base_sequence = *next;
+                // Wraps to 0 after i32::MAX, as the broker expects.
+                *next = ((i64::from(base_sequence) + i64::from(records))
+                    % (i64::from(i32::MAX) + 1)) as i32;
+                ProducerStamp {
+                    producer_id,
+                    producer_epoch,
+                    base_sequence,
+                }
+            }
+        };
         q.ready.push_back(ReadyBatch {
             tp: tp.clone(),
             seq,
-            records: open.builder.len(),
-            bytes: open.builder.finish(ProducerStamp::NONE),
+            records,
+            bytes: open.builder.finish(stamp),
             settler: open.settler,
             created: open.created,
             attempts: 0,
             retry_at: None,
             reserved: open.reserved,
+            sent_behind: false,
         });
         if let Some(s) = self.sticky.get_mut(&tp.topic) {
             if s.current == Some(tp.partition) {
@@ -305,11 +337,13 @@ impl Accumulator {
         }
         let mut out = Vec::new();
         for q in self.queues.values_mut() {
-            while q.in_flight < self.config.max_in_flight {
+            while q.in_flight.len() < self.config.max_in_flight {
                 match q.ready.front() {
                     Some(b) if b.retry_at.is_none_or(|t| t <= now) => {
-                        out.push(q.ready.pop_front().expect("front exists"));
-                        q.in_flight += 1;
+                        let mut b = q.ready.pop_front().expect("front exists");
+                        b.sent_behind = q.in_flight.iter().any(|&s| s < b.seq);
+                        q.in_flight.push(b.seq);
+                        out.push(b);
                     }
                     _ => break,
                 }
@@ -325,7 +359,7 @@ impl Accumulator {
             .values()
             .flat_map(|q| {
                 let linger = q.open.as_ref().map(|o| o.created + self.config.linger);
-                let retry = (q.in_flight < self.config.max_in_flight)
+                let retry = (q.in_flight.len() < self.config.max_in_flight)
                     .then(|| q.ready.front().and_then(|b| b.retry_at))
                     .flatten();
                 linger.into_iter().chain(retry)
@@ -338,11 +372,21 @@ impl Accumulator {
     pub fn complete(&mut self, batch: &ReadyBatch) {
         self.buffered_bytes -= batch.reserved;
         if let Some(q) = self.queues.get_mut(&batch.tp) {
-            q.in_flight -= 1;
-            if q.open.is_none() && q.ready.is_empty() && q.in_flight == 0 {
+            q.in_flight.retain(|&s| s != batch.seq);
+            if q.open.is_none() && q.ready.is_empty() && q.in_flight.is_empty() {
                 self.queues.remove(&batch.tp);
             }
         }
+    }
+
+    /// Whether a batch of the same partition closed before this one is
+    /// still unanswered (queued for a retry or in flight): then an
+    /// `out_of_order_sequence` for this one only means it overtook it.
+    pub fn has_earlier(&self, batch: &ReadyBatch) -> bool {
+        self.queues.get(&batch.tp).is_some_and(|q| {
+            q.in_flight.iter().any(|&s| s < batch.seq)
+                || q.ready.front().is_some_and(|b| b.seq < batch.seq)
+        })
     }
 
     /// A sent batch failed with a retriable error: it goes back in front of
@@ -351,7 +395,7 @@ impl Accumulator {
         batch.attempts += 1;
         batch.retry_at = Some(retry_at);
         let q = self.queues.entry(batch.tp.clone()).or_default();
-        q.in_flight -= 1;
+        q.in_flight.retain(|&s| s != batch.seq);
         let at = q.ready.partition_point(|b| b.seq < batch.seq);
         q.ready.insert(at, batch);
     }
@@ -380,7 +424,7 @@ impl Accumulator {
             self.buffered_bytes -= b.reserved;
         }
         self.queues
-            .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight > 0);
+            .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || !q.in_flight.is_empty());
         out
     }
 }
@@ -406,6 +450,7 @@ mod tests {
             linger: 5 * MS,
             max_in_flight: 2,
             buffer_bytes_max: 64 * 1024,
+            producer: None,
         }
     }
 

@@ -34,4 +34,4 @@ pub use consumer::{
 };
 pub use error::ClientError;
 pub use partitioner::Partitioner;
-pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata};
+pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata, IDEMPOTENT_IN_FLIGHT_MAX};

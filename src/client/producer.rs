@@ -38,8 +38,10 @@ pub struct ProducerConfig {
     /// A batch is sent once it reaches this size (capped by the server's
     /// `max_batch_bytes`).
     pub batch_bytes: usize,
-    /// Batches of one partition sent and not yet answered. 1 keeps strict
-    /// order even across retries (see the ordering note in the accumulator).
+    /// Batches of one partition sent and not yet answered. Idempotent
+    /// producers keep order with up to [`IDEMPOTENT_IN_FLIGHT_MAX`] (the
+    /// cap); without idempotence only 1 keeps strict order across retries
+    /// (see the ordering note in the accumulator).
     pub max_in_flight: usize,
     /// How long a record may wait for its acknowledgement, retries
     /// included, before it fails with [`ClientError::Timeout`].
@@ -51,7 +53,23 @@ pub struct ProducerConfig {
     /// [`ClientError::BufferFull`] beyond it, `send_wait` waits.
     pub buffer_bytes: usize,
     pub partitioner: Partitioner,
+    /// Idempotent produce (the default): the producer gets an id and epoch
+    /// from the broker and stamps every batch with a per-partition
+    /// sequence, so a retried batch is written once, across reconnects and
+    /// broker restarts. `max_in_flight` is then capped at
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`].
+    pub idempotent: bool,
+    /// A stable identity (like Kafka's `transactional.id`): the same name
+    /// gets the same producer id with a new epoch, which fences every
+    /// older instance (their batches fail with `fenced_producer`). `None`:
+    /// a fresh anonymous id. Only with `idempotent`.
+    pub producer_name: Option<String>,
 }
+
+/// The deepest per-partition pipeline the broker keeps ordered for an
+/// idempotent producer: its sequence window (`broker::producers::
+/// WINDOW_BATCHES`, checked equal by a test there), as Kafka's 5.
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -64,6 +82,8 @@ impl Default for ProducerConfig {
             retry_backoff_max: Duration::from_secs(1),
             buffer_bytes: 32 * 1024 * 1024,
             partitioner: Partitioner::Default,
+            idempotent: true,
+            producer_name: None,
         }
     }
 }
@@ -108,6 +128,8 @@ struct Inner {
     wake: Event,
     /// Wakes `flush` and `send_wait`: something completed.
     progress: Event,
+    /// The broker's id and epoch for this producer, when idempotent.
+    producer: Option<(u64, u16)>,
 }
 
 /// Sends records in batches. Cheap to share behind an `Arc`; every method
@@ -124,12 +146,27 @@ impl Producer {
     pub async fn new(client: Client, config: ProducerConfig) -> Result<Self, ClientError> {
         let info = client.server_info().await?;
         let batch_bytes_max = info.max_batch_bytes as usize;
+        let (producer, max_in_flight) = if config.idempotent {
+            // One id and epoch for the producer's life: kept across
+            // reconnects, so a retry after a cut connection or a broker
+            // restart is recognised.
+            let r = client
+                .init_producer(config.producer_name.as_deref())
+                .await?;
+            (
+                Some((r.producer_id, r.producer_epoch)),
+                config.max_in_flight.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
+            )
+        } else {
+            (None, config.max_in_flight.max(1))
+        };
         let acc = Accumulator::new(AccumulatorConfig {
             batch_bytes_target: config.batch_bytes.min(batch_bytes_max),
             batch_bytes_max,
             linger: config.linger,
-            max_in_flight: config.max_in_flight.max(1),
+            max_in_flight,
             buffer_bytes_max: config.buffer_bytes,
+            producer,
         });
         let inner = Arc::new(Inner {
             client,
@@ -145,6 +182,7 @@ impl Producer {
             }),
             wake: Event::new(),
             progress: Event::new(),
+            producer,
         });
         let sender = smol::spawn(run(inner.clone()));
         Ok(Self {
@@ -160,6 +198,12 @@ impl Producer {
 
     pub fn client(&self) -> &Client {
         &self.inner.client
+    }
+
+    /// The producer id and epoch the broker gave this producer, when it is
+    /// idempotent.
+    pub fn producer_id(&self) -> Option<(u64, u16)> {
+        self.inner.producer
     }
 
     /// Queues one record for `topic`; the partition comes from the
@@ -529,7 +573,11 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
                 settled.push((b, Ok((partition, base))));
             }
             Err(e)
-                if e.is_retriable()
+                if (e.is_retriable()
+                    // It overtook an earlier batch that is being retried
+                    // or is still in flight: it goes again after it.
+                    || (e.code() == Some(ErrorCode::OutOfOrderSequence)
+                        && (b.sent_behind || st.acc.has_earlier(&b))))
                     && now.duration_since(b.created) < inner.config.delivery_timeout =>
             {
                 let pause = backoff(
@@ -582,8 +630,15 @@ fn outcome(batch: &ReadyBatch, r: &ProducePartitionResult) -> Result<(u64, u64),
         )
     })?;
     // Offsets are dense within a batch: a range of another size would hand
-    // records wrong offsets.
-    if last.checked_sub(base) != Some(u64::from(batch.records) - 1) {
+    // records wrong offsets. The exception: a topic's message-id window
+    // dropped `duplicate_records` of them (then the records after a dropped
+    // one get offsets that are not theirs; docs/semantics.md).
+    let written = last.checked_sub(base).map(|d| d + 1);
+    let records = u64::from(batch.records);
+    let dup = u64::from(r.duplicate_records);
+    let dense = written == Some(records);
+    let windowed = dup > 0 && (dup == records || written.map(|w| w + dup) == Some(records));
+    if !dense && !windowed {
         return Err(ClientError::UnexpectedResponse {
             expected: "offsets for every record of the batch",
             got: "an offset range of another size",
@@ -610,6 +665,7 @@ mod tests {
             attempts: 0,
             retry_at: None,
             reserved: len,
+            sent_behind: false,
         }
     }
 

@@ -19,9 +19,12 @@ pub const APPEND_JOB_BYTES: u64 = 128;
 /// Per connection besides its frame buffers: the smol task and its future,
 /// the socket, session state (pending correlation ids, credit counters).
 pub const CONNECTION_STATE_BYTES: u64 = 16 * 1024;
-/// One producer table entry: producer id, epoch, last-seen time and the
-/// sequence/offset window of the last 5 batches (Kafka's in-flight limit).
-pub const PRODUCER_ENTRY_BYTES: u64 = 128;
+/// One producer table entry: its key (topic, partition, producer id), epoch,
+/// next sequence, last-seen time, the sequence/offset window of the last 5
+/// written batches and up to 5 in flight (Kafka's in-flight limit): about
+/// 300 bytes, doubled because the hash table has power-of-two buckets at
+/// most 7/8 full. `broker::producers` tests that it holds.
+pub const PRODUCER_ENTRY_BYTES: u64 = 640;
 /// The sparse offset index keeps one entry per this many segment bytes.
 pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
 /// One sparse index entry: relative offset and file position.

@@ -21,7 +21,7 @@ mod error;
 mod profiles;
 mod schema;
 
-pub use budget::{human, BudgetLine, MemoryBudget};
+pub use budget::{human, BudgetLine, MemoryBudget, PRODUCER_ENTRY_BYTES};
 pub use error::{ConfigError, ConfigErrorKind};
 pub use profiles::{profile_names, profile_text, PROFILES};
 pub use schema::{

@@ -21,7 +21,9 @@
 //! | `storage_write_duration_seconds`, `storage_fsync_duration_seconds` | histogram | |
 //! | `storage_device_bytes`, `storage_payload_bytes` | counter | |
 //! | `group_lag_records` | gauge | group, topic, partition |
-//! | `dedup_hits` | counter | |
+//! | `dedup_hits` (retried batches not written again), `msg_id_duplicates` | counter | |
+//! | `producer_table_entries`, `producer_evictions`, `producer_expirations` | gauge, counter | |
+//! | `fenced_batches`, `out_of_order_batches` | counter | |
 //! | `mirror_backlog_records`, `mirror_bytes_at_risk` | gauge | topic |
 //! | `mirror_dropped_records` | counter | topic |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
@@ -122,6 +124,18 @@ fn storage_histogram() -> Histogram {
     ))
 }
 
+/// Cumulative producer-table counters, as the broker keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerCounters {
+    pub entries: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+    pub duplicate_batches: u64,
+    pub msg_id_duplicates: u64,
+    pub fenced: u64,
+    pub out_of_order: u64,
+}
+
 /// Every metric skiff exports. Cheap to record into from any thread.
 pub struct Metrics {
     registry: Registry,
@@ -136,6 +150,14 @@ pub struct Metrics {
     storage_payload_bytes: Counter,
     group_lag: Family<LagLabels, Gauge>,
     dedup_hits: Counter,
+    producer_table_entries: Gauge,
+    producer_evictions: Counter,
+    producer_expirations: Counter,
+    msg_id_duplicates: Counter,
+    fenced_batches: Counter,
+    out_of_order_batches: Counter,
+    /// The last producer snapshot folded into the counters above.
+    producers_seen: std::sync::Mutex<ProducerCounters>,
     mirror_backlog_records: Family<TopicLabels, Gauge>,
     mirror_bytes_at_risk: Family<TopicLabels, Gauge>,
     mirror_dropped_records: Family<TopicLabels, Counter>,
@@ -199,6 +221,13 @@ impl Metrics {
             storage_payload_bytes: Counter::default(),
             group_lag: Family::default(),
             dedup_hits: Counter::default(),
+            producer_table_entries: Gauge::default(),
+            producer_evictions: Counter::default(),
+            producer_expirations: Counter::default(),
+            msg_id_duplicates: Counter::default(),
+            fenced_batches: Counter::default(),
+            out_of_order_batches: Counter::default(),
+            producers_seen: std::sync::Mutex::new(ProducerCounters::default()),
             mirror_backlog_records: Family::default(),
             mirror_bytes_at_risk: Family::default(),
             mirror_dropped_records: Family::default(),
@@ -270,6 +299,36 @@ impl Metrics {
             "dedup_hits",
             "Produce batches recognised as retries and not written again",
             m.dedup_hits.clone(),
+        );
+        m.registry.register(
+            "producer_table_entries",
+            "Entries in the idempotent producers' fixed-capacity sequence table",
+            m.producer_table_entries.clone(),
+        );
+        m.registry.register(
+            "producer_evictions",
+            "Producer entries evicted (least recently active) because the table was full",
+            m.producer_evictions.clone(),
+        );
+        m.registry.register(
+            "producer_expirations",
+            "Producer entries dropped after producers.idle_expiry_ms without a batch",
+            m.producer_expirations.clone(),
+        );
+        m.registry.register(
+            "msg_id_duplicates",
+            "Records dropped by a topic's message-id dedup window",
+            m.msg_id_duplicates.clone(),
+        );
+        m.registry.register(
+            "fenced_batches",
+            "Produce batches refused because a newer epoch of their producer exists",
+            m.fenced_batches.clone(),
+        );
+        m.registry.register(
+            "out_of_order_batches",
+            "Produce batches refused for a sequence gap",
+            m.out_of_order_batches.clone(),
         );
         m.registry.register(
             "mirror_backlog_records",
@@ -380,6 +439,30 @@ impl Metrics {
         self.dedup_hits.inc();
     }
 
+    /// Folds a snapshot of the broker's cumulative producer counters into
+    /// the exported ones (counters move by the difference since the last
+    /// snapshot, so calling it from a periodic task is enough).
+    pub fn observe_producers(&self, now: ProducerCounters) {
+        let Ok(mut seen) = self.producers_seen.lock() else {
+            return;
+        };
+        let d = |new: u64, old: u64| new.saturating_sub(old);
+        self.dedup_hits
+            .inc_by(d(now.duplicate_batches, seen.duplicate_batches));
+        self.producer_evictions
+            .inc_by(d(now.evictions, seen.evictions));
+        self.producer_expirations
+            .inc_by(d(now.expirations, seen.expirations));
+        self.msg_id_duplicates
+            .inc_by(d(now.msg_id_duplicates, seen.msg_id_duplicates));
+        self.fenced_batches.inc_by(d(now.fenced, seen.fenced));
+        self.out_of_order_batches
+            .inc_by(d(now.out_of_order, seen.out_of_order));
+        self.producer_table_entries
+            .set(i64::try_from(now.entries).unwrap_or(i64::MAX));
+        *seen = now;
+    }
+
     pub fn set_mirror_backlog(&self, topic: &str, records: i64, bytes_at_risk: i64) {
         let labels = TopicLabels {
             topic: Arc::from(topic),
@@ -461,5 +544,38 @@ impl crate::storage::IoObserver for Metrics {
             // submission, so this is the durable-write latency acks wait on.
             self.observe_fsync(elapsed);
         }
+    }
+}
+
+#[cfg(test)]
+mod producer_counter_tests {
+    use super::*;
+
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{text}"))
+    }
+
+    #[test]
+    fn producer_snapshots_move_counters_by_their_difference() {
+        let m = Metrics::new();
+        let mut c = ProducerCounters {
+            entries: 3,
+            evictions: 2,
+            duplicate_batches: 5,
+            ..ProducerCounters::default()
+        };
+        m.observe_producers(c);
+        m.observe_producers(c); // the same snapshot again adds nothing
+        c.evictions = 7;
+        c.entries = 1;
+        m.observe_producers(c);
+        let text = m.encode();
+        assert_eq!(value(&text, "skiff_producer_evictions_total"), 7.0);
+        assert_eq!(value(&text, "skiff_dedup_hits_total"), 5.0);
+        assert_eq!(value(&text, "skiff_producer_table_entries"), 1.0);
     }
 }

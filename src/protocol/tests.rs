@@ -24,6 +24,8 @@ fn topic_config() -> TopicConfig {
         retention_ms: None,
         fsync: "always".into(),
         overflow: "overwrite".into(),
+        msg_id_window_ms: None,
+        msg_id_window_records: None,
     }
 }
 
@@ -766,4 +768,32 @@ fn docs_error_table_matches_the_codes() {
         };
         assert_eq!(retriable, want, "{name}");
     }
+}
+
+#[test]
+fn msg_id_window_fields_take_indices_7_and_8_and_stay_optional() {
+    let req = CreateTopicRequest {
+        name: "t".into(),
+        msg_id_window_ms: Some(60_000),
+        msg_id_window_records: Some(100),
+        ..Default::default()
+    };
+    let bytes = minicbor::to_vec(&req).expect("encode");
+    // {0: "t", 7: 60000, 8: 100}
+    assert_eq!(hex(&bytes), "a30061740719ea60081864");
+    assert_eq!(
+        minicbor::decode::<CreateTopicRequest>(&bytes).expect("decode"),
+        req
+    );
+    // A peer that does not know the fields sends neither: both absent.
+    let old = minicbor::decode::<CreateTopicRequest>(&hex_bytes("a1006174")).expect("decode");
+    assert_eq!(old.msg_id_window_ms, None);
+    assert_eq!(old.msg_id_window_records, None);
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }

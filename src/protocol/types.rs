@@ -260,6 +260,14 @@ pub struct CreateTopicRequest {
     /// `"overwrite"` or `"reject"`; see `storage::OverflowPolicy`.
     #[n(6)]
     pub overflow: Option<String>,
+    /// Message-id dedup window by time: a record whose `msg-id` header was
+    /// seen on the topic this recently is dropped. 0 or absent: off.
+    #[n(7)]
+    pub msg_id_window_ms: Option<u64>,
+    /// Message-id dedup window by count (the last N ids, at most 100000).
+    /// 0 or absent: off.
+    #[n(8)]
+    pub msg_id_window_records: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -288,6 +296,12 @@ pub struct TopicConfig {
     pub fsync: String,
     #[n(6)]
     pub overflow: String,
+    /// The message-id window by time; absent when off.
+    #[n(7)]
+    pub msg_id_window_ms: Option<u64>,
+    /// The message-id window by count; absent when off.
+    #[n(8)]
+    pub msg_id_window_records: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use minicbor::bytes::ByteVec;
 
-use crate::broker::{BrokerError, TopicMeta, TopicSpec};
+use crate::broker::producers::{InitError, SequenceError, Slot};
+use crate::broker::{BrokerError, PendingWrite, Submitted, TopicMeta, TopicSpec};
 use crate::protocol::{
     CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse, ErrorCode,
     ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
@@ -13,6 +14,7 @@ use crate::protocol::{
     TopicMetadata,
 };
 use crate::storage::{AppendAck, AppendTicket, Durability, OverflowPolicy, StorageError};
+use std::sync::Arc;
 
 use super::Ctx;
 
@@ -53,6 +55,14 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         }
         BrokerError::TooManyTopics { .. } => ErrorCode::TooManyTopics,
         BrokerError::TooManyPartitions { .. } => ErrorCode::TooManyPartitions,
+        BrokerError::Sequence(e) => match e {
+            SequenceError::Fenced { .. } => ErrorCode::FencedProducer,
+            SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
+            SequenceError::Duplicate { .. } => ErrorCode::DuplicateSequence,
+            SequenceError::UnknownProducer { .. } | SequenceError::TooManyInFlight => {
+                ErrorCode::InvalidRequest
+            }
+        },
         BrokerError::Storage(e) => storage_error_code(e),
     }
 }
@@ -61,8 +71,11 @@ fn broker_error_body(e: &BrokerError) -> ResponseBody {
     error_body(broker_error_code(e), e.to_string())
 }
 
-fn topic_config(name: &str, meta: &TopicMeta) -> TopicConfig {
+fn topic_config(ctx: &Ctx, name: &str, meta: &TopicMeta) -> TopicConfig {
+    let window = ctx.broker.msg_id_config(name);
     TopicConfig {
+        msg_id_window_ms: (window.window_ms > 0).then_some(window.window_ms),
+        msg_id_window_records: (window.window_records > 0).then_some(window.window_records),
         name: name.to_owned(),
         partitions: meta.partitions,
         segment_bytes: meta.config.segment_bytes,
@@ -143,10 +156,12 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
         retention_ms: req.retention_ms,
         durability,
         overflow,
+        msg_id_window_ms: req.msg_id_window_ms,
+        msg_id_window_records: req.msg_id_window_records,
     };
     match ctx.broker.create_topic(&req.name, &spec).await {
         Ok(meta) => ResponseBody::CreateTopic(CreateTopicResponse {
-            config: topic_config(&req.name, &meta),
+            config: topic_config(ctx, &req.name, &meta),
         }),
         Err(e) => broker_error_body(&e),
     }
@@ -155,7 +170,7 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
 pub(crate) fn describe_topic(ctx: &Ctx, name: &str) -> ResponseBody {
     match ctx.broker.topic(name) {
         Ok(meta) => ResponseBody::DescribeTopic(DescribeTopicResponse {
-            config: topic_config(name, &meta),
+            config: topic_config(ctx, name, &meta),
             partitions: partition_metadata(ctx, name, &meta),
         }),
         Err(e) => broker_error_body(&e),
@@ -184,6 +199,15 @@ pub(crate) enum PendingProduce {
         topic: String,
         partition: u32,
         ticket: AppendTicket,
+        write: PendingWrite,
+    },
+    /// A retry of an idempotent batch still in flight: answered with that
+    /// batch's outcome, as a duplicate.
+    SameAs {
+        topic: String,
+        partition: u32,
+        slot: Arc<Slot>,
+        records: u32,
     },
     Done(ProducePartitionResult),
 }
@@ -192,6 +216,7 @@ fn produce_result(
     topic: String,
     partition: u32,
     result: Result<AppendAck, (ErrorCode, String)>,
+    duplicate_records: u32,
 ) -> ProducePartitionResult {
     match result {
         Ok(ack) => ProducePartitionResult {
@@ -200,7 +225,7 @@ fn produce_result(
             error: ErrorCode::None,
             base_offset: ack.base_offset,
             last_offset: ack.last_offset,
-            duplicate_records: 0,
+            duplicate_records,
             message: None,
         },
         Err((code, message)) => ProducePartitionResult {
@@ -217,7 +242,8 @@ fn produce_result(
 
 /// Submits every batch of a produce in request order. Called from the
 /// connection's reader so that pipelined produces reach the log in the order
-/// the client sent them; the acks are awaited elsewhere.
+/// the client sent them (and idempotent sequences are checked in that
+/// order); the acks are awaited elsewhere.
 pub(crate) async fn produce_submit(
     ctx: &Ctx,
     req: crate::protocol::ProduceRequest,
@@ -235,26 +261,55 @@ pub(crate) async fn produce_submit(
                 p.topic,
                 p.partition,
                 Err((ErrorCode::BatchTooLarge, msg)),
+                0,
             )));
             continue;
         }
-        match ctx.broker.submit(&p.topic, p.partition, batch).await {
-            Ok(ticket) => pending.push(PendingProduce::Waiting {
+        match ctx
+            .broker
+            .submit_produce(&p.topic, p.partition, batch)
+            .await
+        {
+            Ok(Submitted::Queued {
+                ticket,
+                pending: write,
+            }) => pending.push(PendingProduce::Waiting {
                 topic: p.topic,
                 partition: p.partition,
                 ticket,
+                write,
+            }),
+            Ok(Submitted::Duplicate {
+                base_offset,
+                last_offset,
+                records,
+            }) => pending.push(PendingProduce::Done(produce_result(
+                p.topic,
+                p.partition,
+                Ok(AppendAck {
+                    base_offset,
+                    last_offset,
+                }),
+                records,
+            ))),
+            Ok(Submitted::InFlight { slot, records }) => pending.push(PendingProduce::SameAs {
+                topic: p.topic,
+                partition: p.partition,
+                slot,
+                records,
             }),
             Err(e) => pending.push(PendingProduce::Done(produce_result(
                 p.topic,
                 p.partition,
                 Err((broker_error_code(&e), e.to_string())),
+                0,
             ))),
         }
     }
     pending
 }
 
-pub(crate) async fn produce_complete(pending: Vec<PendingProduce>) -> ResponseBody {
+pub(crate) async fn produce_complete(ctx: &Ctx, pending: Vec<PendingProduce>) -> ResponseBody {
     let mut partitions = Vec::with_capacity(pending.len());
     for p in pending {
         partitions.push(match p {
@@ -263,15 +318,54 @@ pub(crate) async fn produce_complete(pending: Vec<PendingProduce>) -> ResponseBo
                 topic,
                 partition,
                 ticket,
+                write,
             } => {
-                let r = ticket
+                let dropped = write.dropped;
+                let r = ctx
+                    .broker
+                    .complete_produce(ticket, write)
                     .await
                     .map_err(|e| (storage_error_code(&e), e.to_string()));
-                produce_result(topic, partition, r)
+                produce_result(topic, partition, r, dropped)
+            }
+            PendingProduce::SameAs {
+                topic,
+                partition,
+                slot,
+                records,
+            } => {
+                let r = slot
+                    .wait()
+                    .await
+                    .map(|(base_offset, last_offset)| AppendAck {
+                        base_offset,
+                        last_offset,
+                    })
+                    .map_err(|e| (storage_error_code(&e), e.to_string()));
+                produce_result(topic, partition, r, records)
             }
         });
     }
     ResponseBody::Produce(crate::protocol::ProduceResponse { partitions })
+}
+
+/// Hands out a producer id and epoch (see `broker::producers`).
+pub(crate) async fn init_producer(
+    ctx: &Ctx,
+    req: crate::protocol::InitProducerRequest,
+) -> ResponseBody {
+    match ctx.broker.init_producer(req.producer_name.as_deref()).await {
+        Ok((producer_id, producer_epoch)) => {
+            ResponseBody::InitProducer(crate::protocol::InitProducerResponse {
+                producer_id,
+                producer_epoch,
+            })
+        }
+        Err(e @ (InitError::InvalidName | InitError::EpochExhausted)) => {
+            error_body(ErrorCode::InvalidRequest, e.to_string())
+        }
+        Err(e) => error_body(ErrorCode::StorageFailed, e.to_string()),
+    }
 }
 
 /// Reads every asked-for partition; if together they hold fewer than

@@ -169,6 +169,8 @@ impl Server {
             BrokerLimits {
                 max_topics: cfg.server.max_topics as usize,
                 max_partitions: cfg.server.max_partitions as usize,
+                max_producers: cfg.producers.max_producers as usize,
+                producer_idle_expiry_ms: cfg.producers.idle_expiry_ms,
             },
             partition_defaults(cfg),
             cfg.topic_defaults.partitions,
@@ -222,6 +224,9 @@ impl Server {
                 ready.clone(),
             )));
         }
+        accept_tasks.push(executor.spawn(snapshot_producers_loop(ctx.broker.clone())));
+        accept_tasks
+            .push(executor.spawn(producer_metrics_loop(ctx.broker.clone(), metrics.clone())));
         let threads = (0..threads.max(1))
             .map(|i| {
                 let ex = executor.clone();
@@ -314,12 +319,47 @@ impl Server {
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }
+        // Every session is done: the producer table is exact up to each
+        // high watermark, so the next start scans nothing.
+        ctx.broker.snapshot_producers(true);
         let result = ctx.broker.storage().shutdown();
         self.stopped.trigger();
         for t in self.threads {
             let _ = t.join();
         }
         result.map_err(ServeError::from)
+    }
+}
+
+/// How often producer state is snapshotted while serving: bounds the log
+/// scanned at the next start after a crash.
+const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 30_000;
+
+async fn snapshot_producers_loop(broker: Arc<Broker>) {
+    loop {
+        smol::Timer::after(Duration::from_millis(PRODUCER_SNAPSHOT_INTERVAL_MS)).await;
+        let b = broker.clone();
+        // Off the network threads: each snapshot is a write and fsyncs.
+        smol::unblock(move || b.snapshot_producers(false)).await;
+    }
+}
+
+/// How often the producer table's counters are copied into the metrics.
+const PRODUCER_METRICS_INTERVAL_MS: u64 = 1_000;
+
+async fn producer_metrics_loop(broker: Arc<Broker>, metrics: Arc<Metrics>) {
+    loop {
+        let s = broker.producer_stats();
+        metrics.observe_producers(crate::metrics::ProducerCounters {
+            entries: s.entries,
+            evictions: s.evictions,
+            expirations: s.expirations,
+            duplicate_batches: s.duplicate_batches,
+            msg_id_duplicates: s.msg_id_duplicates,
+            fenced: s.fenced,
+            out_of_order: s.out_of_order,
+        });
+        smol::Timer::after(Duration::from_millis(PRODUCER_METRICS_INTERVAL_MS)).await;
     }
 }
 

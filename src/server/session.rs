@@ -323,15 +323,20 @@ where
                     .collect();
                 let pending = handler::produce_submit(ctx, req).await;
                 let tx = tx.clone();
-                let metrics_p = ctx.metrics.clone();
+                let ctx2 = ctx.clone();
                 ctx.executor
                     .spawn(async move {
-                        let body = handler::produce_complete(pending).await;
+                        let body = handler::produce_complete(&ctx2, pending).await;
                         if let ResponseBody::Produce(r) = &body {
                             for (p, bytes) in r.partitions.iter().zip(sizes) {
                                 if p.error.is_none() {
-                                    let records = p.last_offset - p.base_offset + 1;
-                                    metrics_p.record_produce(&p.topic, records, bytes);
+                                    // Records written, not duplicates answered
+                                    // from the producer table.
+                                    let records = (p.last_offset - p.base_offset + 1)
+                                        .saturating_sub(u64::from(p.duplicate_records));
+                                    if records > 0 {
+                                        ctx2.metrics.record_produce(&p.topic, records, bytes);
+                                    }
                                 }
                             }
                         }
@@ -370,10 +375,7 @@ async fn dispatch(ctx: &Ctx, body: RequestBody) -> ResponseBody {
         RequestBody::DeleteTopic(r) => handler::delete_topic(ctx, &r.name).await,
         RequestBody::Fetch(r) => handler::fetch(ctx, r).await,
         RequestBody::ListOffsets(r) => handler::list_offsets(ctx, r).await,
-        RequestBody::InitProducer(_) => handler::error_body(
-            ErrorCode::InvalidRequest,
-            "idempotent producers are not enabled on this broker yet",
-        ),
+        RequestBody::InitProducer(r) => handler::init_producer(ctx, r).await,
         RequestBody::Hello(_) | RequestBody::Produce(_) => {
             unreachable!("handled by the reader")
         }

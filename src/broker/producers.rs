@@ -1,0 +1,1061 @@
+//! Idempotent producers: ids and epochs (the registry), and per partition
+//! and producer the sequence window that recognises a retried batch.
+//!
+//! # The registry (`<data_dir>/producers.meta`)
+//!
+//! Holds the next free producer id (reserved in blocks of
+//! [`ID_BLOCK`], so an anonymous init writes the file once per block, not
+//! once per init) and, for named producers, name → (id, epoch). A named init
+//! bumps the epoch and persists it before answering, so after any crash a
+//! fenced instance stays fenced.
+//!
+//! # The sequence table
+//!
+//! One table for the whole broker, keyed by (topic, partition, producer id),
+//! allocated once with `producers.max_producers` entries and never grown:
+//! when it is full the least recently active entry is evicted (counted).
+//! (A `HashMap` allocated with its full capacity rather than a heapless
+//! map: heapless capacities are compile-time constants, this one comes
+//! from config. The per-entry windows are heapless.) Finding the least
+//! recently active entry is a scan, done only when the table is full.
+//! Each entry keeps the producer's epoch, the last [`WINDOW_BATCHES`]
+//! written batches (sequence range and offsets) and the batches submitted
+//! but not yet acknowledged. A batch is checked at submit time, in the
+//! connection reader, so in frame order (see [`Producers::check`]).
+//!
+//! # In-flight batches and failures
+//!
+//! The next expected sequence counts batches that are submitted but not yet
+//! acknowledged, so a client may pipeline up to [`WINDOW_BATCHES`] batches
+//! per partition. When one fails in storage, it and every later in-flight
+//! batch of the same producer and partition are dropped from the expected
+//! sequence at once: the client's retry of the failed batch is then the next
+//! expected one, and a later batch that arrives before that retry gets
+//! `out_of_order_sequence` (the client retries it after its predecessor).
+//! Every storage failure but `Full` is sticky (the later in-flight batches
+//! fail too); a later batch that still succeeds after an earlier one failed
+//! with `Full` (the ring freed room in between) is recorded as written, and
+//! the earlier one's retry lands after it: each record once, that pair out
+//! of order. docs/semantics.md says so.
+//!
+//! # Durability
+//!
+//! The table is rebuilt at start-up from a snapshot per partition
+//! (`<data_dir>/producer-state/<topic>-<partition>.snap`, postcard + CRC,
+//! atomically replaced) plus a scan of the batch headers after the offset the
+//! snapshot covers. See [`PartitionSnapshot`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{now_ms, BatchHeader, NO_PRODUCER_ID};
+use crate::storage::meta::{self, MetaError};
+use crate::storage::StorageError;
+
+/// Batches remembered per producer and partition, and the deepest pipeline
+/// the broker keeps ordered: Kafka's `max.in.flight.requests.per.connection`
+/// limit for idempotence.
+pub const WINDOW_BATCHES: usize = 5;
+/// Producer ids are reserved this many at a time in the registry file.
+pub const ID_BLOCK: u64 = 1000;
+const REGISTRY_FILE: &str = "producers.meta";
+const SNAPSHOT_DIR: &str = "producer-state";
+/// Longest producer name (bytes); like a Kafka transactional.id, a label.
+pub const PRODUCER_NAME_BYTES_MAX: usize = 249;
+
+/// The sequence space wraps to 0 after `i32::MAX`, as Kafka's does.
+const SEQ_SPACE: i64 = i32::MAX as i64 + 1;
+
+/// Whether sequence `a` is ahead of `b` on the wrapping circle.
+fn ahead_of(a: i32, b: i32) -> bool {
+    let d = (i64::from(a) - i64::from(b)).rem_euclid(SEQ_SPACE);
+    d != 0 && d < SEQ_SPACE / 2
+}
+
+fn next_seq(last: i32) -> i32 {
+    if last == i32::MAX {
+        0
+    } else {
+        last + 1
+    }
+}
+
+/// Why a batch of an idempotent producer is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceError {
+    /// A newer epoch of this producer id exists: another instance took over.
+    Fenced { epoch: u16, current: u16 },
+    /// The batch leaves a gap after the next expected sequence.
+    OutOfOrder { expected: i32, got: i32 },
+    /// The batch is older than the remembered window: written long ago.
+    Duplicate { expected: i32, got: i32 },
+    /// The id was never handed out by this broker, or the epoch is ahead of
+    /// the registry's.
+    UnknownProducer { producer_id: u64, epoch: u16 },
+    /// More than [`WINDOW_BATCHES`] batches in flight for one partition.
+    TooManyInFlight,
+}
+
+impl std::fmt::Display for SequenceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fenced { epoch, current } => write!(
+                f,
+                "producer epoch {epoch} is fenced by epoch {current}: another instance took over"
+            ),
+            Self::OutOfOrder { expected, got } => {
+                write!(f, "sequence {got} out of order: expected {expected}")
+            }
+            Self::Duplicate { expected, got } => write!(
+                f,
+                "sequence {got} was written before the remembered window (next expected {expected})"
+            ),
+            Self::UnknownProducer { producer_id, epoch } => write!(
+                f,
+                "producer id {producer_id} epoch {epoch} was not issued by this broker"
+            ),
+            Self::TooManyInFlight => write!(
+                f,
+                "more than {WINDOW_BATCHES} batches in flight for one producer and partition"
+            ),
+        }
+    }
+}
+
+/// Why an init-producer request failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum InitError {
+    /// Empty or longer than [`PRODUCER_NAME_BYTES_MAX`].
+    InvalidName,
+    /// The name was initialised 65536 times; its epoch cannot grow.
+    EpochExhausted,
+    /// The registry file could not be written: nothing was handed out.
+    Meta(MetaError),
+}
+
+impl std::fmt::Display for InitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidName => {
+                write!(f, "producer names are 1 to {PRODUCER_NAME_BYTES_MAX} bytes")
+            }
+            Self::EpochExhausted => f.write_str("the producer name's epoch is exhausted"),
+            Self::Meta(e) => write!(f, "producer registry: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for InitError {}
+
+/// One written batch: its sequence range and where it went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenBatch {
+    pub base_seq: i32,
+    pub last_seq: i32,
+    pub base_offset: u64,
+    pub last_offset: u64,
+}
+
+/// A written batch's `(base_offset, last_offset)`, or why it failed.
+pub type BatchOutcome = Result<(u64, u64), Arc<StorageError>>;
+
+/// The outcome of an in-flight batch, shared with retries of it that
+/// arrive before it is acknowledged.
+#[derive(Debug, Default)]
+pub struct Slot {
+    result: Mutex<Option<BatchOutcome>>,
+    done: event_listener::Event,
+}
+
+impl Slot {
+    fn set(&self, r: BatchOutcome) {
+        *self.result.lock().expect("slot lock") = Some(r);
+        self.done.notify(usize::MAX);
+    }
+
+    /// Waits for the batch's acknowledgement: its offsets, or why it failed.
+    pub async fn wait(&self) -> BatchOutcome {
+        loop {
+            let listener = self.done.listen();
+            if let Some(r) = self.result.lock().expect("slot lock").clone() {
+                return r;
+            }
+            listener.await;
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    base_seq: i32,
+    last_seq: i32,
+    /// The partition's high watermark when it was submitted: the batch's
+    /// offset is at least this (snapshots use it, see `snapshot`).
+    hw_at_submit: u64,
+    slot: Arc<Slot>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    epoch: u16,
+    /// Oldest first; at most [`WINDOW_BATCHES`].
+    written: heapless::Vec<WrittenBatch, WINDOW_BATCHES>,
+    /// In submit order.
+    in_flight: heapless::Vec<InFlight, WINDOW_BATCHES>,
+    /// The sequence the next new batch must start at. Explicit, because
+    /// batches complete out of order: `written` is in completion order.
+    next_seq: i32,
+    last_active_ms: i64,
+}
+
+impl Entry {
+    fn new(epoch: u16, now: i64) -> Self {
+        Self {
+            epoch,
+            written: heapless::Vec::new(),
+            in_flight: heapless::Vec::new(),
+            next_seq: 0,
+            last_active_ms: now,
+        }
+    }
+
+    fn remember(&mut self, b: WrittenBatch) {
+        if self.written.iter().any(|w| w.base_seq == b.base_seq) {
+            return;
+        }
+        if self.written.is_full() {
+            self.written.remove(0);
+        }
+        self.written.push(b).expect("room was made");
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    topic: Arc<str>,
+    partition: u32,
+    producer_id: u64,
+}
+
+/// What to do with a batch, decided at submit.
+#[derive(Debug)]
+pub enum Check {
+    /// Not an idempotent batch: write it, nothing to track.
+    Untracked,
+    /// Write it, then report the outcome with [`Producers::complete`].
+    Accept(Ticket),
+    /// Already written: answer these offsets and write nothing.
+    Duplicate {
+        base_offset: u64,
+        last_offset: u64,
+        records: u32,
+    },
+    /// The same batch is in flight: answer with its outcome.
+    InFlight {
+        slot: Arc<Slot>,
+        records: u32,
+    },
+    Reject(SequenceError),
+}
+
+/// An accepted batch, to hand back with its outcome.
+#[derive(Debug)]
+pub struct Ticket {
+    key: Key,
+    epoch: u16,
+    base_seq: i32,
+    last_seq: i32,
+    slot: Arc<Slot>,
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// Entries in the sequence table now.
+    pub entries: u64,
+    /// Entries dropped because the table was full (least recently active).
+    pub evictions: u64,
+    /// Entries dropped after `idle_expiry_ms` without a batch.
+    pub expirations: u64,
+    pub duplicate_batches: u64,
+    pub duplicate_records: u64,
+    pub fenced: u64,
+    pub out_of_order: u64,
+    /// Records dropped by message-id windows (filled in by the broker).
+    pub msg_id_duplicates: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    evictions: AtomicU64,
+    expirations: AtomicU64,
+    duplicate_batches: AtomicU64,
+    duplicate_records: AtomicU64,
+    fenced: AtomicU64,
+    out_of_order: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RegistryFile {
+    /// Ids below this may have been handed out.
+    reserved_until: u64,
+    /// name → (id, current epoch).
+    names: BTreeMap<String, (u64, u16)>,
+}
+
+#[derive(Debug)]
+struct Registry {
+    file: RegistryFile,
+    next_id: u64,
+}
+
+/// A partition's producer state as of an offset. The scan at start-up
+/// resumes at `covers_to`: every idempotent batch below it is in `entries`
+/// (or was evicted before the snapshot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    pub covers_to: u64,
+    pub entries: Vec<SnapshotEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub producer_id: u64,
+    pub epoch: u16,
+    pub last_active_ms: i64,
+    /// The sequence the next new batch must start at.
+    pub next_seq: i32,
+    pub written: Vec<WrittenBatch>,
+}
+
+/// Sizes from config.
+#[derive(Debug, Clone, Copy)]
+pub struct ProducersConfig {
+    pub max_producers: usize,
+    pub idle_expiry_ms: u64,
+}
+
+pub struct Producers {
+    config: ProducersConfig,
+    registry_path: PathBuf,
+    snapshot_dir: PathBuf,
+    /// Serialises inits: allocate, persist, then answer.
+    registry: smol::lock::Mutex<Registry>,
+    /// For the produce path: ids below are known; named ids' epochs.
+    reserved_until: AtomicU64,
+    named_epochs: RwLock<HashMap<u64, u16>>,
+    table: Mutex<HashMap<Key, Entry>>,
+    /// Partitions written by idempotent producers since their last
+    /// snapshot: the periodic task snapshots only these (SD card wear).
+    dirty: Mutex<std::collections::HashSet<(Arc<str>, u32)>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Producers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producers")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Producers {
+    /// Loads the registry. The table starts empty; see [`Self::recover`].
+    pub fn open(data_dir: &Path, config: ProducersConfig) -> Result<Self, MetaError> {
+        let registry_path = data_dir.join(REGISTRY_FILE);
+        let file: RegistryFile = meta::read(&registry_path)?.unwrap_or_default();
+        let named = file.names.values().copied().collect();
+        let max = config.max_producers.max(1);
+        Ok(Self {
+            config: ProducersConfig {
+                max_producers: max,
+                ..config
+            },
+            snapshot_dir: data_dir.join(SNAPSHOT_DIR),
+            registry_path,
+            reserved_until: AtomicU64::new(file.reserved_until),
+            registry: smol::lock::Mutex::new(Registry {
+                // Ids of the last reserved block may have been handed out
+                // before a crash: start after it.
+                next_id: file.reserved_until,
+                file,
+            }),
+            named_epochs: RwLock::new(named),
+            // Allocated once at its full size: the table never grows.
+            table: Mutex::new(HashMap::with_capacity(max)),
+            dirty: Mutex::new(std::collections::HashSet::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Hands out a producer id and epoch. Anonymous: a fresh id, epoch 0.
+    /// Named: the name's id with the next epoch, persisted before the
+    /// answer, which fences every older instance.
+    pub async fn init(&self, name: Option<&str>) -> Result<(u64, u16), InitError> {
+        let mut reg = self.registry.lock().await;
+        let mut file = reg.file.clone();
+        let mut next_id = reg.next_id;
+        let answer = match name {
+            Some(n) if n.is_empty() || n.len() > PRODUCER_NAME_BYTES_MAX => {
+                return Err(InitError::InvalidName)
+            }
+            Some(n) => match file.names.get(n).copied() {
+                Some((id, epoch)) => {
+                    let epoch = epoch.checked_add(1).ok_or(InitError::EpochExhausted)?;
+                    file.names.insert(n.to_owned(), (id, epoch));
+                    (id, epoch)
+                }
+                None => {
+                    let id = next_id;
+                    next_id += 1;
+                    file.names.insert(n.to_owned(), (id, 0));
+                    (id, 0)
+                }
+            },
+            None => {
+                let id = next_id;
+                next_id += 1;
+                (id, 0)
+            }
+        };
+        if next_id > file.reserved_until {
+            file.reserved_until = next_id - 1 + ID_BLOCK;
+        }
+        let changed = name.is_some() || file.reserved_until != reg.file.reserved_until;
+        if changed {
+            let path = self.registry_path.clone();
+            let to_write = file.clone();
+            smol::unblock(move || meta::write_atomic(&path, &to_write))
+                .await
+                .map_err(InitError::Meta)?;
+        }
+        self.reserved_until
+            .store(file.reserved_until, Ordering::Release);
+        if name.is_some() {
+            self.named_epochs
+                .write()
+                .expect("named epochs lock")
+                .insert(answer.0, answer.1);
+        }
+        reg.file = file;
+        reg.next_id = next_id;
+        Ok(answer)
+    }
+
+    /// Decides what to do with a batch about to be submitted to `topic`
+    /// `partition` whose high watermark is `hw`. Call in submit order, and
+    /// submit an accepted batch before checking the next one of the same
+    /// partition.
+    pub fn check(&self, topic: &str, partition: u32, h: &BatchHeader, hw: u64) -> Check {
+        if h.producer_id == NO_PRODUCER_ID {
+            return Check::Untracked;
+        }
+        let r = self.check_inner(topic, partition, h, hw);
+        match &r {
+            Check::Reject(SequenceError::Fenced { .. }) => bump(&self.counters.fenced, 1),
+            Check::Reject(SequenceError::OutOfOrder { .. }) => bump(&self.counters.out_of_order, 1),
+            Check::Duplicate { records, .. } => {
+                bump(&self.counters.duplicate_batches, 1);
+                bump(&self.counters.duplicate_records, u64::from(*records));
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn check_inner(&self, topic: &str, partition: u32, h: &BatchHeader, hw: u64) -> Check {
+        let (id, epoch) = (h.producer_id, h.producer_epoch);
+        if id >= self.reserved_until.load(Ordering::Acquire) {
+            return Check::Reject(SequenceError::UnknownProducer {
+                producer_id: id,
+                epoch,
+            });
+        }
+        let registered = self
+            .named_epochs
+            .read()
+            .expect("named epochs lock")
+            .get(&id)
+            .copied()
+            .unwrap_or(0);
+        if epoch < registered {
+            return Check::Reject(SequenceError::Fenced {
+                epoch,
+                current: registered,
+            });
+        }
+        if epoch > registered {
+            return Check::Reject(SequenceError::UnknownProducer {
+                producer_id: id,
+                epoch,
+            });
+        }
+        let base_seq = h.base_sequence;
+        let last_seq = h.last_sequence();
+        let now = now_ms();
+        let key = Key {
+            topic: topic.into(),
+            partition,
+            producer_id: id,
+        };
+        let mut table = self.table.lock().expect("producer table lock");
+        let entry = match table.get_mut(&key) {
+            Some(e) if self.expired(e, now) => {
+                table.remove(&key);
+                bump(&self.counters.expirations, 1);
+                None
+            }
+            Some(_) => table.get_mut(&key),
+            None => None,
+        };
+        let slot = Arc::new(Slot::default());
+        let in_flight = InFlight {
+            base_seq,
+            last_seq,
+            hw_at_submit: hw,
+            slot: slot.clone(),
+        };
+        let ticket = |key: Key| Ticket {
+            key,
+            epoch,
+            base_seq,
+            last_seq,
+            slot: slot.clone(),
+        };
+        let Some(entry) = entry else {
+            if base_seq != 0 {
+                // Evicted, expired, or its batches left the log: accepted,
+                // as Kafka (2.5+) does for an unknown producer.
+                log::debug!(
+                    "{topic}/{partition}: unknown producer {id} starts at sequence {base_seq}"
+                );
+            }
+            self.make_room(&mut table, now);
+            let mut e = Entry::new(epoch, now);
+            e.in_flight.push(in_flight).expect("empty");
+            e.next_seq = next_seq(last_seq);
+            table.insert(key.clone(), e);
+            return Check::Accept(ticket(key));
+        };
+        if epoch < entry.epoch {
+            return Check::Reject(SequenceError::Fenced {
+                epoch,
+                current: entry.epoch,
+            });
+        }
+        if epoch > entry.epoch {
+            // A new instance of a named producer starts over at 0.
+            if base_seq != 0 {
+                return Check::Reject(SequenceError::OutOfOrder {
+                    expected: 0,
+                    got: base_seq,
+                });
+            }
+            *entry = Entry::new(epoch, now);
+            entry.in_flight.push(in_flight).expect("empty");
+            entry.next_seq = next_seq(last_seq);
+            return Check::Accept(ticket(key));
+        }
+        entry.last_active_ms = now;
+        let records = h.record_count;
+        if let Some(w) = entry.written.iter().find(|w| w.last_seq == last_seq) {
+            // Matched by the last sequence: a batch re-encoded by the
+            // message-id window is logged with a later base sequence.
+            return Check::Duplicate {
+                base_offset: w.base_offset,
+                last_offset: w.last_offset,
+                records,
+            };
+        }
+        if let Some(f) = entry.in_flight.iter().find(|f| f.last_seq == last_seq) {
+            return Check::InFlight {
+                slot: f.slot.clone(),
+                records,
+            };
+        }
+        let expected = entry.next_seq;
+        if base_seq != expected {
+            // Ahead of the expected sequence (a gap) or behind it (written
+            // before the window), told apart on the wrapping circle.
+            let ahead = (i64::from(base_seq) - i64::from(expected)).rem_euclid(SEQ_SPACE);
+            return Check::Reject(if ahead < SEQ_SPACE / 2 {
+                SequenceError::OutOfOrder {
+                    expected,
+                    got: base_seq,
+                }
+            } else {
+                SequenceError::Duplicate {
+                    expected,
+                    got: base_seq,
+                }
+            });
+        }
+        if entry.in_flight.push(in_flight).is_err() {
+            return Check::Reject(SequenceError::TooManyInFlight);
+        }
+        entry.next_seq = next_seq(last_seq);
+        Check::Accept(ticket(key))
+    }
+
+    fn expired(&self, e: &Entry, now: i64) -> bool {
+        e.in_flight.is_empty()
+            && now.saturating_sub(e.last_active_ms) > self.config.idle_expiry_ms as i64
+    }
+
+    /// Makes room for one more entry: drops expired entries, else evicts
+    /// the least recently active one. A linear scan, but only when the
+    /// table is full.
+    fn make_room(&self, table: &mut HashMap<Key, Entry>, now: i64) {
+        if table.len() < self.config.max_producers {
+            return;
+        }
+        let before = table.len();
+        table.retain(|_, e| !self.expired(e, now));
+        let expired = before - table.len();
+        if expired > 0 {
+            bump(&self.counters.expirations, expired as u64);
+            return;
+        }
+        let victim = table
+            .iter()
+            .filter(|(_, e)| e.in_flight.is_empty())
+            .min_by_key(|(_, e)| e.last_active_ms)
+            .or_else(|| table.iter().min_by_key(|(_, e)| e.last_active_ms))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = victim {
+            log::debug!(
+                "producer table full ({}): evicting producer {} on {}/{}",
+                self.config.max_producers,
+                k.producer_id,
+                k.topic,
+                k.partition
+            );
+            table.remove(&k);
+            bump(&self.counters.evictions, 1);
+        }
+    }
+
+    /// Records an accepted batch's outcome and wakes retries waiting on it.
+    pub fn complete(&self, t: Ticket, result: BatchOutcome) {
+        {
+            let mut table = self.table.lock().expect("producer table lock");
+            if let Some(e) = table.get_mut(&t.key) {
+                if e.epoch == t.epoch {
+                    let at = e
+                        .in_flight
+                        .iter()
+                        .position(|f| Arc::ptr_eq(&f.slot, &t.slot));
+                    match (&result, at) {
+                        (Ok(_), Some(i)) => {
+                            e.in_flight.remove(i);
+                        }
+                        // It and every later in-flight batch leave the
+                        // expected sequence: the retry comes next.
+                        (Err(_), Some(i)) => {
+                            e.in_flight.truncate(i);
+                            e.next_seq = t.base_seq;
+                        }
+                        (Ok(_), None) => {
+                            if ahead_of(next_seq(t.last_seq), e.next_seq) {
+                                e.next_seq = next_seq(t.last_seq);
+                            }
+                            log::warn!(
+                                "{}/{}: producer {} sequence {} was written after an earlier \
+                             batch of it failed; its retry will follow it",
+                                t.key.topic,
+                                t.key.partition,
+                                t.key.producer_id,
+                                t.base_seq
+                            );
+                        }
+                        (Err(_), None) => {}
+                    }
+                    if let Ok((base_offset, last_offset)) = &result {
+                        let (base_offset, last_offset) = (*base_offset, *last_offset);
+                        e.remember(WrittenBatch {
+                            base_seq: t.base_seq,
+                            last_seq: t.last_seq,
+                            base_offset,
+                            last_offset,
+                        });
+                    }
+                }
+            } else if let Ok((base_offset, last_offset)) = &result {
+                let (base_offset, last_offset) = (*base_offset, *last_offset);
+                // Evicted while in flight: it is in the log, so it is the
+                // producer's latest state.
+                let now = now_ms();
+                self.make_room(&mut table, now);
+                let mut e = Entry::new(t.epoch, now);
+                e.next_seq = next_seq(t.last_seq);
+                e.remember(WrittenBatch {
+                    base_seq: t.base_seq,
+                    last_seq: t.last_seq,
+                    base_offset,
+                    last_offset,
+                });
+                table.insert(t.key.clone(), e);
+            }
+        }
+        if result.is_ok() {
+            self.dirty
+                .lock()
+                .expect("dirty set lock")
+                .insert((t.key.topic.clone(), t.key.partition));
+        }
+        t.slot.set(result);
+    }
+
+    /// Takes the partitions changed since the last call.
+    pub fn take_dirty(&self) -> Vec<(String, u32)> {
+        self.dirty
+            .lock()
+            .expect("dirty set lock")
+            .drain()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect()
+    }
+
+    /// Applies one batch found in the log at recovery (in log order).
+    pub fn recover_batch(&self, topic: &str, partition: u32, h: &BatchHeader) {
+        if h.producer_id == NO_PRODUCER_ID {
+            return;
+        }
+        let key = Key {
+            topic: topic.into(),
+            partition,
+            producer_id: h.producer_id,
+        };
+        let now = now_ms();
+        let active = h.max_timestamp.min(now);
+        let written = WrittenBatch {
+            base_seq: h.base_sequence,
+            last_seq: h.last_sequence(),
+            base_offset: h.base_offset,
+            last_offset: h.last_offset(),
+        };
+        let mut table = self.table.lock().expect("producer table lock");
+        match table.get_mut(&key) {
+            Some(e) if h.producer_epoch < e.epoch => {}
+            Some(e) => {
+                if h.producer_epoch > e.epoch {
+                    *e = Entry::new(h.producer_epoch, active);
+                }
+                e.last_active_ms = e.last_active_ms.max(active);
+                e.remember(written);
+                e.next_seq = next_seq(written.last_seq);
+            }
+            None => {
+                self.make_room(&mut table, now);
+                let mut e = Entry::new(h.producer_epoch, active);
+                e.remember(written);
+                e.next_seq = next_seq(written.last_seq);
+                table.insert(key, e);
+            }
+        }
+    }
+
+    fn snapshot_path(&self, topic: &str, partition: u32) -> PathBuf {
+        self.snapshot_dir.join(format!("{topic}-{partition}.snap"))
+    }
+
+    /// Loads a partition's snapshot into the table and returns the offset
+    /// the log scan resumes at: `covers_to` when the snapshot fits the log
+    /// (`earliest..=hw`), else `earliest` (with a warning).
+    pub fn load_snapshot(&self, topic: &str, partition: u32, earliest: u64, hw: u64) -> u64 {
+        let path = self.snapshot_path(topic, partition);
+        let snap: PartitionSnapshot = match meta::read(&path) {
+            Ok(Some(s)) => s,
+            Ok(None) => return earliest,
+            Err(e) => {
+                log::warn!(
+                    "{topic}/{partition}: ignoring producer snapshot {}: {e}; scanning the log",
+                    path.display()
+                );
+                return earliest;
+            }
+        };
+        if snap.covers_to > hw {
+            log::warn!(
+                "{topic}/{partition}: producer snapshot covers to offset {} beyond the log's \
+                 end {hw}; ignoring it and scanning the log",
+                snap.covers_to
+            );
+            return earliest;
+        }
+        let now = now_ms();
+        let mut table = self.table.lock().expect("producer table lock");
+        for s in snap.entries {
+            let key = Key {
+                topic: topic.into(),
+                partition,
+                producer_id: s.producer_id,
+            };
+            self.make_room(&mut table, now);
+            let mut e = Entry::new(s.epoch, s.last_active_ms);
+            e.next_seq = s.next_seq;
+            for w in s.written.into_iter().rev().take(WINDOW_BATCHES).rev() {
+                e.remember(w);
+            }
+            table.insert(key, e);
+        }
+        snap.covers_to.max(earliest)
+    }
+
+    /// Writes a partition's snapshot. `hw` is the high watermark read
+    /// before this call: every batch below it was acknowledged, and an
+    /// acknowledged batch is in the table unless it is still in flight, in
+    /// which case its offset is at least its `hw_at_submit`. So the
+    /// snapshot covers up to the smaller of the two.
+    pub fn snapshot(&self, topic: &str, partition: u32, hw: u64) -> Result<(), MetaError> {
+        let snap = {
+            let table = self.table.lock().expect("producer table lock");
+            let mut covers_to = hw;
+            let mut entries = Vec::new();
+            for (k, e) in table.iter() {
+                if &*k.topic != topic || k.partition != partition {
+                    continue;
+                }
+                for f in &e.in_flight {
+                    covers_to = covers_to.min(f.hw_at_submit);
+                }
+                entries.push(SnapshotEntry {
+                    producer_id: k.producer_id,
+                    epoch: e.epoch,
+                    last_active_ms: e.last_active_ms,
+                    // In-flight batches are not covered (see covers_to):
+                    // the scan re-applies them if they were written.
+                    next_seq: e.in_flight.first().map_or(e.next_seq, |f| f.base_seq),
+                    written: e.written.iter().copied().collect(),
+                });
+            }
+            PartitionSnapshot { covers_to, entries }
+        };
+        std::fs::create_dir_all(&self.snapshot_dir).map_err(MetaError::Io)?;
+        meta::write_atomic(&self.snapshot_path(topic, partition), &snap)
+    }
+
+    /// Forgets a deleted partition: its entries and its snapshot file.
+    pub fn forget_partition(&self, topic: &str, partition: u32) {
+        self.table
+            .lock()
+            .expect("producer table lock")
+            .retain(|k, _| !(&*k.topic == topic && k.partition == partition));
+        let path = self.snapshot_path(topic, partition);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot delete {}: {e}", path.display()),
+        }
+    }
+
+    pub fn stats(&self) -> ProducerStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
+        ProducerStats {
+            entries: self.table.lock().expect("producer table lock").len() as u64,
+            evictions: g(&c.evictions),
+            expirations: g(&c.expirations),
+            duplicate_batches: g(&c.duplicate_batches),
+            duplicate_records: g(&c.duplicate_records),
+            fenced: g(&c.fenced),
+            out_of_order: g(&c.out_of_order),
+            msg_id_duplicates: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{parse_header, BatchBuilder, ProducerStamp};
+
+    fn table(max: usize) -> (tempfile::TempDir, Producers) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Producers::open(
+            dir.path(),
+            ProducersConfig {
+                max_producers: max,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("open");
+        (dir, p)
+    }
+
+    fn header(id: u64, epoch: u16, seq: i32, records: u32) -> BatchHeader {
+        let mut b = BatchBuilder::new();
+        for _ in 0..records {
+            b.push(1, None, b"v", &[]);
+        }
+        let bytes = b.finish(ProducerStamp {
+            producer_id: id,
+            producer_epoch: epoch,
+            base_sequence: seq,
+        });
+        parse_header(&bytes).expect("header")
+    }
+
+    fn accept(p: &Producers, h: &BatchHeader) -> Ticket {
+        match p.check("t", 0, h, 0) {
+            Check::Accept(t) => t,
+            other => panic!("expected accept, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn window_matches_the_client_constant() {
+        assert_eq!(WINDOW_BATCHES, crate::client::IDEMPOTENT_IN_FLIGHT_MAX);
+    }
+
+    #[test]
+    fn sequences_wrap_after_i32_max() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let t = accept(&p, &header(id, 0, i32::MAX - 1, 2));
+        p.complete(t, Ok((0, 1)));
+        let t = accept(&p, &header(id, 0, 0, 1));
+        p.complete(t, Ok((2, 2)));
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, i32::MAX - 1, 2), 0),
+            Check::Duplicate { base_offset: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_batch_rolls_back_the_expected_sequence() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let a = accept(&p, &header(id, 0, 0, 2));
+        let b = accept(&p, &header(id, 0, 2, 2));
+        // A retry of `b` while it is in flight waits for it.
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 2, 2), 0),
+            Check::InFlight { .. }
+        ));
+        p.complete(a, Err(Arc::new(StorageError::ShuttingDown)));
+        // `a` and everything after it left the expected sequence.
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 4, 1), 0),
+            Check::Reject(SequenceError::OutOfOrder { expected: 0, .. })
+        ));
+        p.complete(b, Err(Arc::new(StorageError::ShuttingDown)));
+        let a = accept(&p, &header(id, 0, 0, 2));
+        p.complete(a, Ok((0, 1)));
+        let b = accept(&p, &header(id, 0, 2, 2));
+        p.complete(b, Ok((2, 3)));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_a_bad_one_is_ignored() {
+        let (d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let t = accept(&p, &header(id, 0, 0, 3));
+        p.complete(t, Ok((0, 2)));
+        p.snapshot("t", 0, 3).expect("snapshot");
+        let q = Producers::open(
+            d.path(),
+            ProducersConfig {
+                max_producers: 8,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("reopen");
+        assert_eq!(q.load_snapshot("t", 0, 0, 3), 3);
+        assert!(matches!(
+            q.check("t", 0, &header(id, 0, 0, 3), 3),
+            Check::Duplicate {
+                base_offset: 0,
+                last_offset: 2,
+                ..
+            }
+        ));
+        // Beyond the log's end: ignored, scan from the start.
+        assert_eq!(q.load_snapshot("t", 0, 0, 2), 0);
+        std::fs::write(q.snapshot_path("t", 0), b"garbage").expect("write");
+        assert_eq!(q.load_snapshot("t", 0, 0, 3), 0);
+    }
+
+    #[test]
+    fn idle_entries_expire_and_a_full_table_evicts_the_least_recent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Producers::open(
+            dir.path(),
+            ProducersConfig {
+                max_producers: 2,
+                idle_expiry_ms: 50,
+            },
+        )
+        .expect("open");
+        let ids: Vec<u64> = (0..3)
+            .map(|_| smol::block_on(p.init(None)).expect("init").0)
+            .collect();
+        for (i, &id) in ids.iter().take(2).enumerate() {
+            let t = accept(&p, &header(id, 0, 0, 1));
+            p.complete(t, Ok((i as u64, i as u64)));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t = accept(&p, &header(ids[2], 0, 0, 1));
+        p.complete(t, Ok((2, 2)));
+        assert_eq!(p.stats().evictions, 1);
+        assert_eq!(p.stats().entries, 2);
+        // ids[0] was the least recently active: forgotten, so its next
+        // sequence is accepted as an unknown producer's.
+        let t = accept(&p, &header(ids[0], 0, 7, 1));
+        p.complete(t, Ok((3, 3)));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        // Idle past the expiry: dropped when next looked at.
+        let t = accept(&p, &header(ids[0], 0, 42, 1));
+        p.complete(t, Ok((4, 4)));
+        assert!(p.stats().expirations >= 1, "{:?}", p.stats());
+    }
+
+    #[test]
+    fn ids_are_not_reused_across_reopen_and_names_persist() {
+        let (d, p) = table(8);
+        let a = smol::block_on(p.init(None)).expect("init").0;
+        let n = smol::block_on(p.init(Some("gw"))).expect("init");
+        drop(p);
+        let q = Producers::open(
+            d.path(),
+            ProducersConfig {
+                max_producers: 8,
+                idle_expiry_ms: 60_000,
+            },
+        )
+        .expect("reopen");
+        let b = smol::block_on(q.init(None)).expect("init").0;
+        assert!(b > a && b > n.0);
+        assert_eq!(smol::block_on(q.init(Some("gw"))).expect("init"), (n.0, 1));
+        assert!(matches!(
+            q.check("t", 0, &header(n.0, 0, 0, 1), 0),
+            Check::Reject(SequenceError::Fenced {
+                epoch: 0,
+                current: 1
+            })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod size {
+    #[test]
+    fn an_entry_fits_the_memory_budget_estimate() {
+        // Key, entry, one control byte, at worst twice (bucket rounding).
+        let bytes =
+            (std::mem::size_of::<super::Key>() + std::mem::size_of::<super::Entry>() + 1) * 2;
+        assert!(
+            bytes as u64 <= crate::config::PRODUCER_ENTRY_BYTES,
+            "{bytes} B per producer entry"
+        );
+    }
+}
