@@ -6,9 +6,12 @@
 //! - `fault`: an in-memory disk with seeded faults, for tests.
 //!
 //! The storage thread owns its backend and calls it synchronously: a call
-//! returns when the kernel has completed the work. Group commit comes from
-//! handing [`IoBackend::write_batch`] every dirty tail at once, so one
-//! submission carries many partitions' writes and their fdatasyncs.
+//! returns when the kernel has completed the work, with one exception.
+//! [`IoBackend::sync_start`] only starts a group's fdatasyncs and returns, so
+//! the thread can write the next group while the disk flushes this one;
+//! [`IoBackend::sync_wait`] completes the group before its acks go out.
+//! Group commit comes from handing [`IoBackend::write_batch`] every dirty
+//! tail at once, so one submission carries many partitions' writes.
 
 use std::io;
 use std::path::Path;
