@@ -10,11 +10,11 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use skiff::batch::{BatchBuilder, ProducerStamp};
-use skiff::client::{blocking, ConsumerConfig, ConsumerRecord, ProducerConfig, StartFrom};
+use skiff::client::{blocking, ConsumerRecord, ProducerConfig};
 use skiff::protocol::{
     decode_request, decode_response, CreateTopicRequest, ErrorCode, ProducePartition,
     ProducePartitionResult, RequestBody, FRAME_HEADER_BYTES,
@@ -29,38 +29,6 @@ fn create(b: &Broker, topic: &str, partitions: u32) {
             ..CreateTopicRequest::default()
         })
         .expect("create");
-}
-
-/// Every record from the earliest offset to the high watermark.
-fn consume_all(addr: &str, topic: &str) -> Vec<ConsumerRecord> {
-    let client = blocking::Client::connect(addr).expect("connect");
-    let d = client.describe_topic(topic).expect("describe");
-    let total: u64 = d
-        .partitions
-        .iter()
-        .map(|p| p.latest_offset - p.earliest_offset)
-        .sum();
-    let mut consumer = blocking::Consumer::new(
-        &client,
-        ConsumerConfig {
-            max_wait: Duration::from_millis(100),
-            ..ConsumerConfig::default()
-        },
-    );
-    consumer
-        .assign(topic, None, StartFrom::Earliest)
-        .expect("assign");
-    let mut records = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (records.len() as u64) < total {
-        assert!(
-            Instant::now() < deadline,
-            "read {} of {total}",
-            records.len()
-        );
-        records.extend(consumer.poll().expect("poll"));
-    }
-    records
 }
 
 /// The log holds each value exactly once, at the offset its delivery was

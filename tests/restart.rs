@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use skiff::client::{blocking, ConsumerConfig, ConsumerRecord, ProducerConfig, StartFrom};
+use skiff::client::{blocking, ConsumerRecord, ProducerConfig};
 use skiff::protocol::CreateTopicRequest;
 
 const PARTITIONS: u32 = 3;
@@ -49,45 +49,6 @@ fn produce_acked(b: &Broker, topic: &str, n: usize) -> BTreeMap<(u32, u64), usiz
             ((m.partition, m.offset), i)
         })
         .collect()
-}
-
-/// Every record of every partition, from the earliest offset to the high
-/// watermark at the time of the call.
-fn consume_all(b: &Broker, topic: &str) -> Vec<ConsumerRecord> {
-    let client = blocking::Client::connect(&b.tcp).expect("connect");
-    let d = client
-        .describe_topic(topic)
-        .expect("describe after restart");
-    let total: u64 = d
-        .partitions
-        .iter()
-        .map(|p| p.latest_offset - p.earliest_offset)
-        .sum();
-    let mut consumer = blocking::Consumer::new(
-        &client,
-        ConsumerConfig {
-            max_wait: Duration::from_millis(100),
-            ..ConsumerConfig::default()
-        },
-    );
-    consumer
-        .assign(topic, None, StartFrom::Earliest)
-        .expect("assign");
-    let mut records = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (records.len() as u64) < total {
-        assert!(
-            Instant::now() < deadline,
-            "read {} of {total} records",
-            records.len()
-        );
-        records.extend(consumer.poll().expect("poll"));
-    }
-    assert!(
-        consumer.poll().expect("poll").is_empty(),
-        "records beyond the high watermark"
-    );
-    records
 }
 
 fn value_index(r: &ConsumerRecord) -> usize {
@@ -137,7 +98,7 @@ fn restart_keeps_acked_records(kill: bool) {
         assert!(b.log().contains("stopped cleanly"), "{}", b.log());
     }
     b.restart();
-    let records = consume_all(&b, "durable");
+    let records = consume_all(&b.tcp, "durable");
     assert_exactly(&records, &acked);
 
     // The log carries on where it stopped: the next offsets follow on.
@@ -156,7 +117,7 @@ fn restart_keeps_acked_records(kill: bool) {
     let mut all = acked.clone();
     all.extend(more.iter().map(|(k, i)| (*k, *i)));
     // "v0".."v49" again, as new records at new offsets.
-    assert_exactly(&consume_all(&b, "durable"), &all);
+    assert_exactly(&consume_all(&b.tcp, "durable"), &all);
 }
 
 #[test]
@@ -257,7 +218,7 @@ fn stop_under_a_running_producer(kill: bool) {
     assert!(acked.len() >= 3000);
 
     b.restart();
-    let records = consume_all(&b, "live");
+    let records = consume_all(&b.tcp, "live");
     // Every acknowledged record is there, at its offset; unacknowledged ones
     // may or may not be, but nothing twice and nothing out of order.
     let got: BTreeMap<(u32, u64), usize> = records

@@ -30,8 +30,7 @@ use crate::storage::{
     meta, AppendAck, AppendTicket, Offsets, PartitionConfig, PartitionId, Storage, StorageError,
 };
 
-/// Longest topic name, as Kafka's (so mirrored names fit upstream).
-pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+pub use crate::storage::TOPIC_NAME_BYTES_MAX;
 const TOPICS_META_FILE: &str = "topics.meta";
 /// Per-topic message-id windows. A file of its own: topics.meta is postcard,
 /// which is not self-describing, so a field added to `TopicMeta` would make
@@ -175,19 +174,11 @@ impl From<StorageError> for BrokerError {
     }
 }
 
+/// Storage owns the rule (names become directory names); the broker gives
+/// the client-facing error.
 pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
-    let ok = !name.is_empty()
-        && name.len() <= TOPIC_NAME_BYTES_MAX
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(BrokerError::InvalidTopicName(name.to_owned()))
-    }
+    crate::storage::validate_topic_name(name)
+        .map_err(|_| BrokerError::InvalidTopicName(name.to_owned()))
 }
 
 pub struct Broker {

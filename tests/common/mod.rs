@@ -466,3 +466,42 @@ pub fn request_frame(correlation_id: u32, body: skiff::protocol::RequestBody) ->
     .expect("encoding a request");
     buf
 }
+
+/// Every record of every partition, from the earliest offset to the high
+/// watermark at the time of the call.
+pub fn consume_all(addr: &str, topic: &str) -> Vec<skiff::client::ConsumerRecord> {
+    let client = skiff::client::blocking::Client::connect(addr).expect("connect");
+    let d = client
+        .describe_topic(topic)
+        .expect("describe after restart");
+    let total: u64 = d
+        .partitions
+        .iter()
+        .map(|p| p.latest_offset - p.earliest_offset)
+        .sum();
+    let mut consumer = skiff::client::blocking::Consumer::new(
+        &client,
+        skiff::client::ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            ..skiff::client::ConsumerConfig::default()
+        },
+    );
+    consumer
+        .assign(topic, None, skiff::client::StartFrom::Earliest)
+        .expect("assign");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (records.len() as u64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {total} records",
+            records.len()
+        );
+        records.extend(consumer.poll().expect("poll"));
+    }
+    assert!(
+        consumer.poll().expect("poll").is_empty(),
+        "records beyond the high watermark"
+    );
+    records
+}
