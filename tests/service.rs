@@ -113,6 +113,54 @@ fn metrics_count_what_was_produced_and_fetched() {
     assert_eq!(http_get(&addr, "/ready").0, 200);
 
     assert_ok(&b.cli(&["topics", "create", "m1", "--partitions", "2"]));
+    assert_ok(&b.cli(&["topics", "create", "m0"]));
+    // Scrape in the middle of a produce run: the producer stops halfway
+    // (everything sent so far acked) until the test has scraped.
+    let (half_tx, half_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let live = {
+        let tcp = b.tcp.clone();
+        std::thread::spawn(move || {
+            let p = skiff::client::blocking::Producer::connect(
+                &tcp,
+                skiff::client::ProducerConfig::default(),
+            )
+            .expect("producer");
+            for wave in 0..20u32 {
+                if wave == 10 {
+                    half_tx.send(()).expect("test waiting");
+                    go_rx.recv().expect("test says go");
+                }
+                let pending: Vec<_> = (0..1_000u32)
+                    .map(|i| {
+                        let v = format!("live-{wave:02}-{i:04}");
+                        p.send("m0", None, v.as_bytes(), &[])
+                    })
+                    .collect();
+                for d in pending {
+                    skiff::client::blocking::wait(d).expect("acked");
+                }
+            }
+        })
+    };
+    half_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("producer reached half way");
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        sample(&text, "skiff_produce_records_total", "topic=\"m0\""),
+        Some(10_000.0),
+        "mid-run: exactly the records acked so far"
+    );
+    go_tx.send(()).expect("producer waiting");
+    live.join().expect("producer thread");
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        sample(&text, "skiff_produce_records_total", "topic=\"m0\""),
+        Some(20_000.0),
+        "every acked record counted once the run ends"
+    );
+
     let lines: String = (0..500).map(|i| format!("value-{i:05}\n")).collect();
     assert_ok(&b.cli_stdin(&["produce", "m1"], Some(lines.as_bytes())));
     let out = b.cli(&["consume", "m1", "--count", "500", "--timeout-ms", "5000"]);
@@ -133,8 +181,10 @@ fn metrics_count_what_was_produced_and_fetched() {
         "batch bytes include every value: {produce_bytes}"
     );
     let payload = sample(&text, "skiff_storage_payload_bytes_total", "").expect("payload bytes");
+    let m0_bytes = sample(&text, "skiff_produce_bytes_total", "topic=\"m0\"").expect("m0 bytes");
     assert_eq!(
-        payload, produce_bytes,
+        payload,
+        produce_bytes + m0_bytes,
         "storage saw exactly the produced batches"
     );
     let device = sample(&text, "skiff_storage_device_bytes_total", "").expect("device bytes");
