@@ -466,7 +466,7 @@ fn a_full_producer_table_evicts_the_least_recently_active() {
 fn cli_produce_survives_a_broker_restart_and_writes_each_record_once() {
     let mut b = Broker::start("");
     create(&b, "idem-cli", 2);
-    let mut child = std::process::Command::new(BIN)
+    let mut child = skiff_command()
         .args([
             "produce",
             "idem-cli",
