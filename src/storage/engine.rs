@@ -1329,19 +1329,25 @@ impl Engine {
         dir: &Path,
         files: &mut Vec<FileHandle>,
     ) -> Result<(), StorageError> {
+        // A full disk at creation is the one ENOSPC a ring can meet: say
+        // how much the partition needed.
+        let no_space = |e: io::Error| -> StorageError {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                StorageError::InsufficientSpace {
+                    partition: id.clone(),
+                    bytes: cfg.ring_bytes(),
+                }
+            } else {
+                e.into()
+            }
+        };
         for slot in 0..cfg.segments as usize {
             let f = self.ctx.io.open(&seg_path(dir, slot), true)?;
             files.push(f);
-            match self.ctx.io.allocate(f, cfg.segment_bytes) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(StorageError::InsufficientSpace {
-                        partition: id.clone(),
-                        bytes: cfg.ring_bytes(),
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            }
+            self.ctx
+                .io
+                .allocate(f, cfg.segment_bytes)
+                .map_err(no_space)?;
             // Slot 0 is pre-written now (it takes the first writes); the
             // others in the background, while the storage thread is idle,
             // so creating a partition does not stall every other one.
@@ -1350,16 +1356,7 @@ impl Engine {
             }
         }
         for &f in files.iter() {
-            match self.ctx.io.sync(f) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(StorageError::InsufficientSpace {
-                        partition: id.clone(),
-                        bytes: cfg.ring_bytes(),
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            }
+            self.ctx.io.sync(f).map_err(no_space)?;
         }
         Ok(())
     }
