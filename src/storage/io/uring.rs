@@ -1054,15 +1054,19 @@ mod tests {
     }
 
     /// Waits (without reaping) until `count` completions sit in the CQ.
+    /// Waits in the kernel until `count` completions sit in the CQ, without
+    /// reaping them. (Peeking in a sleep loop was flaky: fsyncs complete on
+    /// io-wq workers and their CQEs are posted by task work, which a waiter
+    /// outside io_uring_enter is not guaranteed to run.)
     fn await_cqes(b: &mut UringBackend, count: usize) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while b.ring.completion().len() < count {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "completions never came"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        loop {
+            match b.ring.submit_and_wait(count) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => panic!("waiting for completions: {e}"),
+            }
         }
+        assert!(b.ring.completion().len() >= count, "completions never came");
     }
 
     /// The group's fsync completions are already in the CQ when a batch
