@@ -239,6 +239,32 @@ fn check_aligned(offset: u64, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+impl FaultBackend {
+    /// One fdatasync of `path`: makes its first `limit` pending writes (all
+    /// of them with `None`) durable, or fails as the plan says. Like Linux
+    /// after a failed writeback, an error is reported once and what reached
+    /// the media is unknown: the pending writes stay, so a crash decides
+    /// their fate.
+    fn flush(&mut self, path: &Path, limit: Option<usize>) -> io::Result<()> {
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        st.syncs += 1;
+        let nth = st.syncs;
+        let p = st.plan;
+        if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
+            return Err(st.injected());
+        }
+        let f = st.files.get_mut(path).ok_or(io::ErrorKind::NotFound)?;
+        let n = limit.unwrap_or(usize::MAX).min(f.unsynced.len());
+        for (off, data) in f.unsynced.drain(..n) {
+            apply(&mut f.durable, off, &data);
+        }
+        Ok(())
+    }
+}
+
 impl IoBackend for FaultBackend {
     fn name(&self) -> &'static str {
         "fault"
@@ -376,45 +402,14 @@ impl IoBackend for FaultBackend {
 
     fn sync_wait(&mut self) -> io::Result<()> {
         for (path, n) in std::mem::take(&mut self.started) {
-            let mut st = self.disk.lock();
-            if st.crashed {
-                return Err(crashed_error());
-            }
-            st.syncs += 1;
-            let nth = st.syncs;
-            let p = st.plan;
-            if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
-                return Err(st.injected());
-            }
-            let f = st.files.get_mut(&path).ok_or(io::ErrorKind::NotFound)?;
-            let n = n.min(f.unsynced.len());
-            for (off, data) in f.unsynced.drain(..n) {
-                apply(&mut f.durable, off, &data);
-            }
+            self.flush(&path, Some(n))?;
         }
         Ok(())
     }
 
     fn sync(&mut self, file: FileHandle) -> io::Result<()> {
         let path = self.path(file)?;
-        let mut st = self.disk.lock();
-        if st.crashed {
-            return Err(crashed_error());
-        }
-        st.syncs += 1;
-        let nth = st.syncs;
-        let p = st.plan;
-        if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
-            // Like Linux after a failed writeback: the error is reported
-            // once, and what reached the media is unknown. Keep the
-            // unsynced writes pending so a crash decides their fate.
-            return Err(st.injected());
-        }
-        let f = st.files.get_mut(&path).ok_or(io::ErrorKind::NotFound)?;
-        for (off, data) in std::mem::take(&mut f.unsynced) {
-            apply(&mut f.durable, off, &data);
-        }
-        Ok(())
+        self.flush(&path, None)
     }
 
     fn sync_dir(&mut self, _dir: &Path) -> io::Result<()> {
