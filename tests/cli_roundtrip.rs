@@ -31,23 +31,6 @@ fn json_lines(o: &std::process::Output) -> Vec<Value> {
         .collect()
 }
 
-/// Exit code `code` and exactly one stderr line containing every `needles`.
-#[track_caller]
-fn assert_fails(o: &std::process::Output, code: i32, needles: &[&str]) {
-    assert_eq!(
-        o.status.code(),
-        Some(code),
-        "stdout: {}\nstderr: {}",
-        stdout(o),
-        stderr(o)
-    );
-    let err = stderr(o);
-    assert_eq!(err.trim_end().lines().count(), 1, "one stderr line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr should name {n:?}: {err}");
-    }
-}
-
 #[test]
 fn topics_create_list_describe_delete() {
     let b = Broker::start("");

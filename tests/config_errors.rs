@@ -44,23 +44,6 @@ fn run_in(cwd: &Path, args: &[&str]) -> Output {
     child.wait_with_output().expect("output")
 }
 
-/// Exit status 2, one stderr line containing every needle.
-#[track_caller]
-fn assert_usage_error(o: &Output, needles: &[&str]) {
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "stdout: {}\nstderr: {}",
-        stdout(o),
-        stderr(o)
-    );
-    let err = stderr(o);
-    assert_eq!(err.trim_end().lines().count(), 1, "one stderr line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr should name {n:?}: {err}");
-    }
-}
-
 /// Writes `text` to `name` in `dir` with a data_dir and listeners that
 /// cannot collide with anything, so a wrongly accepted config stays local.
 fn config_file(dir: &Path, name: &str, text: &str) -> String {
@@ -91,9 +74,9 @@ fn serve_refuses_bad_configs_with_exit_2_naming_key_and_file() {
     for (i, (text, key)) in cases.iter().enumerate() {
         let file = config_file(dir.path(), &format!("bad{i}.toml"), text);
         let o = run_in(dir.path(), &["serve", "--config", &file]);
-        assert_usage_error(&o, &[key, &file]);
+        assert_fails(&o, 2, &[key, &file]);
         let o = run_in(dir.path(), &["config", "check", &file]);
-        assert_usage_error(&o, &[key, &file]);
+        assert_fails(&o, 2, &[key, &file]);
     }
     // Nothing was started: no data directory, no socket.
     assert!(!dir.path().join("skiff-data").exists());
@@ -102,12 +85,12 @@ fn serve_refuses_bad_configs_with_exit_2_naming_key_and_file() {
     let missing = dir.path().join("nope.toml");
     let missing = missing.to_str().expect("utf-8 path");
     let o = run_in(dir.path(), &["serve", "--config", missing]);
-    assert_usage_error(&o, &[missing]);
+    assert_fails(&o, 2, &[missing]);
     let o = run_in(dir.path(), &["config", "check", missing]);
-    assert_usage_error(&o, &[missing]);
+    assert_fails(&o, 2, &[missing]);
 
     let o = run_in(dir.path(), &["serve", "--profile", "nope"]);
-    assert_usage_error(&o, &["nope"]);
+    assert_fails(&o, 2, &["nope"]);
     let o = run_in(dir.path(), &["serve", "--listen", "not-an-address"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(!dir.path().join("skiff-data").exists());
