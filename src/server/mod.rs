@@ -188,6 +188,24 @@ impl Server {
         });
         let stopped = Arc::new(Shutdown::default());
         let mut accept_tasks = Vec::new();
+        // The metrics listener is bound before the data listeners so that a
+        // broker accepting clients is also answering /health and /ready.
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics_listen() {
+            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
+                ServeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+            metrics_addr = listener.local_addr().ok();
+            accept_tasks.push(executor.spawn(crate::metrics::serve_http(
+                listener,
+                metrics.clone(),
+                ready.clone(),
+            )));
+        }
         let mut tcp_addr = None;
         if let Some(addr) = cfg.tcp_listen() {
             let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
@@ -208,25 +226,13 @@ impl Server {
             unix_path = Some(path);
             accept_tasks.push(executor.spawn(accept_unix(listener, ctx.clone(), executor.clone())));
         }
-        let ready = Arc::new(AtomicBool::new(false));
-        let mut metrics_addr = None;
-        if let Some(addr) = cfg.metrics_listen() {
-            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
-                ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                }
-            })?;
-            metrics_addr = listener.local_addr().ok();
-            accept_tasks.push(executor.spawn(crate::metrics::serve_http(
-                listener,
-                metrics.clone(),
-                ready.clone(),
-            )));
-        }
         accept_tasks.push(executor.spawn(snapshot_producers_loop(ctx.broker.clone())));
         accept_tasks
             .push(executor.spawn(producer_metrics_loop(ctx.broker.clone(), metrics.clone())));
+        // Recovery is done and every listener is bound. Set before the
+        // threads that poll the metrics task exist, so /ready never answers
+        // 503 to a probe that arrived after the data port opened.
+        ready.store(true, Ordering::SeqCst);
         let threads = (0..threads.max(1))
             .map(|i| {
                 let ex = executor.clone();
@@ -238,8 +244,6 @@ impl Server {
                     .expect("spawning a network thread")
             })
             .collect();
-        // Recovery is done and the listeners are bound: serving.
-        ready.store(true, Ordering::SeqCst);
         Ok(Server {
             ctx,
             metrics_addr,
