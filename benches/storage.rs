@@ -38,6 +38,9 @@ impl IoBackend for Unpipelined {
     fn close(&mut self, file: skiff::storage::io::FileHandle) {
         self.0.close(file)
     }
+    fn write_unit(&self, file: skiff::storage::io::FileHandle) -> usize {
+        self.0.write_unit(file)
+    }
     fn allocate(&mut self, file: skiff::storage::io::FileHandle, len: u64) -> std::io::Result<()> {
         self.0.allocate(file, len)
     }
@@ -208,6 +211,47 @@ fn raw_bandwidth(dir: &Path, total: u64) -> f64 {
     bw
 }
 
+/// What the file system itself writes per fdatasync that follows a small
+/// O_DIRECT write, at the write-amplification run's cadence: one write
+/// unit, fdatasync, every `period`. On no-journal ext4 (this dev VM) a
+/// write that moves the file's mtime to a new clock tick makes the next
+/// fdatasync write the inode's block too; skiff cannot avoid it.
+fn fs_bytes_per_fdatasync(dir: &Path, period: Duration) -> f64 {
+    const ROUNDS: u64 = 500;
+    let path = dir.join("fs-probe.tmp");
+    let mut io = PwriteBackend::new();
+    let f = io.open(&path, true).expect("open probe file");
+    let unit = io.write_unit(f);
+    io.allocate(f, 1 << 20).expect("fallocate probe file");
+    let buf = AlignedBuf::new(1 << 20).expect("buffer");
+    let fill = WriteOp {
+        file: f,
+        offset: 0,
+        data: &buf[..],
+    };
+    io.write_batch(&[fill], &[f]).expect("probe pre-write");
+    let d = std::fs::File::open(dir).expect("bench dir");
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open.
+    unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&d)) };
+    let dev0 = dev_write_bytes(dir);
+    let t = Instant::now();
+    for i in 0..ROUNDS {
+        let op = WriteOp {
+            file: f,
+            offset: i * unit as u64 % (1 << 20),
+            data: &buf[..unit],
+        };
+        io.write_batch(&[op], &[f]).expect("probe write");
+        if let Some(wait) = (t + period * (i as u32 + 1)).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let extra = (dev_write_bytes(dir) - dev0).saturating_sub(ROUNDS * unit as u64);
+    io.close(f);
+    let _ = std::fs::remove_file(&path);
+    extra as f64 / ROUNDS as f64
+}
+
 fn make_batches(records: usize, value_bytes: usize) -> Vec<Vec<u8>> {
     let mut b = BatchBuilder::new();
     (0..16)
@@ -249,7 +293,7 @@ fn open(dir: &Path, prewrite: bool) -> Storage {
 
 /// Creates the partition and, when segments are pre-written, waits for the
 /// background pass to finish, so it does not compete with the timed part.
-fn create(s: &Storage, id: &PartitionId, cfg: PartitionConfig, prewrite: bool) {
+fn create(s: &Storage, dir: &Path, id: &PartitionId, cfg: PartitionConfig, prewrite: bool) {
     let before = s.stats().device_bytes_written;
     let ring = cfg.ring_bytes();
     smol::block_on(s.create_partition(id.clone(), cfg)).unwrap();
@@ -257,6 +301,12 @@ fn create(s: &Storage, id: &PartitionId, cfg: PartitionConfig, prewrite: bool) {
     while prewrite && s.stats().device_bytes_written - before < ring && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The file system's own writeback from setup (freeing the last run's
+    // ring, allocating this one) must not land in the measured window.
+    let d = std::fs::File::open(dir).expect("data dir");
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open.
+    let rc = unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&d)) };
+    assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
 }
 
 fn ring(p: &Params, durability: Durability) -> PartitionConfig {
@@ -281,7 +331,7 @@ fn throughput_run(
 ) -> Run {
     let s = open(dir, prewrite);
     let id = PartitionId::new("bench", 0);
-    create(&s, &id, ring(p, Durability::Always), prewrite);
+    create(&s, dir, &id, ring(p, Durability::Always), prewrite);
     let batches = make_batches(records, value);
     let in_flight = (in_flight_records / records).max(1);
     let budget = p.segment_bytes * u64::from(p.ring_segments - 1);
@@ -330,7 +380,13 @@ fn throughput_run(
 fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
     let s = open(dir, true);
     let id = PartitionId::new("wa", 0);
-    create(&s, &id, ring(p, Durability::IntervalMs(interval_ms)), true);
+    create(
+        &s,
+        dir,
+        &id,
+        ring(p, Durability::IntervalMs(interval_ms)),
+        true,
+    );
     let batches = make_batches(1, value);
     let total = p.wa_rate_per_s * p.wa_time.as_millis() as u64 / 1000;
     let interval = Duration::from_nanos(1_000_000_000 / p.wa_rate_per_s);
@@ -502,6 +558,18 @@ fn main() {
         );
         println!(
             "  device bytes written (/sys stat, whole disk: includes the journal and other processes) / value bytes: {wd:.2} [{dmin:.2}..{dmax:.2}]"
+        );
+        let mean_commit = Duration::from_secs_f64(
+            p.wa_time.as_secs_f64() / mmm(&runs, |r| r.fsyncs as f64).0.max(1.0),
+        );
+        let fs = fs_bytes_per_fdatasync(&dir, mean_commit);
+        let (net, _, _) = mmm(&runs, |r| {
+            let log_bytes = r.payload as f64 * r.log_bytes_per_s / r.value_bytes_per_s;
+            (r.device_bytes as f64 - r.fsyncs as f64 * fs) / log_bytes
+        });
+        println!(
+            "  file system's own writes per fdatasync after a write (probe at one per {:.1} ms): {fs:.0} B; device bytes net of them / log (batch) byte: {net:.2}",
+            mean_commit.as_secs_f64() * 1e3
         );
         println!(
             "  achieved {:.0} records/s, mean commit {:.0} us, fsyncs {:.0}, device flushes {:.0}",

@@ -18,7 +18,7 @@
 //! the blocks from the first dirty one to the end of the tail (so the
 //! partial last block is rewritten as it grows).
 
-use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
 use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
 use super::{
     meta, AppendAck, Durability, OverflowPolicy, PartShared, PartitionConfig, PartitionId,
@@ -330,8 +330,13 @@ struct Part {
     /// Everything below is acknowledged and readable.
     hw: u64,
     tail: AlignedBuf,
+    /// Always a multiple of [`B`], so the tail buffer's blocks stay aligned.
     tail_file_off: u64,
     tail_len: usize,
+    /// The segment files' write unit: the dirty tail is written from and to
+    /// multiples of it (512 B on most devices, so a small append rewrites
+    /// one sector of the partial block, not all 4 KiB of it).
+    unit: usize,
     /// First tail byte not yet written to the file.
     dirty_from: Option<usize>,
     /// Written but not yet fdatasynced.
@@ -442,8 +447,8 @@ impl Part {
 
     /// The write covering the dirty part of the tail, if any.
     fn dirty_write(&self) -> Option<WriteOp<'_>> {
-        let from = self.dirty_from? / B * B;
-        let to = self.tail_len.div_ceil(B) * B;
+        let from = self.dirty_from? / self.unit * self.unit;
+        let to = self.tail_len.div_ceil(self.unit) * self.unit;
         Some(WriteOp {
             file: self.files[self.active()],
             offset: self.tail_file_off + from as u64,
@@ -807,7 +812,14 @@ fn scan_segment(
         if bytes.len() < HEADER_BYTES {
             break Stop::End;
         }
-        if bytes[..HEADER_BYTES].iter().all(|&b| b == 0) {
+        // A write ends on a sector boundary with zeros after the last batch;
+        // what follows that boundary may be an earlier lap's bytes. A batch
+        // starting here would have put its (non-zero) magic in this sector.
+        let sector_rest = SECTOR_BYTES - (pos % SECTOR_BYTES as u64) as usize;
+        if bytes[..HEADER_BYTES.min(sector_rest)]
+            .iter()
+            .all(|&b| b == 0)
+        {
             break Stop::Clean;
         }
         let checked = match batch::parse_header(bytes) {
@@ -1175,6 +1187,9 @@ impl Engine {
         files: Vec<FileHandle>,
     ) -> Result<Part, StorageError> {
         let tail = self.take_tail()?;
+        // One file system holds the ring, so its first file speaks for all.
+        let unit = files.first().map_or(B, |&f| self.ctx.io.write_unit(f));
+        debug_assert!(unit.is_power_of_two() && B % unit == 0);
         let segs = (0..cfg.segments)
             .map(|_| Seg::new(cfg.segment_bytes))
             .collect();
@@ -1199,6 +1214,7 @@ impl Engine {
             tail,
             tail_file_off: 0,
             tail_len: 0,
+            unit,
             dirty_from: None,
             unsynced: false,
             pending: Vec::new(),

@@ -93,9 +93,9 @@ fn durability() -> impl Strategy<Value = Durability> {
     prop_oneof![Just(Durability::Always), Just(Durability::IntervalMs(1))]
 }
 
-fn run_fault_model(seed: u64, durability: Durability, ops: Vec<Op>) {
+fn run_fault_model(seed: u64, unit: usize, durability: Durability, ops: Vec<Op>) {
     let rig = Rig::fault(seed);
-    let disk = rig.disk().unwrap().clone();
+    let disk = rig.disk().unwrap().clone().with_write_unit(unit);
     let id = pid("prop", 0);
     let cfg = PartitionConfig {
         durability,
@@ -199,10 +199,11 @@ proptest! {
     #[test]
     fn fault_disk_crashes_keep_acknowledged_data(
         seed in any::<u64>(),
+        unit in prop_oneof![Just(512usize), Just(4096)],
         durability in durability(),
         ops in prop::collection::vec(op(), 1..40),
     ) {
-        run_fault_model(seed, durability, ops);
+        run_fault_model(seed, unit, durability, ops);
     }
 }
 

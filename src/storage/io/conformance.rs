@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::aligned::AlignedBuf;
-use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
 
 /// A scratch directory for backend tests on a filesystem that supports
 /// O_DIRECT: `SKIFF_TEST_DIR` if set, else `/var/tmp` (usually disk-backed;
@@ -60,6 +60,7 @@ pub fn run_all(backend: &mut impl IoBackend, dir: &Path) {
     short_read_at_end_of_file(backend, dir);
     allocated_space_reads_as_zeros(backend, dir);
     overwrite_in_place(backend, dir);
+    unit_writes_rewrite_part_of_a_block(backend, dir);
     batch_larger_than_a_queue(backend, dir);
     open_and_close(backend, dir);
     errors_are_io_errors(backend, dir);
@@ -220,6 +221,43 @@ pub fn overwrite_in_place(backend: &mut impl IoBackend, dir: &Path) {
     backend.close(f);
 }
 
+/// A write of one write unit inside a block (how a small append rewrites
+/// only its partial sector) changes those bytes and no others.
+pub fn unit_writes_rewrite_part_of_a_block(backend: &mut impl IoBackend, dir: &Path) {
+    let f = backend.open(&dir.join("unit.seg"), true).expect("open");
+    let unit = backend.write_unit(f);
+    let first = block_buf(1, 5);
+    let second = block_buf(1, 6);
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &first,
+            }],
+            &[],
+        )
+        .expect("write block");
+    // The buffer's second unit, written in place of the block's second unit.
+    let at = unit.min(BLOCK_BYTES / 2);
+    let at = at / unit * unit;
+    backend
+        .write_batch(
+            &[WriteOp {
+                file: f,
+                offset: at as u64,
+                data: &second[at..at + unit],
+            }],
+            &[f],
+        )
+        .expect("write one unit");
+    let back = read_back(backend, f, 0, BLOCK_BYTES);
+    assert_eq!(&back[..at], &first[..at]);
+    assert_eq!(&back[at..at + unit], &second[at..at + unit]);
+    assert_eq!(&back[at + unit..], &first[at + unit..]);
+    backend.close(f);
+}
+
 /// More writes and syncs than a small submission queue holds: the backend
 /// must split the batch and still write and sync everything.
 pub fn batch_larger_than_a_queue(backend: &mut impl IoBackend, dir: &Path) {
@@ -297,22 +335,29 @@ pub fn errors_are_io_errors(backend: &mut impl IoBackend, dir: &Path) {
     );
 
     let f = backend.open(&dir.join("errors.seg"), true).expect("open");
+    let unit = backend.write_unit(f);
+    assert!(
+        unit.is_power_of_two() && (SECTOR_BYTES..=BLOCK_BYTES).contains(&unit),
+        "write unit {unit}"
+    );
+    // Off by half the file's write unit: below it, O_DIRECT refuses.
+    let half = unit / 2;
     let big = block_buf(2, 4);
     let unaligned = [
         WriteOp {
             file: f,
-            offset: 512,
+            offset: half as u64,
             data: &data,
         },
         WriteOp {
             file: f,
             offset: 0,
-            data: &data[..BLOCK_BYTES - 512],
+            data: &data[..BLOCK_BYTES - half],
         },
         WriteOp {
             file: f,
             offset: 0,
-            data: &big[512..512 + BLOCK_BYTES],
+            data: &big[half..half + BLOCK_BYTES],
         },
     ];
     for w in unaligned {

@@ -58,6 +58,8 @@ struct DiskState {
     writes: u64,
     syncs: u64,
     faults_injected: u64,
+    /// What the disk reports as its direct-I/O write unit, and enforces.
+    write_unit: usize,
 }
 
 impl DiskState {
@@ -115,7 +117,16 @@ impl FaultDisk {
             writes: 0,
             syncs: 0,
             faults_injected: 0,
+            write_unit: BLOCK_BYTES,
         })))
+    }
+
+    /// A disk with 512-byte (or other) logical sectors: writes must be
+    /// aligned to `unit`, a power of two dividing [`BLOCK_BYTES`].
+    pub fn with_write_unit(self, unit: usize) -> FaultDisk {
+        assert!(unit.is_power_of_two() && BLOCK_BYTES % unit == 0);
+        self.lock().write_unit = unit;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, DiskState> {
@@ -229,8 +240,8 @@ impl FaultBackend {
     }
 }
 
-fn check_aligned(offset: u64, len: usize) -> io::Result<()> {
-    if offset % BLOCK_BYTES as u64 != 0 || len % BLOCK_BYTES != 0 {
+fn check_aligned(unit: usize, offset: u64, len: usize) -> io::Result<()> {
+    if offset % unit as u64 != 0 || len % unit != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "unaligned direct I/O",
@@ -296,6 +307,10 @@ impl IoBackend for FaultBackend {
         Ok(FileHandle(h as u32))
     }
 
+    fn write_unit(&self, _file: FileHandle) -> usize {
+        self.disk.lock().write_unit
+    }
+
     fn close(&mut self, file: FileHandle) {
         if let Some(slot) = self.handles.get_mut(file.0 as usize) {
             *slot = None;
@@ -330,7 +345,7 @@ impl IoBackend for FaultBackend {
     }
 
     fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        check_aligned(offset, buf.len())?;
+        check_aligned(BLOCK_BYTES, offset, buf.len())?;
         let path = self.path(file)?;
         let mut st = self.disk.lock();
         if st.crashed {
@@ -355,7 +370,7 @@ impl IoBackend for FaultBackend {
 
     fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
         for w in writes {
-            check_aligned(w.offset, w.data.len())?;
+            check_aligned(self.write_unit(w.file), w.offset, w.data.len())?;
             let path = self.path(w.file)?;
             let mut st = self.disk.lock();
             if st.crashed {

@@ -27,8 +27,51 @@ pub mod uring;
 
 pub use aligned::AlignedBuf;
 
-/// Alignment of every write offset, length and buffer address (O_DIRECT).
+/// Alignment of every buffer address, and the largest write unit: write
+/// offsets and lengths are multiples of a file's [`IoBackend::write_unit`],
+/// which divides this.
 pub const BLOCK_BYTES: usize = 4096;
+
+/// The smallest write unit O_DIRECT allows anywhere (a 512-byte sector).
+pub const SECTOR_BYTES: usize = 512;
+
+/// The direct-I/O write unit of an open file: the file system's
+/// `stx_dio_offset_align` (statx `STATX_DIOALIGN`, Linux 6.1+), so a small
+/// append rewrites one 512-byte logical sector instead of a 4 KiB block.
+/// [`BLOCK_BYTES`] when the kernel does not say, the file is buffered (no
+/// direct I/O) or the answer is outside `SECTOR_BYTES..=BLOCK_BYTES`.
+pub(crate) fn dio_write_unit(fd: std::os::unix::io::RawFd) -> usize {
+    // SAFETY: statx writes into the zeroed struct we own; the empty path
+    // with AT_EMPTY_PATH names `fd` itself.
+    let (rc, stx) = unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let rc = libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        );
+        (rc, stx)
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return BLOCK_BYTES;
+    }
+    let unit = stx.stx_dio_offset_align as usize;
+    let mem = stx.stx_dio_mem_align as usize;
+    if unit.is_power_of_two() && (SECTOR_BYTES..=BLOCK_BYTES).contains(&unit) && mem <= BLOCK_BYTES
+    {
+        unit
+    } else {
+        BLOCK_BYTES
+    }
+}
+
+/// Whether a write of `data` at `offset` meets O_DIRECT's rules for a file
+/// whose write unit is `unit`.
+pub(crate) fn write_aligned(unit: usize, offset: u64, data: &[u8]) -> bool {
+    offset % unit as u64 == 0 && data.len() % unit == 0 && data.as_ptr() as usize % unit == 0
+}
 
 /// A file opened through a backend. Only meaningful to the backend that
 /// returned it.
@@ -36,7 +79,7 @@ pub const BLOCK_BYTES: usize = 4096;
 pub struct FileHandle(pub u32);
 
 /// One positional write. `offset`, `data.len()` and `data.as_ptr()` are
-/// multiples of [`BLOCK_BYTES`].
+/// multiples of the file's [`IoBackend::write_unit`].
 #[derive(Debug)]
 pub struct WriteOp<'a> {
     pub file: FileHandle,
@@ -53,6 +96,13 @@ pub trait IoBackend: Send + 'static {
     fn open(&mut self, path: &Path, create: bool) -> io::Result<FileHandle>;
 
     fn close(&mut self, file: FileHandle);
+
+    /// The alignment of write offsets and lengths for `file`: a power of
+    /// two dividing [`BLOCK_BYTES`]. Smaller units mean less of a partial
+    /// block rewritten per small append (write amplification).
+    fn write_unit(&self, _file: FileHandle) -> usize {
+        BLOCK_BYTES
+    }
 
     /// Reserves `len` bytes so later writes below `len` never need new
     /// blocks (fallocate; a full disk fails here, at creation, not later).

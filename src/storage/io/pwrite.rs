@@ -60,6 +60,8 @@ impl Drop for SyncWorker {
 #[derive(Debug, Default)]
 pub struct PwriteBackend {
     files: Vec<Option<Arc<File>>>,
+    /// Each file's write unit, indexed like `files`.
+    units: Vec<usize>,
     /// Set once O_DIRECT was refused, so the warning is logged once.
     buffered_fallback: bool,
     /// Started on the first `sync_start`.
@@ -82,13 +84,15 @@ impl PwriteBackend {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown file handle"))
     }
 
-    fn insert(&mut self, f: File) -> FileHandle {
+    fn insert(&mut self, f: File, unit: usize) -> FileHandle {
         let f = Arc::new(f);
         if let Some(i) = self.files.iter().position(Option::is_none) {
             self.files[i] = Some(f);
+            self.units[i] = unit;
             FileHandle(i as u32)
         } else {
             self.files.push(Some(f));
+            self.units.push(unit);
             FileHandle((self.files.len() - 1) as u32)
         }
     }
@@ -103,16 +107,17 @@ fn open_options(create: bool, direct: bool) -> OpenOptions {
     o
 }
 
+fn unaligned() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "unaligned direct I/O")
+}
+
+/// Reads keep whole blocks, whatever the file's write unit.
 fn check_aligned(offset: u64, data: &[u8]) -> io::Result<()> {
-    let b = BLOCK_BYTES as u64;
-    if offset % b != 0 || data.len() % BLOCK_BYTES != 0 || data.as_ptr() as usize % BLOCK_BYTES != 0
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "unaligned direct I/O",
-        ));
+    if super::write_aligned(BLOCK_BYTES, offset, data) {
+        Ok(())
+    } else {
+        Err(unaligned())
     }
-    Ok(())
 }
 
 impl IoBackend for PwriteBackend {
@@ -138,7 +143,19 @@ impl IoBackend for PwriteBackend {
                 Err(e) => return Err(e),
             }
         };
-        Ok(self.insert(f))
+        let unit = if self.buffered_fallback {
+            BLOCK_BYTES
+        } else {
+            super::dio_write_unit(f.as_raw_fd())
+        };
+        Ok(self.insert(f, unit))
+    }
+
+    fn write_unit(&self, file: FileHandle) -> usize {
+        self.units
+            .get(file.0 as usize)
+            .copied()
+            .unwrap_or(BLOCK_BYTES)
     }
 
     fn close(&mut self, file: FileHandle) {
@@ -176,7 +193,9 @@ impl IoBackend for PwriteBackend {
 
     fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
         for w in writes {
-            check_aligned(w.offset, w.data)?;
+            if !super::write_aligned(self.write_unit(w.file), w.offset, w.data) {
+                return Err(unaligned());
+            }
             self.file(w.file)?.write_all_at(w.data, w.offset)?;
         }
         for &s in sync {

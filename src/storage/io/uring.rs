@@ -89,6 +89,8 @@ const TAG_PAYLOAD_MAX: u64 = !KIND_MASK;
 #[derive(Debug)]
 struct OpenFile {
     fd: OwnedFd,
+    /// Direct-I/O write unit ([`super::dio_write_unit`]).
+    unit: usize,
     /// Whether `fd` sits in the registered slot with the handle's index.
     fixed: bool,
 }
@@ -360,11 +362,8 @@ impl UringBackend {
     }
 
     fn check_write(&self, op: &WriteOp<'_>) -> io::Result<()> {
-        self.file(op.file)?;
-        let aligned = op.offset % BLOCK_BYTES as u64 == 0
-            && op.data.len() % BLOCK_BYTES == 0
-            && op.data.as_ptr() as usize % BLOCK_BYTES == 0;
-        if aligned {
+        let unit = self.file(op.file)?.unit;
+        if super::write_aligned(unit, op.offset, op.data) {
             Ok(())
         } else {
             // Refused here even when the file fell back to buffered I/O, so
@@ -488,8 +487,13 @@ impl IoBackend for UringBackend {
                 Err(err) => log::warn!("io_uring: cannot register file slot {}: {err}", handle.0),
             }
         }
-        self.files[index] = Some(OpenFile { fd, fixed });
+        let unit = super::dio_write_unit(fd.as_raw_fd());
+        self.files[index] = Some(OpenFile { fd, unit, fixed });
         Ok(handle)
+    }
+
+    fn write_unit(&self, file: FileHandle) -> usize {
+        self.file(file).map_or(BLOCK_BYTES, |f| f.unit)
     }
 
     fn close(&mut self, file: FileHandle) {
@@ -926,7 +930,11 @@ mod tests {
     /// Puts `fd` into the table as if `open` had returned it, so errors
     /// come from the kernel through completions, not from our checks.
     fn adopt(b: &mut UringBackend, fd: OwnedFd) -> FileHandle {
-        b.files.push(Some(OpenFile { fd, fixed: false }));
+        b.files.push(Some(OpenFile {
+            fd,
+            unit: BLOCK_BYTES,
+            fixed: false,
+        }));
         FileHandle((b.files.len() - 1) as u32)
     }
 
