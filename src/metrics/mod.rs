@@ -545,6 +545,10 @@ impl crate::storage::IoObserver for Metrics {
             self.observe_fsync(elapsed);
         }
     }
+
+    fn sync_group(&self, elapsed: Duration) {
+        self.observe_fsync(elapsed);
+    }
 }
 
 #[cfg(test)]

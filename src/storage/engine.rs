@@ -1616,13 +1616,14 @@ impl Engine {
             return;
         }
         let res = self.ctx.io.sync_wait();
+        let elapsed = self.inflight_started.elapsed();
         let st = &self.ctx.shared.stats;
         StatsInner::add(&st.fsyncs, self.inflight_files as u64);
-        StatsInner::add(
-            &st.fsync_latency_us_sum,
-            self.inflight_started.elapsed().as_micros() as u64,
-        );
+        StatsInner::add(&st.fsync_latency_us_sum, elapsed.as_micros() as u64);
         StatsInner::add(&st.fsync_latency_count, 1);
+        if let Some(obs) = &self.ctx.cfg.observer {
+            obs.0.sync_group(elapsed);
+        }
         if let Err(e) = res {
             self.fail_inflight(&e);
             return;

@@ -314,6 +314,10 @@ pub trait IoObserver: Send + Sync {
         payload_bytes: u64,
         synced: bool,
     );
+
+    /// A pipelined group's fdatasyncs completed, `elapsed` after they were
+    /// started (the writes were reported by `write_round` already).
+    fn sync_group(&self, elapsed: std::time::Duration);
 }
 
 #[derive(Clone)]
