@@ -404,6 +404,29 @@ fn sequences_duplicates_gaps_and_stale_epochs_get_the_documented_answers() {
 }
 
 #[test]
+fn a_corrupt_idempotent_batch_is_refused_without_taking_its_sequence() {
+    let b = Broker::start("");
+    create(&b, "idem-raw", 1);
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    let id = c.init_producer(None).expect("init").producer_id;
+    let mut bad = raw_batch(&["a", "b"], id, 0, 0);
+    let mut bytes = bad.batch.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    bad.batch = bytes.into();
+    let r = send(&c, bad);
+    assert_eq!(r.error, ErrorCode::InvalidBatch, "{r:?}");
+    assert!(
+        r.message.as_deref().unwrap_or("").contains("CRC mismatch"),
+        "the answer names the CRC: {r:?}"
+    );
+    // Sequence 0 is still the next one: the intact batch is written.
+    assert_written(&send(&c, raw_batch(&["a", "b"], id, 0, 0)), 0, 1, 0);
+    assert_written(&send(&c, raw_batch(&["c"], id, 0, 2)), 2, 2, 0);
+    b.stop_checked();
+}
+
+#[test]
 fn two_producers_with_one_name_fence_the_older() {
     let b = Broker::start("");
     create(&b, "idem-fence", 1);

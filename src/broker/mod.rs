@@ -626,13 +626,9 @@ impl Broker {
         }
         // A whole check (CRC included) before the batch takes a sequence:
         // storage can then fail it only for reasons that are sticky or
-        // shared by the batches after it (see producers' module docs).
-        crate::batch::verify(&batch).map_err(invalid)?;
-        if batch.len() != header.total_len as usize {
-            return Err(invalid(crate::batch::BatchError::Malformed(
-                "trailing bytes after batch",
-            )));
-        }
+        // shared by the batches after it (see producers' module docs). The
+        // check is handed to storage, which does not repeat it.
+        let checked = crate::storage::CheckedBatch::check(batch)?;
         let _order = self.submit_order.lock().await;
         let hw = self.storage.offsets(&id)?.high_watermark;
         let tracked = match self.producers.check(topic, partition, &header, hw) {
@@ -658,12 +654,13 @@ impl Broker {
             tracked,
             ..PendingWrite::default()
         };
-        let batch = if windowed {
-            match self.apply_window(topic, &header, batch)? {
+        let submitted = if windowed {
+            match self.apply_window(topic, &header, checked.into_bytes())? {
                 Windowed::Keep { batch, remembered } => {
                     pending.remembered = Some((topic.to_owned(), remembered.0));
                     pending.dropped = remembered.1;
-                    batch
+                    // Maybe re-encoded: checked again.
+                    self.storage.submit(&id, batch).await
                 }
                 Windowed::AllDuplicates => {
                     // Nothing to write. The answer names the last offset
@@ -680,9 +677,9 @@ impl Broker {
                 }
             }
         } else {
-            batch
+            self.storage.submit_checked(&id, checked).await
         };
-        match self.storage.submit(&id, batch).await {
+        match submitted {
             Ok(ticket) => Ok(Submitted::Queued { ticket, pending }),
             Err(e) => {
                 // Nobody waits on this slot (the order lock is held),

@@ -187,6 +187,10 @@ impl Prechecked {
         })
     }
 
+    pub(crate) fn header(&self) -> &batch::BatchHeader {
+        &self.header
+    }
+
     /// Writes `base_offset` and the matching CRC into the (checked) batch.
     fn assign_offset(self, b: &mut [u8], base_offset: u64) -> batch::BatchHeader {
         let offset = base_offset.to_le_bytes();

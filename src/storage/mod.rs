@@ -616,6 +616,30 @@ impl From<crate::batch::BatchError> for StorageError {
 
 type Reply<T> = async_channel::Sender<Result<T, StorageError>>;
 
+/// A producer batch whose framing and CRC were verified (one pass, with
+/// the hardware CRC where the CPU has it), ready for
+/// [`Storage::submit_checked`].
+pub struct CheckedBatch {
+    batch: Vec<u8>,
+    checked: engine::Prechecked,
+}
+
+impl CheckedBatch {
+    pub fn check(batch: Vec<u8>) -> Result<CheckedBatch, StorageError> {
+        let checked = engine::Prechecked::check(&batch)?;
+        Ok(CheckedBatch { batch, checked })
+    }
+
+    pub fn header(&self) -> &crate::batch::BatchHeader {
+        self.checked.header()
+    }
+
+    /// The bytes back, e.g. to re-encode the batch (then check it again).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.batch
+    }
+}
+
 /// A pending append: resolves when the batch is durable under the
 /// partition's policy (or failed).
 pub struct AppendTicket {
@@ -774,13 +798,25 @@ impl Storage {
         id: &PartitionId,
         batch: Vec<u8>,
     ) -> Result<AppendTicket, StorageError> {
+        let checked = CheckedBatch::check(batch)?;
+        self.submit_checked(id, checked).await
+    }
+
+    /// [`Storage::submit`] of a batch checked already, for callers that
+    /// need its header before submitting (the producer table) without a
+    /// second pass over the bytes.
+    pub async fn submit_checked(
+        &self,
+        id: &PartitionId,
+        checked: CheckedBatch,
+    ) -> Result<AppendTicket, StorageError> {
+        let CheckedBatch { batch, checked } = checked;
         if batch.len() > self.inner.max_batch_bytes {
             return Err(StorageError::BatchTooLarge {
                 bytes: batch.len(),
                 max: self.inner.max_batch_bytes,
             });
         }
-        let checked = engine::Prechecked::check(&batch)?;
         let (tx, rx) = async_channel::bounded(1);
         self.inner
             .tx
