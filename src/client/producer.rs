@@ -262,7 +262,6 @@ impl Producer {
     ) -> Result<Delivery, ClientError> {
         let size = record_bytes_max(key, value, headers);
         let timestamp_ms = now_ms();
-        let now = Instant::now();
         // The owned copy a record needs while its topic's metadata is asked.
         let unresolved = |settler| Unresolved {
             partition,
@@ -275,7 +274,7 @@ impl Producer {
                 .collect(),
             settler,
             size,
-            enqueued: now,
+            enqueued: Instant::now(),
         };
         let wake;
         let delivery;
@@ -294,50 +293,52 @@ impl Producer {
                 }
             }
             st.acc.check_room(size)?;
-            let topic: Arc<str> = match st.topics.get_key_value(topic) {
-                Some((t, _)) => t.clone(),
-                None => topic.into(),
+            // One lookup on the hot path (a known topic).
+            let (topic, known): (Arc<str>, Option<u32>) = match st.topics.get_key_value(topic) {
+                Some((t, TopicMeta::Known(n))) => (t.clone(), Some(*n)),
+                Some((t, _)) => (t.clone(), None),
+                None => (topic.into(), None),
             };
-            match st.topics.get_mut(&topic) {
-                Some(TopicMeta::Known(n)) => {
-                    let n = *n;
-                    let p = match partition {
-                        Some(p) if p >= n => {
-                            return Err(ClientError::server(
-                                ErrorCode::UnknownPartition,
-                                format!("{topic} has {n} partitions, not {}", p + 1),
-                            ))
-                        }
-                        Some(p) => p,
-                        None => {
-                            st.acc
-                                .choose_partition(&topic, key, n, self.inner.config.partitioner)
-                        }
-                    };
-                    let tp = TopicPartition {
-                        topic,
-                        partition: p,
-                    };
-                    (delivery, wake) = st
+            if let Some(n) = known {
+                let p = match partition {
+                    Some(p) if p >= n => {
+                        return Err(ClientError::server(
+                            ErrorCode::UnknownPartition,
+                            format!("{topic} has {n} partitions, not {}", p + 1),
+                        ))
+                    }
+                    Some(p) => p,
+                    None => st
                         .acc
-                        .append(tp, timestamp_ms, key, value, headers, None, now)
-                        .map_err(|(e, _)| e)?;
-                }
-                Some(TopicMeta::Pending(q)) => {
-                    let settler = Settler::new();
-                    delivery = settler.delivery(0);
-                    wake = false;
-                    q.push_back(unresolved(settler));
-                    st.unresolved_bytes += size;
-                }
-                None => {
-                    let settler = Settler::new();
-                    delivery = settler.delivery(0);
-                    wake = false;
-                    let q = VecDeque::from([unresolved(settler)]);
-                    st.unresolved_bytes += size;
-                    st.topics.insert(topic.clone(), TopicMeta::Pending(q));
-                    smol::spawn(resolve_topic(self.inner.clone(), topic)).detach();
+                        .choose_partition(&topic, key, n, self.inner.config.partitioner),
+                };
+                let tp = TopicPartition {
+                    topic,
+                    partition: p,
+                };
+                (delivery, wake) = st
+                    .acc
+                    .append(tp, timestamp_ms, key, value, headers, None, Instant::now)
+                    .map_err(|(e, _)| e)?;
+            } else {
+                match st.topics.get_mut(&topic) {
+                    Some(TopicMeta::Pending(q)) => {
+                        let settler = Settler::new();
+                        delivery = settler.delivery(0);
+                        wake = false;
+                        q.push_back(unresolved(settler));
+                        st.unresolved_bytes += size;
+                    }
+                    Some(TopicMeta::Known(_)) => unreachable!("read above, under the same lock"),
+                    None => {
+                        let settler = Settler::new();
+                        delivery = settler.delivery(0);
+                        wake = false;
+                        let q = VecDeque::from([unresolved(settler)]);
+                        st.unresolved_bytes += size;
+                        st.topics.insert(topic.clone(), TopicMeta::Pending(q));
+                        smol::spawn(resolve_topic(self.inner.clone(), topic)).detach();
+                    }
                 }
             }
         }
@@ -460,7 +461,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
                     &u.value,
                     &headers,
                     Some(u.settler.disarm()),
-                    u.enqueued,
+                    || u.enqueued,
                 ) {
                     Settler::rearm(linked).settle(Err(e));
                 }
