@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use event_listener::{Event, EventListener};
 
@@ -16,6 +17,10 @@ use super::error::ClientError;
 pub struct RecordMetadata {
     pub partition: u32,
     pub offset: u64,
+    /// When the producer processed the broker's answer for the record's
+    /// batch (one clock read per batch): send-to-ack latency without a
+    /// clock read per record.
+    pub acked_at: Instant,
 }
 
 /// `(partition, base offset)` of the batch once written, or why not.
@@ -24,14 +29,14 @@ type BatchResult = Result<(u32, u64), ClientError>;
 /// Set once; every waiting delivery is woken then.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    result: OnceLock<BatchResult>,
+    result: OnceLock<(BatchResult, Instant)>,
     done: Event,
 }
 
 impl Outcome {
     /// Sets the result unless one is set already (the first one wins).
-    fn settle(&self, result: BatchResult) {
-        if self.result.set(result).is_ok() {
+    fn settle(&self, result: BatchResult, at: Instant) {
+        if self.result.set((result, at)).is_ok() {
             self.done.notify(usize::MAX);
         }
     }
@@ -79,14 +84,16 @@ impl Settler {
     }
 
     pub fn settle(&self, result: BatchResult) {
+        let now = Instant::now();
         for (index, o) in &self.linked {
             o.settle(
                 result
                     .clone()
                     .map(|(p, base)| (p, base + u64::from(*index))),
+                now,
             );
         }
-        self.outcome.settle(result);
+        self.outcome.settle(result, now);
     }
 
     /// Hands the outcome over to be settled by another batch (see
@@ -149,10 +156,11 @@ impl Delivery {
     }
 }
 
-fn at(r: &BatchResult, index: u32) -> Result<RecordMetadata, ClientError> {
+fn at((r, acked_at): &(BatchResult, Instant), index: u32) -> Result<RecordMetadata, ClientError> {
     r.clone().map(|(partition, base)| RecordMetadata {
         partition,
         offset: base + u64::from(index),
+        acked_at: *acked_at,
     })
 }
 
@@ -195,16 +203,17 @@ mod tests {
         let d0 = s.delivery(0);
         let d2 = s.delivery(2);
         assert!(d0.try_result().is_none());
+        let before = Instant::now();
         s.settle(Ok((3, 100)));
         let r = smol::block_on(d2).unwrap();
+        assert_eq!((r.partition, r.offset), (3, 102));
+        assert!(r.acked_at >= before && r.acked_at <= Instant::now());
+        let r0 = smol::block_on(d0).unwrap();
+        assert_eq!(r0.offset, 100);
         assert_eq!(
-            r,
-            RecordMetadata {
-                partition: 3,
-                offset: 102
-            }
+            r0.acked_at, r.acked_at,
+            "one answer, one ack time per batch"
         );
-        assert_eq!(smol::block_on(d0).unwrap().offset, 100);
     }
 
     #[test]
