@@ -508,7 +508,10 @@ fn main() {
     }
     configs.push((100, 1, false, IN_FLIGHT_RECORDS_MAX));
     configs.push((1024, 256, false, IN_FLIGHT_RECORDS_MAX));
-    // Beyond the standard workload: what a deeper producer pipeline gets.
+    // Beyond the standard workload: skiff's own producer keeps up to 5
+    // batches per partition in flight (IDEMPOTENT_IN_FLIGHT_MAX), which for
+    // 256-record batches is 1,280 records; and a deeper pipeline still.
+    configs.push((1024, 256, true, 5 * 256));
     configs.push((1024, 256, true, 4 * 1024));
     for (value, records, prewrite, in_flight) in configs {
         let runs: Vec<Run> = (0..RUNS)
