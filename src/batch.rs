@@ -30,7 +30,7 @@
 //! producer's CRC and compute the one for the assigned offset from a single
 //! pass over the body: it clones the digest before the last eight bytes.
 
-use crc::{Crc, Digest, Table, CRC_32_ISCSI};
+use crc::{Crc, Table, CRC_32_ISCSI};
 use minicbor::bytes::ByteSlice;
 use minicbor::{Decode, Encode};
 
@@ -227,18 +227,20 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     })
 }
 
-/// The digest over everything but the CRC field and the base offset, in the
-/// documented order. Cloning it and feeding a base offset gives the CRC.
-fn digest_without_offset(batch: &[u8]) -> Digest<'static, u32, Table<16>> {
-    let mut d = CRC32C.digest();
-    d.update(&batch[OFFSET_RECORD_COUNT..]);
-    d.update(&batch[..OFFSET_CRC]);
-    d
+/// The CRC state over everything but the CRC field and the base offset, in
+/// the documented order (bytes `24..`, then `0..12`); [`finish_crc`] feeds
+/// it a base offset. Batches use the `crc32c` crate, which runs on the
+/// CPU's CRC-32C instructions (SSE 4.2, ARMv8 CRC) where there are any: the
+/// client's batch building spent 9% of its CPU in the table-driven CRC.
+pub(crate) fn digest_without_offset(batch: &[u8]) -> u32 {
+    crc32c::crc32c_append(
+        crc32c::crc32c(&batch[OFFSET_RECORD_COUNT..]),
+        &batch[..OFFSET_CRC],
+    )
 }
 
-fn finish_crc(mut d: Digest<'static, u32, Table<16>>, base_offset: u64) -> u32 {
-    d.update(&base_offset.to_le_bytes());
-    d.finalize()
+pub(crate) fn finish_crc(partial: u32, base_offset: u64) -> u32 {
+    crc32c::crc32c_append(partial, &base_offset.to_le_bytes())
 }
 
 /// The CRC the batch should carry for its current bytes.
@@ -287,7 +289,7 @@ pub fn verify_and_assign_offset(
         });
     }
     let d = digest_without_offset(batch);
-    let computed = finish_crc(d.clone(), h.base_offset);
+    let computed = finish_crc(d, h.base_offset);
     if computed != h.crc {
         return Err(BatchError::CrcMismatch {
             stored: h.crc,

@@ -107,6 +107,10 @@ pub(crate) struct ReadyBatch {
 #[derive(Default)]
 struct PartitionQueue {
     open: Option<OpenBatch>,
+    /// The last closed batch's builder, emptied: the next batch reuses its
+    /// buffer instead of growing a new one from nothing (reallocations were
+    /// most of a producer's memory copying).
+    spare: Option<BatchBuilder>,
     /// Sorted by `seq`.
     ready: VecDeque<ReadyBatch>,
     /// The `seq`s of the batches sent and not yet answered.
@@ -254,7 +258,7 @@ impl Accumulator {
         let q = self.queues.entry(tp.clone()).or_default();
         let opened = q.open.is_none();
         let open = q.open.get_or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::new(),
+            builder: q.spare.take().unwrap_or_default(),
             settler: Settler::new(),
             created: now(),
             reserved: 0,
@@ -311,6 +315,7 @@ impl Accumulator {
             reserved: open.reserved,
             sent_behind: false,
         });
+        q.spare = Some(open.builder);
         if let Some(s) = self.sticky.get_mut(&tp.topic) {
             if s.current == Some(tp.partition) {
                 s.current = None;

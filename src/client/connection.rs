@@ -34,6 +34,10 @@ const OUTBOX_FRAMES_MAX: usize = 256;
 const WRITE_COALESCE_BYTES_MAX: usize = 1024 * 1024;
 /// The reader's buffer: one syscall reads many small responses.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Room for a request's frame header, correlation id and CBOR framing
+/// around its parts (an estimate: the frame still grows if it is short).
+const FRAME_OVERHEAD_BYTES: usize = 64;
+const FRAME_OVERHEAD_PER_PARTITION_BYTES: usize = 32;
 
 /// What the server said in its hello answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +295,17 @@ impl Connection {
     /// retry).
     pub(crate) fn encode(&self, body: &RequestBody) -> Result<(u32, Vec<u8>), ClientError> {
         let correlation_id = self.next_correlation_id();
-        let mut frame = Vec::new();
+        // Sized up front: a produce frame is mostly its batches, and growing
+        // it by doubling copied them twice more.
+        let hint = match body {
+            RequestBody::Produce(p) => p
+                .partitions
+                .iter()
+                .map(|x| x.batch.len() + x.topic.len() + FRAME_OVERHEAD_PER_PARTITION_BYTES)
+                .sum::<usize>(),
+            _ => 0,
+        };
+        let mut frame = Vec::with_capacity(FRAME_OVERHEAD_BYTES + hint);
         encode_request_body(correlation_id, body, &mut frame)?;
         Ok((correlation_id, frame))
     }

@@ -101,50 +101,6 @@ pub(crate) enum Cmd {
 pub(crate) static PREWRITE_PAUSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// The batch CRC (`batch.rs`'s definition and byte order) computed with the
-/// CPU's CRC-32C instructions (SSE4.2, ARMv8 CRC) through the `crc32c`
-/// crate: several times faster than the table-driven `crc` crate, and it is
-/// on every append (producer side), every read from the device and every
-/// recovery scan. Equality with `batch::compute_crc` is tested below.
-mod fast_crc {
-    use crate::batch::{OFFSET_BASE_OFFSET, OFFSET_CRC, OFFSET_RECORD_COUNT};
-
-    /// The CRC state over everything but the CRC field and the base offset
-    /// (bytes `24..`, then `0..12`), ready for the base offset.
-    pub fn without_offset(b: &[u8]) -> u32 {
-        crc32c::crc32c_append(crc32c::crc32c(&b[OFFSET_RECORD_COUNT..]), &b[..OFFSET_CRC])
-    }
-
-    pub fn finish(partial: u32, base_offset: &[u8]) -> u32 {
-        debug_assert_eq!(base_offset.len(), OFFSET_RECORD_COUNT - OFFSET_BASE_OFFSET);
-        crc32c::crc32c_append(partial, base_offset)
-    }
-}
-
-/// `batch::verify` with the fast CRC: header checks, length, CRC.
-fn verify_batch(bytes: &[u8]) -> Result<batch::BatchHeader, BatchError> {
-    let h = batch::parse_header(bytes)?;
-    let len = h.total_len as usize;
-    if bytes.len() < len {
-        return Err(BatchError::Truncated {
-            have: bytes.len(),
-            need: len,
-        });
-    }
-    let b = &bytes[..len];
-    let computed = fast_crc::finish(
-        fast_crc::without_offset(b),
-        &b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT],
-    );
-    if computed != h.crc {
-        return Err(BatchError::CrcMismatch {
-            stored: h.crc,
-            computed,
-        });
-    }
-    Ok(h)
-}
-
 /// A producer batch checked on the submitting task (header, length, CRC),
 /// carrying the CRC state of everything but the base offset: the storage
 /// thread only feeds it the assigned offset (8 bytes) instead of hashing
@@ -170,11 +126,8 @@ impl Prechecked {
                 BatchError::Malformed("trailing bytes after batch")
             });
         }
-        let partial_crc = fast_crc::without_offset(b);
-        let computed = fast_crc::finish(
-            partial_crc,
-            &b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT],
-        );
+        let partial_crc = batch::digest_without_offset(b);
+        let computed = batch::finish_crc(partial_crc, header.base_offset);
         if computed != header.crc {
             return Err(BatchError::CrcMismatch {
                 stored: header.crc,
@@ -194,7 +147,7 @@ impl Prechecked {
     /// Writes `base_offset` and the matching CRC into the (checked) batch.
     fn assign_offset(self, b: &mut [u8], base_offset: u64) -> batch::BatchHeader {
         let offset = base_offset.to_le_bytes();
-        let crc = fast_crc::finish(self.partial_crc, &offset);
+        let crc = batch::finish_crc(self.partial_crc, base_offset);
         b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT].copy_from_slice(&offset);
         b[batch::OFFSET_CRC..batch::OFFSET_BASE_OFFSET].copy_from_slice(&crc.to_le_bytes());
         debug_assert!(batch::verify(b).is_ok());
@@ -833,7 +786,7 @@ fn scan_segment(
             {
                 let need = h.total_len as usize;
                 let bytes = window(io, rbuf, &mut win, file, pos, need, segment_bytes)?;
-                verify_batch(bytes)
+                batch::verify(bytes)
             }
             Ok(h) => Err(BatchError::BadLength {
                 total_len: h.total_len,
@@ -2188,7 +2141,7 @@ fn read_batch_at<'a>(
     }
     let bytes = &bytes[..len];
     if from_disk {
-        verify_batch(bytes).map_err(ReadErr::Corrupt)?;
+        batch::verify(bytes).map_err(ReadErr::Corrupt)?;
     }
     Ok(Some((h, bytes)))
 }
@@ -2197,27 +2150,27 @@ fn read_batch_at<'a>(
 mod tests {
     use super::*;
 
-    /// The hardware CRC equals the table-driven one over many lengths (the
+    /// The batch CRC (hardware CRC-32C through the `crc32c` crate) is the
+    /// documented CRC-32C/iSCSI over the documented byte order, computed
+    /// here with the table-driven `crc` crate, over many lengths (the
     /// accelerated paths work in 8-byte words; tails and alignment vary).
     #[test]
-    fn fast_crc_equals_batch_crc() {
+    fn batch_crc_is_crc32c_iscsi_in_the_documented_order() {
         for (records, value) in [(1, 0), (1, 1), (1, 7), (2, 100), (5, 1000), (3, 4099)] {
             for tag in 0..5u64 {
                 let b = crate::storage::tests::make_batch(records, value + tag as usize, tag, 1);
-                let partial = fast_crc::without_offset(&b);
-                let crc = fast_crc::finish(
-                    partial,
-                    &b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT],
-                );
-                assert_eq!(crc, batch::compute_crc(&b));
-                assert!(verify_batch(&b).is_ok());
+                let mut d = batch::CRC32C.digest();
+                d.update(&b[batch::OFFSET_RECORD_COUNT..]);
+                d.update(&b[..batch::OFFSET_CRC]);
+                d.update(&b[batch::OFFSET_BASE_OFFSET..batch::OFFSET_RECORD_COUNT]);
+                assert_eq!(d.finalize(), batch::compute_crc(&b));
+                assert!(batch::verify(&b).is_ok());
             }
         }
     }
 
-    /// The split check (and the fast verify) give exactly what
-    /// batch::verify_and_assign_offset (batch::verify) give, for good
-    /// batches and for every single-bit corruption.
+    /// The split check gives exactly what batch::verify_and_assign_offset
+    /// gives, for good batches and for every single-bit corruption.
     #[test]
     fn prechecked_matches_verify_and_assign_offset() {
         let good = crate::storage::tests::make_batch(3, 40, 9, 1_000);
@@ -2234,7 +2187,6 @@ mod tests {
         for (n, case) in cases.into_iter().enumerate() {
             let mut a = case.clone();
             let mut b = case;
-            assert_eq!(batch::verify(&b), verify_batch(&b), "case {n}");
             let ra = batch::verify_and_assign_offset(&mut a, 777);
             let rb = Prechecked::check(&b).map(|c| c.assign_offset(&mut b, 777));
             assert_eq!(ra, rb, "case {n}");
