@@ -314,6 +314,81 @@ fn producer_batches_and_consumer_reads_everything_in_order() {
     });
 }
 
+/// flush() sends what was sent before it at once (no linger) and returns
+/// when that is acknowledged, even while another task keeps sending.
+#[test]
+fn flush_waits_for_earlier_records_not_for_a_busy_sender() {
+    let server = Server::start();
+    smol::block_on(async {
+        let client = Client::connect(&server.addr()).await.unwrap();
+        client
+            .create_topic(CreateTopicRequest {
+                name: "flushed".into(),
+                partitions: Some(2),
+                segment_bytes: Some(1024 * 1024),
+                segments: Some(4),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let producer = std::sync::Arc::new(
+            Producer::new(
+                client.clone(),
+                ProducerConfig {
+                    linger: Duration::from_secs(1),
+                    ..ProducerConfig::default()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let mut before = Vec::new();
+        for i in 0..100u32 {
+            let d = producer
+                .send_wait("flushed", None, &i.to_be_bytes(), &[])
+                .await
+                .unwrap();
+            before.push(d);
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let (producer, stop) = (producer.clone(), stop.clone());
+            smol::spawn(async move {
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = producer.send_wait("flushed", None, b"later", &[]).await;
+                    sent += 1;
+                    futures_lite::future::yield_now().await;
+                }
+                sent
+            })
+        };
+        let flushed = futures_lite::future::or(
+            async {
+                producer.flush().await;
+                true
+            },
+            async {
+                smol::Timer::after(Duration::from_secs(30)).await;
+                false
+            },
+        )
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let later = busy.await;
+        assert!(
+            flushed,
+            "flush never returned while another task was sending"
+        );
+        assert!(later > 0, "the other task was sending during the flush");
+        for d in &before {
+            let r = d.try_result().expect("acknowledged when flush returned");
+            assert!(r.is_ok(), "{r:?}");
+        }
+        producer.flush().await;
+    });
+}
+
 #[test]
 fn long_poll_waits_then_returns_new_records() {
     let server = Server::start();

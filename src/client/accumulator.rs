@@ -152,13 +152,41 @@ impl Accumulator {
         self.buffered_bytes
     }
 
+    fn close_where(&mut self, due: impl Fn(&OpenBatch) -> bool) {
+        let due: Vec<TopicPartition> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.open.as_ref().is_some_and(&due))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &due {
+            self.close_open(tp);
+        }
+    }
+
     /// Nothing open, queued or in flight.
+    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.buffered_bytes == 0
             && self
                 .queues
                 .values()
                 .all(|q| q.open.is_none() && q.ready.is_empty() && q.in_flight.is_empty())
+    }
+
+    /// Closes every open batch and returns a mark: every record appended
+    /// so far is in a batch below it, every later one in a batch at or
+    /// above it (see [`Accumulator::unsettled_below`]).
+    pub fn close_all(&mut self) -> u64 {
+        self.close_where(|_| true);
+        self.next_seq
+    }
+
+    /// Whether a batch below `mark` is still queued or in flight.
+    pub fn unsettled_below(&self, mark: u64) -> bool {
+        self.queues
+            .values()
+            .any(|q| q.ready.iter().any(|b| b.seq < mark) || q.in_flight.iter().any(|&s| s < mark))
     }
 
     /// Picks the partition for a record of `topic` with `partitions`
@@ -327,21 +355,9 @@ impl Accumulator {
     /// `flush`), and takes the batches that may be sent now: in order per
     /// partition, up to `max_in_flight`, stopping at one waiting out its
     /// retry backoff.
-    pub fn drain(&mut self, now: Instant, flush: bool) -> Vec<ReadyBatch> {
+    pub fn drain(&mut self, now: Instant) -> Vec<ReadyBatch> {
         let linger = self.config.linger;
-        let due: Vec<TopicPartition> = self
-            .queues
-            .iter()
-            .filter(|(_, q)| {
-                q.open
-                    .as_ref()
-                    .is_some_and(|o| flush || now.saturating_duration_since(o.created) >= linger)
-            })
-            .map(|(tp, _)| tp.clone())
-            .collect();
-        for tp in &due {
-            self.close_open(tp);
-        }
+        self.close_where(|o| now.saturating_duration_since(o.created) >= linger);
         let mut out = Vec::new();
         for q in self.queues.values_mut() {
             while q.in_flight.len() < self.config.max_in_flight {
@@ -484,13 +500,13 @@ mod tests {
         let mut acc = Accumulator::new(config());
         push(&mut acc, 0, b"a", t0);
         push(&mut acc, 0, b"b", t0 + MS);
-        assert!(acc.drain(t0 + 4 * MS, false).is_empty(), "still lingering");
+        assert!(acc.drain(t0 + 4 * MS).is_empty(), "still lingering");
         assert_eq!(
             acc.next_wakeup(),
             Some(t0 + 5 * MS),
             "linger runs from the first record"
         );
-        let out = acc.drain(t0 + 5 * MS, false);
+        let out = acc.drain(t0 + 5 * MS);
         assert_eq!(out.len(), 1);
         assert_eq!(records_in(&out[0]), 2);
         assert_eq!(out[0].records, 2);
@@ -505,11 +521,11 @@ mod tests {
         for _ in 0..3 {
             push(&mut acc, 0, &[7; 400], t0);
         }
-        let out = acc.drain(t0, false);
+        let out = acc.drain(t0);
         assert_eq!(out.len(), 1, "only the full batch, at once");
         assert_eq!(records_in(&out[0]), 2);
         assert!(out[0].bytes.len() <= 1024);
-        let rest = acc.drain(t0 + 5 * MS, false);
+        let rest = acc.drain(t0 + 5 * MS);
         assert_eq!(records_in(&rest[0]), 1);
     }
 
@@ -529,12 +545,25 @@ mod tests {
     }
 
     #[test]
-    fn flush_sends_open_batches_at_once() {
+    fn a_flush_mark_covers_what_came_before_and_nothing_after() {
         let t0 = Instant::now();
         let mut acc = Accumulator::new(config());
         push(&mut acc, 0, b"a", t0);
         push(&mut acc, 1, b"b", t0);
-        assert_eq!(acc.drain(t0, true).len(), 2);
+        let mark = acc.close_all();
+        // Records after the mark: a batch of their own, not waited for.
+        push(&mut acc, 0, b"c", t0);
+        let sent = acc.drain(t0);
+        assert_eq!(sent.len(), 2, "the closed batches go without lingering");
+        assert!(acc.unsettled_below(mark));
+        for b in &sent {
+            acc.complete(b);
+        }
+        assert!(
+            !acc.unsettled_below(mark),
+            "the later open batch is above it"
+        );
+        assert!(acc.buffered_bytes() > 0, "and still buffered");
     }
 
     #[test]
@@ -545,7 +574,7 @@ mod tests {
             push(&mut acc, 0, &[1; 600], t0); // each closes the one before
         }
         push(&mut acc, 1, b"x", t0);
-        let out = acc.drain(t0 + 5 * MS, false);
+        let out = acc.drain(t0 + 5 * MS);
         let p0: Vec<u64> = out
             .iter()
             .filter(|b| b.tp.partition == 0)
@@ -555,10 +584,10 @@ mod tests {
         assert!(p0[0] < p0[1]);
         assert_eq!(out.iter().filter(|b| b.tp.partition == 1).count(), 1);
         // Nothing more for partition 0 until one completes.
-        assert!(acc.drain(t0 + 6 * MS, false).is_empty());
+        assert!(acc.drain(t0 + 6 * MS).is_empty());
         let first = out.into_iter().find(|b| b.tp.partition == 0).unwrap();
         acc.complete(&first);
-        let next = acc.drain(t0 + 6 * MS, false);
+        let next = acc.drain(t0 + 6 * MS);
         assert_eq!(next.len(), 1);
         assert!(next[0].seq > p0[1]);
     }
@@ -572,16 +601,16 @@ mod tests {
         });
         push(&mut acc, 0, &[1; 600], t0);
         push(&mut acc, 0, &[2; 600], t0); // closes the first
-        let first = acc.drain(t0, false).pop().unwrap();
+        let first = acc.drain(t0).pop().unwrap();
         let first_seq = first.seq;
-        acc.drain(t0 + 5 * MS, false); // closes the second; no room in flight
+        acc.drain(t0 + 5 * MS); // closes the second; no room in flight
         acc.retry(first, t0 + 100 * MS);
         assert!(
-            acc.drain(t0 + 50 * MS, false).is_empty(),
+            acc.drain(t0 + 50 * MS).is_empty(),
             "the later batch waits behind"
         );
         assert_eq!(acc.next_wakeup(), Some(t0 + 100 * MS));
-        let again = acc.drain(t0 + 100 * MS, false);
+        let again = acc.drain(t0 + 100 * MS);
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].seq, first_seq);
         assert_eq!(again[0].attempts, 1);
@@ -606,7 +635,8 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(matches!(err, ClientError::BufferFull { .. }), "{err:?}");
-        let b = acc.drain(t0, true).pop().unwrap();
+        acc.close_all();
+        let b = acc.drain(t0).pop().unwrap();
         acc.complete(&b);
         assert_eq!(acc.buffered_bytes(), 0);
         assert!(acc.is_idle());
@@ -649,7 +679,7 @@ mod tests {
             p
         );
         push(&mut acc, p, b"a", t0);
-        acc.drain(t0 + 5 * MS, false);
+        acc.drain(t0 + 5 * MS);
         let q = acc.choose_partition(&topic, None, 3, Partitioner::Default);
         assert_eq!(q, (p + 1) % 3, "moves on once the batch left");
         // Keys ignore stickiness; round-robin moves every record.

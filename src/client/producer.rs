@@ -113,8 +113,6 @@ struct State {
     topics: HashMap<Arc<str>, TopicMeta>,
     /// Bytes of records waiting for metadata, counted against the buffer.
     unresolved_bytes: usize,
-    /// Flushes in progress: while above 0, open batches go out at once.
-    flushing: usize,
 }
 
 struct Inner {
@@ -178,7 +176,6 @@ impl Producer {
                 acc,
                 topics: HashMap::new(),
                 unresolved_bytes: 0,
-                flushing: 0,
             }),
             wake: Event::new(),
             progress: Event::new(),
@@ -350,23 +347,29 @@ impl Producer {
         Ok(delivery)
     }
 
-    /// Sends every queued record now and waits until nothing is buffered or
-    /// in flight. Records sent meanwhile are waited for too.
+    /// Sends every record sent before the call now (without waiting for
+    /// linger) and waits until each of them is acknowledged or failed.
+    /// Records sent meanwhile, from other tasks, are not waited for, so a
+    /// busy producer's flush still returns.
     pub async fn flush(&self) {
-        struct Flushing<'a>(&'a Inner);
-        impl Drop for Flushing<'_> {
-            fn drop(&mut self) {
-                self.0.state.lock().expect("producer state").flushing -= 1;
+        // Records still waiting for their topic's metadata join batches
+        // once it arrives: let them, then mark.
+        let mark = loop {
+            let listener = self.inner.progress.listen();
+            {
+                let mut st = self.inner.state.lock().expect("producer state");
+                if st.unresolved_bytes == 0 {
+                    break st.acc.close_all();
+                }
             }
-        }
-        self.inner.state.lock().expect("producer state").flushing += 1;
-        let _guard = Flushing(&self.inner);
+            listener.await;
+        };
         loop {
             let listener = self.inner.progress.listen();
             self.inner.wake.notify(1);
             {
                 let st = self.inner.state.lock().expect("producer state");
-                if st.acc.is_idle() && st.unresolved_bytes == 0 {
+                if !st.acc.unsettled_below(mark) {
                     return;
                 }
             }
@@ -489,8 +492,7 @@ async fn run(inner: Arc<Inner>) {
         let (batches, expired, wakeup) = {
             let mut st = inner.state.lock().expect("producer state");
             let expired = st.acc.expire(now, inner.config.delivery_timeout);
-            let flush = st.flushing > 0;
-            let batches = st.acc.drain(now, flush);
+            let batches = st.acc.drain(now);
             (batches, expired, st.acc.next_wakeup())
         };
         if !expired.is_empty() {
