@@ -251,21 +251,26 @@ fn raw_produce_fetch_and_offsets() {
     assert_eq!(consumer.position("t", 1), Some(10));
 }
 
+async fn connect_and_create(server: &Server, topic: &str, partitions: u32) -> Client {
+    let client = Client::connect(&server.addr()).await.unwrap();
+    client
+        .create_topic(CreateTopicRequest {
+            name: topic.into(),
+            partitions: Some(partitions),
+            segment_bytes: Some(4 * 1024 * 1024),
+            segments: Some(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+}
+
 #[test]
 fn producer_batches_and_consumer_reads_everything_in_order() {
     let server = Server::start();
     smol::block_on(async {
-        let client = Client::connect(&server.addr()).await.unwrap();
-        client
-            .create_topic(CreateTopicRequest {
-                name: "orders".into(),
-                partitions: Some(4),
-                segment_bytes: Some(4 * 1024 * 1024),
-                segments: Some(4),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let client = connect_and_create(&server, "orders", 4).await;
         let producer = Producer::new(client.clone(), ProducerConfig::default())
             .await
             .unwrap();
@@ -320,17 +325,7 @@ fn producer_batches_and_consumer_reads_everything_in_order() {
 fn flush_waits_for_earlier_records_not_for_a_busy_sender() {
     let server = Server::start();
     smol::block_on(async {
-        let client = Client::connect(&server.addr()).await.unwrap();
-        client
-            .create_topic(CreateTopicRequest {
-                name: "flushed".into(),
-                partitions: Some(2),
-                segment_bytes: Some(1024 * 1024),
-                segments: Some(4),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let client = connect_and_create(&server, "flushed", 2).await;
         let producer = std::sync::Arc::new(
             Producer::new(
                 client.clone(),
