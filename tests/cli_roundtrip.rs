@@ -418,3 +418,58 @@ fn exit_codes_and_error_messages() {
     let o = run_cli(&["consume", "exists", "--timeout-ms", "100"], gone, None);
     assert_fails(&o, 1, &[gone]);
 }
+
+/// `skiff bench produce|consume` print one JSON line each with the figures
+/// BENCHMARKING.md asks for; `--compare-idempotence` prints both modes'
+/// rates from one run.
+#[test]
+fn bench_commands_print_one_json_line() {
+    let b = Broker::start("");
+    let out = b.cli(&["bench", "produce", "--messages", "3000", "--size", "50"]);
+    assert_ok(&out);
+    let p = json_lines(&out);
+    assert_eq!(p.len(), 1, "{}", stdout(&out));
+    let p = &p[0];
+    assert_eq!(p["workload"], "produce");
+    assert_eq!(p["messages"], 3000);
+    assert_eq!(p["fsync"], "always");
+    assert!(p["msgs_per_s"].as_f64().unwrap() > 0.0);
+    let lat = &p["ack_latency_us"];
+    let (p50, p99, max) = (
+        lat["p50"].as_u64().unwrap(),
+        lat["p99"].as_u64().unwrap(),
+        lat["max"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
+
+    let out = b.cli(&["bench", "consume"]);
+    assert_ok(&out);
+    let c = &json_lines(&out)[0];
+    assert_eq!(c["workload"], "consume");
+    assert_eq!(c["messages"], 3000, "replays what the produce run wrote");
+    assert_eq!(c["payload_bytes"], 3000 * 50);
+
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "4000",
+        "--compare-idempotence",
+        "2",
+    ]);
+    assert_ok(&out);
+    let ab = &json_lines(&out)[0];
+    assert_eq!(ab["workload"], "produce_idempotence_ab");
+    let (on, off) = (
+        ab["idempotent_msgs_per_s"].as_f64().unwrap(),
+        ab["plain_msgs_per_s"].as_f64().unwrap(),
+    );
+    assert!(on > 0.0 && off > 0.0, "{ab}");
+    assert!((ab["idempotent_over_plain"].as_f64().unwrap() - on / off).abs() < 1e-9);
+    // Everything was written: 2 rounds x 2 modes x 1000 records.
+    let out = b.cli(&["bench", "consume"]);
+    assert_eq!(json_lines(&out)[0]["messages"], 4000);
+
+    let out = b.cli(&["bench", "produce", "--compare-idempotence", "0"]);
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+}

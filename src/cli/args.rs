@@ -152,6 +152,12 @@ pub struct BenchProduceArgs {
     /// broker), as the client library's default.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub idempotent: bool,
+    /// Measure what idempotence costs in one run: the messages go in this
+    /// many rounds alternating between an idempotent and a plain producer
+    /// (ABBA order), so both see the same machine; prints both rates and
+    /// their ratio. Ignores --idempotent and --producers.
+    #[arg(long, value_name = "ROUNDS")]
+    pub compare_idempotence: Option<u32>,
     #[command(flatten)]
     pub broker: BrokerArg,
 }

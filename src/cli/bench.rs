@@ -62,17 +62,9 @@ async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), Cl
     Ok(())
 }
 
-async fn produce_one(
-    addr: String,
-    topic: Arc<str>,
-    messages: u64,
-    size: usize,
-    in_flight: usize,
-    idempotent: bool,
-    done: Arc<AtomicU64>,
-) -> Result<Histogram<u64>, ClientError> {
-    let producer = Producer::connect(
-        &addr,
+async fn bench_producer(addr: &str, idempotent: bool) -> Result<Producer, ClientError> {
+    Producer::connect(
+        addr,
         ProducerConfig {
             // No linger: with a bounded number of records in flight, a
             // batch fills while the previous one is being made durable.
@@ -82,7 +74,32 @@ async fn produce_one(
             ..ProducerConfig::default()
         },
     )
-    .await?;
+    .await
+}
+
+async fn produce_one(
+    addr: String,
+    topic: Arc<str>,
+    messages: u64,
+    size: usize,
+    in_flight: usize,
+    idempotent: bool,
+    done: Arc<AtomicU64>,
+) -> Result<Histogram<u64>, ClientError> {
+    let producer = bench_producer(&addr, idempotent).await?;
+    produce_with(&producer, &topic, messages, size, in_flight, &done).await
+}
+
+/// Workload P's loop on one producer: `messages` records, at most
+/// `in_flight` un-acknowledged; the send-to-ack latency histogram.
+async fn produce_with(
+    producer: &Producer,
+    topic: &str,
+    messages: u64,
+    size: usize,
+    in_flight: usize,
+    done: &AtomicU64,
+) -> Result<Histogram<u64>, ClientError> {
     let value = vec![b'x'; size];
     let mut hist = histogram();
     let mut pending = VecDeque::with_capacity(in_flight);
@@ -116,7 +133,7 @@ async fn produce_one(
             sent_at = Instant::now();
             since_clock = 0;
         }
-        let d = producer.send_wait(&topic, None, &value, &[]).await?;
+        let d = producer.send_wait(topic, None, &value, &[]).await?;
         pending.push_back((sent_at, d));
     }
     producer.flush().await;
@@ -134,6 +151,9 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             EXIT_USAGE,
             "--producers, --size and --in-flight must be at least 1",
         );
+    }
+    if let Some(rounds) = a.compare_idempotence {
+        return compare_idempotence(&a, rounds);
     }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
@@ -207,6 +227,64 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             "p999": hist.value_at_quantile(0.999),
             "max": hist.max(),
         },
+    });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+/// `--compare-idempotence ROUNDS`: the cost of idempotence as a ratio
+/// measured in one run. 2 x ROUNDS slices of the messages alternate between
+/// an idempotent and a plain producer, in ABBA order so that neither mode
+/// always goes first; each mode's rate is its records over its own time.
+fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
+    if rounds == 0 || a.messages < 2 * u64::from(rounds) {
+        return fail(
+            EXIT_USAGE,
+            "--compare-idempotence needs at least 1 round and 2 messages per round",
+        );
+    }
+    let done = AtomicU64::new(0);
+    let result = smol::block_on(async {
+        let client = Client::connect(&a.broker.broker).await?;
+        fresh_topic(&client, &a.topic, &a.fsync).await?;
+        let on = bench_producer(&a.broker.broker, true).await?;
+        let off = bench_producer(&a.broker.broker, false).await?;
+        let slice = a.messages / (2 * u64::from(rounds));
+        // [records, seconds] per mode: 0 = idempotent, 1 = plain.
+        let mut totals = [[0f64; 2]; 2];
+        for r in 0..2 * rounds {
+            let idempotent = matches!(r % 4, 0 | 3);
+            let (producer, mode) = if idempotent { (&on, 0) } else { (&off, 1) };
+            let t = Instant::now();
+            produce_with(
+                producer,
+                &a.topic,
+                slice,
+                a.size,
+                a.in_flight as usize,
+                &done,
+            )
+            .await?;
+            totals[mode][0] += slice as f64;
+            totals[mode][1] += t.elapsed().as_secs_f64();
+        }
+        Ok::<_, ClientError>(totals)
+    });
+    let totals = match result {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
+    };
+    let rate = |m: usize| totals[m][0] / totals[m][1].max(1e-9);
+    let line = serde_json::json!({
+        "workload": "produce_idempotence_ab",
+        "messages": a.messages,
+        "size_bytes": a.size,
+        "in_flight": a.in_flight,
+        "fsync": a.fsync,
+        "rounds": rounds,
+        "idempotent_msgs_per_s": rate(0),
+        "plain_msgs_per_s": rate(1),
+        "idempotent_over_plain": rate(0) / rate(1),
     });
     println!("{line}");
     ExitCode::SUCCESS
