@@ -238,9 +238,8 @@ pub fn unit_writes_rewrite_part_of_a_block(backend: &mut impl IoBackend, dir: &P
             &[],
         )
         .expect("write block");
-    // The buffer's second unit, written in place of the block's second unit.
-    let at = unit.min(BLOCK_BYTES / 2);
-    let at = at / unit * unit;
+    // The block's second unit (its only one when the unit is a block).
+    let at = if unit < BLOCK_BYTES { unit } else { 0 };
     backend
         .write_batch(
             &[WriteOp {
