@@ -413,19 +413,25 @@ impl Part {
         })
     }
 
+    /// Where the log ends now: what becomes durable once everything
+    /// appended so far is written and fdatasynced.
+    fn end_checkpoint(&self) -> Checkpoint {
+        let active = self.active();
+        Checkpoint {
+            epoch: self.segs[active].epoch,
+            pos: self.segs[active].end_pos,
+            next_offset: self.next_offset,
+            clean: false,
+        }
+    }
+
     /// After a successful write (and fdatasync when `synced`): advance
     /// the high watermark and complete the acks.
     fn committed(&mut self, synced: bool) {
         self.dirty_from = None;
         if synced {
             self.unsynced = false;
-            let active = self.active();
-            self.durable = Checkpoint {
-                epoch: self.segs[active].epoch,
-                pos: self.segs[active].end_pos,
-                next_offset: self.next_offset,
-                clean: false,
-            };
+            self.durable = self.end_checkpoint();
         } else {
             self.unsynced = true;
         }
@@ -1545,16 +1551,10 @@ impl Engine {
                 }
                 continue;
             }
-            let active = p.active();
             p.syncing.append(&mut p.awaiting_sync);
-            p.syncing_to = Checkpoint {
-                epoch: p.segs[active].epoch,
-                pos: p.segs[active].end_pos,
-                next_offset: p.next_offset,
-                clean: false,
-            };
+            p.syncing_to = p.end_checkpoint();
             p.unsynced = false;
-            files.push(p.files[active]);
+            files.push(p.files[p.active()]);
             self.inflight.push(id);
         }
         if files.is_empty() {
@@ -2021,6 +2021,7 @@ impl Engine {
                 part.oldest = chain[0];
                 part.live = chain.len();
                 let last = *chain.last().expect("non-empty");
+                debug_assert_eq!(last, part.active(), "the chain runs in ring order");
                 part.next_offset = part.segs[last].next_offset;
                 // 4. The tail: the partial last block, back in memory.
                 let end = part.segs[last].end_pos;
@@ -2063,12 +2064,7 @@ impl Engine {
             self.ctx.io.sync(part.files[last])?;
         }
         part.hw = part.next_offset;
-        part.durable = Checkpoint {
-            epoch: part.segs[last].epoch,
-            pos: part.segs[last].end_pos,
-            next_offset: part.next_offset,
-            clean: false,
-        };
+        part.durable = part.end_checkpoint();
         part.checkpointed = ckpt;
         if part.cfg.retention_ms.is_some() {
             part.apply_time_retention(batch::now_ms());
