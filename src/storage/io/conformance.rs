@@ -46,6 +46,17 @@ fn read_back(backend: &mut impl IoBackend, file: FileHandle, offset: u64, len: u
     buf[..n].to_vec()
 }
 
+/// One write (and the fdatasyncs in `sync`) through `write_batch`.
+fn write_one(
+    backend: &mut impl IoBackend,
+    file: FileHandle,
+    offset: u64,
+    data: &[u8],
+    sync: &[FileHandle],
+) -> io::Result<()> {
+    backend.write_batch(&[WriteOp { file, offset, data }], sync)
+}
+
 fn assert_io_error<T: std::fmt::Debug>(what: &str, result: io::Result<T>) {
     assert!(
         result.is_err(),
@@ -122,16 +133,7 @@ pub fn batch_across_two_files_reads_back(backend: &mut impl IoBackend, dir: &Pat
 pub fn short_read_at_end_of_file(backend: &mut impl IoBackend, dir: &Path) {
     let f = backend.open(&dir.join("short.seg"), true).expect("open");
     let data = block_buf(3, 7);
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: 0,
-                data: &data,
-            }],
-            &[f],
-        )
-        .expect("write");
+    write_one(backend, f, 0, &data, &[f]).expect("write");
     let mut buf = AlignedBuf::new(8 * BLOCK_BYTES).expect("aligned");
     let n = backend
         .read_at(f, BLOCK_BYTES as u64, &mut buf)
@@ -163,16 +165,7 @@ pub fn allocated_space_reads_as_zeros(backend: &mut impl IoBackend, dir: &Path) 
         "allocated space must read as zeros"
     );
     let data = block_buf(2, 5);
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: 6 * BLOCK_BYTES as u64,
-                data: &data,
-            }],
-            &[f],
-        )
-        .expect("write into allocated");
+    write_one(backend, f, 6 * BLOCK_BYTES as u64, &data, &[f]).expect("write into allocated");
     assert_eq!(
         read_back(backend, f, 6 * BLOCK_BYTES as u64, data.len()),
         &data[..]
@@ -194,26 +187,8 @@ pub fn overwrite_in_place(backend: &mut impl IoBackend, dir: &Path) {
     let f = backend.open(&dir.join("tail.seg"), true).expect("open");
     let first = block_buf(2, 1);
     let second = block_buf(1, 2);
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: 0,
-                data: &first,
-            }],
-            &[f],
-        )
-        .expect("write first");
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: BLOCK_BYTES as u64,
-                data: &second,
-            }],
-            &[f],
-        )
-        .expect("rewrite tail");
+    write_one(backend, f, 0, &first, &[f]).expect("write first");
+    write_one(backend, f, BLOCK_BYTES as u64, &second, &[f]).expect("rewrite tail");
     let back = read_back(backend, f, 0, 2 * BLOCK_BYTES);
     assert_eq!(&back[..BLOCK_BYTES], &first[..BLOCK_BYTES]);
     assert_eq!(&back[BLOCK_BYTES..], &second[..]);
@@ -228,28 +203,10 @@ pub fn unit_writes_rewrite_part_of_a_block(backend: &mut impl IoBackend, dir: &P
     let unit = backend.write_unit(f);
     let first = block_buf(1, 5);
     let second = block_buf(1, 6);
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: 0,
-                data: &first,
-            }],
-            &[],
-        )
-        .expect("write block");
+    write_one(backend, f, 0, &first, &[]).expect("write block");
     // The block's second unit (its only one when the unit is a block).
     let at = if unit < BLOCK_BYTES { unit } else { 0 };
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: at as u64,
-                data: &second[at..at + unit],
-            }],
-            &[f],
-        )
-        .expect("write one unit");
+    write_one(backend, f, at as u64, &second[at..at + unit], &[f]).expect("write one unit");
     let back = read_back(backend, f, 0, BLOCK_BYTES);
     assert_eq!(&back[..at], &first[..at]);
     assert_eq!(&back[at..at + unit], &second[at..at + unit]);
@@ -369,16 +326,7 @@ pub fn errors_are_io_errors(backend: &mut impl IoBackend, dir: &Path) {
     );
 
     // Still usable.
-    backend
-        .write_batch(
-            &[WriteOp {
-                file: f,
-                offset: 0,
-                data: &data,
-            }],
-            &[f],
-        )
-        .expect("write after errors");
+    write_one(backend, f, 0, &data, &[f]).expect("write after errors");
     assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..]);
     backend.close(f);
 }
@@ -463,15 +411,7 @@ pub fn writes_while_a_sync_group_is_outstanding(backend: &mut impl IoBackend, di
         write_one_block_each(backend, &files, g, group);
         // A batch with its own fdatasync, as a partition committing alone.
         let solo_data = &bufs[g - 1][0];
-        backend
-            .write_batch(
-                &[WriteOp {
-                    file: solo,
-                    offset: (g * BLOCK_BYTES) as u64,
-                    data: solo_data,
-                }],
-                &[solo],
-            )
+        write_one(backend, solo, (g * BLOCK_BYTES) as u64, solo_data, &[solo])
             .expect("write_batch with fdatasync while a group is outstanding");
         assert_eq!(
             read_back(
