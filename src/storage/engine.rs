@@ -18,6 +18,7 @@
 //! the blocks from the first dirty one to the end of the tail (so the
 //! partial last block is rewritten as it grows).
 
+use super::doorbell::Doorbell;
 use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
 use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
 use super::{
@@ -300,8 +301,12 @@ struct Part {
     unsynced: bool,
     /// Appends copied into the tail, not yet written.
     pending: Vec<Pending>,
-    /// Written in this round, waiting for their fdatasync to start.
+    /// Written, waiting for their fdatasync to start (the next one after
+    /// the group in flight).
     awaiting_sync: Vec<Pending>,
+    /// Written under a policy that fdatasyncs: the next sync group must
+    /// cover this partition.
+    sync_wanted: bool,
     /// Covered by the fdatasync in flight; acked when it completes.
     syncing: Vec<Pending>,
     /// What becomes durable (and the high watermark) when it completes.
@@ -442,7 +447,14 @@ impl Part {
         if advanced {
             self.publish();
         }
-        for p in self.pending.drain(..) {
+        // Synced, everything written so far is durable: the appends still
+        // waiting for a group's fdatasync too, and they came first.
+        let earlier = if synced {
+            std::mem::take(&mut self.awaiting_sync)
+        } else {
+            Vec::new()
+        };
+        for p in earlier.into_iter().chain(self.pending.drain(..)) {
             let _ = p.reply.try_send(Ok(p.ack));
         }
         self.first_pending_at = None;
@@ -453,7 +465,11 @@ impl Part {
         if let Some(e) = self.refuse_writes() {
             return Err(e);
         }
-        let sync = sync && (self.dirty_from.is_some() || self.unsynced);
+        // Nothing unwritten or unsynced: durable already (no group is in
+        // flight for it when a sync is asked for: callers finish it first).
+        let clean = self.dirty_from.is_none() && !self.unsynced;
+        let durable_after = sync;
+        let sync = sync && !clean;
         let file = self.files[self.active()];
         let res = {
             let op = self.dirty_write();
@@ -471,7 +487,7 @@ impl Part {
         };
         match res {
             None | Some(Ok(())) => {
-                self.committed(sync);
+                self.committed(durable_after);
                 Ok(())
             }
             Some(Err(e)) => {
@@ -861,6 +877,7 @@ struct Engine {
     inflight: Vec<PartitionId>,
     inflight_files: usize,
     inflight_started: Instant,
+    bell: Arc<Doorbell>,
 }
 
 /// Starts the storage thread and waits for recovery to finish.
@@ -868,8 +885,13 @@ pub(crate) fn start(
     cfg: StorageConfig,
     io: Box<dyn IoBackend>,
     shared: Arc<Shared>,
-) -> Result<(async_channel::Sender<Cmd>, std::thread::JoinHandle<()>), StorageError> {
+) -> Result<(CmdTx, std::thread::JoinHandle<()>), StorageError> {
     let (tx, rx) = async_channel::bounded(cfg.append_queue_depth);
+    let bell = Arc::new(Doorbell::new()?);
+    let tx = CmdTx {
+        tx,
+        bell: bell.clone(),
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("skiff-storage".into())
@@ -899,6 +921,7 @@ pub(crate) fn start(
                 inflight: Vec::new(),
                 inflight_files: 0,
                 inflight_started: Instant::now(),
+                bell,
             };
             match engine.recover_all() {
                 Ok(()) => {
@@ -923,25 +946,31 @@ pub(crate) fn start(
     }
 }
 
-enum Wake {
-    Cmd(Cmd),
-    Timeout,
-    Closed,
+/// The storage thread's command queue: a bounded channel (backpressure)
+/// whose senders ring the thread's doorbell.
+#[derive(Clone)]
+pub(crate) struct CmdTx {
+    tx: async_channel::Sender<Cmd>,
+    bell: Arc<Doorbell>,
 }
 
-fn wait(rx: &async_channel::Receiver<Cmd>, deadline: Option<Instant>) -> Wake {
-    let recv = async {
-        match rx.recv().await {
-            Ok(c) => Wake::Cmd(c),
-            Err(_) => Wake::Closed,
-        }
-    };
-    match deadline {
-        None => smol::block_on(recv),
-        Some(d) => smol::block_on(futures_lite::future::or(recv, async {
-            smol::Timer::at(d).await;
-            Wake::Timeout
-        })),
+impl CmdTx {
+    pub(crate) async fn send(&self, cmd: Cmd) -> Result<(), StorageError> {
+        let sent = self.tx.send(cmd).await;
+        self.bell.ring();
+        sent.map_err(|_| StorageError::ShuttingDown)
+    }
+
+    pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {
+        let sent = self.tx.send_blocking(cmd);
+        self.bell.ring();
+        sent.map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// The thread flushes, checkpoints and exits once it sees this.
+    pub(crate) fn close(&self) {
+        self.tx.close();
+        self.bell.ring();
     }
 }
 
@@ -950,44 +979,27 @@ impl Engine {
         let drain_max = self.ctx.cfg.append_queue_depth;
         loop {
             let mut shutdown = None;
-            let mut closed = false;
-            // While a sync group is in flight, do not sleep: take what has
-            // queued, write it, then complete the group.
-            if self.inflight.is_empty() {
-                let deadline = if self.prewrite_pending() {
-                    Some(Instant::now())
-                } else {
-                    self.next_deadline()
-                };
-                match wait(&rx, deadline) {
-                    Wake::Cmd(Cmd::Shutdown { reply }) => shutdown = Some(reply),
-                    Wake::Cmd(c) => self.handle(c),
-                    Wake::Timeout => {}
-                    Wake::Closed => closed = true,
-                }
-            }
+            let mut closed = rx.is_closed() && rx.is_empty();
             // The group: everything that queued up while we were busy.
-            if shutdown.is_none() && !closed {
-                for _ in 0..drain_max {
-                    match rx.try_recv() {
-                        Ok(Cmd::Shutdown { reply }) => {
-                            shutdown = Some(reply);
-                            break;
-                        }
-                        Ok(c) => self.handle(c),
-                        Err(async_channel::TryRecvError::Empty) => break,
-                        Err(async_channel::TryRecvError::Closed) => {
-                            closed = true;
-                            break;
-                        }
+            for _ in 0..drain_max {
+                match rx.try_recv() {
+                    Ok(Cmd::Shutdown { reply }) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                    Ok(c) => self.handle(c),
+                    Err(async_channel::TryRecvError::Empty) => break,
+                    Err(async_channel::TryRecvError::Closed) => {
+                        closed = true;
+                        break;
                     }
                 }
             }
+            self.poll_inflight();
+            // Written now even while a sync group is in flight; synced by
+            // the next group.
             self.commit_round(false);
             self.housekeeping(false);
-            if rx.is_empty() && self.inflight.is_empty() && shutdown.is_none() && !closed {
-                self.prewrite_step();
-            }
             if shutdown.is_some() || closed {
                 rx.close();
                 // Commands still queued get ShuttingDown when their reply
@@ -998,6 +1010,33 @@ impl Engine {
                 }
                 return;
             }
+            if !rx.is_empty() {
+                continue;
+            }
+            if self.inflight.is_empty() && self.prewrite_pending() {
+                self.prewrite_step();
+                continue;
+            }
+            // Sleep until a command, the sync group's completion, or the
+            // next deadline. Another call may have reaped the group's
+            // completion meanwhile: then it is done, not to be waited for.
+            let group_fd = if self.inflight.is_empty() {
+                None
+            } else if self.poll_inflight() {
+                continue;
+            } else {
+                match self.ctx.io.sync_fd() {
+                    Some(fd) => Some(fd),
+                    // Not pollable: complete it here.
+                    None => {
+                        self.finish_inflight();
+                        continue;
+                    }
+                }
+            };
+            let deadline = self.next_deadline();
+            self.bell
+                .sleep(group_fd, deadline, || !rx.is_empty() || rx.is_closed());
         }
     }
 
@@ -1182,6 +1221,7 @@ impl Engine {
             unsynced: false,
             pending: Vec::new(),
             awaiting_sync: Vec::new(),
+            sync_wanted: false,
             syncing: Vec::new(),
             syncing_to: Checkpoint::default(),
             first_pending_at: None,
@@ -1467,19 +1507,20 @@ impl Engine {
     }
 
     /// One group commit, pipelined: every partition whose policy says "now"
-    /// gets its dirty tail written (one `write_batch`); then the previous
-    /// group's fdatasync is completed and acked; then this group's
-    /// fdatasyncs are started, to complete while the next group is written.
+    /// gets its dirty tail written (one `write_batch`), even while the
+    /// previous group's fdatasync is in flight; when none is, this group's
+    /// fdatasyncs start, to complete while the next group is written.
     /// `Never` partitions are acked right after their write.
     fn commit_round(&mut self, force: bool) {
         let now = Instant::now();
+        let idle = self.inflight.is_empty();
         let mut due: Vec<(PartitionId, bool)> = Vec::new();
         for p in self.parts.values() {
             if p.state != PartState::Ok {
                 continue;
             }
             let dirty = p.dirty_from.is_some();
-            let work = dirty || p.unsynced || !p.pending.is_empty();
+            let work = dirty || p.unsynced || !p.pending.is_empty() || p.sync_wanted;
             if !work {
                 continue;
             }
@@ -1493,11 +1534,14 @@ impl Engine {
                 }
                 Durability::Never => (force || dirty || !p.pending.is_empty(), force),
             };
+            // A partition the next sync group covers has everything
+            // appended written first, so the group's checkpoint (where the
+            // log ends) is all on disk.
+            let is_due = is_due || (idle && p.sync_wanted);
             if is_due {
-                due.push((p.id.clone(), sync));
+                due.push((p.id.clone(), sync || p.sync_wanted));
             }
         }
-        // 1. Write this group.
         if !due.is_empty() {
             let res = {
                 let Engine { ctx, parts, .. } = &mut *self;
@@ -1524,6 +1568,7 @@ impl Engine {
                         p.first_pending_at = None;
                         if *sync {
                             p.awaiting_sync.append(&mut p.pending);
+                            p.sync_wanted = true;
                         } else {
                             p.committed(false);
                         }
@@ -1531,15 +1576,21 @@ impl Engine {
                 }
             }
         }
-        // 2. Complete the group in flight (its flush overlapped step 1).
-        self.finish_inflight();
-        // 3. Start this group's fdatasyncs.
+        if idle {
+            self.start_syncs();
+        }
+    }
+
+    /// Starts the fdatasync group of every partition that wants one. Only
+    /// with no group in flight, right after `commit_round` wrote them.
+    fn start_syncs(&mut self) {
+        debug_assert!(self.inflight.is_empty());
         let mut files = Vec::new();
-        for (id, sync) in due {
-            let p = self.parts.get_mut(&id).expect("collected above");
-            if !sync || p.state != PartState::Ok {
+        for p in self.parts.values_mut() {
+            if !std::mem::take(&mut p.sync_wanted) || p.state != PartState::Ok {
                 continue;
             }
+            debug_assert!(p.dirty_from.is_none(), "written before its sync");
             if !p.unsynced {
                 // Nothing written since the last fdatasync: durable already.
                 if p.hw != p.next_offset {
@@ -1555,7 +1606,7 @@ impl Engine {
             p.syncing_to = p.end_checkpoint();
             p.unsynced = false;
             files.push(p.files[p.active()]);
-            self.inflight.push(id);
+            self.inflight.push(p.id.clone());
         }
         if files.is_empty() {
             return;
@@ -1573,6 +1624,25 @@ impl Engine {
             return;
         }
         let res = self.ctx.io.sync_wait();
+        self.complete_inflight(res);
+    }
+
+    /// Completes the group in flight if it is done, without waiting;
+    /// whether it was.
+    fn poll_inflight(&mut self) -> bool {
+        if self.inflight.is_empty() {
+            return false;
+        }
+        match self.ctx.io.sync_poll() {
+            Some(res) => {
+                self.complete_inflight(res);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn complete_inflight(&mut self, res: io::Result<()>) {
         let elapsed = self.inflight_started.elapsed();
         let st = &self.ctx.shared.stats;
         StatsInner::add(&st.fsyncs, self.inflight_files as u64);

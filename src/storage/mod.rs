@@ -35,6 +35,7 @@ pub mod io;
 pub mod meta;
 pub mod segment;
 
+mod doorbell;
 mod engine;
 
 pub use io::{IoBackend, BLOCK_BYTES};
@@ -660,7 +661,7 @@ impl fmt::Debug for AppendTicket {
 }
 
 struct Inner {
-    tx: async_channel::Sender<engine::Cmd>,
+    tx: engine::CmdTx,
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     backend_name: &'static str,
@@ -764,11 +765,7 @@ impl Storage {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> engine::Cmd) -> Result<T, StorageError> {
         let (tx, rx) = async_channel::bounded(1);
-        self.inner
-            .tx
-            .send(make(tx))
-            .await
-            .map_err(|_| StorageError::ShuttingDown)?;
+        self.inner.tx.send(make(tx)).await?;
         reply(rx).await
     }
 
@@ -826,8 +823,7 @@ impl Storage {
                 checked,
                 reply: tx,
             })
-            .await
-            .map_err(|_| StorageError::ShuttingDown)?;
+            .await?;
         Ok(AppendTicket {
             fut: Box::pin(reply(rx)),
         })

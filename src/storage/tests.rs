@@ -922,3 +922,167 @@ fn recovery_after_a_wrap_with_sector_writes_reports_no_torn_tail() {
         s.shutdown().unwrap();
     }
 }
+
+/// A backend whose group fdatasyncs are held until the test releases
+/// them, over the in-memory fault disk: it shows what the engine does while
+/// a flush is in flight.
+struct HeldSync {
+    inner: FaultBackend,
+    gate: Arc<SyncGate>,
+    held: Vec<super::io::FileHandle>,
+}
+
+#[derive(Default)]
+struct SyncGate {
+    /// Groups started, writes done, groups released by the test.
+    started: std::sync::atomic::AtomicUsize,
+    writes: std::sync::atomic::AtomicUsize,
+    released: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+    fd: std::sync::OnceLock<super::io::EventFd>,
+}
+
+impl SyncGate {
+    fn release(&self) {
+        *self.released.lock().unwrap() += 1;
+        self.changed.notify_all();
+        self.fd.get().unwrap().signal();
+    }
+    fn wait_for(&self, what: &std::sync::atomic::AtomicUsize, n: usize) {
+        let t0 = std::time::Instant::now();
+        while what.load(Ordering::SeqCst) < n {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "timed out"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl HeldSync {
+    fn complete(&mut self) -> std::io::Result<()> {
+        self.gate.fd.get().unwrap().clear();
+        let files = std::mem::take(&mut self.held);
+        files.into_iter().try_for_each(|f| self.inner.sync(f))
+    }
+}
+
+impl IoBackend for HeldSync {
+    fn name(&self) -> &'static str {
+        "held-sync"
+    }
+    fn open(
+        &mut self,
+        path: &std::path::Path,
+        create: bool,
+    ) -> std::io::Result<super::io::FileHandle> {
+        self.inner.open(path, create)
+    }
+    fn close(&mut self, file: super::io::FileHandle) {
+        self.inner.close(file)
+    }
+    fn allocate(&mut self, file: super::io::FileHandle, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(file, len)
+    }
+    fn read_at(
+        &mut self,
+        file: super::io::FileHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<usize> {
+        self.inner.read_at(file, offset, buf)
+    }
+    fn write_batch(
+        &mut self,
+        writes: &[super::io::WriteOp<'_>],
+        sync: &[super::io::FileHandle],
+    ) -> std::io::Result<()> {
+        self.gate.writes.fetch_add(writes.len(), Ordering::SeqCst);
+        self.inner.write_batch(writes, sync)
+    }
+    fn sync(&mut self, file: super::io::FileHandle) -> std::io::Result<()> {
+        self.inner.sync(file)
+    }
+    fn sync_dir(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn sync_start(&mut self, files: &[super::io::FileHandle]) -> std::io::Result<()> {
+        self.sync_wait()?;
+        self.held = files.to_vec();
+        self.gate.started.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn sync_wait(&mut self) -> std::io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let n = self.gate.started.load(Ordering::SeqCst);
+        let mut released = self.gate.released.lock().unwrap();
+        while *released < n {
+            released = self.gate.changed.wait(released).unwrap();
+        }
+        drop(released);
+        self.complete()
+    }
+    fn sync_poll(&mut self) -> Option<std::io::Result<()>> {
+        if self.held.is_empty() {
+            return Some(Ok(()));
+        }
+        let n = self.gate.started.load(Ordering::SeqCst);
+        if *self.gate.released.lock().unwrap() < n {
+            return None;
+        }
+        Some(self.complete())
+    }
+    fn sync_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.gate.fd.get().unwrap().as_raw_fd())
+    }
+}
+
+#[test]
+fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
+    let rig = Rig::fault(7);
+    let gate = Arc::new(SyncGate::default());
+    gate.fd.set(super::io::EventFd::new().unwrap()).unwrap();
+    let backend = HeldSync {
+        inner: FaultBackend::new(rig.disk().unwrap().clone()),
+        gate: gate.clone(),
+        held: Vec::new(),
+    };
+    let s = Storage::open_with_backend(rig.cfg(), Box::new(backend)).unwrap();
+    let id = pid("held", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let mut a = block_on(s.submit(&id, make_batch(1, 100, 1, 0))).unwrap();
+    gate.wait_for(&gate.started, 1);
+    let writes = gate.writes.load(Ordering::SeqCst);
+    // B arrives while A's fdatasync is held: it is written right away...
+    let mut b = block_on(s.submit(&id, make_batch(1, 100, 2, 0))).unwrap();
+    gate.wait_for(&gate.writes, writes + 1);
+    // ...and nothing is acked before its own fdatasync completed.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(block_on(futures_lite::future::poll_once(&mut a)).is_none());
+    assert!(block_on(futures_lite::future::poll_once(&mut b)).is_none());
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        1,
+        "one group at a time"
+    );
+    gate.release();
+    assert_eq!(block_on(a).unwrap().base_offset, 0);
+    // B's own group starts once A's is done, and acks B when it completes.
+    gate.wait_for(&gate.started, 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(block_on(futures_lite::future::poll_once(&mut b)).is_none());
+    assert_eq!(
+        s.offsets(&id).unwrap().high_watermark,
+        1,
+        "B not yet durable"
+    );
+    gate.release();
+    assert_eq!(block_on(b).unwrap().base_offset, 1);
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 2);
+    gate.release(); // the shutdown's own sync, if it starts one
+    s.shutdown().unwrap();
+}

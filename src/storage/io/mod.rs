@@ -19,6 +19,7 @@ use std::path::Path;
 pub mod aligned;
 #[cfg(test)]
 pub mod conformance;
+pub mod eventfd;
 pub mod fault;
 pub mod pwrite;
 pub mod raw_bandwidth;
@@ -26,6 +27,7 @@ pub mod raw_bandwidth;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
+pub use eventfd::EventFd;
 
 /// Alignment of every buffer address, and the largest write unit: write
 /// offsets and lengths are multiples of a file's [`IoBackend::write_unit`],
@@ -140,6 +142,21 @@ pub trait IoBackend: Send + 'static {
     /// error wins. Ok when nothing is outstanding.
     fn sync_wait(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    /// Completes the group started by [`IoBackend::sync_start`] if it has
+    /// finished, without waiting: `None` while it runs. The default, for
+    /// backends whose `sync_start` syncs right away, is `sync_wait`.
+    fn sync_poll(&mut self) -> Option<io::Result<()>> {
+        Some(self.sync_wait())
+    }
+
+    /// A descriptor that polls readable once the started group may have
+    /// finished, so the storage thread can sleep on it beside its command
+    /// queue (then [`IoBackend::sync_poll`] says whether it did). `None`:
+    /// the caller completes the group with `sync_wait` instead.
+    fn sync_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
     }
 
     /// Removes a (closed) file, for deleting a partition or undoing a

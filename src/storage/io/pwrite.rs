@@ -5,11 +5,11 @@
 //! EINVAL), files are opened buffered instead, with one warning: fdatasync
 //! still makes them durable, only the page cache is in the way.
 
-use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{EventFd, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 
@@ -20,6 +20,8 @@ struct SyncWorker {
     tx: Option<mpsc::Sender<Vec<Arc<File>>>>,
     /// The finished group's result, and its list back for reuse.
     rx: mpsc::Receiver<(io::Result<()>, Vec<Arc<File>>)>,
+    /// Signalled after each result is sent: what `sync_fd` polls.
+    done_fd: Arc<EventFd>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -27,12 +29,18 @@ impl SyncWorker {
     fn start() -> io::Result<SyncWorker> {
         let (tx, work) = mpsc::channel::<Vec<Arc<File>>>();
         let (done, rx) = mpsc::channel();
+        let done_fd = Arc::new(EventFd::new()?);
+        let signal = done_fd.clone();
         let handle = std::thread::Builder::new()
             .name("skiff-fsync".into())
             .spawn(move || {
                 while let Ok(mut files) = work.recv() {
                     let res = files.iter().try_for_each(|f| f.sync_data());
                     files.clear();
+                    // Signal first: whoever takes the result then clears
+                    // the signal for good (one sent later could outlive
+                    // the clear and wake the next group's poll early).
+                    signal.signal();
                     if done.send((res, files)).is_err() {
                         break;
                     }
@@ -41,6 +49,7 @@ impl SyncWorker {
         Ok(SyncWorker {
             tx: Some(tx),
             rx,
+            done_fd,
             handle: Some(handle),
         })
     }
@@ -238,12 +247,41 @@ impl IoBackend for PwriteBackend {
         }
         self.outstanding = false;
         let worker = self.worker.as_ref().expect("outstanding implies a worker");
-        match worker.rx.recv() {
+        let got = worker.rx.recv();
+        worker.done_fd.clear();
+        match got {
             Ok((res, list)) => {
                 self.spare = list;
                 res
             }
             Err(_) => Err(io::Error::other("fsync worker thread is gone")),
+        }
+    }
+
+    fn sync_poll(&mut self) -> Option<io::Result<()>> {
+        if !self.outstanding {
+            return Some(Ok(()));
+        }
+        let worker = self.worker.as_ref().expect("outstanding implies a worker");
+        let got = match worker.rx.try_recv() {
+            Err(mpsc::TryRecvError::Empty) => return None,
+            got => got,
+        };
+        worker.done_fd.clear();
+        self.outstanding = false;
+        Some(match got {
+            Ok((res, list)) => {
+                self.spare = list;
+                res
+            }
+            Err(_) => Err(io::Error::other("fsync worker thread is gone")),
+        })
+    }
+
+    fn sync_fd(&self) -> Option<RawFd> {
+        match (&self.worker, self.outstanding) {
+            (Some(w), true) => Some(w.done_fd.as_raw_fd()),
+            _ => None,
         }
     }
 }
