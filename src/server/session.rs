@@ -24,6 +24,10 @@ use super::Ctx;
 /// First read buffer size; it grows to the largest frame seen, at most
 /// `max_frame_bytes`.
 const READ_BUFFER_BYTES_MIN: usize = 64 * 1024;
+/// A buffer grown up to this size is kept: a producer sending 100 KiB
+/// requests would otherwise have it freed and regrown (and zeroed) for
+/// every frame. Above it, it shrinks back after the frame.
+const READ_BUFFER_BYTES_KEEP: usize = 256 * 1024 + FRAME_HEADER_BYTES;
 /// Responses waiting for the writer. Bounded together with in-flight bytes.
 const RESPONSE_QUEUE_DEPTH: usize = 256;
 
@@ -358,7 +362,7 @@ where
         }
         buf.copy_within(n..filled, 0);
         filled -= n;
-        if buf.len() > READ_BUFFER_BYTES_MIN && filled <= READ_BUFFER_BYTES_MIN {
+        if buf.len() > READ_BUFFER_BYTES_KEEP && filled <= READ_BUFFER_BYTES_MIN {
             // Give back a buffer grown for one large frame.
             buf.truncate(READ_BUFFER_BYTES_MIN);
             buf.shrink_to_fit();

@@ -407,6 +407,15 @@ impl Part {
         }
     }
 
+    /// Zeroes the tail from its end to the next write-unit boundary: the
+    /// bytes a write of the partial unit carries past the last batch, which
+    /// recovery requires to be zero (docs/format.md). The rest of the buffer
+    /// past the end may hold stale bytes; no write reaches them.
+    fn zero_slack(&mut self) {
+        let end = self.tail_len.div_ceil(self.unit) * self.unit;
+        self.tail[self.tail_len..end].fill(0);
+    }
+
     /// The write covering the dirty part of the tail, if any.
     fn dirty_write(&self) -> Option<WriteOp<'_>> {
         let from = self.dirty_from? / self.unit * self.unit;
@@ -515,9 +524,9 @@ impl Part {
         let keep = self.tail_len % B;
         let start = self.tail_len - keep;
         let old_len = self.tail_len;
-        let buf = &mut self.tail[..];
-        buf.copy_within(start..old_len, 0);
-        buf[keep..old_len].fill(0);
+        // Bytes past the new end stay stale: `zero_slack` clears the part
+        // of them a write can reach, after each append.
+        self.tail.copy_within(start..old_len, 0);
         self.tail_file_off += start as u64;
         self.tail_len = keep;
         debug_assert!(self.tail_len + len <= self.tail.len());
@@ -536,12 +545,10 @@ impl Part {
             segment_bytes: self.cfg.segment_bytes,
         };
         self.next_epoch += 1;
-        let old_len = self.tail_len.div_ceil(B) * B;
-        let buf = &mut self.tail[..];
-        buf[..old_len].fill(0);
-        h.encode(&mut buf[..SEG_HEADER_BYTES]);
+        h.encode(&mut self.tail[..SEG_HEADER_BYTES]);
         self.tail_file_off = 0;
         self.tail_len = SEG_HEADER_BYTES;
+        self.zero_slack();
         self.dirty_from = Some(0);
         let seg = &mut self.segs[slot];
         seg.epoch = h.epoch;
@@ -1483,6 +1490,7 @@ impl Engine {
             p.tail[p.tail_len..p.tail_len + len].copy_from_slice(&batch);
             p.dirty_from.get_or_insert(p.tail_len);
             p.tail_len += len;
+            p.zero_slack();
             let active = p.active();
             p.segs[active].note_batch(&h, pos);
             debug_assert_eq!(p.segs[active].end_pos, p.tail_file_off + p.tail_len as u64);
