@@ -135,6 +135,8 @@ const RAW_WRITE_BYTES: usize = MIB as usize;
 
 struct Params {
     raw_total_bytes: u64,
+    /// The raw measurement taken before each throughput run.
+    raw_paired_bytes: u64,
     run_time: Duration,
     ring_segments: u32,
     segment_bytes: u64,
@@ -146,6 +148,7 @@ fn params() -> Params {
     if std::env::var_os("SKIFF_BENCH_QUICK").is_some() {
         Params {
             raw_total_bytes: 64 * MIB,
+            raw_paired_bytes: 32 * MIB,
             run_time: Duration::from_millis(300),
             ring_segments: 4,
             segment_bytes: 16 * MIB,
@@ -155,6 +158,7 @@ fn params() -> Params {
     } else {
         Params {
             raw_total_bytes: 1024 * MIB,
+            raw_paired_bytes: 256 * MIB,
             run_time: Duration::from_millis(1500),
             ring_segments: 4,
             segment_bytes: 64 * MIB,
@@ -276,6 +280,8 @@ struct Run {
     wa_engine: f64,
     /// Mean duration of one write+fdatasync submission.
     commit_us: f64,
+    /// Raw bandwidth measured right before the run (0 where not paired).
+    raw_before: f64,
 }
 
 fn open(dir: &Path, prewrite: bool) -> Storage {
@@ -372,6 +378,7 @@ fn throughput_run(
         payload: recs * value as u64,
         wa_engine: 0.0,
         commit_us: commit_us(&before, &after),
+        raw_before: 0.0,
     }
 }
 
@@ -431,6 +438,7 @@ fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
         wa_engine: (after.device_bytes_written - before.device_bytes_written) as f64
             / payload as f64,
         commit_us: commit_us(&before, &after),
+        raw_before: 0.0,
     }
 }
 
@@ -499,6 +507,11 @@ fn main() {
         "commit us",
         "dev/pay"
     );
+    println!(
+        "(% of raw: each run against a {} MiB raw measurement taken just before it, median of the runs; \
+         this VM's speed drifts too much over the minutes between a row and the first raw figure)",
+        p.raw_paired_bytes / MIB
+    );
     let dir = base.join("data");
     let mut configs = Vec::new();
     for value in [100usize, 1024] {
@@ -515,7 +528,14 @@ fn main() {
     configs.push((1024, 256, true, 4 * 1024));
     for (value, records, prewrite, in_flight) in configs {
         let runs: Vec<Run> = (0..RUNS)
-            .map(|_| throughput_run(&p, &dir, prewrite, records, value, in_flight))
+            .map(|_| {
+                let raw = raw_bandwidth(&base, p.raw_paired_bytes);
+                let run = throughput_run(&p, &dir, prewrite, records, value, in_flight);
+                Run {
+                    raw_before: raw,
+                    ..run
+                }
+            })
             .collect();
         let (rps, rmin, rmax) = mmm(&runs, |r| r.records_per_s);
         let (lbs, lmin, lmax) = mmm(&runs, |r| r.log_bytes_per_s);
@@ -532,7 +552,7 @@ fn main() {
             mb(lbs),
             mb(lmin),
             mb(lmax),
-            100.0 * lbs / raw_med,
+            100.0 * mmm(&runs, |r| r.log_bytes_per_s / r.raw_before).0,
             fs,
             fl,
             mmm(&runs, |r| r.commit_us).0,
