@@ -78,6 +78,9 @@ pub struct StorageSection {
     /// Aligned in-memory tail per partition.
     pub tail_buffer_bytes: u64,
     pub max_batch_bytes: u64,
+    /// Zero each new segment once, in the background, so its first writes
+    /// do not convert unwritten extents (a journal commit per fdatasync).
+    pub prewrite_segments: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

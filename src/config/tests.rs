@@ -33,6 +33,7 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.storage.append_queue_depth, 256);
     assert_eq!(cfg.storage.tail_buffer_bytes, MIB);
     assert_eq!(cfg.storage.max_batch_bytes, MIB);
+    assert!(cfg.storage.prewrite_segments);
     assert_eq!(cfg.topic_defaults.partitions, 1);
     assert_eq!(cfg.topic_defaults.segment_bytes, 16 * MIB);
     assert_eq!(cfg.topic_defaults.segments, 4);
@@ -473,4 +474,13 @@ fn a_conflict_with_an_untouched_default_names_the_users_file() {
             .contains("raise.toml: invalid 'server.max_frame_bytes'"),
         "{err}"
     );
+}
+
+#[test]
+fn prewrite_segments_reaches_the_storage_config() {
+    let cfg = load_text("p.toml", "[storage]\nprewrite_segments = false\n").expect("valid");
+    assert!(!cfg.storage.prewrite_segments);
+    assert!(!crate::server::storage_config(&cfg).prewrite_segments);
+    let err = load_text("p.toml", "[storage]\nprewrite_segments = \"yes\"\n").expect_err("bool");
+    assert_eq!(err.key(), Some("storage.prewrite_segments"));
 }

@@ -461,6 +461,7 @@ pub fn storage_config(cfg: &Config) -> crate::storage::StorageConfig {
         tail_buffer_bytes: cfg.storage.tail_buffer_bytes as usize,
         max_partitions: cfg.server.max_partitions as usize,
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,
+        prewrite_segments: cfg.storage.prewrite_segments,
         ..crate::storage::StorageConfig::default()
     }
 }
