@@ -508,7 +508,19 @@ fn cli_produce_survives_a_broker_restart_and_writes_each_record_once() {
         writeln!(stdin, "line-{i}").expect("write");
     }
     stdin.flush().expect("flush");
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill only once the producer is connected and has written: a CLI that
+    // starts (slowly, under qemu and load) after the kill fails to connect
+    // and exits, which is its documented behaviour, not this test's subject.
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    wait_until(Duration::from_secs(60), "the CLI's first records", || {
+        c.describe_topic("idem-cli")
+            .expect("describe")
+            .partitions
+            .iter()
+            .any(|p| p.latest_offset > 0)
+    });
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
     b.kill9();
     for i in 500..1000 {
         writeln!(stdin, "line-{i}").expect("write");
