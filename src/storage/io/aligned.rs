@@ -3,8 +3,8 @@
 //! O_DIRECT requires the buffer address, the length and the file offset to
 //! be multiples of the logical block size. A `Vec<u8>` only guarantees an
 //! alignment of 1, so the engine's tail buffers, read buffers and pools are
-//! `AlignedBuf`s: allocated once at start-up with an alignment and capacity
-//! of [`BLOCK_BYTES`], zero-filled, and never reallocated (no growth under
+//! `AlignedBuf`s: mapped once at start-up (page-aligned anonymous memory,
+//! zero and resident only once written), never reallocated (no growth under
 //! load; the memory budget is fixed when the pools are built).
 //!
 //! This file is the one place where allocation needs `unsafe`.
@@ -46,8 +46,8 @@ impl std::error::Error for AlignedBufError {}
 /// A zero-initialised heap buffer whose address and length are multiples of
 /// [`BLOCK_BYTES`]. Fixed size: it never grows or reallocates.
 pub struct AlignedBuf {
-    /// Start of the allocation. Invariant: allocated by `alloc_zeroed` with
-    /// `layout`, not yet freed, aligned to `BLOCK_BYTES`.
+    /// Start of the mapping. Invariant: mapped by `new` with
+    /// `layout.size()` bytes, not yet unmapped, aligned to `BLOCK_BYTES`.
     ptr: NonNull<u8>,
     /// `layout.size()` is the buffer length: non-zero, a multiple of
     /// `BLOCK_BYTES`; `layout.align() == BLOCK_BYTES`.
@@ -64,21 +64,37 @@ impl AlignedBuf {
     /// Allocates `len_bytes` zeroed bytes aligned to [`BLOCK_BYTES`].
     /// `len_bytes` must be a non-zero multiple of [`BLOCK_BYTES`].
     ///
-    /// Aborts (via [`alloc::handle_alloc_error`]) if the allocator is out of
-    /// memory, like `Vec` does: pools are allocated at start-up, so this
-    /// happens at start or never.
+    /// Aborts (via [`alloc::handle_alloc_error`]) if the kernel refuses the
+    /// mapping, like `Vec` does when out of memory: pools are allocated at
+    /// start-up, so this happens at start or never.
     pub fn new(len_bytes: usize) -> Result<AlignedBuf, AlignedBufError> {
         if len_bytes == 0 || len_bytes % BLOCK_BYTES != 0 {
             return Err(AlignedBufError::Unaligned { len_bytes });
         }
         let layout = Layout::from_size_align(len_bytes, BLOCK_BYTES)
             .map_err(|_| AlignedBufError::TooLarge { len_bytes })?;
-        // SAFETY: `layout` has a non-zero size (checked above), which is the
-        // one requirement of `alloc_zeroed`.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
+        // Straight from the kernel rather than the global allocator: fresh
+        // anonymous pages are zero and become resident only when written,
+        // whatever allocator the binary uses (one that clears `calloc`ed
+        // memory by writing it would make every tail buffer resident at
+        // start). Page-aligned, so BLOCK_BYTES-aligned.
+        // SAFETY: a new private anonymous mapping; no existing memory is
+        // touched. The result is checked against MAP_FAILED below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
+        if raw == libc::MAP_FAILED {
+            alloc::handle_alloc_error(layout)
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).expect("mmap never returns null on success");
+        debug_assert_eq!(ptr.as_ptr() as usize % BLOCK_BYTES, 0);
         Ok(AlignedBuf { ptr, layout })
     }
 
@@ -114,9 +130,9 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated by the global allocator with exactly
-        // `layout` and is freed only here, once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: `ptr` and the length are those of the mapping made in
+        // `new`, unmapped only here, once; no borrow of it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
     }
 }
 
@@ -166,6 +182,29 @@ mod tests {
             AlignedBuf::new(usize::MAX - BLOCK_BYTES + 1),
             Err(AlignedBufError::TooLarge { .. })
         ));
+    }
+
+    /// Pages of `buf` resident in memory, by mincore(2).
+    fn resident_pages(buf: &AlignedBuf) -> usize {
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut vec = vec![0u8; buf.len().div_ceil(page)];
+        // SAFETY: the range is our own live mapping; `vec` has one byte per
+        // page of it.
+        let rc = unsafe { libc::mincore(buf.as_ptr() as *mut _, buf.len(), vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count()
+    }
+
+    #[test]
+    fn memory_is_resident_only_once_written() {
+        // Idle RSS depends on it: tail and read buffers are mapped at
+        // start, whatever the global allocator does with zeroed blocks.
+        let mut buf = AlignedBuf::new(256 * BLOCK_BYTES).expect("valid length");
+        assert_eq!(resident_pages(&buf), 0);
+        buf[..BLOCK_BYTES].fill(1);
+        let after = resident_pages(&buf);
+        assert!((1..=2).contains(&after), "{after} pages resident after one write");
     }
 
     #[test]
