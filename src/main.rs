@@ -9,6 +9,11 @@ use clap::{Args, Parser, Subcommand};
 
 use skiff::cli;
 
+// See Cargo.toml: musl's own allocator unmaps on nearly every free.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 #[derive(Parser)]
 #[command(
     name = "skiff",
