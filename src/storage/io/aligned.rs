@@ -204,7 +204,10 @@ mod tests {
         assert_eq!(resident_pages(&buf), 0);
         buf[..BLOCK_BYTES].fill(1);
         let after = resident_pages(&buf);
-        assert!((1..=2).contains(&after), "{after} pages resident after one write");
+        assert!(
+            (1..=2).contains(&after),
+            "{after} pages resident after one write"
+        );
     }
 
     #[test]
