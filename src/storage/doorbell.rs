@@ -54,6 +54,7 @@ impl Doorbell {
     ) {
         self.asleep.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        let mut rung = false;
         if !work_waiting() {
             let now = Instant::now();
             let mut limit = deadline.map(|d| d.saturating_duration_since(now));
@@ -87,9 +88,16 @@ impl Doorbell {
                     std::ptr::null(),
                 )
             };
+            rung = fds[0].revents & libc::POLLIN != 0;
         }
         self.asleep.store(false, Ordering::SeqCst);
-        self.fd.clear();
+        // Reset only a bell that woke us: most wakes are the disk's, and a
+        // read per wake would be a syscall per commit. A ring that raced
+        // with `work_waiting` stays set and ends the next sleep at once,
+        // which clears it.
+        if rung {
+            self.fd.clear();
+        }
     }
 }
 
