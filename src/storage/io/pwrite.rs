@@ -13,13 +13,16 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 
+/// A finished sync group's result, and its file list back for reuse.
+type SyncDone = (io::Result<()>, Vec<Arc<File>>);
+
 /// The thread that runs fdatasyncs started by `sync_start`, so the storage
 /// thread can write the next group while the device flushes this one.
 #[derive(Debug)]
 struct SyncWorker {
     tx: Option<mpsc::Sender<Vec<Arc<File>>>>,
     /// The finished group's result, and its list back for reuse.
-    rx: mpsc::Receiver<(io::Result<()>, Vec<Arc<File>>)>,
+    rx: mpsc::Receiver<SyncDone>,
     /// Signalled after each result is sent: what `sync_fd` polls.
     done_fd: Arc<EventFd>,
     handle: Option<std::thread::JoinHandle<()>>,
@@ -84,6 +87,22 @@ pub struct PwriteBackend {
 impl PwriteBackend {
     pub fn new() -> PwriteBackend {
         PwriteBackend::default()
+    }
+
+    /// Ends the outstanding sync group with the worker's answer (`None`:
+    /// the worker is gone), keeping its file list for reuse.
+    fn take_group_result(&mut self, got: Option<SyncDone>) -> io::Result<()> {
+        self.outstanding = false;
+        if let Some(w) = &self.worker {
+            w.done_fd.clear();
+        }
+        match got {
+            Some((res, list)) => {
+                self.spare = list;
+                res
+            }
+            None => Err(io::Error::other("fsync worker thread is gone")),
+        }
     }
 
     fn file(&self, h: FileHandle) -> io::Result<&Arc<File>> {
@@ -245,17 +264,9 @@ impl IoBackend for PwriteBackend {
         if !self.outstanding {
             return Ok(());
         }
-        self.outstanding = false;
         let worker = self.worker.as_ref().expect("outstanding implies a worker");
-        let got = worker.rx.recv();
-        worker.done_fd.clear();
-        match got {
-            Ok((res, list)) => {
-                self.spare = list;
-                res
-            }
-            Err(_) => Err(io::Error::other("fsync worker thread is gone")),
-        }
+        let got = worker.rx.recv().ok();
+        self.take_group_result(got)
     }
 
     fn sync_poll(&mut self) -> Option<io::Result<()>> {
@@ -265,17 +276,9 @@ impl IoBackend for PwriteBackend {
         let worker = self.worker.as_ref().expect("outstanding implies a worker");
         let got = match worker.rx.try_recv() {
             Err(mpsc::TryRecvError::Empty) => return None,
-            got => got,
+            got => got.ok(),
         };
-        worker.done_fd.clear();
-        self.outstanding = false;
-        Some(match got {
-            Ok((res, list)) => {
-                self.spare = list;
-                res
-            }
-            Err(_) => Err(io::Error::other("fsync worker thread is gone")),
-        })
+        Some(self.take_group_result(got))
     }
 
     fn sync_fd(&self) -> Option<RawFd> {
