@@ -292,8 +292,12 @@ pub(crate) fn run_real_file_model(
             Damage::TornTail { keep } => {
                 let (path, end, next) = data_end(&dir, &cfg);
                 let room = (cfg.segment_bytes - end) as usize;
-                let torn = stored_prefix(next, keep.min(room));
-                if torn.is_empty() {
+                let mut torn = next_batch(next);
+                // The engine starts a batch that does not fit in the next
+                // segment, so a torn one can only be where it fits.
+                let fits = torn.len() <= room;
+                torn.truncate(keep.min(torn.len() - 1));
+                if torn.is_empty() || !fits {
                     s = rig.open();
                 } else {
                     use std::os::unix::fs::FileExt;
@@ -341,11 +345,10 @@ pub(crate) fn run_real_file_model(
     s.shutdown().unwrap();
 }
 
-/// The first `keep` bytes of a plausible next batch at offset `next`.
-fn stored_prefix(next: u64, keep: usize) -> Vec<u8> {
+/// A plausible next batch at offset `next`, as stored.
+fn next_batch(next: u64) -> Vec<u8> {
     let mut b = make_batch(2, 300, 424_242, 0);
     batch::verify_and_assign_offset(&mut b, next).unwrap();
-    b.truncate(keep.min(b.len() - 1));
     b
 }
 
