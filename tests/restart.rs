@@ -17,11 +17,16 @@ const PARTITIONS: u32 = 3;
 const RECORDS: usize = 6_000;
 
 fn create(b: &Broker, topic: &str) {
+    create_with(b, topic, None);
+}
+
+fn create_with(b: &Broker, topic: &str, fsync: Option<&str>) {
     blocking::Client::connect(&b.tcp)
         .expect("connect")
         .create_topic(CreateTopicRequest {
             name: topic.to_owned(),
             partitions: Some(PARTITIONS),
+            fsync: fsync.map(str::to_owned),
             ..CreateTopicRequest::default()
         })
         .expect("create");
@@ -128,6 +133,19 @@ fn sigterm_restart_keeps_every_acked_record() {
 #[test]
 fn kill9_restart_keeps_every_acked_record() {
     restart_keeps_acked_records(true);
+}
+
+/// `interval` acks after the write, not after the fdatasync (ten minutes
+/// away here), and a kill -9 (unlike a power cut) loses none of it.
+#[test]
+fn interval_acks_without_waiting_for_the_fdatasync_and_survives_kill9() {
+    let mut b = Broker::start("");
+    create_with(&b, "lazy", Some("interval:600000"));
+    let acked = produce_acked(&b, "lazy", 500);
+    assert_eq!(acked.len(), 500);
+    b.kill9();
+    b.restart();
+    assert_exactly(&consume_all(&b.tcp, "lazy"), &acked);
 }
 
 #[test]

@@ -44,6 +44,13 @@ pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
 /// How often a partition's checkpoint is refreshed while data flows. A
 /// checkpoint costs a temp file write and three fsyncs.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// `interval:<ms>` gathers appends for at most this long (or `ms`, if
+/// shorter) before writing and acking them: a few large writes instead of
+/// one partial-sector rewrite per record, at a bounded ack latency even
+/// when `ms` is long.
+pub const INTERVAL_GATHER_MS_MAX: u64 = 2;
+/// ... and writes at once when this much is waiting (a full write already).
+pub const INTERVAL_WRITE_EARLY_BYTES: usize = 64 * 1024;
 /// How often time retention is checked.
 pub const RETENTION_CHECK_INTERVAL_MS: u64 = 1000;
 /// The zero buffer for pre-writing segments and scrubbing torn tails.
@@ -312,6 +319,9 @@ struct Part {
     /// What becomes durable (and the high watermark) when it completes.
     syncing_to: Checkpoint,
     first_pending_at: Option<Instant>,
+    /// When the oldest write not yet fdatasynced was made (`interval`
+    /// syncs within its ms of it).
+    unsynced_since: Option<Instant>,
     durable: Checkpoint,
     checkpointed: Checkpoint,
     last_checkpoint: Instant,
@@ -337,6 +347,9 @@ impl Part {
     }
 
     fn publish(&self) {
+        self.shared
+            .durable
+            .store(self.durable.next_offset, Ordering::Release);
         self.shared.hw.store(self.hw, Ordering::Release);
         self.shared
             .earliest
@@ -445,9 +458,11 @@ impl Part {
         self.dirty_from = None;
         if synced {
             self.unsynced = false;
+            self.unsynced_since = None;
             self.durable = self.end_checkpoint();
         } else {
             self.unsynced = true;
+            self.unsynced_since.get_or_insert_with(Instant::now);
         }
         let advanced = self.hw != self.next_offset;
         self.hw = self.next_offset;
@@ -467,6 +482,18 @@ impl Part {
             let _ = p.reply.try_send(Ok(p.ack));
         }
         self.first_pending_at = None;
+    }
+
+    /// Acks the appends just written under a policy that does not wait
+    /// for their fdatasync (`interval`, `never`): readable and acked now.
+    fn ack_written(&mut self) {
+        if self.hw != self.next_offset {
+            self.hw = self.next_offset;
+            self.publish();
+        }
+        for p in self.pending.drain(..) {
+            let _ = p.reply.try_send(Ok(p.ack));
+        }
     }
 
     /// Writes (and with `sync`, fdatasyncs) this partition alone, now.
@@ -858,6 +885,10 @@ fn scan_segment(
     Ok(Scan { batches, stop })
 }
 
+fn interval_gather(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(ms).min(INTERVAL_GATHER_MS_MAX))
+}
+
 fn seg_path(dir: &Path, slot: usize) -> PathBuf {
     dir.join(format!("seg-{slot:05}.log"))
 }
@@ -1114,8 +1145,13 @@ impl Engine {
             if p.state != PartState::Ok {
                 continue;
             }
-            if let (Durability::IntervalMs(ms), Some(at)) = (p.cfg.durability, p.first_pending_at) {
-                consider(at + Duration::from_millis(u64::from(ms)));
+            if let Durability::IntervalMs(ms) = p.cfg.durability {
+                if let Some(at) = p.first_pending_at {
+                    consider(at + interval_gather(ms));
+                }
+                if let Some(at) = p.unsynced_since {
+                    consider(at + Duration::from_millis(u64::from(ms)));
+                }
             }
             if p.durable != p.checkpointed {
                 consider(p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS));
@@ -1206,6 +1242,7 @@ impl Engine {
             cfg: cfg.clone(),
             earliest: 0.into(),
             hw: 0.into(),
+            durable: 0.into(),
             state: STATE_OK.into(),
             event: Arc::new(event_listener::Event::new()),
         });
@@ -1232,6 +1269,7 @@ impl Engine {
             syncing: Vec::new(),
             syncing_to: Checkpoint::default(),
             first_pending_at: None,
+            unsynced_since: None,
             durable: Checkpoint::default(),
             checkpointed: Checkpoint::default(),
             last_checkpoint: Instant::now(),
@@ -1522,8 +1560,9 @@ impl Engine {
     fn commit_round(&mut self, force: bool) {
         let now = Instant::now();
         let idle = self.inflight.is_empty();
+        // (partition, write it now, its acks wait for the next sync group)
         let mut due: Vec<(PartitionId, bool)> = Vec::new();
-        for p in self.parts.values() {
+        for p in self.parts.values_mut() {
             if p.state != PartState::Ok {
                 continue;
             }
@@ -1532,22 +1571,33 @@ impl Engine {
             if !work {
                 continue;
             }
-            let (is_due, sync) = match p.cfg.durability {
+            let (is_due, acks_wait_for_sync) = match p.cfg.durability {
                 Durability::Always => (true, true),
                 Durability::IntervalMs(ms) => {
-                    let late = p
-                        .first_pending_at
+                    let gathered = p.first_pending_at.is_some_and(|t| {
+                        now >= t + interval_gather(ms)
+                            || p.tail_len - p.dirty_from.unwrap_or(p.tail_len)
+                                >= INTERVAL_WRITE_EARLY_BYTES
+                    });
+                    let sync_late = p
+                        .unsynced_since
                         .is_some_and(|t| now >= t + Duration::from_millis(u64::from(ms)));
-                    (force || late, true)
+                    if force || sync_late {
+                        p.sync_wanted = true;
+                    }
+                    (force || gathered || sync_late, force)
                 }
                 Durability::Never => (force || dirty || !p.pending.is_empty(), force),
             };
+            if force && p.cfg.durability == Durability::Never {
+                p.sync_wanted = true;
+            }
             // A partition the next sync group covers has everything
             // appended written first, so the group's checkpoint (where the
             // log ends) is all on disk.
             let is_due = is_due || (idle && p.sync_wanted);
             if is_due {
-                due.push((p.id.clone(), sync || p.sync_wanted));
+                due.push((p.id.clone(), acks_wait_for_sync));
             }
         }
         if !due.is_empty() {
@@ -1563,7 +1613,7 @@ impl Engine {
                     ctx.write_batch(&ops, &[])
                 }
             };
-            for (id, sync) in &due {
+            for (id, acks_wait_for_sync) in &due {
                 let p = self.parts.get_mut(id).expect("collected above");
                 match &res {
                     // After an error nothing about the other writes of the
@@ -1573,12 +1623,15 @@ impl Engine {
                         if p.dirty_from.take().is_some() {
                             p.unsynced = true;
                         }
+                        if p.unsynced {
+                            p.unsynced_since.get_or_insert(now);
+                        }
                         p.first_pending_at = None;
-                        if *sync {
+                        if *acks_wait_for_sync {
                             p.awaiting_sync.append(&mut p.pending);
                             p.sync_wanted = true;
                         } else {
-                            p.committed(false);
+                            p.ack_written();
                         }
                     }
                 }
@@ -1613,6 +1666,7 @@ impl Engine {
             p.syncing.append(&mut p.awaiting_sync);
             p.syncing_to = p.end_checkpoint();
             p.unsynced = false;
+            p.unsynced_since = None;
             files.push(p.files[p.active()]);
             self.inflight.push(p.id.clone());
         }
@@ -1671,10 +1725,8 @@ impl Engine {
                 continue;
             }
             p.durable = p.syncing_to;
-            if p.hw < p.syncing_to.next_offset {
-                p.hw = p.syncing_to.next_offset;
-                p.publish();
-            }
+            p.hw = p.hw.max(p.syncing_to.next_offset);
+            p.publish();
             for a in p.syncing.drain(..) {
                 let _ = a.reply.try_send(Ok(a.ack));
             }

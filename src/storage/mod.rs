@@ -103,9 +103,11 @@ impl fmt::Display for BackendChoice {
 ///
 /// - `Always`: acked after the batch is written and fdatasynced (group
 ///   commit: every append that arrives during a commit joins the next one).
-/// - `IntervalMs(ms)`: writes are gathered for up to `ms` after the first
-///   pending append, then written and fdatasynced together, and acked. Far
-///   fewer and larger writes (less wear on SD cards), ack latency up to `ms`.
+/// - `IntervalMs(ms)`: appends are gathered for up to `ms` (at most 2 ms,
+///   or until 64 KiB wait), written together and acked after the write; an
+///   fdatasync follows within `ms` of each write. Far fewer and larger
+///   writes (less wear on SD cards); a power cut may lose what was acked
+///   since the last fdatasync.
 /// - `Never`: acked after the write reaches the device queue; fdatasync
 ///   only when a segment is closed and at shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -382,11 +384,14 @@ pub struct AppendAck {
 }
 
 /// `high_watermark`: the next offset to be written, and the end of what
-/// reads return (only acknowledged data is visible).
+/// reads return (only acknowledged data is visible). `durable`: everything
+/// below it has been fdatasynced and survives a power cut; it trails the
+/// high watermark only under the `interval` and `never` policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offsets {
     pub earliest: u64,
     pub high_watermark: u64,
+    pub durable: u64,
 }
 
 /// What recovery found in one partition at start-up.
@@ -467,6 +472,8 @@ pub(crate) struct PartShared {
     pub cfg: PartitionConfig,
     pub earliest: AtomicU64,
     pub hw: AtomicU64,
+    /// The durable checkpoint's next offset.
+    pub durable: AtomicU64,
     pub state: AtomicU8,
     pub event: Arc<event_listener::Event>,
 }
@@ -862,9 +869,11 @@ impl Storage {
         // hw first: earliest only grows, so this never shows earliest > hw.
         let high_watermark = p.hw.load(Ordering::Acquire);
         let earliest = p.earliest.load(Ordering::Acquire).min(high_watermark);
+        let durable = p.durable.load(Ordering::Acquire).min(high_watermark);
         Ok(Offsets {
             earliest,
             high_watermark,
+            durable,
         })
     }
 
