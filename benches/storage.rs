@@ -4,8 +4,8 @@
 //!
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
 //! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_BACKEND=pwrite to
-//! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring,
-//! pwrite and unpipelined pwrite). Each figure is the median of three runs,
+//! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
+//! and pwrite, each pipelined and not, and of io_uring without the sync hold). Each figure is the median of three runs,
 //! min and max kept (see /work/shared/BENCHMARKING.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 
-/// pwrite without the pipelined fdatasync (the trait's default
+/// A backend without the pipelined fdatasync (the trait's default
 /// `sync_start`, which syncs at once): the A/B for pipelining.
-struct Unpipelined(PwriteBackend);
+struct Unpipelined(Box<dyn IoBackend>);
 
 impl IoBackend for Unpipelined {
     fn name(&self) -> &'static str {
-        "pwrite-unpipelined"
+        "unpipelined"
     }
     fn open(
         &mut self,
@@ -74,6 +74,9 @@ enum Kind {
     Uring,
     Pwrite,
     PwriteUnpipelined,
+    UringUnpipelined,
+    /// io_uring with `sync_hold_max` zero: the A/B for group formation.
+    UringNoHold,
 }
 
 /// Set once in `main` (`SKIFF_BENCH_BACKEND`), switched by the A/B.
@@ -88,6 +91,8 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Uring => "io_uring",
         Kind::Pwrite => "pwrite",
         Kind::PwriteUnpipelined => "pwrite-unpipelined",
+        Kind::UringUnpipelined => "io_uring-unpipelined",
+        Kind::UringNoHold => "io_uring-no-hold",
     }
 }
 
@@ -104,9 +109,12 @@ fn uring() -> std::io::Result<Box<dyn IoBackend>> {
 
 fn backend() -> Box<dyn IoBackend> {
     match *KIND.lock().unwrap() {
-        Kind::Uring => uring().expect("io_uring was available at start"),
+        Kind::Uring | Kind::UringNoHold => uring().expect("io_uring was available at start"),
         Kind::Pwrite => Box::new(PwriteBackend::new()),
-        Kind::PwriteUnpipelined => Box::new(Unpipelined(PwriteBackend::new())),
+        Kind::PwriteUnpipelined => Box::new(Unpipelined(Box::new(PwriteBackend::new()))),
+        Kind::UringUnpipelined => Box::new(Unpipelined(
+            uring().expect("io_uring was available at start"),
+        )),
     }
 }
 
@@ -290,6 +298,11 @@ fn open(dir: &Path, prewrite: bool) -> Storage {
         StorageConfig {
             data_dir: dir.to_path_buf(),
             prewrite_segments: prewrite,
+            sync_hold_max: if *KIND.lock().unwrap() == Kind::UringNoHold {
+                Duration::ZERO
+            } else {
+                StorageConfig::default().sync_hold_max
+            },
             ..StorageConfig::default()
         },
         backend(),
@@ -693,10 +706,19 @@ fn recovery(p: &Params, dir: &Path) {
 /// hits all alike.
 fn pipelining_ab(p: &Params, dir: &Path, raw: f64, kind: Kind) {
     println!("\nio_uring vs pwrite, pipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
-    let kinds: Vec<Kind> = [Kind::Uring, Kind::Pwrite, Kind::PwriteUnpipelined]
-        .into_iter()
-        .filter(|&k| k != Kind::Uring || kind == Kind::Uring)
-        .collect();
+    let kinds: Vec<Kind> = [
+        Kind::Uring,
+        Kind::UringNoHold,
+        Kind::UringUnpipelined,
+        Kind::Pwrite,
+        Kind::PwriteUnpipelined,
+    ]
+    .into_iter()
+    .filter(|&k| {
+        !matches!(k, Kind::Uring | Kind::UringNoHold | Kind::UringUnpipelined)
+            || kind == Kind::Uring
+    })
+    .collect();
     for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {
         let mut runs: Vec<Vec<Run>> = kinds.iter().map(|_| Vec::new()).collect();
         for _ in 0..RUNS {

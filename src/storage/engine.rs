@@ -51,6 +51,9 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 pub const INTERVAL_GATHER_MS_MAX: u64 = 2;
 /// ... and writes at once when this much is waiting (a full write already).
 pub const INTERVAL_WRITE_EARLY_BYTES: usize = 64 * 1024;
+/// No hold after a group of more appends than this: many small appends
+/// keep the storage thread busy, and their fdatasync should run meanwhile.
+pub const SYNC_HOLD_RETURNS_MAX: usize = 64;
 /// How often time retention is checked.
 pub const RETENTION_CHECK_INTERVAL_MS: u64 = 1000;
 /// The zero buffer for pre-writing segments and scrubbing torn tails.
@@ -915,6 +918,16 @@ struct Engine {
     inflight: Vec<PartitionId>,
     inflight_files: usize,
     inflight_started: Instant,
+    /// Group formation: appends acked by the last sync group that have not
+    /// come back yet. A closed-loop producer answers its acks with new
+    /// appends within microseconds; starting the next fdatasync before they
+    /// arrive would split its window over two flushes.
+    returning: usize,
+    /// How long the next sync may wait for them
+    /// (`StorageConfig::sync_hold_max`).
+    hold_until: Option<Instant>,
+    /// Recent fdatasync group duration, smoothed.
+    sync_ewma: Duration,
     bell: Arc<Doorbell>,
 }
 
@@ -959,6 +972,9 @@ pub(crate) fn start(
                 inflight: Vec::new(),
                 inflight_files: 0,
                 inflight_started: Instant::now(),
+                returning: 0,
+                hold_until: None,
+                sync_ewma: Duration::ZERO,
                 bell,
             };
             match engine.recover_all() {
@@ -1161,6 +1177,9 @@ impl Engine {
         if periodic {
             consider(self.next_retention_check);
         }
+        if let Some(t) = self.hold_until.filter(|_| self.returning > 0) {
+            consider(t);
+        }
         d
     }
 
@@ -1181,7 +1200,10 @@ impl Engine {
                 batch,
                 checked,
                 reply,
-            } => self.append(id, batch, checked, reply),
+            } => {
+                self.returning = self.returning.saturating_sub(1);
+                self.append(id, batch, checked, reply)
+            }
             Cmd::Read {
                 id,
                 offset,
@@ -1637,8 +1659,21 @@ impl Engine {
                 }
             }
         }
-        if idle {
+        if idle && (force || !self.holding(now)) {
             self.start_syncs();
+        }
+    }
+
+    /// Whether the next sync group waits for appends answering the last
+    /// group's acks: at most half a recent fdatasync (waiting longer would
+    /// cost more than the extra flush it saves) and the configured bound.
+    fn holding(&mut self, now: Instant) -> bool {
+        match self.hold_until {
+            Some(t) if self.returning > 0 && now < t => true,
+            _ => {
+                self.hold_until = None;
+                false
+            }
         }
     }
 
@@ -1705,7 +1740,13 @@ impl Engine {
     }
 
     fn complete_inflight(&mut self, res: io::Result<()>) {
-        let elapsed = self.inflight_started.elapsed();
+        let now = Instant::now();
+        let elapsed = now - self.inflight_started;
+        self.sync_ewma = if self.sync_ewma.is_zero() {
+            elapsed
+        } else {
+            (self.sync_ewma * 7 + elapsed) / 8
+        };
         let st = &self.ctx.shared.stats;
         StatsInner::add(&st.fsyncs, self.inflight_files as u64);
         StatsInner::add(&st.fsync_latency_us_sum, elapsed.as_micros() as u64);
@@ -1717,6 +1758,7 @@ impl Engine {
             self.fail_inflight(&e);
             return;
         }
+        let mut acked = 0;
         for id in std::mem::take(&mut self.inflight) {
             let Some(p) = self.parts.get_mut(&id) else {
                 continue;
@@ -1727,10 +1769,17 @@ impl Engine {
             p.durable = p.syncing_to;
             p.hw = p.hw.max(p.syncing_to.next_offset);
             p.publish();
+            acked += p.syncing.len();
             for a in p.syncing.drain(..) {
                 let _ = a.reply.try_send(Ok(a.ack));
             }
         }
+        self.returning = if acked <= SYNC_HOLD_RETURNS_MAX {
+            acked
+        } else {
+            0
+        };
+        self.hold_until = Some(now + (self.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max));
     }
 
     fn fail_inflight(&mut self, e: &io::Error) {

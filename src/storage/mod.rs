@@ -299,6 +299,12 @@ pub struct StorageConfig {
     /// fdatasync). The first segment at creation, the rest in the
     /// background while idle. See docs/performance.md for the measurements.
     pub prewrite_segments: bool,
+    /// Group commit: after a sync group's acks, the next fdatasync waits up
+    /// to this long (and at most half a recent fdatasync) for the appends
+    /// that answer them, so a producer's window shares one flush instead of
+    /// being split over two. Zero: never wait. Not after groups of more
+    /// than 64 appends, whose fdatasync should overlap the thread's work.
+    pub sync_hold_max: std::time::Duration,
     /// Told about every write round, for latency histograms outside
     /// storage (the metrics endpoint); storage itself keeps only counters.
     pub observer: Option<Observer>,
@@ -342,6 +348,7 @@ impl Default for StorageConfig {
             max_partitions: 64,
             max_batch_bytes: 1024 * 1024,
             prewrite_segments: true,
+            sync_hold_max: std::time::Duration::from_millis(1),
             observer: None,
         }
     }

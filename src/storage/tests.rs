@@ -74,6 +74,7 @@ impl Rig {
             max_batch_bytes: 32 * 1024,
             prewrite_segments: false,
             observer: None,
+            ..StorageConfig::default()
         }
     }
     pub fn open_with(&self, cfg: StorageConfig) -> Result<Storage, StorageError> {
@@ -1017,6 +1018,18 @@ impl SyncGate {
     }
 }
 
+/// Releases every flush when a test ends, so a failed assertion unwinds
+/// instead of leaving the storage thread waiting on the gate forever.
+struct OpenGateOnDrop(Arc<SyncGate>);
+
+impl Drop for OpenGateOnDrop {
+    fn drop(&mut self) {
+        *self.0.released.lock().unwrap() = usize::MAX / 2;
+        self.0.changed.notify_all();
+        self.0.fd.get().unwrap().signal();
+    }
+}
+
 impl HeldSync {
     fn complete(&mut self) -> std::io::Result<()> {
         self.gate.fd.get().unwrap().clear();
@@ -1109,6 +1122,7 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
         held: Vec::new(),
     };
     let s = Storage::open_with_backend(rig.cfg(), Box::new(backend)).unwrap();
+    let _open = OpenGateOnDrop(gate.clone());
     let id = pid("held", 0);
     block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
     let mut a = block_on(s.submit(&id, make_batch(1, 100, 1, 0))).unwrap();
@@ -1140,6 +1154,61 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
     gate.release();
     assert_eq!(block_on(b).unwrap().base_offset, 1);
     assert_eq!(s.offsets(&id).unwrap().high_watermark, 2);
+    gate.release(); // the shutdown's own sync, if it starts one
+    s.shutdown().unwrap();
+}
+
+/// Group formation: after a group's acks, the next fdatasync waits for the
+/// appends that answer them (a closed-loop producer's next window), so the
+/// window shares one flush; with nobody answering it starts anyway.
+#[test]
+fn next_sync_waits_for_the_appends_answering_the_last_acks() {
+    let rig = Rig::fault(8);
+    let gate = Arc::new(SyncGate::default());
+    gate.fd.set(super::io::EventFd::new().unwrap()).unwrap();
+    let backend = HeldSync {
+        inner: FaultBackend::new(rig.disk().unwrap().clone()),
+        gate: gate.clone(),
+        held: Vec::new(),
+    };
+    let cfg = StorageConfig {
+        sync_hold_max: std::time::Duration::from_secs(60),
+        ..rig.cfg()
+    };
+    let s = Storage::open_with_backend(cfg, Box::new(backend)).unwrap();
+    let _open = OpenGateOnDrop(gate.clone());
+    let id = pid("hold", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let submit = |tag| block_on(s.submit(&id, make_batch(1, 100, tag, 0))).unwrap();
+    let a = submit(1);
+    gate.wait_for(&gate.started, 1);
+    // B and C come while A's flush runs (held 2 s: the hold may then last
+    // up to half of that).
+    let (b, c) = (submit(2), submit(3));
+    gate.wait_for(&gate.writes, 2);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    gate.release();
+    assert_eq!(block_on(a).unwrap().base_offset, 0);
+    // A's ack is out: its producer's next append is awaited before B and C
+    // are flushed.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(gate.started.load(Ordering::SeqCst), 1, "no flush before D");
+    let d = submit(4);
+    gate.wait_for(&gate.started, 2);
+    gate.release();
+    for (t, off) in [(b, 1), (c, 2), (d, 3)] {
+        assert_eq!(block_on(t).unwrap().base_offset, off);
+    }
+    // Three acks, one answer: E's flush starts when the hold runs out.
+    let e = submit(5);
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    assert_eq!(block_on(e).unwrap().base_offset, 4);
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        3,
+        "one flush per group"
+    );
     gate.release(); // the shutdown's own sync, if it starts one
     s.shutdown().unwrap();
 }
