@@ -5,7 +5,8 @@
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
 //! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_BACKEND=pwrite to
 //! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
-//! and pwrite, each pipelined and not, and of io_uring without the sync hold). Each figure is the median of three runs,
+//! and pwrite, each with and without `pipelined_fsync`, and of pipelined
+//! io_uring without the sync hold). Each figure is the median of three runs,
 //! min and max kept (see /work/shared/BENCHMARKING.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
@@ -20,63 +21,18 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 
-/// A backend without the pipelined fdatasync (the trait's default
-/// `sync_start`, which syncs at once): the A/B for pipelining.
-struct Unpipelined(Box<dyn IoBackend>);
-
-impl IoBackend for Unpipelined {
-    fn name(&self) -> &'static str {
-        "unpipelined"
-    }
-    fn open(
-        &mut self,
-        path: &Path,
-        create: bool,
-    ) -> std::io::Result<skiff::storage::io::FileHandle> {
-        self.0.open(path, create)
-    }
-    fn close(&mut self, file: skiff::storage::io::FileHandle) {
-        self.0.close(file)
-    }
-    fn write_unit(&self, file: skiff::storage::io::FileHandle) -> usize {
-        self.0.write_unit(file)
-    }
-    fn allocate(&mut self, file: skiff::storage::io::FileHandle, len: u64) -> std::io::Result<()> {
-        self.0.allocate(file, len)
-    }
-    fn read_at(
-        &mut self,
-        file: skiff::storage::io::FileHandle,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> std::io::Result<usize> {
-        self.0.read_at(file, offset, buf)
-    }
-    fn write_batch(
-        &mut self,
-        writes: &[WriteOp<'_>],
-        sync: &[skiff::storage::io::FileHandle],
-    ) -> std::io::Result<()> {
-        self.0.write_batch(writes, sync)
-    }
-    fn sync(&mut self, file: skiff::storage::io::FileHandle) -> std::io::Result<()> {
-        self.0.sync(file)
-    }
-    fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
-        self.0.sync_dir(dir)
-    }
-}
-
 /// The backend the engine runs on in this bench.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     /// skiff's default where the kernel allows it.
     Uring,
-    Pwrite,
-    PwriteUnpipelined,
-    UringUnpipelined,
-    /// io_uring with `sync_hold_max` zero: the A/B for group formation.
+    /// With `pipelined_fsync`.
+    UringPipelined,
+    /// With `pipelined_fsync` and `sync_hold_max` zero: the A/B for group
+    /// formation.
     UringNoHold,
+    Pwrite,
+    PwritePipelined,
 }
 
 /// Set once in `main` (`SKIFF_BENCH_BACKEND`), switched by the A/B.
@@ -89,10 +45,10 @@ fn set_kind(kind: Kind) {
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Uring => "io_uring",
+        Kind::UringPipelined => "io_uring-pipelined",
+        Kind::UringNoHold => "io_uring-pipelined-no-hold",
         Kind::Pwrite => "pwrite",
-        Kind::PwriteUnpipelined => "pwrite-unpipelined",
-        Kind::UringUnpipelined => "io_uring-unpipelined",
-        Kind::UringNoHold => "io_uring-no-hold",
+        Kind::PwritePipelined => "pwrite-pipelined",
     }
 }
 
@@ -109,12 +65,10 @@ fn uring() -> std::io::Result<Box<dyn IoBackend>> {
 
 fn backend() -> Box<dyn IoBackend> {
     match *KIND.lock().unwrap() {
-        Kind::Uring | Kind::UringNoHold => uring().expect("io_uring was available at start"),
-        Kind::Pwrite => Box::new(PwriteBackend::new()),
-        Kind::PwriteUnpipelined => Box::new(Unpipelined(Box::new(PwriteBackend::new()))),
-        Kind::UringUnpipelined => Box::new(Unpipelined(
-            uring().expect("io_uring was available at start"),
-        )),
+        Kind::Uring | Kind::UringPipelined | Kind::UringNoHold => {
+            uring().expect("io_uring was available at start")
+        }
+        Kind::Pwrite | Kind::PwritePipelined => Box::new(PwriteBackend::new()),
     }
 }
 
@@ -294,15 +248,20 @@ struct Run {
 
 fn open(dir: &Path, prewrite: bool) -> Storage {
     let _ = std::fs::remove_dir_all(dir);
+    let kind = *KIND.lock().unwrap();
     Storage::open_with_backend(
         StorageConfig {
             data_dir: dir.to_path_buf(),
             prewrite_segments: prewrite,
-            sync_hold_max: if *KIND.lock().unwrap() == Kind::UringNoHold {
+            sync_hold_max: if kind == Kind::UringNoHold {
                 Duration::ZERO
             } else {
                 StorageConfig::default().sync_hold_max
             },
+            pipelined_fsync: matches!(
+                kind,
+                Kind::UringPipelined | Kind::UringNoHold | Kind::PwritePipelined
+            ),
             ..StorageConfig::default()
         },
         backend(),
@@ -701,22 +660,22 @@ fn recovery(p: &Params, dir: &Path) {
     );
 }
 
-/// io_uring (when picked) against pipelined and unpipelined pwrite group
-/// commit, runs interleaved (A B C A B C ..) so drift in the machine's load
-/// hits all alike.
+/// io_uring (when picked) and pwrite, each with the storage thread's own
+/// fdatasync (the default) and pipelined (`pipelined_fsync`), and io_uring
+/// pipelined without the sync hold; runs interleaved (A B C A B C ..) so drift in the
+/// machine's load hits all alike.
 fn pipelining_ab(p: &Params, dir: &Path, raw: f64, kind: Kind) {
-    println!("\nio_uring vs pwrite, pipelined vs unpipelined group commit (always, <= 1000 in flight, prewrite):");
+    println!("\nio_uring vs pwrite, inline vs pipelined fdatasync, sync hold or not (always, <= 1000 in flight, prewrite):");
     let kinds: Vec<Kind> = [
         Kind::Uring,
+        Kind::UringPipelined,
         Kind::UringNoHold,
-        Kind::UringUnpipelined,
         Kind::Pwrite,
-        Kind::PwriteUnpipelined,
+        Kind::PwritePipelined,
     ]
     .into_iter()
     .filter(|&k| {
-        !matches!(k, Kind::Uring | Kind::UringNoHold | Kind::UringUnpipelined)
-            || kind == Kind::Uring
+        !matches!(k, Kind::Uring | Kind::UringPipelined | Kind::UringNoHold) || kind == Kind::Uring
     })
     .collect();
     for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {

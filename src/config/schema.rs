@@ -81,6 +81,9 @@ pub struct StorageSection {
     /// Zero each new segment once, in the background, so its first writes
     /// do not convert unwritten extents (a journal commit per fdatasync).
     pub prewrite_segments: bool,
+    /// Write the next group while a group's fdatasync runs, instead of
+    /// fdatasyncing on the storage thread.
+    pub pipelined_fsync: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

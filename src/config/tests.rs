@@ -484,3 +484,13 @@ fn prewrite_segments_reaches_the_storage_config() {
     let err = load_text("p.toml", "[storage]\nprewrite_segments = \"yes\"\n").expect_err("bool");
     assert_eq!(err.key(), Some("storage.prewrite_segments"));
 }
+
+#[test]
+fn pipelined_fsync_reaches_the_storage_config() {
+    let cfg = load_text("p.toml", "").expect("valid");
+    assert!(!crate::server::storage_config(&cfg).pipelined_fsync);
+    let cfg = load_text("p.toml", "[storage]\npipelined_fsync = true\n").expect("valid");
+    assert!(crate::server::storage_config(&cfg).pipelined_fsync);
+    let err = load_text("p.toml", "[storage]\npipelined_fsync = 1\n").expect_err("bool");
+    assert_eq!(err.key(), Some("storage.pipelined_fsync"));
+}

@@ -462,6 +462,7 @@ pub fn storage_config(cfg: &Config) -> crate::storage::StorageConfig {
         max_partitions: cfg.server.max_partitions as usize,
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,
         prewrite_segments: cfg.storage.prewrite_segments,
+        pipelined_fsync: cfg.storage.pipelined_fsync,
         ..crate::storage::StorageConfig::default()
     }
 }

@@ -299,12 +299,22 @@ pub struct StorageConfig {
     /// fdatasync). The first segment at creation, the rest in the
     /// background while idle. See docs/performance.md for the measurements.
     pub prewrite_segments: bool,
-    /// Group commit: after a sync group's acks, the next fdatasync waits up
-    /// to this long (and at most half a recent fdatasync) for the appends
-    /// that answer them, so a producer's window shares one flush instead of
-    /// being split over two. Zero: never wait. Not after groups of more
-    /// than 64 appends, whose fdatasync should overlap the thread's work.
+    /// With `pipelined_fsync`: after a sync group's acks, the next
+    /// fdatasync waits up to this long (and at most half a recent
+    /// fdatasync) for the appends that answer them, so a producer's window
+    /// shares one flush instead of being split over two. Zero: never wait.
+    /// Not after groups of more than 64 appends, whose fdatasync should
+    /// overlap the thread's work. (Unpipelined, the answers queue up during
+    /// the blocking flush by themselves.)
     pub sync_hold_max: std::time::Duration,
+    /// false (the default): a group's fdatasyncs run on the storage thread,
+    /// as fdatasync(2); appends arriving meanwhile wait in the queue and
+    /// form the next group. true: the thread starts them (an io_uring
+    /// FSYNC, which the kernel runs on an io-wq worker; the pwrite
+    /// backend's helper thread) and writes the next group while they run.
+    /// Pipelining pays only where a device overlaps writes with a cache
+    /// flush; each flush then costs a thread hand-off (docs/performance.md).
+    pub pipelined_fsync: bool,
     /// Told about every write round, for latency histograms outside
     /// storage (the metrics endpoint); storage itself keeps only counters.
     pub observer: Option<Observer>,
@@ -349,6 +359,7 @@ impl Default for StorageConfig {
             max_batch_bytes: 1024 * 1024,
             prewrite_segments: true,
             sync_hold_max: std::time::Duration::from_millis(1),
+            pipelined_fsync: false,
             observer: None,
         }
     }

@@ -990,10 +990,24 @@ struct HeldSync {
     held: Vec<super::io::FileHandle>,
 }
 
+impl HeldSync {
+    fn new(rig: &Rig, gate: &Arc<SyncGate>) -> HeldSync {
+        gate.fd.set(super::io::EventFd::new().unwrap()).unwrap();
+        HeldSync {
+            inner: FaultBackend::new(rig.disk().unwrap().clone()),
+            gate: gate.clone(),
+            held: Vec::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct SyncGate {
     /// Groups started, writes done, groups released by the test.
     started: std::sync::atomic::AtomicUsize,
+    /// Also hold the synchronous `sync` calls (once the test's setup is
+    /// done): the unpipelined engine flushes through them.
+    hold_sync_calls: std::sync::atomic::AtomicBool,
     writes: std::sync::atomic::AtomicUsize,
     released: std::sync::Mutex<usize>,
     changed: std::sync::Condvar,
@@ -1072,6 +1086,10 @@ impl IoBackend for HeldSync {
         self.inner.write_batch(writes, sync)
     }
     fn sync(&mut self, file: super::io::FileHandle) -> std::io::Result<()> {
+        if self.gate.hold_sync_calls.load(Ordering::SeqCst) {
+            self.sync_start(&[file])?;
+            return self.sync_wait();
+        }
         self.inner.sync(file)
     }
     fn sync_dir(&mut self, dir: &std::path::Path) -> std::io::Result<()> {
@@ -1115,13 +1133,12 @@ impl IoBackend for HeldSync {
 fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
     let rig = Rig::fault(7);
     let gate = Arc::new(SyncGate::default());
-    gate.fd.set(super::io::EventFd::new().unwrap()).unwrap();
-    let backend = HeldSync {
-        inner: FaultBackend::new(rig.disk().unwrap().clone()),
-        gate: gate.clone(),
-        held: Vec::new(),
+    let backend = HeldSync::new(&rig, &gate);
+    let cfg = StorageConfig {
+        pipelined_fsync: true,
+        ..rig.cfg()
     };
-    let s = Storage::open_with_backend(rig.cfg(), Box::new(backend)).unwrap();
+    let s = Storage::open_with_backend(cfg, Box::new(backend)).unwrap();
     let _open = OpenGateOnDrop(gate.clone());
     let id = pid("held", 0);
     block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
@@ -1165,14 +1182,10 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
 fn next_sync_waits_for_the_appends_answering_the_last_acks() {
     let rig = Rig::fault(8);
     let gate = Arc::new(SyncGate::default());
-    gate.fd.set(super::io::EventFd::new().unwrap()).unwrap();
-    let backend = HeldSync {
-        inner: FaultBackend::new(rig.disk().unwrap().clone()),
-        gate: gate.clone(),
-        held: Vec::new(),
-    };
+    let backend = HeldSync::new(&rig, &gate);
     let cfg = StorageConfig {
         sync_hold_max: std::time::Duration::from_secs(60),
+        pipelined_fsync: true,
         ..rig.cfg()
     };
     let s = Storage::open_with_backend(cfg, Box::new(backend)).unwrap();
@@ -1210,5 +1223,45 @@ fn next_sync_waits_for_the_appends_answering_the_last_acks() {
         "one flush per group"
     );
     gate.release(); // the shutdown's own sync, if it starts one
+    s.shutdown().unwrap();
+}
+
+/// The default, unpipelined group commit: the storage thread runs the
+/// fdatasync itself; appends that arrive meanwhile wait in its queue,
+/// unwritten, and all go into the next group (one write, one flush).
+#[test]
+fn appends_during_an_inline_fdatasync_form_the_next_group() {
+    let rig = Rig::fault(9);
+    let gate = Arc::new(SyncGate::default());
+    let backend = HeldSync::new(&rig, &gate);
+    let s = Storage::open_with_backend(rig.cfg(), Box::new(backend)).unwrap();
+    let _open = OpenGateOnDrop(gate.clone());
+    let id = pid("inline", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    let submit = |tag| block_on(s.submit(&id, make_batch(1, 100, tag, 0))).unwrap();
+    let a = submit(1);
+    gate.wait_for(&gate.started, 1);
+    let writes = gate.writes.load(Ordering::SeqCst);
+    let (b, c) = (submit(2), submit(3));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        gate.writes.load(Ordering::SeqCst),
+        writes,
+        "nothing written during the flush"
+    );
+    gate.release();
+    assert_eq!(block_on(a).unwrap().base_offset, 0);
+    gate.wait_for(&gate.started, 2);
+    assert_eq!(
+        gate.writes.load(Ordering::SeqCst),
+        writes + 1,
+        "B and C in one write"
+    );
+    gate.release();
+    assert_eq!(block_on(b).unwrap().base_offset, 1);
+    assert_eq!(block_on(c).unwrap().base_offset, 2);
+    assert_eq!(gate.started.load(Ordering::SeqCst), 2, "and one flush");
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
     s.shutdown().unwrap();
 }

@@ -567,8 +567,24 @@ impl IoBackend for UringBackend {
         result
     }
 
+    /// fdatasync(2) on the calling thread. The kernel runs an io_uring
+    /// FSYNC on an io-wq worker, and on a busy small machine the hand-off
+    /// to it and back cost as much as the flush (docs/performance.md); the
+    /// pipelined group path (`sync_start`) still uses the ring.
     fn sync(&mut self, file: FileHandle) -> io::Result<()> {
-        self.single(file, Op::Datasync).map(|_| ())
+        self.check_usable()?;
+        let fd = self.file(file)?.fd.as_raw_fd();
+        loop {
+            // SAFETY: fdatasync only reads the descriptor, which the file
+            // table keeps open.
+            if unsafe { libc::fdatasync(fd) } == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
