@@ -1609,11 +1609,11 @@ impl Engine {
                     }
                     (force || gathered || sync_late, force)
                 }
-                Durability::Never => (force || dirty || !p.pending.is_empty(), force),
+                Durability::Never => {
+                    p.sync_wanted |= force;
+                    (force || dirty || !p.pending.is_empty(), force)
+                }
             };
-            if force && p.cfg.durability == Durability::Never {
-                p.sync_wanted = true;
-            }
             // A partition the next sync group covers has everything
             // appended written first, so the group's checkpoint (where the
             // log ends) is all on disk.
@@ -1667,14 +1667,8 @@ impl Engine {
     /// Whether the next sync group waits for appends answering the last
     /// group's acks: at most half a recent fdatasync (waiting longer would
     /// cost more than the extra flush it saves) and the configured bound.
-    fn holding(&mut self, now: Instant) -> bool {
-        match self.hold_until {
-            Some(t) if self.returning > 0 && now < t => true,
-            _ => {
-                self.hold_until = None;
-                false
-            }
-        }
+    fn holding(&self, now: Instant) -> bool {
+        self.returning > 0 && self.hold_until.is_some_and(|t| now < t)
     }
 
     /// Starts the fdatasync group of every partition that wants one. Only
@@ -1788,7 +1782,8 @@ impl Engine {
         } else {
             0
         };
-        self.hold_until = Some(now + (self.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max));
+        self.hold_until = (self.returning > 0)
+            .then(|| now + (self.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max));
     }
 
     fn fail_inflight(&mut self, e: &io::Error) {
