@@ -1044,6 +1044,34 @@ impl Drop for OpenGateOnDrop {
     }
 }
 
+/// A storage over the held-flush backend, with one partition. Fields drop
+/// in this order: the gate opens before the storage thread is joined.
+struct Held {
+    _open: OpenGateOnDrop,
+    s: Storage,
+    gate: Arc<SyncGate>,
+    id: PartitionId,
+    _rig: Rig,
+}
+
+impl Held {
+    fn open(seed: u64, topic: &str, cfg: impl FnOnce(StorageConfig) -> StorageConfig) -> Held {
+        let rig = Rig::fault(seed);
+        let gate = Arc::new(SyncGate::default());
+        let backend = HeldSync::new(&rig, &gate);
+        let s = Storage::open_with_backend(cfg(rig.cfg()), Box::new(backend)).unwrap();
+        let id = pid(topic, 0);
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        Held {
+            _open: OpenGateOnDrop(gate.clone()),
+            s,
+            gate,
+            id,
+            _rig: rig,
+        }
+    }
+}
+
 impl HeldSync {
     fn complete(&mut self) -> std::io::Result<()> {
         self.gate.fd.get().unwrap().clear();
@@ -1131,22 +1159,16 @@ impl IoBackend for HeldSync {
 
 #[test]
 fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
-    let rig = Rig::fault(7);
-    let gate = Arc::new(SyncGate::default());
-    let backend = HeldSync::new(&rig, &gate);
-    let cfg = StorageConfig {
+    let h = Held::open(7, "held", |c| StorageConfig {
         pipelined_fsync: true,
-        ..rig.cfg()
-    };
-    let s = Storage::open_with_backend(cfg, Box::new(backend)).unwrap();
-    let _open = OpenGateOnDrop(gate.clone());
-    let id = pid("held", 0);
-    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-    let mut a = block_on(s.submit(&id, make_batch(1, 100, 1, 0))).unwrap();
+        ..c
+    });
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    let mut a = block_on(s.submit(id, make_batch(1, 100, 1, 0))).unwrap();
     gate.wait_for(&gate.started, 1);
     let writes = gate.writes.load(Ordering::SeqCst);
     // B arrives while A's fdatasync is held: it is written right away...
-    let mut b = block_on(s.submit(&id, make_batch(1, 100, 2, 0))).unwrap();
+    let mut b = block_on(s.submit(id, make_batch(1, 100, 2, 0))).unwrap();
     gate.wait_for(&gate.writes, writes + 1);
     // ...and nothing is acked before its own fdatasync completed.
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -1164,13 +1186,13 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     assert!(block_on(futures_lite::future::poll_once(&mut b)).is_none());
     assert_eq!(
-        s.offsets(&id).unwrap().high_watermark,
+        s.offsets(id).unwrap().high_watermark,
         1,
         "B not yet durable"
     );
     gate.release();
     assert_eq!(block_on(b).unwrap().base_offset, 1);
-    assert_eq!(s.offsets(&id).unwrap().high_watermark, 2);
+    assert_eq!(s.offsets(id).unwrap().high_watermark, 2);
     gate.release(); // the shutdown's own sync, if it starts one
     s.shutdown().unwrap();
 }
@@ -1180,19 +1202,13 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
 /// window shares one flush; with nobody answering it starts anyway.
 #[test]
 fn next_sync_waits_for_the_appends_answering_the_last_acks() {
-    let rig = Rig::fault(8);
-    let gate = Arc::new(SyncGate::default());
-    let backend = HeldSync::new(&rig, &gate);
-    let cfg = StorageConfig {
+    let h = Held::open(8, "hold", |c| StorageConfig {
         sync_hold_max: std::time::Duration::from_secs(60),
         pipelined_fsync: true,
-        ..rig.cfg()
-    };
-    let s = Storage::open_with_backend(cfg, Box::new(backend)).unwrap();
-    let _open = OpenGateOnDrop(gate.clone());
-    let id = pid("hold", 0);
-    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-    let submit = |tag| block_on(s.submit(&id, make_batch(1, 100, tag, 0))).unwrap();
+        ..c
+    });
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    let submit = |tag| block_on(s.submit(id, make_batch(1, 100, tag, 0))).unwrap();
     let a = submit(1);
     gate.wait_for(&gate.started, 1);
     // B and C come while A's flush runs (held 2 s: the hold may then last
@@ -1231,15 +1247,10 @@ fn next_sync_waits_for_the_appends_answering_the_last_acks() {
 /// unwritten, and all go into the next group (one write, one flush).
 #[test]
 fn appends_during_an_inline_fdatasync_form_the_next_group() {
-    let rig = Rig::fault(9);
-    let gate = Arc::new(SyncGate::default());
-    let backend = HeldSync::new(&rig, &gate);
-    let s = Storage::open_with_backend(rig.cfg(), Box::new(backend)).unwrap();
-    let _open = OpenGateOnDrop(gate.clone());
-    let id = pid("inline", 0);
-    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let h = Held::open(9, "inline", |c| c);
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
     gate.hold_sync_calls.store(true, Ordering::SeqCst);
-    let submit = |tag| block_on(s.submit(&id, make_batch(1, 100, tag, 0))).unwrap();
+    let submit = |tag| block_on(s.submit(id, make_batch(1, 100, tag, 0))).unwrap();
     let a = submit(1);
     gate.wait_for(&gate.started, 1);
     let writes = gate.writes.load(Ordering::SeqCst);
