@@ -1030,33 +1030,29 @@ impl CmdTx {
 
 impl Engine {
     fn run(mut self, rx: async_channel::Receiver<Cmd>) {
+        let drain_max = self.ctx.cfg.append_queue_depth;
         loop {
             let mut shutdown = None;
             let mut closed = rx.is_closed() && rx.is_empty();
             // The group: everything that queued up while we were busy.
-            self.drain(&rx, &mut shutdown, &mut closed);
+            for _ in 0..drain_max {
+                match rx.try_recv() {
+                    Ok(Cmd::Shutdown { reply }) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                    Ok(c) => self.handle(c),
+                    Err(async_channel::TryRecvError::Empty) => break,
+                    Err(async_channel::TryRecvError::Closed) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
             self.poll_inflight();
             // Written now even while a sync group is in flight; synced by
             // the next group.
-            self.write_round(false);
-            // Appends that arrived during that write join the group before
-            // its fdatasync instead of waiting out a flush of their own: a
-            // producer refilling its window one ack at a time otherwise
-            // splits the window over two flushes. Bounded, so a steady
-            // stream still gets flushed.
-            let mut extend = self.ctx.cfg.group_extend_writes;
-            while extend > 0
-                && shutdown.is_none()
-                && !closed
-                && !rx.is_empty()
-                && self.inflight.is_empty()
-                && self.parts.values().any(|p| p.sync_wanted)
-            {
-                extend -= 1;
-                self.drain(&rx, &mut shutdown, &mut closed);
-                self.write_round(false);
-            }
-            self.sync_round(false);
+            self.commit_round(false);
             self.housekeeping(false);
             if shutdown.is_some() || closed {
                 rx.close();
@@ -1095,30 +1091,6 @@ impl Engine {
             let deadline = self.next_deadline();
             self.bell
                 .sleep(group_fd, deadline, || !rx.is_empty() || rx.is_closed());
-        }
-    }
-
-    /// Handles the commands queued now (at most the queue's depth), up to
-    /// a shutdown.
-    fn drain(
-        &mut self,
-        rx: &async_channel::Receiver<Cmd>,
-        shutdown: &mut Option<std::sync::mpsc::Sender<Result<(), StorageError>>>,
-        closed: &mut bool,
-    ) {
-        for _ in 0..self.ctx.cfg.append_queue_depth {
-            match rx.try_recv() {
-                Ok(Cmd::Shutdown { reply }) => {
-                    *shutdown = Some(reply);
-                    return;
-                }
-                Ok(c) => self.handle(c),
-                Err(async_channel::TryRecvError::Empty) => return,
-                Err(async_channel::TryRecvError::Closed) => {
-                    *closed = true;
-                    return;
-                }
-            }
         }
     }
 
@@ -1607,15 +1579,7 @@ impl Engine {
     /// previous group's fdatasync is in flight; when none is, this group's
     /// fdatasyncs start, to complete while the next group is written.
     /// `Never` partitions are acked right after their write.
-    /// A write round and, when no group is in flight, the next sync group.
     fn commit_round(&mut self, force: bool) {
-        self.write_round(force);
-        self.sync_round(force);
-    }
-
-    /// Writes every partition that is due; `Always` appends then wait for
-    /// the next sync group.
-    fn write_round(&mut self, force: bool) {
         let now = Instant::now();
         let idle = self.inflight.is_empty();
         // (partition, write it now, its acks wait for the next sync group)
@@ -1695,11 +1659,7 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Starts the next sync group unless one is in flight or held back.
-    fn sync_round(&mut self, force: bool) {
-        if self.inflight.is_empty() && (force || !self.holding(Instant::now())) {
+        if idle && (force || !self.holding(now)) {
             self.start_syncs();
         }
     }

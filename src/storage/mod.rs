@@ -315,10 +315,6 @@ pub struct StorageConfig {
     /// Pipelining pays only where a device overlaps writes with a cache
     /// flush; each flush then costs a thread hand-off (docs/performance.md).
     pub pipelined_fsync: bool,
-    /// How many more write rounds a sync group may take in before its
-    /// fdatasync starts, each for the appends that arrived during the
-    /// previous write. 0: the group is what was queued when it started.
-    pub group_extend_writes: u32,
     /// Told about every write round, for latency histograms outside
     /// storage (the metrics endpoint); storage itself keeps only counters.
     pub observer: Option<Observer>,
@@ -364,7 +360,6 @@ impl Default for StorageConfig {
             prewrite_segments: true,
             sync_hold_max: std::time::Duration::from_millis(1),
             pipelined_fsync: false,
-            group_extend_writes: 2,
             observer: None,
         }
     }

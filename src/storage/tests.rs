@@ -1009,19 +1009,12 @@ struct SyncGate {
     /// done): the unpipelined engine flushes through them.
     hold_sync_calls: std::sync::atomic::AtomicBool,
     writes: std::sync::atomic::AtomicUsize,
-    /// While true, writes (counted first) wait for `unblock_writes`.
-    writes_blocked: std::sync::Mutex<bool>,
-    writes_changed: std::sync::Condvar,
     released: std::sync::Mutex<usize>,
     changed: std::sync::Condvar,
     fd: std::sync::OnceLock<super::io::EventFd>,
 }
 
 impl SyncGate {
-    fn block_writes(&self, blocked: bool) {
-        *self.writes_blocked.lock().unwrap() = blocked;
-        self.writes_changed.notify_all();
-    }
     fn release(&self) {
         *self.released.lock().unwrap() += 1;
         self.changed.notify_all();
@@ -1045,7 +1038,6 @@ struct OpenGateOnDrop(Arc<SyncGate>);
 
 impl Drop for OpenGateOnDrop {
     fn drop(&mut self) {
-        self.0.block_writes(false);
         *self.0.released.lock().unwrap() = usize::MAX / 2;
         self.0.changed.notify_all();
         self.0.fd.get().unwrap().signal();
@@ -1119,11 +1111,6 @@ impl IoBackend for HeldSync {
         sync: &[super::io::FileHandle],
     ) -> std::io::Result<()> {
         self.gate.writes.fetch_add(writes.len(), Ordering::SeqCst);
-        let mut blocked = self.gate.writes_blocked.lock().unwrap();
-        while *blocked {
-            blocked = self.gate.writes_changed.wait(blocked).unwrap();
-        }
-        drop(blocked);
         self.inner.write_batch(writes, sync)
     }
     fn sync(&mut self, file: super::io::FileHandle) -> std::io::Result<()> {
@@ -1286,38 +1273,6 @@ fn appends_during_an_inline_fdatasync_form_the_next_group() {
     assert_eq!(block_on(b).unwrap().base_offset, 1);
     assert_eq!(block_on(c).unwrap().base_offset, 2);
     assert_eq!(gate.started.load(Ordering::SeqCst), 2, "and one flush");
-    gate.hold_sync_calls.store(false, Ordering::SeqCst);
-    s.shutdown().unwrap();
-}
-
-/// Appends that arrive while a group is being written join it before its
-/// fdatasync: a producer refilling its window one ack at a time gets one
-/// flush per window, not two.
-#[test]
-fn appends_during_a_groups_write_share_its_fdatasync() {
-    let h = Held::open(10, "extend", |c| c);
-    let (s, gate, id) = (&h.s, &h.gate, &h.id);
-    gate.hold_sync_calls.store(true, Ordering::SeqCst);
-    let submit = |tag| block_on(s.submit(id, make_batch(1, 100, tag, 0))).unwrap();
-    let writes = gate.writes.load(Ordering::SeqCst);
-    gate.block_writes(true);
-    let a = submit(1);
-    gate.wait_for(&gate.writes, writes + 1);
-    // B and C queue up while A is being written.
-    let (b, c) = (submit(2), submit(3));
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    gate.block_writes(false);
-    gate.wait_for(&gate.started, 1);
-    assert_eq!(
-        gate.writes.load(Ordering::SeqCst),
-        writes + 2,
-        "B and C written before the group's flush"
-    );
-    gate.release();
-    for (t, off) in [(a, 0), (b, 1), (c, 2)] {
-        assert_eq!(block_on(t).unwrap().base_offset, off);
-    }
-    assert_eq!(gate.started.load(Ordering::SeqCst), 1, "one flush for all");
     gate.hold_sync_calls.store(false, Ordering::SeqCst);
     s.shutdown().unwrap();
 }
