@@ -5,8 +5,8 @@
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
 //! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_BACKEND=pwrite to
 //! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
-//! and pwrite, each with and without `pipelined_fsync`, and of io_uring
-//! without group extension, `group_extend_writes` zero). Each figure is the median of three runs,
+//! and pwrite, each with and without `pipelined_fsync`, and of pipelined
+//! io_uring without the sync hold). Each figure is the median of three runs,
 //! min and max kept (see /work/shared/BENCHMARKING.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
@@ -29,9 +29,9 @@ enum Kind {
     Uring,
     /// With `pipelined_fsync`.
     UringPipelined,
-    /// With `group_extend_writes` zero: the A/B for growing a group with
-    /// the appends that arrive during its write.
-    UringNoExtend,
+    /// With `pipelined_fsync` and `sync_hold_max` zero: the A/B for group
+    /// formation.
+    UringNoHold,
     Pwrite,
     PwritePipelined,
 }
@@ -47,7 +47,7 @@ fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Uring => "io_uring",
         Kind::UringPipelined => "io_uring-pipelined",
-        Kind::UringNoExtend => "io_uring-no-extend",
+        Kind::UringNoHold => "io_uring-pipelined-no-hold",
         Kind::Pwrite => "pwrite",
         Kind::PwritePipelined => "pwrite-pipelined",
     }
@@ -66,7 +66,7 @@ fn uring() -> std::io::Result<Box<dyn IoBackend>> {
 
 fn backend() -> Box<dyn IoBackend> {
     match *KIND.lock().unwrap() {
-        Kind::Uring | Kind::UringPipelined | Kind::UringNoExtend => {
+        Kind::Uring | Kind::UringPipelined | Kind::UringNoHold => {
             uring().expect("io_uring was available at start")
         }
         Kind::Pwrite | Kind::PwritePipelined => Box::new(PwriteBackend::new()),
@@ -237,12 +237,15 @@ fn open(dir: &Path, prewrite: bool) -> Storage {
         StorageConfig {
             data_dir: dir.to_path_buf(),
             prewrite_segments: prewrite,
-            group_extend_writes: if kind == Kind::UringNoExtend {
-                0
+            sync_hold_max: if kind == Kind::UringNoHold {
+                Duration::ZERO
             } else {
-                StorageConfig::default().group_extend_writes
+                StorageConfig::default().sync_hold_max
             },
-            pipelined_fsync: matches!(kind, Kind::UringPipelined | Kind::PwritePipelined),
+            pipelined_fsync: matches!(
+                kind,
+                Kind::UringPipelined | Kind::UringNoHold | Kind::PwritePipelined
+            ),
             ..StorageConfig::default()
         },
         backend(),
@@ -663,21 +666,20 @@ fn recovery(p: &Params, dir: &Path) {
 
 /// io_uring (when picked) and pwrite, each with the storage thread's own
 /// fdatasync (the default) and pipelined (`pipelined_fsync`), and io_uring
-/// without group extension; runs interleaved (A B C A B C ..) so drift in
-/// the machine's load hits all alike.
+/// pipelined without the sync hold; runs interleaved (A B C A B C ..) so
+/// drift in the machine's load hits all alike.
 fn pipelining_ab(p: &Params, dir: &Path, raw: Raw, kind: Kind) {
-    println!("\nio_uring vs pwrite, inline vs pipelined fdatasync, group extension or not (always, <= 1000 in flight, prewrite):");
+    println!("\nio_uring vs pwrite, inline vs pipelined fdatasync, sync hold or not (always, <= 1000 in flight, prewrite):");
     let kinds: Vec<Kind> = [
         Kind::Uring,
         Kind::UringPipelined,
-        Kind::UringNoExtend,
+        Kind::UringNoHold,
         Kind::Pwrite,
         Kind::PwritePipelined,
     ]
     .into_iter()
     .filter(|&k| {
-        !matches!(k, Kind::Uring | Kind::UringPipelined | Kind::UringNoExtend)
-            || kind == Kind::Uring
+        !matches!(k, Kind::Uring | Kind::UringPipelined | Kind::UringNoHold) || kind == Kind::Uring
     })
     .collect();
     for (value, records) in [(1024usize, 256usize), (1024, 16), (100, 16), (100, 1)] {
