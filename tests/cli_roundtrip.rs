@@ -473,3 +473,50 @@ fn bench_commands_print_one_json_line() {
     let out = b.cli(&["bench", "produce", "--compare-idempotence", "0"]);
     assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
 }
+
+/// `skiff bench disk` measures the raw write bandwidth where it is
+/// pointed and prints one JSON line; a missing directory is a runtime
+/// error naming it, a size below one write a usage error.
+#[test]
+fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
+    let dir = temp_dir();
+    let path = dir.path().to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args([
+            "bench",
+            "disk",
+            "--dir",
+            path,
+            "--bytes",
+            "8388608",
+            "--overwrite",
+        ])
+        .output()
+        .expect("running skiff");
+    assert_ok(&out);
+    let d = &json_lines(&out)[0];
+    assert_eq!(d["workload"], "disk");
+    assert_eq!(d["dir"], path);
+    assert_eq!(d["bytes"], 8 << 20);
+    for key in ["fresh_mb_per_s", "overwrite_mb_per_s"] {
+        assert!(d[key].as_f64().unwrap() > 0.0, "{key}: {d}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the scratch file is removed"
+    );
+
+    let gone = dir.path().join("gone");
+    let gone = gone.to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args(["bench", "disk", "--dir", gone, "--bytes", "1048576"])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 1, &[gone]);
+    let out = skiff_command()
+        .args(["bench", "disk", "--bytes", "4096"])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 2, &["--bytes"]);
+}

@@ -128,6 +128,23 @@ pub enum BenchCommand {
     Produce(BenchProduceArgs),
     /// Replay a topic from the earliest offset: records/s, MB/s.
     Consume(BenchConsumeArgs),
+    /// Raw sequential O_DIRECT write bandwidth of the disk holding DIR
+    /// (1 MiB writes, 4 in flight): the yardstick for produce figures.
+    Disk(BenchDiskArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDiskArgs {
+    /// A directory on the disk to measure (point it at the data directory's).
+    #[arg(long, default_value = ".")]
+    pub dir: std::path::PathBuf,
+    /// Bytes to write (rounded down to whole MiB, at least 1 MiB).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub bytes: u64,
+    /// Also measure writes over blocks written once already (what skiff's
+    /// pre-written segments see); writes twice as much again.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]

@@ -15,7 +15,7 @@ use crate::client::{
 };
 use crate::protocol::{CreateTopicRequest, ErrorCode};
 
-use super::args::{BenchConsumeArgs, BenchProduceArgs};
+use super::args::{BenchConsumeArgs, BenchDiskArgs, BenchProduceArgs};
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 
 /// Latencies are recorded in microseconds, up to a minute, 3 significant
@@ -382,6 +382,49 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
         "msgs_per_s": records as f64 / secs,
         "mb_per_s": bytes as f64 / secs / 1e6,
     });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+/// `skiff bench disk`: the raw bandwidth BENCHMARKING.md puts beside every
+/// produce figure, measured where the data lives.
+pub fn disk(a: BenchDiskArgs) -> ExitCode {
+    use crate::storage::io::raw_bandwidth::{self, Prepare, WRITE_BYTES, WRITE_DEPTH};
+    if a.bytes < WRITE_BYTES as u64 {
+        return fail(EXIT_USAGE, "--bytes must be at least 1048576 (one write)");
+    }
+    let dir = a.dir.display();
+    // Checked before the progress line, so an error is the only line.
+    match std::fs::metadata(&a.dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return fail(EXIT_RUNTIME, format!("bench disk {dir}: not a directory")),
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench disk {dir}: {e}")),
+    }
+    let mut preps = vec![("fresh", Prepare::Fallocate)];
+    if a.overwrite {
+        preps.push(("overwrite", Prepare::PreWritten));
+    }
+    let mut line = serde_json::json!({
+        "workload": "disk",
+        "dir": dir.to_string(),
+        "write_bytes": WRITE_BYTES,
+        "in_flight": WRITE_DEPTH,
+    });
+    for (name, prep) in preps {
+        eprintln!(
+            "progress: writing {} MiB under {dir} ({name})",
+            a.bytes >> 20
+        );
+        let r = match raw_bandwidth::measure_prepared(&a.dir, a.bytes, prep) {
+            Ok(r) => r,
+            Err(e) => return fail(EXIT_RUNTIME, format!("bench disk {dir}: {e}")),
+        };
+        line["backend"] = r.backend.into();
+        line["bytes"] = r.total_bytes.into();
+        line[format!("{name}_mb_per_s")] = (r.bytes_per_sec / 1e6).into();
+        line[format!("{name}_elapsed_s")] = r.elapsed.as_secs_f64().into();
+        line[format!("{name}_device_flushes")] = r.device_flushes.into();
+    }
     println!("{line}");
     ExitCode::SUCCESS
 }

@@ -344,5 +344,6 @@ pub fn bench(command: BenchCommand) -> ExitCode {
     match command {
         BenchCommand::Produce(a) => super::bench::produce(a),
         BenchCommand::Consume(a) => super::bench::consume(a),
+        BenchCommand::Disk(a) => super::bench::disk(a),
     }
 }
