@@ -61,8 +61,10 @@ impl Doorbell {
             if other.is_some() {
                 limit = Some(limit.map_or(SYNC_SLEEP_MAX, |l| l.min(SYNC_SLEEP_MAX)));
             }
+            // Capped: time_t is 32 bits on armv7 (and the alias deprecated on
+            // musl); waking after an hour with nothing to do only loops.
             let ts = limit.map(|l| libc::timespec {
-                tv_sec: l.as_secs() as libc::time_t,
+                tv_sec: l.as_secs().min(3600) as _,
                 tv_nsec: l.subsec_nanos() as libc::c_long,
             });
             let mut fds = [
