@@ -475,8 +475,8 @@ fn bench_commands_print_one_json_line() {
 }
 
 /// `skiff bench disk` measures the raw write bandwidth where it is
-/// pointed and prints one JSON line; a missing directory is a runtime
-/// error naming it, a size below one write a usage error.
+/// pointed and prints one JSON line; a missing directory or a file is a
+/// runtime error naming it, a size below one write a usage error.
 #[test]
 fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
     let dir = temp_dir();
@@ -514,6 +514,14 @@ fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
         .output()
         .expect("running skiff");
     assert_fails(&out, 1, &[gone]);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let file = file.to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args(["bench", "disk", "--dir", file, "--bytes", "1048576"])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 1, &[file, "not a directory"]);
     let out = skiff_command()
         .args(["bench", "disk", "--bytes", "4096"])
         .output()
