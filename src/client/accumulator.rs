@@ -39,6 +39,9 @@ pub(crate) struct AccumulatorConfig {
     pub linger: Duration,
     /// Batches of one partition sent and not yet answered.
     pub max_in_flight: usize,
+    /// Records sent and not yet answered, over all partitions; a batch
+    /// closes at this many records.
+    pub max_in_flight_records: usize,
     /// Bytes of records appended and not yet answered, over all partitions.
     pub buffer_bytes_max: usize,
     /// Producer id and epoch for idempotent batches; `None` sends plain
@@ -130,6 +133,8 @@ pub(crate) struct Accumulator {
     queues: BTreeMap<TopicPartition, PartitionQueue>,
     sticky: HashMap<Arc<str>, Sticky>,
     buffered_bytes: usize,
+    /// Records in the batches sent and not yet answered.
+    in_flight_records: usize,
     next_seq: u64,
     /// The next producer sequence per partition (idempotent producers).
     /// Kept when a partition's queue empties.
@@ -143,6 +148,7 @@ impl Accumulator {
             queues: BTreeMap::new(),
             sticky: HashMap::new(),
             buffered_bytes: 0,
+            in_flight_records: 0,
             next_seq: 0,
             sequences: HashMap::new(),
         }
@@ -309,7 +315,8 @@ impl Accumulator {
         }
         open.reserved += size;
         self.buffered_bytes += size;
-        let full = open.builder.estimated_bytes() >= target;
+        let full = open.builder.estimated_bytes() >= target
+            || open.builder.len() as usize >= self.config.max_in_flight_records;
         if full {
             self.close_open(&tp);
         }
@@ -369,13 +376,19 @@ impl Accumulator {
         let linger = self.config.linger;
         self.close_where(|o| now.saturating_duration_since(o.created) >= linger);
         let mut out = Vec::new();
+        let records_max = self.config.max_in_flight_records;
         for q in self.queues.values_mut() {
             while q.in_flight.len() < self.config.max_in_flight {
                 match q.ready.front() {
-                    Some(b) if b.retry_at.is_none_or(|t| t <= now) => {
+                    Some(b)
+                        if b.retry_at.is_none_or(|t| t <= now)
+                            && (self.in_flight_records == 0
+                                || self.in_flight_records + b.records as usize <= records_max) =>
+                    {
                         let mut b = q.ready.pop_front().expect("front exists");
                         b.sent_behind = q.in_flight.iter().any(|&s| s < b.seq);
                         q.in_flight.push(b.seq);
+                        self.in_flight_records += b.records as usize;
                         out.push(b);
                     }
                     _ => break,
@@ -404,6 +417,7 @@ impl Accumulator {
     /// in-flight slot and its buffer bytes.
     pub fn complete(&mut self, batch: &ReadyBatch) {
         self.buffered_bytes -= batch.reserved;
+        self.in_flight_records -= batch.records as usize;
         if let Some(q) = self.queues.get_mut(&batch.tp) {
             q.in_flight.retain(|&s| s != batch.seq);
             if q.open.is_none() && q.ready.is_empty() && q.in_flight.is_empty() {
@@ -427,6 +441,7 @@ impl Accumulator {
     pub fn retry(&mut self, mut batch: ReadyBatch, retry_at: Instant) {
         batch.attempts += 1;
         batch.retry_at = Some(retry_at);
+        self.in_flight_records -= batch.records as usize;
         let q = self.queues.entry(batch.tp.clone()).or_default();
         q.in_flight.retain(|&s| s != batch.seq);
         let at = q.ready.partition_point(|b| b.seq < batch.seq);
@@ -482,6 +497,7 @@ mod tests {
             batch_bytes_max: 4096,
             linger: 5 * MS,
             max_in_flight: 2,
+            max_in_flight_records: usize::MAX,
             buffer_bytes_max: 64 * 1024,
             producer: None,
         }
@@ -603,10 +619,68 @@ mod tests {
     }
 
     #[test]
+    fn records_in_flight_are_capped_over_all_partitions() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            max_in_flight: 5,
+            max_in_flight_records: 3,
+            ..config()
+        });
+        for i in 0..4 {
+            push(&mut acc, 0, &[i], t0);
+        }
+        push(&mut acc, 1, b"x", t0);
+        push(&mut acc, 1, b"y", t0);
+        let out = acc.drain(t0 + 5 * MS);
+        let counts: Vec<(u32, u32)> = out.iter().map(|b| (b.tp.partition, b.records)).collect();
+        assert_eq!(
+            counts,
+            vec![(0, 3)],
+            "a batch closes at the cap; nothing more fits beside it"
+        );
+        assert!(acc.drain(t0 + 6 * MS).is_empty(), "3 records in flight");
+        acc.complete(&out[0]);
+        let next = acc.drain(t0 + 6 * MS);
+        let counts: Vec<(u32, u32)> = next.iter().map(|b| (b.tp.partition, b.records)).collect();
+        assert_eq!(counts, vec![(0, 1), (1, 2)], "room for 3 again");
+        // A retry gives its room back until it is sent again.
+        let mut next = next.into_iter();
+        let (a, b) = (next.next().unwrap(), next.next().unwrap());
+        acc.retry(b, t0 + 10 * MS);
+        push(&mut acc, 0, b"z", t0 + 6 * MS);
+        acc.close_all();
+        let out = acc.drain(t0 + 10 * MS);
+        let counts: Vec<(u32, u32)> = out.iter().map(|b| (b.tp.partition, b.records)).collect();
+        assert_eq!(
+            counts,
+            vec![(0, 1)],
+            "1 + 1 in flight; the retry's 2 would pass 3"
+        );
+        acc.complete(&a);
+        let out2 = acc.drain(t0 + 10 * MS);
+        assert_eq!(out2.len(), 1, "the retried batch, now it fits");
+        assert_eq!(out2[0].tp.partition, 1);
+    }
+
+    #[test]
+    fn an_empty_pipeline_takes_any_batch() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            max_in_flight_records: 1,
+            ..config()
+        });
+        push(&mut acc, 0, b"a", t0);
+        assert_eq!(acc.drain(t0).len(), 1, "closed at one record, sent at once");
+        push(&mut acc, 0, b"b", t0);
+        assert!(acc.drain(t0).is_empty());
+    }
+
+    #[test]
     fn a_retried_batch_goes_first_after_its_backoff() {
         let t0 = Instant::now();
         let mut acc = Accumulator::new(AccumulatorConfig {
             max_in_flight: 1,
+            max_in_flight_records: usize::MAX,
             ..config()
         });
         push(&mut acc, 0, &[1; 600], t0);

@@ -43,6 +43,10 @@ pub struct ProducerConfig {
     /// cap); without idempotence only 1 keeps strict order across retries
     /// (see the ordering note in the accumulator).
     pub max_in_flight: usize,
+    /// Records sent and not yet answered, over all partitions (`None`: no
+    /// limit but `max_in_flight`). Records beyond it wait in the buffer,
+    /// in batches of at most this many, and go out as answers come back.
+    pub max_in_flight_records: Option<usize>,
     /// How long a record may wait for its acknowledgement, retries
     /// included, before it fails with [`ClientError::Timeout`].
     pub delivery_timeout: Duration,
@@ -77,6 +81,7 @@ impl Default for ProducerConfig {
             linger: Duration::from_millis(5),
             batch_bytes: 64 * 1024,
             max_in_flight: 5,
+            max_in_flight_records: None,
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
@@ -210,6 +215,9 @@ impl Producer {
             batch_bytes_max,
             linger: config.linger,
             max_in_flight,
+            max_in_flight_records: config
+                .max_in_flight_records
+                .map_or(usize::MAX, |n| n.max(1)),
             buffer_bytes_max: config.buffer_bytes,
             producer,
         });
@@ -549,9 +557,7 @@ async fn run(inner: Arc<Inner>) {
             }
             inner.progress.notify(usize::MAX);
         }
-        for request in group_requests(batches, inner.request_bytes_max) {
-            smol::spawn(send_batches(inner.clone(), request)).detach();
-        }
+        start_requests(&inner, batches).await;
         match wakeup {
             Some(at) => {
                 futures_lite::future::or(listener, async {
@@ -562,6 +568,29 @@ async fn run(inner: Arc<Inner>) {
             None => listener.await,
         }
     }
+}
+
+/// Sends `batches` in as few produce requests as the frame limit allows,
+/// each finished by its own task. Each request is polled once here first,
+/// which queues its frame for the connection's writer before the caller
+/// goes on (to wake the owners of answered records, who would otherwise
+/// run first and make the broker wait while they build more).
+async fn start_requests(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
+    for request in group_requests(batches, inner.request_bytes_max) {
+        let mut send = boxed_send(inner.clone(), request);
+        if futures_lite::future::poll_once(&mut send).await.is_none() {
+            smol::spawn(send).detach();
+        }
+    }
+}
+
+/// `send_batches` behind a pointer, so that it can start requests itself
+/// (its future would otherwise contain itself).
+fn boxed_send(
+    inner: Arc<Inner>,
+    batches: Vec<ReadyBatch>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(send_batches(inner, batches))
 }
 
 /// Splits batches into requests of at most `max_bytes` of batch data; a
@@ -615,48 +644,54 @@ async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
     // Settled after the lock is released: waking deliveries under it would
     // hold up `send` on other threads.
     let mut settled = Vec::with_capacity(batches.len());
-    let mut st = inner.state.lock().expect("producer state");
-    for (b, outcome) in batches.into_iter().zip(outcomes) {
-        match outcome {
-            Ok((base, _last)) => {
-                st.acc.complete(&b);
-                let partition = b.tp.partition;
-                settled.push((b, Ok((partition, base))));
-            }
-            Err(e)
-                if (e.is_retriable()
+    let next = {
+        let mut st = inner.state.lock().expect("producer state");
+        for (b, outcome) in batches.into_iter().zip(outcomes) {
+            match outcome {
+                Ok((base, _last)) => {
+                    st.acc.complete(&b);
+                    let partition = b.tp.partition;
+                    settled.push((b, Ok((partition, base))));
+                }
+                Err(e)
+                    if (e.is_retriable()
                     // It overtook an earlier batch that is being retried
                     // or is still in flight: it goes again after it.
                     || (e.code() == Some(ErrorCode::OutOfOrderSequence)
                         && (b.sent_behind || st.acc.has_earlier(&b))))
-                    && now.duration_since(b.created) < inner.config.delivery_timeout =>
-            {
-                let pause = backoff(
-                    b.attempts + 1,
-                    inner.config.retry_backoff,
-                    inner.config.retry_backoff_max,
-                );
-                log::debug!(
-                    "produce to {}/{} failed ({e}); retry in {pause:?}",
-                    b.tp.topic,
-                    b.tp.partition
-                );
-                st.acc.retry(b, now + pause);
-            }
-            Err(e) => {
-                if matches!(
-                    e.code(),
-                    Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
-                ) {
-                    // The topic was deleted or recreated: ask again next time.
-                    st.topics.remove(&b.tp.topic);
+                        && now.duration_since(b.created) < inner.config.delivery_timeout =>
+                {
+                    let pause = backoff(
+                        b.attempts + 1,
+                        inner.config.retry_backoff,
+                        inner.config.retry_backoff_max,
+                    );
+                    log::debug!(
+                        "produce to {}/{} failed ({e}); retry in {pause:?}",
+                        b.tp.topic,
+                        b.tp.partition
+                    );
+                    st.acc.retry(b, now + pause);
                 }
-                st.acc.complete(&b);
-                settled.push((b, Err(e)));
+                Err(e) => {
+                    if matches!(
+                        e.code(),
+                        Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
+                    ) {
+                        // The topic was deleted or recreated: ask again next time.
+                        st.topics.remove(&b.tp.topic);
+                    }
+                    st.acc.complete(&b);
+                    settled.push((b, Err(e)));
+                }
             }
         }
-    }
-    drop(st);
+        // The answers made room: batches waiting for it go out before the
+        // records' owners are woken, so the broker works on them while the
+        // owners make more.
+        st.acc.drain(now)
+    };
+    start_requests(&inner, next).await;
     for (b, result) in settled {
         b.settler.settle(result);
     }
@@ -718,6 +753,147 @@ mod tests {
             reserved: len,
             sent_behind: false,
         }
+    }
+
+    /// A one-connection peer that answers hello and metadata (topic `t`,
+    /// one partition) at once, and holds produce answers until the
+    /// producer has sent nothing for `quiet`: everything sent by then went
+    /// out without an answer. Returns the most records it held at once.
+    fn holding_peer(quiet: Duration) -> (String, std::thread::JoinHandle<usize>) {
+        use crate::protocol::{
+            decode_request, encode_response, frame_len, HelloResponse, MetadataResponse,
+            PartitionMetadata, ProduceResponse, Response, ResponseBody, TopicMetadata,
+            PROTOCOL_VERSION_MAX,
+        };
+        use std::io::{ErrorKind, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(quiet)).unwrap();
+            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+            // Per produce request: its correlation id and, per entry, the
+            // topic, partition and record count.
+            type Held = Vec<(u32, Vec<(String, u32, u32)>)>;
+            let mut held: Held = Vec::new();
+            let (mut next_offset, mut most) = (0u64, 0usize);
+            let answer = |s: &mut std::net::TcpStream, correlation_id, body| {
+                let mut out = Vec::new();
+                encode_response(
+                    &Response {
+                        correlation_id,
+                        body,
+                    },
+                    &mut out,
+                )
+                .unwrap();
+                s.write_all(&out).unwrap();
+            };
+            loop {
+                while let Some(n) = frame_len(&buf, u32::MAX).unwrap() {
+                    let request = decode_request(&buf[4..n]).unwrap();
+                    buf.drain(..n);
+                    let id = request.correlation_id;
+                    let body = match request.body {
+                        RequestBody::Hello(_) => ResponseBody::Hello(HelloResponse {
+                            version: PROTOCOL_VERSION_MAX,
+                            server_version: "holding peer".into(),
+                            max_frame_bytes: 8 << 20,
+                            max_batch_bytes: 1 << 20,
+                        }),
+                        RequestBody::Metadata(_) => ResponseBody::Metadata(MetadataResponse {
+                            topics: vec![TopicMetadata {
+                                name: "t".into(),
+                                error: ErrorCode::None,
+                                partitions: vec![PartitionMetadata {
+                                    partition: 0,
+                                    error: ErrorCode::None,
+                                    earliest_offset: 0,
+                                    latest_offset: 0,
+                                }],
+                            }],
+                        }),
+                        RequestBody::Produce(p) => {
+                            let batches = p.partitions.iter().map(|e| {
+                                let h = crate::batch::BatchView::new(&e.batch).unwrap().header;
+                                (e.topic.clone(), e.partition, h.record_count)
+                            });
+                            held.push((id, batches.collect()));
+                            let n = held.iter().flat_map(|(_, b)| b).map(|b| b.2 as usize);
+                            most = most.max(n.sum());
+                            continue;
+                        }
+                        other => panic!("unexpected {}", other.name()),
+                    };
+                    answer(&mut s, id, body);
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) => return most,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        for (id, batches) in held.drain(..) {
+                            let partitions = batches
+                                .into_iter()
+                                .map(|(topic, partition, records)| {
+                                    let base_offset = next_offset;
+                                    next_offset += u64::from(records);
+                                    ProducePartitionResult {
+                                        topic,
+                                        partition,
+                                        error: ErrorCode::None,
+                                        base_offset,
+                                        last_offset: next_offset - 1,
+                                        duplicate_records: 0,
+                                        message: None,
+                                    }
+                                })
+                                .collect();
+                            answer(
+                                &mut s,
+                                id,
+                                ResponseBody::Produce(ProduceResponse { partitions }),
+                            );
+                        }
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        (addr, peer)
+    }
+
+    #[test]
+    fn records_beyond_the_in_flight_cap_wait_for_answers() {
+        let (addr, peer) = holding_peer(Duration::from_millis(50));
+        let offsets = smol::block_on(async {
+            let producer = Producer::connect(
+                &addr,
+                ProducerConfig {
+                    linger: Duration::ZERO,
+                    batch_bytes: 1 << 20,
+                    max_in_flight_records: Some(100),
+                    idempotent: false,
+                    ..ProducerConfig::default()
+                },
+            )
+            .await
+            .unwrap();
+            let sent: Vec<Delivery> = (0..1000u32)
+                .map(|i| producer.send("t", None, &i.to_le_bytes(), &[]))
+                .collect();
+            producer.flush().await;
+            let mut offsets = Vec::new();
+            for d in sent {
+                offsets.push(d.await.unwrap().offset);
+            }
+            offsets
+        });
+        assert_eq!(offsets, (0..1000).collect::<Vec<u64>>(), "all, in order");
+        assert_eq!(
+            peer.join().unwrap(),
+            100,
+            "the peer held at most the cap, and the cap was reached"
+        );
     }
 
     #[test]
