@@ -165,6 +165,12 @@ pub struct BenchProduceArgs {
     /// At most this many records un-acknowledged per producer.
     #[arg(long, default_value_t = 1000)]
     pub in_flight: u32,
+    /// Records each producer may hold beyond those in flight, built into
+    /// batches and waiting for acks to make room (default: as many as
+    /// --in-flight). Their latency counts from when they were given to
+    /// the producer. 0: the bench waits for an ack before each send.
+    #[arg(long)]
+    pub queued: Option<u32>,
     /// Idempotent producers (producer id, epoch, sequences checked by the
     /// broker), as the client library's default.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -177,6 +183,13 @@ pub struct BenchProduceArgs {
     pub compare_idempotence: Option<u32>,
     #[command(flatten)]
     pub broker: BrokerArg,
+}
+
+impl BenchProduceArgs {
+    /// `--queued`, defaulting to one more window of `--in-flight`.
+    pub fn queued(&self) -> u32 {
+        self.queued.unwrap_or(self.in_flight)
+    }
 }
 
 #[derive(Args, Debug)]

@@ -104,7 +104,11 @@ async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), Cl
     Ok(())
 }
 
-async fn bench_producer(addr: &str, idempotent: bool) -> Result<Producer, ClientError> {
+async fn bench_producer(
+    addr: &str,
+    idempotent: bool,
+    in_flight: usize,
+) -> Result<Producer, ClientError> {
     Producer::connect(
         addr,
         ProducerConfig {
@@ -112,6 +116,7 @@ async fn bench_producer(addr: &str, idempotent: bool) -> Result<Producer, Client
             // batch fills while the previous one is being made durable.
             linger: Duration::ZERO,
             batch_bytes: 256 * 1024,
+            max_in_flight_records: Some(in_flight),
             idempotent,
             ..ProducerConfig::default()
         },
@@ -119,32 +124,43 @@ async fn bench_producer(addr: &str, idempotent: bool) -> Result<Producer, Client
     .await
 }
 
+/// How many records a bench producer keeps on the wire, and how many more
+/// it holds built while they are answered.
+#[derive(Clone, Copy)]
+struct Window {
+    in_flight: usize,
+    queued: usize,
+}
+
 async fn produce_one(
     addr: String,
     topic: Arc<str>,
     messages: u64,
     size: usize,
-    in_flight: usize,
+    window: Window,
     idempotent: bool,
     done: Arc<AtomicU64>,
 ) -> Result<Histogram<u64>, ClientError> {
-    let producer = bench_producer(&addr, idempotent).await?;
-    produce_with(&producer, &topic, messages, size, in_flight, &done).await
+    let producer = bench_producer(&addr, idempotent, window.in_flight).await?;
+    let unacked = window.in_flight + window.queued;
+    produce_with(&producer, &topic, messages, size, unacked, &done).await
 }
 
 /// Workload P's loop on one producer: `messages` records, at most
-/// `in_flight` un-acknowledged; the send-to-ack latency histogram.
+/// `unacked` given to the producer and not acknowledged (the producer
+/// itself keeps at most `--in-flight` of them on the wire); the
+/// send-to-ack latency histogram.
 async fn produce_with(
     producer: &Producer,
     topic: &str,
     messages: u64,
     size: usize,
-    in_flight: usize,
+    unacked: usize,
     done: &AtomicU64,
 ) -> Result<Histogram<u64>, ClientError> {
     let value = vec![b'x'; size];
     let mut hist = LatencyRuns::new();
-    let mut pending = VecDeque::with_capacity(in_flight);
+    let mut pending = VecDeque::with_capacity(unacked);
     // Latency is ack time (from the batch's answer: one clock read per
     // batch) minus send time, read once per burst of sends rather than per
     // record (two clock reads per record were a tenth of this loop's CPU).
@@ -155,7 +171,7 @@ async fn produce_with(
     let mut sent_at = Instant::now();
     let mut since_clock = 0u32;
     for _ in 0..messages {
-        if pending.len() >= in_flight {
+        if pending.len() >= unacked {
             let (sent, mut d): (Instant, crate::client::Delivery) =
                 pending.pop_front().expect("non-empty");
             let meta = match futures_lite::future::poll_once(&mut d).await {
@@ -223,7 +239,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     topic.clone(),
                     n,
                     a.size,
-                    a.in_flight as usize,
+                    Window {
+                        in_flight: a.in_flight as usize,
+                        queued: a.queued() as usize,
+                    },
                     a.idempotent,
                     done.clone(),
                 ))
@@ -258,6 +277,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         "size_bytes": a.size,
         "producers": a.producers,
         "in_flight": a.in_flight,
+        "queued": a.queued(),
         "idempotent": a.idempotent,
         "fsync": a.fsync,
         "elapsed_s": secs,
@@ -289,8 +309,9 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
     let result = smol::block_on(async {
         let client = Client::connect(&a.broker.broker).await?;
         fresh_topic(&client, &a.topic, &a.fsync).await?;
-        let on = bench_producer(&a.broker.broker, true).await?;
-        let off = bench_producer(&a.broker.broker, false).await?;
+        let in_flight = a.in_flight as usize;
+        let on = bench_producer(&a.broker.broker, true, in_flight).await?;
+        let off = bench_producer(&a.broker.broker, false, in_flight).await?;
         let slice = a.messages / (2 * u64::from(rounds));
         // [records, seconds] per mode: 0 = idempotent, 1 = plain.
         let mut totals = [[0f64; 2]; 2];
@@ -303,7 +324,7 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
                 &a.topic,
                 slice,
                 a.size,
-                a.in_flight as usize,
+                in_flight + a.queued() as usize,
                 &done,
             )
             .await?;
@@ -322,6 +343,7 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
         "messages": a.messages,
         "size_bytes": a.size,
         "in_flight": a.in_flight,
+        "queued": a.queued(),
         "fsync": a.fsync,
         "rounds": rounds,
         "idempotent_msgs_per_s": rate(0),
