@@ -618,6 +618,14 @@ mod tests {
         assert!(next[0].seq > p0[1]);
     }
 
+    /// (partition, records) of each batch.
+    fn counts(batches: &[ReadyBatch]) -> Vec<(u32, u32)> {
+        batches
+            .iter()
+            .map(|b| (b.tp.partition, b.records))
+            .collect()
+    }
+
     #[test]
     fn records_in_flight_are_capped_over_all_partitions() {
         let t0 = Instant::now();
@@ -632,17 +640,15 @@ mod tests {
         push(&mut acc, 1, b"x", t0);
         push(&mut acc, 1, b"y", t0);
         let out = acc.drain(t0 + 5 * MS);
-        let counts: Vec<(u32, u32)> = out.iter().map(|b| (b.tp.partition, b.records)).collect();
         assert_eq!(
-            counts,
+            counts(&out),
             vec![(0, 3)],
             "a batch closes at the cap; nothing more fits beside it"
         );
         assert!(acc.drain(t0 + 6 * MS).is_empty(), "3 records in flight");
         acc.complete(&out[0]);
         let next = acc.drain(t0 + 6 * MS);
-        let counts: Vec<(u32, u32)> = next.iter().map(|b| (b.tp.partition, b.records)).collect();
-        assert_eq!(counts, vec![(0, 1), (1, 2)], "room for 3 again");
+        assert_eq!(counts(&next), vec![(0, 1), (1, 2)], "room for 3 again");
         // A retry gives its room back until it is sent again.
         let mut next = next.into_iter();
         let (a, b) = (next.next().unwrap(), next.next().unwrap());
@@ -650,9 +656,8 @@ mod tests {
         push(&mut acc, 0, b"z", t0 + 6 * MS);
         acc.close_all();
         let out = acc.drain(t0 + 10 * MS);
-        let counts: Vec<(u32, u32)> = out.iter().map(|b| (b.tp.partition, b.records)).collect();
         assert_eq!(
-            counts,
+            counts(&out),
             vec![(0, 1)],
             "1 + 1 in flight; the retry's 2 would pass 3"
         );
