@@ -3,8 +3,9 @@
 //! amplification of small interval-synced appends.
 //!
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
-//! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_BACKEND=pwrite to
-//! leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
+//! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_ONLY=1024x256 or
+//! 100x16@1000,... for only those append rows and nothing after them;
+//! SKIFF_BENCH_BACKEND=pwrite to leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
 //! and pwrite, each with and without `pipelined_fsync`, and of pipelined
 //! io_uring without the sync hold). Each figure is the median of three runs,
 //! min and max kept (see /work/shared/BENCHMARKING.md).
@@ -501,6 +502,16 @@ fn main() {
     // 256-record batches is 1,280 records; and a deeper pipeline still.
     configs.push((1024, 256, true, 5 * 256));
     configs.push((1024, 256, true, 4 * 1024));
+    // SKIFF_BENCH_ONLY=1024x256,100x16@1280: just those rows.
+    let only = std::env::var("SKIFF_BENCH_ONLY").ok();
+    let wanted = |value: usize, records: usize, in_flight: usize| {
+        only.as_deref().is_none_or(|o| {
+            o.split(',').any(|w| {
+                w == format!("{value}x{records}") || w == format!("{value}x{records}@{in_flight}")
+            })
+        })
+    };
+    configs.retain(|&(v, r, _, f)| wanted(v, r, f));
     for (value, records, prewrite, in_flight) in configs {
         let runs: Vec<Run> = (0..RUNS)
             .map(|_| {
@@ -539,6 +550,9 @@ fn main() {
         );
     }
 
+    if only.is_some() {
+        return;
+    }
     for interval_ms in [2u32, 10] {
         println!(
             "\nwrite amplification: 100 B single-record appends at {}/s, durability interval:{interval_ms}",
