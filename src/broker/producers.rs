@@ -203,7 +203,7 @@ struct InFlight {
 #[derive(Debug, Clone)]
 struct Entry {
     epoch: u16,
-    /// Oldest first; at most [`WINDOW_BATCHES`].
+    /// The newest [`WINDOW_BATCHES`] by sequence, in completion order.
     written: heapless::Vec<WrittenBatch, WINDOW_BATCHES>,
     /// In submit order.
     in_flight: heapless::Vec<InFlight, WINDOW_BATCHES>,
@@ -224,12 +224,26 @@ impl Entry {
         }
     }
 
+    /// Batches complete out of order (storage acks a sync group newest
+    /// first), so a full window gives up its oldest batch by sequence, not
+    /// the one completed first: the last [`WINDOW_BATCHES`] written stay
+    /// findable for a retry. A batch older than all of a full window is
+    /// not kept.
     fn remember(&mut self, b: WrittenBatch) {
         if self.written.iter().any(|w| w.base_seq == b.base_seq) {
             return;
         }
         if self.written.is_full() {
-            self.written.remove(0);
+            let mut oldest = 0;
+            for (i, w) in self.written.iter().enumerate() {
+                if ahead_of(self.written[oldest].last_seq, w.last_seq) {
+                    oldest = i;
+                }
+            }
+            if ahead_of(self.written[oldest].last_seq, b.last_seq) {
+                return;
+            }
+            self.written.remove(oldest);
         }
         self.written.push(b).expect("room was made");
     }
@@ -928,6 +942,38 @@ mod tests {
         assert!(matches!(
             p.check("t", 0, &header(id, 0, i32::MAX - 1, 2), 0),
             Check::Duplicate { base_offset: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn the_window_keeps_the_newest_batches_when_they_complete_newest_first() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        // Sync groups of WINDOW_BATCHES batches, then of 2, each acked
+        // newest first (as storage acks a group).
+        let n = WINDOW_BATCHES as i32;
+        for (from, to) in [(0, n), (n, n + 2)] {
+            let tickets: Vec<(i32, Ticket)> = (from..to)
+                .map(|i| (i, accept(&p, &header(id, 0, i * 10, 10))))
+                .collect();
+            for (i, t) in tickets.into_iter().rev() {
+                let base = i as u64 * 10;
+                p.complete(t, Ok((base, base + 9)));
+            }
+        }
+        for i in 2..n + 2 {
+            let base = i as u64 * 10;
+            assert!(
+                matches!(
+                    p.check("t", 0, &header(id, 0, i * 10, 10), 0),
+                    Check::Duplicate { base_offset, .. } if base_offset == base
+                ),
+                "batch {i}, one of the newest {n}, is found"
+            );
+        }
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 10, 10), 0),
+            Check::Reject(SequenceError::Duplicate { .. })
         ));
     }
 
