@@ -303,20 +303,38 @@ fn throughput_run(
     let t = Instant::now();
     let (n, bytes) = smol::block_on(async {
         let mut q = VecDeque::new();
-        let (mut n, mut bytes, mut i) = (0u64, 0u64, 1usize);
-        // A producer has its next batch built while it waits for room, so
-        // the copy is made after a submit, while the storage thread works,
-        // not between an ack and the submit that answers it.
-        let mut next = batches[0].clone();
-        while t.elapsed() < p.run_time && bytes < budget {
-            while q.len() < in_flight {
-                let b = std::mem::replace(&mut next, batches[i % batches.len()].clone());
+        let (mut n, mut bytes, mut i) = (0u64, 0u64, 0usize);
+        // A producer has its next batches built while it waits for room
+        // (the copies are made while the storage thread works, not between
+        // an ack and the submit that answers it), and hands over together
+        // all it has room for, as a client sends them in one request.
+        let mut built = VecDeque::with_capacity(in_flight);
+        let mut build = |built: &mut VecDeque<Vec<u8>>| {
+            while built.len() < in_flight {
+                built.push_back(batches[i % batches.len()].clone());
                 i += 1;
-                bytes += b.len() as u64;
-                q.push_back(s.submit(&id, b).await.expect("submit"));
             }
+        };
+        build(&mut built);
+        while t.elapsed() < p.run_time && bytes < budget {
+            let refill: Vec<Vec<u8>> = built.drain(..in_flight - q.len()).collect();
+            bytes += refill.iter().map(|b| b.len() as u64).sum::<u64>();
+            q.extend(s.submit_all(&id, refill).await.expect("submit"));
+            build(&mut built);
             q.pop_front().unwrap().await.expect("append");
             n += 1;
+            // And every other ack already in, so their room is refilled in
+            // one go.
+            while let Some(front) = q.front_mut() {
+                match futures_lite::future::poll_once(front).await {
+                    Some(r) => {
+                        r.expect("append");
+                        q.pop_front();
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
         }
         while let Some(t) = q.pop_front() {
             t.await.expect("append");

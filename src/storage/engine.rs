@@ -1015,6 +1015,32 @@ impl CmdTx {
         sent.map_err(|_| StorageError::ShuttingDown)
     }
 
+    /// Queues `cmds` in order and rings once, after the last: a thread
+    /// asleep wakes to all of them and can write them as one group. It
+    /// still rings before waiting for room, so a full queue is drained.
+    pub(crate) async fn send_all(
+        &self,
+        cmds: impl IntoIterator<Item = Cmd>,
+    ) -> Result<(), StorageError> {
+        for cmd in cmds {
+            match self.tx.try_send(cmd) {
+                Ok(()) => {}
+                Err(async_channel::TrySendError::Full(cmd)) => {
+                    self.bell.ring();
+                    if self.tx.send(cmd).await.is_err() {
+                        return Err(StorageError::ShuttingDown);
+                    }
+                }
+                Err(async_channel::TrySendError::Closed(_)) => {
+                    self.bell.ring();
+                    return Err(StorageError::ShuttingDown);
+                }
+            }
+        }
+        self.bell.ring();
+        Ok(())
+    }
+
     pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {
         let sent = self.tx.send_blocking(cmd);
         self.bell.ring();
@@ -1769,7 +1795,10 @@ impl Engine {
             p.hw = p.hw.max(p.syncing_to.next_offset);
             p.publish();
             acked += p.syncing.len();
-            for a in p.syncing.drain(..) {
+            // Newest first: a caller waiting on the oldest append (callers
+            // wait in order) wakes once, with the whole group done, and can
+            // hand over as many new appends together.
+            for a in p.syncing.drain(..).rev() {
                 let _ = a.reply.try_send(Ok(a.ack));
             }
         }

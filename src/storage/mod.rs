@@ -832,6 +832,17 @@ impl Storage {
         id: &PartitionId,
         checked: CheckedBatch,
     ) -> Result<AppendTicket, StorageError> {
+        let (cmd, ticket) = self.append_cmd(id, checked)?;
+        self.inner.tx.send(cmd).await?;
+        Ok(ticket)
+    }
+
+    /// The command that appends a checked batch, and its ticket.
+    fn append_cmd(
+        &self,
+        id: &PartitionId,
+        checked: CheckedBatch,
+    ) -> Result<(engine::Cmd, AppendTicket), StorageError> {
         let CheckedBatch { batch, checked } = checked;
         if batch.len() > self.inner.max_batch_bytes {
             return Err(StorageError::BatchTooLarge {
@@ -840,18 +851,39 @@ impl Storage {
             });
         }
         let (tx, rx) = async_channel::bounded(1);
-        self.inner
-            .tx
-            .send(engine::Cmd::Append {
-                id: id.clone(),
-                batch,
-                checked,
-                reply: tx,
-            })
-            .await?;
-        Ok(AppendTicket {
-            fut: Box::pin(reply(rx)),
-        })
+        let cmd = engine::Cmd::Append {
+            id: id.clone(),
+            batch,
+            checked,
+            reply: tx,
+        };
+        Ok((
+            cmd,
+            AppendTicket {
+                fut: Box::pin(reply(rx)),
+            },
+        ))
+    }
+
+    /// Submits several batches of one partition together: every batch is
+    /// checked first (nothing is handed over if one fails), then all are
+    /// queued at once, so the storage thread can write them in one group
+    /// with one fdatasync rather than start on the first alone. Applied in
+    /// order; one ticket per batch.
+    pub async fn submit_all(
+        &self,
+        id: &PartitionId,
+        batches: Vec<Vec<u8>>,
+    ) -> Result<Vec<AppendTicket>, StorageError> {
+        let mut cmds = Vec::with_capacity(batches.len());
+        let mut tickets = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let (cmd, ticket) = self.append_cmd(id, CheckedBatch::check(batch)?)?;
+            cmds.push(cmd);
+            tickets.push(ticket);
+        }
+        self.inner.tx.send_all(cmds).await?;
+        Ok(tickets)
     }
 
     /// Convenience: submit then await the ticket.

@@ -341,17 +341,22 @@ fn offset_for_timestamp_finds_first_at_or_after() {
     }
 }
 
+/// A batch whose CRC does not match: its last byte flipped.
+fn corrupt_batch() -> Vec<u8> {
+    let mut b = make_batch(1, 10, 1, 1);
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    b
+}
+
 #[test]
 fn invalid_and_oversized_batches_are_refused() {
     for (name, rig) in rigs() {
         let id = pid("bad", 0);
         let s = rig.open();
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-        let mut b = make_batch(1, 10, 1, 1);
-        let last = b.len() - 1;
-        b[last] ^= 1;
         assert!(matches!(
-            block_on(s.append(&id, b)),
+            block_on(s.append(&id, corrupt_batch())),
             Err(StorageError::InvalidBatch(_))
         ));
         assert!(matches!(
@@ -399,6 +404,53 @@ fn group_commit_shares_fsyncs() {
             "{name}: {} fsyncs for 50 queued appends",
             d.fsyncs - before.fsyncs
         );
+        s.shutdown().unwrap();
+    }
+}
+
+/// `submit_all` checks every batch before handing any over, and hands them
+/// over with one wake-up, so a storage thread that was asleep writes them
+/// as one group with one fdatasync.
+#[test]
+fn submit_all_is_all_or_nothing_and_one_group() {
+    for (name, rig) in rigs() {
+        let id = pid("all", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let good = || make_batch(1, 10, 1, 1);
+        let refused = block_on(s.submit_all(&id, vec![good(), corrupt_batch(), good()]));
+        assert!(
+            matches!(refused, Err(StorageError::InvalidBatch(_))),
+            "{name}"
+        );
+        let refused = block_on(s.submit_all(&id, vec![good(), make_batch(1, 40 * 1024, 1, 1)]));
+        assert!(
+            matches!(refused, Err(StorageError::BatchTooLarge { .. })),
+            "{name}"
+        );
+        assert_eq!(
+            s.offsets(&id).unwrap().high_watermark,
+            0,
+            "{name}: nothing handed over"
+        );
+
+        // Let the thread go to sleep, as between a group's acks and the
+        // producer's answer to them.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let before = s.stats();
+        let batches: Vec<Vec<u8>> = (0..5u64).map(|i| make_batch(2, 100, i, 0)).collect();
+        let acks: Vec<AppendAck> = block_on(async {
+            let tickets = s.submit_all(&id, batches).await.unwrap();
+            let mut acks = Vec::new();
+            for t in tickets {
+                acks.push(t.await.unwrap());
+            }
+            acks
+        });
+        let bases: Vec<u64> = acks.iter().map(|a| a.base_offset).collect();
+        assert_eq!(bases, vec![0, 2, 4, 6, 8], "{name}: in order");
+        let d = s.stats();
+        assert_eq!(d.fsyncs - before.fsyncs, 1, "{name}: one group");
         s.shutdown().unwrap();
     }
 }
