@@ -220,3 +220,57 @@ fn metrics_count_what_was_produced_and_fetched() {
         "three CLI connections counted"
     );
 }
+
+/// The batches of one produce request reach the storage thread together
+/// and share one sync group (one fdatasync), across partitions too: the
+/// thread is woken once, after the last of them is queued.
+#[test]
+fn a_produce_requests_batches_share_one_flush() {
+    use skiff::batch::{BatchBuilder, ProducerStamp};
+    use skiff::protocol::ProducePartition;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // Without the background zeroing of new segments, which keeps the
+    // storage thread awake (draining its queue between chunks) for a while
+    // after a topic is created.
+    let b = Broker::start(&format!(
+        "[storage]\nprewrite_segments = false\n[metrics]\nlisten = {addr:?}\n"
+    ));
+    assert_ok(&b.cli(&["topics", "create", "g", "--partitions", "2"]));
+    let c = skiff::client::blocking::Client::connect(&b.tcp).expect("client");
+    let batch = |tag: u32| {
+        let mut bb = BatchBuilder::new();
+        for i in 0..100u32 {
+            bb.push(
+                1,
+                None,
+                format!("{tag}-{i}-{}", "x".repeat(900)).as_bytes(),
+                &[],
+            );
+        }
+        bb.finish(ProducerStamp::NONE)
+    };
+    let groups = || {
+        let (_, text) = http_get(&addr, "/metrics");
+        sample(&text, "skiff_storage_fsync_duration_seconds_count", "").expect("fsync count")
+    };
+    for round in 0..3u32 {
+        // The storage thread goes to sleep, as between a producer's windows.
+        std::thread::sleep(Duration::from_millis(100));
+        let before = groups();
+        let entries = (0..4u32)
+            .map(|i| ProducePartition {
+                topic: "g".into(),
+                partition: i % 2,
+                batch: batch(round * 4 + i).into(),
+            })
+            .collect();
+        let results = c.produce_raw(entries).expect("produce");
+        assert!(results.iter().all(|r| r.offsets().is_ok()), "{results:?}");
+        assert_eq!(
+            groups() - before,
+            1.0,
+            "round {round}: one group for the request"
+        );
+    }
+}

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::BatchHeader;
 use crate::storage::{
     meta, AppendAck, AppendTicket, Offsets, PartitionConfig, PartitionId, Storage, StorageError,
+    Wake,
 };
 
 pub use crate::storage::TOPIC_NAME_BYTES_MAX;
@@ -603,11 +604,15 @@ impl Broker {
     /// answered from the table and not written again. On a topic with a
     /// message-id window, records whose id is in the window are dropped
     /// (see [`msgid`]).
+    /// With [`Wake::Later`] the storage thread is not woken for it: the
+    /// caller calls [`Storage::wake`] once it has submitted a request's
+    /// batches, so they are written as one group.
     pub async fn submit_produce(
         &self,
         topic: &str,
         partition: u32,
         batch: Vec<u8>,
+        wake: Wake,
     ) -> Result<Submitted, BrokerError> {
         let id = self.partition_id(topic, partition)?;
         let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
@@ -618,7 +623,7 @@ impl Broker {
             .expect("windows lock")
             .contains_key(topic);
         if !header.is_idempotent() && !windowed {
-            let ticket = self.storage.submit(&id, batch).await?;
+            let ticket = self.storage.submit_with(&id, batch, wake).await?;
             return Ok(Submitted::Queued {
                 ticket,
                 pending: PendingWrite::default(),
@@ -660,7 +665,7 @@ impl Broker {
                     pending.remembered = Some((topic.to_owned(), remembered.0));
                     pending.dropped = remembered.1;
                     // Maybe re-encoded: checked again.
-                    self.storage.submit(&id, batch).await
+                    self.storage.submit_with(&id, batch, wake).await
                 }
                 Windowed::AllDuplicates => {
                     // Nothing to write. The answer names the last offset
@@ -677,7 +682,7 @@ impl Broker {
                 }
             }
         } else {
-            self.storage.submit_checked(&id, checked).await
+            self.storage.submit_checked_with(&id, checked, wake).await
         };
         match submitted {
             Ok(ticket) => Ok(Submitted::Queued { ticket, pending }),

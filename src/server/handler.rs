@@ -13,7 +13,7 @@ use crate::protocol::{
     OffsetSpec, PartitionMetadata, ProducePartitionResult, ResponseBody, TopicConfig,
     TopicMetadata,
 };
-use crate::storage::{AppendAck, AppendTicket, Durability, OverflowPolicy, StorageError};
+use crate::storage::{AppendAck, AppendTicket, Durability, OverflowPolicy, StorageError, Wake};
 use std::sync::Arc;
 
 use super::Ctx;
@@ -267,7 +267,7 @@ pub(crate) async fn produce_submit(
         }
         match ctx
             .broker
-            .submit_produce(&p.topic, p.partition, batch)
+            .submit_produce(&p.topic, p.partition, batch, Wake::Later)
             .await
         {
             Ok(Submitted::Queued {
@@ -306,6 +306,9 @@ pub(crate) async fn produce_submit(
             ))),
         }
     }
+    // Once, after the last: the storage thread finds the request's batches
+    // together and writes them as one group.
+    ctx.broker.storage().wake();
     pending
 }
 

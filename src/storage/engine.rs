@@ -1016,29 +1016,39 @@ impl CmdTx {
     }
 
     /// Queues `cmds` in order and rings once, after the last: a thread
-    /// asleep wakes to all of them and can write them as one group. It
-    /// still rings before waiting for room, so a full queue is drained.
+    /// asleep wakes to all of them and can write them as one group.
     pub(crate) async fn send_all(
         &self,
         cmds: impl IntoIterator<Item = Cmd>,
     ) -> Result<(), StorageError> {
         for cmd in cmds {
-            match self.tx.try_send(cmd) {
-                Ok(()) => {}
-                Err(async_channel::TrySendError::Full(cmd)) => {
-                    self.bell.ring();
-                    if self.tx.send(cmd).await.is_err() {
-                        return Err(StorageError::ShuttingDown);
-                    }
-                }
-                Err(async_channel::TrySendError::Closed(_)) => {
-                    self.bell.ring();
-                    return Err(StorageError::ShuttingDown);
-                }
-            }
+            self.send_quiet(cmd).await?;
         }
         self.bell.ring();
         Ok(())
+    }
+
+    /// Queues `cmd` without ringing, unless the queue is full: then it
+    /// rings before waiting for room, so the thread drains it.
+    pub(crate) async fn send_quiet(&self, cmd: Cmd) -> Result<(), StorageError> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Full(cmd)) => {
+                self.bell.ring();
+                self.tx
+                    .send(cmd)
+                    .await
+                    .map_err(|_| StorageError::ShuttingDown)
+            }
+            Err(async_channel::TrySendError::Closed(_)) => {
+                self.bell.ring();
+                Err(StorageError::ShuttingDown)
+            }
+        }
+    }
+
+    pub(crate) fn ring(&self) {
+        self.bell.ring();
     }
 
     pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {

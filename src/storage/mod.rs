@@ -642,6 +642,14 @@ impl From<crate::batch::BatchError> for StorageError {
 
 type Reply<T> = async_channel::Sender<Result<T, StorageError>>;
 
+/// Whether a submit wakes the storage thread at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Now,
+    /// Only if the queue is full; [`Storage::wake`] follows.
+    Later,
+}
+
 /// A producer batch whose framing and CRC were verified (one pass, with
 /// the hardware CRC where the CPU has it), ready for
 /// [`Storage::submit_checked`].
@@ -820,8 +828,18 @@ impl Storage {
         id: &PartitionId,
         batch: Vec<u8>,
     ) -> Result<AppendTicket, StorageError> {
+        self.submit_with(id, batch, Wake::Now).await
+    }
+
+    /// [`Storage::submit`], waking the storage thread as `wake` says.
+    pub async fn submit_with(
+        &self,
+        id: &PartitionId,
+        batch: Vec<u8>,
+        wake: Wake,
+    ) -> Result<AppendTicket, StorageError> {
         let checked = CheckedBatch::check(batch)?;
-        self.submit_checked(id, checked).await
+        self.submit_checked_with(id, checked, wake).await
     }
 
     /// [`Storage::submit`] of a batch checked already, for callers that
@@ -832,9 +850,31 @@ impl Storage {
         id: &PartitionId,
         checked: CheckedBatch,
     ) -> Result<AppendTicket, StorageError> {
+        self.submit_checked_with(id, checked, Wake::Now).await
+    }
+
+    /// [`Storage::submit_checked`], waking the storage thread now or
+    /// leaving that to a later [`Storage::wake`]: a caller handing over
+    /// several batches (a produce request's) wakes it once, after the
+    /// last, so it finds them all and writes them in one group.
+    pub async fn submit_checked_with(
+        &self,
+        id: &PartitionId,
+        checked: CheckedBatch,
+        wake: Wake,
+    ) -> Result<AppendTicket, StorageError> {
         let (cmd, ticket) = self.append_cmd(id, checked)?;
-        self.inner.tx.send(cmd).await?;
+        match wake {
+            Wake::Now => self.inner.tx.send(cmd).await?,
+            Wake::Later => self.inner.tx.send_quiet(cmd).await?,
+        }
         Ok(ticket)
+    }
+
+    /// Wakes the storage thread for batches submitted with
+    /// [`Wake::Later`]. Cheap when it is awake.
+    pub fn wake(&self) {
+        self.inner.tx.ring();
     }
 
     /// The command that appends a checked batch, and its ticket.
