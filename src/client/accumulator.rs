@@ -135,6 +135,8 @@ pub(crate) struct Accumulator {
     buffered_bytes: usize,
     /// Records in the batches sent and not yet answered.
     in_flight_records: usize,
+    /// Records in closed batches waiting to be sent (retries included).
+    ready_records: usize,
     next_seq: u64,
     /// The next producer sequence per partition (idempotent producers).
     /// Kept when a partition's queue empties.
@@ -149,6 +151,7 @@ impl Accumulator {
             sticky: HashMap::new(),
             buffered_bytes: 0,
             in_flight_records: 0,
+            ready_records: 0,
             next_seq: 0,
             sequences: HashMap::new(),
         }
@@ -315,8 +318,14 @@ impl Accumulator {
         }
         open.reserved += size;
         self.buffered_bytes += size;
+        // With a cap on records in flight, a batch also closes where the
+        // waiting records make up a whole cap's worth, so that they go out
+        // together once the records in flight are answered (batches closed
+        // by size alone left a remainder that waited for the next answer:
+        // 1,250 requests per million 1 KiB records instead of 1,000).
+        let cap = self.config.max_in_flight_records;
         let full = open.builder.estimated_bytes() >= target
-            || open.builder.len() as usize >= self.config.max_in_flight_records;
+            || self.ready_records % cap + open.builder.len() as usize >= cap;
         if full {
             self.close_open(&tp);
         }
@@ -348,6 +357,7 @@ impl Accumulator {
                 }
             }
         };
+        self.ready_records += records as usize;
         q.ready.push_back(ReadyBatch {
             tp: tp.clone(),
             seq,
@@ -389,6 +399,7 @@ impl Accumulator {
                         b.sent_behind = q.in_flight.iter().any(|&s| s < b.seq);
                         q.in_flight.push(b.seq);
                         self.in_flight_records += b.records as usize;
+                        self.ready_records -= b.records as usize;
                         out.push(b);
                     }
                     _ => break,
@@ -442,6 +453,7 @@ impl Accumulator {
         batch.attempts += 1;
         batch.retry_at = Some(retry_at);
         self.in_flight_records -= batch.records as usize;
+        self.ready_records += batch.records as usize;
         let q = self.queues.entry(batch.tp.clone()).or_default();
         q.in_flight.retain(|&s| s != batch.seq);
         let at = q.ready.partition_point(|b| b.seq < batch.seq);
@@ -470,6 +482,7 @@ impl Accumulator {
         }
         for b in &out {
             self.buffered_bytes -= b.reserved;
+            self.ready_records -= b.records as usize;
         }
         self.queues
             .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || !q.in_flight.is_empty());
@@ -626,14 +639,19 @@ mod tests {
             .collect()
     }
 
+    /// Up to 5 batches per partition, `records` records in flight.
+    fn capped(records: usize) -> AccumulatorConfig {
+        AccumulatorConfig {
+            max_in_flight: 5,
+            max_in_flight_records: records,
+            ..config()
+        }
+    }
+
     #[test]
     fn records_in_flight_are_capped_over_all_partitions() {
         let t0 = Instant::now();
-        let mut acc = Accumulator::new(AccumulatorConfig {
-            max_in_flight: 5,
-            max_in_flight_records: 3,
-            ..config()
-        });
+        let mut acc = Accumulator::new(capped(3));
         for i in 0..4 {
             push(&mut acc, 0, &[i], t0);
         }
@@ -665,6 +683,33 @@ mod tests {
         let out2 = acc.drain(t0 + 10 * MS);
         assert_eq!(out2.len(), 1, "the retried batch, now it fits");
         assert_eq!(out2[0].tp.partition, 1);
+    }
+
+    #[test]
+    fn batches_close_where_the_waiting_records_fill_the_cap() {
+        let t0 = Instant::now();
+        // About 4 records of 200 B per batch by size; a cap of 10.
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            batch_bytes_target: 1000,
+            ..capped(10)
+        });
+        // Two windows' worth before the sender looks, as a producer that
+        // builds the next window while one is in flight.
+        for _ in 0..20 {
+            push(&mut acc, 0, &[7; 200], t0);
+        }
+        let records = |bs: &[ReadyBatch]| bs.iter().map(|b| b.records).sum::<u32>();
+        let first = acc.drain(t0 + 5 * MS);
+        assert_eq!(
+            records(&first),
+            10,
+            "a whole window, not what whole batches of 4 make"
+        );
+        assert!(acc.drain(t0 + 6 * MS).is_empty());
+        for b in &first {
+            acc.complete(b);
+        }
+        assert_eq!(records(&acc.drain(t0 + 6 * MS)), 10, "and the next");
     }
 
     #[test]
