@@ -45,7 +45,8 @@ pub struct ProducerConfig {
     pub max_in_flight: usize,
     /// Records sent and not yet answered, over all partitions (`None`: no
     /// limit but `max_in_flight`). Records beyond it wait in the buffer,
-    /// in batches of at most this many, and go out as answers come back.
+    /// in batches that close where the waiting records make up a whole
+    /// cap's worth, and go out as answers come back.
     pub max_in_flight_records: Option<usize>,
     /// How long a record may wait for its acknowledgement, retries
     /// included, before it fails with [`ClientError::Timeout`].
