@@ -5,9 +5,9 @@
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
 //! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_ONLY=1024x256 or
 //! 100x16@1000,... for only those append rows and nothing after them;
-//! SKIFF_BENCH_BACKEND=pwrite to leave io_uring out; SKIFF_BENCH_AB=1 for the interleaved A/B of io_uring
-//! and pwrite, each with and without `pipelined_fsync`, and of pipelined
-//! io_uring without the sync hold). Each figure is the median of three runs,
+//! SKIFF_BENCH_BACKEND=pwrite to leave io_uring out; SKIFF_BENCH_AB=1 for
+//! the interleaved A/B of io_uring and pwrite, each with and without
+//! `pipelined_fsync`, and of pipelined io_uring without the sync hold). Each figure is the median of three runs,
 //! min and max kept (see /work/shared/BENCHMARKING.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
