@@ -421,7 +421,7 @@ fn exit_codes_and_error_messages() {
 
 /// `skiff bench produce|consume` print one JSON line each with the figures
 /// BENCHMARKING.md asks for; `--compare-idempotence` prints both modes'
-/// rates from one run.
+/// rates from one run; `--rate` runs the open loop.
 #[test]
 fn bench_commands_print_one_json_line() {
     let b = Broker::start("");
@@ -472,6 +472,46 @@ fn bench_commands_print_one_json_line() {
 
     let out = b.cli(&["bench", "produce", "--compare-idempotence", "0"]);
     assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+
+    // The open loop sends each record when it is due, so the last of 1,000
+    // at 4,000/s cannot go before 0.25 s.
+    let out = b.cli(&["bench", "produce", "--messages", "1000", "--rate", "4000"]);
+    assert_ok(&out);
+    let o = &json_lines(&out)[0];
+    assert_eq!(o["workload"], "produce_open_loop");
+    assert_eq!(o["rate"], 4000);
+    assert!(o["elapsed_s"].as_f64().unwrap() >= 0.24975, "{o}");
+    assert!(o["ack_latency_us"]["p50"].as_u64().unwrap() > 0, "{o}");
+    let out = b.cli(&["bench", "consume"]);
+    assert_eq!(json_lines(&out)[0]["messages"], 1000);
+    for bad in [
+        &["--rate", "0"][..],
+        &["--rate", "100", "--compare-idempotence", "2"],
+    ] {
+        let out = b.cli(&[&["bench", "produce"][..], bad].concat());
+        assert_eq!(out.status.code(), Some(2), "usage error {bad:?}: {out:?}");
+    }
+}
+
+/// `skiff bench loopback` sends what it was asked over one loopback TCP
+/// connection and prints one JSON line; less than one write is a usage
+/// error.
+#[test]
+fn bench_loopback_prints_the_loopback_bandwidth() {
+    let out = skiff_command()
+        .args(["bench", "loopback", "--bytes", "8388608"])
+        .output()
+        .expect("running skiff");
+    assert_ok(&out);
+    let l = &json_lines(&out)[0];
+    assert_eq!(l["workload"], "loopback");
+    assert_eq!(l["bytes"], 8 << 20);
+    assert!(l["mb_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    let out = skiff_command()
+        .args(["bench", "loopback", "--bytes", "4096"])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 2, &["--bytes"]);
 }
 
 /// `skiff bench disk` measures the raw write bandwidth where it is

@@ -131,6 +131,16 @@ pub enum BenchCommand {
     /// Raw sequential O_DIRECT write bandwidth of the disk holding DIR
     /// (1 MiB writes, 4 in flight): the yardstick for produce figures.
     Disk(BenchDiskArgs),
+    /// Raw loopback TCP bandwidth (1 MiB writes and reads, one
+    /// connection): the yardstick for replay figures.
+    Loopback(BenchLoopbackArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchLoopbackArgs {
+    /// Bytes to send (rounded down to whole MiB, at least 1 MiB).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub bytes: u64,
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +181,13 @@ pub struct BenchProduceArgs {
     /// the producer. 0: the bench waits for an ack before each send.
     #[arg(long)]
     pub queued: Option<u32>,
+    /// Open loop: send at this many records/s in all (split evenly over the
+    /// producers), each record when it is due, and count its latency from
+    /// when it was due, so stalls are not hidden (BENCHMARKING.md's open
+    /// loop; try half of the closed loop's rate). --in-flight and --queued
+    /// still bound what is outstanding: a record held back by them is late.
+    #[arg(long, value_name = "RECORDS_PER_S")]
+    pub rate: Option<u64>,
     /// Idempotent producers (producer id, epoch, sequences checked by the
     /// broker), as the client library's default.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

@@ -15,7 +15,7 @@ use crate::client::{
 };
 use crate::protocol::{CreateTopicRequest, ErrorCode};
 
-use super::args::{BenchConsumeArgs, BenchDiskArgs, BenchProduceArgs};
+use super::args::{BenchConsumeArgs, BenchDiskArgs, BenchLoopbackArgs, BenchProduceArgs};
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 
 /// Latencies are recorded in microseconds, up to a minute, 3 significant
@@ -132,30 +132,52 @@ struct Window {
     queued: usize,
 }
 
+/// The open loop's timetable: record `i` is due at `start + i / rate`.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    per_second: u64,
+}
+
+impl Schedule {
+    fn due(&self, i: u64) -> Instant {
+        let ns = u128::from(i) * 1_000_000_000 / u128::from(self.per_second);
+        self.start + Duration::from_nanos(ns as u64)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn produce_one(
     addr: String,
     topic: Arc<str>,
     messages: u64,
     size: usize,
     window: Window,
+    schedule: Option<Schedule>,
     idempotent: bool,
     done: Arc<AtomicU64>,
 ) -> Result<Histogram<u64>, ClientError> {
     let producer = bench_producer(&addr, idempotent, window.in_flight).await?;
     let unacked = window.in_flight + window.queued;
-    produce_with(&producer, &topic, messages, size, unacked, &done).await
+    produce_with(&producer, &topic, messages, size, unacked, schedule, &done).await
 }
 
 /// Workload P's loop on one producer: `messages` records, at most
 /// `unacked` given to the producer and not acknowledged (the producer
 /// itself keeps at most `--in-flight` of them on the wire); the
 /// send-to-ack latency histogram.
+///
+/// With a `schedule` it is the open loop: no record is sent before it is
+/// due, and its latency counts from when it was due, so a stall that holds
+/// sends back (a full window, a late timer, a slow broker) is in the
+/// histogram rather than hidden by sending later (coordinated omission).
 async fn produce_with(
     producer: &Producer,
     topic: &str,
     messages: u64,
     size: usize,
     unacked: usize,
+    schedule: Option<Schedule>,
     done: &AtomicU64,
 ) -> Result<Histogram<u64>, ClientError> {
     let value = vec![b'x'; size];
@@ -170,7 +192,9 @@ async fn produce_with(
     const CLOCK_EVERY: u32 = 64;
     let mut sent_at = Instant::now();
     let mut since_clock = 0u32;
-    for _ in 0..messages {
+    // The open loop's last clock reading: records due by then go at once.
+    let mut now = Instant::now();
+    for i in 0..messages {
         if pending.len() >= unacked {
             let (sent, mut d): (Instant, crate::client::Delivery) =
                 pending.pop_front().expect("non-empty");
@@ -186,10 +210,20 @@ async fn produce_with(
             hist.record(sent, meta.acked_at);
             done.fetch_add(1, Ordering::Relaxed);
         }
-        since_clock += 1;
-        if since_clock >= CLOCK_EVERY {
-            sent_at = Instant::now();
-            since_clock = 0;
+        if let Some(schedule) = schedule {
+            sent_at = schedule.due(i);
+            if sent_at > now {
+                now = Instant::now();
+                if sent_at > now {
+                    now = smol::Timer::at(sent_at).await;
+                }
+            }
+        } else {
+            since_clock += 1;
+            if since_clock >= CLOCK_EVERY {
+                sent_at = Instant::now();
+                since_clock = 0;
+            }
         }
         let d = producer.send_wait(topic, None, &value, &[]).await?;
         pending.push_back((sent_at, d));
@@ -211,7 +245,19 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         );
     }
     if let Some(rounds) = a.compare_idempotence {
+        if a.rate.is_some() {
+            return fail(
+                EXIT_USAGE,
+                "--rate and --compare-idempotence cannot be used together",
+            );
+        }
         return compare_idempotence(&a, rounds);
+    }
+    if a.rate.is_some_and(|r| r < u64::from(a.producers)) {
+        return fail(
+            EXIT_USAGE,
+            "--rate must be at least 1 record/s per producer",
+        );
     }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
@@ -219,6 +265,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         let client = Client::connect(&a.broker.broker).await?;
         fresh_topic(&client, &a.topic, &a.fsync).await?;
         let start = Instant::now();
+        let schedule = a.rate.map(|rate| Schedule {
+            start,
+            per_second: rate / u64::from(a.producers),
+        });
         let progress_thread = {
             let (done, stop, total) = (done.clone(), stop.clone(), a.messages);
             std::thread::spawn(move || progress(&done, total, start, &stop))
@@ -243,6 +293,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                         in_flight: a.in_flight as usize,
                         queued: a.queued() as usize,
                     },
+                    schedule,
                     a.idempotent,
                     done.clone(),
                 ))
@@ -271,8 +322,8 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
     let secs = elapsed.as_secs_f64();
-    let line = serde_json::json!({
-        "workload": "produce",
+    let mut line = serde_json::json!({
+        "workload": if a.rate.is_some() { "produce_open_loop" } else { "produce" },
         "messages": a.messages,
         "size_bytes": a.size,
         "producers": a.producers,
@@ -290,6 +341,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             "max": hist.max(),
         },
     });
+    if let Some(rate) = a.rate {
+        // The latencies above count from each record's due time.
+        line["rate"] = rate.into();
+    }
     println!("{line}");
     ExitCode::SUCCESS
 }
@@ -325,6 +380,7 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
                 slice,
                 a.size,
                 in_flight + a.queued() as usize,
+                None,
                 &done,
             )
             .await?;
@@ -451,9 +507,85 @@ pub fn disk(a: BenchDiskArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `skiff bench loopback`: what one TCP connection over 127.0.0.1 carries,
+/// the limit BENCHMARKING.md puts beside replay figures. A thread writes
+/// 1 MiB chunks, this one reads them into a 1 MiB buffer, as a consumer
+/// reads fetch answers.
+pub fn loopback(a: BenchLoopbackArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    const CHUNK: usize = 1 << 20;
+    let chunks = a.bytes / CHUNK as u64;
+    if chunks == 0 {
+        return fail(EXIT_USAGE, "--bytes must be at least 1048576 (one write)");
+    }
+    let measure = || -> std::io::Result<(u64, Duration)> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            let chunk = vec![0x5a; CHUNK];
+            for _ in 0..chunks {
+                s.write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0; CHUNK];
+        let start = Instant::now();
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf)? {
+                0 => break,
+                n => got += n as u64,
+            }
+        }
+        let elapsed = start.elapsed();
+        writer.join().expect("loopback writer thread")?;
+        if got != chunks * CHUNK as u64 {
+            return Err(std::io::Error::other(format!(
+                "received {got} of {} bytes",
+                chunks * CHUNK as u64
+            )));
+        }
+        Ok((got, elapsed))
+    };
+    let (bytes, elapsed) = match measure() {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench loopback: {e}")),
+    };
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let line = serde_json::json!({
+        "workload": "loopback",
+        "bytes": bytes,
+        "write_bytes": CHUNK,
+        "elapsed_s": secs,
+        "mb_per_s": bytes as f64 / secs / 1e6,
+    });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_loop_schedule_spaces_records_evenly() {
+        let start = Instant::now();
+        let s = Schedule {
+            start,
+            per_second: 3,
+        };
+        assert_eq!(s.due(0), start);
+        assert_eq!(s.due(1), start + Duration::from_nanos(333_333_333));
+        assert_eq!(s.due(3), start + Duration::from_secs(1));
+        // No overflow at a billion records at a billion a second.
+        let fast = Schedule {
+            start,
+            per_second: 1_000_000_000,
+        };
+        assert_eq!(fast.due(1_000_000_000), start + Duration::from_secs(1));
+    }
 
     #[test]
     fn latency_runs_record_what_per_record_recording_would() {

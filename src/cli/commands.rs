@@ -345,5 +345,6 @@ pub fn bench(command: BenchCommand) -> ExitCode {
         BenchCommand::Produce(a) => super::bench::produce(a),
         BenchCommand::Consume(a) => super::bench::consume(a),
         BenchCommand::Disk(a) => super::bench::disk(a),
+        BenchCommand::Loopback(a) => super::bench::loopback(a),
     }
 }
