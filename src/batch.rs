@@ -393,6 +393,22 @@ pub fn count_records(mut bytes: &[u8]) -> u64 {
     n
 }
 
+/// The offset after the last whole batch in a buffer of concatenated
+/// batches, from their headers alone (no CRC pass); `None` when none is
+/// whole. Lets a consumer ask for what follows before it decodes these.
+pub fn end_offset(mut bytes: &[u8]) -> Option<u64> {
+    let mut end = None;
+    while let Ok(h) = parse_header(bytes) {
+        let len = h.total_len as usize;
+        if len > bytes.len() {
+            break;
+        }
+        end = end.max(Some(h.next_offset()));
+        bytes = &bytes[len..];
+    }
+    end
+}
+
 /// Producer identity stamped into a batch header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducerStamp {

@@ -2,6 +2,8 @@
 //! fetches, keeping one position per partition.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,9 @@ use super::accumulator::backoff;
 use super::client::{check, Client};
 use super::error::ClientError;
 use crate::batch::BatchIter;
-use crate::protocol::{ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, OffsetSpec};
+use crate::protocol::{
+    ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, FetchResponse, OffsetSpec,
+};
 
 /// Where a newly assigned partition starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +127,18 @@ pub struct Consumer {
     config: ConsumerConfig,
     /// The next offset to read, per assigned partition.
     positions: BTreeMap<(Arc<str>, u32), u64>,
+    /// The next fetch, sent before the last answer was decoded and handed
+    /// over (as Kafka's fetcher does), so the broker reads and sends it
+    /// while the caller works. Used only if it asks for the positions the
+    /// next `poll` would ask for.
+    prefetch: Option<Prefetch>,
+}
+
+type FetchFuture = Pin<Box<dyn Future<Output = Result<FetchResponse, ClientError>> + Send>>;
+
+struct Prefetch {
+    request: FetchRequest,
+    answer: FetchFuture,
 }
 
 impl Consumer {
@@ -131,6 +147,7 @@ impl Consumer {
             client,
             config,
             positions: BTreeMap::new(),
+            prefetch: None,
         }
     }
 
@@ -222,29 +239,82 @@ impl Consumer {
     /// One fetch over every assigned partition: the records after each
     /// position, possibly none once `max_wait` passed. Lost connections and
     /// retriable errors are retried with backoff for `retry_timeout`.
+    ///
+    /// When an answer leaves a partition behind its high watermark, the
+    /// fetch for what follows is sent before this one's records are decoded
+    /// (the broker then answers it at once, since data is waiting); the next
+    /// `poll` takes its answer, unless the positions were moved meanwhile.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         if self.positions.is_empty() {
+            self.prefetch = None;
             return Ok(Vec::new());
         }
-        let request = FetchRequest {
-            partitions: self
-                .positions
-                .iter()
-                .map(|((topic, partition), offset)| FetchPartition {
+        let request = self.request();
+        let mut response = None;
+        if let Some(p) = self.prefetch.take().filter(|p| p.request == request) {
+            match p.answer.await {
+                Ok(r) => response = Some(r),
+                // Asked again below, with backoff.
+                Err(e) if e.is_retriable() => log::debug!("prefetch failed ({e}); asking again"),
+                Err(e) => return Err(e),
+            }
+        }
+        let response = match response {
+            Some(r) => r,
+            None => self.fetch_retrying(&request).await?,
+        };
+        for (asked, result) in request.partitions.iter().zip(&response.partitions) {
+            if result.topic != asked.topic || result.partition != asked.partition {
+                return Err(ClientError::UnexpectedResponse {
+                    expected: "fetch results in request order",
+                    got: "a result for another partition",
+                });
+            }
+        }
+        self.prefetch_after(&request, &response).await;
+        // Positions move only when every partition's result is good, so an
+        // error never drops records whose position already advanced.
+        let mut out = Vec::new();
+        let mut moves = Vec::with_capacity(request.partitions.len());
+        for (asked, result) in request.partitions.iter().zip(response.partitions) {
+            let key = (Arc::<str>::from(asked.topic.as_str()), asked.partition);
+            let Some(((topic, _), _)) = self.positions.get_key_value(&key) else {
+                continue;
+            };
+            let topic = topic.clone();
+            let next = self.settle(&topic, asked.offset, result, &mut out)?;
+            moves.push((key, next));
+        }
+        self.positions.extend(moves);
+        Ok(out)
+    }
+
+    /// The fetch for every assigned partition from its position.
+    fn request(&self) -> FetchRequest {
+        self.request_from(self.positions.iter().map(|((t, p), o)| (&**t, *p, *o)))
+    }
+
+    fn request_from<'a>(&self, at: impl Iterator<Item = (&'a str, u32, u64)>) -> FetchRequest {
+        FetchRequest {
+            partitions: at
+                .map(|(topic, partition, offset)| FetchPartition {
                     topic: topic.to_string(),
-                    partition: *partition,
-                    offset: *offset,
+                    partition,
+                    offset,
                     max_bytes: self.config.partition_max_bytes,
                 })
                 .collect(),
             max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
             min_bytes: self.config.min_bytes,
-        };
+        }
+    }
+
+    async fn fetch_retrying(&self, request: &FetchRequest) -> Result<FetchResponse, ClientError> {
         let started = Instant::now();
         let mut attempts = 0;
-        let response = loop {
+        loop {
             match self.client.fetch(request.clone()).await {
-                Ok(r) => break r,
+                Ok(r) => return Ok(r),
                 Err(e) if e.is_retriable() && started.elapsed() < self.config.retry_timeout => {
                     attempts += 1;
                     log::debug!("fetch failed ({e}); retrying");
@@ -257,28 +327,37 @@ impl Consumer {
                 }
                 Err(e) => return Err(e),
             }
-        };
-        // Positions move only when every partition's result is good, so an
-        // error never drops records whose position already advanced.
-        let mut out = Vec::new();
-        let mut moves = Vec::with_capacity(request.partitions.len());
-        for (asked, result) in request.partitions.iter().zip(response.partitions) {
-            if result.topic != asked.topic || result.partition != asked.partition {
-                return Err(ClientError::UnexpectedResponse {
-                    expected: "fetch results in request order",
-                    got: "a result for another partition",
-                });
-            }
-            let key = (Arc::<str>::from(asked.topic.as_str()), asked.partition);
-            let Some(((topic, _), _)) = self.positions.get_key_value(&key) else {
-                continue;
-            };
-            let topic = topic.clone();
-            let next = self.settle(&topic, asked.offset, result, &mut out)?;
-            moves.push((key, next));
         }
-        self.positions.extend(moves);
-        Ok(out)
+    }
+
+    /// Sends the fetch that follows `response` if some partition has more
+    /// waiting, with the positions its batch headers say come next. Only
+    /// when every result is good: an error or a reset is settled first.
+    async fn prefetch_after(&mut self, request: &FetchRequest, response: &FetchResponse) {
+        let mut more = false;
+        let mut next = Vec::with_capacity(request.partitions.len());
+        for (asked, result) in request.partitions.iter().zip(&response.partitions) {
+            if result.error != ErrorCode::None {
+                return;
+            }
+            let at = crate::batch::end_offset(&result.records)
+                .map_or(asked.offset, |end| end.max(asked.offset));
+            more |= at < result.high_watermark;
+            next.push((asked.topic.as_str(), asked.partition, at));
+        }
+        if !more {
+            return;
+        }
+        let request = self.request_from(next.into_iter());
+        let client = self.client.clone();
+        let sent = request.clone();
+        let mut answer: FetchFuture = Box::pin(async move { client.fetch(sent).await });
+        // Polled once, so the request is on its way before the caller
+        // decodes this answer.
+        if let Some(r) = futures_lite::future::poll_once(&mut answer).await {
+            answer = Box::pin(async move { r });
+        }
+        self.prefetch = Some(Prefetch { request, answer });
     }
 
     /// Turns one partition's result into records; returns the new position.
@@ -359,6 +438,113 @@ mod tests {
             b.push(1000 + i as i64, Some(b"k"), v, &[("h", b"1")]);
         }
         b.finish_with(ProducerStamp::NONE, base)
+    }
+
+    /// A one-connection peer that answers hello, and every fetch of `t`/0
+    /// with one batch of 10 records from the offset asked (each record's
+    /// value is its offset), under a high watermark of 100. Reports each
+    /// fetch's offset as it arrives.
+    fn fetch_peer() -> (String, std::sync::mpsc::Receiver<u64>) {
+        use crate::protocol::{
+            decode_request, encode_response, frame_len, FetchResponse, HelloResponse, RequestBody,
+            Response, ResponseBody, PROTOCOL_VERSION_MAX,
+        };
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+            loop {
+                while let Some(n) = frame_len(&buf, u32::MAX).unwrap() {
+                    let request = decode_request(&buf[4..n]).unwrap();
+                    buf.drain(..n);
+                    let body = match request.body {
+                        RequestBody::Hello(_) => ResponseBody::Hello(HelloResponse {
+                            version: PROTOCOL_VERSION_MAX,
+                            server_version: "fetch peer".into(),
+                            max_frame_bytes: 8 << 20,
+                            max_batch_bytes: 1 << 20,
+                        }),
+                        RequestBody::Fetch(f) => {
+                            let at = f.partitions[0].offset;
+                            let _ = tx.send(at);
+                            let values: Vec<Vec<u8>> =
+                                (at..(at + 10).min(100)).map(|o| o.to_string().into()).collect();
+                            let values: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
+                            ResponseBody::Fetch(FetchResponse {
+                                partitions: vec![FetchPartitionResult {
+                                    topic: "t".into(),
+                                    partition: 0,
+                                    error: ErrorCode::None,
+                                    high_watermark: 100,
+                                    earliest_offset: 0,
+                                    records: batch_at(at, &values).into(),
+                                }],
+                            })
+                        }
+                        other => panic!("unexpected {}", other.name()),
+                    };
+                    let mut out = Vec::new();
+                    let response = Response {
+                        correlation_id: request.correlation_id,
+                        body,
+                    };
+                    encode_response(&response, &mut out).unwrap();
+                    s.write_all(&out).unwrap();
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn the_next_fetch_is_sent_before_poll_returns_and_dropped_after_a_seek() {
+        let (addr, fetches) = fetch_peer();
+        let wait = Duration::from_secs(10);
+        smol::block_on(async {
+            let mut c = Consumer::connect(&addr, ConsumerConfig::default())
+                .await
+                .unwrap();
+            c.assign("t", Some(&[0]), StartFrom::Offset(0)).await.unwrap();
+            let values = |rs: Vec<ConsumerRecord>| -> Vec<String> {
+                rs.into_iter()
+                    .map(|r| String::from_utf8(r.value).unwrap())
+                    .collect()
+            };
+            let got = values(c.poll().await.unwrap());
+            assert_eq!(got.first().map(String::as_str), Some("0"));
+            assert_eq!(got.len(), 10);
+            assert_eq!(fetches.recv_timeout(wait), Ok(0));
+            assert_eq!(
+                fetches.recv_timeout(wait),
+                Ok(10),
+                "the fetch after it is out while the caller holds the records"
+            );
+            // A seek makes the prefetched answer useless: it is dropped.
+            assert!(c.seek("t", 0, 50));
+            let got = values(c.poll().await.unwrap());
+            assert_eq!(got[0], "50");
+            assert_eq!(fetches.recv_timeout(wait), Ok(50));
+            assert_eq!(fetches.recv_timeout(wait), Ok(60));
+            // The prefetched answer serves the next poll: no fetch at 60 again.
+            let got = values(c.poll().await.unwrap());
+            assert_eq!(got[0], "60");
+            assert_eq!(fetches.recv_timeout(wait), Ok(70));
+            // At the high watermark nothing is fetched ahead: that fetch
+            // would wait out max_wait on the server.
+            assert!(c.seek("t", 0, 90));
+            let got = values(c.poll().await.unwrap());
+            assert_eq!((got[0].as_str(), got.len()), ("90", 10));
+            assert_eq!(fetches.recv_timeout(wait), Ok(90));
+            assert!(fetches.recv_timeout(Duration::from_millis(300)).is_err());
+            assert_eq!(c.position("t", 0), Some(100));
+        });
     }
 
     #[test]
