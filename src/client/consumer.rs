@@ -470,8 +470,9 @@ mod tests {
                         RequestBody::Fetch(f) => {
                             let at = f.partitions[0].offset;
                             let _ = tx.send(at);
-                            let values: Vec<Vec<u8>> =
-                                (at..(at + 10).min(100)).map(|o| o.to_string().into()).collect();
+                            let values: Vec<Vec<u8>> = (at..(at + 10).min(100))
+                                .map(|o| o.to_string().into())
+                                .collect();
                             let values: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
                             ResponseBody::Fetch(FetchResponse {
                                 partitions: vec![FetchPartitionResult {
@@ -511,7 +512,9 @@ mod tests {
             let mut c = Consumer::connect(&addr, ConsumerConfig::default())
                 .await
                 .unwrap();
-            c.assign("t", Some(&[0]), StartFrom::Offset(0)).await.unwrap();
+            c.assign("t", Some(&[0]), StartFrom::Offset(0))
+                .await
+                .unwrap();
             let values = |rs: Vec<ConsumerRecord>| -> Vec<String> {
                 rs.into_iter()
                     .map(|r| String::from_utf8(r.value).unwrap())

@@ -1919,10 +1919,19 @@ impl Engine {
             let mut win = Window::with_hint(hint);
             let mut retried = false;
             while pos < p.segs[slot].end_pos {
-                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw);
+                // A batch that would not fit is not read: the window ends
+                // about max_bytes after the first, so its body would have
+                // cost a whole second window read (here, half of the bytes
+                // a replay read from the device).
+                let fits = |h: &batch::BatchHeader| {
+                    out.is_empty()
+                        || h.next_offset() <= offset
+                        || out.len() + h.total_len as usize <= max_bytes
+                };
+                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw, fits);
                 let (h, bytes) = match found {
-                    Ok(Some(x)) => x,
-                    Ok(None) => return Ok(out),
+                    Ok(Some((h, Some(bytes)))) => (h, bytes),
+                    Ok(Some((_, None))) | Ok(None) => return Ok(out),
                     Err(ReadErr::Io(e)) => return Err(e.into()),
                     Err(ReadErr::Corrupt(_)) if !retried => {
                         retried = true;
@@ -1938,9 +1947,6 @@ impl Engine {
                 retried = false;
                 let len = h.total_len as usize;
                 if h.next_offset() > offset {
-                    if !out.is_empty() && out.len() + len > max_bytes {
-                        return Ok(out);
-                    }
                     if out.is_empty() {
                         out.reserve(max_bytes.max(len).min(reserve_max));
                     }
@@ -1972,7 +1978,7 @@ impl Engine {
             let mut pos = p.segs[slot].seek_ts(ts);
             let mut win = Window::default();
             while pos < p.segs[slot].end_pos {
-                match read_batch_at(p, ctx, &mut win, slot, pos, hw) {
+                match read_batch_at(p, ctx, &mut win, slot, pos, hw, |_| true) {
                     Ok(Some((h, _))) => {
                         if h.max_timestamp >= ts {
                             return Ok(Some(h.base_offset.max(p.earliest())));
@@ -2332,8 +2338,12 @@ enum ReadErr {
     Corrupt(BatchError),
 }
 
+/// A batch's header, and its bytes unless they were not wanted.
+type Found<'a> = (batch::BatchHeader, Option<&'a [u8]>);
+
 /// The batch at `pos` if it is below `hw`, checked (CRC) when it came
-/// from the device.
+/// from the device; its header alone (body `None`, not read) when `want`
+/// says the body is not wanted.
 fn read_batch_at<'a>(
     p: &'a Part,
     ctx: &'a mut Ctx,
@@ -2341,13 +2351,17 @@ fn read_batch_at<'a>(
     slot: usize,
     pos: u64,
     hw: u64,
-) -> Result<Option<(batch::BatchHeader, &'a [u8])>, ReadErr> {
+    want: impl FnOnce(&batch::BatchHeader) -> bool,
+) -> Result<Option<Found<'a>>, ReadErr> {
     let (bytes, _) = p
         .bytes_at(ctx, win, slot, pos, HEADER_BYTES)
         .map_err(ReadErr::Io)?;
     let h = batch::parse_header(bytes).map_err(ReadErr::Corrupt)?;
     if h.base_offset >= hw {
         return Ok(None);
+    }
+    if !want(&h) {
+        return Ok(Some((h, None)));
     }
     let len = h.total_len as usize;
     let (bytes, from_disk) = p.bytes_at(ctx, win, slot, pos, len).map_err(ReadErr::Io)?;
@@ -2361,7 +2375,7 @@ fn read_batch_at<'a>(
     if from_disk {
         batch::verify(bytes).map_err(ReadErr::Corrupt)?;
     }
-    Ok(Some((h, bytes)))
+    Ok(Some((h, Some(bytes))))
 }
 
 #[cfg(test)]

@@ -954,6 +954,40 @@ fn reads_respect_max_bytes_and_span_tail_and_disk() {
     }
 }
 
+/// A read stops before a batch that would not fit without reading that
+/// batch's body: it would be a second window read from the device, and the
+/// next read starts there anyway.
+#[test]
+fn a_read_does_not_read_the_batch_it_leaves_out() {
+    let rig = Rig::fault(21);
+    let id = pid("fit", 0);
+    let s = rig.open();
+    let cfg = PartitionConfig {
+        segment_bytes: 1 << 20,
+        segments: 2,
+        ..small_cfg()
+    };
+    block_on(s.create_partition(id.clone(), cfg)).unwrap();
+    // Batches of about 20 KiB; reopened, so all of them are on the device.
+    for tag in 0..8 {
+        block_on(s.append(&id, make_batch(20, 1000, tag, 1))).unwrap();
+    }
+    let len = make_batch(20, 1000, 0, 1).len();
+    s.shutdown().unwrap();
+    let s = rig.open();
+    let disk = rig.disk().unwrap();
+    let max_bytes = 2 * len + len / 2;
+    let before = disk.bytes_read();
+    let bytes = block_on(s.read(&id, 0, max_bytes)).unwrap();
+    let read = (disk.bytes_read() - before) as usize;
+    assert_eq!(BatchIter::new(&bytes).count(), 2, "the third does not fit");
+    // One window: from the first batch's block, max_bytes and a header,
+    // in whole blocks.
+    let window = (max_bytes + batch::HEADER_BYTES).div_ceil(4096) * 4096 + 4096;
+    assert!(read <= window, "read {read} bytes for {max_bytes}");
+    s.shutdown().unwrap();
+}
+
 #[test]
 fn auto_backend_opens_and_names_itself() {
     let dir = test_dir();

@@ -58,6 +58,7 @@ struct DiskState {
     writes: u64,
     syncs: u64,
     faults_injected: u64,
+    bytes_read: u64,
     /// What the disk reports as its direct-I/O write unit, and enforces.
     write_unit: usize,
 }
@@ -117,6 +118,7 @@ impl FaultDisk {
             writes: 0,
             syncs: 0,
             faults_injected: 0,
+            bytes_read: 0,
             write_unit: BLOCK_BYTES,
         })))
     }
@@ -199,6 +201,11 @@ impl FaultDisk {
     /// The current bytes of a file (for checks in tests).
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         self.lock().files.get(path).map(|f| f.data.clone())
+    }
+
+    /// Bytes handed out by reads so far: what a read path costs the device.
+    pub fn bytes_read(&self) -> u64 {
+        self.lock().bytes_read
     }
 
     pub fn faults_injected(&self) -> u64 {
@@ -358,6 +365,7 @@ impl IoBackend for FaultBackend {
             buf[..n].copy_from_slice(&f.data[start..start + n]);
             n
         };
+        st.bytes_read += n as u64;
         let flip = st.plan.read_flip_per_million;
         if n > 0 && st.chance(flip) {
             let at = st.below(n as u64) as usize;
