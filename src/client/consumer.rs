@@ -445,11 +445,9 @@ mod tests {
     /// value is its offset), under a high watermark of 100. Reports each
     /// fetch's offset as it arrives.
     fn fetch_peer() -> (String, std::sync::mpsc::Receiver<u64>) {
-        use crate::protocol::{
-            decode_request, encode_response, frame_len, FetchResponse, HelloResponse, RequestBody,
-            Response, ResponseBody, PROTOCOL_VERSION_MAX,
-        };
-        use std::io::{Read, Write};
+        use crate::client::fake_peer::{answer, hello, take_request};
+        use crate::protocol::{FetchResponse, RequestBody, ResponseBody};
+        use std::io::Read;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -457,16 +455,9 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
             loop {
-                while let Some(n) = frame_len(&buf, u32::MAX).unwrap() {
-                    let request = decode_request(&buf[4..n]).unwrap();
-                    buf.drain(..n);
+                while let Some(request) = take_request(&mut buf) {
                     let body = match request.body {
-                        RequestBody::Hello(_) => ResponseBody::Hello(HelloResponse {
-                            version: PROTOCOL_VERSION_MAX,
-                            server_version: "fetch peer".into(),
-                            max_frame_bytes: 8 << 20,
-                            max_batch_bytes: 1 << 20,
-                        }),
+                        RequestBody::Hello(_) => hello("fetch peer"),
                         RequestBody::Fetch(f) => {
                             let at = f.partitions[0].offset;
                             let _ = tx.send(at);
@@ -487,13 +478,7 @@ mod tests {
                         }
                         other => panic!("unexpected {}", other.name()),
                     };
-                    let mut out = Vec::new();
-                    let response = Response {
-                        correlation_id: request.correlation_id,
-                        body,
-                    };
-                    encode_response(&response, &mut out).unwrap();
-                    s.write_all(&out).unwrap();
+                    answer(&mut s, request.correlation_id, body);
                 }
                 match s.read(&mut chunk) {
                     Ok(0) | Err(_) => return,

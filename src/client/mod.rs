@@ -23,6 +23,8 @@ mod client;
 mod connection;
 mod consumer;
 mod error;
+#[cfg(test)]
+mod fake_peer;
 mod outcome;
 pub mod partitioner;
 mod producer;

@@ -761,12 +761,11 @@ mod tests {
     /// producer has sent nothing for `quiet`: everything sent by then went
     /// out without an answer. Returns the most records it held at once.
     fn holding_peer(quiet: Duration) -> (String, std::thread::JoinHandle<usize>) {
+        use crate::client::fake_peer::{answer, hello, take_request};
         use crate::protocol::{
-            decode_request, encode_response, frame_len, HelloResponse, MetadataResponse,
-            PartitionMetadata, ProduceResponse, Response, ResponseBody, TopicMetadata,
-            PROTOCOL_VERSION_MAX,
+            MetadataResponse, PartitionMetadata, ProduceResponse, ResponseBody, TopicMetadata,
         };
-        use std::io::{ErrorKind, Read, Write};
+        use std::io::{ErrorKind, Read};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let peer = std::thread::spawn(move || {
@@ -778,30 +777,11 @@ mod tests {
             type Held = Vec<(u32, Vec<(String, u32, u32)>)>;
             let mut held: Held = Vec::new();
             let (mut next_offset, mut most) = (0u64, 0usize);
-            let answer = |s: &mut std::net::TcpStream, correlation_id, body| {
-                let mut out = Vec::new();
-                encode_response(
-                    &Response {
-                        correlation_id,
-                        body,
-                    },
-                    &mut out,
-                )
-                .unwrap();
-                s.write_all(&out).unwrap();
-            };
             loop {
-                while let Some(n) = frame_len(&buf, u32::MAX).unwrap() {
-                    let request = decode_request(&buf[4..n]).unwrap();
-                    buf.drain(..n);
+                while let Some(request) = take_request(&mut buf) {
                     let id = request.correlation_id;
                     let body = match request.body {
-                        RequestBody::Hello(_) => ResponseBody::Hello(HelloResponse {
-                            version: PROTOCOL_VERSION_MAX,
-                            server_version: "holding peer".into(),
-                            max_frame_bytes: 8 << 20,
-                            max_batch_bytes: 1 << 20,
-                        }),
+                        RequestBody::Hello(_) => hello("holding peer"),
                         RequestBody::Metadata(_) => ResponseBody::Metadata(MetadataResponse {
                             topics: vec![TopicMetadata {
                                 name: "t".into(),
