@@ -440,11 +440,12 @@ mod tests {
         b.finish_with(ProducerStamp::NONE, base)
     }
 
-    /// A one-connection peer that answers hello, and every fetch of `t`/0
-    /// with one batch of 10 records from the offset asked (each record's
-    /// value is its offset), under a high watermark of 100. Reports each
-    /// fetch's offset as it arrives.
-    fn fetch_peer() -> (String, std::sync::mpsc::Receiver<u64>) {
+    /// A peer that answers hello, and every fetch of `t`/0 with one batch
+    /// of 10 records from the offset asked (each record's value is its
+    /// offset), under a high watermark of 100. Reports each fetch's offset
+    /// as it arrives. The first fetch at `hang_up_at` gets no answer: the
+    /// peer closes that connection and serves the next.
+    fn fetch_peer(hang_up_at: Option<u64>) -> (String, std::sync::mpsc::Receiver<u64>) {
         use crate::client::fake_peer::{answer, hello, take_request};
         use crate::protocol::{FetchResponse, RequestBody, ResponseBody};
         use std::io::Read;
@@ -452,37 +453,43 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
-            loop {
-                while let Some(request) = take_request(&mut buf) {
-                    let body = match request.body {
-                        RequestBody::Hello(_) => hello("fetch peer"),
-                        RequestBody::Fetch(f) => {
-                            let at = f.partitions[0].offset;
-                            let _ = tx.send(at);
-                            let values: Vec<Vec<u8>> = (at..(at + 10).min(100))
-                                .map(|o| o.to_string().into())
-                                .collect();
-                            let values: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
-                            ResponseBody::Fetch(FetchResponse {
-                                partitions: vec![FetchPartitionResult {
-                                    topic: "t".into(),
-                                    partition: 0,
-                                    error: ErrorCode::None,
-                                    high_watermark: 100,
-                                    earliest_offset: 0,
-                                    records: batch_at(at, &values).into(),
-                                }],
-                            })
-                        }
-                        other => panic!("unexpected {}", other.name()),
-                    };
-                    answer(&mut s, request.correlation_id, body);
-                }
-                match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            let mut hang_up_at = hang_up_at;
+            'connections: for s in listener.incoming() {
+                let mut s = s.unwrap();
+                let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+                loop {
+                    while let Some(request) = take_request(&mut buf) {
+                        let body = match request.body {
+                            RequestBody::Hello(_) => hello("fetch peer"),
+                            RequestBody::Fetch(f) => {
+                                let at = f.partitions[0].offset;
+                                let _ = tx.send(at);
+                                if hang_up_at.take_if(|h| *h == at).is_some() {
+                                    continue 'connections;
+                                }
+                                let values: Vec<Vec<u8>> = (at..(at + 10).min(100))
+                                    .map(|o| o.to_string().into())
+                                    .collect();
+                                let values: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
+                                ResponseBody::Fetch(FetchResponse {
+                                    partitions: vec![FetchPartitionResult {
+                                        topic: "t".into(),
+                                        partition: 0,
+                                        error: ErrorCode::None,
+                                        high_watermark: 100,
+                                        earliest_offset: 0,
+                                        records: batch_at(at, &values).into(),
+                                    }],
+                                })
+                            }
+                            other => panic!("unexpected {}", other.name()),
+                        };
+                        answer(&mut s, request.correlation_id, body);
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
                 }
             }
         });
@@ -491,7 +498,7 @@ mod tests {
 
     #[test]
     fn the_next_fetch_is_sent_before_poll_returns_and_dropped_after_a_seek() {
-        let (addr, fetches) = fetch_peer();
+        let (addr, fetches) = fetch_peer(None);
         let wait = Duration::from_secs(10);
         smol::block_on(async {
             let mut c = Consumer::connect(&addr, ConsumerConfig::default())
@@ -532,6 +539,34 @@ mod tests {
             assert_eq!(fetches.recv_timeout(wait), Ok(90));
             assert!(fetches.recv_timeout(Duration::from_millis(300)).is_err());
             assert_eq!(c.position("t", 0), Some(100));
+        });
+    }
+
+    /// A prefetch lost with its connection is asked again: nothing is
+    /// skipped and the error does not reach the caller.
+    #[test]
+    fn a_prefetch_lost_with_its_connection_is_asked_again() {
+        let (addr, fetches) = fetch_peer(Some(10));
+        let wait = Duration::from_secs(10);
+        smol::block_on(async {
+            let config = ConsumerConfig {
+                retry_backoff: Duration::from_millis(1),
+                ..ConsumerConfig::default()
+            };
+            let mut c = Consumer::connect(&addr, config).await.unwrap();
+            c.assign("t", Some(&[0]), StartFrom::Offset(0))
+                .await
+                .unwrap();
+            assert_eq!(c.poll().await.unwrap()[0].offset, 0);
+            let got = c.poll().await.unwrap();
+            assert_eq!(
+                got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                (10..20).collect::<Vec<_>>()
+            );
+            let seen: Vec<u64> = (0..4)
+                .map(|_| fetches.recv_timeout(wait).unwrap())
+                .collect();
+            assert_eq!(seen, vec![0, 10, 10, 20], "the lost prefetch, asked again");
         });
     }
 
