@@ -167,16 +167,14 @@ impl Accumulator {
         self.buffered_bytes
     }
 
-    fn close_where(&mut self, due: impl Fn(&OpenBatch) -> bool) {
-        let due: Vec<TopicPartition> = self
-            .queues
+    /// The partitions whose open batch `due` picks (collected first: the
+    /// caller closes them after, which needs the map mutably).
+    fn open_where(&self, due: impl Fn(&PartitionQueue, &OpenBatch) -> bool) -> Vec<TopicPartition> {
+        self.queues
             .iter()
-            .filter(|(_, q)| q.open.as_ref().is_some_and(&due))
+            .filter(|(_, q)| q.open.as_ref().is_some_and(|o| due(q, o)))
             .map(|(tp, _)| tp.clone())
-            .collect();
-        for tp in &due {
-            self.close_open(tp);
-        }
+            .collect()
     }
 
     /// Nothing open, queued or in flight.
@@ -193,7 +191,9 @@ impl Accumulator {
     /// so far is in a batch below it, every later one in a batch at or
     /// above it (see [`Accumulator::unsettled_below`]).
     pub fn close_all(&mut self) -> u64 {
-        self.close_where(|_| true);
+        for tp in &self.open_where(|_, _| true) {
+            self.close_open(tp);
+        }
         self.next_seq
     }
 
@@ -392,16 +392,9 @@ impl Accumulator {
         let mut out = Vec::new();
         self.take_ready(now, &mut out);
         let linger = self.config.linger;
-        let due: Vec<TopicPartition> = self
-            .queues
-            .iter()
-            .filter(|(_, q)| {
-                q.open.as_ref().is_some_and(|o| {
-                    now.saturating_duration_since(o.created) >= linger && self.could_send(q, o)
-                })
-            })
-            .map(|(tp, _)| tp.clone())
-            .collect();
+        let due = self.open_where(|q, o| {
+            now.saturating_duration_since(o.created) >= linger && self.could_send(q, o)
+        });
         if !due.is_empty() {
             for tp in &due {
                 self.close_open(tp);
