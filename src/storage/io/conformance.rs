@@ -78,6 +78,7 @@ pub fn run_all(backend: &mut impl IoBackend, dir: &Path) {
     sync_group_start_then_wait(backend, dir);
     writes_while_a_sync_group_is_outstanding(backend, dir);
     second_sync_start_waits_for_the_first(backend, dir);
+    read_ahead_reads_what_read_at_reads(backend, dir);
     // Last: opening a FIFO makes pwrite fall back to buffered I/O for
     // every later open of the same backend.
     sync_group_error_surfaces_once(backend, dir);
@@ -506,6 +507,53 @@ pub fn sync_group_error_surfaces_once(backend: &mut impl IoBackend, dir: &Path) 
     backend.sync_wait().expect("sync_wait after errors");
     backend.close(fifo);
     backend.close(good);
+}
+
+/// A background read (`read_start` .. `read_finish`) returns the bytes a
+/// `read_at` of the same range does, short at the end of the file, and
+/// hands its buffer back; while it runs, writes, syncs and ordinary reads
+/// go on. A backend without background reads gives the buffer back at
+/// once, untouched, and `read_finish` then has nothing.
+pub fn read_ahead_reads_what_read_at_reads(backend: &mut impl IoBackend, dir: &Path) {
+    let f = backend.open(&dir.join("ahead.seg"), true).expect("open");
+    let g = backend.open(&dir.join("ahead2.seg"), true).expect("open");
+    let data = block_buf(6, 21);
+    write_one(backend, f, 0, &data, &[f]).expect("write");
+    let mut buf = AlignedBuf::new(8 * BLOCK_BYTES).expect("aligned");
+    buf.fill(0xAA);
+    let started = match backend.read_start(f, BLOCK_BYTES as u64, buf, 4 * BLOCK_BYTES) {
+        Ok(()) => true,
+        Err(back) => {
+            assert_eq!(back.len(), 8 * BLOCK_BYTES);
+            assert!(back.iter().all(|&b| b == 0xAA), "given back untouched");
+            false
+        }
+    };
+    // Other work meanwhile, on another file and on this one.
+    let other = block_buf(2, 22);
+    write_one(backend, g, 0, &other, &[]).expect("write during read-ahead");
+    backend
+        .sync_start(&[g])
+        .expect("sync_start during read-ahead");
+    backend.sync_wait().expect("sync_wait during read-ahead");
+    assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..BLOCK_BYTES]);
+    if started {
+        let (buf, res) = backend.read_finish().expect("a read was started");
+        let n = res.expect("read-ahead");
+        assert_eq!(n, 4 * BLOCK_BYTES);
+        assert_eq!(buf.len(), 8 * BLOCK_BYTES);
+        assert_eq!(&buf[..n], &data[BLOCK_BYTES..5 * BLOCK_BYTES]);
+        assert!(buf[n..].iter().all(|&b| b == 0xAA), "only `len` bytes read");
+        // Short at the end of the file.
+        backend
+            .read_start(f, 4 * BLOCK_BYTES as u64, buf, 4 * BLOCK_BYTES)
+            .expect("started again");
+        let (_, res) = backend.read_finish().expect("started");
+        assert_eq!(res.expect("short read-ahead"), 2 * BLOCK_BYTES);
+    }
+    assert!(backend.read_finish().is_none(), "nothing outstanding");
+    backend.close(f);
+    backend.close(g);
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //! directories after creating files; metadata files live on the real file
 //! system through `meta`).
 
-use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,8 @@ struct DiskState {
     syncs: u64,
     faults_injected: u64,
     bytes_read: u64,
+    /// Of `bytes_read`, those read ahead (`read_start`).
+    bytes_read_ahead: u64,
     /// What the disk reports as its direct-I/O write unit, and enforces.
     write_unit: usize,
 }
@@ -119,6 +121,7 @@ impl FaultDisk {
             syncs: 0,
             faults_injected: 0,
             bytes_read: 0,
+            bytes_read_ahead: 0,
             write_unit: BLOCK_BYTES,
         })))
     }
@@ -208,6 +211,11 @@ impl FaultDisk {
         self.lock().bytes_read
     }
 
+    /// Of [`FaultDisk::bytes_read`], those read ahead in the background.
+    pub fn bytes_read_ahead(&self) -> u64 {
+        self.lock().bytes_read_ahead
+    }
+
     pub fn faults_injected(&self) -> u64 {
         self.lock().faults_injected
     }
@@ -228,6 +236,9 @@ pub struct FaultBackend {
     /// existed at `sync_start` (only those become durable at `sync_wait`,
     /// as a real fdatasync covers only the writes before it began).
     started: Vec<(PathBuf, usize)>,
+    /// A read-ahead: done at `read_start`, so its bytes are as stale as a
+    /// kernel could make them by the time `read_finish` hands them over.
+    ahead: Option<(AlignedBuf, io::Result<usize>)>,
 }
 
 impl FaultBackend {
@@ -236,6 +247,7 @@ impl FaultBackend {
             disk,
             handles: Vec::new(),
             started: Vec::new(),
+            ahead: None,
         }
     }
 
@@ -376,6 +388,28 @@ impl IoBackend for FaultBackend {
         Ok(n)
     }
 
+    fn read_start(
+        &mut self,
+        file: FileHandle,
+        offset: u64,
+        mut buf: AlignedBuf,
+        len: usize,
+    ) -> Result<(), AlignedBuf> {
+        if self.ahead.is_some() || len > buf.len() {
+            return Err(buf);
+        }
+        let res = self.read_at(file, offset, &mut buf[..len]);
+        if let Ok(n) = res {
+            self.disk.lock().bytes_read_ahead += n as u64;
+        }
+        self.ahead = Some((buf, res));
+        Ok(())
+    }
+
+    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
+        self.ahead.take()
+    }
+
     fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
         for w in writes {
             check_aligned(self.write_unit(w.file), w.offset, w.data.len())?;
@@ -451,5 +485,50 @@ impl IoBackend for FaultBackend {
             .remove(path)
             .map(|_| ())
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::conformance;
+
+    /// Background reads behave as on real files, and take their bytes at
+    /// `read_start`: a write that lands before `read_finish` is not in
+    /// them, the stalest a kernel could be (the engine must not use them).
+    #[test]
+    fn read_ahead_conforms_and_reads_at_start() {
+        let dir = conformance::scratch_dir();
+        let mut b = FaultBackend::new(FaultDisk::new(3, FaultPlan::default()));
+        conformance::read_ahead_reads_what_read_at_reads(&mut b, dir.path());
+
+        let f = b.open(&dir.path().join("stale.seg"), true).expect("open");
+        let mut old = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        old.fill(1);
+        b.write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &old,
+            }],
+            &[],
+        )
+        .expect("write");
+        let buf = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        b.read_start(f, 0, buf, BLOCK_BYTES).expect("started");
+        let mut new = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        new.fill(2);
+        b.write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &new,
+            }],
+            &[],
+        )
+        .expect("write");
+        let (buf, res) = b.read_finish().expect("outstanding");
+        assert_eq!(res.expect("read"), BLOCK_BYTES);
+        assert!(buf.iter().all(|&x| x == 1), "read at start");
     }
 }

@@ -6,10 +6,12 @@
 //! - `fault`: an in-memory disk with seeded faults, for tests.
 //!
 //! The storage thread owns its backend and calls it synchronously: a call
-//! returns when the kernel has completed the work, with one exception.
+//! returns when the kernel has completed the work, with two exceptions.
 //! [`IoBackend::sync_start`] only starts a group's fdatasyncs and returns, so
 //! the thread can write the next group while the disk flushes this one;
 //! [`IoBackend::sync_wait`] completes the group before its acks go out.
+//! Reads have the same shape: [`IoBackend::read_start`] may leave one read
+//! in flight (read-ahead), [`IoBackend::read_finish`] completes it.
 //! Group commit comes from handing [`IoBackend::write_batch`] every dirty
 //! tail at once, so one submission carries many partitions' writes.
 
@@ -113,6 +115,33 @@ pub trait IoBackend: Send + 'static {
     /// Reads at `offset` into `buf` (aligned like writes); returns the number
     /// of bytes read, short only at end of file.
     fn read_at(&mut self, file: FileHandle, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Starts reading `len` bytes at `offset` of `file` into `buf` and
+    /// returns without waiting, so the device works while the caller does
+    /// other things (read-ahead for a sequential reader). The backend holds
+    /// `buf` until [`IoBackend::read_finish`] hands it back; at most one such
+    /// read is outstanding. `offset` and `len` are aligned like a
+    /// [`IoBackend::read_at`], `len <= buf.len()`. A backend that cannot
+    /// read in the background gives the buffer back (the default): the
+    /// caller then reads when it needs the bytes, as before.
+    fn read_start(
+        &mut self,
+        _file: FileHandle,
+        _offset: u64,
+        buf: AlignedBuf,
+        _len: usize,
+    ) -> Result<(), AlignedBuf> {
+        Err(buf)
+    }
+
+    /// Waits for the read started by [`IoBackend::read_start`] and returns
+    /// its buffer with the bytes read (short only at end of file) or the
+    /// error. `None` when none is outstanding, or when the buffer had to be
+    /// given up because the read's fate is unknown (it is then leaked, never
+    /// freed under the kernel, and later `read_start`s give buffers back).
+    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
+        None
+    }
 
     /// Performs every write, then, if `sync` is non-empty, fdatasyncs each
     /// file in it, and returns once all of it is complete. The first error

@@ -46,7 +46,8 @@
 //! borrowed. Every method blocks until every request it submitted into such
 //! memory has completed before it returns, so the borrows outlive the I/O.
 //! Only the sync group's fsyncs stay in flight across calls, and they point
-//! into no memory. If the ring itself fails in a way that leaves submitted
+//! into no memory; and the read-ahead (`read_start`), whose buffer the
+//! backend owns until its completion is reaped, on a ring of its own. If the ring itself fails in a way that leaves submitted
 //! requests with buffers unaccounted for, the process aborts rather than
 //! return and let the buffers be freed under the kernel.
 //!
@@ -62,7 +63,7 @@ use std::path::Path;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
 
 /// Registered (fixed) file slots. Fixed files save the kernel an fd lookup
 /// and reference count per request on the hot path. 1024 covers 64
@@ -133,6 +134,20 @@ pub struct UringBackend {
     pending: Vec<Pending>,
     retry: Vec<Pending>,
     sync_todo: Vec<(FileHandle, bool)>,
+    ahead: ReadAhead,
+}
+
+/// The read `read_start` leaves in flight. It has a small ring of its own,
+/// made on first use, so it never enters the main ring's accounting and
+/// never waits behind, or holds up, a commit's drain barrier.
+#[derive(Default)]
+struct ReadAhead {
+    ring: Option<IoUring>,
+    /// The buffer the kernel reads into, from `read_start` until its
+    /// completion is reaped.
+    buf: Option<AlignedBuf>,
+    /// The ring could not be made, or failed: reads wait for the device.
+    off: bool,
 }
 
 impl UringBackend {
@@ -161,6 +176,7 @@ impl UringBackend {
             pending: Vec::new(),
             retry: Vec::new(),
             sync_todo: Vec::new(),
+            ahead: ReadAhead::default(),
         })
     }
 
@@ -536,6 +552,87 @@ impl IoBackend for UringBackend {
         Ok(done_bytes)
     }
 
+    fn read_start(
+        &mut self,
+        file: FileHandle,
+        offset: u64,
+        mut buf: AlignedBuf,
+        len: usize,
+    ) -> Result<(), AlignedBuf> {
+        let usable = !self.ahead.off
+            && self.ahead.buf.is_none()
+            && len <= buf.len().min(REQUEST_BYTES_MAX)
+            && self.check_usable().is_ok();
+        let fd = match self.file(file) {
+            Ok(f) if usable => f.fd.as_raw_fd(),
+            _ => return Err(buf),
+        };
+        let ring = match &mut self.ahead.ring {
+            Some(ring) => ring,
+            None => match IoUring::new(2) {
+                Ok(ring) => self.ahead.ring.insert(ring),
+                Err(err) => {
+                    log::info!("io_uring: no read-ahead ring ({err}); reads wait for the device");
+                    self.ahead.off = true;
+                    return Err(buf);
+                }
+            },
+        };
+        let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
+            .offset(offset)
+            .build()
+            .user_data(0);
+        // SAFETY: the entry points into `buf`'s heap block, which this
+        // backend keeps in `ahead.buf` until the completion is reaped
+        // (`read_finish`, also run by `drop`), and leaks if it never can be.
+        if unsafe { ring.submission().push(&entry) }.is_err() {
+            // Unreachable: nothing else is ever queued on this ring.
+            return Err(buf);
+        }
+        self.ahead.buf = Some(buf);
+        // A failed submit leaves the entry queued; `read_finish`'s wait
+        // submits it again, so the read is never lost with its buffer.
+        let _ = ring.submit();
+        Ok(())
+    }
+
+    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
+        self.ahead.buf.as_ref()?;
+        let ring = self
+            .ahead
+            .ring
+            .as_mut()
+            .expect("a read in flight has its ring");
+        loop {
+            if let Some(cqe) = ring.completion().next() {
+                let buf = self.ahead.buf.take().expect("checked above");
+                let res = cqe.result();
+                let res = if res >= 0 {
+                    Ok(res as usize)
+                } else {
+                    Err(io::Error::from_raw_os_error(-res))
+                };
+                return Some((buf, res));
+            }
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(err) => {
+                    // Whether the kernel still writes into the buffer is
+                    // unknown: it is leaked, never freed under the kernel.
+                    log::error!("io_uring: read-ahead ring failed ({err}); read-ahead is off");
+                    std::mem::forget(self.ahead.buf.take());
+                    self.ahead.off = true;
+                    return None;
+                }
+            }
+        }
+    }
+
     fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
         self.check_usable()?;
         for op in writes {
@@ -655,10 +752,12 @@ impl IoBackend for UringBackend {
 }
 
 impl Drop for UringBackend {
-    /// Reaps a sync group still in flight, so no request of this backend
-    /// outlives it (fsyncs borrow no memory, but the handles and the ring
+    /// Reaps a read-ahead and a sync group still in flight, so no request
+    /// of this backend outlives it (fsyncs borrow no memory, but the handles and the ring
     /// should go quietly).
     fn drop(&mut self) {
+        // The read-ahead's buffer must outlive its read.
+        let _ = self.read_finish();
         if let Err(err) = self.sync_wait() {
             log::warn!("io_uring: fdatasync group still outstanding at close failed: {err}");
         }
@@ -1226,6 +1325,38 @@ mod tests {
         b.sync_start(&files).expect("sync_start");
         assert!(b.group_left > 0);
         // Fails by hanging or by the debug assertions of the reaping.
+        drop(b);
+    }
+
+    /// A read-ahead left outstanding is reaped before its buffer goes; one
+    /// on an unknown handle, or a second at once, gives the buffer back.
+    #[test]
+    fn read_ahead_is_reaped_at_drop_and_refused_when_it_cannot_run() {
+        let Some(mut b) = backend(4) else { return };
+        let dir = conformance::scratch_dir();
+        let f = b.open(&dir.path().join("ra.seg"), true).expect("open");
+        let data = AlignedBuf::new(1 << 20).expect("aligned");
+        b.write_batch(
+            &[WriteOp {
+                file: f,
+                offset: 0,
+                data: &data,
+            }],
+            &[],
+        )
+        .expect("write");
+        let buf = AlignedBuf::new(1 << 20).expect("aligned");
+        let buf = b
+            .read_start(FileHandle(77), 0, buf, 1 << 20)
+            .expect_err("unknown handle");
+        b.read_start(f, 0, buf, 1 << 20).expect("started");
+        let second = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        assert!(
+            b.read_start(f, 0, second, BLOCK_BYTES).is_err(),
+            "one at a time"
+        );
+        assert!(b.ahead.buf.is_some(), "held while in flight");
+        // Fails by hanging, or under a sanitizer by a write into freed memory.
         drop(b);
     }
 
