@@ -333,6 +333,21 @@ struct Part {
     /// Background pre-writing of the ring after creation: the next slot and
     /// position to zero. Only slots never started (epoch 0) are touched.
     prewrite_next: Option<(usize, u64)>,
+    /// Where the last fetch stopped, for the next one from there.
+    resume: Option<Resume>,
+}
+
+/// The batch a fetch stopped before: a consumer's next fetch starts at its
+/// offset, and starting at its position (not at the sparse index entry
+/// before it, up to [`INDEX_INTERVAL_BYTES`] earlier) reads no bytes twice
+/// and finds the window read ahead for it.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    offset: u64,
+    slot: usize,
+    /// The slot's segment epoch then: a reused slot holds other batches.
+    epoch: u64,
+    pos: u64,
 }
 
 impl Part {
@@ -427,6 +442,28 @@ impl Part {
     /// bytes a write of the partial unit carries past the last batch, which
     /// recovery requires to be zero (docs/format.md). The rest of the buffer
     /// past the end may hold stale bytes; no write reaches them.
+    /// Where a fetch for `offset` starts reading in `slot`: where the last
+    /// fetch stopped if that is this offset, else the index's entry.
+    fn fetch_start(&self, slot: usize, offset: u64) -> u64 {
+        match self.resume {
+            Some(r) if r.offset == offset && r.slot == slot && r.epoch == self.segs[slot].epoch => {
+                r.pos
+            }
+            _ => self.segs[slot].seek(offset),
+        }
+    }
+
+    /// A fetch stopped before the batch at `pos` of `slot`, `offset` the
+    /// next one wanted.
+    fn stopped_at(&mut self, slot: usize, offset: u64, pos: u64) {
+        self.resume = Some(Resume {
+            offset,
+            slot,
+            epoch: self.segs[slot].epoch,
+            pos,
+        });
+    }
+
     fn zero_slack(&mut self) {
         let end = self.tail_len.div_ceil(self.unit) * self.unit;
         self.tail[self.tail_len..end].fill(0);
@@ -642,6 +679,8 @@ impl Part {
         if ring_full {
             self.drop_oldest();
         }
+        // Its old bytes, read ahead, are about to be overwritten.
+        ctx.ahead.forget(&mut *ctx.io, self.files[next]);
         self.start_segment(next, self.next_offset);
         self.live += 1;
         self.publish();
@@ -663,15 +702,23 @@ impl Part {
             return Ok((&self.tail[from.min(self.tail_len)..self.tail_len], false));
         }
         let limit = self.segs[slot].end_pos.div_ceil(B64) * B64;
-        let bytes = window(
-            &mut *ctx.io,
-            &mut ctx.rbuf,
-            win,
-            self.files[slot],
-            pos,
-            need,
-            limit,
-        )?;
+        let file = self.files[slot];
+        if !win.covers(file, pos, need) {
+            let Ctx {
+                io,
+                rbuf,
+                ahead,
+                shared,
+                ..
+            } = ctx;
+            if let Some((start, len)) = ahead.take(&mut **io, rbuf, file, pos, need, &shared.stats)
+            {
+                win.file = Some(file);
+                win.start = start;
+                win.len = len;
+            }
+        }
+        let bytes = window(&mut *ctx.io, &mut ctx.rbuf, win, file, pos, need, limit)?;
         Ok((bytes, true))
     }
 }
@@ -682,6 +729,7 @@ struct Ctx {
     io: Box<dyn IoBackend>,
     /// The one read buffer: reads and recovery scans happen one at a time.
     rbuf: AlignedBuf,
+    ahead: Ahead,
     /// Zeros, for pre-writing segments and scrubbing torn tails.
     zeros: AlignedBuf,
     shared: Arc<Shared>,
@@ -690,6 +738,12 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Closes a file, dropping bytes read ahead from it first.
+    fn close(&mut self, file: FileHandle) {
+        self.ahead.forget(&mut *self.io, file);
+        self.io.close(file);
+    }
+
     /// The one path to `write_batch`, so the counters are always right.
     fn write_batch(&mut self, ops: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
         let st = &self.shared.stats;
@@ -745,6 +799,13 @@ struct Window {
 }
 
 impl Window {
+    /// Whether it holds `[pos, pos + need)` of `file`.
+    fn covers(&self, file: FileHandle, pos: u64, need: usize) -> bool {
+        self.file == Some(file)
+            && pos >= self.start
+            && pos + need as u64 <= self.start + self.len as u64
+    }
+
     fn with_hint(hint: usize) -> Window {
         Window {
             hint,
@@ -765,18 +826,8 @@ fn window<'a>(
     need: usize,
     limit: u64,
 ) -> io::Result<&'a [u8]> {
-    let covered = win.file == Some(file)
-        && pos >= win.start
-        && pos + need as u64 <= win.start + win.len as u64;
-    if !covered {
-        let start = pos / B64 * B64;
-        let want = if win.hint == 0 {
-            rbuf.len()
-        } else {
-            // From the block start: the bytes wanted plus the offset into it.
-            (need.max(win.hint) + (pos - start) as usize).div_ceil(B) * B
-        };
-        let len = (rbuf.len().min(want) as u64).min(limit.saturating_sub(start)) as usize;
+    if !win.covers(file, pos, need) {
+        let (start, len) = window_range(rbuf.len(), win.hint, pos, need, limit);
         let n = io.read_at(file, start, &mut rbuf[..len])?;
         win.file = Some(file);
         win.start = start;
@@ -784,6 +835,179 @@ fn window<'a>(
     }
     let from = ((pos - win.start) as usize).min(win.len);
     Ok(&rbuf[from..win.len])
+}
+
+/// The block-aligned range `(start, len)` a window read for `need` bytes
+/// at `pos` covers: from the block holding `pos`, the hint's worth (the
+/// whole buffer of `buf_len` for hint 0), cut at `limit`.
+fn window_range(buf_len: usize, hint: usize, pos: u64, need: usize, limit: u64) -> (u64, usize) {
+    let start = pos / B64 * B64;
+    let want = if hint == 0 {
+        buf_len
+    } else {
+        // From the block start: the bytes wanted plus the offset into it.
+        (need.max(hint) + (pos - start) as usize).div_ceil(B) * B
+    };
+    let len = (buf_len.min(want) as u64).min(limit.saturating_sub(start)) as usize;
+    (start, len)
+}
+
+/// Read-ahead for sequential readers. A fetch that stops short of the
+/// data on disk names the window its successor will want; once its answer
+/// is sent, that window is read in the background
+/// ([`IoBackend::read_start`]) into a spare buffer, which the next
+/// [`window`] that it covers swaps with the read buffer. The device then
+/// works while the answer travels and the consumer turns round, instead
+/// of after the next fetch arrives.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// A second read buffer, the size of `rbuf`. `None` while the backend
+    /// holds it (read in flight), or after the backend gave it up.
+    spare: Option<AlignedBuf>,
+    /// What the read in flight covers.
+    inflight: Option<AheadKey>,
+    /// The read the last fetch suggests; started after its answer.
+    next: Option<AheadKey>,
+    /// The backend has no background reads (pwrite): nothing is planned.
+    unsupported: bool,
+    /// Fetches that planned other reads since the one in flight started,
+    /// and the last of their plans.
+    passed: u32,
+    passed_over: Option<AheadKey>,
+}
+
+/// Fetches planning other reads after which a read ahead is taken for
+/// abandoned (its reader stopped) and replaced. Readers of more partitions
+/// than this taking turns leave read-ahead to one of them at a time.
+const AHEAD_PASSES_MAX: u32 = 16;
+
+/// A block-aligned range of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AheadKey {
+    file: FileHandle,
+    start: u64,
+    len: usize,
+}
+
+impl Ahead {
+    /// After a fetch of `p` that stopped at `pos` of `slot`, with data
+    /// left: plans the window the next fetch (of the same size, `hint`)
+    /// will want, when it comes from the file and not from the tail.
+    fn plan(&mut self, p: &Part, slot: usize, pos: u64, hint: usize, buf_len: usize) {
+        if self.unsupported {
+            return;
+        }
+        let seg = &p.segs[slot];
+        // Blocks below the tail buffer are final until the slot is reused
+        // (`forget`); the tail's partial block is rewritten as it grows.
+        let limit = if slot == p.active() {
+            p.tail_file_off
+        } else {
+            seg.end_pos.div_ceil(B64) * B64
+        };
+        if pos >= seg.end_pos || pos >= limit {
+            return;
+        }
+        let (start, len) = window_range(buf_len, hint, pos, HEADER_BYTES, limit);
+        self.next = (len > 0).then_some(AheadKey {
+            file: p.files[slot],
+            start,
+            len,
+        });
+    }
+
+    /// Starts the read the last fetch planned, unless it is in flight
+    /// already. A read in flight for something else is dropped first.
+    fn start(&mut self, io: &mut dyn IoBackend, stats: &StatsInner) {
+        let Some(key) = self.next.take() else {
+            return;
+        };
+        if self.unsupported || self.inflight == Some(key) {
+            return;
+        }
+        // Another partition's read in flight is kept for a while: readers
+        // of several partitions take turns, and each turn that replaced it
+        // would waste it (and wait for it).
+        if self.inflight.is_some() {
+            // Once per fetch (a fetch plans before and after its answer).
+            if self.passed_over != Some(key) {
+                self.passed_over = Some(key);
+                self.passed += 1;
+            }
+            if self.passed <= AHEAD_PASSES_MAX {
+                return;
+            }
+            self.settle(io);
+        }
+        let Some(buf) = self.spare.take() else {
+            return;
+        };
+        match io.read_start(key.file, key.start, buf, key.len) {
+            Ok(()) => {
+                self.inflight = Some(key);
+                self.passed = 0;
+                self.passed_over = None;
+                StatsInner::add(&stats.reads_ahead, 1);
+            }
+            Err(buf) => {
+                self.spare = Some(buf);
+                self.unsupported = true;
+            }
+        }
+    }
+
+    /// Completes the read in flight, if any, keeping its buffer as the
+    /// spare and dropping its bytes.
+    fn settle(&mut self, io: &mut dyn IoBackend) {
+        if self.inflight.take().is_some() {
+            self.spare = io.read_finish().map(|(buf, _)| buf);
+        }
+    }
+
+    /// Before `file` is closed or written from its start again (a ring
+    /// wrap): its bytes read ahead would be stale, and its handle may name
+    /// another file next.
+    fn forget(&mut self, io: &mut dyn IoBackend, file: FileHandle) {
+        if self.inflight.is_some_and(|k| k.file == file) {
+            self.settle(io);
+        }
+        if self.next.is_some_and(|k| k.file == file) {
+            self.next = None;
+        }
+    }
+
+    /// When the read in flight covers `[pos, pos + need)` of `file`: waits
+    /// for it, swaps its buffer into `rbuf` and returns the window it
+    /// holds. `None` (nothing swapped) otherwise, or if it failed: the
+    /// caller reads for itself, and sees any error for itself.
+    fn take(
+        &mut self,
+        io: &mut dyn IoBackend,
+        rbuf: &mut AlignedBuf,
+        file: FileHandle,
+        pos: u64,
+        need: usize,
+        stats: &StatsInner,
+    ) -> Option<(u64, usize)> {
+        let key = self.inflight?;
+        let end = pos + need as u64;
+        if key.file != file || pos < key.start || end > key.start + key.len as u64 {
+            return None;
+        }
+        self.inflight = None;
+        let (buf, res) = io.read_finish()?;
+        match res {
+            Ok(n) if end <= key.start + n.min(key.len) as u64 => {
+                StatsInner::add(&stats.reads_ahead_used, 1);
+                self.spare = Some(std::mem::replace(rbuf, buf));
+                Some((key.start, n.min(key.len)))
+            }
+            _ => {
+                self.spare = Some(buf);
+                None
+            }
+        }
+    }
 }
 
 /// How a segment scan ended.
@@ -948,9 +1172,14 @@ pub(crate) fn start(
         .name("skiff-storage".into())
         .spawn(move || {
             let read_bytes = (cfg.max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B;
-            let bufs = AlignedBuf::new(read_bytes)
-                .and_then(|r| Ok((r, AlignedBuf::new(ZERO_CHUNK_BYTES)?)));
-            let Ok((rbuf, zeros)) = bufs else {
+            let bufs = AlignedBuf::new(read_bytes).and_then(|r| {
+                Ok((
+                    r,
+                    AlignedBuf::new(read_bytes)?,
+                    AlignedBuf::new(ZERO_CHUNK_BYTES)?,
+                ))
+            });
+            let Ok((rbuf, spare, zeros)) = bufs else {
                 let _ = ready_tx.send(Err(StorageError::InvalidConfig(
                     "max_batch_bytes is not allocatable",
                 )));
@@ -959,6 +1188,10 @@ pub(crate) fn start(
             let mut engine = Engine {
                 ctx: Ctx {
                     rbuf,
+                    ahead: Ahead {
+                        spare: Some(spare),
+                        ..Ahead::default()
+                    },
                     zeros,
                     cfg,
                     io,
@@ -1248,6 +1481,10 @@ impl Engine {
             } => {
                 let r = self.read(&id, offset, max_bytes);
                 let _ = reply.try_send(r);
+                // After the answer: the device reads on while it travels.
+                self.ctx
+                    .ahead
+                    .start(&mut *self.ctx.io, &self.ctx.shared.stats);
             }
             Cmd::OffsetForTs { id, ts_ms, reply } => {
                 let r = self.offset_for_ts(&id, ts_ms);
@@ -1334,6 +1571,7 @@ impl Engine {
             state: PartState::Ok,
             shared,
             prewrite_next: None,
+            resume: None,
         })
     }
 
@@ -1436,7 +1674,7 @@ impl Engine {
             }
             Err(e) => {
                 for &f in &files {
-                    self.ctx.io.close(f);
+                    self.ctx.close(f);
                 }
                 self.remove_dir(&dir, cfg.segments as usize);
                 Err(e)
@@ -1531,7 +1769,7 @@ impl Engine {
         std::fs::remove_file(part.dir.join(PARTITION_META))?;
         self.ctx.io.sync_dir(&part.dir)?;
         for &f in &part.files {
-            self.ctx.io.close(f);
+            self.ctx.close(f);
         }
         let dir = part.dir.clone();
         self.remove_dir(&dir, part.segs.len());
@@ -1872,7 +2110,7 @@ impl Engine {
                 write_checkpoint(p, ck);
             }
             for &f in &p.files {
-                self.ctx.io.close(f);
+                self.ctx.close(f);
             }
         }
         self.parts.clear();
@@ -1909,7 +2147,7 @@ impl Engine {
         for k in first..p.live {
             let slot = p.slot(k);
             let mut pos = if k == first {
-                p.segs[slot].seek(offset)
+                p.fetch_start(slot, offset)
             } else {
                 SEG_HEADER_BYTES as u64
             };
@@ -1917,21 +2155,34 @@ impl Engine {
                 .saturating_add(HEADER_BYTES)
                 .max(INDEX_INTERVAL_BYTES as usize);
             let mut win = Window::with_hint(hint);
+            // Where this fetch stops is in the first window's headers: the
+            // next fetch's read starts now, while this one's batches are
+            // checked and copied (the device would idle meanwhile).
+            if k == first
+                && !ctx.ahead.unsupported
+                && p.bytes_at(ctx, &mut win, slot, pos, HEADER_BYTES).is_ok()
+            {
+                if let Some(stop) = stop_in_window(p, ctx, &win, slot, pos, hw, offset, max_bytes) {
+                    ctx.ahead.plan(p, slot, stop, hint, reserve_max);
+                    ctx.ahead.start(&mut *ctx.io, &ctx.shared.stats);
+                }
+            }
             let mut retried = false;
             while pos < p.segs[slot].end_pos {
                 // A batch that would not fit is not read: the window ends
                 // about max_bytes after the first, so its body would have
                 // cost a whole second window read (here, half of the bytes
                 // a replay read from the device).
-                let fits = |h: &batch::BatchHeader| {
-                    out.is_empty()
-                        || h.next_offset() <= offset
-                        || out.len() + h.total_len as usize <= max_bytes
-                };
-                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw, fits);
+                let takes = |h: &batch::BatchHeader| fits(out.len(), h, offset, max_bytes);
+                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw, takes);
                 let (h, bytes) = match found {
                     Ok(Some((h, Some(bytes)))) => (h, bytes),
-                    Ok(Some((_, None))) | Ok(None) => return Ok(out),
+                    Ok(Some((h, None))) => {
+                        p.stopped_at(slot, h.base_offset, pos);
+                        ctx.ahead.plan(p, slot, pos, hint, reserve_max);
+                        return Ok(out);
+                    }
+                    Ok(None) => return Ok(out),
                     Err(ReadErr::Io(e)) => return Err(e.into()),
                     Err(ReadErr::Corrupt(_)) if !retried => {
                         retried = true;
@@ -1952,12 +2203,19 @@ impl Engine {
                     }
                     out.extend_from_slice(bytes);
                     if out.len() >= max_bytes {
+                        p.stopped_at(slot, h.next_offset(), pos + len as u64);
+                        ctx.ahead.plan(p, slot, pos + len as u64, hint, reserve_max);
                         return Ok(out);
                     }
                 }
                 pos += len as u64;
             }
             if !out.is_empty() {
+                if k + 1 < p.live {
+                    let next = p.slot(k + 1);
+                    ctx.ahead
+                        .plan(p, next, SEG_HEADER_BYTES as u64, hint, reserve_max);
+                }
                 return Ok(out);
             }
         }
@@ -2336,6 +2594,52 @@ fn write_checkpoint(p: &mut Part, ck: Checkpoint) {
 enum ReadErr {
     Io(io::Error),
     Corrupt(BatchError),
+}
+
+/// Whether a fetch for `offset` that holds `out_len` bytes takes the batch
+/// `h` too (up to `max_bytes`, but always one batch that counts).
+fn fits(out_len: usize, h: &batch::BatchHeader, offset: u64, max_bytes: usize) -> bool {
+    out_len == 0 || h.next_offset() <= offset || out_len + h.total_len as usize <= max_bytes
+}
+
+/// Where a fetch for `offset` from `pos` of `slot` stops, read from the
+/// batch headers already in `win` (no I/O, nothing checked): `None` when
+/// the walk leaves the window or the segment, reaches `hw`, or meets a
+/// header that does not parse. Read-ahead planning only; the fetch itself
+/// still checks every batch it returns.
+#[allow(clippy::too_many_arguments)]
+fn stop_in_window(
+    p: &Part,
+    ctx: &Ctx,
+    win: &Window,
+    slot: usize,
+    mut pos: u64,
+    hw: u64,
+    offset: u64,
+    max_bytes: usize,
+) -> Option<u64> {
+    if win.file != Some(p.files[slot]) {
+        return None;
+    }
+    let mut out_len = 0;
+    while pos < p.segs[slot].end_pos {
+        let from = pos.checked_sub(win.start)? as usize;
+        let h = batch::parse_header(ctx.rbuf.get(from..win.len)?).ok()?;
+        if h.base_offset >= hw {
+            return None;
+        }
+        if !fits(out_len, &h, offset, max_bytes) {
+            return Some(pos);
+        }
+        pos += u64::from(h.total_len);
+        if h.next_offset() > offset {
+            out_len += h.total_len as usize;
+            if out_len >= max_bytes {
+                return Some(pos);
+            }
+        }
+    }
+    None
 }
 
 /// A batch's header, and its bytes unless they were not wanted.

@@ -443,6 +443,10 @@ pub struct StorageStats {
     /// Sticky write/fsync failures and read-side corruption found.
     pub failures: u64,
     pub quarantined: u64,
+    /// Window reads started in the background for a sequential reader,
+    /// and how many of them a later read used.
+    pub reads_ahead: u64,
+    pub reads_ahead_used: u64,
 }
 
 #[derive(Debug, Default)]
@@ -457,6 +461,8 @@ pub(crate) struct StatsInner {
     pub recovery_truncated_bytes: AtomicU64,
     pub failures: AtomicU64,
     pub quarantined: AtomicU64,
+    pub reads_ahead: AtomicU64,
+    pub reads_ahead_used: AtomicU64,
 }
 
 impl StatsInner {
@@ -476,6 +482,8 @@ impl StatsInner {
             recovery_truncated_bytes: g(&self.recovery_truncated_bytes),
             failures: g(&self.failures),
             quarantined: g(&self.quarantined),
+            reads_ahead: g(&self.reads_ahead),
+            reads_ahead_used: g(&self.reads_ahead_used),
         }
     }
 }

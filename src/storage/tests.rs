@@ -977,15 +977,263 @@ fn a_read_does_not_read_the_batch_it_leaves_out() {
     let s = rig.open();
     let disk = rig.disk().unwrap();
     let max_bytes = 2 * len + len / 2;
-    let before = disk.bytes_read();
+    let before = disk.bytes_read() - disk.bytes_read_ahead();
     let bytes = block_on(s.read(&id, 0, max_bytes)).unwrap();
-    let read = (disk.bytes_read() - before) as usize;
+    // Reads ahead for the next fetch are not this one's.
+    let read = (disk.bytes_read() - disk.bytes_read_ahead() - before) as usize;
     assert_eq!(BatchIter::new(&bytes).count(), 2, "the third does not fit");
     // One window: from the first batch's block, max_bytes and a header,
     // in whole blocks.
     let window = (max_bytes + batch::HEADER_BYTES).div_ceil(4096) * 4096 + 4096;
     assert!(read <= window, "read {read} bytes for {max_bytes}");
     s.shutdown().unwrap();
+}
+
+/// Whether the rig's backend reads ahead (pwrite has no background reads).
+fn reads_ahead(name: &str) -> bool {
+    name != "pwrite"
+}
+
+/// A consumer reading a log in order gets every batch, and after its first
+/// fetch (and the first of each segment) each fetch is served by the read
+/// started for it; the device reads the log about once.
+#[test]
+fn sequential_fetches_are_read_ahead() {
+    for (name, rig) in rigs() {
+        let id = pid("ahead", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            segment_bytes: 1 << 20,
+            segments: 3,
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        let mut sent = Vec::new();
+        for tag in 0..180u64 {
+            let b = make_batch(8, 1000, tag, tag as i64);
+            let ack = block_on(s.append(&id, b.clone())).unwrap();
+            sent.push(stored(b, ack.base_offset));
+        }
+        let log_bytes: usize = sent.iter().map(Vec::len).sum();
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let before = s.stats();
+        let read0 = rig.disk().map(FaultDisk::bytes_read);
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let (mut at, mut got, mut fetches) = (0, Vec::new(), 0u64);
+        while at < hw {
+            let bytes = block_on(s.read(&id, at, 64 * 1024)).unwrap();
+            fetches += 1;
+            for v in BatchIter::new(&bytes) {
+                let v = v.unwrap();
+                at = v.header.next_offset();
+                got.push(v.bytes.to_vec());
+            }
+        }
+        assert_eq!(got, sent, "{name}");
+        let st = s.stats();
+        let used = st.reads_ahead_used - before.reads_ahead_used;
+        let started = st.reads_ahead - before.reads_ahead;
+        if reads_ahead(name) {
+            // Not ahead: the first fetch (and at most one at the segment
+            // boundary).
+            assert!(used + 2 >= fetches, "{name}: {used} of {fetches} fetches");
+            assert!(
+                started <= used + 1,
+                "{name}: {started} started, {used} used"
+            );
+        } else {
+            assert_eq!((started, used), (0, 0), "{name}");
+        }
+        if let (Some(disk), Some(read0)) = (rig.disk(), read0) {
+            // Consecutive windows overlap by the batch left out of each.
+            let read = (disk.bytes_read() - read0) as usize;
+            assert!(
+                read < log_bytes * 5 / 4,
+                "{name}: read {read} for {log_bytes}"
+            );
+        }
+        s.shutdown().unwrap();
+    }
+}
+
+/// Each batch's base offset and key (`make_batch`'s tag), for messages.
+fn summary(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    BatchIter::new(bytes)
+        .map(|v| {
+            let v = v.unwrap();
+            let recs = v.records().unwrap();
+            let key = recs[0].key.map(|k| k.to_vec()).unwrap_or_default();
+            (v.header.base_offset, key)
+        })
+        .collect()
+}
+
+/// Consumers of two partitions taking turns: one keeps the read-ahead and
+/// none is wasted; once it stops, the other gets it.
+#[test]
+fn readers_taking_turns_share_the_read_ahead_without_waste() {
+    for (name, rig) in rigs() {
+        if !reads_ahead(name) {
+            continue;
+        }
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            segment_bytes: 1 << 20,
+            segments: 3,
+            ..small_cfg()
+        };
+        let ids = [pid("turn", 0), pid("turn", 1)];
+        for id in &ids {
+            block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
+            for tag in 0..150u64 {
+                block_on(s.append(id, make_batch(8, 1000, tag, 0))).unwrap();
+            }
+        }
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let mut at = [0u64; 2];
+        let mut fetch = |i: usize| {
+            let bytes = block_on(s.read(&ids[i], at[i], 32 * 1024)).unwrap();
+            at[i] = BatchIter::new(&bytes)
+                .last()
+                .unwrap()
+                .unwrap()
+                .header
+                .next_offset();
+        };
+        let before = s.stats();
+        for _ in 0..10 {
+            fetch(0);
+            fetch(1);
+        }
+        let mid = s.stats();
+        let used = mid.reads_ahead_used - before.reads_ahead_used;
+        let started = mid.reads_ahead - before.reads_ahead;
+        assert_eq!(
+            used, 9,
+            "{name}: the first reader's fetches after its first"
+        );
+        assert_eq!(started, 10, "{name}: {started} started");
+        // The first reader stops: the second takes over after
+        // AHEAD_PASSES_MAX fetches.
+        for _ in 0..30 {
+            fetch(1);
+        }
+        let used = s.stats().reads_ahead_used - mid.reads_ahead_used;
+        assert!(used >= 30 - 17 - 1, "{name}: {used} of 30");
+        s.shutdown().unwrap();
+    }
+}
+
+/// Appends of `n` same-size batches; the ack of the first.
+fn append_same(s: &Storage, id: &PartitionId, n: u64, tag0: u64) -> Vec<(u64, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let b = make_batch(4, 1000, tag0 + i, 0);
+            let ack = block_on(s.append(id, b.clone())).unwrap();
+            (ack.base_offset, stored(b, ack.base_offset))
+        })
+        .collect()
+}
+
+/// Same-size batches (`append_same`): the batch index of the sparse index
+/// entry after the segment's first, and the fetch size that stops just
+/// before that batch when reading from the segment's start. A fetch for
+/// that batch starts at the entry's position, inside the window read ahead
+/// for the next fetch after such a read.
+fn entry_after_first(batch_len: usize) -> (u64, usize) {
+    let j = (super::engine::INDEX_INTERVAL_BYTES as usize).div_ceil(batch_len);
+    (j as u64, j * batch_len + batch_len / 2)
+}
+
+/// A read ahead of a segment slot is dropped when the ring wraps onto that
+/// slot: the bytes it holds are the last lap's, at the very positions the
+/// new lap's batches now occupy (all batches here have one size).
+#[test]
+fn a_reused_segment_is_not_served_from_its_last_lap_read_ahead() {
+    for (name, rig) in rigs() {
+        let id = pid("lap", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            segment_bytes: 256 * 1024,
+            segments: 3,
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        // Slot 0 full and closed; read up to just before its batch j, whose
+        // position is an index entry, so its bytes are read ahead.
+        let first = append_same(&s, &id, 100, 0);
+        let (j, max_bytes) = entry_after_first(first[0].1.len());
+        let before = s.stats();
+        let bytes = block_on(s.read(&id, 0, max_bytes)).unwrap();
+        assert_eq!(BatchIter::new(&bytes).count() as u64, j, "{name}");
+        assert_eq!(
+            s.stats().reads_ahead - before.reads_ahead,
+            u64::from(reads_ahead(name)),
+            "{name}"
+        );
+        // Wrap onto slot 0, then write past the read-ahead's range and
+        // the tail buffer, so those positions are read from the file.
+        let mut tag = 100;
+        let first_of_lap = loop {
+            let (off, _) = append_same(&s, &id, 1, tag).remove(0);
+            tag += 1;
+            if s.offsets(&id).unwrap().earliest > 0 {
+                break off;
+            }
+        };
+        let lap = append_same(&s, &id, 40, tag);
+        let at = first_of_lap + j * 4;
+        let want: Vec<Vec<u8>> = lap
+            .iter()
+            .filter(|(off, _)| *off >= at)
+            .take(2)
+            .map(|(_, b)| b.clone())
+            .collect();
+        let bytes = block_on(s.read(&id, at, 12 * 1024)).unwrap();
+        let got: Vec<Vec<u8>> = BatchIter::new(&bytes)
+            .map(|v| v.unwrap().bytes.to_vec())
+            .collect();
+        assert!(got == want, "{name}: {:?}", summary(&bytes));
+        assert_eq!(
+            s.stats().reads_ahead_used,
+            before.reads_ahead_used,
+            "{name}"
+        );
+        s.shutdown().unwrap();
+    }
+}
+
+/// A read ahead of a deleted partition's file is never served to the
+/// partition created next, whose files get the same handles (and here the
+/// same offsets at the same positions, with other bytes).
+#[test]
+fn a_deleted_partitions_read_ahead_is_not_served_to_its_successor() {
+    for (name, rig) in rigs() {
+        let id = pid("again", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            segment_bytes: 256 * 1024,
+            segments: 3,
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
+        let old = append_same(&s, &id, 100, 0);
+        let (j, max_bytes) = entry_after_first(old[0].1.len());
+        block_on(s.read(&id, 0, max_bytes)).unwrap();
+        block_on(s.delete_partition(&id)).unwrap();
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        let again = append_same(&s, &id, 100, 1_000);
+        let bytes = block_on(s.read(&id, j * 4, 12 * 1024)).unwrap();
+        let got: Vec<Vec<u8>> = BatchIter::new(&bytes)
+            .map(|v| v.unwrap().bytes.to_vec())
+            .collect();
+        let j = j as usize;
+        let want: Vec<Vec<u8>> = again[j..j + 2].iter().map(|(_, b)| b.clone()).collect();
+        assert!(got == want, "{name}: {:?}", summary(&bytes));
+        s.shutdown().unwrap();
+    }
 }
 
 #[test]
