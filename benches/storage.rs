@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench storage` (SKIFF_BENCH_QUICK=1 for a short smoke run;
 //! SKIFF_BENCH_DIR to measure another disk; SKIFF_BENCH_ONLY=1024x256 or
-//! 100x16@1000,... for only those append rows and nothing after them;
+//! 100x16@1000,... for only those append rows and nothing after them, with
+//! `recovery` in the list for the recovery and replay figures too;
 //! SKIFF_BENCH_BACKEND=pwrite to leave io_uring out; SKIFF_BENCH_AB=1 for
 //! the interleaved A/B of io_uring and pwrite, each with and without
 //! `pipelined_fsync`, and of pipelined io_uring without the sync hold). Each figure is the median of three runs,
@@ -568,7 +569,11 @@ fn main() {
         );
     }
 
-    if only.is_some() {
+    if let Some(only) = &only {
+        if only.split(',').any(|w| w == "recovery") {
+            recovery(&p, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         return;
     }
     for interval_ms in [2u32, 10] {
@@ -652,7 +657,7 @@ fn recovery(p: &Params, dir: &Path) {
                 data_dir: dir.to_path_buf(),
                 ..StorageConfig::default()
             },
-            Box::new(PwriteBackend::new()),
+            backend(),
         )
         .expect("reopen");
         times.push(t.elapsed().as_secs_f64());
