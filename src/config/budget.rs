@@ -119,6 +119,16 @@ impl MemoryBudget {
                 ),
             ),
             line(
+                "storage I/O buffers",
+                crate::storage::thread_buffer_bytes(
+                    usize::try_from(st.max_batch_bytes).unwrap_or(usize::MAX / 4),
+                ) as u64,
+                format!(
+                    "read window and read-ahead spare 2 x (storage.max_batch_bytes {}, at least 256 KiB, + 4 KiB), zeros 256 KiB",
+                    human(st.max_batch_bytes)
+                ),
+            ),
+            line(
                 "append queue slots",
                 queue.saturating_mul(APPEND_JOB_BYTES),
                 format!("storage.append_queue_depth {queue} x {APPEND_JOB_BYTES} B per job"),

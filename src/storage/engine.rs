@@ -1155,6 +1155,12 @@ struct Engine {
     bell: Arc<Doorbell>,
 }
 
+/// The read buffer (and its read-ahead spare): a whole max-size batch, at
+/// least [`READ_WINDOW_BYTES_MIN`], and a block for an unaligned start.
+pub(crate) fn read_buffer_bytes(max_batch_bytes: usize) -> usize {
+    (max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B
+}
+
 /// Starts the storage thread and waits for recovery to finish.
 pub(crate) fn start(
     cfg: StorageConfig,
@@ -1171,7 +1177,7 @@ pub(crate) fn start(
     let handle = std::thread::Builder::new()
         .name("skiff-storage".into())
         .spawn(move || {
-            let read_bytes = (cfg.max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B;
+            let read_bytes = read_buffer_bytes(cfg.max_batch_bytes);
             let bufs = AlignedBuf::new(read_bytes).and_then(|r| {
                 Ok((
                     r,

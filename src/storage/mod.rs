@@ -426,6 +426,13 @@ pub struct RecoveryReport {
     pub high_watermark: u64,
 }
 
+/// The storage thread's I/O buffers, allocated at start-up: the read
+/// window, its read-ahead spare of the same size, and the chunk of zeros
+/// segments are pre-written with.
+pub fn thread_buffer_bytes(max_batch_bytes: usize) -> usize {
+    2 * engine::read_buffer_bytes(max_batch_bytes) + engine::ZERO_CHUNK_BYTES
+}
+
 /// A snapshot of the storage counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StorageStats {
