@@ -84,6 +84,12 @@ fn encode_frame<T: minicbor::Encode<()>>(item: &T, out: &mut Vec<u8>) -> Result<
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     minicbor::encode(item, &mut *out).expect("Vec<u8> writes are infallible");
     let body = out.len() - start - FRAME_HEADER_BYTES;
+    finish_frame(out, start, body)
+}
+
+/// Fills in the length prefix of the frame begun at `start` (its body
+/// `body` bytes long), or removes the frame when that does not fit a u32.
+fn finish_frame(out: &mut Vec<u8>, start: usize, body: usize) -> Result<usize, FrameError> {
     let Ok(len) = u32::try_from(body) else {
         out.truncate(start);
         return Err(FrameError::TooLarge {
@@ -140,6 +146,95 @@ impl<C> minicbor::Encode<C> for RequestRef<'_> {
 /// As [`encode_request`], for a response.
 pub fn encode_response(response: &Response, out: &mut Vec<u8>) -> Result<usize, FrameError> {
     encode_frame(response, out)
+}
+
+/// Fetch records at least this long are sent in place, not copied into the
+/// frame (see [`encode_response_spliced`]).
+pub const SPLICE_MIN_BYTES: usize = 64 * 1024;
+
+/// Where a response's fetch records go in a frame encoded without them:
+/// before byte `at` of the encoded bytes, the records of partition result
+/// `partition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splice {
+    pub at: usize,
+    pub partition: usize,
+}
+
+/// As [`encode_response`], but the records of fetch results of at least
+/// [`SPLICE_MIN_BYTES`] are left out of `out` and named in `splices`
+/// (appended, in order): the frame is `out` with each result's records
+/// inserted at its splice, and its length prefix counts them. A sender
+/// writes the pieces in order (one vectored write) instead of copying a
+/// megabyte per fetch into the frame. Returns the whole frame's size.
+pub fn encode_response_spliced(
+    response: &Response,
+    out: &mut Vec<u8>,
+    splices: &mut Vec<Splice>,
+) -> Result<usize, FrameError> {
+    let big: Vec<(usize, &[u8])> = match &response.body {
+        ResponseBody::Fetch(f) => f
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.records.len() >= SPLICE_MIN_BYTES)
+            .map(|(i, p)| (i, p.records.as_slice()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if big.is_empty() {
+        return encode_response(response, out);
+    }
+    let start = out.len();
+    let first_splice = splices.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    let mut w = SplicingWriter {
+        out: &mut *out,
+        big: &big,
+        next: 0,
+        spliced_bytes: 0,
+        splices: &mut *splices,
+    };
+    minicbor::encode(response, &mut w).expect("Vec<u8> writes are infallible");
+    let spliced = w.spliced_bytes;
+    let body = out.len() - start - FRAME_HEADER_BYTES + spliced;
+    let res = finish_frame(out, start, body);
+    if res.is_err() {
+        splices.truncate(first_splice);
+    }
+    res
+}
+
+/// Copies what the encoder writes, except the (large) records slices it
+/// was told of, which it recognises by address and length and only notes.
+/// Anything else, however large, is copied: the frame stays exact.
+struct SplicingWriter<'a, 'b> {
+    out: &'a mut Vec<u8>,
+    big: &'a [(usize, &'b [u8])],
+    next: usize,
+    spliced_bytes: usize,
+    splices: &'a mut Vec<Splice>,
+}
+
+impl minicbor::encode::Write for SplicingWriter<'_, '_> {
+    type Error = std::convert::Infallible;
+
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
+        match self.big.get(self.next) {
+            Some(&(partition, records))
+                if buf.as_ptr() == records.as_ptr() && buf.len() == records.len() =>
+            {
+                self.splices.push(Splice {
+                    at: self.out.len(),
+                    partition,
+                });
+                self.next += 1;
+                self.spliced_bytes += records.len();
+            }
+            _ => self.out.extend_from_slice(buf),
+        }
+        Ok(())
+    }
 }
 
 /// The answer to a frame that could not be decoded: the correlation id if it

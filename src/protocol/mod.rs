@@ -17,8 +17,8 @@ mod tests;
 
 pub use codec::{
     body_len, decode_request, decode_response, encode_request, encode_request_body,
-    encode_response, error_response, frame_error_response, frame_len, peek_correlation_id,
-    FRAME_HEADER_BYTES,
+    encode_response, encode_response_spliced, error_response, frame_error_response, frame_len,
+    peek_correlation_id, Splice, FRAME_HEADER_BYTES, SPLICE_MIN_BYTES,
 };
 pub use error::{ErrorCode, FrameError, MalformedKind};
 pub use types::*;

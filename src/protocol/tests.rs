@@ -509,6 +509,89 @@ fn fetch_size_bound_holds_for_extreme_values() {
     assert!(frame.len() <= bound, "{} > {bound}", frame.len());
 }
 
+/// A fetch response with records of the given sizes (`fill` varies bytes).
+fn fetch_response(sizes: &[usize], fill: u8) -> Response {
+    Response {
+        correlation_id: 77,
+        body: ResponseBody::Fetch(FetchResponse {
+            partitions: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| FetchPartitionResult {
+                    topic: format!("t{i}"),
+                    partition: i as u32,
+                    error: ErrorCode::None,
+                    high_watermark: 1_000 + i as u64,
+                    earliest_offset: i as u64,
+                    records: ByteVec::from(
+                        (0..n)
+                            .map(|j| (j as u8).wrapping_mul(31) ^ fill)
+                            .collect::<Vec<u8>>(),
+                    ),
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// The frame with its spliced records put back in place.
+fn unsplice(r: &Response, encoded: &[u8], splices: &[Splice]) -> Vec<u8> {
+    let ResponseBody::Fetch(f) = &r.body else {
+        panic!("not a fetch")
+    };
+    let mut whole = Vec::new();
+    let mut from = 0;
+    for s in splices {
+        whole.extend_from_slice(&encoded[from..s.at]);
+        whole.extend_from_slice(&f.partitions[s.partition].records);
+        from = s.at;
+    }
+    whole.extend_from_slice(&encoded[from..]);
+    whole
+}
+
+/// Leaving large records out and writing them in place gives the very
+/// frame `encode_response` makes, length prefix included, after other
+/// frames in the same buffer too; small records and other responses are
+/// encoded whole.
+#[test]
+fn spliced_fetch_frames_equal_whole_ones() {
+    let cases: [&[usize]; 5] = [
+        &[SPLICE_MIN_BYTES],
+        &[10, SPLICE_MIN_BYTES - 1, 1 << 20],
+        &[1 << 20, 0, 300_000, 5],
+        &[SPLICE_MIN_BYTES - 1],
+        &[],
+    ];
+    for (k, sizes) in cases.iter().enumerate() {
+        let r = fetch_response(sizes, k as u8);
+        let whole = response_frame(&r);
+        let mut out = b"earlier frames".to_vec();
+        let mut splices = Vec::new();
+        let n = encode_response_spliced(&r, &mut out, &mut splices).unwrap();
+        assert_eq!(n, whole.len(), "{sizes:?}");
+        let big = sizes.iter().filter(|&&s| s >= SPLICE_MIN_BYTES).count();
+        assert_eq!(splices.len(), big, "{sizes:?}");
+        assert!(splices.windows(2).all(|w| w[0].at <= w[1].at));
+        assert_eq!(&out[..14], b"earlier frames");
+        let at_zero: Vec<Splice> = splices
+            .iter()
+            .map(|s| Splice {
+                at: s.at - 14,
+                partition: s.partition,
+            })
+            .collect();
+        assert_eq!(unsplice(&r, &out[14..], &at_zero), whole, "{sizes:?}");
+    }
+    // Not a fetch: nothing spliced.
+    let r = error_response(3, ErrorCode::Internal, "x".repeat(100_000));
+    let mut out = Vec::new();
+    let mut splices = Vec::new();
+    encode_response_spliced(&r, &mut out, &mut splices).unwrap();
+    assert!(splices.is_empty());
+    assert_eq!(out, response_frame(&r));
+}
+
 #[test]
 fn version_negotiation_picks_the_highest_common() {
     assert_eq!(negotiate_version(1, 1), Some(1));

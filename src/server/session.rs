@@ -14,8 +14,9 @@ use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{
-    self, decode_request, encode_response, error_response, frame_error_response, frame_len,
-    ErrorCode, FrameError, HelloResponse, RequestBody, Response, ResponseBody, FRAME_HEADER_BYTES,
+    self, decode_request, encode_response, encode_response_spliced, error_response,
+    frame_error_response, frame_len, ErrorCode, FrameError, HelloResponse, RequestBody, Response,
+    ResponseBody, Splice, FRAME_HEADER_BYTES,
 };
 
 use super::handler;
@@ -134,23 +135,23 @@ async fn write_loop<S>(
 ) where
     S: AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut out = Outgoing::default();
     let mut broken = false;
     while let Ok((first, n)) = rx.recv().await {
-        buf.clear();
+        out.clear();
         let mut release = n;
-        encode(&first, &mut buf);
+        out.add(first);
         // Coalesce whatever else is ready into one write.
-        while buf.len() < 256 * 1024 {
+        while out.bytes() < 256 * 1024 {
             match rx.try_recv() {
                 Ok((r, n)) => {
-                    encode(&r, &mut buf);
+                    out.add(r);
                     release += n;
                 }
                 Err(_) => break,
             }
         }
-        if !broken && stream.write_all(&buf).await.is_err() {
+        if !broken && out.write_to(&mut stream).await.is_err() {
             // The peer is gone; keep draining so in-flight accounting ends.
             broken = true;
         }
@@ -162,13 +163,87 @@ async fn write_loop<S>(
     }
 }
 
-fn encode(r: &Response, buf: &mut Vec<u8>) {
-    if encode_response(r, buf).is_err() {
-        // Only a body above 4 GiB fails, which limits make impossible; answer
-        // with an error rather than a truncated frame all the same.
-        let e = error_response(r.correlation_id, ErrorCode::Internal, "response too large");
-        let _ = encode_response(&e, buf);
+/// Responses encoded for one write. A fetch's large records are not
+/// copied into `buf`: they are written from the response itself, which is
+/// held until then (one vectored write of the pieces, in order).
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    /// Responses with records spliced in, and the splices (in `buf`
+    /// order) with the index of their response.
+    held: Vec<Response>,
+    splices: Vec<(usize, Splice)>,
+    scratch: Vec<Splice>,
+    spliced_bytes: usize,
+}
+
+impl Outgoing {
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.held.clear();
+        self.splices.clear();
+        self.spliced_bytes = 0;
     }
+
+    /// Bytes of the write so far.
+    fn bytes(&self) -> usize {
+        self.buf.len() + self.spliced_bytes
+    }
+
+    fn add(&mut self, r: Response) {
+        self.scratch.clear();
+        if encode_response_spliced(&r, &mut self.buf, &mut self.scratch).is_err() {
+            // Only a body above 4 GiB fails, which limits make impossible;
+            // answer with an error rather than a truncated frame all the same.
+            let e = error_response(r.correlation_id, ErrorCode::Internal, "response too large");
+            let _ = encode_response(&e, &mut self.buf);
+            return;
+        }
+        if self.scratch.is_empty() {
+            return;
+        }
+        let ResponseBody::Fetch(f) = &r.body else {
+            unreachable!("only fetch records are spliced")
+        };
+        for sp in &self.scratch {
+            self.spliced_bytes += f.partitions[sp.partition].records.len();
+            self.splices.push((self.held.len(), *sp));
+        }
+        self.held.push(r);
+    }
+
+    async fn write_to<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> std::io::Result<()> {
+        if self.splices.is_empty() {
+            return stream.write_all(&self.buf).await;
+        }
+        let mut pieces = Vec::with_capacity(2 * self.splices.len() + 1);
+        let mut from = 0;
+        for &(h, sp) in &self.splices {
+            let ResponseBody::Fetch(f) = &self.held[h].body else {
+                unreachable!("only fetch records are spliced")
+            };
+            pieces.push(std::io::IoSlice::new(&self.buf[from..sp.at]));
+            pieces.push(std::io::IoSlice::new(&f.partitions[sp.partition].records));
+            from = sp.at;
+        }
+        pieces.push(std::io::IoSlice::new(&self.buf[from..]));
+        write_all_vectored(stream, &mut pieces).await
+    }
+}
+
+async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut pieces: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut pieces, 0);
+    while !pieces.is_empty() {
+        let n = stream.write_vectored(pieces).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut pieces, n);
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -419,6 +494,113 @@ async fn dispatch(ctx: &Ctx, body: RequestBody) -> ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{FetchPartitionResult, FetchResponse, SPLICE_MIN_BYTES};
+
+    /// Takes at most `step` bytes per (vectored) write, so every piece
+    /// boundary and partial write is exercised.
+    struct Trickle {
+        got: Vec<u8>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.got.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.step - n);
+                self.got.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.step {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn fetch(id: u32, sizes: &[usize]) -> Response {
+        Response {
+            correlation_id: id,
+            body: ResponseBody::Fetch(FetchResponse {
+                partitions: sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| FetchPartitionResult {
+                        topic: "t".into(),
+                        partition: i as u32,
+                        error: ErrorCode::None,
+                        high_watermark: 9,
+                        earliest_offset: 0,
+                        records: (0..n)
+                            .map(|j| (j * 7 + i) as u8)
+                            .collect::<Vec<u8>>()
+                            .into(),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Several responses, some with records sent in place, coalesced into
+    /// one write that the socket takes a few bytes at a time: the bytes
+    /// are exactly the frames encoded whole, in order.
+    #[test]
+    fn a_write_with_records_sent_in_place_is_the_frames_in_order() {
+        let responses = [
+            fetch(1, &[SPLICE_MIN_BYTES, 10]),
+            error_response(2, ErrorCode::Internal, "small"),
+            fetch(3, &[5, 200_000, SPLICE_MIN_BYTES + 1]),
+            fetch(4, &[100]),
+        ];
+        let mut want = Vec::new();
+        for r in &responses {
+            encode_response(r, &mut want).unwrap();
+        }
+        for step in [7, 4096, usize::MAX] {
+            let mut out = Outgoing::default();
+            for r in responses.iter().cloned() {
+                out.add(r);
+            }
+            assert_eq!(out.held.len(), 2, "the two fetches with large records");
+            assert_eq!(out.bytes(), want.len());
+            let mut sink = Trickle {
+                got: Vec::new(),
+                step,
+            };
+            smol::block_on(out.write_to(&mut sink)).unwrap();
+            assert!(sink.got == want, "step {step}");
+            out.clear();
+            assert_eq!(out.bytes(), 0);
+        }
+    }
 
     #[test]
     fn a_large_read_buffer_is_kept_for_large_frames_and_given_back_after_small_ones() {
