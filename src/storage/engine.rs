@@ -853,12 +853,13 @@ fn window_range(buf_len: usize, hint: usize, pos: u64, need: usize, limit: u64) 
 }
 
 /// Read-ahead for sequential readers. A fetch that stops short of the
-/// data on disk names the window its successor will want; once its answer
-/// is sent, that window is read in the background
+/// data on disk names the window its successor will want (from its first
+/// window's headers, before it checks and copies its batches, or else
+/// when it returns), and that window is read in the background
 /// ([`IoBackend::read_start`]) into a spare buffer, which the next
-/// [`window`] that it covers swaps with the read buffer. The device then
-/// works while the answer travels and the consumer turns round, instead
-/// of after the next fetch arrives.
+/// [`Part::bytes_at`] that it covers swaps with the read buffer. The
+/// device then works while the answer is made, travels and is answered,
+/// instead of after the next fetch arrives.
 #[derive(Debug, Default)]
 struct Ahead {
     /// A second read buffer, the size of `rbuf`. `None` while the backend
@@ -917,7 +918,8 @@ impl Ahead {
     }
 
     /// Starts the read the last fetch planned, unless it is in flight
-    /// already. A read in flight for something else is dropped first.
+    /// already. A read in flight for something else is kept (another
+    /// reader's turn) until [`AHEAD_PASSES_MAX`] fetches passed it over.
     fn start(&mut self, io: &mut dyn IoBackend, stats: &StatsInner) {
         let Some(key) = self.next.take() else {
             return;
