@@ -383,7 +383,9 @@ impl std::fmt::Debug for Producers {
 }
 
 impl Producers {
-    /// Loads the registry. The table starts empty; filled from snapshots ([`Self::load_snapshot`]) and the log ([`Self::recover_batch`]).
+    /// Loads the registry. The table starts empty, and is filled from
+    /// snapshots ([`Self::load_snapshot`]) and the log
+    /// ([`Self::recover_batch`]).
     pub fn open(data_dir: &Path, config: ProducersConfig) -> Result<Self, MetaError> {
         let registry_path = data_dir.join(REGISTRY_FILE);
         let file: RegistryFile = meta::read(&registry_path)?.unwrap_or_default();
