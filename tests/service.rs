@@ -104,6 +104,61 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A replay after a restart reads the log from the device, and the
+/// metrics say so; where the kernel has io_uring most of it was read
+/// ahead, and little or nothing was read ahead in vain.
+#[test]
+fn metrics_show_a_replays_reads_from_the_device() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut b = Broker::start(&format!("[metrics]\nlisten = {addr:?}\n"));
+    assert_ok(&b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "20000",
+        "--size",
+        "1024",
+        "--fsync",
+        "never",
+    ]));
+    // After a restart only the log's last partial block is in memory.
+    assert_eq!(b.stop(), Some(0));
+    b.restart();
+    let uring = b.log().contains("backend io_uring");
+    let out = b.cli(&["bench", "consume"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("\"messages\":20000"),
+        "{}",
+        stdout(&out)
+    );
+    let (_, text) = http_get(&addr, "/metrics");
+    let read = |source: &str| {
+        sample(
+            &text,
+            "skiff_storage_read_bytes_total",
+            &format!("source=\"{source}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    let (demand, ahead, unused) = (read("demand"), read("ahead"), read("ahead_unused"));
+    let log_bytes = 20_000.0 * 1024.0;
+    assert!(
+        demand + ahead >= log_bytes,
+        "the whole log from the device: {demand} + {ahead} < {log_bytes}\n{text}"
+    );
+    if uring {
+        assert!(ahead > demand, "mostly read ahead: {ahead} vs {demand}");
+        assert!(
+            unused <= 2.0 * 1024.0 * 1024.0,
+            "{unused} read ahead in vain"
+        );
+    } else {
+        assert_eq!(ahead, 0.0, "pwrite reads on demand only");
+    }
+}
+
 #[test]
 fn metrics_count_what_was_produced_and_fetched() {
     let port = free_port();

@@ -20,6 +20,7 @@
 //! | `request_duration_seconds` | histogram | kind |
 //! | `storage_write_duration_seconds`, `storage_fsync_duration_seconds` | histogram | |
 //! | `storage_device_bytes`, `storage_payload_bytes` | counter | |
+//! | `storage_read_bytes` (fetch windows from the device) | counter | source: demand, ahead, ahead_unused |
 //! | `group_lag_records` | gauge | group, topic, partition |
 //! | `dedup_hits` (retried batches not written again), `msg_id_duplicates` | counter | |
 //! | `producer_table_entries`, `producer_evictions`, `producer_expirations` | gauge, counter | |
@@ -81,6 +82,11 @@ struct LagLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,6 +154,7 @@ pub struct Metrics {
     storage_fsync_duration: Histogram,
     storage_device_bytes: Counter,
     storage_payload_bytes: Counter,
+    storage_read_bytes: Family<ReadLabels, Counter>,
     group_lag: Family<LagLabels, Gauge>,
     dedup_hits: Counter,
     producer_table_entries: Gauge,
@@ -219,6 +226,7 @@ impl Metrics {
             storage_fsync_duration: storage_histogram(),
             storage_device_bytes: Counter::default(),
             storage_payload_bytes: Counter::default(),
+            storage_read_bytes: Family::default(),
             group_lag: Family::default(),
             dedup_hits: Counter::default(),
             producer_table_entries: Gauge::default(),
@@ -289,6 +297,11 @@ impl Metrics {
             "storage_payload_bytes",
             "Record batch bytes the device writes carried (device/payload = write amplification)",
             m.storage_payload_bytes.clone(),
+        );
+        m.registry.register(
+            "storage_read_bytes",
+            "Bytes of fetch windows read from the device: on demand, read ahead and used, or read ahead and dropped unused",
+            m.storage_read_bytes.clone(),
         );
         m.registry.register(
             "group_lag_records",
@@ -548,6 +561,21 @@ impl crate::storage::IoObserver for Metrics {
 
     fn sync_group(&self, elapsed: Duration) {
         self.observe_fsync(elapsed);
+    }
+
+    fn window_read(&self, device_bytes: u64, ahead: bool) {
+        let source = if ahead { "ahead" } else { "demand" };
+        self.storage_read_bytes
+            .get_or_create(&ReadLabels { source })
+            .inc_by(device_bytes);
+    }
+
+    fn read_ahead_unused(&self, device_bytes: u64) {
+        self.storage_read_bytes
+            .get_or_create(&ReadLabels {
+                source: "ahead_unused",
+            })
+            .inc_by(device_bytes);
     }
 }
 

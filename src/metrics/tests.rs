@@ -90,6 +90,13 @@ fn scrape_shows_recorded_values() {
     let _unix = m.connection_opened(Listener::Unix);
     m.tls_failure();
     m.record_recovery(4096, 1);
+    {
+        use crate::storage::IoObserver;
+        m.window_read(1 << 20, false);
+        m.window_read(1 << 20, true);
+        m.window_read(4096, true);
+        m.read_ahead_unused(65536);
+    }
 
     let (status, response) = get(ep.addr, "/metrics");
     assert_eq!(status, 200, "{response}");
@@ -115,6 +122,18 @@ fn scrape_shows_recorded_values() {
         ("skiff_storage_fsync_duration_seconds_count", 1.0),
         ("skiff_storage_device_bytes_total", 8192.0),
         ("skiff_storage_payload_bytes_total", 5000.0),
+        (
+            "skiff_storage_read_bytes_total{source=\"demand\"}",
+            1048576.0,
+        ),
+        (
+            "skiff_storage_read_bytes_total{source=\"ahead\"}",
+            1052672.0,
+        ),
+        (
+            "skiff_storage_read_bytes_total{source=\"ahead_unused\"}",
+            65536.0,
+        ),
         (
             "skiff_group_lag_records{group=\"dashboard\",topic=\"sensors.temp\",partition=\"2\"}",
             17.0,

@@ -22,9 +22,9 @@ use super::doorbell::Doorbell;
 use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
 use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
 use super::{
-    meta, AppendAck, Durability, OverflowPolicy, PartShared, PartitionConfig, PartitionId,
-    RecoveryReport, Reply, Shared, StatsInner, StorageConfig, StorageError, STATE_FAILED, STATE_OK,
-    STATE_QUARANTINED,
+    meta, AppendAck, Durability, Observer, OverflowPolicy, PartShared, PartitionConfig,
+    PartitionId, RecoveryReport, Reply, Shared, StatsInner, StorageConfig, StorageError,
+    STATE_FAILED, STATE_OK, STATE_QUARANTINED,
 };
 use crate::batch::{self, BatchError, HEADER_BYTES};
 use std::collections::HashMap;
@@ -718,7 +718,13 @@ impl Part {
                 win.len = len;
             }
         }
+        let before = (win.file, win.start, win.len);
         let bytes = window(&mut *ctx.io, &mut ctx.rbuf, win, file, pos, need, limit)?;
+        if let Some(obs) = &ctx.cfg.observer {
+            if (win.file, win.start, win.len) != before {
+                obs.0.window_read(win.len as u64, false);
+            }
+        }
         Ok((bytes, true))
     }
 }
@@ -875,6 +881,7 @@ struct Ahead {
     /// and the last of their plans.
     passed: u32,
     passed_over: Option<AheadKey>,
+    observer: Option<Observer>,
 }
 
 /// Fetches planning other reads after which a read ahead is taken for
@@ -962,7 +969,12 @@ impl Ahead {
     /// spare and dropping its bytes.
     fn settle(&mut self, io: &mut dyn IoBackend) {
         if self.inflight.take().is_some() {
-            self.spare = io.read_finish().map(|(buf, _)| buf);
+            self.spare = io.read_finish().map(|(buf, res)| {
+                if let (Some(obs), Ok(n)) = (&self.observer, res) {
+                    obs.0.read_ahead_unused(n as u64);
+                }
+                buf
+            });
         }
     }
 
@@ -1001,10 +1013,16 @@ impl Ahead {
         match res {
             Ok(n) if end <= key.start + n.min(key.len) as u64 => {
                 StatsInner::add(&stats.reads_ahead_used, 1);
+                if let Some(obs) = &self.observer {
+                    obs.0.window_read(n as u64, true);
+                }
                 self.spare = Some(std::mem::replace(rbuf, buf));
                 Some((key.start, n.min(key.len)))
             }
-            _ => {
+            res => {
+                if let (Some(obs), Ok(n)) = (&self.observer, res) {
+                    obs.0.read_ahead_unused(n as u64);
+                }
                 self.spare = Some(buf);
                 None
             }
@@ -1198,6 +1216,7 @@ pub(crate) fn start(
                     rbuf,
                     ahead: Ahead {
                         spare: Some(spare),
+                        observer: cfg.observer.clone(),
                         ..Ahead::default()
                     },
                     zeros,

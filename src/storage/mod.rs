@@ -337,6 +337,14 @@ pub trait IoObserver: Send + Sync {
     /// A pipelined group's fdatasyncs completed, `elapsed` after they were
     /// started (the writes were reported by `write_round` already).
     fn sync_group(&self, elapsed: std::time::Duration);
+
+    /// A fetch's window came from the device: `ahead` when it was read in
+    /// the background and used, else read on demand.
+    fn window_read(&self, _device_bytes: u64, _ahead: bool) {}
+
+    /// A window read ahead was dropped unused (its reader moved elsewhere,
+    /// stopped, or its file was closed or reused).
+    fn read_ahead_unused(&self, _device_bytes: u64) {}
 }
 
 #[derive(Clone)]

@@ -994,9 +994,43 @@ fn reads_ahead(name: &str) -> bool {
     name != "pwrite"
 }
 
+/// Counts what the engine reports of its fetch reads.
+#[derive(Default)]
+struct ReadCounts {
+    demand: std::sync::atomic::AtomicU64,
+    ahead: std::sync::atomic::AtomicU64,
+    unused: std::sync::atomic::AtomicU64,
+}
+
+impl IoObserver for ReadCounts {
+    fn write_round(&self, _: std::time::Duration, _: u64, _: u64, _: bool) {}
+    fn sync_group(&self, _: std::time::Duration) {}
+    fn window_read(&self, device_bytes: u64, ahead: bool) {
+        let c = if ahead { &self.ahead } else { &self.demand };
+        c.fetch_add(device_bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn read_ahead_unused(&self, device_bytes: u64) {
+        self.unused
+            .fetch_add(device_bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The rig's storage with a [`ReadCounts`] observer.
+fn open_counting_reads(rig: &Rig) -> (Storage, Arc<ReadCounts>) {
+    let counts = Arc::new(ReadCounts::default());
+    let s = rig
+        .open_with(StorageConfig {
+            observer: Some(Observer(counts.clone())),
+            ..rig.cfg()
+        })
+        .unwrap();
+    (s, counts)
+}
+
 /// A consumer reading a log in order gets every batch, and after its first
 /// fetch (and the first of each segment) each fetch is served by the read
-/// started for it; the device reads the log about once.
+/// started for it; the device reads the log about once, and the observer
+/// hears of every byte of it.
 #[test]
 fn sequential_fetches_are_read_ahead() {
     for (name, rig) in rigs() {
@@ -1016,7 +1050,7 @@ fn sequential_fetches_are_read_ahead() {
         }
         let log_bytes: usize = sent.iter().map(Vec::len).sum();
         s.shutdown().unwrap();
-        let s = rig.open();
+        let (s, counts) = open_counting_reads(&rig);
         let before = s.stats();
         let read0 = rig.disk().map(FaultDisk::bytes_read);
         let hw = s.offsets(&id).unwrap().high_watermark;
@@ -1045,12 +1079,22 @@ fn sequential_fetches_are_read_ahead() {
         } else {
             assert_eq!((started, used), (0, 0), "{name}");
         }
+        let ahead = counts.ahead.load(std::sync::atomic::Ordering::Relaxed);
+        let unused = counts.unused.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ahead > 0, reads_ahead(name), "{name}");
+        assert_eq!(unused, 0, "{name}");
         if let (Some(disk), Some(read0)) = (rig.disk(), read0) {
             // Consecutive windows overlap by the batch left out of each.
             let read = (disk.bytes_read() - read0) as usize;
             assert!(
                 read < log_bytes * 5 / 4,
                 "{name}: read {read} for {log_bytes}"
+            );
+            let demand = counts.demand.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(
+                demand + ahead,
+                read as u64,
+                "{name}: every byte read reported"
             );
         }
         s.shutdown().unwrap();
@@ -1091,7 +1135,7 @@ fn readers_taking_turns_share_the_read_ahead_without_waste() {
             }
         }
         s.shutdown().unwrap();
-        let s = rig.open();
+        let (s, counts) = open_counting_reads(&rig);
         let mut at = [0u64; 2];
         let mut fetch = |i: usize| {
             let bytes = block_on(s.read(&ids[i], at[i], 32 * 1024)).unwrap();
@@ -1122,6 +1166,12 @@ fn readers_taking_turns_share_the_read_ahead_without_waste() {
         }
         let used = s.stats().reads_ahead_used - mid.reads_ahead_used;
         assert!(used >= 30 - 17 - 1, "{name}: {used} of 30");
+        // The first reader's last read ahead, dropped when it was replaced.
+        let unused = counts.unused.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            unused > 0 && unused <= 64 * 1024,
+            "{name}: {unused} bytes unused"
+        );
         s.shutdown().unwrap();
     }
 }
