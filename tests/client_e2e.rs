@@ -251,6 +251,59 @@ fn raw_produce_fetch_and_offsets() {
     assert_eq!(consumer.position("t", 1), Some(10));
 }
 
+/// A consumer of two partitions, one with megabytes of backlog: the
+/// broker fills a fetch's byte budget in request order, so the small
+/// partition must lead a fetch soon, not wait until the large one is
+/// drained.
+#[test]
+fn a_partition_with_a_backlog_does_not_starve_the_others() {
+    let server = Server::start();
+    let c = blocking::Client::connect(&server.addr()).unwrap();
+    create(&c, "fair", 2);
+    let batch = |n: i64, size: usize| {
+        let mut b = BatchBuilder::new();
+        for i in 0..n {
+            b.push(i, None, &vec![b'x'; size], &[]);
+        }
+        b.finish(ProducerStamp::NONE)
+    };
+    for _ in 0..16 {
+        let r = c
+            .produce_raw(vec![ProducePartition {
+                topic: "fair".into(),
+                partition: 0,
+                batch: batch(256, 1000).into(),
+            }])
+            .unwrap();
+        assert_eq!(r[0].error, ErrorCode::None);
+    }
+    let r = c
+        .produce_raw(vec![ProducePartition {
+            topic: "fair".into(),
+            partition: 1,
+            batch: batch(5, 10).into(),
+        }])
+        .unwrap();
+    assert_eq!(r[0].error, ErrorCode::None);
+
+    let mut consumer = blocking::Consumer::new(&c, ConsumerConfig::default());
+    consumer.assign("fair", None, StartFrom::Earliest).unwrap();
+    let mut polls = 0;
+    while consumer.position("fair", 1) != Some(5) {
+        polls += 1;
+        assert!(
+            polls <= 2,
+            "partition 1 still unread after {polls} polls; partition 0 at {:?} of 4096",
+            consumer.position("fair", 0)
+        );
+        consumer.poll().unwrap();
+    }
+    assert!(
+        consumer.position("fair", 0).unwrap() < 4096,
+        "read before the backlog was drained"
+    );
+}
+
 async fn connect_and_create(server: &Server, topic: &str, partitions: u32) -> Client {
     let client = Client::connect(&server.addr()).await.unwrap();
     client

@@ -1,7 +1,7 @@
 //! [`Consumer`]: reads records from assigned partitions with long-poll
 //! fetches, keeping one position per partition.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -132,6 +132,12 @@ pub struct Consumer {
     /// while the caller works. Used only if it asks for the positions the
     /// next `poll` would ask for.
     prefetch: Option<Prefetch>,
+    /// Which assigned partition (in `positions` order) leads the next
+    /// fetch: the one after the last that returned records. The broker
+    /// fills a fetch's byte budget in request order, so a fixed order
+    /// would let one partition's backlog take every fetch while the
+    /// others wait (Kafka's fetcher rotates for the same reason).
+    first: usize,
 }
 
 type FetchFuture = Pin<Box<dyn Future<Output = Result<FetchResponse, ClientError>> + Send>>;
@@ -148,6 +154,7 @@ impl Consumer {
             config,
             positions: BTreeMap::new(),
             prefetch: None,
+            first: 0,
         }
     }
 
@@ -271,6 +278,14 @@ impl Consumer {
                 });
             }
         }
+        // Whoever got records goes to the back of the next fetch.
+        if let Some(last) = response
+            .partitions
+            .iter()
+            .rposition(|r| !r.records.is_empty())
+        {
+            self.first = (self.first + last + 1) % self.positions.len();
+        }
         self.prefetch_after(&request, &response).await;
         // Positions move only when every partition's result is good, so an
         // error never drops records whose position already advanced.
@@ -291,16 +306,24 @@ impl Consumer {
 
     /// The fetch for every assigned partition from its position.
     fn request(&self) -> FetchRequest {
-        self.request_from(self.positions.iter().map(|((t, p), o)| (&**t, *p, *o)))
+        self.request_from(|_, _, at| at)
     }
 
-    fn request_from<'a>(&self, at: impl Iterator<Item = (&'a str, u32, u64)>) -> FetchRequest {
+    /// The fetch for every assigned partition, `first` leading, from the
+    /// offset `at(topic, partition, position)` gives.
+    fn request_from(&self, at: impl Fn(&str, u32, u64) -> u64) -> FetchRequest {
+        let lead = self.first % self.positions.len().max(1);
+        let rotated = self
+            .positions
+            .iter()
+            .skip(lead)
+            .chain(self.positions.iter().take(lead));
         FetchRequest {
-            partitions: at
-                .map(|(topic, partition, offset)| FetchPartition {
+            partitions: rotated
+                .map(|((topic, partition), &position)| FetchPartition {
                     topic: topic.to_string(),
-                    partition,
-                    offset,
+                    partition: *partition,
+                    offset: at(topic, *partition, position),
                     max_bytes: self.config.partition_max_bytes,
                 })
                 .collect(),
@@ -335,7 +358,7 @@ impl Consumer {
     /// when every result is good: an error or a reset is settled first.
     async fn prefetch_after(&mut self, request: &FetchRequest, response: &FetchResponse) {
         let mut more = false;
-        let mut next = Vec::with_capacity(request.partitions.len());
+        let mut next = HashMap::with_capacity(request.partitions.len());
         for (asked, result) in request.partitions.iter().zip(&response.partitions) {
             if result.error != ErrorCode::None {
                 return;
@@ -343,12 +366,15 @@ impl Consumer {
             let at = crate::batch::end_offset(&result.records)
                 .map_or(asked.offset, |end| end.max(asked.offset));
             more |= at < result.high_watermark;
-            next.push((asked.topic.as_str(), asked.partition, at));
+            next.insert((asked.topic.as_str(), asked.partition), at);
         }
         if !more {
             return;
         }
-        let request = self.request_from(next.into_iter());
+        // In the order the next `poll` asks in (`first` has moved).
+        let request = self.request_from(|topic, partition, position| {
+            next.get(&(topic, partition)).copied().unwrap_or(position)
+        });
         let client = self.client.clone();
         let sent = request.clone();
         let mut answer: FetchFuture = Box::pin(async move { client.fetch(sent).await });
