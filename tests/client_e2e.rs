@@ -267,24 +267,20 @@ fn a_partition_with_a_backlog_does_not_starve_the_others() {
         }
         b.finish(ProducerStamp::NONE)
     };
-    for _ in 0..16 {
+    let produce = |partition: u32, batch: Vec<u8>| {
         let r = c
             .produce_raw(vec![ProducePartition {
                 topic: "fair".into(),
-                partition: 0,
-                batch: batch(256, 1000).into(),
+                partition,
+                batch: batch.into(),
             }])
             .unwrap();
         assert_eq!(r[0].error, ErrorCode::None);
+    };
+    for _ in 0..16 {
+        produce(0, batch(256, 1000));
     }
-    let r = c
-        .produce_raw(vec![ProducePartition {
-            topic: "fair".into(),
-            partition: 1,
-            batch: batch(5, 10).into(),
-        }])
-        .unwrap();
-    assert_eq!(r[0].error, ErrorCode::None);
+    produce(1, batch(5, 10));
 
     let mut consumer = blocking::Consumer::new(&c, ConsumerConfig::default());
     consumer.assign("fair", None, StartFrom::Earliest).unwrap();
