@@ -124,7 +124,9 @@ impl MemoryBudget {
                     usize::try_from(st.max_batch_bytes).unwrap_or(usize::MAX / 4),
                 ) as u64,
                 format!(
-                    "read window and read-ahead spare 2 x (storage.max_batch_bytes {}, at least 256 KiB, + 4 KiB), zeros 256 KiB",
+                    "read window and {} read-ahead spares {} x (storage.max_batch_bytes {}, at least 256 KiB, + 4 KiB), zeros 256 KiB",
+                    crate::storage::io::READ_AHEAD_SLOTS,
+                    1 + crate::storage::io::READ_AHEAD_SLOTS,
                     human(st.max_batch_bytes)
                 ),
             ),

@@ -397,14 +397,14 @@ fn memory_budget_sums_its_lines_and_prints_each() {
         .find(|l| l.user == "in-flight produce batches")
         .expect("line");
     assert_eq!(inflight.bytes, 256 * MIB);
-    // The storage thread's read window and read-ahead spare (1 MiB batches
-    // and a block each) and its 256 KiB of zeros.
+    // The storage thread's read window and 4 read-ahead spares (1 MiB
+    // batches and a block each) and its 256 KiB of zeros.
     let io = budget
         .lines
         .iter()
         .find(|l| l.user == "storage I/O buffers")
         .expect("line");
-    assert_eq!(io.bytes, 2 * (MIB + 4096) + 256 * 1024);
+    assert_eq!(io.bytes, 5 * (MIB + 4096) + 256 * 1024);
     let shown = budget.to_string();
     assert_eq!(shown.lines().count(), budget.lines.len() + 2);
     assert!(shown.lines().all(|l| l.starts_with('#')));

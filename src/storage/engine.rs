@@ -19,7 +19,9 @@
 //! partial last block is rewritten as it grows).
 
 use super::doorbell::Doorbell;
-use super::io::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
+use super::io::{
+    AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, READ_AHEAD_SLOTS, SECTOR_BYTES,
+};
 use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
 use super::{
     meta, AppendAck, Durability, Observer, OverflowPolicy, PartShared, PartitionConfig,
@@ -865,29 +867,40 @@ fn window_range(buf_len: usize, hint: usize, pos: u64, need: usize, limit: u64) 
 /// ([`IoBackend::read_start`]) into a spare buffer, which the next
 /// [`Part::bytes_at`] that it covers swaps with the read buffer. The
 /// device then works while the answer is made, travels and is answered,
-/// instead of after the next fetch arrives.
+/// instead of after the next fetch arrives. Up to [`READ_AHEAD_SLOTS`]
+/// readers (partitions a consumer takes turns over, or several consumers)
+/// each have a read ahead at a time.
 #[derive(Debug, Default)]
 struct Ahead {
-    /// A second read buffer, the size of `rbuf`. `None` while the backend
-    /// holds it (read in flight), or after the backend gave it up.
-    spare: Option<AlignedBuf>,
-    /// What the read in flight covers.
-    inflight: Option<AheadKey>,
+    slots: Vec<AheadSlot>,
     /// The read the last fetch suggests; started after its answer.
     next: Option<AheadKey>,
     /// The backend has no background reads (pwrite): nothing is planned.
     unsupported: bool,
-    /// Fetches that planned other reads since the one in flight started,
-    /// and the last of their plans.
-    passed: u32,
-    passed_over: Option<AheadKey>,
+    /// Counts fetches that planned a read, to age the slots.
+    tick: u64,
+    /// The last plan counted in `tick` (a fetch plans before and after
+    /// its answer).
+    ticked: Option<AheadKey>,
     observer: Option<Observer>,
 }
 
-/// Fetches planning other reads after which a read ahead is taken for
-/// abandoned (its reader stopped) and replaced. Readers of more partitions
-/// than this taking turns leave read-ahead to one of them at a time.
-const AHEAD_PASSES_MAX: u32 = 16;
+#[derive(Debug, Default)]
+struct AheadSlot {
+    /// A read buffer the size of `rbuf`. `None` while the backend holds it
+    /// (read in flight), or after the backend gave it up.
+    spare: Option<AlignedBuf>,
+    /// What the read in flight covers.
+    inflight: Option<AheadKey>,
+    /// `Ahead::tick` when it was started.
+    started: u64,
+}
+
+/// Fetches after which a read ahead that none used is taken for abandoned
+/// (its reader stopped or moved) and its slot given to another reader.
+/// More readers than slots taking turns leave read-ahead to as many of
+/// them as there are slots, rather than wasting every read.
+const AHEAD_PASSES_MAX: u64 = 16;
 
 /// A block-aligned range of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -898,6 +911,20 @@ struct AheadKey {
 }
 
 impl Ahead {
+    fn new(spares: Vec<AlignedBuf>, observer: Option<Observer>) -> Ahead {
+        Ahead {
+            slots: spares
+                .into_iter()
+                .map(|b| AheadSlot {
+                    spare: Some(b),
+                    ..AheadSlot::default()
+                })
+                .collect(),
+            observer,
+            ..Ahead::default()
+        }
+    }
+
     /// After a fetch of `p` that stopped at `pos` of `slot`, with data
     /// left: plans the window the next fetch (of the same size, `hint`)
     /// will want, when it comes from the file and not from the tail.
@@ -925,51 +952,59 @@ impl Ahead {
     }
 
     /// Starts the read the last fetch planned, unless it is in flight
-    /// already. A read in flight for something else is kept (another
-    /// reader's turn) until [`AHEAD_PASSES_MAX`] fetches passed it over.
+    /// already, in a free slot, or in one whose read has gone unused for
+    /// [`AHEAD_PASSES_MAX`] fetches (dropping that read). None free: not
+    /// started.
     fn start(&mut self, io: &mut dyn IoBackend, stats: &StatsInner) {
         let Some(key) = self.next.take() else {
             return;
         };
-        if self.unsupported || self.inflight == Some(key) {
+        if self.ticked != Some(key) {
+            self.ticked = Some(key);
+            self.tick += 1;
+        }
+        if self.unsupported || self.slots.iter().any(|s| s.inflight == Some(key)) {
             return;
         }
-        // Another partition's read in flight is kept for a while: readers
-        // of several partitions take turns, and each turn that replaced it
-        // would waste it (and wait for it).
-        if self.inflight.is_some() {
-            // Once per fetch (a fetch plans before and after its answer).
-            if self.passed_over != Some(key) {
-                self.passed_over = Some(key);
-                self.passed += 1;
-            }
-            if self.passed <= AHEAD_PASSES_MAX {
-                return;
-            }
-            self.settle(io);
-        }
-        let Some(buf) = self.spare.take() else {
+        let tick = self.tick;
+        let free = self
+            .slots
+            .iter()
+            .position(|s| s.inflight.is_none() && s.spare.is_some());
+        let stale = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| tick - s.started > AHEAD_PASSES_MAX)
+                .min_by_key(|(_, s)| s.started)
+                .map(|(i, _)| i)
+        };
+        let Some(i) = free.or_else(stale) else {
             return;
         };
-        match io.read_start(key.file, key.start, buf, key.len) {
+        self.settle(io, i);
+        let Some(buf) = self.slots[i].spare.take() else {
+            return;
+        };
+        match io.read_start(i, key.file, key.start, buf, key.len) {
             Ok(()) => {
-                self.inflight = Some(key);
-                self.passed = 0;
-                self.passed_over = None;
+                self.slots[i].inflight = Some(key);
+                self.slots[i].started = tick;
                 StatsInner::add(&stats.reads_ahead, 1);
             }
             Err(buf) => {
-                self.spare = Some(buf);
+                self.slots[i].spare = Some(buf);
                 self.unsupported = true;
             }
         }
     }
 
-    /// Completes the read in flight, if any, keeping its buffer as the
-    /// spare and dropping its bytes.
-    fn settle(&mut self, io: &mut dyn IoBackend) {
-        if self.inflight.take().is_some() {
-            self.spare = io.read_finish().map(|(buf, res)| {
+    /// Completes slot `i`'s read in flight, if any, keeping its buffer as
+    /// the spare and dropping its bytes.
+    fn settle(&mut self, io: &mut dyn IoBackend, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.inflight.take().is_some() {
+            slot.spare = io.read_finish(i).map(|(buf, res)| {
                 if let (Some(obs), Ok(n)) = (&self.observer, res) {
                     obs.0.read_ahead_unused(n as u64);
                 }
@@ -982,15 +1017,17 @@ impl Ahead {
     /// wrap): its bytes read ahead would be stale, and its handle may name
     /// another file next.
     fn forget(&mut self, io: &mut dyn IoBackend, file: FileHandle) {
-        if self.inflight.is_some_and(|k| k.file == file) {
-            self.settle(io);
+        for i in 0..self.slots.len() {
+            if self.slots[i].inflight.is_some_and(|k| k.file == file) {
+                self.settle(io, i);
+            }
         }
         if self.next.is_some_and(|k| k.file == file) {
             self.next = None;
         }
     }
 
-    /// When the read in flight covers `[pos, pos + need)` of `file`: waits
+    /// When a read in flight covers `[pos, pos + need)` of `file`: waits
     /// for it, swaps its buffer into `rbuf` and returns the window it
     /// holds. `None` (nothing swapped) otherwise, or if it failed: the
     /// caller reads for itself, and sees any error for itself.
@@ -1003,27 +1040,27 @@ impl Ahead {
         need: usize,
         stats: &StatsInner,
     ) -> Option<(u64, usize)> {
-        let key = self.inflight?;
         let end = pos + need as u64;
-        if key.file != file || pos < key.start || end > key.start + key.len as u64 {
-            return None;
-        }
-        self.inflight = None;
-        let (buf, res) = io.read_finish()?;
+        let i = self.slots.iter().position(|s| {
+            s.inflight
+                .is_some_and(|k| k.file == file && pos >= k.start && end <= k.start + k.len as u64)
+        })?;
+        let key = self.slots[i].inflight.take().expect("found above");
+        let (buf, res) = io.read_finish(i)?;
         match res {
             Ok(n) if end <= key.start + n.min(key.len) as u64 => {
                 StatsInner::add(&stats.reads_ahead_used, 1);
                 if let Some(obs) = &self.observer {
                     obs.0.window_read(n as u64, true);
                 }
-                self.spare = Some(std::mem::replace(rbuf, buf));
+                self.slots[i].spare = Some(std::mem::replace(rbuf, buf));
                 Some((key.start, n.min(key.len)))
             }
             res => {
                 if let (Some(obs), Ok(n)) = (&self.observer, res) {
                     obs.0.read_ahead_unused(n as u64);
                 }
-                self.spare = Some(buf);
+                self.slots[i].spare = Some(buf);
                 None
             }
         }
@@ -1175,7 +1212,7 @@ struct Engine {
     bell: Arc<Doorbell>,
 }
 
-/// The read buffer (and its read-ahead spare): a whole max-size batch, at
+/// The read buffer (and each read-ahead spare): a whole max-size batch, at
 /// least [`READ_WINDOW_BYTES_MIN`], and a block for an unaligned start.
 pub(crate) fn read_buffer_bytes(max_batch_bytes: usize) -> usize {
     (max_batch_bytes.div_ceil(B) * B).max(READ_WINDOW_BYTES_MIN) + B
@@ -1199,13 +1236,12 @@ pub(crate) fn start(
         .spawn(move || {
             let read_bytes = read_buffer_bytes(cfg.max_batch_bytes);
             let bufs = AlignedBuf::new(read_bytes).and_then(|r| {
-                Ok((
-                    r,
-                    AlignedBuf::new(read_bytes)?,
-                    AlignedBuf::new(ZERO_CHUNK_BYTES)?,
-                ))
+                let spares = (0..READ_AHEAD_SLOTS)
+                    .map(|_| AlignedBuf::new(read_bytes))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((r, spares, AlignedBuf::new(ZERO_CHUNK_BYTES)?))
             });
-            let Ok((rbuf, spare, zeros)) = bufs else {
+            let Ok((rbuf, spares, zeros)) = bufs else {
                 let _ = ready_tx.send(Err(StorageError::InvalidConfig(
                     "max_batch_bytes is not allocatable",
                 )));
@@ -1214,11 +1250,7 @@ pub(crate) fn start(
             let mut engine = Engine {
                 ctx: Ctx {
                     rbuf,
-                    ahead: Ahead {
-                        spare: Some(spare),
-                        observer: cfg.observer.clone(),
-                        ..Ahead::default()
-                    },
+                    ahead: Ahead::new(spares, cfg.observer.clone()),
                     zeros,
                     cfg,
                     io,

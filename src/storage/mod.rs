@@ -435,10 +435,11 @@ pub struct RecoveryReport {
 }
 
 /// The storage thread's I/O buffers, allocated at start-up: the read
-/// window, its read-ahead spare of the same size, and the chunk of zeros
-/// segments are pre-written with.
+/// window, a read-ahead spare of the same size per slot, and the chunk of
+/// zeros segments are pre-written with.
 pub fn thread_buffer_bytes(max_batch_bytes: usize) -> usize {
-    2 * engine::read_buffer_bytes(max_batch_bytes) + engine::ZERO_CHUNK_BYTES
+    (1 + io::READ_AHEAD_SLOTS) * engine::read_buffer_bytes(max_batch_bytes)
+        + engine::ZERO_CHUNK_BYTES
 }
 
 /// A snapshot of the storage counters.

@@ -1113,21 +1113,25 @@ fn summary(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
         .collect()
 }
 
-/// Consumers of two partitions taking turns: one keeps the read-ahead and
-/// none is wasted; once it stops, the other gets it.
+/// Readers of more partitions than there are read-ahead slots, taking
+/// turns: as many of them as there are slots are read ahead, every time,
+/// and no read is wasted on the others; once those readers stop, their
+/// slots go to the rest, and the reads they left are reported unused.
 #[test]
-fn readers_taking_turns_share_the_read_ahead_without_waste() {
+fn readers_taking_turns_share_the_read_ahead_slots_without_waste() {
+    use super::io::READ_AHEAD_SLOTS;
+    let readers = READ_AHEAD_SLOTS + 2;
     for (name, rig) in rigs() {
         if !reads_ahead(name) {
             continue;
         }
         let s = rig.open();
         let cfg = PartitionConfig {
-            segment_bytes: 1 << 20,
+            segment_bytes: 2 << 20,
             segments: 3,
             ..small_cfg()
         };
-        let ids = [pid("turn", 0), pid("turn", 1)];
+        let ids: Vec<PartitionId> = (0..readers as u32).map(|p| pid("turn", p)).collect();
         for id in &ids {
             block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
             for tag in 0..150u64 {
@@ -1136,7 +1140,7 @@ fn readers_taking_turns_share_the_read_ahead_without_waste() {
         }
         s.shutdown().unwrap();
         let (s, counts) = open_counting_reads(&rig);
-        let mut at = [0u64; 2];
+        let mut at = vec![0u64; readers];
         let mut fetch = |i: usize| {
             let bytes = block_on(s.read(&ids[i], at[i], 32 * 1024)).unwrap();
             at[i] = BatchIter::new(&bytes)
@@ -1147,29 +1151,33 @@ fn readers_taking_turns_share_the_read_ahead_without_waste() {
                 .next_offset();
         };
         let before = s.stats();
-        for _ in 0..10 {
-            fetch(0);
-            fetch(1);
+        let rounds = 10u64;
+        for _ in 0..rounds {
+            for i in 0..readers {
+                fetch(i);
+            }
         }
         let mid = s.stats();
         let used = mid.reads_ahead_used - before.reads_ahead_used;
         let started = mid.reads_ahead - before.reads_ahead;
+        let slots = READ_AHEAD_SLOTS as u64;
         assert_eq!(
-            used, 9,
-            "{name}: the first reader's fetches after its first"
+            used,
+            (rounds - 1) * slots,
+            "{name}: each slot's reader, after its first"
         );
-        assert_eq!(started, 10, "{name}: {started} started");
-        // The first reader stops: the second takes over after
-        // AHEAD_PASSES_MAX fetches.
-        for _ in 0..30 {
-            fetch(1);
+        assert_eq!(started, rounds * slots, "{name}: {started} started");
+        // The first readers stop; the last two take over their slots
+        // once AHEAD_PASSES_MAX fetches passed those reads over.
+        for _ in 0..15 {
+            fetch(readers - 2);
+            fetch(readers - 1);
         }
         let used = s.stats().reads_ahead_used - mid.reads_ahead_used;
-        assert!(used >= 30 - 17 - 1, "{name}: {used} of 30");
-        // The first reader's last read ahead, dropped when it was replaced.
+        assert!(used >= 30 - 17 - 2, "{name}: {used} of 30");
         let unused = counts.unused.load(std::sync::atomic::Ordering::Relaxed);
         assert!(
-            unused > 0 && unused <= 64 * 1024,
+            unused > 0 && unused <= slots * 64 * 1024,
             "{name}: {unused} bytes unused"
         );
         s.shutdown().unwrap();

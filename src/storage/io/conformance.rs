@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::aligned::AlignedBuf;
-use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES, SECTOR_BYTES};
+use super::{FileHandle, IoBackend, WriteOp, BLOCK_BYTES, READ_AHEAD_SLOTS, SECTOR_BYTES};
 
 /// A scratch directory for backend tests on a filesystem that supports
 /// O_DIRECT: `SKIFF_TEST_DIR` if set, else `/var/tmp` (usually disk-backed;
@@ -511,17 +511,23 @@ pub fn sync_group_error_surfaces_once(backend: &mut impl IoBackend, dir: &Path) 
 
 /// A background read (`read_start` .. `read_finish`) returns the bytes a
 /// `read_at` of the same range does, short at the end of the file, and
-/// hands its buffer back; while it runs, writes, syncs and ordinary reads
-/// go on. A backend without background reads gives the buffer back at
-/// once, untouched, and `read_finish` then has nothing.
+/// hands its buffer back; reads in two slots are kept apart, finished in
+/// either order; while they run, writes, syncs and ordinary reads go on.
+/// A backend without background reads gives the buffer back at once,
+/// untouched, and `read_finish` then has nothing.
 pub fn read_ahead_reads_what_read_at_reads(backend: &mut impl IoBackend, dir: &Path) {
     let f = backend.open(&dir.join("ahead.seg"), true).expect("open");
     let g = backend.open(&dir.join("ahead2.seg"), true).expect("open");
     let data = block_buf(6, 21);
     write_one(backend, f, 0, &data, &[f]).expect("write");
-    let mut buf = AlignedBuf::new(8 * BLOCK_BYTES).expect("aligned");
-    buf.fill(0xAA);
-    let started = match backend.read_start(f, BLOCK_BYTES as u64, buf, 4 * BLOCK_BYTES) {
+    let other = block_buf(2, 22);
+    write_one(backend, g, 0, &other, &[g]).expect("write");
+    let fresh = || {
+        let mut buf = AlignedBuf::new(8 * BLOCK_BYTES).expect("aligned");
+        buf.fill(0xAA);
+        buf
+    };
+    let started = match backend.read_start(0, f, BLOCK_BYTES as u64, fresh(), 4 * BLOCK_BYTES) {
         Ok(()) => true,
         Err(back) => {
             assert_eq!(back.len(), 8 * BLOCK_BYTES);
@@ -529,16 +535,34 @@ pub fn read_ahead_reads_what_read_at_reads(backend: &mut impl IoBackend, dir: &P
             false
         }
     };
-    // Other work meanwhile, on another file and on this one.
-    let other = block_buf(2, 22);
-    write_one(backend, g, 0, &other, &[]).expect("write during read-ahead");
+    if started {
+        assert!(
+            backend.read_start(0, f, 0, fresh(), BLOCK_BYTES).is_err(),
+            "one read per slot"
+        );
+        backend
+            .read_start(1, g, 0, fresh(), 2 * BLOCK_BYTES)
+            .expect("a second slot");
+        assert!(
+            backend
+                .read_start(READ_AHEAD_SLOTS, f, 0, fresh(), BLOCK_BYTES)
+                .is_err(),
+            "no slot past the last"
+        );
+    }
+    // Other work meanwhile.
+    write_one(backend, g, 2 * BLOCK_BYTES as u64, &other, &[]).expect("write during read-ahead");
     backend
         .sync_start(&[g])
         .expect("sync_start during read-ahead");
     backend.sync_wait().expect("sync_wait during read-ahead");
     assert_eq!(read_back(backend, f, 0, BLOCK_BYTES), &data[..BLOCK_BYTES]);
     if started {
-        let (buf, res) = backend.read_finish().expect("a read was started");
+        // Slot 1 first: its completion may come after slot 0's.
+        let (buf, res) = backend.read_finish(1).expect("slot 1 was started");
+        assert_eq!(res.expect("read-ahead"), 2 * BLOCK_BYTES);
+        assert_eq!(&buf[..2 * BLOCK_BYTES], &other[..]);
+        let (buf, res) = backend.read_finish(0).expect("slot 0 was started");
         let n = res.expect("read-ahead");
         assert_eq!(n, 4 * BLOCK_BYTES);
         assert_eq!(buf.len(), 8 * BLOCK_BYTES);
@@ -546,12 +570,14 @@ pub fn read_ahead_reads_what_read_at_reads(backend: &mut impl IoBackend, dir: &P
         assert!(buf[n..].iter().all(|&b| b == 0xAA), "only `len` bytes read");
         // Short at the end of the file.
         backend
-            .read_start(f, 4 * BLOCK_BYTES as u64, buf, 4 * BLOCK_BYTES)
+            .read_start(0, f, 4 * BLOCK_BYTES as u64, buf, 4 * BLOCK_BYTES)
             .expect("started again");
-        let (_, res) = backend.read_finish().expect("started");
+        let (_, res) = backend.read_finish(0).expect("started");
         assert_eq!(res.expect("short read-ahead"), 2 * BLOCK_BYTES);
     }
-    assert!(backend.read_finish().is_none(), "nothing outstanding");
+    for slot in 0..READ_AHEAD_SLOTS {
+        assert!(backend.read_finish(slot).is_none(), "nothing outstanding");
+    }
     backend.close(f);
     backend.close(g);
 }

@@ -16,7 +16,7 @@
 //! directories after creating files; metadata files live on the real file
 //! system through `meta`).
 
-use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, READ_AHEAD_SLOTS};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -236,9 +236,10 @@ pub struct FaultBackend {
     /// existed at `sync_start` (only those become durable at `sync_wait`,
     /// as a real fdatasync covers only the writes before it began).
     started: Vec<(PathBuf, usize)>,
-    /// A read-ahead: done at `read_start`, so its bytes are as stale as a
-    /// kernel could make them by the time `read_finish` hands them over.
-    ahead: Option<(AlignedBuf, io::Result<usize>)>,
+    /// Reads ahead, per slot: done at `read_start`, so their bytes are as
+    /// stale as a kernel could make them by the time `read_finish` hands
+    /// them over.
+    ahead: Vec<Option<(AlignedBuf, io::Result<usize>)>>,
 }
 
 impl FaultBackend {
@@ -247,7 +248,7 @@ impl FaultBackend {
             disk,
             handles: Vec::new(),
             started: Vec::new(),
-            ahead: None,
+            ahead: (0..READ_AHEAD_SLOTS).map(|_| None).collect(),
         }
     }
 
@@ -390,24 +391,25 @@ impl IoBackend for FaultBackend {
 
     fn read_start(
         &mut self,
+        slot: usize,
         file: FileHandle,
         offset: u64,
         mut buf: AlignedBuf,
         len: usize,
     ) -> Result<(), AlignedBuf> {
-        if self.ahead.is_some() || len > buf.len() {
+        if self.ahead.get(slot).is_none_or(Option::is_some) || len > buf.len() {
             return Err(buf);
         }
         let res = self.read_at(file, offset, &mut buf[..len]);
         if let Ok(n) = res {
             self.disk.lock().bytes_read_ahead += n as u64;
         }
-        self.ahead = Some((buf, res));
+        self.ahead[slot] = Some((buf, res));
         Ok(())
     }
 
-    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
-        self.ahead.take()
+    fn read_finish(&mut self, slot: usize) -> Option<(AlignedBuf, io::Result<usize>)> {
+        self.ahead.get_mut(slot)?.take()
     }
 
     fn write_batch(&mut self, writes: &[WriteOp<'_>], sync: &[FileHandle]) -> io::Result<()> {
@@ -515,7 +517,7 @@ mod tests {
         )
         .expect("write");
         let buf = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
-        b.read_start(f, 0, buf, BLOCK_BYTES).expect("started");
+        b.read_start(0, f, 0, buf, BLOCK_BYTES).expect("started");
         let mut new = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
         new.fill(2);
         b.write_batch(
@@ -527,7 +529,7 @@ mod tests {
             &[],
         )
         .expect("write");
-        let (buf, res) = b.read_finish().expect("outstanding");
+        let (buf, res) = b.read_finish(0).expect("outstanding");
         assert_eq!(res.expect("read"), BLOCK_BYTES);
         assert!(buf.iter().all(|&x| x == 1), "read at start");
     }

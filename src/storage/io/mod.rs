@@ -10,8 +10,8 @@
 //! [`IoBackend::sync_start`] only starts a group's fdatasyncs and returns, so
 //! the thread can write the next group while the disk flushes this one;
 //! [`IoBackend::sync_wait`] completes the group before its acks go out.
-//! Reads have the same shape: [`IoBackend::read_start`] may leave one read
-//! in flight (read-ahead), [`IoBackend::read_finish`] completes it.
+//! Reads have the same shape: [`IoBackend::read_start`] may leave a read
+//! in flight per slot (read-ahead), [`IoBackend::read_finish`] completes it.
 //! Group commit comes from handing [`IoBackend::write_batch`] every dirty
 //! tail at once, so one submission carries many partitions' writes.
 
@@ -118,14 +118,17 @@ pub trait IoBackend: Send + 'static {
 
     /// Starts reading `len` bytes at `offset` of `file` into `buf` and
     /// returns without waiting, so the device works while the caller does
-    /// other things (read-ahead for a sequential reader). The backend holds
-    /// `buf` until [`IoBackend::read_finish`] hands it back; at most one such
-    /// read is outstanding. `offset` and `len` are aligned like a
+    /// other things (read-ahead for sequential readers). The backend holds
+    /// `buf` until [`IoBackend::read_finish`] of the same `slot` hands it
+    /// back; each of the [`READ_AHEAD_SLOTS`] slots has at most one such
+    /// read outstanding. `offset` and `len` are aligned like a
     /// [`IoBackend::read_at`], `len <= buf.len()`. A backend that cannot
-    /// read in the background gives the buffer back (the default): the
-    /// caller then reads when it needs the bytes, as before.
+    /// read in the background gives the buffer back (the default), as for
+    /// a slot out of range or busy: the caller then reads when it needs the
+    /// bytes.
     fn read_start(
         &mut self,
+        _slot: usize,
         _file: FileHandle,
         _offset: u64,
         buf: AlignedBuf,
@@ -134,12 +137,13 @@ pub trait IoBackend: Send + 'static {
         Err(buf)
     }
 
-    /// Waits for the read started by [`IoBackend::read_start`] and returns
-    /// its buffer with the bytes read (short only at end of file) or the
-    /// error. `None` when none is outstanding, or when the buffer had to be
-    /// given up because the read's fate is unknown (it is then leaked, never
-    /// freed under the kernel, and later `read_start`s give buffers back).
-    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
+    /// Waits for the read started in `slot` by [`IoBackend::read_start`]
+    /// and returns its buffer with the bytes read (short at end of file) or
+    /// the error. `None` when none is outstanding there, or when the buffer
+    /// had to be given up because the read's fate is unknown (it is then
+    /// leaked, never freed under the kernel, and later `read_start`s give
+    /// buffers back).
+    fn read_finish(&mut self, _slot: usize) -> Option<(AlignedBuf, io::Result<usize>)> {
         None
     }
 
@@ -194,6 +198,10 @@ pub trait IoBackend: Send + 'static {
         std::fs::remove_file(path)
     }
 }
+
+/// Background reads a backend keeps apart (`read_start` slots): one per
+/// reader whose next window is read ahead.
+pub const READ_AHEAD_SLOTS: usize = 4;
 
 /// Submission queue entries for the io_uring backend: one group commit
 /// puts a write per dirty partition and an fdatasync per file in flight.

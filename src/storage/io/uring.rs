@@ -63,7 +63,7 @@ use std::path::Path;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES};
+use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, READ_AHEAD_SLOTS};
 
 /// Registered (fixed) file slots. Fixed files save the kernel an fd lookup
 /// and reference count per request on the hot path. 1024 covers 64
@@ -137,17 +137,30 @@ pub struct UringBackend {
     ahead: ReadAhead,
 }
 
-/// The read `read_start` leaves in flight. It has a small ring of its own,
-/// made on first use, so it never enters the main ring's accounting and
-/// never waits behind, or holds up, a commit's drain barrier.
-#[derive(Default)]
+/// The reads `read_start` leaves in flight, one per slot. They have a
+/// small ring of their own, made on first use, so they never enter the
+/// main ring's accounting and never wait behind, or hold up, a commit's
+/// drain barrier. A completion's `user_data` is its slot.
 struct ReadAhead {
     ring: Option<IoUring>,
-    /// The buffer the kernel reads into, from `read_start` until its
-    /// completion is reaped.
-    buf: Option<AlignedBuf>,
+    /// Per slot, the buffer the kernel reads into, from `read_start` until
+    /// its completion is reaped.
+    bufs: Vec<Option<AlignedBuf>>,
+    /// Per slot, a completion reaped while waiting for another slot's.
+    results: Vec<Option<i32>>,
     /// The ring could not be made, or failed: reads wait for the device.
     off: bool,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            ring: None,
+            bufs: (0..READ_AHEAD_SLOTS).map(|_| None).collect(),
+            results: vec![None; READ_AHEAD_SLOTS],
+            off: false,
+        }
+    }
 }
 
 impl UringBackend {
@@ -554,13 +567,14 @@ impl IoBackend for UringBackend {
 
     fn read_start(
         &mut self,
+        slot: usize,
         file: FileHandle,
         offset: u64,
         mut buf: AlignedBuf,
         len: usize,
     ) -> Result<(), AlignedBuf> {
         let usable = !self.ahead.off
-            && self.ahead.buf.is_none()
+            && self.ahead.bufs.get(slot).is_some_and(Option::is_none)
             && len <= buf.len().min(REQUEST_BYTES_MAX)
             && self.check_usable().is_ok();
         let fd = match self.file(file) {
@@ -569,7 +583,7 @@ impl IoBackend for UringBackend {
         };
         let ring = match &mut self.ahead.ring {
             Some(ring) => ring,
-            None => match IoUring::new(2) {
+            None => match IoUring::new(READ_AHEAD_SLOTS as u32) {
                 Ok(ring) => self.ahead.ring.insert(ring),
                 Err(err) => {
                     log::info!("io_uring: no read-ahead ring ({err}); reads wait for the device");
@@ -581,32 +595,41 @@ impl IoBackend for UringBackend {
         let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
             .offset(offset)
             .build()
-            .user_data(0);
+            .user_data(slot as u64);
         // SAFETY: the entry points into `buf`'s heap block, which this
-        // backend keeps in `ahead.buf` until the completion is reaped
+        // backend keeps in `ahead.bufs[slot]` until the completion is reaped
         // (`read_finish`, also run by `drop`), and leaks if it never can be.
         if unsafe { ring.submission().push(&entry) }.is_err() {
-            // Unreachable: nothing else is ever queued on this ring.
+            // Unreachable: at most one entry per slot, and the ring has a
+            // slot's worth of entries each.
             return Err(buf);
         }
-        self.ahead.buf = Some(buf);
+        self.ahead.bufs[slot] = Some(buf);
         // A failed submit leaves the entry queued; `read_finish`'s wait
         // submits it again, so the read is never lost with its buffer.
         let _ = ring.submit();
         Ok(())
     }
 
-    fn read_finish(&mut self) -> Option<(AlignedBuf, io::Result<usize>)> {
-        self.ahead.buf.as_ref()?;
-        let ring = self
-            .ahead
-            .ring
-            .as_mut()
-            .expect("a read in flight has its ring");
+    fn read_finish(&mut self, slot: usize) -> Option<(AlignedBuf, io::Result<usize>)> {
+        self.ahead.bufs.get(slot)?.as_ref()?;
+        let ReadAhead {
+            ring,
+            bufs,
+            results,
+            off,
+            ..
+        } = &mut self.ahead;
+        let ring = ring.as_mut().expect("a read in flight has its ring");
         loop {
-            if let Some(cqe) = ring.completion().next() {
-                let buf = self.ahead.buf.take().expect("checked above");
-                let res = cqe.result();
+            // Completions of other slots are kept for their own finish.
+            for cqe in ring.completion() {
+                if let Some(r) = results.get_mut(cqe.user_data() as usize) {
+                    *r = Some(cqe.result());
+                }
+            }
+            if let Some(res) = results[slot].take() {
+                let buf = bufs[slot].take().expect("checked above");
                 let res = if res >= 0 {
                     Ok(res as usize)
                 } else {
@@ -622,11 +645,15 @@ impl IoBackend for UringBackend {
                         Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                     ) => {}
                 Err(err) => {
-                    // Whether the kernel still writes into the buffer is
-                    // unknown: it is leaked, never freed under the kernel.
+                    // Whether the kernel still writes into the buffers is
+                    // unknown: they are leaked, never freed under it.
                     log::error!("io_uring: read-ahead ring failed ({err}); read-ahead is off");
-                    std::mem::forget(self.ahead.buf.take());
-                    self.ahead.off = true;
+                    for (b, r) in bufs.iter_mut().zip(results.iter_mut()) {
+                        if r.is_none() {
+                            std::mem::forget(b.take());
+                        }
+                    }
+                    *off = true;
                     return None;
                 }
             }
@@ -756,8 +783,10 @@ impl Drop for UringBackend {
     /// of this backend outlives it (fsyncs borrow no memory, but the handles and the ring
     /// should go quietly).
     fn drop(&mut self) {
-        // The read-ahead's buffer must outlive its read.
-        let _ = self.read_finish();
+        // The read-ahead buffers must outlive their reads.
+        for slot in 0..READ_AHEAD_SLOTS {
+            let _ = self.read_finish(slot);
+        }
         if let Err(err) = self.sync_wait() {
             log::warn!("io_uring: fdatasync group still outstanding at close failed: {err}");
         }
@@ -1328,8 +1357,9 @@ mod tests {
         drop(b);
     }
 
-    /// A read-ahead left outstanding is reaped before its buffer goes; one
-    /// on an unknown handle, or a second at once, gives the buffer back.
+    /// Reads ahead left outstanding are reaped before their buffers go; one
+    /// on an unknown handle, or a second in a busy slot, gives the buffer
+    /// back.
     #[test]
     fn read_ahead_is_reaped_at_drop_and_refused_when_it_cannot_run() {
         let Some(mut b) = backend(4) else { return };
@@ -1347,15 +1377,19 @@ mod tests {
         .expect("write");
         let buf = AlignedBuf::new(1 << 20).expect("aligned");
         let buf = b
-            .read_start(FileHandle(77), 0, buf, 1 << 20)
+            .read_start(0, FileHandle(77), 0, buf, 1 << 20)
             .expect_err("unknown handle");
-        b.read_start(f, 0, buf, 1 << 20).expect("started");
-        let second = AlignedBuf::new(BLOCK_BYTES).expect("aligned");
+        b.read_start(0, f, 0, buf, 1 << 20).expect("started");
+        let second = AlignedBuf::new(1 << 20).expect("aligned");
+        let second = b
+            .read_start(0, f, 0, second, BLOCK_BYTES)
+            .expect_err("one at a time per slot");
+        b.read_start(3, f, 0, second, 1 << 20)
+            .expect("another slot");
         assert!(
-            b.read_start(f, 0, second, BLOCK_BYTES).is_err(),
-            "one at a time"
+            b.ahead.bufs[0].is_some() && b.ahead.bufs[3].is_some(),
+            "held while in flight"
         );
-        assert!(b.ahead.buf.is_some(), "held while in flight");
         // Fails by hanging, or under a sanitizer by a write into freed memory.
         drop(b);
     }
