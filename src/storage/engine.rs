@@ -875,7 +875,8 @@ struct Ahead {
     slots: Vec<AheadSlot>,
     /// The read the last fetch suggests; started after its answer.
     next: Option<AheadKey>,
-    /// The backend has no background reads (pwrite): nothing is planned.
+    /// The backend has no background reads (pwrite), as it said at
+    /// start: nothing is planned.
     unsupported: bool,
     /// Counts fetches that planned a read, to age the slots.
     tick: u64,
@@ -911,8 +912,9 @@ struct AheadKey {
 }
 
 impl Ahead {
-    fn new(spares: Vec<AlignedBuf>, observer: Option<Observer>) -> Ahead {
+    fn new(spares: Vec<AlignedBuf>, supported: bool, observer: Option<Observer>) -> Ahead {
         Ahead {
+            unsupported: !supported,
             slots: spares
                 .into_iter()
                 .map(|b| AheadSlot {
@@ -992,10 +994,9 @@ impl Ahead {
                 self.slots[i].started = tick;
                 StatsInner::add(&stats.reads_ahead, 1);
             }
-            Err(buf) => {
-                self.slots[i].spare = Some(buf);
-                self.unsupported = true;
-            }
+            // Refused this once (a ring that broke refuses every time,
+            // cheaply): read on demand.
+            Err(buf) => self.slots[i].spare = Some(buf),
         }
     }
 
@@ -1250,7 +1251,7 @@ pub(crate) fn start(
             let mut engine = Engine {
                 ctx: Ctx {
                     rbuf,
-                    ahead: Ahead::new(spares, cfg.observer.clone()),
+                    ahead: Ahead::new(spares, io.reads_ahead(), cfg.observer.clone()),
                     zeros,
                     cfg,
                     io,

@@ -535,6 +535,7 @@ pub fn read_ahead_reads_what_read_at_reads(backend: &mut impl IoBackend, dir: &P
             false
         }
     };
+    assert_eq!(started, backend.reads_ahead(), "says what it does");
     if started {
         assert!(
             backend.read_start(0, f, 0, fresh(), BLOCK_BYTES).is_err(),

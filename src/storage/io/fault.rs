@@ -389,6 +389,10 @@ impl IoBackend for FaultBackend {
         Ok(n)
     }
 
+    fn reads_ahead(&self) -> bool {
+        true
+    }
+
     fn read_start(
         &mut self,
         slot: usize,

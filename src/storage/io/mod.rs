@@ -126,6 +126,13 @@ pub trait IoBackend: Send + 'static {
     /// read in the background gives the buffer back (the default), as for
     /// a slot out of range or busy: the caller then reads when it needs the
     /// bytes.
+    /// Whether this backend can read in the background at all
+    /// ([`IoBackend::read_start`] may still refuse a read, for a busy slot
+    /// or a broken ring). The engine plans no read-ahead without it.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
+
     fn read_start(
         &mut self,
         _slot: usize,

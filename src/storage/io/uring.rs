@@ -565,6 +565,10 @@ impl IoBackend for UringBackend {
         Ok(done_bytes)
     }
 
+    fn reads_ahead(&self) -> bool {
+        !self.ahead.off
+    }
+
     fn read_start(
         &mut self,
         slot: usize,
