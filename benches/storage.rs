@@ -310,9 +310,14 @@ fn throughput_run(
         // an ack and the submit that answers it), and hands over together
         // all it has room for, as a client sends them in one request.
         let mut built = VecDeque::with_capacity(in_flight);
+        // In buffers the engine gives back once it has copied them, as the
+        // server decodes produce batches (`skiff::bufpool`).
         let mut build = |built: &mut VecDeque<Vec<u8>>| {
             while built.len() < in_flight {
-                built.push_back(batches[i % batches.len()].clone());
+                let b = &batches[i % batches.len()];
+                let mut copy = skiff::bufpool::take(b.len());
+                copy.extend_from_slice(b);
+                built.push_back(copy);
                 i += 1;
             }
         };

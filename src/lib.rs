@@ -4,6 +4,8 @@
 //!
 //! - [`batch`]: the record batch format, the unit that is produced, stored,
 //!   and fetched as the same bytes. Shared by every other room.
+//! - [`bufpool`]: recycled buffers for produce batches, filled by the
+//!   protocol's decoding and given back by storage.
 //! - [`storage`]: the log engine: segment rings, I/O backends (io_uring,
 //!   pwrite, fault-injecting), recovery. Knows nothing about the network.
 //! - [`broker`]: topics and partitions on top of storage; producer dedup.
@@ -18,6 +20,7 @@
 
 pub mod batch;
 pub mod broker;
+pub mod bufpool;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -118,6 +118,18 @@ impl MemoryBudget {
                     human(st.max_batch_bytes)
                 ),
             ),
+            {
+                let (buffers, largest) = cfg.batch_pool_bounds();
+                line(
+                    "recycled batch buffers",
+                    crate::bufpool::bytes_max(buffers, largest),
+                    format!(
+                        "min({}, storage.append_queue_depth {queue}) x storage.max_batch_bytes {} (rounded up to 64 KiB), kept for the next batches",
+                        crate::bufpool::BUFFERS_DEFAULT,
+                        human(st.max_batch_bytes)
+                    ),
+                )
+            },
             line(
                 "storage I/O buffers",
                 crate::storage::thread_buffer_bytes(

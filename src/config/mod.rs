@@ -358,6 +358,14 @@ impl Config {
     pub fn memory_budget(&self) -> MemoryBudget {
         MemoryBudget::of(self)
     }
+
+    /// Bounds of the recycled produce-batch buffers ([`crate::bufpool`]):
+    /// how many are kept, and the largest kept (a batch's limit).
+    pub fn batch_pool_bounds(&self) -> (usize, usize) {
+        let queue = self.storage.append_queue_depth as usize;
+        let largest = usize::try_from(self.storage.max_batch_bytes).unwrap_or(usize::MAX);
+        (crate::bufpool::BUFFERS_DEFAULT.min(queue), largest)
+    }
 }
 
 impl Default for Config {

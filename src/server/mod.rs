@@ -158,6 +158,8 @@ impl Server {
         let mut storage_cfg = storage_config(cfg);
         storage_cfg.observer = Some(crate::storage::Observer(metrics.clone()));
         let storage = Storage::open(storage_cfg)?;
+        let (buffers, largest) = cfg.batch_pool_bounds();
+        crate::bufpool::configure(buffers, largest);
         let reports = storage.recovery_report();
         metrics.record_recovery(
             reports.iter().map(|r| r.bytes_truncated).sum(),

@@ -1897,6 +1897,9 @@ impl Engine {
                 last_offset: h.last_offset(),
             })
         })();
+        // Copied into the tail (or refused): the buffer goes back for the
+        // next batch to be decoded into.
+        crate::bufpool::give(batch);
         match r {
             Ok(ack) => {
                 p.pending.push(Pending { reply, ack });

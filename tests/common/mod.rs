@@ -314,6 +314,19 @@ impl Broker {
             .expect("VmRSS in /proc/PID/status")
     }
 
+    /// Minor page faults the broker has taken so far (/proc/PID/stat).
+    pub fn minor_faults(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("reading /proc/PID/stat");
+        // Fields after the command name, which is in parentheses and may
+        // hold spaces: state is field 3, minflt field 10.
+        let rest = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 2..];
+        rest.split(' ')
+            .nth(7)
+            .and_then(|v| v.parse().ok())
+            .expect("minflt in /proc/PID/stat")
+    }
+
     /// Checks that the broker still serves a client: creates a fresh topic,
     /// produces one record with the CLI and consumes it back.
     #[track_caller]
