@@ -440,10 +440,6 @@ impl Part {
         }
     }
 
-    /// Zeroes the tail from its end to the next write-unit boundary: the
-    /// bytes a write of the partial unit carries past the last batch, which
-    /// recovery requires to be zero (docs/format.md). The rest of the buffer
-    /// past the end may hold stale bytes; no write reaches them.
     /// Where a fetch for `offset` starts reading in `slot`: where the last
     /// fetch stopped if that is this offset, else the index's entry.
     fn fetch_start(&self, slot: usize, offset: u64) -> u64 {
@@ -466,15 +462,32 @@ impl Part {
         });
     }
 
+    /// Zeroes the tail from its end to [`Part::slack_end`]: the bytes a
+    /// write carries past the last batch, which recovery requires to be
+    /// zero (docs/format.md). The rest of the buffer past the end may hold
+    /// stale bytes; no write reaches them.
     fn zero_slack(&mut self) {
-        let end = self.tail_len.div_ceil(self.unit) * self.unit;
+        let end = self.slack_end();
         self.tail[self.tail_len..end].fill(0);
+    }
+
+    /// Where a write of the tail ends: the write-unit boundary after the
+    /// last batch, and a whole unit further when the batch ends on one.
+    /// The bytes up to there are zeros, so the log's end is marked on disk
+    /// even where an earlier lap's bytes follow: recovery would read those
+    /// as a torn batch and report a false loss. Only the segment's end stops
+    /// short of that (`make_tail_room` keeps a unit free in the buffer).
+    fn slack_end(&self) -> usize {
+        let end = (self.tail_len / self.unit + 1) * self.unit;
+        let segment_rest = self.cfg.segment_bytes - self.tail_file_off;
+        end.min(self.tail.len())
+            .min(usize::try_from(segment_rest).unwrap_or(usize::MAX))
     }
 
     /// The write covering the dirty part of the tail, if any.
     fn dirty_write(&self) -> Option<WriteOp<'_>> {
         let from = self.dirty_from? / self.unit * self.unit;
-        let to = self.tail_len.div_ceil(self.unit) * self.unit;
+        let to = self.slack_end();
         Some(WriteOp {
             file: self.files[self.active()],
             offset: self.tail_file_off + from as u64,
@@ -579,7 +592,9 @@ impl Part {
     /// (without fdatasync: the commit that follows covers it), then keeps
     /// only the partial last block.
     fn make_tail_room(&mut self, ctx: &mut Ctx, len: usize) -> Result<(), StorageError> {
-        if self.tail_len + len <= self.tail.len() {
+        // Strictly less: a unit of zeros must fit behind a batch that fills
+        // the buffer to a unit boundary (`slack_end`).
+        if self.tail_len + len < self.tail.len() {
             return Ok(());
         }
         if let Some(op) = self.dirty_write() {
@@ -598,7 +613,9 @@ impl Part {
         self.tail.copy_within(start..old_len, 0);
         self.tail_file_off += start as u64;
         self.tail_len = keep;
-        debug_assert!(self.tail_len + len <= self.tail.len());
+        // The tail is a block longer than the largest batch, and less than
+        // a block was kept.
+        debug_assert!(self.tail_len + len < self.tail.len());
         Ok(())
     }
 

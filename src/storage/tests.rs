@@ -1403,6 +1403,54 @@ fn recovery_after_a_wrap_with_sector_writes_reports_no_torn_tail() {
     }
 }
 
+/// The same when the log ends exactly on a sector boundary over the middle
+/// of an earlier lap's batch: nothing of the new lap marks the end there,
+/// so the write puts a zeroed sector after it.
+#[test]
+fn recovery_after_a_wrap_ending_on_a_sector_boundary_reports_no_torn_tail() {
+    // Value sizes whose batches are 3 and 2 sectors long.
+    let sized = |len: usize| {
+        (100..2000)
+            .find(|&v| make_batch(1, v, 0, 0).len() == len)
+            .expect("a value size for the batch length")
+    };
+    let (lap1, lap2) = (sized(1536), sized(1024));
+    for k in 1..=6u64 {
+        let rig = Rig::fault(k);
+        let disk = rig.disk().unwrap().clone().with_write_unit(512);
+        let id = pid("edge", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        // 40 of these fill each of the three segments' 60 KiB exactly;
+        // then segment 0 comes round again and takes k 2-sector batches,
+        // ending inside lap 1's batches (k = 3 and 6: on one's start).
+        for i in 0..120u64 {
+            block_on(s.append(&id, make_batch(1, lap1, i, 0))).unwrap();
+        }
+        let mut last = Vec::new();
+        for i in 0..k {
+            let b = make_batch(1, lap2, 1000 + i, 0);
+            let ack = block_on(s.append(&id, b.clone())).unwrap();
+            last = stored(b, ack.base_offset);
+        }
+        disk.crash();
+        let _ = s.shutdown();
+        drop(s);
+        disk.restart();
+        std::fs::remove_file(rig.dir.path().join("topics/edge/0/checkpoint.meta"))
+            .expect("checkpoint written");
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert_eq!(
+            (rep.quarantined, rep.bytes_truncated, rep.high_watermark),
+            (false, 0, 120 + k),
+            "{k} batches into the lap: false torn tail {rep:?}"
+        );
+        assert_eq!(read_all(&s, &id, 120 + k - 1).last(), Some(&last));
+        s.shutdown().unwrap();
+    }
+}
+
 /// A backend whose group fdatasyncs are held until the test releases
 /// them, over the in-memory fault disk: it shows what the engine does while
 /// a flush is in flight.
