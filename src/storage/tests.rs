@@ -1362,6 +1362,23 @@ fn small_appends_rewrite_sectors_not_blocks_on_512_byte_disks() {
     );
 }
 
+/// Cuts the fault disk's power under `s` and opens the data dir again
+/// without `id`'s checkpoint, so recovery scans the log up to its tail.
+fn power_cut_without_checkpoint(rig: &Rig, s: Storage, id: &PartitionId) -> Storage {
+    let disk = rig.disk().expect("a fault rig");
+    disk.crash();
+    let _ = s.shutdown();
+    drop(s);
+    disk.restart();
+    // Metadata lives on the real file system, out of the crash's reach.
+    let ckpt = rig.dir.path().join(format!(
+        "topics/{}/{}/checkpoint.meta",
+        id.topic, id.partition
+    ));
+    std::fs::remove_file(&ckpt).expect("checkpoint written");
+    rig.open()
+}
+
 /// After the ring wrapped, the bytes behind the tail's last sector are an
 /// earlier lap's. Recovery must stop cleanly there, for every tail position
 /// within a sector (a header read straddling the boundary included).
@@ -1369,7 +1386,7 @@ fn small_appends_rewrite_sectors_not_blocks_on_512_byte_disks() {
 fn recovery_after_a_wrap_with_sector_writes_reports_no_torn_tail() {
     for seed in 0..24u64 {
         let rig = Rig::fault(seed);
-        let disk = rig.disk().unwrap().clone().with_write_unit(512);
+        rig.disk().unwrap().clone().with_write_unit(512);
         let id = pid("lap", 0);
         let s = rig.open();
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
@@ -1380,16 +1397,7 @@ fn recovery_after_a_wrap_with_sector_writes_reports_no_torn_tail() {
             let ack = block_on(s.append(&id, b.clone())).unwrap();
             last = stored(b, ack.base_offset);
         }
-        disk.crash();
-        let _ = s.shutdown();
-        drop(s);
-        disk.restart();
-        // Metadata lives on the real file system, out of the crash's reach:
-        // drop the checkpoint so recovery scans up to the tail as after
-        // power loss.
-        let ckpt = rig.dir.path().join("topics/lap/0/checkpoint.meta");
-        std::fs::remove_file(&ckpt).expect("checkpoint written");
-        let s = rig.open();
+        let s = power_cut_without_checkpoint(&rig, s, &id);
         let rep = &s.recovery_report()[0];
         assert!(!rep.quarantined, "seed {seed}: {rep:?}");
         assert_eq!(
@@ -1417,7 +1425,7 @@ fn recovery_after_a_wrap_ending_on_a_sector_boundary_reports_no_torn_tail() {
     let (lap1, lap2) = (sized(1536), sized(1024));
     for k in 1..=6u64 {
         let rig = Rig::fault(k);
-        let disk = rig.disk().unwrap().clone().with_write_unit(512);
+        rig.disk().unwrap().clone().with_write_unit(512);
         let id = pid("edge", 0);
         let s = rig.open();
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
@@ -1433,13 +1441,7 @@ fn recovery_after_a_wrap_ending_on_a_sector_boundary_reports_no_torn_tail() {
             let ack = block_on(s.append(&id, b.clone())).unwrap();
             last = stored(b, ack.base_offset);
         }
-        disk.crash();
-        let _ = s.shutdown();
-        drop(s);
-        disk.restart();
-        std::fs::remove_file(rig.dir.path().join("topics/edge/0/checkpoint.meta"))
-            .expect("checkpoint written");
-        let s = rig.open();
+        let s = power_cut_without_checkpoint(&rig, s, &id);
         let rep = &s.recovery_report()[0];
         assert_eq!(
             (rep.quarantined, rep.bytes_truncated, rep.high_watermark),
