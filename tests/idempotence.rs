@@ -579,6 +579,11 @@ fn cli_msg_id_header_sends_the_id_as_a_header() {
 }
 
 fn with_msg_id(values: &[(&str, &str)]) -> ProducePartition {
+    with_msg_id_to("idem-window", 0, values)
+}
+
+/// A batch of `(msg-id, value)` records for `topic`/`partition`.
+fn with_msg_id_to(topic: &str, partition: u32, values: &[(&str, &str)]) -> ProducePartition {
     let mut b = BatchBuilder::new();
     for (id, v) in values {
         b.push(
@@ -589,8 +594,8 @@ fn with_msg_id(values: &[(&str, &str)]) -> ProducePartition {
         );
     }
     ProducePartition {
-        topic: "idem-window".into(),
-        partition: 0,
+        topic: topic.into(),
+        partition,
         batch: b.finish(ProducerStamp::NONE).into(),
     }
 }
@@ -645,5 +650,60 @@ fn msg_id_window_drops_duplicates_and_forgets_after_the_window() {
     assert_ok(&produce("e3\tc\ne1\td\n"));
     // e1 was pushed out by e2 and e3 before "d" came.
     assert_eq!(values_of(&b.tcp, "idem-count"), vec!["a", "b", "c", "d"]);
+    b.stop_checked();
+}
+
+/// The window is refilled from the log at start-up: a resend after a
+/// restart, kill -9 included, is still dropped, on any partition of the
+/// topic; what the window had already let go of is not brought back.
+#[test]
+fn msg_id_window_survives_restarts() {
+    let mut b = Broker::start("");
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    for (name, ms, records) in [
+        ("win-time", Some(600_000), None),
+        ("win-count", None, Some(2)),
+    ] {
+        c.create_topic(CreateTopicRequest {
+            name: name.into(),
+            partitions: Some(2),
+            msg_id_window_ms: ms,
+            msg_id_window_records: records,
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+    }
+    let dropped = |c: &blocking::Client, topic: &str, partition: u32, ids: &[&str]| {
+        let records: Vec<(&str, &str)> = ids.iter().map(|&id| (id, id)).collect();
+        let r = send(c, with_msg_id_to(topic, partition, &records));
+        assert_eq!(r.error, ErrorCode::None, "{r:?}");
+        r.duplicate_records
+    };
+    assert_eq!(dropped(&c, "win-time", 0, &["e1", "e2"]), 0);
+    assert_eq!(dropped(&c, "win-time", 1, &["e3"]), 0);
+    // The count window keeps the last two: b and c.
+    assert_eq!(dropped(&c, "win-count", 0, &["a", "b"]), 0);
+    assert_eq!(dropped(&c, "win-count", 1, &["c"]), 0);
+    drop(c);
+
+    b.kill9();
+    b.restart();
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    // e1 came on partition 0, the window is the topic's.
+    assert_eq!(dropped(&c, "win-time", 1, &["e1", "e4"]), 1);
+    assert_eq!(dropped(&c, "win-count", 0, &["c"]), 1);
+    drop(c);
+
+    assert_eq!(b.stop(), Some(0));
+    b.restart();
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    assert_eq!(dropped(&c, "win-time", 0, &["e3", "e4", "e2"]), 3);
+    // Refilled with b and c again: a, which it had let go, is new.
+    assert_eq!(dropped(&c, "win-count", 1, &["a"]), 0);
+    assert_eq!(
+        values_of(&b.tcp, "win-time").len(),
+        4,
+        "e1 e2 e3 e4, once each"
+    );
     b.stop_checked();
 }

@@ -252,7 +252,8 @@ impl Broker {
         };
         smol::block_on(async {
             broker.reconcile().await?;
-            broker.recover_producers().await
+            broker.recover_producers().await?;
+            broker.recover_msgid_windows().await
         })?;
         Ok(Arc::new(broker))
     }
@@ -303,6 +304,96 @@ impl Broker {
         Ok(())
     }
 
+    /// Refills each topic's message-id window from the log: the ids of the
+    /// records it would still hold, by their own timestamps. A resend right
+    /// after a restart (a power cut is when sensors resend) is then still
+    /// caught. Reads at most the window's capacity of records per
+    /// partition, and only from the window's start in time.
+    async fn recover_msgid_windows(&self) -> Result<(), BrokerError> {
+        let configs = self.msgid_configs();
+        if configs.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let now = crate::batch::now_ms();
+        let mut restored = 0usize;
+        for (topic, config) in configs {
+            let Some(meta) = self
+                .topics
+                .read()
+                .expect("topics lock")
+                .get(&topic)
+                .cloned()
+            else {
+                continue;
+            };
+            // (record timestamp, id hash), every partition's, oldest first.
+            let mut seen: Vec<(i64, u64)> = Vec::new();
+            for p in 0..meta.partitions {
+                let id = PartitionId {
+                    topic: topic.clone(),
+                    partition: p,
+                };
+                if let Err(e) = self.collect_msg_ids(&id, config, now, &mut seen).await {
+                    // A quarantined partition, say: its ids are not
+                    // remembered, as before this rebuild existed.
+                    log::warn!("{id}: message-id window not refilled from the log: {e}");
+                }
+            }
+            seen.sort_by_key(|&(ts, _)| ts);
+            let mut windows = self.windows.lock().expect("windows lock");
+            if let Some(w) = windows.get_mut(&topic) {
+                restored += w.restore(&seen, now);
+            }
+        }
+        log::info!(
+            "message-id windows refilled from the log: {restored} id(s) in {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// The msg-id headers of `id`'s records that `config`'s window would
+    /// still hold at `now`.
+    async fn collect_msg_ids(
+        &self,
+        id: &PartitionId,
+        config: msgid::MsgIdConfig,
+        now: i64,
+        out: &mut Vec<(i64, u64)>,
+    ) -> Result<(), BrokerError> {
+        let o = self.storage.offsets(id)?;
+        let mut from = o
+            .earliest
+            .max(o.high_watermark.saturating_sub(config.capacity() as u64));
+        let mut oldest_ts = i64::MIN;
+        if config.window_ms > 0 {
+            oldest_ts = now.saturating_sub(config.window_ms as i64);
+            match self.storage.offset_for_timestamp(id, oldest_ts).await? {
+                Some(at) => from = from.max(at),
+                None => return Ok(()),
+            }
+        }
+        let mut at = from;
+        while at < o.high_watermark {
+            let bytes = self.storage.read(id, at, RECOVERY_READ_BYTES).await?;
+            let (records, next) = decode_records(&bytes)?;
+            for (offset, ts, r) in records {
+                if offset < from || ts < oldest_ts {
+                    continue;
+                }
+                if let Some(hd) = r.headers.iter().find(|hd| hd.name == msgid::MSG_ID_HEADER) {
+                    out.push((ts, msgid::id_hash(hd.value)));
+                }
+            }
+            if next <= at {
+                break;
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
     /// Snapshots the producer state of every partition (`all`, at clean
     /// shutdown) or of those written by idempotent producers since the last
     /// snapshot (the periodic task), so start-up scans only the log after
@@ -338,15 +429,18 @@ impl Broker {
             .unwrap_or_default()
     }
 
-    fn write_msgid_meta(&self) -> Result<(), BrokerError> {
-        let table: BTreeMap<String, msgid::MsgIdConfig> = self
-            .windows
+    /// Every topic's message-id window settings.
+    fn msgid_configs(&self) -> BTreeMap<String, msgid::MsgIdConfig> {
+        self.windows
             .lock()
             .expect("windows lock")
             .iter()
             .map(|(t, w)| (t.clone(), w.config()))
-            .collect();
-        meta::write_atomic(&self.msgid_path, &table)
+            .collect()
+    }
+
+    fn write_msgid_meta(&self) -> Result<(), BrokerError> {
+        meta::write_atomic(&self.msgid_path, &self.msgid_configs())
             .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))
     }
 
@@ -876,19 +970,37 @@ impl Broker {
         };
         // One batch is enough: its max timestamp is at or after ts_ms.
         let bytes = self.storage.read(&id, at, 1).await?;
-        for view in crate::batch::BatchIter::new(&bytes) {
-            let view = view.map_err(|e| BrokerError::Storage(StorageError::InvalidBatch(e)))?;
-            let h = view.header;
-            let records = view
-                .records()
-                .map_err(|e| BrokerError::Storage(StorageError::InvalidBatch(e)))?;
-            for r in records {
-                let offset = h.base_offset + u64::from(r.offset_delta);
-                if offset >= at && h.first_timestamp + r.timestamp_delta >= ts_ms {
-                    return Ok(Some(offset));
-                }
-            }
-        }
-        Ok(Some(at))
+        let (records, _) = decode_records(&bytes)?;
+        Ok(Some(
+            records
+                .iter()
+                .find(|&&(offset, ts, _)| offset >= at && ts >= ts_ms)
+                .map_or(at, |&(offset, _, _)| offset),
+        ))
     }
+}
+
+/// A record with its offset and timestamp.
+type Placed<'a> = (u64, i64, crate::batch::Record<'a>);
+
+/// Every record of the concatenated batches in `bytes` (as a read returns
+/// them), in order; and the offset after the last batch (0 when there is
+/// none). A batch that does not decode is an error.
+fn decode_records(bytes: &[u8]) -> Result<(Vec<Placed<'_>>, u64), BrokerError> {
+    let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
+    let mut out = Vec::new();
+    let mut next = 0;
+    for view in crate::batch::BatchIter::new(bytes) {
+        let view = view.map_err(invalid)?;
+        let h = view.header;
+        for r in view.records().map_err(invalid)? {
+            out.push((
+                h.base_offset + u64::from(r.offset_delta),
+                h.first_timestamp + r.timestamp_delta,
+                r,
+            ));
+        }
+        next = h.next_offset();
+    }
+    Ok((out, next))
 }

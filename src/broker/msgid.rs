@@ -13,7 +13,8 @@
 //! Ids are remembered when their batch is submitted, so a duplicate in a
 //! batch pipelined right behind is caught, and forgotten again if that batch
 //! fails in storage (the client's retry is then not a duplicate). The
-//! window lives in memory only: after a restart it starts empty.
+//! window lives in memory; at start-up it is refilled from the log, with
+//! each record's own timestamp standing for when its id was seen.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -37,7 +38,7 @@ impl MsgIdConfig {
         self.window_ms > 0 || self.window_records > 0
     }
 
-    fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         match self.window_records {
             0 => WINDOW_RECORDS_MAX as usize,
             n => n.min(WINDOW_RECORDS_MAX) as usize,
@@ -113,6 +114,19 @@ impl Window {
         false
     }
 
+    /// Refills the window with ids read back from the log, oldest first,
+    /// each with its record's timestamp for the time it was seen; those
+    /// already out of the window at `now` are left out. Returns how many
+    /// it holds afterwards.
+    pub fn restore(&mut self, oldest_first: &[(i64, u64)], now_ms: i64) -> usize {
+        let keep = oldest_first.len().saturating_sub(self.config.capacity());
+        for &(ts, hash) in &oldest_first[keep..] {
+            self.check_and_insert(hash, ts);
+        }
+        self.expire(now_ms);
+        self.order.len()
+    }
+
     /// Forgets ids remembered for a batch that was not written.
     pub fn forget(&mut self, hashes: &[u64]) {
         for h in hashes {
@@ -160,6 +174,22 @@ mod tests {
             !w.check_and_insert(7, 1102),
             "forgotten after a failed write"
         );
+    }
+
+    #[test]
+    fn restore_keeps_what_the_window_would_still_hold() {
+        let mut w = Window::new(MsgIdConfig {
+            window_ms: 100,
+            window_records: 3,
+        });
+        // Oldest first; the first two are beyond the count, 4 beyond the
+        // time at 1150.
+        let log = [(900, 1), (950, 2), (1040, 4), (1060, 5), (1100, 6)];
+        assert_eq!(w.restore(&log, 1150), 2);
+        assert!(w.check_and_insert(5, 1150));
+        assert!(w.check_and_insert(6, 1150));
+        assert!(!w.check_and_insert(4, 1150));
+        assert!(!w.check_and_insert(1, 1150));
     }
 
     #[test]
