@@ -707,3 +707,43 @@ fn msg_id_window_survives_restarts() {
     );
     b.stop_checked();
 }
+
+/// A partition quarantined at start-up (a bit flipped in a closed segment)
+/// gives up its ids; the broker starts, and the topic's other partitions
+/// refill the window.
+#[test]
+fn msg_id_refill_skips_a_quarantined_partition() {
+    let mut b = Broker::start("");
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    c.create_topic(CreateTopicRequest {
+        name: "win-q".into(),
+        partitions: Some(2),
+        segment_bytes: Some(64 * 1024),
+        msg_id_window_ms: Some(600_000),
+        ..CreateTopicRequest::default()
+    })
+    .expect("create");
+    let written = |c: &blocking::Client, partition: u32, id: &str, value: &str| {
+        let r = send(c, with_msg_id_to("win-q", partition, &[(id, value)]));
+        assert_eq!(r.error, ErrorCode::None, "{r:?}");
+        r.duplicate_records == 0
+    };
+    assert!(written(&c, 0, "e1", "v"));
+    // Partition 1's first segment fills up and closes.
+    let big = "x".repeat(8 * 1024);
+    for i in 0..12 {
+        assert!(written(&c, 1, &format!("p1-{i}"), &big));
+    }
+    drop(c);
+    assert_eq!(b.stop(), Some(0));
+    let seg = b.dir.path().join("data/topics/win-q/1/seg-00000.log");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    bytes[4096 + 200] ^= 0x10;
+    std::fs::write(&seg, bytes).expect("segment");
+    b.restart();
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    assert!(!written(&c, 0, "e1", "v"), "partition 0's id is remembered");
+    assert!(written(&c, 0, "p1-11", "v"), "partition 1's are not");
+    assert!(b.log().contains("QUARANTINED"), "{}", b.log());
+    b.stop_checked();
+}

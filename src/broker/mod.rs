@@ -1004,3 +1004,98 @@ fn decode_records(bytes: &[u8]) -> Result<(Vec<Placed<'_>>, u64), BrokerError> {
     }
     Ok((out, next))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, ProducerStamp};
+    use crate::storage::tests::{small_cfg, Rig};
+    use smol::block_on;
+
+    fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
+        let limits = BrokerLimits {
+            max_topics: 4,
+            max_partitions: 8,
+            max_producers: 16,
+            producer_idle_expiry_ms: 60_000,
+        };
+        Broker::open(
+            storage,
+            rig.dir.path().to_path_buf(),
+            limits,
+            small_cfg(),
+            1,
+        )
+        .expect("broker opens")
+    }
+
+    /// Submits a batch with one record of `value_bytes` whose msg-id is
+    /// `id`; whether it was written (else dropped as a duplicate).
+    fn produce(b: &Broker, id: &str, value_bytes: usize) -> bool {
+        let mut bb = BatchBuilder::new();
+        let value = vec![b'v'; value_bytes];
+        bb.push(
+            crate::batch::now_ms(),
+            None,
+            &value,
+            &[("msg-id", id.as_bytes())],
+        );
+        let batch = bb.finish(ProducerStamp::NONE);
+        match block_on(b.submit_produce("w", 0, batch, Wake::Now)).expect("submit") {
+            Submitted::Queued { ticket, pending } => {
+                block_on(b.complete_produce(ticket, pending)).expect("written");
+                true
+            }
+            Submitted::Duplicate { .. } => false,
+            Submitted::InFlight { .. } => panic!("no retries here"),
+        }
+    }
+
+    /// The refill cannot read a partition (a batch damaged on disk, so it
+    /// is quarantined): the broker still starts. The same log undamaged
+    /// refills the window.
+    #[test]
+    fn a_window_refill_that_cannot_read_the_log_does_not_stop_start_up() {
+        let rig = Rig::fault(5);
+        let b = open(rig.open(), &rig);
+        let spec = TopicSpec {
+            partitions: Some(1),
+            msg_id_window_ms: Some(600_000),
+            ..TopicSpec::default()
+        };
+        block_on(b.create_topic("w", &spec)).expect("create");
+        assert!(produce(&b, "e1", 1));
+        // Past the tail's last block: e1 is read back from the device.
+        assert!(produce(&b, "filler", 8 * 1024));
+        b.storage().shutdown().expect("shutdown");
+        drop(b);
+
+        let b = open(rig.open(), &rig);
+        assert!(!produce(&b, "e1", 1), "refilled from a readable log");
+        b.storage().shutdown().expect("shutdown");
+        drop(b);
+
+        // Damage that recovery has passed already (it came after): the
+        // refill's read finds it and the partition is quarantined.
+        let storage = rig.open();
+        let seg = rig.dir.path().join("topics/w/0/seg-00000.log");
+        assert!(rig
+            .disk()
+            .expect("fault rig")
+            .flip_stored_bit(&seg, 4096 + 66, 3));
+        let b = open(storage, &rig);
+        // The read did find it: the partition now refuses writes.
+        let mut bb = BatchBuilder::new();
+        bb.push(1, None, b"v", &[]);
+        let refused =
+            match block_on(b.submit_produce("w", 0, bb.finish(ProducerStamp::NONE), Wake::Now)) {
+                Ok(Submitted::Queued { ticket, pending }) => {
+                    block_on(b.complete_produce(ticket, pending)).is_err()
+                }
+                Ok(_) => false,
+                Err(_) => true,
+            };
+        assert!(refused, "quarantined by the refill's read");
+        b.storage().shutdown().expect("shutdown");
+    }
+}

@@ -1065,4 +1065,4 @@ pub(crate) fn test_dir() -> tempfile::TempDir {
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
