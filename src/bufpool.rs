@@ -68,14 +68,14 @@ pub fn bytes_max(buffers: usize, buffer_bytes_max: usize) -> u64 {
     (buffers as u64).saturating_mul(rounded as u64)
 }
 
-pub struct Pool {
+struct Pool {
     buffers_max: AtomicUsize,
     buffer_bytes_max: AtomicUsize,
     list: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Pool {
-    pub const fn new(buffers: usize, buffer_bytes_max: usize) -> Pool {
+    const fn new(buffers: usize, buffer_bytes_max: usize) -> Pool {
         Pool {
             buffers_max: AtomicUsize::new(buffers),
             buffer_bytes_max: AtomicUsize::new(buffer_bytes_max),
@@ -83,7 +83,7 @@ impl Pool {
         }
     }
 
-    pub fn configure(&self, buffers: usize, buffer_bytes_max: usize) {
+    fn configure(&self, buffers: usize, buffer_bytes_max: usize) {
         self.buffers_max.store(buffers, Ordering::Relaxed);
         self.buffer_bytes_max
             .store(buffer_bytes_max, Ordering::Relaxed);
@@ -94,7 +94,7 @@ impl Pool {
 
     /// An empty buffer with room for at least `len` bytes: a recycled one
     /// when the pool has one large enough.
-    pub fn take(&self, len: usize) -> Vec<u8> {
+    fn take(&self, len: usize) -> Vec<u8> {
         if len < BUFFER_BYTES_MIN {
             return Vec::with_capacity(len);
         }
@@ -121,7 +121,7 @@ impl Pool {
     /// Keeps a buffer for a later [`Pool::take`]; frees it when the pool is
     /// full, or the buffer is too small to be worth keeping or above the
     /// size bound.
-    pub fn give(&self, mut buf: Vec<u8>) {
+    fn give(&self, mut buf: Vec<u8>) {
         let cap = buf.capacity();
         if cap < BUFFER_BYTES_MIN || cap > self.buffer_bytes_max.load(Ordering::Relaxed) {
             return;
@@ -140,7 +140,8 @@ impl Pool {
     }
 
     /// Buffers kept now, and their bytes.
-    pub fn kept(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
         let list = self.lock();
         (list.len(), list.iter().map(Vec::capacity).sum())
     }
