@@ -9,14 +9,16 @@
 //! SKIFF_BENCH_BACKEND=pwrite to leave io_uring out; SKIFF_BENCH_AB=1 for
 //! the interleaved A/B of io_uring and pwrite, each with and without
 //! `pipelined_fsync`, and of pipelined io_uring without the sync hold). Each figure is the median of three runs,
-//! min and max kept (see /work/shared/BENCHMARKING.md).
+//! min and max kept (see "How we measure" in docs/performance.md).
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
+use skiff::bufpool::BatchPool;
 use skiff::storage::io::pwrite::PwriteBackend;
 use skiff::storage::io::raw_bandwidth::{self, Prepare};
 use skiff::storage::io::{AlignedBuf, IoBackend, WriteOp};
 use skiff::storage::{
-    Durability, OverflowPolicy, PartitionConfig, PartitionId, Storage, StorageConfig,
+    CheckedBatch, Durability, OverflowPolicy, PartitionConfig, PartitionId, Storage, StorageConfig,
+    Wake,
 };
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -94,7 +96,7 @@ fn pick_kind() -> Kind {
     }
 }
 const RUNS: usize = 3;
-/// BENCHMARKING.md: at most 1,000 records un-acknowledged in flight.
+/// Workload P (docs/performance.md): at most 1,000 records un-acknowledged in flight.
 const IN_FLIGHT_RECORDS_MAX: usize = 1000;
 
 struct Params {
@@ -140,7 +142,7 @@ fn dev_write_bytes(dir: &Path) -> u64 {
     raw_bandwidth::device_write_bytes(dir).unwrap_or(0)
 }
 
-/// Raw sequential O_DIRECT write bandwidth as BENCHMARKING.md asks for it
+/// Raw sequential O_DIRECT write bandwidth as docs/performance.md asks for it
 /// (`storage::io::raw_bandwidth`: 1 MiB writes, 4 in flight, a fresh
 /// preallocated file, the closing fdatasync timed) and, beside it, the
 /// same over blocks written once already: the device's overwrite speed,
@@ -310,22 +312,24 @@ fn throughput_run(
         // an ack and the submit that answers it), and hands over together
         // all it has room for, as a client sends them in one request.
         let mut built = VecDeque::with_capacity(in_flight);
-        // In buffers the engine gives back once it has copied them, as the
-        // server decodes produce batches (`skiff::bufpool`).
-        let mut build = |built: &mut VecDeque<Vec<u8>>| {
+        // In buffers that go back to their pool once the engine has copied
+        // them, as the server copies produce batches out of their frames.
+        let pool = BatchPool::new(8, s.max_batch_bytes());
+        let mut build = |built: &mut VecDeque<CheckedBatch>| {
             while built.len() < in_flight {
                 let b = &batches[i % batches.len()];
-                let mut copy = skiff::bufpool::take(b.len());
-                copy.extend_from_slice(b);
-                built.push_back(copy);
+                built.push_back(CheckedBatch::check(pool.copy(b)).expect("check"));
                 i += 1;
             }
         };
         build(&mut built);
         while t.elapsed() < p.run_time && bytes < budget {
-            let refill: Vec<Vec<u8>> = built.drain(..in_flight - q.len()).collect();
-            bytes += refill.iter().map(|b| b.len() as u64).sum::<u64>();
-            q.extend(s.submit_all(&id, refill).await.expect("submit"));
+            // Handed over together, with one wake-up: one group.
+            for b in built.drain(..in_flight - q.len()) {
+                bytes += b.bytes().len() as u64;
+                q.push_back(s.submit(&id, b, Wake::Later).await.expect("submit"));
+            }
+            s.wake();
             build(&mut built);
             q.pop_front().unwrap().await.expect("append");
             n += 1;
@@ -399,7 +403,8 @@ fn wa_run(p: &Params, dir: &Path, value: usize, interval_ms: u32) -> Run {
             }
             let b = batches[k as usize % batches.len()].clone();
             bytes += b.len() as u64;
-            tickets.push_back(s.submit(&id, b).await.expect("submit"));
+            let b = CheckedBatch::check(b).expect("check");
+            tickets.push_back(s.submit(&id, b, Wake::Now).await.expect("submit"));
             while tickets.len() > 2000 {
                 tickets.pop_front().unwrap().await.expect("append");
             }
@@ -641,7 +646,8 @@ fn recovery(p: &Params, dir: &Path) {
             let b = batches[i % batches.len()].clone();
             i += 1;
             bytes += b.len() as u64;
-            q.push_back(s.submit(&id, b).await.expect("submit"));
+            let b = CheckedBatch::check(b).expect("check");
+            q.push_back(s.submit(&id, b, Wake::Now).await.expect("submit"));
             if q.len() > 8 {
                 q.pop_front().unwrap().await.expect("append");
             }

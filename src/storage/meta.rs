@@ -66,6 +66,30 @@ impl std::error::Error for MetaError {
     }
 }
 
+/// What was wrong with a metadata file, without the error's payload: for
+/// reports that must be cloned and compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetaFault {
+    Io(io::ErrorKind),
+    Corrupt(&'static str),
+    UnsupportedVersion(u16),
+    Decode,
+    Encode,
+}
+
+impl MetaError {
+    pub fn fault(&self) -> MetaFault {
+        match self {
+            MetaError::Io(e) => MetaFault::Io(e.kind()),
+            MetaError::Corrupt(what) => MetaFault::Corrupt(what),
+            MetaError::UnsupportedVersion(v) => MetaFault::UnsupportedVersion(*v),
+            MetaError::Decode(_) => MetaFault::Decode,
+            MetaError::Encode(_) => MetaFault::Encode,
+        }
+    }
+}
+
 impl From<io::Error> for MetaError {
     fn from(e: io::Error) -> Self {
         MetaError::Io(e)

@@ -11,8 +11,15 @@
 //! - `io/`: the I/O seam and its backends, the aligned buffer type.
 //! - [`segment`]: the segment header (first block of every segment file).
 //! - [`meta`]: small metadata files (postcard + CRC, atomic replace).
-//! - `engine`: the storage thread: partitions, tail buffers, group commit,
-//!   reads, recovery, retention.
+//! - [`clock`]: where the engine reads the time (a manual clock in tests).
+//! - `engine`: the storage thread's loop and command dispatch, and the
+//!   engine's limits.
+//! - `part`: a partition in memory: its ring of segments with their sparse
+//!   index, its tail buffer, appends, rolls and time retention.
+//! - `commit`: group commit: the write rounds and the fdatasync group.
+//! - `read`: fetches, read-ahead, offsets by timestamp.
+//! - `recovery`: start-up, the recovery policy and its report, the
+//!   checkpoint.
 //!
 //! The on-disk format is documented in `docs/format.md` and next to the
 //! code that reads it.
@@ -35,10 +42,23 @@ pub mod io;
 pub mod meta;
 pub mod segment;
 
+pub mod clock;
+mod commit;
+mod compact;
 mod doorbell;
 mod engine;
+mod part;
+mod read;
+mod recovery;
+mod resize;
 
+pub use crate::bufpool::BatchBuf;
+pub use clock::{Clock, ManualClock};
+pub use compact::{compact_buffer_bytes, compact_write_bytes_max, SegmentInfo};
 pub use io::{IoBackend, BLOCK_BYTES};
+pub use recovery::{
+    DamagedRange, DataEnd, Quarantine, QuarantineReason, RecoveryPolicy, RecoveryReport, Truncation,
+};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -120,7 +140,7 @@ pub enum Durability {
 impl FromStr for Durability {
     type Err = StorageError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const MSG: &str = "durability must be \"always\", \"interval:<ms>\" (ms >= 1) or \"never\"";
+        const MSG: &str = "fsync must be \"always\", \"interval:<ms>\" (ms >= 1) or \"never\"";
         match s {
             "always" => Ok(Durability::Always),
             "never" => Ok(Durability::Never),
@@ -318,6 +338,11 @@ pub struct StorageConfig {
     /// Told about every write round, for latency histograms outside
     /// storage (the metrics endpoint); storage itself keeps only counters.
     pub observer: Option<Observer>,
+    /// Where the engine reads the time: the system's; tests advance a
+    /// manual one instead of sleeping through time windows.
+    pub clock: Clock,
+    /// What recovery does with damage inside durable data.
+    pub recovery_policy: RecoveryPolicy,
 }
 
 /// Hears about each write round of the storage thread. Called on the
@@ -369,6 +394,8 @@ impl Default for StorageConfig {
             sync_hold_max: std::time::Duration::from_millis(1),
             pipelined_fsync: false,
             observer: None,
+            clock: Clock::System,
+            recovery_policy: RecoveryPolicy::default(),
         }
     }
 }
@@ -420,26 +447,59 @@ pub struct Offsets {
     pub durable: u64,
 }
 
-/// What recovery found in one partition at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoveryReport {
-    pub id: PartitionId,
-    /// Valid batches found.
-    pub batches: u64,
-    /// Bytes of torn or corrupt tail dropped (never acknowledged data).
-    pub bytes_truncated: u64,
-    /// Corruption before the durable tail: the partition is read-only.
-    pub quarantined: bool,
-    pub earliest: u64,
-    pub high_watermark: u64,
-}
-
 /// The storage thread's I/O buffers, allocated at start-up: the read
 /// window, a read-ahead spare of the same size per slot, and the chunk of
 /// zeros segments are pre-written with.
 pub fn thread_buffer_bytes(max_batch_bytes: usize) -> usize {
     (1 + io::READ_AHEAD_SLOTS) * engine::read_buffer_bytes(max_batch_bytes)
         + engine::ZERO_CHUNK_BYTES
+}
+
+/// A partition's tail buffer as allocated from `tail_buffer_bytes`: one
+/// block more, for the partial block a recycled tail keeps at its front.
+pub fn tail_buffer_alloc_bytes(tail_buffer_bytes: u64) -> u64 {
+    tail_buffer_bytes.saturating_add(BLOCK_BYTES as u64)
+}
+
+/// Memory a partition's ring holds from its creation to its deletion: the
+/// partition's own state and, per segment, its slot in the segment table
+/// and the capacity of its sparse index.
+pub fn ring_memory_bytes(segment_bytes: u64, segments: u32) -> u64 {
+    let per_segment = engine::SEGMENT_SLOT_BYTES
+        + engine::index_capacity(segment_bytes) * engine::INDEX_ENTRY_BYTES;
+    engine::PART_BYTES + u64::from(segments) * per_segment
+}
+
+/// The most [`ring_memory_bytes`] that at most `partitions` rings of
+/// `disk_bytes` in all can hold. Index entries follow the bytes, but every
+/// segment adds a slot and two entries, so the worst case cuts the disk
+/// into as many segments as the limits allow: `SEGMENT_BYTES_MIN` each, at
+/// most `SEGMENTS_MAX` per partition.
+pub fn rings_memory_bytes_max(disk_bytes: u64, partitions: u32) -> u64 {
+    let segments = (disk_bytes / SEGMENT_BYTES_MIN)
+        .min(u64::from(partitions).saturating_mul(u64::from(SEGMENTS_MAX)));
+    let slot = engine::SEGMENT_SLOT_BYTES + 2 * engine::INDEX_ENTRY_BYTES;
+    (disk_bytes / engine::INDEX_INTERVAL_BYTES)
+        .saturating_mul(engine::INDEX_ENTRY_BYTES)
+        .saturating_add(segments.saturating_mul(slot))
+        .saturating_add(u64::from(partitions).saturating_mul(engine::PART_BYTES))
+}
+
+/// Heap behind one queued append besides its batch: the partition id's
+/// topic name (at most [`TOPIC_NAME_BYTES_MAX`]) and the reply channel the
+/// submitter waits on (an `async_channel` of one slot, about 300 bytes).
+const APPEND_JOB_HEAP_BYTES: u64 = TOPIC_NAME_BYTES_MAX as u64 + 320;
+
+/// The storage thread's command queue at `depth` jobs, batch bytes not
+/// included: one command per slot and what each points to.
+pub fn append_queue_bytes(depth: u32) -> u64 {
+    u64::from(depth) * (engine::CMD_BYTES + APPEND_JOB_HEAP_BYTES)
+}
+
+/// The read buffer recovery scans with at start-up, freed before the
+/// broker starts serving.
+pub fn recovery_buffer_bytes(max_batch_bytes: usize) -> u64 {
+    engine::RECOVERY_READ_BYTES.max(engine::read_buffer_bytes(max_batch_bytes)) as u64
 }
 
 /// A snapshot of the storage counters.
@@ -463,6 +523,14 @@ pub struct StorageStats {
     /// and how many of them a later read used.
     pub reads_ahead: u64,
     pub reads_ahead_used: u64,
+    /// Compacted segment runs swapped into rings.
+    pub compactions: u64,
+    /// Segment files preallocated by writing zeros: the file system has no
+    /// fallocate (FUSE, some network file systems).
+    pub zero_fill_allocations: u64,
+    /// 1 once a segment file had to be opened without O_DIRECT: buffered
+    /// writes with fdatasync.
+    pub buffered_io: u64,
 }
 
 #[derive(Debug, Default)]
@@ -479,6 +547,9 @@ pub(crate) struct StatsInner {
     pub quarantined: AtomicU64,
     pub reads_ahead: AtomicU64,
     pub reads_ahead_used: AtomicU64,
+    pub compactions: AtomicU64,
+    pub zero_fill_allocations: AtomicU64,
+    pub buffered_io: AtomicU64,
 }
 
 impl StatsInner {
@@ -500,6 +571,9 @@ impl StatsInner {
             quarantined: g(&self.quarantined),
             reads_ahead: g(&self.reads_ahead),
             reads_ahead_used: g(&self.reads_ahead_used),
+            compactions: g(&self.compactions),
+            zero_fill_allocations: g(&self.zero_fill_allocations),
+            buffered_io: g(&self.buffered_io),
         }
     }
 }
@@ -518,13 +592,24 @@ pub(crate) struct PartShared {
     pub durable: AtomicU64,
     pub state: AtomicU8,
     pub event: Arc<event_listener::Event>,
+    /// The first offset a reader (the mirror) still needs, or
+    /// [`NO_RETAIN_FLOOR`]: the ring never drops a segment holding an offset
+    /// at or past it, and a full ring refuses appends with
+    /// [`StorageError::BacklogFull`] instead.
+    pub retain_floor: AtomicU64,
 }
+
+/// [`PartShared::retain_floor`] when no reader holds the ring back.
+pub const NO_RETAIN_FLOOR: u64 = u64::MAX;
 
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     pub parts: RwLock<HashMap<PartitionId, Arc<PartShared>>>,
     pub stats: StatsInner,
     pub reports: Mutex<Vec<RecoveryReport>>,
+    /// Notified when a ring starts a segment, or refuses to (a cleaner
+    /// then looks for room to make).
+    pub rolled: event_listener::Event,
 }
 
 impl Shared {
@@ -561,6 +646,9 @@ pub enum StorageError {
     },
     /// `OverflowPolicy::Reject` and the ring is full of retained data.
     Full(PartitionId),
+    /// The ring is full and its oldest segment holds offsets at or past
+    /// the partition's retain floor (data not yet forwarded upstream).
+    BacklogFull(PartitionId),
     /// A write or fsync failed earlier (disk error, full thin-provisioned
     /// device): the partition refuses writes until reopened and recovered.
     Failed {
@@ -569,8 +657,9 @@ pub enum StorageError {
         errno: Option<i32>,
     },
     /// Corruption found in acknowledged data (bit rot, a tampered file):
-    /// the partition is read-only up to the damage.
-    Quarantined(PartitionId),
+    /// the partition is read-only up to the damage. Says where and what
+    /// (boxed: the error travels with every append's result).
+    Quarantined(Box<Quarantine>),
     /// A config value out of range; the text says which.
     InvalidConfig(&'static str),
     /// More partitions than `max_partitions` (pools are sized from it).
@@ -583,11 +672,31 @@ pub enum StorageError {
         partition: PartitionId,
         bytes: u64,
     },
+    /// A segment file of another on-disk format version (an older or newer
+    /// skiff wrote it): the partition is not opened, and nothing in its
+    /// directory is changed. There is no converter; see docs/format.md.
+    UnsupportedVersion {
+        partition: PartitionId,
+        slot: u32,
+        found: u16,
+        supported: u16,
+    },
     /// Setup, open or metadata I/O failed.
     Io(std::io::Error),
     Meta(meta::MetaError),
     /// The storage thread has stopped (shutdown, or it is stopping).
     ShuttingDown,
+    /// A shrink of a ring that never overwrites (a compacted topic, or
+    /// `overflow = reject`) to fewer segments than hold its data now.
+    RingTooSmall {
+        partition: PartitionId,
+        live_segments: u32,
+        asked: u32,
+    },
+    /// A compaction's segments are no longer the ring's oldest (time
+    /// retention dropped one, or another compaction ran): nothing was
+    /// changed; plan again.
+    CompactionMoved(PartitionId),
 }
 
 impl fmt::Display for StorageError {
@@ -608,6 +717,10 @@ impl fmt::Display for StorageError {
                 write!(f, "batch of {bytes} bytes exceeds the limit of {max}")
             }
             StorageError::Full(id) => write!(f, "partition {id} is full (overflow = reject)"),
+            StorageError::BacklogFull(id) => write!(
+                f,
+                "partition {id} is full of records not yet forwarded upstream (mirror_overflow = block)"
+            ),
             StorageError::Failed {
                 partition,
                 cause,
@@ -617,9 +730,7 @@ impl fmt::Display for StorageError {
                 "partition {partition} failed a write or fsync ({cause:?}, errno {errno:?}); \
                  it refuses writes until restarted"
             ),
-            StorageError::Quarantined(id) => {
-                write!(f, "partition {id} is quarantined (corrupt data): read-only")
-            }
+            StorageError::Quarantined(q) => write!(f, "{q}"),
             StorageError::InvalidConfig(what) => write!(f, "invalid storage config: {what}"),
             StorageError::TooManyPartitions { max } => {
                 write!(f, "too many partitions (max_partitions = {max})")
@@ -628,9 +739,34 @@ impl fmt::Display for StorageError {
                 f,
                 "not enough disk space for partition {partition} ({bytes} bytes)"
             ),
+            StorageError::UnsupportedVersion {
+                partition,
+                slot,
+                found,
+                supported,
+            } => write!(
+                f,
+                "partition {partition}: segment {slot} is in on-disk format version {found}, \
+                 this build reads version {supported} only (written by another skiff; \
+                 move the partition's directory aside to start)"
+            ),
             StorageError::Io(e) => write!(f, "storage I/O: {e}"),
             StorageError::Meta(e) => write!(f, "{e}"),
             StorageError::ShuttingDown => f.write_str("storage is shutting down"),
+            StorageError::RingTooSmall {
+                partition,
+                live_segments,
+                asked,
+            } => write!(
+                f,
+                "partition {partition} holds data in {live_segments} segments and never \
+                 overwrites it: it cannot shrink to {asked} (compact the topic or delete keys \
+                 first)"
+            ),
+            StorageError::CompactionMoved(id) => write!(
+                f,
+                "partition {id}: the segments being compacted are no longer the ring's oldest"
+            ),
         }
     }
 }
@@ -674,27 +810,45 @@ pub enum Wake {
     Later,
 }
 
-/// A producer batch whose framing and CRC were verified (one pass, with
-/// the hardware CRC where the CPU has it), ready for
-/// [`Storage::submit_checked`].
+/// A batch whose framing and CRC were verified (one pass, with the
+/// hardware CRC where the CPU has it), ready for [`Storage::submit`].
+/// Checked on the caller's thread, so the CRC work runs on the network
+/// threads in parallel, and a caller that needs the header first (the
+/// producer table) makes no second pass over the bytes.
 pub struct CheckedBatch {
-    batch: Vec<u8>,
-    checked: engine::Prechecked,
+    batch: BatchBuf,
+    checked: part::Prechecked,
 }
 
 impl CheckedBatch {
-    pub fn check(batch: Vec<u8>) -> Result<CheckedBatch, StorageError> {
-        let checked = engine::Prechecked::check(&batch)?;
+    /// A producer's batch: appended right after the log's end, and its
+    /// offsets must be dense ([`BatchError::NotDense`](crate::batch::BatchError::NotDense)).
+    pub fn check(batch: impl Into<BatchBuf>) -> Result<CheckedBatch, crate::batch::BatchError> {
+        let batch = batch.into();
+        let checked = part::Prechecked::check(&batch)?;
         Ok(CheckedBatch { batch, checked })
+    }
+
+    /// A batch of the log's own writers (compaction, transaction markers):
+    /// it may hold gaps between its records, and its base offset is at
+    /// least `base_offset_at_least`, so the log may gain a gap before it.
+    /// Below the log's end it simply follows the last batch.
+    pub fn check_placed(
+        batch: impl Into<BatchBuf>,
+        base_offset_at_least: u64,
+    ) -> Result<CheckedBatch, crate::batch::BatchError> {
+        let batch = batch.into();
+        let checked = part::Prechecked::check_placed(&batch, base_offset_at_least)?;
+        Ok(CheckedBatch { batch, checked })
+    }
+
+    /// The batch as checked (base offset still the producer's).
+    pub fn bytes(&self) -> &[u8] {
+        &self.batch
     }
 
     pub fn header(&self) -> &crate::batch::BatchHeader {
         self.checked.header()
-    }
-
-    /// The bytes back, e.g. to re-encode the batch (then check it again).
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.batch
     }
 }
 
@@ -844,69 +998,22 @@ impl Storage {
         self.call(|reply| engine::Cmd::Delete { id, reply }).await
     }
 
-    /// Enqueues one producer batch (base offset as sent by the producer).
-    /// Awaiting this waits for room in the bounded channel; awaiting the
-    /// ticket waits for the ack. Appends are applied in submit order.
+    /// Enqueues one producer batch (base offset as sent by the producer),
+    /// checked already (see [`CheckedBatch`]). Awaiting this waits for room
+    /// in the bounded channel; awaiting the ticket waits for the ack.
+    /// Appends are applied in submit order.
+    ///
+    /// With [`Wake::Later`] the storage thread is left asleep until a
+    /// later [`Storage::wake`] (or a full queue): a caller handing over
+    /// several batches (a produce request's) wakes it once, after the
+    /// last, so it finds them all and writes them in one group with one
+    /// fdatasync rather than start on the first alone.
     pub async fn submit(
         &self,
         id: &PartitionId,
-        batch: Vec<u8>,
-    ) -> Result<AppendTicket, StorageError> {
-        self.submit_with(id, batch, Wake::Now).await
-    }
-
-    /// [`Storage::submit`], waking the storage thread as `wake` says.
-    pub async fn submit_with(
-        &self,
-        id: &PartitionId,
-        batch: Vec<u8>,
-        wake: Wake,
-    ) -> Result<AppendTicket, StorageError> {
-        let checked = CheckedBatch::check(batch)?;
-        self.submit_checked_with(id, checked, wake).await
-    }
-
-    /// [`Storage::submit`] of a batch checked already, for callers that
-    /// need its header before submitting (the producer table) without a
-    /// second pass over the bytes.
-    pub async fn submit_checked(
-        &self,
-        id: &PartitionId,
-        checked: CheckedBatch,
-    ) -> Result<AppendTicket, StorageError> {
-        self.submit_checked_with(id, checked, Wake::Now).await
-    }
-
-    /// [`Storage::submit_checked`], waking the storage thread now or
-    /// leaving that to a later [`Storage::wake`]: a caller handing over
-    /// several batches (a produce request's) wakes it once, after the
-    /// last, so it finds them all and writes them in one group.
-    pub async fn submit_checked_with(
-        &self,
-        id: &PartitionId,
         checked: CheckedBatch,
         wake: Wake,
     ) -> Result<AppendTicket, StorageError> {
-        let (cmd, ticket) = self.append_cmd(id, checked)?;
-        match wake {
-            Wake::Now => self.inner.tx.send(cmd).await?,
-            Wake::Later => self.inner.tx.send_quiet(cmd).await?,
-        }
-        Ok(ticket)
-    }
-
-    /// Wakes the storage thread for batches submitted with
-    /// [`Wake::Later`]. Cheap when it is awake.
-    pub fn wake(&self) {
-        self.inner.tx.ring();
-    }
-
-    /// The command that appends a checked batch, and its ticket.
-    fn append_cmd(
-        &self,
-        id: &PartitionId,
-        checked: CheckedBatch,
-    ) -> Result<(engine::Cmd, AppendTicket), StorageError> {
         let CheckedBatch { batch, checked } = checked;
         if batch.len() > self.inner.max_batch_bytes {
             return Err(StorageError::BatchTooLarge {
@@ -921,46 +1028,29 @@ impl Storage {
             checked,
             reply: tx,
         };
-        Ok((
-            cmd,
-            AppendTicket {
-                fut: Box::pin(reply(rx)),
-            },
-        ))
-    }
-
-    /// Submits several batches of one partition together: every batch is
-    /// checked first (nothing is handed over if one fails), then all are
-    /// queued at once, so the storage thread can write them in one group
-    /// with one fdatasync rather than start on the first alone. Applied in
-    /// order; one ticket per batch.
-    pub async fn submit_all(
-        &self,
-        id: &PartitionId,
-        batches: Vec<Vec<u8>>,
-    ) -> Result<Vec<AppendTicket>, StorageError> {
-        let mut cmds = Vec::with_capacity(batches.len());
-        let mut tickets = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let (cmd, ticket) = self.append_cmd(id, CheckedBatch::check(batch)?)?;
-            cmds.push(cmd);
-            tickets.push(ticket);
+        match wake {
+            Wake::Now => self.inner.tx.send(cmd).await?,
+            Wake::Later => self.inner.tx.send_quiet(cmd).await?,
         }
-        self.inner.tx.send_all(cmds).await?;
-        Ok(tickets)
+        Ok(AppendTicket {
+            fut: Box::pin(reply(rx)),
+        })
     }
 
-    /// Convenience: submit then await the ticket.
-    pub async fn append(
-        &self,
-        id: &PartitionId,
-        batch: Vec<u8>,
-    ) -> Result<AppendAck, StorageError> {
-        self.submit(id, batch).await?.await
+    /// Wakes the storage thread for batches submitted with
+    /// [`Wake::Later`]. Cheap when it is awake.
+    pub fn wake(&self) {
+        self.inner.tx.ring();
     }
 
-    /// Whole batches, as stored, starting with the batch containing
-    /// `offset`, up to `max_bytes` (at least one whole batch if any), never
+    /// The largest batch [`Storage::submit`] takes.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.inner.max_batch_bytes
+    }
+
+    /// Whole batches, as stored, starting with the batch covering `offset`
+    /// (or, when `offset` falls in a gap between batches, the first batch
+    /// after it), up to `max_bytes` (at least one whole batch if any), never
     /// beyond the high watermark. Empty when `offset == high_watermark`.
     pub async fn read(
         &self,
@@ -976,6 +1066,19 @@ impl Storage {
             reply,
         })
         .await
+    }
+
+    /// Holds the ring back from dropping offsets at or past `floor`
+    /// (`None`: no hold). Read at each segment roll and time-retention pass.
+    pub fn set_retain_floor(
+        &self,
+        id: &PartitionId,
+        floor: Option<u64>,
+    ) -> Result<(), StorageError> {
+        let p = self.inner.shared.part(id)?;
+        p.retain_floor
+            .store(floor.unwrap_or(NO_RETAIN_FLOOR), Ordering::Release);
+        Ok(())
     }
 
     pub fn offsets(&self, id: &PartitionId) -> Result<Offsets, StorageError> {
@@ -1007,6 +1110,12 @@ impl Storage {
     /// what the service watchdog needs to notice.
     pub async fn ping(&self) -> Result<(), StorageError> {
         self.call(|reply| engine::Cmd::Ping { reply }).await
+    }
+
+    /// Notified when any partition's ring starts a new segment or finds
+    /// itself full: the moments a cleaner may have room to make.
+    pub fn roll_listener(&self) -> event_listener::EventListener {
+        self.inner.shared.rolled.listen()
     }
 
     /// Notified every time the partition's high watermark advances.
@@ -1051,6 +1160,75 @@ impl Storage {
     pub fn stats(&self) -> StorageStats {
         self.inner.shared.stats.snapshot()
     }
+
+    // ------------------------------------------------ compaction (issue 19)
+
+    /// The ring's live segments, oldest first; the last is the active one.
+    pub async fn segments(&self, id: &PartitionId) -> Result<Vec<SegmentInfo>, StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::Segments { id, reply }).await
+    }
+
+    /// Starts replacing the ring's oldest `count` segments (the oldest has
+    /// `first_epoch`; the active one is never among them) with one segment
+    /// written by [`Storage::compact_write`] (see `compact`'s docs).
+    pub async fn compact_begin(
+        &self,
+        id: &PartitionId,
+        first_epoch: u64,
+        count: usize,
+    ) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::CompactBegin {
+            id,
+            first_epoch,
+            count,
+            reply,
+        })
+        .await
+    }
+
+    /// Whole batches with their offsets, in order, at most
+    /// [`compact_write_bytes_max`] bytes.
+    pub async fn compact_write(
+        &self,
+        id: &PartitionId,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::CompactWrite { id, bytes, reply })
+            .await
+    }
+
+    /// Makes the new segment durable and swaps it in: afterwards the
+    /// replaced slots are free. Crash-safe: before or after, never between.
+    pub async fn compact_commit(&self, id: &PartitionId) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::CompactCommit { id, reply })
+            .await
+    }
+
+    /// Changes a partition's retention, durability, overflow and segment
+    /// count live (not its segment size); survives a restart
+    /// (`partition.meta` and, for the count, `ring.meta` are replaced
+    /// atomically; see `resize`).
+    pub async fn alter_partition(
+        &self,
+        id: &PartitionId,
+        cfg: PartitionConfig,
+    ) -> Result<(), StorageError> {
+        cfg.validate()?;
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::Alter { id, cfg, reply })
+            .await
+    }
+
+    /// Gives up a compaction in progress (nothing in the ring changes).
+    pub async fn compact_abort(&self, id: &PartitionId) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::CompactAbort { id, reply })
+            .await
+    }
 }
 
 /// A temp dir for tests that need real files: under target/ (tmpfs has no
@@ -1063,6 +1241,12 @@ pub(crate) fn test_dir() -> tempfile::TempDir {
 }
 
 #[cfg(test)]
+mod corruption_tests;
+#[cfg(test)]
+mod crashed_run_tests;
+#[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod resize_tests;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -18,15 +18,20 @@
 //!
 //! Batches follow from byte [`BLOCK_BYTES`], back to back, each in the
 //! format of `crate::batch`. A segment's data ends at the first position
-//! that does not hold a valid batch with the next expected offset: zeros,
-//! a torn write, or stale bytes from an earlier trip round the ring (those
-//! carry lower offsets, so they can never be mistaken for new data).
+//! that does not hold a valid batch at or above the next expected offset
+//! (there may be a gap before it): zeros, a torn write, or stale bytes from
+//! an earlier trip round the ring (those carry lower offsets, so they can
+//! never be mistaken for new data). See docs/format.md, "Where a
+//! segment's data ends".
 
 use super::io::BLOCK_BYTES;
 use crate::batch::CRC32C;
 
 pub const SEGMENT_MAGIC: [u8; 4] = *b"SKSG";
-pub const SEGMENT_VERSION: u16 = 1;
+/// 2: batches of version 2 (offsets may have gaps). A segment of another
+/// version is refused at start-up, naming it
+/// ([`StorageError::UnsupportedVersion`](super::StorageError::UnsupportedVersion)).
+pub const SEGMENT_VERSION: u16 = 2;
 
 pub const SEG_OFFSET_MAGIC: usize = 0;
 pub const SEG_OFFSET_VERSION: usize = SEG_OFFSET_MAGIC + 4;
@@ -60,6 +65,7 @@ pub enum HeaderError {
     /// All zeros: the slot was never started (or its header write was lost).
     Unused,
     BadMagic,
+    /// An intact header (its CRC holds) of another format version.
     UnsupportedVersion(u16),
     CrcMismatch,
     /// Valid CRC but fields that contradict the partition's config.
@@ -99,12 +105,15 @@ impl SegmentHeader {
         if block[..4] != SEGMENT_MAGIC {
             return Err(HeaderError::BadMagic);
         }
+        // The CRC before the version: only an intact header may say it is
+        // of another version (which refuses the whole partition), a
+        // flipped bit only that it is corrupt.
+        if CRC32C.checksum(&block[..SEG_OFFSET_CRC]) != u32_at(SEG_OFFSET_CRC) {
+            return Err(HeaderError::CrcMismatch);
+        }
         let version = u16::from_le_bytes([block[4], block[5]]);
         if version != SEGMENT_VERSION {
             return Err(HeaderError::UnsupportedVersion(version));
-        }
-        if CRC32C.checksum(&block[..SEG_OFFSET_CRC]) != u32_at(SEG_OFFSET_CRC) {
-            return Err(HeaderError::CrcMismatch);
         }
         let h = SegmentHeader {
             epoch: u64_at(SEG_OFFSET_EPOCH),
@@ -153,6 +162,33 @@ mod tests {
         assert_eq!(
             SegmentHeader::decode(&[0u8; SEG_HEADER_BYTES], 0, 1 << 20),
             Err(HeaderError::Unused)
+        );
+    }
+
+    /// A header of another version, intact, says so; the same bytes with
+    /// a bit flipped say only that they are corrupt.
+    #[test]
+    fn another_version_is_told_apart_from_corruption() {
+        let h = SegmentHeader {
+            epoch: 3,
+            base_offset: 0,
+            created_ms: 1,
+            slot: 0,
+            segment_bytes: 1 << 20,
+        };
+        let mut block = vec![0u8; SEG_HEADER_BYTES];
+        h.encode(&mut block);
+        block[SEG_OFFSET_VERSION..SEG_OFFSET_VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+        let crc = CRC32C.checksum(&block[..SEG_OFFSET_CRC]);
+        block[SEG_OFFSET_CRC..SEG_OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            SegmentHeader::decode(&block, 0, 1 << 20),
+            Err(HeaderError::UnsupportedVersion(1))
+        );
+        block[SEG_OFFSET_EPOCH] ^= 1;
+        assert_eq!(
+            SegmentHeader::decode(&block, 0, 1 << 20),
+            Err(HeaderError::CrcMismatch)
         );
     }
 }

@@ -2,11 +2,39 @@
 //! through [`Rig`]: the fault-injecting in-memory disk, and pwrite and
 //! io_uring (where the kernel allows it) over real files.
 
+use super::engine::CHECKPOINT_INTERVAL_MS;
 use super::io::fault::{FaultBackend, FaultDisk, FaultPlan};
 use super::io::pwrite::PwriteBackend;
+use super::segment::{HeaderError, SegmentHeader, SEG_HEADER_BYTES};
 use super::*;
-use crate::batch::{self, BatchBuilder, BatchIter, ProducerStamp};
+use crate::batch::{self, BatchBuilder, BatchIter, BatchView, ProducerStamp};
 use smol::block_on;
+
+/// The calls tests make most: check a batch and submit it, waking the
+/// thread; or that and await its ack.
+pub(crate) trait Submit {
+    async fn submit_now(
+        &self,
+        id: &PartitionId,
+        batch: Vec<u8>,
+    ) -> Result<AppendTicket, StorageError>;
+    async fn append(&self, id: &PartitionId, batch: Vec<u8>) -> Result<AppendAck, StorageError>;
+}
+
+impl Submit for Storage {
+    async fn submit_now(
+        &self,
+        id: &PartitionId,
+        batch: Vec<u8>,
+    ) -> Result<AppendTicket, StorageError> {
+        self.submit(id, CheckedBatch::check(batch)?, Wake::Now)
+            .await
+    }
+
+    async fn append(&self, id: &PartitionId, batch: Vec<u8>) -> Result<AppendAck, StorageError> {
+        self.submit_now(id, batch).await?.await
+    }
+}
 
 /// A data directory plus a way to make backends over it, so a test can
 /// stop and reopen the storage (and, on the fault disk, crash it).
@@ -137,12 +165,26 @@ pub(crate) fn stored(mut b: Vec<u8>, base: u64) -> Vec<u8> {
 }
 
 /// Reads everything in `[from, hw)` batch by batch.
+/// Whether offsets `at..hw` are a damaged range recovery skipped at the
+/// log's end: no batch holds them, and a read there waits for the next
+/// batch as one at the end does.
+pub(crate) fn trailing_gap(s: &Storage, id: &PartitionId, at: u64, hw: u64) -> bool {
+    s.recovery_report()
+        .iter()
+        .filter(|r| &r.id == id)
+        .flat_map(|r| &r.damaged)
+        .any(|d| d.from_offset <= at && d.to_offset == hw)
+}
+
 pub(crate) fn read_all(s: &Storage, id: &PartitionId, from: u64) -> Vec<Vec<u8>> {
     let hw = s.offsets(id).unwrap().high_watermark;
     let mut out = Vec::new();
     let mut at = from;
     while at < hw {
         let bytes = block_on(s.read(id, at, 16 * 1024)).expect("read");
+        if bytes.is_empty() && trailing_gap(s, id, at, hw) {
+            break;
+        }
         assert!(!bytes.is_empty(), "empty read below hw at {at}");
         for v in BatchIter::new(&bytes) {
             let v = v.expect("read returned a valid batch");
@@ -320,6 +362,54 @@ fn reject_policy_says_full() {
     }
 }
 
+/// An idempotent producer's batch refused for want of room holds back the
+/// producer's later batches until it comes again, even when room was made
+/// in between: written first, they would put its records out of order and
+/// make its retry look like a duplicate.
+#[test]
+fn a_refused_producer_batch_holds_back_the_producer_s_later_batches() {
+    for (name, rig) in rigs() {
+        let id = pid("held", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        s.set_retain_floor(&id, Some(0)).unwrap();
+        let batch = |producer: u64, seq: i32, tag: u64| {
+            let mut b = BatchBuilder::new();
+            for i in 0..3 {
+                b.push(i, Some(&tag.to_le_bytes()), &[tag as u8; 1000], &[]);
+            }
+            b.finish(ProducerStamp {
+                producer_id: producer,
+                producer_epoch: 0,
+                base_sequence: seq,
+            })
+        };
+        let mut seq = 0;
+        let refused = loop {
+            match block_on(s.append(&id, batch(7, seq, seq as u64))) {
+                Ok(_) => seq += 3,
+                Err(e @ StorageError::BacklogFull(_)) => break e,
+                Err(e) => panic!("{name}: {e}"),
+            }
+            assert!(seq < 3000, "{name}: the ring never filled");
+        };
+        // Upstream catches up: there is room again.
+        s.set_retain_floor(&id, None).unwrap();
+        let later = block_on(s.append(&id, batch(7, seq + 3, 9_999)));
+        assert!(
+            matches!(later, Err(StorageError::BacklogFull(_))),
+            "{name}: {refused}, then the next batch: {later:?}"
+        );
+        // Another producer is not held back.
+        block_on(s.append(&id, batch(8, 0, 8))).expect("another producer");
+        // The refused batch, then the later one, in order.
+        let a = block_on(s.append(&id, batch(7, seq, seq as u64))).expect("the retry");
+        let b = block_on(s.append(&id, batch(7, seq + 3, 9_999))).expect("then the next");
+        assert!(a.base_offset < b.base_offset, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn offset_for_timestamp_finds_first_at_or_after() {
     for (name, rig) in rigs() {
@@ -339,6 +429,309 @@ fn offset_for_timestamp_finds_first_at_or_after() {
         assert_eq!(q(10_000 + 99 * 100 + 2), None, "{name}");
         s.shutdown().unwrap();
     }
+}
+
+/// A batch of the log's own writers (compaction, transaction markers), as
+/// [`CheckedBatch::check_placed`] takes it: a record at each of `deltas`
+/// (strictly increasing), covering offsets `0..=last_delta` from its base.
+/// Each value names its tag and delta.
+pub(crate) fn gapped_batch(deltas: &[u32], last_delta: u32, tag: u64, ts: i64) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    let mut next = 0;
+    for (i, &d) in deltas.iter().enumerate() {
+        b.skip_offsets(d - next);
+        let value = format!("{tag}:{d}:{}", "x".repeat((tag % 7) as usize * 300));
+        b.push(
+            ts + i as i64,
+            Some(&tag.to_le_bytes()),
+            value.as_bytes(),
+            &[],
+        );
+        next = d + 1;
+    }
+    b.skip_offsets(last_delta + 1 - next);
+    b.finish(ProducerStamp::NONE)
+}
+
+/// Appends a batch whose base offset is at least `at_least`.
+pub(crate) fn append_placed(
+    s: &Storage,
+    id: &PartitionId,
+    batch: Vec<u8>,
+    at_least: u64,
+) -> Result<AppendAck, StorageError> {
+    block_on(async {
+        let checked = CheckedBatch::check_placed(batch, at_least)?;
+        s.submit(id, checked, Wake::Now).await?.await
+    })
+}
+
+/// Every record in `[from, hw)` by offset, read one fetch per offset asked,
+/// and checks what a fetch at each offset returns: the batch covering it,
+/// or in a gap between batches the first batch after it.
+fn check_every_offset(
+    s: &Storage,
+    id: &PartitionId,
+    extents: &[(u64, u64)],
+    records: &std::collections::BTreeMap<u64, Vec<u8>>,
+    what: &str,
+) {
+    let o = s.offsets(id).unwrap();
+    assert_eq!(
+        o.high_watermark,
+        extents.last().map_or(0, |e| e.1 + 1),
+        "{what}"
+    );
+    for at in o.earliest..o.high_watermark {
+        let bytes = block_on(s.read(id, at, 1)).unwrap();
+        let v = BatchIter::new(&bytes).next().expect("a batch").unwrap();
+        let h = v.header;
+        let want = extents
+            .iter()
+            .find(|e| e.1 >= at)
+            .expect("an extent at or after every offset below the hw");
+        assert_eq!(
+            (h.base_offset, h.last_offset()),
+            *want,
+            "{what}: fetch at {at}"
+        );
+        let got: Vec<(u64, Vec<u8>)> = v
+            .records()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    h.base_offset + u64::from(r.offset_delta),
+                    r.value.expect("a value").to_vec(),
+                )
+            })
+            .collect();
+        let expect: Vec<(u64, Vec<u8>)> = records
+            .range(h.base_offset..=h.last_offset())
+            .map(|(o, v)| (*o, v.clone()))
+            .collect();
+        assert_eq!(got, expect, "{what}: records of the batch at {at}");
+    }
+    // Read in larger fetches, as a consumer does: every record once.
+    let mut at = o.earliest;
+    let mut seen = Vec::new();
+    while at < o.high_watermark {
+        let bytes = block_on(s.read(id, at, 3000)).unwrap();
+        for v in BatchIter::new(&bytes) {
+            let v = v.unwrap();
+            for r in v.records().unwrap() {
+                seen.push(v.header.base_offset + u64::from(r.offset_delta));
+            }
+            at = v.header.next_offset();
+        }
+    }
+    let all: Vec<u64> = records.range(o.earliest..).map(|(o, _)| *o).collect();
+    assert_eq!(seen, all, "{what}: a consumer's reads");
+}
+
+/// The log may hold gaps: inside a batch (records removed, the extent
+/// kept) and between batches (a batch placed above the log's end). Reads
+/// at every offset, offsets for timestamps and recovery (also without a
+/// checkpoint, scanning the gaps) all see them; appends go on after the
+/// last extent, never below it.
+#[test]
+fn gaps_inside_and_between_batches_read_and_recover() {
+    for (name, rig) in rigs() {
+        let id = pid("gaps", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut extents: Vec<(u64, u64)> = Vec::new();
+        let mut records = std::collections::BTreeMap::new();
+        let mut next = 0u64;
+        // (record deltas, last delta, gap before it); None: a producer's
+        // dense batch of 3 records. About 110 KiB: the log spans two
+        // segments, and the tail buffer holds only its end.
+        for i in 0..60u64 {
+            let shape: Option<(Vec<u32>, u32, u64)> = match i % 5 {
+                0 => None,
+                1 => Some((vec![0, 2, 5], 5, 0)),
+                2 => Some((vec![3], 9, 7)),
+                3 => Some((vec![0, 1], 4, 100 + i)),
+                _ => Some((vec![1, 2, 3], 3, 0)),
+            };
+            let ts = 1_000 + i as i64 * 10;
+            let (b, ack) = match shape {
+                None => {
+                    let b = make_batch(3, 700, i, ts);
+                    (b.clone(), block_on(s.append(&id, b)).unwrap())
+                }
+                Some((deltas, last, gap)) => {
+                    let b = gapped_batch(&deltas, last, i, ts);
+                    let ack = append_placed(&s, &id, b.clone(), next + gap).unwrap();
+                    assert_eq!(ack.base_offset, next + gap, "{name}: placed at its least");
+                    (b, ack)
+                }
+            };
+            let v = stored(b, ack.base_offset);
+            for r in BatchView::new(&v).unwrap().records().unwrap() {
+                let o = ack.base_offset + u64::from(r.offset_delta);
+                records.insert(o, r.value.expect("a value").to_vec());
+            }
+            assert!(ack.base_offset >= next, "{name}: offsets never reused");
+            extents.push((ack.base_offset, ack.last_offset));
+            next = ack.last_offset + 1;
+        }
+        assert!(s.stats().payload_bytes > 64 * 1024, "{name}: a roll");
+        check_every_offset(&s, &id, &extents, &records, name);
+        // A batch asked to go below the end follows the last one.
+        let b = gapped_batch(&[0], 0, 999, 5_000);
+        let ack = append_placed(&s, &id, b, 3).unwrap();
+        assert_eq!(ack.base_offset, next, "{name}");
+        records.insert(next, format!("999:0:{}", "x".repeat(5 * 300)).into_bytes());
+        extents.push((next, next));
+        // Timestamps: batch i's records are at 1_000 + 10 i and after.
+        let q = |ts| block_on(s.offset_for_timestamp(&id, ts)).unwrap();
+        assert_eq!(q(1_000 + 10 * 22), Some(extents[22].0), "{name}");
+        assert_eq!(q(1_000 + 10 * 22 + 5), Some(extents[23].0), "{name}");
+        s.shutdown().unwrap();
+
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(
+            !rep.quarantined && rep.bytes_truncated == 0,
+            "{name}: {rep:?}"
+        );
+        check_every_offset(&s, &id, &extents, &records, name);
+        s.shutdown().unwrap();
+        // Without the checkpoint, recovery scans the whole log.
+        std::fs::remove_file(rig.dir.path().join("topics/gaps/0/checkpoint.meta")).unwrap();
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(
+            !rep.quarantined && rep.bytes_truncated == 0,
+            "{name}: {rep:?}"
+        );
+        check_every_offset(&s, &id, &extents, &records, name);
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let ack = block_on(s.append(&id, make_batch(1, 10, 7, 0))).unwrap();
+        assert_eq!(
+            ack.base_offset, hw,
+            "{name}: the log goes on after the last extent"
+        );
+        s.shutdown().unwrap();
+    }
+}
+
+/// A batch placed with a gap that does not fit in the active segment
+/// starts the next one: that segment's header names the log's end before
+/// the gap, so the gap lies inside it, and a scan from its header (no
+/// checkpoint) finds the batch above it.
+#[test]
+fn a_gap_at_a_segment_boundary_survives_recovery() {
+    let rig = Rig::fault(13);
+    let id = pid("edge", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    // 20 KiB batches: three fill the first segment's 60 KiB.
+    for i in 0..3 {
+        block_on(s.append(&id, make_batch(2, 10_000, i, 0))).unwrap();
+    }
+    let end = s.offsets(&id).unwrap().high_watermark;
+    // About 1.6 KiB: more than is left of the first segment.
+    let ack = append_placed(&s, &id, gapped_batch(&[2], 2, 5, 0), end + 50).unwrap();
+    assert_eq!(ack.base_offset, end + 50);
+    let seg1 = rig.dir.path().join("topics/edge/0/seg-00001.log");
+    let header = &rig.disk().unwrap().contents(&seg1).unwrap()[..SEG_HEADER_BYTES];
+    let h = SegmentHeader::decode(header, 1, small_cfg().segment_bytes).unwrap();
+    assert_eq!(h.base_offset, end, "the segment starts at the log's end");
+    let s = power_cut_without_checkpoint(&rig, s, &id);
+    let rep = &s.recovery_report()[0];
+    assert!(!rep.quarantined && rep.bytes_truncated == 0, "{rep:?}");
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, end + 53);
+    for at in [end, end + 49, end + 52] {
+        let bytes = block_on(s.read(&id, at, 1)).unwrap();
+        let v = BatchIter::new(&bytes).next().unwrap().unwrap();
+        assert_eq!(v.header.base_offset, end + 50, "fetch at {at}");
+    }
+    s.shutdown().unwrap();
+}
+
+/// Only the log's own writers leave gaps: a producer's batch with gaps is
+/// refused, typed, and so is one whose offsets would pass 2^63 - 1.
+#[test]
+fn gapped_producer_batches_and_offset_overflow_are_refused() {
+    let rig = Rig::fault(12);
+    let id = pid("dense", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let e = block_on(s.append(&id, gapped_batch(&[0, 2], 2, 1, 0))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::InvalidBatch(batch::BatchError::NotDense {
+                record_count: 2,
+                last_offset_delta: 2
+            })
+        ),
+        "{e}"
+    );
+    let e = append_placed(&s, &id, gapped_batch(&[0], 1, 1, 0), batch::OFFSET_MAX).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::InvalidBatch(batch::BatchError::OffsetOverflow { .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 0, "nothing written");
+    // The last offset there is; then nothing more fits.
+    let ack = append_placed(&s, &id, gapped_batch(&[0], 0, 2, 0), batch::OFFSET_MAX).unwrap();
+    assert_eq!(ack.last_offset, batch::OFFSET_MAX);
+    let e = block_on(s.append(&id, make_batch(1, 10, 3, 0))).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::InvalidBatch(batch::BatchError::OffsetOverflow { .. })
+        ),
+        "{e}"
+    );
+    s.shutdown().unwrap();
+    let s = rig.open();
+    assert_eq!(
+        s.offsets(&id).unwrap().high_watermark,
+        batch::OFFSET_MAX + 1
+    );
+    s.shutdown().unwrap();
+}
+
+/// A segment written in another on-disk format version (here version 1,
+/// from before gaps) refuses to open, naming the version, and is left as
+/// it was.
+#[test]
+fn a_segment_of_another_format_version_is_refused_by_name() {
+    use super::segment::{SEG_OFFSET_CRC, SEG_OFFSET_VERSION};
+    let rig = Rig::files(pwrite_backend);
+    let id = pid("old", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    fill(&s, &id, 5, 0);
+    s.shutdown().unwrap();
+    let seg = rig.dir.path().join("topics/old/0/seg-00000.log");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[SEG_OFFSET_VERSION..SEG_OFFSET_VERSION + 2].copy_from_slice(&1u16.to_le_bytes());
+    let crc = batch::CRC32C.checksum(&bytes[..SEG_OFFSET_CRC]);
+    bytes[SEG_OFFSET_CRC..SEG_OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+    let e = rig.open_with(rig.cfg()).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            StorageError::UnsupportedVersion {
+                partition,
+                slot: 0,
+                found: 1,
+                supported: 2,
+            } if *partition == id
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("version 1"), "{e}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "left as it was");
 }
 
 /// A batch whose CRC does not match: its last byte flipped.
@@ -383,7 +776,7 @@ fn group_commit_shares_fsyncs() {
         let acks = block_on(async {
             let mut tickets = Vec::new();
             for i in 0..50u64 {
-                tickets.push(s.submit(&id, make_batch(1, 100, i, 0)).await.unwrap());
+                tickets.push(s.submit_now(&id, make_batch(1, 100, i, 0)).await.unwrap());
             }
             let mut acks = Vec::new();
             for t in tickets {
@@ -408,39 +801,22 @@ fn group_commit_shares_fsyncs() {
     }
 }
 
-/// `submit_all` checks every batch before handing any over, and hands them
-/// over with one wake-up, so a storage thread that was asleep writes them
-/// as one group with one fdatasync.
+/// Batches submitted with `Wake::Later` and then one wake-up reach a
+/// storage thread that was asleep together: it writes them as one group
+/// with one fdatasync.
 #[test]
-fn submit_all_is_all_or_nothing_and_one_group() {
+fn batches_submitted_quietly_and_woken_once_are_one_group() {
     for (name, rig) in rigs() {
         let id = pid("all", 0);
         let s = rig.open();
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-        let good = || make_batch(1, 10, 1, 1);
-        let refused = block_on(s.submit_all(&id, vec![good(), corrupt_batch(), good()]));
-        assert!(
-            matches!(refused, Err(StorageError::InvalidBatch(_))),
-            "{name}"
-        );
-        let refused = block_on(s.submit_all(&id, vec![good(), make_batch(1, 40 * 1024, 1, 1)]));
-        assert!(
-            matches!(refused, Err(StorageError::BatchTooLarge { .. })),
-            "{name}"
-        );
-        assert_eq!(
-            s.offsets(&id).unwrap().high_watermark,
-            0,
-            "{name}: nothing handed over"
-        );
-
         // Let the thread go to sleep, as between a group's acks and the
         // producer's answer to them.
         std::thread::sleep(std::time::Duration::from_millis(50));
         let before = s.stats();
-        let batches: Vec<Vec<u8>> = (0..5u64).map(|i| make_batch(2, 100, i, 0)).collect();
         let acks: Vec<AppendAck> = block_on(async {
-            let tickets = s.submit_all(&id, batches).await.unwrap();
+            let tickets =
+                submit_quietly(&s, &id, (0..5u64).map(|i| make_batch(2, 100, i, 0))).await;
             let mut acks = Vec::new();
             for t in tickets {
                 acks.push(t.await.unwrap());
@@ -455,12 +831,27 @@ fn submit_all_is_all_or_nothing_and_one_group() {
     }
 }
 
+/// Submits `batches` with `Wake::Later`, then wakes the thread once.
+async fn submit_quietly(
+    s: &Storage,
+    id: &PartitionId,
+    batches: impl IntoIterator<Item = Vec<u8>>,
+) -> Vec<AppendTicket> {
+    let mut tickets = Vec::new();
+    for b in batches {
+        let b = CheckedBatch::check(b).unwrap();
+        tickets.push(s.submit(id, b, Wake::Later).await.unwrap());
+    }
+    s.wake();
+    tickets
+}
+
 /// More batches than the command queue holds all go in, in order. (A
 /// quiet submit also rings before it waits for room; without that the
 /// thread still wakes on its own within a few seconds, so this test shows
 /// order and completion, not the prompt wake-up.)
 #[test]
-fn submit_all_beyond_the_queue_depth_goes_in_order() {
+fn quiet_submits_beyond_the_queue_depth_go_in_order() {
     for (name, rig) in rigs() {
         let id = pid("deep", 0);
         let s = rig
@@ -471,9 +862,9 @@ fn submit_all_beyond_the_queue_depth_goes_in_order() {
             .unwrap();
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let batches: Vec<Vec<u8>> = (0..7u64).map(|i| make_batch(1, 100, i, 0)).collect();
         let acks = block_on(async {
-            let tickets = s.submit_all(&id, batches).await.unwrap();
+            let tickets =
+                submit_quietly(&s, &id, (0..7u64).map(|i| make_batch(1, 100, i, 0))).await;
             let mut acks = Vec::new();
             for t in tickets {
                 acks.push(t.await.unwrap().base_offset);
@@ -485,25 +876,37 @@ fn submit_all_beyond_the_queue_depth_goes_in_order() {
     }
 }
 
-/// `interval:<ms>` acks once the batch is written, before its fdatasync,
-/// and the fdatasync follows within `ms`; `never` acks after the write.
-/// A clean shutdown makes both durable.
+/// `interval:<ms>` gathers appends for up to 2 ms, acks them once they are
+/// written, before their fdatasync, and the fdatasync follows within `ms`;
+/// `never` acks after the write. A clean shutdown makes both durable. On a
+/// manual clock: nothing happens before its time.
 #[test]
 fn interval_and_never_policies_ack_after_the_write_and_persist() {
+    use std::time::Duration;
+    let ms = Duration::from_millis;
     for (name, rig) in rigs() {
-        let s = rig.open();
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
         let with = |d| PartitionConfig {
             durability: d,
             ..small_cfg()
         };
         let (long, short, nv) = (pid("long", 0), pid("short", 0), pid("nv", 0));
-        // A minute: its fdatasync cannot come due during the test.
         block_on(s.create_partition(long.clone(), with(Durability::IntervalMs(60_000)))).unwrap();
         block_on(s.create_partition(short.clone(), with(Durability::IntervalMs(20)))).unwrap();
         block_on(s.create_partition(nv.clone(), with(Durability::Never))).unwrap();
+        // Submitted, gathered until 2 ms have passed, then written and acked.
+        let append_gathered = |id: &PartitionId, tag| {
+            let mut t = block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
+            // Taken off the queue (at this time) before the clock moves.
+            block_on(s.ping()).unwrap();
+            time.advance(ms(1));
+            assert!(block_on(futures_lite::future::poll_once(&mut t)).is_none());
+            time.advance(ms(1));
+            block_on(t).unwrap()
+        };
 
-        let a = block_on(s.append(&long, make_batch(1, 100, 1, 0))).unwrap();
-        assert_eq!(a.base_offset, 0);
+        assert_eq!(append_gathered(&long, 1).base_offset, 0);
         let o = s.offsets(&long).unwrap();
         assert_eq!(
             (o.high_watermark, o.durable),
@@ -511,23 +914,22 @@ fn interval_and_never_policies_ack_after_the_write_and_persist() {
             "{name}: acked before its sync"
         );
 
-        block_on(s.append(&short, make_batch(1, 100, 1, 0))).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while s.offsets(&short).unwrap().durable < 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{name}: interval:20 never fdatasynced"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        // Its fdatasync within 20 ms of the write.
+        append_gathered(&short, 1);
+        time.advance(ms(19));
+        assert_eq!(s.offsets(&short).unwrap().durable, 0, "{name}: 19 ms");
+        time.advance(ms(1));
+        assert_eq!(s.offsets(&short).unwrap().durable, 1, "{name}: 20 ms");
+        assert_eq!(s.offsets(&long).unwrap().durable, 0, "{name}: not yet");
 
         let a = block_on(s.append(&nv, make_batch(1, 100, 1, 0))).unwrap();
         assert_eq!(a.base_offset, 0);
         assert_eq!(s.offsets(&nv).unwrap().high_watermark, 1, "{name}");
 
-        for id in [&long, &short, &nv] {
-            block_on(s.append(id, make_batch(1, 100, 2, 0))).unwrap();
+        for id in [&long, &short] {
+            append_gathered(id, 2);
         }
+        block_on(s.append(&nv, make_batch(1, 100, 2, 0))).unwrap();
         s.shutdown().unwrap();
         let s = rig.open();
         for id in [&long, &short, &nv] {
@@ -537,6 +939,37 @@ fn interval_and_never_policies_ack_after_the_write_and_persist() {
         }
         s.shutdown().unwrap();
     }
+}
+
+/// While data flows, the checkpoint (recovery's hint) is refreshed once
+/// per CHECKPOINT_INTERVAL_MS, not per commit: it costs three fsyncs.
+#[test]
+fn the_checkpoint_follows_the_log_once_a_second() {
+    use super::recovery::Checkpoint;
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(15);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let id = pid("ck", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let path = rig.dir.path().join("topics/ck/0/checkpoint.meta");
+    let read = || {
+        meta::read::<Checkpoint>(&path)
+            .unwrap()
+            .map(|c| c.next_offset)
+    };
+    fill(&s, &id, 5, 0);
+    let hw = s.offsets(&id).unwrap().high_watermark;
+    time.advance(interval - std::time::Duration::from_millis(1));
+    assert_eq!(read(), None, "not yet");
+    time.advance(std::time::Duration::from_millis(1));
+    assert_eq!(read(), Some(hw));
+    fill(&s, &id, 5, 10);
+    time.advance(interval / 2);
+    assert_eq!(read(), Some(hw), "half an interval later");
+    time.advance(interval / 2);
+    assert_eq!(read(), Some(s.offsets(&id).unwrap().high_watermark));
+    s.shutdown().unwrap();
 }
 
 /// What `interval` trades away, and only that: a power cut may take
@@ -643,7 +1076,7 @@ fn crash_keeps_every_acknowledged_batch() {
         let acked = fill(&s, &id, 10 + seed * 3, 0);
         // More appends in flight, never awaited: some may reach the disk.
         let tickets: Vec<_> = (0..5)
-            .map(|i| block_on(s.submit(&id, make_batch(2, 300, 1000 + i, 0))).unwrap())
+            .map(|i| block_on(s.submit_now(&id, make_batch(2, 300, 1000 + i, 0))).unwrap())
             .collect();
         disk.crash();
         drop(tickets);
@@ -757,27 +1190,219 @@ fn bit_flip_in_acknowledged_data_quarantines() {
             Some(d) => assert!(d.flip_stored_bit(&seg0, at, 2)),
             None => flip_file_bit(&seg0, at, 2),
         }
-        let s = rig.open();
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let quarantine = || StorageConfig {
+            recovery_policy: RecoveryPolicy::TolerateTornTail,
+            ..rig.cfg()
+        };
+        let s = rig
+            .open_with(StorageConfig {
+                clock,
+                ..quarantine()
+            })
+            .unwrap();
         let rep = &s.recovery_report()[0];
         assert!(rep.quarantined, "{name}: {rep:?}");
         assert_eq!(rep.bytes_truncated, 0, "{name}: never truncate acked data");
-        assert!(matches!(
-            block_on(s.append(&id, make_batch(1, 10, 1, 0))),
-            Err(StorageError::Quarantined(_))
-        ));
+        // The report and the refusal say where, and what was there.
+        let third_end: u64 = acked[..3].iter().map(|b| b.len() as u64).sum();
+        let third_next = batch::parse_header(&acked[2]).unwrap().next_offset();
+        match &rep.quarantine {
+            Some(QuarantineReason::DurableDataMissing {
+                slot: 0,
+                position,
+                end_offset,
+                found: DataEnd::Torn(batch::BatchError::CrcMismatch { .. }),
+                ..
+            }) => assert_eq!(
+                (*position, *end_offset),
+                (BLOCK_BYTES as u64 + third_end, third_next),
+                "{name}"
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+        match block_on(s.append(&id, make_batch(1, 10, 1, 0))) {
+            Err(StorageError::Quarantined(q)) => {
+                assert_eq!(q.partition, id);
+                assert_eq!(Some(&q.reason), rep.quarantine.as_ref(), "{name}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
         // Read-only up to the damage.
         assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
         // Still quarantined on the next start: the evidence (checkpoint)
-        // must survive, or the damage would be truncated as a torn tail.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // must survive the checkpoint interval, or the damage would be
+        // truncated as a torn tail.
+        time.advance(std::time::Duration::from_millis(
+            CHECKPOINT_INTERVAL_MS + 100,
+        ));
         assert_eq!(read_all(&s, &id, 0), acked[..3], "{name}");
         s.shutdown().unwrap();
-        let s = rig.open();
+        let s = rig.open_with(quarantine()).unwrap();
         let rep = &s.recovery_report()[0];
         assert!(rep.quarantined, "{name}: second start: {rep:?}");
         assert_eq!(rep.bytes_truncated, 0);
         s.shutdown().unwrap();
     }
+}
+
+/// The default policy: a damaged batch inside durable data is skipped,
+/// everything intact on both sides of it is served, the partition takes
+/// writes, and the report says which offsets were lost. In the active
+/// segment (before the clean checkpoint) and in a closed one, at its
+/// start, middle and end.
+#[test]
+fn damaged_batch_is_skipped_and_the_rest_served() {
+    for (name, rig) in rigs() {
+        let id = pid("skip", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 10, 0);
+        s.shutdown().unwrap();
+        drop(s);
+        let start =
+            |i: usize| BLOCK_BYTES as u64 + acked[..i].iter().map(|b| b.len() as u64).sum::<u64>();
+        let seg0 = rig.dir.path().join("topics/skip/0/seg-00000.log");
+        // Damage the first, the fifth and the last batch.
+        for i in [0, 4, 9] {
+            match rig.disk() {
+                Some(d) => assert!(d.flip_stored_bit(&seg0, start(i) + 70, 2)),
+                None => flip_file_bit(&seg0, start(i) + 70, 2),
+            }
+        }
+        let offsets = |i: usize| {
+            let h = batch::parse_header(&acked[i]).unwrap();
+            (h.base_offset, h.next_offset())
+        };
+        for round in 0..2 {
+            let s = rig.open();
+            let rep = s.recovery_report()[0].clone();
+            assert!(!rep.quarantined, "{name}: {rep:?}");
+            assert_eq!(rep.bytes_truncated, 0, "{name}");
+            let got: Vec<_> = rep
+                .damaged
+                .iter()
+                .map(|d| (d.slot, d.position, d.bytes, d.from_offset, d.to_offset))
+                .collect();
+            let want: Vec<_> = [0, 4, 9]
+                .iter()
+                .map(|&i| {
+                    let (from, to) = offsets(i);
+                    (0, start(i), acked[i].len() as u64, from, to)
+                })
+                .collect();
+            assert_eq!(got, want, "{name} round {round}");
+            let mut intact: Vec<Vec<u8>> = acked.clone();
+            intact.remove(9);
+            intact.remove(4);
+            intact.remove(0);
+            let mut all = read_all(&s, &id, 0);
+            all.truncate(intact.len());
+            assert_eq!(all, intact, "{name} round {round}");
+            // A fetch inside a lost range gets the first batch after it.
+            let (from, _) = offsets(4);
+            let first = block_on(s.read(&id, from, 1)).unwrap();
+            assert_eq!(first, acked[5], "{name}");
+            // Offsets are never given twice: a write goes after the last.
+            let a = block_on(s.append(&id, make_batch(1, 10, 99 + round, 0))).unwrap();
+            assert_eq!(a.base_offset, offsets(9).1 + round, "{name}");
+            s.shutdown().unwrap();
+        }
+    }
+}
+
+/// The report says what recovery truncated or why it quarantined, and
+/// where: a torn tail (dropped), damage in a closed segment, and a corrupt
+/// segment header (both quarantine).
+#[test]
+fn recovery_reports_say_what_and_where() {
+    let cfg = small_cfg();
+    let seg = |rig: &Rig, slot: usize| {
+        rig.dir
+            .path()
+            .join(format!("topics/rep/0/seg-{slot:05}.log"))
+    };
+    // A torn batch after the data, no checkpoint: truncated.
+    let rig = Rig::files(pwrite_backend);
+    let id = pid("rep", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
+    let acked = fill(&s, &id, 4, 0);
+    s.shutdown().unwrap();
+    let end = BLOCK_BYTES as u64 + acked.iter().map(|b| b.len() as u64).sum::<u64>();
+    let next = batch::parse_header(&acked[3]).unwrap().next_offset();
+    let torn = stored(make_batch(2, 300, 9, 0), next);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(seg(&rig, 0))
+            .unwrap();
+        f.write_all_at(&torn[..torn.len() / 2], end).unwrap();
+    }
+    std::fs::remove_file(rig.dir.path().join("topics/rep/0/checkpoint.meta")).unwrap();
+    let s = rig.open();
+    let rep = &s.recovery_report()[0];
+    assert_eq!(rep.policy, RecoveryPolicy::SkipDamage);
+    assert_eq!(rep.quarantine, None, "{rep:?}");
+    let t = rep.truncation.clone().expect("a truncation");
+    assert_eq!(
+        (t.slot, t.position, t.offset, t.bytes),
+        (0, end, next, torn.len() as u64),
+        "{rep:?}"
+    );
+    assert!(
+        matches!(t.found, batch::BatchError::CrcMismatch { .. }),
+        "{t:?}"
+    );
+    assert_eq!(rep.bytes_truncated, t.bytes);
+    s.shutdown().unwrap();
+
+    // Three segments of data; then damage to the closed first one, and to
+    // the second one's header.
+    let rig = Rig::fault(14);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
+    for i in 0..7 {
+        block_on(s.append(&id, make_batch(2, 10_000, i, 0))).unwrap();
+    }
+    s.shutdown().unwrap();
+    let disk = rig.disk().unwrap();
+    // Inside the second batch (20 KiB each) of segment 0.
+    assert!(disk.flip_stored_bit(&seg(&rig, 0), BLOCK_BYTES as u64 + 25_000, 1));
+    let quarantine = StorageConfig {
+        recovery_policy: RecoveryPolicy::TolerateTornTail,
+        ..rig.cfg()
+    };
+    let s = rig.open_with(quarantine).unwrap();
+    let rep = &s.recovery_report()[0];
+    match &rep.quarantine {
+        Some(QuarantineReason::SegmentEndsEarly {
+            slot: 0,
+            position,
+            end_offset: 2,
+            next_base: 6,
+            found: DataEnd::Torn(_),
+        }) => assert!(*position > BLOCK_BYTES as u64, "{rep:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(rep.truncation.is_none() && rep.quarantined);
+    s.shutdown().unwrap();
+    assert!(disk.flip_stored_bit(&seg(&rig, 0), BLOCK_BYTES as u64 + 25_000, 1));
+    assert!(disk.flip_stored_bit(&seg(&rig, 1), 20, 0));
+    let s = rig.open();
+    let rep = &s.recovery_report()[0];
+    assert!(
+        matches!(
+            rep.quarantine,
+            Some(QuarantineReason::CorruptSegmentHeader {
+                slot: 1,
+                error: HeaderError::CrcMismatch
+            })
+        ),
+        "{rep:?}"
+    );
+    s.shutdown().unwrap();
 }
 
 pub(crate) fn flip_file_bit(path: &std::path::Path, at: u64, bit: u8) {
@@ -812,6 +1437,57 @@ fn enospc_at_create_leaves_nothing() {
     s.shutdown().unwrap();
 }
 
+/// A file system without fallocate (FUSE, some network file systems
+/// answer EOPNOTSUPP): segments are preallocated by writing zeros, and the
+/// partition takes, keeps and recovers data as anywhere else.
+#[test]
+fn without_fallocate_segments_are_preallocated_with_zeros() {
+    let rig = Rig::fault(11);
+    let disk = rig.disk().unwrap().clone();
+    disk.set_plan(FaultPlan {
+        allocate_unsupported: true,
+        ..FaultPlan::default()
+    });
+    let id = pid("nofalloc", 0);
+    let cfg = small_cfg();
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), cfg.clone())).unwrap();
+    assert_eq!(s.stats().zero_fill_allocations, u64::from(cfg.segments));
+    assert_eq!(s.stats().buffered_io, 0);
+    for slot in 0..cfg.segments {
+        let path = rig
+            .dir
+            .path()
+            .join(format!("topics/nofalloc/0/seg-{slot:05}.log"));
+        let bytes = disk.contents(&path).expect("segment file");
+        assert_eq!(bytes.len() as u64, cfg.segment_bytes, "slot {slot}");
+    }
+    let acked = fill(&s, &id, 40, 0);
+    disk.crash();
+    let _ = s.shutdown();
+    drop(s);
+    disk.restart();
+    let s = rig.open();
+    assert!(!s.recovery_report()[0].quarantined);
+    assert_eq!(read_all(&s, &id, 0), acked);
+    s.shutdown().unwrap();
+}
+
+/// A backend that had to open files without O_DIRECT is noted in the
+/// stats, for `/health`.
+#[test]
+fn buffered_io_is_noted() {
+    let rig = Rig::fault(12);
+    rig.disk().unwrap().set_plan(FaultPlan {
+        direct_io_refused: true,
+        ..FaultPlan::default()
+    });
+    let s = rig.open();
+    block_on(s.create_partition(pid("buffered", 0), small_cfg())).unwrap();
+    assert_eq!(s.stats().buffered_io, 1);
+    s.shutdown().unwrap();
+}
+
 #[test]
 fn bit_flips_on_read_never_return_corrupt_data() {
     let rig = Rig::fault(6);
@@ -834,7 +1510,10 @@ fn bit_flips_on_read_never_return_corrupt_data() {
                 assert_eq!(got[..], acked[..got.len()]);
                 ok += 1;
             }
-            Err(StorageError::Quarantined(_)) => {}
+            Err(StorageError::Quarantined(q)) => assert!(
+                matches!(q.reason, QuarantineReason::CorruptBatch { slot: 0, .. }),
+                "{q}"
+            ),
             Err(e) => panic!("{e}"),
         }
     }
@@ -858,37 +1537,46 @@ fn one_storage_per_data_dir() {
 
 #[test]
 fn time_retention_frees_old_segments() {
+    let second = std::time::Duration::from_secs(1);
     for (name, rig) in rigs() {
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let cfg = StorageConfig {
+            clock: clock.clone(),
+            ..rig.cfg()
+        };
         let id = pid("ttl", 0);
-        let s = rig.open();
-        let cfg = PartitionConfig {
+        let s = rig.open_with(cfg.clone()).unwrap();
+        let pcfg = PartitionConfig {
             retention_ms: Some(60_000),
             ..small_cfg()
         };
-        block_on(s.create_partition(id.clone(), cfg)).unwrap();
-        // Old records (timestamp 1 ms after the epoch) fill more than one
-        // segment; then fresh ones.
+        block_on(s.create_partition(id.clone(), pcfg)).unwrap();
+        // Records of now fill more than one segment; 30 s later, fresh ones.
         for i in 0..30u64 {
-            block_on(s.append(&id, make_batch(1, 3000, i, 1))).unwrap();
+            block_on(s.append(&id, make_batch(1, 3000, i, clock.wall_ms()))).unwrap();
         }
-        let now = batch::now_ms();
+        time.advance(30 * second);
+        let fresh = clock.wall_ms();
         for i in 0..3u64 {
-            block_on(s.append(&id, make_batch(1, 3000, 100 + i, now))).unwrap();
+            block_on(s.append(&id, make_batch(1, 3000, 100 + i, fresh))).unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while s.offsets(&id).unwrap().earliest == 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        time.advance(29 * second);
+        assert_eq!(
+            s.offsets(&id).unwrap().earliest,
+            0,
+            "{name}: 59 s old: kept"
+        );
+        time.advance(2 * second);
         let o = s.offsets(&id).unwrap();
         assert!(o.earliest > 0, "{name}: old segments were not freed");
         assert_eq!(o.high_watermark, 33);
         // Only the segment holding fresh records (the active one) stays.
         assert_eq!(
-            block_on(s.offset_for_timestamp(&id, now)).unwrap(),
+            block_on(s.offset_for_timestamp(&id, fresh)).unwrap(),
             Some(30)
         );
         s.shutdown().unwrap();
-        let s = rig.open();
+        let s = rig.open_with(cfg).unwrap();
         assert_eq!(
             s.offsets(&id).unwrap(),
             o,
@@ -1033,6 +1721,19 @@ fn open_counting_reads(rig: &Rig) -> (Storage, Arc<ReadCounts>) {
 /// hears of every byte of it.
 #[test]
 fn sequential_fetches_are_read_ahead() {
+    sequential_fetches(0);
+}
+
+/// The same over a log with a gap between every two batches: a fetch asks
+/// for the end of the last batch it got, below the next batch's offset,
+/// and still starts where the last one stopped.
+#[test]
+fn sequential_fetches_over_gaps_are_read_ahead() {
+    sequential_fetches(5);
+}
+
+/// A log of 180 batches, `gap` offsets between each two, read in order.
+fn sequential_fetches(gap: u64) {
     for (name, rig) in rigs() {
         let id = pid("ahead", 0);
         let s = rig.open();
@@ -1043,9 +1744,15 @@ fn sequential_fetches_are_read_ahead() {
         };
         block_on(s.create_partition(id.clone(), cfg)).unwrap();
         let mut sent = Vec::new();
+        let mut next = 0;
         for tag in 0..180u64 {
             let b = make_batch(8, 1000, tag, tag as i64);
-            let ack = block_on(s.append(&id, b.clone())).unwrap();
+            let ack = if gap == 0 {
+                block_on(s.append(&id, b.clone())).unwrap()
+            } else {
+                append_placed(&s, &id, b.clone(), next + gap).unwrap()
+            };
+            next = ack.last_offset + 1;
             sent.push(stored(b, ack.base_offset));
         }
         let log_bytes: usize = sent.iter().map(Vec::len).sum();
@@ -1636,11 +2343,11 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
         ..c
     });
     let (s, gate, id) = (&h.s, &h.gate, &h.id);
-    let mut a = block_on(s.submit(id, make_batch(1, 100, 1, 0))).unwrap();
+    let mut a = block_on(s.submit_now(id, make_batch(1, 100, 1, 0))).unwrap();
     gate.wait_for(&gate.started, 1);
     let writes = gate.writes.load(Ordering::SeqCst);
     // B arrives while A's fdatasync is held: it is written right away...
-    let mut b = block_on(s.submit(id, make_batch(1, 100, 2, 0))).unwrap();
+    let mut b = block_on(s.submit_now(id, make_batch(1, 100, 2, 0))).unwrap();
     gate.wait_for(&gate.writes, writes + 1);
     // ...and nothing is acked before its own fdatasync completed.
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -1674,24 +2381,26 @@ fn appends_during_an_fdatasync_are_written_at_once_and_acked_after_their_own() {
 /// window shares one flush; with nobody answering it starts anyway.
 #[test]
 fn next_sync_waits_for_the_appends_answering_the_last_acks() {
+    let (clock, time) = Clock::manual(1_700_000_000_000);
     let h = Held::open(8, "hold", |c| StorageConfig {
         sync_hold_max: std::time::Duration::from_secs(60),
         pipelined_fsync: true,
+        clock,
         ..c
     });
     let (s, gate, id) = (&h.s, &h.gate, &h.id);
-    let submit = |tag| block_on(s.submit(id, make_batch(1, 100, tag, 0))).unwrap();
+    let submit = |tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
     let a = submit(1);
     gate.wait_for(&gate.started, 1);
     // B and C come while A's flush runs (held 2 s: the hold may then last
     // up to half of that).
     let (b, c) = (submit(2), submit(3));
     gate.wait_for(&gate.writes, 2);
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    time.advance(std::time::Duration::from_secs(2));
     gate.release();
     assert_eq!(block_on(a).unwrap().base_offset, 0);
     // A's ack is out: its producer's next append is awaited before B and C
-    // are flushed.
+    // are flushed (the clock stands still: the hold cannot run out).
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(gate.started.load(Ordering::SeqCst), 1, "no flush before D");
     let d = submit(4);
@@ -1700,8 +2409,12 @@ fn next_sync_waits_for_the_appends_answering_the_last_acks() {
     for (t, off) in [(b, 1), (c, 2), (d, 3)] {
         assert_eq!(block_on(t).unwrap().base_offset, off);
     }
-    // Three acks, one answer: E's flush starts when the hold runs out.
+    // Three acks, one answer: E's flush starts when the hold runs out (half
+    // of a recent flush, under a second here), not before.
     let e = submit(5);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(gate.started.load(Ordering::SeqCst), 2, "E is held");
+    time.advance(std::time::Duration::from_secs(1));
     gate.wait_for(&gate.started, 3);
     gate.release();
     assert_eq!(block_on(e).unwrap().base_offset, 4);
@@ -1722,7 +2435,7 @@ fn appends_during_an_inline_fdatasync_form_the_next_group() {
     let h = Held::open(9, "inline", |c| c);
     let (s, gate, id) = (&h.s, &h.gate, &h.id);
     gate.hold_sync_calls.store(true, Ordering::SeqCst);
-    let submit = |tag| block_on(s.submit(id, make_batch(1, 100, tag, 0))).unwrap();
+    let submit = |tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
     let a = submit(1);
     gate.wait_for(&gate.started, 1);
     let writes = gate.writes.load(Ordering::SeqCst);

@@ -19,6 +19,7 @@
 use super::{AlignedBuf, FileHandle, IoBackend, WriteOp, BLOCK_BYTES, READ_AHEAD_SLOTS};
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,6 +37,15 @@ pub struct FaultPlan {
     pub errno: i32,
     /// Total bytes `allocate` may reserve over all files; None = unlimited.
     pub capacity_bytes: Option<u64>,
+    /// `allocate` fails with EOPNOTSUPP, as on a file system without
+    /// fallocate (FUSE, some network file systems).
+    pub allocate_unsupported: bool,
+    /// Every fdatasync blocks until the plan clears this (or the disk
+    /// crashes): a hung device.
+    pub hang_syncs: bool,
+    /// The backend reports files opened without O_DIRECT, as on a file
+    /// system that refuses it.
+    pub direct_io_refused: bool,
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +177,29 @@ impl FaultDisk {
         st.crashed = true;
     }
 
+    /// Simulates power loss with one chosen outcome: for each unsynced
+    /// write, in order, `keep` gets the file, the write's offset and its
+    /// length, and says which of its bytes reached the media (an empty
+    /// range: none). A real device may persist any subset of a write's
+    /// sectors; tests that need a particular subset (a later sector kept,
+    /// an earlier one lost) pick it here.
+    pub fn crash_keeping(&self, mut keep: impl FnMut(&Path, u64, usize) -> Range<usize>) {
+        let mut st = self.lock();
+        for (path, f) in st.files.iter_mut() {
+            let mut next = f.durable.clone();
+            for (off, data) in std::mem::take(&mut f.unsynced) {
+                let r = keep(path, off, data.len());
+                let r = r.start.min(data.len())..r.end.min(data.len());
+                if !r.is_empty() {
+                    apply(&mut next, off + r.start as u64, &data[r]);
+                }
+            }
+            f.data = next.clone();
+            f.durable = next;
+        }
+        st.crashed = true;
+    }
+
     /// Like a crash where nothing unsynced survives.
     pub fn crash_dropping_unsynced(&self) {
         let mut st = self.lock();
@@ -201,6 +234,20 @@ impl FaultDisk {
         true
     }
 
+    /// Replaces a file's bytes, durably (a file planted or damaged between
+    /// runs, as the fuzzer's recovery target does). False when the file
+    /// does not exist.
+    pub fn put_file(&self, path: &Path, bytes: &[u8]) -> bool {
+        let mut st = self.lock();
+        let Some(f) = st.files.get_mut(path) else {
+            return false;
+        };
+        f.data = bytes.to_vec();
+        f.durable = bytes.to_vec();
+        f.unsynced.clear();
+        true
+    }
+
     /// The current bytes of a file (for checks in tests).
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         self.lock().files.get(path).map(|f| f.data.clone())
@@ -214,6 +261,16 @@ impl FaultDisk {
     /// Of [`FaultDisk::bytes_read`], those read ahead in the background.
     pub fn bytes_read_ahead(&self) -> u64 {
         self.lock().bytes_read_ahead
+    }
+
+    /// Write ops so far (what `FaultPlan::fail_write_nth` counts).
+    pub fn writes(&self) -> u64 {
+        self.lock().writes
+    }
+
+    /// Fdatasyncs so far (what `FaultPlan::fail_sync_nth` counts).
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
     }
 
     pub fn faults_injected(&self) -> u64 {
@@ -278,6 +335,11 @@ impl FaultBackend {
     /// their fate.
     fn flush(&mut self, path: &Path, limit: Option<usize>) -> io::Result<()> {
         let mut st = self.disk.lock();
+        while st.plan.hang_syncs && !st.crashed {
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            st = self.disk.lock();
+        }
         if st.crashed {
             return Err(crashed_error());
         }
@@ -297,6 +359,10 @@ impl FaultBackend {
 }
 
 impl IoBackend for FaultBackend {
+    fn buffered_io(&self) -> bool {
+        self.disk.lock().plan.direct_io_refused
+    }
+
     fn name(&self) -> &'static str {
         "fault"
     }
@@ -342,6 +408,9 @@ impl IoBackend for FaultBackend {
         let mut st = self.disk.lock();
         if st.crashed {
             return Err(crashed_error());
+        }
+        if st.plan.allocate_unsupported {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         let used: u64 = st.files.values().map(|f| f.allocated).sum();
         let cur = st.files.get(&path).map_or(0, |f| f.allocated);
@@ -478,6 +547,27 @@ impl IoBackend for FaultBackend {
     fn sync_dir(&mut self, _dir: &Path) -> io::Result<()> {
         if self.disk.lock().crashed {
             return Err(crashed_error());
+        }
+        Ok(())
+    }
+
+    /// Atomic and durable at once (a simplification: a real rename needs
+    /// the directory fsync the engine does right after).
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        let f = st
+            .files
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        st.files.insert(to.to_path_buf(), f);
+        drop(st);
+        for h in self.handles.iter_mut().flatten() {
+            if h == from {
+                *h = to.to_path_buf();
+            }
         }
         Ok(())
     }

@@ -101,6 +101,13 @@ pub trait IoBackend: Send + 'static {
 
     fn close(&mut self, file: FileHandle);
 
+    /// Whether some file had to be opened without O_DIRECT (its file
+    /// system refuses it: tmpfs, some FUSE file systems): buffered writes,
+    /// made durable by fdatasync all the same.
+    fn buffered_io(&self) -> bool {
+        false
+    }
+
     /// The alignment of write offsets and lengths for `file`: a power of
     /// two dividing [`BLOCK_BYTES`]. Smaller units mean less of a partial
     /// block rewritten per small append (write amplification).
@@ -203,6 +210,12 @@ pub trait IoBackend: Send + 'static {
     /// half-created one. Backends over real files can keep the default.
     fn remove(&mut self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+
+    /// Renames `from` over `to` atomically (rename(2)); open handles keep
+    /// their file. The caller fsyncs the directory after.
+    fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
     }
 }
 

@@ -149,6 +149,10 @@ fn check_aligned(offset: u64, data: &[u8]) -> io::Result<()> {
 }
 
 impl IoBackend for PwriteBackend {
+    fn buffered_io(&self) -> bool {
+        self.buffered_fallback
+    }
+
     fn name(&self) -> &'static str {
         "pwrite"
     }

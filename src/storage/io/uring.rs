@@ -135,6 +135,8 @@ pub struct UringBackend {
     retry: Vec<Pending>,
     sync_todo: Vec<(FileHandle, bool)>,
     ahead: ReadAhead,
+    /// A file was opened without O_DIRECT (its file system refused it).
+    buffered: bool,
 }
 
 /// The reads `read_start` leaves in flight, one per slot. They have a
@@ -190,6 +192,7 @@ impl UringBackend {
             retry: Vec::new(),
             sync_todo: Vec::new(),
             ahead: ReadAhead::default(),
+            buffered: false,
         })
     }
 
@@ -485,6 +488,10 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl IoBackend for UringBackend {
+    fn buffered_io(&self) -> bool {
+        self.buffered
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }
@@ -495,6 +502,11 @@ impl IoBackend for UringBackend {
         CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let fd = open_direct(path, create)?;
+        // SAFETY: F_GETFL only reads the flags of an fd we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if flags >= 0 && flags & libc::O_DIRECT == 0 {
+            self.buffered = true;
+        }
         let index = match self.files.iter().position(Option::is_none) {
             Some(free) => free,
             None => {

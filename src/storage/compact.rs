@@ -1,0 +1,413 @@
+//! Compaction's storage half: the oldest `k` segments of a partition are
+//! rewritten, by a caller that decides which records stay (the broker's
+//! cleaner), into one scratch file, which one rename swaps in for the
+//! `k`-th of them. The other `k - 1` slots are then free.
+//!
+//! # Why one rename is the commit
+//!
+//! The scratch file `compact.tmp` gets the header of the segment it
+//! replaces (same slot, same epoch) with the base offset of the first
+//! segment it covers, and the kept batches at their original offsets (gaps
+//! where records went). It is fdatasynced before the rename. After a crash:
+//!
+//! - before the rename, the ring is as it was, and start-up removes the
+//!   scratch file: the state before the compaction;
+//! - after it, the `k`-th slot holds the compacted segment. Walking the
+//!   ring backwards from the active segment, recovery stops at the first
+//!   slot whose base offset is not below its successor's: the `k - 1`
+//!   replaced segments are all covered by the new one (their base offsets
+//!   are at or above its base), so they drop out of the ring. The state
+//!   after the compaction.
+//!
+//! Never a mixture: no other file is written in place. The new segment must
+//! end exactly where the replaced `k`-th one ended (the next segment's base
+//! offset), which the caller ensures by keeping that segment's last batch's
+//! extent (`check_end`).
+//!
+//! Writes go through the storage thread in chunks (`compact_write`), so a
+//! produce waits behind at most one chunk; the caller paces the chunks.
+
+use super::engine::{Engine, B, B64};
+use super::io::{AlignedBuf, FileHandle, WriteOp};
+use super::part::{seg_path, Seg};
+use super::segment::{SegmentHeader, SEG_HEADER_BYTES};
+use super::{PartitionId, StatsInner, StorageError};
+use crate::batch;
+
+/// The scratch file's name in the partition's directory.
+pub(super) const SCRATCH_FILE: &str = "compact.tmp";
+
+/// The largest chunk a `compact_write` takes, and so the longest a produce
+/// waits behind one (a 64 KiB write).
+pub const COMPACT_WRITE_BYTES_MAX: usize = 64 * 1024;
+
+/// The most a `compact_write` takes: a chunk, or one batch of the largest
+/// size storage takes.
+pub fn compact_write_bytes_max(max_batch_bytes: usize) -> usize {
+    COMPACT_WRITE_BYTES_MAX.max(max_batch_bytes)
+}
+
+/// The scratch buffer: a chunk and the partial block kept between chunks.
+pub fn compact_buffer_bytes(max_batch_bytes: usize) -> usize {
+    compact_write_bytes_max(max_batch_bytes) + 2 * B
+}
+
+/// A segment of a partition's ring, as compaction sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub slot: u32,
+    pub epoch: u64,
+    /// Offsets `[base_offset, next_offset)`.
+    pub base_offset: u64,
+    pub next_offset: u64,
+    /// Bytes of batches, header block included.
+    pub bytes: u64,
+    /// The newest record's timestamp (ms), `i64::MIN` when empty.
+    pub max_timestamp: i64,
+    /// The active segment (written to; never compacted).
+    pub active: bool,
+}
+
+/// A compaction in progress: the scratch file and what it replaces.
+pub(super) struct Scratch {
+    file: FileHandle,
+    /// The first replaced slot (the ring's oldest) and its epoch, and the
+    /// number of segments replaced.
+    first_slot: usize,
+    first_epoch: u64,
+    count: usize,
+    /// The slot and epoch the new segment takes: the last replaced one's.
+    last_slot: usize,
+    last_epoch: u64,
+    /// Where the new segment must end (the replaced ones' end).
+    end_offset: u64,
+    /// File bytes `[file_off, file_off + len)`, block-aligned start.
+    buf: AlignedBuf,
+    file_off: u64,
+    len: usize,
+    /// The new segment's geometry and sparse index, as written so far.
+    seg: Seg,
+}
+
+impl Engine {
+    pub(super) fn segments(&self, id: &PartitionId) -> Result<Vec<SegmentInfo>, StorageError> {
+        let p = self
+            .parts
+            .get(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        Ok((0..p.ring.live)
+            .map(|k| {
+                let slot = p.ring.slot(k);
+                let s = &p.ring.segs[slot];
+                SegmentInfo {
+                    slot: slot as u32,
+                    epoch: s.epoch,
+                    base_offset: s.base_offset,
+                    next_offset: s.next_offset,
+                    bytes: s.end_pos,
+                    max_timestamp: s.max_ts,
+                    active: k + 1 == p.ring.live,
+                }
+            })
+            .collect())
+    }
+
+    /// Starts replacing the ring's oldest `count` segments, the oldest of
+    /// which has `first_epoch`; never the active one.
+    pub(super) fn compact_begin(
+        &mut self,
+        id: &PartitionId,
+        first_epoch: u64,
+        count: usize,
+    ) -> Result<(), StorageError> {
+        self.compact_abort(id);
+        let p = self
+            .parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        if let Some(e) = p.refuse_writes() {
+            return Err(e);
+        }
+        let first_slot = p.ring.oldest;
+        if count == 0 || count >= p.ring.live || p.ring.segs[first_slot].epoch != first_epoch {
+            return Err(StorageError::CompactionMoved(id.clone()));
+        }
+        let last_slot = p.ring.slot(count - 1);
+        let path = p.dir.join(SCRATCH_FILE);
+        let _ = self.ctx.io.remove(&path);
+        let file = self.ctx.io.open(&path, true)?;
+        if let Err(e) = self.ctx.io.allocate(file, p.cfg.segment_bytes) {
+            self.ctx.io.close(file);
+            let _ = self.ctx.io.remove(&path);
+            return Err(e.into());
+        }
+        let mut buf = match AlignedBuf::new(compact_buffer_bytes(self.ctx.cfg.max_batch_bytes)) {
+            Ok(b) => b,
+            Err(_) => {
+                self.ctx.io.close(file);
+                let _ = self.ctx.io.remove(&path);
+                return Err(StorageError::InvalidConfig(
+                    "the compaction buffer is not allocatable",
+                ));
+            }
+        };
+        let last = &p.ring.segs[last_slot];
+        let base = p.ring.segs[first_slot].base_offset;
+        let h = SegmentHeader {
+            epoch: last.epoch,
+            base_offset: base,
+            created_ms: self.ctx.cfg.clock.wall_ms(),
+            slot: p.file_nos[last_slot],
+            segment_bytes: p.cfg.segment_bytes,
+        };
+        h.encode(&mut buf[..SEG_HEADER_BYTES]);
+        let mut seg = Seg::new(p.cfg.segment_bytes);
+        seg.epoch = last.epoch;
+        seg.base_offset = base;
+        seg.next_offset = base;
+        seg.end_pos = SEG_HEADER_BYTES as u64;
+        p.compaction = Some(Box::new(Scratch {
+            file,
+            first_slot,
+            first_epoch,
+            count,
+            last_slot,
+            last_epoch: last.epoch,
+            end_offset: last.next_offset,
+            buf,
+            file_off: 0,
+            len: SEG_HEADER_BYTES,
+            seg,
+        }));
+        Ok(())
+    }
+
+    /// Appends whole batches (as stored, offsets assigned) to the scratch
+    /// segment; each must start at or after the previous one's end and end
+    /// by the replaced segments' end.
+    pub(super) fn compact_write(
+        &mut self,
+        id: &PartitionId,
+        bytes: &[u8],
+    ) -> Result<(), StorageError> {
+        let p = self
+            .parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let segment_bytes = p.cfg.segment_bytes;
+        let Some(s) = p.compaction.as_mut() else {
+            return Err(StorageError::CompactionMoved(id.clone()));
+        };
+        let max = s.buf.len() - 2 * B;
+        if bytes.len() > max {
+            return Err(StorageError::BatchTooLarge {
+                bytes: bytes.len(),
+                max,
+            });
+        }
+        let mut at = 0;
+        while at < bytes.len() {
+            let h = batch::verify(&bytes[at..])?;
+            let n = h.total_len as usize;
+            if h.base_offset < s.seg.next_offset || h.next_offset() > s.end_offset {
+                return Err(StorageError::InvalidBatch(batch::BatchError::Malformed(
+                    "a compacted batch is out of its segment's offsets",
+                )));
+            }
+            let pos = s.file_off + s.len as u64;
+            if pos + n as u64 > segment_bytes {
+                return Err(StorageError::BatchTooLarge {
+                    bytes: n,
+                    max: (segment_bytes - pos) as usize,
+                });
+            }
+            if s.len + n > s.buf.len() {
+                flush_full_blocks(&mut self.ctx, s)?;
+            }
+            s.buf[s.len..s.len + n].copy_from_slice(&bytes[at..at + n]);
+            s.len += n;
+            s.seg.note_batch(&h, pos);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Makes the scratch segment durable and swaps it in (see the module
+    /// docs); the replaced slots are free afterwards.
+    pub(super) fn compact_commit(&mut self, id: &PartitionId) -> Result<(), StorageError> {
+        self.finish_inflight();
+        let p = self
+            .parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let Some(mut s) = p.compaction.take() else {
+            return Err(StorageError::CompactionMoved(id.clone()));
+        };
+        let scratch_path = p.dir.join(SCRATCH_FILE);
+        let abort = |ctx: &mut super::engine::Ctx, file| {
+            ctx.io.close(file);
+            let _ = ctx.io.remove(&scratch_path);
+        };
+        if s.seg.next_offset != s.end_offset {
+            abort(&mut self.ctx, s.file);
+            return Err(StorageError::InvalidBatch(batch::BatchError::Malformed(
+                "a compacted segment must end where the segments it replaces ended",
+            )));
+        }
+        // The ring must still hold what was compacted (time retention may
+        // have dropped the oldest meanwhile).
+        let unchanged = p.ring.oldest == s.first_slot
+            && p.ring.segs[s.first_slot].epoch == s.first_epoch
+            && p.ring.live > s.count
+            && p.ring.slot(s.count - 1) == s.last_slot
+            && p.ring.segs[s.last_slot].epoch == s.last_epoch;
+        if !unchanged || p.refuse_writes().is_some() {
+            abort(&mut self.ctx, s.file);
+            return Err(StorageError::CompactionMoved(id.clone()));
+        }
+        // The rest: the partial block, zeros to the next unit and one unit
+        // more (the end mark recovery looks for), within the segment.
+        let unit = p.tail.unit;
+        let end = ((s.len / unit + 1) * unit + unit)
+            .min(s.buf.len())
+            .min((p.cfg.segment_bytes - s.file_off) as usize);
+        s.buf[s.len..end].fill(0);
+        let op = WriteOp {
+            file: s.file,
+            offset: s.file_off,
+            data: &s.buf[..end],
+        };
+        let written = self.ctx.write_batch(&[op], &[s.file]);
+        if let Err(e) = written {
+            abort(&mut self.ctx, s.file);
+            return Err(e.into());
+        }
+        let target = seg_path(&p.dir, p.file_nos[s.last_slot] as usize);
+        if let Err(e) = self.ctx.io.rename(&scratch_path, &target) {
+            abort(&mut self.ctx, s.file);
+            return Err(e.into());
+        }
+        // From here the compaction has happened, whatever else fails.
+        let old = std::mem::replace(&mut p.files[s.last_slot], s.file);
+        self.ctx.close(old);
+        for k in 0..s.count - 1 {
+            let slot = p.ring.slot(k);
+            let f = p.files[slot];
+            self.ctx.ahead.forget(&mut *self.ctx.io, f);
+            p.ring.segs[slot].epoch = 0;
+        }
+        let freed = s.count - 1;
+        p.ring.oldest = s.last_slot;
+        p.ring.live -= freed;
+        let before = p.ring.segs[s.last_slot].end_pos;
+        std::mem::swap(&mut p.ring.segs[s.last_slot], &mut s.seg);
+        for k in 0..s.count {
+            let slot = (s.first_slot + k) % p.ring.n();
+            p.ring.forget_skips(slot);
+        }
+        p.resume = None;
+        let dir_synced = self.ctx.io.sync_dir(&p.dir);
+        p.publish();
+        StatsInner::add(&self.ctx.shared.stats.compactions, 1);
+        log::info!(
+            "partition {id}: compacted offsets {}..{} ({} segment(s), {} bytes into {}), {freed} \
+             slot(s) freed",
+            p.ring.segs[s.last_slot].base_offset,
+            s.end_offset,
+            s.count,
+            before,
+            p.ring.segs[s.last_slot].end_pos
+        );
+        if let Err(e) = dir_synced {
+            p.fail(&e, &self.ctx.shared.stats);
+            return Err(p.refuse_writes().expect("failed"));
+        }
+        Ok(())
+    }
+
+    /// Drops a compaction in progress, if any, and its scratch file.
+    pub(super) fn compact_abort(&mut self, id: &PartitionId) {
+        let Some(p) = self.parts.get_mut(id) else {
+            return;
+        };
+        if let Some(s) = p.compaction.take() {
+            self.ctx.io.close(s.file);
+            let _ = self.ctx.io.remove(&p.dir.join(SCRATCH_FILE));
+        }
+    }
+}
+
+/// Writes the scratch buffer's whole blocks and keeps the partial last one
+/// at the front.
+fn flush_full_blocks(ctx: &mut super::engine::Ctx, s: &mut Scratch) -> Result<(), StorageError> {
+    let whole = s.len / B * B;
+    if whole > 0 {
+        let op = WriteOp {
+            file: s.file,
+            offset: s.file_off,
+            data: &s.buf[..whole],
+        };
+        ctx.write_batch(&[op], &[])?;
+        s.buf.copy_within(whole..s.len, 0);
+        s.file_off += whole as u64;
+        s.len -= whole;
+    }
+    debug_assert_eq!(s.file_off % B64, 0);
+    Ok(())
+}
+
+impl Engine {
+    /// Applies a partition's new retention, durability, overflow and
+    /// segment count (not its segment size): what was appended under the
+    /// old policy is made durable first, the ring is resized (`resize`),
+    /// then `partition.meta` is replaced atomically.
+    pub(super) fn alter(
+        &mut self,
+        id: &PartitionId,
+        cfg: super::PartitionConfig,
+    ) -> Result<(), StorageError> {
+        cfg.validate()?;
+        let p = self
+            .parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        if cfg.segment_bytes != p.cfg.segment_bytes {
+            return Err(StorageError::InvalidConfig(
+                "a partition's segment size is fixed",
+            ));
+        }
+        if cfg == p.cfg {
+            return Ok(());
+        }
+        if p.refuse_writes().is_none() {
+            p.commit_now(&mut self.ctx, true)?;
+        }
+        if cfg.segments != p.cfg.segments {
+            // Under the new overflow policy: a shrink may drop the oldest
+            // segments only where the new config lets the ring overwrite.
+            let overflow = std::mem::replace(&mut p.cfg.overflow, cfg.overflow);
+            if let Err(e) = self.resize(id, cfg.segments) {
+                if let Some(p) = self.parts.get_mut(id) {
+                    p.cfg.overflow = overflow;
+                }
+                return Err(e);
+            }
+        }
+        let p = self.parts.get_mut(id).expect("checked above");
+        let meta = super::part::PartitionMeta {
+            topic: id.topic.clone(),
+            partition: id.partition,
+            cfg: cfg.clone(),
+        };
+        super::meta::write_atomic(&p.dir.join(super::part::PARTITION_META), &meta)?;
+        log::info!("partition {id}: config now {cfg:?}");
+        p.cfg = cfg;
+        if p.cfg.retention_ms.is_some() {
+            let now = self.ctx.cfg.clock.wall_ms();
+            if p.apply_time_retention(now) {
+                p.publish();
+            }
+        }
+        Ok(())
+    }
+}

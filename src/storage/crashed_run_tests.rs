@@ -1,0 +1,291 @@
+//! Batches a crashed run left past the log's end (docs/format.md, "Batches
+//! from a crashed run"), pinned down with two crashes on the fault disk
+//! whose outcomes are chosen, not drawn: the first keeps a later batch of
+//! an unsynced write and loses the ones before it; the second keeps a new
+//! batch that ends exactly where that later batch starts and loses the
+//! zeros written behind it. Without the sweep at recovery the old batch was
+//! read back as data after the second crash: a duplicate of a batch
+//! acknowledged in between (dense offsets), or the same after a gap.
+
+use super::io::fault::FaultPlan;
+use super::tests::{pid, read_all, small_cfg, Rig, Submit};
+use super::*;
+use crate::batch::{BatchBuilder, BatchView, ProducerStamp};
+use smol::block_on;
+use std::collections::HashMap;
+
+/// Every batch is this long: a whole number of the disk's 512-byte
+/// sectors, so a batch can start exactly where another ends on a sector
+/// boundary, as the crashes below need.
+const LEN: usize = 512;
+
+/// A batch of `records` records from producer 7 with sequence `seq`,
+/// padded to [`LEN`] bytes. Its values say (`seq`, record index), so a
+/// record read twice is seen.
+fn batch_of(records: u32, seq: i32) -> Vec<u8> {
+    for pad in 0..LEN {
+        let mut b = BatchBuilder::new();
+        for i in 0..records {
+            let mut v = format!("s{seq}:r{i}:").into_bytes();
+            v.resize(v.len() + pad / records as usize, b'.');
+            if i == 0 {
+                v.resize(v.len() + pad % records as usize, b'.');
+            }
+            b.push(0, None, &v, &[]);
+        }
+        let out = b.finish(ProducerStamp {
+            producer_id: 7,
+            producer_epoch: 0,
+            base_sequence: seq,
+        });
+        if out.len() == LEN {
+            return out;
+        }
+        assert!(out.len() < LEN, "cannot pad {records} records to {LEN}");
+    }
+    unreachable!("no padding gives {LEN} bytes")
+}
+
+/// Each record's value and how often the log holds it.
+fn record_counts(s: &Storage, id: &PartitionId) -> HashMap<Vec<u8>, usize> {
+    let mut seen = HashMap::new();
+    for b in read_all(s, id, 0) {
+        for r in BatchView::new(&b).unwrap().records().unwrap() {
+            *seen
+                .entry(r.value.expect("no tombstones here").to_vec())
+                .or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+fn reopen_after_crash(rig: &Rig, s: Storage) -> Storage {
+    let _ = s.shutdown();
+    drop(s);
+    let disk = rig.disk().unwrap();
+    disk.restart();
+    disk.set_plan(FaultPlan::default());
+    rig.open()
+}
+
+/// Makes every fdatasync fail from now on: what is written stays unsynced
+/// (never acknowledged) until the crash decides its fate.
+fn fail_syncs(rig: &Rig) {
+    rig.disk().unwrap().set_plan(FaultPlan {
+        sync_error_per_million: 1_000_000,
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+}
+
+/// The two crashes; `z_records` is the size of the batch written between
+/// them (4: C comes back at exactly the next offset; 3: after a gap).
+/// Returns the storage after the second crash.
+fn two_crashes(z_records: u32) -> (Rig, Storage, PartitionId) {
+    const K: u32 = 4;
+    let rig = Rig::fault(1);
+    rig.disk().unwrap().clone().with_write_unit(512);
+    let id = pid("stale", 0);
+    let seg = rig.dir.path().join("topics/stale/0/seg-00000.log");
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    // A: acknowledged, at 4096..4608, the sector after it zeroed.
+    let a = block_on(s.append(&id, batch_of(K, 0))).unwrap();
+    assert_eq!(a.base_offset, 0);
+    let a_end = 4096 + LEN as u64;
+
+    // Run 1: B, Y and C written in one round whose fdatasync fails; the
+    // crash keeps only C (and the zeros behind it): B and Y never reached
+    // the media. C sits at offsets 12..16, two batches past the log's end.
+    fail_syncs(&rig);
+    let c_at = a_end + 2 * LEN as u64;
+    // Let the thread go to sleep, so the three form one round.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    block_on(async {
+        let mut tickets = Vec::new();
+        for seq in [4, 8, 12] {
+            let b = CheckedBatch::check(batch_of(K, seq)).unwrap();
+            tickets.push(s.submit(&id, b, Wake::Later).await.unwrap());
+        }
+        s.wake();
+        for t in tickets {
+            assert!(t.await.is_err(), "the fdatasync failed: never acked");
+        }
+    });
+    let path = seg.clone();
+    rig.disk().unwrap().crash_keeping(|p, off, len| {
+        if p != path {
+            return 0..len;
+        }
+        (c_at.saturating_sub(off) as usize).min(len)..len
+    });
+    let on_disk = rig.disk().unwrap().contents(&seg).unwrap();
+    let c = &on_disk[c_at as usize..c_at as usize + LEN];
+    assert_eq!(
+        BatchView::new(c).map(|v| v.header.base_sequence),
+        Ok(12),
+        "the crash kept C past the log's end"
+    );
+    let s = reopen_after_crash(&rig, s);
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, u64::from(K));
+    let rep = &s.recovery_report()[0];
+    assert_eq!(
+        rep.stale_erased, 1,
+        "C erased at the first recovery: {rep:?}"
+    );
+
+    // Run 2: the producer's retry of C is acknowledged at 4..8 (A's end,
+    // 4608..5120, the sector after it zeroed); then Z, of `z_records`
+    // records, is written at 5120..5632, ending where C starts; its
+    // fdatasync fails, and the crash keeps Z but not the zeros after it.
+    let c2 = block_on(s.append(&id, batch_of(K, 12))).unwrap();
+    assert_eq!(c2.base_offset, u64::from(K), "the retry of C");
+    fail_syncs(&rig);
+    assert!(block_on(s.append(&id, batch_of(z_records, 100))).is_err());
+    let path = seg.clone();
+    rig.disk().unwrap().crash_keeping(|p, off, len| {
+        if p != path {
+            return 0..len;
+        }
+        0..(c_at.saturating_sub(off) as usize).min(len)
+    });
+    let s = reopen_after_crash(&rig, s);
+    (rig, s, id)
+}
+
+/// After the second crash: A, C's retry and Z (written, then kept by the
+/// crash: never acked, its records there once), ending at `hw`; not C
+/// again behind Z.
+fn check_after_second_crash(z_records: u32, hw: u64) {
+    let (_rig, s, id) = two_crashes(z_records);
+    let rep = &s.recovery_report()[0];
+    assert!(!rep.quarantined, "{rep:?}");
+    assert_eq!(
+        rep.truncation, None,
+        "C's erased header ends the log cleanly"
+    );
+    let twice: Vec<String> = record_counts(&s, &id)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(v, n)| format!("{} x{n}", String::from_utf8_lossy(&v[..8])))
+        .collect();
+    assert!(twice.is_empty(), "records read back twice: {twice:?}");
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, hw);
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn a_crashed_runs_batch_at_the_next_offset_does_not_come_back() {
+    check_after_second_crash(4, 12);
+}
+
+#[test]
+fn a_crashed_runs_batch_after_a_gap_does_not_come_back() {
+    check_after_second_crash(3, 11);
+}
+
+/// A clean restart reads no more than recovery needs: a clean shutdown's
+/// checkpoint at the end says no batch was written after it, and the first
+/// append of the next run unmarks it before writing. After a crash the
+/// restart reads past the end to erase what may be there.
+#[test]
+fn only_a_restart_after_a_crash_reads_past_the_end() {
+    use super::meta;
+    use super::recovery::Checkpoint;
+    let rig = Rig::fault(3);
+    let disk = rig.disk().unwrap().clone();
+    let id = pid("clean", 0);
+    let ck_path = rig.dir.path().join("topics/clean/0/checkpoint.meta");
+    let clean = || {
+        meta::read::<Checkpoint>(&ck_path)
+            .unwrap()
+            .is_some_and(|c| c.clean)
+    };
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    block_on(s.append(&id, batch_of(4, 0))).unwrap();
+    s.shutdown().unwrap();
+    drop(s);
+    assert!(clean(), "a clean shutdown marks its checkpoint");
+
+    let before = disk.bytes_read();
+    let s = rig.open();
+    let after_clean_stop = disk.bytes_read() - before;
+    // The next append's fdatasync fails, then the power goes.
+    fail_syncs(&rig);
+    assert!(block_on(s.append(&id, batch_of(4, 4))).is_err());
+    assert!(!clean(), "unmarked before the first append");
+    disk.crash();
+    let before = disk.bytes_read();
+    let s = reopen_after_crash(&rig, s);
+    let after_crash = disk.bytes_read() - before;
+    assert!(
+        after_clean_stop < after_crash,
+        "read {after_clean_stop} bytes after a clean stop, {after_crash} after a crash"
+    );
+    assert!(s.offsets(&id).unwrap().high_watermark >= 4);
+    s.shutdown().unwrap();
+}
+
+/// The same for a roll: the run fills slot 0, rolls, and writes slot 1's header with two batches, whose fdatasync fails; the
+/// crash keeps only the second batch. Slot 1's header is lost, so slot 0
+/// is the active segment, full: recovery reads slot 1 too and erases it.
+#[test]
+fn a_crashed_runs_batch_in_the_slot_it_rolled_into_is_erased() {
+    let rig = Rig::fault(5);
+    rig.disk().unwrap().clone().with_write_unit(512);
+    let disk = rig.disk().unwrap().clone();
+    let id = pid("roll", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    // 64 KiB segments: 120 batches of 512 bytes fill slot 0 to its end.
+    let per_segment = (small_cfg().segment_bytes as usize - 4096) / LEN;
+    for i in 0..per_segment {
+        block_on(s.append(&id, batch_of(4, 4 * i as i32))).unwrap();
+    }
+    let next_seq = 4 * per_segment as i32;
+    // Slot 0 is durable already (its last append was acked), so the roll
+    // syncs nothing; the next fdatasync, slot 1's first write's, fails.
+    disk.set_plan(FaultPlan {
+        fail_sync_nth: Some(disk.syncs() + 1),
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    block_on(async {
+        let mut tickets = Vec::new();
+        for seq in [next_seq, next_seq + 4] {
+            let b = CheckedBatch::check(batch_of(4, seq)).unwrap();
+            tickets.push(s.submit(&id, b, Wake::Later).await.unwrap());
+        }
+        s.wake();
+        for t in tickets {
+            assert!(t.await.is_err(), "never acked");
+        }
+    });
+    let slot1 = rig.dir.path().join("topics/roll/0/seg-00001.log");
+    let second = 4096 + LEN as u64;
+    let path = slot1.clone();
+    disk.crash_keeping(|p, off, len| {
+        if p != path {
+            return 0..len;
+        }
+        (second.saturating_sub(off) as usize).min(len)..len
+    });
+    let on_disk = disk.contents(&slot1).unwrap();
+    assert_eq!(
+        BatchView::new(&on_disk[second as usize..second as usize + LEN])
+            .map(|v| v.header.base_sequence),
+        Ok(next_seq + 4),
+        "the crash kept the second batch in slot 1"
+    );
+    let s = reopen_after_crash(&rig, s);
+    let rep = &s.recovery_report()[0];
+    assert!(!rep.quarantined, "{rep:?}");
+    assert_eq!(rep.stale_erased, 1, "{rep:?}");
+    assert_eq!(
+        s.offsets(&id).unwrap().high_watermark,
+        4 * per_segment as u64
+    );
+    s.shutdown().unwrap();
+}

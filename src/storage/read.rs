@@ -1,0 +1,646 @@
+//! The read path: fetches (from the tail buffer or a segment file, through
+//! the sparse index or where the last fetch stopped), read-ahead for
+//! sequential readers, and offset-for-timestamp.
+
+use super::engine::{Ctx, Engine, B, B64, INDEX_INTERVAL_BYTES};
+use super::io::{AlignedBuf, FileHandle, IoBackend};
+use super::part::Part;
+use super::segment::SEG_HEADER_BYTES;
+use super::{Observer, PartitionId, QuarantineReason, StatsInner, StorageError};
+use crate::batch::{self, BatchError, HEADER_BYTES};
+use std::io;
+use std::ops::RangeInclusive;
+
+/// The batch a fetch stopped before: a consumer's next fetch starts at the
+/// end of the last batch it got, and starting at the next batch's position
+/// (not at the sparse index entry before it, up to [`INDEX_INTERVAL_BYTES`]
+/// earlier) reads no bytes twice and finds the window read ahead for it.
+#[derive(Debug, Clone)]
+pub(super) struct Resume {
+    /// The offsets a fetch may ask for to start at `pos`, `from..=to`: no
+    /// batch lies between them and it (a gap in the log may come before
+    /// it).
+    from: u64,
+    to: u64,
+    slot: usize,
+    /// The slot's segment epoch then: a reused slot holds other batches.
+    epoch: u64,
+    pos: u64,
+}
+
+impl Part {
+    /// Where a fetch for `offset` starts reading in `slot`: where the last
+    /// fetch stopped if that suits this offset, else the index's entry.
+    fn fetch_start(&self, slot: usize, offset: u64) -> u64 {
+        match &self.resume {
+            Some(r)
+                if (r.from..=r.to).contains(&offset)
+                    && r.slot == slot
+                    && r.epoch == self.ring.segs[slot].epoch =>
+            {
+                r.pos
+            }
+            _ => self.ring.segs[slot].seek(offset),
+        }
+    }
+
+    /// A fetch stopped before the batch at `pos` of `slot`, where a fetch
+    /// for any of `offsets` starts.
+    fn stopped_at(&mut self, slot: usize, offsets: RangeInclusive<u64>, pos: u64) {
+        self.resume = Some(Resume {
+            from: *offsets.start(),
+            to: *offsets.end(),
+            slot,
+            epoch: self.ring.segs[slot].epoch,
+            pos,
+        });
+    }
+
+    /// A batch that failed its checks twice at `pos` of `slot`: damage on
+    /// the device. Quarantines the partition; the error says where.
+    fn corrupt_batch(
+        &mut self,
+        slot: usize,
+        pos: u64,
+        error: BatchError,
+        stats: &StatsInner,
+    ) -> StorageError {
+        let why = QuarantineReason::CorruptBatch {
+            slot: slot as u32,
+            position: pos,
+            error,
+        };
+        self.quarantine(why.clone(), stats);
+        self.quarantined(why)
+    }
+
+    /// Bytes of the active or a closed segment at `pos`: from the tail when
+    /// they are in memory, else through `win` from the file.
+    fn bytes_at<'a>(
+        &'a self,
+        ctx: &'a mut Ctx,
+        win: &mut Window,
+        slot: usize,
+        pos: u64,
+        need: usize,
+    ) -> io::Result<(&'a [u8], bool)> {
+        if slot == self.ring.active() && pos >= self.tail.file_off {
+            let from = (pos - self.tail.file_off) as usize;
+            return Ok((
+                &self.tail.buf[from.min(self.tail.len)..self.tail.len],
+                false,
+            ));
+        }
+        let limit = self.ring.segs[slot].end_pos.div_ceil(B64) * B64;
+        let file = self.files[slot];
+        if !win.covers(file, pos, need) {
+            let Ctx {
+                io,
+                rbuf,
+                ahead,
+                shared,
+                ..
+            } = ctx;
+            if let Some((start, len)) = ahead.take(&mut **io, rbuf, file, pos, need, &shared.stats)
+            {
+                win.file = Some(file);
+                win.start = start;
+                win.len = len;
+            }
+        }
+        let before = (win.file, win.start, win.len);
+        let bytes = window(&mut *ctx.io, &mut ctx.rbuf, win, file, pos, need, limit)?;
+        if let Some(obs) = &ctx.cfg.observer {
+            if (win.file, win.start, win.len) != before {
+                obs.0.window_read(win.len as u64, false);
+            }
+        }
+        Ok((bytes, true))
+    }
+}
+
+/// A block-aligned range of one file held in the read buffer.
+#[derive(Debug, Default)]
+pub(super) struct Window {
+    pub(super) file: Option<FileHandle>,
+    pub(super) start: u64,
+    pub(super) len: usize,
+    /// Bytes worth reading at once (0: the whole buffer). A fetch of
+    /// 16 KiB should not read a megabyte from the device.
+    pub(super) hint: usize,
+}
+
+impl Window {
+    /// Whether it holds `[pos, pos + need)` of `file`.
+    pub(super) fn covers(&self, file: FileHandle, pos: u64, need: usize) -> bool {
+        self.file == Some(file)
+            && pos >= self.start
+            && pos + need as u64 <= self.start + self.len as u64
+    }
+
+    fn with_hint(hint: usize) -> Window {
+        Window {
+            hint,
+            ..Window::default()
+        }
+    }
+}
+
+/// Returns the file's bytes from `pos`, at least `need` of them unless the
+/// file or `limit` (block-aligned) ends first, reading a new window into
+/// `rbuf` when the current one does not cover them.
+pub(super) fn window<'a>(
+    io: &mut dyn IoBackend,
+    rbuf: &'a mut AlignedBuf,
+    win: &mut Window,
+    file: FileHandle,
+    pos: u64,
+    need: usize,
+    limit: u64,
+) -> io::Result<&'a [u8]> {
+    if !win.covers(file, pos, need) {
+        let (start, len) = window_range(rbuf.len(), win.hint, pos, need, limit);
+        let n = io.read_at(file, start, &mut rbuf[..len])?;
+        win.file = Some(file);
+        win.start = start;
+        win.len = n.min(len);
+    }
+    let from = ((pos - win.start) as usize).min(win.len);
+    Ok(&rbuf[from..win.len])
+}
+
+/// The block-aligned range `(start, len)` a window read for `need` bytes
+/// at `pos` covers: from the block holding `pos`, the hint's worth (the
+/// whole buffer of `buf_len` for hint 0), cut at `limit`.
+fn window_range(buf_len: usize, hint: usize, pos: u64, need: usize, limit: u64) -> (u64, usize) {
+    let start = pos / B64 * B64;
+    let want = if hint == 0 {
+        buf_len
+    } else {
+        // From the block start: the bytes wanted plus the offset into it.
+        (need.max(hint) + (pos - start) as usize).div_ceil(B) * B
+    };
+    let len = (buf_len.min(want) as u64).min(limit.saturating_sub(start)) as usize;
+    (start, len)
+}
+
+/// Read-ahead for sequential readers. A fetch that stops short of the
+/// data on disk names the window its successor will want (from its first
+/// window's headers, before it checks and copies its batches, or else
+/// when it returns), and that window is read in the background
+/// ([`IoBackend::read_start`]) into a spare buffer, which the next
+/// [`Part::bytes_at`] that it covers swaps with the read buffer. The
+/// device then works while the answer is made, travels and is answered,
+/// instead of after the next fetch arrives. Up to [`READ_AHEAD_SLOTS`](super::io::READ_AHEAD_SLOTS)
+/// readers (partitions a consumer takes turns over, or several consumers)
+/// each have a read ahead at a time.
+#[derive(Debug, Default)]
+pub(super) struct Ahead {
+    slots: Vec<AheadSlot>,
+    /// The read the last fetch suggests; started after its answer.
+    next: Option<AheadKey>,
+    /// The backend has no background reads (pwrite), as it said at
+    /// start: nothing is planned.
+    unsupported: bool,
+    /// Counts fetches that planned a read, to age the slots.
+    tick: u64,
+    /// The last plan counted in `tick` (a fetch plans before and after
+    /// its answer).
+    ticked: Option<AheadKey>,
+    observer: Option<Observer>,
+}
+
+#[derive(Debug, Default)]
+struct AheadSlot {
+    /// A read buffer the size of `rbuf`. `None` while the backend holds it
+    /// (read in flight), or after the backend gave it up.
+    spare: Option<AlignedBuf>,
+    /// What the read in flight covers.
+    inflight: Option<AheadKey>,
+    /// `Ahead::tick` when it was started.
+    started: u64,
+}
+
+/// Fetches after which a read ahead that none used is taken for abandoned
+/// (its reader stopped or moved) and its slot given to another reader.
+/// More readers than slots taking turns leave read-ahead to as many of
+/// them as there are slots, rather than wasting every read.
+pub(super) const AHEAD_PASSES_MAX: u64 = 16;
+
+/// A block-aligned range of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AheadKey {
+    file: FileHandle,
+    start: u64,
+    len: usize,
+}
+
+impl Ahead {
+    pub(super) fn new(
+        spares: Vec<AlignedBuf>,
+        supported: bool,
+        observer: Option<Observer>,
+    ) -> Ahead {
+        Ahead {
+            unsupported: !supported,
+            slots: spares
+                .into_iter()
+                .map(|b| AheadSlot {
+                    spare: Some(b),
+                    ..AheadSlot::default()
+                })
+                .collect(),
+            observer,
+            ..Ahead::default()
+        }
+    }
+
+    /// After a fetch of `p` that stopped at `pos` of `slot`, with data
+    /// left: plans the window the next fetch (of the same size, `hint`)
+    /// will want, when it comes from the file and not from the tail.
+    pub(super) fn plan(&mut self, p: &Part, slot: usize, pos: u64, hint: usize, buf_len: usize) {
+        if self.unsupported {
+            return;
+        }
+        let seg = &p.ring.segs[slot];
+        // Blocks below the tail buffer are final until the slot is reused
+        // (`forget`); the tail's partial block is rewritten as it grows.
+        let limit = if slot == p.ring.active() {
+            p.tail.file_off
+        } else {
+            seg.end_pos.div_ceil(B64) * B64
+        };
+        if pos >= seg.end_pos || pos >= limit {
+            return;
+        }
+        let (start, len) = window_range(buf_len, hint, pos, HEADER_BYTES, limit);
+        self.next = (len > 0).then_some(AheadKey {
+            file: p.files[slot],
+            start,
+            len,
+        });
+    }
+
+    /// Starts the read the last fetch planned, unless it is in flight
+    /// already, in a free slot, or in one whose read has gone unused for
+    /// [`AHEAD_PASSES_MAX`] fetches (dropping that read). None free: not
+    /// started.
+    pub(super) fn start(&mut self, io: &mut dyn IoBackend, stats: &StatsInner) {
+        let Some(key) = self.next.take() else {
+            return;
+        };
+        if self.ticked != Some(key) {
+            self.ticked = Some(key);
+            self.tick += 1;
+        }
+        if self.unsupported || self.slots.iter().any(|s| s.inflight == Some(key)) {
+            return;
+        }
+        let tick = self.tick;
+        let free = self
+            .slots
+            .iter()
+            .position(|s| s.inflight.is_none() && s.spare.is_some());
+        let stale = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| tick - s.started > AHEAD_PASSES_MAX)
+                .min_by_key(|(_, s)| s.started)
+                .map(|(i, _)| i)
+        };
+        let Some(i) = free.or_else(stale) else {
+            return;
+        };
+        self.settle(io, i);
+        let Some(buf) = self.slots[i].spare.take() else {
+            return;
+        };
+        match io.read_start(i, key.file, key.start, buf, key.len) {
+            Ok(()) => {
+                self.slots[i].inflight = Some(key);
+                self.slots[i].started = tick;
+                StatsInner::add(&stats.reads_ahead, 1);
+            }
+            // Refused this once (a ring that broke refuses every time,
+            // cheaply): read on demand.
+            Err(buf) => self.slots[i].spare = Some(buf),
+        }
+    }
+
+    /// Completes slot `i`'s read in flight, if any, keeping its buffer as
+    /// the spare and dropping its bytes.
+    fn settle(&mut self, io: &mut dyn IoBackend, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.inflight.take().is_some() {
+            slot.spare = io.read_finish(i).map(|(buf, res)| {
+                if let (Some(obs), Ok(n)) = (&self.observer, res) {
+                    obs.0.read_ahead_unused(n as u64);
+                }
+                buf
+            });
+        }
+    }
+
+    /// Before `file` is closed or written from its start again (a ring
+    /// wrap): its bytes read ahead would be stale, and its handle may name
+    /// another file next.
+    pub(super) fn forget(&mut self, io: &mut dyn IoBackend, file: FileHandle) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].inflight.is_some_and(|k| k.file == file) {
+                self.settle(io, i);
+            }
+        }
+        if self.next.is_some_and(|k| k.file == file) {
+            self.next = None;
+        }
+    }
+
+    /// When a read in flight covers `[pos, pos + need)` of `file`: waits
+    /// for it, swaps its buffer into `rbuf` and returns the window it
+    /// holds. `None` (nothing swapped) otherwise, or if it failed: the
+    /// caller reads for itself, and sees any error for itself.
+    pub(super) fn take(
+        &mut self,
+        io: &mut dyn IoBackend,
+        rbuf: &mut AlignedBuf,
+        file: FileHandle,
+        pos: u64,
+        need: usize,
+        stats: &StatsInner,
+    ) -> Option<(u64, usize)> {
+        let end = pos + need as u64;
+        let i = self.slots.iter().position(|s| {
+            s.inflight
+                .is_some_and(|k| k.file == file && pos >= k.start && end <= k.start + k.len as u64)
+        })?;
+        let key = self.slots[i].inflight.take().expect("found above");
+        let (buf, res) = io.read_finish(i)?;
+        match res {
+            Ok(n) if end <= key.start + n.min(key.len) as u64 => {
+                StatsInner::add(&stats.reads_ahead_used, 1);
+                if let Some(obs) = &self.observer {
+                    obs.0.window_read(n as u64, true);
+                }
+                self.slots[i].spare = Some(std::mem::replace(rbuf, buf));
+                Some((key.start, n.min(key.len)))
+            }
+            res => {
+                if let (Some(obs), Ok(n)) = (&self.observer, res) {
+                    obs.0.read_ahead_unused(n as u64);
+                }
+                self.slots[i].spare = Some(buf);
+                None
+            }
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn read(
+        &mut self,
+        id: &PartitionId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, StorageError> {
+        let Engine { ctx, parts, .. } = self;
+        let p = parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let (earliest, hw) = (p.ring.earliest(), p.hw);
+        if offset < earliest || offset > hw {
+            return Err(StorageError::OffsetOutOfRange {
+                requested: offset,
+                earliest,
+                high_watermark: hw,
+            });
+        }
+        let mut out = Vec::new();
+        let reserve_max = ctx.rbuf.len();
+        if offset == hw {
+            return Ok(out);
+        }
+        let first = (0..p.ring.live)
+            .rev()
+            .find(|&k| p.ring.segs[p.ring.slot(k)].base_offset <= offset)
+            .unwrap_or(0);
+        for k in first..p.ring.live {
+            let slot = p.ring.slot(k);
+            let mut pos = if k == first {
+                p.fetch_start(slot, offset)
+            } else {
+                SEG_HEADER_BYTES as u64
+            };
+            let hint = max_bytes
+                .saturating_add(HEADER_BYTES)
+                .max(INDEX_INTERVAL_BYTES as usize);
+            let mut win = Window::with_hint(hint);
+            // Where this fetch stops is in the first window's headers: the
+            // next fetch's read starts now, while this one's batches are
+            // checked and copied (the device would idle meanwhile).
+            if k == first
+                && !ctx.ahead.unsupported
+                && p.bytes_at(ctx, &mut win, slot, pos, HEADER_BYTES).is_ok()
+            {
+                if let Some(stop) = stop_in_window(p, ctx, &win, slot, pos, hw, offset, max_bytes) {
+                    ctx.ahead.plan(p, slot, stop, hint, reserve_max);
+                    ctx.ahead.start(&mut *ctx.io, &ctx.shared.stats);
+                }
+            }
+            let mut retried = false;
+            // The offset after the last batch in `out`.
+            let mut end = offset;
+            while pos < p.ring.segs[slot].end_pos {
+                if let Some(to) = p.ring.skip_at(slot, pos) {
+                    pos = to;
+                    continue;
+                }
+                // A batch that would not fit is not read: the window ends
+                // about max_bytes after the first, so its body would have
+                // cost a whole second window read (here, half of the bytes
+                // a replay read from the device).
+                let takes = |h: &batch::BatchHeader| fits(out.len(), h, offset, max_bytes);
+                let found = read_batch_at(p, ctx, &mut win, slot, pos, hw, takes);
+                let (h, bytes) = match found {
+                    Ok(Some((h, Some(bytes)))) => (h, bytes),
+                    Ok(Some((h, None))) => {
+                        // The next fetch asks for `end`; any offset up to
+                        // this batch's last starts with this batch too.
+                        p.stopped_at(slot, end..=h.last_offset(), pos);
+                        ctx.ahead.plan(p, slot, pos, hint, reserve_max);
+                        return Ok(out);
+                    }
+                    Ok(None) => return Ok(out),
+                    Err(ReadErr::Io(e)) => return Err(e.into()),
+                    Err(ReadErr::Corrupt(_)) if !retried => {
+                        retried = true;
+                        win = Window::with_hint(win.hint);
+                        continue;
+                    }
+                    Err(ReadErr::Corrupt(e)) => {
+                        return Err(p.corrupt_batch(slot, pos, e, &ctx.shared.stats));
+                    }
+                };
+                retried = false;
+                let len = h.total_len as usize;
+                if h.next_offset() > offset {
+                    if out.is_empty() {
+                        out.reserve(max_bytes.max(len).min(reserve_max));
+                    }
+                    out.extend_from_slice(bytes);
+                    end = h.next_offset();
+                    if out.len() >= max_bytes {
+                        p.stopped_at(slot, end..=end, pos + len as u64);
+                        ctx.ahead.plan(p, slot, pos + len as u64, hint, reserve_max);
+                        return Ok(out);
+                    }
+                }
+                pos += len as u64;
+            }
+            if !out.is_empty() {
+                if k + 1 < p.ring.live {
+                    let next = p.ring.slot(k + 1);
+                    ctx.ahead
+                        .plan(p, next, SEG_HEADER_BYTES as u64, hint, reserve_max);
+                }
+                return Ok(out);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn offset_for_ts(
+        &mut self,
+        id: &PartitionId,
+        ts: i64,
+    ) -> Result<Option<u64>, StorageError> {
+        let Engine { ctx, parts, .. } = self;
+        let p = parts
+            .get_mut(id)
+            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let hw = p.hw;
+        for k in 0..p.ring.live {
+            let slot = p.ring.slot(k);
+            if p.ring.segs[slot].max_ts < ts {
+                continue;
+            }
+            let mut pos = p.ring.segs[slot].seek_ts(ts);
+            let mut win = Window::default();
+            while pos < p.ring.segs[slot].end_pos {
+                if let Some(to) = p.ring.skip_at(slot, pos) {
+                    pos = to;
+                    continue;
+                }
+                match read_batch_at(p, ctx, &mut win, slot, pos, hw, |_| true) {
+                    Ok(Some((h, _))) => {
+                        if h.max_timestamp >= ts {
+                            return Ok(Some(h.base_offset.max(p.ring.earliest())));
+                        }
+                        pos += u64::from(h.total_len);
+                    }
+                    Ok(None) => return Ok(None),
+                    Err(ReadErr::Io(e)) => return Err(e.into()),
+                    Err(ReadErr::Corrupt(e)) => {
+                        return Err(p.corrupt_batch(slot, pos, e, &ctx.shared.stats));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+enum ReadErr {
+    Io(io::Error),
+    Corrupt(BatchError),
+}
+
+/// Whether a fetch for `offset` that holds `out_len` bytes takes the batch
+/// `h` too (up to `max_bytes`, but always one batch that counts).
+pub(super) fn fits(out_len: usize, h: &batch::BatchHeader, offset: u64, max_bytes: usize) -> bool {
+    out_len == 0 || h.next_offset() <= offset || out_len + h.total_len as usize <= max_bytes
+}
+
+/// Where a fetch for `offset` from `pos` of `slot` stops, read from the
+/// batch headers already in `win` (no I/O, nothing checked): `None` when
+/// the walk leaves the window or the segment, reaches `hw`, or meets a
+/// header that does not parse. Read-ahead planning only; the fetch itself
+/// still checks every batch it returns.
+#[allow(clippy::too_many_arguments)]
+fn stop_in_window(
+    p: &Part,
+    ctx: &Ctx,
+    win: &Window,
+    slot: usize,
+    mut pos: u64,
+    hw: u64,
+    offset: u64,
+    max_bytes: usize,
+) -> Option<u64> {
+    if win.file != Some(p.files[slot]) {
+        return None;
+    }
+    let mut out_len = 0;
+    while pos < p.ring.segs[slot].end_pos {
+        if let Some(to) = p.ring.skip_at(slot, pos) {
+            pos = to;
+            continue;
+        }
+        let from = pos.checked_sub(win.start)? as usize;
+        let h = batch::parse_header(ctx.rbuf.get(from..win.len)?).ok()?;
+        if h.base_offset >= hw {
+            return None;
+        }
+        if !fits(out_len, &h, offset, max_bytes) {
+            return Some(pos);
+        }
+        pos += u64::from(h.total_len);
+        if h.next_offset() > offset {
+            out_len += h.total_len as usize;
+            if out_len >= max_bytes {
+                return Some(pos);
+            }
+        }
+    }
+    None
+}
+
+/// A batch's header, and its bytes unless they were not wanted.
+type Found<'a> = (batch::BatchHeader, Option<&'a [u8]>);
+
+/// The batch at `pos` if it is below `hw`, checked (CRC) when it came
+/// from the device; its header alone (body `None`, not read) when `want`
+/// says the body is not wanted.
+fn read_batch_at<'a>(
+    p: &'a Part,
+    ctx: &'a mut Ctx,
+    win: &mut Window,
+    slot: usize,
+    pos: u64,
+    hw: u64,
+    want: impl FnOnce(&batch::BatchHeader) -> bool,
+) -> Result<Option<Found<'a>>, ReadErr> {
+    let (bytes, _) = p
+        .bytes_at(ctx, win, slot, pos, HEADER_BYTES)
+        .map_err(ReadErr::Io)?;
+    let h = batch::parse_header(bytes).map_err(ReadErr::Corrupt)?;
+    if h.base_offset >= hw {
+        return Ok(None);
+    }
+    if !want(&h) {
+        return Ok(Some((h, None)));
+    }
+    let len = h.total_len as usize;
+    let (bytes, from_disk) = p.bytes_at(ctx, win, slot, pos, len).map_err(ReadErr::Io)?;
+    if bytes.len() < len {
+        return Err(ReadErr::Corrupt(BatchError::Truncated {
+            have: bytes.len(),
+            need: len,
+        }));
+    }
+    let bytes = &bytes[..len];
+    if from_disk {
+        batch::verify(bytes).map_err(ReadErr::Corrupt)?;
+    }
+    Ok(Some((h, Some(bytes))))
+}

@@ -1,0 +1,219 @@
+//! Rings grown and shrunk live (`resize`), on every backend, through
+//! restarts and crashes.
+
+use super::tests::{make_batch, pid, rigs, small_cfg, stored, Rig, Submit};
+use super::*;
+use futures_lite::future::block_on;
+
+/// Every batch appended, as stored, by base offset.
+struct Log {
+    batches: Vec<(u64, Vec<u8>)>,
+    tag: u64,
+}
+
+impl Log {
+    fn new() -> Log {
+        Log {
+            batches: Vec::new(),
+            tag: 0,
+        }
+    }
+
+    /// Appends `n` batches of about 7 KiB (9 to a 64 KiB segment).
+    fn append(&mut self, s: &Storage, id: &PartitionId, n: usize) {
+        for _ in 0..n {
+            self.tag += 1;
+            let b = make_batch(2, 3500, self.tag, 1_000);
+            let ack = block_on(s.append(id, b.clone())).expect("append");
+            self.batches
+                .push((ack.base_offset, stored(b, ack.base_offset)));
+        }
+    }
+
+    /// The storage holds exactly the batches from its earliest offset on,
+    /// and returns that offset.
+    fn check(&self, s: &Storage, id: &PartitionId, what: &str) -> u64 {
+        let o = s.offsets(id).unwrap();
+        let got = super::tests::read_all(s, id, o.earliest);
+        let want: Vec<Vec<u8>> = self
+            .batches
+            .iter()
+            .filter(|(base, _)| *base >= o.earliest)
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{what}: batch count");
+        assert!(got == want, "{what}: contents");
+        assert_eq!(
+            o.high_watermark,
+            self.batches.last().map_or(0, |b| {
+                crate::batch::parse_header(&b.1).unwrap().next_offset()
+            })
+        );
+        o.earliest
+    }
+}
+
+fn alter(s: &Storage, id: &PartitionId, segments: u32) -> Result<(), StorageError> {
+    let cfg = PartitionConfig {
+        segments,
+        ..s.partitions()[0].1.clone()
+    };
+    block_on(s.alter_partition(id, cfg))
+}
+
+fn cfg_of(s: &Storage, id: &PartitionId, n: u32, overflow: OverflowPolicy) -> PartitionConfig {
+    let _ = (s, id);
+    PartitionConfig {
+        segments: n,
+        overflow,
+        ..small_cfg()
+    }
+}
+
+/// A wrapped ring (its oldest segment in a higher slot than its active
+/// one) grows: nothing moves, the new slots are used before anything is
+/// overwritten, and a restart finds the same log. Then it shrinks below
+/// its data: the oldest segments go, the rest stays, also after restarts.
+#[test]
+fn grow_a_wrapped_ring_then_shrink_it() {
+    for (name, rig) in rigs() {
+        let id = pid("resize", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut log = Log::new();
+        log.append(&s, &id, 40); // 3 slots of 9: wrapped
+        let before = log.check(&s, &id, name);
+        assert!(before > 0, "{name}: the ring has wrapped");
+        let grown = |s: &Storage, n: u32| {
+            block_on(s.alter_partition(&id, cfg_of(s, &id, n, OverflowPolicy::Overwrite)))
+        };
+        grown(&s, 5).unwrap();
+        assert_eq!(log.check(&s, &id, name), before, "{name}: grow keeps all");
+        // Two more segments' worth fit before the ring overwrites again.
+        log.append(&s, &id, 15);
+        assert_eq!(
+            log.check(&s, &id, name),
+            before,
+            "{name}: new slots used first"
+        );
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert_eq!(s.partitions()[0].1.segments, 5, "{name}");
+        assert!(!s.recovery_report()[0].quarantined, "{name}");
+        assert_eq!(log.check(&s, &id, name), before, "{name}: after restart");
+        log.append(&s, &id, 30);
+        let wrapped_again = log.check(&s, &id, name);
+        assert!(wrapped_again > before, "{name}");
+        // Shrink a full ring: its oldest segments go.
+        grown(&s, 2).unwrap();
+        let after_shrink = log.check(&s, &id, name);
+        assert!(after_shrink > wrapped_again, "{name}: the oldest dropped");
+        log.append(&s, &id, 12);
+        log.check(&s, &id, name);
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert_eq!(s.partitions()[0].1.segments, 2, "{name}");
+        assert!(!s.recovery_report()[0].quarantined, "{name}");
+        log.check(&s, &id, name);
+        // And grows again, reusing the freed file numbers.
+        grown(&s, 4).unwrap();
+        log.append(&s, &id, 20);
+        let e = log.check(&s, &id, name);
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert_eq!(log.check(&s, &id, name), e, "{name}");
+        if rig.disk().is_none() {
+            let mut files: Vec<String> = std::fs::read_dir(rig.dir.path().join("topics/resize/0"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("seg-"))
+                .collect();
+            files.sort();
+            assert_eq!(files.len(), 4, "{name}: {files:?}");
+        }
+        s.shutdown().unwrap();
+    }
+}
+
+/// A ring that never overwrites refuses to shrink below its data, and
+/// changes nothing; to a size that holds it, it shrinks.
+#[test]
+fn a_rejecting_ring_shrinks_only_when_its_data_fits() {
+    for (name, rig) in rigs() {
+        let id = pid("keep", 0);
+        let s = rig.open();
+        let cfg = cfg_of(&s, &id, 5, OverflowPolicy::Reject);
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        let mut log = Log::new();
+        log.append(&s, &id, 20); // 3 segments
+        let e = log.check(&s, &id, name);
+        match alter(&s, &id, 2) {
+            Err(StorageError::RingTooSmall {
+                live_segments: 3,
+                asked: 2,
+                ..
+            }) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(log.check(&s, &id, name), e, "{name}: nothing dropped");
+        alter(&s, &id, 3).unwrap();
+        assert_eq!(log.check(&s, &id, name), e, "{name}");
+        // Full now: the next segment is refused, not overwritten.
+        let mut refused = false;
+        for i in 0..20 {
+            match block_on(s.append(&id, make_batch(2, 3500, 900 + i, 1_000))) {
+                Ok(ack) => log.batches.push((
+                    ack.base_offset,
+                    stored(make_batch(2, 3500, 900 + i, 1_000), ack.base_offset),
+                )),
+                Err(StorageError::Full(_)) => {
+                    refused = true;
+                    break;
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+        }
+        assert!(refused, "{name}");
+        assert_eq!(log.check(&s, &id, name), e, "{name}");
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert_eq!(log.check(&s, &id, name), e, "{name}");
+        assert_eq!(s.partitions()[0].1.segments, 3, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+/// Power lost right after a resize and more appends: recovery finds the
+/// new ring and every acknowledged batch, on seeded crashes.
+#[test]
+fn crash_after_a_resize_keeps_every_acknowledged_batch() {
+    for seed in 0..12u64 {
+        let rig = Rig::fault(seed);
+        let disk = rig.disk().unwrap().clone();
+        let id = pid("crash", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut log = Log::new();
+        log.append(&s, &id, 22 + seed as usize);
+        let n = if seed % 2 == 0 { 6 } else { 2 };
+        alter(&s, &id, n).unwrap();
+        log.append(&s, &id, 5 + seed as usize);
+        let e = log.check(&s, &id, "before the crash");
+        disk.crash();
+        let _ = s.shutdown();
+        drop(s);
+        disk.restart();
+        let s = rig.open();
+        let rep = &s.recovery_report()[0];
+        assert!(!rep.quarantined, "seed {seed}: {rep:?}");
+        assert_eq!(s.partitions()[0].1.segments, n, "seed {seed}");
+        assert_eq!(log.check(&s, &id, "after the crash"), e, "seed {seed}");
+        log.append(&s, &id, 30);
+        log.check(&s, &id, "going on");
+        s.shutdown().unwrap();
+    }
+}
