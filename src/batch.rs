@@ -13,7 +13,7 @@
 //! |     12 |    4 | crc32c            | see "CRC" below                              |
 //! |     16 |    8 | base_offset       | assigned by the broker                       |
 //! |     24 |    4 | record_count      | at least 1                                   |
-//! |     28 |    4 | reserved          | zero                                         |
+//! |     28 |    4 | last_offset_delta | see "Offsets" below                          |
 //! |     32 |    8 | first_timestamp   | ms since the Unix epoch                      |
 //! |     40 |    8 | max_timestamp     | ms since the Unix epoch                      |
 //! |     48 |    8 | producer_id       | [`NO_PRODUCER_ID`] when not idempotent       |
@@ -21,6 +21,19 @@
 //! |     58 |    2 | reserved          | zero                                         |
 //! |     60 |    4 | base_sequence     | [`NO_SEQUENCE`] when not idempotent          |
 //! |     64 |    … | body              | CBOR array of [`Record`]s                    |
+//!
+//! # Offsets
+//!
+//! As in Kafka's v2 batches, the log may hold gaps: compaction removes
+//! records but never renumbers the rest, and transactions will add control
+//! records. A batch covers the offsets `base_offset ..= base_offset +
+//! last_offset_delta`; each record carries its own `offset_delta`, strictly
+//! increasing, the last at most `last_offset_delta` (a compacted batch keeps
+//! its extent when its last record is gone). The next batch in the log
+//! starts at [`BatchHeader::next_offset`] or above. A producer's batch is
+//! dense (deltas `0..record_count`, `last_offset_delta = record_count - 1`),
+//! and an idempotent producer's sequences follow its offsets: the last
+//! sequence is `base_sequence + last_offset_delta`.
 //!
 //! # CRC
 //!
@@ -35,7 +48,10 @@ use minicbor::bytes::ByteSlice;
 use minicbor::{Decode, Encode};
 
 pub const MAGIC: [u8; 4] = *b"SKB1";
-pub const VERSION: u16 = 1;
+/// 2: `last_offset_delta` (was reserved) and per-record offset deltas that
+/// may leave gaps. Version 1 batches are refused
+/// ([`BatchError::UnsupportedVersion`]).
+pub const VERSION: u16 = 2;
 
 pub const OFFSET_MAGIC: usize = 0;
 pub const OFFSET_VERSION: usize = OFFSET_MAGIC + 4;
@@ -44,8 +60,8 @@ pub const OFFSET_TOTAL_LEN: usize = OFFSET_ATTRIBUTES + 2;
 pub const OFFSET_CRC: usize = OFFSET_TOTAL_LEN + 4;
 pub const OFFSET_BASE_OFFSET: usize = OFFSET_CRC + 4;
 pub const OFFSET_RECORD_COUNT: usize = OFFSET_BASE_OFFSET + 8;
-pub const OFFSET_RESERVED_1: usize = OFFSET_RECORD_COUNT + 4;
-pub const OFFSET_FIRST_TIMESTAMP: usize = OFFSET_RESERVED_1 + 4;
+pub const OFFSET_LAST_OFFSET_DELTA: usize = OFFSET_RECORD_COUNT + 4;
+pub const OFFSET_FIRST_TIMESTAMP: usize = OFFSET_LAST_OFFSET_DELTA + 4;
 pub const OFFSET_MAX_TIMESTAMP: usize = OFFSET_FIRST_TIMESTAMP + 8;
 pub const OFFSET_PRODUCER_ID: usize = OFFSET_MAX_TIMESTAMP + 8;
 pub const OFFSET_PRODUCER_EPOCH: usize = OFFSET_PRODUCER_ID + 8;
@@ -61,6 +77,8 @@ pub const ATTR_CONTROL: u16 = 1;
 const ATTR_KNOWN: u16 = ATTR_CONTROL;
 
 pub const NO_PRODUCER_ID: u64 = u64::MAX;
+/// The largest offset a batch may cover (Kafka's offsets are `i64`).
+pub const OFFSET_MAX: u64 = i64::MAX as u64;
 pub const NO_SEQUENCE: i32 = -1;
 
 /// Upper bound on one batch; the broker's `max_batch_bytes` may be lower.
@@ -78,15 +96,28 @@ pub enum BatchError {
     Truncated { have: usize, need: usize },
     /// Not a batch at all: a torn write, zeroed space, or another format.
     BadMagic { found: [u8; 4] },
-    /// Written by a newer skiff.
+    /// Written by another skiff: a newer one, or one from before this
+    /// format (version 1 had no `last_offset_delta`).
     UnsupportedVersion { found: u16 },
     /// `total_len` below the header size or above [`BATCH_BYTES_MAX`].
     BadLength { total_len: u32 },
     /// The bytes changed after the CRC was computed.
     CrcMismatch { stored: u32, computed: u32 },
-    /// `record_count` is zero, reserved bits or fields are set, or the body
-    /// does not decode to exactly `record_count` records.
+    /// `record_count` is zero, reserved bits or fields are set, the body
+    /// does not decode to exactly `record_count` records, or their offset
+    /// deltas are not strictly increasing within `last_offset_delta`.
     Malformed(&'static str),
+    /// The batch's offsets would end past [`OFFSET_MAX`].
+    OffsetOverflow {
+        base_offset: u64,
+        last_offset_delta: u32,
+    },
+    /// A producer's batch whose offset deltas are not dense: only the log's
+    /// own writers (compaction, transaction markers) may leave gaps.
+    NotDense {
+        record_count: u32,
+        last_offset_delta: u32,
+    },
 }
 
 impl std::fmt::Display for BatchError {
@@ -97,7 +128,10 @@ impl std::fmt::Display for BatchError {
             }
             Self::BadMagic { found } => write!(f, "bad batch magic {found:02x?}"),
             Self::UnsupportedVersion { found } => {
-                write!(f, "unsupported batch version {found}")
+                write!(
+                    f,
+                    "unsupported batch version {found} (this build reads {VERSION})"
+                )
             }
             Self::BadLength { total_len } => write!(f, "bad batch length {total_len}"),
             Self::CrcMismatch { stored, computed } => write!(
@@ -105,6 +139,21 @@ impl std::fmt::Display for BatchError {
                 "batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}"
             ),
             Self::Malformed(what) => write!(f, "malformed batch: {what}"),
+            Self::OffsetOverflow {
+                base_offset,
+                last_offset_delta,
+            } => write!(
+                f,
+                "batch offsets {base_offset} + {last_offset_delta} end past {OFFSET_MAX}"
+            ),
+            Self::NotDense {
+                record_count,
+                last_offset_delta,
+            } => write!(
+                f,
+                "a producer's batch must have dense offsets: {record_count} records \
+                 but last_offset_delta {last_offset_delta}"
+            ),
         }
     }
 }
@@ -132,8 +181,10 @@ pub struct Record<'a> {
     pub timestamp_delta: i64,
     #[b(2)]
     pub key: Option<&'a ByteSlice>,
+    /// `None` (CBOR null): a tombstone, which deletes its key from a
+    /// compacted topic.
     #[b(3)]
-    pub value: &'a ByteSlice,
+    pub value: Option<&'a ByteSlice>,
     #[b(4)]
     pub headers: Vec<RecordHeader<'a>>,
 }
@@ -155,6 +206,8 @@ pub struct BatchHeader {
     pub crc: u32,
     pub base_offset: u64,
     pub record_count: u32,
+    /// The batch covers `base_offset ..= base_offset + last_offset_delta`.
+    pub last_offset_delta: u32,
     pub first_timestamp: i64,
     pub max_timestamp: i64,
     pub producer_id: u64,
@@ -163,20 +216,31 @@ pub struct BatchHeader {
 }
 
 impl BatchHeader {
-    /// The offset of the last record in the batch.
+    /// The last offset the batch covers (its last record's, unless
+    /// compaction removed that record).
     pub fn last_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.record_count) - 1
+        self.base_offset + u64::from(self.last_offset_delta)
     }
-    /// The offset the next batch in the log starts at.
+    /// The lowest offset the next batch in the log may start at.
     pub fn next_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.record_count)
+        self.last_offset() + 1
     }
     pub fn is_idempotent(&self) -> bool {
         self.producer_id != NO_PRODUCER_ID
     }
-    /// The sequence of the last record, wrapping like Kafka's.
+    /// A transaction marker the broker wrote, not a producer's records.
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+    /// Whether the records' offsets are `base_offset..next_offset()` with
+    /// no gap (every producer's batch).
+    pub fn is_dense(&self) -> bool {
+        self.last_offset_delta == self.record_count - 1
+    }
+    /// The sequence of the last record, wrapping like Kafka's: the base
+    /// sequence plus the last offset delta.
     pub fn last_sequence(&self) -> i32 {
-        ((i64::from(self.base_sequence) + i64::from(self.record_count) - 1)
+        ((i64::from(self.base_sequence) + i64::from(self.last_offset_delta))
             % (i64::from(i32::MAX) + 1)) as i32
     }
 }
@@ -206,25 +270,48 @@ pub fn parse_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
     if attributes & !ATTR_KNOWN != 0 {
         return Err(BatchError::Malformed("unknown attribute bits"));
     }
-    if u32_at(bytes, OFFSET_RESERVED_1) != 0 || u16_at(bytes, OFFSET_RESERVED_2) != 0 {
+    if u16_at(bytes, OFFSET_RESERVED_2) != 0 {
         return Err(BatchError::Malformed("reserved header field is not zero"));
     }
     let record_count = u32_at(bytes, OFFSET_RECORD_COUNT);
     if record_count == 0 {
         return Err(BatchError::Malformed("record_count is zero"));
     }
+    // Deltas strictly increase from 0 or more: the last is at least
+    // record_count - 1.
+    let last_offset_delta = u32_at(bytes, OFFSET_LAST_OFFSET_DELTA);
+    if last_offset_delta < record_count - 1 {
+        return Err(BatchError::Malformed(
+            "last_offset_delta is below record_count - 1",
+        ));
+    }
+    let base_offset = u64_at(bytes, OFFSET_BASE_OFFSET);
+    check_offsets(base_offset, last_offset_delta)?;
     Ok(BatchHeader {
         attributes,
         total_len,
         crc: u32_at(bytes, OFFSET_CRC),
-        base_offset: u64_at(bytes, OFFSET_BASE_OFFSET),
+        base_offset,
         record_count,
+        last_offset_delta,
         first_timestamp: u64_at(bytes, OFFSET_FIRST_TIMESTAMP) as i64,
         max_timestamp: u64_at(bytes, OFFSET_MAX_TIMESTAMP) as i64,
         producer_id: u64_at(bytes, OFFSET_PRODUCER_ID),
         producer_epoch: u16_at(bytes, OFFSET_PRODUCER_EPOCH),
         base_sequence: u32_at(bytes, OFFSET_BASE_SEQUENCE) as i32,
     })
+}
+
+/// Whether a batch at `base_offset` covering `last_offset_delta` more
+/// offsets ends at or below [`OFFSET_MAX`].
+pub fn check_offsets(base_offset: u64, last_offset_delta: u32) -> Result<(), BatchError> {
+    match base_offset.checked_add(u64::from(last_offset_delta)) {
+        Some(last) if last <= OFFSET_MAX => Ok(()),
+        _ => Err(BatchError::OffsetOverflow {
+            base_offset,
+            last_offset_delta,
+        }),
+    }
 }
 
 /// The CRC state over everything but the CRC field and the base offset, in
@@ -288,6 +375,7 @@ pub fn verify_and_assign_offset(
             BatchError::Malformed("trailing bytes after batch")
         });
     }
+    check_offsets(base_offset, h.last_offset_delta)?;
     let d = digest_without_offset(batch);
     let computed = finish_crc(d, h.base_offset);
     if computed != h.crc {
@@ -322,7 +410,8 @@ impl<'a> BatchView<'a> {
     }
 
     /// Decodes the body. Fails unless it holds exactly `record_count`
-    /// records with offset deltas `0..record_count` and no trailing bytes.
+    /// records with strictly increasing offset deltas, the last at most
+    /// `last_offset_delta`, and no trailing bytes.
     pub fn records(&self) -> Result<Vec<Record<'a>>, BatchError> {
         let body = &self.bytes[HEADER_BYTES..];
         let mut d = minicbor::Decoder::new(body);
@@ -336,11 +425,20 @@ impl<'a> BatchView<'a> {
             return Err(BatchError::Malformed("record_count does not match body"));
         }
         if records
-            .iter()
-            .enumerate()
-            .any(|(i, r)| r.offset_delta as usize != i)
+            .windows(2)
+            .any(|w| w[1].offset_delta <= w[0].offset_delta)
         {
-            return Err(BatchError::Malformed("offset deltas are not dense"));
+            return Err(BatchError::Malformed(
+                "record offset deltas are not strictly increasing",
+            ));
+        }
+        if records
+            .last()
+            .is_some_and(|r| r.offset_delta > self.header.last_offset_delta)
+        {
+            return Err(BatchError::Malformed(
+                "a record's offset delta is past last_offset_delta",
+            ));
         }
         Ok(records)
     }
@@ -431,6 +529,9 @@ impl ProducerStamp {
 pub struct BatchBuilder {
     body: Vec<u8>,
     count: u32,
+    /// The offset delta the next record gets; the batch covers
+    /// `0..next_delta`.
+    next_delta: u32,
     first_timestamp: i64,
     max_timestamp: i64,
 }
@@ -457,6 +558,21 @@ impl BatchBuilder {
     pub fn clear(&mut self) {
         self.body.clear();
         self.count = 0;
+        self.next_delta = 0;
+    }
+
+    /// Leaves a gap of `offsets` offsets before the next record, or, after
+    /// the last, extends the batch past it (as compaction leaves a batch
+    /// whose last record it removed). Only the log's own writers may write
+    /// such a batch (see [`BatchError::NotDense`]).
+    ///
+    /// # Panics
+    /// When the batch would cover 2^32 offsets or more.
+    pub fn skip_offsets(&mut self, offsets: u32) {
+        self.next_delta = self
+            .next_delta
+            .checked_add(offsets)
+            .expect("a batch covers at most 2^32 offsets");
     }
 
     /// Appends one record. `timestamp_ms` is milliseconds since the epoch.
@@ -467,16 +583,27 @@ impl BatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) {
+        self.push_record(timestamp_ms, key, Some(value), headers);
+    }
+
+    /// As [`push`](Self::push); a `None` value writes a tombstone.
+    pub fn push_record(
+        &mut self,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) {
         if self.count == 0 {
             self.first_timestamp = timestamp_ms;
             self.max_timestamp = timestamp_ms;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
         let record = Record {
-            offset_delta: self.count,
+            offset_delta: self.next_delta,
             timestamp_delta: timestamp_ms - self.first_timestamp,
             key: key.map(<&ByteSlice>::from),
-            value: value.into(),
+            value: value.map(<&ByteSlice>::from),
             headers: headers
                 .iter()
                 .map(|(n, v)| RecordHeader {
@@ -487,6 +614,7 @@ impl BatchBuilder {
         };
         minicbor::encode(&record, &mut self.body).expect("Vec<u8> writes are infallible");
         self.count += 1;
+        self.skip_offsets(1);
     }
 
     /// Finishes the batch with base offset 0 and a valid CRC, and clears the
@@ -496,6 +624,16 @@ impl BatchBuilder {
     /// When the builder is empty: a batch holds at least one record.
     pub fn finish(&mut self, producer: ProducerStamp) -> Vec<u8> {
         self.finish_with(producer, 0)
+    }
+
+    /// Finishes a control batch (attribute bit 0): the broker's
+    /// transaction markers, never a producer's.
+    pub fn finish_control(&mut self) -> Vec<u8> {
+        let mut out = self.finish_with(ProducerStamp::NONE, 0);
+        out[OFFSET_ATTRIBUTES..OFFSET_ATTRIBUTES + 2].copy_from_slice(&ATTR_CONTROL.to_le_bytes());
+        let crc = compute_crc(&out);
+        out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        out
     }
 
     /// As [`finish`](Self::finish) with a chosen base offset and attributes
@@ -517,6 +655,10 @@ impl BatchBuilder {
         out[OFFSET_BASE_OFFSET..OFFSET_BASE_OFFSET + 8].copy_from_slice(&base_offset.to_le_bytes());
         out[OFFSET_RECORD_COUNT..OFFSET_RECORD_COUNT + 4]
             .copy_from_slice(&self.count.to_le_bytes());
+        // At least 1: `push` moved it past the first record.
+        let last_offset_delta = self.next_delta - 1;
+        out[OFFSET_LAST_OFFSET_DELTA..OFFSET_LAST_OFFSET_DELTA + 4]
+            .copy_from_slice(&last_offset_delta.to_le_bytes());
         out[OFFSET_FIRST_TIMESTAMP..OFFSET_FIRST_TIMESTAMP + 8]
             .copy_from_slice(&self.first_timestamp.to_le_bytes());
         out[OFFSET_MAX_TIMESTAMP..OFFSET_MAX_TIMESTAMP + 8]
@@ -566,7 +708,7 @@ mod tests {
         assert_eq!(v.header.record_count, 3);
         assert_eq!(v.header.max_timestamp, 1_700_000_000_002);
         let recs = v.records().unwrap();
-        assert_eq!(recs[2].value.as_ref(), b"value-2");
+        assert_eq!(recs[2].value.map(|v| v.as_ref()), Some(&b"value-2"[..]));
         assert_eq!(recs[1].key.unwrap().as_ref(), b"k1");
         assert_eq!(recs[0].headers[0].name, "h");
     }
@@ -629,6 +771,151 @@ mod tests {
             .map(|b| b.unwrap().header.record_count)
             .collect();
         assert_eq!(counts, vec![1, 4]);
+    }
+
+    /// Sets a header field and the CRC that goes with the new bytes.
+    fn patched(mut bytes: Vec<u8>, at: usize, field: &[u8]) -> Vec<u8> {
+        bytes[at..at + field.len()].copy_from_slice(field);
+        let crc = compute_crc(&bytes);
+        bytes[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn gaps_inside_a_batch_round_trip() {
+        let mut b = BatchBuilder::new();
+        b.skip_offsets(2);
+        b.push(10, None, b"a", &[]);
+        b.skip_offsets(5);
+        b.push(11, None, b"b", &[]);
+        b.push(12, None, b"c", &[]);
+        // The batch keeps two offsets past its last record.
+        b.skip_offsets(2);
+        let bytes = b.finish_with(ProducerStamp::NONE, 100);
+        let v = BatchView::new(&bytes).unwrap();
+        let h = v.header;
+        assert_eq!((h.record_count, h.last_offset_delta), (3, 11));
+        assert_eq!((h.last_offset(), h.next_offset()), (111, 112));
+        assert!(!h.is_dense());
+        let deltas: Vec<u32> = v
+            .records()
+            .unwrap()
+            .iter()
+            .map(|r| r.offset_delta)
+            .collect();
+        assert_eq!(deltas, vec![2, 8, 9]);
+        assert_eq!(end_offset(&bytes), Some(112));
+        assert_eq!(count_records(&bytes), 3);
+        // The builder starts the next batch dense.
+        b.push(1, None, b"d", &[]);
+        let h = parse_header(&b.finish(ProducerStamp::NONE)).unwrap();
+        assert!(h.is_dense() && h.last_offset_delta == 0);
+    }
+
+    /// Kafka's rule: the last sequence is the base sequence plus the last
+    /// offset delta, wrapping at 2^31.
+    #[test]
+    fn last_sequence_follows_the_last_offset_delta() {
+        let mut b = BatchBuilder::new();
+        b.push(1, None, b"a", &[]);
+        b.push(1, None, b"b", &[]);
+        let stamp = |base_sequence| ProducerStamp {
+            producer_id: 7,
+            producer_epoch: 0,
+            base_sequence,
+        };
+        let h = parse_header(&b.finish(stamp(10))).unwrap();
+        assert_eq!(h.last_sequence(), 11);
+        b.push(1, None, b"a", &[]);
+        b.skip_offsets(3);
+        let h = parse_header(&b.finish(stamp(i32::MAX - 1))).unwrap();
+        assert_eq!(h.last_offset_delta, 3);
+        assert_eq!(h.last_sequence(), 1, "2^31 - 2 + 3, wrapped");
+    }
+
+    #[test]
+    fn offsets_that_contradict_the_header_are_refused() {
+        let bytes = sample(3);
+        // The records' deltas are 0, 1, 2: the extent must cover them.
+        let short = patched(bytes.clone(), OFFSET_LAST_OFFSET_DELTA, &1u32.to_le_bytes());
+        assert!(matches!(verify(&short), Err(BatchError::Malformed(_))));
+        let long = patched(bytes.clone(), OFFSET_LAST_OFFSET_DELTA, &5u32.to_le_bytes());
+        let v = BatchView::new(&long).unwrap();
+        assert_eq!(
+            v.records().unwrap().len(),
+            3,
+            "an extent past the last record"
+        );
+        // A record past the extent the header claims.
+        let mut b = BatchBuilder::new();
+        b.push(1, None, b"a", &[]);
+        b.skip_offsets(3);
+        b.push(1, None, b"b", &[]);
+        let gapped = b.finish(ProducerStamp::NONE);
+        let past = patched(
+            gapped.clone(),
+            OFFSET_LAST_OFFSET_DELTA,
+            &3u32.to_le_bytes(),
+        );
+        assert!(matches!(
+            BatchView::new(&past).unwrap().records(),
+            Err(BatchError::Malformed(_))
+        ));
+        let top = patched(bytes, OFFSET_BASE_OFFSET, &(OFFSET_MAX - 1).to_le_bytes());
+        assert!(matches!(
+            verify(&top),
+            Err(BatchError::OffsetOverflow { .. })
+        ));
+        let mut at_top = gapped;
+        assert!(matches!(
+            verify_and_assign_offset(&mut at_top, OFFSET_MAX),
+            Err(BatchError::OffsetOverflow { .. })
+        ));
+    }
+
+    /// A batch of these records, deltas as given, covering `0..=last`.
+    fn raw_batch(deltas: &[u32], last: u32) -> Vec<u8> {
+        let records: Vec<Record> = deltas
+            .iter()
+            .map(|&offset_delta| Record {
+                offset_delta,
+                timestamp_delta: 0,
+                key: None,
+                value: Some(b"v".as_slice().into()),
+                headers: Vec::new(),
+            })
+            .collect();
+        let mut out = vec![0u8; HEADER_BYTES];
+        minicbor::encode(&records, &mut out).unwrap();
+        let total_len = out.len() as u32;
+        out[..4].copy_from_slice(&MAGIC);
+        out[OFFSET_VERSION..OFFSET_VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
+        out[OFFSET_TOTAL_LEN..OFFSET_TOTAL_LEN + 4].copy_from_slice(&total_len.to_le_bytes());
+        let count = deltas.len() as u32;
+        out[OFFSET_RECORD_COUNT..OFFSET_RECORD_COUNT + 4].copy_from_slice(&count.to_le_bytes());
+        patched(out, OFFSET_LAST_OFFSET_DELTA, &last.to_le_bytes())
+    }
+
+    #[test]
+    fn record_offsets_must_strictly_increase() {
+        let ok = raw_batch(&[1, 4, 6], 6);
+        assert_eq!(BatchView::new(&ok).unwrap().records().unwrap().len(), 3);
+        for deltas in [[1, 1, 6], [4, 1, 6]] {
+            let bad = raw_batch(&deltas, 6);
+            assert!(matches!(
+                BatchView::new(&bad).unwrap().records(),
+                Err(BatchError::Malformed(_))
+            ));
+        }
+    }
+
+    /// Version 1 batches (no last offset delta) are refused by name.
+    #[test]
+    fn another_version_is_refused_by_name() {
+        let old = patched(sample(1), OFFSET_VERSION, &1u16.to_le_bytes());
+        let e = verify(&old).unwrap_err();
+        assert_eq!(e, BatchError::UnsupportedVersion { found: 1 });
+        assert!(e.to_string().contains("version 1"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,15 @@
-//! Topics and partitions on top of the storage engine.
+//! Topics and partitions on top of the storage engine, and the one door
+//! to it: every caller (the server's sessions today; the mirror, the group
+//! coordinator and the compaction cleaner, in process) produces, fetches
+//! and administers through [`Broker`], never through storage.
+//!
+//! - produce (`produce`): [`Broker::produce_group`] / [`Broker::produce`]
+//!   submit batches in call order and return a [`Produce`] future that
+//!   settles the producer table and the message-id window itself.
+//! - fetch (`fetch`): [`Broker::fetch`] reads several partitions with the
+//!   long-poll (min bytes, max wait, the broker's stop).
+//! - errors (`error`): storage's are mapped once, into [`BrokerError`].
+//! - time (`clock`): the broker is opened with a [`Clock`].
 //!
 //! A topic is a name, a partition count and one [`PartitionConfig`] shared by
 //! its partitions. The topic table lives in `<data_dir>/topics.meta`, written
@@ -15,23 +26,37 @@
 //! [`producers`]; the broker checks every idempotent batch there before it
 //! reaches storage and rebuilds the table at start-up.
 
+pub mod cleaner;
+mod clock;
+mod error;
+mod fetch;
+pub mod group;
 pub mod msgid;
+mod produce;
 pub mod producers;
+pub mod share;
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
+use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::BatchHeader;
-use crate::storage::{
-    meta, AppendAck, AppendTicket, Offsets, PartitionConfig, PartitionId, Storage, StorageError,
-    Wake,
-};
+use crate::storage::{meta, PartitionId, Storage, StorageError};
 
-pub use crate::storage::TOPIC_NAME_BYTES_MAX;
+pub use crate::bufpool::BatchBuf;
+pub use crate::storage::{
+    Durability, IoObserver, Offsets, OverflowPolicy, PartitionConfig, TOPIC_NAME_BYTES_MAX,
+};
+pub use cleaner::{CleanupConfig, CleanupPolicy};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::BrokerError;
+pub use fetch::{FetchLimits, FetchPartition, Fetched};
+pub use produce::{Produce, ProduceGroup, Produced};
+
 const TOPICS_META_FILE: &str = "topics.meta";
 /// Per-topic message-id windows. A file of its own: topics.meta is postcard,
 /// which is not self-describing, so a field added to `TopicMeta` would make
@@ -49,6 +74,8 @@ pub struct BrokerLimits {
     pub max_topics: usize,
     /// Across all topics.
     pub max_partitions: usize,
+    /// Disk all partitions' rings may reserve together (`storage.disk_budget_bytes`).
+    pub disk_budget_bytes: u64,
     /// Capacity of the producer sequence table (entries are per producer
     /// and partition).
     pub max_producers: usize,
@@ -56,50 +83,8 @@ pub struct BrokerLimits {
     pub producer_idle_expiry_ms: u64,
 }
 
-/// What a queued batch leaves to do once it is acknowledged or failed.
-#[derive(Debug, Default)]
-pub struct PendingWrite {
-    tracked: Option<producers::Ticket>,
-    /// Message ids remembered for this batch: forgotten if it fails.
-    remembered: Option<(String, Vec<u64>)>,
-    /// Records dropped by the message-id window before writing.
-    pub dropped: u32,
-}
-
 /// Bytes read per step when the producer table is rebuilt from the log.
 const RECOVERY_READ_BYTES: usize = 1024 * 1024;
-
-enum Windowed {
-    /// Write this batch; the ids remembered for it and the records dropped.
-    Keep {
-        batch: Vec<u8>,
-        remembered: (Vec<u64>, u32),
-    },
-    /// Every record was a duplicate: write nothing.
-    AllDuplicates,
-}
-
-/// Where an idempotent or plain batch stands after [`Broker::submit_produce`].
-#[derive(Debug)]
-pub enum Submitted {
-    /// In storage's queue; `pending` goes back to
-    /// [`Broker::complete_produce`] with the outcome.
-    Queued {
-        ticket: AppendTicket,
-        pending: PendingWrite,
-    },
-    /// A retry of a batch already written: nothing was written again.
-    Duplicate {
-        base_offset: u64,
-        last_offset: u64,
-        records: u32,
-    },
-    /// A retry of a batch still in flight: its outcome is the answer.
-    InFlight {
-        slot: Arc<producers::Slot>,
-        records: u32,
-    },
-}
 
 /// What a client asks for when creating a topic; unset fields take the
 /// broker's defaults.
@@ -109,70 +94,14 @@ pub struct TopicSpec {
     pub segment_bytes: Option<u64>,
     pub segments: Option<u32>,
     pub retention_ms: Option<u64>,
-    pub durability: Option<crate::storage::Durability>,
-    pub overflow: Option<crate::storage::OverflowPolicy>,
+    pub durability: Option<Durability>,
+    pub overflow: Option<OverflowPolicy>,
     /// Message-id dedup window by time; 0 or None = off.
     pub msg_id_window_ms: Option<u64>,
     /// Message-id dedup window by count; 0 or None = off.
     pub msg_id_window_records: Option<u32>,
-}
-
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum BrokerError {
-    UnknownTopic(String),
-    UnknownPartition {
-        topic: String,
-        partition: u32,
-    },
-    TopicExists(String),
-    /// Empty, too long, or a character outside `[A-Za-z0-9._-]`.
-    InvalidTopicName(String),
-    TooManyTopics {
-        max: usize,
-    },
-    TooManyPartitions {
-        max: usize,
-    },
-    InvalidConfig(&'static str),
-    /// An idempotent producer's batch was refused (fenced, out of order...).
-    Sequence(producers::SequenceError),
-    Storage(StorageError),
-}
-
-impl std::fmt::Display for BrokerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::UnknownTopic(t) => write!(f, "unknown topic '{t}'"),
-            Self::UnknownPartition { topic, partition } => {
-                write!(f, "topic '{topic}' has no partition {partition}")
-            }
-            Self::TopicExists(t) => write!(f, "topic '{t}' already exists"),
-            Self::InvalidTopicName(t) => write!(
-                f,
-                "invalid topic name '{t}': use 1 to {TOPIC_NAME_BYTES_MAX} of A-Z a-z 0-9 . _ -"
-            ),
-            Self::TooManyTopics { max } => write!(f, "topic limit reached ({max})"),
-            Self::TooManyPartitions { max } => write!(f, "partition limit reached ({max})"),
-            Self::InvalidConfig(what) => write!(f, "invalid topic config: {what}"),
-            Self::Sequence(e) => write!(f, "{e}"),
-            Self::Storage(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for BrokerError {}
-
-impl From<StorageError> for BrokerError {
-    fn from(e: StorageError) -> Self {
-        match e {
-            StorageError::UnknownPartition(id) => Self::UnknownPartition {
-                topic: id.topic,
-                partition: id.partition,
-            },
-            e => Self::Storage(e),
-        }
-    }
+    pub cleanup: Option<CleanupPolicy>,
+    pub tombstone_retention_ms: Option<u64>,
 }
 
 /// Storage owns the rule (names become directory names); the broker gives
@@ -182,6 +111,102 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
         .map_err(|_| BrokerError::InvalidTopicName(name.to_owned()))
 }
 
+/// Topics with a message-id window, by name.
+type Windows = Mutex<BTreeMap<String, msgid::Window>>;
+
+/// What the broker is opened with, besides its storage.
+pub struct BrokerOptions {
+    pub data_dir: PathBuf,
+    pub limits: BrokerLimits,
+    /// The settings of a topic created without them.
+    pub defaults: PartitionConfig,
+    pub default_partitions: u32,
+    /// What message-id windows and producer expiry read the time from.
+    pub clock: Arc<dyn Clock>,
+    pub cleaner: cleaner::CleanerLimits,
+}
+
+impl BrokerOptions {
+    /// The options `skiff serve` runs with, on the wall clock.
+    pub fn from_config(cfg: &crate::config::Config) -> BrokerOptions {
+        BrokerOptions {
+            data_dir: cfg.data_dir.clone(),
+            limits: BrokerLimits {
+                max_topics: cfg.server.max_topics as usize,
+                max_partitions: cfg.server.max_partitions as usize,
+                disk_budget_bytes: cfg.storage.disk_budget_bytes,
+                max_producers: cfg.producers.max_producers as usize,
+                producer_idle_expiry_ms: cfg.producers.idle_expiry_ms,
+            },
+            defaults: partition_defaults(cfg),
+            default_partitions: cfg.topic_defaults.partitions,
+            clock: Arc::new(SystemClock),
+            cleaner: cleaner::CleanerLimits {
+                key_map_bytes: cfg.compaction.key_map_bytes,
+                max_bytes_per_sec: cfg.compaction.max_bytes_per_sec,
+            },
+        }
+    }
+}
+
+/// A new topic's partition settings where its create request says nothing.
+pub fn partition_defaults(cfg: &crate::config::Config) -> PartitionConfig {
+    let d = &cfg.topic_defaults;
+    PartitionConfig {
+        segment_bytes: d.segment_bytes,
+        segments: d.segments,
+        retention_ms: (d.retention_ms > 0).then_some(d.retention_ms),
+        durability: d.fsync,
+        overflow: d.overflow,
+    }
+}
+
+/// The storage engine's settings from a config.
+pub fn storage_config(cfg: &crate::config::Config) -> crate::storage::StorageConfig {
+    crate::storage::StorageConfig {
+        data_dir: cfg.data_dir.clone(),
+        backend: cfg.storage.backend,
+        append_queue_depth: cfg.storage.append_queue_depth as usize,
+        tail_buffer_bytes: cfg.storage.tail_buffer_bytes as usize,
+        max_partitions: cfg.server.max_partitions as usize,
+        max_batch_bytes: cfg.storage.max_batch_bytes as usize,
+        prewrite_segments: cfg.storage.prewrite_segments,
+        pipelined_fsync: cfg.storage.pipelined_fsync,
+        ..crate::storage::StorageConfig::default()
+    }
+}
+
+/// A one-way latch that wakes everyone waiting on it: the broker's
+/// "stopping", which ends long-polls, and the server's own.
+#[derive(Default)]
+pub struct Shutdown {
+    triggered: AtomicBool,
+    event: Event,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::SeqCst);
+        self.event.notify(usize::MAX);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.triggered.load(Ordering::SeqCst)
+    }
+
+    pub async fn wait(&self) {
+        loop {
+            let listener = self.event.listen();
+            if self.is_triggered() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Topics, partitions and everything a produce or fetch goes through on
+/// its way to storage; the one door to it (see `produce` and `fetch`).
 pub struct Broker {
     storage: Storage,
     topics: RwLock<BTreeMap<String, TopicMeta>>,
@@ -191,44 +216,94 @@ pub struct Broker {
     limits: BrokerLimits,
     defaults: PartitionConfig,
     default_partitions: u32,
-    producers: producers::Producers,
+    /// Shared with the produces in flight, which settle it themselves.
+    producers: Arc<producers::Producers>,
     /// Held from an idempotent or windowed batch's checks to its submit, so
     /// the order of checks is the order in the log.
     submit_order: smol::lock::Mutex<()>,
     msgid_path: PathBuf,
-    /// Topics with a message-id window.
-    windows: std::sync::Mutex<BTreeMap<String, msgid::Window>>,
+    /// Compacted topics' settings (see `cleaner`).
+    cleanup: RwLock<cleaner::CleanupTable>,
+    cleanup_path: PathBuf,
+    cleaner_limits: cleaner::CleanerLimits,
+    /// The one key map: held by the compaction that runs (one at a time).
+    key_map: smol::lock::Mutex<cleaner::KeyMap>,
+    cleaner_stats: cleaner::CleanerStats,
+    /// Shared with the produces in flight: a failed one forgets its ids.
+    windows: Arc<Windows>,
     msg_id_duplicates: std::sync::atomic::AtomicU64,
     /// One snapshot writer at a time (the periodic task and the stop).
-    snapshot_lock: std::sync::Mutex<()>,
+    snapshot_lock: Mutex<()>,
+    clock: Arc<dyn Clock>,
+    /// Ends long-polls; see [`Broker::begin_stop`].
+    stopping: Arc<Shutdown>,
+    /// Open transactions and aborted ranges per partition (kept by
+    /// `txn::Coordinator`, read by read_committed fetches).
+    pub(crate) txn_index: txn::Index,
+    /// Topics whose new partitions start with a retain floor of 0 (the
+    /// mirror's `block` rules), so a ring cannot wrap before the mirror has
+    /// seen the topic.
+    hold_new: RwLock<Option<HoldNew>>,
 }
 
+/// Which new topics are held back from dropping anything (see
+/// [`Broker::hold_new_topics`]).
+pub type HoldNew = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 impl Broker {
+    /// Opens (and recovers) the storage `cfg` describes, `observer` told
+    /// about its writes and reads, then the broker on it.
+    pub fn open_config(
+        cfg: &crate::config::Config,
+        observer: Option<Arc<dyn IoObserver>>,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        let mut storage_cfg = storage_config(cfg);
+        storage_cfg.observer = observer.map(crate::storage::Observer);
+        let storage = Storage::open(storage_cfg)?;
+        Broker::open(storage, BrokerOptions::from_config(cfg))
+    }
+
     /// Loads the topic table and finishes any create or delete a crash
     /// interrupted.
-    pub fn open(
-        storage: Storage,
-        data_dir: PathBuf,
-        limits: BrokerLimits,
-        defaults: PartitionConfig,
-        default_partitions: u32,
-    ) -> Result<Arc<Broker>, BrokerError> {
+    pub fn open(storage: Storage, options: BrokerOptions) -> Result<Arc<Broker>, BrokerError> {
+        let BrokerOptions {
+            data_dir,
+            limits,
+            defaults,
+            default_partitions,
+            clock,
+            cleaner: cleaner_limits,
+        } = options;
         let meta_path = data_dir.join(TOPICS_META_FILE);
         let msgid_path = data_dir.join(MSGID_META_FILE);
+        let cleanup_path = data_dir.join(cleaner::CLEANUP_META_FILE);
+        let cleanup: cleaner::CleanupTable = meta::read(&cleanup_path)
+            .map_err(StorageError::Meta)?
+            .unwrap_or_default();
         let msgid: BTreeMap<String, msgid::MsgIdConfig> = meta::read(&msgid_path)
-            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?
+            .map_err(StorageError::Meta)?
             .unwrap_or_default();
         let topics: BTreeMap<String, TopicMeta> = meta::read(&meta_path)
-            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?
+            .map_err(StorageError::Meta)?
             .unwrap_or_default();
+        let reserved = Self::reserved_bytes(&topics, &cleanup);
+        if reserved > limits.disk_budget_bytes {
+            // Topics from before the limit was lowered stay; new ones wait.
+            log::warn!(
+                "the topics reserve {reserved} bytes of disk, more than storage.disk_budget_bytes \
+                 ({}): no topic can be created until some are deleted",
+                limits.disk_budget_bytes
+            );
+        }
         let producers = producers::Producers::open(
             &data_dir,
             producers::ProducersConfig {
                 max_producers: limits.max_producers,
                 idle_expiry_ms: limits.producer_idle_expiry_ms,
             },
+            clock.clone(),
         )
-        .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
+        .map_err(StorageError::Meta)?;
         let broker = Broker {
             storage,
             topics: RwLock::new(topics),
@@ -237,18 +312,27 @@ impl Broker {
             limits,
             defaults,
             default_partitions,
-            producers,
+            producers: Arc::new(producers),
             submit_order: smol::lock::Mutex::new(()),
             msgid_path,
-            windows: std::sync::Mutex::new(
+            cleanup: RwLock::new(cleanup),
+            cleanup_path,
+            key_map: smol::lock::Mutex::new(cleaner::KeyMap::new(&cleaner_limits)),
+            cleaner_limits,
+            cleaner_stats: cleaner::CleanerStats::default(),
+            windows: Arc::new(Mutex::new(
                 msgid
                     .into_iter()
                     .filter(|(_, c)| c.enabled())
                     .map(|(t, c)| (t, msgid::Window::new(c)))
                     .collect(),
-            ),
+            )),
             msg_id_duplicates: std::sync::atomic::AtomicU64::new(0),
-            snapshot_lock: std::sync::Mutex::new(()),
+            snapshot_lock: Mutex::new(()),
+            clock,
+            stopping: Arc::new(Shutdown::default()),
+            txn_index: txn::Index::default(),
+            hold_new: RwLock::new(None),
         };
         smol::block_on(async {
             broker.reconcile().await?;
@@ -256,6 +340,100 @@ impl Broker {
             broker.recover_msgid_windows().await
         })?;
         Ok(Arc::new(broker))
+    }
+
+    /// Ends every long-poll, now and to come (fetches answer with what
+    /// they have at once); the broker still takes produces, so sessions
+    /// can finish what they read. Part of a graceful stop.
+    pub fn begin_stop(&self) {
+        self.stopping.trigger();
+    }
+
+    /// The latch [`Broker::begin_stop`] triggers, for whoever else should
+    /// stop waiting with the broker (sessions, the mirror).
+    pub fn stopping(&self) -> Arc<Shutdown> {
+        self.stopping.clone()
+    }
+
+    /// The end of a graceful stop, once every caller is done: snapshots
+    /// the producer table (so the next start scans nothing), then flushes,
+    /// checkpoints and stops storage.
+    pub fn close(&self) -> Result<(), BrokerError> {
+        self.begin_stop();
+        self.snapshot_producers(true);
+        Ok(self.storage.shutdown()?)
+    }
+
+    /// Completes once the storage thread has taken a command off its
+    /// queue: a hung device never answers, which is what the service
+    /// watchdog needs to notice.
+    pub async fn ping_storage(&self) -> Result<(), BrokerError> {
+        Ok(self.storage.ping().await?)
+    }
+
+    /// The I/O backend storage runs on ("io_uring", "pwrite").
+    pub fn backend_name(&self) -> &'static str {
+        self.storage.backend_name()
+    }
+
+    /// The largest batch storage accepts.
+    pub fn max_batch_bytes(&self) -> usize {
+        self.storage.max_batch_bytes()
+    }
+
+    /// Partitions on disk.
+    pub fn partition_count(&self) -> usize {
+        self.storage.partitions().len()
+    }
+
+    /// What start-up recovery found: bytes of torn tail dropped, and
+    /// partitions quarantined.
+    pub fn recovery_summary(&self) -> (u64, u64) {
+        let reports = self.storage.recovery_report();
+        (
+            reports.iter().map(|r| r.bytes_truncated).sum(),
+            reports.iter().filter(|r| r.quarantined).count() as u64,
+        )
+    }
+
+    /// The storage fallbacks in use, one line each, for `/health` (each
+    /// was also logged once when it began).
+    pub fn storage_notes(&self) -> Vec<&'static str> {
+        let s = self.storage.stats();
+        let mut notes = Vec::new();
+        if s.buffered_io > 0 {
+            notes.push("storage: buffered I/O with fdatasync (the file system refuses O_DIRECT)");
+        }
+        if s.zero_fill_allocations > 0 {
+            notes.push(
+                "storage: segments preallocated by writing zeros (the file system has no \
+                 fallocate)",
+            );
+        }
+        notes
+    }
+
+    /// Batches a crashed run left past the logs' ends that start-up
+    /// recovery erased (docs/format.md, "Batches from a crashed run").
+    pub fn recovery_stale_erased(&self) -> u64 {
+        self.storage
+            .recovery_report()
+            .iter()
+            .map(|r| r.stale_erased)
+            .sum()
+    }
+
+    /// The damaged ranges start-up recovery skipped, by partition
+    /// (docs/semantics.md, "Damaged data").
+    pub fn recovery_damage(&self) -> Vec<(PartitionId, crate::storage::DamagedRange)> {
+        self.storage
+            .recovery_report()
+            .into_iter()
+            .flat_map(|r| {
+                let id = r.id;
+                r.damaged.into_iter().map(move |d| (id.clone(), d))
+            })
+            .collect()
     }
 
     /// Rebuilds the producer table: each partition's snapshot, then the
@@ -296,6 +474,10 @@ impl Broker {
                 }
             }
         }
+        for (id, d) in self.recovery_damage() {
+            self.producers
+                .note_damage(&id.topic, id.partition, d.to_offset);
+        }
         log::info!(
             "producer state rebuilt: {} entries, {scanned} batch header(s) scanned in {:?}",
             self.producers.stats().entries,
@@ -315,7 +497,7 @@ impl Broker {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let now = crate::batch::now_ms();
+        let now = self.clock.now_ms();
         let mut restored = 0usize;
         for (topic, config) in configs {
             let Some(meta) = self
@@ -354,7 +536,10 @@ impl Broker {
     }
 
     /// The msg-id headers of `id`'s records that `config`'s window would
-    /// still hold at `now`.
+    /// still hold at `now`: of its last `capacity` records, those inside
+    /// the window's time. Where the log is dense those are the last
+    /// `capacity` offsets; gaps (compaction, transaction markers) hold no
+    /// records, so the reads step further back until enough are found.
     async fn collect_msg_ids(
         &self,
         id: &PartitionId,
@@ -363,34 +548,48 @@ impl Broker {
         out: &mut Vec<(i64, u64)>,
     ) -> Result<(), BrokerError> {
         let o = self.storage.offsets(id)?;
-        let mut from = o
-            .earliest
-            .max(o.high_watermark.saturating_sub(config.capacity() as u64));
+        let mut lower = o.earliest;
         let mut oldest_ts = i64::MIN;
         if config.window_ms > 0 {
             oldest_ts = now.saturating_sub(config.window_ms as i64);
             match self.storage.offset_for_timestamp(id, oldest_ts).await? {
-                Some(at) => from = from.max(at),
+                Some(at) => lower = lower.max(at),
                 None => return Ok(()),
             }
         }
-        let mut at = from;
-        while at < o.high_watermark {
-            let bytes = self.storage.read(id, at, RECOVERY_READ_BYTES).await?;
-            let (records, next) = decode_records(&bytes)?;
-            for (offset, ts, r) in records {
-                if offset < from || ts < oldest_ts {
-                    continue;
+        let capacity = config.capacity();
+        // (timestamp, msg-id hash) of the records found, newest first.
+        let mut found: Vec<(i64, Option<u64>)> = Vec::new();
+        let (mut to, mut span) = (o.high_watermark, capacity as u64);
+        while found.len() < capacity && to > lower {
+            let from = lower.max(to.saturating_sub(span));
+            let mut chunk = Vec::new();
+            let mut at = from;
+            while at < to {
+                let bytes = self.storage.read(id, at, RECOVERY_READ_BYTES).await?;
+                let (records, next) = decode_records(&bytes)?;
+                for (offset, ts, r) in records {
+                    // Records of `[from, to)` only: the rest belong to the
+                    // steps before and after this one.
+                    if offset < from || offset >= to || ts < oldest_ts {
+                        continue;
+                    }
+                    let hd = r.headers.iter().find(|hd| hd.name == msgid::MSG_ID_HEADER);
+                    chunk.push((ts, hd.map(|hd| msgid::id_hash(hd.value))));
                 }
-                if let Some(hd) = r.headers.iter().find(|hd| hd.name == msgid::MSG_ID_HEADER) {
-                    out.push((ts, msgid::id_hash(hd.value)));
+                if next <= at {
+                    break;
                 }
+                at = next;
             }
-            if next <= at {
-                break;
-            }
-            at = next;
+            found.extend(chunk.into_iter().rev());
+            to = from;
+            span = span.saturating_mul(2);
         }
+        found.truncate(capacity);
+        // Oldest first, as the log holds them: records of one timestamp
+        // keep their order through the caller's (stable) sort by time.
+        out.extend(found.into_iter().rev().filter_map(|(ts, h)| Some((ts, h?))));
         Ok(())
     }
 
@@ -439,9 +638,34 @@ impl Broker {
             .collect()
     }
 
+    /// The topic's cleanup settings (`delete` when not compacted).
+    pub fn cleanup_config(&self, topic: &str) -> CleanupConfig {
+        self.cleanup
+            .read()
+            .expect("cleanup lock")
+            .get(topic)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Sets (or, for `delete`, removes) a topic's cleanup entry and writes
+    /// the table.
+    fn set_cleanup(&self, topic: &str, c: Option<CleanupConfig>) -> Result<(), BrokerError> {
+        let mut table = self.cleanup.write().expect("cleanup lock");
+        let before = table.clone();
+        match c.filter(|c| c.policy.compacts()) {
+            Some(c) => table.insert(topic.to_owned(), c),
+            None => table.remove(topic),
+        };
+        if *table != before {
+            meta::write_atomic(&self.cleanup_path, &*table).map_err(StorageError::Meta)?;
+        }
+        Ok(())
+    }
+
     fn write_msgid_meta(&self) -> Result<(), BrokerError> {
-        meta::write_atomic(&self.msgid_path, &self.msgid_configs())
-            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))
+        meta::write_atomic(&self.msgid_path, &self.msgid_configs()).map_err(StorageError::Meta)?;
+        Ok(())
     }
 
     pub fn producers(&self) -> &producers::Producers {
@@ -485,6 +709,16 @@ impl Broker {
                     topic: topic.clone(),
                     partition: p,
                 };
+                // An alter the table took and a crash kept from reaching
+                // the partition (the table is written first).
+                if let Some((_, cfg)) = on_disk.iter().find(|(d, _)| *d == id) {
+                    if *cfg != meta.config {
+                        log::warn!("partition {id}: completing an interrupted topic alter");
+                        self.storage
+                            .alter_partition(&id, meta.config.clone())
+                            .await?;
+                    }
+                }
                 if !on_disk.iter().any(|(d, _)| *d == id) {
                     log::warn!("creating partition {id}: topic creation was interrupted");
                     self.storage
@@ -496,7 +730,8 @@ impl Broker {
         Ok(())
     }
 
-    pub fn storage(&self) -> &Storage {
+    #[cfg(test)]
+    fn storage(&self) -> &Storage {
         &self.storage
     }
 
@@ -529,6 +764,38 @@ impl Broker {
         })
     }
 
+    /// The disk the topics' rings reserve together.
+    fn reserved_bytes(table: &BTreeMap<String, TopicMeta>, cleanup: &cleaner::CleanupTable) -> u64 {
+        table
+            .iter()
+            .map(|(name, t)| {
+                let policy = cleanup.get(name).map(|c| c.policy).unwrap_or_default();
+                Self::topic_bytes(t, policy)
+            })
+            .sum()
+    }
+
+    /// A topic's rings, and on a compacted topic one more segment per
+    /// partition: the scratch file a compaction writes before its rename.
+    fn topic_bytes(t: &TopicMeta, policy: CleanupPolicy) -> u64 {
+        let scratch = if policy.compacts() {
+            t.config.segment_bytes
+        } else {
+            0
+        };
+        u64::from(t.partitions).saturating_mul(t.config.ring_bytes().saturating_add(scratch))
+    }
+
+    /// `storage.disk_budget_bytes`, and what the topics reserve of it.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        let table = self.topics();
+        let cleanup = self.cleanup.read().expect("cleanup lock").clone();
+        (
+            self.limits.disk_budget_bytes,
+            Self::reserved_bytes(&table, &cleanup),
+        )
+    }
+
     fn total_partitions(table: &BTreeMap<String, TopicMeta>) -> usize {
         table.values().map(|t| t.partitions as usize).sum()
     }
@@ -555,7 +822,14 @@ impl Broker {
         if let Some(v) = spec.overflow {
             config.overflow = v;
         }
-        config.validate()?;
+        let cleanup = CleanupConfig {
+            policy: spec.cleanup.unwrap_or_default(),
+            tombstone_retention_ms: spec
+                .tombstone_retention_ms
+                .unwrap_or(cleaner::TOMBSTONE_RETENTION_MS_DEFAULT),
+        };
+        cleaner::apply_policy(&mut config, cleanup.policy, spec.overflow)?;
+        config.validate().map_err(BrokerError::from)?;
         let window = msgid::MsgIdConfig {
             window_ms: spec.msg_id_window_ms.unwrap_or(0),
             window_records: spec.msg_id_window_records.unwrap_or(0),
@@ -586,6 +860,18 @@ impl Broker {
                 max: self.limits.max_partitions,
             });
         }
+        let reserved_bytes = {
+            let cleanup = self.cleanup.read().expect("cleanup lock");
+            Self::reserved_bytes(&table, &cleanup)
+        };
+        let topic_bytes = Self::topic_bytes(&meta, cleanup.policy);
+        if reserved_bytes.saturating_add(topic_bytes) > self.limits.disk_budget_bytes {
+            return Err(BrokerError::DiskLimit {
+                topic_bytes,
+                reserved_bytes,
+                max: self.limits.disk_budget_bytes,
+            });
+        }
         table.insert(name.to_owned(), meta.clone());
         // A topic of this name deleted during a crash may have left
         // producer snapshots behind: they must not describe the new one.
@@ -593,18 +879,31 @@ impl Broker {
             self.producers.forget_partition(name, p);
         }
         // Intent first (see the module docs), then the rings.
-        meta::write_atomic(&self.meta_path, &table)
-            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
+        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        let hold = self
+            .hold_new
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|h| h(name));
         for p in 0..partitions {
             let id = PartitionId {
                 topic: name.to_owned(),
                 partition: p,
             };
-            if let Err(e) = self.storage.create_partition(id, meta.config.clone()).await {
+            if let Err(e) = self
+                .storage
+                .create_partition(id.clone(), meta.config.clone())
+                .await
+            {
                 // Roll back what was made so a failed create (a full disk, say)
                 // leaves nothing behind; the error is the one the client sees.
                 self.rollback_create(name, p, &mut table).await;
                 return Err(e.into());
+            }
+            if hold {
+                // Before the topic is visible to producers.
+                self.storage.set_retain_floor(&id, Some(0))?;
             }
         }
         *self.topics.write().expect("topic table lock") = table;
@@ -623,9 +922,11 @@ impl Broker {
         if window.enabled() || stale {
             self.write_msgid_meta()?;
         }
+        self.set_cleanup(name, Some(cleanup))?;
         log::info!(
-            "created topic {name}: {partitions} partition(s), {:?}",
-            meta.config
+            "created topic {name}: {partitions} partition(s), {:?}, cleanup {}",
+            meta.config,
+            cleanup.policy
         );
         Ok(meta)
     }
@@ -657,8 +958,7 @@ impl Broker {
         let meta = table
             .remove(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
-        meta::write_atomic(&self.meta_path, &table)
-            .map_err(|e| BrokerError::Storage(StorageError::Meta(e)))?;
+        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
         *self.topics.write().expect("topic table lock") = table;
         for p in 0..meta.partitions {
             let id = PartitionId {
@@ -677,282 +977,35 @@ impl Broker {
         if had_window {
             self.write_msgid_meta()?;
         }
+        self.set_cleanup(name, None)?;
         log::info!("deleted topic {name}");
         Ok(())
     }
 
-    /// Hands a producer batch to storage. The call order of `submit` is the
-    /// order in the log; the ticket resolves when the batch is durable.
-    pub async fn submit(
+    /// Holds a partition's ring back from dropping offsets at or past
+    /// `floor` (`None`: release it): the mirror sets it to the first
+    /// offset not yet upstream. A full ring then refuses produce with
+    /// [`BrokerError::UpstreamBacklogFull`].
+    pub fn set_retain_floor(
         &self,
         topic: &str,
         partition: u32,
-        batch: Vec<u8>,
-    ) -> Result<AppendTicket, BrokerError> {
+        floor: Option<u64>,
+    ) -> Result<(), BrokerError> {
         let id = self.partition_id(topic, partition)?;
-        Ok(self.storage.submit(&id, batch).await?)
+        Ok(self.storage.set_retain_floor(&id, floor)?)
     }
 
-    /// Submits a producer batch, checking an idempotent producer's
-    /// sequence first (see [`producers`]): a retry of a written batch is
-    /// answered from the table and not written again. On a topic with a
-    /// message-id window, records whose id is in the window are dropped
-    /// (see [`msgid`]).
-    /// With [`Wake::Later`] the storage thread is not woken for it: the
-    /// caller calls [`Storage::wake`] once it has submitted a request's
-    /// batches, so they are written as one group.
-    pub async fn submit_produce(
-        &self,
-        topic: &str,
-        partition: u32,
-        batch: Vec<u8>,
-        wake: Wake,
-    ) -> Result<Submitted, BrokerError> {
-        let id = self.partition_id(topic, partition)?;
-        let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
-        let header: BatchHeader = crate::batch::parse_header(&batch).map_err(invalid)?;
-        let windowed = self
-            .windows
-            .lock()
-            .expect("windows lock")
-            .contains_key(topic);
-        if !header.is_idempotent() && !windowed {
-            let ticket = self.storage.submit_with(&id, batch, wake).await?;
-            return Ok(Submitted::Queued {
-                ticket,
-                pending: PendingWrite::default(),
-            });
-        }
-        // A whole check (CRC included) before the batch takes a sequence:
-        // storage can then fail it only for reasons that are sticky or
-        // shared by the batches after it (see producers' module docs). The
-        // check is handed to storage, which does not repeat it.
-        let checked = crate::storage::CheckedBatch::check(batch)?;
-        let _order = self.submit_order.lock().await;
-        let hw = self.storage.offsets(&id)?.high_watermark;
-        let tracked = match self.producers.check(topic, partition, &header, hw) {
-            producers::Check::Untracked => None,
-            producers::Check::Accept(tracked) => Some(tracked),
-            producers::Check::Duplicate {
-                base_offset,
-                last_offset,
-                records,
-            } => {
-                return Ok(Submitted::Duplicate {
-                    base_offset,
-                    last_offset,
-                    records,
-                })
-            }
-            producers::Check::InFlight { slot, records } => {
-                return Ok(Submitted::InFlight { slot, records })
-            }
-            producers::Check::Reject(e) => return Err(BrokerError::Sequence(e)),
-        };
-        let mut pending = PendingWrite {
-            tracked,
-            ..PendingWrite::default()
-        };
-        let submitted = if windowed {
-            match self.apply_window(topic, &header, checked.into_bytes())? {
-                Windowed::Keep { batch, remembered } => {
-                    pending.remembered = Some((topic.to_owned(), remembered.0));
-                    pending.dropped = remembered.1;
-                    // Maybe re-encoded: checked again.
-                    self.storage.submit_with(&id, batch, wake).await
-                }
-                Windowed::AllDuplicates => {
-                    // Nothing to write. The answer names the last offset
-                    // written (none: 0); see docs/semantics.md.
-                    let at = hw.saturating_sub(1);
-                    if let Some(t) = pending.tracked.take() {
-                        self.producers.complete(t, Ok((at, at)));
-                    }
-                    return Ok(Submitted::Duplicate {
-                        base_offset: at,
-                        last_offset: at,
-                        records: header.record_count,
-                    });
-                }
-            }
-        } else {
-            self.storage.submit_checked_with(&id, checked, wake).await
-        };
-        match submitted {
-            Ok(ticket) => Ok(Submitted::Queued { ticket, pending }),
-            Err(e) => {
-                // Nobody waits on this slot (the order lock is held),
-                // so a description of the error is enough for it.
-                let copy = Arc::new(StorageError::Io(std::io::Error::other(e.to_string())));
-                self.fail_pending(pending, copy);
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Drops the records whose message id is in the topic's window and
-    /// remembers the others' ids. A batch that loses records is re-encoded
-    /// (the one place the broker re-encodes a batch): for an idempotent
-    /// producer its base sequence is moved up so that its last sequence,
-    /// which the next batch follows, is unchanged.
-    fn apply_window(
-        &self,
-        topic: &str,
-        header: &BatchHeader,
-        batch: Vec<u8>,
-    ) -> Result<Windowed, BrokerError> {
-        let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
-        let view = crate::batch::BatchView::new(&batch).map_err(invalid)?;
-        let records = view.records().map_err(invalid)?;
-        let now = crate::batch::now_ms();
-        let mut remembered = Vec::new();
-        let mut keep = Vec::with_capacity(records.len());
-        {
-            let mut windows = self.windows.lock().expect("windows lock");
-            let Some(w) = windows.get_mut(topic) else {
-                return Ok(Windowed::Keep {
-                    batch,
-                    remembered: (Vec::new(), 0),
-                });
-            };
-            for r in &records {
-                let id = r
-                    .headers
-                    .iter()
-                    .find(|h| h.name == msgid::MSG_ID_HEADER)
-                    .map(|h| msgid::id_hash(h.value));
-                match id {
-                    Some(h) if w.check_and_insert(h, now) => keep.push(false),
-                    Some(h) => {
-                        remembered.push(h);
-                        keep.push(true);
-                    }
-                    None => keep.push(true),
-                }
-            }
-        }
-        let kept = keep.iter().filter(|&&k| k).count() as u32;
-        let dropped = header.record_count - kept;
-        self.msg_id_duplicates
-            .fetch_add(u64::from(dropped), std::sync::atomic::Ordering::Relaxed);
-        if dropped == 0 {
-            return Ok(Windowed::Keep {
-                batch,
-                remembered: (remembered, 0),
-            });
-        }
-        if kept == 0 {
-            return Ok(Windowed::AllDuplicates);
-        }
-        let mut b = crate::batch::BatchBuilder::new();
-        for (r, _) in records.iter().zip(&keep).filter(|(_, &k)| k) {
-            let headers: Vec<(&str, &[u8])> = r
-                .headers
-                .iter()
-                .map(|h| (h.name, h.value.as_ref()))
-                .collect();
-            b.push(
-                header.first_timestamp + r.timestamp_delta,
-                r.key.map(|k| k.as_ref()),
-                r.value,
-                &headers,
-            );
-        }
-        let stamp = if header.is_idempotent() {
-            let last = i64::from(header.last_sequence());
-            crate::batch::ProducerStamp {
-                producer_id: header.producer_id,
-                producer_epoch: header.producer_epoch,
-                base_sequence: (last - i64::from(kept) + 1).rem_euclid(i64::from(i32::MAX) + 1)
-                    as i32,
-            }
-        } else {
-            crate::batch::ProducerStamp::NONE
-        };
-        Ok(Windowed::Keep {
-            batch: b.finish(stamp),
-            remembered: (remembered, dropped),
-        })
-    }
-
-    fn fail_pending(&self, pending: PendingWrite, e: Arc<StorageError>) {
-        if let Some(t) = pending.tracked {
-            self.producers.complete(t, Err(e));
-        }
-        if let Some((topic, ids)) = pending.remembered {
-            if let Some(w) = self.windows.lock().expect("windows lock").get_mut(&topic) {
-                w.forget(&ids);
-            }
-        }
-    }
-
-    /// Awaits a queued batch's acknowledgement and records it for its
-    /// producer (or, on failure, forgets its message ids).
-    pub async fn complete_produce(
-        &self,
-        ticket: AppendTicket,
-        pending: PendingWrite,
-    ) -> Result<AppendAck, Arc<StorageError>> {
-        let r = ticket.await.map_err(Arc::new);
-        match &r {
-            Ok(a) => {
-                if let Some(t) = pending.tracked {
-                    self.producers
-                        .complete(t, Ok((a.base_offset, a.last_offset)));
-                }
-            }
-            Err(e) => self.fail_pending(pending, e.clone()),
-        }
-        r
-    }
-
-    pub async fn append(
-        &self,
-        topic: &str,
-        partition: u32,
-        batch: Vec<u8>,
-    ) -> Result<AppendAck, BrokerError> {
-        Ok(self.submit(topic, partition, batch).await?.await?)
+    /// Partitions of topics created from now on for which `hold` says
+    /// true start with a retain floor of 0: nothing leaves their rings
+    /// until the floor is moved ([`Broker::set_retain_floor`]).
+    pub fn hold_new_topics(&self, hold: HoldNew) {
+        *self.hold_new.write().unwrap_or_else(|e| e.into_inner()) = Some(hold);
     }
 
     pub fn offsets(&self, topic: &str, partition: u32) -> Result<Offsets, BrokerError> {
         let id = self.partition_id(topic, partition)?;
         Ok(self.storage.offsets(&id)?)
-    }
-
-    /// Reads whole batches from `offset`; with `max_wait`, waits (long poll)
-    /// until there is data past `offset` or the wait ends.
-    pub async fn fetch(
-        &self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max_bytes: usize,
-        max_wait: Duration,
-    ) -> Result<(Vec<u8>, Offsets), BrokerError> {
-        let id = self.partition_id(topic, partition)?;
-        let deadline = std::time::Instant::now() + max_wait;
-        let event = self.storage.data_event(&id)?;
-        loop {
-            // Listen before looking, so an append between the look and the
-            // wait still wakes us.
-            let listener = event.listen();
-            let offsets = self.storage.offsets(&id)?;
-            if offset != offsets.high_watermark || std::time::Instant::now() >= deadline {
-                let bytes = self.storage.read(&id, offset, max_bytes).await?;
-                return Ok((bytes, self.storage.offsets(&id)?));
-            }
-            let timer = smol::Timer::at(deadline);
-            futures_lite::future::or(
-                async {
-                    listener.await;
-                },
-                async {
-                    timer.await;
-                },
-            )
-            .await;
-        }
     }
 
     /// The first offset whose record timestamp is at or after `ts_ms`.
@@ -987,13 +1040,12 @@ type Placed<'a> = (u64, i64, crate::batch::Record<'a>);
 /// them), in order; and the offset after the last batch (0 when there is
 /// none). A batch that does not decode is an error.
 fn decode_records(bytes: &[u8]) -> Result<(Vec<Placed<'_>>, u64), BrokerError> {
-    let invalid = |e| BrokerError::Storage(StorageError::InvalidBatch(e));
     let mut out = Vec::new();
     let mut next = 0;
     for view in crate::batch::BatchIter::new(bytes) {
-        let view = view.map_err(invalid)?;
+        let view = view?;
         let h = view.header;
-        for r in view.records().map_err(invalid)? {
+        for r in view.records()? {
             out.push((
                 h.base_offset + u64::from(r.offset_delta),
                 h.first_timestamp + r.timestamp_delta,
@@ -1005,97 +1057,124 @@ fn decode_records(bytes: &[u8]) -> Result<(Vec<Placed<'_>>, u64), BrokerError> {
     Ok((out, next))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batch::{BatchBuilder, ProducerStamp};
-    use crate::storage::tests::{small_cfg, Rig};
-    use smol::block_on;
+/// A live change to a topic (`skiff topics alter`); unset fields stay.
+#[derive(Debug, Clone, Default)]
+pub struct TopicAlter {
+    /// 0: no time retention.
+    pub retention_ms: Option<u64>,
+    pub durability: Option<Durability>,
+    pub cleanup: Option<CleanupPolicy>,
+    pub tombstone_retention_ms: Option<u64>,
+    /// Segments per ring: grows or shrinks every partition's ring.
+    pub segments: Option<u32>,
+}
 
-    fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
-        let limits = BrokerLimits {
-            max_topics: 4,
-            max_partitions: 8,
-            max_producers: 16,
-            producer_idle_expiry_ms: 60_000,
-        };
-        Broker::open(
-            storage,
-            rig.dir.path().to_path_buf(),
-            limits,
-            small_cfg(),
-            1,
-        )
-        .expect("broker opens")
-    }
-
-    /// Submits a batch with one record of `value_bytes` whose msg-id is
-    /// `id`; whether it was written (else dropped as a duplicate).
-    fn produce(b: &Broker, id: &str, value_bytes: usize) -> bool {
-        let mut bb = BatchBuilder::new();
-        let value = vec![b'v'; value_bytes];
-        bb.push(
-            crate::batch::now_ms(),
-            None,
-            &value,
-            &[("msg-id", id.as_bytes())],
-        );
-        let batch = bb.finish(ProducerStamp::NONE);
-        match block_on(b.submit_produce("w", 0, batch, Wake::Now)).expect("submit") {
-            Submitted::Queued { ticket, pending } => {
-                block_on(b.complete_produce(ticket, pending)).expect("written");
-                true
-            }
-            Submitted::Duplicate { .. } => false,
-            Submitted::InFlight { .. } => panic!("no retries here"),
+impl Broker {
+    /// Changes a topic's retention, durability, cleanup policy and ring
+    /// size live. The topic table is written first (the intent), then each
+    /// partition's metadata; a crash between them is completed at the
+    /// next start (`reconcile`). A shrink goes the other way round, since
+    /// a partition may refuse it (its data does not fit): the partitions
+    /// first (those done grow back if one refuses), the table last; a
+    /// crash before the table is written leaves the old size, which
+    /// `reconcile` restores by growing them back.
+    pub async fn alter_topic(
+        &self,
+        name: &str,
+        alter: &TopicAlter,
+    ) -> Result<TopicMeta, BrokerError> {
+        let _admin = self.admin.lock().await;
+        let mut table = self.topics();
+        let before = table
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
+        let old_cleanup = self.cleanup_config(name);
+        let mut config = before.config.clone();
+        if let Some(v) = alter.retention_ms {
+            config.retention_ms = (v > 0).then_some(v);
         }
-    }
-
-    /// The refill cannot read a partition (a batch damaged on disk, so it
-    /// is quarantined): the broker still starts. The same log undamaged
-    /// refills the window.
-    #[test]
-    fn a_window_refill_that_cannot_read_the_log_does_not_stop_start_up() {
-        let rig = Rig::fault(5);
-        let b = open(rig.open(), &rig);
-        let spec = TopicSpec {
-            partitions: Some(1),
-            msg_id_window_ms: Some(600_000),
-            ..TopicSpec::default()
+        if let Some(v) = alter.durability {
+            config.durability = v;
+        }
+        if let Some(v) = alter.segments {
+            config.segments = v;
+        }
+        let cleanup = CleanupConfig {
+            policy: alter.cleanup.unwrap_or(old_cleanup.policy),
+            tombstone_retention_ms: alter
+                .tombstone_retention_ms
+                .unwrap_or(old_cleanup.tombstone_retention_ms),
         };
-        block_on(b.create_topic("w", &spec)).expect("create");
-        assert!(produce(&b, "e1", 1));
-        // Past the tail's last block: e1 is read back from the device.
-        assert!(produce(&b, "filler", 8 * 1024));
-        b.storage().shutdown().expect("shutdown");
-        drop(b);
-
-        let b = open(rig.open(), &rig);
-        assert!(!produce(&b, "e1", 1), "refilled from a readable log");
-        b.storage().shutdown().expect("shutdown");
-        drop(b);
-
-        // Damage that recovery has passed already (it came after): the
-        // refill's read finds it and the partition is quarantined.
-        let storage = rig.open();
-        let seg = rig.dir.path().join("topics/w/0/seg-00000.log");
-        assert!(rig
-            .disk()
-            .expect("fault rig")
-            .flip_stored_bit(&seg, 4096 + 66, 3));
-        let b = open(storage, &rig);
-        // The read did find it: the partition now refuses writes.
-        let mut bb = BatchBuilder::new();
-        bb.push(1, None, b"v", &[]);
-        let refused =
-            match block_on(b.submit_produce("w", 0, bb.finish(ProducerStamp::NONE), Wake::Now)) {
-                Ok(Submitted::Queued { ticket, pending }) => {
-                    block_on(b.complete_produce(ticket, pending)).is_err()
+        if old_cleanup.policy.compacts() && !cleanup.policy.compacts() {
+            // Back to a plain ring: its overflow is the default again.
+            config.overflow = self.defaults.overflow;
+        }
+        cleaner::apply_policy(&mut config, cleanup.policy, None)?;
+        config.validate().map_err(BrokerError::from)?;
+        let after = TopicMeta {
+            partitions: before.partitions,
+            config,
+        };
+        let reserved_bytes = {
+            let c = self.cleanup.read().expect("cleanup lock");
+            Self::reserved_bytes(&table, &c)
+        };
+        let was = Self::topic_bytes(&before, old_cleanup.policy);
+        let now = Self::topic_bytes(&after, cleanup.policy);
+        if now > was
+            && reserved_bytes.saturating_sub(was).saturating_add(now)
+                > self.limits.disk_budget_bytes
+        {
+            return Err(BrokerError::DiskLimit {
+                topic_bytes: now,
+                reserved_bytes: reserved_bytes.saturating_sub(was),
+                max: self.limits.disk_budget_bytes,
+            });
+        }
+        let shrink = after.config.segments < before.config.segments;
+        if shrink {
+            for p in 0..after.partitions {
+                let id = PartitionId::new(name, p);
+                if let Err(e) = self
+                    .storage
+                    .alter_partition(&id, after.config.clone())
+                    .await
+                {
+                    for p in 0..p {
+                        let id = PartitionId::new(name, p);
+                        if let Err(e) = self
+                            .storage
+                            .alter_partition(&id, before.config.clone())
+                            .await
+                        {
+                            log::error!("partition {id}: growing back after a refused shrink: {e}");
+                        }
+                    }
+                    return Err(e.into());
                 }
-                Ok(_) => false,
-                Err(_) => true,
-            };
-        assert!(refused, "quarantined by the refill's read");
-        b.storage().shutdown().expect("shutdown");
+            }
+        }
+        table.insert(name.to_owned(), after.clone());
+        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        *self.topics.write().expect("topic table lock") = table;
+        self.set_cleanup(name, Some(cleanup))?;
+        for p in 0..after.partitions {
+            let id = PartitionId::new(name, p);
+            self.storage
+                .alter_partition(&id, after.config.clone())
+                .await?;
+        }
+        log::info!(
+            "altered topic {name}: {:?}, cleanup {}",
+            after.config,
+            cleanup.policy
+        );
+        Ok(after)
     }
 }
+
+#[cfg(test)]
+mod compaction_tests;
+#[cfg(test)]
+mod tests;

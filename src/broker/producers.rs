@@ -52,9 +52,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{now_ms, BatchHeader, NO_PRODUCER_ID};
+use crate::batch::{BatchHeader, NO_PRODUCER_ID};
 use crate::storage::meta::{self, MetaError};
 use crate::storage::StorageError;
+
+use super::clock::Clock;
 
 /// Batches remembered per producer and partition, and the deepest pipeline
 /// the broker keeps ordered: Kafka's `max.in.flight.requests.per.connection`
@@ -138,6 +140,13 @@ pub enum InitError {
     Meta(MetaError),
 }
 
+impl InitError {
+    /// The registry could not be written because the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::Meta(MetaError::Io(io)) if io.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 impl std::fmt::Display for InitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -211,6 +220,10 @@ struct Entry {
     /// batches complete out of order: `written` is in completion order.
     next_seq: i32,
     last_active_ms: i64,
+    /// Recovery skipped damaged data after this producer's last batch it
+    /// found: batches of it may have been lost there, so its next batch
+    /// may start past `next_seq` (docs/semantics.md, "Damaged data").
+    after_damage: bool,
 }
 
 impl Entry {
@@ -221,6 +234,7 @@ impl Entry {
             in_flight: heapless::Vec::new(),
             next_seq: 0,
             last_active_ms: now,
+            after_damage: false,
         }
     }
 
@@ -360,6 +374,8 @@ pub struct ProducersConfig {
 
 pub struct Producers {
     config: ProducersConfig,
+    /// For idle expiry and eviction order.
+    clock: Arc<dyn Clock>,
     registry_path: PathBuf,
     snapshot_dir: PathBuf,
     /// Serialises inits: allocate, persist, then answer.
@@ -386,7 +402,11 @@ impl Producers {
     /// Loads the registry. The table starts empty, and is filled from
     /// snapshots ([`Self::load_snapshot`]) and the log
     /// ([`Self::recover_batch`]).
-    pub fn open(data_dir: &Path, config: ProducersConfig) -> Result<Self, MetaError> {
+    pub fn open(
+        data_dir: &Path,
+        config: ProducersConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, MetaError> {
         let registry_path = data_dir.join(REGISTRY_FILE);
         let file: RegistryFile = meta::read(&registry_path)?.unwrap_or_default();
         let named = file.names.values().copied().collect();
@@ -396,6 +416,7 @@ impl Producers {
                 max_producers: max,
                 ..config
             },
+            clock,
             snapshot_dir: data_dir.join(SNAPSHOT_DIR),
             registry_path,
             reserved_until: AtomicU64::new(file.reserved_until),
@@ -517,7 +538,7 @@ impl Producers {
         }
         let base_seq = h.base_sequence;
         let last_seq = h.last_sequence();
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let key = Key {
             topic: topic.into(),
             partition,
@@ -603,6 +624,18 @@ impl Producers {
             // Ahead of the expected sequence (a gap) or behind it (written
             // before the window), told apart on the wrapping circle.
             let ahead = (i64::from(base_seq) - i64::from(expected)).rem_euclid(SEQ_SPACE);
+            if ahead < SEQ_SPACE / 2 && entry.after_damage && entry.in_flight.is_empty() {
+                // Its batches in between were in a damaged range that
+                // recovery skipped: the producer goes on from here.
+                log::info!(
+                    "{topic}/{partition}: producer {id} resumes at sequence {base_seq} \
+                     after damaged data (expected {expected})"
+                );
+                entry.after_damage = false;
+                entry.in_flight.push(in_flight).expect("empty");
+                entry.next_seq = next_seq(last_seq);
+                return Check::Accept(ticket(key));
+            }
             return Check::Reject(if ahead < SEQ_SPACE / 2 {
                 SequenceError::OutOfOrder {
                     expected,
@@ -618,6 +651,7 @@ impl Producers {
         if entry.in_flight.push(in_flight).is_err() {
             return Check::Reject(SequenceError::TooManyInFlight);
         }
+        entry.after_damage = false;
         entry.next_seq = next_seq(last_seq);
         Check::Accept(ticket(key))
     }
@@ -709,7 +743,7 @@ impl Producers {
                 let (base_offset, last_offset) = (*base_offset, *last_offset);
                 // Evicted while in flight: it is in the log, so it is the
                 // producer's latest state.
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 self.make_room(&mut table, now);
                 let mut e = Entry::new(t.epoch, now);
                 e.next_seq = next_seq(t.last_seq);
@@ -742,6 +776,23 @@ impl Producers {
     }
 
     /// Applies one batch found in the log at recovery (in log order).
+    /// After the producer table is rebuilt: recovery skipped damaged data
+    /// in `partition` up to offset `before`. A producer whose last batch
+    /// found lies below it may have lost batches there, so its next
+    /// sequence is no longer known exactly: its next batch may start
+    /// ahead (a retry of an older one is still a duplicate).
+    pub fn note_damage(&self, topic: &str, partition: u32, before: u64) {
+        let mut table = self.table.lock().expect("producer table lock");
+        for (k, e) in table.iter_mut() {
+            if k.partition == partition
+                && &*k.topic == topic
+                && e.written.iter().all(|w| w.last_offset < before)
+            {
+                e.after_damage = true;
+            }
+        }
+    }
+
     pub fn recover_batch(&self, topic: &str, partition: u32, h: &BatchHeader) {
         if h.producer_id == NO_PRODUCER_ID {
             return;
@@ -751,8 +802,12 @@ impl Producers {
             partition,
             producer_id: h.producer_id,
         };
-        let now = now_ms();
-        let active = h.max_timestamp.min(now);
+        // Active now, not at the batch's timestamp: that is the producer's
+        // clock (a device sending what it buffered may stamp records days
+        // old), and an entry expired at start-up would take the retry of a
+        // batch written just before a crash for a new one, writing it twice.
+        let now = self.clock.now_ms();
+        let active = now;
         let written = WrittenBatch {
             base_seq: h.base_sequence,
             last_seq: h.last_sequence(),
@@ -808,7 +863,7 @@ impl Producers {
             );
             return earliest;
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut table = self.table.lock().expect("producer table lock");
         for s in snap.entries {
             let key = Key {
@@ -831,18 +886,15 @@ impl Producers {
     /// before this call: every batch below it was acknowledged, and an
     /// acknowledged batch is in the table unless it is still in flight, in
     /// which case its offset is at least its `hw_at_submit`. So the
-    /// snapshot covers up to the smaller of the two.
-    pub fn snapshot(&self, topic: &str, partition: u32, hw: u64) -> Result<(), MetaError> {
+    /// snapshot covers up to the smaller of the two, which it returns.
+    pub fn snapshot(&self, topic: &str, partition: u32, hw: u64) -> Result<u64, MetaError> {
         let snap = {
             let table = self.table.lock().expect("producer table lock");
-            let mut covers_to = hw;
+            let covers_to = Self::covers_to(&table, topic, partition, hw);
             let mut entries = Vec::new();
             for (k, e) in table.iter() {
                 if &*k.topic != topic || k.partition != partition {
                     continue;
-                }
-                for f in &e.in_flight {
-                    covers_to = covers_to.min(f.hw_at_submit);
                 }
                 entries.push(SnapshotEntry {
                     producer_id: k.producer_id,
@@ -857,7 +909,23 @@ impl Producers {
             PartitionSnapshot { covers_to, entries }
         };
         std::fs::create_dir_all(&self.snapshot_dir).map_err(MetaError::Io)?;
-        meta::write_atomic(&self.snapshot_path(topic, partition), &snap)
+        meta::write_atomic(&self.snapshot_path(topic, partition), &snap)?;
+        Ok(snap.covers_to)
+    }
+
+    /// How far a snapshot taken now with high watermark `hw` would cover
+    /// (see [`Producers::snapshot`]), without writing one.
+    pub fn snapshot_would_cover(&self, topic: &str, partition: u32, hw: u64) -> u64 {
+        let table = self.table.lock().expect("producer table lock");
+        Self::covers_to(&table, topic, partition, hw)
+    }
+
+    fn covers_to(table: &HashMap<Key, Entry>, topic: &str, partition: u32, hw: u64) -> u64 {
+        table
+            .iter()
+            .filter(|(k, _)| &*k.topic == topic && k.partition == partition)
+            .flat_map(|(_, e)| e.in_flight.iter().map(|f| f.hw_at_submit))
+            .fold(hw, u64::min)
     }
 
     /// Forgets a deleted partition: its entries and its snapshot file.
@@ -897,15 +965,16 @@ mod tests {
 
     fn table(max: usize) -> (tempfile::TempDir, Producers) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = Producers::open(
-            dir.path(),
-            ProducersConfig {
-                max_producers: max,
-                idle_expiry_ms: 60_000,
-            },
-        )
-        .expect("open");
+        let p = reopen(dir.path(), max);
         (dir, p)
+    }
+
+    fn reopen(dir: &Path, max: usize) -> Producers {
+        let config = ProducersConfig {
+            max_producers: max,
+            idle_expiry_ms: 60_000,
+        };
+        Producers::open(dir, config, Arc::new(crate::broker::SystemClock)).expect("open")
     }
 
     fn header(id: u64, epoch: u16, seq: i32, records: u32) -> BatchHeader {
@@ -1010,14 +1079,7 @@ mod tests {
         let t = accept(&p, &header(id, 0, 0, 3));
         p.complete(t, Ok((0, 2)));
         p.snapshot("t", 0, 3).expect("snapshot");
-        let q = Producers::open(
-            d.path(),
-            ProducersConfig {
-                max_producers: 8,
-                idle_expiry_ms: 60_000,
-            },
-        )
-        .expect("reopen");
+        let q = reopen(d.path(), 8);
         assert_eq!(q.load_snapshot("t", 0, 0, 3), 3);
         assert!(matches!(
             q.check("t", 0, &header(id, 0, 0, 3), 3),
@@ -1036,12 +1098,14 @@ mod tests {
     #[test]
     fn idle_entries_expire_and_a_full_table_evicts_the_least_recent() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
         let p = Producers::open(
             dir.path(),
             ProducersConfig {
                 max_producers: 2,
                 idle_expiry_ms: 50,
             },
+            clock.clone(),
         )
         .expect("open");
         let ids: Vec<u64> = (0..3)
@@ -1050,7 +1114,7 @@ mod tests {
         for (i, &id) in ids.iter().take(2).enumerate() {
             let t = accept(&p, &header(id, 0, 0, 1));
             p.complete(t, Ok((i as u64, i as u64)));
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            clock.advance_ms(5);
         }
         let t = accept(&p, &header(ids[2], 0, 0, 1));
         p.complete(t, Ok((2, 2)));
@@ -1060,10 +1124,15 @@ mod tests {
         // sequence is accepted as an unknown producer's.
         let t = accept(&p, &header(ids[0], 0, 7, 1));
         p.complete(t, Ok((3, 3)));
-        std::thread::sleep(std::time::Duration::from_millis(60));
+        clock.advance_ms(50);
+        // Not idle past the expiry yet.
+        let t = accept(&p, &header(ids[0], 0, 8, 1));
+        p.complete(t, Ok((4, 4)));
+        assert_eq!(p.stats().expirations, 0);
+        clock.advance_ms(51);
         // Idle past the expiry: dropped when next looked at.
         let t = accept(&p, &header(ids[0], 0, 42, 1));
-        p.complete(t, Ok((4, 4)));
+        p.complete(t, Ok((5, 5)));
         assert!(p.stats().expirations >= 1, "{:?}", p.stats());
     }
 
@@ -1073,14 +1142,7 @@ mod tests {
         let a = smol::block_on(p.init(None)).expect("init").0;
         let n = smol::block_on(p.init(Some("gw"))).expect("init");
         drop(p);
-        let q = Producers::open(
-            d.path(),
-            ProducersConfig {
-                max_producers: 8,
-                idle_expiry_ms: 60_000,
-            },
-        )
-        .expect("reopen");
+        let q = reopen(d.path(), 8);
         let b = smol::block_on(q.init(None)).expect("init").0;
         assert!(b > a && b > n.0);
         assert_eq!(smol::block_on(q.init(Some("gw"))).expect("init"), (n.0, 1));

@@ -1,0 +1,342 @@
+//! The compaction property (issue 19): random puts and deletes per key,
+//! compactions, and crashes at random points of a compaction (a write or
+//! an fdatasync of it failing, then power lost), on the fault disk, with a
+//! ring that wraps many times. After every step the latest value of every
+//! key, read from the earliest offset, equals a reference map's, and no
+//! key's values ever go back to an older one.
+
+use super::*;
+use crate::batch::{BatchBuilder, BatchIter, ProducerStamp};
+use crate::storage::io::fault::FaultPlan;
+use crate::storage::tests::Rig;
+use proptest::prelude::*;
+use smol::block_on;
+use std::collections::BTreeMap;
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+fn options(rig: &Rig) -> BrokerOptions {
+    BrokerOptions {
+        data_dir: rig.dir.path().to_path_buf(),
+        limits: BrokerLimits {
+            max_topics: 4,
+            max_partitions: 8,
+            disk_budget_bytes: u64::MAX,
+            max_producers: 16,
+            producer_idle_expiry_ms: 60_000,
+        },
+        defaults: crate::storage::tests::small_cfg(),
+        default_partitions: 1,
+        clock: Arc::new(SystemClock),
+        cleaner: cleaner::CleanerLimits {
+            // A small map: 40 keys take several passes.
+            key_map_bytes: 16 * cleaner::KEY_MAP_ENTRY_BYTES,
+            max_bytes_per_sec: 0,
+        },
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// `n` records in one batch: (key, value length; 0 = tombstone).
+    Put(Vec<(u8, u16)>),
+    Compact,
+    /// A compaction whose `nth` write (or fdatasync, `sync`) fails, and
+    /// then the power: recovery must find it done or not done.
+    CrashInCompaction {
+        nth: u64,
+        sync: bool,
+    },
+    /// Power lost between operations.
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        12 => prop::collection::vec((0u8..40, prop_oneof![1 => Just(0u16), 6 => 20u16..600]), 1..12)
+            .prop_map(Op::Put),
+        2 => Just(Op::Compact),
+        2 => (1u64..40, any::<bool>()).prop_map(|(nth, sync)| Op::CrashInCompaction { nth, sync }),
+        1 => Just(Op::Crash),
+    ]
+}
+
+/// Key name and a value that says its write order (`seq`).
+fn value_of(seq: u64, len: u16) -> Vec<u8> {
+    let mut v = format!("{seq:010}").into_bytes();
+    v.resize(usize::from(len).max(10), b'.');
+    v
+}
+
+fn seq_of(v: &[u8]) -> u64 {
+    std::str::from_utf8(&v[..10]).unwrap().parse().unwrap()
+}
+
+struct World {
+    rig: Rig,
+    broker: Option<Arc<Broker>>,
+    /// Acknowledged: key -> latest value (None: deleted).
+    model: BTreeMap<u8, Option<Vec<u8>>>,
+    seq: u64,
+}
+
+impl World {
+    fn b(&self) -> &Broker {
+        self.broker.as_ref().expect("open")
+    }
+
+    fn reopen(&mut self) {
+        let disk = self.rig.disk().expect("fault rig").clone();
+        if let Some(b) = self.broker.take() {
+            b.begin_stop();
+            drop(b);
+        }
+        disk.set_plan(FaultPlan::default());
+        disk.restart();
+        let storage = self.rig.open();
+        self.broker = Some(Broker::open(storage, options(&self.rig)).expect("broker opens"));
+    }
+
+    fn crash(&mut self) {
+        self.rig.disk().expect("fault rig").crash();
+        self.reopen();
+    }
+
+    fn put(&mut self, records: &[(u8, u16)]) {
+        let mut bb = BatchBuilder::new();
+        let mut written = Vec::new();
+        for &(k, len) in records {
+            let key = [b'k', k];
+            self.seq += 1;
+            let value = (len > 0).then(|| value_of(self.seq, len));
+            bb.push_record(1_000, Some(&key), value.as_deref(), &[]);
+            written.push((k, value));
+        }
+        let batch = bb.finish(ProducerStamp::NONE);
+        for attempt in 0.. {
+            let r = block_on(async { self.b().produce("c", 0, batch.clone().into()).await?.await });
+            match r {
+                Ok(_) => break,
+                // A full ring: the cleaner's turn (the test is the cleaner).
+                Err(BrokerError::RingFullOfLiveData { .. }) if attempt < 3 => {
+                    block_on(self.b().compact_partition("c", 0)).expect("compaction");
+                }
+                Err(e) => panic!("produce: {e}"),
+            }
+        }
+        for (k, v) in written {
+            self.model.insert(k, v);
+        }
+    }
+
+    /// The log from its earliest offset agrees with the model.
+    fn check(&self) {
+        let b = self.b();
+        let o = b.offsets("c", 0).expect("offsets");
+        let id = PartitionId::new("c", 0);
+        let mut latest: BTreeMap<u8, Option<Vec<u8>>> = BTreeMap::new();
+        let mut at = o.earliest;
+        let mut last_offset = None;
+        while at < o.high_watermark {
+            let bytes = block_on(b.storage.read(&id, at, 64 * 1024)).expect("read");
+            assert!(!bytes.is_empty());
+            for view in BatchIter::new(&bytes) {
+                let view = view.expect("a valid batch");
+                let h = view.header;
+                for r in view.records().expect("records") {
+                    let offset = h.base_offset + u64::from(r.offset_delta);
+                    assert!(last_offset < Some(offset), "offsets increase");
+                    last_offset = Some(offset);
+                    let k = r.key.expect("a key")[1];
+                    let v = r.value.map(|v| v.to_vec());
+                    if let (Some(Some(old)), Some(new)) = (latest.get(&k), &v) {
+                        assert!(
+                            seq_of(old) < seq_of(new),
+                            "key {k}: an older value after a newer one"
+                        );
+                    }
+                    latest.insert(k, v);
+                }
+                at = h.next_offset();
+            }
+        }
+        for (k, want) in &self.model {
+            let got = latest.get(k).cloned().flatten();
+            assert_eq!(&got, want, "key {k}");
+        }
+        for (k, v) in &latest {
+            if v.is_some() {
+                assert!(self.model.contains_key(k), "key {k} was never written");
+            }
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) -> World {
+    let rig = Rig::fault(11);
+    let mut w = World {
+        rig,
+        broker: None,
+        model: BTreeMap::new(),
+        seq: 0,
+    };
+    w.reopen();
+    let spec = TopicSpec {
+        partitions: Some(1),
+        segment_bytes: Some(64 * 1024),
+        segments: Some(4),
+        cleanup: Some(CleanupPolicy::Compact),
+        // Tombstones go at the first compaction that may drop them.
+        tombstone_retention_ms: Some(0),
+        ..TopicSpec::default()
+    };
+    block_on(w.b().create_topic("c", &spec)).expect("create");
+    for op in ops {
+        match op {
+            Op::Put(records) => w.put(&records),
+            Op::Compact => {
+                block_on(w.b().compact_partition("c", 0)).expect("compaction");
+            }
+            Op::CrashInCompaction { nth, sync } => {
+                let disk = w.rig.disk().expect("fault rig").clone();
+                let plan = if sync {
+                    FaultPlan {
+                        fail_sync_nth: Some(disk.syncs() + nth.min(3)),
+                        errno: libc::EIO,
+                        ..FaultPlan::default()
+                    }
+                } else {
+                    FaultPlan {
+                        fail_write_nth: Some(disk.writes() + nth),
+                        errno: libc::EIO,
+                        ..FaultPlan::default()
+                    }
+                };
+                disk.set_plan(plan);
+                let _ = block_on(w.b().compact_partition("c", 0));
+                w.crash();
+            }
+            Op::Crash => w.crash(),
+        }
+        w.check();
+    }
+    w
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(12)))]
+
+    #[test]
+    fn compaction_keeps_every_latest_value_through_crashes(
+        ops in prop::collection::vec(op(), 20..120)
+    ) {
+        run(ops);
+    }
+}
+
+/// A long fixed run: the ring wraps many times (hundreds of KiB through a
+/// 256 KiB ring), compactions every few batches, a crash now and then.
+#[test]
+fn a_long_run_wraps_the_ring_many_times() {
+    let mut ops = Vec::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..800u64 {
+        let records = (0..8)
+            .map(|_| {
+                (
+                    (next() % 40) as u8,
+                    if next() % 8 == 0 {
+                        0
+                    } else {
+                        200 + (next() % 300) as u16
+                    },
+                )
+            })
+            .collect();
+        ops.push(Op::Put(records));
+        if i % 10 == 9 {
+            ops.push(Op::Compact);
+        }
+        if i % 97 == 50 {
+            ops.push(Op::CrashInCompaction {
+                nth: 1 + next() % 20,
+                sync: i % 2 == 0,
+            });
+        }
+    }
+    let w = run(ops);
+    // About 2.2 MB of records went through a 256 KiB ring.
+    let o = w.b().offsets("c", 0).expect("offsets");
+    assert!(o.high_watermark >= 6_000, "{o:?}");
+    assert!(w.b().storage.stats().compactions >= 20);
+}
+
+/// An idempotent producer whose batch compaction removed whole is still
+/// known after a crash: the cleaner snapshots the producer table before it
+/// merges, and merges only what the snapshot covers. So the producer's
+/// retry of that batch is recognised (not written twice) and its next
+/// sequence is taken.
+#[test]
+fn a_producers_dedup_state_survives_its_batches_compacted_away() {
+    let mut w = run(Vec::new());
+    let (producer_id, producer_epoch) = block_on(w.b().init_producer(None)).unwrap();
+    let stamp = |base_sequence| ProducerStamp {
+        producer_id,
+        producer_epoch,
+        base_sequence,
+    };
+    let mine = |seq: i32, tag: u8| {
+        let mut bb = BatchBuilder::new();
+        for k in 0..5u8 {
+            bb.push(1_000, Some(&[b'k', k]), &[tag; 100], &[]);
+        }
+        bb.finish(stamp(seq))
+    };
+    let first = mine(0, 1);
+    let ack = block_on(async { w.b().produce("c", 0, first.clone().into()).await?.await })
+        .expect("produce");
+    // Every key of that batch is written again, many times, by others.
+    for _ in 0..150 {
+        w.put(&[(0, 400), (1, 400), (2, 400), (3, 400), (4, 400), (9, 400)]);
+    }
+    block_on(w.b().compact_partition("c", 0)).expect("compaction");
+    w.check();
+    let id = PartitionId::new("c", 0);
+    let o = w.b().offsets("c", 0).unwrap();
+    let mut at = o.earliest;
+    while at < o.high_watermark {
+        let bytes = block_on(w.b().storage.read(&id, at, 64 * 1024)).expect("read");
+        for view in BatchIter::new(&bytes) {
+            let h = view.expect("batch").header;
+            assert_ne!(h.producer_id, producer_id, "the batch was compacted away");
+            at = h.next_offset();
+        }
+    }
+    // Power lost: no clean stop's snapshot.
+    w.crash();
+    let hw = w.b().offsets("c", 0).unwrap().high_watermark;
+    let retry = block_on(async { w.b().produce("c", 0, first.into()).await?.await });
+    match retry {
+        Ok(p) => assert_eq!(p.base_offset, ack.base_offset, "acknowledged as before"),
+        Err(BrokerError::Sequence(producers::SequenceError::Duplicate { .. })) => {}
+        Err(e) => panic!("the retry: {e}"),
+    }
+    assert_eq!(
+        w.b().offsets("c", 0).unwrap().high_watermark,
+        hw,
+        "the retry was not written again"
+    );
+    block_on(async { w.b().produce("c", 0, mine(5, 2).into()).await?.await })
+        .expect("the next sequence is taken");
+}

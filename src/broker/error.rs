@@ -1,0 +1,310 @@
+//! What the broker's callers see when something fails: [`BrokerError`].
+//!
+//! Storage's errors are mapped here, once, into the variants a caller can
+//! act on (the server turns each into a wire code); only failures a
+//! client cannot act on (I/O, metadata files) stay wrapped, as
+//! [`BrokerError::Storage`], with the storage error as their source.
+
+use std::sync::Arc;
+
+use crate::batch::BatchError;
+use crate::storage::{PartitionId, StorageError, TOPIC_NAME_BYTES_MAX};
+
+use super::producers::SequenceError;
+
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BrokerError {
+    UnknownTopic(String),
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+    },
+    TopicExists(String),
+    /// Empty, too long, or a character outside `[A-Za-z0-9._-]`.
+    InvalidTopicName(String),
+    TooManyTopics {
+        max: usize,
+    },
+    TooManyPartitions {
+        max: usize,
+    },
+    /// The topic's rings would take the reserved disk past `max`
+    /// (`storage.disk_budget_bytes`).
+    DiskLimit {
+        topic_bytes: u64,
+        reserved_bytes: u64,
+        max: u64,
+    },
+    /// A topic setting out of range; the text says which.
+    InvalidConfig(&'static str),
+    /// An idempotent producer's batch was refused (fenced, out of order...).
+    Sequence(SequenceError),
+    /// A read below the earliest offset retention kept or above the high
+    /// watermark: the consumer must reset its position.
+    OffsetOutOfRange {
+        requested: u64,
+        earliest: u64,
+        high_watermark: u64,
+    },
+    /// The producer's batch failed its checks (CRC, framing, fields).
+    InvalidBatch(BatchError),
+    /// Larger than `max_batch_bytes` (or than a segment holds).
+    BatchTooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    /// Overflow policy `reject` and the ring is full of retained data;
+    /// room frees up as data is forwarded or expires.
+    PartitionFull {
+        topic: String,
+        partition: u32,
+    },
+    /// The ring is full of records the mirror has not forwarded yet and
+    /// the rule's `mirror_overflow` is `block`; room frees up as it
+    /// forwards.
+    UpstreamBacklogFull {
+        topic: String,
+        partition: u32,
+    },
+    /// A write or fsync failed earlier: the partition refuses writes until
+    /// the broker restarts and recovers it.
+    PartitionFailed {
+        topic: String,
+        partition: u32,
+        cause: std::io::ErrorKind,
+        errno: Option<i32>,
+    },
+    /// Corruption was found in acknowledged data: the partition is
+    /// read-only up to the damage, which `reason` locates.
+    Quarantined {
+        topic: String,
+        partition: u32,
+        reason: crate::storage::QuarantineReason,
+    },
+    /// The disk ran out of space writing metadata.
+    NoSpace(Arc<StorageError>),
+    /// A record the topic refuses: on a compacted topic, one without a
+    /// key (`index` is its place in the batch, from 0).
+    InvalidRecord {
+        topic: String,
+        index: u32,
+        why: &'static str,
+    },
+    /// A compacted topic's ring is full of latest values: rolling on would
+    /// drop one (see `cleaner`).
+    RingFullOfLiveData {
+        topic: String,
+        partition: u32,
+    },
+    /// A shrink (`skiff topics alter --segments`) of a ring that never
+    /// overwrites its data (a compacted topic, `overflow = reject`) to
+    /// fewer segments than its data fills now.
+    RingTooSmall {
+        topic: String,
+        partition: u32,
+        live_segments: u32,
+        asked: u32,
+    },
+    /// The broker is stopping and takes no new work.
+    ShuttingDown,
+    /// The storage engine failed in a way no client can act on (I/O at
+    /// start-up, a metadata file, a full partition table); the source says
+    /// what.
+    Storage(Arc<StorageError>),
+}
+
+impl std::fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownTopic(t) => write!(f, "unknown topic '{t}'"),
+            Self::UnknownPartition { topic, partition } => {
+                write!(f, "topic '{topic}' has no partition {partition}")
+            }
+            Self::TopicExists(t) => write!(f, "topic '{t}' already exists"),
+            Self::InvalidTopicName(t) => write!(
+                f,
+                "invalid topic name '{t}': use 1 to {TOPIC_NAME_BYTES_MAX} of A-Z a-z 0-9 . _ -"
+            ),
+            Self::TooManyTopics { max } => write!(f, "topic limit reached ({max})"),
+            Self::TooManyPartitions { max } => write!(f, "partition limit reached ({max})"),
+            Self::DiskLimit {
+                topic_bytes,
+                reserved_bytes,
+                max,
+            } => write!(
+                f,
+                "disk limit reached: the topic's rings need {topic_bytes} bytes, and {reserved_bytes} \
+                 of storage.disk_budget_bytes ({max}) are reserved already"
+            ),
+            Self::InvalidConfig(what) => write!(f, "invalid topic config: {what}"),
+            Self::Sequence(e) => write!(f, "{e}"),
+            Self::OffsetOutOfRange {
+                requested,
+                earliest,
+                high_watermark,
+            } => write!(
+                f,
+                "offset {requested} out of range [{earliest}, {high_watermark}]"
+            ),
+            Self::InvalidBatch(e) => write!(f, "invalid batch: {e}"),
+            Self::BatchTooLarge { bytes, max } => {
+                write!(f, "batch of {bytes} bytes exceeds the limit of {max}")
+            }
+            Self::UpstreamBacklogFull { topic, partition } => write!(
+                f,
+                "partition {topic}/{partition} is full of records not yet forwarded upstream \
+                 (mirror_overflow = block); producing resumes as the mirror catches up"
+            ),
+            Self::PartitionFull { topic, partition } => {
+                write!(
+                    f,
+                    "partition {topic}/{partition} is full (overflow = reject)"
+                )
+            }
+            Self::PartitionFailed {
+                topic,
+                partition,
+                cause,
+                errno,
+            } => write!(
+                f,
+                "partition {topic}/{partition} failed a write or fsync ({cause:?}, errno \
+                 {errno:?}); it refuses writes until restarted"
+            ),
+            Self::Quarantined {
+                topic,
+                partition,
+                reason,
+            } => write!(
+                f,
+                "partition {topic}/{partition} is quarantined (read-only): {reason}"
+            ),
+            Self::ShuttingDown => f.write_str("the broker is shutting down"),
+            Self::InvalidRecord { topic, index, why } => {
+                write!(f, "record {index} of the batch for '{topic}': {why}")
+            }
+            Self::RingFullOfLiveData { topic, partition } => write!(
+                f,
+                "partition {topic}/{partition} of a compacted topic is full of live data (latest \
+                 values and unexpired tombstones): nothing can be dropped without losing a key's \
+                 latest value; delete keys or grow the ring (skiff topics alter --segments)"
+            ),
+            Self::RingTooSmall {
+                topic,
+                partition,
+                live_segments,
+                asked,
+            } => write!(
+                f,
+                "partition {topic}/{partition} keeps its data in {live_segments} segments and \
+                 never overwrites it: its ring cannot shrink to {asked} segments (compact the \
+                 topic or delete keys first, or ask for at least {live_segments})"
+            ),
+            Self::NoSpace(e) | Self::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for BrokerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::InvalidBatch(e) => Some(e),
+            Self::NoSpace(e) | Self::Storage(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StorageError> for BrokerError {
+    fn from(e: StorageError) -> Self {
+        Self::from(Arc::new(e))
+    }
+}
+
+impl From<BatchError> for BrokerError {
+    fn from(e: BatchError) -> Self {
+        Self::InvalidBatch(e)
+    }
+}
+
+/// Shared, because one failed write is the answer of every retry waiting
+/// on it (see `producers`).
+impl From<Arc<StorageError>> for BrokerError {
+    fn from(e: Arc<StorageError>) -> Self {
+        let at = |id: &PartitionId| (id.topic.clone(), id.partition);
+        match &*e {
+            StorageError::UnknownPartition(id) => {
+                let (topic, partition) = at(id);
+                Self::UnknownPartition { topic, partition }
+            }
+            StorageError::PartitionExists(id) => Self::TopicExists(id.topic.clone()),
+            &StorageError::OffsetOutOfRange {
+                requested,
+                earliest,
+                high_watermark,
+            } => Self::OffsetOutOfRange {
+                requested,
+                earliest,
+                high_watermark,
+            },
+            StorageError::InvalidBatch(b) => Self::InvalidBatch(b.clone()),
+            &StorageError::BatchTooLarge { bytes, max } => Self::BatchTooLarge { bytes, max },
+            StorageError::Full(id) => {
+                let (topic, partition) = at(id);
+                Self::PartitionFull { topic, partition }
+            }
+            StorageError::BacklogFull(id) => {
+                let (topic, partition) = at(id);
+                Self::UpstreamBacklogFull { topic, partition }
+            }
+            &StorageError::Failed {
+                ref partition,
+                cause,
+                errno,
+            } => {
+                let (topic, partition) = at(partition);
+                Self::PartitionFailed {
+                    topic,
+                    partition,
+                    cause,
+                    errno,
+                }
+            }
+            StorageError::Quarantined(q) => {
+                let (topic, partition) = at(&q.partition);
+                Self::Quarantined {
+                    topic,
+                    partition,
+                    reason: q.reason.clone(),
+                }
+            }
+            &StorageError::RingTooSmall {
+                ref partition,
+                live_segments,
+                asked,
+            } => {
+                let (topic, partition) = at(partition);
+                Self::RingTooSmall {
+                    topic,
+                    partition,
+                    live_segments,
+                    asked,
+                }
+            }
+            &StorageError::InvalidConfig(what) => Self::InvalidConfig(what),
+            &StorageError::TooManyPartitions { max } => Self::TooManyPartitions { max },
+            StorageError::ShuttingDown => Self::ShuttingDown,
+            StorageError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Self::NoSpace(e),
+            // The ring could not be reserved: the disk is full, the same
+            // answer as a full disk anywhere else.
+            StorageError::InsufficientSpace { .. } => Self::NoSpace(e),
+            StorageError::Meta(crate::storage::meta::MetaError::Io(io))
+                if io.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                Self::NoSpace(e)
+            }
+            _ => Self::Storage(e),
+        }
+    }
+}

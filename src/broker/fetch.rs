@@ -1,0 +1,199 @@
+//! The fetch path: whole batches from several partitions at once, with
+//! the long-poll. A consumer's fetch, and in-process readers (the mirror
+//! reads partitions as a consumer does), all come through
+//! [`Broker::fetch`].
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use event_listener::EventListener;
+
+use super::{Broker, BrokerError, Offsets, Shutdown};
+
+/// One partition of a fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchPartition<'a> {
+    pub topic: &'a str,
+    pub partition: u32,
+    /// The first offset wanted.
+    pub offset: u64,
+    /// A soft cap on this partition's bytes: whole batches are returned,
+    /// the first one even when it is larger.
+    pub max_bytes: usize,
+}
+
+/// How long a fetch may wait, and for how much.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchLimits {
+    /// Answer once the partitions hold this many bytes together (at least
+    /// one byte: 0 is taken as 1)...
+    pub min_bytes: usize,
+    /// ...or once this long has passed, or the broker begins to stop.
+    pub max_wait: Duration,
+    /// The bytes of every partition's batches together: the fetch stops
+    /// reading further partitions before this could be passed (a
+    /// partition's first batch may be larger than its `max_bytes`).
+    pub max_bytes: usize,
+}
+
+/// One partition's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Zero or more whole batches as stored, the first one holding the
+    /// offset asked for (so it may start below it).
+    pub records: Vec<u8>,
+    /// The partition's offsets after the read.
+    pub offsets: Offsets,
+    /// The partition's last stable offset: below it no transaction is
+    /// open (the high watermark when none is).
+    pub last_stable_offset: u64,
+    /// For a read_committed fetch: where the consumer continues, past the
+    /// batches left out (control batches, aborted transactions' batches).
+    pub next_offset: Option<u64>,
+}
+
+impl Broker {
+    /// Reads every partition asked for, in order; if together they hold
+    /// fewer than `min_bytes` and none failed, waits for new data (any of
+    /// them), `max_wait`, or the broker's stop, and reads again. One
+    /// result per partition, in the same order.
+    pub async fn fetch(
+        &self,
+        partitions: &[FetchPartition<'_>],
+        limits: FetchLimits,
+    ) -> Vec<Result<Fetched, BrokerError>> {
+        self.fetch_isolated(partitions, limits, false).await
+    }
+
+    /// As [`Broker::fetch`]; `read_committed` reads only below each
+    /// partition's last stable offset and leaves out control batches and
+    /// aborted transactions' batches (see `txn::Index::filter`).
+    pub async fn fetch_isolated(
+        &self,
+        partitions: &[FetchPartition<'_>],
+        limits: FetchLimits,
+        read_committed: bool,
+    ) -> Vec<Result<Fetched, BrokerError>> {
+        let deadline = Instant::now() + limits.max_wait;
+        let min_bytes = limits.min_bytes.max(1);
+        let budget_bytes = limits.max_bytes.max(1);
+        let batch_bytes_max = self.storage.max_batch_bytes();
+        loop {
+            // Listen before reading, so an append in between still wakes us.
+            let listeners: Vec<EventListener> = partitions
+                .iter()
+                .filter_map(|p| self.partition_id(p.topic, p.partition).ok())
+                .filter_map(|id| self.storage.data_event(&id).ok())
+                .map(|event| event.listen())
+                .collect();
+            let mut results = Vec::with_capacity(partitions.len());
+            let mut total = 0usize;
+            let mut any_error = false;
+            // A read_committed answer that left every batch out still
+            // moves the consumer on: answer it now.
+            let mut skipped = false;
+            for p in partitions {
+                let remaining = budget_bytes.saturating_sub(total);
+                let max_bytes = p.max_bytes.min(remaining);
+                let r = if max_bytes == 0 || (total > 0 && remaining < batch_bytes_max) {
+                    // No room for another whole batch: the caller asks again.
+                    self.offsets(p.topic, p.partition).map(|offsets| Fetched {
+                        records: Vec::new(),
+                        last_stable_offset: self.txn_index.last_stable_offset(
+                            p.topic,
+                            p.partition,
+                            offsets.high_watermark,
+                        ),
+                        offsets,
+                        next_offset: None,
+                    })
+                } else {
+                    self.read(p, max_bytes, read_committed).await
+                };
+                match &r {
+                    Ok(f) => {
+                        total += f.records.len();
+                        skipped |=
+                            f.records.is_empty() && f.next_offset.is_some_and(|n| n > p.offset);
+                    }
+                    Err(_) => any_error = true,
+                }
+                results.push(r);
+            }
+            if total >= min_bytes
+                || any_error
+                || skipped
+                || Instant::now() >= deadline
+                || self.stopping.is_triggered()
+            {
+                return results;
+            }
+            wait_any(listeners, deadline, &self.stopping).await;
+        }
+    }
+
+    async fn read(
+        &self,
+        p: &FetchPartition<'_>,
+        max_bytes: usize,
+        read_committed: bool,
+    ) -> Result<Fetched, BrokerError> {
+        let id = self.partition_id(p.topic, p.partition)?;
+        // The stable offset before the read: a transaction that ends
+        // meanwhile shows at the next fetch, never half of it now.
+        let before = self.storage.offsets(&id)?;
+        let lso = self
+            .txn_index
+            .last_stable_offset(p.topic, p.partition, before.high_watermark);
+        // (An offset outside the log reads on, for read_uncommitted's error.)
+        if read_committed && (lso..=before.high_watermark).contains(&p.offset) {
+            let offsets = before;
+            return Ok(Fetched {
+                records: Vec::new(),
+                offsets,
+                last_stable_offset: lso,
+                next_offset: None,
+            });
+        }
+        let records = self.storage.read(&id, p.offset, max_bytes).await?;
+        let offsets = self.storage.offsets(&id)?;
+        if !read_committed {
+            return Ok(Fetched {
+                records,
+                offsets,
+                last_stable_offset: lso,
+                next_offset: None,
+            });
+        }
+        let f = self.txn_index.filter(p.topic, p.partition, records, lso);
+        Ok(Fetched {
+            records: f.records,
+            offsets,
+            last_stable_offset: lso,
+            next_offset: f.next_offset,
+        })
+    }
+}
+
+/// Until the first listener fires, the deadline, or the stop.
+async fn wait_any(listeners: Vec<EventListener>, deadline: Instant, stopping: &Shutdown) {
+    let any_data = async {
+        if listeners.is_empty() {
+            futures_lite::future::pending::<()>().await;
+        }
+        let mut listeners: Vec<_> = listeners.into_iter().map(Box::pin).collect();
+        futures_lite::future::poll_fn(|cx| {
+            for l in listeners.iter_mut() {
+                if l.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(());
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    };
+    let timer = async {
+        smol::Timer::at(deadline).await;
+    };
+    futures_lite::future::or(any_data, futures_lite::future::or(timer, stopping.wait())).await;
+}

@@ -1,0 +1,294 @@
+//! The coordinator over a real broker (pwrite files): membership,
+//! generations, hand-over, commits and their durability.
+
+use super::*;
+use crate::broker::{BrokerLimits, BrokerOptions, SystemClock};
+use crate::storage::tests::{small_cfg, Rig};
+use smol::block_on;
+
+fn open(rig: &Rig) -> Arc<Coordinator> {
+    let broker = Broker::open(
+        rig.open(),
+        BrokerOptions {
+            data_dir: rig.dir.path().to_path_buf(),
+            limits: BrokerLimits {
+                max_topics: 4,
+                max_partitions: 8,
+                disk_budget_bytes: u64::MAX,
+                max_producers: 16,
+                producer_idle_expiry_ms: 60_000,
+            },
+            defaults: small_cfg(),
+            default_partitions: 1,
+            clock: Arc::new(SystemClock),
+            cleaner: crate::broker::cleaner::CleanerLimits::default(),
+        },
+    )
+    .expect("broker opens");
+    if broker.topic("t").is_err() {
+        let spec = TopicSpec {
+            partitions: Some(4),
+            ..TopicSpec::default()
+        };
+        block_on(broker.create_topic("t", &spec)).expect("create");
+    }
+    let c = Coordinator::open(
+        broker,
+        GroupsConfig {
+            offsets_retention_ms: 60_000,
+            session_timeout_ms_min: 100,
+            session_timeout_ms_max: 60_000,
+            max_groups: 8,
+            max_members: 8,
+        },
+    )
+    .expect("coordinator opens");
+    smol::spawn(c.clone().run_log()).detach();
+    c
+}
+
+fn spec(member_id: Option<&str>, owned: &BTreeSet<Tp>) -> JoinSpec {
+    JoinSpec {
+        group: "g".into(),
+        member_id: member_id.map(str::to_owned),
+        instance_id: None,
+        client: "test".into(),
+        topics: ["t".to_string()].into_iter().collect(),
+        assignor: Assignor::CooperativeSticky,
+        session_timeout: Duration::from_secs(10),
+        rebalance_timeout: Duration::from_secs(10),
+        owned: owned.clone(),
+    }
+}
+
+fn tp(p: u32) -> Tp {
+    ("t".to_string(), p)
+}
+
+#[test]
+fn a_partition_moves_only_after_its_owner_gives_it_up() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let none = BTreeSet::new();
+    let a = block_on(c.join(spec(None, &none))).unwrap();
+    assert_eq!(a.generation, 1);
+    let sa = c.sync("g", &a.member_id, 1).unwrap();
+    assert_eq!(sa.assignment.len(), 4);
+    assert!(!sa.rejoin);
+    // b joins: a learns of it by heartbeat and rejoins holding all four.
+    let cb = c.clone();
+    let b = smol::spawn(async move { cb.join(spec(None, &BTreeSet::new())).await });
+    let rebalancing = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        matches!(
+            c.heartbeat("g", &a.member_id, 1),
+            Err(GroupError::RebalanceInProgress(_))
+        )
+    });
+    assert!(rebalancing);
+    let a2 = block_on(c.join(spec(Some(&a.member_id), &sa.assignment))).unwrap();
+    let b = block_on(b).unwrap();
+    assert_eq!((a2.generation, b.generation), (2, 2));
+    let sa2 = c.sync("g", &a.member_id, 2).unwrap();
+    let sb2 = c.sync("g", &b.member_id, 2).unwrap();
+    assert_eq!(sa2.assignment.len(), 2, "a keeps two");
+    assert!(sb2.assignment.is_empty(), "b waits until a gives two up");
+    assert!(sa2.rejoin && sb2.rejoin);
+    // a may still commit what it gives up, in this generation only.
+    let given_up: Vec<Tp> = sa.assignment.difference(&sa2.assignment).cloned().collect();
+    block_on(c.commit(
+        "g",
+        Some((&a.member_id, 2)),
+        vec![(given_up[0].clone(), 5, None)],
+    ))
+    .unwrap();
+    let stale = block_on(c.commit("g", Some((&a.member_id, 1)), vec![(tp(0), 1, None)]));
+    assert!(matches!(
+        stale,
+        Err(GroupError::IllegalGeneration {
+            got: 1,
+            current: 2,
+            ..
+        })
+    ));
+    let not_b = block_on(c.commit(
+        "g",
+        Some((&b.member_id, 2)),
+        vec![(given_up[0].clone(), 1, None)],
+    ));
+    assert!(matches!(not_b, Err(GroupError::NotOwner { .. })));
+    // Both rejoin; a without the two it gave up.
+    let cb = c.clone();
+    let bid = b.member_id.clone();
+    let b3 = smol::spawn(async move { cb.join(spec(Some(&bid), &BTreeSet::new())).await });
+    let a3 = block_on(c.join(spec(Some(&a.member_id), &sa2.assignment))).unwrap();
+    assert_eq!(block_on(b3).unwrap().generation, 3);
+    let sa3 = c.sync("g", &a.member_id, 3).unwrap();
+    let sb3 = c.sync("g", &b.member_id, 3).unwrap();
+    assert_eq!(a3.generation, 3);
+    assert_eq!(
+        sa3.assignment, sa2.assignment,
+        "a kept its two: nothing else moved"
+    );
+    assert_eq!(sb3.assignment, given_up.into_iter().collect());
+    assert!(!sa3.rejoin && !sb3.rejoin);
+    let d = c.describe("g").unwrap();
+    assert_eq!((d.state, d.generation, d.members.len()), ("Stable", 3, 2));
+}
+
+#[test]
+fn a_silent_member_is_removed_after_its_session_timeout() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let mut s = spec(None, &BTreeSet::new());
+    s.session_timeout = Duration::from_millis(200);
+    let a = block_on(c.join(s)).unwrap();
+    block_on(c.tick(Instant::now(), now_ms()));
+    assert_eq!(c.describe("g").unwrap().members.len(), 1);
+    block_on(c.tick(Instant::now() + Duration::from_millis(300), now_ms()));
+    // Gone with its last member, as it has no committed offsets.
+    assert!(matches!(c.describe("g"), Err(GroupError::UnknownGroup(_))));
+    assert!(matches!(
+        c.heartbeat("g", &a.member_id, 1),
+        Err(GroupError::UnknownMember { .. })
+    ));
+}
+
+#[test]
+fn commits_are_durable_batched_and_expire_when_the_group_stays_empty() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    {
+        let c = open(&rig);
+        // Many concurrent commits share few writes.
+        let commits: Vec<_> = (0..50u64)
+            .map(|i| {
+                let c = c.clone();
+                smol::spawn(async move {
+                    c.commit("g", None, vec![(tp((i % 4) as u32), i, Some("m".into()))])
+                        .await
+                })
+            })
+            .collect();
+        for t in commits {
+            block_on(t).unwrap();
+        }
+        let stats = c.stats();
+        assert_eq!(stats.commits, 50);
+        assert!(stats.log_writes < 50, "{stats:?}");
+        block_on(c.commit("other", None, vec![(tp(1), 7, None)])).unwrap();
+        block_on(c.delete("other")).unwrap();
+        c.broker.close().unwrap();
+    }
+    let c = open(&rig);
+    let got = c.committed("g", None);
+    assert_eq!(got.len(), 4);
+    assert!(got.iter().all(|(_, c)| c.metadata.as_deref() == Some("m")));
+    assert!(
+        c.committed("other", None).is_empty(),
+        "deleted stays deleted"
+    );
+    assert!(matches!(
+        c.describe("other"),
+        Err(GroupError::UnknownGroup(_))
+    ));
+    block_on(c.tick(Instant::now(), now_ms() + 61_000));
+    // Expired: deleted now, and after a restart.
+    assert!(c.committed("g", None).is_empty());
+    c.broker.close().unwrap();
+    drop(c);
+    let c = open(&rig);
+    assert!(c.committed("g", None).is_empty());
+}
+
+#[test]
+fn a_static_member_back_within_its_session_gets_its_partitions_without_a_rebalance() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let with_instance = |i: &str| JoinSpec {
+        instance_id: Some(i.into()),
+        ..spec(None, &BTreeSet::new())
+    };
+    let a = block_on(c.join(with_instance("pump-1"))).unwrap();
+    let sa = c.sync("g", &a.member_id, 1).unwrap();
+    // The process restarts: a new join with the same instance id.
+    let again = block_on(c.join(with_instance("pump-1"))).unwrap();
+    assert_ne!(again.member_id, a.member_id);
+    assert_eq!(again.generation, 1, "no rebalance");
+    assert_eq!(c.sync("g", &again.member_id, 1).unwrap(), sa);
+    // The old id is fenced.
+    assert!(matches!(
+        c.heartbeat("g", &a.member_id, 1),
+        Err(GroupError::UnknownMember { .. })
+    ));
+    let d = c.describe("g").unwrap();
+    assert_eq!((d.state, d.members.len()), ("Stable", 1));
+    assert_eq!(d.members[0].instance_id.as_deref(), Some("pump-1"));
+}
+
+#[test]
+fn bad_joins_are_refused_with_the_reason() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let mut s = spec(None, &BTreeSet::new());
+    s.session_timeout = Duration::from_millis(10);
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("session timeout 10 ms"), "{e}");
+    let mut s = spec(None, &BTreeSet::new());
+    s.topics.clear();
+    assert!(matches!(block_on(c.join(s)), Err(GroupError::Invalid(_))));
+    block_on(c.join(spec(None, &BTreeSet::new()))).unwrap();
+    let mut s = spec(None, &BTreeSet::new());
+    s.assignor = Assignor::Range;
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("uses the cooperative-sticky assignor"), "{e}");
+    let e = block_on(c.commit("g", None, vec![(tp(0), 1, None)])).unwrap_err();
+    assert!(matches!(e, GroupError::NotEmpty { members: 1, .. }));
+    let e = block_on(c.commit("g", None, vec![(("nope".into(), 0), 1, None)])).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
+
+/// The offsets topic is compacted: many laps' worth of commits (4 x 1 MiB
+/// ring, 12 MiB of commits) keep the latest commit of every partition,
+/// compactions (the writer's own, no cleaner task runs here) make the
+/// room, and a deleted group's offsets stay deleted, also after a restart.
+#[test]
+fn the_offsets_topic_is_compacted_and_keeps_every_latest_commit() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let big = "m".repeat(3000);
+    let before = {
+        let c = open(&rig);
+        block_on(c.commit("gone", None, vec![(tp(3), 1, None)])).unwrap();
+        for wave in 0..40u64 {
+            let commits: Vec<_> = (0..100u64)
+                .map(|i| {
+                    let (c, meta) = (c.clone(), format!("{wave}-{i}-{big}"));
+                    smol::spawn(async move {
+                        let tp = tp((i % 4) as u32);
+                        c.commit("g", None, vec![(tp, wave * 100 + i, Some(meta))])
+                            .await
+                    })
+                })
+                .collect();
+            for t in commits {
+                block_on(t).unwrap();
+            }
+            if wave == 5 {
+                block_on(c.delete("gone")).unwrap();
+            }
+        }
+        assert!(c.broker.cleanup_config(OFFSETS_TOPIC).policy.compacts());
+        let runs = c.broker.cleaner_stats().runs.load(Ordering::Relaxed);
+        assert!(runs > 0, "compacted on the way");
+        let got = c.committed("g", None);
+        c.broker.close().unwrap();
+        got
+    };
+    assert_eq!(before.len(), 4);
+    for (tp, commit) in &before {
+        assert_eq!(commit.offset % 4, u64::from(tp.1), "{tp:?}");
+        assert!(commit.offset >= 3900, "the last wave's: {}", commit.offset);
+    }
+    let c = open(&rig);
+    assert_eq!(c.committed("g", None), before);
+    assert!(c.committed("gone", None).is_empty());
+}

@@ -1,0 +1,1388 @@
+//! Share groups: queues on top of topics (docs/queues.md). A client of the
+//! broker's API, like the group coordinator: records are read with
+//! fetches, the state is written by producing to the internal topic
+//! [`SHARE_TOPIC`], and dead records by producing to dead-letter topics.
+//!
+//! # State
+//!
+//! A share partition (group, topic, partition) has a window of offsets
+//! `[start, next)`: below `start` all is done, from `next` on nothing was
+//! ever delivered. Every record in the window has a delivery count and a
+//! state: available, acquired (locked to a member until a deadline), dying
+//! (on its way to the dead-letter topic) or done. The window is at most
+//! `max_in_flight_records` offsets wide.
+//!
+//! # Durability
+//!
+//! The whole state of a share partition is one record of the share log,
+//! keyed by (group, topic, partition); the last one per key wins. Locks
+//! are not written: after a restart every acquired or dying record is
+//! available again, its delivery count kept. One writer task takes every
+//! change queued while the previous write was in flight and writes them
+//! as one batch, one fsync; a change is answered only once durable. Every
+//! quarter ring the writer writes every live state again, so the newest
+//! copy of each key is always in the newest half of the ring.
+//!
+//! # Dead letters: write, then acknowledge
+//!
+//! A dead record is produced to its dead-letter topic and that write is
+//! awaited before the record is marked done; the mark is written before
+//! the worker is answered. A crash in between leaves the record in the
+//! window, and it is sent again: at least once into the dead-letter topic,
+//! never lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Broker, BrokerError, Durability, FetchLimits, FetchPartition, OverflowPolicy, TopicSpec,
+};
+use crate::batch::{BatchBuilder, ProducerStamp};
+use crate::bufpool::BatchBuf;
+
+/// The internal topic holding share-partition states.
+pub const SHARE_TOPIC: &str = "__skiff_share";
+const SHARE_SEGMENTS: u32 = 4;
+/// Bytes of one share-partition state at most: the key and a few fields,
+/// then up to 6 bytes per in-flight record (offset delta, count, done).
+const STATE_BYTES_BASE: u64 = 600;
+const STATE_BYTES_PER_RECORD: u64 = 8;
+/// A batch of the share log is cut at about this size, or at half
+/// `storage.max_batch_bytes` if that is smaller.
+const SHARE_BATCH_BYTES: usize = 60 * 1024;
+/// Group and member ids.
+pub const SHARE_ID_BYTES_MAX: usize = 255;
+/// Records one share fetch may ask for.
+pub const SHARE_FETCH_RECORDS_MAX: u32 = 10_000;
+/// A worker's reason, kept for the dead-letter record.
+pub const SHARE_ERROR_BYTES_MAX: usize = 1024;
+/// How often locks are checked for expiry.
+const TICK: Duration = Duration::from_millis(50);
+/// A waiting share fetch looks for new records this often (appends do
+/// not wake it; releases and expiries do).
+const POLL: Duration = Duration::from_millis(20);
+/// Bytes read from a partition per step.
+const READ_BYTES: usize = 256 * 1024;
+/// The format version of a share-log record, its key's first byte.
+const SHARE_RECORD_VERSION: u8 = 1;
+
+/// The dead-letter headers.
+pub const DLQ_TOPIC_HEADER: &str = "skiff.dlq.topic";
+pub const DLQ_PARTITION_HEADER: &str = "skiff.dlq.partition";
+pub const DLQ_OFFSET_HEADER: &str = "skiff.dlq.offset";
+pub const DLQ_DELIVERY_COUNT_HEADER: &str = "skiff.dlq.delivery_count";
+pub const DLQ_ERROR_HEADER: &str = "skiff.dlq.error";
+/// Every header the dead-letter topic adds starts with this.
+pub const DLQ_HEADER_PREFIX: &str = "skiff.dlq.";
+
+/// `[share]` as the coordinator uses it.
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    pub max_deliveries: u32,
+    pub lock_ms: u64,
+    pub max_in_flight_records: u32,
+    pub dead_letter_suffix: String,
+    pub max_share_partitions: usize,
+    pub overrides: Vec<crate::config::ShareOverride>,
+}
+
+impl Default for ShareConfig {
+    fn default() -> Self {
+        ShareConfig {
+            max_deliveries: 5,
+            lock_ms: 30_000,
+            max_in_flight_records: 200,
+            dead_letter_suffix: ".dlq".into(),
+            max_share_partitions: 64,
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// What applies to one group on one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSettings {
+    pub max_deliveries: u32,
+    pub lock_ms: u64,
+    pub dead_letter_topic: String,
+}
+
+impl ShareConfig {
+    pub fn from_config(cfg: &crate::config::Config) -> ShareConfig {
+        let s = &cfg.share;
+        ShareConfig {
+            max_deliveries: s.max_deliveries,
+            lock_ms: s.lock_ms,
+            max_in_flight_records: s.max_in_flight_records,
+            dead_letter_suffix: s.dead_letter_suffix.clone(),
+            max_share_partitions: s.max_share_partitions as usize,
+            overrides: s.overrides.clone(),
+        }
+    }
+
+    /// The settings for `group` on `topic`: the defaults, then the topic's
+    /// override, the group's, and the pair's, each over the one before.
+    pub fn settings(&self, group: &str, topic: &str) -> ShareSettings {
+        let mut s = ShareSettings {
+            max_deliveries: self.max_deliveries,
+            lock_ms: self.lock_ms,
+            dead_letter_topic: format!("{topic}{}", self.dead_letter_suffix),
+        };
+        let rank = |o: &crate::config::ShareOverride| -> Option<u8> {
+            let t = o.topic.as_deref().map(|t| t == topic);
+            let g = o.group.as_deref().map(|g| g == group);
+            match (t, g) {
+                (Some(true), None) => Some(0),
+                (None, Some(true)) => Some(1),
+                (Some(true), Some(true)) => Some(2),
+                _ => None,
+            }
+        };
+        let mut matching: Vec<_> = self
+            .overrides
+            .iter()
+            .filter_map(|o| rank(o).map(|r| (r, o)))
+            .collect();
+        matching.sort_by_key(|(r, _)| *r);
+        for (_, o) in matching {
+            if let Some(m) = o.max_deliveries {
+                s.max_deliveries = m;
+            }
+            if let Some(l) = o.lock_ms {
+                s.lock_ms = l;
+            }
+            if let Some(d) = &o.dead_letter_topic {
+                s.dead_letter_topic = d.clone();
+            }
+        }
+        s
+    }
+
+    /// The share log's segment size: one segment holds a rewrite of the
+    /// most share partitions with full windows.
+    fn share_segment_bytes(&self, max_batch_bytes: usize) -> u64 {
+        let rewrite = self.max_share_partitions as u64
+            * (STATE_BYTES_BASE + STATE_BYTES_PER_RECORD * u64::from(self.max_in_flight_records));
+        rewrite
+            .max(1024 * 1024)
+            .max(2 * max_batch_bytes as u64)
+            .next_multiple_of(4096)
+    }
+}
+
+/// Why a share request failed.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ShareError {
+    /// A bad argument: ids, counts, an internal topic.
+    Invalid(String),
+    /// An ack for a record the member does not hold (its lock lapsed).
+    LockLost {
+        topic: String,
+        partition: u32,
+        offset: u64,
+    },
+    /// The broker refused a read or a write.
+    Broker(Arc<BrokerError>),
+}
+
+impl std::fmt::Display for ShareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(m) => f.write_str(m),
+            Self::LockLost {
+                topic,
+                partition,
+                offset,
+            } => write!(
+                f,
+                "{topic}/{partition} offset {offset} is not locked to this member (its lock expired)"
+            ),
+            Self::Broker(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ShareError {}
+
+impl From<BrokerError> for ShareError {
+    fn from(e: BrokerError) -> Self {
+        ShareError::Broker(Arc::new(e))
+    }
+}
+
+/// How a record is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    Accept,
+    /// Available again, not before the delay.
+    Release {
+        delay: Duration,
+    },
+    Reject,
+}
+
+/// One acknowledgement.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub partition: u32,
+    pub offset: u64,
+    pub kind: AckKind,
+    pub error: Option<String>,
+}
+
+/// One acquired record, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub delivery_count: u32,
+}
+
+/// A share fetch.
+#[derive(Debug, Clone)]
+pub struct FetchSpec {
+    pub group: String,
+    pub topic: String,
+    pub member: String,
+    pub max_records: u32,
+    pub max_wait: Duration,
+    /// A new share partition starts at the log start (else its end).
+    pub from_earliest: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RecState {
+    Available {
+        not_before: Option<Instant>,
+    },
+    Acquired {
+        member: Arc<str>,
+        deadline: Instant,
+    },
+    /// Being written to the dead-letter topic.
+    Dying,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    state: RecState,
+    deliveries: u32,
+    /// The last worker's reason, for the dead-letter record.
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct SharePartition {
+    start: u64,
+    next: u64,
+    records: BTreeMap<u64, InFlight>,
+    /// A fetch is reading new records at `next` (only one at a time).
+    reading: bool,
+}
+
+impl SharePartition {
+    /// Moves `start` over the done records at the front of the window.
+    fn settle(&mut self) {
+        while let Some((&o, r)) = self.records.first_key_value() {
+            if r.state != RecState::Done {
+                self.start = o;
+                return;
+            }
+            self.records.remove(&o);
+        }
+        self.start = self.next;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.records
+            .values()
+            .filter(|r| r.state != RecState::Done)
+            .count()
+    }
+}
+
+/// (group, topic, partition).
+pub type SpKey = (String, String, u32);
+
+#[derive(Serialize, Deserialize)]
+struct StateKey {
+    group: String,
+    topic: String,
+    partition: u32,
+}
+
+/// The written state: offsets in the window are deltas from `start`.
+#[derive(Serialize, Deserialize)]
+struct StateValue {
+    start: u64,
+    next: u64,
+    /// (offset - start, deliveries, done)
+    records: Vec<(u64, u32, bool)>,
+}
+
+fn encode_key(k: &SpKey) -> Vec<u8> {
+    let mut key = vec![SHARE_RECORD_VERSION];
+    let sk = StateKey {
+        group: k.0.clone(),
+        topic: k.1.clone(),
+        partition: k.2,
+    };
+    key.extend(postcard::to_allocvec(&sk).expect("postcard encodes to a Vec"));
+    key
+}
+
+fn encode_value(sp: &SharePartition) -> Vec<u8> {
+    let v = StateValue {
+        start: sp.start,
+        next: sp.next,
+        records: sp
+            .records
+            .iter()
+            .map(|(&o, r)| (o - sp.start, r.deliveries, r.state == RecState::Done))
+            .collect(),
+    };
+    postcard::to_allocvec(&v).expect("postcard encodes to a Vec")
+}
+
+/// The share partition a share-log record holds; None for another
+/// version's record (a newer broker's), which is skipped.
+fn decode_record(key: &[u8], value: &[u8]) -> Option<(SpKey, Option<SharePartition>)> {
+    let (&version, key) = key.split_first()?;
+    if version != SHARE_RECORD_VERSION {
+        return None;
+    }
+    let k: StateKey = postcard::from_bytes(key).ok()?;
+    let key = (k.group, k.topic, k.partition);
+    if value.is_empty() {
+        return Some((key, None));
+    }
+    let v: StateValue = postcard::from_bytes(value).ok()?;
+    let records = v
+        .records
+        .into_iter()
+        .map(|(d, deliveries, done)| {
+            let state = if done {
+                RecState::Done
+            } else {
+                RecState::Available { not_before: None }
+            };
+            (
+                v.start + d,
+                InFlight {
+                    state,
+                    deliveries,
+                    error: None,
+                },
+            )
+        })
+        .collect();
+    Some((
+        key,
+        Some(SharePartition {
+            start: v.start,
+            next: v.next,
+            records,
+            reading: false,
+        }),
+    ))
+}
+
+/// Counters for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShareStats {
+    /// Deliveries after the first.
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
+    /// Records gone from the log before they were done.
+    pub lost: u64,
+    pub log_writes: u64,
+}
+
+/// Records in flight per group and topic.
+#[derive(Debug, Clone)]
+pub struct ShareGroupLoad {
+    pub group: String,
+    pub topic: String,
+    /// Records in the windows not yet done.
+    pub in_flight: u64,
+    /// Of those, locked to a worker.
+    pub acquired: u64,
+}
+
+struct Pending {
+    keys: Vec<SpKey>,
+    done: async_channel::Sender<Result<(), ShareError>>,
+}
+
+/// A record on its way to the dead-letter topic.
+struct Dying {
+    key: SpKey,
+    offset: u64,
+    deliveries: u32,
+    error: String,
+}
+
+/// The coordinator of every share group.
+pub struct ShareCoordinator {
+    broker: Arc<Broker>,
+    config: ShareConfig,
+    parts: Mutex<BTreeMap<SpKey, SharePartition>>,
+    /// Notified when records become available (release, expiry).
+    changed: Event,
+    queue: async_channel::Sender<Pending>,
+    queued: async_channel::Receiver<Pending>,
+    redeliveries: AtomicU64,
+    dead_lettered: AtomicU64,
+    lost: AtomicU64,
+    log_writes: AtomicU64,
+    /// Dead-letter topics written since start, for their depth metric.
+    dead_letter_topics: Mutex<BTreeSet<String>>,
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ShareError> {
+    if id.is_empty() || id.len() > SHARE_ID_BYTES_MAX {
+        return Err(ShareError::Invalid(format!(
+            "{what} must be 1 to {SHARE_ID_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Clears a share partition's `reading` flag however the read ends.
+struct Reading<'a> {
+    c: &'a ShareCoordinator,
+    key: &'a SpKey,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if let Some(sp) = self.c.lock().get_mut(self.key) {
+            sp.reading = false;
+        }
+    }
+}
+
+impl ShareCoordinator {
+    /// The coordinator of `broker`, its state read back from the share
+    /// log. Its two tasks ([`ShareCoordinator::run_log`],
+    /// [`ShareCoordinator::run_timers`]) must be spawned by the caller.
+    pub fn open(
+        broker: Arc<Broker>,
+        config: ShareConfig,
+    ) -> Result<Arc<ShareCoordinator>, BrokerError> {
+        let (queue, queued) = async_channel::unbounded();
+        let c = ShareCoordinator {
+            broker,
+            config,
+            parts: Mutex::new(BTreeMap::new()),
+            changed: Event::new(),
+            queue,
+            queued,
+            redeliveries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            log_writes: AtomicU64::new(0),
+            dead_letter_topics: Mutex::new(BTreeSet::new()),
+        };
+        smol::block_on(c.load())?;
+        Ok(Arc::new(c))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SpKey, SharePartition>> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    pub fn config(&self) -> &ShareConfig {
+        &self.config
+    }
+
+    async fn load(&self) -> Result<(), BrokerError> {
+        if self.broker.topic(SHARE_TOPIC).is_err() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let o = self.broker.offsets(SHARE_TOPIC, 0)?;
+        let (mut at, end) = (o.earliest, o.high_watermark);
+        let mut parts = BTreeMap::new();
+        let mut records = 0u64;
+        while at < end {
+            let fetched = self.read(SHARE_TOPIC, 0, at, 1024 * 1024).await?;
+            let (placed, next) = super::decode_records(&fetched.records)?;
+            for (offset, _, r) in placed {
+                if offset < at {
+                    continue;
+                }
+                records += 1;
+                let Some((key, sp)) = decode_record(
+                    r.key.map_or(&[][..], |k| &k[..]),
+                    r.value.map_or(&[][..], |v| &v[..]),
+                ) else {
+                    continue;
+                };
+                match sp {
+                    Some(sp) => parts.insert(key, sp),
+                    None => parts.remove(&key),
+                };
+            }
+            if next <= at {
+                break;
+            }
+            at = next;
+        }
+        log::info!(
+            "share groups loaded: {} share partition(s) from {records} record(s) in {:?}",
+            parts.len(),
+            started.elapsed()
+        );
+        *self.lock() = parts;
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<super::Fetched, BrokerError> {
+        let part = FetchPartition {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+        };
+        let limits = FetchLimits {
+            min_bytes: 1,
+            max_wait: Duration::ZERO,
+            max_bytes,
+        };
+        self.broker.fetch(&[part], limits).await.remove(0)
+    }
+
+    pub fn stats(&self) -> ShareStats {
+        ShareStats {
+            redeliveries: self.redeliveries.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+            log_writes: self.log_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records in flight, per group and topic.
+    pub fn load_by_group(&self) -> Vec<ShareGroupLoad> {
+        let parts = self.lock();
+        let mut out: BTreeMap<(String, String), ShareGroupLoad> = BTreeMap::new();
+        for ((g, t, _), sp) in parts.iter() {
+            let e = out
+                .entry((g.clone(), t.clone()))
+                .or_insert_with(|| ShareGroupLoad {
+                    group: g.clone(),
+                    topic: t.clone(),
+                    in_flight: 0,
+                    acquired: 0,
+                });
+            e.in_flight += sp.in_flight() as u64;
+            e.acquired += sp
+                .records
+                .values()
+                .filter(|r| matches!(r.state, RecState::Acquired { .. }))
+                .count() as u64;
+        }
+        out.into_values().collect()
+    }
+
+    /// Every dead-letter topic in use: of the share groups' topics, and
+    /// those written to since start.
+    pub fn dead_letter_topics(&self) -> BTreeSet<String> {
+        let mut out = self
+            .dead_letter_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (g, t, _) in self.lock().keys() {
+            out.insert(self.config.settings(g, t).dead_letter_topic);
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ acquire
+
+    /// Acquires up to `max_records` records for the member; waits up to
+    /// `max_wait` for one. The answer is sent once the acquisition (the
+    /// delivery counts) is durable.
+    pub async fn fetch(&self, spec: FetchSpec) -> Result<(Vec<Delivered>, u64), ShareError> {
+        check_id("the share group id", &spec.group)?;
+        check_id("the member id", &spec.member)?;
+        if super::group::is_internal_topic(&spec.topic) {
+            return Err(ShareError::Invalid(format!(
+                "'{}' is one of the broker's own topics",
+                spec.topic
+            )));
+        }
+        if spec.max_records == 0 || spec.max_records > SHARE_FETCH_RECORDS_MAX {
+            return Err(ShareError::Invalid(format!(
+                "max_records must be 1 to {SHARE_FETCH_RECORDS_MAX}"
+            )));
+        }
+        let settings = self.config.settings(&spec.group, &spec.topic);
+        if super::validate_topic_name(&settings.dead_letter_topic).is_err() {
+            return Err(ShareError::Invalid(format!(
+                "the dead-letter topic of '{}' would be '{}', not a valid topic name: set one with [[share.overrides]] dead_letter_topic",
+                spec.topic, settings.dead_letter_topic
+            )));
+        }
+        let partitions = self.broker.topic(&spec.topic)?.partitions;
+        let member: Arc<str> = spec.member.as_str().into();
+        let deadline = Instant::now() + spec.max_wait;
+        let stopping = self.broker.stopping();
+        // Partitions are tried from a different one each time, so one
+        // busy partition does not starve the others.
+        let first = fastrand::u32(..partitions.max(1));
+        loop {
+            let listener = self.changed.listen();
+            let mut out = Vec::new();
+            let mut dirty = Vec::new();
+            for i in 0..partitions {
+                let p = (first + i) % partitions;
+                let want = spec.max_records as usize - out.len();
+                if want == 0 {
+                    break;
+                }
+                let key = (spec.group.clone(), spec.topic.clone(), p);
+                let (got, changed) = self
+                    .acquire_partition(&key, &member, want, &settings, spec.from_earliest)
+                    .await?;
+                out.extend(got);
+                if changed {
+                    dirty.push(key);
+                }
+            }
+            if !dirty.is_empty() {
+                // Not durable: the records stay locked until their lock
+                // expires, then go to another worker.
+                self.write(dirty).await?;
+            }
+            if !out.is_empty() || Instant::now() >= deadline || stopping.is_triggered() {
+                return Ok((out, settings.lock_ms));
+            }
+            let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
+            futures_lite::future::or(
+                async {
+                    listener.await;
+                },
+                async {
+                    smol::Timer::after(wait).await;
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Acquires up to `want` records of one share partition: available
+    /// ones first, then new ones from the log. Returns them and whether
+    /// the state changed (to be written).
+    async fn acquire_partition(
+        &self,
+        key: &SpKey,
+        member: &Arc<str>,
+        want: usize,
+        settings: &ShareSettings,
+        from_earliest: bool,
+    ) -> Result<(Vec<Delivered>, bool), ShareError> {
+        let (topic, partition) = (key.1.as_str(), key.2);
+        let log = self.broker.offsets(topic, partition)?;
+        let now = Instant::now();
+        let lock_deadline = now + Duration::from_millis(settings.lock_ms);
+        let bound = u64::from(self.config.max_in_flight_records);
+        let mut changed = false;
+        let (again, read_at, read_max) = {
+            let mut parts = self.lock();
+            if !parts.contains_key(key) {
+                if parts.len() >= self.config.max_share_partitions {
+                    return Err(ShareError::Invalid(format!(
+                        "too many share partitions: share.max_share_partitions is {}",
+                        self.config.max_share_partitions
+                    )));
+                }
+                let at = if from_earliest {
+                    log.earliest
+                } else {
+                    log.high_watermark
+                };
+                log::info!(
+                    "share group {}: {topic}/{partition} starts at offset {at}",
+                    key.0
+                );
+                parts.insert(
+                    key.clone(),
+                    SharePartition {
+                        start: at,
+                        next: at,
+                        ..SharePartition::default()
+                    },
+                );
+                changed = true;
+            }
+            let sp = parts.get_mut(key).expect("inserted above");
+            changed |= self.drop_lost(key, sp, log.earliest);
+            let mut again = Vec::new();
+            for (&o, r) in sp.records.iter_mut() {
+                if again.len() >= want {
+                    break;
+                }
+                if let RecState::Available { not_before } = r.state {
+                    if not_before.is_none_or(|t| t <= now) && r.deliveries < settings.max_deliveries
+                    {
+                        r.state = RecState::Acquired {
+                            member: member.clone(),
+                            deadline: lock_deadline,
+                        };
+                        r.deliveries += 1;
+                        again.push((o, r.deliveries));
+                    }
+                }
+            }
+            changed |= !again.is_empty();
+            let room = (sp.start + bound).saturating_sub(sp.next);
+            let new = (want - again.len()).min(room as usize);
+            let read = (new > 0 && !sp.reading && sp.next < log.high_watermark).then(|| {
+                sp.reading = true;
+                sp.next
+            });
+            (again, read, new)
+        };
+        // Clears `reading` however this ends (an error below included).
+        let _reading = read_at.map(|_| Reading { c: self, key });
+        self.redeliveries
+            .fetch_add(again.len() as u64, Ordering::Relaxed);
+        let mut out = Vec::new();
+        if !again.is_empty() {
+            let wanted: BTreeMap<u64, u32> = again.iter().copied().collect();
+            let found = self.read_records(topic, partition, &wanted).await;
+            let mut parts = self.lock();
+            let sp = parts.get_mut(key);
+            match found {
+                Ok(found) => {
+                    if let Some(sp) = sp {
+                        let mut gone = 0u64;
+                        for (o, _) in &again {
+                            if !found.iter().any(|d| d.offset == *o) {
+                                // Gone from the log (retention or
+                                // compaction took it): nothing to deliver.
+                                if let Some(r) = sp.records.get_mut(o) {
+                                    r.state = RecState::Done;
+                                    gone += 1;
+                                }
+                            }
+                        }
+                        if gone > 0 {
+                            self.lost.fetch_add(gone, Ordering::Relaxed);
+                            sp.settle();
+                        }
+                    }
+                    out.extend(found);
+                }
+                Err(e) => {
+                    // Back to available; the count stays (it was counted
+                    // as a delivery, and will be written as one).
+                    if let Some(sp) = sp {
+                        for (o, _) in &again {
+                            if let Some(r) = sp.records.get_mut(o) {
+                                r.state = RecState::Available { not_before: None };
+                            }
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Some(at) = read_at {
+            let fetched = self.read(topic, partition, at, READ_BYTES).await;
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(BrokerError::OffsetOutOfRange { .. }) => return Ok((out, changed)),
+                Err(e) => return Err(e.into()),
+            };
+            let (placed, end) = super::decode_records(&fetched.records)?;
+            let mut parts = self.lock();
+            if let Some(sp) = parts.get_mut(key).filter(|sp| sp.next == at) {
+                let mut taken = 0usize;
+                let mut next = at;
+                let mut all = true;
+                for (offset, ts, r) in placed {
+                    if offset < at {
+                        continue;
+                    }
+                    if taken >= read_max {
+                        all = false;
+                        break;
+                    }
+                    sp.records.insert(
+                        offset,
+                        InFlight {
+                            state: RecState::Acquired {
+                                member: member.clone(),
+                                deadline: lock_deadline,
+                            },
+                            deliveries: 1,
+                            error: None,
+                        },
+                    );
+                    out.push(owned(partition, offset, ts, &r, 1));
+                    taken += 1;
+                    next = offset + 1;
+                }
+                // All of what was read is taken: skip to its end (offsets
+                // without a record: compaction, markers).
+                if all && end > next {
+                    next = end;
+                }
+                if next != sp.next {
+                    sp.next = next;
+                    changed = true;
+                }
+            }
+        }
+        Ok((out, changed))
+    }
+
+    /// Records below the log start are gone (retention took them before
+    /// they were done): drop them from the window and count them.
+    fn drop_lost(&self, key: &SpKey, sp: &mut SharePartition, earliest: u64) -> bool {
+        if sp.start >= earliest {
+            return false;
+        }
+        let keep = sp.records.split_off(&earliest);
+        let lost = sp
+            .records
+            .values()
+            .filter(|r| r.state != RecState::Done)
+            .count() as u64
+            + earliest.saturating_sub(sp.next.max(sp.start));
+        sp.records = keep;
+        sp.next = sp.next.max(earliest);
+        sp.settle();
+        sp.start = sp.start.max(earliest);
+        if lost > 0 {
+            log::warn!(
+                "share group {}: {lost} record(s) of {}/{} left the log before they were done",
+                key.0,
+                key.1,
+                key.2
+            );
+            self.lost.fetch_add(lost, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Reads the records at the offsets asked for (offset -> delivery
+    /// count); an offset no longer in the log is left out.
+    async fn read_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        wanted: &BTreeMap<u64, u32>,
+    ) -> Result<Vec<Delivered>, BrokerError> {
+        let mut out = Vec::new();
+        let mut from = 0u64;
+        while let Some((&o, _)) = wanted.range(from..).next() {
+            let fetched = match self.read(topic, partition, o, READ_BYTES).await {
+                Ok(f) => f,
+                Err(BrokerError::OffsetOutOfRange { .. }) => {
+                    from = o + 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (placed, end) = super::decode_records(&fetched.records)?;
+            for (offset, ts, r) in placed {
+                if let Some(&count) = wanted.get(&offset) {
+                    if offset >= o {
+                        out.push(owned(partition, offset, ts, &r, count));
+                    }
+                }
+            }
+            from = end.max(o + 1);
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ acknowledge
+
+    /// Applies a member's acknowledgements: one result per ack, in order.
+    /// Answered once every change (and every dead letter) is durable.
+    pub async fn acknowledge(
+        &self,
+        group: &str,
+        topic: &str,
+        member: &str,
+        acks: Vec<Ack>,
+    ) -> Result<Vec<Result<(), ShareError>>, ShareError> {
+        check_id("the share group id", group)?;
+        check_id("the member id", member)?;
+        let settings = self.config.settings(group, topic);
+        let now = Instant::now();
+        let mut results: Vec<Result<(), ShareError>> = Vec::with_capacity(acks.len());
+        let mut dirty = BTreeSet::new();
+        let mut dying = Vec::new();
+        // Indices of the acks whose record is on its way to the
+        // dead-letter topic.
+        let mut dying_acks = Vec::new();
+        let mut released = false;
+        {
+            let mut parts = self.lock();
+            for a in &acks {
+                let key = (group.to_owned(), topic.to_owned(), a.partition);
+                let lost = || ShareError::LockLost {
+                    topic: topic.to_owned(),
+                    partition: a.partition,
+                    offset: a.offset,
+                };
+                let Some(sp) = parts.get_mut(&key) else {
+                    results.push(Err(lost()));
+                    continue;
+                };
+                let Some(r) = sp.records.get_mut(&a.offset) else {
+                    results.push(Err(lost()));
+                    continue;
+                };
+                match &r.state {
+                    RecState::Acquired { member: m, .. } if &**m == member => {}
+                    _ => {
+                        results.push(Err(lost()));
+                        continue;
+                    }
+                }
+                let reason = a
+                    .error
+                    .as_deref()
+                    .map(|e| truncate(e, SHARE_ERROR_BYTES_MAX));
+                match a.kind {
+                    AckKind::Accept => r.state = RecState::Done,
+                    AckKind::Release { delay } if r.deliveries < settings.max_deliveries => {
+                        r.state = RecState::Available {
+                            not_before: (!delay.is_zero()).then(|| now + delay),
+                        };
+                        r.error = reason;
+                        released = true;
+                    }
+                    AckKind::Release { .. } => {
+                        r.state = RecState::Dying;
+                        dying_acks.push(results.len());
+                        dying.push(Dying {
+                            key: key.clone(),
+                            offset: a.offset,
+                            deliveries: r.deliveries,
+                            error: format!(
+                                "max_deliveries ({}) reached: {}",
+                                settings.max_deliveries,
+                                reason.as_deref().unwrap_or("released")
+                            ),
+                        });
+                    }
+                    AckKind::Reject => {
+                        r.state = RecState::Dying;
+                        dying_acks.push(results.len());
+                        dying.push(Dying {
+                            key: key.clone(),
+                            offset: a.offset,
+                            deliveries: r.deliveries,
+                            error: reason.unwrap_or_else(|| "rejected".into()),
+                        });
+                    }
+                }
+                dirty.insert(key);
+                results.push(Ok(()));
+            }
+        }
+        if released {
+            self.changed.notify(usize::MAX);
+        }
+        if !dying.is_empty() {
+            if let Err(e) = self.dead_letter(dying).await {
+                // Every dead record of this call is available again.
+                for i in dying_acks {
+                    results[i] = Err(e.clone());
+                }
+            }
+        }
+        {
+            let mut parts = self.lock();
+            for key in &dirty {
+                if let Some(sp) = parts.get_mut(key) {
+                    sp.settle();
+                }
+            }
+        }
+        self.write(dirty.into_iter().collect()).await?;
+        Ok(results)
+    }
+
+    /// Writes dead records to their dead-letter topics and marks them
+    /// done once written; on failure they are available again.
+    async fn dead_letter(&self, dying: Vec<Dying>) -> Result<(), ShareError> {
+        let result = self.write_dead_letters(&dying).await;
+        {
+            let mut parts = self.lock();
+            for d in &dying {
+                if let Some(r) = parts
+                    .get_mut(&d.key)
+                    .and_then(|sp| sp.records.get_mut(&d.offset))
+                {
+                    if r.state == RecState::Dying {
+                        r.state = match &result {
+                            Ok(()) => RecState::Done,
+                            Err(_) => RecState::Available { not_before: None },
+                        };
+                    }
+                }
+            }
+        }
+        if result.is_err() {
+            self.changed.notify(usize::MAX);
+        }
+        result
+    }
+
+    async fn write_dead_letters(&self, dying: &[Dying]) -> Result<(), ShareError> {
+        // By source partition, then by dead-letter topic.
+        let mut by_source: BTreeMap<(&str, &str, u32), Vec<&Dying>> = BTreeMap::new();
+        for d in dying {
+            by_source
+                .entry((&d.key.0, &d.key.1, d.key.2))
+                .or_default()
+                .push(d);
+        }
+        let mut batches: BTreeMap<String, BatchBuilder> = BTreeMap::new();
+        let mut count = 0u64;
+        for ((group, topic, partition), ds) in by_source {
+            let wanted: BTreeMap<u64, u32> = ds.iter().map(|d| (d.offset, d.deliveries)).collect();
+            let found = self.read_records(topic, partition, &wanted).await?;
+            let dlq = self.config.settings(group, topic).dead_letter_topic;
+            let b = batches.entry(dlq).or_default();
+            for d in ds {
+                let Some(rec) = found.iter().find(|r| r.offset == d.offset) else {
+                    log::warn!(
+                        "share group {group}: {topic}/{partition} offset {} left the log before it reached the dead-letter topic",
+                        d.offset
+                    );
+                    self.lost.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let (p, o, n) = (
+                    partition.to_string(),
+                    d.offset.to_string(),
+                    d.deliveries.to_string(),
+                );
+                let mut headers: Vec<(&str, &[u8])> = rec
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(DLQ_HEADER_PREFIX))
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect();
+                headers.extend([
+                    (DLQ_TOPIC_HEADER, topic.as_bytes()),
+                    (DLQ_PARTITION_HEADER, p.as_bytes()),
+                    (DLQ_OFFSET_HEADER, o.as_bytes()),
+                    (DLQ_DELIVERY_COUNT_HEADER, n.as_bytes()),
+                    (DLQ_ERROR_HEADER, d.error.as_bytes()),
+                ]);
+                b.push_record(
+                    rec.timestamp_ms,
+                    rec.key.as_deref(),
+                    rec.value.as_deref(),
+                    &headers,
+                );
+                count += 1;
+                log::info!(
+                    "share group {group}: {topic}/{partition} offset {} to the dead-letter topic after {} deliveries: {}",
+                    d.offset,
+                    d.deliveries,
+                    d.error
+                );
+            }
+        }
+        for (dlq, mut b) in batches {
+            if b.is_empty() {
+                continue;
+            }
+            self.ensure_topic(&dlq).await?;
+            let batch = b.finish(ProducerStamp::NONE);
+            let ack = self.broker.produce(&dlq, 0, BatchBuf::from(batch)).await?;
+            ack.await?;
+            self.dead_letter_topics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(dlq);
+        }
+        self.dead_lettered.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Creates a dead-letter topic with the broker's defaults, one
+    /// partition, if it does not exist.
+    async fn ensure_topic(&self, name: &str) -> Result<(), ShareError> {
+        if self.broker.topic(name).is_ok() {
+            return Ok(());
+        }
+        let spec = TopicSpec {
+            partitions: Some(1),
+            ..TopicSpec::default()
+        };
+        match self.broker.create_topic(name, &spec).await {
+            Ok(_) | Err(BrokerError::TopicExists(_)) => {
+                log::info!("dead-letter topic {name} created");
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("cannot create the dead-letter topic {name}: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ timers
+
+    /// Expires locks (the record is available again, or dead after
+    /// `max_deliveries`) and sends records recovered at their last
+    /// delivery to the dead-letter topic.
+    pub async fn run_timers(self: Arc<Self>) {
+        loop {
+            smol::Timer::after(TICK).await;
+            self.expire().await;
+        }
+    }
+
+    /// One expiry pass.
+    pub async fn expire(&self) {
+        let now = Instant::now();
+        let mut dying = Vec::new();
+        let mut freed = false;
+        {
+            let mut parts = self.lock();
+            for (key, sp) in parts.iter_mut() {
+                let max = self.config.settings(&key.0, &key.1).max_deliveries;
+                for (&o, r) in sp.records.iter_mut() {
+                    let expired = match &r.state {
+                        RecState::Acquired { deadline, .. } => *deadline <= now,
+                        RecState::Available { .. } => false,
+                        RecState::Dying | RecState::Done => continue,
+                    };
+                    if r.deliveries >= max
+                        && (expired || matches!(r.state, RecState::Available { .. }))
+                    {
+                        r.state = RecState::Dying;
+                        dying.push(Dying {
+                            key: key.clone(),
+                            offset: o,
+                            deliveries: r.deliveries,
+                            error: format!(
+                                "max_deliveries ({max}) reached: {}",
+                                r.error.as_deref().unwrap_or("lock expired")
+                            ),
+                        });
+                    } else if expired {
+                        r.state = RecState::Available { not_before: None };
+                        r.error = Some("lock expired".into());
+                        freed = true;
+                    }
+                }
+            }
+        }
+        if freed {
+            self.changed.notify(usize::MAX);
+        }
+        if dying.is_empty() {
+            return;
+        }
+        let keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
+        if let Err(e) = self.dead_letter(dying).await {
+            log::warn!("share groups: dead-letter write failed: {e}");
+            return;
+        }
+        {
+            let mut parts = self.lock();
+            for k in &keys {
+                if let Some(sp) = parts.get_mut(k) {
+                    sp.settle();
+                }
+            }
+        }
+        if let Err(e) = self.write(keys.into_iter().collect()).await {
+            log::warn!("share log: write failed: {e}");
+        }
+    }
+
+    // ------------------------------------------------------------ the log
+
+    /// Queues the current state of `keys` for the share log and waits
+    /// until it is durable.
+    async fn write(&self, keys: Vec<SpKey>) -> Result<(), ShareError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (done, result) = async_channel::bounded(1);
+        self.queue
+            .send(Pending { keys, done })
+            .await
+            .map_err(|_| ShareError::from(BrokerError::ShuttingDown))?;
+        result
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::ShuttingDown.into()))
+    }
+
+    /// The share log's writer: takes every write queued while the last one
+    /// was in flight and makes them durable together (one batch, one
+    /// fsync). Each key's state is taken when the round is written, so it
+    /// holds every change made before.
+    pub async fn run_log(self: Arc<Self>) {
+        let mut since_rewrite = 0u64;
+        loop {
+            let Ok(first) = self.queued.recv().await else {
+                return;
+            };
+            let mut round = vec![first];
+            while let Ok(p) = self.queued.try_recv() {
+                round.push(p);
+            }
+            let segment = self
+                .config
+                .share_segment_bytes(self.broker.max_batch_bytes());
+            let rewrite = since_rewrite >= segment;
+            let keys: BTreeSet<SpKey> = round.iter().flat_map(|p| p.keys.clone()).collect();
+            let result = self.write_round(&keys, rewrite).await;
+            match &result {
+                Ok(bytes) => {
+                    since_rewrite = if rewrite { 0 } else { since_rewrite + bytes };
+                    self.log_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::warn!("share log: write failed: {e}"),
+            }
+            for p in round {
+                let _ = p.done.try_send(result.clone().map(|_| ()));
+            }
+        }
+    }
+
+    async fn write_round(&self, keys: &BTreeSet<SpKey>, rewrite: bool) -> Result<u64, ShareError> {
+        self.ensure_share_topic().await?;
+        let records: Vec<(Vec<u8>, Vec<u8>)> = {
+            let parts = self.lock();
+            let chosen: Box<dyn Iterator<Item = (&SpKey, &SharePartition)>> = if rewrite {
+                Box::new(parts.iter())
+            } else {
+                Box::new(keys.iter().filter_map(|k| parts.get_key_value(k)))
+            };
+            chosen
+                .map(|(k, sp)| (encode_key(k), encode_value(sp)))
+                .collect()
+        };
+        let ts = crate::batch::now_ms();
+        let cut = SHARE_BATCH_BYTES.min(self.broker.max_batch_bytes() / 2);
+        let mut batches = Vec::new();
+        let mut b = BatchBuilder::new();
+        for (k, v) in &records {
+            b.push(ts, Some(k), v, &[]);
+            if b.estimated_bytes() >= cut {
+                batches.push(b.finish(ProducerStamp::NONE));
+            }
+        }
+        if !b.is_empty() {
+            batches.push(b.finish(ProducerStamp::NONE));
+        }
+        let bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
+        let mut acks = Vec::with_capacity(batches.len());
+        {
+            let mut group = self.broker.produce_group();
+            for batch in batches {
+                acks.push(group.produce(SHARE_TOPIC, 0, BatchBuf::from(batch)).await?);
+            }
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        Ok(bytes)
+    }
+
+    async fn ensure_share_topic(&self) -> Result<(), ShareError> {
+        if self.broker.topic(SHARE_TOPIC).is_ok() {
+            return Ok(());
+        }
+        let spec = TopicSpec {
+            partitions: Some(1),
+            segment_bytes: Some(
+                self.config
+                    .share_segment_bytes(self.broker.max_batch_bytes()),
+            ),
+            segments: Some(SHARE_SEGMENTS),
+            retention_ms: Some(0),
+            durability: Some(Durability::Always),
+            overflow: Some(OverflowPolicy::Overwrite),
+            msg_id_window_ms: None,
+            msg_id_window_records: None,
+            // The writer's rewrite each segment keeps every live state in
+            // the ring.
+            cleanup: None,
+            tombstone_retention_ms: None,
+        };
+        match self.broker.create_topic(SHARE_TOPIC, &spec).await {
+            Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
+            Err(e) => {
+                log::warn!("cannot create the share log {SHARE_TOPIC}: {e}");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn owned(
+    partition: u32,
+    offset: u64,
+    ts: i64,
+    r: &crate::batch::Record<'_>,
+    delivery_count: u32,
+) -> Delivered {
+    Delivered {
+        partition,
+        offset,
+        timestamp_ms: ts,
+        key: r.key.map(|k| k.to_vec()),
+        value: r.value.map(|v| v.to_vec()),
+        headers: r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), h.value.to_vec()))
+            .collect(),
+        delivery_count,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,383 @@
+//! Broker tests over storage's rigs (the fault disk and real files).
+
+use super::*;
+use crate::batch::{BatchBuilder, ProducerStamp};
+use crate::storage::tests::{small_cfg, Rig};
+use smol::block_on;
+use std::time::Duration;
+
+fn options(rig: &Rig, clock: Arc<dyn Clock>) -> BrokerOptions {
+    BrokerOptions {
+        data_dir: rig.dir.path().to_path_buf(),
+        limits: BrokerLimits {
+            max_topics: 4,
+            max_partitions: 8,
+            disk_budget_bytes: u64::MAX,
+            max_producers: 16,
+            producer_idle_expiry_ms: 60_000,
+        },
+        defaults: small_cfg(),
+        default_partitions: 1,
+        clock,
+        cleaner: super::cleaner::CleanerLimits::default(),
+    }
+}
+
+fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
+    Broker::open(storage, options(rig, Arc::new(SystemClock))).expect("broker opens")
+}
+
+/// A batch of one record of `value_bytes` whose msg-id is `id`.
+fn with_msg_id(id: &str, value_bytes: usize, ts: i64) -> Vec<u8> {
+    let mut bb = BatchBuilder::new();
+    let value = vec![b'v'; value_bytes];
+    bb.push(ts, None, &value, &[("msg-id", id.as_bytes())]);
+    bb.finish(ProducerStamp::NONE)
+}
+
+/// Produces `batch` to `topic`/0 and awaits it (a minute at most: an
+/// ack that never comes fails the test rather than hanging it).
+fn produce_to(b: &Broker, topic: &str, batch: Vec<u8>) -> Result<Produced, BrokerError> {
+    let produce = async { b.produce(topic, 0, batch.into()).await?.await };
+    let stuck = async {
+        smol::Timer::after(Duration::from_secs(60)).await;
+        panic!("no answer to a produce in a minute");
+    };
+    block_on(futures_lite::future::or(produce, stuck))
+}
+
+/// Produces a batch with one record of `value_bytes` whose msg-id is `id`
+/// to "w"/0; whether it was written (else dropped as a duplicate).
+fn produce(b: &Broker, id: &str, value_bytes: usize) -> bool {
+    let batch = with_msg_id(id, value_bytes, crate::batch::now_ms());
+    produce_to(b, "w", batch)
+        .expect("written")
+        .duplicate_records
+        == 0
+}
+
+fn create(b: &Broker, name: &str, spec: TopicSpec) {
+    block_on(b.create_topic(name, &spec)).expect("create");
+}
+
+/// The refill cannot read a partition (a batch damaged on disk, so it
+/// is quarantined): the broker still starts. The same log undamaged
+/// refills the window.
+#[test]
+fn a_window_refill_that_cannot_read_the_log_does_not_stop_start_up() {
+    let rig = Rig::fault(5);
+    let b = open(rig.open(), &rig);
+    let spec = TopicSpec {
+        partitions: Some(1),
+        msg_id_window_ms: Some(600_000),
+        ..TopicSpec::default()
+    };
+    create(&b, "w", spec);
+    assert!(produce(&b, "e1", 1));
+    // Past the tail's last block: e1 is read back from the device.
+    assert!(produce(&b, "filler", 8 * 1024));
+    b.close().expect("close");
+    drop(b);
+
+    let b = open(rig.open(), &rig);
+    assert!(!produce(&b, "e1", 1), "refilled from a readable log");
+    b.close().expect("close");
+    drop(b);
+
+    // Damage that recovery has passed already (it came after): the
+    // refill's read finds it and the partition is quarantined.
+    let storage = rig.open();
+    let seg = rig.dir.path().join("topics/w/0/seg-00000.log");
+    assert!(rig
+        .disk()
+        .expect("fault rig")
+        .flip_stored_bit(&seg, 4096 + 66, 3));
+    let b = open(storage, &rig);
+    // The read did find it: the partition now refuses writes.
+    let mut bb = BatchBuilder::new();
+    bb.push(1, None, b"v", &[]);
+    let refused = produce_to(&b, "w", bb.finish(ProducerStamp::NONE));
+    assert!(
+        matches!(refused, Err(BrokerError::Quarantined { .. })),
+        "quarantined by the refill's read: {refused:?}"
+    );
+    b.close().expect("close");
+}
+
+/// A count window holds the last records, not the last offsets: over
+/// a log with gaps (here 100 offsets between records) the refill still
+/// finds the last three ids.
+#[test]
+fn a_window_refill_counts_records_across_gaps() {
+    let rig = Rig::fault(6);
+    let b = open(rig.open(), &rig);
+    let spec = TopicSpec {
+        partitions: Some(1),
+        msg_id_window_records: Some(3),
+        ..TopicSpec::default()
+    };
+    create(&b, "w", spec);
+    let id = PartitionId::new("w", 0);
+    let mut at = 0;
+    for n in 1..=5 {
+        let batch = with_msg_id(&format!("e{n}"), 1, crate::batch::now_ms());
+        let checked = crate::storage::CheckedBatch::check_placed(batch, at + 100).expect("checked");
+        let ack = block_on(async {
+            b.storage()
+                .submit(&id, checked, crate::storage::Wake::Now)
+                .await?
+                .await
+        })
+        .expect("placed");
+        at = ack.last_offset + 1;
+    }
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    for n in 3..=5 {
+        assert!(
+            !produce(&b, &format!("e{n}"), 1),
+            "e{n} is among the last three"
+        );
+    }
+    assert!(produce(&b, "e2", 1), "e2 is not");
+    b.close().expect("close");
+}
+
+/// The window's time bound, on a clock the test moves: an id is dropped
+/// up to `msg_id_window_ms` after it was seen and written again after.
+#[test]
+fn a_msg_id_window_forgets_ids_after_its_time_on_the_brokers_clock() {
+    let rig = Rig::fault(6);
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let b = Broker::open(rig.open(), options(&rig, clock.clone())).expect("broker opens");
+    let spec = TopicSpec {
+        msg_id_window_ms: Some(1_000),
+        ..TopicSpec::default()
+    };
+    create(&b, "w", spec);
+    let ts = clock.now_ms();
+    let written = |id: &str| {
+        let r = produce_to(&b, "w", with_msg_id(id, 1, ts)).expect("produce");
+        r.duplicate_records == 0
+    };
+    assert!(written("e1"));
+    clock.advance_ms(1_000);
+    assert!(!written("e1"), "seen 1000 ms ago: in the window");
+    assert!(written("e2"));
+    clock.advance_ms(1);
+    assert!(written("e1"), "seen 1001 ms ago: forgotten");
+    assert!(!written("e2"), "seen 1 ms ago");
+    b.close().expect("close");
+}
+
+fn idempotent(id: u64, seq: i32, values: &[&str]) -> Vec<u8> {
+    let mut bb = BatchBuilder::new();
+    for v in values {
+        bb.push(1, None, v.as_bytes(), &[]);
+    }
+    bb.finish(ProducerStamp {
+        producer_id: id,
+        producer_epoch: 0,
+        base_sequence: seq,
+    })
+}
+
+/// A produce dropped before its ack (a caller's timeout) still settles
+/// its slot in the producer table: a retry of the batch is answered as a
+/// duplicate with the first write's offsets, and the next batch follows.
+#[test]
+fn a_dropped_produce_still_settles_the_producer_table() {
+    for (name, rig) in crate::storage::tests::rigs() {
+        let b = open(rig.open(), &rig);
+        create(&b, "t", TopicSpec::default());
+        let id = block_on(b.init_producer(None)).expect("init").0;
+        block_on(async {
+            let first = b
+                .produce("t", 0, idempotent(id, 0, &["a", "b"]).into())
+                .await;
+            drop(first.expect("submitted"));
+        });
+        // The retry may find the first in flight or written: either way
+        // it is answered with the first write's offsets, not written.
+        let retry = produce_to(&b, "t", idempotent(id, 0, &["a", "b"])).expect("retry");
+        assert_eq!(
+            (
+                retry.base_offset,
+                retry.last_offset,
+                retry.duplicate_records
+            ),
+            (0, 1, 2),
+            "{name}"
+        );
+        let next = produce_to(&b, "t", idempotent(id, 2, &["c"])).expect("next");
+        assert_eq!((next.base_offset, next.duplicate_records), (2, 0), "{name}");
+        assert_eq!(b.offsets("t", 0).expect("offsets").high_watermark, 3);
+        b.close().expect("close");
+    }
+}
+
+/// Batches produced in one group are written in one group commit.
+#[test]
+fn a_produce_groups_batches_are_one_group_commit() {
+    for (name, rig) in crate::storage::tests::rigs() {
+        let b = open(rig.open(), &rig);
+        create(
+            &b,
+            "g",
+            TopicSpec {
+                partitions: Some(2),
+                ..TopicSpec::default()
+            },
+        );
+        // Let the storage thread go to sleep.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = b.storage().stats().fsyncs;
+        let acks = block_on(async {
+            let mut group = b.produce_group();
+            let mut pending = Vec::new();
+            for i in 0..4u32 {
+                let batch = idempotent_free(&format!("v{i}"));
+                let p = group
+                    .produce("g", i % 2, batch.into())
+                    .await
+                    .expect("submit");
+                pending.push(p);
+            }
+            drop(group);
+            let mut acks = Vec::new();
+            for p in pending {
+                acks.push(p.await.expect("ack").base_offset);
+            }
+            acks
+        });
+        assert_eq!(acks, vec![0, 0, 1, 1], "{name}");
+        let fsyncs = b.storage().stats().fsyncs - before;
+        assert_eq!(fsyncs, 2, "{name}: one group, one fdatasync per partition");
+        b.close().expect("close");
+    }
+}
+
+fn idempotent_free(value: &str) -> Vec<u8> {
+    let mut bb = BatchBuilder::new();
+    bb.push(1, None, value.as_bytes(), &[]);
+    bb.finish(ProducerStamp::NONE)
+}
+
+/// Storage's errors reach the caller as the broker's own: an offset out
+/// of range in a fetch, a corrupt batch in a produce, an unknown
+/// partition in both.
+#[test]
+fn storage_errors_are_typed_broker_errors() {
+    let rig = Rig::fault(7);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    let mut corrupt = idempotent_free("x");
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    assert!(matches!(
+        produce_to(&b, "t", corrupt),
+        Err(BrokerError::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        produce_to(&b, "nope", idempotent_free("x")),
+        Err(BrokerError::UnknownTopic(_))
+    ));
+    let limits = FetchLimits {
+        min_bytes: 0,
+        max_wait: Duration::ZERO,
+        max_bytes: 1 << 20,
+    };
+    let at = |topic, partition, offset| FetchPartition {
+        topic,
+        partition,
+        offset,
+        max_bytes: 1 << 20,
+    };
+    let r = block_on(b.fetch(&[at("t", 0, 5), at("t", 3, 0)], limits));
+    assert!(
+        matches!(
+            r[0],
+            Err(BrokerError::OffsetOutOfRange {
+                requested: 5,
+                high_watermark: 0,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(
+        matches!(
+            r[1],
+            Err(BrokerError::UnknownPartition { partition: 3, .. })
+        ),
+        "{r:?}"
+    );
+    b.close().expect("close");
+}
+
+/// A fetch with nothing to read waits until data arrives on any of its
+/// partitions, its wait ends, or the broker begins to stop.
+#[test]
+fn a_fetch_long_polls_until_data_its_wait_or_the_stop() {
+    let rig = Rig::fault(8);
+    let b = open(rig.open(), &rig);
+    create(
+        &b,
+        "t",
+        TopicSpec {
+            partitions: Some(2),
+            ..TopicSpec::default()
+        },
+    );
+    let parts = [0, 1].map(|partition| FetchPartition {
+        topic: "t",
+        partition,
+        offset: 0,
+        max_bytes: 1 << 20,
+    });
+    let limits = |ms| FetchLimits {
+        min_bytes: 1,
+        max_wait: Duration::from_millis(ms),
+        max_bytes: 1 << 20,
+    };
+    // The wait ends: empty answers.
+    let r = block_on(b.fetch(&parts, limits(20)));
+    assert!(r.iter().all(|f| f.as_ref().expect("ok").records.is_empty()));
+
+    // Data on the second partition ends a long wait.
+    let started = std::time::Instant::now();
+    let r = block_on(async {
+        let fetch = b.fetch(&parts, limits(60_000));
+        let produce = async {
+            smol::Timer::after(Duration::from_millis(20)).await;
+            let p = b.produce("t", 1, idempotent_free("v").into()).await;
+            p.expect("submit").await.expect("ack");
+            futures_lite::future::pending::<()>().await;
+            unreachable!()
+        };
+        futures_lite::future::or(fetch, produce).await
+    });
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(r[0].as_ref().expect("ok").records.is_empty());
+    assert!(!r[1].as_ref().expect("ok").records.is_empty());
+
+    // The stop ends one.
+    let parts = [FetchPartition {
+        partition: 0,
+        ..parts[0]
+    }];
+    let r = block_on(async {
+        let fetch = b.fetch(&parts, limits(60_000));
+        let stop = async {
+            smol::Timer::after(Duration::from_millis(20)).await;
+            b.begin_stop();
+            futures_lite::future::pending::<()>().await;
+            unreachable!()
+        };
+        futures_lite::future::or(fetch, stop).await
+    });
+    assert!(r[0].as_ref().expect("ok").records.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    b.close().expect("close");
+}

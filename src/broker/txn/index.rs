@@ -1,0 +1,220 @@
+//! Per partition, in memory: the open transactions (their first offsets
+//! hold the last stable offset back) and the aborted ranges a
+//! read_committed fetch leaves out. The transaction coordinator keeps it
+//! in step with its log and rebuilds it from that log at start-up; the
+//! fetch path only reads it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use crate::batch::parse_header;
+
+/// The batches of `producer_id` in `first..marker` belong to an aborted
+/// transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aborted {
+    pub producer_id: u64,
+    pub first: u64,
+    pub marker: u64,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    /// Producer id → the first offset its open transaction may hold.
+    open: BTreeMap<u64, u64>,
+    /// In marker order.
+    aborted: Vec<Aborted>,
+}
+
+/// What a read_committed fetch keeps of the batches it read.
+pub struct Filtered {
+    pub records: Vec<u8>,
+    /// Where the consumer continues: past every batch looked at, kept or
+    /// left out.
+    pub next_offset: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    parts: Mutex<HashMap<(String, u32), Partition>>,
+}
+
+impl Index {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Partition>> {
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `producer_id`'s transaction open on the partition from
+    /// `first` (kept if already open: the first add's offset is lowest).
+    pub fn open(&self, topic: &str, partition: u32, producer_id: u64, first: u64) {
+        self.lock()
+            .entry((topic.to_owned(), partition))
+            .or_default()
+            .open
+            .entry(producer_id)
+            .or_insert(first);
+    }
+
+    /// The transaction ended on the partition: the stable offset moves on.
+    pub fn close(&self, topic: &str, partition: u32, producer_id: u64) {
+        if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+            p.open.remove(&producer_id);
+        }
+    }
+
+    pub fn add_aborted(&self, topic: &str, partition: u32, a: Aborted) {
+        let mut parts = self.lock();
+        let p = parts.entry((topic.to_owned(), partition)).or_default();
+        if !p.aborted.contains(&a) {
+            p.aborted.push(a);
+            p.aborted.sort_by_key(|a| a.marker);
+        }
+    }
+
+    /// Forgets the aborted ranges whose marker left the ring.
+    pub fn forget_below(&self, topic: &str, partition: u32, earliest: u64) {
+        if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+            p.aborted.retain(|a| a.marker >= earliest);
+        }
+    }
+
+    /// Every aborted range still indexed, for the log's rewrite.
+    pub fn all_aborted(&self) -> Vec<(String, u32, Aborted)> {
+        let parts = self.lock();
+        let mut out = Vec::new();
+        for ((t, p), part) in parts.iter() {
+            out.extend(part.aborted.iter().map(|a| (t.clone(), *p, *a)));
+        }
+        out
+    }
+
+    /// Forgets a deleted topic's partitions.
+    pub fn forget_topic(&self, topic: &str) {
+        self.lock().retain(|(t, _), _| t != topic);
+    }
+
+    /// The partition's last stable offset: the lowest first offset of an
+    /// open transaction, or `high_watermark` when none is open.
+    pub fn last_stable_offset(&self, topic: &str, partition: u32, high_watermark: u64) -> u64 {
+        self.lock()
+            .get(&(topic.to_owned(), partition))
+            .and_then(|p| p.open.values().min().copied())
+            .map_or(high_watermark, |first| first.min(high_watermark))
+    }
+
+    /// Open transactions, counted once per partition they touch.
+    pub fn open_count(&self) -> usize {
+        self.lock().values().map(|p| p.open.len()).sum()
+    }
+
+    /// Partitions with an open transaction and its first offset (lowest).
+    pub fn held_back(&self) -> Vec<(String, u32, u64)> {
+        self.lock()
+            .iter()
+            .filter_map(|((t, p), part)| part.open.values().min().map(|f| (t.clone(), *p, *f)))
+            .collect()
+    }
+
+    /// Keeps the whole batches of `records` below `lso` that are neither
+    /// control batches nor in an aborted range. The bytes kept are the
+    /// stored ones: nothing is re-encoded.
+    pub fn filter(&self, topic: &str, partition: u32, records: Vec<u8>, lso: u64) -> Filtered {
+        let aborted: Vec<Aborted> = self
+            .lock()
+            .get(&(topic.to_owned(), partition))
+            .map(|p| p.aborted.clone())
+            .unwrap_or_default();
+        let mut keep: Vec<(usize, usize)> = Vec::new();
+        let mut next_offset = None;
+        let mut at = 0;
+        let mut dropped = false;
+        while let Ok(h) = parse_header(&records[at..]) {
+            let len = h.total_len as usize;
+            if at + len > records.len() || h.base_offset >= lso {
+                break;
+            }
+            let aborted_batch = h.is_idempotent()
+                && aborted.iter().any(|a| {
+                    a.producer_id == h.producer_id && (a.first..a.marker).contains(&h.base_offset)
+                });
+            if h.is_control() || aborted_batch {
+                dropped = true;
+            } else {
+                keep.push((at, at + len));
+            }
+            next_offset = Some(h.next_offset());
+            at += len;
+        }
+        let records = if !dropped {
+            let mut records = records;
+            records.truncate(at);
+            records
+        } else {
+            let mut out = Vec::with_capacity(keep.iter().map(|(a, b)| b - a).sum());
+            for (a, b) in keep {
+                out.extend_from_slice(&records[a..b]);
+            }
+            out
+        };
+        Filtered {
+            records,
+            next_offset,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, ProducerStamp};
+
+    fn batch(base: u64, producer_id: u64, control: bool) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        b.push(0, None, b"v", &[]);
+        let mut out = if control {
+            b.finish_control()
+        } else {
+            b.finish(ProducerStamp {
+                producer_id,
+                producer_epoch: 0,
+                base_sequence: 0,
+            })
+        };
+        out[16..24].copy_from_slice(&base.to_le_bytes());
+        let crc = crate::batch::compute_crc(&out);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn read_committed_keeps_committed_and_stops_at_the_stable_offset() {
+        let ix = Index::default();
+        // 0: pid 7 (aborted), 1: its abort marker, 2: pid 8, 3: pid 9 open.
+        let mut log = batch(0, 7, false);
+        log.extend(batch(1, NO, true));
+        log.extend(batch(2, 8, false));
+        log.extend(batch(3, 9, false));
+        ix.add_aborted(
+            "t",
+            0,
+            Aborted {
+                producer_id: 7,
+                first: 0,
+                marker: 1,
+            },
+        );
+        ix.open("t", 0, 9, 3);
+        let lso = ix.last_stable_offset("t", 0, 4);
+        assert_eq!(lso, 3);
+        let f = ix.filter("t", 0, log.clone(), lso);
+        assert_eq!(f.next_offset, Some(3));
+        assert_eq!(f.records, batch(2, 8, false));
+        ix.close("t", 0, 9);
+        assert_eq!(ix.last_stable_offset("t", 0, 4), 4);
+        let f = ix.filter("t", 0, log, 4);
+        assert_eq!(f.next_offset, Some(4));
+        assert_eq!(crate::batch::count_records(&f.records), 2);
+    }
+
+    const NO: u64 = crate::batch::NO_PRODUCER_ID;
+}

@@ -1,0 +1,977 @@
+//! Transactions: the coordinator. A client of the broker's API, like the
+//! group coordinator: it writes its state to the internal topic
+//! [`TXN_TOPIC`] and the markers to the data partitions by producing, and
+//! reads its log back at start-up with fetches. docs/transactions.md has
+//! the design and the crash argument; in short:
+//!
+//! - a transactional id is a named producer (`init`): a new epoch per
+//!   init fences the older instances;
+//! - the first batch of a producer on a partition adds the partition to
+//!   its open transaction, durably, before the batch is queued ([`Coordinator::gate`]);
+//! - commit writes the decision (PrepareCommit) durably before any marker;
+//!   recovery completes a prepared commit and aborts everything else open.
+//!
+//! Each transactional id's state sits behind an async mutex that a batch
+//! of the transaction holds until it is queued in storage, and commit and
+//! abort hold while they write: so every batch of a transaction is queued
+//! before its markers, and storage keeps that order per partition.
+
+pub mod index;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::group::{self, Tp};
+use super::producers::{InitError, PRODUCER_NAME_BYTES_MAX};
+use super::{
+    Broker, BrokerError, Durability, FetchLimits, FetchPartition, OverflowPolicy, TopicSpec,
+};
+use crate::batch::BatchBuilder;
+use crate::bufpool::BatchBuf;
+
+pub use index::{Aborted, Index};
+
+/// The internal topic holding the coordinator's log.
+pub const TXN_TOPIC: &str = "__skiff_txn";
+/// Transactional ids are producer names with this prefix, so that a
+/// plain named producer and a transactional id never share an epoch.
+const NAME_PREFIX: &str = "txn:";
+pub const TXN_ID_BYTES_MAX: usize = PRODUCER_NAME_BYTES_MAX - NAME_PREFIX.len();
+/// The log's ring: 4 x 1 MiB; a record is some 100 bytes per partition of
+/// a transaction, so a quarter ring holds thousands of live transactions.
+const LOG_SEGMENT_BYTES: u64 = 1024 * 1024;
+const LOG_SEGMENTS: u32 = 4;
+/// The live state is written again after this many bytes of log, so the
+/// newest copy of every key stays in the newest half of the ring.
+const LOG_REWRITE_BYTES: u64 = LOG_SEGMENT_BYTES * LOG_SEGMENTS as u64 / 4;
+const LOG_BATCH_BYTES: usize = 60 * 1024;
+/// How often timeouts are checked.
+const TICK: Duration = Duration::from_millis(100);
+/// How often aborted ranges that left their partition's ring are dropped.
+const FORGET_EVERY_TICKS: u32 = 100;
+/// The marker record's key: `[version, type]`.
+const MARKER_ABORT: u8 = 0;
+const MARKER_COMMIT: u8 = 1;
+
+/// `[transactions]` in the config.
+#[derive(Debug, Clone)]
+pub struct TxnConfig {
+    /// The longest `transaction_timeout_ms` a producer may ask for.
+    pub max_timeout_ms: u64,
+    /// Transactional ids the coordinator keeps (each costs some memory
+    /// and a record in its log).
+    pub max_ids: usize,
+}
+
+impl TxnConfig {
+    pub fn from_config(cfg: &crate::config::Config) -> TxnConfig {
+        TxnConfig {
+            max_timeout_ms: cfg.transactions.max_timeout_ms,
+            max_ids: cfg.transactions.max_transactional_ids as usize,
+        }
+    }
+}
+
+/// Why a transaction request failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TxnError {
+    /// An older instance of the transactional id: a newer one called
+    /// init, or the transaction timed out and was aborted.
+    Fenced {
+        epoch: u16,
+        current: u16,
+    },
+    /// The request does not fit the transaction's state (a produce while
+    /// it commits, an end for an id never initialised).
+    InvalidState(String),
+    /// Bad arguments (id too long, timeout over the maximum, ...).
+    Invalid(String),
+    Broker(BrokerError),
+    Group(group::GroupError),
+}
+
+impl std::fmt::Display for TxnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fenced { epoch, current } => write!(
+                f,
+                "transactional producer epoch {epoch} is fenced by epoch {current}: \
+                 another instance took over, or the transaction timed out and was aborted"
+            ),
+            Self::InvalidState(m) | Self::Invalid(m) => f.write_str(m),
+            Self::Broker(e) => e.fmt(f),
+            Self::Group(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for TxnError {}
+
+impl From<BrokerError> for TxnError {
+    fn from(e: BrokerError) -> Self {
+        Self::Broker(e)
+    }
+}
+
+impl From<group::GroupError> for TxnError {
+    fn from(e: group::GroupError) -> Self {
+        Self::Group(e)
+    }
+}
+
+impl From<InitError> for TxnError {
+    fn from(e: InitError) -> Self {
+        match e {
+            InitError::Meta(m) => {
+                Self::Broker(BrokerError::from(crate::storage::StorageError::Meta(m)))
+            }
+            other => Self::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// Where a transaction is; see docs/transactions.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Ongoing => "ongoing",
+            Self::PrepareCommit => "prepare_commit",
+            Self::PrepareAbort => "prepare_abort",
+            Self::CompleteCommit => "complete_commit",
+            Self::CompleteAbort => "complete_abort",
+        }
+    }
+}
+
+/// One transactional id's state: in memory, and the value of its record
+/// in the log (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TxnRecord {
+    producer_id: u64,
+    producer_epoch: u16,
+    timeout_ms: u64,
+    phase: Phase,
+    /// Topic, partition, and the first offset the transaction may hold
+    /// there (the log end when the partition was added).
+    partitions: Vec<(String, u32, u64)>,
+    /// Group, topic, partition, offset: committed with the transaction.
+    offsets: Vec<(String, String, u32, u64)>,
+}
+
+/// A key of the log (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum LogKey {
+    Txn(String),
+    /// Topic, partition, marker offset.
+    Aborted(String, u32, u64),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct AbortedRecord {
+    producer_id: u64,
+    first: u64,
+}
+
+/// One transactional id's state (behind its async mutex).
+pub struct TxnState {
+    id: String,
+    rec: TxnRecord,
+    /// When the open transaction began (ms, the broker's clock).
+    started_ms: u64,
+}
+
+type Entry = Arc<smol::lock::Mutex<TxnState>>;
+
+/// A batch's hold on its transaction: keep it until the batch is queued.
+pub type Gate = smol::lock::MutexGuardArc<TxnState>;
+
+/// What `skiff txn list` shows of one transactional id.
+#[derive(Debug, Clone)]
+pub struct TxnDescription {
+    pub id: String,
+    pub producer_id: u64,
+    pub producer_epoch: u16,
+    pub phase: &'static str,
+    pub partitions: Vec<Tp>,
+    pub timeout_ms: u64,
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct TxnStats {
+    pub commits: AtomicU64,
+    pub aborts: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+pub struct Coordinator {
+    broker: Arc<Broker>,
+    groups: Arc<group::Coordinator>,
+    config: TxnConfig,
+    by_id: Mutex<HashMap<String, Entry>>,
+    by_producer: Mutex<HashMap<u64, Entry>>,
+    /// Serialises the log's writes; holds the bytes since the last rewrite.
+    log: smol::lock::Mutex<u64>,
+    pub stats: TxnStats,
+}
+
+fn now_ms(broker: &Broker) -> u64 {
+    u64::try_from(broker.clock.now_ms()).unwrap_or(0)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encodes to a Vec")
+}
+
+impl Coordinator {
+    /// The coordinator, its state read back from the log: the index holds
+    /// every prepared or open transaction's partitions back (their stable
+    /// offset) until [`Coordinator::recover`] (to be spawned) ends them.
+    pub fn open(
+        broker: Arc<Broker>,
+        groups: Arc<group::Coordinator>,
+        config: TxnConfig,
+    ) -> Result<Arc<Coordinator>, BrokerError> {
+        let c = Coordinator {
+            broker,
+            groups,
+            config,
+            by_id: Mutex::new(HashMap::new()),
+            by_producer: Mutex::new(HashMap::new()),
+            log: smol::lock::Mutex::new(0),
+            stats: TxnStats::default(),
+        };
+        smol::block_on(c.load())?;
+        Ok(Arc::new(c))
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    fn index(&self) -> &Index {
+        &self.broker.txn_index
+    }
+
+    async fn load(&self) -> Result<(), BrokerError> {
+        if self.broker.topic(TXN_TOPIC).is_err() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let end = self.broker.offsets(TXN_TOPIC, 0)?.high_watermark;
+        let mut at = self.broker.offsets(TXN_TOPIC, 0)?.earliest;
+        let mut txns: BTreeMap<String, TxnRecord> = BTreeMap::new();
+        let mut aborted: BTreeMap<(String, u32, u64), AbortedRecord> = BTreeMap::new();
+        while at < end {
+            let part = FetchPartition {
+                topic: TXN_TOPIC,
+                partition: 0,
+                offset: at,
+                max_bytes: 1024 * 1024,
+            };
+            let limits = FetchLimits {
+                min_bytes: 1,
+                max_wait: Duration::ZERO,
+                max_bytes: 1024 * 1024,
+            };
+            let fetched = self.broker.fetch(&[part], limits).await.remove(0)?;
+            let (placed, next) = super::decode_records(&fetched.records)?;
+            for (offset, _, r) in placed {
+                if offset < at {
+                    continue;
+                }
+                let (Some(k), Some(v)) = (r.key, r.value) else {
+                    continue;
+                };
+                match postcard::from_bytes::<LogKey>(k) {
+                    Ok(LogKey::Txn(id)) => {
+                        if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
+                            txns.insert(id, rec);
+                        }
+                    }
+                    Ok(LogKey::Aborted(t, p, marker)) => {
+                        if let Ok(a) = postcard::from_bytes::<AbortedRecord>(v) {
+                            aborted.insert((t, p, marker), a);
+                        }
+                    }
+                    Err(_) => log::warn!("transaction log: a record at {offset} does not decode"),
+                }
+            }
+            if next <= at {
+                break;
+            }
+            at = next;
+        }
+        for ((t, p, marker), a) in aborted {
+            let Ok(o) = self.broker.offsets(&t, p) else {
+                continue;
+            };
+            if marker >= o.earliest {
+                self.index().add_aborted(
+                    &t,
+                    p,
+                    Aborted {
+                        producer_id: a.producer_id,
+                        first: a.first,
+                        marker,
+                    },
+                );
+            }
+        }
+        let mut pending = 0;
+        let now = now_ms(&self.broker);
+        for (id, rec) in txns {
+            if matches!(
+                rec.phase,
+                Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
+            ) {
+                pending += 1;
+                for (t, p, first) in &rec.partitions {
+                    self.index().open(t, *p, rec.producer_id, *first);
+                }
+            }
+            let pid = rec.producer_id;
+            let entry = Arc::new(smol::lock::Mutex::new(TxnState {
+                id: id.clone(),
+                rec,
+                started_ms: now,
+            }));
+            self.by_id
+                .lock()
+                .expect("txn lock")
+                .insert(id, entry.clone());
+            self.by_producer
+                .lock()
+                .expect("txn lock")
+                .insert(pid, entry);
+        }
+        log::info!(
+            "transactions loaded: {} id(s), {pending} to complete, in {:?}",
+            self.by_id.lock().expect("txn lock").len(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Ends what the last run left open: a prepared commit is completed,
+    /// anything else open is aborted (its producer fenced first). Run once,
+    /// before [`Coordinator::run_timers`] matters; a failure is retried by
+    /// the timer (the transaction stays open and its partitions held).
+    pub async fn recover(self: Arc<Self>) {
+        let entries: Vec<Entry> = self
+            .by_id
+            .lock()
+            .expect("txn lock")
+            .values()
+            .cloned()
+            .collect();
+        for e in entries {
+            let mut st = e.lock_arc().await;
+            let r = match st.rec.phase {
+                Phase::PrepareCommit => self.complete_commit(&mut st).await,
+                Phase::Ongoing | Phase::PrepareAbort => {
+                    log::warn!("transaction {}: open at the last stop; aborting it", st.id);
+                    self.fence_and_abort(&mut st).await
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                log::warn!("transaction {}: recovery failed: {e}", st.id);
+            }
+        }
+    }
+
+    /// Registers `id` (a new epoch fences older instances), aborting any
+    /// transaction it left open. Answers once that is durable.
+    pub async fn init(&self, id: &str, timeout_ms: u64) -> Result<(u64, u16), TxnError> {
+        if id.is_empty() || id.len() > TXN_ID_BYTES_MAX {
+            return Err(TxnError::Invalid(format!(
+                "transactional ids are 1 to {TXN_ID_BYTES_MAX} bytes"
+            )));
+        }
+        if timeout_ms == 0 || timeout_ms > self.config.max_timeout_ms {
+            return Err(TxnError::Invalid(format!(
+                "transaction_timeout_ms must be 1..={} (transactions.max_timeout_ms)",
+                self.config.max_timeout_ms
+            )));
+        }
+        let entry = {
+            let mut ids = self.by_id.lock().expect("txn lock");
+            if !ids.contains_key(id) && ids.len() >= self.config.max_ids {
+                return Err(TxnError::Invalid(format!(
+                    "too many transactional ids: transactions.max_transactional_ids is {}",
+                    self.config.max_ids
+                )));
+            }
+            ids.entry(id.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(smol::lock::Mutex::new(TxnState {
+                        id: id.to_owned(),
+                        rec: TxnRecord {
+                            producer_id: crate::batch::NO_PRODUCER_ID,
+                            producer_epoch: 0,
+                            timeout_ms,
+                            phase: Phase::Empty,
+                            partitions: Vec::new(),
+                            offsets: Vec::new(),
+                        },
+                        started_ms: 0,
+                    }))
+                })
+                .clone()
+        };
+        let mut st = entry.lock_arc().await;
+        match st.rec.phase {
+            Phase::PrepareCommit => self.complete_commit(&mut st).await?,
+            Phase::Ongoing | Phase::PrepareAbort => {
+                log::info!("transaction {id}: a new instance fences the open transaction");
+                self.abort(&mut st).await?;
+            }
+            _ => {}
+        }
+        let (pid, epoch) = self
+            .broker
+            .init_producer(Some(&format!("{NAME_PREFIX}{id}")))
+            .await?;
+        st.rec.producer_id = pid;
+        st.rec.producer_epoch = epoch;
+        st.rec.timeout_ms = timeout_ms;
+        if st.rec.phase == Phase::Empty {
+            st.rec.partitions.clear();
+            st.rec.offsets.clear();
+        }
+        // Known after a restart too: its batches are never taken for a
+        // plain producer's.
+        self.write_log(vec![txn_entry(&st)]).await?;
+        self.by_producer
+            .lock()
+            .expect("txn lock")
+            .insert(pid, entry.clone());
+        Ok((pid, epoch))
+    }
+
+    /// Whether `producer_id` is a transactional producer's.
+    pub fn is_transactional(&self, producer_id: u64) -> bool {
+        self.by_producer
+            .lock()
+            .expect("txn lock")
+            .contains_key(&producer_id)
+    }
+
+    /// Called for every batch of a transactional producer before it is
+    /// queued: opens a transaction if none is open and adds the partition
+    /// to it (durably). `None` for other producers' batches. Hold the
+    /// returned gate until the batch is queued.
+    pub async fn gate(
+        &self,
+        producer_id: u64,
+        epoch: u16,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<Gate>, TxnError> {
+        let Some(entry) = self
+            .by_producer
+            .lock()
+            .expect("txn lock")
+            .get(&producer_id)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let mut st = entry.lock_arc().await;
+        check_epoch(&st, producer_id, epoch)?;
+        begin_unless_ongoing(
+            &mut st,
+            now_ms(&self.broker),
+            ": no more records until it is done",
+        )?;
+        if st
+            .rec
+            .partitions
+            .iter()
+            .any(|(t, p, _)| t == topic && *p == partition)
+        {
+            return Ok(Some(st));
+        }
+        let first = self.broker.offsets(topic, partition)?.high_watermark;
+        st.rec.partitions.push((topic.to_owned(), partition, first));
+        if let Err(e) = self.write_log(vec![txn_entry(&st)]).await {
+            st.rec.partitions.pop();
+            return Err(e);
+        }
+        self.index().open(topic, partition, producer_id, first);
+        Ok(Some(st))
+    }
+
+    /// Adds a group's offsets to the open transaction (opening one):
+    /// committed only if it commits.
+    pub async fn add_offsets(
+        &self,
+        id: &str,
+        producer_id: u64,
+        epoch: u16,
+        group: &str,
+        offsets: Vec<(Tp, u64)>,
+    ) -> Result<(), TxnError> {
+        if group.is_empty() || group.len() > group::GROUP_ID_BYTES_MAX {
+            return Err(TxnError::Invalid(format!(
+                "the group id is 1 to {} bytes",
+                group::GROUP_ID_BYTES_MAX
+            )));
+        }
+        for ((t, p), _) in &offsets {
+            self.broker.partition_id(t, *p)?;
+        }
+        let entry = self.entry(id)?;
+        let mut st = entry.lock_arc().await;
+        check_epoch(&st, producer_id, epoch)?;
+        begin_unless_ongoing(&mut st, now_ms(&self.broker), "")?;
+        for ((t, p), offset) in offsets {
+            st.rec
+                .offsets
+                .retain(|(g, t2, p2, _)| !(g == group && *t2 == t && *p2 == p));
+            st.rec.offsets.push((group.to_owned(), t, p, offset));
+        }
+        Ok(())
+    }
+
+    /// Commits or aborts the open transaction; answers once that is
+    /// durable. Every batch of it must have been acknowledged first. A
+    /// retry of an end that completed answers the same.
+    pub async fn end(
+        &self,
+        id: &str,
+        producer_id: u64,
+        epoch: u16,
+        commit: bool,
+    ) -> Result<(), TxnError> {
+        let entry = self.entry(id)?;
+        let mut st = entry.lock_arc().await;
+        check_epoch(&st, producer_id, epoch)?;
+        match (st.rec.phase, commit) {
+            (Phase::Ongoing, true) => {
+                st.rec.phase = Phase::PrepareCommit;
+                if let Err(e) = self.write_log(vec![txn_entry(&st)]).await {
+                    // Not known to be durable: a retry writes it again.
+                    st.rec.phase = Phase::Ongoing;
+                    return Err(e);
+                }
+                self.complete_commit(&mut st).await
+            }
+            (Phase::PrepareCommit, true) => self.complete_commit(&mut st).await,
+            (Phase::Ongoing | Phase::PrepareAbort, false) => self.abort(&mut st).await,
+            (Phase::Empty, _) | (Phase::CompleteCommit, true) | (Phase::CompleteAbort, false) => {
+                Ok(())
+            }
+            (p, _) => Err(TxnError::InvalidState(format!(
+                "transaction {id} cannot {} now: it is {}",
+                if commit { "commit" } else { "abort" },
+                p.name()
+            ))),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Result<Entry, TxnError> {
+        self.by_id
+            .lock()
+            .expect("txn lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                TxnError::InvalidState(format!("unknown transactional id '{id}': call init first"))
+            })
+    }
+
+    /// Every transactional id, for `skiff txn list`.
+    pub fn describe(&self) -> Vec<TxnDescription> {
+        let entries: Vec<Entry> = self
+            .by_id
+            .lock()
+            .expect("txn lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<TxnDescription> = entries
+            .iter()
+            .filter_map(|e| {
+                // Busy ids (committing right now) are shown at the next look.
+                let st = e.try_lock()?;
+                Some(TxnDescription {
+                    id: st.id.clone(),
+                    producer_id: st.rec.producer_id,
+                    producer_epoch: st.rec.producer_epoch,
+                    phase: st.rec.phase.name(),
+                    partitions: st
+                        .rec
+                        .partitions
+                        .iter()
+                        .map(|(t, p, _)| (t.clone(), *p))
+                        .collect(),
+                    timeout_ms: st.rec.timeout_ms,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Transactions open now (ongoing or ending).
+    pub fn open_count(&self) -> usize {
+        self.by_id
+            .lock()
+            .expect("txn lock")
+            .values()
+            .filter(|e| {
+                e.try_lock().is_none_or(|st| {
+                    matches!(
+                        st.rec.phase,
+                        Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
+                    )
+                })
+            })
+            .count()
+    }
+
+    /// Aborts transactions past their timeout (fencing their producer),
+    /// retries recoveries that failed, and forgets aborted ranges that
+    /// left their partition's ring.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut ticks = 0u32;
+        loop {
+            smol::Timer::after(TICK).await;
+            ticks = ticks.wrapping_add(1);
+            let now = now_ms(&self.broker);
+            let entries: Vec<Entry> = self
+                .by_id
+                .lock()
+                .expect("txn lock")
+                .values()
+                .cloned()
+                .collect();
+            for e in entries {
+                let Some(mut st) = e.try_lock_arc() else {
+                    continue;
+                };
+                let r = match st.rec.phase {
+                    Phase::Ongoing if now >= st.started_ms.saturating_add(st.rec.timeout_ms) => {
+                        log::warn!(
+                            "transaction {}: open longer than its timeout ({} ms); aborting it",
+                            st.id,
+                            st.rec.timeout_ms
+                        );
+                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        self.fence_and_abort(&mut st).await
+                    }
+                    Phase::PrepareCommit => self.complete_commit(&mut st).await,
+                    Phase::PrepareAbort => self.abort(&mut st).await,
+                    _ => Ok(()),
+                };
+                if let Err(err) = r {
+                    log::warn!("transaction {}: {err}", st.id);
+                }
+            }
+            if ticks % FORGET_EVERY_TICKS == 0 {
+                for (t, p, _) in self.index().all_aborted() {
+                    match self.broker.offsets(&t, p) {
+                        Ok(o) => self.index().forget_below(&t, p, o.earliest),
+                        Err(_) => self.index().forget_topic(&t),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bumps the producer's epoch (so a live instance is fenced, not
+    /// allowed to start a new transaction with the rest of its records),
+    /// then aborts.
+    async fn fence_and_abort(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        let (pid, epoch) = self
+            .broker
+            .init_producer(Some(&format!("{NAME_PREFIX}{}", st.id)))
+            .await?;
+        debug_assert_eq!(pid, st.rec.producer_id);
+        let old = st.rec.producer_epoch;
+        st.rec.producer_epoch = epoch;
+        self.abort_with(st, old).await
+    }
+
+    async fn abort(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        let epoch = st.rec.producer_epoch;
+        self.abort_with(st, epoch).await
+    }
+
+    /// Abort needs no durable decision first: recovery aborts whatever it
+    /// finds open, so a crash anywhere here ends the same way.
+    async fn abort_with(&self, st: &mut TxnState, marker_epoch: u16) -> Result<(), TxnError> {
+        st.rec.phase = Phase::PrepareAbort;
+        let pid = st.rec.producer_id;
+        let markers = self
+            .write_markers(&st.rec.partitions, pid, marker_epoch, MARKER_ABORT)
+            .await?;
+        let mut entries = Vec::with_capacity(markers.len() + 1);
+        for ((t, p, first), marker) in st.rec.partitions.iter().zip(&markers) {
+            self.index().add_aborted(
+                t,
+                *p,
+                Aborted {
+                    producer_id: pid,
+                    first: *first,
+                    marker: *marker,
+                },
+            );
+            entries.push((
+                encode(&LogKey::Aborted(t.clone(), *p, *marker)),
+                encode(&AbortedRecord {
+                    producer_id: pid,
+                    first: *first,
+                }),
+            ));
+        }
+        st.rec.phase = Phase::CompleteAbort;
+        st.rec.offsets.clear();
+        entries.push(txn_entry(st));
+        self.write_log(entries).await?;
+        for (t, p, _) in &st.rec.partitions {
+            self.index().close(t, *p, pid);
+        }
+        self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After the PrepareCommit record is durable: markers, offsets, and
+    /// the record that says it is done. Every step may be done twice.
+    async fn complete_commit(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        let pid = st.rec.producer_id;
+        self.write_markers(
+            &st.rec.partitions,
+            pid,
+            st.rec.producer_epoch,
+            MARKER_COMMIT,
+        )
+        .await?;
+        for (t, p, _) in &st.rec.partitions {
+            self.index().close(t, *p, pid);
+        }
+        let mut by_group: BTreeMap<&str, Vec<(Tp, u64)>> = BTreeMap::new();
+        for (g, t, p, o) in &st.rec.offsets {
+            by_group
+                .entry(g.as_str())
+                .or_default()
+                .push(((t.clone(), *p), *o));
+        }
+        for (g, offsets) in by_group {
+            self.groups.commit_in_transaction(g, offsets).await?;
+        }
+        st.rec.phase = Phase::CompleteCommit;
+        st.rec.offsets.clear();
+        self.write_log(vec![txn_entry(st)]).await?;
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One marker per partition, written together; their offsets.
+    async fn write_markers(
+        &self,
+        partitions: &[(String, u32, u64)],
+        pid: u64,
+        epoch: u16,
+        kind: u8,
+    ) -> Result<Vec<u64>, TxnError> {
+        let ts = now_ms(&self.broker) as i64;
+        let key = marker_key(kind);
+        let value = marker_value(pid, epoch);
+        let mut acks = Vec::with_capacity(partitions.len());
+        {
+            let mut group = self.broker.produce_group();
+            for (t, p, _) in partitions {
+                let mut b = BatchBuilder::new();
+                b.push(ts, Some(&key), &value, &[]);
+                acks.push(
+                    group
+                        .produce_marker(t, *p, BatchBuf::from(b.finish_control()))
+                        .await?,
+                );
+            }
+        }
+        let mut out = Vec::with_capacity(acks.len());
+        for a in acks {
+            out.push(a.await?.base_offset);
+        }
+        Ok(out)
+    }
+
+    /// Writes records to the log and waits for them to be durable. Every
+    /// quarter ring the whole live state goes first.
+    async fn write_log(&self, records: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), TxnError> {
+        let mut since = self.log.lock().await;
+        self.ensure_topic().await?;
+        let mut all = Vec::new();
+        let rewrite = *since >= LOG_REWRITE_BYTES;
+        if rewrite {
+            let entries: Vec<Entry> = self
+                .by_id
+                .lock()
+                .expect("txn lock")
+                .values()
+                .cloned()
+                .collect();
+            for e in entries {
+                // A locked id is being written by its holder, which is
+                // waiting for this lock: its record follows in its own
+                // write.
+                if let Some(st) = e.try_lock() {
+                    all.push(txn_entry(&st));
+                }
+            }
+            for (t, p, a) in self.index().all_aborted() {
+                all.push((
+                    encode(&LogKey::Aborted(t, p, a.marker)),
+                    encode(&AbortedRecord {
+                        producer_id: a.producer_id,
+                        first: a.first,
+                    }),
+                ));
+            }
+        }
+        all.extend(records);
+        let ts = now_ms(&self.broker) as i64;
+        let cut = LOG_BATCH_BYTES.min(self.broker.max_batch_bytes() / 2);
+        let mut batches = Vec::new();
+        let mut b = BatchBuilder::new();
+        for (k, v) in &all {
+            b.push(ts, Some(k), v, &[]);
+            if b.estimated_bytes() >= cut {
+                batches.push(b.finish(crate::batch::ProducerStamp::NONE));
+            }
+        }
+        if !b.is_empty() {
+            batches.push(b.finish(crate::batch::ProducerStamp::NONE));
+        }
+        let bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
+        let mut acks = Vec::with_capacity(batches.len());
+        {
+            let mut group = self.broker.produce_group();
+            for batch in batches {
+                acks.push(group.produce(TXN_TOPIC, 0, BatchBuf::from(batch)).await?);
+            }
+        }
+        for a in acks {
+            a.await?;
+        }
+        *since = if rewrite { 0 } else { *since + bytes };
+        Ok(())
+    }
+
+    async fn ensure_topic(&self) -> Result<(), TxnError> {
+        if self.broker.topic(TXN_TOPIC).is_ok() {
+            return Ok(());
+        }
+        let spec = TopicSpec {
+            partitions: Some(1),
+            segment_bytes: Some(
+                LOG_SEGMENT_BYTES
+                    .max((2 * self.broker.max_batch_bytes() as u64).next_multiple_of(4096)),
+            ),
+            segments: Some(LOG_SEGMENTS),
+            retention_ms: Some(0),
+            durability: Some(Durability::Always),
+            overflow: Some(OverflowPolicy::Overwrite),
+            msg_id_window_ms: None,
+            msg_id_window_records: None,
+            cleanup: None,
+            tombstone_retention_ms: None,
+        };
+        match self.broker.create_topic(TXN_TOPIC, &spec).await {
+            Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
+            Err(e) => {
+                log::warn!("cannot create the transaction log {TXN_TOPIC}: {e}");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn begin(st: &mut TxnState, now_ms: u64) {
+    st.rec.phase = Phase::Ongoing;
+    st.rec.partitions.clear();
+    st.rec.offsets.clear();
+    st.started_ms = now_ms;
+}
+
+/// A transaction's first record or offsets begin it; one that is ending
+/// takes none until it is done (`why` ends the message).
+fn begin_unless_ongoing(st: &mut TxnState, now_ms: u64, why: &str) -> Result<(), TxnError> {
+    match st.rec.phase {
+        Phase::Ongoing => Ok(()),
+        Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort => {
+            begin(st, now_ms);
+            Ok(())
+        }
+        p => Err(TxnError::InvalidState(format!(
+            "transaction {} is ending ({}){why}",
+            st.id,
+            p.name()
+        ))),
+    }
+}
+
+fn check_epoch(st: &TxnState, producer_id: u64, epoch: u16) -> Result<(), TxnError> {
+    if producer_id != st.rec.producer_id {
+        return Err(TxnError::InvalidState(format!(
+            "producer id {producer_id} is not transactional id {}'s",
+            st.id
+        )));
+    }
+    if epoch != st.rec.producer_epoch {
+        return Err(TxnError::Fenced {
+            epoch,
+            current: st.rec.producer_epoch,
+        });
+    }
+    Ok(())
+}
+
+fn txn_entry(st: &TxnState) -> (Vec<u8>, Vec<u8>) {
+    (encode(&LogKey::Txn(st.id.clone())), encode(&st.rec))
+}
+
+/// A marker record's key: CBOR `[0, type]`.
+fn marker_key(kind: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    minicbor::encode([0u8, kind], &mut out).expect("Vec<u8> writes are infallible");
+    out
+}
+
+/// A marker record's value: CBOR `[producer_id, producer_epoch]`.
+fn marker_value(pid: u64, epoch: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    minicbor::encode((pid, epoch), &mut out).expect("Vec<u8> writes are infallible");
+    out
+}
+
+/// Whether a control record's key says commit (`Some(true)`), abort
+/// (`Some(false)`), or is not a marker this version knows.
+pub fn marker_is_commit(key: &[u8]) -> Option<bool> {
+    let [v, kind]: [u8; 2] = minicbor::decode(key).ok()?;
+    match (v, kind) {
+        (0, MARKER_COMMIT) => Some(true),
+        (0, MARKER_ABORT) => Some(false),
+        _ => None,
+    }
+}
