@@ -61,7 +61,7 @@ fn decode_exact<'b, T: minicbor::Decode<'b, ()>>(body: &'b [u8]) -> Result<T, Fr
 }
 
 /// Decodes one request from a frame body (without the length prefix).
-pub fn decode_request(frame_body: &[u8]) -> Result<Request, FrameError> {
+pub fn decode_request(frame_body: &[u8]) -> Result<Request<'_>, FrameError> {
     decode_exact(frame_body)
 }
 
@@ -129,7 +129,7 @@ pub fn encode_request_body(
 /// body. The golden tests go through this path.
 struct RequestRef<'a> {
     correlation_id: u32,
-    body: &'a RequestBody,
+    body: &'a RequestBody<'a>,
 }
 
 impl<C> minicbor::Encode<C> for RequestRef<'_> {

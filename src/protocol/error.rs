@@ -98,11 +98,54 @@ pub enum ErrorCode {
     ShuttingDown = 21,
     /// A server bug. Not retriable; the message says what happened.
     Internal = 22,
+    /// The partition's ring is full of records the mirror has not
+    /// forwarded upstream yet, and its rule's `mirror_overflow` is `block`.
+    /// Retriable: room frees up as the mirror catches up.
+    UpstreamBacklogFull = 23,
+    // ------------------------------------------- compaction (issue 19)
+    /// A record the topic cannot take: on a compacted topic, a record
+    /// without a key (the topic keeps the latest record per key). Not
+    /// retriable: the message names the record.
+    InvalidRecord = 24,
+    /// A compacted topic's ring holds nothing but latest values (and
+    /// tombstones not yet expired): writing on would lose one. Not
+    /// retriable as is: delete keys (tombstones), or grow the ring
+    /// (`skiff topics alter --segments`). Also the answer to a shrink of
+    /// such a ring below the segments its data fills.
+    RingFullOfLiveData = 25,
+    // 26..=29 are left to other features; the group codes take 30..=39.
+    /// `describe`, `delete` or a reset for a group that has no members
+    /// and no committed offsets. Not retriable.
+    UnknownGroup = 30,
+    /// The member id is not in the group: removed after its session
+    /// timeout or a missed rebalance, or replaced by its static instance.
+    /// Not retriable as is: join again as a new member.
+    UnknownMemberId = 31,
+    /// The request names a generation that is over: the member was fenced
+    /// by a rebalance it missed. Not retriable as is: join again.
+    IllegalGeneration = 32,
+    /// The group is rebalancing. Not retriable as is: join again.
+    RebalanceInProgress = 33,
+    /// A commit for a partition not assigned to the member. Not retriable.
+    NotOwner = 34,
+    /// `delete` or a reset of a group that has members. Not retriable
+    /// until they stop.
+    GroupNotEmpty = 35,
+    // ----------------------------------------- transactions: 40..=44
+    /// The request does not fit the transaction's state: a produce while
+    /// it commits, an end or offsets for an id never initialised. Not
+    /// retriable as is; the message says what the state is.
+    InvalidTxnState = 40,
+    // ------------------------------------------- share groups: 45..=49
+    /// An acknowledgement for a record the member does not hold: its
+    /// lock expired (the record may be with another worker now), or it
+    /// was never acquired. Not retriable: the record is redelivered.
+    ShareLockLost = 45,
 }
 
 impl ErrorCode {
     /// Every code, in wire order. Used by tests and by the docs table.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 34] = [
         Self::None,
         Self::UnknownTopic,
         Self::UnknownPartition,
@@ -126,6 +169,17 @@ impl ErrorCode {
         Self::DuplicateSequence,
         Self::ShuttingDown,
         Self::Internal,
+        Self::UpstreamBacklogFull,
+        Self::InvalidRecord,
+        Self::RingFullOfLiveData,
+        Self::UnknownGroup,
+        Self::UnknownMemberId,
+        Self::IllegalGeneration,
+        Self::RebalanceInProgress,
+        Self::NotOwner,
+        Self::GroupNotEmpty,
+        Self::InvalidTxnState,
+        Self::ShareLockLost,
     ];
 
     /// The number on the wire.
@@ -136,7 +190,8 @@ impl ErrorCode {
     /// The code for a wire number, or `None` for a number this version does
     /// not define.
     pub fn from_u16(code: u16) -> Option<Self> {
-        Self::ALL.get(usize::from(code)).copied()
+        // Numbers are not contiguous (features take blocks of them).
+        Self::ALL.into_iter().find(|c| c.as_u16() == code)
     }
 
     /// The snake_case name used in docs, logs and the CLI.
@@ -165,6 +220,17 @@ impl ErrorCode {
             Self::DuplicateSequence => "duplicate_sequence",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::UnknownGroup => "unknown_group",
+            Self::UnknownMemberId => "unknown_member_id",
+            Self::IllegalGeneration => "illegal_generation",
+            Self::RebalanceInProgress => "rebalance_in_progress",
+            Self::NotOwner => "not_owner",
+            Self::GroupNotEmpty => "group_not_empty",
+            Self::InvalidRecord => "invalid_record",
+            Self::RingFullOfLiveData => "ring_full_of_live_data",
+            Self::UpstreamBacklogFull => "upstream_backlog_full",
+            Self::ShareLockLost => "share_lock_lost",
+            Self::InvalidTxnState => "invalid_txn_state",
         }
     }
 
@@ -173,7 +239,10 @@ impl ErrorCode {
     pub fn is_retriable(self) -> bool {
         matches!(
             self,
-            Self::StorageFull | Self::TooManyConnections | Self::ShuttingDown
+            Self::StorageFull
+                | Self::TooManyConnections
+                | Self::ShuttingDown
+                | Self::UpstreamBacklogFull
         )
     }
 

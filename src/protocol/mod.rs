@@ -10,6 +10,8 @@
 
 pub mod codec;
 pub mod error;
+pub mod share;
+pub mod txn;
 pub mod types;
 
 #[cfg(test)]
@@ -21,13 +23,21 @@ pub use codec::{
     peek_correlation_id, Splice, FRAME_HEADER_BYTES, SPLICE_MIN_BYTES,
 };
 pub use error::{ErrorCode, FrameError, MalformedKind};
+pub use share::*;
+pub use txn::*;
 pub use types::*;
 
 /// The protocol versions this build speaks. A version changes when an
 /// operation is added or a field's meaning changes; adding an optional field
 /// does not need one.
+///
+/// - 1: topics, produce, fetch, offsets, idempotent producers.
+/// - 2: consumer groups (operations 20..=39).
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// 2: the mirror's operations (variants 40..=49).
+/// 3: transactions (operations 60..=69, fetch isolation) and share groups
+///    (operations 70..=79, docs/queues.md).
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 
 /// The hard ceiling on a frame body, whatever the config says: a produce of
@@ -46,6 +56,26 @@ const _: () = assert!(
 /// peer that sends a large first frame is not a skiff client (an HTTP or TLS
 /// client hitting the wrong port), and is cut off before it costs memory.
 pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
+
+/// `body` as a client of protocol `version` may be sent it: before
+/// version 2 there is no `upstream_backlog_full`, and such a client gets
+/// `storage_full` (also retriable, with the same meaning to it).
+pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
+    if version >= 2 {
+        return body;
+    }
+    let old = |code: &mut ErrorCode| {
+        if *code == ErrorCode::UpstreamBacklogFull {
+            *code = ErrorCode::StorageFull;
+        }
+    };
+    match &mut body {
+        ResponseBody::Error(e) => old(&mut e.code),
+        ResponseBody::Produce(p) => p.partitions.iter_mut().for_each(|r| old(&mut r.error)),
+        _ => {}
+    }
+    body
+}
 
 /// The version a server speaking `[PROTOCOL_VERSION_MIN, PROTOCOL_VERSION_MAX]`
 /// picks for a client offering `[client_min, client_max]`: the highest both

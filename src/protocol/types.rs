@@ -21,24 +21,45 @@
 //! `null`), except the sparse [`CreateTopicRequest`] and [`TopicConfig`],
 //! which are maps keyed by index. Enums are "flat" arrays:
 //! `[variant_index, field0, field1, ...]`. Batches and records travel as
-//! definite-length CBOR byte strings ([`ByteVec`]) holding the
-//! [`batch`](crate::batch) format, so the server stores what it decodes
-//! without re-encoding.
+//! definite-length CBOR byte strings ([`ByteVec`], [`BatchBytes`]) holding
+//! the [`batch`](crate::batch) format, so the server stores what it
+//! decodes without re-encoding.
+//!
+//! # Borrowing
+//!
+//! A request decodes with the lifetime of its frame: a produce batch is
+//! borrowed from the frame ([`BatchBytes`]), not copied, so the server
+//! decides where it goes (one copy, into a buffer of its own pool). Every
+//! other field is owned; [`RequestBody::into_owned`] detaches a request
+//! from its frame.
+
+use std::borrow::Cow;
 
 use minicbor::bytes::ByteVec;
 use minicbor::{Decode, Encode};
 
 use super::error::ErrorCode;
+use super::txn::*;
 
 /// One request frame: a correlation id the response echoes, and the body.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub struct Request {
+pub struct Request<'b> {
     /// Chosen by the client, unique among its requests in flight; the
     /// response carries it back. Responses may come out of order.
     #[n(0)]
     pub correlation_id: u32,
-    #[n(1)]
-    pub body: RequestBody,
+    #[b(1)]
+    pub body: RequestBody<'b>,
+}
+
+impl Request<'_> {
+    /// The request detached from the frame it was decoded from.
+    pub fn into_owned(self) -> Request<'static> {
+        Request {
+            correlation_id: self.correlation_id,
+            body: self.body.into_owned(),
+        }
+    }
 }
 
 /// One response frame.
@@ -56,7 +77,7 @@ pub struct Response {
 /// index in requests and responses, where 0 is the error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 #[cbor(flat)]
-pub enum RequestBody {
+pub enum RequestBody<'b> {
     #[n(1)]
     Hello(#[n(0)] HelloRequest),
     #[n(2)]
@@ -70,13 +91,59 @@ pub enum RequestBody {
     #[n(6)]
     DeleteTopic(#[n(0)] DeleteTopicRequest),
     #[n(7)]
-    Produce(#[n(0)] ProduceRequest),
+    Produce(#[b(0)] ProduceRequest<'b>),
     #[n(8)]
     Fetch(#[n(0)] FetchRequest),
     #[n(9)]
     ListOffsets(#[n(0)] ListOffsetsRequest),
     #[n(10)]
     InitProducer(#[n(0)] InitProducerRequest),
+    // Consumer groups: 20..=39 (version 2).
+    #[n(20)]
+    JoinGroup(#[n(0)] JoinGroupRequest),
+    #[n(21)]
+    SyncGroup(#[n(0)] SyncGroupRequest),
+    #[n(22)]
+    Heartbeat(#[n(0)] HeartbeatRequest),
+    #[n(23)]
+    LeaveGroup(#[n(0)] LeaveGroupRequest),
+    #[n(24)]
+    OffsetCommit(#[n(0)] OffsetCommitRequest),
+    #[n(25)]
+    OffsetFetch(#[n(0)] OffsetFetchRequest),
+    #[n(26)]
+    ListGroups(#[n(0)] ListGroupsRequest),
+    #[n(27)]
+    DescribeGroup(#[n(0)] DescribeGroupRequest),
+    #[n(28)]
+    DeleteGroup(#[n(0)] DeleteGroupRequest),
+    // Compaction (issue 19) keeps its operations at 50..=59.
+    #[n(50)]
+    CompactTopic(#[n(0)] CompactTopicRequest),
+    #[n(51)]
+    DescribePartitions(#[n(0)] DescribePartitionsRequest),
+    #[n(52)]
+    AlterTopic(#[n(0)] AlterTopicRequest),
+    // 11..=39: other operations (20..=39 consumer groups). 40..=49: the
+    // mirror (protocol version 2).
+    #[n(40)]
+    MirrorStatus(#[n(0)] MirrorStatusRequest),
+    #[n(41)]
+    MirrorPause(#[n(0)] MirrorRuleRequest),
+    // Share groups (queues): 70..=79 (version 3), types in `share`.
+    #[n(70)]
+    ShareFetch(#[n(0)] super::share::ShareFetchRequest),
+    #[n(71)]
+    ShareAck(#[n(0)] super::share::ShareAckRequest),
+    // Transactions: 60..=69 (version 3).
+    #[n(60)]
+    InitTxn(#[n(0)] InitTxnRequest),
+    #[n(61)]
+    AddTxnOffsets(#[n(0)] AddTxnOffsetsRequest),
+    #[n(62)]
+    EndTxn(#[n(0)] EndTxnRequest),
+    #[n(63)]
+    ListTxns(#[n(0)] ListTxnsRequest),
 }
 
 /// The answer to a request: the operation's response, or an error for the
@@ -107,9 +174,100 @@ pub enum ResponseBody {
     ListOffsets(#[n(0)] ListOffsetsResponse),
     #[n(10)]
     InitProducer(#[n(0)] InitProducerResponse),
+    // Consumer groups: 20..=39 (version 2).
+    #[n(20)]
+    JoinGroup(#[n(0)] JoinGroupResponse),
+    #[n(21)]
+    SyncGroup(#[n(0)] SyncGroupResponse),
+    #[n(22)]
+    Heartbeat(#[n(0)] HeartbeatResponse),
+    #[n(23)]
+    LeaveGroup(#[n(0)] LeaveGroupResponse),
+    #[n(24)]
+    OffsetCommit(#[n(0)] OffsetCommitResponse),
+    #[n(25)]
+    OffsetFetch(#[n(0)] OffsetFetchResponse),
+    #[n(26)]
+    ListGroups(#[n(0)] ListGroupsResponse),
+    #[n(27)]
+    DescribeGroup(#[n(0)] DescribeGroupResponse),
+    #[n(28)]
+    DeleteGroup(#[n(0)] DeleteGroupResponse),
+    // Compaction (issue 19) keeps its operations at 50..=59.
+    #[n(50)]
+    CompactTopic(#[n(0)] CompactTopicResponse),
+    #[n(51)]
+    DescribePartitions(#[n(0)] DescribePartitionsResponse),
+    #[n(52)]
+    AlterTopic(#[n(0)] CreateTopicResponse),
+    #[n(40)]
+    MirrorStatus(#[n(0)] MirrorStatusResponse),
+    #[n(41)]
+    MirrorPause(#[n(0)] MirrorRuleRequest),
+    // Share groups (queues): 70..=79 (version 3).
+    #[n(70)]
+    ShareFetch(#[n(0)] super::share::ShareFetchResponse),
+    #[n(71)]
+    ShareAck(#[n(0)] super::share::ShareAckResponse),
+    // Transactions: 60..=69 (version 3).
+    #[n(60)]
+    InitTxn(#[n(0)] InitTxnResponse),
+    #[n(61)]
+    AddTxnOffsets(#[n(0)] AddTxnOffsetsResponse),
+    #[n(62)]
+    EndTxn(#[n(0)] EndTxnResponse),
+    #[n(63)]
+    ListTxns(#[n(0)] ListTxnsResponse),
 }
 
-impl RequestBody {
+impl RequestBody<'_> {
+    /// The request detached from the frame it was decoded from (a
+    /// produce's batches are copied).
+    pub fn into_owned(self) -> RequestBody<'static> {
+        match self {
+            Self::Hello(r) => RequestBody::Hello(r),
+            Self::Metadata(r) => RequestBody::Metadata(r),
+            Self::CreateTopic(r) => RequestBody::CreateTopic(r),
+            Self::DescribeTopic(r) => RequestBody::DescribeTopic(r),
+            Self::ListTopics(r) => RequestBody::ListTopics(r),
+            Self::DeleteTopic(r) => RequestBody::DeleteTopic(r),
+            Self::Produce(r) => RequestBody::Produce(ProduceRequest {
+                partitions: r
+                    .partitions
+                    .into_iter()
+                    .map(|p| ProducePartition {
+                        topic: p.topic,
+                        partition: p.partition,
+                        batch: p.batch.into_owned(),
+                    })
+                    .collect(),
+            }),
+            Self::Fetch(r) => RequestBody::Fetch(r),
+            Self::ListOffsets(r) => RequestBody::ListOffsets(r),
+            Self::InitProducer(r) => RequestBody::InitProducer(r),
+            Self::JoinGroup(r) => RequestBody::JoinGroup(r),
+            Self::SyncGroup(r) => RequestBody::SyncGroup(r),
+            Self::Heartbeat(r) => RequestBody::Heartbeat(r),
+            Self::LeaveGroup(r) => RequestBody::LeaveGroup(r),
+            Self::OffsetCommit(r) => RequestBody::OffsetCommit(r),
+            Self::OffsetFetch(r) => RequestBody::OffsetFetch(r),
+            Self::ListGroups(r) => RequestBody::ListGroups(r),
+            Self::DescribeGroup(r) => RequestBody::DescribeGroup(r),
+            Self::DeleteGroup(r) => RequestBody::DeleteGroup(r),
+            Self::CompactTopic(r) => RequestBody::CompactTopic(r),
+            Self::DescribePartitions(r) => RequestBody::DescribePartitions(r),
+            Self::AlterTopic(r) => RequestBody::AlterTopic(r),
+            Self::MirrorStatus(r) => RequestBody::MirrorStatus(r),
+            Self::MirrorPause(r) => RequestBody::MirrorPause(r),
+            Self::ShareFetch(r) => RequestBody::ShareFetch(r),
+            Self::ShareAck(r) => RequestBody::ShareAck(r),
+            Self::InitTxn(r) => RequestBody::InitTxn(r),
+            Self::AddTxnOffsets(r) => RequestBody::AddTxnOffsets(r),
+            Self::EndTxn(r) => RequestBody::EndTxn(r),
+            Self::ListTxns(r) => RequestBody::ListTxns(r),
+        }
+    }
+
     /// The operation's name, for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -123,6 +281,26 @@ impl RequestBody {
             Self::Fetch(_) => "fetch",
             Self::ListOffsets(_) => "list_offsets",
             Self::InitProducer(_) => "init_producer",
+            Self::JoinGroup(_) => "join_group",
+            Self::SyncGroup(_) => "sync_group",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::LeaveGroup(_) => "leave_group",
+            Self::OffsetCommit(_) => "offset_commit",
+            Self::OffsetFetch(_) => "offset_fetch",
+            Self::ListGroups(_) => "list_groups",
+            Self::DescribeGroup(_) => "describe_group",
+            Self::DeleteGroup(_) => "delete_group",
+            Self::CompactTopic(_) => "compact_topic",
+            Self::DescribePartitions(_) => "describe_partitions",
+            Self::AlterTopic(_) => "alter_topic",
+            Self::MirrorStatus(_) => "mirror_status",
+            Self::MirrorPause(_) => "mirror_pause",
+            Self::ShareFetch(_) => "share_fetch",
+            Self::ShareAck(_) => "share_ack",
+            Self::InitTxn(_) => "init_txn",
+            Self::AddTxnOffsets(_) => "add_txn_offsets",
+            Self::EndTxn(_) => "end_txn",
+            Self::ListTxns(_) => "list_txns",
         }
     }
 }
@@ -142,6 +320,26 @@ impl ResponseBody {
             Self::Fetch(_) => "fetch",
             Self::ListOffsets(_) => "list_offsets",
             Self::InitProducer(_) => "init_producer",
+            Self::JoinGroup(_) => "join_group",
+            Self::SyncGroup(_) => "sync_group",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::LeaveGroup(_) => "leave_group",
+            Self::OffsetCommit(_) => "offset_commit",
+            Self::OffsetFetch(_) => "offset_fetch",
+            Self::ListGroups(_) => "list_groups",
+            Self::DescribeGroup(_) => "describe_group",
+            Self::DeleteGroup(_) => "delete_group",
+            Self::CompactTopic(_) => "compact_topic",
+            Self::DescribePartitions(_) => "describe_partitions",
+            Self::AlterTopic(_) => "alter_topic",
+            Self::MirrorStatus(_) => "mirror_status",
+            Self::MirrorPause(_) => "mirror_pause",
+            Self::ShareFetch(_) => "share_fetch",
+            Self::ShareAck(_) => "share_ack",
+            Self::InitTxn(_) => "init_txn",
+            Self::AddTxnOffsets(_) => "add_txn_offsets",
+            Self::EndTxn(_) => "end_txn",
+            Self::ListTxns(_) => "list_txns",
         }
     }
 }
@@ -268,6 +466,13 @@ pub struct CreateTopicRequest {
     /// 0 or absent: off.
     #[n(8)]
     pub msg_id_window_records: Option<u32>,
+    // Compaction (issue 19) keeps its fields at 50..=59.
+    /// `"delete"` (the default), `"compact"` or `"compact,delete"`.
+    #[n(50)]
+    pub cleanup: Option<String>,
+    /// How long a tombstone stays on a compacted topic (default: a day).
+    #[n(51)]
+    pub tombstone_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -302,6 +507,13 @@ pub struct TopicConfig {
     /// The message-id window by count; absent when off.
     #[n(8)]
     pub msg_id_window_records: Option<u32>,
+    // Compaction (issue 19) keeps its fields at 50..=59.
+    /// The cleanup policy; absent from older servers (then `"delete"`).
+    #[n(50)]
+    pub cleanup: Option<String>,
+    /// On a compacted topic, how long tombstones stay.
+    #[n(51)]
+    pub tombstone_retention_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -326,6 +538,13 @@ pub struct ListTopicsResponse {
     /// Sorted by name.
     #[n(0)]
     pub topics: Vec<String>,
+    /// `storage.disk_budget_bytes`, and what the topics' rings reserve of
+    /// it (all topics, also those the identity may not see); absent from
+    /// older servers.
+    #[n(1)]
+    pub disk_budget_bytes: Option<u64>,
+    #[n(2)]
+    pub disk_reserved_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -343,35 +562,72 @@ pub struct DeleteTopicResponse {}
 /// topic's fsync policy. Entries for the same partition are appended in the
 /// order they are listed.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub struct ProduceRequest {
-    #[n(0)]
-    pub partitions: Vec<ProducePartition>,
+pub struct ProduceRequest<'b> {
+    #[b(0)]
+    pub partitions: Vec<ProducePartition<'b>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub struct ProducePartition {
+pub struct ProducePartition<'b> {
     #[n(0)]
     pub topic: String,
     #[n(1)]
     pub partition: u32,
     /// One record batch ([`crate::batch`] format) with base offset 0; the
-    /// server assigns the offsets. Decoded into a recycled buffer
-    /// ([`crate::bufpool`]).
-    #[cbor(n(2), decode_with = "decode_pooled_bytes")]
-    pub batch: ByteVec,
+    /// server assigns the offsets.
+    #[b(2)]
+    pub batch: BatchBytes<'b>,
 }
 
-/// A CBOR byte string, as `ByteVec` decodes it, into a buffer from
-/// [`crate::bufpool`]: a produce batch is large enough that a fresh one per
-/// batch cost the broker a page fault per 4 KiB received.
-fn decode_pooled_bytes<Ctx>(
-    d: &mut minicbor::Decoder<'_>,
-    _: &mut Ctx,
-) -> Result<ByteVec, minicbor::decode::Error> {
-    let bytes = d.bytes()?;
-    let mut buf = crate::bufpool::take(bytes.len());
-    buf.extend_from_slice(bytes);
-    Ok(ByteVec::from(buf))
+/// A produce batch's bytes, a CBOR byte string on the wire: borrowed from
+/// the frame when decoded, owned when a client builds a request. Derefs
+/// to the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchBytes<'b>(Cow<'b, [u8]>);
+
+impl BatchBytes<'_> {
+    pub fn into_owned(self) -> BatchBytes<'static> {
+        BatchBytes(Cow::Owned(self.0.into_owned()))
+    }
+}
+
+impl From<Vec<u8>> for BatchBytes<'static> {
+    fn from(bytes: Vec<u8>) -> Self {
+        BatchBytes(Cow::Owned(bytes))
+    }
+}
+
+impl<'b> From<&'b [u8]> for BatchBytes<'b> {
+    fn from(bytes: &'b [u8]) -> Self {
+        BatchBytes(Cow::Borrowed(bytes))
+    }
+}
+
+impl std::ops::Deref for BatchBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<C> Encode<C> for BatchBytes<'_> {
+    fn encode<W: minicbor::encode::Write>(
+        &self,
+        e: &mut minicbor::Encoder<W>,
+        _: &mut C,
+    ) -> Result<(), minicbor::encode::Error<W::Error>> {
+        e.bytes(&self.0)?;
+        Ok(())
+    }
+}
+
+impl<'b, C> Decode<'b, C> for BatchBytes<'b> {
+    /// Borrowed: a definite-length byte string (what every skiff client
+    /// sends) is the frame's own bytes; an indefinite one, in chunks, is
+    /// malformed here as for `ByteVec`.
+    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
+        Ok(BatchBytes(Cow::Borrowed(d.bytes()?)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -379,6 +635,11 @@ pub struct ProduceResponse {
     /// One result per request entry, in the same order.
     #[n(0)]
     pub partitions: Vec<ProducePartitionResult>,
+    /// How long the server held this answer back, and read nothing more
+    /// from the connection, because the identity is over its produce quota
+    /// (`quotas.produce_bytes_per_s`). Absent when not throttled.
+    #[n(1)]
+    pub throttle_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -431,6 +692,9 @@ pub struct FetchRequest {
     /// once.
     #[n(2)]
     pub min_bytes: u32,
+    /// Absent: read_uncommitted (what a client before transactions got).
+    #[n(3)]
+    pub isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -454,6 +718,11 @@ pub struct FetchResponse {
     /// One result per request entry, in the same order.
     #[n(0)]
     pub partitions: Vec<FetchPartitionResult>,
+    /// How long the server held this answer back because the identity is
+    /// over its consume quota (`quotas.consume_bytes_per_s`). Absent when
+    /// not throttled.
+    #[n(1)]
+    pub throttle_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -475,6 +744,14 @@ pub struct FetchPartitionResult {
     /// below it: the client skips records below the offset it asked for.
     #[n(5)]
     pub records: ByteVec,
+    /// The partition's last stable offset: no transaction is open below
+    /// it. Absent from servers before version 3.
+    #[n(6)]
+    pub last_stable_offset: Option<u64>,
+    /// read_committed only: where to fetch next, past batches the server
+    /// left out (aborted transactions, markers) after the last one sent.
+    #[n(7)]
+    pub next_offset: Option<u64>,
 }
 
 /// An upper bound on the bytes a fetch response adds around its results:
@@ -488,8 +765,8 @@ impl FetchPartitionResult {
     /// counting the record bytes themselves. CBOR heads are at most 9 bytes.
     pub fn envelope_bytes_max(topic: &str) -> usize {
         // array head, topic head + text, partition, error, two offsets,
-        // records' byte-string head
-        1 + 9 + topic.len() + 5 + 3 + 9 + 9 + 9
+        // records' byte-string head, the two optional offsets
+        1 + 9 + topic.len() + 5 + 3 + 9 + 9 + 9 + 9 + 9
     }
 }
 
@@ -564,4 +841,460 @@ pub struct InitProducerResponse {
     pub producer_id: u64,
     #[n(1)]
     pub producer_epoch: u16,
+}
+
+// ---------------------------------------------------------------- groups
+//
+// Consumer groups (protocol version 2; operations 20..=39). See
+// docs/protocol.md, "Consumer groups", for the member's life cycle.
+
+/// A topic and partition, as groups name them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Encode, Decode)]
+pub struct GroupPartition {
+    #[n(0)]
+    pub topic: String,
+    #[n(1)]
+    pub partition: u32,
+}
+
+/// Joins a group, or joins it again in a rebalance. Answered once the
+/// rebalance has made the next generation (a long poll, bounded by the
+/// members' rebalance timeouts).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct JoinGroupRequest {
+    #[n(0)]
+    pub group: String,
+    /// Absent for a new member; the answer carries its id.
+    #[n(1)]
+    pub member_id: Option<String>,
+    /// Static membership: the same instance id back within the session
+    /// timeout takes its old place and partitions without a rebalance.
+    #[n(2)]
+    pub instance_id: Option<String>,
+    #[n(3)]
+    pub topics: Vec<String>,
+    /// `range`, `roundrobin` or `cooperative-sticky`; every member of a
+    /// group must name the same.
+    #[n(4)]
+    pub assignor: String,
+    /// Without a heartbeat (or join) for this long the member is removed.
+    #[n(5)]
+    pub session_timeout_ms: u32,
+    /// How long a rebalance waits for this member to join again (the
+    /// client's max poll interval).
+    #[n(6)]
+    pub rebalance_timeout_ms: u32,
+    /// The partitions the member holds now.
+    #[n(7)]
+    pub owned: Vec<GroupPartition>,
+    /// For `groups describe`, e.g. "skiff-cli/0.1.0 pid 4242".
+    #[n(8)]
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct JoinGroupResponse {
+    #[n(0)]
+    pub member_id: String,
+    #[n(1)]
+    pub generation: u32,
+    #[n(2)]
+    pub assignor: String,
+    #[n(3)]
+    pub members: u32,
+}
+
+/// The member's share of a generation.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SyncGroupRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub member_id: String,
+    #[n(2)]
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SyncGroupResponse {
+    /// Sorted. Partitions the member held and is not given here are to be
+    /// given up: commit them, stop reading them, then join again.
+    #[n(0)]
+    pub assignment: Vec<GroupPartition>,
+    /// The next rebalance has begun: apply this, then join again.
+    #[n(1)]
+    pub rejoin: bool,
+}
+
+/// Keeps the session alive. Errors: `rebalance_in_progress` (join again),
+/// `illegal_generation`, `unknown_member_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct HeartbeatRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub member_id: String,
+    #[n(2)]
+    pub generation: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct HeartbeatResponse {}
+
+/// Leaves at once; the others rebalance.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct LeaveGroupRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub member_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct LeaveGroupResponse {}
+
+/// Commits offsets (the next offset to read), answered once durable.
+/// With `member_id` and `generation`: a member committing partitions it
+/// owns. Without: only for a group with no members (an operator's reset).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OffsetCommitRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub member_id: Option<String>,
+    #[n(2)]
+    pub generation: Option<u32>,
+    #[n(3)]
+    pub offsets: Vec<OffsetCommitPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OffsetCommitPartition {
+    #[n(0)]
+    pub topic: String,
+    #[n(1)]
+    pub partition: u32,
+    #[n(2)]
+    pub offset: u64,
+    /// At most 4096 bytes, kept with the offset.
+    #[n(3)]
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct OffsetCommitResponse {}
+
+/// Committed offsets of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OffsetFetchRequest {
+    #[n(0)]
+    pub group: String,
+    /// Absent: every partition the group has committed.
+    #[n(1)]
+    pub partitions: Option<Vec<GroupPartition>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct OffsetFetchResponse {
+    /// Only partitions with a committed offset.
+    #[n(0)]
+    pub offsets: Vec<CommittedOffset>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CommittedOffset {
+    #[n(0)]
+    pub topic: String,
+    #[n(1)]
+    pub partition: u32,
+    #[n(2)]
+    pub offset: u64,
+    #[n(3)]
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct ListGroupsRequest {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ListGroupsResponse {
+    /// Sorted by name.
+    #[n(0)]
+    pub groups: Vec<GroupListing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupListing {
+    #[n(0)]
+    pub group: String,
+    /// `Empty`, `PreparingRebalance` or `Stable`.
+    #[n(1)]
+    pub state: String,
+    #[n(2)]
+    pub members: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribeGroupRequest {
+    #[n(0)]
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribeGroupResponse {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub state: String,
+    #[n(2)]
+    pub generation: u32,
+    /// The assignor; absent for a group that never had members.
+    #[n(3)]
+    pub assignor: Option<String>,
+    #[n(4)]
+    pub members: Vec<GroupMember>,
+    #[n(5)]
+    pub offsets: Vec<GroupOffset>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupMember {
+    #[n(0)]
+    pub member_id: String,
+    #[n(1)]
+    pub instance_id: Option<String>,
+    #[n(2)]
+    pub client: String,
+    #[n(3)]
+    pub assignment: Vec<GroupPartition>,
+}
+
+/// A committed or assigned partition, with its lag.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupOffset {
+    #[n(0)]
+    pub topic: String,
+    #[n(1)]
+    pub partition: u32,
+    /// Absent: assigned but nothing committed yet.
+    #[n(2)]
+    pub committed: Option<u64>,
+    /// Absent when the partition cannot be read (a deleted topic).
+    #[n(3)]
+    pub log_end: Option<u64>,
+    /// `log_end - committed`; absent when either is.
+    #[n(4)]
+    pub lag: Option<u64>,
+    #[n(5)]
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeleteGroupRequest {
+    #[n(0)]
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct DeleteGroupResponse {}
+// ------------------------------------------------ compaction (issue 19)
+
+/// Compacts every partition of a compacted topic now. With `wait`, the
+/// answer comes when it is done and says what it did; without, at once
+/// (the cleaner runs it in the background).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CompactTopicRequest {
+    #[n(0)]
+    pub name: String,
+    #[n(1)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CompactTopicResponse {
+    /// Empty when not waited for.
+    #[n(0)]
+    pub partitions: Vec<CompactedPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct CompactedPartition {
+    #[n(0)]
+    pub partition: u32,
+    #[n(1)]
+    pub error: ErrorCode,
+    /// Oldest segments merged into one (0: nothing to do), and the slots
+    /// that freed.
+    #[n(2)]
+    pub segments_merged: u32,
+    #[n(3)]
+    pub segments_freed: u32,
+    /// Batch bytes of the merged segments before and after.
+    #[n(4)]
+    pub bytes_before: u64,
+    #[n(5)]
+    pub bytes_after: u64,
+    #[n(6)]
+    pub records_removed: u64,
+}
+
+/// Each partition's ring in detail: what `topics describe` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribePartitionsRequest {
+    #[n(0)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribePartitionsResponse {
+    #[n(0)]
+    pub partitions: Vec<PartitionDetail>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct PartitionDetail {
+    #[n(0)]
+    pub partition: u32,
+    #[n(1)]
+    pub error: ErrorCode,
+    /// The earliest offset kept and the next offset to be written.
+    #[n(2)]
+    pub log_start: u64,
+    #[n(3)]
+    pub log_end: u64,
+    /// Bytes of batches in the live segments (headers included).
+    #[n(4)]
+    pub bytes: u64,
+    /// Live segments of the ring, of `segments`.
+    #[n(5)]
+    pub segments_used: u32,
+    #[n(6)]
+    pub segments: u32,
+    /// The oldest segment's newest record timestamp (ms; absent when the
+    /// log is empty), which time retention compares with.
+    #[n(7)]
+    pub oldest_segment_max_timestamp: Option<i64>,
+    /// What the next time-retention step frees: the oldest closed segment's
+    /// offsets and bytes, and when (ms since the epoch); absent without
+    /// time retention or closed segments.
+    #[n(8)]
+    pub next_retention_at_ms: Option<i64>,
+    #[n(9)]
+    pub next_retention_offsets: Option<u64>,
+    #[n(10)]
+    pub next_retention_bytes: Option<u64>,
+    /// The oldest record's timestamp (ms; absent when the log is empty).
+    #[n(11)]
+    pub oldest_timestamp: Option<i64>,
+    /// Damaged data recovery skipped at start-up, still inside the log
+    /// (docs/semantics.md, "Damaged data"); absent when none.
+    #[n(12)]
+    pub damaged: Option<Vec<DamagedRange>>,
+}
+
+/// Offsets lost to damaged data that recovery skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DamagedRange {
+    /// The offsets lost: `from_offset..to_offset`.
+    #[n(0)]
+    pub from_offset: u64,
+    #[n(1)]
+    pub to_offset: u64,
+    /// The damaged bytes skipped, and where: the segment slot and the
+    /// position in its file.
+    #[n(2)]
+    pub bytes: u64,
+    #[n(3)]
+    pub slot: u32,
+    #[n(4)]
+    pub position: u64,
+    /// When recovery found it (ms since the Unix epoch).
+    #[n(5)]
+    pub found_ms: i64,
+    /// What was there instead of a batch.
+    #[n(6)]
+    pub found: String,
+}
+
+/// Changes a topic live; absent fields stay as they are. Answered with the
+/// whole configuration after the change (as `create_topic`'s answer).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+#[cbor(map)]
+pub struct AlterTopicRequest {
+    #[n(0)]
+    pub name: String,
+    /// 0: no time retention.
+    #[n(4)]
+    pub retention_ms: Option<u64>,
+    #[n(5)]
+    pub fsync: Option<String>,
+    #[n(50)]
+    pub cleanup: Option<String>,
+    #[n(51)]
+    pub tombstone_retention_ms: Option<u64>,
+    /// The ring's new segment count (as create's `segments`): grows or
+    /// shrinks every partition's ring live.
+    #[n(3)]
+    pub segments: Option<u32>,
+}
+
+// ------------------------------------------------------------------- mirror
+// Variants 40..=49 of RequestBody and ResponseBody, since protocol version 2.
+
+/// The mirror's link state and per-rule counters.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct MirrorStatusRequest {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MirrorStatusResponse {
+    /// False: no `[mirror]` upstream is configured.
+    #[n(0)]
+    pub enabled: bool,
+    /// True: the producer is initialised and the checkpoints were read.
+    #[n(1)]
+    pub link_up: bool,
+    /// Why the link is down, or the last failure it recovered from.
+    #[n(2)]
+    pub last_error: Option<String>,
+    /// The transactional id (the `skiff.gateway` header).
+    #[n(3)]
+    pub gateway: String,
+    #[n(4)]
+    pub upstream: String,
+    #[n(5)]
+    pub transactions_committed: u64,
+    #[n(6)]
+    pub transactions_aborted: u64,
+    #[n(7)]
+    pub rules: Vec<MirrorRuleStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MirrorRuleStatus {
+    #[n(0)]
+    pub name: String,
+    #[n(1)]
+    pub paused: bool,
+    #[n(2)]
+    pub partitions: u64,
+    #[n(3)]
+    pub backlog_records: u64,
+    #[n(4)]
+    pub bytes_at_risk: u64,
+    #[n(5)]
+    pub forwarded_records: u64,
+    #[n(6)]
+    pub forwarded_bytes: u64,
+    #[n(7)]
+    pub dropped_records: u64,
+}
+
+/// Pauses (`paused: true`) or resumes a rule; the answer echoes it. An
+/// unknown rule is `invalid_request`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MirrorRuleRequest {
+    #[n(0)]
+    pub rule: String,
+    #[n(1)]
+    pub paused: bool,
 }

@@ -1,0 +1,127 @@
+//! Share groups (queues, docs/queues.md): operations 70..=79, protocol
+//! version 3. Kept apart from `types` so that other features' operations
+//! merge beside them without touching these.
+//!
+//! A share fetch hands out records one by one, each locked to the member
+//! that asked; the member acknowledges each record (accept, release,
+//! reject). Records travel decoded, not as stored batches: a share fetch
+//! picks single records out of batches (the ones available to this
+//! member), so there are no whole batches to pass through.
+
+use minicbor::bytes::ByteVec;
+use minicbor::{Decode, Encode};
+
+use super::error::ErrorCode;
+
+/// Acquires up to `max_records` records of `topic` (any partition) for
+/// `member_id` of share group `group`. The server answers as soon as it
+/// has one, or after `max_wait_ms` with none.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareFetchRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub topic: String,
+    /// Chosen by the client, unique per worker; acknowledgements must come
+    /// from the member that holds a record's lock.
+    #[n(2)]
+    pub member_id: String,
+    #[n(3)]
+    pub max_records: u32,
+    #[n(4)]
+    pub max_wait_ms: u32,
+    /// Where a share partition the group has never read starts:
+    /// "earliest" or "latest" (absent: latest, as Kafka's).
+    #[n(5)]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareFetchResponse {
+    #[n(0)]
+    pub records: Vec<ShareRecord>,
+    /// How long each record stays locked to the member from now.
+    #[n(1)]
+    pub lock_ms: u64,
+}
+
+/// One acquired record.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareRecord {
+    #[n(0)]
+    pub partition: u32,
+    #[n(1)]
+    pub offset: u64,
+    #[n(2)]
+    pub timestamp_ms: i64,
+    #[n(3)]
+    pub key: Option<ByteVec>,
+    /// Absent for a tombstone.
+    #[n(4)]
+    pub value: Option<ByteVec>,
+    #[n(5)]
+    pub headers: Vec<ShareHeader>,
+    /// 1 on the first delivery.
+    #[n(6)]
+    pub delivery_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareHeader {
+    #[n(0)]
+    pub name: String,
+    #[n(1)]
+    pub value: ByteVec,
+}
+
+/// Acknowledges records the member holds.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareAckRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub topic: String,
+    #[n(2)]
+    pub member_id: String,
+    #[n(3)]
+    pub acks: Vec<ShareAck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareAck {
+    #[n(0)]
+    pub partition: u32,
+    #[n(1)]
+    pub offset: u64,
+    #[n(2)]
+    pub kind: ShareAckKind,
+    /// For a release: not handed out again before this many ms.
+    #[n(3)]
+    pub delay_ms: Option<u32>,
+    /// Why it failed, for the dead-letter record's `skiff.dlq.error`.
+    #[n(4)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[cbor(index_only)]
+pub enum ShareAckKind {
+    /// Done.
+    #[n(0)]
+    Accept,
+    /// Available again (after `delay_ms`); to the dead-letter topic once
+    /// delivered `max_deliveries` times.
+    #[n(1)]
+    Release,
+    /// To the dead-letter topic.
+    #[n(2)]
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareAckResponse {
+    /// One per ack, in order: `none`, or why it did not count
+    /// (`share_lock_lost`: the member's lock lapsed).
+    #[n(0)]
+    pub results: Vec<ErrorCode>,
+}
