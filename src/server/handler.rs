@@ -1,11 +1,14 @@
 //! Request handling: protocol types in, broker calls, protocol types out.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use minicbor::bytes::ByteVec;
 
-use crate::broker::producers::{InitError, SequenceError, Slot};
-use crate::broker::{BrokerError, PendingWrite, Submitted, TopicMeta, TopicSpec};
+use crate::broker::producers::{InitError, SequenceError};
+use crate::broker::{
+    BrokerError, CleanupPolicy, Durability, FetchLimits, FetchPartition, OverflowPolicy, Produce,
+    Produced, TopicMeta, TopicSpec,
+};
 use crate::protocol::{
     CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse, ErrorCode,
     ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
@@ -13,9 +16,10 @@ use crate::protocol::{
     OffsetSpec, PartitionMetadata, ProducePartitionResult, ResponseBody, TopicConfig,
     TopicMetadata,
 };
-use crate::storage::{AppendAck, AppendTicket, Durability, OverflowPolicy, StorageError, Wake};
-use std::sync::Arc;
 
+use crate::broker::group::is_internal_topic;
+
+use super::acl::Operation;
 use super::Ctx;
 
 /// Room left in a fetch response for everything but the record bytes.
@@ -28,23 +32,6 @@ pub(crate) fn error_body(code: ErrorCode, message: impl Into<String>) -> Respons
     })
 }
 
-pub(crate) fn storage_error_code(e: &StorageError) -> ErrorCode {
-    match e {
-        StorageError::UnknownPartition(_) => ErrorCode::UnknownPartition,
-        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
-        StorageError::InvalidBatch(_) => ErrorCode::InvalidBatch,
-        StorageError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
-        StorageError::Full(_) => ErrorCode::StorageFull,
-        StorageError::Failed { .. } => ErrorCode::StorageFailed,
-        StorageError::Quarantined(_) => ErrorCode::PartitionQuarantined,
-        StorageError::InvalidConfig(_) => ErrorCode::InvalidRequest,
-        StorageError::PartitionExists(_) => ErrorCode::TopicExists,
-        StorageError::ShuttingDown => ErrorCode::ShuttingDown,
-        StorageError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::StorageFull,
-        _ => ErrorCode::StorageFailed,
-    }
-}
-
 pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
     match e {
         BrokerError::UnknownTopic(_) => ErrorCode::UnknownTopic,
@@ -55,6 +42,7 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         }
         BrokerError::TooManyTopics { .. } => ErrorCode::TooManyTopics,
         BrokerError::TooManyPartitions { .. } => ErrorCode::TooManyPartitions,
+        BrokerError::DiskLimit { .. } => ErrorCode::StorageFull,
         BrokerError::Sequence(e) => match e {
             SequenceError::Fenced { .. } => ErrorCode::FencedProducer,
             SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
@@ -63,8 +51,59 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
                 ErrorCode::InvalidRequest
             }
         },
-        BrokerError::Storage(e) => storage_error_code(e),
+        BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
+        BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+        BrokerError::PartitionFull { .. } | BrokerError::NoSpace(_) => ErrorCode::StorageFull,
+        BrokerError::PartitionFailed { .. } => ErrorCode::StorageFailed,
+        BrokerError::UpstreamBacklogFull { .. } => ErrorCode::UpstreamBacklogFull,
+        BrokerError::Quarantined { .. } => ErrorCode::PartitionQuarantined,
+        BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
+        BrokerError::InvalidRecord { .. } => ErrorCode::InvalidRecord,
+        BrokerError::RingFullOfLiveData { .. } | BrokerError::RingTooSmall { .. } => {
+            ErrorCode::RingFullOfLiveData
+        }
+        _ => ErrorCode::StorageFailed,
     }
+}
+
+/// The authorization hook: every request passes here with the operation
+/// and the resource (topic, or group name) it touches, before it reaches
+/// the broker. A denial is logged (rate-limited) and answered
+/// `not_authorized`.
+pub(crate) fn authorize(ctx: &Ctx, identity: &str, op: Operation, resource: &str) -> bool {
+    if ctx.acl().allows(identity, op, resource) {
+        return true;
+    }
+    ctx.denials.denied(identity, op, resource);
+    false
+}
+
+/// Whether `identity` may see `topic` in a listing; not logged (a listing
+/// leaves out what the identity may not see, it does not ask for it).
+fn may_see(ctx: &Ctx, identity: &str, topic: &str) -> bool {
+    !is_internal_topic(topic) && ctx.acl().allows(identity, Operation::Describe, topic)
+}
+
+pub(crate) fn not_authorized_message(identity: &str, op: Operation, resource: &str) -> String {
+    format!("identity '{identity}' may not {op} '{resource}'")
+}
+
+pub(crate) fn not_authorized_body(identity: &str, op: Operation, resource: &str) -> ResponseBody {
+    error_body(
+        ErrorCode::NotAuthorized,
+        not_authorized_message(identity, op, resource),
+    )
+}
+
+fn internal_topic_message(topic: &str) -> String {
+    format!(
+        "'{topic}' is an internal topic of the broker: clients may not create, delete or write it"
+    )
+}
+
+fn internal_topic_body(topic: &str) -> ResponseBody {
+    error_body(ErrorCode::InvalidRequest, internal_topic_message(topic))
 }
 
 fn broker_error_body(e: &BrokerError) -> ResponseBody {
@@ -73,7 +112,13 @@ fn broker_error_body(e: &BrokerError) -> ResponseBody {
 
 fn topic_config(ctx: &Ctx, name: &str, meta: &TopicMeta) -> TopicConfig {
     let window = ctx.broker.msg_id_config(name);
+    let cleanup = ctx.broker.cleanup_config(name);
     TopicConfig {
+        cleanup: Some(cleanup.policy.to_string()),
+        tombstone_retention_ms: cleanup
+            .policy
+            .compacts()
+            .then_some(cleanup.tombstone_retention_ms),
         msg_id_window_ms: (window.window_ms > 0).then_some(window.window_ms),
         msg_id_window_records: (window.window_records > 0).then_some(window.window_records),
         name: name.to_owned(),
@@ -105,14 +150,24 @@ fn partition_metadata(ctx: &Ctx, topic: &str, meta: &TopicMeta) -> Vec<Partition
         .collect()
 }
 
-pub(crate) fn metadata(ctx: &Ctx, req: MetadataRequest) -> ResponseBody {
+pub(crate) fn metadata(ctx: &Ctx, identity: &str, req: MetadataRequest) -> ResponseBody {
     let names: Vec<String> = match req.topics {
         Some(names) => names,
-        None => ctx.broker.topics().into_keys().collect(),
+        None => ctx
+            .broker
+            .topics()
+            .into_keys()
+            .filter(|t| may_see(ctx, identity, t))
+            .collect(),
     };
     let topics = names
         .into_iter()
         .map(|name| match ctx.broker.topic(&name) {
+            _ if !authorize(ctx, identity, Operation::Describe, &name) => TopicMetadata {
+                name,
+                error: ErrorCode::NotAuthorized,
+                partitions: Vec::new(),
+            },
             Ok(meta) => TopicMetadata {
                 partitions: partition_metadata(ctx, &name, &meta),
                 name,
@@ -128,16 +183,42 @@ pub(crate) fn metadata(ctx: &Ctx, req: MetadataRequest) -> ResponseBody {
     ResponseBody::Metadata(MetadataResponse { topics })
 }
 
-pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> ResponseBody {
-    let durability = match req.fsync.as_deref().map(str::parse::<Durability>) {
-        None => None,
-        Some(Ok(d)) => Some(d),
-        Some(Err(_)) => {
-            return error_body(
+/// A request's `fsync`, shared by create and alter: the answer to send
+/// back when it does not parse.
+fn parse_fsync(fsync: Option<&str>) -> Result<Option<Durability>, Box<ResponseBody>> {
+    fsync
+        .map(str::parse::<Durability>)
+        .transpose()
+        .map_err(|_| {
+            Box::new(error_body(
                 ErrorCode::InvalidRequest,
                 "fsync must be always, interval:<ms> or never",
-            )
-        }
+            ))
+        })
+}
+
+/// A request's `cleanup`, shared by create and alter.
+fn parse_cleanup(cleanup: Option<&str>) -> Result<Option<CleanupPolicy>, Box<ResponseBody>> {
+    cleanup
+        .map(str::parse::<CleanupPolicy>)
+        .transpose()
+        .map_err(|e| Box::new(broker_error_body(&e)))
+}
+
+pub(crate) async fn create_topic(
+    ctx: &Ctx,
+    identity: &str,
+    req: CreateTopicRequest,
+) -> ResponseBody {
+    if !authorize(ctx, identity, Operation::Create, &req.name) {
+        return not_authorized_body(identity, Operation::Create, &req.name);
+    }
+    if is_internal_topic(&req.name) {
+        return internal_topic_body(&req.name);
+    }
+    let durability = match parse_fsync(req.fsync.as_deref()) {
+        Ok(d) => d,
+        Err(body) => return *body,
     };
     let overflow = match req.overflow.as_deref().map(str::parse::<OverflowPolicy>) {
         None => None,
@@ -149,7 +230,13 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
             )
         }
     };
+    let cleanup = match parse_cleanup(req.cleanup.as_deref()) {
+        Ok(c) => c,
+        Err(body) => return *body,
+    };
     let spec = TopicSpec {
+        cleanup,
+        tombstone_retention_ms: req.tombstone_retention_ms,
         partitions: req.partitions,
         segment_bytes: req.segment_bytes,
         segments: req.segments,
@@ -167,7 +254,10 @@ pub(crate) async fn create_topic(ctx: &Ctx, req: CreateTopicRequest) -> Response
     }
 }
 
-pub(crate) fn describe_topic(ctx: &Ctx, name: &str) -> ResponseBody {
+pub(crate) fn describe_topic(ctx: &Ctx, identity: &str, name: &str) -> ResponseBody {
+    if !authorize(ctx, identity, Operation::Describe, name) {
+        return not_authorized_body(identity, Operation::Describe, name);
+    }
     match ctx.broker.topic(name) {
         Ok(meta) => ResponseBody::DescribeTopic(DescribeTopicResponse {
             config: topic_config(ctx, name, &meta),
@@ -177,13 +267,27 @@ pub(crate) fn describe_topic(ctx: &Ctx, name: &str) -> ResponseBody {
     }
 }
 
-pub(crate) fn list_topics(ctx: &Ctx) -> ResponseBody {
+pub(crate) fn list_topics(ctx: &Ctx, identity: &str) -> ResponseBody {
+    let (budget, reserved) = ctx.broker.disk_usage();
     ResponseBody::ListTopics(ListTopicsResponse {
-        topics: ctx.broker.topics().into_keys().collect(),
+        disk_budget_bytes: Some(budget),
+        disk_reserved_bytes: Some(reserved),
+        topics: ctx
+            .broker
+            .topics()
+            .into_keys()
+            .filter(|t| may_see(ctx, identity, t))
+            .collect(),
     })
 }
 
-pub(crate) async fn delete_topic(ctx: &Ctx, name: &str) -> ResponseBody {
+pub(crate) async fn delete_topic(ctx: &Ctx, identity: &str, name: &str) -> ResponseBody {
+    if !authorize(ctx, identity, Operation::Delete, name) {
+        return not_authorized_body(identity, Operation::Delete, name);
+    }
+    if is_internal_topic(name) {
+        return internal_topic_body(name);
+    }
     match ctx.broker.delete_topic(name).await {
         Ok(()) => {
             ctx.metrics.remove_topic(name);
@@ -198,16 +302,7 @@ pub(crate) enum PendingProduce {
     Waiting {
         topic: String,
         partition: u32,
-        ticket: AppendTicket,
-        write: PendingWrite,
-    },
-    /// A retry of an idempotent batch still in flight: answered with that
-    /// batch's outcome, as a duplicate.
-    SameAs {
-        topic: String,
-        partition: u32,
-        slot: Arc<Slot>,
-        records: u32,
+        ack: Produce,
     },
     Done(ProducePartitionResult),
 }
@@ -215,104 +310,122 @@ pub(crate) enum PendingProduce {
 fn produce_result(
     topic: String,
     partition: u32,
-    result: Result<AppendAck, (ErrorCode, String)>,
-    duplicate_records: u32,
+    result: Result<Produced, BrokerError>,
 ) -> ProducePartitionResult {
     match result {
-        Ok(ack) => ProducePartitionResult {
+        Ok(p) => ProducePartitionResult {
             topic,
             partition,
             error: ErrorCode::None,
-            base_offset: ack.base_offset,
-            last_offset: ack.last_offset,
-            duplicate_records,
+            base_offset: p.base_offset,
+            last_offset: p.last_offset,
+            duplicate_records: p.duplicate_records,
             message: None,
         },
-        Err((code, message)) => ProducePartitionResult {
+        Err(e) => ProducePartitionResult {
             topic,
             partition,
-            error: code,
+            error: broker_error_code(&e),
             base_offset: 0,
             last_offset: 0,
             duplicate_records: 0,
-            message: Some(message),
+            message: Some(e.to_string()),
         },
     }
 }
 
-/// Submits every batch of a produce in request order. Called from the
-/// connection's reader so that pipelined produces reach the log in the order
-/// the client sent them (and idempotent sequences are checked in that
-/// order); the acks are awaited elsewhere.
+/// Submits every batch of a produce in request order, as one group (one
+/// storage wake-up, after the last). Called from the connection's reader
+/// so that pipelined produces reach the log in the order the client sent
+/// them (and idempotent sequences are checked in that order); the acks
+/// are awaited elsewhere. Each batch is copied out of the frame once, into
+/// a buffer of the server's pool.
 pub(crate) async fn produce_submit(
     ctx: &Ctx,
-    req: crate::protocol::ProduceRequest,
+    identity: &str,
+    req: crate::protocol::ProduceRequest<'_>,
 ) -> Vec<PendingProduce> {
     let mut pending = Vec::with_capacity(req.partitions.len());
+    let mut group = ctx.broker.produce_group();
     for p in req.partitions {
-        let batch: Vec<u8> = p.batch.into();
-        if batch.len() > ctx.settings.max_batch_bytes {
-            let msg = format!(
-                "batch of {} bytes is above the limit of {}",
-                batch.len(),
-                ctx.settings.max_batch_bytes
-            );
+        if !authorize(ctx, identity, Operation::Produce, &p.topic) {
+            let message = not_authorized_message(identity, Operation::Produce, &p.topic);
+            pending.push(PendingProduce::Done(ProducePartitionResult {
+                topic: p.topic,
+                partition: p.partition,
+                error: ErrorCode::NotAuthorized,
+                base_offset: 0,
+                last_offset: 0,
+                duplicate_records: 0,
+                message: Some(message),
+            }));
+            continue;
+        }
+        if is_internal_topic(&p.topic) {
+            let message = internal_topic_message(&p.topic);
+            pending.push(PendingProduce::Done(ProducePartitionResult {
+                topic: p.topic,
+                partition: p.partition,
+                error: ErrorCode::InvalidRequest,
+                base_offset: 0,
+                last_offset: 0,
+                duplicate_records: 0,
+                message: Some(message),
+            }));
+            continue;
+        }
+        if p.batch.len() > ctx.settings.max_batch_bytes {
+            let e = BrokerError::BatchTooLarge {
+                bytes: p.batch.len(),
+                max: ctx.settings.max_batch_bytes,
+            };
             pending.push(PendingProduce::Done(produce_result(
                 p.topic,
                 p.partition,
-                Err((ErrorCode::BatchTooLarge, msg)),
-                0,
+                Err(e),
             )));
             continue;
         }
-        match ctx
-            .broker
-            .submit_produce(&p.topic, p.partition, batch, Wake::Later)
-            .await
-        {
-            Ok(Submitted::Queued {
-                ticket,
-                pending: write,
-            }) => pending.push(PendingProduce::Waiting {
+        // A transactional producer's batch first joins its transaction
+        // (durably, for a new partition), and holds it until queued.
+        let gate = match crate::batch::parse_header(&p.batch) {
+            Ok(h) if h.is_idempotent() && ctx.txns.is_transactional(h.producer_id) => match ctx
+                .txns
+                .gate(h.producer_id, h.producer_epoch, &p.topic, p.partition)
+                .await
+            {
+                Ok(gate) => gate,
+                Err(e) => {
+                    pending.push(PendingProduce::Done(ProducePartitionResult {
+                        topic: p.topic,
+                        partition: p.partition,
+                        error: super::txn::txn_error_code(&e),
+                        base_offset: 0,
+                        last_offset: 0,
+                        duplicate_records: 0,
+                        message: Some(e.to_string()),
+                    }));
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let batch = ctx.pool.copy(&p.batch);
+        let submitted = group.produce(&p.topic, p.partition, batch).await;
+        drop(gate);
+        pending.push(match submitted {
+            Ok(ack) => PendingProduce::Waiting {
                 topic: p.topic,
                 partition: p.partition,
-                ticket,
-                write,
-            }),
-            Ok(Submitted::Duplicate {
-                base_offset,
-                last_offset,
-                records,
-            }) => pending.push(PendingProduce::Done(produce_result(
-                p.topic,
-                p.partition,
-                Ok(AppendAck {
-                    base_offset,
-                    last_offset,
-                }),
-                records,
-            ))),
-            Ok(Submitted::InFlight { slot, records }) => pending.push(PendingProduce::SameAs {
-                topic: p.topic,
-                partition: p.partition,
-                slot,
-                records,
-            }),
-            Err(e) => pending.push(PendingProduce::Done(produce_result(
-                p.topic,
-                p.partition,
-                Err((broker_error_code(&e), e.to_string())),
-                0,
-            ))),
-        }
+                ack,
+            },
+            Err(e) => PendingProduce::Done(produce_result(p.topic, p.partition, Err(e))),
+        });
     }
-    // Once, after the last: the storage thread finds the request's batches
-    // together and writes them as one group.
-    ctx.broker.storage().wake();
     pending
 }
 
-pub(crate) async fn produce_complete(ctx: &Ctx, pending: Vec<PendingProduce>) -> ResponseBody {
+pub(crate) async fn produce_complete(pending: Vec<PendingProduce>) -> ResponseBody {
     let mut partitions = Vec::with_capacity(pending.len());
     for p in pending {
         partitions.push(match p {
@@ -320,43 +433,28 @@ pub(crate) async fn produce_complete(ctx: &Ctx, pending: Vec<PendingProduce>) ->
             PendingProduce::Waiting {
                 topic,
                 partition,
-                ticket,
-                write,
-            } => {
-                let dropped = write.dropped;
-                let r = ctx
-                    .broker
-                    .complete_produce(ticket, write)
-                    .await
-                    .map_err(|e| (storage_error_code(&e), e.to_string()));
-                produce_result(topic, partition, r, dropped)
-            }
-            PendingProduce::SameAs {
-                topic,
-                partition,
-                slot,
-                records,
-            } => {
-                let r = slot
-                    .wait()
-                    .await
-                    .map(|(base_offset, last_offset)| AppendAck {
-                        base_offset,
-                        last_offset,
-                    })
-                    .map_err(|e| (storage_error_code(&e), e.to_string()));
-                produce_result(topic, partition, r, records)
-            }
+                ack,
+            } => produce_result(topic, partition, ack.await),
         });
     }
-    ResponseBody::Produce(crate::protocol::ProduceResponse { partitions })
+    ResponseBody::Produce(crate::protocol::ProduceResponse {
+        partitions,
+        throttle_ms: None,
+    })
 }
 
 /// Hands out a producer id and epoch (see `broker::producers`).
 pub(crate) async fn init_producer(
     ctx: &Ctx,
+    identity: &str,
     req: crate::protocol::InitProducerRequest,
 ) -> ResponseBody {
+    // A producer id is not tied to a topic: any identity that may produce
+    // somewhere may have one.
+    if !ctx.acl().allows_somewhere(identity, Operation::Produce) {
+        ctx.denials.denied(identity, Operation::Produce, "*");
+        return not_authorized_body(identity, Operation::Produce, "any topic");
+    }
     match ctx.broker.init_producer(req.producer_name.as_deref()).await {
         Ok((producer_id, producer_epoch)) => {
             ResponseBody::InitProducer(crate::protocol::InitProducerResponse {
@@ -367,122 +465,116 @@ pub(crate) async fn init_producer(
         Err(e @ (InitError::InvalidName | InitError::EpochExhausted)) => {
             error_body(ErrorCode::InvalidRequest, e.to_string())
         }
+        // The registry must be durable before an id is handed out: on a
+        // full disk that is a full disk, not a broken one.
+        Err(e) if e.is_no_space() => {
+            error_body(ErrorCode::StorageFull, format!("{e}; free disk space"))
+        }
         Err(e) => error_body(ErrorCode::StorageFailed, e.to_string()),
     }
 }
 
 /// Reads every asked-for partition; if together they hold fewer than
-/// `min_bytes` (at least one byte), waits for new data or `max_wait_ms`.
-pub(crate) async fn fetch(ctx: &Ctx, req: FetchRequest) -> ResponseBody {
-    let max_wait = Duration::from_millis(u64::from(req.max_wait_ms).min(ctx.settings.max_wait_ms));
-    let deadline = Instant::now() + max_wait;
-    let min_bytes = (req.min_bytes as usize).max(1);
-    let budget_bytes = ctx
-        .settings
-        .max_frame_bytes
-        .saturating_sub(FETCH_ENVELOPE_BYTES)
-        .max(1);
-    loop {
-        // Listen before reading, so an append in between still wakes us.
-        let mut listeners = Vec::new();
-        for p in &req.partitions {
-            if let Ok(id) = ctx.broker.partition_id(&p.topic, p.partition) {
-                if let Ok(ev) = ctx.broker.storage().data_event(&id) {
-                    listeners.push(ev.listen());
-                }
-            }
-        }
-        let mut results = Vec::with_capacity(req.partitions.len());
-        let mut total = 0usize;
-        let mut any_error = false;
-        for p in &req.partitions {
-            let remaining = budget_bytes.saturating_sub(total);
-            let max_bytes = (p.max_bytes as usize).min(remaining);
-            let r = if max_bytes == 0 || (total > 0 && remaining < ctx.settings.max_batch_bytes) {
-                // No room for another whole batch: the client asks again.
-                ctx.broker
-                    .offsets(&p.topic, p.partition)
-                    .map(|o| (Vec::new(), o))
-            } else {
-                let id = ctx.broker.partition_id(&p.topic, p.partition);
-                match id {
-                    Ok(id) => match ctx.broker.storage().read(&id, p.offset, max_bytes).await {
-                        Ok(bytes) => ctx
-                            .broker
-                            .offsets(&p.topic, p.partition)
-                            .map(|o| (bytes, o)),
-                        Err(e) => Err(e.into()),
-                    },
-                    Err(e) => Err(e),
-                }
-            };
-            results.push(match r {
-                Ok((bytes, o)) => {
-                    total += bytes.len();
-                    FetchPartitionResult {
-                        topic: p.topic.clone(),
-                        partition: p.partition,
-                        error: ErrorCode::None,
-                        high_watermark: o.high_watermark,
-                        earliest_offset: o.earliest,
-                        records: ByteVec::from(bytes),
-                    }
-                }
-                Err(e) => {
-                    any_error = true;
-                    let (hw, earliest) = ctx
-                        .broker
-                        .offsets(&p.topic, p.partition)
-                        .map(|o| (o.high_watermark, o.earliest))
-                        .unwrap_or((0, 0));
-                    FetchPartitionResult {
-                        topic: p.topic.clone(),
-                        partition: p.partition,
-                        error: broker_error_code(&e),
-                        high_watermark: hw,
-                        earliest_offset: earliest,
-                        records: ByteVec::from(Vec::new()),
-                    }
-                }
-            });
-        }
-        let now = Instant::now();
-        if total >= min_bytes || any_error || now >= deadline || ctx.shutdown.is_triggered() {
-            return ResponseBody::Fetch(FetchResponse {
-                partitions: results,
-            });
-        }
-        wait_any(ctx, listeners, deadline).await;
-    }
-}
-
-async fn wait_any(ctx: &Ctx, listeners: Vec<event_listener::EventListener>, deadline: Instant) {
-    let any_data = async {
-        if listeners.is_empty() {
-            futures_lite::future::pending::<()>().await;
-        }
-        // Completes when the first listener fires.
-        let mut futs: Vec<_> = listeners.into_iter().map(Box::pin).collect();
-        futures_lite::future::poll_fn(|cx| {
-            for f in futs.iter_mut() {
-                if std::future::Future::poll(f.as_mut(), cx).is_ready() {
-                    return std::task::Poll::Ready(());
-                }
-            }
-            std::task::Poll::Pending
+/// `min_bytes` (at least one byte), waits for new data or `max_wait_ms`
+/// (see `Broker::fetch`). The answer fits the frame limit.
+pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> ResponseBody {
+    let allowed: Vec<bool> = req
+        .partitions
+        .iter()
+        .map(|p| authorize(ctx, identity, Operation::Consume, &p.topic))
+        .collect();
+    let parts: Vec<FetchPartition<'_>> = req
+        .partitions
+        .iter()
+        .zip(&allowed)
+        .filter(|(_, ok)| **ok)
+        .map(|(p, _)| FetchPartition {
+            topic: &p.topic,
+            partition: p.partition,
+            offset: p.offset,
+            max_bytes: p.max_bytes as usize,
         })
+        .collect();
+    let limits = FetchLimits {
+        min_bytes: req.min_bytes as usize,
+        max_wait: Duration::from_millis(u64::from(req.max_wait_ms).min(ctx.settings.max_wait_ms)),
+        max_bytes: ctx
+            .settings
+            .max_frame_bytes
+            .saturating_sub(FETCH_ENVELOPE_BYTES),
+    };
+    let read_committed = req.isolation == Some(crate::protocol::Isolation::ReadCommitted);
+    let mut results = ctx
+        .broker
+        .fetch_isolated(&parts, limits, read_committed)
         .await
-    };
-    let timer = async {
-        smol::Timer::at(deadline).await;
-    };
-    let shutdown = ctx.shutdown.wait();
-    futures_lite::future::or(any_data, futures_lite::future::or(timer, shutdown)).await;
+        .into_iter();
+    let partitions = req
+        .partitions
+        .iter()
+        .zip(allowed)
+        .map(|(p, ok)| match ok.then(|| results.next()).flatten() {
+            None => FetchPartitionResult {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                error: ErrorCode::NotAuthorized,
+                high_watermark: 0,
+                earliest_offset: 0,
+                records: ByteVec::from(Vec::new()),
+                last_stable_offset: None,
+                next_offset: None,
+            },
+            Some(Ok(f)) => FetchPartitionResult {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                error: ErrorCode::None,
+                high_watermark: f.offsets.high_watermark,
+                earliest_offset: f.offsets.earliest,
+                records: ByteVec::from(f.records),
+                last_stable_offset: Some(f.last_stable_offset),
+                next_offset: f.next_offset,
+            },
+            Some(Err(e)) => {
+                let (high_watermark, earliest_offset) = ctx
+                    .broker
+                    .offsets(&p.topic, p.partition)
+                    .map(|o| (o.high_watermark, o.earliest))
+                    .unwrap_or((0, 0));
+                FetchPartitionResult {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    error: broker_error_code(&e),
+                    high_watermark,
+                    earliest_offset,
+                    records: ByteVec::from(Vec::new()),
+                    last_stable_offset: None,
+                    next_offset: None,
+                }
+            }
+        })
+        .collect();
+    ResponseBody::Fetch(FetchResponse {
+        partitions,
+        throttle_ms: None,
+    })
 }
 
-pub(crate) async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> ResponseBody {
+pub(crate) async fn list_offsets(
+    ctx: &Ctx,
+    identity: &str,
+    req: ListOffsetsRequest,
+) -> ResponseBody {
     let mut partitions = Vec::with_capacity(req.partitions.len());
     for p in req.partitions {
+        if !authorize(ctx, identity, Operation::Describe, &p.topic) {
+            partitions.push(ListOffsetsPartitionResult {
+                topic: p.topic,
+                partition: p.partition,
+                error: ErrorCode::NotAuthorized,
+                offset: None,
+            });
+            continue;
+        }
         let r: Result<Option<u64>, BrokerError> = match p.spec {
             OffsetSpec::Earliest => ctx
                 .broker
@@ -514,4 +606,235 @@ pub(crate) async fn list_offsets(ctx: &Ctx, req: ListOffsetsRequest) -> Response
         });
     }
     ResponseBody::ListOffsets(ListOffsetsResponse { partitions })
+}
+
+// ------------------------------------------------ compaction (issue 19)
+
+pub(crate) async fn compact_topic(
+    ctx: &Ctx,
+    identity: &str,
+    req: crate::protocol::CompactTopicRequest,
+) -> ResponseBody {
+    use crate::protocol::{CompactTopicResponse, CompactedPartition};
+    if !authorize(ctx, identity, Operation::Alter, &req.name) {
+        return not_authorized_body(identity, Operation::Alter, &req.name);
+    }
+    let meta = match ctx.broker.topic(&req.name) {
+        Ok(m) => m,
+        Err(e) => return broker_error_body(&e),
+    };
+    if !ctx.broker.cleanup_config(&req.name).policy.compacts() {
+        return error_body(
+            ErrorCode::InvalidRequest,
+            format!(
+                "topic '{}' is not compacted (cleanup = \"delete\")",
+                req.name
+            ),
+        );
+    }
+    if !req.wait {
+        let broker = ctx.broker.clone();
+        let name = req.name.clone();
+        ctx.executor
+            .spawn(async move {
+                for p in 0..meta.partitions {
+                    if let Err(e) = broker.compact_partition(&name, p).await {
+                        log::warn!("{name}/{p}: compaction failed: {e}");
+                    }
+                }
+            })
+            .detach();
+        return ResponseBody::CompactTopic(CompactTopicResponse { partitions: vec![] });
+    }
+    let mut partitions = Vec::new();
+    for p in 0..meta.partitions {
+        let r = ctx.broker.compact_partition(&req.name, p).await;
+        partitions.push(match r {
+            Ok(r) => CompactedPartition {
+                partition: p,
+                error: ErrorCode::None,
+                segments_merged: r.segments_merged,
+                segments_freed: r.segments_freed,
+                bytes_before: r.bytes_before,
+                bytes_after: r.bytes_after,
+                records_removed: r.records_removed,
+            },
+            Err(e) => CompactedPartition {
+                partition: p,
+                error: broker_error_code(&e),
+                segments_merged: 0,
+                segments_freed: 0,
+                bytes_before: 0,
+                bytes_after: 0,
+                records_removed: 0,
+            },
+        });
+    }
+    ResponseBody::CompactTopic(CompactTopicResponse { partitions })
+}
+
+pub(crate) async fn describe_partitions(ctx: &Ctx, identity: &str, name: &str) -> ResponseBody {
+    use crate::protocol::{DescribePartitionsResponse, PartitionDetail};
+    if !authorize(ctx, identity, Operation::Describe, name) {
+        return not_authorized_body(identity, Operation::Describe, name);
+    }
+    let meta = match ctx.broker.topic(name) {
+        Ok(m) => m,
+        Err(e) => return broker_error_body(&e),
+    };
+    let mut partitions = Vec::new();
+    let damage = ctx.broker.recovery_damage();
+    for p in 0..meta.partitions {
+        partitions.push(match ctx.broker.partition_details(name, p).await {
+            Ok(d) => PartitionDetail {
+                damaged: {
+                    let here: Vec<_> = damage
+                        .iter()
+                        .filter(|(id, r)| {
+                            id.topic == name && id.partition == p && r.to_offset > d.log_start
+                        })
+                        .map(|(_, r)| crate::protocol::DamagedRange {
+                            from_offset: r.from_offset,
+                            to_offset: r.to_offset,
+                            bytes: r.bytes,
+                            slot: r.slot,
+                            position: r.position,
+                            found_ms: r.found_ms,
+                            found: r.found.to_string(),
+                        })
+                        .collect();
+                    (!here.is_empty()).then_some(here)
+                },
+                partition: p,
+                error: ErrorCode::None,
+                log_start: d.log_start,
+                log_end: d.log_end,
+                bytes: d.bytes,
+                segments_used: d.segments_used,
+                segments: meta.config.segments,
+                oldest_segment_max_timestamp: d.oldest_segment_max_timestamp,
+                next_retention_at_ms: d.next_retention.map(|r| r.at_ms),
+                next_retention_offsets: d.next_retention.map(|r| r.offsets),
+                next_retention_bytes: d.next_retention.map(|r| r.bytes),
+                oldest_timestamp: d.oldest_timestamp,
+            },
+            Err(e) => PartitionDetail {
+                partition: p,
+                error: broker_error_code(&e),
+                log_start: 0,
+                log_end: 0,
+                bytes: 0,
+                segments_used: 0,
+                segments: meta.config.segments,
+                oldest_segment_max_timestamp: None,
+                next_retention_at_ms: None,
+                next_retention_offsets: None,
+                next_retention_bytes: None,
+                oldest_timestamp: None,
+                damaged: None,
+            },
+        });
+    }
+    ResponseBody::DescribePartitions(DescribePartitionsResponse { partitions })
+}
+
+pub(crate) async fn alter_topic(
+    ctx: &Ctx,
+    identity: &str,
+    req: crate::protocol::AlterTopicRequest,
+) -> ResponseBody {
+    if !authorize(ctx, identity, Operation::Alter, &req.name) {
+        return not_authorized_body(identity, Operation::Alter, &req.name);
+    }
+    let durability = match parse_fsync(req.fsync.as_deref()) {
+        Ok(d) => d,
+        Err(body) => return *body,
+    };
+    let cleanup = match parse_cleanup(req.cleanup.as_deref()) {
+        Ok(c) => c,
+        Err(body) => return *body,
+    };
+    let alter = crate::broker::TopicAlter {
+        retention_ms: req.retention_ms,
+        durability,
+        cleanup,
+        tombstone_retention_ms: req.tombstone_retention_ms,
+        segments: req.segments,
+    };
+    match ctx.broker.alter_topic(&req.name, &alter).await {
+        Ok(meta) => ResponseBody::AlterTopic(CreateTopicResponse {
+            config: topic_config(ctx, &req.name, &meta),
+        }),
+        Err(e) => broker_error_body(&e),
+    }
+}
+
+/// The mirror's status; needs the `mirror` operation on some rule.
+pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
+    if !ctx.acl().allows_somewhere(identity, Operation::Mirror) {
+        ctx.denials.denied(identity, Operation::Mirror, "*");
+        return not_authorized_body(identity, Operation::Mirror, "any mirror rule");
+    }
+    let s = ctx.mirror.report();
+    ResponseBody::MirrorStatus(crate::protocol::MirrorStatusResponse {
+        enabled: s.enabled,
+        link_up: s.link == crate::mirror::Link::Up,
+        last_error: s.last_error,
+        gateway: s.gateway,
+        upstream: s.upstream,
+        transactions_committed: s.transactions_committed,
+        transactions_aborted: s.transactions_aborted,
+        rules: s
+            .rules
+            .into_iter()
+            .map(|r| crate::protocol::MirrorRuleStatus {
+                name: r.name,
+                paused: r.paused,
+                partitions: r.partitions,
+                backlog_records: r.backlog_records,
+                bytes_at_risk: r.bytes_at_risk,
+                forwarded_records: r.forwarded_records,
+                forwarded_bytes: r.forwarded_bytes,
+                dropped_records: r.dropped_records,
+            })
+            .collect(),
+    })
+}
+
+/// Pauses or resumes a rule (the `mirror` operation on the rule's name).
+pub(crate) fn mirror_pause(
+    ctx: &Ctx,
+    identity: &str,
+    req: crate::protocol::MirrorRuleRequest,
+) -> ResponseBody {
+    if !authorize(ctx, identity, Operation::Mirror, &req.rule) {
+        return not_authorized_body(identity, Operation::Mirror, &req.rule);
+    }
+    if !ctx.mirror.set_paused(&req.rule, req.paused) {
+        let names: Vec<String> = ctx
+            .mirror
+            .report()
+            .rules
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        return error_body(
+            ErrorCode::InvalidRequest,
+            format!(
+                "no mirror rule is named '{}' (rules: {})",
+                req.rule,
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        );
+    }
+    log::info!(
+        "mirror: rule '{}' {} by {identity}",
+        req.rule,
+        if req.paused { "paused" } else { "resumed" }
+    );
+    ResponseBody::MirrorPause(req)
 }

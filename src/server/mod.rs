@@ -4,26 +4,52 @@
 //!
 //! [`Server::start`] is the same without signals or process concerns, for
 //! tests that want a broker on `127.0.0.1:0`.
+//!
+//! The server speaks to the broker only: it never names storage (a test
+//! below holds it to that). Produce batches are copied out of their frames
+//! into the server's own [`BatchPool`].
 
+pub mod acl;
+mod groups;
 mod handler;
+pub mod quota;
 mod session;
+mod share;
+pub mod tls;
+mod txn;
+mod x509;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use event_listener::Event;
 
-use crate::broker::{Broker, BrokerError, BrokerLimits};
+use crate::broker::group::{Coordinator, GroupsConfig};
+use crate::broker::share::{ShareConfig, ShareCoordinator};
+use crate::broker::{Broker, BrokerError};
+use crate::bufpool::BatchPool;
 use crate::config::Config;
 use crate::metrics::{Listener, Metrics};
 use crate::protocol::{encode_response, error_response, ErrorCode};
-use crate::storage::{Storage, StorageError};
+
+pub use crate::broker::Shutdown;
+
+use acl::{Acl, DenialLog, ANONYMOUS};
+use quota::{AddrGuard, IdentityGuard, Quotas};
+use tls::{TlsError, TlsSetup, TlsSlot};
+
+/// How long a TLS client may take to finish its handshake: a peer that
+/// connects and stalls holds a connection slot no longer than this.
+const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
 
 /// How long a graceful stop waits for connections to finish their requests.
 const SHUTDOWN_DRAIN_MS_MAX: u64 = 10_000;
+/// How long a graceful stop waits for the mirror's open transaction.
+const MIRROR_STOP_MS_MAX: u64 = 5_000;
 /// Upper bound on a fetch's long-poll wait, whatever the client asks.
 const FETCH_WAIT_MS_MAX: u64 = 30_000;
 
@@ -49,37 +75,17 @@ impl Settings {
     }
 }
 
-/// A one-way latch that wakes everyone waiting on it.
-#[derive(Default)]
-pub struct Shutdown {
-    triggered: AtomicBool,
-    event: Event,
-}
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.triggered.store(true, Ordering::SeqCst);
-        self.event.notify(usize::MAX);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.triggered.load(Ordering::SeqCst)
-    }
-
-    pub async fn wait(&self) {
-        loop {
-            let listener = self.event.listen();
-            if self.is_triggered() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 /// What every session shares.
 pub(crate) struct Ctx {
     pub broker: Arc<Broker>,
+    /// The consumer-group coordinator, a client of `broker`.
+    pub groups: Arc<Coordinator>,
+    /// The share-group coordinator (queues), a client of `broker`.
+    pub share: Arc<ShareCoordinator>,
+    /// The transaction coordinator, a client of `broker` and `groups`.
+    pub txns: Arc<crate::broker::txn::Coordinator>,
+    /// Where produce batches are copied out of their frames.
+    pub pool: BatchPool,
     pub settings: Settings,
     pub shutdown: Arc<Shutdown>,
     pub connections: AtomicUsize,
@@ -87,19 +93,58 @@ pub(crate) struct Ctx {
     pub frame_errors: AtomicUsize,
     pub executor: Arc<smol::Executor<'static>>,
     pub metrics: Arc<Metrics>,
+    /// The `[acl]` in force; replaced on reload.
+    acl: RwLock<Arc<Acl>>,
+    pub denials: DenialLog,
+    pub quotas: Arc<Quotas>,
+    /// `server.unix_identities` by uid; replaced on reload.
+    unix_names: RwLock<Arc<HashMap<u32, Arc<str>>>>,
+    /// What `mirror status` reports and `mirror pause|resume` change.
+    pub mirror: Arc<crate::mirror::MirrorStatus>,
 }
 
 impl Ctx {
     pub(crate) fn metrics_frame_error(&self) {
         self.frame_errors.fetch_add(1, Ordering::Relaxed);
     }
+
+    pub(crate) fn acl(&self) -> Arc<Acl> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A Unix socket peer's identity: its configured name, else `uid:N`.
+    fn unix_identity(&self, uid: u32) -> Arc<str> {
+        let names = self
+            .unix_names
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match names.get(&uid) {
+            Some(name) => name.clone(),
+            None => format!("uid:{uid}").into(),
+        }
+    }
+
+    fn set_policy(&self, cfg: &Config) {
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Acl::from_config(&cfg.acl));
+        *self.unix_names.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(unix_names(cfg));
+        self.quotas.set_limits(cfg.quotas.clone());
+    }
+}
+
+fn unix_names(cfg: &Config) -> HashMap<u32, Arc<str>> {
+    cfg.server
+        .unix_identities
+        .iter()
+        .map(|u| (u.uid, Arc::from(u.identity.as_str())))
+        .collect()
 }
 
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ServeError {
-    /// The storage engine could not open or recover the data directory.
-    Storage(StorageError),
+    /// The broker could not open or recover the data directory, or could
+    /// not flush it at the end.
     Broker(BrokerError),
     /// A listener could not be bound: the address is in use, not local, or
     /// the socket path is not writable.
@@ -108,24 +153,42 @@ pub enum ServeError {
         source: std::io::Error,
     },
     Signals(std::io::Error),
+    /// `[server.tls]` names a file that cannot be used (see [`TlsError`]).
+    Tls(TlsError),
+    /// `[mirror]` names TLS files that cannot be used.
+    Mirror(crate::mirror::kafka::KafkaError),
+    /// `serve --ready-file` could not be written (its directory is missing
+    /// or not writable).
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Storage(e) => write!(f, "storage: {e}"),
             Self::Broker(e) => write!(f, "{e}"),
             Self::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Self::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            Self::Tls(e) => write!(f, "{e}"),
+            Self::Mirror(e) => write!(f, "invalid '[mirror]': {e}"),
+            Self::ReadyFile { path, source } => {
+                write!(
+                    f,
+                    "cannot write the ready file {}: {source}",
+                    path.display()
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for ServeError {}
 
-impl From<StorageError> for ServeError {
-    fn from(e: StorageError) -> Self {
-        Self::Storage(e)
+impl From<TlsError> for ServeError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(e)
     }
 }
 
@@ -142,51 +205,70 @@ pub struct Server {
     /// What `/ready` answers: true from start-up's end to stop's start.
     ready: Arc<AtomicBool>,
     tcp_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
+    /// The TLS setup in force, when TLS is on; replaced by [`Server::reload`].
+    tls: Option<Arc<TlsSlot>>,
     unix_path: Option<PathBuf>,
     threads: Vec<std::thread::JoinHandle<()>>,
     accept_tasks: Vec<smol::Task<()>>,
     executor: Arc<smol::Executor<'static>>,
     /// Releases the network threads once sessions are drained.
     stopped: Arc<Shutdown>,
+    /// The forwarder, when `[mirror]` is on: it ends its transaction and
+    /// returns once the broker begins to stop.
+    mirror_task: Option<smol::Task<()>>,
 }
 
 impl Server {
     /// Opens storage and the topic table from `cfg`, binds the listeners and
     /// starts serving on `threads` executor threads.
     pub fn start(cfg: &Config, threads: usize) -> Result<Server, ServeError> {
+        // Before storage is opened: a broken TLS config stops start-up at
+        // once, and skiff never serves without the TLS it was told to.
+        let tls = TlsSetup::load(&cfg.server.tls)?;
         let metrics = Metrics::new();
-        let mut storage_cfg = storage_config(cfg);
-        storage_cfg.observer = Some(crate::storage::Observer(metrics.clone()));
-        let storage = Storage::open(storage_cfg)?;
-        let (buffers, largest) = cfg.batch_pool_bounds();
-        crate::bufpool::configure(buffers, largest);
-        let reports = storage.recovery_report();
-        metrics.record_recovery(
-            reports.iter().map(|r| r.bytes_truncated).sum(),
-            reports.iter().filter(|r| r.quarantined).count() as i64,
-        );
-        let broker = Broker::open(
-            storage,
-            cfg.data_dir.clone(),
-            BrokerLimits {
-                max_topics: cfg.server.max_topics as usize,
-                max_partitions: cfg.server.max_partitions as usize,
-                max_producers: cfg.producers.max_producers as usize,
-                producer_idle_expiry_ms: cfg.producers.idle_expiry_ms,
-            },
-            partition_defaults(cfg),
-            cfg.topic_defaults.partitions,
+        let broker = Broker::open_config(cfg, Some(metrics.clone()))?;
+        let (truncated, quarantined) = broker.recovery_summary();
+        metrics.record_recovery(truncated, quarantined as i64);
+        let groups = Coordinator::open(broker.clone(), GroupsConfig::from_config(cfg))?;
+        let share = ShareCoordinator::open(broker.clone(), ShareConfig::from_config(cfg))?;
+        let txns = crate::broker::txn::Coordinator::open(
+            broker.clone(),
+            groups.clone(),
+            crate::broker::txn::TxnConfig::from_config(cfg),
         )?;
+        metrics.record_recovery_erased(broker.recovery_stale_erased());
+        metrics.record_recovery_damaged(
+            broker
+                .recovery_damage()
+                .iter()
+                .map(|(_, d)| d.to_offset - d.from_offset)
+                .sum(),
+        );
+        metrics.set_health_notes(broker.storage_notes());
+        let mut mirror =
+            crate::mirror::Mirror::new(&cfg.mirror, broker.clone(), Some(metrics.clone()))
+                .map_err(ServeError::Mirror)?;
+        let (buffers, largest) = cfg.batch_pool_bounds();
         let executor = Arc::new(smol::Executor::new());
         let ctx = Arc::new(Ctx {
+            pool: BatchPool::new(buffers, largest),
+            shutdown: broker.stopping(),
             broker,
+            groups: groups.clone(),
+            share: share.clone(),
+            txns: txns.clone(),
             settings: Settings::from_config(cfg),
-            shutdown: Arc::new(Shutdown::default()),
             connections: AtomicUsize::new(0),
             connections_changed: Event::new(),
             frame_errors: AtomicUsize::new(0),
             executor: executor.clone(),
             metrics: metrics.clone(),
+            acl: RwLock::new(Arc::new(Acl::from_config(&cfg.acl))),
+            denials: DenialLog::default(),
+            quotas: Quotas::new(cfg.quotas.clone()),
+            unix_names: RwLock::new(Arc::new(unix_names(cfg))),
+            mirror: mirror.status.clone(),
         });
         let stopped = Arc::new(Shutdown::default());
         let mut accept_tasks = Vec::new();
@@ -222,6 +304,28 @@ impl Server {
             })?);
             accept_tasks.push(executor.spawn(accept_tcp(listener, ctx.clone(), executor.clone())));
         }
+        let mut tls_addr = None;
+        let mut tls_slot = None;
+        if let (Some(addr), Some(setup)) = (cfg.tls_listen(), tls) {
+            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
+                ServeError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+            tls_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?);
+            let slot = Arc::new(TlsSlot::new(setup));
+            tls_slot = Some(slot.clone());
+            accept_tasks.push(executor.spawn(accept_tls(
+                listener,
+                ctx.clone(),
+                executor.clone(),
+                slot,
+            )));
+        }
         let mut unix_path = None;
         if let Some(path) = cfg.unix_socket() {
             let listener = bind_unix(&path)?;
@@ -229,8 +333,30 @@ impl Server {
             accept_tasks.push(executor.spawn(accept_unix(listener, ctx.clone(), executor.clone())));
         }
         accept_tasks.push(executor.spawn(snapshot_producers_loop(ctx.broker.clone())));
+        // Not cancelled with the accept tasks: commits made while
+        // sessions drain are written too.
+        executor.spawn(groups.clone().run_log()).detach();
+        accept_tasks.push(executor.spawn(groups.clone().run_timers()));
+        accept_tasks.push(executor.spawn(group_metrics_loop(groups, metrics.clone())));
+        // As the offsets log: acks made while sessions drain are written.
+        executor.spawn(share.clone().run_log()).detach();
+        accept_tasks.push(executor.spawn(share.clone().run_timers()));
+        accept_tasks.push(executor.spawn(share_metrics_loop(share, metrics.clone())));
+        // Ends what the last run left open (read_committed readers of its
+        // partitions wait for it); needs the offsets log's writer above.
+        executor.spawn(txns.clone().recover()).detach();
+        accept_tasks.push(executor.spawn(txns.clone().run_timers()));
+        accept_tasks.push(executor.spawn(txn_metrics_loop(txns, metrics.clone())));
+        accept_tasks.push(
+            executor.spawn(
+                ctx.broker
+                    .clone()
+                    .run_cleaner(Duration::from_millis(CLEANER_INTERVAL_MS)),
+            ),
+        );
         accept_tasks
             .push(executor.spawn(producer_metrics_loop(ctx.broker.clone(), metrics.clone())));
+        let mirror_task = mirror.take_forwarder().map(|f| executor.spawn(f.run()));
         // Recovery is done and every listener is bound. Set before the
         // threads that poll the metrics task exist, so /ready never answers
         // 503 to a probe that arrived after the data port opened.
@@ -251,16 +377,42 @@ impl Server {
             metrics_addr,
             ready,
             tcp_addr,
+            tls_addr,
+            tls: tls_slot,
             unix_path,
             threads,
             accept_tasks,
             executor,
             stopped,
+            mirror_task,
         })
     }
 
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Applies what can change without a restart: the TLS certificate,
+    /// key, CA and CRL files (read again; handshakes from now on use
+    /// them, connections already up keep theirs), `[acl]`, `[quotas]` and
+    /// `server.unix_identities`. On error nothing changes.
+    pub fn reload(&self, cfg: &Config) -> Result<(), ServeError> {
+        if let Some(slot) = &self.tls {
+            match TlsSetup::load(&cfg.server.tls)? {
+                Some(setup) => slot.replace(setup),
+                None => log::warn!(
+                    "reload: server.tls.listen is now empty; the TLS listener stays up until a restart"
+                ),
+            }
+        } else if !cfg.server.tls.listen.is_empty() {
+            log::warn!("reload: a TLS listener is only opened at start-up; restart to open one");
+        }
+        self.ctx.set_policy(cfg);
+        Ok(())
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -279,6 +431,27 @@ impl Server {
         self.executor.spawn(fut)
     }
 
+    /// Serves a stream connected elsewhere as a session, as a listener
+    /// would: counted against `max_connections` (refused with
+    /// `too_many_connections` above it) and in the metrics under
+    /// `listener`. Any stream will do, shared between its reader and
+    /// writer through a lock: a TLS stream, or a test's.
+    pub fn serve_stream<S>(&self, stream: S, peer: String, listener: Listener)
+    where
+        S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = session::Locked(stream);
+        admit_and_spawn(
+            conn,
+            &self.ctx,
+            &self.executor,
+            peer,
+            ANONYMOUS.into(),
+            None,
+            listener,
+        );
+    }
+
     pub fn unix_path(&self) -> Option<&Path> {
         self.unix_path.as_deref()
     }
@@ -291,15 +464,33 @@ impl Server {
         self.ctx.shutdown.clone()
     }
 
-    /// Stops accepting, lets every connection answer what it has read (up
-    /// to a bound), then flushes and checkpoints storage.
+    /// Stops accepting, ends long-polls, lets every connection answer what
+    /// it has read (up to a bound), then closes the broker (which flushes
+    /// and checkpoints storage).
     pub fn stop(self) -> Result<(), ServeError> {
         self.ready.store(false, Ordering::SeqCst);
-        self.ctx.shutdown.trigger();
+        self.ctx.broker.begin_stop();
         let ctx = self.ctx.clone();
+        let mirror_task = self.mirror_task;
         let drained = smol::block_on(self.executor.run(async {
             for t in self.accept_tasks {
                 t.cancel().await;
+            }
+            if let Some(task) = mirror_task {
+                // The forwarder sees the stop between transactions; one in
+                // flight gets a moment to commit. Cut off, it is aborted by
+                // the next start's InitProducerId.
+                let finished = async {
+                    task.await;
+                    true
+                };
+                let timeout = async {
+                    smol::Timer::after(Duration::from_millis(MIRROR_STOP_MS_MAX)).await;
+                    false
+                };
+                if !futures_lite::future::or(finished, timeout).await {
+                    log::warn!("mirror: a transaction was still open at the stop; the next start aborts it");
+                }
             }
             let drain = async {
                 loop {
@@ -327,8 +518,7 @@ impl Server {
         }
         // Every session is done: the producer table is exact up to each
         // high watermark, so the next start scans nothing.
-        ctx.broker.snapshot_producers(true);
-        let result = ctx.broker.storage().shutdown();
+        let result = ctx.broker.close();
         self.stopped.trigger();
         for t in self.threads {
             let _ = t.join();
@@ -350,6 +540,94 @@ async fn snapshot_producers_loop(broker: Arc<Broker>) {
     }
 }
 
+/// How often group lag is copied into the metrics.
+const GROUP_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps `skiff_group_lag_records` in step with the coordinator: every
+/// committed offset's lag, and no series for offsets that are gone.
+async fn group_metrics_loop(groups: Arc<Coordinator>, metrics: Arc<Metrics>) {
+    let mut shown: std::collections::BTreeSet<(String, String, u32)> = Default::default();
+    loop {
+        let mut now = std::collections::BTreeSet::new();
+        for (g, t, p, lag) in groups.lag() {
+            metrics.set_group_lag(&g, &t, p, i64::try_from(lag).unwrap_or(i64::MAX));
+            now.insert((g, t, p));
+        }
+        for (g, t, p) in shown.difference(&now) {
+            metrics.remove_group_lag(g, t, *p);
+        }
+        shown = now;
+        let s = groups.stats();
+        metrics.observe_groups(s.commits, s.log_writes);
+        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
+    }
+}
+/// Keeps the share-group metrics in step with the share coordinator:
+/// records in flight per group and topic, dead-letter depth, counters.
+async fn share_metrics_loop(share: Arc<ShareCoordinator>, metrics: Arc<Metrics>) {
+    loop {
+        let load: Vec<_> = share
+            .load_by_group()
+            .into_iter()
+            .map(|l| (l.group, l.topic, l.in_flight, l.acquired))
+            .collect();
+        let depth: Vec<_> = share
+            .dead_letter_topics()
+            .into_iter()
+            .filter_map(|t| {
+                let d: u64 = (0..share.broker().topic(&t).ok()?.partitions)
+                    .filter_map(|p| share.broker().offsets(&t, p).ok())
+                    .map(|o| o.high_watermark - o.earliest)
+                    .sum();
+                Some((t, d))
+            })
+            .collect();
+        let s = share.stats();
+        metrics.share.observe(
+            &load,
+            &depth,
+            crate::metrics::ShareCounters {
+                redeliveries: s.redeliveries,
+                dead_lettered: s.dead_lettered,
+                lost: s.lost,
+                log_writes: s.log_writes,
+            },
+        );
+        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
+    }
+}
+
+/// Keeps the transaction metrics in step with the coordinator, once a
+/// second like the group metrics.
+async fn txn_metrics_loop(txns: Arc<crate::broker::txn::Coordinator>, metrics: Arc<Metrics>) {
+    loop {
+        let broker = txns.broker();
+        let lags: Vec<(String, u32, u64)> = broker
+            .txn_index
+            .held_back()
+            .into_iter()
+            .filter_map(|(t, p, first)| {
+                let hw = broker.offsets(&t, p).ok()?.high_watermark;
+                Some((t, p, hw.saturating_sub(first)))
+            })
+            .collect();
+        let s = &txns.stats;
+        metrics.observe_txns(
+            crate::metrics::TxnCounters {
+                open: txns.open_count() as u64,
+                commits: s.commits.load(Ordering::Relaxed),
+                aborts: s.aborts.load(Ordering::Relaxed),
+                timeouts: s.timeouts.load(Ordering::Relaxed),
+            },
+            &lags,
+        );
+        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
+    }
+}
+
+/// How often the cleaner looks for compacted partitions short of room.
+const CLEANER_INTERVAL_MS: u64 = 200;
+
 /// How often the producer table's counters are copied into the metrics.
 const PRODUCER_METRICS_INTERVAL_MS: u64 = 1_000;
 
@@ -365,47 +643,94 @@ async fn producer_metrics_loop(broker: Arc<Broker>, metrics: Arc<Metrics>) {
             fenced: s.fenced,
             out_of_order: s.out_of_order,
         });
+        let c = broker.cleaner_stats();
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        metrics.observe_cleaner(crate::metrics::CleanerCounters {
+            runs: g(&c.runs),
+            passes: g(&c.passes),
+            bytes_read: g(&c.bytes_read),
+            bytes_written: g(&c.bytes_written),
+            records_removed: g(&c.records_removed),
+            segments_freed: g(&c.segments_freed),
+            lag_bytes: g(&c.lag_bytes),
+            progress_bytes: g(&c.progress_bytes),
+        });
+        // A topic created since may have met a storage fallback.
+        metrics.set_health_notes(broker.storage_notes());
         smol::Timer::after(Duration::from_millis(PRODUCER_METRICS_INTERVAL_MS)).await;
     }
 }
 
 /// `skiff serve`: runs until SIGTERM or SIGINT, then stops gracefully.
+/// SIGHUP reloads: `reload` reads the config again and [`Server::reload`]
+/// applies what may change while serving; a config that does not load
+/// leaves everything as it was (and says why in the log).
 /// Under systemd (`Type=notify`) it says READY once recovery is done and
 /// the listeners are bound, keeps STATUS current, feeds the watchdog only
 /// while both the network executor and the storage thread answer, and says
 /// STOPPING when it begins to stop.
-pub fn serve(cfg: &Config) -> Result<(), ServeError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+pub fn serve(
+    cfg: &Config,
+    ready_file: Option<&Path>,
+    reload: &dyn Fn() -> Result<Config, crate::config::ConfigError>,
+) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(ServeError::Signals)?;
     let watchdog = crate::notify::Watchdog::from_env().unwrap_or_else(|e| {
         log::warn!("systemd watchdog disabled: {e}");
         crate::notify::Watchdog::disabled()
     });
     let server = Server::start(cfg, network_threads())?;
-    let storage = server.broker().storage().clone();
+    let broker = server.broker().clone();
     let budget = cfg.memory_budget();
     log::info!(
-        "skiff {} serving: backend {}, data {}, tcp {}, unix {}, metrics {}, memory budget {}",
+        "skiff {} serving: backend {}, data {}, tcp {}, tls {}, unix {}, metrics {}, acl {}, {}",
         env!("CARGO_PKG_VERSION"),
-        storage.backend_name(),
+        broker.backend_name(),
         cfg.data_dir.display(),
         server
             .tcp_addr()
             .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        server.tls_addr().map_or_else(
+            || "off".to_owned(),
+            |a| format!(
+                "{a}{}",
+                if cfg.server.tls.client_ca.is_empty() {
+                    ""
+                } else {
+                    " (client certificates required)"
+                }
+            )
+        ),
         server
             .unix_path()
             .map_or_else(|| "off".to_owned(), |p| p.display().to_string()),
         server
             .metrics_addr()
             .map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        crate::config::human(budget.total_bytes()),
+        if cfg.acl.enabled {
+            format!("on ({} rule(s))", cfg.acl.rules.len())
+        } else {
+            "off".to_owned()
+        },
+        budget.summary(),
     );
-    let partitions = storage.partitions().len();
+    if let Some(path) = ready_file {
+        if let Err(source) = write_ready_file(path, &server) {
+            // Whoever waits for the file would wait forever: stop cleanly
+            // and say why.
+            server.stop()?;
+            return Err(ServeError::ReadyFile {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
     notify(&format!(
         "READY=1\nSTATUS=serving {} partition(s) on the {} backend",
-        partitions,
-        storage.backend_name()
+        broker.partition_count(),
+        broker.backend_name()
     ));
     let interval = watchdog.beat_interval();
     let network = watchdog.register("network");
@@ -416,26 +741,54 @@ pub fn serve(cfg: &Config) -> Result<(), ServeError> {
         }
     });
     let storage_hb = watchdog.register("storage");
-    let beat_storage = server.spawn(async move {
-        // A ping goes through the storage thread's queue: a hung thread
-        // (a stuck device) never answers, the beats stop, and so do the
-        // watchdog pings.
-        while storage.ping().await.is_ok() {
-            storage_hb.beat();
-            smol::Timer::after(interval).await;
-        }
-    });
+    let beat_storage = server.spawn(storage_heartbeat(broker, storage_hb, interval));
     let ticker = watchdog.start().map_err(ServeError::Signals)?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            let outcome = reload()
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| server.reload(&cfg).map_err(|e| e.to_string()));
+            match outcome {
+                Ok(()) => log::info!(
+                    "SIGHUP: reloaded TLS files, [acl], [quotas] and server.unix_identities"
+                ),
+                Err(e) => log::error!("SIGHUP: reload failed, nothing changed: {e}"),
+            }
+            continue;
+        }
         log::info!("signal {sig}: stopping");
+        break;
     }
     notify("STOPPING=1\nSTATUS=stopping: finishing requests, flushing");
     drop(ticker);
     drop(beat_network);
     drop(beat_storage);
     server.stop()?;
+    if let Some(path) = ready_file {
+        let _ = std::fs::remove_file(path);
+    }
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// What `serve --ready-file` writes once recovery is done and every
+/// listener is bound: the addresses really bound, so a config may ask for
+/// port 0 and a script or test learn the port without racing anyone for
+/// it. JSON, written to a temporary name and renamed, so a reader that
+/// sees the file sees all of it.
+fn write_ready_file(path: &Path, server: &Server) -> std::io::Result<()> {
+    let text = serde_json::json!({
+        "pid": std::process::id(),
+        "tcp": server.tcp_addr().map(|a| a.to_string()),
+        "tls": server.tls_addr().map(|a| a.to_string()),
+        "unix": server.unix_path().map(|p| p.display().to_string()),
+        "metrics": server.metrics_addr().map(|a| a.to_string()),
+    })
+    .to_string();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Best effort: not running under systemd is normal, a failing socket is
@@ -446,38 +799,30 @@ fn notify(state: &str) {
     }
 }
 
+/// The storage thread's proof of life for the systemd watchdog: beats
+/// every `interval` while the thread answers a ping. A ping goes through
+/// the storage thread's queue: a hung thread (an fdatasync on a stuck
+/// device that never returns) never answers, the beats stop, and so do the
+/// watchdog pings, so systemd restarts skiff instead of acks stalling
+/// forever.
+pub async fn storage_heartbeat(
+    broker: Arc<Broker>,
+    heartbeat: crate::notify::Heartbeat,
+    interval: std::time::Duration,
+) {
+    while broker.ping_storage().await.is_ok() {
+        heartbeat.beat();
+        smol::Timer::after(interval).await;
+    }
+}
+
 fn network_threads() -> usize {
     // The storage thread takes one core's worth of work at most; the
     // network side gets the rest, and at least one thread.
     std::thread::available_parallelism()
         .map(|n| n.get().saturating_sub(1))
         .unwrap_or(1)
-        .clamp(1, 4)
-}
-
-pub fn storage_config(cfg: &Config) -> crate::storage::StorageConfig {
-    crate::storage::StorageConfig {
-        data_dir: cfg.data_dir.clone(),
-        backend: cfg.storage.backend,
-        append_queue_depth: cfg.storage.append_queue_depth as usize,
-        tail_buffer_bytes: cfg.storage.tail_buffer_bytes as usize,
-        max_partitions: cfg.server.max_partitions as usize,
-        max_batch_bytes: cfg.storage.max_batch_bytes as usize,
-        prewrite_segments: cfg.storage.prewrite_segments,
-        pipelined_fsync: cfg.storage.pipelined_fsync,
-        ..crate::storage::StorageConfig::default()
-    }
-}
-
-pub fn partition_defaults(cfg: &Config) -> crate::storage::PartitionConfig {
-    let d = &cfg.topic_defaults;
-    crate::storage::PartitionConfig {
-        segment_bytes: d.segment_bytes,
-        segments: d.segments,
-        retention_ms: (d.retention_ms > 0).then_some(d.retention_ms),
-        durability: d.fsync,
-        overflow: d.overflow,
-    }
+        .clamp(1, crate::config::NETWORK_THREADS_MAX)
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
@@ -507,14 +852,10 @@ fn bind_unix(path: &Path) -> Result<smol::net::unix::UnixListener, ServeError> {
     smol::net::unix::UnixListener::bind(path).map_err(err)
 }
 
-/// Refuses a connection above `max_connections` with a typed error frame.
-async fn refuse<S: futures_lite::AsyncWrite + Unpin>(mut stream: S, max: usize) {
+/// Refuses a connection with a typed error frame, then closes it.
+async fn refuse<S: futures_lite::AsyncWrite + Unpin>(mut stream: S, code: ErrorCode, why: String) {
     let mut buf = Vec::new();
-    let r = error_response(
-        0,
-        ErrorCode::TooManyConnections,
-        format!("connection limit reached ({max})"),
-    );
+    let r = error_response(0, code, why);
     if encode_response(&r, &mut buf).is_ok() {
         use futures_lite::AsyncWriteExt;
         let _ = stream.write_all(&buf).await;
@@ -522,32 +863,88 @@ async fn refuse<S: futures_lite::AsyncWrite + Unpin>(mut stream: S, max: usize) 
     }
 }
 
-fn admit(ctx: &Ctx) -> bool {
-    let prev = ctx.connections.fetch_add(1, Ordering::SeqCst);
-    if prev >= ctx.settings.max_connections {
-        ctx.connections.fetch_sub(1, Ordering::SeqCst);
-        false
-    } else {
-        true
+/// A slot under `server.max_connections`, given back on drop.
+struct ConnSlot(Arc<Ctx>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        self.0.connections_changed.notify(usize::MAX);
     }
 }
 
-fn spawn_session<S>(
-    stream: S,
-    ctx: Arc<Ctx>,
+fn admit(ctx: &Arc<Ctx>) -> Option<ConnSlot> {
+    let prev = ctx.connections.fetch_add(1, Ordering::SeqCst);
+    let slot = ConnSlot(ctx.clone());
+    (prev < ctx.settings.max_connections).then_some(slot)
+}
+
+fn connection_limit(ctx: &Ctx) -> String {
+    format!(
+        "connection limit reached ({})",
+        ctx.settings.max_connections
+    )
+}
+
+/// Everything a session holds its slots with: the server's, its source
+/// address's and its identity's, given back when it ends.
+pub(crate) struct Admitted {
+    _slot: ConnSlot,
+    _addr: Option<AddrGuard>,
+    pub identity: IdentityGuard,
+}
+
+/// Admits a connection whose identity is known (under the server's and the
+/// identity's limits) and serves it on a task of its own; refuses it with
+/// a typed error frame otherwise.
+fn admit_and_spawn(
+    conn: impl session::Connection,
+    ctx: &Arc<Ctx>,
     ex: &smol::Executor<'static>,
     peer: String,
+    identity: Arc<str>,
+    addr: Option<AddrGuard>,
     listener: Listener,
-) where
-    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Clone + Unpin + Send + 'static,
-{
+) {
+    let Some(slot) = admit(ctx) else {
+        let (_, w) = conn.split();
+        ex.spawn(refuse(
+            w,
+            ErrorCode::TooManyConnections,
+            connection_limit(ctx),
+        ))
+        .detach();
+        return;
+    };
+    let identity = match ctx.quotas.admit_identity(identity) {
+        Ok(g) => g,
+        Err(why) => {
+            log::info!("{peer}: refused: {why}");
+            let (_, w) = conn.split();
+            ex.spawn(refuse(w, ErrorCode::TooManyConnections, why.to_string()))
+                .detach();
+            return;
+        }
+    };
+    let admitted = Admitted {
+        _slot: slot,
+        _addr: addr,
+        identity,
+    };
+    let ctx = ctx.clone();
     ex.spawn(async move {
         let _open = ctx.metrics.connection_opened(listener);
-        session::run(stream, ctx.clone(), peer).await;
-        ctx.connections.fetch_sub(1, Ordering::SeqCst);
-        ctx.connections_changed.notify(usize::MAX);
+        session::run(conn, ctx.clone(), peer, admitted).await;
     })
     .detach();
+}
+
+/// The per-address limits, checked before anything is read from a TCP or
+/// TLS connection.
+fn admit_addr(ctx: &Ctx, peer: SocketAddr) -> Result<AddrGuard, quota::Refusal> {
+    ctx.quotas.admit_addr(peer.ip()).inspect_err(|why| {
+        log::debug!("{peer}: refused: {why}");
+    })
 }
 
 async fn accept_tcp(
@@ -559,11 +956,23 @@ async fn accept_tcp(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                if admit(&ctx) {
-                    spawn_session(stream, ctx.clone(), &ex, peer.to_string(), Listener::Tcp);
-                } else {
-                    ex.spawn(refuse(stream, ctx.settings.max_connections))
-                        .detach();
+                match admit_addr(&ctx, peer) {
+                    Ok(addr) => admit_and_spawn(
+                        stream,
+                        &ctx,
+                        &ex,
+                        peer.to_string(),
+                        ANONYMOUS.into(),
+                        Some(addr),
+                        Listener::Tcp,
+                    ),
+                    Err(why) => ex
+                        .spawn(refuse(
+                            stream,
+                            ErrorCode::TooManyConnections,
+                            why.to_string(),
+                        ))
+                        .detach(),
                 }
             }
             Err(e) => {
@@ -583,17 +992,303 @@ async fn accept_unix(
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                if admit(&ctx) {
-                    spawn_session(stream, ctx.clone(), &ex, "unix".to_owned(), Listener::Unix);
-                } else {
-                    ex.spawn(refuse(stream, ctx.settings.max_connections))
-                        .detach();
-                }
+                // The kernel's word on who connected (SO_PEERCRED): the
+                // uid the peer had when it called connect(2).
+                let (peer, identity) = match rustix::net::sockopt::socket_peercred(&stream) {
+                    Ok(cred) => {
+                        let uid = cred.uid.as_raw();
+                        (
+                            format!("unix pid {}", cred.pid.as_raw_nonzero()),
+                            ctx.unix_identity(uid),
+                        )
+                    }
+                    Err(e) => {
+                        log::warn!("unix socket peer without credentials ({e}): refused");
+                        continue;
+                    }
+                };
+                admit_and_spawn(stream, &ctx, &ex, peer, identity, None, Listener::Unix);
             }
             Err(e) => {
                 log::warn!("accept on unix socket: {e}");
                 smol::Timer::after(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+async fn accept_tls(
+    listener: smol::net::TcpListener,
+    ctx: Arc<Ctx>,
+    ex: Arc<smol::Executor<'static>>,
+    slot: Arc<TlsSlot>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                // Before the handshake nothing can be said in skiff's
+                // protocol: a refused client just sees the connection close.
+                let Ok(addr) = admit_addr(&ctx, peer) else {
+                    continue;
+                };
+                if ctx.connections.load(Ordering::SeqCst) >= ctx.settings.max_connections {
+                    log::debug!("{peer}: refused: {}", connection_limit(&ctx));
+                    continue;
+                }
+                let setup = slot.current();
+                let (ctx2, ex2) = (ctx.clone(), ex.clone());
+                ex.spawn(async move {
+                    let Some((tls, identity)) = handshake(stream, &setup, peer).await else {
+                        return;
+                    };
+                    admit_and_spawn(
+                        session::Locked(tls),
+                        &ctx2,
+                        &ex2,
+                        peer.to_string(),
+                        identity,
+                        Some(addr),
+                        Listener::Tls,
+                    );
+                })
+                .detach();
+            }
+            Err(e) => {
+                log::warn!("accept on tls: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The server side of a TLS handshake, bounded in time, and the identity
+/// the client proved. Failures are the client's: logged, and the
+/// connection closed.
+async fn handshake(
+    stream: smol::net::TcpStream,
+    setup: &TlsSetup,
+    peer: SocketAddr,
+) -> Option<(
+    futures_rustls::server::TlsStream<smol::net::TcpStream>,
+    Arc<str>,
+)> {
+    let acceptor = futures_rustls::TlsAcceptor::from(setup.config.clone());
+    let done = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+        smol::Timer::after(Duration::from_millis(TLS_HANDSHAKE_MS_MAX)).await;
+        None
+    })
+    .await;
+    let tls = match done {
+        Some(Ok(tls)) => tls,
+        Some(Err(e)) => {
+            log::info!("{peer}: TLS handshake failed: {e}");
+            return None;
+        }
+        None => {
+            log::info!("{peer}: TLS handshake not done in {TLS_HANDSHAKE_MS_MAX} ms");
+            return None;
+        }
+    };
+    if !setup.mutual {
+        return Some((tls, ANONYMOUS.into()));
+    }
+    let (_, conn) = tls.get_ref();
+    // The verifier required a certificate: rustls does not finish a
+    // handshake without one.
+    let leaf = conn.peer_certificates().and_then(|c| c.first())?;
+    match setup.identity_of(leaf) {
+        Some(id) => Some((tls, id.into())),
+        None => {
+            log::warn!(
+                "{peer}: client certificate names no identity by server.tls.identity_from = \"{}\"; refused",
+                setup.identity_from
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, BatchIter, ProducerStamp};
+    use crate::protocol::{
+        decode_response, encode_request, frame_len, CreateTopicRequest, FetchPartition,
+        FetchRequest, HelloRequest, ProducePartition, ProduceRequest, Request, RequestBody,
+        Response, ResponseBody,
+    };
+    use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// The server reaches storage only through the broker: no file of it
+    /// names the storage module (re-exports through `broker` are the way).
+    #[test]
+    fn the_server_names_nothing_from_storage() {
+        let forbidden = [concat!("crate::", "storage"), concat!("storage", "::")];
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server");
+        let mut files = vec![dir];
+        let mut checked = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(&path).expect("read src/server") {
+                    files.push(entry.expect("dir entry").path());
+                }
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read a source file");
+            for (n, line) in text.lines().enumerate() {
+                for f in forbidden {
+                    assert!(
+                        !line.contains(f),
+                        "{}:{}: the server names storage ({f}); go through the broker",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 3, "found the server's files");
+    }
+
+    /// A stream that cannot be cloned, as a TLS stream cannot.
+    struct NotClone(smol::net::unix::UnixStream);
+
+    impl AsyncRead for NotClone {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for NotClone {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_close(cx)
+        }
+    }
+
+    async fn call(
+        s: &mut smol::net::unix::UnixStream,
+        correlation_id: u32,
+        body: RequestBody<'_>,
+    ) -> Response {
+        let mut out = Vec::new();
+        encode_request(
+            &Request {
+                correlation_id,
+                body,
+            },
+            &mut out,
+        )
+        .expect("encode");
+        s.write_all(&out).await.expect("send");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Some(n) = frame_len(&buf, u32::MAX).expect("a frame") {
+                let r = decode_response(&buf[4..n]).expect("a response");
+                assert_eq!(n, buf.len(), "one answer");
+                assert_eq!(r.correlation_id, correlation_id);
+                return r;
+            }
+            let n = s.read(&mut chunk).await.expect("receive");
+            assert!(n > 0, "the session closed early");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A session runs over a stream that is not `Clone` (split into halves
+    /// over a lock): hello, create, a produce whose large batch is written
+    /// while the reader waits, and a fetch that reads it back.
+    #[test]
+    fn a_session_runs_over_a_stream_that_cannot_be_cloned() {
+        // Under target/: /tmp may be tmpfs, which has no O_DIRECT.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tmp");
+        std::fs::create_dir_all(&base).expect("create target/test-tmp");
+        let dir = tempfile::tempdir_in(base).expect("tempdir");
+        let mut cfg = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        cfg.server.listen = String::new();
+        cfg.server.unix_socket = String::new();
+        cfg.metrics.listen = String::new();
+        let server = Server::start(&cfg, 1).expect("start");
+        let (ours, theirs) = smol::net::unix::UnixStream::pair().expect("socket pair");
+        server.serve_stream(NotClone(theirs), "test".into(), Listener::Unix);
+        let mut s = ours;
+        let value = vec![b'v'; 1000];
+        let mut bb = BatchBuilder::new();
+        // Near the embedded default's 128 KiB batch limit.
+        for _ in 0..120 {
+            bb.push(1, None, &value, &[]);
+        }
+        let batch = bb.finish(ProducerStamp::NONE);
+        smol::block_on(async {
+            let hello = RequestBody::Hello(HelloRequest {
+                version_min: 1,
+                version_max: 1,
+                client_name: None,
+            });
+            let r = call(&mut s, 1, hello).await;
+            assert!(matches!(r.body, ResponseBody::Hello(_)), "{r:?}");
+            let create = RequestBody::CreateTopic(CreateTopicRequest {
+                name: "t".into(),
+                partitions: Some(1),
+                ..CreateTopicRequest::default()
+            });
+            let r = call(&mut s, 2, create).await;
+            assert!(matches!(r.body, ResponseBody::CreateTopic(_)), "{r:?}");
+            let produce = RequestBody::Produce(ProduceRequest {
+                partitions: vec![ProducePartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    batch: batch[..].into(),
+                }],
+            });
+            let r = call(&mut s, 3, produce).await;
+            let ResponseBody::Produce(p) = r.body else {
+                panic!("{r:?}")
+            };
+            assert_eq!(p.partitions[0].offsets(), Ok((0, 119)));
+            let fetch = RequestBody::Fetch(FetchRequest {
+                partitions: vec![FetchPartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 0,
+                    max_bytes: 1 << 20,
+                }],
+                max_wait_ms: 0,
+                min_bytes: 0,
+                isolation: None,
+            });
+            let r = call(&mut s, 4, fetch).await;
+            let ResponseBody::Fetch(f) = r.body else {
+                panic!("{r:?}")
+            };
+            let got: Vec<u32> = BatchIter::new(&f.partitions[0].records)
+                .map(|b| b.expect("a batch").header.record_count)
+                .collect();
+            assert_eq!(got, vec![120]);
+        });
+        drop(s);
+        server.stop().expect("stop");
     }
 }

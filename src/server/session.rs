@@ -1,11 +1,17 @@
 //! One client connection: a reader that frames and dispatches requests in
 //! order, handler tasks that may finish out of order, and a writer that
-//! sends responses as they complete.
+//! sends responses as they complete. The reader and the writer each own a
+//! half of the connection ([`Connection::split`]), so any stream serves:
+//! TCP and Unix sockets split into two handles of the same socket, and a
+//! stream that cannot be shared that way (TLS) into halves over a lock.
 //!
 //! Memory per connection is bounded: the read buffer never exceeds one
 //! frame (`max_frame_bytes`), and requests are not read while the bytes of
-//! requests being handled plus responses not yet written exceed
-//! `max_inflight_bytes`.
+//! requests being handled plus the room reserved for their responses
+//! exceed `max_inflight_bytes`. A fetch reserves the largest answer it can
+//! get before it is read from storage, so a client that never reads its
+//! socket holds at most that much: without the reservation, each of its
+//! small fetch requests pinned a large answer in memory, without bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,11 +25,19 @@ use crate::protocol::{
     ResponseBody, Splice, FRAME_HEADER_BYTES,
 };
 
+use super::groups;
 use super::handler;
-use super::Ctx;
+use super::quota::{Direction, IdentityGuard};
+use super::share;
+use super::{Admitted, Ctx};
 
-/// First read buffer size; it grows to the largest frame seen, at most
-/// `max_frame_bytes`.
+/// A new connection's read buffer: a hello fits. It grows to the largest
+/// frame seen, at most `max_frame_bytes`. Small, because an idle or
+/// unauthenticated connection should cost little: a 64 KiB start made
+/// 10,000 idle connections cost 57 KiB each.
+const READ_BUFFER_BYTES_INITIAL: usize =
+    protocol::HELLO_FRAME_BYTES_MAX as usize + FRAME_HEADER_BYTES;
+/// What a grown buffer shrinks back to (see [`ShrinkPolicy`]).
 const READ_BUFFER_BYTES_MIN: usize = 64 * 1024;
 /// A buffer grown up to this size is kept: a producer sending 100 KiB
 /// requests would otherwise have it freed and regrown (and zeroed) for
@@ -59,8 +73,32 @@ impl ShrinkPolicy {
             && self.small_in_a_row >= SMALL_FRAMES_BEFORE_SHRINK
     }
 }
-/// Responses waiting for the writer. Bounded together with in-flight bytes.
-const RESPONSE_QUEUE_DEPTH: usize = 256;
+/// The least a request counts against `max_inflight_bytes`, whatever its
+/// size: it bounds how many answers can wait for the writer (the queue
+/// itself is unbounded, so an idle connection does not preallocate one).
+const REQUEST_RESERVE_BYTES_MIN: usize = 256;
+/// Room for a fetch answer's envelope beyond its records.
+const FETCH_ENVELOPE_RESERVE_BYTES: usize = 4 * 1024;
+
+/// Bytes a request holds against the connection's in-flight bound from the
+/// moment it is read until its answer is written: its frame, and for a
+/// fetch the largest answer it may get (whole batches up to its
+/// partitions' `max_bytes`, plus one batch that may run over, within one
+/// frame).
+fn reserve_bytes(frame_bytes: usize, body: &RequestBody<'_>, settings: &super::Settings) -> usize {
+    let answer = match body {
+        RequestBody::Fetch(f) => f
+            .partitions
+            .iter()
+            .map(|p| p.max_bytes as usize)
+            .fold(0usize, usize::saturating_add)
+            .saturating_add(settings.max_batch_bytes)
+            .saturating_add(FETCH_ENVELOPE_RESERVE_BYTES)
+            .min(settings.max_frame_bytes),
+        _ => 0,
+    };
+    frame_bytes.max(REQUEST_RESERVE_BYTES_MIN) + answer
+}
 
 /// Bytes of requests being handled on one connection.
 struct InFlight {
@@ -105,45 +143,134 @@ enum Next {
     Shutdown,
 }
 
-pub(crate) async fn run<S>(stream: S, ctx: Arc<Ctx>, peer: String)
+/// A connection a session can serve, split into the halves its reader and
+/// writer tasks own.
+pub(crate) trait Connection: Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl Connection for smol::net::TcpStream {
+    type Read = Self;
+    type Write = Self;
+    /// Two handles of the one socket: no lock between the halves.
+    fn split(self) -> (Self, Self) {
+        (self.clone(), self)
+    }
+}
+
+impl Connection for smol::net::unix::UnixStream {
+    type Read = Self;
+    type Write = Self;
+    fn split(self) -> (Self, Self) {
+        (self.clone(), self)
+    }
+}
+
+/// Any other stream (a TLS stream, say): its halves take turns through a
+/// lock, held only while a read or a write is polled.
+pub(crate) struct Locked<S>(pub S);
+
+impl<S> Connection for Locked<S>
 where
-    S: AsyncRead + AsyncWrite + Clone + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = async_channel::bounded::<(Response, usize)>(RESPONSE_QUEUE_DEPTH);
+    type Read = futures_lite::io::ReadHalf<S>;
+    type Write = futures_lite::io::WriteHalf<S>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        futures_lite::io::split(self.0)
+    }
+}
+
+pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, admitted: Admitted) {
+    let (reader, writer) = conn.split();
+    let Admitted {
+        _slot: slot,
+        _addr: addr,
+        identity,
+    } = admitted;
+    let who = Arc::new(identity);
+    let (tx, rx) = async_channel::unbounded::<(Response, usize)>();
     let inflight = Arc::new(InFlight {
         bytes: AtomicUsize::new(0),
         changed: Event::new(),
     });
-    let writer = ctx
-        .executor
-        .spawn(write_loop(stream.clone(), rx, inflight.clone()));
-    let reason = read_loop(stream, &ctx, &tx, &inflight).await;
+    let writer = ctx.executor.spawn(write_loop(
+        writer,
+        rx,
+        inflight.clone(),
+        ctx.settings.max_frame_bytes,
+    ));
+    let reason = read_loop(reader, &ctx, &tx, &inflight, &who).await;
+    let identity = who.identity();
     match &reason {
-        Ok(()) => log::debug!("{peer}: connection closed"),
-        Err(e) => log::info!("{peer}: closing connection: {e}"),
+        Ok(()) => log::debug!("{peer} ({identity}): connection closed"),
+        Err(e) => log::info!("{peer} ({identity}): closing connection: {e}"),
     }
     // Finish what was read before closing: every request gets its answer.
     inflight.drained().await;
     drop(tx);
     writer.await;
+    // The slots (connection, address, identity) are given back only now,
+    // once every answer is written.
+    drop(who);
+    drop((slot, addr));
+}
+
+/// A write coalesces ready answers up to this many bytes (or one frame,
+/// if smaller): fewer syscalls for many small answers.
+const COALESCE_BYTES_MAX: usize = 256 * 1024;
+
+/// About what an answer takes encoded, from its records (a fetch's are
+/// nearly all of it) and a margin for everything else: lets the writer
+/// stop coalescing before an answer would take its buffer past a frame.
+fn encoded_size_hint(r: &Response) -> usize {
+    match &r.body {
+        ResponseBody::Fetch(f) => {
+            f.partitions
+                .iter()
+                .map(|p| p.records.len() + p.topic.len() + 64)
+                .sum::<usize>()
+                + 64
+        }
+        _ => 4 * 1024,
+    }
 }
 
 async fn write_loop<S>(
     mut stream: S,
     rx: async_channel::Receiver<(Response, usize)>,
     inflight: Arc<InFlight>,
+    max_frame_bytes: usize,
 ) where
     S: AsyncWrite + Unpin,
 {
+    // The encoding buffer stays within about one frame, as the memory
+    // budget counts it: an answer that would take it further waits for
+    // the next write.
+    let limit = COALESCE_BYTES_MAX.min(max_frame_bytes);
     let mut out = Outgoing::default();
     let mut broken = false;
-    while let Ok((first, n)) = rx.recv().await {
+    let mut next: Option<(Response, usize)> = None;
+    loop {
+        let (first, n) = match next.take() {
+            Some(held) => held,
+            None => match rx.recv().await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
         out.clear();
         let mut release = n;
         out.add(first);
         // Coalesce whatever else is ready into one write.
-        while out.bytes() < 256 * 1024 {
+        while out.bytes() < limit {
             match rx.try_recv() {
+                Ok((r, n)) if out.bytes() + encoded_size_hint(&r) > limit => {
+                    next = Some((r, n));
+                    break;
+                }
                 Ok((r, n)) => {
                     out.add(r);
                     release += n;
@@ -151,7 +278,10 @@ async fn write_loop<S>(
                 Err(_) => break,
             }
         }
-        if !broken && out.write_to(&mut stream).await.is_err() {
+        // The flush matters for TLS: a write the socket only partly took
+        // leaves records in rustls's buffer, sent by the next write or a
+        // flush, and there may be no next write. (For TCP it is a no-op.)
+        if !broken && (out.write_to(&mut stream).await.is_err() || stream.flush().await.is_err()) {
             // The peer is gone; keep draining so in-flight accounting ends.
             broken = true;
         }
@@ -306,6 +436,11 @@ async fn next_frame<S: AsyncRead + Unpin>(
                 }
             }
             Some(Ok(n)) => *filled += n,
+            // A TLS peer that hangs up between frames without close_notify
+            // (most clients do) has simply gone, like a TCP peer at EOF.
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && *filled == 0 => {
+                return Ok(Next::Eof)
+            }
             Some(Err(e)) => return Err(SessionEnd::Io(e)),
         }
     }
@@ -316,15 +451,37 @@ async fn read_loop<S>(
     ctx: &Arc<Ctx>,
     tx: &async_channel::Sender<(Response, usize)>,
     inflight: &Arc<InFlight>,
+    who: &Arc<IdentityGuard>,
 ) -> Result<(), SessionEnd>
 where
     S: AsyncRead + Unpin,
 {
-    let mut buf = vec![0u8; READ_BUFFER_BYTES_MIN];
+    let mut buf = vec![0u8; READ_BUFFER_BYTES_INITIAL];
     let mut filled = 0usize;
     let mut shrink = ShrinkPolicy::default();
     let mut hello_done = false;
+    // The negotiated protocol version; answers are shaped for it.
+    let mut version = protocol::PROTOCOL_VERSION_MIN;
+    // Until then the connection reads nothing: its identity is over its
+    // produce quota (see `quota`).
+    let mut muted_until: Option<std::time::Instant> = None;
     loop {
+        if let Some(until) = muted_until.take() {
+            let stopping = futures_lite::future::or(
+                async {
+                    smol::Timer::at(until).await;
+                    false
+                },
+                async {
+                    ctx.shutdown.wait().await;
+                    true
+                },
+            )
+            .await;
+            if stopping {
+                return Ok(());
+            }
+        }
         // Before hello only a hello-sized frame is accepted: a peer that
         // opens with more is not a skiff client (docs/protocol.md).
         let max_frame_bytes = if hello_done {
@@ -348,21 +505,26 @@ where
             Err(e) => return Err(e),
         };
         let body = &buf[FRAME_HEADER_BYTES..n];
-        inflight.acquire(n, ctx.settings.max_inflight_bytes).await;
         let request = match decode_request(body) {
             Ok(r) => r,
             Err(e) => {
                 ctx.metrics_frame_error();
+                inflight.acquire(n, usize::MAX).await;
                 let r = frame_error_response(body, &e);
                 let _ = tx.send((r, n)).await;
                 return Err(SessionEnd::Frame(e));
             }
         };
+        let reserved = reserve_bytes(n, &request.body, &ctx.settings);
+        inflight
+            .acquire(reserved, ctx.settings.max_inflight_bytes)
+            .await;
         let cid = request.correlation_id;
         let kind = request.body.name();
         let started = std::time::Instant::now();
         let metrics = ctx.metrics.clone();
         let answer = move |body: ResponseBody| {
+            let body = protocol::for_version(body, version);
             metrics.observe_request(kind, started.elapsed());
             if let ResponseBody::Fetch(f) = &body {
                 for p in &f.partitions {
@@ -377,7 +539,7 @@ where
                     correlation_id: cid,
                     body,
                 },
-                n,
+                reserved,
             )
         };
         match request.body {
@@ -392,10 +554,11 @@ where
             }
             RequestBody::Hello(h) => {
                 match protocol::negotiate_version(h.version_min, h.version_max) {
-                    Some(version) => {
+                    Some(v) => {
                         hello_done = true;
+                        version = v;
                         let body = ResponseBody::Hello(HelloResponse {
-                            version,
+                            version: v,
                             server_version: env!("CARGO_PKG_VERSION").to_owned(),
                             max_frame_bytes: ctx.settings.max_frame_bytes as u32,
                             max_batch_bytes: ctx.settings.max_batch_bytes as u32,
@@ -431,12 +594,23 @@ where
                     .iter()
                     .map(|p| p.batch.len() as u64)
                     .collect();
-                let pending = handler::produce_submit(ctx, req).await;
+                let pending = handler::produce_submit(ctx, who.identity(), req).await;
+                let throttle = who.charge(Direction::Produce, sizes.iter().sum());
+                let until = std::time::Instant::now() + throttle;
+                if !throttle.is_zero() {
+                    muted_until = Some(until);
+                }
                 let tx = tx.clone();
                 let ctx2 = ctx.clone();
                 ctx.executor
                     .spawn(async move {
-                        let body = handler::produce_complete(&ctx2, pending).await;
+                        let mut body = handler::produce_complete(pending).await;
+                        if !throttle.is_zero() {
+                            smol::Timer::at(until).await;
+                            if let ResponseBody::Produce(r) = &mut body {
+                                r.throttle_ms = Some(throttle_ms(throttle));
+                            }
+                        }
                         if let ResponseBody::Produce(r) = &body {
                             for (p, bytes) in r.partitions.iter().zip(sizes) {
                                 if p.error.is_none() {
@@ -455,12 +629,24 @@ where
                     .detach();
             }
             body => {
+                // Owned (nothing but a produce borrows from the frame), so
+                // the frame buffer takes the next request meanwhile.
+                let body = body.into_owned();
                 let ctx2 = ctx.clone();
                 let tx = tx.clone();
+                let who = who.clone();
                 ctx.executor
                     .spawn(async move {
                         let ctx = ctx2;
-                        let body = dispatch(&ctx, body).await;
+                        let mut body = dispatch(&ctx, who.identity(), body).await;
+                        if let ResponseBody::Fetch(f) = &mut body {
+                            let bytes = f.partitions.iter().map(|p| p.records.len() as u64).sum();
+                            let throttle = who.charge(Direction::Consume, bytes);
+                            if !throttle.is_zero() {
+                                smol::Timer::after(throttle).await;
+                                f.throttle_ms = Some(throttle_ms(throttle));
+                            }
+                        }
                         let _ = tx.send(answer(body)).await;
                     })
                     .detach();
@@ -475,16 +661,48 @@ where
     }
 }
 
-async fn dispatch(ctx: &Ctx, body: RequestBody) -> ResponseBody {
+fn throttle_ms(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+}
+
+/// Every request but hello and produce. Each handler authorizes what it
+/// touches (`handler::authorize`) with `identity`.
+async fn dispatch(ctx: &Ctx, identity: &str, body: RequestBody<'static>) -> ResponseBody {
     match body {
-        RequestBody::Metadata(r) => handler::metadata(ctx, r),
-        RequestBody::CreateTopic(r) => handler::create_topic(ctx, r).await,
-        RequestBody::DescribeTopic(r) => handler::describe_topic(ctx, &r.name),
-        RequestBody::ListTopics(_) => handler::list_topics(ctx),
-        RequestBody::DeleteTopic(r) => handler::delete_topic(ctx, &r.name).await,
-        RequestBody::Fetch(r) => handler::fetch(ctx, r).await,
-        RequestBody::ListOffsets(r) => handler::list_offsets(ctx, r).await,
-        RequestBody::InitProducer(r) => handler::init_producer(ctx, r).await,
+        RequestBody::Metadata(r) => handler::metadata(ctx, identity, r),
+        RequestBody::CreateTopic(r) => handler::create_topic(ctx, identity, r).await,
+        RequestBody::DescribeTopic(r) => handler::describe_topic(ctx, identity, &r.name),
+        RequestBody::ListTopics(_) => handler::list_topics(ctx, identity),
+        RequestBody::DeleteTopic(r) => handler::delete_topic(ctx, identity, &r.name).await,
+        RequestBody::Fetch(r) => handler::fetch(ctx, identity, r).await,
+        RequestBody::ListOffsets(r) => handler::list_offsets(ctx, identity, r).await,
+        RequestBody::InitProducer(r) => handler::init_producer(ctx, identity, r).await,
+        RequestBody::JoinGroup(r) => groups::join(ctx, identity, r).await,
+        RequestBody::SyncGroup(r) => {
+            groups::sync(ctx, identity, &r.group, &r.member_id, r.generation)
+        }
+        RequestBody::Heartbeat(r) => {
+            groups::heartbeat(ctx, identity, &r.group, &r.member_id, r.generation)
+        }
+        RequestBody::LeaveGroup(r) => groups::leave(ctx, identity, &r.group, &r.member_id),
+        RequestBody::OffsetCommit(r) => groups::commit(ctx, identity, r).await,
+        RequestBody::OffsetFetch(r) => groups::fetch_offsets(ctx, identity, r),
+        RequestBody::ListGroups(_) => groups::list(ctx, identity),
+        RequestBody::DescribeGroup(r) => groups::describe(ctx, identity, &r.group),
+        RequestBody::DeleteGroup(r) => groups::delete(ctx, identity, &r.group).await,
+        RequestBody::CompactTopic(r) => handler::compact_topic(ctx, identity, r).await,
+        RequestBody::AlterTopic(r) => handler::alter_topic(ctx, identity, r).await,
+        RequestBody::DescribePartitions(r) => {
+            handler::describe_partitions(ctx, identity, &r.name).await
+        }
+        RequestBody::MirrorStatus(_) => handler::mirror_status(ctx, identity),
+        RequestBody::MirrorPause(r) => handler::mirror_pause(ctx, identity, r),
+        RequestBody::ShareFetch(r) => share::fetch(ctx, identity, r).await,
+        RequestBody::ShareAck(r) => share::ack(ctx, identity, r).await,
+        RequestBody::InitTxn(r) => super::txn::init(ctx, identity, r).await,
+        RequestBody::AddTxnOffsets(r) => super::txn::add_offsets(ctx, identity, r).await,
+        RequestBody::EndTxn(r) => super::txn::end(ctx, identity, r).await,
+        RequestBody::ListTxns(_) => super::txn::list(ctx, identity),
         RequestBody::Hello(_) | RequestBody::Produce(_) => {
             unreachable!("handled by the reader")
         }
@@ -550,6 +768,7 @@ mod tests {
         Response {
             correlation_id: id,
             body: ResponseBody::Fetch(FetchResponse {
+                throttle_ms: None,
                 partitions: sizes
                     .iter()
                     .enumerate()
@@ -563,6 +782,8 @@ mod tests {
                             .map(|j| (j * 7 + i) as u8)
                             .collect::<Vec<u8>>()
                             .into(),
+                        last_stable_offset: None,
+                        next_offset: None,
                     })
                     .collect(),
             }),

@@ -1,0 +1,134 @@
+//! Share-group requests (queues, docs/queues.md): protocol types in,
+//! share-coordinator calls, protocol types out. Each request is
+//! authorized as `group` on its share group and `consume` on its topic.
+
+use std::time::Duration;
+
+use minicbor::bytes::ByteVec;
+
+use crate::broker::share::{Ack, AckKind, FetchSpec, ShareError};
+use crate::protocol::{
+    ErrorCode, ResponseBody, ShareAckKind, ShareAckRequest, ShareAckResponse, ShareFetchRequest,
+    ShareFetchResponse, ShareHeader, ShareRecord,
+};
+
+use super::acl::Operation;
+use super::handler::{authorize, broker_error_code, error_body, not_authorized_message};
+use super::Ctx;
+
+/// The wire code of a share error.
+pub(crate) fn share_error_code(e: &ShareError) -> ErrorCode {
+    match e {
+        ShareError::Invalid(_) => ErrorCode::InvalidRequest,
+        ShareError::LockLost { .. } => ErrorCode::ShareLockLost,
+        ShareError::Broker(e) => broker_error_code(e),
+    }
+}
+
+fn share_error_body(e: &ShareError) -> ResponseBody {
+    error_body(share_error_code(e), e.to_string())
+}
+
+/// `group` on the share group and `consume` on the topic, or the denial.
+fn check(ctx: &Ctx, identity: &str, group: &str, topic: &str) -> Option<ResponseBody> {
+    for (op, resource) in [(Operation::Group, group), (Operation::Consume, topic)] {
+        if !authorize(ctx, identity, op, resource) {
+            return Some(error_body(
+                ErrorCode::NotAuthorized,
+                not_authorized_message(identity, op, resource),
+            ));
+        }
+    }
+    None
+}
+
+pub(crate) async fn fetch(ctx: &Ctx, identity: &str, r: ShareFetchRequest) -> ResponseBody {
+    if let Some(denied) = check(ctx, identity, &r.group, &r.topic) {
+        return denied;
+    }
+    let from_earliest = match r.from.as_deref() {
+        None | Some("latest") => false,
+        Some("earliest") => true,
+        Some(other) => {
+            return error_body(
+                ErrorCode::InvalidRequest,
+                format!("from {other:?}: earliest or latest"),
+            )
+        }
+    };
+    let max_wait = Duration::from_millis(u64::from(
+        r.max_wait_ms
+            .min(u32::try_from(ctx.settings.max_wait_ms).unwrap_or(u32::MAX)),
+    ));
+    let spec = FetchSpec {
+        group: r.group,
+        topic: r.topic,
+        member: r.member_id,
+        max_records: r.max_records,
+        max_wait,
+        from_earliest,
+    };
+    match ctx.share.fetch(spec).await {
+        Ok((records, lock_ms)) => ResponseBody::ShareFetch(ShareFetchResponse {
+            records: records
+                .into_iter()
+                .map(|d| ShareRecord {
+                    partition: d.partition,
+                    offset: d.offset,
+                    timestamp_ms: d.timestamp_ms,
+                    key: d.key.map(ByteVec::from),
+                    value: d.value.map(ByteVec::from),
+                    headers: d
+                        .headers
+                        .into_iter()
+                        .map(|(name, value)| ShareHeader {
+                            name,
+                            value: value.into(),
+                        })
+                        .collect(),
+                    delivery_count: d.delivery_count,
+                })
+                .collect(),
+            lock_ms,
+        }),
+        Err(e) => share_error_body(&e),
+    }
+}
+
+pub(crate) async fn ack(ctx: &Ctx, identity: &str, r: ShareAckRequest) -> ResponseBody {
+    if let Some(denied) = check(ctx, identity, &r.group, &r.topic) {
+        return denied;
+    }
+    let acks = r
+        .acks
+        .into_iter()
+        .map(|a| Ack {
+            partition: a.partition,
+            offset: a.offset,
+            kind: match a.kind {
+                ShareAckKind::Accept => AckKind::Accept,
+                ShareAckKind::Release => AckKind::Release {
+                    delay: Duration::from_millis(u64::from(a.delay_ms.unwrap_or(0))),
+                },
+                ShareAckKind::Reject => AckKind::Reject,
+            },
+            error: a.error,
+        })
+        .collect();
+    match ctx
+        .share
+        .acknowledge(&r.group, &r.topic, &r.member_id, acks)
+        .await
+    {
+        Ok(results) => ResponseBody::ShareAck(ShareAckResponse {
+            results: results
+                .iter()
+                .map(|r| match r {
+                    Ok(()) => ErrorCode::None,
+                    Err(e) => share_error_code(e),
+                })
+                .collect(),
+        }),
+        Err(e) => share_error_body(&e),
+    }
+}
