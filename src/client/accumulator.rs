@@ -126,12 +126,23 @@ struct PartitionQueue {
     in_flight: Vec<u64>,
 }
 
-#[derive(Default)]
 struct Sticky {
     /// The partition unkeyed records go to until its batch closes.
     current: Option<u32>,
-    /// The next partition in round-robin order.
+    /// The next partition in round-robin order (taken modulo the count).
     next: u32,
+}
+
+impl Sticky {
+    /// Starts at a random partition, as Kafka's sticky partitioner does:
+    /// a fresh producer per command (`skiff produce` in a loop) would
+    /// otherwise always begin, and with little data end, on partition 0.
+    fn new() -> Sticky {
+        Sticky {
+            current: None,
+            next: fastrand::u32(..),
+        }
+    }
 }
 
 pub(crate) struct Accumulator {
@@ -217,7 +228,7 @@ impl Accumulator {
         if partitions == 1 {
             return 0;
         }
-        let sticky = self.sticky.entry(topic.clone()).or_default();
+        let sticky = self.sticky.entry(topic.clone()).or_insert_with(Sticky::new);
         let mut next = || {
             let p = sticky.next % partitions;
             sticky.next = (p + 1) % partitions;
@@ -274,14 +285,15 @@ impl Accumulator {
         tp: TopicPartition,
         timestamp_ms: i64,
         key: Option<&[u8]>,
-        value: &[u8],
+        // None: a tombstone.
+        value: Option<&[u8]>,
         headers: &[(&str, &[u8])],
         linked: Option<Arc<Outcome>>,
         // Read only when a batch opens: a clock read per record was a tenth
         // of a producer's CPU.
         now: impl FnOnce() -> Instant,
     ) -> Result<(Delivery, bool), AppendError> {
-        let size = record_bytes_max(key, value, headers);
+        let size = record_bytes_max(key, value.unwrap_or_default(), headers);
         if let Err(e) = self.check_room(size) {
             return Err((e, linked));
         }
@@ -320,7 +332,7 @@ impl Accumulator {
             records_max: cap - ready_records % cap,
         });
         let index = open.builder.len();
-        open.builder.push(timestamp_ms, key, value, headers);
+        open.builder.push_record(timestamp_ms, key, value, headers);
         let delivery = open.settler.delivery(index);
         if let Some(o) = linked {
             open.settler.link(index, o);
@@ -558,7 +570,7 @@ mod tests {
     }
 
     fn push(acc: &mut Accumulator, p: u32, value: &[u8], now: Instant) {
-        acc.append(tp(p), 1, None, value, &[], None, || now)
+        acc.append(tp(p), 1, None, Some(value), &[], None, || now)
             .map_err(|(e, _)| e)
             .unwrap();
     }
@@ -607,7 +619,7 @@ mod tests {
         let t0 = Instant::now();
         let mut acc = Accumulator::new(config());
         let mut add = |v: &[u8]| {
-            acc.append(tp(0), 1, None, v, &[], None, || t0)
+            acc.append(tp(0), 1, None, Some(v), &[], None, || t0)
                 .map_err(|(e, _)| e)
                 .unwrap()
                 .1
@@ -817,13 +829,13 @@ mod tests {
         });
         let big = vec![0; 4096];
         let err = acc
-            .append(tp(0), 1, None, &big, &[], None, || t0)
+            .append(tp(0), 1, None, Some(&big), &[], None, || t0)
             .unwrap_err()
             .0;
         assert!(matches!(err, ClientError::RecordTooLarge { .. }), "{err:?}");
         push(&mut acc, 0, &[0; 600], t0);
         let err = acc
-            .append(tp(1), 1, None, &[0; 600], &[], None, || t0)
+            .append(tp(1), 1, None, Some(&[0; 600]), &[], None, || t0)
             .unwrap_err()
             .0;
         assert!(matches!(err, ClientError::BufferFull { .. }), "{err:?}");
@@ -882,7 +894,19 @@ mod tests {
         let rr: Vec<u32> = (0..4)
             .map(|_| acc.choose_partition(&"u".into(), Some(b"k"), 2, Partitioner::RoundRobin))
             .collect();
-        assert_eq!(rr, vec![0, 1, 0, 1]);
+        assert_eq!(rr, vec![rr[0], 1 - rr[0], rr[0], 1 - rr[0]]);
+    }
+
+    #[test]
+    fn each_producer_starts_its_unkeyed_records_at_a_random_partition() {
+        let topic: Arc<str> = "t".into();
+        let mut first = [0u32; 4];
+        for _ in 0..400 {
+            let mut acc = Accumulator::new(config());
+            first[acc.choose_partition(&topic, None, 4, Partitioner::Default) as usize] += 1;
+        }
+        // 100 expected each; a fixed start puts all 400 on one.
+        assert!(first.iter().all(|&n| n >= 50), "{first:?}");
     }
 
     #[test]

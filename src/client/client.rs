@@ -6,7 +6,14 @@ use std::time::Duration;
 use smol::lock::Mutex;
 
 use super::connection::{Address, Connection, ServerInfo};
-use super::error::ClientError;
+use super::error::{about, ClientError};
+use super::tls::{TlsClient, TlsOptions};
+use crate::protocol::{
+    CommittedOffset, DeleteGroupRequest, DescribeGroupRequest, DescribeGroupResponse, GroupListing,
+    GroupPartition, HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+    ListGroupsRequest, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest,
+    SyncGroupRequest, SyncGroupResponse,
+};
 use crate::protocol::{
     CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest, DescribeTopicResponse, ErrorCode,
     FetchRequest, FetchResponse, InitProducerRequest, InitProducerResponse, ListOffsetsPartition,
@@ -24,6 +31,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Sent in hello, for the server's log.
     pub client_name: Option<String>,
+    /// Connect over TLS with these options; `None`: plaintext.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ClientConfig {
@@ -32,6 +41,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             client_name: Some(concat!("skiff-client/", env!("CARGO_PKG_VERSION")).to_string()),
+            tls: None,
         }
     }
 }
@@ -47,6 +57,8 @@ pub struct Client {
 struct Inner {
     addr: Address,
     config: ClientConfig,
+    /// Built once from `config.tls`, so reconnects resume the TLS session.
+    tls: Option<TlsClient>,
     /// The current connection; replaced when it dies. An async lock, so
     /// one caller reconnects while the others wait for its result.
     conn: Mutex<Option<Arc<Connection>>>,
@@ -68,9 +80,16 @@ impl Client {
     }
 
     pub async fn connect_with(addr: &str, config: ClientConfig) -> Result<Self, ClientError> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsClient::new)
+            .transpose()
+            .map_err(ClientError::tls_config)?;
         let client = Self {
             inner: Arc::new(Inner {
                 addr: Address::parse(addr)?,
+                tls,
                 config,
                 conn: Mutex::new(None),
             }),
@@ -93,6 +112,7 @@ impl Client {
         let c = Arc::new(
             Connection::open(
                 &self.inner.addr,
+                self.inner.tls.as_ref(),
                 self.inner.config.client_name.clone(),
                 self.inner.config.connect_timeout,
             )
@@ -110,14 +130,14 @@ impl Client {
 
     /// Sends one request and returns the answer body; error answers become
     /// [`ClientError::Server`]. No retry: callers decide.
-    pub async fn call(&self, body: &RequestBody) -> Result<ResponseBody, ClientError> {
+    pub async fn call(&self, body: &RequestBody<'_>) -> Result<ResponseBody, ClientError> {
         self.call_with_timeout(body, self.inner.config.request_timeout)
             .await
     }
 
-    async fn call_with_timeout(
+    pub(crate) async fn call_with_timeout(
         &self,
-        body: &RequestBody,
+        body: &RequestBody<'_>,
         timeout: Duration,
     ) -> Result<ResponseBody, ClientError> {
         self.connection().await?.call(body, timeout).await
@@ -144,12 +164,68 @@ impl Client {
 
     /// Every topic name, sorted.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
+        Ok(self.list_topics_full().await?.topics)
+    }
+
+    /// Every topic name, sorted, and the broker's disk budget and use.
+    pub async fn list_topics_full(
+        &self,
+    ) -> Result<crate::protocol::ListTopicsResponse, ClientError> {
         match self
             .call(&RequestBody::ListTopics(ListTopicsRequest {}))
             .await?
         {
-            ResponseBody::ListTopics(r) => Ok(r.topics),
+            ResponseBody::ListTopics(r) => Ok(r),
             other => Err(unexpected("list_topics", &other)),
+        }
+    }
+
+    /// Compacts a compacted topic now; with `wait`, returns what each
+    /// partition's compaction did once all are done (no request timeout:
+    /// the cleaner's I/O cap sets the pace).
+    pub async fn compact_topic(
+        &self,
+        name: &str,
+        wait: bool,
+    ) -> Result<Vec<crate::protocol::CompactedPartition>, ClientError> {
+        let body = RequestBody::CompactTopic(crate::protocol::CompactTopicRequest {
+            name: name.into(),
+            wait,
+        });
+        let timeout = if wait {
+            Duration::from_secs(24 * 3600)
+        } else {
+            self.inner.config.request_timeout
+        };
+        match self.call_with_timeout(&body, timeout).await? {
+            ResponseBody::CompactTopic(r) => Ok(r.partitions),
+            other => Err(unexpected("compact_topic", &other)),
+        }
+    }
+
+    /// Changes a topic live; returns its configuration after the change.
+    pub async fn alter_topic(
+        &self,
+        request: crate::protocol::AlterTopicRequest,
+    ) -> Result<TopicConfig, ClientError> {
+        match self.call(&RequestBody::AlterTopic(request)).await? {
+            ResponseBody::AlterTopic(r) => Ok(r.config),
+            other => Err(unexpected("alter_topic", &other)),
+        }
+    }
+
+    /// Each partition's ring in detail (segments, bytes, oldest record,
+    /// the next retention step).
+    pub async fn describe_partitions(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::protocol::PartitionDetail>, ClientError> {
+        let body = RequestBody::DescribePartitions(crate::protocol::DescribePartitionsRequest {
+            name: name.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::DescribePartitions(r) => Ok(r.partitions),
+            other => Err(unexpected("describe_partitions", &other)),
         }
     }
 
@@ -185,7 +261,7 @@ impl Client {
             },
         )?;
         if !t.error.is_none() {
-            return Err(ClientError::server(t.error, format!("topic {topic}")));
+            return Err(ClientError::server(t.error, about(t.error, topic, None)));
         }
         Ok(t.partitions.len() as u32)
     }
@@ -218,7 +294,10 @@ impl Client {
             .await?;
         let r = r.remove(0);
         if !r.error.is_none() {
-            return Err(ClientError::server(r.error, format!("{topic}/{partition}")));
+            return Err(ClientError::server(
+                r.error,
+                about(r.error, topic, Some(partition)),
+            ));
         }
         Ok(r.offset)
     }
@@ -243,7 +322,7 @@ impl Client {
     /// [`Producer`](super::Producer)'s job.
     pub async fn produce_raw(
         &self,
-        partitions: Vec<ProducePartition>,
+        partitions: Vec<ProducePartition<'_>>,
     ) -> Result<Vec<ProducePartitionResult>, ClientError> {
         let n = partitions.len();
         let body = RequestBody::Produce(ProduceRequest { partitions });
@@ -257,7 +336,7 @@ impl Client {
     /// batches can be sent again.
     pub(crate) async fn produce_ref(
         &self,
-        body: &RequestBody,
+        body: &RequestBody<'_>,
     ) -> Result<Vec<ProducePartitionResult>, ClientError> {
         let n = match body {
             RequestBody::Produce(p) => p.partitions.len(),
@@ -284,7 +363,251 @@ impl Client {
     }
 }
 
-fn unexpected(expected: &'static str, got: &ResponseBody) -> ClientError {
+/// Transaction calls (protocol version 3); see [`TxnProducer`](super::TxnProducer).
+impl Client {
+    async fn need_transactions(&self) -> Result<(), ClientError> {
+        let v = self.server_info().await?.version;
+        if v < 3 {
+            return Err(ClientError::server(
+                ErrorCode::UnsupportedVersion,
+                format!("the server speaks protocol version {v}: transactions need version 3"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Registers a transactional id; the answer's producer id and epoch
+    /// fence every older instance.
+    pub async fn init_txn(
+        &self,
+        transactional_id: &str,
+        transaction_timeout_ms: u64,
+    ) -> Result<crate::protocol::InitTxnResponse, ClientError> {
+        self.need_transactions().await?;
+        let body = RequestBody::InitTxn(crate::protocol::InitTxnRequest {
+            transactional_id: transactional_id.to_owned(),
+            transaction_timeout_ms,
+        });
+        match self.call(&body).await? {
+            ResponseBody::InitTxn(r) => Ok(r),
+            other => Err(unexpected("init_txn", &other)),
+        }
+    }
+
+    pub async fn add_txn_offsets(
+        &self,
+        request: crate::protocol::AddTxnOffsetsRequest,
+    ) -> Result<(), ClientError> {
+        match self.call(&RequestBody::AddTxnOffsets(request)).await? {
+            ResponseBody::AddTxnOffsets(_) => Ok(()),
+            other => Err(unexpected("add_txn_offsets", &other)),
+        }
+    }
+
+    /// Commits (or aborts) the open transaction; answers once durable.
+    pub async fn end_txn(
+        &self,
+        transactional_id: &str,
+        producer: (u64, u16),
+        commit: bool,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::EndTxn(crate::protocol::EndTxnRequest {
+            transactional_id: transactional_id.to_owned(),
+            producer_id: producer.0,
+            producer_epoch: producer.1,
+            commit,
+        });
+        match self.call(&body).await? {
+            ResponseBody::EndTxn(_) => Ok(()),
+            other => Err(unexpected("end_txn", &other)),
+        }
+    }
+
+    pub async fn list_txns(&self) -> Result<Vec<crate::protocol::TxnListing>, ClientError> {
+        self.need_transactions().await?;
+        match self
+            .call(&RequestBody::ListTxns(crate::protocol::ListTxnsRequest {}))
+            .await?
+        {
+            ResponseBody::ListTxns(r) => Ok(r.transactions),
+            other => Err(unexpected("list_txns", &other)),
+        }
+    }
+}
+
+/// Consumer-group calls (protocol version 2); see [`GroupConsumer`](super::GroupConsumer)
+/// for the member's life cycle built on them.
+impl Client {
+    /// Fails with a clear error on a server that has no groups (version 1).
+    async fn need_groups(&self) -> Result<(), ClientError> {
+        let v = self.server_info().await?.version;
+        if v < 2 {
+            return Err(ClientError::server(
+                ErrorCode::UnsupportedVersion,
+                format!("the server speaks protocol version {v}: consumer groups need version 2"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Joins (or rejoins) a group; waits for the rebalance, so the answer
+    /// may take up to the group's rebalance timeout.
+    pub async fn join_group(&self, r: JoinGroupRequest) -> Result<JoinGroupResponse, ClientError> {
+        self.need_groups().await?;
+        let timeout = self.inner.config.request_timeout
+            + Duration::from_millis(u64::from(r.rebalance_timeout_ms));
+        match self
+            .call_with_timeout(&RequestBody::JoinGroup(r), timeout)
+            .await?
+        {
+            ResponseBody::JoinGroup(r) => Ok(r),
+            other => Err(unexpected("join_group", &other)),
+        }
+    }
+
+    pub async fn sync_group(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u32,
+    ) -> Result<SyncGroupResponse, ClientError> {
+        let body = RequestBody::SyncGroup(SyncGroupRequest {
+            group: group.into(),
+            member_id: member_id.into(),
+            generation,
+        });
+        match self.call(&body).await? {
+            ResponseBody::SyncGroup(r) => Ok(r),
+            other => Err(unexpected("sync_group", &other)),
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        group: &str,
+        member_id: &str,
+        generation: u32,
+    ) -> Result<(), ClientError> {
+        let body = RequestBody::Heartbeat(HeartbeatRequest {
+            group: group.into(),
+            member_id: member_id.into(),
+            generation,
+        });
+        match self.call(&body).await? {
+            ResponseBody::Heartbeat(_) => Ok(()),
+            other => Err(unexpected("heartbeat", &other)),
+        }
+    }
+
+    pub async fn leave_group(&self, group: &str, member_id: &str) -> Result<(), ClientError> {
+        let body = RequestBody::LeaveGroup(LeaveGroupRequest {
+            group: group.into(),
+            member_id: member_id.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::LeaveGroup(_) => Ok(()),
+            other => Err(unexpected("leave_group", &other)),
+        }
+    }
+
+    /// Commits offsets; answered once durable. `member` is (member id,
+    /// generation), or None for a group without members.
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        member: Option<(&str, u32)>,
+        offsets: Vec<OffsetCommitPartition>,
+    ) -> Result<(), ClientError> {
+        self.need_groups().await?;
+        let body = RequestBody::OffsetCommit(OffsetCommitRequest {
+            group: group.into(),
+            member_id: member.map(|m| m.0.to_owned()),
+            generation: member.map(|m| m.1),
+            offsets,
+        });
+        match self.call(&body).await? {
+            ResponseBody::OffsetCommit(_) => Ok(()),
+            other => Err(unexpected("offset_commit", &other)),
+        }
+    }
+
+    /// Committed offsets of a group (all of them with `None`).
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        partitions: Option<Vec<GroupPartition>>,
+    ) -> Result<Vec<CommittedOffset>, ClientError> {
+        self.need_groups().await?;
+        let body = RequestBody::OffsetFetch(OffsetFetchRequest {
+            group: group.into(),
+            partitions,
+        });
+        match self.call(&body).await? {
+            ResponseBody::OffsetFetch(r) => Ok(r.offsets),
+            other => Err(unexpected("offset_fetch", &other)),
+        }
+    }
+
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>, ClientError> {
+        self.need_groups().await?;
+        match self
+            .call(&RequestBody::ListGroups(ListGroupsRequest {}))
+            .await?
+        {
+            ResponseBody::ListGroups(r) => Ok(r.groups),
+            other => Err(unexpected("list_groups", &other)),
+        }
+    }
+
+    pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse, ClientError> {
+        self.need_groups().await?;
+        let body = RequestBody::DescribeGroup(DescribeGroupRequest {
+            group: group.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::DescribeGroup(r) => Ok(r),
+            other => Err(unexpected("describe_group", &other)),
+        }
+    }
+
+    pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        self.need_groups().await?;
+        let body = RequestBody::DeleteGroup(DeleteGroupRequest {
+            group: group.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::DeleteGroup(_) => Ok(()),
+            other => Err(unexpected("delete_group", &other)),
+        }
+    }
+}
+
+impl Client {
+    /// The mirror's link state and per-rule counters.
+    pub async fn mirror_status(
+        &self,
+    ) -> Result<crate::protocol::MirrorStatusResponse, ClientError> {
+        let body = RequestBody::MirrorStatus(crate::protocol::MirrorStatusRequest {});
+        match self.call(&body).await? {
+            ResponseBody::MirrorStatus(r) => Ok(r),
+            other => Err(unexpected("mirror_status", &other)),
+        }
+    }
+
+    /// Pauses (`true`) or resumes a mirror rule.
+    pub async fn mirror_pause(&self, rule: &str, paused: bool) -> Result<(), ClientError> {
+        let body = RequestBody::MirrorPause(crate::protocol::MirrorRuleRequest {
+            rule: rule.to_owned(),
+            paused,
+        });
+        match self.call(&body).await? {
+            ResponseBody::MirrorPause(_) => Ok(()),
+            other => Err(unexpected("mirror_pause", &other)),
+        }
+    }
+}
+
+pub(crate) fn unexpected(expected: &'static str, got: &ResponseBody) -> ClientError {
     ClientError::UnexpectedResponse {
         expected,
         got: got.name(),

@@ -20,9 +20,10 @@ use smol::net::TcpStream;
 use smol::{Task, Timer};
 
 use super::error::ClientError;
+use super::tls::{TlsClient, TlsConfigError};
 use crate::protocol::{
-    body_len, decode_response, encode_request, encode_request_body, frame_len, HelloRequest,
-    Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES, HELLO_FRAME_BYTES_MAX,
+    body_len, decode_response, encode_request, encode_request_body, frame_len, FrameError,
+    HelloRequest, Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES, HELLO_FRAME_BYTES_MAX,
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
@@ -70,23 +71,47 @@ impl Address {
     }
 }
 
+/// A TLS stream shared by the reader and writer tasks: each poll takes
+/// the lock for as long as the poll, never across an await.
+#[derive(Clone)]
+struct SharedTls {
+    io: Arc<Mutex<futures_rustls::client::TlsStream<TcpStream>>>,
+    /// The socket underneath, to shut down without the lock.
+    tcp: TcpStream,
+}
+
 #[derive(Clone)]
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(SharedTls),
 }
 
 impl Stream {
-    async fn connect(addr: &Address) -> std::io::Result<Self> {
-        Ok(match addr {
-            Address::Tcp(a) => {
+    async fn connect(addr: &Address, tls: Option<&TlsClient>) -> Result<Self, ClientError> {
+        Ok(match (addr, tls) {
+            (Address::Tcp(a), tls) => {
                 let s = TcpStream::connect(a.as_str()).await?;
                 // Requests are small and latency matters; the writer task
                 // already coalesces frames, so Nagle only adds delay.
                 s.set_nodelay(true)?;
-                Self::Tcp(s)
+                match tls {
+                    None => Self::Tcp(s),
+                    Some(tls) => {
+                        let name = tls.server_name_for(a).map_err(ClientError::tls_config)?;
+                        let connector = futures_rustls::TlsConnector::from(tls.config.clone());
+                        let io = connector.connect(name, s.clone()).await?;
+                        Self::Tls(SharedTls {
+                            io: Arc::new(Mutex::new(io)),
+                            tcp: s,
+                        })
+                    }
+                }
             }
-            Address::Unix(p) => Self::Unix(UnixStream::connect(p).await?),
+            (Address::Unix(p), None) => Self::Unix(UnixStream::connect(p).await?),
+            (Address::Unix(_), Some(_)) => {
+                return Err(ClientError::tls_config(TlsConfigError::NotTcp))
+            }
         })
     }
 
@@ -95,8 +120,13 @@ impl Stream {
         let _ = match self {
             Self::Tcp(s) => s.shutdown(Shutdown::Both),
             Self::Unix(s) => s.shutdown(Shutdown::Both),
+            Self::Tls(s) => s.tcp.shutdown(Shutdown::Both),
         };
     }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl AsyncRead for Stream {
@@ -108,6 +138,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(&mut *locked(&s.io)).poll_read(cx, buf),
         }
     }
 }
@@ -121,18 +152,21 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(&mut *locked(&s.io)).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
             Self::Unix(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(&mut *locked(&s.io)).poll_flush(cx),
         }
     }
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_close(cx),
             Self::Unix(s) => Pin::new(s).poll_close(cx),
+            Self::Tls(s) => Pin::new(&mut *locked(&s.io)).poll_close(cx),
         }
     }
 }
@@ -195,11 +229,12 @@ impl Connection {
     /// Connects and says hello. The whole exchange is bounded by `timeout`.
     pub(crate) async fn open(
         addr: &Address,
+        tls: Option<&TlsClient>,
         client_name: Option<String>,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let handshake = async {
-            let mut stream = Stream::connect(addr).await?;
+            let mut stream = Stream::connect(addr, tls).await?;
             let info = hello(&mut stream, client_name).await?;
             Ok::<_, ClientError>((stream, info))
         };
@@ -241,7 +276,7 @@ impl Connection {
     /// error answer becomes [`ClientError::Server`].
     pub(crate) async fn call(
         &self,
-        body: &RequestBody,
+        body: &RequestBody<'_>,
         timeout: Duration,
     ) -> Result<ResponseBody, ClientError> {
         let (correlation_id, frame) = self.encode(body)?;
@@ -293,7 +328,7 @@ impl Connection {
     /// Encodes a request with a fresh correlation id, for callers that want
     /// to keep ownership of the body (the producer keeps its batches for a
     /// retry).
-    pub(crate) fn encode(&self, body: &RequestBody) -> Result<(u32, Vec<u8>), ClientError> {
+    pub(crate) fn encode(&self, body: &RequestBody<'_>) -> Result<(u32, Vec<u8>), ClientError> {
         let correlation_id = self.next_correlation_id();
         // Sized up front: a produce frame is mostly its batches, and growing
         // it by doubling copied them twice more.
@@ -340,7 +375,16 @@ async fn hello(
     )?;
     stream.write_all(&frame).await?;
     stream.flush().await?;
-    let body = read_frame(stream, HELLO_FRAME_BYTES_MAX).await?;
+    let body = match read_frame(stream, HELLO_FRAME_BYTES_MAX).await {
+        // A TLS record (an alert, 0x15, or a handshake, 0x16, of version
+        // 3.x) read as a frame length: a plaintext client on a TLS port.
+        Err(ClientError::Protocol(FrameError::TooLarge { len, .. }))
+            if matches!(len >> 24, 0x15 | 0x16) && (len >> 16) & 0xff == 0x03 =>
+        {
+            return Err(ClientError::ServerSpeaksTls)
+        }
+        other => other?,
+    };
     let response = decode_response(&body)?;
     match response.body {
         ResponseBody::Hello(h) => Ok(ServerInfo {
@@ -432,7 +476,15 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
             }
             &buf
         };
-        if let Err(e) = stream.write_all(bytes).await {
+        // Flushed: over TLS, what the socket did not take yet waits in
+        // rustls's buffer for the next write, and the next frame may only
+        // come once this one is answered. (For TCP a flush is a no-op.)
+        if let Err(e) = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        }
+        .await
+        {
             shared.fail(e.into());
             return;
         }
@@ -442,7 +494,6 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::FrameError;
 
     #[test]
     fn addresses_pick_tcp_or_unix() {
@@ -485,7 +536,7 @@ mod tests {
             .unwrap()
             .port();
         let addr = Address::parse(&format!("127.0.0.1:{port}")).unwrap();
-        let err = smol::block_on(Connection::open(&addr, None, SECOND))
+        let err = smol::block_on(Connection::open(&addr, None, None, SECOND))
             .err()
             .unwrap();
         assert!(matches!(err, ClientError::Io(_)), "{err:?}");
@@ -501,7 +552,7 @@ mod tests {
             let mut hello = [0u8; 4];
             std::io::Read::read_exact(&mut s, &mut hello).unwrap();
         });
-        let err = smol::block_on(Connection::open(&addr, None, 5 * SECOND))
+        let err = smol::block_on(Connection::open(&addr, None, None, 5 * SECOND))
             .err()
             .unwrap();
         peer.join().unwrap();
@@ -524,7 +575,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
         });
         let started = std::time::Instant::now();
-        let err = smol::block_on(Connection::open(&addr, None, 5 * SECOND))
+        let err = smol::block_on(Connection::open(&addr, None, None, 5 * SECOND))
             .err()
             .unwrap();
         assert!(started.elapsed() < Duration::from_millis(400));
@@ -545,9 +596,14 @@ mod tests {
     fn a_silent_peer_times_out() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
-        let err = smol::block_on(Connection::open(&addr, None, Duration::from_millis(200)))
-            .err()
-            .unwrap();
+        let err = smol::block_on(Connection::open(
+            &addr,
+            None,
+            None,
+            Duration::from_millis(200),
+        ))
+        .err()
+        .unwrap();
         drop(listener);
         assert!(matches!(err, ClientError::Timeout), "{err:?}");
     }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use smol::Timer;
 
 use super::accumulator::backoff;
-use super::client::{check, Client};
+use super::client::{check, Client, ClientConfig};
 use super::error::ClientError;
 use crate::batch::BatchIter;
 use crate::protocol::{
-    ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, FetchResponse, OffsetSpec,
+    ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, FetchResponse, Isolation,
+    OffsetSpec,
 };
 
 /// Where a newly assigned partition starts.
@@ -91,6 +92,13 @@ pub struct ConsumerConfig {
     pub retry_timeout: Duration,
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
+    /// read_committed (the default) sees a transaction's records once it
+    /// commits and never an aborted one's; on partitions without
+    /// transactions it reads exactly what read_uncommitted does. See
+    /// docs/semantics.md, "Transactions".
+    pub isolation: Isolation,
+    /// How [`Consumer::connect`] connects (TLS, timeouts).
+    pub client: ClientConfig,
 }
 
 impl Default for ConsumerConfig {
@@ -103,6 +111,8 @@ impl Default for ConsumerConfig {
             retry_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
+            isolation: Isolation::ReadCommitted,
+            client: ClientConfig::default(),
         }
     }
 }
@@ -116,7 +126,11 @@ pub struct ConsumerRecord {
     /// Milliseconds since the Unix epoch, as the producer stamped it.
     pub timestamp_ms: i64,
     pub key: Option<Vec<u8>>,
+    /// Empty for a tombstone.
     pub value: Vec<u8>,
+    /// The record has no value (CBOR null): it deletes its key from a
+    /// compacted topic.
+    pub tombstone: bool,
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
@@ -159,7 +173,10 @@ impl Consumer {
     }
 
     pub async fn connect(addr: &str, config: ConsumerConfig) -> Result<Self, ClientError> {
-        Ok(Self::new(Client::connect(addr).await?, config))
+        Ok(Self::new(
+            Client::connect_with(addr, config.client.clone()).await?,
+            config,
+        ))
     }
 
     pub fn client(&self) -> &Client {
@@ -329,6 +346,7 @@ impl Consumer {
                 .collect(),
             max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
             min_bytes: self.config.min_bytes,
+            isolation: Some(self.config.isolation),
         }
     }
 
@@ -364,8 +382,15 @@ impl Consumer {
                 return;
             }
             let at = crate::batch::end_offset(&result.records)
-                .map_or(asked.offset, |end| end.max(asked.offset));
-            more |= at < result.high_watermark;
+                .map_or(asked.offset, |end| end.max(asked.offset))
+                .max(result.next_offset.unwrap_or(0));
+            let readable = match self.config.isolation {
+                Isolation::ReadCommitted => {
+                    result.last_stable_offset.unwrap_or(result.high_watermark)
+                }
+                Isolation::ReadUncommitted => result.high_watermark,
+            };
+            more |= at < readable;
             next.insert((asked.topic.as_str(), asked.partition), at);
         }
         if !more {
@@ -411,8 +436,12 @@ impl Consumer {
                 OffsetReset::Fail => Err(ClientError::server(result.error, where_)),
             };
         }
-        check(result.error, || format!("{topic}/{}", result.partition))?;
-        decode_records(topic, result.partition, position, &result.records, out)
+        check(result.error, || {
+            super::error::about(result.error, topic, Some(result.partition))
+        })?;
+        let next = decode_records(topic, result.partition, position, &result.records, out)?;
+        // Past batches a read_committed answer left out.
+        Ok(next.max(result.next_offset.unwrap_or(0)))
     }
 }
 
@@ -429,6 +458,11 @@ pub(crate) fn decode_records(
     for batch in BatchIter::new(bytes) {
         let batch = batch?;
         let h = batch.header;
+        // Transaction markers: the broker's, never an application's.
+        if h.is_control() {
+            next = next.max(h.next_offset());
+            continue;
+        }
         for r in batch.records()? {
             let offset = h.base_offset + u64::from(r.offset_delta);
             if offset < position {
@@ -440,7 +474,8 @@ pub(crate) fn decode_records(
                 offset,
                 timestamp_ms: h.first_timestamp + r.timestamp_delta,
                 key: r.key.map(|k| k.to_vec()),
-                value: r.value.to_vec(),
+                value: r.value.map(|v| v.to_vec()).unwrap_or_default(),
+                tombstone: r.value.is_none(),
                 headers: r
                     .headers
                     .iter()
@@ -498,6 +533,7 @@ mod tests {
                                     .collect();
                                 let values: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
                                 ResponseBody::Fetch(FetchResponse {
+                                    throttle_ms: None,
                                     partitions: vec![FetchPartitionResult {
                                         topic: "t".into(),
                                         partition: 0,
@@ -505,6 +541,8 @@ mod tests {
                                         high_watermark: 100,
                                         earliest_offset: 0,
                                         records: batch_at(at, &values).into(),
+                                        last_stable_offset: None,
+                                        next_offset: None,
                                     }],
                                 })
                             }
@@ -624,6 +662,44 @@ mod tests {
         assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
         assert_eq!(out[0].headers, vec![("h".to_string(), b"1".to_vec())]);
         assert_eq!(out[0].partition, 2);
+    }
+
+    /// The log may hold gaps (compaction, transaction markers): records
+    /// keep their own offsets, a position in a gap takes the next batch's
+    /// records, and the next position is past each batch's whole extent,
+    /// also where its last records were removed.
+    #[test]
+    fn records_across_gaps_keep_their_offsets() {
+        let gapped = |base: u64, records: &[(u32, &[u8])], last: u32| {
+            let mut b = BatchBuilder::new();
+            let mut next = 0;
+            for &(delta, v) in records {
+                b.skip_offsets(delta - next);
+                b.push(1000 + i64::from(delta), None, v, &[]);
+                next = delta + 1;
+            }
+            b.skip_offsets(last + 1 - next);
+            b.finish_with(ProducerStamp::NONE, base)
+        };
+        // Offsets 10 and 13 (11, 12, 14, 15 removed), then a gap to 30.
+        let mut bytes = gapped(10, &[(0, b"a"), (3, b"b")], 5);
+        bytes.extend(gapped(30, &[(1, b"c")], 1));
+        let topic: Arc<str> = "t".into();
+        for (position, want, next) in [
+            (10, vec![(10, &b"a"[..]), (13, b"b"), (31, b"c")], 32),
+            (12, vec![(13, &b"b"[..]), (31, b"c")], 32),
+            (20, vec![(31, &b"c"[..])], 32),
+        ] {
+            let mut out = Vec::new();
+            let got_next = decode_records(&topic, 0, position, &bytes, &mut out).unwrap();
+            let got: Vec<(u64, &[u8])> = out.iter().map(|r| (r.offset, &r.value[..])).collect();
+            assert_eq!((got, got_next), (want, next), "from {position}");
+        }
+        assert_eq!(
+            crate::batch::end_offset(&bytes),
+            Some(32),
+            "the prefetch's position"
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use crate::batch::BatchError;
 use crate::protocol::{ErrorCode, FrameError};
 
+use super::tls::TlsConfigError;
+
 /// Why a client call failed. Cloneable, because one failure (a lost
 /// connection, a failed batch) is delivered to every waiter it affects.
 #[derive(Debug, Clone)]
@@ -42,6 +44,11 @@ pub enum ClientError {
     BufferFull { buffered_bytes: usize, max: usize },
     /// The producer or consumer was closed.
     Closed,
+    /// The TLS options cannot be used: a file, the key, the server name.
+    TlsConfig(Arc<TlsConfigError>),
+    /// The server answered hello with TLS: this is a TLS port, and the
+    /// client connected without TLS options.
+    ServerSpeaksTls,
 }
 
 impl ClientError {
@@ -63,11 +70,30 @@ impl ClientError {
         }
     }
 
+    pub(crate) fn tls_config(e: TlsConfigError) -> Self {
+        Self::TlsConfig(Arc::new(e))
+    }
+
     pub(crate) fn server(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Server {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// The message for a topic's or partition's error code when the answer
+/// carries none, worded as the broker words its own, so an unknown topic
+/// reads the same whichever request found it.
+pub(crate) fn about(code: ErrorCode, topic: &str, partition: Option<u32>) -> String {
+    match (code, partition) {
+        (ErrorCode::UnknownTopic, _) => format!("unknown topic '{topic}'"),
+        (ErrorCode::NotAuthorized, _) => {
+            format!("this connection's identity is not authorized for topic '{topic}'")
+        }
+        (ErrorCode::UnknownPartition, Some(p)) => format!("topic '{topic}' has no partition {p}"),
+        (_, Some(p)) => format!("topic '{topic}' partition {p}"),
+        (_, None) => format!("topic '{topic}'"),
     }
 }
 
@@ -105,6 +131,10 @@ impl std::fmt::Display for ClientError {
                 max,
             } => write!(f, "producer buffer full ({buffered_bytes} of {max} bytes)"),
             Self::Closed => f.write_str("closed"),
+            Self::TlsConfig(e) => write!(f, "TLS: {e}"),
+            Self::ServerSpeaksTls => f.write_str(
+                "the server speaks TLS on this port: connect with --tls-ca (and --tls-cert, --tls-key if it wants a client certificate)",
+            ),
         }
     }
 }
@@ -115,6 +145,7 @@ impl std::error::Error for ClientError {
             Self::Io(e) => Some(&**e),
             Self::Protocol(e) => Some(e),
             Self::Batch(e) => Some(e),
+            Self::TlsConfig(e) => Some(&**e),
             _ => None,
         }
     }

@@ -9,9 +9,9 @@ use crate::protocol::{
 };
 
 /// Takes the first whole request frame off the front of `buf`.
-pub(crate) fn take_request(buf: &mut Vec<u8>) -> Option<Request> {
+pub(crate) fn take_request(buf: &mut Vec<u8>) -> Option<Request<'static>> {
     let n = frame_len(buf, u32::MAX).unwrap()?;
-    let request = decode_request(&buf[4..n]).unwrap();
+    let request = decode_request(&buf[4..n]).unwrap().into_owned();
     buf.drain(..n);
     Some(request)
 }

@@ -13,13 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use minicbor::bytes::ByteVec;
 use smol::{Task, Timer};
 
 use super::accumulator::{
     backoff, record_bytes_max, Accumulator, AccumulatorConfig, ReadyBatch, TopicPartition,
 };
-use super::client::Client;
+use super::client::{Client, ClientConfig};
 use super::error::ClientError;
 use super::outcome::Settler;
 pub use super::outcome::{Delivery, RecordMetadata};
@@ -69,6 +68,8 @@ pub struct ProducerConfig {
     /// older instance (their batches fail with `fenced_producer`). `None`:
     /// a fresh anonymous id. Only with `idempotent`.
     pub producer_name: Option<String>,
+    /// How [`Producer::connect`] connects (TLS, timeouts).
+    pub client: ClientConfig,
 }
 
 /// The deepest per-partition pipeline the broker keeps ordered for an
@@ -90,6 +91,7 @@ impl Default for ProducerConfig {
             partitioner: Partitioner::Default,
             idempotent: true,
             producer_name: None,
+            client: ClientConfig::default(),
         }
     }
 }
@@ -99,7 +101,8 @@ struct Unresolved {
     partition: Option<u32>,
     timestamp_ms: i64,
     key: Option<Vec<u8>>,
-    value: Vec<u8>,
+    /// None: a tombstone.
+    value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
     /// Settles the record's delivery; linked into its batch once the
     /// partition is known.
@@ -181,6 +184,8 @@ struct Inner {
     progress: Event,
     /// The broker's id and epoch for this producer, when idempotent.
     producer: Option<(u64, u16)>,
+    /// Records acknowledged but dropped by a topic's message-id window.
+    duplicates: std::sync::atomic::AtomicU64,
 }
 
 /// Sends records in batches. Cheap to share behind an `Arc`; every method
@@ -195,9 +200,24 @@ pub struct Producer {
 impl Producer {
     /// A producer over an existing client (sharing its connection).
     pub async fn new(client: Client, config: ProducerConfig) -> Result<Self, ClientError> {
+        Self::with_id(client, config, None).await
+    }
+
+    /// A producer stamping its batches with a producer id and epoch the
+    /// caller got (a transactional producer's, from `init_txn`).
+    pub(crate) async fn with_id(
+        client: Client,
+        config: ProducerConfig,
+        given: Option<(u64, u16)>,
+    ) -> Result<Self, ClientError> {
         let info = client.server_info().await?;
         let batch_bytes_max = info.max_batch_bytes as usize;
-        let (producer, max_in_flight) = if config.idempotent {
+        let (producer, max_in_flight) = if let Some(id) = given {
+            (
+                Some(id),
+                config.max_in_flight.clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
+            )
+        } else if config.idempotent {
             // One id and epoch for the producer's life: kept across
             // reconnects, so a retry after a cut connection or a broker
             // restart is recognised.
@@ -236,6 +256,7 @@ impl Producer {
             wake: Event::new(),
             progress: Event::new(),
             producer,
+            duplicates: std::sync::atomic::AtomicU64::new(0),
         });
         let sender = smol::spawn(run(inner.clone()));
         Ok(Self {
@@ -246,11 +267,55 @@ impl Producer {
 
     /// Connects to `addr` and makes a producer.
     pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Self, ClientError> {
-        Self::new(Client::connect(addr).await?, config).await
+        Self::new(
+            Client::connect_with(addr, config.client.clone()).await?,
+            config,
+        )
+        .await
+    }
+
+    /// As [`connect`](Self::connect), but a broker that is not there yet
+    /// (not started, restarting, at its connection limit) is tried again,
+    /// with the producer's backoff, until `config.delivery_timeout` has
+    /// passed: the same patience its records get once it is connected.
+    /// `on_retry` hears each failure and the time left before giving up.
+    pub async fn connect_retrying(
+        addr: &str,
+        config: ProducerConfig,
+        mut on_retry: impl FnMut(&ClientError, Duration),
+    ) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + config.delivery_timeout;
+        let mut attempts = 0;
+        loop {
+            let attempt = async {
+                let client = Client::connect_with(addr, config.client.clone()).await?;
+                Self::new(client, config.clone()).await
+            };
+            let e = match attempt.await {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !e.is_retriable() || left.is_zero() {
+                return Err(e);
+            }
+            on_retry(&e, left);
+            attempts += 1;
+            let pause = backoff(attempts, config.retry_backoff, config.retry_backoff_max);
+            Timer::after(pause.min(left)).await;
+        }
     }
 
     pub fn client(&self) -> &Client {
         &self.inner.client
+    }
+
+    /// Records the broker acknowledged without writing them, because a
+    /// topic's message-id window had seen their id (docs/semantics.md).
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.inner
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The producer id and epoch the broker gave this producer, when it is
@@ -269,7 +334,15 @@ impl Producer {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Delivery {
-        self.enqueue(topic, None, key, value, headers)
+        self.enqueue(topic, None, key, Some(value), headers)
+            .unwrap_or_else(Delivery::failed)
+    }
+
+    /// Queues a tombstone for `key` (a record without a value): on a
+    /// compacted topic it deletes the key. `partition` as in
+    /// [`send_to`](Self::send_to), or the key's.
+    pub fn send_tombstone(&self, topic: &str, partition: Option<u32>, key: &[u8]) -> Delivery {
+        self.enqueue(topic, partition, Some(key), None, &[])
             .unwrap_or_else(Delivery::failed)
     }
 
@@ -282,7 +355,7 @@ impl Producer {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Delivery {
-        self.enqueue(topic, Some(partition), key, value, headers)
+        self.enqueue(topic, Some(partition), key, Some(value), headers)
             .unwrap_or_else(Delivery::failed)
     }
 
@@ -300,7 +373,7 @@ impl Producer {
         // a fiftieth of the send path), then try again before waiting.
         let mut listener = None;
         loop {
-            match self.enqueue(topic, None, key, value, headers) {
+            match self.enqueue(topic, None, key, Some(value), headers) {
                 Err(ClientError::BufferFull { .. }) => match listener.take() {
                     None => listener = Some(self.inner.progress.listen()),
                     Some(l) => l.await,
@@ -315,17 +388,17 @@ impl Producer {
         topic: &str,
         partition: Option<u32>,
         key: Option<&[u8]>,
-        value: &[u8],
+        value: Option<&[u8]>,
         headers: &[(&str, &[u8])],
     ) -> Result<Delivery, ClientError> {
-        let size = record_bytes_max(key, value, headers);
+        let size = record_bytes_max(key, value.unwrap_or_default(), headers);
         let timestamp_ms = now_ms();
         // The owned copy a record needs while its topic's metadata is asked.
         let unresolved = |settler| Unresolved {
             partition,
             timestamp_ms,
             key: key.map(<[u8]>::to_vec),
-            value: value.to_vec(),
+            value: value.map(<[u8]>::to_vec),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_vec()))
@@ -358,7 +431,7 @@ impl Producer {
                     Some(p) if p >= n => {
                         return Err(ClientError::server(
                             ErrorCode::UnknownPartition,
-                            format!("{topic} has {n} partitions, not {}", p + 1),
+                            format!("topic '{topic}' has no partition {p} (it has {n})"),
                         ))
                     }
                     Some(p) => p,
@@ -491,7 +564,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
                     Some(p) if p >= n => {
                         u.settler.settle(Err(ClientError::server(
                             ErrorCode::UnknownPartition,
-                            format!("{topic} has {n} partitions, not {}", p + 1),
+                            format!("topic '{topic}' has no partition {p} (it has {n})"),
                         )));
                         continue;
                     }
@@ -518,7 +591,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
                     tp,
                     u.timestamp_ms,
                     u.key.as_deref(),
-                    &u.value,
+                    u.value.as_deref(),
                     &headers,
                     Some(u.settler.disarm()),
                     || u.enqueued,
@@ -615,29 +688,34 @@ fn group_requests(batches: Vec<ReadyBatch>, max_bytes: usize) -> Vec<Vec<ReadyBa
 }
 
 /// Sends one produce request and settles each batch in it.
-async fn send_batches(inner: Arc<Inner>, mut batches: Vec<ReadyBatch>) {
+async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
+    // The request borrows the batches: a retry sends them again.
     let body = RequestBody::Produce(ProduceRequest {
         partitions: batches
-            .iter_mut()
+            .iter()
             .map(|b| ProducePartition {
                 topic: b.tp.topic.to_string(),
                 partition: b.tp.partition,
-                batch: ByteVec::from(std::mem::take(&mut b.bytes)),
+                batch: b.bytes[..].into(),
             })
             .collect(),
     });
     let answer = inner.client.produce_ref(&body).await;
-    // Take the bytes back: a retry sends them again.
-    if let RequestBody::Produce(req) = body {
-        for (b, p) in batches.iter_mut().zip(req.partitions) {
-            b.bytes = p.batch.into();
-        }
-    }
+    drop(body);
     let outcomes: Vec<Result<(u64, u64), ClientError>> = match answer {
         Ok(results) => batches
             .iter()
             .zip(&results)
-            .map(|(b, r)| outcome(b, r))
+            .map(|(b, r)| {
+                let o = outcome(b, r);
+                if o.is_ok() && r.duplicate_records > 0 {
+                    inner.duplicates.fetch_add(
+                        u64::from(r.duplicate_records),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                o
+            })
             .collect(),
         Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
     };
@@ -713,7 +791,7 @@ fn outcome(batch: &ReadyBatch, r: &ProducePartitionResult) -> Result<(u64, u64),
             code,
             r.message
                 .clone()
-                .unwrap_or_else(|| format!("{}/{}", r.topic, r.partition)),
+                .unwrap_or_else(|| super::error::about(code, &r.topic, Some(r.partition))),
         )
     })?;
     // Offsets are dense within a batch: a range of another size would hand
@@ -832,7 +910,10 @@ mod tests {
                             answer(
                                 &mut s,
                                 id,
-                                ResponseBody::Produce(ProduceResponse { partitions }),
+                                ResponseBody::Produce(ProduceResponse {
+                                    partitions,
+                                    throttle_ms: None,
+                                }),
                             );
                         }
                     }

@@ -1,0 +1,138 @@
+//! A transactional producer: a [`Producer`] whose batches belong to the
+//! open transaction of its transactional id. Records are sent as they
+//! come (batched as usual); [`TxnProducer::commit`] waits for every one of
+//! them to be acknowledged and then commits, so nothing of the
+//! transaction is left in flight when the broker decides.
+
+use std::time::Duration;
+
+use super::{Client, ClientError, Delivery, Producer, ProducerConfig};
+use crate::protocol::{AddTxnOffsetsRequest, TxnOffset};
+
+/// Kafka's default `transaction.timeout.ms`.
+pub const TRANSACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+
+pub struct TxnProducer {
+    producer: Producer,
+    id: String,
+    producer_id: (u64, u16),
+    /// The open transaction's records not yet known to be acknowledged.
+    pending: Vec<Delivery>,
+}
+
+impl TxnProducer {
+    /// Registers `id` with the broker (fencing any older instance and
+    /// aborting its open transaction) and makes the producer.
+    pub async fn new(
+        client: Client,
+        id: &str,
+        timeout: Duration,
+        config: ProducerConfig,
+    ) -> Result<Self, ClientError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let r = client.init_txn(id, timeout_ms).await?;
+        let producer_id = (r.producer_id, r.producer_epoch);
+        let producer = Producer::with_id(client, config, Some(producer_id)).await?;
+        Ok(Self {
+            producer,
+            id: id.to_owned(),
+            producer_id,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn producer_id(&self) -> (u64, u16) {
+        self.producer_id
+    }
+
+    /// Sends a record in the open transaction (opening one).
+    pub fn send(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) {
+        let d = self.producer.send(topic, key, value, headers);
+        self.pending.push(d);
+    }
+
+    /// As [`send`](Self::send), waiting for room in the producer's buffer.
+    pub async fn send_wait(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), ClientError> {
+        let d = self.producer.send_wait(topic, key, value, headers).await?;
+        self.pending.push(d);
+        Ok(())
+    }
+
+    /// Adds a group's offsets (the next offsets to read) to the open
+    /// transaction: committed only if it commits.
+    pub async fn send_offsets(
+        &self,
+        group: &str,
+        offsets: &[(&str, u32, u64)],
+    ) -> Result<(), ClientError> {
+        self.producer
+            .client()
+            .add_txn_offsets(AddTxnOffsetsRequest {
+                transactional_id: self.id.clone(),
+                producer_id: self.producer_id.0,
+                producer_epoch: self.producer_id.1,
+                group: group.to_owned(),
+                offsets: offsets
+                    .iter()
+                    .map(|(t, p, o)| TxnOffset {
+                        topic: (*t).to_owned(),
+                        partition: *p,
+                        offset: *o,
+                    })
+                    .collect(),
+            })
+            .await
+    }
+
+    /// Waits for every record of the transaction; the first failure.
+    async fn settle(&mut self) -> Result<(), ClientError> {
+        self.producer.flush().await;
+        let mut first = None;
+        for d in self.pending.drain(..) {
+            if let Err(e) = d.await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Commits the open transaction once all its records are acknowledged;
+    /// returns when the commit is durable. If a record failed, the
+    /// transaction is aborted instead and the record's error returned.
+    pub async fn commit(&mut self) -> Result<(), ClientError> {
+        if let Err(e) = self.settle().await {
+            // Best effort: a fenced producer cannot abort, and the broker
+            // aborts on the transaction's timeout anyway.
+            let _ = self.end(false).await;
+            return Err(e);
+        }
+        self.end(true).await
+    }
+
+    /// Aborts the open transaction; returns when the abort is durable.
+    pub async fn abort(&mut self) -> Result<(), ClientError> {
+        // Records still in flight are written before the markers only if
+        // they are acknowledged first.
+        let _ = self.settle().await;
+        self.end(false).await
+    }
+
+    async fn end(&self, commit: bool) -> Result<(), ClientError> {
+        self.producer
+            .client()
+            .end_txn(&self.id, self.producer_id, commit)
+            .await
+    }
+}
