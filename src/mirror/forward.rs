@@ -1,0 +1,1117 @@
+//! The forwarder: reads the local partitions that `[[mirror.rules]]`
+//! match through the broker's fetch API, like any consumer, and writes
+//! them upstream in Kafka transactions.
+//!
+//! Exactly once, per source partition and in order, rests on three rules:
+//!
+//! 1. Each transaction carries, besides the records, one checkpoint record
+//!    per source partition it advances (key `gateway/topic/partition`,
+//!    value the last source offset it covers, decimal) to the compacted
+//!    checkpoint topic. Records and cursor commit or abort together.
+//! 2. Every session starts with InitProducerId under the transactional id,
+//!    which aborts whatever transaction an earlier session (or process)
+//!    left open, and then reads the checkpoints back with read_committed,
+//!    holding each producer's records until its marker ([`CommittedFilter`]
+//!    semantics: Tansu does not filter aborted records). Forwarding resumes
+//!    right after them. The in-memory cursor is only a hint for the status.
+//! 3. Any failure ends the session. The next one re-initialises the
+//!    producer (aborting the open transaction, whatever its outcome was)
+//!    and reads the checkpoints again: nothing is ever resent blindly.
+//!
+//! Only records below the partition's durable offset are forwarded: a
+//! record upstream that a local crash could still take back would leave
+//! its offset to a different record later.
+//!
+//! [`CommittedFilter`]: super::kafka::CommittedFilter
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batch::{BatchIter, ATTR_CONTROL};
+use crate::broker::{Broker, BrokerError, FetchLimits, FetchPartition, Shutdown};
+use crate::client::partitioner::partition_for_key;
+use crate::config::{MirrorConfig, MirrorRule};
+use crate::metrics::Metrics;
+
+use super::kafka::{
+    BatchBuilder, ErrorCode, HeaderRef, KafkaClient, KafkaConfig, KafkaError, NewTopic,
+    PartitionReader, Producer, ProducerConfig, RecordRef, SaslConfig, TlsConfig,
+};
+use super::status::{Link, MirrorStatus};
+
+/// A batch is closed at this many encoded bytes and the next one started:
+/// well under Kafka's default `message.max.bytes` (1 MB).
+const UPSTREAM_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// While the link is down, the backlog figures are refreshed this often.
+const DOWN_REFRESH: Duration = Duration::from_secs(1);
+/// The shortest wait when nothing could be forwarded (all data beyond the
+/// durable offset, or every rule paused).
+const IDLE_WAIT_MIN: Duration = Duration::from_millis(10);
+
+/// A transaction that reads a backlog goes on with further rounds for
+/// this long: records become visible to read_committed consumers at its
+/// commit, and brokers abort a transaction open past its timeout (60 s).
+const TRANSACTION_OPEN_MAX: Duration = Duration::from_secs(1);
+
+/// An idle link is probed (a metadata request) this often, so the status
+/// says when it went down before there is data to send.
+const IDLE_PROBE: Duration = Duration::from_secs(5);
+
+/// How a record's upstream partition is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioner {
+    /// Kafka's default: murmur2 of the key; keyless records keep their
+    /// source partition's number (modulo), so their order holds too.
+    Murmur2,
+    /// The source partition's number, modulo the target's partitions.
+    Source,
+}
+
+/// The mirror's settings, from `[mirror]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kafka: KafkaConfig,
+    pub producer: ProducerConfig,
+    /// The transactional id; also the `skiff.gateway` header and the first
+    /// part of every checkpoint key.
+    pub gateway: String,
+    pub checkpoint_topic: String,
+    pub rules: Vec<MirrorRule>,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub partitioner: Partitioner,
+    pub create_topics: bool,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Settings {
+    /// From a validated config; reads nothing yet (TLS files are read by
+    /// [`KafkaClient::new`]).
+    pub fn from_config(cfg: &MirrorConfig) -> Result<Self, KafkaError> {
+        let gateway = if cfg.transactional_id.is_empty() {
+            hostname()
+        } else {
+            cfg.transactional_id.clone()
+        };
+        let mut kafka = KafkaConfig::new(&cfg.upstream)?;
+        kafka.client_id = format!("skiff-{gateway}");
+        kafka.connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
+        kafka.request_timeout = Duration::from_millis(cfg.request_timeout_ms);
+        if cfg.tls.enabled {
+            let path = |p: &str| (!p.is_empty()).then(|| std::path::PathBuf::from(p));
+            kafka.tls = Some(TlsConfig {
+                ca_file: path(&cfg.tls.ca),
+                cert_file: path(&cfg.tls.cert),
+                key_file: path(&cfg.tls.key),
+                server_name: (!cfg.tls.server_name.is_empty()).then(|| cfg.tls.server_name.clone()),
+            });
+        }
+        if !cfg.sasl.mechanism.is_empty() {
+            kafka.sasl = Some(SaslConfig {
+                // Validated with the config.
+                mechanism: cfg
+                    .sasl
+                    .mechanism
+                    .parse()
+                    .unwrap_or(super::kafka::SaslMechanism::Plain),
+                username: cfg.sasl.username.clone(),
+                password: cfg.sasl.password.clone(),
+            });
+        }
+        let producer = ProducerConfig {
+            transactional_id: Some(gateway.clone()),
+            compression: cfg.compression.parse().unwrap_or_default(),
+            ..ProducerConfig::default()
+        };
+        Ok(Self {
+            kafka,
+            producer,
+            gateway,
+            checkpoint_topic: cfg.checkpoint_topic.clone(),
+            rules: cfg.rules.clone(),
+            batch_bytes: usize::try_from(cfg.batch_bytes).unwrap_or(usize::MAX),
+            linger: Duration::from_millis(cfg.linger_ms),
+            partitioner: if cfg.partitioner == "source" {
+                Partitioner::Source
+            } else {
+                Partitioner::Murmur2
+            },
+            create_topics: cfg.create_topics,
+            backoff_min: Duration::from_millis(cfg.backoff_min_ms),
+            backoff_max: Duration::from_millis(cfg.backoff_max_ms),
+        })
+    }
+}
+
+/// The host name, for a transactional id left empty.
+fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            let name = std::fs::read_to_string(p).ok()?;
+            let name = name.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| "skiff".to_owned())
+}
+
+/// `*` matches any run of characters (also none); everything else itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let Some((head, rest)) = pattern.split_once('*') else {
+        return pattern == name;
+    };
+    let Some(mut tail) = name.strip_prefix(head) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('*').collect();
+    let (last, middle) = parts.split_last().expect("split yields one part at least");
+    for part in middle {
+        match tail.find(part) {
+            Some(i) => tail = &tail[i + part.len()..],
+            None => return false,
+        }
+    }
+    tail.len() >= last.len() && tail.ends_with(last)
+}
+
+/// The upstream topic `rule` forwards `topic` to.
+pub fn target_for(rule: &MirrorRule, topic: &str) -> String {
+    rule.target.replace("{topic}", topic)
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Failure {
+    Kafka {
+        during: &'static str,
+        error: KafkaError,
+    },
+    /// A target topic is missing and `create_topics` is off.
+    MissingTopic(String),
+    /// The local log could not be read.
+    Local(BrokerError),
+}
+
+impl Failure {
+    fn is_fenced(&self) -> bool {
+        matches!(self, Self::Kafka { error, .. } if error.is_fenced())
+    }
+
+    /// The kind of failure: the log says when it changes, not when only
+    /// its details do (a refused connect reads "reset" one time and
+    /// "closed" the next).
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Kafka { error, during } => match error {
+                KafkaError::Connect { .. } => "connect",
+                KafkaError::Fenced { .. } => "fenced",
+                KafkaError::Auth { .. } => "auth",
+                _ => during,
+            },
+            Self::MissingTopic(_) => "missing topic",
+            Self::Local(_) => "local",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kafka { during, error } => match error {
+                KafkaError::Connect { .. } => write!(f, "cannot reach upstream: {error}"),
+                KafkaError::Fenced { .. } => write!(
+                    f,
+                    "fenced: another producer (another gateway?) initialised the same \
+                     transactional id while {during}: {error}; restart skiff to take it over"
+                ),
+                KafkaError::Auth { .. } => write!(f, "upstream refused authentication: {error}"),
+                _ => write!(f, "{during}: {error}"),
+            },
+            Self::MissingTopic(topic) => write!(
+                f,
+                "upstream topic '{topic}' does not exist (create it, or set mirror.create_topics = true)"
+            ),
+            Self::Local(e) => write!(f, "reading the local log: {e}"),
+        }
+    }
+}
+
+fn kafka(during: &'static str) -> impl FnOnce(KafkaError) -> Failure {
+    move |error| Failure::Kafka { during, error }
+}
+
+/// One source partition's forwarding state.
+#[derive(Debug, Clone)]
+struct Cursor {
+    rule: usize,
+    target: String,
+    /// The first source offset not yet upstream (as far as this process
+    /// knows: reset from the checkpoints at each session's start).
+    next: u64,
+    /// Local bytes per record seen last, for the bytes-at-risk estimate.
+    bytes_per_record: u64,
+    /// `next` comes from the checkpoints (or a commit since): records
+    /// below the partition's earliest offset are then known to be lost.
+    /// Before the first session, the cursor only guesses (the earliest
+    /// offset) and nothing is counted.
+    known: bool,
+}
+
+/// What one transaction advances in one source partition.
+struct Advance {
+    key: (String, u32),
+    next: u64,
+    records: u64,
+    bytes: u64,
+}
+
+/// One round of a transaction: what was read, encoded per upstream
+/// partition.
+#[derive(Default)]
+struct Round {
+    builders: BTreeMap<(String, i32), Vec<BatchBuilder>>,
+    advances: Vec<(usize, Advance)>,
+    /// Local bytes read.
+    bytes: u64,
+    /// Partitions to leave alone for the rest of the transaction (their
+    /// cursor moved, or they are gone).
+    gone: Vec<(String, u32)>,
+}
+
+/// A checkpoint record's key: `gateway/topic/partition`.
+fn checkpoint_key(gateway: &str, (topic, partition): &(String, u32)) -> String {
+    format!("{gateway}/{topic}/{partition}")
+}
+
+/// The forwarding task's state.
+pub struct Forwarder {
+    settings: Settings,
+    broker: Arc<Broker>,
+    status: Arc<MirrorStatus>,
+    metrics: Option<Arc<Metrics>>,
+    stopping: Arc<Shutdown>,
+    cursors: BTreeMap<(String, u32), Cursor>,
+    /// From the checkpoint topic, at the session's start: the next offset.
+    checkpoints: HashMap<(String, u32), u64>,
+    /// Upstream partition counts, per session.
+    target_partitions: HashMap<String, i32>,
+    failures: u32,
+    /// Whether the checkpoints were read back once in this process.
+    checkpoints_read: bool,
+    /// The kind of failure last logged while the link is down.
+    logged: Option<&'static str>,
+    /// Turns the partition a round starts reading at.
+    rotation: usize,
+}
+
+impl Forwarder {
+    pub fn new(
+        settings: Settings,
+        broker: Arc<Broker>,
+        status: Arc<MirrorStatus>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let stopping = broker.stopping();
+        Self {
+            settings,
+            broker,
+            status,
+            metrics,
+            stopping,
+            cursors: BTreeMap::new(),
+            checkpoints: HashMap::new(),
+            target_partitions: HashMap::new(),
+            failures: 0,
+            checkpoints_read: false,
+            logged: None,
+            rotation: 0,
+        }
+    }
+
+    /// Runs until the broker stops: sessions, and between them capped
+    /// exponential backoff with jitter.
+    pub async fn run(mut self) {
+        log::info!(
+            "mirror: forwarding {} rule(s) to {} as '{}'",
+            self.settings.rules.len(),
+            self.settings.kafka.bootstrap.join(","),
+            self.settings.gateway
+        );
+        // Floors for the topics there are, before the first connect (which
+        // may take the whole connect timeout).
+        self.refresh_sources();
+        self.publish_backlog();
+        while !self.stopping.is_triggered() {
+            let result = self.session().await;
+            let Err(failure) = result else { return };
+            if self.status.report().link == Link::Up {
+                // The transaction open when the session failed is aborted
+                // by the next session's InitProducerId.
+                self.status.transaction_ended(false);
+                if let Some(m) = &self.metrics {
+                    m.mirror_transaction(false);
+                    m.set_mirror_link(false);
+                }
+            }
+            let reason = failure.to_string();
+            self.status.set_link(Link::Down, Some(reason.clone()));
+            if self.logged != Some(failure.kind()) {
+                self.logged = Some(failure.kind());
+                if failure.is_fenced() {
+                    log::error!("mirror: link down: {reason}");
+                } else {
+                    log::warn!(
+                        "mirror: link down: {reason}; retrying every {}..{} ms until it works",
+                        self.settings.backoff_min.as_millis(),
+                        self.settings.backoff_max.as_millis()
+                    );
+                }
+            }
+            if failure.is_fenced() {
+                // Taking the id back would fence the other gateway in turn,
+                // and two writers of one checkpoint key lose exactness.
+                while !self.stopping.is_triggered() {
+                    self.wait(DOWN_REFRESH).await;
+                    self.refresh_sources();
+                    self.publish_backlog();
+                }
+                return;
+            }
+            self.failures = self.failures.saturating_add(1);
+            let pause = self.backoff();
+            let until = std::time::Instant::now() + pause;
+            loop {
+                self.refresh_sources();
+                self.publish_backlog();
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || self.stopping.is_triggered() {
+                    break;
+                }
+                self.wait(left.min(DOWN_REFRESH)).await;
+            }
+        }
+    }
+
+    /// `backoff_min * 2^(failures-1)`, capped at `backoff_max`, times a
+    /// random factor in [0.5, 1) so gateways that lost the link together
+    /// do not come back together.
+    fn backoff(&self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(20);
+        let base = self
+            .settings
+            .backoff_min
+            .saturating_mul(1 << exp)
+            .min(self.settings.backoff_max);
+        base.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    async fn wait(&self, d: Duration) {
+        futures_lite::future::or(
+            async {
+                smol::Timer::after(d).await;
+            },
+            self.stopping.wait(),
+        )
+        .await;
+    }
+
+    /// Connect, initialise, read the checkpoints, then forward until an
+    /// error (returned) or the stop (`Ok`).
+    async fn session(&mut self) -> Result<(), Failure> {
+        let client = KafkaClient::new(self.settings.kafka.clone())
+            .map_err(kafka("configuring the Kafka client"))?;
+        let mut producer = Producer::new(client.clone(), self.settings.producer.clone());
+        producer
+            .init()
+            .await
+            .map_err(kafka("initialising the transactional producer"))?;
+        self.ensure_checkpoint_topic(&client).await?;
+        self.checkpoints = self.read_checkpoints(&client).await?;
+        self.target_partitions.clear();
+        self.checkpoints_read = true;
+        // No checkpoint: nothing of the partition is upstream; whatever
+        // left the ring before offset 0 is reached counts as dropped.
+        for (key, cursor) in self.cursors.iter_mut() {
+            cursor.next = self.checkpoints.get(key).copied().unwrap_or(0);
+            cursor.known = true;
+        }
+        self.failures = 0;
+        self.logged = None;
+        if let Some(m) = &self.metrics {
+            m.set_mirror_link(true);
+        }
+        if self.status.set_link(Link::Up, None) {
+            log::info!(
+                "mirror: link up to {} as '{}'; {} checkpoint(s) read back",
+                self.settings.kafka.bootstrap.join(","),
+                self.settings.gateway,
+                self.checkpoints.len()
+            );
+        }
+        let mut last_contact = std::time::Instant::now();
+        loop {
+            if self.stopping.is_triggered() {
+                return Ok(());
+            }
+            self.refresh_sources();
+            let sent = self.forward_once(&client, &mut producer).await?;
+            self.publish_backlog();
+            if sent {
+                last_contact = std::time::Instant::now();
+            } else {
+                if last_contact.elapsed() >= IDLE_PROBE {
+                    client
+                        .refresh_metadata(&[self.settings.checkpoint_topic.as_str()])
+                        .await
+                        .map_err(kafka("probing the idle link"))?;
+                    last_contact = std::time::Instant::now();
+                }
+                self.wait(self.settings.linger.max(IDLE_WAIT_MIN)).await;
+            }
+        }
+    }
+
+    async fn ensure_checkpoint_topic(&self, client: &KafkaClient) -> Result<(), Failure> {
+        let topic = NewTopic {
+            name: self.settings.checkpoint_topic.clone(),
+            partitions: 1,
+            replication_factor: -1,
+            configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+        };
+        let created = client
+            .create_topic(&topic)
+            .await
+            .map_err(kafka("creating the checkpoint topic"))?;
+        if created {
+            log::info!(
+                "mirror: created the checkpoint topic '{}' (compacted)",
+                topic.name
+            );
+        }
+        Ok(())
+    }
+
+    /// This gateway's checkpoints, committed ones only: source partition →
+    /// the offset after the last one upstream.
+    async fn read_checkpoints(
+        &self,
+        client: &KafkaClient,
+    ) -> Result<HashMap<(String, u32), u64>, Failure> {
+        let topic = &self.settings.checkpoint_topic;
+        let partitions = client
+            .partition_count(topic)
+            .await
+            .map_err(kafka("reading the checkpoint topic"))?;
+        let prefix = format!("{}/", self.settings.gateway);
+        let mut out = HashMap::new();
+        for p in 0..partitions {
+            let p = i32::try_from(p).unwrap_or(i32::MAX);
+            let mut reader = PartitionReader::from_earliest(client.clone(), topic, p)
+                .await
+                .map_err(kafka("reading the checkpoint topic"))?;
+            let records = reader
+                .read_to_end()
+                .await
+                .map_err(kafka("reading the checkpoint topic"))?;
+            for record in records {
+                let (Some(key), Some(value)) = (&record.key, &record.value) else {
+                    continue;
+                };
+                let Some((topic, partition, last)) = parse_checkpoint(key, value, &prefix) else {
+                    continue;
+                };
+                out.insert((topic, partition), last + 1);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds cursors for partitions that rules match now (topics created
+    /// since, partitions added), drops those of deleted topics.
+    fn refresh_sources(&mut self) {
+        let topics = self.broker.topics();
+        self.cursors
+            .retain(|(t, p), _| topics.get(t).is_some_and(|meta| *p < meta.partitions));
+        for (name, meta) in &topics {
+            let Some(rule) = self
+                .settings
+                .rules
+                .iter()
+                .position(|r| glob_match(&r.source, name))
+            else {
+                continue;
+            };
+            for partition in 0..meta.partitions {
+                let key = (name.clone(), partition);
+                if self.cursors.contains_key(&key) {
+                    continue;
+                }
+                let next = match self.checkpoints.get(&key) {
+                    Some(&next) => next,
+                    None if self.checkpoints_read => 0,
+                    None => self
+                        .broker
+                        .offsets(name, partition)
+                        .map(|o| o.earliest)
+                        .unwrap_or(0),
+                };
+                self.cursors.insert(
+                    key,
+                    Cursor {
+                        rule,
+                        target: target_for(&self.settings.rules[rule], name),
+                        next,
+                        bytes_per_record: 0,
+                        known: self.checkpoints_read,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Backlog and bytes at risk per rule (status) and per topic (metrics);
+    /// and for `block` rules, the retain floor: the ring keeps every
+    /// offset from the cursor on.
+    fn publish_backlog(&mut self) {
+        // drop-oldest rings may have moved past a cursor: count it now,
+        // not only when the link is back.
+        let behind: Vec<((String, u32), u64, u64, u64)> = self
+            .cursors
+            .iter()
+            .filter(|(_, c)| c.known)
+            .filter_map(|(key, c)| {
+                let o = self.broker.offsets(&key.0, key.1).ok()?;
+                (c.next < o.earliest).then(|| (key.clone(), c.next, o.earliest, o.high_watermark))
+            })
+            .collect();
+        for (key, next, earliest, hw) in behind {
+            self.out_of_range(&key, next, earliest, hw);
+        }
+        let rules = self.settings.rules.len();
+        let mut backlog = vec![(0u64, 0u64, 0u64); rules];
+        let mut per_topic: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for ((topic, partition), cursor) in &self.cursors {
+            let Ok(offsets) = self.broker.offsets(topic, *partition) else {
+                continue;
+            };
+            let block = self.settings.rules[cursor.rule].mirror_overflow == "block";
+            let _ = self
+                .broker
+                .set_retain_floor(topic, *partition, block.then_some(cursor.next));
+            let records = offsets
+                .high_watermark
+                .saturating_sub(cursor.next.max(offsets.earliest));
+            let bytes = records.saturating_mul(cursor.bytes_per_record);
+            let b = &mut backlog[cursor.rule];
+            b.0 += records;
+            b.1 += bytes;
+            b.2 += 1;
+            let t = per_topic.entry(topic).or_default();
+            t.0 += records;
+            t.1 += bytes;
+        }
+        for (rule, (records, bytes, partitions)) in backlog.into_iter().enumerate() {
+            self.status.update_rule(rule, |r| {
+                r.backlog_records = records;
+                r.bytes_at_risk = bytes;
+                r.partitions = partitions;
+            });
+        }
+        if let Some(m) = &self.metrics {
+            for (topic, (records, bytes)) in per_topic {
+                m.set_mirror_backlog(
+                    topic,
+                    i64::try_from(records).unwrap_or(i64::MAX),
+                    i64::try_from(bytes).unwrap_or(i64::MAX),
+                );
+            }
+        }
+    }
+
+    /// Upstream partitions of `target`, creating it if allowed.
+    async fn partitions_of(
+        &mut self,
+        client: &KafkaClient,
+        target: &str,
+        source_partitions: u32,
+    ) -> Result<i32, Failure> {
+        if let Some(&n) = self.target_partitions.get(target) {
+            return Ok(n);
+        }
+        let n = match client.partition_count(target).await {
+            Ok(n) => n,
+            Err(e) if e.code() == Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION) => {
+                if !self.settings.create_topics {
+                    return Err(Failure::MissingTopic(target.to_owned()));
+                }
+                let created = client
+                    .create_topic(&NewTopic {
+                        name: target.to_owned(),
+                        partitions: i32::try_from(source_partitions).unwrap_or(1),
+                        replication_factor: -1,
+                        configs: vec![],
+                    })
+                    .await
+                    .map_err(kafka("creating a target topic"))?;
+                if created {
+                    log::info!("mirror: created upstream topic '{target}'");
+                }
+                client
+                    .refresh_metadata(&[target])
+                    .await
+                    .map_err(kafka("reading metadata"))?;
+                client
+                    .partition_count(target)
+                    .await
+                    .map_err(kafka("reading metadata"))?
+            }
+            Err(e) => return Err(kafka("reading metadata")(e)),
+        };
+        let n = i32::try_from(n).unwrap_or(i32::MAX).max(1);
+        self.target_partitions.insert(target.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Sends what there is in one transaction, read in rounds of
+    /// `batch_bytes`: while a backlog lasts, the next round is read and
+    /// encoded while the last one is on the wire, and the transaction goes
+    /// on (for up to [`TRANSACTION_OPEN_MAX`]) so that AddPartitionsToTxn
+    /// and EndTxn are paid once per many rounds. `Ok(false)`: nothing to
+    /// send.
+    async fn forward_once(
+        &mut self,
+        client: &KafkaClient,
+        producer: &mut Producer,
+    ) -> Result<bool, Failure> {
+        // Where this transaction reads next; the cursors move at commit.
+        let mut positions: BTreeMap<(String, u32), u64> = self
+            .cursors
+            .iter()
+            .filter(|(_, c)| !self.status.paused(c.rule))
+            .map(|(key, c)| (key.clone(), c.next))
+            .collect();
+        if positions.is_empty() {
+            return Ok(false);
+        }
+        let batch_bytes = self.settings.batch_bytes;
+        let gateway = self.settings.gateway.clone();
+        let checkpoint_topic = self.settings.checkpoint_topic.clone();
+        let mut advances: BTreeMap<(String, u32), (usize, Advance)> = BTreeMap::new();
+        // The last round's sends: awaited before the next round is sent,
+        // so at most two rounds are in memory.
+        let mut on_the_wire: Vec<super::kafka::PendingProduce> = Vec::new();
+        let started = std::time::Instant::now();
+        loop {
+            positions.retain(|key, _| {
+                self.cursors
+                    .get(key)
+                    .is_some_and(|c| !self.status.paused(c.rule))
+            });
+            let mut active: Vec<(String, u32, u64)> = positions
+                .iter()
+                .map(|((t, p), next)| (t.clone(), *p, *next))
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            // Each round starts at another partition: a busy one read
+            // first cannot starve the rest of a transaction's bytes.
+            self.rotation = self.rotation.wrapping_add(1);
+            let len = active.len();
+            active.rotate_left(self.rotation % len);
+            let Round {
+                builders,
+                advances: read,
+                bytes: read_bytes,
+                gone,
+            } = self
+                .read_round(client, &active, advances.is_empty())
+                .await?;
+            for key in &gone {
+                positions.remove(key);
+            }
+            if read.is_empty() {
+                break;
+            }
+            let checkpoint_partitions = self
+                .partitions_of(client, &checkpoint_topic, 1)
+                .await?
+                .unsigned_abs();
+            let mut parts: Vec<(&str, i32)> =
+                builders.keys().map(|(t, p)| (t.as_str(), *p)).collect();
+            for (_, a) in &read {
+                let key = checkpoint_key(&gateway, &a.key);
+                let p = partition_for_key(key.as_bytes(), checkpoint_partitions) as i32;
+                parts.push((checkpoint_topic.as_str(), p));
+            }
+            if !producer.in_transaction() {
+                producer.begin().map_err(kafka("beginning a transaction"))?;
+            }
+            producer
+                .add_partitions(&parts)
+                .await
+                .map_err(kafka("adding partitions to a transaction"))?;
+            drop(parts);
+            for p in on_the_wire.drain(..) {
+                p.wait().await.map_err(kafka("sending records"))?;
+            }
+            // Each batch is dropped once sent: the request holds its
+            // finished copy until the answer.
+            for ((topic, partition), list) in builders {
+                for builder in list {
+                    on_the_wire.push(
+                        producer
+                            .send(&topic, partition, &builder)
+                            .await
+                            .map_err(kafka("sending records"))?,
+                    );
+                }
+            }
+            for (rule, a) in read {
+                positions.insert(a.key.clone(), a.next);
+                match advances.get_mut(&a.key) {
+                    Some((_, sum)) => {
+                        sum.next = sum.next.max(a.next);
+                        sum.records += a.records;
+                        sum.bytes += a.bytes;
+                    }
+                    None => {
+                        advances.insert(a.key.clone(), (rule, a));
+                    }
+                }
+            }
+            let caught_up = read_bytes < (batch_bytes / 2) as u64;
+            if caught_up
+                || started.elapsed() >= TRANSACTION_OPEN_MAX
+                || self.stopping.is_triggered()
+            {
+                break;
+            }
+        }
+        if advances.is_empty() {
+            return Ok(false);
+        }
+
+        // The checkpoints ride in the same transaction as the records.
+        let checkpoint_partitions = self
+            .partitions_of(client, &checkpoint_topic, 1)
+            .await?
+            .unsigned_abs();
+        let now = crate::batch::now_ms();
+        let mut checkpoints: BTreeMap<i32, BatchBuilder> = BTreeMap::new();
+        for (_, a) in advances.values() {
+            let key = checkpoint_key(&gateway, &a.key);
+            let value = (a.next - 1).to_string();
+            let partition = partition_for_key(key.as_bytes(), checkpoint_partitions) as i32;
+            checkpoints
+                .entry(partition)
+                .or_default()
+                .push(&RecordRef {
+                    key: Some(key.as_bytes()),
+                    value: Some(value.as_bytes()),
+                    timestamp_ms: now,
+                    headers: &[],
+                })
+                .map_err(|e| kafka("encoding checkpoints")(KafkaError::Records(e)))?;
+        }
+        for (partition, builder) in &checkpoints {
+            on_the_wire.push(
+                producer
+                    .send(&checkpoint_topic, *partition, builder)
+                    .await
+                    .map_err(kafka("sending records"))?,
+            );
+        }
+        for p in on_the_wire {
+            p.wait().await.map_err(kafka("sending records"))?;
+        }
+        producer
+            .commit()
+            .await
+            .map_err(kafka("committing a transaction"))?;
+        self.status.transaction_ended(true);
+        if let Some(m) = &self.metrics {
+            m.mirror_transaction(true);
+            for (_, a) in advances.values() {
+                m.mirror_forwarded(&a.key.0, a.records, a.bytes);
+            }
+        }
+
+        for (rule, a) in advances.into_values() {
+            if let Some(c) = self.cursors.get_mut(&a.key) {
+                c.next = c.next.max(a.next);
+            }
+            self.checkpoints.insert(a.key.clone(), a.next);
+            self.status.update_rule(rule, |r| {
+                r.forwarded_records += a.records;
+                r.forwarded_bytes += a.bytes;
+            });
+        }
+        Ok(true)
+    }
+
+    /// Reads one round from `active` (topic, partition, offset) and encodes
+    /// it as upstream batches. The first round of a transaction waits up to
+    /// `linger` for half of `batch_bytes`; later ones take what is there.
+    async fn read_round(
+        &mut self,
+        client: &KafkaClient,
+        active: &[(String, u32, u64)],
+        first: bool,
+    ) -> Result<Round, Failure> {
+        let batch_bytes = self.settings.batch_bytes;
+        let parts: Vec<FetchPartition<'_>> = active
+            .iter()
+            .map(|(topic, partition, offset)| FetchPartition {
+                topic,
+                partition: *partition,
+                offset: *offset,
+                max_bytes: batch_bytes,
+            })
+            .collect();
+        let limits = FetchLimits {
+            // Half: a read stops at a whole batch short of max_bytes, so
+            // waiting for all of it would wait out linger on every full
+            // fetch of a backlog.
+            min_bytes: batch_bytes / 2,
+            max_wait: if first {
+                self.settings.linger
+            } else {
+                Duration::ZERO
+            },
+            max_bytes: batch_bytes,
+        };
+        // Committed records only: an open transaction's records wait for
+        // its end, an aborted one's never go upstream.
+        let results = self.broker.fetch_isolated(&parts, limits, true).await;
+        drop(parts);
+
+        let gateway = self.settings.gateway.clone();
+        let mut round = Round::default();
+        for ((topic, partition, offset), result) in active.iter().zip(results) {
+            let key = (topic.clone(), *partition);
+            let offset = *offset;
+            let fetched = match result {
+                Ok(f) => f,
+                Err(BrokerError::OffsetOutOfRange {
+                    requested,
+                    earliest,
+                    high_watermark,
+                }) => {
+                    self.out_of_range(&key, requested, earliest, high_watermark);
+                    round.gone.push(key);
+                    continue;
+                }
+                Err(BrokerError::UnknownTopic(_) | BrokerError::UnknownPartition { .. }) => {
+                    self.cursors.remove(&key);
+                    round.gone.push(key);
+                    continue;
+                }
+                Err(e) => return Err(Failure::Local(e)),
+            };
+            let Some(cursor) = self.cursors.get(&key) else {
+                continue;
+            };
+            if self.status.paused(cursor.rule) {
+                continue; // paused while the fetch waited
+            }
+            let (rule, target) = (cursor.rule, cursor.target.clone());
+            let source_partitions = self.broker.topic(&key.0).map(|m| m.partitions).unwrap_or(1);
+            let partitions = self
+                .partitions_of(client, &target, source_partitions)
+                .await?;
+            let durable = fetched.offsets.durable;
+            let mut next = offset;
+            let mut records = 0u64;
+            let mut bytes = 0u64;
+            let mut held_back = false;
+            let topic_text = key.0.as_str();
+            let partition_text = key.1.to_string();
+            for batch in BatchIter::new(&fetched.records) {
+                let batch = batch.map_err(|e| Failure::Local(e.into()))?;
+                let h = batch.header;
+                if h.next_offset() > durable {
+                    held_back = true;
+                    break; // not durable yet: a local crash could take it back
+                }
+                if h.next_offset() <= next {
+                    continue;
+                }
+                if h.attributes & ATTR_CONTROL != 0 {
+                    next = h.next_offset();
+                    continue;
+                }
+                for r in batch.records().map_err(|e| Failure::Local(e.into()))? {
+                    let source_offset = h.base_offset + u64::from(r.offset_delta);
+                    if source_offset < next {
+                        continue;
+                    }
+                    let target_partition = match (self.settings.partitioner, r.key) {
+                        (Partitioner::Murmur2, Some(k)) => {
+                            partition_for_key(k, partitions.unsigned_abs()) as i32
+                        }
+                        _ => (key.1 % partitions.unsigned_abs()) as i32,
+                    };
+                    let offset_text = source_offset.to_string();
+                    let mut headers: Vec<HeaderRef<'_>> = r
+                        .headers
+                        .iter()
+                        .map(|h| HeaderRef {
+                            key: h.name,
+                            value: Some(&**h.value),
+                        })
+                        .collect();
+                    headers.extend([
+                        HeaderRef {
+                            key: "skiff.gateway",
+                            value: Some(gateway.as_bytes()),
+                        },
+                        HeaderRef {
+                            key: "skiff.topic",
+                            value: Some(topic_text.as_bytes()),
+                        },
+                        HeaderRef {
+                            key: "skiff.partition",
+                            value: Some(partition_text.as_bytes()),
+                        },
+                        HeaderRef {
+                            key: "skiff.offset",
+                            value: Some(offset_text.as_bytes()),
+                        },
+                    ]);
+                    let list = round
+                        .builders
+                        .entry((target.clone(), target_partition))
+                        .or_default();
+                    if list
+                        .last()
+                        .is_none_or(|b| b.encoded_bytes() >= UPSTREAM_BATCH_BYTES_MAX)
+                    {
+                        list.push(BatchBuilder::new());
+                    }
+                    let builder = list.last_mut().expect("pushed above");
+                    builder
+                        .push(&RecordRef {
+                            key: r.key.map(|k| &**k),
+                            value: r.value.map(|v| &**v),
+                            timestamp_ms: h.first_timestamp.saturating_add(r.timestamp_delta),
+                            headers: &headers,
+                        })
+                        .map_err(|e| kafka("encoding records")(KafkaError::Records(e)))?;
+                    records += 1;
+                }
+                bytes += u64::from(h.total_len);
+                next = h.next_offset();
+            }
+            // Past what the read left out (markers, aborted transactions),
+            // once that is durable too.
+            if let Some(after) = fetched.next_offset {
+                if !held_back && after > next && after <= durable {
+                    next = after;
+                }
+            }
+            round.bytes += bytes;
+            if next > offset {
+                if let (Some(per), Some(c)) =
+                    (bytes.checked_div(records), self.cursors.get_mut(&key))
+                {
+                    c.bytes_per_record = per;
+                }
+                round.advances.push((
+                    rule,
+                    Advance {
+                        key,
+                        next,
+                        records,
+                        bytes,
+                    },
+                ));
+            }
+        }
+        Ok(round)
+    }
+
+    /// The cursor points outside the local log: below it, records were
+    /// dropped before they went upstream; above it, the local log is
+    /// shorter than what upstream has (a data directory reset).
+    fn out_of_range(&mut self, key: &(String, u32), requested: u64, earliest: u64, hw: u64) {
+        let Some(cursor) = self.cursors.get_mut(key) else {
+            return;
+        };
+        if requested < earliest {
+            let dropped = earliest - requested;
+            log::warn!(
+                "mirror: {}/{}: {dropped} record(s) (offsets {requested}..{earliest}) left the local log before they were forwarded",
+                key.0,
+                key.1
+            );
+            cursor.next = earliest;
+            self.status
+                .update_rule(cursor.rule, |r| r.dropped_records += dropped);
+            if let Some(m) = &self.metrics {
+                m.mirror_dropped(&key.0, dropped);
+            }
+        } else {
+            log::warn!(
+                "mirror: {}/{}: upstream holds offsets up to {requested} but the local log ends at {hw}; forwarding from {hw}",
+                key.0,
+                key.1
+            );
+            cursor.next = hw;
+        }
+    }
+}
+
+/// `gateway/topic/partition` → `last offset` for this gateway's keys.
+fn parse_checkpoint(key: &[u8], value: &[u8], prefix: &str) -> Option<(String, u32, u64)> {
+    let key = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    let (topic, partition) = key.rsplit_once('/')?;
+    let partition = partition.parse().ok()?;
+    let last = std::str::from_utf8(value).ok()?.parse().ok()?;
+    Some((topic.to_owned(), partition, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("sensors.*", "sensors.temp"));
+        assert!(glob_match("sensors.*", "sensors."));
+        assert!(!glob_match("sensors.*", "sensor.temp"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*b*c", "a-b-c"));
+        assert!(glob_match("a*b*c", "abc"));
+        assert!(!glob_match("a*b*c", "a-c-b"));
+        assert!(glob_match("*.temp", "x.temp"));
+        assert!(!glob_match("*.temp", "temp"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exact2"));
+        assert!(!glob_match("a*aa", "aa"));
+    }
+
+    #[test]
+    fn checkpoint_keys_parse_for_this_gateway_only() {
+        assert_eq!(
+            parse_checkpoint(b"gw-17/sensors.temp/3", b"41", "gw-17/"),
+            Some(("sensors.temp".to_owned(), 3, 41))
+        );
+        assert_eq!(parse_checkpoint(b"gw-1/t/0", b"1", "gw-17/"), None);
+        assert_eq!(parse_checkpoint(b"gw-17/t/x", b"1", "gw-17/"), None);
+        assert_eq!(parse_checkpoint(b"gw-17/t/0", b"-1", "gw-17/"), None);
+    }
+
+    #[test]
+    fn targets_are_templates() {
+        let rule = MirrorRule {
+            name: "r".into(),
+            source: "sensors.*".into(),
+            target: "plant1.{topic}".into(),
+            mirror_overflow: "block".into(),
+        };
+        assert_eq!(target_for(&rule, "sensors.temp"), "plant1.sensors.temp");
+    }
+}
