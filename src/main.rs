@@ -36,12 +36,34 @@ enum Command {
     },
     /// Produce records: the VALUEs, or one record per stdin line.
     Produce(cli::ProduceArgs),
-    /// Consume records and print them.
+    /// Consume records and print them (alone, or as a member of a group).
     Consume(cli::ConsumeArgs),
+    /// Write stdin's TOPIC<TAB>VALUE lines in one transaction; `txn list`.
+    Txn(cli::TxnArgs),
+    /// List, describe, reset and delete consumer groups.
+    Groups {
+        #[command(subcommand)]
+        command: cli::GroupsCommand,
+    },
+    /// Dead-letter topics of share groups: list, replay.
+    Dlq {
+        #[command(subcommand)]
+        command: cli::DlqCommand,
+    },
     /// Check a config file and print the effective config and memory budget.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Check what the [acl] rules of a config allow.
+    Acl {
+        #[command(subcommand)]
+        command: cli::AclCommand,
+    },
+    /// The store-and-forward mirror to Kafka: status, pause, resume.
+    Mirror {
+        #[command(subcommand)]
+        command: cli::MirrorCommand,
     },
     /// Benchmarks against a running broker.
     Bench {
@@ -61,9 +83,14 @@ struct ServeArgs {
     /// Overrides `data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Overrides `server.listen` (host:port).
-    #[arg(long)]
+    /// Overrides `server.listen` (IP:PORT; port 0 takes a free port, which
+    /// the start-up line and --ready-file name).
+    #[arg(long, env = "SKIFF_LISTEN", value_name = "IP:PORT")]
     listen: Option<String>,
+    /// Once serving, write the addresses really bound (JSON: pid, tcp,
+    /// unix, metrics) to this file; it is removed at a clean stop.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -82,13 +109,18 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(a) => cli::serve(a.config, a.profile, a.data_dir, a.listen),
+        Command::Serve(a) => cli::serve(a.config, a.profile, a.data_dir, a.listen, a.ready_file),
         Command::Topics { command } => cli::topics(command),
         Command::Produce(a) => cli::produce(a),
         Command::Consume(a) => cli::consume(a),
+        Command::Txn(a) => cli::txn(a),
+        Command::Groups { command } => cli::groups(command),
+        Command::Dlq { command } => cli::dlq(command),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => cli::config_check(file),
+        Command::Acl { command } => cli::acl(command),
+        Command::Mirror { command } => cli::mirror(command),
         Command::Bench { command } => cli::bench(command),
     }
 }

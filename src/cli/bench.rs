@@ -1,5 +1,5 @@
-//! `skiff bench`: the standard workloads of BENCHMARKING.md against a
-//! running broker. A progress line goes to stderr each second; the result is
+//! `skiff bench`: the standard workloads (docs/performance.md, "How we
+//! measure") against a running broker. A progress line goes to stderr each second; the result is
 //! one JSON line on stdout.
 
 use std::collections::VecDeque;
@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::client::{
-    Client, ClientError, Consumer, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartFrom,
+    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, OffsetReset, Producer,
+    ProducerConfig, StartFrom,
 };
 use crate::protocol::{CreateTopicRequest, ErrorCode};
 
-use super::args::{BenchConsumeArgs, BenchDiskArgs, BenchLoopbackArgs, BenchProduceArgs};
+use super::args::{
+    BenchConsumeArgs, BenchDiskArgs, BenchHandshakeArgs, BenchLoopbackArgs, BenchProduceArgs,
+};
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 
 /// Latencies are recorded in microseconds, up to a minute, 3 significant
@@ -84,8 +87,56 @@ fn progress(done: &AtomicU64, total: u64, start: Instant, stop: &AtomicU64) {
     }
 }
 
+/// Deletes the bench topic at the end of a run unless `--keep`: its rings
+/// reserve half a GiB of disk.
+/// A process's CPU time so far (user + sys of all its threads), from
+/// /proc/PID/stat; None where that cannot be read.
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is the
+    // 3rd field of the line, utime the 14th and stime the 15th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let ticks: u64 = f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Adds the broker's CPU time over a run to its result line.
+fn add_broker_cpu(line: &mut serde_json::Value, cpu: Option<Duration>, records: u64) {
+    if let Some(cpu) = cpu {
+        line["broker_cpu_s"] = cpu.as_secs_f64().into();
+        line["broker_cpu_s_per_m_records"] =
+            (cpu.as_secs_f64() * 1e6 / records.max(1) as f64).into();
+    }
+}
+
+async fn drop_topic(client: &Client, topic: &str, keep: bool) -> Result<(), ClientError> {
+    if keep {
+        return Ok(());
+    }
+    client.delete_topic(topic).await
+}
+
 /// Deletes and recreates the bench topic so every run starts empty.
-async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), ClientError> {
+async fn fresh_topic(
+    client: &Client,
+    topic: &str,
+    fsync: &str,
+    segments: u32,
+) -> Result<(), ClientError> {
+    fresh_topic_with(client, topic, fsync, "delete", 64 * 1024 * 1024, segments).await
+}
+
+async fn fresh_topic_with(
+    client: &Client,
+    topic: &str,
+    fsync: &str,
+    cleanup: &str,
+    segment_bytes: u64,
+    segments: u32,
+) -> Result<(), ClientError> {
     match client.delete_topic(topic).await {
         Ok(()) => {}
         Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {}
@@ -95,9 +146,10 @@ async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), Cl
         .create_topic(CreateTopicRequest {
             name: topic.to_owned(),
             partitions: Some(1),
-            segment_bytes: Some(64 * 1024 * 1024),
-            segments: Some(8),
+            segment_bytes: Some(segment_bytes),
+            segments: Some(segments),
             fsync: Some(fsync.to_owned()),
+            cleanup: (cleanup != "delete").then(|| cleanup.to_owned()),
             ..CreateTopicRequest::default()
         })
         .await?;
@@ -106,12 +158,14 @@ async fn fresh_topic(client: &Client, topic: &str, fsync: &str) -> Result<(), Cl
 
 async fn bench_producer(
     addr: &str,
+    client: &ClientConfig,
     idempotent: bool,
     in_flight: usize,
 ) -> Result<Producer, ClientError> {
     Producer::connect(
         addr,
         ProducerConfig {
+            client: client.clone(),
             // No linger: with a bounded number of records in flight, a
             // batch fills while the previous one is being made durable.
             linger: Duration::ZERO,
@@ -149,17 +203,33 @@ impl Schedule {
 #[allow(clippy::too_many_arguments)]
 async fn produce_one(
     addr: String,
+    client: ClientConfig,
     topic: Arc<str>,
     messages: u64,
     size: usize,
     window: Window,
     schedule: Option<Schedule>,
     idempotent: bool,
+    keys: Option<u64>,
     done: Arc<AtomicU64>,
 ) -> Result<Histogram<u64>, ClientError> {
-    let producer = bench_producer(&addr, idempotent, window.in_flight).await?;
+    let producer = bench_producer(&addr, &client, idempotent, window.in_flight).await?;
     let unacked = window.in_flight + window.queued;
-    produce_with(&producer, &topic, messages, size, unacked, schedule, &done).await
+    let load = Load {
+        messages,
+        size,
+        keys,
+    };
+    produce_with(&producer, &topic, load, unacked, schedule, &done).await
+}
+
+/// What one producer sends: `messages` records of `size` bytes, keyed
+/// `k<i mod keys>` when `keys` is set.
+#[derive(Clone, Copy)]
+struct Load {
+    messages: u64,
+    size: usize,
+    keys: Option<u64>,
 }
 
 /// Workload P's loop on one producer: `messages` records, at most
@@ -174,13 +244,18 @@ async fn produce_one(
 async fn produce_with(
     producer: &Producer,
     topic: &str,
-    messages: u64,
-    size: usize,
+    load: Load,
     unacked: usize,
     schedule: Option<Schedule>,
     done: &AtomicU64,
 ) -> Result<Histogram<u64>, ClientError> {
+    let Load {
+        messages,
+        size,
+        keys,
+    } = load;
     let value = vec![b'x'; size];
+    let mut key = Vec::with_capacity(24);
     let mut hist = LatencyRuns::new();
     let mut pending = VecDeque::with_capacity(unacked);
     // Latency is ack time (from the batch's answer: one clock read per
@@ -225,7 +300,15 @@ async fn produce_with(
                 since_clock = 0;
             }
         }
-        let d = producer.send_wait(topic, None, &value, &[]).await?;
+        let d = match keys {
+            Some(n) => {
+                use std::io::Write;
+                key.clear();
+                let _ = write!(key, "k{}", i % n);
+                producer.send_wait(topic, Some(&key), &value, &[]).await?
+            }
+            None => producer.send_wait(topic, None, &value, &[]).await?,
+        };
         pending.push_back((sent_at, d));
     }
     producer.flush().await;
@@ -238,11 +321,33 @@ async fn produce_with(
 }
 
 pub fn produce(a: BenchProduceArgs) -> ExitCode {
+    if let Err(code) = super::commands::check_broker(&a.broker.broker) {
+        return code;
+    }
+    if let Err(e) = a.fsync.parse::<crate::storage::Durability>() {
+        let why = match e {
+            crate::storage::StorageError::InvalidConfig(why) => why.to_string(),
+            e => e.to_string(),
+        };
+        return fail(EXIT_USAGE, format!("--fsync {}: {why}", a.fsync));
+    }
     if a.producers == 0 || a.size == 0 || a.in_flight == 0 {
         return fail(
             EXIT_USAGE,
             "--producers, --size and --in-flight must be at least 1",
         );
+    }
+    if a.cleanup != "delete" && a.keys.is_none_or(|k| k == 0) {
+        return fail(EXIT_USAGE, "--cleanup compact needs --keys (at least 1)");
+    }
+    if let Some(rounds) = a.compare_compaction {
+        if a.rate.is_some() || rounds == 0 {
+            return fail(
+                EXIT_USAGE,
+                "--compare-compaction needs at least 1 round, and no --rate",
+            );
+        }
+        return compare_compaction(&a, rounds);
     }
     if let Some(rounds) = a.compare_idempotence {
         if a.rate.is_some() {
@@ -253,6 +358,15 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         return compare_idempotence(&a, rounds);
     }
+    if let Some(tls_addr) = &a.compare_tls {
+        if a.rate.is_some() || a.rounds == 0 {
+            return fail(
+                EXIT_USAGE,
+                "--compare-tls needs --rounds of at least 1, and no --rate",
+            );
+        }
+        return compare_tls(&a, tls_addr);
+    }
     if a.rate.is_some_and(|r| r < u64::from(a.producers)) {
         return fail(
             EXIT_USAGE,
@@ -261,9 +375,19 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
     }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
+    let client_config = a.broker.client_config();
     let result = smol::block_on(async {
-        let client = Client::connect(&a.broker.broker).await?;
-        fresh_topic(&client, &a.topic, &a.fsync).await?;
+        let client = Client::connect_with(&a.broker.broker, client_config.clone()).await?;
+        fresh_topic_with(
+            &client,
+            &a.topic,
+            &a.fsync,
+            &a.cleanup,
+            64 * 1024 * 1024,
+            a.segments,
+        )
+        .await?;
+        let cpu_before = a.broker_pid.and_then(process_cpu);
         let start = Instant::now();
         let schedule = a.rate.map(|rate| Schedule {
             start,
@@ -286,6 +410,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     };
                 smol::spawn(produce_one(
                     a.broker.broker.clone(),
+                    client_config.clone(),
                     topic.clone(),
                     n,
                     a.size,
@@ -295,6 +420,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     },
                     schedule,
                     a.idempotent,
+                    a.keys,
                     done.clone(),
                 ))
             })
@@ -310,14 +436,18 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             }
         }
         let elapsed = start.elapsed();
+        let cpu_after = a.broker_pid.and_then(process_cpu);
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
+        let dropped = drop_topic(&client, &a.topic, a.keep).await;
         if let Some(e) = first_err {
             return Err(e);
         }
-        Ok((elapsed, hist))
+        dropped?;
+        let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
+        Ok((elapsed, hist, cpu))
     });
-    let (elapsed, hist) = match result {
+    let (elapsed, hist, cpu) = match result {
         Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
@@ -331,6 +461,8 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         "queued": a.queued(),
         "idempotent": a.idempotent,
         "fsync": a.fsync,
+        "keys": a.keys,
+        "cleanup": a.cleanup,
         "elapsed_s": secs,
         "msgs_per_s": a.messages as f64 / secs,
         "mb_per_s": (a.messages as f64 * a.size as f64) / secs / 1e6,
@@ -345,6 +477,145 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         // The latencies above count from each record's due time.
         line["rate"] = rate.into();
     }
+    add_broker_cpu(&mut line, cpu, a.messages);
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+/// The messages in 2 x `rounds` slices alternating between two producers,
+/// ABBA (so neither always goes first); each producer's records per
+/// second over its own time.
+async fn abba(
+    a: &BenchProduceArgs,
+    rounds: u32,
+    producers: [&Producer; 2],
+    done: &AtomicU64,
+) -> Result<[f64; 2], ClientError> {
+    let slice = a.messages / (2 * u64::from(rounds));
+    // [records, seconds] per producer.
+    let mut totals = [[0f64; 2]; 2];
+    for r in 0..2 * rounds {
+        let mode = if matches!(r % 4, 0 | 3) { 0 } else { 1 };
+        let t = Instant::now();
+        let load = Load {
+            messages: slice,
+            size: a.size,
+            keys: a.keys,
+        };
+        produce_with(
+            producers[mode],
+            &a.topic,
+            load,
+            a.in_flight as usize + a.queued() as usize,
+            None,
+            done,
+        )
+        .await?;
+        totals[mode][0] += slice as f64;
+        totals[mode][1] += t.elapsed().as_secs_f64();
+    }
+    Ok(totals.map(|[records, secs]| records / secs.max(1e-9)))
+}
+
+/// `--compare-compaction ROUNDS`: what a running compaction costs a
+/// producer, as ratios measured in one run. 2 x ROUNDS slices, ABBA; before
+/// each, a second topic (4 MiB x 16 segments) gets `--fill-bytes` of
+/// records under 100 keys, unmeasured. In "on" slices that topic is
+/// compacted (the cleaner starts when its ring is half used; `topics
+/// compact` starts it now, at the broker's `compaction.max_bytes_per_sec`)
+/// and the measured producer writes a fresh plain topic while the cleaner
+/// works; in "off" slices the same fill goes to a plain topic, so the fill
+/// costs both modes the same and only the cleaner differs. After each
+/// "on" slice the bench waits for the cleaner and reports how long it was
+/// still busy: above zero, it ran through the whole slice.
+fn compare_compaction(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
+    const FILL_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+    let done = AtomicU64::new(0);
+    let config = a.broker.client_config();
+    let fill_topic = format!("{}-fill", a.topic);
+    let slice = a.messages / (2 * u64::from(rounds));
+    let fill = Load {
+        messages: (a.fill_bytes / (a.size as u64 + 16)).max(1),
+        size: a.size,
+        keys: Some(100),
+    };
+    let fill_segments = (a.fill_bytes.div_ceil(FILL_SEGMENT_BYTES) + 4).clamp(4, 4096) as u32;
+    let unacked = a.in_flight as usize + a.queued() as usize;
+    let result = smol::block_on(async {
+        let client = Client::connect_with(&a.broker.broker, config.clone()).await?;
+        let producer = bench_producer(
+            &a.broker.broker,
+            &config,
+            a.idempotent,
+            a.in_flight as usize,
+        )
+        .await?;
+        // Per mode (0 = compaction running, 1 = none): records, seconds,
+        // latencies; and the cleaner's time left after "on" slices.
+        let mut totals = [(0u64, 0f64), (0u64, 0f64)];
+        let mut hists = [histogram(), histogram()];
+        let mut busy_after = Vec::new();
+        for r in 0..2 * rounds {
+            let mode = if matches!(r % 4, 0 | 3) { 0 } else { 1 };
+            let cleanup = if mode == 0 { "compact" } else { "delete" };
+            fresh_topic_with(
+                &client,
+                &fill_topic,
+                &a.fsync,
+                cleanup,
+                FILL_SEGMENT_BYTES,
+                fill_segments,
+            )
+            .await?;
+            produce_with(&producer, &fill_topic, fill, unacked, None, &done).await?;
+            if mode == 0 {
+                client.compact_topic(&fill_topic, false).await?;
+            }
+            fresh_topic(&client, &a.topic, &a.fsync, a.segments).await?;
+            let load = Load {
+                messages: slice,
+                size: a.size,
+                keys: a.keys,
+            };
+            let t = Instant::now();
+            let h = produce_with(&producer, &a.topic, load, unacked, None, &done).await?;
+            totals[mode].0 += slice;
+            totals[mode].1 += t.elapsed().as_secs_f64();
+            hists[mode].add(&h).expect("same histogram bounds");
+            if mode == 0 {
+                let t = Instant::now();
+                client.compact_topic(&fill_topic, true).await?;
+                busy_after.push(t.elapsed().as_secs_f64());
+            }
+            client.delete_topic(&fill_topic).await?;
+        }
+        drop_topic(&client, &a.topic, a.keep).await?;
+        Ok::<_, ClientError>((totals, hists, busy_after))
+    });
+    let (totals, hists, busy_after) = match result {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
+    };
+    let rate = |m: usize| totals[m].0 as f64 / totals[m].1.max(1e-9);
+    let p99 = |m: usize| hists[m].value_at_quantile(0.99);
+    let line = serde_json::json!({
+        "workload": "produce_during_compaction_ab",
+        "messages": a.messages,
+        "size_bytes": a.size,
+        "keys": a.keys,
+        "in_flight": a.in_flight,
+        "queued": a.queued(),
+        "fsync": a.fsync,
+        "rounds": rounds,
+        "fill_bytes": a.fill_bytes,
+        "compacting_msgs_per_s": rate(0),
+        "plain_msgs_per_s": rate(1),
+        "compacting_over_plain": rate(0) / rate(1),
+        "compacting_p99_us": p99(0),
+        "plain_p99_us": p99(1),
+        "p99_compacting_over_plain": p99(0) as f64 / (p99(1) as f64).max(1.0),
+        "cleaner_busy_after_slice_s": busy_after,
+    });
     println!("{line}");
     ExitCode::SUCCESS
 }
@@ -361,39 +632,22 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
         );
     }
     let done = AtomicU64::new(0);
+    let config = a.broker.client_config();
     let result = smol::block_on(async {
-        let client = Client::connect(&a.broker.broker).await?;
-        fresh_topic(&client, &a.topic, &a.fsync).await?;
+        let client = Client::connect_with(&a.broker.broker, config.clone()).await?;
+        fresh_topic(&client, &a.topic, &a.fsync, a.segments).await?;
         let in_flight = a.in_flight as usize;
-        let on = bench_producer(&a.broker.broker, true, in_flight).await?;
-        let off = bench_producer(&a.broker.broker, false, in_flight).await?;
-        let slice = a.messages / (2 * u64::from(rounds));
-        // [records, seconds] per mode: 0 = idempotent, 1 = plain.
-        let mut totals = [[0f64; 2]; 2];
-        for r in 0..2 * rounds {
-            let idempotent = matches!(r % 4, 0 | 3);
-            let (producer, mode) = if idempotent { (&on, 0) } else { (&off, 1) };
-            let t = Instant::now();
-            produce_with(
-                producer,
-                &a.topic,
-                slice,
-                a.size,
-                in_flight + a.queued() as usize,
-                None,
-                &done,
-            )
-            .await?;
-            totals[mode][0] += slice as f64;
-            totals[mode][1] += t.elapsed().as_secs_f64();
-        }
-        Ok::<_, ClientError>(totals)
+        let on = bench_producer(&a.broker.broker, &config, true, in_flight).await?;
+        let off = bench_producer(&a.broker.broker, &config, false, in_flight).await?;
+        // Rates: 0 = idempotent, 1 = plain.
+        let rates = abba(a, rounds, [&on, &off], &done).await?;
+        drop_topic(&client, &a.topic, a.keep).await?;
+        Ok::<_, ClientError>(rates)
     });
-    let totals = match result {
-        Ok(t) => t,
+    let rate = match result {
+        Ok(r) => move |m: usize| r[m],
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
-    let rate = |m: usize| totals[m][0] / totals[m][1].max(1e-9);
     let line = serde_json::json!({
         "workload": "produce_idempotence_ab",
         "messages": a.messages,
@@ -410,13 +664,183 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `--compare-tls TLS_ADDRESS`: what TLS costs, as a ratio measured in one
+/// run. 2 x --rounds slices alternate between a plaintext producer on
+/// --broker and a TLS producer on TLS_ADDRESS, ABBA, as
+/// `--compare-idempotence` does; both are idempotent, on one topic.
+fn compare_tls(a: &BenchProduceArgs, tls_addr: &str) -> ExitCode {
+    if let Err(code) = super::commands::check_broker(tls_addr) {
+        return code;
+    }
+    let rounds = a.rounds;
+    if a.messages < 2 * u64::from(rounds) {
+        return fail(EXIT_USAGE, "--compare-tls needs 2 messages per round");
+    }
+    let tls = a.broker.client_config();
+    if tls.tls.is_none() {
+        return fail(
+            EXIT_USAGE,
+            "--compare-tls needs the --tls-* options of the TLS listener (at least --tls-ca)",
+        );
+    }
+    let plain = ClientConfig::default();
+    let done = AtomicU64::new(0);
+    let result = smol::block_on(async {
+        let client = Client::connect_with(&a.broker.broker, plain.clone()).await?;
+        fresh_topic(&client, &a.topic, &a.fsync, a.segments).await?;
+        let in_flight = a.in_flight as usize;
+        let over_plain = bench_producer(&a.broker.broker, &plain, a.idempotent, in_flight).await?;
+        let over_tls = bench_producer(tls_addr, &tls, a.idempotent, in_flight).await?;
+        // Rates: 0 = TLS, 1 = plaintext.
+        let rates = abba(a, rounds, [&over_tls, &over_plain], &done).await?;
+        drop_topic(&client, &a.topic, a.keep).await?;
+        Ok::<_, ClientError>(rates)
+    });
+    let rate = match result {
+        Ok(r) => move |m: usize| r[m],
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
+    };
+    let line = serde_json::json!({
+        "workload": "produce_tls_ab",
+        "messages": a.messages,
+        "size_bytes": a.size,
+        "in_flight": a.in_flight,
+        "queued": a.queued(),
+        "idempotent": a.idempotent,
+        "fsync": a.fsync,
+        "rounds": rounds,
+        "tls_msgs_per_s": rate(0),
+        "plain_msgs_per_s": rate(1),
+        "tls_over_plain": rate(0) / rate(1),
+    });
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+/// `skiff bench handshake`: TLS handshakes per second against a TLS
+/// listener, full (no session to resume) and resumed (one client config,
+/// whose session cache the first handshake fills), each a TCP connect, a
+/// handshake and skiff's hello, one at a time. Then, with --hold, that many connections
+/// with hello done, held open so the broker's memory per connection can
+/// be read (scripts/bench-tls does).
+pub fn handshake(a: BenchHandshakeArgs) -> ExitCode {
+    use crate::client::tls::TlsClient;
+    let Some(options) = a.broker.tls() else {
+        return fail(EXIT_USAGE, "bench handshake needs the --tls-* options");
+    };
+    let addr = a.broker.broker.clone();
+    let tls = match TlsClient::new(&options) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_USAGE, format!("bench handshake: {e}")),
+    };
+    let name = match tls.server_name_for(&addr) {
+        Ok(n) => n,
+        Err(e) => return fail(EXIT_USAGE, format!("bench handshake: {e}")),
+    };
+    let mut no_resume = (*tls.config).clone();
+    no_resume.resumption = rustls::client::Resumption::disabled();
+    let full = std::sync::Arc::new(no_resume);
+    let resumed = tls.config.clone();
+    let run = |config: std::sync::Arc<rustls::ClientConfig>| {
+        let (addr, name) = (addr.clone(), name.clone());
+        smol::block_on(async move {
+            let connector = futures_rustls::TlsConnector::from(config);
+            // Each: connect, handshake, and skiff's hello, whose answer
+            // also brings the session tickets a client resumes with.
+            let one = || async {
+                let s = smol::net::TcpStream::connect(addr.as_str()).await?;
+                s.set_nodelay(true)?;
+                let mut t = connector.connect(name.clone(), s).await?;
+                hello_over(&mut t).await?;
+                Ok::<_, std::io::Error>(
+                    t.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                )
+            };
+            // One to warm up (and fill the session cache).
+            one().await?;
+            let mut resumed = 0u32;
+            let start = Instant::now();
+            for _ in 0..a.count {
+                resumed += u32::from(one().await?);
+            }
+            Ok::<_, std::io::Error>((start.elapsed(), resumed))
+        })
+    };
+    let (full_t, _) = match run(full) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench handshake: {e}")),
+    };
+    let (resumed_t, resumed_n) = match run(resumed) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_RUNTIME, format!("bench handshake: {e}")),
+    };
+    let mut line = serde_json::json!({
+        "workload": "tls_handshake",
+        "count": a.count,
+        "full_per_s": f64::from(a.count) / full_t.as_secs_f64().max(1e-9),
+        "resumed_per_s": f64::from(a.count) / resumed_t.as_secs_f64().max(1e-9),
+        "resumed": resumed_n,
+    });
+    if a.hold > 0 {
+        let config = a.broker.client_config();
+        let held = smol::block_on(async {
+            let mut clients = Vec::with_capacity(a.hold as usize);
+            for _ in 0..a.hold {
+                let c = Client::connect_with(&addr, config.clone()).await?;
+                clients.push(c);
+            }
+            eprintln!("holding {} connections for {} ms", a.hold, a.hold_ms);
+            smol::Timer::after(Duration::from_millis(a.hold_ms)).await;
+            Ok::<_, ClientError>(clients.len())
+        });
+        match held {
+            Ok(n) => line["held"] = n.into(),
+            Err(e) => return fail(EXIT_RUNTIME, format!("bench handshake --hold: {e}")),
+        }
+    }
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+/// Sends skiff's hello and reads its answer (a hello answer is small: one
+/// read of its header and body).
+async fn hello_over<S>(s: &mut S) -> std::io::Result<()>
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+{
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut frame = Vec::new();
+    let hello = crate::protocol::Request {
+        correlation_id: 1,
+        body: crate::protocol::RequestBody::Hello(crate::protocol::HelloRequest {
+            version_min: crate::protocol::PROTOCOL_VERSION_MIN,
+            version_max: crate::protocol::PROTOCOL_VERSION_MAX,
+            client_name: None,
+        }),
+    };
+    crate::protocol::encode_request(&hello, &mut frame).map_err(std::io::Error::other)?;
+    s.write_all(&frame).await?;
+    s.flush().await?;
+    let mut prefix = [0u8; crate::protocol::FRAME_HEADER_BYTES];
+    s.read_exact(&mut prefix).await?;
+    crate::protocol::frame_len(&prefix, crate::protocol::HELLO_FRAME_BYTES_MAX)
+        .map_err(std::io::Error::other)?;
+    let mut body = vec![0; crate::protocol::body_len(prefix) as usize];
+    s.read_exact(&mut body).await?;
+    Ok(())
+}
+
 pub fn consume(a: BenchConsumeArgs) -> ExitCode {
+    if let Err(code) = super::commands::check_broker(&a.broker.broker) {
+        return code;
+    }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let result = smol::block_on(async {
         let config = ConsumerConfig {
             max_wait: Duration::from_millis(100),
             offset_reset: OffsetReset::Fail,
+            client: a.broker.client_config(),
             ..ConsumerConfig::default()
         };
         let mut consumer = Consumer::connect(&a.broker.broker, config).await?;
@@ -429,6 +853,7 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
             .sum();
         let target = a.messages.unwrap_or(end).min(end);
         consumer.assign(&a.topic, None, StartFrom::Earliest).await?;
+        let cpu_before = a.broker_pid.and_then(process_cpu);
         let start = Instant::now();
         let progress_thread = {
             let (done, stop) = (done.clone(), stop.clone());
@@ -443,16 +868,27 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
             done.store(records, Ordering::Relaxed);
         }
         let elapsed = start.elapsed();
+        let cpu = cpu_before
+            .zip(a.broker_pid.and_then(process_cpu))
+            .map(|(b, a)| a.saturating_sub(b));
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
-        Ok::<_, ClientError>((records, bytes, elapsed))
+        Ok::<_, ClientError>((records, bytes, elapsed, cpu))
     });
-    let (records, bytes, elapsed) = match result {
+    let (records, bytes, elapsed, cpu) = match result {
         Ok(r) => r,
+        Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+            return fail(
+                EXIT_RUNTIME,
+                format!(
+                    "bench consume: {e} (run `skiff bench produce --keep` first: without --keep it deletes its topic)"
+                ),
+            )
+        }
         Err(e) => return fail(EXIT_RUNTIME, format!("bench consume: {e}")),
     };
     let secs = elapsed.as_secs_f64().max(1e-9);
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "workload": "consume",
         "messages": records,
         "payload_bytes": bytes,
@@ -460,12 +896,13 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
         "msgs_per_s": records as f64 / secs,
         "mb_per_s": bytes as f64 / secs / 1e6,
     });
+    add_broker_cpu(&mut line, cpu, records);
     println!("{line}");
     ExitCode::SUCCESS
 }
 
-/// `skiff bench disk`: the raw bandwidth BENCHMARKING.md puts beside every
-/// produce figure, measured where the data lives.
+/// `skiff bench disk`: the raw bandwidth docs/performance.md puts beside
+/// every produce figure, measured where the data lives.
 pub fn disk(a: BenchDiskArgs) -> ExitCode {
     use crate::storage::io::raw_bandwidth::{self, Prepare, WRITE_BYTES, WRITE_DEPTH};
     if a.bytes < WRITE_BYTES as u64 {
@@ -508,7 +945,7 @@ pub fn disk(a: BenchDiskArgs) -> ExitCode {
 }
 
 /// `skiff bench loopback`: what one TCP connection over 127.0.0.1 carries,
-/// the limit BENCHMARKING.md puts beside replay figures. A thread writes
+/// the limit docs/performance.md puts beside replay figures. A thread writes
 /// 1 MiB chunks, this one reads them into a 1 MiB buffer, as a consumer
 /// reads fetch answers.
 pub fn loopback(a: BenchLoopbackArgs) -> ExitCode {

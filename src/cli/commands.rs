@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::client::{
-    Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset, Producer,
-    ProducerConfig, StartFrom,
+    Address, Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset,
+    Producer, ProducerConfig, StartFrom,
 };
-use crate::protocol::{CreateTopicRequest, ErrorCode, TopicConfig};
+use crate::config::human;
+use crate::protocol::{CreateTopicRequest, ErrorCode, OffsetSpec, TopicConfig};
 
 use super::args::*;
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
@@ -20,9 +21,38 @@ use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 /// bounds memory for an endless stdin while keeping the pipe full.
 const PRODUCE_PENDING_MAX: usize = 10_000;
 
-fn connect(addr: &str) -> Result<Client, ExitCode> {
-    smol::block_on(Client::connect(addr))
-        .map_err(|e| fail(EXIT_RUNTIME, format!("cannot connect to {addr}: {e}")))
+/// Checks a `--broker` address before anything is sent: a malformed one is
+/// a usage error, not a broker that cannot be reached.
+pub(super) fn check_broker(addr: &str) -> Result<(), ExitCode> {
+    Address::parse(addr).map(|_| ()).map_err(|_| {
+        fail(
+            EXIT_USAGE,
+            format!(
+                "--broker {addr:?} is not an address: use HOST:PORT, or the path of a Unix socket (with a '/' or ending in .sock)"
+            ),
+        )
+    })
+}
+
+pub(super) fn connect(broker: &BrokerArg) -> Result<Client, ExitCode> {
+    let addr = &broker.broker;
+    check_broker(addr)?;
+    smol::block_on(Client::connect_with(addr, broker.client_config()))
+        .map_err(|e| fail(exit_code_for(&e), format!("cannot connect to {addr}: {e}")))
+}
+
+/// The disk a topic's rings reserve: allocated when it is created, never
+/// more, given back when it is deleted.
+fn disk_reserved(c: &TopicConfig) -> String {
+    let ring = c.segment_bytes.saturating_mul(u64::from(c.segments));
+    let total = ring.saturating_mul(u64::from(c.partitions));
+    format!(
+        "{} ({} partition(s) x {} segments x {})",
+        human(total),
+        c.partitions,
+        c.segments,
+        human(c.segment_bytes)
+    )
 }
 
 fn print_config(c: &TopicConfig) {
@@ -39,14 +69,76 @@ fn print_config(c: &TopicConfig) {
     if let Some(n) = c.msg_id_window_records {
         println!("msg_id_window_records: {n}");
     }
+    if let Some(p) = c.cleanup.as_deref().filter(|&p| p != "delete") {
+        println!("cleanup: {p}");
+    }
+    if let Some(ms) = c.tombstone_retention_ms {
+        println!("tombstone_retention_ms: {ms}");
+    }
+    println!("disk_reserved: {}", disk_reserved(c));
+}
+
+/// `topics describe --format json`: the config and each partition's ring.
+fn describe_json(c: &TopicConfig, parts: &[crate::protocol::PartitionDetail]) -> serde_json::Value {
+    let partitions: Vec<serde_json::Value> = parts
+        .iter()
+        .map(|p| {
+            let error = (!p.error.is_none()).then(|| p.error.name());
+            let next = p.next_retention_at_ms.map(|at| {
+                serde_json::json!({
+                    "at_ms": at,
+                    "offsets": p.next_retention_offsets,
+                    "bytes": p.next_retention_bytes,
+                })
+            });
+            serde_json::json!({
+                "partition": p.partition,
+                "error": error,
+                "log_start": p.log_start,
+                "log_end": p.log_end,
+                "bytes": p.bytes,
+                "segments_used": p.segments_used,
+                "segments": p.segments,
+                "oldest_offset": (p.log_start < p.log_end).then_some(p.log_start),
+                "oldest_timestamp": p.oldest_timestamp,
+                "oldest_segment_max_timestamp": p.oldest_segment_max_timestamp,
+                "next_retention": next,
+                "damaged": p.damaged.iter().flatten().map(|d| serde_json::json!({
+                    "from_offset": d.from_offset,
+                    "to_offset": d.to_offset,
+                    "bytes": d.bytes,
+                    "slot": d.slot,
+                    "position": d.position,
+                    "found_ms": d.found_ms,
+                    "found": d.found,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "topic": c.name,
+        "partitions_count": c.partitions,
+        "segment_bytes": c.segment_bytes,
+        "segments": c.segments,
+        "retention_ms": c.retention_ms,
+        "fsync": c.fsync,
+        "overflow": c.overflow,
+        "cleanup": c.cleanup.as_deref().unwrap_or("delete"),
+        "tombstone_retention_ms": c.tombstone_retention_ms,
+        "msg_id_window_ms": c.msg_id_window_ms,
+        "msg_id_window_records": c.msg_id_window_records,
+        "partitions": partitions,
+    })
 }
 
 pub fn topics(command: TopicsCommand) -> ExitCode {
     let broker = match &command {
         TopicsCommand::Create { broker, .. }
-        | TopicsCommand::List { broker }
+        | TopicsCommand::List { broker, .. }
         | TopicsCommand::Describe { broker, .. }
-        | TopicsCommand::Delete { broker, .. } => broker.broker.clone(),
+        | TopicsCommand::Compact { broker, .. }
+        | TopicsCommand::Alter { broker, .. }
+        | TopicsCommand::Delete { broker, .. } => broker.clone(),
     };
     let client = match connect(&broker) {
         Ok(c) => c,
@@ -64,6 +156,8 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                 overflow,
                 msg_id_window_ms,
                 msg_id_window_records,
+                cleanup,
+                tombstone_retention_ms,
                 ..
             } => {
                 let config = client
@@ -77,22 +171,110 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         overflow,
                         msg_id_window_ms,
                         msg_id_window_records,
+                        cleanup,
+                        tombstone_retention_ms,
                     })
                     .await?;
                 print_config(&config);
+            }
+            TopicsCommand::List {
+                format: OutputFormat::Json,
+                ..
+            } => {
+                let r = client.list_topics_full().await?;
+                let free = r
+                    .disk_budget_bytes
+                    .zip(r.disk_reserved_bytes)
+                    .map(|(b, u)| b.saturating_sub(u));
+                let json = serde_json::json!({
+                    "topics": r.topics,
+                    "disk_budget_bytes": r.disk_budget_bytes,
+                    "disk_reserved_bytes": r.disk_reserved_bytes,
+                    "disk_free_bytes": free,
+                });
+                println!("{json}");
             }
             TopicsCommand::List { .. } => {
                 for t in client.list_topics().await? {
                     println!("{t}");
                 }
             }
+            TopicsCommand::Describe {
+                name,
+                format: OutputFormat::Json,
+                ..
+            } => {
+                let d = client.describe_topic(&name).await?;
+                let parts = client.describe_partitions(&name).await?;
+                println!("{}", describe_json(&d.config, &parts));
+            }
             TopicsCommand::Describe { name, .. } => {
                 let d = client.describe_topic(&name).await?;
+                let details = client.describe_partitions(&name).await?;
                 print_config(&d.config);
                 for p in d.partitions {
                     println!(
                         "partition {}: earliest {} latest {}",
                         p.partition, p.earliest_offset, p.latest_offset
+                    );
+                    let damaged = details
+                        .iter()
+                        .filter(|x| x.partition == p.partition)
+                        .flat_map(|x| x.damaged.iter().flatten());
+                    for g in damaged {
+                        println!(
+                            "  damaged: offsets {}..{} lost ({} bytes at segment slot {} \
+                             position {}: {}), found at {} ms",
+                            g.from_offset,
+                            g.to_offset,
+                            g.bytes,
+                            g.slot,
+                            g.position,
+                            g.found,
+                            g.found_ms
+                        );
+                    }
+                }
+            }
+            TopicsCommand::Alter {
+                name,
+                retention_ms,
+                fsync,
+                cleanup,
+                tombstone_retention_ms,
+                segments,
+                ..
+            } => {
+                let config = client
+                    .alter_topic(crate::protocol::AlterTopicRequest {
+                        name,
+                        retention_ms,
+                        fsync,
+                        cleanup,
+                        tombstone_retention_ms,
+                        segments,
+                    })
+                    .await?;
+                print_config(&config);
+            }
+            TopicsCommand::Compact { name, wait, .. } => {
+                let parts = client.compact_topic(&name, wait).await?;
+                if !wait {
+                    println!("compaction of {name} started");
+                }
+                for p in parts {
+                    if !p.error.is_none() {
+                        println!("partition {}: {}", p.partition, p.error);
+                        continue;
+                    }
+                    println!(
+                        "partition {}: {} segment(s) merged, {} freed, {} -> {} bytes, {} record(s) removed",
+                        p.partition,
+                        p.segments_merged,
+                        p.segments_freed,
+                        p.bytes_before,
+                        p.bytes_after,
+                        p.records_removed
                     );
                 }
             }
@@ -106,34 +288,81 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
     }
 }
 
-/// Requests the server refused as malformed are usage errors; the rest are
+/// Requests the server refused as malformed, and TLS options that cannot
+/// be used, are usage errors; the rest (`not_authorized` included) are
 /// runtime errors.
-fn exit_code_for(e: &ClientError) -> u8 {
-    match e.code() {
-        Some(ErrorCode::InvalidRequest) => EXIT_USAGE,
-        _ => EXIT_RUNTIME,
+pub(super) fn exit_code_for(e: &ClientError) -> u8 {
+    match e {
+        ClientError::TlsConfig(_) => EXIT_USAGE,
+        _ => match e.code() {
+            Some(ErrorCode::InvalidRequest) => EXIT_USAGE,
+            _ => EXIT_RUNTIME,
+        },
+    }
+}
+
+/// Reports connection retries on stderr, at most one line a second.
+struct RetryNotice<'a> {
+    addr: &'a str,
+    quiet: bool,
+    last: Option<Instant>,
+    retried: bool,
+}
+
+impl RetryNotice<'_> {
+    fn retry(&mut self, e: &ClientError, left: Duration) {
+        self.retried = true;
+        if self.quiet
+            || self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        eprintln!(
+            "skiff: cannot connect to {} ({e}); retrying for {} s more",
+            self.addr,
+            left.as_secs_f64().ceil()
+        );
     }
 }
 
 pub fn produce(args: ProduceArgs) -> ExitCode {
-    // Connect first so that a broker that is not there is reported with its
-    // address, as for the other commands.
-    let client = match connect(&args.broker.broker) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    if let Err(code) = check_broker(&args.broker.broker) {
+        return code;
+    }
+    let addr = args.broker.broker.as_str();
+    let retry_timeout = Duration::from_millis(args.retry_timeout_ms);
     let result = smol::block_on(async {
         // Idempotent (the default), so retries through a cut connection or
-        // a broker restart write every record exactly once; the delivery
-        // timeout (2 minutes) bounds how long it keeps trying.
-        let producer = Producer::new(
-            client,
+        // a broker restart write every record exactly once. The same
+        // deadline bounds connecting (the broker may still be starting)
+        // and each record's delivery.
+        let mut notice = RetryNotice {
+            addr,
+            quiet: args.quiet,
+            last: None,
+            retried: false,
+        };
+        let producer = Producer::connect_retrying(
+            addr,
             ProducerConfig {
                 producer_name: args.idempotent_name.clone(),
+                delivery_timeout: retry_timeout,
+                client: args.broker.client_config(),
                 ..ProducerConfig::default()
             },
+            |e, left| notice.retry(e, left),
         )
-        .await?;
+        .await
+        .map_err(|e| ProduceFail::Connect {
+            error: e,
+            retried: notice.retried,
+        })?;
+        if notice.retried && !args.quiet {
+            eprintln!("skiff: connected to {addr}");
+        }
         let key = args.key.as_deref().map(str::as_bytes);
         let mut pending: VecDeque<Delivery> = VecDeque::new();
         let mut sent = 0u64;
@@ -159,7 +388,10 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
             }
             Ok(())
         }
-        if args.values.is_empty() {
+        if args.tombstone {
+            let key = key.expect("clap requires --key with --tombstone");
+            pending.push_back(producer.send_tombstone(&args.topic, args.partition, key));
+        } else if args.values.is_empty() {
             let stdin = std::io::stdin();
             let mut line = Vec::new();
             let mut lock = stdin.lock();
@@ -188,10 +420,33 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         }
         producer.flush().await;
         settle(&mut pending, 0).await?;
-        Ok::<u64, ProduceFail>(sent)
+        Ok::<u64, ProduceFail>(producer.duplicates_dropped())
     });
     match result {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(duplicates) => {
+            if duplicates > 0 && !args.quiet {
+                eprintln!(
+                    "skiff: {duplicates} record{} dropped as duplicate{} (a message id the topic had seen)",
+                    if duplicates == 1 { "" } else { "s" },
+                    if duplicates == 1 { "" } else { "s" }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ProduceFail::Connect { error, retried }) => {
+            let waited = if retried {
+                format!(
+                    " (gave up after --retry-timeout-ms {})",
+                    args.retry_timeout_ms
+                )
+            } else {
+                String::new()
+            };
+            fail(
+                exit_code_for(&error),
+                format!("cannot connect to {addr}: {error}{waited}"),
+            )
+        }
         Err(ProduceFail::Client(e)) => {
             fail(exit_code_for(&e), format!("produce to {}: {e}", args.topic))
         }
@@ -204,6 +459,11 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
 
 /// Why `skiff produce` stopped.
 enum ProduceFail {
+    /// No producer: the broker could not be reached (in time).
+    Connect {
+        error: ClientError,
+        retried: bool,
+    },
     Client(ClientError),
     /// Record number n (1-based) has no `ID<TAB>` prefix.
     NoMsgId(u64),
@@ -215,7 +475,34 @@ impl From<ClientError> for ProduceFail {
     }
 }
 
-fn parse_from(from: &str) -> Option<StartFrom> {
+/// A partition's last stable offset (`fallback` from a server without
+/// transactions): a fetch that reads nothing.
+pub(super) async fn last_stable_offset(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    fallback: u64,
+) -> Result<u64, ClientError> {
+    let r = client
+        .fetch(crate::protocol::FetchRequest {
+            partitions: vec![crate::protocol::FetchPartition {
+                topic: topic.to_owned(),
+                partition,
+                offset: fallback,
+                max_bytes: 0,
+            }],
+            max_wait_ms: 0,
+            min_bytes: 0,
+            isolation: Some(crate::protocol::Isolation::ReadCommitted),
+        })
+        .await?;
+    Ok(r.partitions
+        .first()
+        .and_then(|p| p.last_stable_offset)
+        .unwrap_or(fallback))
+}
+
+pub(super) fn parse_from(from: &str) -> Option<StartFrom> {
     match from {
         "earliest" => Some(StartFrom::Earliest),
         "latest" => Some(StartFrom::Latest),
@@ -238,7 +525,7 @@ fn json_bytes(b: &[u8]) -> (serde_json::Value, &'static str) {
     }
 }
 
-fn record_json(r: &ConsumerRecord) -> serde_json::Value {
+pub(super) fn record_json(r: &ConsumerRecord) -> serde_json::Value {
     let (key, key_encoding) = match &r.key {
         Some(k) => {
             let (v, e) = json_bytes(k);
@@ -246,7 +533,12 @@ fn record_json(r: &ConsumerRecord) -> serde_json::Value {
         }
         None => (serde_json::Value::Null, serde_json::Value::Null),
     };
-    let (value, value_encoding) = json_bytes(&r.value);
+    let (value, value_encoding) = if r.tombstone {
+        (serde_json::Value::Null, serde_json::Value::Null)
+    } else {
+        let (v, e) = json_bytes(&r.value);
+        (v, serde_json::Value::from(e))
+    };
     let headers: Vec<serde_json::Value> = r
         .headers
         .iter()
@@ -269,24 +561,33 @@ fn record_json(r: &ConsumerRecord) -> serde_json::Value {
 }
 
 pub fn consume(args: ConsumeArgs) -> ExitCode {
-    let Some(from) = parse_from(&args.from) else {
+    if args.share_group.is_some() {
+        return super::share::consume(args);
+    }
+    if args.exec.is_some() {
+        return fail(EXIT_USAGE, "--exec needs --share-group G");
+    }
+    if args.group.is_some() {
+        return super::groups::consume(args);
+    }
+    let from_arg = args.from.as_deref().unwrap_or("earliest");
+    let Some(from) = parse_from(from_arg) else {
         return fail(
             EXIT_USAGE,
-            format!(
-                "--from {}: expected earliest, latest, an offset or @UNIX_MS",
-                args.from
-            ),
+            format!("--from {from_arg}: expected earliest, latest, an offset or @UNIX_MS"),
         );
     };
-    let client = match connect(&args.broker.broker) {
+    let client = match connect(&args.broker) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let stdout = std::io::stdout();
+    use std::io::IsTerminal as _;
     let result = smol::block_on(async {
         let config = ConsumerConfig {
             max_wait: Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500)),
             offset_reset: OffsetReset::Earliest,
+            isolation: args.isolation.wire(),
             ..ConsumerConfig::default()
         };
         let mut consumer = Consumer::new(client, config);
@@ -294,11 +595,40 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         consumer
             .assign(&args.topic, partitions.as_deref(), from)
             .await?;
+        // Without a count or a timeout, a pipe or a file gets the log as it
+        // is now, and the command ends (kcat's -e); a terminal follows it.
+        let to_end = args.count.is_none()
+            && args.timeout_ms.is_none()
+            && !args.follow
+            && !stdout.is_terminal();
+        let mut ends = Vec::new();
+        if to_end {
+            for (_, p, _) in consumer.assignment() {
+                let mut end = consumer
+                    .client()
+                    .offset_for(&args.topic, p, OffsetSpec::Latest)
+                    .await?
+                    .unwrap_or(0);
+                if args.isolation == IsolationArg::ReadCommitted {
+                    // Records past an open transaction are not readable yet:
+                    // the end is the last stable offset.
+                    end =
+                        end.min(last_stable_offset(consumer.client(), &args.topic, p, end).await?);
+                }
+                ends.push((p, end));
+            }
+        }
+        let at_end = |c: &Consumer| {
+            to_end
+                && ends
+                    .iter()
+                    .all(|&(p, end)| c.position(&args.topic, p).is_some_and(|o| o >= end))
+        };
         let mut seen = 0u64;
         let mut last_record = Instant::now();
         let mut out = std::io::BufWriter::new(stdout.lock());
         loop {
-            if args.count.is_some_and(|c| seen >= c) {
+            if args.count.is_some_and(|c| seen >= c) || at_end(&consumer) {
                 break;
             }
             let records = consumer.poll().await?;
@@ -340,11 +670,136 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     }
 }
 
+/// `skiff acl check IDENTITY OPERATION TOPIC`: the decision and the rule
+/// behind it, from the config's `[acl]`, as the broker would decide.
+pub fn acl(command: AclCommand) -> ExitCode {
+    let AclCommand::Check {
+        identity,
+        operation,
+        topic,
+        config,
+    } = command;
+    let cfg = match crate::config::Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let Some(op) = crate::server::acl::Operation::parse(&operation) else {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "{operation:?} is not an operation: {}",
+                crate::config::ACL_OPERATIONS.join(", ")
+            ),
+        );
+    };
+    let decision = crate::server::acl::Acl::from_config(&cfg.acl).decide(&identity, op, &topic);
+    println!("{decision}");
+    if decision.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_RUNTIME)
+    }
+}
+
+pub fn groups(command: GroupsCommand) -> ExitCode {
+    super::groups::groups(command)
+}
+
+pub fn mirror(command: MirrorCommand) -> ExitCode {
+    let broker = match &command {
+        MirrorCommand::Status { broker, .. }
+        | MirrorCommand::Pause { broker, .. }
+        | MirrorCommand::Resume { broker, .. } => broker.clone(),
+    };
+    let client = match connect(&broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result: Result<(), ClientError> = smol::block_on(async {
+        match command {
+            MirrorCommand::Status { format, .. } => {
+                let s = client.mirror_status().await?;
+                print_mirror_status(&s, format);
+            }
+            MirrorCommand::Pause { rule, .. } => client.mirror_pause(&rule, true).await?,
+            MirrorCommand::Resume { rule, .. } => client.mirror_pause(&rule, false).await?,
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_code_for(&e), e),
+    }
+}
+
+fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: OutputFormat) {
+    let link = if s.link_up { "up" } else { "down" };
+    if format == OutputFormat::Json {
+        let rules: Vec<serde_json::Value> = s
+            .rules
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "paused": r.paused,
+                    "partitions": r.partitions,
+                    "backlog_records": r.backlog_records,
+                    "bytes_at_risk": r.bytes_at_risk,
+                    "forwarded_records": r.forwarded_records,
+                    "forwarded_bytes": r.forwarded_bytes,
+                    "dropped_records": r.dropped_records,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "enabled": s.enabled,
+            "link": link,
+            "last_error": s.last_error,
+            "gateway": s.gateway,
+            "upstream": s.upstream,
+            "transactions_committed": s.transactions_committed,
+            "transactions_aborted": s.transactions_aborted,
+            "rules": rules,
+        });
+        println!("{v}");
+        return;
+    }
+    if !s.enabled {
+        println!("mirror: off (no [mirror] upstream configured)");
+        return;
+    }
+    println!("link: {link} ({} as '{}')", s.upstream, s.gateway);
+    if let Some(e) = &s.last_error {
+        println!("last error: {e}");
+    }
+    println!(
+        "transactions: {} committed, {} aborted",
+        s.transactions_committed, s.transactions_aborted
+    );
+    for r in &s.rules {
+        println!(
+            "rule {}{}: {} partition(s), backlog {} record(s) ({} at risk), forwarded {} ({}), dropped {}",
+            r.name,
+            if r.paused { " (paused)" } else { "" },
+            r.partitions,
+            r.backlog_records,
+            human(r.bytes_at_risk),
+            r.forwarded_records,
+            human(r.forwarded_bytes),
+            r.dropped_records
+        );
+    }
+}
+
 pub fn bench(command: BenchCommand) -> ExitCode {
     match command {
         BenchCommand::Produce(a) => super::bench::produce(a),
         BenchCommand::Consume(a) => super::bench::consume(a),
         BenchCommand::Disk(a) => super::bench::disk(a),
         BenchCommand::Loopback(a) => super::bench::loopback(a),
+        BenchCommand::Handshake(a) => super::bench::handshake(a),
+        BenchCommand::Group(a) => super::bench_group::group(a),
+        BenchCommand::Share(a) => super::bench_share::share(a),
+        BenchCommand::Txn(a) => super::txn::bench(a),
     }
 }

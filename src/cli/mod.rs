@@ -4,13 +4,20 @@
 
 mod args;
 mod bench;
+mod bench_group;
+mod bench_share;
 mod commands;
+mod groups;
+mod share;
+mod txn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub use args::*;
-pub use commands::{bench, consume, produce, topics};
+pub use commands::{acl, bench, consume, groups, mirror, produce, topics};
+pub use share::dlq;
+pub use txn::txn;
 
 use crate::config::Config;
 
@@ -44,24 +51,50 @@ pub fn serve(
     profile: Option<String>,
     data_dir: Option<PathBuf>,
     listen: Option<String>,
+    ready_file: Option<PathBuf>,
 ) -> ExitCode {
     let mut cfg = match Config::load_layers(config.as_deref(), profile.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    if let Err(e) = cfg.apply_overrides(data_dir, listen) {
+    if let Err(e) = cfg.apply_overrides(data_dir.clone(), listen.clone()) {
         return fail(EXIT_USAGE, e);
     }
     init_logging(&cfg.log.level);
-    match crate::server::serve(&cfg) {
+    let reload = || {
+        let mut cfg = Config::load_layers(config.as_deref(), profile.as_deref())?;
+        cfg.apply_overrides(data_dir.clone(), listen.clone())?;
+        Ok(cfg)
+    };
+    match crate::server::serve(&cfg, ready_file.as_deref(), &reload) {
         Ok(()) => ExitCode::SUCCESS,
+        // A config error like any other: named by its key, status 2.
+        Err(crate::server::ServeError::Tls(e)) => fail(
+            EXIT_USAGE,
+            format!("{}: {e}", source_name(config.as_deref())),
+        ),
+        Err(e @ crate::server::ServeError::Mirror(_)) => fail(
+            EXIT_USAGE,
+            format!("{}: {e}", source_name(config.as_deref())),
+        ),
         Err(e) => fail(EXIT_RUNTIME, e),
     }
+}
+
+fn source_name(config: Option<&std::path::Path>) -> String {
+    config.map_or_else(
+        || "embedded default config".to_owned(),
+        |p| p.display().to_string(),
+    )
 }
 
 pub fn config_check(file: Option<PathBuf>) -> ExitCode {
     match Config::load(file.as_deref()) {
         Ok(cfg) => {
+            // The TLS files are part of the config: read them as serve would.
+            if let Err(e) = crate::server::tls::TlsSetup::load(&cfg.server.tls) {
+                return fail(EXIT_USAGE, format!("{}: {e}", source_name(file.as_deref())));
+            }
             print!("{}", crate::config::check_report(&cfg));
             ExitCode::SUCCESS
         }

@@ -1,21 +1,20 @@
 //! The memory budget: the worst case a config lets skiff use, as a sum with
 //! one line per user, so an operator sees where every byte goes before the
 //! board runs out of it. Everything sized here is allocated (or bounded) at
-//! start-up from the config; nothing grows beyond it under load.
+//! start-up from the config, or when a topic is created within the config's
+//! limits; nothing grows beyond it under load.
 //!
-//! Lines marked "estimate" use per-item sizes named below; they are
-//! deliberately generous and should be tightened as the owning module's
-//! structures settle (a test in that module can assert
-//! `size_of::<Entry>() <= PRODUCER_ENTRY_BYTES`, say).
+//! Storage's lines come from storage's own functions
+//! ([`crate::storage::ring_memory_bytes`] and its neighbours), which compute
+//! them from the engine's structures and constants, so they follow the
+//! engine when it changes. Lines marked "estimate" use per-item sizes named
+//! below; they are deliberately generous, and `tests/memory_budget.rs` holds
+//! the sum above the RSS of a broker filled to its limits.
 
 use std::fmt;
 
 use super::Config;
 
-/// One append job in the storage thread's bounded channel, batch bytes not
-/// included (those are counted as in-flight batches): partition id, the
-/// batch's Vec header, the completion sender.
-pub const APPEND_JOB_BYTES: u64 = 128;
 /// Per connection besides its frame buffers: the smol task and its future,
 /// the socket, session state (pending correlation ids, credit counters).
 pub const CONNECTION_STATE_BYTES: u64 = 16 * 1024;
@@ -25,10 +24,6 @@ pub const CONNECTION_STATE_BYTES: u64 = 16 * 1024;
 /// 300 bytes, doubled because the hash table has power-of-two buckets at
 /// most 7/8 full. `broker::producers` tests that it holds.
 pub const PRODUCER_ENTRY_BYTES: u64 = 640;
-/// The sparse offset index keeps one entry per this many segment bytes.
-pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
-/// One sparse index entry: relative offset and file position.
-pub const INDEX_ENTRY_BYTES: u64 = 16;
 /// Per-topic metric series: produce/fetch records and bytes.
 pub const METRICS_PER_TOPIC_BYTES: u64 = 1024;
 /// Per-partition metric series: group lag, mirror backlog.
@@ -37,10 +32,46 @@ pub const METRICS_PER_PARTITION_BYTES: u64 = 256;
 pub const METRICS_FIXED_BYTES: u64 = 64 * 1024;
 /// The process before any config-sized pool: the resident part of the
 /// binary, allocator arenas, the touched part of thread stacks, the smol
-/// executor. Measured: a release binary loading the config and serving
-/// the metrics endpoint idles at 3.0 MiB RSS (x86_64, 2026-11-23); 4 MiB
-/// leaves room for the broker's own threads. Re-measure with `serve`.
-pub const RUNTIME_BASE_BYTES: u64 = 4 * 1024 * 1024;
+/// executor. Measured: a stripped release build idles at 5.0 MiB RSS under
+/// glibc and 3.0 MiB under musl (x86_64, docs/performance.md); 6 MiB leaves
+/// room for the broker's own threads. Debug builds map more of their larger
+/// binary; `tests/memory_budget.rs` measures that instead.
+pub const RUNTIME_BASE_BYTES: u64 = 6 * 1024 * 1024;
+/// Per network thread: the touched part of its stack, and the allocator
+/// arena glibc gives each thread, which keeps some of what connections on
+/// that thread freed. Measured: a broker filled to its limits took 1.9 MiB
+/// more with 4 threads than with 1 (`tests/memory_budget.rs`).
+pub const NETWORK_THREAD_BYTES: u64 = 1024 * 1024;
+/// One id in a topic's message-id window: its hash and time in the order
+/// queue (16 B) and its hash-table entry (16 B, in power-of-two buckets at
+/// most 7/8 full).
+pub const MSG_ID_BYTES_PER_ID: u64 = 40;
+
+/// What rustls buffers for one TLS connection once its handshake is done,
+/// at most: a received record (16 KiB of payload, 2 KiB of expansion, a
+/// header), 64 KiB of records waiting to be sent (rustls's buffer limit)
+/// and one more record past it, 64 KiB of decrypted bytes not read yet,
+/// and 8 KiB of keys and state. Before the handshake is done a connection
+/// holds less than this: its handshake messages are joined in at most
+/// 64 KiB + 4 KiB ([`TLS_HANDSHAKE_BYTES_MAX`]) and the session's own
+/// buffers are not allocated until the client is authenticated.
+pub const TLS_CONNECTION_BYTES: u64 = 18 * 1024 + 64 * 1024 + 18 * 1024 + 64 * 1024 + 8 * 1024;
+/// What an unauthenticated TLS connection may make skiff allocate: rustls
+/// joins handshake messages (a client's certificate chain) of up to
+/// 64 KiB, read 4 KiB at a time.
+pub const TLS_HANDSHAKE_BYTES_MAX: u64 = 64 * 1024 + 4 * 1024;
+const _: () = assert!(TLS_HANDSHAKE_BYTES_MAX <= TLS_CONNECTION_BYTES);
+/// One entry of the TLS session cache (`server::tls::SESSION_CACHE_ENTRIES`):
+/// a session id or ticket and the secrets to resume it.
+pub const TLS_SESSION_BYTES: u64 = 1024;
+
+/// Copies of a transaction's worth of data the mirror holds at once: the
+/// local fetch answer, the records re-encoded for Kafka, and the finished
+/// (compressed) batches on their way out.
+pub const MIRROR_BATCH_COPIES: u64 = 3;
+/// The mirror's memory beyond its batches: one checkpoint fetch answer
+/// (`kafka::reader`'s 1 MiB), connection buffers, per-partition cursors.
+pub const MIRROR_FIXED_BYTES: u64 = 1024 * 1024 + 256 * 1024;
 
 /// One user of memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,38 +86,56 @@ pub struct BudgetLine {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryBudget {
     pub lines: Vec<BudgetLine>,
+    /// Memory a topic can ask for at creation that no config key bounds:
+    /// the largest message-id window, per topic that enables one.
+    pub msg_id_window_bytes_max: u64,
 }
+
+/// Users that exist only once the broker serves: the start-up recovery
+/// buffer is freed before any of them is allocated.
+const SERVING_ONLY: [&str; 6] = [
+    "TLS connection buffers",
+    "connection read buffers",
+    "connection write buffers",
+    "in-flight requests and answers",
+    "recycled batch buffers",
+    "connection state (estimate)",
+];
 
 impl MemoryBudget {
     pub fn of(cfg: &Config) -> MemoryBudget {
         let s = &cfg.server;
         let st = &cfg.storage;
-        let t = &cfg.topic_defaults;
         let connections = u64::from(s.max_connections);
         let partitions = u64::from(s.max_partitions);
         let queue = u64::from(st.append_queue_depth);
+        let max_batch = usize::try_from(st.max_batch_bytes).unwrap_or(usize::MAX / 8);
 
-        let inflight_by_connections =
-            connections.saturating_mul(s.max_inflight_bytes_per_connection);
-        let inflight_by_queue = queue.saturating_mul(st.max_batch_bytes);
-        let index_per_partition = u64::from(t.segments)
-            .saturating_mul(t.segment_bytes)
-            .div_ceil(INDEX_INTERVAL_BYTES)
-            .saturating_mul(INDEX_ENTRY_BYTES);
+        let tail = crate::storage::tail_buffer_alloc_bytes(st.tail_buffer_bytes);
 
         let line = |user, bytes, formula: String| BudgetLine {
             user,
             bytes,
             formula,
         };
-        let lines = vec![
+        let mut lines = vec![
             line(
                 "partition tail buffers",
-                partitions.saturating_mul(st.tail_buffer_bytes),
+                partitions.saturating_mul(tail),
                 format!(
-                    "server.max_partitions {} x storage.tail_buffer_bytes {}",
+                    "server.max_partitions {} x (storage.tail_buffer_bytes {} + a 4 KiB carry-over block)",
                     partitions,
                     human(st.tail_buffer_bytes)
+                ),
+            ),
+            line(
+                "partition rings",
+                crate::storage::rings_memory_bytes_max(st.disk_budget_bytes, s.max_partitions),
+                format!(
+                    "segment tables and sparse indexes of storage.disk_budget_bytes {} cut into the smallest segments ({}), over server.max_partitions {}",
+                    human(st.disk_budget_bytes),
+                    human(crate::storage::SEGMENT_BYTES_MIN),
+                    partitions
                 ),
             ),
             line(
@@ -108,14 +157,12 @@ impl MemoryBudget {
                 ),
             ),
             line(
-                "in-flight produce batches",
-                inflight_by_connections.min(inflight_by_queue),
+                "in-flight requests and answers",
+                connections.saturating_mul(s.max_inflight_bytes_per_connection),
                 format!(
-                    "min(connections {} x max_inflight_bytes_per_connection {}, append_queue_depth {} x max_batch_bytes {})",
+                    "server.max_connections {} x server.max_inflight_bytes_per_connection {} (requests being handled, produce batches included, and the room held for their answers until written)",
                     connections,
                     human(s.max_inflight_bytes_per_connection),
-                    queue,
-                    human(st.max_batch_bytes)
                 ),
             ),
             {
@@ -132,9 +179,7 @@ impl MemoryBudget {
             },
             line(
                 "storage I/O buffers",
-                crate::storage::thread_buffer_bytes(
-                    usize::try_from(st.max_batch_bytes).unwrap_or(usize::MAX / 4),
-                ) as u64,
+                crate::storage::thread_buffer_bytes(max_batch) as u64,
                 format!(
                     "read window and {} read-ahead spares {} x (storage.max_batch_bytes {}, at least 256 KiB, + 4 KiB), zeros 256 KiB",
                     crate::storage::io::READ_AHEAD_SLOTS,
@@ -143,9 +188,12 @@ impl MemoryBudget {
                 ),
             ),
             line(
-                "append queue slots",
-                queue.saturating_mul(APPEND_JOB_BYTES),
-                format!("storage.append_queue_depth {queue} x {APPEND_JOB_BYTES} B per job"),
+                "append queue",
+                crate::storage::append_queue_bytes(st.append_queue_depth),
+                format!(
+                    "storage.append_queue_depth {queue} x {} per job (batch bytes are in flight above)",
+                    human(crate::storage::append_queue_bytes(1))
+                ),
             ),
             line(
                 "connection state (estimate)",
@@ -165,18 +213,6 @@ impl MemoryBudget {
                 ),
             ),
             line(
-                "sparse offset indexes (estimate)",
-                partitions.saturating_mul(index_per_partition),
-                format!(
-                    "server.max_partitions {} x {} (topic_defaults ring {} x {}, one {INDEX_ENTRY_BYTES} B entry per {})",
-                    partitions,
-                    human(index_per_partition),
-                    t.segments,
-                    human(t.segment_bytes),
-                    human(INDEX_INTERVAL_BYTES)
-                ),
-            ),
-            line(
                 "metrics registry (estimate)",
                 u64::from(s.max_topics)
                     .saturating_mul(METRICS_PER_TOPIC_BYTES)
@@ -189,18 +225,98 @@ impl MemoryBudget {
                 ),
             ),
             line(
+                "network threads (estimate)",
+                NETWORK_THREAD_BYTES * super::NETWORK_THREADS_MAX as u64,
+                format!(
+                    "up to {} executor threads x {} (stack, allocator arena)",
+                    super::NETWORK_THREADS_MAX,
+                    human(NETWORK_THREAD_BYTES)
+                ),
+            ),
+            line(
+                "compaction",
+                cfg.compaction
+                    .key_map_bytes
+                    .saturating_add(crate::storage::compact_buffer_bytes(max_batch) as u64)
+                    .saturating_add(2 * crate::storage::compact_write_bytes_max(max_batch) as u64),
+                format!(
+                    "compaction.key_map_bytes {} + the storage thread's scratch buffer + the cleaner's read and write chunks",
+                    human(cfg.compaction.key_map_bytes)
+                ),
+            ),
+            line(
                 "runtime base (estimate)",
                 RUNTIME_BASE_BYTES,
                 "binary, allocator, thread stacks, executor".to_string(),
             ),
         ];
-        MemoryBudget { lines }
+        if !s.tls.listen.is_empty() {
+            // Only with TLS on; a plaintext broker's budget has no such line.
+            let sessions = crate::server::tls::SESSION_CACHE_ENTRIES as u64;
+            lines.push(line(
+                "TLS connection buffers",
+                connections
+                    .saturating_mul(TLS_CONNECTION_BYTES)
+                    .saturating_add(sessions * TLS_SESSION_BYTES),
+                format!(
+                    "server.max_connections {} x {} (rustls's record, send and receive buffers) + a session cache of {sessions} x {}",
+                    connections,
+                    human(TLS_CONNECTION_BYTES),
+                    human(TLS_SESSION_BYTES)
+                ),
+            ));
+        }
+        if cfg.mirror.enabled() {
+            let m = &cfg.mirror;
+            lines.push(line(
+                "mirror buffers",
+                m.batch_bytes
+                    .saturating_mul(MIRROR_BATCH_COPIES)
+                    .saturating_add(MIRROR_FIXED_BYTES),
+                format!(
+                    "{MIRROR_BATCH_COPIES} x mirror.batch_bytes {} (the local fetch, the records re-encoded, the compressed batches) + {} (checkpoint reads, connections, cursors)",
+                    human(m.batch_bytes),
+                    human(MIRROR_FIXED_BYTES)
+                ),
+            ));
+        }
+        // Recovery's buffer lives before the listeners open and is freed
+        // after: it only adds to the peak where it is larger than what
+        // serving alone allocates.
+        let recovery = crate::storage::recovery_buffer_bytes(max_batch);
+        let serving: u64 = lines
+            .iter()
+            .filter(|l| SERVING_ONLY.contains(&l.user))
+            .map(|l| l.bytes)
+            .sum();
+        lines.push(line(
+            "start-up recovery buffer",
+            recovery.saturating_sub(serving),
+            format!(
+                "{} while recovering, freed before serving: counted beyond the {} that serving alone allocates",
+                human(recovery),
+                human(serving)
+            ),
+        ));
+        MemoryBudget {
+            lines,
+            msg_id_window_bytes_max: u64::from(crate::broker::msgid::WINDOW_RECORDS_MAX)
+                * MSG_ID_BYTES_PER_ID,
+        }
     }
 
     pub fn total_bytes(&self) -> u64 {
         self.lines
             .iter()
             .fold(0u64, |sum, l| sum.saturating_add(l.bytes))
+    }
+
+    /// The budget in one phrase, for the start-up line.
+    pub fn summary(&self) -> String {
+        format!(
+            "worst-case memory {} (the most every pool may take at the config's limits, not current use; `skiff config check` itemises it)",
+            human(self.total_bytes())
+        )
     }
 }
 
@@ -213,7 +329,12 @@ impl fmt::Display for MemoryBudget {
         for l in &self.lines {
             writeln!(f, "# {:>10}  {:<34} {}", human(l.bytes), l.user, l.formula)?;
         }
-        writeln!(f, "# {:>10}  total", human(self.total_bytes()))
+        writeln!(f, "# {:>10}  total", human(self.total_bytes()))?;
+        writeln!(
+            f,
+            "# not in the total: a topic's message-id window, up to {} for each topic created with one",
+            human(self.msg_id_window_bytes_max)
+        )
     }
 }
 

@@ -21,13 +21,19 @@ mod error;
 mod profiles;
 mod schema;
 
-pub use budget::{human, BudgetLine, MemoryBudget, PRODUCER_ENTRY_BYTES};
+pub use budget::{
+    human, BudgetLine, MemoryBudget, CONNECTION_STATE_BYTES, PRODUCER_ENTRY_BYTES,
+    RUNTIME_BASE_BYTES, TLS_CONNECTION_BYTES, TLS_HANDSHAKE_BYTES_MAX,
+};
 pub use error::{ConfigError, ConfigErrorKind};
 pub use profiles::{profile_names, profile_text, PROFILES};
 pub use schema::{
-    Config, FsyncPolicy, LogConfig, MetricsConfig, OverflowPolicy, ProducersConfig, ServerConfig,
-    StorageBackend, StorageSection, TopicDefaults,
+    AclConfig, AclRule, Config, FsyncPolicy, IdentityFrom, LogConfig, MetricsConfig, MirrorConfig,
+    MirrorRule, MirrorSasl, MirrorTls, OverflowPolicy, ParseError, ProducersConfig, QuotaOverride,
+    QuotasConfig, ServerConfig, StorageBackend, StorageSection, TlsSection, TopicDefaults,
+    UnixIdentity, ACL_OPERATIONS,
 };
+pub use schema::{ShareOverride, ShareSection};
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +41,10 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_PORT: u16 = 9471;
 /// The port device profiles use for the metrics endpoint.
 pub const DEFAULT_METRICS_PORT: u16 = 9472;
+
+/// The most executor threads the network side runs on (one per core but
+/// the storage thread's); the memory budget counts each one.
+pub const NETWORK_THREADS_MAX: usize = 4;
 
 /// The embedded default config, the first layer of every config.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -262,14 +272,31 @@ impl Config {
     /// default, then the profile (`profile` argument, else the file's
     /// `profile` key), then the file. Validated.
     pub fn load_layers(path: Option<&Path>, profile: Option<&str>) -> Result<Config, ConfigError> {
-        let mut layers = vec![Layer::parse(Origin::Embedded, DEFAULT_TOML.to_string())?];
         let file = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| {
                     ConfigError::new(p.display().to_string(), None, ConfigErrorKind::Io(e))
                 })?;
-                Some(Layer::parse(Origin::File(p.to_path_buf()), text)?)
+                Some((p.to_path_buf(), text))
             }
+            None => None,
+        };
+        Config::load_text_layers(file, profile)
+    }
+
+    /// As [`Config::load`] for a file's text already read; `name` stands
+    /// for the file in errors. (The config fuzz target comes in here.)
+    pub fn from_text(name: &str, text: &str) -> Result<Config, ConfigError> {
+        Config::load_text_layers(Some((PathBuf::from(name), text.to_owned())), None)
+    }
+
+    fn load_text_layers(
+        file: Option<(PathBuf, String)>,
+        profile: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let mut layers = vec![Layer::parse(Origin::Embedded, DEFAULT_TOML.to_string())?];
+        let file = match file {
+            Some((path, text)) => Some(Layer::parse(Origin::File(path), text)?),
             None => None,
         };
         let from_file = file

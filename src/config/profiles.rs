@@ -4,6 +4,7 @@
 
 /// (name, TOML text) of every embedded profile.
 pub const PROFILES: &[(&str, &str)] = &[
+    ("dev", include_str!("../../firmware-config/dev.toml")),
     (
         "gateway-256m",
         include_str!("../../firmware-config/gateway-256m.toml"),

@@ -8,17 +8,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Alignment of segment and tail sizes: the O_DIRECT block. Equal to
-/// `storage::BLOCK_BYTES` (kept local so config does not depend on storage).
-pub const BLOCK_BYTES: u64 = 4096;
-/// Smallest segment: below this the per-segment header and index overheads
-/// dominate and a ring turns over too fast to be useful.
-pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
-/// A ring needs one segment being written and one being the oldest.
-pub const SEGMENTS_MIN: u32 = 2;
-/// Upper bound on segments per partition: each is an open-able file and a
-/// slot in the partition's in-memory segment table.
-pub const SEGMENTS_MAX: u32 = 4096;
+/// Alignment of segment and tail sizes: the O_DIRECT block.
+pub const BLOCK_BYTES: u64 = crate::storage::BLOCK_BYTES as u64;
+/// Segment and ring limits are storage's own: a config that passes here is
+/// one storage accepts.
+pub use crate::storage::{SEGMENTS_MAX, SEGMENTS_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
 /// Room in a frame around the largest batch: the CBOR envelope, topic name,
 /// partition, producer fields. A frame must carry one whole batch.
 pub const FRAME_OVERHEAD_BYTES_MIN: u64 = 4096;
@@ -36,6 +30,10 @@ pub const MAX_PARTITIONS_LIMIT: u32 = 65536;
 /// throughput, grows.
 pub const APPEND_QUEUE_DEPTH_MAX: u32 = 65536;
 pub const MAX_PRODUCERS_LIMIT: u32 = 1 << 20;
+/// Groups and members live in memory, a few hundred bytes each.
+pub const GROUPS_MAX_LIMIT: u32 = 65536;
+pub const TRANSACTIONAL_IDS_MAX_LIMIT: u32 = 65536;
+pub const GROUP_MEMBERS_MAX_LIMIT: u32 = 4096;
 
 /// The whole config. Field order is TOML order: plain keys before tables.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +48,25 @@ pub struct Config {
     pub storage: StorageSection,
     pub topic_defaults: TopicDefaults,
     pub producers: ProducersConfig,
+    pub groups: GroupsSection,
+    pub transactions: TransactionsSection,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub acl: AclConfig,
+    pub quotas: QuotasConfig,
+    pub compaction: CompactionConfig,
+    pub mirror: MirrorConfig,
+    pub share: ShareSection,
+}
+
+/// `[compaction]`: the cleaner of compacted topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionConfig {
+    /// The key map's memory: keys beyond what it holds take more passes.
+    pub key_map_bytes: u64,
+    /// The cleaner's reads and writes together, per second (0: no cap).
+    pub max_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +82,139 @@ pub struct ServerConfig {
     pub max_topics: u32,
     /// Total across all topics; storage pools are sized from it.
     pub max_partitions: u32,
+    /// Names for Unix socket peers by uid; an unnamed peer is `uid:N`.
+    pub unix_identities: Vec<UnixIdentity>,
+    pub tls: TlsSection,
+}
+
+/// `[[server.unix_identities]]`: the identity a Unix socket peer with this
+/// uid gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixIdentity {
+    pub uid: u32,
+    pub identity: String,
+}
+
+/// `[server.tls]`: the TLS listener. Off while `listen` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// TLS listen address `IP:PORT`; "" disables TLS.
+    pub listen: String,
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert: String,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// CA certificates, PEM: set, every client must present a certificate
+    /// that chains to one of them (mutual TLS).
+    pub client_ca: String,
+    /// A certificate revocation list, PEM or DER, checked with `client_ca`.
+    pub crl: String,
+    /// Where a client certificate's identity comes from.
+    #[serde(with = "as_text")]
+    pub identity_from: IdentityFrom,
+}
+
+/// Which part of a client certificate names its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityFrom {
+    /// The subject's common name.
+    Cn,
+    /// The first DNS name in the subject alternative names.
+    SanDns,
+    /// The first URI in the subject alternative names.
+    SanUri,
+}
+
+impl fmt::Display for IdentityFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cn => "cn",
+            Self::SanDns => "san-dns",
+            Self::SanUri => "san-uri",
+        })
+    }
+}
+
+impl std::str::FromStr for IdentityFrom {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s {
+            "cn" => Ok(Self::Cn),
+            "san-dns" => Ok(Self::SanDns),
+            "san-uri" => Ok(Self::SanUri),
+            _ => Err(ParseError("must be cn, san-dns or san-uri")),
+        }
+    }
+}
+
+/// Why a config value's text does not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseError(pub &'static str);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl From<ParseError> for crate::storage::StorageError {
+    fn from(e: ParseError) -> Self {
+        crate::storage::StorageError::InvalidConfig(e.0)
+    }
+}
+
+/// `[acl]`: who may do what to which topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    /// Off: every identity may do everything. On: only what a rule allows.
+    pub enabled: bool,
+    pub rules: Vec<AclRule>,
+}
+
+/// `[[acl.rules]]`: allows `operations` on `topics` to `identity`. Names
+/// are exact, or globs where `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub identity: String,
+    /// Topic names, or group names for the `group` operation.
+    pub topics: Vec<String>,
+    pub operations: Vec<String>,
+}
+
+/// The operations an ACL rule may name, in the order docs list them.
+pub const ACL_OPERATIONS: [&str; 8] = [
+    "produce", "consume", "create", "delete", "alter", "describe", "group", "mirror",
+];
+
+/// `[quotas]`: limits per identity and per source address. 0 = no limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasConfig {
+    /// Produce bytes per second per identity (over all its connections).
+    pub produce_bytes_per_s: u64,
+    /// Fetched bytes per second per identity.
+    pub consume_bytes_per_s: u64,
+    pub max_connections_per_identity: u32,
+    /// Per source IP address, TCP and TLS.
+    pub max_connections_per_ip: u32,
+    /// New TCP and TLS connections accepted per second per source IP.
+    pub connection_rate_per_ip: u32,
+    /// Per-identity quotas that differ from the ones above.
+    pub overrides: Vec<QuotaOverride>,
+}
+
+/// `[[quotas.overrides]]`: byte rates for the identities `identity` (exact
+/// or glob) matches; the first matching override wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaOverride {
+    pub identity: String,
+    pub produce_bytes_per_s: u64,
+    pub consume_bytes_per_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +232,9 @@ pub struct StorageSection {
     /// Write the next group while a group's fdatasync runs, instead of
     /// fdatasyncing on the storage thread.
     pub pipelined_fsync: bool,
+    /// Disk all topics' rings may reserve together; bounds the memory of
+    /// their segment tables and sparse indexes too.
+    pub disk_budget_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,11 +259,308 @@ pub struct ProducersConfig {
     pub idle_expiry_ms: u64,
 }
 
+/// Consumer groups: the coordinator's limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsSection {
+    /// Committed offsets of a group without members expire this long after
+    /// it emptied (or after their last commit, if later).
+    pub offsets_retention_ms: u64,
+    /// The session timeouts a member may ask for.
+    pub session_timeout_ms_min: u32,
+    pub session_timeout_ms_max: u32,
+    pub max_groups: u32,
+    pub max_members_per_group: u32,
+}
+
+/// The most records a share partition keeps in flight: its snapshot in
+/// `__skiff_share` (some 8 bytes a record) stays well inside one batch.
+pub const SHARE_IN_FLIGHT_RECORDS_LIMIT: u32 = 4096;
+/// Delivery counts travel as u16 in the share log.
+pub const SHARE_MAX_DELIVERIES_LIMIT: u32 = 1000;
+pub const SHARE_LOCK_MS_MAX: u64 = 3_600_000;
+
+/// `[share]`: share groups (queues) and their dead-letter topics
+/// (docs/queues.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSection {
+    /// Deliveries after which a released or expired record goes to the
+    /// dead-letter topic.
+    pub max_deliveries: u32,
+    /// How long an acquired record stays locked to its worker.
+    pub lock_ms: u64,
+    /// Per share partition: records between the first not yet done and
+    /// the next never delivered. One stuck record holds back at most
+    /// this many behind it.
+    pub max_in_flight_records: u32,
+    /// A topic's dead-letter topic is its name and this suffix.
+    pub dead_letter_suffix: String,
+    /// Share partitions (group, topic, partition) the broker keeps.
+    pub max_share_partitions: u32,
+    /// Settings for one topic, one group, or one group on one topic.
+    pub overrides: Vec<ShareOverride>,
+}
+
+/// `[[share.overrides]]`: the most specific entry matching a share group
+/// and topic wins (group and topic, then group, then topic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_deliveries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// `[transactions]`: the transaction coordinator's limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionsSection {
+    /// The longest `transaction_timeout_ms` a producer may ask for.
+    pub max_timeout_ms: u64,
+    /// Transactional ids the coordinator keeps.
+    pub max_transactional_ids: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// HTTP listen address for /metrics, /health, /ready; "" = off.
     pub listen: String,
+}
+
+/// `[mirror]`: the store-and-forward link to a central Kafka cluster.
+/// Off while `upstream` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Bootstrap servers, `host:port`, comma separated; "" = mirror off.
+    pub upstream: String,
+    /// Stable per gateway; "" = the host name.
+    pub transactional_id: String,
+    /// Upstream, compacted; created if missing.
+    pub checkpoint_topic: String,
+    /// Upstream record batch compression: none | lz4 | zstd.
+    pub compression: String,
+    /// Source bytes (about) read and sent per round; a transaction is one
+    /// round, or more while a backlog lasts (up to 1 s).
+    pub batch_bytes: u64,
+    /// How long to wait for more records before a transaction that is not
+    /// full is sent.
+    pub linger_ms: u64,
+    /// How a record's upstream partition is chosen: murmur2 | source.
+    pub partitioner: String,
+    /// Create a missing target topic (with the source's partition count)
+    /// instead of reporting it.
+    pub create_topics: bool,
+    pub connect_timeout_ms: u64,
+    /// Past it, a request's outcome is unknown: the producer is
+    /// re-initialised.
+    pub request_timeout_ms: u64,
+    /// The first pause after a failure; it doubles up to `backoff_max_ms`.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    pub rules: Vec<MirrorRule>,
+    pub tls: MirrorTls,
+    pub sasl: MirrorSasl,
+}
+
+/// `[[mirror.rules]]`: forward local topics matching `source` to `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorRule {
+    /// Names the rule in `skiff mirror status|pause|resume`.
+    pub name: String,
+    /// A topic name, or a glob where `*` matches any run of characters.
+    pub source: String,
+    /// A fixed upstream topic, or a template where `{topic}` is the
+    /// source topic's name.
+    pub target: String,
+    /// What a full ring of records not yet upstream does: `block` (produce
+    /// gets `upstream_backlog_full`) or `drop-oldest` (counted drops).
+    /// Optional in a rule, so the default lives here.
+    #[serde(default = "default_mirror_overflow")]
+    pub mirror_overflow: String,
+}
+
+fn default_mirror_overflow() -> String {
+    "block".to_owned()
+}
+
+/// `[mirror.tls]`: TLS to the upstream brokers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorTls {
+    pub enabled: bool,
+    /// CA certificates, PEM; "" = the system's store.
+    pub ca: String,
+    /// Client certificate chain and key, PEM, for mutual TLS.
+    pub cert: String,
+    pub key: String,
+    /// The name to check the broker's certificate against; "" = its host.
+    pub server_name: String,
+}
+
+/// `[mirror.sasl]`: SASL authentication to the upstream brokers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorSasl {
+    /// "" = none; PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512.
+    pub mechanism: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Upstream limits on what the mirror may be configured with.
+pub const MIRROR_BATCH_BYTES_MIN: u64 = 1024;
+pub const MIRROR_BATCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Kafka's longest topic name.
+pub const KAFKA_TOPIC_NAME_BYTES_MAX: usize = 249;
+
+/// Whether `name` is a topic name Kafka accepts: ASCII letters, digits,
+/// `.`, `_` and `-`, at most 249 of them, not `.` or `..`.
+pub fn is_kafka_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= KAFKA_TOPIC_NAME_BYTES_MAX
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl MirrorConfig {
+    /// Whether the mirror runs.
+    pub fn enabled(&self) -> bool {
+        !self.upstream.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if !self.upstream.is_empty() {
+            crate::mirror::kafka::parse_bootstrap(&self.upstream)
+                .map_err(|e| ("mirror.upstream", e.to_string()))?;
+        }
+        check(
+            self.rules.is_empty() || self.enabled(),
+            "mirror.upstream",
+            || "[[mirror.rules]] are set but mirror.upstream is empty".into(),
+        )?;
+        check(
+            is_kafka_topic_name(&self.checkpoint_topic),
+            "mirror.checkpoint_topic",
+            || {
+                format!(
+                    "'{}' is not a Kafka topic name (letters, digits, '.', '_', '-'; at most {KAFKA_TOPIC_NAME_BYTES_MAX})",
+                    self.checkpoint_topic
+                )
+            },
+        )?;
+        check(
+            self.transactional_id.len() <= 1024 && !self.transactional_id.contains('/'),
+            "mirror.transactional_id",
+            || "must be at most 1024 bytes and contain no '/' (checkpoint keys use it)".into(),
+        )?;
+        check(
+            self.compression
+                .parse::<crate::mirror::kafka::Compression>()
+                .is_ok(),
+            "mirror.compression",
+            || format!("'{}' must be none, lz4 or zstd", self.compression),
+        )?;
+        check(
+            matches!(self.partitioner.as_str(), "murmur2" | "source"),
+            "mirror.partitioner",
+            || format!("'{}' must be murmur2 or source", self.partitioner),
+        )?;
+        check_range(
+            "mirror.batch_bytes",
+            self.batch_bytes,
+            MIRROR_BATCH_BYTES_MIN,
+            MIRROR_BATCH_BYTES_MAX,
+        )?;
+        check_range("mirror.linger_ms", self.linger_ms, 0, 60_000)?;
+        check_range(
+            "mirror.connect_timeout_ms",
+            self.connect_timeout_ms,
+            100,
+            600_000,
+        )?;
+        check_range(
+            "mirror.request_timeout_ms",
+            self.request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        check_range("mirror.backoff_min_ms", self.backoff_min_ms, 1, 3_600_000)?;
+        check_range(
+            "mirror.backoff_max_ms",
+            self.backoff_max_ms,
+            self.backoff_min_ms,
+            3_600_000,
+        )
+        .map_err(|(k, r)| (k, format!("{r}: at least mirror.backoff_min_ms")))?;
+        let mut names = std::collections::HashSet::new();
+        for rule in &self.rules {
+            check(!rule.name.is_empty(), "mirror.rules", || {
+                "a rule needs a name".into()
+            })?;
+            check(names.insert(rule.name.as_str()), "mirror.rules", || {
+                format!("two rules are named '{}'", rule.name)
+            })?;
+            check(!rule.source.is_empty(), "mirror.rules", || {
+                format!("rule '{}' has an empty source", rule.name)
+            })?;
+            check(
+                matches!(rule.mirror_overflow.as_str(), "block" | "drop-oldest"),
+                "mirror.rules",
+                || {
+                    format!(
+                        "rule '{}': mirror_overflow '{}' must be block or drop-oldest",
+                        rule.name, rule.mirror_overflow
+                    )
+                },
+            )?;
+            let sample = rule.target.replace("{topic}", "t");
+            check(is_kafka_topic_name(&sample), "mirror.rules", || {
+                format!(
+                    "rule '{}': target '{}' is not a Kafka topic name or a template with {{topic}}",
+                    rule.name, rule.target
+                )
+            })?;
+        }
+        let tls = &self.tls;
+        check(
+            tls.cert.is_empty() == tls.key.is_empty(),
+            "mirror.tls.key",
+            || "mirror.tls.cert and mirror.tls.key go together".into(),
+        )?;
+        let sasl = &self.sasl;
+        if !sasl.mechanism.is_empty() {
+            check(
+                sasl.mechanism
+                    .parse::<crate::mirror::kafka::SaslMechanism>()
+                    .is_ok(),
+                "mirror.sasl.mechanism",
+                || {
+                    format!(
+                        "'{}' must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (or \"\" for none)",
+                        sasl.mechanism
+                    )
+                },
+            )?;
+            check(!sasl.username.is_empty(), "mirror.sasl.username", || {
+                "SASL needs a username".into()
+            })?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,21 +585,88 @@ mod as_text {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    use crate::storage::StorageError;
+
     pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
     }
 
+    /// A bad value's error is storage's own sentence about it (one text
+    /// for config files, the wire and the command line).
     pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
     where
         T: FromStr,
-        T::Err: Display,
+        StorageError: From<T::Err>,
         D: Deserializer<'de>,
     {
         let text = String::deserialize(d)?;
-        text.parse()
-            .map_err(|e| serde::de::Error::custom(format!("'{text}': {e}")))
+        text.parse().map_err(|e| match StorageError::from(e) {
+            StorageError::InvalidConfig(why) => {
+                serde::de::Error::custom(format!("'{text}': {why}"))
+            }
+            e => serde::de::Error::custom(format!("'{text}': {e}")),
+        })
     }
 }
+
+impl ShareSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_range(
+            "share.max_deliveries",
+            self.max_deliveries,
+            1,
+            SHARE_MAX_DELIVERIES_LIMIT,
+        )?;
+        check_range("share.lock_ms", self.lock_ms, 1, SHARE_LOCK_MS_MAX)?;
+        check_range(
+            "share.max_in_flight_records",
+            self.max_in_flight_records,
+            1,
+            SHARE_IN_FLIGHT_RECORDS_LIMIT,
+        )?;
+        check(
+            !self.dead_letter_suffix.is_empty(),
+            "share.dead_letter_suffix",
+            || "must not be empty (a topic would be its own dead-letter topic)".into(),
+        )?;
+        check_range(
+            "share.max_share_partitions",
+            self.max_share_partitions,
+            1,
+            SHARE_PARTITIONS_LIMIT,
+        )?;
+        for o in &self.overrides {
+            check(
+                o.topic.is_some() || o.group.is_some(),
+                "share.overrides",
+                || "an override names a topic, a group, or both".into(),
+            )?;
+            if let Some(m) = o.max_deliveries {
+                check_range(
+                    "share.overrides.max_deliveries",
+                    m,
+                    1,
+                    SHARE_MAX_DELIVERIES_LIMIT,
+                )?;
+            }
+            if let Some(l) = o.lock_ms {
+                check_range("share.overrides.lock_ms", l, 1, SHARE_LOCK_MS_MAX)?;
+            }
+            if let Some(t) = &o.dead_letter_topic {
+                check(
+                    crate::storage::validate_topic_name(t).is_ok(),
+                    "share.overrides.dead_letter_topic",
+                    || format!("'{t}' is not a valid topic name"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Share partitions live in memory with their windows; the share log's
+/// rewrite of them all must fit a quarter of its ring.
+pub const SHARE_PARTITIONS_LIMIT: u32 = 1024;
 
 const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -175,6 +690,12 @@ fn check_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, Inva
             key,
             format!("'{value}' is not an IP:PORT socket address (names are not resolved)"),
         )
+    })
+}
+
+fn check_identity(key: &'static str, identity: &str) -> Result<(), Invalid> {
+    check(!identity.is_empty(), key, || {
+        "an identity must not be empty".into()
     })
 }
 
@@ -208,11 +729,56 @@ impl Config {
         })?;
 
         let tcp = check_addr("server.listen", &s.listen)?;
+        let tls = check_addr("server.tls.listen", &s.tls.listen)?;
         check(
-            tcp.is_some() || !s.unix_socket.is_empty(),
+            tcp.is_some() || tls.is_some() || !s.unix_socket.is_empty(),
             "server.listen",
-            || "both server.listen and server.unix_socket are empty: no way to reach skiff".into(),
+            || {
+                "server.listen, server.tls.listen and server.unix_socket are all empty: no way to reach skiff".into()
+            },
         )?;
+        if tls.is_some() {
+            check(
+                tls != tcp || tls.is_some_and(|a| a.port() == 0),
+                "server.tls.listen",
+                || format!("'{}' is also server.listen", s.tls.listen),
+            )?;
+            check(!s.tls.cert.is_empty(), "server.tls.cert", || {
+                "must name the certificate chain (PEM) when server.tls.listen is set".into()
+            })?;
+            check(!s.tls.key.is_empty(), "server.tls.key", || {
+                "must name the private key (PEM) when server.tls.listen is set".into()
+            })?;
+        }
+        check(
+            s.tls.crl.is_empty() || !s.tls.client_ca.is_empty(),
+            "server.tls.crl",
+            || "a CRL needs server.tls.client_ca (it revokes client certificates)".into(),
+        )?;
+        for u in &s.unix_identities {
+            check_identity("server.unix_identities", &u.identity)?;
+        }
+        for r in &self.acl.rules {
+            check_identity("acl.rules", &r.identity)?;
+            check(!r.topics.is_empty(), "acl.rules", || {
+                format!("the rule for '{}' names no topics", r.identity)
+            })?;
+            check(!r.operations.is_empty(), "acl.rules", || {
+                format!("the rule for '{}' names no operations", r.identity)
+            })?;
+            for op in &r.operations {
+                check(ACL_OPERATIONS.contains(&op.as_str()), "acl.rules", || {
+                    format!(
+                        "'{op}' (rule for '{}') is not an operation: {}",
+                        r.identity,
+                        ACL_OPERATIONS.join(", ")
+                    )
+                })?;
+            }
+        }
+        for o in &self.quotas.overrides {
+            check_identity("quotas.overrides", &o.identity)?;
+        }
         check_range(
             "server.max_connections",
             s.max_connections,
@@ -266,6 +832,16 @@ impl Config {
         )?;
         check_aligned("storage.tail_buffer_bytes", st.tail_buffer_bytes)?;
         check(
+            st.tail_buffer_bytes >= st.max_batch_bytes,
+            "storage.tail_buffer_bytes",
+            || {
+                format!(
+                    "{} is less than storage.max_batch_bytes ({}): a tail must hold one whole batch",
+                    st.tail_buffer_bytes, st.max_batch_bytes
+                )
+            },
+        )?;
+        check(
             st.tail_buffer_bytes >= BLOCK_BYTES,
             "storage.tail_buffer_bytes",
             || {
@@ -283,15 +859,11 @@ impl Config {
             s.max_partitions,
         )?;
         check_aligned("topic_defaults.segment_bytes", t.segment_bytes)?;
-        check(
-            t.segment_bytes >= SEGMENT_BYTES_MIN,
+        check_range(
             "topic_defaults.segment_bytes",
-            || {
-                format!(
-                    "{} is less than the minimum {SEGMENT_BYTES_MIN}",
-                    t.segment_bytes
-                )
-            },
+            t.segment_bytes,
+            SEGMENT_BYTES_MIN,
+            SEGMENT_BYTES_MAX,
         )?;
         check(
             t.segment_bytes >= st.max_batch_bytes + BLOCK_BYTES,
@@ -310,6 +882,20 @@ impl Config {
             SEGMENTS_MAX,
         )?;
 
+        let default_topic = u64::from(t.partitions)
+            .saturating_mul(u64::from(t.segments))
+            .saturating_mul(t.segment_bytes);
+        check(
+            self.storage.disk_budget_bytes >= default_topic,
+            "storage.disk_budget_bytes",
+            || {
+                format!(
+                    "{} is less than one topic of the topic_defaults ({default_topic}: partitions x segments x segment_bytes)",
+                    self.storage.disk_budget_bytes
+                )
+            },
+        )?;
+
         check_range(
             "producers.max_producers",
             self.producers.max_producers,
@@ -322,9 +908,49 @@ impl Config {
             || "must be > 0 (an expiry of 0 would forget every producer at once)".into(),
         )?;
 
+        let g = &self.groups;
+        check(
+            g.offsets_retention_ms > 0,
+            "groups.offsets_retention_ms",
+            || "must be > 0 (0 would expire every group's offsets at once)".into(),
+        )?;
+        check_range(
+            "groups.session_timeout_ms_min",
+            g.session_timeout_ms_min,
+            100,
+            g.session_timeout_ms_max,
+        )?;
+        check_range(
+            "groups.session_timeout_ms_max",
+            g.session_timeout_ms_max,
+            g.session_timeout_ms_min,
+            3_600_000,
+        )?;
+        check_range("groups.max_groups", g.max_groups, 1, GROUPS_MAX_LIMIT)?;
+        check_range(
+            "groups.max_members_per_group",
+            g.max_members_per_group,
+            1,
+            GROUP_MEMBERS_MAX_LIMIT,
+        )?;
+
+        check_range(
+            "transactions.max_timeout_ms",
+            self.transactions.max_timeout_ms,
+            1_000,
+            86_400_000,
+        )?;
+        check_range(
+            "transactions.max_transactional_ids",
+            self.transactions.max_transactional_ids,
+            1,
+            TRANSACTIONAL_IDS_MAX_LIMIT,
+        )?;
+
         let metrics = check_addr("metrics.listen", &self.metrics.listen)?;
         check(
-            metrics.is_none() || metrics != tcp,
+            // Port 0 twice is two free ports, not a clash.
+            metrics.is_none() || metrics != tcp || metrics.is_some_and(|a| a.port() == 0),
             "metrics.listen",
             || format!("'{}' is also server.listen", self.metrics.listen),
         )?;
@@ -342,6 +968,8 @@ impl Config {
                 },
             )?;
         }
+        self.mirror.validate()?;
+        self.share.validate()?;
         Ok(())
     }
 
@@ -356,6 +984,11 @@ impl Config {
     /// The TCP listen address, None when TCP is disabled. Validated on load.
     pub fn tcp_listen(&self) -> Option<SocketAddr> {
         self.server.listen.parse().ok()
+    }
+
+    /// The TLS listen address, None when TLS is off. Validated on load.
+    pub fn tls_listen(&self) -> Option<SocketAddr> {
+        self.server.tls.listen.parse().ok()
     }
 
     /// The unix socket path, None when disabled.

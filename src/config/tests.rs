@@ -24,15 +24,16 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.profile, None);
     assert_eq!(cfg.server.listen, format!("127.0.0.1:{DEFAULT_PORT}"));
     assert_eq!(cfg.server.unix_socket, "./skiff.sock");
-    assert_eq!(cfg.server.max_connections, 256);
-    assert_eq!(cfg.server.max_frame_bytes, 1_114_112);
-    assert_eq!(cfg.server.max_inflight_bytes_per_connection, 8 * MIB);
-    assert_eq!(cfg.server.max_topics, 64);
-    assert_eq!(cfg.server.max_partitions, 256);
+    assert_eq!(cfg.server.max_connections, 64);
+    assert_eq!(cfg.server.max_frame_bytes, 135_168);
+    assert_eq!(cfg.server.max_inflight_bytes_per_connection, 272 * 1024);
+    assert_eq!(cfg.server.max_topics, 32);
+    assert_eq!(cfg.server.max_partitions, 64);
+    assert_eq!(cfg.storage.disk_budget_bytes, 2048 * MIB);
     assert_eq!(cfg.storage.backend, StorageBackend::Auto);
-    assert_eq!(cfg.storage.append_queue_depth, 256);
-    assert_eq!(cfg.storage.tail_buffer_bytes, MIB);
-    assert_eq!(cfg.storage.max_batch_bytes, MIB);
+    assert_eq!(cfg.storage.append_queue_depth, 64);
+    assert_eq!(cfg.storage.tail_buffer_bytes, 160 * 1024);
+    assert_eq!(cfg.storage.max_batch_bytes, 128 * 1024);
     assert!(cfg.storage.prewrite_segments);
     assert_eq!(cfg.topic_defaults.partitions, 1);
     assert_eq!(cfg.topic_defaults.segment_bytes, 16 * MIB);
@@ -59,8 +60,8 @@ fn a_file_overrides_only_the_keys_it_sets() {
     assert_eq!(cfg.server.max_connections, 8);
     assert_eq!(cfg.topic_defaults.fsync, FsyncPolicy::IntervalMs(250));
     // Untouched keys keep the embedded default.
-    assert_eq!(cfg.server.max_topics, 64);
-    assert_eq!(cfg.storage.append_queue_depth, 256);
+    assert_eq!(cfg.server.max_topics, 32);
+    assert_eq!(cfg.storage.append_queue_depth, 64);
 }
 
 #[test]
@@ -143,7 +144,7 @@ const INVALID: &[(&str, &str)] = &[
     ),
     ("[server]\nmax_connections = 0", "server.max_connections"),
     (
-        "[server]\nmax_frame_bytes = 1048576",
+        "[server]\nmax_frame_bytes = 131072",
         "server.max_frame_bytes",
     ),
     (
@@ -152,6 +153,14 @@ const INVALID: &[(&str, &str)] = &[
     ),
     ("[server]\nmax_topics = 0", "server.max_topics"),
     ("[server]\nmax_partitions = 8", "server.max_partitions"),
+    (
+        "[storage]\ndisk_budget_bytes = 1048576",
+        "storage.disk_budget_bytes",
+    ),
+    (
+        "[storage]\ntail_buffer_bytes = 65536",
+        "storage.tail_buffer_bytes",
+    ),
     (
         "[storage]\nappend_queue_depth = 0",
         "storage.append_queue_depth",
@@ -178,7 +187,11 @@ const INVALID: &[(&str, &str)] = &[
         "topic_defaults.segment_bytes",
     ),
     (
-        "[topic_defaults]\nsegment_bytes = 1048576",
+        "[topic_defaults]\nsegment_bytes = 131072",
+        "topic_defaults.segment_bytes",
+    ),
+    (
+        "[topic_defaults]\nsegment_bytes = 2147483648",
         "topic_defaults.segment_bytes",
     ),
     ("[topic_defaults]\nsegments = 1", "topic_defaults.segments"),
@@ -224,7 +237,7 @@ fn valid_edge_values_are_accepted() {
         "[server]\nlisten = \"[::1]:9471\"",
         "[server]\nlisten = \"\"\nunix_socket = \"/run/skiff/skiff.sock\"",
         "[topic_defaults]\nfsync = \"never\"\nretention_ms = 3600000\noverflow = \"reject\"",
-        "[topic_defaults]\nsegment_bytes = 1052672\nsegments = 2",
+        "[topic_defaults]\nsegment_bytes = 135168\nsegments = 2",
         "[storage]\nbackend = \"io_uring\"",
         "[storage]\nbackend = \"pwrite\"",
         "[log]\nlevel = \"warn, skiff::storage=debug\"",
@@ -318,9 +331,11 @@ fn errors_from_a_profile_value_are_attributed_to_the_file_that_set_it() {
 }
 
 /// Worst-case memory each profile must fit, in bytes: an eighth of the
-/// smallest RAM the profile targets (the 256 MiB gateway: 32 MiB). A new
-/// profile must add its limit here; the test below fails until it does.
+/// smallest RAM the profile targets (the 256 MiB gateway: 32 MiB; the
+/// development profile: a 16 GiB workstation). A new profile must add its
+/// limit here; the test below fails until it does.
 const PROFILE_BUDGET_BYTES_MAX: &[(&str, u64)] = &[
+    ("dev", 2048 * MIB),
     ("gateway-256m", 32 * MIB),
     ("pi-zero-2w", 64 * MIB),
     ("pi4-sd", 128 * MIB),
@@ -348,15 +363,25 @@ fn every_profile_file_is_embedded_valid_and_fits_its_device() {
             "firmware-config/{name}.toml is not in config::PROFILES (or differs from it)"
         );
         let cfg = Config::with_profile(name).unwrap_or_else(|e| panic!("{e}"));
-        assert!(
+        // A service on a board is watched; the development profile leaves
+        // metrics off so brokers can run side by side.
+        assert_eq!(
             cfg.metrics_listen().is_some(),
-            "profile {name} must turn metrics on"
+            name != "dev",
+            "profile {name} must turn metrics on (dev: off)"
         );
         let max = PROFILE_BUDGET_BYTES_MAX
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, b)| *b)
             .unwrap_or_else(|| panic!("add profile {name} to PROFILE_BUDGET_BYTES_MAX"));
+        // What passes here, storage accepts: `skiff serve --profile` starts.
+        crate::broker::storage_config(&cfg)
+            .validate()
+            .unwrap_or_else(|e| panic!("profile {name}: storage refuses it: {e}"));
+        crate::broker::partition_defaults(&cfg)
+            .validate()
+            .unwrap_or_else(|e| panic!("profile {name}: storage refuses its topics: {e}"));
         let budget = cfg.memory_budget();
         assert!(
             budget.total_bytes() <= max,
@@ -381,40 +406,140 @@ fn a_profile_may_not_set_data_dir() {
     assert_eq!(err.line, Some(2));
 }
 
+/// The embedded default is for a small board: its worst case fits 64 MiB.
+const DEFAULT_BUDGET_BYTES_MAX: u64 = 64 * MIB;
+
+#[test]
+fn the_embedded_default_fits_a_small_board_and_storage_accepts_it() {
+    let cfg = Config::embedded_default();
+    let budget = cfg.memory_budget();
+    assert!(
+        budget.total_bytes() <= DEFAULT_BUDGET_BYTES_MAX,
+        "the embedded default needs {}:\n{budget}",
+        budget::human(budget.total_bytes())
+    );
+    crate::broker::storage_config(&cfg)
+        .validate()
+        .expect("storage accepts the embedded default");
+    crate::broker::partition_defaults(&cfg)
+        .validate()
+        .expect("storage accepts the default topic");
+}
+
+fn line<'a>(budget: &'a MemoryBudget, user: &str) -> &'a BudgetLine {
+    budget
+        .lines
+        .iter()
+        .find(|l| l.user == user)
+        .unwrap_or_else(|| panic!("no budget line {user:?}"))
+}
+
 #[test]
 fn memory_budget_sums_its_lines_and_prints_each() {
     let cfg = Config::embedded_default();
     let budget = cfg.memory_budget();
     let sum: u64 = budget.lines.iter().map(|l| l.bytes).sum();
     assert_eq!(budget.total_bytes(), sum);
-    let tails = &budget.lines[0];
-    assert_eq!(tails.user, "partition tail buffers");
-    assert_eq!(tails.bytes, 256 * MIB);
-    // in-flight batches: min(256 x 8 MiB, 256 x 1 MiB) = 256 MiB
-    let inflight = budget
-        .lines
-        .iter()
-        .find(|l| l.user == "in-flight produce batches")
-        .expect("line");
-    assert_eq!(inflight.bytes, 256 * MIB);
-    // The storage thread's read window and 4 read-ahead spares (1 MiB
-    // batches and a block each) and its 256 KiB of zeros.
-    let io = budget
-        .lines
-        .iter()
-        .find(|l| l.user == "storage I/O buffers")
-        .expect("line");
-    assert_eq!(io.bytes, 5 * (MIB + 4096) + 256 * 1024);
+    // 64 tails of 160 KiB, each with a carry-over block.
+    assert_eq!(
+        line(&budget, "partition tail buffers").bytes,
+        64 * (160 * 1024 + 4096)
+    );
+    // Requests and the answers reserved for them: 64 x 272 KiB.
+    assert_eq!(
+        line(&budget, "in-flight requests and answers").bytes,
+        17 * MIB
+    );
+    // The storage thread's read window and 4 read-ahead spares (at least
+    // 256 KiB and a block each) and its 256 KiB of zeros.
+    assert_eq!(
+        line(&budget, "storage I/O buffers").bytes,
+        5 * (256 * 1024 + 4096) + 256 * 1024
+    );
     let shown = budget.to_string();
-    assert_eq!(shown.lines().count(), budget.lines.len() + 2);
+    assert_eq!(shown.lines().count(), budget.lines.len() + 3);
     assert!(shown.lines().all(|l| l.starts_with('#')));
-    assert!(shown.contains("256 MiB  partition tail buffers"), "{shown}");
-    assert!(shown.lines().last().expect("total").ends_with("total"));
+    assert!(
+        shown.contains("10.2 MiB  partition tail buffers"),
+        "{shown}"
+    );
+    assert!(shown.contains("  total\n"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .last()
+            .expect("note")
+            .contains("message-id window"),
+        "{shown}"
+    );
 
     // Halving the partitions halves the tail line.
     let mut smaller = cfg.clone();
-    smaller.server.max_partitions = 128;
-    assert_eq!(smaller.memory_budget().lines[0].bytes, 128 * MIB);
+    smaller.server.max_partitions = 32;
+    assert_eq!(
+        line(&smaller.memory_budget(), "partition tail buffers").bytes,
+        32 * (160 * 1024 + 4096)
+    );
+}
+
+#[test]
+fn the_rings_line_is_storages_worst_case_for_the_disk_limit() {
+    let mut cfg = Config::embedded_default();
+    let rings = |cfg: &Config| line(&cfg.memory_budget(), "partition rings").bytes;
+    assert_eq!(
+        rings(&cfg),
+        crate::storage::rings_memory_bytes_max(
+            cfg.storage.disk_budget_bytes,
+            cfg.server.max_partitions
+        )
+    );
+    // The worst case is at least any real layout of that disk: the
+    // default topic's rings, as many as fit, or the smallest segments.
+    let disk = cfg.storage.disk_budget_bytes;
+    let t = &cfg.topic_defaults;
+    let ring = u64::from(t.segments) * t.segment_bytes;
+    let layouts = [
+        (disk / ring) * crate::storage::ring_memory_bytes(t.segment_bytes, t.segments),
+        (disk / (64 * 1024 * 4096))
+            * crate::storage::ring_memory_bytes(64 * 1024, crate::storage::SEGMENTS_MAX),
+        64 * crate::storage::ring_memory_bytes(64 * 1024, (disk / 64 / (64 * 1024)) as u32),
+    ];
+    for bytes in layouts {
+        assert!(bytes <= rings(&cfg), "{bytes} > {}", rings(&cfg));
+    }
+    // More disk, more index.
+    let before = rings(&cfg);
+    cfg.storage.disk_budget_bytes *= 2;
+    assert!(rings(&cfg) > before);
+}
+
+#[test]
+fn the_recovery_buffer_counts_only_beyond_what_serving_allocates() {
+    let cfg = Config::embedded_default();
+    assert_eq!(
+        line(&cfg.memory_budget(), "start-up recovery buffer").bytes,
+        0,
+        "serving allocates more than recovery's 4 MiB"
+    );
+    let tiny = load_text(
+        "tiny.toml",
+        "[server]\nmax_connections = 1\nmax_frame_bytes = 8192\nmax_inflight_bytes_per_connection = 8192\n[storage]\nmax_batch_bytes = 4096\ntail_buffer_bytes = 4096\n[topic_defaults]\nsegment_bytes = 65536\n",
+    )
+    .expect("valid");
+    let b = tiny.memory_budget();
+    let recovery = line(&b, "start-up recovery buffer").bytes;
+    assert!(recovery > 3 * MIB, "{b}");
+    assert!(
+        b.total_bytes() >= crate::storage::recovery_buffer_bytes(4096),
+        "{b}"
+    );
+}
+
+#[test]
+fn the_startup_summary_says_worst_case() {
+    let s = Config::embedded_default().memory_budget().summary();
+    assert!(s.starts_with("worst-case memory "), "{s}");
+    assert!(s.contains("not current use"), "{s}");
 }
 
 #[test]
@@ -423,7 +548,7 @@ fn check_report_shows_config_and_budget() {
     assert!(report.contains("[topic_defaults]"));
     assert!(report.contains("profile = \"pi4-sd\""));
     assert!(report.contains("# memory budget"));
-    assert!(report.trim_end().ends_with("total"));
+    assert!(report.contains("  total\n"), "{report}");
 }
 
 #[test]
@@ -488,7 +613,7 @@ fn a_conflict_with_an_untouched_default_names_the_users_file() {
 fn prewrite_segments_reaches_the_storage_config() {
     let cfg = load_text("p.toml", "[storage]\nprewrite_segments = false\n").expect("valid");
     assert!(!cfg.storage.prewrite_segments);
-    assert!(!crate::server::storage_config(&cfg).prewrite_segments);
+    assert!(!crate::broker::storage_config(&cfg).prewrite_segments);
     let err = load_text("p.toml", "[storage]\nprewrite_segments = \"yes\"\n").expect_err("bool");
     assert_eq!(err.key(), Some("storage.prewrite_segments"));
 }
@@ -496,9 +621,103 @@ fn prewrite_segments_reaches_the_storage_config() {
 #[test]
 fn pipelined_fsync_reaches_the_storage_config() {
     let cfg = load_text("p.toml", "").expect("valid");
-    assert!(!crate::server::storage_config(&cfg).pipelined_fsync);
+    assert!(!crate::broker::storage_config(&cfg).pipelined_fsync);
     let cfg = load_text("p.toml", "[storage]\npipelined_fsync = true\n").expect("valid");
-    assert!(crate::server::storage_config(&cfg).pipelined_fsync);
+    assert!(crate::broker::storage_config(&cfg).pipelined_fsync);
     let err = load_text("p.toml", "[storage]\npipelined_fsync = 1\n").expect_err("bool");
     assert_eq!(err.key(), Some("storage.pipelined_fsync"));
+}
+
+#[test]
+fn tls_adds_its_buffers_to_the_budget_and_its_keys_are_checked() {
+    let plain = Config::embedded_default();
+    assert!(plain
+        .memory_budget()
+        .lines
+        .iter()
+        .all(|l| l.user != "TLS connection buffers"));
+    let cfg = load_text(
+        "tls.toml",
+        "[server.tls]\nlisten = \"127.0.0.1:9473\"\ncert = \"s.pem\"\nkey = \"s.key\"\n",
+    )
+    .expect("valid");
+    let budget = cfg.memory_budget();
+    let tls = line(&budget, "TLS connection buffers");
+    assert_eq!(
+        tls.bytes,
+        64 * TLS_CONNECTION_BYTES + 256 * budget::TLS_SESSION_BYTES
+    );
+    assert_eq!(
+        budget.total_bytes(),
+        plain.memory_budget().total_bytes() + tls.bytes
+    );
+    let err = load_text("t.toml", "[server.tls]\nlisten = \"127.0.0.1:9473\"\n")
+        .expect_err("no certificate");
+    assert_eq!(err.key(), Some("server.tls.cert"));
+    let err = load_text("t.toml", "[server.tls]\nidentity_from = \"subject\"\n").expect_err("bad");
+    assert_eq!(err.key(), Some("server.tls.identity_from"));
+    assert_eq!(err.line, Some(2));
+    let err = load_text(
+        "t.toml",
+        "[acl]\nenabled = true\n[[acl.rules]]\nidentity = \"d\"\ntopics = [\"t\"]\noperations = [\"write\"]\n",
+    )
+    .expect_err("unknown operation");
+    assert_eq!(err.key(), Some("acl.rules"));
+    assert!(err.to_string().contains("'write'"), "{err}");
+    let err = load_text("t.toml", "[server]\nlisten = \"\"\nunix_socket = \"\"\n")
+        .expect_err("no listener");
+    assert_eq!(err.key(), Some("server.listen"));
+}
+
+#[test]
+fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
+    let plain = Config::embedded_default();
+    assert!(!plain.mirror.enabled());
+    assert!(plain
+        .memory_budget()
+        .lines
+        .iter()
+        .all(|l| l.user != "mirror buffers"));
+    let cfg = load_text(
+        "m.toml",
+        "[mirror]\nupstream = \"127.0.0.1:9092\"\ntransactional_id = \"gw-17\"\n\
+         checkpoint_topic = \"skiff-mirror-checkpoints\"\n\
+         [[mirror.rules]]\nname = \"temps\"\nsource = \"sensors.*\"\ntarget = \"plant1.{topic}\"\n",
+    )
+    .expect("the issue's example is valid");
+    assert_eq!(cfg.mirror.rules[0].target, "plant1.{topic}");
+    let budget = cfg.memory_budget();
+    assert_eq!(
+        line(&budget, "mirror buffers").bytes,
+        3 * cfg.mirror.batch_bytes + budget::MIRROR_FIXED_BYTES
+    );
+    for (text, key) in [
+        ("[mirror]\nupstream = \"kafka\"\n", "mirror.upstream"),
+        (
+            "[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n",
+            "mirror.upstream",
+        ),
+        ("[mirror]\ncompression = \"gzip\"\n", "mirror.compression"),
+        ("[mirror]\npartitioner = \"random\"\n", "mirror.partitioner"),
+        ("[mirror]\ncheckpoint_topic = \"a b\"\n", "mirror.checkpoint_topic"),
+        ("[mirror]\nbackoff_min_ms = 10\nbackoff_max_ms = 5\n", "mirror.backoff_max_ms"),
+        ("[mirror.sasl]\nmechanism = \"GSSAPI\"\n", "mirror.sasl.mechanism"),
+        ("[mirror.sasl]\nmechanism = \"PLAIN\"\n", "mirror.sasl.username"),
+        ("[mirror.tls]\ncert = \"c.pem\"\n", "mirror.tls.key"),
+        (
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"{source}\"\n",
+            "mirror.rules",
+        ),
+        (
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n\
+             [[mirror.rules]]\nname = \"a\"\nsource = \"u\"\ntarget = \"t\"\n",
+            "mirror.rules",
+        ),
+    ] {
+        let err = load_text("m.toml", text).expect_err(text);
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+    }
+    let err = load_text("m.toml", "[mirror]\nupstrem = \"a:1\"\n").expect_err("typo");
+    assert_eq!(err.key(), Some("mirror.upstrem"));
+    assert_eq!(err.line, Some(2));
 }

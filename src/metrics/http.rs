@@ -1,7 +1,8 @@
 //! The metrics HTTP endpoint: a deliberately small HTTP/1.1 server.
 //!
 //! - `GET /metrics`: OpenMetrics text (Prometheus scrapes it as is).
-//! - `GET /health`: liveness, 200 whenever the process answers.
+//! - `GET /health`: liveness, 200 whenever the process answers; after
+//!   "ok", a line per storage fallback in use (no O_DIRECT, no fallocate).
 //! - `GET /ready`: 200 once recovery is complete and the listeners are up
 //!   (the `ready` flag), 503 before.
 //!
@@ -209,7 +210,7 @@ fn route(method: &str, target: &str, metrics: &Metrics, ready: &AtomicBool) -> R
             content_type: CONTENT_TYPE_OPENMETRICS,
             body: metrics.encode(),
         },
-        "/health" => Response::text(200, "OK", "ok\n"),
+        "/health" => Response::text(200, "OK", &metrics.health_text()),
         "/ready" if ready.load(Ordering::Acquire) => Response::text(200, "OK", "ready\n"),
         "/ready" => Response::text(503, "Service Unavailable", "not ready\n"),
         _ => Response::text(

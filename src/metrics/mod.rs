@@ -22,24 +22,41 @@
 //! | `storage_device_bytes`, `storage_payload_bytes` | counter | |
 //! | `storage_read_bytes` (fetch windows from the device) | counter | source: demand, ahead, ahead_unused |
 //! | `group_lag_records` | gauge | group, topic, partition |
+//! | `group_commits`, `group_offset_log_writes` | counter | |
 //! | `dedup_hits` (retried batches not written again), `msg_id_duplicates` | counter | |
 //! | `producer_table_entries`, `producer_evictions`, `producer_expirations` | gauge, counter | |
 //! | `fenced_batches`, `out_of_order_batches` | counter | |
 //! | `mirror_backlog_records`, `mirror_bytes_at_risk` | gauge | topic |
 //! | `mirror_dropped_records` | counter | topic |
+//! | `mirror_forwarded_records`, `mirror_forwarded_bytes` | counter | topic |
+//! | `mirror_link_up` (1 up, 0 down) | gauge | |
+//! | `mirror_transactions` | counter | outcome: commit, abort |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
+//! | `recovery_stale_batches_erased` | counter | |
+//! | `recovery_damaged_offsets` | counter | |
 //! | `build_info` | info | version |
+//! | `txn_open`, `txn_lso_lag_records` | gauge | (topic, partition for the lag) |
+//! | `txn_commits`, `txn_aborts`, `txn_timeouts` | counter | |
+//! | `cleaner_runs`, `cleaner_passes`, `cleaner_read_bytes`, `cleaner_written_bytes`, `cleaner_removed_records`, `cleaner_freed_segments` | counter | |
+//! | `cleaner_lag_bytes`, `cleaner_progress_bytes` | gauge | |
+//! | `share_records_in_flight`, `share_records_acquired` | gauge | group, topic |
+//! | `share_redeliveries`, `share_dead_lettered_records`, `share_records_lost`, `share_log_writes` | counter | |
+//! | `dlq_records` (records held in a dead-letter topic) | gauge | topic |
 //!
 //! Write amplification is `storage_device_bytes_total /
 //! storage_payload_bytes_total`: bytes the device was asked to write per
 //! byte producers sent.
 
 mod http;
+mod share;
+mod txn;
 
 pub use http::{serve_http, serve_http_with, HttpLimits, CONTENT_TYPE_OPENMETRICS};
+pub use share::{ShareCounters, ShareMetrics};
+pub use txn::TxnCounters;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +82,11 @@ const STORAGE_BUCKETS: u16 = 16;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,6 +167,9 @@ pub struct ProducerCounters {
 /// Every metric skiff exports. Cheap to record into from any thread.
 pub struct Metrics {
     registry: Registry,
+    /// Lines `/health` adds after "ok": how this broker runs differently
+    /// from the default (a storage fallback), said where an operator looks.
+    health_notes: std::sync::Mutex<Vec<&'static str>>,
     produce_records: Family<TopicLabels, Counter>,
     produce_bytes: Family<TopicLabels, Counter>,
     fetch_records: Family<TopicLabels, Counter>,
@@ -156,6 +181,10 @@ pub struct Metrics {
     storage_payload_bytes: Counter,
     storage_read_bytes: Family<ReadLabels, Counter>,
     group_lag: Family<LagLabels, Gauge>,
+    group_commits: Counter,
+    group_offset_log_writes: Counter,
+    /// The coordinator's last (commits, log writes) folded in above.
+    groups_seen: std::sync::Mutex<(u64, u64)>,
     dedup_hits: Counter,
     producer_table_entries: Gauge,
     producer_evictions: Counter,
@@ -168,11 +197,89 @@ pub struct Metrics {
     mirror_backlog_records: Family<TopicLabels, Gauge>,
     mirror_bytes_at_risk: Family<TopicLabels, Gauge>,
     mirror_dropped_records: Family<TopicLabels, Counter>,
+    mirror_forwarded_records: Family<TopicLabels, Counter>,
+    mirror_forwarded_bytes: Family<TopicLabels, Counter>,
+    mirror_link_up: Gauge,
+    mirror_transactions: Family<OutcomeLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
     recovery_truncated_bytes: Counter,
     recovery_quarantined_partitions: Gauge,
+    recovery_stale_batches_erased: Counter,
+    recovery_damaged_offsets: Counter,
+    cleaner: CleanerMetrics,
+    /// Share groups (queues) and dead-letter topics.
+    pub share: ShareMetrics,
+    txn: txn::TxnMetrics,
+}
+
+/// The compaction cleaner's counters as the broker keeps them
+/// (`broker::cleaner::CleanerStats`), for [`Metrics::observe_cleaner`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CleanerCounters {
+    pub runs: u64,
+    pub passes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub records_removed: u64,
+    pub segments_freed: u64,
+    pub lag_bytes: u64,
+    pub progress_bytes: u64,
+}
+
+#[derive(Default)]
+struct CleanerMetrics {
+    runs: Counter,
+    passes: Counter,
+    read_bytes: Counter,
+    written_bytes: Counter,
+    removed_records: Counter,
+    freed_segments: Counter,
+    lag_bytes: Gauge,
+    progress_bytes: Gauge,
+    seen: std::sync::Mutex<CleanerCounters>,
+}
+
+impl CleanerMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register("cleaner_runs", "Compactions started", self.runs.clone());
+        r.register(
+            "cleaner_passes",
+            "Compaction passes (one per key-hash class when keys exceed the key map)",
+            self.passes.clone(),
+        );
+        r.register(
+            "cleaner_read_bytes",
+            "Bytes the cleaner read",
+            self.read_bytes.clone(),
+        );
+        r.register(
+            "cleaner_written_bytes",
+            "Bytes the cleaner wrote into merged segments",
+            self.written_bytes.clone(),
+        );
+        r.register(
+            "cleaner_removed_records",
+            "Records compaction removed (older values, expired tombstones)",
+            self.removed_records.clone(),
+        );
+        r.register(
+            "cleaner_freed_segments",
+            "Ring slots compaction freed",
+            self.freed_segments.clone(),
+        );
+        r.register(
+            "cleaner_lag_bytes",
+            "Bytes of closed segments of compacted partitions not yet merged",
+            self.lag_bytes.clone(),
+        );
+        r.register(
+            "cleaner_progress_bytes",
+            "Bytes the compaction in progress (or the last one) has processed",
+            self.progress_bytes.clone(),
+        );
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,6 +335,9 @@ impl Metrics {
             storage_payload_bytes: Counter::default(),
             storage_read_bytes: Family::default(),
             group_lag: Family::default(),
+            group_commits: Counter::default(),
+            group_offset_log_writes: Counter::default(),
+            groups_seen: std::sync::Mutex::new((0, 0)),
             dedup_hits: Counter::default(),
             producer_table_entries: Gauge::default(),
             producer_evictions: Counter::default(),
@@ -239,13 +349,25 @@ impl Metrics {
             mirror_backlog_records: Family::default(),
             mirror_bytes_at_risk: Family::default(),
             mirror_dropped_records: Family::default(),
+            mirror_forwarded_records: Family::default(),
+            mirror_forwarded_bytes: Family::default(),
+            mirror_link_up: Gauge::default(),
+            mirror_transactions: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
             recovery_quarantined_partitions: Gauge::default(),
+            cleaner: CleanerMetrics::default(),
+            share: ShareMetrics::default(),
+            txn: txn::TxnMetrics::default(),
+            recovery_stale_batches_erased: Counter::default(),
+            recovery_damaged_offsets: Counter::default(),
             registry: Registry::with_prefix("skiff"),
+            health_notes: std::sync::Mutex::default(),
         };
+        m.cleaner.register(&mut m.registry);
+        m.txn.register(&mut m.registry);
         m.registry.register(
             "build",
             "skiff version",
@@ -309,6 +431,16 @@ impl Metrics {
             m.group_lag.clone(),
         );
         m.registry.register(
+            "group_commits",
+            "Offset commits made durable",
+            m.group_commits.clone(),
+        );
+        m.registry.register(
+            "group_offset_log_writes",
+            "Writes (each one fsync) of the committed-offsets log; commits share them",
+            m.group_offset_log_writes.clone(),
+        );
+        m.registry.register(
             "dedup_hits",
             "Produce batches recognised as retries and not written again",
             m.dedup_hits.clone(),
@@ -359,6 +491,26 @@ impl Metrics {
             m.mirror_dropped_records.clone(),
         );
         m.registry.register(
+            "mirror_forwarded_records",
+            "Records committed upstream by the mirror, per source topic",
+            m.mirror_forwarded_records.clone(),
+        );
+        m.registry.register(
+            "mirror_forwarded_bytes",
+            "Local bytes of the records committed upstream, per source topic",
+            m.mirror_forwarded_bytes.clone(),
+        );
+        m.registry.register(
+            "mirror_link_up",
+            "1 while the mirror's producer is initialised upstream, 0 while it connects or backs off",
+            m.mirror_link_up.clone(),
+        );
+        m.registry.register(
+            "mirror_transactions",
+            "Upstream transactions committed, and ended by a failure (aborted by the next InitProducerId)",
+            m.mirror_transactions.clone(),
+        );
+        m.registry.register(
             "connections",
             "Open client connections, per listener",
             m.connections.clone(),
@@ -383,6 +535,18 @@ impl Metrics {
             "Partitions read-only because of corruption before their durable tail",
             m.recovery_quarantined_partitions.clone(),
         );
+        m.registry.register(
+            "recovery_stale_batches_erased",
+            "Batches a crashed run left past the log's end, erased by recovery at start-up",
+            m.recovery_stale_batches_erased.clone(),
+        );
+        m.registry.register(
+            "recovery_damaged_offsets",
+            "Offsets lost in damaged data that recovery skipped at start-up (the records \
+             there, and any gap the log already had)",
+            m.recovery_damaged_offsets.clone(),
+        );
+        m.share.register(&mut m.registry);
         Arc::new(m)
     }
 
@@ -476,6 +640,40 @@ impl Metrics {
         *seen = now;
     }
 
+    /// Folds the coordinator's cumulative counters into the exported ones.
+    pub fn observe_groups(&self, commits: u64, log_writes: u64) {
+        let Ok(mut seen) = self.groups_seen.lock() else {
+            return;
+        };
+        self.group_commits.inc_by(commits.saturating_sub(seen.0));
+        self.group_offset_log_writes
+            .inc_by(log_writes.saturating_sub(seen.1));
+        *seen = (commits, log_writes);
+    }
+
+    /// Folds the cleaner's counters in (called periodically).
+    pub fn observe_cleaner(&self, now: CleanerCounters) {
+        let c = &self.cleaner;
+        let Ok(mut seen) = c.seen.lock() else {
+            return;
+        };
+        let d = |new: u64, old: u64| new.saturating_sub(old);
+        c.runs.inc_by(d(now.runs, seen.runs));
+        c.passes.inc_by(d(now.passes, seen.passes));
+        c.read_bytes.inc_by(d(now.bytes_read, seen.bytes_read));
+        c.written_bytes
+            .inc_by(d(now.bytes_written, seen.bytes_written));
+        c.removed_records
+            .inc_by(d(now.records_removed, seen.records_removed));
+        c.freed_segments
+            .inc_by(d(now.segments_freed, seen.segments_freed));
+        c.lag_bytes
+            .set(i64::try_from(now.lag_bytes).unwrap_or(i64::MAX));
+        c.progress_bytes
+            .set(i64::try_from(now.progress_bytes).unwrap_or(i64::MAX));
+        *seen = now;
+    }
+
     pub fn set_mirror_backlog(&self, topic: &str, records: i64, bytes_at_risk: i64) {
         let labels = TopicLabels {
             topic: Arc::from(topic),
@@ -486,6 +684,30 @@ impl Metrics {
         self.mirror_bytes_at_risk
             .get_or_create(&labels)
             .set(bytes_at_risk);
+    }
+
+    pub fn mirror_forwarded(&self, topic: &str, records: u64, bytes: u64) {
+        let labels = TopicLabels {
+            topic: Arc::from(topic),
+        };
+        self.mirror_forwarded_records
+            .get_or_create(&labels)
+            .inc_by(records);
+        self.mirror_forwarded_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
+    }
+
+    pub fn set_mirror_link(&self, up: bool) {
+        self.mirror_link_up.set(i64::from(up));
+    }
+
+    pub fn mirror_transaction(&self, committed: bool) {
+        self.mirror_transactions
+            .get_or_create(&OutcomeLabels {
+                outcome: if committed { "commit" } else { "abort" },
+            })
+            .inc();
     }
 
     pub fn mirror_dropped(&self, topic: &str, records: u64) {
@@ -513,6 +735,32 @@ impl Metrics {
     }
 
     /// Start-up recovery's outcome, summed over partitions.
+    /// Replaces the lines `/health` adds after "ok".
+    pub fn set_health_notes(&self, notes: Vec<&'static str>) {
+        *self.health_notes.lock().unwrap_or_else(|e| e.into_inner()) = notes;
+    }
+
+    /// `/health`'s body: "ok", then a line per note.
+    pub fn health_text(&self) -> String {
+        let notes = self.health_notes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::from("ok\n");
+        for n in notes.iter() {
+            text.push_str(n);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Batches a crashed run left past the end, erased by recovery.
+    pub fn record_recovery_erased(&self, batches: u64) {
+        self.recovery_stale_batches_erased.inc_by(batches);
+    }
+
+    /// Offsets lost in damaged ranges recovery skipped.
+    pub fn record_recovery_damaged(&self, offsets: u64) {
+        self.recovery_damaged_offsets.inc_by(offsets);
+    }
+
     pub fn record_recovery(&self, truncated_bytes: u64, quarantined_partitions: i64) {
         self.recovery_truncated_bytes.inc_by(truncated_bytes);
         self.recovery_quarantined_partitions
@@ -532,6 +780,8 @@ impl Metrics {
         self.mirror_backlog_records.remove(&labels);
         self.mirror_bytes_at_risk.remove(&labels);
         self.mirror_dropped_records.remove(&labels);
+        self.mirror_forwarded_records.remove(&labels);
+        self.mirror_forwarded_bytes.remove(&labels);
     }
 
     /// The OpenMetrics text exposition (what `/metrics` serves).

@@ -90,6 +90,8 @@ fn scrape_shows_recorded_values() {
     let _unix = m.connection_opened(Listener::Unix);
     m.tls_failure();
     m.record_recovery(4096, 1);
+    m.record_recovery_erased(3);
+    m.record_recovery_damaged(7);
     {
         use crate::storage::IoObserver;
         m.window_read(1 << 20, false);
@@ -157,6 +159,8 @@ fn scrape_shows_recorded_values() {
         ("skiff_tls_handshake_failures_total", 1.0),
         ("skiff_recovery_truncated_bytes_total", 4096.0),
         ("skiff_recovery_quarantined_partitions", 1.0),
+        ("skiff_recovery_stale_batches_erased_total", 3.0),
+        ("skiff_recovery_damaged_offsets_total", 7.0),
     ];
     for (series, value) in expect {
         assert_eq!(sample(text, series), Some(value), "{series} in:\n{text}");
@@ -243,4 +247,14 @@ fn a_silent_client_is_cut_off_and_does_not_block_others() {
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
     assert!(waited < Duration::from_secs(4), "{waited:?}");
+}
+
+#[test]
+fn health_adds_a_line_per_note() {
+    let m = Metrics::new();
+    assert_eq!(m.health_text(), "ok\n");
+    m.set_health_notes(vec!["storage: one", "storage: two"]);
+    assert_eq!(m.health_text(), "ok\nstorage: one\nstorage: two\n");
+    m.set_health_notes(Vec::new());
+    assert_eq!(m.health_text(), "ok\n");
 }

@@ -1,0 +1,333 @@
+//! `skiff consume --group` and `skiff groups ...`.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, ClientError, GroupConfig, GroupConsumer, OffsetReset, StartFrom};
+use crate::protocol::{DescribeGroupResponse, OffsetCommitPartition, OffsetSpec};
+
+use super::args::*;
+use super::commands::{check_broker, connect, exit_code_for, parse_from, record_json};
+use super::{fail, EXIT_USAGE};
+
+/// How often `consume --group` commits what it printed (and always
+/// before giving a partition up, and at exit).
+const GROUP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a rebalance waits for a `consume --group` member; it polls
+/// every half second at most, so this is generous.
+const GROUP_MAX_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a stop signal is looked for while a poll is waiting.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+pub fn consume(args: ConsumeArgs) -> ExitCode {
+    let group = args.group.clone().expect("called with --group");
+    let start_from = match args.from.as_deref().unwrap_or("latest") {
+        "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        other => {
+            return fail(
+                EXIT_USAGE,
+                format!(
+                    "--from {other} with --group: use earliest or latest (where a partition without a committed offset starts); to move a group's offsets use skiff groups reset-offsets"
+                ),
+            )
+        }
+    };
+    if args.partition.is_some() {
+        return fail(
+            EXIT_USAGE,
+            "--partition and --group cannot be used together: the group assigns the partitions",
+        );
+    }
+    if let Err(code) = check_broker(&args.broker.broker) {
+        return code;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            return fail(
+                super::EXIT_RUNTIME,
+                format!("cannot install signal handlers: {e}"),
+            );
+        }
+    }
+    let client = match connect(&args.broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let session_timeout = Duration::from_millis(args.session_timeout_ms);
+    let mut cfg = GroupConfig::new(&group, &[&args.topic]);
+    cfg.assignor = args.assignor.clone();
+    cfg.session_timeout = session_timeout;
+    // Five heartbeats per session: a lost one or two do not end it.
+    cfg.heartbeat_interval = (session_timeout / 5).max(Duration::from_millis(50));
+    cfg.max_poll_interval = GROUP_MAX_POLL_INTERVAL;
+    cfg.auto_commit_interval = Some(GROUP_COMMIT_INTERVAL);
+    // What is printed is what is committed, not what was fetched.
+    cfg.mark_on_poll = false;
+    cfg.start_from = start_from;
+    cfg.client_name = Some(format!(
+        "skiff-cli/{} pid {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    ));
+    cfg.consumer.max_wait = Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500));
+    cfg.consumer.offset_reset = OffsetReset::Earliest;
+    cfg.consumer.isolation = args.isolation.wire();
+    cfg.consumer.client = client.config().clone();
+    let mut member = GroupConsumer::new(client, cfg);
+    let stdout = std::io::stdout();
+    let result = smol::block_on(async {
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let mut seen = 0u64;
+        let mut last_record = Instant::now();
+        let read: Result<(), ClientError> = async {
+            loop {
+                if stop.load(Ordering::Relaxed) || args.count.is_some_and(|c| seen >= c) {
+                    return Ok(());
+                }
+                let polled = futures_lite::future::or(async { Some(member.poll().await) }, async {
+                    while !stop.load(Ordering::Relaxed) {
+                        smol::Timer::after(SIGNAL_CHECK).await;
+                    }
+                    None
+                })
+                .await;
+                let Some(records) = polled else {
+                    return Ok(());
+                };
+                let records = records?;
+                if records.is_empty() {
+                    if args
+                        .timeout_ms
+                        .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))
+                    {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                last_record = Instant::now();
+                for r in records {
+                    if args.count.is_some_and(|c| seen >= c) {
+                        break;
+                    }
+                    let written = match args.format {
+                        OutputFormat::Text => {
+                            out.write_all(&r.value).and_then(|()| out.write_all(b"\n"))
+                        }
+                        OutputFormat::Json => writeln!(out, "{}", record_json(&r)),
+                    };
+                    if written.is_err() {
+                        // stdout closed (a pipe into `head`): stop quietly.
+                        return Ok(());
+                    }
+                    seen += 1;
+                    member.mark_consumed(&r.topic, r.partition, r.offset);
+                }
+                // Printed before it is committed.
+                if out.flush().is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        let _ = out.flush();
+        // Commit what was printed and leave, also after an error.
+        let closed = member.close().await;
+        read.and(closed)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(
+            exit_code_for(&e),
+            format!("consume {} --group {group}: {e}", args.topic),
+        ),
+    }
+}
+
+pub fn groups(command: GroupsCommand) -> ExitCode {
+    let broker = match &command {
+        GroupsCommand::List { broker }
+        | GroupsCommand::Describe { broker, .. }
+        | GroupsCommand::ResetOffsets { broker, .. }
+        | GroupsCommand::Delete { broker, .. } => broker.clone(),
+    };
+    let client = match connect(&broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result: Result<(), ResetError> = smol::block_on(async {
+        match command {
+            GroupsCommand::List { .. } => {
+                for g in client.list_groups().await? {
+                    println!("{}\t{}\t{} member(s)", g.group, g.state, g.members);
+                }
+            }
+            GroupsCommand::Describe { group, format, .. } => {
+                let d = client.describe_group(&group).await?;
+                match format {
+                    OutputFormat::Json => println!("{}", describe_json(&d)),
+                    OutputFormat::Text => print_describe(&d),
+                }
+            }
+            GroupsCommand::ResetOffsets {
+                group, topic, to, ..
+            } => reset_offsets(&client, &group, &topic, &to).await?,
+            GroupsCommand::Delete { group, .. } => client.delete_group(&group).await?,
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ResetError::Usage(m)) => fail(EXIT_USAGE, m),
+        Err(ResetError::Client(e)) => fail(exit_code_for(&e), e),
+    }
+}
+
+/// A `groups` command's failure: bad arguments (2) or the broker's answer.
+enum ResetError {
+    Usage(String),
+    Client(ClientError),
+}
+
+impl From<ClientError> for ResetError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+async fn reset_offsets(
+    client: &Client,
+    group: &str,
+    topic: &str,
+    to: &str,
+) -> Result<(), ResetError> {
+    let Some(to) = parse_from(to) else {
+        return Err(ResetError::Usage(format!(
+            "--to {to}: expected earliest, latest, an offset or @UNIX_MS"
+        )));
+    };
+    // An unknown group is an error, as for describe and delete; one with
+    // members is refused by the broker too (group_not_empty).
+    let d = client.describe_group(group).await?;
+    if !d.members.is_empty() {
+        return Err(ResetError::Client(ClientError::Server {
+            code: crate::protocol::ErrorCode::GroupNotEmpty,
+            message: format!(
+                "group '{group}' has {} member(s): stop them before resetting its offsets",
+                d.members.len()
+            ),
+        }));
+    }
+    let partitions = client.partition_count(topic).await?;
+    let mut offsets = Vec::new();
+    for p in 0..partitions {
+        let offset = match to {
+            StartFrom::Offset(o) => o,
+            StartFrom::Earliest => latest_or(client, topic, p, OffsetSpec::Earliest).await?,
+            StartFrom::Latest => latest_or(client, topic, p, OffsetSpec::Latest).await?,
+            StartFrom::Timestamp(ms) => {
+                match client
+                    .offset_for(topic, p, OffsetSpec::Timestamp(ms))
+                    .await?
+                {
+                    Some(o) => o,
+                    None => latest_or(client, topic, p, OffsetSpec::Latest).await?,
+                }
+            }
+        };
+        offsets.push(OffsetCommitPartition {
+            topic: topic.to_owned(),
+            partition: p,
+            offset,
+            metadata: None,
+        });
+    }
+    client.commit_offsets(group, None, offsets.clone()).await?;
+    for o in offsets {
+        println!("{group} {}/{}: {}", o.topic, o.partition, o.offset);
+    }
+    Ok(())
+}
+
+async fn latest_or(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    spec: OffsetSpec,
+) -> Result<u64, ClientError> {
+    Ok(client
+        .offset_for(topic, partition, spec)
+        .await?
+        .unwrap_or(0))
+}
+
+/// The JSON of `groups describe --format json` (a contract: see the
+/// issue's CLI section and docs/operations.md).
+fn describe_json(d: &DescribeGroupResponse) -> serde_json::Value {
+    serde_json::json!({
+        "group": d.group,
+        "state": d.state,
+        "generation": d.generation,
+        "protocol": d.assignor,
+        "members": d.members.iter().map(|m| serde_json::json!({
+            "member_id": m.member_id,
+            "instance_id": m.instance_id,
+            "client": m.client,
+            "assignment": m.assignment.iter().map(|p| serde_json::json!({
+                "topic": p.topic,
+                "partition": p.partition,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "offsets": d.offsets.iter().map(|o| serde_json::json!({
+            "topic": o.topic,
+            "partition": o.partition,
+            "committed": o.committed,
+            "log_end": o.log_end,
+            "lag": o.lag,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_describe(d: &DescribeGroupResponse) {
+    println!("group: {}", d.group);
+    println!("state: {}", d.state);
+    println!("generation: {}", d.generation);
+    println!("protocol: {}", d.assignor.as_deref().unwrap_or("-"));
+    println!("members: {}", d.members.len());
+    for m in &d.members {
+        let parts: Vec<String> = m
+            .assignment
+            .iter()
+            .map(|p| format!("{}/{}", p.topic, p.partition))
+            .collect();
+        println!(
+            "  {} ({}{}): {}",
+            m.member_id,
+            m.client,
+            m.instance_id
+                .as_deref()
+                .map(|i| format!(", instance {i}"))
+                .unwrap_or_default(),
+            if parts.is_empty() {
+                "-".into()
+            } else {
+                parts.join(" ")
+            }
+        );
+    }
+    let show = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for o in &d.offsets {
+        println!(
+            "{}/{}: committed {} log_end {} lag {}",
+            o.topic,
+            o.partition,
+            show(o.committed),
+            show(o.log_end),
+            show(o.lag)
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! `skiff consume --share-group G --exec CMD` (a queue worker) and
+//! `skiff dlq list|replay` (docs/queues.md).
+
+use std::io::Write;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::broker::share::{
+    DLQ_DELIVERY_COUNT_HEADER, DLQ_ERROR_HEADER, DLQ_HEADER_PREFIX, DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER, DLQ_TOPIC_HEADER,
+};
+use crate::client::{
+    Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, Outcome, Producer,
+    ProducerConfig, ShareConfig, ShareConsumer, StartFrom,
+};
+use crate::protocol::{ErrorCode, OffsetSpec, ShareRecord};
+
+use super::args::*;
+use super::commands::{connect, exit_code_for, record_json};
+use super::{fail, EXIT_USAGE};
+
+/// EX_TEMPFAIL (sysexits.h): the command asks for the record again later.
+pub const EXIT_TEMPFAIL: i32 = 75;
+/// The share group `dlq replay` keeps its place in the dead-letter topic
+/// with.
+pub const REPLAY_GROUP: &str = "skiff-dlq-replay";
+
+/// `skiff consume T --share-group G --exec CMD`: runs CMD for each record
+/// (the value on stdin, the rest in the environment); exit 0 accepts the
+/// record, 75 releases it for redelivery, anything else rejects it.
+pub fn consume(args: ConsumeArgs) -> ExitCode {
+    let group = args.share_group.clone().expect("called with --share-group");
+    let Some(cmd) = args.exec.clone() else {
+        return fail(
+            EXIT_USAGE,
+            "--share-group needs --exec CMD: the command run for each record",
+        );
+    };
+    let from_earliest = match args.from.as_deref() {
+        None | Some("latest") => false,
+        Some("earliest") => true,
+        Some(other) => {
+            return fail(
+                EXIT_USAGE,
+                format!("--from {other}: with --share-group, earliest or latest"),
+            )
+        }
+    };
+    if args.group.is_some() || args.partition.is_some() {
+        return fail(
+            EXIT_USAGE,
+            "--share-group takes records from every partition: not with --group or --partition",
+        );
+    }
+    let client = match connect(&args.broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let config = ShareConfig {
+        max_records: 1,
+        max_wait: Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500)),
+        from_earliest,
+    };
+    let worker = ShareConsumer::new(client, &group, &args.topic, config);
+    let result = smol::block_on(async {
+        let mut handled = 0u64;
+        let mut last_record = Instant::now();
+        loop {
+            if args.count.is_some_and(|c| handled >= c) {
+                break;
+            }
+            let records = worker.poll().await?;
+            if records.is_empty() {
+                if args
+                    .timeout_ms
+                    .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))
+                {
+                    break;
+                }
+                continue;
+            }
+            last_record = Instant::now();
+            for r in records {
+                let outcome = run_exec(&cmd, &args.topic, &r);
+                let results = worker.ack(&[(r.partition, r.offset, outcome)]).await?;
+                if let Some(code) = results.first().filter(|c| !c.is_none()) {
+                    eprintln!(
+                        "skiff: {}/{} offset {}: the acknowledgement did not count ({code}): it will be delivered again",
+                        args.topic, r.partition, r.offset
+                    );
+                }
+                handled += 1;
+            }
+        }
+        Ok::<u64, ClientError>(handled)
+    });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(
+            exit_code_for(&e),
+            format!("consume {} --share-group {group}: {e}", args.topic),
+        ),
+    }
+}
+
+/// Runs the command for one record; what its exit status says.
+fn run_exec(cmd: &str, topic: &str, r: &ShareRecord) -> Outcome {
+    let key = r
+        .key
+        .as_ref()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .unwrap_or_default();
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("SKIFF_TOPIC", topic)
+        .env("SKIFF_PARTITION", r.partition.to_string())
+        .env("SKIFF_OFFSET", r.offset.to_string())
+        .env("SKIFF_KEY", key)
+        .env("SKIFF_DELIVERY_COUNT", r.delivery_count.to_string())
+        .stdin(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            // Not the record's fault: try it again later.
+            eprintln!("skiff: cannot run {cmd:?}: {e}");
+            return Outcome::Release {
+                delay: Duration::from_secs(1),
+                reason: Some(format!("cannot run the command: {e}")),
+            };
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input closes the pipe: fine.
+        let _ = stdin.write_all(r.value.as_deref().map_or(&[][..], |v| &v[..]));
+    }
+    match child.wait() {
+        Ok(s) if s.success() => Outcome::Accept,
+        Ok(s) if s.code() == Some(EXIT_TEMPFAIL) => Outcome::Release {
+            delay: Duration::ZERO,
+            reason: Some(format!("the command exited with status {EXIT_TEMPFAIL}")),
+        },
+        Ok(s) => Outcome::Reject {
+            reason: match s.code() {
+                Some(c) => format!("the command exited with status {c}"),
+                None => format!("the command was killed ({s})"),
+            },
+        },
+        Err(e) => Outcome::Release {
+            delay: Duration::from_secs(1),
+            reason: Some(format!("waiting for the command: {e}")),
+        },
+    }
+}
+
+fn header<'a>(r: &'a ConsumerRecord, name: &str) -> Option<&'a [u8]> {
+    r.headers
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn header_text(r: &ConsumerRecord, name: &str) -> String {
+    header(r, name)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+pub fn dlq(command: DlqCommand) -> ExitCode {
+    let (verb, topic, dead_letter_topic, broker) = match &command {
+        DlqCommand::List {
+            topic,
+            dead_letter_topic,
+            broker,
+            ..
+        } => ("list", topic, dead_letter_topic, broker),
+        DlqCommand::Replay {
+            topic,
+            dead_letter_topic,
+            broker,
+            ..
+        } => ("replay", topic, dead_letter_topic, broker),
+    };
+    let dlq = dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{topic}.dlq"));
+    let client = match connect(broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = smol::block_on(async {
+        match command {
+            DlqCommand::List { format, .. } => list(client, &dlq, format).await.map(|_| ()),
+            DlqCommand::Replay { count, .. } => {
+                let n = replay(client, &dlq, count).await?;
+                eprintln!("skiff: replayed {n} record(s) from {dlq}");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(exit_code_for(&e), format!("dlq {verb} {dlq}: {e}")),
+    }
+}
+
+/// Every record in the dead-letter topic, from its start to its end now.
+async fn list(client: Client, dlq: &str, format: OutputFormat) -> Result<u64, ClientError> {
+    let mut consumer = Consumer::new(
+        client,
+        ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            offset_reset: OffsetReset::Earliest,
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer.assign(dlq, None, StartFrom::Earliest).await?;
+    let mut ends = Vec::new();
+    for (_, p, _) in consumer.assignment() {
+        let end = consumer
+            .client()
+            .offset_for(dlq, p, OffsetSpec::Latest)
+            .await?
+            .unwrap_or(0);
+        ends.push((p, end));
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if format == OutputFormat::Text {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<32} {:>10} {:>10} {:>10}  ERROR",
+            "OFFSET", "FROM", "PARTITION", "AT", "DELIVERIES"
+        );
+    }
+    let mut seen = 0u64;
+    while !ends
+        .iter()
+        .all(|&(p, end)| consumer.position(dlq, p).is_some_and(|o| o >= end))
+    {
+        for r in consumer.poll().await? {
+            if ends
+                .iter()
+                .any(|&(p, end)| p == r.partition && r.offset >= end)
+            {
+                continue;
+            }
+            seen += 1;
+            let written = match format {
+                OutputFormat::Text => writeln!(
+                    out,
+                    "{:<8} {:<32} {:>10} {:>10} {:>10}  {}",
+                    r.offset,
+                    header_text(&r, DLQ_TOPIC_HEADER),
+                    header_text(&r, DLQ_PARTITION_HEADER),
+                    header_text(&r, DLQ_OFFSET_HEADER),
+                    header_text(&r, DLQ_DELIVERY_COUNT_HEADER),
+                    header_text(&r, DLQ_ERROR_HEADER),
+                ),
+                OutputFormat::Json => {
+                    let mut j = record_json(&r);
+                    j["dlq"] = serde_json::json!({
+                        "topic": header_text(&r, DLQ_TOPIC_HEADER),
+                        "partition": header_text(&r, DLQ_PARTITION_HEADER).parse::<u32>().ok(),
+                        "offset": header_text(&r, DLQ_OFFSET_HEADER).parse::<u64>().ok(),
+                        "delivery_count": header_text(&r, DLQ_DELIVERY_COUNT_HEADER).parse::<u32>().ok(),
+                        "error": header_text(&r, DLQ_ERROR_HEADER),
+                    });
+                    writeln!(out, "{j}")
+                }
+            };
+            if written.is_err() {
+                return Ok(seen);
+            }
+        }
+    }
+    let _ = out.flush();
+    Ok(seen)
+}
+
+/// Publishes dead-letter records back to their original topic, through the
+/// share group [`REPLAY_GROUP`] on the dead-letter topic: a record is
+/// accepted there only once its copy is written, so a replay stopped and
+/// run again neither loses nor repeats one.
+async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, ClientError> {
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).await?;
+    let worker = ShareConsumer::new(
+        client,
+        REPLAY_GROUP,
+        dlq,
+        ShareConfig {
+            max_records: 100,
+            max_wait: Duration::from_millis(200),
+            from_earliest: true,
+        },
+    );
+    let mut replayed = 0u64;
+    loop {
+        let left = count.map(|c| c.saturating_sub(replayed));
+        if left == Some(0) {
+            break;
+        }
+        let n = left.map_or(100, |l| l.min(100) as u32);
+        let records = worker.poll_max(n).await?;
+        if records.is_empty() {
+            break;
+        }
+        let mut acks = Vec::new();
+        let mut sends = Vec::new();
+        for r in records {
+            let to = r
+                .headers
+                .iter()
+                .rev()
+                .find(|h| h.name == DLQ_TOPIC_HEADER)
+                .map(|h| String::from_utf8_lossy(&h.value).into_owned());
+            let Some(to) = to else {
+                let reason = format!("no {DLQ_TOPIC_HEADER} header: not a dead-letter record");
+                acks.push((r.partition, r.offset, Outcome::Reject { reason }));
+                continue;
+            };
+            let headers: Vec<(&str, &[u8])> = r
+                .headers
+                .iter()
+                .filter(|h| !h.name.starts_with(DLQ_HEADER_PREFIX))
+                .map(|h| (h.name.as_str(), &h.value[..]))
+                .collect();
+            let value = r.value.as_deref().map_or(&[][..], |v| &v[..]);
+            let d = producer.send(&to, r.key.as_deref().map(|k| &k[..]), value, &headers);
+            sends.push((r.partition, r.offset, to, d));
+        }
+        producer.flush().await;
+        for (p, o, to, d) in sends {
+            match d.await {
+                Ok(_) => {
+                    acks.push((p, o, Outcome::Accept));
+                    replayed += 1;
+                }
+                Err(e) => {
+                    eprintln!("skiff: {dlq} offset {o}: cannot publish to {to}: {e}");
+                    acks.push((
+                        p,
+                        o,
+                        Outcome::Release {
+                            delay: Duration::ZERO,
+                            reason: Some(e.to_string()),
+                        },
+                    ));
+                }
+            }
+        }
+        for (code, (p, o, _)) in worker.ack(&acks).await?.iter().zip(&acks) {
+            if *code != ErrorCode::None {
+                eprintln!("skiff: {dlq}/{p} offset {o}: acknowledgement refused ({code})");
+            }
+        }
+        if acks.iter().any(|(_, _, o)| *o != Outcome::Accept) {
+            // Something failed: stop rather than loop on it.
+            break;
+        }
+    }
+    Ok(replayed)
+}
