@@ -63,6 +63,7 @@ fn topics_create_list_describe_delete() {
             "retention_ms: 60000",
             "fsync: interval:50",
             "overflow: reject",
+            "disk_reserved: 9 MiB (3 partition(s) x 3 segments x 1 MiB)",
         ]
     );
     assert_ok(&b.cli(&["topics", "create", "audit"]));
@@ -407,25 +408,277 @@ fn exit_codes_and_error_messages() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 
     // No broker there: a closed port and a missing socket path.
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let closed = ClosedPort::new();
+    let addr = closed.addr.clone();
     let o = run_cli(&["topics", "list"], &addr, None);
     assert_fails(&o, 1, &["cannot connect", &addr]);
     let gone = b.dir.path().join("nobody.sock");
     let gone = gone.to_str().expect("utf-8 path");
-    let o = run_cli(&["produce", "exists", "v"], gone, None);
+    // (produce waits for a broker that is starting: not here.)
+    let o = run_cli(
+        &["produce", "exists", "--retry-timeout-ms", "0", "v"],
+        gone,
+        None,
+    );
     assert_fails(&o, 1, &[gone]);
     let o = run_cli(&["consume", "exists", "--timeout-ms", "100"], gone, None);
     assert_fails(&o, 1, &[gone]);
+
+    // A malformed --broker is a usage error that says so, for every
+    // command, before anything is tried.
+    for bad in [
+        "nonsense",
+        "127.0.0.1",
+        "host:port",
+        ":9471",
+        "127.0.0.1:99999",
+    ] {
+        for args in [
+            &["topics", "list"][..],
+            &["produce", "exists", "v"],
+            &["consume", "exists"],
+            &["bench", "produce", "--messages", "10"],
+            &["bench", "consume"],
+        ] {
+            let o = run_cli(args, bad, None);
+            assert_fails(&o, 2, &["--broker", bad, "is not an address"]);
+        }
+    }
+}
+
+/// storage.disk_budget_bytes caps what all topics' rings reserve: a topic past
+/// it is refused, naming the numbers, and deleting one makes room.
+#[test]
+fn topics_past_the_disk_limit_are_refused() {
+    let b = Broker::start(
+        "\n[storage]\ndisk_budget_bytes = 4194304\n[topic_defaults]\nsegment_bytes = 1048576\nsegments = 2\n",
+    );
+    let o = b.cli(&["topics", "create", "a", "--partitions", "2"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("disk_reserved: 4 MiB (2 partition(s) x 2 segments x 1 MiB)"),
+        "{}",
+        stdout(&o)
+    );
+    let o = b.cli(&["topics", "create", "b"]);
+    assert_fails(&o, 1, &["storage_full", "disk limit", "2097152", "4194304"]);
+    assert_eq!(lines(&b.cli(&["topics", "list"])), ["a"]);
+    assert_ok(&b.cli(&["topics", "delete", "a"]));
+    assert_ok(&b.cli(&["topics", "create", "b"]));
+}
+
+/// An unknown topic reads the same whichever command met it.
+#[test]
+fn an_unknown_topic_is_worded_one_way() {
+    let b = Broker::start("");
+    for args in [
+        &["consume", "nope", "--timeout-ms", "300"][..],
+        &["consume", "nope", "--partition", "0", "--timeout-ms", "300"],
+        &["produce", "nope", "v"],
+        &["produce", "nope", "--partition", "0", "v"],
+        &["topics", "describe", "nope"],
+        &["topics", "delete", "nope"],
+    ] {
+        assert_fails(&b.cli(args), 1, &["unknown topic 'nope'"]);
+    }
+    assert_ok(&b.cli(&["topics", "create", "two", "--partitions", "2"]));
+    for args in [
+        &["consume", "two", "--partition", "5", "--timeout-ms", "300"][..],
+        &["produce", "two", "--partition", "5", "v"],
+    ] {
+        assert_fails(&b.cli(args), 1, &["topic 'two' has no partition 5"]);
+    }
+}
+
+/// Without --count or --timeout-ms, a consume whose stdout is not a
+/// terminal prints the log as it is and ends (kcat's -e); --follow keeps
+/// waiting, as a terminal does.
+#[test]
+fn consume_into_a_pipe_stops_at_the_end_of_the_log() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "end", "--partitions", "3"]));
+    assert_ok(&b.cli(&["produce", "end", "--partition", "2", "a", "b"]));
+    assert_ok(&b.cli(&["produce", "end", "--partition", "0", "c"]));
+    let started = Instant::now();
+    let o = b.cli(&["consume", "end"]);
+    assert_ok(&o);
+    let mut got = lines(&o);
+    got.sort();
+    assert_eq!(got, ["a", "b", "c"]);
+    let o = b.cli(&["consume", "end", "--partition", "2", "--format", "json"]);
+    assert_ok(&o);
+    assert_eq!(json_lines(&o).len(), 2);
+    // An empty partition, and the end as the start: nothing, at once.
+    let o = b.cli(&["consume", "end", "--partition", "1"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "");
+    let o = b.cli(&["consume", "end", "--from", "latest"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // --follow waits past the end for what comes next.
+    let mut child = skiff_command()
+        .args(["consume", "end", "--partition", "1", "--follow", "--broker"])
+        .arg(&b.tcp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning consume --follow");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "consume --follow ended at the end of the log"
+    );
+    assert_ok(&b.cli(&["produce", "end", "--partition", "1", "later"]));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let o = child.wait_with_output().expect("consume output");
+    assert_eq!(stdout(&o), "later\n", "stderr: {}", stderr(&o));
+}
+
+/// `skiff produce` started before its broker waits for it, within
+/// --retry-timeout-ms, saying so on stderr at most once a second; past the
+/// deadline it gives up with exit 1.
+#[test]
+fn produce_waits_for_a_broker_that_is_starting() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "late"]));
+    b.stop();
+    let unix = b.unix.to_str().expect("utf-8 path").to_owned();
+    let started = Instant::now();
+    let producer = skiff_command()
+        .args(["produce", "late", "--retry-timeout-ms", "60000", "--broker"])
+        .arg(&unix)
+        .args(["one", "two"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning produce");
+    std::thread::sleep(Duration::from_millis(2500));
+    b.restart();
+    let o = producer.wait_with_output().expect("produce output");
+    let waited = started.elapsed();
+    assert_ok(&o);
+    let err = stderr(&o);
+    let retries = err.lines().filter(|l| l.contains("retrying")).count();
+    assert!(retries >= 2, "a notice per second of waiting: {err}");
+    assert!(
+        retries as f64 <= waited.as_secs_f64() + 1.0,
+        "{retries} notices in {waited:?}: {err}"
+    );
+    assert!(err.contains(&unix), "names the address: {err}");
+    assert!(
+        err.lines().last().unwrap_or("").contains("connected"),
+        "{err}"
+    );
+    let o = b.cli(&["consume", "late"]);
+    assert_eq!(lines(&o), ["one", "two"]);
+
+    // --quiet: no notices, and the deadline ends it.
+    let gone = b.dir.path().join("nobody.sock");
+    let gone = gone.to_str().expect("utf-8 path");
+    let started = Instant::now();
+    let o = run_cli(
+        &[
+            "produce",
+            "late",
+            "--retry-timeout-ms",
+            "1500",
+            "--quiet",
+            "v",
+        ],
+        gone,
+        None,
+    );
+    assert_fails(&o, 1, &["cannot connect", gone, "--retry-timeout-ms 1500"]);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+}
+
+/// A record dropped by a topic's message-id window is counted on stderr,
+/// unless --quiet.
+#[test]
+fn produce_counts_the_duplicates_it_dropped() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "ev", "--msg-id-window-ms", "600000"]));
+    let o = b.cli_stdin(
+        &["produce", "ev", "--msg-id-header", "msg-id"],
+        Some(b"e1\ta\ne2\tb\ne1\ta\n"),
+    );
+    assert_ok(&o);
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "skiff: 1 record dropped as duplicate (a message id the topic had seen)"
+    );
+    let o = b.cli_stdin(
+        &["produce", "ev", "--msg-id-header", "msg-id"],
+        Some(b"e1\ta\ne2\tb\ne3\tc\n"),
+    );
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("2 records dropped as duplicates"),
+        "{}",
+        stderr(&o)
+    );
+    let o = b.cli_stdin(
+        &["produce", "ev", "--msg-id-header", "msg-id", "--quiet"],
+        Some(b"e3\tc\n"),
+    );
+    assert_ok(&o);
+    assert_eq!(stderr(&o), "");
+    let o = b.cli_stdin(
+        &["produce", "ev", "--msg-id-header", "msg-id"],
+        Some(b"e4\td\n"),
+    );
+    assert_ok(&o);
+    assert_eq!(stderr(&o), "", "nothing to report");
+    assert_eq!(lines(&b.cli(&["consume", "ev"])), ["a", "b", "c", "d"]);
+}
+
+/// Each `skiff produce` starts its unkeyed records at a random partition,
+/// so runs of a few records spread over the topic.
+#[test]
+fn unkeyed_records_from_separate_runs_spread_over_the_partitions() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "spread", "--partitions", "4"]));
+    for i in 0..12 {
+        assert_ok(&b.cli(&["produce", "spread", &format!("r{i}")]));
+    }
+    let o = b.cli(&["topics", "describe", "spread"]);
+    let used = lines(&o)
+        .iter()
+        .filter(|l| l.starts_with("partition ") && !l.ends_with("latest 0"))
+        .count();
+    // Twelve runs on one partition: 4^-11 by chance.
+    assert!(used >= 2, "{}", stdout(&o));
 }
 
 /// `skiff bench produce|consume` print one JSON line each with the figures
-/// BENCHMARKING.md asks for; `--compare-idempotence` prints both modes'
+/// docs/performance.md's method asks for; `--compare-idempotence` prints both modes'
 /// rates from one run; `--rate` runs the open loop.
 #[test]
 fn bench_commands_print_one_json_line() {
     let b = Broker::start("");
-    let out = b.cli(&["bench", "produce", "--messages", "3000", "--size", "50"]);
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "3000",
+        "--size",
+        "50",
+        "--keep",
+    ]);
     assert_ok(&out);
     let p = json_lines(&out);
     assert_eq!(p.len(), 1, "{}", stdout(&out));
@@ -442,12 +695,23 @@ fn bench_commands_print_one_json_line() {
     );
     assert!(0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
 
-    let out = b.cli(&["bench", "consume"]);
+    assert!(p.get("broker_cpu_s").is_none(), "only with --broker-pid");
+
+    let pid = b.pid().to_string();
+    let out = b.cli(&["bench", "consume", "--broker-pid", &pid]);
     assert_ok(&out);
     let c = &json_lines(&out)[0];
     assert_eq!(c["workload"], "consume");
     assert_eq!(c["messages"], 3000, "replays what the produce run wrote");
     assert_eq!(c["payload_bytes"], 3000 * 50);
+    let (cpu, per_m) = (
+        c["broker_cpu_s"].as_f64().unwrap(),
+        c["broker_cpu_s_per_m_records"].as_f64().unwrap(),
+    );
+    assert!(
+        cpu >= 0.0 && (per_m - cpu * 1e6 / 3000.0).abs() < 1e-6,
+        "{c}"
+    );
 
     let out = b.cli(&[
         "bench",
@@ -456,6 +720,7 @@ fn bench_commands_print_one_json_line() {
         "4000",
         "--compare-idempotence",
         "2",
+        "--keep",
     ]);
     assert_ok(&out);
     let ab = &json_lines(&out)[0];
@@ -475,7 +740,15 @@ fn bench_commands_print_one_json_line() {
 
     // The open loop sends each record when it is due, so the last of 1,000
     // at 4,000/s cannot go before 0.25 s.
-    let out = b.cli(&["bench", "produce", "--messages", "1000", "--rate", "4000"]);
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "1000",
+        "--rate",
+        "4000",
+        "--keep",
+    ]);
     assert_ok(&out);
     let o = &json_lines(&out)[0];
     assert_eq!(o["workload"], "produce_open_loop");
@@ -484,9 +757,17 @@ fn bench_commands_print_one_json_line() {
     assert!(o["ack_latency_us"]["p50"].as_u64().unwrap() > 0, "{o}");
     let out = b.cli(&["bench", "consume"]);
     assert_eq!(json_lines(&out)[0]["messages"], 1000);
+
+    // Without --keep the bench deletes its topic, and the disk it reserved.
+    assert_ok(&b.cli(&["bench", "produce", "--messages", "1000"]));
+    let o = b.cli(&["topics", "list"]);
+    assert_eq!(stdout(&o), "", "the bench topic was left behind");
+    let o = b.cli(&["bench", "consume"]);
+    assert_fails(&o, 1, &["skiff-bench", "--keep"]);
     for bad in [
         &["--rate", "0"][..],
         &["--rate", "100", "--compare-idempotence", "2"],
+        &["--fsync", "sometimes"],
     ] {
         let out = b.cli(&[&["bench", "produce"][..], bad].concat());
         assert_eq!(out.status.code(), Some(2), "usage error {bad:?}: {out:?}");

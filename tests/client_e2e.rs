@@ -1,15 +1,15 @@
 //! End-to-end tests of the client library against the real `skiff serve`.
 //!
-//! Each test starts its own
-//! server on a Unix socket in a temporary directory (no port to pick) and
-//! kills it when it ends.
+//! Each test starts its own server with the shared harness
+//! (`common::Broker`) and talks to it over its Unix socket unless it says
+//! otherwise; the server is killed when the test ends.
 
 mod common;
 
+use common::Broker;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff::batch::{BatchBuilder, ProducerStamp};
@@ -21,97 +21,6 @@ use skiff::protocol::{
     OffsetSpec, ProducePartition, Request, RequestBody, ResponseBody, FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
 };
-
-/// A fresh directory under the target directory, not /tmp: /tmp may be
-/// tmpfs, which has no O_DIRECT for the storage engine.
-fn temp_dir() -> tempfile::TempDir {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix("client-e2e-")
-        .tempdir_in(base)
-        .unwrap()
-}
-
-/// A running `skiff serve`, killed on drop.
-struct Server {
-    child: Child,
-    /// Always `Some`; taken only by `restart`, which keeps the data.
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Server {
-    fn start() -> Self {
-        Self::start_in(temp_dir())
-    }
-
-    fn start_in(dir: tempfile::TempDir) -> Self {
-        Self::start_with(dir, "")
-    }
-
-    /// Starts with a TCP listener on `tcp` too ("" for none).
-    fn start_with(dir: tempfile::TempDir, tcp: &str) -> Self {
-        let config = dir.path().join("skiff.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\n[server]\nlisten = {tcp:?}\nunix_socket = {:?}\n",
-                dir.path().join("data"),
-                dir.path().join("skiff.sock"),
-            ),
-        )
-        .unwrap();
-        let child = common::skiff_command()
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Self {
-            child,
-            dir: Some(dir),
-        };
-        server.wait_ready();
-        server
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.as_ref().unwrap().path().join("skiff.sock")
-    }
-
-    fn addr(&self) -> String {
-        self.socket().to_str().unwrap().to_string()
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the server did not listen within 10 s");
-    }
-
-    /// Kills the server and starts a new one on the same data and socket.
-    fn restart(mut self) -> Self {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        let _ = std::fs::remove_file(self.socket());
-        let dir = self.dir.take().unwrap();
-        drop(self);
-        Self::start_in(dir)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn create(client: &blocking::Client, name: &str, partitions: u32) {
     client
@@ -127,10 +36,10 @@ fn create(client: &blocking::Client, name: &str, partitions: u32) {
 
 #[test]
 fn admin_calls_round_trip() {
-    let server = Server::start();
-    let c = blocking::Client::connect(&server.addr()).unwrap();
+    let server = Broker::start("");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
     let info = c.server_info().unwrap();
-    assert_eq!(info.version, 1);
+    assert_eq!(info.version, skiff::protocol::PROTOCOL_VERSION_MAX);
     assert!(info.max_batch_bytes > 0 && info.max_frame_bytes > info.max_batch_bytes);
 
     let config = c
@@ -185,8 +94,8 @@ fn admin_calls_round_trip() {
 
 #[test]
 fn raw_produce_fetch_and_offsets() {
-    let server = Server::start();
-    let c = blocking::Client::connect(&server.addr()).unwrap();
+    let server = Broker::start("");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
     create(&c, "t", 2);
     let mut b = BatchBuilder::new();
     for i in 0..10 {
@@ -236,6 +145,27 @@ fn raw_produce_fetch_and_offsets() {
     assert_eq!(r[0].error, ErrorCode::InvalidBatch);
     assert_eq!(c.offset_for("t", 1, OffsetSpec::Latest).unwrap(), Some(10));
 
+    // So is a producer's batch with a gap in its offsets: only the log's
+    // own writers (compaction, transaction markers) leave gaps.
+    let mut b3 = BatchBuilder::new();
+    b3.push(1, None, b"x", &[]);
+    b3.skip_offsets(2);
+    b3.push(2, None, b"y", &[]);
+    let r = c
+        .produce_raw(vec![ProducePartition {
+            topic: "t".into(),
+            partition: 1,
+            batch: b3.finish(ProducerStamp::NONE).into(),
+        }])
+        .unwrap();
+    assert_eq!(r[0].error, ErrorCode::InvalidBatch);
+    assert!(
+        r[0].message.as_deref().is_some_and(|m| m.contains("dense")),
+        "{:?}",
+        r[0]
+    );
+    assert_eq!(c.offset_for("t", 1, OffsetSpec::Latest).unwrap(), Some(10));
+
     let mut consumer = blocking::Consumer::new(&c, ConsumerConfig::default());
     consumer
         .assign("t", Some(&[1]), StartFrom::Offset(3))
@@ -257,8 +187,9 @@ fn raw_produce_fetch_and_offsets() {
 /// drained.
 #[test]
 fn a_partition_with_a_backlog_does_not_starve_the_others() {
-    let server = Server::start();
-    let c = blocking::Client::connect(&server.addr()).unwrap();
+    // 256 KiB batches: the dev profile's 1 MiB batch limit.
+    let server = Broker::start("profile = \"dev\"\n");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
     create(&c, "fair", 2);
     let batch = |n: i64, size: usize| {
         let mut b = BatchBuilder::new();
@@ -300,8 +231,8 @@ fn a_partition_with_a_backlog_does_not_starve_the_others() {
     );
 }
 
-async fn connect_and_create(server: &Server, topic: &str, partitions: u32) -> Client {
-    let client = Client::connect(&server.addr()).await.unwrap();
+async fn connect_and_create(server: &Broker, topic: &str, partitions: u32) -> Client {
+    let client = Client::connect(&server.unix_addr()).await.unwrap();
     client
         .create_topic(CreateTopicRequest {
             name: topic.into(),
@@ -317,7 +248,7 @@ async fn connect_and_create(server: &Server, topic: &str, partitions: u32) -> Cl
 
 #[test]
 fn producer_batches_and_consumer_reads_everything_in_order() {
-    let server = Server::start();
+    let server = Broker::start("");
     smol::block_on(async {
         let client = connect_and_create(&server, "orders", 4).await;
         let producer = Producer::new(client.clone(), ProducerConfig::default())
@@ -372,7 +303,7 @@ fn producer_batches_and_consumer_reads_everything_in_order() {
 /// when that is acknowledged, even while another task keeps sending.
 #[test]
 fn flush_waits_for_earlier_records_not_for_a_busy_sender() {
-    let server = Server::start();
+    let server = Broker::start("");
     smol::block_on(async {
         let client = connect_and_create(&server, "flushed", 2).await;
         let producer = std::sync::Arc::new(
@@ -435,9 +366,9 @@ fn flush_waits_for_earlier_records_not_for_a_busy_sender() {
 
 #[test]
 fn long_poll_waits_then_returns_new_records() {
-    let server = Server::start();
+    let server = Broker::start("");
     smol::block_on(async {
-        let client = Client::connect(&server.addr()).await.unwrap();
+        let client = Client::connect(&server.unix_addr()).await.unwrap();
         client
             .create_topic(CreateTopicRequest {
                 name: "t".into(),
@@ -482,9 +413,9 @@ fn long_poll_waits_then_returns_new_records() {
 
 #[test]
 fn pipelined_calls_from_many_tasks_share_one_connection() {
-    let server = Server::start();
+    let server = Broker::start("");
     smol::block_on(async {
-        let client = Client::connect(&server.addr()).await.unwrap();
+        let client = Client::connect(&server.unix_addr()).await.unwrap();
         let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let c = client.clone();
@@ -515,8 +446,8 @@ fn pipelined_calls_from_many_tasks_share_one_connection() {
 }
 
 /// Sends raw bytes on a fresh connection and reads one answer frame.
-fn raw_exchange(server: &Server, bytes: &[u8]) -> (Option<skiff::protocol::Response>, bool) {
-    let mut s = std::os::unix::net::UnixStream::connect(server.socket()).unwrap();
+fn raw_exchange(server: &Broker, bytes: &[u8]) -> (Option<skiff::protocol::Response>, bool) {
+    let mut s = std::os::unix::net::UnixStream::connect(&server.unix).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(bytes).unwrap();
     let mut buf = Vec::new();
@@ -538,8 +469,8 @@ fn raw_exchange(server: &Server, bytes: &[u8]) -> (Option<skiff::protocol::Respo
 
 #[test]
 fn malformed_and_oversized_frames_get_an_answer_and_a_close() {
-    let server = Server::start();
-    let other = blocking::Client::connect(&server.addr()).unwrap();
+    let server = Broker::start("");
+    let other = blocking::Client::connect(&server.unix_addr()).unwrap();
 
     // Garbage after a valid length: malformed, correlation id 0.
     let (answer, closed) = raw_exchange(&server, &[0, 0, 0, 3, 0xff, 0xff, 0xff]);
@@ -569,7 +500,7 @@ fn malformed_and_oversized_frames_get_an_answer_and_a_close() {
         &mut frame,
     )
     .unwrap();
-    let mut s = std::os::unix::net::UnixStream::connect(server.socket()).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&server.unix).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(&frame).unwrap();
     let mut prefix = [0u8; 4];
@@ -609,15 +540,17 @@ fn malformed_and_oversized_frames_get_an_answer_and_a_close() {
 
 #[test]
 fn client_reconnects_and_producer_retries_across_a_restart() {
-    let server = Server::start();
-    let addr = server.addr();
+    let server = Broker::start("");
+    let addr = server.unix_addr();
     let c = blocking::Client::connect(&addr).unwrap();
     create(&c, "t", 1);
     let producer = blocking::Producer::new(&c, ProducerConfig::default()).unwrap();
     let first = blocking::wait(producer.send("t", None, b"before", &[])).unwrap();
     assert_eq!(first.offset, 0);
 
-    let server = server.restart();
+    let mut server = server;
+    server.kill9();
+    server.restart();
     // The old connection is dead: the first call may fail retriably, and a
     // later one reconnects.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -640,8 +573,9 @@ fn client_reconnects_and_producer_retries_across_a_restart() {
 
 #[test]
 fn unknown_topic_fails_the_delivery_without_retrying() {
-    let server = Server::start();
-    let producer = blocking::Producer::connect(&server.addr(), ProducerConfig::default()).unwrap();
+    let server = Broker::start("");
+    let producer =
+        blocking::Producer::connect(&server.unix_addr(), ProducerConfig::default()).unwrap();
     let started = Instant::now();
     let err = blocking::wait(producer.send("missing", None, b"x", &[])).unwrap_err();
     assert!(matches!(
@@ -656,14 +590,9 @@ fn unknown_topic_fails_the_delivery_without_retrying() {
 
 #[test]
 fn tcp_and_unix_socket_reach_the_same_broker() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let tcp = format!("127.0.0.1:{port}");
-    let server = Server::start_with(temp_dir(), &tcp);
-    let over_unix = blocking::Client::connect(&server.addr()).unwrap();
+    let server = Broker::start("");
+    let tcp = server.tcp.clone();
+    let over_unix = blocking::Client::connect(&server.unix_addr()).unwrap();
     create(&over_unix, "shared", 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     let over_tcp = loop {

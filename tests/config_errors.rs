@@ -9,10 +9,9 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use minicbor::bytes::ByteVec;
 use skiff::batch::{BatchBuilder, ProducerStamp};
 use skiff::client::blocking;
-use skiff::protocol::{CreateTopicRequest, ErrorCode, ProducePartition};
+use skiff::protocol::{BatchBytes, CreateTopicRequest, ErrorCode, ProducePartition};
 
 /// A `skiff serve` that wrongly accepts a bad config would run forever: give
 /// it this long, then kill it and fail.
@@ -169,10 +168,10 @@ fn the_connection_limit_refuses_the_third_connection() {
     drop(held);
 }
 
-fn batch_of(value_bytes: usize) -> ByteVec {
+fn batch_of(value_bytes: usize) -> BatchBytes<'static> {
     let mut bb = BatchBuilder::new();
     bb.push(1_700_000_000_000, None, &vec![b'x'; value_bytes], &[]);
-    ByteVec::from(bb.finish(ProducerStamp::NONE))
+    bb.finish(ProducerStamp::NONE).into()
 }
 
 #[test]

@@ -16,22 +16,6 @@ use skiff::protocol::{
 /// that allocated for the declared length would be far above it.
 const RSS_KIB_MAX: u64 = 64 * 1024;
 
-/// xorshift64*: a seeded generator, so a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 #[test]
 fn random_bytes_are_answered_or_dropped_and_the_broker_survives() {
     let mut b = Broker::start("");
@@ -98,8 +82,8 @@ fn expect_refused_body(c: &mut RawConn, what: &str) {
 
 #[test]
 fn random_bodies_in_valid_frames_are_malformed() {
-    let mut b = Broker::start("");
-    let max_frame = 1_114_112usize; // the embedded default's max_frame_bytes
+    let mut b = Broker::start("profile = \"dev\"\n");
+    let max_frame = 1_114_112usize; // the dev profile's max_frame_bytes
     let mut rng = Rng(0x5eed);
     // Before hello: bodies up to HELLO_FRAME_BYTES_MAX.
     for size in [1usize, 2, 17, 300, HELLO_FRAME_BYTES_MAX as usize] {
@@ -226,7 +210,9 @@ fn trailing_bytes_after_the_item_are_malformed() {
 #[test]
 fn unsupported_version_is_refused() {
     let mut b = Broker::start("");
-    for (lo, hi) in [(2u16, 9u16), (0, 0), (100, 200)] {
+    // Versions above the server's highest, below its lowest, far above.
+    let above = skiff::protocol::PROTOCOL_VERSION_MAX + 1;
+    for (lo, hi) in [(above, above + 7), (0, 0), (100, 200)] {
         let mut c = RawConn::connect(&b.tcp);
         c.send_request(5, hello_body(lo, hi));
         let r = c.expect_error(ErrorCode::UnsupportedVersion);

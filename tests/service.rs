@@ -70,6 +70,9 @@ fn notify_ready_watchdog_and_stopping() {
     );
 }
 
+/// Config that turns the metrics endpoint on, on a port the broker picks.
+const METRICS_ON_FREE_PORT: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connecting to the metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -109,12 +112,11 @@ fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
 /// ahead, and little or nothing was read ahead in vain.
 #[test]
 fn metrics_show_a_replays_reads_from_the_device() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut b = Broker::start(&format!("[metrics]\nlisten = {addr:?}\n"));
+    let mut b = Broker::start(&format!("profile = \"dev\"\n{METRICS_ON_FREE_PORT}"));
     assert_ok(&b.cli(&[
         "bench",
         "produce",
+        "--keep",
         "--messages",
         "20000",
         "--size",
@@ -133,7 +135,7 @@ fn metrics_show_a_replays_reads_from_the_device() {
         "{}",
         stdout(&out)
     );
-    let (_, text) = http_get(&addr, "/metrics");
+    let (_, text) = http_get(&b.metrics_addr(), "/metrics");
     let read = |source: &str| {
         sample(
             &text,
@@ -161,9 +163,8 @@ fn metrics_show_a_replays_reads_from_the_device() {
 
 #[test]
 fn metrics_count_what_was_produced_and_fetched() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let b = Broker::start(&format!("[metrics]\nlisten = {addr:?}\n"));
+    let b = Broker::start(METRICS_ON_FREE_PORT);
+    let addr = b.metrics_addr();
     assert_eq!(http_get(&addr, "/health").0, 200);
     assert_eq!(http_get(&addr, "/ready").0, 200);
 
@@ -283,14 +284,13 @@ fn metrics_count_what_was_produced_and_fetched() {
 fn a_produce_requests_batches_share_one_flush() {
     use skiff::batch::{BatchBuilder, ProducerStamp};
     use skiff::protocol::ProducePartition;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     // Without the background zeroing of new segments, which keeps the
     // storage thread awake (draining its queue between chunks) for a while
     // after a topic is created.
     let b = Broker::start(&format!(
-        "[storage]\nprewrite_segments = false\n[metrics]\nlisten = {addr:?}\n"
+        "profile = \"dev\"\n[storage]\nprewrite_segments = false\n{METRICS_ON_FREE_PORT}"
     ));
+    let addr = b.metrics_addr();
     assert_ok(&b.cli(&["topics", "create", "g", "--partitions", "2"]));
     let c = skiff::client::blocking::Client::connect(&b.tcp).expect("client");
     let batch = |tag: u32| {
@@ -340,7 +340,7 @@ fn a_produce_requests_batches_share_one_flush() {
 fn large_batches_do_not_fault_in_fresh_pages() {
     use skiff::batch::{BatchBuilder, ProducerStamp};
     use skiff::protocol::ProducePartition;
-    let b = Broker::start("");
+    let b = Broker::start("profile = \"dev\"\n");
     assert_ok(&b.cli(&["topics", "create", "big", "--partitions", "1"]));
     let c = skiff::client::blocking::Client::connect(&b.tcp).expect("client");
     let value = vec![b'v'; 1024];
@@ -378,5 +378,37 @@ fn large_batches_do_not_fault_in_fresh_pages() {
     assert!(
         faults < received / (32 * 1024),
         "{faults} page faults for {received} bytes received"
+    );
+}
+
+/// `--ready-file` names the ports the broker really bound when the config
+/// asked for port 0 (this harness always does), and goes at a clean stop;
+/// an unwritable path stops `serve` at start with one clear line.
+#[test]
+fn the_ready_file_names_the_bound_ports_and_goes_at_a_clean_stop() {
+    let mut b = Broker::start(METRICS_ON_FREE_PORT);
+    let ready = Ready::read(&b.dir.path().join("ready.json")).expect("a ready file");
+    assert_eq!(ready.pid, b.pid());
+    let tcp = ready.tcp.expect("tcp");
+    assert!(!tcp.ends_with(":0"), "a real port: {tcp}");
+    assert_eq!(tcp, b.tcp);
+    assert_eq!(ready.unix.as_deref(), Some(b.unix_addr().as_str()));
+    assert_eq!(http_get(&ready.metrics.expect("metrics"), "/ready").0, 200);
+    assert_ok(&b.cli(&["topics", "list"]));
+    assert_eq!(b.stop(), Some(0));
+    assert!(!exists(&b.dir.path().join("ready.json")), "removed at stop");
+
+    let o = skiff_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(b.dir.path().join("data"))
+        .arg("--ready-file")
+        .arg(b.dir.path().join("no-such-dir/ready.json"))
+        .output()
+        .expect("running skiff serve");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot write the ready file"),
+        "{}",
+        stderr(&o)
     );
 }

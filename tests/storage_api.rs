@@ -3,8 +3,8 @@
 
 use skiff::batch::{BatchBuilder, BatchIter, ProducerStamp};
 use skiff::storage::{
-    meta, BackendChoice, Durability, OverflowPolicy, PartitionConfig, PartitionId, Storage,
-    StorageConfig, StorageError,
+    meta, BackendChoice, CheckedBatch, Durability, OverflowPolicy, PartitionConfig, PartitionId,
+    Storage, StorageConfig, StorageError, Wake,
 };
 
 fn assert_send_sync<T: Send + Sync>() {}
@@ -48,10 +48,16 @@ fn produce_fetch_restart_from_outside() {
             s.create_partition(id.clone(), pcfg.clone()).await.unwrap();
             let ev = s.data_event(&id).unwrap();
             let listener = ev.listen();
-            let ack = s.append(&id, batch(3)).await.unwrap();
+            let checked = CheckedBatch::check(batch(3)).unwrap();
+            let ack = s.submit(&id, checked, Wake::Now).await.unwrap();
+            let ack = ack.await.unwrap();
             assert_eq!((ack.base_offset, ack.last_offset), (0, 2));
             listener.await;
-            let t = s.submit(&id, batch(2)).await.unwrap();
+            // Left queued until a wake-up, which a caller handing over
+            // several batches gives after the last.
+            let checked = CheckedBatch::check(batch(2)).unwrap();
+            let t = s.submit(&id, checked, Wake::Later).await.unwrap();
+            s.wake();
             assert_eq!(t.await.unwrap().base_offset, 3);
             let bytes = s.read(&id, 0, 1 << 20).await.unwrap();
             let offsets: Vec<u64> = BatchIter::new(&bytes)

@@ -3,8 +3,10 @@
 //! by PID when the test ends (also when the test panics).
 #![allow(dead_code)]
 
+pub mod abuse;
+pub mod checker;
+
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -38,23 +40,99 @@ pub fn temp_dir() -> tempfile::TempDir {
         .expect("creating a temp dir")
 }
 
-/// A free port on 127.0.0.1 (bound, then released for the broker to take).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+/// A port on 127.0.0.1 that nobody listens on, held for as long as the
+/// guard lives: a socket bound to it but never listening, so a connect is
+/// refused and no other test can take the port meanwhile.
+pub struct ClosedPort {
+    fd: i32,
+    pub addr: String,
 }
 
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        // SAFETY: plain socket(2)/bind(2)/getsockname(2) on a descriptor
+        // this guard owns; the sockaddr structs are initialised locally.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket(2)");
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let sp = &sa as *const libc::sockaddr_in as *const libc::sockaddr;
+            assert_eq!(libc::bind(fd, sp, len), 0, "bind(2)");
+            let mut got: libc::sockaddr_in = std::mem::zeroed();
+            let mut got_len = len;
+            let gp = &mut got as *mut libc::sockaddr_in as *mut libc::sockaddr;
+            assert_eq!(libc::getsockname(fd, gp, &mut got_len), 0, "getsockname(2)");
+            ClosedPort {
+                fd,
+                addr: format!("127.0.0.1:{}", u16::from_be(got.sin_port)),
+            }
+        }
+    }
+}
+
+impl Drop for ClosedPort {
+    fn drop(&mut self) {
+        // SAFETY: closing the descriptor this guard owns, once.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// The addresses `skiff serve --ready-file` reports once it serves.
+#[derive(Debug, Clone, Default)]
+pub struct Ready {
+    pub pid: u32,
+    pub tcp: Option<String>,
+    pub tls: Option<String>,
+    pub unix: Option<String>,
+    pub metrics: Option<String>,
+}
+
+impl Ready {
+    /// Reads a ready file; `None` until the broker has written it.
+    pub fn read(path: &Path) -> Option<Ready> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a ready file is JSON");
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        Some(Ready {
+            pid: v["pid"].as_u64().expect("pid in the ready file") as u32,
+            tcp: s("tcp"),
+            tls: s("tls"),
+            unix: s("unix"),
+            metrics: s("metrics"),
+        })
+    }
+}
+
+/// A `skiff serve` of the real binary on a fresh data directory. It listens
+/// on a TCP port of its own choosing (the config asks for port 0, and the
+/// harness reads the port it bound from `--ready-file`, so no other test
+/// can take it between a pick and the bind) and on a Unix socket in the
+/// directory. A restart keeps both addresses.
 pub struct Broker {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// TCP address, `127.0.0.1:PORT`.
     pub tcp: String,
     pub unix: PathBuf,
+    /// The metrics endpoint's address, when `extra` enables it (ask for
+    /// `listen = "127.0.0.1:0"` under `[metrics]`); it may change with a
+    /// restart.
+    pub metrics: Option<String>,
+    /// The TLS listener's address, when `extra` enables it (ask for
+    /// `listen = "127.0.0.1:0"` under `[server.tls]`).
+    pub tls: Option<String>,
     child: Option<Child>,
     pub log_path: PathBuf,
+    ready_path: PathBuf,
     /// Extra environment for `skiff serve` (NOTIFY_SOCKET in the service test).
     env: Vec<(String, String)>,
+    /// `extra`'s top-level keys and sections, for rewriting the config.
+    extra: (String, String),
 }
 
 impl Broker {
@@ -70,13 +148,47 @@ impl Broker {
     }
 
     pub fn start_with_env(dir: tempfile::TempDir, extra: &str, env: &[(&str, &str)]) -> Broker {
-        let port = free_port();
-        let tcp = format!("127.0.0.1:{port}");
-        let unix = dir.path().join("skiff.sock");
-        let data = dir.path().join("data");
-        let config_path = dir.path().join("skiff.toml");
-        let (top, sections) = split_extra(extra);
-        let server_keys = format!("listen = {tcp:?}\nunix_socket = {unix:?}\n");
+        let mut b = Broker {
+            config_path: dir.path().join("skiff.toml"),
+            log_path: dir.path().join("broker.log"),
+            ready_path: dir.path().join("ready.json"),
+            unix: dir.path().join("skiff.sock"),
+            dir,
+            tcp: "127.0.0.1:0".to_owned(),
+            metrics: None,
+            tls: None,
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            extra: split_extra(extra),
+        };
+        b.spawn();
+        b
+    }
+
+    /// The metrics endpoint's address (the config must enable it).
+    #[track_caller]
+    pub fn metrics_addr(&self) -> String {
+        self.metrics
+            .clone()
+            .expect("the metrics endpoint is on in this broker's config")
+    }
+
+    /// The data directory inside [`Broker::dir`].
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The Unix socket's path as a `--broker` argument.
+    pub fn unix_addr(&self) -> String {
+        self.unix.to_str().expect("utf-8 path").to_owned()
+    }
+
+    fn write_config(&self) {
+        let (top, sections) = &self.extra;
+        let server_keys = format!("listen = {:?}\nunix_socket = {:?}\n", self.tcp, self.unix);
         // A [server] section in `extra` gets the listeners added to it (TOML
         // forbids a second [server] header).
         let sections = match sections.find("[server]\n") {
@@ -86,25 +198,13 @@ impl Broker {
             }
             None => format!("[server]\n{server_keys}{sections}"),
         };
-        let text = format!("data_dir = {data:?}\n{top}\n{sections}\n");
-        std::fs::write(&config_path, text).expect("writing the config");
-        let mut b = Broker {
-            log_path: dir.path().join("broker.log"),
-            dir,
-            config_path,
-            tcp,
-            unix,
-            child: None,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        b.spawn();
-        b
+        let text = format!("data_dir = {:?}\n{top}\n{sections}\n", self.data_dir());
+        std::fs::write(&self.config_path, text).expect("writing the config");
     }
 
     fn spawn(&mut self) {
+        self.write_config();
+        let _ = std::fs::remove_file(&self.ready_path);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,6 +213,8 @@ impl Broker {
         let child = skiff_command()
             .args(["serve", "--config"])
             .arg(&self.config_path)
+            .arg("--ready-file")
+            .arg(&self.ready_path)
             .env("RUST_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -124,27 +226,39 @@ impl Broker {
         self.wait_ready();
     }
 
-    /// Waits until the broker accepts connections on both listeners.
-    pub fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+    /// Waits until the broker has written its ready file (recovery done,
+    /// every listener bound), and takes the addresses from it.
+    fn wait_ready(&mut self) {
+        // Debug builds under qemu (scripts/cross-test) recover tens of
+        // times slower than natively.
+        let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+        let deadline = Instant::now() + Duration::from_secs(if emulated { 240 } else { 60 });
+        let ready = loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!("skiff serve exited early with {status}:\n{}", self.log());
                 }
             }
-            let tcp_ok = std::net::TcpStream::connect(&self.tcp).is_ok();
-            let unix_ok = std::os::unix::net::UnixStream::connect(&self.unix).is_ok();
-            if tcp_ok && unix_ok {
-                return;
+            if let Some(r) = Ready::read(&self.ready_path) {
+                break r;
             }
             assert!(
                 Instant::now() < deadline,
                 "skiff serve did not become ready:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(ready.pid, self.pid(), "a ready file from another broker");
+        // Keep the port across restarts: the config asks for it from now on.
+        self.tcp = ready.tcp.expect("the harness's broker listens on TCP");
+        self.metrics = ready.metrics;
+        self.tls = ready.tls;
+    }
+
+    /// SIGHUP: the broker reloads its TLS files, [acl] and [quotas].
+    pub fn sighup(&self) {
+        unsafe_kill(self.pid(), libc::SIGHUP);
     }
 
     pub fn pid(&self) -> u32 {
@@ -283,6 +397,27 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// xorshift64*: a seeded generator, so a failure replays exactly.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// A duration in `lo..=hi` milliseconds.
+    pub fn between_ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo + 1))
     }
 }
 
@@ -458,7 +593,7 @@ impl RawConn {
     }
 }
 
-pub fn hello_body(version_min: u16, version_max: u16) -> skiff::protocol::RequestBody {
+pub fn hello_body(version_min: u16, version_max: u16) -> skiff::protocol::RequestBody<'static> {
     skiff::protocol::RequestBody::Hello(skiff::protocol::HelloRequest {
         version_min,
         version_max,
@@ -534,4 +669,95 @@ pub fn assert_fails(o: &std::process::Output, code: i32, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "stderr should name {n:?}: {err}");
     }
+}
+
+/// `skiff serve` with no arguments in `dir`, as the README runs it, except
+/// that it listens where `SKIFF_LISTEN` says: a free port, so that a broker
+/// already on 9471 does not matter. Killed on drop.
+pub struct DefaultServe {
+    child: Option<Child>,
+    /// The TCP address from the start-up line.
+    pub addr: String,
+    pub log_path: PathBuf,
+}
+
+impl DefaultServe {
+    pub fn start(dir: &Path) -> DefaultServe {
+        let log_path = dir.join("broker.log");
+        let log = std::fs::File::create(&log_path).expect("creating the broker log");
+        let child = skiff_command()
+            .arg("serve")
+            .current_dir(dir)
+            .env("SKIFF_LISTEN", "127.0.0.1:0")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting skiff serve");
+        let mut serve = DefaultServe {
+            child: Some(child),
+            addr: String::new(),
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        serve.addr = loop {
+            if let Some(status) = serve
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("skiff serve exited with {status}:\n{}", serve.log());
+            }
+            if let Some(addr) = serving_addr(&serve.log()) {
+                break addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "skiff serve did not come up:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        serve
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Takes the process, to stop it by hand.
+    pub fn take(&mut self) -> Child {
+        self.child.take().expect("running")
+    }
+}
+
+impl Drop for DefaultServe {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The TCP address on the start-up line: `..., tcp 127.0.0.1:PORT, ...`.
+pub fn serving_addr(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains(" serving: "))?;
+    let rest = &line[line.find(", tcp ")? + ", tcp ".len()..];
+    Some(rest[..rest.find(',')?].to_owned())
+}
+
+/// The body and headers of a plain HTTP GET (the metrics endpoint).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }

@@ -1,0 +1,499 @@
+//! The crash loop: the real binary under load from several idempotent
+//! producers and live consumers, killed with SIGKILL at random moments and
+//! restarted, then checked record by record (common::checker).
+//!
+//! CI runs a short count. `scripts/soak --cycles 1000` runs the long mode
+//! (a release build, `SKIFF_SOAK_CYCLES`), and a failing run is replayed
+//! with its seed (`SKIFF_SOAK_SEED`, printed on the summary line).
+
+mod common;
+mod upstream;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::checker::{self, History, Offsets, Outcome, Seen, Served};
+use common::*;
+use skiff::client::{blocking, ConsumerConfig, ProducerConfig, StartFrom};
+use skiff::protocol::{CreateTopicRequest, OffsetCommitPartition};
+
+const PRODUCERS: u32 = 3;
+const CONSUMERS: usize = 2;
+const PARTITIONS: u32 = 4;
+const KEYS: u32 = 16;
+const VALUE_BYTES: usize = 100;
+/// Each producer's pace: records in a burst, then a pause. Bounds the log
+/// a long soak writes (the ring must not wrap, or the check can only say
+/// "expired" for what it dropped).
+const BURST_RECORDS: u64 = 50;
+const BURST_PAUSE: Duration = Duration::from_millis(10);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One producer thread: sends sequence-numbered records until told to
+/// stop, logging each send and what became of it.
+fn produce(
+    tcp: String,
+    producer: u32,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        // The first kill may come before this thread is scheduled on a
+        // busy machine: keep trying to connect as the client of a
+        // restarting broker would.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let p = loop {
+            match blocking::Producer::connect(
+                &tcp,
+                ProducerConfig {
+                    // Long enough to ride out any restart of the loop.
+                    delivery_timeout: Duration::from_secs(60),
+                    retry_backoff: Duration::from_millis(10),
+                    retry_backoff_max: Duration::from_millis(200),
+                    ..ProducerConfig::default()
+                },
+            ) {
+                Ok(p) => break p,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("producer connects within 60 s: {e}"),
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let acker = {
+            let history = history.clone();
+            std::thread::spawn(move || {
+                for (seq, d) in rx {
+                    match blocking::wait(d) {
+                        Ok(m) => history.acked(producer, seq, m.partition, m.offset),
+                        Err(_) => history.gave_up(producer, seq),
+                    }
+                }
+            })
+        };
+        let mut seq = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            for _ in 0..BURST_RECORDS {
+                let key = format!("k{}", (seq * 7 + u64::from(producer)) % u64::from(KEYS));
+                history.sent(producer, seq);
+                match p.send_wait(
+                    "loop",
+                    Some(key.as_bytes()),
+                    &checker::value(producer, seq, VALUE_BYTES),
+                    &[],
+                ) {
+                    Ok(d) => tx.send((seq, d)).expect("acker alive"),
+                    Err(_) => history.gave_up(producer, seq),
+                }
+                seq += 1;
+            }
+            std::thread::sleep(BURST_PAUSE);
+        }
+        p.flush();
+        drop(tx);
+        acker.join().expect("acker thread");
+    })
+}
+
+/// One consumer thread: reads every partition from the earliest offset
+/// for as long as the run lasts, through every restart, and keeps what it
+/// was served.
+fn consume(tcp: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Served> {
+    std::thread::spawn(move || {
+        let client = loop {
+            match blocking::Client::connect(&tcp) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut c = blocking::Consumer::new(
+            &client,
+            ConsumerConfig {
+                max_wait: Duration::from_millis(100),
+                ..ConsumerConfig::default()
+            },
+        );
+        while c.assign("loop", None, StartFrom::Earliest).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut served = Served::default();
+        while !stop.load(Ordering::SeqCst) {
+            match c.poll() {
+                Ok(records) => {
+                    for r in &records {
+                        served.record(r.partition, r.offset, &r.value);
+                    }
+                }
+                // The broker is being restarted: the client reconnects.
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        served
+    })
+}
+
+/// A group's commits as the committer saw them, per partition: the
+/// highest offset sent in a commit, and the highest acknowledged.
+#[derive(Default)]
+struct Commits {
+    sent: Mutex<HashMap<u32, u64>>,
+    acked: Mutex<HashMap<u32, u64>>,
+}
+
+const GROUP: &str = "loop-group";
+
+/// Commits, for a group without members, each partition's next offset
+/// after its highest acknowledged record, every few ms through every
+/// restart: commits are never ahead of acknowledged (durable) data.
+fn commit(
+    tcp: String,
+    history: Arc<History>,
+    commits: Arc<Commits>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        smol::block_on(async {
+            let client = loop {
+                match skiff::client::Client::connect(&tcp).await {
+                    Ok(c) => break c,
+                    Err(_) => smol::Timer::after(Duration::from_millis(20)).await,
+                };
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let mut next: HashMap<u32, u64> = HashMap::new();
+                for o in history.snapshot().values() {
+                    if let Outcome::Acked { partition, offset } = o {
+                        let n = next.entry(*partition).or_insert(0);
+                        *n = (*n).max(offset + 1);
+                    }
+                }
+                let offsets: Vec<OffsetCommitPartition> = next
+                    .iter()
+                    .map(|(&p, &o)| OffsetCommitPartition {
+                        topic: "loop".into(),
+                        partition: p,
+                        offset: o,
+                        metadata: None,
+                    })
+                    .collect();
+                if !offsets.is_empty() {
+                    raise(&commits.sent, &next);
+                    // A failed commit (the broker being killed) may or may
+                    // not have been written: only `sent` bounds it.
+                    if client.commit_offsets(GROUP, None, offsets).await.is_ok() {
+                        raise(&commits.acked, &next);
+                    }
+                }
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
+        })
+    })
+}
+
+fn raise(m: &Mutex<HashMap<u32, u64>>, to: &HashMap<u32, u64>) {
+    let mut m = m.lock().unwrap();
+    for (&p, &o) in to {
+        let e = m.entry(p).or_insert(0);
+        *e = (*e).max(o);
+    }
+}
+
+/// After a restart: every committed offset is at least the last
+/// acknowledged commit before the kill, at most what was sent, and not
+/// past the partition's (recovered) high watermark.
+fn check_commits(tcp: &str, before_kill: &HashMap<u32, u64>, commits: &Commits) {
+    let (committed, hw) = smol::block_on(async {
+        let c = skiff::client::Client::connect(tcp).await.expect("connect");
+        let committed = c.fetch_offsets(GROUP, None).await.expect("offset fetch");
+        let hw: HashMap<u32, u64> = c
+            .describe_topic("loop")
+            .await
+            .expect("describe")
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.latest_offset))
+            .collect();
+        (committed, hw)
+    });
+    let sent = commits.sent.lock().unwrap().clone();
+    for (&p, &want) in before_kill {
+        let got = committed
+            .iter()
+            .find(|c| c.partition == p)
+            .map(|c| c.offset);
+        assert!(
+            got.is_some_and(|g| g >= want),
+            "partition {p}: committed {got:?} after the restart, {want} acknowledged before"
+        );
+    }
+    for c in &committed {
+        assert!(c.offset <= sent[&c.partition], "a commit never sent: {c:?}");
+        assert!(
+            c.offset <= hw[&c.partition],
+            "a commit past the durable data: {c:?}, high watermark {}",
+            hw[&c.partition]
+        );
+    }
+}
+
+#[test]
+fn kill9_loop_under_load_loses_and_duplicates_nothing() {
+    let cycles: usize = env_or("SKIFF_SOAK_CYCLES", 4);
+    let seed: u64 = env_or(
+        "SKIFF_SOAK_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos() as u64
+            | 1,
+    );
+    eprintln!("crash loop: seed {seed}, {cycles} cycles (SKIFF_SOAK_SEED replays it)");
+    let mut rng = Rng(seed);
+    // The loop's topic reserves 2 GiB, the embedded default's whole
+    // storage.disk_budget_bytes: lift it, so assert_serves' probes fit too.
+    // The mirror forwards the loop's topic to Tansu through every kill.
+    let tansu = upstream::Tansu::start();
+    let mut b = Broker::start(&format!(
+        "\n[storage]\ndisk_budget_bytes = 4294967296\n\
+         [mirror]\nupstream = \"{}\"\ntransactional_id = \"crash-loop\"\ncreate_topics = true\n\
+         linger_ms = 10\nbatch_bytes = 65536\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n\
+         [[mirror.rules]]\nname = \"loop\"\nsource = \"loop\"\ntarget = \"up-loop\"\n",
+        tansu.addr()
+    ));
+    blocking::Client::connect(&b.tcp)
+        .expect("connect")
+        .create_topic(CreateTopicRequest {
+            name: "loop".into(),
+            partitions: Some(PARTITIONS),
+            // Recovery after a crash reads the rest of each active segment
+            // for stale batches: 16 MiB keeps that quick under qemu.
+            segments: Some(32),
+            segment_bytes: Some(16 * 1024 * 1024),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+
+    let history = Arc::new(History::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| produce(b.tcp.clone(), p, history.clone(), stop.clone()))
+        .collect();
+    let consumers: Vec<_> = (0..CONSUMERS)
+        .map(|_| consume(b.tcp.clone(), stop.clone()))
+        .collect();
+    let commits = Arc::new(Commits::default());
+    let committer = commit(
+        b.tcp.clone(),
+        history.clone(),
+        commits.clone(),
+        stop.clone(),
+    );
+
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        std::thread::sleep(rng.between_ms(50, 600));
+        let before_kill = commits.acked.lock().unwrap().clone();
+        b.kill9();
+        std::thread::sleep(rng.between_ms(0, 50));
+        b.restart();
+        check_commits(&b.tcp, &before_kill, &commits);
+        if cycle % 100 == 99 {
+            eprintln!(
+                "crash loop: {} cycles, {} acked, {:?}",
+                cycle + 1,
+                history.acked_count(),
+                started.elapsed()
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    for p in producers {
+        p.join().expect("producer thread");
+    }
+    committer.join().expect("committer thread");
+    let acked_commits = commits.acked.lock().unwrap().clone();
+    assert!(!acked_commits.is_empty(), "the committer made progress");
+    check_commits(&b.tcp, &acked_commits, &commits);
+    let mut served = Served::default();
+    for c in consumers {
+        served.merge(c.join().expect("consumer thread"));
+    }
+
+    let client = blocking::Client::connect(&b.tcp).expect("connect");
+    let earliest: HashMap<u32, u64> = client
+        .describe_topic("loop")
+        .expect("describe")
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.earliest_offset))
+        .collect();
+    let read: Vec<Seen> = consume_all(&b.tcp, "loop").iter().map(Seen::from).collect();
+    let history = history.snapshot();
+    let pending = history.values().filter(|o| **o == Outcome::Pending).count();
+    assert_eq!(pending, 0, "every delivery resolved before the check");
+    let report = checker::check(&history, &earliest, &read, &served, Offsets::Dense);
+    // The one line scripts/soak prints.
+    println!(
+        "crash-loop: seed {seed} cycles {cycles} served {} {} in {:.0?}",
+        served.records,
+        report.summary(),
+        started.elapsed()
+    );
+    report.assert_ok();
+    assert!(report.acked > 0, "the producers made progress");
+    check_upstream(&tansu, &read);
+    b.assert_serves();
+}
+
+/// Upstream holds exactly the local log: each record once, with its value,
+/// in offset order per source partition.
+fn check_upstream(tansu: &upstream::Tansu, local: &[Seen]) {
+    let client = skiff::mirror::kafka::KafkaClient::new(
+        skiff::mirror::kafka::KafkaConfig::new(&tansu.addr()).expect("bootstrap"),
+    )
+    .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let records = loop {
+        let records = upstream::read_committed(&client, "up-loop");
+        if records.len() >= local.len() || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let want: HashMap<(u32, u64), &[u8]> = local
+        .iter()
+        .map(|s| ((s.partition, s.offset), s.value.as_slice()))
+        .collect();
+    let mut seen: HashMap<(u32, u64), usize> = HashMap::new();
+    let mut last: HashMap<(i32, u32), u64> = HashMap::new();
+    for r in &records {
+        let h = |k: &str| -> u64 {
+            String::from_utf8_lossy(&r.headers[k])
+                .parse()
+                .expect("decimal header")
+        };
+        let at = (h("skiff.partition") as u32, h("skiff.offset"));
+        assert_eq!(
+            want.get(&at).copied(),
+            Some(r.value.as_slice()),
+            "{at:?} upstream"
+        );
+        *seen.entry(at).or_default() += 1;
+        if let Some(prev) = last.insert((r.partition, at.0), at.1) {
+            assert!(prev < at.1, "{at:?} after {prev} upstream");
+        }
+    }
+    let dups = seen.values().filter(|&&n| n > 1).count();
+    assert_eq!(dups, 0, "records duplicated upstream");
+    assert_eq!(seen.len(), want.len(), "records missing upstream");
+    println!("crash-loop: upstream holds all {} records once", seen.len());
+}
+
+fn seen(p: u32, o: u64, producer: u32, seq: u64) -> Seen {
+    Seen {
+        partition: p,
+        offset: o,
+        value: checker::value(producer, seq, 20),
+    }
+}
+
+fn acked(p: u32, o: u64) -> Outcome {
+    Outcome::Acked {
+        partition: p,
+        offset: o,
+    }
+}
+
+/// The checker finds each kind of fault it claims to: a checker that
+/// cannot fail proves nothing.
+#[test]
+fn the_checker_catches_every_kind_of_fault() {
+    let none = HashMap::new();
+    let mut h = HashMap::new();
+    h.insert((0, 0), acked(0, 0));
+    h.insert((0, 1), acked(0, 1));
+    h.insert((0, 2), Outcome::Indeterminate);
+    let check = |read: &[Seen], served: &[Seen], offsets| {
+        let mut s = Served::default();
+        for x in served {
+            s.record(x.partition, x.offset, &x.value);
+        }
+        checker::check(&h, &none, read, &s, offsets)
+    };
+    let good = [seen(0, 0, 0, 0), seen(0, 1, 0, 1)];
+    let r = check(&good, &good, Offsets::Dense);
+    r.assert_ok();
+    assert_eq!(r.unacked_present, 0);
+
+    let with_unacked = [seen(0, 0, 0, 0), seen(0, 1, 0, 1), seen(0, 2, 0, 2)];
+    let r = check(&with_unacked, &[], Offsets::Dense);
+    r.assert_ok();
+    assert_eq!(r.unacked_present, 1);
+
+    assert_eq!(check(&[seen(0, 0, 0, 0)], &[], Offsets::Dense).lost.n, 1);
+    // Below the earliest offset: dropped by retention, not lost.
+    let moved_start = HashMap::from([(0, 1)]);
+    let r = checker::check(
+        &h,
+        &moved_start,
+        &[seen(0, 1, 0, 1)],
+        &Served::default(),
+        Offsets::Dense,
+    );
+    r.assert_ok();
+    assert_eq!(r.expired, 1);
+
+    let dup = [seen(0, 0, 0, 0), seen(0, 1, 0, 1), seen(0, 2, 0, 1)];
+    assert_eq!(check(&dup, &[], Offsets::Dense).duplicated.n, 1);
+
+    let swapped = [seen(0, 0, 0, 0), seen(0, 1, 0, 2), seen(0, 2, 0, 1)];
+    let r = check(&swapped, &[], Offsets::Dense);
+    assert_eq!(r.misplaced.n, 1);
+    assert_eq!(r.reordered.n, 1);
+
+    let junk = Seen {
+        partition: 0,
+        offset: 2,
+        value: vec![0; 20],
+    };
+    let with_junk = [seen(0, 0, 0, 0), seen(0, 1, 0, 1), junk];
+    assert_eq!(check(&with_junk, &[], Offsets::Dense).unexpected.n, 1);
+
+    let skipped = [seen(0, 0, 0, 0), seen(0, 2, 0, 1)];
+    assert_eq!(check(&skipped, &[], Offsets::Dense).offset_skipped.n, 1);
+    assert_eq!(
+        check(&skipped, &[], Offsets::MayHaveGaps).offset_skipped.n,
+        0
+    );
+
+    let reused = [seen(0, 0, 0, 0), seen(0, 1, 0, 1), seen(0, 1, 0, 1)];
+    assert_eq!(check(&reused, &[], Offsets::Dense).offset_reused.n, 1);
+
+    let served = [seen(0, 1, 0, 2)];
+    assert_eq!(
+        check(&good, &served, Offsets::Dense).served_then_changed.n,
+        1
+    );
+    let gone = [seen(0, 5, 0, 1)];
+    assert_eq!(check(&good, &gone, Offsets::Dense).served_then_changed.n, 1);
+    let twice = [seen(0, 1, 0, 1), seen(0, 1, 0, 2)];
+    assert!(check(&good, &twice, Offsets::Dense).served_then_changed.n >= 1);
+}
+
+#[test]
+fn checker_values_round_trip() {
+    assert_eq!(checker::parse(&checker::value(3, 99, 100)), Some((3, 99)));
+    assert_eq!(checker::value(3, 99, 100).len(), 100);
+    assert_eq!(checker::parse(b"p1:s2:x"), None);
+    assert_eq!(checker::parse(b"garbage"), None);
+}

@@ -1,0 +1,251 @@
+//! The documentation against the binary: the figures and messages that
+//! docs/configuration.md shows are what `skiff` prints, and docs/, README.md
+//! and scripts/ stand alone in a clone (no paths outside the repository).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The lines of the first fenced block after `marker` in `text`.
+fn block_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker:?} in the document"));
+    let rest = &text[at..];
+    let open = rest.find("```").expect("a fenced block after the marker");
+    let body = &rest[open..];
+    let body = &body[body.find('\n').expect("fence line") + 1..];
+    let close = body.find("```").expect("a closing fence");
+    body[..close].lines().collect()
+}
+
+/// `skiff config check FILE` after writing `text` to `file`.
+fn run_check(file: &Path, text: &str) -> std::process::Output {
+    std::fs::write(file, text).expect("writing a config");
+    skiff_command()
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .expect("running skiff")
+}
+
+/// `skiff config check` on a file holding `text`; its stdout.
+fn config_check(dir: &Path, text: &str) -> String {
+    let o = run_check(&dir.join("check.toml"), text);
+    assert_ok(&o);
+    stdout(&o)
+}
+
+/// The figure on the budget's total line: `#   31.0 MiB  total` gives
+/// `31.0 MiB`.
+fn total(report: &str) -> String {
+    let line = report
+        .lines()
+        .find(|l| l.ends_with("  total"))
+        .unwrap_or_else(|| panic!("no total line:\n{report}"));
+    line.trim_start_matches('#')
+        .trim()
+        .trim_end_matches("total")
+        .trim()
+        .to_owned()
+}
+
+/// The table's figures and the budget's lines depend on the sizes of the
+/// engine's structures, which differ on 32-bit targets; the docs show a
+/// 64-bit build.
+fn sizes_as_documented() -> bool {
+    cfg!(target_pointer_width = "64")
+}
+
+#[test]
+fn the_profile_table_is_what_config_check_prints() {
+    if !sizes_as_documented() {
+        return;
+    }
+    let doc = read("docs/configuration.md");
+    let dir = temp_dir();
+    let rows: Vec<&str> = doc
+        .lines()
+        .skip_while(|l| !l.starts_with("## Device profiles"))
+        .skip_while(|l| !l.starts_with("| profile"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let mut named = Vec::new();
+    for row in &rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (name, figure) = (cells[1], cells[3]);
+        let documented = figure.split(" (").next().expect("a figure");
+        let text = match name.trim_matches('`') {
+            "(none)" => String::new(),
+            p => {
+                named.push(p.to_owned());
+                format!("profile = {p:?}\n")
+            }
+        };
+        let printed = total(&config_check(dir.path(), &text));
+        assert_eq!(
+            documented, printed,
+            "docs/configuration.md's row for {name} says {documented}, config check prints {printed}"
+        );
+    }
+    let mut profiles: Vec<String> = skiff::config::profile_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    named.sort();
+    profiles.sort();
+    assert_eq!(named, profiles, "every profile has a row, and only they");
+}
+
+#[test]
+fn the_budget_example_is_what_config_check_prints() {
+    if !sizes_as_documented() {
+        return;
+    }
+    let doc = read("docs/configuration.md");
+    let shown = block_after(&doc, "For `gateway-256m`:");
+    let dir = temp_dir();
+    let report = config_check(dir.path(), "profile = \"gateway-256m\"\n");
+    let printed: Vec<&str> = report
+        .lines()
+        .skip_while(|l| !l.starts_with("# memory budget"))
+        .collect();
+    assert_eq!(shown, printed);
+    // The prose quotes the embedded default's total.
+    let default_total = total(&config_check(dir.path(), ""));
+    assert!(
+        doc.contains(&format!("worst-case memory {default_total} (")),
+        "docs/configuration.md should quote the default's {default_total}"
+    );
+    assert!(
+        read("README.md").contains(&format!("its config allows ({default_total})")),
+        "README.md should quote the default's {default_total}"
+    );
+}
+
+#[test]
+fn the_documented_errors_are_what_skiff_prints() {
+    let doc = read("docs/configuration.md");
+    let shown = block_after(&doc, "## Errors");
+    let dir = temp_dir();
+    let file = dir.path().join("skiff.toml");
+    let documented_path = "/etc/skiff/skiff.toml";
+    let cases = [
+        "data_dir = \"/var/lib/skiff\"\n[server]\nmax_conections = 3\n".to_owned(),
+        format!(
+            "data_dir = \"/var/lib/skiff\"\n{}[topic_defaults]\nfsync = \"sometimes\"\n",
+            "# a comment line\n".repeat(9)
+        ),
+        "[server]\nmax_connections = 8\nmax_topics = 8\nmax_frame_bytes = 65536\n".to_owned(),
+    ];
+    assert_eq!(shown.len(), cases.len(), "{shown:#?}");
+    for (text, want) in cases.iter().zip(&shown) {
+        let o = run_check(&file, text);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        let got = stderr(&o)
+            .trim_end()
+            .trim_start_matches("skiff: ")
+            .replace(file.to_str().expect("utf-8 path"), documented_path);
+        assert_eq!(&got, want);
+    }
+}
+
+/// Every file a user's clone has: docs/, README.md, scripts/, and the
+/// sources and benches whose comments point readers somewhere.
+fn shipped_files() -> Vec<PathBuf> {
+    let mut out = vec![repo().join("README.md")];
+    let mut dirs: Vec<PathBuf> = ["docs", "scripts", "src", "benches", "tests", "systemd"]
+        .iter()
+        .map(|d| repo().join(d))
+        .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a directory of the repository") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn nothing_points_outside_the_repository() {
+    // Assembled, so that this file does not match itself.
+    let outside = [format!("../{}/", "shared"), format!("/work/{}", "shared")];
+    let private = format!("{}.md", "BENCHMARKING");
+    let design = format!("{} card", "design");
+    for path in shipped_files() {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let rel = path.strip_prefix(repo()).unwrap_or(&path);
+        for (n, line) in text.lines().enumerate() {
+            for bad in &outside {
+                assert!(
+                    !line.contains(bad.as_str()),
+                    "{}:{}: points outside the repository: {line}",
+                    rel.display(),
+                    n + 1
+                );
+            }
+        }
+        // The user-facing documents also name no guide they cannot read.
+        let user_facing =
+            rel.starts_with("docs") || rel.starts_with("scripts") || rel == Path::new("README.md");
+        if user_facing {
+            for bad in [&private, &design] {
+                assert!(
+                    !text.contains(bad.as_str()),
+                    "{} mentions {bad}, which a clone does not have",
+                    rel.display()
+                );
+            }
+        }
+    }
+}
+
+/// The benchmark scripts explain themselves, and refuse what they do not
+/// know with a pointer to --help.
+#[test]
+fn the_scripts_answer_help() {
+    for script in [
+        "scripts/bench-broker",
+        "scripts/ab-broker",
+        "scripts/bench-tls",
+        "scripts/bench-mirror",
+        "scripts/soak-mirror",
+        "scripts/bench-recovery",
+    ] {
+        let o = std::process::Command::new(repo().join(script))
+            .arg("--help")
+            .output()
+            .expect("running the script");
+        assert_ok(&o);
+        let help = stdout(&o);
+        assert!(
+            help.contains(&format!("  {script} ")),
+            "usage line: {script}: {help}"
+        );
+        assert!(!help.contains("#!"), "{script}: {help}");
+    }
+    let o = std::process::Command::new(repo().join("scripts/bench-broker"))
+        .arg("--no-such-flag")
+        .output()
+        .expect("running the script");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--help"), "{}", stderr(&o));
+}

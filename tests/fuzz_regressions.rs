@@ -1,0 +1,253 @@
+//! Replays every fuzz target's seed corpus and every input a fuzzer once
+//! found a crash with (fuzz/regressions/<target>/), through the same checks
+//! the targets run (fuzz/checks.rs): a fixed crash stays fixed, and the
+//! checks themselves are exercised by the ordinary test suite.
+//!
+//! `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_regressions write_seeds`
+//! rewrites the generated seeds (valid frames of every request type, the
+//! embedded default and every profile).
+
+#[path = "../fuzz/checks.rs"]
+mod checks;
+
+use std::path::{Path, PathBuf};
+
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut files = Vec::new();
+    for dir in ["seeds", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for e in entries {
+            let path = e.expect("a directory entry").path();
+            if path.is_file() {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn replay(target: &str, check: fn(&[u8])) {
+    let files = inputs(target);
+    assert!(!files.is_empty(), "fuzz/seeds/{target} has seeds");
+    for path in files {
+        let data = std::fs::read(&path).expect("reading a fuzz input");
+        let outcome = std::panic::catch_unwind(|| check(&data));
+        assert!(
+            outcome.is_ok(),
+            "{target}: {} fails its check",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn frame_inputs_pass() {
+    replay("frame", checks::frame);
+}
+
+#[test]
+fn config_inputs_pass() {
+    replay("config", checks::config);
+}
+
+#[test]
+fn kafka_records_inputs_pass() {
+    replay("kafka_records", checks::kafka_records);
+}
+
+#[test]
+fn batch_inputs_pass() {
+    replay("batch", checks::batch);
+}
+
+#[test]
+fn recovery_inputs_pass() {
+    replay("recovery", checks::recovery);
+}
+
+#[test]
+fn write_seeds() {
+    if std::env::var_os("SKIFF_WRITE_FUZZ_SEEDS").is_none() {
+        return;
+    }
+    use skiff::batch::{BatchBuilder, ProducerStamp};
+    use skiff::protocol::*;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let mut bb = BatchBuilder::new();
+    bb.push(1_700_000_000_000, Some(b"k"), b"v", &[("msg-id", b"e1")]);
+    bb.push(1_700_000_000_001, None, b"", &[]);
+    let batch = bb.finish(ProducerStamp::NONE);
+    let bodies: Vec<(&str, RequestBody)> = vec![
+        (
+            "hello",
+            RequestBody::Hello(HelloRequest {
+                version_min: 1,
+                version_max: 1,
+                client_name: Some("seed".into()),
+            }),
+        ),
+        (
+            "metadata",
+            RequestBody::Metadata(MetadataRequest { topics: None }),
+        ),
+        (
+            "create",
+            RequestBody::CreateTopic(CreateTopicRequest {
+                name: "t".into(),
+                partitions: Some(2),
+                fsync: Some("interval:5".into()),
+                ..CreateTopicRequest::default()
+            }),
+        ),
+        (
+            "produce",
+            RequestBody::Produce(ProduceRequest {
+                partitions: vec![ProducePartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    batch: batch[..].into(),
+                }],
+            }),
+        ),
+        (
+            "fetch",
+            RequestBody::Fetch(FetchRequest {
+                partitions: vec![FetchPartition {
+                    topic: "t".into(),
+                    partition: 1,
+                    offset: 7,
+                    max_bytes: 65536,
+                }],
+                max_wait_ms: 100,
+                min_bytes: 1,
+                isolation: None,
+            }),
+        ),
+        (
+            "list-offsets",
+            RequestBody::ListOffsets(ListOffsetsRequest {
+                partitions: vec![ListOffsetsPartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec: OffsetSpec::Timestamp(1_700_000_000_000),
+                }],
+            }),
+        ),
+        (
+            "init-producer",
+            RequestBody::InitProducer(InitProducerRequest {
+                producer_name: Some("gw".into()),
+            }),
+        ),
+    ];
+    std::fs::create_dir_all(root.join("frame")).expect("mkdir");
+    for (i, (name, body)) in bodies.into_iter().enumerate() {
+        let mut out = Vec::new();
+        encode_request(
+            &Request {
+                correlation_id: i as u32 + 1,
+                body,
+            },
+            &mut out,
+        )
+        .expect("encode");
+        std::fs::write(root.join("frame").join(name), out).expect("write");
+    }
+    let mut out = Vec::new();
+    encode_response(&error_response(9, ErrorCode::UnknownTopic, "no"), &mut out).expect("encode");
+    std::fs::write(root.join("frame").join("error-response"), out).expect("write");
+
+    std::fs::create_dir_all(root.join("config")).expect("mkdir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        repo.join("src/config/default.toml"),
+        root.join("config/default.toml"),
+    )
+    .expect("copy");
+    for e in std::fs::read_dir(repo.join("firmware-config")).expect("profiles") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            std::fs::copy(&p, root.join("config").join(p.file_name().expect("name")))
+                .expect("copy");
+        }
+    }
+    use skiff::mirror::kafka::records::ProducerStamp as KafkaStamp;
+    use skiff::mirror::kafka::{BatchBuilder as KafkaBatch, Compression, HeaderRef, RecordRef};
+    std::fs::create_dir_all(root.join("kafka_records")).expect("mkdir");
+    for (name, compression) in [
+        ("none", Compression::None),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
+        let mut b = KafkaBatch::new();
+        let headers = [HeaderRef {
+            key: "skiff.offset",
+            value: Some(b"17"),
+        }];
+        for i in 0..3u8 {
+            b.push(&RecordRef {
+                key: Some(&[i]),
+                value: Some(b"{\"c\": 21.5}"),
+                timestamp_ms: 1_700_000_000_000 + i64::from(i),
+                headers: &headers,
+            })
+            .expect("push");
+        }
+        let stamp = KafkaStamp {
+            producer_id: 7,
+            producer_epoch: 1,
+            base_sequence: 0,
+            transactional: true,
+        };
+        let mut two = b.finish(compression, stamp).expect("finish").to_vec();
+        two.extend_from_slice(&b.finish(compression, KafkaStamp::NONE).expect("finish"));
+        std::fs::write(root.join("kafka_records").join(name), two).expect("write");
+    }
+    // Batches: one plain, one idempotent with a gap inside, and a fetch
+    // answer of both. Segments for recovery: the first byte is the mode
+    // (checks::recovery), then the data after the segment header.
+    std::fs::create_dir_all(root.join("batch")).expect("mkdir");
+    std::fs::create_dir_all(root.join("recovery")).expect("mkdir");
+    let mut gapped = BatchBuilder::new();
+    gapped.push(1_700_000_000_000, Some(b"k"), b"first", &[]);
+    gapped.skip_offsets(3);
+    gapped.push(1_700_000_000_005, Some(b"k"), b"after a gap", &[]);
+    let gapped = gapped.finish_with(
+        ProducerStamp {
+            producer_id: 3,
+            producer_epoch: 1,
+            base_sequence: 40,
+        },
+        7,
+    );
+    std::fs::write(root.join("batch/plain"), &batch).expect("write");
+    std::fs::write(root.join("batch/gapped"), &gapped).expect("write");
+    let mut run = batch.clone();
+    skiff::batch::verify_and_assign_offset(&mut run, 2).expect("valid");
+    let mut second = gapped.clone();
+    skiff::batch::verify_and_assign_offset(&mut second, 4).expect("valid");
+    run.extend_from_slice(&second);
+    std::fs::write(root.join("batch/fetch-answer"), &run).expect("write");
+    for (name, mode) in [("after-header", 0u8), ("sectors-512", 1), ("raw", 4)] {
+        let mut seg = vec![mode];
+        if mode & 4 != 0 {
+            seg.extend_from_slice(b"SKSG");
+        }
+        let mut first = batch.clone();
+        skiff::batch::verify_and_assign_offset(&mut first, 0).expect("valid");
+        seg.extend_from_slice(&first);
+        let mut next = gapped.clone();
+        skiff::batch::verify_and_assign_offset(&mut next, 2).expect("valid");
+        seg.extend_from_slice(&next);
+        std::fs::write(root.join("recovery").join(name), seg).expect("write");
+    }
+    std::fs::write(
+        root.join("config/with-profile.toml"),
+        "profile = \"pi4-sd\"\n[server]\nmax_connections = 8\n",
+    )
+    .expect("write");
+}

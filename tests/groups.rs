@@ -1,0 +1,691 @@
+//! Consumer groups through the real binary: `skiff consume --group`
+//! processes sharing a topic, surviving restarts and kill -9, the
+//! cooperative hand-over, fencing, lag, and the admin commands.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{assert_fails, assert_ok, skiff_command, stdout, wait_until, Broker};
+use skiff::client::{Client, Producer, ProducerConfig};
+use skiff::protocol::{ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition};
+
+/// Long enough that no member of a busy CI machine misses it: only the
+/// test of a killed member waits for a session to end, with its own.
+const SESSION_MS: &str = "10000";
+/// The killed member's test: it waits this out once.
+const SHORT_SESSION_MS: &str = "3000";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `skiff consume --group` process and the JSON lines it printed.
+struct Member {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Member {
+    fn start(b: &Broker, topic: &str, group: &str, extra: &[&str]) -> Member {
+        Member::start_with_session(b, topic, group, SESSION_MS, extra)
+    }
+
+    fn start_with_session(
+        b: &Broker,
+        topic: &str,
+        group: &str,
+        session_ms: &str,
+        extra: &[&str],
+    ) -> Member {
+        let mut cmd = skiff_command();
+        cmd.args(["consume", topic, "--group", group, "--format", "json"])
+            .args(["--session-timeout-ms", session_ms, "--from", "earliest"])
+            .args(extra)
+            .args(["--broker", &b.tcp])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawning skiff consume --group");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+                l.lock().unwrap().push(v);
+            }
+        });
+        Member {
+            child: Some(child),
+            lines,
+        }
+    }
+
+    /// (partition, offset) of every record printed.
+    fn printed(&self) -> Vec<(u32, u64)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["partition"].as_u64().unwrap() as u32,
+                    v["offset"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn signal(&mut self, sig: i32) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        let status = child.wait().expect("waiting for the member");
+        // The reader thread may still be taking the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        status.code()
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        let status = self.child.take()?.wait().expect("waiting for the member");
+        std::thread::sleep(Duration::from_millis(100));
+        status.code()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn create(b: &Broker, topic: &str, partitions: &str) {
+    assert_ok(&b.cli(&["topics", "create", topic, "--partitions", partitions]));
+}
+
+/// Produces `n` keyed records (spread over the partitions by key).
+fn produce(b: &Broker, topic: &str, from: u32, n: u32) {
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.unwrap();
+        let producer = Producer::new(client, ProducerConfig::default())
+            .await
+            .unwrap();
+        let mut ds = Vec::new();
+        for i in from..from + n {
+            let key = format!("k{i}");
+            ds.push(
+                producer
+                    .send_wait(topic, Some(key.as_bytes()), key.as_bytes(), &[])
+                    .await
+                    .unwrap(),
+            );
+        }
+        producer.flush().await;
+        for d in ds {
+            d.await.unwrap();
+        }
+    });
+}
+
+fn describe(b: &Broker, group: &str) -> serde_json::Value {
+    let o = b.cli(&["groups", "describe", group, "--format", "json"]);
+    assert_ok(&o);
+    serde_json::from_str(&stdout(&o)).expect("describe prints one JSON object")
+}
+
+/// Each member's assignment, when the group is stable with `members`.
+fn stable(b: &Broker, group: &str, members: usize) -> Option<Vec<BTreeSet<u32>>> {
+    // Unknown until its first member joins.
+    let o = b.cli(&["groups", "describe", group, "--format", "json"]);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&o)).ok()?;
+    let ms = d["members"].as_array()?;
+    if d["state"] != "Stable" || ms.len() != members {
+        return None;
+    }
+    let sets: Vec<BTreeSet<u32>> = ms
+        .iter()
+        .map(|m| {
+            m["assignment"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["partition"].as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    Some(sets)
+}
+
+fn wait_stable(b: &Broker, group: &str, members: usize, partitions: usize) -> Vec<BTreeSet<u32>> {
+    let mut got = None;
+    wait_until(WAIT, "a stable group with every partition assigned", || {
+        got = stable(b, group, members)
+            .filter(|s| s.iter().map(BTreeSet::len).sum::<usize>() == partitions);
+        got.is_some()
+    });
+    got.unwrap()
+}
+
+fn committed(b: &Broker, group: &str) -> BTreeMap<u32, u64> {
+    describe(b, group)["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| Some((o["partition"].as_u64()? as u32, o["committed"].as_u64()?)))
+        .collect()
+}
+
+#[test]
+fn three_members_share_a_topic_exactly_once_and_a_restart_reads_only_what_is_new() {
+    let b = Broker::start("");
+    create(&b, "t6", "6");
+    let mut members: Vec<Member> = (0..3).map(|_| Member::start(&b, "t6", "g", &[])).collect();
+    let sets = wait_stable(&b, "g", 3, 6);
+    assert!(sets.iter().all(|s| s.len() == 2), "{sets:?}");
+    produce(&b, "t6", 0, 600);
+    wait_until(WAIT, "600 records printed", || {
+        members.iter().map(|m| m.printed().len()).sum::<usize>() >= 600
+    });
+    let mut all = BTreeSet::new();
+    for m in &members {
+        for r in m.printed() {
+            assert!(all.insert(r), "{r:?} printed twice");
+        }
+    }
+    assert_eq!(all.len(), 600);
+    for m in &mut members {
+        assert_eq!(m.signal(libc::SIGTERM), Some(0), "a clean exit on SIGTERM");
+    }
+    let d = describe(&b, "g");
+    assert_eq!(
+        d["members"].as_array().unwrap().len(),
+        0,
+        "every member left"
+    );
+    let offsets = d["offsets"].as_array().unwrap();
+    assert_eq!(offsets.len(), 6);
+    for o in offsets {
+        assert_eq!(o["lag"], 0, "what was printed is committed: {o}");
+    }
+    // Restarted, the group reads only what was produced since.
+    produce(&b, "t6", 600, 60);
+    let mut again = Member::start(&b, "t6", "g", &["--timeout-ms", "3000"]);
+    assert_eq!(again.wait_exit(), Some(0));
+    let printed = again.printed();
+    assert_eq!(printed.len(), 60, "{printed:?}");
+    let d = describe(&b, "g");
+    assert!(d["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| o["lag"] == 0));
+}
+
+#[test]
+fn a_killed_member_s_partitions_move_after_the_session_timeout_repeating_only_since_its_last_commit(
+) {
+    let b = Broker::start("");
+    create(&b, "t4", "4");
+    let mut a = Member::start_with_session(&b, "t4", "g", SHORT_SESSION_MS, &[]);
+    let survivor = Member::start_with_session(&b, "t4", "g", SHORT_SESSION_MS, &[]);
+    let sets = wait_stable(&b, "g", 2, 4);
+    assert!(sets.iter().all(|s| s.len() == 2));
+    produce(&b, "t4", 0, 400);
+    wait_until(WAIT, "400 records printed", || {
+        a.printed().len() + survivor.printed().len() >= 400
+    });
+    // Commits are at most a second apart: this is at or below the last.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = committed(&b, "g");
+    a.signal(libc::SIGKILL);
+    let a_printed: BTreeSet<(u32, u64)> = a.printed().into_iter().collect();
+    produce(&b, "t4", 400, 400);
+    let killed = std::time::Instant::now();
+    wait_until(WAIT, "one member holding all four partitions", || {
+        stable(&b, "g", 1).is_some_and(|s| s[0].len() == 4)
+    });
+    assert!(
+        killed.elapsed() >= Duration::from_millis(2000),
+        "not before the session timeout"
+    );
+    wait_until(WAIT, "every record printed", || {
+        let mut all: BTreeSet<(u32, u64)> = a_printed.clone();
+        all.extend(survivor.printed());
+        all.len() >= 800
+    });
+    let mut seen = BTreeSet::new();
+    for r in survivor.printed() {
+        if !seen.insert(r) {
+            panic!("{r:?} printed twice by the survivor");
+        }
+        if a_printed.contains(&r) {
+            // A repeat: only what the killed member printed after its
+            // last commit.
+            assert!(
+                r.1 >= before[&r.0],
+                "{r:?} repeated from before the commit {before:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_fourth_member_under_cooperative_sticky_moves_only_what_it_takes() {
+    let b = Broker::start("");
+    create(&b, "t6", "6");
+    let _m: Vec<Member> = (0..3).map(|_| Member::start(&b, "t6", "g", &[])).collect();
+    let before = describe_assignment(&b, "g", 3);
+    let _fourth = Member::start(&b, "t6", "g", &[]);
+    let after = describe_assignment(&b, "g", 4);
+    let mut moved = 0;
+    for (id, old) in &before {
+        let new = &after[id];
+        assert!(
+            new.is_subset(old),
+            "{id}: kept partitions only, {old:?} -> {new:?}"
+        );
+        moved += old.len() - new.len();
+    }
+    let newcomer: Vec<&BTreeSet<u32>> = after
+        .iter()
+        .filter(|(id, _)| !before.contains_key(*id))
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(newcomer.len(), 1);
+    assert!(!newcomer[0].is_empty());
+    assert_eq!(
+        moved,
+        newcomer[0].len(),
+        "only what the newcomer took moved"
+    );
+}
+
+/// member id -> partitions, once the group is stable with `n` members
+/// and all 6 partitions assigned.
+fn describe_assignment(b: &Broker, group: &str, n: usize) -> BTreeMap<String, BTreeSet<u32>> {
+    wait_stable(b, group, n, 6);
+    describe(b, group)["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["member_id"].as_str().unwrap().to_owned(),
+                m["assignment"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["partition"].as_u64().unwrap() as u32)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn commits_survive_a_broker_restart_and_a_kill_9() {
+    let mut b = Broker::start("");
+    create(&b, "t2", "2");
+    produce(&b, "t2", 0, 50);
+    let mut m = Member::start(&b, "t2", "g", &["--count", "50"]);
+    assert_eq!(m.wait_exit(), Some(0));
+    let want = committed(&b, "g");
+    assert_eq!(want.values().sum::<u64>(), 50, "{want:?}");
+    b.stop();
+    b.restart();
+    assert_eq!(committed(&b, "g"), want);
+    // An acknowledged reset is durable at once: kill -9 right after it.
+    assert_ok(&b.cli(&["groups", "reset-offsets", "g", "--topic", "t2", "--to", "3"]));
+    b.kill9();
+    b.restart();
+    assert_eq!(committed(&b, "g"), BTreeMap::from([(0, 3), (1, 3)]));
+    let listed = stdout(&b.cli(&["topics", "list"]));
+    assert!(
+        !listed.contains("__skiff"),
+        "the offsets topic is internal: {listed}"
+    );
+}
+
+#[test]
+fn a_stale_generation_an_unknown_member_and_a_partition_not_owned_are_refused() {
+    let b = Broker::start("");
+    create(&b, "t2", "2");
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        let join = |member_id: Option<String>, owned: Vec<GroupPartition>| JoinGroupRequest {
+            group: "g".into(),
+            member_id,
+            instance_id: None,
+            topics: vec!["t2".into()],
+            assignor: "range".into(),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 10_000,
+            owned,
+            client: None,
+        };
+        let a = c.join_group(join(None, vec![])).await.unwrap();
+        assert_eq!(a.generation, 1);
+        let sa = c.sync_group("g", &a.member_id, 1).await.unwrap();
+        assert_eq!(sa.assignment.len(), 2);
+        // A second member: a learns of the rebalance and joins again
+        // holding both partitions.
+        let c2 = Client::connect(&b.tcp).await.unwrap();
+        let second = smol::spawn(async move { c2.join_group(join(None, vec![])).await });
+        let mut code = None;
+        for _ in 0..100 {
+            smol::Timer::after(Duration::from_millis(20)).await;
+            if let Err(e) = c.heartbeat("g", &a.member_id, 1).await {
+                code = e.code();
+                break;
+            }
+        }
+        assert_eq!(code, Some(ErrorCode::RebalanceInProgress));
+        let a2 = c
+            .join_group(join(Some(a.member_id.clone()), sa.assignment.clone()))
+            .await
+            .unwrap();
+        let b2 = second.await.unwrap();
+        assert_eq!((a2.generation, b2.generation), (2, 2));
+        let commit = |p: u32| {
+            vec![OffsetCommitPartition {
+                topic: "t2".into(),
+                partition: p,
+                offset: 1,
+                metadata: None,
+            }]
+        };
+        let stale = c
+            .commit_offsets("g", Some((&a.member_id, 1)), commit(0))
+            .await;
+        assert_eq!(
+            stale.unwrap_err().code(),
+            Some(ErrorCode::IllegalGeneration)
+        );
+        let unknown = c.commit_offsets("g", Some(("nobody", 2)), commit(0)).await;
+        assert_eq!(
+            unknown.unwrap_err().code(),
+            Some(ErrorCode::UnknownMemberId)
+        );
+        // b holds nothing yet: a gives a partition up first.
+        let not_owner = c
+            .commit_offsets("g", Some((&b2.member_id, 2)), commit(0))
+            .await;
+        assert_eq!(not_owner.unwrap_err().code(), Some(ErrorCode::NotOwner));
+        // a may commit both in generation 2 (one it is giving up).
+        c.commit_offsets("g", Some((&a.member_id, 2)), commit(0))
+            .await
+            .unwrap();
+        c.commit_offsets("g", Some((&a.member_id, 2)), commit(1))
+            .await
+            .unwrap();
+        // Without a member, while the group has members: refused.
+        let admin = c.commit_offsets("g", None, commit(0)).await;
+        assert_eq!(admin.unwrap_err().code(), Some(ErrorCode::GroupNotEmpty));
+    });
+}
+
+#[test]
+fn lag_follows_the_producers_in_describe_and_in_the_metrics() {
+    let b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    create(&b, "t1", "1");
+    produce(&b, "t1", 0, 100);
+    // A member reads 40 and commits them.
+    let mut m = Member::start(&b, "t1", "g", &["--count", "40"]);
+    assert_eq!(m.wait_exit(), Some(0));
+    let lag = |b: &Broker| describe(b, "g")["offsets"][0]["lag"].as_u64();
+    assert_eq!(lag(&b), Some(60));
+    for round in 1..=3u32 {
+        produce(&b, "t1", 100 * round, 50);
+        assert_eq!(lag(&b), Some(60 + 50 * u64::from(round)));
+    }
+    let metrics = b.metrics_addr();
+    wait_until(WAIT, "the lag gauge at 210", || {
+        let body = http_get(&metrics, "/metrics");
+        body.lines().any(|l| {
+            l.starts_with("skiff_group_lag_records{")
+                && l.contains("group=\"g\"")
+                && l.ends_with(" 210")
+        })
+    });
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn reset_and_delete_are_refused_on_an_active_group_and_unknown_groups_fail_in_one_line() {
+    let b = Broker::start("");
+    create(&b, "t2", "2");
+    for args in [
+        &["groups", "describe", "nope"][..],
+        &["groups", "delete", "nope"],
+        &[
+            "groups",
+            "reset-offsets",
+            "nope",
+            "--topic",
+            "t2",
+            "--to",
+            "earliest",
+        ],
+    ] {
+        assert_fails(&b.cli(args), 1, &["unknown group", "nope"]);
+    }
+    let mut m = Member::start(&b, "t2", "g", &[]);
+    wait_stable(&b, "g", 1, 2);
+    assert_fails(&b.cli(&["groups", "delete", "g"]), 1, &["g", "member"]);
+    assert_fails(
+        &b.cli(&[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "t2",
+            "--to",
+            "latest",
+        ]),
+        1,
+        &["g", "member"],
+    );
+    assert!(stdout(&b.cli(&["groups", "list"])).contains("g\tStable\t1 member(s)"));
+    assert_eq!(m.signal(libc::SIGINT), Some(0), "a clean exit on SIGINT");
+    produce(&b, "t2", 0, 10);
+    assert_ok(&b.cli(&[
+        "groups",
+        "reset-offsets",
+        "g",
+        "--topic",
+        "t2",
+        "--to",
+        "latest",
+    ]));
+    assert_eq!(committed(&b, "g").values().sum::<u64>(), 10);
+    assert_ok(&b.cli(&["groups", "delete", "g"]));
+    assert_fails(&b.cli(&["groups", "describe", "g"]), 1, &["unknown group"]);
+}
+
+#[test]
+fn group_requests_need_the_group_operation_on_the_group_and_consume_on_the_topic() {
+    // Plaintext TCP: every client is "anonymous".
+    let b = Broker::start(
+        "[acl]\nenabled = true\n\
+         [[acl.rules]]\nidentity = \"anonymous\"\ntopics = [\"*\"]\n\
+         operations = [\"create\", \"describe\", \"produce\"]\n\
+         [[acl.rules]]\nidentity = \"anonymous\"\ntopics = [\"open\"]\noperations = [\"consume\"]\n\
+         [[acl.rules]]\nidentity = \"anonymous\"\ntopics = [\"dash-*\"]\noperations = [\"group\"]\n",
+    );
+    create(&b, "open", "1");
+    create(&b, "closed", "1");
+    let mut ok = Member::start(&b, "open", "dash-1", &["--timeout-ms", "500"]);
+    assert_eq!(ok.wait_exit(), Some(0));
+    let o = b.cli(&["consume", "open", "--group", "other", "--timeout-ms", "500"]);
+    assert_fails(&o, 1, &["not_authorized", "group", "other"]);
+    let o = b.cli(&[
+        "consume",
+        "closed",
+        "--group",
+        "dash-2",
+        "--timeout-ms",
+        "500",
+    ]);
+    assert_fails(&o, 1, &["not_authorized", "consume", "closed"]);
+    assert_fails(
+        &b.cli(&["groups", "describe", "other"]),
+        1,
+        &["not_authorized"],
+    );
+}
+
+/// Records the partitions a rebalance takes from the member.
+struct Revoked(Arc<Mutex<Vec<(String, u32)>>>);
+
+impl skiff::client::RebalanceListener for Revoked {
+    fn revoked(&mut self, partitions: &[(String, u32)]) {
+        self.0.lock().unwrap().extend_from_slice(partitions);
+    }
+}
+
+#[test]
+fn the_library_member_commits_only_what_is_marked_and_leaves_when_it_stops_polling() {
+    let b = Broker::start("");
+    create(&b, "t2", "2");
+    produce(&b, "t2", 0, 20);
+    smol::block_on(async {
+        let mut cfg = skiff::client::GroupConfig::new("g", &["t2"]);
+        cfg.start_from = skiff::client::StartFrom::Earliest;
+        cfg.mark_on_poll = false;
+        cfg.auto_commit_interval = None;
+        cfg.session_timeout = Duration::from_secs(10);
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        // Longer than a `skiff groups describe` takes on a busy machine,
+        // so the checks below do not themselves make the member leave.
+        cfg.max_poll_interval = Duration::from_millis(2000);
+        cfg.consumer.max_wait = Duration::from_millis(100);
+        let mut m = skiff::client::GroupConsumer::connect(&b.tcp, cfg)
+            .await
+            .unwrap();
+        let revoked = Arc::new(Mutex::new(Vec::new()));
+        m.set_listener(Box::new(Revoked(revoked.clone())));
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read {} of 20",
+                got.len()
+            );
+            got.extend(m.poll().await.unwrap());
+        }
+        let last_poll = std::time::Instant::now();
+        // Only the first record of each partition is marked as processed.
+        let mut marked = BTreeMap::new();
+        for r in &got {
+            marked.entry(r.partition).or_insert(r.offset);
+        }
+        for (&p, &o) in &marked {
+            m.mark_consumed("t2", p, o);
+        }
+        m.commit().await.unwrap();
+        let want: BTreeMap<u32, u64> = marked.iter().map(|(&p, &o)| (p, o + 1)).collect();
+        assert_eq!(
+            committed(&b, "g"),
+            want,
+            "what was marked, not what was fetched"
+        );
+        // No poll for longer than max_poll_interval: the member leaves.
+        wait_until(WAIT, "the idle member leaves the group", || {
+            describe(&b, "g")["members"].as_array().unwrap().is_empty()
+        });
+        // Less the length of that last poll.
+        assert!(
+            last_poll.elapsed() >= Duration::from_millis(1800),
+            "not before the max poll interval"
+        );
+        // The next poll joins again and resumes from the commit.
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut again = Vec::new();
+        while again.len() < 18 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read {} of 18 again",
+                again.len()
+            );
+            again.extend(m.poll().await.unwrap());
+        }
+        assert!(again.iter().all(|r| r.offset >= want[&r.partition]));
+        // Polling keeps it in the group, which settles with both partitions.
+        let deadline = std::time::Instant::now() + WAIT;
+        while stable(&b, "g", 1).map(|s| s[0].len()) != Some(2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                describe(&b, "g")
+            );
+            again.extend(m.poll().await.unwrap());
+        }
+        m.close().await.unwrap();
+    });
+}
+
+/// Heartbeats that cross a member's own join must not start yet another
+/// rebalance: with them, a slow machine once went through 60 generations
+/// in 30 s, each moving nothing, and consumers stalled meanwhile.
+#[test]
+fn heartbeats_crossing_a_join_do_not_start_another_rebalance() {
+    let b = Broker::start("");
+    create(&b, "t6", "6");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let members: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, stop) = (b.tcp.clone(), stop.clone());
+            std::thread::spawn(move || {
+                smol::block_on(async {
+                    let mut cfg = skiff::client::GroupConfig::new("g", &["t6"]);
+                    cfg.session_timeout = Duration::from_secs(10);
+                    // A heartbeat is nearly always in flight during a join.
+                    cfg.heartbeat_interval = Duration::from_millis(2);
+                    cfg.consumer.max_wait = Duration::from_millis(20);
+                    let mut m = skiff::client::GroupConsumer::connect(&addr, cfg)
+                        .await
+                        .unwrap();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        m.poll().await.unwrap();
+                    }
+                    m.close().await.unwrap();
+                })
+            })
+        })
+        .collect();
+    wait_stable(&b, "g", 3, 6);
+    let settled = describe(&b, "g")["generation"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let d = describe(&b, "g");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for m in members {
+        m.join().unwrap();
+    }
+    assert_eq!(d["state"], "Stable", "{d}");
+    assert_eq!(
+        d["generation"].as_u64().unwrap(),
+        settled,
+        "no rebalance once every partition was assigned: {d}"
+    );
+}

@@ -1,0 +1,883 @@
+//! The store-and-forward mirror through the real binary, against a real
+//! Kafka-protocol broker (Tansu) behind a TCP proxy that cuts, stalls and
+//! delays the link (tests/upstream). Upstream is read back with
+//! read_committed that holds each producer's transactional records until
+//! their marker and drops aborted ones (`PartitionReader`), since Tansu
+//! does not filter them.
+//!
+//! SKIFF_MIRROR_KILLS sets the kill -9 count of the crash test (20 by
+//! default, 5 under an emulator; `scripts/soak-mirror` runs more).
+
+mod common;
+mod upstream;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{assert_ok, stdout, Broker, Rng};
+use skiff::mirror::kafka::{KafkaClient, KafkaConfig, Producer as KafkaProducer, ProducerConfig};
+use upstream::proxy::Proxy;
+use upstream::{free_port, Tansu};
+
+/// Tansu behind a proxy: `bootstrap` goes through the proxy.
+struct Upstream {
+    /// Kept alive (killed on drop) for as long as the test runs.
+    _tansu: Tansu,
+    proxy: Proxy,
+}
+
+impl Upstream {
+    fn start() -> Self {
+        let port = free_port();
+        let tansu = Tansu::behind(port);
+        let proxy = Proxy::start(port, &tansu.addr());
+        Self {
+            _tansu: tansu,
+            proxy,
+        }
+    }
+
+    fn bootstrap(&self) -> String {
+        self.proxy.addr()
+    }
+
+    /// A client that bypasses the proxy (for checks while the link is cut).
+    /// Tansu advertises the proxy's port, so metadata still leads there;
+    /// checks are made with the link up.
+    fn client(&self) -> KafkaClient {
+        let mut config = KafkaConfig::new(&self.bootstrap()).expect("bootstrap");
+        config.request_timeout = Duration::from_secs(10);
+        KafkaClient::new(config).expect("client")
+    }
+}
+
+/// `[mirror]` for a test: quick retries, short timeouts, topics created;
+/// `extra` lines (`key = value`) replace these or add to them.
+fn mirror_toml(
+    bootstrap: &str,
+    gateway: &str,
+    extra: &str,
+    rules: &[(&str, &str, &str)],
+) -> String {
+    let mut keys: Vec<(String, String)> = [
+        ("upstream", format!("\"{bootstrap}\"")),
+        ("transactional_id", format!("\"{gateway}\"")),
+        ("linger_ms", "20".to_owned()),
+        ("backoff_min_ms", "50".to_owned()),
+        ("backoff_max_ms", "500".to_owned()),
+        ("request_timeout_ms", "2000".to_owned()),
+        ("connect_timeout_ms", "2000".to_owned()),
+        ("create_topics", "true".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.split_once('=').expect("key = value");
+        let (k, v) = (k.trim().to_owned(), v.trim().to_owned());
+        match keys.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => keys.push((k, v)),
+        }
+    }
+    let mut t = String::from("[mirror]\n");
+    for (k, v) in keys {
+        t.push_str(&format!("{k} = {v}\n"));
+    }
+    for (name, source, target) in rules {
+        t.push_str(&format!(
+            "[[mirror.rules]]\nname = \"{name}\"\nsource = \"{source}\"\ntarget = \"{target}\"\n"
+        ));
+    }
+    t
+}
+
+/// One record upstream.
+type Upstreamed = upstream::Committed;
+
+/// The source a record upstream names in its headers.
+fn source(r: &Upstreamed) -> (String, u32, u64) {
+    let h = |k: &str| String::from_utf8(r.headers[k].clone()).expect("utf-8 header");
+    (
+        h("skiff.topic"),
+        h("skiff.partition").parse().expect("partition"),
+        h("skiff.offset").parse().expect("offset"),
+    )
+}
+
+fn read_upstream(client: &KafkaClient, topic: &str) -> Vec<Upstreamed> {
+    upstream::read_committed(client, topic)
+}
+
+/// Waits until `topic` upstream holds at least `count` committed records.
+fn wait_upstream(
+    client: &KafkaClient,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Upstreamed> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let records = read_upstream(client, topic);
+        if records.len() >= count {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: {} of {count} records upstream after {timeout:?}",
+            records.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn blocking_producer(addr: &str) -> skiff::client::blocking::Producer {
+    skiff::client::blocking::Producer::connect(addr, skiff::client::ProducerConfig::default())
+        .expect("local producer")
+}
+
+/// What was produced locally: (topic, partition, offset) → (key, value).
+type Sent = HashMap<(String, u32, u64), (Option<Vec<u8>>, Vec<u8>)>;
+
+/// Produces `count` records to each partition of `topic`, keyed
+/// `k<i % 37>`, with a header; returns what landed where.
+fn produce(addr: &str, topic: &str, partitions: u32, count: usize, tag: &str) -> Sent {
+    let producer = blocking_producer(addr);
+    let mut deliveries = Vec::new();
+    for p in 0..partitions {
+        for i in 0..count {
+            let key = format!("k{}", i % 37).into_bytes();
+            let value = format!("{topic}/{p}/{tag}{i}").into_bytes();
+            let d = producer.send_to(topic, p, Some(&key), &value, &[("h", b"x")]);
+            deliveries.push((key, value, d));
+        }
+    }
+    producer.flush();
+    let mut sent = Sent::new();
+    for (key, value, d) in deliveries {
+        let m = skiff::client::blocking::wait(d).expect("local produce acked");
+        sent.insert(
+            (topic.to_owned(), m.partition, m.offset),
+            (Some(key), value),
+        );
+    }
+    sent
+}
+
+/// Exactly once, in source order per source partition and key routing,
+/// with the headers the issue asks for.
+fn check_exactly_once(upstream: &[Upstreamed], sent: &Sent, gateway: &str, topics: &[&str]) {
+    let mut seen: HashMap<(String, u32, u64), usize> = HashMap::new();
+    // Per upstream partition and source partition, offsets must rise.
+    let mut last: HashMap<(i32, String, u32), u64> = HashMap::new();
+    for r in upstream {
+        let source = source(r);
+        if !topics.contains(&source.0.as_str()) {
+            continue;
+        }
+        assert_eq!(r.headers["skiff.gateway"], gateway.as_bytes());
+        assert_eq!(r.headers["h"], b"x", "the source header is carried");
+        let (key, value) = sent
+            .get(&source)
+            .unwrap_or_else(|| panic!("upstream has {source:?}, which was never produced"));
+        assert_eq!(&r.key, key, "{source:?}: key");
+        assert_eq!(&r.value, value, "{source:?}: value");
+        assert!(
+            r.timestamp > 1_600_000_000_000,
+            "{source:?}: timestamp {}",
+            r.timestamp
+        );
+        *seen.entry(source.clone()).or_default() += 1;
+        let order = (r.partition, source.0.clone(), source.1);
+        if let Some(prev) = last.insert(order, source.2) {
+            assert!(
+                prev < source.2,
+                "{source:?} after offset {prev} upstream: out of order"
+            );
+        }
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).take(5).collect();
+    assert!(dups.is_empty(), "duplicated upstream: {dups:?}");
+    let missing: Vec<_> = sent
+        .keys()
+        .filter(|k| !seen.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} records missing upstream, e.g. {missing:?}",
+        sent.len() - seen.len(),
+        sent.len()
+    );
+}
+
+fn create(b: &Broker, topic: &str, partitions: u32) {
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        topic,
+        "--partitions",
+        &partitions.to_string(),
+    ]));
+}
+
+fn status_json(b: &Broker) -> serde_json::Value {
+    let o = b.cli(&["mirror", "status", "--format", "json"]);
+    assert_ok(&o);
+    serde_json::from_str(&stdout(&o)).expect("status is JSON")
+}
+
+/// Waits until the status satisfies `pred` (backlog figures are refreshed
+/// about once a second while the link is down).
+fn wait_status(
+    b: &Broker,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status_json(b);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never showed {what}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_log(b: &Broker, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !b.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within {timeout:?}:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn forwards_100k_records_from_three_topics_exactly_once_in_order() {
+    let up = Upstream::start();
+    let gateway = "gw-100k";
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "compression = \"lz4\"",
+        &[
+            ("temps", "sensors.*", "plant1.{topic}"),
+            ("other", "line.c", "plant1-line"),
+        ],
+    ));
+    create(&b, "sensors.a", 2);
+    create(&b, "sensors.b", 1);
+    create(&b, "line.c", 1);
+    let mut sent = produce(&b.tcp, "sensors.a", 2, 16_667, "");
+    sent.extend(produce(&b.tcp, "sensors.b", 1, 33_333, ""));
+    sent.extend(produce(&b.tcp, "line.c", 1, 33_333, ""));
+    assert_eq!(sent.len(), 100_000);
+
+    let client = up.client();
+    let a = wait_upstream(
+        &client,
+        "plant1.sensors.a",
+        33_334,
+        Duration::from_secs(120),
+    );
+    let bb = wait_upstream(
+        &client,
+        "plant1.sensors.b",
+        33_333,
+        Duration::from_secs(120),
+    );
+    let c = wait_upstream(&client, "plant1-line", 33_333, Duration::from_secs(120));
+    let all: Vec<Upstreamed> = a.into_iter().chain(bb).chain(c).collect();
+    check_exactly_once(&all, &sent, gateway, &["sensors.a", "sensors.b", "line.c"]);
+
+    // Keys route with Kafka's murmur2 (the topic was created with the
+    // source's two partitions).
+    for r in all.iter().filter(|r| source(r).0 == "sensors.a") {
+        let key = r.key.as_deref().expect("keyed");
+        assert_eq!(
+            r.partition as u32,
+            skiff::client::partitioner::partition_for_key(key, 2)
+        );
+    }
+
+    let s = status_json(&b);
+    assert_eq!(s["link"], "up", "{s}");
+    assert_eq!(s["last_error"], serde_json::Value::Null, "{s}");
+    let temps = &s["rules"][0];
+    assert_eq!(temps["name"], "temps");
+    assert_eq!(temps["forwarded_records"], 66_667, "{s}");
+    assert_eq!(temps["backlog_records"], 0, "{s}");
+    assert_eq!(temps["bytes_at_risk"], 0, "{s}");
+    assert_eq!(temps["dropped_records"], 0, "{s}");
+    assert_eq!(s["rules"][1]["forwarded_records"], 33_333, "{s}");
+}
+
+#[test]
+fn kill_9_mid_transaction_many_times_still_exactly_once() {
+    let kills: usize = std::env::var("SKIFF_MIRROR_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        // Each restart under qemu (scripts/cross-test) takes seconds: 5
+        // there; the native run of the suite does the issue's 20.
+        .unwrap_or(
+            if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+                5
+            } else {
+                20
+            },
+        );
+    let up = Upstream::start();
+    let gateway = "gw-kill";
+    // Small transactions, so a kill lands inside one most of the time.
+    let mut b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "batch_bytes = 16384\nlinger_ms = 5",
+        &[("all", "k.*", "up.{topic}")],
+    ));
+    create(&b, "k.one", 2);
+    create(&b, "k.two", 1);
+    let mut sent = Sent::new();
+    let mut rng = Rng(0x5eed_0016);
+    let client = up.client();
+    for round in 0..kills {
+        // Producing goes on between the kills, so there is always more.
+        sent.extend(produce(&b.tcp, "k.one", 2, 300, &format!("r{round}-")));
+        sent.extend(produce(&b.tcp, "k.two", 1, 300, &format!("r{round}-")));
+        std::thread::sleep(rng.between_ms(50, 400));
+        b.kill9();
+        b.restart();
+    }
+    let one = wait_upstream(&client, "up.k.one", kills * 600, Duration::from_secs(120));
+    let two = wait_upstream(&client, "up.k.two", kills * 300, Duration::from_secs(120));
+    let all: Vec<Upstreamed> = one.into_iter().chain(two).collect();
+    check_exactly_once(&all, &sent, gateway, &["k.one", "k.two"]);
+    // And nothing more arrives later (a resend after the last restart).
+    std::thread::sleep(Duration::from_millis(500));
+    let again = read_upstream(&client, "up.k.one").len() + read_upstream(&client, "up.k.two").len();
+    assert_eq!(again, sent.len());
+}
+
+#[test]
+fn local_producing_goes_on_while_the_link_is_down_and_all_arrives_after() {
+    let up = Upstream::start();
+    let gateway = "gw-down";
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "",
+        &[("r", "d.t", "d-up")],
+    ));
+    create(&b, "d.t", 1);
+    let mut sent = produce(&b.tcp, "d.t", 1, 500, "before-");
+    let client = up.client();
+    wait_upstream(&client, "d-up", 500, Duration::from_secs(30));
+
+    up.proxy.down();
+    sent.extend(produce(&b.tcp, "d.t", 1, 2000, "during-"));
+    wait_log(&b, "mirror: link down", Duration::from_secs(10));
+    // Several retries happen in this time (backoff 50..500 ms); the log
+    // says so once per change, not once per attempt.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = wait_status(&b, "a backlog of 2000", |s| {
+        s["rules"][0]["backlog_records"] == 2000
+    });
+    assert_eq!(s["link"], "down", "{s}");
+    assert!(s["last_error"].is_string(), "{s}");
+    assert!(
+        s["rules"][0]["bytes_at_risk"].as_u64().unwrap() > 2000 * 10,
+        "{s}"
+    );
+    let downs = b.log().matches("mirror: link down").count();
+    assert!(downs <= 3, "{downs} 'link down' lines:\n{}", b.log());
+
+    up.proxy.up();
+    let all = wait_upstream(&client, "d-up", 2500, Duration::from_secs(60));
+    check_exactly_once(&all, &sent, gateway, &["d.t"]);
+    wait_log(&b, "mirror: link up", Duration::from_secs(5));
+    let s = status_json(&b);
+    assert_eq!(s["link"], "up", "{s}");
+}
+
+#[test]
+fn cut_mid_transaction_stall_and_delay_lose_and_duplicate_nothing() {
+    let up = Upstream::start();
+    let gateway = "gw-cut";
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "batch_bytes = 8192\nrequest_timeout_ms = 1000",
+        &[("r", "c.t", "c-up")],
+    ));
+    create(&b, "c.t", 2);
+    let client = up.client();
+    let mut sent = Sent::new();
+    for round in 0..4 {
+        sent.extend(produce(&b.tcp, "c.t", 2, 500, &format!("cut{round}-")));
+        std::thread::sleep(Duration::from_millis(30));
+        // The request goes through (a produce, an AddPartitionsToTxn or the
+        // commit itself), its answer never comes back.
+        up.proxy.cut_after_next_request();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A stall past the request timeout: the outcome is unknown.
+    sent.extend(produce(&b.tcp, "c.t", 2, 500, "stall-"));
+    up.proxy.stall();
+    std::thread::sleep(Duration::from_millis(1500));
+    up.proxy.resume();
+    // A slow link still works, only slower.
+    up.proxy.set_delay(Duration::from_millis(15));
+    sent.extend(produce(&b.tcp, "c.t", 2, 500, "slow-"));
+    let all = wait_upstream(&client, "c-up", sent.len(), Duration::from_secs(90));
+    up.proxy.set_delay(Duration::ZERO);
+    check_exactly_once(&all, &sent, gateway, &["c.t"]);
+}
+
+/// `[mirror.tls]` with a CA file and a client certificate, through a
+/// TLS-terminating proxy that requires one: records arrive exactly once.
+/// A gateway trusting another CA reports the TLS failure in the status.
+#[test]
+fn forwards_over_mutual_tls_and_reports_an_untrusted_server() {
+    let pki = upstream::pki(true);
+    let port = free_port();
+    let tansu = Tansu::behind(port);
+    let _proxy = Proxy::start_tls(port, &tansu.addr(), pki.server.clone());
+    let bootstrap = format!("127.0.0.1:{port}");
+    let file = |name: &str| pki.dir.path().join(name).display().to_string();
+    let tls_toml = |ca: &str| {
+        format!(
+            "[mirror.tls]\nenabled = true\nca = \"{ca}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            file("client.pem"),
+            file("client.key")
+        )
+    };
+    let rules = [("secure", "secure", "up.secure")];
+    let b = Broker::start(&format!(
+        "{}{}",
+        mirror_toml(&bootstrap, "gw-tls", "", &rules),
+        tls_toml(&file("ca.pem"))
+    ));
+    create(&b, "secure", 1);
+    let sent = produce(&b.tcp, "secure", 1, 2_000, "");
+
+    let mut config = KafkaConfig::new(&bootstrap).expect("bootstrap");
+    config.request_timeout = Duration::from_secs(10);
+    config.tls = Some(skiff::mirror::kafka::TlsConfig {
+        ca_file: Some(pki.dir.path().join("ca.pem")),
+        cert_file: Some(pki.dir.path().join("client.pem")),
+        key_file: Some(pki.dir.path().join("client.key")),
+        server_name: None,
+    });
+    let client = KafkaClient::new(config).expect("client");
+    let all = wait_upstream(&client, "up.secure", 2_000, Duration::from_secs(60));
+    check_exactly_once(&all, &sent, "gw-tls", &["secure"]);
+
+    let other = upstream::pki(false);
+    let untrusting = Broker::start(&format!(
+        "{}{}",
+        mirror_toml(&bootstrap, "gw-tls-2", "", &rules),
+        tls_toml(&other.dir.path().join("ca.pem").display().to_string())
+    ));
+    let s = wait_status(&untrusting, "a TLS failure", |s| {
+        s["last_error"].as_str().is_some_and(|e| e.contains("TLS"))
+    });
+    assert_eq!(s["link"], "down", "{s}");
+    assert!(
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&bootstrap)),
+        "{s}"
+    );
+}
+
+#[test]
+fn glob_rules_pick_up_topics_created_later() {
+    let up = Upstream::start();
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        "gw-glob",
+        "",
+        &[("g", "late.*", "{topic}")],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    create(&b, "late.one", 1);
+    let sent = produce(&b.tcp, "late.one", 1, 100, "");
+    let all = wait_upstream(&up.client(), "late.one", 100, Duration::from_secs(30));
+    check_exactly_once(&all, &sent, "gw-glob", &["late.one"]);
+}
+
+/// Local transactions: a committed one's records go upstream, an aborted
+/// one's never do, and the markers are not records.
+#[test]
+fn only_committed_transactions_go_upstream() {
+    let up = Upstream::start();
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        "gw-txn",
+        "",
+        &[("t", "txn.t", "{topic}")],
+    ));
+    create(&b, "txn.t", 1);
+    let lines = |tag: &str| -> Vec<u8> {
+        (0..5)
+            .map(|i| format!("txn.t\t{tag}-{i}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    common::assert_ok(&b.cli_stdin(&["txn", "--id", "w", "--abort"], Some(&lines("aborted"))));
+    common::assert_ok(&b.cli_stdin(&["txn", "--id", "w"], Some(&lines("committed"))));
+    let sent = produce(&b.tcp, "txn.t", 1, 5, "plain");
+    assert_eq!(sent.len(), 5);
+    let _ = wait_upstream(&up.client(), "txn.t", 10, Duration::from_secs(30));
+    // Give anything extra the time to arrive, then look at all of it.
+    std::thread::sleep(Duration::from_secs(2));
+    let all = read_upstream(&up.client(), "txn.t");
+    let values: Vec<String> = all
+        .iter()
+        .map(|r| String::from_utf8(r.value.clone()).unwrap())
+        .collect();
+    assert_eq!(values.len(), 10, "{values:?}");
+    assert!(
+        values[..5]
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == format!("committed-{i}")),
+        "{values:?}"
+    );
+    assert!(
+        values.iter().all(|v| !v.starts_with("aborted")),
+        "{values:?}"
+    );
+}
+
+#[test]
+fn a_bad_upstream_address_is_reported_and_local_clients_are_served() {
+    let closed = common::ClosedPort::new();
+    let b = Broker::start(&mirror_toml(
+        &closed.addr,
+        "gw-bad",
+        "",
+        &[("r", "b.t", "b-up")],
+    ));
+    create(&b, "b.t", 1);
+    produce(&b.tcp, "b.t", 1, 10, "");
+    wait_log(
+        &b,
+        "mirror: link down: cannot reach upstream",
+        Duration::from_secs(10),
+    );
+    let s = status_json(&b);
+    assert_eq!(s["link"], "down", "{s}");
+    let reason = s["last_error"].as_str().expect("a reason");
+    assert!(reason.contains("cannot reach upstream"), "{reason}");
+    assert!(reason.contains(&closed.addr), "{reason}");
+    wait_status(&b, "a backlog of 10", |s| {
+        s["rules"][0]["backlog_records"] == 10
+    });
+
+    let b2 = Broker::start(&mirror_toml(
+        "no-such-host.invalid:9092",
+        "gw-bad",
+        "",
+        &[("r", "b.t", "b-up")],
+    ));
+    wait_log(
+        &b2,
+        "mirror: link down: cannot reach upstream",
+        Duration::from_secs(15),
+    );
+    assert!(b2.log().contains("no-such-host.invalid"), "{}", b2.log());
+}
+
+#[test]
+fn a_missing_upstream_topic_is_reported_unless_create_topics() {
+    let up = Upstream::start();
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        "gw-missing",
+        "create_topics = false",
+        &[("r", "m.t", "not-there")],
+    ));
+    create(&b, "m.t", 1);
+    produce(&b.tcp, "m.t", 1, 5, "");
+    wait_log(
+        &b,
+        "upstream topic 'not-there' does not exist",
+        Duration::from_secs(15),
+    );
+    let s = status_json(&b);
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("mirror.create_topics"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_fenced_transactional_id_is_reported_and_not_taken_back() {
+    let up = Upstream::start();
+    let gateway = "gw-fenced";
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "",
+        &[("r", "f.t", "f-up")],
+    ));
+    create(&b, "f.t", 1);
+    produce(&b.tcp, "f.t", 1, 10, "a");
+    let client = up.client();
+    wait_upstream(&client, "f-up", 10, Duration::from_secs(30));
+
+    // Another gateway initialises the same transactional id.
+    let mut other = KafkaProducer::new(
+        client.clone(),
+        ProducerConfig {
+            transactional_id: Some(gateway.to_owned()),
+            ..ProducerConfig::default()
+        },
+    );
+    smol::block_on(other.init()).expect("init");
+    produce(&b.tcp, "f.t", 1, 10, "b");
+    wait_log(&b, "mirror: link down: fenced", Duration::from_secs(15));
+    let s = status_json(&b);
+    assert_eq!(s["link"], "down", "{s}");
+    assert!(s["last_error"].as_str().unwrap().contains("fenced"), "{s}");
+    // It does not fence the other producer back.
+    std::thread::sleep(Duration::from_secs(1));
+    smol::block_on(async {
+        other.begin().expect("begin");
+        let mut batch = skiff::mirror::kafka::BatchBuilder::new();
+        batch
+            .push(&skiff::mirror::kafka::RecordRef {
+                key: None,
+                value: Some(b"other"),
+                timestamp_ms: 1,
+                headers: &[],
+            })
+            .unwrap();
+        other
+            .produce("f-up", 0, &batch)
+            .await
+            .expect("the other gateway still writes");
+        other.commit().await.expect("commit");
+    });
+    // The local broker still serves.
+    produce(&b.tcp, "f.t", 1, 1, "c");
+}
+
+#[test]
+fn pause_and_resume_a_rule() {
+    let up = Upstream::start();
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        "gw-pause",
+        "",
+        &[("p", "p.t", "p-up")],
+    ));
+    create(&b, "p.t", 1);
+    assert_ok(&b.cli(&["mirror", "pause", "p"]));
+    let mut sent = produce(&b.tcp, "p.t", 1, 100, "");
+    std::thread::sleep(Duration::from_millis(500));
+    let client = up.client();
+    assert!(read_upstream(&client, "p-up").is_empty());
+    let s = wait_status(&b, "a backlog of 100", |s| {
+        s["rules"][0]["backlog_records"] == 100
+    });
+    assert_eq!(s["rules"][0]["paused"], true, "{s}");
+    let o = b.cli(&["mirror", "pause", "nope"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("nope"));
+    assert_ok(&b.cli(&["mirror", "resume", "p"]));
+    sent.extend(produce(&b.tcp, "p.t", 1, 1, "more"));
+    let all = wait_upstream(&client, "p-up", 101, Duration::from_secs(30));
+    check_exactly_once(&all, &sent, "gw-pause", &["p.t"]);
+}
+
+/// A broker whose ring is tiny (2 x 64 KiB) for the overflow tests, with
+/// upstream down from the start.
+fn tiny_ring(policy: &str, gateway: &str) -> (Upstream, Broker) {
+    let up = Upstream::start();
+    up.proxy.down();
+    let mut toml =
+        String::from("[storage]\nmax_batch_bytes = 16384\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    toml.push_str(&mirror_toml(
+        &up.bootstrap(),
+        gateway,
+        "",
+        &[("o", "o.t", "o-up")],
+    ));
+    toml.push_str(&format!("mirror_overflow = \"{policy}\"\n"));
+    let b = Broker::start(&toml);
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "o.t",
+        "--segments",
+        "2",
+        "--segment-bytes",
+        "65536",
+    ]));
+    (up, b)
+}
+
+/// Sends `count` 200-byte records in rounds of 50; stops at the first
+/// refused one and returns what was acked and that error.
+fn produce_until_refused(addr: &str, count: usize) -> (Sent, Option<skiff::client::ClientError>) {
+    let config = skiff::client::ProducerConfig {
+        delivery_timeout: Duration::from_millis(500),
+        ..skiff::client::ProducerConfig::default()
+    };
+    let producer = skiff::client::blocking::Producer::connect(addr, config).expect("producer");
+    let mut sent = Sent::new();
+    for round in 0..count / 50 {
+        let mut deliveries = Vec::new();
+        for i in 0..50 {
+            let n = round * 50 + i;
+            let mut value = format!("o.t/0/{n}-").into_bytes();
+            value.resize(200, b'.');
+            let key = format!("k{}", n % 37).into_bytes();
+            let d = producer.send_to("o.t", 0, Some(&key), &value, &[("h", b"x")]);
+            deliveries.push((key, value, d));
+        }
+        producer.flush();
+        for (key, value, d) in deliveries {
+            match skiff::client::blocking::wait(d) {
+                Ok(m) => {
+                    sent.insert(
+                        ("o.t".to_owned(), m.partition, m.offset),
+                        (Some(key), value),
+                    );
+                }
+                Err(e) => return (sent, Some(e)),
+            }
+        }
+    }
+    (sent, None)
+}
+
+#[test]
+fn block_refuses_produce_with_a_typed_error_until_the_backlog_is_upstream() {
+    let (up, b) = tiny_ring("block", "gw-block");
+    let (sent, err) = produce_until_refused(&b.tcp, 5_000);
+    // The producer retries a retriable error until its delivery timeout;
+    // one raw produce shows the typed error itself.
+    err.expect("a full ring of unforwarded records refuses produce");
+    let mut batch = skiff::batch::BatchBuilder::new();
+    for _ in 0..60 {
+        batch.push(skiff::batch::now_ms(), None, &[b'.'; 200], &[]);
+    }
+    let client = skiff::client::blocking::Client::connect(&b.tcp).expect("client");
+    let r = client
+        .produce_raw(vec![skiff::protocol::ProducePartition {
+            topic: "o.t".into(),
+            partition: 0,
+            batch: batch.finish(skiff::batch::ProducerStamp::NONE).into(),
+        }])
+        .expect("answered");
+    assert_eq!(
+        r[0].error,
+        skiff::protocol::ErrorCode::UpstreamBacklogFull,
+        "{r:?}"
+    );
+    assert!(r[0].error.is_retriable());
+    let message = r[0].message.clone().unwrap_or_default();
+    assert!(message.contains("not yet forwarded upstream"), "{message}");
+    // Less than the ring holds was taken, and nothing was dropped.
+    assert!(sent.len() > 300 && sent.len() < 700, "{} acked", sent.len());
+    let s = wait_status(&b, "the backlog", |s| {
+        s["rules"][0]["backlog_records"] == sent.len()
+    });
+    assert_eq!(s["rules"][0]["dropped_records"], 0, "{s}");
+
+    up.proxy.up();
+    let client = up.client();
+    let all = wait_upstream(&client, "o-up", sent.len(), Duration::from_secs(60));
+    check_exactly_once(&all, &sent, "gw-block", &["o.t"]);
+    // Forwarded, the ring takes records again.
+    let (more, err) = produce_until_refused(&b.tcp, 200);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(more.len(), 200);
+}
+
+#[test]
+fn drop_oldest_counts_every_dropped_record_and_they_are_what_is_missing_upstream() {
+    let (up, b) = tiny_ring("drop-oldest", "gw-drop");
+    let (sent, err) = produce_until_refused(&b.tcp, 2_000);
+    assert!(err.is_none(), "drop-oldest never refuses: {err:?}");
+    assert_eq!(sent.len(), 2_000);
+    // While down, the ring holds what it can; nothing is upstream yet.
+    let s = wait_status(&b, "the backlog", |s| {
+        s["rules"][0]["backlog_records"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(
+        s["rules"][0]["backlog_records"].as_u64().unwrap() < 1_000,
+        "{s}"
+    );
+
+    up.proxy.up();
+    // Every record is forwarded or counted as dropped.
+    let s = wait_status(&b, "every record forwarded or dropped", |s| {
+        let r = &s["rules"][0];
+        r["dropped_records"].as_u64().unwrap_or(0) + r["forwarded_records"].as_u64().unwrap_or(0)
+            == 2_000
+    });
+    let dropped = s["rules"][0]["dropped_records"].as_u64().unwrap();
+    assert!(dropped >= 1_000, "{s}");
+    assert!(b
+        .log()
+        .contains("left the local log before they were forwarded"));
+    let client = up.client();
+    let expected = sent.len() - dropped as usize;
+    let all = wait_upstream(&client, "o-up", expected, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    let s = status_json(&b);
+    assert_eq!(
+        s["rules"][0]["dropped_records"], dropped,
+        "one count per record: {s}"
+    );
+    // What is missing upstream is exactly the oldest `dropped` records.
+    let kept: Sent = sent
+        .iter()
+        .filter(|((_, _, offset), _)| *offset >= dropped)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(kept.len(), expected);
+    check_exactly_once(&all, &kept, "gw-drop", &["o.t"]);
+    // The metrics count the same.
+    let text = scrape(&b);
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(
+        value("skiff_mirror_dropped_records_total{topic=\"o.t\"}"),
+        dropped as f64
+    );
+    assert_eq!(
+        value("skiff_mirror_forwarded_records_total{topic=\"o.t\"}"),
+        expected as f64
+    );
+    assert_eq!(value("skiff_mirror_link_up "), 1.0);
+    assert!(value("skiff_mirror_transactions_total{outcome=\"commit\"}") >= 1.0);
+    assert_eq!(value("skiff_mirror_backlog_records{topic=\"o.t\"}"), 0.0);
+}
+
+/// The metrics endpoint's text.
+fn scrape(b: &Broker) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(b.metrics_addr()).expect("metrics endpoint");
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).expect("response");
+    text
+}

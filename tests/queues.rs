@@ -1,0 +1,462 @@
+//! Share groups (queues) and dead-letter topics through the real binary:
+//! `skiff consume --share-group --exec` workers, `skiff dlq list|replay`,
+//! lock expiry after a kill -9, and a broker restart with records in
+//! flight (docs/queues.md).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_fails, assert_ok, skiff_command, stdout, wait_until, Broker};
+use skiff::client::{Client, Outcome, ShareConfig, ShareConsumer};
+use skiff::protocol::ErrorCode;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn create(b: &Broker, topic: &str, partitions: u32) {
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        topic,
+        "--partitions",
+        &partitions.to_string(),
+    ]));
+}
+
+fn produce(b: &Broker, topic: &str, values: &[String]) {
+    let lines = values.join("\n") + "\n";
+    assert_ok(&b.cli_stdin(&["produce", topic, "--key", "k1"], Some(lines.as_bytes())));
+}
+
+/// A `skiff consume --share-group --exec` worker running `script`.
+fn worker(b: &Broker, topic: &str, group: &str, script: &str, extra: &[&str]) -> Child {
+    skiff_command()
+        .args(["consume", topic, "--share-group", group, "--exec", script])
+        .args(["--from", "earliest"])
+        .args(extra)
+        .args(["--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning skiff consume --share-group")
+}
+
+fn wait_exit(mut c: Child) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = c.try_wait().expect("wait") {
+            assert!(s.success(), "worker exited with {s}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the worker did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The lines a worker script appended to `file`.
+fn lines(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn dlq_list(b: &Broker, topic: &str) -> Vec<serde_json::Value> {
+    let o = b.cli(&["dlq", "list", topic, "--format", "json"]);
+    assert_ok(&o);
+    stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn header(r: &serde_json::Value, name: &str) -> String {
+    r["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .find(|h| h["name"] == name)
+        .and_then(|h| h["value"].as_str())
+        .unwrap_or_else(|| panic!("no header {name} in {r}"))
+        .to_owned()
+}
+
+#[test]
+fn failing_records_reach_the_dlq_after_max_deliveries_while_the_rest_flow() {
+    let b = Broker::start(
+        "[share]\nmax_deliveries = 3\nlock_ms = 5000\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    create(&b, "orders", 2);
+    let values: Vec<String> = (0..20).map(|i| format!("v{i}")).collect();
+    produce(&b, "orders", &values);
+    let log = b.dir.path().join("handled");
+    // v3 and v7 ask to be retried every time (75); v11 is rejected (2).
+    let script = format!(
+        r#"v=$(cat); echo "$SKIFF_TOPIC $SKIFF_PARTITION $SKIFF_OFFSET $SKIFF_KEY $SKIFF_DELIVERY_COUNT $v" >> {}; case $v in v3|v7) exit 75;; v11) exit 2;; esac"#,
+        log.display()
+    );
+    wait_exit(worker(
+        &b,
+        "orders",
+        "billing",
+        &script,
+        &["--timeout-ms", "1500"],
+    ));
+
+    let mut deliveries: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for l in lines(&log) {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!((f[0], f[3]), ("orders", "k1"), "{l}");
+        deliveries
+            .entry(f[5].to_owned())
+            .or_default()
+            .push(f[4].parse().expect("a delivery count"));
+    }
+    for v in &values {
+        let want: &[u32] = match v.as_str() {
+            "v3" | "v7" => &[1, 2, 3],
+            _ => &[1],
+        };
+        assert_eq!(deliveries.get(v).map(Vec::as_slice), Some(want), "{v}");
+    }
+
+    let dead = dlq_list(&b, "orders");
+    let by_value: BTreeMap<String, &serde_json::Value> = dead
+        .iter()
+        .map(|r| (r["value"].as_str().expect("text").to_owned(), r))
+        .collect();
+    assert_eq!(
+        by_value.keys().cloned().collect::<Vec<_>>(),
+        ["v11", "v3", "v7"],
+        "{dead:?}"
+    );
+    for (v, count, error) in [
+        (
+            "v3",
+            "3",
+            "max_deliveries (3) reached: the command exited with status 75",
+        ),
+        ("v11", "1", "the command exited with status 2"),
+    ] {
+        let r = by_value[v];
+        assert_eq!(header(r, "skiff.dlq.topic"), "orders");
+        assert_eq!(header(r, "skiff.dlq.delivery_count"), count, "{v}");
+        assert_eq!(header(r, "skiff.dlq.error"), error, "{v}");
+        assert_eq!(r["key"], "k1");
+        // Where it came from, as decimal text.
+        let p: u32 = header(r, "skiff.dlq.partition").parse().expect("decimal");
+        let o: u64 = header(r, "skiff.dlq.offset").parse().expect("decimal");
+        let line = lines(&log)
+            .into_iter()
+            .find(|l| l.ends_with(&format!(" {v}")))
+            .expect("handled");
+        assert!(line.starts_with(&format!("orders {p} {o} ")), "{line}");
+        assert_eq!(r["dlq"]["offset"], o);
+    }
+    // The text listing names the same records.
+    let o = b.cli(&["dlq", "list", "orders"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o).lines().count(), 4, "{}", stdout(&o));
+
+    // v3 and v7 came back twice each; three records dead; none in flight.
+    wait_until(WAIT, "the share metrics", || {
+        let m = http_get(&b.metrics_addr(), "/metrics");
+        [
+            "skiff_dlq_records{topic=\"orders.dlq\"} 3",
+            "skiff_share_redeliveries_total 4",
+            "skiff_share_dead_lettered_records_total 3",
+            "skiff_share_records_in_flight{group=\"billing\",topic=\"orders\"} 0",
+        ]
+        .iter()
+        .all(|want| m.lines().any(|l| l == *want))
+    });
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn two_workers_sharing_one_partition_get_distinct_records() {
+    let b = Broker::start("");
+    create(&b, "jobs", 1);
+    let values: Vec<String> = (0..120).map(|i| format!("job{i}")).collect();
+    produce(&b, "jobs", &values);
+    let logs = [b.dir.path().join("w1"), b.dir.path().join("w2")];
+    let workers: Vec<Child> = logs
+        .iter()
+        .map(|log| {
+            let script = format!(
+                "cat >> {}; echo >> {}; sleep 0.02",
+                log.display(),
+                log.display()
+            );
+            worker(&b, "jobs", "pool", &script, &["--timeout-ms", "1500"])
+        })
+        .collect();
+    for w in workers {
+        wait_exit(w);
+    }
+    let got: Vec<Vec<String>> = logs.iter().map(|l| lines(l)).collect();
+    let sets: Vec<BTreeSet<&String>> = got.iter().map(|g| g.iter().collect()).collect();
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "both workers got records: {} and {}",
+        got[0].len(),
+        got[1].len()
+    );
+    assert_eq!(
+        got[0].len() + got[1].len(),
+        values.len(),
+        "each record once"
+    );
+    assert!(sets[0].is_disjoint(&sets[1]));
+    let all: BTreeSet<&String> = sets[0].union(&sets[1]).copied().collect();
+    assert_eq!(all, values.iter().collect());
+}
+
+#[test]
+fn a_killed_workers_locked_record_returns_after_lock_ms() {
+    let b = Broker::start("[share]\nlock_ms = 1500\n");
+    create(&b, "tasks", 1);
+    produce(&b, "tasks", &["first".to_owned(), "second".to_owned()]);
+    let started = b.dir.path().join("started");
+    // Takes the first record and hangs on it.
+    let script = format!(
+        "echo $SKIFF_OFFSET > {}; exec sleep 60 >/dev/null 2>&1",
+        started.display()
+    );
+    let spawned = Instant::now();
+    let mut stuck = worker(&b, "tasks", "t", &script, &[]);
+    wait_until(WAIT, "the first worker has a record", || {
+        !lines(&started).is_empty()
+    });
+    stuck.kill().expect("kill -9");
+    let _ = stuck.wait();
+
+    let log = b.dir.path().join("done");
+    let script = format!(
+        r#"v=$(cat); echo "$SKIFF_OFFSET $SKIFF_DELIVERY_COUNT $v" >> {}"#,
+        log.display()
+    );
+    let w = worker(&b, "tasks", "t", &script, &[]);
+    wait_until(WAIT, "both records are handled", || lines(&log).len() >= 2);
+    let returned = spawned.elapsed();
+    let mut w = w;
+    let _ = w.kill();
+    let _ = w.wait();
+    let got = lines(&log);
+    assert!(got.contains(&"0 2 first".to_owned()), "{got:?}");
+    assert!(got.contains(&"1 1 second".to_owned()), "{got:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
+    // Not before its lock expired: 1.5 s after it was taken, which was
+    // after the first worker started.
+    assert!(returned >= Duration::from_millis(1500), "{returned:?}");
+}
+
+#[test]
+fn dlq_replay_publishes_each_dead_record_back_once() {
+    let b = Broker::start("");
+    create(&b, "mail", 1);
+    produce(
+        &b,
+        "mail",
+        &["ok1".into(), "bad1".into(), "ok2".into(), "bad2".into()],
+    );
+    let script = r#"case $(cat) in bad*) exit 1;; esac"#;
+    wait_exit(worker(
+        &b,
+        "mail",
+        "senders",
+        script,
+        &["--timeout-ms", "1000"],
+    ));
+    assert_eq!(dlq_list(&b, "mail").len(), 2);
+
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["dlq", "replay", "mail"];
+        args.extend(extra);
+        let o = b.cli(&args);
+        assert_ok(&o);
+        common::stderr(&o)
+    };
+    assert!(replay(&["--count", "1"]).contains("replayed 1 record(s) from mail.dlq"));
+    assert!(replay(&[]).contains("replayed 1 record(s)"));
+    assert!(replay(&[]).contains("replayed 0 record(s)"));
+
+    let records = common::consume_all(&b.tcp, "mail");
+    let values: Vec<&[u8]> = records.iter().map(|r| r.value.as_slice()).collect();
+    assert_eq!(
+        values,
+        [&b"ok1"[..], b"bad1", b"ok2", b"bad2", b"bad1", b"bad2"]
+    );
+    for r in &records[4..] {
+        assert_eq!(r.key.as_deref(), Some(&b"k1"[..]));
+        assert!(
+            r.headers.iter().all(|(n, _)| !n.starts_with("skiff.dlq.")),
+            "{:?}",
+            r.headers
+        );
+    }
+}
+
+#[test]
+fn broker_restart_with_records_in_flight_loses_none_and_accepts_none_twice() {
+    let mut b = Broker::start("");
+    create(&b, "work", 2);
+    let values: Vec<String> = (0..100).map(|i| format!("w{i}")).collect();
+    produce(&b, "work", &values);
+
+    let config = ShareConfig {
+        max_records: 40,
+        max_wait: Duration::from_millis(500),
+        from_earliest: true,
+    };
+    let (before, in_flight) = smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "work", config.clone());
+        let mut taken = Vec::new();
+        while taken.len() < 30 {
+            taken.extend(w.poll_max(30 - taken.len() as u32).await.expect("poll"));
+        }
+        // Accept 10; 20 stay locked when the broker dies.
+        let acks: Vec<_> = taken[..10]
+            .iter()
+            .map(|r| (r.partition, r.offset, Outcome::Accept))
+            .collect();
+        let codes = w.ack(&acks).await.expect("ack");
+        assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
+        (taken[..10].to_vec(), taken[10..].to_vec())
+    });
+    b.kill9();
+    b.restart();
+
+    let mut accepted: BTreeMap<(u32, u64), u32> = before
+        .iter()
+        .map(|r| ((r.partition, r.offset), r.delivery_count))
+        .collect();
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        // The old member's locks did not survive: its late accept is refused.
+        let old = ShareConsumer::new(client.clone(), "g", "work", config.clone());
+        let late = [(in_flight[0].partition, in_flight[0].offset, Outcome::Accept)];
+        assert_eq!(
+            old.ack(&late).await.expect("ack"),
+            [ErrorCode::ShareLockLost]
+        );
+        let w = ShareConsumer::new(client, "g", "work", config);
+        let deadline = Instant::now() + WAIT;
+        while accepted.len() < values.len() {
+            assert!(Instant::now() < deadline, "{} accepted", accepted.len());
+            let got = w.poll().await.expect("poll");
+            let acks: Vec<_> = got
+                .iter()
+                .map(|r| (r.partition, r.offset, Outcome::Accept))
+                .collect();
+            let codes = w.ack(&acks).await.expect("ack");
+            assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
+            for r in got {
+                let again = accepted.insert((r.partition, r.offset), r.delivery_count);
+                assert!(
+                    again.is_none(),
+                    "{}/{} accepted twice",
+                    r.partition,
+                    r.offset
+                );
+            }
+        }
+        // Nothing more to come.
+        assert!(w.poll().await.expect("poll").is_empty());
+    });
+    // The records in flight at the kill came back with their count kept.
+    for r in &in_flight {
+        assert_eq!(accepted[&(r.partition, r.offset)], 2, "{r:?}");
+    }
+    assert_eq!(
+        accepted.values().filter(|&&c| c == 1).count(),
+        values.len() - in_flight.len()
+    );
+}
+
+#[test]
+fn bad_share_requests_get_clear_errors() {
+    let b = Broker::start("");
+    create(&b, "t", 1);
+    let o = b.cli(&["consume", "t", "--exec", "true"]);
+    assert_fails(&o, 2, &["--exec needs --share-group"]);
+    let o = b.cli(&["consume", "t", "--share-group", "g"]);
+    assert_fails(&o, 2, &["--share-group needs --exec"]);
+    let o = b.cli(&[
+        "consume",
+        "t",
+        "--share-group",
+        "g",
+        "--exec",
+        "true",
+        "--from",
+        "5",
+    ]);
+    assert_fails(&o, 2, &["earliest or latest"]);
+    let o = b.cli(&["consume", "nope", "--share-group", "g", "--exec", "true"]);
+    assert_fails(&o, 1, &["nope"]);
+    let o = b.cli(&[
+        "consume",
+        "__skiff_share",
+        "--share-group",
+        "g",
+        "--exec",
+        "true",
+    ]);
+    assert_fails(&o, 2, &["broker's own topics"]);
+}
+
+#[test]
+fn a_stuck_record_holds_back_at_most_max_in_flight_records() {
+    let b = Broker::start("[share]\nmax_in_flight_records = 5\n");
+    create(&b, "q", 1);
+    let values: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    produce(&b, "q", &values);
+    let config = ShareConfig {
+        max_records: 100,
+        max_wait: Duration::from_millis(200),
+        from_earliest: true,
+    };
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let stuck = ShareConsumer::new(client.clone(), "g", "q", config.clone());
+        let held = stuck.poll_max(1).await.expect("poll");
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].offset, 0);
+        let other = ShareConsumer::new(client, "g", "q", config);
+        let accept_all = |rs: &[skiff::protocol::ShareRecord]| -> Vec<(u32, u64, Outcome)> {
+            rs.iter()
+                .map(|r| (r.partition, r.offset, Outcome::Accept))
+                .collect()
+        };
+        // Offsets 1..=4 flow past the stuck one; the window ends at 5.
+        let got = other.poll().await.expect("poll");
+        let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, [1, 2, 3, 4]);
+        other.ack(&accept_all(&got)).await.expect("ack");
+        assert!(other.poll().await.expect("poll").is_empty());
+        // Once the stuck record is done, the rest come.
+        stuck.ack(&accept_all(&held)).await.expect("ack");
+        let got = other.poll().await.expect("poll");
+        let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, [5, 6, 7, 8, 9]);
+    });
+}

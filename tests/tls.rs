@@ -1,0 +1,823 @@
+//! TLS, mutual TLS, identities, ACLs and quotas, through the real binary.
+//! Every certificate, CA and CRL is made here with rcgen.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertifiedIssuer, DnType, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SerialNumber,
+};
+use skiff::client::{blocking, ClientConfig, ClientError, TlsOptions};
+use skiff::protocol::{ErrorCode, ProducePartition, ProduceRequest, RequestBody, ResponseBody};
+
+/// A CA and the files of certificates it (or another CA) signed, in `dir`.
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    /// Serial numbers to revoke in the CRL.
+    revoked: Vec<u64>,
+    next_serial: u64,
+}
+
+fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// Validity of a certificate made here.
+#[derive(Clone, Copy)]
+enum Valid {
+    Now,
+    Expired,
+    NotYet,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        let pki = Pki {
+            dir: dir.to_owned(),
+            ca: ca("skiff test CA"),
+            revoked: vec![],
+            next_serial: 100,
+        };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes NAME.pem and NAME.key: a certificate with common name `cn`
+    /// and DNS SANs `sans`, signed by `issuer` (this CA when None).
+    /// Returns its serial number.
+    fn issue(
+        &mut self,
+        name: &str,
+        cn: &str,
+        sans: &[&str],
+        valid: Valid,
+        issuer: Option<&CertifiedIssuer<'static, KeyPair>>,
+    ) -> u64 {
+        let mut p =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        self.next_serial += 1;
+        p.serial_number = Some(SerialNumber::from(self.next_serial));
+        match valid {
+            Valid::Now => {
+                p.not_before = date_time_ymd(2020, 1, 1);
+                p.not_after = date_time_ymd(2090, 1, 1);
+            }
+            Valid::Expired => {
+                p.not_before = date_time_ymd(2020, 1, 1);
+                p.not_after = date_time_ymd(2021, 1, 1);
+            }
+            Valid::NotYet => {
+                p.not_before = date_time_ymd(2089, 1, 1);
+                p.not_after = date_time_ymd(2090, 1, 1);
+            }
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer.unwrap_or(&self.ca)).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+        self.next_serial
+    }
+
+    /// Writes crl.pem revoking the serials in `revoked`.
+    fn write_crl(&self) {
+        let crl = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(2090, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: self
+                .revoked
+                .iter()
+                .map(|&s| RevokedCertParams {
+                    serial_number: SerialNumber::from(s),
+                    revocation_time: date_time_ymd(2020, 6, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.ca)
+        .unwrap();
+        std::fs::write(self.path("crl.pem"), crl.pem().unwrap()).unwrap();
+    }
+
+    /// `[server.tls]` for the server certificate `server`.
+    fn server_section(&self, mutual: bool, extra: &str) -> String {
+        let mut s = format!(
+            "[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n",
+            self.path("server.pem"),
+            self.path("server.key")
+        );
+        if mutual {
+            s += &format!("client_ca = {:?}\n", self.path("ca.pem"));
+        }
+        s + extra
+    }
+
+    /// The CLI's TLS flags for the client certificate `name` (or none).
+    fn flags(&self, name: Option<&str>) -> Vec<String> {
+        let mut f = vec!["--tls-ca".to_owned(), s(&self.path("ca.pem"))];
+        if let Some(n) = name {
+            f.extend([
+                "--tls-cert".to_owned(),
+                s(&self.path(&format!("{n}.pem"))),
+                "--tls-key".to_owned(),
+                s(&self.path(&format!("{n}.key"))),
+            ]);
+        }
+        f
+    }
+
+    fn options(&self, name: Option<&str>, server_name: Option<&str>) -> TlsOptions {
+        TlsOptions {
+            ca_file: Some(self.path("ca.pem")),
+            cert_file: name.map(|n| self.path(&format!("{n}.pem"))),
+            key_file: name.map(|n| self.path(&format!("{n}.key"))),
+            server_name: server_name.map(str::to_owned),
+        }
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+/// Runs a client command against `addr` with extra flags.
+fn cli(addr: &str, flags: &[String], args: &[&str]) -> std::process::Output {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(flags.iter().map(String::as_str));
+    run_cli(&all, addr, None)
+}
+
+/// A PKI in a directory of its own (the broker's directory is made by
+/// the harness).
+fn pki_dir() -> (tempfile::TempDir, Pki) {
+    let dir = temp_dir();
+    let mut pki = Pki::new(dir.path());
+    pki.issue(
+        "server",
+        "skiff-broker",
+        &["localhost", "127.0.0.1"],
+        Valid::Now,
+        None,
+    );
+    (dir, pki)
+}
+
+fn tls_addr(b: &Broker) -> String {
+    b.tls.clone().expect("the broker listens on TLS")
+}
+
+#[test]
+fn mutual_tls_refuses_every_client_it_cannot_trust() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("good", "dev-1", &[], Valid::Now, None);
+    pki.issue("expired", "dev-2", &[], Valid::Expired, None);
+    pki.issue("notyet", "dev-3", &[], Valid::NotYet, None);
+    let revoked = pki.issue("revoked", "dev-4", &[], Valid::Now, None);
+    pki.revoked.push(revoked);
+    pki.write_crl();
+    let other = ca("another CA");
+    pki.issue("stranger", "dev-5", &[], Valid::Now, Some(&other));
+    let section = pki.server_section(true, &format!("crl = {:?}\n", pki.path("crl.pem")));
+    let b = Broker::start(&section);
+    let addr = tls_addr(&b);
+
+    // The good device gets in.
+    let ok = cli(&addr, &pki.flags(Some("good")), &["topics", "list"]);
+    assert_ok(&ok);
+
+    let refused = |flags: Vec<String>, what: &str| {
+        let o = cli(&addr, &flags, &["topics", "list"]);
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{what}: one line: {err}");
+        assert!(err.contains("cannot connect"), "{what}: {err}");
+    };
+    refused(pki.flags(None), "no client certificate");
+    refused(pki.flags(Some("stranger")), "another CA's certificate");
+    refused(pki.flags(Some("expired")), "an expired certificate");
+    refused(pki.flags(Some("notyet")), "a certificate not valid yet");
+    refused(pki.flags(Some("revoked")), "a revoked certificate");
+    // A plaintext client on the TLS port: its hello is not a TLS record.
+    refused(vec![], "plaintext");
+    let o = cli(&addr, &[], &["topics", "list"]);
+    assert!(
+        stderr(&o).contains("the server speaks TLS on this port"),
+        "{}",
+        stderr(&o)
+    );
+    // Raw: the broker answers a skiff hello with a TLS alert, then closes.
+    let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    std::io::Write::write_all(&mut raw, &request_frame(1, hello_body(1, 1))).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut raw, &mut got).expect("closed, not timed out");
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "an alert record at most: {got:?}"
+    );
+
+    let log = b.log();
+    for why in [
+        "peer sent no certificates",
+        "UnknownIssuer",
+        "certificate expired",
+        "certificate not valid yet",
+        "Revoked",
+        "InvalidContentType",
+    ] {
+        assert!(
+            log.contains("TLS handshake failed") && log.contains(why),
+            "the broker names why ({why}):\n{log}"
+        );
+    }
+    // The broker serves on after all of that.
+    assert_ok(&cli(&addr, &pki.flags(Some("good")), &["topics", "list"]));
+}
+
+/// OpenSSL offering TLS 1.1 only (its security level lowered so it will
+/// send such a hello) is refused by the broker: rustls answers with a
+/// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms
+/// extension every version rustls speaks requires) and no session is
+/// made. Offering TLS 1.2, OpenSSL gets in.
+#[test]
+fn tls_1_1_is_refused_and_1_2_accepted() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("good", "dev-1", &[], Valid::Now, None);
+    let b = Broker::start(&pki.server_section(true, ""));
+    let addr = tls_addr(&b);
+    let s_client = |version: &str| {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                version,
+                "-cipher",
+                "DEFAULT:@SECLEVEL=0",
+                "-connect",
+            ])
+            .arg(&addr)
+            .args(["-CAfile", &s(&pki.path("ca.pem"))])
+            .args(["-cert", &s(&pki.path("good.pem"))])
+            .args(["-key", &s(&pki.path("good.key"))])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl s_client (scripts/test installs openssl)");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let old = s_client("-tls1_1");
+    assert!(
+        old.contains("alert handshake failure") || old.contains("alert protocol version"),
+        "the broker answers TLS 1.1 with an alert (OpenSSL did send its hello):\n{old}"
+    );
+    assert!(old.contains("Cipher is (NONE)"), "no session:\n{old}");
+    wait_until(Duration::from_secs(10), "the broker's log line", || {
+        b.log()
+            .contains("TLS handshake failed: peer is incompatible")
+    });
+    let ok = s_client("-tls1_2");
+    assert!(ok.contains("Protocol  : TLSv1.2"), "{ok}");
+}
+
+#[test]
+fn acls_allow_devices_their_own_topics_only() {
+    let (_keep, mut pki) = pki_dir();
+    for cn in ["dev-1", "dashboard", "admin"] {
+        pki.issue(cn, cn, &[], Valid::Now, None);
+    }
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    let extra = format!(
+        "{}
+[[server.unix_identities]]
+uid = {uid}
+identity = \"local-ops\"
+
+[acl]
+enabled = true
+[[acl.rules]]
+identity = \"dev-*\"
+topics = [\"sensors.*\"]
+operations = [\"produce\"]
+[[acl.rules]]
+identity = \"dashboard\"
+topics = [\"sensors.*\"]
+operations = [\"consume\"]
+[[acl.rules]]
+identity = \"dashboard\"
+topics = [\"dash-*\"]
+operations = [\"group\"]
+[[acl.rules]]
+identity = \"admin\"
+topics = [\"*\"]
+operations = [\"create\", \"delete\", \"describe\"]
+[[acl.rules]]
+identity = \"local-ops\"
+topics = [\"ops.*\"]
+operations = [\"create\", \"produce\"]
+",
+        pki.server_section(true, "")
+    );
+    let b = Broker::start(&extra);
+    let addr = tls_addr(&b);
+    let admin = pki.flags(Some("admin"));
+    let dev = pki.flags(Some("dev-1"));
+    let dash = pki.flags(Some("dashboard"));
+    for t in ["sensors.temp", "billing"] {
+        assert_ok(&cli(&addr, &admin, &["topics", "create", t]));
+    }
+    assert_ok(&cli(&addr, &dev, &["produce", "sensors.temp", "21.5"]));
+
+    let denied = |flags: &[String], args: &[&str], needle: &str| {
+        let o = cli(&addr, flags, args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("not_authorized") && err.contains(needle),
+            "{err}"
+        );
+    };
+    denied(
+        &dev,
+        &["produce", "billing", "x"],
+        "not authorized for topic 'billing'",
+    );
+    denied(
+        &dev,
+        &["consume", "sensors.temp", "--count", "1"],
+        "not authorized for topic 'sensors.temp'",
+    );
+    denied(&dev, &["topics", "create", "sensors.new"], "may not create");
+    denied(&dash, &["topics", "delete", "billing"], "may not delete");
+
+    let o = cli(
+        &addr,
+        &dash,
+        &[
+            "consume",
+            "sensors.temp",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "5000",
+        ],
+    );
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "21.5\n");
+    // A listing shows what the identity may see, nothing else.
+    let o = cli(&addr, &dev, &["topics", "list"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "sensors.temp\n");
+
+    // Plaintext TCP is anonymous, which no rule names.
+    let o = b.cli(&["topics", "list"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "", "anonymous sees no topic");
+    let o = b.cli(&["produce", "sensors.temp", "x"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("identity 'anonymous'"),
+        "{}",
+        stderr(&o)
+    );
+    // The Unix socket names its peer by uid, here through unix_identities.
+    let unix = b.unix_addr();
+    assert_ok(&run_cli(&["topics", "create", "ops.audit"], &unix, None));
+    assert_ok(&run_cli(&["produce", "ops.audit", "hello"], &unix, None));
+    let o = run_cli(&["produce", "sensors.temp", "x"], &unix, None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not_authorized"), "{}", stderr(&o));
+
+    let log = b.log();
+    assert!(
+        log.contains("not authorized: identity 'dev-1' may not describe 'billing'"),
+        "{log}"
+    );
+
+    // `skiff acl check` decides as the broker does, from the same config.
+    let check = |args: &[&str]| {
+        let mut a = vec!["acl", "check"];
+        a.extend_from_slice(args);
+        a.extend(["--config", b.config_path.to_str().unwrap()]);
+        run_bin(&a)
+    };
+    let o = check(&["dev-7", "produce", "sensors.humidity"]);
+    assert_ok(&o);
+    assert_eq!(
+        stdout(&o),
+        "allow: rule 1 (identity \"dev-*\", topics [\"sensors.*\"], operations [\"produce\"])\n"
+    );
+    let o = check(&["dashboard", "group", "dash-main"]);
+    assert_ok(&o);
+    assert!(stdout(&o).starts_with("allow: rule 3 "), "{}", stdout(&o));
+    let o = check(&["dashboard", "group", "someone-elses"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o), "deny: no rule allows it (default deny)\n");
+    let o = check(&["dev-7", "fly", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn a_sighup_swaps_the_certificate_while_clients_stay_connected() {
+    let dir = temp_dir();
+    let mut pki = Pki::new(dir.path());
+    pki.issue("server", "skiff-broker", &["old.skiff"], Valid::Now, None);
+    pki.issue("dev", "dev-1", &[], Valid::Now, None);
+    let b = Broker::start(&pki.server_section(true, ""));
+    let addr = tls_addr(&b);
+    let options = |name: &str| pki.options(Some("dev"), Some(name));
+    let (old_name, new_name) = (options("old.skiff"), options("new.skiff"));
+    let connect = |name: &str| {
+        let tls = if name == "old.skiff" {
+            &old_name
+        } else {
+            &new_name
+        };
+        blocking::Client::connect_with(
+            &addr,
+            ClientConfig {
+                tls: Some(tls.clone()),
+                connect_timeout: Duration::from_secs(5),
+                ..ClientConfig::default()
+            },
+        )
+    };
+    let before = connect("old.skiff").expect("the old certificate is served");
+    before
+        .create_topic(skiff::protocol::CreateTopicRequest {
+            name: "t".into(),
+            ..Default::default()
+        })
+        .expect("create");
+    assert!(connect("new.skiff").is_err(), "not the new one yet");
+
+    pki.issue("server", "skiff-broker", &["new.skiff"], Valid::Now, None);
+    b.sighup();
+    wait_until(Duration::from_secs(20), "the reload", || {
+        b.log().contains("SIGHUP: reloaded")
+    });
+    // New handshakes get the new certificate.
+    let after = connect("new.skiff").expect("the new certificate is served");
+    assert_eq!(after.list_topics().unwrap(), vec!["t".to_owned()]);
+    assert!(connect("old.skiff").is_err(), "the old one is gone");
+    // The client connected before is served on: had it reconnected, its
+    // handshake would have failed (it checks for old.skiff).
+    for _ in 0..3 {
+        assert_eq!(before.list_topics().unwrap(), vec!["t".to_owned()]);
+    }
+
+    // A reload that fails (a key that is not the certificate's) changes
+    // nothing and says why.
+    std::fs::copy(pki.path("dev.key"), pki.path("server.key")).unwrap();
+    b.sighup();
+    wait_until(Duration::from_secs(20), "the failed reload", || {
+        b.log().contains("SIGHUP: reload failed")
+    });
+    assert!(b.log().contains("invalid 'server.tls.key'"), "{}", b.log());
+    assert!(connect("new.skiff").is_ok(), "still the last good setup");
+}
+
+/// Produces `total` bytes in batches of `batch` as fast as the broker
+/// answers; returns (answers with a throttle, batches, elapsed).
+fn produce_flat_out(
+    c: &blocking::Client,
+    topic: &str,
+    total: usize,
+    batch: usize,
+) -> (u32, u64, Duration) {
+    let value = vec![b'q'; 1000];
+    let mut throttled = 0;
+    let mut batches = 0;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        let mut bb = skiff::batch::BatchBuilder::new();
+        for _ in 0..batch / 1000 {
+            bb.push(0, None, &value, &[]);
+        }
+        let bytes = bb.finish(skiff::batch::ProducerStamp::NONE);
+        sent += bytes.len();
+        batches += 1;
+        let body = RequestBody::Produce(ProduceRequest {
+            partitions: vec![ProducePartition {
+                topic: topic.into(),
+                partition: 0,
+                batch: bytes.into(),
+            }],
+        });
+        match smol::block_on(c.0.call(&body)).expect("produce") {
+            ResponseBody::Produce(r) => {
+                assert_eq!(r.partitions[0].error, ErrorCode::None, "{r:?}");
+                if r.throttle_ms.is_some_and(|t| t > 0) {
+                    throttled += 1;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    (throttled, batches, started.elapsed())
+}
+
+#[test]
+fn a_greedy_producer_is_throttled_while_another_keeps_its_rate() {
+    // Plaintext TCP is 'anonymous', the Unix socket 'uid:N': two
+    // identities, one of them held to 200 KB/s.
+    const RATE: usize = 200_000;
+    let b = Broker::start(
+        "[quotas]
+[[quotas.overrides]]
+identity = \"anonymous\"
+produce_bytes_per_s = 200000
+consume_bytes_per_s = 0
+",
+    );
+    let greedy = blocking::Client::connect(&b.tcp).unwrap();
+    let other = blocking::Client::connect(&b.unix_addr()).unwrap();
+    for t in ["greedy", "other"] {
+        greedy
+            .create_topic(skiff::protocol::CreateTopicRequest {
+                name: t.into(),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    const TOTAL: usize = 1_000_000;
+    const BATCH: usize = 50_000;
+    let g = std::thread::spawn(move || produce_flat_out(&greedy, "greedy", TOTAL, BATCH));
+    let (other_throttled, other_batches, _) = produce_flat_out(&other, "other", TOTAL, BATCH);
+    let (greedy_throttled, greedy_batches, greedy_took) = g.join().unwrap();
+    assert_eq!(other_throttled, 0, "the other identity is never held back");
+    assert!(greedy_throttled > 0, "the greedy one was throttled");
+    // The quota's bound, whatever the machine's speed: one second's burst,
+    // then RATE. (Slower is always allowed.)
+    let most = RATE as f64 * (1.0 + greedy_took.as_secs_f64()) + BATCH as f64 * 1.1;
+    assert!(
+        (TOTAL as f64) <= most,
+        "{TOTAL} bytes in {greedy_took:?} is above the quota's {most}"
+    );
+    // Nothing was dropped: every byte of both is in the log.
+    for (t, batches) in [("greedy", greedy_batches), ("other", other_batches)] {
+        let hw = other
+            .offset_for(t, 0, skiff::protocol::OffsetSpec::Latest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(hw, batches * (BATCH as u64 / 1000), "{t}");
+    }
+}
+
+#[test]
+fn connections_from_one_address_are_limited() {
+    let b = Broker::start("[quotas]\nmax_connections_per_ip = 2\n");
+    let c1 = blocking::Client::connect(&b.tcp).unwrap();
+    let c2 = blocking::Client::connect(&b.tcp).unwrap();
+    match blocking::Client::connect(&b.tcp) {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::TooManyConnections);
+            assert!(message.contains("max_connections_per_ip"), "{message}");
+        }
+        other => panic!("a third connection from 127.0.0.1: {other:?}"),
+    }
+    // The Unix socket is not an address: it is not counted.
+    let _u = blocking::Client::connect(&b.unix_addr()).unwrap();
+    drop(c1);
+    wait_until(Duration::from_secs(10), "a slot given back", || {
+        blocking::Client::connect(&b.tcp).is_ok()
+    });
+    drop(c2);
+}
+
+/// `serve` with `[server.tls]` that cannot be used: exit 2, the key named.
+#[test]
+fn a_broken_tls_config_stops_serve_with_the_key_named() {
+    let dir = temp_dir();
+    let mut pki = Pki::new(dir.path());
+    pki.issue("server", "skiff-broker", &["localhost"], Valid::Now, None);
+    pki.issue("other", "x", &[], Valid::Now, None);
+    pki.issue("old", "skiff-broker", &["localhost"], Valid::Expired, None);
+    let cases = [
+        (
+            format!(
+                "cert = {:?}\nkey = {:?}\n",
+                dir.path().join("missing.pem"),
+                pki.path("server.key")
+            ),
+            "invalid 'server.tls.cert': cannot read",
+        ),
+        (
+            format!(
+                "cert = {:?}\nkey = {:?}\n",
+                pki.path("server.pem"),
+                pki.path("other.key")
+            ),
+            "invalid 'server.tls.key': the key in",
+        ),
+        (
+            format!(
+                "cert = {:?}\nkey = {:?}\n",
+                pki.path("old.pem"),
+                pki.path("old.key")
+            ),
+            "invalid 'server.tls.cert': the certificate in",
+        ),
+        (
+            format!(
+                "cert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+                pki.path("server.pem"),
+                pki.path("server.key"),
+                pki.path("server.key")
+            ),
+            "invalid 'server.tls.client_ca'",
+        ),
+    ];
+    for (i, (keys, needle)) in cases.iter().enumerate() {
+        let config = dir.path().join(format!("bad-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\nunix_socket = \"\"\n[server.tls]\nlisten = \"127.0.0.1:0\"\n{keys}",
+                dir.path().join("data")
+            ),
+        )
+        .unwrap();
+        let mut child = skiff_command()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("case {i}: serve started with a broken TLS config");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {err}");
+        assert!(err.contains(needle), "case {i}: {err}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "case {i}: storage was not opened"
+        );
+        // `config check` reads the files the same way.
+        let o = run_bin(&["config", "check", config.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "case {i}");
+        assert!(stderr(&o).contains(needle), "case {i}: {}", stderr(&o));
+    }
+}
+
+/// Before its handshake is done a client can make the broker hold little:
+/// a ClientHello that claims to be 16 MiB is refused at its first record
+/// (rustls joins handshake messages up to 64 KiB), and the broker serves on.
+#[test]
+fn an_oversized_handshake_is_cut_off_at_its_first_record() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("good", "dev-1", &[], Valid::Now, None);
+    let b = Broker::start(&pki.server_section(true, ""));
+    let addr = tls_addr(&b);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // A handshake record of 16 KiB whose ClientHello claims 0xffffff bytes.
+    let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+    record.resize(5 + 0x4000, 0);
+    // The broker may close before it has read it all.
+    let _ = std::io::Write::write_all(&mut s, &record);
+    let mut got = Vec::new();
+    match std::io::Read::read_to_end(&mut s, &mut got) {
+        // Closed with unread bytes in its buffer, the kernel resets.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the broker kept the connection open: {e}"),
+    }
+    assert!(got.len() <= 7, "at most an alert: {got:?}");
+    wait_until(Duration::from_secs(10), "the log line", || {
+        b.log().contains("TLS handshake failed")
+    });
+    assert_ok(&cli(&addr, &pki.flags(Some("good")), &["topics", "list"]));
+}
+
+/// What TLS connections cost the broker stays within what the memory
+/// budget counts for them: rustls's buffers (`TLS_CONNECTION_BYTES`) and
+/// the session's own state and first read buffer.
+#[test]
+fn idle_tls_connections_cost_less_than_the_budget_counts() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("good", "dev-1", &[], Valid::Now, None);
+    let b = Broker::start(&pki.server_section(true, ""));
+    let addr = tls_addr(&b);
+    let config = ClientConfig {
+        tls: Some(pki.options(Some("good"), None)),
+        ..ClientConfig::default()
+    };
+    // One first, so the allocator's and the TLS stack's start-up costs are
+    // in the baseline.
+    let first = blocking::Client::connect_with(&addr, config.clone()).unwrap();
+    let before = b.rss_kib();
+    const N: u64 = 50;
+    let held: Vec<_> = (0..N)
+        .map(|_| blocking::Client::connect_with(&addr, config.clone()).unwrap())
+        .collect();
+    for c in &held {
+        c.list_topics().unwrap();
+    }
+    let after = b.rss_kib();
+    let per_connection = skiff::config::TLS_CONNECTION_BYTES / 1024
+        + skiff::config::CONNECTION_STATE_BYTES / 1024
+        + 8;
+    assert!(
+        after.saturating_sub(before) <= N * per_connection,
+        "{N} TLS connections took {} KiB, more than {N} x {per_connection} KiB",
+        after - before
+    );
+    drop((first, held));
+}
+
+#[test]
+fn a_greedy_consumer_is_throttled_to_its_rate() {
+    const RATE: f64 = 200_000.0;
+    let b = Broker::start(
+        "[quotas]
+[[quotas.overrides]]
+identity = \"anonymous\"
+produce_bytes_per_s = 0
+consume_bytes_per_s = 200000
+",
+    );
+    // Written over the Unix socket, whose identity has no quota.
+    let writer = blocking::Client::connect(&b.unix_addr()).unwrap();
+    writer
+        .create_topic(skiff::protocol::CreateTopicRequest {
+            name: "data".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let (_, batches, _) = produce_flat_out(&writer, "data", 1_000_000, 50_000);
+    let reader = blocking::Client::connect(&b.tcp).unwrap();
+    let (mut offset, mut bytes, mut throttled) = (0u64, 0usize, 0u32);
+    let started = Instant::now();
+    while offset < batches * 50 {
+        let r = reader
+            .fetch(skiff::protocol::FetchRequest {
+                partitions: vec![skiff::protocol::FetchPartition {
+                    topic: "data".into(),
+                    partition: 0,
+                    offset,
+                    max_bytes: 60_000,
+                }],
+                max_wait_ms: 0,
+                min_bytes: 0,
+                isolation: None,
+            })
+            .unwrap();
+        if r.throttle_ms.is_some_and(|t| t > 0) {
+            throttled += 1;
+        }
+        let p = &r.partitions[0];
+        assert_eq!(p.error, ErrorCode::None, "{p:?}");
+        bytes += p.records.len();
+        let last = skiff::batch::BatchIter::new(&p.records)
+            .map(|b| b.unwrap().header)
+            .last()
+            .expect("a batch");
+        offset = last.base_offset + u64::from(last.record_count);
+    }
+    let took = started.elapsed().as_secs_f64();
+    assert!(throttled > 0, "the reader was throttled");
+    // One second's burst, then the rate; the last fetch is charged after
+    // it is read. (Slower is always allowed.)
+    let most = RATE * (1.0 + took) + 60_000.0 * 1.1;
+    assert!(
+        (bytes as f64) <= most,
+        "{bytes} bytes in {took:.1} s is above the quota's {most}"
+    );
+}

@@ -1,0 +1,281 @@
+//! Transactions through the real binary: `skiff txn` and `skiff consume
+//! --isolation`, commit and abort across three topics, a killed `skiff
+//! txn` aborted after its timeout, and kill -9 of the broker during
+//! commits with the all-or-nothing invariant checked each time.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOPICS: [&str; 3] = ["orders", "analytics", "alarms"];
+
+fn create_topics(b: &Broker) {
+    for t in TOPICS {
+        // Small rings: recovery after a kill reads the active segments
+        // past their data, and the crash test restarts 20 times.
+        assert_ok(&b.cli(&[
+            "topics",
+            "create",
+            t,
+            "--partitions",
+            "2",
+            "--segment-bytes",
+            "1048576",
+            "--segments",
+            "4",
+        ]));
+    }
+}
+
+/// Every value in `topic` under `isolation`, to the end of what is readable.
+fn read_all(b: &Broker, topic: &str, isolation: &str) -> Vec<String> {
+    let o = b.cli(&["consume", topic, "--isolation", isolation]);
+    assert_ok(&o);
+    stdout(&o).lines().map(str::to_owned).collect()
+}
+
+fn txn_input(tag: &str) -> Vec<u8> {
+    let mut s = String::new();
+    for t in TOPICS {
+        for i in 0..3 {
+            s.push_str(&format!("{t}\t{tag}-{t}-{i}\n"));
+        }
+    }
+    s.into_bytes()
+}
+
+#[test]
+fn committed_and_aborted_transactions_across_three_topics_under_both_isolations() {
+    let b = Broker::start("");
+    create_topics(&b);
+    assert_ok(&b.cli_stdin(&["txn", "--id", "w1"], Some(&txn_input("c1"))));
+    assert_ok(&b.cli_stdin(&["txn", "--id", "w1", "--abort"], Some(&txn_input("a1"))));
+    assert_ok(&b.cli_stdin(&["txn", "--id", "w2"], Some(&txn_input("c2"))));
+    assert_ok(&b.cli(&["produce", "orders", "plain"]));
+    for t in TOPICS {
+        let committed = read_all(&b, t, "read_committed");
+        let all = read_all(&b, t, "read_uncommitted");
+        for i in 0..3 {
+            for tag in ["c1", "c2"] {
+                let v = format!("{tag}-{t}-{i}");
+                assert!(
+                    committed.contains(&v),
+                    "{t}: {v} missing from {committed:?}"
+                );
+                assert!(all.contains(&v), "{t}: {v} missing from {all:?}");
+            }
+            let aborted = format!("a1-{t}-{i}");
+            assert!(
+                !committed.contains(&aborted),
+                "{t}: aborted {aborted} read committed"
+            );
+            assert!(
+                all.contains(&aborted),
+                "{t}: {aborted} missing read_uncommitted"
+            );
+        }
+        let plain = usize::from(t == "orders");
+        assert_eq!(committed.len(), 6 + plain, "{t}: {committed:?}");
+        assert_eq!(all.len(), 9 + plain, "{t}: {all:?}");
+    }
+    // The default is read_committed.
+    let o = b.cli(&["consume", "orders"]);
+    assert_ok(&o);
+    assert!(!stdout(&o).contains("a1-"), "{}", stdout(&o));
+    // Bad input: a clear error, and nothing of the transaction is seen.
+    let o = b.cli_stdin(
+        &["txn", "--id", "w3"],
+        Some(b"orders\tbad-1\nno tab here\n"),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("line 2"), "{}", stderr(&o));
+    assert!(!read_all(&b, "orders", "read_committed").contains(&"bad-1".to_owned()));
+    // An unknown topic fails the transaction as a whole.
+    let o = b.cli_stdin(
+        &["txn", "--id", "w3"],
+        Some(b"orders\tgood-1\nno-such-topic\tx\n"),
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(!read_all(&b, "orders", "read_committed").contains(&"good-1".to_owned()));
+}
+
+#[test]
+fn a_killed_txn_is_aborted_after_its_timeout_and_readers_move_on() {
+    let b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let metric = |name: &str| -> Vec<String> {
+        http_get(&b.metrics_addr(), "/metrics")
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .map(str::to_owned)
+            .collect()
+    };
+    create_topics(&b);
+    // Long enough for the checks while it is open (each a CLI run: seconds
+    // apiece under an emulator), short enough to wait out.
+    let timeout_ms: u64 = if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+    {
+        30_000
+    } else {
+        5_000
+    };
+    let mut cmd = skiff_command();
+    cmd.args([
+        "txn",
+        "--id",
+        "dies",
+        "--transaction-timeout-ms",
+        &timeout_ms.to_string(),
+        "--broker",
+        &b.tcp,
+    ]);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for t in TOPICS {
+        writeln!(stdin, "{t}\topen-{t}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Sent as read: the records are in the log before end of input.
+    wait_until(
+        Duration::from_secs(20),
+        "the open transaction's records",
+        || {
+            TOPICS
+                .iter()
+                .all(|t| read_all(&b, t, "read_uncommitted").contains(&format!("open-{t}")))
+        },
+    );
+    let killed = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    assert_ok(&b.cli(&["produce", "orders", "--partition", "0", "after-1"]));
+    assert_ok(&b.cli(&["produce", "orders", "--partition", "1", "after-2"]));
+    // The open transaction holds read_committed readers back...
+    let early = read_all(&b, "orders", "read_committed");
+    if killed.elapsed() < Duration::from_millis(timeout_ms * 4 / 5) {
+        assert!(!early.contains(&"open-orders".to_owned()), "{early:?}");
+    }
+    // The metrics show it open, holding orders' readers back.
+    wait_until(Duration::from_secs(60), "txn metrics while open", || {
+        metric("skiff_txn_open ").iter().any(|l| l.ends_with(" 1"))
+            && metric("skiff_txn_lso_lag_records{")
+                .iter()
+                .any(|l| l.contains("topic=\"orders\"") && !l.ends_with(" 0"))
+    });
+    // ...until the broker aborts it; then they read on, past it.
+    wait_until(Duration::from_secs(120), "readers moving on", || {
+        let r = read_all(&b, "orders", "read_committed");
+        r.contains(&"after-1".to_owned()) && r.contains(&"after-2".to_owned())
+    });
+    assert!(killed.elapsed() >= Duration::from_millis(timeout_ms * 2 / 3));
+    for t in TOPICS {
+        let r = read_all(&b, t, "read_committed");
+        assert!(!r.contains(&format!("open-{t}")), "{t}: {r:?}");
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "txn metrics after the timeout",
+        || {
+            metric("skiff_txn_timeouts_total")
+                .iter()
+                .any(|l| l.ends_with(" 1"))
+                && metric("skiff_txn_open ").iter().any(|l| l.ends_with(" 0"))
+                && metric("skiff_txn_lso_lag_records{").is_empty()
+        },
+    );
+    let o = b.cli(&["txn", "list", "--format", "json"]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("complete_abort"), "{}", stdout(&o));
+}
+
+#[test]
+fn kill_9_during_commit_is_all_or_nothing() {
+    let rounds = if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+        5
+    } else {
+        20
+    };
+    let mut b = Broker::start("");
+    create_topics(&b);
+    let mut rng = Rng(0x5eed_1234);
+    let mut committed_rounds = 0;
+    for round in 0..rounds {
+        let tag = format!("r{round}");
+        let mut child = skiff_command()
+            .args(["txn", "--id", "crash", "--broker", &b.tcp])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&txn_input(&tag)).unwrap();
+        drop(stdin);
+        // Somewhere in the transaction: its produce, its commit, or after.
+        std::thread::sleep(rng.between_ms(0, 400));
+        b.kill9();
+        // An exit before the broker died is an answered commit; one still
+        // running would retry against a broker that is gone: kill it too.
+        let committed_before = match child.try_wait().unwrap() {
+            Some(status) => status.success(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                false
+            }
+        };
+        b.restart();
+        // Recovery ends whatever the crash left open; until then the
+        // transaction's partitions are held back for read_committed.
+        wait_until(
+            Duration::from_secs(30),
+            "recovery to end the transaction",
+            || {
+                let o = b.cli(&["txn", "list", "--format", "json"]);
+                o.status.success()
+                    && !stdout(&o).contains("ongoing")
+                    && !stdout(&o).contains("prepare_")
+            },
+        );
+        let seen: Vec<usize> = TOPICS
+            .iter()
+            .map(|t| {
+                read_all(&b, t, "read_committed")
+                    .iter()
+                    .filter(|v| v.starts_with(&format!("{tag}-")))
+                    .count()
+            })
+            .collect();
+        assert!(
+            seen == [3, 3, 3] || seen == [0, 0, 0],
+            "round {round}: committed in some partitions only: {seen:?}"
+        );
+        if committed_before {
+            assert_eq!(seen, [3, 3, 3], "round {round}: `skiff txn` exited 0");
+        }
+        committed_rounds += usize::from(seen[0] == 3);
+    }
+    eprintln!("{committed_rounds} of {rounds} rounds committed");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
