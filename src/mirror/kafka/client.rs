@@ -299,12 +299,23 @@ impl KafkaClient {
                 })
                 .collect()
         });
-        let conn = self.any_connection().await?;
-        // Before v4 the field does not exist and brokers never create.
-        request.allow_auto_topic_creation = conn.version::<MetadataRequest>()? < 4;
-        let response = conn.request(&request).await?;
-        self.apply_metadata(&response);
-        Ok(())
+        // A pooled connection can be found closed only at send (its reader
+        // saw the peer hang up a moment before): nothing went out, so ask
+        // once more on a fresh one rather than fail a link that is up.
+        let mut resent = false;
+        loop {
+            let conn = self.any_connection().await?;
+            // Before v4 the field does not exist and brokers never create.
+            request.allow_auto_topic_creation = conn.version::<MetadataRequest>()? < 4;
+            match conn.request(&request).await {
+                Ok(response) => {
+                    self.apply_metadata(&response);
+                    return Ok(());
+                }
+                Err(KafkaError::NotSent { .. }) if !resent => resent = true,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn apply_metadata(&self, response: &MetadataResponse) {
