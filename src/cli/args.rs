@@ -318,6 +318,42 @@ pub struct TxnArgs {
     /// after it began.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub transaction_timeout_ms: u64,
+    /// Instead of stdin: read this topic as a member of --group and copy
+    /// each polled batch of records to --to in one transaction, together
+    /// with the group's offsets (consume-transform-produce, exactly once).
+    #[arg(long, value_name = "TOPIC", requires_all = ["group", "to"])]
+    pub consume: Option<String>,
+    /// With --consume: the consumer group whose offsets commit with each
+    /// transaction.
+    #[arg(long, value_name = "GROUP", requires = "consume")]
+    pub group: Option<String>,
+    /// With --consume: the topic written to.
+    #[arg(long, value_name = "TOPIC", requires = "consume")]
+    pub to: Option<String>,
+    /// With --consume: where a partition without a committed offset
+    /// starts, earliest or latest.
+    #[arg(
+        long,
+        value_name = "WHERE",
+        default_value = "latest",
+        requires = "consume"
+    )]
+    pub from: String,
+    /// With --consume: exit after this many records copied.
+    #[arg(long, requires = "consume")]
+    pub count: Option<u64>,
+    /// With --consume: exit after this many ms without a new record.
+    #[arg(long, value_name = "MS", requires = "consume")]
+    pub timeout_ms: Option<u64>,
+    /// With --consume: the member is removed after this long without a
+    /// heartbeat.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 10_000,
+        requires = "consume"
+    )]
+    pub session_timeout_ms: u64,
     #[command(subcommand)]
     pub command: Option<TxnCommand>,
     #[command(flatten)]
