@@ -304,7 +304,9 @@ sending each record as its line is read. At the end of input the transaction com
 with --abort); the exit status is 0 only once that is durable. A transaction left open (this \
 command killed) is aborted by the broker after --transaction-timeout-ms, or when the same --id \
 starts again. Records with the value only are never seen by read_committed consumers until the \
-commit."
+commit. A record that fails aborts the transaction at once. With --consume IN --group G --to OUT, \
+records of IN are copied to OUT instead, each poll in one transaction with G's offsets (exactly \
+once across crashes)."
 )]
 pub struct TxnArgs {
     /// The transactional id: a new `skiff txn` with the same id fences
@@ -555,6 +557,10 @@ pub struct BenchTxnArgs {
     /// Records per transaction, one transactional mode per value.
     #[arg(long, value_delimiter = ',', default_value = "10,1000")]
     pub per_txn: Vec<u64>,
+    /// Transactional producers writing at once (a connection and a
+    /// transactional id each), sharing the records between them.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
     /// Record value size in bytes.
     #[arg(long, default_value_t = 100)]
     pub size: usize,

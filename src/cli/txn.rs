@@ -347,22 +347,41 @@ async fn bench_run(a: &super::args::BenchTxnArgs) -> Result<serde_json::Value, C
     }
     let plain_rate = a.records as f64 / started.elapsed().as_secs_f64();
     let mut modes = vec![serde_json::json!({"mode": "plain", "records_per_s": plain_rate.round()})];
+    let producers = u64::from(a.producers.max(1));
     for &n in &a.per_txn {
         let n = n.max(1);
-        let id = format!("bench-txn-{}-{n}", std::process::id());
-        let mut p =
-            TxnProducer::new(client.clone(), &id, Duration::from_secs(60), config.clone()).await?;
+        let mut runs = Vec::new();
+        for i in 0..producers {
+            let id = format!("bench-txn-{}-{n}-{i}", std::process::id());
+            // A connection each, as separate applications would have.
+            let client = Client::connect_with(&a.broker.broker, a.broker.client_config()).await?;
+            let p = TxnProducer::new(client, &id, Duration::from_secs(60), config.clone()).await?;
+            let share = a.records / producers + u64::from(i < a.records % producers);
+            runs.push((p, share));
+        }
         let started = std::time::Instant::now();
+        let tasks: Vec<_> = runs
+            .into_iter()
+            .map(|(mut p, mut left)| {
+                let (topic, value) = (a.topic.clone(), value.clone());
+                smol::spawn(async move {
+                    let mut txns = 0u64;
+                    while left > 0 {
+                        let k = left.min(n);
+                        for _ in 0..k {
+                            p.send_wait(&topic, None, &value, &[]).await?;
+                        }
+                        p.commit().await?;
+                        txns += 1;
+                        left -= k;
+                    }
+                    Ok::<u64, ClientError>(txns)
+                })
+            })
+            .collect();
         let mut txns = 0u64;
-        let mut left = a.records;
-        while left > 0 {
-            let k = left.min(n);
-            for _ in 0..k {
-                p.send_wait(&a.topic, None, &value, &[]).await?;
-            }
-            p.commit().await?;
-            txns += 1;
-            left -= k;
+        for t in tasks {
+            txns += t.await?;
         }
         let secs = started.elapsed().as_secs_f64();
         let rate = a.records as f64 / secs;
@@ -378,6 +397,7 @@ async fn bench_run(a: &super::args::BenchTxnArgs) -> Result<serde_json::Value, C
         "size": a.size,
         "fsync": a.fsync,
         "partitions": a.partitions,
+        "producers": producers,
         "modes": modes,
     }))
 }
