@@ -400,7 +400,6 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
             .args(["produce", "ctp-in", "--broker", &b.tcp])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut stdin = producer.stdin.take().unwrap();
@@ -417,6 +416,7 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
         child.kill().unwrap();
         child.wait().unwrap();
         writer.join().unwrap();
+        assert!(producer.wait().unwrap().success(), "skiff produce failed");
     }
     // Runs to the end of the input: until the group has nothing left.
     let idle_ms = if emulated { "5000" } else { "1000" };
