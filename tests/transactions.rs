@@ -1,7 +1,9 @@
 //! Transactions through the real binary: `skiff txn` and `skiff consume
 //! --isolation`, commit and abort across three topics, a killed `skiff
-//! txn` aborted after its timeout, and kill -9 of the broker during
-//! commits with the all-or-nothing invariant checked each time.
+//! txn` aborted after its timeout, kill -9 of the broker during commits
+//! with the all-or-nothing invariant checked each time, a `skiff txn`
+//! whose record fails mid-way, and consume-transform-produce (`skiff txn
+//! --consume`) killed at random points, exactly once.
 
 mod common;
 
@@ -265,6 +267,186 @@ fn kill_9_during_commit_is_all_or_nothing() {
         committed_rounds += usize::from(seen[0] == 3);
     }
     eprintln!("{committed_rounds} of {rounds} rounds committed");
+}
+
+/// A `skiff txn` whose record fails mid-way aborts its transaction at
+/// once (not after the broker's timeout) and exits non-zero.
+#[test]
+fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
+    let b = Broker::start("");
+    create_topics(&b);
+    let state_of = |id: &str| -> String {
+        let o = b.cli(&["txn", "list", "--format", "json"]);
+        assert_ok(&o);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| t["state"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    // A value larger than a batch (128 KiB by default) on line 2, and
+    // stdin left open after it: the command ends on its own.
+    let mut child = skiff_command()
+        .args(["txn", "--id", "too-big", "--broker", &b.tcp])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "orders\tbefore-big").unwrap();
+    writeln!(stdin, "orders\t{}", "x".repeat(256 * 1024)).unwrap();
+    writeln!(stdin, "orders\tafter-big").unwrap();
+    stdin.flush().unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        // The default transaction timeout is 60 s: well before it.
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "skiff txn still running with stdin open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("line 2"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the transaction is aborted"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(state_of("too-big"), "complete_abort");
+    // An unknown topic mid-way: aborted too, nothing of it committed.
+    let o = b.cli_stdin(
+        &["txn", "--id", "unknown"],
+        Some(b"orders\tu-1\nno-such-topic\tu-2\norders\tu-3\n"),
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("no-such-topic"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("aborted"), "{}", stderr(&o));
+    assert_eq!(state_of("unknown"), "complete_abort");
+    let committed = read_all(&b, "orders", "read_committed");
+    for v in ["before-big", "after-big", "u-1", "u-3"] {
+        assert!(!committed.contains(&v.to_owned()), "{v} in {committed:?}");
+    }
+    // Nothing was left open: a plain record is readable at once.
+    assert_ok(&b.cli(&["produce", "orders", "--partition", "0", "after"]));
+    assert!(read_all(&b, "orders", "read_committed").contains(&"after".to_owned()));
+}
+
+/// `skiff txn --consume`: a group member copies `ctp-in` to `ctp-out`,
+/// each poll in one transaction with the group's offsets, and is killed
+/// with SIGKILL at random points while input keeps arriving. At the end
+/// every input record is in the output exactly once (read_committed) and
+/// the group's committed offsets are at the input's end.
+#[test]
+fn consume_transform_produce_is_exactly_once_across_kill_9s() {
+    let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+    let (rounds, per_round, kill_max_ms) = if emulated {
+        (4, 40, 4_000)
+    } else {
+        (8, 60, 800)
+    };
+    let b = Broker::start("");
+    for t in ["ctp-in", "ctp-out"] {
+        assert_ok(&b.cli(&[
+            "topics",
+            "create",
+            t,
+            "--partitions",
+            "2",
+            "--segment-bytes",
+            "1048576",
+            "--segments",
+            "4",
+        ]));
+    }
+    let pipe = |extra: &[&str]| {
+        let mut cmd = skiff_command();
+        cmd.args([
+            "txn",
+            "--id",
+            "ctp",
+            "--consume",
+            "ctp-in",
+            "--group",
+            "ctp",
+            "--to",
+            "ctp-out",
+            "--from",
+            "earliest",
+            "--broker",
+            &b.tcp,
+        ])
+        .args(extra);
+        cmd
+    };
+    let mut rng = Rng(0xc7e_5eed);
+    let mut produced = Vec::new();
+    for round in 0..rounds {
+        let mut child = pipe(&[])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Input trickles in while it runs, so it copies in many small
+        // transactions and the kill lands in any of their steps.
+        let values: Vec<String> = (0..per_round).map(|i| format!("in-{round}-{i}")).collect();
+        let mut producer = skiff_command()
+            .args(["produce", "ctp-in", "--broker", &b.tcp])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = producer.stdin.take().unwrap();
+        let lines = values.clone();
+        let writer = std::thread::spawn(move || {
+            for v in lines {
+                writeln!(stdin, "{v}").unwrap();
+                stdin.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        produced.extend(values);
+        std::thread::sleep(rng.between_ms(0, kill_max_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        writer.join().unwrap();
+        assert!(producer.wait().unwrap().success(), "skiff produce failed");
+    }
+    // Runs to the end of the input: until the group has nothing left.
+    let idle_ms = if emulated { "5000" } else { "1000" };
+    let lag_zero = || {
+        let o = b.cli(&["groups", "describe", "ctp", "--format", "json"]);
+        assert_ok(&o);
+        let d: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let offsets = d["offsets"].as_array().cloned().unwrap_or_default();
+        let input: Vec<_> = offsets.iter().filter(|o| o["topic"] == "ctp-in").collect();
+        input.len() == 2
+            && input
+                .iter()
+                .all(|o| o["committed"].as_u64().is_some() && o["committed"] == o["log_end"])
+    };
+    wait_until(
+        Duration::from_secs(300),
+        "the group at the input's end",
+        || {
+            let o = pipe(&["--timeout-ms", idle_ms]).output().unwrap();
+            assert_ok(&o);
+            lag_zero()
+        },
+    );
+    let mut out = read_all(&b, "ctp-out", "read_committed");
+    out.sort();
+    produced.sort();
+    assert_eq!(out, produced, "not exactly once");
+    // What the killed runs left uncommitted (aborted copies).
+    let all = read_all(&b, "ctp-out", "read_uncommitted").len();
+    eprintln!("{} records, {} aborted copies", out.len(), all - out.len());
 }
 
 fn http_get(addr: &str, path: &str) -> String {

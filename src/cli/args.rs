@@ -304,7 +304,9 @@ sending each record as its line is read. At the end of input the transaction com
 with --abort); the exit status is 0 only once that is durable. A transaction left open (this \
 command killed) is aborted by the broker after --transaction-timeout-ms, or when the same --id \
 starts again. Records with the value only are never seen by read_committed consumers until the \
-commit."
+commit. A record that fails aborts the transaction at once. With --consume IN --group G --to OUT, \
+records of IN are copied to OUT instead, each poll in one transaction with G's offsets (exactly \
+once across crashes)."
 )]
 pub struct TxnArgs {
     /// The transactional id: a new `skiff txn` with the same id fences
@@ -318,6 +320,42 @@ pub struct TxnArgs {
     /// after it began.
     #[arg(long, value_name = "MS", default_value_t = 60_000)]
     pub transaction_timeout_ms: u64,
+    /// Instead of stdin: read this topic as a member of --group and copy
+    /// each polled batch of records to --to in one transaction, together
+    /// with the group's offsets (consume-transform-produce, exactly once).
+    #[arg(long, value_name = "TOPIC", requires_all = ["group", "to"])]
+    pub consume: Option<String>,
+    /// With --consume: the consumer group whose offsets commit with each
+    /// transaction.
+    #[arg(long, value_name = "GROUP", requires = "consume")]
+    pub group: Option<String>,
+    /// With --consume: the topic written to.
+    #[arg(long, value_name = "TOPIC", requires = "consume")]
+    pub to: Option<String>,
+    /// With --consume: where a partition without a committed offset
+    /// starts, earliest or latest.
+    #[arg(
+        long,
+        value_name = "WHERE",
+        default_value = "latest",
+        requires = "consume"
+    )]
+    pub from: String,
+    /// With --consume: exit after this many records copied.
+    #[arg(long, requires = "consume")]
+    pub count: Option<u64>,
+    /// With --consume: exit after this many ms without a new record.
+    #[arg(long, value_name = "MS", requires = "consume")]
+    pub timeout_ms: Option<u64>,
+    /// With --consume: the member is removed after this long without a
+    /// heartbeat.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 10_000,
+        requires = "consume"
+    )]
+    pub session_timeout_ms: u64,
     #[command(subcommand)]
     pub command: Option<TxnCommand>,
     #[command(flatten)]
@@ -519,6 +557,10 @@ pub struct BenchTxnArgs {
     /// Records per transaction, one transactional mode per value.
     #[arg(long, value_delimiter = ',', default_value = "10,1000")]
     pub per_txn: Vec<u64>,
+    /// Transactional producers writing at once (a connection and a
+    /// transactional id each), sharing the records between them.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
     /// Record value size in bytes.
     #[arg(long, default_value_t = 100)]
     pub size: usize,

@@ -1,11 +1,14 @@
-//! `skiff txn`: stdin's TOPIC<TAB>VALUE lines in one transaction, and
-//! `skiff txn list`.
+//! `skiff txn`: stdin's TOPIC<TAB>VALUE lines in one transaction,
+//! `skiff txn --consume` (consume-transform-produce), and `skiff txn list`.
 
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::client::{ClientError, ProducerConfig, TxnProducer};
+use crate::client::{
+    ClientError, GroupConfig, GroupConsumer, OffsetReset, ProducerConfig, StartFrom, TxnProducer,
+};
 
 use super::args::{OutputFormat, TxnArgs, TxnCommand};
 use super::commands::{connect, exit_code_for};
@@ -18,6 +21,15 @@ pub fn txn(args: TxnArgs) -> ExitCode {
     let Some(id) = args.id.clone() else {
         return fail(EXIT_USAGE, "txn: --id TXID is required");
     };
+    if args.consume.is_some() {
+        if args.abort {
+            return fail(
+                EXIT_USAGE,
+                "txn: --abort and --consume cannot be used together",
+            );
+        }
+        return pipe(&args, &id);
+    }
     let client = match connect(&args.broker) {
         Ok(c) => c,
         Err(code) => return code,
@@ -30,73 +42,211 @@ pub fn txn(args: TxnArgs) -> ExitCode {
         };
         let mut producer = TxnProducer::new(client, &id, timeout, config)
             .await
-            .map_err(Fail::Client)?;
-        let stdin = std::io::stdin();
-        let mut lines = stdin.lock();
-        let mut line = Vec::new();
-        let mut n = 0u64;
-        loop {
-            line.clear();
-            // Sent as read: a line is in flight before the next is read.
-            match lines.read_until(b'\n', &mut line) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = producer.abort().await;
-                    return Err(Fail::Stdin(e));
-                }
-            }
-            n += 1;
-            if line.last() == Some(&b'\n') {
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-            }
-            let Some(tab) = line.iter().position(|&b| b == b'\t') else {
-                let _ = producer.abort().await;
-                return Err(Fail::NoTab(n));
-            };
-            let Ok(topic) = std::str::from_utf8(&line[..tab]) else {
-                let _ = producer.abort().await;
-                return Err(Fail::NoTab(n));
-            };
-            let topic = topic.to_owned();
-            producer
-                .send_wait(&topic, None, &line[tab + 1..], &[])
-                .await
-                .map_err(Fail::Client)?;
+            .map_err(|e| (Fail::Client(e), None))?;
+        match feed(&mut producer).await {
+            Ok(_) if args.abort => producer.abort().await.map_err(|e| (Fail::Client(e), None)),
+            // A record that failed makes the commit abort instead.
+            Ok(_) => producer.commit().await.map_err(|e| (Fail::Client(e), None)),
+            // Abort now rather than leave the transaction to the broker's
+            // timeout, holding read_committed readers back until then.
+            Err(f) => Err((f, Some(producer.abort().await))),
         }
-        if args.abort {
-            producer.abort().await.map_err(Fail::Client)?;
-        } else {
-            producer.commit().await.map_err(Fail::Client)?;
-        }
-        Ok(n)
     });
     let what = if args.abort { "abort" } else { "commit" };
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(Fail::Client(e)) => fail(
+    let Err((failure, aborted)) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let ended = match aborted {
+        None | Some(Ok(())) => "the transaction is aborted".to_owned(),
+        Some(Err(e)) => format!(
+            "aborting it failed too ({e}): the broker aborts it after --transaction-timeout-ms"
+        ),
+    };
+    match failure {
+        Fail::Client(e) => fail(
             exit_code_for(&e),
-            format!("txn {id}: {e} (not committed: the transaction is aborted)"),
+            format!("txn {id}: {e} (not committed: {ended})"),
         ),
-        Err(Fail::NoTab(n)) => fail(
+        Fail::Record(n, e) => fail(
+            exit_code_for(&e),
+            format!("txn {id}: line {n}: {e}; {ended}, no {what}"),
+        ),
+        Fail::Failed(n, e) => fail(
+            exit_code_for(&e),
+            format!("txn {id}: a record before line {n} failed: {e}; {ended}, no {what}"),
+        ),
+        Fail::NoTab(n) => fail(
             EXIT_USAGE,
-            format!("txn {id}: line {n} is not TOPIC<TAB>VALUE; the transaction is aborted"),
+            format!("txn {id}: line {n} is not TOPIC<TAB>VALUE; {ended}"),
         ),
-        Err(Fail::Stdin(e)) => fail(
+        Fail::Stdin(e) => fail(
             super::EXIT_RUNTIME,
-            format!("txn {id}: reading stdin: {e}; the transaction is aborted, no {what}"),
+            format!("txn {id}: reading stdin: {e}; {ended}, no {what}"),
         ),
+    }
+}
+
+/// Sends stdin's lines in the open transaction, as they are read; stops
+/// at the first bad line, or record that failed. The number of lines.
+async fn feed(producer: &mut TxnProducer) -> Result<u64, Fail> {
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock();
+    let mut line = Vec::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        // Sent as read: a line is in flight before the next is read.
+        match lines.read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(n),
+            Ok(_) => {}
+            Err(e) => return Err(Fail::Stdin(e)),
+        }
+        n += 1;
+        // A record sent earlier that failed (an unknown topic, a refused
+        // batch) fails the transaction now, not at end of input.
+        if let Some(e) = producer.first_failure() {
+            return Err(Fail::Failed(n, e));
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        }
+        let Some(tab) = line.iter().position(|&b| b == b'\t') else {
+            return Err(Fail::NoTab(n));
+        };
+        let Ok(topic) = std::str::from_utf8(&line[..tab]) else {
+            return Err(Fail::NoTab(n));
+        };
+        let topic = topic.to_owned();
+        producer
+            .send_wait(&topic, None, &line[tab + 1..], &[])
+            .await
+            .map_err(|e| Fail::Record(n, e))?;
     }
 }
 
 enum Fail {
     Client(ClientError),
-    /// Line n (1-based) has no TAB after its topic.
+    /// Line n (1-based) could not be sent (a record too large).
+    Record(u64, ClientError),
+    /// A record sent before line n failed.
+    Failed(u64, ClientError),
+    /// Line n has no TAB after its topic.
     NoTab(u64),
     Stdin(std::io::Error),
+}
+
+/// `skiff txn --consume IN --group G --to OUT`: each poll's records are
+/// copied to OUT in one transaction that also commits G's offsets past
+/// them, so after any crash every record of IN is in OUT exactly once for
+/// read_committed readers. Any error ends the run (the open transaction
+/// is aborted, by this process or by the next one with the same id) and a
+/// new run starts again at the group's committed offsets.
+fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
+    let (Some(input), Some(group), Some(output)) = (&args.consume, &args.group, &args.to) else {
+        return fail(EXIT_USAGE, "txn: --consume needs --group and --to");
+    };
+    let start_from = match args.from.as_str() {
+        "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        other => {
+            return fail(
+                EXIT_USAGE,
+                format!("txn: --from {other}: use earliest or latest"),
+            )
+        }
+    };
+    let client = match connect(&args.broker) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let session_timeout = Duration::from_millis(args.session_timeout_ms);
+    let mut cfg = GroupConfig::new(group, &[input]);
+    // The transactional id is the member's static identity too: a restart
+    // gets its partitions back at once instead of after the session
+    // timeout of the member that died.
+    cfg.instance_id = Some(id.to_owned());
+    cfg.session_timeout = session_timeout;
+    cfg.heartbeat_interval = (session_timeout / 5).max(Duration::from_millis(50));
+    // Offsets are committed only inside transactions.
+    cfg.auto_commit_interval = None;
+    cfg.mark_on_poll = false;
+    cfg.start_from = start_from;
+    cfg.client_name = Some(format!(
+        "skiff-cli/{} txn pid {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    ));
+    cfg.consumer.max_wait = Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500));
+    cfg.consumer.offset_reset = OffsetReset::Earliest;
+    // Only committed input: an aborted upstream transaction is not copied.
+    cfg.consumer.isolation = crate::protocol::Isolation::ReadCommitted;
+    cfg.consumer.client = client.config().clone();
+    let timeout = Duration::from_millis(args.transaction_timeout_ms);
+    let result: Result<u64, ClientError> = smol::block_on(async {
+        let config = ProducerConfig {
+            client: client.config().clone(),
+            ..ProducerConfig::default()
+        };
+        let mut producer = TxnProducer::new(client.clone(), id, timeout, config).await?;
+        let mut member = GroupConsumer::new(client, cfg);
+        let mut copied = 0u64;
+        let mut last_record = Instant::now();
+        loop {
+            if args.count.is_some_and(|c| copied >= c) {
+                return Ok(copied);
+            }
+            let records = member.poll().await?;
+            if records.is_empty() {
+                if args
+                    .timeout_ms
+                    .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))
+                {
+                    return Ok(copied);
+                }
+                continue;
+            }
+            last_record = Instant::now();
+            let mut next: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+            for r in &records {
+                let headers: Vec<(&str, &[u8])> = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect();
+                producer
+                    .send_wait(output, r.key.as_deref(), &r.value, &headers)
+                    .await?;
+                let at = next.entry((&r.topic, r.partition)).or_insert(0);
+                *at = (*at).max(r.offset + 1);
+            }
+            let offsets: Vec<(&str, u32, u64)> =
+                next.iter().map(|(&(t, p), &o)| (t, p, o)).collect();
+            let done = async {
+                producer.send_offsets(group, &offsets).await?;
+                producer.commit().await
+            };
+            if let Err(e) = done.await {
+                let _ = producer.abort().await;
+                return Err(e);
+            }
+            copied += records.len() as u64;
+        }
+    });
+    match result {
+        Ok(n) => {
+            eprintln!("txn {id}: {n} record(s) copied from {input} to {output}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(
+            exit_code_for(&e),
+            format!(
+                "txn {id}: {e}; the open transaction is aborted, and a new run continues from group {group}'s committed offsets"
+            ),
+        ),
+    }
 }
 
 fn list(args: &TxnArgs, format: OutputFormat) -> ExitCode {
@@ -197,22 +347,41 @@ async fn bench_run(a: &super::args::BenchTxnArgs) -> Result<serde_json::Value, C
     }
     let plain_rate = a.records as f64 / started.elapsed().as_secs_f64();
     let mut modes = vec![serde_json::json!({"mode": "plain", "records_per_s": plain_rate.round()})];
+    let producers = u64::from(a.producers.max(1));
     for &n in &a.per_txn {
         let n = n.max(1);
-        let id = format!("bench-txn-{}-{n}", std::process::id());
-        let mut p =
-            TxnProducer::new(client.clone(), &id, Duration::from_secs(60), config.clone()).await?;
+        let mut runs = Vec::new();
+        for i in 0..producers {
+            let id = format!("bench-txn-{}-{n}-{i}", std::process::id());
+            // A connection each, as separate applications would have.
+            let client = Client::connect_with(&a.broker.broker, a.broker.client_config()).await?;
+            let p = TxnProducer::new(client, &id, Duration::from_secs(60), config.clone()).await?;
+            let share = a.records / producers + u64::from(i < a.records % producers);
+            runs.push((p, share));
+        }
         let started = std::time::Instant::now();
+        let tasks: Vec<_> = runs
+            .into_iter()
+            .map(|(mut p, mut left)| {
+                let (topic, value) = (a.topic.clone(), value.clone());
+                smol::spawn(async move {
+                    let mut txns = 0u64;
+                    while left > 0 {
+                        let k = left.min(n);
+                        for _ in 0..k {
+                            p.send_wait(&topic, None, &value, &[]).await?;
+                        }
+                        p.commit().await?;
+                        txns += 1;
+                        left -= k;
+                    }
+                    Ok::<u64, ClientError>(txns)
+                })
+            })
+            .collect();
         let mut txns = 0u64;
-        let mut left = a.records;
-        while left > 0 {
-            let k = left.min(n);
-            for _ in 0..k {
-                p.send_wait(&a.topic, None, &value, &[]).await?;
-            }
-            p.commit().await?;
-            txns += 1;
-            left -= k;
+        for t in tasks {
+            txns += t.await?;
         }
         let secs = started.elapsed().as_secs_f64();
         let rate = a.records as f64 / secs;
@@ -228,6 +397,7 @@ async fn bench_run(a: &super::args::BenchTxnArgs) -> Result<serde_json::Value, C
         "size": a.size,
         "fsync": a.fsync,
         "partitions": a.partitions,
+        "producers": producers,
         "modes": modes,
     }))
 }

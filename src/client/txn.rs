@@ -96,6 +96,21 @@ impl TxnProducer {
             .await
     }
 
+    /// The error of a record of the open transaction that has already
+    /// failed, without waiting; forgets those already acknowledged.
+    pub fn first_failure(&mut self) -> Option<ClientError> {
+        let mut failed = None;
+        self.pending.retain(|d| match d.try_result() {
+            None => true,
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+                true
+            }
+        });
+        failed
+    }
+
     /// Waits for every record of the transaction; the first failure.
     async fn settle(&mut self) -> Result<(), ClientError> {
         self.producer.flush().await;

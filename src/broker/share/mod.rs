@@ -63,8 +63,11 @@ pub const SHARE_FETCH_RECORDS_MAX: u32 = 10_000;
 pub const SHARE_ERROR_BYTES_MAX: usize = 1024;
 /// How often locks are checked for expiry.
 const TICK: Duration = Duration::from_millis(50);
-/// A waiting share fetch looks for new records this often (appends do
-/// not wake it; releases and expiries do).
+/// A waiting share fetch looks again at least this often. It is woken
+/// sooner by appends to its partitions, by a window that moved (accept,
+/// reject, dead letter, expiry), by records available again (release,
+/// expiry) and by the end of another fetch's read; this catches what
+/// nothing announces (a release's delay running out).
 const POLL: Duration = Duration::from_millis(20);
 /// Bytes read from a partition per step.
 const READ_BYTES: usize = 256 * 1024;
@@ -289,6 +292,9 @@ struct SharePartition {
     records: BTreeMap<u64, InFlight>,
     /// A fetch is reading new records at `next` (only one at a time).
     reading: bool,
+    /// A fetch found `reading` set and may be waiting: wake it when the
+    /// read ends.
+    read_waiters: bool,
 }
 
 impl SharePartition {
@@ -394,6 +400,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<(SpKey, Option<SharePartiti
             next: v.next,
             records,
             reading: false,
+            read_waiters: false,
         }),
     ))
 }
@@ -467,8 +474,12 @@ struct Reading<'a> {
 
 impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        if let Some(sp) = self.c.lock().get_mut(self.key) {
+        let waiters = self.c.lock().get_mut(self.key).is_some_and(|sp| {
             sp.reading = false;
+            std::mem::take(&mut sp.read_waiters)
+        });
+        if waiters {
+            self.c.changed.notify(usize::MAX);
         }
     }
 }
@@ -654,7 +665,13 @@ impl ShareCoordinator {
         // busy partition does not starve the others.
         let first = fastrand::u32(..partitions.max(1));
         loop {
+            // Listen before looking, so a change in between still wakes us.
             let listener = self.changed.listen();
+            let appended: Vec<_> = (0..partitions)
+                .filter_map(|p| self.broker.partition_id(&spec.topic, p).ok())
+                .filter_map(|id| self.broker.storage.data_event(&id).ok())
+                .map(|event| event.listen())
+                .collect();
             let mut out = Vec::new();
             let mut dirty = Vec::new();
             for i in 0..partitions {
@@ -685,9 +702,9 @@ impl ShareCoordinator {
                 async {
                     listener.await;
                 },
-                async {
+                futures_lite::future::or(any_of(appended), async {
                     smol::Timer::after(wait).await;
-                },
+                }),
             )
             .await;
         }
@@ -764,6 +781,9 @@ impl ShareCoordinator {
                 sp.reading = true;
                 sp.next
             });
+            if new > 0 && sp.reading && read.is_none() {
+                sp.read_waiters = true;
+            }
             (again, read, new)
         };
         // Clears `reading` however this ends (an error below included).
@@ -1021,16 +1041,26 @@ impl ShareCoordinator {
                 }
             }
         }
-        {
-            let mut parts = self.lock();
-            for key in &dirty {
-                if let Some(sp) = parts.get_mut(key) {
-                    sp.settle();
-                }
-            }
+        if self.settle(&dirty) {
+            self.changed.notify(usize::MAX);
         }
         self.write(dirty.into_iter().collect()).await?;
         Ok(results)
+    }
+
+    /// Moves the windows of `keys` over their done records; true when one
+    /// moved, so a fetch waiting on a full window may take more.
+    fn settle(&self, keys: &BTreeSet<SpKey>) -> bool {
+        let mut parts = self.lock();
+        let mut moved = false;
+        for key in keys {
+            if let Some(sp) = parts.get_mut(key) {
+                let before = sp.start;
+                sp.settle();
+                moved |= sp.start != before;
+            }
+        }
+        moved
     }
 
     /// Writes dead records to their dead-letter topics and marks them
@@ -1215,13 +1245,8 @@ impl ShareCoordinator {
             log::warn!("share groups: dead-letter write failed: {e}");
             return;
         }
-        {
-            let mut parts = self.lock();
-            for k in &keys {
-                if let Some(sp) = parts.get_mut(k) {
-                    sp.settle();
-                }
-            }
+        if self.settle(&keys) {
+            self.changed.notify(usize::MAX);
         }
         if let Err(e) = self.write(keys.into_iter().collect()).await {
             log::warn!("share log: write failed: {e}");
@@ -1349,6 +1374,24 @@ impl ShareCoordinator {
             }
         }
     }
+}
+
+/// Until the first of `listeners` fires; never if there are none.
+async fn any_of(listeners: Vec<event_listener::EventListener>) {
+    use std::future::Future;
+    if listeners.is_empty() {
+        return futures_lite::future::pending().await;
+    }
+    let mut listeners: Vec<_> = listeners.into_iter().map(Box::pin).collect();
+    futures_lite::future::poll_fn(|cx| {
+        for l in listeners.iter_mut() {
+            if l.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
 }
 
 fn owned(

@@ -198,6 +198,13 @@ pub struct TxnState {
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
 
+/// One caller's records for the log, and where to say they are durable
+/// (true) or that the write failed (false).
+struct QueuedWrite {
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    done: async_channel::Sender<bool>,
+}
+
 /// A batch's hold on its transaction: keep it until the batch is queued.
 pub type Gate = smol::lock::MutexGuardArc<TxnState>;
 
@@ -228,6 +235,10 @@ pub struct Coordinator {
     by_producer: Mutex<HashMap<u64, Entry>>,
     /// Serialises the log's writes; holds the bytes since the last rewrite.
     log: smol::lock::Mutex<u64>,
+    /// Records waiting for the next write of the log: whoever takes `log`
+    /// writes every one queued so far (group commit, one fsync for the
+    /// changes of many transactions).
+    log_queue: Mutex<Vec<QueuedWrite>>,
     pub stats: TxnStats,
 }
 
@@ -255,6 +266,7 @@ impl Coordinator {
             by_id: Mutex::new(HashMap::new()),
             by_producer: Mutex::new(HashMap::new()),
             log: smol::lock::Mutex::new(0),
+            log_queue: Mutex::new(Vec::new()),
             stats: TxnStats::default(),
         };
         smol::block_on(c.load())?;
@@ -816,10 +828,46 @@ impl Coordinator {
         Ok(out)
     }
 
-    /// Writes records to the log and waits for them to be durable. Every
-    /// quarter ring the whole live state goes first.
+    /// Writes records to the log and waits for them to be durable. The
+    /// records of every caller that queued while the last write was in
+    /// flight go out together: the first to take the log's lock writes
+    /// them all, and the others find theirs written when they get it.
     async fn write_log(&self, records: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), TxnError> {
+        let (done, written) = async_channel::bounded(1);
+        self.log_queue
+            .lock()
+            .expect("txn log queue")
+            .push(QueuedWrite {
+                records: records.clone(),
+                done,
+            });
         let mut since = self.log.lock().await;
+        // A writer answers its round before it lets the lock go.
+        match written.try_recv() {
+            Ok(true) => return Ok(()),
+            // That round failed: ours alone, for this caller's own error.
+            Ok(false) => return self.write_round(&mut since, records).await,
+            Err(_) => {}
+        }
+        let round = std::mem::take(&mut *self.log_queue.lock().expect("txn log queue"));
+        let all = round
+            .iter()
+            .flat_map(|q| q.records.iter().cloned())
+            .collect();
+        let result = self.write_round(&mut since, all).await;
+        for q in round {
+            let _ = q.done.try_send(result.is_ok());
+        }
+        result
+    }
+
+    /// One write of the log, durable when it returns. Every quarter ring
+    /// the whole live state goes first.
+    async fn write_round(
+        &self,
+        since: &mut u64,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), TxnError> {
         self.ensure_topic().await?;
         let mut all = Vec::new();
         let rewrite = *since >= LOG_REWRITE_BYTES;
@@ -832,9 +880,8 @@ impl Coordinator {
                 .cloned()
                 .collect();
             for e in entries {
-                // A locked id is being written by its holder, which is
-                // waiting for this lock: its record follows in its own
-                // write.
+                // A locked id is being written by its holder: its record
+                // is in this round, or follows in its own write.
                 if let Some(st) = e.try_lock() {
                     all.push(txn_entry(&st));
                 }
