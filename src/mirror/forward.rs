@@ -35,8 +35,8 @@ use crate::config::{MirrorConfig, MirrorRule};
 use crate::metrics::Metrics;
 
 use super::kafka::{
-    BatchBuilder, ErrorCode, HeaderRef, KafkaClient, KafkaConfig, KafkaError, NewTopic,
-    PartitionReader, Producer, ProducerConfig, RecordRef, SaslConfig, TlsConfig,
+    BatchBuilder, ConnectError, ErrorCode, HeaderRef, KafkaClient, KafkaConfig, KafkaError,
+    NewTopic, PartitionReader, Producer, ProducerConfig, RecordRef, SaslConfig, TlsConfig,
 };
 use super::status::{Link, MirrorStatus};
 
@@ -205,6 +205,10 @@ impl Failure {
     fn kind(&self) -> &'static str {
         match self {
             Self::Kafka { error, during } => match error {
+                KafkaError::Connect {
+                    cause: ConnectError::SaslHandshake { .. },
+                    ..
+                } => "auth",
                 KafkaError::Connect { .. } => "connect",
                 KafkaError::Fenced { .. } => "fenced",
                 KafkaError::Auth { .. } => "auth",
@@ -220,6 +224,10 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Kafka { during, error } => match error {
+                KafkaError::Connect {
+                    cause: ConnectError::SaslHandshake { .. },
+                    ..
+                } => write!(f, "upstream SASL handshake failed: {error}"),
                 KafkaError::Connect { .. } => write!(f, "cannot reach upstream: {error}"),
                 KafkaError::Fenced { .. } => write!(
                     f,

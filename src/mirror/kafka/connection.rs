@@ -384,7 +384,21 @@ impl Connection {
     async fn authenticate(self: &Arc<Self>, config: &SaslConfig) -> Result<(), KafkaError> {
         let mut handshake = SaslHandshakeRequest::default();
         handshake.mechanism = StrBytes::from_static_str(config.mechanism.name());
-        let response = self.request(&handshake).await?;
+        // A broker without the mechanism should answer
+        // UNSUPPORTED_SASL_MECHANISM; some (Tansu 0.6) close the connection
+        // instead, which would otherwise read as a plain network failure.
+        let response = self.request(&handshake).await.map_err(|e| match e {
+            KafkaError::OutcomeUnknown { cause, .. } | KafkaError::NotSent { cause, .. } => {
+                KafkaError::Connect {
+                    addr: self.addr.clone(),
+                    cause: ConnectError::SaslHandshake {
+                        mechanism: config.mechanism.name(),
+                        cause,
+                    },
+                }
+            }
+            other => other,
+        })?;
         if response.error_code != 0 {
             let offered: Vec<&str> = response.mechanisms.iter().map(|m| m.as_str()).collect();
             return Err(KafkaError::Auth {

@@ -147,6 +147,13 @@ pub enum ConnectError {
     Tls(Arc<io::Error>),
     /// The connection closed or failed during ApiVersions or SASL.
     Handshake(LinkError),
+    /// The connection closed or failed at the SaslHandshake request: a
+    /// broker may close it when it lacks the mechanism, instead of
+    /// answering UNSUPPORTED_SASL_MECHANISM.
+    SaslHandshake {
+        mechanism: &'static str,
+        cause: LinkError,
+    },
 }
 
 impl fmt::Display for ConnectError {
@@ -156,6 +163,11 @@ impl fmt::Display for ConnectError {
             Self::Timeout => f.write_str("connect timed out"),
             Self::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Self::Handshake(e) => write!(f, "during the handshake: {e}"),
+            Self::SaslHandshake { mechanism, cause } => write!(
+                f,
+                "at the SASL handshake for {mechanism}: {cause} (a broker that does not \
+                 offer {mechanism} may do that: check mirror.sasl.mechanism)"
+            ),
         }
     }
 }

@@ -356,6 +356,30 @@ mod tests {
         assert_eq!(session.step(Some(server_final)).unwrap(), None);
     }
 
+    /// RFC 7677's exchange with SHA-512 in place of SHA-256, byte for byte
+    /// against an independent computation of RFC 5802's definitions
+    /// (Python's hashlib: pbkdf2_hmac, hmac and sha512).
+    #[test]
+    fn scram_sha_512_matches_an_independent_computation() {
+        let mut session = SaslSession::with_nonce(
+            &config(SaslMechanism::ScramSha512, "user", "pencil"),
+            "rOprNGfwEbeRWgbNEkqO",
+        );
+        let first = session.step(None).unwrap().unwrap();
+        assert_eq!(first, b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
+        let server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+                             s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let last = session.step(Some(server_first)).unwrap().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&last).unwrap(),
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+             p=gMGXRcevScNtxZ6/8lQYpGtnsNAc3mGcmNomv+xnoOMw+3R2xNJdMNnzMlTN8PPC6wdp6dybEmDYXYTxwnYPJQ=="
+        );
+        let server_final = b"v=ZQnYEgWQMFmmsM8aQMF0nDDCy/AgCzkwk8CmMZYcMg0vSVlKDanekLtifDSeVGT4+\
+                             5ZxXnJq199RVG2rR7N7Zw==";
+        assert_eq!(session.step(Some(server_final)).unwrap(), None);
+    }
+
     /// The same exchange with the server's signature altered: a server
     /// that does not know the password is caught.
     #[test]
