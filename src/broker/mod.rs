@@ -1033,6 +1033,51 @@ impl Broker {
     }
 }
 
+/// Reads partition 0 of an internal log (offsets, transactions, share
+/// state) from its earliest offset to its end, handing each record's
+/// offset, key and value to `visit` in order. A missing log reads as empty.
+async fn replay_log(
+    broker: &Broker,
+    topic: &str,
+    mut visit: impl FnMut(u64, &[u8], &[u8]),
+) -> Result<(), BrokerError> {
+    if broker.topic(topic).is_err() {
+        return Ok(());
+    }
+    let o = broker.offsets(topic, 0)?;
+    let (mut at, end) = (o.earliest, o.high_watermark);
+    while at < end {
+        let part = FetchPartition {
+            topic,
+            partition: 0,
+            offset: at,
+            max_bytes: 1024 * 1024,
+        };
+        let limits = FetchLimits {
+            min_bytes: 1,
+            max_wait: std::time::Duration::ZERO,
+            max_bytes: 1024 * 1024,
+        };
+        let fetched = broker.fetch(&[part], limits).await.remove(0)?;
+        let (placed, next) = decode_records(&fetched.records)?;
+        for (offset, _, r) in placed {
+            // A read starts at the batch holding `at`.
+            if offset >= at {
+                visit(
+                    offset,
+                    r.key.map_or(&[][..], |k| &k[..]),
+                    r.value.map_or(&[][..], |v| &v[..]),
+                );
+            }
+        }
+        if next <= at {
+            break;
+        }
+        at = next;
+    }
+    Ok(())
+}
+
 /// A record with its offset and timestamp.
 type Placed<'a> = (u64, i64, crate::batch::Record<'a>);
 

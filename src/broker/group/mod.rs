@@ -51,9 +51,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Broker, BrokerError, CleanupPolicy, Durability, FetchLimits, FetchPartition, TopicSpec,
-};
+use super::{Broker, BrokerError, CleanupPolicy, Durability, TopicSpec};
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
 
@@ -473,62 +471,33 @@ impl Coordinator {
     }
 
     async fn load(&self) -> Result<(), BrokerError> {
-        if self.broker.topic(OFFSETS_TOPIC).is_err() {
-            return Ok(());
-        }
         let started = Instant::now();
-        let end = self.broker.offsets(OFFSETS_TOPIC, 0)?.high_watermark;
-        let mut at = self.broker.offsets(OFFSETS_TOPIC, 0)?.earliest;
         let mut records = 0u64;
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-        while at < end {
-            let part = FetchPartition {
-                topic: OFFSETS_TOPIC,
-                partition: 0,
-                offset: at,
-                max_bytes: 1024 * 1024,
+        super::replay_log(&self.broker, OFFSETS_TOPIC, |_, key, value| {
+            records += 1;
+            let Some((group, tp, commit)) = decode_record(key, value) else {
+                return;
             };
-            let limits = FetchLimits {
-                min_bytes: 1,
-                max_wait: Duration::ZERO,
-                max_bytes: 1024 * 1024,
-            };
-            let fetched = self.broker.fetch(&[part], limits).await.remove(0)?;
-            let (placed, next) = super::decode_records(&fetched.records)?;
-            for (offset, _, r) in placed {
-                if offset < at {
-                    continue;
+            match commit {
+                Some(c) => {
+                    let g = groups
+                        .entry(group)
+                        .or_insert_with(|| Group::new(c.commit_ms));
+                    g.empty_since_ms = g.empty_since_ms.max(c.commit_ms);
+                    g.offsets.insert(tp, c);
                 }
-                records += 1;
-                let Some((group, tp, commit)) = decode_record(
-                    r.key.map_or(&[][..], |k| &k[..]),
-                    r.value.map_or(&[][..], |v| &v[..]),
-                ) else {
-                    continue;
-                };
-                match commit {
-                    Some(c) => {
-                        let g = groups
-                            .entry(group)
-                            .or_insert_with(|| Group::new(c.commit_ms));
-                        g.empty_since_ms = g.empty_since_ms.max(c.commit_ms);
-                        g.offsets.insert(tp, c);
-                    }
-                    None => {
-                        if let Some(g) = groups.get_mut(&group) {
-                            g.offsets.remove(&tp);
-                            if g.offsets.is_empty() {
-                                groups.remove(&group);
-                            }
+                None => {
+                    if let Some(g) = groups.get_mut(&group) {
+                        g.offsets.remove(&tp);
+                        if g.offsets.is_empty() {
+                            groups.remove(&group);
                         }
                     }
                 }
             }
-            if next <= at {
-                break;
-            }
-            at = next;
-        }
+        })
+        .await?;
         log::info!(
             "committed offsets loaded: {} group(s) from {records} record(s) in {:?}",
             groups.len(),

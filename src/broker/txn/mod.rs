@@ -27,9 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::group::{self, Tp};
 use super::producers::{InitError, PRODUCER_NAME_BYTES_MAX};
-use super::{
-    Broker, BrokerError, Durability, FetchLimits, FetchPartition, OverflowPolicy, TopicSpec,
-};
+use super::{Broker, BrokerError, Durability, OverflowPolicy, TopicSpec};
 use crate::batch::BatchBuilder;
 use crate::bufpool::BatchBuf;
 
@@ -282,54 +280,28 @@ impl Coordinator {
     }
 
     async fn load(&self) -> Result<(), BrokerError> {
-        if self.broker.topic(TXN_TOPIC).is_err() {
-            return Ok(());
-        }
         let started = std::time::Instant::now();
-        let end = self.broker.offsets(TXN_TOPIC, 0)?.high_watermark;
-        let mut at = self.broker.offsets(TXN_TOPIC, 0)?.earliest;
         let mut txns: BTreeMap<String, TxnRecord> = BTreeMap::new();
         let mut aborted: BTreeMap<(String, u32, u64), AbortedRecord> = BTreeMap::new();
-        while at < end {
-            let part = FetchPartition {
-                topic: TXN_TOPIC,
-                partition: 0,
-                offset: at,
-                max_bytes: 1024 * 1024,
-            };
-            let limits = FetchLimits {
-                min_bytes: 1,
-                max_wait: Duration::ZERO,
-                max_bytes: 1024 * 1024,
-            };
-            let fetched = self.broker.fetch(&[part], limits).await.remove(0)?;
-            let (placed, next) = super::decode_records(&fetched.records)?;
-            for (offset, _, r) in placed {
-                if offset < at {
-                    continue;
-                }
-                let (Some(k), Some(v)) = (r.key, r.value) else {
-                    continue;
-                };
-                match postcard::from_bytes::<LogKey>(k) {
-                    Ok(LogKey::Txn(id)) => {
-                        if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
-                            txns.insert(id, rec);
-                        }
-                    }
-                    Ok(LogKey::Aborted(t, p, marker)) => {
-                        if let Ok(a) = postcard::from_bytes::<AbortedRecord>(v) {
-                            aborted.insert((t, p, marker), a);
-                        }
-                    }
-                    Err(_) => log::warn!("transaction log: a record at {offset} does not decode"),
-                }
+        super::replay_log(&self.broker, TXN_TOPIC, |offset, k, v| {
+            if k.is_empty() || v.is_empty() {
+                return;
             }
-            if next <= at {
-                break;
+            match postcard::from_bytes::<LogKey>(k) {
+                Ok(LogKey::Txn(id)) => {
+                    if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
+                        txns.insert(id, rec);
+                    }
+                }
+                Ok(LogKey::Aborted(t, p, marker)) => {
+                    if let Ok(a) = postcard::from_bytes::<AbortedRecord>(v) {
+                        aborted.insert((t, p, marker), a);
+                    }
+                }
+                Err(_) => log::warn!("transaction log: a record at {offset} does not decode"),
             }
-            at = next;
-        }
+        })
+        .await?;
         for ((t, p, marker), a) in aborted {
             let Ok(o) = self.broker.offsets(&t, p) else {
                 continue;
