@@ -849,3 +849,35 @@ fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
         .expect("running skiff");
     assert_fails(&out, 2, &["--bytes"]);
 }
+
+#[test]
+fn list_commands_into_a_closed_pipe_end_quietly() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "closed-pipe"]));
+    for args in [
+        &["topics", "list"][..],
+        &["topics", "describe", "closed-pipe"],
+        &["groups", "list"],
+        &["txn", "list"],
+    ] {
+        // The reader is gone before the command starts, so its first write
+        // meets EPIPE every time (`skiff ... | head -0`, deterministically).
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let o = skiff_command()
+            .args(args)
+            .arg("--broker")
+            .arg(&b.tcp)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("running skiff");
+        let err = stderr(&o);
+        assert!(
+            o.status.success() && !err.contains("panicked"),
+            "skiff {args:?} into a closed pipe: {:?}, stderr: {err}",
+            o.status
+        );
+    }
+}

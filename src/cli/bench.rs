@@ -478,7 +478,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         line["rate"] = rate.into();
     }
     add_broker_cpu(&mut line, cpu, a.messages);
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -616,7 +616,7 @@ fn compare_compaction(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
         "p99_compacting_over_plain": p99(0) as f64 / (p99(1) as f64).max(1.0),
         "cleaner_busy_after_slice_s": busy_after,
     });
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -660,7 +660,7 @@ fn compare_idempotence(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
         "plain_msgs_per_s": rate(1),
         "idempotent_over_plain": rate(0) / rate(1),
     });
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -713,7 +713,7 @@ fn compare_tls(a: &BenchProduceArgs, tls_addr: &str) -> ExitCode {
         "plain_msgs_per_s": rate(1),
         "tls_over_plain": rate(0) / rate(1),
     });
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -798,7 +798,7 @@ pub fn handshake(a: BenchHandshakeArgs) -> ExitCode {
             Err(e) => return fail(EXIT_RUNTIME, format!("bench handshake --hold: {e}")),
         }
     }
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -897,7 +897,7 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
         "mb_per_s": bytes as f64 / secs / 1e6,
     });
     add_broker_cpu(&mut line, cpu, records);
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -940,7 +940,7 @@ pub fn disk(a: BenchDiskArgs) -> ExitCode {
         line[format!("{name}_elapsed_s")] = r.elapsed.as_secs_f64().into();
         line[format!("{name}_device_flushes")] = r.device_flushes.into();
     }
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 
@@ -998,7 +998,7 @@ pub fn loopback(a: BenchLoopbackArgs) -> ExitCode {
         "elapsed_s": secs,
         "mb_per_s": bytes as f64 / secs / 1e6,
     });
-    println!("{line}");
+    outln!("{line}");
     ExitCode::SUCCESS
 }
 

@@ -117,7 +117,7 @@ pub fn group(a: BenchGroupArgs) -> ExitCode {
     }
     match run(a) {
         Ok(line) => {
-            println!("{line}");
+            outln!("{line}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_RUNTIME, format!("bench group: {e}")),

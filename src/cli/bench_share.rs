@@ -25,7 +25,7 @@ pub fn share(a: BenchShareArgs) -> ExitCode {
     }
     match run(a) {
         Ok(line) => {
-            println!("{line}");
+            outln!("{line}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_RUNTIME, format!("bench share: {e}")),

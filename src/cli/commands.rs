@@ -56,26 +56,26 @@ fn disk_reserved(c: &TopicConfig) -> String {
 }
 
 fn print_config(c: &TopicConfig) {
-    println!("topic: {}", c.name);
-    println!("partitions: {}", c.partitions);
-    println!("segment_bytes: {}", c.segment_bytes);
-    println!("segments: {}", c.segments);
-    println!("retention_ms: {}", c.retention_ms.unwrap_or(0));
-    println!("fsync: {}", c.fsync);
-    println!("overflow: {}", c.overflow);
+    outln!("topic: {}", c.name);
+    outln!("partitions: {}", c.partitions);
+    outln!("segment_bytes: {}", c.segment_bytes);
+    outln!("segments: {}", c.segments);
+    outln!("retention_ms: {}", c.retention_ms.unwrap_or(0));
+    outln!("fsync: {}", c.fsync);
+    outln!("overflow: {}", c.overflow);
     if let Some(ms) = c.msg_id_window_ms {
-        println!("msg_id_window_ms: {ms}");
+        outln!("msg_id_window_ms: {ms}");
     }
     if let Some(n) = c.msg_id_window_records {
-        println!("msg_id_window_records: {n}");
+        outln!("msg_id_window_records: {n}");
     }
     if let Some(p) = c.cleanup.as_deref().filter(|&p| p != "delete") {
-        println!("cleanup: {p}");
+        outln!("cleanup: {p}");
     }
     if let Some(ms) = c.tombstone_retention_ms {
-        println!("tombstone_retention_ms: {ms}");
+        outln!("tombstone_retention_ms: {ms}");
     }
-    println!("disk_reserved: {}", disk_reserved(c));
+    outln!("disk_reserved: {}", disk_reserved(c));
 }
 
 /// `topics describe --format json`: the config and each partition's ring.
@@ -192,11 +192,11 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                     "disk_reserved_bytes": r.disk_reserved_bytes,
                     "disk_free_bytes": free,
                 });
-                println!("{json}");
+                outln!("{json}");
             }
             TopicsCommand::List { .. } => {
                 for t in client.list_topics().await? {
-                    println!("{t}");
+                    outln!("{t}");
                 }
             }
             TopicsCommand::Describe {
@@ -206,23 +206,25 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
             } => {
                 let d = client.describe_topic(&name).await?;
                 let parts = client.describe_partitions(&name).await?;
-                println!("{}", describe_json(&d.config, &parts));
+                outln!("{}", describe_json(&d.config, &parts));
             }
             TopicsCommand::Describe { name, .. } => {
                 let d = client.describe_topic(&name).await?;
                 let details = client.describe_partitions(&name).await?;
                 print_config(&d.config);
                 for p in d.partitions {
-                    println!(
+                    outln!(
                         "partition {}: earliest {} latest {}",
-                        p.partition, p.earliest_offset, p.latest_offset
+                        p.partition,
+                        p.earliest_offset,
+                        p.latest_offset
                     );
                     let damaged = details
                         .iter()
                         .filter(|x| x.partition == p.partition)
                         .flat_map(|x| x.damaged.iter().flatten());
                     for g in damaged {
-                        println!(
+                        outln!(
                             "  damaged: offsets {}..{} lost ({} bytes at segment slot {} \
                              position {}: {}), found at {} ms",
                             g.from_offset,
@@ -260,14 +262,14 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
             TopicsCommand::Compact { name, wait, .. } => {
                 let parts = client.compact_topic(&name, wait).await?;
                 if !wait {
-                    println!("compaction of {name} started");
+                    outln!("compaction of {name} started");
                 }
                 for p in parts {
                     if !p.error.is_none() {
-                        println!("partition {}: {}", p.partition, p.error);
+                        outln!("partition {}: {}", p.partition, p.error);
                         continue;
                     }
-                    println!(
+                    outln!(
                         "partition {}: {} segment(s) merged, {} freed, {} -> {} bytes, {} record(s) removed",
                         p.partition,
                         p.segments_merged,
@@ -693,7 +695,7 @@ pub fn acl(command: AclCommand) -> ExitCode {
         );
     };
     let decision = crate::server::acl::Acl::from_config(&cfg.acl).decide(&identity, op, &topic);
-    println!("{decision}");
+    outln!("{decision}");
     if decision.allowed {
         ExitCode::SUCCESS
     } else {
@@ -761,23 +763,24 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
             "transactions_aborted": s.transactions_aborted,
             "rules": rules,
         });
-        println!("{v}");
+        outln!("{v}");
         return;
     }
     if !s.enabled {
-        println!("mirror: off (no [mirror] upstream configured)");
+        outln!("mirror: off (no [mirror] upstream configured)");
         return;
     }
-    println!("link: {link} ({} as '{}')", s.upstream, s.gateway);
+    outln!("link: {link} ({} as '{}')", s.upstream, s.gateway);
     if let Some(e) = &s.last_error {
-        println!("last error: {e}");
+        outln!("last error: {e}");
     }
-    println!(
+    outln!(
         "transactions: {} committed, {} aborted",
-        s.transactions_committed, s.transactions_aborted
+        s.transactions_committed,
+        s.transactions_aborted
     );
     for r in &s.rules {
-        println!(
+        outln!(
             "rule {}{}: {} partition(s), backlog {} record(s) ({} at risk), forwarded {} ({}), dropped {}",
             r.name,
             if r.paused { " (paused)" } else { "" },

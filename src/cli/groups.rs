@@ -163,13 +163,13 @@ pub fn groups(command: GroupsCommand) -> ExitCode {
         match command {
             GroupsCommand::List { .. } => {
                 for g in client.list_groups().await? {
-                    println!("{}\t{}\t{} member(s)", g.group, g.state, g.members);
+                    outln!("{}\t{}\t{} member(s)", g.group, g.state, g.members);
                 }
             }
             GroupsCommand::Describe { group, format, .. } => {
                 let d = client.describe_group(&group).await?;
                 match format {
-                    OutputFormat::Json => println!("{}", describe_json(&d)),
+                    OutputFormat::Json => outln!("{}", describe_json(&d)),
                     OutputFormat::Text => print_describe(&d),
                 }
             }
@@ -248,7 +248,7 @@ async fn reset_offsets(
     }
     client.commit_offsets(group, None, offsets.clone()).await?;
     for o in offsets {
-        println!("{group} {}/{}: {}", o.topic, o.partition, o.offset);
+        outln!("{group} {}/{}: {}", o.topic, o.partition, o.offset);
     }
     Ok(())
 }
@@ -293,18 +293,18 @@ fn describe_json(d: &DescribeGroupResponse) -> serde_json::Value {
 }
 
 fn print_describe(d: &DescribeGroupResponse) {
-    println!("group: {}", d.group);
-    println!("state: {}", d.state);
-    println!("generation: {}", d.generation);
-    println!("protocol: {}", d.assignor.as_deref().unwrap_or("-"));
-    println!("members: {}", d.members.len());
+    outln!("group: {}", d.group);
+    outln!("state: {}", d.state);
+    outln!("generation: {}", d.generation);
+    outln!("protocol: {}", d.assignor.as_deref().unwrap_or("-"));
+    outln!("members: {}", d.members.len());
     for m in &d.members {
         let parts: Vec<String> = m
             .assignment
             .iter()
             .map(|p| format!("{}/{}", p.topic, p.partition))
             .collect();
-        println!(
+        outln!(
             "  {} ({}{}): {}",
             m.member_id,
             m.client,
@@ -321,7 +321,7 @@ fn print_describe(d: &DescribeGroupResponse) {
     }
     let show = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     for o in &d.offsets {
-        println!(
+        outln!(
             "{}/{}: committed {} log_end {} lag {}",
             o.topic,
             o.partition,

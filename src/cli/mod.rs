@@ -2,6 +2,23 @@
 //! exit status: 0 success, 1 runtime error, 2 usage or configuration error.
 //! Errors go to stderr as one line that names the problem.
 
+// Command output through these, not `println!`: a closed pipe
+// (`skiff txn list | head -1`) ends the command quietly, as it ends `cat`,
+// where `println!` would panic. Defined before the modules that use them.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod args;
 mod bench;
 mod bench_group;
@@ -23,6 +40,19 @@ use crate::config::Config;
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
+
+/// Writes command output to stdout; exits 0 when the reader has gone (a
+/// broken pipe), 1 on any other write error.
+pub(crate) fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write as _;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("skiff: writing to stdout: {e}");
+        std::process::exit(i32::from(EXIT_RUNTIME));
+    }
+}
 
 pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("skiff: {msg}");
@@ -95,7 +125,7 @@ pub fn config_check(file: Option<PathBuf>) -> ExitCode {
             if let Err(e) = crate::server::tls::TlsSetup::load(&cfg.server.tls) {
                 return fail(EXIT_USAGE, format!("{}: {e}", source_name(file.as_deref())));
             }
-            print!("{}", crate::config::check_report(&cfg));
+            out!("{}", crate::config::check_report(&cfg));
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_USAGE, e),

@@ -275,17 +275,17 @@ fn list(args: &TxnArgs, format: OutputFormat) -> ExitCode {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(v));
+            outln!("{}", serde_json::Value::Array(v));
         }
         OutputFormat::Text => {
-            println!("ID\tSTATE\tPRODUCER\tPARTITIONS");
+            outln!("ID\tSTATE\tPRODUCER\tPARTITIONS");
             for t in txns {
                 let parts: Vec<String> = t
                     .partitions
                     .iter()
                     .map(|p| format!("{}/{}", p.topic, p.partition))
                     .collect();
-                println!(
+                outln!(
                     "{}\t{}\t{}.{}\t{}",
                     t.transactional_id,
                     t.state,
@@ -306,7 +306,7 @@ fn list(args: &TxnArgs, format: OutputFormat) -> ExitCode {
 pub fn bench(a: super::args::BenchTxnArgs) -> ExitCode {
     match smol::block_on(bench_run(&a)) {
         Ok(v) => {
-            println!("{v}");
+            outln!("{v}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(exit_code_for(&e), format!("bench txn: {e}")),
