@@ -173,10 +173,9 @@ fn latest_per_key(
     out
 }
 
-#[test]
-fn a_compacted_ring_wraps_many_times_and_keeps_every_latest_value() {
-    let b = Broker::start(FAST_CLEANER);
-    assert_ok(&b.cli(&[
+/// Topic `state`: compacted, 64 KiB segments, `segments` of them.
+fn create_compacted(b: &Broker, segments: &str, extra: &[&str]) {
+    let mut args = vec![
         "topics",
         "create",
         "state",
@@ -185,10 +184,16 @@ fn a_compacted_ring_wraps_many_times_and_keeps_every_latest_value() {
         "--segment-bytes",
         "65536",
         "--segments",
-        "4",
-        "--tombstone-retention-ms",
-        "1",
-    ]));
+        segments,
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&b.cli(&args));
+}
+
+#[test]
+fn a_compacted_ring_wraps_many_times_and_keeps_every_latest_value() {
+    let b = Broker::start(FAST_CLEANER);
+    create_compacted(&b, "4", &["--tombstone-retention-ms", "1"]);
     // 40 keys, 300 B values: the live set is ~13 KiB, the ring 240 KiB;
     // 6000 updates are ~2 MiB, so the ring wraps about eight times.
     let mut expected: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
@@ -900,4 +905,75 @@ fn bench_produce_keyed_and_beside_a_compaction() {
 
     let o = b.cli(&["bench", "produce", "--cleanup", "compact"]);
     assert_fails(&o, 2, &["--keys"]);
+}
+
+/// Values of `key` in `topic` under `isolation`, oldest first.
+fn values_of(b: &Broker, topic: &str, key: &str, isolation: &str) -> Vec<String> {
+    let o = b.cli(&[
+        "consume",
+        topic,
+        "--isolation",
+        isolation,
+        "--format",
+        "json",
+    ]);
+    assert_ok(&o);
+    json_lines(&o)
+        .into_iter()
+        .filter(|r| r["key"] == key)
+        .map(|r| r["value"].as_str().unwrap_or("<null>").to_owned())
+        .collect()
+}
+
+#[test]
+fn compaction_keeps_the_committed_value_past_aborted_and_open_transactions() {
+    use skiff::client::{Client, ProducerConfig, TxnProducer};
+    let b = Broker::start(FAST_CLEANER);
+    create_compacted(&b, "8", &[]);
+    produce(&b.tcp, "state", &[("k".into(), Some(b"v1".to_vec()))]);
+    let client = smol::block_on(Client::connect(b.tcp.as_str())).expect("connect");
+    let txn = |id: &str| {
+        smol::block_on(TxnProducer::new(
+            client.clone(),
+            id,
+            std::time::Duration::from_secs(600),
+            ProducerConfig::default(),
+        ))
+        .expect("transactional producer")
+    };
+    let mut aborted = txn("t-aborted");
+    smol::block_on(async {
+        aborted
+            .send_wait("state", Some(b"k"), b"v2-aborted", &[])
+            .await?;
+        aborted.abort().await
+    })
+    .expect("aborted");
+    // An open transaction's record, acknowledged (seen uncommitted) but
+    // not committed: it must not decide k's latest value.
+    let mut open = txn("t-open");
+    smol::block_on(open.send_wait("state", Some(b"k"), b"v3-open", &[])).expect("sent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !values_of(&b, "state", "k", "read_uncommitted").contains(&"v3-open".to_owned()) {
+        assert!(std::time::Instant::now() < deadline, "v3-open written");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Other keys roll k's segment over, so the cleaner may merge it.
+    let filler: Vec<_> = (0..400)
+        .map(|i| (format!("f{i}"), Some(vec![b'x'; 300])))
+        .collect();
+    produce(&b.tcp, "state", &filler);
+    assert_ok(&b.cli(&["topics", "compact", "state", "--wait"]));
+    assert_eq!(values_of(&b, "state", "k", "read_committed"), ["v1"]);
+    assert_eq!(
+        values_of(&b, "state", "k", "read_uncommitted"),
+        ["v1", "v3-open"],
+        "the aborted record is gone, the open one stays"
+    );
+
+    // The open transaction aborts after the merge: v1 is still k's value.
+    smol::block_on(open.abort()).expect("aborted");
+    assert_ok(&b.cli(&["topics", "compact", "state", "--wait"]));
+    assert_eq!(values_of(&b, "state", "k", "read_committed"), ["v1"]);
+    assert_eq!(values_of(&b, "state", "k", "read_uncommitted"), ["v1"]);
 }

@@ -21,6 +21,7 @@ use crate::storage::PartitionId;
 
 use serde::{Deserialize, Serialize};
 
+use super::txn::index::{in_aborted_range, Aborted};
 use super::BrokerError;
 
 pub(super) const CLEANUP_META_FILE: &str = "cleanup.meta";
@@ -258,12 +259,26 @@ impl Pacer {
 struct Rec<'a> {
     offset: u64,
     key: Option<&'a [u8]>,
+    timestamp: i64,
+    /// A transaction marker: keyed by marker type, not by the user's keys.
+    control: bool,
+    /// Part of an aborted transaction: no reader under read_committed
+    /// sees it, so it never decides a key's latest value.
+    aborted: bool,
 }
 
 /// Whether a record stays, under a pass's key map: the latest of its key
 /// (a tombstone only until its retention ends); records of keys outside
-/// this pass's class, and records without a key, stay.
+/// this pass's class, and records without a key, stay. Aborted records go;
+/// markers stay as long as a tombstone would (readers skip them, and the
+/// aborted ranges live in the transaction log, not in them).
 fn keep(r: &Rec<'_>, map: &KeyMap, class: (u64, u64), tombstones_before: i64) -> bool {
+    if r.control {
+        return r.timestamp >= tombstones_before;
+    }
+    if r.aborted {
+        return false;
+    }
     let Some(key) = r.key else { return true };
     let h = key_hash(key);
     if (h as u64) % class.1 != class.0 {
@@ -282,16 +297,22 @@ fn keep(r: &Rec<'_>, map: &KeyMap, class: (u64, u64), tombstones_before: i64) ->
 /// which must end where it ended). Returns also the records removed.
 fn rebuild(
     view: &crate::batch::BatchView<'_>,
+    aborted: &[Aborted],
     keep_rec: impl Fn(&Rec<'_>) -> bool,
     force_last: bool,
 ) -> Result<(Option<Vec<u8>>, u64), BrokerError> {
     let h = view.header;
     let records = view.records()?;
+    let control = h.is_control();
+    let in_aborted = in_aborted_range(aborted, &h);
     let recs: Vec<Rec<'_>> = records
         .iter()
         .map(|r| Rec {
             offset: h.base_offset + u64::from(r.offset_delta),
             key: r.key.map(|k| &**k),
+            timestamp: h.first_timestamp + r.timestamp_delta,
+            control,
+            aborted: in_aborted,
         })
         .collect();
     let mut kept: Vec<bool> = recs.iter().map(&keep_rec).collect();
@@ -445,12 +466,23 @@ impl super::Broker {
                 .now_ms()
                 .saturating_sub(cleanup.tombstone_retention_ms.min(i64::MAX as u64) as i64);
             let o = self.storage.offsets(&id)?;
-            // 1. The key map of this class, over the whole log.
+            // Transactions: only records below the last stable offset, and
+            // not aborted, may decide a key's latest value. A record of an
+            // open transaction that later aborts must not have removed the
+            // committed value before it.
+            let stable = self
+                .txn_index
+                .last_stable_offset(topic, partition, o.high_watermark);
+            let aborted = self.txn_index.aborted(topic, partition);
+            // 1. The key map of this class, over the stable log.
             map.map.clear();
             let mut overflow = false;
             let cap = map.cap;
-            self.scan(&id, o.earliest, o.high_watermark, &mut pacer, |view| {
+            self.scan(&id, o.earliest, stable, &mut pacer, |view| {
                 let h = view.header;
+                if h.is_control() || in_aborted_range(&aborted, &h) {
+                    return Ok(());
+                }
                 for r in view.records()? {
                     let Some(key) = r.key else { continue };
                     let kh = key_hash(key);
@@ -489,7 +521,7 @@ impl super::Broker {
             self.cleaner_stats.passes.fetch_add(1, Ordering::Relaxed);
             let keep_rec = |r: &Rec<'_>| keep(r, map, (class, classes), tombstones_before);
             let pass = self
-                .compact_pass(&id, &keep_rec, covered, &mut pacer)
+                .compact_pass(&id, &aborted, &keep_rec, covered, &mut pacer)
                 .await?;
             report.segments_merged = report.segments_merged.max(pass.segments_merged);
             report.segments_freed += pass.segments_freed;
@@ -514,6 +546,7 @@ impl super::Broker {
     async fn compact_pass(
         &self,
         id: &PartitionId,
+        aborted: &[Aborted],
         keep_rec: &(impl Fn(&Rec<'_>) -> bool + Sync),
         covered: u64,
         pacer: &mut Pacer,
@@ -541,7 +574,7 @@ impl super::Broker {
             let end = s.next_offset;
             self.scan(id, s.base_offset, end, pacer, |view| {
                 let last = view.header.next_offset() == end;
-                let (b, r) = rebuild(view, keep_rec, last)?;
+                let (b, r) = rebuild(view, aborted, keep_rec, last)?;
                 kept += b.map_or(0, |b| b.len() as u64);
                 removed += r;
                 Ok(())
@@ -582,7 +615,7 @@ impl super::Broker {
                         break;
                     }
                     let last = view.header.next_offset() == last_end;
-                    if let (Some(b), _) = rebuild(&view, keep_rec, last)? {
+                    if let (Some(b), _) = rebuild(&view, aborted, keep_rec, last)? {
                         pending.push(b);
                     }
                     next = view.header.next_offset();

@@ -18,6 +18,14 @@ pub struct Aborted {
     pub marker: u64,
 }
 
+/// Whether the batch belongs to one of the aborted transactions.
+pub fn in_aborted_range(aborted: &[Aborted], h: &crate::batch::BatchHeader) -> bool {
+    h.is_idempotent()
+        && aborted
+            .iter()
+            .any(|a| a.producer_id == h.producer_id && (a.first..a.marker).contains(&h.base_offset))
+}
+
 #[derive(Debug, Default)]
 struct Partition {
     /// Producer id → the first offset its open transaction may hold.
@@ -71,6 +79,14 @@ impl Index {
         }
     }
 
+    /// The partition's aborted ranges, in marker order.
+    pub fn aborted(&self, topic: &str, partition: u32) -> Vec<Aborted> {
+        self.lock()
+            .get(&(topic.to_owned(), partition))
+            .map(|p| p.aborted.clone())
+            .unwrap_or_default()
+    }
+
     /// Forgets the aborted ranges whose marker left the ring.
     pub fn forget_below(&self, topic: &str, partition: u32, earliest: u64) {
         if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
@@ -119,11 +135,7 @@ impl Index {
     /// control batches nor in an aborted range. The bytes kept are the
     /// stored ones: nothing is re-encoded.
     pub fn filter(&self, topic: &str, partition: u32, records: Vec<u8>, lso: u64) -> Filtered {
-        let aborted: Vec<Aborted> = self
-            .lock()
-            .get(&(topic.to_owned(), partition))
-            .map(|p| p.aborted.clone())
-            .unwrap_or_default();
+        let aborted = self.aborted(topic, partition);
         let mut keep: Vec<(usize, usize)> = Vec::new();
         let mut next_offset = None;
         let mut at = 0;
@@ -133,11 +145,7 @@ impl Index {
             if at + len > records.len() || h.base_offset >= lso {
                 break;
             }
-            let aborted_batch = h.is_idempotent()
-                && aborted.iter().any(|a| {
-                    a.producer_id == h.producer_id && (a.first..a.marker).contains(&h.base_offset)
-                });
-            if h.is_control() || aborted_batch {
+            if h.is_control() || in_aborted_range(&aborted, &h) {
                 dropped = true;
             } else {
                 keep.push((at, at + len));
