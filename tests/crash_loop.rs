@@ -7,6 +7,7 @@
 //! with its seed (`SKIFF_SOAK_SEED`, printed on the summary line).
 
 mod common;
+mod lazy_fs;
 mod upstream;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::checker::{self, History, Offsets, Outcome, Seen, Served};
 use common::*;
+use lazy_fs::LazyFs;
 use skiff::client::{blocking, ConsumerConfig, ProducerConfig, StartFrom};
 use skiff::protocol::{CreateTopicRequest, OffsetCommitPartition};
 
@@ -247,6 +249,23 @@ fn check_commits(tcp: &str, before_kill: &HashMap<u32, u64>, commits: &Commits) 
 
 #[test]
 fn kill9_loop_under_load_loses_and_duplicates_nothing() {
+    crash_loop(false);
+}
+
+/// The same loop with the data directory on tests/lazy_fs: every kill is
+/// also a power cut that drops what was not fsynced, on a filesystem
+/// without fallocate (the zero-writing fallback). `scripts/soak --lazy-fs`
+/// runs the long mode.
+#[test]
+fn kill9_and_power_cut_loop_on_a_filesystem_that_drops_unsynced_data() {
+    if !LazyFs::available() {
+        eprintln!("skipped: tests/lazy_fs needs root, /dev/fuse and a native run");
+        return;
+    }
+    crash_loop(true);
+}
+
+fn crash_loop(on_lazy_fs: bool) {
     let cycles: usize = env_or("SKIFF_SOAK_CYCLES", 4);
     let seed: u64 = env_or(
         "SKIFF_SOAK_SEED",
@@ -262,13 +281,26 @@ fn kill9_loop_under_load_loses_and_duplicates_nothing() {
     // storage.disk_budget_bytes: lift it, so assert_serves' probes fit too.
     // The mirror forwards the loop's topic to Tansu through every kill.
     let tansu = upstream::Tansu::start();
-    let mut b = Broker::start(&format!(
+    // Declared before the broker: unmounted after it is gone.
+    let places = temp_dir();
+    let lazy = on_lazy_fs.then(|| {
+        LazyFs::mount(
+            &places.path().join("base"),
+            &places.path().join("mnt"),
+            false,
+        )
+    });
+    let config = format!(
         "\n[storage]\ndisk_budget_bytes = 4294967296\n\
          [mirror]\nupstream = \"{}\"\ntransactional_id = \"crash-loop\"\ncreate_topics = true\n\
          linger_ms = 10\nbatch_bytes = 65536\nbackoff_min_ms = 50\nbackoff_max_ms = 500\n\
          [[mirror.rules]]\nname = \"loop\"\nsource = \"loop\"\ntarget = \"up-loop\"\n",
         tansu.addr()
-    ));
+    );
+    let mut b = match &lazy {
+        Some(fs) => Broker::start_on(fs.mountpoint.join("data"), &config),
+        None => Broker::start(&config),
+    };
     blocking::Client::connect(&b.tcp)
         .expect("connect")
         .create_topic(CreateTopicRequest {
@@ -303,6 +335,9 @@ fn kill9_loop_under_load_loses_and_duplicates_nothing() {
         std::thread::sleep(rng.between_ms(50, 600));
         let before_kill = commits.acked.lock().unwrap().clone();
         b.kill9();
+        if let Some(fs) = &lazy {
+            fs.crash();
+        }
         std::thread::sleep(rng.between_ms(0, 50));
         b.restart();
         check_commits(&b.tcp, &before_kill, &commits);
@@ -342,9 +377,16 @@ fn kill9_loop_under_load_loses_and_duplicates_nothing() {
     let pending = history.values().filter(|o| **o == Outcome::Pending).count();
     assert_eq!(pending, 0, "every delivery resolved before the check");
     let report = checker::check(&history, &earliest, &read, &served, Offsets::Dense);
+    let fs = lazy.as_ref().map_or(String::new(), |fs| {
+        let s = fs.stats();
+        format!(
+            " lazy-fs: power cuts {}, fsyncs {}, unsynced bytes dropped {}, stale requests {}",
+            s.crashes, s.syncs, s.bytes_dropped, s.stale_requests
+        )
+    });
     // The one line scripts/soak prints.
     println!(
-        "crash-loop: seed {seed} cycles {cycles} served {} {} in {:.0?}",
+        "crash-loop: seed {seed} cycles {cycles} served {} {} in {:.0?}{fs}",
         served.records,
         report.summary(),
         started.elapsed()
@@ -353,6 +395,13 @@ fn kill9_loop_under_load_loses_and_duplicates_nothing() {
     assert!(report.acked > 0, "the producers made progress");
     check_upstream(&tansu, &read);
     b.assert_serves();
+    if lazy.is_some() {
+        let log = b.log();
+        assert!(
+            log.contains("has no fallocate"),
+            "segments made by the zero-writing fallback:\n{log}"
+        );
+    }
 }
 
 /// Upstream holds exactly the local log: each record once, with its value,
@@ -496,4 +545,44 @@ fn checker_values_round_trip() {
     assert_eq!(checker::value(3, 99, 100).len(), 100);
     assert_eq!(checker::parse(b"p1:s2:x"), None);
     assert_eq!(checker::parse(b"garbage"), None);
+}
+
+/// The model the lazy-fs crash loop relies on: after a power cut, a file
+/// holds what was fsynced and nothing written after it, and a file that
+/// was written and renamed without an fsync is empty.
+#[test]
+fn the_lazy_fs_drops_exactly_what_was_not_synced() {
+    use std::io::Write;
+    if !LazyFs::available() {
+        eprintln!("skipped: tests/lazy_fs needs root, /dev/fuse and a native run");
+        return;
+    }
+    let places = temp_dir();
+    let fs = LazyFs::mount(
+        &places.path().join("base"),
+        &places.path().join("mnt"),
+        true,
+    );
+    let m = fs.mountpoint.clone();
+    let mut f = std::fs::File::create(m.join("synced")).expect("create");
+    f.write_all(b"kept").expect("write");
+    f.sync_data().expect("fdatasync");
+    f.write_all(b"+lost").expect("write");
+    std::fs::write(m.join("unsynced"), b"lost").expect("write");
+    std::fs::write(m.join("tmp"), b"lost").expect("write");
+    std::fs::rename(m.join("tmp"), m.join("renamed")).expect("rename");
+    // Before the cut, readers see every write.
+    assert_eq!(std::fs::read(m.join("synced")).expect("read"), b"kept+lost");
+    assert_eq!(std::fs::read(m.join("renamed")).expect("read"), b"lost");
+    fs.crash();
+    // The dead handle's writes land nowhere.
+    assert!(
+        f.write_all(b"late").is_err(),
+        "a handle from before the cut"
+    );
+    drop(f);
+    assert_eq!(std::fs::read(m.join("synced")).expect("read"), b"kept");
+    assert_eq!(std::fs::read(m.join("unsynced")).expect("read"), b"");
+    assert_eq!(std::fs::read(m.join("renamed")).expect("read"), b"");
+    assert_eq!(fs.stats().crashes, 1);
 }

@@ -133,6 +133,8 @@ pub struct Broker {
     env: Vec<(String, String)>,
     /// `extra`'s top-level keys and sections, for rewriting the config.
     extra: (String, String),
+    /// The data directory, when not inside `dir`.
+    data_dir_on: Option<PathBuf>,
 }
 
 impl Broker {
@@ -148,7 +150,22 @@ impl Broker {
     }
 
     pub fn start_with_env(dir: tempfile::TempDir, extra: &str, env: &[(&str, &str)]) -> Broker {
-        let mut b = Broker {
+        let mut b = Self::new(dir, extra, env);
+        b.spawn();
+        b
+    }
+
+    /// A broker whose data directory is `data_dir` (another filesystem,
+    /// such as tests/lazy_fs's); config, log and socket stay in a temp dir.
+    pub fn start_on(data_dir: PathBuf, extra: &str) -> Broker {
+        let mut b = Self::new(temp_dir(), extra, &[]);
+        b.data_dir_on = Some(data_dir);
+        b.spawn();
+        b
+    }
+
+    fn new(dir: tempfile::TempDir, extra: &str, env: &[(&str, &str)]) -> Broker {
+        Broker {
             config_path: dir.path().join("skiff.toml"),
             log_path: dir.path().join("broker.log"),
             ready_path: dir.path().join("ready.json"),
@@ -163,9 +180,8 @@ impl Broker {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             extra: split_extra(extra),
-        };
-        b.spawn();
-        b
+            data_dir_on: None,
+        }
     }
 
     /// The metrics endpoint's address (the config must enable it).
@@ -178,7 +194,9 @@ impl Broker {
 
     /// The data directory inside [`Broker::dir`].
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir_on
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// The Unix socket's path as a `--broker` argument.
