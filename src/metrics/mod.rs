@@ -542,8 +542,8 @@ impl Metrics {
         );
         m.registry.register(
             "recovery_damaged_offsets",
-            "Offsets lost in damaged data that recovery skipped at start-up (the records \
-             there, and any gap the log already had)",
+            "Offsets lost in damaged data that was skipped, by recovery at start-up or by a \
+             read that found it later (the records there, and any gap the log already had)",
             m.recovery_damaged_offsets.clone(),
         );
         m.share.register(&mut m.registry);
@@ -818,6 +818,10 @@ impl crate::storage::IoObserver for Metrics {
         self.storage_read_bytes
             .get_or_create(&ReadLabels { source })
             .inc_by(device_bytes);
+    }
+
+    fn damage_skipped(&self, offsets: u64) {
+        self.recovery_damaged_offsets.inc_by(offsets);
     }
 
     fn read_ahead_unused(&self, device_bytes: u64) {

@@ -370,6 +370,10 @@ pub trait IoObserver: Send + Sync {
     /// A window read ahead was dropped unused (its reader moved elsewhere,
     /// stopped, or its file was closed or reused).
     fn read_ahead_unused(&self, _device_bytes: u64) {}
+
+    /// A read found damaged data and skipped it: `offsets` lost (at most;
+    /// a gap the log already had there counts too).
+    fn damage_skipped(&self, _offsets: u64) {}
 }
 
 #[derive(Clone)]

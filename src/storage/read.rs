@@ -5,6 +5,7 @@
 use super::engine::{Ctx, Engine, B, B64, INDEX_INTERVAL_BYTES};
 use super::io::{AlignedBuf, FileHandle, IoBackend};
 use super::part::Part;
+use super::recovery::{resync, DamagedRange, DataEnd, RecoveryPolicy, RecoveryReport};
 use super::segment::SEG_HEADER_BYTES;
 use super::{Observer, PartitionId, QuarantineReason, StatsInner, StorageError};
 use crate::batch::{self, BatchError, HEADER_BYTES};
@@ -74,6 +75,87 @@ impl Part {
         self.quarantined(why)
     }
 
+    /// The lowest offset the batch at `pos` of `slot` can start at: the
+    /// segment's base, or the last index entry at or before `pos`.
+    fn offset_floor(&self, slot: usize, pos: u64) -> u64 {
+        let seg = &self.ring.segs[slot];
+        seg.index
+            .iter()
+            .take_while(|e| u64::from(e.pos) <= pos)
+            .last()
+            .map_or(seg.base_offset, |e| e.offset.max(seg.base_offset))
+    }
+
+    /// Damage a read found at `pos` of `slot`, in data already on the
+    /// device (a closed segment, or the active one before its tail), and
+    /// found again on a second read: under `SkipDamage` it is skipped as
+    /// recovery skips damage (docs/semantics.md, "Damaged data"), up to the
+    /// next intact batch, and reported; returns where the read goes on.
+    /// `None`: the partition is quarantined instead.
+    fn skip_damage(
+        &mut self,
+        ctx: &mut Ctx,
+        slot: usize,
+        pos: u64,
+        min_offset: u64,
+        error: BatchError,
+    ) -> io::Result<Option<u64>> {
+        if ctx.cfg.recovery_policy != RecoveryPolicy::SkipDamage {
+            return Ok(None);
+        }
+        let active = slot == self.ring.active();
+        let seg = &self.ring.segs[slot];
+        // The active segment's bytes from the tail on are in memory: a
+        // read of them is not the device's damage.
+        let limit_pos = if active {
+            self.tail.file_off
+        } else {
+            seg.end_pos
+        };
+        if pos >= limit_pos {
+            return Ok(None);
+        }
+        let found = resync(
+            &mut *ctx.io,
+            &mut ctx.rbuf,
+            self.files[slot],
+            self.cfg.segment_bytes,
+            pos,
+            limit_pos,
+            min_offset,
+            seg.next_offset,
+        )?;
+        let (to_pos, to_offset) = match found {
+            Some(at) => at,
+            // Nothing intact after it: a closed segment's data ends here.
+            None if !active => (seg.end_pos, seg.next_offset),
+            None => return Ok(None),
+        };
+        self.ring.skips.push((slot, pos, to_pos));
+        let range = DamagedRange {
+            slot: slot as u32,
+            position: pos,
+            bytes: to_pos - pos,
+            from_offset: min_offset,
+            to_offset,
+            found: DataEnd::Torn(error),
+            found_ms: ctx.cfg.clock.wall_ms(),
+        };
+        log::error!(
+            "partition {}: a read found damaged data at segment slot {slot} position {pos} \
+             ({}): skipped {} bytes, offsets {min_offset}..{to_offset} lost; the log goes on \
+             after them",
+            self.id,
+            range.found,
+            range.bytes
+        );
+        if let Some(obs) = &ctx.cfg.observer {
+            obs.0.damage_skipped(to_offset - min_offset);
+        }
+        note_damage(&ctx.shared.reports, &self.id, range);
+        Ok(Some(to_pos))
+    }
+
     /// Bytes of the active or a closed segment at `pos`: from the tail when
     /// they are in memory, else through `win` from the file.
     fn bytes_at<'a>(
@@ -116,6 +198,30 @@ impl Part {
             }
         }
         Ok((bytes, true))
+    }
+}
+
+/// Adds damage found after start-up to the partition's report, where
+/// `topics describe` and the broker read what recovery skipped.
+fn note_damage(reports: &std::sync::Mutex<Vec<RecoveryReport>>, id: &PartitionId, d: DamagedRange) {
+    let mut reports = reports.lock().unwrap_or_else(|e| e.into_inner());
+    match reports.iter_mut().rev().find(|r| &r.id == id) {
+        Some(r) => r.damaged.push(d),
+        None => reports.push(RecoveryReport {
+            id: id.clone(),
+            policy: RecoveryPolicy::SkipDamage,
+            batches: 0,
+            truncation: None,
+            quarantine: None,
+            bytes_truncated: 0,
+            stale_erased: 0,
+            checkpoint_unreadable: false,
+            unreadable_restart_slot: None,
+            damaged: vec![d],
+            quarantined: false,
+            earliest: 0,
+            high_watermark: 0,
+        }),
     }
 }
 
@@ -450,6 +556,8 @@ impl Engine {
             let mut retried = false;
             // The offset after the last batch in `out`.
             let mut end = offset;
+            // The offset after the last intact batch read here, if any.
+            let mut after: Option<u64> = None;
             while pos < p.ring.segs[slot].end_pos {
                 if let Some(to) = p.ring.skip_at(slot, pos) {
                     pos = to;
@@ -478,10 +586,21 @@ impl Engine {
                         continue;
                     }
                     Err(ReadErr::Corrupt(e)) => {
-                        return Err(p.corrupt_batch(slot, pos, e, &ctx.shared.stats));
+                        let floor = after.unwrap_or_else(|| p.offset_floor(slot, pos));
+                        match p.skip_damage(ctx, slot, pos, floor, e.clone())? {
+                            Some(to) => {
+                                // resync read through the window's buffer.
+                                win = Window::with_hint(win.hint);
+                                retried = false;
+                                pos = to;
+                                continue;
+                            }
+                            None => return Err(p.corrupt_batch(slot, pos, e, &ctx.shared.stats)),
+                        }
                     }
                 };
                 retried = false;
+                after = Some(h.next_offset());
                 let len = h.total_len as usize;
                 if h.next_offset() > offset {
                     if out.is_empty() {

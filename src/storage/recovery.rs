@@ -463,7 +463,7 @@ fn scan_from(
 /// its position and base offset. Any other batch there (an earlier lap's,
 /// a crashed run's) is no part of this log.
 #[allow(clippy::too_many_arguments)]
-fn resync(
+pub(super) fn resync(
     io: &mut dyn IoBackend,
     rbuf: &mut AlignedBuf,
     file: FileHandle,

@@ -1311,6 +1311,70 @@ fn damaged_batch_is_skipped_and_the_rest_served() {
     }
 }
 
+/// Damage that appears after start-up (bit rot under a running broker) is
+/// found by the read that meets it, and skipped as recovery skips it: the
+/// batches on both sides are served, the partition takes writes, and the
+/// report names the lost offsets. The next start finds the same damage.
+#[test]
+fn damage_found_by_a_read_after_start_up_is_skipped() {
+    for (name, rig) in rigs() {
+        let id = pid("rot", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        // Past the first segment: its batches are read from the device.
+        let acked = fill(&s, &id, 90, 0);
+        let segs = block_on(s.segments(&id)).unwrap();
+        let closed_end = segs
+            .iter()
+            .find(|g| g.slot == 0 && !g.active)
+            .unwrap()
+            .next_offset;
+        let offsets = |i: usize| {
+            let h = batch::parse_header(&acked[i]).unwrap();
+            (h.base_offset, h.next_offset())
+        };
+        assert!(
+            offsets(6).1 <= closed_end,
+            "{name}: batch 5 in the closed segment"
+        );
+        let start =
+            |i: usize| BLOCK_BYTES as u64 + acked[..i].iter().map(|b| b.len() as u64).sum::<u64>();
+        let seg0 = rig.dir.path().join("topics/rot/0/seg-00000.log");
+        match rig.disk() {
+            Some(d) => assert!(d.flip_stored_bit(&seg0, start(5) + 70, 2)),
+            None => flip_file_bit(&seg0, start(5) + 70, 2),
+        }
+        let mut intact = acked.clone();
+        intact.remove(5);
+        assert_eq!(read_all(&s, &id, 0), intact, "{name}");
+        let damaged: Vec<_> = s
+            .recovery_report()
+            .iter()
+            .filter(|r| r.id == id)
+            .flat_map(|r| r.damaged.clone())
+            .map(|d| (d.slot, d.position, d.bytes, d.from_offset, d.to_offset))
+            .collect();
+        let (from, to) = offsets(5);
+        assert_eq!(
+            damaged,
+            [(0, start(5), acked[5].len() as u64, from, to)],
+            "{name}"
+        );
+        // A fetch inside the lost range gets the first batch after it.
+        assert_eq!(block_on(s.read(&id, from, 1)).unwrap(), acked[6], "{name}");
+        let a = block_on(s.append(&id, make_batch(1, 10, 999, 0))).unwrap();
+        assert_eq!(a.base_offset, offsets(89).1, "{name}: writable");
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        let rep = s.recovery_report()[0].clone();
+        assert!(!rep.quarantined, "{name}: {rep:?}");
+        assert_eq!(rep.damaged.len(), 1, "{name}: {rep:?}");
+        assert_eq!(read_all(&s, &id, 0)[..intact.len()], intact[..], "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
 /// The report says what recovery truncated or why it quarantined, and
 /// where: a torn tail (dropped), damage in a closed segment, and a corrupt
 /// segment header (both quarantine).
