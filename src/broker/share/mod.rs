@@ -1016,10 +1016,14 @@ impl ShareCoordinator {
                         continue;
                     }
                 }
-                let reason = a
-                    .error
-                    .as_deref()
-                    .map(|e| truncate(e, SHARE_ERROR_BYTES_MAX));
+                // A reject's reason goes out with this call; a release's
+                // waits in the window, so it is cut to what the memory
+                // budget counts.
+                let keep = match a.kind {
+                    AckKind::Release { .. } => crate::config::SHARE_KEPT_REASON_BYTES,
+                    _ => SHARE_ERROR_BYTES_MAX,
+                };
+                let reason = a.error.as_deref().map(|e| truncate(e, keep));
                 match a.kind {
                     AckKind::Accept => r.state = RecState::Done,
                     AckKind::Release { delay } if r.deliveries < settings.max_deliveries => {

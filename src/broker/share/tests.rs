@@ -115,6 +115,23 @@ fn truncate_keeps_char_boundaries() {
     assert_eq!(truncate("abc", 10), "abc");
 }
 
+#[test]
+fn a_window_record_fits_what_the_memory_budget_counts() {
+    let entry = std::mem::size_of::<(u64, InFlight)>() as u64;
+    // A tree leaf holds 11 entries and a header (parent, index, length);
+    // at worst it holds 5, and the internal nodes above add 12 edge
+    // pointers per 6 leaves or fewer.
+    let per_entry_worst = (11 * entry + 16 + 96) / 5;
+    // The kept reason, with the allocator's header and rounding.
+    let reason = crate::config::SHARE_KEPT_REASON_BYTES as u64 + 16;
+    assert!(
+        per_entry_worst + reason <= crate::config::SHARE_WINDOW_RECORD_BYTES,
+        "a window record takes up to {} B, the budget counts {}",
+        per_entry_worst + reason,
+        crate::config::SHARE_WINDOW_RECORD_BYTES
+    );
+}
+
 // ------------------------------------------------ over a real broker
 
 use crate::broker::TopicSpec;
@@ -196,6 +213,12 @@ fn the_window_in_memory_never_holds_more_than_max_in_flight_records() {
             "{} records",
             sp.records.len()
         );
+        for r in sp.records.values() {
+            assert!(r
+                .error
+                .as_ref()
+                .is_none_or(|e| e.len() <= crate::config::SHARE_KEPT_REASON_BYTES));
+        }
     };
     // One worker holds the first record; the rest are accepted as they
     // come, released with long reasons, taken again.
