@@ -142,7 +142,10 @@ fn print_describe(d: &DescribeShareGroupResponse) {
         );
         let counts = delivery_counts(p);
         if !counts.is_empty() {
-            let counts: Vec<String> = counts.iter().map(|(n, c)| format!("{c} x {n}")).collect();
+            let counts: Vec<String> = counts
+                .iter()
+                .map(|(n, c)| format!("{n} ({c} record{})", if *c == 1 { "" } else { "s" }))
+                .collect();
             println!("  delivery counts: {}", counts.join(", "));
         }
     }
