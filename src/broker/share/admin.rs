@@ -107,6 +107,10 @@ impl ShareCoordinator {
             }
             for r in sp.records.values() {
                 if let RecState::Acquired { member, deadline } = &r.state {
+                    if *deadline <= now {
+                        // Expired: the next expiry pass frees it.
+                        continue;
+                    }
                     let e = out.entry(member.to_string()).or_insert(*deadline);
                     *e = (*e).max(*deadline);
                 }

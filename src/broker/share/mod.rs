@@ -173,10 +173,9 @@ impl ShareConfig {
     /// The share log's segment size: one segment holds the most share
     /// partitions with full windows, all a compaction's merge keeps.
     fn share_segment_bytes(&self, max_batch_bytes: usize) -> u64 {
-        let rewrite = self.max_share_partitions as u64
+        let live = self.max_share_partitions as u64
             * (STATE_BYTES_BASE + STATE_BYTES_PER_RECORD * u64::from(self.max_in_flight_records));
-        rewrite
-            .max(1024 * 1024)
+        live.max(1024 * 1024)
             .max(2 * max_batch_bytes as u64)
             .next_multiple_of(4096)
     }
@@ -540,9 +539,9 @@ impl ShareCoordinator {
         &self.config
     }
 
-    /// Reads the share log back; a state whose topic is gone (deleted
-    /// before its tombstone was written) is dropped, and its tombstone
-    /// queued for the writer.
+    /// Reads the share log back; a state whose topic or partition is gone
+    /// (deleted before its tombstone was written) is dropped, and its
+    /// tombstone queued for the writer.
     async fn load(&self) -> Result<(), BrokerError> {
         let started = Instant::now();
         let mut parts = BTreeMap::new();
@@ -562,7 +561,11 @@ impl ShareCoordinator {
         .await?;
         let gone: Vec<SpKey> = parts
             .keys()
-            .filter(|k| self.broker.topic(&k.1).is_err())
+            .filter(|k| {
+                self.broker
+                    .topic(&k.1)
+                    .map_or(true, |t| k.2 >= t.partitions)
+            })
             .cloned()
             .collect();
         for k in &gone {
