@@ -277,16 +277,26 @@ fn a_deleted_group_and_a_deleted_topic_leave_no_state_across_a_restart() {
         ack(&c, "t", "w", &[0, 1], AckKind::Accept);
         take(&c, "u", "w", 5);
         // The member stays active for lock_ms: forget it as the expiry
-        // pass would once that passed, and let its locks go.
+        // pass would once that passed, and let its locks lapse (not yet
+        // freed by an expiry pass: a lapsed lock keeps no one active).
         c.members_lock().clear();
+        let lapsed = Instant::now();
         for sp in c.lock().values_mut() {
             for r in sp.records.values_mut() {
-                r.state = RecState::Available { not_before: None };
+                if let RecState::Acquired { deadline, .. } = &mut r.state {
+                    *deadline = lapsed;
+                }
             }
         }
         let d = c.describe("g").expect("described");
+        assert!(d.members.is_empty(), "{:?}", d.members);
         assert_eq!(d.partitions.len(), 2);
-        assert_eq!((d.partitions[0].start, d.partitions[0].available), (2, 3));
+        let p = &d.partitions[0];
+        assert_eq!((p.start, p.next, p.acquired, p.done), (2, 5, 3, 0));
+        assert_eq!(
+            p.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
         block_on(c.broker().delete_topic("u")).expect("topic deleted");
         block_on(c.forget_topic("u")).expect("share state dropped");
         assert_eq!(keys(&c), [("g".to_owned(), "t".to_owned(), 0)]);
