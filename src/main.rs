@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::GroupsCommand,
     },
+    /// List, describe and delete share groups (queues).
+    ShareGroups {
+        #[command(subcommand)]
+        command: cli::ShareGroupsCommand,
+    },
     /// Dead-letter topics of share groups: list, replay.
     Dlq {
         #[command(subcommand)]
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         Command::Consume(a) => cli::consume(a),
         Command::Txn(a) => cli::txn(a),
         Command::Groups { command } => cli::groups(command),
+        Command::ShareGroups { command } => cli::share_groups(command),
         Command::Dlq { command } => cli::dlq(command),
         Command::Config {
             command: ConfigCommand::Check { file },

@@ -460,3 +460,192 @@ fn a_stuck_record_holds_back_at_most_max_in_flight_records() {
         assert_eq!(offsets, [5, 6, 7, 8, 9]);
     });
 }
+
+/// Polls `w` until it has taken `n` records.
+async fn take(w: &ShareConsumer, n: usize) -> Vec<skiff::protocol::ShareRecord> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} taken", got.len());
+        got.extend(w.poll_max((n - got.len()) as u32).await.expect("poll"));
+    }
+    got
+}
+
+fn share_groups_json(b: &Broker, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["share-groups"];
+    all.extend_from_slice(args);
+    all.extend(["--format", "json"]);
+    let o = b.cli(&all);
+    assert_ok(&o);
+    serde_json::from_str(&stdout(&o)).expect("one JSON document")
+}
+
+fn sum(d: &serde_json::Value, field: &str) -> u64 {
+    d["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p[field].as_u64().expect("a count"))
+        .sum()
+}
+
+#[test]
+fn share_groups_are_listed_described_and_deleted_once_idle_and_stay_deleted() {
+    // The default lock_ms (30 s) keeps the worker's locks, and the worker
+    // active, for the whole first part.
+    let mut b = Broker::start("");
+    create(&b, "jobs", 2);
+    let values: Vec<String> = (0..10).map(|i| format!("j{i}")).collect();
+    produce(&b, "jobs", &values);
+    let config = ShareConfig {
+        max_records: 4,
+        max_wait: Duration::from_millis(200),
+        from_earliest: true,
+    };
+    let (member, held) = smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let other = ShareConsumer::new(client.clone(), "keep", "jobs", config.clone());
+        while other.poll_max(1).await.expect("poll").is_empty() {}
+        let w = ShareConsumer::new(client, "g", "jobs", config);
+        let taken = take(&w, 4).await;
+        let release = Outcome::Release {
+            delay: Duration::ZERO,
+            reason: Some("busy".into()),
+        };
+        let acks = [
+            (taken[0].partition, taken[0].offset, Outcome::Accept),
+            (taken[1].partition, taken[1].offset, release),
+        ];
+        let codes = w.ack(&acks).await.expect("ack");
+        assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
+        (w.member_id().to_owned(), taken[2..].to_vec())
+    });
+
+    let list = share_groups_json(&b, &["list"]);
+    let g = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|g| g["group"] == "g")
+        .unwrap_or_else(|| panic!("g listed: {list}"));
+    assert_eq!(g["topics"], serde_json::json!(["jobs"]));
+    assert_eq!(g["in_flight"], 3, "{g}");
+    let d = share_groups_json(&b, &["describe", "g"]);
+    assert_eq!(sum(&d, "acquired"), 2, "{d}");
+    assert_eq!(sum(&d, "awaiting_redelivery"), 1, "{d}");
+    let members = d["members"].as_array().expect("members");
+    assert_eq!(members.len(), 1, "{d}");
+    assert_eq!(members[0]["member_id"], member.as_str());
+    assert_eq!(members[0]["acquired"], 2);
+    for p in d["partitions"].as_array().expect("partitions") {
+        assert!(p["start"].as_u64() <= p["next"].as_u64(), "{p}");
+        let counted: u64 = p["delivery_counts"]
+            .as_object()
+            .expect("delivery counts")
+            .values()
+            .map(|c| c.as_u64().expect("a count"))
+            .sum();
+        assert_eq!(
+            counted,
+            p["records"].as_array().expect("records").len() as u64
+        );
+    }
+    let text = b.cli(&["share-groups", "describe", "g"]);
+    assert_ok(&text);
+    assert!(
+        stdout(&text).contains("share group: g"),
+        "{}",
+        stdout(&text)
+    );
+    assert!(stdout(&text).contains("awaiting_redelivery"));
+
+    // Refused while a member holds records or fetched within lock_ms.
+    let o = b.cli(&["share-groups", "delete", "g"]);
+    assert_fails(&o, 1, &["active member"]);
+    assert_eq!(held.len(), 2);
+    // Locks and activity do not outlive the broker: after a restart the
+    // group has its state and no member.
+    b.kill9();
+    b.restart();
+    let d = share_groups_json(&b, &["describe", "g"]);
+    assert_eq!(d["members"], serde_json::json!([]), "{d}");
+    assert_eq!(sum(&d, "acquired"), 0, "{d}");
+    assert_eq!(sum(&d, "awaiting_redelivery"), 3, "{d}");
+    assert_ok(&b.cli(&["share-groups", "delete", "g"]));
+    assert_fails(
+        &b.cli(&["share-groups", "describe", "g"]),
+        1,
+        &["no share group 'g'"],
+    );
+    assert_fails(
+        &b.cli(&["share-groups", "delete", "g"]),
+        1,
+        &["no share group 'g'"],
+    );
+
+    b.kill9();
+    b.restart();
+    let list = share_groups_json(&b, &["list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|g| g["group"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(names, ["keep"], "g stays deleted, keep stays");
+    // g starts afresh: every record, each on its first delivery.
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let config = ShareConfig {
+            max_records: 100,
+            max_wait: Duration::from_millis(200),
+            from_earliest: true,
+        };
+        let w = ShareConsumer::new(client, "g", "jobs", config);
+        let got = take(&w, values.len()).await;
+        assert!(got.iter().all(|r| r.delivery_count == 1), "{got:?}");
+    });
+}
+
+#[test]
+fn a_topic_deleted_and_made_again_starts_with_no_share_state() {
+    let mut b = Broker::start("");
+    create(&b, "t", 1);
+    let values: Vec<String> = (0..5).map(|i| format!("old{i}")).collect();
+    produce(&b, "t", &values);
+    let config = ShareConfig {
+        max_records: 100,
+        max_wait: Duration::from_millis(200),
+        from_earliest: true,
+    };
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "t", config.clone());
+        let got = take(&w, values.len()).await;
+        let acks: Vec<_> = got
+            .iter()
+            .map(|r| (r.partition, r.offset, Outcome::Accept))
+            .collect();
+        w.ack(&acks).await.expect("ack");
+    });
+    assert_ok(&b.cli(&["topics", "delete", "t"]));
+    create(&b, "t", 1);
+    produce(&b, "t", &["new0".to_owned(), "new1".to_owned()]);
+    b.kill9();
+    b.restart();
+    let o = b.cli(&["share-groups", "list", "--format", "json"]);
+    assert_ok(&o);
+    assert_eq!(
+        stdout(&o).trim(),
+        "[]",
+        "the deleted topic's share state is gone"
+    );
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "t", config);
+        let got = take(&w, 2).await;
+        let seen: Vec<(u64, u32)> = got.iter().map(|r| (r.offset, r.delivery_count)).collect();
+        assert_eq!(seen, [(0, 1), (1, 1)]);
+    });
+}

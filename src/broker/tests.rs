@@ -23,7 +23,9 @@ fn options(rig: &Rig, clock: Arc<dyn Clock>) -> BrokerOptions {
     }
 }
 
-fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
+/// A broker on `rig` (4 topics, 8 partitions); other coordinators' tests
+/// use it too.
+pub(crate) fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
     Broker::open(storage, options(rig, Arc::new(SystemClock))).expect("broker opens")
 }
 

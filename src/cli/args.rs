@@ -408,6 +408,33 @@ pub enum GroupsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ShareGroupsCommand {
+    /// List share groups: topics, share partitions, records in flight,
+    /// active members.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Show a share group's windows per partition (start, records
+    /// acquired, awaiting redelivery, delivery counts) and its members.
+    Describe {
+        group: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+    /// Delete a share group's state; refused while it has active members.
+    Delete {
+        group: String,
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DlqCommand {
     /// Print the records of TOPIC's dead-letter topic: where each came
     /// from, its delivery count and why it failed.

@@ -26,6 +26,7 @@ mod bench_share;
 mod commands;
 mod groups;
 mod share;
+mod share_groups;
 mod txn;
 
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use std::process::ExitCode;
 pub use args::*;
 pub use commands::{acl, bench, consume, groups, mirror, produce, topics};
 pub use share::dlq;
+pub use share_groups::share_groups;
 pub use txn::txn;
 
 use crate::config::Config;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use super::client::{unexpected, Client};
 use super::ClientError;
 use crate::protocol::{
-    ErrorCode, RequestBody, ResponseBody, ShareAck, ShareAckKind, ShareAckRequest,
-    ShareFetchRequest, ShareFetchResponse, ShareRecord,
+    DeleteShareGroupRequest, DescribeShareGroupRequest, DescribeShareGroupResponse, ErrorCode,
+    ListShareGroupsRequest, RequestBody, ResponseBody, ShareAck, ShareAckKind, ShareAckRequest,
+    ShareFetchRequest, ShareFetchResponse, ShareGroupListing, ShareRecord,
 };
 
 impl Client {
@@ -47,6 +48,41 @@ impl Client {
         match self.call(&RequestBody::ShareAck(r)).await? {
             ResponseBody::ShareAck(r) => Ok(r.results),
             other => Err(unexpected("share_ack", &other)),
+        }
+    }
+
+    pub async fn list_share_groups(&self) -> Result<Vec<ShareGroupListing>, ClientError> {
+        self.need_share().await?;
+        let body = RequestBody::ListShareGroups(ListShareGroupsRequest {});
+        match self.call(&body).await? {
+            ResponseBody::ListShareGroups(r) => Ok(r.groups),
+            other => Err(unexpected("list_share_groups", &other)),
+        }
+    }
+
+    pub async fn describe_share_group(
+        &self,
+        group: &str,
+    ) -> Result<DescribeShareGroupResponse, ClientError> {
+        self.need_share().await?;
+        let body = RequestBody::DescribeShareGroup(DescribeShareGroupRequest {
+            group: group.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::DescribeShareGroup(r) => Ok(r),
+            other => Err(unexpected("describe_share_group", &other)),
+        }
+    }
+
+    /// Deletes a share group with no active member (else `group_not_empty`).
+    pub async fn delete_share_group(&self, group: &str) -> Result<(), ClientError> {
+        self.need_share().await?;
+        let body = RequestBody::DeleteShareGroup(DeleteShareGroupRequest {
+            group: group.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::DeleteShareGroup(_) => Ok(()),
+            other => Err(unexpected("delete_share_group", &other)),
         }
     }
 }

@@ -65,6 +65,19 @@ const _: () = assert!(TLS_HANDSHAKE_BYTES_MAX <= TLS_CONNECTION_BYTES);
 /// a session id or ticket and the secrets to resume it.
 pub const TLS_SESSION_BYTES: u64 = 1024;
 
+/// One record in a share window: its entry in the window's map (offset,
+/// state, lock holder, delivery count: under 100 B) in tree nodes that
+/// may be under half full, and the worker's reason kept for its
+/// dead-letter record (at most [`SHARE_KEPT_REASON_BYTES`]) with the
+/// allocator's rounding. `broker::share` tests that it holds.
+pub const SHARE_WINDOW_RECORD_BYTES: u64 = 272;
+/// A released record's reason is kept, cut to this, until it is delivered
+/// again or dead-lettered.
+pub const SHARE_KEPT_REASON_BYTES: usize = 64;
+/// One share partition besides its records: its key (group and topic ids,
+/// up to 255 B each) and state, in the coordinator's map.
+pub const SHARE_PARTITION_BYTES: u64 = 1024;
+
 /// Copies of a transaction's worth of data the mirror holds at once: the
 /// local fetch answer, the records re-encoded for Kafka, and the finished
 /// (compressed) batches on their way out.
@@ -244,6 +257,22 @@ impl MemoryBudget {
                     human(cfg.compaction.key_map_bytes)
                 ),
             ),
+            {
+                let sh = &cfg.share;
+                line(
+                    "share windows (estimate)",
+                    u64::from(sh.max_share_partitions).saturating_mul(
+                        SHARE_PARTITION_BYTES.saturating_add(
+                            u64::from(sh.max_in_flight_records)
+                                .saturating_mul(SHARE_WINDOW_RECORD_BYTES),
+                        ),
+                    ),
+                    format!(
+                        "share.max_share_partitions {} x ({SHARE_PARTITION_BYTES} B + share.max_in_flight_records {} x {SHARE_WINDOW_RECORD_BYTES} B)",
+                        sh.max_share_partitions, sh.max_in_flight_records
+                    ),
+                )
+            },
             line(
                 "runtime base (estimate)",
                 RUNTIME_BASE_BYTES,

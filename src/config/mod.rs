@@ -23,7 +23,8 @@ mod schema;
 
 pub use budget::{
     human, BudgetLine, MemoryBudget, CONNECTION_STATE_BYTES, PRODUCER_ENTRY_BYTES,
-    RUNTIME_BASE_BYTES, TLS_CONNECTION_BYTES, TLS_HANDSHAKE_BYTES_MAX,
+    RUNTIME_BASE_BYTES, SHARE_KEPT_REASON_BYTES, SHARE_PARTITION_BYTES, SHARE_WINDOW_RECORD_BYTES,
+    TLS_CONNECTION_BYTES, TLS_HANDSHAKE_BYTES_MAX,
 };
 pub use error::{ConfigError, ConfigErrorKind};
 pub use profiles::{profile_names, profile_text, PROFILES};

@@ -125,3 +125,116 @@ pub struct ShareAckResponse {
     #[n(0)]
     pub results: Vec<ErrorCode>,
 }
+
+/// Every share group the caller may see (`group` permission), by name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct ListShareGroupsRequest {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ListShareGroupsResponse {
+    #[n(0)]
+    pub groups: Vec<ShareGroupListing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareGroupListing {
+    #[n(0)]
+    pub group: String,
+    /// Topics the group has read.
+    #[n(1)]
+    pub topics: Vec<String>,
+    /// Share partitions (topic, partition) the group has state for.
+    #[n(2)]
+    pub partitions: u32,
+    /// Records delivered and not yet done.
+    #[n(3)]
+    pub in_flight: u64,
+    /// Members active now.
+    #[n(4)]
+    pub members: u32,
+}
+
+/// A share group's windows and members; `unknown_group` when it has
+/// neither.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribeShareGroupRequest {
+    #[n(0)]
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DescribeShareGroupResponse {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub partitions: Vec<SharePartitionState>,
+    #[n(2)]
+    pub members: Vec<ShareMember>,
+}
+
+/// One share partition's window `[start, next)`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SharePartitionState {
+    #[n(0)]
+    pub topic: String,
+    #[n(1)]
+    pub partition: u32,
+    /// Every offset below it is done.
+    #[n(2)]
+    pub start: u64,
+    /// The first offset never delivered.
+    #[n(3)]
+    pub next: u64,
+    /// Absent when the partition cannot be read.
+    #[n(4)]
+    pub log_end: Option<u64>,
+    /// Records locked to a member.
+    #[n(5)]
+    pub acquired: u64,
+    /// Records awaiting redelivery (released, or their lock expired).
+    #[n(6)]
+    pub available: u64,
+    /// Records done behind one that is not.
+    #[n(7)]
+    pub done: u64,
+    /// Every record in the window not done, by offset.
+    #[n(8)]
+    pub records: Vec<ShareRecordState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareRecordState {
+    #[n(0)]
+    pub offset: u64,
+    /// `acquired`, `available` or `dead_lettering`.
+    #[n(1)]
+    pub state: String,
+    #[n(2)]
+    pub delivery_count: u32,
+    /// The member holding the record's lock.
+    #[n(3)]
+    pub member_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareMember {
+    #[n(0)]
+    pub member_id: String,
+    /// Records locked to it.
+    #[n(1)]
+    pub acquired: u64,
+    /// How long it stays active without another fetch or acknowledgement.
+    #[n(2)]
+    pub active_ms: u64,
+}
+
+/// Deletes a share group's state; refused (`group_not_empty`) while it
+/// has active members.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeleteShareGroupRequest {
+    #[n(0)]
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
+pub struct DeleteShareGroupResponse {}

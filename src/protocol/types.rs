@@ -135,6 +135,12 @@ pub enum RequestBody<'b> {
     ShareFetch(#[n(0)] super::share::ShareFetchRequest),
     #[n(71)]
     ShareAck(#[n(0)] super::share::ShareAckRequest),
+    #[n(72)]
+    ListShareGroups(#[n(0)] super::share::ListShareGroupsRequest),
+    #[n(73)]
+    DescribeShareGroup(#[n(0)] super::share::DescribeShareGroupRequest),
+    #[n(74)]
+    DeleteShareGroup(#[n(0)] super::share::DeleteShareGroupRequest),
     // Transactions: 60..=69 (version 3).
     #[n(60)]
     InitTxn(#[n(0)] InitTxnRequest),
@@ -209,6 +215,12 @@ pub enum ResponseBody {
     ShareFetch(#[n(0)] super::share::ShareFetchResponse),
     #[n(71)]
     ShareAck(#[n(0)] super::share::ShareAckResponse),
+    #[n(72)]
+    ListShareGroups(#[n(0)] super::share::ListShareGroupsResponse),
+    #[n(73)]
+    DescribeShareGroup(#[n(0)] super::share::DescribeShareGroupResponse),
+    #[n(74)]
+    DeleteShareGroup(#[n(0)] super::share::DeleteShareGroupResponse),
     // Transactions: 60..=69 (version 3).
     #[n(60)]
     InitTxn(#[n(0)] InitTxnResponse),
@@ -261,6 +273,9 @@ impl RequestBody<'_> {
             Self::MirrorPause(r) => RequestBody::MirrorPause(r),
             Self::ShareFetch(r) => RequestBody::ShareFetch(r),
             Self::ShareAck(r) => RequestBody::ShareAck(r),
+            Self::ListShareGroups(r) => RequestBody::ListShareGroups(r),
+            Self::DescribeShareGroup(r) => RequestBody::DescribeShareGroup(r),
+            Self::DeleteShareGroup(r) => RequestBody::DeleteShareGroup(r),
             Self::InitTxn(r) => RequestBody::InitTxn(r),
             Self::AddTxnOffsets(r) => RequestBody::AddTxnOffsets(r),
             Self::EndTxn(r) => RequestBody::EndTxn(r),
@@ -297,6 +312,9 @@ impl RequestBody<'_> {
             Self::MirrorPause(_) => "mirror_pause",
             Self::ShareFetch(_) => "share_fetch",
             Self::ShareAck(_) => "share_ack",
+            Self::ListShareGroups(_) => "list_share_groups",
+            Self::DescribeShareGroup(_) => "describe_share_group",
+            Self::DeleteShareGroup(_) => "delete_share_group",
             Self::InitTxn(_) => "init_txn",
             Self::AddTxnOffsets(_) => "add_txn_offsets",
             Self::EndTxn(_) => "end_txn",
@@ -336,6 +354,9 @@ impl ResponseBody {
             Self::MirrorPause(_) => "mirror_pause",
             Self::ShareFetch(_) => "share_fetch",
             Self::ShareAck(_) => "share_ack",
+            Self::ListShareGroups(_) => "list_share_groups",
+            Self::DescribeShareGroup(_) => "describe_share_group",
+            Self::DeleteShareGroup(_) => "delete_share_group",
             Self::InitTxn(_) => "init_txn",
             Self::AddTxnOffsets(_) => "add_txn_offsets",
             Self::EndTxn(_) => "end_txn",

@@ -291,6 +291,13 @@ pub(crate) async fn delete_topic(ctx: &Ctx, identity: &str, name: &str) -> Respo
     match ctx.broker.delete_topic(name).await {
         Ok(()) => {
             ctx.metrics.remove_topic(name);
+            // Durable before the answer, so a topic created again by this
+            // name starts with no share state. A crash before it is
+            // caught at start-up (the share coordinator drops the state of
+            // topics that are gone).
+            if let Err(e) = ctx.share.forget_topic(name).await {
+                log::warn!("topic {name} deleted, but not its share state yet: {e}");
+            }
             ResponseBody::DeleteTopic(DeleteTopicResponse {})
         }
         Err(e) => broker_error_body(&e),

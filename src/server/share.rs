@@ -1,6 +1,7 @@
 //! Share-group requests (queues, docs/queues.md): protocol types in,
 //! share-coordinator calls, protocol types out. Each request is
-//! authorized as `group` on its share group and `consume` on its topic.
+//! authorized as `group` on its share group and `consume` on its topic;
+//! list, describe and delete as `group` on the share group.
 
 use std::time::Duration;
 
@@ -8,8 +9,10 @@ use minicbor::bytes::ByteVec;
 
 use crate::broker::share::{Ack, AckKind, FetchSpec, ShareError};
 use crate::protocol::{
-    ErrorCode, ResponseBody, ShareAckKind, ShareAckRequest, ShareAckResponse, ShareFetchRequest,
-    ShareFetchResponse, ShareHeader, ShareRecord,
+    DeleteShareGroupResponse, DescribeShareGroupResponse, ErrorCode, ListShareGroupsResponse,
+    ResponseBody, ShareAckKind, ShareAckRequest, ShareAckResponse, ShareFetchRequest,
+    ShareFetchResponse, ShareGroupListing, ShareHeader, ShareMember, SharePartitionState,
+    ShareRecord, ShareRecordState,
 };
 
 use super::acl::Operation;
@@ -21,6 +24,8 @@ pub(crate) fn share_error_code(e: &ShareError) -> ErrorCode {
     match e {
         ShareError::Invalid(_) => ErrorCode::InvalidRequest,
         ShareError::LockLost { .. } => ErrorCode::ShareLockLost,
+        ShareError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+        ShareError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
         ShareError::Broker(e) => broker_error_code(e),
     }
 }
@@ -129,6 +134,87 @@ pub(crate) async fn ack(ctx: &Ctx, identity: &str, r: ShareAckRequest) -> Respon
                 })
                 .collect(),
         }),
+        Err(e) => share_error_body(&e),
+    }
+}
+
+fn denied(ctx: &Ctx, identity: &str, group: &str) -> Option<ResponseBody> {
+    (!authorize(ctx, identity, Operation::Group, group)).then(|| {
+        error_body(
+            ErrorCode::NotAuthorized,
+            not_authorized_message(identity, Operation::Group, group),
+        )
+    })
+}
+
+pub(crate) fn list(ctx: &Ctx, identity: &str) -> ResponseBody {
+    let groups = ctx
+        .share
+        .list()
+        .into_iter()
+        .filter(|g| ctx.acl().allows(identity, Operation::Group, &g.group))
+        .map(|g| ShareGroupListing {
+            group: g.group,
+            topics: g.topics,
+            partitions: g.partitions,
+            in_flight: g.in_flight,
+            members: g.members,
+        })
+        .collect();
+    ResponseBody::ListShareGroups(ListShareGroupsResponse { groups })
+}
+
+pub(crate) fn describe(ctx: &Ctx, identity: &str, group: &str) -> ResponseBody {
+    if let Some(denied) = denied(ctx, identity, group) {
+        return denied;
+    }
+    match ctx.share.describe(group) {
+        Ok(d) => ResponseBody::DescribeShareGroup(DescribeShareGroupResponse {
+            group: d.group,
+            partitions: d
+                .partitions
+                .into_iter()
+                .map(|p| SharePartitionState {
+                    topic: p.topic,
+                    partition: p.partition,
+                    start: p.start,
+                    next: p.next,
+                    log_end: p.log_end,
+                    acquired: p.acquired,
+                    available: p.available,
+                    done: p.done,
+                    records: p
+                        .records
+                        .into_iter()
+                        .map(|r| ShareRecordState {
+                            offset: r.offset,
+                            state: r.state.to_owned(),
+                            delivery_count: r.delivery_count,
+                            member_id: r.member,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            members: d
+                .members
+                .into_iter()
+                .map(|m| ShareMember {
+                    member_id: m.member_id,
+                    acquired: m.acquired,
+                    active_ms: m.active_ms,
+                })
+                .collect(),
+        }),
+        Err(e) => share_error_body(&e),
+    }
+}
+
+pub(crate) async fn delete(ctx: &Ctx, identity: &str, group: &str) -> ResponseBody {
+    if let Some(denied) = denied(ctx, identity, group) {
+        return denied;
+    }
+    match ctx.share.delete(group).await {
+        Ok(()) => ResponseBody::DeleteShareGroup(DeleteShareGroupResponse {}),
         Err(e) => share_error_body(&e),
     }
 }

@@ -19,9 +19,13 @@
 //! are not written: after a restart every acquired or dying record is
 //! available again, its delivery count kept. One writer task takes every
 //! change queued while the previous write was in flight and writes them
-//! as one batch, one fsync; a change is answered only once durable. Every
-//! quarter ring the writer writes every live state again, so the newest
-//! copy of each key is always in the newest half of the ring.
+//! as one batch, one fsync; a change is answered only once durable. The
+//! log is a compacted topic: its ring never overwrites a key's latest
+//! state, and the cleaner drops older ones. A deleted share group or topic
+//! leaves a tombstone per share partition, so its state does not come
+//! back at the next start (nor for a topic created again by that name).
+//! A topic an older broker made as a plain ring is altered to compacted at
+//! the first write.
 //!
 //! # Dead letters: write, then acknowledge
 //!
@@ -40,7 +44,7 @@ use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Broker, BrokerError, Durability, FetchLimits, FetchPartition, OverflowPolicy, TopicSpec,
+    Broker, BrokerError, CleanupPolicy, Durability, FetchLimits, FetchPartition, TopicSpec,
 };
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
@@ -166,13 +170,12 @@ impl ShareConfig {
         s
     }
 
-    /// The share log's segment size: one segment holds a rewrite of the
-    /// most share partitions with full windows.
+    /// The share log's segment size: one segment holds the most share
+    /// partitions with full windows, all a compaction's merge keeps.
     fn share_segment_bytes(&self, max_batch_bytes: usize) -> u64 {
-        let rewrite = self.max_share_partitions as u64
+        let live = self.max_share_partitions as u64
             * (STATE_BYTES_BASE + STATE_BYTES_PER_RECORD * u64::from(self.max_in_flight_records));
-        rewrite
-            .max(1024 * 1024)
+        live.max(1024 * 1024)
             .max(2 * max_batch_bytes as u64)
             .next_multiple_of(4096)
     }
@@ -190,6 +193,10 @@ pub enum ShareError {
         partition: u32,
         offset: u64,
     },
+    /// No share group of that name (describe, delete).
+    UnknownGroup(String),
+    /// A delete of a share group that still has active members.
+    NotEmpty { group: String, members: usize },
     /// The broker refused a read or a write.
     Broker(Arc<BrokerError>),
 }
@@ -205,6 +212,11 @@ impl std::fmt::Display for ShareError {
             } => write!(
                 f,
                 "{topic}/{partition} offset {offset} is not locked to this member (its lock expired)"
+            ),
+            Self::UnknownGroup(g) => write!(f, "no share group '{g}'"),
+            Self::NotEmpty { group, members } => write!(
+                f,
+                "share group '{group}' has {members} active member(s): stop its workers first (a member is active for lock_ms after its last fetch or acknowledgement)"
             ),
             Self::Broker(e) => write!(f, "{e}"),
         }
@@ -455,6 +467,10 @@ pub struct ShareCoordinator {
     log_writes: AtomicU64,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
+    /// (group, member) -> until when the member counts as active: its
+    /// last fetch's wait and `lock_ms` past it, or `lock_ms` past its last
+    /// acknowledgement. Pruned by the expiry pass.
+    members: Mutex<BTreeMap<(String, String), Instant>>,
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), ShareError> {
@@ -505,6 +521,7 @@ impl ShareCoordinator {
             lost: AtomicU64::new(0),
             log_writes: AtomicU64::new(0),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
+            members: Mutex::new(BTreeMap::new()),
         };
         smol::block_on(c.load())?;
         Ok(Arc::new(c))
@@ -522,38 +539,37 @@ impl ShareCoordinator {
         &self.config
     }
 
+    /// Reads the share log back; a state whose topic or partition is gone
+    /// (deleted before its tombstone was written) is dropped, and its
+    /// tombstone queued for the writer.
     async fn load(&self) -> Result<(), BrokerError> {
-        if self.broker.topic(SHARE_TOPIC).is_err() {
-            return Ok(());
-        }
         let started = Instant::now();
-        let o = self.broker.offsets(SHARE_TOPIC, 0)?;
-        let (mut at, end) = (o.earliest, o.high_watermark);
         let mut parts = BTreeMap::new();
         let mut records = 0u64;
-        while at < end {
-            let fetched = self.read(SHARE_TOPIC, 0, at, 1024 * 1024).await?;
-            let (placed, next) = super::decode_records(&fetched.records)?;
-            for (offset, _, r) in placed {
-                if offset < at {
-                    continue;
+        super::replay_log(&self.broker, SHARE_TOPIC, |_, key, value| {
+            records += 1;
+            match decode_record(key, value) {
+                Some((key, Some(sp))) => {
+                    parts.insert(key, sp);
                 }
-                records += 1;
-                let Some((key, sp)) = decode_record(
-                    r.key.map_or(&[][..], |k| &k[..]),
-                    r.value.map_or(&[][..], |v| &v[..]),
-                ) else {
-                    continue;
-                };
-                match sp {
-                    Some(sp) => parts.insert(key, sp),
-                    None => parts.remove(&key),
-                };
+                Some((key, None)) => {
+                    parts.remove(&key);
+                }
+                None => {}
             }
-            if next <= at {
-                break;
-            }
-            at = next;
+        })
+        .await?;
+        let gone: Vec<SpKey> = parts
+            .keys()
+            .filter(|k| {
+                self.broker
+                    .topic(&k.1)
+                    .map_or(true, |t| k.2 >= t.partitions)
+            })
+            .cloned()
+            .collect();
+        for k in &gone {
+            parts.remove(k);
         }
         log::info!(
             "share groups loaded: {} share partition(s) from {records} record(s) in {:?}",
@@ -561,6 +577,15 @@ impl ShareCoordinator {
             started.elapsed()
         );
         *self.lock() = parts;
+        if !gone.is_empty() {
+            log::info!(
+                "share groups: {} share partition(s) of deleted topics dropped",
+                gone.len()
+            );
+            // Written by the writer once it runs; no one waits for it.
+            let (done, _) = async_channel::bounded(1);
+            let _ = self.queue.try_send(Pending { keys: gone, done });
+        }
         Ok(())
     }
 
@@ -658,6 +683,11 @@ impl ShareCoordinator {
             )));
         }
         let partitions = self.broker.topic(&spec.topic)?.partitions;
+        self.seen(
+            &spec.group,
+            &spec.member,
+            spec.max_wait + Duration::from_millis(settings.lock_ms),
+        );
         let member: Arc<str> = spec.member.as_str().into();
         let deadline = Instant::now() + spec.max_wait;
         let stopping = self.broker.stopping();
@@ -956,6 +986,7 @@ impl ShareCoordinator {
         check_id("the share group id", group)?;
         check_id("the member id", member)?;
         let settings = self.config.settings(group, topic);
+        self.seen(group, member, Duration::from_millis(settings.lock_ms));
         let now = Instant::now();
         let mut results: Vec<Result<(), ShareError>> = Vec::with_capacity(acks.len());
         let mut dirty = BTreeSet::new();
@@ -988,10 +1019,14 @@ impl ShareCoordinator {
                         continue;
                     }
                 }
-                let reason = a
-                    .error
-                    .as_deref()
-                    .map(|e| truncate(e, SHARE_ERROR_BYTES_MAX));
+                // A reject's reason goes out with this call; a release's
+                // waits in the window, so it is cut to what the memory
+                // budget counts.
+                let keep = match a.kind {
+                    AckKind::Release { .. } => crate::config::SHARE_KEPT_REASON_BYTES,
+                    _ => SHARE_ERROR_BYTES_MAX,
+                };
+                let reason = a.error.as_deref().map(|e| truncate(e, keep));
                 match a.kind {
                     AckKind::Accept => r.state = RecState::Done,
                     AckKind::Release { delay } if r.deliveries < settings.max_deliveries => {
@@ -1201,6 +1236,7 @@ impl ShareCoordinator {
     /// One expiry pass.
     pub async fn expire(&self) {
         let now = Instant::now();
+        self.members_lock().retain(|_, until| *until > now);
         let mut dying = Vec::new();
         let mut freed = false;
         {
@@ -1275,9 +1311,9 @@ impl ShareCoordinator {
     /// The share log's writer: takes every write queued while the last one
     /// was in flight and makes them durable together (one batch, one
     /// fsync). Each key's state is taken when the round is written, so it
-    /// holds every change made before.
+    /// holds every change made before; a key with no state left (a deleted
+    /// group or topic) is written as a tombstone.
     pub async fn run_log(self: Arc<Self>) {
-        let mut since_rewrite = 0u64;
         loop {
             let Ok(first) = self.queued.recv().await else {
                 return;
@@ -1286,36 +1322,36 @@ impl ShareCoordinator {
             while let Ok(p) = self.queued.try_recv() {
                 round.push(p);
             }
-            let segment = self
-                .config
-                .share_segment_bytes(self.broker.max_batch_bytes());
-            let rewrite = since_rewrite >= segment;
             let keys: BTreeSet<SpKey> = round.iter().flat_map(|p| p.keys.clone()).collect();
-            let result = self.write_round(&keys, rewrite).await;
+            let mut result = self.write_round(&keys).await;
+            let ring_full = matches!(&result, Err(ShareError::Broker(e))
+                if matches!(**e, BrokerError::RingFullOfLiveData { .. }));
+            if ring_full {
+                // States changed faster than the cleaner's pace: compact
+                // now (a key's latest state is never dropped), then again.
+                match self.broker.compact_partition(SHARE_TOPIC, 0).await {
+                    Ok(_) => result = self.write_round(&keys).await,
+                    Err(e) => log::warn!("share log: compaction failed: {e}"),
+                }
+            }
             match &result {
-                Ok(bytes) => {
-                    since_rewrite = if rewrite { 0 } else { since_rewrite + bytes };
+                Ok(()) => {
                     self.log_writes.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => log::warn!("share log: write failed: {e}"),
             }
             for p in round {
-                let _ = p.done.try_send(result.clone().map(|_| ()));
+                let _ = p.done.try_send(result.clone());
             }
         }
     }
 
-    async fn write_round(&self, keys: &BTreeSet<SpKey>, rewrite: bool) -> Result<u64, ShareError> {
+    async fn write_round(&self, keys: &BTreeSet<SpKey>) -> Result<(), ShareError> {
         self.ensure_share_topic().await?;
-        let records: Vec<(Vec<u8>, Vec<u8>)> = {
+        let records: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
             let parts = self.lock();
-            let chosen: Box<dyn Iterator<Item = (&SpKey, &SharePartition)>> = if rewrite {
-                Box::new(parts.iter())
-            } else {
-                Box::new(keys.iter().filter_map(|k| parts.get_key_value(k)))
-            };
-            chosen
-                .map(|(k, sp)| (encode_key(k), encode_value(sp)))
+            keys.iter()
+                .map(|k| (encode_key(k), parts.get(k).map(encode_value)))
                 .collect()
         };
         let ts = crate::batch::now_ms();
@@ -1323,7 +1359,7 @@ impl ShareCoordinator {
         let mut batches = Vec::new();
         let mut b = BatchBuilder::new();
         for (k, v) in &records {
-            b.push(ts, Some(k), v, &[]);
+            b.push_record(ts, Some(k), v.as_deref(), &[]);
             if b.estimated_bytes() >= cut {
                 batches.push(b.finish(ProducerStamp::NONE));
             }
@@ -1331,7 +1367,6 @@ impl ShareCoordinator {
         if !b.is_empty() {
             batches.push(b.finish(ProducerStamp::NONE));
         }
-        let bytes: u64 = batches.iter().map(|b| b.len() as u64).sum();
         let mut acks = Vec::with_capacity(batches.len());
         {
             let mut group = self.broker.produce_group();
@@ -1342,11 +1377,21 @@ impl ShareCoordinator {
         for ack in acks {
             ack.await?;
         }
-        Ok(bytes)
+        Ok(())
     }
 
     async fn ensure_share_topic(&self) -> Result<(), ShareError> {
         if self.broker.topic(SHARE_TOPIC).is_ok() {
+            if !self.broker.cleanup_config(SHARE_TOPIC).policy.compacts() {
+                // An older broker's plain ring: its rewrites kept every live
+                // state in the newest half, and from now on compaction does.
+                log::info!("share log {SHARE_TOPIC}: made a compacted topic");
+                let alter = super::TopicAlter {
+                    cleanup: Some(CleanupPolicy::Compact),
+                    ..super::TopicAlter::default()
+                };
+                self.broker.alter_topic(SHARE_TOPIC, &alter).await?;
+            }
             return Ok(());
         }
         let spec = TopicSpec {
@@ -1358,12 +1403,11 @@ impl ShareCoordinator {
             segments: Some(SHARE_SEGMENTS),
             retention_ms: Some(0),
             durability: Some(Durability::Always),
-            overflow: Some(OverflowPolicy::Overwrite),
+            // Compaction's: a ring that never overwrites a latest state.
+            overflow: None,
             msg_id_window_ms: None,
             msg_id_window_records: None,
-            // The writer's rewrite each segment keeps every live state in
-            // the ring.
-            cleanup: None,
+            cleanup: Some(CleanupPolicy::Compact),
             tombstone_retention_ms: None,
         };
         match self.broker.create_topic(SHARE_TOPIC, &spec).await {
@@ -1427,5 +1471,10 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
+mod admin;
+pub use admin::{
+    ShareGroupDescription, ShareGroupListing, ShareMemberDescription, SharePartitionDescription,
+    ShareRecordDescription,
+};
 #[cfg(test)]
 mod tests;

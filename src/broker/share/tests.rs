@@ -114,3 +114,251 @@ fn truncate_keeps_char_boundaries() {
     assert_eq!(truncate("héllo", 2), "h");
     assert_eq!(truncate("abc", 10), "abc");
 }
+
+#[test]
+fn a_window_record_fits_what_the_memory_budget_counts() {
+    let entry = std::mem::size_of::<(u64, InFlight)>() as u64;
+    // A tree leaf holds 11 entries and a header (parent, index, length);
+    // at worst it holds 5, and the internal nodes above add 12 edge
+    // pointers per 6 leaves or fewer.
+    let per_entry_worst = (11 * entry + 16 + 96) / 5;
+    // The kept reason, with the allocator's header and rounding.
+    let reason = crate::config::SHARE_KEPT_REASON_BYTES as u64 + 16;
+    assert!(
+        per_entry_worst + reason <= crate::config::SHARE_WINDOW_RECORD_BYTES,
+        "a window record takes up to {} B, the budget counts {}",
+        per_entry_worst + reason,
+        crate::config::SHARE_WINDOW_RECORD_BYTES
+    );
+}
+
+// ------------------------------------------------ over a real broker
+
+use crate::broker::TopicSpec;
+use crate::storage::tests::Rig;
+use smol::block_on;
+
+fn open(rig: &Rig, config: ShareConfig) -> Arc<ShareCoordinator> {
+    let broker = crate::broker::tests::open(rig.open(), rig);
+    if broker.topic("t").is_err() {
+        create(&broker, "t");
+    }
+    let c = ShareCoordinator::open(broker, config).expect("coordinator opens");
+    smol::spawn(c.clone().run_log()).detach();
+    c
+}
+
+fn create(broker: &Broker, topic: &str) {
+    let spec = TopicSpec {
+        partitions: Some(1),
+        ..TopicSpec::default()
+    };
+    block_on(broker.create_topic(topic, &spec)).expect("create");
+}
+
+fn fill(broker: &Broker, topic: &str, n: usize) {
+    let mut b = BatchBuilder::new();
+    for i in 0..n {
+        b.push(0, None, format!("r{i}").as_bytes(), &[]);
+    }
+    let ack = block_on(broker.produce(topic, 0, BatchBuf::from(b.finish(ProducerStamp::NONE))))
+        .expect("produce");
+    block_on(ack).expect("durable");
+}
+
+fn take(c: &ShareCoordinator, topic: &str, member: &str, max: u32) -> Vec<Delivered> {
+    let spec = FetchSpec {
+        group: "g".into(),
+        topic: topic.into(),
+        member: member.into(),
+        max_records: max,
+        max_wait: Duration::ZERO,
+        from_earliest: true,
+    };
+    block_on(c.fetch(spec)).expect("share fetch").0
+}
+
+fn ack(c: &ShareCoordinator, topic: &str, member: &str, offsets: &[u64], kind: AckKind) {
+    let acks = offsets
+        .iter()
+        .map(|&offset| Ack {
+            partition: 0,
+            offset,
+            kind,
+            error: Some("x".repeat(4000)),
+        })
+        .collect();
+    let results = block_on(c.acknowledge("g", topic, member, acks)).expect("acknowledge");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+#[test]
+fn the_window_in_memory_never_holds_more_than_max_in_flight_records() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let bound = 8u32;
+    let c = open(
+        &rig,
+        ShareConfig {
+            max_in_flight_records: bound,
+            ..ShareConfig::default()
+        },
+    );
+    fill(c.broker(), "t", 100);
+    let check = |c: &ShareCoordinator| {
+        let parts = c.lock();
+        let sp = parts.values().next().expect("a share partition");
+        assert!(sp.next - sp.start <= u64::from(bound), "window {sp:?}");
+        assert!(
+            sp.records.len() <= bound as usize,
+            "{} records",
+            sp.records.len()
+        );
+        for r in sp.records.values() {
+            assert!(r
+                .error
+                .as_ref()
+                .is_none_or(|e| e.len() <= crate::config::SHARE_KEPT_REASON_BYTES));
+        }
+    };
+    // One worker holds the first record; the rest are accepted as they
+    // come, released with long reasons, taken again.
+    let first = take(&c, "t", "stuck", 1);
+    assert_eq!(first[0].offset, 0);
+    let mut seen = 0;
+    for round in 0..20 {
+        let got = take(&c, "t", "w", 1000);
+        check(&c);
+        assert!(got.len() <= bound as usize);
+        let offsets: Vec<u64> = got.iter().map(|d| d.offset).collect();
+        if round % 2 == 0 {
+            ack(
+                &c,
+                "t",
+                "w",
+                &offsets,
+                AckKind::Release {
+                    delay: Duration::ZERO,
+                },
+            );
+        } else {
+            seen += offsets.len();
+            ack(&c, "t", "w", &offsets, AckKind::Accept);
+        }
+        check(&c);
+    }
+    assert!(seen > 0);
+    let parts = c.lock();
+    let sp = parts.values().next().expect("a share partition");
+    assert_eq!(sp.start, 0, "the stuck record holds the window");
+    assert_eq!(
+        sp.next,
+        u64::from(bound),
+        "and nothing past the bound was read"
+    );
+}
+
+/// The share partitions the coordinator holds.
+fn keys(c: &ShareCoordinator) -> Vec<SpKey> {
+    c.lock().keys().cloned().collect()
+}
+
+#[test]
+fn a_deleted_group_and_a_deleted_topic_leave_no_state_across_a_restart() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    {
+        let c = open(&rig, ShareConfig::default());
+        create(c.broker(), "u");
+        fill(c.broker(), "t", 5);
+        fill(c.broker(), "u", 5);
+        let got = take(&c, "t", "w", 5);
+        assert_eq!(got.len(), 5);
+        let err = block_on(c.delete("g")).expect_err("a member holds records");
+        assert!(matches!(err, ShareError::NotEmpty { .. }), "{err}");
+        ack(&c, "t", "w", &[0, 1], AckKind::Accept);
+        take(&c, "u", "w", 5);
+        // The member stays active for lock_ms: forget it as the expiry
+        // pass would once that passed, and let its locks lapse (not yet
+        // freed by an expiry pass: a lapsed lock keeps no one active).
+        c.members_lock().clear();
+        let lapsed = Instant::now();
+        for sp in c.lock().values_mut() {
+            for r in sp.records.values_mut() {
+                if let RecState::Acquired { deadline, .. } = &mut r.state {
+                    *deadline = lapsed;
+                }
+            }
+        }
+        let d = c.describe("g").expect("described");
+        assert!(d.members.is_empty(), "{:?}", d.members);
+        assert_eq!(d.partitions.len(), 2);
+        let p = &d.partitions[0];
+        assert_eq!((p.start, p.next, p.acquired, p.done), (2, 5, 3, 0));
+        assert_eq!(
+            p.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        block_on(c.broker().delete_topic("u")).expect("topic deleted");
+        block_on(c.forget_topic("u")).expect("share state dropped");
+        assert_eq!(keys(&c), [("g".to_owned(), "t".to_owned(), 0)]);
+        // Made again by the same name before the restart: only the
+        // tombstone keeps the old state from coming back.
+        create(c.broker(), "u");
+        block_on(c.delete("g")).expect("deleted");
+        assert!(keys(&c).is_empty());
+        assert!(matches!(
+            block_on(c.delete("g")),
+            Err(ShareError::UnknownGroup(_))
+        ));
+        assert!(matches!(c.describe("g"), Err(ShareError::UnknownGroup(_))));
+        // Another group's state stays.
+        let spec = FetchSpec {
+            group: "h".into(),
+            topic: "t".into(),
+            member: "w".into(),
+            max_records: 1,
+            max_wait: Duration::ZERO,
+            from_earliest: true,
+        };
+        block_on(c.fetch(spec)).expect("share fetch");
+        c.broker().close().expect("closed");
+    }
+    let c = open(&rig, ShareConfig::default());
+    assert_eq!(keys(&c), [("h".to_owned(), "t".to_owned(), 0)]);
+    fill(c.broker(), "u", 2);
+    let got = take(&c, "u", "w", 10);
+    assert_eq!(
+        got.iter()
+            .map(|d| (d.offset, d.delivery_count))
+            .collect::<Vec<_>>(),
+        [(0, 1), (1, 1)],
+        "a topic made again starts afresh"
+    );
+}
+
+#[test]
+fn a_topic_deleted_before_its_tombstone_was_written_is_dropped_at_start_for_good() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    {
+        let c = open(&rig, ShareConfig::default());
+        create(c.broker(), "v");
+        fill(c.broker(), "v", 3);
+        take(&c, "v", "w", 3);
+        // The broker stops between the topic's delete and the share
+        // coordinator's tombstone.
+        block_on(c.broker().delete_topic("v")).expect("topic deleted");
+        c.broker().close().expect("closed");
+    }
+    {
+        // The state of a topic that is gone is dropped, and its
+        // tombstone queued; then the topic is made again.
+        let c = open(&rig, ShareConfig::default());
+        assert!(keys(&c).is_empty());
+        create(c.broker(), "v");
+        while c.stats().log_writes == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c.broker().close().expect("closed");
+    }
+    let c = open(&rig, ShareConfig::default());
+    assert!(keys(&c).is_empty(), "the tombstone keeps it gone");
+}
