@@ -28,7 +28,7 @@ pub fn share_groups(command: ShareGroupsCommand) -> ExitCode {
             ShareGroupsCommand::Describe { group, format, .. } => {
                 let d = client.describe_share_group(&group).await?;
                 match format {
-                    OutputFormat::Json => println!("{}", describe_json(&d)),
+                    OutputFormat::Json => outln!("{}", describe_json(&d)),
                     OutputFormat::Text => print_describe(&d),
                 }
             }
@@ -59,11 +59,11 @@ fn print_list(groups: &[ShareGroupListing], format: OutputFormat) {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(v));
+        outln!("{}", serde_json::Value::Array(v));
         return;
     }
     for g in groups {
-        println!(
+        outln!(
             "{}: topics {} partitions {} in_flight {} members {}",
             g.group,
             if g.topics.is_empty() {
@@ -120,16 +120,18 @@ fn describe_json(d: &DescribeShareGroupResponse) -> serde_json::Value {
 }
 
 fn print_describe(d: &DescribeShareGroupResponse) {
-    println!("share group: {}", d.group);
-    println!("members: {}", d.members.len());
+    outln!("share group: {}", d.group);
+    outln!("members: {}", d.members.len());
     for m in &d.members {
-        println!(
+        outln!(
             "  {}: {} acquired, active for {} ms more",
-            m.member_id, m.acquired, m.active_ms
+            m.member_id,
+            m.acquired,
+            m.active_ms
         );
     }
     for p in &d.partitions {
-        println!(
+        outln!(
             "{}/{}: start {} next {} log_end {} acquired {} awaiting_redelivery {} done {}",
             p.topic,
             p.partition,
@@ -146,7 +148,7 @@ fn print_describe(d: &DescribeShareGroupResponse) {
                 .iter()
                 .map(|(n, c)| format!("{n} ({c} record{})", if *c == 1 { "" } else { "s" }))
                 .collect();
-            println!("  delivery counts: {}", counts.join(", "));
+            outln!("  delivery counts: {}", counts.join(", "));
         }
     }
 }
