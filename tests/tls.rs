@@ -503,6 +503,79 @@ fn a_sighup_swaps_the_certificate_while_clients_stay_connected() {
     assert!(connect("new.skiff").is_ok(), "still the last good setup");
 }
 
+/// Records of many sizes, up to the largest batch the broker takes, cross
+/// TLS both ways byte for byte: TLS records split and join frames at
+/// every offset, and the broker fills a frame from many of them.
+#[test]
+fn records_of_every_size_cross_tls_byte_for_byte() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("dev", "dev-1", &[], Valid::Now, None);
+    let b = Broker::start(&pki.server_section(true, ""));
+    let client = ClientConfig {
+        tls: Some(pki.options(Some("dev"), None)),
+        connect_timeout: Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    let c = blocking::Client::connect_with(&tls_addr(&b), client.clone()).unwrap();
+    c.create_topic(skiff::protocol::CreateTopicRequest {
+        name: "sizes".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let max = c.server_info().unwrap().max_batch_bytes as usize;
+    // Around a TLS record's 16 KiB of payload, and up to a batch's limit
+    // (less room for the batch's own header).
+    let sizes = [
+        0,
+        1,
+        1000,
+        16_381,
+        16_384,
+        16_390,
+        100_000,
+        max / 2,
+        max - 1024,
+    ];
+    let value = |i: usize, len: usize| (0..len).map(|j| (j * 31 + i * 7) as u8).collect::<Vec<_>>();
+    for (i, &len) in sizes.iter().enumerate() {
+        let mut bb = skiff::batch::BatchBuilder::new();
+        bb.push(i as i64, None, &value(i, len), &[]);
+        let r = c
+            .produce_raw(vec![ProducePartition {
+                topic: "sizes".into(),
+                partition: 0,
+                batch: bb.finish(skiff::batch::ProducerStamp::NONE).into(),
+            }])
+            .unwrap();
+        assert_eq!(r[0].error, ErrorCode::None, "{len} bytes: {:?}", r[0]);
+    }
+    let mut consumer = blocking::Consumer::connect(
+        &tls_addr(&b),
+        skiff::client::ConsumerConfig {
+            client,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    consumer
+        .assign("sizes", Some(&[0]), skiff::client::StartFrom::Offset(0))
+        .unwrap();
+    let mut got = Vec::new();
+    wait_until(Duration::from_secs(30), "every record back", || {
+        got.extend(consumer.poll().unwrap());
+        got.len() >= sizes.len()
+    });
+    assert_eq!(got.len(), sizes.len());
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert!(
+            r.value == value(i, sizes[i]),
+            "record {i} of {} bytes",
+            sizes[i]
+        );
+    }
+}
+
 /// Produces `total` bytes in batches of `batch` as fast as the broker
 /// answers; returns (answers with a throttle, batches, elapsed).
 fn produce_flat_out(

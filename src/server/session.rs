@@ -176,10 +176,57 @@ impl<S> Connection for Locked<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    type Read = futures_lite::io::ReadHalf<S>;
+    type Read = FillingReads<futures_lite::io::ReadHalf<S>>;
     type Write = futures_lite::io::WriteHalf<S>;
     fn split(self) -> (Self::Read, Self::Write) {
-        futures_lite::io::split(self.0)
+        let (r, w) = futures_lite::io::split(self.0);
+        (
+            FillingReads {
+                inner: r,
+                error: None,
+            },
+            w,
+        )
+    }
+}
+
+/// A read half whose reads take all the stream has at hand, up to the
+/// buffer's end. A TLS stream yields one record (at most 16 KiB) per read,
+/// so a 1 MiB frame took 64 trips through the read loop (each with its
+/// shutdown listener) where a TCP socket takes a few.
+pub(crate) struct FillingReads<R> {
+    inner: R,
+    /// An error met after some bytes were read: returned by the next read.
+    error: Option<std::io::Error>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FillingReads<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let mut n = 0;
+        while n < buf.len() {
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut buf[n..]) {
+                Poll::Ready(Ok(0)) => break,
+                Poll::Ready(Ok(k)) => n += k,
+                Poll::Ready(Err(e)) if n > 0 => {
+                    this.error = Some(e);
+                    break;
+                }
+                // A pending read after some bytes leaves its waker set;
+                // the wake-up it may bring later is harmless.
+                Poll::Pending if n > 0 => break,
+                other => return other,
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -765,6 +812,48 @@ mod tests {
         ) -> std::task::Poll<std::io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
         }
+    }
+
+    /// Hands out its pieces one per read, then fails.
+    struct Pieces(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(match self.0.pop_front() {
+                Some(mut p) => {
+                    let n = p.len().min(buf.len());
+                    buf[..n].copy_from_slice(&p[..n]);
+                    if n < p.len() {
+                        self.0.push_front(p.split_off(n));
+                    }
+                    Ok(n)
+                }
+                None => Err(std::io::ErrorKind::ConnectionReset.into()),
+            })
+        }
+    }
+
+    #[test]
+    fn filling_reads_join_pieces_and_keep_an_error_for_the_next_read() {
+        let pieces = [vec![1u8; 3], vec![2; 4], vec![3; 5]];
+        let mut r = FillingReads {
+            inner: Pieces(pieces.into_iter().collect()),
+            error: None,
+        };
+        let mut buf = [0u8; 9];
+        let n = smol::block_on(r.read(&mut buf)).unwrap();
+        assert_eq!(&buf[..n], &[1, 1, 1, 2, 2, 2, 2, 3, 3]);
+        // Bytes came before the error: they are returned, and the error
+        // is the next read's.
+        let mut rest = [0u8; 16];
+        let n = smol::block_on(r.read(&mut rest)).unwrap();
+        assert_eq!(&rest[..n], &[3; 3]);
+        let e = smol::block_on(r.read(&mut rest)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
     }
 
     fn fetch(id: u32, sizes: &[usize]) -> Response {

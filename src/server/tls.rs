@@ -180,7 +180,7 @@ impl TlsSetup {
         if section.listen.is_empty() {
             return Ok(None);
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::client::tls::provider();
         let cert_path = Path::new(&section.cert);
         let key_path = Path::new(&section.key);
         let chain = read_certs("server.tls.cert", cert_path)?;
@@ -258,6 +258,10 @@ impl TlsSetup {
         // A fresh cache with each load: a session resumed across a reload
         // would skip the new CRL.
         config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+        // Without AES instructions the broker insists on ChaCha20, which
+        // any client does fast; with them it takes the client's first
+        // choice, as a client without them would ask for ChaCha20.
+        config.ignore_client_order = !crate::client::tls::aes_in_hardware();
         Ok(Some(TlsSetup {
             config: Arc::new(config),
             mutual,
