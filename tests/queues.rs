@@ -86,6 +86,16 @@ fn header(r: &serde_json::Value, name: &str) -> String {
         .to_owned()
 }
 
+/// A share consumer's config that starts a new group at the earliest
+/// offset: `max_records` per fetch, waiting up to `wait_ms`.
+fn from_earliest(max_records: u32, wait_ms: u64) -> ShareConfig {
+    ShareConfig {
+        max_records,
+        max_wait: Duration::from_millis(wait_ms),
+        from_earliest: true,
+    }
+}
+
 #[test]
 fn failing_records_reach_the_dlq_after_max_deliveries_while_the_rest_flow() {
     let b = Broker::start(
@@ -321,11 +331,7 @@ fn broker_restart_with_records_in_flight_loses_none_and_accepts_none_twice() {
     let values: Vec<String> = (0..100).map(|i| format!("w{i}")).collect();
     produce(&b, "work", &values);
 
-    let config = ShareConfig {
-        max_records: 40,
-        max_wait: Duration::from_millis(500),
-        from_earliest: true,
-    };
+    let config = from_earliest(40, 500);
     let (before, in_flight) = smol::block_on(async {
         let client = Client::connect(&b.tcp).await.expect("connect");
         let w = ShareConsumer::new(client, "g", "work", config.clone());
@@ -430,11 +436,7 @@ fn a_stuck_record_holds_back_at_most_max_in_flight_records() {
     create(&b, "q", 1);
     let values: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
     produce(&b, "q", &values);
-    let config = ShareConfig {
-        max_records: 100,
-        max_wait: Duration::from_millis(200),
-        from_earliest: true,
-    };
+    let config = from_earliest(100, 200);
     smol::block_on(async {
         let client = Client::connect(&b.tcp).await.expect("connect");
         let stuck = ShareConsumer::new(client.clone(), "g", "q", config.clone());
@@ -498,11 +500,7 @@ fn share_groups_are_listed_described_and_deleted_once_idle_and_stay_deleted() {
     create(&b, "jobs", 2);
     let values: Vec<String> = (0..10).map(|i| format!("j{i}")).collect();
     produce(&b, "jobs", &values);
-    let config = ShareConfig {
-        max_records: 4,
-        max_wait: Duration::from_millis(200),
-        from_earliest: true,
-    };
+    let config = from_earliest(4, 200);
     let (member, held) = smol::block_on(async {
         let client = Client::connect(&b.tcp).await.expect("connect");
         let other = ShareConsumer::new(client.clone(), "keep", "jobs", config.clone());
@@ -597,11 +595,7 @@ fn share_groups_are_listed_described_and_deleted_once_idle_and_stay_deleted() {
     // g starts afresh: every record, each on its first delivery.
     smol::block_on(async {
         let client = Client::connect(&b.tcp).await.expect("connect");
-        let config = ShareConfig {
-            max_records: 100,
-            max_wait: Duration::from_millis(200),
-            from_earliest: true,
-        };
+        let config = from_earliest(100, 200);
         let w = ShareConsumer::new(client, "g", "jobs", config);
         let got = take(&w, values.len()).await;
         assert!(got.iter().all(|r| r.delivery_count == 1), "{got:?}");
@@ -614,11 +608,7 @@ fn a_topic_deleted_and_made_again_starts_with_no_share_state() {
     create(&b, "t", 1);
     let values: Vec<String> = (0..5).map(|i| format!("old{i}")).collect();
     produce(&b, "t", &values);
-    let config = ShareConfig {
-        max_records: 100,
-        max_wait: Duration::from_millis(200),
-        from_earliest: true,
-    };
+    let config = from_earliest(100, 200);
     smol::block_on(async {
         let client = Client::connect(&b.tcp).await.expect("connect");
         let w = ShareConsumer::new(client, "g", "t", config.clone());

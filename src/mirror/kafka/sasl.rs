@@ -335,25 +335,30 @@ mod tests {
         }
     }
 
-    /// RFC 7677, section 3: the SCRAM-SHA-256 exchange, byte for byte.
-    #[test]
-    fn scram_sha_256_matches_rfc_7677() {
-        let mut session = SaslSession::with_nonce(
-            &config(SaslMechanism::ScramSha256, "user", "pencil"),
-            "rOprNGfwEbeRWgbNEkqO",
-        );
+    /// RFC 7677's exchange (user, password, nonces and salt) under
+    /// `mechanism`: the client's final message must be `client_final`, and
+    /// the server's `server_final` must verify.
+    fn rfc_7677_exchange(mechanism: SaslMechanism, client_final: &str, server_final: &[u8]) {
+        let mut session =
+            SaslSession::with_nonce(&config(mechanism, "user", "pencil"), "rOprNGfwEbeRWgbNEkqO");
         let first = session.step(None).unwrap().unwrap();
         assert_eq!(first, b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         let server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
                              s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
         let last = session.step(Some(server_first)).unwrap().unwrap();
-        assert_eq!(
-            std::str::from_utf8(&last).unwrap(),
-            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
-             p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
-        );
-        let server_final = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
+        assert_eq!(std::str::from_utf8(&last).unwrap(), client_final);
         assert_eq!(session.step(Some(server_final)).unwrap(), None);
+    }
+
+    /// RFC 7677, section 3: the SCRAM-SHA-256 exchange, byte for byte.
+    #[test]
+    fn scram_sha_256_matches_rfc_7677() {
+        rfc_7677_exchange(
+            SaslMechanism::ScramSha256,
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
+             p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+            b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+        );
     }
 
     /// RFC 7677's exchange with SHA-512 in place of SHA-256, byte for byte
@@ -361,23 +366,13 @@ mod tests {
     /// (Python's hashlib: pbkdf2_hmac, hmac and sha512).
     #[test]
     fn scram_sha_512_matches_an_independent_computation() {
-        let mut session = SaslSession::with_nonce(
-            &config(SaslMechanism::ScramSha512, "user", "pencil"),
-            "rOprNGfwEbeRWgbNEkqO",
-        );
-        let first = session.step(None).unwrap().unwrap();
-        assert_eq!(first, b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
-        let server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
-                             s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-        let last = session.step(Some(server_first)).unwrap().unwrap();
-        assert_eq!(
-            std::str::from_utf8(&last).unwrap(),
+        rfc_7677_exchange(
+            SaslMechanism::ScramSha512,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
-             p=gMGXRcevScNtxZ6/8lQYpGtnsNAc3mGcmNomv+xnoOMw+3R2xNJdMNnzMlTN8PPC6wdp6dybEmDYXYTxwnYPJQ=="
+             p=gMGXRcevScNtxZ6/8lQYpGtnsNAc3mGcmNomv+xnoOMw+3R2xNJdMNnzMlTN8PPC6wdp6dybEmDYXYTxwnYPJQ==",
+            b"v=ZQnYEgWQMFmmsM8aQMF0nDDCy/AgCzkwk8CmMZYcMg0vSVlKDanekLtifDSeVGT4+\
+              5ZxXnJq199RVG2rR7N7Zw==",
         );
-        let server_final = b"v=ZQnYEgWQMFmmsM8aQMF0nDDCy/AgCzkwk8CmMZYcMg0vSVlKDanekLtifDSeVGT4+\
-                             5ZxXnJq199RVG2rR7N7Zw==";
-        assert_eq!(session.step(Some(server_final)).unwrap(), None);
     }
 
     /// The same exchange with the server's signature altered: a server
