@@ -1417,3 +1417,35 @@ fn share_group_admin_frames_round_trip_and_are_documented() {
         assert_eq!(decode_response(&body).expect("decode"), r);
     }
 }
+
+/// The fuzzers start from a frame of every operation (fuzz/seeds/frame);
+/// an operation added without one is fuzzed only by chance.
+/// `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --lib every_operation_has_a_frame_seed`
+/// writes them.
+#[test]
+fn every_operation_has_a_frame_seed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame");
+    let write = std::env::var_os("SKIFF_WRITE_FUZZ_SEEDS").is_some();
+    let frames = sample_requests()
+        .into_iter()
+        .map(|(name, r)| (format!("req-{name}"), request_frame(&r)))
+        .chain(
+            sample_responses()
+                .into_iter()
+                .map(|(name, r)| (format!("resp-{name}"), response_frame(&r))),
+        );
+    let mut missing = Vec::new();
+    for (file, frame) in frames {
+        let path = dir.join(&file);
+        if write {
+            std::fs::write(&path, &frame).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        } else if !path.exists() {
+            missing.push(file);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fuzz/seeds/frame lacks {missing:?}; write them with \
+         SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --lib every_operation_has_a_frame_seed"
+    );
+}
