@@ -9,7 +9,8 @@ use std::net::Shutdown;
 
 use common::*;
 use skiff::protocol::{
-    ErrorCode, ListTopicsRequest, RequestBody, ResponseBody, HELLO_FRAME_BYTES_MAX,
+    ErrorCode, ListGroupsRequest, ListTopicsRequest, RequestBody, ResponseBody,
+    HELLO_FRAME_BYTES_MAX,
 };
 
 /// The broker's RSS after a hostile prefix must stay below this: a broker
@@ -219,6 +220,52 @@ fn unsupported_version_is_refused() {
         assert_eq!(r.correlation_id, 5);
         c.expect_closed();
     }
+    b.assert_serves();
+}
+
+#[test]
+fn an_operation_newer_than_the_negotiated_version_is_refused() {
+    // docs/protocol.md: "A server never sends an error code or an
+    // operation the negotiated version does not define."
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello(); // version 1
+    let newer = [
+        (2, RequestBody::ListGroups(ListGroupsRequest {})),
+        (
+            3,
+            RequestBody::ListTxns(skiff::protocol::ListTxnsRequest {}),
+        ),
+        (
+            3,
+            RequestBody::ListShareGroups(skiff::protocol::ListShareGroupsRequest {}),
+        ),
+    ];
+    for (i, (since, body)) in newer.into_iter().enumerate() {
+        let cid = 10 + i as u32;
+        let name = body.name();
+        c.send_request(cid, body);
+        let r = c.expect_error(ErrorCode::InvalidRequest);
+        assert_eq!(r.correlation_id, cid);
+        let ResponseBody::Error(e) = &r.body else {
+            unreachable!()
+        };
+        assert!(
+            e.message.contains(name) && e.message.contains(&format!("version {since}")),
+            "{e:?}"
+        );
+    }
+    // The connection still serves what version 1 defines.
+    c.send_request(20, RequestBody::ListTopics(ListTopicsRequest {}));
+    let r = c.read_response().expect("an answer");
+    assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+    // And a version 2 connection gets groups.
+    let mut c2 = RawConn::connect(&b.tcp);
+    c2.send_request(1, hello_body(1, 2));
+    assert!(c2.read_response().is_some());
+    c2.send_request(2, RequestBody::ListGroups(ListGroupsRequest {}));
+    let r = c2.read_response().expect("an answer");
+    assert!(matches!(r.body, ResponseBody::ListGroups(_)), "{r:?}");
     b.assert_serves();
 }
 

@@ -32,11 +32,13 @@ pub use types::*;
 /// does not need one.
 ///
 /// - 1: topics, produce, fetch, offsets, idempotent producers.
-/// - 2: consumer groups (operations 20..=39).
+/// - 2: consumer groups (operations 20..=39), the mirror's (40..=49),
+///   compaction and topic changes (50..=52).
+/// - 3: transactions (operations 60..=69, fetch isolation) and share groups
+///   (operations 70..=79, docs/queues.md).
+///
+/// [`RequestBody::since_version`] says which, per operation.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-/// 2: the mirror's operations (variants 40..=49).
-/// 3: transactions (operations 60..=69, fetch isolation) and share groups
-///    (operations 70..=79, docs/queues.md).
 pub const PROTOCOL_VERSION_MAX: u16 = 3;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 

@@ -321,6 +321,47 @@ impl RequestBody<'_> {
             Self::ListTxns(_) => "list_txns",
         }
     }
+
+    /// The protocol version that defines the operation: a connection that
+    /// negotiated an older one is refused it (docs/protocol.md, "Version
+    /// negotiation").
+    pub fn since_version(&self) -> u16 {
+        match self {
+            Self::Hello(_)
+            | Self::Metadata(_)
+            | Self::CreateTopic(_)
+            | Self::DescribeTopic(_)
+            | Self::ListTopics(_)
+            | Self::DeleteTopic(_)
+            | Self::Produce(_)
+            | Self::Fetch(_)
+            | Self::ListOffsets(_)
+            | Self::InitProducer(_) => 1,
+            Self::JoinGroup(_)
+            | Self::SyncGroup(_)
+            | Self::Heartbeat(_)
+            | Self::LeaveGroup(_)
+            | Self::OffsetCommit(_)
+            | Self::OffsetFetch(_)
+            | Self::ListGroups(_)
+            | Self::DescribeGroup(_)
+            | Self::DeleteGroup(_)
+            | Self::CompactTopic(_)
+            | Self::DescribePartitions(_)
+            | Self::AlterTopic(_)
+            | Self::MirrorStatus(_)
+            | Self::MirrorPause(_) => 2,
+            Self::ShareFetch(_)
+            | Self::ShareAck(_)
+            | Self::ListShareGroups(_)
+            | Self::DescribeShareGroup(_)
+            | Self::DeleteShareGroup(_)
+            | Self::InitTxn(_)
+            | Self::AddTxnOffsets(_)
+            | Self::EndTxn(_)
+            | Self::ListTxns(_) => 3,
+        }
+    }
 }
 
 impl ResponseBody {

@@ -647,6 +647,17 @@ where
                 let _ = tx.send(answer(body)).await;
                 return Err(SessionEnd::Protocol("request before hello"));
             }
+            body if body.since_version() > version => {
+                // Its answer could carry what this client cannot decode.
+                let msg = format!(
+                    "{} needs protocol version {}; this connection speaks version {version}",
+                    body.name(),
+                    body.since_version()
+                );
+                let _ = tx
+                    .send(answer(handler::error_body(ErrorCode::InvalidRequest, msg)))
+                    .await;
+            }
             RequestBody::Produce(req) => {
                 // Submitted here, in frame order; acked in a task.
                 let sizes: Vec<u64> = req
