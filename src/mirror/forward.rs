@@ -922,7 +922,8 @@ impl Forwarder {
     }
 
     /// Each partition's allowance of a round of `budget` local bytes (see
-    /// [`Shares::plan`]), highest priority first.
+    /// [`Shares::plan`]). Their order does not matter: a partition the
+    /// fetch leaves out keeps its rule's credit for the next round.
     fn plan_round(
         &mut self,
         positions: &BTreeMap<(String, u32), u64>,
@@ -953,18 +954,19 @@ impl Forwarder {
         let allowances = self
             .shares
             .plan(budget, self.settings.min_share_percent, &claims);
-        let mut active: Vec<(u32, (String, u32, u64, usize))> = parts
+        parts
             .into_iter()
             .zip(allowances)
-            .zip(&claims)
-            .filter(|((_, allowance), _)| *allowance > 0)
-            .map(|(((topic, partition, next), allowance), c)| {
-                let allowance = usize::try_from(allowance).unwrap_or(usize::MAX);
-                (c.priority, (topic, partition, next, allowance))
+            .filter(|(_, allowance)| *allowance > 0)
+            .map(|((topic, partition, next), allowance)| {
+                (
+                    topic,
+                    partition,
+                    next,
+                    usize::try_from(allowance).unwrap_or(usize::MAX),
+                )
             })
-            .collect();
-        active.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
-        active.into_iter().map(|(_, a)| a).collect()
+            .collect()
     }
 
     /// Reads one round of about `budget` local bytes from `active` (topic,
