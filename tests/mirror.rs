@@ -1023,6 +1023,7 @@ fn after_an_outage_the_higher_priority_drains_first_under_the_cap() {
     let mut high_drained_with_low_left = None;
     let mut low_progressed_while_high_waited = false;
     let mut eta_while_draining = None;
+    let mut cut = false;
     let deadline = t_up + scaled(Duration::from_secs(120));
     loop {
         let s = status_json(&b);
@@ -1032,10 +1033,20 @@ fn after_an_outage_the_higher_priority_drains_first_under_the_cap() {
             // Drained: no ETA.
             assert_eq!(s["rules"][0]["eta_s"], serde_json::Value::Null, "{s}");
             assert_eq!(s["rules"][1]["eta_s"], serde_json::Value::Null, "{s}");
+            assert!(
+                s["transactions_aborted"].as_u64() >= Some(1),
+                "the cut ended a session: {s}"
+            );
             break;
         }
         if high > 0 && low < RECORDS as u64 {
             low_progressed_while_high_waited = true;
+        }
+        // Halfway, a request whose answer is lost: the mirror reconnects
+        // (aborting and resending), and the cap holds across that too.
+        if !cut && high < RECORDS as u64 / 2 {
+            up.proxy.cut_after_next_request();
+            cut = true;
         }
         if high == 0 && high_drained_with_low_left.is_none() {
             high_drained_with_low_left = Some(low);
@@ -1073,7 +1084,8 @@ fn after_an_outage_the_higher_priority_drains_first_under_the_cap() {
     check_exactly_once(&high_up, &high_sent, gateway, &["p.high"]);
 
     // Under the cap over the drain, measured from the records upstream and
-    // as the mirror counts: at most one second of burst above the rate,
+    // as the mirror counts (resent bytes too): at most one second of burst
+    // above the rate,
     // within the 10% for a drain of 10 s or more (12 x CAP takes 11 s).
     let bytes: u64 = low_up
         .iter()
