@@ -1,5 +1,6 @@
 //! Pacing the mirror: how a round's bytes are divided among the rules
-//! ([`divide`]: priorities with a minimum share), the bandwidth cap
+//! ([`divide`]: priorities with a minimum share; [`Shares`]: the same over
+//! many rounds of whole batches), the bandwidth cap
 //! ([`Bucket`], a token bucket over the bytes sent upstream) and the
 //! per-rule rate and time to drain that `skiff mirror status` shows
 //! ([`Window`]).
@@ -14,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 /// The bucket holds this much of the rate: the longest burst after an idle
-/// spell, and the largest round a throttled mirror reads.
+/// spell.
 pub const BURST: Duration = Duration::from_secs(1);
 
 /// The span `rate_bytes_per_s` and `eta_s` are measured over.
