@@ -750,6 +750,8 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
                     "forwarded_records": r.forwarded_records,
                     "forwarded_bytes": r.forwarded_bytes,
                     "dropped_records": r.dropped_records,
+                    "rate_bytes_per_s": r.rate_bytes_per_s,
+                    "eta_s": r.eta_s,
                 })
             })
             .collect();
@@ -781,16 +783,27 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
     );
     for r in &s.rules {
         outln!(
-            "rule {}{}: {} partition(s), backlog {} record(s) ({} at risk), forwarded {} ({}), dropped {}",
+            "rule {}{}: {} partition(s), backlog {} record(s) ({} at risk), rate {}/s, eta {}, forwarded {} ({}), dropped {}",
             r.name,
             if r.paused { " (paused)" } else { "" },
             r.partitions,
             r.backlog_records,
             human(r.bytes_at_risk),
+            human(r.rate_bytes_per_s.unwrap_or(0)),
+            r.eta_s.map_or_else(|| "-".to_owned(), eta),
             r.forwarded_records,
             human(r.forwarded_bytes),
             r.dropped_records
         );
+    }
+}
+
+/// `1h02m`, `3m05s`, `42s`.
+fn eta(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
     }
 }
 

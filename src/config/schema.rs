@@ -367,6 +367,12 @@ pub struct MirrorConfig {
     /// The first pause after a failure; it doubles up to `backoff_max_ms`.
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// A token bucket over the bytes sent upstream (record batches before
+    /// compression, checkpoints included); 0 = no cap.
+    pub max_bytes_per_s: u64,
+    /// While rules of higher priority have a backlog, each rule with a
+    /// backlog still gets this part of every round.
+    pub min_share_percent: u64,
     pub rules: Vec<MirrorRule>,
     pub tls: MirrorTls,
     pub sasl: MirrorSasl,
@@ -388,6 +394,10 @@ pub struct MirrorRule {
     /// Optional in a rule, so the default lives here.
     #[serde(default = "default_mirror_overflow")]
     pub mirror_overflow: String,
+    /// Higher goes first while there is a backlog (0..=100; optional in a
+    /// rule, so the default, 0, lives here).
+    #[serde(default)]
+    pub priority: i64,
 }
 
 fn default_mirror_overflow() -> String {
@@ -421,6 +431,12 @@ pub struct MirrorSasl {
 /// Upstream limits on what the mirror may be configured with.
 pub const MIRROR_BATCH_BYTES_MIN: u64 = 1024;
 pub const MIRROR_BATCH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A cap below this would send a few records a second.
+pub const MIRROR_MAX_BYTES_PER_S_MIN: u64 = 1024;
+pub const MIRROR_MAX_BYTES_PER_S_MAX: u64 = 1 << 40;
+pub const MIRROR_PRIORITY_MAX: i64 = 100;
+/// Above half, a lower priority would get as much as a higher one.
+pub const MIRROR_MIN_SHARE_PERCENT_MAX: u64 = 50;
 /// Kafka's longest topic name.
 pub const KAFKA_TOPIC_NAME_BYTES_MAX: usize = 249;
 
@@ -506,6 +522,21 @@ impl MirrorConfig {
             3_600_000,
         )
         .map_err(|(k, r)| (k, format!("{r}: at least mirror.backoff_min_ms")))?;
+        if self.max_bytes_per_s != 0 {
+            check_range(
+                "mirror.max_bytes_per_s",
+                self.max_bytes_per_s,
+                MIRROR_MAX_BYTES_PER_S_MIN,
+                MIRROR_MAX_BYTES_PER_S_MAX,
+            )
+            .map_err(|(k, r)| (k, format!("{r} (or 0 for no cap)")))?;
+        }
+        check_range(
+            "mirror.min_share_percent",
+            self.min_share_percent,
+            1,
+            MIRROR_MIN_SHARE_PERCENT_MAX,
+        )?;
         let mut names = std::collections::HashSet::new();
         for rule in &self.rules {
             check(!rule.name.is_empty(), "mirror.rules", || {
@@ -524,6 +555,16 @@ impl MirrorConfig {
                     format!(
                         "rule '{}': mirror_overflow '{}' must be block or drop-oldest",
                         rule.name, rule.mirror_overflow
+                    )
+                },
+            )?;
+            check(
+                (0..=MIRROR_PRIORITY_MAX).contains(&rule.priority),
+                "mirror.rules",
+                || {
+                    format!(
+                        "rule '{}': priority {} is out of range 0..={MIRROR_PRIORITY_MAX}",
+                        rule.name, rule.priority
                     )
                 },
             )?;

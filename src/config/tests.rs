@@ -686,6 +686,9 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
     )
     .expect("the issue's example is valid");
     assert_eq!(cfg.mirror.rules[0].target, "plant1.{topic}");
+    assert_eq!(cfg.mirror.rules[0].priority, 0);
+    assert_eq!(cfg.mirror.max_bytes_per_s, 0, "no cap by default");
+    assert_eq!(cfg.mirror.min_share_percent, 10);
     let budget = cfg.memory_budget();
     assert_eq!(
         line(&budget, "mirror buffers").bytes,
@@ -704,6 +707,17 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
         ("[mirror.sasl]\nmechanism = \"GSSAPI\"\n", "mirror.sasl.mechanism"),
         ("[mirror.sasl]\nmechanism = \"PLAIN\"\n", "mirror.sasl.username"),
         ("[mirror.tls]\ncert = \"c.pem\"\n", "mirror.tls.key"),
+        ("[mirror]\nmax_bytes_per_s = 1000\n", "mirror.max_bytes_per_s"),
+        ("[mirror]\nmin_share_percent = 0\n", "mirror.min_share_percent"),
+        ("[mirror]\nmin_share_percent = 51\n", "mirror.min_share_percent"),
+        (
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\npriority = -1\n",
+            "mirror.rules",
+        ),
+        (
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\npriority = 101\n",
+            "mirror.rules",
+        ),
         (
             "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"{source}\"\n",
             "mirror.rules",
@@ -717,6 +731,25 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
         let err = load_text("m.toml", text).expect_err(text);
         assert_eq!(err.key(), Some(key), "{text}: {err}");
     }
+    let err = load_text(
+        "m.toml",
+        "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"alarms\"\nsource = \"s\"\ntarget = \"t\"\npriority = 1000\n",
+    )
+    .expect_err("priority");
+    assert!(
+        err.to_string()
+            .contains("rule 'alarms': priority 1000 is out of range 0..=100"),
+        "{err}"
+    );
+    let err = load_text("m.toml", "[mirror]\nmax_bytes_per_s = 10\n").expect_err("cap");
+    assert!(err.to_string().contains("(or 0 for no cap)"), "{err}");
+    // The edges are accepted.
+    load_text(
+        "m.toml",
+        "[mirror]\nmax_bytes_per_s = 1024\nmin_share_percent = 50\nupstream = \"a:1\"\n\
+         [[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\npriority = 100\n",
+    )
+    .expect("edge values");
     let err = load_text("m.toml", "[mirror]\nupstrem = \"a:1\"\n").expect_err("typo");
     assert_eq!(err.key(), Some("mirror.upstrem"));
     assert_eq!(err.line, Some(2));

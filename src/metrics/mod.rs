@@ -31,6 +31,8 @@
 //! | `mirror_forwarded_records`, `mirror_forwarded_bytes` | counter | topic |
 //! | `mirror_link_up` (1 up, 0 down) | gauge | |
 //! | `mirror_transactions` | counter | outcome: commit, abort |
+//! | `mirror_upstream_bytes` (what `max_bytes_per_s` caps), `mirror_throttled_seconds` | counter | |
+//! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
 //! | `recovery_truncated_bytes` | counter | |
@@ -58,6 +60,7 @@ pub use http::{serve_http, serve_http_with, HttpLimits, CONTENT_TYPE_OPENMETRICS
 pub use share::{ShareCounters, ShareMetrics};
 pub use txn::TxnCounters;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +85,11 @@ const STORAGE_BUCKETS: u16 = 16;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicLabels {
     topic: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    rule: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -201,6 +209,9 @@ pub struct Metrics {
     mirror_forwarded_bytes: Family<TopicLabels, Counter>,
     mirror_link_up: Gauge,
     mirror_transactions: Family<OutcomeLabels, Counter>,
+    mirror_upstream_bytes: Counter,
+    mirror_throttled_seconds: Counter<f64, AtomicU64>,
+    mirror_rate: Family<RuleLabels, Gauge>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
@@ -353,6 +364,9 @@ impl Metrics {
             mirror_forwarded_bytes: Family::default(),
             mirror_link_up: Gauge::default(),
             mirror_transactions: Family::default(),
+            mirror_upstream_bytes: Counter::default(),
+            mirror_throttled_seconds: Counter::default(),
+            mirror_rate: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
@@ -509,6 +523,21 @@ impl Metrics {
             "mirror_transactions",
             "Upstream transactions committed, and ended by a failure (aborted by the next InitProducerId)",
             m.mirror_transactions.clone(),
+        );
+        m.registry.register(
+            "mirror_upstream_bytes",
+            "Record batch bytes the mirror sent upstream, before compression, checkpoints included: what mirror.max_bytes_per_s caps",
+            m.mirror_upstream_bytes.clone(),
+        );
+        m.registry.register(
+            "mirror_throttled_seconds",
+            "Time the mirror waited for mirror.max_bytes_per_s",
+            m.mirror_throttled_seconds.clone(),
+        );
+        m.registry.register(
+            "mirror_rate_bytes_per_s",
+            "Upstream bytes committed per second over the last 10 s, per mirror rule",
+            m.mirror_rate.clone(),
         );
         m.registry.register(
             "connections",
@@ -708,6 +737,22 @@ impl Metrics {
                 outcome: if committed { "commit" } else { "abort" },
             })
             .inc();
+    }
+
+    pub fn mirror_sent(&self, bytes: u64) {
+        self.mirror_upstream_bytes.inc_by(bytes);
+    }
+
+    pub fn mirror_throttled(&self, waited: Duration) {
+        self.mirror_throttled_seconds.inc_by(waited.as_secs_f64());
+    }
+
+    pub fn set_mirror_rate(&self, rule: &str, bytes_per_s: u64) {
+        self.mirror_rate
+            .get_or_create(&RuleLabels {
+                rule: Arc::from(rule),
+            })
+            .set(i64::try_from(bytes_per_s).unwrap_or(i64::MAX));
     }
 
     pub fn mirror_dropped(&self, topic: &str, records: u64) {

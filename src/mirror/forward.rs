@@ -38,6 +38,7 @@ use super::kafka::{
     BatchBuilder, ConnectError, ErrorCode, HeaderRef, KafkaClient, KafkaConfig, KafkaError,
     NewTopic, PartitionReader, Producer, ProducerConfig, RecordRef, SaslConfig, TlsConfig,
 };
+use super::pace::{self, Admit, Claim, Pace, Shares};
 use super::status::{Link, MirrorStatus};
 
 /// A batch is closed at this many encoded bytes and the next one started:
@@ -84,6 +85,9 @@ pub struct Settings {
     pub create_topics: bool,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Upstream bytes per second; 0 = no cap.
+    pub max_bytes_per_s: u64,
+    pub min_share_percent: u64,
 }
 
 impl Settings {
@@ -141,6 +145,8 @@ impl Settings {
             create_topics: cfg.create_topics,
             backoff_min: Duration::from_millis(cfg.backoff_min_ms),
             backoff_max: Duration::from_millis(cfg.backoff_max_ms),
+            max_bytes_per_s: cfg.max_bytes_per_s,
+            min_share_percent: cfg.min_share_percent,
         })
     }
 }
@@ -273,6 +279,8 @@ struct Advance {
     next: u64,
     records: u64,
     bytes: u64,
+    /// Their bytes as encoded for upstream.
+    upstream: u64,
 }
 
 /// One round of a transaction: what was read, encoded per upstream
@@ -310,8 +318,15 @@ pub struct Forwarder {
     checkpoints_read: bool,
     /// The kind of failure last logged while the link is down.
     logged: Option<&'static str>,
-    /// Turns the partition a round starts reading at.
-    rotation: usize,
+    /// Round sizes and the bandwidth cap; lives across sessions, so a
+    /// reconnect does not refill the bucket.
+    pace: Pace,
+    /// How rounds divide among the rules (by priority, with credits).
+    shares: Shares,
+    /// Per rule: upstream bytes committed since start, and the window its
+    /// rate and time to drain are measured over.
+    committed_upstream: Vec<u64>,
+    windows: Vec<pace::Window>,
 }
 
 impl Forwarder {
@@ -322,6 +337,12 @@ impl Forwarder {
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let stopping = broker.stopping();
+        let rules = settings.rules.len();
+        let pace = Pace::new(
+            settings.max_bytes_per_s,
+            settings.batch_bytes as u64,
+            std::time::Instant::now(),
+        );
         Self {
             settings,
             broker,
@@ -334,7 +355,10 @@ impl Forwarder {
             failures: 0,
             checkpoints_read: false,
             logged: None,
-            rotation: 0,
+            pace,
+            shares: Shares::new(rules),
+            committed_upstream: vec![0; rules],
+            windows: (0..rules).map(|_| pace::Window::default()).collect(),
         }
     }
 
@@ -620,12 +644,20 @@ impl Forwarder {
             t.0 += records;
             t.1 += bytes;
         }
+        let now = std::time::Instant::now();
         for (rule, (records, bytes, partitions)) in backlog.into_iter().enumerate() {
+            let (rate, eta) =
+                self.windows[rule].observe(now, self.committed_upstream[rule], records);
             self.status.update_rule(rule, |r| {
                 r.backlog_records = records;
                 r.bytes_at_risk = bytes;
                 r.partitions = partitions;
+                r.rate_bytes_per_s = rate;
+                r.eta_s = eta;
             });
+            if let Some(m) = &self.metrics {
+                m.set_mirror_rate(&self.settings.rules[rule].name, rate);
+            }
         }
         if let Some(m) = &self.metrics {
             for (topic, (records, bytes)) in per_topic {
@@ -703,7 +735,6 @@ impl Forwarder {
         if positions.is_empty() {
             return Ok(false);
         }
-        let batch_bytes = self.settings.batch_bytes;
         let gateway = self.settings.gateway.clone();
         let checkpoint_topic = self.settings.checkpoint_topic.clone();
         let mut advances: BTreeMap<(String, u32), (usize, Advance)> = BTreeMap::new();
@@ -717,31 +748,53 @@ impl Forwarder {
                     .get(key)
                     .is_some_and(|c| !self.status.paused(c.rule))
             });
-            let mut active: Vec<(String, u32, u64)> = positions
-                .iter()
-                .map(|((t, p), next)| (t.clone(), *p, *next))
-                .collect();
-            if active.is_empty() {
+            if positions.is_empty() {
                 break;
             }
-            // Each round starts at another partition: a busy one read
-            // first cannot starve the rest of a transaction's bytes.
-            self.rotation = self.rotation.wrapping_add(1);
-            let len = active.len();
-            active.rotate_left(self.rotation % len);
+            let first = advances.is_empty();
+            let Some(budget) = self.pace.round_budget(first, std::time::Instant::now()) else {
+                break; // throttled: commit, and wait before the next one
+            };
+            let active = self.plan_round(&positions, budget);
             let Round {
                 builders,
                 advances: read,
                 bytes: read_bytes,
                 gone,
-            } = self
-                .read_round(client, &active, advances.is_empty())
-                .await?;
+            } = self.read_round(client, &active, budget, first).await?;
             for key in &gone {
                 positions.remove(key);
             }
             if read.is_empty() {
                 break;
+            }
+            let upstream_bytes = encoded(&builders);
+            match self
+                .pace
+                .admit(read_bytes, upstream_bytes, first, std::time::Instant::now())
+            {
+                Admit::Now => {}
+                // Nothing of this transaction is upstream yet: waiting
+                // here cannot time out a request or the transaction.
+                Admit::After(wait) => {
+                    self.wait(wait).await;
+                    if let Some(m) = &self.metrics {
+                        m.mirror_throttled(wait);
+                    }
+                    if self.stopping.is_triggered() {
+                        return Ok(false);
+                    }
+                }
+                // Not sent and the cursors not moved: the next
+                // transaction reads it again.
+                Admit::PutBack => break,
+            }
+            self.pace.spend(upstream_bytes, std::time::Instant::now());
+            if let Some(m) = &self.metrics {
+                m.mirror_sent(upstream_bytes);
+            }
+            for (rule, a) in &read {
+                self.shares.spend(*rule, a.bytes);
             }
             let checkpoint_partitions = self
                 .partitions_of(client, &checkpoint_topic, 1)
@@ -784,13 +837,14 @@ impl Forwarder {
                         sum.next = sum.next.max(a.next);
                         sum.records += a.records;
                         sum.bytes += a.bytes;
+                        sum.upstream += a.upstream;
                     }
                     None => {
                         advances.insert(a.key.clone(), (rule, a));
                     }
                 }
             }
-            let caught_up = read_bytes < (batch_bytes / 2) as u64;
+            let caught_up = read_bytes < budget / 2;
             if caught_up
                 || started.elapsed() >= TRANSACTION_OPEN_MAX
                 || self.stopping.is_triggered()
@@ -824,6 +878,12 @@ impl Forwarder {
                 })
                 .map_err(|e| kafka("encoding checkpoints")(KafkaError::Records(e)))?;
         }
+        let checkpoint_bytes: u64 = checkpoints.values().map(|b| b.encoded_bytes() as u64).sum();
+        // Small; charged without a wait, the next round pays for them.
+        self.pace.spend(checkpoint_bytes, std::time::Instant::now());
+        if let Some(m) = &self.metrics {
+            m.mirror_sent(checkpoint_bytes);
+        }
         for (partition, builder) in &checkpoints {
             on_the_wire.push(
                 producer
@@ -852,6 +912,7 @@ impl Forwarder {
                 c.next = c.next.max(a.next);
             }
             self.checkpoints.insert(a.key.clone(), a.next);
+            self.committed_upstream[rule] += a.upstream;
             self.status.update_rule(rule, |r| {
                 r.forwarded_records += a.records;
                 r.forwarded_bytes += a.bytes;
@@ -860,36 +921,89 @@ impl Forwarder {
         Ok(true)
     }
 
-    /// Reads one round from `active` (topic, partition, offset) and encodes
-    /// it as upstream batches. The first round of a transaction waits up to
-    /// `linger` for half of `batch_bytes`; later ones take what is there.
+    /// Each partition's allowance of a round of `budget` local bytes (see
+    /// [`Shares::plan`]). Their order does not matter: a partition the
+    /// fetch leaves out keeps its rule's credit for the next round.
+    fn plan_round(
+        &mut self,
+        positions: &BTreeMap<(String, u32), u64>,
+        budget: u64,
+    ) -> Vec<(String, u32, u64, usize)> {
+        let mut claims = Vec::with_capacity(positions.len());
+        let mut parts = Vec::with_capacity(positions.len());
+        for (key, &next) in positions {
+            let Some(c) = self.cursors.get(key) else {
+                continue;
+            };
+            let backlog = self
+                .broker
+                .offsets(&key.0, key.1)
+                .map_or(0, |o| o.high_watermark.saturating_sub(next));
+            let demand = match (backlog, c.bytes_per_record) {
+                (0, _) => 0,
+                (_, 0) => u64::MAX, // not read yet: unknown
+                (n, per) => n.saturating_mul(per),
+            };
+            claims.push(Claim {
+                rule: c.rule,
+                priority: u32::try_from(self.settings.rules[c.rule].priority).unwrap_or(0),
+                demand,
+            });
+            parts.push((key.0.clone(), key.1, next));
+        }
+        let allowances = self
+            .shares
+            .plan(budget, self.settings.min_share_percent, &claims);
+        parts
+            .into_iter()
+            .zip(allowances)
+            .filter(|(_, allowance)| *allowance > 0)
+            .map(|((topic, partition, next), allowance)| {
+                (
+                    topic,
+                    partition,
+                    next,
+                    usize::try_from(allowance).unwrap_or(usize::MAX),
+                )
+            })
+            .collect()
+    }
+
+    /// Reads one round of about `budget` local bytes from `active` (topic,
+    /// partition, offset, allowance) and encodes it as upstream batches.
+    /// The first round of a transaction waits up to `linger` for half of
+    /// the budget; later ones take what is there.
     async fn read_round(
         &mut self,
         client: &KafkaClient,
-        active: &[(String, u32, u64)],
+        active: &[(String, u32, u64, usize)],
+        budget: u64,
         first: bool,
     ) -> Result<Round, Failure> {
-        let batch_bytes = self.settings.batch_bytes;
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
         let parts: Vec<FetchPartition<'_>> = active
             .iter()
-            .map(|(topic, partition, offset)| FetchPartition {
+            .map(|(topic, partition, offset, allowance)| FetchPartition {
                 topic,
                 partition: *partition,
                 offset: *offset,
-                max_bytes: batch_bytes,
+                max_bytes: *allowance,
             })
             .collect();
         let limits = FetchLimits {
             // Half: a read stops at a whole batch short of max_bytes, so
             // waiting for all of it would wait out linger on every full
             // fetch of a backlog.
-            min_bytes: batch_bytes / 2,
+            min_bytes: budget / 2,
             max_wait: if first {
                 self.settings.linger
             } else {
                 Duration::ZERO
             },
-            max_bytes: batch_bytes,
+            // The allowances bound the round. The fetch skips the partitions
+            // after the total is within a batch of this: one batch of room
+            // keeps the later ones in.
+            max_bytes: budget.saturating_add(self.broker.max_batch_bytes()),
         };
         // Committed records only: an open transaction's records wait for
         // its end, an aborted one's never go upstream.
@@ -898,7 +1012,7 @@ impl Forwarder {
 
         let gateway = self.settings.gateway.clone();
         let mut round = Round::default();
-        for ((topic, partition, offset), result) in active.iter().zip(results) {
+        for ((topic, partition, offset, _), result) in active.iter().zip(results) {
             let key = (topic.clone(), *partition);
             let offset = *offset;
             let fetched = match result {
@@ -935,6 +1049,7 @@ impl Forwarder {
             let mut records = 0u64;
             let mut bytes = 0u64;
             let mut held_back = false;
+            let encoded_before = encoded(&round.builders);
             let topic_text = key.0.as_str();
             let partition_text = key.1.to_string();
             for batch in BatchIter::new(&fetched.records) {
@@ -1034,6 +1149,7 @@ impl Forwarder {
                         next,
                         records,
                         bytes,
+                        upstream: encoded(&round.builders) - encoded_before,
                     },
                 ));
             }
@@ -1070,6 +1186,15 @@ impl Forwarder {
             cursor.next = hw;
         }
     }
+}
+
+/// Upstream bytes of a round's batches so far.
+fn encoded(builders: &BTreeMap<(String, i32), Vec<BatchBuilder>>) -> u64 {
+    builders
+        .values()
+        .flatten()
+        .map(|b| b.encoded_bytes() as u64)
+        .sum()
 }
 
 /// `gateway/topic/partition` → `last offset` for this gateway's keys.
@@ -1119,6 +1244,7 @@ mod tests {
             source: "sensors.*".into(),
             target: "plant1.{topic}".into(),
             mirror_overflow: "block".into(),
+            priority: 0,
         };
         assert_eq!(target_for(&rule, "sensors.temp"), "plant1.sensors.temp");
     }

@@ -7,11 +7,14 @@
 //! - [`forward`]: the forwarder. It reads the local partitions the rules
 //!   match through the broker's fetch API, like any consumer, and writes
 //!   them upstream in transactions that also carry its checkpoints.
+//! - [`pace`]: the bandwidth cap, how a round's bytes are divided among
+//!   the rules by priority, and the per-rule rate and time to drain.
 //! - [`status`]: the link state and per-rule counters that `skiff mirror
 //!   status` shows; also where `pause` and `resume` land.
 
 pub mod forward;
 pub mod kafka;
+pub mod pace;
 pub mod status;
 
 use std::sync::Arc;

@@ -36,6 +36,11 @@ pub struct RuleStatus {
     pub forwarded_bytes: u64,
     /// Records that left the local log before they were forwarded.
     pub dropped_records: u64,
+    /// Upstream bytes committed per second over the last 10 s.
+    pub rate_bytes_per_s: u64,
+    /// Seconds until the backlog is upstream at its net drain rate over
+    /// the last 10 s; `None` when it is not draining.
+    pub eta_s: Option<u64>,
 }
 
 /// The whole status, as `mirror status --format json` prints it.

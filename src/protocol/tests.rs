@@ -450,6 +450,8 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     forwarded_records: 5000,
                     forwarded_bytes: 410000,
                     dropped_records: 0,
+                    rate_bytes_per_s: Some(4096),
+                    eta_s: None,
                 }],
             })),
         ),
@@ -1082,7 +1084,7 @@ const GOLDEN_RESPONSES: [(&str, &str); 22] = [
         "delete_group",
         "820182181c80",
     ),
-    ("mirror_status", "820182182888f5f5f66567772d31376a6b61666b613a393039320c0081886574656d7073f40200001913881a0006419000"),
+    ("mirror_status", "820182182888f5f5f66567772d31376a6b61666b613a393039320c0081896574656d7073f40200001913881a0006419000191000"),
     ("mirror_pause", "8201821829826574656d7073f5"),
 ];
 
@@ -1202,6 +1204,8 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
             forwarded_records: 5,
             forwarded_bytes: 450,
             dropped_records: 0,
+            rate_bytes_per_s: Some(90),
+            eta_s: Some(2),
         }],
     });
     for body in [

@@ -1349,6 +1349,13 @@ pub struct MirrorRuleStatus {
     pub forwarded_bytes: u64,
     #[n(7)]
     pub dropped_records: u64,
+    /// Upstream bytes committed per second over the last 10 s; absent
+    /// from older servers.
+    #[n(8)]
+    pub rate_bytes_per_s: Option<u64>,
+    /// Seconds to drain the backlog; absent when it is not draining.
+    #[n(9)]
+    pub eta_s: Option<u64>,
 }
 
 /// Pauses (`paused: true`) or resumes a rule; the answer echoes it. An

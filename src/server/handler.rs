@@ -803,6 +803,8 @@ pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
                 forwarded_records: r.forwarded_records,
                 forwarded_bytes: r.forwarded_bytes,
                 dropped_records: r.dropped_records,
+                rate_bytes_per_s: Some(r.rate_bytes_per_s),
+                eta_s: r.eta_s,
             })
             .collect(),
     })
