@@ -30,6 +30,7 @@
 //! | `mirror_dropped_records` | counter | topic |
 //! | `mirror_forwarded_records`, `mirror_forwarded_bytes` | counter | topic |
 //! | `mirror_link_up` (1 up, 0 down) | gauge | |
+//! | `mirror_aggregate_events` | counter | topic, event: late, malformed, window, window_closed_early |
 //! | `mirror_transactions` | counter | outcome: commit, abort |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
@@ -87,6 +88,12 @@ struct TopicLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicEventLabels {
+    topic: Arc<str>,
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -201,6 +208,7 @@ pub struct Metrics {
     mirror_forwarded_bytes: Family<TopicLabels, Counter>,
     mirror_link_up: Gauge,
     mirror_transactions: Family<OutcomeLabels, Counter>,
+    mirror_aggregate_events: Family<TopicEventLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
@@ -353,6 +361,7 @@ impl Metrics {
             mirror_forwarded_bytes: Family::default(),
             mirror_link_up: Gauge::default(),
             mirror_transactions: Family::default(),
+            mirror_aggregate_events: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
@@ -509,6 +518,11 @@ impl Metrics {
             "mirror_transactions",
             "Upstream transactions committed, and ended by a failure (aborted by the next InitProducerId)",
             m.mirror_transactions.clone(),
+        );
+        m.registry.register(
+            "mirror_aggregate_events",
+            "Aggregate rules, committed upstream: late and malformed records, windows emitted, windows closed early",
+            m.mirror_aggregate_events.clone(),
         );
         m.registry.register(
             "connections",
@@ -696,6 +710,18 @@ impl Metrics {
         self.mirror_forwarded_bytes
             .get_or_create(&labels)
             .inc_by(bytes);
+    }
+
+    /// Counts of an aggregate rule's source topic (`event` names them).
+    pub fn mirror_aggregate(&self, topic: &str, events: [(&'static str, u64); 4]) {
+        for (event, n) in events.into_iter().filter(|(_, n)| *n > 0) {
+            self.mirror_aggregate_events
+                .get_or_create(&TopicEventLabels {
+                    topic: Arc::from(topic),
+                    event,
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn set_mirror_link(&self, up: bool) {

@@ -1308,6 +1308,18 @@ pub struct MirrorRuleStatus {
     pub forwarded_bytes: u64,
     #[n(7)]
     pub dropped_records: u64,
+    /// Aggregate rules (0 for others); numbered apart from the fields above
+    /// so both can grow.
+    #[n(16)]
+    pub open_windows: u64,
+    #[n(17)]
+    pub windows_emitted: u64,
+    #[n(18)]
+    pub windows_closed_early: u64,
+    #[n(19)]
+    pub late_records: u64,
+    #[n(20)]
+    pub malformed_records: u64,
 }
 
 /// Pauses (`paused: true`) or resumes a rule; the answer echoes it. An

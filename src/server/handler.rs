@@ -803,6 +803,11 @@ pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
                 forwarded_records: r.forwarded_records,
                 forwarded_bytes: r.forwarded_bytes,
                 dropped_records: r.dropped_records,
+                open_windows: r.open_windows,
+                windows_emitted: r.windows_emitted,
+                windows_closed_early: r.windows_closed_early,
+                late_records: r.late_records,
+                malformed_records: r.malformed_records,
             })
             .collect(),
     })
