@@ -292,6 +292,12 @@ struct Round {
     gone: Vec<(String, u32)>,
 }
 
+/// Per source partition, the next offset, and an aggregate rule's state.
+type Checkpoints = (
+    HashMap<(String, u32), u64>,
+    HashMap<(String, u32), Checkpoint>,
+);
+
 /// A checkpoint record's key: `gateway/topic/partition`.
 fn checkpoint_key(gateway: &str, (topic, partition): &(String, u32)) -> String {
     format!("{gateway}/{topic}/{partition}")
@@ -530,17 +536,7 @@ impl Forwarder {
     /// This gateway's checkpoints, committed ones only: source partition →
     /// the offset after the last one upstream (and an aggregate rule's
     /// state).
-    #[allow(clippy::type_complexity)]
-    async fn read_checkpoints(
-        &self,
-        client: &KafkaClient,
-    ) -> Result<
-        (
-            HashMap<(String, u32), u64>,
-            HashMap<(String, u32), Checkpoint>,
-        ),
-        Failure,
-    > {
+    async fn read_checkpoints(&self, client: &KafkaClient) -> Result<Checkpoints, Failure> {
         let topic = &self.settings.checkpoint_topic;
         let partitions = client
             .partition_count(topic)
