@@ -381,6 +381,7 @@ fn windows_late_and_malformed_records_match_a_computed_model() {
         lateness_ms: 50,
         max_open_windows: 1000,
     };
+    let started = Instant::now();
     let b = Broker::start(&config(&tansu.addr(), "gw-agg", &p, ""));
     assert_ok(&b.cli(&["topics", "create", "sensors.temp", "--partitions", "2"]));
     let records = readings(0x0a66_0001, 12, 1500);
@@ -402,9 +403,10 @@ fn windows_late_and_malformed_records_match_a_computed_model() {
     assert_eq!(r["windows_closed_early"], 0, "{s}");
     assert_eq!(r["open_windows"], open, "{s}");
     assert_eq!(r["forwarded_records"], records.len() as u64, "{s}");
-    // One malformed line per rule per minute, never a crash.
-    let lines = b.log().matches("skipped a malformed value").count();
-    assert_eq!(lines, 1, "{}", b.log());
+    // At most one malformed line per rule per minute, never a crash.
+    let lines = b.log().matches("skipped a malformed value").count() as u64;
+    let minutes = started.elapsed().as_secs() / 60;
+    assert!((1..=1 + minutes).contains(&lines), "{}", b.log());
 }
 
 #[test]

@@ -22,9 +22,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
-
 /// A rule's aggregate settings, validated with the config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
@@ -76,18 +73,14 @@ impl fmt::Display for Malformed {
 /// bare number is the field `value`.
 pub fn extract(value: &[u8], fields: &[String], out: &mut [Option<f64>]) -> Result<(), Malformed> {
     out.iter_mut().for_each(|o| *o = None);
-    let json = {
-        let mut de = serde_json::Deserializer::from_slice(value);
-        let seed = JsonValue { fields, out };
-        match serde::Deserializer::deserialize_any(&mut de, seed) {
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(())) => de.end().is_ok(),
-            Err(_) => false,
+    let mut json = Json { b: value, i: 0 };
+    match json.top(fields, out) {
+        Some(Some(bad)) => return Err(bad),
+        Some(None) => {}
+        None => {
+            out.iter_mut().for_each(|o| *o = None);
+            cbor(value, fields, out)?;
         }
-    };
-    if !json {
-        out.iter_mut().for_each(|o| *o = None);
-        cbor(value, fields, out)?;
     }
     if out.iter().all(Option::is_none) {
         return Err(Malformed::NoField);
@@ -95,121 +88,215 @@ pub fn extract(value: &[u8], fields: &[String], out: &mut [Option<f64>]) -> Resu
     Ok(())
 }
 
-/// The top level of a JSON value: an object, or a bare number.
-struct JsonValue<'a> {
-    fields: &'a [String],
-    out: &'a mut [Option<f64>],
+/// Nesting deeper than this is not read (and the value is malformed).
+const JSON_DEPTH_MAX: u32 = 64;
+
+/// A JSON reader that extracts numbers of named fields and checks the rest
+/// only for its syntax. `None` from any step: not JSON.
+struct Json<'a> {
+    b: &'a [u8],
+    i: usize,
 }
 
-impl JsonValue<'_> {
-    fn bare(self, v: f64) -> Result<(), Malformed> {
-        if let Some(i) = self.fields.iter().position(|f| f == "value") {
-            self.out[i] = Some(v);
+impl<'a> Json<'a> {
+    /// The whole value: `Some(why)` when JSON but a field is no number.
+    fn top(&mut self, fields: &[String], out: &mut [Option<f64>]) -> Option<Option<Malformed>> {
+        self.ws();
+        let bad = if self.peek()? == b'{' {
+            self.object(fields, out)?
+        } else {
+            let v = self.number()?;
+            if let Some(i) = fields.iter().position(|f| f == "value") {
+                out[i] = Some(v);
+            }
+            None
+        };
+        self.ws();
+        (self.i == self.b.len()).then_some(bad)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
         }
-        Ok(())
     }
-}
 
-impl<'de> DeserializeSeed<'de> for JsonValue<'_> {
-    type Value = Result<(), Malformed>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == c).then(|| self.i += 1)
     }
-}
 
-impl<'de> Visitor<'de> for JsonValue<'_> {
-    type Value = Result<(), Malformed>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object or number")
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(self.bare(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(self.bare(v as f64))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(self.bare(v as f64))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    fn object(&mut self, fields: &[String], out: &mut [Option<f64>]) -> Option<Option<Malformed>> {
+        self.eat(b'{')?;
         let mut bad = None;
-        while let Some(slot) = map.next_key_seed(FieldName(self.fields))? {
-            match slot {
-                Some(i) => match map.next_value::<Number>()?.0 {
-                    Some(v) if v.is_finite() => self.out[i] = Some(v),
+        if self.eat(b'}').is_some() {
+            return Some(None);
+        }
+        loop {
+            self.ws();
+            let key = self.string()?;
+            self.eat(b':')?;
+            self.ws();
+            match fields.iter().position(|f| *f == key) {
+                Some(slot) if matches!(self.peek()?, b'-' | b'0'..=b'9') => match self.number()? {
+                    v if v.is_finite() => out[slot] = Some(v),
                     _ => {
-                        bad.get_or_insert_with(|| Malformed::NotANumber(self.fields[i].clone()));
+                        bad.get_or_insert_with(|| Malformed::NotANumber(fields[slot].clone()));
                     }
                 },
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+                Some(slot) => {
+                    self.skip(1)?;
+                    bad.get_or_insert_with(|| Malformed::NotANumber(fields[slot].clone()));
+                }
+                None => self.skip(1)?,
+            }
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(bad);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// A string at the cursor, unescaped.
+    fn string(&mut self) -> Option<std::borrow::Cow<'a, str>> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.i + 1;
+        let mut end = start;
+        loop {
+            match *self.b.get(end)? {
+                b'"' => break,
+                b'\\' => return self.escaped(start),
+                0..=0x1f => return None,
+                _ => end += 1,
+            }
+        }
+        self.i = end + 1;
+        std::str::from_utf8(&self.b[start..end])
+            .ok()
+            .map(Into::into)
+    }
+
+    fn escaped(&mut self, start: usize) -> Option<std::borrow::Cow<'a, str>> {
+        let mut text = String::new();
+        let mut i = start;
+        loop {
+            let run = i;
+            while !matches!(*self.b.get(i)?, b'"' | b'\\' | 0..=0x1f) {
+                i += 1;
+            }
+            text.push_str(std::str::from_utf8(&self.b[run..i]).ok()?);
+            match self.b[i] {
+                b'"' => break,
+                b'\\' => {
+                    let c = match *self.b.get(i + 1)? {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let hex4 = |at: usize| {
+                                let t = std::str::from_utf8(self.b.get(at..at + 4)?).ok()?;
+                                u32::from_str_radix(t, 16).ok()
+                            };
+                            let mut c = hex4(i + 2)?;
+                            i += 4;
+                            if (0xd800..0xdc00).contains(&c)
+                                && self.b.get(i + 2..i + 4) == Some(b"\\u")
+                            {
+                                let low = hex4(i + 4)?;
+                                c = 0x10000 + ((c - 0xd800) << 10) + low.checked_sub(0xdc00)?;
+                                i += 6;
+                            }
+                            char::from_u32(c)?
+                        }
+                        _ => return None,
+                    };
+                    text.push(c);
+                    i += 2;
+                }
+                _ => return None,
+            }
+        }
+        self.i = i + 1;
+        Some(text.into())
+    }
+
+    /// A JSON number, read with Rust's correctly rounded parser.
+    fn number(&mut self) -> Option<f64> {
+        let start = self.i;
+        while matches!(
+            self.peek(),
+            Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+        ) {
+            self.i += 1;
+        }
+        let text = std::str::from_utf8(&self.b[start..self.i]).ok()?;
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        if !digits.starts_with(|c: char| c.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok()
+    }
+
+    /// Any value, checked for its syntax only.
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        if depth > JSON_DEPTH_MAX {
+            return None;
+        }
+        self.ws();
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' | b'[' => {
+                let (open, close) = (self.b[self.i], self.b[self.i] + 2);
+                self.i += 1;
+                if self.eat(close).is_some() {
+                    return Some(());
+                }
+                loop {
+                    if open == b'{' {
+                        self.ws();
+                        self.string()?;
+                        self.eat(b':')?;
+                    }
+                    self.skip(depth + 1)?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        c if c == close => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
                 }
             }
+            b't' | b'f' | b'n' => {
+                let word: &[u8] = match self.b[self.i] {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    _ => b"null",
+                };
+                let ok = self.b[self.i..].starts_with(word);
+                self.i += word.len();
+                ok.then_some(())
+            }
+            _ => self.number().map(drop),
         }
-        Ok(bad.map_or(Ok(()), Err))
-    }
-}
-
-/// An object key: the index of the field it names, if any.
-struct FieldName<'a>(&'a [String]);
-
-impl<'de> DeserializeSeed<'de> for FieldName<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl Visitor<'_> for FieldName<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(self.0.iter().position(|f| f == v))
-    }
-}
-
-/// A field's value: a number, or `None` for anything else (skipped whole).
-struct Number(Option<f64>);
-
-impl<'de> Deserialize<'de> for Number {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Number;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Number, E> {
-                Ok(Number(Some(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Number, E> {
-                Ok(Number(Some(v as f64)))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Number, E> {
-                Ok(Number(Some(v as f64)))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Number, E> {
-                Ok(Number(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Number, E> {
-                Ok(Number(None))
-            }
-            fn visit_unit<E>(self) -> Result<Number, E> {
-                Ok(Number(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Number, A::Error> {
-                while s.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Number(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Number, A::Error> {
-                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Number(None))
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -371,8 +458,9 @@ pub struct Counts {
 
 /// What the checkpoint carries besides the next offset. Offsets and
 /// horizon are exact; `late` holds the late counts of keys whose next
-/// window is not emitted yet (hex keys, `null` for no key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// window is not emitted yet (hex keys, `None` for no key). As text:
+/// `window_ms resume watermark|- horizon [key|-:count ...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The window length the state was made with: another one cannot be
     /// replayed into the same windows.
@@ -381,17 +469,49 @@ pub struct Checkpoint {
     pub resume: u64,
     pub watermark: Option<i64>,
     pub horizon: i64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late: Vec<(Option<String>, u64)>,
 }
 
 impl Checkpoint {
     pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("plain fields serialize")
+        use std::fmt::Write;
+        let mut t = format!("{} {} ", self.window_ms, self.resume);
+        match self.watermark {
+            Some(w) => write!(t, "{w}"),
+            None => write!(t, "-"),
+        }
+        .expect("String writes are infallible");
+        write!(t, " {}", self.horizon).expect("String writes are infallible");
+        for (key, n) in &self.late {
+            write!(t, " {}:{n}", key.as_deref().unwrap_or("-"))
+                .expect("String writes are infallible");
+        }
+        t
     }
 
     pub fn decode(text: &str) -> Option<Self> {
-        serde_json::from_str(text).ok()
+        let mut words = text.split(' ');
+        let mut next = || words.next();
+        let window_ms = next()?.parse().ok()?;
+        let resume = next()?.parse().ok()?;
+        let watermark = match next()? {
+            "-" => None,
+            w => Some(w.parse().ok()?),
+        };
+        let horizon = next()?.parse().ok()?;
+        let late = words
+            .map(|w| {
+                let (key, n) = w.split_once(':')?;
+                Some(((key != "-").then(|| key.to_owned()), n.parse().ok()?))
+            })
+            .collect::<Option<_>>()?;
+        Some(Self {
+            window_ms,
+            resume,
+            watermark,
+            horizon,
+            late,
+        })
     }
 }
 
@@ -642,59 +762,74 @@ impl PartitionAgg {
     }
 }
 
-/// The output record's value.
+/// The output record's value (written by hand: serde's machinery for it
+/// would cost the binary more than this).
 fn encode(fields: &[String], key: Option<&[u8]>, w: &Window, end: i64, late: u64) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Out<'a> {
-        key: Option<std::borrow::Cow<'a, str>>,
-        window_start: i64,
-        window_end: i64,
-        count: u64,
-        fields: FieldsOut<'a>,
-        late_dropped: u64,
+    use std::fmt::Write;
+    let mut o = String::with_capacity(96 + 96 * fields.len());
+    o.push_str("{\"key\":");
+    match key {
+        Some(k) => json_string(&mut o, &String::from_utf8_lossy(k)),
+        None => o.push_str("null"),
     }
-    struct FieldsOut<'a>(&'a [String], &'a [FieldAgg]);
-    impl Serialize for FieldsOut<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            use serde::ser::SerializeMap;
-            let mut m = s.serialize_map(Some(self.0.len()))?;
-            for (name, f) in self.0.iter().zip(self.1) {
-                m.serialize_entry(name, &FieldOut::from(f))?;
+    let _ = write!(
+        o,
+        ",\"window_start\":{},\"window_end\":{end},\"count\":{},\"fields\":{{",
+        w.start, w.count
+    );
+    for (i, (name, f)) in fields.iter().zip(w.fields.iter()).enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        json_string(&mut o, name);
+        let mean = f.sum / f.count.max(1) as f64;
+        for (label, v) in [
+            (":{\"min\":", f.min),
+            (",\"max\":", f.max),
+            (",\"sum\":", f.sum),
+            (",\"mean\":", mean),
+            (",\"last\":", f.last),
+        ] {
+            o.push_str(label);
+            json_number(&mut o, (f.count > 0 && v.is_finite()).then_some(v));
+        }
+        let _ = write!(o, ",\"count\":{}}}", f.count);
+    }
+    let _ = write!(o, "}},\"late_dropped\":{late}}}");
+    o.into_bytes()
+}
+
+/// `v` as JSON text: the shortest decimal that reads back as `v`, with a
+/// fraction (`5.0`) so readers see a float; `null` for `None`.
+fn json_number(o: &mut String, v: Option<f64>) {
+    use std::fmt::Write;
+    match v {
+        Some(v) => {
+            let at = o.len();
+            let _ = write!(o, "{v}");
+            if !o[at..].contains('.') {
+                o.push_str(".0");
             }
-            m.end()
+        }
+        None => o.push_str("null"),
+    }
+}
+
+fn json_string(o: &mut String, text: &str) {
+    use std::fmt::Write;
+    o.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", u32::from(c));
+            }
+            c => o.push(c),
         }
     }
-    #[derive(Serialize)]
-    struct FieldOut {
-        min: Option<f64>,
-        max: Option<f64>,
-        sum: Option<f64>,
-        mean: Option<f64>,
-        last: Option<f64>,
-        count: u64,
-    }
-    impl From<&FieldAgg> for FieldOut {
-        fn from(f: &FieldAgg) -> Self {
-            let some = |v: f64| (f.count > 0 && v.is_finite()).then_some(v);
-            Self {
-                min: some(f.min),
-                max: some(f.max),
-                sum: some(f.sum),
-                mean: some(f.sum / f.count.max(1) as f64),
-                last: some(f.last),
-                count: f.count,
-            }
-        }
-    }
-    let out = Out {
-        key: key.map(String::from_utf8_lossy),
-        window_start: w.start,
-        window_end: end,
-        count: w.count,
-        fields: FieldsOut(fields, &w.fields),
-        late_dropped: late,
-    };
-    serde_json::to_vec(&out).expect("plain fields serialize")
+    o.push('"');
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -759,6 +894,43 @@ mod tests {
         assert_eq!(fields(b"{\"c\":1", &["c"]), Err(Malformed::NotJsonOrCbor));
         assert_eq!(fields(b"\xff\x00", &["c"]), Err(Malformed::NotJsonOrCbor));
         assert_eq!(fields(b"", &["c"]), Err(Malformed::NotJsonOrCbor));
+        // Escaped keys, nested and literal values skipped, exact decimals.
+        assert_eq!(
+            fields(
+                br#" { "a\"b" : [1, {"c": [true, null]}, "x\\y\u00e9"], "\u0063" : 0.1, "rh": -2.5E1 } "#,
+                &["c", "rh"]
+            ),
+            Ok(vec![Some(0.1), Some(-25.0)])
+        );
+        assert_eq!(
+            fields(br#"{"c":1,}"#, &["c"]),
+            Err(Malformed::NotJsonOrCbor)
+        );
+        assert_eq!(
+            fields(br#"{"c":+1}"#, &["c"]),
+            Err(Malformed::NotJsonOrCbor)
+        );
+        assert_eq!(
+            fields(br#"{"c":[1,2}"#, &["c"]),
+            Err(Malformed::NotJsonOrCbor)
+        );
+        assert_eq!(
+            fields(br#"{"c":nul}"#, &["c"]),
+            Err(Malformed::NotJsonOrCbor)
+        );
+        assert_eq!(
+            fields(br#"{"c":1e999}"#, &["c"]),
+            Err(Malformed::NotANumber("c".into()))
+        );
+        assert_eq!(
+            fields(br#"{"c":true}"#, &["c"]),
+            Err(Malformed::NotANumber("c".into()))
+        );
+        let deep = format!("{{\"x\":{}1{},\"c\":1}}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(
+            fields(deep.as_bytes(), &["c"]),
+            Err(Malformed::NotJsonOrCbor)
+        );
 
         let mut buf = Vec::new();
         let mut e = minicbor::Encoder::new(&mut buf);
@@ -798,7 +970,8 @@ mod tests {
     }
 
     fn json(c: &Closed) -> serde_json::Value {
-        serde_json::from_slice(&c.json).unwrap()
+        serde_json::from_slice(&c.json)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&c.json)))
     }
 
     #[test]
@@ -925,6 +1098,22 @@ mod tests {
             out.append(&mut second.closed);
             assert_eq!(out, expected, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn keys_and_numbers_are_written_as_json() {
+        let mut agg = PartitionAgg::new(spec(10, 0, &["value", "x"], 10));
+        agg.fold(0, 1, Some(b"q\"\\\n\x01\xff"), Some(b"1e300"));
+        agg.fold(1, 2, None, Some(b"-0.1"));
+        agg.fold(2, 20, None, Some(b"1"));
+        let closed = std::mem::take(&mut agg.closed);
+        let w = json(&closed[0]);
+        assert_eq!(w["key"], "q\"\\\n\u{1}\u{fffd}");
+        assert_eq!(w["fields"]["value"]["max"].as_f64(), Some(1e300));
+        assert_eq!(w["fields"]["x"]["min"], serde_json::Value::Null);
+        let w = json(&closed[1]);
+        assert_eq!(w["key"], serde_json::Value::Null);
+        assert_eq!(w["fields"]["value"]["sum"].as_f64(), Some(-0.1));
     }
 
     #[test]

@@ -1369,8 +1369,17 @@ mod tests {
             Some(("sensors.temp".to_owned(), 3, 41, None))
         );
         assert_eq!(
-            parse_checkpoint(b"gw-17/t/0", b"41 {\"resume\":7}", "gw-17/"),
-            Some(("t".to_owned(), 0, 41, Some("{\"resume\":7}")))
+            parse_checkpoint(
+                b"gw-17/t/0",
+                b"41 1000 7 1700000009000 1700000004000",
+                "gw-17/"
+            ),
+            Some((
+                "t".to_owned(),
+                0,
+                41,
+                Some("1000 7 1700000009000 1700000004000")
+            ))
         );
         assert_eq!(parse_checkpoint(b"gw-1/t/0", b"1", "gw-17/"), None);
         assert_eq!(parse_checkpoint(b"gw-17/t/x", b"1", "gw-17/"), None);
