@@ -6,8 +6,9 @@
 //!
 //! 1. Each transaction carries, besides the records, one checkpoint record
 //!    per source partition it advances (key `gateway/topic/partition`,
-//!    value the last source offset it covers, decimal) to the compacted
-//!    checkpoint topic. Records and cursor commit or abort together.
+//!    value the last source offset it covers, decimal; an aggregate rule
+//!    adds its window state, [`Checkpoint`]) to the compacted checkpoint
+//!    topic. Records and cursor commit or abort together.
 //! 2. Every session starts with InitProducerId under the transactional id,
 //!    which aborts whatever transaction an earlier session (or process)
 //!    left open, and then reads the checkpoints back with read_committed,
