@@ -69,6 +69,11 @@ fn serve_refuses_bad_configs_with_exit_2_naming_key_and_file() {
             "server.max_connections",
         ),
         ("colour = \"blue\"\n", "colour"),
+        (
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"t\"\nsource = \"s\"\n\
+             target = \"u\"\naggregate = { window_ms = 0, fields = [\"c\"] }\n",
+            "mirror.rules.aggregate.window_ms",
+        ),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let file = config_file(dir.path(), &format!("bad{i}.toml"), text);

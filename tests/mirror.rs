@@ -329,18 +329,7 @@ fn forwards_100k_records_from_three_topics_exactly_once_in_order() {
 
 #[test]
 fn kill_9_mid_transaction_many_times_still_exactly_once() {
-    let kills: usize = std::env::var("SKIFF_MIRROR_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        // Each restart under qemu (scripts/cross-test) takes seconds: 5
-        // there; the native run of the suite does the 20.
-        .unwrap_or(
-            if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
-                5
-            } else {
-                20
-            },
-        );
+    let kills = upstream::kill_count();
     let up = Upstream::start();
     let gateway = "gw-kill";
     // Small transactions, so a kill lands inside one most of the time.

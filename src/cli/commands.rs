@@ -752,6 +752,11 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
                     "dropped_records": r.dropped_records,
                     "rate_bytes_per_s": r.rate_bytes_per_s,
                     "eta_s": r.eta_s,
+                    "open_windows": r.open_windows,
+                    "windows_emitted": r.windows_emitted,
+                    "windows_closed_early": r.windows_closed_early,
+                    "late_records": r.late_records,
+                    "malformed_records": r.malformed_records,
                 })
             })
             .collect();
@@ -795,6 +800,16 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
             human(r.forwarded_bytes),
             r.dropped_records
         );
+        if r.open_windows > 0 || r.windows_emitted > 0 {
+            outln!(
+                "  windows: {} open, {} emitted ({} closed early), {} late and {} malformed record(s)",
+                r.open_windows,
+                r.windows_emitted,
+                r.windows_closed_early,
+                r.late_records,
+                r.malformed_records
+            );
+        }
     }
 }
 

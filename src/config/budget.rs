@@ -86,6 +86,13 @@ pub const MIRROR_BATCH_COPIES: u64 = 3;
 /// (`kafka::reader`'s 1 MiB), connection buffers, per-partition cursors.
 pub const MIRROR_FIXED_BYTES: u64 = 1024 * 1024 + 256 * 1024;
 
+/// One open aggregate window besides its fields, with a key of up to 32
+/// bytes: the window, its key in the partition's map and in the close
+/// order, the maps' overhead (benches/aggregate.rs measures it).
+pub const MIRROR_WINDOW_BYTES: u64 = 336;
+/// One field's figures in a window.
+pub const MIRROR_WINDOW_FIELD_BYTES: u64 = 40;
+
 /// One user of memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetLine {
@@ -308,6 +315,27 @@ impl MemoryBudget {
                     human(MIRROR_FIXED_BYTES)
                 ),
             ));
+            let windows: Vec<(u64, u64)> = m
+                .rules
+                .iter()
+                .filter_map(|r| r.aggregate.as_ref())
+                .map(|a| {
+                    let per =
+                        MIRROR_WINDOW_BYTES + MIRROR_WINDOW_FIELD_BYTES * a.fields.len() as u64;
+                    (a.max_open_windows, per)
+                })
+                .collect();
+            if !windows.is_empty() {
+                lines.push(line(
+                    "mirror windows",
+                    windows.iter().map(|(n, per)| n.saturating_mul(*per)).sum(),
+                    format!(
+                        "max_open_windows x (about {} + {} a field) per aggregate rule, for one source partition each (each partition a rule matches holds its own)",
+                        human(MIRROR_WINDOW_BYTES),
+                        human(MIRROR_WINDOW_FIELD_BYTES)
+                    ),
+                ));
+            }
         }
         // Recovery's buffer lives before the listeners open and is freed
         // after: it only adds to the peak where it is larger than what

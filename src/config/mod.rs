@@ -29,10 +29,10 @@ pub use budget::{
 pub use error::{ConfigError, ConfigErrorKind};
 pub use profiles::{profile_names, profile_text, PROFILES};
 pub use schema::{
-    AclConfig, AclRule, Config, FsyncPolicy, IdentityFrom, LogConfig, MetricsConfig, MirrorConfig,
-    MirrorRule, MirrorSasl, MirrorTls, OverflowPolicy, ParseError, ProducersConfig, QuotaOverride,
-    QuotasConfig, ServerConfig, StorageBackend, StorageSection, TlsSection, TopicDefaults,
-    UnixIdentity, ACL_OPERATIONS,
+    AclConfig, AclRule, Config, FsyncPolicy, IdentityFrom, LogConfig, MetricsConfig,
+    MirrorAggregate, MirrorConfig, MirrorRule, MirrorSasl, MirrorTls, OverflowPolicy, ParseError,
+    ProducersConfig, QuotaOverride, QuotasConfig, ServerConfig, StorageBackend, StorageSection,
+    TlsSection, TopicDefaults, UnixIdentity, ACL_OPERATIONS,
 };
 pub use schema::{ShareOverride, ShareSection};
 

@@ -398,10 +398,81 @@ pub struct MirrorRule {
     /// rule, so the default, 0, lives here).
     #[serde(default)]
     pub priority: i64,
+    /// Tumbling-window aggregates per key instead of the records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<MirrorAggregate>,
 }
 
 fn default_mirror_overflow() -> String {
     "block".to_owned()
+}
+
+/// A rule's `aggregate = { window_ms, lateness_ms, fields, max_open_windows }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorAggregate {
+    pub window_ms: u64,
+    /// How far behind the newest timestamp a window stays open.
+    #[serde(default)]
+    pub lateness_ms: u64,
+    /// Numeric fields of JSON objects or CBOR maps; `value` for bare numbers.
+    pub fields: Vec<String>,
+    /// Per source partition; past it the oldest windows close early.
+    #[serde(default = "default_max_open_windows")]
+    pub max_open_windows: u64,
+}
+
+fn default_max_open_windows() -> u64 {
+    10_000
+}
+
+/// Limits on a rule's `aggregate` (a week of window or lateness).
+pub const AGGREGATE_MS_MAX: u64 = 7 * 24 * 3_600_000;
+pub const AGGREGATE_FIELDS_MAX: usize = 64;
+pub const AGGREGATE_OPEN_WINDOWS_MAX: u64 = 1_000_000;
+
+impl MirrorAggregate {
+    fn validate(&self, rule: &str) -> Result<(), Invalid> {
+        let in_rule = |(k, r): Invalid| (k, format!("rule '{rule}': {r}"));
+        check_range(
+            "mirror.rules.aggregate.window_ms",
+            self.window_ms,
+            1,
+            AGGREGATE_MS_MAX,
+        )
+        .map_err(in_rule)?;
+        check_range(
+            "mirror.rules.aggregate.lateness_ms",
+            self.lateness_ms,
+            0,
+            AGGREGATE_MS_MAX,
+        )
+        .map_err(in_rule)?;
+        check_range(
+            "mirror.rules.aggregate.max_open_windows",
+            self.max_open_windows,
+            1,
+            AGGREGATE_OPEN_WINDOWS_MAX,
+        )
+        .map_err(in_rule)?;
+        let key = "mirror.rules.aggregate.fields";
+        check(!self.fields.is_empty(), key, || {
+            format!("rule '{rule}': name at least one field")
+        })?;
+        check(self.fields.len() <= AGGREGATE_FIELDS_MAX, key, || {
+            format!("rule '{rule}': at most {AGGREGATE_FIELDS_MAX} fields")
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.fields {
+            check(!f.is_empty(), key, || {
+                format!("rule '{rule}': a field name is empty")
+            })?;
+            check(seen.insert(f), key, || {
+                format!("rule '{rule}': field '{f}' is named twice")
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `[mirror.tls]`: TLS to the upstream brokers.
@@ -568,6 +639,9 @@ impl MirrorConfig {
                     )
                 },
             )?;
+            if let Some(agg) = &rule.aggregate {
+                agg.validate(&rule.name)?;
+            }
             let sample = rule.target.replace("{topic}", "t");
             check(is_kafka_topic_name(&sample), "mirror.rules", || {
                 format!(

@@ -694,6 +694,25 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
         line(&budget, "mirror buffers").bytes,
         3 * cfg.mirror.batch_bytes + budget::MIRROR_FIXED_BYTES
     );
+    let agg = |inner: &str| {
+        format!(
+            "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\naggregate = {{ {inner} }}\n"
+        )
+    };
+    let cfg = load_text(
+        "m.toml",
+        agg("window_ms = 10000, lateness_ms = 5000, fields = [\"c\", \"rh\"]").as_str(),
+    )
+    .expect("the issue's example is valid");
+    let a = cfg.mirror.rules[0].aggregate.as_ref().expect("aggregate");
+    assert_eq!(
+        (a.window_ms, a.lateness_ms, a.max_open_windows),
+        (10_000, 5_000, 10_000)
+    );
+    assert_eq!(
+        line(&cfg.memory_budget(), "mirror windows").bytes,
+        10_000 * (budget::MIRROR_WINDOW_BYTES + 2 * budget::MIRROR_WINDOW_FIELD_BYTES)
+    );
     for (text, key) in [
         ("[mirror]\nupstream = \"kafka\"\n", "mirror.upstream"),
         (
@@ -721,6 +740,30 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
         (
             "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"{source}\"\n",
             "mirror.rules",
+        ),
+        (
+            agg("window_ms = 0, fields = [\"c\"]").as_str(),
+            "mirror.rules.aggregate.window_ms",
+        ),
+        (
+            agg("window_ms = 1000, lateness_ms = 700000000, fields = [\"c\"]").as_str(),
+            "mirror.rules.aggregate.lateness_ms",
+        ),
+        (
+            agg("window_ms = 1000, fields = []").as_str(),
+            "mirror.rules.aggregate.fields",
+        ),
+        (
+            agg("window_ms = 1000, fields = [\"c\", \"c\"]").as_str(),
+            "mirror.rules.aggregate.fields",
+        ),
+        (
+            agg("window_ms = 1000, fields = [\"c\"], max_open_windows = 0").as_str(),
+            "mirror.rules.aggregate.max_open_windows",
+        ),
+        (
+            agg("window_ms = 1000, fields = [\"c\"], window = 3").as_str(),
+            "mirror.rules[0].aggregate.window",
         ),
         (
             "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n\

@@ -30,6 +30,7 @@
 //! | `mirror_dropped_records` | counter | topic |
 //! | `mirror_forwarded_records`, `mirror_forwarded_bytes` | counter | topic |
 //! | `mirror_link_up` (1 up, 0 down) | gauge | |
+//! | `mirror_aggregate_events` | counter | topic, event: late, malformed, window, window_closed_early |
 //! | `mirror_transactions` | counter | outcome: commit, abort |
 //! | `mirror_upstream_bytes` (what `max_bytes_per_s` caps), `mirror_throttled_seconds` | counter | |
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
@@ -95,6 +96,12 @@ struct RuleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicEventLabels {
+    topic: Arc<str>,
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -212,6 +219,7 @@ pub struct Metrics {
     mirror_upstream_bytes: Counter,
     mirror_throttled_seconds: Counter<f64, AtomicU64>,
     mirror_rate: Family<RuleLabels, Gauge>,
+    mirror_aggregate_events: Family<TopicEventLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
@@ -367,6 +375,7 @@ impl Metrics {
             mirror_upstream_bytes: Counter::default(),
             mirror_throttled_seconds: Counter::default(),
             mirror_rate: Family::default(),
+            mirror_aggregate_events: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
@@ -538,6 +547,11 @@ impl Metrics {
             "mirror_rate_bytes_per_s",
             "Upstream bytes committed per second over the last 10 s, per mirror rule",
             m.mirror_rate.clone(),
+        );
+        m.registry.register(
+            "mirror_aggregate_events",
+            "Aggregate rules, committed upstream: late and malformed records, windows emitted, windows closed early",
+            m.mirror_aggregate_events.clone(),
         );
         m.registry.register(
             "connections",
@@ -725,6 +739,18 @@ impl Metrics {
         self.mirror_forwarded_bytes
             .get_or_create(&labels)
             .inc_by(bytes);
+    }
+
+    /// Counts of an aggregate rule's source topic (`event` names them).
+    pub fn mirror_aggregate(&self, topic: &str, events: [(&'static str, u64); 4]) {
+        for (event, n) in events.into_iter().filter(|(_, n)| *n > 0) {
+            self.mirror_aggregate_events
+                .get_or_create(&TopicEventLabels {
+                    topic: Arc::from(topic),
+                    event,
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn set_mirror_link(&self, up: bool) {

@@ -6,8 +6,9 @@
 //!
 //! 1. Each transaction carries, besides the records, one checkpoint record
 //!    per source partition it advances (key `gateway/topic/partition`,
-//!    value the last source offset it covers, decimal) to the compacted
-//!    checkpoint topic. Records and cursor commit or abort together.
+//!    value the last source offset it covers, decimal; an aggregate rule
+//!    adds its window state, [`Checkpoint`]) to the compacted checkpoint
+//!    topic. Records and cursor commit or abort together.
 //! 2. Every session starts with InitProducerId under the transactional id,
 //!    which aborts whatever transaction an earlier session (or process)
 //!    left open, and then reads the checkpoints back with read_committed,
@@ -34,6 +35,7 @@ use crate::client::partitioner::partition_for_key;
 use crate::config::{MirrorConfig, MirrorRule};
 use crate::metrics::Metrics;
 
+use super::aggregate::{Checkpoint, PartitionAgg, Spec};
 use super::kafka::{
     BatchBuilder, ConnectError, ErrorCode, HeaderRef, KafkaClient, KafkaConfig, KafkaError,
     NewTopic, PartitionReader, Producer, ProducerConfig, RecordRef, SaslConfig, TlsConfig,
@@ -58,6 +60,9 @@ const TRANSACTION_OPEN_MAX: Duration = Duration::from_secs(1);
 /// An idle link is probed (a metadata request) this often, so the status
 /// says when it went down before there is data to send.
 const IDLE_PROBE: Duration = Duration::from_secs(5);
+
+/// At most one malformed-value line per aggregate rule this often.
+const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How a record's upstream partition is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +301,12 @@ struct Round {
     gone: Vec<(String, u32)>,
 }
 
+/// Per source partition, the next offset, and an aggregate rule's state.
+type Checkpoints = (
+    HashMap<(String, u32), u64>,
+    HashMap<(String, u32), Checkpoint>,
+);
+
 /// A checkpoint record's key: `gateway/topic/partition`.
 fn checkpoint_key(gateway: &str, (topic, partition): &(String, u32)) -> String {
     format!("{gateway}/{topic}/{partition}")
@@ -327,6 +338,16 @@ pub struct Forwarder {
     /// rate and time to drain are measured over.
     committed_upstream: Vec<u64>,
     windows: Vec<pace::Window>,
+    /// Per rule, its aggregate settings (`None`: records go as they are).
+    specs: Vec<Option<Arc<Spec>>>,
+    /// Aggregate rules' windows per source partition, rebuilt from the
+    /// checkpoints (and the log) in each session.
+    aggs: HashMap<(String, u32), PartitionAgg>,
+    /// What aggregate checkpoints hold besides the offset: read back at a
+    /// session's start, then the last committed.
+    agg_checkpoints: HashMap<(String, u32), Checkpoint>,
+    /// Per rule, when a malformed value was last logged.
+    malformed_logged: Vec<Option<std::time::Instant>>,
 }
 
 impl Forwarder {
@@ -337,6 +358,11 @@ impl Forwarder {
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let stopping = broker.stopping();
+        let specs: Vec<Option<Arc<Spec>>> = settings
+            .rules
+            .iter()
+            .map(|r| r.aggregate.as_ref().map(|a| Arc::new(Spec::from_config(a))))
+            .collect();
         let rules = settings.rules.len();
         let pace = Pace::new(
             settings.max_bytes_per_s,
@@ -359,6 +385,10 @@ impl Forwarder {
             shares: Shares::new(rules),
             committed_upstream: vec![0; rules],
             windows: (0..rules).map(|_| pace::Window::default()).collect(),
+            specs,
+            aggs: HashMap::new(),
+            agg_checkpoints: HashMap::new(),
+            malformed_logged: vec![None; rules],
         }
     }
 
@@ -460,7 +490,9 @@ impl Forwarder {
             .await
             .map_err(kafka("initialising the transactional producer"))?;
         self.ensure_checkpoint_topic(&client).await?;
-        self.checkpoints = self.read_checkpoints(&client).await?;
+        (self.checkpoints, self.agg_checkpoints) = self.read_checkpoints(&client).await?;
+        // Windows folded in a transaction that may not have committed.
+        self.aggs.clear();
         self.target_partitions.clear();
         self.checkpoints_read = true;
         // No checkpoint: nothing of the partition is upstream; whatever
@@ -526,11 +558,9 @@ impl Forwarder {
     }
 
     /// This gateway's checkpoints, committed ones only: source partition →
-    /// the offset after the last one upstream.
-    async fn read_checkpoints(
-        &self,
-        client: &KafkaClient,
-    ) -> Result<HashMap<(String, u32), u64>, Failure> {
+    /// the offset after the last one upstream (and an aggregate rule's
+    /// state).
+    async fn read_checkpoints(&self, client: &KafkaClient) -> Result<Checkpoints, Failure> {
         let topic = &self.settings.checkpoint_topic;
         let partitions = client
             .partition_count(topic)
@@ -538,6 +568,7 @@ impl Forwarder {
             .map_err(kafka("reading the checkpoint topic"))?;
         let prefix = format!("{}/", self.settings.gateway);
         let mut out = HashMap::new();
+        let mut states = HashMap::new();
         for p in 0..partitions {
             let p = i32::try_from(p).unwrap_or(i32::MAX);
             let mut reader = PartitionReader::from_earliest(client.clone(), topic, p)
@@ -551,13 +582,19 @@ impl Forwarder {
                 let (Some(key), Some(value)) = (&record.key, &record.value) else {
                     continue;
                 };
-                let Some((topic, partition, last)) = parse_checkpoint(key, value, &prefix) else {
+                let Some((topic, partition, last, state)) = parse_checkpoint(key, value, &prefix)
+                else {
                     continue;
                 };
-                out.insert((topic, partition), last + 1);
+                let key = (topic, partition);
+                match state.and_then(Checkpoint::decode) {
+                    Some(cp) => states.insert(key.clone(), cp),
+                    None => states.remove(&key),
+                };
+                out.insert(key, last + 1);
             }
         }
-        Ok(out)
+        Ok((out, states))
     }
 
     /// Adds cursors for partitions that rules match now (topics created
@@ -566,6 +603,7 @@ impl Forwarder {
         let topics = self.broker.topics();
         self.cursors
             .retain(|(t, p), _| topics.get(t).is_some_and(|meta| *p < meta.partitions));
+        self.aggs.retain(|key, _| self.cursors.contains_key(key));
         for (name, meta) in &topics {
             let Some(rule) = self
                 .settings
@@ -623,15 +661,23 @@ impl Forwarder {
         }
         let rules = self.settings.rules.len();
         let mut backlog = vec![(0u64, 0u64, 0u64); rules];
+        let mut windows = vec![0u64; rules];
         let mut per_topic: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for ((topic, partition), cursor) in &self.cursors {
             let Ok(offsets) = self.broker.offsets(topic, *partition) else {
                 continue;
             };
             let block = self.settings.rules[cursor.rule].mirror_overflow == "block";
+            // Open windows are replayed from their first record.
+            let key = (topic.clone(), *partition);
+            let floor = self
+                .agg_checkpoints
+                .get(&key)
+                .map_or(cursor.next, |cp| cp.resume.min(cursor.next));
             let _ = self
                 .broker
-                .set_retain_floor(topic, *partition, block.then_some(cursor.next));
+                .set_retain_floor(topic, *partition, block.then_some(floor));
+            windows[cursor.rule] += self.aggs.get(&key).map_or(0, |a| a.open_windows() as u64);
             let records = offsets
                 .high_watermark
                 .saturating_sub(cursor.next.max(offsets.earliest));
@@ -654,6 +700,7 @@ impl Forwarder {
                 r.partitions = partitions;
                 r.rate_bytes_per_s = rate;
                 r.eta_s = eta;
+                r.open_windows = windows[rule];
             });
             if let Some(m) = &self.metrics {
                 m.set_mirror_rate(&self.settings.rules[rule].name, rate);
@@ -786,8 +833,16 @@ impl Forwarder {
                     }
                 }
                 // Not sent and the cursors not moved: the next
-                // transaction reads it again.
-                Admit::PutBack => break,
+                // transaction reads it again. Not a round that aggregate
+                // rules folded into their windows: the checkpoints this
+                // transaction commits would hold its records while the
+                // cursors do not, and reading it again would fold them
+                // twice. It goes now, and the bucket's debt is waited out
+                // before the next transaction's first round.
+                Admit::PutBack if !read.iter().any(|(rule, _)| self.specs[*rule].is_some()) => {
+                    break
+                }
+                Admit::PutBack => {}
             }
             self.pace.spend(upstream_bytes, std::time::Instant::now());
             if let Some(m) = &self.metrics {
@@ -863,9 +918,15 @@ impl Forwarder {
             .unsigned_abs();
         let now = crate::batch::now_ms();
         let mut checkpoints: BTreeMap<i32, BatchBuilder> = BTreeMap::new();
+        let mut states = Vec::new();
         for (_, a) in advances.values() {
             let key = checkpoint_key(&gateway, &a.key);
-            let value = (a.next - 1).to_string();
+            let mut value = (a.next - 1).to_string();
+            if let Some(agg) = self.aggs.get(&a.key) {
+                let state = agg.checkpoint(a.next);
+                value = format!("{value} {}", state.encode());
+                states.push((a.key.clone(), state));
+            }
             let partition = partition_for_key(key.as_bytes(), checkpoint_partitions) as i32;
             checkpoints
                 .entry(partition)
@@ -907,7 +968,28 @@ impl Forwarder {
             }
         }
 
+        self.agg_checkpoints.extend(states);
         for (rule, a) in advances.into_values() {
+            if let Some(agg) = self.aggs.get_mut(&a.key) {
+                let c = std::mem::take(&mut agg.counts);
+                self.status.update_rule(rule, |r| {
+                    r.windows_emitted += c.emitted;
+                    r.windows_closed_early += c.closed_early;
+                    r.late_records += c.late;
+                    r.malformed_records += c.malformed;
+                });
+                if let Some(m) = &self.metrics {
+                    m.mirror_aggregate(
+                        &a.key.0,
+                        [
+                            ("late", c.late),
+                            ("malformed", c.malformed),
+                            ("window", c.emitted),
+                            ("window_closed_early", c.closed_early),
+                        ],
+                    );
+                }
+            }
             if let Some(c) = self.cursors.get_mut(&a.key) {
                 c.next = c.next.max(a.next);
             }
@@ -1040,6 +1122,12 @@ impl Forwarder {
                 continue; // paused while the fetch waited
             }
             let (rule, target) = (cursor.rule, cursor.target.clone());
+            if let Some(spec) = &self.specs[rule] {
+                if !self.aggs.contains_key(&key) {
+                    let agg = self.restore_agg(&key, offset, spec.clone()).await?;
+                    self.aggs.insert(key.clone(), agg);
+                }
+            }
             let source_partitions = self.broker.topic(&key.0).map(|m| m.partitions).unwrap_or(1);
             let partitions = self
                 .partitions_of(client, &target, source_partitions)
@@ -1052,6 +1140,21 @@ impl Forwarder {
             let encoded_before = encoded(&round.builders);
             let topic_text = key.0.as_str();
             let partition_text = key.1.to_string();
+            let source_headers = [
+                HeaderRef {
+                    key: "skiff.gateway",
+                    value: Some(gateway.as_bytes()),
+                },
+                HeaderRef {
+                    key: "skiff.topic",
+                    value: Some(topic_text.as_bytes()),
+                },
+                HeaderRef {
+                    key: "skiff.partition",
+                    value: Some(partition_text.as_bytes()),
+                },
+            ];
+            let mut agg = self.aggs.get_mut(&key);
             for batch in BatchIter::new(&fetched.records) {
                 let batch = batch.map_err(|e| Failure::Local(e.into()))?;
                 let h = batch.header;
@@ -1071,12 +1174,23 @@ impl Forwarder {
                     if source_offset < next {
                         continue;
                     }
-                    let target_partition = match (self.settings.partitioner, r.key) {
-                        (Partitioner::Murmur2, Some(k)) => {
-                            partition_for_key(k, partitions.unsigned_abs()) as i32
-                        }
-                        _ => (key.1 % partitions.unsigned_abs()) as i32,
-                    };
+                    if let Some(agg) = agg.as_deref_mut() {
+                        let ts = h.first_timestamp.saturating_add(r.timestamp_delta);
+                        agg.fold(
+                            source_offset,
+                            ts,
+                            r.key.map(|k| &**k),
+                            r.value.map(|v| &**v),
+                        );
+                        records += 1;
+                        continue;
+                    }
+                    let target_partition = upstream_partition(
+                        self.settings.partitioner,
+                        r.key.map(|k| &**k),
+                        key.1,
+                        partitions,
+                    );
                     let offset_text = source_offset.to_string();
                     let mut headers: Vec<HeaderRef<'_>> = r
                         .headers
@@ -1086,47 +1200,61 @@ impl Forwarder {
                             value: Some(&**h.value),
                         })
                         .collect();
-                    headers.extend([
-                        HeaderRef {
-                            key: "skiff.gateway",
-                            value: Some(gateway.as_bytes()),
-                        },
-                        HeaderRef {
-                            key: "skiff.topic",
-                            value: Some(topic_text.as_bytes()),
-                        },
-                        HeaderRef {
-                            key: "skiff.partition",
-                            value: Some(partition_text.as_bytes()),
-                        },
-                        HeaderRef {
-                            key: "skiff.offset",
-                            value: Some(offset_text.as_bytes()),
-                        },
-                    ]);
-                    let list = round
-                        .builders
-                        .entry((target.clone(), target_partition))
-                        .or_default();
-                    if list
-                        .last()
-                        .is_none_or(|b| b.encoded_bytes() >= UPSTREAM_BATCH_BYTES_MAX)
-                    {
-                        list.push(BatchBuilder::new());
-                    }
-                    let builder = list.last_mut().expect("pushed above");
-                    builder
-                        .push(&RecordRef {
+                    headers.extend(source_headers);
+                    headers.push(HeaderRef {
+                        key: "skiff.offset",
+                        value: Some(offset_text.as_bytes()),
+                    });
+                    push_upstream(
+                        &mut round.builders,
+                        &target,
+                        target_partition,
+                        &RecordRef {
                             key: r.key.map(|k| &**k),
                             value: r.value.map(|v| &**v),
                             timestamp_ms: h.first_timestamp.saturating_add(r.timestamp_delta),
                             headers: &headers,
-                        })
-                        .map_err(|e| kafka("encoding records")(KafkaError::Records(e)))?;
+                        },
+                    )?;
                     records += 1;
                 }
                 bytes += u64::from(h.total_len);
                 next = h.next_offset();
+            }
+            if let Some(agg) = agg {
+                for w in agg.closed.drain(..) {
+                    let target_partition = upstream_partition(
+                        self.settings.partitioner,
+                        w.key.as_deref(),
+                        key.1,
+                        partitions,
+                    );
+                    // The window's end: its records are all before it.
+                    push_upstream(
+                        &mut round.builders,
+                        &target,
+                        target_partition,
+                        &RecordRef {
+                            key: w.key.as_deref(),
+                            value: Some(&w.json),
+                            timestamp_ms: w.end,
+                            headers: &source_headers,
+                        },
+                    )?;
+                }
+                if let Some((at, why)) = agg.last_malformed.take() {
+                    let last = &mut self.malformed_logged[rule];
+                    if last.is_none_or(|t| t.elapsed() >= MALFORMED_LOG_EVERY) {
+                        *last = Some(std::time::Instant::now());
+                        log::warn!(
+                            "mirror: rule '{}': {}/{} offset {at}: skipped a malformed value ({why}); \
+                             at most one such line per minute, `skiff mirror status` counts them all",
+                            self.settings.rules[rule].name,
+                            key.0,
+                            key.1
+                        );
+                    }
+                }
             }
             // Past what the read left out (markers, aborted transactions),
             // once that is durable too.
@@ -1155,6 +1283,104 @@ impl Forwarder {
             }
         }
         Ok(round)
+    }
+
+    /// An aggregate partition's windows as the last committed checkpoint
+    /// left them: its watermark, horizon and pending late counts, and the
+    /// open windows folded again from the local log, `[resume, next)`.
+    async fn restore_agg(
+        &mut self,
+        key: &(String, u32),
+        next: u64,
+        spec: Arc<Spec>,
+    ) -> Result<PartitionAgg, Failure> {
+        let Some(cp) = self.agg_checkpoints.get(key) else {
+            return Ok(PartitionAgg::new(spec));
+        };
+        let Some(mut agg) = PartitionAgg::restore(spec.clone(), cp) else {
+            log::warn!(
+                "mirror: {}/{}: window_ms changed from {} to {}: the windows open at offset {next} are not emitted; aggregating on from there",
+                key.0,
+                key.1,
+                cp.window_ms,
+                spec.window_ms
+            );
+            return Ok(PartitionAgg::restart_from(spec, cp));
+        };
+        let mut pos = cp.resume;
+        let batch_bytes = self.settings.batch_bytes;
+        while pos < next {
+            let parts = [FetchPartition {
+                topic: &key.0,
+                partition: key.1,
+                offset: pos,
+                max_bytes: batch_bytes,
+            }];
+            let limits = FetchLimits {
+                min_bytes: 0,
+                max_wait: Duration::ZERO,
+                max_bytes: batch_bytes,
+            };
+            let result = self.broker.fetch_isolated(&parts, limits, true).await;
+            let fetched = match result.into_iter().next() {
+                Some(Ok(f)) => f,
+                Some(Err(BrokerError::OffsetOutOfRange { earliest, .. })) if earliest > pos => {
+                    // Only `drop-oldest` rings get here: the floor holds
+                    // `resume` for `block` ones.
+                    let lost = earliest.min(next) - pos;
+                    log::warn!(
+                        "mirror: {}/{}: {lost} record(s) (offsets {pos}..{}) of open windows left the local log; those windows are emitted without them",
+                        key.0,
+                        key.1,
+                        earliest.min(next)
+                    );
+                    if let Some(c) = self.cursors.get(key) {
+                        self.status
+                            .update_rule(c.rule, |r| r.dropped_records += lost);
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.mirror_dropped(&key.0, lost);
+                    }
+                    pos = earliest;
+                    continue;
+                }
+                Some(Err(e)) => return Err(Failure::Local(e)),
+                None => break,
+            };
+            let before = pos;
+            for batch in BatchIter::new(&fetched.records) {
+                let batch = batch.map_err(|e| Failure::Local(e.into()))?;
+                let h = batch.header;
+                if h.next_offset() <= pos || h.attributes & ATTR_CONTROL != 0 {
+                    pos = pos.max(h.next_offset());
+                    continue;
+                }
+                for r in batch.records().map_err(|e| Failure::Local(e.into()))? {
+                    let offset = h.base_offset + u64::from(r.offset_delta);
+                    if offset >= pos && offset < next {
+                        let ts = h.first_timestamp.saturating_add(r.timestamp_delta);
+                        agg.replay(offset, ts, r.key.map(|k| &**k), r.value.map(|v| &**v));
+                    }
+                }
+                pos = h.next_offset();
+            }
+            if let Some(after) = fetched.next_offset {
+                pos = pos.max(after);
+            }
+            if pos == before {
+                break; // nothing more to read below `next`
+            }
+        }
+        if agg.open_windows() > 0 {
+            log::info!(
+                "mirror: {}/{}: {} open window(s) rebuilt from offsets {}..{next}",
+                key.0,
+                key.1,
+                agg.open_windows(),
+                cp.resume
+            );
+        }
+        Ok(agg)
     }
 
     /// The cursor points outside the local log: below it, records were
@@ -1197,13 +1423,56 @@ fn encoded(builders: &BTreeMap<(String, i32), Vec<BatchBuilder>>) -> u64 {
         .sum()
 }
 
-/// `gateway/topic/partition` → `last offset` for this gateway's keys.
-fn parse_checkpoint(key: &[u8], value: &[u8], prefix: &str) -> Option<(String, u32, u64)> {
+/// `gateway/topic/partition` → `last offset` for this gateway's keys; an
+/// aggregate rule's state follows the offset after a space.
+fn parse_checkpoint<'v>(
+    key: &[u8],
+    value: &'v [u8],
+    prefix: &str,
+) -> Option<(String, u32, u64, Option<&'v str>)> {
     let key = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
     let (topic, partition) = key.rsplit_once('/')?;
     let partition = partition.parse().ok()?;
-    let last = std::str::from_utf8(value).ok()?.parse().ok()?;
-    Some((topic.to_owned(), partition, last))
+    let value = std::str::from_utf8(value).ok()?;
+    let (last, state) = match value.split_once(' ') {
+        Some((last, state)) => (last, Some(state)),
+        None => (value, None),
+    };
+    Some((topic.to_owned(), partition, last.parse().ok()?, state))
+}
+
+/// Murmur2 of the key, or the source partition's number (modulo).
+fn upstream_partition(
+    partitioner: Partitioner,
+    key: Option<&[u8]>,
+    source_partition: u32,
+    partitions: i32,
+) -> i32 {
+    match (partitioner, key) {
+        (Partitioner::Murmur2, Some(k)) => partition_for_key(k, partitions.unsigned_abs()) as i32,
+        _ => (source_partition % partitions.unsigned_abs()) as i32,
+    }
+}
+
+/// Adds `record` to the batches for one upstream partition, starting a new
+/// batch when the last one is full.
+fn push_upstream(
+    builders: &mut BTreeMap<(String, i32), Vec<BatchBuilder>>,
+    target: &str,
+    partition: i32,
+    record: &RecordRef<'_>,
+) -> Result<(), Failure> {
+    let list = builders.entry((target.to_owned(), partition)).or_default();
+    if list
+        .last()
+        .is_none_or(|b| b.encoded_bytes() >= UPSTREAM_BATCH_BYTES_MAX)
+    {
+        list.push(BatchBuilder::new());
+    }
+    let builder = list.last_mut().expect("pushed above");
+    builder
+        .push(record)
+        .map_err(|e| kafka("encoding records")(KafkaError::Records(e)))
 }
 
 #[cfg(test)]
@@ -1230,7 +1499,20 @@ mod tests {
     fn checkpoint_keys_parse_for_this_gateway_only() {
         assert_eq!(
             parse_checkpoint(b"gw-17/sensors.temp/3", b"41", "gw-17/"),
-            Some(("sensors.temp".to_owned(), 3, 41))
+            Some(("sensors.temp".to_owned(), 3, 41, None))
+        );
+        assert_eq!(
+            parse_checkpoint(
+                b"gw-17/t/0",
+                b"41 1000 7 1700000009000 1700000004000",
+                "gw-17/"
+            ),
+            Some((
+                "t".to_owned(),
+                0,
+                41,
+                Some("1000 7 1700000009000 1700000004000")
+            ))
         );
         assert_eq!(parse_checkpoint(b"gw-1/t/0", b"1", "gw-17/"), None);
         assert_eq!(parse_checkpoint(b"gw-17/t/x", b"1", "gw-17/"), None);
@@ -1245,6 +1527,7 @@ mod tests {
             target: "plant1.{topic}".into(),
             mirror_overflow: "block".into(),
             priority: 0,
+            aggregate: None,
         };
         assert_eq!(target_for(&rule, "sensors.temp"), "plant1.sensors.temp");
     }

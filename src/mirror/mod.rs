@@ -4,6 +4,8 @@
 //!   the idempotent and transactional producer, read_committed reads,
 //!   TLS and SASL). It knows nothing of skiff's storage.
 //!
+//! - [`aggregate`]: tumbling windows per key for rules with `aggregate`,
+//!   and the state their checkpoints carry.
 //! - [`forward`]: the forwarder. It reads the local partitions the rules
 //!   match through the broker's fetch API, like any consumer, and writes
 //!   them upstream in transactions that also carry its checkpoints.
@@ -12,6 +14,7 @@
 //! - [`status`]: the link state and per-rule counters that `skiff mirror
 //!   status` shows; also where `pause` and `resume` land.
 
+pub mod aggregate;
 pub mod forward;
 pub mod kafka;
 pub mod pace;

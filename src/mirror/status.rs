@@ -41,6 +41,15 @@ pub struct RuleStatus {
     /// Seconds until the backlog is upstream at its net drain rate over
     /// the last 10 s; `None` when it is not draining.
     pub eta_s: Option<u64>,
+    /// Aggregate rules: windows open now (0 for other rules).
+    pub open_windows: u64,
+    /// Aggregate rules, committed upstream since start: windows, and of
+    /// them closed early (past `max_open_windows`); late and malformed
+    /// source records.
+    pub windows_emitted: u64,
+    pub windows_closed_early: u64,
+    pub late_records: u64,
+    pub malformed_records: u64,
 }
 
 /// The whole status, as `mirror status --format json` prints it.

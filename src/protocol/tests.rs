@@ -452,6 +452,11 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     dropped_records: 0,
                     rate_bytes_per_s: Some(4096),
                     eta_s: None,
+                    open_windows: 3,
+                    windows_emitted: 40,
+                    windows_closed_early: 1,
+                    late_records: 2,
+                    malformed_records: 5,
                 }],
             })),
         ),
@@ -1084,7 +1089,7 @@ const GOLDEN_RESPONSES: [(&str, &str); 22] = [
         "delete_group",
         "820182181c80",
     ),
-    ("mirror_status", "820182182888f5f5f66567772d31376a6b61666b613a393039320c0081896574656d7073f40200001913881a0006419000191000"),
+    ("mirror_status", "820182182888f5f5f66567772d31376a6b61666b613a393039320c0081956574656d7073f40200001913881a0006419000f6f6f6f6f6f6f6f6031828010205"),
     ("mirror_pause", "8201821829826574656d7073f5"),
 ];
 
@@ -1206,6 +1211,11 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
             dropped_records: 0,
             rate_bytes_per_s: Some(90),
             eta_s: Some(2),
+            open_windows: 0,
+            windows_emitted: 0,
+            windows_closed_early: 0,
+            late_records: 0,
+            malformed_records: 0,
         }],
     });
     for body in [

@@ -1356,6 +1356,18 @@ pub struct MirrorRuleStatus {
     /// Seconds to drain the backlog; absent when it is not draining.
     #[n(9)]
     pub eta_s: Option<u64>,
+    /// Aggregate rules (0 for others); numbered apart from the fields above
+    /// so both can grow.
+    #[n(16)]
+    pub open_windows: u64,
+    #[n(17)]
+    pub windows_emitted: u64,
+    #[n(18)]
+    pub windows_closed_early: u64,
+    #[n(19)]
+    pub late_records: u64,
+    #[n(20)]
+    pub malformed_records: u64,
 }
 
 /// Pauses (`paused: true`) or resumes a rule; the answer echoes it. An

@@ -805,6 +805,11 @@ pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
                 dropped_records: r.dropped_records,
                 rate_bytes_per_s: Some(r.rate_bytes_per_s),
                 eta_s: r.eta_s,
+                open_windows: r.open_windows,
+                windows_emitted: r.windows_emitted,
+                windows_closed_early: r.windows_closed_early,
+                late_records: r.late_records,
+                malformed_records: r.malformed_records,
             })
             .collect(),
     })

@@ -99,6 +99,21 @@ pub fn python_path() -> PathBuf {
 }
 
 /// A free port on 127.0.0.1 (bound, then released).
+/// How many kill -9 cycles a crash test runs: SKIFF_MIRROR_KILLS, else 20,
+/// or 5 under an emulator (each restart under qemu takes seconds).
+pub fn kill_count() -> usize {
+    std::env::var("SKIFF_MIRROR_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(
+            if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+                5
+            } else {
+                20
+            },
+        )
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
