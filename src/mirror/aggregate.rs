@@ -19,7 +19,7 @@
 //!   So [`PartitionAgg::replay`] rebuilds the open windows from the log,
 //!   and late counts not yet emitted travel in the checkpoint itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 
 /// A rule's aggregate settings, validated with the config.
@@ -524,7 +524,7 @@ pub struct PartitionAgg {
     keyed: HashMap<Box<[u8]>, Vec<Window>>,
     unkeyed: Vec<Window>,
     /// Open windows by end, in the order they opened: the close order.
-    by_end: BTreeMap<i64, Vec<Key>>,
+    by_end: std::collections::VecDeque<(i64, Key)>,
     open: usize,
     /// Late records per key, for that key's next emitted window; at most
     /// `max_open_windows` keys (more are only counted).
@@ -547,7 +547,7 @@ impl PartitionAgg {
             horizon: i64::MIN,
             keyed: HashMap::new(),
             unkeyed: Vec::new(),
-            by_end: BTreeMap::new(),
+            by_end: std::collections::VecDeque::new(),
             open: 0,
             late: HashMap::new(),
             closed: Vec::new(),
@@ -643,7 +643,7 @@ impl PartitionAgg {
         }
         if self.add(offset, key, value, start, end) {
             while self.open > self.spec.max_open_windows {
-                let Some((&oldest, _)) = self.by_end.first_key_value() else {
+                let Some(&(oldest, _)) = self.by_end.front() else {
                     break;
                 };
                 self.raise_horizon(oldest, true);
@@ -702,7 +702,9 @@ impl PartitionAgg {
                     },
                 );
                 self.open += 1;
-                self.by_end.entry(end).or_default().push(key.map(Box::from));
+                // Ends mostly come in rising order: this is a push_back.
+                let at = self.by_end.partition_point(|(e, _)| *e <= end);
+                self.by_end.insert(at, (end, key.map(Box::from)));
                 i
             }
         };
@@ -723,41 +725,36 @@ impl PartitionAgg {
             return;
         }
         self.horizon = to;
-        while let Some(entry) = self.by_end.first_entry() {
-            if *entry.key() > to {
-                break;
-            }
-            let (end, keys) = entry.remove_entry();
-            for key in keys {
-                let windows = match &key {
-                    Some(k) => self.keyed.get_mut(k),
-                    None => Some(&mut self.unkeyed),
-                };
-                let Some(windows) = windows else { continue };
-                let start = end - self.spec.window_ms;
-                let Ok(i) = windows.binary_search_by_key(&start, |w| w.start) else {
-                    continue;
-                };
-                let w = windows.remove(i);
-                if windows.is_empty() {
-                    if let Some(k) = &key {
-                        self.keyed.remove(k);
-                    }
+        while self.by_end.front().is_some_and(|(end, _)| *end <= to) {
+            let (end, key) = self.by_end.pop_front().expect("front checked");
+            let windows = match &key {
+                Some(k) => self.keyed.get_mut(k),
+                None => Some(&mut self.unkeyed),
+            };
+            let Some(windows) = windows else { continue };
+            let start = end - self.spec.window_ms;
+            let Ok(i) = windows.binary_search_by_key(&start, |w| w.start) else {
+                continue;
+            };
+            let w = windows.remove(i);
+            if windows.is_empty() {
+                if let Some(k) = &key {
+                    self.keyed.remove(k);
                 }
-                self.open -= 1;
-                let late = self.late.remove(&key).unwrap_or(0);
-                let json = encode(&self.spec.fields, key.as_deref(), &w, end, late);
-                self.counts.emitted += 1;
-                if early {
-                    self.counts.closed_early += 1;
-                }
-                self.closed.push(Closed {
-                    key,
-                    start: w.start,
-                    end,
-                    json,
-                });
             }
+            self.open -= 1;
+            let late = self.late.remove(&key).unwrap_or(0);
+            let json = encode(&self.spec.fields, key.as_deref(), &w, end, late);
+            self.counts.emitted += 1;
+            if early {
+                self.counts.closed_early += 1;
+            }
+            self.closed.push(Closed {
+                key,
+                start: w.start,
+                end,
+                json,
+            });
         }
     }
 }
