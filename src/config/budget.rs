@@ -77,6 +77,9 @@ pub const SHARE_KEPT_REASON_BYTES: usize = 64;
 /// One share partition besides its records: its key (group and topic ids,
 /// up to 255 B each) and state, in the coordinator's map.
 pub const SHARE_PARTITION_BYTES: u64 = 1024;
+/// One active share member: its group and member ids (up to 255 B each)
+/// and deadline, in the coordinator's map, with the allocator's rounding.
+pub const SHARE_MEMBER_BYTES: u64 = 768;
 
 /// Copies of a transaction's worth of data the mirror holds at once: the
 /// local fetch answer, the records re-encoded for Kafka, and the finished
@@ -280,6 +283,14 @@ impl MemoryBudget {
                     ),
                 )
             },
+            line(
+                "share members",
+                u64::from(cfg.share.max_active_members).saturating_mul(SHARE_MEMBER_BYTES),
+                format!(
+                    "share.max_active_members {} x {SHARE_MEMBER_BYTES} B",
+                    cfg.share.max_active_members
+                ),
+            ),
             line(
                 "runtime base (estimate)",
                 RUNTIME_BASE_BYTES,

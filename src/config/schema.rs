@@ -279,6 +279,7 @@ pub const SHARE_IN_FLIGHT_RECORDS_LIMIT: u32 = 4096;
 /// Delivery counts travel as u16 in the share log.
 pub const SHARE_MAX_DELIVERIES_LIMIT: u32 = 1000;
 pub const SHARE_LOCK_MS_MAX: u64 = 3_600_000;
+pub const SHARE_ACTIVE_MEMBERS_LIMIT: u32 = 65_536;
 
 /// `[share]`: share groups (queues) and their dead-letter topics
 /// (docs/queues.md).
@@ -298,6 +299,9 @@ pub struct ShareSection {
     pub dead_letter_suffix: String,
     /// Share partitions (group, topic, partition) the broker keeps.
     pub max_share_partitions: u32,
+    /// (group, member) pairs counted active at once, over all share
+    /// groups: member ids come from clients, so the table needs a bound.
+    pub max_active_members: u32,
     /// Settings for one topic, one group, or one group on one topic.
     pub overrides: Vec<ShareOverride>,
 }
@@ -749,6 +753,12 @@ impl ShareSection {
             self.max_share_partitions,
             1,
             SHARE_PARTITIONS_LIMIT,
+        )?;
+        check_range(
+            "share.max_active_members",
+            self.max_active_members,
+            1,
+            SHARE_ACTIVE_MEMBERS_LIMIT,
         )?;
         for o in &self.overrides {
             check(

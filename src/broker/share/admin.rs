@@ -73,14 +73,30 @@ impl ShareCoordinator {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts `member` of `group` as active for `for_` from now.
-    pub(super) fn seen(&self, group: &str, member: &str, for_: Duration) {
-        let until = Instant::now() + for_;
+    /// Counts `member` of `group` as active for `for_` from now; refuses
+    /// a new member while `max_active_members` others are active.
+    pub(super) fn seen(&self, group: &str, member: &str, for_: Duration) -> Result<(), ShareError> {
+        let now = Instant::now();
+        let until = now + for_;
         let mut members = self.members_lock();
-        let e = members
-            .entry((group.to_owned(), member.to_owned()))
-            .or_insert(until);
-        *e = (*e).max(until);
+        let key = (group.to_owned(), member.to_owned());
+        if let Some(e) = members.get_mut(&key) {
+            *e = (*e).max(until);
+            return Ok(());
+        }
+        let max = self.config.max_active_members;
+        if members.len() >= max {
+            // The expiry pass prunes too, but not often enough to keep a
+            // burst of new ids from filling the table with lapsed ones.
+            members.retain(|_, t| *t > now);
+            if members.len() >= max {
+                return Err(ShareError::Invalid(format!(
+                    "too many active share members: share.max_active_members is {max} (a member stays active for lock_ms after its last fetch or acknowledgement)"
+                )));
+            }
+        }
+        members.insert(key, until);
+        Ok(())
     }
 
     /// Members of `group` active now, and for how much longer; a member

@@ -95,6 +95,7 @@ pub struct ShareConfig {
     pub max_in_flight_records: u32,
     pub dead_letter_suffix: String,
     pub max_share_partitions: usize,
+    pub max_active_members: usize,
     pub overrides: Vec<crate::config::ShareOverride>,
 }
 
@@ -106,6 +107,7 @@ impl Default for ShareConfig {
             max_in_flight_records: 200,
             dead_letter_suffix: ".dlq".into(),
             max_share_partitions: 64,
+            max_active_members: 64,
             overrides: Vec::new(),
         }
     }
@@ -128,6 +130,7 @@ impl ShareConfig {
             max_in_flight_records: s.max_in_flight_records,
             dead_letter_suffix: s.dead_letter_suffix.clone(),
             max_share_partitions: s.max_share_partitions as usize,
+            max_active_members: s.max_active_members as usize,
             overrides: s.overrides.clone(),
         }
     }
@@ -687,7 +690,7 @@ impl ShareCoordinator {
             &spec.group,
             &spec.member,
             spec.max_wait + Duration::from_millis(settings.lock_ms),
-        );
+        )?;
         let member: Arc<str> = spec.member.as_str().into();
         let deadline = Instant::now() + spec.max_wait;
         let stopping = self.broker.stopping();
@@ -986,7 +989,7 @@ impl ShareCoordinator {
         check_id("the share group id", group)?;
         check_id("the member id", member)?;
         let settings = self.config.settings(group, topic);
-        self.seen(group, member, Duration::from_millis(settings.lock_ms));
+        self.seen(group, member, Duration::from_millis(settings.lock_ms))?;
         let now = Instant::now();
         let mut results: Vec<Result<(), ShareError>> = Vec::with_capacity(acks.len());
         let mut dirty = BTreeSet::new();

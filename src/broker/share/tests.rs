@@ -132,6 +132,21 @@ fn a_window_record_fits_what_the_memory_budget_counts() {
     );
 }
 
+#[test]
+fn an_active_member_fits_what_the_memory_budget_counts() {
+    let entry = std::mem::size_of::<((String, String), Instant)>() as u64;
+    // Tree nodes as in the window's test above; both ids at their longest,
+    // with the allocator's header and rounding.
+    let per_entry_worst = (11 * entry + 16 + 96) / 5;
+    let ids = 2 * (SHARE_ID_BYTES_MAX as u64 + 16);
+    assert!(
+        per_entry_worst + ids <= crate::config::SHARE_MEMBER_BYTES,
+        "an active member takes up to {} B, the budget counts {}",
+        per_entry_worst + ids,
+        crate::config::SHARE_MEMBER_BYTES
+    );
+}
+
 // ------------------------------------------------ over a real broker
 
 use crate::broker::TopicSpec;
@@ -361,4 +376,48 @@ fn a_topic_deleted_before_its_tombstone_was_written_is_dropped_at_start_for_good
     }
     let c = open(&rig, ShareConfig::default());
     assert!(keys(&c).is_empty(), "the tombstone keeps it gone");
+}
+
+#[test]
+fn active_members_are_bounded_and_lapsed_ones_make_room() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(
+        &rig,
+        ShareConfig {
+            max_active_members: 3,
+            ..ShareConfig::default()
+        },
+    );
+    fill(c.broker(), "t", 10);
+    let hour = Duration::from_secs(3600);
+    c.seen("g", "a", hour).expect("room");
+    c.seen("g", "b", hour).expect("room");
+    // Active until now: lapsed already.
+    c.seen("g", "c", Duration::ZERO).expect("room");
+    // The table is full, but c has lapsed: d takes its place.
+    take(&c, "t", "d", 1);
+    assert_eq!(c.members_lock().len(), 3);
+    let spec = |member: &str| FetchSpec {
+        group: "g".into(),
+        topic: "t".into(),
+        member: member.into(),
+        max_records: 1,
+        max_wait: Duration::ZERO,
+        from_earliest: true,
+    };
+    match block_on(c.fetch(spec("e"))) {
+        Err(ShareError::Invalid(m)) => assert!(m.contains("share.max_active_members is 3"), "{m}"),
+        other => panic!("a fourth member was let in: {:?}", other.map(|r| r.1)),
+    }
+    assert!(
+        block_on(c.acknowledge("g", "t", "f", Vec::new())).is_err(),
+        "an ack makes a member active too"
+    );
+    // In another group too: the bound is the broker's.
+    c.seen("other", "a", hour)
+        .expect_err("a member of another group counts against the same bound");
+    // The members already in are still served.
+    take(&c, "t", "a", 1);
+    c.seen("g", "b", hour).expect("known");
+    assert_eq!(c.members_lock().len(), 3);
 }
