@@ -1357,16 +1357,22 @@ pub struct MirrorRuleStatus {
     #[n(9)]
     pub eta_s: Option<u64>,
     /// Aggregate rules (0 for others); numbered apart from the fields above
-    /// so both can grow.
+    /// so both can grow. 0 when a server from before aggregates leaves them
+    /// out.
     #[n(16)]
+    #[cbor(default)]
     pub open_windows: u64,
     #[n(17)]
+    #[cbor(default)]
     pub windows_emitted: u64,
     #[n(18)]
+    #[cbor(default)]
     pub windows_closed_early: u64,
     #[n(19)]
+    #[cbor(default)]
     pub late_records: u64,
     #[n(20)]
+    #[cbor(default)]
     pub malformed_records: u64,
 }
 
