@@ -7,6 +7,8 @@
 //! with its seed (`SKIFF_SOAK_SEED`, printed on the summary line).
 
 mod common;
+// Each test binary uses a part of it.
+#[allow(dead_code)]
 mod lazy_fs;
 mod upstream;
 

@@ -18,6 +18,11 @@
 //! after a crash, reads through the mount see only what survived.
 //! fallocate can be refused (EOPNOTSUPP, as many FUSE filesystems do), to
 //! run the broker's preallocate-by-writing-zeros fallback.
+//!
+//! [`LazyFs::mount_slow`] also makes it a slow device, an SD card's model
+//! for issue 23's workload S: one queue, where a write takes its length
+//! over the device's bandwidth and a flush (fsync, fdatasync) a latency
+//! drawn from a range, each after the ones before it.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -63,6 +68,7 @@ struct Inner {
     pending: HashMap<u64, Pending>,
     era: u64,
     stats: Stats,
+    queue: Option<Queue>,
 }
 
 /// What the filesystem saw, for the test's report.
@@ -80,6 +86,34 @@ struct Fs {
     base: PathBuf,
     allow_fallocate: bool,
     inner: Arc<Mutex<Inner>>,
+    device: Option<SlowDevice>,
+}
+
+/// A slow device's speeds (see the module's doc).
+#[derive(Debug, Clone, Copy)]
+pub struct SlowDevice {
+    pub write_bytes_per_s: u64,
+    /// A flush takes from the first to the second, uniformly.
+    pub flush_ms: (u64, u64),
+}
+
+/// What the slow device did, cumulative since the mount.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceStats {
+    pub writes: u64,
+    pub bytes_written: u64,
+    /// Each flush's own time on the device, in µs, in the order they ran.
+    pub flush_us: Vec<u64>,
+    /// Time the device was busy (writing or flushing), in µs.
+    pub busy_us: u64,
+}
+
+/// The device's one queue: when it is free again, and a small PRNG for
+/// the flush times (xorshift; the model needs no better).
+struct Queue {
+    free_at: std::time::Instant,
+    rng: u64,
+    stats: DeviceStats,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -193,12 +227,55 @@ impl Fs {
         Ok(())
     }
 
+    /// Queues `op` on the slow device, if there is one: when it will be
+    /// done. The caller sleeps until then without the lock.
+    fn occupy(&self, inner: &mut Inner, op: DeviceOp) -> Option<std::time::Instant> {
+        let d = self.device?;
+        let q = inner.queue.as_mut()?;
+        let took = match op {
+            DeviceOp::Write(bytes) => {
+                q.stats.writes += 1;
+                q.stats.bytes_written += bytes;
+                Duration::from_nanos(
+                    bytes.saturating_mul(1_000_000_000) / d.write_bytes_per_s.max(1),
+                )
+            }
+            DeviceOp::Flush => {
+                q.rng ^= q.rng << 13;
+                q.rng ^= q.rng >> 7;
+                q.rng ^= q.rng << 17;
+                let (lo, hi) = d.flush_ms;
+                let us = lo * 1000 + q.rng % ((hi.max(lo) - lo) * 1000 + 1);
+                q.stats.flush_us.push(us);
+                Duration::from_micros(us)
+            }
+        };
+        q.stats.busy_us += took.as_micros() as u64;
+        let start = q.free_at.max(std::time::Instant::now());
+        q.free_at = start + took;
+        Some(q.free_at)
+    }
+
     fn open_file(&self, inner: &mut Inner, ino: u64, file: File) -> FileHandle {
         inner.next_fh += 1;
         let fh = inner.next_fh;
         let era = inner.era;
         inner.open.insert(fh, Open { ino, file, era });
         FileHandle(fh)
+    }
+}
+
+enum DeviceOp {
+    Write(u64),
+    Flush,
+}
+
+fn wait_for(done: Option<std::time::Instant>) {
+    if let Some(t) = done {
+        let now = std::time::Instant::now();
+        if t > now {
+            std::thread::sleep(t - now);
+        }
     }
 }
 
@@ -471,6 +548,12 @@ impl Filesystem for Fs {
             p.writes.push((offset, data.to_vec()));
             Ok(())
         })();
+        let done = r
+            .is_ok()
+            .then(|| self.occupy(&mut inner, DeviceOp::Write(data.len() as u64)))
+            .flatten();
+        drop(inner);
+        wait_for(done);
         match r {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
@@ -498,6 +581,12 @@ impl Filesystem for Fs {
                 file.sync_all().map_err(errno)
             }
         })();
+        let done = r
+            .is_ok()
+            .then(|| self.occupy(&mut inner, DeviceOp::Flush))
+            .flatten();
+        drop(inner);
+        wait_for(done);
         answer(reply, r);
     }
 
@@ -658,7 +747,7 @@ impl LazyFs {
             eprintln!("skipped: tests/lazy_fs needs root, /dev/fuse and a native run");
             return None;
         }
-        match Self::mount(base, mountpoint, allow_fallocate) {
+        match Self::mount(base, mountpoint, allow_fallocate, None) {
             Ok(fs) => Some(fs),
             Err(e)
                 if matches!(
@@ -673,14 +762,36 @@ impl LazyFs {
         }
     }
 
-    fn mount(base: &Path, mountpoint: &Path, allow_fallocate: bool) -> std::io::Result<LazyFs> {
+    /// As [`LazyFs::try_mount`], and a slow device (see the module's doc).
+    pub fn mount_slow(base: &Path, mountpoint: &Path, device: SlowDevice) -> Option<LazyFs> {
+        if !Self::available() {
+            eprintln!("skipped: tests/lazy_fs needs root, /dev/fuse and a native run");
+            return None;
+        }
+        Some(Self::mount(base, mountpoint, true, Some(device)).expect("mounting tests/lazy_fs"))
+    }
+
+    fn mount(
+        base: &Path,
+        mountpoint: &Path,
+        allow_fallocate: bool,
+        device: Option<SlowDevice>,
+    ) -> std::io::Result<LazyFs> {
         std::fs::create_dir_all(base).expect("creating the base directory");
         std::fs::create_dir_all(mountpoint).expect("creating the mount point");
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let inner = Arc::new(Mutex::new(Inner {
+            queue: device.map(|_| Queue {
+                free_at: std::time::Instant::now(),
+                rng: 0x9e37_79b9_7f4a_7c15,
+                stats: DeviceStats::default(),
+            }),
+            ..Inner::default()
+        }));
         let fs = Fs {
             base: base.to_path_buf(),
             allow_fallocate,
             inner: inner.clone(),
+            device,
         };
         let mut cfg = Config::default();
         cfg.mount_options = vec![
@@ -688,6 +799,11 @@ impl LazyFs {
             MountOption::DefaultPermissions,
         ];
         cfg.acl = fuser::SessionACL::All;
+        if device.is_some() {
+            // The device's queue orders writes and flushes; more threads
+            // keep lookups and attributes from waiting behind them.
+            cfg.n_threads = Some(4);
+        }
         let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
         Ok(LazyFs {
             session: Some(session),
@@ -712,6 +828,15 @@ impl LazyFs {
 
     pub fn stats(&self) -> Stats {
         lock(&self.inner).stats
+    }
+
+    /// The slow device's counters (empty without one).
+    pub fn device_stats(&self) -> DeviceStats {
+        lock(&self.inner)
+            .queue
+            .as_ref()
+            .map(|q| q.stats.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -1,0 +1,113 @@
+//! The slow device of tests/lazy_fs (issue 23's workload S): its model
+//! checked here, and `serve`, which `scripts/bench-slow-device` runs to put
+//! a broker's data directory on it.
+
+// Each test binary uses a part of it.
+#[allow(dead_code)]
+mod lazy_fs;
+
+use lazy_fs::{LazyFs, SlowDevice};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_slow_device_takes_its_time_and_counts_what_it_did() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = SlowDevice {
+        write_bytes_per_s: 8 * 1024 * 1024,
+        flush_ms: (5, 5),
+    };
+    let Some(fs) = LazyFs::mount_slow(&dir.path().join("base"), &dir.path().join("mnt"), device)
+    else {
+        return;
+    };
+    let path = fs.mountpoint.join("f");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open on the slow device");
+    let block = vec![7u8; 64 * 1024];
+    let started = Instant::now();
+    for _ in 0..16 {
+        f.write_all(&block).expect("write");
+    }
+    f.sync_data().expect("fdatasync");
+    f.sync_data().expect("fdatasync");
+    let took = started.elapsed();
+    let s = fs.device_stats();
+    assert_eq!(s.bytes_written, 16 * 64 * 1024);
+    assert_eq!(s.flush_us, vec![5000, 5000]);
+    // 1 MiB at 8 MiB/s and two flushes: at least 135 ms, however fast the
+    // host (a lower bound cannot flake on a busy machine).
+    assert!(
+        took >= Duration::from_millis(135),
+        "1 MiB and two flushes took {took:?}"
+    );
+    assert!(s.busy_us >= 134_000, "busy {} µs", s.busy_us);
+    drop(f);
+    assert_eq!(std::fs::read(&path).expect("read back").len(), 1024 * 1024);
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v}: not a number"))
+        })
+        .unwrap_or(default)
+}
+
+/// Serves the slow device until the file `$SKIFF_SLOW_DEVICE_MOUNT.stop`
+/// appears: base directory `$SKIFF_SLOW_DEVICE_BASE`, writes at
+/// `$SKIFF_SLOW_DEVICE_BPS` bytes/s (20 MB/s), flushes of
+/// `$SKIFF_SLOW_DEVICE_FLUSH_MIN_MS` to `_MAX_MS` (2 to 20). Every 100 ms
+/// it writes its counters to `$SKIFF_SLOW_DEVICE_STATS` as one line:
+/// `writes bytes flushes busy_us flush_us...`.
+#[test]
+#[ignore = "a server for scripts/bench-slow-device"]
+fn serve() {
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set"));
+    let base = std::path::PathBuf::from(var("SKIFF_SLOW_DEVICE_BASE"));
+    let mount = std::path::PathBuf::from(var("SKIFF_SLOW_DEVICE_MOUNT"));
+    let stats = std::path::PathBuf::from(var("SKIFF_SLOW_DEVICE_STATS"));
+    let device = SlowDevice {
+        write_bytes_per_s: env_u64("SKIFF_SLOW_DEVICE_BPS", 20_000_000),
+        flush_ms: (
+            env_u64("SKIFF_SLOW_DEVICE_FLUSH_MIN_MS", 2),
+            env_u64("SKIFF_SLOW_DEVICE_FLUSH_MAX_MS", 20),
+        ),
+    };
+    let fs = LazyFs::mount_slow(&base, &mount, device)
+        .expect("the slow device needs root and /dev/fuse");
+    eprintln!(
+        "slow device: {} on {}, {device:?}",
+        mount.display(),
+        base.display()
+    );
+    let stop = mount.with_extension("stop");
+    loop {
+        let s = fs.device_stats();
+        let mut line = format!(
+            "{} {} {} {}",
+            s.writes,
+            s.bytes_written,
+            s.flush_us.len(),
+            s.busy_us
+        );
+        for us in &s.flush_us {
+            line.push_str(&format!(" {us}"));
+        }
+        line.push('\n');
+        let tmp = stats.with_extension("tmp");
+        std::fs::write(&tmp, line).expect("writing the stats");
+        std::fs::rename(&tmp, &stats).expect("publishing the stats");
+        if stop.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
