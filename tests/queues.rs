@@ -639,3 +639,163 @@ fn a_topic_deleted_and_made_again_starts_with_no_share_state() {
         assert_eq!(seen, [(0, 1), (1, 1)]);
     });
 }
+
+/// What the workers of the kill loop saw, per record (partition, offset).
+#[derive(Default)]
+struct LoopState {
+    deliveries: BTreeMap<(u32, u64), u32>,
+    /// Accepts the broker answered `none`: durable, never delivered again.
+    confirmed: BTreeSet<(u32, u64)>,
+    /// Accepts whose answer was lost with the connection.
+    unknown: BTreeSet<(u32, u64)>,
+    faults: Vec<String>,
+    last_delivery: Option<Instant>,
+}
+
+/// One worker of the kill loop: fetch, accept, note each answer;
+/// reconnects after every kill until `stop`.
+fn loop_worker(
+    addr: String,
+    state: std::sync::Arc<std::sync::Mutex<LoopState>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        smol::block_on(async {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(client) = Client::connect(&addr).await else {
+                    smol::Timer::after(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let w = ShareConsumer::new(client, "g", "work", from_earliest(10, 200));
+                while !stop.load(Ordering::SeqCst) {
+                    // A worker's work: at most 400 records a second each,
+                    // so the kills land while records remain.
+                    smol::Timer::after(Duration::from_millis(25)).await;
+                    let Ok(got) = w.poll().await else { break };
+                    let keys: Vec<(u32, u64)> =
+                        got.iter().map(|r| (r.partition, r.offset)).collect();
+                    {
+                        let mut s = state.lock().unwrap();
+                        for k in &keys {
+                            *s.deliveries.entry(*k).or_default() += 1;
+                            if s.confirmed.contains(k) {
+                                s.faults.push(format!(
+                                    "{k:?} delivered after its accept was confirmed"
+                                ));
+                            }
+                        }
+                        if !keys.is_empty() {
+                            s.last_delivery = Some(Instant::now());
+                        }
+                    }
+                    let acks: Vec<_> = keys.iter().map(|&(p, o)| (p, o, Outcome::Accept)).collect();
+                    let answer = w.ack(&acks).await;
+                    let mut s = state.lock().unwrap();
+                    match answer {
+                        Ok(codes) => {
+                            for (k, code) in keys.iter().zip(codes) {
+                                match code {
+                                    ErrorCode::None => {
+                                        if !s.confirmed.insert(*k) {
+                                            s.faults.push(format!("{k:?} accepted twice"));
+                                        }
+                                    }
+                                    // Its lock went with a restart: it comes back.
+                                    ErrorCode::ShareLockLost => {}
+                                    other => {
+                                        s.faults.push(format!("{k:?}: accept answered {other:?}"))
+                                    }
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            s.unknown.extend(keys);
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    })
+}
+
+/// Issue 22's kill loop for share groups: two workers fetch and accept
+/// while the broker is killed with SIGKILL again and again. Every record is
+/// delivered, none whose accept was confirmed comes back, and at the end
+/// nothing is left to deliver. `SKIFF_SHARE_KILLS` sets the kill count (8,
+/// 3 under an emulator).
+#[test]
+fn a_kill_9_loop_under_share_workers_loses_no_record_and_accepts_none_twice() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+    let kills: u32 = std::env::var("SKIFF_SHARE_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if emulated { 3 } else { 8 });
+    // Every kill can add a delivery to a locked record: keep them all out
+    // of the dead-letter topic.
+    let mut b = Broker::start("[share]\nmax_deliveries = 1000\nlock_ms = 1000\n");
+    create(&b, "work", 2);
+    // More than two paced workers can take while the broker is up between
+    // kills (at most 400 ms each time): the last kill still finds work.
+    let values: Vec<String> = (0..600 * kills).map(|i| format!("w{i}")).collect();
+    produce(&b, "work", &values);
+
+    let state = Arc::new(Mutex::new(LoopState::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| loop_worker(b.tcp.clone(), state.clone(), stop.clone()))
+        .collect();
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(100..400)));
+        let delivered = state.lock().unwrap().deliveries.len();
+        assert!(delivered < values.len(), "the kill found work left");
+        b.kill9();
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..50)));
+        b.restart();
+    }
+    // Until every record was delivered and none came for two lock periods
+    // (records locked to a lost connection come back after lock_ms).
+    wait_until(Duration::from_secs(120), "every record settled", || {
+        let s = state.lock().unwrap();
+        s.deliveries.len() == values.len()
+            && s.last_delivery
+                .is_some_and(|t| t.elapsed() > Duration::from_millis(2500))
+    });
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let s = state.lock().unwrap();
+    assert!(s.faults.is_empty(), "{:#?}", s.faults);
+    // Nothing left: no record is available or locked any more.
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "work", from_earliest(100, 1500));
+        let left = w.poll().await.expect("poll");
+        assert!(left.is_empty(), "still delivered after the loop: {left:?}");
+    });
+    for k in s.deliveries.keys() {
+        assert!(
+            s.confirmed.contains(k) || s.unknown.contains(k),
+            "{k:?} delivered and never accepted"
+        );
+    }
+    // No record was dead-lettered: the dead-letter topic was never made.
+    let o = b.cli(&["dlq", "list", "work", "--format", "json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("unknown topic 'work.dlq'"),
+        "{err} {}",
+        stdout(&o)
+    );
+    eprintln!(
+        "share kill loop: {kills} kills, {} records, {} deliveries, {} accepts confirmed, {} answers lost",
+        values.len(),
+        s.deliveries.values().sum::<u32>(),
+        s.confirmed.len(),
+        s.unknown.len()
+    );
+}
