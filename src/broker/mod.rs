@@ -85,6 +85,10 @@ pub struct BrokerLimits {
 
 /// Bytes read per step when the producer table is rebuilt from the log.
 const RECOVERY_READ_BYTES: usize = 1024 * 1024;
+/// Batch headers scanned for one partition's producer state at start-up
+/// past which it is snapshotted at once (a snapshot is a small write and
+/// an fsync; a scan of this many headers costs a few ms).
+const SNAPSHOT_AFTER_SCANNING: u64 = 1024;
 
 /// What a client asks for when creating a topic; unset fields take the
 /// broker's defaults.
@@ -437,12 +441,17 @@ impl Broker {
     }
 
     /// Rebuilds the producer table: each partition's snapshot, then the
-    /// batch headers after it up to the high watermark.
+    /// batch headers after it up to the high watermark. A partition whose
+    /// scan was long gets a snapshot at once: the periodic one comes only
+    /// after `PRODUCER_SNAPSHOT_INTERVAL_MS` of serving, and a broker
+    /// killed sooner, again and again, would scan a longer log each time.
     async fn recover_producers(&self) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
         let mut scanned = 0u64;
+        let mut long_scans = Vec::new();
         for (topic, meta) in self.topics() {
             for p in 0..meta.partitions {
+                let scanned_before = scanned;
                 let id = PartitionId {
                     topic: topic.clone(),
                     partition: p,
@@ -472,11 +481,22 @@ impl Broker {
                         break;
                     }
                 }
+                // Only a scan that reached the end: a snapshot says the
+                // table is whole up to the offset it covers.
+                if at >= o.high_watermark && scanned - scanned_before >= SNAPSHOT_AFTER_SCANNING {
+                    long_scans.push((topic.clone(), p, o.high_watermark));
+                }
             }
         }
         for (id, d) in self.recovery_damage() {
             self.producers
                 .note_damage(&id.topic, id.partition, d.to_offset);
+        }
+        // Nothing is in flight yet, so each snapshot covers its whole log.
+        for (topic, p, hw) in long_scans {
+            if let Err(e) = self.producers.snapshot(&topic, p, hw) {
+                log::warn!("{topic}/{p}: cannot write the producer snapshot: {e}");
+            }
         }
         log::info!(
             "producer state rebuilt: {} entries, {scanned} batch header(s) scanned in {:?}",
