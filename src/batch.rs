@@ -442,6 +442,297 @@ impl<'a> BatchView<'a> {
         }
         Ok(records)
     }
+
+    /// The records, borrowed: no allocation per record. Checks what
+    /// [`records`](Self::records) checks, record by record.
+    pub fn record_refs(&self) -> RecordRefs<'a> {
+        RecordRefs {
+            d: minicbor::Decoder::new(&self.bytes[HEADER_BYTES..]),
+            header: self.header,
+            left: None,
+            seen: 0,
+            last_delta: None,
+            state: RefsState::Start,
+        }
+    }
+}
+
+/// A record borrowed from its batch: [`Record`]'s fields without the
+/// allocation of a header list (its headers stay CBOR, checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub offset_delta: u32,
+    pub timestamp_delta: i64,
+    pub key: Option<&'a [u8]>,
+    /// `None`: a tombstone.
+    pub value: Option<&'a [u8]>,
+    pub headers: HeadersRef<'a>,
+}
+
+/// A record's headers as they lie in the batch: a CBOR array of
+/// `[name, value]` pairs, checked when the record was decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadersRef<'a> {
+    cbor: &'a [u8],
+    len: u32,
+}
+
+impl<'a> HeadersRef<'a> {
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Each header's name and value, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        let mut d = minicbor::Decoder::new(self.cbor);
+        let opened = d.array().is_ok();
+        // Checked when the record was decoded, so no error can stop it
+        // early.
+        (0..if opened { self.len } else { 0 })
+            .map_while(move |_| d.decode::<RecordHeader<'a>>().ok())
+            .map(|h| (h.name, &h.value[..]))
+    }
+}
+
+/// The records of a checked batch, borrowed, in order; each is checked as
+/// [`BatchView::records`] checks the whole body, and an error ends it.
+pub struct RecordRefs<'a> {
+    d: minicbor::Decoder<'a>,
+    header: BatchHeader,
+    /// Elements left in a definite body array; `None` once it is known to
+    /// be indefinite.
+    left: Option<u64>,
+    seen: u32,
+    last_delta: Option<u32>,
+    state: RefsState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RefsState {
+    Start,
+    Body,
+    Done,
+}
+
+impl<'a> RecordRefs<'a> {
+    fn fail(&mut self, why: &'static str) -> Option<Result<RecordRef<'a>, BatchError>> {
+        self.state = RefsState::Done;
+        Some(Err(BatchError::Malformed(why)))
+    }
+
+    /// The body ended: it must have held `record_count` records and
+    /// nothing after them.
+    fn end(&mut self) -> Option<Result<RecordRef<'a>, BatchError>> {
+        if self.d.position() != self.d.input().len() {
+            return self.fail("trailing bytes after body");
+        }
+        if self.seen != self.header.record_count {
+            return self.fail("record_count does not match body");
+        }
+        self.state = RefsState::Done;
+        None
+    }
+}
+
+const NOT_RECORDS: &str = "body is not a CBOR array of records";
+
+impl<'a> Iterator for RecordRefs<'a> {
+    type Item = Result<RecordRef<'a>, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.state {
+            RefsState::Done => return None,
+            RefsState::Start => {
+                let Ok(left) = self.d.array() else {
+                    return self.fail(NOT_RECORDS);
+                };
+                self.left = left;
+                self.state = RefsState::Body;
+            }
+            RefsState::Body => {}
+        }
+        match &mut self.left {
+            Some(0) => return self.end(),
+            Some(n) => *n -= 1,
+            None => match self.d.datatype() {
+                Ok(minicbor::data::Type::Break) => {
+                    self.d.set_position(self.d.position() + 1);
+                    return self.end();
+                }
+                Ok(_) => {}
+                Err(_) => return self.fail(NOT_RECORDS),
+            },
+        }
+        let at = self.d.position();
+        let r = match plain_record(self.d.input(), at) {
+            Some((r, end)) => {
+                self.d.set_position(end);
+                r
+            }
+            None => match decode_record_ref(&mut self.d) {
+                Ok(r) => r,
+                Err(_) => return self.fail(NOT_RECORDS),
+            },
+        };
+        if self.seen == self.header.record_count {
+            return self.fail("record_count does not match body");
+        }
+        if self.last_delta.is_some_and(|last| r.offset_delta <= last) {
+            return self.fail("record offset deltas are not strictly increasing");
+        }
+        if r.offset_delta > self.header.last_offset_delta {
+            return self.fail("a record's offset delta is past last_offset_delta");
+        }
+        self.seen += 1;
+        self.last_delta = Some(r.offset_delta);
+        Some(Ok(r))
+    }
+}
+
+/// The record at `at` in the form skiff's encoder writes it (an array of
+/// five, definite lengths, no headers), read byte by byte, and where it
+/// ends; `None` for anything else, which [`decode_record_ref`] then reads
+/// (it reads these the same way, at several times the cost).
+#[inline(always)]
+fn plain_record(b: &[u8], at: usize) -> Option<(RecordRef<'_>, usize)> {
+    /// The argument of the item whose initial byte is `head`, starting at
+    /// `at`; where the item's content starts.
+    #[inline(always)]
+    fn arg(b: &[u8], head: u8, at: usize) -> Option<(u64, usize)> {
+        Some(match head & 0x1f {
+            n @ 0..=23 => (u64::from(n), at),
+            24 => (u64::from(*b.get(at)?), at + 1),
+            25 => (
+                u64::from(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?)),
+                at + 2,
+            ),
+            26 => (
+                u64::from(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?)),
+                at + 4,
+            ),
+            27 => (
+                u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?),
+                at + 8,
+            ),
+            _ => return None,
+        })
+    }
+    #[inline(always)]
+    fn opt_bytes(b: &[u8], at: usize) -> Option<(Option<&[u8]>, usize)> {
+        let head = *b.get(at)?;
+        if head == 0xf6 {
+            return Some((None, at + 1));
+        }
+        if head >> 5 != 2 {
+            return None;
+        }
+        let (len, from) = arg(b, head, at + 1)?;
+        let to = from.checked_add(usize::try_from(len).ok()?)?;
+        Some((Some(b.get(from..to)?), to))
+    }
+    if *b.get(at)? != 0x85 {
+        return None;
+    }
+    let head = *b.get(at + 1)?;
+    if head >> 5 != 0 {
+        return None;
+    }
+    let (delta, at) = arg(b, head, at + 2)?;
+    let offset_delta = u32::try_from(delta).ok()?;
+    let head = *b.get(at)?;
+    let (ts, at) = arg(b, head, at + 1)?;
+    let ts = i64::try_from(ts).ok()?;
+    let timestamp_delta = match head >> 5 {
+        0 => ts,
+        1 => -1 - ts,
+        _ => return None,
+    };
+    let (key, at) = opt_bytes(b, at)?;
+    let (value, at) = opt_bytes(b, at)?;
+    if *b.get(at)? != 0x80 {
+        return None;
+    }
+    let headers = HeadersRef {
+        cbor: &b[at..at + 1],
+        len: 0,
+    };
+    Some((
+        RecordRef {
+            offset_delta,
+            timestamp_delta,
+            key,
+            value,
+            headers,
+        },
+        at + 1,
+    ))
+}
+
+/// One record as the derived [`Record`] decoder reads it (definite or
+/// indefinite array, fields by position, extra fields skipped, missing
+/// optional ones `None`), borrowing its headers instead of collecting them.
+fn decode_record_ref<'a>(
+    d: &mut minicbor::Decoder<'a>,
+) -> Result<RecordRef<'a>, minicbor::decode::Error> {
+    use minicbor::data::Type;
+    fn opt_bytes<'a>(
+        d: &mut minicbor::Decoder<'a>,
+    ) -> Result<Option<&'a [u8]>, minicbor::decode::Error> {
+        if d.datatype()? == Type::Null {
+            d.skip()?;
+            return Ok(None);
+        }
+        d.bytes().map(Some)
+    }
+    fn headers<'a>(
+        d: &mut minicbor::Decoder<'a>,
+    ) -> Result<HeadersRef<'a>, minicbor::decode::Error> {
+        let start = d.position();
+        let mut len = 0u32;
+        for h in d.array_iter::<RecordHeader<'a>>()? {
+            h?;
+            len += 1;
+        }
+        Ok(HeadersRef {
+            cbor: &d.input()[start..d.position()],
+            len,
+        })
+    }
+    let missing = || minicbor::decode::Error::message("a record misses a field");
+    let n = d.array()?;
+    let (mut delta, mut ts, mut key, mut value, mut hs) = (None, None, None, None, None);
+    let mut i = 0u64;
+    loop {
+        match n {
+            Some(n) if i == n => break,
+            Some(_) => {}
+            None if d.datatype()? == Type::Break => {
+                d.set_position(d.position() + 1);
+                break;
+            }
+            None => {}
+        }
+        match i {
+            0 => delta = Some(d.u32()?),
+            1 => ts = Some(d.i64()?),
+            2 => key = Some(opt_bytes(d)?),
+            3 => value = Some(opt_bytes(d)?),
+            4 => hs = Some(headers(d)?),
+            _ => d.skip()?,
+        }
+        i += 1;
+    }
+    Ok(RecordRef {
+        offset_delta: delta.ok_or_else(missing)?,
+        timestamp_delta: ts.ok_or_else(missing)?,
+        key: key.flatten(),
+        value: value.flatten(),
+        headers: hs.ok_or_else(missing)?,
+    })
 }
 
 /// Iterates over the batches in a buffer of concatenated batches, as fetched.
@@ -885,13 +1176,19 @@ mod tests {
                 headers: Vec::new(),
             })
             .collect();
+        let mut body = Vec::new();
+        minicbor::encode(&records, &mut body).unwrap();
+        batch_of_body(&body, deltas.len() as u32, last)
+    }
+
+    /// A batch around this body, claiming `count` records in `0..=last`.
+    fn batch_of_body(body: &[u8], count: u32, last: u32) -> Vec<u8> {
         let mut out = vec![0u8; HEADER_BYTES];
-        minicbor::encode(&records, &mut out).unwrap();
+        out.extend_from_slice(body);
         let total_len = out.len() as u32;
         out[..4].copy_from_slice(&MAGIC);
         out[OFFSET_VERSION..OFFSET_VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
         out[OFFSET_TOTAL_LEN..OFFSET_TOTAL_LEN + 4].copy_from_slice(&total_len.to_le_bytes());
-        let count = deltas.len() as u32;
         out[OFFSET_RECORD_COUNT..OFFSET_RECORD_COUNT + 4].copy_from_slice(&count.to_le_bytes());
         patched(out, OFFSET_LAST_OFFSET_DELTA, &last.to_le_bytes())
     }
@@ -906,6 +1203,147 @@ mod tests {
                 BatchView::new(&bad).unwrap().records(),
                 Err(BatchError::Malformed(_))
             ));
+        }
+    }
+
+    /// A record's delta, timestamp delta, key, value and headers.
+    type Fields<'a> = (
+        u32,
+        i64,
+        Option<&'a [u8]>,
+        Option<&'a [u8]>,
+        Vec<(&'a str, &'a [u8])>,
+    );
+
+    /// What [`BatchView::records`] gives, as the borrowed records must
+    /// give it; `None` where it fails.
+    fn records_of(bytes: &[u8]) -> Option<Vec<Fields<'_>>> {
+        let v = BatchView::new(bytes).ok()?;
+        let records = v.records().ok()?;
+        Some(
+            records
+                .into_iter()
+                .map(|r| {
+                    let hs = r.headers.iter().map(|h| (h.name, &h.value[..])).collect();
+                    (
+                        r.offset_delta,
+                        r.timestamp_delta,
+                        r.key.map(|k| &k[..]),
+                        r.value.map(|v| &v[..]),
+                        hs,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn record_refs_of(bytes: &[u8]) -> Option<Vec<Fields<'_>>> {
+        let v = BatchView::new(bytes).ok()?;
+        let refs: Result<Vec<RecordRef>, _> = v.record_refs().collect();
+        Some(
+            refs.ok()?
+                .into_iter()
+                .map(|r| {
+                    assert_eq!(r.headers.len(), r.headers.iter().count());
+                    (
+                        r.offset_delta,
+                        r.timestamp_delta,
+                        r.key,
+                        r.value,
+                        r.headers.iter().collect(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The borrowed records accept and refuse exactly what the derived
+    /// decoder does: every bit flip of a body (with the CRC made to match),
+    /// gaps, tombstones, and the forms skiff never writes but CBOR allows.
+    #[test]
+    fn record_refs_read_what_records_reads() {
+        let mut b = BatchBuilder::new();
+        b.push(5, Some(b"k"), b"v", &[("a", b"1"), ("b", b"")]);
+        b.push_record(6, Some(b"dead"), None, &[]);
+        b.skip_offsets(3);
+        b.push(7, None, b"", &[]);
+        let mixed = b.finish(ProducerStamp::NONE);
+        for bytes in [sample(3), mixed.clone(), raw_batch(&[1, 4, 6], 6)] {
+            let want = records_of(&bytes);
+            assert!(want.is_some());
+            assert_eq!(record_refs_of(&bytes), want);
+        }
+        for bytes in [sample(2), mixed] {
+            for i in HEADER_BYTES..bytes.len() {
+                for bit in 0..8 {
+                    let mut b = bytes.clone();
+                    b[i] ^= 1 << bit;
+                    let b = patched(b, 0, &MAGIC);
+                    assert_eq!(record_refs_of(&b), records_of(&b), "bit {bit} of byte {i}");
+                }
+            }
+        }
+        // Indefinite arrays, a field skiff does not know, a wide integer
+        // for a small one, and a record without its headers (refused).
+        let mut e = minicbor::Encoder::new(Vec::new());
+        e.begin_array().unwrap();
+        e.begin_array()
+            .unwrap()
+            .u32(0)
+            .unwrap()
+            .i64(-3)
+            .unwrap()
+            .null()
+            .unwrap();
+        e.bytes(b"v").unwrap().begin_array().unwrap();
+        e.array(2)
+            .unwrap()
+            .str("h")
+            .unwrap()
+            .bytes(b"x")
+            .unwrap()
+            .end()
+            .unwrap();
+        e.u8(9).unwrap().end().unwrap();
+        e.array(5)
+            .unwrap()
+            .u64(2)
+            .unwrap()
+            .i8(1)
+            .unwrap()
+            .bytes(b"k")
+            .unwrap();
+        e.null().unwrap().begin_array().unwrap().end().unwrap();
+        e.end().unwrap();
+        let body = e.into_writer();
+        let odd = batch_of_body(&body, 2, 2);
+        assert_eq!(record_refs_of(&odd), records_of(&odd));
+        assert_eq!(record_refs_of(&odd).map(|r| r.len()), Some(2));
+        let mut e = minicbor::Encoder::new(Vec::new());
+        e.array(1)
+            .unwrap()
+            .array(4)
+            .unwrap()
+            .u8(0)
+            .unwrap()
+            .i8(0)
+            .unwrap();
+        e.null().unwrap().bytes(b"v").unwrap();
+        let no_headers = batch_of_body(e.writer(), 1, 0);
+        assert_eq!(
+            (records_of(&no_headers), record_refs_of(&no_headers)),
+            (None, None)
+        );
+        // Too few and too many records for the header's count.
+        let three = raw_batch(&[0, 1, 2], 2);
+        for count in [2u32, 4] {
+            let b = patched(three.clone(), OFFSET_RECORD_COUNT, &count.to_le_bytes());
+            let b = patched(b, OFFSET_LAST_OFFSET_DELTA, &5u32.to_le_bytes());
+            assert_eq!(
+                (records_of(&b), record_refs_of(&b)),
+                (None, None),
+                "count {count}"
+            );
         }
     }
 

@@ -861,9 +861,9 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
         };
         let (mut records, mut bytes) = (0u64, 0u64);
         while records < target {
-            for r in consumer.poll().await? {
+            for r in consumer.poll_batch().await?.iter() {
                 records += 1;
-                bytes += r.value.len() as u64 + r.key.as_ref().map_or(0, |k| k.len() as u64);
+                bytes += (r.value.len() + r.key.map_or(0, <[u8]>::len)) as u64;
             }
             done.store(records, Ordering::Relaxed);
         }

@@ -375,7 +375,8 @@ async fn hello(
     )?;
     stream.write_all(&frame).await?;
     stream.flush().await?;
-    let body = match read_frame(stream, HELLO_FRAME_BYTES_MAX).await {
+    let mut body = Vec::new();
+    match read_frame(stream, HELLO_FRAME_BYTES_MAX, &mut body).await {
         // A TLS record (an alert, 0x15, or a handshake, 0x16, of version
         // 3.x) read as a frame length: a plaintext client on a TLS port.
         Err(ClientError::Protocol(FrameError::TooLarge { len, .. }))
@@ -384,7 +385,7 @@ async fn hello(
             return Err(ClientError::ServerSpeaksTls)
         }
         other => other?,
-    };
+    }
     let response = decode_response(&body)?;
     match response.body {
         ResponseBody::Hello(h) => Ok(ServerInfo {
@@ -404,13 +405,14 @@ async fn hello(
     }
 }
 
-/// Reads one frame body. The length is checked before the body is
-/// allocated. A clean end of stream before a frame starts is
-/// [`ClientError::Disconnected`].
+/// Reads one frame body into `body` (reused: it is zeroed only where it
+/// grows). The length is checked before the body is allocated. A clean end
+/// of stream before a frame starts is [`ClientError::Disconnected`].
 async fn read_frame(
     r: &mut (impl AsyncRead + Unpin),
     max_frame_bytes: u32,
-) -> Result<Vec<u8>, ClientError> {
+    body: &mut Vec<u8>,
+) -> Result<(), ClientError> {
     let mut prefix = [0u8; FRAME_HEADER_BYTES];
     match r.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -421,19 +423,20 @@ async fn read_frame(
     }
     // Checks the length against the limit; the body is not buffered yet.
     frame_len(&prefix, max_frame_bytes)?;
-    let len = body_len(prefix) as usize;
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).await?;
-    Ok(body)
+    body.resize(body_len(prefix) as usize, 0);
+    r.read_exact(body).await?;
+    Ok(())
 }
 
 async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.clone());
+    // Decoding copies what it keeps, so one buffer (as large as the
+    // largest frame yet, at most max_frame_bytes) serves every frame.
+    let mut body = Vec::new();
     let error = loop {
-        let body = match read_frame(&mut reader, max_frame_bytes).await {
-            Ok(b) => b,
-            Err(e) => break e,
-        };
+        if let Err(e) = read_frame(&mut reader, max_frame_bytes, &mut body).await {
+            break e;
+        }
         let response = match decode_response(&body) {
             Ok(r) => r,
             Err(e) => break e.into(),

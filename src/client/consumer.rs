@@ -12,7 +12,7 @@ use smol::Timer;
 use super::accumulator::backoff;
 use super::client::{check, Client, ClientConfig};
 use super::error::ClientError;
-use crate::batch::BatchIter;
+use crate::batch::{BatchIter, HeadersRef, RecordRef};
 use crate::protocol::{
     ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, FetchResponse, Isolation,
     OffsetSpec,
@@ -132,6 +132,120 @@ pub struct ConsumerRecord {
     /// compacted topic.
     pub tombstone: bool,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ConsumerRecord {
+    /// The record as a view, for code that handles both kinds.
+    fn from_view(r: &RecordView<'_>) -> Self {
+        Self {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.map(<[u8]>::to_vec),
+            value: r.value.to_vec(),
+            tombstone: r.tombstone,
+            headers: r
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+/// One record of a [`Polled`], borrowed from the batch it was fetched in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    pub topic: &'a Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    /// Milliseconds since the Unix epoch, as the producer stamped it.
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    /// Empty for a tombstone.
+    pub value: &'a [u8],
+    pub tombstone: bool,
+    pub headers: HeadersRef<'a>,
+}
+
+impl RecordView<'_> {
+    /// An owned copy.
+    pub fn to_record(&self) -> ConsumerRecord {
+        ConsumerRecord::from_view(self)
+    }
+}
+
+/// The records of one [`Consumer::poll_batch`]: the fetched batches as
+/// they arrived, checked (CRC, structure) before the poll returned, and
+/// read in place: no copy and no allocation per record.
+#[derive(Debug, Default)]
+pub struct Polled {
+    parts: Vec<PolledPart>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct PolledPart {
+    topic: Arc<str>,
+    partition: u32,
+    /// Records below it (early in the first batch) are left out.
+    position: u64,
+    /// Whole batches, checked.
+    batches: minicbor::bytes::ByteVec,
+}
+
+impl Polled {
+    /// How many records [`iter`](Self::iter) yields.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The records in fetch order: partition by partition, each in offset
+    /// order.
+    pub fn iter(&self) -> PolledIter<'_> {
+        PolledIter {
+            parts: self.parts.iter(),
+            part: None,
+        }
+    }
+}
+
+/// The records of a [`Polled`]. (Written out rather than as a chain of
+/// `flat_map`s: skiff is built for size, and the closures were not
+/// inlined.)
+pub struct PolledIter<'a> {
+    parts: std::slice::Iter<'a, PolledPart>,
+    part: Option<(&'a PolledPart, CheckedRecords<'a>)>,
+}
+
+impl<'a> Iterator for PolledIter<'a> {
+    type Item = RecordView<'a>;
+
+    fn next(&mut self) -> Option<RecordView<'a>> {
+        loop {
+            if let Some((p, records)) = &mut self.part {
+                if let Some((offset, timestamp_ms, r)) = records.next() {
+                    return Some(RecordView {
+                        topic: &p.topic,
+                        partition: p.partition,
+                        offset,
+                        timestamp_ms,
+                        key: r.key,
+                        value: r.value.unwrap_or_default(),
+                        tombstone: r.value.is_none(),
+                        headers: r.headers,
+                    });
+                }
+            }
+            let p = self.parts.next()?;
+            self.part = Some((p, checked_records(&p.batches, p.position)));
+        }
+    }
 }
 
 /// Reads assigned partitions. Positions live in the consumer only
@@ -269,9 +383,18 @@ impl Consumer {
     /// (the broker then answers it at once, since data is waiting); the next
     /// `poll` takes its answer, unless the positions were moved meanwhile.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+        let polled = self.poll_batch().await?;
+        Ok(polled.iter().map(|r| r.to_record()).collect())
+    }
+
+    /// [`poll`](Self::poll), with the records read in place from the
+    /// fetched batches rather than copied out one by one: the fast way to
+    /// read many small records.
+    pub async fn poll_batch(&mut self) -> Result<Polled, ClientError> {
+        let mut out = Polled::default();
         if self.positions.is_empty() {
             self.prefetch = None;
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let request = self.request();
         let mut response = None;
@@ -306,7 +429,6 @@ impl Consumer {
         self.prefetch_after(&request, &response).await;
         // Positions move only when every partition's result is good, so an
         // error never drops records whose position already advanced.
-        let mut out = Vec::new();
         let mut moves = Vec::with_capacity(request.partitions.len());
         for (asked, result) in request.partitions.iter().zip(response.partitions) {
             let key = (Arc::<str>::from(asked.topic.as_str()), asked.partition);
@@ -417,7 +539,7 @@ impl Consumer {
         topic: &Arc<str>,
         position: u64,
         result: FetchPartitionResult,
-        out: &mut Vec<ConsumerRecord>,
+        out: &mut Polled,
     ) -> Result<u64, ClientError> {
         if result.error == ErrorCode::OffsetOutOfRange {
             let where_ = format!(
@@ -439,52 +561,108 @@ impl Consumer {
         check(result.error, || {
             super::error::about(result.error, topic, Some(result.partition))
         })?;
-        let next = decode_records(topic, result.partition, position, &result.records, out)?;
+        let (next, records) = check_records(position, &result.records)?;
+        if records > 0 {
+            out.len += records;
+            out.parts.push(PolledPart {
+                topic: topic.clone(),
+                partition: result.partition,
+                position,
+                batches: result.records,
+            });
+        }
         // Past batches a read_committed answer left out.
         Ok(next.max(result.next_offset.unwrap_or(0)))
     }
 }
 
+/// Checks fetched batches (CRC, then each record): returns the position
+/// after the last batch and how many records lie at or after `position`.
+fn check_records(position: u64, bytes: &[u8]) -> Result<(u64, usize), ClientError> {
+    let mut next = position;
+    let mut records = 0;
+    for batch in BatchIter::new(bytes) {
+        let batch = batch?;
+        let h = batch.header;
+        // Transaction markers: the broker's, never an application's.
+        if !h.is_control() {
+            for r in batch.record_refs() {
+                records += usize::from(h.base_offset + u64::from(r?.offset_delta) >= position);
+            }
+        }
+        next = next.max(h.next_offset());
+    }
+    Ok((next, records))
+}
+
+/// The records at or after `position` in batches [`check_records`] passed,
+/// with their offsets and timestamps: CRCs are not computed again, and no
+/// error can occur (one would end the records early).
+fn checked_records(bytes: &[u8], position: u64) -> CheckedRecords<'_> {
+    CheckedRecords {
+        rest: bytes,
+        position,
+        batch: None,
+    }
+}
+
+struct CheckedRecords<'a> {
+    rest: &'a [u8],
+    position: u64,
+    batch: Option<(crate::batch::BatchHeader, crate::batch::RecordRefs<'a>)>,
+}
+
+impl<'a> Iterator for CheckedRecords<'a> {
+    /// Offset, timestamp (ms), record.
+    type Item = (u64, i64, RecordRef<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((h, records)) = &mut self.batch {
+                match records.next() {
+                    Some(Ok(r)) => {
+                        let offset = h.base_offset + u64::from(r.offset_delta);
+                        if offset >= self.position {
+                            return Some((offset, h.first_timestamp + r.timestamp_delta, r));
+                        }
+                        continue;
+                    }
+                    _ => self.batch = None,
+                }
+            }
+            let header = crate::batch::parse_header(self.rest).ok()?;
+            let bytes = self.rest.get(..header.total_len as usize)?;
+            self.rest = &self.rest[bytes.len()..];
+            // Transaction markers: the broker's, never an application's.
+            if !header.is_control() {
+                let batch = crate::batch::BatchView { header, bytes };
+                self.batch = Some((header, batch.record_refs()));
+            }
+        }
+    }
+}
+
 /// Appends the records at or after `position` from concatenated batches;
 /// returns the position after the last batch.
-pub(crate) fn decode_records(
+#[cfg(test)]
+fn decode_records(
     topic: &Arc<str>,
     partition: u32,
     position: u64,
     bytes: &[u8],
     out: &mut Vec<ConsumerRecord>,
 ) -> Result<u64, ClientError> {
-    let mut next = position;
-    for batch in BatchIter::new(bytes) {
-        let batch = batch?;
-        let h = batch.header;
-        // Transaction markers: the broker's, never an application's.
-        if h.is_control() {
-            next = next.max(h.next_offset());
-            continue;
-        }
-        for r in batch.records()? {
-            let offset = h.base_offset + u64::from(r.offset_delta);
-            if offset < position {
-                continue;
-            }
-            out.push(ConsumerRecord {
-                topic: topic.clone(),
-                partition,
-                offset,
-                timestamp_ms: h.first_timestamp + r.timestamp_delta,
-                key: r.key.map(|k| k.to_vec()),
-                value: r.value.map(|v| v.to_vec()).unwrap_or_default(),
-                tombstone: r.value.is_none(),
-                headers: r
-                    .headers
-                    .iter()
-                    .map(|hd| (hd.name.to_string(), hd.value.to_vec()))
-                    .collect(),
-            });
-        }
-        next = next.max(h.next_offset());
-    }
+    let (next, _) = check_records(position, bytes)?;
+    let polled = Polled {
+        parts: vec![PolledPart {
+            topic: topic.clone(),
+            partition,
+            position,
+            batches: bytes.to_vec().into(),
+        }],
+        len: 0,
+    };
+    out.extend(polled.iter().map(|r| r.to_record()));
     Ok(next)
 }
 

@@ -42,7 +42,8 @@ mod txn;
 pub use client::{Client, ClientConfig};
 pub use connection::{Address, ServerInfo};
 pub use consumer::{
-    Consumer, ConsumerConfig, ConsumerRecord, InvalidStartFrom, OffsetReset, StartFrom,
+    Consumer, ConsumerConfig, ConsumerRecord, InvalidStartFrom, OffsetReset, Polled, RecordView,
+    StartFrom,
 };
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener, TopicPartition};
