@@ -87,6 +87,9 @@ fn progress(done: &AtomicU64, total: u64, start: Instant, stop: &AtomicU64) {
     }
 }
 
+/// Descriptors `bench produce` needs beside one per producer.
+const FDS_BESIDE_PRODUCERS: u64 = 64;
+
 /// Deletes the bench topic at the end of a run unless `--keep`: its rings
 /// reserve half a GiB of disk.
 /// A process's CPU time so far (user + sys of all its threads), from
@@ -373,6 +376,22 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             "--rate must be at least 1 record/s per producer",
         );
     }
+    // A descriptor per producer, and a few for the admin client and the
+    // process itself: a thousand producers pass the usual soft limit.
+    let want = u64::from(a.producers) + FDS_BESIDE_PRODUCERS;
+    match crate::fdlimit::raise(want) {
+        Ok(l) if l.soft >= want => {}
+        Ok(l) => {
+            return fail(
+                EXIT_USAGE,
+                format!(
+                    "--producers {} needs {want} open files; the hard limit is {} (raise it: ulimit -Hn, or LimitNOFILE=)",
+                    a.producers, l.hard
+                ),
+            )
+        }
+        Err(e) => return fail(EXIT_RUNTIME, format!("cannot raise the open-file limit: {e}")),
+    }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let client_config = a.broker.client_config();
@@ -388,6 +407,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         )
         .await?;
         let cpu_before = a.broker_pid.and_then(process_cpu);
+        let own_before = process_cpu(std::process::id());
         let start = Instant::now();
         let schedule = a.rate.map(|rate| Schedule {
             start,
@@ -437,6 +457,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         let elapsed = start.elapsed();
         let cpu_after = a.broker_pid.and_then(process_cpu);
+        let own_after = process_cpu(std::process::id());
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
         let dropped = drop_topic(&client, &a.topic, a.keep).await;
@@ -445,9 +466,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         dropped?;
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
-        Ok((elapsed, hist, cpu))
+        let own = own_before.zip(own_after).map(|(b, a)| a.saturating_sub(b));
+        Ok((elapsed, hist, cpu, own))
     });
-    let (elapsed, hist, cpu) = match result {
+    let (elapsed, hist, cpu, own) = match result {
         Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
@@ -478,6 +500,13 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         line["rate"] = rate.into();
     }
     add_broker_cpu(&mut line, cpu, a.messages);
+    if let Some(own) = own {
+        // The client's share: with many producers on one machine it can be
+        // the bottleneck rather than the broker.
+        line["client_cpu_s"] = own.as_secs_f64().into();
+        line["client_cpu_s_per_m_records"] =
+            (own.as_secs_f64() * 1e6 / a.messages.max(1) as f64).into();
+    }
     outln!("{line}");
     ExitCode::SUCCESS
 }
