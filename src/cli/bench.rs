@@ -181,14 +181,6 @@ async fn bench_producer(
     .await
 }
 
-/// How many records a bench producer keeps on the wire, and how many more
-/// it holds built while they are answered.
-#[derive(Clone, Copy)]
-struct Window {
-    in_flight: usize,
-    queued: usize,
-}
-
 /// The open loop's timetable: record `i` is due at `start + i / rate`.
 #[derive(Clone, Copy)]
 struct Schedule {
@@ -201,29 +193,6 @@ impl Schedule {
         let ns = u128::from(i) * 1_000_000_000 / u128::from(self.per_second);
         self.start + Duration::from_nanos(ns as u64)
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn produce_one(
-    addr: String,
-    client: ClientConfig,
-    topic: Arc<str>,
-    messages: u64,
-    size: usize,
-    window: Window,
-    schedule: Option<Schedule>,
-    idempotent: bool,
-    keys: Option<u64>,
-    done: Arc<AtomicU64>,
-) -> Result<Histogram<u64>, ClientError> {
-    let producer = bench_producer(&addr, &client, idempotent, window.in_flight).await?;
-    let unacked = window.in_flight + window.queued;
-    let load = Load {
-        messages,
-        size,
-        keys,
-    };
-    produce_with(&producer, &topic, load, unacked, schedule, &done).await
 }
 
 /// What one producer sends: `messages` records of `size` bytes, keyed
@@ -406,6 +375,22 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             a.segments,
         )
         .await?;
+        // Every producer connects before the clock starts: ten thousand
+        // connections take seconds to open, which an open loop would
+        // otherwise count as every record's lateness.
+        let connecting: Vec<_> = (0..a.producers)
+            .map(|_| {
+                let (addr, config) = (a.broker.broker.clone(), client_config.clone());
+                let (idempotent, in_flight) = (a.idempotent, a.in_flight as usize);
+                smol::spawn(
+                    async move { bench_producer(&addr, &config, idempotent, in_flight).await },
+                )
+            })
+            .collect();
+        let mut producers = Vec::with_capacity(connecting.len());
+        for c in connecting {
+            producers.push(c.await?);
+        }
         let cpu_before = a.broker_pid.and_then(process_cpu);
         let own_before = process_cpu(std::process::id());
         let start = Instant::now();
@@ -419,8 +404,11 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         };
         let topic: Arc<str> = a.topic.as_str().into();
         let per = a.messages / u64::from(a.producers);
-        let tasks: Vec<_> = (0..a.producers)
-            .map(|i| {
+        let unacked = a.in_flight as usize + a.queued() as usize;
+        let tasks: Vec<_> = producers
+            .into_iter()
+            .enumerate()
+            .map(|(i, producer)| {
                 // The first producer takes the remainder.
                 let n = per
                     + if i == 0 {
@@ -428,21 +416,15 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     } else {
                         0
                     };
-                smol::spawn(produce_one(
-                    a.broker.broker.clone(),
-                    client_config.clone(),
-                    topic.clone(),
-                    n,
-                    a.size,
-                    Window {
-                        in_flight: a.in_flight as usize,
-                        queued: a.queued() as usize,
-                    },
-                    schedule,
-                    a.idempotent,
-                    a.keys,
-                    done.clone(),
-                ))
+                let load = Load {
+                    messages: n,
+                    size: a.size,
+                    keys: a.keys,
+                };
+                let (topic, done) = (topic.clone(), done.clone());
+                smol::spawn(async move {
+                    produce_with(&producer, &topic, load, unacked, schedule, &done).await
+                })
             })
             .collect();
         let mut hist = histogram();
