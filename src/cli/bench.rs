@@ -421,6 +421,17 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     size: a.size,
                     keys: a.keys,
                 };
+                // Producers start a share of a period apart, as devices
+                // that are not synchronised would: all at once, each
+                // second's records arrived together and queued behind
+                // one another.
+                let schedule = schedule.zip(a.rate).map(|(s, rate)| Schedule {
+                    start: s.start
+                        + Duration::from_nanos(
+                            (i as u128 * 1_000_000_000 / u128::from(rate)) as u64,
+                        ),
+                    ..s
+                });
                 let (topic, done) = (topic.clone(), done.clone());
                 smol::spawn(async move {
                     produce_with(&producer, &topic, load, unacked, schedule, &done).await
