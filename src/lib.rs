@@ -27,6 +27,7 @@ pub mod bufpool;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fdlimit;
 pub mod metrics;
 pub mod mirror;
 pub mod notify;

@@ -87,6 +87,9 @@ fn progress(done: &AtomicU64, total: u64, start: Instant, stop: &AtomicU64) {
     }
 }
 
+/// Descriptors `bench produce` needs beside one per producer.
+const FDS_BESIDE_PRODUCERS: u64 = 64;
+
 /// Deletes the bench topic at the end of a run unless `--keep`: its rings
 /// reserve half a GiB of disk.
 /// A process's CPU time so far (user + sys of all its threads), from
@@ -178,14 +181,6 @@ async fn bench_producer(
     .await
 }
 
-/// How many records a bench producer keeps on the wire, and how many more
-/// it holds built while they are answered.
-#[derive(Clone, Copy)]
-struct Window {
-    in_flight: usize,
-    queued: usize,
-}
-
 /// The open loop's timetable: record `i` is due at `start + i / rate`.
 #[derive(Clone, Copy)]
 struct Schedule {
@@ -198,29 +193,6 @@ impl Schedule {
         let ns = u128::from(i) * 1_000_000_000 / u128::from(self.per_second);
         self.start + Duration::from_nanos(ns as u64)
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn produce_one(
-    addr: String,
-    client: ClientConfig,
-    topic: Arc<str>,
-    messages: u64,
-    size: usize,
-    window: Window,
-    schedule: Option<Schedule>,
-    idempotent: bool,
-    keys: Option<u64>,
-    done: Arc<AtomicU64>,
-) -> Result<Histogram<u64>, ClientError> {
-    let producer = bench_producer(&addr, &client, idempotent, window.in_flight).await?;
-    let unacked = window.in_flight + window.queued;
-    let load = Load {
-        messages,
-        size,
-        keys,
-    };
-    produce_with(&producer, &topic, load, unacked, schedule, &done).await
 }
 
 /// What one producer sends: `messages` records of `size` bytes, keyed
@@ -373,6 +345,22 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             "--rate must be at least 1 record/s per producer",
         );
     }
+    // A descriptor per producer, and a few for the admin client and the
+    // process itself: a thousand producers pass the usual soft limit.
+    let want = u64::from(a.producers) + FDS_BESIDE_PRODUCERS;
+    match crate::fdlimit::raise(want) {
+        Ok(l) if l.soft >= want => {}
+        Ok(l) => {
+            return fail(
+                EXIT_USAGE,
+                format!(
+                    "--producers {} needs {want} open files; the hard limit is {} (raise it: ulimit -Hn, or LimitNOFILE=)",
+                    a.producers, l.hard
+                ),
+            )
+        }
+        Err(e) => return fail(EXIT_RUNTIME, format!("cannot raise the open-file limit: {e}")),
+    }
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let client_config = a.broker.client_config();
@@ -387,7 +375,24 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             a.segments,
         )
         .await?;
+        // Every producer connects before the clock starts: ten thousand
+        // connections take seconds to open, which an open loop would
+        // otherwise count as every record's lateness.
+        let connecting: Vec<_> = (0..a.producers)
+            .map(|_| {
+                let (addr, config) = (a.broker.broker.clone(), client_config.clone());
+                let (idempotent, in_flight) = (a.idempotent, a.in_flight as usize);
+                smol::spawn(
+                    async move { bench_producer(&addr, &config, idempotent, in_flight).await },
+                )
+            })
+            .collect();
+        let mut producers = Vec::with_capacity(connecting.len());
+        for c in connecting {
+            producers.push(c.await?);
+        }
         let cpu_before = a.broker_pid.and_then(process_cpu);
+        let own_before = process_cpu(std::process::id());
         let start = Instant::now();
         let schedule = a.rate.map(|rate| Schedule {
             start,
@@ -399,8 +404,11 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         };
         let topic: Arc<str> = a.topic.as_str().into();
         let per = a.messages / u64::from(a.producers);
-        let tasks: Vec<_> = (0..a.producers)
-            .map(|i| {
+        let unacked = a.in_flight as usize + a.queued() as usize;
+        let tasks: Vec<_> = producers
+            .into_iter()
+            .enumerate()
+            .map(|(i, producer)| {
                 // The first producer takes the remainder.
                 let n = per
                     + if i == 0 {
@@ -408,21 +416,26 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                     } else {
                         0
                     };
-                smol::spawn(produce_one(
-                    a.broker.broker.clone(),
-                    client_config.clone(),
-                    topic.clone(),
-                    n,
-                    a.size,
-                    Window {
-                        in_flight: a.in_flight as usize,
-                        queued: a.queued() as usize,
-                    },
-                    schedule,
-                    a.idempotent,
-                    a.keys,
-                    done.clone(),
-                ))
+                let load = Load {
+                    messages: n,
+                    size: a.size,
+                    keys: a.keys,
+                };
+                // Producers start a share of a period apart, as devices
+                // that are not synchronised would: all at once, each
+                // second's records arrived together and queued behind
+                // one another.
+                let schedule = schedule.zip(a.rate).map(|(s, rate)| Schedule {
+                    start: s.start
+                        + Duration::from_nanos(
+                            (i as u128 * 1_000_000_000 / u128::from(rate)) as u64,
+                        ),
+                    ..s
+                });
+                let (topic, done) = (topic.clone(), done.clone());
+                smol::spawn(async move {
+                    produce_with(&producer, &topic, load, unacked, schedule, &done).await
+                })
             })
             .collect();
         let mut hist = histogram();
@@ -437,6 +450,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         let elapsed = start.elapsed();
         let cpu_after = a.broker_pid.and_then(process_cpu);
+        let own_after = process_cpu(std::process::id());
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
         let dropped = drop_topic(&client, &a.topic, a.keep).await;
@@ -445,9 +459,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         dropped?;
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
-        Ok((elapsed, hist, cpu))
+        let own = own_before.zip(own_after).map(|(b, a)| a.saturating_sub(b));
+        Ok((elapsed, hist, cpu, own))
     });
-    let (elapsed, hist, cpu) = match result {
+    let (elapsed, hist, cpu, own) = match result {
         Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
@@ -478,6 +493,13 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         line["rate"] = rate.into();
     }
     add_broker_cpu(&mut line, cpu, a.messages);
+    if let Some(own) = own {
+        // The client's share: with many producers on one machine it can be
+        // the bottleneck rather than the broker.
+        line["client_cpu_s"] = own.as_secs_f64().into();
+        line["client_cpu_s_per_m_records"] =
+            (own.as_secs_f64() * 1e6 / a.messages.max(1) as f64).into();
+    }
     outln!("{line}");
     ExitCode::SUCCESS
 }

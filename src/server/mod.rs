@@ -681,6 +681,7 @@ pub fn serve(
         log::warn!("systemd watchdog disabled: {e}");
         crate::notify::Watchdog::disabled()
     });
+    raise_fd_limit(cfg);
     let server = Server::start(cfg, network_threads())?;
     let broker = server.broker().clone();
     let budget = cfg.memory_budget();
@@ -769,6 +770,34 @@ pub fn serve(
     }
     log::info!("stopped cleanly");
     Ok(())
+}
+
+/// Descriptors beyond the connections: listeners, the storage thread's
+/// segment files (a few per partition), checkpoints, the metrics endpoint.
+const FDS_BESIDE_CONNECTIONS: u64 = 256;
+
+/// Raises the open-file limit so that `server.max_connections` can be
+/// reached: the usual soft limit (1,024) is below a gateway's thousand
+/// devices plus the data files. Short of it, skiff still serves, and says
+/// how many connections it can take.
+fn raise_fd_limit(cfg: &Config) {
+    let files = u64::from(cfg.server.max_partitions)
+        .saturating_mul(u64::from(cfg.topic_defaults.segments).max(1) + 1);
+    let want = u64::from(cfg.server.max_connections)
+        .saturating_add(files)
+        .saturating_add(FDS_BESIDE_CONNECTIONS);
+    match crate::fdlimit::raise(want) {
+        Ok(l) if l.soft >= want => {}
+        Ok(l) => log::warn!(
+            "open-file limit {} (hard limit {}) is below the {want} descriptors server.max_connections = {} needs: \
+             connections past about {} will fail to be accepted; raise the hard limit (LimitNOFILE= in the systemd unit, ulimit -Hn)",
+            l.soft,
+            l.hard,
+            cfg.server.max_connections,
+            l.soft.saturating_sub(files + FDS_BESIDE_CONNECTIONS),
+        ),
+        Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
 
 /// What `serve --ready-file` writes once recovery is done and every

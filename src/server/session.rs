@@ -128,15 +128,28 @@ impl InFlight {
     /// Waits until `n` more bytes fit under `max`; one request alone is
     /// always admitted, so a frame of any allowed size makes progress.
     async fn acquire(&self, n: usize, max: usize) {
+        // Most requests fit at once: no listener (an allocation and a
+        // locked list insert and removal) for them.
+        if self.try_acquire(n, max) {
+            return;
+        }
         loop {
             let listener = self.changed.listen();
-            let cur = self.bytes.load(Ordering::Acquire);
-            if cur == 0 || cur + n <= max {
-                self.bytes.fetch_add(n, Ordering::AcqRel);
+            if self.try_acquire(n, max) {
                 return;
             }
             listener.await;
         }
+    }
+
+    fn try_acquire(&self, n: usize, max: usize) -> bool {
+        let cur = self.bytes.load(Ordering::Acquire);
+        if cur == 0 || cur + n <= max {
+            // Only the reader adds: nothing can have grown it meanwhile.
+            self.bytes.fetch_add(n, Ordering::AcqRel);
+            return true;
+        }
+        false
     }
 
     async fn drained(&self) {
@@ -453,12 +466,15 @@ impl std::fmt::Display for SessionEnd {
     }
 }
 
-/// Reads until the buffer holds one whole frame, EOF, or shutdown.
+/// Reads until the buffer holds one whole frame, EOF, or shutdown
+/// (`stop`: the connection's one wait for it, polled across frames, since
+/// a listener made for every read cost an allocation and a locked list
+/// insert and removal per request).
 async fn next_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     filled: &mut usize,
-    ctx: &Ctx,
+    mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     max_frame_bytes: usize,
 ) -> Result<Next, SessionEnd> {
     loop {
@@ -481,7 +497,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
         let read = futures_lite::future::or(
             async { Some(stream.read(&mut buf[*filled..]).await) },
             async {
-                ctx.shutdown.wait().await;
+                stop.as_mut().await;
                 None
             },
         )
@@ -518,6 +534,8 @@ where
 {
     let mut buf = vec![0u8; READ_BUFFER_BYTES_INITIAL];
     let mut filled = 0usize;
+    let stop = ctx.shutdown.wait();
+    futures_lite::pin!(stop);
     let mut shrink = ShrinkPolicy::default();
     let mut hello_done = false;
     // The negotiated protocol version; answers are shaped for it.
@@ -551,7 +569,15 @@ where
                 .max_frame_bytes
                 .min(protocol::HELLO_FRAME_BYTES_MAX as usize)
         };
-        let n = match next_frame(&mut stream, &mut buf, &mut filled, ctx, max_frame_bytes).await {
+        let n = match next_frame(
+            &mut stream,
+            &mut buf,
+            &mut filled,
+            stop.as_mut(),
+            max_frame_bytes,
+        )
+        .await
+        {
             Ok(Next::Frame(n)) => n,
             Ok(Next::Eof) | Ok(Next::Shutdown) => return Ok(()),
             Err(SessionEnd::Frame(e)) => {

@@ -2525,3 +2525,59 @@ fn appends_during_an_inline_fdatasync_form_the_next_group() {
     gate.hold_sync_calls.store(false, Ordering::SeqCst);
     s.shutdown().unwrap();
 }
+
+/// Fan-in: an inline flush that acked many appends (many connections with
+/// a record each) holds the next one for their answers, so they share it
+/// instead of a flush per few; it starts once they are all back, or once
+/// appends stop arriving.
+#[test]
+fn a_fan_in_flush_waits_for_every_connection_it_answered() {
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let h = Held::open(10, "fanin", |c| StorageConfig { clock, ..c });
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    let submit = |tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
+    let many = super::commit::FAN_IN_ACKS_MIN as u64 + 6;
+    let a = submit(0);
+    gate.wait_for(&gate.started, 1);
+    // The devices' records queue up during A's flush and go in the next.
+    let group: Vec<_> = (1..=many).map(submit).collect();
+    gate.release();
+    block_on(a).unwrap();
+    gate.wait_for(&gate.started, 2);
+    gate.release();
+    for t in group {
+        block_on(t).unwrap();
+    }
+    // Every device answers but one: no flush yet (the clock stands still,
+    // so the hold cannot run out)...
+    let answers: Vec<_> = (1..many).map(|i| submit(100 + i)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(gate.started.load(Ordering::SeqCst), 2, "held for the last");
+    // ...and the last one's answer starts it: one flush for all of them.
+    let last = submit(100 + many);
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    for t in answers.into_iter().chain([last]) {
+        block_on(t).unwrap();
+    }
+    assert_eq!(gate.started.load(Ordering::SeqCst), 3, "one flush");
+    // Answers that stop coming end the hold after a short gap.
+    let lone = submit(1000);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(gate.started.load(Ordering::SeqCst), 3, "held");
+    // (The advance returns once the thread acted on it: after the flush
+    // it starts, which the gate holds until released here.)
+    std::thread::scope(|sc| {
+        sc.spawn(|| time.advance(std::time::Duration::from_millis(5)));
+        gate.wait_for(&gate.started, 4);
+        gate.release();
+    });
+    assert_eq!(
+        block_on(lone).unwrap().base_offset,
+        2 * many + 1,
+        "every append acked, in order"
+    );
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    s.shutdown().unwrap();
+}
