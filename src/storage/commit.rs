@@ -62,14 +62,6 @@ pub(super) struct SyncGroup {
     /// How long the next sync may wait for them
     /// (`StorageConfig::sync_hold_max`).
     pub(super) hold_until: Option<Instant>,
-    /// The hold is a fan-in's (inline fdatasync, many appends acked: many
-    /// connections with a record each): it also ends once appends stop
-    /// arriving for [`fan_in_gap`](SyncGroup::fan_in_gap).
-    fan_in: bool,
-    /// An append arrived since the last round looked (set per append, so
-    /// the clock is read once per round).
-    pub(super) arrived: bool,
-    last_arrival: Instant,
     /// Recent fdatasync group duration, smoothed.
     sync_ewma: Duration,
 }
@@ -82,45 +74,10 @@ impl SyncGroup {
             inflight_started: now,
             returning: 0,
             hold_until: None,
-            fan_in: false,
-            arrived: false,
-            last_arrival: now,
             sync_ewma: Duration::ZERO,
         }
     }
-
-    /// A fan-in hold ends when no append came for this long: half a recent
-    /// fdatasync (waiting longer costs more than the flush it saves).
-    fn fan_in_gap(&self) -> Duration {
-        (self.sync_ewma / 2).clamp(FAN_IN_GAP_MIN, FAN_IN_HOLD_MAX)
-    }
-
-    /// A fan-in hold is on: the storage thread naps through it rather
-    /// than be rung awake by every arrival.
-    pub(super) fn fan_in_holding(&self) -> bool {
-        self.fan_in && self.returning > 0 && self.hold_until.is_some()
-    }
-
-    /// When the hold ends by itself, if one is on.
-    pub(super) fn hold_deadline(&self) -> Option<Instant> {
-        let until = self.hold_until.filter(|_| self.returning > 0)?;
-        Some(if self.fan_in {
-            until.min(self.last_arrival + self.fan_in_gap())
-        } else {
-            until
-        })
-    }
 }
-
-/// An inline flush that acked more appends than this starts a fan-in
-/// hold: a producer's window is a few batches, a fan-in's a record per
-/// connection.
-pub(super) const FAN_IN_ACKS_MIN: usize = 8;
-/// A fan-in hold (see [`SyncGroup::fan_in`]) lasts at most this long: the
-/// ack latency it may add to the first append of a group.
-const FAN_IN_HOLD_MAX: Duration = Duration::from_millis(4);
-/// ... and waits at least this long for the next append.
-const FAN_IN_GAP_MIN: Duration = Duration::from_micros(100);
 
 impl Part {
     /// After a successful write (and fdatasync when `synced`): advance
@@ -214,10 +171,6 @@ impl Engine {
     pub(super) fn commit_round(&mut self, force: bool) {
         let now = self.ctx.cfg.clock.now();
         let idle = self.group.inflight.is_empty();
-        let hold = idle && !force && self.holding(now);
-        // A fan-in's records are written once, when its hold ends: a write
-        // per round of a few arrivals cost more than the flushes saved.
-        let defer = hold && self.group.fan_in;
         // (partition, write it now, its acks wait for the next sync group)
         let mut due: Vec<(PartitionId, bool)> = Vec::new();
         for p in self.parts.values_mut() {
@@ -231,7 +184,7 @@ impl Engine {
                 continue;
             }
             let (is_due, acks_wait_for_sync) = match p.cfg.durability {
-                Durability::Always => (!defer, true),
+                Durability::Always => (true, true),
                 Durability::IntervalMs(ms) => {
                     let gathered = p.commit.first_pending_at.is_some_and(|t| {
                         now >= t + interval_gather(ms)
@@ -297,7 +250,7 @@ impl Engine {
                 }
             }
         }
-        if idle && !hold {
+        if idle && (force || !self.holding(now)) {
             self.start_syncs();
         }
     }
@@ -305,19 +258,8 @@ impl Engine {
     /// Whether the next sync group waits for appends answering the last
     /// group's acks: at most half a recent fdatasync (waiting longer would
     /// cost more than the extra flush it saves) and the configured bound.
-    pub(super) fn holding(&mut self, now: Instant) -> bool {
-        if std::mem::take(&mut self.group.arrived) {
-            self.group.last_arrival = now;
-        }
-        let on = self.group.hold_deadline().is_some_and(|t| now < t);
-        if !on {
-            // Over: neither waited for nor slept towards again (a hold
-            // whose flush found nothing to sync kept its past deadline,
-            // and the thread woke for it in a loop).
-            self.group.returning = 0;
-            self.group.hold_until = None;
-        }
-        on
+    pub(super) fn holding(&self, now: Instant) -> bool {
+        self.group.returning > 0 && self.group.hold_until.is_some_and(|t| now < t)
     }
 
     /// Starts the fdatasync group of every partition that wants one. Only
@@ -425,31 +367,17 @@ impl Engine {
                 let _ = a.reply.try_send(Ok(a.ack));
             }
         }
-        // Pipelined, a few acks: a closed-loop producer's next window.
-        // Inline, the answers arrive during the blocking flush and queue
-        // up by themselves, and waiting for them after it would idle the
-        // device while the producer works (0.84x in A/B), unless there are
-        // many (fan-in: many connections with a record each): their
-        // answers come one by one as the connections are read, and a
-        // thousand devices made a flush per 13 records.
+        // Only pipelined: inline, the answers arrive during the blocking
+        // flush and queue up by themselves, and waiting for them after it
+        // would idle the device while the producer works (0.84x in A/B).
         let pipelined = self.ctx.cfg.pipelined_fsync;
-        let fan_in = !pipelined && acked > FAN_IN_ACKS_MIN;
-        self.group.fan_in = fan_in;
-        self.group.returning = if (pipelined && acked <= SYNC_HOLD_RETURNS_MAX) || fan_in {
+        self.group.returning = if pipelined && acked <= SYNC_HOLD_RETURNS_MAX {
             acked
         } else {
             0
         };
-        self.group.last_arrival = now;
-        // A fan-in's hold has its own bound; `sync_hold_max` zero turns
-        // both off.
-        let hold = if fan_in {
-            FAN_IN_HOLD_MAX
-        } else {
-            (self.group.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max)
-        };
-        self.group.hold_until =
-            (self.group.returning > 0 && !self.ctx.cfg.sync_hold_max.is_zero()).then(|| now + hold);
+        self.group.hold_until = (self.group.returning > 0)
+            .then(|| now + (self.group.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max));
     }
 
     fn fail_inflight(&mut self, e: &io::Error) {

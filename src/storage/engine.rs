@@ -475,14 +475,6 @@ impl Engine {
                 }
             };
             let deadline = clock.sleep_until(self.next_deadline());
-            if let Some(until) =
-                deadline.filter(|_| group_fd.is_none() && self.group.fan_in_holding())
-            {
-                // Arrivals queue up meanwhile (a full queue waits at most
-                // this nap), and none pays for a wake-up.
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                continue;
-            }
             self.bell.sleep(group_fd, deadline, || {
                 !rx.is_empty() || rx.is_closed() || clock.moved_since(generation)
             });
@@ -572,7 +564,7 @@ impl Engine {
         if periodic {
             consider(self.next_retention_check);
         }
-        if let Some(t) = self.group.hold_deadline() {
+        if let Some(t) = self.group.hold_until.filter(|_| self.group.returning > 0) {
             consider(t);
         }
         d
@@ -597,7 +589,6 @@ impl Engine {
                 reply,
             } => {
                 self.group.returning = self.group.returning.saturating_sub(1);
-                self.group.arrived = true;
                 self.append(id, batch, checked, reply)
             }
             Cmd::Read {
