@@ -11,6 +11,10 @@
 //! target is at least 80%. The broker's peak RSS against the budget
 //! `skiff config check` prints is on the same line.
 //!
+//! Each line also gives the fdatasync groups per good batch and their mean
+//! duration, alone and under the abuse (from the metrics endpoint): a
+//! producer awaiting each ack waits for at least one group per batch.
+//!
 //! `SKIFF_OVERLOAD_SECONDS` (default 3) sets the length of each phase;
 //! `SKIFF_OVERLOAD_ONLY=WORD` runs only the abuses whose name has WORD.
 
@@ -25,6 +29,44 @@ use skiff::batch::{BatchBuilder, ProducerStamp};
 use skiff::protocol::ProducePartition;
 
 const TARGET_RATIO: f64 = 0.8;
+
+/// The broker's fdatasync groups so far: how many, and their total seconds.
+fn sync_groups(metrics: &str) -> (f64, f64) {
+    let text = http_get(metrics, "/metrics");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    };
+    (
+        value("skiff_storage_fsync_duration_seconds_count"),
+        value("skiff_storage_fsync_duration_seconds_sum"),
+    )
+}
+
+/// A producer phase: records/s, fdatasync groups per batch of 10 and
+/// their mean duration in ms.
+struct Phase {
+    rate: f64,
+    groups_per_batch: f64,
+    group_ms: f64,
+}
+
+fn phase(addr: &str, metrics: &str, secs: f64) -> Phase {
+    let (n0, s0) = sync_groups(metrics);
+    let rate = producer_rate(addr, "good", secs);
+    let (n1, s1) = sync_groups(metrics);
+    let batches = rate * secs / 10.0;
+    Phase {
+        rate,
+        groups_per_batch: (n1 - n0) / batches,
+        group_ms: if n1 > n0 {
+            (s1 - s0) / (n1 - n0) * 1e3
+        } else {
+            0.0
+        },
+    }
+}
 
 /// Records/s one producer gets for `secs`, acks awaited one batch at a time.
 fn producer_rate(addr: &str, topic: &str, secs: f64) -> f64 {
@@ -57,7 +99,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
     raise_fd_limit(12_000);
-    let mut b = Broker::start("[server]\nmax_connections = 10100\n");
+    let mut b =
+        Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n[server]\nmax_connections = 10100\n");
+    let metrics = b.metrics_addr();
     let budget = budget_kib(&b.config_path);
     assert_ok(&b.cli(&["topics", "create", "good"]));
     assert_ok(&b.cli(&["topics", "create", "abuse"]));
@@ -103,24 +147,31 @@ fn main() {
         .into_iter()
         .filter(|(n, _)| n.contains(only.as_str()))
     {
-        let alone1 = producer_rate(&b.tcp, "good", secs);
+        let a1 = phase(&b.tcp, &metrics, secs);
         let stop = start(&b.tcp);
-        let under = producer_rate(&b.tcp, "good", secs);
+        let u = phase(&b.tcp, &metrics, secs);
         let rss = b.rss_kib();
         stop();
-        let alone2 = producer_rate(&b.tcp, "good", secs);
+        let a2 = phase(&b.tcp, &metrics, secs);
+        let (alone1, alone2, under) = (a1.rate, a2.rate, u.rate);
         let alone = (alone1 + alone2) / 2.0;
         let ratio = under / alone;
         worst = worst.min(ratio);
         println!(
             "overload {name}: alone {alone:.0} rec/s ({alone1:.0}, {alone2:.0}), under it \
-             {under:.0} rec/s = {:.0}% ({}); broker RSS {rss} KiB, budget {budget} KiB",
+             {under:.0} rec/s = {:.0}% ({}); broker RSS {rss} KiB, budget {budget} KiB; \
+             fdatasync groups per good batch {:.2} alone, {:.2} under it, of {:.2} ms \
+             alone, {:.2} ms under it",
             ratio * 100.0,
             if ratio >= TARGET_RATIO {
                 "ok"
             } else {
                 "BELOW 80%"
-            }
+            },
+            (a1.groups_per_batch + a2.groups_per_batch) / 2.0,
+            u.groups_per_batch,
+            (a1.group_ms + a2.group_ms) / 2.0,
+            u.group_ms,
         );
         assert!(b.is_alive(), "the broker died:\n{}", b.log());
     }

@@ -44,6 +44,32 @@ pub(super) struct CommitState {
     /// When the oldest write not yet fdatasynced was made (`interval`
     /// syncs within its ms of it).
     pub(super) unsynced_since: Option<Instant>,
+    /// Appends answering the last sync group's acks to this partition that
+    /// the next sync still waits for (see `SyncGroup::returning`).
+    pub(super) returning: usize,
+    /// When those acks went out, until the first answer came.
+    pub(super) acked_at: Option<Instant>,
+    /// How long this partition's producers take to answer their acks,
+    /// smoothed: the next sync waits about that long for them.
+    pub(super) answer_time: Option<Duration>,
+}
+
+impl CommitState {
+    /// An append arrived: it may answer the last group's acks.
+    pub(super) fn answered(&mut self, now: Instant) -> bool {
+        if let Some(at) = self.acked_at.take() {
+            let took = now - at;
+            self.answer_time = Some(match self.answer_time {
+                Some(t) => (t * 7 + took) / 8,
+                None => took,
+            });
+        }
+        if self.returning == 0 {
+            return false;
+        }
+        self.returning -= 1;
+        true
+    }
 }
 
 /// The storage thread's fdatasync group: which partitions it covers while
@@ -55,10 +81,15 @@ pub(super) struct SyncGroup {
     inflight_files: usize,
     inflight_started: Instant,
     /// Group formation: appends acked by the last sync group that have not
-    /// come back yet. A closed-loop producer answers its acks with new
-    /// appends within microseconds; starting the next fdatasync before they
-    /// arrive would split its window over two flushes.
+    /// come back yet, the sum of its partitions' `CommitState::returning`.
+    /// A closed-loop producer answers its acks with new appends within
+    /// microseconds; starting the next fdatasync before they arrive would
+    /// split its window over two flushes. Counted per partition, so that
+    /// one partition's producer answering faster (a flood of small
+    /// requests) cannot stand in for another's.
     pub(super) returning: usize,
+    /// The partitions whose `returning` is not zero.
+    returning_parts: Vec<PartitionId>,
     /// How long the next sync may wait for them
     /// (`StorageConfig::sync_hold_max`).
     pub(super) hold_until: Option<Instant>,
@@ -73,6 +104,7 @@ impl SyncGroup {
             inflight_files: 0,
             inflight_started: now,
             returning: 0,
+            returning_parts: Vec::new(),
             hold_until: None,
             sync_ewma: Duration::ZERO,
         }
@@ -300,9 +332,45 @@ impl Engine {
                 self.fail_inflight(&e);
             }
         } else {
-            let res = files.iter().try_for_each(|&f| self.ctx.io.sync(f));
-            self.complete_inflight(res);
+            self.sync_inline(files);
         }
+    }
+
+    /// The unpipelined group: one fdatasync(2) after another, each
+    /// partition acked as soon as its own completes (or failed alone when
+    /// it fails). Each costs the device a cache flush, so a partition's
+    /// place in the order is a flush of latency: the ones with the fewest
+    /// appends waiting go first (a producer awaiting one ack answers it
+    /// while the next file flushes, where a deep window hardly notices),
+    /// and those with none (an `interval` sync) last.
+    fn sync_inline(&mut self, files: Vec<FileHandle>) {
+        self.forget_returning();
+        let group = std::mem::take(&mut self.group.inflight);
+        let mut order: Vec<(usize, &PartitionId, FileHandle)> = group
+            .iter()
+            .zip(files)
+            .map(|(id, f)| {
+                let waiting = self.parts.get(id).map_or(0, |p| p.commit.syncing.len());
+                (if waiting == 0 { usize::MAX } else { waiting }, id, f)
+            })
+            .collect();
+        order.sort_by_key(|&(waiting, ..)| waiting);
+        let mut acked = 0;
+        for (_, id, file) in order {
+            let res = self.ctx.io.sync(file);
+            // Counted before the acks: whoever got one sees its flush.
+            StatsInner::add(&self.ctx.shared.stats.fsyncs, 1);
+            match res {
+                Ok(()) => acked += self.part_synced(id),
+                Err(e) => {
+                    if let Some(p) = self.parts.get_mut(id) {
+                        p.fail(&e, &self.ctx.shared.stats);
+                    }
+                }
+            }
+        }
+        let now = self.group_done(0);
+        self.start_hold(group, acked, now);
     }
 
     /// Waits for the fdatasync group in flight and acks what it covered.
@@ -330,6 +398,20 @@ impl Engine {
     }
 
     fn complete_inflight(&mut self, res: io::Result<()>) {
+        self.forget_returning();
+        let now = self.group_done(self.group.inflight_files);
+        if let Err(e) = res {
+            self.fail_inflight(&e);
+            return;
+        }
+        let group = std::mem::take(&mut self.group.inflight);
+        let acked = group.iter().map(|id| self.part_synced(id)).sum();
+        self.start_hold(group, acked, now);
+    }
+
+    /// The group's flush is over: its statistics, with `files` more
+    /// fdatasyncs. Returns the time.
+    fn group_done(&mut self, files: usize) -> Instant {
         let now = self.ctx.cfg.clock.now();
         let elapsed = now - self.group.inflight_started;
         self.group.sync_ewma = if self.group.sync_ewma.is_zero() {
@@ -338,46 +420,85 @@ impl Engine {
             (self.group.sync_ewma * 7 + elapsed) / 8
         };
         let st = &self.ctx.shared.stats;
-        StatsInner::add(&st.fsyncs, self.group.inflight_files as u64);
+        StatsInner::add(&st.fsyncs, files as u64);
         StatsInner::add(&st.fsync_latency_us_sum, elapsed.as_micros() as u64);
         StatsInner::add(&st.fsync_latency_count, 1);
         if let Some(obs) = &self.ctx.cfg.observer {
             obs.0.sync_group(elapsed);
         }
-        if let Err(e) = res {
-            self.fail_inflight(&e);
-            return;
+        now
+    }
+
+    /// A partition's fdatasync of the group completed: what it covered is
+    /// durable and readable, and its acks go out. Returns how many.
+    fn part_synced(&mut self, id: &PartitionId) -> usize {
+        let Some(p) = self.parts.get_mut(id) else {
+            return 0;
+        };
+        if matches!(p.state, PartState::Failed { .. }) {
+            return 0;
         }
-        let mut acked = 0;
-        for id in std::mem::take(&mut self.group.inflight) {
+        p.durable = p.commit.syncing_to;
+        p.hw = p.hw.max(p.commit.syncing_to.next_offset);
+        p.publish();
+        p.commit.returning = p.commit.syncing.len();
+        // Newest first: a caller waiting on the oldest append (callers
+        // wait in order) wakes once, with the whole group done, and can
+        // hand over as many new appends together.
+        for a in p.commit.syncing.drain(..).rev() {
+            let _ = a.reply.try_send(Ok(a.ack));
+        }
+        p.commit.returning
+    }
+
+    /// Only the last group's answers are waited for.
+    fn forget_returning(&mut self) {
+        self.group.returning = 0;
+        for id in std::mem::take(&mut self.group.returning_parts) {
+            if let Some(p) = self.parts.get_mut(&id) {
+                p.commit.returning = 0;
+            }
+        }
+    }
+
+    /// After a group's acks (`acked` of them): how long the next sync
+    /// waits for the appends that answer them, and for which partitions.
+    fn start_hold(&mut self, group: Vec<PartitionId>, acked: usize, now: Instant) {
+        // Inline, most answers arrive during the blocking flush and queue
+        // up by themselves, and waiting for all of them after it would idle
+        // the device while a producer with a deep window works (0.84x in
+        // A/B): the hold waits only for each partition's first answer, a
+        // producer that has not sent anything yet (one whose acks came
+        // last, behind a flood's on another partition).
+        let pipelined = self.ctx.cfg.pipelined_fsync;
+        let max = self.ctx.cfg.sync_hold_max;
+        // Half a flush, or as long as the producer usually takes to answer
+        // (a round trip through the network threads can take longer than a
+        // flush), at most `sync_hold_max`.
+        let base = self.group.sync_ewma / 2;
+        let mut hold = Duration::ZERO;
+        for id in group {
             let Some(p) = self.parts.get_mut(&id) else {
                 continue;
             };
-            if matches!(p.state, PartState::Failed { .. }) {
+            if p.commit.returning > 0 {
+                p.commit.acked_at = Some(now);
+            }
+            if !pipelined {
+                p.commit.returning = p.commit.returning.min(1);
+            }
+            let answer = p.commit.answer_time.unwrap_or(Duration::ZERO);
+            // A producer that does not answer within the bound (one that
+            // sends now and then) is not waited for.
+            if acked > SYNC_HOLD_RETURNS_MAX || p.commit.returning == 0 || answer > max {
+                p.commit.returning = 0;
                 continue;
             }
-            p.durable = p.commit.syncing_to;
-            p.hw = p.hw.max(p.commit.syncing_to.next_offset);
-            p.publish();
-            acked += p.commit.syncing.len();
-            // Newest first: a caller waiting on the oldest append (callers
-            // wait in order) wakes once, with the whole group done, and can
-            // hand over as many new appends together.
-            for a in p.commit.syncing.drain(..).rev() {
-                let _ = a.reply.try_send(Ok(a.ack));
-            }
+            hold = hold.max(base.max(answer * 5 / 4).min(max));
+            self.group.returning += p.commit.returning;
+            self.group.returning_parts.push(id);
         }
-        // Only pipelined: inline, the answers arrive during the blocking
-        // flush and queue up by themselves, and waiting for them after it
-        // would idle the device while the producer works (0.84x in A/B).
-        let pipelined = self.ctx.cfg.pipelined_fsync;
-        self.group.returning = if pipelined && acked <= SYNC_HOLD_RETURNS_MAX {
-            acked
-        } else {
-            0
-        };
-        self.group.hold_until = (self.group.returning > 0)
-            .then(|| now + (self.group.sync_ewma / 2).min(self.ctx.cfg.sync_hold_max));
+        self.group.hold_until = (self.group.returning > 0).then(|| now + hold);
     }
 
     fn fail_inflight(&mut self, e: &io::Error) {

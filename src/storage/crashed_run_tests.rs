@@ -46,6 +46,26 @@ fn batch_of(records: u32, seq: i32) -> Vec<u8> {
     unreachable!("no padding gives {LEN} bytes")
 }
 
+/// Appends a batch of `records` records per sequence in `seqs` as one
+/// round (one write, one fdatasync, which the plan fails): they are queued
+/// while the storage thread stands still, so it takes them together
+/// however the threads are scheduled. None is acked.
+fn one_failed_round(s: &Storage, id: &PartitionId, records: u32, seqs: &[i32]) {
+    let resume = s.pause();
+    let tickets = block_on(async {
+        let mut tickets = Vec::new();
+        for &seq in seqs {
+            let b = CheckedBatch::check(batch_of(records, seq)).unwrap();
+            tickets.push(s.submit(id, b, Wake::Later).await.unwrap());
+        }
+        tickets
+    });
+    drop(resume);
+    for t in tickets {
+        assert!(block_on(t).is_err(), "the fdatasync failed: never acked");
+    }
+}
+
 /// Each record's value and how often the log holds it.
 fn record_counts(s: &Storage, id: &PartitionId) -> HashMap<Vec<u8>, usize> {
     let mut seen = HashMap::new();
@@ -99,19 +119,7 @@ fn two_crashes(z_records: u32) -> (Rig, Storage, PartitionId) {
     // the media. C sits at offsets 12..16, two batches past the log's end.
     fail_syncs(&rig);
     let c_at = a_end + 2 * LEN as u64;
-    // Let the thread go to sleep, so the three form one round.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    block_on(async {
-        let mut tickets = Vec::new();
-        for seq in [4, 8, 12] {
-            let b = CheckedBatch::check(batch_of(K, seq)).unwrap();
-            tickets.push(s.submit(&id, b, Wake::Later).await.unwrap());
-        }
-        s.wake();
-        for t in tickets {
-            assert!(t.await.is_err(), "the fdatasync failed: never acked");
-        }
-    });
+    one_failed_round(&s, &id, K, &[4, 8, 12]);
     let path = seg.clone();
     rig.disk().unwrap().crash_keeping(|p, off, len| {
         if p != path {
@@ -251,18 +259,7 @@ fn a_crashed_runs_batch_in_the_slot_it_rolled_into_is_erased() {
         errno: libc::EIO,
         ..FaultPlan::default()
     });
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    block_on(async {
-        let mut tickets = Vec::new();
-        for seq in [next_seq, next_seq + 4] {
-            let b = CheckedBatch::check(batch_of(4, seq)).unwrap();
-            tickets.push(s.submit(&id, b, Wake::Later).await.unwrap());
-        }
-        s.wake();
-        for t in tickets {
-            assert!(t.await.is_err(), "never acked");
-        }
-    });
+    one_failed_round(&s, &id, 4, &[next_seq, next_seq + 4]);
     let slot1 = rig.dir.path().join("topics/roll/0/seg-00001.log");
     let second = 4096 + LEN as u64;
     let path = slot1.clone();

@@ -149,6 +149,13 @@ pub(crate) enum Cmd {
         cfg: PartitionConfig,
         reply: Reply<()>,
     },
+    /// Tests: the thread says it stopped, then takes nothing more off its
+    /// queue until `resume` is dropped (see `Storage::pause`).
+    #[cfg(test)]
+    Pause {
+        paused: std::sync::mpsc::Sender<()>,
+        resume: std::sync::mpsc::Receiver<()>,
+    },
 }
 
 /// Tests hold the background pre-write back to let the ring overtake it.
@@ -588,7 +595,12 @@ impl Engine {
                 checked,
                 reply,
             } => {
-                self.group.returning = self.group.returning.saturating_sub(1);
+                let now = self.ctx.cfg.clock.now();
+                if let Some(p) = self.parts.get_mut(&id) {
+                    if p.commit.answered(now) {
+                        self.group.returning -= 1;
+                    }
+                }
                 self.append(id, batch, checked, reply)
             }
             Cmd::Read {
@@ -642,6 +654,11 @@ impl Engine {
             Cmd::Alter { id, cfg, reply } => {
                 self.finish_inflight();
                 let _ = reply.try_send(self.alter(&id, cfg));
+            }
+            #[cfg(test)]
+            Cmd::Pause { paused, resume } => {
+                let _ = paused.send(());
+                let _ = resume.recv();
             }
         }
     }

@@ -319,13 +319,16 @@ pub struct StorageConfig {
     /// fdatasync). The first segment at creation, the rest in the
     /// background while idle. See docs/performance.md for the measurements.
     pub prewrite_segments: bool,
-    /// With `pipelined_fsync`: after a sync group's acks, the next
-    /// fdatasync waits up to this long (and at most half a recent
-    /// fdatasync) for the appends that answer them, so a producer's window
-    /// shares one flush instead of being split over two. Zero: never wait.
-    /// Not after groups of more than 64 appends, whose fdatasync should
-    /// overlap the thread's work. (Unpipelined, the answers queue up during
-    /// the blocking flush by themselves.)
+    /// After a sync group's acks, the next fdatasync waits up to this long
+    /// (and otherwise half a recent fdatasync, or a little more than the
+    /// partition's producers usually take to answer) for the appends that
+    /// answer them, so a producer's window shares one flush instead of
+    /// being split over two. Counted per partition: with `pipelined_fsync`
+    /// for every ack, unpipelined for one answer per partition (the rest of
+    /// a window queues up during the blocking flush by itself). Zero: never
+    /// wait. Not after groups of more than 64 appends, whose fdatasync
+    /// should overlap the thread's work, nor for a partition whose
+    /// producers answer slower than this.
     pub sync_hold_max: std::time::Duration,
     /// false (the default): a group's fdatasyncs run on the storage thread,
     /// as fdatasync(2); appends arriving meanwhile wait in the queue and
@@ -1114,6 +1117,25 @@ impl Storage {
     /// what the service watchdog needs to notice.
     pub async fn ping(&self) -> Result<(), StorageError> {
         self.call(|reply| engine::Cmd::Ping { reply }).await
+    }
+
+    /// Tests: stops the storage thread in the middle of taking commands off
+    /// its queue, until the returned sender is dropped. Whatever is queued
+    /// meanwhile is then taken in the same round as one group, however the
+    /// threads happen to be scheduled.
+    #[cfg(test)]
+    pub(crate) fn pause(&self) -> std::sync::mpsc::Sender<()> {
+        let (paused, stopped) = std::sync::mpsc::channel();
+        let (resume, resumed) = std::sync::mpsc::channel();
+        self.inner
+            .tx
+            .send_blocking(engine::Cmd::Pause {
+                paused,
+                resume: resumed,
+            })
+            .expect("the storage thread runs");
+        stopped.recv().expect("the storage thread pauses");
+        resume
     }
 
     /// Notified when any partition's ring starts a new segment or finds
