@@ -283,6 +283,10 @@ impl Engine {
             }
         }
         if idle && (force || !self.holding(now)) {
+            // The hold is over whether or not a flush starts: a producer
+            // that never answers (its last record sent) would otherwise
+            // leave a past deadline that wakes the thread again and again.
+            self.group.hold_until = None;
             self.start_syncs();
         }
     }
