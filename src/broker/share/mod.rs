@@ -107,7 +107,7 @@ impl Default for ShareConfig {
             max_in_flight_records: 200,
             dead_letter_suffix: ".dlq".into(),
             max_share_partitions: 64,
-            max_active_members: 64,
+            max_active_members: 16,
             overrides: Vec::new(),
         }
     }
