@@ -373,6 +373,33 @@ fn wait_status(b: &Broker, pred: impl Fn(&serde_json::Value) -> bool) -> serde_j
     }
 }
 
+/// Creates the source topic, produces `records` and waits until upstream
+/// holds the model's windows, byte for byte, and status has caught up
+/// with the last transaction (its late, malformed and forwarded counts
+/// checked); the status and the model's counts.
+fn forward_and_match(
+    b: &Broker,
+    tansu: &Tansu,
+    gateway: &str,
+    records: &[Rec],
+    p: &Params,
+) -> (serde_json::Value, [u64; 4]) {
+    assert_ok(&b.cli(&["topics", "create", "sensors.temp", "--partitions", "2"]));
+    produce(&b.tcp, "sensors.temp", records, 50);
+    let (expected, counts) = model(records, p);
+    let got = wait_windows(&client(&tansu.addr()), expected.len(), gateway);
+    assert_same(&got, &expected);
+    let s = wait_status(b, |r| {
+        r["windows_emitted"] == expected.len() as u64 && r["backlog_records"] == 0
+    });
+    let r = &s["rules"][0];
+    let [late, malformed, _, _] = counts;
+    assert_eq!(r["late_records"], late, "{s}");
+    assert_eq!(r["malformed_records"], malformed, "{s}");
+    assert_eq!(r["forwarded_records"], records.len() as u64, "{s}");
+    (s, counts)
+}
+
 #[test]
 fn windows_late_and_malformed_records_match_a_computed_model() {
     let tansu = Tansu::start();
@@ -383,26 +410,13 @@ fn windows_late_and_malformed_records_match_a_computed_model() {
     };
     let started = Instant::now();
     let b = Broker::start(&config(&tansu.addr(), "gw-agg", &p, ""));
-    assert_ok(&b.cli(&["topics", "create", "sensors.temp", "--partitions", "2"]));
     let records = readings(0x0a66_0001, 12, 1500);
-    produce(&b.tcp, "sensors.temp", &records, 50);
-
-    let (expected, [late, malformed, early, open]) = model(&records, &p);
+    let (s, [late, malformed, early, open]) = forward_and_match(&b, &tansu, "gw-agg", &records, &p);
     assert!(late > 20 && malformed > 20, "the readings have both");
     assert_eq!(early, 0);
-    let got = wait_windows(&client(&tansu.addr()), expected.len(), "gw-agg");
-    assert_same(&got, &expected);
-
-    // What status says once the last transaction committed.
-    let s = wait_status(&b, |r| {
-        r["windows_emitted"] == expected.len() as u64 && r["backlog_records"] == 0
-    });
     let r = &s["rules"][0];
-    assert_eq!(r["late_records"], late, "{s}");
-    assert_eq!(r["malformed_records"], malformed, "{s}");
     assert_eq!(r["windows_closed_early"], 0, "{s}");
     assert_eq!(r["open_windows"], open, "{s}");
-    assert_eq!(r["forwarded_records"], records.len() as u64, "{s}");
     // At most one malformed line per rule per minute, never a crash.
     let lines = b.log().matches("skipped a malformed value").count() as u64;
     let minutes = started.elapsed().as_secs() / 60;
@@ -428,19 +442,8 @@ fn windows_under_a_bandwidth_cap_match_the_model() {
         &p,
         "batch_bytes = 4096\nmax_bytes_per_s = 8192",
     ));
-    assert_ok(&b.cli(&["topics", "create", "sensors.temp", "--partitions", "2"]));
     let records = readings(0x0a66_0003, 400, 1500);
-    produce(&b.tcp, "sensors.temp", &records, 50);
-    let (expected, [late, malformed, _, _]) = model(&records, &p);
-    let got = wait_windows(&client(&tansu.addr()), expected.len(), "gw-cap");
-    assert_same(&got, &expected);
-    let s = wait_status(&b, |r| {
-        r["windows_emitted"] == expected.len() as u64 && r["backlog_records"] == 0
-    });
-    let r = &s["rules"][0];
-    assert_eq!(r["late_records"], late, "{s}");
-    assert_eq!(r["malformed_records"], malformed, "{s}");
-    assert_eq!(r["forwarded_records"], records.len() as u64, "{s}");
+    forward_and_match(&b, &tansu, "gw-cap", &records, &p);
 }
 
 #[test]
