@@ -420,10 +420,14 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
     }
     // Runs to the end of the input: until the group has nothing left.
     let idle_ms = if emulated { "5000" } else { "1000" };
-    let lag_zero = || {
+    // The group's offsets on the input, as `groups describe` shows them.
+    let describe = || {
         let o = b.cli(&["groups", "describe", "ctp", "--format", "json"]);
         assert_ok(&o);
-        let d: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        stdout(&o)
+    };
+    let lag_zero = |described: &str| {
+        let d: serde_json::Value = serde_json::from_str(described).unwrap();
         let offsets = d["offsets"].as_array().cloned().unwrap_or_default();
         let input: Vec<_> = offsets.iter().filter(|o| o["topic"] == "ctp-in").collect();
         input.len() == 2
@@ -431,15 +435,24 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
                 .iter()
                 .all(|o| o["committed"].as_u64().is_some() && o["committed"] == o["log_end"])
     };
-    wait_until(
-        Duration::from_secs(300),
-        "the group at the input's end",
-        || {
-            let o = pipe(&["--timeout-ms", idle_ms]).output().unwrap();
-            assert_ok(&o);
-            lag_zero()
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let o = pipe(&["--timeout-ms", idle_ms]).output().unwrap();
+        assert_ok(&o);
+        let described = describe();
+        if lag_zero(&described) {
+            break;
+        }
+        let log = b.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        assert!(
+            Instant::now() < deadline,
+            "the group is not at the input's end after 300 s; the last run said:\n{}\n\
+             the group:\n{described}\nthe broker's last lines (newest first):\n{}",
+            stderr(&o),
+            tail.join("\n")
+        );
+    }
     let mut out = read_all(&b, "ctp-out", "read_committed");
     out.sort();
     produced.sort();

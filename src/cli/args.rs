@@ -262,7 +262,8 @@ pub struct ConsumeArgs {
     /// Exit after this many records.
     #[arg(long)]
     pub count: Option<u64>,
-    /// Exit after this many ms without a new record.
+    /// Exit after this many ms without a new record (with --group,
+    /// counted from when the member has joined).
     #[arg(long)]
     pub timeout_ms: Option<u64>,
     /// Wait for new records at the end of the log even when stdout is not
@@ -344,7 +345,8 @@ pub struct TxnArgs {
     /// With --consume: exit after this many records copied.
     #[arg(long, requires = "consume")]
     pub count: Option<u64>,
-    /// With --consume: exit after this many ms without a new record.
+    /// With --consume: exit after this many ms without a new record,
+    /// counted from when the member has joined the group.
     #[arg(long, value_name = "MS", requires = "consume")]
     pub timeout_ms: Option<u64>,
     /// With --consume: the member is removed after this long without a

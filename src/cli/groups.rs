@@ -101,6 +101,11 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
                 };
                 let records = records?;
                 if records.is_empty() {
+                    // Idle time counts once the member is in the group: a join
+                    // that takes long (a rebalance, a loaded machine) is not idle.
+                    if member.membership().is_none() {
+                        last_record = Instant::now();
+                    }
                     if args
                         .timeout_ms
                         .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))

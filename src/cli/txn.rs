@@ -200,6 +200,11 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
             }
             let records = member.poll().await?;
             if records.is_empty() {
+                // Idle time counts once the member is in the group: a join
+                // that takes long (a rebalance, a loaded machine) is not idle.
+                if member.membership().is_none() {
+                    last_record = Instant::now();
+                }
                 if args
                     .timeout_ms
                     .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))

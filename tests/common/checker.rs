@@ -103,6 +103,12 @@ impl History {
     pub fn snapshot(&self) -> HashMap<(u32, u64), Outcome> {
         self.ops.lock().unwrap().clone()
     }
+
+    /// The outcomes, leaving the history empty: no copy of a soak's
+    /// millions of entries.
+    pub fn take(&self) -> HashMap<(u32, u64), Outcome> {
+        std::mem::take(&mut *self.ops.lock().unwrap())
+    }
 }
 
 /// A record as read: where it was and what it carried.

@@ -135,6 +135,8 @@ pub struct Broker {
     extra: (String, String),
     /// The data directory, when not inside `dir`.
     data_dir_on: Option<PathBuf>,
+    /// Set once a start succeeded: from then on the TCP port is kept.
+    started_once: bool,
 }
 
 impl Broker {
@@ -171,7 +173,7 @@ impl Broker {
             ready_path: dir.path().join("ready.json"),
             unix: dir.path().join("skiff.sock"),
             dir,
-            tcp: "127.0.0.1:0".to_owned(),
+            tcp: format!("127.0.0.1:{}", port_outside_ephemeral_range()),
             metrics: None,
             tls: None,
             child: None,
@@ -181,6 +183,7 @@ impl Broker {
                 .collect(),
             extra: split_extra(extra),
             data_dir_on: None,
+            started_once: false,
         }
     }
 
@@ -220,7 +223,8 @@ impl Broker {
         std::fs::write(&self.config_path, text).expect("writing the config");
     }
 
-    fn spawn(&mut self) {
+    /// One start; the exit status if the broker exited before ready.
+    fn spawn_once(&mut self) -> Result<(), std::process::ExitStatus> {
         self.write_config();
         let _ = std::fs::remove_file(&self.ready_path);
         let log = std::fs::OpenOptions::new()
@@ -241,12 +245,37 @@ impl Broker {
             .spawn()
             .expect("starting skiff serve");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
+    }
+
+    /// Starts the broker, retrying on a port another process took. A
+    /// first start picks a new port; a restart keeps its own (clients hold
+    /// it), so it waits for the port to come free.
+    fn spawn(&mut self) {
+        let mut attempt = 0;
+        while let Err(status) = self.spawn_once() {
+            attempt += 1;
+            if attempt > 5 || !self.log_tail_says_port_taken() {
+                panic!("skiff serve exited early with {status}:\n{}", self.log());
+            }
+            if !self.started_once {
+                self.tcp = format!("127.0.0.1:{}", port_outside_ephemeral_range());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Whether the broker's last start ended on a TCP port in use.
+    fn log_tail_says_port_taken(&self) -> bool {
+        self.log()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("Address already in use"))
     }
 
     /// Waits until the broker has written its ready file (recovery done,
     /// every listener bound), and takes the addresses from it.
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
         // Debug builds under qemu (scripts/cross-test) recover tens of
         // times slower than natively.
         let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
@@ -254,7 +283,8 @@ impl Broker {
         let ready = loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("skiff serve exited early with {status}:\n{}", self.log());
+                    self.child = None;
+                    return Err(status);
                 }
             }
             if let Some(r) = Ready::read(&self.ready_path) {
@@ -270,8 +300,10 @@ impl Broker {
         assert_eq!(ready.pid, self.pid(), "a ready file from another broker");
         // Keep the port across restarts: the config asks for it from now on.
         self.tcp = ready.tcp.expect("the harness's broker listens on TCP");
+        self.started_once = true;
         self.metrics = ready.metrics;
         self.tls = ready.tls;
+        Ok(())
     }
 
     /// SIGHUP: the broker reloads its TLS files, [acl] and [quotas].
@@ -333,6 +365,40 @@ impl Drop for Broker {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// A free TCP port below the kernel's ephemeral range, so that no
+/// client connection's local port can take it while a test restarts its
+/// broker on it (the restart keeps the port).
+pub fn port_outside_ephemeral_range() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 {
+        (low - 10_000, low)
+    } else {
+        (61_000, 65_000)
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ SEQ.fetch_add(1, Ordering::Relaxed);
+    loop {
+        // splitmix64: spreads nearby seeds apart.
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let port = (from + (z % u64::from(to - from)) as u32) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
         }
     }
 }

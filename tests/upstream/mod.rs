@@ -319,6 +319,31 @@ pub struct Committed {
     pub headers: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
+/// Calls `f` with every committed record of `topic`, partition by
+/// partition in offset order, as [`read_committed`] reads them but holding
+/// only one fetch's records at a time (a soak's millions would not fit as
+/// one Vec of [`Committed`]). Nothing is called when the topic does not
+/// exist (yet).
+pub fn for_each_committed(
+    client: &skiff::mirror::kafka::KafkaClient,
+    topic: &str,
+    mut f: impl FnMut(i32, &skiff::mirror::kafka::records::Record),
+) {
+    smol::block_on(async {
+        let Ok(partitions) = client.partition_count(topic).await else {
+            return;
+        };
+        for p in 0..partitions as i32 {
+            let mut reader =
+                skiff::mirror::kafka::PartitionReader::new(client.clone(), topic, p, 0);
+            reader
+                .read_to_end_each(|r| f(p, &r))
+                .await
+                .expect("read upstream");
+        }
+    })
+}
+
 /// Every committed record of `topic`, partition by partition in offset
 /// order, read with read_committed that holds each producer's records
 /// until its marker and drops aborted ones (Tansu does not filter them).
