@@ -386,19 +386,22 @@ fn crash_loop(on_lazy_fs: bool) {
             s.crashes, s.syncs, s.bytes_dropped, s.stale_requests
         )
     });
-    // The one line scripts/soak prints.
-    println!(
+    let line = format!(
         "crash-loop: seed {seed} cycles {cycles} served {} {} in {:.0?}{fs}",
         served.records,
         report.summary(),
         started.elapsed()
     );
+    // The local result first, in case the upstream check fails.
+    eprintln!("{line}");
     report.assert_ok();
     assert!(report.acked > 0, "the producers made progress");
     // Free the local check's maps before the upstream one builds its own.
     drop(history);
     drop(served);
-    check_upstream(&tansu, read);
+    let (upstream, older) = check_upstream(&tansu, read);
+    // The one line scripts/soak prints.
+    println!("{line}; upstream holds {upstream} once ({older} older than the local log)");
     b.assert_serves();
     if lazy.is_some() {
         let log = b.log();
@@ -414,7 +417,9 @@ fn crash_loop(on_lazy_fs: bool) {
 /// 1,000-cycle soak it holds millions of records, and the check keeps only
 /// a value hash and a count per record (the first soak's harness ran out
 /// of memory here, after a clean local check).
-fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>) {
+/// Returns how many records upstream holds that the local log does, and
+/// how many older ones it holds that the local ring has dropped.
+fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>) -> (usize, usize) {
     let client = skiff::mirror::kafka::KafkaClient::new(
         skiff::mirror::kafka::KafkaConfig::new(&tansu.addr()).expect("bootstrap"),
     )
@@ -469,10 +474,7 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>) {
             found += 1;
         });
         if found == total {
-            println!(
-                "crash-loop: upstream holds all {total} records once ({older} older than the local log)"
-            );
-            return;
+            return (found, older);
         }
         if found > had {
             had = found;
