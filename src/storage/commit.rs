@@ -17,6 +17,14 @@ use super::{AppendAck, Durability, PartitionId, Reply, StatsInner, StorageError}
 use std::io;
 use std::time::{Duration, Instant};
 
+/// A producer awaiting its acks one or two at a time: the kind a heavy
+/// partition's flush delays most (`Engine::defer_heavy`).
+const DEFER_LIGHT_MAX: usize = 2;
+/// A heavy partition has at least this many appends waiting, and this
+/// many times the lightest one's.
+const DEFER_HEAVY_MIN: usize = 16;
+const DEFER_HEAVY_RATIO: usize = 8;
+
 pub(super) struct Pending {
     pub(super) reply: Reply<AppendAck>,
     pub(super) ack: AppendAck,
@@ -52,6 +60,8 @@ pub(super) struct CommitState {
     /// How long this partition's producers take to answer their acks,
     /// smoothed: the next sync waits about that long for them.
     pub(super) answer_time: Option<Duration>,
+    /// Its file was flushed by the last sync group (see `defer_heavy`).
+    pub(super) flushed_last: bool,
 }
 
 impl CommitState {
@@ -287,7 +297,7 @@ impl Engine {
             // that never answers (its last record sent) would otherwise
             // leave a past deadline that wakes the thread again and again.
             self.group.hold_until = None;
-            self.start_syncs();
+            self.start_syncs(force);
         }
     }
 
@@ -300,13 +310,28 @@ impl Engine {
 
     /// Starts the fdatasync group of every partition that wants one. Only
     /// with no group in flight, right after `commit_round` wrote them.
-    fn start_syncs(&mut self) {
+    fn start_syncs(&mut self, force: bool) {
         debug_assert!(self.group.inflight.is_empty());
+        let skip_heavy = if force || self.ctx.cfg.pipelined_fsync {
+            None
+        } else {
+            self.defer_heavy()
+        };
         let mut files = Vec::new();
         for p in self.parts.values_mut() {
-            if !std::mem::take(&mut p.commit.sync_wanted) || p.state != PartState::Ok {
+            let flushed_last = std::mem::take(&mut p.commit.flushed_last);
+            if !p.commit.sync_wanted || p.state != PartState::Ok {
+                p.commit.sync_wanted = false;
                 continue;
             }
+            if flushed_last
+                && p.commit.unsynced
+                && skip_heavy.is_some_and(|n| p.commit.awaiting_sync.len() >= n)
+            {
+                // Stays wanted: the next group flushes it.
+                continue;
+            }
+            p.commit.sync_wanted = false;
             debug_assert!(p.tail.dirty_from.is_none(), "written before its sync");
             if !p.commit.unsynced {
                 // Nothing written since the last fdatasync: durable already.
@@ -323,6 +348,7 @@ impl Engine {
             p.commit.syncing_to = p.end_checkpoint();
             p.commit.unsynced = false;
             p.commit.unsynced_since = None;
+            p.commit.flushed_last = true;
             files.push(p.files[p.ring.active()]);
             self.group.inflight.push(p.id.clone());
         }
@@ -338,6 +364,25 @@ impl Engine {
         } else {
             self.sync_inline(files);
         }
+    }
+
+    /// Inline, every file of a group is one more flush for all of its
+    /// partitions' producers to wait through. A partition whose acks
+    /// wait in bulk (a client pipelining many small requests) beside one
+    /// whose producer awaits each ack (one or two waiting) costs that
+    /// producer a flush per group it did not need: so the heavy one is
+    /// flushed every other group, which halves its flushes and leaves it
+    /// most of every other group's records. Returns how many waiting
+    /// appends make a partition heavy in this group, if any may wait.
+    fn defer_heavy(&self) -> Option<usize> {
+        let lightest = self
+            .parts
+            .values()
+            .filter(|p| p.commit.sync_wanted && p.commit.unsynced && p.state == PartState::Ok)
+            .map(|p| p.commit.awaiting_sync.len())
+            .filter(|&n| n > 0)
+            .min()?;
+        (lightest <= DEFER_LIGHT_MAX).then_some(DEFER_HEAVY_MIN.max(lightest * DEFER_HEAVY_RATIO))
     }
 
     /// The unpipelined group: one fdatasync(2) after another, each

@@ -574,6 +574,18 @@ impl Engine {
         if let Some(t) = self.group.hold_until.filter(|_| self.group.returning > 0) {
             consider(t);
         }
+        // A flush the last group deferred (`defer_heavy`) starts the next
+        // group as soon as no hold keeps it.
+        let now = self.ctx.cfg.clock.now();
+        if self.group.inflight.is_empty()
+            && !self.holding(now)
+            && self
+                .parts
+                .values()
+                .any(|p| p.commit.sync_wanted && p.state == PartState::Ok)
+        {
+            consider(now);
+        }
         d
     }
 

@@ -2608,6 +2608,105 @@ fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
     s.shutdown().unwrap();
 }
 
+/// Inline, a partition with its acks waiting in bulk (a client pipelining
+/// small requests) beside one whose producer awaits each ack is flushed
+/// every other group: the light producer's next group is its own file
+/// alone. The heavy one's flush waits at most one group, and starts
+/// without the light one when that one does not come back.
+#[test]
+fn a_heavy_partition_is_flushed_every_other_group_beside_a_light_one() {
+    use std::time::Duration;
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let seen = clock.clone();
+    let h = Held::open(12, "flood", |c| StorageConfig {
+        sync_hold_max: Duration::from_secs(60),
+        clock,
+        ..c
+    });
+    let (s, gate, flood) = (&h.s, &h.gate, &h.id);
+    let good = pid("good", 0);
+    block_on(s.create_partition(good.clone(), small_cfg())).unwrap();
+    gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    let submit =
+        |id: &PartitionId, tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
+    let floods = |from: u64| {
+        (from..from + 16)
+            .map(|t| submit(flood, t))
+            .collect::<Vec<_>>()
+    };
+    let poll = |t| block_on(futures_lite::future::poll_once(t));
+    // Group 1 (nothing flushed before): both files, the good one first.
+    // Its flush takes 2 s, so the holds below may last up to 1 s.
+    let resume = s.pause();
+    let (f1, g1) = (floods(0), submit(&good, 100));
+    drop(resume);
+    gate.wait_for(&gate.started, 1);
+    let t0 = seen.now();
+    let advance = {
+        let time = time.clone();
+        std::thread::spawn(move || time.advance(Duration::from_secs(2)))
+    };
+    while seen.now() < t0 + Duration::from_secs(2) {
+        std::thread::yield_now();
+    }
+    gate.release();
+    gate.wait_for(&gate.started, 2);
+    gate.release();
+    advance.join().unwrap();
+    block_on(g1).unwrap();
+    for t in f1 {
+        block_on(t).unwrap();
+    }
+    // Group 2: both answer; the flood's file was flushed last, so only
+    // the good one's is flushed now, and the flood's acks wait.
+    let mut f2 = floods(20);
+    let g2 = submit(&good, 101);
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    assert_eq!(block_on(g2).unwrap().base_offset, 1);
+    assert!(poll(&mut f2[0]).is_none(), "the flood's flush deferred");
+    // The next group waits for the good producer's answer (the hold)
+    // rather than flushing the flood's file alone: group 3 has both.
+    time.advance(Duration::ZERO);
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        3,
+        "held for the answer"
+    );
+    let g3 = submit(&good, 102);
+    gate.wait_for(&gate.started, 4);
+    gate.release();
+    gate.wait_for(&gate.started, 5);
+    gate.release();
+    assert_eq!(block_on(g3).unwrap().base_offset, 2);
+    for (i, t) in f2.into_iter().enumerate() {
+        assert_eq!(block_on(t).unwrap().base_offset, 16 + i as u64);
+    }
+    // The flood answers, the good producer does not: when the hold runs
+    // out, the flood's file is flushed alone (a light partition that is
+    // not in the group defers nothing).
+    let f4 = floods(40);
+    time.advance(Duration::ZERO);
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        5,
+        "held for the good one"
+    );
+    let advance = {
+        let time = time.clone();
+        std::thread::spawn(move || time.advance(Duration::from_secs(2)))
+    };
+    gate.wait_for(&gate.started, 6);
+    gate.release();
+    advance.join().unwrap();
+    for (i, t) in f4.into_iter().enumerate() {
+        assert_eq!(block_on(t).unwrap().base_offset, 32 + i as u64);
+    }
+    assert_eq!(gate.started.load(Ordering::SeqCst), 6, "six flushes in all");
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    s.shutdown().unwrap();
+}
+
 /// The default, unpipelined group commit: the storage thread runs the
 /// fdatasync itself; appends that arrive meanwhile wait in its queue,
 /// unwritten, and all go into the next group (one write, one flush).
