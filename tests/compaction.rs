@@ -221,9 +221,23 @@ fn a_compacted_ring_wraps_many_times_and_keeps_every_latest_value() {
             eprintln!("{}", b.log());
             std::panic::resume_unwind(e);
         }
-        // Room for the cleaner: a burst that fills the ring faster than it
-        // frees segments is refused (see docs/semantics.md).
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        // A burst that fills the ring faster than the cleaner frees
+        // segments is refused (see docs/semantics.md): the next round (about
+        // 100 KiB) waits for two free 64 KiB segments, however slow the
+        // machine.
+        wait_until(
+            std::time::Duration::from_secs(120),
+            "the cleaner to free room",
+            || {
+                let o = b.cli(&["topics", "describe", "state", "--format", "json"]);
+                assert_ok(&o);
+                let d: Value = serde_json::from_str(&stdout(&o)).expect("json");
+                d["partitions"][0]["segments_used"]
+                    .as_u64()
+                    .expect("segments_used")
+                    <= 2
+            },
+        );
         if round % 5 == 4 {
             // A reader from the earliest offset while the cleaner works.
             let records = consume_to_end(&b.tcp, "state");
