@@ -399,7 +399,7 @@ fn crash_loop(on_lazy_fs: bool) {
     // Free the local check's maps before the upstream one builds its own.
     drop(history);
     drop(served);
-    let (upstream, older) = check_upstream(&tansu, read);
+    let (upstream, older) = check_upstream(&tansu, read, &b);
     // The one line scripts/soak prints.
     println!("{line}; upstream holds {upstream} once ({older} older than the local log)");
     b.assert_serves();
@@ -419,7 +419,7 @@ fn crash_loop(on_lazy_fs: bool) {
 /// of memory here, after a clean local check).
 /// Returns how many records upstream holds that the local log does, and
 /// how many older ones it holds that the local ring has dropped.
-fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>) -> (usize, usize) {
+fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usize, usize) {
     let client = skiff::mirror::kafka::KafkaClient::new(
         skiff::mirror::kafka::KafkaConfig::new(&tansu.addr()).expect("bootstrap"),
     )
@@ -480,11 +480,18 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>) -> (usize, usize) {
             had = found;
             deadline = Instant::now() + Duration::from_secs(120);
         }
-        assert!(
-            Instant::now() < deadline,
-            "records missing upstream: {} of {total} there",
-            found
-        );
+        if Instant::now() >= deadline {
+            let status = b.cli(&["mirror", "status", "--format", "json"]);
+            let log = b.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "records missing upstream: {found} of {total} there, none more for 120 s\n\
+                 mirror status: {}{}\nthe broker's last lines (newest first):\n{}",
+                stdout(&status),
+                stderr(&status),
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
