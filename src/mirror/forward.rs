@@ -542,7 +542,16 @@ impl Forwarder {
             name: self.settings.checkpoint_topic.clone(),
             partitions: 1,
             replication_factor: -1,
-            configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+            // Every (re)connect reads the topic from its start, and only
+            // closed segments are compacted: small, hourly segments keep
+            // that read to the live keys and at most 1 MiB of the newest
+            // checkpoints, where defaults (1 GiB, 7 days) let it grow to
+            // days of rounds.
+            configs: vec![
+                ("cleanup.policy".to_owned(), "compact".to_owned()),
+                ("segment.bytes".to_owned(), "1048576".to_owned()),
+                ("segment.ms".to_owned(), "3600000".to_owned()),
+            ],
         };
         let created = client
             .create_topic(&topic)
