@@ -17,6 +17,12 @@ use super::{AppendAck, Durability, PartitionId, Reply, StatsInner, StorageError}
 use std::io;
 use std::time::{Duration, Instant};
 
+/// Whether every append came from one producer id (non-idempotent ones
+/// all count as one).
+fn one_producer(appends: &[Pending]) -> bool {
+    appends.windows(2).all(|w| w[0].producer == w[1].producer)
+}
+
 /// A producer awaiting its acks one or two at a time: the kind a heavy
 /// partition's flush delays most (`Engine::defer_heavy`).
 const DEFER_LIGHT_MAX: usize = 2;
@@ -28,6 +34,10 @@ const DEFER_HEAVY_RATIO: usize = 8;
 pub(super) struct Pending {
     pub(super) reply: Reply<AppendAck>,
     pub(super) ack: AppendAck,
+    /// The batch's producer id (`NO_PRODUCER_ID` when not idempotent):
+    /// one producer's many appends are a pipeline, many producers' a
+    /// fan-in (`Engine::defer_heavy`).
+    pub(super) producer: u64,
 }
 
 /// A partition's place in the group commit: appends copied into its tail,
@@ -327,6 +337,7 @@ impl Engine {
             if flushed_last
                 && p.commit.unsynced
                 && skip_heavy.is_some_and(|n| p.commit.awaiting_sync.len() >= n)
+                && one_producer(&p.commit.awaiting_sync)
             {
                 // Stays wanted: the next group flushes it.
                 continue;
@@ -368,12 +379,14 @@ impl Engine {
 
     /// Inline, every file of a group is one more flush for all of its
     /// partitions' producers to wait through. A partition whose acks
-    /// wait in bulk (a client pipelining many small requests) beside one
-    /// whose producer awaits each ack (one or two waiting) costs that
-    /// producer a flush per group it did not need: so the heavy one is
-    /// flushed every other group, which halves its flushes and leaves it
-    /// most of every other group's records. Returns how many waiting
-    /// appends make a partition heavy in this group, if any may wait.
+    /// wait in bulk from one producer (a client pipelining many small
+    /// requests) beside one whose producer awaits each ack (one or two
+    /// waiting) costs that producer a flush per group it did not need: so
+    /// the heavy one is flushed every other group, which halves its
+    /// flushes and leaves it most of every other group's records. Many
+    /// producers' appends (a fan-in) are never deferred for one. Returns
+    /// how many waiting appends make a partition heavy in this group, if
+    /// any may wait.
     fn defer_heavy(&self) -> Option<usize> {
         let lightest = self
             .parts

@@ -974,13 +974,20 @@ impl Engine {
             let _ = reply.try_send(Err(StorageError::UnknownPartition(id)));
             return;
         };
+        let producer = batch
+            .get(crate::batch::OFFSET_PRODUCER_ID..crate::batch::OFFSET_PRODUCER_ID + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         let r = p.append(&mut self.ctx, &mut batch, checked);
         // Copied into the tail (or refused): the buffer goes back to its
         // pool for the next batch to be decoded into.
         drop(batch);
         match r {
             Ok(ack) => {
-                p.commit.pending.push(Pending { reply, ack });
+                p.commit.pending.push(Pending {
+                    reply,
+                    ack,
+                    producer,
+                });
                 let now = self.ctx.cfg.clock.now();
                 p.commit.first_pending_at.get_or_insert(now);
             }

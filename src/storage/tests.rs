@@ -2612,7 +2612,8 @@ fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
 /// small requests) beside one whose producer awaits each ack is flushed
 /// every other group: the light producer's next group is its own file
 /// alone. The heavy one's flush waits at most one group, and starts
-/// without the light one when that one does not come back.
+/// without the light one when that one does not come back; many
+/// producers' appends (a fan-in) are never deferred.
 #[test]
 fn a_heavy_partition_is_flushed_every_other_group_beside_a_light_one() {
     use std::time::Duration;
@@ -2702,7 +2703,38 @@ fn a_heavy_partition_is_flushed_every_other_group_beside_a_light_one() {
     for (i, t) in f4.into_iter().enumerate() {
         assert_eq!(block_on(t).unwrap().base_offset, 32 + i as u64);
     }
-    assert_eq!(gate.started.load(Ordering::SeqCst), 6, "six flushes in all");
+    assert_eq!(gate.started.load(Ordering::SeqCst), 6, "six flushes so far");
+    // A fan-in: 16 producers with a record each on the flood's partition,
+    // flushed last, beside the good one. Not one client's pipeline: both
+    // files are flushed.
+    let stamped = |producer: u64| {
+        let mut b = BatchBuilder::new();
+        b.push(0, Some(b"k"), &[7u8; 100], &[]);
+        b.finish(ProducerStamp {
+            producer_id: producer,
+            producer_epoch: 0,
+            base_sequence: 0,
+        })
+    };
+    let resume = s.pause();
+    let fan_in: Vec<_> = (0..16u64)
+        .map(|i| block_on(s.submit_now(flood, stamped(1000 + i))).unwrap())
+        .collect();
+    let g5 = submit(&good, 103);
+    drop(resume);
+    gate.wait_for(&gate.started, 7);
+    gate.release();
+    gate.wait_for(&gate.started, 8);
+    gate.release();
+    block_on(g5).unwrap();
+    for (i, t) in fan_in.into_iter().enumerate() {
+        assert_eq!(block_on(t).unwrap().base_offset, 48 + i as u64);
+    }
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        8,
+        "eight flushes in all"
+    );
     gate.hold_sync_calls.store(false, Ordering::SeqCst);
     s.shutdown().unwrap();
 }
