@@ -522,10 +522,6 @@ async fn next_frame<S: AsyncRead + Unpin>(
     }
 }
 
-/// Frames a connection's task handles before yielding the network thread
-/// (see `read_loop`).
-const FRAMES_PER_TURN: u32 = 16;
-
 async fn read_loop<S>(
     mut stream: S,
     ctx: &Arc<Ctx>,
@@ -547,16 +543,7 @@ where
     // Until then the connection reads nothing: its identity is over its
     // produce quota (see `quota`).
     let mut muted_until: Option<std::time::Instant> = None;
-    let mut frames = 0u32;
     loop {
-        // A client pipelining many small requests has frames buffered for
-        // as long as it keeps sending, and its task would keep the network
-        // thread to itself meanwhile: every few frames the other
-        // connections' tasks get their turn.
-        frames = frames.wrapping_add(1);
-        if frames % FRAMES_PER_TURN == 0 {
-            futures_lite::future::yield_now().await;
-        }
         if let Some(until) = muted_until.take() {
             let stopping = futures_lite::future::or(
                 async {
