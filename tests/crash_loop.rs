@@ -481,11 +481,13 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
             deadline = Instant::now() + Duration::from_secs(120);
         }
         if Instant::now() >= deadline {
+            let ends = upstream_ends(&client, "up-loop");
             let status = b.cli(&["mirror", "status", "--format", "json"]);
             let log = b.log();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             panic!(
                 "records missing upstream: {found} of {total} there, none more for 120 s\n\
+                 upstream partitions (last stable offset, high watermark): {ends:?}\n\
                  mirror status: {}{}\nthe broker's last lines (newest first):\n{}",
                 stdout(&status),
                 stderr(&status),
@@ -494,6 +496,23 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Each upstream partition's last stable offset and high watermark: a
+/// read_committed reader stops at the first.
+fn upstream_ends(client: &skiff::mirror::kafka::KafkaClient, topic: &str) -> Vec<(i64, i64)> {
+    use skiff::mirror::kafka::{Isolation, OffsetSpec};
+    smol::block_on(async {
+        let n = client.partition_count(topic).await.unwrap_or(0) as i32;
+        let mut out = Vec::new();
+        for p in 0..n {
+            let end = |iso| client.list_offset(topic, p, OffsetSpec::Latest, iso);
+            let lso = end(Isolation::ReadCommitted).await.unwrap_or(-1);
+            let hw = end(Isolation::ReadUncommitted).await.unwrap_or(-1);
+            out.push((lso, hw));
+        }
+        out
+    })
 }
 
 fn seen(p: u32, o: u64, producer: u32, seq: u64) -> Seen {
