@@ -399,9 +399,12 @@ fn crash_loop(on_lazy_fs: bool) {
     // Free the local check's maps before the upstream one builds its own.
     drop(history);
     drop(served);
-    let (upstream, older) = check_upstream(&tansu, read, &b);
+    let (upstream, older, held) = check_upstream(&tansu, read, &b);
     // The one line scripts/soak prints.
-    println!("{line}; upstream holds {upstream} once ({older} older than the local log)");
+    println!(
+        "{line}; upstream holds {upstream} once ({older} older than the local log, \
+         {held} in transactions with no marker)"
+    );
     b.assert_serves();
     if lazy.is_some() {
         let log = b.log();
@@ -417,9 +420,12 @@ fn crash_loop(on_lazy_fs: bool) {
 /// 1,000-cycle soak it holds millions of records, and the check keeps only
 /// a value hash and a count per record (the first soak's harness ran out
 /// of memory here, after a clean local check).
-/// Returns how many records upstream holds that the local log does, and
-/// how many older ones it holds that the local ring has dropped.
-fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usize, usize) {
+/// Returns how many records upstream holds that the local log does, how
+/// many older ones it holds that the local ring has dropped, and how many
+/// transactional ones it holds with no commit or abort marker. Upstream is
+/// read by the checker's own reader (`upstream::for_each_committed_raw`),
+/// not skiff's, and past the broker's last stable offset.
+fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usize, usize, usize) {
     let client = skiff::mirror::kafka::KafkaClient::new(
         skiff::mirror::kafka::KafkaConfig::new(&tansu.addr()).expect("bootstrap"),
     )
@@ -444,7 +450,7 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
         }
         let mut last: HashMap<(i32, u32), u64> = HashMap::new();
         let (mut found, mut older) = (0usize, 0usize);
-        upstream::for_each_committed(&client, "up-loop", |partition, r| {
+        let held = upstream::for_each_committed_raw(&client, "up-loop", |partition, r| {
             let h = |k: &str| -> u64 {
                 let v = r
                     .headers
@@ -474,7 +480,7 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
             found += 1;
         });
         if found == total {
-            return (found, older);
+            return (found, older, held.iter().sum());
         }
         if found > had {
             had = found;
@@ -487,7 +493,8 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             panic!(
                 "records missing upstream: {found} of {total} there, none more for 120 s\n\
-                 upstream partitions (last stable offset, high watermark): {ends:?}\n\
+                 upstream partitions (last stable offset, high watermark): {ends:?}, \
+                 records with no marker: {held:?}\n\
                  mirror status: {}{}\nthe broker's last lines (newest first):\n{}",
                 stdout(&status),
                 stderr(&status),

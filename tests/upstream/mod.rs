@@ -11,6 +11,7 @@
 
 pub mod proxy;
 
+use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -319,28 +320,76 @@ pub struct Committed {
     pub headers: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
-/// Calls `f` with every committed record of `topic`, partition by
-/// partition in offset order, as [`read_committed`] reads them but holding
-/// only one fetch's records at a time (a soak's millions would not fit as
-/// one Vec of [`Committed`]). Nothing is called when the topic does not
-/// exist (yet).
-pub fn for_each_committed(
+/// The checker's own read of `topic`, independent of skiff's reader and of
+/// the broker's last stable offset: each partition read uncommitted up to
+/// its high watermark, a transactional record handed to `f` once a commit
+/// marker of its producer id and epoch follows it, dropped at an abort
+/// marker. Returns the records left with no marker (a transaction still
+/// open, or one the broker never closed), per partition.
+pub fn for_each_committed_raw(
     client: &skiff::mirror::kafka::KafkaClient,
     topic: &str,
     mut f: impl FnMut(i32, &skiff::mirror::kafka::records::Record),
-) {
+) -> Vec<usize> {
+    use skiff::mirror::kafka::records::{ControlKind, Record};
+    use skiff::mirror::kafka::{Isolation, OffsetSpec};
     smol::block_on(async {
         let Ok(partitions) = client.partition_count(topic).await else {
-            return;
+            return Vec::new();
         };
+        let mut held = Vec::new();
         for p in 0..partitions as i32 {
-            let mut reader =
-                skiff::mirror::kafka::PartitionReader::new(client.clone(), topic, p, 0);
-            reader
-                .read_to_end_each(|r| f(p, &r))
+            let hw = client
+                .list_offset(topic, p, OffsetSpec::Latest, Isolation::ReadUncommitted)
                 .await
-                .expect("read upstream");
+                .expect("high watermark");
+            let mut open: HashMap<(i64, i16), Vec<Record>> = HashMap::new();
+            let mut offset = 0i64;
+            let mut idle = 0;
+            while offset < hw {
+                let fetched = client
+                    .fetch(
+                        topic,
+                        p,
+                        offset,
+                        1 << 20,
+                        std::time::Duration::from_millis(100),
+                        Isolation::ReadUncommitted,
+                    )
+                    .await
+                    .expect("fetch upstream");
+                let mut advanced = false;
+                for batch in fetched.batches {
+                    if batch.next_offset() <= offset {
+                        continue;
+                    }
+                    let from = offset;
+                    offset = batch.next_offset();
+                    advanced = true;
+                    let key = (batch.producer_id, batch.producer_epoch);
+                    if batch.control {
+                        let records = open.remove(&key).unwrap_or_default();
+                        if batch.control_kind() == Some(ControlKind::Commit) {
+                            records.iter().for_each(|r| f(p, r));
+                        }
+                        continue;
+                    }
+                    let records = batch.records.into_iter().filter(|r| r.offset >= from);
+                    if batch.transactional {
+                        open.entry(key).or_default().extend(records);
+                    } else {
+                        records.for_each(|r| f(p, &r));
+                    }
+                }
+                idle = if advanced { 0 } else { idle + 1 };
+                assert!(
+                    idle < 50,
+                    "{topic}/{p}: no batch at offset {offset}, high watermark {hw}"
+                );
+            }
+            held.push(open.values().map(Vec::len).sum());
         }
+        held
     })
 }
 
