@@ -551,10 +551,12 @@ impl Engine {
         let mut d: Option<Instant> = None;
         let mut consider = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
         let mut periodic = false;
+        let mut sync_wanted = false;
         for p in self.parts.values() {
             if p.state != PartState::Ok {
                 continue;
             }
+            sync_wanted |= p.commit.sync_wanted;
             if let Durability::IntervalMs(ms) = p.cfg.durability {
                 if let Some(at) = p.commit.first_pending_at {
                     consider(at + interval_gather(ms));
@@ -576,15 +578,11 @@ impl Engine {
         }
         // A flush the last group deferred (`defer_heavy`) starts the next
         // group as soon as no hold keeps it.
-        let now = self.ctx.cfg.clock.now();
-        if self.group.inflight.is_empty()
-            && !self.holding(now)
-            && self
-                .parts
-                .values()
-                .any(|p| p.commit.sync_wanted && p.state == PartState::Ok)
-        {
-            consider(now);
+        if sync_wanted && self.group.inflight.is_empty() {
+            let now = self.ctx.cfg.clock.now();
+            if !self.holding(now) {
+                consider(now);
+            }
         }
         d
     }

@@ -2535,6 +2535,47 @@ fn another_partitions_answers_do_not_end_the_pipelined_hold() {
     s.shutdown().unwrap();
 }
 
+/// The inline engine on a manual clock with its fdatasync calls held, and
+/// two partitions: the [`Held`]'s own ("flood") and "good". Returns the
+/// rig, the good partition, the clock as the engine reads it and its
+/// control.
+fn flood_and_good(seed: u64) -> (Held, PartitionId, Clock, Arc<ManualClock>) {
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let seen = clock.clone();
+    let h = Held::open(seed, "flood", |c| StorageConfig {
+        sync_hold_max: std::time::Duration::from_secs(60),
+        clock,
+        ..c
+    });
+    let good = pid("good", 0);
+    block_on(h.s.create_partition(good.clone(), small_cfg())).unwrap();
+    h.gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    (h, good, seen, time)
+}
+
+/// The first flush, once started, takes `d` of the manual clock (the
+/// engine's smoothed flush time, on which its holds are based): the clock
+/// moves while the flush is held, then the flush is released. Returns the
+/// thread moving the clock, which ends once the engine has acted on it.
+fn first_flush_takes(
+    gate: &SyncGate,
+    seen: &Clock,
+    time: &Arc<ManualClock>,
+    d: std::time::Duration,
+) -> std::thread::JoinHandle<()> {
+    gate.wait_for(&gate.started, 1);
+    let t0 = seen.now();
+    let advance = {
+        let time = time.clone();
+        std::thread::spawn(move || time.advance(d))
+    };
+    while seen.now() < t0 + d {
+        std::thread::yield_now();
+    }
+    gate.release();
+    advance
+}
+
 /// A producer whose ack went out with a flood's on another partition
 /// (the flood answers first, and would start the next flush at once)
 /// still makes the next flush: unpipelined, it waits for every acked
@@ -2543,17 +2584,8 @@ fn another_partitions_answers_do_not_end_the_pipelined_hold() {
 #[test]
 fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
     use std::time::Duration;
-    let (clock, time) = Clock::manual(1_700_000_000_000);
-    let seen = clock.clone();
-    let h = Held::open(10, "flood", |c| StorageConfig {
-        sync_hold_max: Duration::from_secs(60),
-        clock,
-        ..c
-    });
+    let (h, good, seen, time) = flood_and_good(10);
     let (s, gate, flood) = (&h.s, &h.gate, &h.id);
-    let good = pid("good", 0);
-    block_on(s.create_partition(good.clone(), small_cfg())).unwrap();
-    gate.hold_sync_calls.store(true, Ordering::SeqCst);
     let submit =
         |id: &PartitionId, tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
     // One group with an append of each; its flush (one held fdatasync per
@@ -2561,16 +2593,7 @@ fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
     let resume = s.pause();
     let (mut f1, f2, mut g1) = (submit(flood, 1), submit(flood, 2), submit(&good, 3));
     drop(resume);
-    gate.wait_for(&gate.started, 1);
-    let t0 = seen.now();
-    let advance = {
-        let time = time.clone();
-        std::thread::spawn(move || time.advance(Duration::from_secs(2)))
-    };
-    while seen.now() < t0 + Duration::from_secs(2) {
-        std::thread::yield_now();
-    }
-    gate.release();
+    let advance = first_flush_takes(gate, &seen, &time, Duration::from_secs(2));
     gate.wait_for(&gate.started, 2);
     // The good partition (one append waiting against two) was flushed
     // first, and acked before the flood's file started to flush.
@@ -2617,17 +2640,8 @@ fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
 #[test]
 fn a_heavy_partition_is_flushed_every_other_group_beside_a_light_one() {
     use std::time::Duration;
-    let (clock, time) = Clock::manual(1_700_000_000_000);
-    let seen = clock.clone();
-    let h = Held::open(12, "flood", |c| StorageConfig {
-        sync_hold_max: Duration::from_secs(60),
-        clock,
-        ..c
-    });
+    let (h, good, seen, time) = flood_and_good(12);
     let (s, gate, flood) = (&h.s, &h.gate, &h.id);
-    let good = pid("good", 0);
-    block_on(s.create_partition(good.clone(), small_cfg())).unwrap();
-    gate.hold_sync_calls.store(true, Ordering::SeqCst);
     let submit =
         |id: &PartitionId, tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
     let floods = |from: u64| {
@@ -2641,16 +2655,7 @@ fn a_heavy_partition_is_flushed_every_other_group_beside_a_light_one() {
     let resume = s.pause();
     let (f1, g1) = (floods(0), submit(&good, 100));
     drop(resume);
-    gate.wait_for(&gate.started, 1);
-    let t0 = seen.now();
-    let advance = {
-        let time = time.clone();
-        std::thread::spawn(move || time.advance(Duration::from_secs(2)))
-    };
-    while seen.now() < t0 + Duration::from_secs(2) {
-        std::thread::yield_now();
-    }
-    gate.release();
+    let advance = first_flush_takes(gate, &seen, &time, Duration::from_secs(2));
     gate.wait_for(&gate.started, 2);
     gate.release();
     advance.join().unwrap();

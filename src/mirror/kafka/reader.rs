@@ -160,14 +160,6 @@ impl PartitionReader {
     /// stable offset when the read starts). Transactions still open at the
     /// end stay held and come out of a later call.
     pub async fn read_to_end(&mut self) -> Result<Vec<Record>, KafkaError> {
-        let mut out = Vec::new();
-        self.read_to_end_each(|r| out.push(r)).await?;
-        Ok(out)
-    }
-
-    /// [`PartitionReader::read_to_end`], handing each record to `f` as its
-    /// fetch completes it: memory for one fetch, not the whole partition.
-    pub async fn read_to_end_each(&mut self, mut f: impl FnMut(Record)) -> Result<(), KafkaError> {
         let end = self
             .client
             .list_offset(
@@ -179,7 +171,6 @@ impl PartitionReader {
             .await?;
         while self.filter.next_offset() < end {
             let fetched = self.fetch_once(END_FETCH_WAIT).await?;
-            self.filter.drain().into_iter().for_each(&mut f);
             if fetched == 0 {
                 // Nothing more at this offset. Tansu's end offset is the
                 // last batch's base offset + 1, short of the real end, so
@@ -187,8 +178,7 @@ impl PartitionReader {
                 break;
             }
         }
-        self.filter.drain().into_iter().for_each(f);
-        Ok(())
+        Ok(self.filter.drain())
     }
 
     /// One fetch fed to the filter; the number of batches it returned.
