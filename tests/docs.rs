@@ -229,6 +229,8 @@ fn the_scripts_answer_help() {
         "scripts/bench-mirror",
         "scripts/soak-mirror",
         "scripts/bench-recovery",
+        "scripts/bench-fanin",
+        "scripts/bench-instructions",
     ] {
         let o = std::process::Command::new(repo().join(script))
             .arg("--help")
