@@ -178,19 +178,108 @@ pub(crate) trait Connection: Send + 'static {
 }
 
 impl Connection for smol::net::TcpStream {
-    type Read = Self;
+    type Read = SocketReads<std::net::TcpStream>;
     type Write = Self;
     /// Two handles of the one socket: no lock between the halves.
-    fn split(self) -> (Self, Self) {
-        (self.clone(), self)
+    fn split(self) -> (Self::Read, Self) {
+        (SocketReads::new(self.clone().into()), self)
     }
 }
 
 impl Connection for smol::net::unix::UnixStream {
-    type Read = Self;
+    type Read = SocketReads<std::os::unix::net::UnixStream>;
     type Write = Self;
-    fn split(self) -> (Self, Self) {
-        (self.clone(), self)
+    fn split(self) -> (Self::Read, Self) {
+        (SocketReads::new(self.clone().into()), self)
+    }
+}
+
+/// A socket's read half that learns whether asking again after a short
+/// read pays. A device with one record in flight sends nothing until it
+/// is answered, so the second `recv` after each request finds nothing:
+/// once such reads keep coming back empty, a short read is taken to mean
+/// the socket is drained, and the next read waits for the reactor to
+/// report it readable (one `recv` per request instead of two). A
+/// pipelining client's next frame is often there already, and waiting
+/// for the reactor would cost it a round; every [`PROBE_EVERY`]th short
+/// read still asks again, so a connection that starts pipelining is
+/// noticed.
+pub(crate) struct SocketReads<T> {
+    io: Arc<smol::Async<T>>,
+    /// The last read came back short: the next one is a retry.
+    short: bool,
+    /// Retries after a short read come back empty: wait for readiness.
+    skip_retries: bool,
+    /// Short reads since the last retry, while retries are skipped.
+    skipped: u8,
+    /// Waiting for readiness before the next read.
+    drained: bool,
+}
+
+/// While retries after short reads are skipped, one in this many is made
+/// anyway, to learn whether they would find data now.
+const PROBE_EVERY: u8 = 16;
+
+impl<T> SocketReads<T> {
+    fn new(io: Arc<smol::Async<T>>) -> Self {
+        SocketReads {
+            io,
+            short: false,
+            skip_retries: false,
+            skipped: 0,
+            drained: false,
+        }
+    }
+}
+
+impl<T> AsyncRead for SocketReads<T>
+where
+    for<'a> &'a T: std::io::Read,
+{
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Read;
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if this.drained {
+                futures_lite::ready!(this.io.poll_readable(cx))?;
+                this.drained = false;
+                // What follows a readiness report is not a retry.
+                this.short = false;
+            }
+            match (&mut this.io.get_ref()).read(buf) {
+                Ok(n) => {
+                    if this.short {
+                        // A retry found data: the peer pipelines.
+                        this.skip_retries = false;
+                    }
+                    this.short = n < buf.len();
+                    // Decided once per read: wait for readiness next, or
+                    // (every PROBE_EVERY-th time) retry to learn anew.
+                    if this.short && this.skip_retries {
+                        this.skipped += 1;
+                        if this.skipped < PROBE_EVERY {
+                            this.drained = true;
+                        } else {
+                            this.skipped = 0;
+                        }
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if this.short {
+                        this.skip_retries = true;
+                        this.short = false;
+                    }
+                    this.drained = true;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
@@ -264,7 +353,7 @@ pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, adm
         identity,
     } = admitted;
     let who = Arc::new(identity);
-    let (tx, rx) = async_channel::unbounded::<(Response, usize)>();
+    let (tx, rx) = async_channel::unbounded::<Answer>();
     let inflight = Arc::new(InFlight {
         bytes: AtomicUsize::new(0),
         changed: Event::new(),
@@ -311,9 +400,67 @@ fn encoded_size_hint(r: &Response) -> usize {
     }
 }
 
+/// What the reader hands the writer for each request: its answer, or a
+/// produce's answer still to come (the writer polls it, so a produce
+/// costs no task of its own: one fewer spawn, wake-up and channel send
+/// per record when each device has one in flight). With the answer goes
+/// the request's share of the in-flight bytes, given back once written.
+enum Answer {
+    Ready(Response, usize),
+    Pending(PendingAnswer),
+}
+
+impl From<(Response, usize)> for Answer {
+    fn from((r, n): (Response, usize)) -> Answer {
+        Answer::Ready(r, n)
+    }
+}
+
+type PendingAnswer = std::pin::Pin<Box<dyn std::future::Future<Output = (Response, usize)> + Send>>;
+
+/// Takes every answer the reader has sent and every pending one that is
+/// done into `ready`. Ready(true) once `ready` holds one, Ready(false)
+/// when the reader is gone and nothing is left to answer.
+fn collect(
+    cx: &mut std::task::Context<'_>,
+    rx: &mut std::pin::Pin<&mut async_channel::Receiver<Answer>>,
+    pending: &mut Vec<PendingAnswer>,
+    ready: &mut std::collections::VecDeque<(Response, usize)>,
+    closed: &mut bool,
+) -> std::task::Poll<bool> {
+    use futures_lite::Stream;
+    use std::task::Poll;
+    while !*closed {
+        match rx.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Answer::Ready(r, n))) => ready.push_back((r, n)),
+            Poll::Ready(Some(Answer::Pending(f))) => pending.push(f),
+            Poll::Ready(None) => *closed = true,
+            Poll::Pending => break,
+        }
+    }
+    // In the order submitted: answers for one partition come in order.
+    let mut i = 0;
+    while i < pending.len() {
+        match pending[i].as_mut().poll(cx) {
+            Poll::Ready(done) => {
+                ready.push_back(done);
+                drop(pending.remove(i));
+            }
+            Poll::Pending => i += 1,
+        }
+    }
+    if !ready.is_empty() {
+        Poll::Ready(true)
+    } else if *closed && pending.is_empty() {
+        Poll::Ready(false)
+    } else {
+        Poll::Pending
+    }
+}
+
 async fn write_loop<S>(
     mut stream: S,
-    rx: async_channel::Receiver<(Response, usize)>,
+    rx: async_channel::Receiver<Answer>,
     inflight: Arc<InFlight>,
     max_frame_bytes: usize,
 ) where
@@ -325,30 +472,29 @@ async fn write_loop<S>(
     let limit = COALESCE_BYTES_MAX.min(max_frame_bytes);
     let mut out = Outgoing::default();
     let mut broken = false;
-    let mut next: Option<(Response, usize)> = None;
+    let mut pending = Vec::new();
+    let mut ready = std::collections::VecDeque::new();
+    let mut closed = false;
+    let mut rx = std::pin::pin!(rx);
     loop {
-        let (first, n) = match next.take() {
-            Some(held) => held,
-            None => match rx.recv().await {
-                Ok(r) => r,
-                Err(_) => break,
-            },
-        };
+        let more =
+            std::future::poll_fn(|cx| collect(cx, &mut rx, &mut pending, &mut ready, &mut closed))
+                .await;
+        if !more {
+            break;
+        }
         out.clear();
-        let mut release = n;
-        out.add(first);
-        // Coalesce whatever else is ready into one write.
-        while out.bytes() < limit {
-            match rx.try_recv() {
-                Ok((r, n)) if out.bytes() + encoded_size_hint(&r) > limit => {
-                    next = Some((r, n));
-                    break;
-                }
-                Ok((r, n)) => {
-                    out.add(r);
-                    release += n;
-                }
-                Err(_) => break,
+        let mut release = 0;
+        // Coalesce what is ready into one write.
+        while let Some((r, n)) = ready.pop_front() {
+            if release > 0 && out.bytes() + encoded_size_hint(&r) > limit {
+                ready.push_front((r, n));
+                break;
+            }
+            out.add(r);
+            release += n;
+            if out.bytes() >= limit {
+                break;
             }
         }
         // The flush matters for TLS: a write the socket only partly took
@@ -525,7 +671,7 @@ async fn next_frame<S: AsyncRead + Unpin>(
 async fn read_loop<S>(
     mut stream: S,
     ctx: &Arc<Ctx>,
-    tx: &async_channel::Sender<(Response, usize)>,
+    tx: &async_channel::Sender<Answer>,
     inflight: &Arc<InFlight>,
     who: &Arc<IdentityGuard>,
 ) -> Result<(), SessionEnd>
@@ -585,7 +731,7 @@ where
                 ctx.metrics_frame_error();
                 inflight.acquire(1, usize::MAX).await;
                 let r = frame_error_response(&[], &e);
-                let _ = tx.send((r, 1)).await;
+                let _ = tx.send(Answer::Ready(r, 1)).await;
                 return Err(SessionEnd::Frame(e));
             }
             Err(e) => return Err(e),
@@ -597,7 +743,7 @@ where
                 ctx.metrics_frame_error();
                 inflight.acquire(n, usize::MAX).await;
                 let r = frame_error_response(body, &e);
-                let _ = tx.send((r, n)).await;
+                let _ = tx.send(Answer::Ready(r, n)).await;
                 return Err(SessionEnd::Frame(e));
             }
         };
@@ -636,7 +782,7 @@ where
                     ErrorCode::InvalidRequest,
                     "hello was already done on this connection",
                 );
-                let _ = tx.send(answer(body)).await;
+                let _ = tx.send(answer(body).into()).await;
             }
             RequestBody::Hello(h) => {
                 match protocol::negotiate_version(h.version_min, h.version_max) {
@@ -649,7 +795,7 @@ where
                             max_frame_bytes: ctx.settings.max_frame_bytes as u32,
                             max_batch_bytes: ctx.settings.max_batch_bytes as u32,
                         });
-                        let _ = tx.send(answer(body)).await;
+                        let _ = tx.send(answer(body).into()).await;
                     }
                     None => {
                         let msg = format!(
@@ -660,7 +806,7 @@ where
                             protocol::PROTOCOL_VERSION_MAX
                         );
                         let body = handler::error_body(ErrorCode::UnsupportedVersion, msg);
-                        let _ = tx.send(answer(body)).await;
+                        let _ = tx.send(answer(body).into()).await;
                         return Err(SessionEnd::Protocol("no common protocol version"));
                     }
                 }
@@ -670,7 +816,7 @@ where
                     ErrorCode::InvalidRequest,
                     "the first request on a connection must be hello",
                 );
-                let _ = tx.send(answer(body)).await;
+                let _ = tx.send(answer(body).into()).await;
                 return Err(SessionEnd::Protocol("request before hello"));
             }
             body if body.since_version() > version => {
@@ -681,7 +827,7 @@ where
                     body.since_version()
                 );
                 let _ = tx
-                    .send(answer(handler::error_body(ErrorCode::InvalidRequest, msg)))
+                    .send(answer(handler::error_body(ErrorCode::InvalidRequest, msg)).into())
                     .await;
             }
             RequestBody::Produce(req) => {
@@ -697,33 +843,31 @@ where
                 if !throttle.is_zero() {
                     muted_until = Some(until);
                 }
-                let tx = tx.clone();
                 let ctx2 = ctx.clone();
-                ctx.executor
-                    .spawn(async move {
-                        let mut body = handler::produce_complete(pending).await;
-                        if !throttle.is_zero() {
-                            smol::Timer::at(until).await;
-                            if let ResponseBody::Produce(r) = &mut body {
-                                r.throttle_ms = Some(throttle_ms(throttle));
-                            }
+                let done = async move {
+                    let mut body = handler::produce_complete(pending).await;
+                    if !throttle.is_zero() {
+                        smol::Timer::at(until).await;
+                        if let ResponseBody::Produce(r) = &mut body {
+                            r.throttle_ms = Some(throttle_ms(throttle));
                         }
-                        if let ResponseBody::Produce(r) = &body {
-                            for (p, bytes) in r.partitions.iter().zip(sizes) {
-                                if p.error.is_none() {
-                                    // Records written, not duplicates answered
-                                    // from the producer table.
-                                    let records = (p.last_offset - p.base_offset + 1)
-                                        .saturating_sub(u64::from(p.duplicate_records));
-                                    if records > 0 {
-                                        ctx2.metrics.record_produce(&p.topic, records, bytes);
-                                    }
+                    }
+                    if let ResponseBody::Produce(r) = &body {
+                        for (p, bytes) in r.partitions.iter().zip(sizes) {
+                            if p.error.is_none() {
+                                // Records written, not duplicates answered
+                                // from the producer table.
+                                let records = (p.last_offset - p.base_offset + 1)
+                                    .saturating_sub(u64::from(p.duplicate_records));
+                                if records > 0 {
+                                    ctx2.metrics.record_produce(&p.topic, records, bytes);
                                 }
                             }
                         }
-                        let _ = tx.send(answer(body)).await;
-                    })
-                    .detach();
+                    }
+                    answer(body)
+                };
+                let _ = tx.send(Answer::Pending(Box::pin(done))).await;
             }
             body => {
                 // Owned (nothing but a produce borrows from the frame), so
@@ -744,7 +888,7 @@ where
                                 f.throttle_ms = Some(throttle_ms(throttle));
                             }
                         }
-                        let _ = tx.send(answer(body)).await;
+                        let _ = tx.send(answer(body).into()).await;
                     })
                     .detach();
             }
@@ -813,6 +957,53 @@ async fn dispatch(ctx: &Ctx, identity: &str, body: RequestBody<'static>) -> Resp
 mod tests {
     use super::*;
     use crate::protocol::{FetchPartitionResult, FetchResponse, SPLICE_MIN_BYTES};
+
+    /// A device's connection (one request, then nothing until answered)
+    /// stops retrying after short reads; a pipelining one is noticed by a
+    /// probe and retried again; no byte is lost or late either way.
+    #[test]
+    fn socket_reads_skip_retries_that_find_nothing_and_notice_pipelining() {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        use std::time::Duration;
+        smol::block_on(async {
+            let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            let mut peer = smol::Async::new(a).expect("async");
+            let mut r = SocketReads::new(Arc::new(smol::Async::new(b).expect("async")));
+            let mut buf = [0u8; 64];
+            // Nothing comes within a while: the read stays pending.
+            async fn nothing_within(r: &mut SocketReads<std::os::unix::net::UnixStream>) {
+                let mut buf = [0u8; 64];
+                let got = futures_lite::future::or(async { Some(r.read(&mut buf).await) }, async {
+                    smol::Timer::after(Duration::from_millis(20)).await;
+                    None
+                })
+                .await;
+                assert!(got.is_none(), "{got:?}");
+            }
+            for i in 0..3u8 {
+                peer.write_all(&[i; 10]).await.expect("write");
+                assert_eq!(r.read(&mut buf).await.expect("read"), 10);
+                assert_eq!(buf[..10], [i; 10]);
+                nothing_within(&mut r).await;
+            }
+            assert!(r.skip_retries, "retries that found nothing are skipped");
+            // Now the next request is always there before the retry: within
+            // one probe period a retry finds it, and retries resume.
+            peer.write_all(&[7; 10]).await.expect("write");
+            for _ in 0..=PROBE_EVERY {
+                assert_eq!(r.read(&mut buf).await.expect("read"), 10);
+                assert_eq!(buf[..10], [7; 10]);
+                peer.write_all(&[7; 10]).await.expect("write");
+                // The peer's write is in the socket before the next read.
+                smol::Timer::after(Duration::from_millis(1)).await;
+            }
+            assert!(!r.skip_retries, "a retry that found data resumes retries");
+            assert_eq!(r.read(&mut buf).await.expect("read"), 10);
+            // End of stream still reads as 0.
+            drop(peer);
+            assert_eq!(r.read(&mut buf).await.expect("eof"), 0);
+        });
+    }
 
     /// A connection pipelining tiny produce requests holds at most
     /// `REQUESTS_IN_FLIGHT_MAX` of them, whatever `max_inflight_bytes` is;
