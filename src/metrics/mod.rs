@@ -185,6 +185,13 @@ pub struct Metrics {
     /// Lines `/health` adds after "ok": how this broker runs differently
     /// from the default (a storage fallback), said where an operator looks.
     health_notes: std::sync::Mutex<Vec<&'static str>>,
+    /// Each topic's four counters, resolved once: a produce answered per
+    /// record (a device with one in flight) otherwise paid four family
+    /// lookups and an `Arc<str>` for its topic label.
+    topics: std::sync::RwLock<std::collections::HashMap<Arc<str>, TopicMetrics>>,
+    /// Each request kind's histogram, resolved once (a handful of kinds,
+    /// found by a scan faster than the family's hashed lookup).
+    request_kinds: std::sync::RwLock<Vec<(&'static str, Histogram)>>,
     produce_records: Family<TopicLabels, Counter>,
     produce_bytes: Family<TopicLabels, Counter>,
     fetch_records: Family<TopicLabels, Counter>,
@@ -343,6 +350,8 @@ impl Drop for ConnectionGuard {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut m = Metrics {
+            topics: Default::default(),
+            request_kinds: Default::default(),
             produce_records: Family::default(),
             produce_bytes: Family::default(),
             fetch_records: Family::default(),
@@ -608,19 +617,43 @@ impl Metrics {
 
     /// Convenience for cold paths; the broker should hold a [`TopicMetrics`].
     pub fn record_produce(&self, topic: &str, records: u64, bytes: u64) {
-        self.topic(topic).produced(records, bytes);
+        self.with_topic(topic, |t| t.produced(records, bytes));
     }
 
     /// Convenience for cold paths; the broker should hold a [`TopicMetrics`].
     pub fn record_fetch(&self, topic: &str, records: u64, bytes: u64) {
-        self.topic(topic).fetched(records, bytes);
+        self.with_topic(topic, |t| t.fetched(records, bytes));
+    }
+
+    fn with_topic(&self, topic: &str, f: impl FnOnce(&TopicMetrics)) {
+        if let Some(t) = self.topics.read().expect("topics").get(topic) {
+            return f(t);
+        }
+        // Under the write lock, so that a `remove_topic` meanwhile cannot
+        // leave detached counters cached.
+        let mut topics = self.topics.write().expect("topics");
+        f(topics
+            .entry(Arc::from(topic))
+            .or_insert_with(|| self.topic(topic)));
     }
 
     /// `kind` is the request type's name (`"produce"`, `"fetch"`, ...).
     pub fn observe_request(&self, kind: &'static str, elapsed: Duration) {
-        self.request_duration
+        let secs = elapsed.as_secs_f64();
+        let kinds = self.request_kinds.read().expect("request kinds");
+        if let Some((_, h)) = kinds.iter().find(|(k, _)| *k == kind) {
+            return h.observe(secs);
+        }
+        drop(kinds);
+        let h = self
+            .request_duration
             .get_or_create(&KindLabels { kind })
-            .observe(elapsed.as_secs_f64());
+            .clone();
+        h.observe(secs);
+        self.request_kinds
+            .write()
+            .expect("request kinds")
+            .push((kind, h));
     }
 
     /// One storage write round: its duration, the bytes the device wrote
@@ -841,6 +874,8 @@ impl Metrics {
     /// A topic was deleted: drop its series (existing [`TopicMetrics`]
     /// handles keep counting into detached counters).
     pub fn remove_topic(&self, topic: &str) {
+        let mut topics = self.topics.write().expect("topics");
+        topics.remove(topic);
         let labels = TopicLabels {
             topic: Arc::from(topic),
         };
