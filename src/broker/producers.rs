@@ -383,7 +383,7 @@ pub struct Producers {
     /// For the produce path: ids below are known; named ids' epochs.
     reserved_until: AtomicU64,
     named_epochs: RwLock<HashMap<u64, u16>>,
-    table: Mutex<HashMap<Key, Entry>>,
+    table: Mutex<foldhash::HashMap<Key, Entry>>,
     /// Partitions written by idempotent producers since their last
     /// snapshot: the periodic task snapshots only these (SD card wear).
     dirty: Mutex<std::collections::HashSet<(Arc<str>, u32)>>,
@@ -428,7 +428,10 @@ impl Producers {
             }),
             named_epochs: RwLock::new(named),
             // Allocated once at its full size: the table never grows.
-            table: Mutex::new(HashMap::with_capacity(max)),
+            table: Mutex::new(foldhash::HashMap::with_capacity_and_hasher(
+                max,
+                Default::default(),
+            )),
             dirty: Mutex::new(std::collections::HashSet::new()),
             counters: Counters::default(),
         })
@@ -664,7 +667,7 @@ impl Producers {
     /// Makes room for one more entry: drops expired entries, else evicts
     /// the least recently active one. A linear scan, but only when the
     /// table is full.
-    fn make_room(&self, table: &mut HashMap<Key, Entry>, now: i64) {
+    fn make_room(&self, table: &mut foldhash::HashMap<Key, Entry>, now: i64) {
         if table.len() < self.config.max_producers {
             return;
         }
@@ -920,7 +923,12 @@ impl Producers {
         Self::covers_to(&table, topic, partition, hw)
     }
 
-    fn covers_to(table: &HashMap<Key, Entry>, topic: &str, partition: u32, hw: u64) -> u64 {
+    fn covers_to(
+        table: &foldhash::HashMap<Key, Entry>,
+        topic: &str,
+        partition: u32,
+        hw: u64,
+    ) -> u64 {
         table
             .iter()
             .filter(|(k, _)| &*k.topic == topic && k.partition == partition)

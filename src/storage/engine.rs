@@ -28,7 +28,6 @@ use super::{
     meta, AppendAck, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared,
     StatsInner, StorageConfig, StorageError, STATE_OK,
 };
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -277,7 +276,7 @@ pub(super) fn interval_gather(ms: u32) -> Duration {
 
 pub(super) struct Engine {
     pub(super) ctx: Ctx,
-    pub(super) parts: HashMap<PartitionId, Part>,
+    pub(super) parts: foldhash::HashMap<PartitionId, Part>,
     /// Tail buffers of deleted partitions, reused before allocating.
     free_tails: Vec<AlignedBuf>,
     tails_made: usize,
@@ -332,7 +331,7 @@ pub(crate) fn start(
                     shared,
                     observed_payload_bytes: 0,
                 },
-                parts: HashMap::new(),
+                parts: Default::default(),
                 free_tails: Vec::new(),
                 tails_made: 0,
                 next_retention_check: now,

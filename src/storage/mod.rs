@@ -60,7 +60,6 @@ pub use recovery::{
     DamagedRange, DataEnd, Quarantine, QuarantineReason, RecoveryPolicy, RecoveryReport, Truncation,
 };
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -611,7 +610,7 @@ pub const NO_RETAIN_FLOOR: u64 = u64::MAX;
 
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    pub parts: RwLock<HashMap<PartitionId, Arc<PartShared>>>,
+    pub parts: RwLock<foldhash::HashMap<PartitionId, Arc<PartShared>>>,
     pub stats: StatsInner,
     pub reports: Mutex<Vec<RecoveryReport>>,
     /// Notified when a ring starts a segment, or refuses to (a cleaner
