@@ -13,7 +13,6 @@
 //! - [`protocol`]: CBOR frames and wire types; sans-IO.
 //! - [`server`]: listeners and per-connection sessions (smol).
 //! - [`client`]: the Rust client library used by the CLI, tests and benches.
-//! - [`socket_reads`]: the socket read half both server and client use.
 //! - [`mirror`]: forwarding to a central Kafka cluster; its Kafka
 //!   wire-protocol client (`mirror::kafka`).
 //! - [`config`]: the TOML schema, embedded default, device profiles.
@@ -34,5 +33,4 @@ pub mod mirror;
 pub mod notify;
 pub mod protocol;
 pub mod server;
-pub mod socket_reads;
 pub mod storage;

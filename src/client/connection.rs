@@ -15,8 +15,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-
-use crate::socket_reads::SocketReads;
 use smol::net::unix::UnixStream;
 use smol::net::TcpStream;
 use smol::{Task, Timer};
@@ -430,42 +428,8 @@ async fn read_frame(
     Ok(())
 }
 
-/// The read half of a [`Stream`]: a plain socket's through
-/// [`SocketReads`] (a client with one request in flight gets its answer
-/// and then nothing until it asks again, so the retry after each answer
-/// would find the socket empty), TLS as it is.
-enum ReadHalf {
-    Tcp(SocketReads<std::net::TcpStream>),
-    Unix(SocketReads<std::os::unix::net::UnixStream>),
-    Tls(Stream),
-}
-
-impl ReadHalf {
-    fn of(stream: &Stream) -> ReadHalf {
-        match stream {
-            Stream::Tcp(s) => ReadHalf::Tcp(SocketReads::new(s.clone().into())),
-            Stream::Unix(s) => ReadHalf::Unix(SocketReads::new(s.clone().into())),
-            Stream::Tls(_) => ReadHalf::Tls(stream.clone()),
-        }
-    }
-}
-
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            Self::Unix(r) => Pin::new(r).poll_read(cx, buf),
-            Self::Tls(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
 async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, ReadHalf::of(&shared.stream));
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.clone());
     // Decoding copies what it keeps, so one buffer (as large as the
     // largest frame yet, at most max_frame_bytes) serves every frame.
     let mut body = Vec::new();
