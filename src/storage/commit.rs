@@ -13,7 +13,7 @@ use super::engine::{
 use super::io::{FileHandle, WriteOp};
 use super::part::{Part, PartState};
 use super::recovery::Checkpoint;
-use super::{AppendAck, Durability, PartitionId, Reply, StatsInner, StorageError};
+use super::{AppendAck, Durability, PartitionId, StatsInner, StorageError};
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ const DEFER_HEAVY_MIN: usize = 16;
 const DEFER_HEAVY_RATIO: usize = 8;
 
 pub(super) struct Pending {
-    pub(super) reply: Reply<AppendAck>,
+    pub(super) reply: super::AppendReply,
     pub(super) ack: AppendAck,
     /// The batch's producer id (`NO_PRODUCER_ID` when not idempotent):
     /// one producer's many appends are a pipeline, many producers' a
@@ -159,7 +159,7 @@ impl Part {
             Vec::new()
         };
         for p in earlier.into_iter().chain(self.commit.pending.drain(..)) {
-            let _ = p.reply.try_send(Ok(p.ack));
+            let _ = p.reply.send(Ok(p.ack));
         }
         self.commit.first_pending_at = None;
     }
@@ -172,7 +172,7 @@ impl Part {
             self.publish();
         }
         for p in self.commit.pending.drain(..) {
-            let _ = p.reply.try_send(Ok(p.ack));
+            let _ = p.reply.send(Ok(p.ack));
         }
     }
 
@@ -351,7 +351,7 @@ impl Engine {
                     p.publish();
                 }
                 for a in p.commit.awaiting_sync.drain(..) {
-                    let _ = a.reply.try_send(Ok(a.ack));
+                    let _ = a.reply.send(Ok(a.ack));
                 }
                 continue;
             }
@@ -508,7 +508,7 @@ impl Engine {
         // wait in order) wakes once, with the whole group done, and can
         // hand over as many new appends together.
         for a in p.commit.syncing.drain(..).rev() {
-            let _ = a.reply.try_send(Ok(a.ack));
+            let _ = a.reply.send(Ok(a.ack));
         }
         p.commit.returning
     }

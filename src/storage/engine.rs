@@ -25,8 +25,8 @@ use super::part::{
 use super::read::Ahead;
 use super::recovery::{write_checkpoint, Checkpoint};
 use super::{
-    meta, AppendAck, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared,
-    StatsInner, StorageConfig, StorageError, STATE_OK,
+    meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
+    StorageConfig, StorageError, STATE_OK,
 };
 use std::io;
 use std::path::{Path, PathBuf};
@@ -97,7 +97,7 @@ pub(crate) enum Cmd {
         id: PartitionId,
         batch: super::BatchBuf,
         checked: Prechecked,
-        reply: Reply<AppendAck>,
+        reply: super::AppendReply,
     },
     Read {
         id: PartitionId,
@@ -931,7 +931,7 @@ impl Engine {
         for p in part.commit.pending.drain(..) {
             let _ = p
                 .reply
-                .try_send(Err(StorageError::UnknownPartition(id.clone())));
+                .send(Err(StorageError::UnknownPartition(id.clone())));
         }
         // partition.meta goes first: a crash mid-delete leaves a directory
         // that start-up recognises as incomplete and removes.
@@ -957,7 +957,7 @@ impl Engine {
         id: PartitionId,
         mut batch: super::BatchBuf,
         checked: Prechecked,
-        reply: Reply<AppendAck>,
+        reply: super::AppendReply,
     ) {
         // A roll makes the old segment durable synchronously: the group in
         // flight completes first.
@@ -968,7 +968,7 @@ impl Engine {
             self.finish_inflight();
         }
         let Some(p) = self.parts.get_mut(&id) else {
-            let _ = reply.try_send(Err(StorageError::UnknownPartition(id)));
+            let _ = reply.send(Err(StorageError::UnknownPartition(id)));
             return;
         };
         let producer = batch
@@ -989,7 +989,7 @@ impl Engine {
                 p.commit.first_pending_at.get_or_insert(now);
             }
             Err(e) => {
-                let _ = reply.try_send(Err(e));
+                let _ = reply.send(Err(e));
             }
         }
     }

@@ -808,6 +808,9 @@ impl From<crate::batch::BatchError> for StorageError {
 
 type Reply<T> = async_channel::Sender<Result<T, StorageError>>;
 
+/// An append's ack: a oneshot, one per append.
+type AppendReply = oneshot::Sender<Result<AppendAck, StorageError>>;
+
 /// Whether a submit wakes the storage thread at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
@@ -861,13 +864,16 @@ impl CheckedBatch {
 /// A pending append: resolves when the batch is durable under the
 /// partition's policy (or failed).
 pub struct AppendTicket {
-    fut: Pin<Box<dyn Future<Output = Result<AppendAck, StorageError>> + Send>>,
+    rx: oneshot::Receiver<Result<AppendAck, StorageError>>,
 }
 
 impl Future for AppendTicket {
     type Output = Result<AppendAck, StorageError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.fut.as_mut().poll(cx)
+        // A reply dropped unsent: the storage thread stopped first.
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StorageError::ShuttingDown)))
     }
 }
 
@@ -1027,7 +1033,7 @@ impl Storage {
                 max: self.inner.max_batch_bytes,
             });
         }
-        let (tx, rx) = async_channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
         let cmd = engine::Cmd::Append {
             id: id.clone(),
             batch,
@@ -1038,9 +1044,7 @@ impl Storage {
             Wake::Now => self.inner.tx.send(cmd).await?,
             Wake::Later => self.inner.tx.send_quiet(cmd).await?,
         }
-        Ok(AppendTicket {
-            fut: Box::pin(reply(rx)),
-        })
+        Ok(AppendTicket { rx })
     }
 
     /// Wakes the storage thread for batches submitted with

@@ -423,7 +423,7 @@ impl Part {
             .chain(self.commit.awaiting_sync.drain(..))
             .chain(self.commit.pending.drain(..));
         for p in waiting {
-            let _ = p.reply.try_send(Err(StorageError::Failed {
+            let _ = p.reply.send(Err(StorageError::Failed {
                 partition: self.id.clone(),
                 cause: e.kind(),
                 errno: e.raw_os_error(),
@@ -450,7 +450,7 @@ impl Part {
         for p in self.commit.pending.drain(..) {
             let _ = p
                 .reply
-                .try_send(Err(StorageError::Quarantined(Box::new(q.clone()))));
+                .send(Err(StorageError::Quarantined(Box::new(q.clone()))));
         }
     }
 
