@@ -438,23 +438,34 @@ fn collect(
             Poll::Pending => break,
         }
     }
-    // In the order submitted: answers for one partition come in order.
-    let mut i = 0;
-    while i < pending.len() {
-        match pending[i].as_mut().poll(cx) {
-            Poll::Ready(done) => {
-                ready.push_back(done);
-                drop(pending.remove(i));
-            }
-            Poll::Pending => i += 1,
-        }
-    }
+    settle(cx, pending, ready);
     if !ready.is_empty() {
         Poll::Ready(true)
     } else if *closed && pending.is_empty() {
         Poll::Ready(false)
     } else {
         Poll::Pending
+    }
+}
+
+/// Polls the pending produce answers, in the order submitted (answers
+/// for one partition come in order), and moves those done into `ready`.
+/// Polling a produce settles the producer table, so it goes on while the
+/// writer waits for the socket too.
+fn settle(
+    cx: &mut std::task::Context<'_>,
+    pending: &mut Vec<PendingAnswer>,
+    ready: &mut std::collections::VecDeque<(Response, usize)>,
+) {
+    let mut i = 0;
+    while i < pending.len() {
+        match pending[i].as_mut().poll(cx) {
+            std::task::Poll::Ready(done) => {
+                ready.push_back(done);
+                drop(pending.remove(i));
+            }
+            std::task::Poll::Pending => i += 1,
+        }
     }
 }
 
@@ -500,9 +511,18 @@ async fn write_loop<S>(
         // The flush matters for TLS: a write the socket only partly took
         // leaves records in rustls's buffer, sent by the next write or a
         // flush, and there may be no next write. (For TCP it is a no-op.)
-        if !broken && (out.write_to(&mut stream).await.is_err() || stream.flush().await.is_err()) {
-            // The peer is gone; keep draining so in-flight accounting ends.
-            broken = true;
+        if !broken {
+            let write =
+                async { out.write_to(&mut stream).await.is_err() || stream.flush().await.is_err() };
+            // A peer that does not read must not hold up its produces'
+            // settling: a retry of the same batch on another connection
+            // waits for that, not for this socket.
+            let settling = std::future::poll_fn(|cx| {
+                settle(cx, &mut pending, &mut ready);
+                std::task::Poll::Pending
+            });
+            // The peer is gone: keep draining so in-flight accounting ends.
+            broken = futures_lite::future::or(write, settling).await;
         }
         inflight.release(release);
     }
@@ -1002,6 +1022,71 @@ mod tests {
             // End of stream still reads as 0.
             drop(peer);
             assert_eq!(r.read(&mut buf).await.expect("eof"), 0);
+        });
+    }
+
+    /// A peer that stops reading stalls its writer on the socket, but not
+    /// its produces: each is still polled to its end (which settles the
+    /// producer table a retry on another connection waits for).
+    #[test]
+    fn pending_produces_settle_while_the_socket_is_full() {
+        use std::sync::atomic::AtomicBool;
+        use std::time::{Duration, Instant};
+        struct Full;
+        impl AsyncWrite for Full {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Pending
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_close(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let answer = |cid| crate::protocol::error_response(cid, ErrorCode::Internal, "x");
+        smol::block_on(async {
+            let (tx, rx) = async_channel::unbounded();
+            let inflight = Arc::new(InFlight {
+                bytes: AtomicUsize::new(0),
+                changed: Event::new(),
+            });
+            let writer = smol::spawn(write_loop(Full, rx, inflight, 1 << 20));
+            // The first answer never leaves: the writer waits on the socket.
+            tx.send(Answer::Ready(answer(1), 0)).await.expect("send");
+            let (ack_tx, ack_rx) = async_channel::bounded::<()>(1);
+            let settled = Arc::new(AtomicBool::new(false));
+            let s = settled.clone();
+            let produce = async move {
+                let _ = ack_rx.recv().await;
+                s.store(true, Ordering::SeqCst);
+                (answer(2), 0)
+            };
+            tx.send(Answer::Pending(Box::pin(produce)))
+                .await
+                .expect("send");
+            smol::Timer::after(Duration::from_millis(20)).await;
+            assert!(!settled.load(Ordering::SeqCst), "settled before its ack");
+            ack_tx.send(()).await.expect("ack");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !settled.load(Ordering::SeqCst) && Instant::now() < deadline {
+                smol::Timer::after(Duration::from_millis(5)).await;
+            }
+            assert!(
+                settled.load(Ordering::SeqCst),
+                "not settled while the socket was full"
+            );
+            drop(writer);
         });
     }
 
