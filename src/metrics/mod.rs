@@ -615,12 +615,13 @@ impl Metrics {
         }
     }
 
-    /// Convenience for cold paths; the broker should hold a [`TopicMetrics`].
+    /// Counts records produced to `topic`; its counters are resolved once
+    /// (see `topics`), so this is cheap on the per-request path.
     pub fn record_produce(&self, topic: &str, records: u64, bytes: u64) {
         self.with_topic(topic, |t| t.produced(records, bytes));
     }
 
-    /// Convenience for cold paths; the broker should hold a [`TopicMetrics`].
+    /// Counts records fetched from `topic`, as [`Metrics::record_produce`].
     pub fn record_fetch(&self, topic: &str, records: u64, bytes: u64) {
         self.with_topic(topic, |t| t.fetched(records, bytes));
     }
