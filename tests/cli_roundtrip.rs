@@ -850,6 +850,80 @@ fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
     assert_fails(&out, 2, &["--bytes"]);
 }
 
+/// `skiff bench sync` times durable one-block writes where it is pointed
+/// and prints their percentiles as one JSON line; a missing directory is a
+/// runtime error naming it, a count of 0 a usage error.
+#[test]
+fn bench_sync_prints_the_durable_write_latency_of_a_directory() {
+    let dir = temp_dir();
+    let path = dir.path().to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", path, "--count", "50"])
+        .output()
+        .expect("running skiff");
+    assert_ok(&out);
+    let s = &json_lines(&out)[0];
+    assert_eq!(s["workload"], "sync");
+    assert_eq!(s["count"], 50);
+    assert_eq!(s["write_bytes"], 4096);
+    let lat = &s["sync_us"];
+    let (p50, p99, max) = (
+        lat["p50"].as_u64().unwrap(),
+        lat["p99"].as_u64().unwrap(),
+        lat["max"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the scratch file is removed"
+    );
+    let gone = dir.path().join("gone");
+    let gone = gone.to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", gone])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 1, &[gone]);
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", path, "--count", "0"])
+        .output()
+        .expect("running skiff");
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+}
+
+/// With --partitions, producer i writes to partition i mod N: every
+/// partition gets its producer's share, and the line names the count.
+#[test]
+fn bench_produce_spreads_producers_over_partitions() {
+    let b = Broker::start("");
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "3000",
+        "--producers",
+        "3",
+        "--partitions",
+        "3",
+        "--keep",
+    ]);
+    assert_ok(&out);
+    let p = &json_lines(&out)[0];
+    assert_eq!(p["partitions"], 3);
+    assert_eq!(p["producers"], 3);
+    let out = b.cli(&["topics", "describe", "skiff-bench", "--format", "json"]);
+    assert_ok(&out);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let parts = d["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 3, "{d}");
+    for part in parts {
+        assert_eq!(part["log_end"], 1000, "one producer's share each: {d}");
+    }
+    let out = b.cli(&["bench", "produce", "--partitions", "0"]);
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+}
+
 #[test]
 fn list_commands_into_a_closed_pipe_end_quietly() {
     let b = Broker::start("");

@@ -529,6 +529,10 @@ pub enum BenchCommand {
     /// Raw sequential O_DIRECT write bandwidth of the disk holding DIR
     /// (1 MiB writes, 4 in flight): the yardstick for produce figures.
     Disk(BenchDiskArgs),
+    /// The disk's durable-write latency: one-block O_DIRECT overwrites,
+    /// each followed by fdatasync (p50, p99, max): the floor under every
+    /// ack with fsync always, for ack p99s to be read against.
+    Sync(BenchSyncArgs),
     /// TLS handshakes per second against --broker (a TLS listener), full
     /// and resumed; optionally hold many connections open.
     Handshake(BenchHandshakeArgs),
@@ -658,6 +662,16 @@ pub struct BenchDiskArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchSyncArgs {
+    /// A directory on the disk to measure (point it at the data directory's).
+    #[arg(long, default_value = ".")]
+    pub dir: std::path::PathBuf,
+    /// Durable writes to time.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub count: u64,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchProduceArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
@@ -667,6 +681,10 @@ pub struct BenchProduceArgs {
     /// Concurrent producer connections.
     #[arg(long, default_value_t = 1)]
     pub producers: u32,
+    /// Partitions of the bench topic. Producer i writes to partition
+    /// i mod N: 4 producers on 4 partitions write one each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
     /// always | interval:MS | never (for the bench topic).
     #[arg(long, default_value = "always")]
     pub fsync: String,

@@ -827,6 +827,7 @@ pub fn bench(command: BenchCommand) -> ExitCode {
         BenchCommand::Produce(a) => super::bench::produce(a),
         BenchCommand::Consume(a) => super::bench::consume(a),
         BenchCommand::Disk(a) => super::bench::disk(a),
+        BenchCommand::Sync(a) => super::bench::sync(a),
         BenchCommand::Loopback(a) => super::bench::loopback(a),
         BenchCommand::Handshake(a) => super::bench::handshake(a),
         BenchCommand::Group(a) => super::bench_group::group(a),

@@ -369,11 +369,35 @@ impl Producer {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<Delivery, ClientError> {
+        self.enqueue_wait(topic, None, key, value, headers).await
+    }
+
+    /// As [`send_wait`](Self::send_wait), to a chosen partition.
+    pub async fn send_wait_to(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, ClientError> {
+        self.enqueue_wait(topic, Some(partition), key, value, headers)
+            .await
+    }
+
+    async fn enqueue_wait(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, ClientError> {
         // Listen only once the buffer was full (a listener per record was
         // a fiftieth of the send path), then try again before waiting.
         let mut listener = None;
         loop {
-            match self.enqueue(topic, None, key, Some(value), headers) {
+            match self.enqueue(topic, partition, key, Some(value), headers) {
                 Err(ClientError::BufferFull { .. }) => match listener.take() {
                     None => listener = Some(self.inner.progress.listen()),
                     Some(l) => l.await,

@@ -110,6 +110,43 @@ pub fn measure_prepared(
     })
 }
 
+/// Bytes each [`sync_latencies`] step writes: one block, as a small
+/// append's tail write.
+pub const SYNC_WRITE_BYTES: usize = BLOCK_BYTES;
+/// The pre-written region [`sync_latencies`] cycles through.
+const SYNC_REGION_BYTES: u64 = 1 << 20;
+
+/// The device's own durable-write latency, outside skiff: `count` steps,
+/// each one block written with O_DIRECT over blocks written before (as a
+/// segment's tail is) followed by an fdatasync, timed together. What an
+/// ack waits for at least; docs/performance.md puts its p99 beside ack
+/// p99s.
+pub fn sync_latencies(dir: &Path, count: usize) -> io::Result<Vec<Duration>> {
+    let file = ScratchFile::new(dir)?;
+    let mut writer = Writer::open(&file.path)?;
+    writer.allocate(SYNC_REGION_BYTES)?;
+    let zeros = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
+    writer.write_all(&zeros, SYNC_REGION_BYTES)?;
+    writer.sync()?;
+    // Positional writes for every backend: one write in flight is the
+    // point, and io_uring would only add its own wait.
+    #[cfg(target_os = "linux")]
+    let f: fs::File = super::uring::open_direct(&file.path, false)?.into();
+    #[cfg(not(target_os = "linux"))]
+    let f = fs::OpenOptions::new().write(true).open(&file.path)?;
+    let mut block = AlignedBuf::new(SYNC_WRITE_BYTES).map_err(io::Error::other)?;
+    let blocks = SYNC_REGION_BYTES / SYNC_WRITE_BYTES as u64;
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        block[0] = i as u8;
+        let started = Instant::now();
+        f.write_all_at(&block, (i as u64 % blocks) * SYNC_WRITE_BYTES as u64)?;
+        f.sync_data()?;
+        times.push(started.elapsed());
+    }
+    Ok(times)
+}
+
 /// Completed flush requests of the block device holding `dir` (field 16 of
 /// its `stat`, Linux 5.5+). None when `dir` is not on a block device
 /// (tmpfs, overlay, btrfs subvolumes have anonymous devices) or the kernel
