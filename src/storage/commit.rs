@@ -65,6 +65,13 @@ pub(super) struct CommitState {
     /// Appends answering the last sync group's acks to this partition that
     /// the next sync still waits for (see `SyncGroup::returning`).
     pub(super) returning: usize,
+    /// Unpipelined: the producers the last group acked here that have not
+    /// answered yet, one entry each however many appends it had (at most
+    /// `SYNC_HOLD_RETURNS_MAX` appends are looked at).
+    pub(super) returning_from: Vec<u64>,
+    /// The next sync waits for every one of `returning_from`, not only for
+    /// the first answer (see `Engine::start_hold`).
+    pub(super) gathering: bool,
     /// When those acks went out, until the first answer came.
     pub(super) acked_at: Option<Instant>,
     /// How long this partition's producers take to answer their acks,
@@ -75,8 +82,9 @@ pub(super) struct CommitState {
 }
 
 impl CommitState {
-    /// An append arrived: it may answer the last group's acks.
-    pub(super) fn answered(&mut self, now: Instant) -> bool {
+    /// An append from `producer` arrived: it may answer the last group's
+    /// acks.
+    pub(super) fn answered(&mut self, producer: u64, now: Instant) -> bool {
         if let Some(at) = self.acked_at.take() {
             let took = now - at;
             self.answer_time = Some(match self.answer_time {
@@ -86,6 +94,18 @@ impl CommitState {
         }
         if self.returning == 0 {
             return false;
+        }
+        if self.gathering {
+            // Producers that are not idempotent cannot be told apart: any
+            // append answers for them, as one from an unknown producer
+            // always did.
+            let at = |id| self.returning_from.iter().position(|&p| p == id);
+            match at(producer).or_else(|| at(crate::batch::NO_PRODUCER_ID)) {
+                Some(i) => {
+                    self.returning_from.swap_remove(i);
+                }
+                None => return false,
+            }
         }
         self.returning -= 1;
         true
@@ -504,6 +524,14 @@ impl Engine {
         p.hw = p.hw.max(p.commit.syncing_to.next_offset);
         p.publish();
         p.commit.returning = p.commit.syncing.len();
+        p.commit.returning_from.clear();
+        if p.commit.returning <= SYNC_HOLD_RETURNS_MAX {
+            for a in &p.commit.syncing {
+                if !p.commit.returning_from.contains(&a.producer) {
+                    p.commit.returning_from.push(a.producer);
+                }
+            }
+        }
         // Newest first: a caller waiting on the oldest append (callers
         // wait in order) wakes once, with the whole group done, and can
         // hand over as many new appends together.
@@ -519,6 +547,7 @@ impl Engine {
         for id in std::mem::take(&mut self.group.returning_parts) {
             if let Some(p) = self.parts.get_mut(&id) {
                 p.commit.returning = 0;
+                p.commit.gathering = false;
             }
         }
     }
@@ -531,7 +560,8 @@ impl Engine {
         // the device while a producer with a deep window works (0.84x in
         // A/B): the hold waits only for each partition's first answer, a
         // producer that has not sent anything yet (one whose acks came
-        // last, behind a flood's on another partition).
+        // last, behind a flood's on another partition). A fan-in is the
+        // exception (`gathering` below).
         let pipelined = self.ctx.cfg.pipelined_fsync;
         let max = self.ctx.cfg.sync_hold_max;
         // Half a flush, or as long as the producer usually takes to answer
@@ -546,14 +576,28 @@ impl Engine {
             if p.commit.returning > 0 {
                 p.commit.acked_at = Some(now);
             }
-            if !pipelined {
+            let answer = p.commit.answer_time.unwrap_or(Duration::ZERO);
+            // Unpipelined, many producers with a record each (a fan-in)
+            // are all waited for (within the hold) where the first answer
+            // comes within a quarter of a flush, a slow device: they then
+            // share the next flush instead of alternating between two,
+            // each waiting for two. Where flushes are quick, waiting for
+            // the network threads to take every answer would idle the
+            // device, and two groups alternating keep both busy: only the
+            // first answer is waited for.
+            let producers = p.commit.returning_from.len();
+            p.commit.gathering =
+                !pipelined && producers > 1 && p.commit.answer_time.is_some() && answer * 2 <= base;
+            if p.commit.gathering {
+                p.commit.returning = producers;
+            } else if !pipelined {
                 p.commit.returning = p.commit.returning.min(1);
             }
-            let answer = p.commit.answer_time.unwrap_or(Duration::ZERO);
             // A producer that does not answer within the bound (one that
             // sends now and then) is not waited for.
             if acked > SYNC_HOLD_RETURNS_MAX || p.commit.returning == 0 || answer > max {
                 p.commit.returning = 0;
+                p.commit.gathering = false;
                 continue;
             }
             hold = hold.max(base.max(answer * 5 / 4).min(max));

@@ -606,7 +606,7 @@ impl Engine {
             } => {
                 let now = self.ctx.cfg.clock.now();
                 if let Some(p) = self.parts.get_mut(&id) {
-                    if p.commit.answered(now) {
+                    if p.commit.answered(batch_producer(&batch), now) {
                         self.group.returning -= 1;
                     }
                 }
@@ -971,9 +971,7 @@ impl Engine {
             let _ = reply.send(Err(StorageError::UnknownPartition(id)));
             return;
         };
-        let producer = batch
-            .get(crate::batch::OFFSET_PRODUCER_ID..crate::batch::OFFSET_PRODUCER_ID + 8)
-            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let producer = batch_producer(&batch);
         let r = p.append(&mut self.ctx, &mut batch, checked);
         // Copied into the tail (or refused): the buffer goes back to its
         // pool for the next batch to be decoded into.
@@ -1039,4 +1037,12 @@ impl Engine {
         self.parts.clear();
         Ok(())
     }
+}
+
+/// The producer id in a batch's header (`NO_PRODUCER_ID` when not
+/// idempotent; 0 for a buffer too short to hold one).
+fn batch_producer(batch: &[u8]) -> u64 {
+    batch
+        .get(crate::batch::OFFSET_PRODUCER_ID..crate::batch::OFFSET_PRODUCER_ID + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }

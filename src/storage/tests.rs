@@ -2631,6 +2631,128 @@ fn the_next_inline_flush_waits_for_each_acked_partitions_answer() {
     s.shutdown().unwrap();
 }
 
+/// The producers, each with one record of 100 B in flight, of the fan-in
+/// tests below.
+fn fan_in_record(producer: u64, seq: i32) -> Vec<u8> {
+    let mut b = BatchBuilder::new();
+    b.push(0, Some(b"k"), &[7u8; 100], &[]);
+    b.finish(ProducerStamp {
+        producer_id: producer,
+        producer_epoch: 0,
+        base_sequence: seq,
+    })
+}
+
+/// Inline, a fan-in (many producers with a record in flight each) whose
+/// first answer came within a quarter of a flush is waited for whole: after a
+/// group acked three producers' appends, the next flush waits until all
+/// three have answered, so they share it instead of alternating between
+/// two groups; a second append of a producer that answered already does
+/// not stand in for the others.
+#[test]
+fn the_next_inline_flush_waits_for_every_acked_producer() {
+    use std::time::Duration;
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let seen = clock.clone();
+    let h = Held::open(13, "fan-in", |c| StorageConfig {
+        sync_hold_max: Duration::from_secs(60),
+        clock,
+        ..c
+    });
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
+    let round = |seq| {
+        let resume = s.pause();
+        let t: Vec<_> = (1..=3).map(|p| submit(p, seq)).collect();
+        drop(resume);
+        t
+    };
+    // Flush 1 takes 2 s; all three answer at once: gathering took no time.
+    let first = round(0);
+    first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
+        .join()
+        .unwrap();
+    for t in first {
+        block_on(t).unwrap();
+    }
+    let second = round(1);
+    gate.wait_for(&gate.started, 2);
+    gate.release();
+    for t in second {
+        block_on(t).unwrap();
+    }
+    let (a, a2, b) = (submit(1, 2), submit(1, 3), submit(2, 2));
+    time.advance(Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        2,
+        "no flush before the third producer answers"
+    );
+    let c = submit(3, 2);
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    for (t, off) in [(a, 6), (a2, 7), (b, 8), (c, 9)] {
+        assert_eq!(block_on(t).unwrap().base_offset, off);
+    }
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        3,
+        "the three answers share one flush"
+    );
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    s.shutdown().unwrap();
+}
+
+/// Inline, where a fan-in's first answer takes more than a quarter of a
+/// flush (a fast device beside busy network threads), two groups
+/// alternating keep the device and the network threads both busy: only
+/// the first answer is waited for.
+#[test]
+fn an_inline_fan_in_is_not_gathered_where_answering_takes_over_half_a_flush() {
+    use std::time::Duration;
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let seen = clock.clone();
+    let h = Held::open(14, "no-gather", |c| StorageConfig {
+        sync_hold_max: Duration::from_secs(60),
+        clock,
+        ..c
+    });
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    gate.hold_sync_calls.store(true, Ordering::SeqCst);
+    let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
+    let round = |seq| {
+        let resume = s.pause();
+        let t: Vec<_> = (1..=3).map(|p| submit(p, seq)).collect();
+        drop(resume);
+        t
+    };
+    // Flush 1 takes 2 s; the three answer 0.6 s after its acks.
+    let first = round(0);
+    first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
+        .join()
+        .unwrap();
+    for t in first {
+        block_on(t).unwrap();
+    }
+    time.advance(Duration::from_millis(600));
+    let second = round(1);
+    // Flush 2 takes no time: a recent flush is 1.75 s, and the first
+    // answer's 0.6 s is more than a quarter of it.
+    gate.wait_for(&gate.started, 2);
+    gate.release();
+    for t in second {
+        block_on(t).unwrap();
+    }
+    let a = submit(1, 2);
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    assert_eq!(block_on(a).unwrap().base_offset, 6);
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    s.shutdown().unwrap();
+}
+
 /// Inline, a partition with its acks waiting in bulk (a client pipelining
 /// small requests) beside one whose producer awaits each ack is flushed
 /// every other group: the light producer's next group is its own file
