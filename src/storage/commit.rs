@@ -63,12 +63,17 @@ pub(super) struct CommitState {
     /// syncs within its ms of it).
     pub(super) unsynced_since: Option<Instant>,
     /// Appends answering the last sync group's acks to this partition that
-    /// the next sync still waits for (see `SyncGroup::returning`).
-    pub(super) returning: usize,
+    /// the next sync still waits for (see `SyncGroup::returning`). 32 bits,
+    /// as `returning_from`, to keep the partition's state the size the
+    /// memory budget counts: holds follow groups of at most
+    /// `SYNC_HOLD_RETURNS_MAX` appends.
+    pub(super) returning: u32,
     /// Unpipelined: the producers the last group acked here that have not
-    /// answered yet, one entry each however many appends it had (at most
-    /// `SYNC_HOLD_RETURNS_MAX` appends are looked at).
-    pub(super) returning_from: Vec<u64>,
+    /// answered yet, a bit each (`producer_bit`) however many appends it
+    /// had. Fixed size, as every partition's state is counted in the
+    /// memory budget: two producers sharing a bit count as one, which only
+    /// shortens the wait.
+    pub(super) returning_from: u32,
     /// The next sync waits for every one of `returning_from`, not only for
     /// the first answer (see `Engine::start_hold`).
     pub(super) gathering: bool,
@@ -79,6 +84,13 @@ pub(super) struct CommitState {
     pub(super) answer_time: Option<Duration>,
     /// Its file was flushed by the last sync group (see `defer_heavy`).
     pub(super) flushed_last: bool,
+}
+
+/// A producer id's bit in `CommitState::returning_from`. The broker hands
+/// out ids in sequence, and Fibonacci hashing keeps any 16 consecutive ids
+/// on distinct bits (28 of 32 consecutive ones).
+fn producer_bit(producer: u64) -> u32 {
+    1 << (producer.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 59)
 }
 
 impl CommitState {
@@ -99,13 +111,14 @@ impl CommitState {
             // Producers that are not idempotent cannot be told apart: any
             // append answers for them, as one from an unknown producer
             // always did.
-            let at = |id| self.returning_from.iter().position(|&p| p == id);
-            match at(producer).or_else(|| at(crate::batch::NO_PRODUCER_ID)) {
-                Some(i) => {
-                    self.returning_from.swap_remove(i);
-                }
-                None => return false,
-            }
+            let owed = [producer, crate::batch::NO_PRODUCER_ID]
+                .map(producer_bit)
+                .into_iter()
+                .find(|&b| self.returning_from & b != 0);
+            let Some(b) = owed else {
+                return false;
+            };
+            self.returning_from &= !b;
         }
         self.returning -= 1;
         true
@@ -523,22 +536,20 @@ impl Engine {
         p.durable = p.commit.syncing_to;
         p.hw = p.hw.max(p.commit.syncing_to.next_offset);
         p.publish();
-        p.commit.returning = p.commit.syncing.len();
-        p.commit.returning_from.clear();
-        if p.commit.returning <= SYNC_HOLD_RETURNS_MAX {
-            for a in &p.commit.syncing {
-                if !p.commit.returning_from.contains(&a.producer) {
-                    p.commit.returning_from.push(a.producer);
-                }
-            }
-        }
+        let acked = p.commit.syncing.len();
+        p.commit.returning = u32::try_from(acked).unwrap_or(u32::MAX);
+        p.commit.returning_from = p
+            .commit
+            .syncing
+            .iter()
+            .fold(0, |bits, a| bits | producer_bit(a.producer));
         // Newest first: a caller waiting on the oldest append (callers
         // wait in order) wakes once, with the whole group done, and can
         // hand over as many new appends together.
         for a in p.commit.syncing.drain(..).rev() {
             let _ = a.reply.send(Ok(a.ack));
         }
-        p.commit.returning
+        acked
     }
 
     /// Only the last group's answers are waited for.
@@ -585,7 +596,7 @@ impl Engine {
             // the network threads to take every answer would idle the
             // device, and two groups alternating keep both busy: only the
             // first answer is waited for.
-            let producers = p.commit.returning_from.len();
+            let producers = p.commit.returning_from.count_ones();
             p.commit.gathering =
                 !pipelined && producers > 1 && p.commit.answer_time.is_some() && answer * 2 <= base;
             if p.commit.gathering {
@@ -601,7 +612,7 @@ impl Engine {
                 continue;
             }
             hold = hold.max(base.max(answer * 5 / 4).min(max));
-            self.group.returning += p.commit.returning;
+            self.group.returning += p.commit.returning as usize;
             self.group.returning_parts.push(id);
         }
         self.group.hold_until = (self.group.returning > 0).then(|| now + hold);
