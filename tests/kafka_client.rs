@@ -403,9 +403,9 @@ fn fenced_produce_is_a_typed_error() {
 /// Tansu listens on one port and advertises the proxy's: every
 /// connection of the client goes through the proxy.
 fn behind_proxy() -> (Tansu, Proxy) {
-    let proxy_port = free_port();
-    let tansu = Tansu::behind(proxy_port);
-    let proxy = Proxy::start(proxy_port, &tansu.addr());
+    let tansu_port = free_port();
+    let proxy = Proxy::start(0, &format!("127.0.0.1:{tansu_port}"));
+    let tansu = Tansu::start_with(tansu_port, proxy.port, &[]);
     (tansu, proxy)
 }
 
@@ -605,9 +605,10 @@ fn refused_sasl_is_an_auth_error() {
 #[test]
 fn tls_with_a_ca_file_and_a_client_certificate() {
     let ours = pki(true);
-    let proxy_port = free_port();
-    let tansu = Tansu::behind(proxy_port);
-    let _proxy = Proxy::start_tls(proxy_port, &tansu.addr(), ours.server.clone());
+    let tansu_port = free_port();
+    let proxy = Proxy::start_tls(0, &format!("127.0.0.1:{tansu_port}"), ours.server.clone());
+    let proxy_port = proxy.port;
+    let _tansu = Tansu::start_with(tansu_port, proxy_port, &[]);
     let bootstrap = format!("127.0.0.1:{proxy_port}");
     let other = pki(false);
     // A client trusting `ca`, with our client certificate or without.

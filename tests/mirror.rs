@@ -28,9 +28,9 @@ struct Upstream {
 
 impl Upstream {
     fn start() -> Self {
-        let port = free_port();
-        let tansu = Tansu::behind(port);
-        let proxy = Proxy::start(port, &tansu.addr());
+        let tansu_port = free_port();
+        let proxy = Proxy::start(0, &format!("127.0.0.1:{tansu_port}"));
+        let tansu = Tansu::start_with(tansu_port, proxy.port, &[]);
         Self {
             _tansu: tansu,
             proxy,
@@ -443,9 +443,10 @@ fn cut_mid_transaction_stall_and_delay_lose_and_duplicate_nothing() {
 #[test]
 fn forwards_over_mutual_tls_and_reports_an_untrusted_server() {
     let pki = upstream::pki(true);
-    let port = free_port();
-    let tansu = Tansu::behind(port);
-    let _proxy = Proxy::start_tls(port, &tansu.addr(), pki.server.clone());
+    let tansu_port = free_port();
+    let proxy = Proxy::start_tls(0, &format!("127.0.0.1:{tansu_port}"), pki.server.clone());
+    let port = proxy.port;
+    let _tansu = Tansu::start_with(tansu_port, port, &[]);
     let bootstrap = format!("127.0.0.1:{port}");
     let file = |name: &str| pki.dir.path().join(name).display().to_string();
     let tls_toml = |ca: &str| {

@@ -151,12 +151,6 @@ impl Tansu {
         Self::start_with(port, port, &[])
     }
 
-    /// Listens on a fresh port and advertises `advertised_port`, where a
-    /// proxy forwards to it.
-    pub fn behind(advertised_port: u16) -> Self {
-        Self::start_with(free_port(), advertised_port, &[])
-    }
-
     pub fn start_with(port: u16, advertised_port: u16, extra: &[&str]) -> Self {
         let log = tempfile::NamedTempFile::new().expect("a log file");
         let child = Command::new(tansu_path())

@@ -49,7 +49,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Forwards 127.0.0.1:`port` to `upstream` (`host:port`).
+    /// Forwards 127.0.0.1:`port` to `upstream` (`host:port`); port 0 takes
+    /// a free one, which no other test can take before the proxy has it (a
+    /// port picked, released and bound later can be).
     pub fn start(port: u16, upstream: &str) -> Self {
         Self::start_inner(port, upstream, None)
     }
@@ -64,6 +66,7 @@ impl Proxy {
         let state = Arc::new(State::default());
         let listener =
             smol::block_on(TcpListener::bind(("127.0.0.1", port))).expect("binding the proxy port");
+        let port = listener.local_addr().expect("the proxy's address").port();
         let upstream = upstream.to_owned();
         let thread_state = state.clone();
         let thread = std::thread::spawn(move || {
