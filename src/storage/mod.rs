@@ -324,7 +324,9 @@ pub struct StorageConfig {
     /// answer them, so a producer's window shares one flush instead of
     /// being split over two. Counted per partition: with `pipelined_fsync`
     /// for every ack, unpipelined for one answer per partition (the rest of
-    /// a window queues up during the blocking flush by itself). Zero: never
+    /// a window queues up during the blocking flush by itself), or one per
+    /// producer the group acked there where the first answer comes within
+    /// a quarter of a flush (a fan-in on a slow device). Zero: never
     /// wait. Not after groups of more than 64 appends, whose fdatasync
     /// should overlap the thread's work, nor for a partition whose
     /// producers answer slower than this.
