@@ -2643,45 +2643,61 @@ fn fan_in_record(producer: u64, seq: i32) -> Vec<u8> {
     })
 }
 
-/// Inline, a fan-in (many producers with a record in flight each) whose
-/// first answer came within a quarter of a flush is waited for whole: after a
-/// group acked three producers' appends, the next flush waits until all
-/// three have answered, so they share it instead of alternating between
-/// two groups; a second append of a producer that answered already does
-/// not stand in for the others.
-#[test]
-fn the_next_inline_flush_waits_for_every_acked_producer() {
+/// The fan-in tests' start: three producers with a record each, twice.
+/// Flush 1 takes 2 s, and the three answer its acks together
+/// `answer_after` later; flush 2 takes no time. Returns once flush 2's acks
+/// are out, so the recent flush is 1.75 s.
+fn three_producers_twice(
+    seed: u64,
+    name: &str,
+    answer_after: std::time::Duration,
+) -> (Held, Arc<ManualClock>) {
     use std::time::Duration;
     let (clock, time) = Clock::manual(1_700_000_000_000);
     let seen = clock.clone();
-    let h = Held::open(13, "fan-in", |c| StorageConfig {
+    let h = Held::open(seed, name, |c| StorageConfig {
         sync_hold_max: Duration::from_secs(60),
         clock,
         ..c
     });
-    let (s, gate, id) = (&h.s, &h.gate, &h.id);
-    gate.hold_sync_calls.store(true, Ordering::SeqCst);
-    let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
+    h.gate.hold_sync_calls.store(true, Ordering::SeqCst);
     let round = |seq| {
-        let resume = s.pause();
-        let t: Vec<_> = (1..=3).map(|p| submit(p, seq)).collect();
+        let resume = h.s.pause();
+        let t: Vec<_> = (1..=3)
+            .map(|p| block_on(h.s.submit_now(&h.id, fan_in_record(p, seq))).unwrap())
+            .collect();
         drop(resume);
         t
     };
-    // Flush 1 takes 2 s; all three answer at once: gathering took no time.
     let first = round(0);
-    first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
+    first_flush_takes(&h.gate, &seen, &time, Duration::from_secs(2))
         .join()
         .unwrap();
     for t in first {
         block_on(t).unwrap();
     }
+    time.advance(answer_after);
     let second = round(1);
-    gate.wait_for(&gate.started, 2);
-    gate.release();
+    h.gate.wait_for(&h.gate.started, 2);
+    h.gate.release();
     for t in second {
         block_on(t).unwrap();
     }
+    (h, time)
+}
+
+/// Inline, a fan-in (many producers with a record in flight each) whose
+/// first answer came within a quarter of a flush is waited for whole:
+/// after a group acked three producers' appends, the next flush waits
+/// until all three have answered, so they share it instead of alternating
+/// between two groups; a second append of a producer that answered
+/// already does not stand in for the others.
+#[test]
+fn the_next_inline_flush_waits_for_every_acked_producer() {
+    use std::time::Duration;
+    let (h, time) = three_producers_twice(13, "fan-in", Duration::ZERO);
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
     let (a, a2, b) = (submit(1, 2), submit(1, 3), submit(2, 2));
     time.advance(Duration::ZERO);
     std::thread::sleep(Duration::from_millis(50));
@@ -2710,42 +2726,12 @@ fn the_next_inline_flush_waits_for_every_acked_producer() {
 /// alternating keep the device and the network threads both busy: only
 /// the first answer is waited for.
 #[test]
-fn an_inline_fan_in_is_not_gathered_where_answering_takes_over_half_a_flush() {
+fn an_inline_fan_in_is_not_gathered_where_the_first_answer_takes_over_a_quarter_flush() {
     use std::time::Duration;
-    let (clock, time) = Clock::manual(1_700_000_000_000);
-    let seen = clock.clone();
-    let h = Held::open(14, "no-gather", |c| StorageConfig {
-        sync_hold_max: Duration::from_secs(60),
-        clock,
-        ..c
-    });
+    // The first answer's 0.6 s is more than a quarter of 1.75 s.
+    let (h, _time) = three_producers_twice(14, "no-gather", Duration::from_millis(600));
     let (s, gate, id) = (&h.s, &h.gate, &h.id);
-    gate.hold_sync_calls.store(true, Ordering::SeqCst);
-    let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
-    let round = |seq| {
-        let resume = s.pause();
-        let t: Vec<_> = (1..=3).map(|p| submit(p, seq)).collect();
-        drop(resume);
-        t
-    };
-    // Flush 1 takes 2 s; the three answer 0.6 s after its acks.
-    let first = round(0);
-    first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
-        .join()
-        .unwrap();
-    for t in first {
-        block_on(t).unwrap();
-    }
-    time.advance(Duration::from_millis(600));
-    let second = round(1);
-    // Flush 2 takes no time: a recent flush is 1.75 s, and the first
-    // answer's 0.6 s is more than a quarter of it.
-    gate.wait_for(&gate.started, 2);
-    gate.release();
-    for t in second {
-        block_on(t).unwrap();
-    }
-    let a = submit(1, 2);
+    let a = block_on(s.submit_now(id, fan_in_record(1, 2))).unwrap();
     gate.wait_for(&gate.started, 3);
     gate.release();
     assert_eq!(block_on(a).unwrap().base_offset, 6);
