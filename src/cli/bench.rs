@@ -30,6 +30,16 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
 }
 
+/// The percentiles every latency in a bench line reports.
+fn percentiles(hist: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "p50": hist.value_at_quantile(0.50),
+        "p99": hist.value_at_quantile(0.99),
+        "p999": hist.value_at_quantile(0.999),
+        "max": hist.max(),
+    })
+}
+
 /// Records send-to-ack latencies into a histogram, one `record_n` per run
 /// of records that share their send-clock reading and their batch's ack
 /// time (a subtraction and a histogram update per record were a twentieth
@@ -130,18 +140,16 @@ async fn fresh_topic(
     fsync: &str,
     segments: u32,
 ) -> Result<(), ClientError> {
-    fresh_topic_with(client, topic, fsync, "delete", 64 * 1024 * 1024, segments).await
-}
-
-async fn fresh_topic_with(
-    client: &Client,
-    topic: &str,
-    fsync: &str,
-    cleanup: &str,
-    segment_bytes: u64,
-    segments: u32,
-) -> Result<(), ClientError> {
-    fresh_partitioned_topic(client, topic, 1, fsync, cleanup, segment_bytes, segments).await
+    fresh_partitioned_topic(
+        client,
+        topic,
+        1,
+        fsync,
+        "delete",
+        64 * 1024 * 1024,
+        segments,
+    )
+    .await
 }
 
 async fn fresh_partitioned_topic(
@@ -508,12 +516,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         "elapsed_s": secs,
         "msgs_per_s": a.messages as f64 / secs,
         "mb_per_s": (a.messages as f64 * a.size as f64) / secs / 1e6,
-        "ack_latency_us": {
-            "p50": hist.value_at_quantile(0.50),
-            "p99": hist.value_at_quantile(0.99),
-            "p999": hist.value_at_quantile(0.999),
-            "max": hist.max(),
-        },
+        "ack_latency_us": percentiles(&hist),
     });
     if let Some(rate) = a.rate {
         // The latencies above count from each record's due time.
@@ -609,9 +612,10 @@ fn compare_compaction(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
         for r in 0..2 * rounds {
             let mode = if matches!(r % 4, 0 | 3) { 0 } else { 1 };
             let cleanup = if mode == 0 { "compact" } else { "delete" };
-            fresh_topic_with(
+            fresh_partitioned_topic(
                 &client,
                 &fill_topic,
+                1,
                 &a.fsync,
                 cleanup,
                 FILL_SEGMENT_BYTES,
@@ -1022,12 +1026,7 @@ pub fn sync(a: BenchSyncArgs) -> ExitCode {
             "dir": dir.to_string(),
             "count": a.count,
             "write_bytes": SYNC_WRITE_BYTES,
-            "sync_us": {
-                "p50": hist.value_at_quantile(0.50),
-                "p99": hist.value_at_quantile(0.99),
-                "p999": hist.value_at_quantile(0.999),
-                "max": hist.max(),
-            },
+            "sync_us": percentiles(&hist),
         })
     );
     ExitCode::SUCCESS
