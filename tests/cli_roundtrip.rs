@@ -885,6 +885,14 @@ fn bench_sync_prints_the_durable_write_latency_of_a_directory() {
         .output()
         .expect("running skiff");
     assert_fails(&out, 1, &[gone]);
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let file = file.to_str().expect("utf-8 path");
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", file])
+        .output()
+        .expect("running skiff");
+    assert_fails(&out, 1, &[file, "not a directory"]);
     let out = skiff_command()
         .args(["bench", "sync", "--dir", path, "--count", "0"])
         .output()
