@@ -441,7 +441,7 @@ impl Engine {
             self.poll_inflight();
             // Written now even while a sync group is in flight; synced by
             // the next group.
-            self.commit_round(false);
+            self.commit_round(false, &|| !rx.is_empty());
             self.housekeeping(false);
             // A manual clock's advance returns once this round has run at
             // its new time.
@@ -1018,7 +1018,7 @@ impl Engine {
     }
 
     fn shutdown_all(&mut self) -> Result<(), StorageError> {
-        self.commit_round(true);
+        self.commit_round(true, &|| false);
         self.finish_inflight();
         let ids: Vec<PartitionId> = self.parts.keys().cloned().collect();
         for id in ids {

@@ -2739,6 +2739,56 @@ fn an_inline_fan_in_is_not_gathered_where_the_first_answer_takes_over_a_quarter_
     s.shutdown().unwrap();
 }
 
+/// Inline, on a slow device (flushes of over a millisecond), the appends
+/// that queued up behind a round while it wrote are written before the
+/// flush, so one producer's window shares one flush instead of being split
+/// over two; on a quick device the flush starts right after the round.
+#[test]
+fn inline_on_a_slow_device_the_appends_queued_behind_a_round_share_its_flush() {
+    use std::time::Duration;
+    for (recent_flush, flushes) in [(Duration::from_secs(2), 1), (Duration::from_micros(100), 2)] {
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let seen = clock.clone();
+        // A queue of 4, so that a round takes 3 appends after the pause and
+        // leaves one behind; no hold for the warm-up's answer.
+        let h = Held::open(15, "ahead", |c| StorageConfig {
+            append_queue_depth: 4,
+            sync_hold_max: Duration::ZERO,
+            clock,
+            ..c
+        });
+        let (s, gate, id) = (&h.s, &h.gate, &h.id);
+        let submit = |tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
+        gate.hold_sync_calls.store(true, Ordering::SeqCst);
+        let warm = submit(0);
+        first_flush_takes(gate, &seen, &time, recent_flush)
+            .join()
+            .unwrap();
+        block_on(warm).unwrap();
+        let resume = s.pause();
+        let mut tickets: Vec<_> = (1..=4).map(submit).collect();
+        drop(resume);
+        for n in 0..flushes {
+            gate.wait_for(&gate.started, 2 + n);
+            gate.release();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let label = format!("recent flush {recent_flush:?}");
+        for (off, t) in (1..).zip(tickets.iter_mut()) {
+            let acked = block_on(futures_lite::future::poll_once(t))
+                .unwrap_or_else(|| panic!("{label}: append {off} not acked"));
+            assert_eq!(acked.unwrap().base_offset, off, "{label}");
+        }
+        assert_eq!(
+            gate.started.load(Ordering::SeqCst),
+            1 + flushes,
+            "{label}: flushes for the four appends"
+        );
+        gate.hold_sync_calls.store(false, Ordering::SeqCst);
+        s.shutdown().unwrap();
+    }
+}
+
 /// Inline, a partition with its acks waiting in bulk (a client pipelining
 /// small requests) beside one whose producer awaits each ack is flushed
 /// every other group: the light producer's next group is its own file
