@@ -299,6 +299,34 @@ fn producer_batches_and_consumer_reads_everything_in_order() {
     });
 }
 
+/// `partitions_for` asks the broker for a topic's partition count once and
+/// keeps it; an unknown topic is a typed error; records sent afterwards go
+/// where the count says.
+#[test]
+fn partitions_for_names_a_topics_count_and_refuses_an_unknown_one() {
+    let server = Broker::start("");
+    smol::block_on(async {
+        let client = connect_and_create(&server, "meters", 3).await;
+        let producer = Producer::new(client.clone(), ProducerConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(producer.partitions_for("meters").await.unwrap(), 3);
+        assert_eq!(producer.partitions_for("meters").await.unwrap(), 3);
+        let err = producer.partitions_for("no-such-topic").await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::UnknownTopic), "{err}");
+        let m = producer
+            .send_wait("meters", Some(b"dev-7"), b"21.5", &[])
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(
+            m.partition,
+            skiff::client::partitioner::partition_for_key(b"dev-7", 3)
+        );
+    });
+}
+
 /// flush() sends what was sent before it at once (no linger) and returns
 /// when that is acknowledged, even while another task keeps sending.
 #[test]

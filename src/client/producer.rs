@@ -318,6 +318,28 @@ impl Producer {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// `topic`'s partition count, asked of the broker unless this producer
+    /// knows it already, and kept: the first record sent to it then does
+    /// not wait for a metadata round trip (Kafka's `partitionsFor`).
+    pub async fn partitions_for(&self, topic: &str) -> Result<u32, ClientError> {
+        let (topic, known) = self
+            .inner
+            .state
+            .lock()
+            .expect("producer state")
+            .topics
+            .lookup(topic);
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        let n = self.inner.client.partition_count(&topic).await?;
+        if n > 0 {
+            settle_topic(&self.inner, &topic, Ok(n));
+            self.inner.wake.notify(1);
+        }
+        Ok(n)
+    }
+
     /// The producer id and epoch the broker gave this producer, when it is
     /// idempotent.
     pub fn producer_id(&self) -> Option<(u64, u16)> {
