@@ -1126,25 +1126,41 @@ mod tests {
         assert_eq!(q.load_snapshot("t", 0, 0, 3), 0);
     }
 
-    /// A full table of 128 evicts its two least recently active entries
-    /// at once (a sixty-fourth), so the next new producer fits without
-    /// another scan; the ones still known keep their sequence checks.
-    #[test]
-    fn a_full_table_evicts_its_least_recent_sixty_fourth_at_once() {
+    /// A table on a manual clock (from 1,000 ms) with `n` producer ids
+    /// handed out.
+    fn table_with_ids(
+        max_producers: usize,
+        idle_expiry_ms: u64,
+        n: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<crate::broker::ManualClock>,
+        Producers,
+        Vec<u64>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(crate::broker::ManualClock::new(1_000));
         let p = Producers::open(
             dir.path(),
             ProducersConfig {
-                max_producers: 128,
-                idle_expiry_ms: 3_600_000,
+                max_producers,
+                idle_expiry_ms,
             },
             clock.clone(),
         )
         .expect("open");
-        let ids: Vec<u64> = (0..130)
+        let ids = (0..n)
             .map(|_| smol::block_on(p.init(None)).expect("init").0)
             .collect();
+        (dir, clock, p, ids)
+    }
+
+    /// A full table of 128 evicts its two least recently active entries
+    /// at once (a sixty-fourth), so the next new producer fits without
+    /// another scan; the ones still known keep their sequence checks.
+    #[test]
+    fn a_full_table_evicts_its_least_recent_sixty_fourth_at_once() {
+        let (_dir, clock, p, ids) = table_with_ids(128, 3_600_000, 130);
         let mut offset = 0;
         let mut write = |id: u64, seq: i32| {
             let t = accept(&p, &header(id, 0, seq, 1));
@@ -1176,20 +1192,7 @@ mod tests {
 
     #[test]
     fn idle_entries_expire_and_a_full_table_evicts_the_least_recent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
-        let p = Producers::open(
-            dir.path(),
-            ProducersConfig {
-                max_producers: 2,
-                idle_expiry_ms: 50,
-            },
-            clock.clone(),
-        )
-        .expect("open");
-        let ids: Vec<u64> = (0..3)
-            .map(|_| smol::block_on(p.init(None)).expect("init").0)
-            .collect();
+        let (_dir, clock, p, ids) = table_with_ids(2, 50, 3);
         for (i, &id) in ids.iter().take(2).enumerate() {
             let t = accept(&p, &header(id, 0, 0, 1));
             p.complete(t, Ok((i as u64, i as u64)));
