@@ -22,9 +22,9 @@ use smol::{Task, Timer};
 use super::error::ClientError;
 use super::tls::{TlsClient, TlsConfigError};
 use crate::protocol::{
-    body_len, decode_response, encode_request, encode_request_body, frame_len, FrameError,
-    HelloRequest, Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES, HELLO_FRAME_BYTES_MAX,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+    body_len, decode_response, decode_response_shared, encode_request, encode_request_body,
+    frame_len, FrameError, HelloRequest, Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES,
+    HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 
 /// Frames waiting for the writer. Bounds the memory a burst of requests can
@@ -376,7 +376,11 @@ async fn hello(
     stream.write_all(&frame).await?;
     stream.flush().await?;
     let mut body = Vec::new();
-    match read_frame(stream, HELLO_FRAME_BYTES_MAX, &mut body).await {
+    match read_frame(stream, HELLO_FRAME_BYTES_MAX, &mut body, |b, n| {
+        b.resize(n, 0)
+    })
+    .await
+    {
         // A TLS record (an alert, 0x15, or a handshake, 0x16, of version
         // 3.x) read as a frame length: a plaintext client on a TLS port.
         Err(ClientError::Protocol(FrameError::TooLarge { len, .. }))
@@ -408,10 +412,11 @@ async fn hello(
 /// Reads one frame body into `body` (reused: it is zeroed only where it
 /// grows). The length is checked before the body is allocated. A clean end
 /// of stream before a frame starts is [`ClientError::Disconnected`].
-async fn read_frame(
+async fn read_frame<B: std::ops::DerefMut<Target = [u8]>>(
     r: &mut (impl AsyncRead + Unpin),
     max_frame_bytes: u32,
-    body: &mut Vec<u8>,
+    body: &mut B,
+    resize: impl FnOnce(&mut B, usize),
 ) -> Result<(), ClientError> {
     let mut prefix = [0u8; FRAME_HEADER_BYTES];
     match r.read_exact(&mut prefix).await {
@@ -423,21 +428,65 @@ async fn read_frame(
     }
     // Checks the length against the limit; the body is not buffered yet.
     frame_len(&prefix, max_frame_bytes)?;
-    body.resize(body_len(prefix) as usize, 0);
+    resize(body, body_len(prefix) as usize);
     r.read_exact(body).await?;
     Ok(())
 }
 
+/// Frame buffers for the reader. A response's fetched records stay in
+/// the frame they came in (views, not copies), so a frame lives as long
+/// as the records the caller holds; a buffer is reused once nothing points
+/// into it any more, and the few recent frames are kept to find one.
+#[derive(Default)]
+struct FrameBufs {
+    recent: std::collections::VecDeque<bytes::Bytes>,
+}
+
+/// How many frames the reader keeps to reuse: a consumer holds one poll's
+/// records while the next (prefetched) answer comes in.
+const FRAME_BUFS_KEPT: usize = 3;
+
+impl FrameBufs {
+    /// A buffer for the next frame: a recent one nothing points into, or a
+    /// new one.
+    fn take(&mut self) -> bytes::BytesMut {
+        for _ in 0..self.recent.len() {
+            let frame = self.recent.pop_front().expect("counted");
+            match frame.try_into_mut() {
+                // Its old length stays: resizing to the next frame zeroes
+                // only what it grows by.
+                Ok(buf) => return buf,
+                Err(held) => self.recent.push_back(held),
+            }
+        }
+        if self.recent.len() >= FRAME_BUFS_KEPT {
+            // Let the caller's records keep it; it is freed with them.
+            self.recent.pop_front();
+        }
+        bytes::BytesMut::new()
+    }
+
+    /// The frame just decoded, to reuse once its records are dropped.
+    fn keep(&mut self, frame: bytes::Bytes) {
+        self.recent.push_back(frame);
+    }
+}
+
 async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.clone());
-    // Decoding copies what it keeps, so one buffer (as large as the
-    // largest frame yet, at most max_frame_bytes) serves every frame.
-    let mut body = Vec::new();
+    let mut bufs = FrameBufs::default();
     let error = loop {
-        if let Err(e) = read_frame(&mut reader, max_frame_bytes, &mut body).await {
+        let mut body = bufs.take();
+        let read = read_frame(&mut reader, max_frame_bytes, &mut body, |b, n| {
+            b.resize(n, 0)
+        });
+        if let Err(e) = read.await {
             break e;
         }
-        let response = match decode_response(&body) {
+        let frame = body.freeze();
+        let response = decode_response_shared(&frame);
+        bufs.keep(frame);
+        let response = match response {
             Ok(r) => r,
             Err(e) => break e.into(),
         };
@@ -497,6 +546,44 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame whose records are still held is never written over; once
+    /// they are dropped its buffer serves the next frame, and the reader
+    /// keeps at most a few frames to find one.
+    #[test]
+    fn frame_buffers_are_reused_only_once_nothing_points_into_them() {
+        let mut bufs = FrameBufs::default();
+        let mut b = bufs.take();
+        b.resize(1000, 7);
+        let first = b.freeze();
+        let first_at = first.as_ptr();
+        let view = first.slice(10..20);
+        bufs.keep(first);
+        // Held by `view`: the next frame gets a buffer of its own.
+        let mut b = bufs.take();
+        assert_ne!(b.as_ptr(), first_at);
+        b.resize(500, 1);
+        bufs.keep(b.freeze());
+        assert_eq!(&view[..], &[7; 10]);
+        drop(view);
+        // Nothing points into either now: the first kept is reused, with
+        // its bytes (resizing zeroes only growth).
+        let b = bufs.take();
+        assert_eq!(b.as_ptr(), first_at);
+        assert_eq!(b.len(), 1000);
+        // Frames whose records are all held are let go after a few.
+        let mut views = Vec::new();
+        for _ in 0..FRAME_BUFS_KEPT + 3 {
+            let mut b = bufs.take();
+            b.resize(100, 0);
+            b.fill(3);
+            let f = b.freeze();
+            views.push(f.slice(..1));
+            bufs.keep(f);
+        }
+        assert!(bufs.recent.len() <= FRAME_BUFS_KEPT + 1);
+        assert!(views.iter().all(|v| v[0] == 3));
+    }
 
     #[test]
     fn addresses_pick_tcp_or_unix() {

@@ -192,7 +192,7 @@ struct PolledPart {
     /// Records below it (early in the first batch) are left out.
     position: u64,
     /// Whole batches, checked.
-    batches: minicbor::bytes::ByteVec,
+    batches: crate::protocol::RecordBytes,
 }
 
 impl Polled {

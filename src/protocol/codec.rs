@@ -19,7 +19,7 @@
 use minicbor::Decoder;
 
 use super::error::{ErrorCode, FrameError};
-use super::types::{ErrorResponse, Request, RequestBody, Response, ResponseBody};
+use super::types::{ErrorResponse, Request, RequestBody, Response, ResponseBody, SharedFrame};
 
 /// The size of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
@@ -49,8 +49,15 @@ pub fn body_len(prefix: [u8; FRAME_HEADER_BYTES]) -> u32 {
 }
 
 fn decode_exact<'b, T: minicbor::Decode<'b, ()>>(body: &'b [u8]) -> Result<T, FrameError> {
+    decode_exact_with(body, &mut ())
+}
+
+fn decode_exact_with<'b, C, T: minicbor::Decode<'b, C>>(
+    body: &'b [u8],
+    ctx: &mut C,
+) -> Result<T, FrameError> {
     let mut d = Decoder::new(body);
-    let item = d.decode().map_err(|e| FrameError::malformed(&e))?;
+    let item = d.decode_with(ctx).map_err(|e| FrameError::malformed(&e))?;
     if d.position() != body.len() {
         return Err(FrameError::TrailingBytes {
             item_end: d.position(),
@@ -68,6 +75,12 @@ pub fn decode_request(frame_body: &[u8]) -> Result<Request<'_>, FrameError> {
 /// Decodes one response from a frame body (without the length prefix).
 pub fn decode_response(frame_body: &[u8]) -> Result<Response, FrameError> {
     decode_exact(frame_body)
+}
+
+/// As [`decode_response`], with fetched records left in the frame: they
+/// are views of `frame_body`, which they keep alive, instead of copies.
+pub fn decode_response_shared(frame_body: &bytes::Bytes) -> Result<Response, FrameError> {
+    decode_exact_with(frame_body, &mut SharedFrame(frame_body))
 }
 
 /// Reads just the correlation id of a frame body that may be malformed
@@ -178,7 +191,7 @@ pub fn encode_response_spliced(
             .iter()
             .enumerate()
             .filter(|(_, p)| p.records.len() >= SPLICE_MIN_BYTES)
-            .map(|(i, p)| (i, p.records.as_slice()))
+            .map(|(i, p)| (i, &p.records[..]))
             .collect(),
         _ => Vec::new(),
     };

@@ -18,9 +18,10 @@ pub mod types;
 mod tests;
 
 pub use codec::{
-    body_len, decode_request, decode_response, encode_request, encode_request_body,
-    encode_response, encode_response_spliced, error_response, frame_error_response, frame_len,
-    peek_correlation_id, Splice, FRAME_HEADER_BYTES, SPLICE_MIN_BYTES,
+    body_len, decode_request, decode_response, decode_response_shared, encode_request,
+    encode_request_body, encode_response, encode_response_spliced, error_response,
+    frame_error_response, frame_len, peek_correlation_id, Splice, FRAME_HEADER_BYTES,
+    SPLICE_MIN_BYTES,
 };
 pub use error::{ErrorCode, FrameError, MalformedKind};
 pub use share::*;

@@ -3,7 +3,6 @@
 //! `docs/protocol.md` shows each of them.
 
 use super::*;
-use minicbor::bytes::ByteVec;
 use proptest::prelude::*;
 
 fn partition_meta(partition: u32) -> PartitionMetadata {
@@ -317,7 +316,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     error: ErrorCode::None,
                     high_watermark: 50,
                     earliest_offset: 0,
-                    records: ByteVec::from(b"SKB1...".to_vec()),
+                    records: RecordBytes::from(b"SKB1...".to_vec()),
                     last_stable_offset: None,
                     next_offset: None,
                 }],
@@ -714,7 +713,7 @@ fn fetch_size_bound_holds_for_extreme_values() {
             error: ErrorCode::Internal,
             high_watermark: u64::MAX,
             earliest_offset: u64::MAX,
-            records: ByteVec::from(vec![0; 70_000]),
+            records: RecordBytes::from(vec![0; 70_000]),
             last_stable_offset: None,
             next_offset: None,
         })
@@ -749,7 +748,7 @@ fn fetch_response(sizes: &[usize], fill: u8) -> Response {
                     error: ErrorCode::None,
                     high_watermark: 1_000 + i as u64,
                     earliest_offset: i as u64,
-                    records: ByteVec::from(
+                    records: RecordBytes::from(
                         (0..n)
                             .map(|j| (j as u8).wrapping_mul(31) ^ fill)
                             .collect::<Vec<u8>>(),
@@ -878,7 +877,7 @@ proptest! {
  throttle_ms: None,
                 partitions: vec![FetchPartitionResult {
                     topic: topic.clone(), partition, error, high_watermark: a, earliest_offset: b,
-                    records: ByteVec::from(records.clone()),
+                    records: RecordBytes::from(records.clone()),
                     last_stable_offset: None,
                     next_offset: None,
                 }],
@@ -888,7 +887,9 @@ proptest! {
         for body in responses {
             let r = Response { correlation_id: id, body };
             let f = response_frame(&r);
-            prop_assert_eq!(decode_response(&f[FRAME_HEADER_BYTES..]).unwrap(), r);
+            prop_assert_eq!(decode_response(&f[FRAME_HEADER_BYTES..]).unwrap(), r.clone());
+            let shared = bytes::Bytes::copy_from_slice(&f[FRAME_HEADER_BYTES..]);
+            prop_assert_eq!(decode_response_shared(&shared).unwrap(), r);
         }
     }
 
@@ -897,6 +898,7 @@ proptest! {
         let _ = frame_len(&bytes, FRAME_BYTES_MAX);
         let _ = decode_request(&bytes);
         let _ = decode_response(&bytes);
+        let _ = decode_response_shared(&bytes::Bytes::from(bytes.clone()));
         let _ = peek_correlation_id(&bytes);
     }
 
@@ -1517,4 +1519,46 @@ fn a_mirror_rule_status_from_before_aggregates_decodes() {
         ),
         (0, 0, 0, 0)
     );
+}
+
+/// The client's decode leaves fetched records in the frame: a view that
+/// keeps the frame alive, equal to what the copying decode returns.
+#[test]
+fn shared_decode_leaves_fetched_records_in_the_frame() {
+    let records: Vec<u8> = (0..5_000u32).map(|i| (i % 251) as u8).collect();
+    let r = Response {
+        correlation_id: 7,
+        body: ResponseBody::Fetch(FetchResponse {
+            throttle_ms: None,
+            partitions: vec![FetchPartitionResult {
+                topic: "t".into(),
+                partition: 0,
+                error: ErrorCode::None,
+                high_watermark: 10,
+                earliest_offset: 0,
+                records: RecordBytes::from(records.clone()),
+                last_stable_offset: None,
+                next_offset: None,
+            }],
+        }),
+    };
+    let frame = bytes::Bytes::copy_from_slice(&response_frame(&r)[FRAME_HEADER_BYTES..]);
+    let got = decode_response_shared(&frame).expect("decode");
+    assert_eq!(got, r);
+    let ResponseBody::Fetch(f) = got.body else {
+        panic!("a fetch")
+    };
+    let view = f.partitions[0].records.clone().into_bytes();
+    let (inside, part) = (frame.as_ptr_range(), view.as_ptr_range());
+    assert!(
+        inside.start <= part.start && part.end <= inside.end,
+        "a view of the frame"
+    );
+    drop(f);
+    // The view alone keeps the frame's bytes alive and unchanged.
+    drop(frame);
+    assert_eq!(&view[..], &records[..]);
+    // The copying decode owns its bytes.
+    let copied = decode_response(&response_frame(&r)[FRAME_HEADER_BYTES..]).expect("decode");
+    assert_eq!(copied, r);
 }

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use minicbor::bytes::ByteVec;
-
 use crate::broker::producers::{InitError, SequenceError};
 use crate::broker::{
     BrokerError, CleanupPolicy, Durability, FetchLimits, FetchPartition, OverflowPolicy, Produce,
@@ -13,7 +11,7 @@ use crate::protocol::{
     CreateTopicRequest, CreateTopicResponse, DeleteTopicResponse, DescribeTopicResponse, ErrorCode,
     ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
     ListOffsetsRequest, ListOffsetsResponse, ListTopicsResponse, MetadataRequest, MetadataResponse,
-    OffsetSpec, PartitionMetadata, ProducePartitionResult, ResponseBody, TopicConfig,
+    OffsetSpec, PartitionMetadata, ProducePartitionResult, RecordBytes, ResponseBody, TopicConfig,
     TopicMetadata,
 };
 
@@ -527,7 +525,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                 error: ErrorCode::NotAuthorized,
                 high_watermark: 0,
                 earliest_offset: 0,
-                records: ByteVec::from(Vec::new()),
+                records: RecordBytes::default(),
                 last_stable_offset: None,
                 next_offset: None,
             },
@@ -537,7 +535,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                 error: ErrorCode::None,
                 high_watermark: f.offsets.high_watermark,
                 earliest_offset: f.offsets.earliest,
-                records: ByteVec::from(f.records),
+                records: RecordBytes::from(f.records),
                 last_stable_offset: Some(f.last_stable_offset),
                 next_offset: f.next_offset,
             },
@@ -553,7 +551,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                     error: broker_error_code(&e),
                     high_watermark,
                     earliest_offset,
-                    records: ByteVec::from(Vec::new()),
+                    records: RecordBytes::default(),
                     last_stable_offset: None,
                     next_offset: None,
                 }
