@@ -543,6 +543,10 @@ const NOT_RECORDS: &str = "body is not a CBOR array of records";
 impl<'a> Iterator for RecordRefs<'a> {
     type Item = Result<RecordRef<'a>, BatchError>;
 
+    // Inlined into each walk (a replaying consumer's check and its read):
+    // at opt-level "z" the call returned every record through memory, and
+    // walking 100 B records was a third of the consumer's CPU.
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         match self.state {
             RefsState::Done => return None,

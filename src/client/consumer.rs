@@ -616,6 +616,7 @@ impl<'a> Iterator for CheckedRecords<'a> {
     /// Offset, timestamp (ms), record.
     type Item = (u64, i64, RecordRef<'a>);
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some((h, records)) = &mut self.batch {
