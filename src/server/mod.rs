@@ -277,12 +277,11 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let mut metrics_addr = None;
         if let Some(addr) = cfg.metrics_listen() {
-            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
-                ServeError::Bind {
+            let listener = smol::net::TcpListener::try_from(bind_tcp(addr, METRICS_BACKLOG)?)
+                .map_err(|source| ServeError::Bind {
                     addr: addr.to_string(),
                     source,
-                }
-            })?;
+                })?;
             metrics_addr = listener.local_addr().ok();
             accept_tasks.push(executor.spawn(crate::metrics::serve_http(
                 listener,
@@ -292,12 +291,12 @@ impl Server {
         }
         let mut tcp_addr = None;
         if let Some(addr) = cfg.tcp_listen() {
-            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
-                ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                }
-            })?;
+            let listener =
+                smol::net::TcpListener::try_from(bind_tcp(addr, cfg.server.max_connections)?)
+                    .map_err(|source| ServeError::Bind {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
             tcp_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
@@ -307,12 +306,12 @@ impl Server {
         let mut tls_addr = None;
         let mut tls_slot = None;
         if let (Some(addr), Some(setup)) = (cfg.tls_listen(), tls) {
-            let listener = smol::net::TcpListener::try_from(bind_tcp(addr)?).map_err(|source| {
-                ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                }
-            })?;
+            let listener =
+                smol::net::TcpListener::try_from(bind_tcp(addr, cfg.server.max_connections)?)
+                    .map_err(|source| ServeError::Bind {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
             tls_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
@@ -854,11 +853,29 @@ fn network_threads() -> usize {
         .clamp(1, crate::config::NETWORK_THREADS_MAX)
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| ServeError::Bind {
+/// std's listen backlog (128 on Linux): what the metrics listener keeps.
+const METRICS_BACKLOG: u32 = 128;
+
+/// Binds a TCP listener whose accept queue holds `backlog` connections
+/// (the kernel caps it at `net.core.somaxconn`). Devices reconnect
+/// together, after a broker restart or when a network comes back: with
+/// std's 128, the rest of a burst of 5,000 had their handshakes dropped
+/// and waited a second or more for their SYN to be sent again.
+fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, ServeError> {
+    use std::os::fd::AsRawFd;
+    let err = |source| ServeError::Bind {
         addr: addr.to_string(),
         source,
-    })?;
+    };
+    let l = std::net::TcpListener::bind(addr).map_err(err)?;
+    if backlog > METRICS_BACKLOG {
+        let backlog = libc::c_int::try_from(backlog).unwrap_or(libc::c_int::MAX);
+        // A second listen() on a listening socket only sets its backlog.
+        // SAFETY: listen reads the descriptor, which `l` keeps open.
+        if unsafe { libc::listen(l.as_raw_fd(), backlog) } != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+    }
     Ok(l)
 }
 
@@ -1142,6 +1159,34 @@ async fn handshake(
 mod tests {
     use super::*;
     use crate::batch::{BatchBuilder, BatchIter, ProducerStamp};
+
+    /// How many connections complete their handshake with a listener that
+    /// accepts none, of `tries` (stopping at the first that does not).
+    fn handshakes_queued(l: &std::net::TcpListener, tries: usize) -> usize {
+        let addr = l.local_addr().expect("addr");
+        let mut held = Vec::new();
+        for _ in 0..tries {
+            // A handshake the full queue drops is retried after a second.
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(c) => held.push(c),
+                Err(_) => break,
+            }
+        }
+        held.len()
+    }
+
+    /// A burst of reconnecting devices waits in the accept queue: the data
+    /// listeners' backlog follows max_connections, where std's 128 dropped
+    /// the handshakes past it.
+    #[test]
+    fn the_accept_queue_holds_a_burst_of_connections() {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let roomy = bind_tcp(any, 1024).expect("bind");
+        assert_eq!(handshakes_queued(&roomy, 300), 300);
+        let small = bind_tcp(any, METRICS_BACKLOG).expect("bind");
+        let n = handshakes_queued(&small, 300);
+        assert!(n < 300, "std's backlog took {n}");
+    }
     use crate::protocol::{
         decode_response, encode_request, frame_len, CreateTopicRequest, FetchPartition,
         FetchRequest, HelloRequest, ProducePartition, ProduceRequest, Request, RequestBody,
