@@ -693,8 +693,8 @@ impl<'b, C> Decode<'b, C> for BatchBytes<'b> {
 }
 
 /// Where a decoder's byte strings come from: fetched records are kept as a
-/// view of the frame they arrived in when the decoder can share it
-/// ([`SharedFrame`], the client's reader), and copied otherwise (`()`).
+/// view of the frame they arrived in ([`SharedFrame`]). Encoding takes any
+/// context that is one (`()` is).
 pub trait FrameSource {
     /// `within` is a sub-slice of the input being decoded.
     fn bytes_of(&self, within: &[u8]) -> bytes::Bytes;
