@@ -634,3 +634,72 @@ fn tcp_and_unix_socket_reach_the_same_broker() {
     };
     assert_eq!(over_tcp.list_topics().unwrap(), vec!["shared"]);
 }
+
+/// Polled records are views of the frames they came in, and the client's
+/// reader reuses a frame's buffer once nothing points into it: results
+/// held across many polls (more frames than the reader keeps) still read
+/// their own records.
+#[test]
+fn polled_records_held_across_many_polls_keep_their_bytes() {
+    let server = Broker::start("");
+    smol::block_on(async {
+        let client = connect_and_create(&server, "held", 1).await;
+        let batches = 40u8;
+        let per_batch = 50u64;
+        for b in 0..batches {
+            let mut builder = BatchBuilder::new();
+            for i in 0..per_batch {
+                let mut value = vec![b; 200];
+                value[..8].copy_from_slice(&(u64::from(b) * per_batch + i).to_be_bytes());
+                builder.push(i as i64, None, &value, &[]);
+            }
+            let r = client
+                .produce_raw(vec![ProducePartition {
+                    topic: "held".into(),
+                    partition: 0,
+                    batch: builder.finish(ProducerStamp::NONE).into(),
+                }])
+                .await
+                .unwrap();
+            assert_eq!(r[0].error, ErrorCode::None);
+        }
+        // One batch per fetch: a frame per poll.
+        let config = ConsumerConfig {
+            partition_max_bytes: 1,
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = Consumer::new(client.clone(), config);
+        consumer
+            .assign("held", None, StartFrom::Earliest)
+            .await
+            .unwrap();
+        let check = |polled: &skiff::client::Polled| {
+            for r in polled.iter() {
+                let b = (r.offset / per_batch) as u8;
+                assert_eq!(r.value[..8], r.offset.to_be_bytes(), "offset {}", r.offset);
+                assert!(r.value[8..].iter().all(|&x| x == b), "offset {}", r.offset);
+            }
+            polled.len() as u64
+        };
+        let total = u64::from(batches) * per_batch;
+        let mut held = Vec::new();
+        let (mut got, mut polls) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < total && Instant::now() < deadline {
+            let polled = consumer.poll_batch().await.unwrap();
+            got += polled.len() as u64;
+            polls += 1;
+            // Every other result is read and dropped at once, so its frame
+            // is reused while the ones held still point into theirs.
+            if polls % 2 == 0 {
+                held.push(polled);
+            } else {
+                check(&polled);
+            }
+        }
+        assert_eq!(got, total);
+        assert!(polls > 20, "{polls} polls for {batches} batches");
+        let seen: u64 = held.iter().map(check).sum();
+        assert!(seen > total / 3, "{seen} records held");
+    });
+}
