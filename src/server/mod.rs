@@ -277,11 +277,7 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let mut metrics_addr = None;
         if let Some(addr) = cfg.metrics_listen() {
-            let listener = smol::net::TcpListener::try_from(bind_tcp(addr, METRICS_BACKLOG)?)
-                .map_err(|source| ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let listener = bind_tcp(addr, METRICS_BACKLOG)?;
             metrics_addr = listener.local_addr().ok();
             accept_tasks.push(executor.spawn(crate::metrics::serve_http(
                 listener,
@@ -291,12 +287,7 @@ impl Server {
         }
         let mut tcp_addr = None;
         if let Some(addr) = cfg.tcp_listen() {
-            let listener =
-                smol::net::TcpListener::try_from(bind_tcp(addr, cfg.server.max_connections)?)
-                    .map_err(|source| ServeError::Bind {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
+            let listener = bind_tcp(addr, cfg.server.max_connections)?;
             tcp_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
@@ -306,12 +297,7 @@ impl Server {
         let mut tls_addr = None;
         let mut tls_slot = None;
         if let (Some(addr), Some(setup)) = (cfg.tls_listen(), tls) {
-            let listener =
-                smol::net::TcpListener::try_from(bind_tcp(addr, cfg.server.max_connections)?)
-                    .map_err(|source| ServeError::Bind {
-                        addr: addr.to_string(),
-                        source,
-                    })?;
+            let listener = bind_tcp(addr, cfg.server.max_connections)?;
             tls_addr = Some(listener.local_addr().map_err(|source| ServeError::Bind {
                 addr: addr.to_string(),
                 source,
@@ -861,7 +847,7 @@ const METRICS_BACKLOG: u32 = 128;
 /// together, after a broker restart or when a network comes back: with
 /// std's 128, the rest of a burst of 5,000 had their handshakes dropped
 /// and waited a second or more for their SYN to be sent again.
-fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, ServeError> {
+fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<smol::net::TcpListener, ServeError> {
     use std::os::fd::AsRawFd;
     let err = |source| ServeError::Bind {
         addr: addr.to_string(),
@@ -876,7 +862,7 @@ fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, Ser
             return Err(err(std::io::Error::last_os_error()));
         }
     }
-    Ok(l)
+    smol::net::TcpListener::try_from(l).map_err(err)
 }
 
 fn bind_unix(path: &Path) -> Result<smol::net::unix::UnixListener, ServeError> {
@@ -1162,7 +1148,7 @@ mod tests {
 
     /// How many connections complete their handshake with a listener that
     /// accepts none, of `tries` (stopping at the first that does not).
-    fn handshakes_queued(l: &std::net::TcpListener, tries: usize) -> usize {
+    fn handshakes_queued(l: &smol::net::TcpListener, tries: usize) -> usize {
         let addr = l.local_addr().expect("addr");
         let mut held = Vec::new();
         for _ in 0..tries {
