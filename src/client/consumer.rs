@@ -178,7 +178,10 @@ impl RecordView<'_> {
 
 /// The records of one [`Consumer::poll_batch`]: the fetched batches as
 /// they arrived, checked (CRC, structure) before the poll returned, and
-/// read in place: no copy and no allocation per record.
+/// read in place: no copy and no allocation per record. They are views of
+/// the response frame, which stays allocated (up to the connection's frame
+/// size) while a `Polled` is kept: copy out ([`RecordView::to_record`])
+/// what must outlive it.
 #[derive(Debug, Default)]
 pub struct Polled {
     parts: Vec<PolledPart>,
