@@ -354,6 +354,9 @@ pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, adm
     } = admitted;
     let who = Arc::new(identity);
     let answers = Arc::new(Answers::default());
+    // Closed when the reader is done, or if this task is dropped first: the
+    // writer then ends once it has written what was sent.
+    let closing = ClosesAnswers(answers.clone());
     let inflight = Arc::new(InFlight {
         bytes: AtomicUsize::new(0),
         changed: Event::new(),
@@ -372,7 +375,7 @@ pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, adm
     }
     // Finish what was read before closing: every request gets its answer.
     inflight.drained().await;
-    answers.close();
+    drop(closing);
     writer.await;
     // The slots (connection, address, identity) are given back only now,
     // once every answer is written.
@@ -452,7 +455,7 @@ impl Answers {
         }
     }
 
-    /// The reader is done: the writer ends once it has written the rest.
+    /// No more answers come: the writer ends once it has written the rest.
     fn close(&self) {
         let waiting = {
             let mut inner = self.lock();
@@ -462,6 +465,15 @@ impl Answers {
         if let Some(w) = waiting {
             w.wake();
         }
+    }
+}
+
+/// Closes the answers when dropped (see [`run`]).
+struct ClosesAnswers(Arc<Answers>);
+
+impl Drop for ClosesAnswers {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -1090,6 +1102,50 @@ mod tests {
             // End of stream still reads as 0.
             drop(peer);
             assert_eq!(r.read(&mut buf).await.expect("eof"), 0);
+        });
+    }
+
+    /// The writer writes what was sent and ends once the answers close,
+    /// also when the task that would have closed them is dropped.
+    #[test]
+    fn the_writer_ends_when_its_reader_goes_away() {
+        let answer = |cid| crate::protocol::error_response(cid, ErrorCode::Internal, "x");
+        smol::block_on(async {
+            let answers = Arc::new(Answers::default());
+            let inflight = Arc::new(InFlight {
+                bytes: AtomicUsize::new(0),
+                changed: Event::new(),
+            });
+            let (mut ours, theirs) = smol::net::unix::UnixStream::pair().expect("pair");
+            let writer = smol::spawn(write_loop(theirs, answers.clone(), inflight, 1 << 20));
+            let reader = {
+                let closing = ClosesAnswers(answers.clone());
+                let answers = answers.clone();
+                smol::spawn(async move {
+                    let _closing = closing;
+                    answers.send(Answer::Ready(answer(1), 0));
+                    futures_lite::future::pending::<()>().await;
+                })
+            };
+            smol::Timer::after(std::time::Duration::from_millis(20)).await;
+            // Cancelled before it closed the answers itself.
+            drop(reader.cancel().await);
+            let ended = futures_lite::future::or(
+                async {
+                    writer.await;
+                    true
+                },
+                async {
+                    smol::Timer::after(std::time::Duration::from_secs(5)).await;
+                    false
+                },
+            );
+            assert!(ended.await, "the writer still waits for answers");
+            let mut got = Vec::new();
+            ours.read_to_end(&mut got).await.expect("read");
+            let n = frame_len(&got, 1 << 20).expect("frame").expect("whole");
+            let r = crate::protocol::decode_response(&got[FRAME_HEADER_BYTES..n]).expect("decode");
+            assert_eq!(r.correlation_id, 1);
         });
     }
 
