@@ -1129,7 +1129,7 @@ mod tests {
             };
             smol::Timer::after(std::time::Duration::from_millis(20)).await;
             // Cancelled before it closed the answers itself.
-            drop(reader.cancel().await);
+            let _ = reader.cancel().await;
             let ended = futures_lite::future::or(
                 async {
                     writer.await;
