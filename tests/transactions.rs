@@ -431,9 +431,13 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
         let offsets = d["offsets"].as_array().cloned().unwrap_or_default();
         let input: Vec<_> = offsets.iter().filter(|o| o["topic"] == "ctp-in").collect();
         input.len() == 2
-            && input
-                .iter()
-                .all(|o| o["committed"].as_u64().is_some() && o["committed"] == o["log_end"])
+            && input.iter().all(|o| {
+                // Each round's producer starts on a random partition, and
+                // under emulation it may put a round in one batch: a
+                // partition the input never reached has nothing to commit.
+                let untouched = o["log_end"].as_u64() == Some(0) && o["committed"].is_null();
+                untouched || (o["committed"].as_u64().is_some() && o["committed"] == o["log_end"])
+            })
     };
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
