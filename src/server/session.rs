@@ -445,21 +445,19 @@ impl Answers {
     }
 
     fn send(&self, answer: Answer) {
-        let waiting = {
-            let mut inner = self.lock();
-            inner.queue.push_back(answer);
-            inner.waiting.take()
-        };
-        if let Some(w) = waiting {
-            w.wake();
-        }
+        self.change(|inner| inner.queue.push_back(answer));
     }
 
     /// No more answers come: the writer ends once it has written the rest.
     fn close(&self) {
+        self.change(|inner| inner.closed = true);
+    }
+
+    /// Applies `f` and wakes a waiting writer, after the lock is let go.
+    fn change(&self, f: impl FnOnce(&mut AnswersInner)) {
         let waiting = {
             let mut inner = self.lock();
-            inner.closed = true;
+            f(&mut inner);
             inner.waiting.take()
         };
         if let Some(w) = waiting {
