@@ -1146,6 +1146,15 @@ mod tests {
     use super::*;
     use crate::batch::{BatchBuilder, BatchIter, ProducerStamp};
 
+    use crate::protocol::{
+        decode_response, encode_request, frame_len, CreateTopicRequest, FetchPartition,
+        FetchRequest, HelloRequest, ProducePartition, ProduceRequest, Request, RequestBody,
+        Response, ResponseBody,
+    };
+    use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
     /// How many connections complete their handshake with a listener that
     /// accepts none, of `tries` (stopping at the first that does not).
     fn handshakes_queued(l: &smol::net::TcpListener, tries: usize) -> usize {
@@ -1173,14 +1182,6 @@ mod tests {
         let n = handshakes_queued(&small, 300);
         assert!(n < 300, "std's backlog took {n}");
     }
-    use crate::protocol::{
-        decode_response, encode_request, frame_len, CreateTopicRequest, FetchPartition,
-        FetchRequest, HelloRequest, ProducePartition, ProduceRequest, Request, RequestBody,
-        Response, ResponseBody,
-    };
-    use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     /// The server reaches storage only through the broker: no file of it
     /// names the storage module (re-exports through `broker` are the way).
