@@ -40,8 +40,9 @@ pub struct FetchLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
     /// Zero or more whole batches as stored, the first one holding the
-    /// offset asked for (so it may start below it).
-    pub records: Vec<u8>,
+    /// offset asked for (so it may start below it). Often a view of the
+    /// storage thread's read buffer, which it keeps from reuse until dropped.
+    pub records: bytes::Bytes,
     /// The partition's offsets after the read.
     pub offsets: Offsets,
     /// The partition's last stable offset: below it no transaction is
@@ -98,7 +99,7 @@ impl Broker {
                 let r = if max_bytes == 0 || (total > 0 && remaining < batch_bytes_max) {
                     // No room for another whole batch: the caller asks again.
                     self.offsets(p.topic, p.partition).map(|offsets| Fetched {
-                        records: Vec::new(),
+                        records: bytes::Bytes::new(),
                         last_stable_offset: self.txn_index.last_stable_offset(
                             p.topic,
                             p.partition,
@@ -149,7 +150,7 @@ impl Broker {
         if read_committed && (lso..=before.high_watermark).contains(&p.offset) {
             let offsets = before;
             return Ok(Fetched {
-                records: Vec::new(),
+                records: bytes::Bytes::new(),
                 offsets,
                 last_stable_offset: lso,
                 next_offset: None,

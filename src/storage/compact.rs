@@ -293,7 +293,9 @@ impl Engine {
         for k in 0..s.count - 1 {
             let slot = p.ring.slot(k);
             let f = p.files[slot];
-            self.ctx.ahead.forget(&mut *self.ctx.io, f);
+            self.ctx
+                .ahead
+                .forget(&mut *self.ctx.io, &mut self.ctx.rbuf, f);
             p.ring.segs[slot].epoch = 0;
         }
         let freed = s.count - 1;

@@ -23,6 +23,7 @@ use super::part::{
     PARTITION_META,
 };
 use super::read::Ahead;
+use super::readbuf::ReadBuf;
 use super::recovery::{write_checkpoint, Checkpoint};
 use super::{
     meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
@@ -103,7 +104,7 @@ pub(crate) enum Cmd {
         id: PartitionId,
         offset: u64,
         max_bytes: usize,
-        reply: Reply<Vec<u8>>,
+        reply: Reply<bytes::Bytes>,
     },
     OffsetForTs {
         id: PartitionId,
@@ -166,8 +167,9 @@ pub(crate) static PREWRITE_PAUSED: std::sync::atomic::AtomicBool =
 pub(super) struct Ctx {
     pub(super) cfg: StorageConfig,
     pub(super) io: Box<dyn IoBackend>,
-    /// The one read buffer: reads and recovery scans happen one at a time.
-    pub(super) rbuf: AlignedBuf,
+    /// The read buffer: reads and recovery scans happen one at a time (a
+    /// fetch's answer may hold the buffer it was read into; see `ReadBuf`).
+    pub(super) rbuf: ReadBuf,
     pub(super) ahead: Ahead,
     /// Zeros, for pre-writing segments and scrubbing torn tails.
     pub(super) zeros: AlignedBuf,
@@ -179,7 +181,7 @@ pub(super) struct Ctx {
 impl Ctx {
     /// Closes a file, dropping bytes read ahead from it first.
     pub(super) fn close(&mut self, file: FileHandle) {
-        self.ahead.forget(&mut *self.io, file);
+        self.ahead.forget(&mut *self.io, &mut self.rbuf, file);
         self.io.close(file);
     }
 
@@ -323,8 +325,8 @@ pub(crate) fn start(
             let now = cfg.clock.now();
             let mut engine = Engine {
                 ctx: Ctx {
-                    rbuf,
-                    ahead: Ahead::new(spares, io.reads_ahead(), cfg.observer.clone()),
+                    rbuf: ReadBuf::new(rbuf, spares),
+                    ahead: Ahead::new(READ_AHEAD_SLOTS, io.reads_ahead(), cfg.observer.clone()),
                     zeros,
                     cfg,
                     io,
@@ -621,9 +623,14 @@ impl Engine {
                 let r = self.read(&id, offset, max_bytes);
                 let _ = reply.try_send(r);
                 // After the answer: the device reads on while it travels.
-                self.ctx
-                    .ahead
-                    .start(&mut *self.ctx.io, &self.ctx.shared.stats);
+                let Ctx {
+                    ahead,
+                    io,
+                    rbuf,
+                    shared,
+                    ..
+                } = &mut self.ctx;
+                ahead.start(&mut **io, rbuf, &shared.stats);
             }
             Cmd::OffsetForTs { id, ts_ms, reply } => {
                 let r = self.offset_for_ts(&id, ts_ms);

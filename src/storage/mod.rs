@@ -49,6 +49,7 @@ mod doorbell;
 mod engine;
 mod part;
 mod read;
+mod readbuf;
 mod recovery;
 mod resize;
 
@@ -456,8 +457,9 @@ pub struct Offsets {
 }
 
 /// The storage thread's I/O buffers, allocated at start-up: the read
-/// window, a read-ahead spare of the same size per slot, and the chunk of
-/// zeros segments are pre-written with.
+/// window, a read-ahead spare of the same size per slot (fetch answers
+/// may hold spares too, see `readbuf`), and the chunk of zeros segments
+/// are pre-written with.
 pub fn thread_buffer_bytes(max_batch_bytes: usize) -> usize {
     (1 + io::READ_AHEAD_SLOTS) * engine::read_buffer_bytes(max_batch_bytes)
         + engine::ZERO_CHUNK_BYTES
@@ -531,6 +533,8 @@ pub struct StorageStats {
     /// and how many of them a later read used.
     pub reads_ahead: u64,
     pub reads_ahead_used: u64,
+    /// Fetch answers that borrowed the read buffer instead of a copy.
+    pub reads_lent: u64,
     /// Compacted segment runs swapped into rings.
     pub compactions: u64,
     /// Segment files preallocated by writing zeros: the file system has no
@@ -555,6 +559,7 @@ pub(crate) struct StatsInner {
     pub quarantined: AtomicU64,
     pub reads_ahead: AtomicU64,
     pub reads_ahead_used: AtomicU64,
+    pub reads_lent: AtomicU64,
     pub compactions: AtomicU64,
     pub zero_fill_allocations: AtomicU64,
     pub buffered_io: AtomicU64,
@@ -579,6 +584,7 @@ impl StatsInner {
             quarantined: g(&self.quarantined),
             reads_ahead: g(&self.reads_ahead),
             reads_ahead_used: g(&self.reads_ahead_used),
+            reads_lent: g(&self.reads_lent),
             compactions: g(&self.compactions),
             zero_fill_allocations: g(&self.zero_fill_allocations),
             buffered_io: g(&self.buffered_io),
@@ -1069,7 +1075,7 @@ impl Storage {
         id: &PartitionId,
         offset: u64,
         max_bytes: usize,
-    ) -> Result<Vec<u8>, StorageError> {
+    ) -> Result<bytes::Bytes, StorageError> {
         let id = id.clone();
         self.call(|reply| engine::Cmd::Read {
             id,

@@ -737,7 +737,8 @@ impl Part {
             self.drop_oldest();
         }
         // Its old bytes, read ahead, are about to be overwritten.
-        ctx.ahead.forget(&mut *ctx.io, self.files[next]);
+        ctx.ahead
+            .forget(&mut *ctx.io, &mut ctx.rbuf, self.files[next]);
         self.start_segment(next, self.next_offset, ctx.cfg.clock.wall_ms());
         self.ring.live += 1;
         self.publish();

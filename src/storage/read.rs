@@ -5,12 +5,14 @@
 use super::engine::{Ctx, Engine, B, B64, INDEX_INTERVAL_BYTES};
 use super::io::{AlignedBuf, FileHandle, IoBackend};
 use super::part::Part;
+use super::readbuf::{ReadBuf, LEND_BYTES_MIN};
 use super::recovery::{resync, DamagedRange, DataEnd, RecoveryPolicy, RecoveryReport};
 use super::segment::SEG_HEADER_BYTES;
 use super::{Observer, PartitionId, QuarantineReason, StatsInner, StorageError};
 use crate::batch::{self, BatchError, HEADER_BYTES};
+use bytes::Bytes;
 use std::io;
-use std::ops::RangeInclusive;
+use std::ops::{Range, RangeInclusive};
 
 /// The batch a fetch stopped before: a consumer's next fetch starts at the
 /// end of the last batch it got, and starting at the next batch's position
@@ -318,10 +320,7 @@ pub(super) struct Ahead {
 
 #[derive(Debug, Default)]
 struct AheadSlot {
-    /// A read buffer the size of `rbuf`. `None` while the backend holds it
-    /// (read in flight), or after the backend gave it up.
-    spare: Option<AlignedBuf>,
-    /// What the read in flight covers.
+    /// What the read in flight covers (into a spare of the `ReadBuf`).
     inflight: Option<AheadKey>,
     /// `Ahead::tick` when it was started.
     started: u64,
@@ -342,20 +341,10 @@ struct AheadKey {
 }
 
 impl Ahead {
-    pub(super) fn new(
-        spares: Vec<AlignedBuf>,
-        supported: bool,
-        observer: Option<Observer>,
-    ) -> Ahead {
+    pub(super) fn new(slots: usize, supported: bool, observer: Option<Observer>) -> Ahead {
         Ahead {
             unsupported: !supported,
-            slots: spares
-                .into_iter()
-                .map(|b| AheadSlot {
-                    spare: Some(b),
-                    ..AheadSlot::default()
-                })
-                .collect(),
+            slots: (0..slots).map(|_| AheadSlot::default()).collect(),
             observer,
             ..Ahead::default()
         }
@@ -389,9 +378,9 @@ impl Ahead {
 
     /// Starts the read the last fetch planned, unless it is in flight
     /// already, in a free slot, or in one whose read has gone unused for
-    /// [`AHEAD_PASSES_MAX`] fetches (dropping that read). None free: not
-    /// started.
-    pub(super) fn start(&mut self, io: &mut dyn IoBackend, stats: &StatsInner) {
+    /// [`AHEAD_PASSES_MAX`] fetches (dropping that read), into a spare of
+    /// `bufs`. No slot or no spare free: not started.
+    pub(super) fn start(&mut self, io: &mut dyn IoBackend, bufs: &mut ReadBuf, stats: &StatsInner) {
         let Some(key) = self.next.take() else {
             return;
         };
@@ -403,10 +392,7 @@ impl Ahead {
             return;
         }
         let tick = self.tick;
-        let free = self
-            .slots
-            .iter()
-            .position(|s| s.inflight.is_none() && s.spare.is_some());
+        let free = self.slots.iter().position(|s| s.inflight.is_none());
         let stale = || {
             self.slots
                 .iter()
@@ -418,8 +404,8 @@ impl Ahead {
         let Some(i) = free.or_else(stale) else {
             return;
         };
-        self.settle(io, i);
-        let Some(buf) = self.slots[i].spare.take() else {
+        self.settle(io, bufs, i);
+        let Some(buf) = bufs.take_spare() else {
             return;
         };
         match io.read_start(i, key.file, key.start, buf, key.len) {
@@ -430,31 +416,31 @@ impl Ahead {
             }
             // Refused this once (a ring that broke refuses every time,
             // cheaply): read on demand.
-            Err(buf) => self.slots[i].spare = Some(buf),
+            Err(buf) => bufs.put_spare(buf),
         }
     }
 
-    /// Completes slot `i`'s read in flight, if any, keeping its buffer as
-    /// the spare and dropping its bytes.
-    fn settle(&mut self, io: &mut dyn IoBackend, i: usize) {
+    /// Completes slot `i`'s read in flight, if any, dropping its bytes and
+    /// giving its buffer back to `bufs` (unless the backend gave it up).
+    fn settle(&mut self, io: &mut dyn IoBackend, bufs: &mut ReadBuf, i: usize) {
         let slot = &mut self.slots[i];
         if slot.inflight.take().is_some() {
-            slot.spare = io.read_finish(i).map(|(buf, res)| {
+            if let Some((buf, res)) = io.read_finish(i) {
                 if let (Some(obs), Ok(n)) = (&self.observer, res) {
                     obs.0.read_ahead_unused(n as u64);
                 }
-                buf
-            });
+                bufs.put_spare(buf);
+            }
         }
     }
 
     /// Before `file` is closed or written from its start again (a ring
     /// wrap): its bytes read ahead would be stale, and its handle may name
     /// another file next.
-    pub(super) fn forget(&mut self, io: &mut dyn IoBackend, file: FileHandle) {
+    pub(super) fn forget(&mut self, io: &mut dyn IoBackend, bufs: &mut ReadBuf, file: FileHandle) {
         for i in 0..self.slots.len() {
             if self.slots[i].inflight.is_some_and(|k| k.file == file) {
-                self.settle(io, i);
+                self.settle(io, bufs, i);
             }
         }
         if self.next.is_some_and(|k| k.file == file) {
@@ -463,13 +449,13 @@ impl Ahead {
     }
 
     /// When a read in flight covers `[pos, pos + need)` of `file`: waits
-    /// for it, swaps its buffer into `rbuf` and returns the window it
+    /// for it, makes its buffer `rbuf`'s current one and returns the window it
     /// holds. `None` (nothing swapped) otherwise, or if it failed: the
     /// caller reads for itself, and sees any error for itself.
     pub(super) fn take(
         &mut self,
         io: &mut dyn IoBackend,
-        rbuf: &mut AlignedBuf,
+        rbuf: &mut ReadBuf,
         file: FileHandle,
         pos: u64,
         need: usize,
@@ -488,18 +474,99 @@ impl Ahead {
                 if let Some(obs) = &self.observer {
                     obs.0.window_read(n as u64, true);
                 }
-                self.slots[i].spare = Some(std::mem::replace(rbuf, buf));
+                rbuf.install(buf);
                 Some((key.start, n.min(key.len)))
             }
             res => {
                 if let (Some(obs), Ok(n)) = (&self.observer, res) {
                     obs.0.read_ahead_unused(n as u64);
                 }
-                self.slots[i].spare = Some(buf);
+                rbuf.put_spare(buf);
                 None
             }
         }
     }
+}
+
+/// A fetch's answer as its batches are found: while they lie together in
+/// the read buffer, only their range (the answer borrows the buffer at the
+/// end, [`ReadBuf::lend`]); else a copy.
+enum Gather {
+    Empty,
+    Window(Range<usize>),
+    Copied(Vec<u8>),
+}
+
+impl Gather {
+    fn len(&self) -> usize {
+        match self {
+            Gather::Empty => 0,
+            Gather::Window(r) => r.len(),
+            Gather::Copied(v) => v.len(),
+        }
+    }
+
+    /// Adds a batch's `bytes`, found at `at` of the read buffer when they
+    /// are in it. `reserve`: what a copy starts with room for. False (not
+    /// added) when the batches so far are in the buffer and these do not
+    /// follow them there: the caller keeps those first.
+    fn push(&mut self, bytes: &[u8], at: Option<usize>, reserve: usize) -> bool {
+        match (&mut *self, at) {
+            (Gather::Empty, Some(at)) => *self = Gather::Window(at..at + bytes.len()),
+            (Gather::Window(r), Some(at)) if r.end == at => r.end += bytes.len(),
+            (Gather::Window(_), _) => return false,
+            (Gather::Empty, None) => {
+                let mut v = Vec::with_capacity(reserve.max(bytes.len()));
+                v.extend_from_slice(bytes);
+                *self = Gather::Copied(v);
+            }
+            (Gather::Copied(v), _) => v.extend_from_slice(bytes),
+        }
+        true
+    }
+
+    /// Copies the batches out of `rbuf` before it is read into again.
+    fn keep(&mut self, rbuf: &[u8], reserve: usize) {
+        if let Gather::Window(r) = self {
+            let mut v = Vec::with_capacity(reserve.max(r.len()));
+            v.extend_from_slice(&rbuf[r.clone()]);
+            *self = Gather::Copied(v);
+        }
+    }
+
+    fn finish(self, rbuf: &mut ReadBuf, stats: &StatsInner) -> Bytes {
+        match self {
+            Gather::Empty => Bytes::new(),
+            Gather::Window(r) if r.len() >= LEND_BYTES_MIN => match rbuf.lend(r.clone()) {
+                Some(b) => {
+                    StatsInner::add(&stats.reads_lent, 1);
+                    b
+                }
+                None => Bytes::copy_from_slice(&rbuf[r]),
+            },
+            Gather::Window(r) => Bytes::copy_from_slice(&rbuf[r]),
+            Gather::Copied(v) => v.into(),
+        }
+    }
+}
+
+/// Whether looking at the batch at `pos` of `file` leaves the read buffer
+/// as it is: its header is in `win`, and so is its body unless `takes`
+/// says the fetch stops before it (its body is not read then). A fetch's
+/// last look is usually such a batch, past the window's end.
+fn window_holds(
+    win: &Window,
+    rbuf: &[u8],
+    file: FileHandle,
+    pos: u64,
+    takes: impl Fn(&batch::BatchHeader) -> bool,
+) -> bool {
+    if !win.covers(file, pos, HEADER_BYTES) {
+        return false;
+    }
+    let from = (pos - win.start) as usize;
+    batch::parse_header(&rbuf[from..win.len])
+        .is_ok_and(|h| !takes(&h) || win.covers(file, pos, h.total_len as usize))
 }
 
 impl Engine {
@@ -508,7 +575,7 @@ impl Engine {
         id: &PartitionId,
         offset: u64,
         max_bytes: usize,
-    ) -> Result<Vec<u8>, StorageError> {
+    ) -> Result<Bytes, StorageError> {
         let Engine { ctx, parts, .. } = self;
         let p = parts
             .get_mut(id)
@@ -521,11 +588,12 @@ impl Engine {
                 high_watermark: hw,
             });
         }
-        let mut out = Vec::new();
+        let mut out = Gather::Empty;
         let reserve_max = ctx.rbuf.len();
         if offset == hw {
-            return Ok(out);
+            return Ok(Bytes::new());
         }
+        let reserve = max_bytes.min(reserve_max);
         let first = (0..p.ring.live)
             .rev()
             .find(|&k| p.ring.segs[p.ring.slot(k)].base_offset <= offset)
@@ -550,7 +618,8 @@ impl Engine {
             {
                 if let Some(stop) = stop_in_window(p, ctx, &win, slot, pos, hw, offset, max_bytes) {
                     ctx.ahead.plan(p, slot, stop, hint, reserve_max);
-                    ctx.ahead.start(&mut *ctx.io, &ctx.shared.stats);
+                    ctx.ahead
+                        .start(&mut *ctx.io, &mut ctx.rbuf, &ctx.shared.stats);
                 }
             }
             let mut retried = false;
@@ -567,18 +636,24 @@ impl Engine {
                 // about max_bytes after the first, so its body would have
                 // cost a whole second window read (here, half of the bytes
                 // a replay read from the device).
-                let takes = |h: &batch::BatchHeader| fits(out.len(), h, offset, max_bytes);
+                let out_len = out.len();
+                let takes = |h: &batch::BatchHeader| fits(out_len, h, offset, max_bytes);
+                if matches!(out, Gather::Window(_))
+                    && !window_holds(&win, &ctx.rbuf, p.files[slot], pos, takes)
+                {
+                    out.keep(&ctx.rbuf, reserve);
+                }
                 let found = read_batch_at(p, ctx, &mut win, slot, pos, hw, takes);
-                let (h, bytes) = match found {
-                    Ok(Some((h, Some(bytes)))) => (h, bytes),
+                let (h, bytes, at) = match found {
+                    Ok(Some((h, Some((bytes, at))))) => (h, bytes, at),
                     Ok(Some((h, None))) => {
                         // The next fetch asks for `end`; any offset up to
                         // this batch's last starts with this batch too.
                         p.stopped_at(slot, end..=h.last_offset(), pos);
                         ctx.ahead.plan(p, slot, pos, hint, reserve_max);
-                        return Ok(out);
+                        return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
                     }
-                    Ok(None) => return Ok(out),
+                    Ok(None) => return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats)),
                     Err(ReadErr::Io(e)) => return Err(e.into()),
                     Err(ReadErr::Corrupt(_)) if !retried => {
                         retried = true;
@@ -586,6 +661,7 @@ impl Engine {
                         continue;
                     }
                     Err(ReadErr::Corrupt(e)) => {
+                        out.keep(&ctx.rbuf, reserve);
                         let floor = after.unwrap_or_else(|| p.offset_floor(slot, pos));
                         match p.skip_damage(ctx, slot, pos, floor, e.clone())? {
                             Some(to) => {
@@ -603,29 +679,32 @@ impl Engine {
                 after = Some(h.next_offset());
                 let len = h.total_len as usize;
                 if h.next_offset() > offset {
-                    if out.is_empty() {
-                        out.reserve(max_bytes.max(len).min(reserve_max));
+                    if !out.push(bytes, at, reserve) {
+                        // A gap (damage skipped) or the tail's bytes after
+                        // the buffer's: rare, so the batch is copied twice.
+                        let batch = bytes.to_vec();
+                        out.keep(&ctx.rbuf, reserve);
+                        out.push(&batch, None, reserve);
                     }
-                    out.extend_from_slice(bytes);
                     end = h.next_offset();
                     if out.len() >= max_bytes {
                         p.stopped_at(slot, end..=end, pos + len as u64);
                         ctx.ahead.plan(p, slot, pos + len as u64, hint, reserve_max);
-                        return Ok(out);
+                        return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
                     }
                 }
                 pos += len as u64;
             }
-            if !out.is_empty() {
+            if out.len() > 0 {
                 if k + 1 < p.ring.live {
                     let next = p.ring.slot(k + 1);
                     ctx.ahead
                         .plan(p, next, SEG_HEADER_BYTES as u64, hint, reserve_max);
                 }
-                return Ok(out);
+                return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
             }
         }
-        Ok(out)
+        Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats))
     }
 
     pub(super) fn offset_for_ts(
@@ -724,8 +803,9 @@ fn stop_in_window(
     None
 }
 
-/// A batch's header, and its bytes unless they were not wanted.
-type Found<'a> = (batch::BatchHeader, Option<&'a [u8]>);
+/// A batch's header, and unless they were not wanted its bytes, with where
+/// they start in the read buffer when they are in it.
+type Found<'a> = (batch::BatchHeader, Option<(&'a [u8], Option<usize>)>);
 
 /// The batch at `pos` if it is below `hw`, checked (CRC) when it came
 /// from the device; its header alone (body `None`, not read) when `want`
@@ -761,5 +841,6 @@ fn read_batch_at<'a>(
     if from_disk {
         batch::verify(bytes).map_err(ReadErr::Corrupt)?;
     }
-    Ok(Some((h, Some(bytes))))
+    let at = from_disk.then(|| (pos - win.start) as usize);
+    Ok(Some((h, Some((bytes, at)))))
 }

@@ -526,10 +526,10 @@ impl Engine {
         // 1 MiB). The buffer is freed when recovery ends.
         let big = AlignedBuf::new(RECOVERY_READ_BYTES.max(self.ctx.rbuf.len()))
             .map_err(|_| StorageError::InvalidConfig("recovery read buffer"))?;
-        let normal = std::mem::replace(&mut self.ctx.rbuf, big);
+        let normal = std::mem::replace(&mut *self.ctx.rbuf, big);
         let res = self.recover_dirs();
         self.ctx.note_buffered_io();
-        self.ctx.rbuf = normal;
+        *self.ctx.rbuf = normal;
         res
     }
 

@@ -1797,29 +1797,159 @@ fn sequential_fetches_over_gaps_are_read_ahead() {
     sequential_fetches(5);
 }
 
+/// A fetch's answer borrows the read buffer its batches were read into,
+/// and keeps its bytes while later fetches read on: at most
+/// `LENT_MAX` buffers go out at once, the answers past them are copies, and
+/// a buffer comes back once its answer is dropped.
+#[test]
+fn held_answers_keep_their_bytes_while_reads_go_on() {
+    use super::readbuf::LENT_MAX;
+    for (name, rig) in rigs() {
+        let id = pid("lend", 0);
+        let s = rig.open();
+        let sent = log_of_180(&s, &id, 0);
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let replay = |keep: &mut Vec<bytes::Bytes>| {
+            let (mut at, mut got, mut fetches) = (0, Vec::new(), 0u64);
+            while at < hw {
+                let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
+                fetches += 1;
+                for v in BatchIter::new(&bytes) {
+                    let v = v.unwrap();
+                    at = v.header.next_offset();
+                    got.push(v.bytes.to_vec());
+                }
+                keep.push(bytes);
+            }
+            assert_eq!(got, sent, "{name}");
+            fetches
+        };
+        let mut held = Vec::new();
+        let lent0 = s.stats().reads_lent;
+        let fetches = replay(&mut held);
+        assert!(fetches > 2 * LENT_MAX as u64, "{name}: {fetches} fetches");
+        assert_eq!(s.stats().reads_lent - lent0, LENT_MAX as u64, "{name}");
+        // Reading it all again, and appending, leaves the held answers be.
+        replay(&mut Vec::new());
+        for tag in 180..200u64 {
+            block_on(s.append(&id, make_batch(8, 1000, tag, tag as i64))).unwrap();
+        }
+        let again: Vec<Vec<u8>> = held
+            .iter()
+            .flat_map(|b| BatchIter::new(b).map(|v| v.unwrap().bytes.to_vec()))
+            .collect();
+        assert_eq!(again, sent, "{name}");
+        assert_eq!(s.stats().reads_lent - lent0, LENT_MAX as u64, "{name}");
+        // Answers dropped as they are used: each big one is a view.
+        drop(held);
+        let lent1 = s.stats().reads_lent;
+        let mut one = Vec::new();
+        let (mut at, mut fetches) = (0, 0u64);
+        while at < hw {
+            let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
+            fetches += 1;
+            at = BatchIter::new(&bytes)
+                .last()
+                .unwrap()
+                .unwrap()
+                .header
+                .next_offset();
+            one.clear();
+            one.push(bytes);
+        }
+        let lent = s.stats().reads_lent - lent1;
+        // Not lent: the last answer or two (short, or from the tail), and
+        // one at the segment boundary.
+        assert!(lent + 3 >= fetches, "{name}: {lent} of {fetches} lent");
+        s.shutdown().unwrap();
+    }
+}
+
+/// A fetch stops before a batch that would not fit, and that batch's body
+/// usually runs past the window the answer lies in: looking at its header
+/// leaves the window be, so the answer is still lent rather than copied.
+/// Each answer is held while the next is read (as the broker sends it),
+/// and lending leaves read-ahead its spares.
+#[test]
+fn a_fetch_stopping_before_a_batch_past_its_window_is_lent() {
+    for (name, rig) in rigs() {
+        let id = pid("lend-edge", 0);
+        let s = rig.open();
+        let cfg = PartitionConfig {
+            segment_bytes: 4 << 20,
+            segments: 2,
+            ..small_cfg()
+        };
+        block_on(s.create_partition(id.clone(), cfg)).unwrap();
+        // About 20 KB a batch: six fit in 128 KiB, and the seventh ends
+        // past the window read for them.
+        for tag in 0..100u64 {
+            block_on(s.append(&id, make_batch(8, 2500, tag, tag as i64))).unwrap();
+        }
+        s.shutdown().unwrap();
+        let s = rig.open();
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let before = s.stats();
+        let (mut at, mut fetches, mut batches) = (0, 0u64, 0);
+        let mut sending = bytes::Bytes::new();
+        while at < hw {
+            let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
+            fetches += 1;
+            for v in BatchIter::new(&bytes) {
+                at = v.unwrap().header.next_offset();
+                batches += 1;
+            }
+            assert!(BatchIter::new(&sending).all(|v| v.is_ok()), "{name}");
+            sending = bytes;
+        }
+        assert_eq!(batches, 100, "{name}");
+        let st = s.stats();
+        let lent = st.reads_lent - before.reads_lent;
+        // All, but perhaps the last: its end may be in the tail buffer.
+        assert!(lent + 1 >= fetches, "{name}: {lent} of {fetches} lent");
+        if reads_ahead(name) {
+            let used = st.reads_ahead_used - before.reads_ahead_used;
+            assert!(
+                used + 1 >= fetches,
+                "{name}: {used} of {fetches} read ahead"
+            );
+        }
+        s.shutdown().unwrap();
+    }
+}
+
+/// Creates `id` (three segments of 1 MiB) with 180 batches of about 8 KB,
+/// `gap` offsets between each two; returns them as stored.
+fn log_of_180(s: &Storage, id: &PartitionId, gap: u64) -> Vec<Vec<u8>> {
+    let cfg = PartitionConfig {
+        segment_bytes: 1 << 20,
+        segments: 3,
+        ..small_cfg()
+    };
+    block_on(s.create_partition(id.clone(), cfg)).unwrap();
+    let mut sent = Vec::new();
+    let mut next = 0;
+    for tag in 0..180u64 {
+        let b = make_batch(8, 1000, tag, tag as i64);
+        let ack = if gap == 0 {
+            block_on(s.append(id, b.clone())).unwrap()
+        } else {
+            append_placed(s, id, b.clone(), next + gap).unwrap()
+        };
+        next = ack.last_offset + 1;
+        sent.push(stored(b, ack.base_offset));
+    }
+    sent
+}
+
 /// A log of 180 batches, `gap` offsets between each two, read in order.
 fn sequential_fetches(gap: u64) {
     for (name, rig) in rigs() {
         let id = pid("ahead", 0);
         let s = rig.open();
-        let cfg = PartitionConfig {
-            segment_bytes: 1 << 20,
-            segments: 3,
-            ..small_cfg()
-        };
-        block_on(s.create_partition(id.clone(), cfg)).unwrap();
-        let mut sent = Vec::new();
-        let mut next = 0;
-        for tag in 0..180u64 {
-            let b = make_batch(8, 1000, tag, tag as i64);
-            let ack = if gap == 0 {
-                block_on(s.append(&id, b.clone())).unwrap()
-            } else {
-                append_placed(&s, &id, b.clone(), next + gap).unwrap()
-            };
-            next = ack.last_offset + 1;
-            sent.push(stored(b, ack.base_offset));
-        }
+        let sent = log_of_180(&s, &id, gap);
         let log_bytes: usize = sent.iter().map(Vec::len).sum();
         s.shutdown().unwrap();
         let (s, counts) = open_counting_reads(&rig);

@@ -36,7 +36,7 @@ struct Partition {
 
 /// What a read_committed fetch keeps of the batches it read.
 pub struct Filtered {
-    pub records: Vec<u8>,
+    pub records: bytes::Bytes,
     /// Where the consumer continues: past every batch looked at, kept or
     /// left out.
     pub next_offset: Option<u64>,
@@ -134,7 +134,7 @@ impl Index {
     /// Keeps the whole batches of `records` below `lso` that are neither
     /// control batches nor in an aborted range. The bytes kept are the
     /// stored ones: nothing is re-encoded.
-    pub fn filter(&self, topic: &str, partition: u32, records: Vec<u8>, lso: u64) -> Filtered {
+    pub fn filter(&self, topic: &str, partition: u32, records: bytes::Bytes, lso: u64) -> Filtered {
         let aborted = self.aborted(topic, partition);
         let mut keep: Vec<(usize, usize)> = Vec::new();
         let mut next_offset = None;
@@ -154,15 +154,13 @@ impl Index {
             at += len;
         }
         let records = if !dropped {
-            let mut records = records;
-            records.truncate(at);
-            records
+            records.slice(..at)
         } else {
             let mut out = Vec::with_capacity(keep.iter().map(|(a, b)| b - a).sum());
             for (a, b) in keep {
                 out.extend_from_slice(&records[a..b]);
             }
-            out
+            out.into()
         };
         Filtered {
             records,
@@ -214,12 +212,12 @@ mod tests {
         ix.open("t", 0, 9, 3);
         let lso = ix.last_stable_offset("t", 0, 4);
         assert_eq!(lso, 3);
-        let f = ix.filter("t", 0, log.clone(), lso);
+        let f = ix.filter("t", 0, log.clone().into(), lso);
         assert_eq!(f.next_offset, Some(3));
         assert_eq!(f.records, batch(2, 8, false));
         ix.close("t", 0, 9);
         assert_eq!(ix.last_stable_offset("t", 0, 4), 4);
-        let f = ix.filter("t", 0, log, 4);
+        let f = ix.filter("t", 0, log.into(), 4);
         assert_eq!(f.next_offset, Some(4));
         assert_eq!(crate::batch::count_records(&f.records), 2);
     }
