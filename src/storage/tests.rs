@@ -1376,6 +1376,53 @@ fn damage_found_by_a_read_after_start_up_is_skipped() {
     }
 }
 
+/// Damage met in the middle of a fetch whose first batches lie in a lent
+/// window: the answer keeps the batches before it and goes on after it,
+/// and answers held meanwhile keep their bytes while the damage is skipped
+/// (resync reads through the read buffer).
+#[test]
+fn damage_skipped_mid_answer_leaves_held_answers_whole() {
+    for (name, rig) in rigs() {
+        let id = pid("rot-lend", 0);
+        let s = rig.open();
+        let sent = log_of_180(&s, &id, 0);
+        let segs = block_on(s.segments(&id)).unwrap();
+        let closed_end = segs.iter().find(|g| g.slot == 0 && !g.active).unwrap();
+        let h20 = batch::parse_header(&sent[20]).unwrap();
+        assert!(h20.next_offset() <= closed_end.next_offset, "{name}");
+        let at20 = BLOCK_BYTES as u64 + sent[..20].iter().map(|b| b.len() as u64).sum::<u64>();
+        let seg0 = rig.dir.path().join("topics/rot-lend/0/seg-00000.log");
+        match rig.disk() {
+            Some(d) => assert!(d.flip_stored_bit(&seg0, at20 + 70, 2)),
+            None => flip_file_bit(&seg0, at20 + 70, 2),
+        }
+        let mut intact = sent.clone();
+        intact.remove(20);
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let (mut at, mut held) = (0, Vec::new());
+        while at < hw {
+            let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
+            at = BatchIter::new(&bytes)
+                .last()
+                .unwrap()
+                .unwrap()
+                .header
+                .next_offset();
+            held.push(bytes);
+        }
+        // Read it all again, over the held answers' buffers if they were
+        // free, then check what each answer held all along.
+        assert_eq!(read_all(&s, &id, 0), intact, "{name}");
+        let got: Vec<Vec<u8>> = held
+            .iter()
+            .flat_map(|b| BatchIter::new(b).map(|v| v.unwrap().bytes.to_vec()))
+            .collect();
+        assert_eq!(got, intact, "{name}");
+        assert!(s.stats().reads_lent > 0, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
 /// The report says what recovery truncated or why it quarantined, and
 /// where: a torn tail (dropped), damage in a closed segment, and a corrupt
 /// segment header (both quarantine).
