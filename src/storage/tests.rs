@@ -196,6 +196,30 @@ pub(crate) fn read_all(s: &Storage, id: &PartitionId, from: u64) -> Vec<Vec<u8>>
     out
 }
 
+/// Fetches `id` from offset 0 to its high watermark, `max_bytes` at a
+/// time: its batches, and how many fetches. Each answer goes to `answer`
+/// once read, to hold or to drop.
+fn fetch_to_end(
+    s: &Storage,
+    id: &PartitionId,
+    max_bytes: usize,
+    mut answer: impl FnMut(bytes::Bytes),
+) -> (Vec<Vec<u8>>, u64) {
+    let hw = s.offsets(id).unwrap().high_watermark;
+    let (mut at, mut got, mut fetches) = (0, Vec::new(), 0u64);
+    while at < hw {
+        let bytes = block_on(s.read(id, at, max_bytes)).unwrap();
+        fetches += 1;
+        for v in BatchIter::new(&bytes) {
+            let v = v.unwrap();
+            at = v.header.next_offset();
+            got.push(v.bytes.to_vec());
+        }
+        answer(bytes);
+    }
+    (got, fetches)
+}
+
 #[test]
 fn config_strings_round_trip() {
     for s in ["always", "never", "interval:5"] {
@@ -1398,18 +1422,8 @@ fn damage_skipped_mid_answer_leaves_held_answers_whole() {
         }
         let mut intact = sent.clone();
         intact.remove(20);
-        let hw = s.offsets(&id).unwrap().high_watermark;
-        let (mut at, mut held) = (0, Vec::new());
-        while at < hw {
-            let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
-            at = BatchIter::new(&bytes)
-                .last()
-                .unwrap()
-                .unwrap()
-                .header
-                .next_offset();
-            held.push(bytes);
-        }
+        let mut held = Vec::new();
+        fetch_to_end(&s, &id, 128 * 1024, |b| held.push(b));
         // Read it all again, over the held answers' buffers if they were
         // free, then check what each answer held all along.
         assert_eq!(read_all(&s, &id, 0), intact, "{name}");
@@ -1859,17 +1873,7 @@ fn held_answers_keep_their_bytes_while_reads_go_on() {
         let s = rig.open();
         let hw = s.offsets(&id).unwrap().high_watermark;
         let replay = |keep: &mut Vec<bytes::Bytes>| {
-            let (mut at, mut got, mut fetches) = (0, Vec::new(), 0u64);
-            while at < hw {
-                let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
-                fetches += 1;
-                for v in BatchIter::new(&bytes) {
-                    let v = v.unwrap();
-                    at = v.header.next_offset();
-                    got.push(v.bytes.to_vec());
-                }
-                keep.push(bytes);
-            }
+            let (got, fetches) = fetch_to_end(&s, &id, 128 * 1024, |b| keep.push(b));
             assert_eq!(got, sent, "{name}");
             fetches
         };
@@ -1937,21 +1941,13 @@ fn a_fetch_stopping_before_a_batch_past_its_window_is_lent() {
         }
         s.shutdown().unwrap();
         let s = rig.open();
-        let hw = s.offsets(&id).unwrap().high_watermark;
         let before = s.stats();
-        let (mut at, mut fetches, mut batches) = (0, 0u64, 0);
         let mut sending = bytes::Bytes::new();
-        while at < hw {
-            let bytes = block_on(s.read(&id, at, 128 * 1024)).unwrap();
-            fetches += 1;
-            for v in BatchIter::new(&bytes) {
-                at = v.unwrap().header.next_offset();
-                batches += 1;
-            }
+        let (got, fetches) = fetch_to_end(&s, &id, 128 * 1024, |b| {
             assert!(BatchIter::new(&sending).all(|v| v.is_ok()), "{name}");
-            sending = bytes;
-        }
-        assert_eq!(batches, 100, "{name}");
+            sending = b;
+        });
+        assert_eq!(got.len(), 100, "{name}");
         let st = s.stats();
         let lent = st.reads_lent - before.reads_lent;
         // All, but perhaps the last: its end may be in the tail buffer.
@@ -2002,17 +1998,7 @@ fn sequential_fetches(gap: u64) {
         let (s, counts) = open_counting_reads(&rig);
         let before = s.stats();
         let read0 = rig.disk().map(FaultDisk::bytes_read);
-        let hw = s.offsets(&id).unwrap().high_watermark;
-        let (mut at, mut got, mut fetches) = (0, Vec::new(), 0u64);
-        while at < hw {
-            let bytes = block_on(s.read(&id, at, 64 * 1024)).unwrap();
-            fetches += 1;
-            for v in BatchIter::new(&bytes) {
-                let v = v.unwrap();
-                at = v.header.next_offset();
-                got.push(v.bytes.to_vec());
-            }
-        }
+        let (got, fetches) = fetch_to_end(&s, &id, 64 * 1024, drop);
         assert_eq!(got, sent, "{name}");
         let st = s.stats();
         let used = st.reads_ahead_used - before.reads_ahead_used;
