@@ -755,13 +755,16 @@ impl ShareCoordinator {
         from_earliest: bool,
     ) -> Result<(Vec<Delivered>, bool), ShareError> {
         let (topic, partition) = (key.1.as_str(), key.2);
-        let log = self.broker.offsets(topic, partition)?;
         let now = Instant::now();
         let lock_deadline = now + Duration::from_millis(settings.lock_ms);
         let bound = u64::from(self.config.max_in_flight_records);
         let mut changed = false;
         let (again, read_at, read_max) = {
             let mut parts = self.lock();
+            // Under the lock: a topic deleted meanwhile (its state dropped
+            // by `forget_topic`, which takes the lock after the delete) is
+            // seen gone here, and no state starts at an old topic's offsets.
+            let log = self.broker.offsets(topic, partition)?;
             if !parts.contains_key(key) {
                 if parts.len() >= self.config.max_share_partitions {
                     return Err(ShareError::Invalid(format!(

@@ -350,6 +350,47 @@ fn a_deleted_group_and_a_deleted_topic_leave_no_state_across_a_restart() {
     );
 }
 
+/// A share fetch that meets a topic as it is deleted and made again by
+/// the same name: the share partition it starts must not start at the old
+/// topic's offsets, or the new topic's first records never reach the
+/// group. The fetch is held at the coordinator's lock while the topic goes
+/// and comes back (`forget_topic` had nothing to drop yet).
+#[test]
+fn a_share_fetch_racing_a_topic_delete_starts_nothing_at_the_old_offsets() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig, ShareConfig::default());
+    create(c.broker(), "u");
+    fill(c.broker(), "u", 5);
+    let guard = c.lock();
+    let fetching = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let spec = FetchSpec {
+                group: "g".into(),
+                topic: "u".into(),
+                member: "w".into(),
+                max_records: 10,
+                max_wait: Duration::ZERO,
+                from_earliest: false,
+            };
+            block_on(c.fetch(spec)).map(|(got, _)| got.len())
+        })
+    };
+    // Long enough for the fetch to reach the lock; were it slower, it
+    // would only see the new topic, and the test pass without testing.
+    std::thread::sleep(Duration::from_millis(300));
+    block_on(c.broker().delete_topic("u")).expect("topic deleted");
+    create(c.broker(), "u");
+    drop(guard);
+    // Started at the new topic's end (0), or refused: nothing delivered.
+    let fetched = fetching.join().unwrap();
+    assert!(matches!(fetched, Ok(0) | Err(_)), "{fetched:?}");
+    fill(c.broker(), "u", 3);
+    let got: Vec<u64> = take(&c, "u", "w", 10).iter().map(|d| d.offset).collect();
+    assert_eq!(got, [0, 1, 2], "the new topic's records reach the group");
+    c.broker().close().expect("closed");
+}
+
 #[test]
 fn a_topic_deleted_before_its_tombstone_was_written_is_dropped_at_start_for_good() {
     let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
