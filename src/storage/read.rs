@@ -294,10 +294,10 @@ fn window_range(buf_len: usize, hint: usize, pos: u64, need: usize, limit: u64) 
 
 /// Read-ahead for sequential readers. A fetch that stops short of the
 /// data on disk names the window its successor will want (from its first
-/// window's headers, before it checks and copies its batches, or else
-/// when it returns), and that window is read in the background
+/// window's headers, before it checks its batches, or else when it
+/// returns), and that window is read in the background
 /// ([`IoBackend::read_start`]) into a spare buffer, which the next
-/// [`Part::bytes_at`] that it covers swaps with the read buffer. The
+/// [`Part::bytes_at`] that it covers makes the read buffer. The
 /// device then works while the answer is made, travels and is answered,
 /// instead of after the next fetch arrives. Up to [`READ_AHEAD_SLOTS`](super::io::READ_AHEAD_SLOTS)
 /// readers (partitions a consumer takes turns over, or several consumers)
@@ -611,7 +611,7 @@ impl Engine {
             let mut win = Window::with_hint(hint);
             // Where this fetch stops is in the first window's headers: the
             // next fetch's read starts now, while this one's batches are
-            // checked and copied (the device would idle meanwhile).
+            // checked and sent (the device would idle meanwhile).
             if k == first
                 && !ctx.ahead.unsupported
                 && p.bytes_at(ctx, &mut win, slot, pos, HEADER_BYTES).is_ok()
