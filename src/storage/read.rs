@@ -534,7 +534,7 @@ impl Gather {
         }
     }
 
-    fn finish(self, rbuf: &mut ReadBuf, stats: &StatsInner) -> Bytes {
+    fn finish(self, rbuf: &ReadBuf, stats: &StatsInner) -> Bytes {
         match self {
             Gather::Empty => Bytes::new(),
             Gather::Window(r) if r.len() >= LEND_BYTES_MIN => match rbuf.lend(r.clone()) {
@@ -651,9 +651,9 @@ impl Engine {
                         // this batch's last starts with this batch too.
                         p.stopped_at(slot, end..=h.last_offset(), pos);
                         ctx.ahead.plan(p, slot, pos, hint, reserve_max);
-                        return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
+                        return Ok(out.finish(&ctx.rbuf, &ctx.shared.stats));
                     }
-                    Ok(None) => return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats)),
+                    Ok(None) => return Ok(out.finish(&ctx.rbuf, &ctx.shared.stats)),
                     Err(ReadErr::Io(e)) => return Err(e.into()),
                     Err(ReadErr::Corrupt(_)) if !retried => {
                         retried = true;
@@ -690,7 +690,7 @@ impl Engine {
                     if out.len() >= max_bytes {
                         p.stopped_at(slot, end..=end, pos + len as u64);
                         ctx.ahead.plan(p, slot, pos + len as u64, hint, reserve_max);
-                        return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
+                        return Ok(out.finish(&ctx.rbuf, &ctx.shared.stats));
                     }
                 }
                 pos += len as u64;
@@ -701,10 +701,10 @@ impl Engine {
                     ctx.ahead
                         .plan(p, next, SEG_HEADER_BYTES as u64, hint, reserve_max);
                 }
-                return Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats));
+                return Ok(out.finish(&ctx.rbuf, &ctx.shared.stats));
             }
         }
-        Ok(out.finish(&mut ctx.rbuf, &ctx.shared.stats))
+        Ok(out.finish(&ctx.rbuf, &ctx.shared.stats))
     }
 
     pub(super) fn offset_for_ts(

@@ -33,7 +33,10 @@ pub(super) const LEND_BYTES_MIN: usize = 64 * 1024;
 /// Derefs to the current buffer; a mutable deref first swaps in a free
 /// spare if an answer holds the current one, so its contents are only what
 /// the caller reads into it after a lend. A free spare is always there
-/// then: a lend needs one, and read-ahead leaves it.
+/// then: a lend needs one, and read-ahead leaves it. Any `&mut` use of the
+/// buffer counts as such a deref (even one that reads nothing, as a window
+/// that covers its bytes already), so a lend ends the window it was made
+/// from: the read path lends only as a fetch returns.
 pub(super) struct ReadBuf {
     bufs: Vec<Arc<AlignedBuf>>,
 }
@@ -65,7 +68,7 @@ impl ReadBuf {
     /// `range` of the current buffer as bytes that keep it from being read
     /// into until they are dropped; `None` when [`LENT_MAX`] are out, or
     /// no spare is free to read into next (the caller copies).
-    pub(super) fn lend(&mut self, range: Range<usize>) -> Option<Bytes> {
+    pub(super) fn lend(&self, range: Range<usize>) -> Option<Bytes> {
         let lent = self.bufs.iter().filter(|b| held(b)).count();
         let room = held(&self.bufs[0]) || lent < LENT_MAX;
         if !room || self.free_spares() == 0 {
