@@ -14,7 +14,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{assert_ok, stdout, Broker, Rng};
+use common::{assert_ok, emulated, stdout, Broker, Rng};
 use skiff::mirror::kafka::{KafkaClient, KafkaConfig, Producer as KafkaProducer, ProducerConfig};
 use upstream::proxy::Proxy;
 use upstream::{free_port, Tansu};
@@ -247,7 +247,7 @@ fn wait_status(
 
 /// `d`, or 5 x `d` under an emulator, where every CLI run takes seconds.
 fn scaled(d: Duration) -> Duration {
-    if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+    if emulated() {
         d * 5
     } else {
         d

@@ -22,7 +22,7 @@ fn assert_within_budget(b: &Broker, budget_kib: u64, what: &str) -> u64 {
     // Under an emulator (scripts/cross-test) the process is qemu, whose RSS
     // holds its own translation caches, as in tests/memory_budget.rs: the
     // native run of the suite checks the broker's.
-    if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
+    if emulated() {
         return rss;
     }
     assert!(

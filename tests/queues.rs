@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_fails, assert_ok, skiff_command, stdout, wait_until, Broker};
+use common::{assert_fails, assert_ok, emulated, skiff_command, stdout, wait_until, Broker};
 use skiff::client::{Client, Outcome, ShareConfig, ShareConsumer};
 use skiff::protocol::ErrorCode;
 
@@ -731,7 +731,7 @@ fn loop_worker(
 fn a_kill_9_loop_under_share_workers_loses_no_record_and_accepts_none_twice() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+    let emulated = emulated();
     let kills: u32 = std::env::var("SKIFF_SHARE_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())

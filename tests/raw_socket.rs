@@ -17,6 +17,17 @@ use skiff::protocol::{
 /// that allocated for the declared length would be far above it.
 const RSS_KIB_MAX: u64 = 64 * 1024;
 
+#[track_caller]
+fn assert_rss_small(b: &Broker, what: &str) {
+    // Under the emulator the RSS is qemu's, whose translation caches grow
+    // with the code run; the native run of the suite checks the broker's.
+    if emulated() {
+        return;
+    }
+    let rss = b.rss_kib();
+    assert!(rss < RSS_KIB_MAX, "broker RSS {rss} KiB {what}");
+}
+
 #[test]
 fn random_bytes_are_answered_or_dropped_and_the_broker_survives() {
     let mut b = Broker::start("");
@@ -109,8 +120,7 @@ fn random_bodies_in_valid_frames_are_malformed() {
     c.send(&(max_frame as u32 + 1).to_be_bytes());
     c.expect_error(ErrorCode::FrameTooLarge);
     c.expect_closed();
-    let rss = b.rss_kib();
-    assert!(rss < RSS_KIB_MAX, "broker RSS {rss} KiB");
+    assert_rss_small(&b, "after random bodies");
     b.assert_serves();
 }
 
@@ -146,11 +156,7 @@ fn four_gib_length_prefix_is_refused_without_allocating() {
     let r = c.expect_error(ErrorCode::FrameTooLarge);
     assert_eq!(r.correlation_id, 0);
     c.expect_closed();
-    let rss = b.rss_kib();
-    assert!(
-        rss < RSS_KIB_MAX,
-        "broker RSS {rss} KiB after a 4 GiB prefix"
-    );
+    assert_rss_small(&b, "after a 4 GiB prefix");
 
     // The same after hello, where max_frame_bytes is the limit.
     let mut c = RawConn::connect(&b.tcp);
@@ -158,11 +164,7 @@ fn four_gib_length_prefix_is_refused_without_allocating() {
     c.send(&[0xff, 0xff, 0xff, 0xff]);
     c.expect_error(ErrorCode::FrameTooLarge);
     c.expect_closed();
-    let rss = b.rss_kib();
-    assert!(
-        rss < RSS_KIB_MAX,
-        "broker RSS {rss} KiB after a 4 GiB prefix"
-    );
+    assert_rss_small(&b, "after a 4 GiB prefix");
     b.assert_serves();
 }
 

@@ -118,12 +118,7 @@ fn a_killed_txn_is_aborted_after_its_timeout_and_readers_move_on() {
     create_topics(&b);
     // Long enough for the checks while it is open (each a CLI run: seconds
     // apiece under an emulator), short enough to wait out.
-    let timeout_ms: u64 = if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
-    {
-        30_000
-    } else {
-        5_000
-    };
+    let timeout_ms: u64 = if emulated() { 30_000 } else { 5_000 };
     let mut cmd = skiff_command();
     cmd.args([
         "txn",
@@ -201,11 +196,7 @@ fn a_killed_txn_is_aborted_after_its_timeout_and_readers_move_on() {
 
 #[test]
 fn kill_9_during_commit_is_all_or_nothing() {
-    let rounds = if std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty()) {
-        5
-    } else {
-        20
-    };
+    let rounds = if emulated() { 5 } else { 20 };
     let mut b = Broker::start("");
     create_topics(&b);
     let mut rng = Rng(0x5eed_1234);
@@ -344,7 +335,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
 /// the group's committed offsets are at the input's end.
 #[test]
 fn consume_transform_produce_is_exactly_once_across_kill_9s() {
-    let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+    let emulated = emulated();
     let (rounds, per_round, kill_max_ms) = if emulated {
         (4, 40, 4_000)
     } else {

@@ -29,6 +29,12 @@ pub fn skiff_command() -> Command {
     }
 }
 
+/// Whether the broker runs under an emulator (scripts/cross-test): it is
+/// tens of times slower, and its RSS is qemu's, translation caches and all.
+pub fn emulated() -> bool {
+    std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty())
+}
+
 /// A directory on the same filesystem as the build (ext4 here; /tmp may be
 /// tmpfs, which has no O_DIRECT). Removed on drop.
 pub fn temp_dir() -> tempfile::TempDir {
@@ -278,8 +284,7 @@ impl Broker {
     fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
         // Debug builds under qemu (scripts/cross-test) recover tens of
         // times slower than natively.
-        let emulated = std::env::var("SKIFF_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
-        let deadline = Instant::now() + Duration::from_secs(if emulated { 240 } else { 60 });
+        let deadline = Instant::now() + Duration::from_secs(if emulated() { 240 } else { 60 });
         let ready = loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
