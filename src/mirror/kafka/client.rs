@@ -141,6 +141,10 @@ pub struct FetchedPartition {
     /// Whole batches at or after the requested offset (the first may start
     /// before it).
     pub batches: Vec<Batch>,
+    /// How long the broker asks the client to wait before the next
+    /// request. A fetch over its quota is answered at once with no data
+    /// and this set (KIP-219), so an empty answer does not mean the end.
+    pub throttle: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -584,6 +588,8 @@ impl KafkaClient {
             async move {
                 let response = conn.request(request).await?;
                 KafkaError::check("Fetch", response.error_code, None)?;
+                let throttle =
+                    Duration::from_millis(u64::try_from(response.throttle_time_ms).unwrap_or(0));
                 let partition_data = response
                     .responses
                     .into_iter()
@@ -598,6 +604,7 @@ impl KafkaClient {
                         last_stable_offset: -1,
                         log_start_offset: -1,
                         batches: Vec::new(),
+                        throttle,
                     });
                 };
                 KafkaError::check("Fetch", p.error_code, None)?;
@@ -610,6 +617,7 @@ impl KafkaClient {
                     last_stable_offset: p.last_stable_offset,
                     log_start_offset: p.log_start_offset,
                     batches,
+                    throttle,
                 })
             }
         })
