@@ -354,23 +354,68 @@ fn commits_survive_a_broker_restart_and_a_kill_9() {
     );
 }
 
+/// A join to group "g" with the range assignor and 10 s timeouts.
+fn join_request(
+    member_id: Option<String>,
+    topics: Vec<String>,
+    owned: Vec<GroupPartition>,
+    client: Option<String>,
+) -> JoinGroupRequest {
+    JoinGroupRequest {
+        group: "g".into(),
+        member_id,
+        instance_id: None,
+        topics,
+        assignor: "range".into(),
+        session_timeout_ms: 10_000,
+        rebalance_timeout_ms: 10_000,
+        owned,
+        client,
+    }
+}
+
+/// A member lives in the coordinator's memory until its session ends, so
+/// a join that would pin much of a frame there is refused, and the group
+/// still takes a member at the limits.
+#[test]
+fn a_join_bringing_too_much_is_refused_with_the_limit_named() {
+    let b = Broker::start("[server]\nmax_topics = 4\n");
+    create(&b, "t2", "2");
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        let join = |topics, client| join_request(None, topics, vec![], client);
+        let refused = |topics, client| {
+            let c = &c;
+            let request = join(topics, client);
+            async move {
+                let e = c.join_group(request).await.unwrap_err();
+                assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+                e.to_string()
+            }
+        };
+        let five = (0..5).map(|i| format!("t{i}")).collect();
+        let e = refused(five, None).await;
+        assert!(e.contains("at most 4 topics (server.max_topics)"), "{e}");
+        let e = refused(vec!["t2".into(), "x".repeat(60_000)], None).await;
+        assert!(e.contains("is not a topic name") && e.len() < 300, "{e}");
+        let e = refused(vec!["t2".into()], Some("c".repeat(60_000))).await;
+        assert!(e.contains("client name is at most 512 bytes"), "{e}");
+        let four = (1..5).map(|i| format!("t{i}")).collect();
+        let ok = c
+            .join_group(join(four, Some("c".repeat(400))))
+            .await
+            .expect("a member at the limits joins");
+        assert_eq!(ok.members, 1);
+    });
+}
+
 #[test]
 fn a_stale_generation_an_unknown_member_and_a_partition_not_owned_are_refused() {
     let b = Broker::start("");
     create(&b, "t2", "2");
     smol::block_on(async {
         let c = Client::connect(&b.tcp).await.unwrap();
-        let join = |member_id: Option<String>, owned: Vec<GroupPartition>| JoinGroupRequest {
-            group: "g".into(),
-            member_id,
-            instance_id: None,
-            topics: vec!["t2".into()],
-            assignor: "range".into(),
-            session_timeout_ms: 10_000,
-            rebalance_timeout_ms: 10_000,
-            owned,
-            client: None,
-        };
+        let join = |member_id, owned| join_request(member_id, vec!["t2".into()], owned, None);
         let a = c.join_group(join(None, vec![])).await.unwrap();
         assert_eq!(a.generation, 1);
         let sa = c.sync_group("g", &a.member_id, 1).await.unwrap();

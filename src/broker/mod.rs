@@ -385,6 +385,11 @@ impl Broker {
         self.storage.max_batch_bytes()
     }
 
+    /// The most topics there may be (`server.max_topics`).
+    pub fn max_topics(&self) -> usize {
+        self.limits.max_topics
+    }
+
     /// Partitions on disk.
     pub fn partition_count(&self) -> usize {
         self.storage.partitions().len()

@@ -75,6 +75,9 @@ const OFFSETS_BATCH_BYTES: usize = 60 * 1024;
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 /// Group, member and instance ids.
 pub const GROUP_ID_BYTES_MAX: usize = 255;
+/// A member's client name as the coordinator keeps it: what the client
+/// calls itself and its identity.
+pub const CLIENT_BYTES_MAX: usize = 512;
 /// How often session timeouts and rebalance deadlines are checked.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -529,6 +532,33 @@ impl Coordinator {
             return Err(GroupError::Invalid(
                 "a member subscribes to at least one topic".into(),
             ));
+        }
+        // A member stays in memory until its session ends, so what it may
+        // bring is bounded: every member of every group at once must not
+        // outgrow a board, and one join must not pin a frame's worth.
+        let max_topics = self.broker.max_topics();
+        if spec.topics.len() > max_topics {
+            return Err(GroupError::Invalid(format!(
+                "a member subscribes to at most {max_topics} topics (server.max_topics), not {}",
+                spec.topics.len()
+            )));
+        }
+        if let Some(t) = spec
+            .topics
+            .iter()
+            .find(|t| crate::broker::validate_topic_name(t).is_err())
+        {
+            let shown: String = t.chars().take(64).collect();
+            return Err(GroupError::Invalid(format!(
+                "'{shown}' is not a topic name: 1 to {} of A-Z a-z 0-9 . _ -",
+                crate::storage::TOPIC_NAME_BYTES_MAX
+            )));
+        }
+        if spec.client.len() > CLIENT_BYTES_MAX {
+            return Err(GroupError::Invalid(format!(
+                "the client name is at most {CLIENT_BYTES_MAX} bytes, not {}",
+                spec.client.len()
+            )));
         }
         let ms = spec.session_timeout.as_millis() as u64;
         let (min, max) = (

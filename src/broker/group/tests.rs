@@ -236,6 +236,29 @@ fn bad_joins_are_refused_with_the_reason() {
     let mut s = spec(None, &BTreeSet::new());
     s.topics.clear();
     assert!(matches!(block_on(c.join(s)), Err(GroupError::Invalid(_))));
+    // What a member brings is bounded: no more topics than there may be,
+    // each a topic name, and a client name of at most CLIENT_BYTES_MAX.
+    let mut s = spec(None, &BTreeSet::new());
+    s.topics = (0..5).map(|i| format!("t{i}")).collect(); // max_topics 4
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("at most 4 topics"), "{e}");
+    let mut s = spec(None, &BTreeSet::new());
+    s.topics.insert("x".repeat(100_000));
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("is not a topic name") && e.len() < 200, "{e}");
+    let mut s = spec(None, &BTreeSet::new());
+    s.topics.insert("a/b".into());
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("'a/b' is not a topic name"), "{e}");
+    let mut s = spec(None, &BTreeSet::new());
+    s.client = "c".repeat(CLIENT_BYTES_MAX + 1);
+    let e = block_on(c.join(s)).unwrap_err().to_string();
+    assert!(e.contains("client name is at most 512 bytes"), "{e}");
+    let mut s = spec(None, &BTreeSet::new());
+    s.client = "c".repeat(CLIENT_BYTES_MAX);
+    s.topics = (0..4).map(|i| format!("t{i}")).collect();
+    s.group = "at-the-limits".into();
+    block_on(c.join(s)).expect("a member at every limit joins");
     block_on(c.join(spec(None, &BTreeSet::new()))).unwrap();
     let mut s = spec(None, &BTreeSet::new());
     s.assignor = Assignor::Range;
