@@ -795,8 +795,8 @@ fn bench_loopback_prints_the_loopback_bandwidth() {
     assert_fails(&out, 2, &["--bytes"]);
 }
 
-/// `skiff bench disk` measures the raw write bandwidth where it is
-/// pointed and prints one JSON line; a missing directory or a file is a
+/// `skiff bench disk` measures the raw write and read bandwidth where it
+/// is pointed and prints one JSON line; a missing directory or a file is a
 /// runtime error naming it, a size below one write a usage error.
 #[test]
 fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
@@ -819,7 +819,12 @@ fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
     assert_eq!(d["workload"], "disk");
     assert_eq!(d["dir"], path);
     assert_eq!(d["bytes"], 8 << 20);
-    for key in ["fresh_mb_per_s", "overwrite_mb_per_s"] {
+    for key in [
+        "fresh_mb_per_s",
+        "overwrite_mb_per_s",
+        "fresh_read_mb_per_s",
+        "overwrite_read_mb_per_s",
+    ] {
         assert!(d[key].as_f64().unwrap() > 0.0, "{key}: {d}");
     }
     assert_eq!(

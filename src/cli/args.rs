@@ -527,7 +527,9 @@ pub enum BenchCommand {
     /// Replay a topic from the earliest offset: records/s, MB/s.
     Consume(BenchConsumeArgs),
     /// Raw sequential O_DIRECT write bandwidth of the disk holding DIR
-    /// (1 MiB writes, 4 in flight): the yardstick for produce figures.
+    /// (1 MiB writes, 4 in flight): the yardstick for produce figures; and
+    /// its read bandwidth (the file read back, 1 MiB at a time), the
+    /// yardstick for replay figures beside loopback's.
     Disk(BenchDiskArgs),
     /// The disk's durable-write latency: one-block O_DIRECT overwrites,
     /// each followed by fdatasync (p50, p99, max): the floor under every

@@ -1000,6 +1000,7 @@ pub fn disk(a: BenchDiskArgs) -> ExitCode {
         line[format!("{name}_mb_per_s")] = (r.bytes_per_sec / 1e6).into();
         line[format!("{name}_elapsed_s")] = r.elapsed.as_secs_f64().into();
         line[format!("{name}_device_flushes")] = r.device_flushes.into();
+        line[format!("{name}_read_mb_per_s")] = (r.read_bytes_per_sec / 1e6).into();
     }
     outln!("{line}");
     ExitCode::SUCCESS

@@ -1,10 +1,12 @@
-//! The raw sequential O_DIRECT write bandwidth of a disk, and its block
-//! counters: the yardsticks `skiff bench` and the storage benches print
-//! beside their results (see BENCHMARKING.md).
+//! The raw sequential O_DIRECT write and read bandwidth of a disk, and its
+//! block counters: the yardsticks `skiff bench` and the storage benches
+//! print beside their results (see BENCHMARKING.md).
 //!
 //! The measurement: one preallocated file, 1 MiB writes, 4 in flight
 //! (io_uring; plain `pwrite` one at a time where io_uring is unavailable),
-//! an fdatasync at the end included in the time, the file removed
+//! an fdatasync at the end included in the time; then the file read back
+//! with 1 MiB O_DIRECT reads, one at a time, as a replaying reader reads
+//! (its read-ahead keeps one window in flight); the file removed
 //! afterwards.
 
 use std::fs;
@@ -27,6 +29,7 @@ pub const DEFAULT_TOTAL_BYTES: u64 = 1 << 30;
 /// size (Documentation/block/stat.rst).
 const STAT_SECTOR_BYTES: u64 = 512;
 /// 0-based field indexes in `/sys/class/block/<dev>/stat`.
+const STAT_READ_SECTORS_FIELD: usize = 2;
 const STAT_WRITE_SECTORS_FIELD: usize = 6;
 const STAT_FLUSHES_FIELD: usize = 15;
 
@@ -57,6 +60,13 @@ pub struct RawBandwidth {
     pub device_flushes: Option<u64>,
     /// Bytes the device wrote during the timed part.
     pub device_write_bytes: Option<u64>,
+    /// Reading the written file back, sequentially, one 1 MiB O_DIRECT
+    /// read at a time: what a replay from the disk can get at most.
+    pub read_elapsed: Duration,
+    pub read_bytes_per_sec: f64,
+    /// Bytes the device read during the timed read (O_DIRECT bypasses the
+    /// page cache, so at least the file's size).
+    pub device_read_bytes: Option<u64>,
 }
 
 /// Measures with the default preparation ([`Prepare::Fallocate`]: a
@@ -95,9 +105,17 @@ pub fn measure_prepared(
     let elapsed = started.elapsed();
     let flushes_after = device_flushes(dir);
     let bytes_after = device_write_bytes(dir);
+    let backend = writer.name();
+    drop(writer);
+
+    let read_before = device_read_bytes(dir);
+    let read_started = Instant::now();
+    read_all(&file.path, &mut data, total_bytes)?;
+    let read_elapsed = read_started.elapsed();
+    let read_after = device_read_bytes(dir);
 
     Ok(RawBandwidth {
-        backend: writer.name(),
+        backend,
         total_bytes,
         elapsed,
         bytes_per_sec: total_bytes as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -107,7 +125,28 @@ pub fn measure_prepared(
         device_write_bytes: bytes_before
             .zip(bytes_after)
             .map(|(b, a)| a.saturating_sub(b)),
+        read_elapsed,
+        read_bytes_per_sec: total_bytes as f64 / read_elapsed.as_secs_f64().max(1e-9),
+        device_read_bytes: read_before
+            .zip(read_after)
+            .map(|(b, a)| a.saturating_sub(b)),
     })
+}
+
+/// Reads `path` from its start, `buf.len()` bytes at a time with O_DIRECT,
+/// until `total_bytes`.
+fn read_all(path: &Path, buf: &mut [u8], total_bytes: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let f: fs::File = super::uring::open_direct(path, false)?.into();
+    #[cfg(not(target_os = "linux"))]
+    let f = fs::File::open(path)?;
+    let mut offset = 0;
+    while offset < total_bytes {
+        let len = buf.len().min((total_bytes - offset) as usize);
+        f.read_exact_at(&mut buf[..len], offset)?;
+        offset += len as u64;
+    }
+    Ok(())
 }
 
 /// Bytes each [`sync_latencies`] step writes: one block, as a small
@@ -159,6 +198,12 @@ pub fn device_flushes(dir: &Path) -> Option<u64> {
 /// sectors written, x 512). None as for [`device_flushes`].
 pub fn device_write_bytes(dir: &Path) -> Option<u64> {
     stat_field(dir, STAT_WRITE_SECTORS_FIELD).map(|sectors| sectors * STAT_SECTOR_BYTES)
+}
+
+/// Bytes read from the block device holding `dir` since boot (field 3,
+/// sectors read, x 512). None as for [`device_flushes`].
+pub fn device_read_bytes(dir: &Path) -> Option<u64> {
+    stat_field(dir, STAT_READ_SECTORS_FIELD).map(|sectors| sectors * STAT_SECTOR_BYTES)
 }
 
 /// `/sys/dev/block/MAJ:MIN/stat` of the device holding `dir`. For a
@@ -317,6 +362,9 @@ mod tests {
             "device bytes {before} -> {after}"
         );
         assert!(run.device_write_bytes.expect("delta") >= run.total_bytes);
+        assert!(run.read_bytes_per_sec > 0.0);
+        // O_DIRECT: the read came from the device, not the page cache.
+        assert!(run.device_read_bytes.expect("delta") >= run.total_bytes);
         if let Some(flushes) = run.device_flushes {
             assert!(
                 flushes >= 1,
@@ -357,13 +405,14 @@ mod tests {
             let run = measure_prepared(&dir, total, prepare).expect("measure");
             eprintln!(
                 "{prepare:?}: {} MiB via {} in {:.3} s = {:.1} MiB/s, device flushes {:?}, \
-                 device bytes {:?}",
+                 device bytes {:?}; read back at {:.1} MiB/s",
                 run.total_bytes >> 20,
                 run.backend,
                 run.elapsed.as_secs_f64(),
                 run.bytes_per_sec / f64::from(1 << 20),
                 run.device_flushes,
                 run.device_write_bytes,
+                run.read_bytes_per_sec / f64::from(1 << 20),
             );
         }
     }
