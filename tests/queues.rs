@@ -731,11 +731,10 @@ fn loop_worker(
 fn a_kill_9_loop_under_share_workers_loses_no_record_and_accepts_none_twice() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let emulated = emulated();
     let kills: u32 = std::env::var("SKIFF_SHARE_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if emulated { 3 } else { 8 });
+        .unwrap_or(if emulated() { 3 } else { 8 });
     // Every kill can add a delivery to a locked record: keep them all out
     // of the dead-letter topic.
     let mut b = Broker::start("[share]\nmax_deliveries = 1000\nlock_ms = 1000\n");

@@ -335,8 +335,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
 /// the group's committed offsets are at the input's end.
 #[test]
 fn consume_transform_produce_is_exactly_once_across_kill_9s() {
-    let emulated = emulated();
-    let (rounds, per_round, kill_max_ms) = if emulated {
+    let (rounds, per_round, kill_max_ms) = if emulated() {
         (4, 40, 4_000)
     } else {
         (8, 60, 800)
@@ -410,7 +409,7 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
         assert!(producer.wait().unwrap().success(), "skiff produce failed");
     }
     // Runs to the end of the input: until the group has nothing left.
-    let idle_ms = if emulated { "5000" } else { "1000" };
+    let idle_ms = if emulated() { "5000" } else { "1000" };
     // The group's offsets on the input, as `groups describe` shows them.
     let describe = || {
         let o = b.cli(&["groups", "describe", "ctp", "--format", "json"]);
