@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use smol::net::unix::UnixStream;
@@ -171,13 +171,49 @@ impl AsyncWrite for Stream {
     }
 }
 
-type Waiter = async_channel::Sender<Result<ResponseBody, ClientError>>;
+type Waiter = oneshot::Sender<Result<ResponseBody, ClientError>>;
 
-/// What the request side and the two tasks share.
+/// Requests sent and not yet answered, by correlation id, each with the
+/// time it gives up. One watchdog task per connection times them out, so
+/// a request costs no timer of its own: a timer's insertion wakes the
+/// reactor (a system call), and with one request in flight per device
+/// that was a wake-up per record.
+#[derive(Default)]
+struct Waiting {
+    by_id: HashMap<u32, (Waiter, Instant)>,
+    /// When the watchdog wakes next (`None`: it waits to be told). A
+    /// request due sooner tells it.
+    watchdog_at: Option<Instant>,
+}
+
+impl Waiting {
+    /// Takes out the requests due by `now`, and returns them with the
+    /// earliest deadline left.
+    fn take_due(&mut self, now: Instant) -> (Vec<Waiter>, Option<Instant>) {
+        let mut due = Vec::new();
+        let mut earliest: Option<Instant> = None;
+        for (id, (_, deadline)) in &self.by_id {
+            if *deadline <= now {
+                due.push(*id);
+            } else {
+                earliest = Some(earliest.map_or(*deadline, |e| e.min(*deadline)));
+            }
+        }
+        let due = due
+            .into_iter()
+            .filter_map(|id| self.by_id.remove(&id).map(|(w, _)| w))
+            .collect();
+        (due, earliest)
+    }
+}
+
+/// What the request side and the three tasks share.
 struct Shared {
-    /// Requests sent and not yet answered, by correlation id. `None` once
-    /// the connection failed: the error every later request gets.
-    pending: Mutex<Result<HashMap<u32, Waiter>, ClientError>>,
+    /// `Err` once the connection failed: the error every later request
+    /// gets.
+    pending: Mutex<Result<Waiting, ClientError>>,
+    /// Tells the watchdog a request is due before it would wake.
+    watchdog: event_listener::Event,
     stream: Stream,
 }
 
@@ -188,23 +224,56 @@ impl Shared {
         let waiters = {
             let mut pending = self.pending.lock().expect("pending lock");
             match std::mem::replace(&mut *pending, Err(error.clone())) {
-                Ok(map) => map,
+                Ok(w) => w.by_id,
                 Err(first) => {
                     *pending = Err(first);
                     HashMap::new()
                 }
             }
         };
-        for (_, w) in waiters {
-            let _ = w.try_send(Err(error.clone()));
+        for (_, (w, _)) in waiters {
+            let _ = w.send(Err(error.clone()));
         }
         self.stream.shutdown();
+        self.watchdog.notify(usize::MAX);
     }
 
     fn take_waiter(&self, id: u32) -> Option<Waiter> {
         match &mut *self.pending.lock().expect("pending lock") {
-            Ok(map) => map.remove(&id),
+            Ok(w) => w.by_id.remove(&id).map(|(w, _)| w),
             Err(_) => None,
+        }
+    }
+}
+
+/// Times out the requests left unanswered past their deadline. It sleeps
+/// until the earliest deadline it knows of; answered requests are not
+/// taken off its clock, so a busy connection wakes it about once per
+/// request timeout rather than once per request.
+async fn watchdog(shared: Arc<Shared>) {
+    loop {
+        let listener = shared.watchdog.listen();
+        let (due, next) = {
+            let mut pending = shared.pending.lock().expect("pending lock");
+            let Ok(waiting) = &mut *pending else { return };
+            let (due, next) = waiting.take_due(Instant::now());
+            waiting.watchdog_at = next;
+            (due, next)
+        };
+        for w in due {
+            let _ = w.send(Err(ClientError::Timeout));
+        }
+        match next {
+            Some(at) => {
+                futures_lite::future::or(
+                    async {
+                        Timer::at(at).await;
+                    },
+                    listener,
+                )
+                .await
+            }
+            None => listener.await,
         }
     }
 }
@@ -217,6 +286,7 @@ pub(crate) struct Connection {
     pub(crate) info: ServerInfo,
     _reader: Task<()>,
     _writer: Task<()>,
+    _watchdog: Task<()>,
 }
 
 impl Drop for Connection {
@@ -240,12 +310,14 @@ impl Connection {
         };
         let (stream, info) = with_timeout(timeout, handshake).await?;
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Ok(HashMap::new())),
+            pending: Mutex::new(Ok(Waiting::default())),
+            watchdog: event_listener::Event::new(),
             stream: stream.clone(),
         });
         let (outbox, inbox) = async_channel::bounded(OUTBOX_FRAMES_MAX);
         let reader = smol::spawn(read_loop(shared.clone(), info.max_frame_bytes));
         let writer = smol::spawn(write_loop(shared.clone(), inbox));
+        let watchdog = smol::spawn(watchdog(shared.clone()));
         Ok(Self {
             shared,
             outbox,
@@ -253,6 +325,7 @@ impl Connection {
             info,
             _reader: reader,
             _writer: writer,
+            _watchdog: watchdog,
         })
     }
 
@@ -297,21 +370,39 @@ impl Connection {
                 max: self.info.max_frame_bytes,
             });
         }
-        let (tx, rx) = async_channel::bounded(1);
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
         match &mut *self.shared.pending.lock().expect("pending lock") {
-            Ok(map) => {
-                map.insert(correlation_id, tx);
+            Ok(waiting) => {
+                waiting.by_id.insert(correlation_id, (tx, deadline));
+                if waiting.watchdog_at.is_none_or(|at| deadline < at) {
+                    waiting.watchdog_at = Some(deadline);
+                    self.shared.watchdog.notify(1);
+                }
             }
             Err(e) => return Err(e.clone()),
         }
-        let exchange = async {
-            self.outbox
-                .send(frame)
+        // The outbox has room nearly always; when it has not, waiting for
+        // room counts against the timeout too.
+        let queued = match self.outbox.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Closed(_)) => Err(ClientError::Disconnected),
+            Err(async_channel::TrySendError::Full(frame)) => {
+                with_timeout(timeout, async {
+                    self.outbox
+                        .send(frame)
+                        .await
+                        .map_err(|_| ClientError::Disconnected)
+                })
                 .await
-                .map_err(|_| ClientError::Disconnected)?;
-            rx.recv().await.map_err(|_| ClientError::Disconnected)?
+            }
         };
-        let answer = with_timeout(timeout, exchange).await;
+        let answer = match queued {
+            // The watchdog answers with a timeout; a dropped sender means
+            // the connection went away without a word.
+            Ok(()) => rx.await.unwrap_or(Err(ClientError::Disconnected)),
+            Err(e) => Err(e),
+        };
         if answer.is_err() {
             // A late answer then matches nothing and is dropped.
             self.shared.take_waiter(correlation_id);
@@ -492,7 +583,7 @@ async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
         };
         match (shared.take_waiter(response.correlation_id), response.body) {
             (Some(w), body) => {
-                let _ = w.try_send(Ok(body));
+                let _ = w.send(Ok(body));
             }
             // Correlation id 0 answers a frame the server could not read;
             // it closes the connection next, and this says why.
@@ -680,6 +771,86 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// Requests time out on the connection's one watchdog: each at its
+    /// own deadline, a short one while a long one waits, and none early
+    /// because earlier requests were answered.
+    #[test]
+    fn unanswered_requests_time_out_at_their_own_deadlines() {
+        use crate::protocol::{ListTopicsRequest, ListTopicsResponse};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        // Answers hello and every request but the 3rd and 4th after it.
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut seen = 0;
+            loop {
+                while let Some(r) = super::super::fake_peer::take_request(&mut buf) {
+                    let body = if seen == 0 {
+                        super::super::fake_peer::hello("fake")
+                    } else if seen == 3 || seen == 4 {
+                        seen += 1;
+                        continue;
+                    } else {
+                        ResponseBody::ListTopics(ListTopicsResponse {
+                            topics: Vec::new(),
+                            disk_budget_bytes: None,
+                            disk_reserved_bytes: None,
+                        })
+                    };
+                    seen += 1;
+                    super::super::fake_peer::answer(&mut s, r.correlation_id, body);
+                }
+                let mut chunk = [0u8; 4096];
+                match std::io::Read::read(&mut s, &mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let list = RequestBody::ListTopics(ListTopicsRequest {});
+        smol::block_on(async {
+            let c = Connection::open(&addr, None, None, 5 * SECOND)
+                .await
+                .unwrap();
+            // Answered requests leave their deadlines on the watchdog's
+            // clock: a later request must not inherit one of them.
+            for _ in 0..2 {
+                c.call(&list, Duration::from_millis(300)).await.unwrap();
+            }
+            // Past their deadlines: the watchdog has woken, found nothing
+            // due, and waits to be told of the next request.
+            smol::Timer::after(Duration::from_millis(500)).await;
+            let started = Instant::now();
+            // A long request unanswered, then a short one: the short one
+            // wakes the watchdog sooner than the long one had it sleep.
+            let long = c.call(&list, 10 * SECOND);
+            let short = async {
+                smol::Timer::after(Duration::from_millis(50)).await;
+                let r = c.call(&list, Duration::from_millis(200)).await;
+                (r, started.elapsed())
+            };
+            let (short, long) = futures_lite::future::zip(
+                short,
+                futures_lite::future::or(async { Some(long.await) }, async {
+                    smol::Timer::after(2 * SECOND).await;
+                    None
+                }),
+            )
+            .await;
+            let (r, at) = short;
+            assert!(matches!(r, Err(ClientError::Timeout)), "{r:?}");
+            assert!(at >= Duration::from_millis(250), "{at:?}");
+            assert!(at < Duration::from_millis(1500), "{at:?}");
+            assert!(long.is_none(), "the long request ended early: {long:?}");
+            // Nothing is left waiting on a dead id, and the connection
+            // still works.
+            c.call(&list, 5 * SECOND).await.unwrap();
+            assert!(!c.is_dead());
+        });
+        drop(peer);
     }
 
     #[test]
