@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -43,17 +43,25 @@ fn percentiles(hist: &Histogram<u64>) -> serde_json::Value {
 /// Records send-to-ack latencies into a histogram, one `record_n` per run
 /// of records that share their send-clock reading and their batch's ack
 /// time (a subtraction and a histogram update per record were a twentieth
-/// of the bench's own CPU).
-struct LatencyRuns {
-    hist: Histogram<u64>,
+/// of the bench's own CPU). Producers share histograms (see
+/// [`LATENCY_SHARDS`]).
+struct LatencyRuns<'a> {
+    hist: &'a Mutex<Histogram<u64>>,
     run: Option<(Instant, Instant)>,
     count: u64,
 }
 
-impl LatencyRuns {
-    fn new() -> LatencyRuns {
+/// The histograms a run's producers record into, producer `i` into
+/// `i % LATENCY_SHARDS`. One each took 128 KiB apiece, zeroed as each
+/// producer's task started: at 10,000 producers, 1.3 GB written in the
+/// run's first second, and every record due meanwhile was late (the
+/// whole p99 of the 10,000-connection open loop).
+const LATENCY_SHARDS: usize = 16;
+
+impl<'a> LatencyRuns<'a> {
+    fn new(hist: &'a Mutex<Histogram<u64>>) -> LatencyRuns<'a> {
         LatencyRuns {
-            hist: histogram(),
+            hist,
             run: None,
             count: 0,
         }
@@ -72,13 +80,16 @@ impl LatencyRuns {
     fn flush(&mut self) {
         if let Some((sent, acked)) = self.run.take() {
             let us = acked.duration_since(sent).as_micros() as u64;
-            let _ = self.hist.record_n(us.min(LATENCY_US_MAX), self.count);
+            let _ = self
+                .hist
+                .lock()
+                .expect("latency histogram")
+                .record_n(us.min(LATENCY_US_MAX), self.count);
         }
     }
 
-    fn finish(mut self) -> Histogram<u64> {
+    fn finish(mut self) {
         self.flush();
-        self.hist
     }
 }
 
@@ -237,7 +248,7 @@ struct Load {
 /// Workload P's loop on one producer: `messages` records, at most
 /// `unacked` given to the producer and not acknowledged (the producer
 /// itself keeps at most `--in-flight` of them on the wire); the
-/// send-to-ack latency histogram.
+/// send-to-ack latencies, into `hist`.
 ///
 /// With a `schedule` it is the open loop: no record is sent before it is
 /// due, and its latency counts from when it was due, so a stall that holds
@@ -250,7 +261,8 @@ async fn produce_with(
     unacked: usize,
     schedule: Option<Schedule>,
     done: &AtomicU64,
-) -> Result<Histogram<u64>, ClientError> {
+    hist: &Mutex<Histogram<u64>>,
+) -> Result<(), ClientError> {
     let Load {
         messages,
         size,
@@ -259,7 +271,7 @@ async fn produce_with(
     } = load;
     let value = vec![b'x'; size];
     let mut key = Vec::with_capacity(24);
-    let mut hist = LatencyRuns::new();
+    let mut hist = LatencyRuns::new(hist);
     let mut pending = VecDeque::with_capacity(unacked);
     // Latency is ack time (from the batch's answer: one clock read per
     // batch) minus send time, read once per burst of sends rather than per
@@ -321,7 +333,8 @@ async fn produce_with(
         hist.record(sent, meta.acked_at);
         done.fetch_add(1, Ordering::Relaxed);
     }
-    Ok(hist.finish())
+    hist.finish();
+    Ok(())
 }
 
 pub fn produce(a: BenchProduceArgs) -> ExitCode {
@@ -441,6 +454,11 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             std::thread::spawn(move || progress(&done, total, start, &stop))
         };
         let topic: Arc<str> = a.topic.as_str().into();
+        let hists: Arc<Vec<Mutex<Histogram<u64>>>> = Arc::new(
+            (0..LATENCY_SHARDS.min(a.producers as usize))
+                .map(|_| Mutex::new(histogram()))
+                .collect(),
+        );
         let per = a.messages / u64::from(a.producers);
         let unacked = a.in_flight as usize + a.queued() as usize;
         let tasks: Vec<_> = producers
@@ -471,21 +489,23 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                         ),
                     ..s
                 });
-                let (topic, done) = (topic.clone(), done.clone());
+                let (topic, done, hists) = (topic.clone(), done.clone(), hists.clone());
                 smol::spawn(async move {
-                    produce_with(&producer, &topic, load, unacked, schedule, &done).await
+                    let hist = &hists[i % hists.len()];
+                    produce_with(&producer, &topic, load, unacked, schedule, &done, hist).await
                 })
             })
             .collect();
-        let mut hist = histogram();
         let mut first_err = None;
         for t in tasks {
-            match t.await {
-                Ok(h) => hist.add(&h).expect("same histogram bounds"),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+            if let Err(e) = t.await {
+                first_err.get_or_insert(e);
             }
+        }
+        let mut hist = histogram();
+        for h in hists.iter() {
+            hist.add(&*h.lock().expect("latency histogram"))
+                .expect("same histogram bounds");
         }
         let elapsed = start.elapsed();
         let cpu_after = a.broker_pid.and_then(process_cpu);
@@ -567,6 +587,7 @@ async fn abba(
             a.in_flight as usize + a.queued() as usize,
             None,
             done,
+            &Mutex::new(histogram()),
         )
         .await?;
         totals[mode][0] += slice as f64;
@@ -627,7 +648,8 @@ fn compare_compaction(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
                 fill_segments,
             )
             .await?;
-            produce_with(&producer, &fill_topic, fill, unacked, None, &done).await?;
+            let unseen = Mutex::new(histogram());
+            produce_with(&producer, &fill_topic, fill, unacked, None, &done, &unseen).await?;
             if mode == 0 {
                 client.compact_topic(&fill_topic, false).await?;
             }
@@ -639,10 +661,13 @@ fn compare_compaction(a: &BenchProduceArgs, rounds: u32) -> ExitCode {
                 partition: None,
             };
             let t = Instant::now();
-            let h = produce_with(&producer, &a.topic, load, unacked, None, &done).await?;
+            let h = Mutex::new(histogram());
+            produce_with(&producer, &a.topic, load, unacked, None, &done, &h).await?;
             totals[mode].0 += slice;
             totals[mode].1 += t.elapsed().as_secs_f64();
-            hists[mode].add(&h).expect("same histogram bounds");
+            hists[mode]
+                .add(&*h.lock().expect("latency histogram"))
+                .expect("same histogram bounds");
             if mode == 0 {
                 let t = Instant::now();
                 client.compact_topic(&fill_topic, true).await?;
@@ -1123,13 +1148,15 @@ mod tests {
         let t0 = Instant::now();
         let at = |us: u64| t0 + Duration::from_micros(us);
         let pairs = [(0, 900), (0, 900), (0, 900), (5, 900), (5, 2000), (0, 900)];
-        let mut runs = LatencyRuns::new();
+        let shared = Mutex::new(histogram());
+        let mut runs = LatencyRuns::new(&shared);
         let mut each = histogram();
         for (s, a) in pairs {
             runs.record(at(s), at(a));
             each.record(a - s).unwrap();
         }
-        let runs = runs.finish();
+        runs.finish();
+        let runs = shared.into_inner().unwrap();
         assert_eq!(runs.len(), each.len());
         for q in [0.0, 0.5, 0.9, 1.0] {
             assert_eq!(runs.value_at_quantile(q), each.value_at_quantile(q));
