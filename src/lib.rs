@@ -33,4 +33,5 @@ pub mod mirror;
 pub mod notify;
 pub mod protocol;
 pub mod server;
+pub mod sockets;
 pub mod storage;

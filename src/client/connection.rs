@@ -26,6 +26,7 @@ use crate::protocol::{
     frame_len, FrameError, HelloRequest, Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES,
     HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
+use crate::sockets::SocketReads;
 
 /// Frames waiting for the writer. Bounds the memory a burst of requests can
 /// hold before the socket takes them; callers wait when it is full.
@@ -122,6 +123,40 @@ impl Stream {
             Self::Unix(s) => s.shutdown(Shutdown::Both),
             Self::Tls(s) => s.tcp.shutdown(Shutdown::Both),
         };
+    }
+}
+
+/// The reader task's side of a stream. A plain socket is read through
+/// [`SocketReads`]: a producer with one record in flight gets its answers
+/// one at a time, and asking the socket again after each found nothing
+/// (a `recv` per record, in vain).
+enum ReadSide {
+    Tcp(SocketReads<std::net::TcpStream>),
+    Unix(SocketReads<std::os::unix::net::UnixStream>),
+    Tls(Stream),
+}
+
+impl Stream {
+    fn read_side(&self) -> ReadSide {
+        match self {
+            Self::Tcp(s) => ReadSide::Tcp(SocketReads::new(s.clone().into())),
+            Self::Unix(s) => ReadSide::Unix(SocketReads::new(s.clone().into())),
+            Self::Tls(_) => ReadSide::Tls(self.clone()),
+        }
+    }
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
@@ -564,7 +599,7 @@ impl FrameBufs {
 }
 
 async fn read_loop(shared: Arc<Shared>, max_frame_bytes: u32) {
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.clone());
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, shared.stream.read_side());
     let mut bufs = FrameBufs::default();
     let error = loop {
         let mut body = bufs.take();

@@ -178,108 +178,19 @@ pub(crate) trait Connection: Send + 'static {
 }
 
 impl Connection for smol::net::TcpStream {
-    type Read = SocketReads<std::net::TcpStream>;
+    type Read = crate::sockets::SocketReads<std::net::TcpStream>;
     type Write = Self;
     /// Two handles of the one socket: no lock between the halves.
     fn split(self) -> (Self::Read, Self) {
-        (SocketReads::new(self.clone().into()), self)
+        (crate::sockets::SocketReads::new(self.clone().into()), self)
     }
 }
 
 impl Connection for smol::net::unix::UnixStream {
-    type Read = SocketReads<std::os::unix::net::UnixStream>;
+    type Read = crate::sockets::SocketReads<std::os::unix::net::UnixStream>;
     type Write = Self;
     fn split(self) -> (Self::Read, Self) {
-        (SocketReads::new(self.clone().into()), self)
-    }
-}
-
-/// A socket's read half that learns whether asking again after a short
-/// read pays. A device with one record in flight sends nothing until it
-/// is answered, so the second `recv` after each request finds nothing:
-/// once such reads keep coming back empty, a short read is taken to mean
-/// the socket is drained, and the next read waits for the reactor to
-/// report it readable (one `recv` per request instead of two). A
-/// pipelining client's next frame is often there already, and waiting
-/// for the reactor would cost it a round; every [`PROBE_EVERY`]th short
-/// read still asks again, so a connection that starts pipelining is
-/// noticed.
-pub(crate) struct SocketReads<T> {
-    io: Arc<smol::Async<T>>,
-    /// The last read came back short: the next one is a retry.
-    short: bool,
-    /// Retries after a short read come back empty: wait for readiness.
-    skip_retries: bool,
-    /// Short reads since the last retry, while retries are skipped.
-    skipped: u8,
-    /// Waiting for readiness before the next read.
-    drained: bool,
-}
-
-/// While retries after short reads are skipped, one in this many is made
-/// anyway, to learn whether they would find data now.
-const PROBE_EVERY: u8 = 16;
-
-impl<T> SocketReads<T> {
-    fn new(io: Arc<smol::Async<T>>) -> Self {
-        SocketReads {
-            io,
-            short: false,
-            skip_retries: false,
-            skipped: 0,
-            drained: false,
-        }
-    }
-}
-
-impl<T> AsyncRead for SocketReads<T>
-where
-    for<'a> &'a T: std::io::Read,
-{
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::io::Read;
-        use std::task::Poll;
-        let this = self.get_mut();
-        loop {
-            if this.drained {
-                futures_lite::ready!(this.io.poll_readable(cx))?;
-                this.drained = false;
-                // What follows a readiness report is not a retry.
-                this.short = false;
-            }
-            match (&mut this.io.get_ref()).read(buf) {
-                Ok(n) => {
-                    if this.short {
-                        // A retry found data: the peer pipelines.
-                        this.skip_retries = false;
-                    }
-                    this.short = n < buf.len();
-                    // Decided once per read: wait for readiness next, or
-                    // (every PROBE_EVERY-th time) retry to learn anew.
-                    if this.short && this.skip_retries {
-                        this.skipped += 1;
-                        if this.skipped < PROBE_EVERY {
-                            this.drained = true;
-                        } else {
-                            this.skipped = 0;
-                        }
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if this.short {
-                        this.skip_retries = true;
-                        this.short = false;
-                    }
-                    this.drained = true;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        (crate::sockets::SocketReads::new(self.clone().into()), self)
     }
 }
 
@@ -1055,53 +966,6 @@ async fn dispatch(ctx: &Ctx, identity: &str, body: RequestBody<'static>) -> Resp
 mod tests {
     use super::*;
     use crate::protocol::{FetchPartitionResult, FetchResponse, SPLICE_MIN_BYTES};
-
-    /// A device's connection (one request, then nothing until answered)
-    /// stops retrying after short reads; a pipelining one is noticed by a
-    /// probe and retried again; no byte is lost or late either way.
-    #[test]
-    fn socket_reads_skip_retries_that_find_nothing_and_notice_pipelining() {
-        use futures_lite::{AsyncReadExt, AsyncWriteExt};
-        use std::time::Duration;
-        smol::block_on(async {
-            let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-            let mut peer = smol::Async::new(a).expect("async");
-            let mut r = SocketReads::new(Arc::new(smol::Async::new(b).expect("async")));
-            let mut buf = [0u8; 64];
-            // Nothing comes within a while: the read stays pending.
-            async fn nothing_within(r: &mut SocketReads<std::os::unix::net::UnixStream>) {
-                let mut buf = [0u8; 64];
-                let got = futures_lite::future::or(async { Some(r.read(&mut buf).await) }, async {
-                    smol::Timer::after(Duration::from_millis(20)).await;
-                    None
-                })
-                .await;
-                assert!(got.is_none(), "{got:?}");
-            }
-            for i in 0..3u8 {
-                peer.write_all(&[i; 10]).await.expect("write");
-                assert_eq!(r.read(&mut buf).await.expect("read"), 10);
-                assert_eq!(buf[..10], [i; 10]);
-                nothing_within(&mut r).await;
-            }
-            assert!(r.skip_retries, "retries that found nothing are skipped");
-            // Now the next request is always there before the retry: within
-            // one probe period a retry finds it, and retries resume.
-            peer.write_all(&[7; 10]).await.expect("write");
-            for _ in 0..=PROBE_EVERY {
-                assert_eq!(r.read(&mut buf).await.expect("read"), 10);
-                assert_eq!(buf[..10], [7; 10]);
-                peer.write_all(&[7; 10]).await.expect("write");
-                // The peer's write is in the socket before the next read.
-                smol::Timer::after(Duration::from_millis(1)).await;
-            }
-            assert!(!r.skip_retries, "a retry that found data resumes retries");
-            assert_eq!(r.read(&mut buf).await.expect("read"), 10);
-            // End of stream still reads as 0.
-            drop(peer);
-            assert_eq!(r.read(&mut buf).await.expect("eof"), 0);
-        });
-    }
 
     /// The writer writes what was sent and ends once the answers close,
     /// also when the task that would have closed them is dropped.
