@@ -126,36 +126,16 @@ impl Stream {
     }
 }
 
-/// The reader task's side of a stream. A plain socket is read through
-/// [`SocketReads`]: a producer with one record in flight gets its answers
-/// one at a time, and asking the socket again after each found nothing
-/// (a `recv` per record, in vain).
-enum ReadSide {
-    Tcp(SocketReads<std::net::TcpStream>),
-    Unix(SocketReads<std::os::unix::net::UnixStream>),
-    Tls(Stream),
-}
-
 impl Stream {
-    fn read_side(&self) -> ReadSide {
+    /// The reader task's side. A plain socket is read through
+    /// [`SocketReads`]: a producer with one record in flight gets its
+    /// answers one at a time, and asking the socket again after each found
+    /// nothing (a `recv` per record, in vain).
+    fn read_side(&self) -> futures_lite::io::BoxedReader {
         match self {
-            Self::Tcp(s) => ReadSide::Tcp(SocketReads::new(s.clone().into())),
-            Self::Unix(s) => ReadSide::Unix(SocketReads::new(s.clone().into())),
-            Self::Tls(_) => ReadSide::Tls(self.clone()),
-        }
-    }
-}
-
-impl AsyncRead for ReadSide {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tcp(s) => Box::pin(SocketReads::new(s.clone().into())),
+            Self::Unix(s) => Box::pin(SocketReads::new(s.clone().into())),
+            Self::Tls(_) => Box::pin(self.clone()),
         }
     }
 }
