@@ -195,7 +195,8 @@ type Waiter = oneshot::Sender<Result<ResponseBody, ClientError>>;
 /// that was a wake-up per record.
 #[derive(Default)]
 struct Waiting {
-    by_id: HashMap<u32, (Waiter, Instant)>,
+    /// `None`: never (a timeout past what `Instant` can hold).
+    by_id: HashMap<u32, (Waiter, Option<Instant>)>,
     /// When the watchdog wakes next (`None`: it waits to be told). A
     /// request due sooner tells it.
     watchdog_at: Option<Instant>,
@@ -208,10 +209,10 @@ impl Waiting {
         let mut due = Vec::new();
         let mut earliest: Option<Instant> = None;
         for (id, (_, deadline)) in &self.by_id {
-            if *deadline <= now {
-                due.push(*id);
-            } else {
-                earliest = Some(earliest.map_or(*deadline, |e| e.min(*deadline)));
+            match *deadline {
+                Some(d) if d <= now => due.push(*id),
+                Some(d) => earliest = Some(earliest.map_or(d, |e| e.min(d))),
+                None => {}
             }
         }
         let due = due
@@ -386,13 +387,15 @@ impl Connection {
             });
         }
         let (tx, rx) = oneshot::channel();
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
         match &mut *self.shared.pending.lock().expect("pending lock") {
             Ok(waiting) => {
                 waiting.by_id.insert(correlation_id, (tx, deadline));
-                if waiting.watchdog_at.is_none_or(|at| deadline < at) {
-                    waiting.watchdog_at = Some(deadline);
-                    self.shared.watchdog.notify(1);
+                if let Some(d) = deadline {
+                    if waiting.watchdog_at.is_none_or(|at| d < at) {
+                        waiting.watchdog_at = Some(d);
+                        self.shared.watchdog.notify(1);
+                    }
                 }
             }
             Err(e) => return Err(e.clone()),
@@ -861,8 +864,9 @@ mod tests {
             assert!(at < Duration::from_millis(1500), "{at:?}");
             assert!(long.is_none(), "the long request ended early: {long:?}");
             // Nothing is left waiting on a dead id, and the connection
-            // still works.
+            // still works, also for a request that never times out.
             c.call(&list, 5 * SECOND).await.unwrap();
+            c.call(&list, Duration::MAX).await.unwrap();
             assert!(!c.is_dead());
         });
         drop(peer);
