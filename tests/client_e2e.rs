@@ -703,3 +703,43 @@ fn polled_records_held_across_many_polls_keep_their_bytes() {
         assert!(seen > total / 3, "{seen} records held");
     });
 }
+
+/// `request_timeout: Duration::MAX` means requests never time out, for
+/// the fetches that add their wait to it too: no overflow, no panic.
+#[test]
+fn a_client_whose_requests_never_time_out_still_produces_and_fetches() {
+    let server = Broker::start("");
+    smol::block_on(async {
+        let config = skiff::client::ClientConfig {
+            request_timeout: Duration::MAX,
+            ..Default::default()
+        };
+        let client = Client::connect_with(&server.unix_addr(), config)
+            .await
+            .unwrap();
+        client
+            .create_topic(CreateTopicRequest {
+                name: "t".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let producer = Producer::new(client.clone(), ProducerConfig::default())
+            .await
+            .unwrap();
+        producer.send("t", None, b"kept", &[]).await.unwrap();
+        let mut consumer = Consumer::new(
+            client,
+            ConsumerConfig {
+                max_wait: Duration::from_millis(100),
+                ..Default::default()
+            },
+        );
+        consumer
+            .assign("t", None, StartFrom::Earliest)
+            .await
+            .unwrap();
+        let records = consumer.poll().await.unwrap();
+        assert_eq!(records[0].value, b"kept");
+    });
+}

@@ -306,8 +306,11 @@ impl Client {
     /// request timeout allows otherwise.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, ClientError> {
         let n = request.partitions.len();
-        let timeout = self.inner.config.request_timeout
-            + Duration::from_millis(u64::from(request.max_wait_ms));
+        let timeout = self
+            .inner
+            .config
+            .request_timeout
+            .saturating_add(Duration::from_millis(u64::from(request.max_wait_ms)));
         match self
             .call_with_timeout(&RequestBody::Fetch(request), timeout)
             .await?
@@ -454,8 +457,11 @@ impl Client {
     /// may take up to the group's rebalance timeout.
     pub async fn join_group(&self, r: JoinGroupRequest) -> Result<JoinGroupResponse, ClientError> {
         self.need_groups().await?;
-        let timeout = self.inner.config.request_timeout
-            + Duration::from_millis(u64::from(r.rebalance_timeout_ms));
+        let timeout = self
+            .inner
+            .config
+            .request_timeout
+            .saturating_add(Duration::from_millis(u64::from(r.rebalance_timeout_ms)));
         match self
             .call_with_timeout(&RequestBody::JoinGroup(r), timeout)
             .await?

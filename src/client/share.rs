@@ -31,8 +31,10 @@ impl Client {
         r: ShareFetchRequest,
     ) -> Result<ShareFetchResponse, ClientError> {
         self.need_share().await?;
-        let timeout =
-            self.config().request_timeout + Duration::from_millis(u64::from(r.max_wait_ms));
+        let timeout = self
+            .config()
+            .request_timeout
+            .saturating_add(Duration::from_millis(u64::from(r.max_wait_ms)));
         match self
             .call_with_timeout(&RequestBody::ShareFetch(r), timeout)
             .await?
