@@ -233,6 +233,11 @@ fn a_partition_with_a_backlog_does_not_starve_the_others() {
 
 async fn connect_and_create(server: &Broker, topic: &str, partitions: u32) -> Client {
     let client = Client::connect(&server.unix_addr()).await.unwrap();
+    create_small(&client, topic, partitions).await;
+    client
+}
+
+async fn create_small(client: &Client, topic: &str, partitions: u32) {
     client
         .create_topic(CreateTopicRequest {
             name: topic.into(),
@@ -243,7 +248,6 @@ async fn connect_and_create(server: &Broker, topic: &str, partitions: u32) -> Cl
         })
         .await
         .unwrap();
-    client
 }
 
 #[test]
@@ -717,13 +721,7 @@ fn a_client_whose_requests_never_time_out_still_produces_and_fetches() {
         let client = Client::connect_with(&server.unix_addr(), config)
             .await
             .unwrap();
-        client
-            .create_topic(CreateTopicRequest {
-                name: "t".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        create_small(&client, "t", 1).await;
         let producer = Producer::new(client.clone(), ProducerConfig::default())
             .await
             .unwrap();
