@@ -28,6 +28,7 @@ pub struct ClientConfig {
     /// Bound on connecting plus the hello exchange.
     pub connect_timeout: Duration,
     /// Bound on one request's answer; a fetch adds its `max_wait_ms`.
+    /// `Duration::MAX`: no bound.
     pub request_timeout: Duration,
     /// Sent in hello, for the server's log.
     pub client_name: Option<String>,
