@@ -116,17 +116,6 @@ impl Stream {
         })
     }
 
-    fn shutdown(&self) {
-        // Errors mean the socket is already gone, which is the goal.
-        let _ = match self {
-            Self::Tcp(s) => s.shutdown(Shutdown::Both),
-            Self::Unix(s) => s.shutdown(Shutdown::Both),
-            Self::Tls(s) => s.tcp.shutdown(Shutdown::Both),
-        };
-    }
-}
-
-impl Stream {
     /// The reader task's side. A plain socket is read through
     /// [`SocketReads`]: a producer with one record in flight gets its
     /// answers one at a time, and asking the socket again after each found
@@ -137,6 +126,15 @@ impl Stream {
             Self::Unix(s) => Box::pin(SocketReads::new(s.clone().into())),
             Self::Tls(_) => Box::pin(self.clone()),
         }
+    }
+
+    fn shutdown(&self) {
+        // Errors mean the socket is already gone, which is the goal.
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(Shutdown::Both),
+            Self::Unix(s) => s.shutdown(Shutdown::Both),
+            Self::Tls(s) => s.tcp.shutdown(Shutdown::Both),
+        };
     }
 }
 
