@@ -188,6 +188,11 @@ impl Accumulator {
             .collect()
     }
 
+    /// Records not yet sent: in an open batch or a ready one.
+    pub fn holds_unsent(&self) -> bool {
+        self.ready_records > 0 || self.queues.values().any(|q| q.open.is_some())
+    }
+
     /// Nothing open, queued or in flight.
     #[cfg(test)]
     pub fn is_idle(&self) -> bool {

@@ -769,7 +769,7 @@ async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
     // Settled after the lock is released: waking deliveries under it would
     // hold up `send` on other threads.
     let mut settled = Vec::with_capacity(batches.len());
-    let next = {
+    let (next, rewake) = {
         let mut st = inner.state.lock().expect("producer state");
         for (b, outcome) in batches.into_iter().zip(outcomes) {
             match outcome {
@@ -814,13 +814,19 @@ async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
         // The answers made room: batches waiting for it go out before the
         // records' owners are woken, so the broker works on them while the
         // owners make more.
-        st.acc.drain(now)
+        let next = st.acc.drain(now);
+        // With every record sent, the sender task has nothing to send,
+        // linger for or expire: waking it for every answer ran it twice
+        // per request for a producer with one record in flight.
+        (next, st.acc.holds_unsent())
     };
     start_requests(&inner, next).await;
     for (b, result) in settled {
         b.settler.settle(result);
     }
-    inner.wake.notify(1);
+    if rewake {
+        inner.wake.notify(1);
+    }
     inner.progress.notify(usize::MAX);
 }
 
