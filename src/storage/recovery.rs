@@ -1226,9 +1226,18 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
 
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next
 /// refresh. A failed write is logged: the old checkpoint still holds (it
-/// never claims more than was durable).
+/// never claims more than was durable). For the same reason a crash that
+/// loses the replacing rename loses nothing, so a running partition's
+/// checkpoint does not wait for its directory's fsync. A clean shutdown's
+/// does, so that the next start finds it and skips recovery's scan.
 pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
-    match meta::write_atomic(&p.dir.join(CHECKPOINT_META), &ck) {
+    let path = p.dir.join(CHECKPOINT_META);
+    let written = if ck.clean {
+        meta::write_atomic(&path, &ck)
+    } else {
+        meta::write_hint(&path, &ck)
+    };
+    match written {
         Ok(()) => p.checkpointed = ck,
         Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
     }
