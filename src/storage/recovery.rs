@@ -1227,15 +1227,16 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next
 /// refresh. A failed write is logged: the old checkpoint still holds (it
 /// never claims more than was durable). For the same reason a crash that
-/// loses the replacing rename loses nothing, so a running partition's
-/// checkpoint does not wait for its directory's fsync. A clean shutdown's
-/// does, so that the next start finds it and skips recovery's scan.
+/// loses or tears the write loses nothing (recovery is correct without a
+/// checkpoint), so a running partition's is rewritten in place. A clean
+/// shutdown's is replaced atomically, so that the next start finds it
+/// whole and skips recovery's scan.
 pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
     let path = p.dir.join(CHECKPOINT_META);
     let written = if ck.clean {
         meta::write_atomic(&path, &ck)
     } else {
-        meta::write_hint(&path, &ck)
+        meta::overwrite(&path, &ck)
     };
     match written {
         Ok(()) => p.checkpointed = ck,
