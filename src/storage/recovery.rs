@@ -1225,12 +1225,12 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
 }
 
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next
-/// refresh. A failed write is logged: the old checkpoint still holds (it
-/// never claims more than was durable). For the same reason a crash that
-/// loses or tears the write loses nothing (recovery is correct without a
-/// checkpoint), so a running partition's is rewritten in place. A clean
-/// shutdown's is replaced atomically, so that the next start finds it
-/// whole and skips recovery's scan.
+/// refresh. A running partition's is rewritten in place: a failed write
+/// (logged) or a crash leaves the old checkpoint or one that fails its
+/// check, and recovery is correct with either (a checkpoint never claims
+/// more than was durable, and recovery does without an unreadable one). A
+/// clean shutdown's is replaced atomically, so that the next start finds
+/// it whole and skips recovery's scan.
 pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
     let path = p.dir.join(CHECKPOINT_META);
     let written = if ck.clean {
