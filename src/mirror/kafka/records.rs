@@ -419,6 +419,15 @@ pub fn decode_batch(batch: Bytes, max_record_bytes: usize) -> Result<Batch, Reco
     }
     let attributes = r.i16()?;
     let last_offset_delta = r.i32()?;
+    // base_offset is outside the CRC, so any value can arrive; offsets
+    // past i64 would overflow in next_offset and in each record's offset.
+    if base_offset
+        .checked_add(i64::from(last_offset_delta))
+        .and_then(|last| last.checked_add(1))
+        .is_none()
+    {
+        return Err(RecordsError::Malformed("offset beyond i64"));
+    }
     let base_timestamp_ms = r.i64()?;
     let max_timestamp_ms = r.i64()?;
     let producer_id = r.i64()?;
@@ -504,8 +513,11 @@ fn decode_record(
     if r.remaining() != 0 {
         return Err(RecordsError::Malformed("record length"));
     }
+    let offset = base_offset
+        .checked_add(i64::from(offset_delta))
+        .ok_or(RecordsError::Malformed("offset beyond i64"))?;
     Ok(Record {
-        offset: base_offset + i64::from(offset_delta),
+        offset,
         timestamp_ms: base_timestamp_ms.wrapping_add(timestamp_delta),
         key,
         value,
@@ -836,6 +848,30 @@ mod tests {
                 "flip at {at}"
             );
         }
+    }
+
+    /// Found by the kafka_records fuzz target: the base offset is not
+    /// covered by the CRC, so a fetch answer can carry any value there.
+    #[test]
+    fn offsets_past_i64_are_refused_not_overflowed() {
+        let bytes = sample_builder()
+            .finish(Compression::None, ProducerStamp::NONE)
+            .unwrap();
+        for base in [i64::MAX, i64::MAX - 1, i64::MAX - 2] {
+            let mut bad = bytes.to_vec();
+            bad[..8].copy_from_slice(&base.to_be_bytes());
+            assert_eq!(
+                decode_batch(Bytes::from(bad), MAX),
+                Err(RecordsError::Malformed("offset beyond i64")),
+                "base {base}"
+            );
+        }
+        // The last offset that fits still decodes.
+        let mut edge = bytes.to_vec();
+        edge[..8].copy_from_slice(&(i64::MAX - 3).to_be_bytes());
+        let b = decode_batch(Bytes::from(edge), MAX).unwrap();
+        assert_eq!(b.next_offset(), i64::MAX);
+        assert_eq!(b.records[2].offset, i64::MAX - 1);
     }
 
     #[test]
