@@ -712,6 +712,20 @@ fn bench_commands_print_one_json_line() {
         cpu >= 0.0 && (per_m - cpu * 1e6 / 3000.0).abs() < 1e-6,
         "{c}"
     );
+    assert_eq!(c["passes"], 1);
+    // --min-seconds reads the topic again from its start, whole passes
+    // only, until the time is up.
+    let out = b.cli(&["bench", "consume", "--min-seconds", "0.3"]);
+    assert_ok(&out);
+    let c = &json_lines(&out)[0];
+    let passes = c["passes"].as_u64().unwrap();
+    assert!(passes >= 2, "3,000 records take far less than 0.3 s: {c}");
+    assert_eq!(c["messages"], 3000 * passes, "{c}");
+    assert!(c["elapsed_s"].as_f64().unwrap() >= 0.3, "{c}");
+    for bad in ["-1", "NaN", "1e300"] {
+        let out = b.cli(&["bench", "consume", "--min-seconds", bad]);
+        assert_fails(&out, 2, &["--min-seconds"]);
+    }
 
     let out = b.cli(&[
         "bench",

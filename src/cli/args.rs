@@ -777,6 +777,16 @@ pub struct BenchConsumeArgs {
     /// Stop after this many records (default: everything up to the latest offset).
     #[arg(long)]
     pub messages: Option<u64>,
+    /// Read the topic again from its start until at least this many
+    /// seconds have passed (a replay of a small topic over in a tenth of
+    /// a second measures start-up more than reading).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub min_seconds: f64,
     /// The broker's process id: report its CPU time over the run.
     #[arg(long, value_name = "PID")]
     pub broker_pid: Option<u32>,

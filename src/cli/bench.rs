@@ -920,6 +920,15 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
     if let Err(code) = super::commands::check_broker(&a.broker.broker) {
         return code;
     }
+    let Ok(min) = Duration::try_from_secs_f64(a.min_seconds) else {
+        return fail(
+            EXIT_USAGE,
+            format!(
+                "bench consume: --min-seconds {} is not a number of seconds",
+                a.min_seconds
+            ),
+        );
+    };
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
     let result = smol::block_on(async {
@@ -945,13 +954,21 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
             let (done, stop) = (done.clone(), stop.clone());
             std::thread::spawn(move || progress(&done, target, start, &stop))
         };
-        let (mut records, mut bytes) = (0u64, 0u64);
-        while records < target {
-            for r in consumer.poll_batch().await?.iter() {
-                records += 1;
-                bytes += (r.value.len() + r.key.map_or(0, <[u8]>::len)) as u64;
+        let (mut records, mut bytes, mut passes) = (0u64, 0u64, 0u64);
+        loop {
+            let pass_end = records + target;
+            while records < pass_end {
+                for r in consumer.poll_batch().await?.iter() {
+                    records += 1;
+                    bytes += (r.value.len() + r.key.map_or(0, <[u8]>::len)) as u64;
+                }
+                done.store(records, Ordering::Relaxed);
             }
-            done.store(records, Ordering::Relaxed);
+            passes += 1;
+            if target == 0 || start.elapsed() >= min {
+                break;
+            }
+            consumer.assign(&a.topic, None, StartFrom::Earliest).await?;
         }
         let elapsed = start.elapsed();
         let cpu = cpu_before
@@ -959,9 +976,9 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
             .map(|(b, a)| a.saturating_sub(b));
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
-        Ok::<_, ClientError>((records, bytes, elapsed, cpu))
+        Ok::<_, ClientError>((records, bytes, passes, elapsed, cpu))
     });
-    let (records, bytes, elapsed, cpu) = match result {
+    let (records, bytes, passes, elapsed, cpu) = match result {
         Ok(r) => r,
         Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
             return fail(
@@ -977,6 +994,7 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
     let mut line = serde_json::json!({
         "workload": "consume",
         "messages": records,
+        "passes": passes,
         "payload_bytes": bytes,
         "elapsed_s": secs,
         "msgs_per_s": records as f64 / secs,
