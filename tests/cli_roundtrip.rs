@@ -696,6 +696,11 @@ fn bench_commands_print_one_json_line() {
     assert!(0 < p50 && p50 <= p99 && p99 <= max, "{lat}");
 
     assert!(p.get("broker_cpu_s").is_none(), "only with --broker-pid");
+    assert!(
+        p.get("broker_runq_wait_s").is_none(),
+        "only with --broker-pid"
+    );
+    assert!(p["client_runq_wait_s"].as_f64().unwrap() >= 0.0, "{p}");
 
     let pid = b.pid().to_string();
     let out = b.cli(&["bench", "consume", "--broker-pid", &pid]);
@@ -715,17 +720,30 @@ fn bench_commands_print_one_json_line() {
     assert_eq!(c["passes"], 1);
     // --min-seconds reads the topic again from its start, whole passes
     // only, until the time is up.
-    let out = b.cli(&["bench", "consume", "--min-seconds", "0.3"]);
+    let out = b.cli(&["bench", "consume", "--min-seconds", "1"]);
     assert_ok(&out);
     let c = &json_lines(&out)[0];
     let passes = c["passes"].as_u64().unwrap();
-    assert!(passes >= 2, "3,000 records take far less than 0.3 s: {c}");
+    assert!(passes >= 2, "3,000 records take far less than 1 s: {c}");
     assert_eq!(c["messages"], 3000 * passes, "{c}");
-    assert!(c["elapsed_s"].as_f64().unwrap() >= 0.3, "{c}");
+    assert!(c["elapsed_s"].as_f64().unwrap() >= 1.0, "{c}");
     for bad in ["-1", "NaN", "1e300"] {
         let out = b.cli(&["bench", "consume", "--min-seconds", bad]);
         assert_fails(&out, 2, &["--min-seconds"]);
     }
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--messages",
+        "1000",
+        "--keep",
+        "--broker-pid",
+        &pid,
+    ]);
+    assert_ok(&out);
+    let p = &json_lines(&out)[0];
+    assert!(p["broker_cpu_s"].as_f64().unwrap() >= 0.0, "{p}");
+    assert!(p["broker_runq_wait_s"].as_f64().unwrap() >= 0.0, "{p}");
 
     let out = b.cli(&[
         "bench",

@@ -128,6 +128,22 @@ fn process_cpu(pid: u32) -> Option<Duration> {
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// How long a process's threads have been runnable but waiting for a CPU
+/// (the second field of each /proc/PID/task/TID/schedstat, in ns); None
+/// where that cannot be read. On two cores shared by broker and client,
+/// the open loop's slow records come in clusters: this says whether the
+/// process was waiting for a core.
+fn process_runq_wait(pid: u32) -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) else {
+            continue; // the thread exited meanwhile
+        };
+        ns += stat.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
+}
+
 /// Adds the broker's CPU time over a run to its result line.
 fn add_broker_cpu(line: &mut serde_json::Value, cpu: Option<Duration>, records: u64) {
     if let Some(cpu) = cpu {
@@ -444,6 +460,10 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         let cpu_before = a.broker_pid.and_then(process_cpu);
         let own_before = process_cpu(std::process::id());
+        let waits_before = (
+            a.broker_pid.and_then(process_runq_wait),
+            process_runq_wait(std::process::id()),
+        );
         let start = Instant::now();
         let schedule = a.rate.map(|rate| Schedule {
             start,
@@ -510,6 +530,16 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         let elapsed = start.elapsed();
         let cpu_after = a.broker_pid.and_then(process_cpu);
         let own_after = process_cpu(std::process::id());
+        let waits = (
+            waits_before
+                .0
+                .zip(a.broker_pid.and_then(process_runq_wait))
+                .map(|(b, a)| a.saturating_sub(b)),
+            waits_before
+                .1
+                .zip(process_runq_wait(std::process::id()))
+                .map(|(b, a)| a.saturating_sub(b)),
+        );
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
         let dropped = drop_topic(&client, &a.topic, a.keep).await;
@@ -519,9 +549,9 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         dropped?;
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
         let own = own_before.zip(own_after).map(|(b, a)| a.saturating_sub(b));
-        Ok((elapsed, hist, cpu, own))
+        Ok((elapsed, hist, cpu, own, waits))
     });
-    let (elapsed, hist, cpu, own) = match result {
+    let (elapsed, hist, cpu, own, (broker_wait, own_wait)) = match result {
         Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench produce: {e}")),
     };
@@ -554,6 +584,12 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         line["client_cpu_s"] = own.as_secs_f64().into();
         line["client_cpu_s_per_m_records"] =
             (own.as_secs_f64() * 1e6 / a.messages.max(1) as f64).into();
+    }
+    if let Some(w) = broker_wait {
+        line["broker_runq_wait_s"] = w.as_secs_f64().into();
+    }
+    if let Some(w) = own_wait {
+        line["client_runq_wait_s"] = w.as_secs_f64().into();
     }
     outln!("{line}");
     ExitCode::SUCCESS
