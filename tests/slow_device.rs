@@ -49,6 +49,16 @@ fn the_slow_device_takes_its_time_and_counts_what_it_did() {
     assert!(s.busy_us >= 134_000, "busy {} µs", s.busy_us);
     drop(f);
     assert_eq!(std::fs::read(&path).expect("read back").len(), 1024 * 1024);
+
+    // A directory's fsync is a journal commit on a real file system: the
+    // model charges it a flush too.
+    let started = Instant::now();
+    std::fs::File::open(&fs.mountpoint)
+        .expect("open the directory")
+        .sync_all()
+        .expect("fsync the directory");
+    assert!(started.elapsed() >= Duration::from_millis(5));
+    assert_eq!(fs.device_stats().flush_us, vec![5000, 5000, 5000]);
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
