@@ -144,6 +144,12 @@ fn process_runq_wait(pid: u32) -> Option<Duration> {
     Some(Duration::from_nanos(ns))
 }
 
+/// What a counter read before and after a run grew by, where both reads
+/// worked.
+fn grown(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
+    before.zip(after).map(|(b, a)| a.saturating_sub(b))
+}
+
 /// Adds the broker's CPU time over a run to its result line.
 fn add_broker_cpu(line: &mut serde_json::Value, cpu: Option<Duration>, records: u64) {
     if let Some(cpu) = cpu {
@@ -531,14 +537,8 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         let cpu_after = a.broker_pid.and_then(process_cpu);
         let own_after = process_cpu(std::process::id());
         let waits = (
-            waits_before
-                .0
-                .zip(a.broker_pid.and_then(process_runq_wait))
-                .map(|(b, a)| a.saturating_sub(b)),
-            waits_before
-                .1
-                .zip(process_runq_wait(std::process::id()))
-                .map(|(b, a)| a.saturating_sub(b)),
+            grown(waits_before.0, a.broker_pid.and_then(process_runq_wait)),
+            grown(waits_before.1, process_runq_wait(std::process::id())),
         );
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
@@ -547,8 +547,8 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             return Err(e);
         }
         dropped?;
-        let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a.saturating_sub(b));
-        let own = own_before.zip(own_after).map(|(b, a)| a.saturating_sub(b));
+        let cpu = grown(cpu_before, cpu_after);
+        let own = grown(own_before, own_after);
         Ok((elapsed, hist, cpu, own, waits))
     });
     let (elapsed, hist, cpu, own, (broker_wait, own_wait)) = match result {
@@ -1007,9 +1007,7 @@ pub fn consume(a: BenchConsumeArgs) -> ExitCode {
             consumer.assign(&a.topic, None, StartFrom::Earliest).await?;
         }
         let elapsed = start.elapsed();
-        let cpu = cpu_before
-            .zip(a.broker_pid.and_then(process_cpu))
-            .map(|(b, a)| a.saturating_sub(b));
+        let cpu = grown(cpu_before, a.broker_pid.and_then(process_cpu));
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
         Ok::<_, ClientError>((records, bytes, passes, elapsed, cpu))
