@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use smol::lock::Mutex;
 
-use super::connection::{Address, Connection, ServerInfo};
+use super::connection::{Address, Answer, Connection, ServerInfo};
 use super::error::{about, ClientError};
 use super::tls::{TlsClient, TlsOptions};
 use crate::protocol::{
@@ -336,20 +336,25 @@ impl Client {
         }
     }
 
-    /// As [`produce_raw`](Self::produce_raw), keeping the request so its
-    /// batches can be sent again.
-    pub(crate) async fn produce_ref(
+    /// Queues a produce request on the connection (as
+    /// [`produce_raw`](Self::produce_raw) does, keeping the request so its
+    /// batches can be sent again) and returns its answer to wait for
+    /// apart: requests queued one after another go on the wire in that
+    /// order.
+    pub(crate) async fn queue_produce(
         &self,
         body: &RequestBody<'_>,
-    ) -> Result<Vec<ProducePartitionResult>, ClientError> {
-        let n = match body {
+    ) -> Result<QueuedProduce, ClientError> {
+        let partitions = match body {
             RequestBody::Produce(p) => p.partitions.len(),
             _ => 0,
         };
-        match self.call(body).await? {
-            ResponseBody::Produce(r) if r.partitions.len() == n => Ok(r.partitions),
-            other => Err(unexpected("produce", &other)),
-        }
+        let conn = self.connection().await?;
+        let (correlation_id, frame) = conn.encode(body)?;
+        let answer = conn
+            .queue_frame(correlation_id, frame, self.inner.config.request_timeout)
+            .await?;
+        Ok(QueuedProduce { answer, partitions })
     }
 
     /// Gets a producer id and epoch for idempotent produce.
@@ -363,6 +368,22 @@ impl Client {
         match self.call(&body).await? {
             ResponseBody::InitProducer(r) => Ok(r),
             other => Err(unexpected("init_producer", &other)),
+        }
+    }
+}
+
+/// A produce request on the wire (see [`Client::queue_produce`]).
+pub(crate) struct QueuedProduce {
+    answer: Answer,
+    partitions: usize,
+}
+
+impl QueuedProduce {
+    /// The results, one per partition of the request, in its order.
+    pub(crate) async fn wait(self) -> Result<Vec<ProducePartitionResult>, ClientError> {
+        match self.answer.wait().await? {
+            ResponseBody::Produce(r) if r.partitions.len() == self.partitions => Ok(r.partitions),
+            other => Err(unexpected("produce", &other)),
         }
     }
 }

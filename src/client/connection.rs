@@ -186,6 +186,44 @@ impl AsyncWrite for Stream {
 
 type Waiter = oneshot::Sender<Result<ResponseBody, ClientError>>;
 
+/// The answer to a queued request (see [`Connection::queue_frame`]).
+pub(crate) struct Answer {
+    rx: oneshot::Receiver<Result<ResponseBody, ClientError>>,
+    correlation_id: u32,
+    shared: Arc<Shared>,
+}
+
+impl Answer {
+    /// Waits for the answer; the watchdog answers a request past its
+    /// deadline with a timeout. An error answer becomes
+    /// [`ClientError::Server`].
+    pub(crate) async fn wait(self) -> Result<ResponseBody, ClientError> {
+        let Answer {
+            rx,
+            correlation_id,
+            shared,
+        } = self;
+        // A dropped sender means the connection went away without a word.
+        let answer = rx.await.unwrap_or(Err(ClientError::Disconnected));
+        if answer.is_err() {
+            // A late answer then matches nothing and is dropped.
+            shared.take_waiter(correlation_id);
+        }
+        match answer? {
+            ResponseBody::Error(e) => Err(ClientError::Server {
+                code: e.code,
+                message: e.message,
+            }),
+            body => Ok(body),
+        }
+    }
+
+    /// Stops waiting: a late answer then matches nothing and is dropped.
+    fn forget(self) {
+        self.shared.take_waiter(self.correlation_id);
+    }
+}
+
 /// Requests sent and not yet answered, by correlation id, each with the
 /// time it gives up. One watchdog task per connection times them out, so
 /// a request costs no timer of its own: a timer's insertion wakes the
@@ -377,6 +415,23 @@ impl Connection {
         frame: Vec<u8>,
         timeout: Duration,
     ) -> Result<ResponseBody, ClientError> {
+        self.queue_frame(correlation_id, frame, timeout)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Queues a request's frame for the writer and returns its answer to
+    /// wait for apart: frames go on the wire in the order they were
+    /// queued, so a caller that must keep its requests in order (the
+    /// producer's sequences) queues them one after another and waits for
+    /// the answers elsewhere.
+    pub(crate) async fn queue_frame(
+        &self,
+        correlation_id: u32,
+        frame: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Answer, ClientError> {
         let body_len = frame.len() - FRAME_HEADER_BYTES;
         if body_len > self.info.max_frame_bytes as usize {
             return Err(ClientError::RequestTooLarge {
@@ -413,22 +468,17 @@ impl Connection {
                 .await
             }
         };
-        let answer = match queued {
-            // The watchdog answers with a timeout; a dropped sender means
-            // the connection went away without a word.
-            Ok(()) => rx.await.unwrap_or(Err(ClientError::Disconnected)),
-            Err(e) => Err(e),
+        let answer = Answer {
+            rx,
+            correlation_id,
+            shared: self.shared.clone(),
         };
-        if answer.is_err() {
-            // A late answer then matches nothing and is dropped.
-            self.shared.take_waiter(correlation_id);
-        }
-        match answer? {
-            ResponseBody::Error(e) => Err(ClientError::Server {
-                code: e.code,
-                message: e.message,
-            }),
-            body => Ok(body),
+        match queued {
+            Ok(()) => Ok(answer),
+            Err(e) => {
+                answer.forget();
+                Err(e)
+            }
         }
     }
 

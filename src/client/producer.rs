@@ -18,7 +18,7 @@ use smol::{Task, Timer};
 use super::accumulator::{
     backoff, record_bytes_max, Accumulator, AccumulatorConfig, ReadyBatch, TopicPartition,
 };
-use super::client::{Client, ClientConfig};
+use super::client::{Client, ClientConfig, QueuedProduce};
 use super::error::ClientError;
 use super::outcome::Settler;
 pub use super::outcome::{Delivery, RecordMetadata};
@@ -182,6 +182,13 @@ struct Inner {
     wake: Event,
     /// Wakes `flush` and `send_wait`: something completed.
     progress: Event,
+    /// Held from taking batches out of the accumulator until their
+    /// requests are queued on the connection, so that they reach the wire
+    /// in the order their sequences were given. Two tasks draining at once
+    /// on a multi-threaded executor otherwise queued theirs the other way
+    /// round now and then; the broker refused the overtaking batch
+    /// (`out_of_order_sequence`), and it waited out a retry backoff.
+    send_order: smol::lock::Mutex<()>,
     /// The broker's id and epoch for this producer, when idempotent.
     producer: Option<(u64, u16)>,
     /// Records acknowledged but dropped by a topic's message-id window.
@@ -255,6 +262,7 @@ impl Producer {
             }),
             wake: Event::new(),
             progress: Event::new(),
+            send_order: smol::lock::Mutex::new(()),
             producer,
             duplicates: std::sync::atomic::AtomicU64::new(0),
         });
@@ -664,6 +672,7 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
 async fn run(inner: Arc<Inner>) {
     loop {
         let listener = inner.wake.listen();
+        let order = inner.send_order.lock().await;
         let now = Instant::now();
         let (batches, expired, wakeup) = {
             let mut st = inner.state.lock().expect("producer state");
@@ -671,13 +680,14 @@ async fn run(inner: Arc<Inner>) {
             let batches = st.acc.drain(now);
             (batches, expired, st.acc.next_wakeup())
         };
+        start_requests(&inner, batches).await;
+        drop(order);
         if !expired.is_empty() {
             for b in expired {
                 b.settler.settle(Err(ClientError::Timeout));
             }
             inner.progress.notify(usize::MAX);
         }
-        start_requests(&inner, batches).await;
         match wakeup {
             Some(at) => {
                 futures_lite::future::or(listener, async {
@@ -690,27 +700,39 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
-/// Sends `batches` in as few produce requests as the frame limit allows,
-/// each finished by its own task. Each request is polled once here first,
-/// which queues its frame for the connection's writer before the caller
-/// goes on (to wake the owners of answered records, who would otherwise
-/// run first and make the broker wait while they build more).
+/// Queues `batches` on the connection in as few produce requests as the
+/// frame limit allows, in order, and leaves each request's answer to a
+/// task of its own. The caller holds `send_order`. The frames are queued
+/// before the caller goes on, to wake the owners of answered records, who
+/// would otherwise run first and make the broker wait while they build
+/// more.
 async fn start_requests(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
-    for request in group_requests(batches, inner.request_bytes_max) {
-        let mut send = boxed_send(inner.clone(), request);
-        if futures_lite::future::poll_once(&mut send).await.is_none() {
-            smol::spawn(send).detach();
-        }
+    for batches in group_requests(batches, inner.request_bytes_max) {
+        // The request borrows the batches: a retry sends them again.
+        let body = RequestBody::Produce(ProduceRequest {
+            partitions: batches
+                .iter()
+                .map(|b| ProducePartition {
+                    topic: b.tp.topic.to_string(),
+                    partition: b.tp.partition,
+                    batch: b.bytes[..].into(),
+                })
+                .collect(),
+        });
+        let queued = inner.client.queue_produce(&body).await;
+        drop(body);
+        smol::spawn(boxed_answer(inner.clone(), batches, queued)).detach();
     }
 }
 
-/// `send_batches` behind a pointer, so that it can start requests itself
+/// `answer_batches` behind a pointer, so that it can start requests itself
 /// (its future would otherwise contain itself).
-fn boxed_send(
+fn boxed_answer(
     inner: Arc<Inner>,
     batches: Vec<ReadyBatch>,
+    queued: Result<QueuedProduce, ClientError>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(send_batches(inner, batches))
+    Box::pin(answer_batches(inner, batches, queued))
 }
 
 /// Splits batches into requests of at most `max_bytes` of batch data; a
@@ -733,21 +755,16 @@ fn group_requests(batches: Vec<ReadyBatch>, max_bytes: usize) -> Vec<Vec<ReadyBa
     out
 }
 
-/// Sends one produce request and settles each batch in it.
-async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
-    // The request borrows the batches: a retry sends them again.
-    let body = RequestBody::Produce(ProduceRequest {
-        partitions: batches
-            .iter()
-            .map(|b| ProducePartition {
-                topic: b.tp.topic.to_string(),
-                partition: b.tp.partition,
-                batch: b.bytes[..].into(),
-            })
-            .collect(),
-    });
-    let answer = inner.client.produce_ref(&body).await;
-    drop(body);
+/// Waits for one produce request's answer and settles each batch in it.
+async fn answer_batches(
+    inner: Arc<Inner>,
+    batches: Vec<ReadyBatch>,
+    queued: Result<QueuedProduce, ClientError>,
+) {
+    let answer = match queued {
+        Ok(q) => q.wait().await,
+        Err(e) => Err(e),
+    };
     let outcomes: Vec<Result<(u64, u64), ClientError>> = match answer {
         Ok(results) => batches
             .iter()
@@ -765,6 +782,7 @@ async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
             .collect(),
         Err(e) => batches.iter().map(|_| Err(e.clone())).collect(),
     };
+    let order = inner.send_order.lock().await;
     let now = Instant::now();
     // Settled after the lock is released: waking deliveries under it would
     // hold up `send` on other threads.
@@ -821,6 +839,7 @@ async fn send_batches(inner: Arc<Inner>, batches: Vec<ReadyBatch>) {
         (next, st.acc.holds_unsent())
     };
     start_requests(&inner, next).await;
+    drop(order);
     for (b, result) in settled {
         b.settler.settle(result);
     }
