@@ -818,10 +818,18 @@ impl ProducerStamp {
     };
 }
 
+/// Room the builder keeps in front of its records for the header and the
+/// records' array head (at most 5 bytes for a `u32` count), so that
+/// [`BatchBuilder::finish_in_place`] writes them there instead of copying
+/// the records after them.
+const BUILDER_PREFIX_BYTES: usize = HEADER_BYTES + 5;
+
 /// Builds a batch from records. Keeps one encoded body buffer, reused
 /// between batches with [`BatchBuilder::clear`].
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
+    /// Empty, or [`BUILDER_PREFIX_BYTES`] of room followed by the encoded
+    /// records.
     body: Vec<u8>,
     count: u32,
     /// The offset delta the next record gets; the batch covers
@@ -847,7 +855,16 @@ impl BatchBuilder {
     /// The size the batch would have if finished now (upper bound by the
     /// array header's few bytes).
     pub fn estimated_bytes(&self) -> usize {
-        HEADER_BYTES + 9 + self.body.len()
+        HEADER_BYTES + 9 + self.records_bytes()
+    }
+
+    /// The encoded records so far.
+    fn records(&self) -> &[u8] {
+        self.body.get(BUILDER_PREFIX_BYTES..).unwrap_or_default()
+    }
+
+    fn records_bytes(&self) -> usize {
+        self.body.len().saturating_sub(BUILDER_PREFIX_BYTES)
     }
 
     pub fn clear(&mut self) {
@@ -907,6 +924,9 @@ impl BatchBuilder {
                 })
                 .collect(),
         };
+        if self.body.is_empty() {
+            self.body.resize(BUILDER_PREFIX_BYTES, 0);
+        }
         minicbor::encode(&record, &mut self.body).expect("Vec<u8> writes are infallible");
         self.count += 1;
         self.skip_offsets(1);
@@ -942,7 +962,43 @@ impl BatchBuilder {
             e.array(u64::from(self.count))
                 .expect("Vec<u8> writes are infallible");
         }
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(self.records());
+        self.stamp_header(&mut out, producer, base_offset);
+        self.clear();
+        out
+    }
+
+    /// As [`finish`](Self::finish), without copying the records: the batch
+    /// is written around them in the builder's own buffer, which it takes
+    /// (the builder gets a new one). At 1 KiB records
+    /// the copy was a twelfth of a producer's CPU.
+    ///
+    /// # Panics
+    /// When the builder is empty: a batch holds at least one record.
+    pub fn finish_in_place(&mut self, producer: ProducerStamp) -> FinishedBatch {
+        assert!(self.count > 0, "a batch holds at least one record");
+        let mut head = [0u8; 5];
+        let head_len = {
+            let mut e = minicbor::Encoder::new(&mut head[..]);
+            e.array(u64::from(self.count))
+                .expect("a u32 count's head fits 5 bytes");
+            5 - e.writer().len()
+        };
+        let start = 5 - head_len;
+        // Room for a batch a little larger than this one: a producer's
+        // batches close at about one size. (The old buffer's capacity could
+        // be twice its length, which every batch in flight would then hold.)
+        let capacity = self.body.len() + self.body.len() / 16;
+        let mut buf = std::mem::replace(&mut self.body, Vec::with_capacity(capacity));
+        buf[start + HEADER_BYTES..BUILDER_PREFIX_BYTES].copy_from_slice(&head[..head_len]);
+        self.stamp_header(&mut buf[start..], producer, 0);
+        self.clear();
+        FinishedBatch { buf, start }
+    }
+
+    /// Fills in the header of `out`, a whole batch: lengths, counts,
+    /// timestamps, the producer's stamp and the CRC.
+    fn stamp_header(&self, out: &mut [u8], producer: ProducerStamp, base_offset: u64) {
         let total_len = out.len() as u32;
         out[OFFSET_MAGIC..OFFSET_MAGIC + 4].copy_from_slice(&MAGIC);
         out[OFFSET_VERSION..OFFSET_VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
@@ -964,10 +1020,30 @@ impl BatchBuilder {
             .copy_from_slice(&producer.producer_epoch.to_le_bytes());
         out[OFFSET_BASE_SEQUENCE..OFFSET_BASE_SEQUENCE + 4]
             .copy_from_slice(&producer.base_sequence.to_le_bytes());
-        let crc = compute_crc(&out);
+        let crc = compute_crc(out);
         out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-        self.clear();
-        out
+    }
+}
+
+/// A batch finished in the buffer it was built in
+/// ([`BatchBuilder::finish_in_place`]): the batch starts a few bytes in.
+/// Derefs to the batch's bytes.
+#[derive(Debug, Default)]
+pub struct FinishedBatch {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl From<Vec<u8>> for FinishedBatch {
+    fn from(buf: Vec<u8>) -> FinishedBatch {
+        FinishedBatch { buf, start: 0 }
+    }
+}
+
+impl std::ops::Deref for FinishedBatch {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 }
 
@@ -1006,6 +1082,37 @@ mod tests {
         assert_eq!(recs[2].value.map(|v| v.as_ref()), Some(&b"value-2"[..]));
         assert_eq!(recs[1].key.unwrap().as_ref(), b"k1");
         assert_eq!(recs[0].headers[0].name, "h");
+    }
+
+    #[test]
+    fn a_batch_finished_in_place_is_the_copied_batch_byte_for_byte() {
+        // Counts on both sides of each array head length (1, 2, 3, 5 bytes).
+        let stamp = ProducerStamp {
+            producer_id: 7,
+            producer_epoch: 2,
+            base_sequence: 40,
+        };
+        let mut copied = BatchBuilder::new();
+        let mut in_place = BatchBuilder::new();
+        for count in [1u32, 23, 24, 255, 256, 65_535, 65_536] {
+            for b in [&mut copied, &mut in_place] {
+                for i in 0..count {
+                    let key = (i % 3 == 0).then_some(&b"k"[..]);
+                    b.push(1_000 + i64::from(i % 5), key, b"v", &[("h", b"x")]);
+                }
+                b.skip_offsets(2);
+            }
+            let want = copied.finish(stamp);
+            let got = in_place.finish_in_place(stamp);
+            assert!(*got == want[..], "{count} records");
+            let h = verify(&got).unwrap();
+            assert_eq!(h.record_count, count);
+            assert_eq!(
+                BatchView::new(&got).unwrap().records().unwrap().len(),
+                count as usize
+            );
+            assert!(in_place.is_empty() && in_place.estimated_bytes() == HEADER_BYTES + 9);
+        }
     }
 
     #[test]

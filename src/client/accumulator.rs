@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::error::ClientError;
 use super::outcome::{Delivery, Outcome, Settler};
 use super::partitioner::{partition_for_key, Partitioner};
-use crate::batch::{BatchBuilder, ProducerStamp, HEADER_BYTES};
+use crate::batch::{BatchBuilder, FinishedBatch, ProducerStamp, HEADER_BYTES};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct TopicPartition {
@@ -96,7 +96,7 @@ pub(crate) struct ReadyBatch {
     pub tp: TopicPartition,
     /// Closing order within the partition; retries keep their place.
     pub seq: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: FinishedBatch,
     pub records: u32,
     /// Settles every record's delivery; dropping it unsettled fails them
     /// with `Closed`.
@@ -382,7 +382,7 @@ impl Accumulator {
             tp: tp.clone(),
             seq,
             records,
-            bytes: open.builder.finish(stamp),
+            bytes: open.builder.finish_in_place(stamp),
             settler: open.settler,
             created: open.created,
             attempts: 0,

@@ -894,7 +894,7 @@ mod tests {
                 partition: 0,
             },
             seq: 0,
-            bytes: vec![0; len],
+            bytes: vec![0; len].into(),
             records: 1,
             settler: Settler::new(),
             created: Instant::now(),
