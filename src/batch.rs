@@ -1028,7 +1028,7 @@ impl BatchBuilder {
 /// A batch finished in the buffer it was built in
 /// ([`BatchBuilder::finish_in_place`]): the batch starts a few bytes in.
 /// Derefs to the batch's bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FinishedBatch {
     buf: Vec<u8>,
     start: usize,
