@@ -137,6 +137,19 @@ impl BatchPool {
         }
     }
 
+    /// An empty buffer with room for at least `len` bytes, recycled when
+    /// the pool has one large enough, for a caller that fills it and
+    /// gives it back with [`give`](Self::give).
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        self.shelf.take(len)
+    }
+
+    /// Keeps `buf` for a later [`take`](Self::take), or frees it (as a
+    /// [`BatchBuf`] going home does).
+    pub fn give(&self, buf: Vec<u8>) {
+        self.shelf.give(buf)
+    }
+
     /// Buffers kept now, and their bytes.
     #[cfg(test)]
     fn kept(&self) -> (usize, usize) {

@@ -22,6 +22,7 @@ use super::error::ClientError;
 use super::outcome::{Delivery, Outcome, Settler};
 use super::partitioner::{partition_for_key, Partitioner};
 use crate::batch::{BatchBuilder, FinishedBatch, ProducerStamp, HEADER_BYTES};
+use crate::bufpool::BatchPool;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct TopicPartition {
@@ -158,10 +159,18 @@ pub(crate) struct Accumulator {
     /// The next producer sequence per partition (idempotent producers).
     /// Kept when a partition's queue empties.
     sequences: HashMap<TopicPartition, i32>,
+    /// Buffers of answered batches, to build the next ones in: a batch's
+    /// size is where the allocator gives memory back to the kernel and
+    /// faults it in again (glibc's heap trim; see crate::bufpool).
+    bodies: BatchPool,
 }
 
 impl Accumulator {
     pub fn new(config: AccumulatorConfig) -> Self {
+        let bodies = BatchPool::new(
+            crate::bufpool::BUFFERS_DEFAULT,
+            2 * config.batch_bytes_max + BATCH_OVERHEAD_BYTES,
+        );
         Self {
             config,
             queues: BTreeMap::new(),
@@ -171,6 +180,7 @@ impl Accumulator {
             ready_records: 0,
             next_seq: 0,
             sequences: HashMap::new(),
+            bodies,
         }
     }
 
@@ -382,7 +392,12 @@ impl Accumulator {
             tp: tp.clone(),
             seq,
             records,
-            bytes: open.builder.finish_in_place(stamp),
+            bytes: {
+                // The next batch in this partition will be about this size.
+                let size = open.builder.estimated_bytes();
+                let next = self.bodies.take(size + size / 16);
+                open.builder.finish_in_place(stamp, next)
+            },
             settler: open.settler,
             created: open.created,
             attempts: 0,
@@ -488,6 +503,11 @@ impl Accumulator {
         }
     }
 
+    /// Keeps an answered batch's buffer for a batch still to be built.
+    pub fn recycle(&mut self, batch: &mut ReadyBatch) {
+        self.bodies.give(batch.bytes.take_buffer());
+    }
+
     /// Whether a batch of the same partition closed before this one is
     /// still unanswered (queued for a retry or in flight): then an
     /// `out_of_order_sequence` for this one only means it overtook it.
@@ -582,6 +602,39 @@ mod tests {
 
     fn records_in(b: &ReadyBatch) -> usize {
         BatchView::new(&b.bytes).unwrap().records().unwrap().len()
+    }
+
+    #[test]
+    fn an_answered_batchs_buffer_builds_a_later_batch() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            // Large enough for the pool (crate::bufpool::BUFFER_BYTES_MIN).
+            batch_bytes_target: 64 * 1024,
+            batch_bytes_max: 128 * 1024,
+            max_in_flight: 5,
+            buffer_bytes_max: 1 << 20,
+            ..config()
+        });
+        let fill = |acc: &mut Accumulator| {
+            for _ in 0..64 {
+                push(acc, 0, &[7; 1000], t0);
+            }
+        };
+        fill(&mut acc);
+        let mut first = acc.drain(t0 + 5 * MS).pop().unwrap();
+        let first_at = first.bytes.as_ptr();
+        acc.complete(&first);
+        acc.recycle(&mut first);
+        assert!(first.bytes.is_empty(), "its buffer went back");
+        // The second batch was built in a fresh buffer (taken when the
+        // first closed); the third in the first's.
+        fill(&mut acc);
+        fill(&mut acc);
+        let later = acc.drain(t0 + 5 * MS);
+        assert_eq!(later.len(), 2);
+        assert_ne!(later[0].bytes.as_ptr(), first_at);
+        assert_eq!(later[1].bytes.as_ptr(), first_at);
+        assert_eq!(records_in(&later[1]), 64);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use smol::{Task, Timer};
 
 use super::error::ClientError;
 use super::tls::{TlsClient, TlsConfigError};
+use crate::bufpool::BatchPool;
 use crate::protocol::{
     body_len, decode_response, decode_response_shared, encode_request, encode_request_body,
     frame_len, FrameError, HelloRequest, Request, RequestBody, ResponseBody, FRAME_HEADER_BYTES,
@@ -31,6 +32,9 @@ use crate::sockets::SocketReads;
 /// Frames waiting for the writer. Bounds the memory a burst of requests can
 /// hold before the socket takes them; callers wait when it is full.
 const OUTBOX_FRAMES_MAX: usize = 256;
+/// Written frames kept for reuse: the requests one connection has in
+/// flight at once, about.
+const FRAMES_KEPT: usize = 4;
 /// The writer stops coalescing queued frames past this size, so one write
 /// does not grow without bound.
 const WRITE_COALESCE_BYTES_MAX: usize = 1024 * 1024;
@@ -267,6 +271,11 @@ struct Shared {
     /// Tells the watchdog a request is due before it would wake.
     watchdog: event_listener::Event,
     stream: Stream,
+    /// Frames the writer has written, for the next requests to be encoded
+    /// into: a produce frame is a batch's size, where the allocator gives
+    /// memory back to the kernel and faults it in again (glibc's heap trim;
+    /// see crate::bufpool).
+    frames: BatchPool,
 }
 
 impl Shared {
@@ -363,6 +372,10 @@ impl Connection {
         let (stream, info) = with_timeout(timeout, handshake).await?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Ok(Waiting::default())),
+            frames: BatchPool::new(
+                FRAMES_KEPT,
+                info.max_frame_bytes as usize + FRAME_OVERHEAD_BYTES,
+            ),
             watchdog: event_listener::Event::new(),
             stream: stream.clone(),
         });
@@ -497,7 +510,7 @@ impl Connection {
                 .sum::<usize>(),
             _ => 0,
         };
-        let mut frame = Vec::with_capacity(FRAME_OVERHEAD_BYTES + hint);
+        let mut frame = self.shared.frames.take(FRAME_OVERHEAD_BYTES + hint);
         encode_request_body(correlation_id, body, &mut frame)?;
         Ok((correlation_id, frame))
     }
@@ -679,7 +692,10 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
             buf.extend_from_slice(&frame);
             while buf.len() < WRITE_COALESCE_BYTES_MAX {
                 match inbox.try_recv() {
-                    Ok(f) => buf.extend_from_slice(&f),
+                    Ok(f) => {
+                        buf.extend_from_slice(&f);
+                        shared.frames.give(f);
+                    }
                     Err(_) => break,
                 }
             }
@@ -697,6 +713,7 @@ async fn write_loop(shared: Arc<Shared>, inbox: async_channel::Receiver<Vec<u8>>
             shared.fail(e.into());
             return;
         }
+        shared.frames.give(frame);
     }
 }
 

@@ -174,8 +174,9 @@ struct State {
 struct Inner {
     client: Client,
     config: ProducerConfig,
-    /// The largest produce request body: the server's frame limit less
-    /// room for the CBOR around the batches.
+    /// The batch bytes a produce request gathers at most (one batch larger
+    /// than that goes alone): the batch size aimed at, within the server's
+    /// frame limit less room for the CBOR around the batches.
     request_bytes_max: usize,
     state: Mutex<State>,
     /// Wakes the sender task: new records, answers, metadata.
@@ -251,9 +252,13 @@ impl Producer {
         });
         let inner = Arc::new(Inner {
             client,
-            request_bytes_max: (info.max_frame_bytes as usize)
-                .saturating_sub(FRAME_OVERHEAD_BYTES_MAX as usize)
-                .max(batch_bytes_max),
+            // A full batch goes in a request of its own, so the broker
+            // writes the first of a window while the next arrive (one
+            // request per window left it idle until the whole window was
+            // in); small batches share requests up to that size.
+            request_bytes_max: config.batch_bytes.min(batch_bytes_max).min(
+                (info.max_frame_bytes as usize).saturating_sub(FRAME_OVERHEAD_BYTES_MAX as usize),
+            ),
             config,
             state: Mutex::new(State {
                 acc,
@@ -789,10 +794,11 @@ async fn answer_batches(
     let mut settled = Vec::with_capacity(batches.len());
     let (next, rewake) = {
         let mut st = inner.state.lock().expect("producer state");
-        for (b, outcome) in batches.into_iter().zip(outcomes) {
+        for (mut b, outcome) in batches.into_iter().zip(outcomes) {
             match outcome {
                 Ok((base, _last)) => {
                     st.acc.complete(&b);
+                    st.acc.recycle(&mut b);
                     let partition = b.tp.partition;
                     settled.push((b, Ok((partition, base))));
                 }
@@ -825,6 +831,7 @@ async fn answer_batches(
                         st.topics.remove(&b.tp.topic);
                     }
                     st.acc.complete(&b);
+                    st.acc.recycle(&mut b);
                     settled.push((b, Err(e)));
                 }
             }
