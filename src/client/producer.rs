@@ -35,7 +35,9 @@ pub struct ProducerConfig {
     /// How long a batch waits for more records before it is sent.
     pub linger: Duration,
     /// A batch is sent once it reaches this size (capped by the server's
-    /// `max_batch_bytes`).
+    /// `max_batch_bytes`). It also bounds a produce request: a full batch
+    /// goes alone, so the broker works on it while the next arrive, and
+    /// smaller batches of several partitions share a request up to it.
     pub batch_bytes: usize,
     /// Batches of one partition sent and not yet answered. Idempotent
     /// producers keep order with up to [`IDEMPOTENT_IN_FLIGHT_MAX`] (the
