@@ -328,12 +328,8 @@ impl Client {
         &self,
         partitions: Vec<ProducePartition<'_>>,
     ) -> Result<Vec<ProducePartitionResult>, ClientError> {
-        let n = partitions.len();
         let body = RequestBody::Produce(ProduceRequest { partitions });
-        match self.call(&body).await? {
-            ResponseBody::Produce(r) if r.partitions.len() == n => Ok(r.partitions),
-            other => Err(unexpected("produce", &other)),
-        }
+        self.queue_produce(&body).await?.wait().await
     }
 
     /// Queues a produce request on the connection (as
