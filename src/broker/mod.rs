@@ -176,6 +176,8 @@ pub fn storage_config(cfg: &crate::config::Config) -> crate::storage::StorageCon
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,
         prewrite_segments: cfg.storage.prewrite_segments,
         pipelined_fsync: cfg.storage.pipelined_fsync,
+        fanin_wait: std::time::Duration::from_millis(cfg.storage.fanin_wait_ms),
+        fanin_producers_max: cfg.server.max_connections as usize,
         ..crate::storage::StorageConfig::default()
     }
 }

@@ -228,6 +228,14 @@ impl MemoryBudget {
                 ),
             ),
             line(
+                "fan-in producers",
+                crate::storage::fanin_bytes(s.max_connections as usize) as u64,
+                format!(
+                    "server.max_connections {} x 4 B and a bit (a producer each, for group commit)",
+                    s.max_connections
+                ),
+            ),
+            line(
                 "producer table (estimate)",
                 u64::from(cfg.producers.max_producers).saturating_mul(PRODUCER_ENTRY_BYTES),
                 format!(

@@ -232,6 +232,8 @@ pub struct StorageSection {
     /// Write the next group while a group's fdatasync runs, instead of
     /// fdatasyncing on the storage thread.
     pub pipelined_fsync: bool,
+    /// How long an fdatasync may wait to gather a fan-in's records; 0: never.
+    pub fanin_wait_ms: u64,
     /// Disk all topics' rings may reserve together; bounds the memory of
     /// their segment tables and sparse indexes too.
     pub disk_budget_bytes: u64,
@@ -955,6 +957,8 @@ impl Config {
             1,
             APPEND_QUEUE_DEPTH_MAX,
         )?;
+        // A wait is added to fan-in acks: a second would be a stall.
+        check_range("storage.fanin_wait_ms", st.fanin_wait_ms, 0, 1000)?;
         check_aligned("storage.tail_buffer_bytes", st.tail_buffer_bytes)?;
         check(
             st.tail_buffer_bytes >= st.max_batch_bytes,

@@ -456,6 +456,9 @@ fn memory_budget_sums_its_lines_and_prints_each() {
         line(&budget, "storage I/O buffers").bytes,
         5 * (256 * 1024 + 4096) + 256 * 1024
     );
+    // A fan-in's producers: a 32-bit hash and a bit each, for every
+    // connection.
+    assert_eq!(line(&budget, "fan-in producers").bytes, 64 * 4 + 8);
     let shown = budget.to_string();
     assert_eq!(shown.lines().count(), budget.lines.len() + 3);
     assert!(shown.lines().all(|l| l.starts_with('#')));
@@ -616,6 +619,20 @@ fn prewrite_segments_reaches_the_storage_config() {
     assert!(!crate::broker::storage_config(&cfg).prewrite_segments);
     let err = load_text("p.toml", "[storage]\nprewrite_segments = \"yes\"\n").expect_err("bool");
     assert_eq!(err.key(), Some("storage.prewrite_segments"));
+}
+
+#[test]
+fn fanin_wait_reaches_the_storage_config() {
+    let cfg = Config::embedded_default();
+    let st = crate::broker::storage_config(&cfg);
+    assert_eq!(st.fanin_wait, std::time::Duration::from_millis(5));
+    assert_eq!(st.fanin_producers_max, cfg.server.max_connections as usize);
+    let cfg = load_text("p.toml", "[storage]\nfanin_wait_ms = 0\n").expect("valid");
+    assert!(crate::broker::storage_config(&cfg).fanin_wait.is_zero());
+    let err = load_text("p.toml", "[storage]\nfanin_wait_ms = 1001\n").expect_err("range");
+    assert_eq!(err.key(), Some("storage.fanin_wait_ms"));
+    let err = load_text("p.toml", "[storage]\nfanin_wait_ms = \"5ms\"\n").expect_err("integer");
+    assert_eq!(err.key(), Some("storage.fanin_wait_ms"));
 }
 
 #[test]

@@ -10,6 +10,7 @@
 use super::engine::{
     interval_gather, Ctx, Engine, INTERVAL_WRITE_EARLY_BYTES, SYNC_HOLD_RETURNS_MAX,
 };
+use super::fanin::FanIn;
 use super::io::{FileHandle, WriteOp};
 use super::part::{Part, PartState};
 use super::recovery::Checkpoint;
@@ -157,10 +158,12 @@ pub(super) struct SyncGroup {
     sync_ewma: Duration,
     /// Time spent writing since the last flush started.
     writing: Duration,
+    /// A fan-in's round, which the next flush may wait for.
+    pub(super) fanin: FanIn,
 }
 
 impl SyncGroup {
-    pub(super) fn new(now: Instant) -> SyncGroup {
+    pub(super) fn new(now: Instant, fanin_producers: usize) -> SyncGroup {
         SyncGroup {
             inflight: Vec::new(),
             inflight_files: 0,
@@ -170,6 +173,7 @@ impl SyncGroup {
             hold_until: None,
             sync_ewma: Duration::ZERO,
             writing: Duration::ZERO,
+            fanin: FanIn::new(now, fanin_producers),
         }
     }
 }
@@ -267,6 +271,13 @@ impl Engine {
     pub(super) fn commit_round(&mut self, force: bool, more_queued: &dyn Fn() -> bool) {
         let now = self.ctx.cfg.clock.now();
         let idle = self.group.inflight.is_empty();
+        // Gathering a fan-in's round: its records are written with the
+        // flush, in one write, not one by one as they come.
+        let gathering = !force
+            && self
+                .group
+                .fanin
+                .holding(now, self.ctx.cfg.sync_hold_max, self.ctx.cfg.fanin_wait);
         // (partition, write it now, its acks wait for the next sync group)
         let mut due: Vec<(PartitionId, bool)> = Vec::new();
         for p in self.parts.values_mut() {
@@ -276,7 +287,7 @@ impl Engine {
             let dirty = p.tail.dirty_from.is_some();
             let work =
                 dirty || p.commit.unsynced || !p.commit.pending.is_empty() || p.commit.sync_wanted;
-            if !work {
+            if !work || (gathering && p.cfg.durability == Durability::Always) {
                 continue;
             }
             let (is_due, acks_wait_for_sync) = match p.cfg.durability {
@@ -359,6 +370,10 @@ impl Engine {
             // that never answers (its last record sent) would otherwise
             // leave a past deadline that wakes the thread again and again.
             self.group.hold_until = None;
+            if self.group.fanin.active() {
+                self.group.fanin.end();
+                self.bell.hush(false);
+            }
             self.start_syncs(force);
         }
     }
@@ -368,6 +383,10 @@ impl Engine {
     /// cost more than the extra flush it saves) and the configured bound.
     pub(super) fn holding(&self, now: Instant) -> bool {
         self.group.returning > 0 && self.group.hold_until.is_some_and(|t| now < t)
+            || self
+                .group
+                .fanin
+                .holding(now, self.ctx.cfg.sync_hold_max, self.ctx.cfg.fanin_wait)
     }
 
     /// Inline, on a slow device, whether the appends queued behind this
@@ -488,12 +507,23 @@ impl Engine {
             .collect();
         order.sort_by_key(|&(waiting, ..)| waiting);
         let mut acked = 0;
+        // Times are taken before the acks they precede (a test's manual
+        // clock moves once its acks are in): when the first acks went out,
+        // which a producer's answer is timed from, and when the last file's
+        // flush ended.
+        let mut acks_at = None;
+        let mut synced_at = None;
         for (_, id, file) in order {
             let res = self.ctx.io.sync(file);
+            let now = self.ctx.cfg.clock.now();
+            synced_at = Some(now);
             // Counted before the acks: whoever got one sees its flush.
             StatsInner::add(&self.ctx.shared.stats.fsyncs, 1);
             match res {
-                Ok(()) => acked += self.part_synced(id),
+                Ok(()) => {
+                    acks_at.get_or_insert(now);
+                    acked += self.part_synced(id);
+                }
                 Err(e) => {
                     if let Some(p) = self.parts.get_mut(id) {
                         p.fail(&e, &self.ctx.shared.stats);
@@ -501,8 +531,9 @@ impl Engine {
                 }
             }
         }
-        let now = self.group_done(0);
-        self.start_hold(group, acked, now);
+        let now = synced_at.unwrap_or_else(|| self.ctx.cfg.clock.now());
+        self.group_done(0, now);
+        self.start_hold(group, acked, acks_at.unwrap_or(now));
     }
 
     /// Waits for the fdatasync group in flight and acks what it covered.
@@ -531,7 +562,8 @@ impl Engine {
 
     fn complete_inflight(&mut self, res: io::Result<()>) {
         self.forget_returning();
-        let now = self.group_done(self.group.inflight_files);
+        let now = self.ctx.cfg.clock.now();
+        self.group_done(self.group.inflight_files, now);
         if let Err(e) = res {
             self.fail_inflight(&e);
             return;
@@ -541,10 +573,9 @@ impl Engine {
         self.start_hold(group, acked, now);
     }
 
-    /// The group's flush is over: its statistics, with `files` more
-    /// fdatasyncs. Returns the time.
-    fn group_done(&mut self, files: usize) -> Instant {
-        let now = self.ctx.cfg.clock.now();
+    /// The group's flush ended at `now`: its statistics, with `files` more
+    /// fdatasyncs.
+    fn group_done(&mut self, files: usize, now: Instant) {
         let elapsed = now - self.group.inflight_started;
         self.group.sync_ewma = if self.group.sync_ewma.is_zero() {
             elapsed
@@ -558,7 +589,6 @@ impl Engine {
         if let Some(obs) = &self.ctx.cfg.observer {
             obs.0.sync_group(elapsed);
         }
-        now
     }
 
     /// A partition's fdatasync of the group completed: what it covered is
@@ -574,6 +604,9 @@ impl Engine {
         p.hw = p.hw.max(p.commit.syncing_to.next_offset);
         p.publish();
         let acked = p.commit.syncing.len();
+        for a in &p.commit.syncing {
+            self.group.fanin.collect(a.producer);
+        }
         p.commit.returning = u32::try_from(acked).unwrap_or(u32::MAX);
         p.commit.returning_from = p
             .commit
@@ -653,6 +686,11 @@ impl Engine {
             self.group.returning_parts.push(id);
         }
         self.group.hold_until = (self.group.returning > 0).then(|| now + hold);
+        let flush = self.group.sync_ewma;
+        let wait = !pipelined && !max.is_zero() && !self.ctx.cfg.fanin_wait.is_zero();
+        if self.group.fanin.start(now, flush, wait) {
+            self.bell.hush(true);
+        }
     }
 
     fn fail_inflight(&mut self, e: &io::Error) {

@@ -22,6 +22,9 @@ pub(crate) struct Doorbell {
     /// Set while the storage thread is in (or about to enter) poll: only
     /// then does a sender pay for the eventfd write.
     asleep: AtomicBool,
+    /// Set while the thread gathers a fan-in's round (`FanIn`): appends
+    /// then wait for its next look instead of waking it one by one.
+    hushed: AtomicBool,
 }
 
 impl Doorbell {
@@ -29,6 +32,7 @@ impl Doorbell {
         Ok(Doorbell {
             fd: EventFd::new()?,
             asleep: AtomicBool::new(false),
+            hushed: AtomicBool::new(false),
         })
     }
 
@@ -41,6 +45,21 @@ impl Doorbell {
         if self.asleep.load(Ordering::SeqCst) {
             self.fd.signal();
         }
+    }
+
+    /// `ring` for an append: not while hushed. The thread looks at its
+    /// queue before every sleep, so an append queued while it unhushes is
+    /// seen (the same fence pairing as `ring`).
+    pub(crate) fn ring_append(&self) {
+        fence(Ordering::SeqCst);
+        if !self.hushed.load(Ordering::SeqCst) && self.asleep.load(Ordering::SeqCst) {
+            self.fd.signal();
+        }
+    }
+
+    /// Appends ring (`false`) or wait for the thread's next look (`true`).
+    pub(crate) fn hush(&self, hushed: bool) {
+        self.hushed.store(hushed, Ordering::SeqCst);
     }
 
     /// Sleeps until the bell rings, `other` polls readable, or `deadline`

@@ -323,6 +323,7 @@ pub(crate) fn start(
                 return;
             };
             let now = cfg.clock.now();
+            let group = SyncGroup::new(now, cfg.fanin_producers_max);
             let mut engine = Engine {
                 ctx: Ctx {
                     rbuf: ReadBuf::new(rbuf, spares),
@@ -337,7 +338,7 @@ pub(crate) fn start(
                 free_tails: Vec::new(),
                 tails_made: 0,
                 next_retention_check: now,
-                group: SyncGroup::new(now),
+                group,
                 bell,
             };
             match engine.recover_all() {
@@ -397,8 +398,30 @@ impl CmdTx {
         }
     }
 
-    pub(crate) fn ring(&self) {
-        self.bell.ring();
+    /// Wakes the thread for appends queued quietly (`send_quiet`).
+    pub(crate) fn ring_append(&self) {
+        self.bell.ring_append();
+    }
+
+    /// `send` for an append: it does not wake a thread gathering a
+    /// fan-in's round (`Doorbell::hush`) unless the queue is full.
+    pub(crate) async fn send_append(&self, cmd: Cmd) -> Result<(), StorageError> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => {
+                self.bell.ring_append();
+                Ok(())
+            }
+            Err(async_channel::TrySendError::Full(cmd)) => {
+                self.bell.ring();
+                let sent = self.tx.send(cmd).await;
+                self.bell.ring_append();
+                sent.map_err(|_| StorageError::ShuttingDown)
+            }
+            Err(async_channel::TrySendError::Closed(_)) => {
+                self.bell.ring();
+                Err(StorageError::ShuttingDown)
+            }
+        }
     }
 
     pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {
@@ -574,16 +597,27 @@ impl Engine {
         if periodic {
             consider(self.next_retention_check);
         }
-        if let Some(t) = self.group.hold_until.filter(|_| self.group.returning > 0) {
+        let now = self.ctx.cfg.clock.now();
+        // A fan-in's wait may outlast this hold: its end is then past, and
+        // no reason to wake.
+        if let Some(t) = self
+            .group
+            .hold_until
+            .filter(|&t| self.group.returning > 0 && t > now)
+        {
             consider(t);
+        }
+        if self.group.fanin.active() {
+            // Hushed, appends do not wake the thread: it looks at them
+            // a few times per gap, to flush as soon as the round is in.
+            let gap = self.ctx.cfg.sync_hold_max;
+            let end = self.group.fanin.deadline(gap, self.ctx.cfg.fanin_wait);
+            consider((now + gap / 4).min(end));
         }
         // A flush the last group deferred (`defer_heavy`) starts the next
         // group as soon as no hold keeps it.
-        if sync_wanted && self.group.inflight.is_empty() {
-            let now = self.ctx.cfg.clock.now();
-            if !self.holding(now) {
-                consider(now);
-            }
+        if sync_wanted && self.group.inflight.is_empty() && !self.holding(now) {
+            consider(now);
         }
         d
     }
@@ -607,8 +641,10 @@ impl Engine {
                 reply,
             } => {
                 let now = self.ctx.cfg.clock.now();
+                let producer = batch_producer(&batch);
+                self.group.fanin.answered(producer, now);
                 if let Some(p) = self.parts.get_mut(&id) {
-                    if p.commit.answered(batch_producer(&batch), now) {
+                    if p.commit.answered(producer, now) {
                         self.group.returning -= 1;
                     }
                 }

@@ -47,6 +47,7 @@ mod commit;
 mod compact;
 mod doorbell;
 mod engine;
+mod fanin;
 mod part;
 mod read;
 mod readbuf;
@@ -332,6 +333,13 @@ pub struct StorageConfig {
     /// should overlap the thread's work, nor for a partition whose
     /// producers answer slower than this.
     pub sync_hold_max: std::time::Duration,
+    /// A fan-in's next fdatasync waits up to this long for more of its
+    /// producers' records (`fanin`): many producers with a record or two
+    /// each, who take several flushes to answer. Zero: never wait.
+    pub fanin_wait: std::time::Duration,
+    /// The producers a fan-in's round is followed for, at most (one per
+    /// connection: `server.max_connections`); memory is sized to it.
+    pub fanin_producers_max: usize,
     /// false (the default): a group's fdatasyncs run on the storage thread,
     /// as fdatasync(2); appends arriving meanwhile wait in the queue and
     /// form the next group. true: the thread starts them (an io_uring
@@ -401,6 +409,8 @@ impl Default for StorageConfig {
             max_batch_bytes: 1024 * 1024,
             prewrite_segments: true,
             sync_hold_max: std::time::Duration::from_millis(1),
+            fanin_wait: std::time::Duration::from_millis(FANIN_WAIT_MS_DEFAULT),
+            fanin_producers_max: 4096,
             pipelined_fsync: false,
             observer: None,
             clock: Clock::System,
@@ -463,6 +473,15 @@ pub struct Offsets {
 pub fn thread_buffer_bytes(max_batch_bytes: usize) -> usize {
     (1 + io::READ_AHEAD_SLOTS) * engine::read_buffer_bytes(max_batch_bytes)
         + engine::ZERO_CHUNK_BYTES
+}
+
+/// `storage.fanin_wait_ms` when not set.
+pub const FANIN_WAIT_MS_DEFAULT: u64 = 5;
+
+/// The storage thread's record of a fan-in's round (`fanin`), for
+/// `producers` of them.
+pub fn fanin_bytes(producers: usize) -> usize {
+    fanin::fanin_bytes(producers)
 }
 
 /// A partition's tail buffer as allocated from `tail_buffer_bytes`: one
@@ -1049,7 +1068,7 @@ impl Storage {
             reply: tx,
         };
         match wake {
-            Wake::Now => self.inner.tx.send(cmd).await?,
+            Wake::Now => self.inner.tx.send_append(cmd).await?,
             Wake::Later => self.inner.tx.send_quiet(cmd).await?,
         }
         Ok(AppendTicket { rx })
@@ -1058,7 +1077,7 @@ impl Storage {
     /// Wakes the storage thread for batches submitted with
     /// [`Wake::Later`]. Cheap when it is awake.
     pub fn wake(&self) {
-        self.inner.tx.ring();
+        self.inner.tx.ring_append();
     }
 
     /// The largest batch [`Storage::submit`] takes.

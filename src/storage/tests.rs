@@ -2902,6 +2902,119 @@ fn an_inline_fan_in_is_not_gathered_where_the_first_answer_takes_over_a_quarter_
     s.shutdown().unwrap();
 }
 
+/// Inline, a fan-in whose producers take longer than four flushes to
+/// answer (1,000 devices behind busy network threads, on a quick disk) is
+/// gathered: after a group acked eight producers' records, the next flush
+/// and its writes wait until all eight have sent again, or for
+/// `fanin_wait` at most; with `fanin_wait` zero, the first answer starts
+/// it.
+#[test]
+fn a_slow_answering_fan_in_is_gathered_into_one_flush() {
+    use std::time::Duration;
+    for wait in [Duration::from_secs(60), Duration::ZERO] {
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let seen = clock.clone();
+        let h = Held::open(17, "gather", |c| StorageConfig {
+            sync_hold_max: Duration::from_secs(60),
+            fanin_wait: wait,
+            clock,
+            ..c
+        });
+        let (s, gate, id) = (&h.s, &h.gate, &h.id);
+        gate.hold_sync_calls.store(true, Ordering::SeqCst);
+        let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
+        let together = |seq| {
+            let resume = s.pause();
+            let t: Vec<_> = (1..=8).map(|p| submit(p, seq)).collect();
+            drop(resume);
+            t
+        };
+        // Two groups of the eight, the first flush taking 2 s; the eight
+        // answer its acks 10 s later, more than four flushes.
+        let first = together(0);
+        first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
+            .join()
+            .unwrap();
+        for t in first {
+            block_on(t).unwrap();
+        }
+        time.advance(Duration::from_secs(10));
+        let second = together(1);
+        gate.wait_for(&gate.started, 2);
+        gate.release();
+        for t in second {
+            block_on(t).unwrap();
+        }
+        // They answer one by one, again late.
+        time.advance(Duration::from_secs(10));
+        let writes = gate.writes.load(Ordering::SeqCst);
+        let mut third: Vec<_> = (1..=7).map(|p| submit(p, 2)).collect();
+        if wait.is_zero() {
+            // Unhushed, the appends wake the thread, and the first one
+            // ends the hold.
+            gate.wait_for(&gate.started, 3);
+            gate.hold_sync_calls.store(false, Ordering::SeqCst);
+            gate.release();
+            third.push(submit(8, 2));
+            for t in third {
+                block_on(t).unwrap();
+            }
+            s.shutdown().unwrap();
+            continue;
+        }
+        // A round at the clock's time (in a thread: were a flush to start,
+        // it would not return until the flush is released).
+        let round = |time: &Arc<ManualClock>| {
+            let time = time.clone();
+            std::thread::spawn(move || time.advance(Duration::ZERO))
+        };
+        let looked = round(&time);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            gate.started.load(Ordering::SeqCst),
+            2,
+            "no flush before the eighth producer answers"
+        );
+        assert_eq!(gate.writes.load(Ordering::SeqCst), writes, "nor any write");
+        looked.join().unwrap();
+        // Hushed, the append does not wake the thread: its next look (a
+        // quarter of `sync_hold_max` later on a system clock) does.
+        third.push(submit(8, 2));
+        let look = round(&time);
+        gate.wait_for(&gate.started, 3);
+        gate.release();
+        look.join().unwrap();
+        for (t, off) in third.into_iter().zip(16..) {
+            assert_eq!(block_on(t).unwrap().base_offset, off);
+        }
+        assert_eq!(
+            gate.started.load(Ordering::SeqCst),
+            3,
+            "one flush for eight"
+        );
+        // Three of the eight answer, the rest never do: the flush starts
+        // when `fanin_wait` has passed since the acks.
+        time.advance(Duration::from_secs(10));
+        let fourth: Vec<_> = (1..=3).map(|p| submit(p, 3)).collect();
+        let looked = round(&time);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(gate.started.load(Ordering::SeqCst), 3, "waiting for five");
+        looked.join().unwrap();
+        let over = std::thread::spawn(move || time.advance(wait));
+        gate.wait_for(&gate.started, 4);
+        gate.release();
+        for (t, off) in fourth.into_iter().zip(24..) {
+            assert_eq!(block_on(t).unwrap().base_offset, off);
+        }
+        // The round goes on to checkpoint (a minute has passed), through a
+        // held flush of its own.
+        gate.hold_sync_calls.store(false, Ordering::SeqCst);
+        gate.release();
+        over.join().unwrap();
+        s.shutdown().unwrap();
+    }
+}
+
 /// Inline, on a slow device (flushes of over a millisecond), the appends
 /// that queued up behind a round while it wrote are written before the
 /// flush, so one producer's window shares one flush instead of being split

@@ -1,0 +1,342 @@
+//! A fan-in's round: many producers, each awaiting one ack, gathered into
+//! one flush.
+//!
+//! With the flush quicker than the network threads' round through every
+//! producer (this VM's disk: 0.25 ms against 25 ms for 1,000 producers),
+//! flushing whatever has arrived splits every round over dozens of
+//! flushes of a dozen records each. Those flushes make no producer wait
+//! less while the CPU is the bottleneck: by Little's law a closed loop's
+//! latency is its producers over its rate. They cost CPU (an fdatasync and
+//! a write each, a third of the storage thread's time there) and, on an
+//! SD card, wear. So after a group whose acks went to many producers with
+//! a record or two each, the next flush (and the writes before it) waits
+//! for more: until every one of those producers has sent again, until
+//! none has for `gap` (`StorageConfig::sync_hold_max`) once the first has,
+//! or for `StorageConfig::fanin_wait` (`storage.fanin_wait_ms`) at most.
+//!
+//! Only where the producers take several flushes to answer: where most
+//! answer sooner (16 producers here), groups alternating keep the device
+//! flushing one while the CPU works on the other, and waiting for all of
+//! them would idle the device each round (0.95 of the rate in A/B), for an
+//! fdatasync saved every few records. Each fan-in group's producers are
+//! followed whether or not the flush after it waits, and how many answered
+//! within `FANIN_QUICK_FLUSHES` flushes decides for the next group.
+//!
+//! The bound is what a fleet of devices that send now and then (an open
+//! loop, which no waiting speeds up) pays in latency for the flushes it
+//! saves.
+
+use std::time::{Duration, Instant};
+
+/// A group's acks to at least this many producers, ...
+pub(super) const FANIN_MIN_PRODUCERS: usize = 8;
+/// ... with at most this many appends each, make a fan-in: deep windows
+/// (a producer pipelining its records) are not waited for, their next
+/// appends are queued already.
+const FANIN_APPENDS_PER_PRODUCER: usize = 2;
+/// Producers of whom half answer within this many flushes' time are not
+/// waited for.
+const FANIN_QUICK_FLUSHES: u32 = 4;
+
+/// Bytes the fan-in state holds for `producers`: a 32-bit hash and an
+/// answered bit each. (The embedded default's memory budget had 448 bytes
+/// to spare under its 64 MiB.)
+pub(crate) const fn fanin_bytes(producers: usize) -> usize {
+    producers * 4 + producers.div_ceil(64) * 8
+}
+
+/// A producer id's 32-bit hash. Two producers sharing one count as one,
+/// which only ends a wait an answer early.
+fn hash(producer: u64) -> u32 {
+    (producer.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
+pub(super) struct FanIn {
+    /// The producers a round is followed for, at most: the first ones
+    /// acked. Fixed at start-up, as the memory budget counts it.
+    cap: usize,
+    /// The idempotent producers the last group acked (`hash`), sorted;
+    /// while a group's acks are collected, that group's, unsorted.
+    ids: Vec<u32>,
+    /// Which of `ids` have sent again, a bit each.
+    back: Vec<u64>,
+    /// How many of `ids` have not.
+    left: usize,
+    /// Whether the last group's producers answered slowly, taken when the
+    /// next group's acks began to be collected (into `ids`).
+    collecting: Option<bool>,
+    /// Appends the group being acked covered.
+    appends: usize,
+    /// `ids` are a fan-in group's producers, followed.
+    tracking: bool,
+    /// The next flush waits for them.
+    active: bool,
+    /// When the acks went out, and when the last answer came.
+    since: Instant,
+    last: Instant,
+    /// Answers that came within `FANIN_QUICK_FLUSHES` of the acks, and
+    /// until when.
+    quick: usize,
+    quick_until: Instant,
+}
+
+impl FanIn {
+    pub(super) fn new(now: Instant, cap: usize) -> FanIn {
+        FanIn {
+            cap,
+            ids: Vec::with_capacity(cap),
+            back: vec![0; cap.div_ceil(64)],
+            left: 0,
+            collecting: None,
+            appends: 0,
+            tracking: false,
+            active: false,
+            since: now,
+            last: now,
+            quick: 0,
+            quick_until: now,
+        }
+    }
+
+    /// Whether the producers being followed answered slowly. Unknown until
+    /// a fan-in group has been followed: not waited for.
+    fn slow(&self) -> bool {
+        self.tracking && self.quick * 2 < self.ids.len()
+    }
+
+    /// An append of the group being acked, from `producer`. The group's
+    /// acks and `start` follow in one go, with no answer between.
+    pub(super) fn collect(&mut self, producer: u64) {
+        if self.collecting.is_none() {
+            self.collecting = Some(self.slow());
+            self.ids.clear();
+            self.tracking = false;
+            self.active = false;
+        }
+        self.appends += 1;
+        // A pipelining producer's appends come in a row: one entry.
+        let h = hash(producer);
+        if producer != crate::batch::NO_PRODUCER_ID
+            && self.ids.len() < self.cap
+            && self.ids.last() != Some(&h)
+        {
+            self.ids.push(h);
+        }
+    }
+
+    /// The group's acks went out: whether the next flush waits for their
+    /// producers (see the module's comment). `flush` is how long a flush
+    /// takes; `wait` is false where no hold applies (a pipelined
+    /// fdatasync, holds turned off).
+    pub(super) fn start(&mut self, now: Instant, flush: Duration, wait: bool) -> bool {
+        let slow = match self.collecting.take() {
+            Some(slow) => slow,
+            None => {
+                // A group that acked nothing (an `interval` sync).
+                let slow = self.slow();
+                self.ids.clear();
+                slow
+            }
+        };
+        self.active = false;
+        self.tracking = false;
+        let appends = std::mem::take(&mut self.appends);
+        self.ids.sort_unstable();
+        self.ids.dedup();
+        let fan_in = self.ids.len() >= FANIN_MIN_PRODUCERS
+            && appends <= self.ids.len() * FANIN_APPENDS_PER_PRODUCER;
+        if !wait || !fan_in {
+            self.ids.clear();
+            return false;
+        }
+        self.back.fill(0);
+        self.left = self.ids.len();
+        self.since = now;
+        self.last = now;
+        self.quick = 0;
+        self.quick_until = now + flush * FANIN_QUICK_FLUSHES;
+        self.tracking = true;
+        self.active = slow;
+        slow
+    }
+
+    /// An append from `producer` arrived.
+    pub(super) fn answered(&mut self, producer: u64, now: Instant) {
+        if !self.tracking || self.left == 0 {
+            return;
+        }
+        let Ok(i) = self.ids.binary_search(&hash(producer)) else {
+            return;
+        };
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.back[word] & bit == 0 {
+            self.back[word] |= bit;
+            self.left -= 1;
+            self.last = now;
+            if now <= self.quick_until {
+                self.quick += 1;
+            }
+        }
+    }
+
+    /// Whether the next flush still waits for the round, for at most
+    /// `max`, and `gap` between answers.
+    pub(super) fn holding(&self, now: Instant, gap: Duration, max: Duration) -> bool {
+        self.active && self.left > 0 && now < self.deadline(gap, max)
+    }
+
+    /// When the wait ends if no answer comes meanwhile.
+    pub(super) fn deadline(&self, gap: Duration, max: Duration) -> Instant {
+        let cap = self.since + max;
+        // Under a backlog, the first answer takes the network threads'
+        // whole round; the ones after it come close together.
+        if self.left == self.ids.len() {
+            return cap;
+        }
+        (self.last + gap).min(cap)
+    }
+
+    pub(super) fn active(&self) -> bool {
+        self.active
+    }
+
+    /// The flush starts: the wait is over.
+    pub(super) fn end(&mut self) {
+        self.active = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: usize = 4096;
+    const GAP: Duration = Duration::from_millis(1);
+    const FANIN_HOLD_MAX: Duration = Duration::from_millis(10);
+    const FLUSH: Duration = Duration::from_micros(250 * FANIN_QUICK_FLUSHES as u64);
+    const FLUSH_EACH: Duration = Duration::from_micros(250);
+
+    fn round(f: &mut FanIn, producers: impl IntoIterator<Item = u64>, now: Instant) -> bool {
+        for p in producers {
+            f.collect(p);
+        }
+        f.start(now, FLUSH_EACH, true)
+    }
+
+    /// A fan-in of `ids` whose answers all came later than `FLUSH` (the
+    /// quick flushes' time): the
+    /// next group of `next` is waited for.
+    fn slow_round(
+        f: &mut FanIn,
+        ids: std::ops::Range<u64>,
+        next: std::ops::Range<u64>,
+        t: Instant,
+    ) -> Instant {
+        round(f, ids.clone(), t);
+        let late = t + FLUSH * 2;
+        for p in ids {
+            f.answered(p, late);
+        }
+        assert!(round(f, next, late), "slow answers: waited for");
+        late
+    }
+
+    #[test]
+    fn a_round_is_waited_for_until_every_producer_answers() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        assert!(!round(&mut f, 1..=10, t0), "nothing known yet");
+        let mut now = slow_round(&mut f, 11..21, 1..11, t0);
+        for p in (1..=10).rev() {
+            assert!(f.holding(now, GAP, FANIN_HOLD_MAX));
+            // Answers half a gap apart keep it going past the first gap.
+            now += GAP / 2;
+            f.answered(p, now);
+            // A repeat and a stranger do not count.
+            f.answered(p, now);
+            f.answered(99, now);
+        }
+        assert!(!f.holding(now, GAP, FANIN_HOLD_MAX), "all ten answered");
+    }
+
+    #[test]
+    fn producers_answering_within_a_flush_are_not_waited_for() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        let t1 = slow_round(&mut f, 1..11, 11..21, t0);
+        // Six of ten within a flush: quick.
+        for p in 11..17 {
+            f.answered(p, t1 + FLUSH / 2);
+        }
+        let t2 = t1 + FLUSH;
+        assert!(!round(&mut f, 1..11, t2));
+        // Four of ten within a flush, the rest later: slow again.
+        for p in 1..5 {
+            f.answered(p, t2 + FLUSH / 2);
+        }
+        for p in 5..11 {
+            f.answered(p, t2 + FLUSH * 2);
+        }
+        assert!(round(&mut f, 11..21, t2 + FLUSH * 2));
+    }
+
+    #[test]
+    fn the_first_answer_is_waited_for_up_to_the_bound_the_next_for_a_gap() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        let t1 = slow_round(&mut f, 11..21, 1..11, t0);
+        assert!(f.holding(t1 + FANIN_HOLD_MAX / 2, GAP, FANIN_HOLD_MAX));
+        assert!(!f.holding(t1 + FANIN_HOLD_MAX, GAP, FANIN_HOLD_MAX));
+        let first = t1 + FANIN_HOLD_MAX / 2;
+        f.answered(3, first);
+        assert!(f.holding(first + GAP / 2, GAP, FANIN_HOLD_MAX));
+        assert!(!f.holding(first + GAP, GAP, FANIN_HOLD_MAX));
+        f.end();
+        assert!(!f.holding(first, GAP, FANIN_HOLD_MAX));
+
+        // Answers that keep coming are not waited for past the bound.
+        let n = 4000u64;
+        let t2 = slow_round(&mut f, 5000..5000 + n, 0..n, first);
+        let mut now = t2;
+        for p in 0..n - 1 {
+            now += GAP / 2;
+            f.answered(p, now);
+            if now >= t2 + FANIN_HOLD_MAX {
+                break;
+            }
+        }
+        assert!(!f.holding(now, GAP, FANIN_HOLD_MAX));
+    }
+
+    #[test]
+    fn few_producers_and_deep_windows_are_not_a_fan_in() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        let slow = |f: &mut FanIn| {
+            slow_round(f, 100..120, 200..220, t0);
+        };
+        slow(&mut f);
+        assert!(!round(&mut f, 1..FANIN_MIN_PRODUCERS as u64, t0));
+        // Eight producers with three appends each: pipelines.
+        slow(&mut f);
+        let ids = (1..=8u64).cycle().take(24).collect::<Vec<_>>();
+        assert!(!round(&mut f, ids, t0));
+        // Not idempotent: cannot be told apart.
+        slow(&mut f);
+        let none = std::iter::repeat_n(crate::batch::NO_PRODUCER_ID, 20);
+        assert!(!round(&mut f, none, t0));
+        // Not waited for where holds do not apply.
+        slow(&mut f);
+        for p in 1..=10 {
+            f.collect(p);
+        }
+        assert!(!f.start(t0, FLUSH_EACH, false));
+        // More producers than it keeps: the first ones are waited for.
+        let many = CAP as u64 + 10;
+        slow_round(&mut f, 10_000..10_000 + many, 0..many, t0);
+        for p in 0..many {
+            f.answered(p, t0);
+        }
+        assert!(!f.holding(t0, GAP, FANIN_HOLD_MAX));
+    }
+}
