@@ -406,22 +406,9 @@ impl CmdTx {
     /// `send` for an append: it does not wake a thread gathering a
     /// fan-in's round (`Doorbell::hush`) unless the queue is full.
     pub(crate) async fn send_append(&self, cmd: Cmd) -> Result<(), StorageError> {
-        match self.tx.try_send(cmd) {
-            Ok(()) => {
-                self.bell.ring_append();
-                Ok(())
-            }
-            Err(async_channel::TrySendError::Full(cmd)) => {
-                self.bell.ring();
-                let sent = self.tx.send(cmd).await;
-                self.bell.ring_append();
-                sent.map_err(|_| StorageError::ShuttingDown)
-            }
-            Err(async_channel::TrySendError::Closed(_)) => {
-                self.bell.ring();
-                Err(StorageError::ShuttingDown)
-            }
-        }
+        self.send_quiet(cmd).await?;
+        self.bell.ring_append();
+        Ok(())
     }
 
     pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {
