@@ -2806,27 +2806,31 @@ fn fan_in_record(producer: u64, seq: i32) -> Vec<u8> {
     })
 }
 
-/// The fan-in tests' start: three producers with a record each, twice.
-/// Flush 1 takes 2 s, and the three answer its acks together
-/// `answer_after` later; flush 2 takes no time. Returns once flush 2's acks
-/// are out, so the recent flush is 1.75 s.
-fn three_producers_twice(
+/// The fan-in tests' start: `producers` producers with a record each,
+/// twice, flushes held, `sync_hold_max` a minute. Flush 1 takes 2 s, and
+/// the producers answer its acks together `answer_after` later; flush 2
+/// takes no time. Returns once flush 2's acks are out, so the recent flush
+/// is 1.75 s.
+fn producers_twice(
     seed: u64,
     name: &str,
+    producers: u64,
     answer_after: std::time::Duration,
+    fanin_wait: std::time::Duration,
 ) -> (Held, Arc<ManualClock>) {
     use std::time::Duration;
     let (clock, time) = Clock::manual(1_700_000_000_000);
     let seen = clock.clone();
     let h = Held::open(seed, name, |c| StorageConfig {
         sync_hold_max: Duration::from_secs(60),
+        fanin_wait,
         clock,
         ..c
     });
     h.gate.hold_sync_calls.store(true, Ordering::SeqCst);
     let round = |seq| {
         let resume = h.s.pause();
-        let t: Vec<_> = (1..=3)
+        let t: Vec<_> = (1..=producers)
             .map(|p| block_on(h.s.submit_now(&h.id, fan_in_record(p, seq))).unwrap())
             .collect();
         drop(resume);
@@ -2847,6 +2851,27 @@ fn three_producers_twice(
         block_on(t).unwrap();
     }
     (h, time)
+}
+
+/// Three producers (too few for a fan-in's own wait).
+fn three_producers_twice(
+    seed: u64,
+    name: &str,
+    answer_after: std::time::Duration,
+) -> (Held, Arc<ManualClock>) {
+    let wait = StorageConfig::default().fanin_wait;
+    producers_twice(seed, name, 3, answer_after, wait)
+}
+
+/// Eight producers answering 10 s after flush 1's acks, more than four
+/// flushes: followed as slow.
+fn eight_slow_producers(
+    seed: u64,
+    name: &str,
+    fanin_wait: std::time::Duration,
+) -> (Held, Arc<ManualClock>) {
+    let late = std::time::Duration::from_secs(10);
+    producers_twice(seed, name, 8, late, fanin_wait)
 }
 
 /// Inline, a fan-in (many producers with a record in flight each) whose
@@ -2912,39 +2937,9 @@ fn an_inline_fan_in_is_not_gathered_where_the_first_answer_takes_over_a_quarter_
 fn a_slow_answering_fan_in_is_gathered_into_one_flush() {
     use std::time::Duration;
     for wait in [Duration::from_secs(60), Duration::ZERO] {
-        let (clock, time) = Clock::manual(1_700_000_000_000);
-        let seen = clock.clone();
-        let h = Held::open(17, "gather", |c| StorageConfig {
-            sync_hold_max: Duration::from_secs(60),
-            fanin_wait: wait,
-            clock,
-            ..c
-        });
+        let (h, time) = eight_slow_producers(17, "gather", wait);
         let (s, gate, id) = (&h.s, &h.gate, &h.id);
-        gate.hold_sync_calls.store(true, Ordering::SeqCst);
         let submit = |p, seq| block_on(s.submit_now(id, fan_in_record(p, seq))).unwrap();
-        let together = |seq| {
-            let resume = s.pause();
-            let t: Vec<_> = (1..=8).map(|p| submit(p, seq)).collect();
-            drop(resume);
-            t
-        };
-        // Two groups of the eight, the first flush taking 2 s; the eight
-        // answer its acks 10 s later, more than four flushes.
-        let first = together(0);
-        first_flush_takes(gate, &seen, &time, Duration::from_secs(2))
-            .join()
-            .unwrap();
-        for t in first {
-            block_on(t).unwrap();
-        }
-        time.advance(Duration::from_secs(10));
-        let second = together(1);
-        gate.wait_for(&gate.started, 2);
-        gate.release();
-        for t in second {
-            block_on(t).unwrap();
-        }
         // They answer one by one, again late.
         time.advance(Duration::from_secs(10));
         let writes = gate.writes.load(Ordering::SeqCst);
@@ -3013,6 +3008,59 @@ fn a_slow_answering_fan_in_is_gathered_into_one_flush() {
         over.join().unwrap();
         s.shutdown().unwrap();
     }
+}
+
+/// A power cut while a fan-in's round is waited for: every record acked
+/// before it is there after recovery, and the ones held for the flush
+/// (written nowhere yet) were never acked.
+#[test]
+fn a_power_cut_during_a_fan_in_wait_loses_nothing_acked() {
+    use std::time::Duration;
+    let (h, time) = eight_slow_producers(18, "cut", Duration::from_secs(60));
+    let submit = |p, seq| block_on(h.s.submit_now(&h.id, fan_in_record(p, seq))).unwrap();
+    let acked = read_all(&h.s, &h.id, 0);
+    assert_eq!(acked.len(), 16);
+    // Seven answer and are held for the eighth; the power goes.
+    time.advance(Duration::from_secs(10));
+    let held: Vec<_> = (1..=7).map(|p| submit(p, 2)).collect();
+    let looked = {
+        let time = time.clone();
+        std::thread::spawn(move || time.advance(Duration::ZERO))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        h.gate.started.load(Ordering::SeqCst),
+        2,
+        "held for the eighth"
+    );
+    looked.join().unwrap();
+    let Held {
+        _open: open,
+        s,
+        gate,
+        id,
+        _rig: rig,
+    } = h;
+    let disk = rig.disk().unwrap().clone();
+    disk.crash();
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    drop(open);
+    let _ = s.shutdown();
+    for t in held {
+        assert!(
+            block_on(t).is_err(),
+            "a held record acked on a crashed disk"
+        );
+    }
+    drop(s);
+    disk.restart();
+    let s = rig.open();
+    let rep = &s.recovery_report()[0];
+    assert!(!rep.quarantined, "{rep:?}");
+    assert_eq!(read_all(&s, &id, 0), acked);
+    let a = block_on(s.append(&id, make_batch(1, 10, 7, 0))).unwrap();
+    assert_eq!(a.base_offset, 16, "the log goes on densely");
+    s.shutdown().unwrap();
 }
 
 /// Inline, on a slow device (flushes of over a millisecond), the appends
