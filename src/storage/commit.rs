@@ -98,7 +98,7 @@ pub(super) struct CommitState {
 /// out ids in sequence, and Fibonacci hashing keeps any 16 consecutive ids
 /// on distinct bits (28 of 32 consecutive ones).
 fn producer_bit(producer: u64) -> u32 {
-    1 << (producer.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 59)
+    1 << (super::fanin::hash(producer) >> 27)
 }
 
 impl CommitState {

@@ -29,7 +29,7 @@
 use std::time::{Duration, Instant};
 
 /// A group's acks to at least this many producers, ...
-pub(super) const FANIN_MIN_PRODUCERS: usize = 8;
+const FANIN_MIN_PRODUCERS: usize = 8;
 /// ... with at most this many appends each, make a fan-in: deep windows
 /// (a producer pipelining its records) are not waited for, their next
 /// appends are queued already.
@@ -45,9 +45,11 @@ pub(crate) const fn fanin_bytes(producers: usize) -> usize {
     producers * 4 + producers.div_ceil(64) * 8
 }
 
-/// A producer id's 32-bit hash. Two producers sharing one count as one,
-/// which only ends a wait an answer early.
-fn hash(producer: u64) -> u32 {
+/// A producer id's 32-bit hash (Fibonacci hashing: ids handed out in
+/// sequence spread over its top bits, which `producer_bit` in `commit`
+/// takes). Two producers sharing one count as one, which only ends a wait
+/// an answer early.
+pub(super) fn hash(producer: u64) -> u32 {
     (producer.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
 }
 

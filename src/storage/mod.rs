@@ -331,7 +331,9 @@ pub struct StorageConfig {
     /// a quarter of a flush (a fan-in on a slow device). Zero: never
     /// wait. Not after groups of more than 64 appends, whose fdatasync
     /// should overlap the thread's work, nor for a partition whose
-    /// producers answer slower than this.
+    /// producers answer slower than this. Also a fan-in's wait
+    /// (`fanin_wait`) ends once its producers' answers pause this long,
+    /// and zero turns that wait off too.
     pub sync_hold_max: std::time::Duration,
     /// A fan-in's next fdatasync waits up to this long for more of its
     /// producers' records (`fanin`): many producers with a record or two
