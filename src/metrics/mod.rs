@@ -19,6 +19,7 @@
 //! | `fetch_records`, `fetch_bytes` | counter | topic |
 //! | `request_duration_seconds` | histogram | kind |
 //! | `storage_write_duration_seconds`, `storage_fsync_duration_seconds` | histogram | |
+//! | `storage_fanin_wait_seconds` (a flush waiting for a fan-in's producers) | histogram | |
 //! | `storage_device_bytes`, `storage_payload_bytes` | counter | |
 //! | `storage_read_bytes` (fetch windows from the device) | counter | source: demand, ahead, ahead_unused |
 //! | `group_lag_records` | gauge | group, topic, partition |
@@ -201,6 +202,7 @@ pub struct Metrics {
     request_duration: HistogramFamily<KindLabels>,
     storage_write_duration: Histogram,
     storage_fsync_duration: Histogram,
+    storage_fanin_wait: Histogram,
     storage_device_bytes: Counter,
     storage_payload_bytes: Counter,
     storage_read_bytes: Family<ReadLabels, Counter>,
@@ -361,6 +363,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(request_histogram),
             storage_write_duration: storage_histogram(),
             storage_fsync_duration: storage_histogram(),
+            storage_fanin_wait: storage_histogram(),
             storage_device_bytes: Counter::default(),
             storage_payload_bytes: Counter::default(),
             storage_read_bytes: Family::default(),
@@ -443,6 +446,11 @@ impl Metrics {
             "storage_fsync_duration_seconds",
             "Duration of one fdatasync",
             m.storage_fsync_duration.clone(),
+        );
+        m.registry.register(
+            "storage_fanin_wait_seconds",
+            "Time a flush waited for a fan-in's producers to send again (storage.fanin_wait_ms)",
+            m.storage_fanin_wait.clone(),
         );
         m.registry.register(
             "storage_device_bytes",
@@ -931,6 +939,10 @@ impl crate::storage::IoObserver for Metrics {
 
     fn damage_skipped(&self, offsets: u64) {
         self.recovery_damaged_offsets.inc_by(offsets);
+    }
+
+    fn fanin_wait(&self, elapsed: Duration) {
+        self.storage_fanin_wait.observe(elapsed.as_secs_f64());
     }
 
     fn read_ahead_unused(&self, device_bytes: u64) {

@@ -98,6 +98,8 @@ fn scrape_shows_recorded_values() {
         m.window_read(1 << 20, true);
         m.window_read(4096, true);
         m.read_ahead_unused(65536);
+        m.fanin_wait(Duration::from_millis(3));
+        m.fanin_wait(Duration::from_millis(5));
     }
 
     let (status, response) = get(ep.addr, "/metrics");
@@ -122,6 +124,7 @@ fn scrape_shows_recorded_values() {
         ),
         ("skiff_storage_write_duration_seconds_count", 1.0),
         ("skiff_storage_fsync_duration_seconds_count", 1.0),
+        ("skiff_storage_fanin_wait_seconds_count", 2.0),
         ("skiff_storage_device_bytes_total", 8192.0),
         ("skiff_storage_payload_bytes_total", 5000.0),
         (
@@ -167,6 +170,8 @@ fn scrape_shows_recorded_values() {
     }
     let sum = sample(text, "skiff_request_duration_seconds_sum{kind=\"produce\"}").expect("sum");
     assert!((sum - 0.0307).abs() < 1e-9, "{sum}");
+    let waited = sample(text, "skiff_storage_fanin_wait_seconds_sum").expect("fan-in sum");
+    assert!((waited - 0.008).abs() < 1e-9, "{waited}");
     assert!(
         text.contains(&format!(
             "skiff_build_info{{version=\"{}\"}} 1",

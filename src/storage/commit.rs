@@ -371,8 +371,11 @@ impl Engine {
             // leave a past deadline that wakes the thread again and again.
             self.group.hold_until = None;
             if self.group.fanin.active() {
-                self.group.fanin.end();
+                let waited = self.group.fanin.end(now);
                 self.bell.hush(false);
+                if let Some(obs) = &self.ctx.cfg.observer {
+                    obs.0.fanin_wait(waited);
+                }
             }
             self.start_syncs(force);
         }

@@ -202,9 +202,10 @@ impl FanIn {
         self.active
     }
 
-    /// The flush starts: the wait is over.
-    pub(super) fn end(&mut self) {
+    /// The flush starts: the wait is over. Returns how long it lasted.
+    pub(super) fn end(&mut self, now: Instant) -> Duration {
         self.active = false;
+        now.saturating_duration_since(self.since)
     }
 }
 
@@ -293,7 +294,7 @@ mod tests {
         f.answered(3, first);
         assert!(f.holding(first + GAP / 2, GAP, FANIN_HOLD_MAX));
         assert!(!f.holding(first + GAP, GAP, FANIN_HOLD_MAX));
-        f.end();
+        assert_eq!(f.end(first + GAP), first + GAP - t1, "how long it waited");
         assert!(!f.holding(first, GAP, FANIN_HOLD_MAX));
 
         // Answers that keep coming are not waited for past the bound.

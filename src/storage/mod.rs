@@ -389,6 +389,11 @@ pub trait IoObserver: Send + Sync {
     /// A read found damaged data and skipped it: `offsets` lost (at most;
     /// a gap the log already had there counts too).
     fn damage_skipped(&self, _offsets: u64) {}
+
+    /// A flush waited `elapsed` for a fan-in's producers to send again
+    /// (`storage.fanin_wait_ms`): latency its records paid for the
+    /// flushes saved.
+    fn fanin_wait(&self, _elapsed: std::time::Duration) {}
 }
 
 #[derive(Clone)]
