@@ -263,7 +263,9 @@ fn kill9_and_power_cut_loop_on_a_filesystem_that_drops_unsynced_data() {
     crash_loop(true);
 }
 
-fn crash_loop(on_lazy_fs: bool) {
+/// A loop's cycles and seed: `SKIFF_SOAK_CYCLES` (4 in CI) and
+/// `SKIFF_SOAK_SEED` (replays a run; the clock's otherwise).
+fn soak_cycles_and_seed(name: &str) -> (usize, u64) {
     let cycles: usize = env_or("SKIFF_SOAK_CYCLES", 4);
     let seed: u64 = env_or(
         "SKIFF_SOAK_SEED",
@@ -273,7 +275,28 @@ fn crash_loop(on_lazy_fs: bool) {
             .as_nanos() as u64
             | 1,
     );
-    eprintln!("crash loop: seed {seed}, {cycles} cycles (SKIFF_SOAK_SEED replays it)");
+    eprintln!("{name}: seed {seed}, {cycles} cycles (SKIFF_SOAK_SEED replays it)");
+    (cycles, seed)
+}
+
+/// A loop's topic: 512 MiB in 32 segments a partition, so that a soak's
+/// log does not wrap. Recovery after a crash reads the rest of each active
+/// segment for stale batches: 16 MiB keeps that quick under qemu.
+fn create_loop_topic(tcp: &str, name: &str, partitions: u32) {
+    blocking::Client::connect(tcp)
+        .expect("connect")
+        .create_topic(CreateTopicRequest {
+            name: name.into(),
+            partitions: Some(partitions),
+            segments: Some(32),
+            segment_bytes: Some(16 * 1024 * 1024),
+            ..CreateTopicRequest::default()
+        })
+        .expect("create");
+}
+
+fn crash_loop(on_lazy_fs: bool) {
+    let (cycles, seed) = soak_cycles_and_seed("crash loop");
     let mut rng = Rng(seed);
     // The loop's topic reserves 2 GiB, the embedded default's whole
     // storage.disk_budget_bytes: lift it, so assert_serves' probes fit too.
@@ -303,18 +326,7 @@ fn crash_loop(on_lazy_fs: bool) {
         Some(fs) => Broker::start_on(fs.mountpoint.join("data"), &config),
         None => Broker::start(&config),
     };
-    blocking::Client::connect(&b.tcp)
-        .expect("connect")
-        .create_topic(CreateTopicRequest {
-            name: "loop".into(),
-            partitions: Some(PARTITIONS),
-            // Recovery after a crash reads the rest of each active segment
-            // for stale batches: 16 MiB keeps that quick under qemu.
-            segments: Some(32),
-            segment_bytes: Some(16 * 1024 * 1024),
-            ..CreateTopicRequest::default()
-        })
-        .expect("create");
+    create_loop_topic(&b.tcp, "loop", PARTITIONS);
 
     let history = Arc::new(History::new());
     let stop = Arc::new(AtomicBool::new(false));
@@ -366,19 +378,7 @@ fn crash_loop(on_lazy_fs: bool) {
         served.merge(c.join().expect("consumer thread"));
     }
 
-    let client = blocking::Client::connect(&b.tcp).expect("connect");
-    let earliest: HashMap<u32, u64> = client
-        .describe_topic("loop")
-        .expect("describe")
-        .partitions
-        .iter()
-        .map(|p| (p.partition, p.earliest_offset))
-        .collect();
-    let read: Vec<Seen> = consume_all(&b.tcp, "loop").iter().map(Seen::from).collect();
-    let history = history.take();
-    let pending = history.values().filter(|o| **o == Outcome::Pending).count();
-    assert_eq!(pending, 0, "every delivery resolved before the check");
-    let report = checker::check(&history, &earliest, &read, &served, Offsets::Dense);
+    let (report, read) = check_log(&b.tcp, "loop", &history, &served);
     let fs = lazy.as_ref().map_or(String::new(), |fs| {
         let s = fs.stats();
         format!(
@@ -397,7 +397,6 @@ fn crash_loop(on_lazy_fs: bool) {
     report.assert_ok();
     assert!(report.acked > 0, "the producers made progress");
     // Free the local check's maps before the upstream one builds its own.
-    drop(history);
     drop(served);
     let (upstream, older, held) = check_upstream(&tansu, read, &b);
     // The one line scripts/soak prints.
@@ -413,6 +412,161 @@ fn crash_loop(on_lazy_fs: bool) {
             "segments made by the zero-writing fallback:\n{log}"
         );
     }
+}
+
+/// Devices in the fan-in loop, each a connection with one record in flight.
+const FANIN_DEVICES: u64 = 48;
+/// The fleet's timetable: every device sends on the same tick, give or take
+/// its own offset. Their answers to one flush's acks come a tick later, far
+/// slower than the flushes, which is what makes the broker's next flush wait
+/// for their round (`storage.fanin_wait_ms`, here a tick and a half).
+const FANIN_TICK_MS: u64 = 25;
+
+/// One device: sends a sequence-numbered record on each tick it is free
+/// for, waits for its ack, logs what became of it.
+async fn device(
+    addr: String,
+    producer: u32,
+    start: Instant,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) {
+    let config = ProducerConfig {
+        // Long enough to ride out any restart of the loop.
+        delivery_timeout: Duration::from_secs(60),
+        retry_backoff: Duration::from_millis(10),
+        retry_backoff_max: Duration::from_millis(200),
+        ..ProducerConfig::default()
+    };
+    let p = skiff::client::Producer::connect_retrying(&addr, config, |_, _| {})
+        .await
+        .expect("a device connects within 60 s");
+    let tick = Duration::from_millis(FANIN_TICK_MS);
+    let offset = Duration::from_micros(u64::from(producer) * 50);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        history.sent(producer, seq);
+        let value = checker::value(producer, seq, VALUE_BYTES);
+        match p.send("fan", None, &value, &[]).await {
+            Ok(m) => history.acked(producer, seq, m.partition, m.offset),
+            Err(_) => history.gave_up(producer, seq),
+        }
+        seq += 1;
+        // The next tick from now (one missed while the broker restarted is
+        // skipped, as a device's reading would be).
+        let ticks = start.elapsed().as_micros() / tick.as_micros() + 1;
+        smol::Timer::at(start + tick * ticks as u32 + offset).await;
+    }
+    p.close().await;
+}
+
+/// The crash loop for a fan-in: devices on a timetable, each an idempotent
+/// producer with one record in flight, so that the broker's flushes wait
+/// for each tick's round and hold the records that came before its last
+/// one. SIGKILL lands in those waits: what they held was never acked, and
+/// every record acked before a kill is in the log after it, once.
+/// `scripts/soak --fan-in --cycles N` runs the long mode.
+#[test]
+fn kill9_loop_through_fan_in_waits_loses_and_duplicates_nothing() {
+    let (cycles, seed) = soak_cycles_and_seed("fan-in loop");
+    let mut rng = Rng(seed);
+    let mut b = Broker::start(&format!(
+        "\n[server]\nmax_connections = 256\n[producers]\nmax_producers = 256\n\
+         [storage]\ndisk_budget_bytes = 4294967296\nfanin_wait_ms = {}\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+        FANIN_TICK_MS * 3 / 2
+    ));
+    create_loop_topic(&b.tcp, "fan", 2);
+    let history = Arc::new(History::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let fleet = {
+        let (addr, history, stop) = (b.tcp.clone(), history.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let ex = smol::LocalExecutor::new();
+            let start = Instant::now();
+            let devices: Vec<_> = (0..FANIN_DEVICES as u32)
+                .map(|p| {
+                    ex.spawn(device(
+                        addr.clone(),
+                        p,
+                        start,
+                        history.clone(),
+                        stop.clone(),
+                    ))
+                })
+                .collect();
+            smol::block_on(ex.run(async {
+                for d in devices {
+                    d.await;
+                }
+            }));
+        })
+    };
+    // Waits the broker's flushes made, summed over its lives (each restart
+    // starts its metrics afresh).
+    let waits = |b: &Broker| {
+        let text = http_get(&b.metrics_addr(), "/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("skiff_storage_fanin_wait_seconds_count "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no fan-in wait count in\n{text}")) as u64
+    };
+    let mut waited = 0;
+    let started = Instant::now();
+    for _ in 0..cycles {
+        std::thread::sleep(rng.between_ms(200, 700));
+        waited += waits(&b);
+        b.kill9();
+        std::thread::sleep(rng.between_ms(0, 50));
+        b.restart();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    fleet.join().expect("devices");
+    waited += waits(&b);
+
+    let (report, _) = check_log(&b.tcp, "fan", &history, &Served::default());
+    // The one line scripts/soak prints.
+    println!(
+        "fan-in-loop: seed {seed} cycles {cycles} devices {FANIN_DEVICES} flushes that waited \
+         {waited} {} in {:.0?}",
+        report.summary(),
+        started.elapsed()
+    );
+    report.assert_ok();
+    assert!(report.acked > 0, "the devices made progress");
+    // Without waits this loop tests nothing new: the devices answer a tick
+    // after their acks, dozens of flushes' time on any disk this runs on.
+    assert!(
+        waited > 0,
+        "the broker's flushes waited for the fan-in's rounds"
+    );
+    b.assert_serves();
+}
+
+/// Reads `topic` back from its earliest offsets and checks it against the
+/// history (taken: a soak's is large) and what consumers were served.
+/// Returns the report and the records read.
+fn check_log(
+    tcp: &str,
+    topic: &str,
+    history: &History,
+    served: &Served,
+) -> (checker::Report, Vec<Seen>) {
+    let earliest: HashMap<u32, u64> = blocking::Client::connect(tcp)
+        .expect("connect")
+        .describe_topic(topic)
+        .expect("describe")
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.earliest_offset))
+        .collect();
+    let read: Vec<Seen> = consume_all(tcp, topic).iter().map(Seen::from).collect();
+    let history = history.take();
+    let pending = history.values().filter(|o| **o == Outcome::Pending).count();
+    assert_eq!(pending, 0, "every delivery resolved before the check");
+    let report = checker::check(&history, &earliest, &read, served, Offsets::Dense);
+    (report, read)
 }
 
 /// Upstream holds exactly the local log: each record once, with its value,
