@@ -57,6 +57,16 @@ impl Doorbell {
         }
     }
 
+    /// For an append that ends a fan-in's wait (a batching producer's,
+    /// `fanin::FANIN_DEVICE_RECORDS`): rings through the hush, where
+    /// `ring_append` would not.
+    pub(crate) fn ring_hushed(&self) {
+        fence(Ordering::SeqCst);
+        if self.hushed.load(Ordering::SeqCst) && self.asleep.load(Ordering::SeqCst) {
+            self.fd.signal();
+        }
+    }
+
     /// Appends ring (`false`) or wait for the thread's next look (`true`).
     pub(crate) fn hush(&self, hushed: bool) {
         self.hushed.store(hushed, Ordering::SeqCst);

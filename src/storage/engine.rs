@@ -403,6 +403,10 @@ impl CmdTx {
         self.bell.ring_append();
     }
 
+    pub(crate) fn ring_hushed(&self) {
+        self.bell.ring_hushed();
+    }
+
     /// `send` for an append: it does not wake a thread gathering a
     /// fan-in's round (`Doorbell::hush`) unless the queue is full.
     pub(crate) async fn send_append(&self, cmd: Cmd) -> Result<(), StorageError> {
@@ -629,7 +633,10 @@ impl Engine {
             } => {
                 let now = self.ctx.cfg.clock.now();
                 let producer = batch_producer(&batch);
-                self.group.fanin.answered(producer, now);
+                let records = batch
+                    .get(crate::batch::OFFSET_RECORD_COUNT..crate::batch::OFFSET_RECORD_COUNT + 4)
+                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                self.group.fanin.answered(producer, records, now);
                 if let Some(p) = self.parts.get_mut(&id) {
                     if p.commit.answered(producer, now) {
                         self.group.returning -= 1;

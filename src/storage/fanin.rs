@@ -24,7 +24,8 @@
 //!
 //! The bound is what a fleet of devices that send now and then (an open
 //! loop, which no waiting speeds up) pays in latency for the flushes it
-//! saves.
+//! saves. A producer that batches pays in rate, so its batch ends a wait
+//! (`FANIN_DEVICE_RECORDS`).
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,12 @@ const FANIN_APPENDS_PER_PRODUCER: usize = 2;
 /// Producers of whom half answer within this many flushes' time are not
 /// waited for.
 const FANIN_QUICK_FLUSHES: u32 = 4;
+/// A batch of more records than this comes from a producer that batches
+/// or keeps a window in flight: its rate waits on every flush, so its
+/// append ends a fan-in's wait (a producer of 1,000 records in flight
+/// beside 200 devices made 0.68 of its rate with the wait, and the
+/// devices no more).
+pub(crate) const FANIN_DEVICE_RECORDS: u32 = 8;
 
 /// Bytes the fan-in state holds for `producers`: a 32-bit hash and an
 /// answered bit each. (The embedded default's memory budget had 448 bytes
@@ -73,6 +80,8 @@ pub(super) struct FanIn {
     tracking: bool,
     /// The next flush waits for them.
     active: bool,
+    /// A batching producer's append came: the wait is over.
+    cut: bool,
     /// When the acks went out, and when the last answer came.
     since: Instant,
     last: Instant,
@@ -93,6 +102,7 @@ impl FanIn {
             appends: 0,
             tracking: false,
             active: false,
+            cut: false,
             since: now,
             last: now,
             quick: 0,
@@ -141,6 +151,7 @@ impl FanIn {
             }
         };
         self.active = false;
+        self.cut = false;
         self.tracking = false;
         let appends = std::mem::take(&mut self.appends);
         self.ids.sort_unstable();
@@ -162,8 +173,11 @@ impl FanIn {
         slow
     }
 
-    /// An append from `producer` arrived.
-    pub(super) fn answered(&mut self, producer: u64, now: Instant) {
+    /// An append of `records` from `producer` arrived.
+    pub(super) fn answered(&mut self, producer: u64, records: u32, now: Instant) {
+        if records > FANIN_DEVICE_RECORDS {
+            self.cut |= self.active;
+        }
         if !self.tracking || self.left == 0 {
             return;
         }
@@ -184,11 +198,14 @@ impl FanIn {
     /// Whether the next flush still waits for the round, for at most
     /// `max`, and `gap` between answers.
     pub(super) fn holding(&self, now: Instant, gap: Duration, max: Duration) -> bool {
-        self.active && self.left > 0 && now < self.deadline(gap, max)
+        self.active && !self.cut && self.left > 0 && now < self.deadline(gap, max)
     }
 
     /// When the wait ends if no answer comes meanwhile.
     pub(super) fn deadline(&self, gap: Duration, max: Duration) -> Instant {
+        if self.cut {
+            return self.since;
+        }
         let cap = self.since + max;
         // Under a backlog, the first answer takes the network threads'
         // whole round; the ones after it come close together.
@@ -205,6 +222,7 @@ impl FanIn {
     /// The flush starts: the wait is over. Returns how long it lasted.
     pub(super) fn end(&mut self, now: Instant) -> Duration {
         self.active = false;
+        self.cut = false;
         now.saturating_duration_since(self.since)
     }
 }
@@ -238,7 +256,7 @@ mod tests {
         round(f, ids.clone(), t);
         let late = t + FLUSH * 2;
         for p in ids {
-            f.answered(p, late);
+            f.answered(p, 1, late);
         }
         assert!(round(f, next, late), "slow answers: waited for");
         late
@@ -254,10 +272,10 @@ mod tests {
             assert!(f.holding(now, GAP, FANIN_HOLD_MAX));
             // Answers half a gap apart keep it going past the first gap.
             now += GAP / 2;
-            f.answered(p, now);
+            f.answered(p, 1, now);
             // A repeat and a stranger do not count.
-            f.answered(p, now);
-            f.answered(99, now);
+            f.answered(p, 1, now);
+            f.answered(99, 1, now);
         }
         assert!(!f.holding(now, GAP, FANIN_HOLD_MAX), "all ten answered");
     }
@@ -269,16 +287,16 @@ mod tests {
         let t1 = slow_round(&mut f, 1..11, 11..21, t0);
         // Six of ten within a flush: quick.
         for p in 11..17 {
-            f.answered(p, t1 + FLUSH / 2);
+            f.answered(p, 1, t1 + FLUSH / 2);
         }
         let t2 = t1 + FLUSH;
         assert!(!round(&mut f, 1..11, t2));
         // Four of ten within a flush, the rest later: slow again.
         for p in 1..5 {
-            f.answered(p, t2 + FLUSH / 2);
+            f.answered(p, 1, t2 + FLUSH / 2);
         }
         for p in 5..11 {
-            f.answered(p, t2 + FLUSH * 2);
+            f.answered(p, 1, t2 + FLUSH * 2);
         }
         assert!(round(&mut f, 11..21, t2 + FLUSH * 2));
     }
@@ -291,7 +309,7 @@ mod tests {
         assert!(f.holding(t1 + FANIN_HOLD_MAX / 2, GAP, FANIN_HOLD_MAX));
         assert!(!f.holding(t1 + FANIN_HOLD_MAX, GAP, FANIN_HOLD_MAX));
         let first = t1 + FANIN_HOLD_MAX / 2;
-        f.answered(3, first);
+        f.answered(3, 1, first);
         assert!(f.holding(first + GAP / 2, GAP, FANIN_HOLD_MAX));
         assert!(!f.holding(first + GAP, GAP, FANIN_HOLD_MAX));
         assert_eq!(f.end(first + GAP), first + GAP - t1, "how long it waited");
@@ -303,12 +321,40 @@ mod tests {
         let mut now = t2;
         for p in 0..n - 1 {
             now += GAP / 2;
-            f.answered(p, now);
+            f.answered(p, 1, now);
             if now >= t2 + FANIN_HOLD_MAX {
                 break;
             }
         }
         assert!(!f.holding(now, GAP, FANIN_HOLD_MAX));
+    }
+
+    #[test]
+    fn a_batching_producers_append_ends_the_wait() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        let t1 = slow_round(&mut f, 11..21, 1..11, t0);
+        // A device's small batch, from a producer not waited for: the
+        // wait goes on.
+        f.answered(500, FANIN_DEVICE_RECORDS, t1);
+        assert!(f.holding(t1, GAP, FANIN_HOLD_MAX));
+        // A window of a batching producer: it waits on this flush.
+        f.answered(501, FANIN_DEVICE_RECORDS + 1, t1);
+        assert!(!f.holding(t1, GAP, FANIN_HOLD_MAX));
+        assert!(
+            f.deadline(GAP, FANIN_HOLD_MAX) <= t1,
+            "wakes the thread now"
+        );
+        assert!(f.active(), "the flush ends the wait");
+        f.end(t1);
+        // Not carried into the next round.
+        let t2 = slow_round(&mut f, 11..21, 1..11, t1);
+        assert!(f.holding(t2, GAP, FANIN_HOLD_MAX));
+        // Nor does one that comes between waits start one cut.
+        f.end(t2);
+        f.answered(501, 1000, t2);
+        let t3 = slow_round(&mut f, 11..21, 1..11, t2);
+        assert!(f.holding(t3, GAP, FANIN_HOLD_MAX));
     }
 
     #[test]
@@ -338,7 +384,7 @@ mod tests {
         let many = CAP as u64 + 10;
         slow_round(&mut f, 10_000..10_000 + many, 0..many, t0);
         for p in 0..many {
-            f.answered(p, t0);
+            f.answered(p, 1, t0);
         }
         assert!(!f.holding(t0, GAP, FANIN_HOLD_MAX));
     }

@@ -1060,6 +1060,7 @@ impl Storage {
         checked: CheckedBatch,
         wake: Wake,
     ) -> Result<AppendTicket, StorageError> {
+        let batching = checked.header().record_count > fanin::FANIN_DEVICE_RECORDS;
         let CheckedBatch { batch, checked } = checked;
         if batch.len() > self.inner.max_batch_bytes {
             return Err(StorageError::BatchTooLarge {
@@ -1077,6 +1078,10 @@ impl Storage {
         match wake {
             Wake::Now => self.inner.tx.send_append(cmd).await?,
             Wake::Later => self.inner.tx.send_quiet(cmd).await?,
+        }
+        if batching {
+            // Its rate waits on the flush a fan-in may be holding.
+            self.inner.tx.ring_hushed();
         }
         Ok(AppendTicket { rx })
     }

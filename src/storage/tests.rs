@@ -3010,19 +3010,15 @@ fn a_slow_answering_fan_in_is_gathered_into_one_flush() {
     }
 }
 
-/// A power cut while a fan-in's round is waited for: every record acked
-/// before it is there after recovery, and the ones held for the flush
-/// (written nowhere yet) were never acked.
-#[test]
-fn a_power_cut_during_a_fan_in_wait_loses_nothing_acked() {
+/// After `eight_slow_producers`: seven of the eight answer, late again,
+/// and the thread's look at them starts no flush (it waits for the eighth).
+/// Their tickets.
+fn seven_of_eight_held(h: &Held, time: &Arc<ManualClock>) -> Vec<AppendTicket> {
     use std::time::Duration;
-    let (h, time) = eight_slow_producers(18, "cut", Duration::from_secs(60));
-    let submit = |p, seq| block_on(h.s.submit_now(&h.id, fan_in_record(p, seq))).unwrap();
-    let acked = read_all(&h.s, &h.id, 0);
-    assert_eq!(acked.len(), 16);
-    // Seven answer and are held for the eighth; the power goes.
     time.advance(Duration::from_secs(10));
-    let held: Vec<_> = (1..=7).map(|p| submit(p, 2)).collect();
+    let held: Vec<_> = (1..=7)
+        .map(|p| block_on(h.s.submit_now(&h.id, fan_in_record(p, 2))).unwrap())
+        .collect();
     let looked = {
         let time = time.clone();
         std::thread::spawn(move || time.advance(Duration::ZERO))
@@ -3034,6 +3030,51 @@ fn a_power_cut_during_a_fan_in_wait_loses_nothing_acked() {
         "held for the eighth"
     );
     looked.join().unwrap();
+    held
+}
+
+/// A batching producer's window (more records than a device sends at once)
+/// ends a fan-in's wait as it arrives: its rate waits on every flush. It
+/// rings through the hush, so no look of the thread's is needed either.
+#[test]
+fn a_batching_producers_window_ends_a_fan_in_wait() {
+    use std::time::Duration;
+    let (h, time) = eight_slow_producers(19, "window", Duration::from_secs(60));
+    let (s, gate, id) = (&h.s, &h.gate, &h.id);
+    let mut held = seven_of_eight_held(&h, &time);
+    // A window of records from a ninth producer, the clock standing still.
+    let records = fanin::FANIN_DEVICE_RECORDS + 1;
+    let mut b = BatchBuilder::new();
+    for _ in 0..records {
+        b.push(0, Some(b"k"), &[9u8; 100], &[]);
+    }
+    let window = b.finish(ProducerStamp {
+        producer_id: 100,
+        producer_epoch: 0,
+        base_sequence: 0,
+    });
+    held.push(block_on(s.submit_now(id, window)).unwrap());
+    gate.wait_for(&gate.started, 3);
+    gate.release();
+    for (t, off) in held.into_iter().zip(16..) {
+        assert_eq!(block_on(t).unwrap().base_offset, off);
+    }
+    gate.hold_sync_calls.store(false, Ordering::SeqCst);
+    gate.release();
+    h.s.shutdown().unwrap();
+}
+
+/// A power cut while a fan-in's round is waited for: every record acked
+/// before it is there after recovery, and the ones held for the flush
+/// (written nowhere yet) were never acked.
+#[test]
+fn a_power_cut_during_a_fan_in_wait_loses_nothing_acked() {
+    use std::time::Duration;
+    let (h, time) = eight_slow_producers(18, "cut", Duration::from_secs(60));
+    let acked = read_all(&h.s, &h.id, 0);
+    assert_eq!(acked.len(), 16);
+    // Seven answer and are held for the eighth; the power goes.
+    let held = seven_of_eight_held(&h, &time);
     let Held {
         _open: open,
         s,
