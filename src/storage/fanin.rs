@@ -15,10 +15,12 @@
 //! or for `StorageConfig::fanin_wait` (`storage.fanin_wait_ms`) at most.
 //!
 //! Only where the producers take several flushes to answer: where most
-//! answer sooner (16 producers here), groups alternating keep the device
-//! flushing one while the CPU works on the other, and waiting for all of
-//! them would idle the device each round (0.95 of the rate in A/B), for an
-//! fdatasync saved every few records. Each fan-in group's producers are
+//! answer sooner (16 producers with 0.25 ms flushes), groups alternating
+//! keep the device flushing one while the CPU works on the other, and
+//! waiting for all of them would idle the device each round (0.95 of the
+//! rate in A/B), for an fdatasync saved every few records. (With 0.1 ms
+//! flushes, 16 producers count as slow: docs/performance.md, "Fan-in".)
+//! Each fan-in group's producers are
 //! followed whether or not the flush after it waits, and how many answered
 //! within `FANIN_QUICK_FLUSHES` flushes decides for the next group.
 //!
