@@ -633,10 +633,9 @@ impl Engine {
             } => {
                 let now = self.ctx.cfg.clock.now();
                 let producer = batch_producer(&batch);
-                let records = batch
-                    .get(crate::batch::OFFSET_RECORD_COUNT..crate::batch::OFFSET_RECORD_COUNT + 4)
-                    .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                self.group.fanin.answered(producer, records, now);
+                self.group
+                    .fanin
+                    .answered(producer, batch_records(&batch), now);
                 if let Some(p) = self.parts.get_mut(&id) {
                     if p.commit.answered(producer, now) {
                         self.group.returning -= 1;
@@ -1078,6 +1077,12 @@ impl Engine {
 
 /// The producer id in a batch's header (`NO_PRODUCER_ID` when not
 /// idempotent; 0 for a buffer too short to hold one).
+fn batch_records(batch: &[u8]) -> u32 {
+    batch
+        .get(crate::batch::OFFSET_RECORD_COUNT..crate::batch::OFFSET_RECORD_COUNT + 4)
+        .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+}
+
 fn batch_producer(batch: &[u8]) -> u64 {
     batch
         .get(crate::batch::OFFSET_PRODUCER_ID..crate::batch::OFFSET_PRODUCER_ID + 8)
