@@ -51,18 +51,19 @@ impl Doorbell {
     /// queue before every sleep, so an append queued while it unhushes is
     /// seen (the same fence pairing as `ring`).
     pub(crate) fn ring_append(&self) {
-        fence(Ordering::SeqCst);
-        if !self.hushed.load(Ordering::SeqCst) && self.asleep.load(Ordering::SeqCst) {
-            self.fd.signal();
-        }
+        self.ring_if_hushed(false);
     }
 
     /// For an append that ends a fan-in's wait (a batching producer's,
     /// `fanin::FANIN_DEVICE_RECORDS`): rings through the hush, where
     /// `ring_append` would not.
     pub(crate) fn ring_hushed(&self) {
+        self.ring_if_hushed(true);
+    }
+
+    fn ring_if_hushed(&self, hushed: bool) {
         fence(Ordering::SeqCst);
-        if self.hushed.load(Ordering::SeqCst) && self.asleep.load(Ordering::SeqCst) {
+        if self.hushed.load(Ordering::SeqCst) == hushed && self.asleep.load(Ordering::SeqCst) {
             self.fd.signal();
         }
     }

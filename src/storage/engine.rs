@@ -1075,14 +1075,16 @@ impl Engine {
     }
 }
 
-/// The producer id in a batch's header (`NO_PRODUCER_ID` when not
-/// idempotent; 0 for a buffer too short to hold one).
+/// The record count in a batch's header (0 for a buffer too short to
+/// hold one).
 fn batch_records(batch: &[u8]) -> u32 {
     batch
         .get(crate::batch::OFFSET_RECORD_COUNT..crate::batch::OFFSET_RECORD_COUNT + 4)
         .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
 }
 
+/// The producer id in a batch's header (`NO_PRODUCER_ID` when not
+/// idempotent; 0 for a buffer too short to hold one).
 fn batch_producer(batch: &[u8]) -> u64 {
     batch
         .get(crate::batch::OFFSET_PRODUCER_ID..crate::batch::OFFSET_PRODUCER_ID + 8)
