@@ -20,6 +20,14 @@
 //! The pool is bounded in buffers and in the size of each (set from the
 //! config at start, counted in `skiff config check`'s memory budget); what
 //! does not fit is freed as before.
+//!
+//! A large batch is not copied at all: the connection lends the request
+//! frame's whole read buffer ([`BatchPool::lend`]), the batch a range of
+//! it, and reads on into a buffer taken from the pool
+//! ([`BatchPool::take_filled`]). The copy out of the frame was 9% of the
+//! broker's samples at 1 KiB records (docs/performance.md).
+
+use std::ops::Range;
 
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +55,11 @@ pub fn bytes_max(buffers: usize, buffer_bytes_max: usize) -> u64 {
 #[derive(Default)]
 pub struct BatchBuf {
     bytes: Vec<u8>,
+    /// The batch's place in `bytes`: all of them, but in a frame's buffer
+    /// lent whole ([`BatchPool::lend`]). 32 bits each, as a frame's are
+    /// (and each storage job stays within the embedded default's budget).
+    start: u32,
+    end: u32,
     home: Option<Arc<Shelf>>,
 }
 
@@ -54,34 +67,53 @@ impl BatchBuf {
     /// The bytes, taken out of the pool's reach (they will not go back).
     pub fn into_vec(mut self) -> Vec<u8> {
         self.home = None;
-        std::mem::take(&mut self.bytes)
+        let range = self.range();
+        let mut bytes = std::mem::take(&mut self.bytes);
+        bytes.truncate(range.end);
+        bytes.drain(..range.start);
+        bytes
+    }
+
+    fn range(&self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
+
+    fn whole(bytes: Vec<u8>, home: Option<Arc<Shelf>>) -> BatchBuf {
+        let end = u32::try_from(bytes.len()).expect("a batch under 4 GiB");
+        BatchBuf {
+            bytes,
+            start: 0,
+            end,
+            home,
+        }
     }
 }
 
 impl From<Vec<u8>> for BatchBuf {
     /// A buffer of no pool: freed when dropped.
     fn from(bytes: Vec<u8>) -> BatchBuf {
-        BatchBuf { bytes, home: None }
+        BatchBuf::whole(bytes, None)
     }
 }
 
 impl std::ops::Deref for BatchBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.bytes
+        &self.bytes[self.range()]
     }
 }
 
 impl std::ops::DerefMut for BatchBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes
+        let range = self.range();
+        &mut self.bytes[range]
     }
 }
 
 impl std::fmt::Debug for BatchBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BatchBuf")
-            .field("len", &self.bytes.len())
+            .field("len", &self.range().len())
             .field("pooled", &self.home.is_some())
             .finish()
     }
@@ -115,10 +147,18 @@ impl std::fmt::Debug for BatchPool {
 impl BatchPool {
     /// Keeps at most `buffers` buffers of at most `buffer_bytes_max` each.
     pub fn new(buffers: usize, buffer_bytes_max: usize) -> BatchPool {
+        BatchPool::bounded(buffers, buffer_bytes_max, usize::MAX)
+    }
+
+    /// The same, and at most `bytes_max` bytes in all: a pool whose
+    /// largest buffers (a frame's, lent) are larger than the ones its
+    /// memory is budgeted for.
+    pub fn bounded(buffers: usize, buffer_bytes_max: usize, bytes_max: usize) -> BatchPool {
         BatchPool {
             shelf: Arc::new(Shelf {
                 buffers_max: buffers,
                 buffer_bytes_max,
+                bytes_max,
                 // Allocated once, so giving a buffer back never allocates
                 // on the storage thread.
                 list: Mutex::new(Vec::with_capacity(buffers)),
@@ -130,18 +170,44 @@ impl BatchPool {
     /// enough.
     pub fn copy(&self, bytes: &[u8]) -> BatchBuf {
         let mut buf = self.shelf.take(bytes.len());
+        buf.clear();
         buf.extend_from_slice(bytes);
+        let home = (bytes.len() >= BUFFER_BYTES_MIN).then(|| self.shelf.clone());
+        BatchBuf::whole(buf, home)
+    }
+
+    /// `frame[batch]` as a batch, with no copy: the whole buffer goes to
+    /// this pool when the batch is dropped.
+    pub fn lend(&self, frame: Vec<u8>, batch: Range<usize>) -> BatchBuf {
+        assert!(batch.start <= batch.end && batch.end <= frame.len());
+        let (start, end) = (batch.start.try_into(), batch.end.try_into());
         BatchBuf {
-            bytes: buf,
-            home: (bytes.len() >= BUFFER_BYTES_MIN).then(|| self.shelf.clone()),
+            bytes: frame,
+            start: start.expect("a frame under 4 GiB"),
+            end: end.expect("a frame under 4 GiB"),
+            home: Some(self.shelf.clone()),
         }
+    }
+
+    /// A buffer of at least `len` bytes, recycled when the pool has one
+    /// large enough. Its bytes are whatever it last held: only the part
+    /// never used before is zeroed, so a read buffer taken in place of one
+    /// lent costs no pass over its memory.
+    pub fn take_filled(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.shelf.take(len);
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        buf
     }
 
     /// An empty buffer with room for at least `len` bytes, recycled when
     /// the pool has one large enough, for a caller that fills it and
     /// gives it back with [`give`](Self::give).
     pub fn take(&self, len: usize) -> Vec<u8> {
-        self.shelf.take(len)
+        let mut buf = self.shelf.take(len);
+        buf.clear();
+        buf
     }
 
     /// Keeps `buf` for a later [`take`](Self::take), or frees it (as a
@@ -161,12 +227,13 @@ impl BatchPool {
 struct Shelf {
     buffers_max: usize,
     buffer_bytes_max: usize,
+    bytes_max: usize,
     list: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shelf {
-    /// An empty buffer with room for at least `len` bytes: a recycled one
-    /// when there is one large enough.
+    /// A buffer with room for at least `len` bytes: a recycled one (still
+    /// holding what it last held) when there is one large enough.
     fn take(&self, len: usize) -> Vec<u8> {
         if len < BUFFER_BYTES_MIN {
             return Vec::with_capacity(len);
@@ -196,15 +263,16 @@ impl Shelf {
 
     /// Keeps a buffer for a later take; frees it when the shelf is full,
     /// or the buffer is too small to be worth keeping or above the size
-    /// bound.
-    fn give(&self, mut buf: Vec<u8>) {
+    /// bound. It keeps its length: [`BatchPool::take_filled`] relies on
+    /// those bytes having been written.
+    fn give(&self, buf: Vec<u8>) {
         let cap = buf.capacity();
         if cap < BUFFER_BYTES_MIN || cap > self.buffer_bytes_max {
             return;
         }
-        buf.clear();
         let mut list = self.lock();
-        if list.len() < self.buffers_max {
+        let kept: usize = list.iter().map(Vec::capacity).sum();
+        if list.len() < self.buffers_max && kept.saturating_add(cap) <= self.bytes_max {
             list.push(buf);
         }
     }
@@ -241,6 +309,32 @@ mod tests {
         // Taken out of the pool: freed, not kept.
         drop(again.into_vec());
         assert_eq!(p.kept(), (0, 0));
+    }
+
+    #[test]
+    fn a_lent_frame_is_its_batch_and_comes_home_whole() {
+        let p = BatchPool::new(4, 1024 * 1024);
+        let mut frame = vec![7u8; 100 * 1024];
+        frame[10..20].fill(1);
+        let ptr = frame.as_ptr();
+        let mut b = p.lend(frame, 10..20);
+        assert_eq!(&*b, &[1; 10]);
+        b[0] = 2;
+        assert_eq!(b[0], 2, "written in place");
+        drop(b);
+        assert!(holds(&p, ptr), "the whole frame buffer kept");
+        // Taken to read into: the same pages, every byte still readable,
+        // nothing zeroed.
+        let again = p.take_filled(50 * 1024);
+        assert_eq!((again.as_ptr(), again.len()), (ptr, 100 * 1024));
+        assert_eq!(again[10], 2);
+        // Longer than the buffer ever was: the rest is zeroed.
+        let fresh = p.take_filled(200 * 1024);
+        assert!(fresh.len() == 200 * 1024 && fresh.iter().all(|&x| x == 0));
+        // Out of the pool: the batch's bytes only.
+        let mut frame = again;
+        frame[..4].copy_from_slice(b"abcd");
+        assert_eq!(p.lend(frame, 1..3).into_vec(), b"bc");
     }
 
     #[test]
@@ -293,5 +387,16 @@ mod tests {
     fn the_budget_counts_rounded_buffers() {
         assert_eq!(bytes_max(8, 1024 * 1024), 8 * 1024 * 1024);
         assert_eq!(bytes_max(2, 100 * 1024), 2 * 128 * 1024);
+    }
+
+    #[test]
+    fn a_pool_bounded_in_bytes_keeps_fewer_large_buffers() {
+        let p = BatchPool::bounded(4, 200 * 1024, 256 * 1024);
+        for _ in 0..3 {
+            p.give(Vec::with_capacity(100 * 1024));
+        }
+        assert_eq!(p.kept(), (2, 200 * 1024), "a third would pass the bytes");
+        p.give(Vec::with_capacity(50 * 1024));
+        assert_eq!(p.kept(), (3, 250 * 1024), "a smaller one still fits");
     }
 }

@@ -232,13 +232,13 @@ impl From<BatchError> for BrokerError {
 /// on it (see `producers`).
 impl From<Arc<StorageError>> for BrokerError {
     fn from(e: Arc<StorageError>) -> Self {
-        let at = |id: &PartitionId| (id.topic.clone(), id.partition);
+        let at = |id: &PartitionId| (id.topic.to_string(), id.partition);
         match &*e {
             StorageError::UnknownPartition(id) => {
                 let (topic, partition) = at(id);
                 Self::UnknownPartition { topic, partition }
             }
-            StorageError::PartitionExists(id) => Self::TopicExists(id.topic.clone()),
+            StorageError::PartitionExists(id) => Self::TopicExists(id.topic.to_string()),
             &StorageError::OffsetOutOfRange {
                 requested,
                 earliest,

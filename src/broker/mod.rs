@@ -460,7 +460,7 @@ impl Broker {
             for p in 0..meta.partitions {
                 let scanned_before = scanned;
                 let id = PartitionId {
-                    topic: topic.clone(),
+                    topic: topic.as_str().into(),
                     partition: p,
                 };
                 let o = self.storage.offsets(&id)?;
@@ -540,7 +540,7 @@ impl Broker {
             let mut seen: Vec<(i64, u64)> = Vec::new();
             for p in 0..meta.partitions {
                 let id = PartitionId {
-                    topic: topic.clone(),
+                    topic: topic.as_str().into(),
                     partition: p,
                 };
                 if let Err(e) = self.collect_msg_ids(&id, config, now, &mut seen).await {
@@ -722,7 +722,7 @@ impl Broker {
         let table = self.topics.read().expect("topic table lock").clone();
         for (id, _) in &on_disk {
             let wanted = table
-                .get(&id.topic)
+                .get(&*id.topic)
                 .is_some_and(|t| id.partition < t.partitions);
             if !wanted {
                 log::warn!("deleting partition {id}: its topic was being deleted at the last stop");
@@ -733,7 +733,7 @@ impl Broker {
         for (topic, meta) in &table {
             for p in 0..meta.partitions {
                 let id = PartitionId {
-                    topic: topic.clone(),
+                    topic: topic.as_str().into(),
                     partition: p,
                 };
                 // An alter the table took and a crash kept from reaching
@@ -786,7 +786,7 @@ impl Broker {
             });
         }
         Ok(PartitionId {
-            topic: topic.to_owned(),
+            topic: topic.into(),
             partition,
         })
     }
@@ -915,7 +915,7 @@ impl Broker {
             .is_some_and(|h| h(name));
         for p in 0..partitions {
             let id = PartitionId {
-                topic: name.to_owned(),
+                topic: name.into(),
                 partition: p,
             };
             if let Err(e) = self
@@ -966,7 +966,7 @@ impl Broker {
     ) {
         for p in 0..made {
             let id = PartitionId {
-                topic: name.to_owned(),
+                topic: name.into(),
                 partition: p,
             };
             if let Err(e) = self.storage.delete_partition(&id).await {
@@ -989,7 +989,7 @@ impl Broker {
         *self.topics.write().expect("topic table lock") = table;
         for p in 0..meta.partitions {
             let id = PartitionId {
-                topic: name.to_owned(),
+                topic: name.into(),
                 partition: p,
             };
             self.storage.delete_partition(&id).await?;

@@ -189,10 +189,10 @@ impl MemoryBudget {
                 ),
             ),
             {
-                let (buffers, largest) = cfg.batch_pool_bounds();
+                let bounds = cfg.batch_pool_bounds();
                 line(
                     "recycled batch buffers",
-                    crate::bufpool::bytes_max(buffers, largest),
+                    bounds.bytes_max as u64,
                     format!(
                         "min({}, storage.append_queue_depth {queue}) x storage.max_batch_bytes {} (rounded up to 64 KiB), kept for the next batches",
                         crate::bufpool::BUFFERS_DEFAULT,

@@ -389,11 +389,30 @@ impl Config {
 
     /// Bounds of the recycled produce-batch buffers ([`crate::bufpool`]):
     /// how many are kept, and the largest kept (a batch's limit).
-    pub fn batch_pool_bounds(&self) -> (usize, usize) {
+    pub fn batch_pool_bounds(&self) -> PoolBounds {
         let queue = self.storage.append_queue_depth as usize;
-        let largest = usize::try_from(self.storage.max_batch_bytes).unwrap_or(usize::MAX);
-        (crate::bufpool::BUFFERS_DEFAULT.min(queue), largest)
+        let batch = usize::try_from(self.storage.max_batch_bytes).unwrap_or(usize::MAX);
+        let buffers = crate::bufpool::BUFFERS_DEFAULT.min(queue);
+        // A large batch may come in its frame's whole read buffer, a little
+        // larger than a batch; the bytes kept stay what the budget counts.
+        let frame = usize::try_from(self.server.max_frame_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(crate::protocol::FRAME_HEADER_BYTES);
+        PoolBounds {
+            buffers,
+            buffer_bytes_max: batch.max(frame),
+            bytes_max: usize::try_from(crate::bufpool::bytes_max(buffers, batch))
+                .unwrap_or(usize::MAX),
+        }
     }
+}
+
+/// The server's batch pool's bounds (`crate::bufpool::BatchPool::bounded`).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolBounds {
+    pub buffers: usize,
+    pub buffer_bytes_max: usize,
+    pub bytes_max: usize,
 }
 
 impl Default for Config {

@@ -16,6 +16,7 @@ use crate::protocol::{
 };
 
 use crate::broker::group::is_internal_topic;
+use crate::bufpool::BatchBuf;
 
 use super::acl::Operation;
 use super::Ctx;
@@ -339,20 +340,46 @@ fn produce_result(
     }
 }
 
+/// A produce batch as the reader hands it over.
+pub(crate) enum BatchIn<'f> {
+    /// In the request frame: copied into a buffer of the server's pool
+    /// when submitted.
+    Frame(crate::protocol::BatchBytes<'f>),
+    /// In a buffer of its own already (the frame's, lent whole).
+    Own(BatchBuf),
+}
+
+impl std::ops::Deref for BatchIn<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BatchIn::Frame(b) => &b[..],
+            BatchIn::Own(b) => &b[..],
+        }
+    }
+}
+
+/// One partition's part of a produce request.
+pub(crate) struct ProduceIn<'f> {
+    pub topic: String,
+    pub partition: u32,
+    pub batch: BatchIn<'f>,
+}
+
 /// Submits every batch of a produce in request order, as one group (one
 /// storage wake-up, after the last). Called from the connection's reader
 /// so that pipelined produces reach the log in the order the client sent
 /// them (and idempotent sequences are checked in that order); the acks
-/// are awaited elsewhere. Each batch is copied out of the frame once, into
-/// a buffer of the server's pool.
+/// are awaited elsewhere. A batch still in the frame is copied out of it
+/// once, into a buffer of the server's pool.
 pub(crate) async fn produce_submit(
     ctx: &Ctx,
     identity: &str,
-    req: crate::protocol::ProduceRequest<'_>,
+    partitions: Vec<ProduceIn<'_>>,
 ) -> Vec<PendingProduce> {
-    let mut pending = Vec::with_capacity(req.partitions.len());
+    let mut pending = Vec::with_capacity(partitions.len());
     let mut group = ctx.broker.produce_group();
-    for p in req.partitions {
+    for p in partitions {
         if !authorize(ctx, identity, Operation::Produce, &p.topic) {
             let message = not_authorized_message(identity, Operation::Produce, &p.topic);
             pending.push(PendingProduce::Done(ProducePartitionResult {
@@ -415,7 +442,10 @@ pub(crate) async fn produce_submit(
             },
             _ => None,
         };
-        let batch = ctx.pool.copy(&p.batch);
+        let batch = match p.batch {
+            BatchIn::Frame(b) => ctx.pool.copy(&b),
+            BatchIn::Own(b) => b,
+        };
         let submitted = group.produce(&p.topic, p.partition, batch).await;
         drop(gate);
         pending.push(match submitted {
@@ -696,7 +726,7 @@ pub(crate) async fn describe_partitions(ctx: &Ctx, identity: &str, name: &str) -
                     let here: Vec<_> = damage
                         .iter()
                         .filter(|(id, r)| {
-                            id.topic == name && id.partition == p && r.to_offset > d.log_start
+                            &*id.topic == name && id.partition == p && r.to_offset > d.log_start
                         })
                         .map(|(_, r)| crate::protocol::DamagedRange {
                             from_offset: r.from_offset,

@@ -249,10 +249,10 @@ impl Server {
         let mut mirror =
             crate::mirror::Mirror::new(&cfg.mirror, broker.clone(), Some(metrics.clone()))
                 .map_err(ServeError::Mirror)?;
-        let (buffers, largest) = cfg.batch_pool_bounds();
+        let bounds = cfg.batch_pool_bounds();
         let executor = Arc::new(smol::Executor::new());
         let ctx = Arc::new(Ctx {
-            pool: BatchPool::new(buffers, largest),
+            pool: BatchPool::bounded(bounds.buffers, bounds.buffer_bytes_max, bounds.bytes_max),
             shutdown: broker.stopping(),
             broker,
             groups: groups.clone(),

@@ -26,7 +26,7 @@ use crate::protocol::{
 };
 
 use super::groups;
-use super::handler;
+use super::handler::{self, BatchIn};
 use super::quota::{Direction, IdentityGuard};
 use super::share;
 use super::{Admitted, Ctx};
@@ -623,6 +623,30 @@ impl std::fmt::Display for SessionEnd {
     }
 }
 
+/// A produce batch is lent its frame's whole buffer rather than copied
+/// out of it when it is at least this large, alone in its request.
+const LEND_BYTES_MIN: usize = crate::bufpool::BUFFER_BYTES_MIN;
+
+/// Where in `buf` the batch of a produce request to lend its frame's
+/// buffer to lies (see [`crate::bufpool`]): a large batch alone in a frame
+/// (of `frame_bytes`) that fills at least half of the buffer, so a small
+/// frame never holds a large buffer while its batch waits for storage.
+fn lend_range(
+    req: &protocol::ProduceRequest<'_>,
+    buf: &[u8],
+    frame_bytes: usize,
+) -> Option<std::ops::Range<usize>> {
+    let [p] = req.partitions.as_slice() else {
+        return None;
+    };
+    if p.batch.len() < LEND_BYTES_MIN || frame_bytes * 2 < buf.len() {
+        return None;
+    }
+    let start = (p.batch.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+    let end = start + p.batch.len();
+    (end <= frame_bytes).then_some(start..end)
+}
+
 /// Reads until the buffer holds one whole frame, EOF, or shutdown
 /// (`stop`: the connection's one wait for it, polled across frames, since
 /// a listener made for every read cost an allocation and a locked list
@@ -644,12 +668,18 @@ async fn next_frame<S: AsyncRead + Unpin>(
             let need = FRAME_HEADER_BYTES
                 + protocol::body_len(buf[..4].try_into().expect("4 bytes")) as usize;
             if buf.len() < need {
+                // Exact, so a buffer lent to a batch fits the pool's bound
+                // on its way back.
+                buf.reserve_exact(need - buf.len());
                 buf.resize(need, 0);
             }
         }
         if *filled == buf.len() {
-            let grow = (buf.len() * 2).min(max_frame_bytes + FRAME_HEADER_BYTES);
-            buf.resize(grow.max(buf.len() + 1), 0);
+            let grow = (buf.len() * 2)
+                .min(max_frame_bytes + FRAME_HEADER_BYTES)
+                .max(buf.len() + 1);
+            buf.reserve_exact(grow - buf.len());
+            buf.resize(grow, 0);
         }
         let read = futures_lite::future::or(
             async { Some(stream.read(&mut buf[*filled..]).await) },
@@ -764,6 +794,9 @@ where
             .await;
         let cid = request.correlation_id;
         let kind = request.body.name();
+        // Whether the bytes after this frame are at the buffer's front
+        // already (its buffer was lent to a produce batch).
+        let mut moved = false;
         let started = std::time::Instant::now();
         let metrics = ctx.metrics.clone();
         let answer = move |body: ResponseBody| {
@@ -846,7 +879,35 @@ where
                     .iter()
                     .map(|p| p.batch.len() as u64)
                     .collect();
-                let pending = handler::produce_submit(ctx, who.identity(), req).await;
+                let partitions = match lend_range(&req, &buf, n) {
+                    Some(batch) => {
+                        let p = req.partitions.into_iter().next().expect("one partition");
+                        let (topic, partition) = (p.topic, p.partition);
+                        drop(p.batch);
+                        // The frame's buffer goes with its batch; the
+                        // reader goes on in one from the pool, the next
+                        // frames' bytes read so far moved to its front.
+                        let next = ctx.pool.take_filled(buf.len());
+                        let frame = std::mem::replace(&mut buf, next);
+                        buf[..filled - n].copy_from_slice(&frame[n..filled]);
+                        moved = true;
+                        vec![handler::ProduceIn {
+                            topic,
+                            partition,
+                            batch: BatchIn::Own(ctx.pool.lend(frame, batch)),
+                        }]
+                    }
+                    None => req
+                        .partitions
+                        .into_iter()
+                        .map(|p| handler::ProduceIn {
+                            topic: p.topic,
+                            partition: p.partition,
+                            batch: BatchIn::Frame(p.batch),
+                        })
+                        .collect(),
+                };
+                let pending = handler::produce_submit(ctx, who.identity(), partitions).await;
                 let throttle = who.charge(Direction::Produce, sizes.iter().sum());
                 let until = std::time::Instant::now() + throttle;
                 if !throttle.is_zero() {
@@ -902,7 +963,9 @@ where
                     .detach();
             }
         }
-        buf.copy_within(n..filled, 0);
+        if !moved {
+            buf.copy_within(n..filled, 0);
+        }
         filled -= n;
         if shrink.after_frame(buf.len(), n, filled) {
             buf.truncate(READ_BUFFER_BYTES_MIN);
@@ -1270,5 +1333,42 @@ mod tests {
         for _ in 0..100 {
             assert!(!p.after_frame(READ_BUFFER_BYTES_KEEP, 100, 0));
         }
+    }
+
+    #[test]
+    fn only_a_large_batch_alone_in_a_frame_filling_half_its_buffer_is_lent_it() {
+        let frame = |batches: &[usize], buffer: usize| {
+            let body = RequestBody::Produce(protocol::ProduceRequest {
+                partitions: batches
+                    .iter()
+                    .map(|&len| protocol::ProducePartition {
+                        topic: "t".into(),
+                        partition: 0,
+                        batch: vec![7u8; len].into(),
+                    })
+                    .collect(),
+            });
+            let mut buf = Vec::new();
+            protocol::encode_request_body(1, &body, &mut buf).expect("encode");
+            let n = buf.len();
+            buf.resize(buffer.max(n), 0);
+            (buf, n)
+        };
+        let lent = |batches: &[usize], buffer: usize| {
+            let (buf, n) = frame(batches, buffer);
+            let request = decode_request(&buf[FRAME_HEADER_BYTES..n]).expect("decode");
+            let RequestBody::Produce(req) = request.body else {
+                unreachable!()
+            };
+            lend_range(&req, &buf, n).map(|r| {
+                assert!(buf[r.clone()].iter().all(|&b| b == 7) && r.end <= n);
+                r.len()
+            })
+        };
+        assert_eq!(lent(&[LEND_BYTES_MIN], 0), Some(LEND_BYTES_MIN));
+        assert_eq!(lent(&[100_000], 190_000), Some(100_000));
+        assert_eq!(lent(&[LEND_BYTES_MIN - 1], 0), None, "small");
+        assert_eq!(lent(&[100_000, 100_000], 0), None, "two batches");
+        assert_eq!(lent(&[100_000], 210_000), None, "under half the buffer");
     }
 }

@@ -397,7 +397,7 @@ impl Engine {
         }
         let p = self.parts.get_mut(id).expect("checked above");
         let meta = super::part::PartitionMeta {
-            topic: id.topic.clone(),
+            topic: id.topic.to_string(),
             partition: id.partition,
             cfg: cfg.clone(),
         };

@@ -838,7 +838,7 @@ impl Engine {
         });
         let res = res.and_then(|part| {
             let meta = PartitionMeta {
-                topic: id.topic.clone(),
+                topic: id.topic.to_string(),
                 partition: id.partition,
                 cfg: cfg.clone(),
             };

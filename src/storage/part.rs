@@ -755,7 +755,7 @@ pub(super) fn seg_path(dir: &Path, file_no: usize) -> PathBuf {
 pub(super) fn part_dir(data_dir: &Path, id: &PartitionId) -> PathBuf {
     data_dir
         .join("topics")
-        .join(&id.topic)
+        .join(&*id.topic)
         .join(id.partition.to_string())
 }
 

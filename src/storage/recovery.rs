@@ -1027,7 +1027,7 @@ impl Engine {
             );
             cfg.segments = n as u32;
             let m = PartitionMeta {
-                topic: id.topic.clone(),
+                topic: id.topic.to_string(),
                 partition: id.partition,
                 cfg: cfg.clone(),
             };
