@@ -631,6 +631,8 @@ const LEND_BYTES_MIN: usize = crate::bufpool::BUFFER_BYTES_MIN;
 /// buffer to lies (see [`crate::bufpool`]): a large batch alone in a frame
 /// (of `frame_bytes`) that fills at least half of the buffer, so a small
 /// frame never holds a large buffer while its batch waits for storage.
+/// (The request is charged the whole buffer against the connection's
+/// in-flight bound.)
 fn lend_range(
     req: &protocol::ProduceRequest<'_>,
     buf: &[u8],
@@ -788,7 +790,13 @@ where
                 return Err(SessionEnd::Frame(e));
             }
         };
-        let reserved = reserve_bytes(n, &request.body, &ctx.settings);
+        // A produce lent its frame's buffer holds all of it until stored.
+        let lend = match &request.body {
+            RequestBody::Produce(req) => lend_range(req, &buf, n),
+            _ => None,
+        };
+        let held = if lend.is_some() { buf.len() } else { n };
+        let reserved = reserve_bytes(held, &request.body, &ctx.settings);
         inflight
             .acquire(reserved, ctx.settings.max_inflight_bytes)
             .await;
@@ -879,7 +887,7 @@ where
                     .iter()
                     .map(|p| p.batch.len() as u64)
                     .collect();
-                let partitions = match lend_range(&req, &buf, n) {
+                let partitions = match lend {
                     Some(batch) => {
                         let p = req.partitions.into_iter().next().expect("one partition");
                         let (topic, partition) = (p.topic, p.partition);
