@@ -606,6 +606,38 @@ fn produce_waits_for_a_broker_that_is_starting() {
     );
 }
 
+/// A broker that takes the connection and never answers (hung, or a
+/// stranger on its port: the kernel completes the handshake for a listener
+/// that never accepts) is given up on at --retry-timeout-ms, not after the
+/// client's 10 s connect timeout.
+#[test]
+fn produce_gives_up_on_a_silent_broker_at_its_retry_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a listener");
+    let addr = silent.local_addr().expect("its address").to_string();
+    let started = Instant::now();
+    let o = run_cli(
+        &["produce", "t", "--retry-timeout-ms", "1000", "--quiet", "v"],
+        &addr,
+        None,
+    );
+    let took = started.elapsed();
+    assert_fails(
+        &o,
+        1,
+        &[
+            "cannot connect",
+            &addr,
+            "timed out",
+            "--retry-timeout-ms 1000",
+        ],
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    drop(silent);
+}
+
 /// A record dropped by a topic's message-id window is counted on stderr,
 /// unless --quiet.
 #[test]

@@ -336,6 +336,7 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
     }
     let addr = args.broker.broker.as_str();
     let retry_timeout = Duration::from_millis(args.retry_timeout_ms);
+    let started = std::time::Instant::now();
     let result = smol::block_on(async {
         // Idempotent (the default), so retries through a cut connection or
         // a broker restart write every record exactly once. The same
@@ -360,7 +361,8 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         .await
         .map_err(|e| ProduceFail::Connect {
             error: e,
-            retried: notice.retried,
+            // A first attempt that hung until the deadline gave up too.
+            retried: notice.retried || started.elapsed() >= retry_timeout,
         })?;
         if notice.retried && !args.quiet {
             eprintln!("skiff: connected to {addr}");

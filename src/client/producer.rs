@@ -292,7 +292,9 @@ impl Producer {
     /// As [`connect`](Self::connect), but a broker that is not there yet
     /// (not started, restarting, at its connection limit) is tried again,
     /// with the producer's backoff, until `config.delivery_timeout` has
-    /// passed: the same patience its records get once it is connected.
+    /// passed: the same patience its records get once it is connected. An
+    /// attempt still hanging then (connecting, or waiting for hello's
+    /// answer) ends with [`ClientError::Timeout`].
     /// `on_retry` hears each failure and the time left before giving up.
     pub async fn connect_retrying(
         addr: &str,
@@ -306,7 +308,14 @@ impl Producer {
                 let client = Client::connect_with(addr, config.client.clone()).await?;
                 Self::new(client, config.clone()).await
             };
-            let e = match attempt.await {
+            // An attempt that hangs (a full accept queue, a broker that
+            // accepts and never answers) ends at the deadline too, not
+            // after its own connect timeout.
+            let until_deadline = async {
+                Timer::at(deadline).await;
+                Err(ClientError::Timeout)
+            };
+            let e = match futures_lite::future::or(attempt, until_deadline).await {
                 Ok(p) => return Ok(p),
                 Err(e) => e,
             };
