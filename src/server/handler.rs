@@ -375,7 +375,7 @@ pub(crate) struct ProduceIn<'f> {
 pub(crate) async fn produce_submit(
     ctx: &Ctx,
     identity: &str,
-    partitions: Vec<ProduceIn<'_>>,
+    partitions: impl ExactSizeIterator<Item = ProduceIn<'_>>,
 ) -> Vec<PendingProduce> {
     let mut pending = Vec::with_capacity(partitions.len());
     let mut group = ctx.broker.produce_group();
