@@ -256,3 +256,53 @@ fn stop_under_a_running_producer(kill: bool) {
     }
     b.assert_serves();
 }
+
+/// A record given up on while the broker was down (its delivery timeout
+/// ran out, never written) leaves no hole that fails the producer's later
+/// records to the same partition once the broker is back.
+///
+/// Ignored: it fails today, and the fix is the team's. The given-up batch
+/// keeps its sequence, so every later batch of the partition is refused
+/// for good ("sequence 2 out of order: expected 1", then 3, 4, ...). The
+/// batch's outcome is unknown in general (a request may reach the broker
+/// after the client gave up on it), so renumbering the later batches could
+/// lose them as duplicates; Kafka's producer instead waits for the
+/// partition's requests in flight to settle and then bumps its epoch and
+/// restarts the sequences (KIP-360). Run it with
+/// `cargo nextest run --test restart --run-ignored only given_up`.
+#[test]
+#[ignore = "known bug: a given-up batch leaves a sequence gap (see the comment)"]
+fn a_record_given_up_on_does_not_break_the_partition_for_later_ones() {
+    let mut b = Broker::start("");
+    create(&b, "gap");
+    let producer = blocking::Producer::connect(
+        &b.tcp,
+        ProducerConfig {
+            delivery_timeout: Duration::from_secs(1),
+            retry_backoff: Duration::from_millis(20),
+            retry_backoff_max: Duration::from_millis(100),
+            ..ProducerConfig::default()
+        },
+    )
+    .expect("producer");
+    producer
+        .send_wait("gap", Some(b"k"), b"first", &[])
+        .and_then(blocking::wait)
+        .expect("first");
+    b.stop();
+    let lost = producer
+        .send_wait("gap", Some(b"k"), b"lost", &[])
+        .and_then(blocking::wait);
+    assert!(lost.is_err(), "delivered with the broker down: {lost:?}");
+    b.restart();
+    // The same key: the same partition, whose sequence went on to "lost".
+    let after = producer
+        .send_wait("gap", Some(b"k"), b"after", &[])
+        .and_then(blocking::wait);
+    assert!(after.is_ok(), "after the broker came back: {after:?}");
+    let values: Vec<Vec<u8>> = consume_all(&b.tcp, "gap")
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values, [b"first".to_vec(), b"after".to_vec()]);
+}
