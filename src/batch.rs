@@ -1011,15 +1011,20 @@ impl BatchBuilder {
             .copy_from_slice(&self.first_timestamp.to_le_bytes());
         out[OFFSET_MAX_TIMESTAMP..OFFSET_MAX_TIMESTAMP + 8]
             .copy_from_slice(&self.max_timestamp.to_le_bytes());
-        out[OFFSET_PRODUCER_ID..OFFSET_PRODUCER_ID + 8]
-            .copy_from_slice(&producer.producer_id.to_le_bytes());
-        out[OFFSET_PRODUCER_EPOCH..OFFSET_PRODUCER_EPOCH + 2]
-            .copy_from_slice(&producer.producer_epoch.to_le_bytes());
-        out[OFFSET_BASE_SEQUENCE..OFFSET_BASE_SEQUENCE + 4]
-            .copy_from_slice(&producer.base_sequence.to_le_bytes());
-        let crc = compute_crc(out);
-        out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        stamp_producer(out, producer);
     }
+}
+
+/// Writes the producer's stamp into a whole batch's header, and its CRC.
+fn stamp_producer(out: &mut [u8], producer: ProducerStamp) {
+    out[OFFSET_PRODUCER_ID..OFFSET_PRODUCER_ID + 8]
+        .copy_from_slice(&producer.producer_id.to_le_bytes());
+    out[OFFSET_PRODUCER_EPOCH..OFFSET_PRODUCER_EPOCH + 2]
+        .copy_from_slice(&producer.producer_epoch.to_le_bytes());
+    out[OFFSET_BASE_SEQUENCE..OFFSET_BASE_SEQUENCE + 4]
+        .copy_from_slice(&producer.base_sequence.to_le_bytes());
+    let crc = compute_crc(out);
+    out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// A batch finished in the buffer it was built in
@@ -1032,6 +1037,13 @@ pub struct FinishedBatch {
 }
 
 impl FinishedBatch {
+    /// Stamps the batch with another producer id, epoch and base sequence
+    /// (a producer that renewed its id or epoch before sending it), and
+    /// its CRC again.
+    pub fn restamp(&mut self, producer: ProducerStamp) {
+        stamp_producer(&mut self.buf[self.start..], producer);
+    }
+
     /// The buffer, to build another batch in; leaves this one empty.
     pub fn take_buffer(&mut self) -> Vec<u8> {
         self.start = 0;
@@ -1118,6 +1130,31 @@ mod tests {
             );
             assert!(in_place.is_empty() && in_place.estimated_bytes() == HEADER_BYTES + 9);
         }
+    }
+
+    #[test]
+    fn a_restamped_batch_is_the_batch_stamped_so_in_the_first_place() {
+        let stamp = |producer_id, producer_epoch, base_sequence| ProducerStamp {
+            producer_id,
+            producer_epoch,
+            base_sequence,
+        };
+        let build = |s| {
+            let mut b = BatchBuilder::new();
+            for i in 0..5 {
+                b.push(1_000 + i, Some(b"k"), b"v", &[]);
+            }
+            b.finish_in_place(s, Vec::new())
+        };
+        let mut again = build(stamp(7, 2, 40));
+        again.restamp(stamp(9, 0, 3));
+        let want = build(stamp(9, 0, 3));
+        assert!(*again == want[..]);
+        let h = verify(&again).expect("a valid CRC");
+        assert_eq!(
+            (h.producer_id, h.producer_epoch, h.base_sequence),
+            (9, 0, 3)
+        );
     }
 
     #[test]

@@ -259,20 +259,19 @@ fn stop_under_a_running_producer(kill: bool) {
 
 /// A record given up on while the broker was down (its delivery timeout
 /// ran out, never written) leaves no hole that fails the producer's later
-/// records to the same partition once the broker is back.
-///
-/// Ignored: it fails today, and the fix is the team's. The given-up batch
-/// keeps its sequence, so every later batch of the partition is refused
-/// for good ("sequence 2 out of order: expected 1", then 3, 4, ...). The
-/// batch's outcome is unknown in general (a request may reach the broker
-/// after the client gave up on it), so renumbering the later batches could
-/// lose them as duplicates; Kafka's producer instead waits for the
-/// partition's requests in flight to settle and then bumps its epoch and
-/// restarts the sequences (KIP-360). Run it with
-/// `cargo nextest run --test restart --run-ignored only given_up`.
+/// records to the same partition once the broker is back. (It did: the
+/// given-up batch kept its sequence, and every later batch of the
+/// partition was refused for good, "sequence 2 out of order: expected 1",
+/// then 3, 4, ... Now the producer takes a new epoch or id once every
+/// batch it sent has settled, and starts the sequences again.)
 #[test]
-#[ignore = "known bug: a given-up batch leaves a sequence gap (see the comment)"]
 fn a_record_given_up_on_does_not_break_the_partition_for_later_ones() {
+    for name in [None, Some("named")] {
+        given_up_then_back(name);
+    }
+}
+
+fn given_up_then_back(name: Option<&str>) {
     let mut b = Broker::start("");
     create(&b, "gap");
     let producer = blocking::Producer::connect(
@@ -281,10 +280,12 @@ fn a_record_given_up_on_does_not_break_the_partition_for_later_ones() {
             delivery_timeout: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(20),
             retry_backoff_max: Duration::from_millis(100),
+            producer_name: name.map(str::to_owned),
             ..ProducerConfig::default()
         },
     )
     .expect("producer");
+    let before = producer.0.producer_id().expect("idempotent");
     producer
         .send_wait("gap", Some(b"k"), b"first", &[])
         .and_then(blocking::wait)
@@ -299,7 +300,15 @@ fn a_record_given_up_on_does_not_break_the_partition_for_later_ones() {
     let after = producer
         .send_wait("gap", Some(b"k"), b"after", &[])
         .and_then(blocking::wait);
-    assert!(after.is_ok(), "after the broker came back: {after:?}");
+    assert!(
+        after.is_ok(),
+        "{name:?} after the broker came back: {after:?}"
+    );
+    let renewed = producer.0.producer_id().expect("idempotent");
+    match name {
+        Some(_) => assert_eq!((renewed.0, renewed.1), (before.0, before.1 + 1)),
+        None => assert_ne!(renewed.0, before.0),
+    }
     let values: Vec<Vec<u8>> = consume_all(&b.tcp, "gap")
         .into_iter()
         .map(|r| r.value)

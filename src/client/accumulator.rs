@@ -163,6 +163,9 @@ pub(crate) struct Accumulator {
     /// size is where the allocator gives memory back to the kernel and
     /// faults it in again (glibc's heap trim; see crate::bufpool).
     bodies: BatchPool,
+    /// Batches never sent stay unsent: the producer renews its id or
+    /// epoch first (see [`Accumulator::renew`]).
+    hold_fresh: bool,
 }
 
 impl Accumulator {
@@ -181,7 +184,51 @@ impl Accumulator {
             next_seq: 0,
             sequences: HashMap::new(),
             bodies,
+            hold_fresh: false,
         }
+    }
+
+    /// The producer id and epoch batches are stamped with.
+    pub fn producer(&self) -> Option<(u64, u16)> {
+        self.config.producer
+    }
+
+    /// From now on only batches sent before go out (their retries), until
+    /// [`renew`](Self::renew).
+    pub fn hold_fresh(&mut self) {
+        self.hold_fresh = true;
+    }
+
+    /// Nothing is in flight and no batch sent before waits for a retry:
+    /// every batch stamped so far has settled, but the ones never sent.
+    pub fn sent_all_settled(&self) -> bool {
+        self.in_flight_records == 0
+            && self
+                .queues
+                .values()
+                .all(|q| q.in_flight.is_empty() && q.ready.iter().all(|b| b.attempts == 0))
+    }
+
+    /// Stamps with `producer` from now on, every partition's sequence
+    /// starting again at 0, and restamps the batches closed but never sent
+    /// so (call once [`sent_all_settled`](Self::sent_all_settled)); lifts
+    /// [`hold_fresh`](Self::hold_fresh).
+    pub fn renew(&mut self, producer: (u64, u16)) {
+        debug_assert!(self.sent_all_settled());
+        self.config.producer = Some(producer);
+        self.sequences.clear();
+        for (tp, q) in &mut self.queues {
+            for b in &mut q.ready {
+                let next = self.sequences.entry(tp.clone()).or_insert(0);
+                b.bytes.restamp(ProducerStamp {
+                    producer_id: producer.0,
+                    producer_epoch: producer.1,
+                    base_sequence: *next,
+                });
+                *next = next_sequence(*next, b.records);
+            }
+        }
+        self.hold_fresh = false;
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -377,9 +424,7 @@ impl Accumulator {
             Some((producer_id, producer_epoch)) => {
                 let next = self.sequences.entry(tp.clone()).or_insert(0);
                 let base_sequence = *next;
-                // Wraps to 0 after i32::MAX, as the broker expects.
-                *next = ((i64::from(base_sequence) + i64::from(records))
-                    % (i64::from(i32::MAX) + 1)) as i32;
+                *next = next_sequence(base_sequence, records);
                 ProducerStamp {
                     producer_id,
                     producer_epoch,
@@ -439,7 +484,8 @@ impl Accumulator {
     /// Whether `open`, closed now, would be sent at once: nothing of its
     /// partition waits before it, and it has room in flight.
     fn could_send(&self, q: &PartitionQueue, open: &OpenBatch) -> bool {
-        q.ready.is_empty()
+        !self.hold_fresh
+            && q.ready.is_empty()
             && q.in_flight.len() < self.config.max_in_flight
             && (self.in_flight_records == 0
                 || self.in_flight_records + open.builder.len() as usize
@@ -453,6 +499,7 @@ impl Accumulator {
                 match q.ready.front() {
                     Some(b)
                         if b.retry_at.is_none_or(|t| t <= now)
+                            && !(self.hold_fresh && b.attempts == 0)
                             && (self.in_flight_records == 0
                                 || self.in_flight_records + b.records as usize <= records_max) =>
                     {
@@ -559,6 +606,12 @@ impl Accumulator {
             .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || !q.in_flight.is_empty());
         out
     }
+}
+
+/// The sequence after a batch of `records` at `base`: wraps to 0 after
+/// i32::MAX, as the broker expects.
+fn next_sequence(base: i32, records: u32) -> i32 {
+    ((i64::from(base) + i64::from(records)) % (i64::from(i32::MAX) + 1)) as i32
 }
 
 /// The backoff before retry number `attempts` (1-based): doubling from
@@ -814,6 +867,45 @@ mod tests {
             acc.complete(b);
         }
         assert_eq!(records(&acc.drain(t0 + 6 * MS)), 10, "and the next");
+    }
+
+    #[test]
+    fn a_renewal_holds_batches_never_sent_and_restamps_them_from_sequence_0() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(AccumulatorConfig {
+            linger: Duration::ZERO,
+            max_in_flight: 1,
+            producer: Some((7, 0)),
+            ..config()
+        });
+        let stamp = |b: &ReadyBatch| {
+            let h = crate::batch::verify(&b.bytes).unwrap();
+            (h.producer_id, h.producer_epoch, h.base_sequence)
+        };
+        push(&mut acc, 0, b"a", t0);
+        let a = acc.drain(t0);
+        assert_eq!(stamp(&a[0]), (7, 0, 0));
+        // "b" waits behind "a", stamped at sequence 1.
+        push(&mut acc, 0, b"b", t0);
+        acc.close_all();
+        assert!(acc.drain(t0).is_empty());
+        // "a" fails for good (never written, say): hold.
+        let mut a = a.into_iter().next().unwrap();
+        acc.hold_fresh();
+        acc.retry(a, t0);
+        assert!(!acc.sent_all_settled(), "a sent batch still to settle");
+        // Its retry may go; "b" may not.
+        a = acc.drain(t0).into_iter().next().expect("the retry");
+        assert!(acc.drain(t0).is_empty());
+        acc.complete(&a);
+        push(&mut acc, 1, b"c", t0);
+        assert!(acc.drain(t0).is_empty(), "nor a new batch");
+        assert!(acc.sent_all_settled());
+        acc.renew((7, 1));
+        assert_eq!(acc.producer(), Some((7, 1)));
+        let out = acc.drain(t0);
+        let stamps: Vec<_> = out.iter().map(|b| (b.tp.partition, stamp(b))).collect();
+        assert_eq!(stamps, [(0, (7, 1, 0)), (1, (7, 1, 0))]);
     }
 
     #[test]

@@ -171,6 +171,13 @@ struct State {
     topics: Topics,
     /// Bytes of records waiting for metadata, counted against the buffer.
     unresolved_bytes: usize,
+    /// A stamped batch failed (given up on, or refused): the broker may
+    /// never have written it, and its partition's next sequences would
+    /// then be refused for good. Batches never sent wait until every batch
+    /// sent has settled; then the producer takes a new epoch (a named one:
+    /// any request still on its way is fenced) or a new id, and restamps
+    /// them from sequence 0 (see `renew`).
+    renew: bool,
 }
 
 struct Inner {
@@ -192,8 +199,9 @@ struct Inner {
     /// round now and then; the broker refused the overtaking batch
     /// (`out_of_order_sequence`), and it waited out a retry backoff.
     send_order: smol::lock::Mutex<()>,
-    /// The broker's id and epoch for this producer, when idempotent.
-    producer: Option<(u64, u16)>,
+    /// An idempotent producer with an id of its own (not a transactional
+    /// producer's): it renews it after a failed batch (`State::renew`).
+    renews: bool,
     /// Records acknowledged but dropped by a topic's message-id window.
     duplicates: std::sync::atomic::AtomicU64,
 }
@@ -266,11 +274,12 @@ impl Producer {
                 acc,
                 topics: Topics::default(),
                 unresolved_bytes: 0,
+                renew: false,
             }),
             wake: Event::new(),
             progress: Event::new(),
             send_order: smol::lock::Mutex::new(()),
-            producer,
+            renews: given.is_none() && producer.is_some(),
             duplicates: std::sync::atomic::AtomicU64::new(0),
         });
         let sender = smol::spawn(run(inner.clone()));
@@ -367,7 +376,12 @@ impl Producer {
     /// The producer id and epoch the broker gave this producer, when it is
     /// idempotent.
     pub fn producer_id(&self) -> Option<(u64, u16)> {
-        self.inner.producer
+        self.inner
+            .state
+            .lock()
+            .expect("producer state")
+            .acc
+            .producer()
     }
 
     /// Queues one record for `topic`; the partition comes from the
@@ -690,11 +704,23 @@ async fn run(inner: Arc<Inner>) {
         let listener = inner.wake.listen();
         let order = inner.send_order.lock().await;
         let now = Instant::now();
-        let (batches, expired, wakeup) = {
+        let (batches, expired, wakeup, renew) = {
             let mut st = inner.state.lock().expect("producer state");
             let expired = st.acc.expire(now, inner.config.delivery_timeout);
+            if !expired.is_empty() {
+                // Closed batches: stamped.
+                must_renew(&inner, &mut st);
+            }
             let batches = st.acc.drain(now);
-            (batches, expired, st.acc.next_wakeup())
+            let renew = st.renew && st.acc.sent_all_settled();
+            let mut wakeup = st.acc.next_wakeup();
+            if st.renew {
+                // Held batches have no linger or retry instant: look again
+                // soon, for the renewal and for their delivery timeouts.
+                let soon = now + inner.config.retry_backoff;
+                wakeup = Some(wakeup.map_or(soon, |w| w.min(soon)));
+            }
+            (batches, expired, wakeup, renew)
         };
         start_requests(&inner, batches).await;
         drop(order);
@@ -704,6 +730,10 @@ async fn run(inner: Arc<Inner>) {
             }
             inner.progress.notify(usize::MAX);
         }
+        if renew {
+            renew_producer(&inner).await;
+            continue;
+        }
         match wakeup {
             Some(at) => {
                 futures_lite::future::or(listener, async {
@@ -712,6 +742,40 @@ async fn run(inner: Arc<Inner>) {
                 .await
             }
             None => listener.await,
+        }
+    }
+}
+
+/// A stamped batch failed: see `State::renew`.
+fn must_renew(inner: &Inner, st: &mut State) {
+    if inner.renews {
+        st.renew = true;
+        st.acc.hold_fresh();
+    }
+}
+
+/// Takes a new epoch or id (every batch sent has settled) and restamps the
+/// batches waiting; on failure (the broker still away) waits a backoff,
+/// and the sender loop tries again.
+async fn renew_producer(inner: &Inner) {
+    match inner
+        .client
+        .init_producer(inner.config.producer_name.as_deref())
+        .await
+    {
+        Ok(r) => {
+            let mut st = inner.state.lock().expect("producer state");
+            st.acc.renew((r.producer_id, r.producer_epoch));
+            st.renew = false;
+            log::info!(
+                "producer renewed as id {} epoch {} after a failed batch",
+                r.producer_id,
+                r.producer_epoch
+            );
+        }
+        Err(e) => {
+            log::debug!("renewing the producer failed ({e}); trying again");
+            Timer::after(inner.config.retry_backoff).await;
         }
     }
 }
@@ -834,6 +898,11 @@ async fn answer_batches(
                     st.acc.retry(b, now + pause);
                 }
                 Err(e) => {
+                    // Fenced: another instance of this name took over, and
+                    // renewing would fence it in turn.
+                    if e.code() != Some(ErrorCode::FencedProducer) {
+                        must_renew(&inner, &mut st);
+                    }
                     if matches!(
                         e.code(),
                         Some(ErrorCode::UnknownTopic | ErrorCode::UnknownPartition)
