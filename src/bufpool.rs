@@ -28,7 +28,6 @@
 //! broker's samples at 1 KiB records (docs/performance.md).
 
 use std::ops::Range;
-
 use std::sync::{Arc, Mutex};
 
 /// Below this a buffer comes from the allocator's own free lists, which

@@ -206,7 +206,7 @@ impl Accumulator {
             && self
                 .queues
                 .values()
-                .all(|q| q.in_flight.is_empty() && q.ready.iter().all(|b| b.attempts == 0))
+                .all(|q| q.ready.iter().all(|b| b.attempts == 0))
     }
 
     /// Stamps with `producer` from now on, every partition's sequence

@@ -374,7 +374,7 @@ impl Producer {
     }
 
     /// The producer id and epoch the broker gave this producer, when it is
-    /// idempotent.
+    /// idempotent: new ones after a failed batch (`State::renew`).
     pub fn producer_id(&self) -> Option<(u64, u16)> {
         self.inner
             .state

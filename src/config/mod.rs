@@ -388,7 +388,8 @@ impl Config {
     }
 
     /// Bounds of the recycled produce-batch buffers ([`crate::bufpool`]):
-    /// how many are kept, and the largest kept (a batch's limit).
+    /// how many are kept, the largest kept (a whole frame's, lent to its
+    /// batch), and their bytes in all (what the memory budget counts).
     pub fn batch_pool_bounds(&self) -> PoolBounds {
         let queue = self.storage.append_queue_depth as usize;
         let batch = usize::try_from(self.storage.max_batch_bytes).unwrap_or(usize::MAX);
