@@ -141,6 +141,17 @@ fn write_seeds() {
             "init-producer",
             RequestBody::InitProducer(InitProducerRequest {
                 producer_name: Some("gw".into()),
+                renew: None,
+            }),
+        ),
+        (
+            "init-producer-renew",
+            RequestBody::InitProducer(InitProducerRequest {
+                producer_name: None,
+                renew: Some(ProducerIdEpoch {
+                    producer_id: 17,
+                    producer_epoch: 3,
+                }),
             }),
         ),
     ];

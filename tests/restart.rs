@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use common::*;
-use skiff::client::{blocking, ConsumerRecord, ProducerConfig};
+use skiff::client::{blocking, ClientError, ConsumerRecord, ProducerConfig};
 use skiff::protocol::CreateTopicRequest;
 
 const PARTITIONS: u32 = 3;
@@ -271,9 +271,14 @@ fn a_record_given_up_on_does_not_break_the_partition_for_later_ones() {
     }
 }
 
-fn given_up_then_back(name: Option<&str>) {
-    let mut b = Broker::start("");
-    create(&b, "gap");
+/// A producer that gives a record up after 1 s, with a record "first"
+/// written to `topic` (key "k"), and its id and epoch.
+fn quick_to_give_up(
+    b: &Broker,
+    topic: &str,
+    name: Option<&str>,
+) -> (blocking::Producer, (u64, u16)) {
+    create(b, topic);
     let producer = blocking::Producer::connect(
         &b.tcp,
         ProducerConfig {
@@ -285,11 +290,17 @@ fn given_up_then_back(name: Option<&str>) {
         },
     )
     .expect("producer");
-    let before = producer.0.producer_id().expect("idempotent");
+    let id = producer.0.producer_id().expect("idempotent");
     producer
-        .send_wait("gap", Some(b"k"), b"first", &[])
+        .send_wait(topic, Some(b"k"), b"first", &[])
         .and_then(blocking::wait)
         .expect("first");
+    (producer, id)
+}
+
+fn given_up_then_back(name: Option<&str>) {
+    let mut b = Broker::start("");
+    let (producer, before) = quick_to_give_up(&b, "gap", name);
     b.stop();
     let lost = producer
         .send_wait("gap", Some(b"k"), b"lost", &[])
@@ -304,14 +315,64 @@ fn given_up_then_back(name: Option<&str>) {
         after.is_ok(),
         "{name:?} after the broker came back: {after:?}"
     );
+    // The next epoch of the same id, whether named or not.
     let renewed = producer.0.producer_id().expect("idempotent");
-    match name {
-        Some(_) => assert_eq!((renewed.0, renewed.1), (before.0, before.1 + 1)),
-        None => assert_ne!(renewed.0, before.0),
-    }
+    assert_eq!(renewed, (before.0, before.1 + 1), "{name:?}");
     let values: Vec<Vec<u8>> = consume_all(&b.tcp, "gap")
         .into_iter()
         .map(|r| r.value)
         .collect();
     assert_eq!(values, [b"first".to_vec(), b"after".to_vec()]);
+}
+
+/// A record whose request is in flight when the broker stalls (SIGSTOP:
+/// sockets open, nothing answered, as under a stuck SD card) fails at its
+/// delivery timeout, as Kafka's delivery.timeout.ms covers requests in
+/// flight. (Before, it waited out the request timeout, 30 s, first.) Once
+/// the broker is back the producer's next record is written, after the
+/// stalled one if that reached the log late.
+#[test]
+fn a_stalled_broker_fails_a_record_at_its_delivery_timeout() {
+    for name in [None, Some("named")] {
+        stalled_then_back(name);
+    }
+}
+
+fn stalled_then_back(name: Option<&str>) {
+    let b = Broker::start("");
+    let (producer, before) = quick_to_give_up(&b, "stall", name);
+    b.pause();
+    let started = std::time::Instant::now();
+    let stalled = producer
+        .send_wait("stall", Some(b"k"), b"stalled", &[])
+        .and_then(blocking::wait);
+    let took = started.elapsed();
+    b.resume();
+    assert!(
+        matches!(stalled, Err(ClientError::Timeout)),
+        "{name:?}: {stalled:?}"
+    );
+    // 1 s, against the request timeout's 30: a wide margin for a busy host.
+    assert!(
+        took < Duration::from_secs(15),
+        "{name:?}: failed after {took:?}"
+    );
+    let after = producer
+        .send_wait("stall", Some(b"k"), b"after", &[])
+        .and_then(blocking::wait);
+    assert!(after.is_ok(), "{name:?}: {after:?}");
+    let renewed = producer.0.producer_id().expect("idempotent");
+    assert_eq!(renewed, (before.0, before.1 + 1), "{name:?}");
+    let values: Vec<Vec<u8>> = consume_all(&b.tcp, "stall")
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
+    let stalled_copies = values.iter().filter(|v| *v == b"stalled").count();
+    assert!(
+        values.first().map(Vec::as_slice) == Some(b"first".as_slice())
+            && values.last().map(Vec::as_slice) == Some(b"after".as_slice())
+            && stalled_copies <= 1
+            && values.len() == 2 + stalled_copies,
+        "{name:?}: {values:?}"
+    );
 }

@@ -717,6 +717,15 @@ impl Broker {
         self.producers.init(name).await
     }
 
+    /// The next epoch of an anonymous producer (see `Producers::renew`).
+    pub async fn renew_producer(
+        &self,
+        id: u64,
+        epoch: u16,
+    ) -> Result<(u64, u16), producers::InitError> {
+        self.producers.renew(id, epoch).await
+    }
+
     async fn reconcile(&self) -> Result<(), BrokerError> {
         let on_disk = self.storage.partitions();
         let table = self.topics.read().expect("topic table lock").clone();

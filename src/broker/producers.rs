@@ -496,6 +496,25 @@ impl Producers {
         Ok(answer)
     }
 
+    /// The next epoch of the anonymous producer `id` at `epoch`, after a
+    /// batch it gave up on (its requests of `epoch` still on their way are
+    /// then fenced per partition, by the first batch of the new epoch).
+    /// Nothing is written: an anonymous id's epoch lives in its batches.
+    /// A named id, an id this broker never handed out, or an exhausted
+    /// epoch gets a fresh id instead, as `init(None)` does.
+    pub async fn renew(&self, id: u64, epoch: u16) -> Result<(u64, u16), InitError> {
+        let known = id < self.reserved_until.load(Ordering::Acquire)
+            && !self
+                .named_epochs
+                .read()
+                .expect("named epochs lock")
+                .contains_key(&id);
+        match epoch.checked_add(1) {
+            Some(next) if known => Ok((id, next)),
+            _ => self.init(None).await,
+        }
+    }
+
     /// Decides what to do with a batch about to be submitted to `topic`
     /// `partition` whose high watermark is `hw`. Call in submit order, and
     /// submit an accepted batch before checking the next one of the same
@@ -525,24 +544,28 @@ impl Producers {
                 epoch,
             });
         }
+        // A named id's epochs are the registry's. An anonymous id renews
+        // its epoch without it (`renew`): the table orders its epochs per
+        // partition.
         let registered = self
             .named_epochs
             .read()
             .expect("named epochs lock")
             .get(&id)
-            .copied()
-            .unwrap_or(0);
-        if epoch < registered {
-            return Check::Reject(SequenceError::Fenced {
-                epoch,
-                current: registered,
-            });
-        }
-        if epoch > registered {
-            return Check::Reject(SequenceError::UnknownProducer {
-                producer_id: id,
-                epoch,
-            });
+            .copied();
+        if let Some(registered) = registered {
+            if epoch < registered {
+                return Check::Reject(SequenceError::Fenced {
+                    epoch,
+                    current: registered,
+                });
+            }
+            if epoch > registered {
+                return Check::Reject(SequenceError::UnknownProducer {
+                    producer_id: id,
+                    epoch,
+                });
+            }
         }
         let base_seq = h.base_sequence;
         let last_seq = h.last_sequence();
@@ -1031,6 +1054,51 @@ mod tests {
     #[test]
     fn window_matches_the_client_constant() {
         assert_eq!(WINDOW_BATCHES, crate::client::IDEMPOTENT_IN_FLIGHT_MAX);
+    }
+
+    #[test]
+    fn an_anonymous_renewal_fences_the_old_epoch_where_the_new_one_wrote() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        for partition in [0, 1] {
+            match p.check("t", partition, &header(id, 0, 0, 2), 0) {
+                Check::Accept(t) => p.complete(t, Ok((0, 1))),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(smol::block_on(p.renew(id, 0)).expect("renew"), (id, 1));
+        // Partition 0 sees the new epoch first: a late batch of the old
+        // one is fenced there.
+        let t = accept(&p, &header(id, 1, 0, 1));
+        p.complete(t, Ok((2, 2)));
+        assert!(matches!(
+            p.check("t", 0, &header(id, 0, 2, 1), 0),
+            Check::Reject(SequenceError::Fenced {
+                epoch: 0,
+                current: 1
+            })
+        ));
+        // Partition 1 sees the late batch first: written, before the new
+        // epoch's first batch, which is written after it.
+        match p.check("t", 1, &header(id, 0, 2, 1), 2) {
+            Check::Accept(t) => p.complete(t, Ok((2, 2))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p.check("t", 1, &header(id, 1, 0, 1), 3),
+            Check::Accept(_)
+        ));
+    }
+
+    #[test]
+    fn renewing_what_is_no_anonymous_producer_hands_out_a_fresh_id() {
+        let (_d, p) = table(8);
+        let named = smol::block_on(p.init(Some("gw"))).expect("init").0;
+        let anonymous = smol::block_on(p.init(None)).expect("init").0;
+        for (id, epoch) in [(named, 0), (anonymous + 5000, 0), (anonymous, u16::MAX)] {
+            let (fresh, e) = smol::block_on(p.renew(id, epoch)).expect("renew");
+            assert!(fresh > anonymous && e == 0, "{id}/{epoch}: {fresh}/{e}");
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@ use crate::protocol::{
     CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest, DescribeTopicResponse, ErrorCode,
     FetchRequest, FetchResponse, InitProducerRequest, InitProducerResponse, ListOffsetsPartition,
     ListOffsetsPartitionResult, ListOffsetsRequest, ListTopicsRequest, MetadataRequest, OffsetSpec,
-    ProducePartition, ProducePartitionResult, ProduceRequest, RequestBody, ResponseBody,
-    TopicConfig, TopicMetadata,
+    ProducePartition, ProducePartitionResult, ProduceRequest, ProducerIdEpoch, RequestBody,
+    ResponseBody, TopicConfig, TopicMetadata,
 };
 
 /// How a [`Client`] connects and how long it waits.
@@ -329,17 +329,22 @@ impl Client {
         partitions: Vec<ProducePartition<'_>>,
     ) -> Result<Vec<ProducePartitionResult>, ClientError> {
         let body = RequestBody::Produce(ProduceRequest { partitions });
-        self.queue_produce(&body).await?.wait().await
+        self.queue_produce(&body, self.inner.config.request_timeout)
+            .await?
+            .wait()
+            .await
     }
 
     /// Queues a produce request on the connection (as
     /// [`produce_raw`](Self::produce_raw) does, keeping the request so its
     /// batches can be sent again) and returns its answer to wait for
     /// apart: requests queued one after another go on the wire in that
-    /// order.
+    /// order. Unanswered after `timeout`, it fails with
+    /// [`ClientError::Timeout`].
     pub(crate) async fn queue_produce(
         &self,
         body: &RequestBody<'_>,
+        timeout: Duration,
     ) -> Result<QueuedProduce, ClientError> {
         let partitions = match body {
             RequestBody::Produce(p) => p.partitions.len(),
@@ -347,9 +352,7 @@ impl Client {
         };
         let conn = self.connection().await?;
         let (correlation_id, frame) = conn.encode(body)?;
-        let answer = conn
-            .queue_frame(correlation_id, frame, self.inner.config.request_timeout)
-            .await?;
+        let answer = conn.queue_frame(correlation_id, frame, timeout).await?;
         Ok(QueuedProduce { answer, partitions })
     }
 
@@ -358,10 +361,36 @@ impl Client {
         &self,
         producer_name: Option<&str>,
     ) -> Result<InitProducerResponse, ClientError> {
-        let body = RequestBody::InitProducer(InitProducerRequest {
+        self.init_producer_with(InitProducerRequest {
             producer_name: producer_name.map(str::to_string),
-        });
-        match self.call(&body).await? {
+            renew: None,
+        })
+        .await
+    }
+
+    /// The next epoch for the anonymous producer `id` at `epoch` (after a
+    /// batch it gave up on: its late requests are then fenced). A broker
+    /// that does not renew anonymous producers hands out a fresh id.
+    pub async fn renew_producer(
+        &self,
+        producer_id: u64,
+        producer_epoch: u16,
+    ) -> Result<InitProducerResponse, ClientError> {
+        self.init_producer_with(InitProducerRequest {
+            producer_name: None,
+            renew: Some(ProducerIdEpoch {
+                producer_id,
+                producer_epoch,
+            }),
+        })
+        .await
+    }
+
+    async fn init_producer_with(
+        &self,
+        request: InitProducerRequest,
+    ) -> Result<InitProducerResponse, ClientError> {
+        match self.call(&RequestBody::InitProducer(request)).await? {
             ResponseBody::InitProducer(r) => Ok(r),
             other => Err(unexpected("init_producer", &other)),
         }

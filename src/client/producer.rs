@@ -49,8 +49,9 @@ pub struct ProducerConfig {
     /// in batches that close where the waiting records make up a whole
     /// cap's worth, and go out as answers come back.
     pub max_in_flight_records: Option<usize>,
-    /// How long a record may wait for its acknowledgement, retries
-    /// included, before it fails with [`ClientError::Timeout`].
+    /// How long a record may wait for its acknowledgement, retries and
+    /// the request in flight included, before it fails with
+    /// [`ClientError::Timeout`].
     pub delivery_timeout: Duration,
     /// The first retry backoff; it doubles up to `retry_backoff_max`.
     pub retry_backoff: Duration,
@@ -754,15 +755,17 @@ fn must_renew(inner: &Inner, st: &mut State) {
     }
 }
 
-/// Takes a new epoch or id (every batch sent has settled) and restamps the
+/// Takes the next epoch (a broker before anonymous renewal gives an
+/// anonymous producer a new id instead; every batch sent has settled) and restamps the
 /// batches waiting; on failure (the broker still away) waits a backoff,
 /// and the sender loop tries again.
 async fn renew_producer(inner: &Inner) {
-    match inner
-        .client
-        .init_producer(inner.config.producer_name.as_deref())
-        .await
-    {
+    let current = inner.state.lock().expect("producer state").acc.producer();
+    let answer = match (inner.config.producer_name.as_deref(), current) {
+        (None, Some((id, epoch))) => inner.client.renew_producer(id, epoch).await,
+        (name, _) => inner.client.init_producer(name).await,
+    };
+    match answer {
         Ok(r) => {
             let mut st = inner.state.lock().expect("producer state");
             st.acc.renew((r.producer_id, r.producer_epoch));
@@ -787,7 +790,17 @@ async fn renew_producer(inner: &Inner) {
 /// would otherwise run first and make the broker wait while they build
 /// more.
 async fn start_requests(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
+    let now = Instant::now();
     for batches in group_requests(batches, inner.request_bytes_max) {
+        // A request outliving its oldest record's delivery timeout fails
+        // then (Kafka's delivery.timeout.ms covers requests in flight), not
+        // a request timeout later.
+        let timeout = batches
+            .iter()
+            .filter_map(|b| b.created.checked_add(inner.config.delivery_timeout))
+            .min()
+            .map_or(Duration::MAX, |due| due.saturating_duration_since(now))
+            .min(inner.client.config().request_timeout);
         // The request borrows the batches: a retry sends them again.
         let body = RequestBody::Produce(ProduceRequest {
             partitions: batches
@@ -799,7 +812,7 @@ async fn start_requests(inner: &Arc<Inner>, batches: Vec<ReadyBatch>) {
                 })
                 .collect(),
         });
-        let queued = inner.client.queue_produce(&body).await;
+        let queued = inner.client.queue_produce(&body, timeout).await;
         drop(body);
         smol::spawn(boxed_answer(inner.clone(), batches, queued)).detach();
     }

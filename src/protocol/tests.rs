@@ -126,6 +126,7 @@ pub(super) fn sample_requests() -> Vec<(&'static str, Request<'static>)> {
             "init_producer",
             body(RequestBody::InitProducer(InitProducerRequest {
                 producer_name: Some("gateway-7".into()),
+                renew: None,
             })),
         ),
         (
@@ -1561,4 +1562,39 @@ fn shared_decode_leaves_fetched_records_in_the_frame() {
     // The copying decode owns its bytes.
     let copied = decode_response(&response_frame(&r)[FRAME_HEADER_BYTES..]).expect("decode");
     assert_eq!(copied, r);
+}
+
+/// The request as brokers before anonymous renewal decode it.
+#[derive(minicbor::Decode)]
+struct InitProducerBeforeRenew {
+    #[n(0)]
+    producer_name: Option<String>,
+}
+
+/// An anonymous producer's renewal: the same id at the next epoch from
+/// this build, and from an older broker (which ignores the field) a fresh
+/// id, as before.
+#[test]
+fn an_init_producer_renewal_round_trips_and_older_brokers_ignore_it() {
+    let r = InitProducerRequest {
+        producer_name: None,
+        renew: Some(ProducerIdEpoch {
+            producer_id: 17,
+            producer_epoch: 3,
+        }),
+    };
+    let bytes = minicbor::to_vec(&r).expect("encode");
+    assert_eq!(minicbor::display(&bytes).to_string(), "[null, [17, 3]]");
+    let back: InitProducerRequest = minicbor::decode(&bytes).expect("decode");
+    assert_eq!(back, r);
+    let old: InitProducerBeforeRenew =
+        minicbor::decode(&bytes).expect("an older broker decodes it");
+    assert_eq!(old.producer_name, None);
+    // And a request without it is what it always was.
+    let plain = InitProducerRequest {
+        producer_name: Some("gw".into()),
+        renew: None,
+    };
+    let bytes = minicbor::to_vec(&plain).expect("encode");
+    assert_eq!(minicbor::display(&bytes).to_string(), "[\"gw\"]");
 }

@@ -981,6 +981,20 @@ pub struct ListOffsetsPartitionResult {
 pub struct InitProducerRequest {
     #[n(0)]
     pub producer_name: Option<String>,
+    /// Without a name: the anonymous producer's current id and epoch, to
+    /// be answered with the same id and the next epoch (after a batch it
+    /// gave up on). Brokers before it ignore it and hand out a fresh id.
+    #[n(1)]
+    pub renew: Option<ProducerIdEpoch>,
+}
+
+/// A producer id and epoch (see [`InitProducerRequest::renew`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct ProducerIdEpoch {
+    #[n(0)]
+    pub producer_id: u64,
+    #[n(1)]
+    pub producer_epoch: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]

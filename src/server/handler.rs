@@ -490,7 +490,15 @@ pub(crate) async fn init_producer(
         ctx.denials.denied(identity, Operation::Produce, "*");
         return not_authorized_body(identity, Operation::Produce, "any topic");
     }
-    match ctx.broker.init_producer(req.producer_name.as_deref()).await {
+    let answer = match (req.producer_name.as_deref(), req.renew) {
+        (None, Some(r)) => {
+            ctx.broker
+                .renew_producer(r.producer_id, r.producer_epoch)
+                .await
+        }
+        (name, _) => ctx.broker.init_producer(name).await,
+    };
+    match answer {
         Ok((producer_id, producer_epoch)) => {
             ResponseBody::InitProducer(crate::protocol::InitProducerResponse {
                 producer_id,

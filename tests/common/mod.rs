@@ -320,6 +320,16 @@ impl Broker {
         self.child.as_ref().expect("broker running").id()
     }
 
+    /// SIGSTOP: the broker stalls with its sockets open, as under a stuck
+    /// device. Undone by [`resume`](Self::resume) (or the kill at drop).
+    pub fn pause(&self) {
+        unsafe_kill(self.pid(), libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        unsafe_kill(self.pid(), libc::SIGCONT);
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
