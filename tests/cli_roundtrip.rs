@@ -1001,6 +1001,58 @@ fn bench_produce_spreads_producers_over_partitions() {
     assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
 }
 
+/// `--devices`: each producer speaks the protocol itself, one idempotent
+/// record per request, over TCP and the Unix socket; every record lands
+/// once, in its producer's partition.
+#[test]
+fn bench_produce_as_devices_writes_every_record_once() {
+    let b = Broker::start("");
+    let unix = b.unix.to_str().expect("utf-8 path").to_owned();
+    for (topic, addr) in [("dev-tcp", b.tcp.as_str()), ("dev-unix", unix.as_str())] {
+        let out = run_cli(
+            &[
+                "bench",
+                "produce",
+                "--devices",
+                "--in-flight",
+                "1",
+                "--queued",
+                "0",
+                "--messages",
+                "402",
+                "--producers",
+                "4",
+                "--partitions",
+                "2",
+                "--topic",
+                topic,
+                "--keep",
+            ],
+            addr,
+            None,
+        );
+        assert_ok(&out);
+        let p = &json_lines(&out)[0];
+        assert_eq!(p["client"], "devices", "{p}");
+        assert_eq!(p["messages"], 402, "{p}");
+        let out = b.cli(&["topics", "describe", topic, "--format", "json"]);
+        assert_ok(&out);
+        let d: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        let ends: Vec<u64> = d["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .map(|p| p["log_end"].as_u64().expect("log_end"))
+            .collect();
+        // Producer 0 takes the remainder: 102 and 100 to partition 0, 100
+        // and 100 to partition 1.
+        assert_eq!(ends, [202, 200], "{topic}: {d}");
+    }
+    let out = b.cli(&["bench", "produce", "--devices", "--messages", "10"]);
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+    assert!(stderr(&out).contains("--in-flight 1 --queued 0"), "{out:?}");
+}
+
 #[test]
 fn list_commands_into_a_closed_pipe_end_quietly() {
     let b = Broker::start("");

@@ -703,6 +703,15 @@ pub struct BenchProduceArgs {
     /// At most this many records un-acknowledged per producer.
     #[arg(long, default_value_t = 1000)]
     pub in_flight: u32,
+    /// Each producer a device: skiff's protocol spoken directly on a
+    /// connection of its own, one record per produce request, the next
+    /// once the last is answered (with --in-flight 1 --queued 0), instead
+    /// of the client library's producer, which costs the bench several
+    /// times as much CPU per record: with many producers on the broker's
+    /// machine the bench is otherwise what is measured. Plain TCP or the
+    /// Unix socket.
+    #[arg(long)]
+    pub devices: bool,
     /// Records each producer may hold beyond those in flight, built into
     /// batches and waiting for acks to make room (default: as many as
     /// --in-flight). Their latency counts from when they were given to

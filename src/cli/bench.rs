@@ -20,6 +20,7 @@ use super::args::{
     BenchConsumeArgs, BenchDiskArgs, BenchHandshakeArgs, BenchLoopbackArgs, BenchProduceArgs,
     BenchSyncArgs,
 };
+use super::bench_device::Device;
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 
 /// Latencies are recorded in microseconds, up to a minute, 3 significant
@@ -359,6 +360,52 @@ async fn produce_with(
     Ok(())
 }
 
+/// A bench producer: the client library's, or a device (`--devices`).
+enum BenchClient {
+    Library(Producer),
+    Device(Device),
+}
+
+/// Workload F's loop on one device: `messages` records, each sent once the
+/// last is answered (and, with a `schedule`, once it is due; its latency
+/// then counts from when it was due, as in [`produce_with`]).
+async fn produce_as_device(
+    device: &mut Device,
+    topic: &str,
+    load: Load,
+    schedule: Option<Schedule>,
+    done: &AtomicU64,
+    hist: &Mutex<Histogram<u64>>,
+) -> Result<(), ClientError> {
+    let value = vec![b'x'; load.size];
+    let mut key = Vec::with_capacity(24);
+    let mut hist = LatencyRuns::new(hist);
+    let partition = load.partition.unwrap_or(0);
+    for i in 0..load.messages {
+        let sent = match schedule {
+            Some(s) => {
+                let due = s.due(i);
+                if due > Instant::now() {
+                    smol::Timer::at(due).await;
+                }
+                due
+            }
+            None => Instant::now(),
+        };
+        let k = load.keys.map(|n| {
+            use std::io::Write;
+            key.clear();
+            let _ = write!(key, "k{}", i % n);
+            &key[..]
+        });
+        let acked = device.send(topic, partition, k, &value).await?;
+        hist.record(sent, acked);
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    hist.finish();
+    Ok(())
+}
+
 pub fn produce(a: BenchProduceArgs) -> ExitCode {
     if let Err(code) = super::commands::check_broker(&a.broker.broker) {
         return code;
@@ -406,6 +453,19 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         }
         return compare_tls(&a, tls_addr);
     }
+    if a.devices
+        && (a.in_flight != 1
+            || a.queued() != 0
+            || a.broker.tls().is_some()
+            || a.compare_idempotence.is_some()
+            || a.compare_tls.is_some()
+            || a.compare_compaction.is_some())
+    {
+        return fail(
+            EXIT_USAGE,
+            "--devices sends one record at a time: it needs --in-flight 1 --queued 0, plain TCP or the Unix socket, and no --compare-*",
+        );
+    }
     if a.rate.is_some_and(|r| r < u64::from(a.producers)) {
         return fail(
             EXIT_USAGE,
@@ -450,9 +510,18 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
             .map(|_| {
                 let (addr, config) = (a.broker.broker.clone(), client_config.clone());
                 let (idempotent, in_flight) = (a.idempotent, a.in_flight as usize);
-                smol::spawn(
-                    async move { bench_producer(&addr, &config, idempotent, in_flight).await },
-                )
+                let devices = a.devices;
+                smol::spawn(async move {
+                    if devices {
+                        Device::connect(&addr, idempotent)
+                            .await
+                            .map(BenchClient::Device)
+                    } else {
+                        bench_producer(&addr, &config, idempotent, in_flight)
+                            .await
+                            .map(BenchClient::Library)
+                    }
+                })
             })
             .collect();
         let mut producers = Vec::with_capacity(connecting.len());
@@ -462,7 +531,9 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         // ... and knows the topic: each producer's first record otherwise
         // waited for a metadata round trip, ten thousand of them at once.
         for p in &producers {
-            p.partitions_for(&a.topic).await?;
+            if let BenchClient::Library(p) = p {
+                p.partitions_for(&a.topic).await?;
+            }
         }
         let cpu_before = a.broker_pid.and_then(process_cpu);
         let own_before = process_cpu(std::process::id());
@@ -518,7 +589,14 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                 let (topic, done, hists) = (topic.clone(), done.clone(), hists.clone());
                 smol::spawn(async move {
                     let hist = &hists[i % hists.len()];
-                    produce_with(&producer, &topic, load, unacked, schedule, &done, hist).await
+                    match producer {
+                        BenchClient::Library(p) => {
+                            produce_with(&p, &topic, load, unacked, schedule, &done, hist).await
+                        }
+                        BenchClient::Device(mut d) => {
+                            produce_as_device(&mut d, &topic, load, schedule, &done, hist).await
+                        }
+                    }
                 })
             })
             .collect();
@@ -565,6 +643,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         "in_flight": a.in_flight,
         "queued": a.queued(),
         "idempotent": a.idempotent,
+        "client": if a.devices { "devices" } else { "library" },
         "fsync": a.fsync,
         "keys": a.keys,
         "cleanup": a.cleanup,

@@ -21,6 +21,7 @@ macro_rules! outln {
 
 mod args;
 mod bench;
+mod bench_device;
 mod bench_group;
 mod bench_share;
 mod commands;
