@@ -376,3 +376,110 @@ fn stalled_then_back(name: Option<&str>) {
         "{name:?}: {values:?}"
     );
 }
+
+/// Stalls again and again under a running producer whose delivery timeout
+/// is shorter than each stall: records given up on, in flight and held,
+/// and a renewal after each stall. Afterwards every acknowledged record is
+/// in the log once, nothing is there twice, and each partition holds the
+/// producer's records in the order it sent them (a request given up on and
+/// written late lands before the next epoch's records, or is fenced).
+#[test]
+fn stalls_and_renewals_keep_each_partition_once_and_in_order() {
+    for name in [None, Some("stall-loop")] {
+        stall_loop(name);
+    }
+}
+
+fn stall_loop(name: Option<&str>) {
+    const ROUNDS: usize = 4;
+    let b = Broker::start("");
+    create(&b, "stalls");
+    let producer = Arc::new(
+        blocking::Producer::connect(
+            &b.tcp,
+            ProducerConfig {
+                delivery_timeout: Duration::from_millis(400),
+                retry_backoff: Duration::from_millis(10),
+                retry_backoff_max: Duration::from_millis(50),
+                linger: Duration::from_millis(1),
+                producer_name: name.map(str::to_owned),
+                ..ProducerConfig::default()
+            },
+        )
+        .expect("producer"),
+    );
+    let before = producer.0.producer_id().expect("idempotent");
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for _ in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (producer, next, stop) = (producer.clone(), next.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sent = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let key = format!("k{}", i % 3);
+                    match producer.send_wait(
+                        "stalls",
+                        Some(key.as_bytes()),
+                        i.to_string().as_bytes(),
+                        &[],
+                    ) {
+                        Ok(d) => sent.push((i, d)),
+                        Err(e) => panic!("send {i}: {e}"),
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                sent
+            })
+        };
+        std::thread::sleep(Duration::from_millis(150));
+        b.pause();
+        std::thread::sleep(Duration::from_millis(700));
+        b.resume();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        for (i, d) in sender.join().expect("sender") {
+            match blocking::wait(d) {
+                Ok(_) => acked.push(i),
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    let renewed = producer.0.producer_id().expect("idempotent");
+    assert_eq!(renewed.0, before.0, "{name:?}: the same id");
+    assert!(
+        renewed.1 > before.1 && failed > 0,
+        "{name:?}: every stall outlasts the delivery timeout: {failed} failed, epoch {} -> {}",
+        before.1,
+        renewed.1
+    );
+    let mut seen = std::collections::HashSet::new();
+    let mut last_in_partition: BTreeMap<u32, usize> = BTreeMap::new();
+    for r in consume_all(&b.tcp, "stalls") {
+        let i: usize = std::str::from_utf8(&r.value)
+            .expect("utf-8")
+            .parse()
+            .expect("a number");
+        assert!(seen.insert(i), "{name:?}: record {i} written twice");
+        if let Some(&last) = last_in_partition.get(&r.partition) {
+            assert!(
+                i > last,
+                "{name:?}: partition {} holds {i} after {last}",
+                r.partition
+            );
+        }
+        last_in_partition.insert(r.partition, i);
+    }
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| !seen.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{name:?}: acknowledged and not in the log: {lost:?}"
+    );
+}
