@@ -180,16 +180,25 @@ pub type BatchOutcome = Result<(u64, u64), Arc<StorageError>>;
 pub struct Slot {
     result: Mutex<Option<BatchOutcome>>,
     done: event_listener::Event,
+    /// Set before anyone listens: an `Event` allocates its list at the
+    /// first notify, and nearly every slot is set with nobody waiting (an
+    /// allocation per idempotent batch at a fan-in).
+    watched: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
     fn set(&self, r: BatchOutcome) {
         *self.result.lock().expect("slot lock") = Some(r);
-        self.done.notify(usize::MAX);
+        // SeqCst pairs with `wait`'s store: either it sees the result, or
+        // this sees `watched` and wakes its listener.
+        if self.watched.load(Ordering::SeqCst) {
+            self.done.notify(usize::MAX);
+        }
     }
 
     /// Waits for the batch's acknowledgement: its offsets, or why it failed.
     pub async fn wait(&self) -> BatchOutcome {
+        self.watched.store(true, Ordering::SeqCst);
         loop {
             let listener = self.done.listen();
             if let Some(r) = self.result.lock().expect("slot lock").clone() {
@@ -1145,6 +1154,25 @@ mod tests {
             p.check("t", 0, &header(id, 0, 10, 10), 0),
             Check::Reject(SequenceError::Duplicate { .. })
         ));
+    }
+
+    #[test]
+    fn a_retry_waiting_on_its_batch_in_flight_gets_the_outcome() {
+        let (_d, p) = table(8);
+        let id = smol::block_on(p.init(None)).expect("init").0;
+        let t = accept(&p, &header(id, 0, 0, 2));
+        let Check::InFlight { slot, .. } = p.check("t", 0, &header(id, 0, 0, 2), 0) else {
+            panic!("a retry of a batch in flight waits for it");
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(smol::block_on(slot.wait())));
+        // Listening by now, as a retry that arrived first would be.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        p.complete(t, Ok((0, 1)));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("woken by the outcome");
+        assert!(matches!(got, Ok((0, 1))), "{got:?}");
     }
 
     #[test]

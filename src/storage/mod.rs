@@ -262,12 +262,12 @@ impl Default for PartitionConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionId {
-    pub topic: Box<str>,
+    pub topic: Arc<str>,
     pub partition: u32,
 }
 
 impl PartitionId {
-    pub fn new(topic: impl Into<Box<str>>, partition: u32) -> PartitionId {
+    pub fn new(topic: impl Into<Arc<str>>, partition: u32) -> PartitionId {
         PartitionId {
             topic: topic.into(),
             partition,
