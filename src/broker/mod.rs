@@ -170,7 +170,7 @@ pub fn storage_config(cfg: &crate::config::Config) -> crate::storage::StorageCon
     crate::storage::StorageConfig {
         data_dir: cfg.data_dir.clone(),
         backend: cfg.storage.backend,
-        append_queue_depth: cfg.storage.append_queue_depth as usize,
+        append_queue_depth: cfg.append_queue_jobs() as usize,
         tail_buffer_bytes: cfg.storage.tail_buffer_bytes as usize,
         max_partitions: cfg.server.max_partitions as usize,
         max_batch_bytes: cfg.storage.max_batch_bytes as usize,

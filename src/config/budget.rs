@@ -212,11 +212,18 @@ impl MemoryBudget {
             ),
             line(
                 "append queue",
-                crate::storage::append_queue_bytes(st.append_queue_depth),
-                format!(
-                    "storage.append_queue_depth {queue} x {} per job (batch bytes are in flight above)",
-                    human(crate::storage::append_queue_bytes(1))
-                ),
+                crate::storage::append_queue_bytes(cfg.append_queue_jobs()),
+                if cfg.append_queue_jobs() > st.append_queue_depth {
+                    format!(
+                        "server.max_connections {connections} (above storage.append_queue_depth {queue}: a job per connection) x {} per job (batch bytes are in flight above)",
+                        human(crate::storage::append_queue_bytes(1))
+                    )
+                } else {
+                    format!(
+                        "storage.append_queue_depth {queue} x {} per job (batch bytes are in flight above)",
+                        human(crate::storage::append_queue_bytes(1))
+                    )
+                },
             ),
             line(
                 "connection state (estimate)",

@@ -434,6 +434,25 @@ fn line<'a>(budget: &'a MemoryBudget, user: &str) -> &'a BudgetLine {
         .unwrap_or_else(|| panic!("no budget line {user:?}"))
 }
 
+/// A fan-in config (more connections than queue slots) gets a job per
+/// connection, and the budget counts it.
+#[test]
+fn the_append_queue_holds_a_job_per_connection() {
+    let mut cfg = Config::embedded_default();
+    assert_eq!(cfg.append_queue_jobs(), cfg.storage.append_queue_depth);
+    cfg.server.max_connections = 1100;
+    assert_eq!(cfg.append_queue_jobs(), 1100);
+    assert_eq!(crate::broker::storage_config(&cfg).append_queue_depth, 1100);
+    let budget = cfg.memory_budget();
+    let queue = line(&budget, "append queue");
+    assert_eq!(queue.bytes, crate::storage::append_queue_bytes(1100));
+    assert!(
+        queue.formula.contains("server.max_connections 1100"),
+        "{}",
+        queue.formula
+    );
+}
+
 #[test]
 fn memory_budget_sums_its_lines_and_prints_each() {
     let cfg = Config::embedded_default();
