@@ -755,10 +755,11 @@ fn must_renew(inner: &Inner, st: &mut State) {
     }
 }
 
-/// Takes the next epoch (a broker before anonymous renewal gives an
-/// anonymous producer a new id instead; every batch sent has settled) and restamps the
-/// batches waiting; on failure (the broker still away) waits a backoff,
-/// and the sender loop tries again.
+/// Takes the next epoch of the producer's id (every batch sent has
+/// settled; a broker from before anonymous renewal gives an anonymous
+/// producer a new id instead) and restamps the batches waiting; on
+/// failure (the broker still away) waits a backoff, and the sender loop
+/// tries again.
 async fn renew_producer(inner: &Inner) {
     let current = inner.state.lock().expect("producer state").acc.producer();
     let answer = match (inner.config.producer_name.as_deref(), current) {
