@@ -24,13 +24,6 @@ fn lines(o: &std::process::Output) -> Vec<String> {
     stdout(o).lines().map(str::to_owned).collect()
 }
 
-fn json_lines(o: &std::process::Output) -> Vec<Value> {
-    stdout(o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-        .collect()
-}
-
 #[test]
 fn topics_create_list_describe_delete() {
     let b = Broker::start("");

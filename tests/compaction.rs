@@ -6,13 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn json_lines(o: &std::process::Output) -> Vec<Value> {
-    stdout(o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-        .collect()
-}
-
 #[test]
 fn compacted_topic_refuses_keyless_records_and_takes_tombstones() {
     let b = Broker::start("");

@@ -262,6 +262,24 @@ fn mutual_tls_refuses_every_client_it_cannot_trust() {
 /// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms
 /// extension every version rustls speaks requires) and no session is
 /// made. Offering TLS 1.2, OpenSSL gets in.
+/// `skiff bench handshake`: full and resumed TLS handshakes, each ending
+/// with skiff's hello answered (whose answer brings the session tickets).
+#[test]
+fn bench_handshake_counts_full_and_resumed_handshakes() {
+    let (_keep, pki) = pki_dir();
+    let b = Broker::start(&pki.server_section(false, ""));
+    let out = cli(
+        &tls_addr(&b),
+        &pki.flags(None),
+        &["bench", "handshake", "--count", "5"],
+    );
+    assert_ok(&out);
+    let line = &json_lines(&out)[0];
+    assert_eq!(line["workload"], "tls_handshake", "{line}");
+    assert_eq!(line["count"], 5, "{line}");
+    assert_eq!(line["resumed"], 5, "every second handshake resumes: {line}");
+}
+
 #[test]
 fn tls_1_1_is_refused_and_1_2_accepted() {
     let (_keep, mut pki) = pki_dir();

@@ -1003,32 +1003,21 @@ pub fn handshake(a: BenchHandshakeArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Sends skiff's hello and reads its answer (a hello answer is small: one
-/// read of its header and body).
+/// Sends skiff's hello and reads its answer.
 async fn hello_over<S>(s: &mut S) -> std::io::Result<()>
 where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
 {
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-    let mut frame = Vec::new();
-    let hello = crate::protocol::Request {
-        correlation_id: 1,
-        body: crate::protocol::RequestBody::Hello(crate::protocol::HelloRequest {
-            version_min: crate::protocol::PROTOCOL_VERSION_MIN,
-            version_max: crate::protocol::PROTOCOL_VERSION_MAX,
-            client_name: None,
-        }),
-    };
-    crate::protocol::encode_request(&hello, &mut frame).map_err(std::io::Error::other)?;
-    s.write_all(&frame).await?;
-    s.flush().await?;
-    let mut prefix = [0u8; crate::protocol::FRAME_HEADER_BYTES];
-    s.read_exact(&mut prefix).await?;
-    crate::protocol::frame_len(&prefix, crate::protocol::HELLO_FRAME_BYTES_MAX)
-        .map_err(std::io::Error::other)?;
-    let mut body = vec![0; crate::protocol::body_len(prefix) as usize];
-    s.read_exact(&mut body).await?;
-    Ok(())
+    let hello = crate::protocol::RequestBody::Hello(crate::protocol::HelloRequest {
+        version_min: crate::protocol::PROTOCOL_VERSION_MIN,
+        version_max: crate::protocol::PROTOCOL_VERSION_MAX,
+        client_name: None,
+    });
+    let (mut frame, mut answer) = (Vec::new(), Vec::new());
+    super::bench_device::exchange(s, 1, &hello, &mut (&mut frame, &mut answer))
+        .await
+        .map(drop)
+        .map_err(std::io::Error::other)
 }
 
 pub fn consume(a: BenchConsumeArgs) -> ExitCode {

@@ -119,29 +119,45 @@ impl Device {
     /// One request and its answer; a server error answer is an error.
     async fn call(&mut self, body: RequestBody<'_>) -> Result<ResponseBody, ClientError> {
         self.correlation_id = self.correlation_id.wrapping_add(1);
-        self.frame.clear();
-        encode_request_body(self.correlation_id, &body, &mut self.frame)
-            .map_err(ClientError::Protocol)?;
-        self.stream.write_all(&self.frame).await?;
-        let mut header = [0u8; FRAME_HEADER_BYTES];
-        self.stream.read_exact(&mut header).await?;
-        frame_len(&header, FRAME_BYTES_MAX).map_err(ClientError::Protocol)?;
-        self.answer.resize(body_len(header) as usize, 0);
-        self.stream.read_exact(&mut self.answer).await?;
-        let response = decode_response(&self.answer).map_err(ClientError::Protocol)?;
-        if response.correlation_id != self.correlation_id {
-            return Err(ClientError::UnexpectedResponse {
-                expected: "the answer to the request sent",
-                got: "another correlation id",
-            });
-        }
-        match response.body {
-            ResponseBody::Error(e) => Err(ClientError::Server {
-                code: e.code,
-                message: e.message,
-            }),
-            body => Ok(body),
-        }
+        let mut buffers = (&mut self.frame, &mut self.answer);
+        exchange(&mut self.stream, self.correlation_id, &body, &mut buffers).await
+    }
+}
+
+/// Sends one request on `stream` and reads its answer, with `buffers`
+/// (the request frame, the answer) kept for the next; a server error
+/// answer is an error.
+pub(super) async fn exchange<S>(
+    stream: &mut S,
+    correlation_id: u32,
+    body: &RequestBody<'_>,
+    (frame, answer): &mut (&mut Vec<u8>, &mut Vec<u8>),
+) -> Result<ResponseBody, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    frame.clear();
+    encode_request_body(correlation_id, body, frame).map_err(ClientError::Protocol)?;
+    stream.write_all(frame).await?;
+    stream.flush().await?;
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    stream.read_exact(&mut header).await?;
+    frame_len(&header, FRAME_BYTES_MAX).map_err(ClientError::Protocol)?;
+    answer.resize(body_len(header) as usize, 0);
+    stream.read_exact(answer).await?;
+    let response = decode_response(answer).map_err(ClientError::Protocol)?;
+    if response.correlation_id != correlation_id {
+        return Err(ClientError::UnexpectedResponse {
+            expected: "the answer to the request sent",
+            got: "another correlation id",
+        });
+    }
+    match response.body {
+        ResponseBody::Error(e) => Err(ClientError::Server {
+            code: e.code,
+            message: e.message,
+        }),
+        body => Ok(body),
     }
 }
 
