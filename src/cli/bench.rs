@@ -1014,7 +1014,7 @@ where
         client_name: None,
     });
     let (mut frame, mut answer) = (Vec::new(), Vec::new());
-    super::bench_device::exchange(s, 1, &hello, &mut (&mut frame, &mut answer))
+    super::bench_device::exchange(s, 1, &hello, &mut frame, &mut answer)
         .await
         .map(drop)
         .map_err(std::io::Error::other)

@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::batch::{BatchBuilder, ProducerStamp};
-use crate::client::{Address, ClientError};
+use crate::client::{unexpected, Address, ClientError};
 use crate::protocol::{
     body_len, decode_response, encode_request_body, frame_len, HelloRequest, InitProducerRequest,
     ProducePartition, ProduceRequest, RequestBody, ResponseBody, FRAME_BYTES_MAX,
@@ -88,10 +88,7 @@ impl Device {
         key: Option<&[u8]>,
         value: &[u8],
     ) -> Result<Instant, ClientError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        self.batch.push(now_ms, key, value, &[]);
+        self.batch.push(crate::batch::now_ms(), key, value, &[]);
         let batch = self.batch.finish(self.stamp);
         let produce = RequestBody::Produce(ProduceRequest {
             partitions: vec![ProducePartition {
@@ -119,19 +116,26 @@ impl Device {
     /// One request and its answer; a server error answer is an error.
     async fn call(&mut self, body: RequestBody<'_>) -> Result<ResponseBody, ClientError> {
         self.correlation_id = self.correlation_id.wrapping_add(1);
-        let mut buffers = (&mut self.frame, &mut self.answer);
-        exchange(&mut self.stream, self.correlation_id, &body, &mut buffers).await
+        let id = self.correlation_id;
+        exchange(
+            &mut self.stream,
+            id,
+            &body,
+            &mut self.frame,
+            &mut self.answer,
+        )
+        .await
     }
 }
 
-/// Sends one request on `stream` and reads its answer, with `buffers`
-/// (the request frame, the answer) kept for the next; a server error
-/// answer is an error.
+/// Sends one request on `stream` and reads its answer, into buffers kept
+/// for the next; a server error answer is an error.
 pub(super) async fn exchange<S>(
     stream: &mut S,
     correlation_id: u32,
     body: &RequestBody<'_>,
-    (frame, answer): &mut (&mut Vec<u8>, &mut Vec<u8>),
+    frame: &mut Vec<u8>,
+    answer: &mut Vec<u8>,
 ) -> Result<ResponseBody, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -158,12 +162,5 @@ where
             message: e.message,
         }),
         body => Ok(body),
-    }
-}
-
-fn unexpected(expected: &'static str, got: &ResponseBody) -> ClientError {
-    ClientError::UnexpectedResponse {
-        expected,
-        got: got.name(),
     }
 }

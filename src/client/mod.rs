@@ -39,6 +39,7 @@ mod share;
 pub(crate) mod tls;
 mod txn;
 
+pub(crate) use client::unexpected;
 pub use client::{Client, ClientConfig};
 pub use connection::{Address, ServerInfo};
 pub use consumer::{

@@ -213,17 +213,15 @@ impl MemoryBudget {
             line(
                 "append queue",
                 crate::storage::append_queue_bytes(cfg.append_queue_jobs()),
-                if cfg.append_queue_jobs() > st.append_queue_depth {
-                    format!(
-                        "server.max_connections {connections} (above storage.append_queue_depth {queue}: a job per connection) x {} per job (batch bytes are in flight above)",
-                        human(crate::storage::append_queue_bytes(1))
-                    )
-                } else {
-                    format!(
-                        "storage.append_queue_depth {queue} x {} per job (batch bytes are in flight above)",
-                        human(crate::storage::append_queue_bytes(1))
-                    )
-                },
+                format!(
+                    "{} x {} per job (batch bytes are in flight above)",
+                    if cfg.append_queue_jobs() > st.append_queue_depth {
+                        format!("server.max_connections {connections} (above storage.append_queue_depth {queue}: a job per connection)")
+                    } else {
+                        format!("storage.append_queue_depth {queue}")
+                    },
+                    human(crate::storage::append_queue_bytes(1))
+                ),
             ),
             line(
                 "connection state (estimate)",
