@@ -12,7 +12,15 @@
 //!   least a server can do;
 //! - `smol`: a smol task per connection reading a frame and writing an
 //!   answer, on async-io's reactor as skiff's sessions are: the executor's
-//!   share beside the syscalls.
+//!   share beside the syscalls;
+//! - `uring`: one io_uring on one thread, a recv always queued on every
+//!   connection and a send per answer, submitted and reaped in batches (one
+//!   `io_uring_enter` for many of them), against the `epoll` client: what a
+//!   server built around one ring (the open question in
+//!   docs/performance.md, "Fan-in") would start from;
+//! - `multi`: the same with one multishot recv per connection, armed once,
+//!   into buffers the server provides to the kernel (and gives back after
+//!   each request), so that a quiet connection costs no re-arming.
 //!
 //! Requests are 130 B (a 100 B record's produce frame) and answers 40 B.
 //! `cargo bench --bench fanin_floor`; `SKIFF_FANIN_CONNECTIONS` (default
@@ -219,6 +227,196 @@ fn smol_client(streams: Vec<UnixStream>, requests: usize) -> Duration {
     thread_cpu()
 }
 
+/// An io_uring and how many of its requests have not completed. Each
+/// server declares it after the buffers its requests name and waits for
+/// `inflight` to reach zero before returning, so that nothing the kernel
+/// still writes or reads is freed under it.
+struct Ring {
+    ring: io_uring::IoUring,
+    inflight: usize,
+}
+
+impl Ring {
+    fn new(entries: u32) -> Ring {
+        Ring {
+            ring: io_uring::IoUring::new(entries).expect("io_uring"),
+            inflight: 0,
+        }
+    }
+
+    /// Queues `e`, submitting what is queued when the ring is full.
+    ///
+    /// # Safety
+    /// Every buffer `e` names must live until its completion is reaped.
+    unsafe fn push(&mut self, e: &io_uring::squeue::Entry) {
+        // SAFETY: the caller's promise.
+        while unsafe { self.ring.submission().push(e) }.is_err() {
+            self.ring.submit().expect("io_uring submit");
+        }
+        self.inflight += 1;
+    }
+
+    /// Submits what is queued, waits for a completion and takes them all:
+    /// (user data, result, flags).
+    fn reap(&mut self, done: &mut Vec<(u64, i32, u32)>) {
+        self.ring.submit_and_wait(1).expect("io_uring wait");
+        done.clear();
+        done.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
+}
+
+/// Adds `got` bytes read from connection `i` to its partial request and
+/// queues a send of `answer` for each request now whole.
+///
+/// # Safety
+/// `answer` must outlive the ring's requests.
+unsafe fn answer_whole(
+    ring: &mut Ring,
+    s: &UnixStream,
+    i: usize,
+    partial: &mut usize,
+    got: usize,
+    answer: &[u8; ANSWER],
+) {
+    *partial += got;
+    while *partial >= REQUEST {
+        *partial -= REQUEST;
+        let fd = io_uring::types::Fd(s.as_raw_fd());
+        let e = io_uring::opcode::Send::new(fd, answer.as_ptr(), ANSWER as u32)
+            .build()
+            .user_data((i as u64) << 2 | URING_SEND);
+        // SAFETY: the caller's promise.
+        unsafe { ring.push(&e) };
+    }
+}
+
+/// `user_data` of the uring servers: connection `i` in the high bits, the
+/// kind of request in the low two.
+const URING_RECV: u64 = 0;
+const URING_SEND: u64 = 1;
+const URING_PROVIDE: u64 = 2;
+
+/// One thread, one io_uring: a recv queued on every connection, a send for
+/// each whole request, until all close.
+fn uring_server(streams: Vec<UnixStream>) -> Duration {
+    const READ: usize = 4096;
+    let n = streams.len();
+    let mut bufs = vec![0u8; n * READ];
+    let answer = [1u8; ANSWER];
+    let mut partial = vec![0usize; n];
+    let mut ring = Ring::new(4096);
+    let recv = |bufs: &mut [u8], i: usize| {
+        let fd = io_uring::types::Fd(streams[i].as_raw_fd());
+        io_uring::opcode::Recv::new(fd, bufs[i * READ..].as_mut_ptr(), READ as u32)
+            .build()
+            .user_data((i as u64) << 2 | URING_RECV)
+    };
+    for i in 0..n {
+        // SAFETY: `bufs` outlives the ring's requests (`Ring`).
+        unsafe { ring.push(&recv(&mut bufs, i)) };
+    }
+    let mut done = Vec::with_capacity(4096);
+    while ring.inflight > 0 {
+        ring.reap(&mut done);
+        for &(data, result, _) in &done {
+            ring.inflight -= 1;
+            let i = (data >> 2) as usize;
+            if data & 3 == URING_SEND {
+                assert_eq!(result, ANSWER as i32, "send");
+                continue;
+            }
+            if result <= 0 {
+                // The client closed (0), or the connection failed.
+                continue;
+            }
+            let (s, got) = (&streams[i], result as usize);
+            // SAFETY: `answer` and `bufs` outlive the ring's requests.
+            unsafe {
+                answer_whole(&mut ring, s, i, &mut partial[i], got, &answer);
+                ring.push(&recv(&mut bufs, i));
+            }
+        }
+    }
+    thread_cpu()
+}
+
+/// One thread, one io_uring, a multishot recv on every connection into
+/// provided buffers, a send for each whole request, until all close.
+fn uring_multishot_server(streams: Vec<UnixStream>) -> Duration {
+    use io_uring::{cqueue, opcode, types};
+    const BUF: usize = 512;
+    const BUFS: usize = 4096;
+    const GROUP: u16 = 1;
+    let n = streams.len();
+    assert!(n * 2 <= BUFS, "a buffer or two per connection");
+    let mut pool = vec![0u8; BUF * BUFS];
+    let answer = [1u8; ANSWER];
+    let mut partial = vec![0usize; n];
+    let mut ring = Ring::new(8192);
+    let provide = |pool: &mut [u8], first: usize, count: usize| {
+        let at = pool[first * BUF..].as_mut_ptr();
+        opcode::ProvideBuffers::new(at, BUF as i32, count as u16, GROUP, first as u16)
+            .build()
+            .user_data(URING_PROVIDE)
+    };
+    let recv = |i: usize| {
+        opcode::RecvMulti::new(types::Fd(streams[i].as_raw_fd()), GROUP)
+            .build()
+            .user_data((i as u64) << 2 | URING_RECV)
+    };
+    // SAFETY: `pool` outlives the ring's requests (`Ring`).
+    unsafe {
+        ring.push(&provide(&mut pool, 0, BUFS));
+        for i in 0..n {
+            ring.push(&recv(i));
+        }
+    }
+    let mut done = Vec::with_capacity(8192);
+    while ring.inflight > 0 {
+        ring.reap(&mut done);
+        for &(data, result, flags) in &done {
+            let i = (data >> 2) as usize;
+            match data & 3 {
+                URING_PROVIDE => {
+                    ring.inflight -= 1;
+                    assert!(result >= 0, "provide buffers: {result}");
+                }
+                URING_SEND => {
+                    ring.inflight -= 1;
+                    assert_eq!(result, ANSWER as i32, "send");
+                }
+                _ => {
+                    // A multishot recv goes on until a completion without
+                    // `more`: the client closed (0), or it must be re-armed.
+                    let more = cqueue::more(flags);
+                    if !more {
+                        ring.inflight -= 1;
+                    }
+                    if result <= 0 {
+                        continue;
+                    }
+                    let (s, got) = (&streams[i], result as usize);
+                    let id = cqueue::buffer_select(flags).expect("a provided buffer");
+                    // SAFETY: `answer` and `pool` outlive the ring's
+                    // requests.
+                    unsafe {
+                        answer_whole(&mut ring, s, i, &mut partial[i], got, &answer);
+                        ring.push(&provide(&mut pool, id as usize, 1));
+                        if !more {
+                            ring.push(&recv(i));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    thread_cpu()
+}
+
 fn run(
     name: &str,
     connections: usize,
@@ -250,5 +448,13 @@ fn main() {
     for _ in 0..2 {
         run("epoll", connections, requests, epoll_server, epoll_client);
         run("smol", connections, requests, smol_server, smol_client);
+        run("uring", connections, requests, uring_server, epoll_client);
+        run(
+            "multi",
+            connections,
+            requests,
+            uring_multishot_server,
+            epoll_client,
+        );
     }
 }
