@@ -17,6 +17,9 @@ use skiff::protocol::{
 /// Raises this process's open-file limit (the broker inherits it) to at
 /// least `n`, as root may.
 pub fn raise_fd_limit(n: u64) {
+    // rlim_t is u32 on 32-bit ARM; the limits asked for fit it.
+    #[allow(clippy::unnecessary_cast)]
+    let n = n as libc::rlim_t;
     // SAFETY: getrlimit/setrlimit on a local, initialised struct.
     unsafe {
         let mut l: libc::rlimit = std::mem::zeroed();

@@ -716,12 +716,14 @@ impl Filesystem for Fs {
             reply.error(errno(std::io::Error::last_os_error()));
             return;
         }
+        // The counts are u32 on 32-bit ARM.
+        #[allow(clippy::unnecessary_cast)]
         reply.statfs(
-            s.f_blocks,
-            s.f_bfree,
-            s.f_bavail,
-            s.f_files,
-            s.f_ffree,
+            s.f_blocks as u64,
+            s.f_bfree as u64,
+            s.f_bavail as u64,
+            s.f_files as u64,
+            s.f_ffree as u64,
             s.f_bsize as u32,
             s.f_namemax as u32,
             s.f_frsize as u32,
