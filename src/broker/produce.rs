@@ -306,7 +306,10 @@ impl Broker {
         }
         let _order = self.submit_order.lock().await;
         let hw = self.storage.offsets(&id)?.high_watermark;
-        let tracked = match self.producers.check(topic, partition, &header, hw) {
+        let tracked = match self
+            .producers
+            .check(id.topic.clone(), partition, &header, hw)
+        {
             producers::Check::Untracked => None,
             producers::Check::Accept(tracked) => Some(tracked),
             producers::Check::Duplicate {

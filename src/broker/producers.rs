@@ -400,7 +400,7 @@ pub struct Producers {
     table: Mutex<foldhash::HashMap<Key, Entry>>,
     /// Partitions written by idempotent producers since their last
     /// snapshot: the periodic task snapshots only these (SD card wear).
-    dirty: Mutex<std::collections::HashSet<(Arc<str>, u32)>>,
+    dirty: Mutex<foldhash::HashSet<(Arc<str>, u32)>>,
     counters: Counters,
 }
 
@@ -446,7 +446,7 @@ impl Producers {
                 max,
                 Default::default(),
             )),
-            dirty: Mutex::new(std::collections::HashSet::new()),
+            dirty: Mutex::new(foldhash::HashSet::default()),
             counters: Counters::default(),
         })
     }
@@ -527,12 +527,19 @@ impl Producers {
     /// Decides what to do with a batch about to be submitted to `topic`
     /// `partition` whose high watermark is `hw`. Call in submit order, and
     /// submit an accepted batch before checking the next one of the same
-    /// partition.
-    pub fn check(&self, topic: &str, partition: u32, h: &BatchHeader, hw: u64) -> Check {
+    /// partition. The broker passes its partition id's `Arc`, which the
+    /// table's key shares: no allocation per record.
+    pub fn check(
+        &self,
+        topic: impl Into<Arc<str>>,
+        partition: u32,
+        h: &BatchHeader,
+        hw: u64,
+    ) -> Check {
         if h.producer_id == NO_PRODUCER_ID {
             return Check::Untracked;
         }
-        let r = self.check_inner(topic, partition, h, hw);
+        let r = self.check_inner(topic.into(), partition, h, hw);
         match &r {
             Check::Reject(SequenceError::Fenced { .. }) => bump(&self.counters.fenced, 1),
             Check::Reject(SequenceError::OutOfOrder { .. }) => bump(&self.counters.out_of_order, 1),
@@ -545,7 +552,7 @@ impl Producers {
         r
     }
 
-    fn check_inner(&self, topic: &str, partition: u32, h: &BatchHeader, hw: u64) -> Check {
+    fn check_inner(&self, topic: Arc<str>, partition: u32, h: &BatchHeader, hw: u64) -> Check {
         let (id, epoch) = (h.producer_id, h.producer_epoch);
         if id >= self.reserved_until.load(Ordering::Acquire) {
             return Check::Reject(SequenceError::UnknownProducer {
@@ -580,10 +587,11 @@ impl Producers {
         let last_seq = h.last_sequence();
         let now = self.clock.now_ms();
         let key = Key {
-            topic: topic.into(),
+            topic,
             partition,
             producer_id: id,
         };
+        let topic = &key.topic;
         let mut table = self.table.lock().expect("producer table lock");
         let entry = match table.get_mut(&key) {
             Some(e) if self.expired(e, now) => {

@@ -309,6 +309,8 @@ pub(crate) enum PendingProduce {
         topic: String,
         partition: u32,
         ack: Produce,
+        /// The batch's bytes, counted in the topic's metrics once written.
+        bytes: u64,
     },
     Done(ProducePartitionResult),
 }
@@ -446,6 +448,7 @@ pub(crate) async fn produce_submit(
             BatchIn::Frame(b) => ctx.pool.copy(&b),
             BatchIn::Own(b) => b,
         };
+        let bytes = batch.len() as u64;
         let submitted = group.produce(&p.topic, p.partition, batch).await;
         drop(gate);
         pending.push(match submitted {
@@ -453,6 +456,7 @@ pub(crate) async fn produce_submit(
                 topic: p.topic,
                 partition: p.partition,
                 ack,
+                bytes,
             },
             Err(e) => PendingProduce::Done(produce_result(p.topic, p.partition, Err(e))),
         });
@@ -460,7 +464,12 @@ pub(crate) async fn produce_submit(
     pending
 }
 
-pub(crate) async fn produce_complete(pending: Vec<PendingProduce>) -> ResponseBody {
+/// Awaits a produce's acks, in request order, and counts what was
+/// written in the topics' metrics.
+pub(crate) async fn produce_complete(
+    pending: Vec<PendingProduce>,
+    metrics: &crate::metrics::Metrics,
+) -> ResponseBody {
     let mut partitions = Vec::with_capacity(pending.len());
     for p in pending {
         partitions.push(match p {
@@ -469,7 +478,20 @@ pub(crate) async fn produce_complete(pending: Vec<PendingProduce>) -> ResponseBo
                 topic,
                 partition,
                 ack,
-            } => produce_result(topic, partition, ack.await),
+                bytes,
+            } => {
+                let r = produce_result(topic, partition, ack.await);
+                if r.error.is_none() {
+                    // Records written, not duplicates answered from the
+                    // producer table.
+                    let records = (r.last_offset - r.base_offset + 1)
+                        .saturating_sub(u64::from(r.duplicate_records));
+                    if records > 0 {
+                        metrics.record_produce(&r.topic, records, bytes);
+                    }
+                }
+                r
+            }
         });
     }
     ResponseBody::Produce(crate::protocol::ProduceResponse {

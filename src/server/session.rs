@@ -882,11 +882,7 @@ where
             }
             RequestBody::Produce(req) => {
                 // Submitted here, in frame order; acked in a task.
-                let sizes: Vec<u64> = req
-                    .partitions
-                    .iter()
-                    .map(|p| p.batch.len() as u64)
-                    .collect();
+                let bytes = req.partitions.iter().map(|p| p.batch.len() as u64).sum();
                 // Two calls rather than a Vec of either: no allocation per
                 // request (a fan-in's devices send one record per request).
                 let pending = match lend {
@@ -917,31 +913,18 @@ where
                         handler::produce_submit(ctx, who.identity(), partitions).await
                     }
                 };
-                let throttle = who.charge(Direction::Produce, sizes.iter().sum());
+                let throttle = who.charge(Direction::Produce, bytes);
                 let until = std::time::Instant::now() + throttle;
                 if !throttle.is_zero() {
                     muted_until = Some(until);
                 }
                 let ctx2 = ctx.clone();
                 let done = async move {
-                    let mut body = handler::produce_complete(pending).await;
+                    let mut body = handler::produce_complete(pending, &ctx2.metrics).await;
                     if !throttle.is_zero() {
                         smol::Timer::at(until).await;
                         if let ResponseBody::Produce(r) = &mut body {
                             r.throttle_ms = Some(throttle_ms(throttle));
-                        }
-                    }
-                    if let ResponseBody::Produce(r) = &body {
-                        for (p, bytes) in r.partitions.iter().zip(sizes) {
-                            if p.error.is_none() {
-                                // Records written, not duplicates answered
-                                // from the producer table.
-                                let records = (p.last_offset - p.base_offset + 1)
-                                    .saturating_sub(u64::from(p.duplicate_records));
-                                if records > 0 {
-                                    ctx2.metrics.record_produce(&p.topic, records, bytes);
-                                }
-                            }
                         }
                     }
                     answer(body)
