@@ -73,6 +73,15 @@ impl BatchBuf {
         bytes
     }
 
+    /// The buffer when no pool takes it back (a small batch's), for its
+    /// owner to free; None when it has gone home (here).
+    pub fn into_unpooled(mut self) -> Option<Vec<u8>> {
+        if self.home.is_some() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.bytes))
+    }
+
     fn range(&self) -> Range<usize> {
         self.start as usize..self.end as usize
     }
@@ -334,6 +343,22 @@ mod tests {
         let mut frame = again;
         frame[..4].copy_from_slice(b"abcd");
         assert_eq!(p.lend(frame, 1..3).into_vec(), b"bc");
+    }
+
+    #[test]
+    fn only_a_buffer_no_pool_takes_back_is_handed_out_unpooled() {
+        let p = BatchPool::new(4, 1024 * 1024);
+        // Small: the caller gets it, to free where it was allocated.
+        let small = p.copy(&[3; 200]);
+        let ptr = small.as_ptr();
+        let bytes = small.into_unpooled().expect("a small batch has no pool");
+        assert_eq!((bytes.as_ptr(), bytes.len()), (ptr, 200));
+        assert_eq!(p.kept(), (0, 0));
+        // Pooled: it goes home, and the caller gets nothing.
+        let large = p.copy(&[4; 64 * 1024]);
+        let ptr = large.as_ptr();
+        assert!(large.into_unpooled().is_none());
+        assert!(holds(&p, ptr));
     }
 
     #[test]

@@ -216,6 +216,10 @@ impl Shutdown {
 pub struct Broker {
     storage: Storage,
     topics: RwLock<BTreeMap<String, TopicMeta>>,
+    /// Each topic's name as one shared `Arc` (see `partition_id`). Only
+    /// names: one that outlives its topic (a produce racing the delete)
+    /// costs its bytes and nothing else.
+    names: RwLock<foldhash::HashSet<Arc<str>>>,
     /// Serialises create and delete so limits and the table stay consistent.
     admin: smol::lock::Mutex<()>,
     meta_path: PathBuf,
@@ -313,6 +317,7 @@ impl Broker {
         let broker = Broker {
             storage,
             topics: RwLock::new(topics),
+            names: RwLock::new(foldhash::HashSet::default()),
             admin: smol::lock::Mutex::new(()),
             meta_path,
             limits,
@@ -795,9 +800,26 @@ impl Broker {
             });
         }
         Ok(PartitionId {
-            topic: topic.into(),
+            topic: self.topic_name(topic),
             partition,
         })
+    }
+
+    /// `topic` as the `Arc` every partition id of it shares: an id made
+    /// for each record allocates nothing, and its last clone, dropped on
+    /// the storage thread, frees nothing there (each such free took the
+    /// network thread's malloc arena's lock).
+    fn topic_name(&self, topic: &str) -> Arc<str> {
+        if let Some(name) = self.names.read().expect("names lock").get(topic) {
+            return name.clone();
+        }
+        let mut names = self.names.write().expect("names lock");
+        if let Some(name) = names.get(topic) {
+            return name.clone();
+        }
+        let name: Arc<str> = topic.into();
+        names.insert(name.clone());
+        name
     }
 
     /// The disk the topics' rings reserve together.
@@ -996,6 +1018,7 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
         meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
         *self.topics.write().expect("topic table lock") = table;
+        self.names.write().expect("names lock").remove(name);
         for p in 0..meta.partitions {
             let id = PartitionId {
                 topic: name.into(),

@@ -1010,20 +1010,22 @@ impl Engine {
         let producer = batch_producer(&batch);
         let r = p.append(&mut self.ctx, &mut batch, checked);
         // Copied into the tail (or refused): the buffer goes back to its
-        // pool for the next batch to be decoded into.
-        drop(batch);
+        // pool for the next batch to be decoded into, or with the reply
+        // to the thread that allocated it (see `Pending::spent`).
+        let spent = batch.into_unpooled();
         match r {
             Ok(ack) => {
                 p.commit.pending.push(Pending {
                     reply,
                     ack,
                     producer,
+                    spent,
                 });
                 let now = self.ctx.cfg.clock.now();
                 p.commit.first_pending_at.get_or_insert(now);
             }
             Err(e) => {
-                let _ = reply.send(Err(e));
+                reply.send_with(Err(e), spent);
             }
         }
     }

@@ -842,8 +842,28 @@ impl From<crate::batch::BatchError> for StorageError {
 
 type Reply<T> = async_channel::Sender<Result<T, StorageError>>;
 
+/// What an append's reply carries: its outcome, and the buffer its batch
+/// came in when no pool takes it back (see `commit::Pending`).
+type Acked = (Result<AppendAck, StorageError>, Option<Vec<u8>>);
+
 /// An append's ack: a oneshot, one per append.
-type AppendReply = oneshot::Sender<Result<AppendAck, StorageError>>;
+pub(super) struct AppendReply(oneshot::Sender<Acked>);
+
+impl AppendReply {
+    /// Sends the outcome; false when nobody waits for it any more.
+    pub(super) fn send(self, r: Result<AppendAck, StorageError>) -> bool {
+        self.send_with(r, None)
+    }
+
+    /// Sends the outcome and a spent buffer for the receiver to free.
+    pub(super) fn send_with(
+        self,
+        r: Result<AppendAck, StorageError>,
+        spent: Option<Vec<u8>>,
+    ) -> bool {
+        self.0.send((r, spent)).is_ok()
+    }
+}
 
 /// Whether a submit wakes the storage thread at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -898,16 +918,17 @@ impl CheckedBatch {
 /// A pending append: resolves when the batch is durable under the
 /// partition's policy (or failed).
 pub struct AppendTicket {
-    rx: oneshot::Receiver<Result<AppendAck, StorageError>>,
+    rx: oneshot::Receiver<Acked>,
 }
 
 impl Future for AppendTicket {
     type Output = Result<AppendAck, StorageError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // A reply dropped unsent: the storage thread stopped first.
+        // A reply dropped unsent: the storage thread stopped first. The
+        // batch's buffer, if it came back, is freed here.
         Pin::new(&mut self.rx)
             .poll(cx)
-            .map(|r| r.unwrap_or(Err(StorageError::ShuttingDown)))
+            .map(|r| r.map_or(Err(StorageError::ShuttingDown), |(r, _spent)| r))
     }
 }
 
@@ -1073,7 +1094,7 @@ impl Storage {
             id: id.clone(),
             batch,
             checked,
-            reply: tx,
+            reply: AppendReply(tx),
         };
         match wake {
             Wake::Now => self.inner.tx.send_append(cmd).await?,

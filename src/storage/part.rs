@@ -423,11 +423,11 @@ impl Part {
             .chain(self.commit.awaiting_sync.drain(..))
             .chain(self.commit.pending.drain(..));
         for p in waiting {
-            let _ = p.reply.send(Err(StorageError::Failed {
+            p.failed(StorageError::Failed {
                 partition: self.id.clone(),
                 cause: e.kind(),
                 errno: e.raw_os_error(),
-            }));
+            });
         }
         self.commit.first_pending_at = None;
     }
