@@ -84,6 +84,13 @@ const _: () = assert!(RECOVERY_READ_BYTES % B == 0);
 const _: () = assert!(ZERO_CHUNK_BYTES % B == 0);
 const _: () = assert!(READ_WINDOW_BYTES_MIN % B == 0);
 
+/// The largest spent batch buffer that goes back with its ack to be
+/// freed by the thread that allocated it (`commit::Pending::spent`): a
+/// fan-in's one-record batches, a thousand a group. Larger ones are few
+/// a group, and are freed here at once, so that the network thread's
+/// heap does not hold a window of them until the flush.
+const SPENT_BACK_BYTES_MAX: usize = 4096;
+
 pub(crate) enum Cmd {
     Create {
         id: PartitionId,
@@ -1012,7 +1019,9 @@ impl Engine {
         // Copied into the tail (or refused): the buffer goes back to its
         // pool for the next batch to be decoded into, or with the reply
         // to the thread that allocated it (see `Pending::spent`).
-        let spent = batch.into_unpooled();
+        let spent = batch
+            .into_unpooled()
+            .filter(|b| b.capacity() <= SPENT_BACK_BYTES_MAX);
         match r {
             Ok(ack) => {
                 p.commit.pending.push(Pending {
