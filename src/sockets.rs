@@ -1,9 +1,45 @@
 //! Socket reads shared by the server's sessions and the client's
 //! connections.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_lite::io::AsyncRead;
+
+/// Connects to a Unix socket, waiting while its listener's accept queue
+/// is full. A non-blocking connect then fails with EAGAIN and nothing has
+/// started; async-io takes that for a connect in progress and hands back
+/// a socket that is not connected, whose first use fails with ENOTCONN
+/// ("Transport endpoint is not connected"). Devices reconnecting together
+/// fill the queue: 10,000 connecting at once hit it in about one run in
+/// six. A blocking connect would wait for room; this waits without
+/// holding the thread. The caller bounds the wait (the client's connect
+/// timeout).
+pub async fn connect_unix(path: &Path) -> std::io::Result<smol::net::unix::UnixStream> {
+    use rustix::io::Errno;
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(Errno::AGAIN) => {
+                smol::Timer::after(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    smol::net::unix::UnixStream::try_from(std::os::unix::net::UnixStream::from(fd))
+}
 
 /// A socket's read half that learns whether asking again after a short
 /// read pays. A device with one record in flight sends nothing until it
@@ -98,6 +134,57 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connects made while the listener's accept queue is full wait for
+    /// room instead of coming back unconnected.
+    #[test]
+    fn unix_connects_wait_for_room_in_a_full_accept_queue() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        // A queue of one: the second connect finds it full.
+        // SAFETY: listen reads the descriptor, which `listener` keeps open.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        const CLIENTS: usize = 8;
+        let accepter = std::thread::spawn(move || {
+            // Nobody accepts until every client has tried at least once.
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = Vec::new();
+            for _ in 0..CLIENTS {
+                let (mut s, _) = listener.accept().expect("accept");
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).expect("read");
+                got.push(b[0]);
+            }
+            got.sort_unstable();
+            got
+        });
+        let sent = smol::block_on(async {
+            let connects = (0..CLIENTS as u8).map(|i| {
+                let path = path.clone();
+                smol::spawn(async move {
+                    let mut s = connect_unix(&path).await?;
+                    // Usable: a stream async-io handed back unconnected
+                    // fails here with ENOTCONN.
+                    futures_lite::io::AsyncWriteExt::write_all(&mut s, &[i]).await?;
+                    std::io::Result::Ok(())
+                })
+            });
+            let tasks: Vec<_> = connects.collect();
+            let mut errors = Vec::new();
+            for t in tasks {
+                if let Err(e) = t.await {
+                    errors.push(e.to_string());
+                }
+            }
+            errors
+        });
+        assert!(sent.is_empty(), "connects failed: {sent:?}");
+        let got = accepter.join().expect("accepter");
+        assert_eq!(got, (0..CLIENTS as u8).collect::<Vec<_>>());
+    }
 
     /// A device's connection (one request, then nothing until answered)
     /// stops retrying after short reads; a pipelining one is noticed by a

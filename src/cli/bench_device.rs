@@ -43,7 +43,7 @@ impl Device {
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            Address::Unix(p) => Box::new(smol::net::unix::UnixStream::connect(p).await?),
+            Address::Unix(p) => Box::new(crate::sockets::connect_unix(p.as_ref()).await?),
         };
         let mut d = Device {
             stream,

@@ -113,7 +113,7 @@ impl Stream {
                     }
                 }
             }
-            (Address::Unix(p), None) => Self::Unix(UnixStream::connect(p).await?),
+            (Address::Unix(p), None) => Self::Unix(crate::sockets::connect_unix(p.as_ref()).await?),
             (Address::Unix(_), Some(_)) => {
                 return Err(ClientError::tls_config(TlsConfigError::NotTcp))
             }
