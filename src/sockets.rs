@@ -1,5 +1,5 @@
 //! Socket reads shared by the server's sessions and the client's
-//! connections.
+//! connections, and the Unix connect the client and the bench share.
 
 use std::path::Path;
 use std::sync::Arc;
