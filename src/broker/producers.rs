@@ -46,7 +46,7 @@
 //! atomically replaced) plus a scan of the batch headers after the offset the
 //! snapshot covers. See [`PartitionSnapshot`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -396,7 +396,7 @@ pub struct Producers {
     registry: smol::lock::Mutex<Registry>,
     /// For the produce path: ids below are known; named ids' epochs.
     reserved_until: AtomicU64,
-    named_epochs: RwLock<HashMap<u64, u16>>,
+    named_epochs: RwLock<foldhash::HashMap<u64, u16>>,
     table: Mutex<foldhash::HashMap<Key, Entry>>,
     /// Partitions written by idempotent producers since their last
     /// snapshot: the periodic task snapshots only these (SD card wear).
