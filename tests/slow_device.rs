@@ -61,6 +61,50 @@ fn the_slow_device_takes_its_time_and_counts_what_it_did() {
     assert_eq!(fs.device_stats().flush_us, vec![5000, 5000, 5000]);
 }
 
+/// Flushes asked for while one waits in the device's queue, not yet
+/// started, are served by it (the block layer's merging of flushes): three
+/// files fdatasynced together behind a long write cost one flush.
+#[test]
+fn flushes_asked_for_together_share_the_one_waiting_in_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = SlowDevice {
+        write_bytes_per_s: 8 * 1024 * 1024,
+        flush_ms: (5, 5),
+    };
+    let Some(fs) = LazyFs::mount_slow(&dir.path().join("base"), &dir.path().join("mnt"), device)
+    else {
+        return;
+    };
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(fs.mountpoint.join(name))
+            .expect("open on the slow device")
+    };
+    let mut small: Vec<std::fs::File> = (0..3).map(|i| open(&format!("s{i}"))).collect();
+    for f in &mut small {
+        f.write_all(&[1u8; 512]).expect("write");
+    }
+    let before = fs.device_stats().flush_us.len();
+    // 2 MiB at 8 MiB/s: the queue is busy for 250 ms, and the first of the
+    // three flushes waits behind it while the others are asked for.
+    let mut big = open("big");
+    let writer = std::thread::spawn(move || big.write_all(&vec![2u8; 2 << 20]).expect("write"));
+    std::thread::sleep(Duration::from_millis(20));
+    let syncs: Vec<_> = small
+        .into_iter()
+        .map(|f| std::thread::spawn(move || f.sync_data().expect("fdatasync")))
+        .collect();
+    for t in syncs {
+        t.join().expect("fdatasync thread");
+    }
+    writer.join().expect("writer");
+    let flushes = fs.device_stats().flush_us.len() - before;
+    assert_eq!(flushes, 1, "three fdatasyncs asked for together");
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
