@@ -38,6 +38,12 @@ const WRITE_AHEAD_MIN_FLUSH: Duration = Duration::from_millis(1);
 /// ... for as long as writing has taken under this many flushes since the
 /// last one: the flush is then at most a fifth of the device's time.
 const WRITE_AHEAD_FLUSHES: u32 = 4;
+/// Inline, on such a device, a group over this many files starts their
+/// fdatasyncs together (`Engine::sync_inline`). The block layer serves
+/// every flush asked for while one is in flight with one flush after it,
+/// so k files cost about two flushes instead of k. Two gain nothing: the
+/// second waits for the first's flush either way.
+const TOGETHER_MIN_FILES: usize = 3;
 
 pub(super) struct Pending {
     pub(super) reply: super::AppendReply,
@@ -175,6 +181,11 @@ pub(super) struct SyncGroup {
     pub(super) hold_until: Option<Instant>,
     /// Recent fdatasync group duration, smoothed.
     sync_ewma: Duration,
+    /// Recent single fdatasync(2), smoothed: whether the device's flushes
+    /// are slow enough to start a group's together. Taken from the ones
+    /// made one at a time only, which a group started together does not
+    /// change.
+    flush_ewma: Duration,
     /// Time spent writing since the last flush started.
     writing: Duration,
     /// A fan-in's round, which the next flush may wait for.
@@ -191,6 +202,7 @@ impl SyncGroup {
             returning_parts: Vec::new(),
             hold_until: None,
             sync_ewma: Duration::ZERO,
+            flush_ewma: Duration::ZERO,
             writing: Duration::ZERO,
             fanin: FanIn::new(now, fanin_producers),
         }
@@ -516,7 +528,21 @@ impl Engine {
     /// appends waiting go first (a producer awaiting one ack answers it
     /// while the next file flushes, where a deep window hardly notices),
     /// and those with none (an `interval` sync) last.
+    ///
+    /// On a slow device a group over many files starts them all at once
+    /// instead (`TOGETHER_MIN_FILES`): a light load spread over many
+    /// partitions made one flush per partition per group, which on an SD
+    /// card capped it at about one record per flush (docs/performance.md,
+    /// "many partitions on one card"). Each file still gets its own
+    /// fdatasync, so nothing is assumed about the file system. An error
+    /// fails every partition of the group, as in a pipelined group: which
+    /// file failed is not known, and a second fdatasync of a file whose
+    /// writeback failed may report success.
     fn sync_inline(&mut self, files: Vec<FileHandle>) {
+        if files.len() >= TOGETHER_MIN_FILES && self.group.flush_ewma >= WRITE_AHEAD_MIN_FLUSH {
+            self.sync_together(files);
+            return;
+        }
         self.forget_returning();
         let group = std::mem::take(&mut self.group.inflight);
         let mut order: Vec<(usize, &PartitionId, FileHandle)> = group
@@ -536,8 +562,15 @@ impl Engine {
         let mut acks_at = None;
         let mut synced_at = None;
         for (_, id, file) in order {
+            let started = self.ctx.cfg.clock.now();
             let res = self.ctx.io.sync(file);
             let now = self.ctx.cfg.clock.now();
+            let took = now - started;
+            self.group.flush_ewma = if self.group.flush_ewma.is_zero() {
+                took
+            } else {
+                (self.group.flush_ewma * 7 + took) / 8
+            };
             synced_at = Some(now);
             // Counted before the acks: whoever got one sees its flush.
             StatsInner::add(&self.ctx.shared.stats.fsyncs, 1);
@@ -556,6 +589,17 @@ impl Engine {
         let now = synced_at.unwrap_or_else(|| self.ctx.cfg.clock.now());
         self.group_done(0, now);
         self.start_hold(group, acked, acks_at.unwrap_or(now));
+    }
+
+    /// `sync_inline`'s group started together: the fdatasyncs run at once
+    /// (an io_uring FSYNC each) and the thread waits for them all.
+    fn sync_together(&mut self, files: Vec<FileHandle>) {
+        let res = self
+            .ctx
+            .io
+            .sync_start(&files)
+            .and_then(|()| self.ctx.io.sync_wait());
+        self.complete_inflight(res);
     }
 
     /// Waits for the fdatasync group in flight and acks what it covered.

@@ -3154,6 +3154,82 @@ fn inline_on_a_slow_device_the_appends_queued_behind_a_round_share_its_flush() {
     }
 }
 
+/// Inline, on a slow device, a group over three or more partitions starts
+/// their fdatasyncs together (one held group here, released once), so the
+/// block layer can serve them with about two flushes; on a quick device,
+/// and for two partitions, they run one after another (a held call each).
+/// A failure in a group started together fails every partition in it:
+/// which file failed is not known.
+#[test]
+fn inline_on_a_slow_device_a_group_over_many_partitions_starts_its_flushes_together() {
+    use std::time::Duration;
+    let slow = Duration::from_secs(2);
+    // (recent flush, partitions, groups started, the second fdatasync fails)
+    let cases = [
+        (slow, 4, 1, false),
+        (Duration::from_micros(100), 4, 4, false),
+        (slow, 2, 2, false),
+        (slow, 4, 1, true),
+    ];
+    for (recent_flush, partitions, starts, fail) in cases {
+        let (clock, time) = Clock::manual(1_700_000_000_000);
+        let seen = clock.clone();
+        let h = Held::open(16, "together", |c| StorageConfig {
+            sync_hold_max: Duration::ZERO,
+            clock,
+            ..c
+        });
+        let (s, gate) = (&h.s, &h.gate);
+        let mut ids = vec![h.id.clone()];
+        for i in 1..partitions {
+            let id = pid("together-more", i);
+            block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+            ids.push(id);
+        }
+        let submit =
+            |id: &PartitionId, tag| block_on(s.submit_now(id, make_batch(1, 100, tag, 0))).unwrap();
+        gate.hold_sync_calls.store(true, Ordering::SeqCst);
+        // The device's flush time, learnt from one partition's flush.
+        let warm = submit(&ids[0], 0);
+        first_flush_takes(gate, &seen, &time, recent_flush)
+            .join()
+            .unwrap();
+        block_on(warm).unwrap();
+        let resume = s.pause();
+        let tickets: Vec<_> = ids.iter().map(|id| submit(id, 1)).collect();
+        drop(resume);
+        let label = format!("{partitions} partitions, recent flush {recent_flush:?}, fail {fail}");
+        if fail {
+            let disk = h._rig.disk().unwrap();
+            disk.set_plan(FaultPlan {
+                fail_sync_nth: Some(disk.syncs() + 2),
+                errno: libc::EIO,
+                ..FaultPlan::default()
+            });
+        }
+        for n in 0..starts {
+            gate.wait_for(&gate.started, 2 + n);
+            // Nothing more starts while this one is held.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(gate.started.load(Ordering::SeqCst), 2 + n, "{label}");
+            gate.release();
+        }
+        // Checked before the acks are awaited: one flush more would be
+        // held, and its acks never come.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            gate.started.load(Ordering::SeqCst),
+            1 + starts,
+            "{label}: flushes started"
+        );
+        for t in tickets {
+            assert_eq!(block_on(t).is_ok(), !fail, "{label}");
+        }
+        gate.hold_sync_calls.store(false, Ordering::SeqCst);
+        let _ = s.shutdown();
+    }
+}
+
 /// Inline, a partition with its acks waiting in bulk (a client pipelining
 /// small requests) beside one whose producer awaits each ack is flushed
 /// every other group: the light producer's next group is its own file
