@@ -24,7 +24,7 @@ use super::part::{
 };
 use super::read::Ahead;
 use super::readbuf::ReadBuf;
-use super::recovery::{write_checkpoint, Checkpoint};
+use super::recovery::{write_checkpoint, write_checkpoints, Checkpoint};
 use super::{
     meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
     StorageConfig, StorageError, STATE_OK,
@@ -1050,17 +1050,22 @@ impl Engine {
                 }
             }
         }
-        for p in self.parts.values_mut() {
-            // A quarantined or failed partition keeps its checkpoint as it
-            // is: it is the evidence of what was durable, and rewriting it
-            // smaller would let the next start truncate acknowledged data.
-            if p.state != PartState::Ok {
-                continue;
-            }
-            let due = now >= p.last_checkpoint + Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-            if p.durable != p.checkpointed && (due || force) {
-                write_checkpoint(p, p.durable, now);
-            }
+        // A quarantined or failed partition keeps its checkpoint as it is:
+        // it is the evidence of what was durable, and rewriting it smaller
+        // would let the next start truncate acknowledged data.
+        let moved = |p: &Part| p.state == PartState::Ok && p.durable != p.checkpointed;
+        let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+        let due = force
+            || self
+                .parts
+                .values()
+                .any(|p| moved(p) && now >= p.last_checkpoint + interval);
+        if due {
+            // Every checkpoint that moved goes with the one that is due, so
+            // that their flushes are shared (`write_checkpoints`) and stay
+            // in step from then on.
+            let mut batch: Vec<&mut Part> = self.parts.values_mut().filter(|p| moved(p)).collect();
+            write_checkpoints(&mut batch, now);
         }
     }
 

@@ -1224,6 +1224,60 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Rewrites at most this many checkpoints at once, a thread each.
+const CHECKPOINTS_AT_ONCE: usize = 16;
+
+/// `write_checkpoint` of each partition's durable point, on threads of
+/// their own: their fdatasyncs are then in flight together, and the block
+/// layer serves flushes asked for while one runs with one flush after it.
+/// One after another, each partition's rewrite cost the device a flush of
+/// its own, which on an SD card doubled the flushes of a light load over
+/// many partitions (docs/performance.md, "many partitions on one card").
+/// A thread that cannot be started leaves its rewrite to this one.
+pub(super) fn write_checkpoints(parts: &mut [&mut Part], now: Instant) {
+    if let [p] = parts {
+        let ck = p.durable;
+        write_checkpoint(p, ck, now);
+        return;
+    }
+    for chunk in parts.chunks_mut(CHECKPOINTS_AT_ONCE) {
+        let written: Vec<Result<(), meta::MetaError>> = std::thread::scope(|scope| {
+            let started: Vec<_> = chunk
+                .iter()
+                .map(|p| {
+                    let (path, ck) = (p.dir.join(CHECKPOINT_META), p.durable);
+                    std::thread::Builder::new()
+                        .name("skiff-checkpoint".into())
+                        .stack_size(CHECKPOINT_THREAD_STACK_BYTES)
+                        .spawn_scoped(scope, move || meta::overwrite(&path, &ck))
+                        .map_err(|_| (p.dir.join(CHECKPOINT_META), ck))
+                })
+                .collect();
+            started
+                .into_iter()
+                .map(|t| match t {
+                    Ok(thread) => thread.join().unwrap_or_else(|_| {
+                        Err(meta::MetaError::Io(io::Error::other(
+                            "checkpoint thread panicked",
+                        )))
+                    }),
+                    Err((path, ck)) => meta::overwrite(&path, &ck),
+                })
+                .collect()
+        });
+        for (p, r) in chunk.iter_mut().zip(written) {
+            match r {
+                Ok(()) => p.checkpointed = p.durable,
+                Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
+            }
+            p.last_checkpoint = now;
+        }
+    }
+}
+
+/// A checkpoint's rewrite needs little stack: an open, a write, a flush.
+const CHECKPOINT_THREAD_STACK_BYTES: usize = 64 * 1024;
+
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next
 /// refresh. A running partition's is rewritten in place: a failed write
 /// (logged) or a crash leaves the old checkpoint or one that fails its

@@ -997,6 +997,41 @@ fn the_checkpoint_follows_the_log_once_a_second() {
     s.shutdown().unwrap();
 }
 
+/// When one partition's checkpoint is due, every other one whose durable
+/// point moved is rewritten with it, so that their fdatasyncs run together
+/// and share the device's flushes.
+#[test]
+fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
+    use super::recovery::Checkpoint;
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(17);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let read = |topic: &str| {
+        let path = rig
+            .dir
+            .path()
+            .join(format!("topics/{topic}/0/checkpoint.meta"));
+        meta::read::<Checkpoint>(&path)
+            .unwrap()
+            .map(|c| c.next_offset)
+    };
+    let (early, late) = (pid("early", 0), pid("late", 0));
+    block_on(s.create_partition(early.clone(), small_cfg())).unwrap();
+    time.advance(interval / 2);
+    // Created half an interval later: its own checkpoint is due later.
+    block_on(s.create_partition(late.clone(), small_cfg())).unwrap();
+    fill(&s, &early, 3, 0);
+    fill(&s, &late, 4, 10);
+    time.advance(interval / 2 - std::time::Duration::from_millis(1));
+    assert_eq!((read("early"), read("late")), (None, None), "none due yet");
+    time.advance(std::time::Duration::from_millis(1));
+    let hw = |id: &PartitionId| s.offsets(id).unwrap().high_watermark;
+    assert_eq!(read("early"), Some(hw(&early)), "due");
+    assert_eq!(read("late"), Some(hw(&late)), "moved: written with it");
+    s.shutdown().unwrap();
+}
+
 /// What `interval` trades away, and only that: a power cut may take
 /// batches acked since the last fdatasync. Recovery neither quarantines
 /// nor leaves a gap, and what was fdatasynced stays.
