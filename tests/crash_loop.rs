@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::checker::{self, History, Offsets, Outcome, Seen, Served};
 use common::*;
-use lazy_fs::LazyFs;
+use lazy_fs::{LazyFs, SlowDevice};
 use skiff::client::{blocking, ConsumerConfig, ProducerConfig, StartFrom};
 use skiff::protocol::{CreateTopicRequest, OffsetCommitPartition};
 
@@ -251,7 +251,7 @@ fn check_commits(tcp: &str, before_kill: &HashMap<u32, u64>, commits: &Commits) 
 
 #[test]
 fn kill9_loop_under_load_loses_and_duplicates_nothing() {
-    crash_loop(false);
+    crash_loop(Disk::Plain);
 }
 
 /// The same loop with the data directory on tests/lazy_fs: every kill is
@@ -260,7 +260,28 @@ fn kill9_loop_under_load_loses_and_duplicates_nothing() {
 /// runs the long mode.
 #[test]
 fn kill9_and_power_cut_loop_on_a_filesystem_that_drops_unsynced_data() {
-    crash_loop(true);
+    crash_loop(Disk::LazyFs);
+}
+
+/// The same power cuts on the slow device (an SD card's flushes), where a
+/// group commit over three or more of the loop's partitions starts their
+/// fdatasyncs together: the cut lands while some are done and others
+/// wait. The device shows they ran together (fewer flushes than
+/// fdatasyncs). `scripts/soak --slow-device` runs the long mode.
+#[test]
+fn kill9_and_power_cut_loop_with_flushes_started_together_on_a_slow_device() {
+    crash_loop(Disk::Slow);
+}
+
+/// Where a crash loop keeps its data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    /// The machine's file system: kills only.
+    Plain,
+    /// tests/lazy_fs, without fallocate: each kill a power cut too.
+    LazyFs,
+    /// tests/lazy_fs as a slow device (flushes of 2 to 8 ms): the same.
+    Slow,
 }
 
 /// A loop's cycles and seed: `SKIFF_SOAK_CYCLES` (4 in CI) and
@@ -295,7 +316,7 @@ fn create_loop_topic(tcp: &str, name: &str, partitions: u32) {
         .expect("create");
 }
 
-fn crash_loop(on_lazy_fs: bool) {
+fn crash_loop(disk: Disk) {
     let (cycles, seed) = soak_cycles_and_seed("crash loop");
     let mut rng = Rng(seed);
     // The loop's topic reserves 2 GiB, the embedded default's whole
@@ -304,16 +325,23 @@ fn crash_loop(on_lazy_fs: bool) {
     let tansu = upstream::Tansu::start();
     // Declared before the broker: unmounted after it is gone.
     let places = temp_dir();
-    let lazy = match on_lazy_fs {
-        true => match LazyFs::try_mount(
-            &places.path().join("base"),
-            &places.path().join("mnt"),
-            false,
-        ) {
+    let (base, mnt) = (places.path().join("base"), places.path().join("mnt"));
+    let lazy = match disk {
+        Disk::Plain => None,
+        Disk::LazyFs => match LazyFs::try_mount(&base, &mnt, false) {
             Some(fs) => Some(fs),
             None => return,
         },
-        false => None,
+        Disk::Slow => {
+            let device = SlowDevice {
+                write_bytes_per_s: 50_000_000,
+                flush_ms: (2, 8),
+            };
+            match LazyFs::mount_slow(&base, &mnt, device) {
+                Some(fs) => Some(fs),
+                None => return,
+            }
+        }
     };
     let config = format!(
         "\n[storage]\ndisk_budget_bytes = 4294967296\n\
@@ -381,8 +409,17 @@ fn crash_loop(on_lazy_fs: bool) {
     let (report, read) = check_log(&b.tcp, "loop", &history, &served);
     let fs = lazy.as_ref().map_or(String::new(), |fs| {
         let s = fs.stats();
+        let d = fs.device_stats();
+        let device = match disk {
+            Disk::Slow => format!(
+                ", device flushes {} for {} asked",
+                d.flush_us.len(),
+                d.flush_requests
+            ),
+            _ => String::new(),
+        };
         format!(
-            " lazy-fs: power cuts {}, fsyncs {}, unsynced bytes dropped {}, stale requests {}",
+            " lazy-fs: power cuts {}, fsyncs {}, unsynced bytes dropped {}, stale requests {}{device}",
             s.crashes, s.syncs, s.bytes_dropped, s.stale_requests
         )
     });
@@ -405,11 +442,20 @@ fn crash_loop(on_lazy_fs: bool) {
          {held} in transactions with no marker)"
     );
     b.assert_serves();
-    if lazy.is_some() {
+    if disk == Disk::LazyFs {
         let log = b.log();
         assert!(
             log.contains("has no fallocate"),
             "segments made by the zero-writing fallback:\n{log}"
+        );
+    }
+    if let (Disk::Slow, Some(fs)) = (disk, &lazy) {
+        let d = fs.device_stats();
+        let flushes = d.flush_us.len() as u64;
+        assert!(
+            flushes < d.flush_requests,
+            "{flushes} device flushes for {} asked for: none were started together",
+            d.flush_requests
         );
     }
 }

@@ -109,6 +109,8 @@ pub struct DeviceStats {
     pub bytes_written: u64,
     /// Each flush's own time on the device, in µs, in the order they ran.
     pub flush_us: Vec<u64>,
+    /// Flushes asked for, those served by one already waiting included.
+    pub flush_requests: u64,
     /// Time the device was busy (writing or flushing), in µs.
     pub busy_us: u64,
 }
@@ -249,6 +251,7 @@ impl Fs {
                 )
             }
             DeviceOp::Flush => {
+                q.stats.flush_requests += 1;
                 let now = std::time::Instant::now();
                 if let Some((_, end)) = q.last_flush.filter(|&(start, _)| start > now) {
                     // Not started yet: it covers this caller's writes too.
