@@ -1233,7 +1233,8 @@ const CHECKPOINTS_AT_ONCE: usize = 16;
 /// One after another, each partition's rewrite cost the device a flush of
 /// its own, which on an SD card doubled the flushes of a light load over
 /// many partitions (docs/performance.md, "many partitions on one card").
-/// A thread that cannot be started leaves its rewrite to this one.
+/// A thread that cannot be started counts as a failed write: logged, and
+/// tried again at the next refresh.
 pub(super) fn write_checkpoints(parts: &mut [&mut Part], now: Instant) {
     if let [p] = parts {
         let ck = p.durable;
@@ -1250,7 +1251,6 @@ pub(super) fn write_checkpoints(parts: &mut [&mut Part], now: Instant) {
                         .name("skiff-checkpoint".into())
                         .stack_size(CHECKPOINT_THREAD_STACK_BYTES)
                         .spawn_scoped(scope, move || meta::overwrite(&path, &ck))
-                        .map_err(|_| (p.dir.join(CHECKPOINT_META), ck))
                 })
                 .collect();
             started
@@ -1261,16 +1261,13 @@ pub(super) fn write_checkpoints(parts: &mut [&mut Part], now: Instant) {
                             "checkpoint thread panicked",
                         )))
                     }),
-                    Err((path, ck)) => meta::overwrite(&path, &ck),
+                    Err(e) => Err(meta::MetaError::Io(e)),
                 })
                 .collect()
         });
         for (p, r) in chunk.iter_mut().zip(written) {
-            match r {
-                Ok(()) => p.checkpointed = p.durable,
-                Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
-            }
-            p.last_checkpoint = now;
+            let ck = p.durable;
+            checkpoint_written(p, ck, r, now);
         }
     }
 }
@@ -1292,6 +1289,17 @@ pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
     } else {
         meta::overwrite(&path, &ck)
     };
+    checkpoint_written(p, ck, written, now);
+}
+
+/// What a rewrite of `ck` left: the partition's checkpoint as it now is on
+/// disk (unchanged after a failure, which is logged), and when it was tried.
+fn checkpoint_written(
+    p: &mut Part,
+    ck: Checkpoint,
+    written: Result<(), meta::MetaError>,
+    now: Instant,
+) {
     match written {
         Ok(()) => p.checkpointed = ck,
         Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
