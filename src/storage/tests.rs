@@ -1032,6 +1032,45 @@ fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
     s.shutdown().unwrap();
 }
 
+/// A checkpoint of the batch that cannot be rewritten is logged and left
+/// as it was; the others of the batch are written, and the failed one is
+/// tried again at the next refresh.
+#[test]
+fn a_failed_checkpoint_in_a_batch_leaves_the_others_and_is_tried_again() {
+    use super::recovery::Checkpoint;
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(18);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let path = |topic: &str| {
+        rig.dir
+            .path()
+            .join(format!("topics/{topic}/0/checkpoint.meta"))
+    };
+    let read = |topic: &str| {
+        meta::read::<Checkpoint>(&path(topic))
+            .ok()
+            .flatten()
+            .map(|c| c.next_offset)
+    };
+    let (good, bad) = (pid("good", 0), pid("bad", 0));
+    for id in [&good, &bad] {
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    }
+    // A directory where the file goes: its rewrite fails (EISDIR).
+    std::fs::create_dir(path("bad")).unwrap();
+    fill(&s, &good, 3, 0);
+    fill(&s, &bad, 4, 10);
+    time.advance(interval);
+    let hw = |id: &PartitionId| s.offsets(id).unwrap().high_watermark;
+    assert_eq!(read("good"), Some(hw(&good)), "written beside the failure");
+    assert_eq!(read("bad"), None, "failed");
+    std::fs::remove_dir(path("bad")).unwrap();
+    time.advance(interval);
+    assert_eq!(read("bad"), Some(hw(&bad)), "tried again");
+    s.shutdown().unwrap();
+}
+
 /// What `interval` trades away, and only that: a power cut may take
 /// batches acked since the last fdatasync. Recovery neither quarantines
 /// nor leaves a gap, and what was fdatasynced stays.
