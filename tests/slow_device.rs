@@ -2,6 +2,7 @@
 //! checked here, and `serve`, which `scripts/bench-slow-device` runs to put
 //! a broker's data directory on it.
 
+mod common;
 // Each test binary uses a part of it.
 #[allow(dead_code)]
 mod lazy_fs;
@@ -103,6 +104,72 @@ fn flushes_asked_for_together_share_the_one_waiting_in_the_queue() {
     writer.join().expect("writer");
     let flushes = fs.device_stats().flush_us.len() - before;
     assert_eq!(flushes, 1, "three fdatasyncs asked for together");
+}
+
+/// A metric's value in a `/metrics` answer.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `server.max_inflight_bytes_shared` through the real binary: a producer
+/// with 1,000 records of 1 KiB in flight, past its connection's share of
+/// 136 KiB, takes the rest of its window from the shared pool, gives it
+/// all back, and so has its records covered by fewer of the device's
+/// flushes than with no pool.
+#[test]
+fn a_bulk_producer_past_its_share_borrows_from_the_pool_and_flushes_less() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = mount_8_mib_per_s(dir.path()) else {
+        return;
+    };
+    let mut flushes = Vec::new();
+    for shared in [0u64, 4 << 20] {
+        let config = format!(
+            "\n[server]\nmax_inflight_bytes_per_connection = 139264\n\
+             max_inflight_bytes_shared = {shared}\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [storage]\nprewrite_segments = false\n"
+        );
+        let b = common::Broker::start_on(fs.mountpoint.join(format!("data-{shared}")), &config);
+        let before = fs.device_stats().flush_us.len();
+        let out = b.cli(&[
+            "bench",
+            "produce",
+            "--messages",
+            "4000",
+            "--size",
+            "1024",
+            "--in-flight",
+            "1000",
+            "--queued",
+            "0",
+        ]);
+        common::assert_ok(&out);
+        assert!(
+            common::stdout(&out).contains("\"messages\":4000"),
+            "{}",
+            common::stdout(&out)
+        );
+        flushes.push(fs.device_stats().flush_us.len() - before);
+        let text = common::http_get(&b.metrics_addr(), "/metrics");
+        let admits = metric(&text, "skiff_inflight_shared_admits_total").expect("admits");
+        let held = metric(&text, "skiff_inflight_shared_bytes").expect("bytes held");
+        assert_eq!(held, 0.0, "everything acked gives its bytes back");
+        if shared == 0 {
+            assert_eq!(admits, 0.0, "no pool, nothing taken from it");
+        } else {
+            assert!(admits > 0.0, "the window past the share came from the pool");
+        }
+    }
+    assert!(
+        flushes[1] < flushes[0],
+        "flushes without the pool and with it: {flushes:?}"
+    );
+    eprintln!(
+        "device flushes for 4,000 records of 1 KiB, without the pool and with it: {flushes:?}"
+    );
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {

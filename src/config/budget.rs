@@ -181,11 +181,14 @@ impl MemoryBudget {
             ),
             line(
                 "in-flight requests and answers",
-                connections.saturating_mul(s.max_inflight_bytes_per_connection),
+                connections
+                    .saturating_mul(s.max_inflight_bytes_per_connection)
+                    .saturating_add(s.max_inflight_bytes_shared),
                 format!(
-                    "server.max_connections {} x server.max_inflight_bytes_per_connection {} (requests being handled, produce batches included, and the room held for their answers until written)",
+                    "server.max_connections {} x server.max_inflight_bytes_per_connection {} + server.max_inflight_bytes_shared {} (requests being handled, produce batches included, and the room held for their answers until written)",
                     connections,
                     human(s.max_inflight_bytes_per_connection),
+                    human(s.max_inflight_bytes_shared),
                 ),
             ),
             {

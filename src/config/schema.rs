@@ -24,6 +24,9 @@ pub const MAX_BATCH_BYTES_MIN: u64 = 1024;
 /// File descriptors: systemd's LimitNOFILE=65536 leaves room for segment
 /// files beside this many connections.
 pub const MAX_CONNECTIONS_LIMIT: u32 = 16384;
+/// Far past any window worth covering with one flush, and within a 32-bit
+/// board's address space.
+pub const MAX_INFLIGHT_BYTES_SHARED_LIMIT: u64 = 1 << 30;
 pub const MAX_TOPICS_LIMIT: u32 = 65536;
 pub const MAX_PARTITIONS_LIMIT: u32 = 65536;
 /// The storage thread's bounded channel; beyond this, latency, not
@@ -79,6 +82,9 @@ pub struct ServerConfig {
     pub max_connections: u32,
     pub max_frame_bytes: u64,
     pub max_inflight_bytes_per_connection: u64,
+    /// Produce bytes connections may hold past their own share, all
+    /// together: one bulk producer's window needs fewer flushes.
+    pub max_inflight_bytes_shared: u64,
     pub max_topics: u32,
     /// Total across all topics; storage pools are sized from it.
     pub max_partitions: u32,
@@ -941,6 +947,12 @@ impl Config {
                     s.max_inflight_bytes_per_connection, s.max_frame_bytes
                 )
             },
+        )?;
+        check_range(
+            "server.max_inflight_bytes_shared",
+            s.max_inflight_bytes_shared,
+            0,
+            MAX_INFLIGHT_BYTES_SHARED_LIMIT,
         )?;
         check_range("server.max_topics", s.max_topics, 1, MAX_TOPICS_LIMIT)?;
         check_range(

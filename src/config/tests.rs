@@ -151,6 +151,10 @@ const INVALID: &[(&str, &str)] = &[
         "[server]\nmax_inflight_bytes_per_connection = 4096",
         "server.max_inflight_bytes_per_connection",
     ),
+    (
+        "[server]\nmax_inflight_bytes_shared = 2147483648",
+        "server.max_inflight_bytes_shared",
+    ),
     ("[server]\nmax_topics = 0", "server.max_topics"),
     ("[server]\nmax_partitions = 8", "server.max_partitions"),
     (

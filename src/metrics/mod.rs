@@ -37,6 +37,7 @@
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
+//! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
 //! | `recovery_stale_batches_erased` | counter | |
@@ -234,6 +235,8 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
+    inflight_shared_bytes: Gauge,
+    inflight_shared_admits: Counter,
     recovery_truncated_bytes: Counter,
     recovery_quarantined_partitions: Gauge,
     recovery_stale_batches_erased: Counter,
@@ -393,6 +396,8 @@ impl Metrics {
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
+            inflight_shared_bytes: Gauge::default(),
+            inflight_shared_admits: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
             recovery_quarantined_partitions: Gauge::default(),
             cleaner: CleanerMetrics::default(),
@@ -581,6 +586,16 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted, per listener",
             m.connections_accepted.clone(),
+        );
+        m.registry.register(
+            "inflight_shared_bytes",
+            "Bytes of produce requests held past their connections' max_inflight_bytes_per_connection, from server.max_inflight_bytes_shared",
+            m.inflight_shared_bytes.clone(),
+        );
+        m.registry.register(
+            "inflight_shared_admits",
+            "Produce requests admitted with bytes from server.max_inflight_bytes_shared",
+            m.inflight_shared_admits.clone(),
         );
         m.registry.register(
             "tls_handshake_failures",
@@ -843,6 +858,15 @@ impl Metrics {
         let open = self.connections.get_or_create_owned(&labels);
         open.inc();
         ConnectionGuard { open }
+    }
+
+    /// The shared in-flight pool's gauge and counter, which the server
+    /// keeps up to date.
+    pub fn inflight_shared(&self) -> (Gauge, Counter) {
+        (
+            self.inflight_shared_bytes.clone(),
+            self.inflight_shared_admits.clone(),
+        )
     }
 
     pub fn tls_failure(&self) {

@@ -60,6 +60,7 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     pub max_batch_bytes: usize,
     pub max_inflight_bytes: usize,
+    pub max_inflight_bytes_shared: usize,
     pub max_wait_ms: u64,
 }
 
@@ -70,6 +71,7 @@ impl Settings {
             max_frame_bytes: cfg.server.max_frame_bytes as usize,
             max_batch_bytes: cfg.storage.max_batch_bytes as usize,
             max_inflight_bytes: cfg.server.max_inflight_bytes_per_connection as usize,
+            max_inflight_bytes_shared: cfg.server.max_inflight_bytes_shared as usize,
             max_wait_ms: FETCH_WAIT_MS_MAX,
         }
     }
@@ -87,6 +89,8 @@ pub(crate) struct Ctx {
     /// Where produce batches are copied out of their frames.
     pub pool: BatchPool,
     pub settings: Settings,
+    /// Produce bytes held past their connections' own shares.
+    pub inflight_shared: Arc<session::SharedInFlight>,
     pub shutdown: Arc<Shutdown>,
     pub connections: AtomicUsize,
     pub connections_changed: Event,
@@ -259,6 +263,10 @@ impl Server {
             share: share.clone(),
             txns: txns.clone(),
             settings: Settings::from_config(cfg),
+            inflight_shared: Arc::new(session::SharedInFlight::new(
+                cfg.server.max_inflight_bytes_shared as usize,
+                metrics.inflight_shared(),
+            )),
             connections: AtomicUsize::new(0),
             connections_changed: Event::new(),
             frame_errors: AtomicUsize::new(0),

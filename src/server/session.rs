@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 use crate::protocol::{
     self, decode_request, encode_response, encode_response_spliced, error_response,
@@ -113,43 +114,151 @@ fn reserve_bytes(frame_bytes: usize, body: &RequestBody<'_>, settings: &super::S
         .max((settings.max_inflight_bytes / REQUESTS_IN_FLIGHT_MAX).max(REQUEST_RESERVE_BYTES_MIN))
 }
 
-/// Bytes of requests being handled on one connection.
+/// Bytes that produce requests hold beyond their own connections' share,
+/// all connections together (`server.max_inflight_bytes_shared`): a bulk
+/// producer's window is then covered by fewer flushes, and the memory
+/// budget still holds.
+pub(crate) struct SharedInFlight {
+    used: AtomicUsize,
+    max: usize,
+    /// `used`, for the metrics.
+    gauge: Gauge,
+    admits: Counter,
+}
+
+impl SharedInFlight {
+    pub(crate) fn new(max: usize, (gauge, admits): (Gauge, Counter)) -> SharedInFlight {
+        SharedInFlight {
+            used: AtomicUsize::new(0),
+            max,
+            gauge,
+            admits,
+        }
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= self.max).then_some(used + n)
+            })
+            .is_ok();
+        if taken {
+            self.gauge.inc_by(n as i64);
+            self.admits.inc();
+        }
+        taken
+    }
+
+    fn take(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::AcqRel);
+        self.gauge.inc_by(n as i64);
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+        self.gauge.dec_by(n as i64);
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// How far a request may take its connection's in-flight bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// Always admitted: an error answer on the way out.
+    None,
+    /// The connection's own share.
+    Own,
+    /// The own share, and past it what the shared pool has room for: a
+    /// produce, whose bytes come back once stored and answered.
+    OrShared,
+}
+
+/// Bytes of requests being handled on one connection. Whatever passes its
+/// own share (`max`) is counted in the shared pool too: each change adds
+/// or gives back the change in `bytes - max`, so the pool holds the sum
+/// of every connection's excess, however adds and releases interleave.
 struct InFlight {
     bytes: AtomicUsize,
     changed: Event,
+    max: usize,
+    shared: Arc<SharedInFlight>,
 }
 
 impl InFlight {
+    fn new(max: usize, shared: Arc<SharedInFlight>) -> InFlight {
+        InFlight {
+            bytes: AtomicUsize::new(0),
+            changed: Event::new(),
+            max,
+            shared,
+        }
+    }
+
+    fn over(&self, bytes: usize) -> usize {
+        bytes.saturating_sub(self.max)
+    }
+
     fn release(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::AcqRel);
+        let prev = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        let back = self.over(prev) - self.over(prev - n);
+        if back > 0 {
+            self.shared.give(back);
+        }
         self.changed.notify(usize::MAX);
     }
 
-    /// Waits until `n` more bytes fit under `max`; one request alone is
+    /// Waits until `n` more bytes fit under `limit`; one request alone is
     /// always admitted, so a frame of any allowed size makes progress.
-    async fn acquire(&self, n: usize, max: usize) {
+    async fn acquire(&self, n: usize, limit: Limit) {
         // Most requests fit at once: no listener (an allocation and a
         // locked list insert and removal) for them.
-        if self.try_acquire(n, max) {
+        if self.try_acquire(n, limit) {
             return;
         }
         loop {
             let listener = self.changed.listen();
-            if self.try_acquire(n, max) {
+            if self.try_acquire(n, limit) {
                 return;
             }
+            // Its own releases wake it: a connection past its share has
+            // requests in flight to give back.
             listener.await;
         }
     }
 
-    fn try_acquire(&self, n: usize, max: usize) -> bool {
+    fn try_acquire(&self, n: usize, limit: Limit) -> bool {
         let cur = self.bytes.load(Ordering::Acquire);
-        if cur == 0 || cur + n <= max {
-            // Only the reader adds: nothing can have grown it meanwhile.
-            self.bytes.fetch_add(n, Ordering::AcqRel);
+        if cur == 0 || limit == Limit::None || cur + n <= self.max {
+            self.add(n, 0);
             return true;
         }
-        false
+        if limit == Limit::Own {
+            return false;
+        }
+        // Only the reader adds, and releases only shrink `cur`: the excess
+        // this adds is at most `need` (the excess grows with the bytes).
+        let need = self.over(cur + n) - self.over(cur);
+        if !self.shared.try_take(need) {
+            return false;
+        }
+        self.add(n, need);
+        true
+    }
+
+    /// Adds `n` bytes, of whose excess `taken` is in the pool already.
+    fn add(&self, n: usize, taken: usize) {
+        let prev = self.bytes.fetch_add(n, Ordering::AcqRel);
+        let over = self.over(prev + n) - self.over(prev);
+        if over > taken {
+            self.shared.take(over - taken);
+        } else if taken > over {
+            self.shared.give(taken - over);
+        }
     }
 
     async fn drained(&self) {
@@ -268,10 +377,10 @@ pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, adm
     // Closed when the reader is done, or if this task is dropped first: the
     // writer then ends once it has written what was sent.
     let closing = ClosesAnswers(answers.clone());
-    let inflight = Arc::new(InFlight {
-        bytes: AtomicUsize::new(0),
-        changed: Event::new(),
-    });
+    let inflight = Arc::new(InFlight::new(
+        ctx.settings.max_inflight_bytes,
+        ctx.inflight_shared.clone(),
+    ));
     let writer = ctx.executor.spawn(write_loop(
         writer,
         answers.clone(),
@@ -772,7 +881,7 @@ where
             Err(SessionEnd::Frame(e)) => {
                 // The prefix alone was bad (too large): no body to peek into.
                 ctx.metrics_frame_error();
-                inflight.acquire(1, usize::MAX).await;
+                inflight.acquire(1, Limit::None).await;
                 let r = frame_error_response(&[], &e);
                 tx.send(Answer::Ready(r, 1));
                 return Err(SessionEnd::Frame(e));
@@ -784,7 +893,7 @@ where
             Ok(r) => r,
             Err(e) => {
                 ctx.metrics_frame_error();
-                inflight.acquire(n, usize::MAX).await;
+                inflight.acquire(n, Limit::None).await;
                 let r = frame_error_response(body, &e);
                 tx.send(Answer::Ready(r, n));
                 return Err(SessionEnd::Frame(e));
@@ -797,9 +906,11 @@ where
         };
         let held = if lend.is_some() { buf.len() } else { n };
         let reserved = reserve_bytes(held, &request.body, &ctx.settings);
-        inflight
-            .acquire(reserved, ctx.settings.max_inflight_bytes)
-            .await;
+        let limit = match &request.body {
+            RequestBody::Produce(_) => Limit::OrShared,
+            _ => Limit::Own,
+        };
+        inflight.acquire(reserved, limit).await;
         let cid = request.correlation_id;
         let kind = request.body.name();
         // Whether the bytes after this frame are at the buffer's front
@@ -1029,10 +1140,10 @@ mod tests {
         let answer = |cid| crate::protocol::error_response(cid, ErrorCode::Internal, "x");
         smol::block_on(async {
             let answers = Arc::new(Answers::default());
-            let inflight = Arc::new(InFlight {
-                bytes: AtomicUsize::new(0),
-                changed: Event::new(),
-            });
+            let inflight = Arc::new(InFlight::new(
+                1 << 20,
+                Arc::new(SharedInFlight::new(0, Default::default())),
+            ));
             let (mut ours, theirs) = smol::net::unix::UnixStream::pair().expect("pair");
             let writer = smol::spawn(write_loop(theirs, answers.clone(), inflight, 1 << 20));
             let reader = {
@@ -1098,10 +1209,10 @@ mod tests {
         let answer = |cid| crate::protocol::error_response(cid, ErrorCode::Internal, "x");
         smol::block_on(async {
             let tx = Arc::new(Answers::default());
-            let inflight = Arc::new(InFlight {
-                bytes: AtomicUsize::new(0),
-                changed: Event::new(),
-            });
+            let inflight = Arc::new(InFlight::new(
+                1 << 20,
+                Arc::new(SharedInFlight::new(0, Default::default())),
+            ));
             let writer = smol::spawn(write_loop(Full, tx.clone(), inflight, 1 << 20));
             // The first answer never leaves: the writer waits on the socket.
             tx.send(Answer::Ready(answer(1), 0));
@@ -1127,6 +1238,106 @@ mod tests {
             );
             drop(writer);
         });
+    }
+
+    /// Past its connection's own share only a produce is admitted, with
+    /// bytes from the shared pool while it has room; releases give back
+    /// what passes the share, whichever request they belong to.
+    #[test]
+    fn produces_past_their_share_borrow_from_the_shared_pool() {
+        let shared = Arc::new(SharedInFlight::new(100, Default::default()));
+        let a = InFlight::new(100, shared.clone());
+        let b = InFlight::new(100, shared.clone());
+        assert!(a.try_acquire(80, Limit::Own));
+        assert!(!a.try_acquire(40, Limit::Own), "a fetch keeps to its share");
+        assert!(a.try_acquire(40, Limit::OrShared));
+        assert_eq!(shared.used(), 20);
+        assert!(a.try_acquire(70, Limit::OrShared));
+        assert_eq!(shared.used(), 90);
+        assert!(b.try_acquire(90, Limit::Own), "b's own share is b's");
+        assert!(
+            !b.try_acquire(30, Limit::OrShared),
+            "20 past b's share do not fit"
+        );
+        assert!(b.try_acquire(20, Limit::OrShared), "10 do");
+        assert_eq!(shared.used(), 100);
+        // a's first request leaves: 110 held, 10 past its share.
+        a.release(80);
+        assert_eq!(shared.used(), 20);
+        assert!(b.try_acquire(30, Limit::OrShared));
+        assert_eq!(shared.used(), 50);
+        a.release(110);
+        assert_eq!(shared.used(), 40);
+        b.release(140);
+        assert_eq!(shared.used(), 0);
+        // With no pool a produce waits for its own share, as before.
+        let none = Arc::new(SharedInFlight::new(0, Default::default()));
+        let c = InFlight::new(100, none.clone());
+        assert!(c.try_acquire(100, Limit::OrShared));
+        assert!(!c.try_acquire(1, Limit::OrShared));
+        // One request alone is always admitted, and an error answer too:
+        // the pool counts their excess, and gets it back.
+        let d = InFlight::new(100, none.clone());
+        assert!(d.try_acquire(150, Limit::Own));
+        assert!(d.try_acquire(1, Limit::None));
+        assert_eq!(none.used(), 51);
+        d.release(151);
+        c.release(100);
+        assert_eq!(none.used(), 0);
+    }
+
+    /// The reader adds while the writer releases on another thread: the
+    /// pool always ends holding exactly what passes the shares, and empty
+    /// once everything is released.
+    #[test]
+    fn the_shared_pool_stays_exact_under_concurrent_adds_and_releases() {
+        let shared = Arc::new(SharedInFlight::new(1 << 40, Default::default()));
+        let conns: Vec<Arc<InFlight>> = (0..2)
+            .map(|_| Arc::new(InFlight::new(1000, shared.clone())))
+            .collect();
+        let threads: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+                    let writer = {
+                        let c = c.clone();
+                        std::thread::spawn(move || {
+                            for n in rx {
+                                c.release(n);
+                            }
+                        })
+                    };
+                    let mut x = 0x9e37_79b9_u64 + k as u64;
+                    for _ in 0..100_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let n = 1 + (x % 700) as usize;
+                        let limit = if x % 3 == 0 {
+                            Limit::Own
+                        } else {
+                            Limit::OrShared
+                        };
+                        while !c.try_acquire(n, limit) {
+                            std::hint::spin_loop();
+                        }
+                        tx.send(n).expect("writer");
+                    }
+                    drop(tx);
+                    writer.join().expect("writer thread");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("connection thread");
+        }
+        for c in &conns {
+            assert_eq!(c.bytes.load(Ordering::Acquire), 0);
+        }
+        assert_eq!(shared.used(), 0);
     }
 
     /// A connection pipelining tiny produce requests holds at most
