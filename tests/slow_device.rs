@@ -159,8 +159,33 @@ fn a_bulk_producer_past_its_share_borrows_from_the_pool_and_flushes_less() {
         assert_eq!(held, 0.0, "everything acked gives its bytes back");
         if shared == 0 {
             assert_eq!(admits, 0.0, "no pool, nothing taken from it");
-        } else {
-            assert!(admits > 0.0, "the window past the share came from the pool");
+            continue;
+        }
+        assert!(admits > 0.0, "the window past the share came from the pool");
+        // A client that sends a window past its share and hangs up without
+        // reading an answer: what it borrowed comes back all the same.
+        common::assert_ok(&b.cli(&["topics", "create", "gone"]));
+        let mut raw = common::RawConn::connect(&b.tcp);
+        raw.hello();
+        let value = vec![7u8; 1024];
+        let frames: Vec<u8> = (0..1000u32)
+            .flat_map(|cid| common::abuse::produce_frame(cid + 2, "gone", &value))
+            .collect();
+        raw.stream.write_all(&frames).expect("the window sent");
+        drop(raw);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = common::http_get(&b.metrics_addr(), "/metrics");
+            let now = metric(&text, "skiff_inflight_shared_admits_total").expect("admits");
+            let held = metric(&text, "skiff_inflight_shared_bytes").expect("bytes held");
+            if now > admits && held == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hung-up client's borrowing: admits {admits} -> {now}, {held} bytes held"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
     assert!(
