@@ -8,7 +8,8 @@
 //! Memory per connection is bounded: the read buffer never exceeds one
 //! frame (`max_frame_bytes`), and requests are not read while the bytes of
 //! requests being handled plus the room reserved for their responses
-//! exceed `max_inflight_bytes`. A fetch reserves the largest answer it can
+//! exceed `max_inflight_bytes` (a produce may go past it with room from a
+//! pool all connections share, [`SharedInFlight`]). A fetch reserves the largest answer it can
 //! get before it is read from storage, so a client that never reads its
 //! socket holds at most that much: without the reservation, each of its
 //! small fetch requests pinned a large answer in memory, without bound.
@@ -119,50 +120,47 @@ fn reserve_bytes(frame_bytes: usize, body: &RequestBody<'_>, settings: &super::S
 /// producer's window is then covered by fewer flushes, and the memory
 /// budget still holds.
 pub(crate) struct SharedInFlight {
-    used: AtomicUsize,
-    max: usize,
-    /// `used`, for the metrics.
-    gauge: Gauge,
+    /// The bytes held: the metric's own atomic is the count.
+    used: Gauge,
+    max: i64,
     admits: Counter,
 }
 
 impl SharedInFlight {
-    pub(crate) fn new(max: usize, (gauge, admits): (Gauge, Counter)) -> SharedInFlight {
+    pub(crate) fn new(max: usize, (used, admits): (Gauge, Counter)) -> SharedInFlight {
         SharedInFlight {
-            used: AtomicUsize::new(0),
-            max,
-            gauge,
+            used,
+            max: i64::try_from(max).unwrap_or(i64::MAX),
             admits,
         }
     }
 
     fn try_take(&self, n: usize) -> bool {
+        let n = n as i64;
         let taken = self
             .used
+            .inner()
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used + n <= self.max).then_some(used + n)
             })
             .is_ok();
         if taken {
-            self.gauge.inc_by(n as i64);
             self.admits.inc();
         }
         taken
     }
 
     fn take(&self, n: usize) {
-        self.used.fetch_add(n, Ordering::AcqRel);
-        self.gauge.inc_by(n as i64);
+        self.used.inc_by(n as i64);
     }
 
     fn give(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
-        self.gauge.dec_by(n as i64);
+        self.used.dec_by(n as i64);
     }
 
     #[cfg(test)]
-    fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+    fn used(&self) -> i64 {
+        self.used.get()
     }
 }
 
