@@ -185,10 +185,13 @@ impl MemoryBudget {
                     .saturating_mul(s.max_inflight_bytes_per_connection)
                     .saturating_add(s.max_inflight_bytes_shared),
                 format!(
-                    "server.max_connections {} x server.max_inflight_bytes_per_connection {} + server.max_inflight_bytes_shared {} (requests being handled, produce batches included, and the room held for their answers until written)",
+                    "server.max_connections {} x server.max_inflight_bytes_per_connection {}{} (requests being handled, produce batches included, and the room held for their answers until written)",
                     connections,
                     human(s.max_inflight_bytes_per_connection),
-                    human(s.max_inflight_bytes_shared),
+                    match s.max_inflight_bytes_shared {
+                        0 => String::new(),
+                        shared => format!(" + server.max_inflight_bytes_shared {}", human(shared)),
+                    },
                 ),
             ),
             {

@@ -457,6 +457,25 @@ fn the_append_queue_holds_a_job_per_connection() {
     );
 }
 
+/// The shared in-flight pool is counted once, beside the connections'
+/// shares, and named only where it is set.
+#[test]
+fn the_shared_in_flight_pool_is_counted_once() {
+    let mut cfg = Config::embedded_default();
+    let without = line(&cfg.memory_budget(), "in-flight requests and answers").clone();
+    assert!(!without.formula.contains("shared"), "{}", without.formula);
+    cfg.server.max_inflight_bytes_shared = 3 * MIB;
+    let budget = cfg.memory_budget();
+    let with = line(&budget, "in-flight requests and answers");
+    assert_eq!(with.bytes, without.bytes + 3 * MIB);
+    assert!(
+        with.formula
+            .contains("+ server.max_inflight_bytes_shared 3 MiB"),
+        "{}",
+        with.formula
+    );
+}
+
 #[test]
 fn memory_budget_sums_its_lines_and_prints_each() {
     let cfg = Config::embedded_default();
