@@ -1144,16 +1144,20 @@ mod tests {
             ));
             let (mut ours, theirs) = smol::net::unix::UnixStream::pair().expect("pair");
             let writer = smol::spawn(write_loop(theirs, answers.clone(), inflight, 1 << 20));
+            let (sent_tx, sent_rx) = async_channel::bounded::<()>(1);
             let reader = {
                 let closing = ClosesAnswers(answers.clone());
                 let answers = answers.clone();
                 smol::spawn(async move {
                     let _closing = closing;
                     answers.send(Answer::Ready(answer(1), 0));
+                    sent_tx.send(()).await.expect("test waiting");
                     futures_lite::future::pending::<()>().await;
                 })
             };
-            smol::Timer::after(std::time::Duration::from_millis(20)).await;
+            // Not a timer: under an emulator the task may not have run by
+            // then, and a cancel before its send leaves nothing to write.
+            sent_rx.recv().await.expect("the reader sent its answer");
             // Cancelled before it closed the answers itself.
             let _ = reader.cancel().await;
             let ended = futures_lite::future::or(
