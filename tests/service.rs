@@ -96,17 +96,6 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of the first sample of `name` whose labels contain `labels`.
-fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// A replay after a restart reads the log from the device, and the
 /// metrics say so; where the kernel has io_uring most of it was read
 /// ahead, and little or nothing was read ahead in vain.

@@ -106,14 +106,6 @@ fn flushes_asked_for_together_share_the_one_waiting_in_the_queue() {
     assert_eq!(flushes, 1, "three fdatasyncs asked for together");
 }
 
-/// A metric's value in a `/metrics` answer.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// `server.max_inflight_bytes_shared` through the real binary: a producer
 /// with 1,000 records of 1 KiB in flight, past its connection's share of
 /// 136 KiB, takes the rest of its window from the shared pool, gives it
@@ -154,8 +146,9 @@ fn a_bulk_producer_past_its_share_borrows_from_the_pool_and_flushes_less() {
         );
         flushes.push(fs.device_stats().flush_us.len() - before);
         let text = common::http_get(&b.metrics_addr(), "/metrics");
-        let admits = metric(&text, "skiff_inflight_shared_admits_total").expect("admits");
-        let held = metric(&text, "skiff_inflight_shared_bytes").expect("bytes held");
+        let admits =
+            common::sample(&text, "skiff_inflight_shared_admits_total", "").expect("admits");
+        let held = common::sample(&text, "skiff_inflight_shared_bytes", "").expect("bytes held");
         assert_eq!(held, 0.0, "everything acked gives its bytes back");
         if shared == 0 {
             assert_eq!(admits, 0.0, "no pool, nothing taken from it");
@@ -176,8 +169,10 @@ fn a_bulk_producer_past_its_share_borrows_from_the_pool_and_flushes_less() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = common::http_get(&b.metrics_addr(), "/metrics");
-            let now = metric(&text, "skiff_inflight_shared_admits_total").expect("admits");
-            let held = metric(&text, "skiff_inflight_shared_bytes").expect("bytes held");
+            let now =
+                common::sample(&text, "skiff_inflight_shared_admits_total", "").expect("admits");
+            let held =
+                common::sample(&text, "skiff_inflight_shared_bytes", "").expect("bytes held");
             if now > admits && held == 0.0 {
                 break;
             }

@@ -862,6 +862,17 @@ pub fn serving_addr(log: &str) -> Option<String> {
     Some(rest[..rest.find(',')?].to_owned())
 }
 
+/// The value of the first sample of `name` whose labels contain `labels`.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The body and headers of a plain HTTP GET (the metrics endpoint).
 pub fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
