@@ -14,7 +14,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{assert_ok, emulated, stdout, Broker, Rng};
+use common::{assert_ok, emulated, http_get, sample, stdout, Broker, Rng};
 use skiff::mirror::kafka::{KafkaClient, KafkaConfig, Producer as KafkaProducer, ProducerConfig};
 use upstream::proxy::Proxy;
 use upstream::{free_port, Tansu};
@@ -929,35 +929,22 @@ fn drop_oldest_counts_every_dropped_record_and_they_are_what_is_missing_upstream
     assert_eq!(kept.len(), expected);
     check_exactly_once(&all, &kept, "gw-drop", &["o.t"]);
     // The metrics count the same.
-    let text = scrape(&b);
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    let text = http_get(&b.metrics_addr(), "/metrics");
+    let value = |name: &str, labels: &str| -> f64 {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
+    let topic = "topic=\"o.t\"";
     assert_eq!(
-        value("skiff_mirror_dropped_records_total{topic=\"o.t\"}"),
+        value("skiff_mirror_dropped_records_total", topic),
         dropped as f64
     );
     assert_eq!(
-        value("skiff_mirror_forwarded_records_total{topic=\"o.t\"}"),
+        value("skiff_mirror_forwarded_records_total", topic),
         expected as f64
     );
-    assert_eq!(value("skiff_mirror_link_up "), 1.0);
-    assert!(value("skiff_mirror_transactions_total{outcome=\"commit\"}") >= 1.0);
-    assert_eq!(value("skiff_mirror_backlog_records{topic=\"o.t\"}"), 0.0);
-}
-
-/// The metrics endpoint's text.
-fn scrape(b: &Broker) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(b.metrics_addr()).expect("metrics endpoint");
-    write!(conn, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
-    let mut text = String::new();
-    conn.read_to_string(&mut text).expect("response");
-    text
+    assert_eq!(value("skiff_mirror_link_up", ""), 1.0);
+    assert!(value("skiff_mirror_transactions_total", "outcome=\"commit\"") >= 1.0);
+    assert_eq!(value("skiff_mirror_backlog_records", topic), 0.0);
 }
 
 /// What `mirror.max_bytes_per_s` counts of `r` at least: its record as
@@ -1092,12 +1079,8 @@ fn after_an_outage_the_higher_priority_drains_first_under_the_cap() {
         rate <= 1.1 * CAP as f64,
         "{bytes} B in {secs:.1} s: {rate:.0} B/s over the cap of {CAP}"
     );
-    let text = scrape(&b);
-    let counted: f64 = text
-        .lines()
-        .find(|l| l.starts_with("skiff_mirror_upstream_bytes_total "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let text = http_get(&b.metrics_addr(), "/metrics");
+    let counted = sample(&text, "skiff_mirror_upstream_bytes_total", "")
         .unwrap_or_else(|| panic!("no upstream bytes in:\n{text}"));
     assert!(counted >= bytes as f64, "counted {counted} < {bytes}");
     // Sent after the last status sample at the latest: the checkpoint of
