@@ -689,6 +689,64 @@ fn unkeyed_records_from_separate_runs_spread_over_the_partitions() {
     assert!(used >= 2, "{}", stdout(&o));
 }
 
+/// `skiff bench produce --existing-topic` produces into the topic as the
+/// caller made it (scripts/bench-slow-device counts a device's flushes
+/// around the run alone): neither made again first nor deleted after, and
+/// a missing one is a clear error, not made.
+#[test]
+fn bench_produce_into_an_existing_topic_leaves_it_as_it_was() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "kept",
+        "--segments",
+        "3",
+        "--segment-bytes",
+        "1048576",
+    ]));
+    for _ in 0..2 {
+        let out = b.cli(&[
+            "bench",
+            "produce",
+            "--topic",
+            "kept",
+            "--existing-topic",
+            "--messages",
+            "500",
+        ]);
+        assert_ok(&out);
+        assert_eq!(json_lines(&out)[0]["messages"], 500);
+    }
+    let out = b.cli(&["topics", "describe", "kept"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    for line in ["segments: 3", "partition 0: earliest 0 latest 1000"] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--topic",
+        "missing",
+        "--existing-topic",
+        "--messages",
+        "10",
+    ]);
+    assert_fails(&out, 1, &["unknown topic 'missing'"]);
+    let out = b.cli(&["topics", "list"]);
+    assert!(!stdout(&out).contains("missing"), "{}", stdout(&out));
+    let out = b.cli(&[
+        "bench",
+        "produce",
+        "--existing-topic",
+        "--compare-idempotence",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+    assert!(stderr(&out).contains("--existing-topic"), "{out:?}");
+}
+
 /// `skiff bench produce|consume` print one JSON line each with the figures
 /// docs/performance.md's method asks for; `--compare-idempotence` prints both modes'
 /// rates from one run; `--rate` runs the open loop.

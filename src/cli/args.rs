@@ -700,6 +700,11 @@ pub struct BenchProduceArgs {
     /// `skiff bench consume`; without it the topic is deleted at the end.
     #[arg(long)]
     pub keep: bool,
+    /// Produce into --topic as the caller made it: neither deleted and
+    /// made again first nor deleted at the end, so that what is counted
+    /// around the run (a device's flushes) is the run's alone.
+    #[arg(long, conflicts_with_all = ["compare_idempotence", "compare_tls", "compare_compaction"])]
+    pub existing_topic: bool,
     /// At most this many records un-acknowledged per producer.
     #[arg(long, default_value_t = 1000)]
     pub in_flight: u32,

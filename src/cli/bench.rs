@@ -493,16 +493,18 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
     let client_config = a.broker.client_config();
     let result = smol::block_on(async {
         let client = Client::connect_with(&a.broker.broker, client_config.clone()).await?;
-        fresh_partitioned_topic(
-            &client,
-            &a.topic,
-            a.partitions,
-            &a.fsync,
-            &a.cleanup,
-            64 * 1024 * 1024,
-            a.segments,
-        )
-        .await?;
+        if !a.existing_topic {
+            fresh_partitioned_topic(
+                &client,
+                &a.topic,
+                a.partitions,
+                &a.fsync,
+                &a.cleanup,
+                64 * 1024 * 1024,
+                a.segments,
+            )
+            .await?;
+        }
         // Every producer connects before the clock starts: ten thousand
         // connections take seconds to open, which an open loop would
         // otherwise count as every record's lateness.
@@ -620,7 +622,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         );
         stop.store(1, Ordering::Relaxed);
         let _ = progress_thread.join();
-        let dropped = drop_topic(&client, &a.topic, a.keep).await;
+        let dropped = drop_topic(&client, &a.topic, a.keep || a.existing_topic).await;
         if let Some(e) = first_err {
             return Err(e);
         }
