@@ -1227,49 +1227,49 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
 /// Rewrites at most this many checkpoints at once, a thread each.
 const CHECKPOINTS_AT_ONCE: usize = 16;
 
-/// `write_checkpoint` of each partition's durable point, on threads of
+/// The path of a partition's checkpoint.
+pub(super) fn checkpoint_path(p: &Part) -> PathBuf {
+    p.dir.join(CHECKPOINT_META)
+}
+
+/// Rewrites each checkpoint in place (`meta::overwrite`), on threads of
 /// their own: their fdatasyncs are then in flight together, and the block
 /// layer serves flushes asked for while one runs with one flush after it.
 /// One after another, each partition's rewrite cost the device a flush of
 /// its own, which on an SD card doubled the flushes of a light load over
 /// many partitions (docs/performance.md, "many partitions on one card").
 /// A thread that cannot be started counts as a failed write: logged, and
-/// tried again at the next refresh.
-pub(super) fn write_checkpoints(parts: &mut [&mut Part], now: Instant) {
-    if let [p] = parts {
-        let ck = p.durable;
-        write_checkpoint(p, ck, now);
-        return;
+/// tried again at the next refresh. Runs off the storage thread
+/// (`Engine::housekeeping`).
+pub(super) fn overwrite_checkpoints(
+    files: &[(PathBuf, Checkpoint)],
+) -> Vec<Result<(), meta::MetaError>> {
+    if let [(path, ck)] = files {
+        return vec![meta::overwrite(path, ck)];
     }
-    for chunk in parts.chunks_mut(CHECKPOINTS_AT_ONCE) {
-        let written: Vec<Result<(), meta::MetaError>> = std::thread::scope(|scope| {
+    let mut written = Vec::with_capacity(files.len());
+    for chunk in files.chunks(CHECKPOINTS_AT_ONCE) {
+        std::thread::scope(|scope| {
             let started: Vec<_> = chunk
                 .iter()
-                .map(|p| {
-                    let (path, ck) = (p.dir.join(CHECKPOINT_META), p.durable);
+                .map(|(path, ck)| {
                     std::thread::Builder::new()
                         .name("skiff-checkpoint".into())
                         .stack_size(CHECKPOINT_THREAD_STACK_BYTES)
-                        .spawn_scoped(scope, move || meta::overwrite(&path, &ck))
+                        .spawn_scoped(scope, move || meta::overwrite(path, ck))
                 })
                 .collect();
-            started
-                .into_iter()
-                .map(|t| match t {
-                    Ok(thread) => thread.join().unwrap_or_else(|_| {
-                        Err(meta::MetaError::Io(io::Error::other(
-                            "checkpoint thread panicked",
-                        )))
-                    }),
-                    Err(e) => Err(meta::MetaError::Io(e)),
-                })
-                .collect()
+            written.extend(started.into_iter().map(|t| match t {
+                Ok(thread) => thread.join().unwrap_or_else(|_| {
+                    Err(meta::MetaError::Io(io::Error::other(
+                        "checkpoint thread panicked",
+                    )))
+                }),
+                Err(e) => Err(meta::MetaError::Io(e)),
+            }));
         });
-        for (p, r) in chunk.iter_mut().zip(written) {
-            let ck = p.durable;
-            checkpoint_written(p, ck, r, now);
-        }
     }
+    written
 }
 
 /// A checkpoint's rewrite needs little stack: an open, a write, a flush.
@@ -1283,26 +1283,25 @@ const CHECKPOINT_THREAD_STACK_BYTES: usize = 64 * 1024;
 /// clean shutdown's is replaced atomically, so that the next start finds
 /// it whole and skips recovery's scan.
 pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
-    let path = p.dir.join(CHECKPOINT_META);
+    let path = checkpoint_path(p);
     let written = if ck.clean {
         meta::write_atomic(&path, &ck)
     } else {
         meta::overwrite(&path, &ck)
     };
-    checkpoint_written(p, ck, written, now);
+    checkpoint_written(p, ck, written);
+    p.last_checkpoint = now;
 }
 
 /// What a rewrite of `ck` left: the partition's checkpoint as it now is on
-/// disk (unchanged after a failure, which is logged), and when it was tried.
-fn checkpoint_written(
+/// disk (unchanged after a failure, which is logged).
+pub(super) fn checkpoint_written(
     p: &mut Part,
     ck: Checkpoint,
     written: Result<(), meta::MetaError>,
-    now: Instant,
 ) {
     match written {
         Ok(()) => p.checkpointed = ck,
         Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
     }
-    p.last_checkpoint = now;
 }

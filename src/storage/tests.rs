@@ -966,6 +966,23 @@ fn interval_and_never_policies_ack_after_the_write_and_persist() {
     }
 }
 
+/// Waits (10 s at most) for `read` to give `want`: a checkpoint refresh
+/// runs off the storage thread, after the round that started it.
+fn eventually<T: PartialEq + std::fmt::Debug>(what: &str, want: T, read: impl Fn() -> T) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = read();
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {got:?}, want {want:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// While data flows, the checkpoint (recovery's hint) is refreshed once
 /// per CHECKPOINT_INTERVAL_MS, not per commit: it costs three fsyncs.
 #[test]
@@ -988,12 +1005,16 @@ fn the_checkpoint_follows_the_log_once_a_second() {
     time.advance(interval - std::time::Duration::from_millis(1));
     assert_eq!(read(), None, "not yet");
     time.advance(std::time::Duration::from_millis(1));
-    assert_eq!(read(), Some(hw));
+    eventually("due", Some(hw), read);
     fill(&s, &id, 5, 10);
     time.advance(interval / 2);
     assert_eq!(read(), Some(hw), "half an interval later");
     time.advance(interval / 2);
-    assert_eq!(read(), Some(s.offsets(&id).unwrap().high_watermark));
+    eventually(
+        "due again",
+        Some(s.offsets(&id).unwrap().high_watermark),
+        read,
+    );
     s.shutdown().unwrap();
 }
 
@@ -1027,8 +1048,8 @@ fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
     assert_eq!((read("early"), read("late")), (None, None), "none due yet");
     time.advance(std::time::Duration::from_millis(1));
     let hw = |id: &PartitionId| s.offsets(id).unwrap().high_watermark;
-    assert_eq!(read("early"), Some(hw(&early)), "due");
-    assert_eq!(read("late"), Some(hw(&late)), "moved: written with it");
+    eventually("due", Some(hw(&early)), || read("early"));
+    eventually("moved: written with it", Some(hw(&late)), || read("late"));
     s.shutdown().unwrap();
 }
 
@@ -1063,11 +1084,112 @@ fn a_failed_checkpoint_in_a_batch_leaves_the_others_and_is_tried_again() {
     fill(&s, &bad, 4, 10);
     time.advance(interval);
     let hw = |id: &PartitionId| s.offsets(id).unwrap().high_watermark;
-    assert_eq!(read("good"), Some(hw(&good)), "written beside the failure");
+    eventually("written beside the failure", Some(hw(&good)), || {
+        read("good")
+    });
     assert_eq!(read("bad"), None, "failed");
     std::fs::remove_dir(path("bad")).unwrap();
     time.advance(interval);
-    assert_eq!(read("bad"), Some(hw(&bad)), "tried again");
+    eventually("tried again", Some(hw(&bad)), || read("bad"));
+    s.shutdown().unwrap();
+}
+
+/// Puts a FIFO where `path` goes: a checkpoint refresh's open of it waits
+/// for a reader (`fifo_reader`), and its write then fails (a FIFO has no
+/// offsets).
+fn fifo_in_place_of(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Opens the FIFO at `path` for reading without waiting for a writer,
+/// which lets a writer waiting in its open through.
+fn fifo_reader(path: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .expect("open the FIFO")
+}
+
+/// A checkpoint refresh runs off the storage thread: while a checkpoint's
+/// write hangs (a FIFO where the file goes, whose open waits for a
+/// reader), appends are still written, flushed and acked. On the storage
+/// thread, the refresh held every append for its fdatasyncs.
+#[test]
+fn appends_are_acked_while_a_checkpoint_write_hangs() {
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(20);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let id = pid("hang", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let path = rig.dir.path().join("topics/hang/0/checkpoint.meta");
+    fifo_in_place_of(&path);
+    fill(&s, &id, 3, 0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::scope(|scope| {
+        let (s, id, time) = (&s, &id, &time);
+        scope.spawn(move || {
+            // Due: the refresh starts and hangs in its open.
+            time.advance(interval);
+            let acked = fill(s, id, 3, 10).len();
+            let _ = done_tx.send(acked);
+        });
+        let acked = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        // A reader lets the checkpoint's open through either way (its
+        // write then fails: a FIFO has no offsets), so that the test ends.
+        let reader = fifo_reader(&path);
+        assert_eq!(acked, Ok(3), "appends acked while the checkpoint hangs");
+        reader
+    });
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 12);
+    s.shutdown().unwrap();
+    drop(reader);
+}
+
+/// A partition is deleted only once a checkpoint refresh in flight is
+/// done: its write must not land in the directory of a partition made
+/// again under the same name, claiming the old log's durable point there.
+#[test]
+fn a_delete_waits_for_the_checkpoint_refresh_in_flight() {
+    use super::recovery::Checkpoint;
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(21);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let id = pid("again", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let path = rig.dir.path().join("topics/again/0/checkpoint.meta");
+    fifo_in_place_of(&path);
+    // The FIFO's other name: the delete may remove the first.
+    let release = rig.dir.path().join("release.fifo");
+    std::fs::hard_link(&path, &release).unwrap();
+    fill(&s, &id, 3, 0);
+    time.advance(interval);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let (s, id) = (&s, &id);
+        scope.spawn(move || {
+            let _ = done_tx.send(block_on(s.delete_partition(id)));
+        });
+        let early = done_rx.recv_timeout(std::time::Duration::from_millis(200));
+        // Released before any assertion, so that a failing test ends.
+        let _reader = fifo_reader(&release);
+        assert!(
+            early.is_err(),
+            "the delete waits for the refresh: {early:?}"
+        );
+        let deleted = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(matches!(deleted, Ok(Ok(()))), "{deleted:?}");
+    });
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let ck = meta::read::<Checkpoint>(&path).ok().flatten();
+    assert!(ck.is_none_or(|c| c.next_offset == 0), "{ck:?}");
+    assert_eq!(s.offsets(&id).unwrap().high_watermark, 0);
     s.shutdown().unwrap();
 }
 
