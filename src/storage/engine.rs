@@ -33,6 +33,7 @@ use super::{
 };
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,8 +173,7 @@ pub(crate) enum Cmd {
 
 /// Tests hold the background pre-write back to let the ring overtake it.
 #[cfg(test)]
-pub(crate) static PREWRITE_PAUSED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+pub(crate) static PREWRITE_PAUSED: AtomicBool = AtomicBool::new(false);
 
 /// The part of the engine partitions borrow while the map is borrowed.
 pub(super) struct Ctx {
@@ -216,7 +216,7 @@ impl Ctx {
             StatsInner::add(&st.fsync_latency_count, 1);
         }
         if let Some(obs) = &self.cfg.observer {
-            let payload = st.payload_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let payload = st.payload_bytes.load(Ordering::Relaxed);
             let delta = payload.saturating_sub(self.observed_payload_bytes);
             self.observed_payload_bytes = payload;
             obs.0
@@ -229,10 +229,7 @@ impl Ctx {
     /// `/health`); its log line was written when it happened.
     pub(super) fn note_buffered_io(&self) {
         if self.io.buffered_io() {
-            self.shared
-                .stats
-                .buffered_io
-                .store(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared.stats.buffered_io.store(1, Ordering::Relaxed);
         }
     }
 
@@ -249,7 +246,7 @@ impl Ctx {
                     .shared
                     .stats
                     .zero_fill_allocations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed);
                 if before == 0 {
                     log::warn!(
                         "the file system under {} has no fallocate ({e}): segment files are \
@@ -312,7 +309,7 @@ struct CheckpointRefresh {
     writes: Vec<(PartitionId, Checkpoint)>,
     thread: std::thread::JoinHandle<Vec<Result<(), super::meta::MetaError>>>,
     /// Set, and the doorbell rung, once the writes are done.
-    done: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<AtomicBool>,
 }
 
 /// The read buffer (and each read-ahead spare): a whole max-size batch, at
@@ -526,8 +523,16 @@ impl Engine {
                 }
             };
             let deadline = clock.sleep_until(self.next_deadline());
+            // A refresh that ends between here and the sleep rings before
+            // the thread is asleep: its flag is looked at after.
+            let refreshed = self.checkpointing.as_ref().map(|r| r.done.clone());
             self.bell.sleep(group_fd, deadline, || {
-                !rx.is_empty() || rx.is_closed() || clock.moved_since(generation)
+                !rx.is_empty()
+                    || rx.is_closed()
+                    || clock.moved_since(generation)
+                    || refreshed
+                        .as_ref()
+                        .is_some_and(|d| d.load(Ordering::Acquire))
             });
         }
     }
@@ -541,7 +546,7 @@ impl Engine {
     /// Zeroes one chunk of a not-yet-started segment (see `prewrite_next`).
     fn prewrite_step(&mut self) {
         #[cfg(test)]
-        if PREWRITE_PAUSED.load(std::sync::atomic::Ordering::Relaxed) {
+        if PREWRITE_PAUSED.load(Ordering::Relaxed) {
             return;
         }
         let Engine { ctx, parts, .. } = self;
@@ -1096,14 +1101,14 @@ impl Engine {
                 writes.push((p.id.clone(), p.durable));
                 files.push((checkpoint_path(p), p.durable));
             }
-            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let done = Arc::new(AtomicBool::new(false));
             let (bell, finished) = (self.bell.clone(), done.clone());
             let started = std::thread::Builder::new()
                 .name("skiff-checkpoints".into())
                 .stack_size(CHECKPOINT_REFRESH_STACK_BYTES)
                 .spawn(move || {
                     let written = overwrite_checkpoints(&files);
-                    finished.store(true, std::sync::atomic::Ordering::Release);
+                    finished.store(true, Ordering::Release);
                     bell.ring();
                     written
                 });
@@ -1136,7 +1141,7 @@ impl Engine {
     fn reap_checkpoints(&mut self, wait: bool) {
         let Some(r) = self
             .checkpointing
-            .take_if(|r| wait || r.done.load(std::sync::atomic::Ordering::Acquire))
+            .take_if(|r| wait || r.done.load(Ordering::Acquire))
         else {
             return;
         };
