@@ -45,7 +45,8 @@ pub(super) const B64: u64 = BLOCK_BYTES as u64;
 /// the bytes a read scans past to reach its offset.
 pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
 /// How often a partition's checkpoint is refreshed while data flows. A
-/// checkpoint costs a temp file write and three fsyncs.
+/// refresh rewrites the file in place and fdatasyncs it, off the storage
+/// thread.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// The checkpoint refresh's thread starts a thread per checkpoint and
 /// collects what they did: little stack.
@@ -1079,10 +1080,10 @@ impl Engine {
                 }
             }
         }
+        self.reap_checkpoints(false);
         // A quarantined or failed partition keeps its checkpoint as it is:
         // it is the evidence of what was durable, and rewriting it smaller
         // would let the next start truncate acknowledged data.
-        self.reap_checkpoints(false);
         let moved = |p: &Part| p.state == PartState::Ok && p.durable != p.checkpointed;
         let interval = Duration::from_millis(CHECKPOINT_INTERVAL_MS);
         let due = force
