@@ -1115,6 +1115,33 @@ fn fifo_reader(path: &std::path::Path) -> std::fs::File {
         .expect("open the FIFO")
 }
 
+/// A storage engine on a manual clock with one partition, `topic`-0, whose
+/// `checkpoint.meta` is a FIFO (`fifo_in_place_of`): the next refresh hangs
+/// in its open. Returns the rig, the engine, the clock's control, the
+/// partition and the FIFO's path.
+fn checkpoint_on_a_fifo(
+    seed: u64,
+    topic: &str,
+) -> (
+    Rig,
+    Storage,
+    Arc<ManualClock>,
+    PartitionId,
+    std::path::PathBuf,
+) {
+    let rig = Rig::fault(seed);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let id = pid(topic, 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let path = rig
+        .dir
+        .path()
+        .join(format!("topics/{topic}/0/checkpoint.meta"));
+    fifo_in_place_of(&path);
+    (rig, s, time, id, path)
+}
+
 /// A checkpoint refresh runs off the storage thread: while a checkpoint's
 /// write hangs (a FIFO where the file goes, whose open waits for a
 /// reader), appends are still written, flushed and acked. On the storage
@@ -1122,13 +1149,7 @@ fn fifo_reader(path: &std::path::Path) -> std::fs::File {
 #[test]
 fn appends_are_acked_while_a_checkpoint_write_hangs() {
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let rig = Rig::fault(20);
-    let (clock, time) = Clock::manual(1_700_000_000_000);
-    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
-    let id = pid("hang", 0);
-    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-    let path = rig.dir.path().join("topics/hang/0/checkpoint.meta");
-    fifo_in_place_of(&path);
+    let (_rig, s, time, id, path) = checkpoint_on_a_fifo(20, "hang");
     fill(&s, &id, 3, 0);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let reader = std::thread::scope(|scope| {
@@ -1158,13 +1179,7 @@ fn appends_are_acked_while_a_checkpoint_write_hangs() {
 fn a_delete_waits_for_the_checkpoint_refresh_in_flight() {
     use super::recovery::Checkpoint;
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-    let rig = Rig::fault(21);
-    let (clock, time) = Clock::manual(1_700_000_000_000);
-    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
-    let id = pid("again", 0);
-    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
-    let path = rig.dir.path().join("topics/again/0/checkpoint.meta");
-    fifo_in_place_of(&path);
+    let (rig, s, time, id, path) = checkpoint_on_a_fifo(21, "again");
     // The FIFO's other name: the delete may remove the first.
     let release = rig.dir.path().join("release.fifo");
     std::fs::hard_link(&path, &release).unwrap();
