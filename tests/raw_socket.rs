@@ -181,6 +181,40 @@ fn a_large_first_frame_is_refused_before_hello() {
     b.assert_serves();
 }
 
+/// A connection starts with a small read buffer and grows it as a frame's
+/// prefix asks: a hello of the largest size allowed before hello, sent in
+/// pieces, is answered.
+#[test]
+fn the_largest_hello_allowed_is_answered_when_sent_in_pieces() {
+    let mut b = Broker::start("");
+    let hello = |name_len: usize| {
+        request_frame(
+            3,
+            skiff::protocol::RequestBody::Hello(skiff::protocol::HelloRequest {
+                version_min: 1,
+                version_max: skiff::protocol::PROTOCOL_VERSION_MAX,
+                client_name: Some("n".repeat(name_len)),
+            }),
+        )
+    };
+    let frame = (3000..HELLO_FRAME_BYTES_MAX as usize)
+        .map(hello)
+        .find(|f| f.len() - 4 == HELLO_FRAME_BYTES_MAX as usize)
+        .expect("a name length that makes the body exactly the limit");
+    let mut c = RawConn::connect(&b.tcp);
+    for piece in [&frame[..3], &frame[3..700], &frame[700..]] {
+        c.send(piece);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = c.read_response().expect("an answer to the hello");
+    assert_eq!(r.correlation_id, 3);
+    assert!(
+        matches!(r.body, skiff::protocol::ResponseBody::Hello(_)),
+        "{r:?}"
+    );
+    b.assert_serves();
+}
+
 #[test]
 fn trailing_bytes_after_the_item_are_malformed() {
     let mut b = Broker::start("");

@@ -33,12 +33,15 @@ use super::quota::{Direction, IdentityGuard};
 use super::share;
 use super::{Admitted, Ctx};
 
-/// A new connection's read buffer: a hello fits. It grows to the largest
-/// frame seen, at most `max_frame_bytes`. Small, because an idle or
-/// unauthenticated connection should cost little: a 64 KiB start made
-/// 10,000 idle connections cost 57 KiB each.
-const READ_BUFFER_BYTES_INITIAL: usize =
-    protocol::HELLO_FRAME_BYTES_MAX as usize + FRAME_HEADER_BYTES;
+/// A new connection's read buffer: a client's hello fits, and a device's
+/// produce of a reading. It grows to the largest frame seen (a frame's
+/// header says how much it needs), at most `max_frame_bytes`. Small,
+/// because an idle or unauthenticated connection should cost little: a
+/// 64 KiB start made 10,000 idle connections cost 57 KiB each, and a
+/// start of a whole hello frame's 4 KiB was 44% of a bare connection's
+/// 9.3 KB (docs/performance.md, "what a connection costs").
+const READ_BUFFER_BYTES_INITIAL: usize = 512;
+const _: () = assert!(READ_BUFFER_BYTES_INITIAL > FRAME_HEADER_BYTES);
 /// What a grown buffer shrinks back to (see [`ShrinkPolicy`]).
 const READ_BUFFER_BYTES_MIN: usize = 64 * 1024;
 /// A buffer grown up to this size is kept: a producer sending 100 KiB
