@@ -421,27 +421,35 @@ pub(crate) async fn produce_submit(
             continue;
         }
         // A transactional producer's batch first joins its transaction
-        // (durably, for a new partition), and holds it until queued.
+        // (durably, for a new partition), and holds it until queued. Boxed:
+        // inline, its future was a fifth of every connection's session
+        // task, transactional or not (docs/performance.md, "what a
+        // connection costs").
         let gate = match crate::batch::parse_header(&p.batch) {
-            Ok(h) if h.is_idempotent() && ctx.txns.is_transactional(h.producer_id) => match ctx
-                .txns
-                .gate(h.producer_id, h.producer_epoch, &p.topic, p.partition)
+            Ok(h) if h.is_idempotent() && ctx.txns.is_transactional(h.producer_id) => {
+                match Box::pin(ctx.txns.gate(
+                    h.producer_id,
+                    h.producer_epoch,
+                    &p.topic,
+                    p.partition,
+                ))
                 .await
-            {
-                Ok(gate) => gate,
-                Err(e) => {
-                    pending.push(PendingProduce::Done(ProducePartitionResult {
-                        topic: p.topic,
-                        partition: p.partition,
-                        error: super::txn::txn_error_code(&e),
-                        base_offset: 0,
-                        last_offset: 0,
-                        duplicate_records: 0,
-                        message: Some(e.to_string()),
-                    }));
-                    continue;
+                {
+                    Ok(gate) => gate,
+                    Err(e) => {
+                        pending.push(PendingProduce::Done(ProducePartitionResult {
+                            topic: p.topic,
+                            partition: p.partition,
+                            error: super::txn::txn_error_code(&e),
+                            base_offset: 0,
+                            last_offset: 0,
+                            duplicate_records: 0,
+                            message: Some(e.to_string()),
+                        }));
+                        continue;
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let batch = match p.batch {

@@ -413,8 +413,10 @@ impl CmdTx {
             Ok(()) => Ok(()),
             Err(async_channel::TrySendError::Full(cmd)) => {
                 self.bell.ring();
-                self.tx
-                    .send(cmd)
+                // Boxed: only a full queue waits here, and inline the wait
+                // (with the command in it) sat in every connection's
+                // session task for its whole life.
+                Box::pin(self.tx.send(cmd))
                     .await
                     .map_err(|_| StorageError::ShuttingDown)
             }
