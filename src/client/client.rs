@@ -233,7 +233,7 @@ impl Client {
     pub async fn describe_topic(&self, name: &str) -> Result<DescribeTopicResponse, ClientError> {
         let body = RequestBody::DescribeTopic(DescribeTopicRequest { name: name.into() });
         match self.call(&body).await? {
-            ResponseBody::DescribeTopic(r) => Ok(r),
+            ResponseBody::DescribeTopic(r) => Ok(*r),
             other => Err(unexpected("describe_topic", &other)),
         }
     }
@@ -618,7 +618,7 @@ impl Client {
             group: group.into(),
         });
         match self.call(&body).await? {
-            ResponseBody::DescribeGroup(r) => Ok(r),
+            ResponseBody::DescribeGroup(r) => Ok(*r),
             other => Err(unexpected("describe_group", &other)),
         }
     }
@@ -642,7 +642,7 @@ impl Client {
     ) -> Result<crate::protocol::MirrorStatusResponse, ClientError> {
         let body = RequestBody::MirrorStatus(crate::protocol::MirrorStatusRequest {});
         match self.call(&body).await? {
-            ResponseBody::MirrorStatus(r) => Ok(r),
+            ResponseBody::MirrorStatus(r) => Ok(*r),
             other => Err(unexpected("mirror_status", &other)),
         }
     }

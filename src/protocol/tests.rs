@@ -255,19 +255,21 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
         ),
         (
             "create_topic",
-            body(ResponseBody::CreateTopic(CreateTopicResponse {
+            body(ResponseBody::CreateTopic(Box::new(CreateTopicResponse {
                 config: topic_config(),
-            })),
+            }))),
         ),
         (
             "describe_topic",
-            body(ResponseBody::DescribeTopic(DescribeTopicResponse {
-                config: TopicConfig {
-                    retention_ms: Some(86_400_000),
-                    ..topic_config()
+            body(ResponseBody::DescribeTopic(Box::new(
+                DescribeTopicResponse {
+                    config: TopicConfig {
+                        retention_ms: Some(86_400_000),
+                        ..topic_config()
+                    },
+                    partitions: vec![partition_meta(0)],
                 },
-                partitions: vec![partition_meta(0)],
-            })),
+            ))),
         ),
         (
             "list_topics",
@@ -403,29 +405,31 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
         ),
         (
             "describe_group",
-            body(ResponseBody::DescribeGroup(DescribeGroupResponse {
-                group: "dashboard".into(),
-                state: "Stable".into(),
-                generation: 3,
-                assignor: Some("cooperative-sticky".into()),
-                members: vec![GroupMember {
-                    member_id: "skiff-cli-0a1b".into(),
-                    instance_id: None,
-                    client: "skiff-cli/0.1.0 pid 4242 (anonymous)".into(),
-                    assignment: vec![GroupPartition {
+            body(ResponseBody::DescribeGroup(Box::new(
+                DescribeGroupResponse {
+                    group: "dashboard".into(),
+                    state: "Stable".into(),
+                    generation: 3,
+                    assignor: Some("cooperative-sticky".into()),
+                    members: vec![GroupMember {
+                        member_id: "skiff-cli-0a1b".into(),
+                        instance_id: None,
+                        client: "skiff-cli/0.1.0 pid 4242 (anonymous)".into(),
+                        assignment: vec![GroupPartition {
+                            topic: "sensors.temp".into(),
+                            partition: 0,
+                        }],
+                    }],
+                    offsets: vec![GroupOffset {
                         topic: "sensors.temp".into(),
                         partition: 0,
+                        committed: Some(1042),
+                        log_end: Some(1100),
+                        lag: Some(58),
+                        metadata: None,
                     }],
-                }],
-                offsets: vec![GroupOffset {
-                    topic: "sensors.temp".into(),
-                    partition: 0,
-                    committed: Some(1042),
-                    log_end: Some(1100),
-                    lag: Some(58),
-                    metadata: None,
-                }],
-            })),
+                },
+            ))),
         ),
         (
             "delete_group",
@@ -433,7 +437,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
         ),
         (
             "mirror_status",
-            body(ResponseBody::MirrorStatus(MirrorStatusResponse {
+            body(ResponseBody::MirrorStatus(Box::new(MirrorStatusResponse {
                 enabled: true,
                 link_up: true,
                 last_error: None,
@@ -458,7 +462,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     late_records: 2,
                     malformed_records: 5,
                 }],
-            })),
+            }))),
         ),
         (
             "mirror_pause",
@@ -1195,7 +1199,7 @@ fn hex_bytes(s: &str) -> Vec<u8> {
 
 #[test]
 fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
-    let status = ResponseBody::MirrorStatus(MirrorStatusResponse {
+    let status = ResponseBody::MirrorStatus(Box::new(MirrorStatusResponse {
         enabled: true,
         link_up: false,
         last_error: Some("cannot reach upstream".into()),
@@ -1220,7 +1224,7 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
             late_records: 0,
             malformed_records: 0,
         }],
-    });
+    }));
     for body in [
         status,
         ResponseBody::MirrorPause(MirrorRuleRequest {

@@ -216,7 +216,7 @@ pub(crate) fn describe(ctx: &Ctx, identity: &str, group: &str) -> ResponseBody {
         return denied(identity, Operation::Group, group);
     }
     match ctx.groups.describe(group) {
-        Ok(d) => ResponseBody::DescribeGroup(DescribeGroupResponse {
+        Ok(d) => ResponseBody::DescribeGroup(Box::new(DescribeGroupResponse {
             group: d.group,
             state: d.state.to_owned(),
             generation: d.generation,
@@ -243,7 +243,7 @@ pub(crate) fn describe(ctx: &Ctx, identity: &str, group: &str) -> ResponseBody {
                     metadata: o.metadata,
                 })
                 .collect(),
-        }),
+        })),
         Err(e) => group_error_body(&e),
     }
 }

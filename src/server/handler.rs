@@ -246,9 +246,9 @@ pub(crate) async fn create_topic(
         msg_id_window_records: req.msg_id_window_records,
     };
     match ctx.broker.create_topic(&req.name, &spec).await {
-        Ok(meta) => ResponseBody::CreateTopic(CreateTopicResponse {
+        Ok(meta) => ResponseBody::CreateTopic(Box::new(CreateTopicResponse {
             config: topic_config(ctx, &req.name, &meta),
-        }),
+        })),
         Err(e) => broker_error_body(&e),
     }
 }
@@ -258,10 +258,10 @@ pub(crate) fn describe_topic(ctx: &Ctx, identity: &str, name: &str) -> ResponseB
         return not_authorized_body(identity, Operation::Describe, name);
     }
     match ctx.broker.topic(name) {
-        Ok(meta) => ResponseBody::DescribeTopic(DescribeTopicResponse {
+        Ok(meta) => ResponseBody::DescribeTopic(Box::new(DescribeTopicResponse {
             config: topic_config(ctx, name, &meta),
             partitions: partition_metadata(ctx, name, &meta),
-        }),
+        })),
         Err(e) => broker_error_body(&e),
     }
 }
@@ -835,9 +835,9 @@ pub(crate) async fn alter_topic(
         segments: req.segments,
     };
     match ctx.broker.alter_topic(&req.name, &alter).await {
-        Ok(meta) => ResponseBody::AlterTopic(CreateTopicResponse {
+        Ok(meta) => ResponseBody::AlterTopic(Box::new(CreateTopicResponse {
             config: topic_config(ctx, &req.name, &meta),
-        }),
+        })),
         Err(e) => broker_error_body(&e),
     }
 }
@@ -849,7 +849,7 @@ pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
         return not_authorized_body(identity, Operation::Mirror, "any mirror rule");
     }
     let s = ctx.mirror.report();
-    ResponseBody::MirrorStatus(crate::protocol::MirrorStatusResponse {
+    ResponseBody::MirrorStatus(Box::new(crate::protocol::MirrorStatusResponse {
         enabled: s.enabled,
         link_up: s.link == crate::mirror::Link::Up,
         last_error: s.last_error,
@@ -878,7 +878,7 @@ pub(crate) fn mirror_status(ctx: &Ctx, identity: &str) -> ResponseBody {
                 malformed_records: r.malformed_records,
             })
             .collect(),
-    })
+    }))
 }
 
 /// Pauses or resumes a rule (the `mirror` operation on the rule's name).
