@@ -61,8 +61,9 @@ impl Request<'_> {
     }
 }
 
-/// A new response larger than this is boxed in [`ResponseBody`] (80 B on
-/// 64-bit targets now; it was 200 B before the admin responses were).
+/// Every answer crosses a connection's queues as a `Response`: a body that
+/// would take it past this goes boxed in [`ResponseBody`], as the admin
+/// answers do (80 B on 64-bit targets; 200 B before they were boxed).
 const _: () = assert!(std::mem::size_of::<Response>() <= 96);
 
 /// One response frame.
