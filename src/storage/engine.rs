@@ -391,6 +391,15 @@ pub(crate) fn start(
     }
 }
 
+/// What [`CmdTx::try_send_quiet`] did with its command.
+pub(crate) enum TrySend {
+    Queued,
+    /// The storage thread is gone.
+    Closed,
+    /// No room: the command, to send when there is.
+    Full(Cmd),
+}
+
 /// The storage thread's command queue: a bounded channel (backpressure)
 /// whose senders ring the thread's doorbell.
 #[derive(Clone)]
@@ -406,42 +415,38 @@ impl CmdTx {
         sent.map_err(|_| StorageError::ShuttingDown)
     }
 
-    /// Queues `cmd` without ringing, unless the queue is full: then it
-    /// rings before waiting for room, so the thread drains it.
-    pub(crate) async fn send_quiet(&self, cmd: Cmd) -> Result<(), StorageError> {
+    /// Queues `cmd` without ringing if there is room. A full queue rings,
+    /// so the thread drains it, and hands `cmd` back to wait for room
+    /// with (`send_when_room`).
+    pub(crate) fn try_send_quiet(&self, cmd: Cmd) -> TrySend {
         match self.tx.try_send(cmd) {
-            Ok(()) => Ok(()),
+            Ok(()) => TrySend::Queued,
             Err(async_channel::TrySendError::Full(cmd)) => {
                 self.bell.ring();
-                // Boxed: only a full queue waits here, and inline the wait
-                // (with the command in it) sat in every connection's
-                // session task for its whole life.
-                Box::pin(self.tx.send(cmd))
-                    .await
-                    .map_err(|_| StorageError::ShuttingDown)
+                TrySend::Full(cmd)
             }
             Err(async_channel::TrySendError::Closed(_)) => {
                 self.bell.ring();
-                Err(StorageError::ShuttingDown)
+                TrySend::Closed
             }
         }
     }
 
-    /// Wakes the thread for appends queued quietly (`send_quiet`).
+    /// Waits for room in the queue for `cmd`, which found it full.
+    pub(crate) async fn send_when_room(&self, cmd: Cmd) -> Result<(), StorageError> {
+        self.tx
+            .send(cmd)
+            .await
+            .map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// Wakes the thread for appends queued quietly (`try_send_quiet`).
     pub(crate) fn ring_append(&self) {
         self.bell.ring_append();
     }
 
     pub(crate) fn ring_hushed(&self) {
         self.bell.ring_hushed();
-    }
-
-    /// `send` for an append: it does not wake a thread gathering a
-    /// fan-in's round (`Doorbell::hush`) unless the queue is full.
-    pub(crate) async fn send_append(&self, cmd: Cmd) -> Result<(), StorageError> {
-        self.send_quiet(cmd).await?;
-        self.bell.ring_append();
-        Ok(())
     }
 
     pub(crate) fn send_blocking(&self, cmd: Cmd) -> Result<(), StorageError> {

@@ -921,6 +921,33 @@ pub struct AppendTicket {
     rx: oneshot::Receiver<Acked>,
 }
 
+/// [`Storage::submit`]'s future: its ticket at once when the queue had
+/// room, else a wait for room. The wait is boxed: only a full queue needs
+/// it, and inline it sat in every produce's future, and so in every
+/// connection's session for its life (docs/performance.md, "what a
+/// connection costs").
+#[must_use = "the ticket is the batch's ack"]
+pub struct Submitting<'a>(SubmitState<'a>);
+
+type WaitForRoom<'a> =
+    Pin<Box<dyn Future<Output = Result<AppendTicket, StorageError>> + Send + 'a>>;
+
+enum SubmitState<'a> {
+    Ready(Option<Result<AppendTicket, StorageError>>),
+    Full(WaitForRoom<'a>),
+}
+
+impl Future for Submitting<'_> {
+    type Output = Result<AppendTicket, StorageError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            SubmitState::Ready(r) => Poll::Ready(r.take().expect("polled after it was ready")),
+            SubmitState::Full(wait) => wait.as_mut().poll(cx),
+        }
+    }
+}
+
 impl Future for AppendTicket {
     type Output = Result<AppendAck, StorageError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -1068,26 +1095,25 @@ impl Storage {
     /// Enqueues one producer batch (base offset as sent by the producer),
     /// checked already (see [`CheckedBatch`]). Awaiting this waits for room
     /// in the bounded channel; awaiting the ticket waits for the ack.
-    /// Appends are applied in submit order.
+    /// Appends are applied in submit order. The batch is queued when this
+    /// is called, if there is room; the future then only hands over the
+    /// ticket.
     ///
     /// With [`Wake::Later`] the storage thread is left asleep until a
     /// later [`Storage::wake`] (or a full queue): a caller handing over
     /// several batches (a produce request's) wakes it once, after the
     /// last, so it finds them all and writes them in one group with one
-    /// fdatasync rather than start on the first alone.
-    pub async fn submit(
-        &self,
-        id: &PartitionId,
-        checked: CheckedBatch,
-        wake: Wake,
-    ) -> Result<AppendTicket, StorageError> {
+    /// fdatasync rather than start on the first alone. An append does not
+    /// wake a thread gathering a fan-in's round (`Doorbell::hush`) unless
+    /// the queue is full.
+    pub fn submit(&self, id: &PartitionId, checked: CheckedBatch, wake: Wake) -> Submitting<'_> {
         let batching = checked.header().record_count > fanin::FANIN_DEVICE_RECORDS;
         let CheckedBatch { batch, checked } = checked;
         if batch.len() > self.inner.max_batch_bytes {
-            return Err(StorageError::BatchTooLarge {
+            return Submitting(SubmitState::Ready(Some(Err(StorageError::BatchTooLarge {
                 bytes: batch.len(),
                 max: self.inner.max_batch_bytes,
-            });
+            }))));
         }
         let (tx, rx) = oneshot::channel();
         let cmd = engine::Cmd::Append {
@@ -1096,15 +1122,24 @@ impl Storage {
             checked,
             reply: AppendReply(tx),
         };
-        match wake {
-            Wake::Now => self.inner.tx.send_append(cmd).await?,
-            Wake::Later => self.inner.tx.send_quiet(cmd).await?,
-        }
-        if batching {
-            // Its rate waits on the flush a fan-in may be holding.
-            self.inner.tx.ring_hushed();
-        }
-        Ok(AppendTicket { rx })
+        let queued = move |s: &Storage| {
+            if wake == Wake::Now {
+                s.inner.tx.ring_append();
+            }
+            if batching {
+                // Its rate waits on the flush a fan-in may be holding.
+                s.inner.tx.ring_hushed();
+            }
+            AppendTicket { rx }
+        };
+        Submitting(match self.inner.tx.try_send_quiet(cmd) {
+            engine::TrySend::Queued => SubmitState::Ready(Some(Ok(queued(self)))),
+            engine::TrySend::Closed => SubmitState::Ready(Some(Err(StorageError::ShuttingDown))),
+            engine::TrySend::Full(cmd) => SubmitState::Full(Box::pin(async move {
+                self.inner.tx.send_when_room(cmd).await?;
+                Ok(queued(self))
+            })),
+        })
     }
 
     /// Wakes the storage thread for batches submitted with
