@@ -643,10 +643,9 @@ impl Engine {
         }
         if self.group.fanin.active() {
             // Hushed, appends do not wake the thread: it looks at them
-            // a few times per gap, to flush as soon as the round is in.
-            let gap = self.ctx.cfg.sync_hold_max;
-            let end = self.group.fanin.deadline(gap, self.ctx.cfg.fanin_wait);
-            consider((now + gap / 4).min(end));
+            // now and then, to flush soon after the round is in.
+            let (gap, max) = (self.ctx.cfg.sync_hold_max, self.ctx.cfg.fanin_wait);
+            consider(self.group.fanin.next_look(now, gap, max));
         }
         // A flush the last group deferred (`defer_heavy`) starts the next
         // group as soon as no hold keeps it.
