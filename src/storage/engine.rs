@@ -1110,15 +1110,23 @@ impl Engine {
             }
             let done = Arc::new(AtomicBool::new(false));
             let (bell, finished) = (self.bell.clone(), done.clone());
-            let started = std::thread::Builder::new()
-                .name("skiff-checkpoints".into())
-                .stack_size(CHECKPOINT_REFRESH_STACK_BYTES)
-                .spawn(move || {
-                    let written = overwrite_checkpoints(&files);
-                    finished.store(true, Ordering::Release);
-                    bell.ring();
-                    written
-                });
+            #[cfg(test)]
+            let spawn_fails = self.ctx.cfg.checkpoint_spawn_fails.load(Ordering::Relaxed);
+            #[cfg(not(test))]
+            let spawn_fails = false;
+            let started = if spawn_fails {
+                Err(io::Error::from(io::ErrorKind::WouldBlock))
+            } else {
+                std::thread::Builder::new()
+                    .name("skiff-checkpoints".into())
+                    .stack_size(CHECKPOINT_REFRESH_STACK_BYTES)
+                    .spawn(move || {
+                        let written = overwrite_checkpoints(&files);
+                        finished.store(true, Ordering::Release);
+                        bell.ring();
+                        written
+                    })
+            };
             match started {
                 Ok(thread) => {
                     self.checkpointing = Some(CheckpointRefresh {

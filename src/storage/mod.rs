@@ -358,6 +358,10 @@ pub struct StorageConfig {
     pub clock: Clock,
     /// What recovery does with damage inside durable data.
     pub recovery_policy: RecoveryPolicy,
+    /// Tests: while set, a checkpoint refresh's thread fails to start, as
+    /// on a board out of memory or threads.
+    #[cfg(test)]
+    pub checkpoint_spawn_fails: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Hears about each write round of the storage thread. Called on the
@@ -422,6 +426,8 @@ impl Default for StorageConfig {
             observer: None,
             clock: Clock::System,
             recovery_policy: RecoveryPolicy::default(),
+            #[cfg(test)]
+            checkpoint_spawn_fails: Default::default(),
         }
     }
 }

@@ -1094,6 +1094,44 @@ fn a_failed_checkpoint_in_a_batch_leaves_the_others_and_is_tried_again() {
     s.shutdown().unwrap();
 }
 
+/// A checkpoint refresh whose thread cannot be started (EAGAIN, on a
+/// board out of memory or threads) is logged as each checkpoint's failed
+/// write: appends go on being acked, and the refresh is tried again.
+#[test]
+fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
+    use super::recovery::Checkpoint;
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(22);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let fails = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s = rig
+        .open_with(StorageConfig {
+            clock,
+            checkpoint_spawn_fails: fails.clone(),
+            ..rig.cfg()
+        })
+        .unwrap();
+    let id = pid("nothread", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let path = rig.dir.path().join("topics/nothread/0/checkpoint.meta");
+    let read = || {
+        meta::read::<Checkpoint>(&path)
+            .unwrap()
+            .map(|c| c.next_offset)
+    };
+    fill(&s, &id, 3, 0);
+    let hw = s.offsets(&id).unwrap().high_watermark;
+    // Returns once the engine has run at the new time: the refresh failed.
+    time.advance(interval);
+    assert_eq!(read(), None, "no thread: not written");
+    // Nothing appended since: only a retry writes it.
+    fails.store(false, std::sync::atomic::Ordering::Relaxed);
+    time.advance(interval);
+    eventually("tried again", Some(hw), read);
+    assert_eq!(fill(&s, &id, 3, 10).len(), 3, "appends go on");
+    s.shutdown().unwrap();
+}
+
 /// Puts a FIFO where `path` goes: a checkpoint refresh's open of it waits
 /// for a reader (`fifo_reader`), and its write then fails (a FIFO has no
 /// offsets).
