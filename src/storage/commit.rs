@@ -754,7 +754,11 @@ impl Engine {
         self.group.hold_until = (self.group.returning > 0).then(|| now + hold);
         let flush = self.group.sync_ewma;
         let wait = !pipelined && !max.is_zero() && !self.ctx.cfg.fanin_wait.is_zero();
-        if self.group.fanin.start(now, flush, wait) {
+        if self
+            .group
+            .fanin
+            .start(now, flush, wait, self.ctx.cfg.fanin_wait)
+        {
             self.bell.hush(true);
         }
     }

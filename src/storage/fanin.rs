@@ -24,6 +24,14 @@
 //! followed whether or not the flush after it waits, and how many answered
 //! within `FANIN_QUICK_FLUSHES` flushes decides for the next group.
 //!
+//! Groups too small to be a fan-in on their own are gathered, for a
+//! wait's length at most, until their producers are enough and have had
+//! `FANIN_QUICK_FLUSHES` flushes' time, with none of them back meanwhile
+//! (a closed loop's are); then they are a fan-in group, followed and
+//! judged as one. Behind a fast device's flushes, devices on a timetable
+//! come two or three a group: judged group by group, they were never a
+//! fan-in.
+//!
 //! The bound is what a fleet of devices that send now and then (an open
 //! loop, which no waiting speeds up) pays in latency for the flushes it
 //! saves. A producer that batches pays in rate, so its batch ends a wait
@@ -67,7 +75,8 @@ pub(super) struct FanIn {
     /// acked. Fixed at start-up, as the memory budget counts it.
     cap: usize,
     /// The idempotent producers the last group acked (`hash`), sorted;
-    /// while a group's acks are collected, that group's, unsorted.
+    /// while a group's acks are collected, that group's, unsorted (after
+    /// those of the small groups gathered before it, `gathering_since`).
     ids: Vec<u32>,
     /// Which of `ids` have sent again, a bit each.
     back: Vec<u64>,
@@ -94,6 +103,15 @@ pub(super) struct FanIn {
     /// The last wait ended with none of its producers back: devices on a
     /// timetable, which send again seconds later.
     none_came: bool,
+    /// Groups too small to be a fan-in have been gathered into `ids`
+    /// since then (a fast device's flushes between devices on a
+    /// timetable): how many entries at its front they are, sorted, and
+    /// their appends; and whether the producers followed before the
+    /// gathering began answered slowly.
+    gathering_since: Option<Instant>,
+    gathered: usize,
+    gathered_appends: usize,
+    gathered_slow: bool,
 }
 
 impl FanIn {
@@ -113,6 +131,10 @@ impl FanIn {
             quick: 0,
             quick_until: now,
             none_came: false,
+            gathering_since: None,
+            gathered: 0,
+            gathered_appends: 0,
+            gathered_slow: false,
         }
     }
 
@@ -127,7 +149,9 @@ impl FanIn {
     pub(super) fn collect(&mut self, producer: u64) {
         if self.collecting.is_none() {
             self.collecting = Some(self.slow());
-            self.ids.clear();
+            if self.gathering_since.is_none() {
+                self.ids.clear();
+            }
             self.tracking = false;
             self.active = false;
         }
@@ -145,30 +169,77 @@ impl FanIn {
     /// The group's acks went out: whether the next flush waits for their
     /// producers (see the module's comment). `flush` is how long a flush
     /// takes; `wait` is false where no hold applies (a pipelined
-    /// fdatasync, holds turned off).
-    pub(super) fn start(&mut self, now: Instant, flush: Duration, wait: bool) -> bool {
+    /// fdatasync, holds turned off); `max` is the longest wait.
+    pub(super) fn start(
+        &mut self,
+        now: Instant,
+        flush: Duration,
+        wait: bool,
+        max: Duration,
+    ) -> bool {
         let slow = match self.collecting.take() {
             Some(slow) => slow,
             None => {
                 // A group that acked nothing (an `interval` sync).
                 let slow = self.slow();
                 self.ids.clear();
+                self.gathering_since = None;
                 slow
             }
         };
         self.active = false;
         self.cut = false;
         self.tracking = false;
-        let appends = std::mem::take(&mut self.appends);
+        let mut appends = std::mem::take(&mut self.appends);
+        if let Some(t) = self.gathering_since {
+            // What was gathered is let go once older than a wait, or once
+            // one of its producers came back in this group (a closed
+            // loop, whose groups are judged as they come).
+            let (before, group) = self.ids.split_at(self.gathered);
+            let came_back = group.iter().any(|h| before.binary_search(h).is_ok());
+            if now >= t + max || came_back {
+                self.ids.drain(..self.gathered);
+                self.gathering_since = None;
+            } else {
+                appends += self.gathered_appends;
+            }
+        }
+        let gathered = self.gathering_since.is_some();
         self.ids.sort_unstable();
         self.ids.dedup();
-        let fan_in = self.ids.len() >= FANIN_MIN_PRODUCERS
-            && appends <= self.ids.len() * FANIN_APPENDS_PER_PRODUCER;
+        // A gathering is judged once its producers have had the time a
+        // followed group's have to answer quickly.
+        let judged = self
+            .gathering_since
+            .is_none_or(|t| now >= t + flush * FANIN_QUICK_FLUSHES);
+        let few_each = appends <= self.ids.len() * FANIN_APPENDS_PER_PRODUCER;
+        let fan_in = self.ids.len() >= FANIN_MIN_PRODUCERS && few_each && judged;
         if !wait || !fan_in {
-            self.ids.clear();
+            // Too few producers yet, a record or two each: gathered with
+            // the next groups, for a wait's length at most. Judged by one
+            // group alone, devices on a timetable behind flushes of 0.2 ms
+            // (two or three a group) were never waited for, unless a slow
+            // flush happened to gather eight; runs of 10,000 devices
+            // settled either way (docs/performance.md, "Fan-in").
+            if wait && few_each {
+                if self.gathering_since.is_none() {
+                    self.gathering_since = Some(now);
+                    self.gathered_slow = slow;
+                }
+                self.gathered = self.ids.len();
+                self.gathered_appends = appends;
+            } else {
+                self.ids.clear();
+                self.gathering_since = None;
+            }
             self.none_came = false;
             return false;
         }
+        // Gathered from small groups, a fan-in is waited for as the group
+        // that began the gathering would have been, and followed as any
+        // other.
+        let slow = if gathered { self.gathered_slow } else { slow };
+        self.gathering_since = None;
         self.back.fill(0);
         self.left = self.ids.len();
         self.since = now;
@@ -275,7 +346,7 @@ mod tests {
         for p in producers {
             f.collect(p);
         }
-        f.start(now, FLUSH_EACH, true)
+        f.start(now, FLUSH_EACH, true, FANIN_HOLD_MAX)
     }
 
     /// A fan-in of `ids` whose answers all came later than `FLUSH` (the
@@ -426,6 +497,82 @@ mod tests {
     }
 
     #[test]
+    fn small_groups_of_devices_on_a_timetable_are_gathered_into_a_fan_in() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        // Three devices a flush, each new. Nine after three flushes, but a
+        // fan-in only once they have had four flushes' time to come back.
+        let at = |k: u32| t0 + FLUSH_EACH * k;
+        let flush = |f: &mut FanIn, k: u32| {
+            let first = 1 + 3 * u64::from(k);
+            round(f, first..first + 3, at(k))
+        };
+        for k in 0..4 {
+            assert!(!flush(&mut f, k), "flush {k}");
+            assert!(!f.tracking, "flush {k}: not yet a fan-in");
+        }
+        assert!(!flush(&mut f, 4), "nothing known of them yet");
+        assert!(f.tracking, "followed");
+        // None came back within four flushes: the next gathering is
+        // waited for.
+        for k in 5..9 {
+            assert!(!flush(&mut f, k), "flush {k}");
+        }
+        assert!(flush(&mut f, 9), "slow: waited for");
+        assert!(f.holding(at(9), GAP, FANIN_HOLD_MAX));
+        // Its producers are the fifteen gathered.
+        for p in 16..31 {
+            f.answered(p, 1, at(9) + GAP / 2);
+        }
+        assert!(!f.holding(at(9) + GAP / 2, GAP, FANIN_HOLD_MAX), "all back");
+    }
+
+    #[test]
+    fn small_groups_of_a_closed_loop_are_not_waited_for() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        // Twelve producers, four a flush, each back three flushes later:
+        // a record or two each, but they come back.
+        let at = |k: u32| t0 + FLUSH_EACH * k;
+        for k in 0..20 {
+            let first = 1 + 4 * u64::from(k % 3);
+            let ids = first..first + 4;
+            for p in ids.clone() {
+                f.answered(p, 1, at(k));
+            }
+            assert!(!round(&mut f, ids, at(k)), "flush {k}");
+        }
+        assert!(!f.tracking, "they come back: never gathered into one");
+    }
+
+    #[test]
+    fn small_groups_are_gathered_for_a_wait_at_most() {
+        let t0 = Instant::now();
+        let mut f = FanIn::new(t0, CAP);
+        assert!(!round(&mut f, 1..4, t0));
+        assert!(!round(&mut f, 4..7, t0 + FANIN_HOLD_MAX / 2));
+        // Past the bound: what was gathered is let go, and this group
+        // starts anew.
+        assert!(!round(&mut f, 7..10, t0 + FANIN_HOLD_MAX));
+        assert!(!f.tracking);
+        let at = |k: u32| t0 + FANIN_HOLD_MAX + FLUSH_EACH * k;
+        assert!(!round(&mut f, 10..13, at(1)));
+        assert!(!round(&mut f, 13..16, at(2)));
+        assert!(!round(&mut f, 16..19, at(3)));
+        assert!(!f.tracking, "nine, not yet judged");
+        assert!(!round(&mut f, 19..22, at(5)));
+        assert!(f.tracking, "gathered since the bound: a fan-in");
+
+        // A group large enough alone, after a gathering past the bound,
+        // is a fan-in on its own.
+        let t1 = at(5) + FANIN_HOLD_MAX;
+        assert!(!round(&mut f, 100..103, t1));
+        assert!(!round(&mut f, 200..210, t1 + FANIN_HOLD_MAX));
+        assert!(f.tracking, "ten producers: followed");
+        assert_eq!(f.ids.len(), 10, "without the three gathered before");
+    }
+
+    #[test]
     fn few_producers_and_deep_windows_are_not_a_fan_in() {
         let t0 = Instant::now();
         let mut f = FanIn::new(t0, CAP);
@@ -447,7 +594,7 @@ mod tests {
         for p in 1..=10 {
             f.collect(p);
         }
-        assert!(!f.start(t0, FLUSH_EACH, false));
+        assert!(!f.start(t0, FLUSH_EACH, false, FANIN_HOLD_MAX));
         // More producers than it keeps: the first ones are waited for.
         let many = CAP as u64 + 10;
         slow_round(&mut f, 10_000..10_000 + many, 0..many, t0);
