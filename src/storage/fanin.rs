@@ -109,7 +109,7 @@ pub(super) struct FanIn {
     /// their appends; and whether the producers followed before the
     /// gathering began answered slowly.
     gathering_since: Option<Instant>,
-    gathered: usize,
+    gathered_len: usize,
     gathered_appends: usize,
     gathered_slow: bool,
 }
@@ -132,7 +132,7 @@ impl FanIn {
             quick_until: now,
             none_came: false,
             gathering_since: None,
-            gathered: 0,
+            gathered_len: 0,
             gathered_appends: 0,
             gathered_slow: false,
         }
@@ -195,10 +195,10 @@ impl FanIn {
             // What was gathered is let go once older than a wait, or once
             // one of its producers came back in this group (a closed
             // loop, whose groups are judged as they come).
-            let (before, group) = self.ids.split_at(self.gathered);
+            let (before, group) = self.ids.split_at(self.gathered_len);
             let came_back = group.iter().any(|h| before.binary_search(h).is_ok());
             if now >= t + max || came_back {
-                self.ids.drain(..self.gathered);
+                self.ids.drain(..self.gathered_len);
                 self.gathering_since = None;
             } else {
                 appends += self.gathered_appends;
@@ -226,7 +226,7 @@ impl FanIn {
                     self.gathering_since = Some(now);
                     self.gathered_slow = slow;
                 }
-                self.gathered = self.ids.len();
+                self.gathered_len = self.ids.len();
                 self.gathered_appends = appends;
             } else {
                 self.ids.clear();
