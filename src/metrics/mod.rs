@@ -181,12 +181,18 @@ pub struct ProducerCounters {
     pub out_of_order: u64,
 }
 
+type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// Every metric skiff exports. Cheap to record into from any thread.
 pub struct Metrics {
     registry: Registry,
     /// Lines `/health` adds after "ok": how this broker runs differently
     /// from the default (a storage fallback), said where an operator looks.
     health_notes: std::sync::Mutex<Vec<&'static str>>,
+    /// Copies what other parts count into the metrics, at each read
+    /// (`encode`, `health_text`) rather than on a timer, which would wake
+    /// an idle broker.
+    refresh: std::sync::OnceLock<Refresh>,
     /// Each topic's four counters, resolved once: a produce answered per
     /// record (a device with one in flight) otherwise paid four family
     /// lookups and an `Arc<str>` for its topic label. Hashed with
@@ -407,6 +413,7 @@ impl Metrics {
             recovery_damaged_offsets: Counter::default(),
             registry: Registry::with_prefix("skiff"),
             health_notes: std::sync::Mutex::default(),
+            refresh: std::sync::OnceLock::new(),
         };
         m.cleaner.register(&mut m.registry);
         m.txn.register(&mut m.registry);
@@ -880,7 +887,20 @@ impl Metrics {
     }
 
     /// `/health`'s body: "ok", then a line per note.
+    /// Sets what runs before each read of the metrics (once; a second call
+    /// is ignored).
+    pub fn set_refresh(&self, f: impl Fn(&Metrics) + Send + Sync + 'static) {
+        let _ = self.refresh.set(Box::new(f));
+    }
+
+    fn refresh(&self) {
+        if let Some(f) = self.refresh.get() {
+            f(self);
+        }
+    }
+
     pub fn health_text(&self) -> String {
+        self.refresh();
         let notes = self.health_notes.lock().unwrap_or_else(|e| e.into_inner());
         let mut text = String::from("ok\n");
         for n in notes.iter() {
@@ -927,6 +947,7 @@ impl Metrics {
 
     /// The OpenMetrics text exposition (what `/metrics` serves).
     pub fn encode(&self) -> String {
+        self.refresh();
         let mut out = String::new();
         // Writing into a String cannot fail; the encoder's fmt::Error can
         // only come from the writer.

@@ -330,16 +330,13 @@ impl Server {
         // sessions drain are written too.
         executor.spawn(groups.clone().run_log()).detach();
         accept_tasks.push(executor.spawn(groups.clone().run_timers()));
-        accept_tasks.push(executor.spawn(group_metrics_loop(groups, metrics.clone())));
         // As the offsets log: acks made while sessions drain are written.
         executor.spawn(share.clone().run_log()).detach();
         accept_tasks.push(executor.spawn(share.clone().run_timers()));
-        accept_tasks.push(executor.spawn(share_metrics_loop(share, metrics.clone())));
         // Ends what the last run left open (read_committed readers of its
         // partitions wait for it); needs the offsets log's writer above.
         executor.spawn(txns.clone().recover()).detach();
         accept_tasks.push(executor.spawn(txns.clone().run_timers()));
-        accept_tasks.push(executor.spawn(txn_metrics_loop(txns, metrics.clone())));
         accept_tasks.push(
             executor.spawn(
                 ctx.broker
@@ -347,8 +344,14 @@ impl Server {
                     .run_cleaner(Duration::from_millis(CLEANER_INTERVAL_MS)),
             ),
         );
-        accept_tasks
-            .push(executor.spawn(producer_metrics_loop(ctx.broker.clone(), metrics.clone())));
+        let refresh = MetricsRefresh {
+            groups,
+            share,
+            txns,
+            broker: ctx.broker.clone(),
+            shown: Default::default(),
+        };
+        metrics.set_refresh(move |m| refresh.refresh(m));
         let mirror_task = mirror.take_forwarder().map(|f| executor.spawn(f.run()));
         // Recovery is done and every listener is bound. Set before the
         // threads that poll the metrics task exist, so /ready never answers
@@ -533,32 +536,49 @@ async fn snapshot_producers_loop(broker: Arc<Broker>) {
     }
 }
 
-/// How often group lag is copied into the metrics.
-const GROUP_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+/// Copies what the coordinators and the producer table count into the
+/// metrics, when they are read (`Metrics::set_refresh`). Four loops did it
+/// once a second before, and with the timers of the coordinators they were
+/// nearly all of an idle broker's wake-ups (docs/performance.md, "An idle
+/// broker").
+struct MetricsRefresh {
+    groups: Arc<Coordinator>,
+    share: Arc<ShareCoordinator>,
+    txns: Arc<crate::broker::txn::Coordinator>,
+    broker: Arc<Broker>,
+    /// The group lag series shown last time: those gone since are removed.
+    shown: std::sync::Mutex<std::collections::BTreeSet<(String, String, u32)>>,
+}
 
-/// Keeps `skiff_group_lag_records` in step with the coordinator: every
-/// committed offset's lag, and no series for offsets that are gone.
-async fn group_metrics_loop(groups: Arc<Coordinator>, metrics: Arc<Metrics>) {
-    let mut shown: std::collections::BTreeSet<(String, String, u32)> = Default::default();
-    loop {
+impl MetricsRefresh {
+    fn refresh(&self, metrics: &Metrics) {
+        self.groups(metrics);
+        self.share(metrics);
+        self.txns(metrics);
+        self.producers(metrics);
+    }
+
+    /// `skiff_group_lag_records`: every committed offset's lag, and no
+    /// series for offsets that are gone.
+    fn groups(&self, metrics: &Metrics) {
         let mut now = std::collections::BTreeSet::new();
-        for (g, t, p, lag) in groups.lag() {
+        for (g, t, p, lag) in self.groups.lag() {
             metrics.set_group_lag(&g, &t, p, i64::try_from(lag).unwrap_or(i64::MAX));
             now.insert((g, t, p));
         }
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         for (g, t, p) in shown.difference(&now) {
             metrics.remove_group_lag(g, t, *p);
         }
-        shown = now;
-        let s = groups.stats();
+        *shown = now;
+        let s = self.groups.stats();
         metrics.observe_groups(s.commits, s.log_writes);
-        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
     }
-}
-/// Keeps the share-group metrics in step with the share coordinator:
-/// records in flight per group and topic, dead-letter depth, counters.
-async fn share_metrics_loop(share: Arc<ShareCoordinator>, metrics: Arc<Metrics>) {
-    loop {
+
+    /// Records in flight per share group and topic, dead-letter depth,
+    /// counters.
+    fn share(&self, metrics: &Metrics) {
+        let share = &self.share;
         let load: Vec<_> = share
             .load_by_group()
             .into_iter()
@@ -586,14 +606,10 @@ async fn share_metrics_loop(share: Arc<ShareCoordinator>, metrics: Arc<Metrics>)
                 log_writes: s.log_writes,
             },
         );
-        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
     }
-}
 
-/// Keeps the transaction metrics in step with the coordinator, once a
-/// second like the group metrics.
-async fn txn_metrics_loop(txns: Arc<crate::broker::txn::Coordinator>, metrics: Arc<Metrics>) {
-    loop {
+    fn txns(&self, metrics: &Metrics) {
+        let txns = &self.txns;
         let broker = txns.broker();
         let lags: Vec<(String, u32, u64)> = broker
             .txn_index
@@ -614,18 +630,12 @@ async fn txn_metrics_loop(txns: Arc<crate::broker::txn::Coordinator>, metrics: A
             },
             &lags,
         );
-        smol::Timer::after(GROUP_METRICS_INTERVAL).await;
     }
-}
 
-/// How often the cleaner looks for compacted partitions short of room.
-const CLEANER_INTERVAL_MS: u64 = 200;
-
-/// How often the producer table's counters are copied into the metrics.
-const PRODUCER_METRICS_INTERVAL_MS: u64 = 1_000;
-
-async fn producer_metrics_loop(broker: Arc<Broker>, metrics: Arc<Metrics>) {
-    loop {
+    /// The producer table's and the cleaner's counters, and the health
+    /// notes (a topic created since may have met a storage fallback).
+    fn producers(&self, metrics: &Metrics) {
+        let broker = &self.broker;
         let s = broker.producer_stats();
         metrics.observe_producers(crate::metrics::ProducerCounters {
             entries: s.entries,
@@ -648,11 +658,13 @@ async fn producer_metrics_loop(broker: Arc<Broker>, metrics: Arc<Metrics>) {
             lag_bytes: g(&c.lag_bytes),
             progress_bytes: g(&c.progress_bytes),
         });
-        // A topic created since may have met a storage fallback.
         metrics.set_health_notes(broker.storage_notes());
-        smol::Timer::after(Duration::from_millis(PRODUCER_METRICS_INTERVAL_MS)).await;
     }
 }
+
+/// How often the cleaner looks again while it has work: its passes go
+/// on one after another at this pace until every partition has room.
+const CLEANER_INTERVAL_MS: u64 = 200;
 
 /// `skiff serve`: runs until SIGTERM or SIGINT, then stops gracefully.
 /// SIGHUP reloads: `reload` reads the config again and [`Server::reload`]
@@ -726,16 +738,21 @@ pub fn serve(
         broker.partition_count(),
         broker.backend_name()
     ));
-    let interval = watchdog.beat_interval();
-    let network = watchdog.register("network");
-    let beat_network = server.spawn(async move {
-        loop {
-            network.beat();
-            smol::Timer::after(interval).await;
-        }
+    // Beats only for a watchdog: without one they would wake an idle
+    // broker, and ping the storage thread, every second for nobody.
+    let beats = watchdog.is_enabled().then(|| {
+        let interval = watchdog.beat_interval();
+        let network = watchdog.register("network");
+        let beat_network = server.spawn(async move {
+            loop {
+                network.beat();
+                smol::Timer::after(interval).await;
+            }
+        });
+        let storage_hb = watchdog.register("storage");
+        let beat_storage = server.spawn(storage_heartbeat(broker, storage_hb, interval));
+        (beat_network, beat_storage)
     });
-    let storage_hb = watchdog.register("storage");
-    let beat_storage = server.spawn(storage_heartbeat(broker, storage_hb, interval));
     let ticker = watchdog.start().map_err(ServeError::Signals)?;
     for sig in signals.forever() {
         if sig == SIGHUP {
@@ -755,8 +772,7 @@ pub fn serve(
     }
     notify("STOPPING=1\nSTATUS=stopping: finishing requests, flushing");
     drop(ticker);
-    drop(beat_network);
-    drop(beat_storage);
+    drop(beats);
     server.stop()?;
     if let Some(path) = ready_file {
         let _ = std::fs::remove_file(path);
