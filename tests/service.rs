@@ -401,3 +401,70 @@ fn the_ready_file_names_the_bound_ports_and_goes_at_a_clean_stop() {
         stderr(&o)
     );
 }
+
+/// Voluntary context switches of every thread of `pid`: how often the
+/// process went to sleep, so how often something woke it.
+fn wakeups(pid: u32) -> u64 {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc") {
+        let status = std::fs::read_to_string(task.expect("task").path().join("status"));
+        // A thread may end between the listing and the read.
+        let Ok(status) = status else { continue };
+        n += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    n
+}
+
+/// An idle broker sleeps, its groups, share groups and cleaner included:
+/// timers that tick while nothing is due, and metrics copied on a timer,
+/// woke it some 200 times a second (mosquitto, idle on the same machine:
+/// 9). Counted in context switches, not time, so a busy machine does not
+/// change the figure much.
+#[test]
+fn an_idle_broker_sleeps() {
+    let b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    assert_ok(&b.cli(&["topics", "create", "t", "--cleanup", "compact"]));
+    let keyed = b.cli_stdin(
+        &["produce", "t", "--key", "k"],
+        Some(b"1\n2\n3\n4\n5\n6\n".as_slice()),
+    );
+    assert_ok(&keyed);
+    // A group that committed and left, and a share group whose records
+    // were all accepted: both keep state, and nothing of theirs is due.
+    assert_ok(&b.cli(&[
+        "consume", "t", "--group", "g", "--from", "earliest", "--count", "6",
+    ]));
+    assert_ok(&b.cli(&[
+        "consume",
+        "t",
+        "--share-group",
+        "s",
+        "--from",
+        "earliest",
+        "--exec",
+        "cat >/dev/null",
+        "--count",
+        "6",
+    ]));
+    std::thread::sleep(Duration::from_millis(500));
+    let window = Duration::from_secs(4);
+    let before = wakeups(b.pid());
+    std::thread::sleep(window);
+    let woken = wakeups(b.pid()) - before;
+    assert!(
+        woken <= 60,
+        "an idle broker woke {woken} times in {window:?}; at most 60 expected"
+    );
+    // What the metrics copy from the coordinators is read when scraped.
+    let (status, body) = http_get(&b.metrics_addr(), "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("skiff_group_lag_records{") && l.ends_with(" 0")),
+        "the group's lag in:\n{body}"
+    );
+}

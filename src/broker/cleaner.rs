@@ -711,8 +711,9 @@ impl super::Broker {
         out
     }
 
-    /// The cleaner's loop: every `interval`, or when a ring rolls, compacts the
-    /// partitions that need room. Ends when the broker stops.
+    /// The cleaner's loop: when a ring rolls or a topic is made compacted,
+    /// and every `interval` while it has work, compacts the partitions
+    /// that need room. Ends when the broker stops.
     pub async fn run_cleaner(self: Arc<Self>, interval: std::time::Duration) {
         let stopping = self.stopping();
         // Partitions where the last run found nothing to do, and their end
@@ -720,6 +721,11 @@ impl super::Broker {
         let mut idle: BTreeMap<(String, u32), u64> = BTreeMap::new();
         loop {
             let rolled = self.storage.roll_listener();
+            let made_compacted = self.cleanup_changed.listen();
+            // A pass that compacted, or failed, is followed by another in
+            // `interval`; otherwise only a roll or a newly compacted topic
+            // can make work.
+            let mut busy = false;
             for (topic, p) in self.partitions_to_clean().await {
                 if stopping.is_triggered() {
                     return;
@@ -730,6 +736,7 @@ impl super::Broker {
                 }
                 match self.compact_partition(&topic, p).await {
                     Ok(r) if r.segments_merged > 0 => {
+                        busy = true;
                         idle.remove(&(topic.clone(), p));
                         log::debug!("{topic}/{p}: {r:?}");
                     }
@@ -737,12 +744,14 @@ impl super::Broker {
                         idle.insert((topic.clone(), p), end);
                     }
                     Err(BrokerError::ShuttingDown) => return,
-                    Err(e) => log::warn!("{topic}/{p}: compaction failed: {e}"),
+                    Err(e) => {
+                        busy = true;
+                        log::warn!("{topic}/{p}: compaction failed: {e}");
+                    }
                 }
             }
-            let tick = async {
-                smol::Timer::after(interval).await;
-            };
+            let next = if busy { interval } else { super::IDLE_TIMERS };
+            let tick = super::sleep_unless(made_compacted, next);
             let stop = async {
                 stopping.wait().await;
             };

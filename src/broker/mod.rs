@@ -63,6 +63,22 @@ const TOPICS_META_FILE: &str = "topics.meta";
 /// old files unreadable.
 const MSGID_META_FILE: &str = "msgid.meta";
 
+/// How long the coordinators' timers and the cleaner sleep with nothing
+/// due. What makes something due wakes them at once (a lock taken, a
+/// member joining, a transaction begun, a ring rolling); this bounds how
+/// late a change that does not is seen. Ticking while idle instead woke
+/// the broker some 50 times a second (docs/performance.md, "An idle
+/// broker").
+pub(crate) const IDLE_TIMERS: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sleeps for `d`, or until `wake` is notified.
+pub(crate) async fn sleep_unless(wake: event_listener::EventListener, d: std::time::Duration) {
+    futures_lite::future::or(wake, async {
+        smol::Timer::after(d).await;
+    })
+    .await;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicMeta {
     pub partitions: u32,
@@ -235,6 +251,8 @@ pub struct Broker {
     /// Compacted topics' settings (see `cleaner`).
     cleanup: RwLock<cleaner::CleanupTable>,
     cleanup_path: PathBuf,
+    /// Notified when a topic is made compacted: wakes the cleaner.
+    cleanup_changed: Event,
     cleaner_limits: cleaner::CleanerLimits,
     /// The one key map: held by the compaction that runs (one at a time).
     key_map: smol::lock::Mutex<cleaner::KeyMap>,
@@ -328,6 +346,7 @@ impl Broker {
             msgid_path,
             cleanup: RwLock::new(cleanup),
             cleanup_path,
+            cleanup_changed: Event::new(),
             key_map: smol::lock::Mutex::new(cleaner::KeyMap::new(&cleaner_limits)),
             cleaner_limits,
             cleaner_stats: cleaner::CleanerStats::default(),
@@ -691,6 +710,7 @@ impl Broker {
         };
         if *table != before {
             meta::write_atomic(&self.cleanup_path, &*table).map_err(StorageError::Meta)?;
+            self.cleanup_changed.notify(usize::MAX);
         }
         Ok(())
     }

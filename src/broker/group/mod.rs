@@ -366,6 +366,8 @@ pub struct Coordinator {
     groups: Mutex<BTreeMap<String, Group>>,
     /// Notified at every change of a group's state; waiting joins look.
     changed: Event,
+    /// Notified when a member joins: its session needs the timers.
+    timers: Event,
     queue: async_channel::Sender<Pending>,
     queued: async_channel::Receiver<Pending>,
     commits: AtomicU64,
@@ -460,6 +462,7 @@ impl Coordinator {
             config,
             groups: Mutex::new(BTreeMap::new()),
             changed: Event::new(),
+            timers: Event::new(),
             queue,
             queued,
             commits: AtomicU64::new(0),
@@ -574,6 +577,7 @@ impl Coordinator {
         let member_id = {
             let mut groups = self.lock();
             let (id, immediate) = self.join_locked(&mut groups, spec)?;
+            self.timers.notify(usize::MAX);
             if let Some(j) = immediate {
                 return Ok(j);
             }
@@ -802,24 +806,28 @@ impl Coordinator {
     }
 
     /// Session timeouts, rebalance deadlines and offset expiry, checked
-    /// every [`TICK`] until the broker stops.
+    /// every [`TICK`] while a group has members, until the broker stops.
+    /// Without members only offsets expire: it sleeps until the first is
+    /// due, or a member joins (`timers`).
     pub async fn run_timers(self: Arc<Self>) {
         let stopping = self.broker.stopping();
         while !stopping.is_triggered() {
-            futures_lite::future::or(
-                async {
-                    smol::Timer::after(TICK).await;
-                },
-                stopping.wait(),
-            )
-            .await;
-            self.tick(Instant::now(), now_ms()).await;
+            // Listening before the pass: a join during it wakes the next.
+            let wake = self.timers.listen();
+            let next = self.tick(Instant::now(), now_ms()).await;
+            futures_lite::future::or(crate::broker::sleep_unless(wake, next), stopping.wait())
+                .await;
         }
     }
 
-    async fn tick(&self, now: Instant, wall_ms: i64) {
+    /// One pass of the timers. Returns when the next is due: a [`TICK`]
+    /// with members; without, when the first offsets expire, or
+    /// [`crate::broker::IDLE_TIMERS`]. A group emptied or made later
+    /// expires `offsets_retention_ms` after it, no sooner.
+    async fn tick(&self, now: Instant, wall_ms: i64) -> Duration {
         let mut expired: Vec<(String, Vec<Tp>)> = Vec::new();
         let mut changed = false;
+        let next;
         {
             let mut groups = self.lock();
             let partitions = self.partition_counts();
@@ -850,6 +858,20 @@ impl Coordinator {
                 }
             }
             groups.retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
+            next = if groups.values().any(|g| !g.members.is_empty()) {
+                TICK
+            } else {
+                let retention = self.config.offsets_retention_ms;
+                let first = groups
+                    .values()
+                    .map(|g| {
+                        g.empty_since_ms
+                            .saturating_add(i64::try_from(retention).unwrap_or(i64::MAX))
+                    })
+                    .min()
+                    .map_or(u64::MAX, |due| due.saturating_sub(wall_ms).max(0) as u64);
+                Duration::from_millis(first.min(retention)).clamp(TICK, crate::broker::IDLE_TIMERS)
+            };
         }
         if changed {
             self.changed.notify(usize::MAX);
@@ -869,6 +891,7 @@ impl Coordinator {
                 log::warn!("group {group}: expired offsets not deleted: {e}");
             }
         }
+        next
     }
 
     // ------------------------------------------------------------ offsets

@@ -154,6 +154,29 @@ fn a_silent_member_is_removed_after_its_session_timeout() {
     ));
 }
 
+/// The timers tick while a group has members; without, they sleep until
+/// the first offsets expire, as long as an idle broker's timers sleep at
+/// most, so an idle broker is not woken.
+#[test]
+fn the_timers_tick_for_members_and_otherwise_sleep_until_offsets_expire() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let idle = crate::broker::IDLE_TIMERS;
+    assert_eq!(block_on(c.tick(Instant::now(), now_ms())), idle, "no group");
+    let a = block_on(c.join(spec(None, &BTreeSet::new()))).unwrap();
+    assert_eq!(block_on(c.tick(Instant::now(), now_ms())), TICK, "a member");
+    c.leave("g", &a.member_id).unwrap();
+    block_on(c.commit("g", None, vec![(tp(0), 1, None)])).unwrap();
+    let now = now_ms();
+    // Its offsets expire in 60 s.
+    assert_eq!(block_on(c.tick(Instant::now(), now)), idle);
+    let due = block_on(c.tick(Instant::now(), now + 57_000));
+    assert!(
+        due > Duration::from_secs(2) && due <= Duration::from_secs(3),
+        "woken when they expire, not before: {due:?}"
+    );
+}
+
 #[test]
 fn commits_are_durable_batched_and_expire_when_the_group_stays_empty() {
     let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));

@@ -462,6 +462,8 @@ pub struct ShareCoordinator {
     parts: Mutex<BTreeMap<SpKey, SharePartition>>,
     /// Notified when records become available (release, expiry).
     changed: Event,
+    /// Notified when a fetch locks records: wakes the expiry pass.
+    timers: Event,
     queue: async_channel::Sender<Pending>,
     queued: async_channel::Receiver<Pending>,
     redeliveries: AtomicU64,
@@ -517,6 +519,7 @@ impl ShareCoordinator {
             config,
             parts: Mutex::new(BTreeMap::new()),
             changed: Event::new(),
+            timers: Event::new(),
             queue,
             queued,
             redeliveries: AtomicU64::new(0),
@@ -717,6 +720,10 @@ impl ShareCoordinator {
                 let (got, changed) = self
                     .acquire_partition(&key, &member, want, &settings, spec.from_earliest)
                     .await?;
+                if !got.is_empty() {
+                    // Locked now: their deadlines need the expiry pass.
+                    self.timers.notify(usize::MAX);
+                }
                 out.extend(got);
                 if changed {
                     dirty.push(key);
@@ -1232,26 +1239,39 @@ impl ShareCoordinator {
     /// Expires locks (the record is available again, or dead after
     /// `max_deliveries`) and sends records recovered at their last
     /// delivery to the dead-letter topic.
+    ///
+    /// Every [`TICK`] while a record is locked; with none, asleep until a
+    /// fetch locks one (`timers`), so an idle broker is not woken.
     pub async fn run_timers(self: Arc<Self>) {
         loop {
-            smol::Timer::after(TICK).await;
-            self.expire().await;
+            // Listening before the pass: a lock taken during it wakes the next.
+            let wake = self.timers.listen();
+            if self.expire().await {
+                drop(wake);
+                smol::Timer::after(TICK).await;
+            } else {
+                crate::broker::sleep_unless(wake, crate::broker::IDLE_TIMERS).await;
+            }
         }
     }
 
-    /// One expiry pass.
-    pub async fn expire(&self) {
+    /// One expiry pass. Returns whether a record is still locked.
+    pub async fn expire(&self) -> bool {
         let now = Instant::now();
         self.members_lock().retain(|_, until| *until > now);
         let mut dying = Vec::new();
         let mut freed = false;
+        let mut locked = false;
         {
             let mut parts = self.lock();
             for (key, sp) in parts.iter_mut() {
                 let max = self.config.settings(&key.0, &key.1).max_deliveries;
                 for (&o, r) in sp.records.iter_mut() {
                     let expired = match &r.state {
-                        RecState::Acquired { deadline, .. } => *deadline <= now,
+                        RecState::Acquired { deadline, .. } => {
+                            locked |= *deadline > now;
+                            *deadline <= now
+                        }
                         RecState::Available { .. } => false,
                         RecState::Dying | RecState::Done => continue,
                     };
@@ -1280,12 +1300,12 @@ impl ShareCoordinator {
             self.changed.notify(usize::MAX);
         }
         if dying.is_empty() {
-            return;
+            return locked;
         }
         let keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
         if let Err(e) = self.dead_letter(dying).await {
             log::warn!("share groups: dead-letter write failed: {e}");
-            return;
+            return locked;
         }
         if self.settle(&keys) {
             self.changed.notify(usize::MAX);
@@ -1293,6 +1313,7 @@ impl ShareCoordinator {
         if let Err(e) = self.write(keys.into_iter().collect()).await {
             log::warn!("share log: write failed: {e}");
         }
+        locked
     }
 
     // ------------------------------------------------------------ the log

@@ -277,6 +277,22 @@ fn keys(c: &ShareCoordinator) -> Vec<SpKey> {
     c.lock().keys().cloned().collect()
 }
 
+/// The expiry pass says whether a lock is left to expire: with none, the
+/// timers sleep until a fetch takes one (`run_timers`).
+#[test]
+fn the_expiry_pass_says_whether_records_are_still_locked() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig, ShareConfig::default());
+    fill(c.broker(), "t", 3);
+    assert!(!block_on(c.expire()), "nothing taken yet");
+    assert_eq!(take(&c, "t", "w", 3).len(), 3);
+    assert!(block_on(c.expire()), "three locked");
+    ack(&c, "t", "w", &[0, 1], AckKind::Accept);
+    assert!(block_on(c.expire()), "one still locked");
+    ack(&c, "t", "w", &[2], AckKind::Accept);
+    assert!(!block_on(c.expire()), "all accepted");
+}
+
 #[test]
 fn a_deleted_group_and_a_deleted_topic_leave_no_state_across_a_restart() {
     let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));

@@ -49,8 +49,6 @@ const LOG_REWRITE_BYTES: u64 = LOG_SEGMENT_BYTES * LOG_SEGMENTS as u64 / 4;
 const LOG_BATCH_BYTES: usize = 60 * 1024;
 /// How often timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
-/// How often aborted ranges that left their partition's ring are dropped.
-const FORGET_EVERY_TICKS: u32 = 100;
 /// The marker record's key: `[version, type]`.
 const MARKER_ABORT: u8 = 0;
 const MARKER_COMMIT: u8 = 1;
@@ -237,6 +235,8 @@ pub struct Coordinator {
     /// writes every one queued so far (group commit, one fsync for the
     /// changes of many transactions).
     log_queue: Mutex<Vec<QueuedWrite>>,
+    /// Notified when a transaction begins: its timeout needs the timers.
+    timers: event_listener::Event,
     pub stats: TxnStats,
 }
 
@@ -265,6 +265,7 @@ impl Coordinator {
             by_producer: Mutex::new(HashMap::new()),
             log: smol::lock::Mutex::new(0),
             log_queue: Mutex::new(Vec::new()),
+            timers: event_listener::Event::new(),
             stats: TxnStats::default(),
         };
         smol::block_on(c.load())?;
@@ -485,6 +486,7 @@ impl Coordinator {
             now_ms(&self.broker),
             ": no more records until it is done",
         )?;
+        self.timers.notify(usize::MAX);
         if st
             .rec
             .partitions
@@ -526,6 +528,7 @@ impl Coordinator {
         let mut st = entry.lock_arc().await;
         check_epoch(&st, producer_id, epoch)?;
         begin_unless_ongoing(&mut st, now_ms(&self.broker), "")?;
+        self.timers.notify(usize::MAX);
         for ((t, p), offset) in offsets {
             st.rec
                 .offsets
@@ -635,11 +638,17 @@ impl Coordinator {
     /// Aborts transactions past their timeout (fencing their producer),
     /// retries recoveries that failed, and forgets aborted ranges that
     /// left their partition's ring.
+    ///
+    /// Every [`TICK`] while a transaction is open or ending (or was busy);
+    /// with none, asleep until one begins (`timers`), but for the ranges
+    /// forgotten every [`crate::broker::IDLE_TIMERS`].
     pub async fn run_timers(self: Arc<Self>) {
-        let mut ticks = 0u32;
+        let mut forgotten = std::time::Instant::now();
         loop {
-            smol::Timer::after(TICK).await;
-            ticks = ticks.wrapping_add(1);
+            // Listening before the pass: a transaction begun during it
+            // wakes the next.
+            let wake = self.timers.listen();
+            let mut open = false;
             let now = now_ms(&self.broker);
             let entries: Vec<Entry> = self
                 .by_id
@@ -650,8 +659,14 @@ impl Coordinator {
                 .collect();
             for e in entries {
                 let Some(mut st) = e.try_lock_arc() else {
+                    // In a request's hands: it may be one that begins.
+                    open = true;
                     continue;
                 };
+                open |= matches!(
+                    st.rec.phase,
+                    Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
+                );
                 let r = match st.rec.phase {
                     Phase::Ongoing if now >= st.started_ms.saturating_add(st.rec.timeout_ms) => {
                         log::warn!(
@@ -670,13 +685,20 @@ impl Coordinator {
                     log::warn!("transaction {}: {err}", st.id);
                 }
             }
-            if ticks % FORGET_EVERY_TICKS == 0 {
+            if forgotten.elapsed() >= crate::broker::IDLE_TIMERS {
+                forgotten = std::time::Instant::now();
                 for (t, p, _) in self.index().all_aborted() {
                     match self.broker.offsets(&t, p) {
                         Ok(o) => self.index().forget_below(&t, p, o.earliest),
                         Err(_) => self.index().forget_topic(&t),
                     }
                 }
+            }
+            if open {
+                drop(wake);
+                smol::Timer::after(TICK).await;
+            } else {
+                crate::broker::sleep_unless(wake, crate::broker::IDLE_TIMERS).await;
             }
         }
     }
