@@ -89,10 +89,12 @@ fn flushes_asked_for_together_share_the_one_waiting_in_the_queue() {
         f.write_all(&[1u8; 512]).expect("write");
     }
     let before = fs.device_stats().flush_us.len();
-    // 2 MiB at 8 MiB/s: the queue is busy for 250 ms, and the first of the
-    // three flushes waits behind it while the others are asked for.
+    // 4 MiB at 8 MiB/s: the queue is busy for 500 ms, and the first of the
+    // three flushes waits behind it while the others are asked for. (With
+    // 2 MiB, 250 ms, the three threads once came too late on a loaded
+    // machine.)
     let mut big = open("big");
-    let writer = std::thread::spawn(move || big.write_all(&vec![2u8; 2 << 20]).expect("write"));
+    let writer = std::thread::spawn(move || big.write_all(&vec![2u8; 4 << 20]).expect("write"));
     std::thread::sleep(Duration::from_millis(20));
     let syncs: Vec<_> = small
         .into_iter()
