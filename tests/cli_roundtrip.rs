@@ -1020,6 +1020,48 @@ fn bench_sync_prints_the_durable_write_latency_of_a_directory() {
     assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
 }
 
+/// `skiff bench sync --rate` spaces the writes out (20 at 200 a second
+/// cannot take under 95 ms) and reports the CPU and the sleeps each cost,
+/// the floor under a lightly loaded broker's CPU per record.
+#[test]
+fn bench_sync_at_a_rate_reports_the_cpu_of_each_write() {
+    let dir = temp_dir();
+    let path = dir.path().to_str().expect("utf-8 path");
+    let started = std::time::Instant::now();
+    let out = skiff_command()
+        .args([
+            "bench", "sync", "--dir", path, "--count", "20", "--rate", "200",
+        ])
+        .output()
+        .expect("running skiff");
+    let elapsed = started.elapsed();
+    assert_ok(&out);
+    assert!(
+        elapsed >= std::time::Duration::from_millis(95),
+        "{elapsed:?}"
+    );
+    let s = &json_lines(&out)[0];
+    assert_eq!(s["rate"], 200);
+    let cpu = s["cpu_us_per_write"].as_f64().expect("cpu_us_per_write");
+    assert!(cpu > 0.0, "{s}");
+    // At least the 19 sleeps between the 20 writes.
+    let switches = s["voluntary_switches_per_write"]
+        .as_f64()
+        .expect("switches");
+    assert!(switches >= 19.0 / 20.0, "{s}");
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", path, "--count", "10"])
+        .output()
+        .expect("running skiff");
+    assert_ok(&out);
+    assert!(json_lines(&out)[0]["rate"].is_null());
+    let out = skiff_command()
+        .args(["bench", "sync", "--dir", path, "--rate", "0"])
+        .output()
+        .expect("running skiff");
+    assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
+}
+
 /// With --partitions, producer i writes to partition i mod N: every
 /// partition gets its producer's share, and the line names the count.
 #[test]

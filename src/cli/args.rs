@@ -671,6 +671,13 @@ pub struct BenchSyncArgs {
     /// Durable writes to time.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub count: u64,
+    /// Space the writes out to this many a second, sleeping between them as
+    /// a lightly loaded broker does between records, and report the CPU
+    /// each costs: the floor under the broker's CPU per record at that
+    /// rate (`skiff bench produce --rate ... --broker-pid`). Without it,
+    /// the writes go back to back.
+    #[arg(long, value_name = "WRITES_PER_S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rate: Option<u64>,
 }
 
 #[derive(Args, Debug)]

@@ -1164,22 +1164,26 @@ pub fn sync(a: BenchSyncArgs) -> ExitCode {
         Ok(_) => return fail(EXIT_RUNTIME, format!("bench sync {dir}: not a directory")),
         Err(e) => return fail(EXIT_RUNTIME, format!("bench sync {dir}: {e}")),
     }
-    let times = match sync_latencies(&a.dir, a.count as usize) {
-        Ok(t) => t,
+    let run = match sync_latencies(&a.dir, a.count as usize, a.rate) {
+        Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench sync {dir}: {e}")),
     };
     let mut hist = histogram();
-    for t in &times {
+    for t in &run.times {
         hist.saturating_record((t.as_micros() as u64).max(1));
     }
+    let per_write = |total: f64| total / a.count as f64;
     outln!(
         "{}",
         serde_json::json!({
             "workload": "sync",
             "dir": dir.to_string(),
             "count": a.count,
+            "rate": a.rate,
             "write_bytes": SYNC_WRITE_BYTES,
             "sync_us": percentiles(&hist),
+            "cpu_us_per_write": run.cpu.map(|c| per_write(c.as_secs_f64() * 1e6)),
+            "voluntary_switches_per_write": run.voluntary_switches.map(|n| per_write(n as f64)),
         })
     );
     ExitCode::SUCCESS

@@ -155,12 +155,31 @@ pub const SYNC_WRITE_BYTES: usize = BLOCK_BYTES;
 /// The pre-written region [`sync_latencies`] cycles through.
 const SYNC_REGION_BYTES: u64 = 1 << 20;
 
+/// What [`sync_latencies`] measured.
+#[derive(Debug)]
+pub struct SyncRun {
+    /// Each step's write and fdatasync, timed together.
+    pub times: Vec<Duration>,
+    /// The measuring thread's CPU (user + system) over all the steps and,
+    /// when paced, the sleeps between them; None where the platform does not
+    /// count a thread's own.
+    pub cpu: Option<Duration>,
+    /// The times the thread went to sleep over the same span.
+    pub voluntary_switches: Option<u64>,
+}
+
 /// The device's own durable-write latency, outside skiff: `count` steps,
 /// each one block written with O_DIRECT over blocks written before (as a
 /// segment's tail is) followed by an fdatasync, timed together. What an
 /// ack waits for at least; docs/performance.md puts its p99 beside ack
 /// p99s.
-pub fn sync_latencies(dir: &Path, count: usize) -> io::Result<Vec<Duration>> {
+///
+/// With `per_second`, the steps are spaced out to that many a second and
+/// the thread sleeps between them, as a lightly loaded broker does between
+/// records. Its CPU per step is then the floor under a broker's CPU per
+/// record at that rate: on a VM, waking from idle costs several times the
+/// write and flush themselves (docs/performance.md, "A light load").
+pub fn sync_latencies(dir: &Path, count: usize, per_second: Option<u64>) -> io::Result<SyncRun> {
     let file = ScratchFile::new(dir)?;
     let mut writer = Writer::open(&file.path)?;
     writer.allocate(SYNC_REGION_BYTES)?;
@@ -176,14 +195,53 @@ pub fn sync_latencies(dir: &Path, count: usize) -> io::Result<Vec<Duration>> {
     let mut block = AlignedBuf::new(SYNC_WRITE_BYTES).map_err(io::Error::other)?;
     let blocks = SYNC_REGION_BYTES / SYNC_WRITE_BYTES as u64;
     let mut times = Vec::with_capacity(count);
+    let before = thread_usage();
+    let start = Instant::now();
     for i in 0..count {
+        if let Some(rate) = per_second.filter(|&r| r > 0) {
+            // Due times from the start, so a slow step does not shift the rest.
+            let due =
+                start + Duration::from_nanos((i as u128 * 1_000_000_000 / rate as u128) as u64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
         block[0] = i as u8;
         let started = Instant::now();
         f.write_all_at(&block, (i as u64 % blocks) * SYNC_WRITE_BYTES as u64)?;
         f.sync_data()?;
         times.push(started.elapsed());
     }
-    Ok(times)
+    let after = thread_usage();
+    let (cpu, voluntary_switches) = match (before, after) {
+        (Some(b), Some(a)) => (Some(a.0.saturating_sub(b.0)), Some(a.1.saturating_sub(b.1))),
+        _ => (None, None),
+    };
+    Ok(SyncRun {
+        times,
+        cpu,
+        voluntary_switches,
+    })
+}
+
+/// This thread's CPU time (user + system) and voluntary context switches.
+#[cfg(target_os = "linux")]
+fn thread_usage() -> Option<(Duration, u64)> {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given,
+    // which points at one, and reads nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, u.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: zeroed is a valid rusage, and the call above succeeded.
+    let u = unsafe { u.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some((tv(u.ru_utime) + tv(u.ru_stime), u.ru_nvcsw as u64))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_usage() -> Option<(Duration, u64)> {
+    None
 }
 
 /// Completed flush requests of the block device holding `dir` (field 16 of
