@@ -696,6 +696,35 @@ fn a_missing_upstream_topic_is_reported_unless_create_topics() {
             .contains("mirror.create_topics"),
         "{s}"
     );
+    // Each attempt connects and then fails: that is not the link coming up,
+    // so the backoff grows (50 ms doubling to 500 here) and the log keeps
+    // its one line, and no transaction was opened to be counted aborted.
+    std::thread::sleep(scaled(Duration::from_secs(3)));
+    let log = b.log();
+    assert_eq!(log.matches("mirror: link down").count(), 1, "{log}");
+    // (Up once, before the source topic had records to send.)
+    let ups = log.matches("mirror: link up").count();
+    assert!(ups <= 1, "{log}");
+    let s = status_json(&b);
+    assert_eq!(s["link"], "down", "{s}");
+    assert_eq!(s["transactions_aborted"], 0, "{s}");
+    // Once the topic is there, the records go and the link is up.
+    let client = up.client();
+    smol::block_on(client.create_topic(&skiff::mirror::kafka::NewTopic {
+        name: "not-there".to_owned(),
+        partitions: 1,
+        replication_factor: -1,
+        configs: Vec::new(),
+    }))
+    .expect("create the upstream topic");
+    wait_upstream(&client, "not-there", 5, Duration::from_secs(30));
+    // Logged once the round that sent them is over.
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    while b.log().matches("mirror: link up").count() == ups {
+        assert!(Instant::now() < deadline, "{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.log().matches("mirror: link up").count(), ups + 1);
 }
 
 #[test]

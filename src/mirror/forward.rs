@@ -329,6 +329,9 @@ pub struct Forwarder {
     checkpoints_read: bool,
     /// The kind of failure last logged while the link is down.
     logged: Option<&'static str>,
+    /// The session that just failed had a transaction open, which the
+    /// next session's InitProducerId aborts.
+    lost_transaction: bool,
     /// Round sizes and the bandwidth cap; lives across sessions, so a
     /// reconnect does not refill the bucket.
     pace: Pace,
@@ -381,6 +384,7 @@ impl Forwarder {
             failures: 0,
             checkpoints_read: false,
             logged: None,
+            lost_transaction: false,
             pace,
             shares: Shares::new(rules),
             committed_upstream: vec![0; rules],
@@ -408,12 +412,14 @@ impl Forwarder {
         while !self.stopping.is_triggered() {
             let result = self.session().await;
             let Err(failure) = result else { return };
-            if self.status.report().link == Link::Up {
-                // The transaction open when the session failed is aborted
-                // by the next session's InitProducerId.
+            if std::mem::take(&mut self.lost_transaction) {
                 self.status.transaction_ended(false);
                 if let Some(m) = &self.metrics {
                     m.mirror_transaction(false);
+                }
+            }
+            if self.status.report().link == Link::Up {
+                if let Some(m) = &self.metrics {
                     m.set_mirror_link(false);
                 }
             }
@@ -501,6 +507,16 @@ impl Forwarder {
             cursor.next = self.checkpoints.get(key).copied().unwrap_or(0);
             cursor.known = true;
         }
+        let result = self.forward_until_stopped(&client, &mut producer).await;
+        self.lost_transaction = result.is_err() && producer.in_transaction();
+        result
+    }
+
+    /// The link is up once a round went through: connecting and reading
+    /// the checkpoints is not enough, since a round can fail on every
+    /// attempt (a missing upstream topic), and counting those as up would
+    /// reset the backoff and log each attempt.
+    fn link_confirmed(&mut self) {
         self.failures = 0;
         self.logged = None;
         if let Some(m) = &self.metrics {
@@ -514,13 +530,25 @@ impl Forwarder {
                 self.checkpoints.len()
             );
         }
+    }
+
+    async fn forward_until_stopped(
+        &mut self,
+        client: &KafkaClient,
+        producer: &mut Producer,
+    ) -> Result<(), Failure> {
+        let mut confirmed = false;
         let mut last_contact = std::time::Instant::now();
         loop {
             if self.stopping.is_triggered() {
                 return Ok(());
             }
             self.refresh_sources();
-            let sent = self.forward_once(&client, &mut producer).await?;
+            let sent = self.forward_once(client, producer).await?;
+            if !confirmed {
+                confirmed = true;
+                self.link_confirmed();
+            }
             self.publish_backlog();
             if sent {
                 last_contact = std::time::Instant::now();
