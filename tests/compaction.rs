@@ -491,7 +491,16 @@ fn the_disk_budget_refuses_a_topic_past_it_naming_budget_use_and_ask() {
     assert_ok(&create("a", &[]));
     // A compacted topic reserves one more segment per partition (the
     // merge's scratch file): 1.25 MiB.
-    assert_ok(&create("c", &["--cleanup", "compact"]));
+    let o = create("c", &["--cleanup", "compact"]);
+    assert_ok(&o);
+    // And says so when it is made.
+    assert!(
+        stdout(&o).contains(
+            "disk_reserved: 1.2 MiB (1 partition(s) x 4 segments + 1 for compaction x 256 KiB)"
+        ),
+        "{}",
+        stdout(&o)
+    );
     let o = b.cli(&["topics", "list", "--format", "json"]);
     assert_ok(&o);
     let j: Value = serde_json::from_str(&stdout(&o)).expect("json");

@@ -44,13 +44,20 @@ pub(super) fn connect(broker: &BrokerArg) -> Result<Client, ExitCode> {
 /// The disk a topic's rings reserve: allocated when it is created, never
 /// more, given back when it is deleted.
 fn disk_reserved(c: &TopicConfig) -> String {
-    let ring = c.segment_bytes.saturating_mul(u64::from(c.segments));
-    let total = ring.saturating_mul(u64::from(c.partitions));
+    // A compacted partition also reserves the scratch segment a compaction
+    // writes before its rename (the broker's disk budget counts it).
+    let compacted = c.cleanup.as_deref().is_some_and(|p| p.contains("compact"));
+    let per_partition = u64::from(c.segments) + u64::from(compacted);
+    let total = c
+        .segment_bytes
+        .saturating_mul(per_partition)
+        .saturating_mul(u64::from(c.partitions));
     format!(
-        "{} ({} partition(s) x {} segments x {})",
+        "{} ({} partition(s) x {} segments{} x {})",
         human(total),
         c.partitions,
         c.segments,
+        if compacted { " + 1 for compaction" } else { "" },
         human(c.segment_bytes)
     )
 }
