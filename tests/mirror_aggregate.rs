@@ -528,3 +528,36 @@ fn kill_9_while_aggregating_keeps_every_window_once_and_as_a_clean_run_has_it() 
     // Only the two far-future windows are left open.
     wait_status(&b, |r| r["open_windows"] == 2 && r["backlog_records"] == 0);
 }
+
+/// The text status names an aggregate rule's counters as soon as any is
+/// counted: a rule that has seen only malformed values has no window yet,
+/// and the log's "skiff mirror status counts them all" must hold for it.
+#[test]
+fn the_text_status_counts_malformed_values_before_any_window() {
+    let tansu = Tansu::start();
+    let p = Params {
+        window_ms: 1000,
+        lateness_ms: 0,
+        max_open_windows: 10,
+    };
+    let b = Broker::start(&config(&tansu.addr(), "gw-text", &p, ""));
+    assert_ok(&b.cli(&["topics", "create", "sensors.temp", "--partitions", "1"]));
+    assert_ok(&b.cli(&[
+        "produce",
+        "sensors.temp",
+        "--key",
+        "k",
+        "not json",
+        "{\"c\": \"warm\"}",
+    ]));
+    wait_status(&b, |r| r["malformed_records"] == 2);
+    let o = b.cli(&["mirror", "status"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains(
+            "windows: 0 open, 0 emitted (0 closed early), 0 late and 2 malformed record(s)"
+        ),
+        "{}",
+        stdout(&o)
+    );
+}

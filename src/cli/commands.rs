@@ -809,7 +809,14 @@ fn print_mirror_status(s: &crate::protocol::MirrorStatusResponse, format: Output
             human(r.forwarded_bytes),
             r.dropped_records
         );
-        if r.open_windows > 0 || r.windows_emitted > 0 {
+        let counted = [
+            r.open_windows,
+            r.windows_emitted,
+            r.windows_closed_early,
+            r.late_records,
+            r.malformed_records,
+        ];
+        if counted.iter().any(|&n| n > 0) {
             outln!(
                 "  windows: {} open, {} emitted ({} closed early), {} late and {} malformed record(s)",
                 r.open_windows,
