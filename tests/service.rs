@@ -468,3 +468,28 @@ fn an_idle_broker_sleeps() {
         "the group's lag in:\n{body}"
     );
 }
+
+/// A SIGHUP applies what it can and names in the log what only a restart
+/// applies, rather than leave the operator to think it took.
+#[test]
+fn a_reload_names_the_changes_only_a_restart_applies() {
+    let b = Broker::start("[share]\nlock_ms = 30000\n");
+    let text = std::fs::read_to_string(&b.config_path).expect("the config");
+    std::fs::write(
+        &b.config_path,
+        text.replace("lock_ms = 30000", "lock_ms = 5000"),
+    )
+    .expect("the config changed");
+    b.sighup();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.log().contains("applied only by a restart") {
+        assert!(Instant::now() < deadline, "{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        b.log()
+            .contains("SIGHUP: changed since start-up, applied only by a restart: share.lock_ms"),
+        "{}",
+        b.log()
+    );
+}

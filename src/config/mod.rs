@@ -453,6 +453,55 @@ fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
     ConfigError::new(top, None, kind)
 }
 
+/// The keys a SIGHUP applies (`Server::reload`): every other change waits
+/// for a restart.
+const RELOADABLE: &[&str] = &[
+    "acl",
+    "quotas",
+    "server.unix_identities",
+    "server.tls.cert",
+    "server.tls.key",
+    "server.tls.client_ca",
+    "server.tls.crl",
+];
+
+/// The dotted keys whose values differ between the config the broker
+/// started with and `new`, leaving out those a reload applies: what a
+/// SIGHUP cannot apply, for its log line to name.
+pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        if RELOADABLE.contains(&path) || a == b {
+            return;
+        }
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                let null = serde_json::Value::Null;
+                for k in keys {
+                    let sub = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &sub,
+                        a.get(k).unwrap_or(&null),
+                        b.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ => out.push(path.to_owned()),
+        }
+    }
+    let (Ok(a), Ok(b)) = (serde_json::to_value(running), serde_json::to_value(new)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
+}
+
 /// What `skiff config check FILE` prints: the effective config, then the
 /// memory budget.
 pub fn check_report(cfg: &Config) -> String {

@@ -856,3 +856,19 @@ fn mirror_rules_are_checked_and_cost_memory_only_when_on() {
     assert_eq!(err.key(), Some("mirror.upstrem"));
     assert_eq!(err.line, Some(2));
 }
+
+#[test]
+fn a_reload_names_the_changes_it_cannot_apply_and_none_it_does() {
+    let start = load_text("a.toml", "[share]\nlock_ms = 30000\n").expect("config");
+    let new = load_text(
+        "a.toml",
+        "[server]\nmax_connections = 32\nunix_identities = [{ uid = 1000, identity = \"c\" }]\n\
+         [share]\nlock_ms = 5000\n[quotas]\nproduce_bytes_per_s = 1000\n",
+    )
+    .expect("config");
+    assert_eq!(
+        restart_only_changes(&start, &new),
+        ["server.max_connections", "share.lock_ms"]
+    );
+    assert!(restart_only_changes(&start, &start).is_empty());
+}

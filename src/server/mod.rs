@@ -756,13 +756,22 @@ pub fn serve(
     let ticker = watchdog.start().map_err(ServeError::Signals)?;
     for sig in signals.forever() {
         if sig == SIGHUP {
-            let outcome = reload()
-                .map_err(|e| e.to_string())
-                .and_then(|cfg| server.reload(&cfg).map_err(|e| e.to_string()));
+            let outcome = reload().map_err(|e| e.to_string()).and_then(|new| {
+                server.reload(&new).map_err(|e| e.to_string())?;
+                Ok(crate::config::restart_only_changes(cfg, &new))
+            });
             match outcome {
-                Ok(()) => log::info!(
-                    "SIGHUP: reloaded TLS files, [acl], [quotas] and server.unix_identities"
-                ),
+                Ok(ignored) => {
+                    log::info!(
+                        "SIGHUP: reloaded TLS files, [acl], [quotas] and server.unix_identities"
+                    );
+                    if !ignored.is_empty() {
+                        log::warn!(
+                            "SIGHUP: changed since start-up, applied only by a restart: {}",
+                            ignored.join(", ")
+                        );
+                    }
+                }
                 Err(e) => log::error!("SIGHUP: reload failed, nothing changed: {e}"),
             }
             continue;
