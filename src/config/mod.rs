@@ -436,15 +436,17 @@ impl Default for Config {
 }
 
 /// Attributes an error about `key` to the last layer that sets it (that is
-/// the value that won the merge). When only the embedded default sets it,
-/// the default is fine on its own and the conflict comes from a value the
-/// user changed elsewhere (`storage.max_batch_bytes` raised past the
-/// default `server.max_frame_bytes`): name the user's top layer, no line.
+/// the value that won the merge). When only a built-in layer under the
+/// user's sets it (the embedded default, or a profile under a file), that
+/// value is fine on its own and the conflict comes from a value the user
+/// changed elsewhere (`storage.max_batch_bytes` raised past the frame size
+/// the default or the profile sets): name the user's top layer, no line.
 fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
     let top = layers.last().map(|l| l.origin.name()).unwrap_or_default();
-    for layer in layers.iter().rev() {
+    let top_index = layers.len().saturating_sub(1);
+    for (i, layer) in layers.iter().enumerate().rev() {
         if let Some(line) = layer.line_of_key(key) {
-            if layer.origin == Origin::Embedded && layers.len() > 1 {
+            if !matches!(layer.origin, Origin::File(_)) && i < top_index {
                 break;
             }
             return ConfigError::new(layer.origin.name(), line, kind);

@@ -639,19 +639,24 @@ fn human_sizes() {
 }
 
 #[test]
-fn a_conflict_with_an_untouched_default_names_the_users_file() {
-    // The file raises the batch size; the default frame size no longer
-    // holds a batch. The key at fault is the frame size, the file is the
-    // user's, and there is no line to point at.
-    let err = load_text("raise.toml", "[storage]\nmax_batch_bytes = 2097152\n")
-        .expect_err("frame too small for the batch");
-    assert_eq!(err.key(), Some("server.max_frame_bytes"));
-    assert_eq!(err.line, None);
-    assert!(
-        err.to_string()
-            .contains("raise.toml: invalid 'server.max_frame_bytes'"),
-        "{err}"
-    );
+fn a_conflict_with_an_untouched_default_or_profile_value_names_the_users_file() {
+    // The file raises the batch size; the frame size of the default (or of
+    // the built-in profile under the file) no longer holds a batch. The key
+    // at fault is the frame size, the file is the user's, and there is no
+    // line to point at.
+    for text in [
+        "[storage]\nmax_batch_bytes = 2097152\n",
+        "profile = \"pi4-sd\"\n[storage]\nmax_batch_bytes = 1048576\n",
+    ] {
+        let err = load_text("raise.toml", text).expect_err("frame too small for the batch");
+        assert_eq!(err.key(), Some("server.max_frame_bytes"));
+        assert_eq!(err.line, None);
+        assert!(
+            err.to_string()
+                .contains("raise.toml: invalid 'server.max_frame_bytes'"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
