@@ -280,6 +280,48 @@ fn a_killed_workers_locked_record_returns_after_lock_ms() {
     assert!(returned >= Duration::from_millis(1500), "{returned:?}");
 }
 
+/// SIGTERM stops a worker's command (what the shell started too) and
+/// gives its record back at once: the next worker has it well before
+/// lock_ms, and nothing of the stopped command runs on.
+#[test]
+fn a_worker_stopped_by_sigterm_stops_its_command_and_releases_the_record() {
+    let b = Broker::start("[share]\nlock_ms = 60000\n");
+    create(&b, "tasks", 1);
+    produce(&b, "tasks", &["only".to_owned()]);
+    let pid_file = b.dir.path().join("sleep.pid");
+    let script = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
+    let stuck = worker(&b, "tasks", "t", &script, &[]);
+    wait_until(WAIT, "the command has started", || {
+        !lines(&pid_file).is_empty()
+    });
+    let sleep_pid: i32 = lines(&pid_file)[0].parse().expect("a pid");
+    let stopped = Instant::now();
+    // SAFETY: a signal to the worker this test spawned.
+    unsafe { libc::kill(stuck.id() as i32, libc::SIGTERM) };
+    wait_exit(stuck);
+    // SAFETY: signal 0 sends nothing; it asks whether the process exists.
+    let gone = || unsafe { libc::kill(sleep_pid, 0) } != 0;
+    wait_until(WAIT, "the command's own child is gone", gone);
+
+    let log = b.dir.path().join("done");
+    let script = format!(
+        r#"v=$(cat); echo "$SKIFF_DELIVERY_COUNT $v" >> {}"#,
+        log.display()
+    );
+    let mut w = worker(&b, "tasks", "t", &script, &[]);
+    wait_until(WAIT, "the record is handled again", || {
+        !lines(&log).is_empty()
+    });
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(lines(&log), ["2 only"]);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        stopped.elapsed()
+    );
+}
+
 #[test]
 fn dlq_replay_publishes_each_dead_record_back_once() {
     let b = Broker::start("");

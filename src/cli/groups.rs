@@ -2,8 +2,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::client::{Client, ClientError, GroupConfig, GroupConsumer, OffsetReset, StartFrom};
@@ -45,15 +44,10 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     if let Err(code) = check_broker(&args.broker.broker) {
         return code;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            return fail(
-                super::EXIT_RUNTIME,
-                format!("cannot install signal handlers: {e}"),
-            );
-        }
-    }
+    let stop = match super::stop_flag() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let client = match connect(&args.broker) {
         Ok(c) => c,
         Err(code) => return code,

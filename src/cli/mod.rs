@@ -62,6 +62,22 @@ pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// A flag SIGINT and SIGTERM set, for a long-running command to stop
+/// cleanly at: a group member leaves its group, a queue worker gives its
+/// record back.
+pub(crate) fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            return Err(fail(
+                EXIT_RUNTIME,
+                format!("cannot install signal handlers: {e}"),
+            ));
+        }
+    }
+    Ok(stop)
+}
+
 /// Logging for every command: `RUST_LOG` wins over `level`; no timestamps
 /// under systemd, where journald adds its own.
 pub fn init_logging(level: &str) {

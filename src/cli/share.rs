@@ -2,7 +2,9 @@
 //! `skiff dlq list|replay` (docs/queues.md).
 
 use std::io::Write;
-use std::process::{Command, ExitCode, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::broker::share::{
@@ -52,6 +54,13 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             "--share-group takes records from every partition: not with --group or --partition",
         );
     }
+    // SIGTERM or SIGINT: the command in hand is stopped and its record
+    // released for another worker at once, rather than left locked (and
+    // the command left running) until lock_ms.
+    let stop = match super::stop_flag() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let client = match connect(&args.broker) {
         Ok(c) => c,
         Err(code) => return code,
@@ -66,7 +75,7 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         let mut handled = 0u64;
         let mut last_record = Instant::now();
         loop {
-            if args.count.is_some_and(|c| handled >= c) {
+            if args.count.is_some_and(|c| handled >= c) || stop.load(Ordering::Relaxed) {
                 break;
             }
             let records = worker.poll().await?;
@@ -81,7 +90,7 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             }
             last_record = Instant::now();
             for r in records {
-                let outcome = run_exec(&cmd, &args.topic, &r);
+                let outcome = run_exec(&cmd, &args.topic, &r, &stop);
                 let results = worker.ack(&[(r.partition, r.offset, outcome)]).await?;
                 if let Some(code) = results.first().filter(|c| !c.is_none()) {
                     eprintln!(
@@ -103,8 +112,13 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     }
 }
 
-/// Runs the command for one record; what its exit status says.
-fn run_exec(cmd: &str, topic: &str, r: &ShareRecord) -> Outcome {
+/// How long a command stopped by SIGTERM gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the command for one record; what its exit status says. Once
+/// `stop` is set, the command (its whole process group) gets SIGTERM, then
+/// SIGKILL after [`STOP_GRACE`], and the record is released.
+fn run_exec(cmd: &str, topic: &str, r: &ShareRecord, stop: &AtomicBool) -> Outcome {
     let key = r
         .key
         .as_ref()
@@ -119,6 +133,8 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord) -> Outcome {
         .env("SKIFF_KEY", key)
         .env("SKIFF_DELIVERY_COUNT", r.delivery_count.to_string())
         .stdin(Stdio::piped())
+        // Its own group, so a stop reaches what the shell started too.
+        .process_group(0)
         .spawn();
     let mut child = match child {
         Ok(c) => c,
@@ -135,7 +151,50 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord) -> Outcome {
         // A command that does not read its input closes the pipe: fine.
         let _ = stdin.write_all(r.value.as_deref().map_or(&[][..], |v| &v[..]));
     }
-    match child.wait() {
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = loop {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(status) => break status,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(std::io::Error::other("the waiting thread ended"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if stop.load(Ordering::Relaxed) {
+            return stop_command(pid, &done_rx);
+        }
+    };
+    outcome_of(status)
+}
+
+/// SIGTERM to the command's process group, SIGKILL if it is still there
+/// after [`STOP_GRACE`]; the record goes back for another worker.
+fn stop_command(
+    pid: u32,
+    done: &std::sync::mpsc::Receiver<std::io::Result<ExitStatus>>,
+) -> Outcome {
+    let group = -(pid as libc::pid_t);
+    // SAFETY: kill(2) only sends a signal, touching no memory of ours. The
+    // group is the command's own (process_group(0)); its id is free for
+    // reuse only once every process in it is gone.
+    unsafe { libc::kill(group, libc::SIGTERM) };
+    if done.recv_timeout(STOP_GRACE).is_err() {
+        // SAFETY: as above.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = done.recv();
+    }
+    Outcome::Release {
+        delay: Duration::ZERO,
+        reason: Some("the worker was stopped".to_owned()),
+    }
+}
+
+fn outcome_of(status: std::io::Result<ExitStatus>) -> Outcome {
+    match status {
         Ok(s) if s.success() => Outcome::Accept,
         Ok(s) if s.code() == Some(EXIT_TEMPFAIL) => Outcome::Release {
             delay: Duration::ZERO,
