@@ -10,7 +10,9 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_fails, assert_ok, skiff_command, stdout, wait_until, Broker};
+use common::{
+    assert_fails, assert_ok, json_lines, skiff_command, stderr, stdout, wait_until, Broker,
+};
 use skiff::client::{Client, Producer, ProducerConfig};
 use skiff::protocol::{ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition};
 
@@ -734,4 +736,76 @@ fn heartbeats_crossing_a_join_do_not_start_another_rebalance() {
         settled,
         "no rebalance once every partition was assigned: {d}"
     );
+}
+
+/// Offsets of the records one `consume --group` run printed, until a
+/// second without a record.
+fn consume_once(b: &Broker, topic: &str, group: &str) -> Vec<u64> {
+    let mut args = vec!["consume", topic, "--group", group];
+    args.extend("--from earliest --format json --timeout-ms 1000".split(' '));
+    let o = b.cli(&args);
+    assert_ok(&o);
+    json_lines(&o)
+        .iter()
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect()
+}
+
+/// A committed offset past the log's end (stored before reset-offsets
+/// kept offsets inside the log, or left by a topic deleted and made again)
+/// sends the member back to the earliest record, and it commits from
+/// there: without that it printed the same records on every run, and
+/// skipped the ones written later below the old offset.
+#[test]
+fn a_member_whose_committed_offset_is_past_the_end_commits_from_where_it_was_reset() {
+    let b = Broker::start("");
+    create(&b, "t", "1");
+    produce(&b, "t", 0, 3);
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        let commit = vec![OffsetCommitPartition {
+            topic: "t".into(),
+            partition: 0,
+            offset: 10,
+            metadata: None,
+        }];
+        c.commit_offsets("g", None, commit).await.unwrap();
+    });
+    assert_eq!(consume_once(&b, "t", "g"), vec![0, 1, 2]);
+    assert_eq!(committed(&b, "g")[&0], 3);
+    assert_eq!(consume_once(&b, "t", "g"), Vec::<u64>::new(), "read once");
+    produce(&b, "t", 3, 2);
+    assert_eq!(consume_once(&b, "t", "g"), vec![3, 4], "nothing skipped");
+
+    // The topic deleted and made again: the group's offset (5) stays.
+    assert_ok(&b.cli(&["topics", "delete", "t"]));
+    create(&b, "t", "1");
+    produce(&b, "t", 0, 2);
+    assert_eq!(consume_once(&b, "t", "g"), vec![0, 1]);
+    assert_eq!(committed(&b, "g")[&0], 2);
+    produce(&b, "t", 2, 4);
+    assert_eq!(consume_once(&b, "t", "g"), vec![2, 3, 4, 5]);
+}
+
+#[test]
+fn reset_offsets_keeps_an_explicit_offset_inside_the_log() {
+    let b = Broker::start("");
+    create(&b, "t", "2");
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        let producer = Producer::new(c, ProducerConfig::default()).await.unwrap();
+        for p in [0, 0, 0, 1] {
+            producer.send_to("t", p, None, b"x", &[]).await.unwrap();
+        }
+    });
+    assert_eq!(consume_once(&b, "t", "g").len(), 4);
+    let o = b.cli(&["groups", "reset-offsets", "g", "--topic", "t", "--to", "2"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "g t/0: 2\ng t/1: 1\n");
+    assert_eq!(
+        stderr(&o),
+        "skiff: t/1: offset 2 is past the log end 1: set to 1\n"
+    );
+    assert_eq!(committed(&b, "g"), BTreeMap::from([(0, 2), (1, 1)]));
+    assert_eq!(consume_once(&b, "t", "g"), vec![2]);
 }

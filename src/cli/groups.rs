@@ -225,7 +225,23 @@ async fn reset_offsets(
     let mut offsets = Vec::new();
     for p in 0..partitions {
         let offset = match to {
-            StartFrom::Offset(o) => o,
+            // Kept inside the log, as Kafka's kafka-consumer-groups does:
+            // an offset past the end would skip the records written up to
+            // it, and one before the start means the earliest anyway.
+            StartFrom::Offset(o) => {
+                let earliest = latest_or(client, topic, p, OffsetSpec::Earliest).await?;
+                let latest = latest_or(client, topic, p, OffsetSpec::Latest).await?;
+                let clamped = o.clamp(earliest, latest.max(earliest));
+                if clamped != o {
+                    let (side, edge) = if o > latest {
+                        ("past the log end", latest)
+                    } else {
+                        ("before the earliest offset", earliest)
+                    };
+                    eprintln!("skiff: {topic}/{p}: offset {o} is {side} {edge}: set to {clamped}");
+                }
+                clamped
+            }
             StartFrom::Earliest => latest_or(client, topic, p, OffsetSpec::Earliest).await?,
             StartFrom::Latest => latest_or(client, topic, p, OffsetSpec::Latest).await?,
             StartFrom::Timestamp(ms) => {

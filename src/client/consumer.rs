@@ -269,6 +269,9 @@ pub struct Consumer {
     /// would let one partition's backlog take every fetch while the
     /// others wait (Kafka's fetcher rotates for the same reason).
     first: usize,
+    /// Positions moved by [`OffsetReset`] since [`Consumer::take_resets`]
+    /// was last called: a group member commits from there.
+    resets: Vec<(Arc<str>, u32, u64)>,
 }
 
 type FetchFuture = Pin<Box<dyn Future<Output = Result<FetchResponse, ClientError>> + Send>>;
@@ -286,6 +289,7 @@ impl Consumer {
             positions: BTreeMap::new(),
             prefetch: None,
             first: 0,
+            resets: Vec::new(),
         }
     }
 
@@ -369,6 +373,12 @@ impl Consumer {
         self.positions.get(&(Arc::from(topic), partition)).copied()
     }
 
+    /// The partitions whose position an out-of-range offset moved (see
+    /// [`OffsetReset`]) since the last call, with the new positions.
+    pub fn take_resets(&mut self) -> Vec<(Arc<str>, u32, u64)> {
+        std::mem::take(&mut self.resets)
+    }
+
     /// Every assigned partition and its position.
     pub fn assignment(&self) -> Vec<(Arc<str>, u32, u64)> {
         self.positions
@@ -433,16 +443,22 @@ impl Consumer {
         // Positions move only when every partition's result is good, so an
         // error never drops records whose position already advanced.
         let mut moves = Vec::with_capacity(request.partitions.len());
+        let mut resets = Vec::new();
         for (asked, result) in request.partitions.iter().zip(response.partitions) {
             let key = (Arc::<str>::from(asked.topic.as_str()), asked.partition);
             let Some(((topic, _), _)) = self.positions.get_key_value(&key) else {
                 continue;
             };
             let topic = topic.clone();
+            let reset = result.error == ErrorCode::OffsetOutOfRange;
             let next = self.settle(&topic, asked.offset, result, &mut out)?;
+            if reset {
+                resets.push((topic, asked.partition, next));
+            }
             moves.push((key, next));
         }
         self.positions.extend(moves);
+        self.resets.extend(resets);
         Ok(out)
     }
 

@@ -205,6 +205,16 @@ impl GroupConsumer {
             }
         }
         let records = self.consumer.poll().await?;
+        // A position moved for an offset outside the log (a reset past
+        // the end, a topic deleted and made again) is what is committed
+        // next, also where it moved back: marks, which only go forward,
+        // would otherwise never pass the old offset again.
+        for (topic, partition, at) in self.consumer.take_resets() {
+            let key = (topic.to_string(), partition);
+            if self.assignment.contains(&key) {
+                self.consumed.insert(key, at);
+            }
+        }
         if self.config.mark_on_poll {
             for r in &records {
                 self.mark_consumed(&r.topic, r.partition, r.offset);
