@@ -257,6 +257,59 @@ fn mutual_tls_refuses_every_client_it_cannot_trust() {
     assert_ok(&cli(&addr, &pki.flags(Some("good")), &["topics", "list"]));
 }
 
+/// A certificate refused by either side does not fix itself: `produce`
+/// fails at once with the reason, as `topics list` does, instead of
+/// retrying for --retry-timeout-ms and saying only "timed out".
+#[test]
+fn produce_fails_at_once_with_the_reason_when_tls_refuses_the_session() {
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("good", "dev-1", &[], Valid::Now, None);
+    let revoked = pki.issue("revoked", "dev-4", &[], Valid::Now, None);
+    pki.revoked.push(revoked);
+    pki.write_crl();
+    let section = pki.server_section(true, &format!("crl = {:?}\n", pki.path("crl.pem")));
+    let b = Broker::start(&section);
+    let addr = tls_addr(&b);
+    assert_ok(&cli(
+        &addr,
+        &pki.flags(Some("good")),
+        &["topics", "create", "t"],
+    ));
+    let mut wrong_name = pki.flags(Some("good"));
+    wrong_name.extend([
+        "--tls-server-name".to_owned(),
+        "elsewhere.example".to_owned(),
+    ]);
+    for (flags, why) in [
+        (wrong_name, "certificate not valid for name"),
+        (pki.flags(None), "CertificateRequired"),
+        (pki.flags(Some("revoked")), "CertificateRevoked"),
+    ] {
+        let started = Instant::now();
+        let o = cli(
+            &addr,
+            &flags,
+            &["produce", "t", "x", "--retry-timeout-ms", "30000"],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{why}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{why}: not retried for the whole timeout: {err}"
+        );
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.contains("cannot connect") && last.contains(why) && !last.contains("timed out"),
+            "{why}: {err}"
+        );
+    }
+    assert_ok(&cli(
+        &addr,
+        &pki.flags(Some("good")),
+        &["produce", "t", "x"],
+    ));
+}
+
 /// OpenSSL offering TLS 1.1 only (its security level lowered so it will
 /// send such a hello) is refused by the broker: rustls answers with a
 /// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms

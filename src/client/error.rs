@@ -53,10 +53,13 @@ pub enum ClientError {
 
 impl ClientError {
     /// Whether retrying the same request later may succeed: connection
-    /// loss, timeouts, and server codes that say so.
+    /// loss, timeouts, and server codes that say so. A TLS refusal (a
+    /// certificate either side will not accept, a fatal alert) is not: it
+    /// stays until the configuration changes.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Io(_) | Self::Timeout | Self::Disconnected => true,
+            Self::Io(e) => !is_tls_refusal(e),
+            Self::Timeout | Self::Disconnected => true,
             Self::Server { code, .. } => code.is_retriable(),
             _ => false,
         }
@@ -80,6 +83,13 @@ impl ClientError {
             message: message.into(),
         }
     }
+}
+
+/// Whether an I/O error is rustls refusing the session (which
+/// futures-rustls hands over as an `InvalidData` error wrapping it),
+/// rather than the connection failing.
+fn is_tls_refusal(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 /// The message for a topic's or partition's error code when the answer
