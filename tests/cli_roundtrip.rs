@@ -1178,3 +1178,54 @@ fn list_commands_into_a_closed_pipe_end_quietly() {
         );
     }
 }
+
+/// A produce refused until --retry-timeout-ms ran out says why: a retry
+/// line while it waits, and the last refusal with the timeout, not a bare
+/// "timed out". (A full `overflow = reject` ring frees by retention or a
+/// consumer's delete, so it is retried like any refusal that may pass.)
+#[test]
+fn a_produce_refused_until_it_times_out_names_the_refusal() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "rj",
+        "--segment-bytes",
+        "65536",
+        "--segments",
+        "2",
+        "--overflow",
+        "reject",
+    ]));
+    let fifty: String = (0..50).map(|_| "x".repeat(1000) + "\n").collect();
+    let mut refused = None;
+    for _ in 0..6 {
+        let started = Instant::now();
+        let o = b.cli_stdin(
+            &["produce", "rj", "--retry-timeout-ms", "2500"],
+            Some(fifty.as_bytes()),
+        );
+        if !o.status.success() {
+            refused = Some((o, started.elapsed()));
+            break;
+        }
+    }
+    let (o, took) = refused.expect("the ring fills up");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(took >= Duration::from_secs(2), "retried: {took:?}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("skiff: produce to rj: timed out after 2.5 s; last error: ")
+            && last.contains("storage_full")
+            && last.contains("overflow = reject"),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("skiff: produce to rj/0 failed (")
+                && l.contains("storage_full")
+                && l.contains("retrying for")),
+        "{err}"
+    );
+}

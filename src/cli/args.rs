@@ -169,7 +169,8 @@ pub enum TopicsCommand {
     after_help = "Records are sent by an idempotent producer: through a broker that is not up \
 yet, a lost connection or a broker restart it retries (for up to --retry-timeout-ms, 2 minutes \
 by default, with a line on stderr at most once a second), and the broker writes every record \
-exactly once. Without a key, records stick to one partition per batch, starting at a random \
+exactly once. A refusal that may pass (a full `overflow = reject` ring, a full mirror backlog) is \
+retried the same way, and named when the time runs out; a TLS certificate refused is not retried. Without a key, records stick to one partition per batch, starting at a random \
 one. Exits 0 only when every record is acknowledged."
 )]
 pub struct ProduceArgs {
@@ -201,7 +202,7 @@ pub struct ProduceArgs {
     #[arg(long, value_name = "MS", default_value_t = 120_000)]
     pub retry_timeout_ms: u64,
     /// No notice on stderr of records dropped as duplicates, nor of
-    /// connection retries (errors are still printed).
+    /// retries (errors are still printed).
     #[arg(long, short)]
     pub quiet: bool,
     #[command(flatten)]

@@ -9,7 +9,7 @@ use base64::Engine as _;
 
 use crate::client::{
     Address, Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset,
-    Producer, ProducerConfig, StartFrom,
+    Producer, ProducerConfig, RetryHook, StartFrom,
 };
 use crate::config::human;
 use crate::protocol::{CreateTopicRequest, ErrorCode, OffsetSpec, TopicConfig};
@@ -337,6 +337,23 @@ impl RetryNotice<'_> {
     }
 }
 
+/// Reports produce retries (a full ring, a full mirror backlog) on
+/// stderr, at most one line a second, as connection retries are.
+fn produce_retry_notice() -> RetryHook {
+    let last = std::sync::Mutex::new(None::<Instant>);
+    RetryHook(std::sync::Arc::new(move |topic, partition, e, left| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        eprintln!(
+            "skiff: produce to {topic}/{partition} failed ({e}); retrying for {} s more",
+            left.as_secs_f64().ceil()
+        );
+    }))
+}
+
 pub fn produce(args: ProduceArgs) -> ExitCode {
     if let Err(code) = check_broker(&args.broker.broker) {
         return code;
@@ -361,6 +378,7 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
                 producer_name: args.idempotent_name.clone(),
                 delivery_timeout: retry_timeout,
                 client: args.broker.client_config(),
+                on_retry: (!args.quiet).then(produce_retry_notice),
                 ..ProducerConfig::default()
             },
             |e, left| notice.retry(e, left),

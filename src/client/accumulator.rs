@@ -112,6 +112,9 @@ pub(crate) struct ReadyBatch {
     /// before it was still unanswered: it may reach the broker first, so an
     /// `out_of_order_sequence` answer is worth a retry.
     pub sent_behind: bool,
+    /// The retriable failure it waits to be sent again after: what its
+    /// records fail with when their delivery timeout runs out first.
+    pub last_error: Option<ClientError>,
 }
 
 #[derive(Default)]
@@ -449,6 +452,7 @@ impl Accumulator {
             retry_at: None,
             reserved: open.reserved,
             sent_behind: false,
+            last_error: None,
         });
         q.spare = Some(open.builder);
         if let Some(s) = self.sticky.get_mut(&tp.topic) {

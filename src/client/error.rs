@@ -30,6 +30,13 @@ pub enum ClientError {
     Batch(BatchError),
     /// No answer in time. The outcome is unknown, as with [`Self::Io`].
     Timeout,
+    /// A record's delivery timeout (`after`) ran out while its batch
+    /// waited to be retried after `last`, a retriable failure: the record
+    /// was not written.
+    GaveUp {
+        after: std::time::Duration,
+        last: Arc<ClientError>,
+    },
     /// The connection closed while the request was in flight or queued.
     Disconnected,
     /// The address is neither `host:port` nor a Unix socket path.
@@ -59,7 +66,7 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::Io(e) => !is_tls_refusal(e),
-            Self::Timeout | Self::Disconnected => true,
+            Self::Timeout | Self::Disconnected | Self::GaveUp { .. } => true,
             Self::Server { code, .. } => code.is_retriable(),
             _ => false,
         }
@@ -121,6 +128,11 @@ impl std::fmt::Display for ClientError {
             }
             Self::Batch(e) => write!(f, "bad fetched data: {e}"),
             Self::Timeout => f.write_str("timed out"),
+            Self::GaveUp { after, last } => write!(
+                f,
+                "timed out after {} s; last error: {last}",
+                after.as_secs_f64()
+            ),
             Self::Disconnected => f.write_str("connection lost"),
             Self::InvalidAddress(a) => write!(
                 f,

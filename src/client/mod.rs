@@ -49,7 +49,9 @@ pub use consumer::{
 pub use error::ClientError;
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener, TopicPartition};
 pub use partitioner::Partitioner;
-pub use producer::{Delivery, Producer, ProducerConfig, RecordMetadata, IDEMPOTENT_IN_FLIGHT_MAX};
+pub use producer::{
+    Delivery, Producer, ProducerConfig, RecordMetadata, RetryHook, IDEMPOTENT_IN_FLIGHT_MAX,
+};
 pub use share::{Outcome, ShareConfig, ShareConsumer};
 pub use tls::{TlsConfigError, TlsOptions};
 pub use txn::{TxnProducer, TRANSACTION_TIMEOUT_DEFAULT};

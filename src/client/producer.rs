@@ -73,6 +73,22 @@ pub struct ProducerConfig {
     pub producer_name: Option<String>,
     /// How [`Producer::connect`] connects (TLS, timeouts).
     pub client: ClientConfig,
+    /// Told of each retriable failure a batch will be sent again after.
+    pub on_retry: Option<RetryHook>,
+}
+
+/// Hears each retriable produce failure: the topic, the partition, the
+/// error, and how long the batch's records have left before they fail.
+#[derive(Clone)]
+pub struct RetryHook(pub Arc<RetryFn>);
+
+/// What a [`RetryHook`] calls.
+pub type RetryFn = dyn Fn(&str, u32, &ClientError, Duration) + Send + Sync;
+
+impl std::fmt::Debug for RetryHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetryHook")
+    }
 }
 
 /// The deepest per-partition pipeline the broker keeps ordered for an
@@ -95,6 +111,7 @@ impl Default for ProducerConfig {
             idempotent: true,
             producer_name: None,
             client: ClientConfig::default(),
+            on_retry: None,
         }
     }
 }
@@ -727,7 +744,14 @@ async fn run(inner: Arc<Inner>) {
         drop(order);
         if !expired.is_empty() {
             for b in expired {
-                b.settler.settle(Err(ClientError::Timeout));
+                let e = match b.last_error {
+                    Some(last) => ClientError::GaveUp {
+                        after: inner.config.delivery_timeout,
+                        last: Arc::new(last),
+                    },
+                    None => ClientError::Timeout,
+                };
+                b.settler.settle(Err(e));
             }
             inner.progress.notify(usize::MAX);
         }
@@ -881,6 +905,7 @@ async fn answer_batches(
     // Settled after the lock is released: waking deliveries under it would
     // hold up `send` on other threads.
     let mut settled = Vec::with_capacity(batches.len());
+    let mut retried = Vec::new();
     let (next, rewake) = {
         let mut st = inner.state.lock().expect("producer state");
         for (mut b, outcome) in batches.into_iter().zip(outcomes) {
@@ -909,6 +934,14 @@ async fn answer_batches(
                         b.tp.topic,
                         b.tp.partition
                     );
+                    if inner.config.on_retry.is_some() {
+                        let left = inner
+                            .config
+                            .delivery_timeout
+                            .saturating_sub(now.duration_since(b.created));
+                        retried.push((b.tp.clone(), e.clone(), left));
+                    }
+                    b.last_error = Some(e);
                     st.acc.retry(b, now + pause);
                 }
                 Err(e) => {
@@ -926,6 +959,15 @@ async fn answer_batches(
                     }
                     st.acc.complete(&b);
                     st.acc.recycle(&mut b);
+                    // A broker refusal retried until the timeout ran out
+                    // reads as the timeout, naming the refusal.
+                    let e = match e {
+                        ClientError::Server { .. } if e.is_retriable() => ClientError::GaveUp {
+                            after: inner.config.delivery_timeout,
+                            last: Arc::new(e),
+                        },
+                        e => e,
+                    };
                     settled.push((b, Err(e)));
                 }
             }
@@ -941,6 +983,11 @@ async fn answer_batches(
     };
     start_requests(&inner, next).await;
     drop(order);
+    if let Some(hook) = &inner.config.on_retry {
+        for (tp, e, left) in retried {
+            (hook.0)(&tp.topic, tp.partition, &e, left);
+        }
+    }
     for (b, result) in settled {
         b.settler.settle(result);
     }
@@ -1003,6 +1050,7 @@ mod tests {
             retry_at: None,
             reserved: len,
             sent_behind: false,
+            last_error: None,
         }
     }
 
