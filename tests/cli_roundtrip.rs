@@ -1229,3 +1229,21 @@ fn a_produce_refused_until_it_times_out_names_the_refusal() {
         "{err}"
     );
 }
+
+/// TLS options that cannot be used are a usage error, said as such: no
+/// connection was tried, so no "cannot connect to HOST".
+#[test]
+fn unusable_tls_options_are_not_called_a_connection_failure() {
+    let port = ClosedPort::new();
+    for cmd in [&["topics", "list"][..], &["produce", "t", "x"]] {
+        let mut args = cmd.to_vec();
+        args.extend(["--tls-cert", "/nonexistent/dev.pem"]);
+        let o = run_cli(&args, &port.addr, None);
+        assert_eq!(
+            stderr(&o),
+            "skiff: TLS: --tls-cert and --tls-key go together\n",
+            "{cmd:?}"
+        );
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}");
+    }
+}

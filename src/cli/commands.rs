@@ -38,7 +38,30 @@ pub(super) fn connect(broker: &BrokerArg) -> Result<Client, ExitCode> {
     let addr = &broker.broker;
     check_broker(addr)?;
     smol::block_on(Client::connect_with(addr, broker.client_config()))
-        .map_err(|e| fail(exit_code_for(&e), format!("cannot connect to {addr}: {e}")))
+        .map_err(|e| fail(exit_code_for(&e), connect_error(addr, &e)))
+}
+
+/// The message for a failure to get connected: "cannot connect" only
+/// where the connection failed, not for TLS options that cannot be used
+/// (nothing was tried) nor for a refusal the broker sent once connected.
+pub(super) fn connect_error(addr: &str, e: &ClientError) -> String {
+    if is_connect_failure(e) {
+        format!("cannot connect to {addr}: {e}")
+    } else {
+        e.to_string()
+    }
+}
+
+fn is_connect_failure(e: &ClientError) -> bool {
+    match e {
+        ClientError::TlsConfig(_) => false,
+        // Refusals of the connection itself, answering hello.
+        ClientError::Server { code, .. } => matches!(
+            code,
+            ErrorCode::TooManyConnections | ErrorCode::UnsupportedVersion
+        ),
+        _ => true,
+    }
 }
 
 /// The disk a topic's rings reserve: allocated when it is created, never
@@ -462,6 +485,14 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Err(ProduceFail::Connect { error, .. }) if !is_connect_failure(&error) => match error {
+            // Refused once connected (no producer id for this identity).
+            ClientError::Server { .. } => fail(
+                exit_code_for(&error),
+                format!("produce to {}: {error}", args.topic),
+            ),
+            _ => fail(exit_code_for(&error), error),
+        },
         Err(ProduceFail::Connect { error, retried }) => {
             let waited = if retried {
                 format!(

@@ -95,6 +95,18 @@ pub(crate) fn not_authorized_body(identity: &str, op: Operation, resource: &str)
     )
 }
 
+/// A producer id (or transaction) asked by an identity that may produce
+/// to no topic at all: worded as the broker logs it, `'*'`, and why.
+pub(crate) fn produce_nowhere_body(identity: &str) -> ResponseBody {
+    error_body(
+        ErrorCode::NotAuthorized,
+        format!(
+            "{}: no [acl] rule lets it produce to any topic",
+            not_authorized_message(identity, Operation::Produce, "*")
+        ),
+    )
+}
+
 fn internal_topic_message(topic: &str) -> String {
     format!(
         "'{topic}' is an internal topic of the broker: clients may not create, delete or write it"
@@ -518,7 +530,7 @@ pub(crate) async fn init_producer(
     // somewhere may have one.
     if !ctx.acl().allows_somewhere(identity, Operation::Produce) {
         ctx.denials.denied(identity, Operation::Produce, "*");
-        return not_authorized_body(identity, Operation::Produce, "any topic");
+        return produce_nowhere_body(identity);
     }
     let answer = match (req.producer_name.as_deref(), req.renew) {
         (None, Some(r)) => {

@@ -12,7 +12,7 @@ use crate::protocol::{
 use super::acl::Operation;
 use super::groups::group_error_code;
 use super::handler::{
-    authorize, broker_error_code, error_body, not_authorized_body, not_authorized_message,
+    authorize, broker_error_code, error_body, not_authorized_message, produce_nowhere_body,
 };
 use super::Ctx;
 
@@ -36,11 +36,7 @@ fn may_produce(ctx: &Ctx, identity: &str) -> Option<ResponseBody> {
         return None;
     }
     ctx.denials.denied(identity, Operation::Produce, "*");
-    Some(not_authorized_body(
-        identity,
-        Operation::Produce,
-        "any topic",
-    ))
+    Some(produce_nowhere_body(identity))
 }
 
 pub(crate) async fn init(ctx: &Ctx, identity: &str, r: InitTxnRequest) -> ResponseBody {
