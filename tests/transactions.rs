@@ -316,9 +316,25 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
         Some(b"orders\tu-1\nno-such-topic\tu-2\norders\tu-3\n"),
     );
     assert_ne!(o.status.code(), Some(0));
-    assert!(stderr(&o).contains("no-such-topic"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("aborted"), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "skiff: txn unknown: line 2: server error unknown_topic: unknown topic 'no-such-topic'; \
+         the transaction is aborted, no commit\n"
+    );
     assert_eq!(state_of("unknown"), "complete_abort");
+    // Also as the first line, and as the last.
+    for (id, input) in [
+        ("unknown-first", &b"no-such-topic\tu-0\norders\tu-1\n"[..]),
+        ("unknown-last", b"orders\tu-1\nno-such-topic\tu-2\n"),
+    ] {
+        let o = b.cli_stdin(&["txn", "--id", id], Some(input));
+        let line = if id == "unknown-first" { 1 } else { 2 };
+        assert!(
+            stderr(&o).contains(&format!("line {line}: server error unknown_topic")),
+            "{id}: {}",
+            stderr(&o)
+        );
+    }
     let committed = read_all(&b, "orders", "read_committed");
     for v in ["before-big", "after-big", "u-1", "u-3"] {
         assert!(!committed.contains(&v.to_owned()), "{v} in {committed:?}");

@@ -120,6 +120,13 @@ async fn feed(producer: &mut TxnProducer) -> Result<u64, Fail> {
             return Err(Fail::NoTab(n));
         };
         let topic = topic.to_owned();
+        // Known topics are answered from the producer's cache; an unknown
+        // one fails here, so the message names its line (a send would
+        // fail only later, in the background).
+        producer
+            .partitions_for(&topic)
+            .await
+            .map_err(|e| Fail::Record(n, e))?;
         producer
             .send_wait(&topic, None, &line[tab + 1..], &[])
             .await
@@ -129,7 +136,8 @@ async fn feed(producer: &mut TxnProducer) -> Result<u64, Fail> {
 
 enum Fail {
     Client(ClientError),
-    /// Line n (1-based) could not be sent (a record too large).
+    /// Line n (1-based) could not be sent (a record too large, an
+    /// unknown topic).
     Record(u64, ClientError),
     /// A record sent before line n failed.
     Failed(u64, ClientError),

@@ -70,6 +70,12 @@ impl TxnProducer {
         Ok(())
     }
 
+    /// `topic`'s partition count (see [`Producer::partitions_for`]): an
+    /// unknown topic fails here, before a record is sent to it.
+    pub async fn partitions_for(&self, topic: &str) -> Result<u32, ClientError> {
+        self.producer.partitions_for(topic).await
+    }
+
     /// Adds a group's offsets (the next offsets to read) to the open
     /// transaction: committed only if it commits.
     pub async fn send_offsets(
