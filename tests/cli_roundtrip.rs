@@ -1247,3 +1247,42 @@ fn unusable_tls_options_are_not_called_a_connection_failure() {
         assert_eq!(o.status.code(), Some(2), "{cmd:?}");
     }
 }
+
+/// A topic whose segments are smaller than the server's max_batch_bytes
+/// takes only batches that fit a segment: the producer learns its limit
+/// and batches by it, so a bulk write goes through, and a record too large
+/// for it is refused by the client, naming the topic's limit.
+#[test]
+fn produce_batches_by_the_limit_of_a_topic_with_small_segments() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "small",
+        "--partitions",
+        "1",
+        "--segment-bytes",
+        "65536",
+        "--segments",
+        "8",
+    ]));
+    let many: String = (0..200)
+        .map(|i| format!("{i:04}{}\n", "x".repeat(996)))
+        .collect();
+    let o = b.cli_stdin(
+        &["produce", "small", "--retry-timeout-ms", "10000"],
+        Some(many.as_bytes()),
+    );
+    assert_ok(&o);
+    let o = b.cli(&["consume", "small", "--from", "earliest"]);
+    assert_ok(&o);
+    let got = lines(&o);
+    assert_eq!(got.len(), 200);
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, l)| l.starts_with(&format!("{i:04}"))));
+    let big = "y".repeat(62_000);
+    let o = b.cli(&["produce", "small", &big]);
+    assert_fails(&o, 1, &["does not fit a batch of 61440 bytes"]);
+}

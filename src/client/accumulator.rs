@@ -169,6 +169,9 @@ pub(crate) struct Accumulator {
     /// Batches never sent stay unsent: the producer renews its id or
     /// epoch first (see [`Accumulator::renew`]).
     hold_fresh: bool,
+    /// Topics that take smaller batches than `batch_bytes_max` (small
+    /// segments), and their limit.
+    topic_max: HashMap<Arc<str>, usize>,
 }
 
 impl Accumulator {
@@ -188,7 +191,35 @@ impl Accumulator {
             sequences: HashMap::new(),
             bodies,
             hold_fresh: false,
+            topic_max: HashMap::new(),
         }
+    }
+
+    /// Batches of `topic` are kept to `max` bytes from now on (what its
+    /// segments hold), when that is below `batch_bytes_max`.
+    pub fn limit_topic(&mut self, topic: &Arc<str>, max: usize) {
+        if max < self.config.batch_bytes_max {
+            self.topic_max.insert(topic.clone(), max);
+        } else {
+            self.topic_max.remove(topic);
+        }
+    }
+
+    /// The largest batch `topic` takes.
+    fn batch_max(&self, topic: &str) -> usize {
+        // One test on the hot path while no topic has a limit of its own.
+        if self.topic_max.is_empty() {
+            return self.config.batch_bytes_max;
+        }
+        self.topic_max
+            .get(topic)
+            .copied()
+            .unwrap_or(self.config.batch_bytes_max)
+    }
+
+    /// The largest batch the server takes.
+    pub fn batch_bytes_max(&self) -> usize {
+        self.config.batch_bytes_max
     }
 
     /// The producer id and epoch batches are stamped with.
@@ -313,12 +344,13 @@ impl Accumulator {
         }
     }
 
-    /// Whether a record of this size may be appended now, else the error.
-    pub fn check_room(&self, record_bytes: usize) -> Result<(), ClientError> {
-        if BATCH_OVERHEAD_BYTES + record_bytes > self.config.batch_bytes_max {
+    /// Whether a record of this size may be appended now to a batch of at
+    /// most `batch_max` bytes, else the error.
+    pub fn check_room(&self, record_bytes: usize, batch_max: usize) -> Result<(), ClientError> {
+        if BATCH_OVERHEAD_BYTES + record_bytes > batch_max {
             return Err(ClientError::RecordTooLarge {
                 len: record_bytes,
-                max: self.config.batch_bytes_max,
+                max: batch_max,
             });
         }
         // An empty buffer takes any record that fits a batch, so a record
@@ -359,14 +391,11 @@ impl Accumulator {
         now: impl FnOnce() -> Instant,
     ) -> Result<(Delivery, bool), AppendError> {
         let size = record_bytes_max(key, value.unwrap_or_default(), headers);
-        if let Err(e) = self.check_room(size) {
+        let max = self.batch_max(&tp.topic);
+        if let Err(e) = self.check_room(size, max) {
             return Err((e, linked));
         }
-        let target = self
-            .config
-            .batch_bytes_target
-            .min(self.config.batch_bytes_max);
-        let max = self.config.batch_bytes_max;
+        let target = self.config.batch_bytes_target.min(max);
         let fits = |q: &PartitionQueue| {
             q.open.as_ref().is_none_or(|o| {
                 let after = o.builder.estimated_bytes() + size;

@@ -383,9 +383,9 @@ impl Producer {
         if let Some(n) = known {
             return Ok(n);
         }
-        let n = self.inner.client.partition_count(&topic).await?;
+        let (n, limit) = topic_layout(&self.inner.client, &topic).await?;
         if n > 0 {
-            settle_topic(&self.inner, &topic, Ok(n));
+            settle_topic(&self.inner, &topic, Ok((n, limit)));
             self.inner.wake.notify(1);
         }
         Ok(n)
@@ -525,7 +525,10 @@ impl Producer {
                     });
                 }
             }
-            st.acc.check_room(size)?;
+            // Against the server's limit: a topic's own is checked as
+            // the record joins a batch.
+            let max = st.acc.batch_bytes_max();
+            st.acc.check_room(size, max)?;
             // One lookup on the hot path (a known topic).
             let (topic, known) = st.topics.lookup(topic);
             if let Some(n) = known {
@@ -621,7 +624,7 @@ impl Producer {
 async fn resolve_topic(inner: Arc<Inner>, topic: Arc<str>) {
     let mut attempts = 0;
     loop {
-        let result = inner.client.partition_count(&topic).await;
+        let result = topic_layout(&inner.client, &topic).await;
         let retry = settle_topic(&inner, &topic, result);
         inner.wake.notify(1);
         inner.progress.notify(usize::MAX);
@@ -638,9 +641,32 @@ async fn resolve_topic(inner: Arc<Inner>, topic: Arc<str>) {
     }
 }
 
+/// A topic's partition count, and the largest batch it takes when that is
+/// known: a partition's segment holds a batch of at most its size less the
+/// segment header (docs/protocol.md, `batch_too_large`), and the metadata
+/// answer does not carry it, so the topic's config is asked too. Without
+/// it (a server that cannot say) the server's `max_batch_bytes` is used.
+async fn topic_layout(client: &Client, topic: &str) -> Result<(u32, Option<usize>), ClientError> {
+    let n = client.partition_count(topic).await?;
+    let limit = match client.describe_topic(topic).await {
+        Ok(d) => usize::try_from(d.config.segment_bytes)
+            .ok()
+            .map(|s| s.saturating_sub(crate::storage::segment::SEG_HEADER_BYTES)),
+        Err(e) => {
+            log::debug!("{topic}: no config ({e}); batches by the server's limit");
+            None
+        }
+    };
+    Ok((n, limit))
+}
+
 /// Applies a metadata answer to the records waiting for it. Returns whether
 /// to ask again (a retriable failure within the delivery timeout).
-fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError>) -> bool {
+fn settle_topic(
+    inner: &Inner,
+    topic: &Arc<str>,
+    result: Result<(u32, Option<usize>), ClientError>,
+) -> bool {
     let now = Instant::now();
     let mut st = inner.state.lock().expect("producer state");
     let st = &mut *st;
@@ -650,11 +676,14 @@ fn settle_topic(inner: &Inner, topic: &Arc<str>, result: Result<u32, ClientError
     };
     let expired = oldest.is_some_and(|t| now.duration_since(t) >= inner.config.delivery_timeout);
     let error = match result {
-        Ok(0) => ClientError::server(
+        Ok((0, _)) => ClientError::server(
             ErrorCode::UnknownTopic,
             format!("{topic} has no partitions"),
         ),
-        Ok(n) => {
+        Ok((n, limit)) => {
+            if let Some(max) = limit {
+                st.acc.limit_topic(topic, max);
+            }
             let Some(TopicMeta::Pending(waiting)) =
                 st.topics.insert(topic.clone(), TopicMeta::Known(n))
             else {
@@ -1061,7 +1090,8 @@ mod tests {
     fn holding_peer(quiet: Duration) -> (String, std::thread::JoinHandle<usize>) {
         use crate::client::fake_peer::{answer, hello, take_request};
         use crate::protocol::{
-            MetadataResponse, PartitionMetadata, ProduceResponse, ResponseBody, TopicMetadata,
+            ErrorResponse, MetadataResponse, PartitionMetadata, ProduceResponse, ResponseBody,
+            TopicMetadata,
         };
         use std::io::{ErrorKind, Read};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1080,6 +1110,10 @@ mod tests {
                     let id = request.correlation_id;
                     let body = match request.body {
                         RequestBody::Hello(_) => hello("holding peer"),
+                        RequestBody::DescribeTopic(_) => ResponseBody::Error(ErrorResponse {
+                            code: ErrorCode::InvalidRequest,
+                            message: "not kept by this peer".into(),
+                        }),
                         RequestBody::Metadata(_) => ResponseBody::Metadata(MetadataResponse {
                             topics: vec![TopicMetadata {
                                 name: "t".into(),
