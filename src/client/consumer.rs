@@ -270,8 +270,9 @@ pub struct Consumer {
     /// others wait (Kafka's fetcher rotates for the same reason).
     first: usize,
     /// Positions moved by [`OffsetReset`] since [`Consumer::take_resets`]
-    /// was last called: a group member commits from there.
-    resets: Vec<(Arc<str>, u32, u64)>,
+    /// was last called: a group member commits from there. The last per
+    /// partition, so a consumer that never asks keeps one each at most.
+    resets: BTreeMap<(Arc<str>, u32), u64>,
 }
 
 type FetchFuture = Pin<Box<dyn Future<Output = Result<FetchResponse, ClientError>> + Send>>;
@@ -289,7 +290,7 @@ impl Consumer {
             positions: BTreeMap::new(),
             prefetch: None,
             first: 0,
-            resets: Vec::new(),
+            resets: BTreeMap::new(),
         }
     }
 
@@ -354,7 +355,9 @@ impl Consumer {
 
     /// Stops reading a partition.
     pub fn unassign(&mut self, topic: &str, partition: u32) {
-        self.positions.remove(&(Arc::from(topic), partition));
+        let key = (Arc::from(topic), partition);
+        self.positions.remove(&key);
+        self.resets.remove(&key);
     }
 
     /// Moves an assigned partition's position; `false` if not assigned.
@@ -377,6 +380,9 @@ impl Consumer {
     /// [`OffsetReset`]) since the last call, with the new positions.
     pub fn take_resets(&mut self) -> Vec<(Arc<str>, u32, u64)> {
         std::mem::take(&mut self.resets)
+            .into_iter()
+            .map(|((topic, partition), at)| (topic, partition, at))
+            .collect()
     }
 
     /// Every assigned partition and its position.
@@ -453,7 +459,7 @@ impl Consumer {
             let reset = result.error == ErrorCode::OffsetOutOfRange;
             let next = self.settle(&topic, asked.offset, result, &mut out)?;
             if reset {
-                resets.push((topic, asked.partition, next));
+                resets.push(((topic, asked.partition), next));
             }
             moves.push((key, next));
         }
