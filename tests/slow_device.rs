@@ -94,12 +94,26 @@ fn flushes_asked_for_together_share_the_one_waiting_in_the_queue() {
     // 2 MiB, 250 ms, the three threads once came too late on a loaded
     // machine.)
     let mut big = open("big");
-    let writer = std::thread::spawn(move || big.write_all(&vec![2u8; 4 << 20]).expect("write"));
-    std::thread::sleep(Duration::from_millis(20));
+    let written = fs.device_stats().bytes_written;
+    // The three threads are ready before the write starts and are let go
+    // together once the device has begun it: on a loaded machine, threads
+    // spawned one by one came too late for the one flush.
+    let go = std::sync::Arc::new(std::sync::Barrier::new(4));
     let syncs: Vec<_> = small
         .into_iter()
-        .map(|f| std::thread::spawn(move || f.sync_data().expect("fdatasync")))
+        .map(|f| {
+            let go = go.clone();
+            std::thread::spawn(move || {
+                go.wait();
+                f.sync_data().expect("fdatasync")
+            })
+        })
         .collect();
+    let writer = std::thread::spawn(move || big.write_all(&vec![2u8; 4 << 20]).expect("write"));
+    while fs.device_stats().bytes_written == written {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    go.wait();
     for t in syncs {
         t.join().expect("fdatasync thread");
     }
