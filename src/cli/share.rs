@@ -250,13 +250,29 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
         Err(code) => return code,
     };
     let result = smol::block_on(async {
-        match command {
-            DlqCommand::List { format, .. } => list(client, &dlq, format).await.map(|_| ()),
+        let done = match command {
+            DlqCommand::List { format, .. } => list(client.clone(), &dlq, format).await,
             DlqCommand::Replay { count, .. } => {
-                let n = replay(client, &dlq, count).await?;
-                eprintln!("skiff: replayed {n} record(s) from {dlq}");
+                let n = replay(client.clone(), &dlq, count).await;
+                if let Ok(n) = n {
+                    eprintln!("skiff: replayed {n} record(s) from {dlq}");
+                }
+                n
+            }
+        };
+        match done {
+            // The dead-letter topic is made with its first record: before
+            // that, a known topic has none rather than an error.
+            Err(e)
+                if e.code() == Some(ErrorCode::UnknownTopic)
+                    && client.partition_count(topic).await.is_ok_and(|n| n > 0) =>
+            {
+                eprintln!(
+                    "skiff: no dead letters: {dlq} is made when the first record of {topic} is dead-lettered"
+                );
                 Ok(())
             }
+            other => other.map(|_| ()),
         }
     });
     match result {
