@@ -60,9 +60,9 @@ fn batch_starts(seg: &[u8]) -> Vec<usize> {
     out
 }
 
-#[test]
-fn a_damaged_batch_is_skipped_and_everything_else_served() {
-    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+/// A broker with `extra` config and the one-partition topic, and a client.
+fn with_topic(extra: &str) -> (Broker, blocking::Client) {
+    let b = Broker::start(extra);
     let c = blocking::Client::connect(&b.tcp).expect("connect");
     c.create_topic(CreateTopicRequest {
         name: TOPIC.into(),
@@ -70,6 +70,12 @@ fn a_damaged_batch_is_skipped_and_everything_else_served() {
         ..CreateTopicRequest::default()
     })
     .expect("create");
+    (b, c)
+}
+
+#[test]
+fn a_damaged_batch_is_skipped_and_everything_else_served() {
+    let (mut b, c) = with_topic("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     let a = c.init_producer(None).expect("init").producer_id;
     let z = c.init_producer(None).expect("init").producer_id;
     // a: offsets 0..=5 (sequences 0..=5); z: offsets 6..=9.
@@ -207,6 +213,78 @@ fn a_damaged_batch_is_skipped_and_everything_else_served() {
         stdout(&o)
     );
     assert_eq!(read_log(&b).len(), 13);
+    assert_eq!(b.stop(), Some(0));
+}
+
+/// Damage at the very end of the log (the active segment cut short after
+/// a clean stop): a fetch in the lost range finds no batch after it, and
+/// used to answer nothing below the high watermark, so a consumer there
+/// waited for new data forever. It now moves past the range: a pipe gets
+/// the log to its end and exits, and a consumer reaches the high
+/// watermark, then reads what comes after.
+#[test]
+fn a_consumer_behind_damage_at_the_log_end_reaches_the_end() {
+    let (mut b, c) = with_topic("");
+    for i in 0..8 {
+        written(&send(&c, &format!("v{i}"), u64::MAX, -1), i, 0);
+    }
+    drop(c);
+    // A clean stop: the checkpoint says all eight batches were durable.
+    assert_eq!(b.stop(), Some(0));
+    let seg = b.data_dir().join(format!("topics/{TOPIC}/0/seg-00000.log"));
+    let starts = batch_starts(&std::fs::read(&seg).expect("segment"));
+    assert_eq!(starts.len(), 8, "{starts:?}");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("segment");
+    f.set_len(starts[5] as u64 + 10).expect("truncate");
+    drop(f);
+    b.restart();
+    let log = b.log();
+    assert!(log.contains("offsets 5..8 lost"), "{log}");
+
+    // `skiff consume` into a pipe stops at the end of the log.
+    let mut child = skiff_command()
+        .args(["consume", TOPIC, "--partition", "0", "--broker", &b.tcp])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("skiff consume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().expect("output");
+            panic!(
+                "skiff consume did not stop at the log's end; printed {:?}",
+                stdout(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().expect("output");
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "v0\nv1\nv2\nv3\nv4\n");
+
+    // A consumer reaches the high watermark (read_log waits for that).
+    let values = |log: Vec<skiff::client::ConsumerRecord>| -> Vec<String> {
+        log.iter()
+            .map(|r| format!("{}@{}", String::from_utf8_lossy(&r.value), r.offset))
+            .collect()
+    };
+    assert_eq!(
+        values(read_log(&b)),
+        ["v0@0", "v1@1", "v2@2", "v3@3", "v4@4"]
+    );
+    // No offset is given twice: the next record goes on at 8.
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    written(&send(&c, "v8", u64::MAX, -1), 8, 0);
+    assert_eq!(
+        values(read_log(&b)),
+        ["v0@0", "v1@1", "v2@2", "v3@3", "v4@4", "v8@8"]
+    );
     assert_eq!(b.stop(), Some(0));
 }
 

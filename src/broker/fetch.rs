@@ -48,8 +48,10 @@ pub struct Fetched {
     /// The partition's last stable offset: below it no transaction is
     /// open (the high watermark when none is).
     pub last_stable_offset: u64,
-    /// For a read_committed fetch: where the consumer continues, past the
-    /// batches left out (control batches, aborted transactions' batches).
+    /// Where the consumer continues, past what the answer left out: for a
+    /// read_committed fetch the batches left out (control batches, aborted
+    /// transactions' batches); for any fetch that found no batch at or
+    /// after its offset below the high watermark, that gap (see `read`).
     pub next_offset: Option<u64>,
 }
 
@@ -158,12 +160,19 @@ impl Broker {
         }
         let records = self.storage.read(&id, p.offset, max_bytes).await?;
         let offsets = self.storage.offsets(&id)?;
+        // No batch at or after the offset, below a high watermark the read
+        // saw (it saw `before`'s or a later one): the offsets up to it are
+        // a gap with nothing after it yet (damage lost at the log's end,
+        // compaction). The reader moves past it rather than wait below the
+        // high watermark for a batch that may never come.
+        let past_gap = (records.is_empty() && p.offset < before.high_watermark)
+            .then_some(before.high_watermark);
         if !read_committed {
             return Ok(Fetched {
                 records,
                 offsets,
                 last_stable_offset: lso,
-                next_offset: None,
+                next_offset: past_gap,
             });
         }
         let f = self.txn_index.filter(p.topic, p.partition, records, lso);
@@ -171,7 +180,9 @@ impl Broker {
             records: f.records,
             offsets,
             last_stable_offset: lso,
-            next_offset: f.next_offset,
+            // (Here the offset is below `lso`, which is at most `before`'s
+            // high watermark.)
+            next_offset: f.next_offset.or(past_gap.map(|hw| hw.min(lso))),
         })
     }
 }

@@ -906,8 +906,9 @@ pub struct FetchPartitionResult {
     /// it. Absent from servers before version 3.
     #[n(6)]
     pub last_stable_offset: Option<u64>,
-    /// read_committed only: where to fetch next, past batches the server
-    /// left out (aborted transactions, markers) after the last one sent.
+    /// Where to fetch next: past batches a read_committed fetch left out
+    /// (aborted transactions, markers) after the last one sent, or past a
+    /// gap with no batch after it below the high watermark (any fetch).
     #[n(7)]
     pub next_offset: Option<u64>,
 }
