@@ -996,3 +996,40 @@ fn compaction_keeps_the_committed_value_past_aborted_and_open_transactions() {
     assert_eq!(values_of(&b, "state", "k", "read_committed"), ["v1"]);
     assert_eq!(values_of(&b, "state", "k", "read_uncommitted"), ["v1"]);
 }
+
+/// A batch whose records do not decode, stored by a build from before
+/// produce checked them: a compaction cannot pass it, and `topics compact
+/// --wait` says so and exits 1 (it printed the error and exited 0).
+#[test]
+fn a_compaction_that_fails_fails_the_command() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "pz", "--partitions", "1"]));
+    assert_ok(&b.cli(&["produce", "pz", "--key", "k", "v"]));
+    assert_eq!(b.stop(), Some(0));
+    // The one batch's record ends in its headers, an empty array (0x80):
+    // null there does not decode. The CRC is made to match.
+    let seg = b.data_dir().join("topics/pz/0/seg-00000.log");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let at = 4096;
+    assert_eq!(&bytes[at..at + 4], b"SKB1");
+    let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+    let batch = &mut bytes[at..at + len];
+    assert_eq!(batch[len - 1], 0x80, "{batch:02x?}");
+    batch[len - 1] = 0xf6;
+    let crc = skiff::batch::compute_crc(batch);
+    batch[12..16].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&seg, &bytes).expect("segment");
+    b.restart();
+    assert_ok(&b.cli(&["topics", "alter", "pz", "--cleanup", "compact"]));
+    let o = b.cli(&["topics", "compact", "pz", "--wait"]);
+    assert_fails(
+        &o,
+        1,
+        &["compaction of pz failed", "partition 0: invalid_batch"],
+    );
+    assert!(
+        stdout(&o).contains("partition 0: invalid_batch"),
+        "{}",
+        stdout(&o)
+    );
+}

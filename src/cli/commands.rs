@@ -294,9 +294,13 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                 if !wait {
                     outln!("compaction of {name} started");
                 }
+                // A partition that failed fails the command (after every
+                // partition's line): a script must not take it for done.
+                let mut failed: Vec<(u32, ErrorCode)> = Vec::new();
                 for p in parts {
                     if !p.error.is_none() {
                         outln!("partition {}: {}", p.partition, p.error);
+                        failed.push((p.partition, p.error));
                         continue;
                     }
                     outln!(
@@ -308,6 +312,16 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         p.bytes_after,
                         p.records_removed
                     );
+                }
+                if let Some(&(_, code)) = failed.first() {
+                    let list: Vec<String> = failed
+                        .iter()
+                        .map(|(p, e)| format!("partition {p}: {e}"))
+                        .collect();
+                    return Err(ClientError::server(
+                        code,
+                        format!("compaction of {name} failed ({})", list.join(", ")),
+                    ));
                 }
             }
             TopicsCommand::Delete { name, .. } => client.delete_topic(&name).await?,
