@@ -181,6 +181,125 @@ fn raw_produce_fetch_and_offsets() {
     assert_eq!(consumer.position("t", 1), Some(10));
 }
 
+/// A batch around `body` (CBOR), claiming `count` dense records, its
+/// header and CRC valid whatever the body holds.
+fn batch_of_body(body: &[u8], count: u32) -> Vec<u8> {
+    use skiff::batch::*;
+    let mut out = vec![0u8; HEADER_BYTES];
+    out.extend_from_slice(body);
+    let total_len = out.len() as u32;
+    let mut put = |at: usize, field: &[u8]| out[at..at + field.len()].copy_from_slice(field);
+    put(OFFSET_MAGIC, &MAGIC);
+    put(OFFSET_VERSION, &VERSION.to_le_bytes());
+    put(OFFSET_TOTAL_LEN, &total_len.to_le_bytes());
+    put(OFFSET_RECORD_COUNT, &count.to_le_bytes());
+    put(OFFSET_LAST_OFFSET_DELTA, &(count - 1).to_le_bytes());
+    put(OFFSET_FIRST_TIMESTAMP, &1_000i64.to_le_bytes());
+    put(OFFSET_MAX_TIMESTAMP, &1_000i64.to_le_bytes());
+    put(OFFSET_PRODUCER_ID, &NO_PRODUCER_ID.to_le_bytes());
+    put(OFFSET_BASE_SEQUENCE, &NO_SEQUENCE.to_le_bytes());
+    let crc = compute_crc(&out);
+    out[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A batch whose header and CRC are valid but whose records a consumer
+/// cannot read is refused at produce with `invalid_batch` saying why, on
+/// a plain (`delete`) topic too: stored, it failed every fetch of the
+/// partition, the records before it included. Good batches of the same
+/// request are written, and the partition stays readable.
+#[test]
+fn a_batch_whose_records_a_consumer_cannot_read_is_refused() {
+    let server = Broker::start("");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
+    create(&c, "victim", 1);
+    let good = |value: &str| {
+        let mut b = BatchBuilder::new();
+        b.push(1_000, None, value.as_bytes(), &[]);
+        ProducePartition {
+            topic: "victim".into(),
+            partition: 0,
+            batch: b.finish(ProducerStamp::NONE).into(),
+        }
+    };
+    let r = c.produce_raw(vec![good("before")]).unwrap();
+    assert_eq!(r[0].offsets(), Ok((0, 0)));
+    // [0, 0, null, h'76', []]: a record as skiff writes it.
+    let record = |delta: u8| vec![0x85, delta, 0x00, 0xf6, 0x41, b'v', 0x80];
+    let bad: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "trailing bytes after body",
+            [&[0x81][..], &record(0), &[0x00, 0x00]].concat(),
+            1,
+        ),
+        (
+            "body is not a CBOR array of records",
+            vec![0x81, 0x83, 0x00, 0x00, 0xf6],
+            1,
+        ),
+        (
+            "record offset deltas are not strictly increasing",
+            [&[0x82][..], &record(0), &record(0)].concat(),
+            2,
+        ),
+        (
+            "record_count does not match body",
+            [&[0x81][..], &record(0)].concat(),
+            2,
+        ),
+        // The value, then a header's value, as text instead of bytes.
+        (
+            "body is not a CBOR array of records",
+            vec![0x81, 0x85, 0x00, 0x00, 0xf6, 0x61, b'v', 0x80],
+            1,
+        ),
+        (
+            "body is not a CBOR array of records",
+            [
+                &[0x81, 0x85, 0x00, 0x00, 0xf6, 0x41, b'v', 0x81, 0x82][..],
+                &[0x61, b'h', 0x61, b'x'],
+            ]
+            .concat(),
+            1,
+        ),
+    ];
+    let mut request: Vec<ProducePartition> = bad
+        .iter()
+        .map(|(_, body, count)| ProducePartition {
+            topic: "victim".into(),
+            partition: 0,
+            batch: batch_of_body(body, *count).into(),
+        })
+        .collect();
+    request.push(good("between"));
+    let r = c.produce_raw(request).unwrap();
+    for ((why, _, _), r) in bad.iter().zip(&r) {
+        assert_eq!(r.error, ErrorCode::InvalidBatch, "{why}: {r:?}");
+        assert!(
+            r.message.as_deref().is_some_and(|m| m.contains(why)),
+            "{why}: {r:?}"
+        );
+    }
+    assert_eq!(r[bad.len()].offsets(), Ok((1, 1)), "{:?}", r[bad.len()]);
+    // The same body well formed is taken.
+    let fine = batch_of_body(&[&[0x81][..], &record(0)].concat(), 1);
+    let r = c
+        .produce_raw(vec![
+            ProducePartition {
+                topic: "victim".into(),
+                partition: 0,
+                batch: fine.into(),
+            },
+            good("after"),
+        ])
+        .unwrap();
+    assert_eq!((r[0].offsets(), r[1].offsets()), (Ok((2, 2)), Ok((3, 3))));
+    // Every record is readable, through the real command too.
+    let o = server.cli(&["consume", "victim"]);
+    common::assert_ok(&o);
+    assert_eq!(common::stdout(&o), "before\nbetween\nv\nafter\n");
+}
+
 /// A consumer of two partitions, one with megabytes of backlog: the
 /// broker fills a fetch's byte budget in request order, so the small
 /// partition must lead a fetch soon, not wait until the large one is

@@ -89,27 +89,32 @@ impl Default for CleanupConfig {
 /// Every compacted topic's settings, by name.
 pub(super) type CleanupTable = BTreeMap<String, CleanupConfig>;
 
-/// Whether a batch may go to a topic with `cleanup`: on a compacted topic
-/// every record needs a key. Decodes the body only for compacted topics.
+/// Whether a checked batch's records may go to a topic with `cleanup`.
+/// Every topic: the body must read as a consumer reads it (exactly
+/// `record_count` records of the right types, offset deltas strictly
+/// increasing, nothing after them), or no consumer could read past the
+/// batch once stored. A compacted topic: every record needs a key. One
+/// pass, no allocation: this runs on every produce.
 pub(super) fn check_records(
     topic: &str,
     cleanup: CleanupPolicy,
+    header: &crate::batch::BatchHeader,
     batch: &[u8],
 ) -> Result<(), BrokerError> {
-    if !cleanup.compacts() {
-        return Ok(());
+    let view = crate::batch::BatchView {
+        header: *header,
+        bytes: batch,
+    };
+    // A malformed body is the batch's error (invalid_batch) even after a
+    // keyless record.
+    match view.check_records(cleanup.compacts())? {
+        Some(index) => Err(BrokerError::InvalidRecord {
+            topic: topic.to_owned(),
+            index,
+            why: "it has no key, and a compacted topic keeps the latest record per key",
+        }),
+        None => Ok(()),
     }
-    let view = crate::batch::BatchView::new(batch)?;
-    for (i, r) in view.records()?.iter().enumerate() {
-        if r.key.is_none() {
-            return Err(BrokerError::InvalidRecord {
-                topic: topic.to_owned(),
-                index: i as u32,
-                why: "it has no key, and a compacted topic keeps the latest record per key",
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Fits a topic's storage settings to its cleanup policy. A compacted

@@ -285,7 +285,7 @@ impl Broker {
             )));
         }
         let cleanup = self.cleanup_config(topic).policy;
-        super::cleaner::check_records(topic, cleanup, checked.bytes())?;
+        super::cleaner::check_records(topic, cleanup, checked.header(), checked.bytes())?;
         let compacted = cleanup.compacts();
         let header = *checked.header();
         let windowed = self
