@@ -278,6 +278,27 @@ fn a_consumer_behind_damage_at_the_log_end_reaches_the_end() {
         values(read_log(&b)),
         ["v0@0", "v1@1", "v2@2", "v3@3", "v4@4"]
     );
+    // A share group moves past the gap as well.
+    smol::block_on(async {
+        let client = skiff::client::Client::connect(&b.tcp)
+            .await
+            .expect("connect");
+        let config = skiff::client::ShareConfig {
+            max_records: 100,
+            max_wait: Duration::from_millis(200),
+            from_earliest: true,
+        };
+        let w = skiff::client::ShareConsumer::new(client, "g", TOPIC, config);
+        let mut got = 0;
+        while got < 5 {
+            got += w.poll().await.expect("poll").len();
+        }
+        assert!(w.poll().await.expect("poll").is_empty());
+    });
+    let o = b.cli(&["share-groups", "describe", "g", "--format", "json"]);
+    assert_ok(&o);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    assert_eq!(d["partitions"][0]["next"], 8, "{d}");
     // No offset is given twice: the next record goes on at 8.
     let c = blocking::Client::connect(&b.tcp).expect("connect");
     written(&send(&c, "v8", u64::MAX, -1), 8, 0);

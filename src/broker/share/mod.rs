@@ -882,6 +882,9 @@ impl ShareCoordinator {
                 Err(e) => return Err(e.into()),
             };
             let (placed, end) = super::decode_records(&fetched.records)?;
+            // Past a gap with nothing after it yet (damage lost at the log's
+            // end), as a consumer's fetch moves on.
+            let end = end.max(fetched.next_offset.unwrap_or(0));
             let mut parts = self.lock();
             if let Some(sp) = parts.get_mut(key).filter(|sp| sp.next == at) {
                 let mut taken = 0usize;
