@@ -332,3 +332,59 @@ fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
     }
     records
 }
+
+/// A lost `partition.meta` (QA report, finding 2): start-up used to take
+/// the directory for a creation cut short and delete its acknowledged
+/// records, then give their offsets again. Now the partition is
+/// quarantined: its records are served, writes are refused with the
+/// reason, the log names the directory, and nothing is deleted.
+#[test]
+fn a_lost_partition_meta_quarantines_instead_of_deleting() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    let lines: String = (0..27).map(|i| format!("r{i}\n")).collect();
+    assert_ok(&b.cli_stdin(
+        &["produce", "t1", "--partition", "1"],
+        Some(lines.as_bytes()),
+    ));
+    assert_eq!(b.stop(), Some(0));
+    let dir = b.data_dir().join("topics/t1/1");
+    std::fs::remove_file(dir.join("partition.meta")).unwrap();
+    b.restart();
+    let log = b.log();
+    assert!(
+        log.contains(&format!(
+            "partition directory {}: partition.meta is missing",
+            dir.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains("removing incomplete partition directory"),
+        "{log}"
+    );
+    let o = b.cli(&[
+        "produce",
+        "t1",
+        "--partition",
+        "1",
+        "--retry-timeout-ms",
+        "1000",
+        "new",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("partition_quarantined"),
+        "{}",
+        stderr(&o)
+    );
+    let o = b.cli(&["consume", "t1", "--partition", "1", "--format", "json"]);
+    assert_ok(&o);
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 27);
+    assert_eq!(got[26]["offset"], 26);
+    assert_eq!(got[26]["value"], "r26");
+    // The other partition of the topic is untouched.
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
+    assert!(dir.join("seg-00000.log").exists());
+}

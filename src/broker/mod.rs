@@ -754,6 +754,23 @@ impl Broker {
     async fn reconcile(&self) -> Result<(), BrokerError> {
         let on_disk = self.storage.partitions();
         let table = self.topics.read().expect("topic table lock").clone();
+        // Directories recovery found without usable metadata: recovered
+        // read-only or left alone, never altered or created over.
+        let set_aside: Vec<PartitionId> = self
+            .storage
+            .recovery_report()
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.quarantine,
+                    Some(
+                        crate::storage::QuarantineReason::MissingMeta
+                            | crate::storage::QuarantineReason::UnreadableMeta { .. }
+                    )
+                )
+            })
+            .map(|r| r.id)
+            .collect();
         for (id, _) in &on_disk {
             let wanted = table
                 .get(&*id.topic)
@@ -772,6 +789,14 @@ impl Broker {
                 };
                 // An alter the table took and a crash kept from reaching
                 // the partition (the table is written first).
+                if set_aside.contains(&id) {
+                    log::error!(
+                        "partition {id}: its directory's metadata is missing or unreadable \
+                         (see above); the partition is quarantined until an operator repairs \
+                         or deletes it"
+                    );
+                    continue;
+                }
                 if let Some((_, cfg)) = on_disk.iter().find(|(d, _)| *d == id) {
                     if *cfg != meta.config {
                         log::warn!("partition {id}: completing an interrupted topic alter");

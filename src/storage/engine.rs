@@ -853,7 +853,16 @@ impl Engine {
         }
         if dir.exists() {
             // A directory without partition.meta: a creation that never
-            // completed (nothing in it was ever acknowledged).
+            // completed, unless its segments hold batches (the file was
+            // lost): never overwrite those.
+            if self.may_hold_data(&dir) {
+                log::error!(
+                    "partition directory {} has no partition.meta but holds data; left \
+                     untouched",
+                    dir.display()
+                );
+                return Err(StorageError::PartitionExists(id));
+            }
             log::warn!("removing incomplete partition directory {}", dir.display());
             self.remove_dir(&dir, cfg.segments as usize);
         }
@@ -1013,8 +1022,13 @@ impl Engine {
                 .send(Err(StorageError::UnknownPartition(id.clone())));
         }
         // partition.meta goes first: a crash mid-delete leaves a directory
-        // that start-up recognises as incomplete and removes.
-        std::fs::remove_file(part.dir.join(PARTITION_META))?;
+        // without it, which start-up recovers quarantined if batches remain
+        // (the broker then finishes the delete: its topic is gone). It is
+        // already missing from a partition recovered without it.
+        match std::fs::remove_file(part.dir.join(PARTITION_META)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         self.ctx.io.sync_dir(&part.dir)?;
         for &f in &part.files {
             self.ctx.close(f);

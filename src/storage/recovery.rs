@@ -102,6 +102,10 @@ pub enum QuarantineReason {
     /// `partition.meta` does not decode: the directory was skipped and its
     /// data left untouched (reported under the id the directory names).
     UnreadableMeta { fault: MetaFault },
+    /// `partition.meta` is missing from a directory whose segments hold
+    /// batches (so not a creation cut short): recovered read-only under
+    /// the id the directory names, with a config read from its segments.
+    MissingMeta,
 }
 
 impl std::fmt::Display for QuarantineReason {
@@ -146,6 +150,9 @@ impl std::fmt::Display for QuarantineReason {
                 "batch at segment slot {slot} position {position}: {error}"
             ),
             Self::UnreadableMeta { fault } => write!(f, "partition.meta unreadable ({fault:?})"),
+            Self::MissingMeta => {
+                f.write_str("partition.meta is missing, but the partition's segments hold batches")
+            }
         }
     }
 }
@@ -559,44 +566,24 @@ impl Engine {
                          its data left untouched",
                         dir.display()
                     );
-                    // Reported like a quarantined partition, under the id
-                    // its directory names.
-                    let topic = dir.parent().and_then(Path::file_name);
-                    let number = dir.file_name().and_then(|n| n.to_str()?.parse().ok());
-                    if let (Some(topic), Some(number)) = (topic, number) {
-                        StatsInner::add(&self.ctx.shared.stats.quarantined, 1);
-                        self.ctx
-                            .shared
-                            .reports
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(RecoveryReport {
-                                id: PartitionId::new(topic.to_string_lossy(), number),
-                                policy: RecoveryPolicy::default(),
-                                batches: 0,
-                                truncation: None,
-                                quarantine: Some(QuarantineReason::UnreadableMeta {
-                                    fault: e.fault(),
-                                }),
-                                bytes_truncated: 0,
-                                stale_erased: 0,
-                                checkpoint_unreadable: false,
-                                unreadable_restart_slot: None,
-                                damaged: Vec::new(),
-                                quarantined: true,
-                                earliest: 0,
-                                high_watermark: 0,
-                            });
-                    }
+                    self.report_set_aside(
+                        &dir,
+                        QuarantineReason::UnreadableMeta { fault: e.fault() },
+                    );
                     continue;
                 }
             };
             let Some(meta) = meta else {
-                log::warn!(
-                    "removing incomplete partition directory {} (no partition.meta)",
-                    dir.display()
-                );
-                self.remove_dir(&dir, 0);
+                if !self.may_hold_data(&dir) {
+                    log::warn!(
+                        "removing incomplete partition directory {} (no partition.meta, and \
+                         no batch in its segments)",
+                        dir.display()
+                    );
+                    self.remove_dir(&dir, 0);
+                } else {
+                    self.recover_without_meta(&dir)?;
+                }
                 continue;
             };
             let id = PartitionId::new(meta.topic.clone(), meta.partition);
@@ -607,30 +594,217 @@ impl Engine {
                 );
                 continue;
             }
-            if self.parts.len() >= self.ctx.cfg.max_partitions {
-                return Err(StorageError::TooManyPartitions {
-                    max: self.ctx.cfg.max_partitions,
-                });
-            }
-            let (part, report) = self.recover_part(id, meta.cfg, dir)?;
-            self.ctx
-                .shared
-                .reports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(report);
-            self.register(part);
+            self.load_part(id, meta.cfg, dir, None)?;
         }
         Ok(())
     }
 
+    /// Recovers one partition, reports it and serves it.
+    fn load_part(
+        &mut self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+        dir: PathBuf,
+        set_aside: Option<QuarantineReason>,
+    ) -> Result<(), StorageError> {
+        if self.parts.len() >= self.ctx.cfg.max_partitions {
+            return Err(StorageError::TooManyPartitions {
+                max: self.ctx.cfg.max_partitions,
+            });
+        }
+        let (part, report) = self.recover_part(id, cfg, dir, set_aside)?;
+        self.ctx
+            .shared
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(report);
+        self.register(part);
+        Ok(())
+    }
+
+    /// The partition id a directory's path names, if it names one.
+    fn id_of_dir(dir: &Path) -> Option<PartitionId> {
+        let topic = dir.parent()?.file_name()?.to_str()?;
+        let number = dir.file_name()?.to_str()?.parse().ok()?;
+        super::validate_topic_name(topic).ok()?;
+        Some(PartitionId::new(topic, number))
+    }
+
+    /// Reports a directory recovery left alone, unloaded, like a
+    /// quarantined partition under the id its path names.
+    fn report_set_aside(&mut self, dir: &Path, why: QuarantineReason) {
+        let Some(id) = Self::id_of_dir(dir) else {
+            return;
+        };
+        StatsInner::add(&self.ctx.shared.stats.quarantined, 1);
+        self.ctx
+            .shared
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RecoveryReport {
+                id,
+                policy: RecoveryPolicy::default(),
+                batches: 0,
+                truncation: None,
+                quarantine: Some(why),
+                bytes_truncated: 0,
+                stale_erased: 0,
+                checkpoint_unreadable: false,
+                unreadable_restart_slot: None,
+                damaged: Vec::new(),
+                quarantined: true,
+                earliest: 0,
+                high_watermark: 0,
+            });
+    }
+
+    /// The numbers of a partition directory's segment files: those in the
+    /// directory, and (for a test backend, whose files are not in it)
+    /// those found from 0 on until one is missing.
+    fn segment_files(&mut self, dir: &Path) -> Vec<u32> {
+        let mut nos: Vec<u32> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("seg-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let mut no = 0;
+        while no < SEGMENTS_MAX
+            && self
+                .ctx
+                .io
+                .open(&seg_path(dir, no as usize), false)
+                .map(|f| self.ctx.close(f))
+                .is_ok()
+        {
+            nos.push(no);
+            no += 1;
+        }
+        nos.sort_unstable();
+        nos.dedup();
+        nos
+    }
+
+    /// Whether a directory without `partition.meta` may hold acknowledged
+    /// data. A creation writes `partition.meta` last, after the segment
+    /// files and slot 0's header, but before any batch: so a directory
+    /// with no batch (nothing after any segment's header block), no
+    /// checkpoint past offset 0 and no `ring.meta` (a resize) is one cut
+    /// short. When in doubt (a file that cannot be read), it may.
+    pub(super) fn may_hold_data(&mut self, dir: &Path) -> bool {
+        match meta::read::<Checkpoint>(&dir.join(CHECKPOINT_META)) {
+            Ok(None) => {}
+            Ok(Some(c)) if c.next_offset == 0 => {}
+            _ => return true,
+        }
+        if !matches!(meta::read::<RingLayout>(&dir.join(RING_META)), Ok(None)) {
+            return true;
+        }
+        for no in self.segment_files(dir) {
+            let Ok(f) = self.ctx.io.open(&seg_path(dir, no as usize), false) else {
+                return true;
+            };
+            let got = self
+                .ctx
+                .io
+                .read_at(f, SEG_HEADER_BYTES as u64, &mut self.ctx.rbuf[..B]);
+            self.ctx.close(f);
+            match got {
+                Ok(n) if self.ctx.rbuf[..n].iter().all(|&b| b == 0) => {}
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    /// A directory whose `partition.meta` is missing but whose segments
+    /// hold batches: recovered read-only (quarantined), as with a lost
+    /// segment file, under the id its path names and with the config its
+    /// files show (segment size from a valid header, count from the files
+    /// or `ring.meta`; no retention). Nothing in it is deleted. When no
+    /// config can be read from it, it is left alone and reported.
+    fn recover_without_meta(&mut self, dir: &Path) -> Result<(), StorageError> {
+        log::error!(
+            "partition directory {}: partition.meta is missing, but its segments hold \
+             batches; quarantined (read-only), nothing deleted",
+            dir.display()
+        );
+        let Some(id) = Self::id_of_dir(dir) else {
+            log::error!(
+                "partition directory {}: its path names no partition; skipped",
+                dir.display()
+            );
+            return Ok(());
+        };
+        let Some(cfg) = self.config_from_files(dir) else {
+            log::error!(
+                "partition directory {}: no valid segment header to read its config from; \
+                 skipped, its data left untouched",
+                dir.display()
+            );
+            self.report_set_aside(dir, QuarantineReason::MissingMeta);
+            return Ok(());
+        };
+        self.load_part(
+            id,
+            cfg,
+            dir.to_path_buf(),
+            Some(QuarantineReason::MissingMeta),
+        )
+    }
+
+    /// A partition's config as its files show it, for one whose
+    /// `partition.meta` is lost.
+    fn config_from_files(&mut self, dir: &Path) -> Option<PartitionConfig> {
+        let segments = match meta::read::<RingLayout>(&dir.join(RING_META)) {
+            Ok(Some(layout)) => layout.files.len() as u32,
+            Ok(None) => self.segment_files(dir).len() as u32,
+            Err(_) => return None,
+        };
+        let mut segment_bytes = None;
+        for no in self.segment_files(dir) {
+            let Ok(f) = self.ctx.io.open(&seg_path(dir, no as usize), false) else {
+                continue;
+            };
+            let got = self.ctx.io.read_at(f, 0, &mut self.ctx.rbuf[..B]);
+            self.ctx.close(f);
+            if let Ok(n) = got {
+                segment_bytes = SegmentHeader::peek_segment_bytes(&self.ctx.rbuf[..n]);
+                if segment_bytes.is_some() {
+                    break;
+                }
+            }
+        }
+        let cfg = PartitionConfig {
+            segment_bytes: segment_bytes?,
+            segments,
+            retention_ms: None,
+            durability: super::Durability::Always,
+            overflow: super::OverflowPolicy::Reject,
+        };
+        cfg.validate().ok()?;
+        Some(cfg)
+    }
+
     /// Rebuilds one partition from its segment files; see docs/format.md,
-    /// "Recovery".
+    /// "Recovery". Quarantined for `set_aside` from the start if given:
+    /// then recovery changes nothing in the segments (no torn tail zeroed,
+    /// no crashed run's batches erased).
     fn recover_part(
         &mut self,
         id: PartitionId,
         cfg: PartitionConfig,
         dir: PathBuf,
+        set_aside: Option<QuarantineReason>,
     ) -> Result<(Part, RecoveryReport), StorageError> {
         let mut cfg = cfg;
         // A compaction cut short before its rename: the ring never saw it.
@@ -669,7 +843,7 @@ impl Engine {
         let mut part = self.new_part(id.clone(), cfg.clone(), dir, files)?;
         part.file_nos = file_nos;
         let policy = self.ctx.cfg.recovery_policy;
-        let mut problem: Option<QuarantineReason> = None;
+        let mut problem: Option<QuarantineReason> = set_aside;
         let mut truncation: Option<Truncation> = None;
         let mut damaged: Vec<DamagedRange> = Vec::new();
 
@@ -704,7 +878,7 @@ impl Engine {
         match active {
             None => {
                 if ckpt.next_offset > 0 {
-                    problem = Some(QuarantineReason::NoSegmentHeader {
+                    problem.get_or_insert(QuarantineReason::NoSegmentHeader {
                         durable_offset: ckpt.next_offset,
                     });
                 }

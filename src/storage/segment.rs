@@ -91,6 +91,19 @@ impl SegmentHeader {
         block[SEG_OFFSET_CRC..SEG_OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
+    /// The segment size an intact header (magic, CRC, this version)
+    /// records, whatever the config says: for a partition whose
+    /// `partition.meta` is lost.
+    pub fn peek_segment_bytes(block: &[u8]) -> Option<u64> {
+        let h = block.get(..SEG_HEADER_USED_BYTES)?;
+        let crc = u32::from_le_bytes(h[SEG_OFFSET_CRC..].try_into().ok()?);
+        let intact = h[..4] == SEGMENT_MAGIC
+            && h[4..6] == SEGMENT_VERSION.to_le_bytes()
+            && CRC32C.checksum(&h[..SEG_OFFSET_CRC]) == crc;
+        let at = SEG_OFFSET_SEGMENT_BYTES;
+        intact.then(|| u64::from_le_bytes(h[at..at + 8].try_into().expect("8")))
+    }
+
     /// Decodes and checks a header block against the slot it was read from
     /// and the partition's segment size.
     pub fn decode(block: &[u8], slot: u32, segment_bytes: u64) -> Result<Self, HeaderError> {

@@ -1980,6 +1980,69 @@ fn missing_checkpoint_and_incomplete_dirs_are_handled() {
     }
 }
 
+/// A lost `partition.meta` in a partition holding acknowledged batches is
+/// not a creation cut short: recovery quarantines the partition (served
+/// read-only, nothing deleted, offsets never given again), as for a lost
+/// segment file. A directory whose creation stopped before any batch is
+/// still removed.
+#[test]
+fn lost_partition_meta_quarantines_a_partition_with_data() {
+    for (name, rig) in rigs() {
+        let id = pid("lost", 1);
+        let empty = pid("fresh", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        block_on(s.create_partition(empty.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 40, 0);
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        s.shutdown().unwrap();
+        let dir = rig.dir.path().join("topics/lost/1");
+        std::fs::remove_file(dir.join("partition.meta")).unwrap();
+        std::fs::remove_file(rig.dir.path().join("topics/fresh/0/partition.meta")).unwrap();
+        for _ in 0..2 {
+            let s = rig.open();
+            assert!(
+                !rig.dir.path().join("topics/fresh/0").exists(),
+                "{name}: a creation cut short is removed"
+            );
+            let rep = s
+                .recovery_report()
+                .into_iter()
+                .find(|r| r.id == id)
+                .expect("a report");
+            assert_eq!(
+                rep.quarantine,
+                Some(QuarantineReason::MissingMeta),
+                "{name}"
+            );
+            assert_eq!(s.offsets(&id).unwrap().high_watermark, hw, "{name}");
+            assert_eq!(read_all(&s, &id, 0), acked, "{name}: served read-only");
+            let refused = block_on(s.append(&id, make_batch(1, 10, 99, 0)));
+            assert!(
+                matches!(refused, Err(StorageError::Quarantined(_))),
+                "{name}: {refused:?}"
+            );
+            assert!(
+                matches!(
+                    block_on(s.create_partition(id.clone(), small_cfg())),
+                    Err(StorageError::PartitionExists(_))
+                ),
+                "{name}"
+            );
+            assert!(
+                !dir.join("partition.meta").exists(),
+                "{name}: nothing rewritten"
+            );
+            s.shutdown().unwrap();
+        }
+        // The operator's way out: delete it (then recreate the topic).
+        let s = rig.open();
+        block_on(s.delete_partition(&id)).unwrap();
+        assert!(!dir.exists(), "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn reads_respect_max_bytes_and_span_tail_and_disk() {
     for (name, rig) in rigs() {
