@@ -37,7 +37,9 @@ fn assert_within_budget(b: &Broker, budget_kib: u64, what: &str) -> u64 {
 fn ten_thousand_idle_connections_cost_little_and_others_are_served() {
     const IDLE: usize = 10_000;
     raise_fd_limit(IDLE as u64 + 1_000);
-    let mut b = Broker::start("[server]\nmax_connections = 10100\n");
+    // Long enough that the half that never says hello stays connected
+    // while the rest connect.
+    let mut b = Broker::start("[server]\nmax_connections = 10100\nframe_timeout_ms = 600000\n");
     let budget = budget_kib(&b.config_path);
     let before = b.rss_kib();
     // Half of them have said hello; the rest have said nothing at all.
@@ -166,4 +168,68 @@ fn a_flood_of_tiny_produce_requests_is_bounded_and_answered() {
         !matches!(flood.stream.read(&mut rest), Ok(n) if n > 0),
         "no answer beyond the requests"
     );
+}
+
+/// Peers that connect and then stall, before hello or inside a frame (QA
+/// report, finding 4), used to hold every connection slot for good. They
+/// are closed after `server.frame_timeout_ms`, and a real client gets in;
+/// established clients idle between requests, or long-polling, are not.
+#[test]
+fn stalled_connections_are_closed_and_idle_clients_kept() {
+    use skiff::protocol::{ErrorCode, FetchPartition, FetchRequest, RequestBody, ResponseBody};
+    let b = Broker::start("[server]\nmax_connections = 8\nframe_timeout_ms = 1000\n");
+    assert_ok(&b.cli(&["topics", "create", "t"]));
+    assert_ok(&b.cli(&["topics", "create", "quiet"]));
+    // Two established clients: one idle, one long-polling for 2.5 s.
+    let mut idle = RawConn::connect(&b.tcp);
+    idle.hello();
+    let mut polling = RawConn::connect(&b.tcp);
+    polling.hello();
+    polling.send_request(
+        2,
+        RequestBody::Fetch(FetchRequest {
+            partitions: vec![FetchPartition {
+                topic: "quiet".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 1024,
+            }],
+            max_wait_ms: 2500,
+            min_bytes: 1,
+            isolation: None,
+        }),
+    );
+    // The other six slots: silent, 5 bytes of a frame before hello, and
+    // half a frame after hello.
+    let frame = produce_frame(2, "t", b"never");
+    let mut stalled: Vec<RawConn> = (0..6)
+        .map(|i| {
+            let mut c = RawConn::connect(&b.tcp);
+            match i % 3 {
+                0 => {}
+                1 => c.send(&[0, 0, 0, 100, 0x82]),
+                _ => {
+                    c.hello();
+                    c.send(&frame[..frame.len() / 2]);
+                }
+            }
+            c
+        })
+        .collect();
+    let started = Instant::now();
+    let mut refused = RawConn::connect(&b.tcp);
+    refused.expect_error(ErrorCode::TooManyConnections);
+    for c in &mut stalled {
+        c.expect_closed();
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let o = b.cli(&["produce", "t", "--retry-timeout-ms", "3000", "in"]);
+    assert_ok(&o);
+    let r = polling.read_response().expect("the long-poll's answer");
+    assert!(matches!(r.body, ResponseBody::Fetch(_)), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(2000));
+    // Idle for well past the timeout, and still served.
+    idle.send(&produce_frame(3, "t", b"still here"));
+    let r = idle.read_response().expect("an answer");
+    assert!(matches!(r.body, ResponseBody::Produce(_)), "{r:?}");
 }

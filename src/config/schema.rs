@@ -80,6 +80,9 @@ pub struct ServerConfig {
     /// Unix socket path; "" disables it.
     pub unix_socket: String,
     pub max_connections: u32,
+    /// A new connection must send its hello within this, and a frame once
+    /// begun must not go this long without a byte; else it is closed.
+    pub frame_timeout_ms: u64,
     pub max_frame_bytes: u64,
     pub max_inflight_bytes_per_connection: u64,
     /// Produce bytes connections may hold past their own share, all
@@ -917,6 +920,12 @@ impl Config {
             s.max_connections,
             1,
             MAX_CONNECTIONS_LIMIT,
+        )?;
+        check_range(
+            "server.frame_timeout_ms",
+            s.frame_timeout_ms,
+            100,
+            3_600_000,
         )?;
         check_range(
             "storage.max_batch_bytes",

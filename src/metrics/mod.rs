@@ -37,6 +37,7 @@
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
+//! | `connections_timed_out` (no hello in time, or a frame stalled half-sent) | counter | |
 //! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
@@ -241,6 +242,7 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
+    connections_timed_out: Counter,
     inflight_shared_bytes: Gauge,
     inflight_shared_admits: Counter,
     recovery_truncated_bytes: Counter,
@@ -402,6 +404,7 @@ impl Metrics {
             connections: Family::default(),
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
+            connections_timed_out: Counter::default(),
             inflight_shared_bytes: Gauge::default(),
             inflight_shared_admits: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
@@ -593,6 +596,11 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted, per listener",
             m.connections_accepted.clone(),
+        );
+        m.registry.register(
+            "connections_timed_out",
+            "Client connections closed for server.frame_timeout_ms: no hello in time, or a frame stalled half-sent",
+            m.connections_timed_out.clone(),
         );
         m.registry.register(
             "inflight_shared_bytes",
@@ -874,6 +882,10 @@ impl Metrics {
             self.inflight_shared_bytes.clone(),
             self.inflight_shared_admits.clone(),
         )
+    }
+
+    pub fn connection_timed_out(&self) {
+        self.connections_timed_out.inc();
     }
 
     pub fn tls_failure(&self) {

@@ -62,6 +62,9 @@ pub struct Settings {
     pub max_inflight_bytes: usize,
     pub max_inflight_bytes_shared: usize,
     pub max_wait_ms: u64,
+    /// `server.frame_timeout_ms`: for a hello after connecting, and for
+    /// the next byte of a frame begun.
+    pub frame_timeout: Duration,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
             max_inflight_bytes: cfg.server.max_inflight_bytes_per_connection as usize,
             max_inflight_bytes_shared: cfg.server.max_inflight_bytes_shared as usize,
             max_wait_ms: FETCH_WAIT_MS_MAX,
+            frame_timeout: Duration::from_millis(cfg.server.frame_timeout_ms),
         }
     }
 }

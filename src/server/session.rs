@@ -16,6 +16,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -392,6 +393,12 @@ pub(crate) async fn run<C: Connection>(conn: C, ctx: Arc<Ctx>, peer: String, adm
     let identity = who.identity();
     match &reason {
         Ok(()) => log::debug!("{peer} ({identity}): connection closed"),
+        // A device that leaks sockets may cause many: counted, not logged
+        // above debug.
+        Err(e @ SessionEnd::TimedOut(_)) => {
+            ctx.metrics.connection_timed_out();
+            log::debug!("{peer} ({identity}): closing connection: {e}");
+        }
         Err(e) => log::info!("{peer} ({identity}): closing connection: {e}"),
     }
     // Finish what was read before closing: every request gets its answer.
@@ -721,6 +728,8 @@ enum SessionEnd {
     Io(std::io::Error),
     Frame(FrameError),
     Protocol(&'static str),
+    /// A peer silent where it must speak (see `ReadDeadline`).
+    TimedOut(&'static str),
 }
 
 impl std::fmt::Display for SessionEnd {
@@ -728,7 +737,7 @@ impl std::fmt::Display for SessionEnd {
         match self {
             Self::Io(e) => write!(f, "{e}"),
             Self::Frame(e) => write!(f, "{e}"),
-            Self::Protocol(e) => f.write_str(e),
+            Self::Protocol(e) | Self::TimedOut(e) => f.write_str(e),
         }
     }
 }
@@ -763,12 +772,23 @@ fn lend_range(
 /// (`stop`: the connection's one wait for it, polled across frames, since
 /// a listener made for every read cost an allocation and a locked list
 /// insert and removal per request).
+/// When a read for the next frame gives up on a silent peer.
+#[derive(Clone, Copy)]
+struct ReadDeadline {
+    /// Before hello: the whole hello must have come by then.
+    hello_by: Option<Instant>,
+    /// After hello: how long a frame once begun may go without a byte.
+    /// Between frames there is no limit (an idle client is a client).
+    stall: Duration,
+}
+
 async fn next_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     filled: &mut usize,
     mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     max_frame_bytes: usize,
+    deadline: ReadDeadline,
 ) -> Result<Next, SessionEnd> {
     loop {
         match frame_len(&buf[..*filled], max_frame_bytes as u32) {
@@ -793,14 +813,38 @@ async fn next_frame<S: AsyncRead + Unpin>(
             buf.reserve_exact(grow - buf.len());
             buf.resize(grow, 0);
         }
+        let (until, why) = match deadline.hello_by {
+            Some(at) => (Some(at), "no hello in time"),
+            None => (
+                (*filled > 0).then(|| Instant::now() + deadline.stall),
+                "a frame stalled half-sent",
+            ),
+        };
+        let timer = async {
+            match until {
+                Some(at) => smol::Timer::at(at).await,
+                None => std::future::pending().await,
+            };
+        };
         let read = futures_lite::future::or(
-            async { Some(stream.read(&mut buf[*filled..]).await) },
-            async {
-                stop.as_mut().await;
-                None
-            },
+            async { Some(Some(stream.read(&mut buf[*filled..]).await)) },
+            futures_lite::future::or(
+                async {
+                    stop.as_mut().await;
+                    None
+                },
+                async {
+                    timer.await;
+                    Some(None)
+                },
+            ),
         )
         .await;
+        let read = match read {
+            Some(Some(r)) => Some(r),
+            Some(None) => return Err(SessionEnd::TimedOut(why)),
+            None => None,
+        };
         match read {
             None => return Ok(Next::Shutdown),
             Some(Ok(0)) => {
@@ -842,6 +886,7 @@ where
     // Until then the connection reads nothing: its identity is over its
     // produce quota (see `quota`).
     let mut muted_until: Option<std::time::Instant> = None;
+    let hello_by = Instant::now() + ctx.settings.frame_timeout;
     loop {
         if let Some(until) = muted_until.take() {
             let stopping = futures_lite::future::or(
@@ -874,6 +919,10 @@ where
             &mut filled,
             stop.as_mut(),
             max_frame_bytes,
+            ReadDeadline {
+                hello_by: (!hello_done).then_some(hello_by),
+                stall: ctx.settings.frame_timeout,
+            },
         )
         .await
         {
