@@ -222,3 +222,39 @@ fn a_batch_above_max_batch_bytes_is_refused_for_its_partition_only() {
     assert_eq!(latest, [1, 1]);
     b.assert_serves();
 }
+
+/// `server.unix_socket` naming an existing file that is not a socket (QA
+/// report, finding 5): the broker used to delete it and bind there. Now it
+/// refuses to start, naming the path, and the file is kept; a stale socket
+/// a killed broker left is still replaced.
+#[test]
+fn a_unix_socket_path_that_is_a_regular_file_is_refused_and_kept() {
+    let dir = temp_dir();
+    let keep = dir.path().join("keep.toml");
+    std::fs::write(&keep, "x = 1\n").unwrap();
+    let file = config_file(
+        dir.path(),
+        "s.toml",
+        &format!(
+            "data_dir = {:?}\n[server]\nlisten = \"\"\nunix_socket = {:?}\n",
+            dir.path().join("data"),
+            keep
+        ),
+    );
+    let o = run_in(dir.path(), &["serve", "--config", &file]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(keep.to_str().unwrap()) && err.contains("not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "x = 1\n");
+
+    // A stale socket file (its listener gone) is replaced.
+    let dir = temp_dir();
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("skiff.sock")).unwrap());
+    assert!(dir.path().join("skiff.sock").exists());
+    let b = Broker::start_in(dir, "");
+    let o = run_cli(&["topics", "list"], &b.unix_addr(), None);
+    assert_ok(&o);
+}

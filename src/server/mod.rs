@@ -907,7 +907,17 @@ fn bind_unix(path: &Path) -> Result<smol::net::unix::UnixListener, ServeError> {
         addr: path.display().to_string(),
         source,
     };
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket is ours to replace: a path that names a config
+        // file by mistake must not cost the file.
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to replace it \
+                 (check server.unix_socket)",
+            )));
+        }
         // A socket file left by a killed broker: remove it, unless a live
         // broker still answers on it.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
