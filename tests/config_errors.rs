@@ -69,6 +69,11 @@ fn serve_refuses_bad_configs_with_exit_2_naming_key_and_file() {
             "server.max_connections",
         ),
         ("colour = \"blue\"\n", "colour"),
+        // Passed, then aborted the broker at its first topic create.
+        (
+            "[storage]\ntail_buffer_bytes = 4096000000000\n",
+            "storage.tail_buffer_bytes",
+        ),
         (
             "[mirror]\nupstream = \"a:1\"\n[[mirror.rules]]\nname = \"t\"\nsource = \"s\"\n\
              target = \"u\"\naggregate = { window_ms = 0, fields = [\"c\"] }\n",

@@ -27,6 +27,13 @@ pub const MAX_CONNECTIONS_LIMIT: u32 = 16384;
 /// Far past any window worth covering with one flush, and within a 32-bit
 /// board's address space.
 pub const MAX_INFLIGHT_BYTES_SHARED_LIMIT: u64 = 1 << 30;
+/// A partition's tail buffer, allocated whole at its creation: room for
+/// the largest frame's batch; far past what groups writes usefully.
+pub const TAIL_BUFFER_BYTES_LIMIT: u64 = MAX_FRAME_BYTES_LIMIT;
+/// The cleaner's key map, allocated whole at start; a connection's
+/// in-flight allowance. Within a 32-bit board's address space.
+pub const KEY_MAP_BYTES_LIMIT: u64 = 1 << 30;
+pub const MAX_INFLIGHT_BYTES_PER_CONNECTION_LIMIT: u64 = 1 << 30;
 pub const MAX_TOPICS_LIMIT: u32 = 65536;
 pub const MAX_PARTITIONS_LIMIT: u32 = 65536;
 /// The storage thread's bounded channel; beyond this, latency, not
@@ -947,6 +954,12 @@ impl Config {
                 ),
             )
         })?;
+        check_range(
+            "server.max_inflight_bytes_per_connection",
+            s.max_inflight_bytes_per_connection,
+            0,
+            MAX_INFLIGHT_BYTES_PER_CONNECTION_LIMIT,
+        )?;
         check(
             s.max_inflight_bytes_per_connection >= s.max_frame_bytes,
             "server.max_inflight_bytes_per_connection",
@@ -981,6 +994,18 @@ impl Config {
         // A wait is added to fan-in acks: a second would be a stall.
         check_range("storage.fanin_wait_ms", st.fanin_wait_ms, 0, 1000)?;
         check_aligned("storage.tail_buffer_bytes", st.tail_buffer_bytes)?;
+        check_range(
+            "storage.tail_buffer_bytes",
+            st.tail_buffer_bytes,
+            0,
+            TAIL_BUFFER_BYTES_LIMIT,
+        )?;
+        check_range(
+            "compaction.key_map_bytes",
+            self.compaction.key_map_bytes,
+            0,
+            KEY_MAP_BYTES_LIMIT,
+        )?;
         check(
             st.tail_buffer_bytes >= st.max_batch_bytes,
             "storage.tail_buffer_bytes",

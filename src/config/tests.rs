@@ -173,6 +173,20 @@ const INVALID: &[(&str, &str)] = &[
         "[storage]\ntail_buffer_bytes = 5000",
         "storage.tail_buffer_bytes",
     ),
+    // Allocated whole: a value past memory aborted the broker at its first
+    // topic create and every start after (QA report, finding 6).
+    (
+        "[storage]\ntail_buffer_bytes = 4096000000000",
+        "storage.tail_buffer_bytes",
+    ),
+    (
+        "[compaction]\nkey_map_bytes = 4096000000000",
+        "compaction.key_map_bytes",
+    ),
+    (
+        "[server]\nmax_inflight_bytes_per_connection = 4096000000000",
+        "server.max_inflight_bytes_per_connection",
+    ),
     ("[storage]\nmax_batch_bytes = 10", "storage.max_batch_bytes"),
     (
         "[topic_defaults]\npartitions = 0",
