@@ -228,6 +228,19 @@ fn a_batch_above_max_batch_bytes_is_refused_for_its_partition_only() {
     b.assert_serves();
 }
 
+/// Runs `skiff serve` on this data directory and Unix socket only, which
+/// must fail; returns its stderr.
+fn serve_fails(dir: &Path, data_dir: &Path, socket: &Path) -> String {
+    let file = config_file(
+        dir,
+        "s.toml",
+        &format!("data_dir = {data_dir:?}\n[server]\nlisten = \"\"\nunix_socket = {socket:?}\n"),
+    );
+    let o = run_in(dir, &["serve", "--config", &file]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    stderr(&o)
+}
+
 /// `server.unix_socket` naming an existing file that is not a socket (QA
 /// report, finding 5): the broker used to delete it and bind there. Now it
 /// refuses to start, naming the path, and the file is kept; a stale socket
@@ -237,18 +250,7 @@ fn a_unix_socket_path_that_is_a_regular_file_is_refused_and_kept() {
     let dir = temp_dir();
     let keep = dir.path().join("keep.toml");
     std::fs::write(&keep, "x = 1\n").unwrap();
-    let file = config_file(
-        dir.path(),
-        "s.toml",
-        &format!(
-            "data_dir = {:?}\n[server]\nlisten = \"\"\nunix_socket = {:?}\n",
-            dir.path().join("data"),
-            keep
-        ),
-    );
-    let o = run_in(dir.path(), &["serve", "--config", &file]);
-    assert!(!o.status.success(), "{}", stderr(&o));
-    let err = stderr(&o);
+    let err = serve_fails(dir.path(), &dir.path().join("data"), &keep);
     assert!(
         err.contains(keep.to_str().unwrap()) && err.contains("not a socket"),
         "{err}"
@@ -262,4 +264,37 @@ fn a_unix_socket_path_that_is_a_regular_file_is_refused_and_kept() {
     let b = Broker::start_in(dir, "");
     let o = run_cli(&["topics", "list"], &b.unix_addr(), None);
     assert_ok(&o);
+}
+
+/// Start-up errors from the data directory name the path (QA report,
+/// findings 9 and 10): a corrupt `topics.meta` said only `corrupt
+/// metadata file: CRC mismatch`, and a data_dir that is a file only
+/// `storage I/O: File exists (os error 17)`.
+#[test]
+fn start_up_errors_name_the_file_or_directory() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t"]));
+    assert_eq!(b.stop(), Some(0));
+    let meta = b.data_dir().join("topics.meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&meta, bytes).unwrap();
+    let config = b.config_path.to_str().unwrap().to_owned();
+    let o = run_in(b.dir.path(), &["serve", "--config", &config]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("{}: corrupt metadata file", meta.display())),
+        "{err}"
+    );
+
+    let dir = temp_dir();
+    let data = dir.path().join("data");
+    std::fs::write(&data, "not a directory").unwrap();
+    let err = serve_fails(dir.path(), &data, &dir.path().join("s.sock"));
+    assert!(
+        err.contains(&format!("data_dir {}: File exists", data.display())),
+        "{err}"
+    );
 }

@@ -305,13 +305,13 @@ impl Broker {
         let meta_path = data_dir.join(TOPICS_META_FILE);
         let msgid_path = data_dir.join(MSGID_META_FILE);
         let cleanup_path = data_dir.join(cleaner::CLEANUP_META_FILE);
-        let cleanup: cleaner::CleanupTable = meta::read(&cleanup_path)
+        let cleanup: cleaner::CleanupTable = meta::read_file(&cleanup_path)
             .map_err(StorageError::Meta)?
             .unwrap_or_default();
-        let msgid: BTreeMap<String, msgid::MsgIdConfig> = meta::read(&msgid_path)
+        let msgid: BTreeMap<String, msgid::MsgIdConfig> = meta::read_file(&msgid_path)
             .map_err(StorageError::Meta)?
             .unwrap_or_default();
-        let topics: BTreeMap<String, TopicMeta> = meta::read(&meta_path)
+        let topics: BTreeMap<String, TopicMeta> = meta::read_file(&meta_path)
             .map_err(StorageError::Meta)?
             .unwrap_or_default();
         let reserved = Self::reserved_bytes(&topics, &cleanup);

@@ -422,7 +422,7 @@ impl Producers {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, MetaError> {
         let registry_path = data_dir.join(REGISTRY_FILE);
-        let file: RegistryFile = meta::read(&registry_path)?.unwrap_or_default();
+        let file: RegistryFile = meta::read_file(&registry_path)?.unwrap_or_default();
         let named = file.names.values().copied().collect();
         let max = config.max_producers.max(1);
         Ok(Self {

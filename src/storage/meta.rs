@@ -42,6 +42,11 @@ pub enum MetaError {
     Decode(postcard::Error),
     /// The value could not be encoded (should not happen for our types).
     Encode(postcard::Error),
+    /// One of the above, in this file (see [`read_file`]).
+    File {
+        path: PathBuf,
+        error: Box<MetaError>,
+    },
 }
 
 impl std::fmt::Display for MetaError {
@@ -52,6 +57,7 @@ impl std::fmt::Display for MetaError {
             MetaError::UnsupportedVersion(v) => write!(f, "unsupported metadata version {v}"),
             MetaError::Decode(e) => write!(f, "metadata does not decode: {e}"),
             MetaError::Encode(e) => write!(f, "metadata does not encode: {e}"),
+            MetaError::File { path, error } => write!(f, "{}: {error}", path.display()),
         }
     }
 }
@@ -61,6 +67,7 @@ impl std::error::Error for MetaError {
         match self {
             MetaError::Io(e) => Some(e),
             MetaError::Decode(e) | MetaError::Encode(e) => Some(e),
+            MetaError::File { error, .. } => Some(&**error),
             _ => None,
         }
     }
@@ -86,6 +93,7 @@ impl MetaError {
             MetaError::UnsupportedVersion(v) => MetaFault::UnsupportedVersion(*v),
             MetaError::Decode(_) => MetaFault::Decode,
             MetaError::Encode(_) => MetaFault::Encode,
+            MetaError::File { error, .. } => error.fault(),
         }
     }
 }
@@ -167,6 +175,16 @@ pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, Me
     decode(&bytes).map(Some)
 }
 
+/// [`read`], its errors naming the file: for a file whose damage stops
+/// start-up, where the operator must know which of the data directory's
+/// metadata files to look at.
+pub fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, MetaError> {
+    read(path).map_err(|error| MetaError::File {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    })
+}
+
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, MetaError> {
     if bytes.len() < META_HEADER_BYTES {
         return Err(MetaError::Corrupt("shorter than its header"));
@@ -246,6 +264,22 @@ mod tests {
         .unwrap();
         assert_eq!(fs::metadata(&p).unwrap().ino(), before, "the same file");
         assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn read_file_errors_name_the_file() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("topics.meta");
+        fs::write(&p, b"SKM1").unwrap();
+        let e = read_file::<Sample>(&p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: corrupt metadata file: shorter than its header",
+                p.display()
+            )
+        );
+        assert_eq!(e.fault(), MetaFault::Corrupt("shorter than its header"));
     }
 
     #[test]

@@ -828,6 +828,18 @@ impl std::error::Error for StorageError {
     }
 }
 
+/// An I/O error on `path` of the data directory, saying which: a file
+/// system refusing the directory (a file in its place, read-only) names
+/// nothing by itself. The error's kind is kept.
+pub(crate) fn in_path(path: &std::path::Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |e| {
+        StorageError::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    }
+}
+
 impl From<std::io::Error> for StorageError {
     fn from(e: std::io::Error) -> Self {
         StorageError::Io(e)
@@ -1028,8 +1040,19 @@ impl Storage {
         backend: Box<dyn IoBackend>,
     ) -> Result<Storage, StorageError> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir)?;
-        let lock = io::lock_dir(&cfg.data_dir)?;
+        let in_data_dir = |e: std::io::Error| {
+            // The lock's own error names the directory already.
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                StorageError::Io(e)
+            } else {
+                StorageError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("data_dir {}: {e}", cfg.data_dir.display()),
+                ))
+            }
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(in_data_dir)?;
+        let lock = io::lock_dir(&cfg.data_dir).map_err(in_data_dir)?;
         let shared = Arc::new(Shared::default());
         let backend_name = backend.name();
         let max_batch_bytes = cfg.max_batch_bytes;

@@ -542,9 +542,9 @@ impl Engine {
 
     fn recover_dirs(&mut self) -> Result<(), StorageError> {
         let topics = self.ctx.cfg.data_dir.join("topics");
-        std::fs::create_dir_all(&topics)?;
+        std::fs::create_dir_all(&topics).map_err(super::in_path(&topics))?;
         let mut dirs = Vec::new();
-        for t in std::fs::read_dir(&topics)? {
+        for t in std::fs::read_dir(&topics).map_err(super::in_path(&topics))? {
             let t = t?;
             if !t.file_type()?.is_dir() {
                 continue;
@@ -1181,7 +1181,7 @@ impl Engine {
         cfg: &mut PartitionConfig,
         dir: &Path,
     ) -> Result<Vec<u32>, StorageError> {
-        let layout: Option<RingLayout> = meta::read(&dir.join(RING_META))?;
+        let layout: Option<RingLayout> = meta::read_file(&dir.join(RING_META))?;
         let Some(layout) = layout else {
             return Ok((0..cfg.segments).collect());
         };
