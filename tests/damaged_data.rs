@@ -341,49 +341,50 @@ fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
 #[test]
 fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     let mut b = Broker::start("");
-    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "3"]));
     let lines: String = (0..27).map(|i| format!("r{i}\n")).collect();
-    assert_ok(&b.cli_stdin(
-        &["produce", "t1", "--partition", "1"],
-        Some(lines.as_bytes()),
-    ));
+    for p in ["1", "2"] {
+        let args = ["produce", "t1", "--partition", p];
+        assert_ok(&b.cli_stdin(&args, Some(lines.as_bytes())));
+    }
     assert_eq!(b.stop(), Some(0));
     let dir = b.data_dir().join("topics/t1/1");
     std::fs::remove_file(dir.join("partition.meta")).unwrap();
+    // A damaged one is quarantined likewise (it used to stop start-up
+    // with "topic 't1' already exists").
+    let damaged = b.data_dir().join("topics/t1/2/partition.meta");
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&damaged, bytes).unwrap();
     b.restart();
     let log = b.log();
-    assert!(
-        log.contains(&format!(
-            "partition directory {}: partition.meta is missing",
-            dir.display()
-        )),
-        "{log}"
+    let missing = format!(
+        "partition directory {}: partition.meta is missing",
+        dir.display()
     );
-    assert!(
-        !log.contains("removing incomplete partition directory"),
-        "{log}"
-    );
-    let o = b.cli(&[
-        "produce",
-        "t1",
-        "--partition",
-        "1",
-        "--retry-timeout-ms",
-        "1000",
-        "new",
-    ]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("partition_quarantined"),
-        "{}",
-        stderr(&o)
-    );
-    let o = b.cli(&["consume", "t1", "--partition", "1", "--format", "json"]);
-    assert_ok(&o);
-    let got = json_lines(&o);
-    assert_eq!(got.len(), 27);
-    assert_eq!(got[26]["offset"], 26);
-    assert_eq!(got[26]["value"], "r26");
+    assert!(log.contains(&missing), "{log}");
+    assert!(!log.contains("removing incomplete"), "{log}");
+    for p in ["1", "2"] {
+        let args = [
+            "produce",
+            "t1",
+            "--partition",
+            p,
+            "--retry-timeout-ms",
+            "1000",
+        ];
+        let o = b.cli(&[&args[..], &["new"]].concat());
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains("partition_quarantined"), "{err}");
+        let o = b.cli(&["consume", "t1", "--partition", p, "--format", "json"]);
+        assert_ok(&o);
+        let got = json_lines(&o);
+        assert_eq!(got.len(), 27);
+        assert_eq!(got[26]["offset"], 26);
+        assert_eq!(got[26]["value"], "r26");
+    }
     // The other partition of the topic is untouched.
     assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
     assert!(dir.join("seg-00000.log").exists());

@@ -67,10 +67,15 @@ pub struct DamagedRange {
 pub enum QuarantineReason {
     /// A segment header that does not decode, in a slot other than the one
     /// a roll restarts (where a crash may leave it torn).
-    CorruptSegmentHeader { slot: u32, error: HeaderError },
+    CorruptSegmentHeader {
+        slot: u32,
+        error: HeaderError,
+    },
     /// No slot holds a valid segment header, yet the checkpoint records
     /// offsets below `durable_offset` as durable.
-    NoSegmentHeader { durable_offset: u64 },
+    NoSegmentHeader {
+        durable_offset: u64,
+    },
     /// A closed segment's data ends at `position` (offset `end_offset`)
     /// short of the next segment's base offset `next_base`: it was
     /// fdatasynced before the next began, so durable batches are damaged
@@ -99,12 +104,14 @@ pub enum QuarantineReason {
         position: u64,
         error: BatchError,
     },
-    /// `partition.meta` does not decode: the directory was skipped and its
-    /// data left untouched (reported under the id the directory names).
-    UnreadableMeta { fault: MetaFault },
-    /// `partition.meta` is missing from a directory whose segments hold
-    /// batches (so not a creation cut short): recovered read-only under
-    /// the id the directory names, with a config read from its segments.
+    /// `partition.meta` does not decode; or it is missing from a directory
+    /// whose segments hold batches (so not a creation cut short). Either
+    /// way recovered read-only under the id the directory names, with a
+    /// config read from its segments (or, when none can be, left alone and
+    /// only reported), nothing in it changed.
+    UnreadableMeta {
+        fault: MetaFault,
+    },
     MissingMeta,
 }
 
@@ -562,14 +569,12 @@ impl Engine {
                 Ok(m) => m,
                 Err(e) => {
                     log::error!(
-                        "partition directory {}: unreadable partition.meta ({e}); skipped, \
-                         its data left untouched",
+                        "partition directory {}: unreadable partition.meta ({e}); \
+                         quarantined (read-only), nothing changed in it",
                         dir.display()
                     );
-                    self.report_set_aside(
-                        &dir,
-                        QuarantineReason::UnreadableMeta { fault: e.fault() },
-                    );
+                    let why = QuarantineReason::UnreadableMeta { fault: e.fault() };
+                    self.recover_set_aside(&dir, why)?;
                     continue;
                 }
             };
@@ -582,7 +587,12 @@ impl Engine {
                     );
                     self.remove_dir(&dir, 0);
                 } else {
-                    self.recover_without_meta(&dir)?;
+                    log::error!(
+                        "partition directory {}: partition.meta is missing, but its segments \
+                         hold batches; quarantined (read-only), nothing deleted",
+                        dir.display()
+                    );
+                    self.recover_set_aside(&dir, QuarantineReason::MissingMeta)?;
                 }
                 continue;
             };
@@ -726,18 +736,14 @@ impl Engine {
         false
     }
 
-    /// A directory whose `partition.meta` is missing but whose segments
-    /// hold batches: recovered read-only (quarantined), as with a lost
-    /// segment file, under the id its path names and with the config its
-    /// files show (segment size from a valid header, count from the files
-    /// or `ring.meta`; no retention). Nothing in it is deleted. When no
-    /// config can be read from it, it is left alone and reported.
-    fn recover_without_meta(&mut self, dir: &Path) -> Result<(), StorageError> {
-        log::error!(
-            "partition directory {}: partition.meta is missing, but its segments hold \
-             batches; quarantined (read-only), nothing deleted",
-            dir.display()
-        );
+    /// A directory whose `partition.meta` is missing (its segments hold
+    /// batches) or unreadable: recovered read-only (quarantined for `why`),
+    /// as with a lost segment file, under the id its path names and with
+    /// the config its files show (segment size from a valid header, count
+    /// from the files or `ring.meta`; no retention). Nothing in it is
+    /// deleted. When no config can be read from it, it is left alone and
+    /// reported.
+    fn recover_set_aside(&mut self, dir: &Path, why: QuarantineReason) -> Result<(), StorageError> {
         let Some(id) = Self::id_of_dir(dir) else {
             log::error!(
                 "partition directory {}: its path names no partition; skipped",
@@ -751,15 +757,10 @@ impl Engine {
                  skipped, its data left untouched",
                 dir.display()
             );
-            self.report_set_aside(dir, QuarantineReason::MissingMeta);
+            self.report_set_aside(dir, why);
             return Ok(());
         };
-        self.load_part(
-            id,
-            cfg,
-            dir.to_path_buf(),
-            Some(QuarantineReason::MissingMeta),
-        )
+        self.load_part(id, cfg, dir.to_path_buf(), Some(why))
     }
 
     /// A partition's config as its files show it, for one whose
