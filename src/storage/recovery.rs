@@ -768,7 +768,9 @@ impl Engine {
     fn config_from_files(&mut self, dir: &Path) -> Option<PartitionConfig> {
         let segments = match meta::read::<RingLayout>(&dir.join(RING_META)) {
             Ok(Some(layout)) => layout.files.len() as u32,
-            Ok(None) => self.segment_files(dir).len() as u32,
+            // Up to the highest file found: one lost in between is
+            // recreated empty, as any lost segment file is.
+            Ok(None) => self.segment_files(dir).last().map_or(0, |&no| no + 1),
             Err(_) => return None,
         };
         let mut segment_bytes = None;
