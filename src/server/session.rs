@@ -768,10 +768,6 @@ fn lend_range(
     (end <= frame_bytes).then_some(start..end)
 }
 
-/// Reads until the buffer holds one whole frame, EOF, or shutdown
-/// (`stop`: the connection's one wait for it, polled across frames, since
-/// a listener made for every read cost an allocation and a locked list
-/// insert and removal per request).
 /// When a read for the next frame gives up on a silent peer.
 #[derive(Clone, Copy)]
 struct ReadDeadline {
@@ -782,6 +778,11 @@ struct ReadDeadline {
     stall: Duration,
 }
 
+/// Reads until the buffer holds one whole frame, EOF, shutdown (`stop`:
+/// the connection's one wait for it, polled across frames, since a
+/// listener made for every read cost an allocation and a locked list
+/// insert and removal per request), or `deadline` passes
+/// (`SessionEnd::TimedOut`). Between frames after hello no timer is made.
 async fn next_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
@@ -826,24 +827,29 @@ async fn next_frame<S: AsyncRead + Unpin>(
                 None => std::future::pending().await,
             };
         };
-        let read = futures_lite::future::or(
-            async { Some(Some(stream.read(&mut buf[*filled..]).await)) },
+        enum Woke {
+            Read(std::io::Result<usize>),
+            Stop,
+            Late,
+        }
+        let woke = futures_lite::future::or(
+            async { Woke::Read(stream.read(&mut buf[*filled..]).await) },
             futures_lite::future::or(
                 async {
                     stop.as_mut().await;
-                    None
+                    Woke::Stop
                 },
                 async {
                     timer.await;
-                    Some(None)
+                    Woke::Late
                 },
             ),
         )
         .await;
-        let read = match read {
-            Some(Some(r)) => Some(r),
-            Some(None) => return Err(SessionEnd::TimedOut(why)),
-            None => None,
+        let read = match woke {
+            Woke::Read(r) => Some(r),
+            Woke::Stop => None,
+            Woke::Late => return Err(SessionEnd::TimedOut(why)),
         };
         match read {
             None => return Ok(Next::Shutdown),
