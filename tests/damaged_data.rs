@@ -339,6 +339,45 @@ fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
 /// quarantined: its records are served, writes are refused with the
 /// reason, the log names the directory, and nothing is deleted.
 #[test]
+fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "1", "kept"]));
+    assert_eq!(b.stop(), Some(0));
+    let table = b.data_dir().join("topics.meta");
+    let saved = std::fs::read(&table).unwrap();
+    std::fs::remove_file(&table).unwrap();
+    let mut serve = common::skiff_command()
+        .args(["serve", "--config"])
+        .arg(&b.config_path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("skiff serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while serve.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("skiff serve started without topics.meta");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = serve.wait_with_output().expect("output");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("topics.meta: ") && err.contains("holds 2 partition(s)"),
+        "{err}"
+    );
+    assert!(b.data_dir().join("topics/t1/1/partition.meta").exists());
+    // With the table back, the data is all there.
+    std::fs::write(&table, saved).unwrap();
+    b.restart();
+    let o = b.cli(&["consume", "t1", "--partition", "1"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "kept\n");
+}
+
+#[test]
 fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     let mut b = Broker::start("");
     assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "3"]));

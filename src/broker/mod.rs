@@ -311,9 +311,32 @@ impl Broker {
         let msgid: BTreeMap<String, msgid::MsgIdConfig> = meta::read_file(&msgid_path)
             .map_err(StorageError::Meta)?
             .unwrap_or_default();
-        let topics: BTreeMap<String, TopicMeta> = meta::read_file(&meta_path)
-            .map_err(StorageError::Meta)?
-            .unwrap_or_default();
+        let topics: BTreeMap<String, TopicMeta> =
+            match meta::read_file(&meta_path).map_err(StorageError::Meta)? {
+                Some(t) => t,
+                None => {
+                    // The table is written before any partition is made, so
+                    // partitions without it are not a topic being created or
+                    // deleted: read as an empty table, they would all be
+                    // deleted as leftovers of deleted topics.
+                    let held = storage.partitions().len();
+                    if held > 0 {
+                        return Err(StorageError::Meta(meta::MetaError::File {
+                            path: meta_path,
+                            error: Box::new(meta::MetaError::Io(std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!(
+                                    "missing, while the data directory holds {held} partition(s); \
+                                 not starting, so as to delete none: restore the file from a \
+                                 backup, or move topics/ away to start empty"
+                                ),
+                            ))),
+                        })
+                        .into());
+                    }
+                    BTreeMap::new()
+                }
+            };
         let reserved = Self::reserved_bytes(&topics, &cleanup);
         if reserved > limits.disk_budget_bytes {
             // Topics from before the limit was lowered stay; new ones wait.
