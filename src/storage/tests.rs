@@ -1114,16 +1114,19 @@ fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
     let id = pid("nothread", 0);
     block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
     let path = rig.dir.path().join("topics/nothread/0/checkpoint.meta");
+    // A checkpoint is rewritten in place: a read during the write may find
+    // it short, which is "not yet" here (recovery reads it the same way).
     let read = || {
         meta::read::<Checkpoint>(&path)
-            .unwrap()
+            .ok()
+            .flatten()
             .map(|c| c.next_offset)
     };
     fill(&s, &id, 3, 0);
     let hw = s.offsets(&id).unwrap().high_watermark;
     // Returns once the engine has run at the new time: the refresh failed.
     time.advance(interval);
-    assert_eq!(read(), None, "no thread: not written");
+    assert!(!path.exists(), "no thread: not written");
     // Nothing appended since: only a retry writes it.
     fails.store(false, std::sync::atomic::Ordering::Relaxed);
     time.advance(interval);
