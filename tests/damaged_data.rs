@@ -245,26 +245,19 @@ fn a_consumer_behind_damage_at_the_log_end_reaches_the_end() {
     assert!(log.contains("offsets 5..8 lost"), "{log}");
 
     // `skiff consume` into a pipe stops at the end of the log.
-    let mut child = skiff_command()
+    let child = skiff_command()
         .args(["consume", TOPIC, "--partition", "0", "--broker", &b.tcp])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("skiff consume");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let o = child.wait_with_output().expect("output");
-            panic!(
-                "skiff consume did not stop at the log's end; printed {:?}",
-                stdout(&o)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let o = child.wait_with_output().expect("output");
+    let o = exited_within(child, Duration::from_secs(20)).unwrap_or_else(|o| {
+        panic!(
+            "skiff consume did not stop at the log's end; printed {:?}",
+            stdout(&o)
+        )
+    });
     assert_ok(&o);
     assert_eq!(stdout(&o), "v0\nv1\nv2\nv3\nv4\n");
 
@@ -309,6 +302,23 @@ fn a_consumer_behind_damage_at_the_log_end_reaches_the_end() {
     assert_eq!(b.stop(), Some(0));
 }
 
+/// The child's output once it exits within `limit`; killed at `limit`,
+/// its output so far as the error.
+fn exited_within(
+    mut child: std::process::Child,
+    limit: Duration,
+) -> Result<std::process::Output, std::process::Output> {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(child.wait_with_output().expect("output"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output().expect("output"))
+}
+
 /// Every record from the earliest offset to the high watermark (which
 /// counts the lost offsets too: `common::consume_all` counts records).
 fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
@@ -333,11 +343,9 @@ fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
     records
 }
 
-/// A lost `partition.meta` (QA report, finding 2): start-up used to take
-/// the directory for a creation cut short and delete its acknowledged
-/// records, then give their offsets again. Now the partition is
-/// quarantined: its records are served, writes are refused with the
-/// reason, the log names the directory, and nothing is deleted.
+/// A lost `topics.meta`: read as an empty table, every partition on disk
+/// looked like a deleted topic's leftover and was deleted. Now start-up
+/// refuses, naming the file, and with it restored every record is there.
 #[test]
 fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
     let mut b = Broker::start("");
@@ -347,21 +355,14 @@ fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
     let table = b.data_dir().join("topics.meta");
     let saved = std::fs::read(&table).unwrap();
     std::fs::remove_file(&table).unwrap();
-    let mut serve = common::skiff_command()
+    let serve = common::skiff_command()
         .args(["serve", "--config"])
         .arg(&b.config_path)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("skiff serve");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while serve.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = serve.kill();
-            panic!("skiff serve started without topics.meta");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let o = serve.wait_with_output().expect("output");
+    let o = exited_within(serve, Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("skiff serve started without topics.meta"));
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = stderr(&o);
     assert!(
@@ -377,6 +378,11 @@ fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
     assert_eq!(stdout(&o), "kept\n");
 }
 
+/// A lost `partition.meta` (QA report, finding 2): start-up used to take
+/// the directory for a creation cut short and delete its acknowledged
+/// records, then give their offsets again. Now the partition is
+/// quarantined: its records are served, writes are refused with the
+/// reason, the log names the directory, and nothing is deleted.
 #[test]
 fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     let mut b = Broker::start("");
