@@ -167,16 +167,52 @@ impl Layer {
         Ok(())
     }
 
-    /// The line of a dotted key in this layer, if the layer sets it.
+    /// The line of a dotted key in this layer, if the layer sets it. A part
+    /// may index an array of tables as serde names it (`mirror.rules[1]`);
+    /// a key an element leaves to its default gives the element's line.
     fn line_of_key(&self, dotted: &str) -> Option<Option<usize>> {
+        let line =
+            |span: Option<std::ops::Range<usize>>| span.map(|s| line_of(&self.text, s.start));
         let mut table: &dyn toml_edit::TableLike = self.doc.as_table();
+        // The line of the innermost array element walked into, if any.
+        let mut element = None;
         let mut parts = dotted.split('.').peekable();
         while let Some(part) = parts.next() {
-            let (key, item) = table.get_key_value(part)?;
-            if parts.peek().is_none() {
-                return Some(key.span().map(|s| line_of(&self.text, s.start)));
+            let (name, index) = match part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+                Some((name, i)) => (name, Some(i.parse::<usize>().ok()?)),
+                None => (part, None),
+            };
+            let Some((key, item)) = table.get_key_value(name) else {
+                return element;
+            };
+            let (inner, span) = match index {
+                None if parts.peek().is_none() => return Some(line(key.span())),
+                None => (item.as_table_like(), None),
+                Some(i) => match item {
+                    toml_edit::Item::ArrayOfTables(a) => {
+                        let t = a.get(i)?;
+                        (Some(t as &dyn toml_edit::TableLike), t.span())
+                    }
+                    toml_edit::Item::Value(toml_edit::Value::Array(a)) => {
+                        let v = a.get(i)?;
+                        (
+                            v.as_inline_table().map(|t| t as &dyn toml_edit::TableLike),
+                            v.span(),
+                        )
+                    }
+                    _ => return None,
+                },
+            };
+            if index.is_some() {
+                element = Some(line(span));
+                if parts.peek().is_none() {
+                    return element;
+                }
             }
-            table = item.as_table_like()?;
+            match inner {
+                Some(t) => table = t,
+                None => return element,
+            }
         }
         None
     }
@@ -347,7 +383,14 @@ impl Config {
                 )
             })?;
         cfg.validate().map_err(|(key, reason)| {
-            locate(&layers, key, ConfigErrorKind::Invalid { key, reason })
+            let kind = ConfigErrorKind::Invalid { key, reason };
+            let err = locate(&layers, &invalid_at(&cfg, key), kind);
+            // Rules without an upstream: a file that leaves mirror.upstream
+            // unset has no line for it, but its rules are what need one.
+            if err.line.is_none() && key == "mirror.upstream" && cfg.mirror.upstream.is_empty() {
+                return locate(&layers, "mirror.rules[0]", err.kind);
+            }
+            err
         })?;
         Ok(cfg)
     }
@@ -453,6 +496,19 @@ fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
         }
     }
     ConfigError::new(top, None, kind)
+}
+
+/// Where to look for the line of a validation error about `key`: every
+/// mirror rule's keys are named alike (`mirror.rules.aggregate.window_ms`),
+/// so in the rule that failed.
+fn invalid_at(cfg: &Config, key: &str) -> String {
+    match (
+        key.strip_prefix("mirror.rules"),
+        cfg.mirror.validate_rules(),
+    ) {
+        (Some(rest), Err((i, _))) => format!("mirror.rules[{i}]{rest}"),
+        _ => key.to_owned(),
+    }
 }
 
 /// The keys a SIGHUP applies (`Server::reload`): every other change waits

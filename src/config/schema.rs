@@ -630,48 +630,7 @@ impl MirrorConfig {
             1,
             MIRROR_MIN_SHARE_PERCENT_MAX,
         )?;
-        let mut names = std::collections::HashSet::new();
-        for rule in &self.rules {
-            check(!rule.name.is_empty(), "mirror.rules", || {
-                "a rule needs a name".into()
-            })?;
-            check(names.insert(rule.name.as_str()), "mirror.rules", || {
-                format!("two rules are named '{}'", rule.name)
-            })?;
-            check(!rule.source.is_empty(), "mirror.rules", || {
-                format!("rule '{}' has an empty source", rule.name)
-            })?;
-            check(
-                matches!(rule.mirror_overflow.as_str(), "block" | "drop-oldest"),
-                "mirror.rules",
-                || {
-                    format!(
-                        "rule '{}': mirror_overflow '{}' must be block or drop-oldest",
-                        rule.name, rule.mirror_overflow
-                    )
-                },
-            )?;
-            check(
-                (0..=MIRROR_PRIORITY_MAX).contains(&rule.priority),
-                "mirror.rules",
-                || {
-                    format!(
-                        "rule '{}': priority {} is out of range 0..={MIRROR_PRIORITY_MAX}",
-                        rule.name, rule.priority
-                    )
-                },
-            )?;
-            if let Some(agg) = &rule.aggregate {
-                agg.validate(&rule.name)?;
-            }
-            let sample = rule.target.replace("{topic}", "t");
-            check(is_kafka_topic_name(&sample), "mirror.rules", || {
-                format!(
-                    "rule '{}': target '{}' is not a Kafka topic name or a template with {{topic}}",
-                    rule.name, rule.target
-                )
-            })?;
-        }
+        self.validate_rules().map_err(|(_, e)| e)?;
         let tls = &self.tls;
         check(
             tls.cert.is_empty() == tls.key.is_empty(),
@@ -696,6 +655,65 @@ impl MirrorConfig {
                 "SASL needs a username".into()
             })?;
         }
+        Ok(())
+    }
+
+    /// Checks each rule in turn; the first that fails comes with its index,
+    /// for the error's line (every rule's keys are named alike).
+    pub(crate) fn validate_rules(&self) -> Result<(), (usize, Invalid)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.validate(&mut names).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl MirrorRule {
+    /// `names`: those of the rules before it, which it must not repeat.
+    fn validate<'a>(
+        &'a self,
+        names: &mut std::collections::HashSet<&'a str>,
+    ) -> Result<(), Invalid> {
+        check(!self.name.is_empty(), "mirror.rules", || {
+            "a rule needs a name".into()
+        })?;
+        check(names.insert(self.name.as_str()), "mirror.rules", || {
+            format!("two rules are named '{}'", self.name)
+        })?;
+        check(!self.source.is_empty(), "mirror.rules", || {
+            format!("rule '{}' has an empty source", self.name)
+        })?;
+        check(
+            matches!(self.mirror_overflow.as_str(), "block" | "drop-oldest"),
+            "mirror.rules",
+            || {
+                format!(
+                    "rule '{}': mirror_overflow '{}' must be block or drop-oldest",
+                    self.name, self.mirror_overflow
+                )
+            },
+        )?;
+        check(
+            (0..=MIRROR_PRIORITY_MAX).contains(&self.priority),
+            "mirror.rules",
+            || {
+                format!(
+                    "rule '{}': priority {} is out of range 0..={MIRROR_PRIORITY_MAX}",
+                    self.name, self.priority
+                )
+            },
+        )?;
+        if let Some(agg) = &self.aggregate {
+            agg.validate(&self.name)?;
+        }
+        let sample = self.target.replace("{topic}", "t");
+        check(is_kafka_topic_name(&sample), "mirror.rules", || {
+            format!(
+                "rule '{}': target '{}' is not a Kafka topic name or a template with {{topic}}",
+                self.name, self.target
+            )
+        })?;
         Ok(())
     }
 }

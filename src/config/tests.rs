@@ -891,3 +891,57 @@ fn a_reload_names_the_changes_it_cannot_apply_and_none_it_does() {
     );
     assert!(restart_only_changes(&start, &start).is_empty());
 }
+
+#[test]
+fn mirror_rule_errors_name_the_line_of_their_rule() {
+    let two_rules = |second: &str| {
+        format!(
+            "[mirror]\nupstream = \"a:1\"\n\
+             [[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n\
+             aggregate = {{ window_ms = 1000, fields = [\"c\"] }}\n\
+             [[mirror.rules]]\nname = \"b\"\nsource = \"s\"\ntarget = \"u\"\n{second}"
+        )
+    };
+    for (text, key, line) in [
+        // The second rule's own key, not the first rule's of the same name.
+        (
+            two_rules("aggregate = { window_ms = 0, fields = [\"c\"] }\n"),
+            "mirror.rules.aggregate.window_ms",
+            12,
+        ),
+        // A key left to its default names its rule's table.
+        (
+            two_rules("aggregate = { window_ms = 1000, fields = [\"c\"], lateness_ms = 700000000 }\n"),
+            "mirror.rules.aggregate.lateness_ms",
+            12,
+        ),
+        // An error about a whole rule names its [[mirror.rules]] header.
+        (two_rules("priority = 101\n"), "mirror.rules", 8),
+        (two_rules("").replace("name = \"b\"", "name = \"a\""), "mirror.rules", 8),
+        // serde's errors index the rule.
+        (two_rules("priority = \"high\"\n"), "mirror.rules[1].priority", 12),
+        (
+            two_rules("aggregate = { window_ms = 1000, fields = [\"c\"], window = 3 }\n"),
+            "mirror.rules[1].aggregate.window",
+            12,
+        ),
+        // Rules without an upstream: the first rule is where it is needed.
+        (
+            "[mirror]\nlinger_ms = 5\n\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n"
+                .to_owned(),
+            "mirror.upstream",
+            4,
+        ),
+        (
+            "[mirror]\nupstream = \"\"\n[[mirror.rules]]\nname = \"a\"\nsource = \"s\"\ntarget = \"t\"\n"
+                .to_owned(),
+            "mirror.upstream",
+            2,
+        ),
+    ] {
+        let err = load_text("m.toml", &text).expect_err(&text);
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+        assert_eq!(err.line, Some(line), "{text}: {err}");
+        assert!(err.to_string().ends_with(&format!("(line {line})")), "{err}");
+    }
+}
