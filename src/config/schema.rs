@@ -995,13 +995,28 @@ impl Config {
             MAX_INFLIGHT_BYTES_SHARED_LIMIT,
         )?;
         check_range("server.max_topics", s.max_topics, 1, MAX_TOPICS_LIMIT)?;
-        check_range(
+        // Two checks, not a range from max_topics: each bound has its own
+        // reason, and a range of 65536..=65536 explained neither.
+        check(
+            s.max_partitions <= MAX_PARTITIONS_LIMIT,
             "server.max_partitions",
-            s.max_partitions,
-            s.max_topics,
-            MAX_PARTITIONS_LIMIT,
-        )
-        .map_err(|(k, r)| (k, format!("{r}: every topic has at least one partition")))?;
+            || {
+                format!(
+                    "{} is more than {MAX_PARTITIONS_LIMIT}, the most partitions a broker holds",
+                    s.max_partitions
+                )
+            },
+        )?;
+        check(
+            s.max_partitions >= s.max_topics,
+            "server.max_partitions",
+            || {
+                format!(
+                    "{} is less than server.max_topics ({}): every topic has at least one partition",
+                    s.max_partitions, s.max_topics
+                )
+            },
+        )?;
 
         check_range(
             "storage.append_queue_depth",

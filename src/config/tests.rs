@@ -945,3 +945,29 @@ fn mirror_rule_errors_name_the_line_of_their_rule() {
         assert!(err.to_string().ends_with(&format!("(line {line})")), "{err}");
     }
 }
+
+#[test]
+fn max_partitions_says_which_bound_it_broke() {
+    for (server, want) in [
+        (
+            "max_topics = 65536\nmax_partitions = 70000",
+            "invalid 'server.max_partitions': 70000 is more than 65536, the most partitions a broker holds (line 3)",
+        ),
+        (
+            "max_partitions = 70000",
+            "invalid 'server.max_partitions': 70000 is more than 65536, the most partitions a broker holds (line 2)",
+        ),
+        (
+            "max_partitions = 8",
+            "invalid 'server.max_partitions': 8 is less than server.max_topics (32): every topic has at least one partition (line 2)",
+        ),
+    ] {
+        let err = load_text("p.toml", &format!("[server]\n{server}\n")).expect_err(server);
+        assert!(err.to_string().ends_with(want), "{err}");
+    }
+    load_text(
+        "p.toml",
+        "[server]\nmax_topics = 65536\nmax_partitions = 65536\n",
+    )
+    .expect("both at their limit");
+}
