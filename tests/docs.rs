@@ -1,5 +1,6 @@
 //! The documentation against the binary: the figures and messages that
-//! docs/configuration.md shows are what `skiff` prints, and docs/, README.md
+//! docs/configuration.md shows are what `skiff` prints, protocol.md's hello
+//! answer is what a broker sends, and docs/, README.md
 //! and scripts/ stand alone in a clone (no paths outside the repository).
 
 mod common;
@@ -159,6 +160,26 @@ fn the_documented_errors_are_what_skiff_prints() {
             .replace(file.to_str().expect("utf-8 path"), documented_path);
         assert_eq!(&got, want);
     }
+}
+
+/// protocol.md's hello answer shows the server_version a broker sends.
+#[test]
+fn the_documented_hello_answer_is_what_a_broker_sends() {
+    let b = Broker::start("");
+    let info = skiff::client::blocking::Client::connect(&b.unix_addr())
+        .expect("connect")
+        .server_info()
+        .expect("hello answer");
+    let doc = read("docs/protocol.md");
+    let version = format!("\"{}\"", info.server_version);
+    assert!(
+        doc.contains(&format!("e.g. `{version}`")),
+        "protocol.md's hello table should show {version}"
+    );
+    assert!(
+        doc.contains(&format!("[1, [1, [1, {version}, ")),
+        "protocol.md's hello example should show {version}"
+    );
 }
 
 /// Every file a user's clone has: docs/, README.md, scripts/, and the

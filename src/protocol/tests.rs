@@ -238,7 +238,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
             "hello",
             body(ResponseBody::Hello(HelloResponse {
                 version: 1,
-                server_version: "skiff 0.1.0".into(),
+                server_version: "0.1.0".into(),
                 max_frame_bytes: 8 * 1024 * 1024,
                 max_batch_bytes: 1024 * 1024,
             })),
@@ -1022,7 +1022,7 @@ const GOLDEN_RESPONSES: [(&str, &str); 22] = [
     ),
     (
         "hello",
-        "8201820184016b736b69666620302e312e301a008000001a00100000",
+        "82018201840165302e312e301a008000001a00100000",
     ),
     (
         "metadata",

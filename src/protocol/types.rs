@@ -450,7 +450,7 @@ pub struct HelloRequest {
 pub struct HelloResponse {
     #[n(0)]
     pub version: u16,
-    /// The server's build, e.g. "skiff 0.1.0".
+    /// The server's version (its crate's), e.g. "0.1.0".
     #[n(1)]
     pub server_version: String,
     /// The largest frame body the server accepts, and the largest it sends.
