@@ -1286,3 +1286,31 @@ fn produce_batches_by_the_limit_of_a_topic_with_small_segments() {
     let o = b.cli(&["produce", "small", &big]);
     assert_fails(&o, 1, &["does not fit a batch of 61440 bytes"]);
 }
+
+/// A record that fails on its own names where it came from, its line of
+/// stdin or its VALUE argument, as a line without a message id does.
+#[test]
+fn produce_names_the_line_of_a_record_too_large_for_a_batch() {
+    let b = Broker::start("");
+    // Small segments make a small batch limit: a record past it still fits
+    // an argument (at most 128 KiB).
+    assert_ok(&b.cli(&["topics", "create", "t", "--segment-bytes", "65536"]));
+    let big = "y".repeat(62_000);
+    let input = format!("a\nb\n{big}\nd\n");
+    let o = b.cli_stdin(&["produce", "t"], Some(input.as_bytes()));
+    assert_fails(
+        &o,
+        1,
+        &[
+            "produce to t: line 3: record of about",
+            "does not fit a batch of 61440 bytes",
+        ],
+    );
+    let o = b.cli(&["produce", "t", "a", &big]);
+    assert_fails(&o, 1, &["produce to t: value 2: record of about"]);
+    let o = b.cli_stdin(
+        &["produce", "t", "--msg-id-header", "m"],
+        Some(b"1\ta\nno tab\n"),
+    );
+    assert_fails(&o, 2, &["line 2 has no TAB"]);
+}

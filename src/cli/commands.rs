@@ -430,10 +430,12 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
             eprintln!("skiff: connected to {addr}");
         }
         let key = args.key.as_deref().map(str::as_bytes);
-        let mut pending: VecDeque<Delivery> = VecDeque::new();
+        // Each delivery with its record's number, for an error about the
+        // record alone to name it.
+        let mut pending: VecDeque<(u64, Delivery)> = VecDeque::new();
         let mut sent = 0u64;
         let header = args.msg_id_header.as_deref();
-        let mut send = |input: &[u8]| -> Result<Delivery, ProduceFail> {
+        let mut send = |input: &[u8]| -> Result<(u64, Delivery), ProduceFail> {
             sent += 1;
             let (value, id): (&[u8], Option<&[u8]>) = match header {
                 None => (input, None),
@@ -443,20 +445,29 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
                 },
             };
             let headers: Vec<(&str, &[u8])> = header.zip(id).into_iter().collect();
-            Ok(match args.partition {
+            let delivery = match args.partition {
                 Some(p) => producer.send_to(&args.topic, p, key, value, &headers),
                 None => producer.send(&args.topic, key, value, &headers),
-            })
+            };
+            Ok((sent, delivery))
         };
-        async fn settle(pending: &mut VecDeque<Delivery>, keep: usize) -> Result<(), ClientError> {
+        async fn settle(
+            pending: &mut VecDeque<(u64, Delivery)>,
+            keep: usize,
+        ) -> Result<(), ProduceFail> {
             while pending.len() > keep {
-                pending.pop_front().expect("non-empty").await?;
+                let (n, delivery) = pending.pop_front().expect("non-empty");
+                delivery.await.map_err(|e| match e {
+                    ClientError::RecordTooLarge { .. } => ProduceFail::Record(n, e),
+                    e => ProduceFail::Client(e),
+                })?;
             }
             Ok(())
         }
         if args.tombstone {
             let key = key.expect("clap requires --key with --tombstone");
-            pending.push_back(producer.send_tombstone(&args.topic, args.partition, key));
+            let delivery = producer.send_tombstone(&args.topic, args.partition, key);
+            pending.push_back((1, delivery));
         } else if args.values.is_empty() {
             let stdin = std::io::stdin();
             let mut line = Vec::new();
@@ -524,10 +535,29 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         Err(ProduceFail::Client(e)) => {
             fail(exit_code_for(&e), format!("produce to {}: {e}", args.topic))
         }
+        Err(ProduceFail::Record(n, e)) => fail(
+            exit_code_for(&e),
+            format!("produce to {}: {}: {e}", args.topic, record_name(&args, n)),
+        ),
         Err(ProduceFail::NoMsgId(n)) => fail(
             EXIT_USAGE,
-            format!("record {n} has no TAB between its message id and value (--msg-id-header)"),
+            format!(
+                "{} has no TAB between its message id and value (--msg-id-header)",
+                record_name(&args, n)
+            ),
         ),
+    }
+}
+
+/// Record n (1-based) as its input names it: a line of stdin, or a VALUE
+/// argument.
+fn record_name(args: &ProduceArgs, n: u64) -> String {
+    if args.tombstone {
+        "the tombstone".to_owned()
+    } else if args.values.is_empty() {
+        format!("line {n}")
+    } else {
+        format!("value {n}")
     }
 }
 
@@ -539,6 +569,8 @@ enum ProduceFail {
         retried: bool,
     },
     Client(ClientError),
+    /// Record number n (1-based) failed on its own (too large for a batch).
+    Record(u64, ClientError),
     /// Record number n (1-based) has no `ID<TAB>` prefix.
     NoMsgId(u64),
 }
