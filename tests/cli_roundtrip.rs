@@ -100,12 +100,13 @@ fn produce_values_and_stdin_consume_text_over_tcp_and_unix() {
     let unix = b.unix.to_str().expect("utf-8 path").to_owned();
     assert_ok(&run_cli(&["topics", "create", "t"], &unix, None));
     assert_ok(&b.cli(&["produce", "t", "one", "two words", ""]));
-    // Stdin: one record per line, CRLF stripped, a last line without a
-    // newline still counts, empty lines are empty records.
+    // Stdin: one record per line, without its \n or \r\n (README.md); a
+    // \r anywhere else is the value's, a last line without a newline
+    // still counts, empty lines are empty records.
     let o = run_cli(
         &["produce", "t"],
         &unix,
-        Some(b"three\r\nfour\n\nfive\xffbytes\nsix"),
+        Some(b"three\r\nfour\n\nfive\xffbytes\ncarriage\rreturn\r\r\nsix\r"),
     );
     assert_ok(&o);
     let expected: Vec<&[u8]> = vec![
@@ -116,7 +117,8 @@ fn produce_values_and_stdin_consume_text_over_tcp_and_unix() {
         b"four",
         b"",
         b"five\xffbytes",
-        b"six",
+        b"carriage\rreturn\r",
+        b"six\r",
     ];
     let mut want = Vec::new();
     for v in &expected {
@@ -129,13 +131,13 @@ fn produce_values_and_stdin_consume_text_over_tcp_and_unix() {
         assert_eq!(o.stdout, want, "via {broker}");
         // JSON: offsets in order, the non-UTF-8 line in base64.
         let o = run_cli(
-            &["consume", "t", "--format", "json", "--count", "8"],
+            &["consume", "t", "--format", "json", "--count", "9"],
             broker,
             None,
         );
         assert_ok(&o);
         let recs = json_lines(&o);
-        assert_eq!(recs.len(), 8);
+        assert_eq!(recs.len(), 9);
         for (i, (r, v)) in recs.iter().zip(&expected).enumerate() {
             assert_eq!(r["offset"], i as u64);
             match std::str::from_utf8(v) {

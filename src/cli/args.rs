@@ -181,7 +181,8 @@ pub struct ProduceArgs {
     /// Send to this partition instead of the key's.
     #[arg(long)]
     pub partition: Option<u32>,
-    /// Record values; without any, one record per line of stdin.
+    /// Record values; without any, one record per line of stdin (the
+    /// line without its \n or \r\n).
     pub values: Vec<String>,
     /// Send one tombstone (a record without a value) for --key instead of
     /// values: on a compacted topic it deletes the key.
