@@ -1316,3 +1316,29 @@ fn produce_names_the_line_of_a_record_too_large_for_a_batch() {
     );
     assert_fails(&o, 2, &["line 2 has no TAB"]);
 }
+
+/// A name no topic can have is a usage error, worded as the broker words
+/// it for `topics create`, and found before connecting: here to a socket
+/// nobody listens on.
+#[test]
+fn an_invalid_topic_name_is_refused_before_connecting() {
+    let dir = temp_dir();
+    let gone = dir.path().join("nobody.sock");
+    let gone = gone.to_str().expect("utf-8 path");
+    for name in ["", "a b", ".."] {
+        let said = format!("invalid topic name '{name}': use 1 to 249 of A-Z a-z 0-9 . _ -");
+        for args in [
+            &["produce", name, "v"][..],
+            &["produce", name],
+            &["consume", name, "--timeout-ms", "100"],
+            &["consume", name, "--group", "g", "--timeout-ms", "100"],
+            &["consume", name, "--share-group", "g", "--exec", "true"],
+            &["topics", "create", name],
+            &["topics", "describe", name],
+            &["topics", "delete", name],
+        ] {
+            let o = run_cli(args, gone, None);
+            assert_fails(&o, 2, &[&said]);
+        }
+    }
+}

@@ -34,6 +34,12 @@ pub(super) fn check_broker(addr: &str) -> Result<(), ExitCode> {
     })
 }
 
+/// Checks a topic name before connecting, in the broker's words: a name
+/// no topic can have is a bad command line, not an unknown topic.
+pub(super) fn check_topic_name(name: &str) -> Result<(), ExitCode> {
+    crate::broker::validate_topic_name(name).map_err(|e| fail(EXIT_USAGE, e))
+}
+
 pub(super) fn connect(broker: &BrokerArg) -> Result<Client, ExitCode> {
     let addr = &broker.broker;
     check_broker(addr)?;
@@ -170,6 +176,17 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
         | TopicsCommand::Alter { broker, .. }
         | TopicsCommand::Delete { broker, .. } => broker.clone(),
     };
+    let name = match &command {
+        TopicsCommand::Create { name, .. }
+        | TopicsCommand::Describe { name, .. }
+        | TopicsCommand::Compact { name, .. }
+        | TopicsCommand::Alter { name, .. }
+        | TopicsCommand::Delete { name, .. } => Some(name),
+        TopicsCommand::List { .. } => None,
+    };
+    if let Err(code) = name.map_or(Ok(()), |n| check_topic_name(n)) {
+        return code;
+    }
     let client = match connect(&broker) {
         Ok(c) => c,
         Err(code) => return code,
@@ -392,7 +409,9 @@ fn produce_retry_notice() -> RetryHook {
 }
 
 pub fn produce(args: ProduceArgs) -> ExitCode {
-    if let Err(code) = check_broker(&args.broker.broker) {
+    if let Err(code) =
+        check_broker(&args.broker.broker).and_then(|()| check_topic_name(&args.topic))
+    {
         return code;
     }
     let addr = args.broker.broker.as_str();
@@ -667,6 +686,9 @@ pub(super) fn record_json(r: &ConsumerRecord) -> serde_json::Value {
 }
 
 pub fn consume(args: ConsumeArgs) -> ExitCode {
+    if let Err(code) = check_topic_name(&args.topic) {
+        return code;
+    }
     if args.share_group.is_some() {
         return super::share::consume(args);
     }
