@@ -105,6 +105,54 @@ fn committed_and_aborted_transactions_across_three_topics_under_both_isolations(
     assert!(!read_all(&b, "orders", "read_committed").contains(&"good-1".to_owned()));
 }
 
+/// A transaction timeout past the broker's limit is refused when the id is
+/// initialised, before any transaction began: the message says nothing
+/// was written rather than that a transaction was aborted, with stdin
+/// lines or with --consume.
+#[test]
+fn a_timeout_past_the_limit_is_refused_before_a_transaction_begins() {
+    let b = Broker::start("");
+    create_topics(&b);
+    for args in [
+        &[
+            "txn",
+            "--id",
+            "long",
+            "--transaction-timeout-ms",
+            "999999999",
+        ][..],
+        &[
+            "txn",
+            "--id",
+            "long",
+            "--transaction-timeout-ms",
+            "999999999",
+            "--consume",
+            "orders",
+            "--group",
+            "g",
+            "--to",
+            "alarms",
+            "--timeout-ms",
+            "100",
+        ],
+    ] {
+        let o = b.cli_stdin(args, Some(b"orders\tv\n"));
+        assert_fails(
+            &o,
+            2,
+            &[
+                "txn long: ",
+                "transaction_timeout_ms must be 1..=900000",
+                "refused before a transaction began: nothing was written",
+            ],
+        );
+        assert!(!stderr(&o).contains("abort"), "{}", stderr(&o));
+    }
+    assert!(read_all(&b, "orders", "read_uncommitted").is_empty());
+    assert!(read_all(&b, "alarms", "read_uncommitted").is_empty());
+}
+
 #[test]
 fn a_killed_txn_is_aborted_after_its_timeout_and_readers_move_on() {
     let b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    ClientError, GroupConfig, GroupConsumer, OffsetReset, ProducerConfig, StartFrom, TxnProducer,
+    Client, ClientError, GroupConfig, GroupConsumer, OffsetReset, ProducerConfig, StartFrom,
+    TxnProducer,
 };
 
 use super::args::{OutputFormat, TxnArgs, TxnCommand};
@@ -30,19 +31,11 @@ pub fn txn(args: TxnArgs) -> ExitCode {
         }
         return pipe(&args, &id);
     }
-    let client = match connect(&args.broker) {
-        Ok(c) => c,
+    let mut producer = match connect(&args.broker).and_then(|c| begin(c, &args, &id)) {
+        Ok(p) => p,
         Err(code) => return code,
     };
-    let timeout = Duration::from_millis(args.transaction_timeout_ms);
     let result = smol::block_on(async {
-        let config = ProducerConfig {
-            client: client.config().clone(),
-            ..ProducerConfig::default()
-        };
-        let mut producer = TxnProducer::new(client, &id, timeout, config)
-            .await
-            .map_err(|e| (Fail::Client(e), None))?;
         match feed(&mut producer).await {
             Ok(_) if args.abort => producer.abort().await.map_err(|e| (Fail::Client(e), None)),
             // A record that failed makes the commit abort instead.
@@ -84,6 +77,23 @@ pub fn txn(args: TxnArgs) -> ExitCode {
             format!("txn {id}: reading stdin: {e}; {ended}, no {what}"),
         ),
     }
+}
+
+/// Connects and initialises the transactional id. A refusal here (a
+/// --transaction-timeout-ms past the broker's limit) comes before any
+/// transaction began: there is nothing to abort, and the message says so.
+fn begin(client: Client, args: &TxnArgs, id: &str) -> Result<TxnProducer, ExitCode> {
+    let config = ProducerConfig {
+        client: client.config().clone(),
+        ..ProducerConfig::default()
+    };
+    let timeout = Duration::from_millis(args.transaction_timeout_ms);
+    smol::block_on(TxnProducer::new(client, id, timeout, config)).map_err(|e| {
+        fail(
+            exit_code_for(&e),
+            format!("txn {id}: {e} (refused before a transaction began: nothing was written)"),
+        )
+    })
 }
 
 /// Sends stdin's lines in the open transaction, as they are read; stops
@@ -192,13 +202,11 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
     // Only committed input: an aborted upstream transaction is not copied.
     cfg.consumer.isolation = crate::protocol::Isolation::ReadCommitted;
     cfg.consumer.client = client.config().clone();
-    let timeout = Duration::from_millis(args.transaction_timeout_ms);
+    let mut producer = match begin(client.clone(), args, id) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let result: Result<u64, ClientError> = smol::block_on(async {
-        let config = ProducerConfig {
-            client: client.config().clone(),
-            ..ProducerConfig::default()
-        };
-        let mut producer = TxnProducer::new(client.clone(), id, timeout, config).await?;
         let mut member = GroupConsumer::new(client, cfg);
         let mut copied = 0u64;
         let mut last_record = Instant::now();
