@@ -799,7 +799,7 @@ fn pause_and_resume_a_rule() {
     });
     assert_eq!(s["rules"][0]["paused"], true, "{s}");
     let o = b.cli(&["mirror", "pause", "nope"]);
-    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", common::stderr(&o));
     assert!(common::stderr(&o).contains("nope"));
     assert_ok(&b.cli(&["mirror", "resume", "p"]));
     sent.extend(produce(&b.tcp, "p.t", 1, 1, "more"));

@@ -140,7 +140,7 @@ fn a_timeout_past_the_limit_is_refused_before_a_transaction_begins() {
         let o = b.cli_stdin(args, Some(b"orders\tv\n"));
         assert_fails(
             &o,
-            2,
+            1,
             &[
                 "txn long: ",
                 "transaction_timeout_ms must be 1..=900000",

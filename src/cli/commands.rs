@@ -351,16 +351,14 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
     }
 }
 
-/// Requests the server refused as malformed, and TLS options that cannot
-/// be used, are usage errors; the rest (`not_authorized` included) are
-/// runtime errors.
+/// TLS options that cannot be used are usage errors, found before anything
+/// is sent. Whatever the broker refused is a runtime error, its
+/// `invalid_request` included: the command line was well formed, and status
+/// 2 means it was not (README.md).
 pub(super) fn exit_code_for(e: &ClientError) -> u8 {
     match e {
         ClientError::TlsConfig(_) => EXIT_USAGE,
-        _ => match e.code() {
-            Some(ErrorCode::InvalidRequest) => EXIT_USAGE,
-            _ => EXIT_RUNTIME,
-        },
+        _ => EXIT_RUNTIME,
     }
 }
 
