@@ -498,16 +498,13 @@ fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
     ConfigError::new(top, None, kind)
 }
 
-/// Where to look for the line of a validation error about `key`: every
-/// mirror rule's keys are named alike (`mirror.rules.aggregate.window_ms`),
-/// so in the rule that failed.
+/// Where to look for the line of a validation error about `key`: in a
+/// list of tables, every element's keys are named alike
+/// (`mirror.rules.aggregate.window_ms`), so in the element that failed.
 fn invalid_at(cfg: &Config, key: &str) -> String {
-    match (
-        key.strip_prefix("mirror.rules"),
-        cfg.mirror.validate_rules(),
-    ) {
-        (Some(rest), Err((i, _))) => format!("mirror.rules[{i}]{rest}"),
-        _ => key.to_owned(),
+    match cfg.failed_element(key) {
+        Some((list, i)) => format!("{list}[{i}]{}", &key[list.len()..]),
+        None => key.to_owned(),
     }
 }
 

@@ -660,12 +660,9 @@ impl MirrorConfig {
 
     /// Checks each rule in turn; the first that fails comes with its index,
     /// for the error's line (every rule's keys are named alike).
-    pub(crate) fn validate_rules(&self) -> Result<(), (usize, Invalid)> {
+    fn validate_rules(&self) -> Result<(), (usize, Invalid)> {
         let mut names = std::collections::HashSet::new();
-        for (i, rule) in self.rules.iter().enumerate() {
-            rule.validate(&mut names).map_err(|e| (i, e))?;
-        }
-        Ok(())
+        check_each(&self.rules, |rule| rule.validate(&mut names))
     }
 }
 
@@ -796,34 +793,95 @@ impl ShareSection {
             1,
             SHARE_ACTIVE_MEMBERS_LIMIT,
         )?;
-        for o in &self.overrides {
-            check(
-                o.topic.is_some() || o.group.is_some(),
-                "share.overrides",
-                || "an override names a topic, a group, or both".into(),
+        check_each(&self.overrides, ShareOverride::validate).map_err(|(_, e)| e)
+    }
+}
+
+impl ShareOverride {
+    fn validate(&self) -> Result<(), Invalid> {
+        check(
+            self.topic.is_some() || self.group.is_some(),
+            "share.overrides",
+            || "an override names a topic, a group, or both".into(),
+        )?;
+        if let Some(m) = self.max_deliveries {
+            check_range(
+                "share.overrides.max_deliveries",
+                m,
+                1,
+                SHARE_MAX_DELIVERIES_LIMIT,
             )?;
-            if let Some(m) = o.max_deliveries {
-                check_range(
-                    "share.overrides.max_deliveries",
-                    m,
-                    1,
-                    SHARE_MAX_DELIVERIES_LIMIT,
-                )?;
-            }
-            if let Some(l) = o.lock_ms {
-                check_range("share.overrides.lock_ms", l, 1, SHARE_LOCK_MS_MAX)?;
-            }
-            if let Some(t) = &o.dead_letter_topic {
-                check(
-                    crate::storage::validate_topic_name(t).is_ok(),
-                    "share.overrides.dead_letter_topic",
-                    || format!("'{t}' is not a valid topic name"),
-                )?;
-            }
+        }
+        if let Some(l) = self.lock_ms {
+            check_range("share.overrides.lock_ms", l, 1, SHARE_LOCK_MS_MAX)?;
+        }
+        if let Some(t) = &self.dead_letter_topic {
+            check(
+                crate::storage::validate_topic_name(t).is_ok(),
+                "share.overrides.dead_letter_topic",
+                || format!("'{t}' is not a valid topic name"),
+            )?;
         }
         Ok(())
     }
 }
+
+impl AclRule {
+    fn validate(&self) -> Result<(), Invalid> {
+        check_identity("acl.rules", &self.identity)?;
+        check(!self.topics.is_empty(), "acl.rules", || {
+            format!("the rule for '{}' names no topics", self.identity)
+        })?;
+        check(!self.operations.is_empty(), "acl.rules", || {
+            format!("the rule for '{}' names no operations", self.identity)
+        })?;
+        for op in &self.operations {
+            check(ACL_OPERATIONS.contains(&op.as_str()), "acl.rules", || {
+                format!(
+                    "'{op}' (rule for '{}') is not an operation: {}",
+                    self.identity,
+                    ACL_OPERATIONS.join(", ")
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks each element of a list of tables in turn; the first that fails
+/// comes with its index, for the error's line (every element's keys are
+/// named alike).
+fn check_each<'a, T>(
+    items: &'a [T],
+    mut validate: impl FnMut(&'a T) -> Result<(), Invalid>,
+) -> Result<(), (usize, Invalid)> {
+    items
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, item)| validate(item).map_err(|e| (i, e)))
+}
+
+type ListCheck = fn(&Config) -> Result<(), (usize, Invalid)>;
+
+/// The config's lists of tables (`[[...]]`) and their checks, element by
+/// element.
+const LISTS_OF_TABLES: [(&str, ListCheck); 5] = [
+    ("server.unix_identities", |c| {
+        check_each(&c.server.unix_identities, |u| {
+            check_identity("server.unix_identities", &u.identity)
+        })
+    }),
+    ("acl.rules", |c| check_each(&c.acl.rules, AclRule::validate)),
+    ("quotas.overrides", |c| {
+        check_each(&c.quotas.overrides, |o| {
+            check_identity("quotas.overrides", &o.identity)
+        })
+    }),
+    ("mirror.rules", |c| c.mirror.validate_rules()),
+    ("share.overrides", |c| {
+        check_each(&c.share.overrides, ShareOverride::validate)
+    }),
+];
 
 /// Share partitions live in memory with their windows; the share log's
 /// rewrite of them all must fit a quarter of its ring.
@@ -916,29 +974,9 @@ impl Config {
             "server.tls.crl",
             || "a CRL needs server.tls.client_ca (it revokes client certificates)".into(),
         )?;
-        for u in &s.unix_identities {
-            check_identity("server.unix_identities", &u.identity)?;
-        }
-        for r in &self.acl.rules {
-            check_identity("acl.rules", &r.identity)?;
-            check(!r.topics.is_empty(), "acl.rules", || {
-                format!("the rule for '{}' names no topics", r.identity)
-            })?;
-            check(!r.operations.is_empty(), "acl.rules", || {
-                format!("the rule for '{}' names no operations", r.identity)
-            })?;
-            for op in &r.operations {
-                check(ACL_OPERATIONS.contains(&op.as_str()), "acl.rules", || {
-                    format!(
-                        "'{op}' (rule for '{}') is not an operation: {}",
-                        r.identity,
-                        ACL_OPERATIONS.join(", ")
-                    )
-                })?;
-            }
-        }
-        for o in &self.quotas.overrides {
-            check_identity("quotas.overrides", &o.identity)?;
+        // Mirror rules and share overrides are checked with their sections.
+        for (_, validate) in &LISTS_OF_TABLES[..3] {
+            validate(self).map_err(|(_, e)| e)?;
         }
         check_range(
             "server.max_connections",
@@ -1202,6 +1240,19 @@ impl Config {
     /// The unix socket path, None when disabled.
     pub fn unix_socket(&self) -> Option<PathBuf> {
         (!self.server.unix_socket.is_empty()).then(|| PathBuf::from(&self.server.unix_socket))
+    }
+
+    /// The list of tables a validation error about `key` is in, and the
+    /// index of its element that failed: every element's keys are named
+    /// alike (`acl.rules`), so this is what finds the error's line.
+    pub(crate) fn failed_element(&self, key: &str) -> Option<(&'static str, usize)> {
+        LISTS_OF_TABLES.iter().find_map(|&(list, validate)| {
+            let rest = key.strip_prefix(list)?;
+            if !(rest.is_empty() || rest.starts_with('.')) {
+                return None;
+            }
+            validate(self).err().map(|(i, _)| (list, i))
+        })
     }
 
     /// The metrics listen address, None when the endpoint is off.

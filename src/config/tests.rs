@@ -971,3 +971,50 @@ fn max_partitions_says_which_bound_it_broke() {
     )
     .expect("both at their limit");
 }
+
+#[test]
+fn errors_in_every_list_of_tables_name_the_line_of_their_element() {
+    for (text, key, line) in [
+        (
+            "[[server.unix_identities]]\nuid = 1\nidentity = \"a\"\n\
+             [[server.unix_identities]]\nuid = 2\nidentity = \"\"\n",
+            "server.unix_identities",
+            4,
+        ),
+        (
+            "[[acl.rules]]\nidentity = \"a\"\ntopics = [\"t\"]\noperations = [\"produce\"]\n\
+             [[acl.rules]]\nidentity = \"b\"\ntopics = [\"t\"]\noperations = [\"fly\"]\n",
+            "acl.rules",
+            5,
+        ),
+        // An inline array names the element's own line.
+        (
+            "[acl]\nrules = [\n\
+             { identity = \"a\", topics = [\"t\"], operations = [\"produce\"] },\n\
+             { identity = \"b\", topics = [], operations = [\"produce\"] },\n]\n",
+            "acl.rules",
+            4,
+        ),
+        (
+            "[[quotas.overrides]]\nidentity = \"a\"\nproduce_bytes_per_s = 1\nconsume_bytes_per_s = 1\n\
+             [[quotas.overrides]]\nidentity = \"\"\nproduce_bytes_per_s = 1\nconsume_bytes_per_s = 1\n",
+            "quotas.overrides",
+            5,
+        ),
+        (
+            "[[share.overrides]]\ntopic = \"t\"\nmax_deliveries = 3\n\
+             [[share.overrides]]\ngroup = \"g\"\nmax_deliveries = 0\n",
+            "share.overrides.max_deliveries",
+            6,
+        ),
+        (
+            "[[share.overrides]]\ntopic = \"t\"\n\n[[share.overrides]]\nlock_ms = 10\n",
+            "share.overrides",
+            4,
+        ),
+    ] {
+        let err = load_text("l.toml", text).expect_err(text);
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+        assert_eq!(err.line, Some(line), "{text}: {err}");
+    }
+}
