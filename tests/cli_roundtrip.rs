@@ -1320,7 +1320,7 @@ fn produce_names_the_line_of_a_record_too_large_for_a_batch() {
 
 /// A name no topic can have is a usage error, worded as the broker words
 /// it for `topics create`, and found before connecting: here to a socket
-/// nobody listens on.
+/// nobody listens on. Every command that names a topic on its command line.
 #[test]
 fn an_invalid_topic_name_is_refused_before_connecting() {
     let dir = temp_dir();
@@ -1337,6 +1337,41 @@ fn an_invalid_topic_name_is_refused_before_connecting() {
             &["topics", "create", name],
             &["topics", "describe", name],
             &["topics", "delete", name],
+            &[
+                "txn",
+                "--id",
+                "t",
+                "--consume",
+                name,
+                "--group",
+                "g",
+                "--to",
+                "out",
+            ],
+            &[
+                "txn",
+                "--id",
+                "t",
+                "--consume",
+                "in",
+                "--group",
+                "g",
+                "--to",
+                name,
+            ],
+            &[
+                "groups",
+                "reset-offsets",
+                "g",
+                "--topic",
+                name,
+                "--to",
+                "earliest",
+            ],
+            &["dlq", "list", name],
+            &["dlq", "replay", name],
+            &["dlq", "list", "t", "--dead-letter-topic", name],
+            &["dlq", "replay", "t", "--dead-letter-topic", name],
         ] {
             let o = run_cli(args, gone, None);
             assert_fails(&o, 2, &[&said]);

@@ -532,3 +532,28 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// A stdin line whose topic no topic can have is refused with its line
+/// number, as a line without a TAB is, not asked of the broker (which
+/// would answer unknown_topic); nothing of the transaction is committed.
+#[test]
+fn a_txn_line_naming_an_invalid_topic_is_refused_with_its_number() {
+    let b = Broker::start("");
+    create_topics(&b);
+    for bad in ["..", "a b", ""] {
+        let input = format!("orders\tgood\n{bad}\tv\norders\tafter\n");
+        let o = b.cli_stdin(&["txn", "--id", "bad-name"], Some(input.as_bytes()));
+        assert_eq!(
+            (o.status.code(), stderr(&o).as_str()),
+            (
+                Some(2),
+                format!(
+                    "skiff: txn bad-name: line 2: invalid topic name '{bad}': use 1 to 249 of \
+                     A-Z a-z 0-9 . _ -; the transaction is aborted, no commit\n"
+                )
+                .as_str()
+            ),
+        );
+    }
+    assert!(read_all(&b, "orders", "read_committed").is_empty());
+}

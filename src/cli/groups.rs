@@ -9,7 +9,9 @@ use crate::client::{Client, ClientError, GroupConfig, GroupConsumer, OffsetReset
 use crate::protocol::{DescribeGroupResponse, OffsetCommitPartition, OffsetSpec};
 
 use super::args::*;
-use super::commands::{check_broker, connect, exit_code_for, parse_from, record_json};
+use super::commands::{
+    check_broker, check_topic_name, connect, exit_code_for, parse_from, record_json,
+};
 use super::{fail, EXIT_USAGE};
 
 /// How often `consume --group` commits what it printed (and always
@@ -154,6 +156,11 @@ pub fn groups(command: GroupsCommand) -> ExitCode {
         | GroupsCommand::ResetOffsets { broker, .. }
         | GroupsCommand::Delete { broker, .. } => broker.clone(),
     };
+    if let GroupsCommand::ResetOffsets { topic, .. } = &command {
+        if let Err(code) = check_topic_name(topic) {
+            return code;
+        }
+    }
     let client = match connect(&broker) {
         Ok(c) => c,
         Err(code) => return code,

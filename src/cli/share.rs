@@ -18,7 +18,7 @@ use crate::client::{
 use crate::protocol::{ErrorCode, OffsetSpec, ShareRecord};
 
 use super::args::*;
-use super::commands::{connect, exit_code_for, record_json};
+use super::commands::{check_topic_name, connect, exit_code_for, record_json};
 use super::{fail, EXIT_USAGE};
 
 /// EX_TEMPFAIL (sysexits.h): the command asks for the record again later.
@@ -242,6 +242,13 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
             ..
         } => ("replay", topic, dead_letter_topic, broker),
     };
+    if let Err(code) = check_topic_name(topic).and_then(|()| {
+        dead_letter_topic
+            .as_deref()
+            .map_or(Ok(()), check_topic_name)
+    }) {
+        return code;
+    }
     let dlq = dead_letter_topic
         .clone()
         .unwrap_or_else(|| format!("{topic}.dlq"));

@@ -12,7 +12,7 @@ use crate::client::{
 };
 
 use super::args::{OutputFormat, TxnArgs, TxnCommand};
-use super::commands::{connect, exit_code_for};
+use super::commands::{check_topic_name, connect, exit_code_for};
 use super::{fail, EXIT_USAGE};
 
 pub fn txn(args: TxnArgs) -> ExitCode {
@@ -72,6 +72,10 @@ pub fn txn(args: TxnArgs) -> ExitCode {
             EXIT_USAGE,
             format!("txn {id}: line {n} is not TOPIC<TAB>VALUE; {ended}"),
         ),
+        Fail::BadTopic(n, e) => fail(
+            EXIT_USAGE,
+            format!("txn {id}: line {n}: {e}; {ended}, no {what}"),
+        ),
         Fail::Stdin(e) => fail(
             super::EXIT_RUNTIME,
             format!("txn {id}: reading stdin: {e}; {ended}, no {what}"),
@@ -129,6 +133,8 @@ async fn feed(producer: &mut TxnProducer) -> Result<u64, Fail> {
         let Ok(topic) = std::str::from_utf8(&line[..tab]) else {
             return Err(Fail::NoTab(n));
         };
+        // Not asked of the broker, which would answer unknown_topic.
+        crate::broker::validate_topic_name(topic).map_err(|e| Fail::BadTopic(n, e))?;
         let topic = topic.to_owned();
         // Known topics are answered from the producer's cache; an unknown
         // one fails here, so the message names its line (a send would
@@ -153,6 +159,8 @@ enum Fail {
     Failed(u64, ClientError),
     /// Line n has no TAB after its topic.
     NoTab(u64),
+    /// Line n's topic is a name no topic can have.
+    BadTopic(u64, crate::broker::BrokerError),
     Stdin(std::io::Error),
 }
 
@@ -166,6 +174,9 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
     let (Some(input), Some(group), Some(output)) = (&args.consume, &args.group, &args.to) else {
         return fail(EXIT_USAGE, "txn: --consume needs --group and --to");
     };
+    if let Err(code) = check_topic_name(input).and_then(|()| check_topic_name(output)) {
+        return code;
+    }
     let start_from = match args.from.as_str() {
         "earliest" => StartFrom::Earliest,
         "latest" => StartFrom::Latest,
