@@ -557,3 +557,20 @@ fn a_txn_line_naming_an_invalid_topic_is_refused_with_its_number() {
     }
     assert!(read_all(&b, "orders", "read_committed").is_empty());
 }
+
+/// `skiff txn` reads its lines as `skiff produce` does (docs/operations.md):
+/// without the `\n` or `\r\n` that ends them, so CRLF input writes the
+/// same values; a `\r` elsewhere, or ending a last line without a
+/// newline, is the value's.
+#[test]
+fn txn_drops_a_lines_crlf_as_produce_does() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "crlf", "--partitions", "1"]));
+    assert_ok(&b.cli_stdin(
+        &["txn", "--id", "crlf"],
+        Some(b"crlf\ta\r\ncrlf\tb\rc\r\ncrlf\t\r\ncrlf\td\ncrlf\te\r"),
+    ));
+    let o = b.cli(&["consume", "crlf"]);
+    assert_ok(&o);
+    assert_eq!(o.stdout, b"a\nb\rc\n\nd\ne\r\n");
+}

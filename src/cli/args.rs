@@ -302,7 +302,8 @@ impl IsolationArg {
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Reads TOPIC<TAB>VALUE lines from stdin and writes them all in one transaction, \
+    after_help = "Reads TOPIC<TAB>VALUE lines from stdin (each without its \\n or \\r\\n) and writes \
+them all in one transaction, \
 sending each record as its line is read. At the end of input the transaction commits (or aborts, \
 with --abort); the exit status is 0 only once that is durable. A transaction left open (this \
 command killed) is aborted by the broker after --transaction-timeout-ms, or when the same --id \
