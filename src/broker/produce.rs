@@ -403,10 +403,11 @@ impl Broker {
         checked: CheckedBatch,
     ) -> Result<Windowed, BatchError> {
         let view = crate::batch::BatchView::new(checked.bytes())?;
-        let records = view.records()?;
         let now = self.clock.now_ms();
         let mut remembered = Vec::new();
-        let mut keep = Vec::with_capacity(records.len());
+        // The records whose id the window held: empty, so never allocated,
+        // unless the batch repeats an id.
+        let mut dropped_at = Vec::new();
         {
             let mut windows = self.windows.lock().expect("windows lock");
             let Some(w) = windows.get_mut(topic) else {
@@ -417,24 +418,26 @@ impl Broker {
                     dropped: 0,
                 });
             };
-            for r in &records {
+            // Borrowed, not decoded into a list: this runs on every batch
+            // of a windowed topic. `submit` checked the records as this
+            // walk reads them, so it cannot fail part way; were it to, the
+            // window gives back the ids it took.
+            for (i, r) in view.record_refs().enumerate() {
+                let r = r.inspect_err(|_| w.forget(&remembered))?;
                 let id = r
                     .headers
                     .iter()
-                    .find(|h| h.name == msgid::MSG_ID_HEADER)
-                    .map(|h| msgid::id_hash(h.value));
+                    .find(|&(name, _)| name == msgid::MSG_ID_HEADER)
+                    .map(|(_, value)| msgid::id_hash(value));
                 match id {
-                    Some(h) if w.check_and_insert(h, now) => keep.push(false),
-                    Some(h) => {
-                        remembered.push(h);
-                        keep.push(true);
-                    }
-                    None => keep.push(true),
+                    Some(h) if w.check_and_insert(h, now) => dropped_at.push(i),
+                    Some(h) => remembered.push(h),
+                    None => {}
                 }
             }
         }
-        let kept = keep.iter().filter(|&&k| k).count() as u32;
-        let dropped = header.record_count - kept;
+        let dropped = dropped_at.len() as u32;
+        let kept = header.record_count - dropped;
         self.msg_id_duplicates
             .fetch_add(u64::from(dropped), std::sync::atomic::Ordering::Relaxed);
         if dropped == 0 {
@@ -448,16 +451,17 @@ impl Broker {
             return Ok(Windowed::AllDuplicates);
         }
         let mut b = crate::batch::BatchBuilder::new();
-        for (r, _) in records.iter().zip(&keep).filter(|(_, &k)| k) {
-            let headers: Vec<(&str, &[u8])> = r
-                .headers
-                .iter()
-                .map(|h| (h.name, h.value.as_ref()))
-                .collect();
+        let mut dropped_at = dropped_at.into_iter().peekable();
+        for (i, r) in view.record_refs().enumerate() {
+            if dropped_at.next_if_eq(&i).is_some() {
+                continue;
+            }
+            let r = r?;
+            let headers: Vec<(&str, &[u8])> = r.headers.iter().collect();
             b.push_record(
                 header.first_timestamp + r.timestamp_delta,
-                r.key.map(|k| k.as_ref()),
-                r.value.map(|v| v.as_ref()),
+                r.key,
+                r.value,
                 &headers,
             );
         }
