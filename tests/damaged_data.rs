@@ -434,3 +434,68 @@ fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
     assert!(dir.join("seg-00000.log").exists());
 }
+
+/// A partition whose `partition.meta` is damaged and whose segments hold
+/// no valid header either: nothing to read its config from, so it is not
+/// loaded. It used to answer `unknown_partition` to clients of a topic
+/// that names it; now every request about it gets `partition_quarantined`
+/// naming both faults, the log names the directory, and nothing in it is
+/// changed (deleting the topic removes it).
+#[test]
+fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "1", "kept"]));
+    assert_eq!(b.stop(), Some(0));
+    let dir = b.data_dir().join("topics/t1/1");
+    let meta = dir.join("partition.meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&meta, bytes).unwrap();
+    let mut damaged = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "log") {
+            let mut seg = std::fs::read(&path).unwrap();
+            seg[..4096].fill(0xa5);
+            std::fs::write(&path, &seg).unwrap();
+            damaged.push((path, seg));
+        }
+    }
+    assert!(!damaged.is_empty());
+    b.restart();
+    let log = b.log();
+    assert!(
+        log.contains(&format!(
+            "partition directory {}: no valid segment header",
+            dir.display()
+        )),
+        "{log}"
+    );
+    let said = "partition.meta unreadable";
+    let o = b.cli(&[
+        "produce",
+        "t1",
+        "--partition",
+        "1",
+        "--retry-timeout-ms",
+        "1000",
+        "new",
+    ]);
+    assert_fails(&o, 1, &["partition_quarantined", said]);
+    // A fetch's answer carries its code only (no message).
+    let o = b.cli(&["consume", "t1", "--partition", "1", "--timeout-ms", "500"]);
+    assert_fails(&o, 1, &["partition_quarantined: topic 't1' partition 1"]);
+    let o = b.cli(&["topics", "describe", "t1", "--format", "json"]);
+    assert_ok(&o);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    assert_eq!(d["partitions"][1]["error"], "partition_quarantined", "{d}");
+    // The topic's other partition serves as ever.
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
+    for (path, seg) in &damaged {
+        assert_eq!(&std::fs::read(path).unwrap(), seg, "{}", path.display());
+    }
+    assert_ok(&b.cli(&["topics", "delete", "t1"]));
+    assert!(!dir.exists());
+}

@@ -510,7 +510,16 @@ impl Broker {
                     topic: topic.as_str().into(),
                     partition: p,
                 };
-                let o = self.storage.offsets(&id)?;
+                let o = match self.storage.offsets(&id) {
+                    Ok(o) => o,
+                    // A partition recovery could not load: nothing of it
+                    // to rebuild from, and no write it would take.
+                    Err(e @ StorageError::Quarantined(_)) => {
+                        log::warn!("{id}: producer state not rebuilt: {e}");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let mut at = self
                     .producers
                     .load_snapshot(&topic, p, o.earliest, o.high_watermark);

@@ -94,7 +94,7 @@ impl Engine {
         let p = self
             .parts
             .get(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         Ok((0..p.ring.live)
             .map(|k| {
                 let slot = p.ring.slot(k);
@@ -124,7 +124,7 @@ impl Engine {
         let p = self
             .parts
             .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         if let Some(e) = p.refuse_writes() {
             return Err(e);
         }
@@ -193,7 +193,7 @@ impl Engine {
         let p = self
             .parts
             .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         let segment_bytes = p.cfg.segment_bytes;
         let Some(s) = p.compaction.as_mut() else {
             return Err(StorageError::CompactionMoved(id.clone()));
@@ -239,7 +239,7 @@ impl Engine {
         let p = self
             .parts
             .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         let Some(mut s) = p.compaction.take() else {
             return Err(StorageError::CompactionMoved(id.clone()));
         };
@@ -372,7 +372,7 @@ impl Engine {
         let p = self
             .parts
             .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         if cfg.segment_bytes != p.cfg.segment_bytes {
             return Err(StorageError::InvalidConfig(
                 "a partition's segment size is fixed",

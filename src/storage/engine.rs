@@ -1004,11 +1004,30 @@ impl Engine {
         }
     }
 
+    /// Deletes a partition recovery left unloaded: its directory goes, as
+    /// a loaded partition's does.
+    fn delete_unloaded(&mut self, id: &PartitionId) -> Result<(), StorageError> {
+        let mut unloaded = self
+            .ctx
+            .shared
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(i) = unloaded.iter().position(|q| q.partition == *id) else {
+            return Err(StorageError::UnknownPartition(id.clone()));
+        };
+        unloaded.remove(i);
+        drop(unloaded);
+        let dir = part_dir(&self.ctx.cfg.data_dir, id);
+        self.remove_dir(&dir, 0);
+        Ok(())
+    }
+
     fn delete(&mut self, id: &PartitionId) -> Result<(), StorageError> {
         self.reap_checkpoints(true);
         self.compact_abort(id);
         let Some(mut part) = self.parts.remove(id) else {
-            return Err(StorageError::UnknownPartition(id.clone()));
+            return self.delete_unloaded(id);
         };
         self.ctx
             .shared
@@ -1061,7 +1080,7 @@ impl Engine {
             self.finish_inflight();
         }
         let Some(p) = self.parts.get_mut(&id) else {
-            let _ = reply.send(Err(StorageError::UnknownPartition(id)));
+            let _ = reply.send(Err(self.ctx.shared.not_loaded(&id)));
             return;
         };
         let producer = batch_producer(&batch);

@@ -653,6 +653,11 @@ pub(crate) struct Shared {
     pub parts: RwLock<foldhash::HashMap<PartitionId, Arc<PartShared>>>,
     pub stats: StatsInner,
     pub reports: Mutex<Vec<RecoveryReport>>,
+    /// Partitions recovery found but could not load: neither their
+    /// `partition.meta` nor any segment header reads. Each stays
+    /// quarantined, so a request about it says why instead of that it
+    /// does not exist, until a delete removes its directory.
+    pub unloaded: Mutex<Vec<Quarantine>>,
     /// Notified when a ring starts a segment, or refuses to (a cleaner
     /// then looks for room to make).
     pub rolled: event_listener::Event,
@@ -661,10 +666,17 @@ pub(crate) struct Shared {
 impl Shared {
     fn part(&self, id: &PartitionId) -> Result<Arc<PartShared>, StorageError> {
         let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
-        parts
-            .get(id)
-            .cloned()
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))
+        parts.get(id).cloned().ok_or_else(|| self.not_loaded(id))
+    }
+
+    /// The error about a partition that is not loaded: quarantined when
+    /// recovery left it unloaded, else unknown.
+    pub(super) fn not_loaded(&self, id: &PartitionId) -> StorageError {
+        let unloaded = self.unloaded.lock().unwrap_or_else(|e| e.into_inner());
+        match unloaded.iter().find(|q| q.partition == *id) {
+            Some(q) => StorageError::Quarantined(Box::new(q.clone())),
+            None => StorageError::UnknownPartition(id.clone()),
+        }
     }
 }
 

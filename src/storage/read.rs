@@ -577,9 +577,7 @@ impl Engine {
         max_bytes: usize,
     ) -> Result<Bytes, StorageError> {
         let Engine { ctx, parts, .. } = self;
-        let p = parts
-            .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let p = parts.get_mut(id).ok_or_else(|| ctx.shared.not_loaded(id))?;
         let (earliest, hw) = (p.ring.earliest(), p.hw);
         if offset < earliest || offset > hw {
             return Err(StorageError::OffsetOutOfRange {
@@ -713,9 +711,7 @@ impl Engine {
         ts: i64,
     ) -> Result<Option<u64>, StorageError> {
         let Engine { ctx, parts, .. } = self;
-        let p = parts
-            .get_mut(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+        let p = parts.get_mut(id).ok_or_else(|| ctx.shared.not_loaded(id))?;
         let hw = p.hw;
         for k in 0..p.ring.live {
             let slot = p.ring.slot(k);

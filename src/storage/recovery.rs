@@ -107,8 +107,8 @@ pub enum QuarantineReason {
     /// `partition.meta` does not decode; or it is missing from a directory
     /// whose segments hold batches (so not a creation cut short). Either
     /// way recovered read-only under the id the directory names, with a
-    /// config read from its segments (or, when none can be, left alone and
-    /// only reported), nothing in it changed.
+    /// config read from its segments (or, when none can be, left unloaded,
+    /// requests about it answered with this), nothing in it changed.
     UnreadableMeta {
         fault: MetaFault,
     },
@@ -650,6 +650,15 @@ impl Engine {
         StatsInner::add(&self.ctx.shared.stats.quarantined, 1);
         self.ctx
             .shared
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Quarantine {
+                partition: id.clone(),
+                reason: why.clone(),
+            });
+        self.ctx
+            .shared
             .reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -741,8 +750,8 @@ impl Engine {
     /// as with a lost segment file, under the id its path names and with
     /// the config its files show (segment size from a valid header, count
     /// from the files or `ring.meta`; no retention). Nothing in it is
-    /// deleted. When no config can be read from it, it is left alone and
-    /// reported.
+    /// deleted. When no config can be read from it, it is left unloaded
+    /// and reported, and requests about it are refused as quarantined.
     fn recover_set_aside(&mut self, dir: &Path, why: QuarantineReason) -> Result<(), StorageError> {
         let Some(id) = Self::id_of_dir(dir) else {
             log::error!(
@@ -754,7 +763,8 @@ impl Engine {
         let Some(cfg) = self.config_from_files(dir) else {
             log::error!(
                 "partition directory {}: no valid segment header to read its config from; \
-                 skipped, its data left untouched",
+                 not loaded (requests about it get partition_quarantined), its data left \
+                 untouched",
                 dir.display()
             );
             self.report_set_aside(dir, why);

@@ -47,7 +47,7 @@ impl Engine {
         let p = self
             .parts
             .get(id)
-            .ok_or_else(|| StorageError::UnknownPartition(id.clone()))?;
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
         if let Some(e) = p.refuse_writes() {
             return Err(e);
         }
