@@ -491,6 +491,17 @@ fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
     assert_ok(&o);
     let d: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
     assert_eq!(d["partitions"][1]["error"], "partition_quarantined", "{d}");
+    let o = b.cli(&["topics", "describe", "t1"]);
+    assert_ok(&o);
+    let text = stdout(&o);
+    assert!(
+        text.contains("partition 1: earliest 0 latest 0\n  error: partition_quarantined"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("partition 0: earliest 0 latest 0\n  error"),
+        "{text}"
+    );
     // The topic's other partition serves as ever.
     assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
     for (path, seg) in &damaged {

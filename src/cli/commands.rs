@@ -266,10 +266,13 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         p.earliest_offset,
                         p.latest_offset
                     );
-                    let damaged = details
-                        .iter()
-                        .filter(|x| x.partition == p.partition)
-                        .flat_map(|x| x.damaged.iter().flatten());
+                    let detail = details.iter().find(|x| x.partition == p.partition);
+                    // The answer carries the code alone; the broker's log
+                    // has the reason.
+                    if let Some(x) = detail.filter(|x| !x.error.is_none()) {
+                        outln!("  error: {} (the broker's log says why)", x.error.name());
+                    }
+                    let damaged = detail.into_iter().flat_map(|x| x.damaged.iter().flatten());
                     for g in damaged {
                         outln!(
                             "  damaged: offsets {}..{} lost ({} bytes at segment slot {} \
