@@ -89,10 +89,23 @@ fn topics_create_list_describe_delete() {
     assert_fails(&b.cli(&["topics", "describe", "orders"]), 1, &["orders"]);
     assert_fails(&b.cli(&["topics", "delete", "orders"]), 1, &["orders"]);
 
-    // A bad policy is the broker's refusal: a runtime error, status 1 (2
-    // is for a command line that does not parse).
-    let o = b.cli(&["topics", "create", "x", "--fsync", "sometimes"]);
-    assert_fails(&o, 1, &["invalid_request", "fsync"]);
+    // A misspelt policy is a bad command line (clap's error, status 2),
+    // refused before connecting in the broker's own wording.
+    let bad = [
+        ("create", "--fsync", "sometimes", "\"interval:<ms>\""),
+        ("create", "--overflow", "never", "\"reject\""),
+        ("create", "--cleanup", "compact,dlete", "\"compact,delete\""),
+        ("alter", "--cleanup", "sometimes", "\"compact\""),
+    ];
+    for (command, flag, value, says) in bad {
+        let o = b.cli(&["topics", command, "x", flag, value]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("'{value}' for '{flag}")) && err.contains(says),
+            "{err}"
+        );
+    }
 }
 
 #[test]

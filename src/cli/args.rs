@@ -6,6 +6,18 @@ use clap::{Args, Subcommand, ValueEnum};
 /// The embedded default config's TCP listener.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:9471";
 
+/// A value the broker's own parser takes, sent as written: a misspelt
+/// policy is a bad command line (status 2), found before connecting. Rules
+/// across options (retention on a compacted topic) stay the broker's.
+fn parsed_as<T: std::str::FromStr>(s: &str) -> Result<String, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>()
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArg {
     /// Broker address: HOST:PORT for TCP, or a path for a Unix socket (any
@@ -78,10 +90,10 @@ pub enum TopicsCommand {
         #[arg(long)]
         retention_ms: Option<u64>,
         /// always | interval:MS | never
-        #[arg(long)]
+        #[arg(long, value_parser = parsed_as::<crate::storage::Durability>)]
         fsync: Option<String>,
         /// overwrite | reject: what a full ring does.
-        #[arg(long)]
+        #[arg(long, value_parser = parsed_as::<crate::storage::OverflowPolicy>)]
         overflow: Option<String>,
         /// Drop records whose `msg-id` header was seen on the topic within
         /// this many ms (0: off).
@@ -93,7 +105,7 @@ pub enum TopicsCommand {
         msg_id_window_records: Option<u32>,
         /// delete | compact | compact,delete: compact keeps the latest
         /// record per key (records need keys; a tombstone deletes one).
-        #[arg(long)]
+        #[arg(long, value_parser = parsed_as::<crate::broker::CleanupPolicy>)]
         cleanup: Option<String>,
         /// On a compacted topic, how long a tombstone stays (default: a day).
         #[arg(long)]
@@ -130,10 +142,10 @@ pub enum TopicsCommand {
         #[arg(long)]
         retention_ms: Option<u64>,
         /// always | interval:MS | never
-        #[arg(long)]
+        #[arg(long, value_parser = parsed_as::<crate::storage::Durability>)]
         fsync: Option<String>,
         /// delete | compact | compact,delete
-        #[arg(long)]
+        #[arg(long, value_parser = parsed_as::<crate::broker::CleanupPolicy>)]
         cleanup: Option<String>,
         /// On a compacted topic, how long a tombstone stays.
         #[arg(long)]
