@@ -899,9 +899,15 @@ fn bench_commands_print_one_json_line() {
         &["--rate", "0"][..],
         &["--rate", "100", "--compare-idempotence", "2"],
         &["--fsync", "sometimes"],
+        &["--topic", "a b"],
     ] {
         let out = b.cli(&[&["bench", "produce"][..], bad].concat());
         assert_eq!(out.status.code(), Some(2), "usage error {bad:?}: {out:?}");
+    }
+    for bench in ["consume", "group", "share", "txn"] {
+        let out = b.cli(&["bench", bench, "--topic", ""]);
+        assert_eq!(out.status.code(), Some(2), "usage error {bench}: {out:?}");
+        assert!(stderr(&out).contains("invalid topic name"), "{out:?}");
     }
 }
 

@@ -18,6 +18,14 @@ where
         .map_err(|e| e.to_string())
 }
 
+/// A name a topic can have: a bench's topic is made by the bench, and a
+/// name the broker would refuse is a bad command line.
+fn topic_name(s: &str) -> Result<String, String> {
+    crate::broker::validate_topic_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArg {
     /// Broker address: HOST:PORT for TCP, or a path for a Unix socket (any
@@ -570,7 +578,7 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchShareArgs {
-    #[arg(long, default_value = "skiff-bench-share")]
+    #[arg(long, default_value = "skiff-bench-share", value_parser = topic_name)]
     pub topic: String,
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
@@ -597,7 +605,7 @@ pub struct BenchShareArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchTxnArgs {
-    #[arg(long, default_value = "skiff-bench-txn")]
+    #[arg(long, default_value = "skiff-bench-txn", value_parser = topic_name)]
     pub topic: String,
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
@@ -623,7 +631,7 @@ pub struct BenchTxnArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchGroupArgs {
-    #[arg(long, default_value = "skiff-bench-group")]
+    #[arg(long, default_value = "skiff-bench-group", value_parser = topic_name)]
     pub topic: String,
     #[arg(long, default_value_t = 8)]
     pub partitions: u32,
@@ -712,7 +720,7 @@ pub struct BenchProduceArgs {
     /// always | interval:MS | never (for the bench topic).
     #[arg(long, default_value = "always")]
     pub fsync: String,
-    #[arg(long, default_value = "skiff-bench")]
+    #[arg(long, default_value = "skiff-bench", value_parser = topic_name)]
     pub topic: String,
     /// Segments of 64 MiB in the bench topic's ring: more to keep a
     /// larger backlog (scripts/bench-mirror's 1 GiB catch-up).
@@ -808,7 +816,7 @@ impl BenchProduceArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchConsumeArgs {
-    #[arg(long, default_value = "skiff-bench")]
+    #[arg(long, default_value = "skiff-bench", value_parser = topic_name)]
     pub topic: String,
     /// Stop after this many records (default: everything up to the latest offset).
     #[arg(long)]
