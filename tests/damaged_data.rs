@@ -343,6 +343,27 @@ fn read_log(b: &Broker) -> Vec<skiff::client::ConsumerRecord> {
     records
 }
 
+/// Runs `skiff serve` on `b`'s config, its data directory without
+/// `topics.meta`, and checks that it refuses to start, counting `held`
+/// partitions on disk.
+#[track_caller]
+fn refused_without_topics_meta(b: &Broker, held: usize) {
+    let serve = common::skiff_command()
+        .args(["serve", "--config"])
+        .arg(&b.config_path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("skiff serve");
+    let o = exited_within(serve, Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("skiff serve started without topics.meta"));
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains("topics.meta: ") && err.contains(&format!("holds {held} partition(s)")),
+        "{err}"
+    );
+}
+
 /// A lost `topics.meta`: read as an empty table, every partition on disk
 /// looked like a deleted topic's leftover and was deleted. Now start-up
 /// refuses, naming the file, and with it restored every record is there.
@@ -355,20 +376,7 @@ fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
     let table = b.data_dir().join("topics.meta");
     let saved = std::fs::read(&table).unwrap();
     std::fs::remove_file(&table).unwrap();
-    let serve = common::skiff_command()
-        .args(["serve", "--config"])
-        .arg(&b.config_path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("skiff serve");
-    let o = exited_within(serve, Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("skiff serve started without topics.meta"));
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    let err = stderr(&o);
-    assert!(
-        err.contains("topics.meta: ") && err.contains("holds 2 partition(s)"),
-        "{err}"
-    );
+    refused_without_topics_meta(&b, 2);
     assert!(b.data_dir().join("topics/t1/1/partition.meta").exists());
     // With the table back, the data is all there.
     std::fs::write(&table, saved).unwrap();
@@ -435,6 +443,29 @@ fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     assert!(dir.join("seg-00000.log").exists());
 }
 
+/// Damages the partition directory `dir` past loading: its
+/// `partition.meta` no longer decodes and no segment header reads.
+/// Returns each segment file with the bytes it now holds.
+fn make_unloadable(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let meta = dir.join("partition.meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&meta, bytes).unwrap();
+    let mut damaged = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "log") {
+            let mut seg = std::fs::read(&path).unwrap();
+            seg[..4096].fill(0xa5);
+            std::fs::write(&path, &seg).unwrap();
+            damaged.push((path, seg));
+        }
+    }
+    assert!(!damaged.is_empty());
+    damaged
+}
+
 /// A partition whose `partition.meta` is damaged and whose segments hold
 /// no valid header either: nothing to read its config from, so it is not
 /// loaded. It used to answer `unknown_partition` to clients of a topic
@@ -448,22 +479,7 @@ fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
     assert_ok(&b.cli(&["produce", "t1", "--partition", "1", "kept"]));
     assert_eq!(b.stop(), Some(0));
     let dir = b.data_dir().join("topics/t1/1");
-    let meta = dir.join("partition.meta");
-    let mut bytes = std::fs::read(&meta).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&meta, bytes).unwrap();
-    let mut damaged = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == "log") {
-            let mut seg = std::fs::read(&path).unwrap();
-            seg[..4096].fill(0xa5);
-            std::fs::write(&path, &seg).unwrap();
-            damaged.push((path, seg));
-        }
-    }
-    assert!(!damaged.is_empty());
+    let damaged = make_unloadable(&dir);
     b.restart();
     let log = b.log();
     assert!(
@@ -509,4 +525,84 @@ fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
     }
     assert_ok(&b.cli(&["topics", "delete", "t1"]));
     assert!(!dir.exists());
+}
+
+/// A topic delete the stop cut short (topics.meta written without the
+/// topic, its partition directories still there) where one partition
+/// cannot be loaded. Start-up deleted only the loaded leftovers, so the
+/// unloadable directory stayed and creating the name again was refused
+/// (`topic_exists`, storage finding the directory). Now it goes too; the
+/// other topic is untouched.
+#[test]
+fn an_interrupted_delete_removes_an_unloadable_partition_too() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "kept", "--partitions", "2"]));
+    assert_ok(&b.cli(&["produce", "kept", "--partition", "1", "k1"]));
+    assert_eq!(b.stop(), Some(0));
+    // The table as the delete of t1 writes it: without t1.
+    let table = b.data_dir().join("topics.meta");
+    let without_t1 = std::fs::read(&table).unwrap();
+    b.restart();
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "old0"]));
+    assert_ok(&b.cli(&["produce", "t1", "--partition", "1", "old1"]));
+    assert_eq!(b.stop(), Some(0));
+    std::fs::write(&table, without_t1).unwrap();
+    let t1 = b.data_dir().join("topics/t1");
+    make_unloadable(&t1.join("1"));
+    let kept = b.data_dir().join("topics/kept");
+    let kept_files: Vec<(std::path::PathBuf, Vec<u8>)> = ["0", "1"]
+        .iter()
+        .flat_map(|p| std::fs::read_dir(kept.join(p)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    b.restart();
+    let log = b.log();
+    assert!(log.contains("deleting partition t1/1 (not loaded"), "{log}");
+    assert!(!t1.exists(), "{}", t1.display());
+    // The name is free again, and the new topic starts empty.
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
+    for p in ["0", "1"] {
+        assert_ok(&b.cli(&["produce", "t1", "--partition", p, "new"]));
+        let o = b.cli(&["consume", "t1", "--partition", p, "--format", "json"]);
+        assert_ok(&o);
+        let got = json_lines(&o);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (&got[0]["offset"], &got[0]["value"]),
+            (&0.into(), &"new".into())
+        );
+    }
+    // Nothing of the other topic was touched by the start-up.
+    for (path, bytes) in &kept_files {
+        let now = std::fs::read(path).unwrap();
+        assert!(&now == bytes, "{} changed", path.display());
+    }
+    let o = b.cli(&["consume", "kept", "--partition", "1"]);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), "k1\n");
+}
+
+/// A missing topics.meta beside only unloadable partitions: they are data
+/// all the same, so start-up stops as it does beside loaded ones, instead
+/// of reading an empty table and deleting them as leftovers.
+#[test]
+fn a_lost_topics_meta_beside_an_unloadable_partition_deletes_nothing() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "1"]));
+    assert_ok(&b.cli(&["produce", "t1", "kept"]));
+    assert_eq!(b.stop(), Some(0));
+    let dir = b.data_dir().join("topics/t1/0");
+    let damaged = make_unloadable(&dir);
+    std::fs::remove_file(b.data_dir().join("topics.meta")).unwrap();
+    refused_without_topics_meta(&b, 1);
+    for (path, seg) in &damaged {
+        assert_eq!(&std::fs::read(path).unwrap(), seg, "{}", path.display());
+    }
+    assert!(dir.join("partition.meta").exists());
 }

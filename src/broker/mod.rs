@@ -18,7 +18,8 @@
 //! - create: the table entry is written first, then the partitions; a crash
 //!   in between is completed at the next start (missing partitions created).
 //! - delete: the entry is removed first, then the partitions; partitions with
-//!   no entry are deleted at the next start.
+//!   no entry are deleted at the next start, loaded or not (one whose
+//!   metadata is unreadable is still a leftover of the delete).
 //!
 //! So a crash never leaves a half-made topic visible to clients.
 //!
@@ -319,7 +320,8 @@ impl Broker {
                     // partitions without it are not a topic being created or
                     // deleted: read as an empty table, they would all be
                     // deleted as leftovers of deleted topics.
-                    let held = storage.partitions().len();
+                    // Unloaded ones count: they are data too.
+                    let held = storage.partitions().len() + storage.unloaded().len();
                     if held > 0 {
                         return Err(StorageError::Meta(meta::MetaError::File {
                             path: meta_path,
@@ -810,6 +812,20 @@ impl Broker {
             if !wanted {
                 log::warn!("deleting partition {id}: its topic was being deleted at the last stop");
                 self.storage.delete_partition(id).await?;
+                self.producers.forget_partition(&id.topic, id.partition);
+            }
+        }
+        // Not loaded (nothing in them reads), but of a topic the table no
+        // longer lists: a delete the stop cut short, as above. Left, one
+        // would keep the name from being created again. Those of a listed
+        // topic stay quarantined for an operator.
+        for id in self.storage.unloaded() {
+            if !table.contains_key(&*id.topic) {
+                log::warn!(
+                    "deleting partition {id} (not loaded: its metadata is unreadable): its \
+                     topic was being deleted at the last stop"
+                );
+                self.storage.delete_partition(&id).await?;
                 self.producers.forget_partition(&id.topic, id.partition);
             }
         }

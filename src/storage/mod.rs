@@ -1094,6 +1094,21 @@ impl Storage {
             .clone()
     }
 
+    /// Partitions recovery found on disk but could not load (neither
+    /// their `partition.meta` nor a segment header reads), sorted. They are
+    /// not in [`Storage::partitions`], yet their directories are there.
+    pub fn unloaded(&self) -> Vec<PartitionId> {
+        let unloaded = self
+            .inner
+            .shared
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = unloaded.iter().map(|q| q.partition.clone()).collect();
+        v.sort();
+        v
+    }
+
     pub fn partitions(&self) -> Vec<(PartitionId, PartitionConfig)> {
         let parts = self
             .inner
