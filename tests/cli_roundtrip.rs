@@ -459,9 +459,11 @@ fn exit_codes_and_error_messages() {
 /// it is refused, naming the numbers, and deleting one makes room.
 #[test]
 fn topics_past_the_disk_limit_are_refused() {
-    let b = Broker::start(
-        "\n[storage]\ndisk_budget_bytes = 4194304\n[topic_defaults]\nsegment_bytes = 1048576\nsegments = 2\n",
-    );
+    // 4 MiB for topics, besides what is kept for the broker's own.
+    let budget = 4194304 + INTERNAL_TOPICS_DISK_BYTES;
+    let b = Broker::start(&format!(
+        "\n[storage]\ndisk_budget_bytes = {budget}\n[topic_defaults]\nsegment_bytes = 1048576\nsegments = 2\n",
+    ));
     let o = b.cli(&["topics", "create", "a", "--partitions", "2"]);
     assert_ok(&o);
     assert!(
@@ -470,7 +472,8 @@ fn topics_past_the_disk_limit_are_refused() {
         stdout(&o)
     );
     let o = b.cli(&["topics", "create", "b"]);
-    assert_fails(&o, 1, &["storage_full", "disk limit", "2097152", "4194304"]);
+    let budget = budget.to_string();
+    assert_fails(&o, 1, &["storage_full", "disk limit", "2097152", &budget]);
     assert_eq!(lines(&b.cli(&["topics", "list"])), ["a"]);
     assert_ok(&b.cli(&["topics", "delete", "a"]));
     assert_ok(&b.cli(&["topics", "create", "b"]));
@@ -1121,7 +1124,9 @@ fn bench_produce_spreads_producers_over_partitions() {
 /// once, in its producer's partition.
 #[test]
 fn bench_produce_as_devices_writes_every_record_once() {
-    let b = Broker::start("");
+    // Two kept bench topics of 1 GiB each: more than the default 2 GiB
+    // budget leaves besides the room kept for the broker's own topics.
+    let b = Broker::start("[storage]\ndisk_budget_bytes = 4294967296\n");
     let unix = b.unix.to_str().expect("utf-8 path").to_owned();
     for (topic, addr) in [("dev-tcp", b.tcp.as_str()), ("dev-unix", unix.as_str())] {
         let out = run_cli(

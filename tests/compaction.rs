@@ -478,10 +478,13 @@ fn kill_9_during_topics_compact_loses_no_latest_value() {
 
 #[test]
 fn the_disk_budget_refuses_a_topic_past_it_naming_budget_use_and_ask() {
-    // 4 MiB of budget; 1 MiB rings.
-    let b = Broker::start(
-        "[storage]\ndisk_budget_bytes = 4194304\n[topic_defaults]\nsegment_bytes = 262144\n",
-    );
+    // 4 MiB of budget for topics, besides what is kept for the broker's
+    // own (counted as reserved); 1 MiB rings.
+    let own = INTERNAL_TOPICS_DISK_BYTES;
+    let budget = 4_194_304 + own;
+    let b = Broker::start(&format!(
+        "[storage]\ndisk_budget_bytes = {budget}\n[topic_defaults]\nsegment_bytes = 262144\n",
+    ));
     let ring = ["--segment-bytes", "262144", "--segments", "4"];
     let create = |name: &str, more: &[&str]| {
         let mut args = vec!["topics", "create", name];
@@ -506,17 +509,14 @@ fn the_disk_budget_refuses_a_topic_past_it_naming_budget_use_and_ask() {
     assert_ok(&o);
     let j: Value = serde_json::from_str(&stdout(&o)).expect("json");
     assert_eq!(j["topics"], serde_json::json!(["a", "c"]));
-    assert_eq!(j["disk_budget_bytes"], 4_194_304);
-    assert_eq!(j["disk_reserved_bytes"], 1_048_576 + 1_310_720);
+    assert_eq!(j["disk_budget_bytes"], budget);
+    assert_eq!(j["disk_reserved_bytes"], 1_048_576 + 1_310_720 + own);
     assert_eq!(j["disk_free_bytes"], 4_194_304 - 2_359_296);
 
     // 2 partitions x 1 MiB asked, 2.25 MiB used of 4 MiB: refused.
     let o = create("big", &["--partitions", "2"]);
-    assert_fails(
-        &o,
-        1,
-        &["2097152", "2359296", "4194304", "disk_budget_bytes"],
-    );
+    let (reserved, budget) = ((2_359_296 + own).to_string(), budget.to_string());
+    assert_fails(&o, 1, &["2097152", &reserved, &budget, "disk_budget_bytes"]);
     assert!(
         stderr(&o).contains("storage_full") || stderr(&o).contains("disk"),
         "{}",
@@ -531,7 +531,7 @@ fn the_disk_budget_refuses_a_topic_past_it_naming_budget_use_and_ask() {
     // Growing a ring asks the budget too: 3.25 MiB used; "a" at 8
     // segments would take 1 MiB more, past the budget; at 6, 0.5 MiB more.
     let o = b.cli(&["topics", "alter", "a", "--segments", "8"]);
-    assert_fails(&o, 1, &["2097152", "disk_budget_bytes", "4194304"]);
+    assert_fails(&o, 1, &["2097152", "disk_budget_bytes", &budget]);
     assert_eq!(described(&b, "a")["segments"], 4, "nothing changed");
     assert_eq!(seg_files(&b, "a", 0), 4);
     let o = b.cli(&["topics", "alter", "a", "--segments", "6"]);
@@ -539,7 +539,10 @@ fn the_disk_budget_refuses_a_topic_past_it_naming_budget_use_and_ask() {
     assert_eq!(seg_files(&b, "a", 0), 6);
     let o = b.cli(&["topics", "list", "--format", "json"]);
     let j: Value = serde_json::from_str(&stdout(&o)).expect("json");
-    assert_eq!(j["disk_reserved_bytes"], 1_572_864 + 1_310_720 + 1_048_576);
+    assert_eq!(
+        j["disk_reserved_bytes"],
+        1_572_864 + 1_310_720 + 1_048_576 + own
+    );
 }
 
 #[test]

@@ -125,6 +125,45 @@ fn config_check_accepts_a_good_file() {
     assert_ok(&run_in(dir.path(), &["config", "check", &file]));
 }
 
+/// A disk budget that holds one topic of the topic_defaults but not the
+/// broker's own topics besides it (made at their first use, their room
+/// kept from the start) is a config error, found before anything starts:
+/// a group commit would otherwise be refused after the topics filled it.
+/// One byte more than both is accepted, and `config check` lists them.
+#[test]
+fn a_disk_budget_without_room_for_the_broker_s_own_topics_is_refused() {
+    let dir = temp_dir();
+    let defaults = "[topic_defaults]\nsegment_bytes = 1048576\nsegments = 4\n";
+    let default_topic = 4 * 1024 * 1024;
+    let fits = default_topic + INTERNAL_TOPICS_DISK_BYTES;
+    let text = |budget: u64| format!("[storage]\ndisk_budget_bytes = {budget}\n{defaults}");
+    let file = config_file(dir.path(), "short.toml", &text(fits - 1));
+    for cmd in [
+        &["config", "check", &file][..],
+        &["serve", "--config", &file],
+    ] {
+        let o = run_in(dir.path(), cmd);
+        assert_fails(
+            &o,
+            2,
+            &[
+                "storage.disk_budget_bytes",
+                "__skiff_offsets 5242880",
+                &file,
+            ],
+        );
+    }
+    assert!(!dir.path().join("skiff-data").exists());
+    let file = config_file(dir.path(), "fits.toml", &text(fits));
+    let o = run_in(dir.path(), &["config", "check", &file]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains("5 MiB  __skiff_offsets") && out.contains("4 MiB  left for topics"),
+        "{out}"
+    );
+}
+
 /// Connects and says hello; `None` when the broker refused the connection
 /// with too_many_connections.
 fn try_hello(addr: &str) -> Option<RawConn> {

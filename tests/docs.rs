@@ -118,11 +118,16 @@ fn the_budget_example_is_what_config_check_prints() {
     let shown = block_after(&doc, "For `gateway-256m`:");
     let dir = temp_dir();
     let report = config_check(dir.path(), "profile = \"gateway-256m\"\n");
-    let printed: Vec<&str> = report
-        .lines()
-        .skip_while(|l| !l.starts_with("# memory budget"))
-        .collect();
-    assert_eq!(shown, printed);
+    let printed = |heading: &str| -> Vec<&str> {
+        report
+            .lines()
+            .skip_while(|l| !l.starts_with(heading))
+            .take_while(|l| !l.is_empty())
+            .collect()
+    };
+    assert_eq!(shown, printed("# memory budget"));
+    let shown = block_after(&doc, "## The disk budget");
+    assert_eq!(shown, printed("# disk budget"));
     // The prose quotes the embedded default's total.
     let default_total = total(&config_check(dir.path(), ""));
     assert!(

@@ -24,7 +24,10 @@ const RECORD_BYTES: usize = 1000;
 
 /// A config whose every limit the test can reach in a few seconds.
 fn config() -> String {
-    let disk = u64::from(PARTITIONS) * u64::from(SEGMENTS) * SEGMENT_BYTES;
+    // Every partition's ring, and what is kept for the broker's own
+    // topics (the same 14 MiB: their segments are 1 MiB at this batch size).
+    let disk =
+        u64::from(PARTITIONS) * u64::from(SEGMENTS) * SEGMENT_BYTES + INTERNAL_TOPICS_DISK_BYTES;
     format!(
         "\n[server]\n\
          max_connections = {CONNECTIONS}\n\

@@ -202,6 +202,7 @@ fn options(dir: &std::path::Path) -> BrokerOptions {
         default_partitions: PARTITIONS,
         clock: Arc::new(SystemClock),
         cleaner: skiff::broker::cleaner::CleanerLimits::default(),
+        internal_topics: Vec::new(),
     }
 }
 

@@ -83,6 +83,7 @@ fn a_hung_fsync_stops_the_watchdog_pings_and_acks() {
             default_partitions: 1,
             clock: Arc::new(SystemClock),
             cleaner: skiff::broker::cleaner::CleanerLimits::default(),
+            internal_topics: Vec::new(),
         },
     )
     .expect("broker");

@@ -38,6 +38,7 @@ fn options(rig: &Rig) -> BrokerOptions {
             key_map_bytes: 16 * cleaner::KEY_MAP_ENTRY_BYTES,
             max_bytes_per_sec: 0,
         },
+        internal_topics: Vec::new(),
     }
 }
 

@@ -125,6 +125,26 @@ pub struct TopicSpec {
     pub tombstone_retention_ms: Option<u64>,
 }
 
+impl TopicSpec {
+    /// One of the broker's own logs: one partition, no time retention,
+    /// every write fsynced; compacted (the overflow compaction's), or a
+    /// plain ring that overwrites.
+    pub(crate) fn internal(segment_bytes: u64, segments: u32, compacted: bool) -> TopicSpec {
+        TopicSpec {
+            partitions: Some(1),
+            segment_bytes: Some(segment_bytes),
+            segments: Some(segments),
+            retention_ms: Some(0),
+            durability: Some(Durability::Always),
+            overflow: (!compacted).then_some(OverflowPolicy::Overwrite),
+            msg_id_window_ms: None,
+            msg_id_window_records: None,
+            cleanup: compacted.then_some(CleanupPolicy::Compact),
+            tombstone_retention_ms: None,
+        }
+    }
+}
+
 /// Storage owns the rule (names become directory names); the broker gives
 /// the client-facing error.
 pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
@@ -145,6 +165,10 @@ pub struct BrokerOptions {
     /// What message-id windows and producer expiry read the time from.
     pub clock: Arc<dyn Clock>,
     pub cleaner: cleaner::CleanerLimits,
+    /// The broker's own topics, each made at its first use, and the disk
+    /// each will reserve then: counted in the budget from the start, so
+    /// a user topic cannot take it (see [`internal_topics_disk`]).
+    pub internal_topics: Vec<(&'static str, u64)>,
 }
 
 impl BrokerOptions {
@@ -166,8 +190,64 @@ impl BrokerOptions {
                 key_map_bytes: cfg.compaction.key_map_bytes,
                 max_bytes_per_sec: cfg.compaction.max_bytes_per_sec,
             },
+            internal_topics: internal_topics_disk(cfg),
         }
     }
+}
+
+/// The broker's own topics that are made at their first use (the first
+/// group commit, transaction, share fetch), with the disk each reserves
+/// then under `cfg`: rings, and a compacted one's scratch segment. The
+/// budget counts them from the start, so the space is there when they
+/// are made (docs/configuration.md, `disk_budget_bytes`). Dead-letter
+/// topics are not here: they are the user's, one per source topic.
+pub fn internal_topics_disk(cfg: &crate::config::Config) -> Vec<(&'static str, u64)> {
+    // Storage's, as `storage_config` gives it: the specs size their
+    // segments from it.
+    let max_batch = cfg.storage.max_batch_bytes as usize;
+    let defaults = partition_defaults(cfg);
+    [
+        (group::OFFSETS_TOPIC, group::offsets_topic_spec(max_batch)),
+        (txn::TXN_TOPIC, txn::log_topic_spec(max_batch)),
+        (
+            share::SHARE_TOPIC,
+            share::ShareConfig::from_config(cfg).share_topic_spec(max_batch),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, spec)| {
+        let meta = TopicMeta {
+            partitions: spec.partitions.unwrap_or(cfg.topic_defaults.partitions),
+            config: config_of(&spec, &defaults),
+        };
+        (
+            name,
+            Broker::topic_bytes(&meta, spec.cleanup.unwrap_or_default()),
+        )
+    })
+    .collect()
+}
+
+/// The partition settings `spec` asks for, `defaults` where it says
+/// nothing (cleanup policies adjust them further: `cleaner::apply_policy`).
+fn config_of(spec: &TopicSpec, defaults: &PartitionConfig) -> PartitionConfig {
+    let mut config = defaults.clone();
+    if let Some(v) = spec.segment_bytes {
+        config.segment_bytes = v;
+    }
+    if let Some(v) = spec.segments {
+        config.segments = v;
+    }
+    if let Some(v) = spec.retention_ms {
+        config.retention_ms = (v > 0).then_some(v);
+    }
+    if let Some(v) = spec.durability {
+        config.durability = v;
+    }
+    if let Some(v) = spec.overflow {
+        config.overflow = v;
+    }
+    config
 }
 
 /// A new topic's partition settings where its create request says nothing.
@@ -273,6 +353,8 @@ pub struct Broker {
     /// mirror's `block` rules), so a ring cannot wrap before the mirror has
     /// seen the topic.
     hold_new: RwLock<Option<HoldNew>>,
+    /// See [`BrokerOptions::internal_topics`].
+    internal_topics: Vec<(&'static str, u64)>,
 }
 
 /// Which new topics are held back from dropping anything (see
@@ -302,6 +384,7 @@ impl Broker {
             default_partitions,
             clock,
             cleaner: cleaner_limits,
+            internal_topics,
         } = options;
         let meta_path = data_dir.join(TOPICS_META_FILE);
         let msgid_path = data_dir.join(MSGID_META_FILE);
@@ -339,12 +422,27 @@ impl Broker {
                     BTreeMap::new()
                 }
             };
-        let reserved = Self::reserved_bytes(&topics, &cleanup);
+        let reserved = Self::reserved_bytes(&topics, &cleanup, &internal_topics);
         if reserved > limits.disk_budget_bytes {
-            // Topics from before the limit was lowered stay; new ones wait.
+            // Topics from before the limit was lowered (or from before the
+            // broker's own were counted) stay; new ones wait.
+            let unmade: Vec<&str> = internal_topics
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !topics.contains_key(*n))
+                .collect();
+            let own = if unmade.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (with what the broker's own topics not made yet will take: {}), and a group \
+                     commit, transaction or share fetch that needs one is refused (storage_full)",
+                    unmade.join(", ")
+                )
+            };
             log::warn!(
                 "the topics reserve {reserved} bytes of disk, more than storage.disk_budget_bytes \
-                 ({}): no topic can be created until some are deleted",
+                 ({}): no topic can be created until some are deleted{own}",
                 limits.disk_budget_bytes
             );
         }
@@ -388,6 +486,7 @@ impl Broker {
             stopping: Arc::new(Shutdown::default()),
             txn_index: txn::Index::default(),
             hold_new: RwLock::new(None),
+            internal_topics,
         };
         smol::block_on(async {
             broker.reconcile().await?;
@@ -915,15 +1014,26 @@ impl Broker {
         name
     }
 
-    /// The disk the topics' rings reserve together.
-    fn reserved_bytes(table: &BTreeMap<String, TopicMeta>, cleanup: &cleaner::CleanupTable) -> u64 {
-        table
+    /// The disk the topics' rings reserve together, with what the
+    /// broker's own topics not made yet (`internal`) will take.
+    fn reserved_bytes(
+        table: &BTreeMap<String, TopicMeta>,
+        cleanup: &cleaner::CleanupTable,
+        internal: &[(&'static str, u64)],
+    ) -> u64 {
+        let topics: u64 = table
             .iter()
             .map(|(name, t)| {
                 let policy = cleanup.get(name).map(|c| c.policy).unwrap_or_default();
                 Self::topic_bytes(t, policy)
             })
-            .sum()
+            .sum();
+        let unmade: u64 = internal
+            .iter()
+            .filter(|(name, _)| !table.contains_key(*name))
+            .map(|(_, bytes)| bytes)
+            .sum();
+        topics.saturating_add(unmade)
     }
 
     /// A topic's rings, and on a compacted topic one more segment per
@@ -943,7 +1053,7 @@ impl Broker {
         let cleanup = self.cleanup.read().expect("cleanup lock").clone();
         (
             self.limits.disk_budget_bytes,
-            Self::reserved_bytes(&table, &cleanup),
+            Self::reserved_bytes(&table, &cleanup, &self.internal_topics),
         )
     }
 
@@ -957,22 +1067,7 @@ impl Broker {
         spec: &TopicSpec,
     ) -> Result<TopicMeta, BrokerError> {
         validate_topic_name(name)?;
-        let mut config = self.defaults.clone();
-        if let Some(v) = spec.segment_bytes {
-            config.segment_bytes = v;
-        }
-        if let Some(v) = spec.segments {
-            config.segments = v;
-        }
-        if let Some(v) = spec.retention_ms {
-            config.retention_ms = (v > 0).then_some(v);
-        }
-        if let Some(v) = spec.durability {
-            config.durability = v;
-        }
-        if let Some(v) = spec.overflow {
-            config.overflow = v;
-        }
+        let mut config = config_of(spec, &self.defaults);
         let cleanup = CleanupConfig {
             policy: spec.cleanup.unwrap_or_default(),
             tombstone_retention_ms: spec
@@ -1013,8 +1108,15 @@ impl Broker {
         }
         let reserved_bytes = {
             let cleanup = self.cleanup.read().expect("cleanup lock");
-            Self::reserved_bytes(&table, &cleanup)
+            Self::reserved_bytes(&table, &cleanup, &self.internal_topics)
         };
+        // One of the broker's own: what was kept for it is what it takes.
+        let reserved_bytes = reserved_bytes.saturating_sub(
+            self.internal_topics
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, bytes)| *bytes),
+        );
         let topic_bytes = Self::topic_bytes(&meta, cleanup.policy);
         if reserved_bytes.saturating_add(topic_bytes) > self.limits.disk_budget_bytes {
             return Err(BrokerError::DiskLimit {
@@ -1315,7 +1417,7 @@ impl Broker {
         };
         let reserved_bytes = {
             let c = self.cleanup.read().expect("cleanup lock");
-            Self::reserved_bytes(&table, &c)
+            Self::reserved_bytes(&table, &c, &self.internal_topics)
         };
         let was = Self::topic_bytes(&before, old_cleanup.policy);
         let now = Self::topic_bytes(&after, cleanup.policy);

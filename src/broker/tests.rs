@@ -20,6 +20,7 @@ fn options(rig: &Rig, clock: Arc<dyn Clock>) -> BrokerOptions {
         default_partitions: 1,
         clock,
         cleaner: super::cleaner::CleanerLimits::default(),
+        internal_topics: Vec::new(),
     }
 }
 

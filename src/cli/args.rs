@@ -125,7 +125,8 @@ pub enum TopicsCommand {
     List {
         /// json: {"topics": [...], "disk_budget_bytes", "disk_reserved_bytes",
         /// "disk_free_bytes"}: storage.disk_budget_bytes and what the
-        /// topics' rings reserve of it.
+        /// topics' rings reserve of it (the broker's own topics' included,
+        /// made or not).
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]

@@ -425,6 +425,56 @@ impl fmt::Display for MemoryBudget {
     }
 }
 
+/// The disk budget before any topic is made: what it keeps for the
+/// broker's own topics (each made at its first use, its disk counted from
+/// the start so no user topic can take it), and what that leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBudget {
+    /// `storage.disk_budget_bytes`.
+    pub budget_bytes: u64,
+    /// The broker's own topics and the disk each will reserve.
+    pub internal: Vec<(&'static str, u64)>,
+}
+
+impl DiskBudget {
+    pub fn of(cfg: &Config) -> DiskBudget {
+        DiskBudget {
+            budget_bytes: cfg.storage.disk_budget_bytes,
+            internal: crate::broker::internal_topics_disk(cfg),
+        }
+    }
+
+    pub fn internal_bytes(&self) -> u64 {
+        self.internal
+            .iter()
+            .fold(0u64, |sum, (_, b)| sum.saturating_add(*b))
+    }
+}
+
+impl fmt::Display for DiskBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "# disk budget (storage.disk_budget_bytes {}; a topic's rings are reserved when it is made)",
+            human(self.budget_bytes)
+        )?;
+        for (name, bytes) in &self.internal {
+            let made = match *name {
+                crate::broker::group::OFFSETS_TOPIC => "group offsets, made at the first commit",
+                crate::broker::txn::TXN_TOPIC => "transactions, made at the first init_txn",
+                crate::broker::share::SHARE_TOPIC => "share groups, made at the first share fetch",
+                _ => "the broker's own",
+            };
+            writeln!(f, "# {:>10}  {name:<34} {made}", human(*bytes))?;
+        }
+        writeln!(
+            f,
+            "# {:>10}  left for topics",
+            human(self.budget_bytes.saturating_sub(self.internal_bytes()))
+        )
+    }
+}
+
 /// Bytes in the largest binary unit that keeps the number readable.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -22,7 +22,7 @@ mod profiles;
 mod schema;
 
 pub use budget::{
-    human, BudgetLine, MemoryBudget, CONNECTION_STATE_BYTES, PRODUCER_ENTRY_BYTES,
+    human, BudgetLine, DiskBudget, MemoryBudget, CONNECTION_STATE_BYTES, PRODUCER_ENTRY_BYTES,
     RUNTIME_BASE_BYTES, SHARE_KEPT_REASON_BYTES, SHARE_MEMBER_BYTES, SHARE_PARTITION_BYTES,
     SHARE_WINDOW_RECORD_BYTES, TLS_CONNECTION_BYTES, TLS_HANDSHAKE_BYTES_MAX,
 };
@@ -558,13 +558,15 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
 }
 
 /// What `skiff config check FILE` prints: the effective config, then the
-/// memory budget.
+/// memory budget and the disk budget.
 pub fn check_report(cfg: &Config) -> String {
     let mut out = String::new();
     out.push_str("# effective configuration\n");
     out.push_str(&cfg.to_toml_string());
     out.push('\n');
     out.push_str(&cfg.memory_budget().to_string());
+    out.push('\n');
+    out.push_str(&DiskBudget::of(cfg).to_string());
     out
 }
 

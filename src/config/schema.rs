@@ -1130,20 +1130,6 @@ impl Config {
             SEGMENTS_MAX,
         )?;
 
-        let default_topic = u64::from(t.partitions)
-            .saturating_mul(u64::from(t.segments))
-            .saturating_mul(t.segment_bytes);
-        check(
-            self.storage.disk_budget_bytes >= default_topic,
-            "storage.disk_budget_bytes",
-            || {
-                format!(
-                    "{} is less than one topic of the topic_defaults ({default_topic}: partitions x segments x segment_bytes)",
-                    self.storage.disk_budget_bytes
-                )
-            },
-        )?;
-
         check_range(
             "producers.max_producers",
             self.producers.max_producers,
@@ -1218,7 +1204,31 @@ impl Config {
         }
         self.mirror.validate()?;
         self.share.validate()?;
-        Ok(())
+        // After [share]: the share log's size follows from it.
+        self.check_disk_budget()
+    }
+
+    /// The disk budget holds one topic of the topic_defaults and the
+    /// broker's own topics, whose disk is kept for them from the start.
+    fn check_disk_budget(&self) -> Result<(), Invalid> {
+        let t = &self.topic_defaults;
+        let default_topic = u64::from(t.partitions)
+            .saturating_mul(u64::from(t.segments))
+            .saturating_mul(t.segment_bytes);
+        let disk = super::DiskBudget::of(self);
+        let (internal, internal_bytes) = (&disk.internal, disk.internal_bytes());
+        check(
+            self.storage.disk_budget_bytes >= default_topic.saturating_add(internal_bytes),
+            "storage.disk_budget_bytes",
+            || {
+                let each: Vec<String> = internal.iter().map(|(n, b)| format!("{n} {b}")).collect();
+                format!(
+                    "{} is less than one topic of the topic_defaults ({default_topic}: partitions x segments x segment_bytes) and the broker's own topics, kept for group offsets, transactions and share groups ({internal_bytes}: {})",
+                    self.storage.disk_budget_bytes,
+                    each.join(", ")
+                )
+            },
+        )
     }
 
     /// `topic_defaults.retention_ms` as a time retention; None = size only.

@@ -611,8 +611,8 @@ pub struct ListTopicsResponse {
     #[n(0)]
     pub topics: Vec<String>,
     /// `storage.disk_budget_bytes`, and what the topics' rings reserve of
-    /// it (all topics, also those the identity may not see); absent from
-    /// older servers.
+    /// it (all topics, also those the identity may not see, and the
+    /// broker's own ones not made yet); absent from older servers.
     #[n(1)]
     pub disk_budget_bytes: Option<u64>,
     #[n(2)]

@@ -599,6 +599,12 @@ impl Broker {
 /// 4 KiB, rounded to 4 KiB.
 pub const PROBE_SEGMENT_BYTES: u64 = 1024 * 1024 + 8192;
 
+/// What the disk budget keeps for the broker's own topics under the
+/// embedded default's `storage.max_batch_bytes` (128 KiB) and `[share]`:
+/// `__skiff_offsets` and `__skiff_share` 4 + 1 segments of 1 MiB each,
+/// `__skiff_txn` 4 (docs/configuration.md, "The disk budget").
+pub const INTERNAL_TOPICS_DISK_BYTES: u64 = 14 * 1024 * 1024;
+
 /// A raw protocol connection for feeding the broker bytes by hand.
 pub struct RawConn {
     pub stream: std::net::TcpStream,

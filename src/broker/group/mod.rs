@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{Broker, BrokerError, CleanupPolicy, Durability, TopicSpec};
+use super::{Broker, BrokerError, CleanupPolicy, TopicSpec};
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
 
@@ -65,7 +65,8 @@ pub const INTERNAL_TOPIC_PREFIX: &str = "__skiff_";
 /// The offsets topic's ring: 4 x 1 MiB, compacted; a merge's live data
 /// must fit one segment (docs/semantics.md), about 15,000 live offsets
 /// (records of some 70 bytes). Its disk (and the merge's scratch segment)
-/// counts against `storage.disk_budget_bytes` like any topic's.
+/// is kept in `storage.disk_budget_bytes` from the first start
+/// ([`super::internal_topics_disk`]), so no topic can take it.
 const OFFSETS_SEGMENT_BYTES: u64 = 1024 * 1024;
 const OFFSETS_SEGMENTS: u32 = 4;
 /// A batch of the offsets log is cut at about this size, or at half
@@ -1249,23 +1250,7 @@ impl Coordinator {
             }
             return Ok(());
         }
-        let spec = TopicSpec {
-            partitions: Some(1),
-            // Room for the largest batch storage takes, and its header block.
-            segment_bytes: Some(
-                OFFSETS_SEGMENT_BYTES
-                    .max((2 * self.broker.max_batch_bytes() as u64).next_multiple_of(4096)),
-            ),
-            segments: Some(OFFSETS_SEGMENTS),
-            retention_ms: Some(0),
-            durability: Some(Durability::Always),
-            // Compaction's: a ring that never overwrites a latest commit.
-            overflow: None,
-            msg_id_window_ms: None,
-            msg_id_window_records: None,
-            cleanup: Some(CleanupPolicy::Compact),
-            tombstone_retention_ms: None,
-        };
+        let spec = offsets_topic_spec(self.broker.max_batch_bytes());
         match self.broker.create_topic(OFFSETS_TOPIC, &spec).await {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => {
@@ -1274,6 +1259,17 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// The offsets topic as it is made, storage taking batches of up to
+/// `max_batch_bytes`; its disk is reserved from the start
+/// ([`super::internal_topics_disk`]).
+pub(crate) fn offsets_topic_spec(max_batch_bytes: usize) -> TopicSpec {
+    // Room for the largest batch storage takes, and its header block.
+    let segment_bytes =
+        OFFSETS_SEGMENT_BYTES.max((2 * max_batch_bytes as u64).next_multiple_of(4096));
+    // Compacted: a ring that never overwrites a latest commit.
+    TopicSpec::internal(segment_bytes, OFFSETS_SEGMENTS, true)
 }
 
 /// Applies a durable write to the groups.

@@ -22,6 +22,7 @@ fn open(rig: &Rig) -> Arc<Coordinator> {
             default_partitions: 1,
             clock: Arc::new(SystemClock),
             cleaner: crate::broker::cleaner::CleanerLimits::default(),
+            internal_topics: Vec::new(),
         },
     )
     .expect("broker opens");

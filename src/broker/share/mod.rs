@@ -43,9 +43,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Broker, BrokerError, CleanupPolicy, Durability, FetchLimits, FetchPartition, TopicSpec,
-};
+use super::{Broker, BrokerError, CleanupPolicy, FetchLimits, FetchPartition, TopicSpec};
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
 
@@ -181,6 +179,15 @@ impl ShareConfig {
         live.max(1024 * 1024)
             .max(2 * max_batch_bytes as u64)
             .next_multiple_of(4096)
+    }
+
+    /// The share log as it is made, storage taking batches of up to
+    /// `max_batch_bytes`; its disk is reserved from the start
+    /// ([`super::internal_topics_disk`]).
+    pub(crate) fn share_topic_spec(&self, max_batch_bytes: usize) -> TopicSpec {
+        let segment_bytes = self.share_segment_bytes(max_batch_bytes);
+        // Compacted: a ring that never overwrites a latest state.
+        TopicSpec::internal(segment_bytes, SHARE_SEGMENTS, true)
     }
 }
 
@@ -1424,22 +1431,7 @@ impl ShareCoordinator {
             }
             return Ok(());
         }
-        let spec = TopicSpec {
-            partitions: Some(1),
-            segment_bytes: Some(
-                self.config
-                    .share_segment_bytes(self.broker.max_batch_bytes()),
-            ),
-            segments: Some(SHARE_SEGMENTS),
-            retention_ms: Some(0),
-            durability: Some(Durability::Always),
-            // Compaction's: a ring that never overwrites a latest state.
-            overflow: None,
-            msg_id_window_ms: None,
-            msg_id_window_records: None,
-            cleanup: Some(CleanupPolicy::Compact),
-            tombstone_retention_ms: None,
-        };
+        let spec = self.config.share_topic_spec(self.broker.max_batch_bytes());
         match self.broker.create_topic(SHARE_TOPIC, &spec).await {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => {

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::group::{self, Tp};
 use super::producers::{InitError, PRODUCER_NAME_BYTES_MAX};
-use super::{Broker, BrokerError, Durability, OverflowPolicy, TopicSpec};
+use super::{Broker, BrokerError, TopicSpec};
 use crate::batch::BatchBuilder;
 use crate::bufpool::BatchBuf;
 
@@ -923,21 +923,7 @@ impl Coordinator {
         if self.broker.topic(TXN_TOPIC).is_ok() {
             return Ok(());
         }
-        let spec = TopicSpec {
-            partitions: Some(1),
-            segment_bytes: Some(
-                LOG_SEGMENT_BYTES
-                    .max((2 * self.broker.max_batch_bytes() as u64).next_multiple_of(4096)),
-            ),
-            segments: Some(LOG_SEGMENTS),
-            retention_ms: Some(0),
-            durability: Some(Durability::Always),
-            overflow: Some(OverflowPolicy::Overwrite),
-            msg_id_window_ms: None,
-            msg_id_window_records: None,
-            cleanup: None,
-            tombstone_retention_ms: None,
-        };
+        let spec = log_topic_spec(self.broker.max_batch_bytes());
         match self.broker.create_topic(TXN_TOPIC, &spec).await {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => {
@@ -946,6 +932,15 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// The coordinator's log as it is made, storage taking batches of up to
+/// `max_batch_bytes`; its disk is reserved from the start
+/// ([`super::internal_topics_disk`]).
+pub(crate) fn log_topic_spec(max_batch_bytes: usize) -> TopicSpec {
+    let segment_bytes = LOG_SEGMENT_BYTES.max((2 * max_batch_bytes as u64).next_multiple_of(4096));
+    // A plain ring: the live state is written again before it wraps.
+    TopicSpec::internal(segment_bytes, LOG_SEGMENTS, false)
 }
 
 fn begin(st: &mut TxnState, now_ms: u64) {
