@@ -306,6 +306,86 @@ fn an_operation_newer_than_the_negotiated_version_is_refused() {
     b.assert_serves();
 }
 
+/// A frame of the given CBOR body, written by hand.
+fn raw_frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// docs/protocol.md, "Framing": a whole frame whose envelope,
+/// `[correlation_id, [operation, ...]]`, is intact but whose operation or
+/// body is wrong gets `invalid_request` naming what did not fit, and the
+/// connection goes on, whether the operation is of the connection's
+/// version, of a later one, or of none. Broken framing still closes it.
+#[test]
+fn a_request_that_does_not_fit_its_operation_is_refused_and_the_connection_goes_on() {
+    let mut b = Broker::start("");
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello(); // version 1
+    let refused: [(&[u8], &[&str]); 5] = [
+        // [11, [20, [5]]]: join_group (version 2), its body an integer.
+        (
+            &[0x82, 0x0b, 0x82, 0x14, 0x81, 0x05],
+            &["operation 20", "wrong type"],
+        ),
+        // [12, [4, [7]]]: describe_topic (version 1), the name an integer.
+        (
+            &[0x82, 0x0c, 0x82, 0x04, 0x81, 0x07],
+            &["operation 4", "wrong type"],
+        ),
+        // [13, [8, []]]: fetch without its fields.
+        (&[0x82, 0x0d, 0x82, 0x08, 0x80], &["operation 8", "missing"]),
+        // [14, [60, [1]]]: init_txn (version 3), a field missing.
+        (
+            &[0x82, 0x0e, 0x82, 0x18, 0x3c, 0x81, 0x01],
+            &["operation 60"],
+        ),
+        // [15, [99, []]]: an operation no version defines.
+        (
+            &[0x82, 0x0f, 0x82, 0x18, 0x63, 0x80],
+            &["operation 99 is not defined"],
+        ),
+    ];
+    for (cid, (body, said)) in (11u32..).zip(refused) {
+        c.send(&raw_frame(body));
+        let r = c.expect_error(ErrorCode::InvalidRequest);
+        assert_eq!(r.correlation_id, cid);
+        let ResponseBody::Error(e) = &r.body else {
+            unreachable!()
+        };
+        for s in said {
+            assert!(e.message.contains(s), "{cid}: {e:?} should say {s:?}");
+        }
+        // The connection still serves.
+        c.send_request(100 + cid, RequestBody::ListTopics(ListTopicsRequest {}));
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.correlation_id, 100 + cid);
+        assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+    }
+    // Broken framing on the same connection: cut CBOR, then an operation
+    // array of indefinite length (not the envelope's shape).
+    for body in [
+        &[0x82, 0x10, 0x82, 0x08][..],
+        &[0x82, 0x11, 0x9f, 0x05, 0xff],
+    ] {
+        let mut c = RawConn::connect(&b.tcp);
+        c.hello();
+        c.send(&raw_frame(body));
+        c.expect_error(ErrorCode::MalformedFrame);
+        c.expect_closed();
+    }
+    // Before hello, a hello that does not fit is refused, and the
+    // connection closes as for any request but hello.
+    let mut c = RawConn::connect(&b.tcp);
+    // [3, [1, ["x"]]]
+    c.send(&raw_frame(&[0x82, 0x03, 0x82, 0x01, 0x81, 0x61, b'x']));
+    let r = c.expect_error(ErrorCode::InvalidRequest);
+    assert_eq!(r.correlation_id, 3);
+    c.expect_closed();
+    b.assert_serves();
+}
+
 #[test]
 fn request_before_hello_is_invalid() {
     let mut b = Broker::start("");

@@ -18,7 +18,7 @@
 
 use minicbor::Decoder;
 
-use super::error::{ErrorCode, FrameError};
+use super::error::{ErrorCode, FrameError, MalformedKind};
 use super::types::{ErrorResponse, Request, RequestBody, Response, ResponseBody, SharedFrame};
 
 /// The size of the length prefix.
@@ -72,7 +72,53 @@ pub fn decode_request(frame_body: &[u8]) -> Result<Request<'_>, FrameError> {
     if let Some(r) = produce::decode(frame_body) {
         return Ok(r);
     }
-    decode_exact(frame_body)
+    decode_exact(frame_body).map_err(|e| request_error(frame_body, e))
+}
+
+/// Tells a request the server can refuse and read on after from a frame
+/// it cannot trust. A body that is one whole CBOR item with an intact
+/// envelope, `[correlation_id, [operation, ...]]`, ends where its length
+/// prefix says, whatever its operation or fields: when only those are
+/// wrong ([`FrameError::UnknownOperation`], [`FrameError::UnfitBody`]),
+/// the next frame starts where it should.
+#[cold]
+fn request_error(body: &[u8], e: FrameError) -> FrameError {
+    let FrameError::Malformed { offset, kind } = e else {
+        return e;
+    };
+    let Some((operation, at)) = envelope(body) else {
+        return e;
+    };
+    // The derived decoder reports an unknown variant where its number is.
+    if kind == MalformedKind::UnknownVariant && offset == Some(at) {
+        FrameError::UnknownOperation { operation }
+    } else {
+        FrameError::UnfitBody {
+            operation,
+            offset,
+            kind,
+        }
+    }
+}
+
+/// The operation number of a body that is one whole, valid CBOR item
+/// shaped as a request's envelope (as the derived decoder reads it: the
+/// operation's array definite and not empty), and where that number
+/// starts; `None` for anything else.
+fn envelope(body: &[u8]) -> Option<(u32, usize)> {
+    let mut d = Decoder::new(body);
+    d.skip().ok()?;
+    if d.position() != body.len() {
+        return None;
+    }
+    let mut d = Decoder::new(body);
+    d.array().ok()?;
+    d.u32().ok()?;
+    if d.array().ok()?? == 0 {
+        return None;
+    }
+    let at = d.position();
+    Some((d.u32().ok()?, at))
 }
 
 /// Decodes one response from a frame body (without the length prefix).
@@ -665,7 +711,8 @@ mod produce_tests {
                 1 => body.truncate(i),
                 _ => body.insert(i, byte),
             }
-            prop_assert_eq!(decode_request(&body), decode_exact::<Request>(&body));
+            let derived = decode_exact::<Request>(&body).map_err(|e| request_error(&body, e));
+            prop_assert_eq!(decode_request(&body), derived);
         }
     }
 

@@ -4,9 +4,11 @@
 //!
 //! - [`ErrorCode`]: a domain answer the server sends back inside a response
 //!   (unknown topic, storage full, ...). It is part of the wire format.
-//! - [`FrameError`]: bytes that are not a valid frame. The codec returns it;
-//!   a server maps it to an [`ErrorCode`] with [`FrameError::code`], answers,
-//!   and closes the connection.
+//! - [`FrameError`]: bytes that are not a valid request or response. The
+//!   codec returns it; a server maps it to an [`ErrorCode`] with
+//!   [`FrameError::code`] and answers. It closes the connection unless only
+//!   the request was wrong and the framing is intact
+//!   ([`FrameError::closes_connection`]).
 
 use minicbor::decode;
 use minicbor::encode::{self, Write};
@@ -35,17 +37,21 @@ pub enum ErrorCode {
     UnknownPartition = 2,
     /// `create_topic` for a name that already exists. Not retriable.
     TopicExists = 3,
-    /// The request decoded but asks for something invalid: a bad topic name,
-    /// zero partitions, an unparsable fsync policy, an operation before
-    /// `hello`, a second `hello`, ... Not retriable: fix the request.
+    /// The request asks for something invalid: a bad topic name, zero
+    /// partitions, an unparsable fsync policy, an operation before `hello`,
+    /// a second `hello`, an operation the connection's version does not
+    /// define, a body that does not fit its operation's schema, ... The
+    /// connection stays usable (after `hello`). Not retriable: fix the
+    /// request.
     InvalidRequest = 4,
     /// The frame's length prefix is above the server's `max_frame_bytes`.
     /// The server answers and closes the connection. Not retriable as is.
     FrameTooLarge = 5,
-    /// The frame is not one CBOR item of the expected shape (bad CBOR, unknown
-    /// operation, missing field, trailing bytes). The server answers (with
-    /// correlation id 0 when it could not read one) and closes the
-    /// connection. Not retriable: this is a client bug.
+    /// The frame is not one valid CBOR item shaped as a request's envelope,
+    /// `[correlation_id, [operation, ...]]` (bad or cut CBOR, trailing
+    /// bytes). The server answers (with correlation id 0 when it could not
+    /// read one) and closes the connection: such a peer's framing cannot
+    /// be trusted. Not retriable: this is a client bug.
     MalformedFrame = 6,
     /// `hello` offered no protocol version the server speaks; the message
     /// names the server's range. Not retriable.
@@ -327,6 +333,19 @@ pub enum FrameError {
     /// A valid item ends before the frame does: the peer's framing or
     /// encoder is broken, so nothing after it can be trusted.
     TrailingBytes { item_end: usize, frame_len: usize },
+    /// A whole request frame, envelope intact, for an operation number no
+    /// protocol version this build speaks defines: a client that ignored
+    /// the negotiated version. Only the request is refused.
+    UnknownOperation { operation: u32 },
+    /// A whole request frame, envelope intact, whose body does not fit its
+    /// operation's schema (a field missing or of another type, a value out
+    /// of range): a client bug. Only the request is refused.
+    UnfitBody {
+        operation: u32,
+        /// Where the decoder stopped, when it knows.
+        offset: Option<usize>,
+        kind: MalformedKind,
+    },
 }
 
 impl FrameError {
@@ -342,6 +361,27 @@ impl FrameError {
         match self {
             Self::TooLarge { .. } => ErrorCode::FrameTooLarge,
             Self::Malformed { .. } | Self::TrailingBytes { .. } => ErrorCode::MalformedFrame,
+            Self::UnknownOperation { .. } | Self::UnfitBody { .. } => ErrorCode::InvalidRequest,
+        }
+    }
+
+    /// Whether the connection must close: its framing cannot be trusted
+    /// past this frame. A request refused for its operation or body leaves
+    /// the frame boundaries intact.
+    pub fn closes_connection(&self) -> bool {
+        !matches!(self, Self::UnknownOperation { .. } | Self::UnfitBody { .. })
+    }
+}
+
+impl MalformedKind {
+    /// What did not fit, for the message of an `invalid_request`.
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Truncated => "the body ends early",
+            Self::TypeMismatch => "a value of the wrong type",
+            Self::UnknownVariant => "an unknown variant",
+            Self::MissingField => "a required field missing",
+            Self::InvalidValue => "a value out of range or invalid",
         }
     }
 }
@@ -364,6 +404,27 @@ impl std::fmt::Display for FrameError {
                 f,
                 "trailing bytes: the item ends at byte {item_end} of a {frame_len}-byte frame"
             ),
+            Self::UnknownOperation { operation } => write!(
+                f,
+                "operation {operation} is not defined by protocol versions {}..={}",
+                super::PROTOCOL_VERSION_MIN,
+                super::PROTOCOL_VERSION_MAX
+            ),
+            Self::UnfitBody {
+                operation,
+                offset,
+                kind,
+            } => {
+                write!(
+                    f,
+                    "the body of operation {operation} does not fit its schema: {}",
+                    kind.describe()
+                )?;
+                match offset {
+                    Some(at) => write!(f, " at byte {at}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }

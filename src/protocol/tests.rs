@@ -611,42 +611,107 @@ fn trailing_bytes_after_the_item_are_rejected() {
 }
 
 #[test]
-fn unknown_operation_index_is_malformed_and_keeps_the_correlation_id() {
-    // [9, [99, []]]: correlation id 9, operation 99.
+fn unknown_operation_index_is_refused_and_keeps_the_correlation_id() {
+    // [9, [99, []]]: correlation id 9, operation 99, a whole frame.
     let body = [0x82, 0x09, 0x82, 0x18, 0x63, 0x80];
     let err = decode_request(&body).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            FrameError::Malformed {
-                kind: MalformedKind::UnknownVariant,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_eq!(err, FrameError::UnknownOperation { operation: 99 });
+    assert!(!err.closes_connection());
     let answer = frame_error_response(&body, &err);
     assert_eq!(answer.correlation_id, 9);
-    assert!(matches!(
-        answer.body,
-        ResponseBody::Error(ErrorResponse {
-            code: ErrorCode::MalformedFrame,
-            ..
-        })
-    ));
+    let ResponseBody::Error(e) = answer.body else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("operation 99"), "{e:?}");
 }
 
 #[test]
 fn request_index_zero_is_reserved() {
     // [1, [0, []]]: operation 0 is the error answer, not a request.
     let body = [0x82, 0x01, 0x82, 0x00, 0x80];
-    assert!(matches!(
+    assert_eq!(
         decode_request(&body),
-        Err(FrameError::Malformed {
-            kind: MalformedKind::UnknownVariant,
-            ..
-        })
-    ));
+        Err(FrameError::UnknownOperation { operation: 0 })
+    );
+}
+
+/// A whole frame whose envelope is intact but whose body does not fit
+/// its operation is the request's fault, not the framing's: the error
+/// names the operation and where, and the connection may go on. Bytes
+/// that are not one whole item of the envelope's shape stay malformed.
+#[test]
+fn a_body_that_does_not_fit_is_told_from_broken_framing() {
+    let unfit: [(&[u8], u32, MalformedKind); 4] = [
+        // [5, [20, [5]]]: join_group, its group an integer.
+        (
+            &[0x82, 0x05, 0x82, 0x14, 0x81, 0x05],
+            20,
+            MalformedKind::TypeMismatch,
+        ),
+        // [5, [8, []]]: fetch without its fields.
+        (
+            &[0x82, 0x05, 0x82, 0x08, 0x80],
+            8,
+            MalformedKind::MissingField,
+        ),
+        // [5, [1, [1, 70000]]]: hello, version_max past a u16.
+        (
+            &[
+                0x82, 0x05, 0x82, 0x01, 0x82, 0x01, 0x1a, 0x00, 0x01, 0x11, 0x70,
+            ],
+            1,
+            MalformedKind::InvalidValue,
+        ),
+        // [5, [9, [[["t", 0, [7]]]]]]: list_offsets, an unknown spec.
+        (
+            &[
+                0x82, 0x05, 0x82, 0x09, 0x81, 0x81, 0x83, 0x61, b't', 0x00, 0x81, 0x07,
+            ],
+            9,
+            MalformedKind::UnknownVariant,
+        ),
+    ];
+    for (body, operation, kind) in unfit {
+        let err = decode_request(body).unwrap_err();
+        assert!(
+            matches!(err, FrameError::UnfitBody { operation: o, kind: k, offset: Some(_) } if o == operation && k == kind),
+            "{body:02x?}: {err:?}"
+        );
+        assert_eq!(err.code(), ErrorCode::InvalidRequest);
+        assert!(!err.closes_connection());
+        assert!(
+            err.to_string().contains(&format!("operation {operation}")),
+            "{err}"
+        );
+        assert_eq!(frame_error_response(body, &err).correlation_id, 5);
+    }
+    let broken: [&[u8]; 6] = [
+        // Cut short inside the body.
+        &[0x82, 0x05, 0x82, 0x08, 0x81],
+        // Bad CBOR in the body (reserved additional information 28).
+        &[0x82, 0x05, 0x82, 0x08, 0x81, 0x1c],
+        // Invalid UTF-8 in a text string.
+        &[0x82, 0x05, 0x82, 0x04, 0x81, 0x61, 0xff],
+        // The operation's array of indefinite length.
+        &[0x82, 0x05, 0x9f, 0x08, 0x80, 0xff],
+        // A correlation id that is not one, an operation that is not one.
+        &[0x82, 0x61, b'x', 0x82, 0x08, 0x80],
+        &[0x82, 0x05, 0x82, 0x61, b'x', 0x80],
+    ];
+    for body in broken {
+        let err = decode_request(body).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Malformed { .. }),
+            "{body:02x?}: {err:?}"
+        );
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+        assert!(err.closes_connection());
+    }
+    // Bytes after a body that does not fit: the framing is broken.
+    let mut trailing = unfit[0].0.to_vec();
+    trailing.push(0x00);
+    assert!(decode_request(&trailing).unwrap_err().closes_connection());
 }
 
 #[test]

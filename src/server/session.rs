@@ -947,6 +947,14 @@ where
         let body = &buf[FRAME_HEADER_BYTES..n];
         let request = match decode_request(body) {
             Ok(r) => r,
+            Err(e) if hello_done && !e.closes_connection() => {
+                // Only the request is wrong: refused, and the next frame is
+                // read from where this one ends (docs/protocol.md, "Framing").
+                inflight.acquire(n, Limit::None).await;
+                tx.send(Answer::Ready(frame_error_response(body, &e), n));
+                drop_frame(&mut buf, &mut filled, n, false, &mut shrink);
+                continue;
+            }
             Err(e) => {
                 ctx.metrics_frame_error();
                 inflight.acquire(n, Limit::None).await;
@@ -1122,14 +1130,27 @@ where
                     .detach();
             }
         }
-        if !moved {
-            buf.copy_within(n..filled, 0);
-        }
-        filled -= n;
-        if shrink.after_frame(buf.len(), n, filled) {
-            buf.truncate(READ_BUFFER_BYTES_MIN);
-            buf.shrink_to_fit();
-        }
+        drop_frame(&mut buf, &mut filled, n, moved, &mut shrink);
+    }
+}
+
+/// Takes a frame of `n` bytes off the front of `buf` (unless the bytes
+/// after it were `moved` there already) and shrinks the buffer when the
+/// policy says so.
+fn drop_frame(
+    buf: &mut Vec<u8>,
+    filled: &mut usize,
+    n: usize,
+    moved: bool,
+    shrink: &mut ShrinkPolicy,
+) {
+    if !moved {
+        buf.copy_within(n..*filled, 0);
+    }
+    *filled -= n;
+    if shrink.after_frame(buf.len(), n, *filled) {
+        buf.truncate(READ_BUFFER_BYTES_MIN);
+        buf.shrink_to_fit();
     }
 }
 
