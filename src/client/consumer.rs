@@ -584,7 +584,12 @@ impl Consumer {
             };
         }
         check(result.error, || {
-            super::error::about(result.error, topic, Some(result.partition))
+            // The broker's reason when it sent one (brokers before the
+            // field did not).
+            result
+                .message
+                .clone()
+                .unwrap_or_else(|| super::error::about(result.error, topic, Some(result.partition)))
         })?;
         let (next, records) = check_records(position, &result.records)?;
         if records > 0 {
@@ -747,6 +752,7 @@ mod tests {
                                         records: batch_at(at, &values).into(),
                                         last_stable_offset: None,
                                         next_offset: None,
+                                        message: None,
                                     }],
                                 })
                             }

@@ -322,6 +322,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     records: RecordBytes::from(b"SKB1...".to_vec()),
                     last_stable_offset: None,
                     next_offset: None,
+                    message: None,
                 }],
             })),
         ),
@@ -773,6 +774,131 @@ fn unknown_trailing_fields_are_ignored() {
     );
 }
 
+/// A fetch result as decoders before its `message` (index 8) read it,
+/// and as brokers before it wrote it.
+#[derive(Debug, PartialEq, minicbor::Encode, minicbor::Decode)]
+struct FetchResultBeforeMessage {
+    #[n(0)]
+    topic: String,
+    #[n(1)]
+    partition: u32,
+    #[n(2)]
+    error: ErrorCode,
+    #[n(3)]
+    high_watermark: u64,
+    #[n(4)]
+    earliest_offset: u64,
+    #[n(5)]
+    records: minicbor::bytes::ByteVec,
+    #[n(6)]
+    last_stable_offset: Option<u64>,
+    #[n(7)]
+    next_offset: Option<u64>,
+}
+
+/// A fetch answer for a quarantined partition, with its reason.
+fn fetch_quarantined() -> Response {
+    Response {
+        correlation_id: 1,
+        body: ResponseBody::Fetch(FetchResponse {
+            throttle_ms: None,
+            partitions: vec![FetchPartitionResult {
+                topic: "sensors.temp".into(),
+                partition: 1,
+                error: ErrorCode::PartitionQuarantined,
+                high_watermark: 0,
+                earliest_offset: 0,
+                records: RecordBytes::default(),
+                last_stable_offset: None,
+                next_offset: None,
+                message: Some(
+                    "partition sensors.temp/1 is quarantined (read-only): partition.meta is \
+                     missing, but the partition's segments hold batches"
+                        .into(),
+                ),
+            }],
+        }),
+    }
+}
+
+/// The sample of a fetch result with a message: its bytes pinned (the
+/// message at index 8, `null` at 6 and 7) and shown in docs/protocol.md.
+#[test]
+fn a_fetch_results_message_takes_index_8() {
+    let f = response_frame(&fetch_quarantined());
+    let body = &f[FRAME_HEADER_BYTES..];
+    // [1, [8, [[["sensors.temp", 1, 10, 0, 0, h'', null, null, "..."]]]]]
+    assert_eq!(
+        hex(body),
+        concat!(
+            "820182088181896c73656e736f72732e74656d70010a000040f6f6",
+            "7879706172746974696f6e2073656e736f72732e74656d702f31206973207175",
+            "6172616e74696e65642028726561642d6f6e6c79293a20706172746974696f6e",
+            "2e6d657461206973206d697373696e672c206275742074686520706172746974",
+            "696f6e2773207365676d656e747320686f6c642062617463686573",
+        )
+    );
+    let diag = minicbor::display(body).to_string();
+    assert!(
+        PROTOCOL_MD.contains(&diag),
+        "docs/protocol.md lacks\n{diag}"
+    );
+}
+
+#[test]
+fn a_fetch_results_message_is_skipped_by_old_clients_and_absent_from_old_brokers() {
+    let new = fetch_quarantined();
+    let ResponseBody::Fetch(f) = &new.body else {
+        unreachable!()
+    };
+    let result = &f.partitions[0];
+    let old = FetchResultBeforeMessage {
+        topic: result.topic.clone(),
+        partition: result.partition,
+        error: result.error,
+        high_watermark: result.high_watermark,
+        earliest_offset: result.earliest_offset,
+        records: result.records.to_vec().into(),
+        last_stable_offset: result.last_stable_offset,
+        next_offset: result.next_offset,
+    };
+    // A new broker's answer, read by an old client: the message skipped,
+    // the result read to its end and the frame after it.
+    let frame = response_frame(&new);
+    let mut d = minicbor::Decoder::new(&frame[FRAME_HEADER_BYTES..]);
+    for _ in 0..2 {
+        d.array().unwrap();
+        d.u32().unwrap();
+    }
+    d.array().unwrap(); // the fetch response
+    d.array().unwrap(); // its partitions
+    assert_eq!(d.decode::<FetchResultBeforeMessage>().unwrap(), old);
+    assert_eq!(d.position(), frame.len() - FRAME_HEADER_BYTES);
+    // An old broker's answer, read by a new client: no message.
+    let mut body = Vec::new();
+    let mut e = minicbor::Encoder::new(&mut body);
+    e.array(2)
+        .unwrap()
+        .u32(1)
+        .unwrap()
+        .array(2)
+        .unwrap()
+        .u32(8)
+        .unwrap();
+    e.array(1).unwrap().array(1).unwrap().encode(&old).unwrap();
+    let got = decode_response(&body).unwrap();
+    let ResponseBody::Fetch(f) = got.body else {
+        panic!("{got:?}")
+    };
+    assert_eq!(
+        f.partitions[0],
+        FetchPartitionResult {
+            message: None,
+            ..result.clone()
+        }
+    );
+}
+
 #[test]
 fn fetch_size_bound_holds_for_extreme_values() {
     let topic = "t".repeat(300);
@@ -784,14 +910,18 @@ fn fetch_size_bound_holds_for_extreme_values() {
             high_watermark: u64::MAX,
             earliest_offset: u64::MAX,
             records: RecordBytes::from(vec![0; 70_000]),
-            last_stable_offset: None,
-            next_offset: None,
+            last_stable_offset: Some(u64::MAX),
+            next_offset: Some(u64::MAX),
+            message: (i > 0).then(|| "m".repeat(70_000)),
         })
         .collect();
     let bound = FETCH_RESPONSE_ENVELOPE_BYTES_MAX
         + results
             .iter()
-            .map(|r| FetchPartitionResult::envelope_bytes_max(&r.topic) + r.records.len())
+            .map(|r| {
+                FetchPartitionResult::envelope_bytes_max(&r.topic, r.message.as_deref())
+                    + r.records.len()
+            })
             .sum::<usize>();
     let frame = response_frame(&Response {
         correlation_id: u32::MAX,
@@ -825,6 +955,7 @@ fn fetch_response(sizes: &[usize], fill: u8) -> Response {
                     ),
                     last_stable_offset: None,
                     next_offset: None,
+                    message: None,
                 })
                 .collect(),
         }),
@@ -950,6 +1081,7 @@ proptest! {
                     records: RecordBytes::from(records.clone()),
                     last_stable_offset: None,
                     next_offset: None,
+                    message: message.clone(),
                 }],
             }),
             ResponseBody::Error(ErrorResponse { code: error, message: message.unwrap_or_default() }),
@@ -1609,6 +1741,7 @@ fn shared_decode_leaves_fetched_records_in_the_frame() {
                 records: RecordBytes::from(records.clone()),
                 last_stable_offset: None,
                 next_offset: None,
+                message: None,
             }],
         }),
     };

@@ -911,6 +911,12 @@ pub struct FetchPartitionResult {
     /// gap with no batch after it below the high watermark (any fetch).
     #[n(7)]
     pub next_offset: Option<u64>,
+    /// What went wrong, for humans, when `error` is not `none`: the
+    /// broker's reason (why a partition is quarantined, which write
+    /// failed). Absent otherwise, and from brokers before it was added,
+    /// whose decoders skip it.
+    #[n(8)]
+    pub message: Option<String>,
 }
 
 /// An upper bound on the bytes a fetch response adds around its results:
@@ -920,12 +926,14 @@ pub struct FetchPartitionResult {
 pub const FETCH_RESPONSE_ENVELOPE_BYTES_MAX: usize = 4 + 1 + 5 + 1 + 1 + 1 + 9;
 
 impl FetchPartitionResult {
-    /// An upper bound on the encoded size of one result for `topic`, not
-    /// counting the record bytes themselves. CBOR heads are at most 9 bytes.
-    pub fn envelope_bytes_max(topic: &str) -> usize {
+    /// An upper bound on the encoded size of one result for `topic` with
+    /// `message`, not counting the record bytes themselves. CBOR heads are
+    /// at most 9 bytes.
+    pub fn envelope_bytes_max(topic: &str, message: Option<&str>) -> usize {
         // array head, topic head + text, partition, error, two offsets,
-        // records' byte-string head, the two optional offsets
-        1 + 9 + topic.len() + 5 + 3 + 9 + 9 + 9 + 9 + 9
+        // records' byte-string head, the two optional offsets, and the
+        // message's head + text
+        1 + 9 + topic.len() + 5 + 3 + 9 + 9 + 9 + 9 + 9 + message.map_or(0, |m| 9 + m.len())
     }
 }
 

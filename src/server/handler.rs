@@ -608,6 +608,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                 records: RecordBytes::default(),
                 last_stable_offset: None,
                 next_offset: None,
+                message: None,
             },
             Some(Ok(f)) => FetchPartitionResult {
                 topic: p.topic.clone(),
@@ -618,6 +619,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                 records: RecordBytes::from(f.records),
                 last_stable_offset: Some(f.last_stable_offset),
                 next_offset: f.next_offset,
+                message: None,
             },
             Some(Err(e)) => {
                 let (high_watermark, earliest_offset) = ctx
@@ -634,6 +636,9 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
                     records: RecordBytes::default(),
                     last_stable_offset: None,
                     next_offset: None,
+                    // The code alone would leave an operator to find
+                    // the reason (a quarantine's, say) in the log.
+                    message: Some(e.to_string()),
                 }
             }
         })

@@ -1555,6 +1555,7 @@ mod tests {
                             .into(),
                         last_stable_offset: None,
                         next_offset: None,
+                        message: None,
                     })
                     .collect(),
             }),
