@@ -500,22 +500,25 @@ fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
         "new",
     ]);
     assert_fails(&o, 1, &["partition_quarantined", said]);
-    // A fetch's answer carries the reason too, and consume shows it.
-    let o = b.cli(&[
-        "consume",
-        "t1",
-        "--partition",
-        "1",
-        "--from",
-        "0",
-        "--timeout-ms",
-        "500",
-    ]);
-    assert_fails(
-        &o,
-        1,
-        &["partition_quarantined: partition t1/1 is quarantined", said],
-    );
+    // The answers carry the reason too, and consume shows it: the fetch's
+    // (from an offset) and the offset lookup's (from the earliest).
+    for from in ["0", "earliest"] {
+        let o = b.cli(&[
+            "consume",
+            "t1",
+            "--partition",
+            "1",
+            "--from",
+            from,
+            "--timeout-ms",
+            "500",
+        ]);
+        assert_fails(
+            &o,
+            1,
+            &["partition_quarantined: partition t1/1 is quarantined", said],
+        );
+    }
     let o = b.cli(&["topics", "describe", "t1", "--format", "json"]);
     assert_ok(&o);
     let d: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");

@@ -295,10 +295,12 @@ impl Client {
             .await?;
         let r = r.remove(0);
         if !r.error.is_none() {
-            return Err(ClientError::server(
-                r.error,
-                about(r.error, topic, Some(partition)),
-            ));
+            // The broker's reason when it sent one (brokers before the
+            // field did not).
+            let message = r
+                .message
+                .unwrap_or_else(|| about(r.error, topic, Some(partition)));
+            return Err(ClientError::server(r.error, message));
         }
         Ok(r.offset)
     }

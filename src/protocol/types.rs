@@ -989,6 +989,10 @@ pub struct ListOffsetsPartitionResult {
     /// `None` for a timestamp after the last record.
     #[n(3)]
     pub offset: Option<u64>,
+    /// The broker's reason when `error` is not `none`, as in a fetch
+    /// result; absent otherwise and from brokers before it.
+    #[n(4)]
+    pub message: Option<String>,
 }
 
 // ---------------------------------------------------------------- producers

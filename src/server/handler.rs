@@ -662,6 +662,7 @@ pub(crate) async fn list_offsets(
                 partition: p.partition,
                 error: ErrorCode::NotAuthorized,
                 offset: None,
+                message: None,
             });
             continue;
         }
@@ -686,12 +687,14 @@ pub(crate) async fn list_offsets(
                 partition: p.partition,
                 error: ErrorCode::None,
                 offset,
+                message: None,
             },
             Err(e) => ListOffsetsPartitionResult {
                 topic: p.topic,
                 partition: p.partition,
                 error: broker_error_code(&e),
                 offset: None,
+                message: Some(e.to_string()),
             },
         });
     }
