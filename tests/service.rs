@@ -2,6 +2,9 @@
 //! STOPPING) and the metrics endpoint, through the real binary.
 
 mod common;
+// Each test binary uses a part of it.
+#[allow(dead_code)]
+mod lazy_fs;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
@@ -148,6 +151,33 @@ fn metrics_show_a_replays_reads_from_the_device() {
     } else {
         assert_eq!(ahead, 0.0, "pwrite reads on demand only");
     }
+}
+
+/// `/health` names a storage fallback met after start-up (docs/operations.md):
+/// on a file system without fallocate, the segments of a topic created
+/// while serving are preallocated by writing zeros, and the next `/health`
+/// says so, without a `/metrics` scrape before it.
+#[test]
+fn health_names_a_storage_fallback_met_while_serving() {
+    let places = temp_dir();
+    let Some(fs) = lazy_fs::LazyFs::try_mount(
+        &places.path().join("base"),
+        &places.path().join("mnt"),
+        false,
+    ) else {
+        return;
+    };
+    let mut b = Broker::start_on(fs.mountpoint.join("data"), METRICS_ON_FREE_PORT);
+    let addr = b.metrics_addr();
+    assert_eq!(http_get(&addr, "/health"), (200, "ok\n".to_owned()));
+    assert_ok(&b.cli(&["topics", "create", "z", "--segment-bytes", "1048576"]));
+    let (status, body) = http_get(&addr, "/health");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        "ok\nstorage: segments preallocated by writing zeros (the file system has no fallocate)\n"
+    );
+    assert_eq!(b.stop(), Some(0));
 }
 
 #[test]

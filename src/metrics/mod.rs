@@ -182,7 +182,18 @@ pub struct ProducerCounters {
     pub out_of_order: u64,
 }
 
-type Refresh = Box<dyn Fn(&Metrics) + Send + Sync>;
+/// Copies what other parts count into the metrics, at each read rather
+/// than on a timer, which would wake an idle broker. Split by reader: a
+/// liveness probe may poll `/health` many times a second, and pays only
+/// for what it shows.
+pub trait Refresh: Send + Sync {
+    /// Before a `/metrics` scrape: group lag, share-group load, the
+    /// coordinators' and the producer table's counters.
+    fn scrape(&self, metrics: &Metrics);
+    /// Before `/health`: its notes ([`Metrics::set_health_notes`]), and
+    /// nothing else.
+    fn health(&self, metrics: &Metrics);
+}
 
 /// Every metric skiff exports. Cheap to record into from any thread.
 pub struct Metrics {
@@ -190,10 +201,8 @@ pub struct Metrics {
     /// Lines `/health` adds after "ok": how this broker runs differently
     /// from the default (a storage fallback), said where an operator looks.
     health_notes: std::sync::Mutex<Vec<&'static str>>,
-    /// Copies what other parts count into the metrics, at each read
-    /// (`encode`, `health_text`) rather than on a timer, which would wake
-    /// an idle broker.
-    refresh: std::sync::OnceLock<Refresh>,
+    /// Runs before each read (`encode`, `health_text`); see [`Refresh`].
+    refresh: std::sync::OnceLock<Box<dyn Refresh>>,
     /// Each topic's four counters, resolved once: a produce answered per
     /// record (a device with one in flight) otherwise paid four family
     /// lookups and an `Arc<str>` for its topic label. Hashed with
@@ -720,6 +729,17 @@ impl Metrics {
             .set(lag);
     }
 
+    /// The lag series as last set, without a refresh.
+    #[cfg(test)]
+    pub(crate) fn group_lag(&self, group: &str, topic: &str, partition: u32) -> Option<i64> {
+        let labels = LagLabels {
+            group: Arc::from(group),
+            topic: Arc::from(topic),
+            partition,
+        };
+        self.group_lag.get(&labels).map(|g| g.get())
+    }
+
     /// A group was deleted or lost a partition: drop its lag series.
     pub fn remove_group_lag(&self, group: &str, topic: &str, partition: u32) {
         self.group_lag.remove(&LagLabels {
@@ -898,21 +918,17 @@ impl Metrics {
         *self.health_notes.lock().unwrap_or_else(|e| e.into_inner()) = notes;
     }
 
-    /// `/health`'s body: "ok", then a line per note.
     /// Sets what runs before each read of the metrics (once; a second call
     /// is ignored).
-    pub fn set_refresh(&self, f: impl Fn(&Metrics) + Send + Sync + 'static) {
-        let _ = self.refresh.set(Box::new(f));
+    pub fn set_refresh(&self, r: impl Refresh + 'static) {
+        let _ = self.refresh.set(Box::new(r));
     }
 
-    fn refresh(&self) {
-        if let Some(f) = self.refresh.get() {
-            f(self);
-        }
-    }
-
+    /// `/health`'s body: "ok", then a line per note.
     pub fn health_text(&self) -> String {
-        self.refresh();
+        if let Some(r) = self.refresh.get() {
+            r.health(self);
+        }
         let notes = self.health_notes.lock().unwrap_or_else(|e| e.into_inner());
         let mut text = String::from("ok\n");
         for n in notes.iter() {
@@ -959,7 +975,9 @@ impl Metrics {
 
     /// The OpenMetrics text exposition (what `/metrics` serves).
     pub fn encode(&self) -> String {
-        self.refresh();
+        if let Some(r) = self.refresh.get() {
+            r.scrape(self);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail; the encoder's fmt::Error can
         // only come from the writer.

@@ -355,7 +355,7 @@ impl Server {
             broker: ctx.broker.clone(),
             shown: Default::default(),
         };
-        metrics.set_refresh(move |m| refresh.refresh(m));
+        metrics.set_refresh(refresh);
         let mirror_task = mirror.take_forwarder().map(|f| executor.spawn(f.run()));
         // Recovery is done and every listener is bound. Set before the
         // threads that poll the metrics task exist, so /ready never answers
@@ -544,7 +544,8 @@ async fn snapshot_producers_loop(broker: Arc<Broker>) {
 /// metrics, when they are read (`Metrics::set_refresh`). Four loops did it
 /// once a second before, and with the timers of the coordinators they were
 /// nearly all of an idle broker's wake-ups (docs/performance.md, "An idle
-/// broker").
+/// broker"). `/health` copies only its notes: a probe polling it often
+/// paid for every group's lag each time.
 struct MetricsRefresh {
     groups: Arc<Coordinator>,
     share: Arc<ShareCoordinator>,
@@ -554,14 +555,22 @@ struct MetricsRefresh {
     shown: std::sync::Mutex<std::collections::BTreeSet<(String, String, u32)>>,
 }
 
-impl MetricsRefresh {
-    fn refresh(&self, metrics: &Metrics) {
+impl crate::metrics::Refresh for MetricsRefresh {
+    fn scrape(&self, metrics: &Metrics) {
         self.groups(metrics);
         self.share(metrics);
         self.txns(metrics);
         self.producers(metrics);
     }
 
+    /// The storage fallbacks in use: a topic created since start-up may
+    /// have met one.
+    fn health(&self, metrics: &Metrics) {
+        metrics.set_health_notes(self.broker.storage_notes());
+    }
+}
+
+impl MetricsRefresh {
     /// `skiff_group_lag_records`: every committed offset's lag, and no
     /// series for offsets that are gone.
     fn groups(&self, metrics: &Metrics) {
@@ -636,8 +645,7 @@ impl MetricsRefresh {
         );
     }
 
-    /// The producer table's and the cleaner's counters, and the health
-    /// notes (a topic created since may have met a storage fallback).
+    /// The producer table's and the cleaner's counters.
     fn producers(&self, metrics: &Metrics) {
         let broker = &self.broker;
         let s = broker.producer_stats();
@@ -662,7 +670,6 @@ impl MetricsRefresh {
             lag_bytes: g(&c.lag_bytes),
             progress_bytes: g(&c.progress_bytes),
         });
-        metrics.set_health_notes(broker.storage_notes());
     }
 }
 
@@ -1322,11 +1329,9 @@ mod tests {
         }
     }
 
-    /// A session runs over a stream that is not `Clone` (split into halves
-    /// over a lock): hello, create, a produce whose large batch is written
-    /// while the reader waits, and a fetch that reads it back.
-    #[test]
-    fn a_session_runs_over_a_stream_that_cannot_be_cloned() {
+    /// A server with no listeners, its data in a fresh directory (kept
+    /// alive by the `TempDir`).
+    fn start_quiet() -> (Server, tempfile::TempDir) {
         // Under target/: /tmp may be tmpfs, which has no O_DIRECT.
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tmp");
         std::fs::create_dir_all(&base).expect("create target/test-tmp");
@@ -1338,7 +1343,92 @@ mod tests {
         cfg.server.listen = String::new();
         cfg.server.unix_socket = String::new();
         cfg.metrics.listen = String::new();
-        let server = Server::start(&cfg, 1).expect("start");
+        (Server::start(&cfg, 1).expect("start"), dir)
+    }
+
+    /// Hello at `version` (correlation id 1), then topic "t" of one
+    /// partition created (2).
+    async fn hello_and_create_t(s: &mut smol::net::unix::UnixStream, version: u16) {
+        let hello = RequestBody::Hello(HelloRequest {
+            version_min: version,
+            version_max: version,
+            client_name: None,
+        });
+        let r = call(s, 1, hello).await;
+        assert!(matches!(r.body, ResponseBody::Hello(_)), "{r:?}");
+        let create = RequestBody::CreateTopic(CreateTopicRequest {
+            name: "t".into(),
+            partitions: Some(1),
+            ..CreateTopicRequest::default()
+        });
+        let r = call(s, 2, create).await;
+        assert!(matches!(r.body, ResponseBody::CreateTopic(_)), "{r:?}");
+    }
+
+    /// One record's batch, as a produce request for partition 0 of `topic`.
+    fn produce_one(topic: &str) -> RequestBody<'static> {
+        let mut bb = BatchBuilder::new();
+        bb.push(1, None, b"v", &[]);
+        RequestBody::Produce(ProduceRequest {
+            partitions: vec![ProducePartition {
+                topic: topic.into(),
+                partition: 0,
+                batch: bb.finish(ProducerStamp::NONE).into(),
+            }],
+        })
+    }
+
+    /// `/health` copies only its notes; a group's lag is worked out for a
+    /// scrape alone, so it stays as the last scrape left it however often
+    /// `/health` is read.
+    #[test]
+    fn health_leaves_the_group_lag_to_the_scrape() {
+        use crate::protocol::{OffsetCommitPartition, OffsetCommitRequest};
+        let (server, _dir) = start_quiet();
+        let (ours, theirs) = smol::net::unix::UnixStream::pair().expect("socket pair");
+        server.serve_stream(theirs, "test".into(), Listener::Unix);
+        let mut s = ours;
+        let metrics = server.ctx.metrics.clone();
+        smol::block_on(async {
+            hello_and_create_t(&mut s, 2).await;
+            let r = call(&mut s, 3, produce_one("t")).await;
+            assert!(matches!(r.body, ResponseBody::Produce(_)), "{r:?}");
+            let commit = RequestBody::OffsetCommit(OffsetCommitRequest {
+                group: "g".into(),
+                member_id: None,
+                generation: None,
+                offsets: vec![OffsetCommitPartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 1,
+                    metadata: None,
+                }],
+            });
+            let r = call(&mut s, 4, commit).await;
+            assert!(matches!(r.body, ResponseBody::OffsetCommit(_)), "{r:?}");
+            metrics.encode();
+            assert_eq!(metrics.group_lag("g", "t", 0), Some(0));
+            for cid in 5..8 {
+                let r = call(&mut s, cid, produce_one("t")).await;
+                assert!(matches!(r.body, ResponseBody::Produce(_)), "{r:?}");
+            }
+        });
+        for _ in 0..3 {
+            assert_eq!(metrics.health_text(), "ok\n");
+        }
+        assert_eq!(metrics.group_lag("g", "t", 0), Some(0), "as of the scrape");
+        metrics.encode();
+        assert_eq!(metrics.group_lag("g", "t", 0), Some(3));
+        drop(s);
+        server.stop().expect("stop");
+    }
+
+    /// A session runs over a stream that is not `Clone` (split into halves
+    /// over a lock): hello, create, a produce whose large batch is written
+    /// while the reader waits, and a fetch that reads it back.
+    #[test]
+    fn a_session_runs_over_a_stream_that_cannot_be_cloned() {
+        let (server, _dir) = start_quiet();
         let (ours, theirs) = smol::net::unix::UnixStream::pair().expect("socket pair");
         server.serve_stream(NotClone(theirs), "test".into(), Listener::Unix);
         let mut s = ours;
@@ -1350,20 +1440,7 @@ mod tests {
         }
         let batch = bb.finish(ProducerStamp::NONE);
         smol::block_on(async {
-            let hello = RequestBody::Hello(HelloRequest {
-                version_min: 1,
-                version_max: 1,
-                client_name: None,
-            });
-            let r = call(&mut s, 1, hello).await;
-            assert!(matches!(r.body, ResponseBody::Hello(_)), "{r:?}");
-            let create = RequestBody::CreateTopic(CreateTopicRequest {
-                name: "t".into(),
-                partitions: Some(1),
-                ..CreateTopicRequest::default()
-            });
-            let r = call(&mut s, 2, create).await;
-            assert!(matches!(r.body, ResponseBody::CreateTopic(_)), "{r:?}");
+            hello_and_create_t(&mut s, 1).await;
             let produce = RequestBody::Produce(ProduceRequest {
                 partitions: vec![ProducePartition {
                     topic: "t".into(),
