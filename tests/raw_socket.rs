@@ -491,3 +491,37 @@ fn pipelined_produces_large_and_small_are_stored_whole_and_in_order() {
     }
     b.assert_serves();
 }
+
+/// docs/operations.md: `malformed_frames_total` counts the frames that
+/// closed their connection for not being a request, and not a request
+/// that only did not fit its operation (that connection goes on).
+#[test]
+fn frames_that_are_not_requests_are_counted_in_the_metrics() {
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let count = |b: &Broker| {
+        let text = http_get(&b.metrics_addr(), "/metrics");
+        sample(&text, "skiff_malformed_frames_total", "").expect("the counter is exported")
+    };
+    assert_eq!(count(&b), 0.0);
+
+    // Too large, before hello.
+    let mut c = RawConn::connect(&b.tcp);
+    c.send(&[0xff, 0xff, 0xff, 0xff]);
+    c.expect_error(ErrorCode::FrameTooLarge);
+    c.expect_closed();
+    // Not CBOR, after hello.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send(&raw_frame(&[0xff, 0xff, 0xff]));
+    c.expect_error(ErrorCode::MalformedFrame);
+    c.expect_closed();
+    // [13, [8, []]]: a fetch without its fields is a request that does not
+    // fit, answered invalid_request on a connection that goes on.
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    c.send(&raw_frame(&[0x82, 0x0d, 0x82, 0x08, 0x80]));
+    c.expect_error(ErrorCode::InvalidRequest);
+
+    assert_eq!(count(&b), 2.0);
+    b.assert_serves();
+}

@@ -38,6 +38,7 @@
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
 //! | `connections_timed_out` (no hello in time, or a frame stalled half-sent) | counter | |
+//! | `malformed_frames` (not a request: too large, not CBOR, no request envelope; each closes its connection) | counter | |
 //! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
@@ -252,6 +253,7 @@ pub struct Metrics {
     connections_accepted: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Counter,
     connections_timed_out: Counter,
+    malformed_frames: Counter,
     inflight_shared_bytes: Gauge,
     inflight_shared_admits: Counter,
     recovery_truncated_bytes: Counter,
@@ -414,6 +416,7 @@ impl Metrics {
             connections_accepted: Family::default(),
             tls_handshake_failures: Counter::default(),
             connections_timed_out: Counter::default(),
+            malformed_frames: Counter::default(),
             inflight_shared_bytes: Gauge::default(),
             inflight_shared_admits: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
@@ -610,6 +613,11 @@ impl Metrics {
             "connections_timed_out",
             "Client connections closed for server.frame_timeout_ms: no hello in time, or a frame stalled half-sent",
             m.connections_timed_out.clone(),
+        );
+        m.registry.register(
+            "malformed_frames",
+            "Frames that were not a request (too large, not CBOR, no request envelope); each closed its connection",
+            m.malformed_frames.clone(),
         );
         m.registry.register(
             "inflight_shared_bytes",
@@ -906,6 +914,10 @@ impl Metrics {
 
     pub fn connection_timed_out(&self) {
         self.connections_timed_out.inc();
+    }
+
+    pub fn malformed_frame(&self) {
+        self.malformed_frames.inc();
     }
 
     pub fn tls_failure(&self) {

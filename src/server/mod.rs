@@ -98,7 +98,6 @@ pub(crate) struct Ctx {
     pub shutdown: Arc<Shutdown>,
     pub connections: AtomicUsize,
     pub connections_changed: Event,
-    pub frame_errors: AtomicUsize,
     pub executor: Arc<smol::Executor<'static>>,
     pub metrics: Arc<Metrics>,
     /// The `[acl]` in force; replaced on reload.
@@ -113,7 +112,7 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn metrics_frame_error(&self) {
-        self.frame_errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics.malformed_frame();
     }
 
     pub(crate) fn acl(&self) -> Arc<Acl> {
@@ -273,7 +272,6 @@ impl Server {
             )),
             connections: AtomicUsize::new(0),
             connections_changed: Event::new(),
-            frame_errors: AtomicUsize::new(0),
             executor: executor.clone(),
             metrics: metrics.clone(),
             acl: RwLock::new(Arc::new(Acl::from_config(&cfg.acl))),
