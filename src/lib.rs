@@ -18,6 +18,8 @@
 //! - [`config`]: the TOML schema, embedded default, device profiles.
 //! - [`metrics`]: counters, histograms, the Prometheus/health endpoint.
 //! - [`cli`]: the commands behind `main.rs`.
+//! - [`offload`]: the one thread for blocking jobs of the async side
+//!   (registry and snapshot writes).
 //!
 //! `main.rs` only parses the command line and calls into this library.
 
@@ -31,6 +33,7 @@ pub mod fdlimit;
 pub mod metrics;
 pub mod mirror;
 pub mod notify;
+pub mod offload;
 pub mod protocol;
 pub mod server;
 pub mod sockets;

@@ -1,5 +1,6 @@
 //! Socket reads shared by the server's sessions and the client's
-//! connections, and the Unix connect the client and the bench share.
+//! connections, and the connects the client, the mirror and the bench
+//! share.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +40,52 @@ pub async fn connect_unix(path: &Path) -> std::io::Result<smol::net::unix::UnixS
         }
     }
     smol::net::unix::UnixStream::try_from(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// Connects to `addr` (`host:port`) as `smol::net::TcpStream::connect`
+/// does, trying each address in turn, but looks a host name up on a thread
+/// of its own that ends with the lookup. smol's connect looks names up on
+/// the `blocking` crate's pool, whose last thread never ends and wakes
+/// every 500 ms: a mirror with a named upstream would keep one in the
+/// broker for good (docs/performance.md, "An idle broker"). Not on the
+/// [`crate::offload`] thread: with the uplink down a lookup can take the
+/// resolver's whole timeout, and registry writes would wait behind it.
+pub async fn connect_tcp(addr: &str) -> std::io::Result<smol::net::TcpStream> {
+    let addrs = match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => vec![a],
+        Err(_) => resolve(addr).await?,
+    };
+    let mut last_err = None;
+    for a in addrs {
+        match smol::Async::<std::net::TcpStream>::connect(a).await {
+            Ok(s) => return Ok(s.into()),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "could not connect to any of the addresses",
+        )
+    }))
+}
+
+/// The name of the thread that looks up one host name.
+pub const RESOLVE_THREAD_NAME: &str = "skiff-resolve";
+
+async fn resolve(addr: &str) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let (tx, rx) = async_channel::bounded(1);
+    let name = addr.to_owned();
+    std::thread::Builder::new()
+        .name(RESOLVE_THREAD_NAME.to_owned())
+        .spawn(move || {
+            let found = std::net::ToSocketAddrs::to_socket_addrs(name.as_str());
+            // Nobody left to tell if the connect was given up (a timeout).
+            let _ = tx.try_send(found.map(Iterator::collect));
+        })?;
+    rx.recv()
+        .await
+        .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))?
 }
 
 /// A socket's read half that learns whether asking again after a short

@@ -670,6 +670,14 @@ fn a_bad_upstream_address_is_reported_and_local_clients_are_served() {
         Duration::from_secs(15),
     );
     assert!(b2.log().contains("no-such-host.invalid"), "{}", b2.log());
+    // The name was looked up on a thread that ends with the lookup, not
+    // on the `blocking` crate's pool, whose thread stays and wakes every
+    // 500 ms (docs/performance.md, "An idle broker").
+    let names = common::thread_names(b2.pid());
+    assert!(
+        !names.iter().any(|n| n.starts_with("blocking-")),
+        "{names:?}"
+    );
 }
 
 #[test]

@@ -499,6 +499,27 @@ fn an_idle_broker_sleeps() {
     );
 }
 
+/// Blocking jobs (the producer registry's writes, snapshots) run on one
+/// thread that sleeps until a job comes. The `blocking` crate's pool ran
+/// them before: its thread, made by the first produce's registry write,
+/// stayed and woke every 500 ms for good (docs/performance.md, "An idle
+/// broker").
+#[test]
+fn a_used_broker_keeps_no_pooled_thread_that_polls() {
+    let b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "t"]));
+    // The first producer id of a run is written to the registry before
+    // the answer, and a pool thread is made when a job is handed over:
+    // both are done when the produce is.
+    assert_ok(&b.cli(&["produce", "t", "v"]));
+    let names = thread_names(b.pid());
+    assert!(
+        !names.iter().any(|n| n.starts_with("blocking-")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "skiff-offload"), "{names:?}");
+}
+
 /// A SIGHUP applies what it can and names in the log what only a restart
 /// applies, rather than leave the operator to think it took.
 #[test]

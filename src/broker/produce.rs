@@ -9,8 +9,8 @@
 //! remembered unless its write fails. Both are settled by the [`Produce`]
 //! itself when the storage ack arrives, not by its caller: the server, the
 //! mirror and the coordinator only await it. If a caller drops it first (a
-//! timeout, a cancelled task), its `Drop` hands the wait to a pooled
-//! blocking thread (`smol::unblock`), which awaits the ack and settles:
+//! timeout, a cancelled task), its `Drop` hands the wait to the
+//! [`crate::offload`] thread, which awaits the ack and settles:
 //! otherwise a retry of that batch would wait on its slot forever, and a
 //! failed batch's ids would stay in the window. Cancellation is the rare
 //! path, and the thread waits one group commit at most.
@@ -200,11 +200,10 @@ impl Drop for Produce {
             settle.settle(&r.map_err(Arc::new));
             return;
         }
-        smol::unblock(move || {
+        crate::offload::detach(move || {
             let r = futures_lite::future::block_on(ticket);
             settle.settle(&r.map_err(Arc::new));
-        })
-        .detach();
+        });
     }
 }
 

@@ -488,7 +488,7 @@ impl Producers {
         if changed {
             let path = self.registry_path.clone();
             let to_write = file.clone();
-            smol::unblock(move || meta::write_atomic(&path, &to_write))
+            crate::offload::run(move || meta::write_atomic(&path, &to_write))
                 .await
                 .map_err(InitError::Meta)?;
         }

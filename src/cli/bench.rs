@@ -951,7 +951,7 @@ pub fn handshake(a: BenchHandshakeArgs) -> ExitCode {
             // Each: connect, handshake, and skiff's hello, whose answer
             // also brings the session tickets a client resumes with.
             let one = || async {
-                let s = smol::net::TcpStream::connect(addr.as_str()).await?;
+                let s = crate::sockets::connect_tcp(&addr).await?;
                 s.set_nodelay(true)?;
                 let mut t = connector.connect(name.clone(), s).await?;
                 hello_over(&mut t).await?;

@@ -100,7 +100,7 @@ impl Device {
     pub(super) async fn connect(addr: &str, idempotent: bool) -> Result<Device, ClientError> {
         let stream: Box<dyn Io> = match Address::parse(addr)? {
             Address::Tcp(a) => {
-                let s = smol::net::TcpStream::connect(a.as_str()).await?;
+                let s = crate::sockets::connect_tcp(&a).await?;
                 s.set_nodelay(true)?;
                 Box::new(Answers::new(s.clone().into(), s))
             }

@@ -96,7 +96,7 @@ impl Stream {
     async fn connect(addr: &Address, tls: Option<&TlsClient>) -> Result<Self, ClientError> {
         Ok(match (addr, tls) {
             (Address::Tcp(a), tls) => {
-                let s = TcpStream::connect(a.as_str()).await?;
+                let s = crate::sockets::connect_tcp(a).await?;
                 // Requests are small and latency matters; the writer task
                 // already coalesces frames, so Nagle only adds delay.
                 s.set_nodelay(true)?;

@@ -534,7 +534,7 @@ async fn snapshot_producers_loop(broker: Arc<Broker>) {
         smol::Timer::after(Duration::from_millis(PRODUCER_SNAPSHOT_INTERVAL_MS)).await;
         let b = broker.clone();
         // Off the network threads: each snapshot is a write and fsyncs.
-        smol::unblock(move || b.snapshot_producers(false)).await;
+        crate::offload::run(move || b.snapshot_producers(false)).await;
     }
 }
 

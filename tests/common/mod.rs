@@ -88,6 +88,18 @@ impl Drop for ClosedPort {
     }
 }
 
+/// The names of the threads of `pid` (`/proc/PID/task/*/comm`).
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc") {
+        // A thread may end between the listing and the read.
+        if let Ok(n) = std::fs::read_to_string(task.expect("task").path().join("comm")) {
+            names.push(n.trim_end().to_owned());
+        }
+    }
+    names
+}
+
 /// The addresses `skiff serve --ready-file` reports once it serves.
 #[derive(Debug, Clone, Default)]
 pub struct Ready {

@@ -163,7 +163,7 @@ impl Connection {
             addr: addr.to_owned(),
             cause,
         };
-        let tcp = with_timeout(config.connect_timeout, TcpStream::connect(addr))
+        let tcp = with_timeout(config.connect_timeout, crate::sockets::connect_tcp(addr))
             .await
             .ok_or_else(|| connect_error(ConnectError::Timeout))?
             .map_err(|e| connect_error(ConnectError::Io(Arc::new(e))))?;
