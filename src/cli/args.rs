@@ -11,11 +11,35 @@ pub const DEFAULT_BROKER: &str = "127.0.0.1:9471";
 /// across options (retention on a compacted topic) stay the broker's.
 fn parsed_as<T: std::str::FromStr>(s: &str) -> Result<String, String>
 where
-    T::Err: std::fmt::Display,
+    T::Err: PolicyError,
 {
-    s.parse::<T>()
-        .map(|_| s.to_owned())
-        .map_err(|e| e.to_string())
+    s.parse::<T>().map(|_| s.to_owned()).map_err(|e| e.reason())
+}
+
+/// A policy parser's refusal in words for clap, which already names the
+/// value and the option: the reason alone, without the "invalid storage
+/// config:" its Display starts with for a config file's or the broker's
+/// messages.
+trait PolicyError {
+    fn reason(&self) -> String;
+}
+
+impl PolicyError for crate::storage::StorageError {
+    fn reason(&self) -> String {
+        match self {
+            Self::InvalidConfig(why) => (*why).to_owned(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl PolicyError for crate::broker::BrokerError {
+    fn reason(&self) -> String {
+        match self {
+            Self::InvalidConfig(why) => (*why).to_owned(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// A name a topic can have: a bench's topic is made by the bench, and a
