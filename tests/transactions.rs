@@ -308,6 +308,20 @@ fn kill_9_during_commit_is_all_or_nothing() {
     eprintln!("{committed_rounds} of {rounds} rounds committed");
 }
 
+/// `skiff txn --id ID`, its stdin a pipe left to the caller, its stderr
+/// kept.
+fn spawn_txn(b: &Broker, id: &str) -> (std::process::Child, std::process::ChildStdin) {
+    let mut child = skiff_command()
+        .args(["txn", "--id", id, "--broker", &b.tcp])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
+}
+
 /// A `skiff txn` whose record fails mid-way aborts its transaction at
 /// once (not after the broker's timeout) and exits non-zero.
 #[test]
@@ -327,14 +341,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
     };
     // A value larger than a batch (128 KiB by default) on line 2, and
     // stdin left open after it: the command ends on its own.
-    let mut child = skiff_command()
-        .args(["txn", "--id", "too-big", "--broker", &b.tcp])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let (mut child, mut stdin) = spawn_txn(&b, "too-big");
     writeln!(stdin, "orders\tbefore-big").unwrap();
     writeln!(stdin, "orders\t{}", "x".repeat(256 * 1024)).unwrap();
     writeln!(stdin, "orders\tafter-big").unwrap();
@@ -390,6 +397,45 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
     // Nothing was left open: a plain record is readable at once.
     assert_ok(&b.cli(&["produce", "orders", "--partition", "0", "after"]));
     assert!(read_all(&b, "orders", "read_committed").contains(&"after".to_owned()));
+}
+
+/// A record the broker refuses after `skiff txn` has read on (a keyless
+/// record on a compacted topic passes the client's checks) is named by
+/// its own line, not as "a record before line N": the client knows which
+/// line each record was.
+#[test]
+fn a_refusal_found_later_names_the_refused_line() {
+    let b = Broker::start("");
+    create_topics(&b);
+    assert_ok(&b.cli(&["topics", "create", "state", "--cleanup", "compact"]));
+    let (mut child, mut stdin) = spawn_txn(&b, "late");
+    writeln!(stdin, "orders\tfirst").unwrap();
+    writeln!(stdin, "state\tno-key").unwrap();
+    // More lines, until the refusal is found at one of them: stdin stays
+    // open, so it cannot be found at the commit instead.
+    let started = Instant::now();
+    let mut fed = 2;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(50),
+            "skiff txn still running after {fed} lines"
+        );
+        // The pipe is closed once the command ended.
+        if writeln!(stdin, "orders\tlater-{fed}").is_ok() {
+            fed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("skiff: txn late: line 2: server error invalid_record")
+            && err.contains("(found on reading line ")
+            && err.contains("the transaction is aborted, no commit"),
+        "{err}"
+    );
 }
 
 /// `skiff txn --consume`: a group member copies `ctp-in` to `ctp-out`,

@@ -64,9 +64,11 @@ pub fn txn(args: TxnArgs) -> ExitCode {
             exit_code_for(&e),
             format!("txn {id}: line {n}: {e}; {ended}, no {what}"),
         ),
-        Fail::Failed(n, e) => fail(
+        Fail::Failed { line, read, e } => fail(
             exit_code_for(&e),
-            format!("txn {id}: a record before line {n} failed: {e}; {ended}, no {what}"),
+            format!(
+                "txn {id}: line {line}: {e} (found on reading line {read}); {ended}, no {what}"
+            ),
         ),
         Fail::NoTab(n) => fail(
             EXIT_USAGE,
@@ -117,9 +119,11 @@ async fn feed(producer: &mut TxnProducer) -> Result<u64, Fail> {
         }
         n += 1;
         // A record sent earlier that failed (an unknown topic, a refused
-        // batch) fails the transaction now, not at end of input.
-        if let Some(e) = producer.first_failure() {
-            return Err(Fail::Failed(n, e));
+        // batch) fails the transaction now, not at end of input. Every
+        // line before this one was sent, one record each, so the record's
+        // number is its line's.
+        if let Some((line, e)) = producer.first_failure() {
+            return Err(Fail::Failed { line, read: n, e });
         }
         if line.last() == Some(&b'\n') {
             line.pop();
@@ -155,8 +159,13 @@ enum Fail {
     /// Line n (1-based) could not be sent (a record too large, an
     /// unknown topic).
     Record(u64, ClientError),
-    /// A record sent before line n failed.
-    Failed(u64, ClientError),
+    /// The record of `line`, sent earlier, failed; found on reading line
+    /// `read`.
+    Failed {
+        line: u64,
+        read: u64,
+        e: ClientError,
+    },
     /// Line n has no TAB after its topic.
     NoTab(u64),
     /// Line n's topic is a name no topic can have.

@@ -16,8 +16,11 @@ pub struct TxnProducer {
     producer: Producer,
     id: String,
     producer_id: (u64, u16),
-    /// The open transaction's records not yet known to be acknowledged.
-    pending: Vec<Delivery>,
+    /// The open transaction's records not yet known to be acknowledged,
+    /// each with its number (see [`TxnProducer::first_failure`]).
+    pending: Vec<(u64, Delivery)>,
+    /// Records sent so far.
+    sent: u64,
 }
 
 impl TxnProducer {
@@ -38,6 +41,7 @@ impl TxnProducer {
             id: id.to_owned(),
             producer_id,
             pending: Vec::new(),
+            sent: 0,
         })
     }
 
@@ -54,7 +58,8 @@ impl TxnProducer {
         headers: &[(&str, &[u8])],
     ) {
         let d = self.producer.send(topic, key, value, headers);
-        self.pending.push(d);
+        self.sent += 1;
+        self.pending.push((self.sent, d));
     }
 
     /// As [`send`](Self::send), waiting for room in the producer's buffer.
@@ -66,7 +71,8 @@ impl TxnProducer {
         headers: &[(&str, &[u8])],
     ) -> Result<(), ClientError> {
         let d = self.producer.send_wait(topic, key, value, headers).await?;
-        self.pending.push(d);
+        self.sent += 1;
+        self.pending.push((self.sent, d));
         Ok(())
     }
 
@@ -102,15 +108,17 @@ impl TxnProducer {
             .await
     }
 
-    /// The error of a record of the open transaction that has already
-    /// failed, without waiting; forgets those already acknowledged.
-    pub fn first_failure(&mut self) -> Option<ClientError> {
+    /// The first record of the open transaction, in the order sent, that
+    /// has already failed, without waiting: its number (the first record
+    /// this producer sent is 1; a send that returned an error is not counted)
+    /// and error. Forgets the records already acknowledged.
+    pub fn first_failure(&mut self) -> Option<(u64, ClientError)> {
         let mut failed = None;
-        self.pending.retain(|d| match d.try_result() {
+        self.pending.retain(|(n, d)| match d.try_result() {
             None => true,
             Some(Ok(_)) => false,
             Some(Err(e)) => {
-                failed.get_or_insert(e);
+                failed.get_or_insert((*n, e));
                 true
             }
         });
@@ -121,7 +129,7 @@ impl TxnProducer {
     async fn settle(&mut self) -> Result<(), ClientError> {
         self.producer.flush().await;
         let mut first = None;
-        for d in self.pending.drain(..) {
+        for (_, d) in self.pending.drain(..) {
             if let Err(e) = d.await {
                 first.get_or_insert(e);
             }
