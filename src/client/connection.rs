@@ -19,7 +19,7 @@ use smol::net::unix::UnixStream;
 use smol::net::TcpStream;
 use smol::{Task, Timer};
 
-use super::error::ClientError;
+use super::error::{is_tls_refusal, ClientError};
 use super::tls::{TlsClient, TlsConfigError};
 use crate::bufpool::BatchPool;
 use crate::protocol::{
@@ -366,7 +366,7 @@ impl Connection {
     ) -> Result<Self, ClientError> {
         let handshake = async {
             let mut stream = Stream::connect(addr, tls).await?;
-            let info = hello(&mut stream, client_name).await?;
+            let info = hello_or_refusal(&mut stream, client_name).await?;
             Ok::<_, ClientError>((stream, info))
         };
         let (stream, info) = with_timeout(timeout, handshake).await?;
@@ -525,6 +525,37 @@ async fn with_timeout<T>(
         Err(ClientError::Timeout)
     })
     .await
+}
+
+/// [`hello`], or the TLS refusal that the connection's failure hides. A
+/// TLS 1.3 client has finished its handshake before the server has
+/// checked its certificate, and sends its hello at once; a server that
+/// refuses the certificate sends its alert and closes, and its close
+/// resets the connection when the hello (or the rest of the handshake) is
+/// still unread there. If the reset comes in before the hello is written,
+/// the write fails with it, and the alert stays unread in the socket:
+/// `produce` took the reset for a broker that went away and retried once.
+/// A socket that was reset or reached its end reads at once (what is
+/// left in it, then the end), so reading it here costs no wait.
+async fn hello_or_refusal(
+    stream: &mut Stream,
+    client_name: Option<String>,
+) -> Result<ServerInfo, ClientError> {
+    let e = match hello(stream, client_name).await {
+        Err(e @ (ClientError::Io(_) | ClientError::Disconnected))
+            if matches!(stream, Stream::Tls(_)) =>
+        {
+            e
+        }
+        other => return other,
+    };
+    let mut rest = [0u8; 256];
+    // Only what is there now: a connection that is not at its end has
+    // nothing waiting to explain it.
+    match futures_lite::future::poll_once(stream.read(&mut rest)).await {
+        Some(Err(refusal)) if is_tls_refusal(&refusal) => Err(refusal.into()),
+        _ => Err(e),
+    }
 }
 
 async fn hello(
@@ -824,6 +855,121 @@ mod tests {
             matches!(err, ClientError::Disconnected | ClientError::Io(_)),
             "{err:?}"
         );
+    }
+
+    /// A server that refuses the client's certificate after the client
+    /// finished its TLS 1.3 handshake, and resets the connection before
+    /// the hello is written (the broker's close resets when the hello is
+    /// unread there): the hello's write fails with the reset, and the
+    /// refusal read after it is the error, not retried.
+    #[test]
+    fn a_refusal_whose_reset_fails_the_hello_write_is_reported_as_the_refusal() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let self_signed = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+            // Names of their own: an issuer's name the server knows would
+            // be checked against its key (BadSignature) instead.
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            (params.self_signed(&key).unwrap(), key)
+        };
+        let (server_cert, server_key) = self_signed("localhost");
+        // Not from any CA the server trusts.
+        let (client_cert, client_key) = self_signed("stranger");
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            Some(path)
+        };
+        let tls = TlsClient::new(&super::super::TlsOptions {
+            ca_file: file("ca.pem", server_cert.pem()),
+            cert_file: file("client.pem", client_cert.pem()),
+            key_file: file("client.key", client_key.serialize_pem()),
+            server_name: Some("localhost".to_owned()),
+        })
+        .unwrap();
+        let server_der: CertificateDer<'static> = server_cert.der().clone();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_der.clone()).unwrap();
+        let provider = super::super::tls::provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let server_config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![server_der],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+            )
+            .unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&listener.local_addr().unwrap().to_string()).unwrap();
+        let (go, client_done) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+            // The ClientHello, then the server's flight.
+            while !conn.wants_write() {
+                conn.read_tls(&mut sock).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            // The client's flight, read once the client is done with it.
+            client_done.recv().unwrap();
+            let refused = loop {
+                conn.read_tls(&mut sock).unwrap();
+                if let Err(e) = conn.process_new_packets() {
+                    break e;
+                }
+            };
+            // The alert, then a reset.
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            rustix::net::sockopt::set_socket_linger(&sock, Some(Duration::ZERO)).unwrap();
+            refused
+        });
+        let err = smol::block_on(async {
+            let mut stream = Stream::connect(&addr, Some(&tls)).await.unwrap();
+            go.send(()).unwrap();
+            let refused = server.join().unwrap();
+            assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
+            let Stream::Tls(t) = &stream else {
+                unreachable!("a TLS stream")
+            };
+            // The reset is in before the hello is written.
+            let mut fds = [rustix::event::PollFd::new(
+                &t.tcp,
+                rustix::event::PollFlags::empty(),
+            )];
+            let limit = rustix::event::Timespec {
+                tv_sec: 10,
+                tv_nsec: 0,
+            };
+            rustix::event::poll(&mut fds, Some(&limit)).unwrap();
+            assert!(
+                fds[0].revents().contains(rustix::event::PollFlags::ERR),
+                "{:?}",
+                fds[0].revents()
+            );
+            hello_or_refusal(&mut stream, None).await.unwrap_err()
+        });
+        assert!(
+            err.to_string().contains("received fatal alert: UnknownCA"),
+            "{err}"
+        );
+        assert!(!err.is_retriable(), "{err:?}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl ClientError {
 /// Whether an I/O error is rustls refusing the session (which
 /// futures-rustls hands over as an `InvalidData` error wrapping it),
 /// rather than the connection failing.
-fn is_tls_refusal(e: &std::io::Error) -> bool {
+pub(crate) fn is_tls_refusal(e: &std::io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
