@@ -391,6 +391,11 @@ fn large_batches_do_not_fault_in_fresh_pages() {
         round();
     }
     let faults = b.minor_faults() - before;
+    // Under the emulator the faults are qemu's too (its translation caches,
+    // a thread's first run); the native run of the suite checks the broker's.
+    if emulated() {
+        return;
+    }
     let received = rounds * 4 * batch.len() as u64;
     // One fault per 4 KiB is what fresh buffers cost; allow one per 32 KiB
     // for everything else the broker touches meanwhile.
