@@ -519,21 +519,63 @@ fn a_partition_without_meta_or_segment_header_is_quarantined_not_unknown() {
             &["partition_quarantined: partition t1/1 is quarantined", said],
         );
     }
+    // So do describe's, and `topics describe` shows the reason, not a
+    // pointer to the log.
     let o = b.cli(&["topics", "describe", "t1", "--format", "json"]);
     assert_ok(&o);
     let d: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
     assert_eq!(d["partitions"][1]["error"], "partition_quarantined", "{d}");
+    let m = d["partitions"][1]["message"].as_str().unwrap_or_default();
+    assert!(
+        m.starts_with("partition t1/1 is quarantined") && m.contains(said),
+        "{d}"
+    );
+    assert_eq!(
+        d["partitions"][0]["message"],
+        serde_json::Value::Null,
+        "{d}"
+    );
     let o = b.cli(&["topics", "describe", "t1"]);
     assert_ok(&o);
     let text = stdout(&o);
     assert!(
-        text.contains("partition 1: earliest 0 latest 0\n  error: partition_quarantined"),
+        text.contains(
+            "partition 1: earliest 0 latest 0\n  error: partition_quarantined: partition t1/1 \
+             is quarantined"
+        ) && text.contains(said),
         "{text}"
     );
+    assert!(!text.contains("log says why"), "{text}");
     assert!(
         !text.contains("partition 0: earliest 0 latest 0\n  error"),
         "{text}"
     );
+    // The metadata and describe_topic answers' partition results carry it.
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    let topics = c.metadata(Some(&["t1"])).expect("metadata");
+    let described = c.describe_topic("t1").expect("describe_topic");
+    for parts in [&topics[0].partitions, &described.partitions] {
+        assert_eq!(parts[1].error, ErrorCode::PartitionQuarantined);
+        let m = parts[1].message.as_deref().unwrap_or_default();
+        assert!(
+            m.starts_with("partition t1/1 is quarantined") && m.contains(said),
+            "{parts:?}"
+        );
+        assert_eq!(parts[0].message, None, "{parts:?}");
+    }
+    assert_eq!(topics[0].message, None);
+    // A topic-level error carries its reason too.
+    let topics = c.metadata(Some(&["nope"])).expect("metadata");
+    assert_eq!(topics[0].error, ErrorCode::UnknownTopic);
+    assert!(
+        topics[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("nope"),
+        "{topics:?}"
+    );
+    drop(c);
     // The topic's other partition serves as ever.
     assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
     for (path, seg) in &damaged {

@@ -130,6 +130,9 @@ fn describe_json(c: &TopicConfig, parts: &[crate::protocol::PartitionDetail]) ->
             serde_json::json!({
                 "partition": p.partition,
                 "error": error,
+                // The broker's reason with an error; null without one, or
+                // from a broker before the field.
+                "message": p.message,
                 "log_start": p.log_start,
                 "log_end": p.log_end,
                 "bytes": p.bytes,
@@ -267,10 +270,16 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                         p.latest_offset
                     );
                     let detail = details.iter().find(|x| x.partition == p.partition);
-                    // The answer carries the code alone; the broker's log
-                    // has the reason.
                     if let Some(x) = detail.filter(|x| !x.error.is_none()) {
-                        outln!("  error: {} (the broker's log says why)", x.error.name());
+                        // A broker before the reason field sends the code
+                        // alone; its log has the reason then.
+                        let reason = x.message.as_deref().or(p.message.as_deref());
+                        match reason {
+                            Some(m) => outln!("  error: {}: {m}", x.error.name()),
+                            None => {
+                                outln!("  error: {} (the broker's log says why)", x.error.name())
+                            }
+                        }
                     }
                     let damaged = detail.into_iter().flat_map(|x| x.damaged.iter().flatten());
                     for g in damaged {
@@ -319,7 +328,10 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
                 let mut failed: Vec<(u32, ErrorCode)> = Vec::new();
                 for p in parts {
                     if !p.error.is_none() {
-                        outln!("partition {}: {}", p.partition, p.error);
+                        match &p.message {
+                            Some(m) => outln!("partition {}: {}: {m}", p.partition, p.error),
+                            None => outln!("partition {}: {}", p.partition, p.error),
+                        }
                         failed.push((p.partition, p.error));
                         continue;
                     }

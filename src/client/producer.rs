@@ -1123,7 +1123,9 @@ mod tests {
                                     error: ErrorCode::None,
                                     earliest_offset: 0,
                                     latest_offset: 0,
+                                    message: None,
                                 }],
+                                message: None,
                             }],
                         }),
                         RequestBody::Produce(p) => {

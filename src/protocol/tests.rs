@@ -11,6 +11,7 @@ fn partition_meta(partition: u32) -> PartitionMetadata {
         error: ErrorCode::None,
         earliest_offset: 0,
         latest_offset: 42,
+        message: None,
     }
 }
 
@@ -250,6 +251,7 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                     name: "sensors.temp".into(),
                     error: ErrorCode::None,
                     partitions: vec![partition_meta(0)],
+                    message: None,
                 }],
             })),
         ),
@@ -813,37 +815,71 @@ fn fetch_quarantined() -> Response {
                 records: RecordBytes::default(),
                 last_stable_offset: None,
                 next_offset: None,
-                message: Some(
-                    "partition sensors.temp/1 is quarantined (read-only): partition.meta is \
-                     missing, but the partition's segments hold batches"
-                        .into(),
-                ),
+                message: Some(QUARANTINED.into()),
             }],
         }),
     }
+}
+
+/// A quarantine's reason, as the samples with a message carry it.
+const QUARANTINED: &str = "partition sensors.temp/1 is quarantined (read-only): partition.meta \
+                           is missing, but the partition's segments hold batches";
+
+/// `QUARANTINED` in CBOR: its head (text, 121 bytes) and its UTF-8.
+const QUARANTINED_HEX: &str = concat!(
+    "7879706172746974696f6e2073656e736f72732e74656d702f31206973207175",
+    "6172616e74696e65642028726561642d6f6e6c79293a20706172746974696f6e",
+    "2e6d657461206973206d697373696e672c206275742074686520706172746974",
+    "696f6e2773207365676d656e747320686f6c642062617463686573",
+);
+
+/// Pins `r`'s body to `want` (hex) and checks docs/protocol.md shows it.
+fn assert_pinned_and_documented(r: &Response, want: &str) {
+    let f = response_frame(r);
+    let body = &f[FRAME_HEADER_BYTES..];
+    assert_eq!(hex(body), want);
+    let diag = minicbor::display(body).to_string();
+    assert!(
+        PROTOCOL_MD.contains(&diag),
+        "docs/protocol.md lacks\n{diag}"
+    );
+}
+
+/// A decoder of `r`'s frame at its operation's body, as a peer's reads it.
+fn at_response_body(frame: &[u8]) -> minicbor::Decoder<'_> {
+    let mut d = minicbor::Decoder::new(&frame[FRAME_HEADER_BYTES..]);
+    for _ in 0..2 {
+        d.array().unwrap();
+        d.u32().unwrap();
+    }
+    d
+}
+
+/// An answer to operation `op` whose body `encode` writes (as a broker
+/// before some field wrote it), decoded as this build reads it.
+fn decode_answer(op: u32, encode: impl FnOnce(&mut minicbor::Encoder<&mut Vec<u8>>)) -> Response {
+    let mut body = Vec::new();
+    let mut e = minicbor::Encoder::new(&mut body);
+    e.array(2)
+        .unwrap()
+        .u32(1)
+        .unwrap()
+        .array(2)
+        .unwrap()
+        .u32(op)
+        .unwrap();
+    encode(&mut e);
+    decode_response(&body).unwrap()
 }
 
 /// The sample of a fetch result with a message: its bytes pinned (the
 /// message at index 8, `null` at 6 and 7) and shown in docs/protocol.md.
 #[test]
 fn a_fetch_results_message_takes_index_8() {
-    let f = response_frame(&fetch_quarantined());
-    let body = &f[FRAME_HEADER_BYTES..];
     // [1, [8, [[["sensors.temp", 1, 10, 0, 0, h'', null, null, "..."]]]]]
-    assert_eq!(
-        hex(body),
-        concat!(
-            "820182088181896c73656e736f72732e74656d70010a000040f6f6",
-            "7879706172746974696f6e2073656e736f72732e74656d702f31206973207175",
-            "6172616e74696e65642028726561642d6f6e6c79293a20706172746974696f6e",
-            "2e6d657461206973206d697373696e672c206275742074686520706172746974",
-            "696f6e2773207365676d656e747320686f6c642062617463686573",
-        )
-    );
-    let diag = minicbor::display(body).to_string();
-    assert!(
-        PROTOCOL_MD.contains(&diag),
-        "docs/protocol.md lacks\n{diag}"
+    assert_pinned_and_documented(
+        &fetch_quarantined(),
+        &format!("820182088181896c73656e736f72732e74656d70010a000040f6f6{QUARANTINED_HEX}"),
     );
 }
 
@@ -867,28 +903,15 @@ fn a_fetch_results_message_is_skipped_by_old_clients_and_absent_from_old_brokers
     // A new broker's answer, read by an old client: the message skipped,
     // the result read to its end and the frame after it.
     let frame = response_frame(&new);
-    let mut d = minicbor::Decoder::new(&frame[FRAME_HEADER_BYTES..]);
-    for _ in 0..2 {
-        d.array().unwrap();
-        d.u32().unwrap();
-    }
+    let mut d = at_response_body(&frame);
     d.array().unwrap(); // the fetch response
     d.array().unwrap(); // its partitions
     assert_eq!(d.decode::<FetchResultBeforeMessage>().unwrap(), old);
     assert_eq!(d.position(), frame.len() - FRAME_HEADER_BYTES);
     // An old broker's answer, read by a new client: no message.
-    let mut body = Vec::new();
-    let mut e = minicbor::Encoder::new(&mut body);
-    e.array(2)
-        .unwrap()
-        .u32(1)
-        .unwrap()
-        .array(2)
-        .unwrap()
-        .u32(8)
-        .unwrap();
-    e.array(1).unwrap().array(1).unwrap().encode(&old).unwrap();
-    let got = decode_response(&body).unwrap();
+    let got = decode_answer(8, |e| {
+        e.array(1).unwrap().array(1).unwrap().encode(&old).unwrap();
+    });
     let ResponseBody::Fetch(f) = got.body else {
         panic!("{got:?}")
     };
@@ -904,6 +927,19 @@ fn a_fetch_results_message_is_skipped_by_old_clients_and_absent_from_old_brokers
 /// A list_offsets result's `message` takes index 4; an answer from a
 /// broker before it has none. (Clients before it skip it as they skip a
 /// fetch result's: the same derived decoding.)
+/// `new` encodes to `new_hex` (its message last), and `old_hex`, the
+/// result as a broker before the message wrote it, decodes to `without`.
+fn assert_message_is_last_and_optional<T>(new: &T, new_hex: &str, old_hex: &str, without: &T)
+where
+    T: minicbor::Encode<()> + for<'b> minicbor::Decode<'b, ()> + PartialEq + std::fmt::Debug,
+{
+    assert_eq!(hex(&minicbor::to_vec(new).unwrap()), new_hex);
+    assert_eq!(
+        &minicbor::decode::<T>(&hex_bytes(old_hex)).unwrap(),
+        without
+    );
+}
+
 #[test]
 fn a_list_offsets_results_message_takes_index_4_and_is_optional() {
     let new = ListOffsetsPartitionResult {
@@ -913,18 +949,236 @@ fn a_list_offsets_results_message_takes_index_4_and_is_optional() {
         offset: None,
         message: Some("why".into()),
     };
-    let bytes = minicbor::to_vec(&new).unwrap();
-    // ["t", 1, 10, null, "why"]
-    assert_eq!(hex(&bytes), "856174010af663776879");
-    // ["t", 1, 10]
-    let old = minicbor::decode::<ListOffsetsPartitionResult>(&hex_bytes("836174010a")).unwrap();
-    assert_eq!(
-        old,
-        ListOffsetsPartitionResult {
+    assert_message_is_last_and_optional(
+        &new,
+        // ["t", 1, 10, null, "why"] and ["t", 1, 10]
+        "856174010af663776879",
+        "836174010a",
+        &ListOffsetsPartitionResult {
             message: None,
-            ..new
-        }
+            ..new.clone()
+        },
     );
+}
+
+/// Metadata results as decoders before their `message` (a topic's 3, a
+/// partition's 4) read them, and as brokers before it wrote them.
+#[derive(Debug, PartialEq, minicbor::Encode, minicbor::Decode)]
+struct PartitionMetadataBeforeMessage {
+    #[n(0)]
+    partition: u32,
+    #[n(1)]
+    error: ErrorCode,
+    #[n(2)]
+    earliest_offset: u64,
+    #[n(3)]
+    latest_offset: u64,
+}
+
+#[derive(Debug, PartialEq, minicbor::Encode, minicbor::Decode)]
+struct TopicMetadataBeforeMessage {
+    #[n(0)]
+    name: String,
+    #[n(1)]
+    error: ErrorCode,
+    #[n(2)]
+    partitions: Vec<PartitionMetadataBeforeMessage>,
+}
+
+/// A metadata answer with a quarantined partition and an unknown topic,
+/// each with its reason.
+fn metadata_with_errors() -> Response {
+    Response {
+        correlation_id: 1,
+        body: ResponseBody::Metadata(MetadataResponse {
+            topics: vec![
+                TopicMetadata {
+                    name: "sensors.temp".into(),
+                    error: ErrorCode::None,
+                    partitions: vec![
+                        partition_meta(0),
+                        PartitionMetadata {
+                            partition: 1,
+                            error: ErrorCode::PartitionQuarantined,
+                            earliest_offset: 0,
+                            latest_offset: 0,
+                            message: Some(QUARANTINED.into()),
+                        },
+                    ],
+                    message: None,
+                },
+                TopicMetadata {
+                    name: "nope".into(),
+                    error: ErrorCode::UnknownTopic,
+                    partitions: vec![],
+                    message: Some("unknown topic 'nope'".into()),
+                },
+            ],
+        }),
+    }
+}
+
+/// The sample of metadata results with messages: the bytes pinned (a
+/// partition's message at index 4, a topic's at 3) and shown in
+/// docs/protocol.md.
+#[test]
+fn metadata_results_messages_take_indices_3_and_4() {
+    // [1, [2, [[["sensors.temp", 0, [[0, 0, 0, 42], [1, 10, 0, 0, "..."]]],
+    //   ["nope", 1, [], "unknown topic 'nope'"]]]]]
+    assert_pinned_and_documented(
+        &metadata_with_errors(),
+        &format!(
+            "820182028182836c73656e736f72732e74656d70008284000000182a85010a0000\
+             {QUARANTINED_HEX}84646e6f7065018074756e6b6e6f776e20746f70696320276e6f706527"
+        ),
+    );
+}
+
+#[test]
+fn metadata_results_messages_are_skipped_by_old_clients_and_absent_from_old_brokers() {
+    let new = metadata_with_errors();
+    let ResponseBody::Metadata(m) = &new.body else {
+        unreachable!()
+    };
+    let old: Vec<TopicMetadataBeforeMessage> = m
+        .topics
+        .iter()
+        .map(|t| TopicMetadataBeforeMessage {
+            name: t.name.clone(),
+            error: t.error,
+            partitions: t
+                .partitions
+                .iter()
+                .map(|p| PartitionMetadataBeforeMessage {
+                    partition: p.partition,
+                    error: p.error,
+                    earliest_offset: p.earliest_offset,
+                    latest_offset: p.latest_offset,
+                })
+                .collect(),
+        })
+        .collect();
+    // A new broker's answer, read by an old client: the messages skipped,
+    // every result read to its end and the frame after them.
+    let frame = response_frame(&new);
+    let mut d = at_response_body(&frame);
+    d.array().unwrap(); // the metadata response
+    assert_eq!(d.decode::<Vec<TopicMetadataBeforeMessage>>().unwrap(), old);
+    assert_eq!(d.position(), frame.len() - FRAME_HEADER_BYTES);
+    // An old broker's answer, read by a new client: no messages.
+    let got = decode_answer(2, |e| {
+        e.array(1).unwrap().encode(&old).unwrap();
+    });
+    let ResponseBody::Metadata(got) = got.body else {
+        panic!("{got:?}")
+    };
+    let mut want = m.clone();
+    for t in &mut want.topics {
+        t.message = None;
+        for p in &mut t.partitions {
+            p.message = None;
+        }
+    }
+    assert_eq!(got, want);
+}
+
+/// describe_topic's partitions are metadata's: a new broker's reason
+/// reaches a new client through it, and an old broker's answer reads
+/// without one.
+#[test]
+fn describe_topic_partitions_carry_the_message() {
+    let ResponseBody::Metadata(m) = metadata_with_errors().body else {
+        unreachable!()
+    };
+    let partitions = m.topics[0].partitions.clone();
+    let new = Response {
+        correlation_id: 1,
+        body: ResponseBody::DescribeTopic(Box::new(DescribeTopicResponse {
+            config: topic_config(),
+            partitions: partitions.clone(),
+        })),
+    };
+    let frame = response_frame(&new);
+    assert_eq!(decode_response(&frame[FRAME_HEADER_BYTES..]).unwrap(), new);
+    let old: Vec<PartitionMetadataBeforeMessage> = partitions
+        .iter()
+        .map(|p| PartitionMetadataBeforeMessage {
+            partition: p.partition,
+            error: p.error,
+            earliest_offset: p.earliest_offset,
+            latest_offset: p.latest_offset,
+        })
+        .collect();
+    let got = decode_answer(4, |e| {
+        e.array(2)
+            .unwrap()
+            .encode(topic_config())
+            .unwrap()
+            .encode(&old)
+            .unwrap();
+    });
+    let ResponseBody::DescribeTopic(got) = got.body else {
+        panic!("{got:?}")
+    };
+    assert_eq!(got.partitions[1].error, ErrorCode::PartitionQuarantined);
+    assert!(got.partitions.iter().all(|p| p.message.is_none()));
+}
+
+/// A compact_topic result's `message` takes index 7, a describe_partitions
+/// result's index 13; answers from brokers before them have none, and
+/// old clients skip them (the derived decoding, as above).
+#[test]
+fn compact_and_describe_partitions_results_messages_are_optional() {
+    let new = CompactedPartition {
+        partition: 1,
+        error: ErrorCode::PartitionQuarantined,
+        segments_merged: 0,
+        segments_freed: 0,
+        bytes_before: 0,
+        bytes_after: 0,
+        records_removed: 0,
+        message: Some("why".into()),
+    };
+    assert_message_is_last_and_optional(
+        &new,
+        // [1, 10, 0, 0, 0, 0, 0, "why"] and [1, 10, 0, 0, 0, 0, 0]
+        "88010a000000000063776879",
+        "87010a0000000000",
+        &CompactedPartition {
+            message: None,
+            ..new.clone()
+        },
+    );
+    let new = PartitionDetail::failed(1, ErrorCode::PartitionQuarantined, 8, "why".into());
+    assert_message_is_last_and_optional(
+        &new,
+        // [1, 10, 0, 0, 0, 0, 8, null, null, null, null, null, null, "why"]
+        // and [1, 10, 0, 0, 0, 0, 8]
+        "8e010a0000000008f6f6f6f6f6f663776879",
+        "87010a0000000008",
+        &PartitionDetail {
+            message: None,
+            ..new.clone()
+        },
+    );
+    // An old client's decoder (fields to 12) skips the message: a result
+    // read to its end, and the next one after it.
+    #[derive(Debug, PartialEq, minicbor::Decode)]
+    struct PartitionDetailBeforeMessage {
+        #[n(0)]
+        partition: u32,
+        #[n(1)]
+        error: ErrorCode,
+        #[n(6)]
+        segments: u32,
+        #[n(12)]
+        damaged: Option<Vec<DamagedRange>>,
+    }
+    let two = minicbor::to_vec([&new, &new]).unwrap();
+    let read: Vec<PartitionDetailBeforeMessage> = minicbor::decode(&two).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[1].segments, 8);
+    assert_eq!(read[1].error, ErrorCode::PartitionQuarantined);
 }
 
 #[test]

@@ -488,6 +488,10 @@ pub struct TopicMetadata {
     /// Sorted by partition number, 0 to count - 1.
     #[n(2)]
     pub partitions: Vec<PartitionMetadata>,
+    /// The broker's reason when `error` is not `none`, as in a fetch
+    /// result; absent otherwise and from brokers before it.
+    #[n(3)]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -504,6 +508,11 @@ pub struct PartitionMetadata {
     /// `earliest_offset` when the partition is empty.
     #[n(3)]
     pub latest_offset: u64,
+    /// The broker's reason when `error` is not `none` (why the partition
+    /// is quarantined, which write failed), as in a fetch result; absent
+    /// otherwise and from brokers before it.
+    #[n(4)]
+    pub message: Option<String>,
 }
 
 /// Creates a topic. Every field but the name is optional; the server fills
@@ -1321,6 +1330,10 @@ pub struct CompactedPartition {
     pub bytes_after: u64,
     #[n(6)]
     pub records_removed: u64,
+    /// The broker's reason when `error` is not `none`, as in a fetch
+    /// result; absent otherwise and from brokers before it.
+    #[n(7)]
+    pub message: Option<String>,
 }
 
 /// Each partition's ring in detail: what `topics describe` shows.
@@ -1375,6 +1388,33 @@ pub struct PartitionDetail {
     /// (docs/semantics.md, "Damaged data"); absent when none.
     #[n(12)]
     pub damaged: Option<Vec<DamagedRange>>,
+    /// The broker's reason when `error` is not `none` (why the partition
+    /// is quarantined), as in a fetch result; absent otherwise and from
+    /// brokers before it.
+    #[n(13)]
+    pub message: Option<String>,
+}
+
+impl PartitionDetail {
+    /// A partition that could not be described, with the broker's reason.
+    pub fn failed(partition: u32, error: ErrorCode, segments: u32, message: String) -> Self {
+        PartitionDetail {
+            partition,
+            error,
+            log_start: 0,
+            log_end: 0,
+            bytes: 0,
+            segments_used: 0,
+            segments,
+            oldest_segment_max_timestamp: None,
+            next_retention_at_ms: None,
+            next_retention_offsets: None,
+            next_retention_bytes: None,
+            oldest_timestamp: None,
+            damaged: None,
+            message: Some(message),
+        }
+    }
 }
 
 /// Offsets lost to damaged data that recovery skipped.

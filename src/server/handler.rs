@@ -150,12 +150,16 @@ fn partition_metadata(ctx: &Ctx, topic: &str, meta: &TopicMeta) -> Vec<Partition
                 error: ErrorCode::None,
                 earliest_offset: o.earliest,
                 latest_offset: o.high_watermark,
+                message: None,
             },
             Err(e) => PartitionMetadata {
                 partition: p,
                 error: broker_error_code(&e),
                 earliest_offset: 0,
                 latest_offset: 0,
+                // The code alone would leave an operator to find the
+                // reason (a quarantine's, say) in the log.
+                message: Some(e.to_string()),
             },
         })
         .collect()
@@ -175,6 +179,7 @@ pub(crate) fn metadata(ctx: &Ctx, identity: &str, req: MetadataRequest) -> Respo
         .into_iter()
         .map(|name| match ctx.broker.topic(&name) {
             _ if !authorize(ctx, identity, Operation::Describe, &name) => TopicMetadata {
+                message: Some(not_authorized_message(identity, Operation::Describe, &name)),
                 name,
                 error: ErrorCode::NotAuthorized,
                 partitions: Vec::new(),
@@ -183,11 +188,13 @@ pub(crate) fn metadata(ctx: &Ctx, identity: &str, req: MetadataRequest) -> Respo
                 partitions: partition_metadata(ctx, &name, &meta),
                 name,
                 error: ErrorCode::None,
+                message: None,
             },
             Err(e) => TopicMetadata {
                 name,
                 error: broker_error_code(&e),
                 partitions: Vec::new(),
+                message: Some(e.to_string()),
             },
         })
         .collect();
@@ -751,6 +758,7 @@ pub(crate) async fn compact_topic(
                 bytes_before: r.bytes_before,
                 bytes_after: r.bytes_after,
                 records_removed: r.records_removed,
+                message: None,
             },
             Err(e) => CompactedPartition {
                 partition: p,
@@ -760,6 +768,7 @@ pub(crate) async fn compact_topic(
                 bytes_before: 0,
                 bytes_after: 0,
                 records_removed: 0,
+                message: Some(e.to_string()),
             },
         });
     }
@@ -810,22 +819,14 @@ pub(crate) async fn describe_partitions(ctx: &Ctx, identity: &str, name: &str) -
                 next_retention_offsets: d.next_retention.map(|r| r.offsets),
                 next_retention_bytes: d.next_retention.map(|r| r.bytes),
                 oldest_timestamp: d.oldest_timestamp,
+                message: None,
             },
-            Err(e) => PartitionDetail {
-                partition: p,
-                error: broker_error_code(&e),
-                log_start: 0,
-                log_end: 0,
-                bytes: 0,
-                segments_used: 0,
-                segments: meta.config.segments,
-                oldest_segment_max_timestamp: None,
-                next_retention_at_ms: None,
-                next_retention_offsets: None,
-                next_retention_bytes: None,
-                oldest_timestamp: None,
-                damaged: None,
-            },
+            Err(e) => PartitionDetail::failed(
+                p,
+                broker_error_code(&e),
+                meta.config.segments,
+                e.to_string(),
+            ),
         });
     }
     ResponseBody::DescribePartitions(DescribePartitionsResponse { partitions })
