@@ -314,6 +314,103 @@ fn produce_fails_at_once_with_the_reason_when_tls_refuses_the_session() {
     ));
 }
 
+/// A raw TLS 1.3 client with the certificate NAME of `pki`.
+fn raw_tls_client(pki: &Pki, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(pki.path(&format!("{name}.pem")))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.path(&format!("{name}.key"))).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    std::sync::Arc::new(config)
+}
+
+/// Connects to `addr` with `config`, writes a request the moment the
+/// client's side of the handshake is done, and reads the socket to its
+/// end: how that ended (an error for a reset), and what the broker said
+/// before, as rustls reads it (a refusal's alert is an error).
+fn refused_after_request(
+    addr: &str,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> (std::io::Result<usize>, Result<(), rustls::Error>, bool) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    conn.writer().write_all(b"a request").unwrap();
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).unwrap();
+    }
+    let mut received = Vec::new();
+    let end = tcp.read_to_end(&mut received);
+    let mut rest = &received[..];
+    let mut said = Ok(());
+    while !rest.is_empty() && said.is_ok() {
+        conn.read_tls(&mut rest).unwrap();
+        said = conn.process_new_packets().map(drop);
+    }
+    let closed = said.is_ok() && conn.process_new_packets().unwrap().peer_has_closed();
+    (end, said, closed)
+}
+
+/// The broker closes a refused TLS client's connection gracefully: what
+/// it said (an alert, a close_notify), then a FIN, never a reset. With
+/// TLS 1.3 a client has finished its side of the handshake before the
+/// broker checks its certificate and writes its first request at once; a
+/// broker that closed with those bytes unread made the kernel reset the
+/// connection, which a client could see before the alert. A raw rustls
+/// client here writes a request right after its handshake and reads the
+/// socket to its end: not "connection reset". Repeated, as a reset's
+/// timing varies.
+#[test]
+fn a_refused_tls_client_reads_the_refusal_and_an_orderly_close() {
+    let (_keep, mut pki) = pki_dir();
+    let revoked = pki.issue("revoked", "dev-4", &[], Valid::Now, None);
+    pki.revoked.push(revoked);
+    pki.write_crl();
+    pki.issue("nodns", "dev-5", &[], Valid::Now, None);
+    // The certificate refused in the handshake: the alert says why.
+    let section = pki.server_section(true, &format!("crl = {:?}\n", pki.path("crl.pem")));
+    let b = Broker::start(&section);
+    let config = raw_tls_client(&pki, "revoked");
+    for attempt in 0..10 {
+        let (end, said, _) = refused_after_request(&tls_addr(&b), &config);
+        assert!(end.is_ok(), "attempt {attempt}: {end:?}");
+        let said = said.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            said.contains("CertificateRevoked"),
+            "attempt {attempt}: {said:?}"
+        );
+    }
+    // A certificate trusted but naming no identity, refused after the
+    // handshake: a close_notify.
+    let section = pki.server_section(true, "identity_from = \"san-dns\"\n");
+    let b = Broker::start(&section);
+    let config = raw_tls_client(&pki, "nodns");
+    for attempt in 0..10 {
+        let (end, said, closed) = refused_after_request(&tls_addr(&b), &config);
+        assert!(end.is_ok(), "attempt {attempt}: {end:?}");
+        assert!(said.is_ok() && closed, "attempt {attempt}: {said:?}");
+    }
+    assert!(b.log().contains("names no identity"), "{}", b.log());
+}
+
 /// OpenSSL offering TLS 1.1 only (its security level lowered so it will
 /// send such a hello) is refused by the broker: rustls answers with a
 /// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms

@@ -46,6 +46,14 @@ use tls::{TlsError, TlsSetup, TlsSlot};
 /// connects and stalls holds a connection slot no longer than this.
 const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
 
+/// How long, and how many bytes, the socket of a refused TLS client is
+/// read and dropped after the refusal (`close_refused`): enough for the
+/// first request a client writes after its side of the handshake; a peer
+/// that sends more, or never closes, holds its socket no longer. The
+/// connection holds no slot meanwhile (it was never admitted).
+const TLS_REFUSED_DRAIN_MS_MAX: u64 = 1_000;
+const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
+
 /// How long a graceful stop waits for connections to finish their requests.
 const SHUTDOWN_DRAIN_MS_MAX: u64 = 10_000;
 /// How long a graceful stop waits for the mirror's open transaction.
@@ -1158,15 +1166,18 @@ async fn handshake(
     Arc<str>,
 )> {
     let acceptor = futures_rustls::TlsAcceptor::from(setup.config.clone());
-    let done = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+    let accept = acceptor.accept(stream).into_fallible();
+    let done = futures_lite::future::or(async { Some(accept.await) }, async {
         smol::Timer::after(Duration::from_millis(TLS_HANDSHAKE_MS_MAX)).await;
         None
     })
     .await;
     let tls = match done {
         Some(Ok(tls)) => tls,
-        Some(Err(e)) => {
+        Some(Err((e, stream))) => {
             log::info!("{peer}: TLS handshake failed: {e}");
+            // rustls has written its alert, if the failure has one.
+            close_refused(stream, refused_deadline()).await;
             return None;
         }
         None => {
@@ -1188,9 +1199,52 @@ async fn handshake(
                 "{peer}: client certificate names no identity by server.tls.identity_from = \"{}\"; refused",
                 setup.identity_from
             );
+            // After a finished handshake rustls can only say close_notify.
+            let deadline = refused_deadline();
+            let mut tls = tls;
+            let close_notify = async {
+                let _ = futures_lite::AsyncWriteExt::close(&mut tls).await;
+            };
+            let expired = async {
+                smol::Timer::at(deadline).await;
+            };
+            futures_lite::future::or(close_notify, expired).await;
+            close_refused(tls.into_inner().0, deadline).await;
             None
         }
     }
+}
+
+/// Closes a refused TLS client's socket so that what was sent (the alert)
+/// reaches it. With TLS 1.3 the client has finished its side of the
+/// handshake before the broker checks its certificate, and writes its
+/// first request at once; closing with those bytes unread makes the
+/// kernel send a reset instead of a FIN, and a client could see the reset
+/// before the alert. So: the write side is shut (FIN after the alert),
+/// then what comes in is read and dropped until the client closes,
+/// until `deadline` (`refused_deadline`) and `TLS_REFUSED_DRAIN_BYTES_MAX`.
+async fn close_refused(mut stream: smol::net::TcpStream, deadline: std::time::Instant) {
+    use futures_lite::AsyncReadExt;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = TLS_REFUSED_DRAIN_BYTES_MAX;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let expired = async {
+        smol::Timer::at(deadline).await;
+    };
+    futures_lite::future::or(drain, expired).await;
+}
+
+/// When a refused TLS client's socket is closed at the latest.
+fn refused_deadline() -> std::time::Instant {
+    std::time::Instant::now() + Duration::from_millis(TLS_REFUSED_DRAIN_MS_MAX)
 }
 
 #[cfg(test)]
