@@ -164,6 +164,51 @@ fn a_disk_budget_without_room_for_the_broker_s_own_topics_is_refused() {
     );
 }
 
+/// Topic and partition limits that hold the broker's own topics but no
+/// topic of the topic_defaults besides them (their slots are kept from
+/// the start, as their disk is) are a config error, found before anything
+/// starts: a group commit would otherwise be refused after the topics
+/// filled the limits. One more of each is accepted.
+#[test]
+fn topic_limits_without_room_for_the_broker_s_own_topics_are_refused() {
+    let dir = temp_dir();
+    let own = "__skiff_offsets, __skiff_txn, __skiff_share";
+    let text = |topics: u32, partitions: u32| {
+        format!(
+            "[server]\nmax_topics = {topics}\nmax_partitions = {partitions}\n\
+             [topic_defaults]\npartitions = 4\n"
+        )
+    };
+    for (name, text, wants) in [
+        (
+            "topics.toml",
+            text(3, 16),
+            ["server.max_topics", "3 leaves no room for a topic", own],
+        ),
+        (
+            "partitions.toml",
+            text(4, 6),
+            [
+                "server.max_partitions",
+                "6 is less than one topic of the topic_defaults (4 partitions) and the 3 kept",
+                own,
+            ],
+        ),
+    ] {
+        let file = config_file(dir.path(), name, &text);
+        for cmd in [
+            &["config", "check", &file][..],
+            &["serve", "--config", &file],
+        ] {
+            let o = run_in(dir.path(), cmd);
+            assert_fails(&o, 2, &[&wants[..], &[&file]].concat());
+        }
+    }
+    assert!(!dir.path().join("skiff-data").exists());
+    let file = config_file(dir.path(), "fits.toml", &text(4, 7));
+    assert_ok(&run_in(dir.path(), &["config", "check", &file]));
+}
+
 /// Connects and says hello; `None` when the broker refused the connection
 /// with too_many_connections.
 fn try_hello(addr: &str) -> Option<RawConn> {

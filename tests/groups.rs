@@ -881,12 +881,106 @@ fn topics_that_leave_no_room_for_the_offsets_topic_are_reported_at_start_up() {
             && log.contains("__skiff_offsets, __skiff_txn, __skiff_share"),
         "{log}"
     );
+    commit_refused_and_the_rest_serves(&b, &["storage_full", "storage.disk_budget_bytes"]);
+}
+
+/// A group commit on topic "a" (3 records in partition 0) is refused with
+/// `wants` in its message, and reading the records without a group works.
+fn commit_refused_and_the_rest_serves(b: &Broker, wants: &[&str]) {
     let o = b.cli(&[
         "consume", "a", "--group", "g", "--from", "earliest", "--count", "3",
     ]);
-    assert_fails(&o, 1, &["storage_full", "storage.disk_budget_bytes"]);
-    // Everything else serves.
+    assert_fails(&o, 1, wants);
     let o = b.cli(&["consume", "a", "--partition", "0", "--timeout-ms", "1000"]);
     assert_ok(&o);
     assert_eq!(stdout(&o).lines().count(), 3);
+}
+
+/// Topic names as `topics list` gives them.
+fn listed(b: &Broker) -> Vec<String> {
+    let o = b.cli(&["topics", "list"]);
+    assert_ok(&o);
+    stdout(&o).lines().map(str::to_owned).collect()
+}
+
+/// The broker's own topics are made at their first use, but each keeps a
+/// topic slot and a partition of server.max_topics/max_partitions from
+/// the first start, as it keeps its disk: a topic that would take them is
+/// refused when it is created, saying why, and a commit made with the
+/// limits full finds its slot. The limits used to count only topics made:
+/// the topic was created, and the group commit then refused.
+#[test]
+fn the_topic_limits_keep_the_offsets_topic_s_slot_from_the_start() {
+    // Room for two topics of 5 partitions between them, besides the 3
+    // (one partition each) kept for the broker's own.
+    let b = Broker::start("[server]\nmax_topics = 5\nmax_partitions = 8\n");
+    create(&b, "a", "4");
+    let kept = ["of which 3", "__skiff_offsets, __skiff_txn, __skiff_share"];
+    // 6 partitions of 8: it would fit, were the broker's own not counted.
+    let o = b.cli(&["topics", "create", "b", "--partitions", "2"]);
+    assert_fails(
+        &o,
+        1,
+        &[
+            &["too_many_partitions", "server.max_partitions 8"][..],
+            &kept,
+        ]
+        .concat(),
+    );
+    create(&b, "b", "1");
+    let o = b.cli(&["topics", "create", "c"]);
+    assert_fails(
+        &o,
+        1,
+        &[&["too_many_topics", "server.max_topics 5"][..], &kept].concat(),
+    );
+    assert_eq!(listed(&b), ["a", "b"]);
+    assert_ok(&b.cli(&["produce", "a", "--partition", "0", "x", "y", "z"]));
+    let consume = [
+        "consume", "a", "--group", "g", "--from", "earliest", "--count", "3",
+    ];
+    assert_ok(&b.cli(&consume));
+    assert_eq!(committed(&b, "g").get(&0), Some(&3));
+    // The offsets topic took its own slot, no other: the two still kept
+    // are named, and no user topic got in.
+    let o = b.cli(&["topics", "create", "c"]);
+    assert_fails(
+        &o,
+        1,
+        &[
+            "too_many_topics",
+            "of which 2",
+            "__skiff_txn, __skiff_share",
+        ],
+    );
+    assert!(!stderr(&o).contains("__skiff_offsets"), "{}", stderr(&o));
+}
+
+/// A data directory whose topics already take the slots the broker keeps
+/// for its own (made under larger limits, or by a version that did not
+/// keep them): start-up still serves, and says so naming them; a commit
+/// is refused with too_many_topics naming the limit.
+#[test]
+fn topics_that_take_the_offsets_topic_s_slot_are_reported_at_start_up() {
+    let mut first = Broker::start("");
+    create(&first, "a", "1");
+    create(&first, "b", "1");
+    assert_ok(&first.cli(&["produce", "a", "--partition", "0", "x", "y", "z"]));
+    assert_eq!(first.stop(), Some(0));
+    // One topic and the broker's own 3, as config check asks; not the two
+    // topics there are.
+    let b = Broker::start_on(
+        first.data_dir(),
+        "[server]\nmax_topics = 4\nmax_partitions = 8\n",
+    );
+    let log = b.log();
+    assert!(
+        log.contains("the topics hold 2 topics")
+            && log.contains("server.max_topics (4)")
+            && log.contains("__skiff_offsets, __skiff_txn, __skiff_share"),
+        "{log}"
+    );
+    assert!(!log.contains("server.max_partitions"), "{log}");
+    commit_refused_and_the_rest_serves(&b, &["too_many_topics", "server.max_topics 4"]);
+    assert_eq!(listed(&b), ["a", "b"]);
 }

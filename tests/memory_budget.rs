@@ -34,7 +34,7 @@ fn config() -> String {
          max_frame_bytes = {frame}\n\
          max_inflight_bytes_per_connection = {inflight}\n\
          max_topics = 4\n\
-         max_partitions = {PARTITIONS}\n\
+         max_partitions = {partitions}\n\
          [storage]\n\
          disk_budget_bytes = {disk}\n\
          append_queue_depth = 32\n\
@@ -48,6 +48,9 @@ fn config() -> String {
          max_producers = 64\n",
         frame = BATCH_BYTES + 4096,
         inflight = 4 * BATCH_BYTES,
+        // Every partition a topic may have, and the broker's own 3, kept
+        // for them but not made here (no group, transaction or share).
+        partitions = PARTITIONS + INTERNAL_TOPICS,
     )
 }
 

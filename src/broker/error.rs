@@ -23,11 +23,17 @@ pub enum BrokerError {
     TopicExists(String),
     /// Empty, too long, or a character outside `[A-Za-z0-9._-]`.
     InvalidTopicName(String),
+    /// `server.max_topics` is reached; `kept` are the broker's own topics
+    /// not made yet whose slots it keeps.
     TooManyTopics {
         max: usize,
+        kept: Vec<&'static str>,
     },
+    /// `server.max_partitions` is reached; `kept` as for
+    /// [`BrokerError::TooManyTopics`] (a partition each).
     TooManyPartitions {
         max: usize,
+        kept: Vec<&'static str>,
     },
     /// The topic's rings would take the reserved disk past `max`
     /// (`storage.disk_budget_bytes`).
@@ -114,6 +120,25 @@ pub enum BrokerError {
     Storage(Arc<StorageError>),
 }
 
+/// The end of a limit's message: the slots it keeps for the broker's own
+/// topics not made yet, which is why it may be reached sooner than the
+/// topics listed suggest.
+fn write_kept(
+    f: &mut std::fmt::Formatter<'_>,
+    kept: &[&'static str],
+    what: &str,
+) -> std::fmt::Result {
+    if kept.is_empty() {
+        return write!(f, ")");
+    }
+    write!(
+        f,
+        ", of which {} {what} are kept for the broker's own topics, made at their first use: {})",
+        kept.len(),
+        kept.join(", ")
+    )
+}
+
 impl std::fmt::Display for BrokerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -126,8 +151,14 @@ impl std::fmt::Display for BrokerError {
                 f,
                 "invalid topic name '{t}': use 1 to {TOPIC_NAME_BYTES_MAX} of A-Z a-z 0-9 . _ -"
             ),
-            Self::TooManyTopics { max } => write!(f, "topic limit reached ({max})"),
-            Self::TooManyPartitions { max } => write!(f, "partition limit reached ({max})"),
+            Self::TooManyTopics { max, kept } => {
+                write!(f, "topic limit reached (server.max_topics {max}")?;
+                write_kept(f, kept, "topics")
+            }
+            Self::TooManyPartitions { max, kept } => {
+                write!(f, "partition limit reached (server.max_partitions {max}")?;
+                write_kept(f, kept, "partitions")
+            }
             Self::DiskLimit {
                 topic_bytes,
                 reserved_bytes,
@@ -293,7 +324,10 @@ impl From<Arc<StorageError>> for BrokerError {
                 }
             }
             &StorageError::InvalidConfig(what) => Self::InvalidConfig(what),
-            &StorageError::TooManyPartitions { max } => Self::TooManyPartitions { max },
+            &StorageError::TooManyPartitions { max } => Self::TooManyPartitions {
+                max,
+                kept: Vec::new(),
+            },
             StorageError::ShuttingDown => Self::ShuttingDown,
             StorageError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Self::NoSpace(e),
             // The ring could not be reserved: the disk is full, the same

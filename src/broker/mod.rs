@@ -125,13 +125,17 @@ pub struct TopicSpec {
     pub tombstone_retention_ms: Option<u64>,
 }
 
+/// Partitions of each of the broker's own topics: what each keeps of
+/// `server.max_partitions` before it is made.
+pub(crate) const INTERNAL_TOPIC_PARTITIONS: u32 = 1;
+
 impl TopicSpec {
     /// One of the broker's own logs: one partition, no time retention,
     /// every write fsynced; compacted (the overflow compaction's), or a
     /// plain ring that overwrites.
     pub(crate) fn internal(segment_bytes: u64, segments: u32, compacted: bool) -> TopicSpec {
         TopicSpec {
-            partitions: Some(1),
+            partitions: Some(INTERNAL_TOPIC_PARTITIONS),
             segment_bytes: Some(segment_bytes),
             segments: Some(segments),
             retention_ms: Some(0),
@@ -166,8 +170,9 @@ pub struct BrokerOptions {
     pub clock: Arc<dyn Clock>,
     pub cleaner: cleaner::CleanerLimits,
     /// The broker's own topics, each made at its first use, and the disk
-    /// each will reserve then: counted in the budget from the start, so
-    /// a user topic cannot take it (see [`internal_topics_disk`]).
+    /// each will reserve then: counted in the budget and the topic and
+    /// partition limits from the start, so a user topic cannot take their
+    /// room (see [`internal_topics_disk`]).
     pub internal_topics: Vec<(&'static str, u64)>,
 }
 
@@ -446,6 +451,7 @@ impl Broker {
                 limits.disk_budget_bytes
             );
         }
+        Self::warn_if_limits_taken(&topics, &internal_topics, &limits);
         let producers = producers::Producers::open(
             &data_dir,
             producers::ProducersConfig {
@@ -1014,6 +1020,66 @@ impl Broker {
         name
     }
 
+    /// The broker's own topics not made yet, but `except` (the one being
+    /// made, which takes what was kept for it): each keeps a topic slot and
+    /// [`INTERNAL_TOPIC_PARTITIONS`] of the limits, as it keeps its disk.
+    fn unmade_internal(
+        table: &BTreeMap<String, TopicMeta>,
+        internal: &[(&'static str, u64)],
+        except: &str,
+    ) -> Vec<&'static str> {
+        internal
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != except && !table.contains_key(*n))
+            .collect()
+    }
+
+    /// Topics from before the broker's own were counted in the limits (or
+    /// from before they were lowered) stay; new ones, and the broker's
+    /// own, wait until some are deleted. Said at start-up, where an
+    /// operator looks, not first at a group commit.
+    fn warn_if_limits_taken(
+        topics: &BTreeMap<String, TopicMeta>,
+        internal: &[(&'static str, u64)],
+        limits: &BrokerLimits,
+    ) {
+        let unmade = Self::unmade_internal(topics, internal, "");
+        if unmade.is_empty() {
+            return;
+        }
+        let kept_partitions = unmade.len() * INTERNAL_TOPIC_PARTITIONS as usize;
+        let partitions = Self::total_partitions(topics);
+        let taken = [
+            (
+                "server.max_topics",
+                "topics",
+                topics.len(),
+                unmade.len(),
+                limits.max_topics,
+            ),
+            (
+                "server.max_partitions",
+                "partitions",
+                partitions,
+                kept_partitions,
+                limits.max_partitions,
+            ),
+        ];
+        for (key, what, have, kept, max) in taken {
+            if have + kept > max {
+                log::warn!(
+                    "the topics hold {have} {what}, leaving less than the {kept} that \
+                     {key} ({max}) keeps for the broker's own topics not made yet ({}): no \
+                     topic can be created until some are deleted, and a group commit, \
+                     transaction or share fetch that needs one of them is refused \
+                     (too_many_{what})",
+                    unmade.join(", ")
+                );
+            }
+        }
+    }
+
     /// The disk the topics' rings reserve together, with what the
     /// broker's own topics not made yet (`internal`) will take.
     fn reserved_bytes(
@@ -1096,14 +1162,22 @@ impl Broker {
         if table.contains_key(name) {
             return Err(BrokerError::TopicExists(name.to_owned()));
         }
-        if table.len() >= self.limits.max_topics {
+        // The broker's own topics not made yet keep their slots, as they
+        // keep their disk below: one made takes exactly its own.
+        let kept = Self::unmade_internal(&table, &self.internal_topics, name);
+        if table.len() + kept.len() >= self.limits.max_topics {
             return Err(BrokerError::TooManyTopics {
                 max: self.limits.max_topics,
+                kept,
             });
         }
-        if Self::total_partitions(&table) + partitions as usize > self.limits.max_partitions {
+        let kept_partitions = kept.len() * INTERNAL_TOPIC_PARTITIONS as usize;
+        if Self::total_partitions(&table) + kept_partitions + partitions as usize
+            > self.limits.max_partitions
+        {
             return Err(BrokerError::TooManyPartitions {
                 max: self.limits.max_partitions,
+                kept,
             });
         }
         let reserved_bytes = {

@@ -1204,8 +1204,42 @@ impl Config {
         }
         self.mirror.validate()?;
         self.share.validate()?;
+        self.check_topic_slots()?;
         // After [share]: the share log's size follows from it.
         self.check_disk_budget()
+    }
+
+    /// The topic and partition limits hold one topic of the topic_defaults
+    /// and the broker's own topics, whose slots are kept for them from
+    /// the start, as their disk is.
+    fn check_topic_slots(&self) -> Result<(), Invalid> {
+        let own: Vec<&str> = crate::broker::internal_topics_disk(self)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let kept = own.len() as u32;
+        let kept_partitions = kept * crate::broker::INTERNAL_TOPIC_PARTITIONS;
+        let (s, t) = (&self.server, &self.topic_defaults);
+        check(s.max_topics > kept, "server.max_topics", || {
+            format!(
+                    "{} leaves no room for a topic: {kept} are kept for the broker's own topics ({}); at least {}",
+                    s.max_topics,
+                    own.join(", "),
+                    1 + kept
+                )
+        })?;
+        check(
+            s.max_partitions >= t.partitions.saturating_add(kept_partitions),
+            "server.max_partitions",
+            || {
+                format!(
+                    "{} is less than one topic of the topic_defaults ({} partitions) and the {kept_partitions} kept for the broker's own topics ({})",
+                    s.max_partitions,
+                    t.partitions,
+                    own.join(", ")
+                )
+            },
+        )
     }
 
     /// The disk budget holds one topic of the topic_defaults and the

@@ -617,6 +617,11 @@ pub const PROBE_SEGMENT_BYTES: u64 = 1024 * 1024 + 8192;
 /// `__skiff_txn` 4 (docs/configuration.md, "The disk budget").
 pub const INTERNAL_TOPICS_DISK_BYTES: u64 = 14 * 1024 * 1024;
 
+/// The broker's own topics, one partition each: the topic slots and
+/// partitions `server.max_topics`/`max_partitions` keep for them from the
+/// first start.
+pub const INTERNAL_TOPICS: u32 = 3;
+
 /// A raw protocol connection for feeding the broker bytes by hand.
 pub struct RawConn {
     pub stream: std::net::TcpStream,
