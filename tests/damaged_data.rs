@@ -666,3 +666,54 @@ fn a_lost_topics_meta_beside_an_unloadable_partition_deletes_nothing() {
     }
     assert!(dir.join("partition.meta").exists());
 }
+
+/// A partition directory whose partition.meta names another partition (a
+/// directory copied or renamed by hand, say a restored backup) is skipped
+/// at start-up and never deleted: it may hold data. Creating the topic its
+/// path names is refused, naming the directory and what to do, as
+/// storage_failed; it used to be topic_exists, for a topic no listing
+/// showed.
+#[test]
+fn a_leftover_directory_in_the_way_of_a_create_is_named() {
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "a"]));
+    assert_ok(&b.cli(&["produce", "a", "--partition", "0", "x"]));
+    assert_eq!(b.stop(), Some(0));
+    let copied = b.data_dir().join("topics/b/0");
+    std::fs::create_dir_all(&copied).unwrap();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(b.data_dir().join("topics/a/0")).unwrap() {
+        let from = e.unwrap().path();
+        let to = copied.join(from.file_name().unwrap());
+        std::fs::copy(&from, &to).unwrap();
+        files.push((to.clone(), std::fs::read(&to).unwrap()));
+    }
+    b.restart();
+    let log = b.log();
+    assert!(log.contains("holds metadata for a/0; skipped"), "{log}");
+    assert_eq!(stdout(&b.cli(&["topics", "list"])), "a\n");
+    let o = b.cli(&["topics", "create", "b"]);
+    let dir = copied.to_str().unwrap();
+    assert_fails(
+        &o,
+        1,
+        &[
+            "storage_failed",
+            dir,
+            "no topic 'b' is listed",
+            "move it out of the data_dir",
+        ],
+    );
+    assert!(!stderr(&o).contains("topic_exists"), "{}", stderr(&o));
+    // Nothing was created over it, and nothing else changed.
+    for (path, bytes) in &files {
+        assert!(&std::fs::read(path).unwrap() == bytes, "{}", path.display());
+    }
+    assert_eq!(stdout(&b.cli(&["topics", "list"])), "a\n");
+    assert_eq!(stdout(&b.cli(&["consume", "a", "--partition", "0"])), "x\n");
+    // Moved away, the name is free.
+    assert_eq!(b.stop(), Some(0));
+    std::fs::remove_dir_all(b.data_dir().join("topics/b")).unwrap();
+    b.restart();
+    assert_ok(&b.cli(&["topics", "create", "b"]));
+}

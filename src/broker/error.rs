@@ -114,6 +114,15 @@ pub enum BrokerError {
     },
     /// The broker is stopping and takes no new work.
     ShuttingDown,
+    /// A partition directory of a topic the table does not list is in
+    /// the way of its creation: storage never creates over one that may
+    /// hold data (left by a delete that could not finish, or put there by
+    /// hand). Needs an operator, not another create.
+    LeftoverPartition {
+        topic: String,
+        partition: u32,
+        dir: std::path::PathBuf,
+    },
     /// The storage engine failed in a way no client can act on (I/O at
     /// start-up, a metadata file, a full partition table); the source says
     /// what.
@@ -169,6 +178,20 @@ impl std::fmt::Display for BrokerError {
                  of storage.disk_budget_bytes ({max}) are reserved already"
             ),
             Self::InvalidConfig(what) => write!(f, "invalid topic config: {what}"),
+            Self::LeftoverPartition {
+                topic,
+                partition,
+                dir,
+            } => write!(
+                f,
+                "cannot create partition {partition} of topic '{topic}': its directory {} (in the \
+                 broker's data_dir) is still on disk, though no topic '{topic}' is listed; it is \
+                 left from an earlier topic of that name (a delete that could not finish) or was \
+                 put there by hand, and the broker never creates over data (its log says why it \
+                 kept it): move it out of the data_dir with the broker stopped, or use another \
+                 name",
+                dir.display()
+            ),
             Self::Sequence(e) => write!(f, "{e}"),
             Self::OffsetOutOfRange {
                 requested,
@@ -259,6 +282,21 @@ impl From<BatchError> for BrokerError {
     }
 }
 
+impl BrokerError {
+    /// Storage's refusal to create a partition of `topic`, which the table
+    /// does not list: a directory it holds is a leftover, not the topic.
+    pub(super) fn creating_unlisted(topic: &str, e: StorageError) -> Self {
+        match e {
+            StorageError::PartitionExists { id, dir } => Self::LeftoverPartition {
+                topic: topic.to_owned(),
+                partition: id.partition,
+                dir,
+            },
+            e => e.into(),
+        }
+    }
+}
+
 /// Shared, because one failed write is the answer of every retry waiting
 /// on it (see `producers`).
 impl From<Arc<StorageError>> for BrokerError {
@@ -269,7 +307,6 @@ impl From<Arc<StorageError>> for BrokerError {
                 let (topic, partition) = at(id);
                 Self::UnknownPartition { topic, partition }
             }
-            StorageError::PartitionExists(id) => Self::TopicExists(id.topic.to_string()),
             &StorageError::OffsetOutOfRange {
                 requested,
                 earliest,

@@ -1226,7 +1226,7 @@ impl Broker {
                 // Roll back what was made so a failed create (a full disk, say)
                 // leaves nothing behind; the error is the one the client sees.
                 self.rollback_create(name, p, &mut table).await;
-                return Err(e.into());
+                return Err(BrokerError::creating_unlisted(name, e));
             }
             if hold {
                 // Before the topic is visible to producers.

@@ -63,7 +63,9 @@ pub enum ErrorCode {
     /// A write or fsync failed on the server. The partition refuses writes
     /// until it is recovered, so a retry does not help before an operator or
     /// a restart does. Not retriable. The outcome of the failed write is
-    /// unknown to the client, but it was never acknowledged.
+    /// unknown to the client, but it was never acknowledged. Also the
+    /// answer to `create_topic` when a directory left on disk for the name
+    /// (of no listed topic) is in the way: the message names it.
     StorageFailed = 9,
     /// Recovery found the partition damaged beyond its torn-tail policy and
     /// set it aside. Not retriable: needs an operator.

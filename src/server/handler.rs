@@ -54,7 +54,9 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         BrokerError::PartitionFull { .. } | BrokerError::NoSpace(_) => ErrorCode::StorageFull,
-        BrokerError::PartitionFailed { .. } => ErrorCode::StorageFailed,
+        BrokerError::PartitionFailed { .. } | BrokerError::LeftoverPartition { .. } => {
+            ErrorCode::StorageFailed
+        }
         BrokerError::UpstreamBacklogFull { .. } => ErrorCode::UpstreamBacklogFull,
         BrokerError::Quarantined { .. } => ErrorCode::PartitionQuarantined,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,

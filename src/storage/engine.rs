@@ -837,19 +837,20 @@ impl Engine {
     ) -> Result<(), StorageError> {
         super::validate_topic_name(&id.topic)?;
         cfg.validate()?;
+        let dir = part_dir(&self.ctx.cfg.data_dir, &id);
         if self.parts.contains_key(&id) {
-            return Err(StorageError::PartitionExists(id));
+            return Err(StorageError::PartitionExists { id, dir });
         }
         if self.parts.len() >= self.ctx.cfg.max_partitions {
             return Err(StorageError::TooManyPartitions {
                 max: self.ctx.cfg.max_partitions,
             });
         }
-        let dir = part_dir(&self.ctx.cfg.data_dir, &id);
         if dir.join(PARTITION_META).exists() {
-            // Not loaded (its metadata was unreadable at start-up, see the
-            // log), but its data may still matter: never overwrite it.
-            return Err(StorageError::PartitionExists(id));
+            // Not loaded (its metadata was unreadable at start-up, or
+            // names another partition: see the log), but its data may
+            // still matter: never overwrite it.
+            return Err(StorageError::PartitionExists { id, dir });
         }
         if dir.exists() {
             // A directory without partition.meta: a creation that never
@@ -861,7 +862,7 @@ impl Engine {
                      untouched",
                     dir.display()
                 );
-                return Err(StorageError::PartitionExists(id));
+                return Err(StorageError::PartitionExists { id, dir });
             }
             log::warn!("removing incomplete partition directory {}", dir.display());
             self.remove_dir(&dir, cfg.segments as usize);

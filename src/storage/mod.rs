@@ -686,8 +686,13 @@ impl Shared {
 pub enum StorageError {
     /// No such partition: never created, or deleted.
     UnknownPartition(PartitionId),
-    /// `create_partition` for an id that exists.
-    PartitionExists(PartitionId),
+    /// `create_partition` for an id that exists: loaded, or a directory
+    /// at `dir` that may hold data (not loaded, or not this id's), which
+    /// storage never creates over.
+    PartitionExists {
+        id: PartitionId,
+        dir: PathBuf,
+    },
     /// A read or seek outside `[earliest, high_watermark]`: the data was
     /// dropped by retention, or the consumer is ahead of the log.
     OffsetOutOfRange {
@@ -761,7 +766,9 @@ impl fmt::Display for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StorageError::UnknownPartition(id) => write!(f, "unknown partition {id}"),
-            StorageError::PartitionExists(id) => write!(f, "partition {id} exists"),
+            StorageError::PartitionExists { id, dir } => {
+                write!(f, "partition {id} exists ({})", dir.display())
+            }
             StorageError::OffsetOutOfRange {
                 requested,
                 earliest,

@@ -267,7 +267,7 @@ fn append_read_reopen() {
             block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
             assert!(matches!(
                 block_on(s.create_partition(id.clone(), small_cfg())),
-                Err(StorageError::PartitionExists(_))
+                Err(StorageError::PartitionExists { .. })
             ));
             let o = s.offsets(&id).unwrap();
             assert_eq!((o.earliest, o.high_watermark), (0, 0), "{name}");
@@ -2033,7 +2033,7 @@ fn lost_partition_meta_quarantines_a_partition_with_data() {
             assert!(
                 matches!(
                     block_on(s.create_partition(id.clone(), small_cfg())),
-                    Err(StorageError::PartitionExists(_))
+                    Err(StorageError::PartitionExists { .. })
                 ),
                 "{name}"
             );
