@@ -431,11 +431,7 @@ impl Broker {
         if reserved > limits.disk_budget_bytes {
             // Topics from before the limit was lowered (or from before the
             // broker's own were counted) stay; new ones wait.
-            let unmade: Vec<&str> = internal_topics
-                .iter()
-                .map(|(n, _)| *n)
-                .filter(|n| !topics.contains_key(*n))
-                .collect();
+            let unmade = Self::unmade_internal(&topics, &internal_topics, "");
             let own = if unmade.is_empty() {
                 String::new()
             } else {
