@@ -350,6 +350,47 @@ fn a_partition_with_a_backlog_does_not_starve_the_others() {
     );
 }
 
+/// A fetch's answer holds an entry per partition besides its records, and
+/// its first batch may be as large as a batch can be. Many partitions of
+/// a long-named topic and one full batch take more than the embedded
+/// default's frame in one answer: the consumer asks for as many
+/// partitions as fit beside a full batch, in turns, and reads everything.
+#[test]
+fn a_consumer_of_more_partitions_than_one_answer_holds_reads_them_all_in_turns() {
+    let server = Broker::start("");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
+    let topic = "t".repeat(200);
+    create(&c, &topic, 60);
+    let info = c.server_info().unwrap();
+    // As large a batch as the broker takes, in the last partition, and a
+    // record in each of the others.
+    let mut full = BatchBuilder::new();
+    let mut n = 0;
+    while full.estimated_bytes() + 1100 < info.max_batch_bytes as usize {
+        full.push(n, None, &[b'f'; 1000], &[]);
+        n += 1;
+    }
+    let mut batches = vec![(59, full.finish(ProducerStamp::NONE))];
+    for p in 0..59 {
+        let mut b = BatchBuilder::new();
+        b.push(0, None, format!("p{p}").as_bytes(), &[]);
+        batches.push((p, b.finish(ProducerStamp::NONE)));
+    }
+    for (partition, batch) in batches {
+        let r = c
+            .produce_raw(vec![ProducePartition {
+                topic: topic.clone(),
+                partition,
+                batch: batch.into(),
+            }])
+            .unwrap();
+        assert_eq!(r[0].error, ErrorCode::None, "partition {partition}");
+    }
+    let got = common::consume_all(&server.unix_addr(), &topic);
+    assert_eq!(got.len(), 59 + n as usize);
+    assert_eq!(got.iter().filter(|r| r.partition == 59).count(), n as usize);
+}
+
 async fn connect_and_create(server: &Broker, topic: &str, partitions: u32) -> Client {
     let client = Client::connect(&server.unix_addr()).await.unwrap();
     create_small(&client, topic, partitions).await;

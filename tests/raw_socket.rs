@@ -29,6 +29,61 @@ fn assert_rss_small(b: &Broker, what: &str) {
     assert!(rss < RSS_KIB_MAX, "broker RSS {rss} KiB {what}");
 }
 
+/// The connection still serves: a list_topics with `id` is answered.
+#[track_caller]
+fn assert_still_serves(c: &mut RawConn, id: u32) {
+    c.send_request(id, RequestBody::ListTopics(ListTopicsRequest {}));
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.correlation_id, id);
+    assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+}
+
+/// Sends `body` and reads its answer, which must fit `max_frame_bytes`.
+#[track_caller]
+fn answer_within(
+    c: &mut RawConn,
+    id: u32,
+    body: RequestBody,
+    max_frame_bytes: usize,
+) -> ResponseBody {
+    c.send_request(id, body);
+    let frame = c.read_frame().expect("an answer");
+    assert!(
+        frame.len() <= max_frame_bytes,
+        "answer of {} bytes",
+        frame.len()
+    );
+    let r = skiff::protocol::decode_response(&frame).expect("a valid frame");
+    assert_eq!(r.correlation_id, id);
+    r.body
+}
+
+/// Produces a batch of 100 records of 1,000 bytes (about 100 KB) to
+/// `topic`/`partition` and checks it is stored.
+#[track_caller]
+fn produce_100_kb(c: &mut RawConn, id: u32, topic: &str, partition: u32) {
+    use skiff::protocol::{ProducePartition, ProduceRequest};
+    let mut bb = skiff::batch::BatchBuilder::new();
+    for r in 0..100 {
+        bb.push(0, None, &[b'a' + (r % 26) as u8; 1000], &[]);
+    }
+    c.send_request(
+        id,
+        RequestBody::Produce(ProduceRequest {
+            partitions: vec![ProducePartition {
+                topic: topic.into(),
+                partition,
+                batch: bb.finish(skiff::batch::ProducerStamp::NONE).into(),
+            }],
+        }),
+    );
+    let r = c.read_response().expect("a produce answer");
+    assert!(
+        matches!(&r.body, ResponseBody::Produce(p) if p.partitions[0].error == ErrorCode::None),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn random_bytes_are_answered_or_dropped_and_the_broker_survives() {
     let mut b = Broker::start("");
@@ -357,11 +412,7 @@ fn a_request_that_does_not_fit_its_operation_is_refused_and_the_connection_goes_
         for s in said {
             assert!(e.message.contains(s), "{cid}: {e:?} should say {s:?}");
         }
-        // The connection still serves.
-        c.send_request(100 + cid, RequestBody::ListTopics(ListTopicsRequest {}));
-        let r = c.read_response().expect("an answer");
-        assert_eq!(r.correlation_id, 100 + cid);
-        assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+        assert_still_serves(&mut c, 100 + cid);
     }
     // Broken framing on the same connection: cut CBOR, then an operation
     // array of indefinite length (not the envelope's shape).
@@ -407,10 +458,7 @@ fn a_second_hello_is_invalid() {
     let r = c.expect_error(ErrorCode::InvalidRequest);
     assert_eq!(r.correlation_id, 2);
     // The connection still works after a refused request.
-    c.send_request(4, RequestBody::ListTopics(ListTopicsRequest {}));
-    let r = c.read_response().expect("an answer");
-    assert_eq!(r.correlation_id, 4);
-    assert!(matches!(r.body, ResponseBody::ListTopics(_)), "{r:?}");
+    assert_still_serves(&mut c, 4);
     b.assert_serves();
 }
 
@@ -523,5 +571,157 @@ fn frames_that_are_not_requests_are_counted_in_the_metrics() {
     c.expect_error(ErrorCode::InvalidRequest);
 
     assert_eq!(count(&b), 2.0);
+    b.assert_serves();
+}
+
+/// The answer's entries for a request of many partitions can outgrow the
+/// frame the request fitted in. A peer would refuse such a frame and lose
+/// its connection, so the broker answers `invalid_request` saying why,
+/// within `max_frame_bytes`, and the connection goes on.
+#[test]
+fn an_answer_that_would_outgrow_the_frame_is_refused_and_the_connection_goes_on() {
+    use skiff::protocol::{
+        FetchPartition, FetchRequest, ListOffsetsPartition, ListOffsetsRequest, OffsetSpec,
+    };
+    // The embedded default's server.max_frame_bytes.
+    const MAX_FRAME_BYTES: usize = 135_168;
+    let mut b = Broker::start("");
+    assert_ok(&b.cli(&["topics", "create", "few"]));
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    // Partitions the topic does not have: each entry's answer carries an
+    // error and its message, several times the entry's own size.
+    let fetch = RequestBody::Fetch(FetchRequest {
+        partitions: (0..6000)
+            .map(|i| FetchPartition {
+                topic: "few".into(),
+                partition: 1000 + i,
+                offset: 0,
+                max_bytes: 1024,
+            })
+            .collect(),
+        max_wait_ms: 0,
+        min_bytes: 0,
+        isolation: None,
+    });
+    let offsets = RequestBody::ListOffsets(ListOffsetsRequest {
+        partitions: (0..6000)
+            .map(|i| ListOffsetsPartition {
+                topic: "few".into(),
+                partition: 1000 + i,
+                spec: OffsetSpec::Latest,
+            })
+            .collect(),
+    });
+    // A batch of about 100 KB, returned whole as a fetch's first: with the
+    // messages of 800 failing entries beside it the answer cannot fit, and
+    // leaving it out would answer the same fetch the same way for ever.
+    produce_100_kb(&mut c, 2, "few", 0);
+    let entry = |partition| FetchPartition {
+        topic: "few".into(),
+        partition,
+        offset: 0,
+        max_bytes: 1 << 20,
+    };
+    let front = RequestBody::Fetch(FetchRequest {
+        partitions: (0..801)
+            .map(|i| entry(if i == 0 { 0 } else { 1000 + i }))
+            .collect(),
+        max_wait_ms: 0,
+        min_bytes: 0,
+        isolation: None,
+    });
+    for (id, body) in [(5, fetch), (6, offsets), (7, front)] {
+        let body = answer_within(&mut c, id, body, MAX_FRAME_BYTES);
+        let ResponseBody::Error(e) = &body else {
+            panic!("request {id}: expected an error, got {body:?}");
+        };
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{e:?}");
+        assert!(
+            e.message.contains("max_frame_bytes (135168)")
+                && e.message.contains("fewer partitions"),
+            "{}",
+            e.message
+        );
+    }
+    assert_still_serves(&mut c, 8);
+    b.assert_serves();
+}
+
+/// A fetch's records are read up to a budget that leaves room for its
+/// entries, but not for the messages of the entries that fail: when those
+/// take the answer past the frame, the records of the last entries are
+/// left out (fetched again from the same offset) rather than the frame
+/// outgrown. The first entry with records keeps them, so a fetch always
+/// moves on.
+#[test]
+fn a_fetch_whose_error_messages_would_outgrow_the_frame_leaves_records_out() {
+    use skiff::protocol::{FetchPartition, FetchRequest};
+    const MAX_FRAME_BYTES: usize = 1 << 20;
+    let mut b = Broker::start(&format!(
+        "[server]\nmax_frame_bytes = {MAX_FRAME_BYTES}\nmax_inflight_bytes_per_connection = {}\n",
+        2 * MAX_FRAME_BYTES
+    ));
+    assert_ok(&b.cli(&["topics", "create", "full", "--partitions", "2"]));
+    let mut c = RawConn::connect(&b.tcp);
+    c.hello();
+    // Five batches of about 100 KB in each partition.
+    for n in 0..10u32 {
+        produce_100_kb(&mut c, 10 + n, "full", n % 2);
+    }
+    let fetch = |partitions: Vec<FetchPartition>| {
+        RequestBody::Fetch(FetchRequest {
+            partitions,
+            max_wait_ms: 0,
+            min_bytes: 0,
+            isolation: None,
+        })
+    };
+    let entry = |partition| FetchPartition {
+        topic: "full".into(),
+        partition,
+        offset: 0,
+        max_bytes: MAX_FRAME_BYTES as u32,
+    };
+    // The entries for 1,500 partitions the topic lacks take about 100 KB
+    // before their messages and 170 KB with them: both partitions' records
+    // were read into the rest, and the second's no longer fit.
+    let mut entries = vec![entry(0), entry(1)];
+    entries.extend((0..1500).map(|i| entry(1000 + i)));
+    let body = answer_within(&mut c, 3, fetch(entries), MAX_FRAME_BYTES);
+    let ResponseBody::Fetch(f) = &body else {
+        panic!("expected a fetch answer, got {body:?}");
+    };
+    assert_eq!(f.partitions.len(), 1502);
+    let [first, second] = [&f.partitions[0], &f.partitions[1]];
+    assert_eq!(first.error, ErrorCode::None);
+    assert!(
+        first.records.len() > 400_000,
+        "{} record bytes",
+        first.records.len()
+    );
+    assert_eq!(second.error, ErrorCode::None);
+    assert_eq!(second.high_watermark, 500);
+    assert!(
+        second.records.is_empty(),
+        "{} record bytes",
+        second.records.len()
+    );
+    assert_eq!(second.next_offset, None);
+    for p in &f.partitions[2..] {
+        assert_eq!(p.error, ErrorCode::UnknownPartition);
+        assert!(p.message.is_some());
+    }
+    // In front, the second partition's records come back.
+    c.send_request(4, fetch(vec![entry(1), entry(0)]));
+    let r = c.read_response().expect("an answer");
+    let ResponseBody::Fetch(f) = &r.body else {
+        panic!("expected a fetch answer, got {:?}", r.body);
+    };
+    assert!(
+        f.partitions[0].records.len() > 400_000,
+        "{:?}",
+        f.partitions[0].records.len()
+    );
     b.assert_serves();
 }

@@ -15,7 +15,7 @@ use super::error::ClientError;
 use crate::batch::{BatchIter, HeadersRef, RecordRef};
 use crate::protocol::{
     ErrorCode, FetchPartition, FetchPartitionResult, FetchRequest, FetchResponse, Isolation,
-    OffsetSpec,
+    OffsetSpec, FETCH_RESPONSE_ENVELOPE_BYTES_MAX,
 };
 
 /// Where a newly assigned partition starts.
@@ -269,6 +269,12 @@ pub struct Consumer {
     /// would let one partition's backlog take every fetch while the
     /// others wait (Kafka's fetcher rotates for the same reason).
     first: usize,
+    /// Bytes one fetch's entries may take in its answer besides records:
+    /// what the server's frame holds beyond its largest batch (an answer's
+    /// first batch may be that large). A fetch asks for as many partitions
+    /// as fit, `first` leading, so every answer fits the frame; the rest
+    /// wait for the next fetch.
+    entries_room: usize,
     /// Positions moved by [`OffsetReset`] since [`Consumer::take_resets`]
     /// was last called: a group member commits from there. The last per
     /// partition, so a consumer that never asks keeps one each at most.
@@ -290,6 +296,7 @@ impl Consumer {
             positions: BTreeMap::new(),
             prefetch: None,
             first: 0,
+            entries_room: usize::MAX,
             resets: BTreeMap::new(),
         }
     }
@@ -415,6 +422,11 @@ impl Consumer {
             self.prefetch = None;
             return Ok(out);
         }
+        // Known once connected; a failure here is the fetch's to retry.
+        if let Ok(info) = self.client.server_info().await {
+            self.entries_room =
+                (info.max_frame_bytes as usize).saturating_sub(info.max_batch_bytes as usize);
+        }
         let request = self.request();
         let mut response = None;
         if let Some(p) = self.prefetch.take().filter(|p| p.request == request) {
@@ -444,6 +456,9 @@ impl Consumer {
             .rposition(|r| !r.records.is_empty())
         {
             self.first = (self.first + last + 1) % self.positions.len();
+        } else if request.partitions.len() < self.positions.len() {
+            // The partitions left out of this fetch lead the next.
+            self.first = (self.first + request.partitions.len()) % self.positions.len();
         }
         self.prefetch_after(&request, &response).await;
         // Positions move only when every partition's result is good, so an
@@ -473,15 +488,27 @@ impl Consumer {
         self.request_from(|_, _, at| at)
     }
 
-    /// The fetch for every assigned partition, `first` leading, from the
-    /// offset `at(topic, partition, position)` gives.
+    /// The fetch for every assigned partition whose entry fits
+    /// `entries_room`, at least one, `first` leading, from the offset
+    /// `at(topic, partition, position)` gives.
     fn request_from(&self, at: impl Fn(&str, u32, u64) -> u64) -> FetchRequest {
         let lead = self.first % self.positions.len().max(1);
+        let mut room = self
+            .entries_room
+            .saturating_sub(FETCH_RESPONSE_ENVELOPE_BYTES_MAX);
         let rotated = self
             .positions
             .iter()
             .skip(lead)
-            .chain(self.positions.iter().take(lead));
+            .chain(self.positions.iter().take(lead))
+            .enumerate()
+            .take_while(|(i, ((topic, _), _))| {
+                let need = FetchPartitionResult::envelope_bytes_max(topic, None);
+                let fits = *i == 0 || need <= room;
+                room = room.saturating_sub(need);
+                fits
+            })
+            .map(|(_, entry)| entry);
         FetchRequest {
             partitions: rotated
                 .map(|((topic, partition), &position)| FetchPartition {

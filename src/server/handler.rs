@@ -12,7 +12,7 @@ use crate::protocol::{
     ErrorResponse, FetchPartitionResult, FetchRequest, FetchResponse, ListOffsetsPartitionResult,
     ListOffsetsRequest, ListOffsetsResponse, ListTopicsResponse, MetadataRequest, MetadataResponse,
     OffsetSpec, PartitionMetadata, ProducePartitionResult, RecordBytes, ResponseBody, TopicConfig,
-    TopicMetadata,
+    TopicMetadata, FETCH_RESPONSE_ENVELOPE_BYTES_MAX,
 };
 
 use crate::broker::group::is_internal_topic;
@@ -21,8 +21,67 @@ use crate::bufpool::BatchBuf;
 use super::acl::Operation;
 use super::Ctx;
 
-/// Room left in a fetch response for everything but the record bytes.
+/// Room a fetch response keeps for everything but the record bytes, at
+/// least: the partitions' entries are counted exactly on top of their
+/// records (`fit_fetch`), and this keeps a fetch of many partitions from
+/// reading records it would only drop.
 const FETCH_ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// The bytes a fetch answer's entries take besides their records, at
+/// most, before any error message is known.
+fn fetch_envelope_bytes(partitions: &[crate::protocol::FetchPartition]) -> usize {
+    FETCH_RESPONSE_ENVELOPE_BYTES_MAX
+        + partitions
+            .iter()
+            .map(|p| FetchPartitionResult::envelope_bytes_max(&p.topic, None))
+            .sum::<usize>()
+}
+
+/// Keeps a fetch answer within `max_frame_bytes`: records were read up to
+/// a budget that left room for the entries without their messages, and
+/// the first batch may pass it, so an error's message can take the answer
+/// past the frame. The records of the last entries go first; such a
+/// partition answers with no records and is fetched again from the same
+/// offset (a consumer puts it in front next time). The first entry with
+/// records keeps them: without them the same fetch would never move on.
+/// Then the errors' messages go (the codes stay): a fetch whose entries
+/// fit what a frame holds beside its largest batch always fits that way,
+/// which is how the client sizes its fetches. `Err` with the answer's
+/// size when it still does not fit.
+fn fit_fetch(partitions: &mut [FetchPartitionResult], max_frame_bytes: usize) -> Result<(), usize> {
+    let envelope = FETCH_RESPONSE_ENVELOPE_BYTES_MAX
+        + partitions
+            .iter()
+            .map(|p| FetchPartitionResult::envelope_bytes_max(&p.topic, p.message.as_deref()))
+            .sum::<usize>();
+    let mut total = envelope + partitions.iter().map(|p| p.records.len()).sum::<usize>();
+    let front = partitions.iter().position(|p| !p.records.is_empty());
+    for (i, p) in partitions.iter_mut().enumerate().rev() {
+        if total <= max_frame_bytes || Some(i) == front {
+            break;
+        }
+        if !p.records.is_empty() {
+            total -= p.records.len();
+            p.records = RecordBytes::default();
+            // Where to go next was past these records.
+            p.next_offset = None;
+        }
+    }
+    for p in partitions.iter_mut().rev() {
+        if total <= max_frame_bytes {
+            break;
+        }
+        if let Some(m) = p.message.take() {
+            total -= FetchPartitionResult::envelope_bytes_max(&p.topic, Some(&m))
+                - FetchPartitionResult::envelope_bytes_max(&p.topic, None);
+        }
+    }
+    if total <= max_frame_bytes {
+        Ok(())
+    } else {
+        Err(total)
+    }
+}
 
 pub(crate) fn error_body(code: ErrorCode, message: impl Into<String>) -> ResponseBody {
     ResponseBody::Error(ErrorResponse {
@@ -572,6 +631,11 @@ pub(crate) async fn init_producer(
 /// `min_bytes` (at least one byte), waits for new data or `max_wait_ms`
 /// (see `Broker::fetch`). The answer fits the frame limit.
 pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> ResponseBody {
+    let max_frame_bytes = ctx.settings.max_frame_bytes;
+    let envelope = fetch_envelope_bytes(&req.partitions);
+    if envelope > max_frame_bytes {
+        return too_many_to_fetch(req.partitions.len(), envelope, max_frame_bytes);
+    }
     let allowed: Vec<bool> = req
         .partitions
         .iter()
@@ -592,10 +656,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
     let limits = FetchLimits {
         min_bytes: req.min_bytes as usize,
         max_wait: Duration::from_millis(u64::from(req.max_wait_ms).min(ctx.settings.max_wait_ms)),
-        max_bytes: ctx
-            .settings
-            .max_frame_bytes
-            .saturating_sub(FETCH_ENVELOPE_BYTES),
+        max_bytes: max_frame_bytes.saturating_sub(envelope.max(FETCH_ENVELOPE_BYTES)),
     };
     let read_committed = req.isolation == Some(crate::protocol::Isolation::ReadCommitted);
     let mut results = ctx
@@ -603,7 +664,7 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
         .fetch_isolated(&parts, limits, read_committed)
         .await
         .into_iter();
-    let partitions = req
+    let mut partitions: Vec<FetchPartitionResult> = req
         .partitions
         .iter()
         .zip(allowed)
@@ -652,10 +713,23 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, req: FetchRequest) -> Respo
             }
         })
         .collect();
+    if let Err(bytes) = fit_fetch(&mut partitions, max_frame_bytes) {
+        return too_many_to_fetch(partitions.len(), bytes, max_frame_bytes);
+    }
     ResponseBody::Fetch(FetchResponse {
         partitions,
         throttle_ms: None,
     })
+}
+
+fn too_many_to_fetch(partitions: usize, bytes: usize, max_frame_bytes: usize) -> ResponseBody {
+    error_body(
+        ErrorCode::InvalidRequest,
+        format!(
+            "the answer to a fetch of {partitions} partitions would take {bytes} bytes or more, \
+             above max_frame_bytes ({max_frame_bytes}): fetch fewer partitions at once"
+        ),
+    )
 }
 
 pub(crate) async fn list_offsets(

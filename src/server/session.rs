@@ -588,7 +588,7 @@ async fn write_loop<S>(
     // budget counts it: an answer that would take it further waits for
     // the next write.
     let limit = COALESCE_BYTES_MAX.min(max_frame_bytes);
-    let mut out = Outgoing::default();
+    let mut out = Outgoing::new(max_frame_bytes);
     let mut broken = false;
     let mut pending = Vec::new();
     let mut ready = std::collections::VecDeque::new();
@@ -645,6 +645,9 @@ async fn write_loop<S>(
 /// held until then (one vectored write of the pieces, in order).
 #[derive(Default)]
 struct Outgoing {
+    /// The largest frame the peer takes; an answer above it is replaced
+    /// by an error saying so.
+    max_frame_bytes: usize,
     buf: Vec<u8>,
     /// Responses with records spliced in, and the splices (in `buf`
     /// order) with the index of their response.
@@ -655,6 +658,13 @@ struct Outgoing {
 }
 
 impl Outgoing {
+    fn new(max_frame_bytes: usize) -> Outgoing {
+        Outgoing {
+            max_frame_bytes,
+            ..Outgoing::default()
+        }
+    }
+
     fn clear(&mut self) {
         self.buf.clear();
         self.held.clear();
@@ -669,10 +679,24 @@ impl Outgoing {
 
     fn add(&mut self, r: Response) {
         self.scratch.clear();
-        if encode_response_spliced(&r, &mut self.buf, &mut self.scratch).is_err() {
-            // Only a body above 4 GiB fails, which limits make impossible;
-            // answer with an error rather than a truncated frame all the same.
-            let e = error_response(r.correlation_id, ErrorCode::Internal, "response too large");
+        let start = self.buf.len();
+        let encoded = encode_response_spliced(&r, &mut self.buf, &mut self.scratch);
+        let body = encoded.map(|n| n - FRAME_HEADER_BYTES);
+        if body.as_ref().map_or(true, |&n| n > self.max_frame_bytes) {
+            // A request for many partitions or topics can ask for more
+            // than a frame holds; the peer would refuse the frame and lose
+            // the connection, so it hears why instead.
+            self.buf.truncate(start);
+            self.scratch.clear();
+            let why = match body {
+                Ok(n) => format!(
+                    "the answer takes {n} bytes, above max_frame_bytes ({}): \
+                     ask for fewer partitions or topics at once",
+                    self.max_frame_bytes
+                ),
+                Err(e) => format!("the answer cannot be framed: {e}"),
+            };
+            let e = error_response(r.correlation_id, ErrorCode::InvalidRequest, why);
             let _ = encode_response(&e, &mut self.buf);
             return;
         }
@@ -1578,7 +1602,7 @@ mod tests {
             encode_response(r, &mut want).unwrap();
         }
         for step in [7, 4096, usize::MAX] {
-            let mut out = Outgoing::default();
+            let mut out = Outgoing::new(usize::MAX);
             for r in responses.iter().cloned() {
                 out.add(r);
             }
