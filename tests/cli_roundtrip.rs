@@ -946,7 +946,9 @@ fn bench_commands_print_one_json_line() {
 #[test]
 fn bench_loopback_prints_the_loopback_bandwidth() {
     let out = skiff_command()
-        .args(["bench", "loopback", "--bytes", "8388608"])
+        .args([
+            "bench", "loopback", "--bytes", "8388608", "--window", "1024000",
+        ])
         .output()
         .expect("running skiff");
     assert_ok(&out);
@@ -954,6 +956,9 @@ fn bench_loopback_prints_the_loopback_bandwidth() {
     assert_eq!(l["workload"], "loopback");
     assert_eq!(l["bytes"], 8 << 20);
     assert!(l["mb_per_s"].as_f64().unwrap() > 0.0, "{l}");
+    // At a producer's depth: windows each answered before the next.
+    assert_eq!(l["window_bytes"], 1_024_000);
+    assert!(l["window_mb_per_s"].as_f64().unwrap() > 0.0, "{l}");
     let out = skiff_command()
         .args(["bench", "loopback", "--bytes", "4096"])
         .output()
@@ -977,11 +982,16 @@ fn bench_disk_prints_the_raw_bandwidth_of_a_directory() {
             "--bytes",
             "8388608",
             "--overwrite",
+            "--window",
+            "1000000",
         ])
         .output()
         .expect("running skiff");
     assert_ok(&out);
     let d = &json_lines(&out)[0];
+    // Durable windows at a producer's depth, rounded up to whole blocks.
+    assert_eq!(d["window_bytes"], 1_003_520);
+    assert!(d["window_mb_per_s"].as_f64().unwrap() > 0.0, "{d}");
     assert_eq!(d["workload"], "disk");
     assert_eq!(d["dir"], path);
     assert_eq!(d["bytes"], 8 << 20);

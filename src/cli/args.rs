@@ -695,6 +695,11 @@ pub struct BenchLoopbackArgs {
     /// Bytes to send (rounded down to whole MiB, at least 1 MiB).
     #[arg(long, default_value_t = 1 << 30)]
     pub bytes: u64,
+    /// Also measure at a producer's depth: this many bytes sent, then a
+    /// one-byte answer awaited, and again (`window_mb_per_s`); give it the
+    /// records in flight times their size.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub window: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -709,6 +714,12 @@ pub struct BenchDiskArgs {
     /// pre-written segments see); writes twice as much again.
     #[arg(long)]
     pub overwrite: bool,
+    /// Also measure durable windows of this many bytes at a producer's
+    /// depth: each written over written blocks and fdatasynced before the
+    /// next (`window_mb_per_s`); give it the records in flight times their
+    /// size.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub window: Option<u64>,
 }
 
 #[derive(Args, Debug)]

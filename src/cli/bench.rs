@@ -1149,6 +1149,17 @@ pub fn disk(a: BenchDiskArgs) -> ExitCode {
         line[format!("{name}_device_flushes")] = r.device_flushes.into();
         line[format!("{name}_read_mb_per_s")] = (r.read_bytes_per_sec / 1e6).into();
     }
+    if let Some(window) = a.window {
+        eprintln!("progress: durable windows of {window} bytes under {dir}");
+        let r = match raw_bandwidth::measure_windows(&a.dir, a.bytes, window as usize) {
+            Ok(r) => r,
+            Err(e) => return fail(EXIT_RUNTIME, format!("bench disk {dir}: {e}")),
+        };
+        line["window_bytes"] = r.window_bytes.into();
+        line["window_mb_per_s"] = (r.bytes_per_sec / 1e6).into();
+        line["window_elapsed_s"] = r.elapsed.as_secs_f64().into();
+        line["window_device_flushes"] = r.device_flushes.into();
+    }
     outln!("{line}");
     ExitCode::SUCCESS
 }
@@ -1192,59 +1203,102 @@ pub fn sync(a: BenchSyncArgs) -> ExitCode {
 /// `skiff bench loopback`: what one TCP connection over 127.0.0.1 carries,
 /// the limit docs/performance.md puts beside replay figures. A thread writes
 /// 1 MiB chunks, this one reads them into a 1 MiB buffer, as a consumer
-/// reads fetch answers.
+/// reads fetch answers. With `--window`, also what it carries when the
+/// writer waits for a one-byte answer after each window, as a producer
+/// with that much in flight waits for its acks.
 pub fn loopback(a: BenchLoopbackArgs) -> ExitCode {
-    use std::io::{Read, Write};
     const CHUNK: usize = 1 << 20;
     let chunks = a.bytes / CHUNK as u64;
     if chunks == 0 {
         return fail(EXIT_USAGE, "--bytes must be at least 1048576 (one write)");
     }
-    let measure = || -> std::io::Result<(u64, Duration)> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let writer = std::thread::spawn(move || -> std::io::Result<()> {
-            let mut s = std::net::TcpStream::connect(addr)?;
-            let chunk = vec![0x5a; CHUNK];
-            for _ in 0..chunks {
-                s.write_all(&chunk)?;
-            }
-            Ok(())
-        });
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0; CHUNK];
-        let start = Instant::now();
-        let mut got = 0u64;
-        loop {
-            match s.read(&mut buf)? {
-                0 => break,
-                n => got += n as u64,
-            }
-        }
-        let elapsed = start.elapsed();
-        writer.join().expect("loopback writer thread")?;
-        if got != chunks * CHUNK as u64 {
-            return Err(std::io::Error::other(format!(
-                "received {got} of {} bytes",
-                chunks * CHUNK as u64
-            )));
-        }
-        Ok((got, elapsed))
-    };
-    let (bytes, elapsed) = match measure() {
+    let (bytes, elapsed) = match loopback_run(chunks * CHUNK as u64, CHUNK, None) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_RUNTIME, format!("bench loopback: {e}")),
     };
     let secs = elapsed.as_secs_f64().max(1e-9);
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "workload": "loopback",
         "bytes": bytes,
         "write_bytes": CHUNK,
         "elapsed_s": secs,
         "mb_per_s": bytes as f64 / secs / 1e6,
     });
+    if let Some(window) = a.window {
+        let window = window as usize;
+        let windows = (a.bytes / window as u64).max(1);
+        let (bytes, elapsed) =
+            match loopback_run(windows * window as u64, CHUNK.min(window), Some(window)) {
+                Ok(r) => r,
+                Err(e) => return fail(EXIT_RUNTIME, format!("bench loopback: {e}")),
+            };
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        line["window_bytes"] = window.into();
+        line["window_elapsed_s"] = secs.into();
+        line["window_mb_per_s"] = (bytes as f64 / secs / 1e6).into();
+    }
     outln!("{line}");
     ExitCode::SUCCESS
+}
+
+/// Sends `total` bytes over one loopback connection in writes of `chunk`,
+/// the receiver reading into a buffer of that size; with `window`, the
+/// sender waits for a byte back after each `window` bytes. The receiver's
+/// time from its first read's start to the last byte.
+fn loopback_run(
+    total: u64,
+    chunk: usize,
+    window: Option<usize>,
+) -> std::io::Result<(u64, Duration)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let data = vec![0x5a; chunk];
+        let window = window.unwrap_or(usize::MAX) as u64;
+        let (mut sent, mut since_ack) = (0u64, 0u64);
+        while sent < total {
+            let n = (total - sent).min(chunk as u64).min(window - since_ack) as usize;
+            s.write_all(&data[..n])?;
+            sent += n as u64;
+            since_ack += n as u64;
+            if since_ack == window {
+                s.read_exact(&mut [0u8])?;
+                since_ack = 0;
+            }
+        }
+        Ok(())
+    });
+    let (mut s, _) = listener.accept()?;
+    s.set_nodelay(true)?;
+    let mut buf = vec![0; chunk];
+    let window = window.map_or(u64::MAX, |w| w as u64);
+    let start = Instant::now();
+    let (mut got, mut since_ack) = (0u64, 0u64);
+    while got < total {
+        let want = buf.len().min((window - since_ack) as usize);
+        match s.read(&mut buf[..want])? {
+            0 => break,
+            n => {
+                got += n as u64;
+                since_ack += n as u64;
+            }
+        }
+        if since_ack == window {
+            s.write_all(&[1])?;
+            since_ack = 0;
+        }
+    }
+    let elapsed = start.elapsed();
+    writer.join().expect("loopback writer thread")?;
+    if got != total {
+        return Err(std::io::Error::other(format!(
+            "received {got} of {total} bytes"
+        )));
+    }
+    Ok((got, elapsed))
 }
 
 #[cfg(test)]

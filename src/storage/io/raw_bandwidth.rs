@@ -85,10 +85,7 @@ pub fn measure_prepared(
     let total_bytes = (total_bytes / WRITE_BYTES as u64).max(1) * WRITE_BYTES as u64;
     let file = ScratchFile::new(dir)?;
     let mut data = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
-    // Not zeros: keeps devices that compress or dedupe zero blocks honest.
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
-    }
+    fill_pattern(&mut data);
     let mut writer = Writer::open(&file.path)?;
     writer.allocate(total_bytes)?;
     if prepare == Prepare::PreWritten {
@@ -119,18 +116,83 @@ pub fn measure_prepared(
         total_bytes,
         elapsed,
         bytes_per_sec: total_bytes as f64 / elapsed.as_secs_f64().max(1e-9),
-        device_flushes: flushes_before
-            .zip(flushes_after)
-            .map(|(b, a)| a.saturating_sub(b)),
-        device_write_bytes: bytes_before
-            .zip(bytes_after)
-            .map(|(b, a)| a.saturating_sub(b)),
+        device_flushes: delta(flushes_before, flushes_after),
+        device_write_bytes: delta(bytes_before, bytes_after),
         read_elapsed,
         read_bytes_per_sec: total_bytes as f64 / read_elapsed.as_secs_f64().max(1e-9),
-        device_read_bytes: read_before
-            .zip(read_after)
-            .map(|(b, a)| a.saturating_sub(b)),
+        device_read_bytes: delta(read_before, read_after),
     })
+}
+
+/// Durable windows at a producer's depth: what one whose every ack waits
+/// for an fdatasync, with `window` bytes in flight, can get from this disk
+/// at most. Each window is written over blocks written once already (as
+/// skiff's pre-written segments are), in one O_DIRECT write, and flushed
+/// before the next begins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRun {
+    /// The window, rounded up to whole blocks.
+    pub window_bytes: usize,
+    pub windows: u64,
+    pub elapsed: Duration,
+    pub bytes_per_sec: f64,
+    pub device_flushes: Option<u64>,
+}
+
+/// Writes and flushes `window`-byte windows one at a time until about
+/// `total_bytes` (at least one window) under `dir`.
+pub fn measure_windows(dir: &Path, total_bytes: u64, window: usize) -> io::Result<WindowRun> {
+    let window_bytes = window.max(1).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+    let windows = (total_bytes / window_bytes as u64).max(1);
+    let file_bytes = windows * window_bytes as u64;
+    let scratch = ScratchFile::new(dir)?;
+    let f = pre_written(&scratch.path, file_bytes)?;
+    let mut data = AlignedBuf::new(window_bytes).map_err(io::Error::other)?;
+    fill_pattern(&mut data);
+    let flushes_before = device_flushes(dir);
+    let started = Instant::now();
+    for w in 0..windows {
+        f.write_all_at(&data, w * window_bytes as u64)?;
+        f.sync_data()?;
+    }
+    let elapsed = started.elapsed();
+    let flushes_after = device_flushes(dir);
+    Ok(WindowRun {
+        window_bytes,
+        windows,
+        elapsed,
+        bytes_per_sec: file_bytes as f64 / elapsed.as_secs_f64().max(1e-9),
+        device_flushes: delta(flushes_before, flushes_after),
+    })
+}
+
+/// How far a device counter moved, where it could be read both times.
+fn delta(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    before.zip(after).map(|(b, a)| a.saturating_sub(b))
+}
+
+/// Not zeros: keeps devices that compress or dedupe zero blocks honest.
+fn fill_pattern(buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+}
+
+/// `path` allocated to `bytes`, written once and flushed (untimed), then
+/// opened for positional O_DIRECT writes: one write in flight is what the
+/// callers measure, and io_uring would only add its own wait.
+fn pre_written(path: &Path, bytes: u64) -> io::Result<fs::File> {
+    let mut writer = Writer::open(path)?;
+    writer.allocate(bytes)?;
+    let zeros = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
+    writer.write_all(&zeros, bytes)?;
+    writer.sync()?;
+    drop(writer);
+    #[cfg(target_os = "linux")]
+    let f: fs::File = super::uring::open_direct(path, false)?.into();
+    #[cfg(not(target_os = "linux"))]
+    let f = fs::OpenOptions::new().write(true).open(path)?;
+    Ok(f)
 }
 
 /// Reads `path` from its start, `buf.len()` bytes at a time with O_DIRECT,
@@ -181,17 +243,7 @@ pub struct SyncRun {
 /// write and flush themselves (docs/performance.md, "A light load").
 pub fn sync_latencies(dir: &Path, count: usize, per_second: Option<u64>) -> io::Result<SyncRun> {
     let file = ScratchFile::new(dir)?;
-    let mut writer = Writer::open(&file.path)?;
-    writer.allocate(SYNC_REGION_BYTES)?;
-    let zeros = AlignedBuf::new(WRITE_BYTES).map_err(io::Error::other)?;
-    writer.write_all(&zeros, SYNC_REGION_BYTES)?;
-    writer.sync()?;
-    // Positional writes for every backend: one write in flight is the
-    // point, and io_uring would only add its own wait.
-    #[cfg(target_os = "linux")]
-    let f: fs::File = super::uring::open_direct(&file.path, false)?.into();
-    #[cfg(not(target_os = "linux"))]
-    let f = fs::OpenOptions::new().write(true).open(&file.path)?;
+    let f = pre_written(&file.path, SYNC_REGION_BYTES)?;
     let mut block = AlignedBuf::new(SYNC_WRITE_BYTES).map_err(io::Error::other)?;
     let blocks = SYNC_REGION_BYTES / SYNC_WRITE_BYTES as u64;
     let mut times = Vec::with_capacity(count);
@@ -428,6 +480,23 @@ mod tests {
                 flushes >= 1,
                 "an fdatasync on a write-back cache must flush"
             );
+        }
+        assert!(
+            fs::read_dir(dir.path()).expect("list").next().is_none(),
+            "the measurement file must be removed"
+        );
+    }
+
+    #[test]
+    fn durable_windows_are_each_written_and_flushed() {
+        let dir = super::super::conformance::scratch_dir();
+        let run = measure_windows(dir.path(), 1 << 20, 100_000).expect("measure");
+        assert_eq!(run.window_bytes, 102_400, "rounded up to whole blocks");
+        assert_eq!(run.windows, 10);
+        assert!(run.bytes_per_sec > 0.0);
+        if let Some(flushes) = run.device_flushes {
+            // Other processes flush too, so only a lower bound holds.
+            assert!(flushes >= run.windows, "{flushes} device flushes");
         }
         assert!(
             fs::read_dir(dir.path()).expect("list").next().is_none(),
