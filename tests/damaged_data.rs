@@ -628,15 +628,7 @@ fn an_interrupted_delete_removes_an_unloadable_partition_too() {
     // The name is free again, and the new topic starts empty.
     assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "2"]));
     for p in ["0", "1"] {
-        assert_ok(&b.cli(&["produce", "t1", "--partition", p, "new"]));
-        let o = b.cli(&["consume", "t1", "--partition", p, "--format", "json"]);
-        assert_ok(&o);
-        let got = json_lines(&o);
-        assert_eq!(got.len(), 1, "{got:?}");
-        assert_eq!(
-            (&got[0]["offset"], &got[0]["value"]),
-            (&0.into(), &"new".into())
-        );
+        new_partition_starts_empty(&b, "t1", p);
     }
     // Nothing of the other topic was touched by the start-up.
     for (path, bytes) in &kept_files {
@@ -716,4 +708,122 @@ fn a_leftover_directory_in_the_way_of_a_create_is_named() {
     std::fs::remove_dir_all(b.data_dir().join("topics/b")).unwrap();
     b.restart();
     assert_ok(&b.cli(&["topics", "create", "b"]));
+}
+
+/// Makes `path` immutable (`chattr +i`): not even root may then remove
+/// anything in it, as a read-only or failing file system would refuse.
+/// Undone on drop, so the test's directory can go.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        let o = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output()
+            .expect("chattr (e2fsprogs)");
+        assert!(o.status.success(), "chattr +i {}: {o:?}", path.display());
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Produces one record to `topic`/`partition` and reads it back at
+/// offset 0: nothing of an earlier topic of the name is there.
+#[track_caller]
+fn new_partition_starts_empty(b: &Broker, topic: &str, partition: &str) {
+    let at = ["--partition", partition];
+    assert_ok(&b.cli(&[&["produce", topic][..], &at, &["--key", "k", "new"]].concat()));
+    let o = b.cli(&[&["consume", topic][..], &at, &["--format", "json"]].concat());
+    assert_ok(&o);
+    let got = json_lines(&o);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (&got[0]["offset"], &got[0]["value"]),
+        (&0.into(), &"new".into())
+    );
+}
+
+fn holds(file: &std::path::Path, name: &str) -> bool {
+    let bytes = std::fs::read(file).unwrap_or_default();
+    bytes.windows(name.len()).any(|w| w == name.as_bytes())
+}
+
+/// A topic delete whose storage cannot remove one partition directory:
+/// it used to stop there, leaving the later partitions loaded with no
+/// topic listed and the topic's dedup window and cleanup settings behind,
+/// answering a bare I/O error. Now the other partitions and settings go,
+/// the error names the directory left, a create of the name is refused
+/// naming it while it stays, and once it can go a create removes it.
+#[test]
+fn a_delete_that_cannot_remove_a_partition_finishes_the_rest_and_names_it() {
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    assert_ok(&b.cli(&[
+        "topics",
+        "create",
+        "doomed",
+        "--partitions",
+        "3",
+        "--msg-id-window-records",
+        "10",
+        "--cleanup",
+        "compact",
+    ]));
+    for p in ["0", "1", "2"] {
+        let args = ["produce", "doomed", "--partition", p, "--key", "k", "old"];
+        assert_ok(&b.cli(&args));
+    }
+    let series = "topic=\"doomed\"";
+    assert!(http_get(&b.metrics_addr(), "/metrics").contains(series));
+    let topic = b.data_dir().join("topics/doomed");
+    let stuck = topic.join("1");
+    let stuck_name = stuck.to_str().unwrap();
+    {
+        let _held = Immutable::set(&stuck);
+        let o = b.cli(&["topics", "delete", "doomed"]);
+        assert_fails(
+            &o,
+            1,
+            &[
+                "storage_failed",
+                "topic 'doomed' is deleted",
+                "partition 1: ",
+                stuck_name,
+                "refuses to create 'doomed' while they stay",
+            ],
+        );
+        assert!(!topic.join("0").exists());
+        assert!(!topic.join("2").exists());
+        assert!(stuck.join("partition.meta").exists());
+        assert!(!stdout(&b.cli(&["topics", "list"])).contains("doomed"));
+        for file in ["msgid.meta", "cleanup.meta"] {
+            assert!(!holds(&b.data_dir().join(file), "doomed"), "{file}");
+        }
+        assert!(!http_get(&b.metrics_addr(), "/metrics").contains(series));
+        // While it stays, a create is refused, naming it, and leaves
+        // nothing behind.
+        let o = b.cli(&["topics", "create", "doomed", "--partitions", "3"]);
+        assert_fails(
+            &o,
+            1,
+            &["storage_failed", stuck_name, "no topic 'doomed' is listed"],
+        );
+        assert!(!topic.join("0").exists());
+        assert!(!stdout(&b.cli(&["topics", "list"])).contains("doomed"));
+    }
+    // Once it can go, a create deletes it first and starts afresh.
+    assert_ok(&b.cli(&["topics", "create", "doomed", "--partitions", "3"]));
+    new_partition_starts_empty(&b, "doomed", "1");
+    assert!(b
+        .log()
+        .contains("deleted partition doomed/1, left by an earlier delete"));
+    assert_eq!(b.stop(), Some(0));
 }

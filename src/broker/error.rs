@@ -123,6 +123,14 @@ pub enum BrokerError {
         partition: u32,
         dir: std::path::PathBuf,
     },
+    /// A topic delete took the topic out of the table and unloaded its
+    /// partitions, but could not remove the directories of these (the
+    /// partition, and storage's error naming the directory). They are
+    /// deleted again when the name is created and at the next start.
+    TopicDeleteIncomplete {
+        topic: String,
+        left: Vec<(u32, Arc<StorageError>)>,
+    },
     /// The storage engine failed in a way no client can act on (I/O at
     /// start-up, a metadata file, a full partition table); the source says
     /// what.
@@ -192,6 +200,22 @@ impl std::fmt::Display for BrokerError {
                  name",
                 dir.display()
             ),
+            Self::TopicDeleteIncomplete { topic, left } => {
+                write!(
+                    f,
+                    "topic '{topic}' is deleted (no longer listed, nothing reads or writes its \
+                     partitions), but {} of its partition directories could not be removed:",
+                    left.len()
+                )?;
+                for (partition, e) in left {
+                    write!(f, " partition {partition}: {e};")?;
+                }
+                write!(
+                    f,
+                    " the broker deletes them again when '{topic}' is created and at its next \
+                     start, and refuses to create '{topic}' while they stay"
+                )
+            }
             Self::Sequence(e) => write!(f, "{e}"),
             Self::OffsetOutOfRange {
                 requested,

@@ -19,7 +19,9 @@
 //!   in between is completed at the next start (missing partitions created).
 //! - delete: the entry is removed first, then the partitions; partitions with
 //!   no entry are deleted at the next start, loaded or not (one whose
-//!   metadata is unreadable is still a leftover of the delete).
+//!   metadata is unreadable is still a leftover of the delete). One storage
+//!   cannot remove stays unloaded, in the way of a create of the name (which
+//!   deletes it first).
 //!
 //! So a crash never leaves a half-made topic visible to clients.
 //!
@@ -1195,6 +1197,7 @@ impl Broker {
                 max: self.limits.disk_budget_bytes,
             });
         }
+        self.delete_leftovers(name).await;
         table.insert(name.to_owned(), meta.clone());
         // A topic of this name deleted during a crash may have left
         // producer snapshots behind: they must not describe the new one.
@@ -1275,6 +1278,11 @@ impl Broker {
         }
     }
 
+    /// Takes the topic out of the table, then deletes its partitions. A
+    /// partition storage cannot remove does not stop the others nor the
+    /// rest of the cleanup: storage keeps it unloaded, and it is deleted
+    /// again when the name is created or at the next start (both refuse
+    /// to make the name over it while it stays).
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let mut table = self.topics();
@@ -1284,12 +1292,20 @@ impl Broker {
         meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
         *self.topics.write().expect("topic table lock") = table;
         self.names.write().expect("names lock").remove(name);
+        let mut left = Vec::new();
         for p in 0..meta.partitions {
             let id = PartitionId {
                 topic: name.into(),
                 partition: p,
             };
-            self.storage.delete_partition(&id).await?;
+            match self.storage.delete_partition(&id).await {
+                // Nothing of it on disk: nothing to delete.
+                Ok(()) | Err(StorageError::UnknownPartition(_)) => {}
+                Err(e) => {
+                    log::error!("deleting topic {name}: {e}");
+                    left.push((p, Arc::new(e)));
+                }
+            }
             self.producers.forget_partition(name, p);
         }
         let had_window = self
@@ -1298,12 +1314,36 @@ impl Broker {
             .expect("windows lock")
             .remove(name)
             .is_some();
-        if had_window {
-            self.write_msgid_meta()?;
+        let msgid = if had_window {
+            self.write_msgid_meta()
+        } else {
+            Ok(())
+        };
+        let cleanup = self.set_cleanup(name, None);
+        if !left.is_empty() {
+            return Err(BrokerError::TopicDeleteIncomplete {
+                topic: name.to_owned(),
+                left,
+            });
         }
-        self.set_cleanup(name, None)?;
+        msgid.and(cleanup)?;
         log::info!("deleted topic {name}");
         Ok(())
+    }
+
+    /// Deletes what storage holds of `topic`, which the table does not
+    /// list, but could not remove before (a delete that could not
+    /// finish): a create of the name tries again first.
+    async fn delete_leftovers(&self, topic: &str) {
+        for id in self.storage.unloaded() {
+            if &*id.topic != topic {
+                continue;
+            }
+            match self.storage.delete_partition(&id).await {
+                Ok(()) => log::info!("deleted partition {id}, left by an earlier delete"),
+                Err(e) => log::error!("creating topic {topic}: {e}"),
+            }
+        }
     }
 
     /// Holds a partition's ring back from dropping offsets at or past

@@ -113,9 +113,9 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         BrokerError::PartitionFull { .. } | BrokerError::NoSpace(_) => ErrorCode::StorageFull,
-        BrokerError::PartitionFailed { .. } | BrokerError::LeftoverPartition { .. } => {
-            ErrorCode::StorageFailed
-        }
+        BrokerError::PartitionFailed { .. }
+        | BrokerError::LeftoverPartition { .. }
+        | BrokerError::TopicDeleteIncomplete { .. } => ErrorCode::StorageFailed,
         BrokerError::UpstreamBacklogFull { .. } => ErrorCode::UpstreamBacklogFull,
         BrokerError::Quarantined { .. } => ErrorCode::PartitionQuarantined,
         BrokerError::ShuttingDown => ErrorCode::ShuttingDown,
@@ -367,18 +367,23 @@ pub(crate) async fn delete_topic(ctx: &Ctx, identity: &str, name: &str) -> Respo
     if is_internal_topic(name) {
         return internal_topic_body(name);
     }
-    match ctx.broker.delete_topic(name).await {
-        Ok(()) => {
-            ctx.metrics.remove_topic(name);
-            // Durable before the answer, so a topic created again by this
-            // name starts with no share state. A crash before it is
-            // caught at start-up (the share coordinator drops the state of
-            // topics that are gone).
-            if let Err(e) = ctx.share.forget_topic(name).await {
-                log::warn!("topic {name} deleted, but not its share state yet: {e}");
-            }
-            ResponseBody::DeleteTopic(DeleteTopicResponse {})
+    let deleted = ctx.broker.delete_topic(name).await;
+    // An incomplete delete took the topic out of the table all the same.
+    if matches!(
+        deleted,
+        Ok(()) | Err(BrokerError::TopicDeleteIncomplete { .. })
+    ) {
+        ctx.metrics.remove_topic(name);
+        // Durable before the answer, so a topic created again by this
+        // name starts with no share state. A crash before it is
+        // caught at start-up (the share coordinator drops the state of
+        // topics that are gone).
+        if let Err(e) = ctx.share.forget_topic(name).await {
+            log::warn!("topic {name} deleted, but not its share state yet: {e}");
         }
+    }
+    match deleted {
+        Ok(()) => ResponseBody::DeleteTopic(DeleteTopicResponse {}),
         Err(e) => broker_error_body(&e),
     }
 }

@@ -846,10 +846,18 @@ impl Engine {
                 max: self.ctx.cfg.max_partitions,
             });
         }
-        if dir.join(PARTITION_META).exists() {
-            // Not loaded (its metadata was unreadable at start-up, or
-            // names another partition: see the log), but its data may
-            // still matter: never overwrite it.
+        let unloaded = self
+            .ctx
+            .shared
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|q| q.partition == id);
+        if unloaded || dir.join(PARTITION_META).exists() {
+            // Not loaded (its metadata was unreadable at start-up, names
+            // another partition, or a delete could not remove it: see the
+            // log), but its data may still matter: never overwrite it.
             return Err(StorageError::PartitionExists { id, dir });
         }
         if dir.exists() {
@@ -865,7 +873,7 @@ impl Engine {
                 return Err(StorageError::PartitionExists { id, dir });
             }
             log::warn!("removing incomplete partition directory {}", dir.display());
-            self.remove_dir(&dir, cfg.segments as usize);
+            self.remove_dir_or_warn(&dir, cfg.segments as usize);
         }
         std::fs::create_dir_all(&dir)?;
         let mut files = Vec::with_capacity(cfg.segments as usize);
@@ -934,7 +942,7 @@ impl Engine {
                 for &f in &files {
                     self.ctx.close(f);
                 }
-                self.remove_dir(&dir, cfg.segments as usize);
+                self.remove_dir_or_warn(&dir, cfg.segments as usize);
                 Err(e)
             }
         }
@@ -977,9 +985,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Best effort: removes a partition directory and its segment files
-    /// (through the backend, which may not be the real file system).
-    pub(super) fn remove_dir(&mut self, dir: &Path, segments: usize) {
+    /// Removes a partition directory and its segment files (through the
+    /// backend, which may not be the real file system), as far as it can:
+    /// the error says why the directory is still there.
+    pub(super) fn remove_dir(&mut self, dir: &Path, segments: usize) -> io::Result<()> {
         let _ = std::fs::remove_file(dir.join(PARTITION_META));
         if segments > 0 {
             for slot in 0..segments {
@@ -993,20 +1002,55 @@ impl Engine {
                 slot += 1;
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!("could not remove {}: {e}", dir.display());
-            }
-        }
+        let removed = match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
         if let Some(parent) = dir.parent() {
             // Leaves the topic directory when other partitions remain.
             let _ = std::fs::remove_dir(parent);
             let _ = self.ctx.io.sync_dir(parent.parent().unwrap_or(parent));
         }
+        removed
     }
 
-    /// Deletes a partition recovery left unloaded: its directory goes, as
-    /// a loaded partition's does.
+    /// [`Engine::remove_dir`] where a directory left behind harms nothing
+    /// (it holds no data): logged only.
+    pub(super) fn remove_dir_or_warn(&mut self, dir: &Path, segments: usize) {
+        if let Err(e) = self.remove_dir(dir, segments) {
+            log::warn!("could not remove {}: {e}", dir.display());
+        }
+    }
+
+    /// A delete that unloaded `id` but could not remove its directory:
+    /// kept as unloaded, so a create refuses to make the id over it and a
+    /// later delete (a create of the name, the next start) tries again.
+    fn delete_incomplete(
+        &mut self,
+        id: &PartitionId,
+        dir: PathBuf,
+        error: io::Error,
+    ) -> StorageError {
+        self.ctx
+            .shared
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(super::Quarantine {
+                partition: id.clone(),
+                reason: super::QuarantineReason::DeleteIncomplete {
+                    cause: error.to_string(),
+                },
+            });
+        StorageError::DeleteIncomplete {
+            id: id.clone(),
+            dir,
+            error,
+        }
+    }
+
+    /// Deletes a partition recovery (or a delete that could not finish)
+    /// left unloaded: its directory goes, as a loaded partition's does.
     fn delete_unloaded(&mut self, id: &PartitionId) -> Result<(), StorageError> {
         let mut unloaded = self
             .ctx
@@ -1020,10 +1064,15 @@ impl Engine {
         unloaded.remove(i);
         drop(unloaded);
         let dir = part_dir(&self.ctx.cfg.data_dir, id);
-        self.remove_dir(&dir, 0);
-        Ok(())
+        match self.remove_dir(&dir, 0) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.delete_incomplete(id, dir, e)),
+        }
     }
 
+    /// Unloads the partition, then removes its directory. When that
+    /// fails, the partition stays unloaded all the same (nothing is
+    /// written to it any more) and the error names the directory.
     fn delete(&mut self, id: &PartitionId) -> Result<(), StorageError> {
         self.reap_checkpoints(true);
         self.compact_abort(id);
@@ -1041,26 +1090,31 @@ impl Engine {
                 .reply
                 .send(Err(StorageError::UnknownPartition(id.clone())));
         }
-        // partition.meta goes first: a crash mid-delete leaves a directory
-        // without it, which start-up recovers quarantined if batches remain
-        // (the broker then finishes the delete: its topic is gone). It is
-        // already missing from a partition recovered without it.
-        match std::fs::remove_file(part.dir.join(PARTITION_META)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-        self.ctx.io.sync_dir(&part.dir)?;
         for &f in &part.files {
             self.ctx.close(f);
         }
+        part.shared.event.notify(usize::MAX);
+        self.give_tail(part.tail.buf);
         let dir = part.dir.clone();
+        // partition.meta goes first: a crash mid-delete leaves a directory
+        // without it, which start-up recovers quarantined if batches remain
+        // (the broker then finishes the delete: its topic is gone). It is
+        // already missing from a partition recovered without it. Kept, the
+        // rest is too: the partition loads whole at the next start.
+        let meta_gone = match std::fs::remove_file(dir.join(PARTITION_META)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => self.ctx.io.sync_dir(&dir),
+        };
+        if let Err(e) = meta_gone {
+            return Err(self.delete_incomplete(id, dir, e));
+        }
         for &no in &part.file_nos {
             let _ = self.ctx.io.remove(&seg_path(&dir, no as usize));
         }
         let _ = std::fs::remove_file(dir.join(super::part::RING_META));
-        self.remove_dir(&dir, part.ring.segs.len());
-        part.shared.event.notify(usize::MAX);
-        self.give_tail(part.tail.buf);
+        if let Err(e) = self.remove_dir(&dir, part.ring.segs.len()) {
+            return Err(self.delete_incomplete(id, dir, e));
+        }
         log::info!("deleted partition {id}");
         Ok(())
     }

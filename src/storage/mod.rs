@@ -744,6 +744,15 @@ pub enum StorageError {
         found: u16,
         supported: u16,
     },
+    /// A delete unloaded the partition (nothing reads or writes it any
+    /// more) but could not remove its directory `dir`: it stays on disk,
+    /// listed by [`Storage::unloaded`], and a create of the id is refused
+    /// until a later delete of it succeeds.
+    DeleteIncomplete {
+        id: PartitionId,
+        dir: PathBuf,
+        error: std::io::Error,
+    },
     /// Setup, open or metadata I/O failed.
     Io(std::io::Error),
     Meta(meta::MetaError),
@@ -815,6 +824,11 @@ impl fmt::Display for StorageError {
                  this build reads version {supported} only (written by another skiff; \
                  move the partition's directory aside to start)"
             ),
+            StorageError::DeleteIncomplete { id, dir, error } => write!(
+                f,
+                "partition {id} is unloaded, but its directory {} could not be removed: {error}",
+                dir.display()
+            ),
             StorageError::Io(e) => write!(f, "storage I/O: {e}"),
             StorageError::Meta(e) => write!(f, "{e}"),
             StorageError::ShuttingDown => f.write_str("storage is shutting down"),
@@ -840,7 +854,7 @@ impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StorageError::InvalidBatch(e) => Some(e),
-            StorageError::Io(e) => Some(e),
+            StorageError::Io(e) | StorageError::DeleteIncomplete { error: e, .. } => Some(e),
             StorageError::Meta(e) => Some(e),
             _ => None,
         }
@@ -1101,9 +1115,11 @@ impl Storage {
             .clone()
     }
 
-    /// Partitions recovery found on disk but could not load (neither
-    /// their `partition.meta` nor a segment header reads), sorted. They are
-    /// not in [`Storage::partitions`], yet their directories are there.
+    /// Partitions whose directories are on disk but not loaded, sorted:
+    /// recovery could not load them (neither their `partition.meta` nor a
+    /// segment header reads), or a delete could not remove them
+    /// ([`StorageError::DeleteIncomplete`]). They are not in
+    /// [`Storage::partitions`].
     pub fn unloaded(&self) -> Vec<PartitionId> {
         let unloaded = self
             .inner

@@ -113,6 +113,12 @@ pub enum QuarantineReason {
         fault: MetaFault,
     },
     MissingMeta,
+    /// A delete unloaded the partition but could not remove its directory
+    /// (`cause`): nothing reads or writes it, and it goes at the next
+    /// delete of the id (a create of its topic's name, or the next start).
+    DeleteIncomplete {
+        cause: String,
+    },
 }
 
 impl std::fmt::Display for QuarantineReason {
@@ -160,6 +166,10 @@ impl std::fmt::Display for QuarantineReason {
             Self::MissingMeta => {
                 f.write_str("partition.meta is missing, but the partition's segments hold batches")
             }
+            Self::DeleteIncomplete { cause } => write!(
+                f,
+                "a delete unloaded it but could not remove its directory ({cause})"
+            ),
         }
     }
 }
@@ -585,7 +595,7 @@ impl Engine {
                          no batch in its segments)",
                         dir.display()
                     );
-                    self.remove_dir(&dir, 0);
+                    self.remove_dir_or_warn(&dir, 0);
                 } else {
                     log::error!(
                         "partition directory {}: partition.meta is missing, but its segments \
