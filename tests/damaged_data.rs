@@ -827,3 +827,76 @@ fn a_delete_that_cannot_remove_a_partition_finishes_the_rest_and_names_it() {
         .contains("deleted partition doomed/1, left by an earlier delete"));
     assert_eq!(b.stop(), Some(0));
 }
+
+/// Start-up finishing deletes: one leftover partition it cannot delete
+/// used to stop the broker, though its data is no one's. Now it starts,
+/// logs the directory, counts it, and refuses a create of the name over
+/// it. A leftover it deleted counts as deleted, not quarantined (an
+/// unloadable one counted as quarantined); a directory skipped for naming
+/// another partition in its metadata is counted too.
+#[test]
+fn start_up_goes_past_a_leftover_it_cannot_delete_and_counts_each() {
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    assert_ok(&b.cli(&["topics", "create", "kept"]));
+    assert_ok(&b.cli(&["produce", "kept", "k0"]));
+    assert_eq!(b.stop(), Some(0));
+    let table = b.data_dir().join("topics.meta");
+    let without_t1 = std::fs::read(&table).unwrap();
+    b.restart();
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "3"]));
+    for p in ["0", "1", "2"] {
+        assert_ok(&b.cli(&["produce", "t1", "--partition", p, "old"]));
+    }
+    assert_eq!(b.stop(), Some(0));
+    // A delete of t1 cut short: the table without it, its directories on.
+    std::fs::write(&table, without_t1).unwrap();
+    let t1 = b.data_dir().join("topics/t1");
+    make_unloadable(&t1.join("0"));
+    let stuck = t1.join("1");
+    let copied = b.data_dir().join("topics/b/0");
+    std::fs::create_dir_all(&copied).unwrap();
+    for e in std::fs::read_dir(b.data_dir().join("topics/kept/0")).unwrap() {
+        let from = e.unwrap().path();
+        std::fs::copy(&from, copied.join(from.file_name().unwrap())).unwrap();
+    }
+    {
+        let _held = Immutable::set(&stuck);
+        b.restart();
+        let log = b.log();
+        assert!(
+            log.contains("could not delete partition t1/1 of a deleted topic")
+                && log.contains(stuck.to_str().unwrap()),
+            "{log}"
+        );
+        assert!(!t1.join("0").exists());
+        assert!(!t1.join("2").exists());
+        let metrics = http_get(&b.metrics_addr(), "/metrics");
+        for (series, value) in [
+            ("skiff_recovery_deleted_leftovers", 2.0),
+            ("skiff_recovery_undeletable_leftovers", 1.0),
+            ("skiff_recovery_skipped_dirs", 1.0),
+            ("skiff_recovery_quarantined_partitions", 0.0),
+        ] {
+            assert_eq!(
+                sample(&metrics, series, ""),
+                Some(value),
+                "{series}: {metrics}"
+            );
+        }
+        let o = b.cli(&["topics", "create", "t1", "--partitions", "3"]);
+        assert_fails(
+            &o,
+            1,
+            &[
+                "storage_failed",
+                stuck.to_str().unwrap(),
+                "no topic 't1' is listed",
+            ],
+        );
+        assert_eq!(stdout(&b.cli(&["consume", "kept"])), "k0\n");
+    }
+    // Once it can go, a create deletes it first: the new t1 starts empty.
+    assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "3"]));
+    new_partition_starts_empty(&b, "t1", "1");
+    assert_eq!(b.stop(), Some(0));
+}

@@ -21,7 +21,8 @@
 //!   no entry are deleted at the next start, loaded or not (one whose
 //!   metadata is unreadable is still a leftover of the delete). One storage
 //!   cannot remove stays unloaded, in the way of a create of the name (which
-//!   deletes it first).
+//!   deletes it first); start-up logs and counts one it cannot delete, and
+//!   goes on.
 //!
 //! So a crash never leaves a half-made topic visible to clients.
 //!
@@ -362,6 +363,32 @@ pub struct Broker {
     hold_new: RwLock<Option<HoldNew>>,
     /// See [`BrokerOptions::internal_topics`].
     internal_topics: Vec<(&'static str, u64)>,
+    /// What start-up did with partitions of topics the table does not list.
+    leftovers: Leftovers,
+}
+
+/// Partitions of topics the table does not list (a delete a stop cut
+/// short, or one that could not remove them) that start-up found.
+#[derive(Debug, Default)]
+struct Leftovers {
+    deleted: Vec<PartitionId>,
+    /// Could not be deleted: kept unloaded, refusing a create of the name.
+    kept: Vec<PartitionId>,
+}
+
+/// What start-up recovery found and did, summed ([`Broker::recovery_summary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoverySummary {
+    /// Bytes of torn tail dropped.
+    pub truncated_bytes: u64,
+    /// Partitions quarantined (read-only, or left unloaded) and kept.
+    pub quarantined_partitions: u64,
+    /// Partitions of deleted topics that start-up deleted.
+    pub deleted_leftovers: u64,
+    /// Partitions of deleted topics that start-up could not delete.
+    pub undeletable_leftovers: u64,
+    /// Directories skipped because their metadata names another partition.
+    pub skipped_dirs: u64,
 }
 
 /// Which new topics are held back from dropping anything (see
@@ -459,7 +486,7 @@ impl Broker {
             clock.clone(),
         )
         .map_err(StorageError::Meta)?;
-        let broker = Broker {
+        let mut broker = Broker {
             storage,
             topics: RwLock::new(topics),
             names: RwLock::new(foldhash::HashSet::default()),
@@ -491,11 +518,13 @@ impl Broker {
             txn_index: txn::Index::default(),
             hold_new: RwLock::new(None),
             internal_topics,
+            leftovers: Leftovers::default(),
         };
-        smol::block_on(async {
-            broker.reconcile().await?;
+        broker.leftovers = smol::block_on(async {
+            let leftovers = broker.reconcile().await?;
             broker.recover_producers().await?;
-            broker.recover_msgid_windows().await
+            broker.recover_msgid_windows().await?;
+            Ok::<_, BrokerError>(leftovers)
         })?;
         Ok(Arc::new(broker))
     }
@@ -549,14 +578,22 @@ impl Broker {
         self.storage.partitions().len()
     }
 
-    /// What start-up recovery found: bytes of torn tail dropped, and
-    /// partitions quarantined.
-    pub fn recovery_summary(&self) -> (u64, u64) {
+    /// What start-up recovery found and did. A quarantined partition
+    /// start-up then deleted as a deleted topic's leftover counts as
+    /// deleted, not quarantined.
+    pub fn recovery_summary(&self) -> RecoverySummary {
         let reports = self.storage.recovery_report();
-        (
-            reports.iter().map(|r| r.bytes_truncated).sum(),
-            reports.iter().filter(|r| r.quarantined).count() as u64,
-        )
+        let deleted = &self.leftovers.deleted;
+        RecoverySummary {
+            truncated_bytes: reports.iter().map(|r| r.bytes_truncated).sum(),
+            quarantined_partitions: reports
+                .iter()
+                .filter(|r| r.quarantined && !deleted.contains(&r.id))
+                .count() as u64,
+            deleted_leftovers: deleted.len() as u64,
+            undeletable_leftovers: self.leftovers.kept.len() as u64,
+            skipped_dirs: self.storage.skipped_dirs().len() as u64,
+        }
     }
 
     /// The storage fallbacks in use, one line each, for `/health` (each
@@ -888,8 +925,10 @@ impl Broker {
         self.producers.renew(id, epoch).await
     }
 
-    async fn reconcile(&self) -> Result<(), BrokerError> {
+    async fn reconcile(&self) -> Result<Leftovers, BrokerError> {
         let on_disk = self.storage.partitions();
+        // Before any delete: one that fails adds its partition here.
+        let unloaded = self.storage.unloaded();
         let table = self.topics.read().expect("topic table lock").clone();
         // Directories recovery found without usable metadata: recovered
         // read-only or left alone, never altered or created over.
@@ -908,28 +947,30 @@ impl Broker {
             })
             .map(|r| r.id)
             .collect();
+        let mut leftovers = Leftovers::default();
         for (id, _) in &on_disk {
             let wanted = table
                 .get(&*id.topic)
                 .is_some_and(|t| id.partition < t.partitions);
             if !wanted {
-                log::warn!("deleting partition {id}: its topic was being deleted at the last stop");
-                self.storage.delete_partition(id).await?;
-                self.producers.forget_partition(&id.topic, id.partition);
+                log::warn!(
+                    "deleting partition {id}: its topic is no longer listed (a delete the last \
+                     stop cut short, or one that could not remove it)"
+                );
+                self.delete_leftover(id, &mut leftovers).await;
             }
         }
         // Not loaded (nothing in them reads), but of a topic the table no
         // longer lists: a delete the stop cut short, as above. Left, one
         // would keep the name from being created again. Those of a listed
         // topic stay quarantined for an operator.
-        for id in self.storage.unloaded() {
+        for id in unloaded {
             if !table.contains_key(&*id.topic) {
                 log::warn!(
                     "deleting partition {id} (not loaded: its metadata is unreadable): its \
-                     topic was being deleted at the last stop"
+                     topic is no longer listed"
                 );
-                self.storage.delete_partition(&id).await?;
-                self.producers.forget_partition(&id.topic, id.partition);
+                self.delete_leftover(&id, &mut leftovers).await;
             }
         }
         for (topic, meta) in &table {
@@ -964,7 +1005,26 @@ impl Broker {
                 }
             }
         }
-        Ok(())
+        Ok(leftovers)
+    }
+
+    /// Deletes a partition of a topic the table does not list. Its data
+    /// is no one's, so one that cannot be deleted does not stop start-up:
+    /// it stays unloaded, logged and counted, and refuses a create of its
+    /// topic's name until it goes.
+    async fn delete_leftover(&self, id: &PartitionId, leftovers: &mut Leftovers) {
+        match self.storage.delete_partition(id).await {
+            Ok(()) => leftovers.deleted.push(id.clone()),
+            Err(e) => {
+                log::error!(
+                    "could not delete partition {id} of a deleted topic: {e}; it is kept \
+                     unloaded, and creating topic {} is refused until it is gone",
+                    id.topic
+                );
+                leftovers.kept.push(id.clone());
+            }
+        }
+        self.producers.forget_partition(&id.topic, id.partition);
     }
 
     #[cfg(test)]

@@ -42,6 +42,8 @@
 //! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
+//! | `recovery_deleted_leftovers`, `recovery_undeletable_leftovers` (partitions of deleted topics start-up deleted, or could not) | gauge | |
+//! | `recovery_skipped_dirs` (partition directories whose metadata names another partition) | gauge | |
 //! | `recovery_stale_batches_erased` | counter | |
 //! | `recovery_damaged_offsets` | counter | |
 //! | `build_info` | info | version |
@@ -258,6 +260,9 @@ pub struct Metrics {
     inflight_shared_admits: Counter,
     recovery_truncated_bytes: Counter,
     recovery_quarantined_partitions: Gauge,
+    recovery_deleted_leftovers: Gauge,
+    recovery_undeletable_leftovers: Gauge,
+    recovery_skipped_dirs: Gauge,
     recovery_stale_batches_erased: Counter,
     recovery_damaged_offsets: Counter,
     cleaner: CleanerMetrics,
@@ -421,6 +426,9 @@ impl Metrics {
             inflight_shared_admits: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
             recovery_quarantined_partitions: Gauge::default(),
+            recovery_deleted_leftovers: Gauge::default(),
+            recovery_undeletable_leftovers: Gauge::default(),
+            recovery_skipped_dirs: Gauge::default(),
             cleaner: CleanerMetrics::default(),
             share: ShareMetrics::default(),
             txn: txn::TxnMetrics::default(),
@@ -643,6 +651,23 @@ impl Metrics {
             "recovery_quarantined_partitions",
             "Partitions read-only because of corruption before their durable tail",
             m.recovery_quarantined_partitions.clone(),
+        );
+        m.registry.register(
+            "recovery_deleted_leftovers",
+            "Partitions of deleted topics (a delete cut short or that failed) deleted at start-up",
+            m.recovery_deleted_leftovers.clone(),
+        );
+        m.registry.register(
+            "recovery_undeletable_leftovers",
+            "Partitions of deleted topics start-up could not delete: kept unloaded, their \
+             topic's name refused to a create (the log names each directory)",
+            m.recovery_undeletable_leftovers.clone(),
+        );
+        m.registry.register(
+            "recovery_skipped_dirs",
+            "Partition directories start-up skipped, neither loaded nor deleted: their \
+             partition.meta names another partition (the log names each)",
+            m.recovery_skipped_dirs.clone(),
         );
         m.registry.register(
             "recovery_stale_batches_erased",
@@ -924,7 +949,6 @@ impl Metrics {
         self.tls_handshake_failures.inc();
     }
 
-    /// Start-up recovery's outcome, summed over partitions.
     /// Replaces the lines `/health` adds after "ok".
     pub fn set_health_notes(&self, notes: Vec<&'static str>) {
         *self.health_notes.lock().unwrap_or_else(|e| e.into_inner()) = notes;
@@ -960,10 +984,17 @@ impl Metrics {
         self.recovery_damaged_offsets.inc_by(offsets);
     }
 
-    pub fn record_recovery(&self, truncated_bytes: u64, quarantined_partitions: i64) {
-        self.recovery_truncated_bytes.inc_by(truncated_bytes);
+    /// Start-up recovery's outcome, summed over partitions.
+    pub fn record_recovery(&self, r: &crate::broker::RecoverySummary) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.recovery_truncated_bytes.inc_by(r.truncated_bytes);
         self.recovery_quarantined_partitions
-            .set(quarantined_partitions);
+            .set(gauge(r.quarantined_partitions));
+        self.recovery_deleted_leftovers
+            .set(gauge(r.deleted_leftovers));
+        self.recovery_undeletable_leftovers
+            .set(gauge(r.undeletable_leftovers));
+        self.recovery_skipped_dirs.set(gauge(r.skipped_dirs));
     }
 
     /// A topic was deleted: drop its series (existing [`TopicMetrics`]

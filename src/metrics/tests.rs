@@ -89,7 +89,13 @@ fn scrape_shows_recorded_values() {
     drop(closed);
     let _unix = m.connection_opened(Listener::Unix);
     m.tls_failure();
-    m.record_recovery(4096, 1);
+    m.record_recovery(&crate::broker::RecoverySummary {
+        truncated_bytes: 4096,
+        quarantined_partitions: 1,
+        deleted_leftovers: 2,
+        undeletable_leftovers: 3,
+        skipped_dirs: 4,
+    });
     m.record_recovery_erased(3);
     m.record_recovery_damaged(7);
     {
@@ -162,6 +168,9 @@ fn scrape_shows_recorded_values() {
         ("skiff_tls_handshake_failures_total", 1.0),
         ("skiff_recovery_truncated_bytes_total", 4096.0),
         ("skiff_recovery_quarantined_partitions", 1.0),
+        ("skiff_recovery_deleted_leftovers", 2.0),
+        ("skiff_recovery_undeletable_leftovers", 3.0),
+        ("skiff_recovery_skipped_dirs", 4.0),
         ("skiff_recovery_stale_batches_erased_total", 3.0),
         ("skiff_recovery_damaged_offsets_total", 7.0),
     ];

@@ -243,8 +243,7 @@ impl Server {
         let tls = TlsSetup::load(&cfg.server.tls)?;
         let metrics = Metrics::new();
         let broker = Broker::open_config(cfg, Some(metrics.clone()))?;
-        let (truncated, quarantined) = broker.recovery_summary();
-        metrics.record_recovery(truncated, quarantined as i64);
+        metrics.record_recovery(&broker.recovery_summary());
         let groups = Coordinator::open(broker.clone(), GroupsConfig::from_config(cfg))?;
         let share = ShareCoordinator::open(broker.clone(), ShareConfig::from_config(cfg))?;
         let txns = crate::broker::txn::Coordinator::open(

@@ -658,6 +658,9 @@ pub(crate) struct Shared {
     /// quarantined, so a request about it says why instead of that it
     /// does not exist, until a delete removes its directory.
     pub unloaded: Mutex<Vec<Quarantine>>,
+    /// Directories recovery skipped: their `partition.meta` names another
+    /// partition (copied or renamed by hand). Never loaded nor deleted.
+    pub skipped: Mutex<Vec<PathBuf>>,
     /// Notified when a ring starts a segment, or refuses to (a cleaner
     /// then looks for room to make).
     pub rolled: event_listener::Event,
@@ -1110,6 +1113,18 @@ impl Storage {
         self.inner
             .shared
             .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Directories start-up recovery skipped because their
+    /// `partition.meta` names another partition; they stay on disk as
+    /// they are.
+    pub fn skipped_dirs(&self) -> Vec<PathBuf> {
+        self.inner
+            .shared
+            .skipped
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

@@ -612,6 +612,12 @@ impl Engine {
                     "partition directory {} holds metadata for {id}; skipped",
                     dir.display()
                 );
+                self.ctx
+                    .shared
+                    .skipped
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(dir);
                 continue;
             }
             self.load_part(id, meta.cfg, dir, None)?;
