@@ -413,12 +413,7 @@ fn broker_restart_with_records_in_flight_loses_none_and_accepts_none_twice() {
         while accepted.len() < values.len() {
             assert!(Instant::now() < deadline, "{} accepted", accepted.len());
             let got = w.poll().await.expect("poll");
-            let acks: Vec<_> = got
-                .iter()
-                .map(|r| (r.partition, r.offset, Outcome::Accept))
-                .collect();
-            let codes = w.ack(&acks).await.expect("ack");
-            assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
+            accept(&w, &got).await;
             for r in got {
                 let again = accepted.insert((r.partition, r.offset), r.delivery_count);
                 assert!(
@@ -513,6 +508,16 @@ fn a_stuck_record_holds_back_at_most_max_in_flight_records() {
         let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, [5, 6, 7, 8, 9]);
     });
+}
+
+/// Accepts `got`, every ack counting.
+async fn accept(w: &ShareConsumer, got: &[skiff::protocol::ShareRecord]) {
+    let acks: Vec<_> = got
+        .iter()
+        .map(|r| (r.partition, r.offset, Outcome::Accept))
+        .collect();
+    let codes = w.ack(&acks).await.expect("ack");
+    assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
 }
 
 /// Polls `w` until it has taken `n` records.
@@ -849,4 +854,78 @@ fn a_kill_9_loop_under_share_workers_loses_no_record_and_accepts_none_twice() {
         s.confirmed.len(),
         s.unknown.len()
     );
+}
+
+/// A share fetch of `max_records` records larger than a frame holds is
+/// answered with as many as fit, each locked and counted once: none is
+/// charged a delivery it never got, so none reaches the dead-letter topic
+/// for answers the worker could not read. Redeliveries (released records,
+/// chosen before their sizes are known) likewise.
+#[test]
+fn a_share_fetch_of_more_than_a_frame_holds_delivers_what_fits_and_charges_no_more() {
+    // The embedded default's frame: 132 KiB; 60 records of 3 KB take 180 KB.
+    let b = Broker::start("[share]\nlock_ms = 300000\n");
+    create(&b, "big", 1);
+    let values: Vec<String> = (0..60)
+        .map(|i| format!("{i:03}{}", "x".repeat(3000)))
+        .collect();
+    produce(&b, "big", &values);
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "big", from_earliest(100, 200));
+        // Every record acquired, held: each answer a share_fetch answer.
+        let mut held = Vec::new();
+        let mut answers = Vec::new();
+        while held.len() < values.len() {
+            assert!(
+                answers.len() < values.len(),
+                "{} of 60 in {answers:?}",
+                held.len()
+            );
+            let got = w.poll().await.expect("a share_fetch answer");
+            answers.push(got.len());
+            held.extend(got);
+        }
+        assert!(answers[0] > 1 && answers[0] < values.len(), "{answers:?}");
+        let offsets: BTreeSet<u64> = held.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets.len(), values.len(), "each record once: {answers:?}");
+        assert!(held.iter().all(|r| r.delivery_count == 1), "{answers:?}");
+        // All released at once: redeliveries are again more than one answer holds.
+        let release: Vec<_> = held
+            .iter()
+            .map(|r| {
+                let again = Outcome::Release {
+                    delay: Duration::ZERO,
+                    reason: None,
+                };
+                (r.partition, r.offset, again)
+            })
+            .collect();
+        let codes = w.ack(&release).await.expect("release");
+        assert!(codes.iter().all(|c| *c == ErrorCode::None), "{codes:?}");
+        let mut accepted: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut answers = 0;
+        while accepted.len() < values.len() {
+            answers += 1;
+            assert!(answers <= values.len(), "{} of 60 accepted", accepted.len());
+            let got = w.poll().await.expect("a share_fetch answer");
+            accept(&w, &got).await;
+            for r in got {
+                let value = String::from_utf8(r.value.clone().expect("a value").to_vec());
+                assert_eq!(
+                    value.ok().as_deref(),
+                    Some(values[r.offset as usize].as_str())
+                );
+                let twice = accepted.insert(r.offset, r.delivery_count);
+                assert!(twice.is_none(), "offset {} accepted twice", r.offset);
+            }
+        }
+        // The second delivery of each, whichever answer it came in.
+        assert!(
+            accepted.values().all(|&c| c == 2),
+            "delivery counts: {accepted:?}"
+        );
+        assert!(w.poll().await.expect("poll").is_empty());
+    });
+    assert!(dlq_list(&b, "big").is_empty());
 }

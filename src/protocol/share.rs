@@ -66,6 +66,46 @@ pub struct ShareRecord {
     pub delivery_count: u32,
 }
 
+/// An upper bound on the bytes a share_fetch response adds around its
+/// records: the frame prefix, `[correlation_id, [70, [[records...],
+/// lock_ms]]]`'s heads and numbers. With [`ShareRecord::bytes_max`] the
+/// server keeps the answer under the peer's `max_frame_bytes`.
+pub const SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX: usize = 4 + 1 + 5 + 1 + 2 + 1 + 9 + 9;
+
+/// The bytes of a CBOR head for a length or number `n` (shortest form).
+fn head_bytes(n: usize) -> usize {
+    match n {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+impl ShareRecord {
+    /// An upper bound on the encoded size of a record with this key,
+    /// value and headers: their bytes and heads as encoded (the same
+    /// encoding as in a stored batch, whose size bounds them), the numbers
+    /// at their largest.
+    pub fn bytes_max<'a>(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> usize {
+        let bytes = |b: Option<&[u8]>| b.map_or(1, |b| head_bytes(b.len()) + b.len());
+        let (mut count, mut headers_bytes) = (0, 0);
+        for (name, value) in headers {
+            count += 1;
+            headers_bytes +=
+                1 + head_bytes(name.len()) + name.len() + head_bytes(value.len()) + value.len();
+        }
+        // array head, partition, offset, timestamp, key, value, headers'
+        // array head and pairs, delivery count
+        1 + 5 + 9 + 9 + bytes(key) + bytes(value) + head_bytes(count) + headers_bytes + 5
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct ShareHeader {
     #[n(0)]

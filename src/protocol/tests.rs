@@ -1215,6 +1215,73 @@ fn fetch_size_bound_holds_for_extreme_values() {
     assert!(frame.len() <= bound, "{} > {bound}", frame.len());
 }
 
+/// A share_fetch answer is within its bound, and one record of a batch,
+/// with its key and headers, fits a frame beside the answer's envelope:
+/// a frame holds the largest batch and 4096 bytes (`server.max_frame_bytes`
+/// is checked so), so the server can always deliver one record.
+#[test]
+fn share_fetch_size_bound_holds_and_one_record_of_a_batch_fits_a_frame() {
+    use crate::batch::{BatchBuilder, BatchView, ProducerStamp};
+    type Shape = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+    let shapes: Vec<Shape> = vec![
+        // Empty headers: the most heads for the batch's bytes.
+        (None, None, vec![(String::new(), Vec::new()); 40_000]),
+        (
+            Some(vec![1; 23]),
+            Some(vec![2; 1000]),
+            (0..40)
+                .map(|i| ("h".repeat(i * 7), vec![3; i * 13]))
+                .collect(),
+        ),
+        (
+            Some(vec![1; 70_000]),
+            None,
+            vec![("n".repeat(300), vec![4; 256]); 3],
+        ),
+        (None, Some(vec![9; 131_000]), Vec::new()),
+    ];
+    for (key, value, headers) in shapes {
+        let hs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        let mut b = BatchBuilder::new();
+        b.push_record(0, key.as_deref(), value.as_deref(), &hs);
+        let batch = b.finish(ProducerStamp::NONE);
+        let view = BatchView::new(&batch).unwrap();
+        let r = &view.records().unwrap()[0];
+        let bound = ShareRecord::bytes_max(
+            r.key.map(|k| &k[..]),
+            r.value.map(|v| &v[..]),
+            r.headers.iter().map(|h| (h.name, &h.value[..])),
+        );
+        let frame = response_frame(&Response {
+            correlation_id: u32::MAX,
+            body: ResponseBody::ShareFetch(ShareFetchResponse {
+                records: vec![ShareRecord {
+                    partition: u32::MAX,
+                    offset: u64::MAX,
+                    timestamp_ms: i64::MIN,
+                    key: key.map(Into::into),
+                    value: value.map(Into::into),
+                    headers: headers
+                        .into_iter()
+                        .map(|(name, value)| ShareHeader {
+                            name,
+                            value: value.into(),
+                        })
+                        .collect(),
+                    delivery_count: u32::MAX,
+                }],
+                lock_ms: u64::MAX,
+            }),
+        });
+        let answer = SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX + bound;
+        assert!(frame.len() <= answer, "{} > {answer}", frame.len());
+        assert!(answer <= batch.len() + 4096, "{answer} {}", batch.len());
+    }
+}
+
 /// A fetch response with records of the given sizes (`fill` varies bytes).
 fn fetch_response(sizes: &[usize], fill: u8) -> Response {
     Response {

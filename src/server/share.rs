@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use minicbor::bytes::ByteVec;
 
-use crate::broker::share::{Ack, AckKind, FetchSpec, ShareError};
+use crate::broker::share::{Ack, AckKind, Delivered, FetchSpec, ShareError};
 use crate::protocol::{
     DeleteShareGroupResponse, DescribeShareGroupResponse, ErrorCode, ListShareGroupsResponse,
     ResponseBody, ShareAckKind, ShareAckRequest, ShareAckResponse, ShareFetchRequest,
     ShareFetchResponse, ShareGroupListing, ShareHeader, ShareMember, SharePartitionState,
-    ShareRecord, ShareRecordState,
+    ShareRecord, ShareRecordState, SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX,
 };
 
 use super::acl::Operation;
@@ -72,6 +72,13 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, r: ShareFetchRequest) -> Re
         max_records: r.max_records,
         max_wait,
         from_earliest,
+        // Records past the frame would make the answer invalid_request,
+        // each charged a delivery it never got.
+        max_bytes: ctx
+            .settings
+            .max_frame_bytes
+            .saturating_sub(SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX),
+        record_bytes: share_record_bytes,
     };
     match ctx.share.fetch(spec).await {
         Ok((records, lock_ms)) => ResponseBody::ShareFetch(ShareFetchResponse {
@@ -98,6 +105,15 @@ pub(crate) async fn fetch(ctx: &Ctx, identity: &str, r: ShareFetchRequest) -> Re
         }),
         Err(e) => share_error_body(&e),
     }
+}
+
+/// What `d` takes in a share_fetch answer, at most.
+fn share_record_bytes(d: &Delivered) -> usize {
+    ShareRecord::bytes_max(
+        d.key.as_deref(),
+        d.value.as_deref(),
+        d.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+    )
 }
 
 pub(crate) async fn ack(ctx: &Ctx, identity: &str, r: ShareAckRequest) -> ResponseBody {

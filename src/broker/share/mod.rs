@@ -283,6 +283,46 @@ pub struct FetchSpec {
     pub max_wait: Duration,
     /// A new share partition starts at the log start (else its end).
     pub from_earliest: bool,
+    /// Bytes the records may take in the answer, each counted by
+    /// `record_bytes`: acquisition stops before the record that would
+    /// pass it (the server's frame), though the first is always taken.
+    pub max_bytes: usize,
+    pub record_bytes: fn(&Delivered) -> usize,
+}
+
+/// The room left in one share fetch's answer.
+struct Room {
+    bytes: usize,
+    size: fn(&Delivered) -> usize,
+    /// A record was taken: the next must fit beside it.
+    taken: bool,
+    /// A record did not fit: the fetch takes no more, so records go out
+    /// in the order they were found.
+    full: bool,
+}
+
+impl Room {
+    fn new(spec: &FetchSpec) -> Room {
+        Room {
+            bytes: spec.max_bytes,
+            size: spec.record_bytes,
+            taken: false,
+            full: false,
+        }
+    }
+
+    /// Whether `d` fits, counting it if so; the first record always does
+    /// (a frame holds one record of the largest batch).
+    fn take(&mut self, d: &Delivered) -> bool {
+        let n = (self.size)(d);
+        if self.full || (self.taken && n > self.bytes) {
+            self.full = true;
+            return false;
+        }
+        self.bytes = self.bytes.saturating_sub(n);
+        self.taken = true;
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -717,15 +757,23 @@ impl ShareCoordinator {
                 .collect();
             let mut out = Vec::new();
             let mut dirty = Vec::new();
+            let mut room = Room::new(&spec);
             for i in 0..partitions {
                 let p = (first + i) % partitions;
                 let want = spec.max_records as usize - out.len();
-                if want == 0 {
+                if want == 0 || room.full {
                     break;
                 }
                 let key = (spec.group.clone(), spec.topic.clone(), p);
                 let (got, changed) = self
-                    .acquire_partition(&key, &member, want, &settings, spec.from_earliest)
+                    .acquire_partition(
+                        &key,
+                        &member,
+                        want,
+                        &mut room,
+                        &settings,
+                        spec.from_earliest,
+                    )
                     .await?;
                 if !got.is_empty() {
                     // Locked now: their deadlines need the expiry pass.
@@ -757,14 +805,15 @@ impl ShareCoordinator {
         }
     }
 
-    /// Acquires up to `want` records of one share partition: available
-    /// ones first, then new ones from the log. Returns them and whether
-    /// the state changed (to be written).
+    /// Acquires up to `want` records of one share partition that fit
+    /// `room`: available ones first, then new ones from the log. Returns
+    /// them and whether the state changed (to be written).
     async fn acquire_partition(
         &self,
         key: &SpKey,
         member: &Arc<str>,
         want: usize,
+        room: &mut Room,
         settings: &ShareSettings,
         from_earliest: bool,
     ) -> Result<(Vec<Delivered>, bool), ShareError> {
@@ -838,17 +887,15 @@ impl ShareCoordinator {
         };
         // Clears `reading` however this ends (an error below included).
         let _reading = read_at.map(|_| Reading { c: self, key });
-        self.redeliveries
-            .fetch_add(again.len() as u64, Ordering::Relaxed);
         let mut out = Vec::new();
         if !again.is_empty() {
             let wanted: BTreeMap<u64, u32> = again.iter().copied().collect();
             let found = self.read_records(topic, partition, &wanted).await;
             let mut parts = self.lock();
-            let sp = parts.get_mut(key);
+            let mut sp = parts.get_mut(key);
             match found {
                 Ok(found) => {
-                    if let Some(sp) = sp {
+                    if let Some(sp) = sp.as_deref_mut() {
                         let mut gone = 0u64;
                         for (o, _) in &again {
                             if !found.iter().any(|d| d.offset == *o) {
@@ -865,7 +912,33 @@ impl ShareCoordinator {
                             sp.settle();
                         }
                     }
-                    out.extend(found);
+                    for d in found {
+                        if room.take(&d) {
+                            out.push(d);
+                            continue;
+                        }
+                        // Chosen before its size was known, and not
+                        // delivered: as it was before (the state is
+                        // written after this), unless its lock lapsed
+                        // meanwhile and another member holds it.
+                        let ours = RecState::Acquired {
+                            member: member.clone(),
+                            deadline: lock_deadline,
+                        };
+                        let r = sp
+                            .as_deref_mut()
+                            .and_then(|sp| sp.records.get_mut(&d.offset));
+                        if let Some(r) = r {
+                            if r.state == ours {
+                                r.state = RecState::Available { not_before: None };
+                            }
+                            if matches!(r.state, RecState::Available { .. }) {
+                                r.deliveries = r.deliveries.saturating_sub(1);
+                            }
+                        }
+                    }
+                    self.redeliveries
+                        .fetch_add(out.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     // Back to available; the count stays (it was counted
@@ -880,6 +953,9 @@ impl ShareCoordinator {
                     return Err(e.into());
                 }
             }
+        }
+        if room.full {
+            return Ok((out, changed));
         }
         if let Some(at) = read_at {
             let fetched = self.read(topic, partition, at, READ_BYTES).await;
@@ -905,6 +981,11 @@ impl ShareCoordinator {
                         all = false;
                         break;
                     }
+                    let d = owned(partition, offset, ts, &r, 1);
+                    if !room.take(&d) {
+                        all = false;
+                        break;
+                    }
                     sp.records.insert(
                         offset,
                         InFlight {
@@ -916,7 +997,7 @@ impl ShareCoordinator {
                             error: None,
                         },
                     );
-                    out.push(owned(partition, offset, ts, &r, 1));
+                    out.push(d);
                     taken += 1;
                     next = offset + 1;
                 }

@@ -189,6 +189,8 @@ fn take(c: &ShareCoordinator, topic: &str, member: &str, max: u32) -> Vec<Delive
         max_records: max,
         max_wait: Duration::ZERO,
         from_earliest: true,
+        max_bytes: usize::MAX,
+        record_bytes: |_| 0,
     };
     block_on(c.fetch(spec)).expect("share fetch").0
 }
@@ -349,6 +351,8 @@ fn a_deleted_group_and_a_deleted_topic_leave_no_state_across_a_restart() {
             max_records: 1,
             max_wait: Duration::ZERO,
             from_earliest: true,
+            max_bytes: usize::MAX,
+            record_bytes: |_| 0,
         };
         block_on(c.fetch(spec)).expect("share fetch");
         c.broker().close().expect("closed");
@@ -388,6 +392,8 @@ fn a_share_fetch_racing_a_topic_delete_starts_nothing_at_the_old_offsets() {
                 max_records: 10,
                 max_wait: Duration::ZERO,
                 from_earliest: false,
+                max_bytes: usize::MAX,
+                record_bytes: |_| 0,
             };
             block_on(c.fetch(spec)).map(|(got, _)| got.len())
         })
@@ -461,6 +467,8 @@ fn active_members_are_bounded_and_lapsed_ones_make_room() {
         max_records: 1,
         max_wait: Duration::ZERO,
         from_earliest: true,
+        max_bytes: usize::MAX,
+        record_bytes: |_| 0,
     };
     match block_on(c.fetch(spec("e"))) {
         Err(ShareError::Invalid(m)) => assert!(m.contains("share.max_active_members is 3"), "{m}"),
