@@ -12,8 +12,9 @@
 //! timeout, a cancelled task), its `Drop` hands the wait to the
 //! [`crate::offload`] thread, which awaits the ack and settles:
 //! otherwise a retry of that batch would wait on its slot forever, and a
-//! failed batch's ids would stay in the window. Cancellation is the rare
-//! path, and the thread waits one group commit at most.
+//! failed batch's ids would stay in the window. The wait is a task there,
+//! not a blocking job, so the registry writes run on meanwhile however
+//! long a stalled device holds the ack.
 //!
 //! # Order and grouping
 //!
@@ -200,8 +201,8 @@ impl Drop for Produce {
             settle.settle(&r.map_err(Arc::new));
             return;
         }
-        crate::offload::detach(move || {
-            let r = futures_lite::future::block_on(ticket);
+        crate::offload::spawn(async move {
+            let r = ticket.await;
             settle.settle(&r.map_err(Arc::new));
         });
     }
