@@ -411,6 +411,96 @@ fn a_refused_tls_client_reads_the_refusal_and_an_orderly_close() {
     assert!(b.log().contains("names no identity"), "{}", b.log());
 }
 
+/// A client of a broker whose TLS takes clients without a certificate.
+fn anonymous_tls_client(pki: &Pki, addr: &str) -> blocking::Client {
+    let config = ClientConfig {
+        tls: Some(pki.options(None, None)),
+        ..ClientConfig::default()
+    };
+    blocking::Client::connect_with(addr, config).unwrap()
+}
+
+/// A TLS client that has not finished its handshake in
+/// `server.tls.handshake_timeout_ms` is cut off in order, as a refused one
+/// is: a FIN, then what it still sends is read and dropped, so it sees no
+/// reset. A client sending its ClientHello slowly has its next bytes on
+/// the way when the broker gives up; a broker that closed its socket
+/// outright answered them with a reset. Counted as timed out; the
+/// address's slot is another client's from the cut-off on.
+#[test]
+fn a_tls_handshake_that_times_out_closes_in_order() {
+    use std::io::{Read, Write};
+    let (_keep, pki) = pki_dir();
+    let b = Broker::start(&pki.server_section(
+        false,
+        "handshake_timeout_ms = 300\n\
+         [quotas]\nmax_connections_per_ip = 1\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+    ));
+    let addr = tls_addr(&b);
+    // A handshake record of 512 bytes: its first 2 now, more after the end.
+    let slow_hello = |addr: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let end = s.read(&mut buf).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "an orderly end, nothing said");
+        s
+    };
+    let mut slow = slow_hello(&addr);
+    slow.write_all(&[0; 100]).unwrap();
+    let shut = slow.shutdown(std::net::Shutdown::Write);
+    // A reset would answer those bytes within a round trip.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut reset = None;
+    while reset.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        reset = slow.take_error().unwrap();
+    }
+    assert!(
+        shut.is_ok() && reset.is_none(),
+        "no reset: {shut:?}, {reset:?}"
+    );
+    assert!(
+        b.log().contains("TLS handshake not done in 300 ms"),
+        "{}",
+        b.log()
+    );
+    let text = http_get(&b.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&text, "skiff_connections_timed_out_total", ""),
+        Some(1.0),
+        "{text}"
+    );
+    // One that says nothing more and stays: while the broker still reads
+    // it, a client from the same address gets in.
+    let _silent = slow_hello(&addr);
+    anonymous_tls_client(&pki, &addr).list_topics().unwrap();
+}
+
+/// A client refused in its handshake is closed in order, which takes up
+/// to a second while it keeps its socket open; its address's slot is
+/// given back first, so another client from there gets in meanwhile.
+#[test]
+fn a_refused_tls_client_leaves_its_address_slot_while_it_is_closed() {
+    use std::io::{Read, Write};
+    let (_keep, pki) = pki_dir();
+    let b = Broker::start(&pki.server_section(false, "[quotas]\nmax_connections_per_ip = 1\n"));
+    let addr = tls_addr(&b);
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    // The alert, then the broker's FIN; this client stays.
+    let mut said = Vec::new();
+    plain.read_to_end(&mut said).unwrap();
+    assert_eq!(said.first(), Some(&0x15), "an alert: {said:?}");
+    anonymous_tls_client(&pki, &addr).list_topics().unwrap();
+}
+
 /// OpenSSL offering TLS 1.1 only (its security level lowered so it will
 /// send such a hello) is refused by the broker: rustls answers with a
 /// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms

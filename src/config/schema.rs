@@ -130,6 +130,8 @@ pub struct TlsSection {
     /// Where a client certificate's identity comes from.
     #[serde(with = "as_text")]
     pub identity_from: IdentityFrom,
+    /// How long a client may take to finish its handshake.
+    pub handshake_timeout_ms: u64,
 }
 
 /// Which part of a client certificate names its identity.
@@ -985,6 +987,12 @@ impl Config {
             s.max_connections,
             1,
             MAX_CONNECTIONS_LIMIT,
+        )?;
+        check_range(
+            "server.tls.handshake_timeout_ms",
+            s.tls.handshake_timeout_ms,
+            100,
+            600_000,
         )?;
         check_range(
             "server.frame_timeout_ms",

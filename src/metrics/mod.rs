@@ -37,7 +37,7 @@
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
 //! | `tls_handshake_failures` | counter | |
-//! | `connections_timed_out` (no hello in time, or a frame stalled half-sent) | counter | |
+//! | `connections_timed_out` (no TLS handshake or hello in time, or a frame stalled half-sent) | counter | |
 //! | `malformed_frames` (not a request: too large, not CBOR, no request envelope; each closes its connection) | counter | |
 //! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
@@ -619,7 +619,7 @@ impl Metrics {
         );
         m.registry.register(
             "connections_timed_out",
-            "Client connections closed for server.frame_timeout_ms: no hello in time, or a frame stalled half-sent",
+            "Client connections closed for server.tls.handshake_timeout_ms or server.frame_timeout_ms: no TLS handshake or hello in time, or a frame stalled half-sent",
             m.connections_timed_out.clone(),
         );
         m.registry.register(

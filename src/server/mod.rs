@@ -42,15 +42,12 @@ use acl::{Acl, DenialLog, ANONYMOUS};
 use quota::{AddrGuard, IdentityGuard, Quotas};
 use tls::{TlsError, TlsSetup, TlsSlot};
 
-/// How long a TLS client may take to finish its handshake: a peer that
-/// connects and stalls holds a connection slot no longer than this.
-const TLS_HANDSHAKE_MS_MAX: u64 = 10_000;
-
 /// How long, and how many bytes, the socket of a refused TLS client is
 /// read and dropped after the refusal (`close_refused`): enough for the
 /// first request a client writes after its side of the handshake; a peer
-/// that sends more, or never closes, holds its socket no longer. The
-/// connection holds no slot meanwhile (it was never admitted).
+/// that sends more, or never closes, holds its socket no longer, and is
+/// reset if its bytes are still unread then. The connection holds no slot
+/// meanwhile (it was never admitted, and its address's is given back).
 const TLS_REFUSED_DRAIN_MS_MAX: u64 = 1_000;
 const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
 
@@ -1130,18 +1127,23 @@ async fn accept_tls(
                 let setup = slot.current();
                 let (ctx2, ex2) = (ctx.clone(), ex.clone());
                 ex.spawn(async move {
-                    let Some((tls, identity)) = handshake(stream, &setup, peer).await else {
-                        return;
-                    };
-                    admit_and_spawn(
-                        session::Locked(tls),
-                        &ctx2,
-                        &ex2,
-                        peer.to_string(),
-                        identity,
-                        Some(addr),
-                        Listener::Tls,
-                    );
+                    match handshake(stream, &setup, peer, &ctx2.metrics).await {
+                        Ok((tls, identity)) => admit_and_spawn(
+                            session::Locked(tls),
+                            &ctx2,
+                            &ex2,
+                            peer.to_string(),
+                            identity,
+                            Some(addr),
+                            Listener::Tls,
+                        ),
+                        Err(refused) => {
+                            // The close may take a second: the address's
+                            // slot is another client's meanwhile.
+                            drop(addr);
+                            refused.close().await;
+                        }
+                    }
                 })
                 .detach();
             }
@@ -1155,19 +1157,22 @@ async fn accept_tls(
 
 /// The server side of a TLS handshake, bounded in time, and the identity
 /// the client proved. Failures are the client's: logged, and the
-/// connection closed.
+/// connection left to close (`Refused::close`).
 async fn handshake(
     stream: smol::net::TcpStream,
     setup: &TlsSetup,
     peer: SocketAddr,
-) -> Option<(
-    futures_rustls::server::TlsStream<smol::net::TcpStream>,
-    Arc<str>,
-)> {
+    metrics: &Metrics,
+) -> Result<(TlsStream, Arc<str>), Refused> {
     let acceptor = futures_rustls::TlsAcceptor::from(setup.config.clone());
+    // The handshake's future owns the socket and, dropped on a timeout,
+    // would close it at once: a FIN, or a reset if the client's next bytes
+    // are in by then. A second handle keeps it for an orderly close.
+    let socket = stream.clone();
     let accept = acceptor.accept(stream).into_fallible();
+    let timeout = setup.handshake_timeout;
     let done = futures_lite::future::or(async { Some(accept.await) }, async {
-        smol::Timer::after(Duration::from_millis(TLS_HANDSHAKE_MS_MAX)).await;
+        smol::Timer::after(timeout).await;
         None
     })
     .await;
@@ -1176,41 +1181,68 @@ async fn handshake(
         Some(Err((e, stream))) => {
             log::info!("{peer}: TLS handshake failed: {e}");
             // rustls has written its alert, if the failure has one.
-            close_refused(stream, refused_deadline()).await;
-            return None;
+            return Err(Refused::Socket(stream));
         }
         None => {
-            log::info!("{peer}: TLS handshake not done in {TLS_HANDSHAKE_MS_MAX} ms");
-            return None;
+            log::info!(
+                "{peer}: TLS handshake not done in {} ms",
+                timeout.as_millis()
+            );
+            metrics.connection_timed_out();
+            // rustls has no alert for a slow peer: the FIN says it.
+            return Err(Refused::Socket(socket));
         }
     };
     if !setup.mutual {
-        return Some((tls, ANONYMOUS.into()));
+        return Ok((tls, ANONYMOUS.into()));
     }
     let (_, conn) = tls.get_ref();
     // The verifier required a certificate: rustls does not finish a
     // handshake without one.
-    let leaf = conn.peer_certificates().and_then(|c| c.first())?;
+    let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return Err(Refused::Tls(Box::new(tls)));
+    };
     match setup.identity_of(leaf) {
-        Some(id) => Some((tls, id.into())),
+        Some(id) => Ok((tls, id.into())),
         None => {
             log::warn!(
                 "{peer}: client certificate names no identity by server.tls.identity_from = \"{}\"; refused",
                 setup.identity_from
             );
-            // After a finished handshake rustls can only say close_notify.
-            let deadline = refused_deadline();
-            let mut tls = tls;
-            let close_notify = async {
-                let _ = futures_lite::AsyncWriteExt::close(&mut tls).await;
-            };
-            let expired = async {
-                smol::Timer::at(deadline).await;
-            };
-            futures_lite::future::or(close_notify, expired).await;
-            close_refused(tls.into_inner().0, deadline).await;
-            None
+            Err(Refused::Tls(Box::new(tls)))
         }
+    }
+}
+
+type TlsStream = futures_rustls::server::TlsStream<smol::net::TcpStream>;
+
+/// A TLS client refused in its handshake (failed or timed out) or right
+/// after it, left to close in order. It holds no slot: it was never
+/// admitted, and the caller gives its address's back first.
+enum Refused {
+    Socket(smol::net::TcpStream),
+    /// Refused after a finished handshake, which rustls can only end with
+    /// a close_notify. Boxed: a session's state is large.
+    Tls(Box<TlsStream>),
+}
+
+impl Refused {
+    async fn close(self) {
+        let deadline = refused_deadline();
+        let stream = match self {
+            Refused::Socket(stream) => stream,
+            Refused::Tls(mut tls) => {
+                let close_notify = async {
+                    let _ = futures_lite::AsyncWriteExt::close(&mut *tls).await;
+                };
+                let expired = async {
+                    smol::Timer::at(deadline).await;
+                };
+                futures_lite::future::or(close_notify, expired).await;
+                tls.into_inner().0
+            }
+        };
+        close_refused(stream, deadline).await;
     }
 }
 
@@ -1219,9 +1251,11 @@ async fn handshake(
 /// handshake before the broker checks its certificate, and writes its
 /// first request at once; closing with those bytes unread makes the
 /// kernel send a reset instead of a FIN, and a client could see the reset
-/// before the alert. So: the write side is shut (FIN after the alert),
-/// then what comes in is read and dropped until the client closes,
-/// until `deadline` (`refused_deadline`) and `TLS_REFUSED_DRAIN_BYTES_MAX`.
+/// before the alert. A client whose handshake timed out may be sending
+/// still, and its next bytes would meet a closed socket, which resets.
+/// So: the write side is shut (FIN after the alert), then what comes in
+/// is read and dropped until the client closes, until `deadline`
+/// (`refused_deadline`) and `TLS_REFUSED_DRAIN_BYTES_MAX`.
 async fn close_refused(mut stream: smol::net::TcpStream, deadline: std::time::Instant) {
     use futures_lite::AsyncReadExt;
     let _ = stream.shutdown(std::net::Shutdown::Write);

@@ -163,6 +163,9 @@ pub struct TlsSetup {
     /// Whether clients must present a certificate (`client_ca` set).
     pub mutual: bool,
     pub identity_from: IdentityFrom,
+    /// `handshake_timeout_ms`: a peer that connects and stalls holds its
+    /// address's slot (`quotas.max_connections_per_ip`) no longer.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for TlsSetup {
@@ -170,6 +173,7 @@ impl std::fmt::Debug for TlsSetup {
         f.debug_struct("TlsSetup")
             .field("mutual", &self.mutual)
             .field("identity_from", &self.identity_from)
+            .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -266,6 +270,7 @@ impl TlsSetup {
             config: Arc::new(config),
             mutual,
             identity_from: section.identity_from,
+            handshake_timeout: std::time::Duration::from_millis(section.handshake_timeout_ms),
         }))
     }
 
@@ -371,6 +376,7 @@ mod tests {
             client_ca: String::new(),
             crl: String::new(),
             identity_from: IdentityFrom::Cn,
+            handshake_timeout_ms: 10_000,
         };
         assert!(TlsSetup::load(&off).unwrap().is_none());
         let dir = tempfile::tempdir().unwrap();
