@@ -482,12 +482,16 @@ fn a_tls_handshake_that_times_out_closes_in_order() {
 
 /// A client refused in its handshake is closed in order, which takes up
 /// to a second while it keeps its socket open; its address's slot is
-/// given back first, so another client from there gets in meanwhile.
+/// given back first, so another client from there gets in meanwhile. The
+/// failure is counted in `tls_handshake_failures_total`.
 #[test]
 fn a_refused_tls_client_leaves_its_address_slot_while_it_is_closed() {
     use std::io::{Read, Write};
     let (_keep, pki) = pki_dir();
-    let b = Broker::start(&pki.server_section(false, "[quotas]\nmax_connections_per_ip = 1\n"));
+    let b = Broker::start(&pki.server_section(
+        false,
+        "[quotas]\nmax_connections_per_ip = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    ));
     let addr = tls_addr(&b);
     let mut plain = std::net::TcpStream::connect(&addr).unwrap();
     plain
@@ -499,6 +503,12 @@ fn a_refused_tls_client_leaves_its_address_slot_while_it_is_closed() {
     plain.read_to_end(&mut said).unwrap();
     assert_eq!(said.first(), Some(&0x15), "an alert: {said:?}");
     anonymous_tls_client(&pki, &addr).list_topics().unwrap();
+    let text = http_get(&b.metrics_addr(), "/metrics");
+    assert_eq!(
+        sample(&text, "skiff_tls_handshake_failures_total", ""),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 /// OpenSSL offering TLS 1.1 only (its security level lowered so it will

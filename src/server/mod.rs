@@ -1180,6 +1180,7 @@ async fn handshake(
         Some(Ok(tls)) => tls,
         Some(Err((e, stream))) => {
             log::info!("{peer}: TLS handshake failed: {e}");
+            metrics.tls_failure();
             // rustls has written its alert, if the failure has one.
             return Err(Refused::Socket(stream));
         }
