@@ -186,6 +186,19 @@ fn idempotent(id: u64, seq: i32, values: &[&str]) -> Vec<u8> {
     })
 }
 
+/// A new idempotent producer's first batch ("a", "b") to `t`/0, its
+/// `Produce` dropped before the ack (a caller's timeout); the producer id.
+fn produce_and_drop_first_batch(b: &Broker) -> u64 {
+    let id = block_on(b.init_producer(None)).expect("init").0;
+    block_on(async {
+        let first = b
+            .produce("t", 0, idempotent(id, 0, &["a", "b"]).into())
+            .await;
+        drop(first.expect("submitted"));
+    });
+    id
+}
+
 /// A produce dropped before its ack (a caller's timeout) still settles
 /// its slot in the producer table: a retry of the batch is answered as a
 /// duplicate with the first write's offsets, and the next batch follows.
@@ -194,13 +207,7 @@ fn a_dropped_produce_still_settles_the_producer_table() {
     for (name, rig) in crate::storage::tests::rigs() {
         let b = open(rig.open(), &rig);
         create(&b, "t", TopicSpec::default());
-        let id = block_on(b.init_producer(None)).expect("init").0;
-        block_on(async {
-            let first = b
-                .produce("t", 0, idempotent(id, 0, &["a", "b"]).into())
-                .await;
-            drop(first.expect("submitted"));
-        });
+        let id = produce_and_drop_first_batch(&b);
         // The retry may find the first in flight or written: either way
         // it is answered with the first write's offsets, not written.
         let retry = produce_to(&b, "t", idempotent(id, 0, &["a", "b"])).expect("retry");
@@ -218,6 +225,31 @@ fn a_dropped_produce_still_settles_the_producer_table() {
         assert_eq!(b.offsets("t", 0).expect("offsets").high_watermark, 3);
         b.close().expect("close");
     }
+}
+
+/// A dropped produce whose ack the device holds back (a flush not done)
+/// leaves the offload thread free: a registry write or snapshot handed
+/// over after it runs at once, not once the flush is done; the produce
+/// still settles when its ack comes.
+#[test]
+fn a_dropped_produces_held_ack_does_not_hold_up_the_offload_thread() {
+    let rig = Rig::fault(21);
+    let (s, gate) = crate::storage::tests::held_storage(&rig);
+    let b = open(s, &rig);
+    // Dropped before the broker: a failed assertion unwinds, not hangs.
+    let open_gate = crate::storage::tests::OpenGateOnDrop(gate.clone());
+    create(&b, "t", TopicSpec::default());
+    let id = produce_and_drop_first_batch(&b);
+    let (tx, rx) = std::sync::mpsc::channel();
+    drop(crate::offload::run(move || tx.send(()).unwrap()));
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the job ran while the dropped produce's flush was held");
+    gate.release();
+    let retry = produce_to(&b, "t", idempotent(id, 0, &["a", "b"])).expect("retry");
+    assert_eq!((retry.base_offset, retry.duplicate_records), (0, 2));
+    // Any flush the close starts is let through.
+    drop(open_gate);
+    b.close().expect("close");
 }
 
 /// Batches produced in one group are written in one group commit.

@@ -2729,7 +2729,7 @@ impl HeldSync {
 }
 
 #[derive(Default)]
-struct SyncGate {
+pub(crate) struct SyncGate {
     /// Groups started, writes done, groups released by the test.
     started: std::sync::atomic::AtomicUsize,
     /// Also hold the synchronous `sync` calls (once the test's setup is
@@ -2742,7 +2742,7 @@ struct SyncGate {
 }
 
 impl SyncGate {
-    fn release(&self) {
+    pub(crate) fn release(&self) {
         *self.released.lock().unwrap() += 1;
         self.changed.notify_all();
         self.fd.get().unwrap().signal();
@@ -2761,7 +2761,7 @@ impl SyncGate {
 
 /// Releases every flush when a test ends, so a failed assertion unwinds
 /// instead of leaving the storage thread waiting on the gate forever.
-struct OpenGateOnDrop(Arc<SyncGate>);
+pub(crate) struct OpenGateOnDrop(pub(crate) Arc<SyncGate>);
 
 impl Drop for OpenGateOnDrop {
     fn drop(&mut self) {
@@ -2769,6 +2769,19 @@ impl Drop for OpenGateOnDrop {
         self.0.changed.notify_all();
         self.0.fd.get().unwrap().signal();
     }
+}
+
+/// A storage on `rig`'s fault disk whose group fdatasyncs (pipelined)
+/// are held until the gate releases them: for tests of what waits on an
+/// ack.
+pub(crate) fn held_storage(rig: &Rig) -> (Storage, Arc<SyncGate>) {
+    let gate = Arc::new(SyncGate::default());
+    let cfg = StorageConfig {
+        pipelined_fsync: true,
+        ..rig.cfg()
+    };
+    let s = Storage::open_with_backend(cfg, Box::new(HeldSync::new(rig, &gate))).unwrap();
+    (s, gate)
 }
 
 /// A storage over the held-flush backend, with one partition. Fields drop
