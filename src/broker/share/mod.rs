@@ -290,6 +290,43 @@ pub struct FetchSpec {
     pub record_bytes: fn(&Delivered) -> usize,
 }
 
+/// What one share partition gave a share fetch.
+struct Taken {
+    got: Vec<Delivered>,
+    /// The state changed: to be written.
+    changed: bool,
+    /// What stopped it: `got` holds what was taken before.
+    error: Option<ShareError>,
+}
+
+impl Taken {
+    fn ok(got: Vec<Delivered>, changed: bool) -> Taken {
+        Taken {
+            got,
+            changed,
+            error: None,
+        }
+    }
+}
+
+/// A record chosen for redelivery that is not delivered after all: as it
+/// was before, its count too, unless its lock lapsed meanwhile and another
+/// member holds it.
+fn undeliver(sp: &mut SharePartition, offset: u64, member: &Arc<str>, deadline: Instant) {
+    let ours = RecState::Acquired {
+        member: member.clone(),
+        deadline,
+    };
+    if let Some(r) = sp.records.get_mut(&offset) {
+        if r.state == ours {
+            r.state = RecState::Available { not_before: None };
+        }
+        if matches!(r.state, RecState::Available { .. }) {
+            r.deliveries = r.deliveries.saturating_sub(1);
+        }
+    }
+}
+
 /// The room left in one share fetch's answer.
 struct Room {
     bytes: usize,
@@ -747,6 +784,12 @@ impl ShareCoordinator {
         // Partitions are tried from a different one each time, so one
         // busy partition does not starve the others.
         let first = fastrand::u32(..partitions.max(1));
+        // One partition that cannot be read (damaged, quarantined) must
+        // not hide, or stall for good, the others' records: its error is
+        // the answer only if they have none by the deadline. It is not
+        // tried again while this fetch waits.
+        let mut failed = None;
+        let mut failing = BTreeSet::new();
         loop {
             // Listen before looking, so a change in between still wakes us.
             let listener = self.changed.listen();
@@ -764,8 +807,11 @@ impl ShareCoordinator {
                 if want == 0 || room.full {
                     break;
                 }
+                if failing.contains(&p) {
+                    continue;
+                }
                 let key = (spec.group.clone(), spec.topic.clone(), p);
-                let (got, changed) = self
+                let taken = self
                     .acquire_partition(
                         &key,
                         &member,
@@ -774,14 +820,23 @@ impl ShareCoordinator {
                         &settings,
                         spec.from_earliest,
                     )
-                    .await?;
-                if !got.is_empty() {
+                    .await;
+                if !taken.got.is_empty() {
                     // Locked now: their deadlines need the expiry pass.
                     self.timers.notify(usize::MAX);
                 }
-                out.extend(got);
-                if changed {
+                out.extend(taken.got);
+                if taken.changed {
                     dirty.push(key);
+                }
+                if let Some(e) = taken.error {
+                    log::warn!(
+                        "share group {}: a share fetch skips {}/{p}: {e}",
+                        spec.group,
+                        spec.topic
+                    );
+                    failing.insert(p);
+                    failed.get_or_insert(e);
                 }
             }
             if !dirty.is_empty() {
@@ -789,8 +844,15 @@ impl ShareCoordinator {
                 // expires, then go to another worker.
                 self.write(dirty).await?;
             }
-            if !out.is_empty() || Instant::now() >= deadline || stopping.is_triggered() {
+            if !out.is_empty() {
                 return Ok((out, settings.lock_ms));
+            }
+            let all_failed = failing.len() == partitions as usize;
+            if all_failed || Instant::now() >= deadline || stopping.is_triggered() {
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok((out, settings.lock_ms)),
+                };
             }
             let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
             futures_lite::future::or(
@@ -807,7 +869,9 @@ impl ShareCoordinator {
 
     /// Acquires up to `want` records of one share partition that fit
     /// `room`: available ones first, then new ones from the log. Returns
-    /// them and whether the state changed (to be written).
+    /// them, whether the state changed (to be written), and the error
+    /// that stopped it, if one did (the records taken before it are
+    /// delivered; none is left locked or counted for nothing).
     async fn acquire_partition(
         &self,
         key: &SpKey,
@@ -816,24 +880,33 @@ impl ShareCoordinator {
         room: &mut Room,
         settings: &ShareSettings,
         from_earliest: bool,
-    ) -> Result<(Vec<Delivered>, bool), ShareError> {
+    ) -> Taken {
         let (topic, partition) = (key.1.as_str(), key.2);
         let now = Instant::now();
         let lock_deadline = now + Duration::from_millis(settings.lock_ms);
         let bound = u64::from(self.config.max_in_flight_records);
         let mut changed = false;
+        let failed = |got, changed, e: ShareError| Taken {
+            got,
+            changed,
+            error: Some(e),
+        };
         let (again, read_at, read_max) = {
             let mut parts = self.lock();
             // Under the lock: a topic deleted meanwhile (its state dropped
             // by `forget_topic`, which takes the lock after the delete) is
             // seen gone here, and no state starts at an old topic's offsets.
-            let log = self.broker.offsets(topic, partition)?;
+            let log = match self.broker.offsets(topic, partition) {
+                Ok(log) => log,
+                Err(e) => return failed(Vec::new(), false, e.into()),
+            };
             if !parts.contains_key(key) {
                 if parts.len() >= self.config.max_share_partitions {
-                    return Err(ShareError::Invalid(format!(
+                    let e = ShareError::Invalid(format!(
                         "too many share partitions: share.max_share_partitions is {}",
                         self.config.max_share_partitions
-                    )));
+                    ));
+                    return failed(Vec::new(), false, e);
                 }
                 let at = if from_earliest {
                     log.earliest
@@ -915,26 +988,9 @@ impl ShareCoordinator {
                     for d in found {
                         if room.take(&d) {
                             out.push(d);
-                            continue;
-                        }
-                        // Chosen before its size was known, and not
-                        // delivered: as it was before (the state is
-                        // written after this), unless its lock lapsed
-                        // meanwhile and another member holds it.
-                        let ours = RecState::Acquired {
-                            member: member.clone(),
-                            deadline: lock_deadline,
-                        };
-                        let r = sp
-                            .as_deref_mut()
-                            .and_then(|sp| sp.records.get_mut(&d.offset));
-                        if let Some(r) = r {
-                            if r.state == ours {
-                                r.state = RecState::Available { not_before: None };
-                            }
-                            if matches!(r.state, RecState::Available { .. }) {
-                                r.deliveries = r.deliveries.saturating_sub(1);
-                            }
+                        } else if let Some(sp) = sp.as_deref_mut() {
+                            // Chosen before its size was known.
+                            undeliver(sp, d.offset, member, lock_deadline);
                         }
                     }
                     self.redeliveries
@@ -950,21 +1006,24 @@ impl ShareCoordinator {
                             }
                         }
                     }
-                    return Err(e.into());
+                    return failed(out, true, e.into());
                 }
             }
         }
         if room.full {
-            return Ok((out, changed));
+            return Taken::ok(out, changed);
         }
         if let Some(at) = read_at {
             let fetched = self.read(topic, partition, at, READ_BYTES).await;
             let fetched = match fetched {
                 Ok(f) => f,
-                Err(BrokerError::OffsetOutOfRange { .. }) => return Ok((out, changed)),
-                Err(e) => return Err(e.into()),
+                Err(BrokerError::OffsetOutOfRange { .. }) => return Taken::ok(out, changed),
+                Err(e) => return failed(out, changed, e.into()),
             };
-            let (placed, end) = super::decode_records(&fetched.records)?;
+            let (placed, end) = match super::decode_records(&fetched.records) {
+                Ok(r) => r,
+                Err(e) => return failed(out, changed, e.into()),
+            };
             // Past a gap with nothing after it yet (damage lost at the log's
             // end), as a consumer's fetch moves on.
             let end = end.max(fetched.next_offset.unwrap_or(0));
@@ -1012,7 +1071,7 @@ impl ShareCoordinator {
                 }
             }
         }
-        Ok((out, changed))
+        Taken::ok(out, changed)
     }
 
     /// Records below the log start are gone (retention took them before

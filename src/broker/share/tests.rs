@@ -154,7 +154,15 @@ use crate::storage::tests::Rig;
 use smol::block_on;
 
 fn open(rig: &Rig, config: ShareConfig) -> Arc<ShareCoordinator> {
-    let broker = crate::broker::tests::open(rig.open(), rig);
+    open_on(rig.open(), rig, config)
+}
+
+fn open_on(
+    storage: crate::storage::Storage,
+    rig: &Rig,
+    config: ShareConfig,
+) -> Arc<ShareCoordinator> {
+    let broker = crate::broker::tests::open(storage, rig);
     if broker.topic("t").is_err() {
         create(&broker, "t");
     }
@@ -485,4 +493,164 @@ fn active_members_are_bounded_and_lapsed_ones_make_room() {
     take(&c, "t", "a", 1);
     c.seen("g", "b", hour).expect("known");
     assert_eq!(c.members_lock().len(), 3);
+}
+
+/// Each record of the share partition: (offset, deliveries, locked).
+fn window(c: &ShareCoordinator, topic: &str, partition: u32) -> Vec<(u64, u32, bool)> {
+    let key = ("g".to_owned(), topic.to_owned(), partition);
+    c.lock()
+        .get(&key)
+        .map(|sp| {
+            sp.records
+                .iter()
+                .map(|(&o, r)| {
+                    let locked = matches!(r.state, RecState::Acquired { .. });
+                    (o, r.deliveries, locked)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A partition the fetch cannot take from (here: its share state would
+/// pass share.max_share_partitions) neither hides the records taken from
+/// the others in the same fetch (they stayed locked, counted, never
+/// delivered) nor stalls the group: every fetch delivers the healthy
+/// partition's records, and only a fetch with nothing else to give
+/// answers the error.
+#[test]
+fn a_share_fetch_delivers_the_healthy_partitions_past_one_that_fails() {
+    let rig = Rig::fault(11);
+    let config = ShareConfig {
+        max_share_partitions: 2,
+        ..ShareConfig::default()
+    };
+    let c = open(&rig, config);
+    take(&c, "t", "w", 1);
+    let spec = TopicSpec {
+        partitions: Some(2),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("q", &spec)).expect("create");
+    let fill_both = || {
+        for p in 0..2 {
+            let mut b = BatchBuilder::new();
+            b.push(0, None, b"r", &[]);
+            b.push(0, None, b"s", &[]);
+            let batch = BatchBuf::from(b.finish(ProducerStamp::NONE));
+            block_on(block_on(c.broker().produce("q", p, batch)).expect("produce"))
+                .expect("durable");
+        }
+    };
+    // Each fetch starts at a partition picked at random: several, so the
+    // failing one is met both before and after the healthy one.
+    let mut healthy = None;
+    for round in 0..8u64 {
+        fill_both();
+        let got = take(&c, "q", "w", 10);
+        let p = *healthy.get_or_insert(got[0].partition);
+        let first = round * 2;
+        let counts: Vec<_> = got
+            .iter()
+            .map(|d| (d.partition, d.offset, d.delivery_count))
+            .collect();
+        assert_eq!(counts, [(p, first, 1), (p, first + 1, 1)]);
+        let acks = [first, first + 1].map(|offset| Ack {
+            partition: p,
+            offset,
+            kind: AckKind::Accept,
+            error: None,
+        });
+        let results = block_on(c.acknowledge("g", "q", "w", acks.to_vec())).expect("ack");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert!(window(&c, "q", p).iter().all(|&(_, _, locked)| !locked));
+    }
+    match block_on(c.fetch(fetch_spec("q", 10))) {
+        Err(ShareError::Invalid(m)) => assert!(m.contains("too many share partitions"), "{m}"),
+        other => panic!("nothing but the failing partition: {other:?}"),
+    }
+    c.broker().close().expect("closed");
+}
+
+/// A share coordinator whose storage does not skip damage: a batch
+/// damaged on disk quarantines its partition, and every read of it fails.
+fn open_unskipping(rig: &Rig) -> Arc<ShareCoordinator> {
+    let cfg = crate::storage::StorageConfig {
+        recovery_policy: crate::storage::RecoveryPolicy::TolerateTornTail,
+        ..rig.cfg()
+    };
+    let storage = rig.open_with(cfg).expect("storage opens");
+    open_on(storage, rig, ShareConfig::default())
+}
+
+/// Appends to `topic`/`partition` a record at offset 0 then records
+/// enough to leave it well before the tail (read back from the disk).
+fn fill_far(c: &ShareCoordinator, topic: &str, partition: u32) {
+    let mut values = vec![vec![1u8; 1]];
+    values.extend((0..16).map(|i| vec![i; 8 * 1024]));
+    for value in values {
+        let mut b = BatchBuilder::new();
+        b.push(0, None, &value, &[]);
+        let batch = BatchBuf::from(b.finish(ProducerStamp::NONE));
+        let ack = block_on(c.broker().produce(topic, partition, batch)).expect("produce");
+        block_on(ack).expect("durable");
+    }
+}
+
+/// Flips a bit of the batch at offset 0 of `topic`/`partition`.
+fn damage_offset_0(rig: &Rig, topic: &str, partition: u32) {
+    let seg = rig
+        .dir
+        .path()
+        .join(format!("topics/{topic}/{partition}/seg-00000.log"));
+    assert!(rig
+        .disk()
+        .expect("fault rig")
+        .flip_stored_bit(&seg, 4096 + 66, 3));
+}
+
+fn fetch_spec(topic: &str, max_records: u32) -> FetchSpec {
+    FetchSpec {
+        group: "g".into(),
+        topic: topic.into(),
+        member: "w".into(),
+        max_records,
+        max_wait: Duration::ZERO,
+        from_earliest: true,
+        max_bytes: usize::MAX,
+        record_bytes: |_| 0,
+    }
+}
+
+/// The same over a partition whose log cannot be read (a batch damaged
+/// on disk): the others' records are delivered, each counted once.
+#[test]
+fn a_share_fetch_delivers_the_healthy_partitions_past_one_that_cannot_be_read() {
+    let rig = Rig::fault(13);
+    let c = open_unskipping(&rig);
+    let spec = TopicSpec {
+        partitions: Some(2),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("q", &spec)).expect("create");
+    fill_far(&c, "q", 1);
+    damage_offset_0(&rig, "q", 1);
+    for round in 0..8u64 {
+        fill(c.broker(), "q", 2);
+        let got = take(&c, "q", "w", 10);
+        let counts: Vec<_> = got
+            .iter()
+            .map(|d| (d.partition, d.offset, d.delivery_count))
+            .collect();
+        let first = round * 2;
+        assert_eq!(counts, [(0, first, 1), (0, first + 1, 1)]);
+        ack(&c, "q", "w", &[first, first + 1], AckKind::Accept);
+    }
+    match block_on(c.fetch(fetch_spec("q", 10))) {
+        Err(ShareError::Broker(e))
+            if matches!(*e, BrokerError::Quarantined { partition: 1, .. }) => {}
+        other => panic!("nothing but the damaged partition: {other:?}"),
+    }
+    assert!(window(&c, "q", 0).iter().all(|&(_, _, locked)| !locked));
+    c.broker().close().expect("closed");
 }
