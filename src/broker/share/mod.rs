@@ -997,15 +997,13 @@ impl ShareCoordinator {
                         .fetch_add(out.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    // Back to available; the count stays (it was counted
-                    // as a delivery, and will be written as one).
                     if let Some(sp) = sp {
                         for (o, _) in &again {
-                            if let Some(r) = sp.records.get_mut(o) {
-                                r.state = RecState::Available { not_before: None };
-                            }
+                            undeliver(sp, *o, member, lock_deadline);
                         }
                     }
+                    // Written (the raised counts may have been, by a
+                    // write for another fetch while this one read).
                     return failed(out, true, e.into());
                 }
             }

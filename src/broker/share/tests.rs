@@ -654,3 +654,34 @@ fn a_share_fetch_delivers_the_healthy_partitions_past_one_that_cannot_be_read() 
     assert!(window(&c, "q", 0).iter().all(|&(_, _, locked)| !locked));
     c.broker().close().expect("closed");
 }
+
+/// Redeliveries that cannot be read (here: a batch damaged on disk, the
+/// partition quarantined) were never delivered: they stay available with
+/// the count they had, not one more per failed fetch (which would send
+/// them to the dead-letter topic undelivered).
+#[test]
+fn redeliveries_that_cannot_be_read_keep_their_delivery_count() {
+    let rig = Rig::fault(12);
+    let c = open_unskipping(&rig);
+    fill_far(&c, "t", 0);
+    assert_eq!(take(&c, "t", "w", 1).len(), 1);
+    ack(
+        &c,
+        "t",
+        "w",
+        &[0],
+        AckKind::Release {
+            delay: Duration::ZERO,
+        },
+    );
+    assert_eq!(window(&c, "t", 0), [(0, 1, false)]);
+    // A read far on: what the last reads kept in memory is not offset 0.
+    block_on(c.read("t", 0, 16, 4096)).expect("read");
+    damage_offset_0(&rig, "t", 0);
+    for _ in 0..3 {
+        let failed = block_on(c.fetch(fetch_spec("t", 1)));
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(window(&c, "t", 0), [(0, 1, false)]);
+    }
+    c.broker().close().expect("closed");
+}
