@@ -573,6 +573,11 @@ impl Broker {
         self.limits.max_topics
     }
 
+    /// `server.max_partitions`.
+    pub fn max_partitions(&self) -> usize {
+        self.limits.max_partitions
+    }
+
     /// Partitions on disk.
     pub fn partition_count(&self) -> usize {
         self.storage.partitions().len()

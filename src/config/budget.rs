@@ -81,6 +81,38 @@ pub const SHARE_PARTITION_BYTES: u64 = 1024;
 /// and deadline, in the coordinator's map, with the allocator's rounding.
 pub const SHARE_MEMBER_BYTES: u64 = 768;
 
+/// One consumer group besides its members and offsets: its name (up to
+/// 255 B) and state in the coordinator's map, with the allocator's
+/// rounding. `tests/coordinator_memory.rs` measures the group lines.
+pub const GROUP_BYTES: u64 = 1024;
+/// One committed offset besides its metadata (up to
+/// `groups.max_offset_metadata_bytes`, counted beside this): its entry in
+/// the group's map (partition, offset, time) in tree nodes that may be
+/// under half full, its own copy of the topic name (up to 249 B), the
+/// allocator's rounding of both.
+pub const GROUP_OFFSET_BYTES: u64 = 768;
+/// One partition a member holds or is assigned (a group counts each
+/// partition at most twice: the old owner's and the new one's): the tree
+/// entry and its copy of the topic name.
+pub const GROUP_HELD_PARTITION_BYTES: u64 = 384;
+/// One member besides its subscription: its entry in the group's map, its
+/// id, instance id (up to 255 B) and client name (up to 512 B).
+pub const GROUP_MEMBER_BYTES: u64 = 2048;
+/// One topic of a member's subscription: the tree entry and the name (up
+/// to 249 B; it need not exist yet).
+pub const GROUP_SUBSCRIBED_TOPIC_BYTES: u64 = 384;
+/// One transactional id besides its partitions: its state behind an async
+/// mutex in an `Arc`, in two hash maps (by id and by producer id), the id
+/// (up to 245 B).
+pub const TXN_ID_BYTES: u64 = 1024;
+/// One partition of an open transaction: the record's entry and its copy
+/// of the topic name, and the partition's open-transaction entry in the
+/// read_committed index.
+pub const TXN_PARTITION_BYTES: u64 = 768;
+/// One group offset a transaction carries until it ends: group id (up to
+/// 255 B), topic name and the entry.
+pub const TXN_OFFSET_BYTES: u64 = 640;
+
 /// Copies of a transaction's worth of data the mirror holds at once: the
 /// local fetch answer, the records re-encoded for Kafka, and the finished
 /// (compressed) batches on their way out.
@@ -310,6 +342,49 @@ impl MemoryBudget {
                     cfg.share.max_active_members
                 ),
             ),
+            {
+                let g = &cfg.groups;
+                // The metadata's allocation: its bytes and malloc's header,
+                // rounded.
+                let metadata = match g.max_offset_metadata_bytes {
+                    0 => 0,
+                    n => (u64::from(n) + 8).next_multiple_of(16),
+                };
+                let per_group = GROUP_BYTES.saturating_add(partitions.saturating_mul(
+                    GROUP_OFFSET_BYTES + metadata + 2 * GROUP_HELD_PARTITION_BYTES,
+                ));
+                let per_member = GROUP_MEMBER_BYTES.saturating_add(
+                    u64::from(s.max_topics).saturating_mul(GROUP_SUBSCRIBED_TOPIC_BYTES),
+                );
+                line(
+                    "consumer groups (estimate)",
+                    u64::from(g.max_groups).saturating_mul(per_group.saturating_add(
+                        u64::from(g.max_members_per_group).saturating_mul(per_member),
+                    )),
+                    format!(
+                        "groups.max_groups {} x ({} + server.max_partitions {partitions} x ({GROUP_OFFSET_BYTES} B + groups.max_offset_metadata_bytes {} an offset, 2 x {GROUP_HELD_PARTITION_BYTES} B held) + groups.max_members_per_group {} x ({} + server.max_topics {} x {GROUP_SUBSCRIBED_TOPIC_BYTES} B subscribed))",
+                        g.max_groups,
+                        human(GROUP_BYTES),
+                        g.max_offset_metadata_bytes,
+                        g.max_members_per_group,
+                        human(GROUP_MEMBER_BYTES),
+                        s.max_topics,
+                    ),
+                )
+            },
+            {
+                let ids = u64::from(cfg.transactions.max_transactional_ids);
+                line(
+                    "transactions (estimate)",
+                    ids.saturating_mul(TXN_ID_BYTES.saturating_add(
+                        partitions.saturating_mul(TXN_PARTITION_BYTES + TXN_OFFSET_BYTES),
+                    )),
+                    format!(
+                        "transactions.max_transactional_ids {ids} x ({} + server.max_partitions {partitions} x ({TXN_PARTITION_BYTES} B a partition + {TXN_OFFSET_BYTES} B an offset))",
+                        human(TXN_ID_BYTES),
+                    ),
+                )
+            },
             line(
                 "runtime base (estimate)",
                 RUNTIME_BASE_BYTES,

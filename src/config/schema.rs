@@ -291,6 +291,9 @@ pub struct GroupsSection {
     pub session_timeout_ms_max: u32,
     pub max_groups: u32,
     pub max_members_per_group: u32,
+    /// The longest metadata a committed offset may carry: kept in memory
+    /// with every offset of every group, so the budget counts it for each.
+    pub max_offset_metadata_bytes: u32,
 }
 
 /// The most records a share partition keeps in flight: its snapshot in
@@ -1174,6 +1177,12 @@ impl Config {
             g.max_members_per_group,
             1,
             GROUP_MEMBERS_MAX_LIMIT,
+        )?;
+        check_range(
+            "groups.max_offset_metadata_bytes",
+            g.max_offset_metadata_bytes,
+            0,
+            crate::broker::group::OFFSET_METADATA_BYTES_MAX as u32,
         )?;
 
         check_range(

@@ -32,7 +32,7 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.storage.disk_budget_bytes, 2048 * MIB);
     assert_eq!(cfg.storage.backend, StorageBackend::Auto);
     assert_eq!(cfg.storage.append_queue_depth, 64);
-    assert_eq!(cfg.storage.tail_buffer_bytes, 160 * 1024);
+    assert_eq!(cfg.storage.tail_buffer_bytes, 128 * 1024);
     assert_eq!(cfg.storage.max_batch_bytes, 128 * 1024);
     assert!(cfg.storage.prewrite_segments);
     assert_eq!(cfg.topic_defaults.partitions, 1);
@@ -43,6 +43,10 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.topic_defaults.overflow, OverflowPolicy::Overwrite);
     assert_eq!(cfg.producers.max_producers, 1024);
     assert_eq!(cfg.producers.idle_expiry_ms, 604_800_000);
+    assert_eq!(cfg.groups.max_groups, 8);
+    assert_eq!(cfg.groups.max_members_per_group, 4);
+    assert_eq!(cfg.groups.max_offset_metadata_bytes, 256);
+    assert_eq!(cfg.transactions.max_transactional_ids, 4);
     assert_eq!(cfg.metrics.listen, "");
     assert_eq!(cfg.metrics_listen(), None);
     assert_eq!(cfg.log.level, "info");
@@ -156,6 +160,10 @@ const INVALID: &[(&str, &str)] = &[
         "server.max_inflight_bytes_shared",
     ),
     ("[server]\nmax_topics = 0", "server.max_topics"),
+    (
+        "[groups]\nmax_offset_metadata_bytes = 4097",
+        "groups.max_offset_metadata_bytes",
+    ),
     ("[server]\nmax_partitions = 8", "server.max_partitions"),
     (
         "[storage]\ndisk_budget_bytes = 1048576",
@@ -496,10 +504,21 @@ fn memory_budget_sums_its_lines_and_prints_each() {
     let budget = cfg.memory_budget();
     let sum: u64 = budget.lines.iter().map(|l| l.bytes).sum();
     assert_eq!(budget.total_bytes(), sum);
-    // 64 tails of 160 KiB, each with a carry-over block.
+    // 64 tails of 128 KiB, each with a carry-over block.
     assert_eq!(
         line(&budget, "partition tail buffers").bytes,
-        64 * (160 * 1024 + 4096)
+        64 * (128 * 1024 + 4096)
+    );
+    // 8 groups: each an offset (metadata of 256 B in a 272 B allocation)
+    // and two held entries per partition, 4 members of 32 topics each.
+    assert_eq!(
+        line(&budget, "consumer groups (estimate)").bytes,
+        8 * (1024 + 64 * (768 + 272 + 2 * 384) + 4 * (2048 + 32 * 384))
+    );
+    // 4 transactional ids, each over every partition.
+    assert_eq!(
+        line(&budget, "transactions (estimate)").bytes,
+        4 * (1024 + 64 * (768 + 640))
     );
     // Requests and the answers reserved for them: 64 x 272 KiB.
     assert_eq!(
@@ -518,10 +537,7 @@ fn memory_budget_sums_its_lines_and_prints_each() {
     let shown = budget.to_string();
     assert_eq!(shown.lines().count(), budget.lines.len() + 3);
     assert!(shown.lines().all(|l| l.starts_with('#')));
-    assert!(
-        shown.contains("10.2 MiB  partition tail buffers"),
-        "{shown}"
-    );
+    assert!(shown.contains("8.2 MiB  partition tail buffers"), "{shown}");
     assert!(shown.contains("  total\n"), "{shown}");
     assert!(
         shown
@@ -537,7 +553,7 @@ fn memory_budget_sums_its_lines_and_prints_each() {
     smaller.server.max_partitions = 32;
     assert_eq!(
         line(&smaller.memory_budget(), "partition tail buffers").bytes,
-        32 * (160 * 1024 + 4096)
+        32 * (128 * 1024 + 4096)
     );
 }
 

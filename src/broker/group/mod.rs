@@ -72,7 +72,8 @@ const OFFSETS_SEGMENTS: u32 = 4;
 /// A batch of the offsets log is cut at about this size, or at half
 /// `storage.max_batch_bytes` if that is smaller.
 const OFFSETS_BATCH_BYTES: usize = 60 * 1024;
-/// Commit metadata is for the application's bookkeeping, not data.
+/// Commit metadata is for the application's bookkeeping, not data: the
+/// most `groups.max_offset_metadata_bytes` may allow (Kafka's default).
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 /// Group, member and instance ids.
 pub const GROUP_ID_BYTES_MAX: usize = 255;
@@ -96,6 +97,8 @@ pub struct GroupsConfig {
     pub session_timeout_ms_max: u32,
     pub max_groups: usize,
     pub max_members: usize,
+    /// The longest metadata a commit may carry.
+    pub max_metadata: usize,
 }
 
 impl GroupsConfig {
@@ -107,6 +110,7 @@ impl GroupsConfig {
             session_timeout_ms_max: g.session_timeout_ms_max,
             max_groups: g.max_groups as usize,
             max_members: g.max_members_per_group as usize,
+            max_metadata: g.max_offset_metadata_bytes as usize,
         }
     }
 }
@@ -912,10 +916,11 @@ impl Coordinator {
             self.broker.partition_id(topic, *partition)?;
             if metadata
                 .as_ref()
-                .is_some_and(|m| m.len() > OFFSET_METADATA_BYTES_MAX)
+                .is_some_and(|m| m.len() > self.config.max_metadata)
             {
                 return Err(GroupError::Invalid(format!(
-                    "commit metadata is at most {OFFSET_METADATA_BYTES_MAX} bytes"
+                    "commit metadata is at most {} bytes (groups.max_offset_metadata_bytes)",
+                    self.config.max_metadata
                 )));
             }
         }

@@ -41,6 +41,7 @@ fn open(rig: &Rig) -> Arc<Coordinator> {
             session_timeout_ms_max: 60_000,
             max_groups: 8,
             max_members: 8,
+            max_metadata: OFFSET_METADATA_BYTES_MAX,
         },
     )
     .expect("coordinator opens");
@@ -338,4 +339,26 @@ fn the_offsets_topic_is_compacted_and_keeps_every_latest_commit() {
     let c = open(&rig);
     assert_eq!(c.committed("g", None), before);
     assert!(c.committed("gone", None).is_empty());
+}
+
+#[test]
+fn commit_metadata_past_the_configured_bound_is_refused_and_names_its_key() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let at = |n: usize| vec![(tp(0), 1, Some("m".repeat(n)))];
+    let max = OFFSET_METADATA_BYTES_MAX;
+    block_on(c.commit("g", None, at(max))).expect("metadata at the bound");
+    let err = block_on(c.commit("g", None, at(max + 1))).expect_err("one byte more");
+    assert!(
+        matches!(&err, GroupError::Invalid(m) if m.contains("groups.max_offset_metadata_bytes")),
+        "{err}"
+    );
+    assert_eq!(
+        c.committed("g", None)[0]
+            .1
+            .metadata
+            .as_deref()
+            .map(str::len),
+        Some(max)
+    );
 }

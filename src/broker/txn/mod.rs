@@ -529,6 +529,26 @@ impl Coordinator {
         check_epoch(&st, producer_id, epoch)?;
         begin_unless_ongoing(&mut st, now_ms(&self.broker), "")?;
         self.timers.notify(usize::MAX);
+        // Held in memory until the transaction ends: as many as there
+        // are partitions, so the memory budget can count them.
+        let max = self.broker.max_partitions();
+        let new = offsets
+            .iter()
+            .map(|(tp, _)| tp)
+            .filter(|(t, p)| {
+                !st.rec
+                    .offsets
+                    .iter()
+                    .any(|(g, t2, p2, _)| g == group && t2 == t && p2 == p)
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if st.rec.offsets.len() + new > max {
+            return Err(TxnError::Invalid(format!(
+                "a transaction carries at most {max} group offsets (server.max_partitions), not {}",
+                st.rec.offsets.len() + new
+            )));
+        }
         for ((t, p), offset) in offsets {
             st.rec
                 .offsets
