@@ -234,7 +234,7 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
     let groups_done = live();
 
     // ---------------------------------------------------- transactions
-    let txn_group = name("g", 99, group::GROUP_ID_BYTES_MAX);
+    let txn_group = &group_names[0];
     for i in 1..TXN_IDS {
         let id = name("x", i, txn::TXN_ID_BYTES_MAX);
         let (pid, epoch) = block_on(txns.init(&id, 60_000)).expect("init");
@@ -243,17 +243,23 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
             assert!(gate.is_some(), "a transactional producer's batch is gated");
         }
         let offsets = tps.iter().map(|tp| (tp.clone(), 7)).collect();
-        block_on(txns.add_offsets(&id, pid, epoch, &txn_group, offsets)).expect("add offsets");
+        block_on(txns.add_offsets(&id, pid, epoch, txn_group, offsets)).expect("add offsets");
         if i == 1 {
             // A transaction carries at most server.max_partitions offsets:
             // another group's for every partition is refused.
             let more = tps.iter().map(|tp| (tp.clone(), 7)).collect();
-            let err = block_on(txns.add_offsets(&id, pid, epoch, "other", more))
+            let err = block_on(txns.add_offsets(&id, pid, epoch, &group_names[1], more))
                 .expect_err("more offsets than partitions");
             assert!(
                 matches!(err, txn::TxnError::Invalid(ref m) if m.contains("server.max_partitions")),
                 "{err}"
             );
+            // Nor may it carry offsets for a group past groups.max_groups:
+            // its commit would make the group, and could not be refused.
+            let one = vec![(tps[0].clone(), 7)];
+            let err = block_on(txns.add_offsets(&id, pid, epoch, "one-too-many", one))
+                .expect_err("a group past max_groups");
+            assert!(err.to_string().contains("groups.max_groups"), "{err}");
         }
     }
     let txns_done = live();

@@ -518,6 +518,24 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Whether `group` is kept already or there is room for it.
+    fn room_for(&self, groups: &BTreeMap<String, Group>, group: &str) -> Result<(), GroupError> {
+        if !groups.contains_key(group) && groups.len() >= self.config.max_groups {
+            return Err(GroupError::Invalid(format!(
+                "too many groups: groups.max_groups is {}",
+                self.config.max_groups
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses offsets for a group the coordinator could not keep: a
+    /// transaction checks before it takes them, since its commit, decided
+    /// by then, cannot be refused.
+    pub fn check_room(&self, group: &str) -> Result<(), GroupError> {
+        self.room_for(&self.lock(), group)
+    }
+
     /// Counters of the offsets log.
     pub fn stats(&self) -> GroupStats {
         GroupStats {
@@ -642,12 +660,7 @@ impl Coordinator {
         spec: JoinSpec,
     ) -> Result<(String, Option<Joined>), GroupError> {
         let now = Instant::now();
-        if !groups.contains_key(&spec.group) && groups.len() >= self.config.max_groups {
-            return Err(GroupError::Invalid(format!(
-                "too many groups: groups.max_groups is {}",
-                self.config.max_groups
-            )));
-        }
+        self.room_for(groups, &spec.group)?;
         let g = groups
             .entry(spec.group.clone())
             .or_insert_with(|| Group::new(now_ms()));
@@ -947,12 +960,7 @@ impl Coordinator {
                             members: g.members.len(),
                         });
                     }
-                    if !groups.contains_key(group) && groups.len() >= self.config.max_groups {
-                        return Err(GroupError::Invalid(format!(
-                            "too many groups: groups.max_groups is {}",
-                            self.config.max_groups
-                        )));
-                    }
+                    self.room_for(&groups, group)?;
                 }
             }
         }

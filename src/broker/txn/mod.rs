@@ -524,6 +524,7 @@ impl Coordinator {
         for ((t, p), _) in &offsets {
             self.broker.partition_id(t, *p)?;
         }
+        self.groups.check_room(group)?;
         let entry = self.entry(id)?;
         let mut st = entry.lock_arc().await;
         check_epoch(&st, producer_id, epoch)?;
