@@ -529,6 +529,31 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Deletions for the group's offsets of partitions that no longer
+    /// exist, when a commit of `new` would take it past
+    /// `server.max_partitions` offsets (none otherwise): a group's offsets
+    /// stay within what the memory budget counts, however many topics
+    /// come and go under it.
+    fn stale<'a>(
+        &self,
+        groups: &BTreeMap<String, Group>,
+        group: &str,
+        new: impl Iterator<Item = &'a Tp>,
+    ) -> Vec<(Tp, Option<Committed>)> {
+        let Some(g) = groups.get(group) else {
+            return Vec::new();
+        };
+        let added: BTreeSet<&Tp> = new.filter(|tp| !g.offsets.contains_key(*tp)).collect();
+        if g.offsets.len() + added.len() <= self.broker.max_partitions() {
+            return Vec::new();
+        }
+        g.offsets
+            .keys()
+            .filter(|(t, p)| self.broker.partition_id(t, *p).is_err())
+            .map(|tp| (tp.clone(), None))
+            .collect()
+    }
+
     /// Refuses offsets for a group the coordinator could not keep: a
     /// transaction checks before it takes them, since its commit, decided
     /// by then, cannot be refused.
@@ -937,7 +962,7 @@ impl Coordinator {
                 )));
             }
         }
-        {
+        let stale = {
             let mut groups = self.lock();
             match member {
                 Some((id, generation)) => {
@@ -963,7 +988,8 @@ impl Coordinator {
                     self.room_for(&groups, group)?;
                 }
             }
-        }
+            self.stale(&groups, group, offsets.iter().map(|(tp, _, _)| tp))
+        };
         let commit_ms = now_ms();
         let entries = offsets
             .into_iter()
@@ -977,6 +1003,7 @@ impl Coordinator {
                     }),
                 )
             })
+            .chain(stale)
             .collect();
         self.write(group.to_owned(), entries).await?;
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -993,6 +1020,7 @@ impl Coordinator {
         offsets: Vec<(Tp, u64)>,
     ) -> Result<(), GroupError> {
         check_id("the group id", group)?;
+        let stale = self.stale(&self.lock(), group, offsets.iter().map(|(tp, _)| tp));
         let commit_ms = now_ms();
         let entries = offsets
             .into_iter()
@@ -1006,6 +1034,7 @@ impl Coordinator {
                     }),
                 )
             })
+            .chain(stale)
             .collect();
         self.write(group.to_owned(), entries).await?;
         self.commits.fetch_add(1, Ordering::Relaxed);

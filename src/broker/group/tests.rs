@@ -362,3 +362,30 @@ fn commit_metadata_past_the_configured_bound_is_refused_and_names_its_key() {
         Some(max)
     );
 }
+
+/// A group on topics that come and go keeps at most `server.max_partitions`
+/// offsets: a commit that would pass it deletes those of partitions gone.
+#[test]
+fn offsets_of_deleted_topics_make_way_for_new_ones() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    let commit_all = |topic: &str, n: u32| {
+        let offsets = (0..n).map(|p| ((topic.to_owned(), p), 1, None)).collect();
+        block_on(c.commit("g", None, offsets)).expect("commit");
+    };
+    commit_all("t", 4);
+    // "t" (4) and the offsets topic (1) leave 3 of the 8 partitions.
+    let three = TopicSpec {
+        partitions: Some(3),
+        ..TopicSpec::default()
+    };
+    for topic in ["u", "v", "w"] {
+        block_on(c.broker.create_topic(topic, &three)).expect("create");
+        commit_all(topic, 3);
+        block_on(c.broker.delete_topic(topic)).expect("delete");
+    }
+    let kept = c.committed("g", None);
+    assert!(kept.len() <= 8, "{} offsets kept: {kept:?}", kept.len());
+    assert!(kept.iter().any(|((t, _), _)| t == "w"), "{kept:?}");
+    assert_eq!(kept.iter().filter(|((t, _), _)| t == "t").count(), 4);
+}
