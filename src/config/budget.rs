@@ -9,7 +9,8 @@
 //! them from the engine's structures and constants, so they follow the
 //! engine when it changes. Lines marked "estimate" use per-item sizes named
 //! below; they are deliberately generous, and `tests/memory_budget.rs` holds
-//! the sum above the RSS of a broker filled to its limits.
+//! the sum above the RSS of a broker filled to its limits
+//! (`tests/coordinator_memory.rs` the coordinators' lines above their heap).
 
 use std::fmt;
 
