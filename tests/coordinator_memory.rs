@@ -49,8 +49,13 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 const GROUPS: u32 = 8;
-const MEMBERS: u32 = 4;
+/// Members of all groups together: the first groups have
+/// `MEMBERS_PER_GROUP`, the rest one each.
+const MEMBERS: u32 = 16;
+const MEMBERS_PER_GROUP: u32 = 3;
+/// The warm-up's id, idle ids, and `MAX_OPEN` with a transaction open.
 const TXN_IDS: u32 = 8;
+const MAX_OPEN: u32 = 3;
 const MAX_TOPICS: u32 = 8;
 /// The user topic's partitions: all `server.max_partitions` leaves beside
 /// the broker's own three.
@@ -71,10 +76,12 @@ fn config(dir: &std::path::Path) -> String {
          fsync = \"never\"\n\
          [groups]\n\
          max_groups = {GROUPS}\n\
-         max_members_per_group = {MEMBERS}\n\
+         max_members = {MEMBERS}\n\
+         max_members_per_group = {MEMBERS_PER_GROUP}\n\
          max_offset_metadata_bytes = {metadata}\n\
          [transactions]\n\
-         max_transactional_ids = {TXN_IDS}\n",
+         max_transactional_ids = {TXN_IDS}\n\
+         max_open = {MAX_OPEN}\n",
         dir.display(),
         partitions = PARTITIONS + common::INTERNAL_TOPICS,
         metadata = group::OFFSET_METADATA_BYTES_MAX,
@@ -190,9 +197,15 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
         .chain((1..MAX_TOPICS).map(|i| name("t", i, skiff::storage::TOPIC_NAME_BYTES_MAX)))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    // MEMBERS over the groups: MEMBERS_PER_GROUP in the first ones, one
+    // in each of the rest.
+    let full = ((MEMBERS - GROUPS) / (MEMBERS_PER_GROUP - 1)) as usize;
+    let members_of = |g: usize| if g < full { MEMBERS_PER_GROUP } else { 1 };
+    assert_eq!((0..GROUPS as usize).map(members_of).sum::<u32>(), MEMBERS);
     let tasks: Vec<smol::Task<()>> = group_names
         .iter()
-        .flat_map(|g| (0..MEMBERS).map(move |m| (g, m)))
+        .enumerate()
+        .flat_map(|(i, g)| (0..members_of(i)).map(move |m| (g, m)))
         .map(|(g, m)| {
             let spec = JoinSpec {
                 group: g.clone(),
@@ -212,10 +225,10 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
     // partition assigned (the members then hold what they were given).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let settled = group_names.iter().all(|g| {
+        let settled = group_names.iter().enumerate().all(|(i, g)| {
             let d = groups.describe(g).expect("describe");
             d.state == "Stable"
-                && d.members.len() == MEMBERS as usize
+                && d.members.len() == members_of(i) as usize
                 && d.members.iter().map(|m| m.assignment.len()).sum::<usize>()
                     == PARTITIONS as usize
         });
@@ -232,12 +245,42 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
         block_on(t);
     }
     let groups_done = live();
+    // Not one more member, in any group (a join let in would wait for a
+    // rebalance the stopped members never finish: fail, not hang).
+    let refused = groups.join(JoinSpec {
+        group: group_names[GROUPS as usize - 1].clone(),
+        member_id: None,
+        instance_id: None,
+        client: "one-too-many".into(),
+        topics: subscription.clone(),
+        assignor: Assignor::CooperativeSticky,
+        session_timeout: Duration::from_secs(60),
+        rebalance_timeout: Duration::from_secs(60),
+        owned: BTreeSet::new(),
+    });
+    let err = block_on(smol::future::or(
+        async { refused.await.map(|j| j.member_id) },
+        async {
+            smol::Timer::after(Duration::from_secs(30)).await;
+            Ok("still waiting".to_owned())
+        },
+    ))
+    .expect_err("a member past groups.max_members");
+    assert!(err.to_string().contains("groups.max_members"), "{err}");
 
     // ---------------------------------------------------- transactions
     let txn_group = &group_names[0];
     for i in 1..TXN_IDS {
         let id = name("x", i, txn::TXN_ID_BYTES_MAX);
         let (pid, epoch) = block_on(txns.init(&id, 60_000)).expect("init");
+        if i > MAX_OPEN {
+            // Idle ids, and not one more transaction open.
+            let Err(err) = block_on(txns.gate(pid, epoch, &topic, 0)) else {
+                panic!("a transaction past transactions.max_open began");
+            };
+            assert!(err.to_string().contains("transactions.max_open"), "{err}");
+            continue;
+        }
         for p in 0..PARTITIONS {
             let gate = block_on(txns.gate(pid, epoch, &topic, p)).expect("gate");
             assert!(gate.is_some(), "a transactional producer's batch is gated");
@@ -268,8 +311,7 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
     let measured_txns = txns_done - groups_done;
     let groups_line = line(&budget, "consumer groups (estimate)");
     // One id is the warm-up's: the rest are measured.
-    let txns_line =
-        line(&budget, "transactions (estimate)") / u64::from(TXN_IDS) * u64::from(TXN_IDS - 1);
+    let txns_line = line(&budget, "transactions (estimate)") - skiff::config::TXN_ID_BYTES;
     eprintln!(
         "groups: {:.1} KiB ({:.1} KiB of offsets, {:.1} KiB of members) against {:.1} KiB; \
          transactions: {:.1} KiB against {:.1} KiB",

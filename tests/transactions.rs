@@ -620,3 +620,28 @@ fn txn_drops_a_lines_crlf_as_produce_does() {
     assert_ok(&o);
     assert_eq!(o.stdout, b"a\nb\rc\n\nd\ne\r\n");
 }
+
+/// `transactions.max_open` bounds the transactions open at once over all
+/// ids (what the memory budget counts partitions by): another id's
+/// transaction is refused, naming the key, until the open one ends.
+#[test]
+fn a_transaction_past_max_open_is_refused_until_the_open_one_ends() {
+    let b = Broker::start("[transactions]\nmax_open = 1\n");
+    create_topics(&b);
+    let (mut child, mut stdin) = spawn_txn(&b, "first");
+    writeln!(stdin, "orders\tfirst").unwrap();
+    stdin.flush().unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the open transaction's record",
+        || read_all(&b, "orders", "read_uncommitted").contains(&"first".to_owned()),
+    );
+    let o = b.cli_stdin(&["txn", "--id", "second"], Some(b"orders\tsecond\n"));
+    assert_fails(&o, 1, &["txn second: ", "transactions.max_open"]);
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "the first commits");
+    assert_ok(&b.cli_stdin(&["txn", "--id", "second"], Some(b"orders\tsecond\n")));
+    let mut read = read_all(&b, "orders", "read_committed");
+    read.sort();
+    assert_eq!(read, ["first", "second"], "the first's end freed its slot");
+}

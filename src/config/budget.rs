@@ -359,29 +359,31 @@ impl MemoryBudget {
                 );
                 line(
                     "consumer groups (estimate)",
-                    u64::from(g.max_groups).saturating_mul(per_group.saturating_add(
-                        u64::from(g.max_members_per_group).saturating_mul(per_member),
-                    )),
+                    u64::from(g.max_groups)
+                        .saturating_mul(per_group)
+                        .saturating_add(u64::from(g.max_members).saturating_mul(per_member)),
                     format!(
-                        "groups.max_groups {} x ({} + server.max_partitions {partitions} x ({GROUP_OFFSET_BYTES} B + groups.max_offset_metadata_bytes {} an offset, 2 x {GROUP_HELD_PARTITION_BYTES} B held) + groups.max_members_per_group {} x ({} + server.max_topics {} x {GROUP_SUBSCRIBED_TOPIC_BYTES} B subscribed))",
+                        "groups.max_groups {} x ({} + server.max_partitions {partitions} x ({GROUP_OFFSET_BYTES} B + groups.max_offset_metadata_bytes {} an offset, 2 x {GROUP_HELD_PARTITION_BYTES} B held)) + groups.max_members {} x ({} + server.max_topics {} x {GROUP_SUBSCRIBED_TOPIC_BYTES} B subscribed)",
                         g.max_groups,
                         human(GROUP_BYTES),
                         g.max_offset_metadata_bytes,
-                        g.max_members_per_group,
+                        g.max_members,
                         human(GROUP_MEMBER_BYTES),
                         s.max_topics,
                     ),
                 )
             },
             {
-                let ids = u64::from(cfg.transactions.max_transactional_ids);
+                let t = &cfg.transactions;
+                let ids = u64::from(t.max_transactional_ids);
+                let open = u64::from(t.max_open);
                 line(
                     "transactions (estimate)",
-                    ids.saturating_mul(TXN_ID_BYTES.saturating_add(
+                    ids.saturating_mul(TXN_ID_BYTES).saturating_add(open.saturating_mul(
                         partitions.saturating_mul(TXN_PARTITION_BYTES + TXN_OFFSET_BYTES),
                     )),
                     format!(
-                        "transactions.max_transactional_ids {ids} x ({} + server.max_partitions {partitions} x ({TXN_PARTITION_BYTES} B a partition + {TXN_OFFSET_BYTES} B an offset))",
+                        "transactions.max_transactional_ids {ids} x {} + transactions.max_open {open} x server.max_partitions {partitions} x ({TXN_PARTITION_BYTES} B a partition + {TXN_OFFSET_BYTES} B an offset)",
                         human(TXN_ID_BYTES),
                     ),
                 )

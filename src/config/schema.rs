@@ -44,6 +44,7 @@ pub const MAX_PRODUCERS_LIMIT: u32 = 1 << 20;
 pub const GROUPS_MAX_LIMIT: u32 = 65536;
 pub const TRANSACTIONAL_IDS_MAX_LIMIT: u32 = 65536;
 pub const GROUP_MEMBERS_MAX_LIMIT: u32 = 4096;
+pub const GROUP_MEMBERS_TOTAL_MAX_LIMIT: u32 = 65536;
 
 /// The whole config. Field order is TOML order: plain keys before tables.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +291,9 @@ pub struct GroupsSection {
     pub session_timeout_ms_min: u32,
     pub session_timeout_ms_max: u32,
     pub max_groups: u32,
+    /// Members over all groups together: what the budget counts them by.
+    pub max_members: u32,
+    /// One group's share of `max_members`.
     pub max_members_per_group: u32,
     /// The longest metadata a committed offset may carry: kept in memory
     /// with every offset of every group, so the budget counts it for each.
@@ -354,6 +358,9 @@ pub struct TransactionsSection {
     pub max_timeout_ms: u64,
     /// Transactional ids the coordinator keeps.
     pub max_transactional_ids: u32,
+    /// Transactions open at once over all ids: what holds partitions and
+    /// offsets, so the budget counts it, not the ids.
+    pub max_open: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1173,6 +1180,12 @@ impl Config {
         )?;
         check_range("groups.max_groups", g.max_groups, 1, GROUPS_MAX_LIMIT)?;
         check_range(
+            "groups.max_members",
+            g.max_members,
+            1,
+            GROUP_MEMBERS_TOTAL_MAX_LIMIT,
+        )?;
+        check_range(
             "groups.max_members_per_group",
             g.max_members_per_group,
             1,
@@ -1196,6 +1209,12 @@ impl Config {
             self.transactions.max_transactional_ids,
             1,
             TRANSACTIONAL_IDS_MAX_LIMIT,
+        )?;
+        check_range(
+            "transactions.max_open",
+            self.transactions.max_open,
+            1,
+            self.transactions.max_transactional_ids,
         )?;
 
         let metrics = check_addr("metrics.listen", &self.metrics.listen)?;

@@ -44,9 +44,11 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.producers.max_producers, 1024);
     assert_eq!(cfg.producers.idle_expiry_ms, 604_800_000);
     assert_eq!(cfg.groups.max_groups, 8);
-    assert_eq!(cfg.groups.max_members_per_group, 4);
+    assert_eq!(cfg.groups.max_members, 24);
+    assert_eq!(cfg.groups.max_members_per_group, 24);
     assert_eq!(cfg.groups.max_offset_metadata_bytes, 256);
-    assert_eq!(cfg.transactions.max_transactional_ids, 4);
+    assert_eq!(cfg.transactions.max_transactional_ids, 64);
+    assert_eq!(cfg.transactions.max_open, 8);
     assert_eq!(cfg.metrics.listen, "");
     assert_eq!(cfg.metrics_listen(), None);
     assert_eq!(cfg.log.level, "info");
@@ -163,6 +165,11 @@ const INVALID: &[(&str, &str)] = &[
     (
         "[groups]\nmax_offset_metadata_bytes = 4097",
         "groups.max_offset_metadata_bytes",
+    ),
+    ("[groups]\nmax_members = 0", "groups.max_members"),
+    (
+        "[transactions]\nmax_transactional_ids = 4\nmax_open = 5",
+        "transactions.max_open",
     ),
     ("[server]\nmax_partitions = 8", "server.max_partitions"),
     (
@@ -510,15 +517,16 @@ fn memory_budget_sums_its_lines_and_prints_each() {
         64 * (128 * 1024 + 4096)
     );
     // 8 groups: each an offset (metadata of 256 B in a 272 B allocation)
-    // and two held entries per partition, 4 members of 32 topics each.
+    // and two held entries per partition; 24 members of 32 topics each
+    // over all groups.
     assert_eq!(
         line(&budget, "consumer groups (estimate)").bytes,
-        8 * (1024 + 64 * (768 + 272 + 2 * 384) + 4 * (2048 + 32 * 384))
+        8 * (1024 + 64 * (768 + 272 + 2 * 384)) + 24 * (2048 + 32 * 384)
     );
-    // 4 transactional ids, each over every partition.
+    // 64 idle transactional ids, 8 transactions open over every partition.
     assert_eq!(
         line(&budget, "transactions (estimate)").bytes,
-        4 * (1024 + 64 * (768 + 640))
+        64 * 1024 + 8 * 64 * (768 + 640)
     );
     // Requests and the answers reserved for them: 64 x 272 KiB.
     assert_eq!(

@@ -96,7 +96,9 @@ pub struct GroupsConfig {
     pub session_timeout_ms_min: u32,
     pub session_timeout_ms_max: u32,
     pub max_groups: usize,
+    /// Members of all groups together.
     pub max_members: usize,
+    pub max_members_per_group: usize,
     /// The longest metadata a commit may carry.
     pub max_metadata: usize,
 }
@@ -109,7 +111,8 @@ impl GroupsConfig {
             session_timeout_ms_min: g.session_timeout_ms_min,
             session_timeout_ms_max: g.session_timeout_ms_max,
             max_groups: g.max_groups as usize,
-            max_members: g.max_members_per_group as usize,
+            max_members: g.max_members as usize,
+            max_members_per_group: g.max_members_per_group as usize,
             max_metadata: g.max_offset_metadata_bytes as usize,
         }
     }
@@ -686,6 +689,23 @@ impl Coordinator {
     ) -> Result<(String, Option<Joined>), GroupError> {
         let now = Instant::now();
         self.room_for(groups, &spec.group)?;
+        if spec.member_id.is_none() {
+            // Checked before the group is made, so a refusal leaves none.
+            let rejoins = spec.instance_id.as_ref().is_some_and(|i| {
+                groups.get(&spec.group).is_some_and(|g| {
+                    g.members
+                        .values()
+                        .any(|m| m.instance_id.as_ref() == Some(i))
+                })
+            });
+            let members: usize = groups.values().map(|g| g.members.len()).sum();
+            if !rejoins && members >= self.config.max_members {
+                return Err(GroupError::Invalid(format!(
+                    "too many group members: groups.max_members is {} (members of all groups together)",
+                    self.config.max_members
+                )));
+            }
+        }
         let g = groups
             .entry(spec.group.clone())
             .or_insert_with(|| Group::new(now_ms()));
@@ -735,10 +755,10 @@ impl Coordinator {
                         .find(|(_, m)| m.instance_id.as_ref() == Some(i))
                         .map(|(id, _)| id.clone())
                 });
-                if old.is_none() && g.members.len() >= self.config.max_members {
+                if old.is_none() && g.members.len() >= self.config.max_members_per_group {
                     return Err(GroupError::Invalid(format!(
                         "group '{}' is full: groups.max_members_per_group is {}",
-                        spec.group, self.config.max_members
+                        spec.group, self.config.max_members_per_group
                     )));
                 }
                 let mut m = Member {

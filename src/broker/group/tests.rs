@@ -7,6 +7,11 @@ use crate::storage::tests::{small_cfg, Rig};
 use smol::block_on;
 
 fn open(rig: &Rig) -> Arc<Coordinator> {
+    open_with(rig, 8)
+}
+
+/// A coordinator that keeps `max_members` members of all groups together.
+fn open_with(rig: &Rig, max_members: usize) -> Arc<Coordinator> {
     let broker = Broker::open(
         rig.open(),
         BrokerOptions {
@@ -40,7 +45,8 @@ fn open(rig: &Rig) -> Arc<Coordinator> {
             session_timeout_ms_min: 100,
             session_timeout_ms_max: 60_000,
             max_groups: 8,
-            max_members: 8,
+            max_members,
+            max_members_per_group: 8,
             max_metadata: OFFSET_METADATA_BYTES_MAX,
         },
     )
@@ -388,4 +394,29 @@ fn offsets_of_deleted_topics_make_way_for_new_ones() {
     assert!(kept.len() <= 8, "{} offsets kept: {kept:?}", kept.len());
     assert!(kept.iter().any(|((t, _), _)| t == "w"), "{kept:?}");
     assert_eq!(kept.iter().filter(|((t, _), _)| t == "t").count(), 4);
+}
+
+/// `groups.max_members` bounds the members of all groups together, as the
+/// memory budget counts them: a join past it is refused, makes no group,
+/// and a member leaving makes room.
+#[test]
+fn a_join_past_max_members_over_all_groups_is_refused_until_one_leaves() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open_with(&rig, 3);
+    let join = |group: &str| {
+        let mut s = spec(None, &BTreeSet::new());
+        s.group = group.into();
+        block_on(c.join(s))
+    };
+    let first = join("g0").expect("join");
+    join("g1").expect("join");
+    join("g2").expect("join");
+    let err = join("g3").expect_err("a fourth member of all groups");
+    assert!(
+        matches!(&err, GroupError::Invalid(m) if m.contains("groups.max_members is 3")),
+        "{err}"
+    );
+    assert_eq!(c.lock().len(), 3, "the refused join made no group");
+    c.leave("g0", &first.member_id).expect("leave");
+    join("g3").expect("a member left: room for one");
 }

@@ -19,7 +19,7 @@
 pub mod index;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +61,9 @@ pub struct TxnConfig {
     /// Transactional ids the coordinator keeps (each costs some memory
     /// and a record in its log).
     pub max_ids: usize,
+    /// Transactions open at once over all ids: each holds partitions and
+    /// offsets until it ends.
+    pub max_open: usize,
 }
 
 impl TxnConfig {
@@ -68,6 +71,7 @@ impl TxnConfig {
         TxnConfig {
             max_timeout_ms: cfg.transactions.max_timeout_ms,
             max_ids: cfg.transactions.max_transactional_ids as usize,
+            max_open: cfg.transactions.max_open as usize,
         }
     }
 }
@@ -235,6 +239,8 @@ pub struct Coordinator {
     /// writes every one queued so far (group commit, one fsync for the
     /// changes of many transactions).
     log_queue: Mutex<Vec<QueuedWrite>>,
+    /// Transactions open (ongoing or ending), against `max_open`.
+    open: AtomicUsize,
     /// Notified when a transaction begins: its timeout needs the timers.
     timers: event_listener::Event,
     pub stats: TxnStats,
@@ -263,6 +269,7 @@ impl Coordinator {
             config,
             by_id: Mutex::new(HashMap::new()),
             by_producer: Mutex::new(HashMap::new()),
+            open: AtomicUsize::new(0),
             log: smol::lock::Mutex::new(0),
             log_queue: Mutex::new(Vec::new()),
             timers: event_listener::Event::new(),
@@ -331,6 +338,11 @@ impl Coordinator {
                     self.index().open(t, *p, rec.producer_id, *first);
                 }
             }
+            let mut rec = rec;
+            if !is_open(rec.phase) {
+                // Older logs kept them: an idle id holds no partitions.
+                rec.partitions = Vec::new();
+            }
             let pid = rec.producer_id;
             let entry = Arc::new(smol::lock::Mutex::new(TxnState {
                 id: id.clone(),
@@ -346,6 +358,7 @@ impl Coordinator {
                 .expect("txn lock")
                 .insert(pid, entry);
         }
+        self.open.store(pending, Ordering::Relaxed);
         log::info!(
             "transactions loaded: {} id(s), {pending} to complete, in {:?}",
             self.by_id.lock().expect("txn lock").len(),
@@ -481,11 +494,7 @@ impl Coordinator {
         };
         let mut st = entry.lock_arc().await;
         check_epoch(&st, producer_id, epoch)?;
-        begin_unless_ongoing(
-            &mut st,
-            now_ms(&self.broker),
-            ": no more records until it is done",
-        )?;
+        self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
         self.timers.notify(usize::MAX);
         if st
             .rec
@@ -528,7 +537,7 @@ impl Coordinator {
         let entry = self.entry(id)?;
         let mut st = entry.lock_arc().await;
         check_epoch(&st, producer_id, epoch)?;
-        begin_unless_ongoing(&mut st, now_ms(&self.broker), "")?;
+        self.begin_unless_ongoing(&mut st, "")?;
         self.timers.notify(usize::MAX);
         // Held in memory until the transaction ends: as many as there
         // are partitions, so the memory budget can count them.
@@ -770,11 +779,11 @@ impl Coordinator {
                 }),
             ));
         }
-        st.rec.phase = Phase::CompleteAbort;
-        st.rec.offsets.clear();
+        let partitions = std::mem::take(&mut st.rec.partitions);
+        self.close(st, Phase::CompleteAbort);
         entries.push(txn_entry(st));
         self.write_log(entries).await?;
-        for (t, p, _) in &st.rec.partitions {
+        for (t, p, _) in &partitions {
             self.index().close(t, *p, pid);
         }
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
@@ -805,11 +814,52 @@ impl Coordinator {
         for (g, offsets) in by_group {
             self.groups.commit_in_transaction(g, offsets).await?;
         }
-        st.rec.phase = Phase::CompleteCommit;
-        st.rec.offsets.clear();
+        st.rec.partitions = Vec::new();
+        self.close(st, Phase::CompleteCommit);
         self.write_log(vec![txn_entry(st)]).await?;
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A transaction's first record or offsets begin it, if fewer than
+    /// `transactions.max_open` are open; one that is ending takes none
+    /// until it is done (`why` ends the message).
+    fn begin_unless_ongoing(&self, st: &mut TxnState, why: &str) -> Result<(), TxnError> {
+        match st.rec.phase {
+            Phase::Ongoing => Ok(()),
+            Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort => {
+                let max = self.config.max_open;
+                self.open
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .map_err(|_| {
+                        TxnError::Invalid(format!(
+                            "transaction {} cannot begin: {max} are open (transactions.max_open); \
+                             retry once one ends",
+                            st.id
+                        ))
+                    })?;
+                begin(st, now_ms(&self.broker));
+                Ok(())
+            }
+            p => Err(TxnError::InvalidState(format!(
+                "transaction {} is ending ({}){why}",
+                st.id,
+                p.name()
+            ))),
+        }
+    }
+
+    /// Ends an open transaction in `phase` (idle ids keep neither its
+    /// partitions nor its offsets), freeing its slot of `max_open`.
+    fn close(&self, st: &mut TxnState, phase: Phase) {
+        debug_assert!(!is_open(phase));
+        if is_open(st.rec.phase) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+        }
+        st.rec.phase = phase;
+        st.rec.offsets = Vec::new();
     }
 
     /// One marker per partition, written together; their offsets.
@@ -971,21 +1021,11 @@ fn begin(st: &mut TxnState, now_ms: u64) {
     st.started_ms = now_ms;
 }
 
-/// A transaction's first record or offsets begin it; one that is ending
-/// takes none until it is done (`why` ends the message).
-fn begin_unless_ongoing(st: &mut TxnState, now_ms: u64, why: &str) -> Result<(), TxnError> {
-    match st.rec.phase {
-        Phase::Ongoing => Ok(()),
-        Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort => {
-            begin(st, now_ms);
-            Ok(())
-        }
-        p => Err(TxnError::InvalidState(format!(
-            "transaction {} is ending ({}){why}",
-            st.id,
-            p.name()
-        ))),
-    }
+fn is_open(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
+    )
 }
 
 fn check_epoch(st: &TxnState, producer_id: u64, epoch: u16) -> Result<(), TxnError> {
