@@ -645,6 +645,33 @@ fn an_answer_that_would_outgrow_the_frame_is_refused_and_the_connection_goes_on(
         );
     }
     assert_still_serves(&mut c, 8);
+    // With 400 failing entries the batch and the entries fit, and their
+    // messages do not: the last messages go (the codes stay), not the
+    // records.
+    let some = RequestBody::Fetch(FetchRequest {
+        partitions: (0..401)
+            .map(|i| entry(if i == 0 { 0 } else { 1000 + i }))
+            .collect(),
+        max_wait_ms: 0,
+        min_bytes: 0,
+        isolation: None,
+    });
+    let body = answer_within(&mut c, 9, some, MAX_FRAME_BYTES);
+    let ResponseBody::Fetch(f) = &body else {
+        panic!("expected a fetch answer, got {body:?}");
+    };
+    assert!(
+        f.partitions[0].records.len() > 100_000,
+        "{:?}",
+        f.partitions[0].records.len()
+    );
+    let failed = &f.partitions[1..];
+    assert!(failed
+        .iter()
+        .all(|p| p.error == ErrorCode::UnknownPartition));
+    let kept = failed.iter().take_while(|p| p.message.is_some()).count();
+    assert!(kept > 0 && kept < 400, "{kept} messages kept of 400");
+    assert!(failed[kept..].iter().all(|p| p.message.is_none()));
     b.assert_serves();
 }
 
