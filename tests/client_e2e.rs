@@ -17,9 +17,9 @@ use skiff::client::{
     blocking, Client, ClientError, Consumer, ConsumerConfig, Producer, ProducerConfig, StartFrom,
 };
 use skiff::protocol::{
-    decode_response, encode_request, frame_len, CreateTopicRequest, ErrorCode, HelloRequest,
-    OffsetSpec, ProducePartition, Request, RequestBody, ResponseBody, FRAME_BYTES_MAX,
-    FRAME_HEADER_BYTES,
+    decode_response, encode_request, frame_len, CreateTopicRequest, ErrorCode, FetchPartition,
+    FetchRequest, HelloRequest, OffsetSpec, ProducePartition, Request, RequestBody, ResponseBody,
+    FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
 };
 
 fn create(client: &blocking::Client, name: &str, partitions: u32) {
@@ -361,17 +361,68 @@ fn a_consumer_of_more_partitions_than_one_answer_holds_reads_them_all_in_turns()
     let c = blocking::Client::connect(&server.unix_addr()).unwrap();
     let topic = "t".repeat(200);
     create(&c, &topic, 60);
-    let info = c.server_info().unwrap();
     // As large a batch as the broker takes, in the last partition, and a
     // record in each of the others.
-    let mut full = BatchBuilder::new();
+    let n = produce_large_and_small(&c, &topic, 59);
+    let got = common::consume_all(&server.unix_addr(), &topic);
+    assert_eq!(got.len(), 59 + n as usize);
+    assert_eq!(got.iter().filter(|r| r.partition == 59).count(), n as usize);
+}
+
+/// After an answer's first batch, the partitions that follow give the
+/// batches that fit in the room left, so small batches of several
+/// partitions come in one answer on the embedded default (whose frame
+/// holds one largest batch and little more); a batch that does not fit
+/// waits for the next fetch, which takes it first.
+#[test]
+fn one_fetch_answers_small_batches_of_several_partitions() {
+    let server = Broker::start("");
+    let c = blocking::Client::connect(&server.unix_addr()).unwrap();
+    create(&c, "many", 4);
+    let info = c.server_info().unwrap();
+    produce_large_and_small(&c, "many", 3);
+    let fetch = |partitions: &[u32]| {
+        c.fetch(FetchRequest {
+            partitions: partitions
+                .iter()
+                .map(|&partition| FetchPartition {
+                    topic: "many".into(),
+                    partition,
+                    offset: 0,
+                    max_bytes: info.max_batch_bytes,
+                })
+                .collect(),
+            max_wait_ms: 0,
+            min_bytes: 1,
+            isolation: None,
+        })
+        .unwrap()
+        .partitions
+    };
+    let got = fetch(&[0, 1, 2, 3]);
+    for r in &got {
+        assert_eq!(r.error, ErrorCode::None, "{r:?}");
+    }
+    let sizes: Vec<usize> = got.iter().map(|r| r.records.len()).collect();
+    assert!(sizes[..3].iter().all(|&len| len > 0), "{sizes:?}");
+    assert_eq!(sizes[3], 0, "the large batch does not fit after them");
+    let got = fetch(&[3, 0]);
+    assert!(got[0].records.len() > (info.max_batch_bytes / 2) as usize);
+}
+
+/// Into partition `last`, one batch of records of 1,000 B as large as the
+/// broker takes; into each partition before it, a batch of one small
+/// record. Returns the large batch's record count.
+fn produce_large_and_small(c: &blocking::Client, topic: &str, last: u32) -> u32 {
+    let max_batch_bytes = c.server_info().unwrap().max_batch_bytes as usize;
+    let mut large = BatchBuilder::new();
     let mut n = 0;
-    while full.estimated_bytes() + 1100 < info.max_batch_bytes as usize {
-        full.push(n, None, &[b'f'; 1000], &[]);
+    while large.estimated_bytes() + 1100 < max_batch_bytes {
+        large.push(n, None, &[b'l'; 1000], &[]);
         n += 1;
     }
-    let mut batches = vec![(59, full.finish(ProducerStamp::NONE))];
-    for p in 0..59 {
+    let mut batches = vec![(last, large.finish(ProducerStamp::NONE))];
+    for p in 0..last {
         let mut b = BatchBuilder::new();
         b.push(0, None, format!("p{p}").as_bytes(), &[]);
         batches.push((p, b.finish(ProducerStamp::NONE)));
@@ -379,16 +430,14 @@ fn a_consumer_of_more_partitions_than_one_answer_holds_reads_them_all_in_turns()
     for (partition, batch) in batches {
         let r = c
             .produce_raw(vec![ProducePartition {
-                topic: topic.clone(),
+                topic: topic.into(),
                 partition,
                 batch: batch.into(),
             }])
             .unwrap();
         assert_eq!(r[0].error, ErrorCode::None, "partition {partition}");
     }
-    let got = common::consume_all(&server.unix_addr(), &topic);
-    assert_eq!(got.len(), 59 + n as usize);
-    assert_eq!(got.iter().filter(|r| r.partition == 59).count(), n as usize);
+    n as u32
 }
 
 async fn connect_and_create(server: &Broker, topic: &str, partitions: u32) -> Client {

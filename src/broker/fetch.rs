@@ -30,9 +30,10 @@ pub struct FetchLimits {
     pub min_bytes: usize,
     /// ...or once this long has passed, or the broker begins to stop.
     pub max_wait: Duration,
-    /// The bytes of every partition's batches together: the fetch stops
-    /// reading further partitions before this could be passed (a
-    /// partition's first batch may be larger than its `max_bytes`).
+    /// The bytes of every partition's batches together, never passed but
+    /// by the answer's first batch, which is taken whatever its size (as
+    /// a partition's first batch may be larger than its `max_bytes`):
+    /// later partitions give the batches that fit in what is left.
     pub max_bytes: usize,
 }
 
@@ -80,7 +81,6 @@ impl Broker {
         let deadline = Instant::now() + limits.max_wait;
         let min_bytes = limits.min_bytes.max(1);
         let budget_bytes = limits.max_bytes.max(1);
-        let batch_bytes_max = self.storage.max_batch_bytes();
         loop {
             // Listen before reading, so an append in between still wakes us.
             let listeners: Vec<EventListener> = partitions
@@ -98,7 +98,11 @@ impl Broker {
             for p in partitions {
                 let remaining = budget_bytes.saturating_sub(total);
                 let max_bytes = p.max_bytes.min(remaining);
-                let r = if max_bytes == 0 || (total > 0 && remaining < batch_bytes_max) {
+                // The first batch of the answer is taken whatever its size;
+                // after it, a partition's batches only when they fit in
+                // what is left, which may hold several small ones.
+                let first_max = if total > 0 { remaining } else { usize::MAX };
+                let r = if max_bytes == 0 || first_max < crate::batch::HEADER_BYTES {
                     // No room for another whole batch: the caller asks again.
                     self.offsets(p.topic, p.partition).map(|offsets| Fetched {
                         records: bytes::Bytes::new(),
@@ -111,7 +115,7 @@ impl Broker {
                         next_offset: None,
                     })
                 } else {
-                    self.read(p, max_bytes, read_committed).await
+                    self.read(p, max_bytes, first_max, read_committed).await
                 };
                 match &r {
                     Ok(f) => {
@@ -139,6 +143,7 @@ impl Broker {
         &self,
         p: &FetchPartition<'_>,
         max_bytes: usize,
+        first_max: usize,
         read_committed: bool,
     ) -> Result<Fetched, BrokerError> {
         let id = self.partition_id(p.topic, p.partition)?;
@@ -158,15 +163,21 @@ impl Broker {
                 next_offset: None,
             });
         }
-        let records = self.storage.read(&id, p.offset, max_bytes).await?;
+        let records = self
+            .storage
+            .read_within(&id, p.offset, max_bytes, first_max)
+            .await?;
         let offsets = self.storage.offsets(&id)?;
         // No batch at or after the offset, below a high watermark the read
         // saw (it saw `before`'s or a later one): the offsets up to it are
         // a gap with nothing after it yet (damage lost at the log's end,
         // compaction). The reader moves past it rather than wait below the
-        // high watermark for a batch that may never come.
-        let past_gap = (records.is_empty() && p.offset < before.high_watermark)
-            .then_some(before.high_watermark);
+        // high watermark for a batch that may never come. (Under a
+        // `first_max` an empty read may be a batch too large for the room
+        // left: the gap shows when the partition is read first.)
+        let past_gap =
+            (records.is_empty() && first_max == usize::MAX && p.offset < before.high_watermark)
+                .then_some(before.high_watermark);
         if !read_committed {
             return Ok(Fetched {
                 records,

@@ -118,6 +118,7 @@ pub(crate) enum Cmd {
         id: PartitionId,
         offset: u64,
         max_bytes: usize,
+        first_max: usize,
         reply: Reply<bytes::Bytes>,
     },
     OffsetForTs {
@@ -689,9 +690,10 @@ impl Engine {
                 id,
                 offset,
                 max_bytes,
+                first_max,
                 reply,
             } => {
-                let r = self.read(&id, offset, max_bytes);
+                let r = self.read(&id, offset, max_bytes, first_max);
                 let _ = reply.try_send(r);
                 // After the answer: the device reads on while it travels.
                 let Ctx {

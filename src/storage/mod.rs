@@ -1257,11 +1257,26 @@ impl Storage {
         offset: u64,
         max_bytes: usize,
     ) -> Result<bytes::Bytes, StorageError> {
+        self.read_within(id, offset, max_bytes, usize::MAX).await
+    }
+
+    /// As [`Storage::read`], but the first batch too only when it is at
+    /// most `first_max` bytes: empty when it is larger. A fetch filling
+    /// what room its answer has left takes another partition's batches
+    /// only this way.
+    pub async fn read_within(
+        &self,
+        id: &PartitionId,
+        offset: u64,
+        max_bytes: usize,
+        first_max: usize,
+    ) -> Result<bytes::Bytes, StorageError> {
         let id = id.clone();
         self.call(|reply| engine::Cmd::Read {
             id,
             offset,
             max_bytes,
+            first_max,
             reply,
         })
         .await

@@ -575,6 +575,7 @@ impl Engine {
         id: &PartitionId,
         offset: u64,
         max_bytes: usize,
+        first_max: usize,
     ) -> Result<Bytes, StorageError> {
         let Engine { ctx, parts, .. } = self;
         let p = parts.get_mut(id).ok_or_else(|| ctx.shared.not_loaded(id))?;
@@ -614,7 +615,9 @@ impl Engine {
                 && !ctx.ahead.unsupported
                 && p.bytes_at(ctx, &mut win, slot, pos, HEADER_BYTES).is_ok()
             {
-                if let Some(stop) = stop_in_window(p, ctx, &win, slot, pos, hw, offset, max_bytes) {
+                if let Some(stop) =
+                    stop_in_window(p, ctx, &win, slot, pos, hw, offset, (max_bytes, first_max))
+                {
                     ctx.ahead.plan(p, slot, stop, hint, reserve_max);
                     ctx.ahead
                         .start(&mut *ctx.io, &mut ctx.rbuf, &ctx.shared.stats);
@@ -635,7 +638,7 @@ impl Engine {
                 // cost a whole second window read (here, half of the bytes
                 // a replay read from the device).
                 let out_len = out.len();
-                let takes = |h: &batch::BatchHeader| fits(out_len, h, offset, max_bytes);
+                let takes = |h: &batch::BatchHeader| fits(out_len, h, offset, max_bytes, first_max);
                 if matches!(out, Gather::Window(_))
                     && !window_holds(&win, &ctx.rbuf, p.files[slot], pos, takes)
                 {
@@ -750,9 +753,22 @@ enum ReadErr {
 }
 
 /// Whether a fetch for `offset` that holds `out_len` bytes takes the batch
-/// `h` too (up to `max_bytes`, but always one batch that counts).
-pub(super) fn fits(out_len: usize, h: &batch::BatchHeader, offset: u64, max_bytes: usize) -> bool {
-    out_len == 0 || h.next_offset() <= offset || out_len + h.total_len as usize <= max_bytes
+/// `h` too: up to `max_bytes`, but always one batch that counts unless it
+/// is larger than `first_max`.
+pub(super) fn fits(
+    out_len: usize,
+    h: &batch::BatchHeader,
+    offset: u64,
+    max_bytes: usize,
+    first_max: usize,
+) -> bool {
+    let len = h.total_len as usize;
+    h.next_offset() <= offset
+        || if out_len == 0 {
+            len <= first_max
+        } else {
+            out_len + len <= max_bytes
+        }
 }
 
 /// Where a fetch for `offset` from `pos` of `slot` stops, read from the
@@ -769,7 +785,7 @@ fn stop_in_window(
     mut pos: u64,
     hw: u64,
     offset: u64,
-    max_bytes: usize,
+    (max_bytes, first_max): (usize, usize),
 ) -> Option<u64> {
     if win.file != Some(p.files[slot]) {
         return None;
@@ -785,7 +801,7 @@ fn stop_in_window(
         if h.base_offset >= hw {
             return None;
         }
-        if !fits(out_len, &h, offset, max_bytes) {
+        if !fits(out_len, &h, offset, max_bytes, first_max) {
             return Some(pos);
         }
         pos += u64::from(h.total_len);

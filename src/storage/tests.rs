@@ -2088,6 +2088,35 @@ fn reads_respect_max_bytes_and_span_tail_and_disk() {
     }
 }
 
+/// `read_within` takes even the first batch only when it fits in
+/// `first_max`, from the file as from the tail; then it reads as `read`.
+#[test]
+fn a_read_within_leaves_out_a_first_batch_larger_than_its_room() {
+    for (name, rig) in rigs() {
+        let id = pid("within", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let acked = fill(&s, &id, 200, 0);
+        let earliest = s.offsets(&id).unwrap().earliest;
+        // The first kept batch, early in the log (the file), and the last
+        // one (the tail).
+        for b in [
+            acked
+                .iter()
+                .find(|b| batch::parse_header(b).unwrap().base_offset >= earliest),
+            acked.last(),
+        ] {
+            let b = b.unwrap();
+            let at = batch::parse_header(b).unwrap().base_offset;
+            let within =
+                |first_max| block_on(s.read_within(&id, at, 10 * b.len(), first_max)).unwrap();
+            assert!(within(b.len() - 1).is_empty(), "{name}");
+            assert_eq!(&within(b.len())[..b.len()], &b[..], "{name}");
+        }
+        s.shutdown().unwrap();
+    }
+}
+
 /// A read stops before a batch that would not fit without reading that
 /// batch's body: it would be a second window read from the device, and the
 /// next read starts there anyway.
