@@ -12,6 +12,8 @@ pub struct ConfigError {
     /// 1-based line of the offending key, when it comes from a file.
     pub line: Option<usize>,
     pub kind: ConfigErrorKind,
+    /// The key probably meant, for an unknown one: shown after the line.
+    pub did_you_mean: Option<String>,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,7 @@ impl ConfigError {
             source_name,
             line,
             kind,
+            did_you_mean: None,
         }
     }
 
@@ -88,6 +91,9 @@ impl fmt::Display for ConfigError {
         }
         if let Some(line) = self.line {
             write!(f, " (line {line})")?;
+        }
+        if let Some(key) = &self.did_you_mean {
+            write!(f, "; did you mean '{key}'?")?;
         }
         Ok(())
     }

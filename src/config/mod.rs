@@ -132,11 +132,13 @@ impl Layer {
                     .and_then(|(k, _)| k.span())
                     .map(|s| line_of(&self.text, s.start));
                 if !known.iter().any(|k| k.path == path) {
-                    return Err(ConfigError::new(
+                    let mut err = ConfigError::new(
                         self.origin.name(),
                         line,
-                        ConfigErrorKind::UnknownKey(path),
-                    ));
+                        ConfigErrorKind::UnknownKey(path.clone()),
+                    );
+                    err.did_you_mean = did_you_mean(&path, &known);
+                    return Err(err);
                 }
                 if matches!(self.origin, Origin::Profile(_))
                     && (path == "data_dir" || path == "profile")
@@ -222,6 +224,27 @@ impl Layer {
 struct KnownKey {
     path: String,
     is_section: bool,
+}
+
+/// The known key an unknown `path` most likely meant: the same name in
+/// another section (`server.fsync` for `topic_defaults.fsync`), else the
+/// closest spelling, if close enough (clap's measure and threshold for
+/// subcommands).
+fn did_you_mean(path: &str, known: &[KnownKey]) -> Option<String> {
+    let leaf = |p: &str| p.rsplit('.').next().unwrap_or(p).to_string();
+    let name = leaf(path);
+    let mut moved = known
+        .iter()
+        .filter(|k| !k.is_section && leaf(&k.path) == name);
+    if let (Some(k), None) = (moved.next(), moved.next()) {
+        return Some(k.path.clone());
+    }
+    known
+        .iter()
+        .map(|k| (strsim::jaro(path, &k.path), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k.path.clone())
 }
 
 /// The schema's keys: every key of the embedded default (which names them

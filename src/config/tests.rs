@@ -81,9 +81,31 @@ fn unknown_key_names_file_dotted_key_and_line() {
     assert_eq!(err.line, Some(3));
     let shown = err.to_string();
     assert!(
-        shown.ends_with("skiff-bad.toml: unknown key 'server.max_conections' (line 3)"),
+        shown.ends_with(
+            "skiff-bad.toml: unknown key 'server.max_conections' (line 3); \
+             did you mean 'server.max_connections'?"
+        ),
         "{shown}"
     );
+}
+
+#[test]
+fn an_unknown_key_names_the_key_probably_meant_if_any() {
+    let meant = |text: &str| load_text("a.toml", text).expect_err(text).did_you_mean;
+    // The same name in another section.
+    assert_eq!(
+        meant("[server]\nfsync = \"always\"\n").as_deref(),
+        Some("topic_defaults.fsync")
+    );
+    // A near spelling, section or key.
+    assert_eq!(meant("[sever]\n").as_deref(), Some("server"));
+    assert_eq!(
+        meant("[storage]\nbakend = \"pwrite\"\n").as_deref(),
+        Some("storage.backend")
+    );
+    // Nothing close.
+    assert_eq!(meant("[server]\nzzzzzzzzzzzz = 1\n"), None);
+    assert_eq!(meant("qqqq = 1\n"), None);
 }
 
 #[test]
