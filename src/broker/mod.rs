@@ -1315,7 +1315,7 @@ impl Broker {
         }
         self.set_cleanup(name, Some(cleanup))?;
         log::info!(
-            "created topic {name}: {partitions} partition(s), {:?}, cleanup {}",
+            "created topic {name}: {partitions} partition(s) of {}, cleanup {}",
             meta.config,
             cleanup.policy
         );

@@ -930,13 +930,7 @@ impl Engine {
         });
         match res {
             Ok(part) => {
-                log::info!(
-                    "created partition {id}: {} x {} bytes, durability {}, overflow {}",
-                    cfg.segments,
-                    cfg.segment_bytes,
-                    cfg.durability,
-                    cfg.overflow
-                );
+                log::info!("created partition {id}: {cfg}");
                 self.register(part);
                 Ok(())
             }

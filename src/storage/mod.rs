@@ -214,6 +214,23 @@ pub struct PartitionConfig {
     pub overflow: OverflowPolicy,
 }
 
+/// As a log line says it, in the config's words: `4 x 16777216 bytes,
+/// retention_ms none, fsync always, overflow overwrite`.
+impl fmt::Display for PartitionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} x {} bytes, retention_ms ",
+            self.segments, self.segment_bytes
+        )?;
+        match self.retention_ms {
+            Some(ms) => write!(f, "{ms}")?,
+            None => f.write_str("none")?,
+        }
+        write!(f, ", fsync {}, overflow {}", self.durability, self.overflow)
+    }
+}
+
 impl PartitionConfig {
     pub fn validate(&self) -> Result<(), StorageError> {
         if self.segment_bytes % BLOCK_BYTES as u64 != 0 {
