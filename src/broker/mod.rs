@@ -1640,7 +1640,7 @@ impl Broker {
                 .await?;
         }
         log::info!(
-            "altered topic {name}: {:?}, cleanup {}",
+            "altered topic {name}: {}, cleanup {}",
             after.config,
             cleanup.policy
         );

@@ -402,7 +402,7 @@ impl Engine {
             cfg: cfg.clone(),
         };
         super::meta::write_atomic(&p.dir.join(super::part::PARTITION_META), &meta)?;
-        log::info!("partition {id}: config now {cfg:?}");
+        log::info!("partition {id}: config now {cfg}");
         p.cfg = cfg;
         if p.cfg.retention_ms.is_some() {
             let now = self.ctx.cfg.clock.wall_ms();
