@@ -356,6 +356,48 @@ struct Pending {
     /// (partition, Some(commit)) to set, (partition, None) to delete.
     entries: Vec<(Tp, Option<Committed>)>,
     done: async_channel::Sender<Result<(), GroupError>>,
+    /// The group's slot, released once the write is applied or failed.
+    _hold: Option<Reservation>,
+}
+
+/// Group names held in `groups.max_groups` before they are kept: a commit
+/// on its way to the log, an open transaction's offsets. Each counts as a
+/// group until its last [`Reservation`] is dropped.
+type Reserved = Arc<Mutex<BTreeMap<String, usize>>>;
+
+/// A group's slot in `groups.max_groups`, taken when the room is checked
+/// and held until what was checked is applied or given up: offsets that
+/// passed the check always find their slot, and no more groups are kept
+/// than the limit, however many commits for new groups run at once.
+pub struct Reservation {
+    reserved: Reserved,
+    group: String,
+}
+
+impl Reservation {
+    fn new(reserved: &Reserved, map: &mut BTreeMap<String, usize>, group: &str) -> Reservation {
+        *map.entry(group.to_owned()).or_default() += 1;
+        Reservation {
+            reserved: reserved.clone(),
+            group: group.to_owned(),
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut map = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.group) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.group);
+            }
+        }
+    }
 }
 
 /// Counters of the offsets log, for the metrics and the benchmark.
@@ -372,6 +414,8 @@ pub struct Coordinator {
     broker: Arc<Broker>,
     config: GroupsConfig,
     groups: Mutex<BTreeMap<String, Group>>,
+    /// Locked after `groups` when both are.
+    reserved: Reserved,
     /// Notified at every change of a group's state; waiting joins look.
     changed: Event,
     /// Notified when a member joins: its session needs the timers.
@@ -469,6 +513,7 @@ impl Coordinator {
             broker,
             config,
             groups: Mutex::new(BTreeMap::new()),
+            reserved: Reserved::default(),
             changed: Event::new(),
             timers: Event::new(),
             queue,
@@ -521,15 +566,36 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Whether `group` is kept already or there is room for it.
+    /// Whether `group` is kept (or reserved) already or there is room for
+    /// it; reserved names count as groups.
     fn room_for(&self, groups: &BTreeMap<String, Group>, group: &str) -> Result<(), GroupError> {
-        if !groups.contains_key(group) && groups.len() >= self.config.max_groups {
+        self.reserve_locked(groups, group).map(drop)
+    }
+
+    /// Takes `group`'s slot if it is kept already or there is room for
+    /// it. Call with `groups` locked, so no check races another's insert.
+    fn reserve_locked(
+        &self,
+        groups: &BTreeMap<String, Group>,
+        group: &str,
+    ) -> Result<Reservation, GroupError> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let known = groups.contains_key(group) || reserved.contains_key(group);
+        let count = groups.len() + reserved.keys().filter(|g| !groups.contains_key(*g)).count();
+        if !known && count >= self.config.max_groups {
             return Err(GroupError::Invalid(format!(
                 "too many groups: groups.max_groups is {}",
                 self.config.max_groups
             )));
         }
-        Ok(())
+        Ok(Reservation::new(&self.reserved, &mut reserved, group))
+    }
+
+    /// `group`'s slot, past the limit if need be: for offsets decided
+    /// already (a prepared transaction read back at start-up).
+    pub fn hold(&self, group: &str) -> Reservation {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        Reservation::new(&self.reserved, &mut reserved, group)
     }
 
     /// Deletions for the group's offsets of partitions that no longer
@@ -557,11 +623,12 @@ impl Coordinator {
             .collect()
     }
 
-    /// Refuses offsets for a group the coordinator could not keep: a
-    /// transaction checks before it takes them, since its commit, decided
-    /// by then, cannot be refused.
-    pub fn check_room(&self, group: &str) -> Result<(), GroupError> {
-        self.room_for(&self.lock(), group)
+    /// Refuses offsets for a group the coordinator could not keep, or
+    /// holds its slot: a transaction takes one with its offsets and keeps
+    /// it until it ends, since its commit, decided by then, cannot be
+    /// refused.
+    pub fn reserve(&self, group: &str) -> Result<Reservation, GroupError> {
+        self.reserve_locked(&self.lock(), group)
     }
 
     /// Counters of the offsets log.
@@ -948,6 +1015,7 @@ impl Coordinator {
                 .write(
                     group.clone(),
                     tps.into_iter().map(|tp| (tp, None)).collect(),
+                    None,
                 )
                 .await
             {
@@ -982,7 +1050,7 @@ impl Coordinator {
                 )));
             }
         }
-        let stale = {
+        let (stale, hold) = {
             let mut groups = self.lock();
             match member {
                 Some((id, generation)) => {
@@ -1005,10 +1073,13 @@ impl Coordinator {
                             members: g.members.len(),
                         });
                     }
-                    self.room_for(&groups, group)?;
                 }
             }
-            self.stale(&groups, group, offsets.iter().map(|(tp, _, _)| tp))
+            // Held until the write is applied: commits for new groups
+            // running at once each take a slot, or are refused.
+            let hold = self.reserve_locked(&groups, group)?;
+            let stale = self.stale(&groups, group, offsets.iter().map(|(tp, _, _)| tp));
+            (stale, hold)
         };
         let commit_ms = now_ms();
         let entries = offsets
@@ -1025,7 +1096,7 @@ impl Coordinator {
             })
             .chain(stale)
             .collect();
-        self.write(group.to_owned(), entries).await?;
+        self.write(group.to_owned(), entries, Some(hold)).await?;
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1033,7 +1104,9 @@ impl Coordinator {
     /// Commits offsets a transaction carried (see `broker::txn`): the
     /// transaction's commit decided them, so no membership check applies
     /// here (Kafka's `sendOffsetsToTransaction` likewise writes them at
-    /// the transaction's end). Answers once durable; may be repeated.
+    /// the transaction's end). Its group's slot is the transaction's,
+    /// held since the offsets were added. Answers once durable; may be
+    /// repeated.
     pub async fn commit_in_transaction(
         &self,
         group: &str,
@@ -1056,7 +1129,8 @@ impl Coordinator {
             })
             .chain(stale)
             .collect();
-        self.write(group.to_owned(), entries).await?;
+        let hold = self.hold(group);
+        self.write(group.to_owned(), entries, Some(hold)).await?;
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1099,6 +1173,7 @@ impl Coordinator {
         self.write(
             group.to_owned(),
             tps.into_iter().map(|tp| (tp, None)).collect(),
+            None,
         )
         .await?;
         let mut groups = self.lock();
@@ -1196,6 +1271,7 @@ impl Coordinator {
         &self,
         group: String,
         entries: Vec<(Tp, Option<Committed>)>,
+        hold: Option<Reservation>,
     ) -> Result<(), GroupError> {
         if entries.is_empty() {
             return Ok(());
@@ -1206,6 +1282,7 @@ impl Coordinator {
                 group,
                 entries,
                 done,
+                _hold: hold,
             })
             .await
             .map_err(|_| GroupError::from(BrokerError::ShuttingDown))?;

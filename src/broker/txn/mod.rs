@@ -194,6 +194,9 @@ pub struct TxnState {
     rec: TxnRecord,
     /// When the open transaction began (ms, the broker's clock).
     started_ms: u64,
+    /// A slot in `groups.max_groups` for each group of `rec.offsets`,
+    /// until the transaction ends: its commit cannot be refused then.
+    held: Vec<group::Reservation>,
 }
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
@@ -339,7 +342,14 @@ impl Coordinator {
                 }
             }
             let mut rec = rec;
-            if !is_open(rec.phase) {
+            let mut held = Vec::new();
+            if is_open(rec.phase) {
+                for (g, ..) in &rec.offsets {
+                    if !held.iter().any(|h: &group::Reservation| h.group() == g) {
+                        held.push(self.groups.hold(g));
+                    }
+                }
+            } else {
                 // Older logs kept them: an idle id holds no partitions.
                 rec.partitions = Vec::new();
             }
@@ -348,6 +358,7 @@ impl Coordinator {
                 id: id.clone(),
                 rec,
                 started_ms: now,
+                held,
             }));
             self.by_id
                 .lock()
@@ -430,6 +441,7 @@ impl Coordinator {
                             offsets: Vec::new(),
                         },
                         started_ms: 0,
+                        held: Vec::new(),
                     }))
                 })
                 .clone()
@@ -533,7 +545,8 @@ impl Coordinator {
         for ((t, p), _) in &offsets {
             self.broker.partition_id(t, *p)?;
         }
-        self.groups.check_room(group)?;
+        // Taken before the transaction begins, so a refusal begins none.
+        let hold = self.groups.reserve(group)?;
         let entry = self.entry(id)?;
         let mut st = entry.lock_arc().await;
         check_epoch(&st, producer_id, epoch)?;
@@ -558,6 +571,9 @@ impl Coordinator {
                 "a transaction carries at most {max} group offsets (server.max_partitions), not {}",
                 st.rec.offsets.len() + new
             )));
+        }
+        if !st.held.iter().any(|h| h.group() == group) {
+            st.held.push(hold);
         }
         for ((t, p), offset) in offsets {
             st.rec
@@ -860,6 +876,7 @@ impl Coordinator {
         }
         st.rec.phase = phase;
         st.rec.offsets = Vec::new();
+        st.held = Vec::new();
     }
 
     /// One marker per partition, written together; their offsets.
