@@ -675,6 +675,111 @@ fn an_answer_that_would_outgrow_the_frame_is_refused_and_the_connection_goes_on(
     b.assert_serves();
 }
 
+/// A metadata request for thousands of topics, or an offset fetch of a
+/// group's every partition with long metadata, is answered
+/// `invalid_request` saying how many it asked for and about how many fit
+/// the frame; asking for that many is then answered.
+#[test]
+fn an_answer_too_large_for_the_frame_says_how_many_were_asked_and_how_many_fit() {
+    use skiff::protocol::{
+        GroupPartition, MetadataRequest, OffsetCommitPartition, OffsetCommitRequest,
+        OffsetFetchRequest,
+    };
+    const MAX_FRAME_BYTES: usize = 135_168;
+    let mut b = Broker::start(
+        "[topic_defaults]\nsegment_bytes = 1048576\nsegments = 2\n\
+         [groups]\nmax_offset_metadata_bytes = 4096\n",
+    );
+    assert_ok(&b.cli(&["topics", "create", "wide", "--partitions", "40"]));
+    let mut c = RawConn::connect(&b.tcp);
+    // Version 2: offset_commit and offset_fetch.
+    c.send_request(1, hello_body(1, 2));
+    let r = c.read_response().expect("a hello answer");
+    assert!(matches!(r.body, ResponseBody::Hello(_)), "{r:?}");
+    /// The counts an `invalid_request` for an answer past the frame gives.
+    #[track_caller]
+    fn counts(body: &ResponseBody, what: &str) -> (usize, usize) {
+        let ResponseBody::Error(e) = body else {
+            panic!("expected an error, got {body:?}");
+        };
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{e:?}");
+        let m = &e.message;
+        assert!(m.contains("above max_frame_bytes (135168)"), "{m}");
+        let number_before = |tail: &str| -> usize {
+            let head = &m[..m
+                .find(tail)
+                .unwrap_or_else(|| panic!("no '{tail}' in: {m}"))];
+            head.rsplit(' ').next().unwrap().parse().expect("a count")
+        };
+        (
+            number_before(&format!(" {what} takes")),
+            number_before(&format!(" {what} fit in one answer")),
+        )
+    }
+    // Unknown topics come back each with its error and message.
+    let names: Vec<String> = (0..6000).map(|i| format!("no-such-topic-{i}")).collect();
+    let metadata = |n: usize| {
+        RequestBody::Metadata(MetadataRequest {
+            topics: Some(names[..n].to_vec()),
+        })
+    };
+    let body = answer_within(&mut c, 2, metadata(6000), MAX_FRAME_BYTES);
+    let (asked, fit) = counts(&body, "topics");
+    assert_eq!(asked, 6000);
+    assert!(fit > 0 && fit < 6000, "{fit}");
+    let body = answer_within(&mut c, 3, metadata(fit), MAX_FRAME_BYTES);
+    let ResponseBody::Metadata(m) = &body else {
+        panic!("expected metadata for {fit} topics, got {body:?}");
+    };
+    assert_eq!(m.topics.len(), fit);
+
+    // 40 offsets with 4,000 bytes of metadata each: 160 KB, committed in
+    // two requests that each fit.
+    for (id, half) in [(4, 0..20), (5, 20..40)] {
+        c.send_request(
+            id,
+            RequestBody::OffsetCommit(OffsetCommitRequest {
+                group: "g".into(),
+                member_id: None,
+                generation: None,
+                offsets: half
+                    .map(|p| OffsetCommitPartition {
+                        topic: "wide".into(),
+                        partition: p,
+                        offset: 1,
+                        metadata: Some("m".repeat(4000)),
+                    })
+                    .collect(),
+            }),
+        );
+        let r = c.read_response().expect("a commit answer");
+        assert!(matches!(r.body, ResponseBody::OffsetCommit(_)), "{r:?}");
+    }
+    let fetch = |partitions: Option<u32>| {
+        RequestBody::OffsetFetch(OffsetFetchRequest {
+            group: "g".into(),
+            partitions: partitions.map(|n| {
+                (0..n)
+                    .map(|p| GroupPartition {
+                        topic: "wide".into(),
+                        partition: p,
+                    })
+                    .collect()
+            }),
+        })
+    };
+    let body = answer_within(&mut c, 6, fetch(None), MAX_FRAME_BYTES);
+    let (asked, fit) = counts(&body, "partitions");
+    assert_eq!(asked, 40);
+    assert!(fit > 0 && fit < 40, "{fit}");
+    let body = answer_within(&mut c, 7, fetch(Some(fit as u32)), MAX_FRAME_BYTES);
+    let ResponseBody::OffsetFetch(o) = &body else {
+        panic!("expected {fit} offsets, got {body:?}");
+    };
+    assert_eq!(o.offsets.len(), fit);
+    b.assert_serves();
+}
+
 /// A fetch's records are read up to a budget that leaves room for its
 /// entries, but not for the messages of the entries that fail: when those
 /// take the answer past the frame, the records of the last entries are

@@ -689,11 +689,7 @@ impl Outgoing {
             self.buf.truncate(start);
             self.scratch.clear();
             let why = match body {
-                Ok(n) => format!(
-                    "the answer takes {n} bytes, above max_frame_bytes ({}): \
-                     ask for fewer partitions or topics at once",
-                    self.max_frame_bytes
-                ),
+                Ok(n) => too_large(&r.body, n, self.max_frame_bytes),
                 Err(e) => format!("the answer cannot be framed: {e}"),
             };
             let e = error_response(r.correlation_id, ErrorCode::InvalidRequest, why);
@@ -730,6 +726,32 @@ impl Outgoing {
         pieces.push(std::io::IoSlice::new(&self.buf[from..]));
         write_all_vectored(stream, &mut pieces).await
     }
+}
+
+/// Why an answer of `bytes` does not fit `max_frame_bytes`: what it
+/// answered and, at its entries' average size, how many would fit, so the
+/// client knows how to split its request.
+fn too_large(body: &ResponseBody, bytes: usize, max_frame_bytes: usize) -> String {
+    let (count, what) = match body {
+        ResponseBody::Metadata(m) => (m.topics.len(), "topics"),
+        ResponseBody::ListTopics(l) => (l.topics.len(), "topics"),
+        ResponseBody::Fetch(f) => (f.partitions.len(), "partitions"),
+        ResponseBody::Produce(p) => (p.partitions.len(), "partitions"),
+        ResponseBody::ListOffsets(l) => (l.partitions.len(), "partitions"),
+        ResponseBody::OffsetFetch(o) => (o.offsets.len(), "partitions"),
+        ResponseBody::DescribePartitions(d) => (d.partitions.len(), "partitions"),
+        _ => (0, ""),
+    };
+    let size = format!("takes {bytes} bytes, above max_frame_bytes ({max_frame_bytes})");
+    if count == 0 {
+        return format!("the answer {size}: ask for fewer partitions or topics at once");
+    }
+    // Rounded down: an estimate that errs towards an answer that fits.
+    let fit = (count as u128 * max_frame_bytes as u128 / bytes as u128) as usize;
+    format!(
+        "the answer for {count} {what} {size}: about {fit} {what} fit in one answer; \
+         ask for fewer {what} at once"
+    )
 }
 
 async fn write_all_vectored<S: AsyncWrite + Unpin>(
