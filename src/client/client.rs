@@ -129,6 +129,15 @@ impl Client {
         Ok(self.connection().await?.info.clone())
     }
 
+    /// The room a fetch's entries have beside its largest batch on the
+    /// current connection (reconnecting if needed): read from its hello
+    /// answer in place, since a consumer asks at every poll and
+    /// [`Client::server_info`] would copy the whole answer each time.
+    pub(crate) async fn fetch_entries_room(&self) -> Result<usize, ClientError> {
+        let c = self.connection().await?;
+        Ok((c.info.max_frame_bytes as usize).saturating_sub(c.info.max_batch_bytes as usize))
+    }
+
     /// Sends one request and returns the answer body; error answers become
     /// [`ClientError::Server`]. No retry: callers decide.
     pub async fn call(&self, body: &RequestBody<'_>) -> Result<ResponseBody, ClientError> {

@@ -423,9 +423,8 @@ impl Consumer {
             return Ok(out);
         }
         // Known once connected; a failure here is the fetch's to retry.
-        if let Ok(info) = self.client.server_info().await {
-            self.entries_room =
-                (info.max_frame_bytes as usize).saturating_sub(info.max_batch_bytes as usize);
+        if let Ok(room) = self.client.fetch_entries_room().await {
+            self.entries_room = room;
         }
         let request = self.request();
         let mut response = None;
