@@ -421,6 +421,43 @@ fn anonymous_tls_client(pki: &Pki, b: &Broker) -> blocking::Client {
         .unwrap_or_else(|e| panic!("{e}; the broker's log:\n{}", b.log()))
 }
 
+/// Connects to `addr` and writes a handshake record's first bytes (a
+/// record of 512 bytes, its first 2), as a client writing its ClientHello
+/// does; then reads what the broker does, which must be an orderly end
+/// with nothing said.
+#[track_caller]
+fn hello_prefix_closed_in_order(addr: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let end = s.read(&mut buf).map_err(|e| e.kind());
+    assert_eq!(end, Ok(0), "an orderly end, nothing said");
+    s
+}
+
+/// Sends more on a connection the broker has closed its side of, then
+/// closes ours: the broker must read and drop it, where a closed socket
+/// answers with a reset (within a round trip).
+#[track_caller]
+fn more_bytes_are_not_reset(mut s: std::net::TcpStream) {
+    use std::io::Write;
+    let wrote = s.write_all(&[0; 100]).map_err(|e| e.kind());
+    let shut = s.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut reset = None;
+    while reset.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        reset = s.take_error().unwrap();
+    }
+    assert!(
+        wrote.is_ok() && shut.is_ok() && reset.is_none(),
+        "no reset: {wrote:?}, {shut:?}, {reset:?}"
+    );
+}
+
 /// A TLS client that has not finished its handshake in
 /// `server.tls.handshake_timeout_ms` is cut off in order, as a refused one
 /// is: a FIN, then what it still sends is read and dropped, so it sees no
@@ -430,7 +467,6 @@ fn anonymous_tls_client(pki: &Pki, b: &Broker) -> blocking::Client {
 /// address's slot is another client's from the cut-off on.
 #[test]
 fn a_tls_handshake_that_times_out_closes_in_order() {
-    use std::io::{Read, Write};
     let (_keep, pki) = pki_dir();
     // The last client's whole handshake must fit in the timeout too: on a
     // busy CI machine one did not fit in 300 ms.
@@ -441,31 +477,8 @@ fn a_tls_handshake_that_times_out_closes_in_order() {
          [metrics]\nlisten = \"127.0.0.1:0\"\n",
     ));
     let addr = tls_addr(&b);
-    // A handshake record of 512 bytes: its first 2 now, more after the end.
-    let slow_hello = |addr: &str| {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let end = s.read(&mut buf).map_err(|e| e.kind());
-        assert_eq!(end, Ok(0), "an orderly end, nothing said");
-        s
-    };
-    let mut slow = slow_hello(&addr);
-    slow.write_all(&[0; 100]).unwrap();
-    let shut = slow.shutdown(std::net::Shutdown::Write);
-    // A reset would answer those bytes within a round trip.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut reset = None;
-    while reset.is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        reset = slow.take_error().unwrap();
-    }
-    assert!(
-        shut.is_ok() && reset.is_none(),
-        "no reset: {shut:?}, {reset:?}"
-    );
+    // The rest of the hello is never sent: the handshake times out.
+    more_bytes_are_not_reset(hello_prefix_closed_in_order(&addr));
     assert!(
         b.log().contains("TLS handshake not done in 1000 ms"),
         "{}",
@@ -479,7 +492,7 @@ fn a_tls_handshake_that_times_out_closes_in_order() {
     );
     // One that says nothing more and stays: while the broker still reads
     // it, a client from the same address gets in.
-    let _silent = slow_hello(&addr);
+    let _silent = hello_prefix_closed_in_order(&addr);
     anonymous_tls_client(&pki, &b).list_topics().unwrap();
 }
 
@@ -514,11 +527,28 @@ fn a_refused_tls_client_leaves_its_address_slot_while_it_is_closed() {
     );
 }
 
-/// OpenSSL offering TLS 1.1 only (its security level lowered so it will
-/// send such a hello) is refused by the broker: rustls answers with a
-/// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms
-/// extension every version rustls speaks requires) and no session is
-/// made. Offering TLS 1.2, OpenSSL gets in.
+/// A TLS client refused before its handshake, by its address's limit or
+/// by `server.max_connections`, is closed in order as a refused handshake
+/// is: its ClientHello may be in already, and a broker that dropped the
+/// socket with it unread (or answered later bytes on a closed socket)
+/// reset the connection. The client sees a FIN, and what it still sends is
+/// read and dropped.
+#[test]
+fn a_tls_client_refused_by_a_connection_limit_is_closed_in_order() {
+    let (_keep, pki) = pki_dir();
+    for limit in [
+        "[quotas]\nmax_connections_per_ip = 1\n",
+        "[server]\nmax_connections = 1\n",
+    ] {
+        let b = Broker::start(&pki.server_section(false, limit));
+        let held = anonymous_tls_client(&pki, &b);
+        held.list_topics().unwrap();
+        eprintln!("refused by {limit}");
+        more_bytes_are_not_reset(hello_prefix_closed_in_order(&tls_addr(&b)));
+        held.list_topics().unwrap();
+    }
+}
+
 /// `skiff bench handshake`: full and resumed TLS handshakes, each ending
 /// with skiff's hello answered (whose answer brings the session tickets).
 #[test]
@@ -537,6 +567,11 @@ fn bench_handshake_counts_full_and_resumed_handshakes() {
     assert_eq!(line["resumed"], 5, "every second handshake resumes: {line}");
 }
 
+/// OpenSSL offering TLS 1.1 only (its security level lowered so it will
+/// send such a hello) is refused by the broker: rustls answers with a
+/// handshake_failure alert (a TLS 1.1 hello lacks the signature_algorithms
+/// extension every version rustls speaks requires) and no session is
+/// made. Offering TLS 1.2, OpenSSL gets in.
 #[test]
 fn tls_1_1_is_refused_and_1_2_accepted() {
     let (_keep, mut pki) = pki_dir();

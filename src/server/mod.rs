@@ -50,6 +50,10 @@ use tls::{TlsError, TlsSetup, TlsSlot};
 /// meanwhile (it was never admitted, and its address's is given back).
 const TLS_REFUSED_DRAIN_MS_MAX: u64 = 1_000;
 const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
+/// How many TLS clients refused before their handshake (by their
+/// address's limits or `server.max_connections`) are closed in order at a
+/// time (`close_unadmitted`); the open-file limit is raised for them.
+const TLS_REFUSED_CLOSING_MAX: usize = 64;
 
 /// How long a graceful stop waits for connections to finish their requests.
 const SHUTDOWN_DRAIN_MS_MAX: u64 = 10_000;
@@ -816,7 +820,8 @@ fn raise_fd_limit(cfg: &Config) {
         .saturating_mul(u64::from(cfg.topic_defaults.segments).max(1) + 1);
     let want = u64::from(cfg.server.max_connections)
         .saturating_add(files)
-        .saturating_add(FDS_BESIDE_CONNECTIONS);
+        .saturating_add(FDS_BESIDE_CONNECTIONS)
+        .saturating_add(TLS_REFUSED_CLOSING_MAX as u64);
     match crate::fdlimit::raise(want) {
         Ok(l) if l.soft >= want => {}
         Ok(l) => log::warn!(
@@ -825,7 +830,7 @@ fn raise_fd_limit(cfg: &Config) {
             l.soft,
             l.hard,
             cfg.server.max_connections,
-            l.soft.saturating_sub(files + FDS_BESIDE_CONNECTIONS),
+            l.soft.saturating_sub(want - u64::from(cfg.server.max_connections)),
         ),
         Err(e) => log::warn!("cannot raise the open-file limit: {e}"),
     }
@@ -1111,19 +1116,30 @@ async fn accept_tls(
     ex: Arc<smol::Executor<'static>>,
     slot: Arc<TlsSlot>,
 ) {
+    let closing = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 // Before the handshake nothing can be said in skiff's
                 // protocol: a refused client just sees the connection close.
-                let Ok(addr) = admit_addr(&ctx, peer) else {
-                    continue;
+                let addr = match admit_addr(&ctx, peer) {
+                    Ok(addr)
+                        if ctx.connections.load(Ordering::SeqCst)
+                            < ctx.settings.max_connections =>
+                    {
+                        addr
+                    }
+                    Ok(_) => {
+                        log::debug!("{peer}: refused: {}", connection_limit(&ctx));
+                        close_unadmitted(stream, &closing, &ex);
+                        continue;
+                    }
+                    Err(_) => {
+                        close_unadmitted(stream, &closing, &ex);
+                        continue;
+                    }
                 };
-                if ctx.connections.load(Ordering::SeqCst) >= ctx.settings.max_connections {
-                    log::debug!("{peer}: refused: {}", connection_limit(&ctx));
-                    continue;
-                }
                 let setup = slot.current();
                 let (ctx2, ex2) = (ctx.clone(), ex.clone());
                 ex.spawn(async move {
@@ -1152,6 +1168,38 @@ async fn accept_tls(
                 smol::Timer::after(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Closes in order (`close_refused`) a TLS client refused before its
+/// handshake (its address's limits, or `server.max_connections`): its
+/// ClientHello may be in already, and closing with it unread resets the
+/// connection. It holds no slot meanwhile; at most
+/// `TLS_REFUSED_CLOSING_MAX` are closed so at a time, and one past them is
+/// dropped at once, so a flood of refused clients holds few sockets.
+fn close_unadmitted(
+    stream: smol::net::TcpStream,
+    closing: &Arc<AtomicUsize>,
+    ex: &smol::Executor<'static>,
+) {
+    if closing.fetch_add(1, Ordering::SeqCst) >= TLS_REFUSED_CLOSING_MAX {
+        closing.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let closing = Closing(closing.clone());
+    ex.spawn(async move {
+        let _closing = closing;
+        close_refused(stream, refused_deadline()).await;
+    })
+    .detach();
+}
+
+/// One of `close_unadmitted`'s closes, counted until it ends.
+struct Closing(Arc<AtomicUsize>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
