@@ -1057,8 +1057,16 @@ impl Engine {
         let Some(i) = unloaded.iter().position(|q| q.partition == *id) else {
             return Err(StorageError::UnknownPartition(id.clone()));
         };
-        unloaded.remove(i);
+        let gone = unloaded.remove(i);
         drop(unloaded);
+        // Recovery counted it as quarantined; a delete left incomplete
+        // never was (and, failing again, is kept as one).
+        if !matches!(
+            gone.reason,
+            super::QuarantineReason::DeleteIncomplete { .. }
+        ) {
+            StatsInner::sub(&self.ctx.shared.stats.quarantined, 1);
+        }
         let dir = part_dir(&self.ctx.cfg.data_dir, id);
         match self.remove_dir(&dir, 0) {
             Ok(()) => Ok(()),
@@ -1075,6 +1083,9 @@ impl Engine {
         let Some(mut part) = self.parts.remove(id) else {
             return self.delete_unloaded(id);
         };
+        if matches!(part.state, PartState::Quarantined(_)) {
+            StatsInner::sub(&self.ctx.shared.stats.quarantined, 1);
+        }
         self.ctx
             .shared
             .parts

@@ -577,6 +577,8 @@ pub struct StorageStats {
     pub recovery_truncated_bytes: u64,
     /// Sticky write/fsync failures and read-side corruption found.
     pub failures: u64,
+    /// Partitions quarantined (read-only) or left unloaded by recovery,
+    /// and not deleted since: a leftover start-up deletes is not counted.
     pub quarantined: u64,
     /// Window reads started in the background for a sequential reader,
     /// and how many of them a later read used.
@@ -617,6 +619,11 @@ pub(crate) struct StatsInner {
 impl StatsInner {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn sub(c: &AtomicU64, n: u64) {
+        let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
     }
     fn snapshot(&self) -> StorageStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);

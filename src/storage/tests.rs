@@ -2051,6 +2051,33 @@ fn lost_partition_meta_quarantines_a_partition_with_data() {
     }
 }
 
+/// What recovery set aside is counted quarantined while it is there: a
+/// partition deleted since (as start-up deletes a deleted topic's
+/// leftovers), loaded read-only or left unloaded, is not.
+#[test]
+fn a_set_aside_partition_is_counted_quarantined_until_deleted() {
+    let rig = Rig::files(pwrite_backend);
+    let loaded = pid("lost", 0);
+    let s = rig.open();
+    block_on(s.create_partition(loaded.clone(), small_cfg())).unwrap();
+    fill(&s, &loaded, 5, 0);
+    s.shutdown().unwrap();
+    std::fs::remove_file(rig.dir.path().join("topics/lost/0/partition.meta")).unwrap();
+    // Unreadable metadata and no segment to read a config from: unloaded.
+    let unloaded = pid("gone", 0);
+    let dir = rig.dir.path().join("topics/gone/0");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("partition.meta"), b"not metadata").unwrap();
+    let s = rig.open();
+    assert_eq!(s.recovery_report().len(), 2);
+    assert_eq!(s.stats().quarantined, 2);
+    block_on(s.delete_partition(&unloaded)).unwrap();
+    assert_eq!(s.stats().quarantined, 1, "the unloaded one is gone");
+    block_on(s.delete_partition(&loaded)).unwrap();
+    assert_eq!(s.stats().quarantined, 0, "the read-only one is gone");
+    s.shutdown().unwrap();
+}
+
 #[test]
 fn reads_respect_max_bytes_and_span_tail_and_disk() {
     for (name, rig) in rigs() {
