@@ -828,6 +828,47 @@ fn a_delete_that_cannot_remove_a_partition_finishes_the_rest_and_names_it() {
     assert_eq!(b.stop(), Some(0));
 }
 
+/// A topic delete that cannot rewrite `msgid.meta` or `cleanup.meta`
+/// without the topic: the topic is gone from the listing all the same, so
+/// its metrics go too (a delete that answered a bare error left them),
+/// and the answer is `storage_failed` saying the topic is deleted and
+/// naming the file.
+#[test]
+fn a_delete_that_cannot_rewrite_a_settings_file_still_drops_the_topic() {
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    for (topic, file, flags) in [
+        ("windowed", "msgid.meta", ["--msg-id-window-records", "10"]),
+        ("compacted", "cleanup.meta", ["--cleanup", "compact"]),
+    ] {
+        assert_ok(&b.cli(&[&["topics", "create", topic][..], &flags].concat()));
+        assert_ok(&b.cli(&["produce", topic, "--key", "k", "v"]));
+        let series = format!("topic=\"{topic}\"");
+        assert!(http_get(&b.metrics_addr(), "/metrics").contains(&series));
+        let path = b.data_dir().join(file);
+        {
+            let _held = Immutable::set(&path);
+            let o = b.cli(&["topics", "delete", topic]);
+            assert_fails(
+                &o,
+                1,
+                &[
+                    "storage_failed",
+                    &format!("topic '{topic}' is deleted"),
+                    file,
+                ],
+            );
+        }
+        assert!(holds(&path, topic), "{file} was not rewritten");
+        assert!(!stdout(&b.cli(&["topics", "list"])).contains(topic));
+        let metrics = http_get(&b.metrics_addr(), "/metrics");
+        assert!(!metrics.contains(&series), "{metrics}");
+        // The entry left is replaced by a new topic of the name.
+        assert_ok(&b.cli(&["topics", "create", topic]));
+        assert!(!holds(&path, topic), "{file}");
+    }
+    assert_eq!(b.stop(), Some(0));
+}
+
 /// Start-up finishing deletes: one leftover partition it cannot delete
 /// used to stop the broker, though its data is no one's. Now it starts,
 /// logs the directory, counts it, and refuses a create of the name over

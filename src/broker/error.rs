@@ -127,9 +127,13 @@ pub enum BrokerError {
     /// partitions, but could not remove the directories of these (the
     /// partition, and storage's error naming the directory). They are
     /// deleted again when the name is created and at the next start.
+    /// Or it could not rewrite these settings files without the topic
+    /// (`msgid.meta`, `cleanup.meta`): the entries left are replaced when
+    /// the name is created again.
     TopicDeleteIncomplete {
         topic: String,
         left: Vec<(u32, Arc<StorageError>)>,
+        settings: Vec<(&'static str, Arc<StorageError>)>,
     },
     /// The storage engine failed in a way no client can act on (I/O at
     /// start-up, a metadata file, a full partition table); the source says
@@ -200,21 +204,45 @@ impl std::fmt::Display for BrokerError {
                  name",
                 dir.display()
             ),
-            Self::TopicDeleteIncomplete { topic, left } => {
+            Self::TopicDeleteIncomplete {
+                topic,
+                left,
+                settings,
+            } => {
                 write!(
                     f,
                     "topic '{topic}' is deleted (no longer listed, nothing reads or writes its \
-                     partitions), but {} of its partition directories could not be removed:",
-                    left.len()
+                     partitions), but"
                 )?;
-                for (partition, e) in left {
-                    write!(f, " partition {partition}: {e};")?;
+                if !left.is_empty() {
+                    write!(
+                        f,
+                        " {} of its partition directories could not be removed:",
+                        left.len()
+                    )?;
+                    for (partition, e) in left {
+                        write!(f, " partition {partition}: {e};")?;
+                    }
+                    write!(
+                        f,
+                        " the broker deletes them again when '{topic}' is created and at its \
+                         next start, and refuses to create '{topic}' while they stay"
+                    )?;
                 }
-                write!(
-                    f,
-                    " the broker deletes them again when '{topic}' is created and at its next \
-                     start, and refuses to create '{topic}' while they stay"
-                )
+                if !settings.is_empty() {
+                    if !left.is_empty() {
+                        write!(f, "; and")?;
+                    }
+                    write!(f, " its settings could not be removed from")?;
+                    for (file, e) in settings {
+                        write!(f, " {file} ({e});")?;
+                    }
+                    write!(
+                        f,
+                        " they are replaced when '{topic}' is created again"
+                    )?;
+                }
+                Ok(())
             }
             Self::Sequence(e) => write!(f, "{e}"),
             Self::OffsetOutOfRange {

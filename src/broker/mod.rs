@@ -880,7 +880,7 @@ impl Broker {
 
     /// Sets (or, for `delete`, removes) a topic's cleanup entry and writes
     /// the table.
-    fn set_cleanup(&self, topic: &str, c: Option<CleanupConfig>) -> Result<(), BrokerError> {
+    fn set_cleanup(&self, topic: &str, c: Option<CleanupConfig>) -> Result<(), StorageError> {
         let mut table = self.cleanup.write().expect("cleanup lock");
         let before = table.clone();
         match c.filter(|c| c.policy.compacts()) {
@@ -888,15 +888,19 @@ impl Broker {
             None => table.remove(topic),
         };
         if *table != before {
-            meta::write_atomic(&self.cleanup_path, &*table).map_err(StorageError::Meta)?;
+            if let Err(e) = meta::write_atomic(&self.cleanup_path, &*table) {
+                // As the file has it, so the next change rewrites the file
+                // (a create of a deleted topic's name, say).
+                *table = before;
+                return Err(StorageError::Meta(e));
+            }
             self.cleanup_changed.notify(usize::MAX);
         }
         Ok(())
     }
 
-    fn write_msgid_meta(&self) -> Result<(), BrokerError> {
-        meta::write_atomic(&self.msgid_path, &self.msgid_configs()).map_err(StorageError::Meta)?;
-        Ok(())
+    fn write_msgid_meta(&self) -> Result<(), StorageError> {
+        meta::write_atomic(&self.msgid_path, &self.msgid_configs()).map_err(StorageError::Meta)
     }
 
     pub fn producers(&self) -> &producers::Producers {
@@ -1347,7 +1351,9 @@ impl Broker {
     /// partition storage cannot remove does not stop the others nor the
     /// rest of the cleanup: storage keeps it unloaded, and it is deleted
     /// again when the name is created or at the next start (both refuse
-    /// to make the name over it while it stays).
+    /// to make the name over it while it stays). Nor does a settings file
+    /// that cannot be rewritten: the topic is gone all the same, and the
+    /// error says so (`TopicDeleteIncomplete`).
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
         let mut table = self.topics();
@@ -1373,25 +1379,31 @@ impl Broker {
             }
             self.producers.forget_partition(name, p);
         }
-        let had_window = self
-            .windows
-            .lock()
-            .expect("windows lock")
-            .remove(name)
-            .is_some();
-        let msgid = if had_window {
-            self.write_msgid_meta()
-        } else {
-            Ok(())
-        };
-        let cleanup = self.set_cleanup(name, None);
-        if !left.is_empty() {
+        let mut settings = Vec::new();
+        let window = self.windows.lock().expect("windows lock").remove(name);
+        if let Some(window) = window {
+            if let Err(e) = self.write_msgid_meta() {
+                // Kept as the file has it: a create of the name then
+                // rewrites the file, instead of the next start giving
+                // the new topic this one's window.
+                let mut windows = self.windows.lock().expect("windows lock");
+                windows.insert(name.to_owned(), window);
+                settings.push((MSGID_META_FILE, Arc::new(e)));
+            }
+        }
+        if let Err(e) = self.set_cleanup(name, None) {
+            settings.push((cleaner::CLEANUP_META_FILE, Arc::new(e)));
+        }
+        for (file, e) in &settings {
+            log::error!("deleting topic {name}: rewriting {file}: {e}");
+        }
+        if !left.is_empty() || !settings.is_empty() {
             return Err(BrokerError::TopicDeleteIncomplete {
                 topic: name.to_owned(),
                 left,
+                settings,
             });
         }
-        msgid.and(cleanup)?;
         log::info!("deleted topic {name}");
         Ok(())
     }
