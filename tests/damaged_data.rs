@@ -710,6 +710,38 @@ fn a_leftover_directory_in_the_way_of_a_create_is_named() {
     assert_ok(&b.cli(&["topics", "create", "b"]));
 }
 
+/// An empty partition directory (a creation cut short) that a create of
+/// its topic cannot remove: the create used to go on into it and fail
+/// with a bare I/O error. Now it is refused as storage_failed naming the
+/// directory, leaving nothing behind, and once it can go the create
+/// removes it and succeeds.
+#[test]
+fn an_empty_directory_a_create_cannot_remove_is_named() {
+    let b = Broker::start("");
+    let dir = b.data_dir().join("topics/b/1");
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let _held = Immutable::set(&dir);
+        let o = b.cli(&["topics", "create", "b", "--partitions", "2"]);
+        assert_fails(
+            &o,
+            1,
+            &[
+                "storage_failed",
+                dir.to_str().unwrap(),
+                "no topic 'b' is listed",
+            ],
+        );
+        assert!(b
+            .log()
+            .contains("could not remove incomplete partition directory"));
+        assert!(!b.data_dir().join("topics/b/0").exists());
+        assert_eq!(stdout(&b.cli(&["topics", "list"])), "");
+    }
+    assert_ok(&b.cli(&["topics", "create", "b", "--partitions", "2"]));
+    new_partition_starts_empty(&b, "b", "1");
+}
+
 /// Makes `path` immutable (`chattr +i`): not even root may then remove
 /// anything in it, as a read-only or failing file system would refuse.
 /// Undone on drop, so the test's directory can go.

@@ -875,7 +875,15 @@ impl Engine {
                 return Err(StorageError::PartitionExists { id, dir });
             }
             log::warn!("removing incomplete partition directory {}", dir.display());
-            self.remove_dir_or_warn(&dir, cfg.segments as usize);
+            if let Err(e) = self.remove_dir(&dir, cfg.segments as usize) {
+                // Made over, it would fail later with a bare I/O error.
+                log::error!(
+                    "could not remove incomplete partition directory {}: {e}; partition {id} \
+                     is not created over it",
+                    dir.display()
+                );
+                return Err(StorageError::PartitionExists { id, dir });
+            }
         }
         std::fs::create_dir_all(&dir)?;
         let mut files = Vec::with_capacity(cfg.segments as usize);
