@@ -297,16 +297,8 @@ struct Taken {
     changed: bool,
     /// What stopped it: `got` holds what was taken before.
     error: Option<ShareError>,
-}
-
-impl Taken {
-    fn ok(got: Vec<Delivered>, changed: bool) -> Taken {
-        Taken {
-            got,
-            changed,
-            error: None,
-        }
-    }
+    /// The lock deadline of `got`, to undo them if the state is not written.
+    deadline: Instant,
 }
 
 /// A record chosen for redelivery that is not delivered after all: as it
@@ -800,6 +792,8 @@ impl ShareCoordinator {
                 .collect();
             let mut out = Vec::new();
             let mut dirty = Vec::new();
+            // What each share partition gave, to undo if the write fails.
+            let mut took = Vec::new();
             let mut room = Room::new(&spec);
             for i in 0..partitions {
                 let p = (first + i) % partitions;
@@ -825,6 +819,10 @@ impl ShareCoordinator {
                     // Locked now: their deadlines need the expiry pass.
                     self.timers.notify(usize::MAX);
                 }
+                if !taken.got.is_empty() {
+                    let offsets: Vec<u64> = taken.got.iter().map(|d| d.offset).collect();
+                    took.push((key.clone(), taken.deadline, offsets));
+                }
                 out.extend(taken.got);
                 if taken.changed {
                     dirty.push(key);
@@ -840,11 +838,16 @@ impl ShareCoordinator {
                 }
             }
             if !dirty.is_empty() {
-                // Not durable: the records stay locked until their lock
-                // expires, then go to another worker.
-                self.write(dirty).await?;
+                if let Err(e) = self.write(dirty).await {
+                    // Not durable, so not delivered: the records are
+                    // available again at once, their counts as before.
+                    self.unacquire(&took, &member);
+                    return Err(e);
+                }
             }
             if !out.is_empty() {
+                let again = out.iter().filter(|d| d.delivery_count > 1).count();
+                self.redeliveries.fetch_add(again as u64, Ordering::Relaxed);
                 return Ok((out, settings.lock_ms));
             }
             let all_failed = failing.len() == partitions as usize;
@@ -865,6 +868,22 @@ impl ShareCoordinator {
             )
             .await;
         }
+    }
+
+    /// Undoes the acquisitions of a fetch whose state was not written:
+    /// (share partition, lock deadline, offsets) as [`Taken`] gave them.
+    fn unacquire(&self, took: &[(SpKey, Instant, Vec<u64>)], member: &Arc<str>) {
+        {
+            let mut parts = self.lock();
+            for (key, deadline, offsets) in took {
+                if let Some(sp) = parts.get_mut(key) {
+                    for &o in offsets {
+                        undeliver(sp, o, member, *deadline);
+                    }
+                }
+            }
+        }
+        self.changed.notify(usize::MAX);
     }
 
     /// Acquires up to `want` records of one share partition that fit
@@ -890,6 +909,13 @@ impl ShareCoordinator {
             got,
             changed,
             error: Some(e),
+            deadline: lock_deadline,
+        };
+        let ok = |got, changed| Taken {
+            got,
+            changed,
+            error: None,
+            deadline: lock_deadline,
         };
         let (again, read_at, read_max) = {
             let mut parts = self.lock();
@@ -993,8 +1019,6 @@ impl ShareCoordinator {
                             undeliver(sp, d.offset, member, lock_deadline);
                         }
                     }
-                    self.redeliveries
-                        .fetch_add(out.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     if let Some(sp) = sp {
@@ -1009,13 +1033,13 @@ impl ShareCoordinator {
             }
         }
         if room.full {
-            return Taken::ok(out, changed);
+            return ok(out, changed);
         }
         if let Some(at) = read_at {
             let fetched = self.read(topic, partition, at, READ_BYTES).await;
             let fetched = match fetched {
                 Ok(f) => f,
-                Err(BrokerError::OffsetOutOfRange { .. }) => return Taken::ok(out, changed),
+                Err(BrokerError::OffsetOutOfRange { .. }) => return ok(out, changed),
                 Err(e) => return failed(out, changed, e.into()),
             };
             let (placed, end) = match super::decode_records(&fetched.records) {
@@ -1069,7 +1093,7 @@ impl ShareCoordinator {
                 }
             }
         }
-        Taken::ok(out, changed)
+        ok(out, changed)
     }
 
     /// Records below the log start are gone (retention took them before

@@ -685,3 +685,61 @@ fn redeliveries_that_cannot_be_read_keep_their_delivery_count() {
     }
     c.broker().close().expect("closed");
 }
+
+/// A fetch whose acquisition cannot be made durable delivers nothing, so
+/// it leaves nothing locked or counted: its records are available again
+/// at once with their counts as before, and it answers storage's error.
+/// Here the share log cannot be made (the disk is full), then, once it
+/// has room and is made, cannot be written (a failed write).
+#[test]
+fn a_share_fetch_whose_state_is_not_written_leaves_its_records_as_they_were() {
+    use crate::storage::io::fault::FaultPlan;
+    let rig = Rig::fault(14);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig, ShareConfig::default());
+    fill(c.broker(), "t", 3);
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(0),
+        ..FaultPlan::default()
+    });
+    match block_on(c.fetch(fetch_spec("t", 10))) {
+        Err(ShareError::Broker(e)) if matches!(*e, BrokerError::NoSpace(_)) => {}
+        other => panic!("no room for the share log: {other:?}"),
+    }
+    assert_eq!(
+        window(&c, "t", 0),
+        [(0, 0, false), (1, 0, false), (2, 0, false)]
+    );
+    assert_eq!(c.stats().redeliveries, 0);
+    // Room again: the same records, each on its first delivery.
+    disk.set_plan(FaultPlan::default());
+    let got = take(&c, "t", "w", 1);
+    assert_eq!((got[0].offset, got[0].delivery_count), (0, 1));
+    let release = AckKind::Release {
+        delay: Duration::ZERO,
+    };
+    ack(&c, "t", "w", &[0], release);
+    let got: Vec<_> = take(&c, "t", "w", 10)
+        .iter()
+        .map(|d| (d.offset, d.delivery_count))
+        .collect();
+    assert_eq!(got, [(0, 2), (1, 1), (2, 1)]);
+    assert_eq!(c.stats().redeliveries, 1);
+    ack(&c, "t", "w", &[0, 1, 2], release);
+    disk.set_plan(FaultPlan {
+        write_error_per_million: 1_000_000,
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+    match block_on(c.fetch(fetch_spec("t", 10))) {
+        Err(ShareError::Broker(e)) if matches!(*e, BrokerError::PartitionFailed { .. }) => {}
+        other => panic!("the share log's write fails: {other:?}"),
+    }
+    assert_eq!(
+        window(&c, "t", 0),
+        [(0, 2, false), (1, 1, false), (2, 1, false)]
+    );
+    assert_eq!(c.stats().redeliveries, 1);
+    disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("closed");
+}
