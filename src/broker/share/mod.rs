@@ -998,8 +998,8 @@ impl ShareCoordinator {
                         let mut gone = 0u64;
                         for (o, _) in &again {
                             if !found.iter().any(|d| d.offset == *o) {
-                                // Gone from the log (retention or
-                                // compaction took it): nothing to deliver.
+                                // Gone from the log (retention,
+                                // compaction): nothing to deliver.
                                 if let Some(r) = sp.records.get_mut(o) {
                                     r.state = RecState::Done;
                                     gone += 1;
@@ -1126,7 +1126,12 @@ impl ShareCoordinator {
     }
 
     /// Reads the records at the offsets asked for (offset -> delivery
-    /// count); an offset no longer in the log is left out.
+    /// count). An offset is left out only when the log says it is gone:
+    /// below its start (retention), or inside what a read returned
+    /// (compaction, damage recovery skipped). An offset the log does not
+    /// reach is an error, never a loss: a partition quarantined at start-up
+    /// ends before its damage, and an operator's repair brings the records
+    /// back.
     async fn read_records(
         &self,
         topic: &str,
@@ -1138,13 +1143,18 @@ impl ShareCoordinator {
         while let Some((&o, _)) = wanted.range(from..).next() {
             let fetched = match self.read(topic, partition, o, READ_BYTES).await {
                 Ok(f) => f,
-                Err(BrokerError::OffsetOutOfRange { .. }) => {
-                    from = o + 1;
+                Err(BrokerError::OffsetOutOfRange { earliest, .. }) if o < earliest => {
+                    from = earliest;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             let (placed, end) = super::decode_records(&fetched.records)?;
+            // Past a gap with nothing after it (damage skipped, compaction).
+            let end = end.max(fetched.next_offset.unwrap_or(0));
+            if end <= o {
+                return Err(self.unreachable(topic, partition, o, fetched.offsets));
+            }
             for (offset, ts, r) in placed {
                 if let Some(&count) = wanted.get(&offset) {
                     if offset >= o {
@@ -1152,9 +1162,39 @@ impl ShareCoordinator {
                     }
                 }
             }
-            from = end.max(o + 1);
+            from = end;
         }
         Ok(out)
+    }
+
+    /// Why `offset`, in a share window, is past the end of its log: the
+    /// partition's quarantine at start-up if it has one.
+    fn unreachable(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        log: crate::storage::Offsets,
+    ) -> BrokerError {
+        let quarantine = self
+            .broker
+            .storage
+            .recovery_report()
+            .into_iter()
+            .find(|r| *r.id.topic == *topic && r.id.partition == partition)
+            .and_then(|r| r.quarantine);
+        match quarantine {
+            Some(reason) => BrokerError::Quarantined {
+                topic: topic.to_owned(),
+                partition,
+                reason,
+            },
+            None => BrokerError::OffsetOutOfRange {
+                requested: offset,
+                earliest: log.earliest,
+                high_watermark: log.high_watermark,
+            },
+        }
     }
 
     // ------------------------------------------------------------ acknowledge

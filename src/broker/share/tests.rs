@@ -575,12 +575,15 @@ fn a_share_fetch_delivers_the_healthy_partitions_past_one_that_fails() {
 /// A share coordinator whose storage does not skip damage: a batch
 /// damaged on disk quarantines its partition, and every read of it fails.
 fn open_unskipping(rig: &Rig) -> Arc<ShareCoordinator> {
-    let cfg = crate::storage::StorageConfig {
+    let storage = rig.open_with(unskipping(rig)).expect("storage opens");
+    open_on(storage, rig, ShareConfig::default())
+}
+
+fn unskipping(rig: &Rig) -> crate::storage::StorageConfig {
+    crate::storage::StorageConfig {
         recovery_policy: crate::storage::RecoveryPolicy::TolerateTornTail,
         ..rig.cfg()
-    };
-    let storage = rig.open_with(cfg).expect("storage opens");
-    open_on(storage, rig, ShareConfig::default())
+    }
 }
 
 /// Appends to `topic`/`partition` a record at offset 0 then records
@@ -741,5 +744,73 @@ fn a_share_fetch_whose_state_is_not_written_leaves_its_records_as_they_were() {
     );
     assert_eq!(c.stats().redeliveries, 1);
     disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("closed");
+}
+
+/// Takes records 0..3 of "t" (a first delivery each), stops, damages the
+/// batch at offset 0 and starts again: the partition is quarantined at
+/// offset 0, its log ending before the window's records.
+fn quarantined_at_start(rig: &Rig, config: ShareConfig) -> Arc<ShareCoordinator> {
+    {
+        let c = open_unskipping(rig);
+        fill_far(&c, "t", 0);
+        assert_eq!(take(&c, "t", "w", 3).len(), 3);
+        c.broker().close().expect("closed");
+    }
+    damage_offset_0(rig, "t", 0);
+    let c = open_on(rig.open_with(unskipping(rig)).expect("opens"), rig, config);
+    assert_eq!(c.broker().recovery_summary().quarantined_partitions, 1);
+    c
+}
+
+/// Records of a partition quarantined at start-up are not lost: a fetch
+/// answers the quarantine and leaves them as they were, and once an
+/// operator repairs the partition they are delivered.
+#[test]
+fn records_of_a_partition_quarantined_at_start_are_delivered_after_its_repair() {
+    let rig = Rig::fault(15);
+    let c = quarantined_at_start(&rig, ShareConfig::default());
+    let before = [(0, 1, false), (1, 1, false), (2, 1, false)];
+    assert_eq!(window(&c, "t", 0), before);
+    for _ in 0..2 {
+        match block_on(c.fetch(fetch_spec("t", 10))) {
+            Err(ShareError::Broker(e))
+                if matches!(*e, BrokerError::Quarantined { partition: 0, .. }) => {}
+            other => panic!("the partition is quarantined: {other:?}"),
+        }
+        assert_eq!(window(&c, "t", 0), before);
+    }
+    assert_eq!(c.stats().lost, 0);
+    c.broker().close().expect("closed");
+    drop(c);
+    // The repair: the damaged bit is as it was.
+    damage_offset_0(&rig, "t", 0);
+    let c = open_unskipping(&rig);
+    let got: Vec<_> = take(&c, "t", "w", 3)
+        .iter()
+        .map(|d| (d.offset, d.delivery_count))
+        .collect();
+    assert_eq!(got, [(0, 2), (1, 2), (2, 2)]);
+    assert_eq!(c.stats().lost, 0);
+    c.broker().close().expect("closed");
+}
+
+/// The same for records on their way to the dead-letter topic: they
+/// stay in the window, available, rather than be counted lost.
+#[test]
+fn dead_records_of_a_partition_quarantined_at_start_are_not_lost() {
+    let rig = Rig::fault(16);
+    let config = ShareConfig {
+        max_deliveries: 1,
+        ..ShareConfig::default()
+    };
+    let c = quarantined_at_start(&rig, config);
+    block_on(c.expire());
+    assert_eq!(
+        window(&c, "t", 0),
+        [(0, 1, false), (1, 1, false), (2, 1, false)]
+    );
+    assert_eq!(c.stats().lost, 0);
+    assert_eq!(c.stats().dead_lettered, 0);
     c.broker().close().expect("closed");
 }
