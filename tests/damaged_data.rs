@@ -443,29 +443,6 @@ fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     assert!(dir.join("seg-00000.log").exists());
 }
 
-/// Damages the partition directory `dir` past loading: its
-/// `partition.meta` no longer decodes and no segment header reads.
-/// Returns each segment file with the bytes it now holds.
-fn make_unloadable(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let meta = dir.join("partition.meta");
-    let mut bytes = std::fs::read(&meta).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&meta, bytes).unwrap();
-    let mut damaged = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == "log") {
-            let mut seg = std::fs::read(&path).unwrap();
-            seg[..4096].fill(0xa5);
-            std::fs::write(&path, &seg).unwrap();
-            damaged.push((path, seg));
-        }
-    }
-    assert!(!damaged.is_empty());
-    damaged
-}
-
 /// A partition whose `partition.meta` is damaged and whose segments hold
 /// no valid header either: nothing to read its config from, so it is not
 /// loaded. It used to answer `unknown_partition` to clients of a topic

@@ -929,3 +929,45 @@ fn a_share_fetch_of_more_than_a_frame_holds_delivers_what_fits_and_charges_no_mo
     });
     assert!(dlq_list(&b, "big").is_empty());
 }
+
+/// A partition every share fetch skips (here: one start-up could not
+/// load) is counted once per fetch in
+/// `skiff_share_fetch_partitions_skipped_total`, and logged once rather
+/// than once per fetch.
+#[test]
+fn a_partition_share_fetches_keep_skipping_is_counted_and_logged_once() {
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    create(&b, "poison", 2);
+    for p in ["0", "1"] {
+        let args = ["produce", "poison", "--partition", p];
+        assert_ok(&b.cli_stdin(&args, Some(b"r\n")));
+    }
+    assert_eq!(b.stop(), Some(0));
+    common::make_unloadable(&b.data_dir().join("topics/poison/1"));
+    b.restart();
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "poison", from_earliest(10, 0));
+        let got = w.poll().await.expect("the healthy partition's record");
+        let at: Vec<_> = got.iter().map(|r| (r.partition, r.offset)).collect();
+        assert_eq!(at, [(0, 0)]);
+        for _ in 0..4 {
+            let e = w
+                .poll()
+                .await
+                .expect_err("nothing but the unloadable partition");
+            assert!(e.to_string().contains("partition_quarantined"), "{e}");
+        }
+    });
+    wait_until(WAIT, "the skips counted", || {
+        let m = http_get(&b.metrics_addr(), "/metrics");
+        m.lines()
+            .any(|l| l == "skiff_share_fetch_partitions_skipped_total 5")
+    });
+    let log = b.log();
+    assert_eq!(
+        log.matches("a share fetch skips poison/1").count(),
+        1,
+        "{log}"
+    );
+}

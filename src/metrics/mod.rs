@@ -52,7 +52,7 @@
 //! | `cleaner_runs`, `cleaner_passes`, `cleaner_read_bytes`, `cleaner_written_bytes`, `cleaner_removed_records`, `cleaner_freed_segments` | counter | |
 //! | `cleaner_lag_bytes`, `cleaner_progress_bytes` | gauge | |
 //! | `share_records_in_flight`, `share_records_acquired` | gauge | group, topic |
-//! | `share_redeliveries`, `share_dead_lettered_records`, `share_records_lost`, `share_log_writes` | counter | |
+//! | `share_redeliveries`, `share_dead_lettered_records`, `share_records_lost`, `share_log_writes`, `share_fetch_partitions_skipped` | counter | |
 //! | `dlq_records` (records held in a dead-letter topic) | gauge | topic |
 //!
 //! Write amplification is `storage_device_bytes_total /

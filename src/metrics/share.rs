@@ -31,6 +31,7 @@ pub struct ShareCounters {
     pub dead_lettered: u64,
     pub lost: u64,
     pub log_writes: u64,
+    pub partitions_skipped: u64,
 }
 
 /// What was exported last: the counters, the (group, topic) series and
@@ -50,6 +51,7 @@ pub struct ShareMetrics {
     dead_lettered: Counter,
     lost: Counter,
     log_writes: Counter,
+    partitions_skipped: Counter,
     dlq_records: Family<DlqLabels, Gauge>,
     seen: Mutex<Seen>,
 }
@@ -87,6 +89,12 @@ impl ShareMetrics {
             self.log_writes.clone(),
         );
         r.register(
+            "share_fetch_partitions_skipped",
+            "Partitions a share fetch skipped because it could not take from them (damaged, \
+             quarantined, unreadable); one that keeps failing is logged once a minute",
+            self.partitions_skipped.clone(),
+        );
+        r.register(
             "dlq_records",
             "Records held in a dead-letter topic (its depth)",
             self.dlq_records.clone(),
@@ -117,6 +125,10 @@ impl ShareMetrics {
         self.lost.inc_by(now.lost.saturating_sub(counters.lost));
         self.log_writes
             .inc_by(now.log_writes.saturating_sub(counters.log_writes));
+        self.partitions_skipped.inc_by(
+            now.partitions_skipped
+                .saturating_sub(counters.partitions_skipped),
+        );
         *counters = now;
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let mut now_groups = BTreeSet::new();

@@ -623,6 +623,7 @@ impl MetricsRefresh {
                 dead_lettered: s.dead_lettered,
                 lost: s.lost,
                 log_writes: s.log_writes,
+                partitions_skipped: s.partitions_skipped,
             },
         );
     }

@@ -71,6 +71,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// expiry) and by the end of another fetch's read; this catches what
 /// nothing announces (a release's delay running out).
 const POLL: Duration = Duration::from_millis(20);
+/// A partition share fetches keep skipping is logged once per this
+/// window; the skips in between are counted and said with the next line.
+const SKIP_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Bytes read from a partition per step.
 const READ_BYTES: usize = 256 * 1024;
 /// The format version of a share-log record, its key's first byte.
@@ -505,6 +508,8 @@ pub struct ShareStats {
     /// Records gone from the log before they were done.
     pub lost: u64,
     pub log_writes: u64,
+    /// Partitions a share fetch skipped: it could not take from them.
+    pub partitions_skipped: u64,
 }
 
 /// Records in flight per group and topic.
@@ -546,6 +551,11 @@ pub struct ShareCoordinator {
     dead_lettered: AtomicU64,
     lost: AtomicU64,
     log_writes: AtomicU64,
+    partitions_skipped: AtomicU64,
+    /// Share partitions skipped lately: when last logged, and the skips
+    /// since then not logged. Holds only those skipped within
+    /// [`SKIP_LOG_WINDOW`].
+    skips: Mutex<BTreeMap<SpKey, (Instant, u64)>>,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
     /// (group, member) -> until when the member counts as active: its
@@ -602,6 +612,8 @@ impl ShareCoordinator {
             dead_lettered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             log_writes: AtomicU64::new(0),
+            partitions_skipped: AtomicU64::new(0),
+            skips: Mutex::new(BTreeMap::new()),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
             members: Mutex::new(BTreeMap::new()),
         };
@@ -698,6 +710,7 @@ impl ShareCoordinator {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
             log_writes: self.log_writes.load(Ordering::Relaxed),
+            partitions_skipped: self.partitions_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -824,17 +837,13 @@ impl ShareCoordinator {
                     took.push((key.clone(), taken.deadline, offsets));
                 }
                 out.extend(taken.got);
-                if taken.changed {
-                    dirty.push(key);
-                }
                 if let Some(e) = taken.error {
-                    log::warn!(
-                        "share group {}: a share fetch skips {}/{p}: {e}",
-                        spec.group,
-                        spec.topic
-                    );
+                    self.skipped(&key, &e);
                     failing.insert(p);
                     failed.get_or_insert(e);
+                }
+                if taken.changed {
+                    dirty.push(key);
                 }
             }
             if !dirty.is_empty() {
@@ -868,6 +877,53 @@ impl ShareCoordinator {
             )
             .await;
         }
+    }
+
+    /// Counts a share fetch's skip of `key`, and logs it unless it was
+    /// logged within [`SKIP_LOG_WINDOW`]: a partition that keeps failing
+    /// (damaged, quarantined) would log a line per fetch.
+    fn skipped(&self, key: &SpKey, e: &ShareError) {
+        self.partitions_skipped.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut quiet = 0;
+        {
+            let mut skips = self.skips.lock().unwrap_or_else(|e| e.into_inner());
+            skips.retain(|k, &mut (at, n)| {
+                if now.duration_since(at) < SKIP_LOG_WINDOW {
+                    return true;
+                }
+                if k == key {
+                    quiet = n;
+                } else if n > 0 {
+                    log::warn!(
+                        "share group {}: share fetches skipped {}/{} {n} more time(s), not logged",
+                        k.0,
+                        k.1,
+                        k.2
+                    );
+                }
+                false
+            });
+            if let Some((_, n)) = skips.get_mut(key) {
+                *n += 1;
+                return;
+            }
+            skips.insert(key.clone(), (now, 0));
+        }
+        let more = if quiet > 0 {
+            format!(
+                " ({quiet} more skip(s) not logged in the last {} s)",
+                SKIP_LOG_WINDOW.as_secs()
+            )
+        } else {
+            String::new()
+        };
+        log::warn!(
+            "share group {}: a share fetch skips {}/{}: {e}{more}",
+            key.0,
+            key.1,
+            key.2
+        );
     }
 
     /// Undoes the acquisitions of a fetch whose state was not written:
