@@ -40,6 +40,16 @@ fn read_all(b: &Broker, topic: &str, isolation: &str) -> Vec<String> {
     stdout(&o).lines().map(str::to_owned).collect()
 }
 
+/// `skiff txn list --format json`: one object per transactional id.
+fn txn_list(b: &Broker) -> Vec<serde_json::Value> {
+    let o = b.cli(&["txn", "list", "--format", "json"]);
+    assert_ok(&o);
+    match serde_json::from_str(&stdout(&o)).unwrap() {
+        serde_json::Value::Array(v) => v,
+        other => panic!("not an array: {other}"),
+    }
+}
+
 fn txn_input(tag: &str) -> Vec<u8> {
     let mut s = String::new();
     for t in TOPICS {
@@ -329,11 +339,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
     let b = Broker::start("");
     create_topics(&b);
     let state_of = |id: &str| -> String {
-        let o = b.cli(&["txn", "list", "--format", "json"]);
-        assert_ok(&o);
-        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-        v.as_array()
-            .unwrap()
+        txn_list(&b)
             .iter()
             .find(|t| t["id"] == id)
             .map(|t| t["state"].as_str().unwrap().to_owned())
@@ -644,4 +650,128 @@ fn a_transaction_past_max_open_is_refused_until_the_open_one_ends() {
     let mut read = read_all(&b, "orders", "read_committed");
     read.sort();
     assert_eq!(read, ["first", "second"], "the first's end freed its slot");
+}
+
+/// The transactional ids `skiff txn list` shows.
+fn listed_ids(b: &Broker) -> Vec<String> {
+    txn_list(b)
+        .iter()
+        .filter_map(|t| t["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// An id unused past `transactions.id_expiration_ms` is forgotten and its
+/// slot of `max_transactional_ids` freed; its idle time counts from its
+/// last record, and its tombstone keeps it forgotten across a restart.
+#[test]
+fn an_unused_transactional_id_expires_frees_its_slot_and_stays_expired_after_restart() {
+    const KEEP: &str = "[transactions]\nmax_transactional_ids = 1\nmax_open = 1\n";
+    let mut b = Broker::start(KEEP);
+    create_topics(&b);
+    assert_ok(&b.cli_stdin(&["txn", "--id", "a"], Some(b"orders\tfrom-a\n")));
+    let o = b.cli_stdin(&["txn", "--id", "b"], Some(b"orders\tfrom-b\n"));
+    assert_fails(&o, 1, &["txn b: ", "transactions.max_transactional_ids"]);
+    assert_eq!(b.stop(), Some(0));
+    b.set_extra(&format!("{KEEP}id_expiration_ms = 1000\n"));
+    b.restart();
+    wait_until(Duration::from_secs(60), "a expiring", || {
+        !listed_ids(&b).contains(&"a".to_owned())
+    });
+    assert_ok(&b.cli_stdin(&["txn", "--id", "b"], Some(b"orders\tfrom-b\n")));
+    // Back to a day: b is kept, a stays forgotten.
+    assert_eq!(b.stop(), Some(0));
+    b.set_extra(KEEP);
+    b.restart();
+    assert_eq!(listed_ids(&b), ["b"]);
+    assert_ok(&b.cli_stdin(&["txn", "--id", "b"], Some(b"orders\tb-again\n")));
+    let mut read = read_all(&b, "orders", "read_committed");
+    read.sort();
+    assert_eq!(read, ["b-again", "from-a", "from-b"]);
+}
+
+/// An instance that outlived its expired id is fenced (its records are
+/// never written outside a transaction), and a new init of the id works
+/// at a newer epoch.
+#[test]
+fn a_producer_of_an_expired_id_is_fenced_and_a_new_init_works() {
+    use skiff::client::{Client, ClientError, ProducerConfig, TxnProducer};
+    use skiff::protocol::ErrorCode;
+    let b = Broker::start("[transactions]\nid_expiration_ms = 1000\n");
+    create_topics(&b);
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.unwrap();
+        let timeout = Duration::from_secs(60);
+        let config = || ProducerConfig::default();
+        let mut old = TxnProducer::new(client.clone(), "x", timeout, config())
+            .await
+            .unwrap();
+        old.send("orders", None, b"one", &[]);
+        old.commit().await.unwrap();
+        wait_until(Duration::from_secs(60), "x expiring", || {
+            !listed_ids(&b).contains(&"x".to_owned())
+        });
+        old.send("orders", None, b"stale", &[]);
+        let e = old.commit().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::Server {
+                    code: ErrorCode::FencedProducer,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let mut new = TxnProducer::new(client, "x", timeout, config())
+            .await
+            .unwrap();
+        assert_eq!(new.producer_id().0, old.producer_id().0);
+        assert!(new.producer_id().1 > old.producer_id().1);
+        new.send("orders", None, b"two", &[]);
+        new.commit().await.unwrap();
+    });
+    let mut read = read_all(&b, "orders", "read_committed");
+    read.sort();
+    assert_eq!(read, ["one", "two"]);
+    assert!(!read_all(&b, "orders", "read_uncommitted").contains(&"stale".to_owned()));
+}
+
+/// An id whose transaction is open is never expired, however long past
+/// `id_expiration_ms`; once it ends, the id expires like any other.
+#[test]
+fn an_id_with_an_open_transaction_does_not_expire() {
+    let b = Broker::start("[transactions]\nid_expiration_ms = 1000\n");
+    create_topics(&b);
+    let (child, mut stdin) = spawn_txn(&b, "slow");
+    writeln!(stdin, "orders\tslow-1").unwrap();
+    stdin.flush().unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the open transaction's record",
+        || read_all(&b, "orders", "read_uncommitted").contains(&"slow-1".to_owned()),
+    );
+    // Open, the coordinator looks every 100 ms: many looks past the expiry.
+    std::thread::sleep(Duration::from_secs(3));
+    let o = b.cli(&["txn", "list", "--format", "json"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("\"slow\"") && stdout(&o).contains("ongoing"),
+        "{}",
+        stdout(&o)
+    );
+    writeln!(stdin, "orders\tslow-2").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        read_all(&b, "orders", "read_committed"),
+        ["slow-1", "slow-2"]
+    );
+    wait_until(Duration::from_secs(60), "slow expiring once ended", || {
+        listed_ids(&b).is_empty()
+    });
 }

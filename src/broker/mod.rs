@@ -1476,11 +1476,11 @@ impl Broker {
 
 /// Reads partition 0 of an internal log (offsets, transactions, share
 /// state) from its earliest offset to its end, handing each record's
-/// offset, key and value to `visit` in order. A missing log reads as empty.
+/// offset, timestamp, key and value to `visit` in order. A missing log reads as empty.
 async fn replay_log(
     broker: &Broker,
     topic: &str,
-    mut visit: impl FnMut(u64, &[u8], &[u8]),
+    mut visit: impl FnMut(u64, i64, &[u8], &[u8]),
 ) -> Result<(), BrokerError> {
     if broker.topic(topic).is_err() {
         return Ok(());
@@ -1501,11 +1501,12 @@ async fn replay_log(
         };
         let fetched = broker.fetch(&[part], limits).await.remove(0)?;
         let (placed, next) = decode_records(&fetched.records)?;
-        for (offset, _, r) in placed {
+        for (offset, ts, r) in placed {
             // A read starts at the batch holding `at`.
             if offset >= at {
                 visit(
                     offset,
+                    ts,
                     r.key.map_or(&[][..], |k| &k[..]),
                     r.value.map_or(&[][..], |v| &v[..]),
                 );

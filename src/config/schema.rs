@@ -43,6 +43,8 @@ pub const MAX_PRODUCERS_LIMIT: u32 = 1 << 20;
 /// Groups and members live in memory, a few hundred bytes each.
 pub const GROUPS_MAX_LIMIT: u32 = 65536;
 pub const TRANSACTIONAL_IDS_MAX_LIMIT: u32 = 65536;
+/// A year: an id kept longer is one never to be used again.
+pub const TXN_ID_EXPIRATION_MS_MAX: u64 = 365 * 86_400_000;
 pub const GROUP_MEMBERS_MAX_LIMIT: u32 = 4096;
 pub const GROUP_MEMBERS_TOTAL_MAX_LIMIT: u32 = 65536;
 
@@ -361,6 +363,9 @@ pub struct TransactionsSection {
     /// Transactions open at once over all ids: what holds partitions and
     /// offsets, so the budget counts it, not the ids.
     pub max_open: u32,
+    /// An id with no transaction open and unused this long is forgotten,
+    /// freeing its slot of `max_transactional_ids`.
+    pub id_expiration_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1215,6 +1220,12 @@ impl Config {
             self.transactions.max_open,
             1,
             self.transactions.max_transactional_ids,
+        )?;
+        check_range(
+            "transactions.id_expiration_ms",
+            self.transactions.id_expiration_ms,
+            1_000,
+            TXN_ID_EXPIRATION_MS_MAX,
         )?;
 
         let metrics = check_addr("metrics.listen", &self.metrics.listen)?;

@@ -49,6 +49,7 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.groups.max_offset_metadata_bytes, 256);
     assert_eq!(cfg.transactions.max_transactional_ids, 64);
     assert_eq!(cfg.transactions.max_open, 8);
+    assert_eq!(cfg.transactions.id_expiration_ms, 86_400_000);
     assert_eq!(cfg.metrics.listen, "");
     assert_eq!(cfg.metrics_listen(), None);
     assert_eq!(cfg.log.level, "info");
@@ -192,6 +193,10 @@ const INVALID: &[(&str, &str)] = &[
     (
         "[transactions]\nmax_transactional_ids = 4\nmax_open = 5",
         "transactions.max_open",
+    ),
+    (
+        "[transactions]\nid_expiration_ms = 999",
+        "transactions.id_expiration_ms",
     ),
     ("[server]\nmax_partitions = 8", "server.max_partitions"),
     (

@@ -372,6 +372,11 @@ impl Broker {
         }
     }
 
+    /// Replaces `extra` for the next start (a restart with another config).
+    pub fn set_extra(&mut self, extra: &str) {
+        self.extra = split_extra(extra);
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the broker first");
         self.spawn();

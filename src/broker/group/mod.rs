@@ -533,7 +533,7 @@ impl Coordinator {
         let started = Instant::now();
         let mut records = 0u64;
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-        super::replay_log(&self.broker, OFFSETS_TOPIC, |_, key, value| {
+        super::replay_log(&self.broker, OFFSETS_TOPIC, |_, _, key, value| {
             records += 1;
             let Some((group, tp, commit)) = decode_record(key, value) else {
                 return;

@@ -640,7 +640,7 @@ impl ShareCoordinator {
         let started = Instant::now();
         let mut parts = BTreeMap::new();
         let mut records = 0u64;
-        super::replay_log(&self.broker, SHARE_TOPIC, |_, key, value| {
+        super::replay_log(&self.broker, SHARE_TOPIC, |_, _, key, value| {
             records += 1;
             match decode_record(key, value) {
                 Some((key, Some(sp))) => {

@@ -64,6 +64,9 @@ pub struct TxnConfig {
     /// Transactions open at once over all ids: each holds partitions and
     /// offsets until it ends.
     pub max_open: usize,
+    /// An id with no transaction open and no change for this long is
+    /// forgotten, freeing its slot of `max_ids`.
+    pub id_expiration_ms: u64,
 }
 
 impl TxnConfig {
@@ -72,6 +75,7 @@ impl TxnConfig {
             max_timeout_ms: cfg.transactions.max_timeout_ms,
             max_ids: cfg.transactions.max_transactional_ids as usize,
             max_open: cfg.transactions.max_open as usize,
+            id_expiration_ms: cfg.transactions.id_expiration_ms,
         }
     }
 }
@@ -101,7 +105,8 @@ impl std::fmt::Display for TxnError {
             Self::Fenced { epoch, current } => write!(
                 f,
                 "transactional producer epoch {epoch} is fenced by epoch {current}: \
-                 another instance took over, or the transaction timed out and was aborted"
+                 another instance took over, the transaction timed out and was aborted, \
+                 or the id expired unused (transactions.id_expiration_ms); init it again"
             ),
             Self::InvalidState(m) | Self::Invalid(m) => f.write_str(m),
             Self::Broker(e) => e.fmt(f),
@@ -197,6 +202,12 @@ pub struct TxnState {
     /// A slot in `groups.max_groups` for each group of `rec.offsets`,
     /// until the transaction ends: its commit cannot be refused then.
     held: Vec<group::Reservation>,
+    /// When its record was last written (ms): the id expires
+    /// `id_expiration_ms` after, unless a transaction is open. Kept as
+    /// the record's timestamp in the log, so it survives a restart.
+    active_ms: u64,
+    /// Forgotten: whoever waited for the lock looks the id up again.
+    expired: bool,
 }
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
@@ -228,6 +239,8 @@ pub struct TxnStats {
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Ids forgotten after `id_expiration_ms` unused.
+    pub expirations: AtomicU64,
 }
 
 pub struct Coordinator {
@@ -292,16 +305,20 @@ impl Coordinator {
 
     async fn load(&self) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
-        let mut txns: BTreeMap<String, TxnRecord> = BTreeMap::new();
+        let mut txns: BTreeMap<String, (TxnRecord, i64)> = BTreeMap::new();
         let mut aborted: BTreeMap<(String, u32, u64), AbortedRecord> = BTreeMap::new();
-        super::replay_log(&self.broker, TXN_TOPIC, |offset, k, v| {
-            if k.is_empty() || v.is_empty() {
+        super::replay_log(&self.broker, TXN_TOPIC, |offset, ts, k, v| {
+            if k.is_empty() {
                 return;
             }
             match postcard::from_bytes::<LogKey>(k) {
+                // An expired id's tombstone.
+                Ok(LogKey::Txn(id)) if v.is_empty() => {
+                    txns.remove(&id);
+                }
                 Ok(LogKey::Txn(id)) => {
                     if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
-                        txns.insert(id, rec);
+                        txns.insert(id, (rec, ts));
                     }
                 }
                 Ok(LogKey::Aborted(t, p, marker)) => {
@@ -331,7 +348,7 @@ impl Coordinator {
         }
         let mut pending = 0;
         let now = now_ms(&self.broker);
-        for (id, rec) in txns {
+        for (id, (rec, ts)) in txns {
             if matches!(
                 rec.phase,
                 Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
@@ -359,6 +376,9 @@ impl Coordinator {
                 rec,
                 started_ms: now,
                 held,
+                // A clock set back since is taken as now: never expires early.
+                active_ms: u64::try_from(ts).unwrap_or(now).min(now),
+                expired: false,
             }));
             self.by_id
                 .lock()
@@ -420,33 +440,13 @@ impl Coordinator {
                 self.config.max_timeout_ms
             )));
         }
-        let entry = {
-            let mut ids = self.by_id.lock().expect("txn lock");
-            if !ids.contains_key(id) && ids.len() >= self.config.max_ids {
-                return Err(TxnError::Invalid(format!(
-                    "too many transactional ids: transactions.max_transactional_ids is {}",
-                    self.config.max_ids
-                )));
+        let (entry, mut st) = loop {
+            let entry = self.init_entry(id, timeout_ms)?;
+            let st = entry.lock_arc().await;
+            if !st.expired {
+                break (entry, st);
             }
-            ids.entry(id.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(smol::lock::Mutex::new(TxnState {
-                        id: id.to_owned(),
-                        rec: TxnRecord {
-                            producer_id: crate::batch::NO_PRODUCER_ID,
-                            producer_epoch: 0,
-                            timeout_ms,
-                            phase: Phase::Empty,
-                            partitions: Vec::new(),
-                            offsets: Vec::new(),
-                        },
-                        started_ms: 0,
-                        held: Vec::new(),
-                    }))
-                })
-                .clone()
         };
-        let mut st = entry.lock_arc().await;
         match st.rec.phase {
             Phase::PrepareCommit => self.complete_commit(&mut st).await?,
             Phase::Ongoing | Phase::PrepareAbort => {
@@ -468,12 +468,50 @@ impl Coordinator {
         }
         // Known after a restart too: its batches are never taken for a
         // plain producer's.
-        self.write_log(vec![txn_entry(&st)]).await?;
+        self.write_log(vec![self.stamped(&mut st)]).await?;
         self.by_producer
             .lock()
             .expect("txn lock")
             .insert(pid, entry.clone());
         Ok((pid, epoch))
+    }
+
+    /// `id`'s entry, made if it is new and there is room for it.
+    fn init_entry(&self, id: &str, timeout_ms: u64) -> Result<Entry, TxnError> {
+        let mut ids = self.by_id.lock().expect("txn lock");
+        if !ids.contains_key(id) && ids.len() >= self.config.max_ids {
+            return Err(TxnError::Invalid(format!(
+                "too many transactional ids: transactions.max_transactional_ids is {}",
+                self.config.max_ids
+            )));
+        }
+        let now = now_ms(&self.broker);
+        Ok(ids
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(smol::lock::Mutex::new(TxnState {
+                    id: id.to_owned(),
+                    rec: TxnRecord {
+                        producer_id: crate::batch::NO_PRODUCER_ID,
+                        producer_epoch: 0,
+                        timeout_ms,
+                        phase: Phase::Empty,
+                        partitions: Vec::new(),
+                        offsets: Vec::new(),
+                    },
+                    started_ms: 0,
+                    held: Vec::new(),
+                    active_ms: now,
+                    expired: false,
+                }))
+            })
+            .clone())
+    }
+
+    /// The id's record for the log, its activity time set to now.
+    fn stamped(&self, st: &mut TxnState) -> (Vec<u8>, Vec<u8>) {
+        st.active_ms = now_ms(&self.broker);
+        txn_entry(st)
     }
 
     /// Whether `producer_id` is a transactional producer's.
@@ -505,6 +543,13 @@ impl Coordinator {
             return Ok(None);
         };
         let mut st = entry.lock_arc().await;
+        if st.expired {
+            // Its epoch was bumped as it expired.
+            return Err(TxnError::Fenced {
+                epoch,
+                current: st.rec.producer_epoch,
+            });
+        }
         check_epoch(&st, producer_id, epoch)?;
         self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
         self.timers.notify(usize::MAX);
@@ -518,7 +563,7 @@ impl Coordinator {
         }
         let first = self.broker.offsets(topic, partition)?.high_watermark;
         st.rec.partitions.push((topic.to_owned(), partition, first));
-        if let Err(e) = self.write_log(vec![txn_entry(&st)]).await {
+        if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
             st.rec.partitions.pop();
             return Err(e);
         }
@@ -547,8 +592,7 @@ impl Coordinator {
         }
         // Taken before the transaction begins, so a refusal begins none.
         let hold = self.groups.reserve(group)?;
-        let entry = self.entry(id)?;
-        let mut st = entry.lock_arc().await;
+        let mut st = self.lock_id(id).await?;
         check_epoch(&st, producer_id, epoch)?;
         self.begin_unless_ongoing(&mut st, "")?;
         self.timers.notify(usize::MAX);
@@ -594,13 +638,12 @@ impl Coordinator {
         epoch: u16,
         commit: bool,
     ) -> Result<(), TxnError> {
-        let entry = self.entry(id)?;
-        let mut st = entry.lock_arc().await;
+        let mut st = self.lock_id(id).await?;
         check_epoch(&st, producer_id, epoch)?;
         match (st.rec.phase, commit) {
             (Phase::Ongoing, true) => {
                 st.rec.phase = Phase::PrepareCommit;
-                if let Err(e) = self.write_log(vec![txn_entry(&st)]).await {
+                if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
                     // Not known to be durable: a retry writes it again.
                     st.rec.phase = Phase::Ongoing;
                     return Err(e);
@@ -620,15 +663,26 @@ impl Coordinator {
         }
     }
 
-    fn entry(&self, id: &str) -> Result<Entry, TxnError> {
-        self.by_id
+    /// `id`'s state, locked.
+    async fn lock_id(&self, id: &str) -> Result<Gate, TxnError> {
+        let unknown = || {
+            TxnError::InvalidState(format!(
+                "unknown transactional id '{id}': never initialised, or expired after \
+                 transactions.id_expiration_ms without a transaction; call init first"
+            ))
+        };
+        let entry = self
+            .by_id
             .lock()
             .expect("txn lock")
             .get(id)
             .cloned()
-            .ok_or_else(|| {
-                TxnError::InvalidState(format!("unknown transactional id '{id}': call init first"))
-            })
+            .ok_or_else(unknown)?;
+        let st = entry.lock_arc().await;
+        if st.expired {
+            return Err(unknown());
+        }
+        Ok(st)
     }
 
     /// Every transactional id, for `skiff txn list`.
@@ -714,6 +768,11 @@ impl Coordinator {
                     Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
                 );
                 let r = match st.rec.phase {
+                    Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort
+                        if now >= st.active_ms.saturating_add(self.config.id_expiration_ms) =>
+                    {
+                        self.expire(&mut st).await
+                    }
                     Phase::Ongoing if now >= st.started_ms.saturating_add(st.rec.timeout_ms) => {
                         log::warn!(
                             "transaction {}: open longer than its timeout ({} ms); aborting it",
@@ -747,6 +806,35 @@ impl Coordinator {
                 crate::broker::sleep_unless(wake, crate::broker::IDLE_TIMERS).await;
             }
         }
+    }
+
+    /// Forgets an idle id, freeing its slot. Its producer's epoch is
+    /// bumped first, so an instance that outlived it is fenced rather than
+    /// taken for a plain producer whose batches are outside any
+    /// transaction; an init of the id starts it again at a newer epoch.
+    async fn expire(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        debug_assert!(!is_open(st.rec.phase));
+        let pid = st.rec.producer_id;
+        if pid != crate::batch::NO_PRODUCER_ID {
+            let (_, epoch) = self
+                .broker
+                .init_producer(Some(&format!("{NAME_PREFIX}{}", st.id)))
+                .await?;
+            st.rec.producer_epoch = epoch;
+        }
+        // The tombstone: a restart does not load it again.
+        self.write_log(vec![(encode(&LogKey::Txn(st.id.clone())), Vec::new())])
+            .await?;
+        st.expired = true;
+        self.by_id.lock().expect("txn lock").remove(&st.id);
+        self.by_producer.lock().expect("txn lock").remove(&pid);
+        self.stats.expirations.fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "transactional id {}: expired, unused for {} ms (transactions.id_expiration_ms)",
+            st.id,
+            self.config.id_expiration_ms
+        );
+        Ok(())
     }
 
     /// Bumps the producer's epoch (so a live instance is fenced, not
@@ -797,7 +885,7 @@ impl Coordinator {
         }
         let partitions = std::mem::take(&mut st.rec.partitions);
         self.close(st, Phase::CompleteAbort);
-        entries.push(txn_entry(st));
+        entries.push(self.stamped(st));
         self.write_log(entries).await?;
         for (t, p, _) in &partitions {
             self.index().close(t, *p, pid);
@@ -832,7 +920,7 @@ impl Coordinator {
         }
         st.rec.partitions = Vec::new();
         self.close(st, Phase::CompleteCommit);
-        self.write_log(vec![txn_entry(st)]).await?;
+        self.write_log(vec![self.stamped(st)]).await?;
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -951,7 +1039,9 @@ impl Coordinator {
         records: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), TxnError> {
         self.ensure_topic().await?;
-        let mut all = Vec::new();
+        let ts = now_ms(&self.broker) as i64;
+        // Each record with its timestamp: an id's is its last activity.
+        let mut all: Vec<(i64, Vec<u8>, Vec<u8>)> = Vec::new();
         let rewrite = *since >= LOG_REWRITE_BYTES;
         if rewrite {
             let entries: Vec<Entry> = self
@@ -965,11 +1055,13 @@ impl Coordinator {
                 // A locked id is being written by its holder: its record
                 // is in this round, or follows in its own write.
                 if let Some(st) = e.try_lock() {
-                    all.push(txn_entry(&st));
+                    let (k, v) = txn_entry(&st);
+                    all.push((st.active_ms as i64, k, v));
                 }
             }
             for (t, p, a) in self.index().all_aborted() {
                 all.push((
+                    ts,
                     encode(&LogKey::Aborted(t, p, a.marker)),
                     encode(&AbortedRecord {
                         producer_id: a.producer_id,
@@ -978,13 +1070,12 @@ impl Coordinator {
                 ));
             }
         }
-        all.extend(records);
-        let ts = now_ms(&self.broker) as i64;
+        all.extend(records.into_iter().map(|(k, v)| (ts, k, v)));
         let cut = LOG_BATCH_BYTES.min(self.broker.max_batch_bytes() / 2);
         let mut batches = Vec::new();
         let mut b = BatchBuilder::new();
-        for (k, v) in &all {
-            b.push(ts, Some(k), v, &[]);
+        for (ts, k, v) in &all {
+            b.push(*ts, Some(k), v, &[]);
             if b.estimated_bytes() >= cut {
                 batches.push(b.finish(crate::batch::ProducerStamp::NONE));
             }
