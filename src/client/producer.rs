@@ -361,6 +361,10 @@ impl Producer {
         &self.inner.client
     }
 
+    pub fn config(&self) -> &ProducerConfig {
+        &self.inner.config
+    }
+
     /// Records the broker acknowledged without writing them, because a
     /// topic's message-id window had seen their id (docs/semantics.md).
     pub fn duplicates_dropped(&self) -> u64 {

@@ -4,7 +4,9 @@
 //! them to be acknowledged and then commits, so nothing of the
 //! transaction is left in flight when the broker decides.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::accumulator::backoff;
 
 use super::{Client, ClientError, Delivery, Producer, ProducerConfig};
 use crate::protocol::{AddTxnOffsetsRequest, TxnOffset};
@@ -83,8 +85,34 @@ impl TxnProducer {
     }
 
     /// Adds a group's offsets (the next offsets to read) to the open
-    /// transaction: committed only if it commits.
+    /// transaction: committed only if it commits. A retriable refusal (a
+    /// transaction cannot begin while `transactions.max_open` others are
+    /// open) is tried again with the producer's backoff, for as long as
+    /// its records would be.
     pub async fn send_offsets(
+        &self,
+        group: &str,
+        offsets: &[(&str, u32, u64)],
+    ) -> Result<(), ClientError> {
+        let config = self.producer.config();
+        let deadline = Instant::now() + config.delivery_timeout;
+        let mut attempts = 0;
+        loop {
+            match self.try_send_offsets(group, offsets).await {
+                Err(e) if e.is_retriable() && Instant::now() < deadline => {
+                    attempts += 1;
+                    let pause = backoff(attempts, config.retry_backoff, config.retry_backoff_max);
+                    smol::Timer::after(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn try_send_offsets(
         &self,
         group: &str,
         offsets: &[(&str, u32, u64)],

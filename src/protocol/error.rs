@@ -144,6 +144,18 @@ pub enum ErrorCode {
     /// it commits, an end or offsets for an id never initialised. Not
     /// retriable as is; the message says what the state is.
     InvalidTxnState = 40,
+    /// A transaction cannot begin: `transactions.max_open` others are
+    /// open (Kafka's CONCURRENT_TRANSACTIONS). Nothing of the request was
+    /// written. Retriable: a slot frees as soon as another transaction
+    /// ends. Since protocol version 4; an older client gets
+    /// `invalid_request`.
+    ConcurrentTransactions = 41,
+    /// `init_txn` of a new id while `transactions.max_transactional_ids`
+    /// are kept. Not retriable: a slot frees only when an id expires
+    /// (`transactions.id_expiration_ms`, a day by default), far past any
+    /// client's retry window; reuse an id or raise the limit. Since
+    /// protocol version 4; an older client gets `invalid_request`.
+    TooManyTransactionalIds = 42,
     // ------------------------------------------- share groups: 45..=49
     /// An acknowledgement for a record the member does not hold: its
     /// lock expired (the record may be with another worker now), or it
@@ -153,7 +165,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in wire order. Used by tests and by the docs table.
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 36] = [
         Self::None,
         Self::UnknownTopic,
         Self::UnknownPartition,
@@ -187,6 +199,8 @@ impl ErrorCode {
         Self::NotOwner,
         Self::GroupNotEmpty,
         Self::InvalidTxnState,
+        Self::ConcurrentTransactions,
+        Self::TooManyTransactionalIds,
         Self::ShareLockLost,
     ];
 
@@ -239,6 +253,8 @@ impl ErrorCode {
             Self::UpstreamBacklogFull => "upstream_backlog_full",
             Self::ShareLockLost => "share_lock_lost",
             Self::InvalidTxnState => "invalid_txn_state",
+            Self::ConcurrentTransactions => "concurrent_transactions",
+            Self::TooManyTransactionalIds => "too_many_transactional_ids",
         }
     }
 
@@ -251,6 +267,7 @@ impl ErrorCode {
                 | Self::TooManyConnections
                 | Self::ShuttingDown
                 | Self::UpstreamBacklogFull
+                | Self::ConcurrentTransactions
         )
     }
 

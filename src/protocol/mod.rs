@@ -37,10 +37,12 @@ pub use types::*;
 ///   compaction and topic changes (50..=52).
 /// - 3: transactions (operations 60..=69, fetch isolation) and share groups
 ///   (operations 70..=79, docs/queues.md).
+/// - 4: the transaction coordinator's refusals as their own codes
+///   (`concurrent_transactions`, retriable; `too_many_transactional_ids`).
 ///
 /// [`RequestBody::since_version`] says which, per operation.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 
 /// The hard ceiling on a frame body, whatever the config says: a produce of
@@ -62,14 +64,20 @@ pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
 
 /// `body` as a client of protocol `version` may be sent it: before
 /// version 2 there is no `upstream_backlog_full`, and such a client gets
-/// `storage_full` (also retriable, with the same meaning to it).
+/// `storage_full` (also retriable, with the same meaning to it); before
+/// version 4 the coordinator's refusals are `invalid_request`, as they
+/// were then.
 pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
-    if version >= 2 {
+    if version >= 4 {
         return body;
     }
     let old = |code: &mut ErrorCode| {
-        if *code == ErrorCode::UpstreamBacklogFull {
-            *code = ErrorCode::StorageFull;
+        *code = match *code {
+            ErrorCode::UpstreamBacklogFull if version < 2 => ErrorCode::StorageFull,
+            ErrorCode::ConcurrentTransactions | ErrorCode::TooManyTransactionalIds => {
+                ErrorCode::InvalidRequest
+            }
+            c => c,
         }
     };
     match &mut body {

@@ -1805,6 +1805,46 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
     assert_eq!(crate::protocol::for_version(full.clone(), 2), full);
 }
 
+/// The coordinator's refusals have their own codes from version 4 (one
+/// retriable); a version 3 client gets `invalid_request`, as before, in an
+/// error answer and in a produce result alike.
+#[test]
+fn coordinator_refusals_are_invalid_request_before_version_4() {
+    assert!(ErrorCode::ConcurrentTransactions.is_retriable());
+    assert!(!ErrorCode::TooManyTransactionalIds.is_retriable());
+    for code in [
+        ErrorCode::ConcurrentTransactions,
+        ErrorCode::TooManyTransactionalIds,
+    ] {
+        let error = ResponseBody::Error(ErrorResponse {
+            code,
+            message: "refused".into(),
+        });
+        let produce = ResponseBody::Produce(ProduceResponse {
+            throttle_ms: None,
+            partitions: vec![ProducePartitionResult {
+                topic: "t".into(),
+                partition: 0,
+                error: code,
+                base_offset: 0,
+                last_offset: 0,
+                duplicate_records: 0,
+                message: Some("refused".into()),
+            }],
+        });
+        assert_eq!(crate::protocol::for_version(error.clone(), 4), error);
+        assert_eq!(crate::protocol::for_version(produce.clone(), 4), produce);
+        let ResponseBody::Error(e) = crate::protocol::for_version(error, 3) else {
+            unreachable!()
+        };
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        let ResponseBody::Produce(p) = crate::protocol::for_version(produce, 3) else {
+            unreachable!()
+        };
+        assert_eq!(p.partitions[0].error, ErrorCode::InvalidRequest);
+    }
+}
+
 /// Share groups' frames (ops 70 and 71, version 3): their bytes pinned,
 /// a decode round trip, and docs/protocol.md showing each.
 #[test]

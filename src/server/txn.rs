@@ -21,6 +21,8 @@ pub(crate) fn txn_error_code(e: &TxnError) -> ErrorCode {
     match e {
         TxnError::Fenced { .. } => ErrorCode::FencedProducer,
         TxnError::InvalidState(_) => ErrorCode::InvalidTxnState,
+        TxnError::TooManyOpen { .. } => ErrorCode::ConcurrentTransactions,
+        TxnError::TooManyIds { .. } => ErrorCode::TooManyTransactionalIds,
         TxnError::Broker(e) => broker_error_code(e),
         TxnError::Group(e) => group_error_code(e),
         _ => ErrorCode::InvalidRequest,

@@ -95,6 +95,15 @@ pub enum TxnError {
     InvalidState(String),
     /// Bad arguments (id too long, timeout over the maximum, ...).
     Invalid(String),
+    /// `max_open` transactions are open: retry once one ends.
+    TooManyOpen {
+        id: String,
+        max: usize,
+    },
+    /// `max_ids` ids are kept: one frees when it expires.
+    TooManyIds {
+        max: usize,
+    },
     Broker(BrokerError),
     Group(group::GroupError),
 }
@@ -109,6 +118,16 @@ impl std::fmt::Display for TxnError {
                  or the id expired unused (transactions.id_expiration_ms); init it again"
             ),
             Self::InvalidState(m) | Self::Invalid(m) => f.write_str(m),
+            Self::TooManyOpen { id, max } => write!(
+                f,
+                "transaction {id} cannot begin: {max} are open (transactions.max_open); \
+                 retry once one ends"
+            ),
+            Self::TooManyIds { max } => write!(
+                f,
+                "too many transactional ids: transactions.max_transactional_ids is {max}; \
+                 reuse an id, or wait for one unused for transactions.id_expiration_ms"
+            ),
             Self::Broker(e) => e.fmt(f),
             Self::Group(e) => e.fmt(f),
         }
@@ -480,10 +499,9 @@ impl Coordinator {
     fn init_entry(&self, id: &str, timeout_ms: u64) -> Result<Entry, TxnError> {
         let mut ids = self.by_id.lock().expect("txn lock");
         if !ids.contains_key(id) && ids.len() >= self.config.max_ids {
-            return Err(TxnError::Invalid(format!(
-                "too many transactional ids: transactions.max_transactional_ids is {}",
-                self.config.max_ids
-            )));
+            return Err(TxnError::TooManyIds {
+                max: self.config.max_ids,
+            });
         }
         let now = now_ms(&self.broker);
         Ok(ids
@@ -937,12 +955,9 @@ impl Coordinator {
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                         (n < max).then_some(n + 1)
                     })
-                    .map_err(|_| {
-                        TxnError::Invalid(format!(
-                            "transaction {} cannot begin: {max} are open (transactions.max_open); \
-                             retry once one ends",
-                            st.id
-                        ))
+                    .map_err(|_| TxnError::TooManyOpen {
+                        id: st.id.clone(),
+                        max,
                     })?;
                 begin(st, now_ms(&self.broker));
                 Ok(())
