@@ -708,7 +708,9 @@ fn an_unused_transactional_id_expires_frees_its_slot_and_stays_expired_after_res
 fn a_producer_of_an_expired_id_is_fenced_and_a_new_init_works() {
     use skiff::client::{Client, ClientError, ProducerConfig, TxnProducer};
     use skiff::protocol::ErrorCode;
-    let b = Broker::start("[transactions]\nid_expiration_ms = 1000\n");
+    let b = Broker::start(
+        "[transactions]\nid_expiration_ms = 1000\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
     create_topics(&b);
     smol::block_on(async {
         let client = Client::connect(&b.tcp).await.unwrap();
@@ -722,6 +724,11 @@ fn a_producer_of_an_expired_id_is_fenced_and_a_new_init_works() {
         wait_until(Duration::from_secs(60), "x expiring", || {
             !listed_ids(&b).contains(&"x".to_owned())
         });
+        let metrics = http_get(&b.metrics_addr(), "/metrics");
+        assert!(
+            metrics.contains("skiff_txn_id_expirations_total 1"),
+            "{metrics}"
+        );
         old.send("orders", None, b"stale", &[]);
         let e = old.commit().await.unwrap_err();
         assert!(

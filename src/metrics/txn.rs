@@ -23,6 +23,7 @@ pub struct TxnCounters {
     pub commits: u64,
     pub aborts: u64,
     pub timeouts: u64,
+    pub id_expirations: u64,
 }
 
 #[derive(Default)]
@@ -31,6 +32,7 @@ pub(super) struct TxnMetrics {
     commits: Counter,
     aborts: Counter,
     timeouts: Counter,
+    id_expirations: Counter,
     lso_lag: Family<PartitionLabels, Gauge>,
     seen: std::sync::Mutex<TxnCounters>,
     /// Partitions with an lso_lag series now.
@@ -60,6 +62,11 @@ impl TxnMetrics {
             self.timeouts.clone(),
         );
         r.register(
+            "txn_id_expirations",
+            "Transactional ids forgotten after transactions.id_expiration_ms unused",
+            self.id_expirations.clone(),
+        );
+        r.register(
             "txn_lso_lag_records",
             "High watermark minus last stable offset, per partition with a transaction open",
             self.lso_lag.clone(),
@@ -78,6 +85,8 @@ impl super::Metrics {
             t.aborts.inc_by(now.aborts.saturating_sub(seen.aborts));
             t.timeouts
                 .inc_by(now.timeouts.saturating_sub(seen.timeouts));
+            t.id_expirations
+                .inc_by(now.id_expirations.saturating_sub(seen.id_expirations));
             *seen = now;
         }
         let Ok(mut shown) = t.shown.lock() else {

@@ -647,6 +647,7 @@ impl MetricsRefresh {
                 commits: s.commits.load(Ordering::Relaxed),
                 aborts: s.aborts.load(Ordering::Relaxed),
                 timeouts: s.timeouts.load(Ordering::Relaxed),
+                id_expirations: s.expirations.load(Ordering::Relaxed),
             },
             &lags,
         );
