@@ -1244,7 +1244,7 @@ async fn dispatch(ctx: &Ctx, identity: &str, body: RequestBody<'static>) -> Resp
         RequestBody::InitTxn(r) => super::txn::init(ctx, identity, r).await,
         RequestBody::AddTxnOffsets(r) => super::txn::add_offsets(ctx, identity, r).await,
         RequestBody::EndTxn(r) => super::txn::end(ctx, identity, r).await,
-        RequestBody::ListTxns(_) => super::txn::list(ctx, identity),
+        RequestBody::ListTxns(_) => super::txn::list(ctx, identity).await,
         RequestBody::Hello(_) | RequestBody::Produce(_) => {
             unreachable!("handled by the reader")
         }

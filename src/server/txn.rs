@@ -119,13 +119,14 @@ pub(crate) async fn end(ctx: &Ctx, identity: &str, r: EndTxnRequest) -> Response
     }
 }
 
-pub(crate) fn list(ctx: &Ctx, identity: &str) -> ResponseBody {
+pub(crate) async fn list(ctx: &Ctx, identity: &str) -> ResponseBody {
     if let Some(denied) = may_produce(ctx, identity) {
         return denied;
     }
     let transactions = ctx
         .txns
         .describe()
+        .await
         .into_iter()
         .map(|d| TxnListing {
             transactional_id: d.id,

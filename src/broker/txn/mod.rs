@@ -21,7 +21,7 @@ pub mod index;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,9 @@ const LOG_REWRITE_BYTES: u64 = LOG_SEGMENT_BYTES * LOG_SEGMENTS as u64 / 4;
 const LOG_BATCH_BYTES: usize = 60 * 1024;
 /// How often timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a listing waits for ids busy ending a transaction: a write
+/// and an fsync, unless the device hangs.
+const DESCRIBE_WAIT: Duration = Duration::from_secs(1);
 /// The marker record's key: `[version, type]`.
 const MARKER_ABORT: u8 = 0;
 const MARKER_COMMIT: u8 = 1;
@@ -703,8 +706,11 @@ impl Coordinator {
         Ok(st)
     }
 
-    /// Every transactional id, for `skiff txn list`.
-    pub fn describe(&self) -> Vec<TxnDescription> {
+    /// Every transactional id, for `skiff txn list`. An id busy now (its
+    /// transaction ending, the timer looking at it) is waited for, up to
+    /// [`DESCRIBE_WAIT`] for all of them: left out then, or it would read
+    /// as gone. One forgotten meanwhile (expired) is left out.
+    pub async fn describe(&self) -> Vec<TxnDescription> {
         let entries: Vec<Entry> = self
             .by_id
             .lock()
@@ -712,26 +718,33 @@ impl Coordinator {
             .values()
             .cloned()
             .collect();
-        let mut out: Vec<TxnDescription> = entries
-            .iter()
-            .filter_map(|e| {
-                // Busy ids (committing right now) are shown at the next look.
-                let st = e.try_lock()?;
-                Some(TxnDescription {
-                    id: st.id.clone(),
-                    producer_id: st.rec.producer_id,
-                    producer_epoch: st.rec.producer_epoch,
-                    phase: st.rec.phase.name(),
-                    partitions: st
-                        .rec
-                        .partitions
-                        .iter()
-                        .map(|(t, p, _)| (t.clone(), *p))
-                        .collect(),
-                    timeout_ms: st.rec.timeout_ms,
-                })
-            })
-            .collect();
+        let deadline = Instant::now() + DESCRIBE_WAIT;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let locked = futures_lite::future::or(async { Some(e.lock().await) }, async {
+                smol::Timer::at(deadline).await;
+                None
+            });
+            let Some(st) = locked.await else {
+                continue;
+            };
+            if st.expired {
+                continue;
+            }
+            out.push(TxnDescription {
+                id: st.id.clone(),
+                producer_id: st.rec.producer_id,
+                producer_epoch: st.rec.producer_epoch,
+                phase: st.rec.phase.name(),
+                partitions: st
+                    .rec
+                    .partitions
+                    .iter()
+                    .map(|(t, p, _)| (t.clone(), *p))
+                    .collect(),
+                timeout_ms: st.rec.timeout_ms,
+            });
+        }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
