@@ -334,8 +334,30 @@ impl Broker {
 
     /// SIGSTOP: the broker stalls with its sockets open, as under a stuck
     /// device. Undone by [`resume`](Self::resume) (or the kill at drop).
+    /// SIGSTOP, and waits until every thread of the broker has stopped:
+    /// the signal is only queued when kill(2) returns, and a thread busy
+    /// on the other core could still answer a request sent right after.
     pub fn pause(&self) {
-        unsafe_kill(self.pid(), libc::SIGSTOP);
+        let pid = self.pid();
+        unsafe_kill(pid, libc::SIGSTOP);
+        let stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        // The state follows the name's closing parenthesis.
+                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                            stat.rsplit_once(") ")
+                                .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                        })
+                    })
+                })
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "broker {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn resume(&self) {
