@@ -131,6 +131,30 @@ pub fn wait_for_port(port: u16, what: &str) {
     }
 }
 
+/// Whether process `pid` holds a TCP socket listening on `port`
+/// (/proc/net/tcp's LISTEN entries, matched to its descriptors by inode).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let inode = f.get(9)?;
+            (local == port && *f.get(3)? == "0A").then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| sockets.iter().any(|s| l.as_os_str() == s.as_str()))
+        })
+    })
+}
+
 /// A Tansu broker on 127.0.0.1 with memory storage, killed (by PID) on
 /// drop. It loses everything when it stops: cut the link with the proxy,
 /// never by restarting it.
@@ -171,7 +195,21 @@ impl Tansu {
             advertised_port,
             log,
         };
-        wait_for_port(port, "tansu");
+        // Its own listener, not just an open port: another test may have
+        // taken the port first (Tansu then exits), and a connect to a port
+        // nobody listens on can even reach itself (a TCP self-connect).
+        let mut tansu = tansu;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !listens_on(tansu.child.id(), port) {
+            if let Ok(Some(status)) = tansu.child.try_wait() {
+                panic!(
+                    "tansu exited ({status}) before listening on {port}:\n{}",
+                    tansu.log()
+                );
+            }
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         tansu
     }
 

@@ -155,12 +155,16 @@ async fn accept_loop(
     executor
         .run(async {
             loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
-                };
+                let accepted = listener.accept().await;
                 if state.stopping.load(Ordering::SeqCst) {
                     break;
                 }
+                let Ok((client, _)) = accepted else {
+                    // Out of descriptors, say: spinning would starve the
+                    // rest, and Drop's wake-up could never be accepted.
+                    smol::Timer::after(Duration::from_millis(10)).await;
+                    continue;
+                };
                 if state.refusing.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
