@@ -33,6 +33,9 @@ pub struct FaultPlan {
     pub fail_write_nth: Option<u64>,
     /// Fail the n-th fdatasync (1-based).
     pub fail_sync_nth: Option<u64>,
+    /// Fail every write to a file whose path contains this (one topic's
+    /// files, say `__skiff_txn`), the rest of the disk being healthy.
+    pub fail_writes_to: Option<&'static str>,
     /// The errno injected failures carry: `libc::EIO` or `libc::ENOSPC`.
     pub errno: i32,
     /// Total bytes `allocate` may reserve over all files; None = unlimited.
@@ -496,7 +499,10 @@ impl IoBackend for FaultBackend {
             st.writes += 1;
             let nth = st.writes;
             let p = st.plan;
-            let fail = p.fail_write_nth == Some(nth) || st.chance(p.write_error_per_million);
+            let fail = p.fail_write_nth == Some(nth)
+                || p.fail_writes_to
+                    .is_some_and(|s| path.to_string_lossy().contains(s))
+                || st.chance(p.write_error_per_million);
             let data: &[u8] = if fail {
                 // A failed write may still have reached part of the media.
                 let cut = st.below(w.data.len() as u64 + 1) as usize;
