@@ -230,6 +230,11 @@ pub struct TxnState {
     active_ms: u64,
     /// Forgotten: whoever waited for the lock looks the id up again.
     expired: bool,
+    /// The records of an ended transaction whose log write failed: its
+    /// markers are written, so only these are retried (by the timers),
+    /// and written before any later record of the id, which would
+    /// otherwise stand in for them.
+    unwritten: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
@@ -401,6 +406,7 @@ impl Coordinator {
                 // A clock set back since is taken as now: never expires early.
                 active_ms: u64::try_from(ts).unwrap_or(now).min(now),
                 expired: false,
+                unwritten: None,
             }));
             self.by_id
                 .lock()
@@ -469,6 +475,7 @@ impl Coordinator {
                 break (entry, st);
             }
         };
+        self.write_unwritten(&mut st).await?;
         match st.rec.phase {
             Phase::PrepareCommit => self.complete_commit(&mut st).await?,
             Phase::Ongoing | Phase::PrepareAbort => {
@@ -524,6 +531,7 @@ impl Coordinator {
                     held: Vec::new(),
                     active_ms: now,
                     expired: false,
+                    unwritten: None,
                 }))
             })
             .clone())
@@ -572,6 +580,7 @@ impl Coordinator {
             });
         }
         check_epoch(&st, producer_id, epoch)?;
+        self.write_unwritten(&mut st).await?;
         self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
         self.timers.notify(usize::MAX);
         if st
@@ -699,10 +708,12 @@ impl Coordinator {
             .get(id)
             .cloned()
             .ok_or_else(unknown)?;
-        let st = entry.lock_arc().await;
+        let mut st = entry.lock_arc().await;
         if st.expired {
             return Err(unknown());
         }
+        // A retried end answers once its transaction's end is durable.
+        self.write_unwritten(&mut st).await?;
         Ok(st)
     }
 
@@ -799,6 +810,10 @@ impl Coordinator {
                     Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
                 );
                 let r = match st.rec.phase {
+                    _ if st.unwritten.is_some() => {
+                        open = true;
+                        self.write_unwritten(&mut st).await
+                    }
                     Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort
                         if now >= st.active_ms.saturating_add(self.config.id_expiration_ms) =>
                     {
@@ -914,14 +929,35 @@ impl Coordinator {
                 }),
             ));
         }
-        let partitions = std::mem::take(&mut st.rec.partitions);
+        // Readers move on once markers and ranges are in, whether the log
+        // says so yet or not: if it never does, recovery aborts again,
+        // from the same first offsets to a later marker.
+        for (t, p, _) in std::mem::take(&mut st.rec.partitions) {
+            self.index().close(&t, p, pid);
+        }
         self.close(st, Phase::CompleteAbort);
         entries.push(self.stamped(st));
-        self.write_log(entries).await?;
-        for (t, p, _) in &partitions {
-            self.index().close(t, *p, pid);
-        }
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        self.write_ended(st, entries).await
+    }
+
+    /// Writes the records of a transaction that ended (markers written,
+    /// index closed); if that fails, they are kept to be retried.
+    async fn write_ended(
+        &self,
+        st: &mut TxnState,
+        records: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), TxnError> {
+        st.unwritten = Some(records);
+        self.write_unwritten(st).await
+    }
+
+    /// Writes the id's records kept from a failed write, if any.
+    async fn write_unwritten(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        if let Some(records) = &st.unwritten {
+            self.write_log(records.clone()).await?;
+            st.unwritten = None;
+        }
         Ok(())
     }
 
@@ -951,9 +987,9 @@ impl Coordinator {
         }
         st.rec.partitions = Vec::new();
         self.close(st, Phase::CompleteCommit);
-        self.write_log(vec![self.stamped(st)]).await?;
+        let rec = self.stamped(st);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.write_ended(st, vec![rec]).await
     }
 
     /// A transaction's first record or offsets begin it, if fewer than
@@ -1208,3 +1244,6 @@ pub fn marker_is_commit(key: &[u8]) -> Option<bool> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

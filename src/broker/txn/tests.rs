@@ -1,0 +1,119 @@
+//! The coordinator over a broker on the fault disk.
+
+use super::*;
+use crate::batch::ProducerStamp;
+use crate::broker::{FetchLimits, FetchPartition};
+use crate::storage::io::fault::FaultPlan;
+use crate::storage::tests::Rig;
+use smol::block_on;
+
+fn open(rig: &Rig) -> Arc<Coordinator> {
+    let broker = crate::broker::tests::open(rig.open(), rig);
+    let groups = group::Coordinator::open(
+        broker.clone(),
+        group::GroupsConfig {
+            offsets_retention_ms: 60_000,
+            session_timeout_ms_min: 100,
+            session_timeout_ms_max: 60_000,
+            max_groups: 8,
+            max_members: 8,
+            max_members_per_group: 8,
+            max_metadata: group::OFFSET_METADATA_BYTES_MAX,
+        },
+    )
+    .expect("groups open");
+    let config = TxnConfig {
+        max_timeout_ms: 60_000,
+        max_ids: 8,
+        max_open: 8,
+        id_expiration_ms: 86_400_000,
+    };
+    let c = Coordinator::open(broker, groups, config).expect("txns open");
+    block_on(c.clone().recover());
+    c
+}
+
+/// A read_committed fetch of "d"/0 from 0: its last stable offset, and
+/// whether it returned any batch.
+fn read_committed(c: &Coordinator) -> (u64, u64, bool) {
+    let parts = [FetchPartition {
+        topic: "d",
+        partition: 0,
+        offset: 0,
+        max_bytes: 1 << 20,
+    }];
+    let limits = FetchLimits {
+        min_bytes: 1,
+        max_wait: Duration::ZERO,
+        max_bytes: 1 << 20,
+    };
+    let mut r = block_on(c.broker().fetch_isolated(&parts, limits, true));
+    let f = r.pop().expect("one partition").expect("fetched");
+    (
+        f.last_stable_offset,
+        f.offsets.high_watermark,
+        !f.records.is_empty(),
+    )
+}
+
+fn phase(c: &Coordinator, id: &str) -> &'static str {
+    c.describe()
+        .into_iter()
+        .find(|d| d.id == id)
+        .expect("id known")
+        .phase
+}
+
+/// An abort whose last log record cannot be written still lets
+/// read_committed readers past the aborted records, and holds back the
+/// id's next records until it is written; after a restart the id is
+/// aborted and its records stay hidden.
+#[test]
+fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
+    let rig = Rig::fault(31);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig);
+    let spec = TopicSpec {
+        partitions: Some(1),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("d", &spec)).expect("create");
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    assert!(gate.is_some(), "a transactional producer's batch");
+    let mut b = crate::batch::BatchBuilder::new();
+    b.push(1, None, b"aborted", &[]);
+    let batch = b.finish(ProducerStamp {
+        producer_id: pid,
+        producer_epoch: epoch,
+        base_sequence: 0,
+    });
+    let ack = block_on(c.broker().produce("d", 0, batch.into())).expect("queued");
+    drop(gate);
+    block_on(ack).expect("written");
+    assert_eq!(read_committed(&c).0, 0, "held back while open");
+
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(TXN_TOPIC),
+        ..FaultPlan::default()
+    });
+    assert!(block_on(c.end("a", pid, epoch, false)).is_err());
+    let (lso, hwm, any) = read_committed(&c);
+    assert_eq!(lso, hwm, "the abort's marker is written: readers move on");
+    assert!(!any, "the aborted record is left out");
+    // The log refuses writes until restart: so does the id, rather than
+    // write a record the abort's would be missing behind.
+    assert!(block_on(c.init("a", 60_000)).is_err());
+    assert!(block_on(c.end("a", pid, epoch, false)).is_err());
+
+    disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(&rig);
+    assert_eq!(phase(&c, "a"), "complete_abort");
+    let (lso, hwm, any) = read_committed(&c);
+    assert_eq!(lso, hwm);
+    assert!(!any, "still aborted after the restart");
+    block_on(c.init("a", 60_000)).expect("init after the restart");
+    c.broker().close().expect("close");
+}
