@@ -549,6 +549,51 @@ fn a_tls_client_refused_by_a_connection_limit_is_closed_in_order() {
     }
 }
 
+/// A connection in its TLS handshake holds a `server.max_connections`
+/// slot from its accept on: rustls's state and buffers are memory the
+/// budget counts per connection. Clients that send a ClientHello's first
+/// bytes and nothing more hold every slot, so a further client is refused
+/// (closed before its handshake); once theirs time out, the slots are
+/// given back and a client gets in. Before, handshakes were not counted,
+/// and any number of them could be in flight.
+#[test]
+fn tls_handshakes_in_flight_hold_max_connections_slots() {
+    use std::io::{Read, Write};
+    let (_keep, pki) = pki_dir();
+    // Long enough that the refused client surely comes while the silent
+    // ones are still in their handshakes, even on a busy machine.
+    let b = Broker::start(&pki.server_section(
+        false,
+        "handshake_timeout_ms = 5000
+[server]
+max_connections = 2
+",
+    ));
+    let addr = tls_addr(&b);
+    let silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+                .unwrap();
+            s
+        })
+        .collect();
+    let config = ClientConfig {
+        tls: Some(pki.options(None, None)),
+        ..ClientConfig::default()
+    };
+    // Accepted after the silent ones (the accept queue is in order).
+    let refused = blocking::Client::connect_with(&addr, config).map(|_| ());
+    assert!(refused.is_err(), "refused: {refused:?}; {}", b.log());
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let end = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
+        assert_eq!(end, Ok(0), "timed out, closed in order");
+    }
+    // Their slots were given back before their closes began.
+    anonymous_tls_client(&pki, &b).list_topics().unwrap();
+}
+
 /// `skiff bench handshake`: full and resumed TLS handshakes, each ending
 /// with skiff's hello answered (whose answer brings the session tickets).
 #[test]

@@ -609,7 +609,7 @@ impl Metrics {
         );
         m.registry.register(
             "connections",
-            "Open client connections, per listener",
+            "Open client connections, per listener (TLS ones from the end of their handshake)",
             m.connections.clone(),
         );
         m.registry.register(

@@ -47,12 +47,13 @@ use tls::{TlsError, TlsSetup, TlsSlot};
 /// first request a client writes after its side of the handshake; a peer
 /// that sends more, or never closes, holds its socket no longer, and is
 /// reset if its bytes are still unread then. The connection holds no slot
-/// meanwhile (it was never admitted, and its address's is given back).
+/// meanwhile (its server and address slots are given back first).
 const TLS_REFUSED_DRAIN_MS_MAX: u64 = 1_000;
 const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
-/// How many TLS clients refused before their handshake (by their
-/// address's limits or `server.max_connections`) are closed in order at a
-/// time (`close_unadmitted`); the open-file limit is raised for them.
+/// How many refused TLS clients (before their handshake, by their
+/// address's limits or `server.max_connections`, or in or right after it)
+/// are closed in order at a time (`start_closing`); the open-file limit is
+/// raised for them.
 const TLS_REFUSED_CLOSING_MAX: usize = 64;
 
 /// How long a graceful stop waits for connections to finish their requests.
@@ -453,6 +454,7 @@ impl Server {
             &self.executor,
             peer,
             ANONYMOUS.into(),
+            None,
             None,
             listener,
         );
@@ -991,7 +993,9 @@ pub(crate) struct Admitted {
 
 /// Admits a connection whose identity is known (under the server's and the
 /// identity's limits) and serves it on a task of its own; refuses it with
-/// a typed error frame otherwise.
+/// a typed error frame otherwise. `slot` is the one a TLS connection held
+/// through its handshake; without one, one is taken now.
+#[allow(clippy::too_many_arguments)]
 fn admit_and_spawn(
     conn: impl session::Connection,
     ctx: &Arc<Ctx>,
@@ -999,9 +1003,10 @@ fn admit_and_spawn(
     peer: String,
     identity: Arc<str>,
     addr: Option<AddrGuard>,
+    slot: Option<ConnSlot>,
     listener: Listener,
 ) {
-    let Some(slot) = admit(ctx) else {
+    let Some(slot) = slot.or_else(|| admit(ctx)) else {
         let (_, w) = conn.split();
         ex.spawn(refuse(
             w,
@@ -1059,6 +1064,7 @@ async fn accept_tcp(
                         peer.to_string(),
                         ANONYMOUS.into(),
                         Some(addr),
+                        None,
                         Listener::Tcp,
                     ),
                     Err(why) => ex
@@ -1102,7 +1108,16 @@ async fn accept_unix(
                         continue;
                     }
                 };
-                admit_and_spawn(stream, &ctx, &ex, peer, identity, None, Listener::Unix);
+                admit_and_spawn(
+                    stream,
+                    &ctx,
+                    &ex,
+                    peer,
+                    identity,
+                    None,
+                    None,
+                    Listener::Unix,
+                );
             }
             Err(e) => {
                 log::warn!("accept on unix socket: {e}");
@@ -1125,42 +1140,49 @@ async fn accept_tls(
                 let _ = stream.set_nodelay(true);
                 // Before the handshake nothing can be said in skiff's
                 // protocol: a refused client just sees the connection close.
-                let addr = match admit_addr(&ctx, peer) {
-                    Ok(addr)
-                        if ctx.connections.load(Ordering::SeqCst)
-                            < ctx.settings.max_connections =>
-                    {
-                        addr
-                    }
-                    Ok(_) => {
-                        log::debug!("{peer}: refused: {}", connection_limit(&ctx));
-                        close_unadmitted(stream, &closing, &ex);
-                        continue;
-                    }
-                    Err(_) => {
-                        close_unadmitted(stream, &closing, &ex);
-                        continue;
-                    }
+                let Ok(addr) = admit_addr(&ctx, peer) else {
+                    close_unadmitted(stream, &closing, &ex);
+                    continue;
+                };
+                // A handshake holds rustls's state and buffers: it takes
+                // its server slot now, so that `max_connections` (which
+                // the memory budget counts on) bounds handshakes too.
+                let Some(conn_slot) = admit(&ctx) else {
+                    log::debug!("{peer}: refused: {}", connection_limit(&ctx));
+                    drop(addr);
+                    close_unadmitted(stream, &closing, &ex);
+                    continue;
                 };
                 let setup = slot.current();
-                let (ctx2, ex2) = (ctx.clone(), ex.clone());
+                let (ctx2, ex2, closing2) = (ctx.clone(), ex.clone(), closing.clone());
                 ex.spawn(async move {
-                    match handshake(stream, &setup, peer, &ctx2.metrics).await {
-                        Ok((tls, identity)) => admit_and_spawn(
+                    let done = async { Some(handshake(stream, &setup, peer, &ctx2.metrics).await) };
+                    // A stop does not wait for handshakes: their slots
+                    // are given back, and their sockets closed.
+                    let stopped = async {
+                        ctx2.shutdown.wait().await;
+                        None
+                    };
+                    match futures_lite::future::or(done, stopped).await {
+                        Some(Ok((tls, identity))) => admit_and_spawn(
                             session::Locked(tls),
                             &ctx2,
                             &ex2,
                             peer.to_string(),
                             identity,
                             Some(addr),
+                            Some(conn_slot),
                             Listener::Tls,
                         ),
-                        Err(refused) => {
-                            // The close may take a second: the address's
-                            // slot is another client's meanwhile.
-                            drop(addr);
-                            refused.close().await;
+                        Some(Err(refused)) => {
+                            // The close may take a second: the slots are
+                            // other clients' meanwhile.
+                            drop((addr, conn_slot));
+                            if let Some(_closing) = start_closing(&closing2) {
+                                refused.close().await;
+                            }
                         }
+                        None => {}
                     }
                 })
                 .detach();
@@ -1176,19 +1198,16 @@ async fn accept_tls(
 /// Closes in order (`close_refused`) a TLS client refused before its
 /// handshake (its address's limits, or `server.max_connections`): its
 /// ClientHello may be in already, and closing with it unread resets the
-/// connection. It holds no slot meanwhile; at most
-/// `TLS_REFUSED_CLOSING_MAX` are closed so at a time, and one past them is
-/// dropped at once, so a flood of refused clients holds few sockets.
+/// connection. It holds no slot meanwhile; past `TLS_REFUSED_CLOSING_MAX`
+/// closes it is dropped at once (`start_closing`).
 fn close_unadmitted(
     stream: smol::net::TcpStream,
     closing: &Arc<AtomicUsize>,
     ex: &smol::Executor<'static>,
 ) {
-    if closing.fetch_add(1, Ordering::SeqCst) >= TLS_REFUSED_CLOSING_MAX {
-        closing.fetch_sub(1, Ordering::SeqCst);
+    let Some(closing) = start_closing(closing) else {
         return;
-    }
-    let closing = Closing(closing.clone());
+    };
     ex.spawn(async move {
         let _closing = closing;
         close_refused(stream, refused_deadline()).await;
@@ -1196,7 +1215,19 @@ fn close_unadmitted(
     .detach();
 }
 
-/// One of `close_unadmitted`'s closes, counted until it ends.
+/// A turn to close a refused TLS client in order, before or after its
+/// handshake; none past `TLS_REFUSED_CLOSING_MAX` such closes at a time,
+/// so a flood of refused clients holds few sockets (the caller drops the
+/// connection at once then).
+fn start_closing(closing: &Arc<AtomicUsize>) -> Option<Closing> {
+    if closing.fetch_add(1, Ordering::SeqCst) >= TLS_REFUSED_CLOSING_MAX {
+        closing.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    Some(Closing(closing.clone()))
+}
+
+/// One of the refused clients' closes, counted until it ends.
 struct Closing(Arc<AtomicUsize>);
 
 impl Drop for Closing {
@@ -1268,8 +1299,8 @@ async fn handshake(
 type TlsStream = futures_rustls::server::TlsStream<smol::net::TcpStream>;
 
 /// A TLS client refused in its handshake (failed or timed out) or right
-/// after it, left to close in order. It holds no slot: it was never
-/// admitted, and the caller gives its address's back first.
+/// after it, left to close in order. It holds no slot: the caller gives
+/// its server and address slots back first.
 enum Refused {
     Socket(smol::net::TcpStream),
     /// Refused after a finished handshake, which rustls can only end with
