@@ -594,6 +594,30 @@ max_connections = 2
     anonymous_tls_client(&pki, &b).list_topics().unwrap();
 }
 
+/// A stop does not wait for TLS handshakes in flight, though they hold
+/// `server.max_connections` slots: they are dropped, slots and all, so the
+/// graceful stop's wait for connections ends at once rather than at its
+/// bound with "still busy".
+#[test]
+fn a_stop_drops_tls_handshakes_in_flight() {
+    use std::io::Write;
+    let (_keep, pki) = pki_dir();
+    let mut b = Broker::start(&pki.server_section(
+        false,
+        "handshake_timeout_ms = 600000
+",
+    ));
+    let addr = tls_addr(&b);
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .unwrap();
+    // Accepted after the silent one: that one is in its handshake now.
+    anonymous_tls_client(&pki, &b).list_topics().unwrap();
+    assert_eq!(b.stop(), Some(0), "{}", b.log());
+    assert!(!b.log().contains("still busy"), "{}", b.log());
+}
+
 /// `skiff bench handshake`: full and resumed TLS handshakes, each ending
 /// with skiff's hello answered (whose answer brings the session tickets).
 #[test]
