@@ -971,3 +971,35 @@ fn a_partition_share_fetches_keep_skipping_is_counted_and_logged_once() {
         "{log}"
     );
 }
+
+/// A record due for the dead-letter topic whose partition cannot be read
+/// is tried again at most once a second, not every expiry pass (every
+/// 50 ms while a record is locked), and the failure is logged once.
+#[test]
+fn a_dead_letter_write_that_keeps_failing_is_retried_slowly_and_logged_once() {
+    let mut b = Broker::start("[share]\nmax_deliveries = 1\nlock_ms = 300000\n");
+    create(&b, "poison", 1);
+    create(&b, "fine", 1);
+    assert_ok(&b.cli_stdin(&["produce", "poison"], Some(b"r\n")));
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "poison", from_earliest(10, 0));
+        assert_eq!(w.poll().await.expect("the record").len(), 1);
+    });
+    assert_eq!(b.stop(), Some(0));
+    common::make_unloadable(&b.data_dir().join("topics/poison/0"));
+    b.restart();
+    let line = "a dead-letter write for poison/0 failed";
+    wait_until(WAIT, "the failure logged", || b.log().contains(line));
+    // A locked record keeps the expiry pass running every 50 ms.
+    assert_ok(&b.cli_stdin(&["produce", "fine"], Some(b"r\n")));
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "fine", from_earliest(10, 0));
+        assert_eq!(w.poll().await.expect("the record").len(), 1);
+        smol::Timer::after(Duration::from_secs(3)).await;
+    });
+    let log = b.log();
+    assert_eq!(log.matches(line).count(), 1, "{log}");
+    assert_eq!(log.matches("dead-letter write").count(), 1, "{log}");
+}

@@ -71,9 +71,13 @@ const TICK: Duration = Duration::from_millis(50);
 /// expiry) and by the end of another fetch's read; this catches what
 /// nothing announces (a release's delay running out).
 const POLL: Duration = Duration::from_millis(20);
-/// A partition share fetches keep skipping is logged once per this
-/// window; the skips in between are counted and said with the next line.
-const SKIP_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// A partition that keeps failing the same way (share fetches skipping
+/// it, dead-letter writes) is logged once per this window; the failures
+/// in between are counted and said with the next line.
+const QUIET_LOG_WINDOW: Duration = Duration::from_secs(60);
+/// A partition whose dead-letter write failed is not tried again sooner:
+/// the expiry pass runs every [`TICK`] while a record is locked.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Bytes read from a partition per step.
 const READ_BYTES: usize = 256 * 1024;
 /// The format version of a share-log record, its key's first byte.
@@ -389,6 +393,8 @@ struct SharePartition {
     /// A fetch found `reading` set and may be waiting: wake it when the
     /// read ends.
     read_waiters: bool,
+    /// A dead-letter write failed: the expiry pass tries again after this.
+    dead_letter_after: Option<Instant>,
 }
 
 impl SharePartition {
@@ -414,6 +420,63 @@ impl SharePartition {
 
 /// (group, topic, partition).
 pub type SpKey = (String, String, u32);
+
+/// Lines about share partitions that keep failing the same way: one a
+/// partition per [`QUIET_LOG_WINDOW`], the rest counted.
+struct QuietLog {
+    /// Says the count of lines not logged, e.g. "share fetches skipped".
+    what: &'static str,
+    /// When each partition was last logged, and the lines since not
+    /// logged. Holds only those logged within the window.
+    seen: Mutex<BTreeMap<SpKey, (Instant, u64)>>,
+}
+
+impl QuietLog {
+    fn new(what: &'static str) -> QuietLog {
+        QuietLog {
+            what,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether a line about `key` is to be logged now: then the text to
+    /// end it with, which counts the lines not logged before it.
+    fn due(&self, key: &SpKey) -> Option<String> {
+        let now = Instant::now();
+        let mut quiet = 0;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|k, &mut (at, n)| {
+            if now.duration_since(at) < QUIET_LOG_WINDOW {
+                return true;
+            }
+            if k == key {
+                quiet = n;
+            } else if n > 0 {
+                log::warn!(
+                    "share group {}: {} {}/{} {n} more time(s), not logged",
+                    k.0,
+                    self.what,
+                    k.1,
+                    k.2
+                );
+            }
+            false
+        });
+        if let Some((_, n)) = seen.get_mut(key) {
+            *n += 1;
+            return None;
+        }
+        seen.insert(key.clone(), (now, 0));
+        Some(if quiet > 0 {
+            format!(
+                " ({quiet} more not logged in the last {} s)",
+                QUIET_LOG_WINDOW.as_secs()
+            )
+        } else {
+            String::new()
+        })
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct StateKey {
@@ -493,8 +556,8 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<(SpKey, Option<SharePartiti
             start: v.start,
             next: v.next,
             records,
-            reading: false,
             read_waiters: false,
+            ..SharePartition::default()
         }),
     ))
 }
@@ -552,10 +615,8 @@ pub struct ShareCoordinator {
     lost: AtomicU64,
     log_writes: AtomicU64,
     partitions_skipped: AtomicU64,
-    /// Share partitions skipped lately: when last logged, and the skips
-    /// since then not logged. Holds only those skipped within
-    /// [`SKIP_LOG_WINDOW`].
-    skips: Mutex<BTreeMap<SpKey, (Instant, u64)>>,
+    skips: QuietLog,
+    dead_letter_failures: QuietLog,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
     /// (group, member) -> until when the member counts as active: its
@@ -613,7 +674,8 @@ impl ShareCoordinator {
             lost: AtomicU64::new(0),
             log_writes: AtomicU64::new(0),
             partitions_skipped: AtomicU64::new(0),
-            skips: Mutex::new(BTreeMap::new()),
+            skips: QuietLog::new("share fetches skipped"),
+            dead_letter_failures: QuietLog::new("dead-letter writes failed for"),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
             members: Mutex::new(BTreeMap::new()),
         };
@@ -880,50 +942,18 @@ impl ShareCoordinator {
     }
 
     /// Counts a share fetch's skip of `key`, and logs it unless it was
-    /// logged within [`SKIP_LOG_WINDOW`]: a partition that keeps failing
+    /// logged within [`QUIET_LOG_WINDOW`]: a partition that keeps failing
     /// (damaged, quarantined) would log a line per fetch.
     fn skipped(&self, key: &SpKey, e: &ShareError) {
         self.partitions_skipped.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut quiet = 0;
-        {
-            let mut skips = self.skips.lock().unwrap_or_else(|e| e.into_inner());
-            skips.retain(|k, &mut (at, n)| {
-                if now.duration_since(at) < SKIP_LOG_WINDOW {
-                    return true;
-                }
-                if k == key {
-                    quiet = n;
-                } else if n > 0 {
-                    log::warn!(
-                        "share group {}: share fetches skipped {}/{} {n} more time(s), not logged",
-                        k.0,
-                        k.1,
-                        k.2
-                    );
-                }
-                false
-            });
-            if let Some((_, n)) = skips.get_mut(key) {
-                *n += 1;
-                return;
-            }
-            skips.insert(key.clone(), (now, 0));
+        if let Some(more) = self.skips.due(key) {
+            log::warn!(
+                "share group {}: a share fetch skips {}/{}: {e}{more}",
+                key.0,
+                key.1,
+                key.2
+            );
         }
-        let more = if quiet > 0 {
-            format!(
-                " ({quiet} more skip(s) not logged in the last {} s)",
-                SKIP_LOG_WINDOW.as_secs()
-            )
-        } else {
-            String::new()
-        };
-        log::warn!(
-            "share group {}: a share fetch skips {}/{}: {e}{more}",
-            key.0,
-            key.1,
-            key.2
-        );
     }
 
     /// Undoes the acquisitions of a fetch whose state was not written:
@@ -1385,7 +1415,11 @@ impl ShareCoordinator {
         let result = self.write_dead_letters(&dying).await;
         {
             let mut parts = self.lock();
+            let retry = result.is_err().then(|| Instant::now() + DEAD_LETTER_RETRY);
             for d in &dying {
+                if let Some(sp) = parts.get_mut(&d.key) {
+                    sp.dead_letter_after = retry;
+                }
                 if let Some(r) = parts
                     .get_mut(&d.key)
                     .and_then(|sp| sp.records.get_mut(&d.offset))
@@ -1534,6 +1568,7 @@ impl ShareCoordinator {
             let mut parts = self.lock();
             for (key, sp) in parts.iter_mut() {
                 let max = self.config.settings(&key.0, &key.1).max_deliveries;
+                let dead_letter = sp.dead_letter_after.is_none_or(|t| t <= now);
                 for (&o, r) in sp.records.iter_mut() {
                     let expired = match &r.state {
                         RecState::Acquired { deadline, .. } => {
@@ -1543,7 +1578,8 @@ impl ShareCoordinator {
                         RecState::Available { .. } => false,
                         RecState::Dying | RecState::Done => continue,
                     };
-                    if r.deliveries >= max
+                    if dead_letter
+                        && r.deliveries >= max
                         && (expired || matches!(r.state, RecState::Available { .. }))
                     {
                         r.state = RecState::Dying;
@@ -1572,7 +1608,17 @@ impl ShareCoordinator {
         }
         let keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
         if let Err(e) = self.dead_letter(dying).await {
-            log::warn!("share groups: dead-letter write failed: {e}");
+            for key in &keys {
+                if let Some(more) = self.dead_letter_failures.due(key) {
+                    log::warn!(
+                        "share group {}: a dead-letter write for {}/{} failed, retried every {} s: {e}{more}",
+                        key.0,
+                        key.1,
+                        key.2,
+                        DEAD_LETTER_RETRY.as_secs()
+                    );
+                }
+            }
             return locked;
         }
         if self.settle(&keys) {
