@@ -1306,6 +1306,9 @@ impl ShareCoordinator {
         // dead-letter topic.
         let mut dying_acks = Vec::new();
         let mut released = false;
+        // The records accepted or released as they were: put back if the
+        // state is not written, so the worker's retry finds its lock.
+        let mut undo: Vec<(SpKey, u64, InFlight)> = Vec::new();
         {
             let mut parts = self.lock();
             for a in &acks {
@@ -1339,8 +1342,12 @@ impl ShareCoordinator {
                 };
                 let reason = a.error.as_deref().map(|e| truncate(e, keep));
                 match a.kind {
-                    AckKind::Accept => r.state = RecState::Done,
+                    AckKind::Accept => {
+                        undo.push((key.clone(), a.offset, r.clone()));
+                        r.state = RecState::Done;
+                    }
                     AckKind::Release { delay } if r.deliveries < settings.max_deliveries => {
+                        undo.push((key.clone(), a.offset, r.clone()));
                         r.state = RecState::Available {
                             not_before: (!delay.is_zero()).then(|| now + delay),
                         };
@@ -1387,11 +1394,32 @@ impl ShareCoordinator {
                 }
             }
         }
+        // The window moves once the state is written: until then the
+        // accepted records are kept, to be put back.
+        if let Err(e) = self.write(dirty.iter().cloned().collect()).await {
+            self.unack(undo);
+            return Err(e);
+        }
         if self.settle(&dirty) {
             self.changed.notify(usize::MAX);
         }
-        self.write(dirty.into_iter().collect()).await?;
         Ok(results)
+    }
+
+    /// Puts back records whose acknowledgement was not written, unless
+    /// they changed since (a released record taken by another fetch).
+    fn unack(&self, undo: Vec<(SpKey, u64, InFlight)>) {
+        let mut parts = self.lock();
+        for (key, offset, before) in undo {
+            if let Some(r) = parts
+                .get_mut(&key)
+                .and_then(|sp| sp.records.get_mut(&offset))
+            {
+                if matches!(r.state, RecState::Done | RecState::Available { .. }) {
+                    *r = before;
+                }
+            }
+        }
     }
 
     /// Moves the windows of `keys` over their done records; true when one

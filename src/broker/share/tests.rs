@@ -814,3 +814,43 @@ fn dead_records_of_a_partition_quarantined_at_start_are_not_lost() {
     assert_eq!(c.stats().dead_lettered, 0);
     c.broker().close().expect("closed");
 }
+
+/// An acknowledgement whose state cannot be written (no room) leaves its
+/// records locked to the worker, so its retry, once there is room,
+/// succeeds rather than answer share_lock_lost.
+#[test]
+fn an_acknowledgement_whose_state_is_not_written_can_be_retried() {
+    use crate::storage::io::fault::FaultPlan;
+    let rig = Rig::fault(17);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig, ShareConfig::default());
+    fill(c.broker(), "t", 2);
+    assert_eq!(take(&c, "t", "w", 10).len(), 2);
+    let release = AckKind::Release {
+        delay: Duration::ZERO,
+    };
+    let acks = [(0, AckKind::Accept), (1, release)].map(|(offset, kind)| Ack {
+        partition: 0,
+        offset,
+        kind,
+        error: None,
+    });
+    // A failed write fails the share log's partition until a restart,
+    // which drops every lock: a share log to create again, on a full disk,
+    // is a failure the storage recovers from.
+    block_on(c.broker().delete_topic(SHARE_TOPIC)).expect("share log deleted");
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(0),
+        ..FaultPlan::default()
+    });
+    match block_on(c.acknowledge("g", "t", "w", acks.to_vec())) {
+        Err(ShareError::Broker(e)) if matches!(*e, BrokerError::NoSpace(_)) => {}
+        other => panic!("no room for the share log: {other:?}"),
+    }
+    assert_eq!(window(&c, "t", 0), [(0, 1, true), (1, 1, true)]);
+    disk.set_plan(FaultPlan::default());
+    ack(&c, "t", "w", &[0], AckKind::Accept);
+    ack(&c, "t", "w", &[1], release);
+    assert_eq!(window(&c, "t", 0), [(1, 1, false)]);
+    c.broker().close().expect("closed");
+}
