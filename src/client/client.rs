@@ -133,6 +133,13 @@ impl Client {
     /// current connection (reconnecting if needed): read from its hello
     /// answer in place, since a consumer asks at every poll and
     /// [`Client::server_info`] would copy the whole answer each time.
+    /// The protocol version the live connection's server speaks, read in
+    /// place: [`Client::server_info`] copies the whole hello answer, and
+    /// version checks run on every share fetch and group call.
+    pub(crate) async fn protocol_version(&self) -> Result<u16, ClientError> {
+        Ok(self.connection().await?.info.version)
+    }
+
     pub(crate) async fn fetch_entries_room(&self) -> Result<usize, ClientError> {
         let c = self.connection().await?;
         Ok((c.info.max_frame_bytes as usize).saturating_sub(c.info.max_batch_bytes as usize))
@@ -427,7 +434,7 @@ impl QueuedProduce {
 /// Transaction calls (protocol version 3); see [`TxnProducer`](super::TxnProducer).
 impl Client {
     async fn need_transactions(&self) -> Result<(), ClientError> {
-        let v = self.server_info().await?.version;
+        let v = self.protocol_version().await?;
         if v < 3 {
             return Err(ClientError::server(
                 ErrorCode::UnsupportedVersion,
@@ -501,7 +508,7 @@ impl Client {
 impl Client {
     /// Fails with a clear error on a server that has no groups (version 1).
     async fn need_groups(&self) -> Result<(), ClientError> {
-        let v = self.server_info().await?.version;
+        let v = self.protocol_version().await?;
         if v < 2 {
             return Err(ClientError::server(
                 ErrorCode::UnsupportedVersion,

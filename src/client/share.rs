@@ -14,7 +14,7 @@ use crate::protocol::{
 
 impl Client {
     async fn need_share(&self) -> Result<(), ClientError> {
-        let v = self.server_info().await?.version;
+        let v = self.protocol_version().await?;
         if v < 3 {
             return Err(ClientError::server(
                 ErrorCode::UnsupportedVersion,
