@@ -57,7 +57,7 @@ fn read_committed(c: &Coordinator) -> (u64, u64, bool) {
 }
 
 fn phase(c: &Coordinator, id: &str) -> &'static str {
-    c.describe()
+    block_on(c.describe())
         .into_iter()
         .find(|d| d.id == id)
         .expect("id known")
