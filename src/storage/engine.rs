@@ -679,12 +679,7 @@ impl Engine {
                 self.group
                     .fanin
                     .answered(producer, batch_records(&batch), now);
-                if let Some(p) = self.parts.get_mut(&id) {
-                    if p.commit.answered(producer, now) {
-                        self.group.returning -= 1;
-                    }
-                }
-                self.append(id, batch, checked, reply)
+                self.append(id, batch, checked, reply, producer, now)
             }
             Cmd::Read {
                 id,
@@ -1134,26 +1129,37 @@ impl Engine {
         Ok(())
     }
 
+    /// Appends `batch` from `producer`, which answered its last ack by
+    /// sending it (at `now`). One look-up of the partition as a rule: a
+    /// fan-in makes one append per record.
     pub(super) fn append(
         &mut self,
         id: PartitionId,
         mut batch: super::BatchBuf,
         checked: Prechecked,
         reply: super::AppendReply,
+        producer: u64,
+        now: Instant,
     ) {
-        // A roll makes the old segment durable synchronously: the group in
-        // flight completes first.
-        let rolls = self.parts.get(&id).is_some_and(|p| {
-            p.ring.segs[p.ring.active()].end_pos + batch.len() as u64 > p.cfg.segment_bytes
-        });
-        if rolls {
-            self.finish_inflight();
-        }
-        let Some(p) = self.parts.get_mut(&id) else {
+        let Some(mut p) = self.parts.get_mut(&id) else {
             let _ = reply.send(Err(self.ctx.shared.not_loaded(&id)));
             return;
         };
-        let producer = batch_producer(&batch);
+        if p.commit.answered(producer, now) {
+            self.group.returning -= 1;
+        }
+        // A roll makes the old segment durable synchronously: the group in
+        // flight completes first.
+        if p.ring.segs[p.ring.active()].end_pos + batch.len() as u64 > p.cfg.segment_bytes
+            && !self.group.inflight.is_empty()
+        {
+            self.finish_inflight();
+            let Some(again) = self.parts.get_mut(&id) else {
+                let _ = reply.send(Err(self.ctx.shared.not_loaded(&id)));
+                return;
+            };
+            p = again;
+        }
         let r = p.append(&mut self.ctx, &mut batch, checked);
         // Copied into the tail (or refused): the buffer goes back to its
         // pool for the next batch to be decoded into, or with the reply
