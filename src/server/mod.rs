@@ -55,6 +55,11 @@ const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
 /// are closed in order at a time (`start_closing`); the open-file limit is
 /// raised for them.
 const TLS_REFUSED_CLOSING_MAX: usize = 64;
+/// How many refused clients are answered `too_many_connections` at a time
+/// (`refuse_in_turn`), each on a task holding its socket; one past them is
+/// closed at once, unanswered, so a flood past a limit costs bounded tasks
+/// and descriptors. The open-file limit is raised for them.
+const REFUSALS_ANSWERING_MAX: usize = 64;
 
 /// How long a graceful stop waits for connections to finish their requests.
 const SHUTDOWN_DRAIN_MS_MAX: u64 = 10_000;
@@ -108,6 +113,8 @@ pub(crate) struct Ctx {
     pub shutdown: Arc<Shutdown>,
     pub connections: AtomicUsize,
     pub connections_changed: Event,
+    /// Refusals being answered (`refuse_in_turn`).
+    refusing: Arc<AtomicUsize>,
     pub executor: Arc<smol::Executor<'static>>,
     pub metrics: Arc<Metrics>,
     /// The `[acl]` in force; replaced on reload.
@@ -281,6 +288,7 @@ impl Server {
             )),
             connections: AtomicUsize::new(0),
             connections_changed: Event::new(),
+            refusing: Arc::new(AtomicUsize::new(0)),
             executor: executor.clone(),
             metrics: metrics.clone(),
             acl: RwLock::new(Arc::new(Acl::from_config(&cfg.acl))),
@@ -825,7 +833,8 @@ fn raise_fd_limit(cfg: &Config) {
     let want = u64::from(cfg.server.max_connections)
         .saturating_add(files)
         .saturating_add(FDS_BESIDE_CONNECTIONS)
-        .saturating_add(TLS_REFUSED_CLOSING_MAX as u64);
+        .saturating_add(TLS_REFUSED_CLOSING_MAX as u64)
+        .saturating_add(REFUSALS_ANSWERING_MAX as u64);
     match crate::fdlimit::raise(want) {
         Ok(l) if l.soft >= want => {}
         Ok(l) => log::warn!(
@@ -949,15 +958,46 @@ fn bind_unix(path: &Path) -> Result<smol::net::unix::UnixListener, ServeError> {
     smol::net::unix::UnixListener::bind(path).map_err(err)
 }
 
-/// Refuses a connection with a typed error frame, then closes it.
+/// Refuses a connection with `too_many_connections` on a task of its own,
+/// at most `REFUSALS_ANSWERING_MAX` at a time; past them the connection is
+/// closed at once, unanswered.
+fn refuse_in_turn<S>(
+    ctx: &Ctx,
+    ex: &smol::Executor<'static>,
+    stream: S,
+    why: impl std::fmt::Display,
+) where
+    S: futures_lite::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(turn) = start_closing(&ctx.refusing, REFUSALS_ANSWERING_MAX) else {
+        return;
+    };
+    let why = why.to_string();
+    ex.spawn(async move {
+        let _turn = turn;
+        refuse(stream, ErrorCode::TooManyConnections, why).await;
+    })
+    .detach();
+}
+
+/// Refuses a connection with a typed error frame, then closes it; a peer
+/// that has not taken the frame by `refused_deadline` is closed without it,
+/// so it holds its turn (`refuse_in_turn`) no longer.
 async fn refuse<S: futures_lite::AsyncWrite + Unpin>(mut stream: S, code: ErrorCode, why: String) {
     let mut buf = Vec::new();
     let r = error_response(0, code, why);
-    if encode_response(&r, &mut buf).is_ok() {
+    if encode_response(&r, &mut buf).is_err() {
+        return;
+    }
+    let answer = async {
         use futures_lite::AsyncWriteExt;
         let _ = stream.write_all(&buf).await;
         let _ = stream.close().await;
-    }
+    };
+    let expired = async {
+        smol::Timer::at(refused_deadline()).await;
+    };
+    futures_lite::future::or(answer, expired).await;
 }
 
 /// A slot under `server.max_connections`, given back on drop.
@@ -1008,12 +1048,7 @@ fn admit_and_spawn(
 ) {
     let Some(slot) = slot.or_else(|| admit(ctx)) else {
         let (_, w) = conn.split();
-        ex.spawn(refuse(
-            w,
-            ErrorCode::TooManyConnections,
-            connection_limit(ctx),
-        ))
-        .detach();
+        refuse_in_turn(ctx, ex, w, connection_limit(ctx));
         return;
     };
     let identity = match ctx.quotas.admit_identity(identity) {
@@ -1021,8 +1056,7 @@ fn admit_and_spawn(
         Err(why) => {
             log::info!("{peer}: refused: {why}");
             let (_, w) = conn.split();
-            ex.spawn(refuse(w, ErrorCode::TooManyConnections, why.to_string()))
-                .detach();
+            refuse_in_turn(ctx, ex, w, why);
             return;
         }
     };
@@ -1067,13 +1101,7 @@ async fn accept_tcp(
                         None,
                         Listener::Tcp,
                     ),
-                    Err(why) => ex
-                        .spawn(refuse(
-                            stream,
-                            ErrorCode::TooManyConnections,
-                            why.to_string(),
-                        ))
-                        .detach(),
+                    Err(why) => refuse_in_turn(&ctx, &ex, stream, why),
                 }
             }
             Err(e) => {
@@ -1178,7 +1206,9 @@ async fn accept_tls(
                             // The close may take a second: the slots are
                             // other clients' meanwhile.
                             drop((addr, conn_slot));
-                            if let Some(_closing) = start_closing(&closing2) {
+                            if let Some(_closing) =
+                                start_closing(&closing2, TLS_REFUSED_CLOSING_MAX)
+                            {
                                 refused.close().await;
                             }
                         }
@@ -1205,7 +1235,7 @@ fn close_unadmitted(
     closing: &Arc<AtomicUsize>,
     ex: &smol::Executor<'static>,
 ) {
-    let Some(closing) = start_closing(closing) else {
+    let Some(closing) = start_closing(closing, TLS_REFUSED_CLOSING_MAX) else {
         return;
     };
     ex.spawn(async move {
@@ -1215,12 +1245,12 @@ fn close_unadmitted(
     .detach();
 }
 
-/// A turn to close a refused TLS client in order, before or after its
-/// handshake; none past `TLS_REFUSED_CLOSING_MAX` such closes at a time,
-/// so a flood of refused clients holds few sockets (the caller drops the
-/// connection at once then).
-fn start_closing(closing: &Arc<AtomicUsize>) -> Option<Closing> {
-    if closing.fetch_add(1, Ordering::SeqCst) >= TLS_REFUSED_CLOSING_MAX {
+/// A turn to close a refused client in order (a TLS one before or after
+/// its handshake, or one answered `too_many_connections`); none past `max`
+/// such closes at a time, so a flood of refused clients holds few sockets
+/// and tasks (the caller drops the connection at once then).
+fn start_closing(closing: &Arc<AtomicUsize>, max: usize) -> Option<Closing> {
+    if closing.fetch_add(1, Ordering::SeqCst) >= max {
         closing.fetch_sub(1, Ordering::SeqCst);
         return None;
     }
@@ -1499,6 +1529,11 @@ mod tests {
     /// A server with no listeners, its data in a fresh directory (kept
     /// alive by the `TempDir`).
     fn start_quiet() -> (Server, tempfile::TempDir) {
+        start_quiet_with(|_| {})
+    }
+
+    /// `start_quiet`, its config changed by `change` first.
+    fn start_quiet_with(change: impl FnOnce(&mut Config)) -> (Server, tempfile::TempDir) {
         // Under target/: /tmp may be tmpfs, which has no O_DIRECT.
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tmp");
         std::fs::create_dir_all(&base).expect("create target/test-tmp");
@@ -1510,7 +1545,117 @@ mod tests {
         cfg.server.listen = String::new();
         cfg.server.unix_socket = String::new();
         cfg.metrics.listen = String::new();
+        change(&mut cfg);
         (Server::start(&cfg, 1).expect("start"), dir)
+    }
+
+    /// A session served over a socket pair, its hello answered, so that it
+    /// holds its `max_connections` slot however long the test takes.
+    fn hold_a_session(server: &Server) -> smol::net::unix::UnixStream {
+        let (mut ours, theirs) = smol::net::unix::UnixStream::pair().expect("socket pair");
+        server.serve_stream(theirs, "held".into(), Listener::Unix);
+        let hello = RequestBody::Hello(HelloRequest {
+            version_min: 1,
+            version_max: 1,
+            client_name: None,
+        });
+        let r = smol::block_on(call(&mut ours, 1, hello));
+        assert!(matches!(r.body, ResponseBody::Hello(_)), "{r:?}");
+        ours
+    }
+
+    /// A socket pair whose server side cannot take another byte, as for a
+    /// peer that never reads: what was written to it (the count returned)
+    /// fills the buffer. Ours blocks on reads, for 20 s at most.
+    fn stalled_pair() -> (
+        std::os::unix::net::UnixStream,
+        smol::net::unix::UnixStream,
+        usize,
+    ) {
+        use std::io::Write;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        rustix::net::sockopt::set_socket_send_buffer_size(&theirs, 4096).expect("SO_SNDBUF");
+        ours.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        theirs.set_nonblocking(true).expect("nonblocking");
+        let mut filled = 0;
+        loop {
+            match (&theirs).write(&[0u8; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+        let theirs = smol::net::unix::UnixStream::try_from(theirs).expect("async socket");
+        (ours, theirs, filled)
+    }
+
+    /// What the server said on `ours` after the first `skip` bytes, to its
+    /// end: `None` for nothing, else its one frame's error code.
+    fn refusal_read(mut ours: impl std::io::Read, skip: usize) -> Option<ErrorCode> {
+        let mut all = Vec::new();
+        ours.read_to_end(&mut all).expect("read to the end");
+        let said = &all[skip..];
+        if said.is_empty() {
+            return None;
+        }
+        let n = frame_len(said, u32::MAX).expect("a frame").expect("whole");
+        assert_eq!(n, said.len(), "one frame, then the end");
+        match decode_response(&said[4..n]).expect("a response").body {
+            ResponseBody::Error(e) => Some(e.code),
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    /// A flood of clients past `server.max_connections` is answered
+    /// `too_many_connections` on at most `REFUSALS_ANSWERING_MAX` tasks at a
+    /// time; one past them is closed at once, unanswered. These clients
+    /// never read, so no answer can be written and every turn stays taken:
+    /// before, each refusal had a task (and its socket) of its own, without
+    /// bound. Each client still sees the answer or the close, and once the
+    /// flood is gone, a refused client is answered again.
+    #[test]
+    fn a_flood_of_refused_clients_is_answered_on_bounded_tasks() {
+        let (server, _dir) = start_quiet_with(|cfg| cfg.server.max_connections = 1);
+        let held = hold_a_session(&server);
+        let flood: Vec<_> = (0..3 * REFUSALS_ANSWERING_MAX)
+            .map(|_| {
+                let (ours, theirs, filled) = stalled_pair();
+                server.serve_stream(theirs, "flood".into(), Listener::Unix);
+                (ours, filled)
+            })
+            .collect();
+        let refusing = server.ctx.refusing.load(Ordering::SeqCst);
+        assert!(
+            refusing <= REFUSALS_ANSWERING_MAX,
+            "{refusing} refusals answering at once"
+        );
+        let mut answered = 0;
+        for (ours, filled) in flood {
+            if let Some(code) = refusal_read(ours, filled) {
+                assert_eq!(code, ErrorCode::TooManyConnections);
+                answered += 1;
+            }
+        }
+        assert!(answered <= REFUSALS_ANSWERING_MAX, "{answered} answered");
+        // Their turns end with their tasks, just after their sockets.
+        let given_up = std::time::Instant::now() + Duration::from_secs(30);
+        while server.ctx.refusing.load(Ordering::SeqCst) > 0 {
+            assert!(std::time::Instant::now() < given_up, "turns never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        let theirs = smol::net::unix::UnixStream::try_from(theirs).expect("async socket");
+        server.serve_stream(theirs, "late".into(), Listener::Unix);
+        assert_eq!(
+            refusal_read(ours, 0),
+            Some(ErrorCode::TooManyConnections),
+            "answered again"
+        );
+        drop(held);
+        server.stop().expect("stop");
     }
 
     /// Hello at `version` (correlation id 1), then topic "t" of one
