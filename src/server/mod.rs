@@ -1011,9 +1011,18 @@ impl Drop for ConnSlot {
 }
 
 fn admit(ctx: &Arc<Ctx>) -> Option<ConnSlot> {
-    let prev = ctx.connections.fetch_add(1, Ordering::SeqCst);
-    let slot = ConnSlot(ctx.clone());
-    (prev < ctx.settings.max_connections).then_some(slot)
+    take_one_below(&ctx.connections, ctx.settings.max_connections).then(|| ConnSlot(ctx.clone()))
+}
+
+/// Adds one to `count` if it is below `max`: checked and added in one
+/// step, so one refused is never counted, not even for a moment (where it
+/// could refuse another racing it for a slot that is free).
+fn take_one_below(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 fn connection_limit(ctx: &Ctx) -> String {
@@ -1250,11 +1259,7 @@ fn close_unadmitted(
 /// such closes at a time, so a flood of refused clients holds few sockets
 /// and tasks (the caller drops the connection at once then).
 fn start_closing(closing: &Arc<AtomicUsize>, max: usize) -> Option<Closing> {
-    if closing.fetch_add(1, Ordering::SeqCst) >= max {
-        closing.fetch_sub(1, Ordering::SeqCst);
-        return None;
-    }
-    Some(Closing(closing.clone()))
+    take_one_below(closing, max).then(|| Closing(closing.clone()))
 }
 
 /// One of the refused clients' closes, counted until it ends.
@@ -1605,6 +1610,46 @@ mod tests {
             ResponseBody::Error(e) => Some(e.code),
             other => panic!("not a refusal: {other:?}"),
         }
+    }
+
+    /// A connection refused at `server.max_connections` is never counted,
+    /// not even for a moment: the count is checked, then raised, in one
+    /// step. Before, each refusal raised it and took it back: the count
+    /// read above the limit meanwhile (and woke whoever waited for it to
+    /// change), and a client racing the refused one could be refused for a
+    /// slot that was free.
+    #[test]
+    fn a_refused_connection_is_never_counted() {
+        const MAX: usize = 2;
+        let (server, _dir) = start_quiet_with(|cfg| cfg.server.max_connections = MAX as u32);
+        let ctx = server.ctx.clone();
+        let held: Vec<ConnSlot> = (0..MAX).map(|_| admit(&ctx).expect("a slot")).collect();
+        let listener = ctx.connections_changed.listen();
+        assert!(admit(&ctx).is_none(), "refused");
+        assert!(
+            !ctx.connections_changed.is_notified(),
+            "a refusal changed the count"
+        );
+        drop(listener);
+        // Watched while refusals run flat out, the count stays at the limit.
+        let done = AtomicBool::new(false);
+        let highest = std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut highest = 0;
+                while !done.load(Ordering::SeqCst) {
+                    highest = highest.max(ctx.connections.load(Ordering::SeqCst));
+                }
+                highest
+            });
+            for _ in 0..1_000_000 {
+                assert!(admit(&ctx).is_none(), "refused");
+            }
+            done.store(true, Ordering::SeqCst);
+            watcher.join().expect("the watcher")
+        });
+        assert_eq!(highest, MAX);
+        drop(held);
+        server.stop().expect("stop");
     }
 
     /// A flood of clients past `server.max_connections` is answered
