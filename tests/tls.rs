@@ -555,7 +555,9 @@ fn a_tls_client_refused_by_a_connection_limit_is_closed_in_order() {
 /// bytes and nothing more hold every slot, so a further client is refused
 /// (closed before its handshake); once theirs time out, the slots are
 /// given back and a client gets in. Before, handshakes were not counted,
-/// and any number of them could be in flight.
+/// and any number of them could be in flight. `connections_handshaking`
+/// shows them meanwhile: `connections` counts a TLS connection from the
+/// end of its handshake only, and read 0 while these held every slot.
 #[test]
 fn tls_handshakes_in_flight_hold_max_connections_slots() {
     use std::io::{Read, Write};
@@ -567,6 +569,8 @@ fn tls_handshakes_in_flight_hold_max_connections_slots() {
         "handshake_timeout_ms = 5000
 [server]
 max_connections = 2
+[metrics]
+listen = \"127.0.0.1:0\"
 ",
     ));
     let addr = tls_addr(&b);
@@ -585,11 +589,17 @@ max_connections = 2
     // Accepted after the silent ones (the accept queue is in order).
     let refused = blocking::Client::connect_with(&addr, config).map(|_| ());
     assert!(refused.is_err(), "refused: {refused:?}; {}", b.log());
+    let handshaking = || {
+        let text = http_get(&b.metrics_addr(), "/metrics");
+        sample(&text, "skiff_connections_handshaking", "").unwrap_or_else(|| panic!("{text}"))
+    };
+    assert_eq!(handshaking(), 2.0);
     for mut s in silent {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let end = s.read(&mut [0u8; 64]).map_err(|e| e.kind());
         assert_eq!(end, Ok(0), "timed out, closed in order");
     }
+    assert_eq!(handshaking(), 0.0);
     // Their slots were given back before their closes began.
     anonymous_tls_client(&pki, &b).list_topics().unwrap();
 }

@@ -36,6 +36,7 @@
 //! | `mirror_upstream_bytes` (what `max_bytes_per_s` caps), `mirror_throttled_seconds` | counter | |
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
+//! | `connections_handshaking` (TLS handshakes in flight, each holding a `server.max_connections` slot) | gauge | |
 //! | `tls_handshake_failures` | counter | |
 //! | `connections_timed_out` (no TLS handshake or hello in time, or a frame stalled half-sent) | counter | |
 //! | `malformed_frames` (not a request: too large, not CBOR, no request envelope; each closes its connection) | counter | |
@@ -253,6 +254,7 @@ pub struct Metrics {
     mirror_aggregate_events: Family<TopicEventLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
+    connections_handshaking: Gauge,
     tls_handshake_failures: Counter,
     connections_timed_out: Counter,
     malformed_frames: Counter,
@@ -366,7 +368,7 @@ impl TopicMetrics {
     }
 }
 
-/// Counts a connection as open until dropped.
+/// Counts a connection as open (or in its TLS handshake) until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     open: Gauge,
@@ -419,6 +421,7 @@ impl Metrics {
             mirror_aggregate_events: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
+            connections_handshaking: Gauge::default(),
             tls_handshake_failures: Counter::default(),
             connections_timed_out: Counter::default(),
             malformed_frames: Counter::default(),
@@ -611,6 +614,11 @@ impl Metrics {
             "connections",
             "Open client connections, per listener (TLS ones from the end of their handshake)",
             m.connections.clone(),
+        );
+        m.registry.register(
+            "connections_handshaking",
+            "TLS handshakes in flight; each holds a server.max_connections slot from its accept on, as an open connection does",
+            m.connections_handshaking.clone(),
         );
         m.registry.register(
             "connections_accepted",
@@ -924,6 +932,13 @@ impl Metrics {
         };
         self.connections_accepted.get_or_create(&labels).inc();
         let open = self.connections.get_or_create_owned(&labels);
+        open.inc();
+        ConnectionGuard { open }
+    }
+
+    /// Counts a TLS handshake as in flight until the guard drops.
+    pub fn handshake_started(&self) -> ConnectionGuard {
+        let open = self.connections_handshaking.clone();
         open.inc();
         ConnectionGuard { open }
     }

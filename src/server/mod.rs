@@ -1190,6 +1190,7 @@ async fn accept_tls(
                     close_unadmitted(stream, &closing, &ex);
                     continue;
                 };
+                let handshaking = ctx.metrics.handshake_started();
                 let setup = slot.current();
                 let (ctx2, ex2, closing2) = (ctx.clone(), ex.clone(), closing.clone());
                 ex.spawn(async move {
@@ -1200,7 +1201,9 @@ async fn accept_tls(
                         ctx2.shutdown.wait().await;
                         None
                     };
-                    match futures_lite::future::or(done, stopped).await {
+                    let outcome = futures_lite::future::or(done, stopped).await;
+                    drop(handshaking);
+                    match outcome {
                         Some(Ok((tls, identity))) => admit_and_spawn(
                             session::Locked(tls),
                             &ctx2,
