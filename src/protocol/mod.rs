@@ -38,7 +38,8 @@ pub use types::*;
 /// - 3: transactions (operations 60..=69, fetch isolation) and share groups
 ///   (operations 70..=79, docs/queues.md).
 /// - 4: the transaction coordinator's refusals as their own codes
-///   (`concurrent_transactions`, retriable; `too_many_transactional_ids`).
+///   (`concurrent_transactions`, retriable; `too_many_transactional_ids`),
+///   and a share group member's leave (`share_leave`, operation 75).
 ///
 /// [`RequestBody::since_version`] says which, per operation.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;

@@ -278,3 +278,22 @@ pub struct DeleteShareGroupRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Encode, Decode)]
 pub struct DeleteShareGroupResponse {}
+
+/// The member leaves the share group (version 4): every record it holds
+/// is available again at once, its delivery count as it was (as a
+/// release), and it is no longer an active member. Leaving a group the
+/// member is not in answers 0 released.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareLeaveRequest {
+    #[n(0)]
+    pub group: String,
+    #[n(1)]
+    pub member_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ShareLeaveResponse {
+    /// Records that were locked to the member.
+    #[n(0)]
+    pub released: u64,
+}

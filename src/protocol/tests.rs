@@ -2025,6 +2025,56 @@ fn share_group_admin_frames_round_trip_and_are_documented() {
     }
 }
 
+/// share_leave (op 75): version 4, its bytes pinned, a decode round trip,
+/// and docs/protocol.md showing each frame.
+#[test]
+fn share_leave_frames_are_pinned_version_4_and_documented() {
+    let leave = Request {
+        correlation_id: 8,
+        body: RequestBody::ShareLeave(ShareLeaveRequest {
+            group: "billing".into(),
+            member_id: "worker-7f3a".into(),
+        }),
+    };
+    let left = Response {
+        correlation_id: 8,
+        body: ResponseBody::ShareLeave(ShareLeaveResponse { released: 1 }),
+    };
+    assert_eq!(leave.body.since_version(), 4);
+    assert_eq!(leave.body.name(), "share_leave");
+    assert_eq!(left.body.name(), "share_leave");
+    let frames = [
+        ("share_leave request", request_frame(&leave)),
+        ("share_leave response", response_frame(&left)),
+    ];
+    let golden = [
+        "82088218 4b82 6762696c6c696e67 6b776f726b65722d37663361",
+        "82088218 4b81 01",
+    ];
+    for ((name, frame), want) in frames.iter().zip(golden) {
+        assert_eq!(
+            hex(&frame[FRAME_HEADER_BYTES..]),
+            want.replace(' ', ""),
+            "{name}"
+        );
+        let diag = minicbor::display(&frame[FRAME_HEADER_BYTES..]).to_string();
+        assert!(
+            PROTOCOL_MD.contains(&diag),
+            "docs/protocol.md lacks the example for {name}:\n{diag}"
+        );
+    }
+    let f = request_frame(&leave);
+    assert_eq!(
+        decode_request(&f[FRAME_HEADER_BYTES..]).expect("decode"),
+        leave
+    );
+    let f = response_frame(&left);
+    assert_eq!(
+        decode_response(&f[FRAME_HEADER_BYTES..]).expect("decode"),
+        left
+    );
+}
+
 /// The fuzzers start from a frame of every operation (fuzz/seeds/frame);
 /// an operation added without one is fuzzed only by chance.
 /// `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --lib every_operation_has_a_frame_seed`

@@ -146,6 +146,9 @@ pub enum RequestBody<'b> {
     DescribeShareGroup(#[n(0)] super::share::DescribeShareGroupRequest),
     #[n(74)]
     DeleteShareGroup(#[n(0)] super::share::DeleteShareGroupRequest),
+    // Version 4.
+    #[n(75)]
+    ShareLeave(#[n(0)] super::share::ShareLeaveRequest),
     // Transactions: 60..=69 (version 3).
     #[n(60)]
     InitTxn(#[n(0)] InitTxnRequest),
@@ -231,6 +234,9 @@ pub enum ResponseBody {
     DescribeShareGroup(#[n(0)] super::share::DescribeShareGroupResponse),
     #[n(74)]
     DeleteShareGroup(#[n(0)] super::share::DeleteShareGroupResponse),
+    // Version 4.
+    #[n(75)]
+    ShareLeave(#[n(0)] super::share::ShareLeaveResponse),
     // Transactions: 60..=69 (version 3).
     #[n(60)]
     InitTxn(#[n(0)] InitTxnResponse),
@@ -286,6 +292,7 @@ impl RequestBody<'_> {
             Self::ListShareGroups(r) => RequestBody::ListShareGroups(r),
             Self::DescribeShareGroup(r) => RequestBody::DescribeShareGroup(r),
             Self::DeleteShareGroup(r) => RequestBody::DeleteShareGroup(r),
+            Self::ShareLeave(r) => RequestBody::ShareLeave(r),
             Self::InitTxn(r) => RequestBody::InitTxn(r),
             Self::AddTxnOffsets(r) => RequestBody::AddTxnOffsets(r),
             Self::EndTxn(r) => RequestBody::EndTxn(r),
@@ -325,6 +332,7 @@ impl RequestBody<'_> {
             Self::ListShareGroups(_) => "list_share_groups",
             Self::DescribeShareGroup(_) => "describe_share_group",
             Self::DeleteShareGroup(_) => "delete_share_group",
+            Self::ShareLeave(_) => "share_leave",
             Self::InitTxn(_) => "init_txn",
             Self::AddTxnOffsets(_) => "add_txn_offsets",
             Self::EndTxn(_) => "end_txn",
@@ -370,6 +378,7 @@ impl RequestBody<'_> {
             | Self::AddTxnOffsets(_)
             | Self::EndTxn(_)
             | Self::ListTxns(_) => 3,
+            Self::ShareLeave(_) => 4,
         }
     }
 }
@@ -408,6 +417,7 @@ impl ResponseBody {
             Self::ListShareGroups(_) => "list_share_groups",
             Self::DescribeShareGroup(_) => "describe_share_group",
             Self::DeleteShareGroup(_) => "delete_share_group",
+            Self::ShareLeave(_) => "share_leave",
             Self::InitTxn(_) => "init_txn",
             Self::AddTxnOffsets(_) => "add_txn_offsets",
             Self::EndTxn(_) => "end_txn",
