@@ -1241,6 +1241,7 @@ async fn dispatch(ctx: &Ctx, identity: &str, body: RequestBody<'static>) -> Resp
         RequestBody::ListShareGroups(_) => share::list(ctx, identity),
         RequestBody::DescribeShareGroup(r) => share::describe(ctx, identity, &r.group),
         RequestBody::DeleteShareGroup(r) => share::delete(ctx, identity, &r.group).await,
+        RequestBody::ShareLeave(r) => share::leave(ctx, identity, &r.group, &r.member_id),
         RequestBody::InitTxn(r) => super::txn::init(ctx, identity, r).await,
         RequestBody::AddTxnOffsets(r) => super::txn::add_offsets(ctx, identity, r).await,
         RequestBody::EndTxn(r) => super::txn::end(ctx, identity, r).await,

@@ -11,8 +11,8 @@ use crate::broker::share::{Ack, AckKind, Delivered, FetchSpec, ShareError};
 use crate::protocol::{
     DeleteShareGroupResponse, DescribeShareGroupResponse, ErrorCode, ListShareGroupsResponse,
     ResponseBody, ShareAckKind, ShareAckRequest, ShareAckResponse, ShareFetchRequest,
-    ShareFetchResponse, ShareGroupListing, ShareHeader, ShareMember, SharePartitionState,
-    ShareRecord, ShareRecordState, SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX,
+    ShareFetchResponse, ShareGroupListing, ShareHeader, ShareLeaveResponse, ShareMember,
+    SharePartitionState, ShareRecord, ShareRecordState, SHARE_FETCH_RESPONSE_ENVELOPE_BYTES_MAX,
 };
 
 use super::acl::Operation;
@@ -231,6 +231,18 @@ pub(crate) async fn delete(ctx: &Ctx, identity: &str, group: &str) -> ResponseBo
     }
     match ctx.share.delete(group).await {
         Ok(()) => ResponseBody::DeleteShareGroup(DeleteShareGroupResponse {}),
+        Err(e) => share_error_body(&e),
+    }
+}
+
+/// A member's leave: `group` on the share group suffices, as the member
+/// may hold records of several topics.
+pub(crate) fn leave(ctx: &Ctx, identity: &str, group: &str, member: &str) -> ResponseBody {
+    if let Some(denied) = denied(ctx, identity, group) {
+        return denied;
+    }
+    match ctx.share.leave(group, member) {
+        Ok(released) => ResponseBody::ShareLeave(ShareLeaveResponse { released }),
         Err(e) => share_error_body(&e),
     }
 }

@@ -1826,6 +1826,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 mod admin;
+mod leave;
 pub use admin::{
     ShareGroupDescription, ShareGroupListing, ShareMemberDescription, SharePartitionDescription,
     ShareRecordDescription,

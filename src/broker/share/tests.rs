@@ -153,7 +153,7 @@ use crate::broker::TopicSpec;
 use crate::storage::tests::Rig;
 use smol::block_on;
 
-fn open(rig: &Rig, config: ShareConfig) -> Arc<ShareCoordinator> {
+pub(super) fn open(rig: &Rig, config: ShareConfig) -> Arc<ShareCoordinator> {
     open_on(rig.open(), rig, config)
 }
 
@@ -179,7 +179,7 @@ fn create(broker: &Broker, topic: &str) {
     block_on(broker.create_topic(topic, &spec)).expect("create");
 }
 
-fn fill(broker: &Broker, topic: &str, n: usize) {
+pub(super) fn fill(broker: &Broker, topic: &str, n: usize) {
     let mut b = BatchBuilder::new();
     for i in 0..n {
         b.push(0, None, format!("r{i}").as_bytes(), &[]);
@@ -189,7 +189,7 @@ fn fill(broker: &Broker, topic: &str, n: usize) {
     block_on(ack).expect("durable");
 }
 
-fn take(c: &ShareCoordinator, topic: &str, member: &str, max: u32) -> Vec<Delivered> {
+pub(super) fn take(c: &ShareCoordinator, topic: &str, member: &str, max: u32) -> Vec<Delivered> {
     let spec = FetchSpec {
         group: "g".into(),
         topic: topic.into(),
