@@ -9,8 +9,11 @@ use super::ClientError;
 use crate::protocol::{
     DeleteShareGroupRequest, DescribeShareGroupRequest, DescribeShareGroupResponse, ErrorCode,
     ListShareGroupsRequest, RequestBody, ResponseBody, ShareAck, ShareAckKind, ShareAckRequest,
-    ShareFetchRequest, ShareFetchResponse, ShareGroupListing, ShareRecord,
+    ShareFetchRequest, ShareFetchResponse, ShareGroupListing, ShareLeaveRequest, ShareRecord,
 };
+
+/// The protocol version that has `share_leave`.
+const SHARE_LEAVE_VERSION: u16 = 4;
 
 impl Client {
     async fn need_share(&self) -> Result<(), ClientError> {
@@ -73,6 +76,28 @@ impl Client {
         match self.call(&body).await? {
             ResponseBody::DescribeShareGroup(r) => Ok(r),
             other => Err(unexpected("describe_share_group", &other)),
+        }
+    }
+
+    /// `member_id` leaves the share group: the records it holds are
+    /// redelivered at once (their delivery counts as after a release), and
+    /// it stops counting as active. Returns how many it held. Needs
+    /// protocol version 4 (else `unsupported_version`).
+    pub async fn share_leave(&self, group: &str, member_id: &str) -> Result<u64, ClientError> {
+        let v = self.protocol_version().await?;
+        if v < SHARE_LEAVE_VERSION {
+            return Err(ClientError::server(
+                ErrorCode::UnsupportedVersion,
+                format!("the server speaks protocol version {v}: share_leave needs version {SHARE_LEAVE_VERSION}"),
+            ));
+        }
+        let body = RequestBody::ShareLeave(ShareLeaveRequest {
+            group: group.into(),
+            member_id: member_id.into(),
+        });
+        match self.call(&body).await? {
+            ResponseBody::ShareLeave(r) => Ok(r.released),
+            other => Err(unexpected("share_leave", &other)),
         }
     }
 
@@ -184,6 +209,28 @@ impl ShareConsumer {
         Ok(r.records)
     }
 
+    /// Leaves the share group: the records this worker holds go to other
+    /// workers at once, and it no longer counts as an active member (so
+    /// the group may be deleted), rather than both lasting until its locks
+    /// expire (`lock_ms`). Returns how many records it held; `None` when
+    /// the server speaks protocol version 3, which has no leave: nothing is
+    /// sent, and the locks lapse as before. Call it once no poll is in
+    /// flight: a poll answered after it locks records to the worker again.
+    pub async fn leave(&self) -> Result<Option<u64>, ClientError> {
+        if self.client.protocol_version().await? < SHARE_LEAVE_VERSION {
+            return Ok(None);
+        }
+        self.client
+            .share_leave(&self.group, &self.member_id)
+            .await
+            .map(Some)
+    }
+
+    /// Stops the worker: [`leave`](Self::leave)s the share group.
+    pub async fn close(self) -> Result<Option<u64>, ClientError> {
+        self.leave().await
+    }
+
     /// Acknowledges records (partition, offset, outcome); one code per
     /// record, `share_lock_lost` for one whose lock had lapsed.
     pub async fn ack(&self, acks: &[(u32, u64, Outcome)]) -> Result<Vec<ErrorCode>, ClientError> {
@@ -221,5 +268,75 @@ impl ShareConsumer {
                 acks,
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::fake_peer::{answer, hello, take_request};
+    use crate::protocol::{ListShareGroupsResponse, ShareFetchResponse};
+
+    /// A worker closing against a version 3 server sends no share_leave
+    /// (that server would refuse it): the peer sees the fetch, then the
+    /// next request, nothing between.
+    #[test]
+    fn a_worker_closing_against_a_version_3_server_sends_no_leave() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, seen) = std::sync::mpsc::channel();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+            loop {
+                while let Some(request) = take_request(&mut buf) {
+                    let _ = tx.send(request.body.name());
+                    let body = match request.body {
+                        RequestBody::Hello(_) => match hello("version 3 peer") {
+                            ResponseBody::Hello(h) => {
+                                ResponseBody::Hello(crate::protocol::HelloResponse {
+                                    version: 3,
+                                    ..h
+                                })
+                            }
+                            _ => unreachable!(),
+                        },
+                        RequestBody::ShareFetch(_) => {
+                            ResponseBody::ShareFetch(ShareFetchResponse {
+                                records: Vec::new(),
+                                lock_ms: 30_000,
+                            })
+                        }
+                        RequestBody::ListShareGroups(_) => {
+                            ResponseBody::ListShareGroups(ListShareGroupsResponse {
+                                groups: Vec::new(),
+                            })
+                        }
+                        other => {
+                            crate::protocol::ResponseBody::Error(crate::protocol::ErrorResponse {
+                                code: ErrorCode::InvalidRequest,
+                                message: format!("{} needs version 4", other.name()),
+                            })
+                        }
+                    };
+                    answer(&mut s, request.correlation_id, body);
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        smol::block_on(async {
+            let client = Client::connect(&addr).await.unwrap();
+            let w = ShareConsumer::new(client.clone(), "g", "t", ShareConfig::default());
+            assert!(w.poll().await.unwrap().is_empty());
+            assert_eq!(w.close().await.unwrap(), None, "nothing to leave with");
+            client.list_share_groups().await.unwrap();
+        });
+        let names: Vec<&str> = seen.try_iter().collect();
+        assert_eq!(names, ["hello", "share_fetch", "list_share_groups"]);
+        drop(peer);
     }
 }
