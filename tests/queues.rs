@@ -322,6 +322,65 @@ fn a_worker_stopped_by_sigterm_stops_its_command_and_releases_the_record() {
     );
 }
 
+/// A worker that closes leaves its share group: another worker gets its
+/// records at once (lock_ms is an hour here, and the wait below far
+/// shorter), each delivered once more, as after a release; describe lists
+/// it no more, and the group may be deleted.
+#[test]
+fn a_closed_workers_records_go_to_another_at_once_and_the_group_can_be_deleted() {
+    let b = Broker::start("[share]\nlock_ms = 3600000\n");
+    create(&b, "jobs", 2);
+    let values: Vec<String> = (0..6).map(|i| format!("j{i}")).collect();
+    produce(&b, "jobs", &values);
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let first = ShareConsumer::new(client.clone(), "g", "jobs", from_earliest(6, 200));
+        let held = take(&first, values.len()).await;
+        assert!(held.iter().all(|r| r.delivery_count == 1), "{held:?}");
+        let d = client.describe_share_group("g").await.expect("describe");
+        assert_eq!(d.members.len(), 1, "{d:?}");
+        assert_eq!(first.close().await.expect("close"), Some(6));
+
+        let d = client.describe_share_group("g").await.expect("describe");
+        assert!(d.members.is_empty(), "{d:?}");
+        let available: u64 = d.partitions.iter().map(|p| p.available).sum();
+        assert_eq!(available, 6, "{d:?}");
+        let second = ShareConsumer::new(client.clone(), "g", "jobs", from_earliest(6, 200));
+        let mut again = take(&second, values.len()).await;
+        assert!(again.iter().all(|r| r.delivery_count == 2), "{again:?}");
+        let key = |r: &skiff::protocol::ShareRecord| (r.partition, r.offset);
+        let mut held = held;
+        held.sort_by_key(key);
+        again.sort_by_key(key);
+        assert_eq!(
+            held.iter().map(key).collect::<Vec<_>>(),
+            again.iter().map(key).collect::<Vec<_>>()
+        );
+        accept(&second, &again).await;
+        assert_eq!(second.close().await.expect("close"), Some(0));
+    });
+    assert_ok(&b.cli(&["share-groups", "delete", "g"]));
+}
+
+/// `skiff consume --share-group` leaves as it exits: the group can be
+/// deleted at once, not an hour (lock_ms) after its last acknowledgement.
+#[test]
+fn a_share_worker_that_exits_leaves_and_the_group_can_be_deleted_at_once() {
+    let b = Broker::start("[share]\nlock_ms = 3600000\n");
+    create(&b, "tasks", 1);
+    produce(&b, "tasks", &["one".to_owned(), "two".to_owned()]);
+    wait_exit(worker(
+        &b,
+        "tasks",
+        "t",
+        "cat >/dev/null",
+        &["--count", "1"],
+    ));
+    let d = share_groups_json(&b, &["describe", "t"]);
+    assert_eq!(d["members"], serde_json::json!([]), "{d}");
+    assert_ok(&b.cli(&["share-groups", "delete", "t"]));
+}
+
 #[test]
 fn dlq_replay_publishes_each_dead_record_back_once() {
     let b = Broker::start("");

@@ -72,36 +72,15 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     };
     let worker = ShareConsumer::new(client, &group, &args.topic, config);
     let result = smol::block_on(async {
-        let mut handled = 0u64;
-        let mut last_record = Instant::now();
-        loop {
-            if args.count.is_some_and(|c| handled >= c) || stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let records = worker.poll().await?;
-            if records.is_empty() {
-                if args
-                    .timeout_ms
-                    .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))
-                {
-                    break;
-                }
-                continue;
-            }
-            last_record = Instant::now();
-            for r in records {
-                let outcome = run_exec(&cmd, &args.topic, &r, &stop);
-                let results = worker.ack(&[(r.partition, r.offset, outcome)]).await?;
-                if let Some(code) = results.first().filter(|c| !c.is_none()) {
-                    eprintln!(
-                        "skiff: {}/{} offset {}: the acknowledgement did not count ({code}): it will be delivered again",
-                        args.topic, r.partition, r.offset
-                    );
-                }
-                handled += 1;
-            }
+        let worked = work(&worker, &args, &cmd, &stop).await;
+        // Whatever ended the loop: records still locked to this worker go
+        // to the others now, and the group may be deleted, rather than
+        // both waiting out lock_ms. Nothing depends on it, so a failure
+        // only warns.
+        if let Err(e) = worker.leave().await {
+            eprintln!("skiff: leaving share group {group}: {e}; its locks lapse after lock_ms");
         }
-        Ok::<u64, ClientError>(handled)
+        worked
     });
     match result {
         Ok(_) => ExitCode::SUCCESS,
@@ -110,6 +89,46 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             format!("consume {} --share-group {group}: {e}", args.topic),
         ),
     }
+}
+
+/// The worker's loop: a record at a time, until `--count` records, a stop
+/// signal, or `--timeout-ms` without one.
+async fn work(
+    worker: &ShareConsumer,
+    args: &ConsumeArgs,
+    cmd: &str,
+    stop: &AtomicBool,
+) -> Result<u64, ClientError> {
+    let mut handled = 0u64;
+    let mut last_record = Instant::now();
+    loop {
+        if args.count.is_some_and(|c| handled >= c) || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let records = worker.poll().await?;
+        if records.is_empty() {
+            if args
+                .timeout_ms
+                .is_some_and(|t| last_record.elapsed() >= Duration::from_millis(t))
+            {
+                break;
+            }
+            continue;
+        }
+        last_record = Instant::now();
+        for r in records {
+            let outcome = run_exec(cmd, &args.topic, &r, stop);
+            let results = worker.ack(&[(r.partition, r.offset, outcome)]).await?;
+            if let Some(code) = results.first().filter(|c| !c.is_none()) {
+                eprintln!(
+                    "skiff: {}/{} offset {}: the acknowledgement did not count ({code}): it will be delivered again",
+                    args.topic, r.partition, r.offset
+                );
+            }
+            handled += 1;
+        }
+    }
+    Ok(handled)
 }
 
 /// How long a command stopped by SIGTERM gets before SIGKILL.
