@@ -38,6 +38,7 @@ pub mod group;
 pub mod msgid;
 mod produce;
 pub mod producers;
+mod quiet_log;
 pub mod share;
 pub mod txn;
 

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
+use super::quiet_log::QuietLog;
 use super::{Broker, BrokerError, CleanupPolicy, FetchLimits, FetchPartition, TopicSpec};
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
@@ -71,10 +72,6 @@ const TICK: Duration = Duration::from_millis(50);
 /// expiry) and by the end of another fetch's read; this catches what
 /// nothing announces (a release's delay running out).
 const POLL: Duration = Duration::from_millis(20);
-/// A partition that keeps failing the same way (share fetches skipping
-/// it, dead-letter writes) is logged once per this window; the failures
-/// in between are counted and said with the next line.
-const QUIET_LOG_WINDOW: Duration = Duration::from_secs(60);
 /// A partition whose dead-letter write failed is not tried again sooner:
 /// the expiry pass runs every [`TICK`] while a record is locked.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
@@ -421,63 +418,6 @@ impl SharePartition {
 /// (group, topic, partition).
 pub type SpKey = (String, String, u32);
 
-/// Lines about share partitions that keep failing the same way: one a
-/// partition per [`QUIET_LOG_WINDOW`], the rest counted.
-struct QuietLog {
-    /// Says the count of lines not logged, e.g. "share fetches skipped".
-    what: &'static str,
-    /// When each partition was last logged, and the lines since not
-    /// logged. Holds only those logged within the window.
-    seen: Mutex<BTreeMap<SpKey, (Instant, u64)>>,
-}
-
-impl QuietLog {
-    fn new(what: &'static str) -> QuietLog {
-        QuietLog {
-            what,
-            seen: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// Whether a line about `key` is to be logged now: then the text to
-    /// end it with, which counts the lines not logged before it.
-    fn due(&self, key: &SpKey) -> Option<String> {
-        let now = Instant::now();
-        let mut quiet = 0;
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.retain(|k, &mut (at, n)| {
-            if now.duration_since(at) < QUIET_LOG_WINDOW {
-                return true;
-            }
-            if k == key {
-                quiet = n;
-            } else if n > 0 {
-                log::warn!(
-                    "share group {}: {} {}/{} {n} more time(s), not logged",
-                    k.0,
-                    self.what,
-                    k.1,
-                    k.2
-                );
-            }
-            false
-        });
-        if let Some((_, n)) = seen.get_mut(key) {
-            *n += 1;
-            return None;
-        }
-        seen.insert(key.clone(), (now, 0));
-        Some(if quiet > 0 {
-            format!(
-                " ({quiet} more not logged in the last {} s)",
-                QUIET_LOG_WINDOW.as_secs()
-            )
-        } else {
-            String::new()
-        })
-    }
-}
-
 #[derive(Serialize, Deserialize)]
 struct StateKey {
     group: String,
@@ -615,8 +555,10 @@ pub struct ShareCoordinator {
     lost: AtomicU64,
     log_writes: AtomicU64,
     partitions_skipped: AtomicU64,
-    skips: QuietLog,
-    dead_letter_failures: QuietLog,
+    /// Partitions that keep failing the same way (share fetches skipping
+    /// them, dead-letter writes) are logged once a minute.
+    skips: QuietLog<SpKey>,
+    dead_letter_failures: QuietLog<SpKey>,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
     /// (group, member) -> until when the member counts as active: its
@@ -674,8 +616,15 @@ impl ShareCoordinator {
             lost: AtomicU64::new(0),
             log_writes: AtomicU64::new(0),
             partitions_skipped: AtomicU64::new(0),
-            skips: QuietLog::new("share fetches skipped"),
-            dead_letter_failures: QuietLog::new("dead-letter writes failed for"),
+            skips: QuietLog::new(|k| {
+                format!("share group {}: share fetches skipped {}/{}", k.0, k.1, k.2)
+            }),
+            dead_letter_failures: QuietLog::new(|k| {
+                format!(
+                    "share group {}: dead-letter writes failed for {}/{}",
+                    k.0, k.1, k.2
+                )
+            }),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
             members: Mutex::new(BTreeMap::new()),
         };
@@ -942,7 +891,7 @@ impl ShareCoordinator {
     }
 
     /// Counts a share fetch's skip of `key`, and logs it unless it was
-    /// logged within [`QUIET_LOG_WINDOW`]: a partition that keeps failing
+    /// logged within [`super::quiet_log::QUIET_LOG_WINDOW`]: a partition that keeps failing
     /// (damaged, quarantined) would log a line per fetch.
     fn skipped(&self, key: &SpKey, e: &ShareError) {
         self.partitions_skipped.fetch_add(1, Ordering::Relaxed);

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::group::{self, Tp};
 use super::producers::{InitError, PRODUCER_NAME_BYTES_MAX};
+use super::quiet_log::QuietLog;
 use super::{Broker, BrokerError, TopicSpec};
 use crate::batch::BatchBuilder;
 use crate::bufpool::BatchBuf;
@@ -286,6 +287,8 @@ pub struct Coordinator {
     open: AtomicUsize,
     /// Notified when a transaction begins: its timeout needs the timers.
     timers: event_listener::Event,
+    /// Ids whose timer work keeps failing, logged once a minute.
+    timer_failures: QuietLog<String>,
     pub stats: TxnStats,
 }
 
@@ -316,6 +319,7 @@ impl Coordinator {
             log: smol::lock::Mutex::new(0),
             log_queue: Mutex::new(Vec::new()),
             timers: event_listener::Event::new(),
+            timer_failures: QuietLog::new(|id| format!("transaction {id}: timer work failed")),
             stats: TxnStats::default(),
         };
         smol::block_on(c.load())?;
@@ -431,13 +435,7 @@ impl Coordinator {
     /// before [`Coordinator::run_timers`] matters; a failure is retried by
     /// the timer (the transaction stays open and its partitions held).
     pub async fn recover(self: Arc<Self>) {
-        let entries: Vec<Entry> = self
-            .by_id
-            .lock()
-            .expect("txn lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         for e in entries {
             let mut st = e.lock_arc().await;
             let r = match st.rec.phase {
@@ -541,6 +539,16 @@ impl Coordinator {
     fn stamped(&self, st: &mut TxnState) -> (Vec<u8>, Vec<u8>) {
         st.active_ms = now_ms(&self.broker);
         txn_entry(st)
+    }
+
+    /// Every id's entry, to lock one at a time.
+    fn entries(&self) -> Vec<Entry> {
+        self.by_id
+            .lock()
+            .expect("txn lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Whether `producer_id` is a transactional producer's.
@@ -722,13 +730,7 @@ impl Coordinator {
     /// [`DESCRIBE_WAIT`] for all of them: left out then, or it would read
     /// as gone. One forgotten meanwhile (expired) is left out.
     pub async fn describe(&self) -> Vec<TxnDescription> {
-        let entries: Vec<Entry> = self
-            .by_id
-            .lock()
-            .expect("txn lock")
-            .values()
-            .cloned()
-            .collect();
+        let entries = self.entries();
         let deadline = Instant::now() + DESCRIBE_WAIT;
         let mut out = Vec::with_capacity(entries.len());
         for e in &entries {
@@ -790,52 +792,7 @@ impl Coordinator {
             // Listening before the pass: a transaction begun during it
             // wakes the next.
             let wake = self.timers.listen();
-            let mut open = false;
-            let now = now_ms(&self.broker);
-            let entries: Vec<Entry> = self
-                .by_id
-                .lock()
-                .expect("txn lock")
-                .values()
-                .cloned()
-                .collect();
-            for e in entries {
-                let Some(mut st) = e.try_lock_arc() else {
-                    // In a request's hands: it may be one that begins.
-                    open = true;
-                    continue;
-                };
-                open |= matches!(
-                    st.rec.phase,
-                    Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
-                );
-                let r = match st.rec.phase {
-                    _ if st.unwritten.is_some() => {
-                        open = true;
-                        self.write_unwritten(&mut st).await
-                    }
-                    Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort
-                        if now >= st.active_ms.saturating_add(self.config.id_expiration_ms) =>
-                    {
-                        self.expire(&mut st).await
-                    }
-                    Phase::Ongoing if now >= st.started_ms.saturating_add(st.rec.timeout_ms) => {
-                        log::warn!(
-                            "transaction {}: open longer than its timeout ({} ms); aborting it",
-                            st.id,
-                            st.rec.timeout_ms
-                        );
-                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        self.fence_and_abort(&mut st).await
-                    }
-                    Phase::PrepareCommit => self.complete_commit(&mut st).await,
-                    Phase::PrepareAbort => self.abort(&mut st).await,
-                    _ => Ok(()),
-                };
-                if let Err(err) = r {
-                    log::warn!("transaction {}: {err}", st.id);
-                }
-            }
+            let (open, _) = self.timer_pass().await;
             if forgotten.elapsed() >= crate::broker::IDLE_TIMERS {
                 forgotten = std::time::Instant::now();
                 for (t, p, _) in self.index().all_aborted() {
@@ -852,6 +809,58 @@ impl Coordinator {
                 crate::broker::sleep_unless(wake, crate::broker::IDLE_TIMERS).await;
             }
         }
+    }
+
+    /// One pass of the timers over every id: whether one is open or
+    /// ending (or was busy), and the warnings it logged. An id that keeps
+    /// failing (its log unwritable) is logged once a minute, not every
+    /// [`TICK`].
+    async fn timer_pass(&self) -> (bool, usize) {
+        let mut open = false;
+        let mut logged = 0;
+        let now = now_ms(&self.broker);
+        let entries = self.entries();
+        for e in entries {
+            let Some(mut st) = e.try_lock_arc() else {
+                // In a request's hands: it may be one that begins.
+                open = true;
+                continue;
+            };
+            open |= matches!(
+                st.rec.phase,
+                Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
+            );
+            let r = match st.rec.phase {
+                _ if st.unwritten.is_some() => {
+                    open = true;
+                    self.write_unwritten(&mut st).await
+                }
+                Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort
+                    if now >= st.active_ms.saturating_add(self.config.id_expiration_ms) =>
+                {
+                    self.expire(&mut st).await
+                }
+                Phase::Ongoing if now >= st.started_ms.saturating_add(st.rec.timeout_ms) => {
+                    log::warn!(
+                        "transaction {}: open longer than its timeout ({} ms); aborting it",
+                        st.id,
+                        st.rec.timeout_ms
+                    );
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.fence_and_abort(&mut st).await
+                }
+                Phase::PrepareCommit => self.complete_commit(&mut st).await,
+                Phase::PrepareAbort => self.abort(&mut st).await,
+                _ => Ok(()),
+            };
+            if let Err(err) = r {
+                if let Some(more) = self.timer_failures.due(&st.id) {
+                    log::warn!("transaction {}: {err}{more}", st.id);
+                    logged += 1;
+                }
+            }
+        }
+        (open, logged)
     }
 
     /// Forgets an idle id, freeing its slot. Its producer's epoch is
@@ -1108,13 +1117,7 @@ impl Coordinator {
         let mut all: Vec<(i64, Vec<u8>, Vec<u8>)> = Vec::new();
         let rewrite = *since >= LOG_REWRITE_BYTES;
         if rewrite {
-            let entries: Vec<Entry> = self
-                .by_id
-                .lock()
-                .expect("txn lock")
-                .values()
-                .cloned()
-                .collect();
+            let entries = self.entries();
             for e in entries {
                 // A locked id is being written by its holder: its record
                 // is in this round, or follows in its own write.

@@ -105,6 +105,9 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
     // write a record the abort's would be missing behind.
     assert!(block_on(c.init("a", 60_000)).is_err());
     assert!(block_on(c.end("a", pid, epoch, false)).is_err());
+    // The timers retry the record every pass, and say so once a minute.
+    let logged: usize = (0..5).map(|_| block_on(c.timer_pass()).1).sum();
+    assert_eq!(logged, 1, "one warning for five failed retries");
 
     disk.set_plan(FaultPlan::default());
     c.broker().close().expect("close");
