@@ -926,6 +926,16 @@ impl Broker {
         self.producers.init(name).await
     }
 
+    /// See [`producers::Producers::forget`].
+    pub async fn forget_producer(&self, name: &str) -> Result<bool, producers::InitError> {
+        self.producers.forget(name).await
+    }
+
+    /// See [`producers::Producers::named`].
+    pub async fn named_producer(&self, name: &str) -> Option<(u64, u16)> {
+        self.producers.named(name).await
+    }
+
     /// The next epoch of an anonymous producer (see `Producers::renew`).
     pub async fn renew_producer(
         &self,

@@ -7,7 +7,9 @@
 //! [`ID_BLOCK`], so an anonymous init writes the file once per block, not
 //! once per init) and, for named producers, name → (id, epoch). A named init
 //! bumps the epoch and persists it before answering, so after any crash a
-//! fenced instance stays fenced.
+//! fenced instance stays fenced. A named id carries [`NAMED_ID_BIT`], so a
+//! name can be forgotten ([`Producers::forget`]: an expired transactional
+//! id) and its instances stay fenced with nothing kept of it.
 //!
 //! # The sequence table
 //!
@@ -65,6 +67,11 @@ use super::clock::Clock;
 pub const WINDOW_BATCHES: usize = 5;
 /// Producer ids are reserved this many at a time in the registry file.
 pub const ID_BLOCK: u64 = 1000;
+/// Set in a named producer's id (over a number from the same sequence as
+/// anonymous ids): an id with it that the registry does not list is a
+/// forgotten name's, refused, not taken for an anonymous producer's. Names
+/// registered before carry none and are never forgotten.
+pub const NAMED_ID_BIT: u64 = 1 << 62;
 const REGISTRY_FILE: &str = "producers.meta";
 const SNAPSHOT_DIR: &str = "producer-state";
 /// Longest producer name (bytes); like a Kafka transactional.id, a label.
@@ -99,6 +106,9 @@ pub enum SequenceError {
     /// The id was never handed out by this broker, or the epoch is ahead of
     /// the registry's.
     UnknownProducer { producer_id: u64, epoch: u16 },
+    /// The id was a named producer's whose name was forgotten (an expired
+    /// transactional id): fenced like an older epoch.
+    Forgotten { producer_id: u64 },
     /// More than [`WINDOW_BATCHES`] batches in flight for one partition.
     TooManyInFlight,
 }
@@ -120,6 +130,11 @@ impl std::fmt::Display for SequenceError {
             Self::UnknownProducer { producer_id, epoch } => write!(
                 f,
                 "producer id {producer_id} epoch {epoch} was not issued by this broker"
+            ),
+            Self::Forgotten { producer_id } => write!(
+                f,
+                "producer id {producer_id} is fenced: its name was forgotten (a transactional \
+                 id unused past transactions.id_expiration_ms); init the name again"
             ),
             Self::TooManyInFlight => write!(
                 f,
@@ -469,7 +484,7 @@ impl Producers {
                     (id, epoch)
                 }
                 None => {
-                    let id = next_id;
+                    let id = next_id | NAMED_ID_BIT;
                     next_id += 1;
                     file.names.insert(n.to_owned(), (id, 0));
                     (id, 0)
@@ -486,11 +501,7 @@ impl Producers {
         }
         let changed = name.is_some() || file.reserved_until != reg.file.reserved_until;
         if changed {
-            let path = self.registry_path.clone();
-            let to_write = file.clone();
-            crate::offload::run(move || meta::write_atomic(&path, &to_write))
-                .await
-                .map_err(InitError::Meta)?;
+            self.persist(&file).await?;
         }
         self.reserved_until
             .store(file.reserved_until, Ordering::Release);
@@ -505,6 +516,43 @@ impl Producers {
         Ok(answer)
     }
 
+    /// Forgets `name` (its registry entry, persisted), fencing its id for
+    /// good: whether it is gone, or was never there. A name registered
+    /// before ids said they are named is kept (false): its id would pass
+    /// for an anonymous producer's.
+    pub async fn forget(&self, name: &str) -> Result<bool, InitError> {
+        let mut reg = self.registry.lock().await;
+        let Some(&(id, _)) = reg.file.names.get(name) else {
+            return Ok(true);
+        };
+        if id & NAMED_ID_BIT == 0 {
+            return Ok(false);
+        }
+        let mut file = reg.file.clone();
+        file.names.remove(name);
+        self.persist(&file).await?;
+        self.named_epochs
+            .write()
+            .expect("named epochs lock")
+            .remove(&id);
+        reg.file = file;
+        Ok(true)
+    }
+
+    /// Writes the registry file (durably, off the executor).
+    async fn persist(&self, file: &RegistryFile) -> Result<(), InitError> {
+        let path = self.registry_path.clone();
+        let to_write = file.clone();
+        crate::offload::run(move || meta::write_atomic(&path, &to_write))
+            .await
+            .map_err(InitError::Meta)
+    }
+
+    /// The id and epoch the registry holds for `name`.
+    pub async fn named(&self, name: &str) -> Option<(u64, u16)> {
+        self.registry.lock().await.file.names.get(name).copied()
+    }
+
     /// The next epoch of the anonymous producer `id` at `epoch`, after a
     /// batch it gave up on (its requests of `epoch` still on their way are
     /// then fenced per partition, by the first batch of the new epoch).
@@ -513,6 +561,7 @@ impl Producers {
     /// epoch gets a fresh id instead, as `init(None)` does.
     pub async fn renew(&self, id: u64, epoch: u16) -> Result<(u64, u16), InitError> {
         let known = id < self.reserved_until.load(Ordering::Acquire)
+            && id & NAMED_ID_BIT == 0
             && !self
                 .named_epochs
                 .read()
@@ -554,7 +603,7 @@ impl Producers {
 
     fn check_inner(&self, topic: Arc<str>, partition: u32, h: &BatchHeader, hw: u64) -> Check {
         let (id, epoch) = (h.producer_id, h.producer_epoch);
-        if id >= self.reserved_until.load(Ordering::Acquire) {
+        if id & !NAMED_ID_BIT >= self.reserved_until.load(Ordering::Acquire) {
             return Check::Reject(SequenceError::UnknownProducer {
                 producer_id: id,
                 epoch,
@@ -582,6 +631,8 @@ impl Producers {
                     epoch,
                 });
             }
+        } else if id & NAMED_ID_BIT != 0 {
+            return Check::Reject(SequenceError::Forgotten { producer_id: id });
         }
         let base_seq = h.base_sequence;
         let last_seq = h.last_sequence();
@@ -1330,7 +1381,8 @@ mod tests {
         drop(p);
         let q = reopen(d.path(), 8);
         let b = smol::block_on(q.init(None)).expect("init").0;
-        assert!(b > a && b > n.0);
+        assert!(n.0 & NAMED_ID_BIT != 0, "a named id says so");
+        assert!(b > a && b > n.0 & !NAMED_ID_BIT);
         assert_eq!(smol::block_on(q.init(Some("gw"))).expect("init"), (n.0, 1));
         assert!(matches!(
             q.check("t", 0, &header(n.0, 0, 0, 1), 0),

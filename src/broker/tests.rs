@@ -27,7 +27,12 @@ fn options(rig: &Rig, clock: Arc<dyn Clock>) -> BrokerOptions {
 /// A broker on `rig` (4 topics, 8 partitions); other coordinators' tests
 /// use it too.
 pub(crate) fn open(storage: Storage, rig: &Rig) -> Arc<Broker> {
-    Broker::open(storage, options(rig, Arc::new(SystemClock))).expect("broker opens")
+    open_with_clock(storage, rig, Arc::new(SystemClock))
+}
+
+/// As [`open`], on `clock`.
+pub(crate) fn open_with_clock(storage: Storage, rig: &Rig, clock: Arc<dyn Clock>) -> Arc<Broker> {
+    Broker::open(storage, options(rig, clock)).expect("broker opens")
 }
 
 /// A batch of one record of `value_bytes` whose msg-id is `id`.

@@ -102,7 +102,9 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::TooManyPartitions { .. } => ErrorCode::TooManyPartitions,
         BrokerError::DiskLimit { .. } => ErrorCode::StorageFull,
         BrokerError::Sequence(e) => match e {
-            SequenceError::Fenced { .. } => ErrorCode::FencedProducer,
+            SequenceError::Fenced { .. } | SequenceError::Forgotten { .. } => {
+                ErrorCode::FencedProducer
+            }
             SequenceError::OutOfOrder { .. } => ErrorCode::OutOfOrderSequence,
             SequenceError::Duplicate { .. } => ErrorCode::DuplicateSequence,
             SequenceError::UnknownProducer { .. } | SequenceError::TooManyInFlight => {

@@ -390,6 +390,17 @@ impl Coordinator {
                 }
             }
             let mut rec = rec;
+            if !is_open(rec.phase)
+                && rec.producer_id != crate::batch::NO_PRODUCER_ID
+                && self
+                    .broker
+                    .named_producer(&format!("{NAME_PREFIX}{id}"))
+                    .await
+                    .is_none()
+            {
+                // Forgotten by an expiry whose tombstone was not written.
+                rec.producer_id = crate::batch::NO_PRODUCER_ID;
+            }
             let mut held = Vec::new();
             if is_open(rec.phase) {
                 for (g, ..) in &rec.offsets {
@@ -863,18 +874,23 @@ impl Coordinator {
         (open, logged)
     }
 
-    /// Forgets an idle id, freeing its slot. Its producer's epoch is
-    /// bumped first, so an instance that outlived it is fenced rather than
-    /// taken for a plain producer whose batches are outside any
-    /// transaction; an init of the id starts it again at a newer epoch.
+    /// Forgets an idle id, freeing its slot. Its named producer leaves the
+    /// registry first, which fences its id for good, so an instance that
+    /// outlived it is fenced rather than taken for a plain producer whose
+    /// batches are outside any transaction; an init of the id starts it
+    /// again with a new producer id. (A name registered before names could
+    /// be forgotten is kept, and fenced by a bumped epoch.)
     async fn expire(&self, st: &mut TxnState) -> Result<(), TxnError> {
         debug_assert!(!is_open(st.rec.phase));
         let pid = st.rec.producer_id;
-        if pid != crate::batch::NO_PRODUCER_ID {
-            let (_, epoch) = self
-                .broker
-                .init_producer(Some(&format!("{NAME_PREFIX}{}", st.id)))
-                .await?;
+        let name = format!("{NAME_PREFIX}{}", st.id);
+        if self.broker.forget_producer(&name).await? {
+            // Its batches meet the registry's refusal, not this id's gate,
+            // and its requests this id's, should the tombstone fail.
+            self.by_producer.lock().expect("txn lock").remove(&pid);
+            st.rec.producer_id = crate::batch::NO_PRODUCER_ID;
+        } else if pid != crate::batch::NO_PRODUCER_ID {
+            let (_, epoch) = self.broker.init_producer(Some(&name)).await?;
             st.rec.producer_epoch = epoch;
         }
         // The tombstone: a restart does not load it again.

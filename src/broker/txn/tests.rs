@@ -8,7 +8,11 @@ use crate::storage::tests::Rig;
 use smol::block_on;
 
 fn open(rig: &Rig) -> Arc<Coordinator> {
-    let broker = crate::broker::tests::open(rig.open(), rig);
+    open_with_clock(rig, Arc::new(crate::broker::SystemClock))
+}
+
+fn open_with_clock(rig: &Rig, clock: Arc<dyn crate::broker::Clock>) -> Arc<Coordinator> {
+    let broker = crate::broker::tests::open_with_clock(rig.open(), rig, clock);
     let groups = group::Coordinator::open(
         broker.clone(),
         group::GroupsConfig {
@@ -26,12 +30,14 @@ fn open(rig: &Rig) -> Arc<Coordinator> {
         max_timeout_ms: 60_000,
         max_ids: 8,
         max_open: 8,
-        id_expiration_ms: 86_400_000,
+        id_expiration_ms: EXPIRATION_MS,
     };
     let c = Coordinator::open(broker, groups, config).expect("txns open");
     block_on(c.clone().recover());
     c
 }
+
+const EXPIRATION_MS: u64 = 86_400_000;
 
 /// A read_committed fetch of "d"/0 from 0: its last stable offset, and
 /// whether it returned any batch.
@@ -54,6 +60,17 @@ fn read_committed(c: &Coordinator) -> (u64, u64, bool) {
         f.offsets.high_watermark,
         !f.records.is_empty(),
     )
+}
+
+/// A producer's first batch (sequence 0) of one record.
+fn batch(producer_id: u64, producer_epoch: u16, value: &[u8]) -> BatchBuf {
+    let mut b = crate::batch::BatchBuilder::new();
+    b.push(1, None, value, &[]);
+    BatchBuf::from(b.finish(ProducerStamp {
+        producer_id,
+        producer_epoch,
+        base_sequence: 0,
+    }))
 }
 
 fn phase(c: &Coordinator, id: &str) -> &'static str {
@@ -81,14 +98,7 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
     let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
     let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
     assert!(gate.is_some(), "a transactional producer's batch");
-    let mut b = crate::batch::BatchBuilder::new();
-    b.push(1, None, b"aborted", &[]);
-    let batch = b.finish(ProducerStamp {
-        producer_id: pid,
-        producer_epoch: epoch,
-        base_sequence: 0,
-    });
-    let ack = block_on(c.broker().produce("d", 0, batch.into())).expect("queued");
+    let ack = block_on(c.broker().produce("d", 0, batch(pid, epoch, b"aborted"))).expect("queued");
     drop(gate);
     block_on(ack).expect("written");
     assert_eq!(read_committed(&c).0, 0, "held back while open");
@@ -118,5 +128,50 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
     assert_eq!(lso, hwm);
     assert!(!any, "still aborted after the restart");
     block_on(c.init("a", 60_000)).expect("init after the restart");
+    c.broker().close().expect("close");
+}
+
+/// An expired id's named producer leaves the producer registry, in
+/// memory and on disk, and an instance that outlived it stays fenced; a
+/// live id's stays. A new init of the expired id gets a new producer id.
+#[test]
+fn an_expired_id_leaves_the_producer_registry() {
+    let rig = Rig::fault(32);
+    let clock = Arc::new(crate::broker::ManualClock::new(1_000_000));
+    let c = open_with_clock(&rig, clock.clone());
+    let spec = TopicSpec {
+        partitions: Some(1),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("d", &spec)).expect("create");
+    let (old, epoch) = block_on(c.init("old", 60_000)).expect("init");
+    clock.advance_ms(EXPIRATION_MS);
+    let live = block_on(c.init("live", 60_000)).expect("init");
+    block_on(c.timer_pass());
+    assert_eq!(c.stats.expirations.load(Ordering::Relaxed), 1);
+    let named =
+        |c: &Coordinator, id: &str| block_on(c.broker().named_producer(&format!("txn:{id}")));
+    assert_eq!(named(&c, "old"), None, "forgotten");
+    assert_eq!(named(&c, "live"), Some(live), "kept");
+
+    let stale = batch(old, epoch, b"stale");
+    let r = block_on(async { c.broker().produce("d", 0, stale).await?.await });
+    assert!(
+        matches!(
+            r,
+            Err(BrokerError::Sequence(
+                crate::broker::producers::SequenceError::Forgotten { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open_with_clock(&rig, clock);
+    assert_eq!(named(&c, "old"), None, "still forgotten after a restart");
+    assert_eq!(named(&c, "live"), Some(live));
+    let (again, _) = block_on(c.init("old", 60_000)).expect("init again");
+    assert_ne!(again, old, "a new producer id");
     c.broker().close().expect("close");
 }
