@@ -16,7 +16,7 @@ pub mod quota;
 mod session;
 mod share;
 pub mod tls;
-mod txn;
+pub(crate) mod txn;
 mod x509;
 
 use std::collections::HashMap;

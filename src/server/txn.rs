@@ -23,9 +23,11 @@ pub(crate) fn txn_error_code(e: &TxnError) -> ErrorCode {
         TxnError::InvalidState(_) => ErrorCode::InvalidTxnState,
         TxnError::TooManyOpen { .. } => ErrorCode::ConcurrentTransactions,
         TxnError::TooManyIds { .. } => ErrorCode::TooManyTransactionalIds,
-        TxnError::Broker(e) => broker_error_code(e),
+        TxnError::Invalid(_) => ErrorCode::InvalidRequest,
+        // The log's error says whether a retry can help (storage_failed:
+        // not before a restart); the message, that the transaction ended.
+        TxnError::Unrecorded { error, .. } | TxnError::Broker(error) => broker_error_code(error),
         TxnError::Group(e) => group_error_code(e),
-        _ => ErrorCode::InvalidRequest,
     }
 }
 

@@ -108,6 +108,14 @@ pub enum TxnError {
     TooManyIds {
         max: usize,
     },
+    /// The transaction ended (its markers are written, readers see the
+    /// outcome) but the log's record of it is not written yet: the id
+    /// takes nothing more until it is. `error` is the log's.
+    Unrecorded {
+        id: String,
+        committed: bool,
+        error: BrokerError,
+    },
     Broker(BrokerError),
     Group(group::GroupError),
 }
@@ -131,6 +139,19 @@ impl std::fmt::Display for TxnError {
                 f,
                 "too many transactional ids: transactions.max_transactional_ids is {max}; \
                  reuse an id, or wait for one unused for transactions.id_expiration_ms"
+            ),
+            Self::Unrecorded {
+                id,
+                committed,
+                error,
+            } => write!(
+                f,
+                "transaction {id} is {}: its markers are written and read_committed readers \
+                 see that, but the transaction log could not record it ({error}); the id \
+                 takes no init, end or new transaction until the broker writes the record, \
+                 which it retries (at the latest at a restart, if the log refuses writes \
+                 until then)",
+                if *committed { "committed" } else { "aborted" },
             ),
             Self::Broker(e) => e.fmt(f),
             Self::Group(e) => e.fmt(f),
@@ -980,7 +1001,14 @@ impl Coordinator {
     /// Writes the id's records kept from a failed write, if any.
     async fn write_unwritten(&self, st: &mut TxnState) -> Result<(), TxnError> {
         if let Some(records) = &st.unwritten {
-            self.write_log(records.clone()).await?;
+            self.write_log(records.clone()).await.map_err(|e| match e {
+                TxnError::Broker(error) => TxnError::Unrecorded {
+                    id: st.id.clone(),
+                    committed: st.rec.phase == Phase::CompleteCommit,
+                    error,
+                },
+                e => e,
+            })?;
             st.unwritten = None;
         }
         Ok(())

@@ -107,13 +107,27 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
         fail_writes_to: Some(TXN_TOPIC),
         ..FaultPlan::default()
     });
-    assert!(block_on(c.end("a", pid, epoch, false)).is_err());
+    let e = block_on(c.end("a", pid, epoch, false)).expect_err("the record is not written");
+    // Typed as the log's failure (no retry helps before a restart), and
+    // saying the transaction is aborted all the same.
+    assert_eq!(
+        crate::server::txn::txn_error_code(&e),
+        crate::protocol::ErrorCode::StorageFailed
+    );
+    assert!(
+        e.to_string().starts_with("transaction a is aborted: "),
+        "{e}"
+    );
     let (lso, hwm, any) = read_committed(&c);
     assert_eq!(lso, hwm, "the abort's marker is written: readers move on");
     assert!(!any, "the aborted record is left out");
     // The log refuses writes until restart: so does the id, rather than
     // write a record the abort's would be missing behind.
-    assert!(block_on(c.init("a", 60_000)).is_err());
+    let e = block_on(c.init("a", 60_000)).expect_err("the record is still not written");
+    assert!(
+        e.to_string().starts_with("transaction a is aborted: "),
+        "{e}"
+    );
     assert!(block_on(c.end("a", pid, epoch, false)).is_err());
     // The timers retry the record every pass, and say so once a minute.
     let logged: usize = (0..5).map(|_| block_on(c.timer_pass()).1).sum();
