@@ -430,7 +430,8 @@ fn now_ms() -> i64 {
     crate::batch::now_ms()
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), GroupError> {
+/// A group or instance id's length; `what` names it in the message.
+pub(crate) fn check_id(what: &str, id: &str) -> Result<(), GroupError> {
     if id.is_empty() || id.len() > GROUP_ID_BYTES_MAX {
         return Err(GroupError::Invalid(format!(
             "{what} must be 1 to {GROUP_ID_BYTES_MAX} bytes"

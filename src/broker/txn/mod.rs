@@ -651,12 +651,7 @@ impl Coordinator {
         group: &str,
         offsets: Vec<(Tp, u64)>,
     ) -> Result<(), TxnError> {
-        if group.is_empty() || group.len() > group::GROUP_ID_BYTES_MAX {
-            return Err(TxnError::Invalid(format!(
-                "the group id is 1 to {} bytes",
-                group::GROUP_ID_BYTES_MAX
-            )));
-        }
+        group::check_id("the group id", group)?;
         for ((t, p), _) in &offsets {
             self.broker.partition_id(t, *p)?;
         }

@@ -189,3 +189,26 @@ fn an_expired_id_leaves_the_producer_registry() {
     assert_ne!(again, old, "a new producer id");
     c.broker().close().expect("close");
 }
+
+/// Offsets for a group id out of bounds are refused as the group
+/// coordinator refuses that id, with its message.
+#[test]
+fn add_offsets_checks_the_group_id_as_the_group_coordinator_does() {
+    let rig = Rig::fault(33);
+    let c = open(&rig);
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let long = "g".repeat(group::GROUP_ID_BYTES_MAX + 1);
+    for g in ["", long.as_str()] {
+        let e = block_on(c.add_offsets("a", pid, epoch, g, Vec::new())).expect_err("refused");
+        let expected = group::check_id("the group id", g).expect_err("refused");
+        match &e {
+            TxnError::Group(e) => assert_eq!(e.to_string(), expected.to_string()),
+            e => panic!("not the group coordinator's error: {e:?}"),
+        }
+        assert_eq!(
+            crate::server::txn::txn_error_code(&e),
+            crate::protocol::ErrorCode::InvalidRequest
+        );
+    }
+    c.broker().close().expect("close");
+}
