@@ -104,6 +104,16 @@ impl Index {
         out
     }
 
+    /// The partitions with aborted ranges indexed, once each: the pruning
+    /// pass reads each one's earliest offset, not each range's.
+    pub fn aborted_partitions(&self) -> Vec<(String, u32)> {
+        self.lock()
+            .iter()
+            .filter(|(_, part)| !part.aborted.is_empty())
+            .map(|((t, p), _)| (t.clone(), *p))
+            .collect()
+    }
+
     /// Forgets a deleted topic's partitions.
     pub fn forget_topic(&self, topic: &str) {
         self.lock().retain(|(t, _), _| t != topic);
@@ -220,6 +230,28 @@ mod tests {
         let f = ix.filter("t", 0, log.into(), 4);
         assert_eq!(f.next_offset, Some(4));
         assert_eq!(crate::batch::count_records(&f.records), 2);
+    }
+
+    #[test]
+    fn each_partition_with_aborted_ranges_is_listed_once() {
+        let ix = Index::default();
+        for (p, marker) in [(0, 1), (0, 3), (0, 5), (1, 2)] {
+            ix.add_aborted(
+                "t",
+                p,
+                Aborted {
+                    producer_id: 7,
+                    first: 0,
+                    marker,
+                },
+            );
+        }
+        ix.open("t", 2, 9, 0);
+        let mut parts = ix.aborted_partitions();
+        parts.sort();
+        assert_eq!(parts, [("t".to_owned(), 0), ("t".to_owned(), 1)]);
+        ix.forget_below("t", 1, 3);
+        assert_eq!(ix.aborted_partitions(), [("t".to_owned(), 0)]);
     }
 
     const NO: u64 = crate::batch::NO_PRODUCER_ID;

@@ -822,7 +822,7 @@ impl Coordinator {
             let (open, _) = self.timer_pass().await;
             if forgotten.elapsed() >= crate::broker::IDLE_TIMERS {
                 forgotten = std::time::Instant::now();
-                for (t, p, _) in self.index().all_aborted() {
+                for (t, p) in self.index().aborted_partitions() {
                     match self.broker.offsets(&t, p) {
                         Ok(o) => self.index().forget_below(&t, p, o.earliest),
                         Err(_) => self.index().forget_topic(&t),
