@@ -410,6 +410,9 @@ fn dlq_replay_publishes_each_dead_record_back_once() {
     assert!(replay(&["--count", "1"]).contains("replayed 1 record(s) from mail.dlq"));
     assert!(replay(&[]).contains("replayed 1 record(s)"));
     assert!(replay(&[]).contains("replayed 0 record(s)"));
+    // Each run left its share group on the way out.
+    let d = share_groups_json(&b, &["describe", "skiff-dlq-replay"]);
+    assert_eq!(d["members"], serde_json::json!([]), "{d}");
 
     let records = common::consume_all(&b.tcp, "mail");
     let values: Vec<&[u8]> = records.iter().map(|r| r.value.as_slice()).collect();

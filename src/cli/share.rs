@@ -398,8 +398,24 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
         },
     );
     let mut replayed = 0u64;
+    let worked = replay_into(&producer, &worker, dlq, count, &mut replayed).await;
+    // As `consume --share-group`: what this run still holds goes back now,
+    // so a second replay need not wait out lock_ms for it.
+    if let Err(e) = worker.leave().await {
+        eprintln!("skiff: leaving share group {REPLAY_GROUP}: {e}; its locks lapse after lock_ms");
+    }
+    worked.map(|()| replayed)
+}
+
+async fn replay_into(
+    producer: &Producer,
+    worker: &ShareConsumer,
+    dlq: &str,
+    count: Option<u64>,
+    replayed: &mut u64,
+) -> Result<(), ClientError> {
     loop {
-        let left = count.map(|c| c.saturating_sub(replayed));
+        let left = count.map(|c| c.saturating_sub(*replayed));
         if left == Some(0) {
             break;
         }
@@ -437,7 +453,7 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
             match d.await {
                 Ok(_) => {
                     acks.push((p, o, Outcome::Accept));
-                    replayed += 1;
+                    *replayed += 1;
                 }
                 Err(e) => {
                     eprintln!("skiff: {dlq} offset {o}: cannot publish to {to}: {e}");
@@ -462,5 +478,5 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
             break;
         }
     }
-    Ok(replayed)
+    Ok(())
 }

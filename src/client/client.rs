@@ -129,10 +129,6 @@ impl Client {
         Ok(self.connection().await?.info.clone())
     }
 
-    /// The room a fetch's entries have beside its largest batch on the
-    /// current connection (reconnecting if needed): read from its hello
-    /// answer in place, since a consumer asks at every poll and
-    /// [`Client::server_info`] would copy the whole answer each time.
     /// The protocol version the live connection's server speaks, read in
     /// place: [`Client::server_info`] copies the whole hello answer, and
     /// version checks run on every share fetch and group call.
@@ -140,6 +136,10 @@ impl Client {
         Ok(self.connection().await?.info.version)
     }
 
+    /// The room a fetch's entries have beside its largest batch on the
+    /// current connection (reconnecting if needed): read from its hello
+    /// answer in place, since a consumer asks at every poll and
+    /// [`Client::server_info`] would copy the whole answer each time.
     pub(crate) async fn fetch_entries_room(&self) -> Result<usize, ClientError> {
         let c = self.connection().await?;
         Ok((c.info.max_frame_bytes as usize).saturating_sub(c.info.max_batch_bytes as usize))
