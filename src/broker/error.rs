@@ -135,6 +135,14 @@ pub enum BrokerError {
         left: Vec<(u32, Arc<StorageError>)>,
         settings: Vec<(&'static str, Arc<StorageError>)>,
     },
+    /// A topic create could not write `file` (a settings file, or the
+    /// topic table): nothing of the topic was made, or what was is
+    /// removed again.
+    TopicNotCreated {
+        topic: String,
+        file: &'static str,
+        error: Arc<StorageError>,
+    },
     /// The storage engine failed in a way no client can act on (I/O at
     /// start-up, a metadata file, a full partition table); the source says
     /// what.
@@ -244,6 +252,20 @@ impl std::fmt::Display for BrokerError {
                 }
                 Ok(())
             }
+            Self::TopicNotCreated { topic, file, error } => {
+                write!(
+                    f,
+                    "topic '{topic}' was not created: {file} (in the broker's data_dir) could not \
+                     be written ({error}), and nothing of the topic was kept"
+                )?;
+                if disk_full(error) {
+                    write!(
+                        f,
+                        "; the disk is full: free space on it, then create the topic again"
+                    )?;
+                }
+                Ok(())
+            }
             Self::Sequence(e) => write!(f, "{e}"),
             Self::OffsetOutOfRange {
                 requested,
@@ -317,6 +339,7 @@ impl std::error::Error for BrokerError {
         match self {
             Self::InvalidBatch(e) => Some(e),
             Self::NoSpace(e) | Self::Storage(e) => Some(&**e),
+            Self::TopicNotCreated { error, .. } => Some(&**error),
             _ => None,
         }
     }
@@ -334,7 +357,29 @@ impl From<BatchError> for BrokerError {
     }
 }
 
+/// Whether `e` is the disk running out of space (a write's ENOSPC, or a
+/// ring that could not be reserved).
+pub(crate) fn disk_full(e: &StorageError) -> bool {
+    let enospc = |io: &std::io::Error| io.raw_os_error() == Some(libc::ENOSPC);
+    match e {
+        StorageError::Io(io) => enospc(io),
+        StorageError::InsufficientSpace { .. } => true,
+        StorageError::Meta(crate::storage::meta::MetaError::Io(io)) => enospc(io),
+        _ => false,
+    }
+}
+
 impl BrokerError {
+    /// Whether the failure is the disk running out of space: the answer
+    /// is `storage_full`, and freeing space is what to do.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::NoSpace(_) => true,
+            Self::TopicNotCreated { error, .. } => disk_full(error),
+            _ => false,
+        }
+    }
+
     /// Storage's refusal to create a partition of `topic`, which the table
     /// does not list: a directory it holds is a leftover, not the topic.
     pub(super) fn creating_unlisted(topic: &str, e: StorageError) -> Self {
@@ -418,15 +463,7 @@ impl From<Arc<StorageError>> for BrokerError {
                 kept: Vec::new(),
             },
             StorageError::ShuttingDown => Self::ShuttingDown,
-            StorageError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => Self::NoSpace(e),
-            // The ring could not be reserved: the disk is full, the same
-            // answer as a full disk anywhere else.
-            StorageError::InsufficientSpace { .. } => Self::NoSpace(e),
-            StorageError::Meta(crate::storage::meta::MetaError::Io(io))
-                if io.raw_os_error() == Some(libc::ENOSPC) =>
-            {
-                Self::NoSpace(e)
-            }
+            _ if disk_full(&e) => Self::NoSpace(e),
             _ => Self::Storage(e),
         }
     }

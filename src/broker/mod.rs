@@ -15,8 +15,11 @@
 //! its partitions. The topic table lives in `<data_dir>/topics.meta`, written
 //! atomically, and is the source of truth for which topics exist:
 //!
-//! - create: the table entry is written first, then the partitions; a crash
-//!   in between is completed at the next start (missing partitions created).
+//! - create: the topic's settings (`msgid.meta`, `cleanup.meta`) are
+//!   written first, then the table entry, then the partitions; a crash
+//!   after the entry is completed at the next start (missing partitions
+//!   created). A failure undoes what was made: the caller's error means
+//!   no topic.
 //! - delete: the entry is removed first, then the partitions; partitions with
 //!   no entry are deleted at the next start, loaded or not (one whose
 //!   metadata is unreadable is still a leftover of the delete). One storage
@@ -900,8 +903,45 @@ impl Broker {
         Ok(())
     }
 
-    fn write_msgid_meta(&self) -> Result<(), StorageError> {
-        meta::write_atomic(&self.msgid_path, &self.msgid_configs()).map_err(StorageError::Meta)
+    /// Sets (or, with none or an off window, removes) a topic's message-id
+    /// window and writes the file. On an error the broker holds what the
+    /// file has, so the next change rewrites it.
+    fn set_window(&self, topic: &str, c: Option<msgid::MsgIdConfig>) -> Result<(), StorageError> {
+        let before = {
+            let mut windows = self.windows.lock().expect("windows lock");
+            let before = windows.remove(topic);
+            if let Some(c) = c.filter(msgid::MsgIdConfig::enabled) {
+                windows.insert(topic.to_owned(), msgid::Window::new(c));
+            } else if before.is_none() {
+                return Ok(());
+            }
+            before
+        };
+        // Not under the windows lock: produces take it.
+        if let Err(e) = meta::write_atomic(&self.msgid_path, &self.msgid_configs()) {
+            let mut windows = self.windows.lock().expect("windows lock");
+            windows.remove(topic);
+            if let Some(w) = before {
+                windows.insert(topic.to_owned(), w);
+            }
+            return Err(StorageError::Meta(e));
+        }
+        Ok(())
+    }
+
+    /// Writes a topic's settings files ([`MSGID_META_FILE`],
+    /// [`cleaner::CLEANUP_META_FILE`]) with these entries (none: without
+    /// it); the error names the file it could not write.
+    fn set_settings(
+        &self,
+        topic: &str,
+        window: Option<msgid::MsgIdConfig>,
+        cleanup: Option<CleanupConfig>,
+    ) -> Result<(), (&'static str, StorageError)> {
+        self.set_window(topic, window)
+            .map_err(|e| (MSGID_META_FILE, e))?;
+        self.set_cleanup(topic, cleanup)
+            .map_err(|e| (cleaner::CLEANUP_META_FILE, e))
     }
 
     pub fn producers(&self) -> &producers::Producers {
@@ -1278,6 +1318,19 @@ impl Broker {
             });
         }
         self.delete_leftovers(name).await;
+        // Settings first: a crash after them leaves entries of a topic
+        // the table does not list, which a create of the name replaces;
+        // the table first would leave a listed topic without them (a
+        // compacted topic that never compacts).
+        if let Err((file, e)) = self.set_settings(name, Some(window), Some(cleanup)) {
+            // What could be written goes again (an earlier file did).
+            self.unset_settings(name);
+            return Err(BrokerError::TopicNotCreated {
+                topic: name.to_owned(),
+                file,
+                error: Arc::new(e),
+            });
+        }
         table.insert(name.to_owned(), meta.clone());
         // A topic of this name deleted during a crash may have left
         // producer snapshots behind: they must not describe the new one.
@@ -1285,7 +1338,14 @@ impl Broker {
             self.producers.forget_partition(name, p);
         }
         // Intent first (see the module docs), then the rings.
-        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        if let Err(e) = meta::write_atomic(&self.meta_path, &table) {
+            self.unset_settings(name);
+            return Err(BrokerError::TopicNotCreated {
+                topic: name.to_owned(),
+                file: TOPICS_META_FILE,
+                error: Arc::new(StorageError::Meta(e)),
+            });
+        }
         let hold = self
             .hold_new
             .read()
@@ -1309,26 +1369,13 @@ impl Broker {
             }
             if hold {
                 // Before the topic is visible to producers.
-                self.storage.set_retain_floor(&id, Some(0))?;
+                if let Err(e) = self.storage.set_retain_floor(&id, Some(0)) {
+                    self.rollback_create(name, p + 1, &mut table).await;
+                    return Err(e.into());
+                }
             }
         }
         *self.topics.write().expect("topic table lock") = table;
-        let stale = self
-            .windows
-            .lock()
-            .expect("windows lock")
-            .remove(name)
-            .is_some();
-        if window.enabled() {
-            self.windows
-                .lock()
-                .expect("windows lock")
-                .insert(name.to_owned(), msgid::Window::new(window));
-        }
-        if window.enabled() || stale {
-            self.write_msgid_meta()?;
-        }
-        self.set_cleanup(name, Some(cleanup))?;
         log::info!(
             "created topic {name}: {partitions} partition(s) of {}, cleanup {}",
             meta.config,
@@ -1355,6 +1402,16 @@ impl Broker {
         table.remove(name);
         if let Err(e) = meta::write_atomic(&self.meta_path, &*table) {
             log::error!("rolling back topic {name}: cannot rewrite the topic table: {e}");
+        }
+        self.unset_settings(name);
+    }
+
+    /// Takes a topic not created after all out of the settings files. One
+    /// that cannot be rewritten keeps its entry, which a create of the
+    /// name replaces.
+    fn unset_settings(&self, name: &str) {
+        if let Err((file, e)) = self.set_settings(name, None, None) {
+            log::warn!("topic {name} not created, but its entry stays in {file}: {e}");
         }
     }
 
@@ -1391,16 +1448,8 @@ impl Broker {
             self.producers.forget_partition(name, p);
         }
         let mut settings = Vec::new();
-        let window = self.windows.lock().expect("windows lock").remove(name);
-        if let Some(window) = window {
-            if let Err(e) = self.write_msgid_meta() {
-                // Kept as the file has it: a create of the name then
-                // rewrites the file, instead of the next start giving
-                // the new topic this one's window.
-                let mut windows = self.windows.lock().expect("windows lock");
-                windows.insert(name.to_owned(), window);
-                settings.push((MSGID_META_FILE, Arc::new(e)));
-            }
+        if let Err(e) = self.set_window(name, None) {
+            settings.push((MSGID_META_FILE, Arc::new(e)));
         }
         if let Err(e) = self.set_cleanup(name, None) {
             settings.push((cleaner::CLEANUP_META_FILE, Arc::new(e)));

@@ -421,3 +421,79 @@ fn a_fetch_long_polls_until_data_its_wait_or_the_stop() {
     assert!(started.elapsed() < Duration::from_secs(30));
     b.close().expect("close");
 }
+
+/// Whether the file in the rig's data directory holds `name`'s bytes.
+fn file_holds(rig: &Rig, file: &str, name: &str) -> bool {
+    let bytes = std::fs::read(rig.dir.path().join(file)).unwrap_or_default();
+    bytes.windows(name.len()).any(|w| w == name.as_bytes())
+}
+
+/// A create that cannot write one of its files (the settings, or the
+/// topic table; here a directory is in the way of its temp file) used to
+/// answer an error with the topic listed and its partitions made when the
+/// settings came last. Now nothing of it is kept, in the broker or on
+/// disk, the error names the file, and the create succeeds once the file
+/// can be written.
+#[test]
+fn a_create_that_cannot_write_a_file_leaves_no_topic() {
+    let rig = Rig::fault(31);
+    let spec = TopicSpec {
+        partitions: Some(2),
+        msg_id_window_records: Some(10),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    for file in [
+        MSGID_META_FILE,
+        cleaner::CLEANUP_META_FILE,
+        TOPICS_META_FILE,
+    ] {
+        let b = open(rig.open(), &rig);
+        let in_the_way = rig.dir.path().join(format!("{file}.tmp"));
+        std::fs::create_dir(&in_the_way).expect("mkdir");
+        match block_on(b.create_topic("halfmade", &spec)) {
+            Err(BrokerError::TopicNotCreated { topic, file: f, .. }) => {
+                assert_eq!((topic.as_str(), f), ("halfmade", file));
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+        let e = block_on(b.create_topic("halfmade", &spec)).expect_err("still in the way");
+        assert!(e.to_string().contains(file), "{e}");
+        assert!(b.topic("halfmade").is_err(), "{file}: listed");
+        assert!(
+            b.storage().partitions().is_empty(),
+            "{file}: partitions kept"
+        );
+        assert_eq!(
+            b.cleanup_config("halfmade"),
+            CleanupConfig::default(),
+            "{file}"
+        );
+        assert!(!b.msg_id_config("halfmade").enabled(), "{file}");
+        for f in [
+            MSGID_META_FILE,
+            cleaner::CLEANUP_META_FILE,
+            TOPICS_META_FILE,
+        ] {
+            assert!(
+                !file_holds(&rig, f, "halfmade"),
+                "{file}: {f} holds the topic"
+            );
+        }
+        b.close().expect("close");
+        drop(b);
+        // Nor does the next start find it.
+        let b = open(rig.open(), &rig);
+        assert!(
+            b.topic("halfmade").is_err(),
+            "{file}: listed after a restart"
+        );
+        assert!(b.storage().partitions().is_empty(), "{file}");
+        std::fs::remove_dir(&in_the_way).expect("rmdir");
+        block_on(b.create_topic("halfmade", &spec)).expect("created once the file can be written");
+        assert_eq!(b.cleanup_config("halfmade").policy, CleanupPolicy::Compact);
+        assert!(b.msg_id_config("halfmade").enabled());
+        block_on(b.delete_topic("halfmade")).expect("delete");
+        b.close().expect("close");
+    }
+}

@@ -91,6 +91,9 @@ pub(crate) fn error_body(code: ErrorCode, message: impl Into<String>) -> Respons
 }
 
 pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
+    if e.is_disk_full() {
+        return ErrorCode::StorageFull;
+    }
     match e {
         BrokerError::UnknownTopic(_) => ErrorCode::UnknownTopic,
         BrokerError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
@@ -114,7 +117,7 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
-        BrokerError::PartitionFull { .. } | BrokerError::NoSpace(_) => ErrorCode::StorageFull,
+        BrokerError::PartitionFull { .. } => ErrorCode::StorageFull,
         BrokerError::PartitionFailed { .. }
         | BrokerError::LeftoverPartition { .. }
         | BrokerError::TopicDeleteIncomplete { .. } => ErrorCode::StorageFailed,
