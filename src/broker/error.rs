@@ -129,7 +129,8 @@ pub enum BrokerError {
     /// deleted again when the name is created and at the next start.
     /// Or it could not rewrite these settings files without the topic
     /// (`msgid.meta`, `cleanup.meta`): the entries left are replaced when
-    /// the name is created again.
+    /// the name is created again. `storage_full` when a full disk is all
+    /// that failed ([`BrokerError::is_disk_full`]).
     TopicDeleteIncomplete {
         topic: String,
         left: Vec<(u32, Arc<StorageError>)>,
@@ -249,6 +250,13 @@ impl std::fmt::Display for BrokerError {
                         f,
                         " they are replaced when '{topic}' is created again"
                     )?;
+                    if settings.iter().any(|(_, e)| disk_full(e)) {
+                        write!(
+                            f,
+                            "; the disk is full: free space on it (the entries left are \
+                             harmless meanwhile)"
+                        )?;
+                    }
                 }
                 Ok(())
             }
@@ -376,6 +384,13 @@ impl BrokerError {
         match self {
             Self::NoSpace(_) => true,
             Self::TopicNotCreated { error, .. } => disk_full(error),
+            // Only what a full disk explains: a directory that could not
+            // be removed needs another fix.
+            Self::TopicDeleteIncomplete { left, settings, .. } => {
+                !settings.is_empty()
+                    && settings.iter().all(|(_, e)| disk_full(e))
+                    && left.iter().all(|(_, e)| disk_full(e))
+            }
             _ => false,
         }
     }

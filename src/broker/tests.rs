@@ -497,3 +497,49 @@ fn a_create_that_cannot_write_a_file_leaves_no_topic() {
         b.close().expect("close");
     }
 }
+
+/// A delete whose settings file cannot be rewritten for a full disk (its
+/// temp file is /dev/full, which answers every write with ENOSPC) used to
+/// be reported as a storage failure; it is a full disk, answered
+/// `storage_full`, saying to free space. The topic is deleted all the same.
+#[test]
+fn a_delete_that_cannot_rewrite_its_settings_on_a_full_disk_says_so() {
+    let rig = Rig::fault(32);
+    let b = open(rig.open(), &rig);
+    for (file, spec) in [
+        (
+            MSGID_META_FILE,
+            TopicSpec {
+                msg_id_window_records: Some(10),
+                ..TopicSpec::default()
+            },
+        ),
+        (
+            cleaner::CLEANUP_META_FILE,
+            TopicSpec {
+                cleanup: Some(CleanupPolicy::Compact),
+                ..TopicSpec::default()
+            },
+        ),
+    ] {
+        create(&b, "doomed", spec);
+        let full = rig.dir.path().join(format!("{file}.tmp"));
+        std::os::unix::fs::symlink("/dev/full", &full).expect("symlink");
+        let e = block_on(b.delete_topic("doomed")).expect_err("settings not rewritten");
+        std::fs::remove_file(&full).expect("unlink");
+        assert!(
+            matches!(&e, BrokerError::TopicDeleteIncomplete { settings, .. }
+                if settings.len() == 1 && settings[0].0 == file),
+            "{file}: {e:?}"
+        );
+        assert!(e.is_disk_full(), "{file}: {e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("topic 'doomed' is deleted")
+                && text.contains("the disk is full: free space"),
+            "{text}"
+        );
+        assert!(b.topic("doomed").is_err());
+    }
+    b.close().expect("close");
+}
