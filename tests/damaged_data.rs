@@ -391,9 +391,11 @@ fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
 /// records, then give their offsets again. Now the partition is
 /// quarantined: its records are served, writes are refused with the
 /// reason, the log names the directory, and nothing is deleted.
+/// `skiff_storage_quarantined_partitions` counts them until their topic
+/// is deleted (no metric did while serving).
 #[test]
 fn a_lost_partition_meta_quarantines_instead_of_deleting() {
-    let mut b = Broker::start("");
+    let mut b = Broker::start("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     assert_ok(&b.cli(&["topics", "create", "t1", "--partitions", "3"]));
     let lines: String = (0..27).map(|i| format!("r{i}\n")).collect();
     for p in ["1", "2"] {
@@ -441,6 +443,13 @@ fn a_lost_partition_meta_quarantines_instead_of_deleting() {
     // The other partition of the topic is untouched.
     assert_ok(&b.cli(&["produce", "t1", "--partition", "0", "fine"]));
     assert!(dir.join("seg-00000.log").exists());
+    let quarantined = |b: &Broker| {
+        let metrics = http_get(&b.metrics_addr(), "/metrics");
+        sample(&metrics, "skiff_storage_quarantined_partitions", "")
+    };
+    assert_eq!(quarantined(&b), Some(2.0));
+    assert_ok(&b.cli(&["topics", "delete", "t1"]));
+    assert_eq!(quarantined(&b), Some(0.0));
 }
 
 /// A partition whose `partition.meta` is damaged and whose segments hold

@@ -582,6 +582,11 @@ impl Broker {
         self.limits.max_partitions
     }
 
+    /// Storage's counters (for the metrics endpoint).
+    pub fn storage_stats(&self) -> crate::storage::StorageStats {
+        self.storage.stats()
+    }
+
     /// Partitions on disk.
     pub fn partition_count(&self) -> usize {
         self.storage.partitions().len()

@@ -43,6 +43,7 @@
 //! | `inflight_shared_bytes` (produce bytes held past their connections' share), `inflight_shared_admits` | gauge, counter | |
 //! | `recovery_truncated_bytes` | counter | |
 //! | `recovery_quarantined_partitions` | gauge | |
+//! | `storage_quarantined_partitions` (now: at start-up or since, until deleted) | gauge | |
 //! | `recovery_deleted_leftovers`, `recovery_undeletable_leftovers` (partitions of deleted topics start-up deleted, or could not) | gauge | |
 //! | `recovery_skipped_dirs` (partition directories whose metadata names another partition) | gauge | |
 //! | `recovery_stale_batches_erased` | counter | |
@@ -262,6 +263,7 @@ pub struct Metrics {
     inflight_shared_admits: Counter,
     recovery_truncated_bytes: Counter,
     recovery_quarantined_partitions: Gauge,
+    storage_quarantined_partitions: Gauge,
     recovery_deleted_leftovers: Gauge,
     recovery_undeletable_leftovers: Gauge,
     recovery_skipped_dirs: Gauge,
@@ -429,6 +431,7 @@ impl Metrics {
             inflight_shared_admits: Counter::default(),
             recovery_truncated_bytes: Counter::default(),
             recovery_quarantined_partitions: Gauge::default(),
+            storage_quarantined_partitions: Gauge::default(),
             recovery_deleted_leftovers: Gauge::default(),
             recovery_undeletable_leftovers: Gauge::default(),
             recovery_skipped_dirs: Gauge::default(),
@@ -659,6 +662,12 @@ impl Metrics {
             "recovery_quarantined_partitions",
             "Partitions read-only because of corruption before their durable tail",
             m.recovery_quarantined_partitions.clone(),
+        );
+        m.registry.register(
+            "storage_quarantined_partitions",
+            "Partitions quarantined now (read-only, or not loaded), at start-up or since, until \
+             their topic is deleted",
+            m.storage_quarantined_partitions.clone(),
         );
         m.registry.register(
             "recovery_deleted_leftovers",
@@ -1010,6 +1019,12 @@ impl Metrics {
         self.recovery_undeletable_leftovers
             .set(gauge(r.undeletable_leftovers));
         self.recovery_skipped_dirs.set(gauge(r.skipped_dirs));
+    }
+
+    /// Storage's partitions quarantined now (`StorageStats::quarantined`).
+    pub fn observe_storage(&self, quarantined: u64) {
+        self.storage_quarantined_partitions
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
     }
 
     /// A topic was deleted: drop its series (existing [`TopicMetrics`]

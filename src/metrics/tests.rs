@@ -97,6 +97,7 @@ fn scrape_shows_recorded_values() {
         skipped_dirs: 4,
     });
     m.record_recovery_erased(3);
+    m.observe_storage(2);
     m.record_recovery_damaged(7);
     {
         use crate::storage::IoObserver;
@@ -168,6 +169,7 @@ fn scrape_shows_recorded_values() {
         ("skiff_tls_handshake_failures_total", 1.0),
         ("skiff_recovery_truncated_bytes_total", 4096.0),
         ("skiff_recovery_quarantined_partitions", 1.0),
+        ("skiff_storage_quarantined_partitions", 2.0),
         ("skiff_recovery_deleted_leftovers", 2.0),
         ("skiff_recovery_undeletable_leftovers", 3.0),
         ("skiff_recovery_skipped_dirs", 4.0),

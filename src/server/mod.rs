@@ -577,6 +577,7 @@ impl crate::metrics::Refresh for MetricsRefresh {
         self.share(metrics);
         self.txns(metrics);
         self.producers(metrics);
+        metrics.observe_storage(self.broker.storage_stats().quarantined);
     }
 
     /// The storage fallbacks in use: a topic created since start-up may
