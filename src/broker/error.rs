@@ -128,9 +128,10 @@ pub enum BrokerError {
     /// partition, and storage's error naming the directory). They are
     /// deleted again when the name is created and at the next start.
     /// Or it could not rewrite these settings files without the topic
-    /// (`msgid.meta`, `cleanup.meta`): the entries left are replaced when
-    /// the name is created again. `storage_full` when a full disk is all
-    /// that failed ([`BrokerError::is_disk_full`]).
+    /// (`msgid.meta`, `cleanup.meta`): the entries left are dropped at the
+    /// next start, or replaced if the name is created again before.
+    /// `storage_full` when a full disk is all that failed
+    /// ([`BrokerError::is_disk_full`]).
     TopicDeleteIncomplete {
         topic: String,
         left: Vec<(u32, Arc<StorageError>)>,
@@ -248,7 +249,8 @@ impl std::fmt::Display for BrokerError {
                     }
                     write!(
                         f,
-                        " they are replaced when '{topic}' is created again"
+                        " they are dropped at the next start, or replaced if '{topic}' is \
+                         created again before"
                     )?;
                     if settings.iter().any(|(_, e)| disk_full(e)) {
                         write!(

@@ -395,6 +395,40 @@ pub struct RecoverySummary {
     pub skipped_dirs: u64,
 }
 
+/// `entries` (read from the settings file `path`) without those of topics
+/// the table does not list: left by a delete that could not rewrite the
+/// file, or a create a failure or crash cut short. Kept, they would be
+/// the settings of a topic created by the name later without them. The
+/// file is rewritten without them; if it cannot be, they go at the next
+/// start.
+fn drop_unlisted<V: Serialize>(
+    path: &std::path::Path,
+    mut entries: BTreeMap<String, V>,
+    topics: &BTreeMap<String, TopicMeta>,
+) -> BTreeMap<String, V> {
+    let before = entries.len();
+    entries.retain(|topic, _| {
+        let listed = topics.contains_key(topic);
+        if !listed {
+            log::info!(
+                "{}: dropping the settings of topic {topic}, which is not listed (a delete or \
+                 create that could not finish)",
+                path.display()
+            );
+        }
+        listed
+    });
+    if entries.len() != before {
+        if let Err(e) = meta::write_atomic(path, &entries) {
+            log::warn!(
+                "{}: cannot rewrite it without the topics not listed (ignored meanwhile): {e}",
+                path.display()
+            );
+        }
+    }
+    entries
+}
+
 /// Which new topics are held back from dropping anything (see
 /// [`Broker::hold_new_topics`]).
 pub type HoldNew = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -460,6 +494,8 @@ impl Broker {
                     BTreeMap::new()
                 }
             };
+        let cleanup = drop_unlisted(&cleanup_path, cleanup, &topics);
+        let msgid = drop_unlisted(&msgid_path, msgid, &topics);
         let reserved = Self::reserved_bytes(&topics, &cleanup, &internal_topics);
         if reserved > limits.disk_budget_bytes {
             // Topics from before the limit was lowered (or from before the
@@ -1324,7 +1360,7 @@ impl Broker {
         }
         self.delete_leftovers(name).await;
         // Settings first: a crash after them leaves entries of a topic
-        // the table does not list, which a create of the name replaces;
+        // the table does not list, which the next start drops;
         // the table first would leave a listed topic without them (a
         // compacted topic that never compacts).
         if let Err((file, e)) = self.set_settings(name, Some(window), Some(cleanup)) {
@@ -1412,8 +1448,8 @@ impl Broker {
     }
 
     /// Takes a topic not created after all out of the settings files. One
-    /// that cannot be rewritten keeps its entry, which a create of the
-    /// name replaces.
+    /// that cannot be rewritten keeps its entry, which the next start
+    /// drops (the table does not list the topic).
     fn unset_settings(&self, name: &str) {
         if let Err((file, e)) = self.set_settings(name, None, None) {
             log::warn!("topic {name} not created, but its entry stays in {file}: {e}");

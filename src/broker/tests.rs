@@ -543,3 +543,54 @@ fn a_delete_that_cannot_rewrite_its_settings_on_a_full_disk_says_so() {
     }
     b.close().expect("close");
 }
+
+/// Settings of a topic that is not listed (a delete could not rewrite
+/// them; a create cut short) used to be loaded and kept until the name
+/// was created again. The next start drops them and rewrites the files
+/// without them.
+#[test]
+fn settings_of_a_topic_not_listed_are_dropped_at_start() {
+    let rig = Rig::fault(33);
+    let b = open(rig.open(), &rig);
+    let spec = TopicSpec {
+        msg_id_window_records: Some(10),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    create(&b, "gone", spec.clone());
+    create(&b, "kept", spec);
+    let files = [MSGID_META_FILE, cleaner::CLEANUP_META_FILE];
+    let in_the_way: Vec<_> = files
+        .iter()
+        .map(|f| rig.dir.path().join(format!("{f}.tmp")))
+        .collect();
+    for dir in &in_the_way {
+        std::fs::create_dir(dir).expect("mkdir");
+    }
+    let e = block_on(b.delete_topic("gone")).expect_err("settings not rewritten");
+    assert!(
+        matches!(&e, BrokerError::TopicDeleteIncomplete { settings, .. } if settings.len() == 2),
+        "{e:?}"
+    );
+    b.close().expect("close");
+    drop(b);
+    for dir in &in_the_way {
+        std::fs::remove_dir(dir).expect("rmdir");
+    }
+    for f in files {
+        assert!(
+            file_holds(&rig, f, "gone"),
+            "{f}: the delete did rewrite it"
+        );
+    }
+    let b = open(rig.open(), &rig);
+    for f in files {
+        assert!(!file_holds(&rig, f, "gone"), "{f} still holds the topic");
+        assert!(file_holds(&rig, f, "kept"), "{f} lost a listed topic");
+    }
+    assert!(!b.msg_id_config("gone").enabled());
+    assert_eq!(b.cleanup_config("gone"), CleanupConfig::default());
+    assert!(b.msg_id_config("kept").enabled());
+    assert_eq!(b.cleanup_config("kept").policy, CleanupPolicy::Compact);
+    b.close().expect("close");
+}
