@@ -149,6 +149,7 @@ fn the_documented_errors_are_what_skiff_prints() {
     let documented_path = "/etc/skiff/skiff.toml";
     let cases = [
         "data_dir = \"/var/lib/skiff\"\n[server]\nmax_conections = 3\n".to_owned(),
+        "[storage]\nbakend = \"pwrite\"\n\n[server]\nmax_conections = 3\n".to_owned(),
         format!(
             "data_dir = \"/var/lib/skiff\"\n{}[topic_defaults]\nfsync = \"sometimes\"\n",
             "# a comment line\n".repeat(9)

@@ -8,12 +8,18 @@ use std::fmt;
 pub struct ConfigError {
     /// The file path, `profile 'NAME' (...)`, `embedded default config` or
     /// `command line`.
-    pub source_name: String,
+    /// (Boxed, as `more` is, to keep the error small: it is returned
+    /// through every config call.)
+    pub source_name: Box<str>,
     /// 1-based line of the offending key, when it comes from a file.
     pub line: Option<usize>,
     pub kind: ConfigErrorKind,
     /// The key probably meant, for an unknown one: shown after the line.
     pub did_you_mean: Option<String>,
+    /// For an unknown key, the source's other unknown keys, in file order
+    /// (each with its line and hint): one run of `skiff config check`
+    /// shows every typo, not one per run.
+    pub more: Box<[ConfigError]>,
 }
 
 #[derive(Debug)]
@@ -43,10 +49,11 @@ pub enum ConfigErrorKind {
 impl ConfigError {
     pub(crate) fn new(source_name: String, line: Option<usize>, kind: ConfigErrorKind) -> Self {
         ConfigError {
-            source_name,
+            source_name: source_name.into_boxed_str(),
             line,
             kind,
             did_you_mean: None,
+            more: Box::default(),
         }
     }
 
@@ -67,6 +74,18 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.source_name)?;
+        self.write_what(f)?;
+        for e in &self.more {
+            write!(f, "; also ")?;
+            e.write_what(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// The error without its source: what, the line, the hint.
+    fn write_what(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             ConfigErrorKind::Io(e) => write!(f, "cannot read: {e}")?,
             ConfigErrorKind::Syntax(m) => {

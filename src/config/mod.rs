@@ -108,14 +108,15 @@ impl Layer {
         Ok(layer)
     }
 
-    /// Rejects keys the schema does not know, with their dotted path and
-    /// line, and keys that do not belong in this kind of layer (a profile
+    /// Rejects keys the schema does not know (every one, in one error),
+    /// with their dotted path and line, and keys that do not belong in this kind of layer (a profile
     /// names a device, not an install, so it has no `data_dir`).
     ///
     /// serde's `deny_unknown_fields` would catch unknown keys too, but its
     /// error names neither the full path nor the line; this walk does.
     fn check_keys(&self) -> Result<(), ConfigError> {
         let known = known_keys();
+        let mut unknown = Vec::new();
         let mut stack: Vec<(String, &dyn toml_edit::TableLike)> = vec![(
             String::new(),
             self.doc.as_table() as &dyn toml_edit::TableLike,
@@ -138,7 +139,8 @@ impl Layer {
                         ConfigErrorKind::UnknownKey(path.clone()),
                     );
                     err.did_you_mean = did_you_mean(&path, &known);
-                    return Err(err);
+                    unknown.push(err);
+                    continue;
                 }
                 if matches!(self.origin, Origin::Profile(_))
                     && (path == "data_dir" || path == "profile")
@@ -166,7 +168,16 @@ impl Layer {
                 }
             }
         }
-        Ok(())
+        // The walk's order is a stack's: the file's is the reader's.
+        unknown.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.key().map(str::to_owned)));
+        let mut unknown = unknown.into_iter();
+        match unknown.next() {
+            Some(mut first) => {
+                first.more = unknown.collect();
+                Err(first)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The line of a dotted key in this layer, if the layer sets it. A part

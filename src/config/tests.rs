@@ -90,6 +90,50 @@ fn unknown_key_names_file_dotted_key_and_line() {
     );
 }
 
+/// Only the first unknown key used to be reported, so a file with three
+/// typos took three runs of `skiff config check`. Every one is, in file
+/// order, each with its line and hint.
+#[test]
+fn every_unknown_key_is_reported_at_once() {
+    let err = load_text(
+        "skiff-bad.toml",
+        "data_dir = \"x\"\nqqqq = 1\n[storage]\nbakend = \"pwrite\"\n\
+         [server]\nmax_conections = 3\nmax_topics = 8\n[sever]\nlisten = \"\"\n",
+    )
+    .expect_err("typos must be rejected");
+    let all: Vec<_> = std::iter::once(&err).chain(&err.more).collect();
+    let got: Vec<_> = all
+        .iter()
+        .map(|e| (e.key(), e.line, e.did_you_mean.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some("qqqq"), Some(2), None),
+            (Some("storage.bakend"), Some(4), Some("storage.backend")),
+            (
+                Some("server.max_conections"),
+                Some(6),
+                Some("server.max_connections")
+            ),
+            (Some("sever"), Some(8), Some("server")),
+        ]
+    );
+    assert!(all
+        .iter()
+        .all(|e| matches!(e.kind, ConfigErrorKind::UnknownKey(_))));
+    let shown = err.to_string();
+    assert!(
+        shown.ends_with(
+            "skiff-bad.toml: unknown key 'qqqq' (line 2); also unknown key 'storage.bakend' \
+         (line 4); did you mean 'storage.backend'?; also unknown key 'server.max_conections' \
+         (line 6); did you mean 'server.max_connections'?; also unknown key 'sever' (line 8); \
+         did you mean 'server'?"
+        ),
+        "{shown}"
+    );
+}
+
 #[test]
 fn an_unknown_key_names_the_key_probably_meant_if_any() {
     let meant = |text: &str| load_text("a.toml", text).expect_err(text).did_you_mean;
