@@ -63,7 +63,7 @@ fn commit(rig: &Rig, group: &str) -> Result<(), GroupError> {
 }
 
 fn is_too_many_groups(e: &GroupError, max: u32) -> bool {
-    matches!(e, GroupError::Invalid(m) if m == &format!("too many groups: groups.max_groups is {max}"))
+    matches!(e, GroupError::TooManyGroups { max: m } if *m == max as usize)
 }
 
 fn group_count(rig: &Rig) -> usize {

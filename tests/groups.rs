@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    assert_fails, assert_ok, json_lines, skiff_command, stderr, stdout, wait_until, Broker,
-    INTERNAL_TOPICS_DISK_BYTES,
+    assert_fails, assert_ok, hello_body, json_lines, skiff_command, stderr, stdout, wait_until,
+    Broker, RawConn, INTERNAL_TOPICS_DISK_BYTES,
 };
 use skiff::client::{Client, Producer, ProducerConfig};
-use skiff::protocol::{ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition};
+use skiff::protocol::{
+    ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition, RequestBody, ResponseBody,
+};
 
 /// Long enough that no member of a busy CI machine misses it: only the
 /// test of a killed member waits for a session to end, with its own.
@@ -410,6 +412,54 @@ fn a_join_bringing_too_much_is_refused_with_the_limit_named() {
             .expect("a member at the limits joins");
         assert_eq!(ok.members, 1);
     });
+}
+
+/// `groups.max_groups` and `groups.max_members_per_group` have their own
+/// codes from protocol version 4 (`too_many_members` retriable, since a
+/// member leaving frees its slot); a version 3 client still gets
+/// `invalid_request`, with the same message naming the limit.
+#[test]
+fn joins_past_the_group_limits_are_typed_for_version_4_and_invalid_request_before() {
+    let b = Broker::start("[groups]\nmax_groups = 1\nmax_members_per_group = 1\n");
+    create(&b, "t", "1");
+    let join = |group: &str| JoinGroupRequest {
+        group: group.into(),
+        // The first member must outlive the test on a busy machine.
+        session_timeout_ms: 300_000,
+        ..join_request(None, vec!["t".into()], vec![], None)
+    };
+    let refusals = [
+        ("g", "group 'g' is full: groups.max_members_per_group is 1"),
+        ("h", "too many groups: groups.max_groups is 1"),
+    ];
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        assert_eq!(c.server_info().await.unwrap().version, 4);
+        c.join_group(join("g")).await.expect("the first member");
+        for ((group, message), code) in refusals
+            .iter()
+            .zip([ErrorCode::TooManyMembers, ErrorCode::TooManyGroups])
+        {
+            let e = c.join_group(join(group)).await.unwrap_err();
+            assert_eq!(e.code(), Some(code), "{e}");
+            assert_eq!(e.is_retriable(), code == ErrorCode::TooManyMembers);
+            assert!(e.to_string().contains(message), "{e}");
+        }
+    });
+    let mut old = RawConn::connect(&b.tcp);
+    old.send_request(1, hello_body(1, 3));
+    assert!(matches!(
+        old.read_response().map(|r| r.body),
+        Some(ResponseBody::Hello(h)) if h.version == 3
+    ));
+    for (i, (group, message)) in refusals.iter().enumerate() {
+        old.send_request(2 + i as u32, RequestBody::JoinGroup(join(group)));
+        let r = old.expect_error(ErrorCode::InvalidRequest);
+        let ResponseBody::Error(e) = r.body else {
+            unreachable!()
+        };
+        assert_eq!(e.message, *message);
+    }
 }
 
 #[test]

@@ -139,6 +139,18 @@ pub enum ErrorCode {
     /// `delete` or a reset of a group that has members. Not retriable
     /// until they stop.
     GroupNotEmpty = 35,
+    /// A join or commit that would make one more group than
+    /// `groups.max_groups`. Not retriable: a slot frees only when a group
+    /// is deleted or its offsets expire (`groups.offsets_retention_ms`),
+    /// far past any client's retries. Since protocol version 4; an older
+    /// client gets `invalid_request`.
+    TooManyGroups = 36,
+    /// A join of one more member than `groups.max_members_per_group` (in
+    /// its group) or `groups.max_members` (over all groups). Retriable: a
+    /// slot frees as soon as a member leaves, or within its session
+    /// timeout once it stops (a restarted consumer's old member, say).
+    /// Since protocol version 4; an older client gets `invalid_request`.
+    TooManyMembers = 37,
     // ----------------------------------------- transactions: 40..=44
     /// The request does not fit the transaction's state: a produce while
     /// it commits, an end or offsets for an id never initialised. Not
@@ -165,7 +177,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in wire order. Used by tests and by the docs table.
-    pub const ALL: [ErrorCode; 36] = [
+    pub const ALL: [ErrorCode; 38] = [
         Self::None,
         Self::UnknownTopic,
         Self::UnknownPartition,
@@ -198,6 +210,8 @@ impl ErrorCode {
         Self::RebalanceInProgress,
         Self::NotOwner,
         Self::GroupNotEmpty,
+        Self::TooManyGroups,
+        Self::TooManyMembers,
         Self::InvalidTxnState,
         Self::ConcurrentTransactions,
         Self::TooManyTransactionalIds,
@@ -248,6 +262,8 @@ impl ErrorCode {
             Self::RebalanceInProgress => "rebalance_in_progress",
             Self::NotOwner => "not_owner",
             Self::GroupNotEmpty => "group_not_empty",
+            Self::TooManyGroups => "too_many_groups",
+            Self::TooManyMembers => "too_many_members",
             Self::InvalidRecord => "invalid_record",
             Self::RingFullOfLiveData => "ring_full_of_live_data",
             Self::UpstreamBacklogFull => "upstream_backlog_full",
@@ -268,6 +284,7 @@ impl ErrorCode {
                 | Self::ShuttingDown
                 | Self::UpstreamBacklogFull
                 | Self::ConcurrentTransactions
+                | Self::TooManyMembers
         )
     }
 

@@ -37,9 +37,10 @@ pub use types::*;
 ///   compaction and topic changes (50..=52).
 /// - 3: transactions (operations 60..=69, fetch isolation) and share groups
 ///   (operations 70..=79, docs/queues.md).
-/// - 4: the transaction coordinator's refusals as their own codes
-///   (`concurrent_transactions`, retriable; `too_many_transactional_ids`),
-///   and a share group member's leave (`share_leave`, operation 75).
+/// - 4: the coordinators' refusals at their limits as their own codes
+///   (`concurrent_transactions` and `too_many_members`, retriable;
+///   `too_many_transactional_ids`, `too_many_groups`), and a share group
+///   member's leave (`share_leave`, operation 75).
 ///
 /// [`RequestBody::since_version`] says which, per operation.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -66,8 +67,8 @@ pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
 /// `body` as a client of protocol `version` may be sent it: before
 /// version 2 there is no `upstream_backlog_full`, and such a client gets
 /// `storage_full` (also retriable, with the same meaning to it); before
-/// version 4 the coordinator's refusals are `invalid_request`, as they
-/// were then.
+/// version 4 the coordinators' refusals at their limits are
+/// `invalid_request`, as they were then.
 pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
     if version >= 4 {
         return body;
@@ -75,9 +76,10 @@ pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
     let old = |code: &mut ErrorCode| {
         *code = match *code {
             ErrorCode::UpstreamBacklogFull if version < 2 => ErrorCode::StorageFull,
-            ErrorCode::ConcurrentTransactions | ErrorCode::TooManyTransactionalIds => {
-                ErrorCode::InvalidRequest
-            }
+            ErrorCode::ConcurrentTransactions
+            | ErrorCode::TooManyTransactionalIds
+            | ErrorCode::TooManyGroups
+            | ErrorCode::TooManyMembers => ErrorCode::InvalidRequest,
             c => c,
         }
     };

@@ -538,7 +538,7 @@ fn every_error_code_round_trips_and_names_are_unique() {
         let bytes = minicbor::to_vec(code).unwrap();
         assert_eq!(minicbor::decode::<ErrorCode>(&bytes).unwrap(), *code);
     }
-    for unused in [26, 29, 36, 1000] {
+    for unused in [26, 29, 38, 1000] {
         assert_eq!(ErrorCode::from_u16(unused), None);
     }
 }
@@ -1805,16 +1805,21 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
     assert_eq!(crate::protocol::for_version(full.clone(), 2), full);
 }
 
-/// The coordinator's refusals have their own codes from version 4 (one
-/// retriable); a version 3 client gets `invalid_request`, as before, in an
-/// error answer and in a produce result alike.
+/// The coordinators' refusals at their limits have their own codes from
+/// version 4 (those a slot soon frees for retriable); a version 3 client
+/// gets `invalid_request`, as before, in an error answer and in a produce
+/// result alike.
 #[test]
 fn coordinator_refusals_are_invalid_request_before_version_4() {
     assert!(ErrorCode::ConcurrentTransactions.is_retriable());
     assert!(!ErrorCode::TooManyTransactionalIds.is_retriable());
+    assert!(ErrorCode::TooManyMembers.is_retriable());
+    assert!(!ErrorCode::TooManyGroups.is_retriable());
     for code in [
         ErrorCode::ConcurrentTransactions,
         ErrorCode::TooManyTransactionalIds,
+        ErrorCode::TooManyGroups,
+        ErrorCode::TooManyMembers,
     ] {
         let error = ResponseBody::Error(ErrorResponse {
             code,

@@ -27,6 +27,8 @@ pub(crate) fn group_error_code(e: &GroupError) -> ErrorCode {
         GroupError::NotOwner { .. } => ErrorCode::NotOwner,
         GroupError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
         GroupError::Invalid(_) => ErrorCode::InvalidRequest,
+        GroupError::TooManyGroups { .. } => ErrorCode::TooManyGroups,
+        GroupError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
         GroupError::Broker(e) => broker_error_code(e),
     }
 }

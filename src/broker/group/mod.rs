@@ -146,6 +146,12 @@ pub enum GroupError {
     NotEmpty { group: String, members: usize },
     /// A bad argument: names, timeouts, assignor.
     Invalid(String),
+    /// `groups.max_groups` groups are kept: a new one is refused.
+    TooManyGroups { max: usize },
+    /// A join of one more member past `groups.max_members_per_group` in
+    /// `group`, or past `groups.max_members` over all groups (`group`
+    /// `None`).
+    TooManyMembers { group: Option<String>, max: usize },
     /// The broker refused the topic or partition, or the offsets log
     /// could not be written.
     Broker(Arc<BrokerError>),
@@ -183,6 +189,20 @@ impl std::fmt::Display for GroupError {
                 )
             }
             Self::Invalid(m) => f.write_str(m),
+            Self::TooManyGroups { max } => {
+                write!(f, "too many groups: groups.max_groups is {max}")
+            }
+            Self::TooManyMembers { group: None, max } => write!(
+                f,
+                "too many group members: groups.max_members is {max} (members of all groups together)"
+            ),
+            Self::TooManyMembers {
+                group: Some(g),
+                max,
+            } => write!(
+                f,
+                "group '{g}' is full: groups.max_members_per_group is {max}"
+            ),
             Self::Broker(e) => write!(f, "{e}"),
         }
     }
@@ -584,10 +604,9 @@ impl Coordinator {
         let known = groups.contains_key(group) || reserved.contains_key(group);
         let count = groups.len() + reserved.keys().filter(|g| !groups.contains_key(*g)).count();
         if !known && count >= self.config.max_groups {
-            return Err(GroupError::Invalid(format!(
-                "too many groups: groups.max_groups is {}",
-                self.config.max_groups
-            )));
+            return Err(GroupError::TooManyGroups {
+                max: self.config.max_groups,
+            });
         }
         Ok(Reservation::new(&self.reserved, &mut reserved, group))
     }
@@ -768,10 +787,10 @@ impl Coordinator {
             });
             let members: usize = groups.values().map(|g| g.members.len()).sum();
             if !rejoins && members >= self.config.max_members {
-                return Err(GroupError::Invalid(format!(
-                    "too many group members: groups.max_members is {} (members of all groups together)",
-                    self.config.max_members
-                )));
+                return Err(GroupError::TooManyMembers {
+                    group: None,
+                    max: self.config.max_members,
+                });
             }
         }
         let g = groups
@@ -824,10 +843,10 @@ impl Coordinator {
                         .map(|(id, _)| id.clone())
                 });
                 if old.is_none() && g.members.len() >= self.config.max_members_per_group {
-                    return Err(GroupError::Invalid(format!(
-                        "group '{}' is full: groups.max_members_per_group is {}",
-                        spec.group, self.config.max_members_per_group
-                    )));
+                    return Err(GroupError::TooManyMembers {
+                        group: Some(spec.group.clone()),
+                        max: self.config.max_members_per_group,
+                    });
                 }
                 let mut m = Member {
                     instance_id: spec.instance_id.clone(),

@@ -413,7 +413,13 @@ fn a_join_past_max_members_over_all_groups_is_refused_until_one_leaves() {
     join("g2").expect("join");
     let err = join("g3").expect_err("a fourth member of all groups");
     assert!(
-        matches!(&err, GroupError::Invalid(m) if m.contains("groups.max_members is 3")),
+        matches!(
+            &err,
+            GroupError::TooManyMembers {
+                group: None,
+                max: 3
+            }
+        ),
         "{err}"
     );
     assert_eq!(c.lock().len(), 3, "the refused join made no group");
