@@ -1051,7 +1051,7 @@ fn a_dead_letter_write_that_keeps_failing_is_retried_slowly_and_logged_once() {
     assert_eq!(b.stop(), Some(0));
     common::make_unloadable(&b.data_dir().join("topics/poison/0"));
     b.restart();
-    let line = "a dead-letter write for poison/0 failed";
+    let line = "a dead-letter write for poison/0 to poison.dlq failed";
     wait_until(WAIT, "the failure logged", || b.log().contains(line));
     // A locked record keeps the expiry pass running every 50 ms.
     assert_ok(&b.cli_stdin(&["produce", "fine"], Some(b"r\n")));

@@ -559,6 +559,7 @@ pub struct ShareCoordinator {
     /// them, dead-letter writes) are logged once a minute.
     skips: QuietLog<SpKey>,
     dead_letter_failures: QuietLog<SpKey>,
+    log_failures: QuietLog<()>,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
     /// (group, member) -> until when the member counts as active: its
@@ -625,6 +626,7 @@ impl ShareCoordinator {
                     k.0, k.1, k.2
                 )
             }),
+            log_failures: QuietLog::new(|_| format!("share log {SHARE_TOPIC}: writes failed")),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
             members: Mutex::new(BTreeMap::new()),
         };
@@ -1387,9 +1389,16 @@ impl ShareCoordinator {
     }
 
     /// Writes dead records to their dead-letter topics and marks them
-    /// done once written; on failure they are available again.
+    /// done once written; on failure they are available again, and the
+    /// failure is logged (once a minute a partition at most).
     async fn dead_letter(&self, dying: Vec<Dying>) -> Result<(), ShareError> {
         let result = self.write_dead_letters(&dying).await;
+        if let Err(e) = &result {
+            let keys: BTreeSet<&SpKey> = dying.iter().map(|d| &d.key).collect();
+            for key in keys {
+                self.dead_letter_failed(key, e);
+            }
+        }
         {
             let mut parts = self.lock();
             let retry = result.is_err().then(|| Instant::now() + DEAD_LETTER_RETRY);
@@ -1414,6 +1423,22 @@ impl ShareCoordinator {
             self.changed.notify(usize::MAX);
         }
         result
+    }
+
+    /// Logs a failed dead-letter write of `key`'s records, unless one was
+    /// logged within [`super::quiet_log::QUIET_LOG_WINDOW`]: it is tried again every
+    /// [`DEAD_LETTER_RETRY`] while it fails.
+    fn dead_letter_failed(&self, key: &SpKey, e: &ShareError) {
+        if let Some(more) = self.dead_letter_failures.due(key) {
+            let dlq = self.config.settings(&key.0, &key.1).dead_letter_topic;
+            log::warn!(
+                "share group {}: a dead-letter write for {}/{} to {dlq} failed, retried every {} s: {e}{more}",
+                key.0,
+                key.1,
+                key.2,
+                DEAD_LETTER_RETRY.as_secs()
+            );
+        }
     }
 
     async fn write_dead_letters(&self, dying: &[Dying]) -> Result<(), ShareError> {
@@ -1492,7 +1517,7 @@ impl ShareCoordinator {
     }
 
     /// Creates a dead-letter topic with the broker's defaults, one
-    /// partition, if it does not exist.
+    /// partition, if it does not exist. A failure is the caller's to log.
     async fn ensure_topic(&self, name: &str) -> Result<(), ShareError> {
         if self.broker.topic(name).is_ok() {
             return Ok(());
@@ -1506,10 +1531,7 @@ impl ShareCoordinator {
                 log::info!("dead-letter topic {name} created");
                 Ok(())
             }
-            Err(e) => {
-                log::warn!("cannot create the dead-letter topic {name}: {e}");
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -1584,26 +1606,14 @@ impl ShareCoordinator {
             return locked;
         }
         let keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
-        if let Err(e) = self.dead_letter(dying).await {
-            for key in &keys {
-                if let Some(more) = self.dead_letter_failures.due(key) {
-                    log::warn!(
-                        "share group {}: a dead-letter write for {}/{} failed, retried every {} s: {e}{more}",
-                        key.0,
-                        key.1,
-                        key.2,
-                        DEAD_LETTER_RETRY.as_secs()
-                    );
-                }
-            }
+        if self.dead_letter(dying).await.is_err() {
             return locked;
         }
         if self.settle(&keys) {
             self.changed.notify(usize::MAX);
         }
-        if let Err(e) = self.write(keys.into_iter().collect()).await {
-            log::warn!("share log: write failed: {e}");
-        }
+        // A failure is logged by the writer, which sees them all.
+        let _ = self.write(keys.into_iter().collect()).await;
         locked
     }
 
@@ -1656,7 +1666,13 @@ impl ShareCoordinator {
                 Ok(()) => {
                     self.log_writes.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => log::warn!("share log: write failed: {e}"),
+                // Every fetch or acknowledgement writes: a log that keeps
+                // failing would log a line for each.
+                Err(e) => {
+                    if let Some(more) = self.log_failures.due(&()) {
+                        log::warn!("share log {SHARE_TOPIC}: write failed: {e}{more}");
+                    }
+                }
             }
             for p in round {
                 let _ = p.done.try_send(result.clone());
@@ -1714,11 +1730,9 @@ impl ShareCoordinator {
         }
         let spec = self.config.share_topic_spec(self.broker.max_batch_bytes());
         match self.broker.create_topic(SHARE_TOPIC, &spec).await {
+            // A failure is logged by the writer, with the rest.
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
-            Err(e) => {
-                log::warn!("cannot create the share log {SHARE_TOPIC}: {e}");
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -854,3 +854,110 @@ fn an_acknowledgement_whose_state_is_not_written_can_be_retried() {
     assert_eq!(window(&c, "t", 0), [(1, 1, false)]);
     c.broker().close().expect("closed");
 }
+
+/// Warnings logged in this process: nextest runs each test in its own,
+/// and each test below counts lines naming what is its own.
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let mut w = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
+            w.push(r.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_warnings() {
+    // Another test of this process may have set it already.
+    let _ = log::set_logger(&Capture);
+    log::set_max_level(log::LevelFilter::Warn);
+}
+
+/// The warnings logged so far that contain each of `words`.
+fn warnings(words: &[&str]) -> Vec<String> {
+    let w = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
+    w.iter()
+        .filter(|l| words.iter().all(|s| l.contains(s)))
+        .cloned()
+        .collect()
+}
+
+/// Rejections whose dead-letter topic cannot be made (the broker has
+/// `max_topics`) fail, each, and the failure is logged once a minute for
+/// the partition, not once for each (nor again by the topic's creation).
+#[test]
+fn a_dead_letter_topic_that_cannot_be_made_is_logged_once_a_minute() {
+    capture_warnings();
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig, ShareConfig::default());
+    create(c.broker(), "poison");
+    fill(c.broker(), "poison", 3);
+    assert_eq!(take(&c, "poison", "w", 3).len(), 3, "the share log is made");
+    // The fourth topic of the rig's four.
+    create(c.broker(), "full");
+    for offset in 0..3 {
+        let reject = Ack {
+            partition: 0,
+            offset,
+            kind: AckKind::Reject,
+            error: None,
+        };
+        let results = block_on(c.acknowledge("g", "poison", "w", vec![reject])).expect("acked");
+        assert!(
+            matches!(&results[0], Err(ShareError::Broker(e)) if matches!(**e, BrokerError::TooManyTopics { .. })),
+            "{results:?}"
+        );
+    }
+    let lines = warnings(&["poison.dlq"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("poison/0"), "{lines:#?}");
+    c.broker().close().expect("closed");
+}
+
+/// A share log that keeps failing is logged once a minute, not once for
+/// each write (every fetch and acknowledgement writes), and the expiry
+/// pass's failed write is logged once, by the writer.
+#[test]
+fn a_share_log_that_keeps_failing_is_logged_once_a_minute() {
+    use crate::storage::io::fault::FaultPlan;
+    capture_warnings();
+    let rig = Rig::fault(19);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(
+        &rig,
+        ShareConfig {
+            max_deliveries: 1,
+            lock_ms: 1,
+            ..ShareConfig::default()
+        },
+    );
+    fill(c.broker(), "t", 2);
+    assert_eq!(take(&c, "t", "w", 1).len(), 1, "the share log is made");
+    std::thread::sleep(Duration::from_millis(10));
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(SHARE_TOPIC),
+        errno: libc::EROFS,
+        ..FaultPlan::default()
+    });
+    // The lapsed record goes to the (healthy) dead-letter topic; its
+    // window's move is not written.
+    block_on(c.expire());
+    assert_eq!(c.stats().dead_lettered, 1);
+    let failing = ["share log", "write failed"];
+    let lines = warnings(&failing);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    for _ in 0..3 {
+        assert!(block_on(c.fetch(fetch_spec("t", 10))).is_err());
+    }
+    let lines = warnings(&failing);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("closed");
+}
