@@ -1338,9 +1338,12 @@ impl ShareCoordinator {
             self.changed.notify(usize::MAX);
         }
         if !dying.is_empty() {
-            if let Err(e) = self.dead_letter(dying).await {
-                // Every dead record of this call is available again.
-                for i in dying_acks {
+            let keys: Vec<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
+            let failed = self.dead_letter(dying).await;
+            // The dead records of a partition that failed are available
+            // again.
+            for (i, key) in dying_acks.into_iter().zip(keys) {
+                if let Some(e) = failed.get(&key) {
                     results[i] = Err(e.clone());
                 }
             }
@@ -1389,40 +1392,39 @@ impl ShareCoordinator {
     }
 
     /// Writes dead records to their dead-letter topics and marks them
-    /// done once written; on failure they are available again, and the
-    /// failure is logged (once a minute a partition at most).
-    async fn dead_letter(&self, dying: Vec<Dying>) -> Result<(), ShareError> {
-        let result = self.write_dead_letters(&dying).await;
-        if let Err(e) = &result {
-            let keys: BTreeSet<&SpKey> = dying.iter().map(|d| &d.key).collect();
-            for key in keys {
-                self.dead_letter_failed(key, e);
-            }
+    /// done once written. A share partition whose records failed (its log
+    /// unreadable, its dead-letter topic not written) has them available
+    /// again, its failure logged (once a minute at most) and returned; the
+    /// others' go on.
+    async fn dead_letter(&self, dying: Vec<Dying>) -> BTreeMap<SpKey, ShareError> {
+        let failed = self.write_dead_letters(&dying).await;
+        for (key, e) in &failed {
+            self.dead_letter_failed(key, e);
         }
         {
             let mut parts = self.lock();
-            let retry = result.is_err().then(|| Instant::now() + DEAD_LETTER_RETRY);
+            let retry = Instant::now() + DEAD_LETTER_RETRY;
             for d in &dying {
-                if let Some(sp) = parts.get_mut(&d.key) {
-                    sp.dead_letter_after = retry;
-                }
-                if let Some(r) = parts
-                    .get_mut(&d.key)
-                    .and_then(|sp| sp.records.get_mut(&d.offset))
-                {
+                let Some(sp) = parts.get_mut(&d.key) else {
+                    continue;
+                };
+                let failed = failed.contains_key(&d.key);
+                sp.dead_letter_after = failed.then_some(retry);
+                if let Some(r) = sp.records.get_mut(&d.offset) {
                     if r.state == RecState::Dying {
-                        r.state = match &result {
-                            Ok(()) => RecState::Done,
-                            Err(_) => RecState::Available { not_before: None },
+                        r.state = if failed {
+                            RecState::Available { not_before: None }
+                        } else {
+                            RecState::Done
                         };
                     }
                 }
             }
         }
-        if result.is_err() {
+        if !failed.is_empty() {
             self.changed.notify(usize::MAX);
         }
-        result
+        failed
     }
 
     /// Logs a failed dead-letter write of `key`'s records, unless one was
@@ -1441,7 +1443,8 @@ impl ShareCoordinator {
         }
     }
 
-    async fn write_dead_letters(&self, dying: &[Dying]) -> Result<(), ShareError> {
+    /// The share partitions whose dead records were not written, and why.
+    async fn write_dead_letters(&self, dying: &[Dying]) -> BTreeMap<SpKey, ShareError> {
         // By source partition, then by dead-letter topic.
         let mut by_source: BTreeMap<(&str, &str, u32), Vec<&Dying>> = BTreeMap::new();
         for d in dying {
@@ -1450,13 +1453,23 @@ impl ShareCoordinator {
                 .or_default()
                 .push(d);
         }
-        let mut batches: BTreeMap<String, BatchBuilder> = BTreeMap::new();
-        let mut count = 0u64;
+        let mut failed: BTreeMap<SpKey, ShareError> = BTreeMap::new();
+        // By dead-letter topic: its batch, and the share partitions in it
+        // with their count of records.
+        let mut batches: BTreeMap<String, (BatchBuilder, Vec<(SpKey, u64)>)> = BTreeMap::new();
         for ((group, topic, partition), ds) in by_source {
+            let key: SpKey = (group.to_owned(), topic.to_owned(), partition);
             let wanted: BTreeMap<u64, u32> = ds.iter().map(|d| (d.offset, d.deliveries)).collect();
-            let found = self.read_records(topic, partition, &wanted).await?;
+            let found = match self.read_records(topic, partition, &wanted).await {
+                Ok(found) => found,
+                Err(e) => {
+                    failed.insert(key, e.into());
+                    continue;
+                }
+            };
             let dlq = self.config.settings(group, topic).dead_letter_topic;
-            let b = batches.entry(dlq).or_default();
+            let (b, sources) = batches.entry(dlq).or_default();
+            let mut count = 0u64;
             for d in ds {
                 let Some(rec) = found.iter().find(|r| r.offset == d.offset) else {
                     log::warn!(
@@ -1498,21 +1511,32 @@ impl ShareCoordinator {
                     d.error
                 );
             }
+            sources.push((key, count));
         }
-        for (dlq, mut b) in batches {
+        for (dlq, (b, sources)) in batches {
             if b.is_empty() {
                 continue;
             }
-            self.ensure_topic(&dlq).await?;
-            let batch = b.finish(ProducerStamp::NONE);
-            let ack = self.broker.produce(&dlq, 0, BatchBuf::from(batch)).await?;
-            ack.await?;
-            self.dead_letter_topics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(dlq);
+            match self.produce_dead_letters(&dlq, b).await {
+                Ok(()) => {
+                    let count = sources.iter().map(|(_, n)| n).sum();
+                    self.dead_lettered.fetch_add(count, Ordering::Relaxed);
+                    self.dead_letter_topics
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(dlq);
+                }
+                Err(e) => failed.extend(sources.into_iter().map(|(key, _)| (key, e.clone()))),
+            }
         }
-        self.dead_lettered.fetch_add(count, Ordering::Relaxed);
+        failed
+    }
+
+    async fn produce_dead_letters(&self, dlq: &str, mut b: BatchBuilder) -> Result<(), ShareError> {
+        self.ensure_topic(dlq).await?;
+        let batch = b.finish(ProducerStamp::NONE);
+        let ack = self.broker.produce(dlq, 0, BatchBuf::from(batch)).await?;
+        ack.await?;
         Ok(())
     }
 
@@ -1605,8 +1629,10 @@ impl ShareCoordinator {
         if dying.is_empty() {
             return locked;
         }
-        let keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
-        if self.dead_letter(dying).await.is_err() {
+        let mut keys: BTreeSet<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
+        let failed = self.dead_letter(dying).await;
+        keys.retain(|k| !failed.contains_key(k));
+        if keys.is_empty() {
             return locked;
         }
         if self.settle(&keys) {

@@ -921,6 +921,15 @@ fn a_dead_letter_topic_that_cannot_be_made_is_logged_once_a_minute() {
     c.broker().close().expect("closed");
 }
 
+/// Records dead as soon as their first lock lapses, a millisecond on.
+fn dying_at_once() -> ShareConfig {
+    ShareConfig {
+        max_deliveries: 1,
+        lock_ms: 1,
+        ..ShareConfig::default()
+    }
+}
+
 /// A share log that keeps failing is logged once a minute, not once for
 /// each write (every fetch and acknowledgement writes), and the expiry
 /// pass's failed write is logged once, by the writer.
@@ -930,14 +939,7 @@ fn a_share_log_that_keeps_failing_is_logged_once_a_minute() {
     capture_warnings();
     let rig = Rig::fault(19);
     let disk = rig.disk().expect("fault rig").clone();
-    let c = open(
-        &rig,
-        ShareConfig {
-            max_deliveries: 1,
-            lock_ms: 1,
-            ..ShareConfig::default()
-        },
-    );
+    let c = open(&rig, dying_at_once());
     fill(c.broker(), "t", 2);
     assert_eq!(take(&c, "t", "w", 1).len(), 1, "the share log is made");
     std::thread::sleep(Duration::from_millis(10));
@@ -959,5 +961,38 @@ fn a_share_log_that_keeps_failing_is_logged_once_a_minute() {
     let lines = warnings(&failing);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("closed");
+}
+
+/// A partition whose dead records cannot be read (quarantined) fails
+/// alone: in the same expiry pass another partition's dead record goes
+/// to its dead-letter topic, and only the failing one waits to be tried
+/// again.
+#[test]
+fn an_unreadable_partition_does_not_hold_back_another_s_dead_letters() {
+    let rig = Rig::fault(20);
+    let c = quarantined_at_start(&rig, dying_at_once());
+    create(c.broker(), "u");
+    fill(c.broker(), "u", 1);
+    assert_eq!(take(&c, "u", "w", 1).len(), 1);
+    std::thread::sleep(Duration::from_millis(10));
+    block_on(c.expire());
+    assert_eq!(c.stats().dead_lettered, 1, "u/0's record");
+    assert_eq!(window(&c, "u", 0), []);
+    assert_eq!(
+        window(&c, "t", 0),
+        [(0, 1, false), (1, 1, false), (2, 1, false)]
+    );
+    let dead_letter_after = |topic: &str| {
+        let key = ("g".to_owned(), topic.to_owned(), 0);
+        c.lock().get(&key).map(|sp| sp.dead_letter_after.is_some())
+    };
+    assert_eq!(
+        dead_letter_after("t"),
+        Some(true),
+        "t/0 is tried again later"
+    );
+    assert_eq!(dead_letter_after("u"), Some(false));
+    assert_eq!(c.stats().lost, 0);
     c.broker().close().expect("closed");
 }
