@@ -323,6 +323,23 @@ fn undeliver(sp: &mut SharePartition, offset: u64, member: &Arc<str>, deadline: 
     }
 }
 
+/// Records at the window's end that were never delivered (first taken
+/// by a fetch whose state was not written) leave it: `next` is the first
+/// offset never delivered again, and describe neither lists them nor says
+/// they await redelivery, as the share log (which never held them) says
+/// after a restart.
+fn never_delivered(sp: &mut SharePartition) {
+    while let Some(entry) = sp.records.last_entry() {
+        let r = entry.get();
+        if r.deliveries > 0 || !matches!(r.state, RecState::Available { .. }) {
+            return;
+        }
+        sp.next = *entry.key();
+        entry.remove();
+    }
+    sp.settle();
+}
+
 /// The room left in one share fetch's answer.
 struct Room {
     bytes: usize,
@@ -917,6 +934,7 @@ impl ShareCoordinator {
                     for &o in offsets {
                         undeliver(sp, o, member, *deadline);
                     }
+                    never_delivered(sp);
                 }
             }
         }
