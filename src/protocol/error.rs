@@ -168,6 +168,12 @@ pub enum ErrorCode {
     /// client's retry window; reuse an id or raise the limit. Since
     /// protocol version 4; an older client gets `invalid_request`.
     TooManyTransactionalIds = 42,
+    /// A transaction cannot begin, or an open one cannot add a partition:
+    /// the coordinator keeps as many aborted transactions' ranges as its
+    /// log holds. Not retriable: a range goes only when retention removes
+    /// its partition's records up to the abort. Since protocol version 4;
+    /// an older client gets `invalid_request`.
+    TooManyAbortedTransactions = 43,
     // ------------------------------------------- share groups: 45..=49
     /// An acknowledgement for a record the member does not hold: its
     /// lock expired (the record may be with another worker now), or it
@@ -177,7 +183,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in wire order. Used by tests and by the docs table.
-    pub const ALL: [ErrorCode; 38] = [
+    pub const ALL: [ErrorCode; 39] = [
         Self::None,
         Self::UnknownTopic,
         Self::UnknownPartition,
@@ -215,6 +221,7 @@ impl ErrorCode {
         Self::InvalidTxnState,
         Self::ConcurrentTransactions,
         Self::TooManyTransactionalIds,
+        Self::TooManyAbortedTransactions,
         Self::ShareLockLost,
     ];
 
@@ -271,6 +278,7 @@ impl ErrorCode {
             Self::InvalidTxnState => "invalid_txn_state",
             Self::ConcurrentTransactions => "concurrent_transactions",
             Self::TooManyTransactionalIds => "too_many_transactional_ids",
+            Self::TooManyAbortedTransactions => "too_many_aborted_transactions",
         }
     }
 

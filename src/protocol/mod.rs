@@ -39,8 +39,9 @@ pub use types::*;
 ///   (operations 70..=79, docs/queues.md).
 /// - 4: the coordinators' refusals at their limits as their own codes
 ///   (`concurrent_transactions` and `too_many_members`, retriable;
-///   `too_many_transactional_ids`, `too_many_groups`), and a share group
-///   member's leave (`share_leave`, operation 75).
+///   `too_many_transactional_ids`, `too_many_groups`,
+///   `too_many_aborted_transactions`), and a share group member's leave
+///   (`share_leave`, operation 75).
 ///
 /// [`RequestBody::since_version`] says which, per operation.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -79,7 +80,8 @@ pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
             ErrorCode::ConcurrentTransactions
             | ErrorCode::TooManyTransactionalIds
             | ErrorCode::TooManyGroups
-            | ErrorCode::TooManyMembers => ErrorCode::InvalidRequest,
+            | ErrorCode::TooManyMembers
+            | ErrorCode::TooManyAbortedTransactions => ErrorCode::InvalidRequest,
             c => c,
         }
     };

@@ -1815,11 +1815,13 @@ fn coordinator_refusals_are_invalid_request_before_version_4() {
     assert!(!ErrorCode::TooManyTransactionalIds.is_retriable());
     assert!(ErrorCode::TooManyMembers.is_retriable());
     assert!(!ErrorCode::TooManyGroups.is_retriable());
+    assert!(!ErrorCode::TooManyAbortedTransactions.is_retriable());
     for code in [
         ErrorCode::ConcurrentTransactions,
         ErrorCode::TooManyTransactionalIds,
         ErrorCode::TooManyGroups,
         ErrorCode::TooManyMembers,
+        ErrorCode::TooManyAbortedTransactions,
     ] {
         let error = ResponseBody::Error(ErrorResponse {
             code,

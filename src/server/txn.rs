@@ -24,6 +24,7 @@ pub(crate) fn txn_error_code(e: &TxnError) -> ErrorCode {
         TxnError::TooManyOpen { .. } => ErrorCode::ConcurrentTransactions,
         TxnError::TooManyIds { .. } => ErrorCode::TooManyTransactionalIds,
         TxnError::Invalid(_) => ErrorCode::InvalidRequest,
+        TxnError::TooManyAborted { .. } => ErrorCode::TooManyAbortedTransactions,
         // The log's error says whether a retry can help (storage_failed:
         // not before a restart); the message, that the transaction ended.
         TxnError::Unrecorded { error, .. } | TxnError::Broker(error) => broker_error_code(error),

@@ -5,6 +5,7 @@
 //! fetch path only reads it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::batch::parse_header;
@@ -45,6 +46,8 @@ pub struct Filtered {
 #[derive(Debug, Default)]
 pub struct Index {
     parts: Mutex<HashMap<(String, u32), Partition>>,
+    /// Aborted ranges over all partitions; changed under `parts`' lock.
+    aborted_total: AtomicUsize,
 }
 
 impl Index {
@@ -63,6 +66,51 @@ impl Index {
             .or_insert(first);
     }
 
+    /// As [`Index::open`], unless the aborted ranges and the partitions of
+    /// open transactions (each may become a range) already reach `max`:
+    /// then false, and nothing changes. A partition already open takes no
+    /// more room.
+    pub fn open_within(
+        &self,
+        topic: &str,
+        partition: u32,
+        producer_id: u64,
+        first: u64,
+        max: usize,
+    ) -> bool {
+        let mut parts = self.lock();
+        let key = (topic.to_owned(), partition);
+        let known = parts
+            .get(&key)
+            .is_some_and(|p| p.open.contains_key(&producer_id));
+        if !known && self.ranges_locked(&parts) >= max {
+            return false;
+        }
+        parts
+            .entry(key)
+            .or_default()
+            .open
+            .entry(producer_id)
+            .or_insert(first);
+        true
+    }
+
+    fn ranges_locked(&self, parts: &HashMap<(String, u32), Partition>) -> usize {
+        let open: usize = parts.values().map(|p| p.open.len()).sum();
+        self.aborted_total.load(Ordering::Relaxed) + open
+    }
+
+    /// The aborted ranges kept, plus one for each partition of an open
+    /// transaction: the most ranges there are once those end.
+    pub fn ranges_taken(&self) -> usize {
+        self.ranges_locked(&self.lock())
+    }
+
+    /// The aborted ranges kept over all partitions.
+    pub fn aborted_count(&self) -> usize {
+        self.aborted_total.load(Ordering::Relaxed)
+    }
+
     /// The transaction ended on the partition: the stable offset moves on.
     pub fn close(&self, topic: &str, partition: u32, producer_id: u64) {
         if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
@@ -74,8 +122,12 @@ impl Index {
         let mut parts = self.lock();
         let p = parts.entry((topic.to_owned(), partition)).or_default();
         if !p.aborted.contains(&a) {
+            // Grown exactly, as the memory budget counts it; aborts are
+            // rare and the lists short (ABORTED_RANGES_MAX in all).
+            p.aborted.reserve_exact(1);
             p.aborted.push(a);
             p.aborted.sort_by_key(|a| a.marker);
+            self.aborted_total.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -90,7 +142,14 @@ impl Index {
     /// Forgets the aborted ranges whose marker left the ring.
     pub fn forget_below(&self, topic: &str, partition: u32, earliest: u64) {
         if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+            let before = p.aborted.len();
             p.aborted.retain(|a| a.marker >= earliest);
+            if p.aborted.len() < before {
+                // What is counted is what is held.
+                p.aborted.shrink_to_fit();
+                self.aborted_total
+                    .fetch_sub(before - p.aborted.len(), Ordering::Relaxed);
+            }
         }
     }
 
@@ -116,7 +175,13 @@ impl Index {
 
     /// Forgets a deleted topic's partitions.
     pub fn forget_topic(&self, topic: &str) {
-        self.lock().retain(|(t, _), _| t != topic);
+        self.lock().retain(|(t, _), p| {
+            if t == topic {
+                self.aborted_total
+                    .fetch_sub(p.aborted.len(), Ordering::Relaxed);
+            }
+            t != topic
+        });
     }
 
     /// The partition's last stable offset: the lowest first offset of an

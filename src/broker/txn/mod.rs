@@ -31,6 +31,7 @@ use super::quiet_log::QuietLog;
 use super::{Broker, BrokerError, TopicSpec};
 use crate::batch::BatchBuilder;
 use crate::bufpool::BatchBuf;
+use crate::storage::TOPIC_NAME_BYTES_MAX;
 
 pub use index::{Aborted, Index};
 
@@ -47,6 +48,24 @@ const LOG_SEGMENTS: u32 = 4;
 /// The live state is written again after this many bytes of log, so the
 /// newest copy of every key stays in the newest half of the ring.
 const LOG_REWRITE_BYTES: u64 = LOG_SEGMENT_BYTES * LOG_SEGMENTS as u64 / 4;
+/// The most one aborted range's record takes in the log: its key names
+/// the topic (up to [`TOPIC_NAME_BYTES_MAX`]), partition and marker, its
+/// value the producer id and first offset, in the record's framing.
+/// `an_aborted_range_record_fits_its_bound` holds it.
+const ABORTED_RECORD_BYTES_MAX: u64 = TOPIC_NAME_BYTES_MAX as u64 + 64;
+/// Aborted ranges the coordinator keeps over all partitions, counting one
+/// for each partition of an open transaction (its abort makes one, and is
+/// never refused). A rewrite's copy of the live state must outlive the
+/// [`LOG_REWRITE_BYTES`] written after it and the next copy, within the
+/// ring less the segment being reused: 2 x copy + LOG_REWRITE_BYTES <=
+/// 3 MiB, so a copy is at most 1 MiB. The ranges take a quarter of it:
+/// the ids and open transactions' partitions need the rest (some 160 KiB
+/// under the default limits, more under larger ones), and the memory
+/// budget's default has no room for more.
+pub const ABORTED_RANGES_MAX: usize = (LOG_REWRITE_BYTES / 4 / ABORTED_RECORD_BYTES_MAX) as usize;
+const _: () = assert!(
+    2 * LOG_REWRITE_BYTES + LOG_REWRITE_BYTES <= (LOG_SEGMENTS as u64 - 1) * LOG_SEGMENT_BYTES
+);
 const LOG_BATCH_BYTES: usize = 60 * 1024;
 /// How often timeouts are checked.
 const TICK: Duration = Duration::from_millis(100);
@@ -71,6 +90,9 @@ pub struct TxnConfig {
     /// An id with no transaction open and no change for this long is
     /// forgotten, freeing its slot of `max_ids`.
     pub id_expiration_ms: u64,
+    /// Aborted ranges kept, partitions of open transactions included:
+    /// [`ABORTED_RANGES_MAX`], what the log holds.
+    pub max_aborted_ranges: usize,
 }
 
 impl TxnConfig {
@@ -80,6 +102,7 @@ impl TxnConfig {
             max_ids: cfg.transactions.max_transactional_ids as usize,
             max_open: cfg.transactions.max_open as usize,
             id_expiration_ms: cfg.transactions.id_expiration_ms,
+            max_aborted_ranges: ABORTED_RANGES_MAX,
         }
     }
 }
@@ -115,6 +138,14 @@ pub enum TxnError {
         id: String,
         committed: bool,
         error: BrokerError,
+    },
+    /// `max` aborted ranges are kept (partitions of open transactions
+    /// counted): no new transaction, nor a new partition for one open
+    /// (`partition`), until retention removes aborted records.
+    TooManyAborted {
+        id: String,
+        partition: Option<Tp>,
+        max: usize,
     },
     Broker(BrokerError),
     Group(group::GroupError),
@@ -153,6 +184,20 @@ impl std::fmt::Display for TxnError {
                  until then)",
                 if *committed { "committed" } else { "aborted" },
             ),
+            Self::TooManyAborted { id, partition, max } => {
+                match partition {
+                    None => write!(f, "transaction {id} cannot begin: ")?,
+                    Some((t, p)) => write!(f, "transaction {id} cannot add {t}/{p}: ")?,
+                }
+                write!(
+                    f,
+                    "the coordinator keeps the ranges of aborted transactions (one per \
+                     partition) that read_committed readers skip, and {max} is all its log \
+                     holds; a range is dropped once retention removes its partition's records \
+                     up to the abort (skiff_txn_aborted_ranges); abort fewer transactions, or \
+                     shorten the retention of the topics they write"
+                )
+            }
             Self::Broker(e) => e.fmt(f),
             Self::Group(e) => e.fmt(f),
         }
@@ -632,12 +677,24 @@ impl Coordinator {
             return Ok(Some(st));
         }
         let first = self.broker.offsets(topic, partition)?.high_watermark;
+        // Its abort's range is taken now, so that abort is never refused.
+        let max = self.config.max_aborted_ranges;
+        if !self
+            .index()
+            .open_within(topic, partition, producer_id, first, max)
+        {
+            return Err(TxnError::TooManyAborted {
+                id: st.id.clone(),
+                partition: Some((topic.to_owned(), partition)),
+                max,
+            });
+        }
         st.rec.partitions.push((topic.to_owned(), partition, first));
         if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
             st.rec.partitions.pop();
+            self.index().close(topic, partition, producer_id);
             return Err(e);
         }
-        self.index().open(topic, partition, producer_id, first);
         Ok(Some(st))
     }
 
@@ -787,6 +844,11 @@ impl Coordinator {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Aborted ranges kept for read_committed readers, over all partitions.
+    pub fn aborted_ranges(&self) -> usize {
+        self.index().aborted_count()
     }
 
     /// Transactions open now (ongoing or ending).
@@ -1047,6 +1109,15 @@ impl Coordinator {
         match st.rec.phase {
             Phase::Ongoing => Ok(()),
             Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort => {
+                // An eighth kept for the partitions the open ones add.
+                let ranges = self.config.max_aborted_ranges;
+                if self.index().ranges_taken() >= ranges - ranges / 8 {
+                    return Err(TxnError::TooManyAborted {
+                        id: st.id.clone(),
+                        partition: None,
+                        max: ranges,
+                    });
+                }
                 let max = self.config.max_open;
                 self.open
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

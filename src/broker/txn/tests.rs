@@ -8,10 +8,26 @@ use crate::storage::tests::Rig;
 use smol::block_on;
 
 fn open(rig: &Rig) -> Arc<Coordinator> {
-    open_with_clock(rig, Arc::new(crate::broker::SystemClock))
+    open_with(rig, ABORTED_RANGES_MAX)
+}
+
+fn open_with(rig: &Rig, max_aborted_ranges: usize) -> Arc<Coordinator> {
+    open_with_clock_and_cap(
+        rig,
+        Arc::new(crate::broker::SystemClock),
+        max_aborted_ranges,
+    )
 }
 
 fn open_with_clock(rig: &Rig, clock: Arc<dyn crate::broker::Clock>) -> Arc<Coordinator> {
+    open_with_clock_and_cap(rig, clock, ABORTED_RANGES_MAX)
+}
+
+fn open_with_clock_and_cap(
+    rig: &Rig,
+    clock: Arc<dyn crate::broker::Clock>,
+    max_aborted_ranges: usize,
+) -> Arc<Coordinator> {
     let broker = crate::broker::tests::open_with_clock(rig.open(), rig, clock);
     let groups = group::Coordinator::open(
         broker.clone(),
@@ -31,6 +47,7 @@ fn open_with_clock(rig: &Rig, clock: Arc<dyn crate::broker::Clock>) -> Arc<Coord
         max_ids: 8,
         max_open: 8,
         id_expiration_ms: EXPIRATION_MS,
+        max_aborted_ranges,
     };
     let c = Coordinator::open(broker, groups, config).expect("txns open");
     block_on(c.clone().recover());
@@ -210,5 +227,174 @@ fn add_offsets_checks_the_group_id_as_the_group_coordinator_does() {
             crate::protocol::ErrorCode::InvalidRequest
         );
     }
+    c.broker().close().expect("close");
+}
+
+/// Reads `topic`/0 read_committed from its start to its end: the records
+/// it shows.
+fn committed_records(c: &Coordinator, topic: &str) -> usize {
+    let limits = FetchLimits {
+        min_bytes: 1,
+        max_wait: Duration::ZERO,
+        max_bytes: 1 << 20,
+    };
+    let (mut at, mut shown) = (0, 0);
+    loop {
+        let parts = [FetchPartition {
+            topic,
+            partition: 0,
+            offset: at,
+            max_bytes: 1 << 20,
+        }];
+        let mut r = block_on(c.broker().fetch_isolated(&parts, limits, true));
+        let f = r.pop().expect("one partition").expect("fetched");
+        let (placed, _) = crate::broker::decode_records(&f.records).expect("decodes");
+        shown += placed.len();
+        match f.next_offset {
+            Some(next) if next > at => at = next,
+            _ => return shown,
+        }
+    }
+}
+
+/// Aborted transactions on a topic with the longest name, so each range's
+/// record in the coordinator's log is as large as it gets: as many as the
+/// coordinator takes (more than its log's ring holds, if it takes them
+/// all), then a restart. Every aborted record stays hidden from
+/// read_committed readers.
+#[test]
+fn aborted_ranges_outlive_a_restart_however_many_transactions_abort() {
+    const TRANSACTIONS: u32 = 20_000;
+    let rig = Rig::fault(32);
+    let c = open(&rig);
+    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
+    // Room for every transaction's record and marker: its ranges stay.
+    let spec = TopicSpec {
+        partitions: Some(1),
+        segment_bytes: Some(1 << 20),
+        segments: Some(8),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic(&topic, &spec)).expect("create");
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let mut aborted = 0;
+    for seq in 0..TRANSACTIONS {
+        let gate = match block_on(c.gate(pid, epoch, &topic, 0)) {
+            Ok(gate) => gate,
+            Err(TxnError::TooManyAborted {
+                partition: None, ..
+            }) => break,
+            Err(e) => panic!("transaction {seq}: {e}"),
+        };
+        let mut b = crate::batch::BatchBuilder::new();
+        b.push(1, None, b"aborted", &[]);
+        let batch = b.finish(ProducerStamp {
+            producer_id: pid,
+            producer_epoch: epoch,
+            base_sequence: seq as i32,
+        });
+        let ack = block_on(c.broker().produce(&topic, 0, batch.into())).expect("queued");
+        drop(gate);
+        block_on(ack).expect("written");
+        block_on(c.end("a", pid, epoch, false)).expect("abort");
+        aborted += 1;
+    }
+    assert_eq!(c.broker().offsets(&topic, 0).expect("offsets").earliest, 0);
+    assert_eq!(c.broker().txn_index.aborted(&topic, 0).len(), aborted);
+
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(&rig);
+    assert_eq!(
+        c.broker().txn_index.aborted(&topic, 0).len(),
+        aborted,
+        "aborted ranges after the restart"
+    );
+    assert_eq!(committed_records(&c, &topic), 0, "after the restart");
+    c.broker().close().expect("close");
+}
+
+/// The widest aborted range's record grows a batch of the log by at most
+/// ABORTED_RECORD_BYTES_MAX, which the cap is computed from.
+#[test]
+fn an_aborted_range_record_fits_its_bound() {
+    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
+    let key = encode(&LogKey::Aborted(topic, u32::MAX, u64::MAX));
+    let value = encode(&AbortedRecord {
+        producer_id: u64::MAX,
+        first: u64::MAX,
+    });
+    let mut b = crate::batch::BatchBuilder::new();
+    b.push(0, Some(&key), &value, &[]);
+    b.skip_offsets(u32::MAX / 2);
+    let before = b.estimated_bytes();
+    b.push(i64::MAX / 2, Some(&key), &value, &[]);
+    let grown = (b.estimated_bytes() - before) as u64;
+    assert!(grown <= ABORTED_RECORD_BYTES_MAX, "{grown} B");
+}
+
+/// At the cap, a new transaction is refused, and so is a new partition
+/// for one open; the open one still aborts, every range kept, and the
+/// cap is not passed.
+#[test]
+fn a_full_table_of_aborted_ranges_refuses_transactions_never_aborts() {
+    const MAX: usize = 16;
+    let rig = Rig::fault(33);
+    let c = open_with(&rig, MAX);
+    let spec = TopicSpec {
+        partitions: Some(5),
+        segment_bytes: Some(1 << 20),
+        segments: Some(4),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("d", &spec)).expect("create");
+    let (open_pid, open_epoch) = block_on(c.init("open", 60_000)).expect("init");
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    // "open" holds 2 partitions: 14 (= 16 - 16 / 8) ranges taken refuse
+    // a new transaction.
+    for p in 0..2 {
+        drop(block_on(c.gate(open_pid, open_epoch, "d", p)).expect("gate"));
+    }
+    let mut aborted = 0;
+    let refused = loop {
+        assert!(aborted <= MAX, "no refusal past the cap");
+        match block_on(c.gate(pid, epoch, "d", 0)) {
+            Ok(gate) => drop(gate),
+            Err(e) => break e,
+        }
+        block_on(c.end("a", pid, epoch, false)).expect("abort");
+        aborted += 1;
+    };
+    assert_eq!(aborted, MAX - MAX / 8 - 2);
+    assert!(
+        matches!(
+            refused,
+            TxnError::TooManyAborted {
+                partition: None,
+                max: MAX,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("retention"), "{refused}");
+    assert_eq!(c.aborted_ranges(), aborted);
+    // Nothing of the refused transaction began.
+    assert_eq!(phase(&c, "a"), "complete_abort");
+    // The open transaction grows into the room kept, up to the cap.
+    drop(block_on(c.gate(open_pid, open_epoch, "d", 2)).expect("gate"));
+    drop(block_on(c.gate(open_pid, open_epoch, "d", 3)).expect("gate"));
+    assert_eq!(c.index().ranges_taken(), MAX);
+    let Err(refused) = block_on(c.gate(open_pid, open_epoch, "d", 4)) else {
+        panic!("a partition past the cap was added");
+    };
+    assert!(
+        matches!(&refused, TxnError::TooManyAborted { partition: Some((t, 4)), .. } if t == "d"),
+        "{refused}"
+    );
+    // Its abort is not refused: every partition's range is kept.
+    block_on(c.end("open", open_pid, open_epoch, false)).expect("abort at the cap");
+    assert_eq!(c.aborted_ranges(), MAX);
+    assert_eq!(c.index().ranges_taken(), MAX);
     c.broker().close().expect("close");
 }
