@@ -113,6 +113,12 @@ pub const TXN_PARTITION_BYTES: u64 = 768;
 /// One group offset a transaction carries until it ends: group id (up to
 /// 255 B), topic name and the entry.
 pub const TXN_OFFSET_BYTES: u64 = 640;
+/// One aborted transaction's range on a partition, kept for
+/// read_committed readers: 24 B in its partition's list, grown exactly
+/// (the list's own allocation is in the partition's index entry, in
+/// [`TXN_PARTITION_BYTES`]). The coordinator keeps at most
+/// [`crate::broker::txn::ABORTED_RANGES_MAX`], what its log holds.
+pub const TXN_ABORTED_RANGE_BYTES: u64 = 24;
 
 /// Copies of a transaction's worth of data the mirror holds at once: the
 /// local fetch answer, the records re-encoded for Kafka, and the finished
@@ -385,6 +391,16 @@ impl MemoryBudget {
                     format!(
                         "transactions.max_transactional_ids {ids} x {} + transactions.max_open {open} x server.max_partitions {partitions} x ({TXN_PARTITION_BYTES} B a partition + {TXN_OFFSET_BYTES} B an offset)",
                         human(TXN_ID_BYTES),
+                    ),
+                )
+            },
+            {
+                let ranges = crate::broker::txn::ABORTED_RANGES_MAX as u64;
+                line(
+                    "aborted transactions (estimate)",
+                    ranges.saturating_mul(TXN_ABORTED_RANGE_BYTES),
+                    format!(
+                        "{ranges} ranges (what the transaction log holds) x {TXN_ABORTED_RANGE_BYTES} B"
                     ),
                 )
             },

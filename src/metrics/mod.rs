@@ -49,7 +49,7 @@
 //! | `recovery_stale_batches_erased` | counter | |
 //! | `recovery_damaged_offsets` | counter | |
 //! | `build_info` | info | version |
-//! | `txn_open`, `txn_lso_lag_records` | gauge | (topic, partition for the lag) |
+//! | `txn_open`, `txn_aborted_ranges`, `txn_lso_lag_records` | gauge | (topic, partition for the lag) |
 //! | `txn_commits`, `txn_aborts`, `txn_timeouts`, `txn_id_expirations` | counter | |
 //! | `cleaner_runs`, `cleaner_passes`, `cleaner_read_bytes`, `cleaner_written_bytes`, `cleaner_removed_records`, `cleaner_freed_segments` | counter | |
 //! | `cleaner_lag_bytes`, `cleaner_progress_bytes` | gauge | |

@@ -24,6 +24,7 @@ pub struct TxnCounters {
     pub aborts: u64,
     pub timeouts: u64,
     pub id_expirations: u64,
+    pub aborted_ranges: u64,
 }
 
 #[derive(Default)]
@@ -33,6 +34,7 @@ pub(super) struct TxnMetrics {
     aborts: Counter,
     timeouts: Counter,
     id_expirations: Counter,
+    aborted_ranges: Gauge,
     lso_lag: Family<PartitionLabels, Gauge>,
     seen: std::sync::Mutex<TxnCounters>,
     /// Partitions with an lso_lag series now.
@@ -67,6 +69,12 @@ impl TxnMetrics {
             self.id_expirations.clone(),
         );
         r.register(
+            "txn_aborted_ranges",
+            "Aborted transactions' ranges kept for read_committed readers, one per partition; \
+             new transactions are refused near the most the coordinator keeps",
+            self.aborted_ranges.clone(),
+        );
+        r.register(
             "txn_lso_lag_records",
             "High watermark minus last stable offset, per partition with a transaction open",
             self.lso_lag.clone(),
@@ -81,6 +89,8 @@ impl super::Metrics {
         let t = &self.txn;
         if let Ok(mut seen) = t.seen.lock() {
             t.open.set(i64::try_from(now.open).unwrap_or(i64::MAX));
+            t.aborted_ranges
+                .set(i64::try_from(now.aborted_ranges).unwrap_or(i64::MAX));
             t.commits.inc_by(now.commits.saturating_sub(seen.commits));
             t.aborts.inc_by(now.aborts.saturating_sub(seen.aborts));
             t.timeouts

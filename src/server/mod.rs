@@ -659,6 +659,7 @@ impl MetricsRefresh {
                 aborts: s.aborts.load(Ordering::Relaxed),
                 timeouts: s.timeouts.load(Ordering::Relaxed),
                 id_expirations: s.expirations.load(Ordering::Relaxed),
+                aborted_ranges: txns.aborted_ranges() as u64,
             },
             &lags,
         );
