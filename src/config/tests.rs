@@ -599,6 +599,11 @@ fn memory_budget_sums_its_lines_and_prints_each() {
         line(&budget, "transactions (estimate)").bytes,
         64 * 1024 + 8 * 64 * (768 + 640)
     );
+    // The aborted ranges at their cap, whatever the config.
+    assert_eq!(
+        line(&budget, "aborted transactions (estimate)").bytes,
+        crate::broker::txn::ABORTED_RANGES_MAX as u64 * 24
+    );
     // Requests and the answers reserved for them: 64 x 272 KiB.
     assert_eq!(
         line(&budget, "in-flight requests and answers").bytes,
