@@ -382,7 +382,9 @@ impl Coordinator {
             by_id: Mutex::new(HashMap::new()),
             by_producer: Mutex::new(HashMap::new()),
             open: AtomicUsize::new(0),
-            log: smol::lock::Mutex::new(0),
+            // The last run's copy of the live state may be up to a quarter
+            // ring back: the first write of this run writes it again.
+            log: smol::lock::Mutex::new(LOG_REWRITE_BYTES),
             log_queue: Mutex::new(Vec::new()),
             timers: event_listener::Event::new(),
             timer_failures: QuietLog::new(|id| format!("transaction {id}: timer work failed")),

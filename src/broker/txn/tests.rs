@@ -398,3 +398,50 @@ fn a_full_table_of_aborted_ranges_refuses_transactions_never_aborts() {
     assert_eq!(c.index().ranges_taken(), MAX);
     c.broker().close().expect("close");
 }
+
+/// Restarts closer together than the log's rewrites: an aborted range
+/// from before them all is still in the log after they together wrote
+/// more than its ring, so its record stays hidden.
+#[test]
+fn aborted_ranges_outlive_restarts_between_rewrites() {
+    let rig = Rig::fault(34);
+    let mut c = open(&rig);
+    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
+    let spec = TopicSpec {
+        partitions: Some(5),
+        segment_bytes: Some(1 << 20),
+        segments: Some(4),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic(&topic, &spec)).expect("create");
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, &topic, 0)).expect("gate");
+    let mut b = crate::batch::BatchBuilder::new();
+    b.push(1, None, b"aborted", &[]);
+    let batch = b.finish(ProducerStamp {
+        producer_id: pid,
+        producer_epoch: epoch,
+        base_sequence: 0,
+    });
+    let ack = block_on(c.broker().produce(&topic, 0, batch.into())).expect("queued");
+    drop(gate);
+    block_on(ack).expect("written");
+    block_on(c.end("a", pid, epoch, false)).expect("abort");
+    // Five runs of committed transactions over five partitions, each
+    // writing most of a quarter ring: more than the ring in all.
+    for _ in 0..5 {
+        let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+        while *block_on(c.log.lock()) < LOG_REWRITE_BYTES * 7 / 8 {
+            for p in 0..5 {
+                drop(block_on(c.gate(pid, epoch, &topic, p)).expect("gate"));
+            }
+            block_on(c.end("a", pid, epoch, true)).expect("commit");
+        }
+        c.broker().close().expect("close");
+        drop(c);
+        c = open(&rig);
+    }
+    assert_eq!(c.broker().txn_index.aborted(&topic, 0).len(), 1);
+    assert_eq!(committed_records(&c, &topic), 0);
+    c.broker().close().expect("close");
+}
