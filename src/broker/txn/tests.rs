@@ -90,6 +90,26 @@ fn batch(producer_id: u64, producer_epoch: u16, value: &[u8]) -> BatchBuf {
     }))
 }
 
+/// Produces one record of a transaction (producer id, epoch, sequence)
+/// to `topic`/0 while its gate is held, and waits for it to be written.
+fn produce_gated(
+    c: &Coordinator,
+    topic: &str,
+    gate: Option<Gate>,
+    (pid, epoch, seq): (u64, u16, i32),
+) {
+    let mut b = crate::batch::BatchBuilder::new();
+    b.push(1, None, b"aborted", &[]);
+    let batch = b.finish(ProducerStamp {
+        producer_id: pid,
+        producer_epoch: epoch,
+        base_sequence: seq,
+    });
+    let ack = block_on(c.broker().produce(topic, 0, batch.into())).expect("queued");
+    drop(gate);
+    block_on(ack).expect("written");
+}
+
 fn phase(c: &Coordinator, id: &str) -> &'static str {
     block_on(c.describe())
         .into_iter()
@@ -115,9 +135,7 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
     let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
     let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
     assert!(gate.is_some(), "a transactional producer's batch");
-    let ack = block_on(c.broker().produce("d", 0, batch(pid, epoch, b"aborted"))).expect("queued");
-    drop(gate);
-    block_on(ack).expect("written");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
     assert_eq!(read_committed(&c).0, 0, "held back while open");
 
     disk.set_plan(FaultPlan {
@@ -286,16 +304,7 @@ fn aborted_ranges_outlive_a_restart_however_many_transactions_abort() {
             }) => break,
             Err(e) => panic!("transaction {seq}: {e}"),
         };
-        let mut b = crate::batch::BatchBuilder::new();
-        b.push(1, None, b"aborted", &[]);
-        let batch = b.finish(ProducerStamp {
-            producer_id: pid,
-            producer_epoch: epoch,
-            base_sequence: seq as i32,
-        });
-        let ack = block_on(c.broker().produce(&topic, 0, batch.into())).expect("queued");
-        drop(gate);
-        block_on(ack).expect("written");
+        produce_gated(&c, &topic, gate, (pid, epoch, seq as i32));
         block_on(c.end("a", pid, epoch, false)).expect("abort");
         aborted += 1;
     }
@@ -416,16 +425,7 @@ fn aborted_ranges_outlive_restarts_between_rewrites() {
     block_on(c.broker().create_topic(&topic, &spec)).expect("create");
     let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
     let gate = block_on(c.gate(pid, epoch, &topic, 0)).expect("gate");
-    let mut b = crate::batch::BatchBuilder::new();
-    b.push(1, None, b"aborted", &[]);
-    let batch = b.finish(ProducerStamp {
-        producer_id: pid,
-        producer_epoch: epoch,
-        base_sequence: 0,
-    });
-    let ack = block_on(c.broker().produce(&topic, 0, batch.into())).expect("queued");
-    drop(gate);
-    block_on(ack).expect("written");
+    produce_gated(&c, &topic, gate, (pid, epoch, 0));
     block_on(c.end("a", pid, epoch, false)).expect("abort");
     // Five runs of committed transactions over five partitions, each
     // writing most of a quarter ring: more than the ring in all.
