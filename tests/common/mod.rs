@@ -5,6 +5,7 @@
 
 pub mod abuse;
 pub mod checker;
+pub mod watchdog;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -378,9 +379,13 @@ impl Broker {
                 return status.code();
             }
             if Instant::now() > deadline {
+                let threads = watchdog::report(child.id());
                 let _ = child.kill();
-                let _ = child.wait();
-                panic!("skiff did not stop within 30 s of SIGTERM:\n{}", self.log());
+                let _ = watchdog::reap_killed(&mut child, reap_limit());
+                panic!(
+                    "skiff did not stop within 30 s of SIGTERM:\n{threads}\nits log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -390,7 +395,9 @@ impl Broker {
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
+            if let Err(e) = watchdog::reap_killed(&mut child, reap_limit()) {
+                panic!("{e}\nthe broker's log:\n{}", self.log());
+            }
         }
     }
 
@@ -418,9 +425,18 @@ impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
+            // Often during a panic already: say it, never panic again.
+            if let Err(e) = watchdog::reap_killed(&mut child, reap_limit()) {
+                eprintln!("{e}");
+            }
         }
     }
+}
+
+/// How long a SIGKILLed broker may take to go: its I/O in flight ends
+/// first, which under qemu or on a slow disk takes a while.
+fn reap_limit() -> Duration {
+    Duration::from_secs(if emulated() { 240 } else { 60 })
 }
 
 /// A free TCP port below the kernel's ephemeral range, so that no
