@@ -123,6 +123,13 @@ impl Client {
         Ok(c)
     }
 
+    /// Whether the client holds a live connection now.
+    #[cfg(test)]
+    pub(crate) async fn connected(&self) -> bool {
+        let slot = self.inner.conn.lock().await;
+        slot.as_ref().is_some_and(|c| !c.is_dead())
+    }
+
     /// What the server said in hello on the current connection
     /// (reconnecting if needed).
     pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
@@ -325,18 +332,46 @@ impl Client {
     /// request timeout allows otherwise.
     pub async fn fetch(&self, request: FetchRequest) -> Result<FetchResponse, ClientError> {
         let n = request.partitions.len();
-        let timeout = self
+        let timeout = self.fetch_timeout(&request);
+        fetch_answer(
+            n,
+            self.call_with_timeout(&RequestBody::Fetch(request), timeout)
+                .await,
+        )
+    }
+
+    /// A fetch on the live connection, queued at the returned future's
+    /// first poll, for an answer awaited later (the consumer's prefetch);
+    /// `None` when no live connection is at hand. The future never takes
+    /// the connection lock: reconnecting, it held the lock between polls,
+    /// and a consumer asking for the connection before polling it again
+    /// waited on itself forever.
+    pub(crate) fn fetch_on_live_connection(
+        &self,
+        request: FetchRequest,
+    ) -> Option<
+        impl std::future::Future<Output = Result<FetchResponse, ClientError>> + Send + 'static,
+    > {
+        let conn = self
             .inner
+            .conn
+            .try_lock()?
+            .as_ref()
+            .filter(|c| !c.is_dead())?
+            .clone();
+        let timeout = self.fetch_timeout(&request);
+        Some(async move {
+            let n = request.partitions.len();
+            fetch_answer(n, conn.call(&RequestBody::Fetch(request), timeout).await)
+        })
+    }
+
+    /// The request timeout plus the fetch's own wait.
+    fn fetch_timeout(&self, request: &FetchRequest) -> Duration {
+        self.inner
             .config
             .request_timeout
-            .saturating_add(Duration::from_millis(u64::from(request.max_wait_ms)));
-        match self
-            .call_with_timeout(&RequestBody::Fetch(request), timeout)
-            .await?
-        {
-            ResponseBody::Fetch(r) if r.partitions.len() == n => Ok(r),
-            other => Err(unexpected("fetch", &other)),
-        }
+            .saturating_add(Duration::from_millis(u64::from(request.max_wait_ms)))
     }
 
     /// Sends batches as they are (see [`crate::batch::BatchBuilder`]); one
@@ -675,6 +710,17 @@ impl Client {
             ResponseBody::MirrorPause(_) => Ok(()),
             other => Err(unexpected("mirror_pause", &other)),
         }
+    }
+}
+
+/// A fetch's answer, with a result for each of its `n` partitions.
+fn fetch_answer(
+    n: usize,
+    answer: Result<ResponseBody, ClientError>,
+) -> Result<FetchResponse, ClientError> {
+    match answer? {
+        ResponseBody::Fetch(r) if r.partitions.len() == n => Ok(r),
+        other => Err(unexpected("fetch", &other)),
     }
 }
 

@@ -573,9 +573,12 @@ impl Consumer {
         let request = self.request_from(|topic, partition, position| {
             next.get(&(topic, partition)).copied().unwrap_or(position)
         });
-        let client = self.client.clone();
-        let sent = request.clone();
-        let mut answer: FetchFuture = Box::pin(async move { client.fetch(sent).await });
+        // Without a live connection the next poll reconnects: a prefetch
+        // that did would hold the connection that poll asks for first.
+        let Some(answer) = self.client.fetch_on_live_connection(request.clone()) else {
+            return;
+        };
+        let mut answer: FetchFuture = Box::pin(answer);
         // Polled once, so the request is on its way before the caller
         // decodes this answer.
         if let Some(r) = futures_lite::future::poll_once(&mut answer).await {
@@ -867,6 +870,118 @@ mod tests {
                 .map(|_| fetches.recv_timeout(wait).unwrap())
                 .collect();
             assert_eq!(seen, vec![0, 10, 10, 20], "the lost prefetch, asked again");
+        });
+    }
+
+    /// A prefetch that finds its connection gone does not reconnect in a
+    /// future that only the next poll drives: that future held the
+    /// client's connection lock from its first poll, and the next poll,
+    /// which asks for the connection before awaiting the prefetch, waited
+    /// on it forever (a crash loop's consumer hung for an hour when the
+    /// broker was killed between an answer and its prefetch).
+    #[test]
+    fn a_prefetch_after_its_connection_died_does_not_hold_up_the_next_poll() {
+        use crate::client::fake_peer::{answer, hello, take_request};
+        use crate::protocol::{FetchResponse, RequestBody, ResponseBody};
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        // The first connection answers fetches at 0 and 10, then closes;
+        // the second says nothing (the next poll's reconnect times out, so
+        // the prefetch is what reconnects); the rest serve.
+        std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            for (n, s) in listener.incoming().enumerate() {
+                let mut s = s.unwrap();
+                if n == 1 {
+                    silent.push(s);
+                    continue;
+                }
+                std::thread::spawn({
+                    let closed_tx = closed_tx.clone();
+                    move || {
+                        let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+                        loop {
+                            while let Some(request) = take_request(&mut buf) {
+                                let (body, last) = match request.body {
+                                    RequestBody::Hello(_) => (hello("fetch peer"), false),
+                                    RequestBody::Fetch(f) => {
+                                        let at = f.partitions[0].offset;
+                                        let values: Vec<Vec<u8>> =
+                                            (at..at + 10).map(|o| o.to_string().into()).collect();
+                                        let values: Vec<&[u8]> =
+                                            values.iter().map(|v| &v[..]).collect();
+                                        let body = ResponseBody::Fetch(FetchResponse {
+                                            throttle_ms: None,
+                                            partitions: vec![FetchPartitionResult {
+                                                topic: "t".into(),
+                                                partition: 0,
+                                                error: ErrorCode::None,
+                                                high_watermark: 1000,
+                                                earliest_offset: 0,
+                                                records: batch_at(at, &values).into(),
+                                                last_stable_offset: None,
+                                                next_offset: None,
+                                                message: None,
+                                            }],
+                                        });
+                                        (body, n == 0 && at == 10)
+                                    }
+                                    other => panic!("unexpected {}", other.name()),
+                                };
+                                answer(&mut s, request.correlation_id, body);
+                                if last {
+                                    drop(s);
+                                    let _ = closed_tx.send(());
+                                    return;
+                                }
+                            }
+                            match s.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let offsets = |rs: Vec<ConsumerRecord>| rs.iter().map(|r| r.offset).collect::<Vec<_>>();
+        smol::block_on(async {
+            let client = Client::connect_with(
+                &addr,
+                ClientConfig {
+                    connect_timeout: Duration::from_millis(200),
+                    ..ClientConfig::default()
+                },
+            )
+            .await
+            .unwrap();
+            let mut c = Consumer::new(client.clone(), ConsumerConfig::default());
+            c.assign("t", Some(&[0]), StartFrom::Offset(0))
+                .await
+                .unwrap();
+            assert_eq!(
+                offsets(c.poll().await.unwrap()),
+                (0..10).collect::<Vec<_>>()
+            );
+            // The prefetch at 10 is answered, then the connection closes.
+            closed.recv_timeout(Duration::from_secs(30)).unwrap();
+            while client.connected().await {
+                Timer::after(Duration::from_millis(1)).await;
+            }
+            assert_eq!(
+                offsets(c.poll().await.unwrap()),
+                (10..20).collect::<Vec<_>>()
+            );
+            // A bound only on a hang: the poll takes milliseconds.
+            let next = futures_lite::future::or(async { Some(c.poll().await) }, async {
+                Timer::after(Duration::from_secs(60)).await;
+                None
+            })
+            .await
+            .expect("the poll after a prefetch on a dead connection returns");
+            assert_eq!(offsets(next.unwrap()), (20..30).collect::<Vec<_>>());
         });
     }
 
