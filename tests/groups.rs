@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    assert_fails, assert_ok, hello_body, json_lines, skiff_command, stderr, stdout, wait_until,
-    Broker, RawConn, INTERNAL_TOPICS_DISK_BYTES,
+    assert_fails, assert_ok, json_lines, skiff_command, stderr, stdout, wait_until, Broker,
+    RawConn, INTERNAL_TOPICS_DISK_BYTES,
 };
 use skiff::client::{Client, Producer, ProducerConfig};
 use skiff::protocol::{
-    ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition, RequestBody, ResponseBody,
+    ErrorCode, GroupPartition, JoinGroupRequest, OffsetCommitPartition, RequestBody,
 };
 
 /// Long enough that no member of a busy CI machine misses it: only the
@@ -446,19 +446,11 @@ fn joins_past_the_group_limits_are_typed_for_version_4_and_invalid_request_befor
             assert!(e.to_string().contains(message), "{e}");
         }
     });
-    let mut old = RawConn::connect(&b.tcp);
-    old.send_request(1, hello_body(1, 3));
-    assert!(matches!(
-        old.read_response().map(|r| r.body),
-        Some(ResponseBody::Hello(h)) if h.version == 3
-    ));
+    let mut old = RawConn::connect_as_version(&b.tcp, 3);
     for (i, (group, message)) in refusals.iter().enumerate() {
-        old.send_request(2 + i as u32, RequestBody::JoinGroup(join(group)));
-        let r = old.expect_error(ErrorCode::InvalidRequest);
-        let ResponseBody::Error(e) = r.body else {
-            unreachable!()
-        };
-        assert_eq!(e.message, *message);
+        let body = RequestBody::JoinGroup(join(group));
+        let got = old.request_error(2 + i as u32, body, ErrorCode::InvalidRequest);
+        assert_eq!(got, *message);
     }
 }
 

@@ -10,9 +10,11 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_fails, assert_ok, emulated, skiff_command, stdout, wait_until, Broker};
+use common::{
+    assert_fails, assert_ok, emulated, skiff_command, stdout, wait_until, Broker, RawConn,
+};
 use skiff::client::{Client, Outcome, ShareConfig, ShareConsumer};
-use skiff::protocol::ErrorCode;
+use skiff::protocol::{ErrorCode, RequestBody, ShareFetchRequest};
 
 // Workers exec a script per record: under an emulator on a loaded machine,
 // 120 of them took more than 30 s.
@@ -537,6 +539,67 @@ fn bad_share_requests_get_clear_errors() {
     assert!(common::stderr(&o).contains("no dead letters"), "{o:?}");
     let o = b.cli(&["dlq", "list", "nope"]);
     assert_fails(&o, 1, &["nope"]);
+}
+
+/// `share.max_active_members` and `share.max_share_partitions` have their
+/// own codes from protocol version 4: `too_many_members` (retriable, as a
+/// member that leaves or lapses frees its slot) and
+/// `too_many_share_partitions` (not: one goes only with its group or
+/// topic); a version 3 client still gets `invalid_request`, with the same
+/// message naming the limit.
+#[test]
+fn share_fetches_past_the_share_limits_are_typed_for_version_4_and_invalid_request_before() {
+    // The first member must stay active for the whole test on a busy
+    // machine: lock_ms is how long a fetch keeps it so.
+    let b = Broker::start(
+        "[share]\nmax_active_members = 1\nmax_share_partitions = 1\nlock_ms = 3600000\n",
+    );
+    create(&b, "t", 1);
+    create(&b, "u", 1);
+    produce(&b, "t", &["r".to_owned()]);
+    let fetch = |member: &str, topic: &str| ShareFetchRequest {
+        group: "g".into(),
+        topic: topic.into(),
+        member_id: member.into(),
+        max_records: 1,
+        max_wait_ms: 0,
+        from: Some("earliest".into()),
+    };
+    // A second member, and the first member's second share partition.
+    let refusals = [
+        (
+            fetch("b", "t"),
+            "too many active share members: share.max_active_members is 1",
+        ),
+        (
+            fetch("a", "u"),
+            "too many share partitions: share.max_share_partitions is 1",
+        ),
+    ];
+    smol::block_on(async {
+        let c = Client::connect(&b.tcp).await.unwrap();
+        assert_eq!(c.server_info().await.unwrap().version, 4);
+        let first = c
+            .share_fetch(fetch("a", "t"))
+            .await
+            .expect("the first member");
+        assert_eq!(first.records.len(), 1);
+        for ((request, message), code) in refusals
+            .iter()
+            .zip([ErrorCode::TooManyMembers, ErrorCode::TooManySharePartitions])
+        {
+            let e = c.share_fetch(request.clone()).await.unwrap_err();
+            assert_eq!(e.code(), Some(code), "{e}");
+            assert_eq!(e.is_retriable(), code == ErrorCode::TooManyMembers);
+            assert!(e.to_string().contains(message), "{e}");
+        }
+    });
+    let mut old = RawConn::connect_as_version(&b.tcp, 3);
+    for (i, (request, message)) in refusals.into_iter().enumerate() {
+        let body = RequestBody::ShareFetch(request);
+        let got = old.request_error(2 + i as u32, body, ErrorCode::InvalidRequest);
+        assert!(got.starts_with(message), "{got}");
+    }
 }
 
 #[test]

@@ -146,10 +146,13 @@ pub enum ErrorCode {
     /// client gets `invalid_request`.
     TooManyGroups = 36,
     /// A join of one more member than `groups.max_members_per_group` (in
-    /// its group) or `groups.max_members` (over all groups). Retriable: a
-    /// slot frees as soon as a member leaves, or within its session
-    /// timeout once it stops (a restarted consumer's old member, say).
-    /// Since protocol version 4; an older client gets `invalid_request`.
+    /// its group) or `groups.max_members` (over all groups), or a share
+    /// fetch or acknowledgement of a new member while
+    /// `share.max_active_members` others are active. Retriable: a slot
+    /// frees as soon as a member leaves, or within its session timeout
+    /// (a share member: `lock_ms`) once it stops (a restarted consumer's
+    /// old member, say). Since protocol version 4; an older client gets
+    /// `invalid_request`.
     TooManyMembers = 37,
     // ----------------------------------------- transactions: 40..=44
     /// The request does not fit the transaction's state: a produce while
@@ -179,11 +182,17 @@ pub enum ErrorCode {
     /// lock expired (the record may be with another worker now), or it
     /// was never acquired. Not retriable: the record is redelivered.
     ShareLockLost = 45,
+    /// A share fetch that would start one more share partition (group,
+    /// topic, partition) than `share.max_share_partitions`. Not retriable:
+    /// a share partition goes only when its share group or its topic is
+    /// deleted; delete a share group no longer used or raise the limit.
+    /// Since protocol version 4; an older client gets `invalid_request`.
+    TooManySharePartitions = 46,
 }
 
 impl ErrorCode {
     /// Every code, in wire order. Used by tests and by the docs table.
-    pub const ALL: [ErrorCode; 39] = [
+    pub const ALL: [ErrorCode; 40] = [
         Self::None,
         Self::UnknownTopic,
         Self::UnknownPartition,
@@ -223,6 +232,7 @@ impl ErrorCode {
         Self::TooManyTransactionalIds,
         Self::TooManyAbortedTransactions,
         Self::ShareLockLost,
+        Self::TooManySharePartitions,
     ];
 
     /// The number on the wire.
@@ -275,6 +285,7 @@ impl ErrorCode {
             Self::RingFullOfLiveData => "ring_full_of_live_data",
             Self::UpstreamBacklogFull => "upstream_backlog_full",
             Self::ShareLockLost => "share_lock_lost",
+            Self::TooManySharePartitions => "too_many_share_partitions",
             Self::InvalidTxnState => "invalid_txn_state",
             Self::ConcurrentTransactions => "concurrent_transactions",
             Self::TooManyTransactionalIds => "too_many_transactional_ids",

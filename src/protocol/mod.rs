@@ -40,7 +40,9 @@ pub use types::*;
 /// - 4: the coordinators' refusals at their limits as their own codes
 ///   (`concurrent_transactions` and `too_many_members`, retriable;
 ///   `too_many_transactional_ids`, `too_many_groups`,
-///   `too_many_aborted_transactions`), and a share group member's leave
+///   `too_many_aborted_transactions`, `too_many_share_partitions`; the
+///   share coordinator's active members are `too_many_members` too), and a
+///   share group member's leave
 ///   (`share_leave`, operation 75).
 ///
 /// [`RequestBody::since_version`] says which, per operation.
@@ -81,7 +83,8 @@ pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
             | ErrorCode::TooManyTransactionalIds
             | ErrorCode::TooManyGroups
             | ErrorCode::TooManyMembers
-            | ErrorCode::TooManyAbortedTransactions => ErrorCode::InvalidRequest,
+            | ErrorCode::TooManyAbortedTransactions
+            | ErrorCode::TooManySharePartitions => ErrorCode::InvalidRequest,
             c => c,
         }
     };

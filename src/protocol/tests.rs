@@ -538,7 +538,7 @@ fn every_error_code_round_trips_and_names_are_unique() {
         let bytes = minicbor::to_vec(code).unwrap();
         assert_eq!(minicbor::decode::<ErrorCode>(&bytes).unwrap(), *code);
     }
-    for unused in [26, 29, 38, 1000] {
+    for unused in [26, 29, 38, 47, 1000] {
         assert_eq!(ErrorCode::from_u16(unused), None);
     }
 }
@@ -1816,12 +1816,14 @@ fn coordinator_refusals_are_invalid_request_before_version_4() {
     assert!(ErrorCode::TooManyMembers.is_retriable());
     assert!(!ErrorCode::TooManyGroups.is_retriable());
     assert!(!ErrorCode::TooManyAbortedTransactions.is_retriable());
+    assert!(!ErrorCode::TooManySharePartitions.is_retriable());
     for code in [
         ErrorCode::ConcurrentTransactions,
         ErrorCode::TooManyTransactionalIds,
         ErrorCode::TooManyGroups,
         ErrorCode::TooManyMembers,
         ErrorCode::TooManyAbortedTransactions,
+        ErrorCode::TooManySharePartitions,
     ] {
         let error = ResponseBody::Error(ErrorResponse {
             code,

@@ -26,6 +26,8 @@ pub(crate) fn share_error_code(e: &ShareError) -> ErrorCode {
         ShareError::LockLost { .. } => ErrorCode::ShareLockLost,
         ShareError::UnknownGroup(_) => ErrorCode::UnknownGroup,
         ShareError::NotEmpty { .. } => ErrorCode::GroupNotEmpty,
+        ShareError::TooManyMembers { .. } => ErrorCode::TooManyMembers,
+        ShareError::TooManySharePartitions { .. } => ErrorCode::TooManySharePartitions,
         ShareError::Broker(e) => broker_error_code(e),
     }
 }

@@ -699,6 +699,35 @@ impl RawConn {
         self.send(&buf);
     }
 
+    /// Connects as a client of protocol versions 1..=`version` (an older
+    /// client than the broker) and checks the broker settled on `version`.
+    pub fn connect_as_version(addr: &str, version: u16) -> RawConn {
+        let mut c = RawConn::connect(addr);
+        c.send_request(1, hello_body(1, version));
+        let r = c.read_response().expect("a hello answer");
+        assert!(
+            matches!(&r.body, skiff::protocol::ResponseBody::Hello(h) if h.version == version),
+            "expected a hello answer for version {version}, got {r:?}"
+        );
+        c
+    }
+
+    /// Sends `body`, whose answer must be an error with `code`; returns its
+    /// message.
+    #[track_caller]
+    pub fn request_error(
+        &mut self,
+        correlation_id: u32,
+        body: skiff::protocol::RequestBody,
+        code: skiff::protocol::ErrorCode,
+    ) -> String {
+        self.send_request(correlation_id, body);
+        match self.expect_error(code).body {
+            skiff::protocol::ResponseBody::Error(e) => e.message,
+            _ => unreachable!("expect_error checked it"),
+        }
+    }
+
     /// Sends a hello for version 1 and checks the answer.
     pub fn hello(&mut self) {
         self.send_request(1, hello_body(1, 1));

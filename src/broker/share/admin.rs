@@ -90,9 +90,7 @@ impl ShareCoordinator {
             // burst of new ids from filling the table with lapsed ones.
             members.retain(|_, t| *t > now);
             if members.len() >= max {
-                return Err(ShareError::Invalid(format!(
-                    "too many active share members: share.max_active_members is {max} (a member stays active for lock_ms after its last fetch or acknowledgement)"
-                )));
+                return Err(ShareError::TooManyMembers { max });
             }
         }
         members.insert(key, until);

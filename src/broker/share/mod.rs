@@ -211,6 +211,12 @@ pub enum ShareError {
     UnknownGroup(String),
     /// A delete of a share group that still has active members.
     NotEmpty { group: String, members: usize },
+    /// A fetch or acknowledgement of a new member while
+    /// `share.max_active_members` others are active.
+    TooManyMembers { max: usize },
+    /// A share partition to create while `share.max_share_partitions` are
+    /// kept.
+    TooManySharePartitions { max: usize },
     /// The broker refused a read or a write.
     Broker(Arc<BrokerError>),
 }
@@ -231,6 +237,14 @@ impl std::fmt::Display for ShareError {
             Self::NotEmpty { group, members } => write!(
                 f,
                 "share group '{group}' has {members} active member(s): stop its workers first (a member is active for lock_ms after its last fetch or acknowledgement)"
+            ),
+            Self::TooManyMembers { max } => write!(
+                f,
+                "too many active share members: share.max_active_members is {max} (a member stays active for lock_ms after its last fetch or acknowledgement)"
+            ),
+            Self::TooManySharePartitions { max } => write!(
+                f,
+                "too many share partitions: share.max_share_partitions is {max}"
             ),
             Self::Broker(e) => write!(f, "{e}"),
         }
@@ -983,10 +997,9 @@ impl ShareCoordinator {
             };
             if !parts.contains_key(key) {
                 if parts.len() >= self.config.max_share_partitions {
-                    let e = ShareError::Invalid(format!(
-                        "too many share partitions: share.max_share_partitions is {}",
-                        self.config.max_share_partitions
-                    ));
+                    let e = ShareError::TooManySharePartitions {
+                        max: self.config.max_share_partitions,
+                    };
                     return failed(Vec::new(), false, e);
                 }
                 let at = if from_earliest {
