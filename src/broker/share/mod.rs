@@ -102,16 +102,10 @@ pub struct ShareConfig {
 }
 
 impl Default for ShareConfig {
+    /// The embedded default config's `[share]`, as the broker runs with
+    /// no config file: `default.toml` is the one place a default lives.
     fn default() -> Self {
-        ShareConfig {
-            max_deliveries: 5,
-            lock_ms: 30_000,
-            max_in_flight_records: 200,
-            dead_letter_suffix: ".dlq".into(),
-            max_share_partitions: 64,
-            max_active_members: 16,
-            overrides: Vec::new(),
-        }
+        ShareConfig::from_config(&crate::config::Config::default())
     }
 }
 

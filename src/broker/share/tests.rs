@@ -29,6 +29,38 @@ fn the_most_specific_override_wins_whatever_its_place() {
     assert_eq!(d.dead_letter_topic, "u.dlq");
 }
 
+/// The coordinator's default is what the broker runs without a config
+/// file, read here from `default.toml` itself: unit tests that start from
+/// it size windows and tables as a deployed broker does.
+#[test]
+fn the_default_share_config_is_the_embedded_default_configs() {
+    let file: toml::Table = toml::from_str(crate::config::DEFAULT_TOML).expect("default.toml");
+    let share = file["share"].as_table().expect("[share]");
+    let int = |key: &str| {
+        share[key]
+            .as_integer()
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or_else(|| panic!("share.{key}"))
+    };
+    let d = ShareConfig::default();
+    assert_eq!(u64::from(d.max_deliveries), int("max_deliveries"));
+    assert_eq!(d.lock_ms, int("lock_ms"));
+    assert_eq!(
+        u64::from(d.max_in_flight_records),
+        int("max_in_flight_records")
+    );
+    assert_eq!(
+        Some(d.dead_letter_suffix.as_str()),
+        share["dead_letter_suffix"].as_str()
+    );
+    assert_eq!(d.max_share_partitions as u64, int("max_share_partitions"));
+    assert_eq!(d.max_active_members as u64, int("max_active_members"));
+    assert_eq!(
+        d.overrides.is_empty(),
+        share["overrides"].as_array().is_some_and(Vec::is_empty)
+    );
+}
+
 #[test]
 fn a_state_reads_back_with_locks_gone_and_counts_kept() {
     let member: Arc<str> = "m".into();
