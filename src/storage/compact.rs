@@ -362,7 +362,10 @@ impl Engine {
     /// Applies a partition's new retention, durability, overflow and
     /// segment count (not its segment size): what was appended under the
     /// old policy is made durable first, the ring is resized (`resize`),
-    /// then `partition.meta` is replaced atomically.
+    /// then `partition.meta` is replaced atomically. On an error the
+    /// partition keeps its old config, its ring resized back (records a
+    /// shrink dropped stay dropped); only a resize back that fails too
+    /// leaves the ring at the new size, which a restart loads as well.
     pub(super) fn alter(
         &mut self,
         id: &PartitionId,
@@ -384,13 +387,14 @@ impl Engine {
         if p.refuse_writes().is_none() {
             p.commit_now(&mut self.ctx, true)?;
         }
-        if cfg.segments != p.cfg.segments {
+        let (old_segments, old_overflow) = (p.cfg.segments, p.cfg.overflow);
+        if cfg.segments != old_segments {
             // Under the new overflow policy: a shrink may drop the oldest
             // segments only where the new config lets the ring overwrite.
-            let overflow = std::mem::replace(&mut p.cfg.overflow, cfg.overflow);
+            p.cfg.overflow = cfg.overflow;
             if let Err(e) = self.resize(id, cfg.segments) {
                 if let Some(p) = self.parts.get_mut(id) {
-                    p.cfg.overflow = overflow;
+                    p.cfg.overflow = old_overflow;
                 }
                 return Err(e);
             }
@@ -401,7 +405,19 @@ impl Engine {
             partition: id.partition,
             cfg: cfg.clone(),
         };
-        super::meta::write_atomic(&p.dir.join(super::part::PARTITION_META), &meta)?;
+        if let Err(e) = super::meta::write_atomic(&p.dir.join(super::part::PARTITION_META), &meta) {
+            // The ring must not run a size its partition.meta does not
+            // say (nor the new overflow): back to the old config.
+            p.cfg.overflow = old_overflow;
+            if p.cfg.segments != old_segments {
+                if let Err(undo) = self.resize(id, old_segments) {
+                    log::error!(
+                        "partition {id}: partition.meta not written ({e}), and the ring could                          not be resized back to {old_segments} segments ({undo}); it keeps                          the new size, as a restart will"
+                    );
+                }
+            }
+            return Err(e.into());
+        }
         log::info!("partition {id}: config now {cfg}");
         p.cfg = cfg;
         if p.cfg.retention_ms.is_some() {

@@ -171,6 +171,12 @@ pub(crate) enum Cmd {
         paused: std::sync::mpsc::Sender<()>,
         resume: std::sync::mpsc::Receiver<()>,
     },
+    /// Tests: the config a partition runs and its ring's slots.
+    #[cfg(test)]
+    Running {
+        id: PartitionId,
+        reply: Reply<(super::PartitionConfig, usize, PathBuf)>,
+    },
 }
 
 /// Tests hold the background pre-write back to let the ring overtake it.
@@ -743,6 +749,14 @@ impl Engine {
             Cmd::Pause { paused, resume } => {
                 let _ = paused.send(());
                 let _ = resume.recv();
+            }
+            #[cfg(test)]
+            Cmd::Running { id, reply } => {
+                let r = match self.parts.get(&id) {
+                    Some(p) => Ok((p.cfg.clone(), p.ring.n(), p.dir.clone())),
+                    None => Err(self.ctx.shared.not_loaded(&id)),
+                };
+                let _ = reply.try_send(r);
             }
         }
     }

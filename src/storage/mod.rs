@@ -1350,6 +1350,32 @@ impl Storage {
         self.call(|reply| engine::Cmd::Ping { reply }).await
     }
 
+    /// The config a partition runs now (what [`Storage::partitions`]
+    /// says is what it loaded with), checked against its ring's slots and
+    /// its `partition.meta` and `ring.meta` on disk: all must agree.
+    #[cfg(test)]
+    pub(crate) async fn running_config(&self, id: &PartitionId) -> PartitionConfig {
+        let id = id.clone();
+        let (cfg, slots, dir) = self
+            .call(|reply| engine::Cmd::Running {
+                id: id.clone(),
+                reply,
+            })
+            .await
+            .expect("a loaded partition");
+        assert_eq!(slots, cfg.segments as usize, "{id}: ring slots");
+        let on_disk: part::PartitionMeta = meta::read_file(&dir.join(part::PARTITION_META))
+            .expect("partition.meta")
+            .expect("partition.meta");
+        assert_eq!(on_disk.cfg, cfg, "{id}: partition.meta");
+        let ring: Option<part::RingLayout> =
+            meta::read_file(&dir.join(part::RING_META)).expect("ring.meta");
+        if let Some(ring) = ring {
+            assert_eq!(ring.files.len(), slots, "{id}: ring.meta");
+        }
+        cfg
+    }
+
     /// Tests: stops the storage thread in the middle of taking commands off
     /// its queue, until the returned sender is dropped. Whatever is queued
     /// meanwhile is then taken in the same round as one group, however the

@@ -217,3 +217,33 @@ fn crash_after_a_resize_keeps_every_acknowledged_batch() {
         s.shutdown().unwrap();
     }
 }
+
+/// An alter whose `partition.meta` cannot be written (a directory in the
+/// way of its temp file) after the ring was resized used to leave the
+/// ring at the new size, and the new overflow, running under the old
+/// `partition.meta`. Now the ring is resized back: the partition runs
+/// what its files say, and takes the alter once the file can be written.
+#[test]
+fn an_alter_that_cannot_write_partition_meta_resizes_the_ring_back() {
+    for (name, rig) in rigs() {
+        let id = pid("resize", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut log = Log::new();
+        log.append(&s, &id, 5);
+        let tmp = rig.dir.path().join("topics/resize/0/partition.meta.tmp");
+        for (segments, overflow) in [(5, OverflowPolicy::Reject), (2, OverflowPolicy::Overwrite)] {
+            let want = cfg_of(&s, &id, segments, overflow);
+            std::fs::create_dir(&tmp).unwrap();
+            let e = block_on(s.alter_partition(&id, want.clone())).expect_err(name);
+            assert!(matches!(e, StorageError::Meta(_)), "{name}: {e:?}");
+            assert_eq!(block_on(s.running_config(&id)), small_cfg(), "{name}");
+            log.check(&s, &id, name);
+            std::fs::remove_dir(&tmp).unwrap();
+            block_on(s.alter_partition(&id, want.clone())).expect(name);
+            assert_eq!(block_on(s.running_config(&id)), want, "{name}");
+            block_on(s.alter_partition(&id, small_cfg())).expect(name);
+        }
+        s.shutdown().unwrap();
+    }
+}
