@@ -145,10 +145,54 @@ pub enum BrokerError {
         file: &'static str,
         error: Arc<StorageError>,
     },
+    /// A topic alter could not change `failed` (a partition, or a file:
+    /// `topics.meta`, `cleanup.meta`): what it had changed is put back,
+    /// so the topic runs, and a restart loads, its old settings. Except
+    /// `unrestored`: partitions that could not be put back, running the
+    /// new settings until the next start brings them in line with the
+    /// table; and `dropped`: partitions whose oldest records a shrink
+    /// dropped before the failure (with their earliest offset now), gone
+    /// for good. The code is `storage_full` on a full disk, else that of
+    /// `error` (`storage_failed` for I/O).
+    TopicNotAltered {
+        topic: String,
+        failed: AlterStep,
+        error: Arc<StorageError>,
+        unrestored: Vec<(u32, Arc<StorageError>)>,
+        dropped: Vec<(u32, u64)>,
+    },
+    /// A topic alter took effect (the table and every partition) except
+    /// its cleanup settings: `cleanup.meta` could not be written
+    /// (`error`), nor `topics.meta` put back (`table_error`). The topic
+    /// runs, and a restart loads, the new settings with its old cleanup
+    /// settings `cleanup`.
+    TopicAlterIncomplete {
+        topic: String,
+        cleanup: super::CleanupConfig,
+        error: Arc<StorageError>,
+        table_error: Arc<StorageError>,
+    },
     /// The storage engine failed in a way no client can act on (I/O at
     /// start-up, a metadata file, a full partition table); the source says
     /// what.
     Storage(Arc<StorageError>),
+}
+
+/// What a topic alter could not change ([`BrokerError::TopicNotAltered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlterStep {
+    Partition(u32),
+    /// A file in the broker's data_dir.
+    File(&'static str),
+}
+
+impl std::fmt::Display for AlterStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Partition(p) => write!(f, "partition {p} could not be changed"),
+            Self::File(file) => write!(f, "{file} (in the broker's data_dir) could not be written"),
+        }
+    }
 }
 
 /// The end of a limit's message: the slots it keeps for the broker's own
@@ -276,6 +320,57 @@ impl std::fmt::Display for BrokerError {
                 }
                 Ok(())
             }
+            Self::TopicNotAltered {
+                topic,
+                failed,
+                error,
+                unrestored,
+                dropped,
+            } => {
+                write!(
+                    f,
+                    "topic '{topic}' was not altered: {failed} ({error}); it keeps its old \
+                     settings, now and after a restart"
+                )?;
+                for (p, earliest) in dropped {
+                    write!(
+                        f,
+                        "; but the shrink had dropped partition {p}'s oldest records (it now \
+                         starts at offset {earliest}), and those are gone"
+                    )?;
+                }
+                for (p, e) in unrestored {
+                    write!(
+                        f,
+                        "; but partition {p} could not be put back ({e}): it runs the new \
+                         settings until the broker restarts, which puts back the old ones"
+                    )?;
+                }
+                if disk_full(error) {
+                    write!(f, "; the disk is full: free space on it, then alter the topic again")?;
+                }
+                Ok(())
+            }
+            Self::TopicAlterIncomplete {
+                topic,
+                cleanup,
+                error,
+                table_error,
+            } => {
+                write!(
+                    f,
+                    "topic '{topic}' is altered except its cleanup settings: cleanup.meta (in the \
+                     broker's data_dir) could not be written ({error}), nor topics.meta put back \
+                     ({table_error}); the topic runs, and a restart loads, the new settings with \
+                     its old cleanup policy {} (tombstone_retention_ms {}): alter it again once \
+                     the files can be written",
+                    cleanup.policy, cleanup.tombstone_retention_ms
+                )?;
+                if disk_full(error) {
+                    write!(f, "; the disk is full: free space on it")?;
+                }
+                Ok(())
+            }
             Self::Sequence(e) => write!(f, "{e}"),
             Self::OffsetOutOfRange {
                 requested,
@@ -349,7 +444,9 @@ impl std::error::Error for BrokerError {
         match self {
             Self::InvalidBatch(e) => Some(e),
             Self::NoSpace(e) | Self::Storage(e) => Some(&**e),
-            Self::TopicNotCreated { error, .. } => Some(&**error),
+            Self::TopicNotCreated { error, .. }
+            | Self::TopicNotAltered { error, .. }
+            | Self::TopicAlterIncomplete { error, .. } => Some(&**error),
             _ => None,
         }
     }
@@ -385,7 +482,9 @@ impl BrokerError {
     pub fn is_disk_full(&self) -> bool {
         match self {
             Self::NoSpace(_) => true,
-            Self::TopicNotCreated { error, .. } => disk_full(error),
+            Self::TopicNotCreated { error, .. }
+            | Self::TopicNotAltered { error, .. }
+            | Self::TopicAlterIncomplete { error, .. } => disk_full(error),
             // Only what a full disk explains: a directory that could not
             // be removed needs another fix.
             Self::TopicDeleteIncomplete { left, settings, .. } => {

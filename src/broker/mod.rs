@@ -26,6 +26,9 @@
 //!   cannot remove stays unloaded, in the way of a create of the name (which
 //!   deletes it first); start-up logs and counts one it cannot delete, and
 //!   goes on.
+//! - alter: the partitions first, then the table entry (the commit: a start
+//!   puts partitions back to it), then `cleanup.meta`. A failure puts back
+//!   what was changed: the caller's error means the old settings.
 //!
 //! So a crash never leaves a half-made topic visible to clients.
 //!
@@ -61,7 +64,7 @@ pub use crate::storage::{
 };
 pub use cleaner::{CleanupConfig, CleanupPolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::BrokerError;
+pub use error::{AlterStep, BrokerError};
 pub use fetch::{FetchLimits, FetchPartition, Fetched};
 pub use produce::{Produce, ProduceGroup, Produced};
 
@@ -1080,8 +1083,6 @@ impl Broker {
                     topic: topic.as_str().into(),
                     partition: p,
                 };
-                // An alter the table took and a crash kept from reaching
-                // the partition (the table is written first).
                 if set_aside.contains(&id) {
                     log::error!(
                         "partition {id}: its directory's metadata is missing or unreadable \
@@ -1091,8 +1092,15 @@ impl Broker {
                     continue;
                 }
                 if let Some((_, cfg)) = on_disk.iter().find(|(d, _)| *d == id) {
+                    // An alter a crash cut short: the partitions are
+                    // altered before the table, its commit, so they go
+                    // back to what the table says.
                     if *cfg != meta.config {
-                        log::warn!("partition {id}: completing an interrupted topic alter");
+                        log::warn!(
+                            "partition {id}: an interrupted topic alter; back to the topic \
+                             table's config {}",
+                            meta.config
+                        );
                         self.storage
                             .alter_partition(&id, meta.config.clone())
                             .await?;
@@ -1659,13 +1667,15 @@ pub struct TopicAlter {
 
 impl Broker {
     /// Changes a topic's retention, durability, cleanup policy and ring
-    /// size live. The topic table is written first (the intent), then each
-    /// partition's metadata; a crash between them is completed at the
-    /// next start (`reconcile`). A shrink goes the other way round, since
-    /// a partition may refuse it (its data does not fit): the partitions
-    /// first (those done grow back if one refuses), the table last; a
-    /// crash before the table is written leaves the old size, which
-    /// `reconcile` restores by growing them back.
+    /// size live, all or nothing: every partition first (a shrink may be
+    /// refused, a grow may not find the disk space), then the topic table,
+    /// which is the commit (a start brings every partition in line with
+    /// it, so a crash before it leaves the old settings), then the
+    /// cleanup settings. A failure puts back what was changed and answers
+    /// [`BrokerError::TopicNotAltered`]; only a cleanup file that cannot
+    /// be written when the table cannot be put back either leaves the new
+    /// settings but the old cleanup, as a restart loads them
+    /// ([`BrokerError::TopicAlterIncomplete`]).
     pub async fn alter_topic(
         &self,
         name: &str,
@@ -1720,45 +1730,127 @@ impl Broker {
                 max: self.limits.disk_budget_bytes,
             });
         }
-        let shrink = after.config.segments < before.config.segments;
-        if shrink {
-            for p in 0..after.partitions {
-                let id = PartitionId::new(name, p);
-                if let Err(e) = self
-                    .storage
-                    .alter_partition(&id, after.config.clone())
-                    .await
-                {
-                    for p in 0..p {
-                        let id = PartitionId::new(name, p);
-                        if let Err(e) = self
-                            .storage
-                            .alter_partition(&id, before.config.clone())
-                            .await
-                        {
-                            log::error!("partition {id}: growing back after a refused shrink: {e}");
-                        }
-                    }
-                    return Err(e.into());
-                }
+        // What a shrink drops cannot be put back: the answer says so.
+        let earliest_before: Vec<Option<u64>> = if after.config.segments < before.config.segments {
+            (0..after.partitions)
+                .map(|p| self.earliest(name, p))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for p in 0..after.partitions {
+            let id = PartitionId::new(name, p);
+            if let Err(e) = self
+                .storage
+                .alter_partition(&id, after.config.clone())
+                .await
+            {
+                let failed = AlterStep::Partition(p);
+                return Err(self
+                    .undo_alter(name, &before, p + 1, failed, e, &earliest_before)
+                    .await);
             }
         }
         table.insert(name.to_owned(), after.clone());
-        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
-        *self.topics.write().expect("topic table lock") = table;
-        self.set_cleanup(name, Some(cleanup))?;
-        for p in 0..after.partitions {
-            let id = PartitionId::new(name, p);
-            self.storage
-                .alter_partition(&id, after.config.clone())
-                .await?;
+        if let Err(e) = meta::write_atomic(&self.meta_path, &table) {
+            let failed = AlterStep::File(TOPICS_META_FILE);
+            let e = StorageError::Meta(e);
+            return Err(self
+                .undo_alter(name, &before, after.partitions, failed, e, &earliest_before)
+                .await);
         }
+        if let Err(e) = self.set_cleanup(name, Some(cleanup)) {
+            table.insert(name.to_owned(), before.clone());
+            if let Err(back) = meta::write_atomic(&self.meta_path, &table) {
+                // The table keeps the new settings, and so does the
+                // broker: what a restart loads is what it runs.
+                table.insert(name.to_owned(), after.clone());
+                *self.topics.write().expect("topic table lock") = table;
+                log::error!(
+                    "altered topic {name} to {}, except its cleanup settings: {}: {e}; {}: {back}",
+                    after.config,
+                    cleaner::CLEANUP_META_FILE,
+                    TOPICS_META_FILE
+                );
+                return Err(BrokerError::TopicAlterIncomplete {
+                    topic: name.to_owned(),
+                    cleanup: old_cleanup,
+                    error: Arc::new(e),
+                    table_error: Arc::new(StorageError::Meta(back)),
+                });
+            }
+            let failed = AlterStep::File(cleaner::CLEANUP_META_FILE);
+            return Err(self
+                .undo_alter(name, &before, after.partitions, failed, e, &earliest_before)
+                .await);
+        }
+        *self.topics.write().expect("topic table lock") = table;
         log::info!(
             "altered topic {name}: {}, cleanup {}",
             after.config,
             cleanup.policy
         );
         Ok(after)
+    }
+
+    /// The earliest offset a partition keeps (none if it cannot say).
+    fn earliest(&self, topic: &str, p: u32) -> Option<u64> {
+        let o = self.storage.offsets(&PartitionId::new(topic, p)).ok()?;
+        Some(o.earliest)
+    }
+
+    /// Puts partitions `0..n` of a topic whose alter failed at `failed`
+    /// back to their config `before`, and says so: the alter's error. A
+    /// partition's own refusal (a shrink its data does not fit, say) that
+    /// changed nothing is answered as itself.
+    async fn undo_alter(
+        &self,
+        name: &str,
+        before: &TopicMeta,
+        n: u32,
+        failed: AlterStep,
+        error: StorageError,
+        earliest_before: &[Option<u64>],
+    ) -> BrokerError {
+        let error = Arc::new(error);
+        let mut unrestored = Vec::new();
+        for p in 0..n {
+            let id = PartitionId::new(name, p);
+            if let Err(e) = self
+                .storage
+                .alter_partition(&id, before.config.clone())
+                .await
+            {
+                log::error!(
+                    "partition {id}: the alter failed ({failed}: {error}) and the partition \
+                     could not be put back ({e}); it keeps the new settings until the next \
+                     start restores the old ones"
+                );
+                unrestored.push((p, Arc::new(e)));
+            }
+        }
+        let dropped: Vec<(u32, u64)> = (0..)
+            .zip(earliest_before)
+            .filter_map(|(p, &was)| {
+                let now = self.earliest(name, p)?;
+                (now > was?).then_some((p, now))
+            })
+            .collect();
+        if matches!(failed, AlterStep::Partition(_)) && unrestored.is_empty() && dropped.is_empty()
+        {
+            let own = BrokerError::from(error.clone());
+            if !matches!(own, BrokerError::Storage(_) | BrokerError::NoSpace(_)) {
+                return own;
+            }
+        }
+        log::warn!("topic {name} not altered: {failed}: {error}");
+        BrokerError::TopicNotAltered {
+            topic: name.to_owned(),
+            failed,
+            error,
+            unrestored,
+            dropped,
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::batch::{BatchBuilder, ProducerStamp};
+use crate::storage::io::fault::FaultPlan;
 use crate::storage::tests::{small_cfg, Rig};
 use smol::block_on;
 use std::time::Duration;
@@ -593,4 +594,174 @@ fn settings_of_a_topic_not_listed_are_dropped_at_start() {
     assert!(b.msg_id_config("kept").enabled());
     assert_eq!(b.cleanup_config("kept").policy, CleanupPolicy::Compact);
     b.close().expect("close");
+}
+
+/// The topic as the broker, its partitions, `topics.meta` and
+/// `cleanup.meta` have it; all must agree.
+fn altered_state(b: &Broker, rig: &Rig, name: &str) -> (TopicMeta, CleanupConfig) {
+    let topic = b.topic(name).expect("listed");
+    for p in 0..topic.partitions {
+        let id = PartitionId::new(name, p);
+        let cfg = block_on(b.storage().running_config(&id));
+        assert_eq!(
+            cfg, topic.config,
+            "{id} runs another config than the table's"
+        );
+        let segments = block_on(b.partition_details(name, p)).expect("describe");
+        assert!(segments.segments_used <= cfg.segments, "{id}");
+    }
+    let table: BTreeMap<String, TopicMeta> =
+        meta::read_file(&rig.dir.path().join(TOPICS_META_FILE))
+            .expect("topics.meta")
+            .expect("topics.meta");
+    assert_eq!(table.get(name), Some(&topic), "topics.meta");
+    let cleanup = b.cleanup_config(name);
+    let file: cleaner::CleanupTable =
+        meta::read_file(&rig.dir.path().join(cleaner::CLEANUP_META_FILE))
+            .expect("cleanup.meta")
+            .unwrap_or_default();
+    assert_eq!(
+        file.get(name).copied().unwrap_or_default(),
+        cleanup,
+        "cleanup.meta"
+    );
+    (topic, cleanup)
+}
+
+/// Where an alter test makes its step fail.
+enum AlterFault {
+    /// A directory in the way of this temp file (under the data dir): a
+    /// write that fails.
+    InTheWay(&'static str),
+    /// This temp file is /dev/full: a full disk.
+    Full(&'static str),
+    /// Room on the disk for partition 0's new segments only.
+    NoRoomForPartition1,
+}
+
+fn grow_alter() -> TopicAlter {
+    TopicAlter {
+        retention_ms: Some(3_600_000),
+        segments: Some(5),
+        ..TopicAlter::default()
+    }
+}
+
+fn shrink_alter() -> TopicAlter {
+    TopicAlter {
+        retention_ms: Some(3_600_000),
+        segments: Some(2),
+        ..TopicAlter::default()
+    }
+}
+
+/// An alter that fails at a step (a partition, the topic table, the
+/// cleanup settings) used to leave some of its changes made: the table
+/// written while a partition kept its old config, partitions shrunk
+/// under a table that still said the old size, the table's config
+/// compacted while `cleanup.meta` said delete. Now it leaves the topic as
+/// it was, in the broker, its partitions, on disk and after a restart,
+/// answering which step failed (`storage_full` on a full disk); once the
+/// step can be done the same alter takes effect entirely.
+fn an_alter_failing_at(alter: &TopicAlter, fault: &AlterFault, step: AlterStep, seed: u64) {
+    let rig = Rig::fault(seed);
+    let disk = rig.disk().expect("fault disk").clone();
+    let b = open(rig.open(), &rig);
+    create(
+        &b,
+        "t",
+        TopicSpec {
+            partitions: Some(2),
+            ..TopicSpec::default()
+        },
+    );
+    let before = altered_state(&b, &rig, "t");
+    let at = |f: &str| rig.dir.path().join(f);
+    match fault {
+        AlterFault::InTheWay(f) => std::fs::create_dir(at(f)).expect("mkdir"),
+        AlterFault::Full(f) => std::os::unix::fs::symlink("/dev/full", at(f)).expect("symlink"),
+        AlterFault::NoRoomForPartition1 => disk.set_plan(FaultPlan {
+            capacity_bytes: Some(disk.allocated_bytes() + 2 * small_cfg().segment_bytes),
+            ..FaultPlan::default()
+        }),
+    }
+    let e = block_on(b.alter_topic("t", alter)).expect_err("the step fails");
+    assert_eq!(altered_state(&b, &rig, "t"), before, "changed: {e}");
+    assert!(
+        matches!(&e, BrokerError::TopicNotAltered { topic, failed, unrestored, dropped, .. }
+            if topic == "t" && *failed == step && unrestored.is_empty() && dropped.is_empty()),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(text.contains("topic 't' was not altered"), "{text}");
+    let full = !matches!(fault, AlterFault::InTheWay(_));
+    assert_eq!(e.is_disk_full(), full, "{e:?}");
+    assert_eq!(text.contains("the disk is full"), full, "{text}");
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    assert_eq!(altered_state(&b, &rig, "t"), before, "after a restart");
+    // Once the step can be done, the same alter takes it all.
+    match fault {
+        AlterFault::InTheWay(f) => std::fs::remove_dir(at(f)).expect("rmdir"),
+        AlterFault::Full(f) => std::fs::remove_file(at(f)).expect("unlink"),
+        AlterFault::NoRoomForPartition1 => disk.set_plan(FaultPlan::default()),
+    }
+    let after = block_on(b.alter_topic("t", alter)).expect("altered");
+    let state = altered_state(&b, &rig, "t");
+    assert_eq!(state.0, after);
+    assert_ne!(state, before);
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    assert_eq!(altered_state(&b, &rig, "t"), state, "after a restart");
+    b.close().expect("close");
+}
+
+/// Partition 1's `partition.meta` cannot be written: partition 0 and
+/// the table used to take the alter.
+#[test]
+fn an_alter_a_partition_fails_leaves_the_topic_as_it_was() {
+    let fault = AlterFault::InTheWay("topics/t/1/partition.meta.tmp");
+    an_alter_failing_at(&grow_alter(), &fault, AlterStep::Partition(1), 33);
+}
+
+/// No disk space for partition 1's new segments: partition 0 and the
+/// table used to take the grow.
+#[test]
+fn an_alter_whose_grow_finds_the_disk_full_leaves_the_topic_as_it_was() {
+    let fault = AlterFault::NoRoomForPartition1;
+    an_alter_failing_at(&grow_alter(), &fault, AlterStep::Partition(1), 34);
+}
+
+/// Partition 1's ring shrinks, then its `partition.meta` cannot be
+/// written: it used to keep running the smaller ring.
+#[test]
+fn an_alter_whose_shrink_fails_at_a_partition_leaves_the_topic_as_it_was() {
+    let fault = AlterFault::InTheWay("topics/t/1/partition.meta.tmp");
+    an_alter_failing_at(&shrink_alter(), &fault, AlterStep::Partition(1), 35);
+}
+
+/// `topics.meta` cannot be written for a full disk after a shrink: the
+/// partitions used to stay shrunk under the old table.
+#[test]
+fn an_alter_that_cannot_write_the_topic_table_leaves_the_topic_as_it_was() {
+    let fault = AlterFault::Full("topics.meta.tmp");
+    let step = AlterStep::File(TOPICS_META_FILE);
+    an_alter_failing_at(&shrink_alter(), &fault, step, 36);
+}
+
+/// `cleanup.meta` cannot be written for a full disk when compaction is
+/// turned on: the table used to say overflow `reject` (compacted) while
+/// the cleanup settings said delete.
+#[test]
+fn an_alter_that_cannot_write_the_cleanup_settings_leaves_the_topic_as_it_was() {
+    let compact = TopicAlter {
+        cleanup: Some(CleanupPolicy::Compact),
+        tombstone_retention_ms: Some(1000),
+        ..TopicAlter::default()
+    };
+    let fault = AlterFault::Full("cleanup.meta.tmp");
+    let step = AlterStep::File(cleaner::CLEANUP_META_FILE);
+    an_alter_failing_at(&compact, &fault, step, 37);
 }

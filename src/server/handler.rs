@@ -118,6 +118,11 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         BrokerError::PartitionFull { .. } => ErrorCode::StorageFull,
+        // A partition's refusal keeps its code (a shrink its data does
+        // not fit); I/O is `storage_failed`.
+        BrokerError::TopicNotAltered { error, .. } => {
+            broker_error_code(&BrokerError::from(error.clone()))
+        }
         BrokerError::PartitionFailed { .. }
         | BrokerError::LeftoverPartition { .. }
         | BrokerError::TopicDeleteIncomplete { .. } => ErrorCode::StorageFailed,

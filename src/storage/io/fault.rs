@@ -280,6 +280,12 @@ impl FaultDisk {
         self.lock().faults_injected
     }
 
+    /// Bytes `allocate` has reserved over all files (what
+    /// `FaultPlan::capacity_bytes` caps).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.lock().files.values().map(|f| f.allocated).sum()
+    }
+
     pub fn file_paths(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.lock().files.keys().cloned().collect();
         v.sort();
