@@ -84,6 +84,28 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
     assert!(err.contains("storage_full"), "{err}");
     // The ring reserved at creation still takes records.
     assert_ok(&b.cli(&["produce", "a", "while-full"]));
+    // An alter needs room for new segments or its metadata: refused the
+    // same way, and the topic keeps its old settings, also after the
+    // restart below.
+    let ring_of_a = |b: &Broker| {
+        let o = b.cli(&["topics", "describe", "a", "--format", "json"]);
+        assert_ok(&o);
+        let j: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+        (j["segments"].clone(), j["retention_ms"].clone())
+    };
+    let ring_before = ring_of_a(&b);
+    for alter in [["--segments", "4"], ["--retention-ms", "60000"]] {
+        let o = b.cli(&["topics", "alter", "a", alter[0], alter[1]]);
+        assert!(!o.status.success(), "altered on a full disk: {alter:?}");
+        let err = stderr(&o);
+        assert!(
+            err.contains("storage_full")
+                && err.contains("topic 'a' was not altered")
+                && err.contains("the disk is full"),
+            "{err}"
+        );
+        assert_eq!(ring_of_a(&b), ring_before, "{alter:?}");
+    }
 
     // A stop and a start on the full disk (its checkpoints and snapshots
     // cannot be written): it stops cleanly, comes up and serves what it had.
@@ -92,6 +114,7 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
     let o = b.cli(&["consume", "a", "--count", "2", "--timeout-ms", "10000"]);
     assert_ok(&o);
     assert_eq!(stdout(&o), "before\nwhile-full\n");
+    assert_eq!(ring_of_a(&b), ring_before, "after the restart");
     // A new idempotent producer needs its id reserved durably first: on
     // the full disk it is refused as such.
     let o = b.cli(&["produce", "a", "after-restart", "--retry-timeout-ms", "500"]);
