@@ -1731,24 +1731,29 @@ impl Broker {
             });
         }
         // What a shrink drops cannot be put back: the answer says so.
-        let earliest_before: Vec<Option<u64>> = if after.config.segments < before.config.segments {
-            (0..after.partitions)
-                .map(|p| self.earliest(name, p))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut dropped = Vec::new();
         for p in 0..after.partitions {
             let id = PartitionId::new(name, p);
-            if let Err(e) = self
+            let earliest = self.storage.offsets(&id).map(|o| o.earliest);
+            match self
                 .storage
-                .alter_partition(&id, after.config.clone())
+                .alter_partition_dropping(&id, after.config.clone())
                 .await
             {
-                let failed = AlterStep::Partition(p);
-                return Err(self
-                    .undo_alter(name, &before, p + 1, failed, e, &earliest_before)
-                    .await);
+                Ok(d) => dropped.extend(d.map(|at| (p, at))),
+                Err(e) => {
+                    // A failed alter applies no retention: only a shrink
+                    // moves its earliest offset.
+                    if let (Ok(was), Ok(o)) = (earliest, self.storage.offsets(&id)) {
+                        if o.earliest > was {
+                            dropped.push((p, o.earliest));
+                        }
+                    }
+                    let failed = AlterStep::Partition(p);
+                    return Err(self
+                        .undo_alter(name, &before, p + 1, failed, e, dropped)
+                        .await);
+                }
             }
         }
         table.insert(name.to_owned(), after.clone());
@@ -1756,7 +1761,7 @@ impl Broker {
             let failed = AlterStep::File(TOPICS_META_FILE);
             let e = StorageError::Meta(e);
             return Err(self
-                .undo_alter(name, &before, after.partitions, failed, e, &earliest_before)
+                .undo_alter(name, &before, after.partitions, failed, e, dropped)
                 .await);
         }
         if let Err(e) = self.set_cleanup(name, Some(cleanup)) {
@@ -1781,7 +1786,7 @@ impl Broker {
             }
             let failed = AlterStep::File(cleaner::CLEANUP_META_FILE);
             return Err(self
-                .undo_alter(name, &before, after.partitions, failed, e, &earliest_before)
+                .undo_alter(name, &before, after.partitions, failed, e, dropped)
                 .await);
         }
         *self.topics.write().expect("topic table lock") = table;
@@ -1791,12 +1796,6 @@ impl Broker {
             cleanup.policy
         );
         Ok(after)
-    }
-
-    /// The earliest offset a partition keeps (none if it cannot say).
-    fn earliest(&self, topic: &str, p: u32) -> Option<u64> {
-        let o = self.storage.offsets(&PartitionId::new(topic, p)).ok()?;
-        Some(o.earliest)
     }
 
     /// Puts partitions `0..n` of a topic whose alter failed at `failed`
@@ -1810,7 +1809,7 @@ impl Broker {
         n: u32,
         failed: AlterStep,
         error: StorageError,
-        earliest_before: &[Option<u64>],
+        dropped: Vec<(u32, u64)>,
     ) -> BrokerError {
         let error = Arc::new(error);
         let mut unrestored = Vec::new();
@@ -1829,13 +1828,6 @@ impl Broker {
                 unrestored.push((p, Arc::new(e)));
             }
         }
-        let dropped: Vec<(u32, u64)> = (0..)
-            .zip(earliest_before)
-            .filter_map(|(p, &was)| {
-                let now = self.earliest(name, p)?;
-                (now > was?).then_some((p, now))
-            })
-            .collect();
         if matches!(failed, AlterStep::Partition(_)) && unrestored.is_empty() && dropped.is_empty()
         {
             let own = BrokerError::from(error.clone());

@@ -765,3 +765,56 @@ fn an_alter_that_cannot_write_the_cleanup_settings_leaves_the_topic_as_it_was() 
     let step = AlterStep::File(cleaner::CLEANUP_META_FILE);
     an_alter_failing_at(&compact, &fault, step, 37);
 }
+
+/// A shrink of a ring that overwrites drops its oldest segments when its
+/// data does not fit; if the alter then fails (here `topics.meta` on a
+/// full disk), the ring grows back but those records cannot come back.
+/// The answer says so, naming the partition and where it now starts, and
+/// the ring is the old size again, also after a restart.
+#[test]
+fn an_alter_whose_shrink_dropped_records_and_then_failed_says_they_are_gone() {
+    let rig = Rig::fault(38);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    // About 9 to a segment: the third is in use.
+    for i in 0..24 {
+        produce_to(&b, "t", with_msg_id(&i.to_string(), 7000, 1_000)).expect("produced");
+    }
+    let before = altered_state(&b, &rig, "t");
+    let o = b.offsets("t", 0).expect("offsets");
+    assert_eq!(o.earliest, 0);
+    let full = rig.dir.path().join("topics.meta.tmp");
+    std::os::unix::fs::symlink("/dev/full", &full).expect("symlink");
+    let shrink = TopicAlter {
+        segments: Some(2),
+        ..TopicAlter::default()
+    };
+    let e = block_on(b.alter_topic("t", &shrink)).expect_err("full disk");
+    std::fs::remove_file(&full).expect("unlink");
+    let earliest = b.offsets("t", 0).expect("offsets").earliest;
+    assert!(earliest > 0, "the shrink dropped nothing");
+    assert!(
+        matches!(&e, BrokerError::TopicNotAltered { failed, dropped, unrestored, .. }
+            if *failed == AlterStep::File(TOPICS_META_FILE)
+                && *dropped == [(0, earliest)]
+                && unrestored.is_empty()),
+        "{e:?}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!(
+            "partition 0's oldest records (it now starts at offset {earliest}), and those are gone"
+        )),
+        "{text}"
+    );
+    assert!(e.is_disk_full(), "{e:?}");
+    assert_eq!(altered_state(&b, &rig, "t"), before);
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    assert_eq!(altered_state(&b, &rig, "t"), before, "after a restart");
+    let o = b.offsets("t", 0).expect("offsets");
+    assert_eq!(o.earliest, earliest, "after a restart");
+    assert!(o.high_watermark > earliest);
+    b.close().expect("close");
+}

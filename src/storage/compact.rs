@@ -362,7 +362,8 @@ impl Engine {
     /// Applies a partition's new retention, durability, overflow and
     /// segment count (not its segment size): what was appended under the
     /// old policy is made durable first, the ring is resized (`resize`),
-    /// then `partition.meta` is replaced atomically. On an error the
+    /// then `partition.meta` is replaced atomically; returns the earliest
+    /// offset kept if a shrink dropped the oldest segments. On an error the
     /// partition keeps its old config, its ring resized back (records a
     /// shrink dropped stay dropped); only a resize back that fails too
     /// leaves the ring at the new size, which a restart loads as well.
@@ -370,7 +371,7 @@ impl Engine {
         &mut self,
         id: &PartitionId,
         cfg: super::PartitionConfig,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<u64>, StorageError> {
         cfg.validate()?;
         let p = self
             .parts
@@ -382,21 +383,25 @@ impl Engine {
             ));
         }
         if cfg == p.cfg {
-            return Ok(());
+            return Ok(None);
         }
         if p.refuse_writes().is_none() {
             p.commit_now(&mut self.ctx, true)?;
         }
         let (old_segments, old_overflow) = (p.cfg.segments, p.cfg.overflow);
+        let mut dropped = None;
         if cfg.segments != old_segments {
             // Under the new overflow policy: a shrink may drop the oldest
             // segments only where the new config lets the ring overwrite.
             p.cfg.overflow = cfg.overflow;
-            if let Err(e) = self.resize(id, cfg.segments) {
-                if let Some(p) = self.parts.get_mut(id) {
-                    p.cfg.overflow = old_overflow;
+            match self.resize(id, cfg.segments) {
+                Ok(d) => dropped = d,
+                Err(e) => {
+                    if let Some(p) = self.parts.get_mut(id) {
+                        p.cfg.overflow = old_overflow;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
         let p = self.parts.get_mut(id).expect("checked above");
@@ -426,6 +431,6 @@ impl Engine {
                 p.publish();
             }
         }
-        Ok(())
+        Ok(dropped)
     }
 }

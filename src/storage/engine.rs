@@ -162,7 +162,7 @@ pub(crate) enum Cmd {
     Alter {
         id: PartitionId,
         cfg: PartitionConfig,
-        reply: Reply<()>,
+        reply: Reply<Option<u64>>,
     },
     /// Tests: the thread says it stopped, then takes nothing more off its
     /// queue until `resume` is dropped (see `Storage::pause`).

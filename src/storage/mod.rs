@@ -1500,6 +1500,17 @@ impl Storage {
         id: &PartitionId,
         cfg: PartitionConfig,
     ) -> Result<(), StorageError> {
+        self.alter_partition_dropping(id, cfg).await.map(|_| ())
+    }
+
+    /// As [`Storage::alter_partition`]; a shrink that dropped the oldest
+    /// segments (of a ring that overwrites) returns the earliest offset it
+    /// kept: those records are gone, whatever comes next.
+    pub async fn alter_partition_dropping(
+        &self,
+        id: &PartitionId,
+        cfg: PartitionConfig,
+    ) -> Result<Option<u64>, StorageError> {
         cfg.validate()?;
         let id = id.clone();
         self.call(|reply| engine::Cmd::Alter { id, cfg, reply })

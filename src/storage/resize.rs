@@ -39,9 +39,14 @@ use super::{OverflowPolicy, PartitionId, StorageError};
 
 impl Engine {
     /// Grows or shrinks the ring of `id` to `segments` slots; see the
-    /// module's docs. On error the ring is as it was (a shrink of an
-    /// overwriting ring may have dropped its oldest segments).
-    pub(super) fn resize(&mut self, id: &PartitionId, segments: u32) -> Result<(), StorageError> {
+    /// module's docs. A shrink that dropped the oldest segments returns
+    /// the earliest offset it kept. On error the ring is as it was (a
+    /// shrink of an overwriting ring may have dropped its oldest segments).
+    pub(super) fn resize(
+        &mut self,
+        id: &PartitionId,
+        segments: u32,
+    ) -> Result<Option<u64>, StorageError> {
         // A compaction names slots by place, which a resize moves.
         self.compact_abort(id);
         let p = self
@@ -54,8 +59,8 @@ impl Engine {
         let n = p.ring.n();
         let m = segments as usize;
         match m.cmp(&n) {
-            std::cmp::Ordering::Equal => Ok(()),
-            std::cmp::Ordering::Greater => self.grow(id, m - n),
+            std::cmp::Ordering::Equal => Ok(None),
+            std::cmp::Ordering::Greater => self.grow(id, m - n).map(|()| None),
             std::cmp::Ordering::Less => self.shrink(id, n - m),
         }
     }
@@ -140,10 +145,11 @@ impl Engine {
         Ok(())
     }
 
-    fn shrink(&mut self, id: &PartitionId, k: usize) -> Result<(), StorageError> {
+    fn shrink(&mut self, id: &PartitionId, k: usize) -> Result<Option<u64>, StorageError> {
         let p = self.parts.get_mut(id).expect("checked by resize");
         let n = p.ring.n();
         let m = n - k;
+        let mut dropped = None;
         if p.ring.live > m {
             let excess = p.ring.live - m;
             if p.cfg.overflow == OverflowPolicy::Reject {
@@ -168,6 +174,7 @@ impl Engine {
                 p.drop_oldest();
             }
             p.publish();
+            dropped = Some(p.ring.earliest());
         }
         // The free slots right after the active one go.
         let active = p.ring.active();
@@ -216,6 +223,6 @@ impl Engine {
             log::warn!("partition {id}: directory sync after a shrink failed ({e})");
         }
         log::info!("partition {id}: ring shrunk to {m} segments");
-        Ok(())
+        Ok(dropped)
     }
 }
