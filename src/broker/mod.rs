@@ -1052,6 +1052,7 @@ impl Broker {
             .map(|r| r.id)
             .collect();
         let mut leftovers = Leftovers::default();
+        let mut grown: BTreeMap<String, u32> = BTreeMap::new();
         for (id, _) in &on_disk {
             let wanted = table
                 .get(&*id.topic)
@@ -1101,9 +1102,17 @@ impl Broker {
                              table's config {}",
                             meta.config
                         );
-                        self.storage
-                            .alter_partition(&id, meta.config.clone())
-                            .await?;
+                        match self.storage.alter_partition(&id, meta.config.clone()).await {
+                            // A grow whose new slots took records a ring
+                            // that never overwrites cannot give back.
+                            Err(StorageError::RingTooSmall { .. })
+                                if cfg.segments > meta.config.segments =>
+                            {
+                                let at = grown.entry(topic.clone()).or_insert(0);
+                                *at = (*at).max(cfg.segments);
+                            }
+                            r => r?,
+                        }
                     }
                 }
                 if !on_disk.iter().any(|(d, _)| *d == id) {
@@ -1114,7 +1123,45 @@ impl Broker {
                 }
             }
         }
+        for (topic, segments) in grown {
+            self.keep_grown_ring(&topic, segments, &set_aside).await?;
+        }
         Ok(leftovers)
+    }
+
+    /// Completes the ring size of an alter a crash cut short whose grown
+    /// ring cannot shrink back (it holds more than the old size and never
+    /// overwrites): the table takes `segments`, and so does every
+    /// partition of the topic (but those `set_aside`, left for an
+    /// operator).
+    async fn keep_grown_ring(
+        &self,
+        topic: &str,
+        segments: u32,
+        set_aside: &[PartitionId],
+    ) -> Result<(), BrokerError> {
+        let mut table = self.topics();
+        let Some(meta) = table.get_mut(topic) else {
+            return Ok(());
+        };
+        log::warn!(
+            "topic {topic}: an interrupted alter grew its ring to {segments} segments and \
+             records fill more than the {} it had; it keeps {segments}",
+            meta.config.segments
+        );
+        meta.config.segments = segments;
+        let meta = meta.clone();
+        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        *self.topics.write().expect("topic table lock") = table;
+        for p in 0..meta.partitions {
+            let id = PartitionId::new(topic, p);
+            if !set_aside.contains(&id) {
+                self.storage
+                    .alter_partition(&id, meta.config.clone())
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes a partition of a topic the table does not list. Its data

@@ -818,3 +818,43 @@ fn an_alter_whose_shrink_dropped_records_and_then_failed_says_they_are_gone() {
     assert!(o.high_watermark > earliest);
     b.close().expect("close");
 }
+
+/// A crash after an alter grew the partitions but before the table took
+/// it: the next start shrinks them back. A ring that never overwrites
+/// (`overflow = reject`, compacted topics) whose new slots took records
+/// meanwhile cannot shrink, which used to stop start-up
+/// (`RingTooSmall`). Now the topic keeps the grown ring, in the table and
+/// every partition, and every record.
+#[test]
+fn a_start_after_a_grow_cut_short_keeps_a_ring_that_cannot_shrink_back() {
+    let rig = Rig::fault(39);
+    let b = open(rig.open(), &rig);
+    let spec = TopicSpec {
+        partitions: Some(2),
+        overflow: Some(OverflowPolicy::Reject),
+        ..TopicSpec::default()
+    };
+    create(&b, "r", spec);
+    let (before, _) = altered_state(&b, &rig, "r");
+    // The alter's partition step, for partition 0 only: the crash comes
+    // before partition 1 and the table.
+    let mut grown = before.config.clone();
+    grown.segments = 5;
+    block_on(
+        b.storage()
+            .alter_partition(&PartitionId::new("r", 0), grown.clone()),
+    )
+    .expect("grown");
+    // About 8 to a segment: 4 segments, more than the old ring's 3.
+    for i in 0..30 {
+        produce_to(&b, "r", with_msg_id(&i.to_string(), 7000, 1_000)).expect("produced");
+    }
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    let (after, _) = altered_state(&b, &rig, "r");
+    assert_eq!(after.config, grown);
+    let o = b.offsets("r", 0).expect("offsets");
+    assert_eq!((o.earliest, o.high_watermark), (0, 30));
+    b.close().expect("close");
+}
