@@ -1212,7 +1212,11 @@ impl Engine {
     ) -> Result<Vec<u32>, StorageError> {
         let layout: Option<RingLayout> = meta::read_file(&dir.join(RING_META))?;
         let Some(layout) = layout else {
-            return Ok((0..cfg.segments).collect());
+            // Never resized: a first grow cut short before its commit may
+            // have left files past the ring's.
+            let files: Vec<u32> = (0..cfg.segments).collect();
+            self.remove_unnamed_segments(id, dir, &files);
+            return Ok(files);
         };
         let mut sorted = layout.files.clone();
         sorted.sort_unstable();
@@ -1236,24 +1240,30 @@ impl Engine {
             };
             meta::write_atomic(&dir.join(PARTITION_META), &m)?;
         }
+        self.remove_unnamed_segments(id, dir, &sorted);
+        Ok(layout.files)
+    }
+
+    /// Removes the segment files of `dir` whose numbers `sorted` lacks.
+    fn remove_unnamed_segments(&mut self, id: &PartitionId, dir: &Path, sorted: &[u32]) {
         // Real files only: a test backend's files are not in the directory.
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let Some(no) = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".log"))
-                    .and_then(|n| n.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                if sorted.binary_search(&no).is_err() {
-                    log::info!("partition {id}: removing segment file {no}, not in the ring");
-                    let _ = self.ctx.io.remove(&e.path());
-                }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(no) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if sorted.binary_search(&no).is_err() {
+                log::info!("partition {id}: removing segment file {no}, not in the ring");
+                let _ = self.ctx.io.remove(&e.path());
             }
         }
-        Ok(layout.files)
     }
 
     /// Erases the batches a crashed run may have left past the log's end:

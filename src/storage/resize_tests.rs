@@ -247,3 +247,33 @@ fn an_alter_that_cannot_write_partition_meta_resizes_the_ring_back() {
         s.shutdown().unwrap();
     }
 }
+
+/// A first grow (no `ring.meta` yet) cut short before its commit leaves
+/// its new segment files past the ring's. They used to stay when the
+/// next start kept the old size (as it does when the alter's table was
+/// not written): files no ring names, in the way of nothing but counted
+/// as the ring's. Now the start removes them.
+#[test]
+fn a_start_removes_the_files_of_a_first_grow_cut_short() {
+    for (name, rig) in rigs() {
+        if rig.disk().is_some() {
+            continue; // its files are not in the directory
+        }
+        let id = pid("resize", 0);
+        let s = rig.open();
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let mut log = Log::new();
+        log.append(&s, &id, 5);
+        s.shutdown().unwrap();
+        drop(s);
+        let dir = rig.dir.path().join("topics/resize/0");
+        assert!(!dir.join(part::RING_META).exists(), "{name}: never resized");
+        let stray = part::seg_path(&dir, small_cfg().segments as usize);
+        std::fs::write(&stray, vec![0u8; 4096]).unwrap();
+        let s = rig.open();
+        assert!(!stray.exists(), "{name}: the grow's file stays");
+        assert_eq!(block_on(s.running_config(&id)), small_cfg(), "{name}");
+        log.check(&s, &id, name);
+        s.shutdown().unwrap();
+    }
+}
