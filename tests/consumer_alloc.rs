@@ -121,6 +121,7 @@ fn a_share_consumer_poll_makes_no_copy_of_the_hello_answer() {
             max_records: 10,
             max_wait: Duration::from_millis(1),
             from_earliest: true,
+            ..Default::default()
         };
         let worker = ShareConsumer::new(client, group, TOPIC, config);
         assert!(worker.poll().await.unwrap().is_empty());

@@ -280,6 +280,7 @@ fn a_consumer_behind_damage_at_the_log_end_reaches_the_end() {
             max_records: 100,
             max_wait: Duration::from_millis(200),
             from_earliest: true,
+            ..Default::default()
         };
         let w = skiff::client::ShareConsumer::new(client, "g", TOPIC, config);
         let mut got = 0;

@@ -97,6 +97,7 @@ fn from_earliest(max_records: u32, wait_ms: u64) -> ShareConfig {
         max_records,
         max_wait: Duration::from_millis(wait_ms),
         from_earliest: true,
+        ..ShareConfig::default()
     }
 }
 
@@ -600,6 +601,100 @@ fn share_fetches_past_the_share_limits_are_typed_for_version_4_and_invalid_reque
         let got = old.request_error(2 + i as u32, body, ErrorCode::InvalidRequest);
         assert!(got.starts_with(message), "{got}");
     }
+}
+
+/// A `skiff consume --share-group` worker started while
+/// `share.max_active_members` are active waits for a slot, saying so on
+/// stderr, and takes records once a member leaves; a refusal that is not
+/// retriable (`too_many_share_partitions`) still ends a worker at once.
+#[test]
+fn a_worker_waits_for_a_share_member_slot_but_not_past_a_refusal_not_retriable() {
+    // The first member stays active (lock_ms) until it leaves.
+    let b = Broker::start(
+        "[share]\nmax_active_members = 1\nmax_share_partitions = 1\nlock_ms = 3600000\n",
+    );
+    create(&b, "t", 1);
+    create(&b, "u", 1);
+    produce(&b, "t", &["r1".to_owned(), "r2".to_owned()]);
+    let first = smol::block_on(async {
+        let w = ShareConsumer::new(
+            Client::connect(&b.tcp).await.unwrap(),
+            "g",
+            "t",
+            from_earliest(1, 0),
+        );
+        assert_eq!(
+            w.poll().await.unwrap().len(),
+            1,
+            "the first member's record"
+        );
+        w
+    });
+    let handled = b.dir.path().join("handled");
+    let script = format!(r#"v=$(cat); echo "$v" >> {}"#, handled.display());
+    let errors = |name: &str| {
+        let path = b.dir.path().join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    };
+    let (second_err, file) = errors("second.stderr");
+    let mut second = skiff_command()
+        .args(["consume", "t", "--share-group", "g", "--exec", &script])
+        .args(["--from", "earliest", "--count", "2", "--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    wait_until(WAIT, "the second worker to wait for a slot", || {
+        if let Some(s) = second.try_wait().unwrap() {
+            panic!(
+                "the second worker exited ({s}) rather than wait for a slot: {}",
+                read(&second_err)
+            );
+        }
+        read(&second_err).contains("waiting for a share-member slot")
+    });
+    assert!(lines(&handled).is_empty(), "no slot, no record");
+    // Leaving frees the slot and releases r1 to the second worker.
+    assert_eq!(smol::block_on(first.close()).unwrap(), Some(1));
+    wait_exit(second);
+    let mut got = lines(&handled);
+    got.sort();
+    assert_eq!(got, ["r1", "r2"]);
+    let waits = read(&second_err)
+        .matches("waiting for a share-member slot")
+        .count();
+    assert_eq!(waits, 1, "said once: {}", read(&second_err));
+
+    // The share partitions are all taken (t/0): one of u is refused for
+    // good, and a worker without --timeout-ms, which would wait for a
+    // member slot for ever, ends at once.
+    let (third_err, file) = errors("third.stderr");
+    let mut third = skiff_command()
+        .args(["consume", "u", "--share-group", "g", "--exec", "true"])
+        .args(["--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = third.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = third.kill();
+            panic!("the third worker kept going: {}", read(&third_err));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = read(&third_err);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("too many share partitions"), "{err}");
+    assert!(!err.contains("waiting for"), "{err}");
 }
 
 #[test]

@@ -105,6 +105,7 @@ fn run(a: BenchShareArgs) -> Result<serde_json::Value, ClientError> {
                             max_records: a.batch,
                             max_wait: Duration::from_millis(100),
                             from_earliest: true,
+                            ..ShareConfig::default()
                         },
                     );
                     while accepted.load(Ordering::Relaxed) < a.messages {

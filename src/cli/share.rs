@@ -5,6 +5,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::broker::share::{
@@ -13,7 +14,7 @@ use crate::broker::share::{
 };
 use crate::client::{
     Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, Outcome, Producer,
-    ProducerConfig, ShareConfig, ShareConsumer, StartFrom,
+    ProducerConfig, ShareConfig, ShareConsumer, SlotWaitHook, StartFrom,
 };
 use crate::protocol::{ErrorCode, OffsetSpec, ShareRecord};
 
@@ -69,6 +70,13 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         max_records: 1,
         max_wait: Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500)),
         from_earliest,
+        // A worker waits for a member slot as long as for a record.
+        retry_timeout: args.timeout_ms.map_or(Duration::MAX, Duration::from_millis),
+        on_slot_wait: Some(slot_wait_notice(format!(
+            "consume {} --share-group {group}",
+            args.topic
+        ))),
+        ..ShareConfig::default()
     };
     let worker = ShareConsumer::new(client, &group, &args.topic, config);
     let result = smol::block_on(async {
@@ -89,6 +97,13 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
             format!("consume {} --share-group {group}: {e}", args.topic),
         ),
     }
+}
+
+/// Says on stderr that `what` waits for a member slot.
+fn slot_wait_notice(what: String) -> SlotWaitHook {
+    SlotWaitHook(Arc::new(move |e| {
+        eprintln!("skiff: {what}: waiting for a share-member slot ({e})");
+    }))
 }
 
 /// The worker's loop: a record at a time, until `--count` records, a stop
@@ -395,6 +410,8 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
             max_records: 100,
             max_wait: Duration::from_millis(200),
             from_earliest: true,
+            on_slot_wait: Some(slot_wait_notice(format!("dlq replay {dlq}"))),
+            ..ShareConfig::default()
         },
     );
     let mut replayed = 0u64;

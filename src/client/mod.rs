@@ -52,6 +52,6 @@ pub use partitioner::Partitioner;
 pub use producer::{
     Delivery, Producer, ProducerConfig, RecordMetadata, RetryHook, IDEMPOTENT_IN_FLIGHT_MAX,
 };
-pub use share::{Outcome, ShareConfig, ShareConsumer};
+pub use share::{Outcome, ShareConfig, ShareConsumer, SlotWaitHook};
 pub use tls::{TlsConfigError, TlsOptions};
 pub use txn::{TxnProducer, TRANSACTION_TIMEOUT_DEFAULT};

@@ -2,8 +2,12 @@
 //! records of a topic, each locked to it, and acknowledges them one by
 //! one. Any number of them share the same partitions.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use smol::Timer;
+
+use super::accumulator::backoff;
 use super::client::{unexpected, Client};
 use super::ClientError;
 use crate::protocol::{
@@ -124,15 +128,45 @@ pub struct ShareConfig {
     /// Where the group starts on a partition it never read (its first
     /// start): the log start, else its end (Kafka's default).
     pub from_earliest: bool,
+    /// How long a poll the server refuses with a retriable code keeps
+    /// asking again before it returns the refusal: `too_many_members`,
+    /// while `share.max_active_members` others are active, lasts until
+    /// one leaves or lapses (`lock_ms`). Zero: the first refusal is
+    /// returned; [`Duration::MAX`]: it waits as long as the refusals do.
+    /// Other errors are returned at once.
+    pub retry_timeout: Duration,
+    /// The first backoff between those asks; it doubles up to
+    /// `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// Told once per poll that starts waiting for a member slot
+    /// (`too_many_members`), which is also logged at info.
+    pub on_slot_wait: Option<SlotWaitHook>,
 }
 
 impl Default for ShareConfig {
+    /// The retry bounds are [`ConsumerConfig`](super::ConsumerConfig)'s.
     fn default() -> Self {
         ShareConfig {
             max_records: 1,
             max_wait: Duration::from_millis(500),
             from_earliest: false,
+            retry_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            on_slot_wait: None,
         }
+    }
+}
+
+/// Hears that a [`ShareConsumer`]'s poll waits for a member slot, with
+/// the refusal.
+#[derive(Clone)]
+pub struct SlotWaitHook(pub Arc<dyn Fn(&ClientError) + Send + Sync>);
+
+impl std::fmt::Debug for SlotWaitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlotWaitHook")
     }
 }
 
@@ -181,32 +215,67 @@ impl ShareConsumer {
         &self.client
     }
 
-    /// The records acquired for this worker (none after `max_wait`).
+    /// The records acquired for this worker (none after `max_wait`). A
+    /// retriable refusal (no member slot free, say) is asked again with
+    /// backoff for up to `retry_timeout`.
     pub async fn poll(&self) -> Result<Vec<ShareRecord>, ClientError> {
         self.poll_max(self.config.max_records).await
     }
 
     /// As [`poll`](Self::poll), at most `max_records` this time.
     pub async fn poll_max(&self, max_records: u32) -> Result<Vec<ShareRecord>, ClientError> {
-        let r = self
-            .client
-            .share_fetch(ShareFetchRequest {
-                group: self.group.clone(),
-                topic: self.topic.clone(),
-                member_id: self.member_id.clone(),
-                max_records: max_records.max(1),
-                max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
-                from: Some(
-                    if self.config.from_earliest {
-                        "earliest"
-                    } else {
-                        "latest"
-                    }
-                    .into(),
-                ),
-            })
-            .await?;
-        Ok(r.records)
+        let request = ShareFetchRequest {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            member_id: self.member_id.clone(),
+            max_records: max_records.max(1),
+            max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
+            from: Some(
+                if self.config.from_earliest {
+                    "earliest"
+                } else {
+                    "latest"
+                }
+                .into(),
+            ),
+        };
+        let started = Instant::now();
+        let (mut attempts, mut told) = (0u32, false);
+        loop {
+            let e = match self.client.share_fetch(request.clone()).await {
+                Ok(r) => return Ok(r.records),
+                Err(e) => e,
+            };
+            // Only the server's word that a later ask may succeed: a lost
+            // connection fails the poll as before.
+            let left = self.config.retry_timeout.saturating_sub(started.elapsed());
+            if !e.code().is_some_and(ErrorCode::is_retriable) || left.is_zero() {
+                return Err(e);
+            }
+            attempts += 1;
+            if !told && e.code() == Some(ErrorCode::TooManyMembers) {
+                told = true;
+                log::info!(
+                    "share group {} on {}: waiting for a share-member slot ({e})",
+                    self.group,
+                    self.topic
+                );
+                if let Some(hook) = &self.config.on_slot_wait {
+                    (hook.0)(&e);
+                }
+            } else {
+                log::debug!(
+                    "share group {}: fetch refused ({e}); asking again",
+                    self.group
+                );
+            }
+            let pause = backoff(
+                attempts,
+                self.config.retry_backoff,
+                self.config.retry_backoff_max,
+            );
+            Timer::after(pause.min(left)).await;
+        }
     }
 
     /// Leaves the share group: the records this worker holds go to other
@@ -338,5 +407,135 @@ mod tests {
         let names: Vec<&str> = seen.try_iter().collect();
         assert_eq!(names, ["hello", "share_fetch", "list_share_groups"]);
         drop(peer);
+    }
+
+    /// A peer of protocol version 4 that answers each share_fetch with the
+    /// next of `fetches`, then with no records; it sends the name of
+    /// each request it reads to the receiver.
+    fn scripted_peer(
+        fetches: Vec<ResponseBody>,
+    ) -> (String, std::sync::mpsc::Receiver<&'static str>) {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+            let mut fetches = fetches.into_iter();
+            loop {
+                while let Some(request) = take_request(&mut buf) {
+                    let _ = tx.send(request.body.name());
+                    let body = match request.body {
+                        RequestBody::Hello(_) => hello("scripted peer"),
+                        RequestBody::ShareFetch(_) => fetches.next().unwrap_or_else(|| {
+                            ResponseBody::ShareFetch(ShareFetchResponse {
+                                records: Vec::new(),
+                                lock_ms: 30_000,
+                            })
+                        }),
+                        other => panic!("unexpected {}", other.name()),
+                    };
+                    answer(&mut s, request.correlation_id, body);
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        (addr, seen)
+    }
+
+    fn refusal(code: ErrorCode) -> ResponseBody {
+        ResponseBody::Error(crate::protocol::ErrorResponse {
+            code,
+            message: format!("refused: {code}"),
+        })
+    }
+
+    /// A config that retries within `retry_timeout` at once (1 ms
+    /// backoffs), counting the slot-wait notices in `told`.
+    fn retrying(
+        retry_timeout: Duration,
+        told: &Arc<std::sync::atomic::AtomicUsize>,
+    ) -> ShareConfig {
+        let told = told.clone();
+        ShareConfig {
+            retry_timeout,
+            retry_backoff: Duration::from_millis(1),
+            retry_backoff_max: Duration::from_millis(2),
+            on_slot_wait: Some(SlotWaitHook(Arc::new(move |e| {
+                assert_eq!(e.code(), Some(ErrorCode::TooManyMembers));
+                told.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }))),
+            ..ShareConfig::default()
+        }
+    }
+
+    /// A poll refused for want of a member slot asks again, says once that
+    /// it waits, and returns the records it then gets.
+    #[test]
+    fn a_poll_waits_out_too_many_members_and_says_so_once() {
+        let record = ShareRecord {
+            partition: 0,
+            offset: 7,
+            timestamp_ms: 0,
+            key: None,
+            value: None,
+            headers: Vec::new(),
+            delivery_count: 1,
+        };
+        let (addr, seen) = scripted_peer(vec![
+            refusal(ErrorCode::TooManyMembers),
+            refusal(ErrorCode::TooManyMembers),
+            refusal(ErrorCode::TooManyMembers),
+            ResponseBody::ShareFetch(ShareFetchResponse {
+                records: vec![record.clone()],
+                lock_ms: 30_000,
+            }),
+        ]);
+        let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let got = smol::block_on(async {
+            let client = Client::connect(&addr).await.unwrap();
+            let w = ShareConsumer::new(client, "g", "t", retrying(Duration::MAX, &told));
+            w.poll().await
+        });
+        assert_eq!(got.unwrap(), [record]);
+        assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let names: Vec<&str> = seen.try_iter().collect();
+        assert_eq!(
+            names,
+            [
+                "hello",
+                "share_fetch",
+                "share_fetch",
+                "share_fetch",
+                "share_fetch"
+            ]
+        );
+    }
+
+    /// A refusal that is not retriable is returned at the first ask, even
+    /// with no bound on the wait; a retriable one with a zero bound too.
+    #[test]
+    fn a_poll_returns_a_refusal_not_retriable_or_past_its_bound_at_once() {
+        for (code, retry_timeout) in [
+            (ErrorCode::TooManySharePartitions, Duration::MAX),
+            (ErrorCode::InvalidRequest, Duration::MAX),
+            (ErrorCode::TooManyMembers, Duration::ZERO),
+        ] {
+            let (addr, seen) = scripted_peer(vec![refusal(code), refusal(code)]);
+            let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let got = smol::block_on(async {
+                let client = Client::connect(&addr).await.unwrap();
+                let w = ShareConsumer::new(client, "g", "t", retrying(retry_timeout, &told));
+                w.poll().await
+            });
+            assert_eq!(got.unwrap_err().code(), Some(code));
+            assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 0, "{code}");
+            let names: Vec<&str> = seen.try_iter().collect();
+            assert_eq!(names, ["hello", "share_fetch"], "{code}");
+        }
     }
 }
