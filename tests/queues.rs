@@ -603,6 +603,25 @@ fn share_fetches_past_the_share_limits_are_typed_for_version_4_and_invalid_reque
     }
 }
 
+/// A member of share group `g` on `t` that took one record: with
+/// `share.max_active_members = 1` it holds the only slot until it leaves.
+fn first_member(b: &Broker) -> ShareConsumer {
+    smol::block_on(async {
+        let w = ShareConsumer::new(
+            Client::connect(&b.tcp).await.unwrap(),
+            "g",
+            "t",
+            from_earliest(1, 0),
+        );
+        assert_eq!(
+            w.poll().await.unwrap().len(),
+            1,
+            "the first member's record"
+        );
+        w
+    })
+}
+
 /// A `skiff consume --share-group` worker started while
 /// `share.max_active_members` are active waits for a slot, saying so on
 /// stderr, and takes records once a member leaves; a refusal that is not
@@ -616,20 +635,7 @@ fn a_worker_waits_for_a_share_member_slot_but_not_past_a_refusal_not_retriable()
     create(&b, "t", 1);
     create(&b, "u", 1);
     produce(&b, "t", &["r1".to_owned(), "r2".to_owned()]);
-    let first = smol::block_on(async {
-        let w = ShareConsumer::new(
-            Client::connect(&b.tcp).await.unwrap(),
-            "g",
-            "t",
-            from_earliest(1, 0),
-        );
-        assert_eq!(
-            w.poll().await.unwrap().len(),
-            1,
-            "the first member's record"
-        );
-        w
-    });
+    let first = first_member(&b);
     let handled = b.dir.path().join("handled");
     let script = format!(r#"v=$(cat); echo "$v" >> {}"#, handled.display());
     let errors = |name: &str| {
@@ -695,6 +701,42 @@ fn a_worker_waits_for_a_share_member_slot_but_not_past_a_refusal_not_retriable()
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("too many share partitions"), "{err}");
     assert!(!err.contains("waiting for"), "{err}");
+}
+
+/// `skiff dlq replay` started while `share.max_active_members` are active
+/// (any share group's) waits for a slot too, saying so on stderr.
+#[test]
+fn dlq_replay_waits_for_a_share_member_slot() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    create(&b, "t", 1);
+    create(&b, "t.dlq", 1);
+    produce(&b, "t", &["r1".to_owned()]);
+    let first = first_member(&b);
+    let err = b.dir.path().join("replay.stderr");
+    let mut replay = skiff_command()
+        .args(["dlq", "replay", "t", "--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    wait_until(WAIT, "the replay to wait for a slot", || {
+        if let Some(s) = replay.try_wait().unwrap() {
+            panic!(
+                "the replay exited ({s}) rather than wait for a slot: {}",
+                read()
+            );
+        }
+        read().contains("dlq replay t.dlq: waiting for a share-member slot")
+    });
+    assert_eq!(smol::block_on(first.close()).unwrap(), Some(1));
+    wait_exit(replay);
+    assert!(
+        read().contains("replayed 0 record(s) from t.dlq"),
+        "{}",
+        read()
+    );
 }
 
 #[test]
