@@ -49,6 +49,10 @@ pub struct FaultPlan {
     /// The backend reports files opened without O_DIRECT, as on a file
     /// system that refuses it.
     pub direct_io_refused: bool,
+    /// `sync_start` runs the group's fdatasyncs on a thread of their own,
+    /// as io_uring and pwrite's helper do, and returns at once (with
+    /// `hang_syncs`: a flush held while the storage thread goes on).
+    pub background_syncs: bool,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +80,8 @@ struct DiskState {
     bytes_read_ahead: u64,
     /// What the disk reports as its direct-I/O write unit, and enforces.
     write_unit: usize,
+    /// fdatasyncs blocked by `hang_syncs` now.
+    syncs_held: u64,
 }
 
 impl DiskState {
@@ -136,6 +142,7 @@ impl FaultDisk {
             bytes_read: 0,
             bytes_read_ahead: 0,
             write_unit: BLOCK_BYTES,
+            syncs_held: 0,
         })))
     }
 
@@ -276,6 +283,11 @@ impl FaultDisk {
         self.lock().syncs
     }
 
+    /// fdatasyncs blocked by the plan's `hang_syncs` at this moment.
+    pub fn syncs_held(&self) -> u64 {
+        self.lock().syncs_held
+    }
+
     pub fn faults_injected(&self) -> u64 {
         self.lock().faults_injected
     }
@@ -302,6 +314,10 @@ pub struct FaultBackend {
     /// existed at `sync_start` (only those become durable at `sync_wait`,
     /// as a real fdatasync covers only the writes before it began).
     started: Vec<(PathBuf, usize)>,
+    /// A group `sync_start` handed to a thread (`background_syncs`), and
+    /// the descriptor it signals when done.
+    background: Option<std::thread::JoinHandle<io::Result<()>>>,
+    done: Option<Arc<super::EventFd>>,
     /// Reads ahead, per slot: done at `read_start`, so their bytes are as
     /// stale as a kernel could make them by the time `read_finish` hands
     /// them over.
@@ -314,6 +330,8 @@ impl FaultBackend {
             disk,
             handles: Vec::new(),
             started: Vec::new(),
+            background: None,
+            done: None,
             ahead: (0..READ_AHEAD_SLOTS).map(|_| None).collect(),
         }
     }
@@ -343,28 +361,35 @@ impl FaultBackend {
     /// the media is unknown: the pending writes stay, so a crash decides
     /// their fate.
     fn flush(&mut self, path: &Path, limit: Option<usize>) -> io::Result<()> {
-        let mut st = self.disk.lock();
-        while st.plan.hang_syncs && !st.crashed {
-            drop(st);
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            st = self.disk.lock();
-        }
-        if st.crashed {
-            return Err(crashed_error());
-        }
-        st.syncs += 1;
-        let nth = st.syncs;
-        let p = st.plan;
-        if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
-            return Err(st.injected());
-        }
-        let f = st.files.get_mut(path).ok_or(io::ErrorKind::NotFound)?;
-        let n = limit.unwrap_or(usize::MAX).min(f.unsynced.len());
-        for (off, data) in f.unsynced.drain(..n) {
-            apply(&mut f.durable, off, &data);
-        }
-        Ok(())
+        flush(&self.disk, path, limit)
     }
+}
+
+fn flush(disk: &FaultDisk, path: &Path, limit: Option<usize>) -> io::Result<()> {
+    let mut st = disk.lock();
+    let held = st.plan.hang_syncs && !st.crashed;
+    st.syncs_held += u64::from(held);
+    while st.plan.hang_syncs && !st.crashed {
+        drop(st);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        st = disk.lock();
+    }
+    st.syncs_held -= u64::from(held);
+    if st.crashed {
+        return Err(crashed_error());
+    }
+    st.syncs += 1;
+    let nth = st.syncs;
+    let p = st.plan;
+    if p.fail_sync_nth == Some(nth) || st.chance(p.sync_error_per_million) {
+        return Err(st.injected());
+    }
+    let f = st.files.get_mut(path).ok_or(io::ErrorKind::NotFound)?;
+    let n = limit.unwrap_or(usize::MAX).min(f.unsynced.len());
+    for (off, data) in f.unsynced.drain(..n) {
+        apply(&mut f.durable, off, &data);
+    }
+    Ok(())
 }
 
 impl IoBackend for FaultBackend {
@@ -541,14 +566,46 @@ impl IoBackend for FaultBackend {
             drop(st);
             self.started.push((path, n));
         }
+        if self.disk.lock().plan.background_syncs {
+            let done = match &self.done {
+                Some(d) => d.clone(),
+                None => self.done.insert(Arc::new(super::EventFd::new()?)).clone(),
+            };
+            done.clear();
+            let (disk, group) = (self.disk.clone(), std::mem::take(&mut self.started));
+            self.background = Some(std::thread::spawn(move || {
+                let res = group
+                    .iter()
+                    .try_for_each(|(path, n)| flush(&disk, path, Some(*n)));
+                done.signal();
+                res
+            }));
+        }
         Ok(())
     }
 
     fn sync_wait(&mut self) -> io::Result<()> {
+        if let Some(t) = self.background.take() {
+            t.join()
+                .map_err(|_| io::Error::other("sync thread panicked"))??;
+        }
         for (path, n) in std::mem::take(&mut self.started) {
             self.flush(&path, Some(n))?;
         }
         Ok(())
+    }
+
+    fn sync_poll(&mut self) -> Option<io::Result<()>> {
+        if self.background.as_ref().is_some_and(|t| !t.is_finished()) {
+            return None;
+        }
+        Some(self.sync_wait())
+    }
+
+    fn sync_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.background.as_ref()?;
+        self.done.as_ref().map(|d| d.as_raw_fd())
     }
 
     fn sync(&mut self, file: FileHandle) -> io::Result<()> {
