@@ -561,9 +561,20 @@ impl Engine {
         // flush ended.
         let mut acks_at = None;
         let mut synced_at = None;
+        let serve_reads = self.readers_recent();
         for (_, id, file) in order {
             let started = self.ctx.cfg.clock.now();
-            let res = self.ctx.io.sync(file);
+            // A consumer's fetches are answered during the flush rather
+            // than after the group (fetches of durable data waited up to
+            // seconds behind a throttled disk's rounds).
+            let res = if serve_reads {
+                self.ctx
+                    .io
+                    .sync_start(&[file])
+                    .and_then(|()| self.wait_serving_reads())
+            } else {
+                self.ctx.io.sync(file)
+            };
             let now = self.ctx.cfg.clock.now();
             let took = now - started;
             self.group.flush_ewma = if self.group.flush_ewma.is_zero() {
@@ -594,11 +605,13 @@ impl Engine {
     /// `sync_inline`'s group started together: the fdatasyncs run at once
     /// (an io_uring FSYNC each) and the thread waits for them all.
     fn sync_together(&mut self, files: Vec<FileHandle>) {
-        let res = self
-            .ctx
-            .io
-            .sync_start(&files)
-            .and_then(|()| self.ctx.io.sync_wait());
+        let res = self.ctx.io.sync_start(&files).and_then(|()| {
+            if self.readers_recent() {
+                self.wait_serving_reads()
+            } else {
+                self.ctx.io.sync_wait()
+            }
+        });
         self.complete_inflight(res);
     }
 

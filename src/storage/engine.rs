@@ -91,6 +91,17 @@ const _: () = assert!(RECOVERY_READ_BYTES % B == 0);
 const _: () = assert!(ZERO_CHUNK_BYTES % B == 0);
 const _: () = assert!(READ_WINDOW_BYTES_MIN % B == 0);
 
+/// Fetches waiting for the storage thread, in a queue of their own: a
+/// fetch of durable data is answered before the appends queued ahead of
+/// it are handled and written, and while an fdatasync runs
+/// (`Engine::wait_serving_reads`), not after a whole write round.
+pub const READ_QUEUE_DEPTH: usize = 16;
+/// A fetch within this long makes a flush wait with reads served
+/// (`Engine::readers_recent`): a tailing consumer reads at every group
+/// commit; a broker nobody reads from keeps its plain fdatasync(2), which
+/// costs no thread hand-off.
+const READERS_RECENT: Duration = Duration::from_secs(1);
+
 /// The largest spent batch buffer that goes back with its ack to be
 /// freed by the thread that allocated it (`commit::Pending::spent`): a
 /// fan-in's one-record batches, a thousand a group. Larger ones are few
@@ -304,6 +315,10 @@ pub(super) struct Engine {
     pub(super) bell: Arc<Doorbell>,
     /// The checkpoints being rewritten, off this thread.
     checkpointing: Option<CheckpointRefresh>,
+    /// Fetches (`Cmd::Read`), queued apart from the other commands.
+    reads: async_channel::Receiver<Cmd>,
+    /// When a fetch was last served.
+    last_read: Option<Instant>,
 }
 
 /// A refresh of checkpoints on a thread of its own (`Engine::housekeeping`).
@@ -333,9 +348,11 @@ pub(crate) fn start(
     shared: Arc<Shared>,
 ) -> Result<(CmdTx, std::thread::JoinHandle<()>), StorageError> {
     let (tx, rx) = async_channel::bounded(cfg.append_queue_depth);
+    let (reads_tx, reads) = async_channel::bounded(READ_QUEUE_DEPTH);
     let bell = Arc::new(Doorbell::new()?);
     let tx = CmdTx {
         tx,
+        reads: reads_tx,
         bell: bell.clone(),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -374,6 +391,8 @@ pub(crate) fn start(
                 group,
                 bell,
                 checkpointing: None,
+                reads,
+                last_read: None,
             };
             match engine.recover_all() {
                 Ok(()) => {
@@ -412,12 +431,18 @@ pub(crate) enum TrySend {
 #[derive(Clone)]
 pub(crate) struct CmdTx {
     pub(super) tx: async_channel::Sender<Cmd>,
+    /// Fetches only (see `READ_QUEUE_DEPTH`).
+    pub(super) reads: async_channel::Sender<Cmd>,
     pub(super) bell: Arc<Doorbell>,
 }
 
 impl CmdTx {
     pub(crate) async fn send(&self, cmd: Cmd) -> Result<(), StorageError> {
-        let sent = self.tx.send(cmd).await;
+        let queue = match cmd {
+            Cmd::Read { .. } => &self.reads,
+            _ => &self.tx,
+        };
+        let sent = queue.send(cmd).await;
         self.bell.ring();
         sent.map_err(|_| StorageError::ShuttingDown)
     }
@@ -465,6 +490,7 @@ impl CmdTx {
     /// The thread flushes, checkpoints and exits once it sees this.
     pub(crate) fn close(&self) {
         self.tx.close();
+        self.reads.close();
         self.bell.ring();
     }
 }
@@ -480,6 +506,7 @@ impl Engine {
             let generation = clock.generation();
             let mut shutdown = None;
             let mut closed = rx.is_closed() && rx.is_empty();
+            self.serve_reads();
             // The group: everything that queued up while we were busy.
             for _ in 0..drain_max {
                 match rx.try_recv() {
@@ -505,6 +532,7 @@ impl Engine {
             clock.acted(watcher.as_deref(), generation);
             if shutdown.is_some() || closed {
                 rx.close();
+                self.reads.close();
                 // Commands still queued get ShuttingDown when their reply
                 // senders drop with the channel.
                 let res = self.shutdown_all();
@@ -513,7 +541,7 @@ impl Engine {
                 }
                 return;
             }
-            if !rx.is_empty() {
+            if !rx.is_empty() || !self.reads.is_empty() {
                 continue;
             }
             if self.group.inflight.is_empty() && self.prewrite_pending() {
@@ -541,14 +569,56 @@ impl Engine {
             // A refresh that ends between here and the sleep rings before
             // the thread is asleep: its flag is looked at after.
             let refreshed = self.checkpointing.as_ref().map(|r| r.done.clone());
+            let reads = &self.reads;
             self.bell.sleep(group_fd, deadline, || {
                 !rx.is_empty()
+                    || !reads.is_empty()
                     || rx.is_closed()
                     || clock.moved_since(generation)
                     || refreshed
                         .as_ref()
                         .is_some_and(|d| d.load(Ordering::Acquire))
             });
+        }
+    }
+
+    /// Answers every fetch queued; whether there were any.
+    pub(super) fn serve_reads(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(cmd) = self.reads.try_recv() {
+            any = true;
+            self.handle(cmd);
+        }
+        if any {
+            self.last_read = Some(self.ctx.cfg.clock.now());
+        }
+        any
+    }
+
+    /// Whether a consumer fetched lately: flushes then wait with fetches
+    /// served (`wait_serving_reads`).
+    pub(super) fn readers_recent(&self) -> bool {
+        self.last_read
+            .is_some_and(|t| self.ctx.cfg.clock.now() < t + READERS_RECENT)
+    }
+
+    /// Completes the fdatasync group the backend has started, answering
+    /// fetches that arrive meanwhile. What they may see is unchanged: the
+    /// high watermark moves only once the flush is done, and no append is
+    /// taken off the queue, so the tail stays as written.
+    pub(super) fn wait_serving_reads(&mut self) -> io::Result<()> {
+        loop {
+            if let Some(res) = self.ctx.io.sync_poll() {
+                return res;
+            }
+            if self.serve_reads() {
+                continue;
+            }
+            let Some(fd) = self.ctx.io.sync_fd() else {
+                return self.ctx.io.sync_wait();
+            };
+            let reads = &self.reads;
+            self.bell.sleep(Some(fd), None, || !reads.is_empty());
         }
     }
 

@@ -1420,6 +1420,72 @@ fn failed_fsync_is_sticky_and_never_acked() {
     s.shutdown().unwrap();
 }
 
+/// A fetch of durable data is answered while an fdatasync is held, and
+/// sees nothing of the append that flush is for: inline (each file's
+/// flush on the storage thread) and pipelined. Before, the fetch queued
+/// behind the flush and the write rounds after it (seconds on a throttled
+/// disk).
+#[test]
+fn a_fetch_of_durable_data_is_answered_while_an_fdatasync_is_held() {
+    for pipelined in [false, true] {
+        let rig = Rig::fault(11);
+        let disk = rig.disk().unwrap().clone();
+        disk.set_plan(FaultPlan {
+            background_syncs: true,
+            ..FaultPlan::default()
+        });
+        let id = pid("held", 0);
+        // Still time: the read below stays recent (`readers_recent`).
+        let (clock, _time) = Clock::manual(1_700_000_000_000);
+        let s = rig
+            .open_with(StorageConfig {
+                pipelined_fsync: pipelined,
+                clock,
+                ..rig.cfg()
+            })
+            .expect("open storage");
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+        let durable = fill(&s, &id, 3, 0);
+        // A consumer reading along, as a tailing one does.
+        assert_eq!(read_all(&s, &id, 0), durable);
+        disk.set_plan(FaultPlan {
+            background_syncs: true,
+            hang_syncs: true,
+            ..FaultPlan::default()
+        });
+        let hw = s.offsets(&id).unwrap().high_watermark;
+        let ticket = block_on(s.submit_now(&id, make_batch(1, 10, 99, 0))).unwrap();
+        while disk.syncs_held() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let (s, id) = (&s, &id);
+            scope.spawn(move || {
+                let _ = tx.send(block_on(s.read(id, 0, 1 << 20)));
+            });
+            // Only a hang detector: a fetch that waits for the flush never
+            // comes back while it is held.
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+            let held = disk.syncs_held();
+            // Let the flush (and a fetch stuck behind it) go either way.
+            disk.set_plan(FaultPlan {
+                background_syncs: true,
+                ..FaultPlan::default()
+            });
+            let got = got.unwrap_or_else(|_| {
+                panic!("pipelined {pipelined}: the fetch waited for the held fdatasync")
+            });
+            assert_eq!(held, 1, "pipelined {pipelined}: answered while held");
+            assert_eq!(got.expect("read").to_vec(), durable.concat());
+        });
+        let ack = block_on(ticket).expect("acked once flushed");
+        assert_eq!(ack.base_offset, hw);
+        assert_eq!(s.offsets(&id).unwrap().high_watermark, hw + 1);
+        s.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn failed_write_fails_the_append_with_enospc() {
     let rig = Rig::fault(4);
