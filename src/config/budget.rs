@@ -269,6 +269,15 @@ impl MemoryBudget {
                 ),
             ),
             line(
+                "fetch queue",
+                crate::storage::read_queue_bytes(),
+                format!(
+                    "{} x {} per fetch waiting for the storage thread",
+                    crate::storage::READ_QUEUE_DEPTH,
+                    human(crate::storage::append_queue_bytes(1))
+                ),
+            ),
+            line(
                 "connection state (estimate)",
                 connections.saturating_mul(CONNECTION_STATE_BYTES),
                 format!(

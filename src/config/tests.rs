@@ -557,6 +557,19 @@ fn the_append_queue_holds_a_job_per_connection() {
     );
 }
 
+/// The fetches waiting for the storage thread have a queue of their own,
+/// beside the appends', and the budget counts its slots.
+#[test]
+fn the_fetch_queue_is_counted() {
+    let budget = Config::embedded_default().memory_budget();
+    let queue = line(&budget, "fetch queue");
+    assert_eq!(queue.bytes, crate::storage::read_queue_bytes());
+    assert_eq!(
+        queue.bytes,
+        crate::storage::READ_QUEUE_DEPTH as u64 * crate::storage::append_queue_bytes(1)
+    );
+}
+
 /// The shared in-flight pool is counted once, beside the connections'
 /// shares, and named only where it is set.
 #[test]

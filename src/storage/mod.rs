@@ -555,6 +555,16 @@ pub fn append_queue_bytes(depth: u32) -> u64 {
     u64::from(depth) * (engine::CMD_BYTES + APPEND_JOB_HEAP_BYTES)
 }
 
+/// Fetches that may wait for the storage thread at once.
+pub const READ_QUEUE_DEPTH: usize = engine::READ_QUEUE_DEPTH;
+
+/// The storage thread's fetch queue (`READ_QUEUE_DEPTH`): a
+/// command per slot, each with a partition id and a reply channel as an
+/// append's.
+pub fn read_queue_bytes() -> u64 {
+    engine::READ_QUEUE_DEPTH as u64 * (engine::CMD_BYTES + APPEND_JOB_HEAP_BYTES)
+}
+
 /// The read buffer recovery scans with at start-up, freed before the
 /// broker starts serving.
 pub fn recovery_buffer_bytes(max_batch_bytes: usize) -> u64 {
