@@ -115,12 +115,16 @@ fn tmp_path(path: &Path) -> PathBuf {
 pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), MetaError> {
     let out = envelope(value)?;
     let tmp = tmp_path(path);
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(&out)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+        // On a full disk a half-written temp file would keep the space the
+        // disk is short of, until the next write of the same file.
+        let _ = fs::remove_file(&tmp);
+        return Err(e.into());
     }
-    fs::rename(&tmp, path)?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
     Ok(())
@@ -239,6 +243,35 @@ mod tests {
         write_atomic(&p, &w).unwrap();
         assert_eq!(read::<Sample>(&p).unwrap(), Some(w));
         assert!(!tmp_path(&p).exists());
+    }
+
+    /// A write that fails before its rename leaves the old file as it was
+    /// and no temp file behind (here the temp file is /dev/full, which
+    /// takes the open and fails the write with ENOSPC).
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_no_temp_file() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("x.meta");
+        let old = Sample {
+            a: 1,
+            b: "old".into(),
+        };
+        write_atomic(&p, &old).unwrap();
+        std::os::unix::fs::symlink("/dev/full", tmp_path(&p)).unwrap();
+        let new = Sample {
+            a: 2,
+            b: "new".into(),
+        };
+        let e = write_atomic(&p, &new).unwrap_err();
+        assert!(
+            matches!(&e, MetaError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC)),
+            "{e:?}"
+        );
+        assert_eq!(read::<Sample>(&p).unwrap(), Some(old));
+        assert!(
+            fs::symlink_metadata(tmp_path(&p)).is_err(),
+            "the temp file was left behind"
+        );
     }
 
     /// An overwrite in place reads back whole whether the new value is
