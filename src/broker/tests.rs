@@ -527,7 +527,8 @@ fn a_delete_that_cannot_rewrite_its_settings_on_a_full_disk_says_so() {
         let full = rig.dir.path().join(format!("{file}.tmp"));
         std::os::unix::fs::symlink("/dev/full", &full).expect("symlink");
         let e = block_on(b.delete_topic("doomed")).expect_err("settings not rewritten");
-        std::fs::remove_file(&full).expect("unlink");
+        // The failed write took its temp file (here the /dev/full link) away.
+        assert!(std::fs::symlink_metadata(&full).is_err(), "temp file left");
         assert!(
             matches!(&e, BrokerError::TopicDeleteIncomplete { settings, .. }
                 if settings.len() == 1 && settings[0].0 == file),
@@ -704,7 +705,8 @@ fn an_alter_failing_at(alter: &TopicAlter, fault: &AlterFault, step: AlterStep, 
     // Once the step can be done, the same alter takes it all.
     match fault {
         AlterFault::InTheWay(f) => std::fs::remove_dir(at(f)).expect("rmdir"),
-        AlterFault::Full(f) => std::fs::remove_file(at(f)).expect("unlink"),
+        // The failed write took its temp file (the /dev/full link) away.
+        AlterFault::Full(f) => assert!(std::fs::symlink_metadata(at(f)).is_err(), "temp left"),
         AlterFault::NoRoomForPartition1 => disk.set_plan(FaultPlan::default()),
     }
     let after = block_on(b.alter_topic("t", alter)).expect("altered");
@@ -790,7 +792,7 @@ fn an_alter_whose_shrink_dropped_records_and_then_failed_says_they_are_gone() {
         ..TopicAlter::default()
     };
     let e = block_on(b.alter_topic("t", &shrink)).expect_err("full disk");
-    std::fs::remove_file(&full).expect("unlink");
+    assert!(std::fs::symlink_metadata(&full).is_err(), "temp file left");
     let earliest = b.offsets("t", 0).expect("offsets").earliest;
     assert!(earliest > 0, "the shrink dropped nothing");
     assert!(
