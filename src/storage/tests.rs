@@ -3832,3 +3832,91 @@ fn appends_during_an_inline_fdatasync_form_the_next_group() {
     gate.hold_sync_calls.store(false, Ordering::SeqCst);
     s.shutdown().unwrap();
 }
+
+/// A create pre-writes its first segment a chunk per turn of the storage
+/// thread, so appends to other partitions are answered meanwhile: written
+/// in one go, 16 MiB held every ack for 0.8 to 1.7 s on a 20 MB/s card.
+#[test]
+fn appends_elsewhere_are_answered_while_a_create_pre_writes() {
+    use super::engine::CREATE_PREWRITE_PAUSED;
+    use futures_lite::future::poll_once;
+    for (name, rig) in rigs() {
+        let s = rig
+            .open_with(StorageConfig {
+                prewrite_segments: true,
+                ..rig.cfg()
+            })
+            .unwrap();
+        let (a, b) = (pid("a", 0), pid("b", 0));
+        block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
+        CREATE_PREWRITE_PAUSED.store(true, Ordering::Relaxed);
+        let mut create = Box::pin(s.create_partition(b.clone(), small_cfg()));
+        assert!(block_on(poll_once(&mut create)).is_none(), "{name}");
+        block_on(s.append(&a, make_batch(3, 10, 1, 0))).expect(name);
+        assert!(
+            block_on(poll_once(&mut create)).is_none(),
+            "{name}: the create was answered before its first segment was written"
+        );
+        // The same id again, and a partition past the limit counting it,
+        // are refused while it runs.
+        let again = block_on(s.create_partition(b.clone(), small_cfg()));
+        assert!(
+            matches!(again, Err(StorageError::PartitionExists { .. })),
+            "{name}: {again:?}"
+        );
+        CREATE_PREWRITE_PAUSED.store(false, Ordering::Relaxed);
+        // Wakes the storage thread, which then finishes the create.
+        block_on(s.append(&a, make_batch(3, 10, 2, 0))).expect(name);
+        block_on(create).expect(name);
+        block_on(s.append(&b, make_batch(2, 10, 3, 0))).expect(name);
+        assert_eq!(read_all(&s, &b, 0).len(), 1, "{name}");
+        assert_eq!(read_all(&s, &a, 0).len(), 2, "{name}");
+        s.shutdown().unwrap();
+        // Made whole: it is there after a restart.
+        let s = rig.open();
+        assert_eq!(read_all(&s, &b, 0).len(), 1, "{name}");
+        s.shutdown().unwrap();
+    }
+}
+
+/// A create a shutdown cuts short is answered so and leaves nothing: the
+/// id can be created after the restart.
+#[test]
+fn a_create_cut_short_by_a_shutdown_leaves_nothing_behind() {
+    use super::engine::CREATE_PREWRITE_PAUSED;
+    use futures_lite::future::poll_once;
+    for (name, rig) in rigs() {
+        let cfg = StorageConfig {
+            prewrite_segments: true,
+            max_partitions: 2,
+            ..rig.cfg()
+        };
+        let s = rig.open_with(cfg.clone()).unwrap();
+        block_on(s.create_partition(pid("a", 0), small_cfg())).unwrap();
+        CREATE_PREWRITE_PAUSED.store(true, Ordering::Relaxed);
+        let b = pid("b", 0);
+        let mut create = Box::pin(s.create_partition(b.clone(), small_cfg()));
+        assert!(block_on(poll_once(&mut create)).is_none(), "{name}");
+        let third = block_on(s.create_partition(pid("c", 0), small_cfg()));
+        assert!(
+            matches!(third, Err(StorageError::TooManyPartitions { max: 2 })),
+            "{name}: the create under way counts: {third:?}"
+        );
+        s.shutdown().unwrap();
+        let res = block_on(create);
+        assert!(
+            matches!(res, Err(StorageError::ShuttingDown)),
+            "{name}: {res:?}"
+        );
+        CREATE_PREWRITE_PAUSED.store(false, Ordering::Relaxed);
+        assert!(
+            !rig.dir.path().join("topics/b").exists() || rig.disk().is_some(),
+            "{name}: its directory stayed"
+        );
+        let s = rig.open_with(cfg).unwrap();
+        assert!(s.offsets(&b).is_err(), "{name}");
+        block_on(s.create_partition(b.clone(), small_cfg())).expect(name);
+        block_on(s.append(&b, make_batch(2, 10, 1, 0))).expect(name);
+        s.shutdown().unwrap();
+    }
+}
