@@ -287,6 +287,74 @@ pub(super) fn sample_requests() -> Vec<(&'static str, Request<'static>)> {
                 }),
             ),
         ),
+        (
+            "compact_topic",
+            body(RequestBody::CompactTopic(CompactTopicRequest {
+                name: "device-state".into(),
+                wait: true,
+            })),
+        ),
+        (
+            "describe_partitions",
+            body(RequestBody::DescribePartitions(DescribePartitionsRequest {
+                name: "sensors.temp".into(),
+            })),
+        ),
+        (
+            "alter_topic",
+            body(RequestBody::AlterTopic(AlterTopicRequest {
+                name: "sensors.temp".into(),
+                retention_ms: Some(86_400_000),
+                segments: Some(16),
+                ..Default::default()
+            })),
+        ),
+        // The transactions' examples in docs/protocol.md number their
+        // frames as a producer's connection would: init, produce, offsets,
+        // end.
+        (
+            "init_txn",
+            numbered(
+                5,
+                RequestBody::InitTxn(InitTxnRequest {
+                    transactional_id: "orders-writer".into(),
+                    transaction_timeout_ms: 60_000,
+                }),
+            ),
+        ),
+        (
+            "add_txn_offsets",
+            numbered(
+                8,
+                RequestBody::AddTxnOffsets(AddTxnOffsetsRequest {
+                    transactional_id: "orders-writer".into(),
+                    producer_id: 4001,
+                    producer_epoch: 3,
+                    group: "billing".into(),
+                    offsets: vec![TxnOffset {
+                        topic: "orders".into(),
+                        partition: 0,
+                        offset: 42,
+                    }],
+                }),
+            ),
+        ),
+        (
+            "end_txn",
+            numbered(
+                9,
+                RequestBody::EndTxn(EndTxnRequest {
+                    transactional_id: "orders-writer".into(),
+                    producer_id: 4001,
+                    producer_epoch: 3,
+                    commit: true,
+                }),
+            ),
+        ),
+        (
+            "list_txns",
+            numbered(10, RequestBody::ListTxns(ListTxnsRequest {})),
+        ),
     ]
 }
 
@@ -643,8 +711,126 @@ pub(super) fn sample_responses() -> Vec<(&'static str, Response)> {
                 ResponseBody::ShareLeave(ShareLeaveResponse { released: 1 }),
             ),
         ),
+        (
+            "compact_topic",
+            body(ResponseBody::CompactTopic(CompactTopicResponse {
+                partitions: vec![
+                    CompactedPartition {
+                        partition: 0,
+                        error: ErrorCode::None,
+                        segments_merged: 3,
+                        segments_freed: 2,
+                        bytes_before: 180_000,
+                        bytes_after: 12_000,
+                        records_removed: 540,
+                        message: None,
+                    },
+                    CompactedPartition {
+                        partition: 1,
+                        error: ErrorCode::PartitionQuarantined,
+                        segments_merged: 0,
+                        segments_freed: 0,
+                        bytes_before: 0,
+                        bytes_after: 0,
+                        records_removed: 0,
+                        message: Some(COMPACT_QUARANTINED.into()),
+                    },
+                ],
+            })),
+        ),
+        (
+            "describe_partitions",
+            body(ResponseBody::DescribePartitions(
+                DescribePartitionsResponse {
+                    partitions: vec![
+                        PartitionDetail {
+                            partition: 0,
+                            error: ErrorCode::None,
+                            log_start: 0,
+                            log_end: 42,
+                            bytes: 5120,
+                            segments_used: 2,
+                            segments: 8,
+                            oldest_segment_max_timestamp: Some(1_700_000_060_000),
+                            next_retention_at_ms: Some(1_700_086_460_000),
+                            next_retention_offsets: Some(20),
+                            next_retention_bytes: Some(2560),
+                            oldest_timestamp: Some(1_700_000_000_000),
+                            damaged: Some(vec![DamagedRange {
+                                from_offset: 10,
+                                to_offset: 12,
+                                bytes: 300,
+                                slot: 0,
+                                position: 4096,
+                                found_ms: 1_700_000_100_000,
+                                found: "a batch whose CRC does not match".into(),
+                            }]),
+                            message: None,
+                        },
+                        PartitionDetail::failed(
+                            1,
+                            ErrorCode::PartitionQuarantined,
+                            8,
+                            QUARANTINED.into(),
+                        ),
+                    ],
+                },
+            )),
+        ),
+        (
+            "alter_topic",
+            body(ResponseBody::AlterTopic(Box::new(CreateTopicResponse {
+                config: TopicConfig {
+                    retention_ms: Some(86_400_000),
+                    segments: 16,
+                    ..topic_config()
+                },
+            }))),
+        ),
+        (
+            "init_txn",
+            numbered(
+                5,
+                ResponseBody::InitTxn(InitTxnResponse {
+                    producer_id: 4001,
+                    producer_epoch: 3,
+                }),
+            ),
+        ),
+        (
+            "add_txn_offsets",
+            numbered(8, ResponseBody::AddTxnOffsets(AddTxnOffsetsResponse {})),
+        ),
+        (
+            "end_txn",
+            numbered(9, ResponseBody::EndTxn(EndTxnResponse {})),
+        ),
+        (
+            "list_txns",
+            numbered(
+                10,
+                ResponseBody::ListTxns(ListTxnsResponse {
+                    transactions: vec![TxnListing {
+                        transactional_id: "orders-writer".into(),
+                        producer_id: 4001,
+                        producer_epoch: 3,
+                        state: "ongoing".into(),
+                        partitions: vec![GroupPartition {
+                            topic: "orders".into(),
+                            partition: 0,
+                        }],
+                        transaction_timeout_ms: 60_000,
+                    }],
+                }),
+            ),
+        ),
     ]
 }
+
+/// A compaction's failure on a quarantined partition, as the broker words it.
+const COMPACT_QUARANTINED: &str = "partition device-state/1 is quarantined (read-only): \
+                                   partition.meta is missing, but the partition's segments \
+                                   hold batches";
 
 /// The sample request of operation `name`.
 fn sample_request(name: &str) -> Request<'static> {
@@ -1666,7 +1852,7 @@ proptest! {
 /// The bytes of every sample message, pinned. A failure here means the
 /// wire format changed: a renumbered field or variant breaks every deployed
 /// peer. Only add entries; never edit one.
-const GOLDEN_REQUESTS: [(&str, &str); 27] = [
+const GOLDEN_REQUESTS: [(&str, &str); 34] = [
     (
         "hello",
         "820182018301016f736b6966662d636c692f302e312e30",
@@ -1760,9 +1946,19 @@ const GOLDEN_REQUESTS: [(&str, &str); 27] = [
         "share_leave",
         "820882184b826762696c6c696e676b776f726b65722d37663361",
     ),
+    ("compact_topic", "8201821832826c6465766963652d7374617465f5"),
+    ("describe_partitions", "8201821833816c73656e736f72732e74656d70"),
+    ("alter_topic", "8201821834a3006c73656e736f72732e74656d700310041a05265c00"),
+    ("init_txn", "820582183c826d6f72646572732d77726974657219ea60"),
+    (
+        "add_txn_offsets",
+        "820882183d856d6f72646572732d777269746572190fa1036762696c6c696e678183666f726465727300182a",
+    ),
+    ("end_txn", "820982183e846d6f72646572732d777269746572190fa103f5"),
+    ("list_txns", "820a82183f80"),
 ];
 
-const GOLDEN_RESPONSES: [(&str, &str); 28] = [
+const GOLDEN_RESPONSES: [(&str, &str); 35] = [
     (
         "error",
         "820182008201781b6e6f20746f706963206e616d65642073656e736f72732e74656d70",
@@ -1854,6 +2050,25 @@ const GOLDEN_RESPONSES: [(&str, &str); 28] = [
     ("describe_share_group", "8206821849836762696c6c696e678189666f7264657273001829182c187801010182841829686163717569726564016b776f726b65722d3766336183182a69617661696c61626c650281836b776f726b65722d376633610119733c"),
     ("delete_share_group", "820782184a80"),
     ("share_leave", "820882184b8101"),
+    (
+        "compact_topic",
+        "8201821832818287000003021a0002bf20192ee019021c88010a00000000007879706172746974696f6e206465766963652d73746174652f312069732071756172616e74696e65642028726561642d6f6e6c79293a20706172746974696f6e2e6d657461206973206d697373696e672c206275742074686520706172746974696f6e2773207365676d656e747320686f6c642062617463686573",
+    ),
+    (
+        "describe_partitions",
+        "820182183381828d000000182a19140002081b0000018bcfe652601b0000018bd50cae6014190a001b0000018bcfe5680081870a0c19012c001910001b0000018bcfe6eea07820612062617463682077686f73652043524320646f6573206e6f74206d617463688e010a0000000008f6f6f6f6f6f67879706172746974696f6e2073656e736f72732e74656d702f312069732071756172616e74696e65642028726561642d6f6e6c79293a20706172746974696f6e2e6d657461206973206d697373696e672c206275742074686520706172746974696f6e2773207365676d656e747320686f6c642062617463686573",
+    ),
+    (
+        "alter_topic",
+        "820182183481a7006c73656e736f72732e74656d700104021a040000000310041a05265c000566616c7761797306696f7665727772697465",
+    ),
+    ("init_txn", "820582183c82190fa103"),
+    ("add_txn_offsets", "820882183d80"),
+    ("end_txn", "820982183e80"),
+    (
+        "list_txns",
+        "820a82183f8181866d6f72646572732d777269746572190fa103676f6e676f696e678182666f72646572730019ea60",
+    ),
 ];
 
 fn hex(bytes: &[u8]) -> String {
@@ -2082,6 +2297,26 @@ fn share_operations_are_version_3_but_share_leave_version_4() {
         let r = sample_request(name);
         let want = if name == "share_leave" { 4 } else { 3 };
         assert_eq!(r.body.since_version(), want, "{name}");
+        assert_eq!(sample_response(name).body.name(), name);
+    }
+}
+
+/// Compaction's and topic changes' operations (50..=52) came with version
+/// 2, the transactions' (60..=63) with 3; like the share groups', their
+/// bytes are pinned through the samples.
+#[test]
+fn topic_change_operations_are_version_2_and_transactions_version_3() {
+    let ops = [
+        ("compact_topic", 2),
+        ("describe_partitions", 2),
+        ("alter_topic", 2),
+        ("init_txn", 3),
+        ("add_txn_offsets", 3),
+        ("end_txn", 3),
+        ("list_txns", 3),
+    ];
+    for (name, want) in ops {
+        assert_eq!(sample_request(name).body.since_version(), want, "{name}");
         assert_eq!(sample_response(name).body.name(), name);
     }
 }
