@@ -2116,6 +2116,49 @@ fn docs_show_every_sample() {
     }
 }
 
+/// The operation number a frame's body carries: `[correlation_id, [op, ...]]`.
+fn operation_of(frame: &[u8]) -> u32 {
+    let mut d = minicbor::Decoder::new(&frame[FRAME_HEADER_BYTES..]);
+    d.array().unwrap();
+    d.u32().unwrap();
+    d.array().unwrap();
+    d.u32().unwrap()
+}
+
+/// docs/protocol.md's table of operations has a row for each sample, with
+/// the number it is sent with, and no other.
+#[test]
+fn docs_operation_table_lists_every_operation() {
+    let rows: Vec<(u32, String, String)> = PROTOCOL_MD
+        .split("## Encoding rules")
+        .nth(1)
+        .and_then(|s| s.split("## Version negotiation").next())
+        .expect("docs/protocol.md has its encoding rules")
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let op = cells.get(1)?.parse().ok()?;
+            Some((op, cells.get(2)?.to_string(), cells.get(3)?.to_string()))
+        })
+        .filter(|(op, _, _)| *op != 0)
+        .collect();
+    let reqs = sample_requests();
+    for (name, r) in &reqs {
+        let op = operation_of(&request_frame(r));
+        let response = sample_response(name);
+        assert_eq!(operation_of(&response_frame(&response)), op, "{name}");
+        assert!(
+            rows.contains(&(op, name.to_string(), name.to_string())),
+            "docs/protocol.md's operation table lacks | {op} | {name} | {name} |"
+        );
+    }
+    assert_eq!(
+        rows.len(),
+        reqs.len(),
+        "an operation without a sample: {rows:?}"
+    );
+}
+
 #[test]
 fn docs_error_table_matches_the_codes() {
     let rows: Vec<(u16, String, String)> = PROTOCOL_MD
