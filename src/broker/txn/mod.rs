@@ -668,16 +668,34 @@ impl Coordinator {
         }
         check_epoch(&st, producer_id, epoch)?;
         self.write_unwritten(&mut st).await?;
-        self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
+        let begun = self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
+        if let Err(e) = self.add_partition(&mut st, topic, partition).await {
+            // A refused batch leaves no empty transaction behind: one would
+            // time out and fence its producer, or be written by a rewrite.
+            self.unbegin(&mut st, begun);
+            return Err(e);
+        }
         self.timers.notify(usize::MAX);
+        Ok(Some(st))
+    }
+
+    /// Adds the partition to the open transaction, durably, unless it is in
+    /// it already; a refusal changes nothing.
+    async fn add_partition(
+        &self,
+        st: &mut TxnState,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(), TxnError> {
         if st
             .rec
             .partitions
             .iter()
             .any(|(t, p, _)| t == topic && *p == partition)
         {
-            return Ok(Some(st));
+            return Ok(());
         }
+        let producer_id = st.rec.producer_id;
         let first = self.broker.offsets(topic, partition)?.high_watermark;
         // Its abort's range is taken now, so that abort is never refused.
         let max = self.config.max_aborted_ranges;
@@ -692,12 +710,14 @@ impl Coordinator {
             });
         }
         st.rec.partitions.push((topic.to_owned(), partition, first));
-        if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
+        let active_ms = st.active_ms;
+        if let Err(e) = self.write_log(vec![self.stamped(st)]).await {
             st.rec.partitions.pop();
+            st.active_ms = active_ms;
             self.index().close(topic, partition, producer_id);
             return Err(e);
         }
-        Ok(Some(st))
+        Ok(())
     }
 
     /// Adds a group's offsets to the open transaction (opening one):
@@ -718,8 +738,7 @@ impl Coordinator {
         let hold = self.groups.reserve(group)?;
         let mut st = self.lock_id(id).await?;
         check_epoch(&st, producer_id, epoch)?;
-        self.begin_unless_ongoing(&mut st, "")?;
-        self.timers.notify(usize::MAX);
+        let begun = self.begin_unless_ongoing(&mut st, "")?;
         // Held in memory until the transaction ends: as many as there
         // are partitions, so the memory budget can count them.
         let max = self.broker.max_partitions();
@@ -735,11 +754,14 @@ impl Coordinator {
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         if st.rec.offsets.len() + new > max {
-            return Err(TxnError::Invalid(format!(
+            let e = TxnError::Invalid(format!(
                 "a transaction carries at most {max} group offsets (server.max_partitions), not {}",
                 st.rec.offsets.len() + new
-            )));
+            ));
+            self.unbegin(&mut st, begun);
+            return Err(e);
         }
+        self.timers.notify(usize::MAX);
         if !st.held.iter().any(|h| h.group() == group) {
             st.held.push(hold);
         }
@@ -1107,9 +1129,14 @@ impl Coordinator {
     /// A transaction's first record or offsets begin it, if fewer than
     /// `transactions.max_open` are open; one that is ending takes none
     /// until it is done (`why` ends the message).
-    fn begin_unless_ongoing(&self, st: &mut TxnState, why: &str) -> Result<(), TxnError> {
+    /// What it began, if anything, for [`Coordinator::unbegin`].
+    fn begin_unless_ongoing(
+        &self,
+        st: &mut TxnState,
+        why: &str,
+    ) -> Result<Option<Begun>, TxnError> {
         match st.rec.phase {
-            Phase::Ongoing => Ok(()),
+            Phase::Ongoing => Ok(None),
             Phase::Empty | Phase::CompleteCommit | Phase::CompleteAbort => {
                 // An eighth kept for the partitions the open ones add.
                 let ranges = self.config.max_aborted_ranges;
@@ -1129,8 +1156,12 @@ impl Coordinator {
                         id: st.id.clone(),
                         max,
                     })?;
+                let before = Begun {
+                    phase: st.rec.phase,
+                    started_ms: st.started_ms,
+                };
                 begin(st, now_ms(&self.broker));
-                Ok(())
+                Ok(Some(before))
             }
             p => Err(TxnError::InvalidState(format!(
                 "transaction {} is ending ({}){why}",
@@ -1138,6 +1169,19 @@ impl Coordinator {
                 p.name()
             ))),
         }
+    }
+
+    /// Takes back a transaction the refused request began (nothing of it
+    /// was written), freeing its slot of `max_open`.
+    fn unbegin(&self, st: &mut TxnState, begun: Option<Begun>) {
+        let Some(before) = begun else {
+            return;
+        };
+        debug_assert!(st.rec.partitions.is_empty() && st.held.is_empty());
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        st.rec.phase = before.phase;
+        st.rec.offsets = Vec::new();
+        st.started_ms = before.started_ms;
     }
 
     /// Ends an open transaction in `phase` (idle ids keep neither its
@@ -1299,6 +1343,12 @@ pub(crate) fn log_topic_spec(max_batch_bytes: usize) -> TopicSpec {
     let segment_bytes = LOG_SEGMENT_BYTES.max((2 * max_batch_bytes as u64).next_multiple_of(4096));
     // A plain ring: the live state is written again before it wraps.
     TopicSpec::internal(segment_bytes, LOG_SEGMENTS, false)
+}
+
+/// What a transaction's begin changed: `phase` was idle.
+struct Begun {
+    phase: Phase,
+    started_ms: u64,
 }
 
 fn begin(st: &mut TxnState, now_ms: u64) {

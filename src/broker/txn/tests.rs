@@ -275,6 +275,20 @@ fn committed_records(c: &Coordinator, topic: &str) -> usize {
     }
 }
 
+/// A topic with the longest name, so its records in the coordinator's log
+/// are as large as they get, and rings of 1 MiB segments.
+fn long_topic(c: &Coordinator, partitions: u32, segments: u32) -> String {
+    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
+    let spec = TopicSpec {
+        partitions: Some(partitions),
+        segment_bytes: Some(1 << 20),
+        segments: Some(segments),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic(&topic, &spec)).expect("create");
+    topic
+}
+
 /// Aborted transactions on a topic with the longest name, so each range's
 /// record in the coordinator's log is as large as it gets: as many as the
 /// coordinator takes (more than its log's ring holds, if it takes them
@@ -285,15 +299,8 @@ fn aborted_ranges_outlive_a_restart_however_many_transactions_abort() {
     const TRANSACTIONS: u32 = 20_000;
     let rig = Rig::fault(32);
     let c = open(&rig);
-    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
     // Room for every transaction's record and marker: its ranges stay.
-    let spec = TopicSpec {
-        partitions: Some(1),
-        segment_bytes: Some(1 << 20),
-        segments: Some(8),
-        ..TopicSpec::default()
-    };
-    block_on(c.broker().create_topic(&topic, &spec)).expect("create");
+    let topic = long_topic(&c, 1, 8);
     let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
     let mut aborted = 0;
     for seq in 0..TRANSACTIONS {
@@ -415,14 +422,7 @@ fn a_full_table_of_aborted_ranges_refuses_transactions_never_aborts() {
 fn aborted_ranges_outlive_restarts_between_rewrites() {
     let rig = Rig::fault(34);
     let mut c = open(&rig);
-    let topic = "t".repeat(crate::storage::TOPIC_NAME_BYTES_MAX);
-    let spec = TopicSpec {
-        partitions: Some(5),
-        segment_bytes: Some(1 << 20),
-        segments: Some(4),
-        ..TopicSpec::default()
-    };
-    block_on(c.broker().create_topic(&topic, &spec)).expect("create");
+    let topic = long_topic(&c, 5, 4);
     let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
     let gate = block_on(c.gate(pid, epoch, &topic, 0)).expect("gate");
     produce_gated(&c, &topic, gate, (pid, epoch, 0));
@@ -443,5 +443,93 @@ fn aborted_ranges_outlive_restarts_between_rewrites() {
     }
     assert_eq!(c.broker().txn_index.aborted(&topic, 0).len(), 1);
     assert_eq!(committed_records(&c, &topic), 0);
+    c.broker().close().expect("close");
+}
+
+/// Commits transactions of `id` over `topic`'s five partitions until the
+/// log has been rewritten (every id's state written again) `rewrites`
+/// times.
+fn commit_through_rewrites(c: &Coordinator, id: &str, topic: &str, rewrites: usize) {
+    let (pid, epoch) = block_on(c.init(id, 60_000)).expect("init");
+    let mut since = *block_on(c.log.lock());
+    let mut done = 0;
+    while done < rewrites {
+        for p in 0..5 {
+            drop(block_on(c.gate(pid, epoch, topic, p)).expect("gate"));
+        }
+        block_on(c.end(id, pid, epoch, true)).expect("commit");
+        let now = *block_on(c.log.lock());
+        if now < since {
+            done += 1;
+        }
+        since = now;
+    }
+}
+
+fn named(c: &Coordinator, id: &str) -> Option<(u64, u16)> {
+    block_on(c.broker().named_producer(&format!("{NAME_PREFIX}{id}")))
+}
+
+/// A first batch refused after its transaction began (its partition is
+/// not there; the log write adding it fails) leaves the id as it was: no
+/// empty transaction open in memory, none written by the log's next
+/// rewrite for a restart to load, none whose timeout fences the producer.
+#[test]
+fn a_refused_first_batch_leaves_no_transaction_begun() {
+    let rig = Rig::fault(35);
+    let disk = rig.disk().expect("fault rig").clone();
+    let clock = Arc::new(crate::broker::ManualClock::new(1_000_000));
+    let c = open_with_clock(&rig, clock.clone());
+    let topic = long_topic(&c, 5, 4);
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let Err(e) = block_on(c.gate(pid, epoch, &topic, 9)) else {
+        panic!("a batch to partition 9, which is not there, was let in");
+    };
+    assert!(matches!(e, TxnError::Broker(_)), "{e}");
+    assert_eq!(phase(&c, "a"), "empty");
+    assert_eq!(
+        c.open.load(Ordering::Relaxed),
+        0,
+        "no slot of max_open taken"
+    );
+    commit_through_rewrites(&c, "b", &topic, 1);
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open_with_clock(&rig, clock.clone());
+    assert_eq!(phase(&c, "a"), "empty", "after a restart");
+    assert_eq!(
+        named(&c, "a"),
+        Some((pid, epoch)),
+        "recovery fenced nothing"
+    );
+
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(TXN_TOPIC),
+        ..FaultPlan::default()
+    });
+    let Err(e) = block_on(c.gate(pid, epoch, &topic, 0)) else {
+        panic!("a partition was added while the log refuses writes");
+    };
+    assert!(matches!(e, TxnError::Broker(_)), "{e}");
+    disk.set_plan(FaultPlan::default());
+    assert_eq!(phase(&c, "a"), "empty");
+    assert_eq!(
+        c.open.load(Ordering::Relaxed),
+        0,
+        "no slot of max_open taken"
+    );
+    assert_eq!(c.index().ranges_taken(), 0, "nor a range");
+    clock.advance_ms(60_001);
+    block_on(c.timer_pass());
+    assert_eq!(
+        c.stats.timeouts.load(Ordering::Relaxed),
+        0,
+        "nothing timed out"
+    );
+    assert_eq!(
+        named(&c, "a"),
+        Some((pid, epoch)),
+        "the producer is not fenced"
+    );
     c.broker().close().expect("close");
 }
