@@ -306,6 +306,14 @@ pub struct TxnState {
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
 
+/// An id in `by_id`: its state, and the value of its newest record the log
+/// holds durably with that record's timestamp, which a rewrite carries
+/// over while the state is locked (it cannot be read then).
+struct Slot {
+    entry: Entry,
+    durable: Option<(i64, Vec<u8>)>,
+}
+
 /// One caller's records for the log, and where to say they are durable
 /// (true) or that the write failed (false).
 struct QueuedWrite {
@@ -341,7 +349,7 @@ pub struct Coordinator {
     broker: Arc<Broker>,
     groups: Arc<group::Coordinator>,
     config: TxnConfig,
-    by_id: Mutex<HashMap<String, Entry>>,
+    by_id: Mutex<HashMap<String, Slot>>,
     by_producer: Mutex<HashMap<u64, Entry>>,
     /// Serialises the log's writes; holds the bytes since the last rewrite.
     log: smol::lock::Mutex<u64>,
@@ -404,7 +412,7 @@ impl Coordinator {
 
     async fn load(&self) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
-        let mut txns: BTreeMap<String, (TxnRecord, i64)> = BTreeMap::new();
+        let mut txns: BTreeMap<String, (TxnRecord, i64, Vec<u8>)> = BTreeMap::new();
         let mut aborted: BTreeMap<(String, u32, u64), AbortedRecord> = BTreeMap::new();
         super::replay_log(&self.broker, TXN_TOPIC, |offset, ts, k, v| {
             if k.is_empty() {
@@ -417,7 +425,7 @@ impl Coordinator {
                 }
                 Ok(LogKey::Txn(id)) => {
                     if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
-                        txns.insert(id, (rec, ts));
+                        txns.insert(id, (rec, ts, v.to_vec()));
                     }
                 }
                 Ok(LogKey::Aborted(t, p, marker)) => {
@@ -447,7 +455,7 @@ impl Coordinator {
         }
         let mut pending = 0;
         let now = now_ms(&self.broker);
-        for (id, (rec, ts)) in txns {
+        for (id, (rec, ts, value)) in txns {
             if matches!(
                 rec.phase,
                 Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
@@ -491,10 +499,11 @@ impl Coordinator {
                 expired: false,
                 unwritten: None,
             }));
-            self.by_id
-                .lock()
-                .expect("txn lock")
-                .insert(id, entry.clone());
+            let slot = Slot {
+                entry: entry.clone(),
+                durable: Some((ts, value)),
+            };
+            self.by_id.lock().expect("txn lock").insert(id, slot);
             self.by_producer
                 .lock()
                 .expect("txn lock")
@@ -593,8 +602,9 @@ impl Coordinator {
         let now = now_ms(&self.broker);
         Ok(ids
             .entry(id.to_owned())
-            .or_insert_with(|| {
-                Arc::new(smol::lock::Mutex::new(TxnState {
+            .or_insert_with(|| Slot {
+                durable: None,
+                entry: Arc::new(smol::lock::Mutex::new(TxnState {
                     id: id.to_owned(),
                     rec: TxnRecord {
                         producer_id: crate::batch::NO_PRODUCER_ID,
@@ -609,8 +619,9 @@ impl Coordinator {
                     active_ms: now,
                     expired: false,
                     unwritten: None,
-                }))
+                })),
             })
+            .entry
             .clone())
     }
 
@@ -626,7 +637,7 @@ impl Coordinator {
             .lock()
             .expect("txn lock")
             .values()
-            .cloned()
+            .map(|s| s.entry.clone())
             .collect()
     }
 
@@ -822,7 +833,7 @@ impl Coordinator {
             .lock()
             .expect("txn lock")
             .get(id)
-            .cloned()
+            .map(|s| s.entry.clone())
             .ok_or_else(unknown)?;
         let mut st = entry.lock_arc().await;
         if st.expired {
@@ -881,8 +892,8 @@ impl Coordinator {
             .lock()
             .expect("txn lock")
             .values()
-            .filter(|e| {
-                e.try_lock().is_none_or(|st| {
+            .filter(|s| {
+                s.entry.try_lock().is_none_or(|st| {
                     matches!(
                         st.rec.phase,
                         Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
@@ -1273,15 +1284,21 @@ impl Coordinator {
         let mut all: Vec<(i64, Vec<u8>, Vec<u8>)> = Vec::new();
         let rewrite = *since >= LOG_REWRITE_BYTES;
         if rewrite {
-            let entries = self.entries();
-            for e in entries {
-                // A locked id is being written by its holder: its record
-                // is in this round, or follows in its own write.
-                if let Some(st) = e.try_lock() {
+            let ids = self.by_id.lock().expect("txn lock");
+            for (id, slot) in ids.iter() {
+                if let Some(st) = slot.entry.try_lock() {
                     let (k, v) = txn_entry(&st);
                     all.push((st.active_ms as i64, k, v));
+                } else if let Some((ts, v)) = &slot.durable {
+                    // Its holder may write nothing (a batch of a partition
+                    // already in its transaction, an offsets request), and
+                    // its record must not be left behind to fall out of
+                    // the ring: the one a restart would load goes again. A
+                    // newer one in this round or later still wins.
+                    all.push((*ts, encode(&LogKey::Txn(id.clone())), v.clone()));
                 }
             }
+            drop(ids);
             for (t, p, a) in self.index().all_aborted() {
                 all.push((
                     ts,
@@ -1318,7 +1335,23 @@ impl Coordinator {
             a.await?;
         }
         *since = if rewrite { 0 } else { *since + bytes };
+        self.note_durable(&all);
         Ok(())
+    }
+
+    /// Keeps each id's newest record now durable, for the rewrites.
+    fn note_durable(&self, written: &[(i64, Vec<u8>, Vec<u8>)]) {
+        let mut ids = self.by_id.lock().expect("txn lock");
+        for (ts, k, v) in written {
+            // Only ids' keys: aborted ranges are the index's to rewrite.
+            let Ok(LogKey::Txn(id)) = postcard::from_bytes::<LogKey>(k) else {
+                continue;
+            };
+            if let Some(slot) = ids.get_mut(&id) {
+                // A tombstone: the id is going, nothing of it to carry.
+                slot.durable = (!v.is_empty()).then(|| (*ts, v.clone()));
+            }
+        }
     }
 
     async fn ensure_topic(&self) -> Result<(), TxnError> {

@@ -533,3 +533,38 @@ fn a_refused_first_batch_leaves_no_transaction_begun() {
     );
     c.broker().close().expect("close");
 }
+
+/// An id held by a batch of its open transaction (to a partition already
+/// in it: nothing to write) while the log is rewritten, again and again
+/// until the ring has turned over: its record is carried by every
+/// rewrite, so after a restart its transaction is found and aborted and
+/// its record stays hidden from read_committed readers.
+#[test]
+fn an_id_locked_through_the_log_rewrites_keeps_its_record() {
+    let rig = Rig::fault(36);
+    let c = open(&rig);
+    let topic = long_topic(&c, 5, 4);
+    let (pid, epoch) = block_on(c.init("held", 60_000)).expect("init");
+    drop(block_on(c.gate(pid, epoch, &topic, 0)).expect("gate"));
+    let gate = block_on(c.gate(pid, epoch, &topic, 0)).expect("gate");
+    let ack = block_on(c.broker().produce(&topic, 0, batch(pid, epoch, b"open"))).expect("queued");
+    block_on(ack).expect("written");
+    // Five quarter rings and more: the id's own records left the ring.
+    commit_through_rewrites(&c, "b", &topic, 5);
+    drop(gate);
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(&rig);
+    let held = block_on(c.describe()).into_iter().find(|d| d.id == "held");
+    assert_eq!(
+        held.map(|d| d.phase),
+        Some("complete_abort"),
+        "its open transaction is known after the restart, and aborted"
+    );
+    assert_eq!(
+        committed_records(&c, &topic),
+        0,
+        "the aborted record is hidden"
+    );
+    c.broker().close().expect("close");
+}
