@@ -107,7 +107,8 @@ pub enum SequenceError {
     /// the registry's.
     UnknownProducer { producer_id: u64, epoch: u16 },
     /// The id was a named producer's whose name was forgotten (an expired
-    /// transactional id): fenced like an older epoch.
+    /// transactional id) or moved to a new id (its epochs ran out): fenced
+    /// like an older epoch.
     Forgotten { producer_id: u64 },
     /// More than [`WINDOW_BATCHES`] batches in flight for one partition.
     TooManyInFlight,
@@ -134,7 +135,8 @@ impl std::fmt::Display for SequenceError {
             Self::Forgotten { producer_id } => write!(
                 f,
                 "producer id {producer_id} is fenced: its name was forgotten (a transactional \
-                 id unused past transactions.id_expiration_ms); init the name again"
+                 id unused past transactions.id_expiration_ms) or moved to a new producer id \
+                 (its epochs ran out); init the name again"
             ),
             Self::TooManyInFlight => write!(
                 f,
@@ -150,7 +152,10 @@ impl std::fmt::Display for SequenceError {
 pub enum InitError {
     /// Empty or longer than [`PRODUCER_NAME_BYTES_MAX`].
     InvalidName,
-    /// The name was initialised 65536 times; its epoch cannot grow.
+    /// The name was initialised 65536 times and its id is an older
+    /// broker's, without [`NAMED_ID_BIT`]: its epoch cannot grow, and a new
+    /// id for the name would leave the old one to pass for an anonymous
+    /// producer's, unfenced.
     EpochExhausted,
     /// The registry file could not be written: nothing was handed out.
     Meta(MetaError),
@@ -169,7 +174,10 @@ impl std::fmt::Display for InitError {
             Self::InvalidName => {
                 write!(f, "producer names are 1 to {PRODUCER_NAME_BYTES_MAX} bytes")
             }
-            Self::EpochExhausted => f.write_str("the producer name's epoch is exhausted"),
+            Self::EpochExhausted => f.write_str(
+                "the producer name's epoch is exhausted (65536 inits) and its id, registered \
+                 by an older broker, cannot be replaced with a new one; use another name",
+            ),
             Self::Meta(e) => write!(f, "producer registry: {e}"),
         }
     }
@@ -468,21 +476,35 @@ impl Producers {
 
     /// Hands out a producer id and epoch. Anonymous: a fresh id, epoch 0.
     /// Named: the name's id with the next epoch, persisted before the
-    /// answer, which fences every older instance.
+    /// answer, which fences every older instance. A name whose epoch is
+    /// exhausted gets a new id at epoch 0 instead (as Kafka's KIP-360), and
+    /// its old id is fenced for good as a forgotten name's.
     pub async fn init(&self, name: Option<&str>) -> Result<(u64, u16), InitError> {
         let mut reg = self.registry.lock().await;
         let mut file = reg.file.clone();
         let mut next_id = reg.next_id;
+        let mut retired = None;
         let answer = match name {
             Some(n) if n.is_empty() || n.len() > PRODUCER_NAME_BYTES_MAX => {
                 return Err(InitError::InvalidName)
             }
             Some(n) => match file.names.get(n).copied() {
-                Some((id, epoch)) => {
-                    let epoch = epoch.checked_add(1).ok_or(InitError::EpochExhausted)?;
-                    file.names.insert(n.to_owned(), (id, epoch));
-                    (id, epoch)
-                }
+                Some((id, epoch)) => match epoch.checked_add(1) {
+                    Some(epoch) => {
+                        file.names.insert(n.to_owned(), (id, epoch));
+                        (id, epoch)
+                    }
+                    // Without the bit, the old id would pass for an
+                    // anonymous producer's once the name left it.
+                    None if id & NAMED_ID_BIT == 0 => return Err(InitError::EpochExhausted),
+                    None => {
+                        retired = Some(id);
+                        let id = next_id | NAMED_ID_BIT;
+                        next_id += 1;
+                        file.names.insert(n.to_owned(), (id, 0));
+                        (id, 0)
+                    }
+                },
                 None => {
                     let id = next_id | NAMED_ID_BIT;
                     next_id += 1;
@@ -506,10 +528,11 @@ impl Producers {
         self.reserved_until
             .store(file.reserved_until, Ordering::Release);
         if name.is_some() {
-            self.named_epochs
-                .write()
-                .expect("named epochs lock")
-                .insert(answer.0, answer.1);
+            let mut epochs = self.named_epochs.write().expect("named epochs lock");
+            if let Some(old) = retired {
+                epochs.remove(&old);
+            }
+            epochs.insert(answer.0, answer.1);
         }
         reg.file = file;
         reg.next_id = next_id;
@@ -1080,6 +1103,18 @@ impl Producers {
     }
 }
 
+/// Sets `name`'s epoch in the registry under `data_dir`, as a name
+/// initialised that many times has it (with its broker stopped).
+#[cfg(test)]
+pub(crate) fn set_epoch_on_disk(data_dir: &Path, name: &str, epoch: u16) {
+    let path = data_dir.join(REGISTRY_FILE);
+    let mut file: RegistryFile = meta::read_file(&path)
+        .expect("registry reads")
+        .expect("registry written");
+    file.names.get_mut(name).expect("name registered").1 = epoch;
+    meta::write_atomic(&path, &file).expect("registry writes");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1371,6 +1406,52 @@ mod tests {
         let t = accept(&p, &header(ids[0], 0, 42, 1));
         p.complete(t, Ok((5, 5)));
         assert!(p.stats().expirations >= 1, "{:?}", p.stats());
+    }
+
+    /// A name at its last epoch gets a new id at epoch 0, on disk before
+    /// the answer; its old id is fenced whatever its epoch, also after a
+    /// restart. A name of an older broker (an id without NAMED_ID_BIT)
+    /// gets an error instead: its old id would pass for an anonymous one.
+    #[test]
+    fn a_name_whose_epochs_ran_out_gets_a_new_id_and_its_old_one_stays_fenced() {
+        let (d, p) = table(8);
+        let (old, _) = smol::block_on(p.init(Some("gw"))).expect("init");
+        let legacy = smol::block_on(p.init(None)).expect("init").0;
+        drop(p);
+        set_epoch_on_disk(d.path(), "gw", u16::MAX - 1);
+        let path = d.path().join(REGISTRY_FILE);
+        let mut file: RegistryFile = meta::read_file(&path).expect("reads").expect("written");
+        file.names.insert("legacy".into(), (legacy, u16::MAX));
+        meta::write_atomic(&path, &file).expect("writes");
+
+        let p = reopen(d.path(), 8);
+        let init = |p: &Producers, name| smol::block_on(p.init(Some(name)));
+        assert_eq!(init(&p, "gw").expect("init"), (old, u16::MAX));
+        let (new, epoch) = init(&p, "gw").expect("init past the last epoch");
+        assert!(
+            new != old && new & NAMED_ID_BIT != 0 && epoch == 0,
+            "{new}/{epoch}"
+        );
+        let fenced = |p: &Producers| {
+            matches!(
+                p.check("t", 0, &header(old, u16::MAX, 0, 1), 0),
+                Check::Reject(SequenceError::Forgotten { producer_id }) if producer_id == old
+            )
+        };
+        assert!(fenced(&p), "the old id's last instance is fenced");
+        let t = accept(&p, &header(new, 0, 0, 1));
+        p.complete(t, Ok((0, 0)));
+        drop(p);
+
+        let q = reopen(d.path(), 8);
+        assert_eq!(smol::block_on(q.named("gw")), Some((new, 0)), "on disk");
+        assert!(fenced(&q), "and after a restart");
+        assert_eq!(init(&q, "gw").expect("init"), (new, 1));
+        assert!(
+            matches!(init(&q, "legacy"), Err(InitError::EpochExhausted)),
+            "an older broker's name"
+        );
+        assert_eq!(smol::block_on(q.named("legacy")), Some((legacy, u16::MAX)));
     }
 
     #[test]

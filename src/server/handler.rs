@@ -630,6 +630,8 @@ pub(crate) async fn init_producer(
                 producer_epoch,
             })
         }
+        // An exhausted epoch is an older broker's name's only: a name's
+        // own id moves on to a new one (`Producers::init`).
         Err(e @ (InitError::InvalidName | InitError::EpochExhausted)) => {
             error_body(ErrorCode::InvalidRequest, e.to_string())
         }

@@ -466,16 +466,22 @@ impl Coordinator {
                 }
             }
             let mut rec = rec;
-            if !is_open(rec.phase)
-                && rec.producer_id != crate::batch::NO_PRODUCER_ID
-                && self
+            if !is_open(rec.phase) && rec.producer_id != crate::batch::NO_PRODUCER_ID {
+                match self
                     .broker
                     .named_producer(&format!("{NAME_PREFIX}{id}"))
                     .await
-                    .is_none()
-            {
-                // Forgotten by an expiry whose tombstone was not written.
-                rec.producer_id = crate::batch::NO_PRODUCER_ID;
+                {
+                    // Forgotten by an expiry whose tombstone was not written.
+                    None => rec.producer_id = crate::batch::NO_PRODUCER_ID,
+                    // Moved to a new id (its epochs ran out) by an init or
+                    // a fencing whose record was not written.
+                    Some((pid, epoch)) if pid != rec.producer_id => {
+                        rec.producer_id = pid;
+                        rec.producer_epoch = epoch;
+                    }
+                    Some(_) => {}
+                }
             }
             let mut held = Vec::new();
             if is_open(rec.phase) {
@@ -574,7 +580,12 @@ impl Coordinator {
             .broker
             .init_producer(Some(&format!("{NAME_PREFIX}{id}")))
             .await?;
-        st.rec.producer_id = pid;
+        // A new id when the old one's epochs ran out: the registry fences
+        // the old one, and this id's gate no longer takes its batches.
+        let old = std::mem::replace(&mut st.rec.producer_id, pid);
+        if old != pid {
+            self.by_producer.lock().expect("txn lock").remove(&old);
+        }
         st.rec.producer_epoch = epoch;
         st.rec.timeout_ms = timeout_ms;
         if st.rec.phase == Phase::Empty {
@@ -1029,10 +1040,38 @@ impl Coordinator {
             .broker
             .init_producer(Some(&format!("{NAME_PREFIX}{}", st.id)))
             .await?;
-        debug_assert_eq!(pid, st.rec.producer_id);
         let old = st.rec.producer_epoch;
-        st.rec.producer_epoch = epoch;
+        if pid == st.rec.producer_id {
+            st.rec.producer_epoch = epoch;
+        }
+        // Else its epochs ran out and the name has a new id: the
+        // transaction is aborted under the old one (its markers, the
+        // index), then the new one taken from the registry.
         self.abort_with(st, old).await
+    }
+
+    /// The registry's id for the id's name, if its epochs ran out and it
+    /// moved to a new one since `st` took its id (the old one is fenced):
+    /// taken once nothing open is left under the old id.
+    async fn follow_new_id(&self, st: &mut TxnState) {
+        debug_assert!(!is_open(st.rec.phase));
+        let old = st.rec.producer_id;
+        if old == crate::batch::NO_PRODUCER_ID {
+            return;
+        }
+        let name = format!("{NAME_PREFIX}{}", st.id);
+        let Some((pid, epoch)) = self.broker.named_producer(&name).await else {
+            return;
+        };
+        if pid == old {
+            return;
+        }
+        let mut by_producer = self.by_producer.lock().expect("txn lock");
+        if let Some(entry) = by_producer.remove(&old) {
+            by_producer.insert(pid, entry);
+        }
+        st.rec.producer_id = pid;
+        st.rec.producer_epoch = epoch;
     }
 
     async fn abort(&self, st: &mut TxnState) -> Result<(), TxnError> {
@@ -1074,6 +1113,7 @@ impl Coordinator {
             self.index().close(&t, p, pid);
         }
         self.close(st, Phase::CompleteAbort);
+        self.follow_new_id(st).await;
         entries.push(self.stamped(st));
         self.stats.aborts.fetch_add(1, Ordering::Relaxed);
         self.write_ended(st, entries).await

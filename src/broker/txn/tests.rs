@@ -180,30 +180,22 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
     c.broker().close().expect("close");
 }
 
-/// An expired id's named producer leaves the producer registry, in
-/// memory and on disk, and an instance that outlived it stays fenced; a
-/// live id's stays. A new init of the expired id gets a new producer id.
-#[test]
-fn an_expired_id_leaves_the_producer_registry() {
-    let rig = Rig::fault(32);
+/// A coordinator on a manual clock (from 1,000,000 ms), with topic "d" of
+/// one partition.
+fn open_with_d(rig: &Rig) -> (Arc<crate::broker::ManualClock>, Arc<Coordinator>) {
     let clock = Arc::new(crate::broker::ManualClock::new(1_000_000));
-    let c = open_with_clock(&rig, clock.clone());
+    let c = open_with_clock(rig, clock.clone());
     let spec = TopicSpec {
         partitions: Some(1),
         ..TopicSpec::default()
     };
     block_on(c.broker().create_topic("d", &spec)).expect("create");
-    let (old, epoch) = block_on(c.init("old", 60_000)).expect("init");
-    clock.advance_ms(EXPIRATION_MS);
-    let live = block_on(c.init("live", 60_000)).expect("init");
-    block_on(c.timer_pass());
-    assert_eq!(c.stats.expirations.load(Ordering::Relaxed), 1);
-    let named =
-        |c: &Coordinator, id: &str| block_on(c.broker().named_producer(&format!("txn:{id}")));
-    assert_eq!(named(&c, "old"), None, "forgotten");
-    assert_eq!(named(&c, "live"), Some(live), "kept");
+    (clock, c)
+}
 
-    let stale = batch(old, epoch, b"stale");
+/// A batch of producer id `pid` to "d" is refused as a forgotten name's.
+fn assert_forgotten(c: &Coordinator, pid: u64, epoch: u16) {
+    let stale = batch(pid, epoch, b"stale");
     let r = block_on(async { c.broker().produce("d", 0, stale).await?.await });
     assert!(
         matches!(
@@ -214,6 +206,23 @@ fn an_expired_id_leaves_the_producer_registry() {
         ),
         "{r:?}"
     );
+}
+
+/// An expired id's named producer leaves the producer registry, in
+/// memory and on disk, and an instance that outlived it stays fenced; a
+/// live id's stays. A new init of the expired id gets a new producer id.
+#[test]
+fn an_expired_id_leaves_the_producer_registry() {
+    let rig = Rig::fault(32);
+    let (clock, c) = open_with_d(&rig);
+    let (old, epoch) = block_on(c.init("old", 60_000)).expect("init");
+    clock.advance_ms(EXPIRATION_MS);
+    let live = block_on(c.init("live", 60_000)).expect("init");
+    block_on(c.timer_pass());
+    assert_eq!(c.stats.expirations.load(Ordering::Relaxed), 1);
+    assert_eq!(named(&c, "old"), None, "forgotten");
+    assert_eq!(named(&c, "live"), Some(live), "kept");
+    assert_forgotten(&c, old, epoch);
 
     c.broker().close().expect("close");
     drop(c);
@@ -566,5 +575,66 @@ fn an_id_locked_through_the_log_rewrites_keeps_its_record() {
         0,
         "the aborted record is hidden"
     );
+    c.broker().close().expect("close");
+}
+
+/// A transactional id whose producer epochs ran out gets a new producer
+/// id at epoch 0 (as Kafka's KIP-360): at an init, and at a timeout's
+/// fencing, which aborts the open transaction under the old id first. The
+/// old id stays fenced, and the new one is the id's after a restart.
+#[test]
+fn an_id_whose_epochs_ran_out_moves_to_a_new_producer_id() {
+    let rig = Rig::fault(37);
+    let (clock, c) = open_with_d(&rig);
+    let (a_old, _) = block_on(c.init("a", 60_000)).expect("init");
+    let (b_old, _) = block_on(c.init("b", 60_000)).expect("init");
+    c.broker().close().expect("close");
+    drop(c);
+    let dir = rig.dir.path();
+    crate::broker::producers::set_epoch_on_disk(dir, "txn:a", u16::MAX);
+    crate::broker::producers::set_epoch_on_disk(dir, "txn:b", u16::MAX - 1);
+    let c = open_with_clock(&rig, clock.clone());
+    let described = |c: &Coordinator, id: &str| {
+        let d = block_on(c.describe())
+            .into_iter()
+            .find(|d| d.id == id)
+            .expect("id known");
+        (d.producer_id, d.producer_epoch, d.phase)
+    };
+
+    let (a_new, epoch) = block_on(c.init("a", 60_000)).expect("init at the last epoch");
+    assert!(a_new != a_old && epoch == 0, "{a_new}/{epoch}");
+    assert!(
+        !c.is_transactional(a_old),
+        "the id's gate takes no old batch"
+    );
+    assert_forgotten(&c, a_old, u16::MAX);
+
+    let (b, epoch) = block_on(c.init("b", 60_000)).expect("init");
+    assert_eq!((b, epoch), (b_old, u16::MAX));
+    let gate = block_on(c.gate(b, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (b, epoch, 0));
+    clock.advance_ms(60_001);
+    block_on(c.timer_pass());
+    assert_eq!(c.stats.timeouts.load(Ordering::Relaxed), 1);
+    let (lso, hwm, any) = read_committed(&c);
+    assert_eq!(lso, hwm, "aborted under the old id: readers move on");
+    assert!(!any, "its record is hidden");
+    let (b_new, b_epoch) = named(&c, "b").expect("registered");
+    assert!(b_new != b_old && b_epoch == 0, "{b_new}/{b_epoch}");
+    assert_eq!(described(&c, "b"), (b_new, 0, "complete_abort"));
+    assert!(c.is_transactional(b_new) && !c.is_transactional(b_old));
+
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open_with_clock(&rig, clock);
+    assert_eq!(described(&c, "a"), (a_new, 0, "empty"));
+    assert_eq!(described(&c, "b"), (b_new, 0, "complete_abort"));
+    let (pid, epoch) = block_on(c.init("b", 60_000)).expect("init");
+    assert_eq!((pid, epoch), (b_new, 1));
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
+    block_on(c.end("b", pid, epoch, true)).expect("commit");
+    assert_eq!(committed_records(&c, "d"), 1, "the new id's record only");
     c.broker().close().expect("close");
 }
