@@ -281,12 +281,15 @@ fn the_coordinators_filled_to_their_bounds_stay_within_their_budget_lines() {
             assert!(err.to_string().contains("transactions.max_open"), "{err}");
             continue;
         }
+        // Offsets first, so the records the gates write hold them too: the
+        // copy of the last durable record that the log's rewrite keeps must
+        // not hold them again.
+        let offsets = tps.iter().map(|tp| (tp.clone(), 7)).collect();
+        block_on(txns.add_offsets(&id, pid, epoch, txn_group, offsets)).expect("add offsets");
         for p in 0..PARTITIONS {
             let gate = block_on(txns.gate(pid, epoch, &topic, p)).expect("gate");
             assert!(gate.is_some(), "a transactional producer's batch is gated");
         }
-        let offsets = tps.iter().map(|tp| (tp.clone(), 7)).collect();
-        block_on(txns.add_offsets(&id, pid, epoch, txn_group, offsets)).expect("add offsets");
         if i == 1 {
             // A transaction carries at most server.max_partitions offsets:
             // another group's for every partition is refused.

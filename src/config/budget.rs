@@ -104,7 +104,9 @@ pub const GROUP_MEMBER_BYTES: u64 = 2048;
 pub const GROUP_SUBSCRIBED_TOPIC_BYTES: u64 = 384;
 /// One transactional id besides its partitions: its state behind an async
 /// mutex in an `Arc`, in two hash maps (by id and by producer id), the id
-/// (up to 245 B).
+/// (up to 245 B), and the fields of its last durable record that the
+/// log's rewrite keeps (no partitions or offsets but a prepared commit's,
+/// while it completes).
 pub const TXN_ID_BYTES: u64 = 1024;
 /// One partition of an open transaction: the record's entry and its copy
 /// of the topic name, and the partition's open-transaction entry in the

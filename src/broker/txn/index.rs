@@ -100,6 +100,15 @@ impl Index {
         self.aborted_total.load(Ordering::Relaxed) + open
     }
 
+    /// The partitions where `producer_id`'s transaction is open, with its
+    /// first offset on each.
+    pub fn open_partitions(&self, producer_id: u64) -> Vec<(String, u32, u64)> {
+        self.lock()
+            .iter()
+            .filter_map(|((t, p), part)| part.open.get(&producer_id).map(|f| (t.clone(), *p, *f)))
+            .collect()
+    }
+
     /// The aborted ranges kept, plus one for each partition of an open
     /// transaction: the most ranges there are once those end.
     pub fn ranges_taken(&self) -> usize {

@@ -306,12 +306,13 @@ pub struct TxnState {
 
 type Entry = Arc<smol::lock::Mutex<TxnState>>;
 
-/// An id in `by_id`: its state, and the value of its newest record the log
-/// holds durably with that record's timestamp, which a rewrite carries
-/// over while the state is locked (it cannot be read then).
+/// An id in `by_id`: its state, and its newest record the log holds
+/// durably with that record's timestamp, which a rewrite writes again
+/// while the state is locked (it cannot be read then). Kept as
+/// [`carried`] makes it, so it costs the memory budget nearly nothing.
 struct Slot {
     entry: Entry,
-    durable: Option<(i64, Vec<u8>)>,
+    durable: Option<(i64, TxnRecord)>,
 }
 
 /// One caller's records for the log, and where to say they are durable
@@ -412,7 +413,7 @@ impl Coordinator {
 
     async fn load(&self) -> Result<(), BrokerError> {
         let started = std::time::Instant::now();
-        let mut txns: BTreeMap<String, (TxnRecord, i64, Vec<u8>)> = BTreeMap::new();
+        let mut txns: BTreeMap<String, (TxnRecord, i64)> = BTreeMap::new();
         let mut aborted: BTreeMap<(String, u32, u64), AbortedRecord> = BTreeMap::new();
         super::replay_log(&self.broker, TXN_TOPIC, |offset, ts, k, v| {
             if k.is_empty() {
@@ -425,7 +426,7 @@ impl Coordinator {
                 }
                 Ok(LogKey::Txn(id)) => {
                     if let Ok(rec) = postcard::from_bytes::<TxnRecord>(v) {
-                        txns.insert(id, (rec, ts, v.to_vec()));
+                        txns.insert(id, (rec, ts));
                     }
                 }
                 Ok(LogKey::Aborted(t, p, marker)) => {
@@ -455,7 +456,7 @@ impl Coordinator {
         }
         let mut pending = 0;
         let now = now_ms(&self.broker);
-        for (id, (rec, ts, value)) in txns {
+        for (id, (rec, ts)) in txns {
             if matches!(
                 rec.phase,
                 Phase::Ongoing | Phase::PrepareCommit | Phase::PrepareAbort
@@ -495,6 +496,7 @@ impl Coordinator {
                 rec.partitions = Vec::new();
             }
             let pid = rec.producer_id;
+            let durable = Some((ts, carried(&rec)));
             let entry = Arc::new(smol::lock::Mutex::new(TxnState {
                 id: id.clone(),
                 rec,
@@ -507,7 +509,7 @@ impl Coordinator {
             }));
             let slot = Slot {
                 entry: entry.clone(),
-                durable: Some((ts, value)),
+                durable,
             };
             self.by_id.lock().expect("txn lock").insert(id, slot);
             self.by_producer
@@ -1329,13 +1331,19 @@ impl Coordinator {
                 if let Some(st) = slot.entry.try_lock() {
                     let (k, v) = txn_entry(&st);
                     all.push((st.active_ms as i64, k, v));
-                } else if let Some((ts, v)) = &slot.durable {
+                } else if let Some((ts, rec)) = &slot.durable {
                     // Its holder may write nothing (a batch of a partition
                     // already in its transaction, an offsets request), and
                     // its record must not be left behind to fall out of
                     // the ring: the one a restart would load goes again. A
                     // newer one in this round or later still wins.
-                    all.push((*ts, encode(&LogKey::Txn(id.clone())), v.clone()));
+                    let mut rec = rec.clone();
+                    if matches!(rec.phase, Phase::Ongoing | Phase::PrepareAbort) {
+                        // Those durable, and any being added: a restart
+                        // aborts them all.
+                        rec.partitions = self.index().open_partitions(rec.producer_id);
+                    }
+                    all.push((*ts, encode(&LogKey::Txn(id.clone())), encode(&rec)));
                 }
             }
             drop(ids);
@@ -1387,10 +1395,13 @@ impl Coordinator {
             let Ok(LogKey::Txn(id)) = postcard::from_bytes::<LogKey>(k) else {
                 continue;
             };
-            if let Some(slot) = ids.get_mut(&id) {
-                // A tombstone: the id is going, nothing of it to carry.
-                slot.durable = (!v.is_empty()).then(|| (*ts, v.clone()));
-            }
+            let Some(slot) = ids.get_mut(&id) else {
+                continue;
+            };
+            // A tombstone: the id is going, nothing of it to carry.
+            slot.durable = postcard::from_bytes::<TxnRecord>(v)
+                .ok()
+                .map(|rec| (*ts, carried(&rec)));
         }
     }
 
@@ -1452,6 +1463,28 @@ fn check_epoch(st: &TxnState, producer_id: u64, epoch: u16) -> Result<(), TxnErr
         });
     }
     Ok(())
+}
+
+/// What a rewrite needs of an id's durable record to write it again: all
+/// of a prepared commit's, which completes with its partitions and
+/// offsets; of an open transaction, not its partitions, which the index
+/// holds while it is open, nor its offsets, since a restart aborts it;
+/// an idle id has neither.
+fn carried(rec: &TxnRecord) -> TxnRecord {
+    let prepared = rec.phase == Phase::PrepareCommit;
+    TxnRecord {
+        partitions: if prepared {
+            rec.partitions.clone()
+        } else {
+            Vec::new()
+        },
+        offsets: if prepared {
+            rec.offsets.clone()
+        } else {
+            Vec::new()
+        },
+        ..*rec
+    }
 }
 
 fn txn_entry(st: &TxnState) -> (Vec<u8>, Vec<u8>) {
