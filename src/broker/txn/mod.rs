@@ -569,12 +569,26 @@ impl Coordinator {
                 break (entry, st);
             }
         };
-        self.write_unwritten(&mut st).await?;
+        let r = self.init_locked(&entry, &mut st, id, timeout_ms).await;
+        if r.is_err() {
+            self.forget_unwritten(&entry, &mut st);
+        }
+        r
+    }
+
+    async fn init_locked(
+        &self,
+        entry: &Entry,
+        st: &mut TxnState,
+        id: &str,
+        timeout_ms: u64,
+    ) -> Result<(u64, u16), TxnError> {
+        self.write_unwritten(st).await?;
         match st.rec.phase {
-            Phase::PrepareCommit => self.complete_commit(&mut st).await?,
+            Phase::PrepareCommit => self.complete_commit(st).await?,
             Phase::Ongoing | Phase::PrepareAbort => {
                 log::info!("transaction {id}: a new instance fences the open transaction");
-                self.abort(&mut st).await?;
+                self.abort(st).await?;
             }
             _ => {}
         }
@@ -596,12 +610,28 @@ impl Coordinator {
         }
         // Known after a restart too: its batches are never taken for a
         // plain producer's.
-        self.write_log(vec![self.stamped(&mut st)]).await?;
+        self.write_log(vec![self.stamped(st)]).await?;
         self.by_producer
             .lock()
             .expect("txn lock")
             .insert(pid, entry.clone());
         Ok((pid, epoch))
+    }
+
+    /// Forgets an id whose first init failed: none of its records is
+    /// durable, so it keeps no slot of `max_ids` (for a day, until it
+    /// expired) and no rewrite writes it. A waiter for its lock makes it
+    /// again.
+    fn forget_unwritten(&self, entry: &Entry, st: &mut TxnState) {
+        let mut ids = self.by_id.lock().expect("txn lock");
+        let Some(slot) = ids.get(&st.id) else {
+            return;
+        };
+        if slot.durable.is_some() || !Arc::ptr_eq(&slot.entry, entry) || is_open(st.rec.phase) {
+            return;
+        }
+        ids.remove(&st.id);
+        st.expired = true;
     }
 
     /// `id`'s entry, made if it is new and there is room for it.

@@ -638,3 +638,30 @@ fn an_id_whose_epochs_ran_out_moves_to_a_new_producer_id() {
     assert_eq!(committed_records(&c, "d"), 1, "the new id's record only");
     c.broker().close().expect("close");
 }
+
+/// The first init of an id that fails (its record cannot be written)
+/// leaves nothing of the id: no slot of max_transactional_ids held, no
+/// listing. A later init makes it.
+#[test]
+fn a_failed_first_init_keeps_nothing_of_the_id() {
+    let rig = Rig::fault(38);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig);
+    block_on(c.init("a", 60_000)).expect("init");
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(TXN_TOPIC),
+        ..FaultPlan::default()
+    });
+    let Err(e) = block_on(c.init("new", 60_000)) else {
+        panic!("an init whose record was not written answered");
+    };
+    assert!(matches!(e, TxnError::Broker(_)), "{e}");
+    disk.set_plan(FaultPlan::default());
+    let ids: Vec<String> = block_on(c.describe()).into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, ["a"], "the failed id is not kept");
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(&rig);
+    block_on(c.init("new", 60_000)).expect("init after the restart");
+    c.broker().close().expect("close");
+}
