@@ -571,7 +571,7 @@ impl Coordinator {
         };
         let r = self.init_locked(&entry, &mut st, id, timeout_ms).await;
         if r.is_err() {
-            self.forget_unwritten(&entry, &mut st);
+            self.forget_unwritten(&entry, &mut st).await;
         }
         r
     }
@@ -620,17 +620,27 @@ impl Coordinator {
 
     /// Forgets an id whose first init failed: none of its records is
     /// durable, so it keeps no slot of `max_ids` (for a day, until it
-    /// expired) and no rewrite writes it. A waiter for its lock makes it
-    /// again.
-    fn forget_unwritten(&self, entry: &Entry, st: &mut TxnState) {
-        let mut ids = self.by_id.lock().expect("txn lock");
-        let Some(slot) = ids.get(&st.id) else {
-            return;
-        };
-        if slot.durable.is_some() || !Arc::ptr_eq(&slot.entry, entry) || is_open(st.rec.phase) {
+    /// expired) and no rewrite writes it. Its name leaves the producer
+    /// registry too, if the init put it there; if it cannot, the id is
+    /// kept, to expire with its name as any id. A waiter for its lock
+    /// makes it again.
+    async fn forget_unwritten(&self, entry: &Entry, st: &mut TxnState) {
+        let unwritten = self
+            .by_id
+            .lock()
+            .expect("txn lock")
+            .get(&st.id)
+            .is_some_and(|slot| slot.durable.is_none() && Arc::ptr_eq(&slot.entry, entry));
+        if !unwritten || is_open(st.rec.phase) {
             return;
         }
-        ids.remove(&st.id);
+        if st.rec.producer_id != crate::batch::NO_PRODUCER_ID {
+            let name = format!("{NAME_PREFIX}{}", st.id);
+            if !matches!(self.broker.forget_producer(&name).await, Ok(true)) {
+                return;
+            }
+        }
+        self.by_id.lock().expect("txn lock").remove(&st.id);
         st.expired = true;
     }
 

@@ -641,7 +641,7 @@ fn an_id_whose_epochs_ran_out_moves_to_a_new_producer_id() {
 
 /// The first init of an id that fails (its record cannot be written)
 /// leaves nothing of the id: no slot of max_transactional_ids held, no
-/// listing. A later init makes it.
+/// listing, no name in the producer registry. A later init makes it.
 #[test]
 fn a_failed_first_init_keeps_nothing_of_the_id() {
     let rig = Rig::fault(38);
@@ -659,6 +659,7 @@ fn a_failed_first_init_keeps_nothing_of_the_id() {
     disk.set_plan(FaultPlan::default());
     let ids: Vec<String> = block_on(c.describe()).into_iter().map(|d| d.id).collect();
     assert_eq!(ids, ["a"], "the failed id is not kept");
+    assert_eq!(named(&c, "new"), None, "nor its name in the registry");
     c.broker().close().expect("close");
     drop(c);
     let c = open(&rig);
