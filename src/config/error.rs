@@ -16,9 +16,10 @@ pub struct ConfigError {
     pub kind: ConfigErrorKind,
     /// The key probably meant, for an unknown one: shown after the line.
     pub did_you_mean: Option<String>,
-    /// For an unknown key, the source's other unknown keys, in file order
-    /// (each with its line and hint): one run of `skiff config check`
-    /// shows every typo, not one per run.
+    /// For a key check, the source's other bad keys (unknown, not allowed
+    /// there, or a section that is not a table), in file order, each with
+    /// its line and hint: one run of `skiff config check` shows them all,
+    /// not one per run.
     pub more: Box<[ConfigError]>,
 }
 

@@ -108,15 +108,16 @@ impl Layer {
         Ok(layer)
     }
 
-    /// Rejects keys the schema does not know (every one, in one error),
-    /// with their dotted path and line, and keys that do not belong in this kind of layer (a profile
-    /// names a device, not an install, so it has no `data_dir`).
+    /// Rejects keys the schema does not know, keys that do not belong in
+    /// this kind of layer (a profile names a device, not an install, so it
+    /// has no `data_dir`) and sections that are not tables: every one, in
+    /// one error in file order, each with its dotted path and line.
     ///
     /// serde's `deny_unknown_fields` would catch unknown keys too, but its
     /// error names neither the full path nor the line; this walk does.
     fn check_keys(&self) -> Result<(), ConfigError> {
         let known = known_keys();
-        let mut unknown = Vec::new();
+        let mut problems = Vec::new();
         let mut stack: Vec<(String, &dyn toml_edit::TableLike)> = vec![(
             String::new(),
             self.doc.as_table() as &dyn toml_edit::TableLike,
@@ -139,41 +140,42 @@ impl Layer {
                         ConfigErrorKind::UnknownKey(path.clone()),
                     );
                     err.did_you_mean = did_you_mean(&path, &known);
-                    unknown.push(err);
+                    problems.push(err);
                     continue;
                 }
+                // Returning here hid the unknown keys not yet walked, so a
+                // fix of this one met a typo on the next run.
                 if matches!(self.origin, Origin::Profile(_))
                     && (path == "data_dir" || path == "profile")
                 {
-                    return Err(ConfigError::new(
+                    problems.push(ConfigError::new(
                         self.origin.name(),
                         line,
                         ConfigErrorKind::NotAllowedInProfile(path),
                     ));
+                    continue;
                 }
                 let section = known.iter().any(|k| k.path == path && k.is_section);
                 match item.as_table_like() {
                     Some(inner) if section => stack.push((path, inner)),
-                    _ if section => {
-                        return Err(ConfigError::new(
-                            self.origin.name(),
-                            line,
-                            ConfigErrorKind::BadValue {
-                                key: path,
-                                message: "expected a table".to_string(),
-                            },
-                        ))
-                    }
+                    _ if section => problems.push(ConfigError::new(
+                        self.origin.name(),
+                        line,
+                        ConfigErrorKind::BadValue {
+                            key: path,
+                            message: "expected a table".to_string(),
+                        },
+                    )),
                     _ => {}
                 }
             }
         }
         // The walk's order is a stack's: the file's is the reader's.
-        unknown.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.key().map(str::to_owned)));
-        let mut unknown = unknown.into_iter();
-        match unknown.next() {
+        problems.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.key().map(str::to_owned)));
+        let mut problems = problems.into_iter();
+        match problems.next() {
             Some(mut first) => {
-                first.more = unknown.collect();
+                first.more = problems.collect();
                 Err(first)
             }
             None => Ok(()),

@@ -497,17 +497,56 @@ fn every_profile_file_is_embedded_valid_and_fits_its_device() {
     assert_eq!(seen, PROFILES.len(), "every embedded profile has its file");
 }
 
+/// Profiles are embedded, so their layer check is exercised directly.
+fn profile_error(text: &str) -> ConfigError {
+    Layer::parse(Origin::Profile("x".into()), text.to_string())
+        .err()
+        .expect("rejected")
+}
+
 #[test]
 fn a_profile_may_not_set_data_dir() {
-    // Profiles are embedded, so exercise the layer check directly.
-    let err = Layer::parse(
-        Origin::Profile("x".into()),
-        "\ndata_dir = \"/tmp\"\n".to_string(),
-    )
-    .err()
-    .expect("rejected");
+    let err = profile_error("\ndata_dir = \"/tmp\"\n");
     assert!(matches!(err.kind, ConfigErrorKind::NotAllowedInProfile(ref k) if k == "data_dir"));
     assert_eq!(err.line, Some(2));
+}
+
+/// A key a profile may not set used to end the key walk, hiding the
+/// unknown keys after it (and, as sections are walked last, any in a
+/// section): the fix of one met the next on the following build.
+#[test]
+fn a_key_not_allowed_in_a_profile_does_not_hide_unknown_keys() {
+    let err = profile_error("data_dir = \"/tmp\"\ncolour = 1\n[server]\nmax_conections = 3\n");
+    let all: Vec<_> = std::iter::once(&err).chain(&err.more).collect();
+    let got: Vec<_> = all.iter().map(|e| (e.key(), e.line)).collect();
+    assert_eq!(
+        got,
+        [
+            (Some("data_dir"), Some(1)),
+            (Some("colour"), Some(2)),
+            (Some("server.max_conections"), Some(4)),
+        ]
+    );
+    assert!(matches!(err.kind, ConfigErrorKind::NotAllowedInProfile(_)));
+    let shown = err.to_string();
+    assert!(
+        shown.ends_with(
+            "'data_dir' is not allowed in a device profile (set it in the config file) \
+             (line 1); also unknown key 'colour' (line 2); also unknown key \
+             'server.max_conections' (line 4); did you mean 'server.max_connections'?"
+        ),
+        "{shown}"
+    );
+}
+
+/// A section given as a value stopped the walk the same way.
+#[test]
+fn a_section_that_is_not_a_table_does_not_hide_unknown_keys() {
+    let err = load_text("a.toml", "server = 3\ncolour = 1\n").expect_err("rejected");
+    let all: Vec<_> = std::iter::once(&err).chain(&err.more).collect();
+    let got: Vec<_> = all.iter().map(|e| (e.key(), e.line)).collect();
+    assert_eq!(got, [(Some("server"), Some(1)), (Some("colour"), Some(2))]);
+    assert!(matches!(err.kind, ConfigErrorKind::BadValue { .. }));
 }
 
 /// The embedded default is for a small board: its worst case fits 64 MiB.
