@@ -262,6 +262,65 @@ fn the_connection_limit_refuses_the_third_connection() {
     drop(held);
 }
 
+/// docs/operations.md: `connections_refused_total` counts refusals at
+/// accept per reason, every reason exported from the start. Over TCP the
+/// address's limit is checked first; the Unix socket has no address, so
+/// its refusals are the server's limit.
+#[test]
+fn refused_connections_are_counted_per_reason() {
+    let b = Broker::start(
+        "[server]\nmax_connections = 2\n[quotas]\nmax_connections_per_ip = 1\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let refused = |reason: &str| {
+        let text = http_get(&b.metrics_addr(), "/metrics");
+        sample(
+            &text,
+            "skiff_connections_refused_total",
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or_else(|| panic!("no {reason} series in:\n{text}"))
+    };
+    for reason in [
+        "max_connections",
+        "max_connections_per_ip",
+        "connection_rate_per_ip",
+        "max_connections_per_identity",
+        "no_peer_credentials",
+    ] {
+        refused(reason);
+    }
+    // The readiness probe's slots may still count for a moment.
+    let mut tcp = None;
+    wait_until(Duration::from_secs(10), "a TCP connection admitted", || {
+        tcp = blocking::Client::connect(&b.tcp).ok();
+        tcp.is_some()
+    });
+    let mut unix = None;
+    wait_until(
+        Duration::from_secs(10),
+        "a Unix connection admitted",
+        || {
+            unix = blocking::Client::connect(&b.unix_addr()).ok();
+            unix.is_some()
+        },
+    );
+    let (per_ip, server) = (
+        refused("max_connections_per_ip"),
+        refused("max_connections"),
+    );
+    // Counted before the answer is sent. (A client writing its hello may
+    // see the close, EPIPE, rather than the answer.)
+    RawConn::connect(&b.tcp).expect_error(ErrorCode::TooManyConnections);
+    assert_eq!(refused("max_connections_per_ip"), per_ip + 1.0);
+    assert_eq!(refused("max_connections"), server);
+    assert!(blocking::Client::connect(&b.unix_addr()).is_err());
+    assert_eq!(refused("max_connections"), server + 1.0);
+    assert_eq!(refused("max_connections_per_ip"), per_ip + 1.0);
+    assert_eq!(refused("no_peer_credentials"), 0.0);
+    drop((tcp, unix));
+}
+
 fn batch_of(value_bytes: usize) -> BatchBytes<'static> {
     let mut bb = BatchBuilder::new();
     bb.push(1_700_000_000_000, None, &vec![b'x'; value_bytes], &[]);

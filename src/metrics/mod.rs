@@ -36,6 +36,7 @@
 //! | `mirror_upstream_bytes` (what `max_bytes_per_s` caps), `mirror_throttled_seconds` | counter | |
 //! | `mirror_rate_bytes_per_s` | gauge | rule |
 //! | `connections` (open), `connections_accepted` | gauge, counter | listener |
+//! | `connections_refused` (at accept, before any request is served) | counter | reason: max_connections, max_connections_per_ip, connection_rate_per_ip, max_connections_per_identity, no_peer_credentials |
 //! | `connections_handshaking` (TLS handshakes in flight, each holding a `server.max_connections` slot) | gauge | |
 //! | `tls_handshake_failures` | counter | |
 //! | `connections_timed_out` (no TLS handshake or hello in time, or a frame stalled half-sent) | counter | |
@@ -130,6 +131,11 @@ struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReadLabels {
     source: &'static str,
 }
@@ -137,6 +143,42 @@ struct ReadLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+}
+
+/// Why a connection was refused at accept, before any request of it was
+/// served: the limit's config key, or what the peer lacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// `server.max_connections`.
+    MaxConnections,
+    /// `quotas.max_connections_per_ip`.
+    MaxConnectionsPerIp,
+    /// `quotas.connection_rate_per_ip`.
+    ConnectionRatePerIp,
+    /// `quotas.max_connections_per_identity`.
+    MaxConnectionsPerIdentity,
+    /// A Unix socket peer whose credentials (SO_PEERCRED) could not be read.
+    NoPeerCredentials,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 5] = [
+        RefusalReason::MaxConnections,
+        RefusalReason::MaxConnectionsPerIp,
+        RefusalReason::ConnectionRatePerIp,
+        RefusalReason::MaxConnectionsPerIdentity,
+        RefusalReason::NoPeerCredentials,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::MaxConnections => "max_connections",
+            RefusalReason::MaxConnectionsPerIp => "max_connections_per_ip",
+            RefusalReason::ConnectionRatePerIp => "connection_rate_per_ip",
+            RefusalReason::MaxConnectionsPerIdentity => "max_connections_per_identity",
+            RefusalReason::NoPeerCredentials => "no_peer_credentials",
+        }
+    }
 }
 
 /// Which listener a connection came in on.
@@ -255,6 +297,7 @@ pub struct Metrics {
     mirror_aggregate_events: Family<TopicEventLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     connections_accepted: Family<ListenerLabels, Counter>,
+    connections_refused: Family<RefusalLabels, Counter>,
     connections_handshaking: Gauge,
     tls_handshake_failures: Counter,
     connections_timed_out: Counter,
@@ -423,6 +466,7 @@ impl Metrics {
             mirror_aggregate_events: Family::default(),
             connections: Family::default(),
             connections_accepted: Family::default(),
+            connections_refused: Family::default(),
             connections_handshaking: Gauge::default(),
             tls_handshake_failures: Counter::default(),
             connections_timed_out: Counter::default(),
@@ -627,6 +671,18 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted, per listener",
             m.connections_accepted.clone(),
+        );
+        // Every reason from the start, at 0: a series that appears only at
+        // the first refusal hides it from rate() and from alerts on it.
+        for reason in RefusalReason::ALL {
+            drop(m.connections_refused.get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            }));
+        }
+        m.registry.register(
+            "connections_refused",
+            "Client connections refused at accept, before any request was served, per reason: the limit's config key (max_connections, max_connections_per_ip, connection_rate_per_ip, max_connections_per_identity) or no_peer_credentials",
+            m.connections_refused.clone(),
         );
         m.registry.register(
             "connections_timed_out",
@@ -959,6 +1015,14 @@ impl Metrics {
             self.inflight_shared_bytes.clone(),
             self.inflight_shared_admits.clone(),
         )
+    }
+
+    pub fn connection_refused(&self, reason: RefusalReason) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     pub fn connection_timed_out(&self) {

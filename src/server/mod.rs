@@ -33,7 +33,7 @@ use crate::broker::share::{ShareConfig, ShareCoordinator};
 use crate::broker::{Broker, BrokerError};
 use crate::bufpool::BatchPool;
 use crate::config::Config;
-use crate::metrics::{Listener, Metrics};
+use crate::metrics::{Listener, Metrics, RefusalReason};
 use crate::protocol::{encode_response, error_response, ErrorCode};
 
 pub use crate::broker::Shutdown;
@@ -1058,6 +1058,8 @@ fn admit_and_spawn(
     listener: Listener,
 ) {
     let Some(slot) = slot.or_else(|| admit(ctx)) else {
+        ctx.metrics
+            .connection_refused(RefusalReason::MaxConnections);
         let (_, w) = conn.split();
         refuse_in_turn(ctx, ex, w, connection_limit(ctx));
         return;
@@ -1065,6 +1067,7 @@ fn admit_and_spawn(
     let identity = match ctx.quotas.admit_identity(identity) {
         Ok(g) => g,
         Err(why) => {
+            ctx.metrics.connection_refused(why.reason());
             log::info!("{peer}: refused: {why}");
             let (_, w) = conn.split();
             refuse_in_turn(ctx, ex, w, why);
@@ -1088,6 +1091,7 @@ fn admit_and_spawn(
 /// TLS connection.
 fn admit_addr(ctx: &Ctx, peer: SocketAddr) -> Result<AddrGuard, quota::Refusal> {
     ctx.quotas.admit_addr(peer.ip()).inspect_err(|why| {
+        ctx.metrics.connection_refused(why.reason());
         log::debug!("{peer}: refused: {why}");
     })
 }
@@ -1143,6 +1147,8 @@ async fn accept_unix(
                         )
                     }
                     Err(e) => {
+                        ctx.metrics
+                            .connection_refused(RefusalReason::NoPeerCredentials);
                         log::warn!("unix socket peer without credentials ({e}): refused");
                         continue;
                     }
@@ -1187,6 +1193,8 @@ async fn accept_tls(
                 // its server slot now, so that `max_connections` (which
                 // the memory budget counts on) bounds handshakes too.
                 let Some(conn_slot) = admit(&ctx) else {
+                    ctx.metrics
+                        .connection_refused(RefusalReason::MaxConnections);
                     log::debug!("{peer}: refused: {}", connection_limit(&ctx));
                     drop(addr);
                     close_unadmitted(stream, &closing, &ex);

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{QuotaOverride, QuotasConfig};
+use crate::metrics::RefusalReason;
 
 use super::acl::glob_match;
 
@@ -95,6 +96,17 @@ pub enum Refusal {
     IdentityConnections { identity: String, max: u32 },
     AddrConnections { addr: IpAddr, max: u32 },
     AddrRate { addr: IpAddr, per_s: u32 },
+}
+
+impl Refusal {
+    /// The `connections_refused` label for this refusal.
+    pub fn reason(&self) -> RefusalReason {
+        match self {
+            Self::IdentityConnections { .. } => RefusalReason::MaxConnectionsPerIdentity,
+            Self::AddrConnections { .. } => RefusalReason::MaxConnectionsPerIp,
+            Self::AddrRate { .. } => RefusalReason::ConnectionRatePerIp,
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {

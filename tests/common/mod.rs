@@ -480,10 +480,14 @@ fn unsafe_kill(pid: u32, sig: i32) {
     }
 }
 
+/// `extra`'s top-level keys, and its sections from the first on. One that
+/// starts with a section has no top-level keys (its first section went
+/// there, and a `[server]` first then met the listeners' own).
 fn split_extra(extra: &str) -> (String, String) {
     match extra
-        .find("\n[")
-        .or_else(|| extra.starts_with('[').then_some(0))
+        .starts_with('[')
+        .then_some(0)
+        .or_else(|| extra.find("\n["))
     {
         Some(i) => (extra[..i].to_owned(), extra[i..].to_owned()),
         None => (extra.to_owned(), String::new()),
