@@ -581,10 +581,12 @@ pub struct ShareCoordinator {
     log_writes: AtomicU64,
     partitions_skipped: AtomicU64,
     /// Partitions that keep failing the same way (share fetches skipping
-    /// them, dead-letter writes) are logged once a minute.
+    /// them, dead-letter writes), and the share log's writes and the
+    /// compactions they ask for, are logged once a minute.
     skips: QuietLog<SpKey>,
     dead_letter_failures: QuietLog<SpKey>,
     log_failures: QuietLog<()>,
+    compaction_failures: QuietLog<()>,
     /// Dead-letter topics written since start, for their depth metric.
     dead_letter_topics: Mutex<BTreeSet<String>>,
     /// (group, member) -> until when the member counts as active: its
@@ -652,6 +654,9 @@ impl ShareCoordinator {
                 )
             }),
             log_failures: QuietLog::new(|_| format!("share log {SHARE_TOPIC}: writes failed")),
+            compaction_failures: QuietLog::new(|_| {
+                format!("share log {SHARE_TOPIC}: compactions failed")
+            }),
             dead_letter_topics: Mutex::new(BTreeSet::new()),
             members: Mutex::new(BTreeMap::new()),
         };
@@ -1708,9 +1713,16 @@ impl ShareCoordinator {
             if ring_full {
                 // States changed faster than the cleaner's pace: compact
                 // now (a key's latest state is never dropped), then again.
+                // A compaction that cannot be done (a full disk has no
+                // room for its scratch segment) fails again at each write
+                // while the ring stays full: every fetch and acknowledgement.
                 match self.broker.compact_partition(SHARE_TOPIC, 0).await {
                     Ok(_) => result = self.write_round(&keys).await,
-                    Err(e) => log::warn!("share log: compaction failed: {e}"),
+                    Err(e) => {
+                        if let Some(more) = self.compaction_failures.due(&()) {
+                            log::warn!("share log {SHARE_TOPIC}: compaction failed: {e}{more}");
+                        }
+                    }
                 }
             }
             match &result {

@@ -1019,6 +1019,78 @@ fn a_share_log_that_keeps_failing_is_logged_once_a_minute() {
     c.broker().close().expect("closed");
 }
 
+/// A share log whose ring is full and whose compaction cannot be done (no
+/// room on the disk for its scratch segment) fails at every write, each
+/// asking for a compaction: the failed compaction is logged once a
+/// minute, not once for each.
+#[test]
+fn a_share_log_compaction_that_keeps_failing_is_logged_once_a_minute() {
+    use crate::storage::io::fault::FaultPlan;
+    capture_warnings();
+    let rig = Rig::fault(21);
+    let disk = rig.disk().expect("fault rig").clone();
+    // One share partition: the smallest share log, a 4 x 1 MiB ring. The
+    // records are released and taken again until it is full, never dead.
+    let records = 100;
+    let c = open(
+        &rig,
+        ShareConfig {
+            max_in_flight_records: records,
+            max_share_partitions: 1,
+            max_deliveries: 1_000_000,
+            ..ShareConfig::default()
+        },
+    );
+    fill(c.broker(), "t", records as usize);
+    assert_eq!(take(&c, "t", "w", records).len(), records as usize);
+    // The ring is allocated whole: it is written on, but nothing new fits.
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(disk.allocated_bytes()),
+        ..FaultPlan::default()
+    });
+    let failed = ["share log", "compaction failed"];
+    let offsets: Vec<u64> = (0..u64::from(records)).collect();
+    let release = AckKind::Release {
+        delay: Duration::ZERO,
+    };
+    let acks = || {
+        offsets
+            .iter()
+            .map(|&offset| Ack {
+                partition: 0,
+                offset,
+                kind: release,
+                error: Some("x".repeat(4000)),
+            })
+            .collect()
+    };
+    // Each round writes the partition's state, its kept reasons and all,
+    // until the ring is full: well within this many (4 MiB of states of
+    // about 8 KiB).
+    // A failed release leaves the records locked, a failed fetch leaves
+    // them released: one of the two writes again each round.
+    let round = || {
+        let _ = block_on(c.acknowledge("g", "t", "w", acks()));
+        let _ = block_on(c.fetch(fetch_spec("t", records)));
+    };
+    let mut rounds = 0;
+    while warnings(&failed).is_empty() {
+        rounds += 1;
+        assert!(rounds < 5_000, "the share log's ring never filled");
+        round();
+    }
+    let compactions = || c.broker().cleaner_stats().runs.load(Ordering::Relaxed);
+    let before = compactions();
+    for _ in 0..3 {
+        round();
+    }
+    assert!(compactions() >= before + 3, "each round asks for one");
+    let lines = warnings(&failed);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    disk.set_plan(FaultPlan::default());
+    c.broker().close().expect("closed");
+}
+
 /// A partition whose dead records cannot be read (quarantined) fails
 /// alone: in the same expiry pass another partition's dead record goes
 /// to its dead-letter topic, and only the failing one waits to be tried
