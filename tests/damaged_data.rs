@@ -387,6 +387,38 @@ fn a_lost_topics_meta_stops_start_up_and_deletes_nothing() {
     assert_eq!(stdout(&o), "kept\n");
 }
 
+/// A partition recovery quarantines (here: its one segment's header is
+/// damaged) is one event in the log, one error line saying what was
+/// recovered and why it is read-only; the partition's own line used to
+/// say it again.
+#[test]
+fn a_partition_quarantined_at_start_up_is_logged_once() {
+    let (mut b, c) = with_topic("");
+    let id = c.init_producer(None).expect("init").producer_id;
+    written(&send(&c, "v", id, 0), 0, 0);
+    drop(c);
+    assert_eq!(b.stop(), Some(0));
+    let seg = b.data_dir().join(format!("topics/{TOPIC}/0/seg-00000.log"));
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    // In the header's base offset.
+    bytes[16] ^= 0x10;
+    std::fs::write(&seg, bytes).expect("segment");
+    b.restart();
+    let log = b.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("quarantined"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("ERROR")
+            && lines[0].contains(&format!("recovered partition {TOPIC}/0: offsets"))
+            && lines[0].contains("QUARANTINED (read-only): "),
+        "{log}"
+    );
+    assert_eq!(b.stop(), Some(0), "{}", b.log());
+}
+
 /// A lost `partition.meta` (QA report, finding 2): start-up used to take
 /// the directory for a creation cut short and delete its acknowledged
 /// records, then give their offsets again. Now the partition is

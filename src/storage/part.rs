@@ -437,6 +437,15 @@ impl Part {
     pub(super) fn quarantine(&mut self, why: QuarantineReason, stats: &StatsInner) {
         if !matches!(self.state, PartState::Quarantined(_)) {
             log::error!("partition {} quarantined (read-only): {why}", self.id);
+        }
+        self.quarantine_unlogged(why, stats);
+    }
+
+    /// As [`Part::quarantine`], not logged: for recovery, whose line for
+    /// the partition says it with what was recovered (logged here too, it
+    /// was one event in two lines).
+    pub(super) fn quarantine_unlogged(&mut self, why: QuarantineReason, stats: &StatsInner) {
+        if !matches!(self.state, PartState::Quarantined(_)) {
             StatsInner::add(&stats.quarantined, 1);
             self.set_state(PartState::Quarantined(Box::new(why)));
         }

@@ -1166,7 +1166,7 @@ impl Engine {
         let truncated = truncation.as_ref().map_or(0, |t| t.bytes);
         StatsInner::add(&self.ctx.shared.stats.recovery_truncated_bytes, truncated);
         if let Some(why) = &problem {
-            part.quarantine(why.clone(), &self.ctx.shared.stats);
+            part.quarantine_unlogged(why.clone(), &self.ctx.shared.stats);
             part.durable = ckpt;
         }
         let report = RecoveryReport {
@@ -1184,13 +1184,19 @@ impl Engine {
             earliest: part.ring.earliest(),
             high_watermark: part.hw,
         };
-        log::info!(
+        // A quarantine found here is logged by this line alone, an error.
+        let level = match report.quarantine {
+            Some(_) => log::Level::Error,
+            None => log::Level::Info,
+        };
+        log::log!(
+            level,
             "recovered partition {id}: offsets {}..{}, {batches} batches, {truncated} bytes \
              truncated{}",
             report.earliest,
             report.high_watermark,
             match &report.quarantine {
-                Some(why) => format!(", QUARANTINED: {why}"),
+                Some(why) => format!(", QUARANTINED (read-only): {why}"),
                 None => String::new(),
             }
         );
