@@ -825,6 +825,20 @@ impl Coordinator {
             self.unbegin(&mut st, begun);
             return Err(e);
         }
+        if begun.is_some() {
+            // Durable before the answer, as a first batch's partition: a
+            // restart must find the transaction open, abort it and fence
+            // its producer, whose commit would otherwise find the id idle
+            // (empty, or a commit's retry) and answer OK without these
+            // offsets. Those added later need not be: a restart aborts
+            // whatever it finds open, and PrepareCommit carries them all.
+            let active_ms = st.active_ms;
+            if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
+                st.active_ms = active_ms;
+                self.unbegin(&mut st, begun);
+                return Err(e);
+            }
+        }
         self.timers.notify(usize::MAX);
         if !st.held.iter().any(|h| h.group() == group) {
             st.held.push(hold);

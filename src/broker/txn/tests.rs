@@ -29,29 +29,32 @@ fn open_with_clock_and_cap(
     max_aborted_ranges: usize,
 ) -> Arc<Coordinator> {
     let broker = crate::broker::tests::open_with_clock(rig.open(), rig, clock);
-    let groups = group::Coordinator::open(
-        broker.clone(),
-        group::GroupsConfig {
-            offsets_retention_ms: 60_000,
-            session_timeout_ms_min: 100,
-            session_timeout_ms_max: 60_000,
-            max_groups: 8,
-            max_members: 8,
-            max_members_per_group: 8,
-            max_metadata: group::OFFSET_METADATA_BYTES_MAX,
-        },
-    )
-    .expect("groups open");
-    let config = TxnConfig {
+    let groups = group::Coordinator::open(broker.clone(), groups_config()).expect("groups open");
+    let c = Coordinator::open(broker, groups, txn_config(max_aborted_ranges)).expect("txns open");
+    block_on(c.clone().recover());
+    c
+}
+
+fn groups_config() -> group::GroupsConfig {
+    group::GroupsConfig {
+        offsets_retention_ms: 60_000,
+        session_timeout_ms_min: 100,
+        session_timeout_ms_max: 60_000,
+        max_groups: 8,
+        max_members: 8,
+        max_members_per_group: 8,
+        max_metadata: group::OFFSET_METADATA_BYTES_MAX,
+    }
+}
+
+fn txn_config(max_aborted_ranges: usize) -> TxnConfig {
+    TxnConfig {
         max_timeout_ms: 60_000,
         max_ids: 8,
         max_open: 8,
         id_expiration_ms: EXPIRATION_MS,
         max_aborted_ranges,
-    };
-    let c = Coordinator::open(broker, groups, config).expect("txns open");
-    block_on(c.clone().recover());
-    c
+    }
 }
 
 const EXPIRATION_MS: u64 = 86_400_000;
@@ -185,11 +188,7 @@ fn an_abort_whose_log_write_fails_does_not_hold_readers_back() {
 fn open_with_d(rig: &Rig) -> (Arc<crate::broker::ManualClock>, Arc<Coordinator>) {
     let clock = Arc::new(crate::broker::ManualClock::new(1_000_000));
     let c = open_with_clock(rig, clock.clone());
-    let spec = TopicSpec {
-        partitions: Some(1),
-        ..TopicSpec::default()
-    };
-    block_on(c.broker().create_topic("d", &spec)).expect("create");
+    create_d(&c);
     (clock, c)
 }
 
@@ -665,4 +664,64 @@ fn a_failed_first_init_keeps_nothing_of_the_id() {
     let c = open(&rig);
     block_on(c.init("new", 60_000)).expect("init after the restart");
     c.broker().close().expect("close");
+}
+
+/// A topic "d" of one partition.
+fn create_d(c: &Coordinator) {
+    let spec = TopicSpec {
+        partitions: Some(1),
+        ..TopicSpec::default()
+    };
+    block_on(c.broker().create_topic("d", &spec)).expect("create");
+}
+
+fn offsets_of_d(offset: u64) -> Vec<(Tp, u64)> {
+    vec![(("d".to_owned(), 0), offset)]
+}
+
+/// Offsets alone begin a transaction as durably as a first batch does: on
+/// an id fresh from init, or idle after a committed transaction (its
+/// commit's retry is answered OK). After a stop or a crash the restart
+/// finds it open, aborts it and fences its producer: its commit is
+/// refused, never answered OK with the offsets dropped.
+#[test]
+fn offsets_alone_begin_a_transaction_that_a_restart_aborts_and_fences() {
+    let mut answered = Vec::new();
+    for (seed, crash) in [(37, false), (38, true)] {
+        let rig = Rig::fault(seed);
+        let disk = rig.disk().expect("fault rig").clone();
+        let c = open(&rig);
+        create_d(&c);
+        let fresh = block_on(c.init("fresh", 60_000)).expect("init");
+        let again = block_on(c.init("again", 60_000)).expect("init");
+        let gate = block_on(c.gate(again.0, again.1, "d", 0)).expect("gate");
+        produce_gated(&c, "d", gate, (again.0, again.1, 0));
+        block_on(c.end("again", again.0, again.1, true)).expect("commit");
+        block_on(c.end("again", again.0, again.1, true)).expect("the commit's retry");
+        for (id, (pid, epoch)) in [("fresh", fresh), ("again", again)] {
+            block_on(c.add_offsets(id, pid, epoch, "g", offsets_of_d(1))).expect("offsets");
+            assert_eq!(phase(&c, id), "ongoing");
+        }
+        if crash {
+            disk.crash();
+            c.broker().begin_stop();
+        } else {
+            c.broker().close().expect("close");
+        }
+        drop(c);
+        disk.restart();
+        let c = open(&rig);
+        for (id, (pid, epoch)) in [("fresh", fresh), ("again", again)] {
+            match block_on(c.end(id, pid, epoch, true)) {
+                Err(TxnError::Fenced { current, .. }) if current > epoch => {}
+                r => answered.push(format!("{id}, crash: {crash}: {r:?}")),
+            }
+            assert!(c.groups.committed("g", None).is_empty());
+        }
+        c.broker().close().expect("close");
+    }
+    assert!(
+        answered.is_empty(),
+        "commits after the restart not fenced: {answered:?}"
+    );
 }
