@@ -794,3 +794,88 @@ fn an_id_with_an_open_transaction_does_not_expire() {
         listed_ids(&b).is_empty()
     });
 }
+
+/// A transaction open at a restart (a clean stop, or kill -9) that holds a
+/// group's offsets, alone, after a committed one, or with records, is
+/// aborted and its producer fenced: the instance's commit after the
+/// restart is refused (`fenced_producer`), never answered OK with the
+/// offsets dropped. A new instance of the id commits them.
+#[test]
+fn a_commit_after_a_restart_of_offsets_added_before_it_is_fenced_not_ok() {
+    use skiff::client::{Client, ProducerConfig, TxnProducer};
+    use skiff::protocol::ErrorCode;
+    let mut b = Broker::start("");
+    create_topics(&b);
+    let timeout = Duration::from_secs(60);
+    let mut answered = Vec::new();
+    for crash in [false, true] {
+        let cases = [
+            ("offsets", false, false),
+            ("after-commit", false, true),
+            ("records", true, false),
+        ];
+        let open: Vec<(String, (u64, u16))> = smol::block_on(async {
+            let client = Client::connect(&b.tcp).await.unwrap();
+            let mut open = Vec::new();
+            for (case, records, committed_before) in cases {
+                let id = format!("{case}-{}", if crash { "kill" } else { "stop" });
+                let mut p =
+                    TxnProducer::new(client.clone(), &id, timeout, ProducerConfig::default())
+                        .await
+                        .unwrap();
+                if committed_before {
+                    p.commit().await.unwrap();
+                }
+                if records {
+                    p.send("orders", None, id.as_bytes(), &[]);
+                    wait_until(
+                        Duration::from_secs(20),
+                        "the open transaction's record",
+                        || read_all(&b, "orders", "read_uncommitted").contains(&id),
+                    );
+                }
+                p.send_offsets(&id, &[("orders", 0, 7)]).await.unwrap();
+                open.push((id, p.producer_id()));
+            }
+            open
+        });
+        if crash {
+            b.kill9();
+        } else {
+            assert_eq!(b.stop(), Some(0));
+        }
+        b.restart();
+        smol::block_on(async {
+            let client = Client::connect(&b.tcp).await.unwrap();
+            for (id, producer) in &open {
+                let r = client.end_txn(id, *producer, true).await;
+                let committed = client.fetch_offsets(id, None).await.unwrap();
+                assert!(committed.is_empty(), "{id}: {committed:?}");
+                match r {
+                    Err(e) if e.code() == Some(ErrorCode::FencedProducer) => {}
+                    r => answered.push(format!("{id}: {r:?}")),
+                }
+                // What the client does once fenced: a new instance, the
+                // input read again from the committed offsets.
+                let mut p =
+                    TxnProducer::new(client.clone(), id, timeout, ProducerConfig::default())
+                        .await
+                        .unwrap();
+                p.send_offsets(id, &[("orders", 0, 7)]).await.unwrap();
+                p.commit().await.unwrap();
+                let committed = client.fetch_offsets(id, None).await.unwrap();
+                assert_eq!(
+                    committed.iter().map(|c| c.offset).collect::<Vec<_>>(),
+                    [7],
+                    "{id}"
+                );
+            }
+        });
+    }
+    assert!(
+        answered.is_empty(),
+        "commits after the restart not fenced: {answered:?}"
+    );
+    let committed = read_all(&b, "orders", "read_committed");
+    assert!(!committed.iter().any(|r| r.starts_with("records-")));
+}

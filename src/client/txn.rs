@@ -168,6 +168,12 @@ impl TxnProducer {
     /// Commits the open transaction once all its records are acknowledged;
     /// returns when the commit is durable. If a record failed, the
     /// transaction is aborted instead and the record's error returned.
+    ///
+    /// `fenced_producer` means the transaction was aborted without this
+    /// instance (a newer one, its timeout, or a broker restart while it
+    /// was open): nothing of it commits and there is nothing to abort;
+    /// make a new instance ([`TxnProducer::new`]) and process again from
+    /// the group's committed offsets.
     pub async fn commit(&mut self) -> Result<(), ClientError> {
         if let Err(e) = self.settle().await {
             // Best effort: a fenced producer cannot abort, and the broker

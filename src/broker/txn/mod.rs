@@ -297,6 +297,10 @@ pub struct TxnState {
     active_ms: u64,
     /// Forgotten: whoever waited for the lock looks the id up again.
     expired: bool,
+    /// Open (ongoing or aborting) at the last stop: aborted, its producer
+    /// fenced, by recovery or by the first request for it, whichever
+    /// locks it first. Its offsets added since its last record are gone.
+    left_open: bool,
     /// The records of an ended transaction whose log write failed: its
     /// markers are written, so only these are retried (by the timers),
     /// and written before any later record of the id, which would
@@ -496,6 +500,7 @@ impl Coordinator {
                 rec.partitions = Vec::new();
             }
             let pid = rec.producer_id;
+            let left_open = matches!(rec.phase, Phase::Ongoing | Phase::PrepareAbort);
             let durable = Some((ts, carried(&rec)));
             let entry = Arc::new(smol::lock::Mutex::new(TxnState {
                 id: id.clone(),
@@ -505,6 +510,7 @@ impl Coordinator {
                 // A clock set back since is taken as now: never expires early.
                 active_ms: u64::try_from(ts).unwrap_or(now).min(now),
                 expired: false,
+                left_open,
                 unwritten: None,
             }));
             let slot = Slot {
@@ -536,16 +542,24 @@ impl Coordinator {
             let mut st = e.lock_arc().await;
             let r = match st.rec.phase {
                 Phase::PrepareCommit => self.complete_commit(&mut st).await,
-                Phase::Ongoing | Phase::PrepareAbort => {
-                    log::warn!("transaction {}: open at the last stop; aborting it", st.id);
-                    self.fence_and_abort(&mut st).await
-                }
-                _ => Ok(()),
+                _ => self.abort_left_open(&mut st).await,
             };
             if let Err(e) = r {
                 log::warn!("transaction {}: recovery failed: {e}", st.id);
             }
         }
+    }
+
+    /// Aborts the id's transaction if the last run left it open, fencing
+    /// its producer: a request from an instance that lived through the
+    /// restart must not commit it (nor add to it) without what it added
+    /// that was kept only in memory.
+    async fn abort_left_open(&self, st: &mut TxnState) -> Result<(), TxnError> {
+        if !st.left_open {
+            return Ok(());
+        }
+        log::warn!("transaction {}: open at the last stop; aborting it", st.id);
+        self.fence_and_abort(st).await
     }
 
     /// Registers `id` (a new epoch fences older instances), aborting any
@@ -671,6 +685,7 @@ impl Coordinator {
                     held: Vec::new(),
                     active_ms: now,
                     expired: false,
+                    left_open: false,
                     unwritten: None,
                 })),
             })
@@ -730,6 +745,7 @@ impl Coordinator {
                 current: st.rec.producer_epoch,
             });
         }
+        self.abort_left_open(&mut st).await?;
         check_epoch(&st, producer_id, epoch)?;
         self.write_unwritten(&mut st).await?;
         let begun = self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
@@ -908,6 +924,7 @@ impl Coordinator {
         }
         // A retried end answers once its transaction's end is durable.
         self.write_unwritten(&mut st).await?;
+        self.abort_left_open(&mut st).await?;
         Ok(st)
     }
 
@@ -1301,6 +1318,7 @@ impl Coordinator {
         st.rec.phase = phase;
         st.rec.offsets = Vec::new();
         st.held = Vec::new();
+        st.left_open = false;
     }
 
     /// One marker per partition, written together; their offsets.

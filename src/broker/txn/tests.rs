@@ -35,6 +35,17 @@ fn open_with_clock_and_cap(
     c
 }
 
+/// As [`open`], its recovery not run yet: a request may come first.
+fn open_unrecovered(rig: &Rig) -> Arc<Coordinator> {
+    let broker = crate::broker::tests::open_with_clock(
+        rig.open(),
+        rig,
+        Arc::new(crate::broker::SystemClock),
+    );
+    let groups = group::Coordinator::open(broker.clone(), groups_config()).expect("groups open");
+    Coordinator::open(broker, groups, txn_config(ABORTED_RANGES_MAX)).expect("txns open")
+}
+
 fn groups_config() -> group::GroupsConfig {
     group::GroupsConfig {
         offsets_retention_ms: 60_000,
@@ -724,4 +735,35 @@ fn offsets_alone_begin_a_transaction_that_a_restart_aborts_and_fences() {
         answered.is_empty(),
         "commits after the restart not fenced: {answered:?}"
     );
+}
+
+/// A request for an id the last run left open that comes before recovery
+/// gets to it finds it aborted and its producer fenced, as after: a
+/// commit then would drop the offsets added after the last record.
+#[test]
+fn a_commit_before_recovery_of_a_transaction_left_open_is_fenced() {
+    let rig = Rig::fault(39);
+    let c = open(&rig);
+    create_d(&c);
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
+    block_on(c.add_offsets("a", pid, epoch, "g", offsets_of_d(1))).expect("offsets");
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open_unrecovered(&rig);
+    match block_on(c.end("a", pid, epoch, true)) {
+        Err(TxnError::Fenced { current, .. }) => assert!(current > epoch),
+        r => panic!("the commit before recovery: {r:?}"),
+    }
+    assert_eq!(phase(&c, "a"), "complete_abort");
+    assert_eq!(committed_records(&c, "d"), 0, "the record is aborted");
+    block_on(c.clone().recover());
+    assert_eq!(phase(&c, "a"), "complete_abort");
+    assert_eq!(
+        named(&c, "a").map(|(_, e)| e),
+        Some(epoch + 1),
+        "fenced once, not again by recovery"
+    );
+    c.broker().close().expect("close");
 }
