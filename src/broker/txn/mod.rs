@@ -485,7 +485,11 @@ impl Coordinator {
                         rec.producer_id = pid;
                         rec.producer_epoch = epoch;
                     }
-                    Some(_) => {}
+                    // Bumped by an init, or an expiry's fencing, whose
+                    // record was not written: the registry answered no
+                    // one that epoch, but it refuses the older instance,
+                    // which this id must refuse too.
+                    Some((_, epoch)) => rec.producer_epoch = rec.producer_epoch.max(epoch),
                 }
             }
             let mut held = Vec::new();

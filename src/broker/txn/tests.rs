@@ -767,3 +767,41 @@ fn a_commit_before_recovery_of_a_transaction_left_open_is_fenced() {
     );
     c.broker().close().expect("close");
 }
+
+/// A crash between an init's epoch bump in the producer registry and its
+/// record in the log (that write fails here) leaves the registry ahead of
+/// the log: after the restart the id takes the registry's epoch, so the
+/// instance the init fenced stays fenced, its end and offsets refused.
+#[test]
+fn an_init_whose_record_was_lost_in_a_crash_keeps_the_old_instance_fenced() {
+    let rig = Rig::fault(40);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig);
+    create_d(&c);
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(TXN_TOPIC),
+        ..FaultPlan::default()
+    });
+    assert!(block_on(c.init("a", 60_000)).is_err(), "its record failed");
+    assert_eq!(
+        named(&c, "a"),
+        Some((pid, epoch + 1)),
+        "the registry's bump"
+    );
+    disk.crash_dropping_unsynced();
+    c.broker().begin_stop();
+    drop(c);
+    disk.set_plan(FaultPlan::default());
+    disk.restart();
+    let c = open(&rig);
+    let fenced = |r: &Result<(), TxnError>| matches!(r, Err(TxnError::Fenced { current, .. }) if *current > epoch);
+    let offsets = block_on(c.add_offsets("a", pid, epoch, "g", offsets_of_d(1)));
+    assert!(fenced(&offsets), "the old instance's offsets: {offsets:?}");
+    let end = block_on(c.end("a", pid, epoch, false));
+    assert!(fenced(&end), "the old instance's end: {end:?}");
+    assert!(c.groups.committed("g", None).is_empty());
+    let (pid2, epoch2) = block_on(c.init("a", 60_000)).expect("init after the restart");
+    assert_eq!((pid2, epoch2), (pid, epoch + 2));
+    c.broker().close().expect("close");
+}
