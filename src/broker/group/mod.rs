@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
+use super::quiet_log::QuietLog;
 use super::{Broker, BrokerError, CleanupPolicy, TopicSpec};
 use crate::batch::{BatchBuilder, ProducerStamp};
 use crate::bufpool::BatchBuf;
@@ -444,6 +445,10 @@ pub struct Coordinator {
     queued: async_channel::Receiver<Pending>,
     commits: AtomicU64,
     log_writes: AtomicU64,
+    /// A full ring whose compaction cannot be done (no room on a full disk
+    /// for its scratch segment) fails again at every commit: logged once a
+    /// minute.
+    compaction_failures: QuietLog<()>,
 }
 
 fn now_ms() -> i64 {
@@ -541,6 +546,9 @@ impl Coordinator {
             queued,
             commits: AtomicU64::new(0),
             log_writes: AtomicU64::new(0),
+            compaction_failures: QuietLog::new(|_| {
+                format!("offsets log {OFFSETS_TOPIC}: compactions failed")
+            }),
         };
         smol::block_on(c.load())?;
         Ok(Arc::new(c))
@@ -1334,7 +1342,11 @@ impl Coordinator {
                 // now (a kept commit is never dropped), then once more.
                 match self.broker.compact_partition(OFFSETS_TOPIC, 0).await {
                     Ok(_) => result = self.write_round(&round).await,
-                    Err(e) => log::warn!("offsets log: compaction failed: {e}"),
+                    Err(e) => {
+                        if let Some(more) = self.compaction_failures.due(&()) {
+                            log::warn!("offsets log {OFFSETS_TOPIC}: compaction failed: {e}{more}");
+                        }
+                    }
                 }
             }
             match &result {

@@ -427,3 +427,47 @@ fn a_join_past_max_members_over_all_groups_is_refused_until_one_leaves() {
     c.leave("g0", &first.member_id).expect("leave");
     join("g3").expect("a member left: room for one");
 }
+
+/// An offsets log whose ring is full and whose compaction cannot be done
+/// (no room on the disk for its scratch segment) fails at every commit,
+/// each asking for a compaction: the failed compaction is logged once a
+/// minute, not once for each.
+#[test]
+fn an_offsets_log_compaction_that_keeps_failing_is_logged_once_a_minute() {
+    use crate::broker::share::tests::{capture_warnings, warnings};
+    use crate::storage::io::fault::FaultPlan;
+    capture_warnings();
+    let rig = Rig::fault(22);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig);
+    block_on(c.commit("g", None, vec![(tp(0), 0, None)])).expect("the log is made");
+    // The ring is allocated whole: it is written on, but nothing new fits.
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(disk.allocated_bytes()),
+        ..FaultPlan::default()
+    });
+    let failed = ["offsets log", "compaction failed"];
+    let meta = "m".repeat(OFFSET_METADATA_BYTES_MAX);
+    let mut offset = 0;
+    let mut commit = || {
+        offset += 1;
+        let _ = block_on(c.commit("g", None, vec![(tp(0), offset, Some(meta.clone()))]));
+    };
+    // 4 MiB of ring at about 4 KiB a commit: full well within this many.
+    let mut commits = 0;
+    while warnings(&failed).is_empty() {
+        commits += 1;
+        assert!(commits < 5_000, "the offsets log's ring never filled");
+        commit();
+    }
+    let compactions = || c.broker.cleaner_stats().runs.load(Ordering::Relaxed);
+    let before = compactions();
+    for _ in 0..3 {
+        commit();
+    }
+    assert!(compactions() >= before + 3, "each commit asks for one");
+    let lines = warnings(&failed);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    disk.set_plan(FaultPlan::default());
+    c.broker.close().expect("closed");
+}

@@ -1858,4 +1858,4 @@ pub use admin::{
     ShareRecordDescription,
 };
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -929,14 +929,14 @@ impl log::Log for Capture {
     fn flush(&self) {}
 }
 
-fn capture_warnings() {
+pub(crate) fn capture_warnings() {
     // Another test of this process may have set it already.
     let _ = log::set_logger(&Capture);
     log::set_max_level(log::LevelFilter::Warn);
 }
 
 /// The warnings logged so far that contain each of `words`.
-fn warnings(words: &[&str]) -> Vec<String> {
+pub(crate) fn warnings(words: &[&str]) -> Vec<String> {
     let w = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
     w.iter()
         .filter(|l| words.iter().all(|s| l.contains(s)))
