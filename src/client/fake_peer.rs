@@ -16,6 +16,24 @@ pub(crate) fn take_request(buf: &mut Vec<u8>) -> Option<Request<'static>> {
     Some(request)
 }
 
+/// The next whole request read from `s`, `buf` holding what was read
+/// past it; `None` once the connection ends.
+pub(crate) fn read_request(
+    s: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+) -> Option<Request<'static>> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(request) = take_request(buf) {
+            return Some(request);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// The hello answer of a peer named `name`.
 pub(crate) fn hello(name: &str) -> ResponseBody {
     ResponseBody::Hello(HelloResponse {

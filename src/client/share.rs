@@ -128,7 +128,8 @@ pub struct ShareConfig {
     /// Where the group starts on a partition it never read (its first
     /// start): the log start, else its end (Kafka's default).
     pub from_earliest: bool,
-    /// How long a poll the server refuses with a retriable code keeps
+    /// How long a poll the server refuses with a retriable code (or an
+    /// acknowledgement so refused, or whose connection is lost) keeps
     /// asking again before it returns the refusal: `too_many_members`,
     /// while `share.max_active_members` others are active, lasts until
     /// one leaves or lapses (`lock_ms`). Zero: the first refusal is
@@ -139,8 +140,8 @@ pub struct ShareConfig {
     /// `retry_backoff_max`.
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
-    /// Told once per poll that starts waiting for a member slot
-    /// (`too_many_members`), which is also logged at info.
+    /// Told once per poll or acknowledgement that starts waiting for a
+    /// member slot (`too_many_members`), which is also logged at info.
     pub on_slot_wait: Option<SlotWaitHook>,
 }
 
@@ -239,17 +240,35 @@ impl ShareConsumer {
                 .into(),
             ),
         };
+        // Only the server's word that a later ask may succeed: a lost
+        // connection fails the poll as before.
+        self.retrying(
+            "fetch",
+            |e| e.code().is_some_and(ErrorCode::is_retriable),
+            || self.client.share_fetch(request.clone()),
+        )
+        .await
+        .map(|r| r.records)
+    }
+
+    /// Calls `ask` until it succeeds, fails with an error `retry` does not
+    /// take, or `retry_timeout` is spent; backs off between asks, telling
+    /// `on_slot_wait` (and the log) once when it waits for a member slot.
+    async fn retrying<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+        &self,
+        what: &str,
+        retry: impl Fn(&ClientError) -> bool,
+        ask: impl Fn() -> F,
+    ) -> Result<T, ClientError> {
         let started = Instant::now();
         let (mut attempts, mut told) = (0u32, false);
         loop {
-            let e = match self.client.share_fetch(request.clone()).await {
-                Ok(r) => return Ok(r.records),
+            let e = match ask().await {
+                Ok(r) => return Ok(r),
                 Err(e) => e,
             };
-            // Only the server's word that a later ask may succeed: a lost
-            // connection fails the poll as before.
             let left = self.config.retry_timeout.saturating_sub(started.elapsed());
-            if !e.code().is_some_and(ErrorCode::is_retriable) || left.is_zero() {
+            if !retry(&e) || left.is_zero() {
                 return Err(e);
             }
             attempts += 1;
@@ -265,7 +284,7 @@ impl ShareConsumer {
                 }
             } else {
                 log::debug!(
-                    "share group {}: fetch refused ({e}); asking again",
+                    "share group {}: {what} refused ({e}); asking again",
                     self.group
                 );
             }
@@ -301,7 +320,11 @@ impl ShareConsumer {
     }
 
     /// Acknowledges records (partition, offset, outcome); one code per
-    /// record, `share_lock_lost` for one whose lock had lapsed.
+    /// record, `share_lock_lost` for one whose lock had lapsed. A retriable
+    /// refusal (no member slot free, say), a lost connection or a timeout
+    /// is sent again with backoff for up to `retry_timeout`, as a poll is;
+    /// a record the lost attempt already settled then answers
+    /// `share_lock_lost`.
     pub async fn ack(&self, acks: &[(u32, u64, Outcome)]) -> Result<Vec<ErrorCode>, ClientError> {
         if acks.is_empty() {
             return Ok(Vec::new());
@@ -329,21 +352,27 @@ impl ShareConsumer {
                 }
             })
             .collect();
-        self.client
-            .share_ack(ShareAckRequest {
-                group: self.group.clone(),
-                topic: self.topic.clone(),
-                member_id: self.member_id.clone(),
-                acks,
-            })
-            .await
+        let request = ShareAckRequest {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            member_id: self.member_id.clone(),
+            acks,
+        };
+        // Unlike a fetch, an ack may be sent again after a lost connection
+        // or a timeout: one the server already applied finds its records
+        // no longer locked to this member and answers share_lock_lost for
+        // them, changing nothing.
+        self.retrying("acknowledgement", ClientError::is_retriable, || {
+            self.client.share_ack(request.clone())
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::fake_peer::{answer, hello, take_request};
+    use crate::client::fake_peer::{answer, hello, read_request, take_request};
     use crate::protocol::{ListShareGroupsResponse, ShareFetchResponse};
 
     /// A worker closing against a version 3 server sends no share_leave
@@ -410,21 +439,25 @@ mod tests {
     }
 
     /// A peer of protocol version 4 that answers each share_fetch with the
-    /// next of `fetches`, then with no records; it sends the name of
-    /// each request it reads to the receiver.
+    /// next of `fetches`, then with no records, and each share_ack with the
+    /// next of `acks` (`None`: it closes the connection unanswered, then
+    /// takes the next one); it sends the name of each request it reads to
+    /// the receiver.
     fn scripted_peer(
         fetches: Vec<ResponseBody>,
+        acks: Vec<Option<ResponseBody>>,
     ) -> (String, std::sync::mpsc::Receiver<&'static str>) {
-        use std::io::Read;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, seen) = std::sync::mpsc::channel();
+        let connections = 1 + acks.iter().filter(|a| a.is_none()).count();
         std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let (mut buf, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
             let mut fetches = fetches.into_iter();
-            loop {
-                while let Some(request) = take_request(&mut buf) {
+            let mut acks = acks.into_iter();
+            'connections: for _ in 0..connections {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                while let Some(request) = read_request(&mut s, &mut buf) {
                     let _ = tx.send(request.body.name());
                     let body = match request.body {
                         RequestBody::Hello(_) => hello("scripted peer"),
@@ -434,13 +467,14 @@ mod tests {
                                 lock_ms: 30_000,
                             })
                         }),
+                        RequestBody::ShareAck(_) => match acks.next() {
+                            Some(Some(body)) => body,
+                            Some(None) => continue 'connections,
+                            None => panic!("no answer scripted for this share_ack"),
+                        },
                         other => panic!("unexpected {}", other.name()),
                     };
                     answer(&mut s, request.correlation_id, body);
-                }
-                match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
         });
@@ -486,15 +520,18 @@ mod tests {
             headers: Vec::new(),
             delivery_count: 1,
         };
-        let (addr, seen) = scripted_peer(vec![
-            refusal(ErrorCode::TooManyMembers),
-            refusal(ErrorCode::TooManyMembers),
-            refusal(ErrorCode::TooManyMembers),
-            ResponseBody::ShareFetch(ShareFetchResponse {
-                records: vec![record.clone()],
-                lock_ms: 30_000,
-            }),
-        ]);
+        let (addr, seen) = scripted_peer(
+            vec![
+                refusal(ErrorCode::TooManyMembers),
+                refusal(ErrorCode::TooManyMembers),
+                refusal(ErrorCode::TooManyMembers),
+                ResponseBody::ShareFetch(ShareFetchResponse {
+                    records: vec![record.clone()],
+                    lock_ms: 30_000,
+                }),
+            ],
+            Vec::new(),
+        );
         let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let got = smol::block_on(async {
             let client = Client::connect(&addr).await.unwrap();
@@ -525,7 +562,7 @@ mod tests {
             (ErrorCode::InvalidRequest, Duration::MAX),
             (ErrorCode::TooManyMembers, Duration::ZERO),
         ] {
-            let (addr, seen) = scripted_peer(vec![refusal(code), refusal(code)]);
+            let (addr, seen) = scripted_peer(vec![refusal(code), refusal(code)], Vec::new());
             let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let got = smol::block_on(async {
                 let client = Client::connect(&addr).await.unwrap();
@@ -536,6 +573,81 @@ mod tests {
             assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 0, "{code}");
             let names: Vec<&str> = seen.try_iter().collect();
             assert_eq!(names, ["hello", "share_fetch"], "{code}");
+        }
+    }
+
+    fn acked(results: Vec<ErrorCode>) -> ResponseBody {
+        ResponseBody::ShareAck(crate::protocol::ShareAckResponse { results })
+    }
+
+    /// Acknowledges one record against a peer answering its share_acks
+    /// with `acks` (as [`scripted_peer`]): what the ack returned, how many
+    /// slot-wait notices it gave, and the requests the peer read.
+    fn ack_against(
+        acks: Vec<Option<ResponseBody>>,
+        retry_timeout: Duration,
+    ) -> (
+        Result<Vec<ErrorCode>, ClientError>,
+        usize,
+        Vec<&'static str>,
+    ) {
+        let (addr, seen) = scripted_peer(Vec::new(), acks);
+        let told = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let got = smol::block_on(async {
+            let client = Client::connect(&addr).await.unwrap();
+            let w = ShareConsumer::new(client, "g", "t", retrying(retry_timeout, &told));
+            w.ack(&[(0, 7, Outcome::Accept)]).await
+        });
+        let told = told.load(std::sync::atomic::Ordering::Relaxed);
+        (got, told, seen.try_iter().collect())
+    }
+
+    /// An acknowledgement refused for want of a member slot is sent again
+    /// and says once that it waits; one whose connection is lost before
+    /// the answer is sent again on a new connection (a record the first
+    /// one had settled answers share_lock_lost, so that is harmless). Each
+    /// returns the codes it then gets.
+    #[test]
+    fn an_ack_is_sent_again_past_too_many_members_or_a_lost_connection() {
+        let busy = || Some(refusal(ErrorCode::TooManyMembers));
+        let cases = [
+            (
+                vec![busy(), busy(), Some(acked(vec![ErrorCode::None]))],
+                ErrorCode::None,
+                1,
+                &["hello", "share_ack", "share_ack", "share_ack"],
+            ),
+            (
+                vec![None, Some(acked(vec![ErrorCode::ShareLockLost]))],
+                ErrorCode::ShareLockLost,
+                0,
+                &["hello", "share_ack", "hello", "share_ack"],
+            ),
+        ];
+        for (acks, code, waits, requests) in cases {
+            let (got, told, names) = ack_against(acks, Duration::MAX);
+            assert_eq!(got.unwrap(), [code]);
+            assert_eq!(told, waits, "{code}");
+            assert_eq!(names, requests, "{code}");
+        }
+    }
+
+    /// An acknowledgement refused with a code that is not retriable is
+    /// returned at the first ask, even with no bound on the wait; a
+    /// retriable one with a zero bound too.
+    #[test]
+    fn an_ack_returns_a_refusal_not_retriable_or_past_its_bound_at_once() {
+        for (code, retry_timeout) in [
+            (ErrorCode::InvalidRequest, Duration::MAX),
+            (ErrorCode::TooManyMembers, Duration::ZERO),
+        ] {
+            let (got, told, names) = ack_against(
+                vec![Some(refusal(code)), Some(refusal(code))],
+                retry_timeout,
+            );
+            assert_eq!(got.unwrap_err().code(), Some(code));
+            assert_eq!(told, 0, "{code}");
+            assert_eq!(names, ["hello", "share_ack"], "{code}");
         }
     }
 }
