@@ -321,10 +321,10 @@ impl ShareConsumer {
 
     /// Acknowledges records (partition, offset, outcome); one code per
     /// record, `share_lock_lost` for one whose lock had lapsed. A retriable
-    /// refusal (no member slot free, say), a lost connection or a timeout
-    /// is sent again with backoff for up to `retry_timeout`, as a poll is;
-    /// a record the lost attempt already settled then answers
-    /// `share_lock_lost`.
+    /// refusal (no member slot free, say) is sent again with backoff for up
+    /// to `retry_timeout`, as a poll is. A lost connection or a timeout is
+    /// returned: whether the broker applied the acknowledgement is unknown
+    /// (an accepted record is then done, a released one delivered again).
     pub async fn ack(&self, acks: &[(u32, u64, Outcome)]) -> Result<Vec<ErrorCode>, ClientError> {
         if acks.is_empty() {
             return Ok(Vec::new());
@@ -358,13 +358,16 @@ impl ShareConsumer {
             member_id: self.member_id.clone(),
             acks,
         };
-        // Unlike a fetch, an ack may be sent again after a lost connection
-        // or a timeout: one the server already applied finds its records
-        // no longer locked to this member and answers share_lock_lost for
-        // them, changing nothing.
-        self.retrying("acknowledgement", ClientError::is_retriable, || {
-            self.client.share_ack(request.clone())
-        })
+        // Only the server's refusal, which applied nothing, is sent again.
+        // After a lost connection or a timeout the first attempt may have
+        // been applied: a resend would then answer share_lock_lost, which
+        // says "delivered again" of a record that is done, so the caller
+        // gets the error (the outcome is unknown).
+        self.retrying(
+            "acknowledgement",
+            |e| e.code().is_some_and(ErrorCode::is_retriable),
+            || self.client.share_ack(request.clone()),
+        )
         .await
     }
 }
@@ -608,28 +611,30 @@ mod tests {
     /// one had settled answers share_lock_lost, so that is harmless). Each
     /// returns the codes it then gets.
     #[test]
-    fn an_ack_is_sent_again_past_too_many_members_or_a_lost_connection() {
+    fn an_ack_is_sent_again_past_too_many_members_but_not_past_a_lost_connection() {
         let busy = || Some(refusal(ErrorCode::TooManyMembers));
-        let cases = [
-            (
-                vec![busy(), busy(), Some(acked(vec![ErrorCode::None]))],
-                ErrorCode::None,
-                1,
-                &["hello", "share_ack", "share_ack", "share_ack"],
-            ),
-            (
-                vec![None, Some(acked(vec![ErrorCode::ShareLockLost]))],
-                ErrorCode::ShareLockLost,
-                0,
-                &["hello", "share_ack", "hello", "share_ack"],
-            ),
-        ];
+        let cases = [(
+            vec![busy(), busy(), Some(acked(vec![ErrorCode::None]))],
+            ErrorCode::None,
+            1,
+            &["hello", "share_ack", "share_ack", "share_ack"],
+        )];
         for (acks, code, waits, requests) in cases {
             let (got, told, names) = ack_against(acks, Duration::MAX);
             assert_eq!(got.unwrap(), [code]);
             assert_eq!(told, waits, "{code}");
             assert_eq!(names, requests, "{code}");
         }
+        // A lost connection is not sent again: the broker may have applied
+        // it, and a resend's share_lock_lost would say the accepted record
+        // comes back. The caller hears the outcome is unknown.
+        let (got, told, names) = ack_against(
+            vec![None, Some(acked(vec![ErrorCode::ShareLockLost]))],
+            Duration::MAX,
+        );
+        assert!(got.is_err(), "{got:?}");
+        assert_eq!(told, 0);
+        assert_eq!(names, ["hello", "share_ack"]);
     }
 
     /// An acknowledgement refused with a code that is not retriable is
