@@ -212,8 +212,6 @@ pub(super) struct Creating {
     files: Vec<FileHandle>,
     /// How far slot 0 is zeroed.
     zeroed_to: u64,
-    /// Whether its zeros were written here (to be synced at the end).
-    stepped: bool,
     reply: Reply<()>,
 }
 
@@ -955,25 +953,18 @@ impl Engine {
         let made = std::fs::create_dir_all(&dir)
             .map_err(StorageError::from)
             .and_then(|()| self.create_files(&id, &cfg, &dir, &mut files));
-        let mut c = Creating {
+        let c = Creating {
             id,
             cfg,
             dir,
             files,
             zeroed_to: 0,
-            stepped: false,
             reply,
         };
         match made {
             Err(e) => self.create_failed(c, e),
-            Ok(zeroed) if zeroed || !self.ctx.cfg.prewrite_segments => {
-                c.zeroed_to = c.cfg.segment_bytes;
-                self.create_finish(c);
-            }
-            Ok(_) => {
-                c.stepped = true;
-                self.creating.push(c);
-            }
+            Ok(zeroed) if zeroed || !self.ctx.cfg.prewrite_segments => self.create_finish(c),
+            Ok(_) => self.creating.push(c),
         }
     }
 
@@ -1060,11 +1051,18 @@ impl Engine {
         };
         let (file, from, size) = (c.files[0], c.zeroed_to, c.cfg.segment_bytes);
         let end = (from + ZERO_CHUNK_BYTES as u64).min(size);
-        match self.ctx.write_zeros(file, from, end) {
+        // The last chunk is synced with it, as the background pre-write's is.
+        let res = self.ctx.write_zeros(file, from, end).and_then(|()| {
+            if end == size {
+                self.ctx.io.sync(file)
+            } else {
+                Ok(())
+            }
+        });
+        match res {
             Ok(()) if end < size => self.creating[0].zeroed_to = end,
             Ok(()) => {
-                let mut c = self.creating.remove(0);
-                c.zeroed_to = end;
+                let c = self.creating.remove(0);
                 self.create_finish(c);
             }
             Err(e) => {
@@ -1090,9 +1088,6 @@ impl Engine {
     }
 
     fn create_rest(&mut self, c: &Creating) -> Result<Part, StorageError> {
-        if c.stepped {
-            self.ctx.io.sync(c.files[0])?;
-        }
         let mut part =
             self.new_part(c.id.clone(), c.cfg.clone(), c.dir.clone(), c.files.clone())?;
         if self.ctx.cfg.prewrite_segments {
