@@ -3920,3 +3920,33 @@ fn a_create_cut_short_by_a_shutdown_leaves_nothing_behind() {
         s.shutdown().unwrap();
     }
 }
+
+/// A create whose first segment's pre-write fails is answered with the
+/// error and leaves nothing: the other partitions go on, and the id can be
+/// created once the disk writes again.
+#[test]
+fn a_create_whose_pre_write_fails_leaves_nothing_behind() {
+    let rig = Rig::fault(41);
+    let disk = rig.disk().expect("fault rig").clone();
+    let s = rig
+        .open_with(StorageConfig {
+            prewrite_segments: true,
+            ..rig.cfg()
+        })
+        .unwrap();
+    let (a, b) = (pid("a", 0), pid("b", 0));
+    block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some("topics/b/"),
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+    let e = block_on(s.create_partition(b.clone(), small_cfg())).unwrap_err();
+    assert!(matches!(e, StorageError::Io(_)), "{e:?}");
+    assert!(s.offsets(&b).is_err(), "half made");
+    block_on(s.append(&a, make_batch(2, 10, 1, 0))).expect("a goes on");
+    disk.set_plan(FaultPlan::default());
+    block_on(s.create_partition(b.clone(), small_cfg())).expect("made once it can be");
+    block_on(s.append(&b, make_batch(2, 10, 2, 0))).expect("b takes writes");
+    s.shutdown().unwrap();
+}
