@@ -3833,6 +3833,15 @@ fn appends_during_an_inline_fdatasync_form_the_next_group() {
     s.shutdown().unwrap();
 }
 
+/// The rig's storage with segments pre-written, as the broker runs it.
+fn open_prewriting(rig: &Rig) -> Storage {
+    rig.open_with(StorageConfig {
+        prewrite_segments: true,
+        ..rig.cfg()
+    })
+    .unwrap()
+}
+
 /// A create pre-writes its first segment a chunk per turn of the storage
 /// thread, so appends to other partitions are answered meanwhile: written
 /// in one go, 16 MiB held every ack for 0.8 to 1.7 s on a 20 MB/s card.
@@ -3841,12 +3850,7 @@ fn appends_elsewhere_are_answered_while_a_create_pre_writes() {
     use super::engine::CREATE_PREWRITE_PAUSED;
     use futures_lite::future::poll_once;
     for (name, rig) in rigs() {
-        let s = rig
-            .open_with(StorageConfig {
-                prewrite_segments: true,
-                ..rig.cfg()
-            })
-            .unwrap();
+        let s = open_prewriting(&rig);
         let (a, b) = (pid("a", 0), pid("b", 0));
         block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
         CREATE_PREWRITE_PAUSED.store(true, Ordering::Relaxed);
@@ -3928,12 +3932,7 @@ fn a_create_cut_short_by_a_shutdown_leaves_nothing_behind() {
 fn a_create_whose_pre_write_fails_leaves_nothing_behind() {
     let rig = Rig::fault(41);
     let disk = rig.disk().expect("fault rig").clone();
-    let s = rig
-        .open_with(StorageConfig {
-            prewrite_segments: true,
-            ..rig.cfg()
-        })
-        .unwrap();
+    let s = open_prewriting(&rig);
     let (a, b) = (pid("a", 0), pid("b", 0));
     block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
     disk.set_plan(FaultPlan {
