@@ -1164,29 +1164,23 @@ fn bench_produce_as_devices_writes_every_record_once() {
     // budget leaves besides the room kept for the broker's own topics.
     let b = Broker::start("[storage]\ndisk_budget_bytes = 4294967296\n");
     let unix = b.unix.to_str().expect("utf-8 path").to_owned();
+    fn devices<'a>(rest: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["bench", "produce", "--devices", "--in-flight", "1"];
+        args.extend(["--queued", "0", "--producers", "4"]);
+        args.extend_from_slice(rest);
+        args
+    }
     for (topic, addr) in [("dev-tcp", b.tcp.as_str()), ("dev-unix", unix.as_str())] {
-        let out = run_cli(
-            &[
-                "bench",
-                "produce",
-                "--devices",
-                "--in-flight",
-                "1",
-                "--queued",
-                "0",
-                "--messages",
-                "402",
-                "--producers",
-                "4",
-                "--partitions",
-                "2",
-                "--topic",
-                topic,
-                "--keep",
-            ],
-            addr,
-            None,
-        );
+        let args = [
+            "--messages",
+            "402",
+            "--partitions",
+            "2",
+            "--topic",
+            topic,
+            "--keep",
+        ];
+        let out = run_cli(&devices(&args), addr, None);
         assert_ok(&out);
         let p = &json_lines(&out)[0];
         assert_eq!(p["client"], "devices", "{p}");
@@ -1204,6 +1198,29 @@ fn bench_produce_as_devices_writes_every_record_once() {
         // and 100 to partition 1.
         assert_eq!(ends, [202, 200], "{topic}: {d}");
     }
+    // An open loop: each device's records sent when due, not at once.
+    let out = b.cli(&devices(&[
+        "--messages",
+        "200",
+        "--rate",
+        "400",
+        "--topic",
+        "dev-open",
+        "--segments",
+        "2",
+        "--keep",
+    ]));
+    assert_ok(&out);
+    let p = &json_lines(&out)[0];
+    assert_eq!(p["workload"], "produce_open_loop", "{p}");
+    assert!(
+        p["elapsed_s"].as_f64().expect("elapsed") >= 0.45,
+        "paced: {p}"
+    );
+    let out = b.cli(&["topics", "describe", "dev-open", "--format", "json"]);
+    assert_ok(&out);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(d["partitions"][0]["log_end"], 200, "{d}");
     let out = b.cli(&["bench", "produce", "--devices", "--messages", "10"]);
     assert_eq!(out.status.code(), Some(2), "usage error: {out:?}");
     assert!(stderr(&out).contains("--in-flight 1 --queued 0"), "{out:?}");

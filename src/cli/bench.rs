@@ -20,14 +20,14 @@ use super::args::{
     BenchConsumeArgs, BenchDiskArgs, BenchHandshakeArgs, BenchLoopbackArgs, BenchProduceArgs,
     BenchSyncArgs,
 };
-use super::bench_device::Device;
+use super::bench_device::{Device, DeviceLoad};
 use super::{fail, EXIT_RUNTIME, EXIT_USAGE};
 
 /// Latencies are recorded in microseconds, up to a minute, 3 significant
 /// digits.
-const LATENCY_US_MAX: u64 = 60_000_000;
+pub(super) const LATENCY_US_MAX: u64 = 60_000_000;
 
-fn histogram() -> Histogram<u64> {
+pub(super) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid histogram bounds")
 }
 
@@ -366,46 +366,6 @@ enum BenchClient {
     Device(Device),
 }
 
-/// Workload F's loop on one device: `messages` records, each sent once the
-/// last is answered (and, with a `schedule`, once it is due; its latency
-/// then counts from when it was due, as in [`produce_with`]).
-async fn produce_as_device(
-    device: &mut Device,
-    topic: &str,
-    load: Load,
-    schedule: Option<Schedule>,
-    done: &AtomicU64,
-    hist: &Mutex<Histogram<u64>>,
-) -> Result<(), ClientError> {
-    let value = vec![b'x'; load.size];
-    let mut key = Vec::with_capacity(24);
-    let mut hist = LatencyRuns::new(hist);
-    let partition = load.partition.unwrap_or(0);
-    for i in 0..load.messages {
-        let sent = match schedule {
-            Some(s) => {
-                let due = s.due(i);
-                if due > Instant::now() {
-                    smol::Timer::at(due).await;
-                }
-                due
-            }
-            None => Instant::now(),
-        };
-        let k = load.keys.map(|n| {
-            use std::io::Write;
-            key.clear();
-            let _ = write!(key, "k{}", i % n);
-            &key[..]
-        });
-        let acked = device.send(topic, partition, k, &value).await?;
-        hist.record(sent, acked);
-        done.fetch_add(1, Ordering::Relaxed);
-    }
-    hist.finish();
-    Ok(())
-}
-
 pub fn produce(a: BenchProduceArgs) -> ExitCode {
     if let Err(code) = super::commands::check_broker(&a.broker.broker) {
         return code;
@@ -560,48 +520,59 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
         );
         let per = a.messages / u64::from(a.producers);
         let unacked = a.in_flight as usize + a.queued() as usize;
-        let tasks: Vec<_> = producers
-            .into_iter()
-            .enumerate()
-            .map(|(i, producer)| {
-                // The first producer takes the remainder.
-                let n = per
-                    + if i == 0 {
-                        a.messages % u64::from(a.producers)
-                    } else {
-                        0
-                    };
-                let load = Load {
-                    messages: n,
-                    size: a.size,
-                    keys: a.keys,
-                    partition: (a.partitions > 1).then(|| i as u32 % a.partitions),
+        let mut tasks = Vec::with_capacity(producers.len());
+        let mut devices = Vec::new();
+        for (i, producer) in producers.into_iter().enumerate() {
+            // The first producer takes the remainder.
+            let n = per
+                + if i == 0 {
+                    a.messages % u64::from(a.producers)
+                } else {
+                    0
                 };
-                // Producers start a share of a period apart, as devices
-                // that are not synchronised would: all at once, each
-                // second's records arrived together and queued behind
-                // one another.
-                let schedule = schedule.zip(a.rate).map(|(s, rate)| Schedule {
-                    start: s.start
-                        + Duration::from_nanos(
-                            (i as u128 * 1_000_000_000 / u128::from(rate)) as u64,
-                        ),
-                    ..s
-                });
-                let (topic, done, hists) = (topic.clone(), done.clone(), hists.clone());
-                smol::spawn(async move {
-                    let hist = &hists[i % hists.len()];
-                    match producer {
-                        BenchClient::Library(p) => {
-                            produce_with(&p, &topic, load, unacked, schedule, &done, hist).await
-                        }
-                        BenchClient::Device(mut d) => {
-                            produce_as_device(&mut d, &topic, load, schedule, &done, hist).await
-                        }
-                    }
-                })
-            })
-            .collect();
+            let load = Load {
+                messages: n,
+                size: a.size,
+                keys: a.keys,
+                partition: (a.partitions > 1).then(|| i as u32 % a.partitions),
+            };
+            // Producers start a share of a period apart, as devices
+            // that are not synchronised would: all at once, each
+            // second's records arrived together and queued behind
+            // one another.
+            let schedule = schedule.zip(a.rate).map(|(s, rate)| Schedule {
+                start: s.start
+                    + Duration::from_nanos((i as u128 * 1_000_000_000 / u128::from(rate)) as u64),
+                ..s
+            });
+            let p = match producer {
+                BenchClient::Library(p) => p,
+                BenchClient::Device(d) => {
+                    let due = schedule
+                        .map(|s| Box::new(move |i| s.due(i)) as Box<dyn Fn(u64) -> Instant + Send>);
+                    let load = DeviceLoad {
+                        messages: load.messages,
+                        size: load.size,
+                        keys: load.keys,
+                        partition: load.partition.unwrap_or(0),
+                        due,
+                    };
+                    devices.push((d, load));
+                    continue;
+                }
+            };
+            let (topic, done, hists) = (topic.clone(), done.clone(), hists.clone());
+            tasks.push(smol::spawn(async move {
+                let hist = &hists[i % hists.len()];
+                produce_with(&p, &topic, load, unacked, schedule, &done, hist).await
+            }));
+        }
+        if !devices.is_empty() {
+            let (topic, done, hists) = (topic.clone(), done.clone(), hists.clone());
+            tasks.push(smol::unblock(move || {
+                super::bench_device::drive(devices, &topic, &done, &hists[0])
+            }));
+        }
         let mut first_err = None;
         for t in tasks {
             if let Err(e) = t.await {
