@@ -678,7 +678,7 @@ fn a_worker_waits_for_a_share_member_slot_but_not_past_a_refusal_not_retriable()
     // good, and a worker without --timeout-ms, which would wait for a
     // member slot for ever, ends at once.
     let (third_err, file) = errors("third.stderr");
-    let mut third = skiff_command()
+    let third = skiff_command()
         .args(["consume", "u", "--share-group", "g", "--exec", "true"])
         .args(["--broker", &b.tcp])
         .stdin(Stdio::null())
@@ -686,21 +686,136 @@ fn a_worker_waits_for_a_share_member_slot_but_not_past_a_refusal_not_retriable()
         .stderr(file)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = third.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = third.kill();
-            panic!("the third worker kept going: {}", read(&third_err));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(third, || {
+        format!("the third worker kept going: {}", read(&third_err))
+    });
     let err = read(&third_err);
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("too many share partitions"), "{err}");
     assert!(!err.contains("waiting for"), "{err}");
+}
+
+/// How `c` exits, within [`WAIT`]; past it `c` is killed and the test
+/// fails saying `kept_going`.
+fn exit_status(mut c: Child, kept_going: impl Fn() -> String) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{}", kept_going());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A worker spawned with its stderr in `err`, for a test to read.
+fn worker_logged(b: &Broker, topic: &str, group: &str, script: &str, err: &Path) -> Child {
+    skiff_command()
+        .args(["consume", topic, "--share-group", group, "--exec", script])
+        .args(["--from", "earliest", "--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .expect("spawning skiff consume --share-group")
+}
+
+/// SIGTERM to `w` once `err` says it waits for a slot; it exits cleanly
+/// (as between records) within [`WAIT`], though no slot frees.
+fn stop_while_waiting_for_a_slot(mut w: Child, err: &Path) -> String {
+    let read = || std::fs::read_to_string(err).unwrap_or_default();
+    wait_until(WAIT, "the worker to wait for a slot", || {
+        if let Some(s) = w.try_wait().unwrap() {
+            panic!("the worker exited ({s}) rather than wait: {}", read());
+        }
+        read().contains("waiting for a share-member slot")
+    });
+    // SAFETY: a signal to the worker this test spawned, not yet reaped.
+    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+    let status = exit_status(w, || {
+        format!("SIGTERM did not end the waiting worker: {}", read())
+    });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a clean exit on SIGTERM: {}",
+        read()
+    );
+    let said = read();
+    assert_eq!(
+        said.matches("waiting for a share-member slot").count(),
+        1,
+        "said once: {said}"
+    );
+    said
+}
+
+/// A worker without --timeout-ms waits for a member slot with no end; a
+/// SIGTERM ends the wait and the worker, without a SIGKILL.
+#[test]
+fn sigterm_ends_a_worker_waiting_for_a_member_slot_to_poll() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    create(&b, "t", 1);
+    produce(&b, "t", &["r1".to_owned(), "r2".to_owned()]);
+    let first = first_member(&b);
+    let handled = b.dir.path().join("handled");
+    let script = format!(r#"cat >> {}"#, handled.display());
+    let err = b.dir.path().join("worker.stderr");
+    let w = worker_logged(&b, "t", "g", &script, &err);
+    stop_while_waiting_for_a_slot(w, &err);
+    assert!(lines(&handled).is_empty(), "no slot, no record");
+    drop(first);
+}
+
+/// A worker whose slot lapsed while its command ran waits for one to
+/// acknowledge the record; a SIGTERM ends that wait too, saying the record
+/// comes back after lock_ms.
+#[test]
+fn sigterm_ends_a_worker_waiting_for_a_member_slot_to_acknowledge() {
+    // The worker's group lapses after a second; the member that takes its
+    // slot stays active for an hour.
+    let b = Broker::start(
+        "[share]\nmax_active_members = 1\nlock_ms = 3600000\n\
+         [[share.overrides]]\ngroup = \"w\"\nlock_ms = 1000\n",
+    );
+    create(&b, "t", 1);
+    produce(&b, "t", &["r1".to_owned()]);
+    let (started, go) = (b.dir.path().join("started"), b.dir.path().join("go"));
+    let script = format!(
+        "echo $SKIFF_OFFSET > {}; while [ ! -e {} ]; do sleep 0.05; done",
+        started.display(),
+        go.display()
+    );
+    let err = b.dir.path().join("worker.stderr");
+    let w = worker_logged(&b, "t", "w", &script, &err);
+    wait_until(WAIT, "the worker to run its command", || {
+        !lines(&started).is_empty()
+    });
+    // Waits out the worker's second, then holds the only slot.
+    let other = smol::block_on(async {
+        let other = ShareConsumer::new(
+            Client::connect(&b.tcp).await.unwrap(),
+            "g",
+            "t",
+            ShareConfig {
+                retry_timeout: WAIT,
+                ..from_earliest(1, 0)
+            },
+        );
+        assert_eq!(other.poll().await.unwrap().len(), 1, "the other's record");
+        other
+    });
+    std::fs::write(&go, "").unwrap();
+    let said = stop_while_waiting_for_a_slot(w, &err);
+    assert!(
+        said.contains("t/0 offset 0: stopped while its acknowledgement waited"),
+        "{said}"
+    );
+    drop(other);
 }
 
 /// `skiff dlq replay` started while `share.max_active_members` are active

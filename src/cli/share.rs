@@ -66,21 +66,26 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let slot_wait = Arc::new(AtomicBool::new(false));
+    let notice = slot_wait_notice(format!("consume {} --share-group {group}", args.topic));
     let config = ShareConfig {
         max_records: 1,
         max_wait: Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500)),
         from_earliest,
         // A worker waits for a member slot as long as for a record.
         retry_timeout: args.timeout_ms.map_or(Duration::MAX, Duration::from_millis),
-        on_slot_wait: Some(slot_wait_notice(format!(
-            "consume {} --share-group {group}",
-            args.topic
-        ))),
+        on_slot_wait: Some(SlotWaitHook({
+            let slot_wait = slot_wait.clone();
+            Arc::new(move |e| {
+                slot_wait.store(true, Ordering::Relaxed);
+                (notice.0)(e);
+            })
+        })),
         ..ShareConfig::default()
     };
     let worker = ShareConsumer::new(client, &group, &args.topic, config);
     let result = smol::block_on(async {
-        let worked = work(&worker, &args, &cmd, &stop).await;
+        let worked = work(&worker, &args, &cmd, &stop, &slot_wait).await;
         // Whatever ended the loop: records still locked to this worker go
         // to the others now, and the group may be deleted, rather than
         // both waiting out lock_ms. Nothing depends on it, so a failure
@@ -106,6 +111,31 @@ fn slot_wait_notice(what: String) -> SlotWaitHook {
     }))
 }
 
+/// How often a stop signal is looked for while a poll or an
+/// acknowledgement waits for a member slot.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// `ask`'s result, or `None` once a stop signal came while it waits for a
+/// member slot (`slot_wait`, which the slot-wait hook sets), which
+/// without `--timeout-ms` has no end. A fetch or acknowledgement that is
+/// not waiting for a slot is let finish (a fetch within `max_wait`), so
+/// a stop drops only asks that were being refused, which lock nothing;
+/// one that got a slot just then locks at most a record, until lock_ms.
+async fn unless_stopped_waiting<T>(
+    stop: &AtomicBool,
+    slot_wait: &AtomicBool,
+    ask: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Option<Result<T, ClientError>> {
+    slot_wait.store(false, Ordering::Relaxed);
+    futures_lite::future::or(async { Some(ask.await) }, async {
+        while !(stop.load(Ordering::Relaxed) && slot_wait.load(Ordering::Relaxed)) {
+            smol::Timer::after(SIGNAL_CHECK).await;
+        }
+        None
+    })
+    .await
+}
+
 /// The worker's loop: a record at a time, until `--count` records, a stop
 /// signal, or `--timeout-ms` without one.
 async fn work(
@@ -113,6 +143,7 @@ async fn work(
     args: &ConsumeArgs,
     cmd: &str,
     stop: &AtomicBool,
+    slot_wait: &AtomicBool,
 ) -> Result<u64, ClientError> {
     let mut handled = 0u64;
     let mut last_record = Instant::now();
@@ -120,7 +151,10 @@ async fn work(
         if args.count.is_some_and(|c| handled >= c) || stop.load(Ordering::Relaxed) {
             break;
         }
-        let records = worker.poll().await?;
+        let Some(records) = unless_stopped_waiting(stop, slot_wait, worker.poll()).await else {
+            break;
+        };
+        let records = records?;
         if records.is_empty() {
             if args
                 .timeout_ms
@@ -133,7 +167,16 @@ async fn work(
         last_record = Instant::now();
         for r in records {
             let outcome = run_exec(cmd, &args.topic, &r, stop);
-            let results = worker.ack(&[(r.partition, r.offset, outcome)]).await?;
+            let ack = [(r.partition, r.offset, outcome)];
+            let Some(results) = unless_stopped_waiting(stop, slot_wait, worker.ack(&ack)).await
+            else {
+                eprintln!(
+                    "skiff: {}/{} offset {}: stopped while its acknowledgement waited for a share-member slot: it will be delivered again once its lock lapses (lock_ms)",
+                    args.topic, r.partition, r.offset
+                );
+                return Ok(handled);
+            };
+            let results = results?;
             if let Some(code) = results.first().filter(|c| !c.is_none()) {
                 eprintln!(
                     "skiff: {}/{} offset {}: the acknowledgement did not count ({code}): it will be delivered again",
