@@ -768,6 +768,82 @@ fn an_alter_that_cannot_write_the_cleanup_settings_leaves_the_topic_as_it_was() 
     an_alter_failing_at(&compact, &fault, step, 37);
 }
 
+/// The one alter that cannot be undone: `topics.meta` takes it, then
+/// `cleanup.meta` cannot be written (a FIFO: its fsync fails), nor
+/// `topics.meta` put back (its temp file is then /dev/full). The answer
+/// says the topic runs, and a restart loads, the new settings with its
+/// old cleanup settings, and the broker, its partitions and both files
+/// agree on that; once the files can be written the same alter completes.
+#[test]
+fn an_alter_whose_table_cannot_be_put_back_says_it_is_incomplete() {
+    use crate::storage::tests::{fifo_in_place_of, fifo_reader};
+    let rig = Rig::fault(42);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    let (before, old_cleanup) = altered_state(&b, &rig, "t");
+    let at = |f: &str| rig.dir.path().join(f);
+    let fifo = at(&format!("{}.tmp", cleaner::CLEANUP_META_FILE));
+    fifo_in_place_of(&fifo);
+    let compact = TopicAlter {
+        cleanup: Some(CleanupPolicy::Compact),
+        tombstone_retention_ms: Some(1000),
+        ..TopicAlter::default()
+    };
+    let altering = {
+        let (b, compact) = (b.clone(), compact.clone());
+        std::thread::spawn(move || block_on(b.alter_topic("t", &compact)))
+    };
+    // The cleanup write waits in its open of the FIFO for a reader; the
+    // table was written before it, and its put-back comes after.
+    let table = || -> BTreeMap<String, TopicMeta> {
+        meta::read_file(&at(TOPICS_META_FILE))
+            .expect("topics.meta")
+            .expect("topics.meta")
+    };
+    while table().get("t") == Some(&before) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let full = at(&format!("{TOPICS_META_FILE}.tmp"));
+    std::os::unix::fs::symlink("/dev/full", &full).expect("symlink");
+    let reader = fifo_reader(&fifo);
+    let e = altering.join().expect("the alter").expect_err("incomplete");
+    drop(reader);
+    for tmp in [&fifo, &full] {
+        assert!(std::fs::symlink_metadata(tmp).is_err(), "{tmp:?} left");
+    }
+    assert!(
+        matches!(&e, BrokerError::TopicAlterIncomplete { topic, cleanup, table_error, .. }
+            if topic == "t" && *cleanup == old_cleanup && error::disk_full(table_error)),
+        "{e:?}"
+    );
+    // What failed first, the FIFO's fsync, is no full disk.
+    assert!(!e.is_disk_full(), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("topic 't' is altered except its cleanup settings")
+            && text.contains(&format!("its old cleanup policy {}", old_cleanup.policy)),
+        "{text}"
+    );
+    let (incomplete, cleanup) = altered_state(&b, &rig, "t");
+    assert_ne!(
+        incomplete, before,
+        "the table and partitions keep the alter"
+    );
+    assert_eq!(cleanup, old_cleanup);
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    assert_eq!(
+        altered_state(&b, &rig, "t"),
+        (incomplete, old_cleanup),
+        "after a restart"
+    );
+    block_on(b.alter_topic("t", &compact)).expect("altered");
+    let (_, cleanup) = altered_state(&b, &rig, "t");
+    assert_eq!(cleanup.policy, CleanupPolicy::Compact);
+    b.close().expect("close");
+}
+
 /// A shrink of a ring that overwrites drops its oldest segments when its
 /// data does not fit; if the alter then fails (here `topics.meta` on a
 /// full disk), the ring grows back but those records cannot come back.

@@ -1143,7 +1143,7 @@ fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
 /// Puts a FIFO where `path` goes: a checkpoint refresh's open of it waits
 /// for a reader (`fifo_reader`), and its write then fails (a FIFO has no
 /// offsets).
-fn fifo_in_place_of(path: &std::path::Path) {
+pub(crate) fn fifo_in_place_of(path: &std::path::Path) {
     let _ = std::fs::remove_file(path);
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
@@ -1152,7 +1152,7 @@ fn fifo_in_place_of(path: &std::path::Path) {
 
 /// Opens the FIFO at `path` for reading without waiting for a writer,
 /// which lets a writer waiting in its open through.
-fn fifo_reader(path: &std::path::Path) -> std::fs::File {
+pub(crate) fn fifo_reader(path: &std::path::Path) -> std::fs::File {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
