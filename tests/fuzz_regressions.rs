@@ -4,11 +4,13 @@
 //! checks themselves are exercised by the ordinary test suite.
 //!
 //! `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_regressions write_seeds`
-//! rewrites the generated seeds of every target but `frame` (the embedded
-//! default and every profile, Kafka batches, batches, segments). The frame
-//! seeds are the protocol's samples and a few more, kept in one place:
-//! `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --lib every_operation_has_a_frame_seed`
-//! writes them, and checks them without the variable.
+//! rewrites the generated seeds of `kafka_records`, `batch` and
+//! `recovery`. The frame seeds are the protocol's samples and a few more,
+//! kept in one place: `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --lib
+//! every_operation_has_a_frame_seed` writes them, and checks them without
+//! the variable. The config seeds (the embedded default and every
+//! profile) likewise: `SKIFF_WRITE_FUZZ_SEEDS=1 cargo test --test
+//! fuzz_regressions config_seeds_are_the_current_configs`.
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
@@ -83,20 +85,6 @@ fn write_seeds() {
     bb.push(1_700_000_000_000, Some(b"k"), b"v", &[("msg-id", b"e1")]);
     bb.push(1_700_000_000_001, None, b"", &[]);
     let batch = bb.finish(ProducerStamp::NONE);
-    std::fs::create_dir_all(root.join("config")).expect("mkdir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        repo.join("src/config/default.toml"),
-        root.join("config/default.toml"),
-    )
-    .expect("copy");
-    for e in std::fs::read_dir(repo.join("firmware-config")).expect("profiles") {
-        let p = e.expect("entry").path();
-        if p.extension().is_some_and(|x| x == "toml") {
-            std::fs::copy(&p, root.join("config").join(p.file_name().expect("name")))
-                .expect("copy");
-        }
-    }
     use skiff::mirror::kafka::records::ProducerStamp as KafkaStamp;
     use skiff::mirror::kafka::{BatchBuilder as KafkaBatch, Compression, HeaderRef, RecordRef};
     std::fs::create_dir_all(root.join("kafka_records")).expect("mkdir");
@@ -167,9 +155,75 @@ fn write_seeds() {
         seg.extend_from_slice(&next);
         std::fs::write(root.join("recovery").join(name), seg).expect("write");
     }
-    std::fs::write(
-        root.join("config/with-profile.toml"),
-        "profile = \"pi4-sd\"\n[server]\nmax_connections = 8\n",
-    )
-    .expect("write");
+}
+
+/// A config seed kept by hand rather than generated: every optional
+/// section in use.
+const HAND_KEPT_CONFIG_SEEDS: &[&str] = &["features.toml"];
+
+/// The config seeds copied from the configs themselves: the embedded
+/// default, every profile, and a file that names a profile.
+fn config_seeds() -> Vec<(String, Vec<u8>)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut seeds = vec![
+        (
+            "default.toml".to_owned(),
+            read(&repo.join("src/config/default.toml")),
+        ),
+        (
+            "with-profile.toml".to_owned(),
+            b"profile = \"pi4-sd\"\n[server]\nmax_connections = 8\n".to_vec(),
+        ),
+    ];
+    for e in std::fs::read_dir(repo.join("firmware-config")).expect("profiles") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            seeds.push((name, read(&p)));
+        }
+    }
+    seeds
+}
+
+/// fuzz/seeds/config holds the default and the profiles as they are now,
+/// byte for byte, and nothing else but the hand-kept seeds; every seed is
+/// a config that loads, so the fuzzer starts from today's keys rather
+/// than from errors. With `SKIFF_WRITE_FUZZ_SEEDS` it writes them.
+#[test]
+fn config_seeds_are_the_current_configs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/config");
+    let write = std::env::var_os("SKIFF_WRITE_FUZZ_SEEDS").is_some();
+    let seeds = config_seeds();
+    let mut stale = Vec::new();
+    for (file, bytes) in &seeds {
+        let path = dir.join(file);
+        if write {
+            std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        } else if std::fs::read(&path).ok().as_ref() != Some(bytes) {
+            stale.push(file.clone());
+        }
+    }
+    let mut unknown: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| !seeds.iter().any(|(name, _)| name == f))
+        .filter(|f| !HAND_KEPT_CONFIG_SEEDS.contains(&f.as_str()))
+        .collect();
+    unknown.sort();
+    assert!(
+        stale.is_empty() && unknown.is_empty(),
+        "fuzz/seeds/config lacks or holds other bytes for {stale:?}, and holds {unknown:?} \
+         that is neither a config nor hand-kept; write them with SKIFF_WRITE_FUZZ_SEEDS=1 \
+         cargo test --test fuzz_regressions config_seeds_are_the_current_configs \
+         (and remove the others)"
+    );
+    for path in inputs("config") {
+        if path.parent().is_some_and(|p| p == dir) {
+            let text = std::fs::read_to_string(&path).expect("a config seed");
+            if let Err(e) = skiff::config::Config::from_text("seed.toml", &text) {
+                panic!("{}: not a config today: {e}", path.display());
+            }
+        }
+    }
 }
