@@ -372,9 +372,13 @@ impl Server {
         };
         metrics.set_refresh(refresh);
         let mirror_task = mirror.take_forwarder().map(|f| executor.spawn(f.run()));
-        // Recovery is done and every listener is bound. Set before the
-        // threads that poll the metrics task exist, so /ready never answers
-        // 503 to a probe that arrived after the data port opened.
+        // Storage, the producer table and the coordinators' logs are
+        // recovered and every listener is bound; transactions the last run
+        // left open are still being ended (`txns.recover()` above runs on
+        // the threads below, beside the first sessions; read_committed
+        // readers of its partitions wait for it). Set before the threads that
+        // poll the metrics task exist, so /ready never answers 503 to a
+        // probe that arrived after the data port opened.
         ready.store(true, Ordering::SeqCst);
         let threads = (0..threads.max(1))
             .map(|i| {
