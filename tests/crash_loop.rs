@@ -52,6 +52,28 @@ fn step_limit() -> Duration {
     Duration::from_secs(if emulated() { 600 } else { 300 })
 }
 
+/// How long a thread keeps trying to reach the broker the loop restarts:
+/// far past any restart, and inside [`step_limit`], so a broker that never
+/// comes back fails the thread saying so before the watchdog reports a hang.
+fn reach_limit() -> Duration {
+    Duration::from_secs(if emulated() { 480 } else { 120 })
+}
+
+/// `attempt` again every 20 ms until it succeeds; past [`reach_limit`]
+/// the thread fails saying `what` did not happen, and the last error.
+fn retry<T, E: std::fmt::Display>(what: &str, mut attempt: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + reach_limit();
+    loop {
+        match attempt() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: not within {:?}: {e}", reach_limit())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -71,9 +93,8 @@ fn produce(
         // The first kill may come before this thread is scheduled on a
         // busy machine: keep trying to connect as the client of a
         // restarting broker would.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let p = loop {
-            match blocking::Producer::connect(
+        let p = retry(&format!("producer {producer} connects"), || {
+            blocking::Producer::connect(
                 &tcp,
                 ProducerConfig {
                     // Long enough to ride out any restart of the loop.
@@ -82,14 +103,8 @@ fn produce(
                     retry_backoff_max: Duration::from_millis(200),
                     ..ProducerConfig::default()
                 },
-            ) {
-                Ok(p) => break p,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("producer connects within 60 s: {e}"),
-            }
-        };
+            )
+        });
         let (tx, rx) = mpsc::channel();
         let acker = {
             let history = history.clone();
@@ -131,12 +146,9 @@ fn produce(
 /// was served.
 fn consume(tcp: String, n: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Served> {
     spawn(format!("consumer-{n}"), move || {
-        let client = loop {
-            match blocking::Client::connect(&tcp) {
-                Ok(c) => break c,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
+        let client = retry(&format!("consumer {n} connects"), || {
+            blocking::Client::connect(&tcp)
+        });
         // Retries every 20 ms, not backing off to the default's 1 s: a
         // broker restarted on a slow disk may be up for only 150 ms
         // before the next kill, and a consumer backed off past it reads
@@ -151,9 +163,9 @@ fn consume(tcp: String, n: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHan
                 ..ConsumerConfig::default()
             },
         );
-        while c.assign("loop", None, StartFrom::Earliest).is_err() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        retry(&format!("consumer {n} assigns the topic"), || {
+            c.assign("loop", None, StartFrom::Earliest)
+        });
         let mut served = Served::default();
         while !stop.load(Ordering::SeqCst) {
             match c.poll() {
@@ -190,13 +202,10 @@ fn commit(
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     spawn("committer".into(), move || {
+        let client = retry("the committer connects", || {
+            smol::block_on(skiff::client::Client::connect(&tcp))
+        });
         smol::block_on(async {
-            let client = loop {
-                match skiff::client::Client::connect(&tcp).await {
-                    Ok(c) => break c,
-                    Err(_) => smol::Timer::after(Duration::from_millis(20)).await,
-                };
-            };
             while !stop.load(Ordering::SeqCst) {
                 let mut next: HashMap<u32, u64> = HashMap::new();
                 for o in history.snapshot().values() {
