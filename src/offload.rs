@@ -1,5 +1,6 @@
 //! The one thread that runs the async side's blocking jobs (the producer
-//! registry's writes and the producer snapshots, each fsyncs) and awaits
+//! registry's writes, the producer snapshots and the broker's topic and
+//! settings files, each fsyncs) and awaits
 //! a cancelled produce's ack (`broker::produce`) to settle it.
 //!
 //! `smol::unblock` ran them on the `blocking` crate's pool before, whose
@@ -10,7 +11,7 @@
 //! first job and lives as long as the process. Blocking jobs run one at a
 //! time in the order they were handed over; one thread is enough for
 //! them: registry writes are serialised by the registry's lock anyway,
-//! snapshots by their own.
+//! snapshots by their own, the broker's files by its admin lock.
 //!
 //! A wait is not a blocking job: it is a task on a `LocalExecutor` the
 //! thread drives, polled between blocking jobs, so a registry write or a

@@ -49,7 +49,7 @@ pub mod share;
 pub mod txn;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -168,6 +168,82 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
 
 /// Topics with a message-id window, by name.
 type Windows = Mutex<BTreeMap<String, msgid::Window>>;
+
+/// The guard of `Broker::admin`, under which every write of the
+/// broker's own files (`topics.meta`, `msgid.meta`, `cleanup.meta`) and
+/// of their copies in memory is made: a file's writes go in the order
+/// they were made, each from memory no other writer is changing.
+type Admin<'a> = smol::lock::MutexGuard<'a, ()>;
+
+/// Writes one of the broker's own files on the offload thread: its
+/// fsyncs and rename (2 to 4 flushes, 20 to 100 ms each on an SD card)
+/// held the network thread, and every connection it serves, on each
+/// admin operation. Memory takes the new content after this returns, so
+/// it never holds what the file does not.
+async fn write_meta<T>(_admin: &Admin<'_>, path: &Path, value: T) -> Result<(), meta::MetaError>
+where
+    T: Serialize + Send + 'static,
+{
+    let to = path.to_path_buf();
+    crate::offload::run(move || {
+        #[cfg(test)]
+        hold_meta_write(&to);
+        meta::write_atomic(&to, &value)
+    })
+    .await
+}
+
+/// A test's hold on the next write of one of the broker's files under
+/// its data directory: [`write_meta`] says it `reached` it, then waits
+/// for `release`.
+#[cfg(test)]
+struct MetaWriteHold {
+    dir: PathBuf,
+    reached: async_channel::Sender<PathBuf>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+#[cfg(test)]
+static META_WRITE_HOLDS: Mutex<Vec<MetaWriteHold>> = Mutex::new(Vec::new());
+
+/// Holds the next write of a broker file under `dir`; the receiver says
+/// which file once the write is held, the sender releases it.
+#[cfg(test)]
+fn hold_next_meta_write(
+    dir: &Path,
+) -> (
+    async_channel::Receiver<PathBuf>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (reached, reached_rx) = async_channel::bounded(1);
+    let (release_tx, release) = std::sync::mpsc::channel();
+    META_WRITE_HOLDS
+        .lock()
+        .expect("holds lock")
+        .push(MetaWriteHold {
+            dir: dir.to_path_buf(),
+            reached,
+            release,
+        });
+    (reached_rx, release_tx)
+}
+
+#[cfg(test)]
+fn hold_meta_write(path: &Path) {
+    let hold = {
+        let mut holds = META_WRITE_HOLDS.lock().expect("holds lock");
+        let at = holds.iter().position(|h| path.starts_with(&h.dir));
+        at.map(|i| holds.remove(i))
+    };
+    if let Some(h) = hold {
+        let _ = h.reached.send_blocking(path.to_path_buf());
+        // Not a measure: only a release that cannot come (its thread
+        // blocked by this very write) waits this long.
+        h.release
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the held write was released: the executor that releases it is not blocked");
+    }
+}
 
 /// What the broker is opened with, besides its storage.
 pub struct BrokerOptions {
@@ -927,64 +1003,84 @@ impl Broker {
     }
 
     /// Sets (or, for `delete`, removes) a topic's cleanup entry and writes
-    /// the table.
-    fn set_cleanup(&self, topic: &str, c: Option<CleanupConfig>) -> Result<(), StorageError> {
-        let mut table = self.cleanup.write().expect("cleanup lock");
-        let before = table.clone();
-        match c.filter(|c| c.policy.compacts()) {
-            Some(c) => table.insert(topic.to_owned(), c),
-            None => table.remove(topic),
-        };
-        if *table != before {
-            if let Err(e) = meta::write_atomic(&self.cleanup_path, &*table) {
-                // As the file has it, so the next change rewrites the file
-                // (a create of a deleted topic's name, say).
-                *table = before;
-                return Err(StorageError::Meta(e));
+    /// the table. Memory takes it once the file has it: on an error the
+    /// broker holds what the file has, so the next change rewrites the
+    /// file (a create of a deleted topic's name, say).
+    async fn set_cleanup(
+        &self,
+        admin: &Admin<'_>,
+        topic: &str,
+        c: Option<CleanupConfig>,
+    ) -> Result<(), StorageError> {
+        let table = {
+            let now = self.cleanup.read().expect("cleanup lock");
+            let mut table = now.clone();
+            match c.filter(|c| c.policy.compacts()) {
+                Some(c) => table.insert(topic.to_owned(), c),
+                None => table.remove(topic),
+            };
+            if table == *now {
+                return Ok(());
             }
-            self.cleanup_changed.notify(usize::MAX);
-        }
+            table
+        };
+        write_meta(admin, &self.cleanup_path, table.clone())
+            .await
+            .map_err(StorageError::Meta)?;
+        *self.cleanup.write().expect("cleanup lock") = table;
+        self.cleanup_changed.notify(usize::MAX);
         Ok(())
     }
 
     /// Sets (or, with none or an off window, removes) a topic's message-id
-    /// window and writes the file. On an error the broker holds what the
-    /// file has, so the next change rewrites it.
-    fn set_window(&self, topic: &str, c: Option<msgid::MsgIdConfig>) -> Result<(), StorageError> {
-        let before = {
-            let mut windows = self.windows.lock().expect("windows lock");
-            let before = windows.remove(topic);
-            if let Some(c) = c.filter(msgid::MsgIdConfig::enabled) {
-                windows.insert(topic.to_owned(), msgid::Window::new(c));
-            } else if before.is_none() {
-                return Ok(());
+    /// window and writes the file. Memory takes it once the file has it:
+    /// on an error the broker holds what the file has, so the next change
+    /// rewrites it.
+    async fn set_window(
+        &self,
+        admin: &Admin<'_>,
+        topic: &str,
+        c: Option<msgid::MsgIdConfig>,
+    ) -> Result<(), StorageError> {
+        let c = c.filter(msgid::MsgIdConfig::enabled);
+        let mut configs = self.msgid_configs();
+        let changed = match c {
+            // Only a create sets one: its topic is new.
+            Some(c) => {
+                configs.insert(topic.to_owned(), c);
+                true
             }
-            before
+            None => configs.remove(topic).is_some(),
         };
-        // Not under the windows lock: produces take it.
-        if let Err(e) = meta::write_atomic(&self.msgid_path, &self.msgid_configs()) {
-            let mut windows = self.windows.lock().expect("windows lock");
-            windows.remove(topic);
-            if let Some(w) = before {
-                windows.insert(topic.to_owned(), w);
-            }
-            return Err(StorageError::Meta(e));
+        if !changed {
+            return Ok(());
         }
+        write_meta(admin, &self.msgid_path, configs)
+            .await
+            .map_err(StorageError::Meta)?;
+        let mut windows = self.windows.lock().expect("windows lock");
+        match c {
+            Some(c) => windows.insert(topic.to_owned(), msgid::Window::new(c)),
+            None => windows.remove(topic),
+        };
         Ok(())
     }
 
     /// Writes a topic's settings files ([`MSGID_META_FILE`],
     /// [`cleaner::CLEANUP_META_FILE`]) with these entries (none: without
     /// it); the error names the file it could not write.
-    fn set_settings(
+    async fn set_settings(
         &self,
+        admin: &Admin<'_>,
         topic: &str,
         window: Option<msgid::MsgIdConfig>,
         cleanup: Option<CleanupConfig>,
     ) -> Result<(), (&'static str, StorageError)> {
-        self.set_window(topic, window)
+        self.set_window(admin, topic, window)
+            .await
             .map_err(|e| (MSGID_META_FILE, e))?;
-        self.set_cleanup(topic, cleanup)
+        self.set_cleanup(admin, topic, cleanup)
+            .await
             .map_err(|e| (cleaner::CLEANUP_META_FILE, e))
     }
 
@@ -1151,8 +1247,12 @@ impl Broker {
         );
         meta.config.segments = segments;
         let meta = meta.clone();
-        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        let admin = self.admin.lock().await;
+        write_meta(&admin, &self.meta_path, table.clone())
+            .await
+            .map_err(StorageError::Meta)?;
         *self.topics.write().expect("topic table lock") = table;
+        drop(admin);
         for p in 0..meta.partitions {
             let id = PartitionId::new(topic, p);
             if !set_aside.contains(&id) {
@@ -1371,7 +1471,7 @@ impl Broker {
         }
         let meta = TopicMeta { partitions, config };
 
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let mut table = self.topics();
         if table.contains_key(name) {
             return Err(BrokerError::TopicExists(name.to_owned()));
@@ -1418,9 +1518,12 @@ impl Broker {
         // the table does not list, which the next start drops;
         // the table first would leave a listed topic without them (a
         // compacted topic that never compacts).
-        if let Err((file, e)) = self.set_settings(name, Some(window), Some(cleanup)) {
+        if let Err((file, e)) = self
+            .set_settings(&admin, name, Some(window), Some(cleanup))
+            .await
+        {
             // What could be written goes again (an earlier file did).
-            self.unset_settings(name);
+            self.unset_settings(&admin, name).await;
             return Err(BrokerError::TopicNotCreated {
                 topic: name.to_owned(),
                 file,
@@ -1434,8 +1537,8 @@ impl Broker {
             self.producers.forget_partition(name, p);
         }
         // Intent first (see the module docs), then the rings.
-        if let Err(e) = meta::write_atomic(&self.meta_path, &table) {
-            self.unset_settings(name);
+        if let Err(e) = write_meta(&admin, &self.meta_path, table.clone()).await {
+            self.unset_settings(&admin, name).await;
             return Err(BrokerError::TopicNotCreated {
                 topic: name.to_owned(),
                 file: TOPICS_META_FILE,
@@ -1460,13 +1563,13 @@ impl Broker {
             {
                 // Roll back what was made so a failed create (a full disk, say)
                 // leaves nothing behind; the error is the one the client sees.
-                self.rollback_create(name, p, &mut table).await;
+                self.rollback_create(&admin, name, p, &mut table).await;
                 return Err(BrokerError::creating_unlisted(name, e));
             }
             if hold {
                 // Before the topic is visible to producers.
                 if let Err(e) = self.storage.set_retain_floor(&id, Some(0)) {
-                    self.rollback_create(name, p + 1, &mut table).await;
+                    self.rollback_create(&admin, name, p + 1, &mut table).await;
                     return Err(e.into());
                 }
             }
@@ -1482,6 +1585,7 @@ impl Broker {
 
     async fn rollback_create(
         &self,
+        admin: &Admin<'_>,
         name: &str,
         made: u32,
         table: &mut BTreeMap<String, TopicMeta>,
@@ -1496,17 +1600,17 @@ impl Broker {
             }
         }
         table.remove(name);
-        if let Err(e) = meta::write_atomic(&self.meta_path, &*table) {
+        if let Err(e) = write_meta(admin, &self.meta_path, table.clone()).await {
             log::error!("rolling back topic {name}: cannot rewrite the topic table: {e}");
         }
-        self.unset_settings(name);
+        self.unset_settings(admin, name).await;
     }
 
     /// Takes a topic not created after all out of the settings files. One
     /// that cannot be rewritten keeps its entry, which the next start
     /// drops (the table does not list the topic).
-    fn unset_settings(&self, name: &str) {
-        if let Err((file, e)) = self.set_settings(name, None, None) {
+    async fn unset_settings(&self, admin: &Admin<'_>, name: &str) {
+        if let Err((file, e)) = self.set_settings(admin, name, None, None).await {
             log::warn!("topic {name} not created, but its entry stays in {file}: {e}");
         }
     }
@@ -1519,12 +1623,14 @@ impl Broker {
     /// that cannot be rewritten: the topic is gone all the same, and the
     /// error says so (`TopicDeleteIncomplete`).
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let mut table = self.topics();
         let meta = table
             .remove(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_owned()))?;
-        meta::write_atomic(&self.meta_path, &table).map_err(StorageError::Meta)?;
+        write_meta(&admin, &self.meta_path, table.clone())
+            .await
+            .map_err(StorageError::Meta)?;
         *self.topics.write().expect("topic table lock") = table;
         self.names.write().expect("names lock").remove(name);
         let mut left = Vec::new();
@@ -1544,10 +1650,10 @@ impl Broker {
             self.producers.forget_partition(name, p);
         }
         let mut settings = Vec::new();
-        if let Err(e) = self.set_window(name, None) {
+        if let Err(e) = self.set_window(&admin, name, None).await {
             settings.push((MSGID_META_FILE, Arc::new(e)));
         }
-        if let Err(e) = self.set_cleanup(name, None) {
+        if let Err(e) = self.set_cleanup(&admin, name, None).await {
             settings.push((cleaner::CLEANUP_META_FILE, Arc::new(e)));
         }
         for (file, e) in &settings {
@@ -1728,7 +1834,7 @@ impl Broker {
         name: &str,
         alter: &TopicAlter,
     ) -> Result<TopicMeta, BrokerError> {
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let mut table = self.topics();
         let before = table
             .get(name)
@@ -1804,16 +1910,16 @@ impl Broker {
             }
         }
         table.insert(name.to_owned(), after.clone());
-        if let Err(e) = meta::write_atomic(&self.meta_path, &table) {
+        if let Err(e) = write_meta(&admin, &self.meta_path, table.clone()).await {
             let failed = AlterStep::File(TOPICS_META_FILE);
             let e = StorageError::Meta(e);
             return Err(self
                 .undo_alter(name, &before, after.partitions, failed, e, dropped)
                 .await);
         }
-        if let Err(e) = self.set_cleanup(name, Some(cleanup)) {
+        if let Err(e) = self.set_cleanup(&admin, name, Some(cleanup)).await {
             table.insert(name.to_owned(), before.clone());
-            if let Err(back) = meta::write_atomic(&self.meta_path, &table) {
+            if let Err(back) = write_meta(&admin, &self.meta_path, table.clone()).await {
                 // The table keeps the new settings, and so does the
                 // broker: what a restart loads is what it runs.
                 table.insert(name.to_owned(), after.clone());
