@@ -471,7 +471,9 @@ pub(crate) fn disk_full(e: &StorageError) -> bool {
     match e {
         StorageError::Io(io) => enospc(io),
         StorageError::InsufficientSpace { .. } => true,
-        StorageError::Meta(crate::storage::meta::MetaError::Io(io)) => enospc(io),
+        StorageError::Meta(
+            crate::storage::meta::MetaError::Io(io) | crate::storage::meta::MetaError::Unsynced(io),
+        ) => enospc(io),
         _ => false,
     }
 }

@@ -164,7 +164,8 @@ pub enum InitError {
 impl InitError {
     /// The registry could not be written because the disk is full.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, Self::Meta(MetaError::Io(io)) if io.raw_os_error() == Some(libc::ENOSPC))
+        matches!(self, Self::Meta(MetaError::Io(io) | MetaError::Unsynced(io))
+            if io.raw_os_error() == Some(libc::ENOSPC))
     }
 }
 
@@ -562,13 +563,13 @@ impl Producers {
         Ok(true)
     }
 
-    /// Writes the registry file (durably, off the executor).
+    /// Writes the registry file (durably, off the executor). One whose
+    /// directory sync alone failed is in place, so it counts as written.
     async fn persist(&self, file: &RegistryFile) -> Result<(), InitError> {
         let path = self.registry_path.clone();
         let to_write = file.clone();
-        crate::offload::run(move || meta::write_atomic(&path, &to_write))
-            .await
-            .map_err(InitError::Meta)
+        let written = crate::offload::run(move || meta::write_atomic(&path, &to_write)).await;
+        super::unsynced_is_written(&self.registry_path, written).map_err(InitError::Meta)
     }
 
     /// The id and epoch the registry holds for `name`.
@@ -1452,6 +1453,21 @@ mod tests {
             "an older broker's name"
         );
         assert_eq!(smol::block_on(q.named("legacy")), Some((legacy, u16::MAX)));
+    }
+
+    /// A registry write whose directory sync fails is in place: the file
+    /// registers the name. Init used to answer an error and keep the name
+    /// out of memory, so the broker gave it another id than a restart.
+    #[test]
+    fn a_registry_written_but_not_synced_is_the_one_the_broker_runs() {
+        let (d, p) = table(8);
+        let file = d.path().join(REGISTRY_FILE);
+        meta::FAIL_DIR_SYNC.lock().unwrap().push(file);
+        let n = smol::block_on(p.init(Some("gw"))).expect("in effect");
+        assert_eq!(smol::block_on(p.named("gw")), Some(n));
+        drop(p);
+        let q = reopen(d.path(), 8);
+        assert_eq!(smol::block_on(q.named("gw")), Some(n));
     }
 
     #[test]

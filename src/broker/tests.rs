@@ -970,3 +970,34 @@ fn a_produce_is_answered_while_a_create_writes_the_topic_table() {
     assert_eq!(b.topic("new").expect("listed").partitions, 1);
     b.close().expect("close");
 }
+
+/// A write of `topics.meta` whose directory sync fails comes after its
+/// rename: the file has the new table. An alter, or a delete, used to
+/// answer an error and keep the old settings, or the topic, in memory
+/// (the alter putting its partitions back too), while the file, and so a
+/// restart, had the new. Now it takes effect, and broker, partitions and
+/// file agree, also after a restart.
+#[test]
+fn a_table_written_but_not_synced_is_the_one_the_broker_runs() {
+    let rig = Rig::fault(41);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    create(&b, "gone", TopicSpec::default());
+    let before = altered_state(&b, &rig, "t");
+    let table = rig.dir.path().join(TOPICS_META_FILE);
+    meta::FAIL_DIR_SYNC.lock().unwrap().push(table.clone());
+    let after = block_on(b.alter_topic("t", &grow_alter())).expect("in effect");
+    let state = altered_state(&b, &rig, "t");
+    assert_eq!(state.0, after);
+    assert_ne!(state, before);
+    meta::FAIL_DIR_SYNC.lock().unwrap().push(table);
+    block_on(b.delete_topic("gone")).expect("deleted");
+    assert!(b.topic("gone").is_err());
+    assert!(!file_holds(&rig, TOPICS_META_FILE, "gone"));
+    b.close().expect("close");
+    drop(b);
+    let b = open(rig.open(), &rig);
+    assert_eq!(altered_state(&b, &rig, "t"), state, "after a restart");
+    assert!(b.topic("gone").is_err(), "after a restart");
+    b.close().expect("close");
+}

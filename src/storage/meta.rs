@@ -33,6 +33,12 @@ pub const META_BYTES_MAX: usize = 1024 * 1024;
 pub enum MetaError {
     /// The file system refused: permissions, full disk, I/O error.
     Io(io::Error),
+    /// A [`write_atomic`] whose rename was done but whose directory sync
+    /// failed: the new content is in place (readers and a restart see
+    /// it), but a power loss may bring back the old file. Not an `Io`:
+    /// a caller that took it for "not written" would go on from the old
+    /// content while the file holds the new.
+    Unsynced(io::Error),
     /// The file exists but is not a valid metadata file: bit rot, a
     /// foreign file, or a write that bypassed the atomic rename.
     Corrupt(&'static str),
@@ -53,6 +59,11 @@ impl std::fmt::Display for MetaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MetaError::Io(e) => write!(f, "metadata I/O: {e}"),
+            MetaError::Unsynced(e) => write!(
+                f,
+                "metadata replaced, but its directory could not be synced (a power loss may \
+                 bring back the old content): {e}"
+            ),
             MetaError::Corrupt(what) => write!(f, "corrupt metadata file: {what}"),
             MetaError::UnsupportedVersion(v) => write!(f, "unsupported metadata version {v}"),
             MetaError::Decode(e) => write!(f, "metadata does not decode: {e}"),
@@ -65,7 +76,7 @@ impl std::fmt::Display for MetaError {
 impl std::error::Error for MetaError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            MetaError::Io(e) => Some(e),
+            MetaError::Io(e) | MetaError::Unsynced(e) => Some(e),
             MetaError::Decode(e) | MetaError::Encode(e) => Some(e),
             MetaError::File { error, .. } => Some(&**error),
             _ => None,
@@ -79,6 +90,7 @@ impl std::error::Error for MetaError {
 #[non_exhaustive]
 pub enum MetaFault {
     Io(io::ErrorKind),
+    Unsynced(io::ErrorKind),
     Corrupt(&'static str),
     UnsupportedVersion(u16),
     Decode,
@@ -89,6 +101,7 @@ impl MetaError {
     pub fn fault(&self) -> MetaFault {
         match self {
             MetaError::Io(e) => MetaFault::Io(e.kind()),
+            MetaError::Unsynced(e) => MetaFault::Unsynced(e.kind()),
             MetaError::Corrupt(what) => MetaFault::Corrupt(what),
             MetaError::UnsupportedVersion(v) => MetaFault::UnsupportedVersion(*v),
             MetaError::Decode(_) => MetaFault::Decode,
@@ -110,8 +123,17 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Paths whose next [`write_atomic`] fails its directory sync, after the
+/// rename: a test's stand-in for a device that fails that flush.
+#[cfg(test)]
+pub(crate) static FAIL_DIR_SYNC: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
 /// Encodes `value`, writes it to a temp file, fsyncs, renames it over
-/// `path` and fsyncs the directory.
+/// `path` and fsyncs the directory. A failure after the rename is
+/// [`MetaError::Unsynced`]: the new content is in place. The directory
+/// sync is not retried: after a failed fsync Linux may have dropped what
+/// it could not write and report the next one clean, so a retry that
+/// succeeds proves nothing.
 pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), MetaError> {
     let out = envelope(value)?;
     let tmp = tmp_path(path);
@@ -125,9 +147,18 @@ pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), M
         let _ = fs::remove_file(&tmp);
         return Err(e.into());
     }
+    #[cfg(test)]
+    {
+        let mut failing = FAIL_DIR_SYNC.lock().expect("fail dir sync lock");
+        if let Some(i) = failing.iter().position(|p| p == path) {
+            failing.remove(i);
+            return Err(MetaError::Unsynced(io::Error::from_raw_os_error(libc::EIO)));
+        }
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
-    Ok(())
+    File::open(dir.unwrap_or(Path::new(".")))
+        .and_then(|d| d.sync_all())
+        .map_err(MetaError::Unsynced)
 }
 
 /// Rewrites `path` in place and fdatasyncs it: no new file and no rename,
@@ -245,6 +276,20 @@ mod tests {
         assert!(!tmp_path(&p).exists());
     }
 
+    /// Writes an old value to `p`; gives it back with a new one to write.
+    fn old_and_new(p: &Path) -> (Sample, Sample) {
+        let old = Sample {
+            a: 1,
+            b: "old".into(),
+        };
+        write_atomic(p, &old).unwrap();
+        let new = Sample {
+            a: 2,
+            b: "new".into(),
+        };
+        (old, new)
+    }
+
     /// A write that fails before its rename leaves the old file as it was
     /// and no temp file behind (here the temp file is /dev/full, which
     /// takes the open and fails the write with ENOSPC).
@@ -252,16 +297,8 @@ mod tests {
     fn a_failed_write_leaves_the_old_file_and_no_temp_file() {
         let dir = crate::storage::test_dir();
         let p = dir.path().join("x.meta");
-        let old = Sample {
-            a: 1,
-            b: "old".into(),
-        };
-        write_atomic(&p, &old).unwrap();
+        let (old, new) = old_and_new(&p);
         std::os::unix::fs::symlink("/dev/full", tmp_path(&p)).unwrap();
-        let new = Sample {
-            a: 2,
-            b: "new".into(),
-        };
         let e = write_atomic(&p, &new).unwrap_err();
         assert!(
             matches!(&e, MetaError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC)),
@@ -272,6 +309,24 @@ mod tests {
             fs::symlink_metadata(tmp_path(&p)).is_err(),
             "the temp file was left behind"
         );
+    }
+
+    /// A write whose directory sync fails comes after its rename: the
+    /// new file is in place, and the error says so rather than passing
+    /// for a write that left the old file.
+    #[test]
+    fn a_failed_directory_sync_is_told_apart_from_a_write_not_made() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("x.meta");
+        let (_, new) = old_and_new(&p);
+        FAIL_DIR_SYNC.lock().unwrap().push(p.clone());
+        let e = write_atomic(&p, &new).unwrap_err();
+        assert!(
+            matches!(&e, MetaError::Unsynced(io) if io.raw_os_error() == Some(libc::EIO)),
+            "{e:?}"
+        );
+        assert_eq!(read::<Sample>(&p).unwrap(), Some(new));
+        assert!(!tmp_path(&p).exists());
     }
 
     /// An overwrite in place reads back whole whether the new value is
