@@ -434,7 +434,8 @@ pub struct Broker {
     /// names: one that outlives its topic (a produce racing the delete)
     /// costs its bytes and nothing else.
     names: RwLock<foldhash::HashSet<Arc<str>>>,
-    /// Serialises create and delete so limits and the table stay consistent.
+    /// Serialises create, alter and delete so limits and the table stay
+    /// consistent, and every write of the broker's own files ([`Admin`]).
     admin: smol::lock::Mutex<()>,
     meta_path: PathBuf,
     limits: BrokerLimits,
