@@ -516,6 +516,48 @@ fn two_producers_with_one_name_fence_the_older() {
     b.stop_checked();
 }
 
+/// A plain producer name unused past producers.name_expiry_ms is
+/// forgotten (here by the sweep a named init runs): its old id is fenced
+/// as an expired transactional id's is, and an init of the name gets a
+/// new id. A name whose id keeps writing is kept.
+#[test]
+fn a_plain_name_unused_past_its_expiry_is_forgotten_and_its_old_id_fenced() {
+    let b = Broker::start("[producers]\nname_expiry_ms = 3000\n");
+    create(&b, "idem-raw", 1);
+    let c = blocking::Client::connect(&b.tcp).expect("connect");
+    let init = |name| c.init_producer(Some(name)).expect("init");
+    let (idle, busy) = (init("gw-idle"), init("gw-busy"));
+    assert_written(
+        &send(&c, raw_batch(&["i0"], idle.producer_id, 0, 0)),
+        0,
+        0,
+        0,
+    );
+    // gw-idle stays quiet past the expiry; gw-busy writes all along.
+    let start = std::time::Instant::now();
+    let mut seq = 0;
+    while seq == 0 || start.elapsed() < Duration::from_millis(3_500) {
+        let r = send(&c, raw_batch(&["b"], busy.producer_id, 0, seq));
+        assert_eq!(r.error, ErrorCode::None, "{r:?}");
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    init("gw-other");
+    let r = send(&c, raw_batch(&["i1"], idle.producer_id, 0, 1));
+    assert_eq!(r.error, ErrorCode::FencedProducer, "{r:?}");
+    assert!(
+        r.message
+            .as_deref()
+            .is_some_and(|m| m.contains("producers.name_expiry_ms")),
+        "{r:?}"
+    );
+    let r = send(&c, raw_batch(&["b"], busy.producer_id, 0, seq));
+    assert_eq!(r.error, ErrorCode::None, "{r:?}");
+    assert_eq!(init("gw-busy").producer_id, busy.producer_id, "kept");
+    assert_ne!(init("gw-idle").producer_id, idle.producer_id, "a new id");
+    b.stop_checked();
+}
+
 #[test]
 fn a_full_producer_table_evicts_the_least_recently_active() {
     let b = Broker::start("[producers]\nmax_producers = 2\n");

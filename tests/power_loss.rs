@@ -191,6 +191,7 @@ fn options(dir: &std::path::Path) -> BrokerOptions {
             disk_budget_bytes: u64::MAX,
             max_producers: 64,
             producer_idle_expiry_ms: 3_600_000,
+            producer_name_expiry_ms: 604_800_000,
         },
         defaults: PartitionConfig {
             segment_bytes: 64 * 1024,

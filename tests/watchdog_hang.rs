@@ -72,6 +72,7 @@ fn a_hung_fsync_stops_the_watchdog_pings_and_acks() {
                 disk_budget_bytes: u64::MAX,
                 max_producers: 16,
                 producer_idle_expiry_ms: 60_000,
+                producer_name_expiry_ms: 604_800_000,
             },
             defaults: PartitionConfig {
                 segment_bytes: 64 * 1024,

@@ -108,6 +108,8 @@ pub struct BrokerLimits {
     pub max_producers: usize,
     /// A producer entry idle this long is forgotten.
     pub producer_idle_expiry_ms: u64,
+    /// A plain producer name unused this long is forgotten.
+    pub producer_name_expiry_ms: u64,
 }
 
 /// Bytes read per step when the producer table is rebuilt from the log.
@@ -299,6 +301,7 @@ impl BrokerOptions {
                 disk_budget_bytes: cfg.storage.disk_budget_bytes,
                 max_producers: cfg.producers.max_producers as usize,
                 producer_idle_expiry_ms: cfg.producers.idle_expiry_ms,
+                producer_name_expiry_ms: cfg.producers.name_expiry_ms,
             },
             defaults: partition_defaults(cfg),
             default_partitions: cfg.topic_defaults.partitions,
@@ -628,6 +631,7 @@ impl Broker {
             producers::ProducersConfig {
                 max_producers: limits.max_producers,
                 idle_expiry_ms: limits.producer_idle_expiry_ms,
+                name_expiry_ms: limits.producer_name_expiry_ms,
             },
             clock.clone(),
         )
@@ -1136,6 +1140,11 @@ impl Broker {
     /// See [`producers::Producers::forget`].
     pub async fn forget_producer(&self, name: &str) -> Result<bool, producers::InitError> {
         self.producers.forget(name).await
+    }
+
+    /// See [`producers::Producers::expire_names`].
+    pub async fn expire_producer_names(&self) -> Result<usize, producers::InitError> {
+        self.producers.expire_names().await
     }
 
     /// See [`producers::Producers::named`].

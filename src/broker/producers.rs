@@ -11,6 +11,15 @@
 //! name can be forgotten ([`Producers::forget`]: an expired transactional
 //! id) and its instances stay fenced with nothing kept of it.
 //!
+//! A plain name (not a transactional id's, whose coordinator forgets it)
+//! unused for `producers.name_expiry_ms` is forgotten the same way, so a
+//! fleet whose device names come and go does not grow the file for good.
+//! "Used" is an init of it, or a batch of its id as the sequence table saw
+//! it: the produce path does nothing more. The registry keeps each plain
+//! name's last use; a sweep ([`Producers::expire_names`], also run by
+//! named inits) folds the table's activity into it only when a name's is
+//! half the expiry old, at most once per [`SWEEP_INTERVAL_MS_MAX`].
+//!
 //! # The sequence table
 //!
 //! One table for the whole broker, keyed by (topic, partition, producer id),
@@ -50,7 +59,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -73,6 +82,11 @@ pub const ID_BLOCK: u64 = 1000;
 /// registered before carry none and are never forgotten.
 pub const NAMED_ID_BIT: u64 = 1 << 62;
 const REGISTRY_FILE: &str = "producers.meta";
+/// The names the transaction coordinator registers, and forgets itself.
+pub(crate) const TXN_NAME_PREFIX: &str = "txn:";
+/// The longest wait between name sweeps that are due: a plain name is
+/// forgotten at most this long after its expiry.
+pub const SWEEP_INTERVAL_MS_MAX: i64 = 3_600_000;
 const SNAPSHOT_DIR: &str = "producer-state";
 /// Longest producer name (bytes); like a Kafka transactional.id, a label.
 pub const PRODUCER_NAME_BYTES_MAX: usize = 249;
@@ -106,8 +120,8 @@ pub enum SequenceError {
     /// The id was never handed out by this broker, or the epoch is ahead of
     /// the registry's.
     UnknownProducer { producer_id: u64, epoch: u16 },
-    /// The id was a named producer's whose name was forgotten (an expired
-    /// transactional id) or moved to a new id (its epochs ran out): fenced
+    /// The id was a named producer's whose name was forgotten (expired
+    /// unused) or moved to a new id (its epochs ran out): fenced
     /// like an older epoch.
     Forgotten { producer_id: u64 },
     /// More than [`WINDOW_BATCHES`] batches in flight for one partition.
@@ -134,9 +148,10 @@ impl std::fmt::Display for SequenceError {
             ),
             Self::Forgotten { producer_id } => write!(
                 f,
-                "producer id {producer_id} is fenced: its name was forgotten (a transactional \
-                 id unused past transactions.id_expiration_ms) or moved to a new producer id \
-                 (its epochs ran out); init the name again"
+                "producer id {producer_id} is fenced: its name was forgotten (unused past \
+                 producers.name_expiry_ms, or a transactional id past \
+                 transactions.id_expiration_ms) or moved to a new producer id (its epochs \
+                 ran out); init the name again"
             ),
             Self::TooManyInFlight => write!(
                 f,
@@ -376,12 +391,60 @@ struct RegistryFile {
     reserved_until: u64,
     /// name → (id, current epoch).
     names: BTreeMap<String, (u64, u16)>,
+    /// A plain name's id (see [`expirable`]) → when it was last known used
+    /// (ms, the broker's clock). Last, so an older broker reads the file
+    /// and ignores it; its own file lacks it ([`read_registry`]).
+    used_ms: BTreeMap<u64, i64>,
+}
+
+/// The registry file before `used_ms`.
+#[derive(Deserialize)]
+struct RegistryFileV0 {
+    reserved_until: u64,
+    names: BTreeMap<String, (u64, u16)>,
+}
+
+/// Reads the registry, also as an older broker wrote it (postcard is not
+/// self-describing: a missing last field fails to decode). Its plain
+/// names are taken as used now.
+fn read_registry(path: &Path, now: i64) -> Result<RegistryFile, MetaError> {
+    let read = || match meta::read::<RegistryFile>(path) {
+        Ok(f) => Ok(f.unwrap_or_default()),
+        Err(e @ MetaError::Decode(_)) => match meta::read::<RegistryFileV0>(path) {
+            Ok(Some(old)) => Ok(RegistryFile {
+                reserved_until: old.reserved_until,
+                names: old.names,
+                used_ms: BTreeMap::new(),
+            }),
+            _ => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let mut file = read().map_err(|error| MetaError::File {
+        path: path.to_path_buf(),
+        error: Box::new(error),
+    })?;
+    for (name, &(id, _)) in &file.names {
+        if expirable(name, id) {
+            file.used_ms.entry(id).or_insert(now);
+        }
+    }
+    Ok(file)
+}
+
+/// Whether `name` (registered with `id`) expires unused: a plain name's.
+/// A transactional id's is its coordinator's to forget, and an older
+/// broker's id (without [`NAMED_ID_BIT`]) cannot be forgotten.
+fn expirable(name: &str, id: u64) -> bool {
+    id & NAMED_ID_BIT != 0 && !name.starts_with(TXN_NAME_PREFIX)
 }
 
 #[derive(Debug)]
 struct Registry {
     file: RegistryFile,
     next_id: u64,
+    /// When the last name sweep ran (ms).
+    swept_ms: i64,
 }
 
 /// A partition's producer state as of an offset. The scan at start-up
@@ -408,6 +471,8 @@ pub struct SnapshotEntry {
 pub struct ProducersConfig {
     pub max_producers: usize,
     pub idle_expiry_ms: u64,
+    /// A plain name unused this long is forgotten.
+    pub name_expiry_ms: u64,
 }
 
 pub struct Producers {
@@ -422,6 +487,12 @@ pub struct Producers {
     reserved_until: AtomicU64,
     named_epochs: RwLock<foldhash::HashMap<u64, u16>>,
     table: Mutex<foldhash::HashMap<Key, Entry>>,
+    /// Named ids whose entries left the table (evicted, expired) since the
+    /// last name sweep, with their last activity: still a use of the name.
+    /// At most one per name.
+    left_table: Mutex<foldhash::HashMap<u64, i64>>,
+    /// When a name sweep is next due (ms); `i64::MAX`: no plain names.
+    sweep_due_ms: AtomicI64,
     /// Partitions written by idempotent producers since their last
     /// snapshot: the periodic task snapshots only these (SD card wear).
     dirty: Mutex<foldhash::HashSet<(Arc<str>, u32)>>,
@@ -446,9 +517,11 @@ impl Producers {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, MetaError> {
         let registry_path = data_dir.join(REGISTRY_FILE);
-        let file: RegistryFile = meta::read_file(&registry_path)?.unwrap_or_default();
+        let now = clock.now_ms();
+        let file = read_registry(&registry_path, now)?;
         let named = file.names.values().copied().collect();
         let max = config.max_producers.max(1);
+        let sweep_due_ms = AtomicI64::new(Self::sweep_due(&config, &file, i64::MIN));
         Ok(Self {
             config: ProducersConfig {
                 max_producers: max,
@@ -463,6 +536,7 @@ impl Producers {
                 // before a crash: start after it.
                 next_id: file.reserved_until,
                 file,
+                swept_ms: i64::MIN,
             }),
             named_epochs: RwLock::new(named),
             // Allocated once at its full size: the table never grows.
@@ -470,6 +544,8 @@ impl Producers {
                 max,
                 Default::default(),
             )),
+            left_table: Mutex::new(foldhash::HashMap::default()),
+            sweep_due_ms,
             dirty: Mutex::new(foldhash::HashSet::default()),
             counters: Counters::default(),
         })
@@ -479,16 +555,24 @@ impl Producers {
     /// Named: the name's id with the next epoch, persisted before the
     /// answer, which fences every older instance. A name whose epoch is
     /// exhausted gets a new id at epoch 0 instead (as Kafka's KIP-360), and
-    /// its old id is fenced for good as a forgotten name's.
+    /// its old id is fenced for good as a forgotten name's. A named init
+    /// also runs a name sweep that is due, in the same write.
     pub async fn init(&self, name: Option<&str>) -> Result<(u64, u16), InitError> {
+        if name.is_some_and(|n| n.is_empty() || n.len() > PRODUCER_NAME_BYTES_MAX) {
+            return Err(InitError::InvalidName);
+        }
         let mut reg = self.registry.lock().await;
+        let now = self.clock.now_ms();
+        let swept = name.is_some() && self.fold_uses(&mut reg, now).is_some();
         let mut file = reg.file.clone();
+        let gone = if swept {
+            self.take_expired(&mut file, now)
+        } else {
+            Vec::new()
+        };
         let mut next_id = reg.next_id;
         let mut retired = None;
         let answer = match name {
-            Some(n) if n.is_empty() || n.len() > PRODUCER_NAME_BYTES_MAX => {
-                return Err(InitError::InvalidName)
-            }
             Some(n) => match file.names.get(n).copied() {
                 Some((id, epoch)) => match epoch.checked_add(1) {
                     Some(epoch) => {
@@ -497,7 +581,12 @@ impl Producers {
                     }
                     // Without the bit, the old id would pass for an
                     // anonymous producer's once the name left it.
-                    None if id & NAMED_ID_BIT == 0 => return Err(InitError::EpochExhausted),
+                    None if id & NAMED_ID_BIT == 0 => {
+                        if swept {
+                            self.sweep_done(&reg, &[]);
+                        }
+                        return Err(InitError::EpochExhausted);
+                    }
                     None => {
                         retired = Some(id);
                         let id = next_id | NAMED_ID_BIT;
@@ -522,9 +611,22 @@ impl Producers {
         if next_id > file.reserved_until {
             file.reserved_until = next_id - 1 + ID_BLOCK;
         }
+        if let Some(n) = name {
+            if let Some(old) = retired {
+                file.used_ms.remove(&old);
+            }
+            if expirable(n, answer.0) {
+                file.used_ms.insert(answer.0, now);
+            }
+        }
         let changed = name.is_some() || file.reserved_until != reg.file.reserved_until;
         if changed {
-            self.persist(&file).await?;
+            if let Err(e) = self.persist(&file).await {
+                if swept {
+                    self.sweep_done(&reg, &[]);
+                }
+                return Err(e);
+            }
         }
         self.reserved_until
             .store(file.reserved_until, Ordering::Release);
@@ -537,7 +639,151 @@ impl Producers {
         }
         reg.file = file;
         reg.next_id = next_id;
+        if name.is_some() {
+            // Also when none was due: a first plain name makes one due.
+            self.sweep_done(&reg, &gone);
+        }
         Ok(answer)
+    }
+
+    /// Forgets the plain names unused for `name_expiry_ms` (their registry
+    /// entries, persisted; their ids fenced for good, as [`Self::forget`]),
+    /// if a sweep is due; otherwise a load and a comparison. Run by the
+    /// producer snapshot timer. The names forgotten.
+    pub async fn expire_names(&self) -> Result<usize, InitError> {
+        if self.clock.now_ms() < self.sweep_due_ms.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let mut reg = self.registry.lock().await;
+        let now = self.clock.now_ms();
+        let Some(refreshed) = self.fold_uses(&mut reg, now) else {
+            return Ok(0);
+        };
+        let mut file = reg.file.clone();
+        let gone = self.take_expired(&mut file, now);
+        // A stale name found in use is written too: after a restart its
+        // use may be in no snapshot.
+        if !gone.is_empty() || refreshed {
+            if let Err(e) = self.persist(&file).await {
+                self.sweep_done(&reg, &[]);
+                return Err(e);
+            }
+        }
+        reg.file = file;
+        self.sweep_done(&reg, &gone);
+        Ok(gone.len())
+    }
+
+    /// When a name sweep is next due: once the oldest plain name's last
+    /// use is half the expiry old (so a name in use is written again well
+    /// before it could expire), and not sooner than an eighth of the
+    /// expiry (at most [`SWEEP_INTERVAL_MS_MAX`]) after the last sweep.
+    fn sweep_due(config: &ProducersConfig, file: &RegistryFile, swept_ms: i64) -> i64 {
+        let Some(&oldest) = file.used_ms.values().min() else {
+            return i64::MAX;
+        };
+        let expiry = i64::try_from(config.name_expiry_ms).unwrap_or(i64::MAX);
+        let interval = (expiry / 8).clamp(1, SWEEP_INTERVAL_MS_MAX);
+        oldest
+            .saturating_add(expiry / 2)
+            .max(swept_ms.saturating_add(interval))
+    }
+
+    /// A due sweep's first half: folds the uses the table saw of the
+    /// plain names into `reg.file` (in memory: the next write keeps them).
+    /// None if no sweep is due; else whether a name half the expiry old
+    /// was found used since.
+    fn fold_uses(&self, reg: &mut Registry, now: i64) -> Option<bool> {
+        if now < self.sweep_due_ms.load(Ordering::Acquire) {
+            return None;
+        }
+        reg.swept_ms = now;
+        let stale =
+            now.saturating_sub(i64::try_from(self.config.name_expiry_ms / 2).unwrap_or(i64::MAX));
+        let used = &mut reg.file.used_ms;
+        let mut refreshed = false;
+        let mut note = |id: u64, t: i64| {
+            if let Some(u) = used.get_mut(&id) {
+                refreshed |= *u <= stale && t > *u;
+                *u = (*u).max(t);
+            }
+        };
+        // The table first: an entry that leaves it after this scan is in
+        // `left_table` by the time that is drained.
+        for (k, e) in self.table.lock().expect("producer table lock").iter() {
+            if k.producer_id & NAMED_ID_BIT != 0 {
+                note(
+                    k.producer_id,
+                    if e.in_flight.is_empty() {
+                        e.last_active_ms
+                    } else {
+                        now
+                    },
+                );
+            }
+        }
+        let left: Vec<(u64, i64)> = self
+            .left_table
+            .lock()
+            .expect("left table lock")
+            .drain()
+            .collect();
+        for (id, t) in left {
+            note(id, t);
+        }
+        Some(refreshed)
+    }
+
+    /// A due sweep's second half: takes the plain names unused for the
+    /// expiry out of `file`.
+    fn take_expired(&self, file: &mut RegistryFile, now: i64) -> Vec<(String, u64)> {
+        let expiry = i64::try_from(self.config.name_expiry_ms).unwrap_or(i64::MAX);
+        let mut gone = Vec::new();
+        for (n, &(id, _)) in &file.names {
+            let unused = file
+                .used_ms
+                .get(&id)
+                .is_some_and(|&t| now.saturating_sub(t) > expiry);
+            if unused && expirable(n, id) {
+                gone.push((n.clone(), id));
+            }
+        }
+        for (n, id) in &gone {
+            file.names.remove(n);
+            file.used_ms.remove(id);
+        }
+        gone
+    }
+
+    /// After a sweep (`gone` persisted as forgotten): fences their ids and
+    /// sets when the next is due.
+    fn sweep_done(&self, reg: &Registry, gone: &[(String, u64)]) {
+        if !gone.is_empty() {
+            let mut epochs = self.named_epochs.write().expect("named epochs lock");
+            for (n, id) in gone {
+                epochs.remove(id);
+                log::debug!("producer name {n} (id {id}): forgotten, unused");
+            }
+            log::info!(
+                "forgot {} producer name(s) unused for {} ms (producers.name_expiry_ms)",
+                gone.len(),
+                self.config.name_expiry_ms
+            );
+        }
+        self.sweep_due_ms.store(
+            Self::sweep_due(&self.config, &reg.file, reg.swept_ms),
+            Ordering::Release,
+        );
+    }
+
+    /// Keeps the last activity of a named id whose entry leaves the table,
+    /// for the next name sweep.
+    fn note_left(&self, id: u64, e: &Entry) {
+        if id & NAMED_ID_BIT != 0 {
+            let mut left = self.left_table.lock().expect("left table lock");
+            let t = left.entry(id).or_insert(e.last_active_ms);
+            *t = (*t).max(e.last_active_ms);
+        }
     }
 
     /// Forgets `name` (its registry entry, persisted), fencing its id for
@@ -554,6 +800,7 @@ impl Producers {
         }
         let mut file = reg.file.clone();
         file.names.remove(name);
+        file.used_ms.remove(&id);
         self.persist(&file).await?;
         self.named_epochs
             .write()
@@ -670,6 +917,7 @@ impl Producers {
         let mut table = self.table.lock().expect("producer table lock");
         let entry = match table.get_mut(&key) {
             Some(e) if self.expired(e, now) => {
+                self.note_left(id, e);
                 table.remove(&key);
                 bump(&self.counters.expirations, 1);
                 None
@@ -795,7 +1043,13 @@ impl Producers {
             return;
         }
         let before = table.len();
-        table.retain(|_, e| !self.expired(e, now));
+        table.retain(|k, e| {
+            let keep = !self.expired(e, now);
+            if !keep {
+                self.note_left(k.producer_id, e);
+            }
+            keep
+        });
         let expired = before - table.len();
         if expired > 0 {
             bump(&self.counters.expirations, expired as u64);
@@ -830,7 +1084,9 @@ impl Producers {
                 k.topic,
                 k.partition
             );
-            table.remove(&k);
+            if let Some(e) = table.remove(&k) {
+                self.note_left(k.producer_id, &e);
+            }
             bump(&self.counters.evictions, 1);
         }
     }
@@ -1079,7 +1335,13 @@ impl Producers {
         self.table
             .lock()
             .expect("producer table lock")
-            .retain(|k, _| !(&*k.topic == topic && k.partition == partition));
+            .retain(|k, e| {
+                let keep = !(&*k.topic == topic && k.partition == partition);
+                if !keep {
+                    self.note_left(k.producer_id, e);
+                }
+                keep
+            });
         let path = self.snapshot_path(topic, partition);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -1131,6 +1393,7 @@ mod tests {
         let config = ProducersConfig {
             max_producers: max,
             idle_expiry_ms: 60_000,
+            name_expiry_ms: 604_800_000,
         };
         Producers::open(dir, config, Arc::new(crate::broker::SystemClock)).expect("open")
     }
@@ -1336,6 +1599,7 @@ mod tests {
             ProducersConfig {
                 max_producers,
                 idle_expiry_ms,
+                name_expiry_ms: 604_800_000,
             },
             clock.clone(),
         )
@@ -1468,6 +1732,151 @@ mod tests {
         drop(p);
         let q = reopen(d.path(), 8);
         assert_eq!(smol::block_on(q.named("gw")), Some(n));
+    }
+
+    const NAME_EXPIRY_MS: u64 = 10_000;
+
+    /// Producers under `dir` on `clock`, plain names expiring after
+    /// [`NAME_EXPIRY_MS`].
+    fn with_name_expiry(
+        dir: &Path,
+        clock: &Arc<crate::broker::ManualClock>,
+        max_producers: usize,
+    ) -> Producers {
+        let config = ProducersConfig {
+            max_producers,
+            idle_expiry_ms: 60_000,
+            name_expiry_ms: NAME_EXPIRY_MS,
+        };
+        Producers::open(dir, config, clock.clone()).expect("open")
+    }
+
+    fn forgotten(p: &Producers, id: u64) -> bool {
+        matches!(
+            p.check("t", 0, &header(id, 0, 0, 1), 0),
+            Check::Reject(SequenceError::Forgotten { producer_id }) if producer_id == id
+        )
+    }
+
+    /// A plain name without an init or a batch for the expiry is
+    /// forgotten, on disk; its id stays fenced, also after a restart, and
+    /// an init of it gets a new id. A name whose id wrote a batch since is
+    /// kept.
+    #[test]
+    fn a_plain_name_unused_past_its_expiry_is_forgotten_and_its_id_fenced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
+        let p = with_name_expiry(dir.path(), &clock, 8);
+        let init = |p: &Producers, name| smol::block_on(p.init(Some(name))).expect("init");
+        let (idle, _) = init(&p, "gw-idle");
+        let (busy, _) = init(&p, "gw-busy");
+        let t = accept(&p, &header(idle, 0, 0, 1));
+        p.complete(t, Ok((0, 0)));
+        clock.advance_ms(NAME_EXPIRY_MS - 4_000);
+        let t = accept(&p, &header(busy, 0, 0, 1));
+        p.complete(t, Ok((1, 1)));
+        clock.advance_ms(4_000);
+        assert_eq!(
+            smol::block_on(p.expire_names()).expect("sweep"),
+            0,
+            "not past the expiry yet"
+        );
+        // The next sweep is due an eighth of the expiry later.
+        clock.advance_ms(NAME_EXPIRY_MS / 8);
+        assert_eq!(smol::block_on(p.expire_names()).expect("sweep"), 1);
+        assert_eq!(smol::block_on(p.named("gw-idle")), None);
+        assert_eq!(smol::block_on(p.named("gw-busy")), Some((busy, 0)));
+        assert!(forgotten(&p, idle), "the idle name's id is fenced");
+        let t = accept(&p, &header(busy, 0, 1, 1));
+        p.complete(t, Ok((2, 2)));
+        drop(p);
+
+        let q = with_name_expiry(dir.path(), &clock, 8);
+        assert_eq!(smol::block_on(q.named("gw-idle")), None, "on disk");
+        assert!(forgotten(&q, idle), "and fenced after a restart");
+        let (fresh, epoch) = init(&q, "gw-idle");
+        assert!(fresh != idle && epoch == 0, "{fresh}/{epoch}");
+        assert_eq!(init(&q, "gw-busy"), (busy, 1));
+    }
+
+    /// A use seen only by a table entry since evicted still counts, and a
+    /// named init sweeps too.
+    #[test]
+    fn a_name_whose_entry_was_evicted_is_kept_and_an_init_sweeps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
+        let p = with_name_expiry(dir.path(), &clock, 1);
+        let init = |name| smol::block_on(p.init(Some(name))).expect("init");
+        let (idle, _) = init("gw-idle");
+        let (busy, _) = init("gw-busy");
+        let anonymous = smol::block_on(p.init(None)).expect("init").0;
+        clock.advance_ms(NAME_EXPIRY_MS / 2);
+        let t = accept(&p, &header(busy, 0, 0, 1));
+        p.complete(t, Ok((0, 0)));
+        clock.advance_ms(1);
+        // Evicts busy's only entry.
+        let t = accept(&p, &header(anonymous, 0, 0, 1));
+        p.complete(t, Ok((1, 1)));
+        assert_eq!(p.stats().evictions, 1);
+        clock.advance_ms(NAME_EXPIRY_MS / 2 + 1);
+        init("gw-new");
+        assert_eq!(smol::block_on(p.named("gw-idle")), None);
+        assert!(forgotten(&p, idle));
+        assert_eq!(smol::block_on(p.named("gw-busy")), Some((busy, 0)));
+        clock.advance_ms(NAME_EXPIRY_MS / 2);
+        assert_eq!(smol::block_on(p.expire_names()).expect("sweep"), 1);
+        assert_eq!(smol::block_on(p.named("gw-busy")), None, "unused since");
+        assert!(smol::block_on(p.named("gw-new")).is_some());
+    }
+
+    /// A registry an older broker wrote (no last uses) loads, its plain
+    /// names taken as used at that start; the last uses are persisted, so
+    /// the expiry counts across restarts.
+    #[test]
+    fn an_older_registry_loads_and_the_expiry_counts_across_restarts() {
+        #[derive(Serialize)]
+        struct Old {
+            reserved_until: u64,
+            names: BTreeMap<String, (u64, u16)>,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old_id = 7 | NAMED_ID_BIT;
+        let old = Old {
+            reserved_until: ID_BLOCK,
+            names: [("gw-old".to_owned(), (old_id, 3))].into(),
+        };
+        meta::write_atomic(&dir.path().join(REGISTRY_FILE), &old).expect("write");
+        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
+        let p = with_name_expiry(dir.path(), &clock, 8);
+        assert_eq!(smol::block_on(p.named("gw-old")), Some((old_id, 3)));
+        let (id, _) = smol::block_on(p.init(Some("gw"))).expect("init");
+        drop(p);
+        clock.advance_ms(NAME_EXPIRY_MS + 1);
+        let q = with_name_expiry(dir.path(), &clock, 8);
+        assert_eq!(smol::block_on(q.expire_names()).expect("sweep"), 2);
+        assert!(forgotten(&q, id) && forgotten(&q, old_id));
+    }
+
+    /// Transactional ids are their coordinator's to forget (one in an
+    /// open transaction never is), and an older broker's name cannot be.
+    #[test]
+    fn transactional_ids_and_older_names_are_not_expired_here() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::broker::ManualClock::new(1_000));
+        let p = with_name_expiry(dir.path(), &clock, 8);
+        let txn = smol::block_on(p.init(Some("txn:t"))).expect("init");
+        let legacy = smol::block_on(p.init(None)).expect("init").0;
+        drop(p);
+        let path = dir.path().join(REGISTRY_FILE);
+        let mut file: RegistryFile = meta::read_file(&path).expect("reads").expect("written");
+        file.names.insert("legacy".into(), (legacy, 0));
+        meta::write_atomic(&path, &file).expect("writes");
+        let p = with_name_expiry(dir.path(), &clock, 8);
+        smol::block_on(p.init(Some("gw"))).expect("init");
+        clock.advance_ms(NAME_EXPIRY_MS * 2);
+        assert_eq!(smol::block_on(p.expire_names()).expect("sweep"), 1);
+        assert_eq!(smol::block_on(p.named("txn:t")), Some(txn));
+        assert_eq!(smol::block_on(p.named("legacy")), Some((legacy, 0)));
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn options(rig: &Rig, clock: Arc<dyn Clock>) -> BrokerOptions {
             disk_budget_bytes: u64::MAX,
             max_producers: 16,
             producer_idle_expiry_ms: 60_000,
+            producer_name_expiry_ms: 604_800_000,
         },
         defaults: small_cfg(),
         default_partitions: 1,

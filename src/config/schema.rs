@@ -280,6 +280,9 @@ pub struct ProducersConfig {
     /// Capacity of the fixed producer table.
     pub max_producers: u32,
     pub idle_expiry_ms: u64,
+    /// A plain producer name (not a transactional id's) unused this long
+    /// is forgotten.
+    pub name_expiry_ms: u64,
 }
 
 /// Consumer groups: the coordinator's limits and timeouts.
@@ -1163,6 +1166,12 @@ impl Config {
             self.producers.idle_expiry_ms > 0,
             "producers.idle_expiry_ms",
             || "must be > 0 (an expiry of 0 would forget every producer at once)".into(),
+        )?;
+        check_range(
+            "producers.name_expiry_ms",
+            self.producers.name_expiry_ms,
+            1_000,
+            TXN_ID_EXPIRATION_MS_MAX,
         )?;
 
         let g = &self.groups;

@@ -43,6 +43,7 @@ fn embedded_default_is_valid_and_matches_the_documented_values() {
     assert_eq!(cfg.topic_defaults.overflow, OverflowPolicy::Overwrite);
     assert_eq!(cfg.producers.max_producers, 1024);
     assert_eq!(cfg.producers.idle_expiry_ms, 604_800_000);
+    assert_eq!(cfg.producers.name_expiry_ms, 604_800_000);
     assert_eq!(cfg.groups.max_groups, 8);
     assert_eq!(cfg.groups.max_members, 24);
     assert_eq!(cfg.groups.max_members_per_group, 24);
@@ -315,6 +316,10 @@ const INVALID: &[(&str, &str)] = &[
     (
         "[producers]\nidle_expiry_ms = 0",
         "producers.idle_expiry_ms",
+    ),
+    (
+        "[producers]\nname_expiry_ms = 999",
+        "producers.name_expiry_ms",
     ),
     ("[metrics]\nlisten = \"9472\"", "metrics.listen"),
     ("[metrics]\nlisten = \"127.0.0.1:9471\"", "metrics.listen"),

@@ -551,12 +551,17 @@ impl Server {
 /// scanned at the next start after a crash.
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 30_000;
 
+/// Also sweeps unused producer names on the same wake-up (a comparison
+/// unless one is due; see `Producers::expire_names`).
 async fn snapshot_producers_loop(broker: Arc<Broker>) {
     loop {
         smol::Timer::after(Duration::from_millis(PRODUCER_SNAPSHOT_INTERVAL_MS)).await;
         let b = broker.clone();
         // Off the network threads: each snapshot is a write and fsyncs.
         crate::offload::run(move || b.snapshot_producers(false)).await;
+        if let Err(e) = broker.expire_producer_names().await {
+            log::warn!("cannot forget unused producer names: {e}");
+        }
     }
 }
 

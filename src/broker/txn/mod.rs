@@ -39,7 +39,7 @@ pub use index::{Aborted, Index};
 pub const TXN_TOPIC: &str = "__skiff_txn";
 /// Transactional ids are producer names with this prefix, so that a
 /// plain named producer and a transactional id never share an epoch.
-const NAME_PREFIX: &str = "txn:";
+const NAME_PREFIX: &str = super::producers::TXN_NAME_PREFIX;
 pub const TXN_ID_BYTES_MAX: usize = PRODUCER_NAME_BYTES_MAX - NAME_PREFIX.len();
 /// The log's ring: 4 x 1 MiB; a record is some 100 bytes per partition of
 /// a transaction, so a quarter ring holds thousands of live transactions.
