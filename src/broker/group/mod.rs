@@ -449,6 +449,9 @@ pub struct Coordinator {
     /// for its scratch segment) fails again at every commit: logged once a
     /// minute.
     compaction_failures: QuietLog<()>,
+    /// A log that refuses writes (a full ring, a failed disk) fails every
+    /// commit: logged once a minute, as the share log's.
+    log_failures: QuietLog<()>,
 }
 
 fn now_ms() -> i64 {
@@ -549,6 +552,7 @@ impl Coordinator {
             compaction_failures: QuietLog::new(|_| {
                 format!("offsets log {OFFSETS_TOPIC}: compactions failed")
             }),
+            log_failures: QuietLog::new(|_| format!("offsets log {OFFSETS_TOPIC}: writes failed")),
         };
         smol::block_on(c.load())?;
         Ok(Arc::new(c))
@@ -1356,7 +1360,11 @@ impl Coordinator {
                         apply(&mut groups, &p.group, &p.entries);
                     }
                 }
-                Err(e) => log::warn!("offsets log: write failed: {e}"),
+                Err(e) => {
+                    if let Some(more) = self.log_failures.due(&()) {
+                        log::warn!("offsets log {OFFSETS_TOPIC}: write failed: {e}{more}");
+                    }
+                }
             }
             for p in round {
                 let _ = p.done.try_send(result.clone().map(|_| ()));

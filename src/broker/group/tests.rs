@@ -429,6 +429,31 @@ fn a_join_past_max_members_over_all_groups_is_refused_until_one_leaves() {
     join("g3").expect("a member left: room for one");
 }
 
+/// An offsets log that refuses writes fails every commit: the failure is
+/// logged once a minute, not once for each commit.
+#[test]
+fn an_offsets_log_that_keeps_failing_is_logged_once_a_minute() {
+    use crate::broker::share::tests::{capture_warnings, warnings};
+    use crate::storage::io::fault::FaultPlan;
+    capture_warnings();
+    let rig = Rig::fault(23);
+    let disk = rig.disk().expect("fault rig").clone();
+    let c = open(&rig);
+    block_on(c.commit("g", None, vec![(tp(0), 0, None)])).expect("the log is made");
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(OFFSETS_TOPIC),
+        errno: libc::EROFS,
+        ..FaultPlan::default()
+    });
+    for offset in 1..=4 {
+        assert!(block_on(c.commit("g", None, vec![(tp(0), offset, None)])).is_err());
+    }
+    let lines = warnings(&["offsets log", "write failed"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    disk.set_plan(FaultPlan::default());
+    c.broker.close().expect("closed");
+}
+
 /// An offsets log whose ring is full and whose compaction cannot be done
 /// (no room on the disk for its scratch segment) fails at every commit,
 /// each asking for a compaction: the failed compaction is logged once a
