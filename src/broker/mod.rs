@@ -1152,6 +1152,11 @@ impl Broker {
         self.producers.named(name).await
     }
 
+    /// See [`producers::Producers::is_forgotten`].
+    pub fn producer_forgotten(&self, id: u64) -> bool {
+        self.producers.is_forgotten(id)
+    }
+
     /// The next epoch of an anonymous producer (see `Producers::renew`).
     pub async fn renew_producer(
         &self,

@@ -824,6 +824,19 @@ impl Producers {
         self.registry.lock().await.file.names.get(name).copied()
     }
 
+    /// Whether `id` is a named id this broker handed out whose name left
+    /// it (forgotten, or moved to a new id when its epochs ran out): fenced
+    /// at any epoch, as its batches are ([`SequenceError::Forgotten`]).
+    pub fn is_forgotten(&self, id: u64) -> bool {
+        id & NAMED_ID_BIT != 0
+            && id & !NAMED_ID_BIT < self.reserved_until.load(Ordering::Acquire)
+            && !self
+                .named_epochs
+                .read()
+                .expect("named epochs lock")
+                .contains_key(&id)
+    }
+
     /// The next epoch of the anonymous producer `id` at `epoch`, after a
     /// batch it gave up on (its requests of `epoch` still on their way are
     /// then fenced per partition, by the first batch of the new epoch).

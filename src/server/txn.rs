@@ -19,7 +19,7 @@ use super::Ctx;
 /// The wire code of a coordinator error.
 pub(crate) fn txn_error_code(e: &TxnError) -> ErrorCode {
     match e {
-        TxnError::Fenced { .. } => ErrorCode::FencedProducer,
+        TxnError::Fenced { .. } | TxnError::FencedId { .. } => ErrorCode::FencedProducer,
         TxnError::InvalidState(_) => ErrorCode::InvalidTxnState,
         TxnError::TooManyOpen { .. } => ErrorCode::ConcurrentTransactions,
         TxnError::TooManyIds { .. } => ErrorCode::TooManyTransactionalIds,

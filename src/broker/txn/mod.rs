@@ -117,6 +117,13 @@ pub enum TxnError {
         epoch: u16,
         current: u16,
     },
+    /// An older instance of the transactional id under a producer id the
+    /// id has left: its epochs ran out and it moved to a new producer id,
+    /// or it expired and a new init gave it one.
+    FencedId {
+        id: String,
+        producer_id: u64,
+    },
     /// The request does not fit the transaction's state (a produce while
     /// it commits, an end for an id never initialised).
     InvalidState(String),
@@ -159,6 +166,12 @@ impl std::fmt::Display for TxnError {
                 "transactional producer epoch {epoch} is fenced by epoch {current}: \
                  another instance took over, the transaction timed out and was aborted, \
                  or the id expired unused (transactions.id_expiration_ms); init it again"
+            ),
+            Self::FencedId { id, producer_id } => write!(
+                f,
+                "producer id {producer_id} is fenced: transactional id {id} has a new producer \
+                 id (its epochs ran out, or it expired unused and was initialised again); \
+                 init it again"
             ),
             Self::InvalidState(m) | Self::Invalid(m) => f.write_str(m),
             Self::TooManyOpen { id, max } => write!(
@@ -750,7 +763,7 @@ impl Coordinator {
             });
         }
         self.abort_left_open(&mut st).await?;
-        check_epoch(&st, producer_id, epoch)?;
+        check_epoch(&self.broker, &st, producer_id, epoch)?;
         self.write_unwritten(&mut st).await?;
         let begun = self.begin_unless_ongoing(&mut st, ": no more records until it is done")?;
         if let Err(e) = self.add_partition(&mut st, topic, partition).await {
@@ -821,7 +834,7 @@ impl Coordinator {
         // Taken before the transaction begins, so a refusal begins none.
         let hold = self.groups.reserve(group)?;
         let mut st = self.lock_id(id).await?;
-        check_epoch(&st, producer_id, epoch)?;
+        check_epoch(&self.broker, &st, producer_id, epoch)?;
         let begun = self.begin_unless_ongoing(&mut st, "")?;
         // Held in memory until the transaction ends: as many as there
         // are partitions, so the memory budget can count them.
@@ -883,7 +896,7 @@ impl Coordinator {
         commit: bool,
     ) -> Result<(), TxnError> {
         let mut st = self.lock_id(id).await?;
-        check_epoch(&st, producer_id, epoch)?;
+        check_epoch(&self.broker, &st, producer_id, epoch)?;
         match (st.rec.phase, commit) {
             (Phase::Ongoing, true) => {
                 st.rec.phase = Phase::PrepareCommit;
@@ -1525,7 +1538,21 @@ fn is_open(phase: Phase) -> bool {
     )
 }
 
-fn check_epoch(st: &TxnState, producer_id: u64, epoch: u16) -> Result<(), TxnError> {
+fn check_epoch(
+    broker: &Broker,
+    st: &TxnState,
+    producer_id: u64,
+    epoch: u16,
+) -> Result<(), TxnError> {
+    // A producer id the registry fenced for good (its name left it) is
+    // fenced here as its batches are: this id's own old one, once the id
+    // moved to a new one (epochs ran out, or it expired and was re-made).
+    if producer_id != st.rec.producer_id && broker.producer_forgotten(producer_id) {
+        return Err(TxnError::FencedId {
+            id: st.id.clone(),
+            producer_id,
+        });
+    }
     if producer_id != st.rec.producer_id {
         return Err(TxnError::InvalidState(format!(
             "producer id {producer_id} is not transactional id {}'s",

@@ -805,3 +805,46 @@ fn an_init_whose_record_was_lost_in_a_crash_keeps_the_old_instance_fenced() {
     assert_eq!((pid2, epoch2), (pid, epoch + 2));
     c.broker().close().expect("close");
 }
+
+/// The instance of an id whose epochs ran out, still on the old producer
+/// id, is fenced (`fenced_producer`): a newer instance took the id over,
+/// as its batches are told. Not `invalid_txn_state`, as for a producer id
+/// that was never the id's. So after a restart, and the new instance's
+/// transaction goes on.
+#[test]
+fn the_old_instance_of_an_id_moved_to_a_new_producer_id_is_fenced() {
+    use crate::protocol::ErrorCode;
+    use crate::server::txn::txn_error_code;
+    let rig = Rig::fault(41);
+    let c = open(&rig);
+    create_d(&c);
+    let (old, _) = block_on(c.init("a", 60_000)).expect("init");
+    let (other, other_epoch) = block_on(c.init("b", 60_000)).expect("init");
+    c.broker().close().expect("close");
+    drop(c);
+    crate::broker::producers::set_epoch_on_disk(rig.dir.path(), "txn:a", u16::MAX);
+    let mut c = open(&rig);
+    let (new, epoch) = block_on(c.init("a", 60_000)).expect("init at the last epoch");
+    assert!(new != old && epoch == 0, "{new}/{epoch}");
+    for restart in [false, true] {
+        if restart {
+            c.broker().close().expect("close");
+            drop(c);
+            c = open(&rig);
+        }
+        let offsets = block_on(c.add_offsets("a", old, u16::MAX, "g", offsets_of_d(1)));
+        let end = block_on(c.end("a", old, u16::MAX, false));
+        for r in [offsets, end] {
+            let e = r.expect_err("the old instance is refused");
+            assert_eq!(txn_error_code(&e), ErrorCode::FencedProducer, "{e}");
+        }
+        // Another id's producer is not this one's: no fencing, a mistake.
+        let e = block_on(c.end("a", other, other_epoch, false)).expect_err("not a's");
+        assert_eq!(txn_error_code(&e), ErrorCode::InvalidTxnState, "{e}");
+    }
+    let gate = block_on(c.gate(new, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (new, epoch, 0));
+    block_on(c.end("a", new, epoch, true)).expect("commit");
+    assert_eq!(committed_records(&c, "d"), 1);
+    c.broker().close().expect("close");
+}
