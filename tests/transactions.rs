@@ -50,6 +50,15 @@ fn txn_list(b: &Broker) -> Vec<serde_json::Value> {
     }
 }
 
+/// The state `skiff txn list` shows for `id` (empty if not listed).
+fn txn_state(b: &Broker, id: &str) -> String {
+    txn_list(b)
+        .iter()
+        .find(|t| t["id"] == id)
+        .map(|t| t["state"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
 fn txn_input(tag: &str) -> Vec<u8> {
     let mut s = String::new();
     for t in TOPICS {
@@ -338,13 +347,6 @@ fn spawn_txn(b: &Broker, id: &str) -> (std::process::Child, std::process::ChildS
 fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
     let b = Broker::start("");
     create_topics(&b);
-    let state_of = |id: &str| -> String {
-        txn_list(&b)
-            .iter()
-            .find(|t| t["id"] == id)
-            .map(|t| t["state"].as_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
     // A value larger than a batch (128 KiB by default) on line 2, and
     // stdin left open after it: the command ends on its own.
     let (mut child, mut stdin) = spawn_txn(&b, "too-big");
@@ -370,7 +372,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(state_of("too-big"), "complete_abort");
+    assert_eq!(txn_state(&b, "too-big"), "complete_abort");
     // An unknown topic mid-way: aborted too, nothing of it committed.
     let o = b.cli_stdin(
         &["txn", "--id", "unknown"],
@@ -382,7 +384,7 @@ fn a_txn_whose_record_fails_mid_way_aborts_at_once() {
         "skiff: txn unknown: line 2: server error unknown_topic: unknown topic 'no-such-topic'; \
          the transaction is aborted, no commit\n"
     );
-    assert_eq!(state_of("unknown"), "complete_abort");
+    assert_eq!(txn_state(&b, "unknown"), "complete_abort");
     // Also as the first line, and as the last.
     for (id, input) in [
         ("unknown-first", &b"no-such-topic\tu-0\norders\tu-1\n"[..]),
@@ -824,6 +826,8 @@ fn a_commit_after_a_restart_of_offsets_added_before_it_is_fenced_not_ok() {
                         .await
                         .unwrap();
                 if committed_before {
+                    let before = format!("{id}-before");
+                    p.send("orders", None, before.as_bytes(), &[]);
                     p.commit().await.unwrap();
                 }
                 if records {
@@ -878,4 +882,45 @@ fn a_commit_after_a_restart_of_offsets_added_before_it_is_fenced_not_ok() {
     );
     let committed = read_all(&b, "orders", "read_committed");
     assert!(!committed.iter().any(|r| r.starts_with("records-")));
+}
+
+/// A transaction that sent nothing ends without asking the broker, which
+/// refuses an end with none open (`invalid_txn_state`, as Kafka's
+/// coordinator does, whose client sends no end then): its commit and
+/// abort answer OK, and so does `skiff txn` on empty input.
+#[test]
+fn ending_a_transaction_that_sent_nothing_asks_the_broker_nothing() {
+    use skiff::client::{Client, ProducerConfig, TxnProducer};
+    use skiff::protocol::ErrorCode;
+    let b = Broker::start("");
+    create_topics(&b);
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.unwrap();
+        let timeout = Duration::from_secs(60);
+        let mut p = TxnProducer::new(client.clone(), "idle", timeout, ProducerConfig::default())
+            .await
+            .unwrap();
+        p.commit().await.unwrap();
+        p.abort().await.unwrap();
+        let e = client
+            .end_txn("idle", p.producer_id(), true)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::InvalidTxnState), "{e:?}");
+        p.send("orders", None, b"one", &[]);
+        p.commit().await.unwrap();
+        // Nothing sent since the commit: neither end is sent.
+        p.abort().await.unwrap();
+        p.commit().await.unwrap();
+    });
+    assert_eq!(txn_state(&b, "idle"), "complete_commit");
+    assert_eq!(read_all(&b, "orders", "read_committed"), ["one"]);
+    for args in [
+        &["txn", "--id", "empty"][..],
+        &["txn", "--id", "empty", "--abort"],
+    ] {
+        let o = b.cli_stdin(args, Some(b""));
+        assert_ok(&o);
+    }
+    assert_eq!(txn_state(&b, "empty"), "empty");
 }

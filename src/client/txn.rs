@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::accumulator::backoff;
 
 use super::{Client, ClientError, Delivery, Producer, ProducerConfig};
-use crate::protocol::{AddTxnOffsetsRequest, TxnOffset};
+use crate::protocol::{AddTxnOffsetsRequest, ErrorCode, TxnOffset};
 
 /// Kafka's default `transaction.timeout.ms`.
 pub const TRANSACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
@@ -23,6 +23,14 @@ pub struct TxnProducer {
     pending: Vec<(u64, Delivery)>,
     /// Records sent so far.
     sent: u64,
+    /// A record or offsets were sent since the last end: the broker may
+    /// have begun a transaction. Without, no end is sent (nothing is open,
+    /// and the broker refuses an end then), as Kafka's client sends no
+    /// EndTxn for a transaction that added nothing.
+    may_have_begun: bool,
+    /// The broker began the transaction: a record of it was acknowledged,
+    /// its offsets were added, or its commit was asked for.
+    begun: bool,
 }
 
 impl TxnProducer {
@@ -44,6 +52,8 @@ impl TxnProducer {
             producer_id,
             pending: Vec::new(),
             sent: 0,
+            may_have_begun: false,
+            begun: false,
         })
     }
 
@@ -60,6 +70,7 @@ impl TxnProducer {
         headers: &[(&str, &[u8])],
     ) {
         let d = self.producer.send(topic, key, value, headers);
+        self.may_have_begun = true;
         self.sent += 1;
         self.pending.push((self.sent, d));
     }
@@ -73,6 +84,7 @@ impl TxnProducer {
         headers: &[(&str, &[u8])],
     ) -> Result<(), ClientError> {
         let d = self.producer.send_wait(topic, key, value, headers).await?;
+        self.may_have_begun = true;
         self.sent += 1;
         self.pending.push((self.sent, d));
         Ok(())
@@ -90,18 +102,24 @@ impl TxnProducer {
     /// open) is tried again with the producer's backoff, for as long as
     /// its records would be.
     pub async fn send_offsets(
-        &self,
+        &mut self,
         group: &str,
         offsets: &[(&str, u32, u64)],
     ) -> Result<(), ClientError> {
+        self.may_have_begun = true;
         let config = self.producer.config();
+        let (retry_backoff, retry_backoff_max) = (config.retry_backoff, config.retry_backoff_max);
         let deadline = Instant::now() + config.delivery_timeout;
         let mut attempts = 0;
         loop {
             match self.try_send_offsets(group, offsets).await {
+                Ok(()) => {
+                    self.begun = true;
+                    return Ok(());
+                }
                 Err(e) if e.is_retriable() && Instant::now() < deadline => {
                     attempts += 1;
-                    let pause = backoff(attempts, config.retry_backoff, config.retry_backoff_max);
+                    let pause = backoff(attempts, retry_backoff, retry_backoff_max);
                     smol::Timer::after(
                         pause.min(deadline.saturating_duration_since(Instant::now())),
                     )
@@ -142,14 +160,19 @@ impl TxnProducer {
     /// and error. Forgets the records already acknowledged.
     pub fn first_failure(&mut self) -> Option<(u64, ClientError)> {
         let mut failed = None;
+        let mut acked = false;
         self.pending.retain(|(n, d)| match d.try_result() {
             None => true,
-            Some(Ok(_)) => false,
+            Some(Ok(_)) => {
+                acked = true;
+                false
+            }
             Some(Err(e)) => {
                 failed.get_or_insert((*n, e));
                 true
             }
         });
+        self.begun |= acked;
         failed
     }
 
@@ -158,8 +181,11 @@ impl TxnProducer {
         self.producer.flush().await;
         let mut first = None;
         for (_, d) in self.pending.drain(..) {
-            if let Err(e) = d.await {
-                first.get_or_insert(e);
+            match d.await {
+                Ok(_) => self.begun = true,
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
         }
         first.map_or(Ok(()), Err)
@@ -192,10 +218,29 @@ impl TxnProducer {
         self.end(false).await
     }
 
-    async fn end(&self, commit: bool) -> Result<(), ClientError> {
-        self.producer
+    /// Ends the transaction, if one may have begun. An abort refused with
+    /// `invalid_txn_state` when nothing of the transaction is known to
+    /// have reached it (its records all failed) found none open: done.
+    async fn end(&mut self, commit: bool) -> Result<(), ClientError> {
+        if !self.may_have_begun {
+            return Ok(());
+        }
+        // A commit refused or lost may have left the broker committing:
+        // an abort then must not pass for done.
+        self.begun |= commit;
+        let r = self
+            .producer
             .client()
             .end_txn(&self.id, self.producer_id, commit)
-            .await
+            .await;
+        let r = match r {
+            Err(e) if !self.begun && e.code() == Some(ErrorCode::InvalidTxnState) => Ok(()),
+            r => r,
+        };
+        if r.is_ok() {
+            self.may_have_begun = false;
+            self.begun = false;
+        }
+        r
     }
 }

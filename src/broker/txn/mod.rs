@@ -635,10 +635,12 @@ impl Coordinator {
         }
         st.rec.producer_epoch = epoch;
         st.rec.timeout_ms = timeout_ms;
-        if st.rec.phase == Phase::Empty {
-            st.rec.partitions.clear();
-            st.rec.offsets.clear();
-        }
+        // The new instance has begun nothing (as Kafka's init makes the id
+        // Empty): its end is refused, not taken for the retry of the end
+        // an older instance made.
+        st.rec.phase = Phase::Empty;
+        st.rec.partitions.clear();
+        st.rec.offsets.clear();
         // Known after a restart too: its batches are never taken for a
         // plain producer's.
         self.write_log(vec![self.stamped(st)]).await?;
@@ -887,7 +889,9 @@ impl Coordinator {
 
     /// Commits or aborts the open transaction; answers once that is
     /// durable. Every batch of it must have been acknowledged first. A
-    /// retry of an end that completed answers the same.
+    /// retry of an end that completed answers the same; an end with no
+    /// transaction open is refused, as Kafka's coordinator does (its
+    /// client sends none then).
     pub async fn end(
         &self,
         id: &str,
@@ -909,13 +913,19 @@ impl Coordinator {
             }
             (Phase::PrepareCommit, true) => self.complete_commit(&mut st).await,
             (Phase::Ongoing | Phase::PrepareAbort, false) => self.abort(&mut st).await,
-            (Phase::Empty, _) | (Phase::CompleteCommit, true) | (Phase::CompleteAbort, false) => {
-                Ok(())
-            }
+            // The retry of the end this instance made (init leaves the
+            // id Empty): its answer was lost.
+            (Phase::CompleteCommit, true) | (Phase::CompleteAbort, false) => Ok(()),
             (p, _) => Err(TxnError::InvalidState(format!(
-                "transaction {id} cannot {} now: it is {}",
+                "transaction {id} cannot {} now: it is {}{}",
                 if commit { "commit" } else { "abort" },
-                p.name()
+                p.name(),
+                if is_open(p) {
+                    ""
+                } else {
+                    ", none is open: no record nor offsets were sent in one since the \
+                     producer's init or its last end"
+                }
             ))),
         }
     }

@@ -848,3 +848,49 @@ fn the_old_instance_of_an_id_moved_to_a_new_producer_id_is_fenced() {
     assert_eq!(committed_records(&c, "d"), 1);
     c.broker().close().expect("close");
 }
+
+/// An end with no transaction open is refused (`invalid_txn_state`), as
+/// Kafka's coordinator refuses it: on an id fresh from init, or after an
+/// end of the other kind. The retry of the end just made is answered OK,
+/// but not for a new instance, whose init leaves the id empty.
+#[test]
+fn an_end_with_no_transaction_open_is_refused_but_its_retry_is_not() {
+    use crate::protocol::ErrorCode;
+    use crate::server::txn::txn_error_code;
+    let rig = Rig::fault(42);
+    let c = open(&rig);
+    create_d(&c);
+    let refused = |r: Result<(), TxnError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(
+            txn_error_code(&e),
+            ErrorCode::InvalidTxnState,
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains("none is open"), "{what}: {e}");
+    };
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    refused(
+        block_on(c.end("a", pid, epoch, true)),
+        "a commit of nothing",
+    );
+    refused(
+        block_on(c.end("a", pid, epoch, false)),
+        "an abort of nothing",
+    );
+    assert_eq!(phase(&c, "a"), "empty");
+    for (seq, commit) in [(0, true), (1, false)] {
+        let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+        produce_gated(&c, "d", gate, (pid, epoch, seq));
+        block_on(c.end("a", pid, epoch, commit)).expect("end");
+        block_on(c.end("a", pid, epoch, commit)).expect("its retry");
+        refused(block_on(c.end("a", pid, epoch, !commit)), "the other end");
+    }
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    assert_eq!(phase(&c, "a"), "empty");
+    refused(
+        block_on(c.end("a", pid, epoch, false)),
+        "a new instance's abort",
+    );
+    c.broker().close().expect("close");
+}
