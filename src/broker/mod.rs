@@ -56,6 +56,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use event_listener::Event;
 use serde::{Deserialize, Serialize};
 
+use crate::storage::meta::unsynced_is_written;
 use crate::storage::{meta, PartitionId, Storage, StorageError};
 
 pub use crate::bufpool::BatchBuf;
@@ -194,31 +195,6 @@ where
     })
     .await;
     unsynced_is_written(path, written)
-}
-
-/// A write of `path` done but for its directory sync
-/// ([`meta::MetaError::Unsynced`]) counts as written: the file holds the
-/// new content, which a restart loads, so the broker goes on with it
-/// (rolling memory back would have it run what the disk no longer says,
-/// and a retried sync proves nothing: see `meta::write_atomic`). Only a
-/// power loss before the directory's next sync (any later write there)
-/// can bring back the old content; the log says so.
-fn unsynced_is_written(
-    path: &Path,
-    written: Result<(), meta::MetaError>,
-) -> Result<(), meta::MetaError> {
-    match written {
-        Err(meta::MetaError::Unsynced(e)) => {
-            log::error!(
-                "{}: written, but its directory could not be synced ({e}); the broker goes on \
-                 with the new content, which a restart loads too, but a power loss before the \
-                 next write here may bring back the old",
-                path.display()
-            );
-            Ok(())
-        }
-        r => r,
-    }
 }
 
 /// A test's hold on the next write of one of the broker's files under

@@ -161,6 +161,28 @@ pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), M
         .map_err(MetaError::Unsynced)
 }
 
+/// A [`write_atomic`] of `path` done but for its directory sync
+/// ([`MetaError::Unsynced`]) counts as written: the file holds the new
+/// content, which a restart loads, so its writer goes on with it (rolling
+/// memory back would have it run what the disk no longer says, and a
+/// retried sync proves nothing). Only a power loss before the directory's
+/// next sync (any later write there) can bring back the old content; the
+/// log says so.
+pub fn unsynced_is_written(path: &Path, written: Result<(), MetaError>) -> Result<(), MetaError> {
+    match written {
+        Err(MetaError::Unsynced(e)) => {
+            log::error!(
+                "{}: written, but its directory could not be synced ({e}); skiff goes on with \
+                 the new content, which a restart loads too, but a power loss before the next \
+                 write here may bring back the old",
+                path.display()
+            );
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// Rewrites `path` in place and fdatasyncs it: no new file and no rename,
 /// so on a journaling file system no journal commit, where
 /// [`write_atomic`] costs two (the new file's, the directory's). Only for
