@@ -410,7 +410,13 @@ impl Engine {
             partition: id.partition,
             cfg: cfg.clone(),
         };
-        if let Err(e) = super::meta::write_atomic(&p.dir.join(super::part::PARTITION_META), &meta) {
+        // One renamed in place but not synced is written: the next start
+        // loads its config. Taken as a failure, the partition ran its old
+        // config (its ring resized back), a restart the new one (with the
+        // size ring.meta says).
+        let path = p.dir.join(super::part::PARTITION_META);
+        let written = super::meta::write_atomic(&path, &meta);
+        if let Err(e) = super::meta::unsynced_is_written(&path, written) {
             // The ring must not run a size its partition.meta does not
             // say (nor the new overflow): back to the old config.
             p.cfg.overflow = old_overflow;

@@ -1244,7 +1244,12 @@ impl Engine {
                 partition: id.partition,
                 cfg: cfg.clone(),
             };
-            meta::write_atomic(&dir.join(PARTITION_META), &m)?;
+            // One renamed in place but not synced needs nothing more: its
+            // content is what this start runs, and were it lost, the next
+            // start would complete the resize again from ring.meta. Taken
+            // as a failure, it stopped the whole start.
+            let path = dir.join(PARTITION_META);
+            meta::unsynced_is_written(&path, meta::write_atomic(&path, &m))?;
         }
         self.remove_unnamed_segments(id, dir, &sorted);
         Ok(layout.files)

@@ -104,13 +104,15 @@ impl Engine {
         let at = p.ring.active() + 1;
         let mut layout = p.file_nos.clone();
         layout.splice(at..at, new_nos.iter().copied());
+        // A ring.meta renamed in place but not synced is the commit all
+        // the same: the next start runs its layout. Taken as a failure, the
+        // grow removed the files it names and left the ring at its old size
+        // until a restart found a ring of missing files.
         let committed = made.and_then(|()| {
-            Ok(meta::write_atomic(
-                &dir.join(RING_META),
-                &RingLayout {
-                    files: layout.clone(),
-                },
-            )?)
+            let path = dir.join(RING_META);
+            let files = layout.clone();
+            let written = meta::write_atomic(&path, &RingLayout { files });
+            Ok(meta::unsynced_is_written(&path, written)?)
         });
         if let Err(e) = committed {
             for (&f, &no) in created.iter().zip(&new_nos) {
@@ -183,12 +185,13 @@ impl Engine {
             .filter(|s| !gone.contains(s))
             .map(|s| p.file_nos[s])
             .collect();
-        meta::write_atomic(
-            &p.dir.join(RING_META),
-            &RingLayout {
-                files: layout.clone(),
-            },
-        )?;
+        // As a grow's: one renamed in place but not synced commits too.
+        // Taken as a failure, the ring kept the slots the next start
+        // removes, and the appends it rolled into them were lost there.
+        let path = p.dir.join(RING_META);
+        let files = layout.clone();
+        let written = meta::write_atomic(&path, &RingLayout { files });
+        meta::unsynced_is_written(&path, written)?;
         // Committed: from here on only the files' removal is left, and
         // recovery does that too.
         let oldest_before = p.ring.oldest;

@@ -277,3 +277,112 @@ fn a_start_removes_the_files_of_a_first_grow_cut_short() {
         s.shutdown().unwrap();
     }
 }
+
+/// Partition `resize/0` of the small config, made and given `batches`.
+fn started(rig: &Rig, batches: usize) -> (Storage, PartitionId, Log) {
+    let id = pid("resize", 0);
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    let mut log = Log::new();
+    log.append(&s, &id, batches);
+    (s, id, log)
+}
+
+/// Makes the next write of `file` in partition `resize/0` fail its
+/// directory sync, after its rename (`meta::MetaError::Unsynced`).
+fn unsynced(rig: &Rig, file: &str) {
+    let path = rig.dir.path().join("topics/resize/0").join(file);
+    meta::FAIL_DIR_SYNC.lock().unwrap().push(path);
+}
+
+/// A resize whose `ring.meta` is renamed in place but whose directory
+/// sync fails is committed: the next start runs that layout. Taken as a
+/// failure, a shrink kept running the slots the next start removes, and
+/// lost what it had rolled into them; a grow removed the files the layout
+/// names and ran the old size until a restart found the new. Now the ring
+/// runs the size its file says, and a restart finds every batch.
+#[test]
+fn a_resize_whose_ring_meta_is_not_synced_is_committed() {
+    for (name, rig) in rigs() {
+        let (mut s, id, mut log) = started(&rig, 20);
+        for n in [2, 5] {
+            unsynced(&rig, part::RING_META);
+            let altered = alter(&s, &id, n);
+            let running = block_on(s.running_config(&id)).segments;
+            // Round the whole ring, through every slot it runs.
+            log.append(&s, &id, 9 * 6);
+            let e = log.check(&s, &id, name);
+            s.shutdown().unwrap();
+            drop(s);
+            s = rig.open();
+            let what = format!("{name}: resized to {n}, restarted");
+            assert!(!s.recovery_report()[0].quarantined, "{what}");
+            assert_eq!(block_on(s.running_config(&id)).segments, running, "{what}");
+            assert_eq!(log.check(&s, &id, &what), e, "{what}");
+            altered.expect(&what);
+            assert_eq!(running, n, "{what}");
+        }
+        s.shutdown().unwrap();
+    }
+}
+
+/// An alter whose `partition.meta` is renamed in place but whose
+/// directory sync fails is in effect. Taken as a failure, the partition
+/// ran its old config (its ring resized back) while a restart loaded the
+/// new overflow, with the old size from `ring.meta`.
+#[test]
+fn an_alter_whose_partition_meta_is_not_synced_is_in_effect() {
+    for (name, rig) in rigs() {
+        let (s, id, log) = started(&rig, 5);
+        let want = cfg_of(&s, &id, 5, OverflowPolicy::Reject);
+        unsynced(&rig, part::PARTITION_META);
+        let altered = block_on(s.alter_partition(&id, want.clone()));
+        let running = block_on(s.running_config(&id));
+        log.check(&s, &id, name);
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert_eq!(
+            block_on(s.running_config(&id)),
+            running,
+            "{name}: restarted"
+        );
+        altered.expect(name);
+        assert_eq!(running, want, "{name}");
+        log.check(&s, &id, name);
+        s.shutdown().unwrap();
+    }
+}
+
+/// A start that completes a resize (a crash came between `ring.meta`
+/// and `partition.meta`) whose `partition.meta` is renamed in place but
+/// not synced goes on: the file holds the size it runs, and were it lost,
+/// the next start would complete the resize again. It used to fail the
+/// whole start.
+#[test]
+fn a_start_completing_a_resize_goes_on_when_partition_meta_is_not_synced() {
+    for (name, rig) in rigs() {
+        let (s, id, log) = started(&rig, 5);
+        alter(&s, &id, 5).unwrap();
+        s.shutdown().unwrap();
+        drop(s);
+        let file = rig
+            .dir
+            .path()
+            .join("topics/resize/0")
+            .join(part::PARTITION_META);
+        let before_resize = part::PartitionMeta {
+            topic: "resize".into(),
+            partition: 0,
+            cfg: small_cfg(),
+        };
+        meta::write_atomic(&file, &before_resize).unwrap();
+        unsynced(&rig, part::PARTITION_META);
+        let s = rig.open_with(rig.cfg()).expect(name);
+        assert_eq!(block_on(s.running_config(&id)).segments, 5, "{name}");
+        let on_disk: part::PartitionMeta = meta::read(&file).unwrap().unwrap();
+        assert_eq!(on_disk.cfg.segments, 5, "{name}");
+        log.check(&s, &id, name);
+        s.shutdown().unwrap();
+    }
+}
