@@ -235,6 +235,36 @@ fn only_a_restart_after_a_crash_reads_past_the_end() {
     s.shutdown().unwrap();
 }
 
+/// The first append after a clean start, whose unmarked checkpoint is
+/// renamed in place but not synced, keeps that checkpoint: it says "not
+/// clean" as a synced one would. It used to be removed as if not written,
+/// taking with it what it said was durable.
+#[test]
+fn an_unmarked_checkpoint_not_synced_is_kept() {
+    use super::meta;
+    use super::recovery::Checkpoint;
+    let rig = Rig::fault(3);
+    let id = pid("clean", 0);
+    let ck_path = rig.dir.path().join("topics/clean/0/checkpoint.meta");
+    let s = rig.open();
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    block_on(s.append(&id, batch_of(4, 0))).unwrap();
+    s.shutdown().unwrap();
+    drop(s);
+    let marked: Checkpoint = meta::read(&ck_path).unwrap().expect("written");
+    assert!(marked.clean);
+    let s = rig.open();
+    meta::FAIL_DIR_SYNC.lock().unwrap().push(ck_path.clone());
+    block_on(s.append(&id, batch_of(4, 4))).unwrap();
+    let unmarked: Option<Checkpoint> = meta::read(&ck_path).unwrap();
+    let want = Checkpoint {
+        clean: false,
+        ..marked
+    };
+    assert_eq!(unmarked, Some(want));
+    s.shutdown().unwrap();
+}
+
 /// The same for a roll: the run fills slot 0, rolls, and writes slot 1's header with two batches, whose fdatasync fails; the
 /// crash keeps only the second batch. Slot 1's header is lost, so slot 0
 /// is the active segment, full: recovery reads slot 1 too and erases it.

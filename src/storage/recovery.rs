@@ -1429,7 +1429,10 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
         clean: false,
         ..p.checkpointed
     };
-    match meta::write_atomic(&path, &ck) {
+    // One renamed in place but not synced says "not clean" as well as a
+    // synced one; removing it instead would be a directory change no more
+    // durable, and would lose what it says was durable.
+    match meta::unsynced_is_written(&path, meta::write_atomic(&path, &ck)) {
         Ok(()) => p.checkpointed = ck,
         Err(e) => {
             log::warn!(
@@ -1524,7 +1527,9 @@ pub(super) fn checkpoint_written(
     ck: Checkpoint,
     written: Result<(), meta::MetaError>,
 ) {
-    match written {
+    // A clean shutdown's, renamed in place but not synced, is the one on
+    // disk (`overwrite` never fails that way).
+    match meta::unsynced_is_written(&checkpoint_path(p), written) {
         Ok(()) => p.checkpointed = ck,
         Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
     }
