@@ -1100,6 +1100,12 @@ impl Engine {
             cfg: c.cfg.clone(),
         };
         let dir = &c.dir;
+        // A partition.meta renamed in place but not synced
+        // (`MetaError::Unsynced`) fails the create like any other error:
+        // `create_failed` removes the directory, meta file first, so
+        // neither memory nor disk keeps the partition. As written, the
+        // create would be answered done with a directory a power loss can
+        // leave without its partition.meta.
         let done = part
             .commit_now(&mut self.ctx, true)
             .and_then(|()| Ok(self.ctx.io.sync_dir(dir)?))

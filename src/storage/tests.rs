@@ -257,6 +257,36 @@ fn config_strings_round_trip() {
     assert!(validate_topic_name("sensors.temp-1_a").is_ok());
 }
 
+/// A create whose `partition.meta` is renamed in place but whose
+/// directory sync fails is failed like any other, and its directory
+/// removed: neither the storage nor a restart has the partition, and
+/// the create can be made again.
+#[test]
+fn a_create_whose_partition_meta_is_not_synced_leaves_nothing() {
+    for (name, rig) in rigs() {
+        let id = pid("new", 0);
+        let dir = rig.dir.path().join("topics/new/0");
+        meta::FAIL_DIR_SYNC
+            .lock()
+            .unwrap()
+            .push(dir.join(part::PARTITION_META));
+        let s = rig.open();
+        let e = block_on(s.create_partition(id.clone(), small_cfg())).expect_err(name);
+        assert!(
+            matches!(e, StorageError::Meta(meta::MetaError::Unsynced(_))),
+            "{name}: {e:?}"
+        );
+        assert!(!dir.exists(), "{name}: its directory stays");
+        assert!(s.partitions().is_empty(), "{name}");
+        s.shutdown().unwrap();
+        drop(s);
+        let s = rig.open();
+        assert!(s.partitions().is_empty(), "{name}: after a restart");
+        block_on(s.create_partition(id.clone(), small_cfg())).expect(name);
+        s.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn append_read_reopen() {
     for (name, rig) in rigs() {
