@@ -262,6 +262,67 @@ fn the_connection_limit_refuses_the_third_connection() {
     drop(held);
 }
 
+/// A refused client that sent its hello before reading is closed in order:
+/// the refusal, then the end of the stream, and its hello read and dropped
+/// rather than left unread. Closed with it unread, the socket was reset:
+/// over TCP the client's next write failed (EPIPE), and a frame not yet
+/// acknowledged would be lost; over the Unix socket the read after the
+/// refusal failed with ECONNRESET instead of ending.
+#[test]
+fn a_refused_client_with_its_hello_sent_sees_an_orderly_close() {
+    use std::io::{Read, Write};
+    let b = Broker::start("[server]\nmax_connections = 1\n");
+    let mut held = None;
+    wait_until(Duration::from_secs(10), "one admitted connection", || {
+        held = try_hello(&b.tcp);
+        held.is_some()
+    });
+    let mut hello = Vec::new();
+    skiff::protocol::encode_request(
+        &skiff::protocol::Request {
+            correlation_id: 1,
+            body: hello_body(1, 1),
+        },
+        &mut hello,
+    )
+    .expect("encoding a hello");
+
+    let mut tcp = RawConn::connect(&b.tcp);
+    tcp.send(&hello);
+    tcp.expect_error(ErrorCode::TooManyConnections);
+    assert_eq!(tcp.stream.read(&mut [0u8; 64]).expect("the end"), 0);
+    // A reset, had one been sent, has arrived by now: the write would fail.
+    std::thread::sleep(Duration::from_millis(200));
+    tcp.stream
+        .write_all(&hello)
+        .expect("a write after the refusal");
+
+    let mut unix = std::os::unix::net::UnixStream::connect(b.unix_addr()).expect("connecting");
+    unix.set_read_timeout(Some(RAW_READ_TIMEOUT))
+        .expect("read timeout");
+    unix.write_all(&hello).expect("writing a hello");
+    // As above: a reset's error, had the socket been closed with the hello
+    // unread, is there by now, ahead of the end of the stream.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut said = Vec::new();
+    unix.read_to_end(&mut said)
+        .expect("the refusal, then the end");
+    let n = skiff::protocol::frame_len(&said, u32::MAX)
+        .expect("a frame")
+        .expect("a whole frame");
+    assert_eq!(n, said.len(), "one frame, then the end");
+    match skiff::protocol::decode_response(&said[4..n])
+        .expect("a response")
+        .body
+    {
+        skiff::protocol::ResponseBody::Error(e) => {
+            assert_eq!(e.code, ErrorCode::TooManyConnections)
+        }
+        other => panic!("not a refusal: {other:?}"),
+    }
+    drop(held);
+}
+
 /// docs/operations.md: `connections_refused_total` counts refusals at
 /// accept per reason, every reason exported from the start. Over TCP the
 /// address's limit is checked first; the Unix socket has no address, so

@@ -42,14 +42,15 @@ use acl::{Acl, DenialLog, ANONYMOUS};
 use quota::{AddrGuard, IdentityGuard, Quotas};
 use tls::{TlsError, TlsSetup, TlsSlot};
 
-/// How long, and how many bytes, the socket of a refused TLS client is
-/// read and dropped after the refusal (`close_refused`): enough for the
-/// first request a client writes after its side of the handshake; a peer
-/// that sends more, or never closes, holds its socket no longer, and is
-/// reset if its bytes are still unread then. The connection holds no slot
-/// meanwhile (its server and address slots are given back first).
-const TLS_REFUSED_DRAIN_MS_MAX: u64 = 1_000;
-const TLS_REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
+/// How long, and how many bytes, the socket of a refused client is read
+/// and dropped after the refusal (`refuse`, `close_refused`): enough for
+/// the hello a client writes before it reads, or the first request a TLS
+/// client writes after its side of the handshake; a peer that sends more,
+/// or never closes, holds its socket no longer, and is reset if its bytes
+/// are still unread then. The connection holds no slot meanwhile (its
+/// server and address slots are given back first).
+const REFUSED_DRAIN_MS_MAX: u64 = 1_000;
+const REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
 /// How many refused TLS clients (before their handshake, by their
 /// address's limits or `server.max_connections`, or in or right after it)
 /// are closed in order at a time (`start_closing`); the open-file limit is
@@ -972,38 +973,42 @@ fn bind_unix(path: &Path) -> Result<smol::net::unix::UnixListener, ServeError> {
 /// Refuses a connection with `too_many_connections` on a task of its own,
 /// at most `REFUSALS_ANSWERING_MAX` at a time; past them the connection is
 /// closed at once, unanswered.
-fn refuse_in_turn<S>(
+fn refuse_in_turn(
     ctx: &Ctx,
     ex: &smol::Executor<'static>,
-    stream: S,
+    conn: impl session::Connection,
     why: impl std::fmt::Display,
-) where
-    S: futures_lite::AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let Some(turn) = start_closing(&ctx.refusing, REFUSALS_ANSWERING_MAX) else {
         return;
     };
     let why = why.to_string();
     ex.spawn(async move {
         let _turn = turn;
-        refuse(stream, ErrorCode::TooManyConnections, why).await;
+        refuse(conn, ErrorCode::TooManyConnections, why).await;
     })
     .detach();
 }
 
-/// Refuses a connection with a typed error frame, then closes it; a peer
-/// that has not taken the frame by `refused_deadline` is closed without it,
-/// so it holds its turn (`refuse_in_turn`) no longer.
-async fn refuse<S: futures_lite::AsyncWrite + Unpin>(mut stream: S, code: ErrorCode, why: String) {
+/// Refuses a connection with a typed error frame, then closes it in order:
+/// the write side is shut after the frame (FIN), then what the client sent
+/// (its hello, unread) is read and dropped until it closes
+/// (`drain_refused`). Closed with those bytes unread, the socket would be
+/// reset, and the client's next write fail, or the frame be lost if not
+/// yet acknowledged. All of it ends by `refused_deadline`, so a peer holds
+/// its turn (`refuse_in_turn`) no longer.
+async fn refuse(conn: impl session::Connection, code: ErrorCode, why: String) {
+    use futures_lite::AsyncWriteExt;
     let mut buf = Vec::new();
     let r = error_response(0, code, why);
     if encode_response(&r, &mut buf).is_err() {
         return;
     }
+    let (mut reads, mut writes) = conn.split();
     let answer = async {
-        use futures_lite::AsyncWriteExt;
-        let _ = stream.write_all(&buf).await;
-        let _ = stream.close().await;
+        if writes.write_all(&buf).await.is_ok() && writes.close().await.is_ok() {
+            drain_refused(&mut reads).await;
+        }
     };
     let expired = async {
         smol::Timer::at(refused_deadline()).await;
@@ -1069,8 +1074,7 @@ fn admit_and_spawn(
     let Some(slot) = slot.or_else(|| admit(ctx)) else {
         ctx.metrics
             .connection_refused(RefusalReason::MaxConnections);
-        let (_, w) = conn.split();
-        refuse_in_turn(ctx, ex, w, connection_limit(ctx));
+        refuse_in_turn(ctx, ex, conn, connection_limit(ctx));
         return;
     };
     let identity = match ctx.quotas.admit_identity(identity) {
@@ -1078,8 +1082,7 @@ fn admit_and_spawn(
         Err(why) => {
             ctx.metrics.connection_refused(why.reason());
             log::info!("{peer}: refused: {why}");
-            let (_, w) = conn.split();
-            refuse_in_turn(ctx, ex, w, why);
+            refuse_in_turn(ctx, ex, conn, why);
             return;
         }
     };
@@ -1394,29 +1397,32 @@ impl Refused {
 /// still, and its next bytes would meet a closed socket, which resets.
 /// So: the write side is shut (FIN after the alert), then what comes in
 /// is read and dropped until the client closes, until `deadline`
-/// (`refused_deadline`) and `TLS_REFUSED_DRAIN_BYTES_MAX`.
+/// (`refused_deadline`) and `REFUSED_DRAIN_BYTES_MAX`.
 async fn close_refused(mut stream: smol::net::TcpStream, deadline: std::time::Instant) {
-    use futures_lite::AsyncReadExt;
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let drain = async {
-        let mut buf = [0u8; 4096];
-        let mut left = TLS_REFUSED_DRAIN_BYTES_MAX;
-        while left > 0 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    };
     let expired = async {
         smol::Timer::at(deadline).await;
     };
-    futures_lite::future::or(drain, expired).await;
+    futures_lite::future::or(drain_refused(&mut stream), expired).await;
 }
 
-/// When a refused TLS client's socket is closed at the latest.
+/// Reads and drops what a refused client sends, until it closes or
+/// `REFUSED_DRAIN_BYTES_MAX`; the caller bounds it in time.
+async fn drain_refused(reads: &mut (impl futures_lite::AsyncRead + Unpin)) {
+    use futures_lite::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let mut left = REFUSED_DRAIN_BYTES_MAX;
+    while left > 0 {
+        match reads.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// When a refused client's socket is closed at the latest.
 fn refused_deadline() -> std::time::Instant {
-    std::time::Instant::now() + Duration::from_millis(TLS_REFUSED_DRAIN_MS_MAX)
+    std::time::Instant::now() + Duration::from_millis(REFUSED_DRAIN_MS_MAX)
 }
 
 #[cfg(test)]
