@@ -71,7 +71,8 @@ pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
 /// version 2 there is no `upstream_backlog_full`, and such a client gets
 /// `storage_full` (also retriable, with the same meaning to it); before
 /// version 4 the coordinators' refusals at their limits are
-/// `invalid_request`, as they were then.
+/// `invalid_request`, as they were then. Mapped wherever a code is: an
+/// error answer, a produce result's per partition, a share ack's per ack.
 pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
     if version >= 4 {
         return body;
@@ -91,6 +92,7 @@ pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
     match &mut body {
         ResponseBody::Error(e) => old(&mut e.code),
         ResponseBody::Produce(p) => p.partitions.iter_mut().for_each(|r| old(&mut r.error)),
+        ResponseBody::ShareAck(a) => a.results.iter_mut().for_each(old),
         _ => {}
     }
     body

@@ -2322,6 +2322,34 @@ fn coordinator_refusals_are_invalid_request_before_version_4() {
     }
 }
 
+/// A share ack's result per ack is mapped for an older client as an error
+/// answer's code is: a version 3 client (share groups came with it) gets
+/// `invalid_request` for a code of version 4, and the rest unchanged.
+#[test]
+fn share_ack_results_are_mapped_for_older_versions() {
+    let ack = ResponseBody::ShareAck(ShareAckResponse {
+        results: vec![
+            ErrorCode::None,
+            ErrorCode::TooManySharePartitions,
+            ErrorCode::ShareLockLost,
+            ErrorCode::TooManyMembers,
+        ],
+    });
+    assert_eq!(crate::protocol::for_version(ack.clone(), 4), ack);
+    let ResponseBody::ShareAck(a) = crate::protocol::for_version(ack, 3) else {
+        unreachable!()
+    };
+    assert_eq!(
+        a.results,
+        [
+            ErrorCode::None,
+            ErrorCode::InvalidRequest,
+            ErrorCode::ShareLockLost,
+            ErrorCode::InvalidRequest,
+        ]
+    );
+}
+
 /// Share groups' operations (70..=75) are in the samples, so their bytes
 /// are pinned (the golden tables), they round-trip, docs/protocol.md shows
 /// each and the fuzzers start from them; here only their versions:
