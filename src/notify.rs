@@ -7,8 +7,9 @@
 //! saves. Outside systemd (`$NOTIFY_SOCKET` unset) every call is a no-op
 //! returning `Ok(false)`.
 //!
-//! With `Type=notify` skiff sends `READY=1` once recovery is done and the
-//! listeners are up, `STATUS=...` as it goes, `STOPPING=1` on shutdown, and
+//! With `Type=notify` skiff sends `READY=1` once storage, the producer table
+//! and the coordinators' logs are recovered and the listeners are up (as
+//! `/ready`), `STATUS=...` as it goes, `STOPPING=1` on shutdown, and
 //! with `WatchdogSec=` it sends `WATCHDOG=1` from a [`Watchdog`] ticker at
 //! half the interval, but only while every [`Heartbeat`] (the storage
 //! thread, the accept loop) has beaten since the previous ping. A hung
@@ -146,7 +147,9 @@ pub fn notify(state: &str) -> Result<bool, NotifyError> {
     }
 }
 
-/// `READY=1`: recovery is complete and the listeners are up.
+/// `READY=1`: storage, the producer table and the coordinators' logs are
+/// recovered and the listeners are up (transactions the last run left open
+/// may still be ending).
 pub fn ready() -> Result<bool, NotifyError> {
     notify("READY=1")
 }

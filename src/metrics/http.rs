@@ -3,8 +3,10 @@
 //! - `GET /metrics`: OpenMetrics text (Prometheus scrapes it as is).
 //! - `GET /health`: liveness, 200 whenever the process answers; after
 //!   "ok", a line per storage fallback in use (no O_DIRECT, no fallocate).
-//! - `GET /ready`: 200 once recovery is complete and the listeners are up
-//!   (the `ready` flag), 503 before.
+//! - `GET /ready`: 200 once storage, the producer table and the
+//!   coordinators' logs are recovered and every listener is bound (the
+//!   `ready` flag), 503 before; transactions the last run left open may
+//!   still be ending then (`Server::start`).
 //!
 //! One request per connection (`Connection: close`), headers bounded, one
 //! deadline for the whole exchange, a bounded number of connections served

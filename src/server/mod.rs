@@ -711,10 +711,11 @@ const CLEANER_INTERVAL_MS: u64 = 200;
 /// SIGHUP reloads: `reload` reads the config again and [`Server::reload`]
 /// applies what may change while serving; a config that does not load
 /// leaves everything as it was (and says why in the log).
-/// Under systemd (`Type=notify`) it says READY once recovery is done and
-/// the listeners are bound, keeps STATUS current, feeds the watchdog only
-/// while both the network executor and the storage thread answer, and says
-/// STOPPING when it begins to stop.
+/// Under systemd (`Type=notify`) it says READY once storage, the producer
+/// table and the coordinators' logs are recovered and the listeners are
+/// bound (transactions the last run left open may still be ending), keeps
+/// STATUS current, feeds the watchdog only while both the network executor
+/// and the storage thread answer, and says STOPPING when it begins to stop.
 pub fn serve(
     cfg: &Config,
     ready_file: Option<&Path>,
@@ -861,8 +862,9 @@ fn raise_fd_limit(cfg: &Config) {
     }
 }
 
-/// What `serve --ready-file` writes once recovery is done and every
-/// listener is bound: the addresses really bound, so a config may ask for
+/// What `serve --ready-file` writes once storage, the producer table and
+/// the coordinators' logs are recovered and every listener is bound (as
+/// `/ready`; transactions the last run left open may still be ending): the addresses really bound, so a config may ask for
 /// port 0 and a script or test learn the port without racing anyone for
 /// it. JSON, written to a temporary name and renamed, so a reader that
 /// sees the file sees all of it.
