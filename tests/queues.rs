@@ -818,23 +818,30 @@ fn sigterm_ends_a_worker_waiting_for_a_member_slot_to_acknowledge() {
     drop(other);
 }
 
-/// `skiff dlq replay` started while `share.max_active_members` are active
-/// (any share group's) waits for a slot too, saying so on stderr.
-#[test]
-fn dlq_replay_waits_for_a_share_member_slot() {
-    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
-    create(&b, "t", 1);
-    create(&b, "t.dlq", 1);
-    produce(&b, "t", &["r1".to_owned()]);
-    let first = first_member(&b);
+/// `skiff dlq replay t` spawned, its stderr to the path returned, while
+/// the member returned holds the only share-member slot (topic t's).
+fn replay_with_the_slot_taken(b: &Broker) -> (ShareConsumer, Child, std::path::PathBuf) {
+    create(b, "t", 1);
+    create(b, "t.dlq", 1);
+    produce(b, "t", &["r1".to_owned()]);
+    let first = first_member(b);
     let err = b.dir.path().join("replay.stderr");
-    let mut replay = skiff_command()
+    let replay = skiff_command()
         .args(["dlq", "replay", "t", "--broker", &b.tcp])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
+    (first, replay, err)
+}
+
+/// `skiff dlq replay` started while `share.max_active_members` are active
+/// (any share group's) waits for a slot too, saying so on stderr.
+#[test]
+fn dlq_replay_waits_for_a_share_member_slot() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    let (first, mut replay, err) = replay_with_the_slot_taken(&b);
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     wait_until(WAIT, "the replay to wait for a slot", || {
         if let Some(s) = replay.try_wait().unwrap() {
@@ -852,6 +859,18 @@ fn dlq_replay_waits_for_a_share_member_slot() {
         "{}",
         read()
     );
+}
+
+/// A SIGTERM ends `skiff dlq replay`'s wait for a member slot at once, and
+/// it exits cleanly, as a worker does: it left the group and says what it
+/// replayed. Before, it had no handler, and the signal killed it.
+#[test]
+fn sigterm_ends_a_dlq_replay_waiting_for_a_member_slot() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    let (first, replay, err) = replay_with_the_slot_taken(&b);
+    let said = stop_while_waiting_for_a_slot(replay, &err);
+    assert!(said.contains("replayed 0 record(s) from t.dlq"), "{said}");
+    drop(first);
 }
 
 #[test]

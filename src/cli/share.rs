@@ -66,21 +66,15 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let slot_wait = Arc::new(AtomicBool::new(false));
-    let notice = slot_wait_notice(format!("consume {} --share-group {group}", args.topic));
+    let (slot_wait, on_slot_wait) =
+        slot_wait_flagged(format!("consume {} --share-group {group}", args.topic));
     let config = ShareConfig {
         max_records: 1,
         max_wait: Duration::from_millis(args.timeout_ms.unwrap_or(500).clamp(1, 500)),
         from_earliest,
         // A worker waits for a member slot as long as for a record.
         retry_timeout: args.timeout_ms.map_or(Duration::MAX, Duration::from_millis),
-        on_slot_wait: Some(SlotWaitHook({
-            let slot_wait = slot_wait.clone();
-            Arc::new(move |e| {
-                slot_wait.store(true, Ordering::Relaxed);
-                (notice.0)(e);
-            })
-        })),
+        on_slot_wait: Some(on_slot_wait),
         ..ShareConfig::default()
     };
     let worker = ShareConsumer::new(client, &group, &args.topic, config);
@@ -109,6 +103,20 @@ fn slot_wait_notice(what: String) -> SlotWaitHook {
     SlotWaitHook(Arc::new(move |e| {
         eprintln!("skiff: {what}: waiting for a share-member slot ({e})");
     }))
+}
+
+/// [`slot_wait_notice`], which also sets the flag returned, for
+/// [`unless_stopped_waiting`] to learn that the ask in hand waits for a
+/// member slot.
+fn slot_wait_flagged(what: String) -> (Arc<AtomicBool>, SlotWaitHook) {
+    let flag = Arc::new(AtomicBool::new(false));
+    let notice = slot_wait_notice(what);
+    let set = flag.clone();
+    let hook = SlotWaitHook(Arc::new(move |e| {
+        set.store(true, Ordering::Relaxed);
+        (notice.0)(e);
+    }));
+    (flag, hook)
 }
 
 /// How often a stop signal is looked for while a poll or an
@@ -329,6 +337,16 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
     let dlq = dead_letter_topic
         .clone()
         .unwrap_or_else(|| format!("{topic}.dlq"));
+    // A replay stops cleanly on SIGTERM or SIGINT (`replay_into`): the
+    // batch in hand is finished, so a run stopped and run again repeats
+    // none, and the group left.
+    let stop = match &command {
+        DlqCommand::Replay { .. } => match super::stop_flag() {
+            Ok(s) => s,
+            Err(code) => return code,
+        },
+        DlqCommand::List { .. } => Arc::new(AtomicBool::new(false)),
+    };
     let client = match connect(broker) {
         Ok(c) => c,
         Err(code) => return code,
@@ -337,7 +355,7 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
         let done = match command {
             DlqCommand::List { format, .. } => list(client.clone(), &dlq, format).await,
             DlqCommand::Replay { count, .. } => {
-                let n = replay(client.clone(), &dlq, count).await;
+                let n = replay(client.clone(), &dlq, count, &stop).await;
                 if let Ok(n) = n {
                     eprintln!("skiff: replayed {n} record(s) from {dlq}");
                 }
@@ -442,9 +460,16 @@ async fn list(client: Client, dlq: &str, format: OutputFormat) -> Result<u64, Cl
 /// Publishes dead-letter records back to their original topic, through the
 /// share group [`REPLAY_GROUP`] on the dead-letter topic: a record is
 /// accepted there only once its copy is written, so a replay stopped and
-/// run again neither loses nor repeats one.
-async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, ClientError> {
+/// run again neither loses nor repeats one. A stop (`stop`) ends it
+/// between batches, or at once while it waits for a member slot to poll.
+async fn replay(
+    client: Client,
+    dlq: &str,
+    count: Option<u64>,
+    stop: &AtomicBool,
+) -> Result<u64, ClientError> {
     let producer = Producer::new(client.clone(), ProducerConfig::default()).await?;
+    let (slot_wait, on_slot_wait) = slot_wait_flagged(format!("dlq replay {dlq}"));
     let worker = ShareConsumer::new(
         client,
         REPLAY_GROUP,
@@ -453,12 +478,20 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
             max_records: 100,
             max_wait: Duration::from_millis(200),
             from_earliest: true,
-            on_slot_wait: Some(slot_wait_notice(format!("dlq replay {dlq}"))),
+            on_slot_wait: Some(on_slot_wait),
             ..ShareConfig::default()
         },
     );
     let mut replayed = 0u64;
-    let worked = replay_into(&producer, &worker, dlq, count, &mut replayed).await;
+    let worked = replay_into(
+        &producer,
+        &worker,
+        dlq,
+        count,
+        (stop, &slot_wait),
+        &mut replayed,
+    )
+    .await;
     // As `consume --share-group`: what this run still holds goes back now,
     // so a second replay need not wait out lock_ms for it.
     if let Err(e) = worker.leave().await {
@@ -467,20 +500,31 @@ async fn replay(client: Client, dlq: &str, count: Option<u64>) -> Result<u64, Cl
     worked.map(|()| replayed)
 }
 
+/// `(stop, slot_wait)`: the stop flag, and whether the poll in hand waits
+/// for a member slot. A stop then drops the poll, which locked nothing;
+/// once records are in hand their batch is finished (copies written and
+/// acknowledged, the acknowledgement's wait for a slot bounded as the
+/// poll's), since copies written but not acknowledged would be replayed
+/// again by the next run.
 async fn replay_into(
     producer: &Producer,
     worker: &ShareConsumer,
     dlq: &str,
     count: Option<u64>,
+    (stop, slot_wait): (&AtomicBool, &AtomicBool),
     replayed: &mut u64,
 ) -> Result<(), ClientError> {
     loop {
         let left = count.map(|c| c.saturating_sub(*replayed));
-        if left == Some(0) {
+        if left == Some(0) || stop.load(Ordering::Relaxed) {
             break;
         }
         let n = left.map_or(100, |l| l.min(100) as u32);
-        let records = worker.poll_max(n).await?;
+        let Some(records) = unless_stopped_waiting(stop, slot_wait, worker.poll_max(n)).await
+        else {
+            break;
+        };
+        let records = records?;
         if records.is_empty() {
             break;
         }
