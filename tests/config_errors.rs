@@ -277,15 +277,7 @@ fn a_refused_client_with_its_hello_sent_sees_an_orderly_close() {
         held = try_hello(&b.tcp);
         held.is_some()
     });
-    let mut hello = Vec::new();
-    skiff::protocol::encode_request(
-        &skiff::protocol::Request {
-            correlation_id: 1,
-            body: hello_body(1, 1),
-        },
-        &mut hello,
-    )
-    .expect("encoding a hello");
+    let hello = request_frame(1, hello_body(1, 1));
 
     let mut tcp = RawConn::connect(&b.tcp);
     tcp.send(&hello);

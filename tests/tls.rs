@@ -411,6 +411,57 @@ fn a_refused_tls_client_reads_the_refusal_and_an_orderly_close() {
     assert!(b.log().contains("names no identity"), "{}", b.log());
 }
 
+/// A mutual-TLS session refused after its handshake by its identity's
+/// limit (`quotas.max_connections_per_identity`) is closed in order: the
+/// too_many_connections frame, a close_notify and a FIN, and what the
+/// client writes meanwhile read and dropped, so its next write meets no
+/// reset. (A hello that comes with the client's Finished is mostly read
+/// by the handshake already, so this path was seldom reset before the
+/// drain; the plain-TCP and Unix ones were: tests/config_errors.rs.)
+#[test]
+fn a_tls_session_over_its_identity_limit_is_refused_then_closed_in_order() {
+    use std::io::{Read, Write};
+    let (_keep, mut pki) = pki_dir();
+    pki.issue("dev-1", "dev-1", &[], Valid::Now, None);
+    let section = pki.server_section(true, "[quotas]\nmax_connections_per_identity = 1\n");
+    let b = Broker::start(&section);
+    let config = raw_tls_client(&pki, "dev-1");
+    let connect = || {
+        let tcp = std::net::TcpStream::connect(tls_addr(&b)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let hello = request_frame(1, hello_body(1, 1));
+    let answer = |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+        let mut prefix = [0u8; 4];
+        s.read_exact(&mut prefix).expect("a frame's prefix");
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        s.read_exact(&mut body).expect("a frame's body");
+        skiff::protocol::decode_response(&body)
+            .expect("a response")
+            .body
+    };
+    let mut held = connect();
+    held.write_all(&hello).unwrap();
+    assert!(matches!(answer(&mut held), ResponseBody::Hello(_)));
+
+    let mut refused = connect();
+    refused.write_all(&hello).unwrap();
+    match answer(&mut refused) {
+        ResponseBody::Error(e) => assert_eq!(e.code, ErrorCode::TooManyConnections, "{e:?}"),
+        other => panic!("not a refusal: {other:?}"),
+    }
+    assert_eq!(refused.read(&mut [0u8; 64]).expect("a close_notify"), 0);
+    // A reset, had one been sent, has arrived by now: the write would fail.
+    std::thread::sleep(Duration::from_millis(200));
+    refused
+        .write_all(&hello)
+        .expect("a write after the refusal");
+    drop(held);
+}
+
 /// A client of a broker whose TLS takes clients without a certificate.
 fn anonymous_tls_client(pki: &Pki, b: &Broker) -> blocking::Client {
     let config = ClientConfig {
