@@ -458,10 +458,21 @@ impl super::Broker {
             smol::Timer::after(SNAPSHOT_WAIT).await;
         }
         let hw = self.storage.offsets(&id)?.high_watermark;
-        let covered = self
-            .producers
-            .snapshot(topic, partition, hw)
-            .map_err(crate::storage::StorageError::Meta)?;
+        // On the offload thread: its fsyncs and rename (2 to 4 flushes on
+        // an SD card) held the network thread, and every connection on it,
+        // at each compaction. A snapshot renamed in place but not synced
+        // fails it as before: compaction may then drop batches only a
+        // snapshot that a power loss can undo covers.
+        let covered = {
+            let (producers, topic) = (self.producers.clone(), topic.to_owned());
+            crate::offload::run(move || {
+                #[cfg(test)]
+                super::hold_meta_write(&producers.snapshot_path(&topic, partition));
+                producers.snapshot(&topic, partition, hw)
+            })
+            .await
+            .map_err(crate::storage::StorageError::Meta)?
+        };
         let mut report = CompactionReport::default();
         let mut classes = 1u64;
         let mut class = 0u64;

@@ -232,6 +232,8 @@ fn hold_next_meta_write(
     (reached_rx, release_tx)
 }
 
+/// Where a test's hold takes effect: in [`write_meta`], and in a
+/// compaction's producer snapshot.
 #[cfg(test)]
 fn hold_meta_write(path: &Path) {
     let hold = {

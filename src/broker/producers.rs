@@ -1245,7 +1245,7 @@ impl Producers {
         }
     }
 
-    fn snapshot_path(&self, topic: &str, partition: u32) -> PathBuf {
+    pub(super) fn snapshot_path(&self, topic: &str, partition: u32) -> PathBuf {
         self.snapshot_dir.join(format!("{topic}-{partition}.snap"))
     }
 

@@ -972,6 +972,46 @@ fn a_produce_is_answered_while_a_create_writes_the_topic_table() {
     b.close().expect("close");
 }
 
+/// A compaction first writes the compacted partition's producer
+/// snapshot, with its fsyncs. It did so on the network thread, and every
+/// connection there waited: here the held write would block the executor
+/// that releases it, and the test fails. Now a produce elsewhere is
+/// answered meanwhile.
+#[test]
+fn a_produce_is_answered_while_a_compaction_writes_its_producer_snapshot() {
+    let rig = Rig::fault(42);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    let compacted = TopicSpec {
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    create(&b, "c", compacted);
+    let mut bb = BatchBuilder::new();
+    bb.push_record(crate::batch::now_ms(), Some(b"k"), Some(b"v"), &[]);
+    let keyed = bb.finish(ProducerStamp::NONE);
+    block_on(async { b.produce("c", 0, keyed.into()).await?.await }).expect("produced");
+    let (reached, release) = hold_next_meta_write(rig.dir.path());
+    let other = async {
+        let file = reached.recv().await.expect("the write is held");
+        assert!(
+            file.starts_with(rig.dir.path().join("producer-state")),
+            "{file:?}"
+        );
+        let batch = with_msg_id("a", 10, crate::batch::now_ms());
+        let produced = b.produce("t", 0, batch.into()).await?.await?;
+        release.send(()).expect("the write waits");
+        Ok::<_, BrokerError>(produced)
+    };
+    let (compacted, produced) = block_on(futures_lite::future::zip(
+        b.compact_partition("c", 0),
+        other,
+    ));
+    compacted.expect("compacted");
+    assert_eq!(produced.expect("produced").base_offset, 0);
+    b.close().expect("close");
+}
+
 /// A write of `topics.meta` whose directory sync fails comes after its
 /// rename: the file has the new table. An alter, or a delete, used to
 /// answer an error and keep the old settings, or the topic, in memory
