@@ -260,12 +260,12 @@ const OPEN_LOOP_TICK: Duration = Duration::from_micros(100);
 /// What one producer sends: `messages` records of `size` bytes, keyed
 /// `k<i mod keys>` when `keys` is set.
 #[derive(Clone, Copy)]
-struct Load {
-    messages: u64,
-    size: usize,
-    keys: Option<u64>,
+pub(super) struct Load {
+    pub messages: u64,
+    pub size: usize,
+    pub keys: Option<u64>,
     /// Every record to this partition; else the partitioner's choice.
-    partition: Option<u32>,
+    pub partition: Option<u32>,
 }
 
 /// Workload P's loop on one producer: `messages` records, at most
@@ -550,14 +550,7 @@ pub fn produce(a: BenchProduceArgs) -> ExitCode {
                 BenchClient::Device(d) => {
                     let due = schedule
                         .map(|s| Box::new(move |i| s.due(i)) as Box<dyn Fn(u64) -> Instant + Send>);
-                    let load = DeviceLoad {
-                        messages: load.messages,
-                        size: load.size,
-                        keys: load.keys,
-                        partition: load.partition.unwrap_or(0),
-                        due,
-                    };
-                    devices.push((d, load));
+                    devices.push((d, DeviceLoad { load, due }));
                     continue;
                 }
             };

@@ -189,7 +189,13 @@ where
     frame_len(&header, FRAME_BYTES_MAX).map_err(ClientError::Protocol)?;
     answer.resize(body_len(header) as usize, 0);
     stream.read_exact(answer).await?;
-    let response = decode_response(answer).map_err(ClientError::Protocol)?;
+    answer_body(answer, correlation_id)
+}
+
+/// The body of the answer `frame_body` to request `correlation_id`; a
+/// server error answer is an error.
+fn answer_body(frame_body: &[u8], correlation_id: u32) -> Result<ResponseBody, ClientError> {
+    let response = decode_response(frame_body).map_err(ClientError::Protocol)?;
     if response.correlation_id != correlation_id {
         return Err(ClientError::UnexpectedResponse {
             expected: "the answer to the request sent",
@@ -225,15 +231,14 @@ struct Polled {
     sent: Instant,
     /// Records sent so far, and in all.
     sent_count: u64,
-    load: DeviceLoad,
+    load: super::bench::Load,
+    /// See [`DeviceLoad::due`].
+    due: Option<Box<dyn Fn(u64) -> Instant + Send>>,
 }
 
 /// What one device of [`drive`] sends.
 pub(super) struct DeviceLoad {
-    pub messages: u64,
-    pub size: usize,
-    pub keys: Option<u64>,
-    pub partition: u32,
+    pub load: super::bench::Load,
     /// When its records are due (an open loop); none: each as soon as the
     /// last is answered.
     pub due: Option<Box<dyn Fn(u64) -> Instant + Send>>,
@@ -264,7 +269,8 @@ pub(super) fn drive(
         drop(d.stream);
         ds.push(Polled {
             fd: d.fd,
-            value: vec![b'x'; load.size],
+            value: vec![b'x'; load.load.size],
+            due: load.due,
             stamp: d.stamp,
             idempotent: d.idempotent,
             correlation_id: d.correlation_id,
@@ -275,7 +281,7 @@ pub(super) fn drive(
             filled: 0,
             sent: Instant::now(),
             sent_count: 0,
-            load,
+            load: load.load,
         });
     }
     for (key, d) in ds.iter().enumerate() {
@@ -299,7 +305,7 @@ pub(super) fn drive(
                 continue;
             }
             active += 1;
-            match &d.load.due {
+            match &d.due {
                 Some(at) => due.push(Reverse((at(0), i))),
                 None => d.send(&poller, i, topic, now)?,
             }
@@ -341,7 +347,7 @@ pub(super) fn drive(
                     active -= 1;
                     continue;
                 }
-                match &d.load.due {
+                match &d.due {
                     // Counted from when it is due, however late it goes.
                     Some(at) => due.push(Reverse((at(d.sent_count), i))),
                     None => d.send(&poller, i, topic, acked)?,
@@ -391,7 +397,7 @@ impl Polled {
         let produce = RequestBody::Produce(ProduceRequest {
             partitions: vec![ProducePartition {
                 topic: topic.to_owned(),
-                partition: self.load.partition,
+                partition: self.load.partition.unwrap_or(0),
                 batch: batch[..].into(),
             }],
         });
@@ -479,22 +485,9 @@ impl Polled {
     /// Checks the whole answer read (its body ends at `end`) as
     /// [`Device::send`] does, and moves the sequence on.
     fn take_answer(&mut self, end: usize) -> Result<(), ClientError> {
-        let response = decode_response(&self.answer[FRAME_HEADER_BYTES..end])
-            .map_err(ClientError::Protocol)?;
-        if response.correlation_id != self.correlation_id {
-            return Err(ClientError::UnexpectedResponse {
-                expected: "the answer to the request sent",
-                got: "another correlation id",
-            });
-        }
-        let result = match response.body {
+        let body = answer_body(&self.answer[FRAME_HEADER_BYTES..end], self.correlation_id)?;
+        let result = match body {
             ResponseBody::Produce(mut p) if p.partitions.len() == 1 => p.partitions.remove(0),
-            ResponseBody::Error(e) => {
-                return Err(ClientError::Server {
-                    code: e.code,
-                    message: e.message,
-                })
-            }
             other => return Err(unexpected("produce", &other)),
         };
         if let Err(code) = result.offsets() {
