@@ -452,6 +452,9 @@ pub struct Coordinator {
     /// A log that refuses writes (a full ring, a failed disk) fails every
     /// commit: logged once a minute, as the share log's.
     log_failures: QuietLog<()>,
+    /// An offsets topic the broker refuses to make (its disk budget, its
+    /// `max_topics`) fails every request that needs it: logged once a minute.
+    create_failures: QuietLog<()>,
 }
 
 fn now_ms() -> i64 {
@@ -553,6 +556,9 @@ impl Coordinator {
                 format!("offsets log {OFFSETS_TOPIC}: compactions failed")
             }),
             log_failures: QuietLog::new(|_| format!("offsets log {OFFSETS_TOPIC}: writes failed")),
+            create_failures: QuietLog::new(|_| {
+                format!("offsets topic {OFFSETS_TOPIC}: creations failed")
+            }),
         };
         smol::block_on(c.load())?;
         Ok(Arc::new(c))
@@ -1433,7 +1439,9 @@ impl Coordinator {
         match self.broker.create_topic(OFFSETS_TOPIC, &spec).await {
             Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
             Err(e) => {
-                log::warn!("cannot create the offsets topic {OFFSETS_TOPIC}: {e}");
+                if let Some(more) = self.create_failures.due(&()) {
+                    log::warn!("cannot create the offsets topic {OFFSETS_TOPIC}: {e}{more}");
+                }
                 Err(e.into())
             }
         }

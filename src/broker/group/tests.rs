@@ -454,6 +454,27 @@ fn an_offsets_log_that_keeps_failing_is_logged_once_a_minute() {
     c.broker.close().expect("closed");
 }
 
+/// An offsets topic the broker refuses to make (here its `max_topics`)
+/// fails every commit: the refusal is logged once a minute, not once for
+/// each commit.
+#[test]
+fn an_offsets_topic_that_cannot_be_made_is_logged_once_a_minute() {
+    use crate::broker::share::tests::{capture_warnings, warnings};
+    capture_warnings();
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let c = open(&rig);
+    // With "t", the rig's four topics: none left for the offsets topic.
+    for name in ["a", "b", "c"] {
+        block_on(c.broker.create_topic(name, &TopicSpec::default())).expect("create");
+    }
+    for offset in 0..4 {
+        assert!(block_on(c.commit("g", None, vec![(tp(0), offset, None)])).is_err());
+    }
+    let lines = warnings(&["cannot create the offsets topic"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    c.broker.close().expect("closed");
+}
+
 /// An offsets log whose ring is full and whose compaction cannot be done
 /// (no room on the disk for its scratch segment) fails at every commit,
 /// each asking for a compaction: the failed compaction is logged once a
