@@ -43,24 +43,52 @@ pub struct Filtered {
     pub next_offset: Option<u64>,
 }
 
+/// Topic → partition → its state. Keyed by topic first so that a lookup
+/// (each read_committed fetch makes one) borrows the name, not copies it.
+type Parts = HashMap<String, HashMap<u32, Partition>>;
+
+fn part<'a>(parts: &'a Parts, topic: &str, partition: u32) -> Option<&'a Partition> {
+    parts.get(topic)?.get(&partition)
+}
+
+fn part_mut<'a>(parts: &'a mut Parts, topic: &str, partition: u32) -> Option<&'a mut Partition> {
+    parts.get_mut(topic)?.get_mut(&partition)
+}
+
+fn part_entry<'a>(parts: &'a mut Parts, topic: &str, partition: u32) -> &'a mut Partition {
+    if !parts.contains_key(topic) {
+        parts.insert(topic.to_owned(), HashMap::new());
+    }
+    parts
+        .get_mut(topic)
+        .expect("inserted above")
+        .entry(partition)
+        .or_default()
+}
+
+/// Every partition's state, with its topic and number.
+fn all(parts: &Parts) -> impl Iterator<Item = (&String, u32, &Partition)> {
+    parts
+        .iter()
+        .flat_map(|(t, ps)| ps.iter().map(move |(p, part)| (t, *p, part)))
+}
+
 #[derive(Debug, Default)]
 pub struct Index {
-    parts: Mutex<HashMap<(String, u32), Partition>>,
+    parts: Mutex<Parts>,
     /// Aborted ranges over all partitions; changed under `parts`' lock.
     aborted_total: AtomicUsize,
 }
 
 impl Index {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Partition>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parts> {
         self.parts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Marks `producer_id`'s transaction open on the partition from
     /// `first` (kept if already open: the first add's offset is lowest).
     pub fn open(&self, topic: &str, partition: u32, producer_id: u64, first: u64) {
-        self.lock()
-            .entry((topic.to_owned(), partition))
-            .or_default()
+        part_entry(&mut self.lock(), topic, partition)
             .open
             .entry(producer_id)
             .or_insert(first);
@@ -79,33 +107,28 @@ impl Index {
         max: usize,
     ) -> bool {
         let mut parts = self.lock();
-        let key = (topic.to_owned(), partition);
-        let known = parts
-            .get(&key)
-            .is_some_and(|p| p.open.contains_key(&producer_id));
+        let known =
+            part(&parts, topic, partition).is_some_and(|p| p.open.contains_key(&producer_id));
         if !known && self.ranges_locked(&parts) >= max {
             return false;
         }
-        parts
-            .entry(key)
-            .or_default()
+        part_entry(&mut parts, topic, partition)
             .open
             .entry(producer_id)
             .or_insert(first);
         true
     }
 
-    fn ranges_locked(&self, parts: &HashMap<(String, u32), Partition>) -> usize {
-        let open: usize = parts.values().map(|p| p.open.len()).sum();
+    fn ranges_locked(&self, parts: &Parts) -> usize {
+        let open: usize = all(parts).map(|(_, _, p)| p.open.len()).sum();
         self.aborted_total.load(Ordering::Relaxed) + open
     }
 
     /// The partitions where `producer_id`'s transaction is open, with its
     /// first offset on each.
     pub fn open_partitions(&self, producer_id: u64) -> Vec<(String, u32, u64)> {
-        self.lock()
-            .iter()
-            .filter_map(|((t, p), part)| part.open.get(&producer_id).map(|f| (t.clone(), *p, *f)))
+        all(&self.lock())
+            .filter_map(|(t, p, part)| part.open.get(&producer_id).map(|f| (t.clone(), p, *f)))
             .collect()
     }
 
@@ -122,14 +145,14 @@ impl Index {
 
     /// The transaction ended on the partition: the stable offset moves on.
     pub fn close(&self, topic: &str, partition: u32, producer_id: u64) {
-        if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+        if let Some(p) = part_mut(&mut self.lock(), topic, partition) {
             p.open.remove(&producer_id);
         }
     }
 
     pub fn add_aborted(&self, topic: &str, partition: u32, a: Aborted) {
         let mut parts = self.lock();
-        let p = parts.entry((topic.to_owned(), partition)).or_default();
+        let p = part_entry(&mut parts, topic, partition);
         if !p.aborted.contains(&a) {
             // Grown exactly, as the memory budget counts it; aborts are
             // rare and the lists short (ABORTED_RANGES_MAX in all).
@@ -142,15 +165,32 @@ impl Index {
 
     /// The partition's aborted ranges, in marker order.
     pub fn aborted(&self, topic: &str, partition: u32) -> Vec<Aborted> {
-        self.lock()
-            .get(&(topic.to_owned(), partition))
+        part(&self.lock(), topic, partition)
             .map(|p| p.aborted.clone())
             .unwrap_or_default()
     }
 
+    /// The partition's aborted ranges that hold an offset of `from..=to`,
+    /// in marker order: those a batch based there may fall in. Most fetches
+    /// touch none, and then nothing is allocated.
+    pub fn aborted_within(&self, topic: &str, partition: u32, from: u64, to: u64) -> Vec<Aborted> {
+        let parts = self.lock();
+        let Some(p) = part(&parts, topic, partition) else {
+            return Vec::new();
+        };
+        // In marker order: those ending at or before `from` are skipped
+        // without a look.
+        let after = p.aborted.partition_point(|a| a.marker <= from);
+        p.aborted[after..]
+            .iter()
+            .filter(|a| a.first <= to)
+            .copied()
+            .collect()
+    }
+
     /// Forgets the aborted ranges whose marker left the ring.
     pub fn forget_below(&self, topic: &str, partition: u32, earliest: u64) {
-        if let Some(p) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+        if let Some(p) = part_mut(&mut self.lock(), topic, partition) {
             let before = p.aborted.len();
             p.aborted.retain(|a| a.marker >= earliest);
             if p.aborted.len() < before {
@@ -166,8 +206,8 @@ impl Index {
     pub fn all_aborted(&self) -> Vec<(String, u32, Aborted)> {
         let parts = self.lock();
         let mut out = Vec::new();
-        for ((t, p), part) in parts.iter() {
-            out.extend(part.aborted.iter().map(|a| (t.clone(), *p, *a)));
+        for (t, p, part) in all(&parts) {
+            out.extend(part.aborted.iter().map(|a| (t.clone(), p, *a)));
         }
         out
     }
@@ -175,43 +215,37 @@ impl Index {
     /// The partitions with aborted ranges indexed, once each: the pruning
     /// pass reads each one's earliest offset, not each range's.
     pub fn aborted_partitions(&self) -> Vec<(String, u32)> {
-        self.lock()
-            .iter()
-            .filter(|(_, part)| !part.aborted.is_empty())
-            .map(|((t, p), _)| (t.clone(), *p))
+        all(&self.lock())
+            .filter(|(_, _, part)| !part.aborted.is_empty())
+            .map(|(t, p, _)| (t.clone(), p))
             .collect()
     }
 
     /// Forgets a deleted topic's partitions.
     pub fn forget_topic(&self, topic: &str) {
-        self.lock().retain(|(t, _), p| {
-            if t == topic {
-                self.aborted_total
-                    .fetch_sub(p.aborted.len(), Ordering::Relaxed);
-            }
-            t != topic
-        });
+        if let Some(ps) = self.lock().remove(topic) {
+            let aborted: usize = ps.values().map(|p| p.aborted.len()).sum();
+            self.aborted_total.fetch_sub(aborted, Ordering::Relaxed);
+        }
     }
 
     /// The partition's last stable offset: the lowest first offset of an
     /// open transaction, or `high_watermark` when none is open.
     pub fn last_stable_offset(&self, topic: &str, partition: u32, high_watermark: u64) -> u64 {
-        self.lock()
-            .get(&(topic.to_owned(), partition))
+        part(&self.lock(), topic, partition)
             .and_then(|p| p.open.values().min().copied())
             .map_or(high_watermark, |first| first.min(high_watermark))
     }
 
     /// Open transactions, counted once per partition they touch.
     pub fn open_count(&self) -> usize {
-        self.lock().values().map(|p| p.open.len()).sum()
+        all(&self.lock()).map(|(_, _, p)| p.open.len()).sum()
     }
 
     /// Partitions with an open transaction and its first offset (lowest).
     pub fn held_back(&self) -> Vec<(String, u32, u64)> {
-        self.lock()
-            .iter()
-            .filter_map(|((t, p), part)| part.open.values().min().map(|f| (t.clone(), *p, *f)))
+        all(&self.lock())
+            .filter_map(|(t, p, part)| part.open.values().min().map(|f| (t.clone(), p, *f)))
             .collect()
     }
 
@@ -219,7 +253,24 @@ impl Index {
     /// control batches nor in an aborted range. The bytes kept are the
     /// stored ones: nothing is re-encoded.
     pub fn filter(&self, topic: &str, partition: u32, records: bytes::Bytes, lso: u64) -> Filtered {
-        let aborted = self.aborted(topic, partition);
+        // The offsets the batches looked at start from: only the aborted
+        // ranges holding one of them are taken.
+        let mut bases = None;
+        let mut end = 0;
+        while let Ok(h) = parse_header(&records[end..]) {
+            let len = h.total_len as usize;
+            if end + len > records.len() || h.base_offset >= lso {
+                break;
+            }
+            bases = Some((
+                bases.map_or(h.base_offset, |(first, _)| first),
+                h.base_offset,
+            ));
+            end += len;
+        }
+        let aborted = bases.map_or_else(Vec::new, |(first, last)| {
+            self.aborted_within(topic, partition, first, last)
+        });
         let mut keep: Vec<(usize, usize)> = Vec::new();
         let mut next_offset = None;
         let mut at = 0;
@@ -326,6 +377,45 @@ mod tests {
         assert_eq!(parts, [("t".to_owned(), 0), ("t".to_owned(), 1)]);
         ix.forget_below("t", 1, 3);
         assert_eq!(ix.aborted_partitions(), [("t".to_owned(), 0)]);
+    }
+
+    #[test]
+    fn a_fetch_takes_only_the_aborted_ranges_its_offsets_fall_in() {
+        let ix = Index::default();
+        let range = |producer_id, first, marker| Aborted {
+            producer_id,
+            first,
+            marker,
+        };
+        // In marker order; the last starts before the others.
+        let (a, b, c) = (range(7, 10, 15), range(8, 20, 30), range(9, 0, 40));
+        for r in [a, b, c] {
+            ix.add_aborted("t", 0, r);
+        }
+        let within = |from, to| ix.aborted_within("t", 0, from, to);
+        assert_eq!(within(41, 50), [], "after all");
+        assert_eq!(within(40, 40), [], "a marker is not in its range");
+        assert_eq!(within(0, 9), [c], "before a and b");
+        assert_eq!(within(0, 10), [a, c], "up to a's first");
+        assert_eq!(within(11, 12), [a, c], "inside a");
+        assert_eq!(within(15, 19), [c], "between a and b");
+        assert_eq!(within(14, 20), [a, b, c], "spanning from a into b");
+        assert_eq!(within(5, 45), [a, b, c], "spanning all");
+        assert_eq!(within(30, 39), [c], "past b, inside c");
+        assert_eq!(ix.aborted_within("t", 1, 0, 50), [], "another partition");
+        assert_eq!(ix.aborted_within("u", 0, 0, 50), [], "another topic");
+        // A batch based anywhere is judged as against every range.
+        let all = ix.aborted("t", 0);
+        for base in 0..50 {
+            for pid in [7, 8, 9] {
+                let h = crate::batch::parse_header(&batch(base, pid, false)).expect("header");
+                assert_eq!(
+                    in_aborted_range(&within(base, base), &h),
+                    in_aborted_range(&all, &h),
+                    "pid {pid} at {base}"
+                );
+            }
+        }
     }
 
     const NO: u64 = crate::batch::NO_PRODUCER_ID;
