@@ -492,9 +492,21 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
         .args(extra);
         cmd
     };
+    // A `skiff txn --consume --timeout-ms` run has no end while its member
+    // is not in the group (idle time counts only once it is), and the runs
+    // to the end are awaited with no bound: a broker that never lets one
+    // in ends the test saying which step hung, with the processes' state,
+    // instead of holding it until the runner's timeout.
+    let watchdog = watchdog::Watchdog::start(
+        "consume-transform-produce",
+        Duration::from_secs(if emulated() { 600 } else { 300 }),
+    );
     let mut rng = Rng(0xc7e_5eed);
     let mut produced = Vec::new();
     for round in 0..rounds {
+        watchdog.step(format!(
+            "round {round}: `skiff txn --consume` killed at a random point"
+        ));
         let mut child = pipe(&[])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -548,7 +560,10 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
             })
     };
     let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
+    for run in 1.. {
+        watchdog.step(format!(
+            "run {run} of `skiff txn --consume --timeout-ms {idle_ms}` to the input's end"
+        ));
         let o = pipe(&["--timeout-ms", idle_ms]).output().unwrap();
         assert_ok(&o);
         let described = describe();
@@ -565,7 +580,9 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
             tail.join("\n")
         );
     }
+    watchdog.step("reading ctp-out");
     let mut out = read_all(&b, "ctp-out", "read_committed");
+    drop(watchdog);
     out.sort();
     produced.sort();
     assert_eq!(out, produced, "not exactly once");
