@@ -836,12 +836,10 @@ fn replay_with_the_slot_taken(b: &Broker) -> (ShareConsumer, Child, std::path::P
     (first, replay, err)
 }
 
-/// `skiff dlq replay` started while `share.max_active_members` are active
-/// (any share group's) waits for a slot too, saying so on stderr.
-#[test]
-fn dlq_replay_waits_for_a_share_member_slot() {
-    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
-    let (first, mut replay, err) = replay_with_the_slot_taken(&b);
+/// As [`replay_with_the_slot_taken`], once the replay says it waits for a
+/// slot.
+fn replay_waiting_for_a_slot(b: &Broker) -> (ShareConsumer, Child, std::path::PathBuf) {
+    let (first, mut replay, err) = replay_with_the_slot_taken(b);
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     wait_until(WAIT, "the replay to wait for a slot", || {
         if let Some(s) = replay.try_wait().unwrap() {
@@ -852,6 +850,16 @@ fn dlq_replay_waits_for_a_share_member_slot() {
         }
         read().contains("dlq replay t.dlq: waiting for a share-member slot")
     });
+    (first, replay, err)
+}
+
+/// `skiff dlq replay` started while `share.max_active_members` are active
+/// (any share group's) waits for a slot too, saying so on stderr.
+#[test]
+fn dlq_replay_waits_for_a_share_member_slot() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    let (first, replay, err) = replay_waiting_for_a_slot(&b);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
     assert_eq!(smol::block_on(first.close()).unwrap(), Some(1));
     wait_exit(replay);
     assert!(
@@ -871,6 +879,47 @@ fn sigterm_ends_a_dlq_replay_waiting_for_a_member_slot() {
     let said = stop_while_waiting_for_a_slot(replay, &err);
     assert!(said.contains("replayed 0 record(s) from t.dlq"), "{said}");
     drop(first);
+}
+
+/// A second SIGTERM while `skiff dlq replay` finishes after the first
+/// (here leaving its group, on a broker that does not answer) ends it at
+/// once with 130. Before, it was ignored: the replay waited out the
+/// request's timeout and then exited 0.
+#[test]
+fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
+    let b = Broker::start("[share]\nmax_active_members = 1\nlock_ms = 3600000\n");
+    let (first, replay, err) = replay_waiting_for_a_slot(&b);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    // Its leave, after the first signal, gets no answer.
+    b.pause();
+    let pid = replay.id() as i32;
+    // SAFETY: a signal to the replay this test spawned, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Sent while the first is still pending, the second would merge with it.
+    wait_until(WAIT, "the replay to take the first SIGTERM", || {
+        !sigterm_pending(pid)
+    });
+    // SAFETY: as above; the replay is still running (its leave waits).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = exit_status(replay, || {
+        format!("the second SIGTERM did not end the replay: {}", read())
+    });
+    b.resume();
+    assert_eq!(status.code(), Some(130), "{}", read());
+    drop(first);
+}
+
+/// Whether a SIGTERM sent to `pid` is pending, not yet taken by a handler.
+fn sigterm_pending(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let bit = 1u64 << (libc::SIGTERM - 1);
+    status.lines().any(|l| {
+        ["ShdPnd:", "SigPnd:"].iter().any(|k| {
+            l.strip_prefix(k)
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|m| m & bit != 0)
+        })
+    })
 }
 
 #[test]

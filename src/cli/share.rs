@@ -339,9 +339,9 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
         .unwrap_or_else(|| format!("{topic}.dlq"));
     // A replay stops cleanly on SIGTERM or SIGINT (`replay_into`): the
     // batch in hand is finished, so a run stopped and run again repeats
-    // none, and the group left.
+    // none, and the group left. A second signal quits at once.
     let stop = match &command {
-        DlqCommand::Replay { .. } => match super::stop_flag() {
+        DlqCommand::Replay { .. } => match super::stop_flag_or_quit() {
             Ok(s) => s,
             Err(code) => return code,
         },
