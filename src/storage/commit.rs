@@ -254,6 +254,12 @@ impl Part {
         }
     }
 
+    /// What `commit_now(ctx, false)` wrote is durable, synced by another
+    /// thread (a create's, `Engine::create_sync`).
+    pub(super) fn synced_elsewhere(&mut self, now: Instant) {
+        self.committed(true, now);
+    }
+
     /// Writes (and with `sync`, fdatasyncs) this partition alone, now.
     pub(super) fn commit_now(&mut self, ctx: &mut Ctx, sync: bool) -> Result<(), StorageError> {
         if let Some(e) = self.refuse_writes() {

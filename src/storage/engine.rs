@@ -51,6 +51,8 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// The checkpoint refresh's thread starts a thread per checkpoint and
 /// collects what they did: little stack.
 const CHECKPOINT_REFRESH_STACK_BYTES: usize = 128 * 1024;
+/// A create's syncs: fdatasyncs, fsyncs and one small metadata file.
+const CREATE_SYNC_STACK_BYTES: usize = 256 * 1024;
 /// `interval:<ms>` gathers appends for at most this long (or `ms`, if
 /// shorter) before writing and acking them: a few large writes instead of
 /// one partial-sector rewrite per record, at a bounded ack latency even
@@ -342,6 +344,57 @@ pub(super) struct Engine {
     last_read: Option<Instant>,
     /// Creates whose first segment is being pre-written, oldest first.
     creating: Vec<Creating>,
+    /// Creates whose files are written, being synced off this thread.
+    create_syncs: Vec<CreateSync>,
+}
+
+/// Work on a thread of its own, so that the storage thread goes on serving
+/// appends and fetches meanwhile: the thread rings the doorbell when it is
+/// done, and the storage thread takes the outcome in (a checkpoint
+/// refresh, a create's syncs).
+struct Offloaded<T> {
+    thread: std::thread::JoinHandle<T>,
+    /// Set, and the doorbell rung, once the work is done.
+    done: Arc<AtomicBool>,
+}
+
+impl<T: Send + 'static> Offloaded<T> {
+    fn start(
+        name: &str,
+        stack_bytes: usize,
+        bell: &Arc<Doorbell>,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<Offloaded<T>> {
+        let done = Arc::new(AtomicBool::new(false));
+        let (bell, finished) = (bell.clone(), done.clone());
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .stack_size(stack_bytes)
+            .spawn(move || {
+                let out = work();
+                finished.store(true, Ordering::Release);
+                bell.ring();
+                out
+            })?;
+        Ok(Offloaded { thread, done })
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+/// A create whose files and first segment are written, its partition made
+/// but not yet registered, while a thread syncs what it wrote: its
+/// segment files, then its directory, `partition.meta` and the entries
+/// above. Each of those is 20 to 100 ms on an SD card's timings, and on
+/// the storage thread they held every other partition's acks
+/// (docs/performance.md, "Creating a topic on a slow card"). Answered once
+/// all of it is durable; a failure removes the directory, as before.
+struct CreateSync {
+    c: Creating,
+    part: Part,
+    job: Offloaded<Result<(), StorageError>>,
 }
 
 /// A refresh of checkpoints on a thread of its own (`Engine::housekeeping`).
@@ -353,9 +406,7 @@ pub(super) struct Engine {
 struct CheckpointRefresh {
     /// Each partition's checkpoint being written.
     writes: Vec<(PartitionId, Checkpoint)>,
-    thread: std::thread::JoinHandle<Vec<Result<(), super::meta::MetaError>>>,
-    /// Set, and the doorbell rung, once the writes are done.
-    done: Arc<AtomicBool>,
+    job: Offloaded<Vec<Result<(), super::meta::MetaError>>>,
 }
 
 /// The read buffer (and each read-ahead spare): a whole max-size batch, at
@@ -417,6 +468,7 @@ pub(crate) fn start(
                 reads,
                 last_read: None,
                 creating: Vec::new(),
+                create_syncs: Vec::new(),
             };
             match engine.recover_all() {
                 Ok(()) => {
@@ -595,18 +647,16 @@ impl Engine {
                 }
             };
             let deadline = clock.sleep_until(self.next_deadline());
-            // A refresh that ends between here and the sleep rings before
-            // the thread is asleep: its flag is looked at after.
-            let refreshed = self.checkpointing.as_ref().map(|r| r.done.clone());
-            let reads = &self.reads;
+            // Work offloaded that ends between here and the sleep rings
+            // before the thread is asleep: its flag is looked at after.
+            let (reads, refresh, syncs) = (&self.reads, &self.checkpointing, &self.create_syncs);
             self.bell.sleep(group_fd, deadline, || {
                 !rx.is_empty()
                     || !reads.is_empty()
                     || rx.is_closed()
                     || clock.moved_since(generation)
-                    || refreshed
-                        .as_ref()
-                        .is_some_and(|d| d.load(Ordering::Acquire))
+                    || refresh.as_ref().is_some_and(|r| r.job.is_done())
+                    || syncs.iter().any(|c| c.job.is_done())
             });
         }
     }
@@ -978,13 +1028,17 @@ impl Engine {
     ) -> Result<(), StorageError> {
         super::validate_topic_name(&id.topic)?;
         cfg.validate()?;
-        if self.parts.contains_key(id) || self.creating.iter().any(|c| &c.id == id) {
+        let under_way = self
+            .creating
+            .iter()
+            .chain(self.create_syncs.iter().map(|s| &s.c));
+        if self.parts.contains_key(id) || under_way.clone().any(|c| &c.id == id) {
             return Err(StorageError::PartitionExists {
                 id: id.clone(),
                 dir: dir.to_path_buf(),
             });
         }
-        if self.parts.len() + self.creating.len() >= self.ctx.cfg.max_partitions {
+        if self.parts.len() + under_way.count() >= self.ctx.cfg.max_partitions {
             return Err(StorageError::TooManyPartitions {
                 max: self.ctx.cfg.max_partitions,
             });
@@ -1051,15 +1105,8 @@ impl Engine {
         };
         let (file, from, size) = (c.files[0], c.zeroed_to, c.cfg.segment_bytes);
         let end = (from + ZERO_CHUNK_BYTES as u64).min(size);
-        // The last chunk is synced with it, as the background pre-write's is.
-        let res = self.ctx.write_zeros(file, from, end).and_then(|()| {
-            if end == size {
-                self.ctx.io.sync(file)
-            } else {
-                Ok(())
-            }
-        });
-        match res {
+        // Synced with the rest of the create, off this thread.
+        match self.ctx.write_zeros(file, from, end) {
             Ok(()) if end < size => self.creating[0].zeroed_to = end,
             Ok(()) => {
                 let c = self.creating.remove(0);
@@ -1074,15 +1121,11 @@ impl Engine {
     }
 
     /// The rest of a create once its files are made and its first segment
-    /// written: the ring started, its metadata written, the entries synced.
+    /// written: the ring started and its first header written here; the
+    /// syncs and the metadata off this thread ([`Engine::create_sync`]).
     fn create_finish(&mut self, c: Creating) {
-        self.finish_inflight();
         match self.create_rest(&c) {
-            Ok(part) => {
-                log::info!("created partition {}: {}", c.id, c.cfg);
-                self.register(part);
-                let _ = c.reply.try_send(Ok(()));
-            }
+            Ok(part) => self.create_sync(c, part),
             Err(e) => self.create_failed(c, e),
         }
     }
@@ -1094,37 +1137,108 @@ impl Engine {
             part.prewrite_next = Some((1, 0));
         }
         part.start_segment(0, 0, self.ctx.cfg.clock.wall_ms());
+        match part.commit_now(&mut self.ctx, false) {
+            Ok(()) => Ok(part),
+            Err(e) => {
+                self.give_tail(part.tail.buf);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the syncs that make a create durable, in order: every
+    /// segment file (its allocation, pre-written zeros and first header),
+    /// the partition directory, `partition.meta` (the create's commit
+    /// point: recovery loads nothing without it) and the entries above.
+    /// [`Engine::reap_create_syncs`] answers the create once they are done.
+    fn create_sync(&mut self, c: Creating, part: Part) {
+        let no_space = no_space_at_create(&c.id, &c.cfg);
+        let mut syncs = Vec::with_capacity(c.files.len());
+        for &f in &c.files {
+            // A backend that cannot sync from another thread syncs here.
+            let res = match self.ctx.io.detached_sync(f) {
+                Ok(Some(sync)) => {
+                    syncs.push(sync);
+                    Ok(())
+                }
+                Ok(None) => self.ctx.io.sync(f).map_err(&no_space),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = res {
+                self.give_tail(part.tail.buf);
+                return self.create_failed(c, e);
+            }
+        }
         let meta = PartitionMeta {
             topic: c.id.topic.to_string(),
             partition: c.id.partition,
             cfg: c.cfg.clone(),
         };
-        let dir = &c.dir;
-        // A partition.meta renamed in place but not synced
-        // (`MetaError::Unsynced`) fails the create like any other error:
-        // `create_failed` removes the directory, meta file first, so
-        // neither memory nor disk keeps the partition. As written, the
-        // create would be answered done with a directory a power loss can
-        // leave without its partition.meta.
-        let done = part
-            .commit_now(&mut self.ctx, true)
-            .and_then(|()| Ok(self.ctx.io.sync_dir(dir)?))
-            .and_then(|()| Ok(meta::write_atomic(&dir.join(PARTITION_META), &meta)?))
-            .and_then(|()| {
-                // Make the new directory entries themselves durable.
-                if let Some(topic_dir) = dir.parent() {
-                    self.ctx.io.sync_dir(topic_dir)?;
-                    if let Some(topics) = topic_dir.parent() {
-                        self.ctx.io.sync_dir(topics)?;
-                    }
+        let dir = c.dir.clone();
+        #[cfg(test)]
+        let held = self.ctx.cfg.create_sync_held.clone();
+        let work = move || -> Result<(), StorageError> {
+            #[cfg(test)]
+            {
+                // Bounded: a build that waits for it on the storage thread
+                // fails its test instead of hanging.
+                let t0 = Instant::now();
+                while held.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                Ok(())
-            });
-        match done {
-            Ok(()) => Ok(part),
+            }
+            for sync in syncs {
+                sync().map_err(&no_space)?;
+            }
+            super::io::sync_dir(&dir)?;
+            // A partition.meta renamed in place but not synced
+            // (`MetaError::Unsynced`) fails the create like any other
+            // error: `create_failed` removes the directory, meta file
+            // first, so neither memory nor disk keeps the partition.
+            meta::write_atomic(&dir.join(PARTITION_META), &meta)?;
+            // The new directory entries themselves.
+            if let Some(topic_dir) = dir.parent() {
+                super::io::sync_dir(topic_dir)?;
+                if let Some(topics) = topic_dir.parent() {
+                    super::io::sync_dir(topics)?;
+                }
+            }
+            Ok(())
+        };
+        match Offloaded::start("skiff-create", CREATE_SYNC_STACK_BYTES, &self.bell, work) {
+            Ok(job) => self.create_syncs.push(CreateSync { c, part, job }),
             Err(e) => {
                 self.give_tail(part.tail.buf);
-                Err(e)
+                self.create_failed(c, e.into());
+            }
+        }
+    }
+
+    /// Answers each create whose syncs are done (with `wait`, every one:
+    /// a shutdown's, which fails them all, leaving nothing).
+    fn reap_create_syncs(&mut self, shutting_down: bool) {
+        let mut i = 0;
+        while i < self.create_syncs.len() {
+            if !shutting_down && !self.create_syncs[i].job.is_done() {
+                i += 1;
+                continue;
+            }
+            let CreateSync { c, mut part, job } = self.create_syncs.remove(i);
+            let res = job
+                .thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("create sync thread panicked").into()));
+            match res {
+                Ok(()) if !shutting_down => {
+                    part.synced_elsewhere(self.ctx.cfg.clock.now());
+                    log::info!("created partition {}: {}", c.id, c.cfg);
+                    self.register(part);
+                    let _ = c.reply.try_send(Ok(()));
+                }
+                res => {
+                    self.give_tail(part.tail.buf);
+                    self.create_failed(c, res.err().unwrap_or(StorageError::ShuttingDown));
+                }
             }
         }
     }
@@ -1146,18 +1260,7 @@ impl Engine {
         dir: &Path,
         files: &mut Vec<FileHandle>,
     ) -> Result<bool, StorageError> {
-        // A full disk at creation is the one ENOSPC a ring can meet: say
-        // how much the partition needed.
-        let no_space = |e: io::Error| -> StorageError {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                StorageError::InsufficientSpace {
-                    partition: id.clone(),
-                    bytes: cfg.ring_bytes(),
-                }
-            } else {
-                e.into()
-            }
-        };
+        let no_space = no_space_at_create(id, cfg);
         // Whether slot 0's zeros are written already (the fallback without
         // fallocate writes them). If not, the create pre-writes it before
         // it is answered, since it takes the first writes, a chunk at a
@@ -1167,13 +1270,10 @@ impl Engine {
         for slot in 0..cfg.segments as usize {
             let f = self.ctx.io.open(&seg_path(dir, slot), true)?;
             files.push(f);
-            let zeroed = self.ctx.allocate(f, cfg.segment_bytes).map_err(no_space)?;
+            let zeroed = self.ctx.allocate(f, cfg.segment_bytes).map_err(&no_space)?;
             first_zeroed |= slot == 0 && zeroed;
         }
         self.ctx.note_buffered_io();
-        for &f in files.iter() {
-            self.ctx.io.sync(f).map_err(no_space)?;
-        }
         Ok(first_zeroed)
     }
 
@@ -1389,6 +1489,7 @@ impl Engine {
             }
         }
         self.reap_checkpoints(false);
+        self.reap_create_syncs(false);
         // A quarantined or failed partition keeps its checkpoint as it is:
         // it is the evidence of what was durable, and rewriting it smaller
         // would let the next start truncate acknowledged data.
@@ -1410,8 +1511,6 @@ impl Engine {
                 writes.push((p.id.clone(), p.durable));
                 files.push((checkpoint_path(p), p.durable));
             }
-            let done = Arc::new(AtomicBool::new(false));
-            let (bell, finished) = (self.bell.clone(), done.clone());
             #[cfg(test)]
             let spawn_fails = self.ctx.cfg.checkpoint_spawn_fails.load(Ordering::Relaxed);
             #[cfg(not(test))]
@@ -1419,24 +1518,15 @@ impl Engine {
             let started = if spawn_fails {
                 Err(io::Error::from(io::ErrorKind::WouldBlock))
             } else {
-                std::thread::Builder::new()
-                    .name("skiff-checkpoints".into())
-                    .stack_size(CHECKPOINT_REFRESH_STACK_BYTES)
-                    .spawn(move || {
-                        let written = overwrite_checkpoints(&files);
-                        finished.store(true, Ordering::Release);
-                        bell.ring();
-                        written
-                    })
+                Offloaded::start(
+                    "skiff-checkpoints",
+                    CHECKPOINT_REFRESH_STACK_BYTES,
+                    &self.bell,
+                    move || overwrite_checkpoints(&files),
+                )
             };
             match started {
-                Ok(thread) => {
-                    self.checkpointing = Some(CheckpointRefresh {
-                        writes,
-                        thread,
-                        done,
-                    })
-                }
+                Ok(job) => self.checkpointing = Some(CheckpointRefresh { writes, job }),
                 // Logged as each one's failed write, and tried again at
                 // the next refresh.
                 Err(e) => {
@@ -1456,13 +1546,10 @@ impl Engine {
     /// partition made again under its name must not get the old one's
     /// checkpoint) and before a clean shutdown's checkpoints are written.
     fn reap_checkpoints(&mut self, wait: bool) {
-        let Some(r) = self
-            .checkpointing
-            .take_if(|r| wait || r.done.load(Ordering::Acquire))
-        else {
+        let Some(r) = self.checkpointing.take_if(|r| wait || r.job.is_done()) else {
             return;
         };
-        let written = r.thread.join().unwrap_or_default();
+        let written = r.job.thread.join().unwrap_or_default();
         let mut written = written.into_iter();
         for (id, ck) in r.writes {
             let res = written.next().unwrap_or_else(|| {
@@ -1482,6 +1569,7 @@ impl Engine {
         for c in std::mem::take(&mut self.creating) {
             self.create_failed(c, StorageError::ShuttingDown);
         }
+        self.reap_create_syncs(true);
         self.reap_checkpoints(true);
         self.commit_round(true, &|| false);
         self.finish_inflight();
@@ -1501,6 +1589,25 @@ impl Engine {
         }
         self.parts.clear();
         Ok(())
+    }
+}
+
+/// A full disk at creation is the one ENOSPC a ring can meet: the error
+/// says how much the partition needed.
+fn no_space_at_create(
+    id: &PartitionId,
+    cfg: &PartitionConfig,
+) -> impl Fn(io::Error) -> StorageError {
+    let (partition, bytes) = (id.clone(), cfg.ring_bytes());
+    move |e| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            StorageError::InsufficientSpace {
+                partition: partition.clone(),
+                bytes,
+            }
+        } else {
+            e.into()
+        }
     }
 }
 

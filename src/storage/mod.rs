@@ -379,6 +379,9 @@ pub struct StorageConfig {
     /// on a board out of memory or threads.
     #[cfg(test)]
     pub checkpoint_spawn_fails: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Tests: while set, a create's syncs (off the storage thread) wait.
+    #[cfg(test)]
+    pub create_sync_held: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Hears about each write round of the storage thread. Called on the
@@ -445,6 +448,8 @@ impl Default for StorageConfig {
             recovery_policy: RecoveryPolicy::default(),
             #[cfg(test)]
             checkpoint_spawn_fails: Default::default(),
+            #[cfg(test)]
+            create_sync_held: Default::default(),
         }
     }
 }

@@ -3913,6 +3913,89 @@ fn appends_elsewhere_are_answered_while_a_create_pre_writes() {
     }
 }
 
+/// A create's syncs (its segment files, directory, `partition.meta` and
+/// the entries above) run off the storage thread: appends to other
+/// partitions are answered while they are held, and the create only once
+/// they are done. On the storage thread, each held every ack for 20 to
+/// 100 ms on a throttled card (docs/performance.md, "Creating a topic on
+/// a slow card").
+#[test]
+fn appends_elsewhere_are_answered_while_a_create_syncs() {
+    use futures_lite::future::poll_once;
+    for (name, rig) in rigs() {
+        // Not pre-written: the create command itself starts the syncs, so
+        // the append queued behind it comes after them.
+        let cfg = rig.cfg();
+        let held = cfg.create_sync_held.clone();
+        let s = rig.open_with(cfg).unwrap();
+        let (a, b) = (pid("a", 0), pid("b", 0));
+        block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
+        held.store(true, Ordering::Release);
+        let mut create = Box::pin(s.create_partition(b.clone(), small_cfg()));
+        assert!(block_on(poll_once(&mut create)).is_none(), "{name}");
+        block_on(s.append(&a, make_batch(3, 10, 1, 0))).expect(name);
+        assert!(
+            block_on(poll_once(&mut create)).is_none(),
+            "{name}: the create was answered before its syncs were done"
+        );
+        let meta = rig.dir.path().join("topics/b/0").join(part::PARTITION_META);
+        assert!(!meta.exists(), "{name}: partition.meta before the syncs");
+        let again = block_on(s.create_partition(b.clone(), small_cfg()));
+        assert!(
+            matches!(again, Err(StorageError::PartitionExists { .. })),
+            "{name}: {again:?}"
+        );
+        held.store(false, Ordering::Release);
+        block_on(create).expect(name);
+        block_on(s.append(&b, make_batch(2, 10, 2, 0))).expect(name);
+        assert_eq!(read_all(&s, &a, 0).len(), 1, "{name}");
+        s.shutdown().unwrap();
+        let s = rig.open();
+        assert_eq!(read_all(&s, &b, 0).len(), 1, "{name}: after a restart");
+        s.shutdown().unwrap();
+    }
+}
+
+/// A shutdown while a create's syncs are held leaves either nothing (the
+/// create answered so, the id free after the restart) or the whole
+/// partition (answered done), whichever the shutdown met.
+#[test]
+fn a_shutdown_during_a_create_s_syncs_leaves_nothing_or_all() {
+    use futures_lite::future::poll_once;
+    for (name, rig) in rigs() {
+        let cfg = rig.cfg();
+        let held = cfg.create_sync_held.clone();
+        let s = rig.open_with(cfg.clone()).unwrap();
+        let b = pid("b", 0);
+        held.store(true, Ordering::Release);
+        let mut create = Box::pin(s.create_partition(b.clone(), small_cfg()));
+        assert!(block_on(poll_once(&mut create)).is_none(), "{name}");
+        // The shutdown, queued behind the create, waits for its syncs.
+        let release = std::thread::spawn({
+            let held = held.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                held.store(false, Ordering::Release);
+            }
+        });
+        s.shutdown().unwrap();
+        let res = block_on(create);
+        release.join().unwrap();
+        let s = rig.open_with(cfg).unwrap();
+        match res {
+            Ok(()) => {
+                block_on(s.append(&b, make_batch(2, 10, 1, 0))).expect(name);
+            }
+            Err(StorageError::ShuttingDown) => {
+                assert!(s.offsets(&b).is_err(), "{name}");
+                block_on(s.create_partition(b.clone(), small_cfg())).expect(name);
+            }
+            Err(e) => panic!("{name}: {e:?}"),
+        }
+        s.shutdown().unwrap();
+    }
+}
+
 /// A create a shutdown cuts short is answered so and leaves nothing: the
 /// id can be created after the restart.
 #[test]

@@ -613,6 +613,11 @@ impl IoBackend for FaultBackend {
         self.flush(&path, None)
     }
 
+    fn detached_sync(&self, file: FileHandle) -> io::Result<Option<super::DetachedSync>> {
+        let (disk, path) = (self.disk.clone(), self.path(file)?);
+        Ok(Some(Box::new(move || flush(&disk, &path, None))))
+    }
+
     fn sync_dir(&mut self, _dir: &Path) -> io::Result<()> {
         if self.disk.lock().crashed {
             return Err(crashed_error());

@@ -172,6 +172,14 @@ pub trait IoBackend: Send + 'static {
     /// fsync of a directory, after creating, renaming or removing in it.
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
 
+    /// An fdatasync of `file` that another thread makes, covering the
+    /// writes completed before it runs: for the work the storage thread
+    /// hands off (a create's syncs, `Engine::create_sync`). `None`: the
+    /// backend cannot, and the storage thread syncs it itself.
+    fn detached_sync(&self, _file: FileHandle) -> io::Result<Option<DetachedSync>> {
+        Ok(None)
+    }
+
     /// Starts an fdatasync of each file and may return before it is done,
     /// so the caller can write its next group meanwhile (pipelined group
     /// commit). It covers the writes completed before the call. At most one
@@ -218,6 +226,21 @@ pub trait IoBackend: Send + 'static {
         std::fs::rename(from, to)
     }
 }
+
+/// fsync of a directory on the real file system: the backends' own
+/// [`IoBackend::sync_dir`], and work handed off the storage thread.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .sync_all()
+}
+
+/// An fdatasync made away from the storage thread
+/// ([`IoBackend::detached_sync`]).
+pub type DetachedSync = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// Background reads a backend keeps apart (`read_start` slots): one per
 /// reader whose next window is read ahead.

@@ -241,7 +241,12 @@ impl IoBackend for PwriteBackend {
     }
 
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
+        super::sync_dir(dir)
+    }
+
+    fn detached_sync(&self, file: FileHandle) -> io::Result<Option<super::DetachedSync>> {
+        let f = self.file(file)?.clone();
+        Ok(Some(Box::new(move || f.sync_data())))
     }
 
     fn sync_start(&mut self, files: &[FileHandle]) -> io::Result<()> {

@@ -478,15 +478,6 @@ pub(crate) fn fallocate(fd: RawFd, len: u64) -> io::Result<()> {
     }
 }
 
-/// fsync of a directory: makes creates, renames and removes in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)?
-        .sync_all()
-}
-
 impl IoBackend for UringBackend {
     fn buffered_io(&self) -> bool {
         self.buffered
@@ -728,7 +719,14 @@ impl IoBackend for UringBackend {
     }
 
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
-        sync_dir(dir)
+        super::sync_dir(dir)
+    }
+
+    fn detached_sync(&self, file: FileHandle) -> io::Result<Option<super::DetachedSync>> {
+        self.check_usable()?;
+        // A descriptor of its own: the file may be closed here meanwhile.
+        let f = std::fs::File::from(self.file(file)?.fd.try_clone()?);
+        Ok(Some(Box::new(move || f.sync_data())))
     }
 
     fn sync_start(&mut self, files: &[FileHandle]) -> io::Result<()> {
