@@ -376,6 +376,43 @@ fn a_ring_full_of_live_data_refuses_writes_and_loses_no_latest_value() {
     assert_eq!(got, acked, "every acknowledged key is kept");
 }
 
+/// A producer of one key faster than the cleaner's pace fills the ring
+/// with records that are almost all dead: it is held back until the
+/// cleaner frees segments, never told its partition is full of live data.
+#[test]
+fn a_burst_of_one_key_faster_than_the_cleaner_waits_for_it_and_is_not_refused() {
+    // A slow cleaner (256 KiB/s) and a 256 KiB ring: `skiff produce`
+    // writes 420 KB of one key's values many times faster.
+    let b = Broker::start("[compaction]\nmax_bytes_per_sec = 262144\n");
+    create_compacted(&b, "4", &[]);
+    let values: Vec<String> = (0..2000)
+        .map(|i| format!("{i:06}-{}", "x".repeat(200)))
+        .collect();
+    let input = values.join("\n") + "\n";
+    let o = b.cli_stdin(
+        &["produce", "state", "--key", "only"],
+        Some(input.as_bytes()),
+    );
+    assert_ok(&o);
+    let order = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.clone().into_bytes(), i as u64))
+        .collect();
+    let latest = latest_per_key(&consume_to_end(&b.tcp, "state"), &order);
+    assert_eq!(latest.len(), 1, "{latest:?}");
+    assert_eq!(
+        latest["only"].as_deref(),
+        Some(values[1999].as_bytes()),
+        "the last value is the key's latest"
+    );
+    let d = described(&b, "state");
+    assert_eq!(
+        d["partitions"][0]["log_end"], 2000,
+        "every record written once: {d}"
+    );
+}
+
 /// kill -9 at random moments of `skiff topics compact --wait`: after each
 /// restart every key's latest value is there, and values never go back.
 /// `SKIFF_COMPACT_KILLS=n` runs more rounds than CI's few.

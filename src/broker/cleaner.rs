@@ -192,6 +192,71 @@ pub struct CleanerStats {
     pub progress_bytes: AtomicU64,
 }
 
+/// Compacted partitions whose ring is full, and whether the cleaner can
+/// still make room in them. A write to a full ring is refused either way;
+/// what the producer is told differs. Only a cleaner's pass over the ring
+/// as it stands can say that nothing in it may be dropped
+/// (`RingFullOfLiveData`, not retried). Until then the ring is full only
+/// because writes came faster than compaction (`CompactionBehind`, which
+/// clients retry): a producer of a few keys must not be told its
+/// partition is full of live data because it wrote faster than the
+/// cleaner's pace.
+pub(super) struct FullRings {
+    storage: crate::storage::Storage,
+    /// (topic, partition) → the high watermark at which a pass over the
+    /// full ring freed nothing. A full ring takes no writes, so while it
+    /// stays full the watermark stays; once it moves (the ring grew,
+    /// was compacted, or was made again) the verdict no longer applies.
+    verdicts: std::sync::Mutex<foldhash::HashMap<(String, u32), u64>>,
+    /// Wakes the cleaner when a ring without a verdict refuses a write.
+    refused: event_listener::Event,
+}
+
+impl FullRings {
+    pub(super) fn new(storage: crate::storage::Storage) -> FullRings {
+        FullRings {
+            storage,
+            verdicts: Default::default(),
+            refused: event_listener::Event::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<(String, u32), u64>> {
+        self.verdicts.lock().expect("full rings lock")
+    }
+
+    /// The error for a write the full ring of a compacted partition
+    /// refused; wakes the cleaner unless it has found the ring full of
+    /// live data as it is now.
+    pub(super) fn refused(&self, topic: String, partition: u32) -> BrokerError {
+        let verdict = self.lock().get(&(topic.clone(), partition)).copied();
+        let hw = self
+            .storage
+            .offsets(&PartitionId::new(topic.as_str(), partition))
+            .map(|o| o.high_watermark)
+            .ok();
+        if verdict.is_some() && verdict == hw {
+            return BrokerError::RingFullOfLiveData { topic, partition };
+        }
+        self.refused.notify(usize::MAX);
+        BrokerError::CompactionBehind { topic, partition }
+    }
+
+    /// After a pass of the cleaner over a partition's ring: whether it
+    /// left the ring full, having freed nothing, at `hw`.
+    fn judged(&self, topic: &str, partition: u32, full_of_live_data: Option<u64>) {
+        let mut verdicts = self.lock();
+        match full_of_live_data {
+            Some(hw) => {
+                verdicts.insert((topic.to_owned(), partition), hw);
+            }
+            None => {
+                verdicts.remove(&(topic.to_owned(), partition));
+            }
+        }
+    }
+}
+
 /// What one compaction of a partition did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactionReport {
@@ -738,6 +803,7 @@ impl super::Broker {
         loop {
             let rolled = self.storage.roll_listener();
             let made_compacted = self.cleanup_changed.listen();
+            let refused = self.full_rings.refused.listen();
             // A pass that compacted, or failed, is followed by another in
             // `interval`; otherwise only a roll or a newly compacted topic
             // can make work.
@@ -750,7 +816,13 @@ impl super::Broker {
                 if idle.get(&(topic.clone(), p)) == Some(&end) {
                     continue;
                 }
-                match self.compact_partition(&topic, p).await {
+                let r = self.compact_partition(&topic, p).await;
+                let left_full = match &r {
+                    Ok(r) if r.segments_freed == 0 => self.ring_full_at(&topic, p).await,
+                    _ => None,
+                };
+                self.full_rings.judged(&topic, p, left_full);
+                match r {
                     Ok(r) if r.segments_merged > 0 => {
                         busy = true;
                         idle.remove(&(topic.clone(), p));
@@ -774,11 +846,24 @@ impl super::Broker {
             let rolled = async {
                 rolled.await;
             };
-            smol::future::or(tick, smol::future::or(rolled, stop)).await;
+            let refused = async {
+                refused.await;
+            };
+            let woken = smol::future::or(rolled, refused);
+            smol::future::or(tick, smol::future::or(woken, stop)).await;
             if stopping.is_triggered() {
                 return;
             }
         }
+    }
+
+    /// The partition's high watermark if its ring has no free segment.
+    async fn ring_full_at(&self, topic: &str, partition: u32) -> Option<u64> {
+        let meta = self.topic(topic).ok()?;
+        let id = PartitionId::new(topic, partition);
+        let hw = self.storage.offsets(&id).ok()?.high_watermark;
+        let segs = self.storage.segments(&id).await.ok()?;
+        (segs.len() >= meta.config.segments as usize).then_some(hw)
     }
 
     pub fn cleaner_stats(&self) -> &CleanerStats {

@@ -103,6 +103,13 @@ pub enum BrokerError {
         topic: String,
         partition: u32,
     },
+    /// A compacted topic's ring is full, and the cleaner has not yet
+    /// compacted what is in it: a retry passes once it has freed segments
+    /// (see `cleaner::FullRings`).
+    CompactionBehind {
+        topic: String,
+        partition: u32,
+    },
     /// A shrink (`skiff topics alter --segments`) of a ring that never
     /// overwrites its data (a compacted topic, `overflow = reject`) to
     /// fewer segments than its data fills now.
@@ -423,6 +430,12 @@ impl std::fmt::Display for BrokerError {
                  values and unexpired tombstones): nothing can be dropped without losing a key's \
                  latest value; delete keys or grow the ring (skiff topics alter --segments)"
             ),
+            Self::CompactionBehind { topic, partition } => write!(
+                f,
+                "partition {topic}/{partition} of a compacted topic is full until the cleaner \
+                 frees the segments it is compacting (writes came faster than \
+                 compaction.max_bytes_per_sec); retry"
+            ),
             Self::RingTooSmall {
                 topic,
                 partition,
@@ -479,6 +492,16 @@ pub(crate) fn disk_full(e: &StorageError) -> bool {
 }
 
 impl BrokerError {
+    /// A compacted topic's full ring refused the write, whether or not the
+    /// cleaner has compacted it yet: the broker's own compacted logs
+    /// compact it at once and write again.
+    pub fn is_full_compacted_ring(&self) -> bool {
+        matches!(
+            self,
+            Self::RingFullOfLiveData { .. } | Self::CompactionBehind { .. }
+        )
+    }
+
     /// Whether the failure is the disk running out of space: the answer
     /// is `storage_full`, and freeing space is what to do.
     pub fn is_disk_full(&self) -> bool {

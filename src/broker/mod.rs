@@ -433,6 +433,8 @@ pub struct Broker {
     cleanup_path: PathBuf,
     /// Notified when a topic is made compacted: wakes the cleaner.
     cleanup_changed: Event,
+    /// Compacted rings that refused a write: the cleaner's verdicts.
+    full_rings: Arc<cleaner::FullRings>,
     cleaner_limits: cleaner::CleanerLimits,
     /// The one key map: held by the compaction that runs (one at a time).
     key_map: smol::lock::Mutex<cleaner::KeyMap>,
@@ -615,6 +617,7 @@ impl Broker {
         )
         .map_err(StorageError::Meta)?;
         let mut broker = Broker {
+            full_rings: Arc::new(cleaner::FullRings::new(storage.clone())),
             storage,
             topics: RwLock::new(topics),
             names: RwLock::new(foldhash::HashSet::default()),

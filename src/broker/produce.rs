@@ -103,8 +103,9 @@ impl Drop for ProduceGroup<'_> {
 #[must_use = "a produce is acknowledged only when awaited"]
 pub struct Produce {
     state: State,
-    /// On a compacted topic a full ring means its data is all live.
-    compacted: bool,
+    /// On a compacted topic a full ring waits for the cleaner, or is
+    /// full of live data: which, the cleaner says.
+    compacted: Option<Arc<super::cleaner::FullRings>>,
 }
 
 enum State {
@@ -129,7 +130,7 @@ impl Produce {
     fn ready(r: Result<Produced, BrokerError>) -> Produce {
         Produce {
             state: State::Ready(Some(r)),
-            compacted: false,
+            compacted: None,
         }
     }
 }
@@ -176,9 +177,10 @@ impl Future for Produce {
         };
         self.state = State::Done;
         let out = match out {
-            Err(BrokerError::PartitionFull { topic, partition }) if self.compacted => {
-                Err(BrokerError::RingFullOfLiveData { topic, partition })
-            }
+            Err(BrokerError::PartitionFull { topic, partition }) => match &self.compacted {
+                Some(rings) => Err(rings.refused(topic, partition)),
+                None => Err(BrokerError::PartitionFull { topic, partition }),
+            },
             other => other,
         };
         Poll::Ready(out)
@@ -286,7 +288,7 @@ impl Broker {
         }
         let cleanup = self.cleanup_config(topic).policy;
         super::cleaner::check_records(topic, cleanup, checked.header(), checked.bytes())?;
-        let compacted = cleanup.compacts();
+        let compacted = cleanup.compacts().then(|| self.full_rings.clone());
         let header = *checked.header();
         let windowed = self
             .windows

@@ -117,7 +117,10 @@ pub(crate) fn broker_error_code(e: &BrokerError) -> ErrorCode {
         BrokerError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         BrokerError::InvalidBatch(_) => ErrorCode::InvalidBatch,
         BrokerError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
-        BrokerError::PartitionFull { .. } => ErrorCode::StorageFull,
+        // Both pass with time: a retry is answered.
+        BrokerError::PartitionFull { .. } | BrokerError::CompactionBehind { .. } => {
+            ErrorCode::StorageFull
+        }
         // A partition's refusal keeps its code (a shrink its data does
         // not fit); I/O is `storage_failed`.
         BrokerError::TopicNotAltered { error, .. } => {

@@ -1346,7 +1346,7 @@ impl Coordinator {
             }
             let mut result = self.write_round(&round).await;
             let ring_full = matches!(&result, Err(GroupError::Broker(e))
-                if matches!(**e, BrokerError::RingFullOfLiveData { .. }));
+                if e.is_full_compacted_ring());
             if ring_full {
                 // Commits came faster than the cleaner's pace: compact
                 // now (a kept commit is never dropped), then once more.

@@ -1709,7 +1709,7 @@ impl ShareCoordinator {
             let keys: BTreeSet<SpKey> = round.iter().flat_map(|p| p.keys.clone()).collect();
             let mut result = self.write_round(&keys).await;
             let ring_full = matches!(&result, Err(ShareError::Broker(e))
-                if matches!(**e, BrokerError::RingFullOfLiveData { .. }));
+                if e.is_full_compacted_ring());
             if ring_full {
                 // States changed faster than the cleaner's pace: compact
                 // now (a key's latest state is never dropped), then again.
