@@ -278,3 +278,177 @@ fn the_scripts_answer_help() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--help"), "{}", stderr(&o));
 }
+
+/// A config that sets one element of every list of tables, each with
+/// only the keys it needs: the effective config then shows every key an
+/// element has (those left out at their defaults).
+const EVERY_LIST_OF_TABLES: &str = r#"
+[[server.unix_identities]]
+uid = 1000
+identity = "collector"
+
+[[acl.rules]]
+identity = "dev-*"
+topics = ["sensors.*"]
+operations = ["produce"]
+
+[[quotas.overrides]]
+identity = "dev-*"
+produce_bytes_per_s = 1000
+consume_bytes_per_s = 1000
+
+[[share.overrides]]
+topic = "orders"
+group = "billing"
+max_deliveries = 3
+lock_ms = 5000
+dead_letter_topic = "orders-failed"
+
+[mirror]
+upstream = "127.0.0.1:9092"
+
+[[mirror.rules]]
+name = "temps"
+source = "sensors.*"
+target = "plant1.{topic}"
+aggregate = { window_ms = 60000, fields = ["value"] }
+"#;
+
+/// The keys of an effective config by section (`mirror.rules` for a
+/// rule's keys), with their values: a table or a list of tables is a key
+/// of its section, and its (first element's) keys are those of its own.
+fn config_keys(
+    section: &str,
+    table: &toml::Table,
+    out: &mut std::collections::BTreeMap<(String, String), toml::Value>,
+) {
+    let path = |k: &str| match section {
+        "" => k.to_owned(),
+        s => format!("{s}.{k}"),
+    };
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(inner) => {
+                config_keys(&path(key), inner, out);
+                out.insert((section.to_owned(), key.clone()), value.clone());
+            }
+            toml::Value::Array(items) => {
+                if let Some(toml::Value::Table(first)) = items.first() {
+                    config_keys(&path(key), first, out);
+                }
+                out.insert((section.to_owned(), key.clone()), value.clone());
+            }
+            _ => {
+                out.insert((section.to_owned(), key.clone()), value.clone());
+            }
+        }
+    }
+}
+
+/// What `skiff config check` prints for `text`, as TOML (the budgets are
+/// comments).
+fn effective_config(dir: &Path, text: &str) -> toml::Table {
+    toml::from_str(&config_check(dir, text)).expect("config check prints TOML")
+}
+
+/// docs/configuration.md's key tables: `(section, key)` to the row's
+/// default and meaning cells. A section starts at a heading, or a line,
+/// that opens with its name (`` `[server.tls]` ``, `` `[[mirror.rules]]` ``);
+/// "Top level" is the keys outside any section. A row may name several
+/// keys (`` `cert`, `key` ``).
+fn documented_keys(doc: &str) -> std::collections::BTreeMap<(String, String), (String, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut section: Option<String> = None;
+    let name_in = |line: &str| -> Option<String> {
+        let inner = line.split('`').nth(1)?;
+        let name = inner.trim_start_matches('[').trim_end_matches(']');
+        (inner.starts_with('[') && !name.is_empty()).then(|| name.to_owned())
+    };
+    for line in doc.lines() {
+        if line.starts_with('#') {
+            section = if line.trim_start_matches('#').trim() == "Top level" {
+                Some(String::new())
+            } else {
+                name_in(line.trim_start_matches('#').trim())
+            };
+        } else if line.starts_with("`[") {
+            section = name_in(line);
+        } else if let (Some(s), true) = (&section, line.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            for key in cells[1].split('`').skip(1).step_by(2) {
+                out.insert(
+                    (s.clone(), key.to_owned()),
+                    (cells[2].to_owned(), cells[3].to_owned()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Every key the schema takes is in docs/configuration.md with the
+/// default the embedded default really has, and every key documented
+/// there is one the schema takes. The keys come from the effective
+/// config `skiff config check` prints (the config structs, serialized),
+/// so a new key fails this until it is documented.
+#[test]
+fn every_config_key_is_documented_with_its_default() {
+    let doc = read("docs/configuration.md");
+    let documented = documented_keys(&doc);
+    let dir = temp_dir();
+    let mut defaults = std::collections::BTreeMap::new();
+    config_keys("", &effective_config(dir.path(), ""), &mut defaults);
+    let mut keys = std::collections::BTreeMap::new();
+    config_keys(
+        "",
+        &effective_config(dir.path(), EVERY_LIST_OF_TABLES),
+        &mut keys,
+    );
+    // Left out of the effective config while unset.
+    keys.insert(("".into(), "profile".into()), toml::Value::from(""));
+    let mut problems = Vec::new();
+    for ((section, key), value) in &keys {
+        let dotted = if section.is_empty() {
+            key.clone()
+        } else {
+            format!("{section}.{key}")
+        };
+        let (parent, list) = section.rsplit_once('.').unwrap_or(("", section));
+        let in_list_row = documented
+            .get(&(parent.to_owned(), list.to_owned()))
+            .is_some_and(|(_, meaning)| {
+                meaning.contains(&format!("`{key}`")) || meaning.contains(&format!("`{key} ="))
+            });
+        let Some((default, _)) = documented.get(&(section.clone(), key.clone())) else {
+            // A section has its own heading, not a row.
+            if !in_list_row && !value.is_table() {
+                problems.push(format!("{dotted} is not documented"));
+            }
+            continue;
+        };
+        // A default is a TOML value in backticks ("unset", "required" and
+        // "none" are words); an element's keys are at their defaults
+        // unless EVERY_LIST_OF_TABLES sets them, and are then "required".
+        let Some(literal) = default.strip_prefix('`').and_then(|d| d.strip_suffix('`')) else {
+            continue;
+        };
+        let shown: toml::Table = toml::from_str(&format!("v = {literal}"))
+            .unwrap_or_else(|e| panic!("{dotted}'s default `{literal}`: {e}"));
+        let actual = defaults
+            .get(&(section.clone(), key.clone()))
+            .unwrap_or(value);
+        if &shown["v"] != actual {
+            problems.push(format!(
+                "{dotted}: documented default {literal}, the code's is {actual}"
+            ));
+        }
+    }
+    for (section, key) in documented.keys() {
+        if !keys.contains_key(&(section.clone(), key.clone())) {
+            problems.push(format!(
+                "docs/configuration.md documents [{section}] {key}, which the schema does not take"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
