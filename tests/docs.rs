@@ -1,6 +1,8 @@
 //! The documentation against the binary: the figures and messages that
-//! docs/configuration.md shows are what `skiff` prints, protocol.md's hello
-//! answer is what a broker sends, and docs/, README.md
+//! docs/configuration.md shows are what `skiff` prints, its key tables are
+//! the schema's keys and defaults, the commands and options the docs show
+//! are the binary's, protocol.md's hello answer is what a broker sends,
+//! and docs/, README.md
 //! and scripts/ stand alone in a clone (no paths outside the repository).
 
 mod common;
@@ -448,6 +450,150 @@ fn every_config_key_is_documented_with_its_default() {
             problems.push(format!(
                 "docs/configuration.md documents [{section}] {key}, which the schema does not take"
             ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// `skiff PATH --help`'s subcommands and long options.
+fn help_of(path: &[&str]) -> (Vec<String>, Vec<String>) {
+    let o = skiff_command()
+        .args(path)
+        .arg("--help")
+        .output()
+        .expect("running skiff");
+    assert_ok(&o);
+    let help = stdout(&o);
+    let section = |name: &str| -> Vec<String> {
+        help.lines()
+            .skip_while(|l| *l != name)
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let commands = section("Commands:")
+        .iter()
+        .filter(|l| l.starts_with("  ") && !l[2..].starts_with(' '))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect();
+    let options = section("Options:")
+        .iter()
+        .filter(|l| l.trim_start().starts_with('-') && l.len() - l.trim_start().len() <= 6)
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("--")))
+        .map(|w| w.trim_end_matches(',').to_owned())
+        .collect();
+    (commands, options)
+}
+
+/// Every command path `skiff --help` leads to, with its long options.
+fn cli_commands() -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![Vec::<String>::new()];
+    while let Some(path) = todo.pop() {
+        let words: Vec<&str> = path.iter().map(String::as_str).collect();
+        let (commands, options) = help_of(&words);
+        for c in commands {
+            let mut sub = path.clone();
+            sub.push(c);
+            todo.push(sub);
+        }
+        out.insert(path.join(" "), options);
+    }
+    out
+}
+
+/// The code in a markdown text: each line of a fenced block (without a
+/// trailing `# comment`), and each inline span (joined across lines).
+fn code_spans(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, part) in text.split("```").enumerate() {
+        if i % 2 == 1 {
+            let body = part.split_once('\n').map_or("", |(_, b)| b);
+            out.extend(
+                body.lines()
+                    .map(|l| l.split(" #").next().unwrap_or(l).to_owned()),
+            );
+        } else {
+            out.extend(
+                part.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(|s| s.replace('\n', " ")),
+            );
+        }
+    }
+    out
+}
+
+/// Every `skiff` command a user's docs show is one the binary has, with
+/// options it takes, and every command the binary has is shown at least
+/// once (README.md and docs/; `skiff CMD --help` has the rest).
+#[test]
+fn the_documented_commands_and_options_are_the_binarys() {
+    let commands = cli_commands();
+    let mut docs = vec![("README.md".to_owned(), read("README.md"))];
+    for entry in std::fs::read_dir(repo().join("docs")).expect("docs/") {
+        let path = entry.expect("an entry of docs/").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            let rel = format!("docs/{}", path.file_name().unwrap().to_string_lossy());
+            docs.push((rel.clone(), read(&rel)));
+        }
+    }
+    let mut shown = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for (file, text) in &docs {
+        for span in code_spans(text) {
+            let words: Vec<&str> = span.split_whitespace().collect();
+            for (at, _) in words.iter().enumerate().filter(|(_, w)| **w == "skiff") {
+                let rest = &words[at + 1..];
+                // The longest command path the words name.
+                let mut path = String::new();
+                let mut used = 0;
+                for (n, w) in rest.iter().enumerate() {
+                    let longer = if path.is_empty() {
+                        (*w).to_owned()
+                    } else {
+                        format!("{path} {w}")
+                    };
+                    if !commands.contains_key(&longer) {
+                        break;
+                    }
+                    (path, used) = (longer, n + 1);
+                }
+                match rest.first() {
+                    Some(w) if used == 0 && w.starts_with(|c: char| c.is_ascii_lowercase()) => {
+                        problems.push(format!("{file}: `{span}`: no command skiff {w}"));
+                        continue;
+                    }
+                    _ => {}
+                }
+                shown.insert(path.clone());
+                let options = &commands[&path];
+                for w in &rest[used..] {
+                    if ["|", "&&", ";", "--", "skiff"].contains(w) || w.starts_with('#') {
+                        break;
+                    }
+                    let Some(flag) = w.strip_prefix("--") else {
+                        continue;
+                    };
+                    let flag = format!(
+                        "--{}",
+                        flag.split(['=', ',', ')', ']', '`']).next().unwrap_or(flag)
+                    );
+                    if !options.contains(&flag) {
+                        problems.push(format!("{file}: `{span}`: skiff {path} has no {flag}"));
+                    }
+                }
+            }
+        }
+    }
+    for (path, _) in commands.iter().filter(|(p, _)| !p.is_empty()) {
+        let leaf = !commands.keys().any(|k| k.starts_with(&format!("{path} ")));
+        if leaf && !shown.contains(path) {
+            problems.push(format!("skiff {path} is in no document"));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
