@@ -347,6 +347,15 @@ fn config_keys(
     }
 }
 
+/// Every key the schema takes, by section, as [`config_keys`] gives them.
+fn schema_keys(dir: &Path) -> std::collections::BTreeMap<(String, String), toml::Value> {
+    let mut keys = std::collections::BTreeMap::new();
+    config_keys("", &effective_config(dir, EVERY_LIST_OF_TABLES), &mut keys);
+    // Left out of the effective config while unset.
+    keys.insert(("".into(), "profile".into()), toml::Value::from(""));
+    keys
+}
+
 /// What `skiff config check` prints for `text`, as TOML (the budgets are
 /// comments).
 fn effective_config(dir: &Path, text: &str) -> toml::Table {
@@ -400,14 +409,7 @@ fn every_config_key_is_documented_with_its_default() {
     let dir = temp_dir();
     let mut defaults = std::collections::BTreeMap::new();
     config_keys("", &effective_config(dir.path(), ""), &mut defaults);
-    let mut keys = std::collections::BTreeMap::new();
-    config_keys(
-        "",
-        &effective_config(dir.path(), EVERY_LIST_OF_TABLES),
-        &mut keys,
-    );
-    // Left out of the effective config while unset.
-    keys.insert(("".into(), "profile".into()), toml::Value::from(""));
+    let keys = schema_keys(dir.path());
     let mut problems = Vec::new();
     for ((section, key), value) in &keys {
         let dotted = if section.is_empty() {
@@ -594,6 +596,62 @@ fn the_documented_commands_and_options_are_the_binarys() {
         let leaf = !commands.keys().any(|k| k.starts_with(&format!("{path} ")));
         if leaf && !shown.contains(path) {
             problems.push(format!("skiff {path} is in no document"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A dotted key the docs name in code (`` `server.max_connections` ``)
+/// is one the schema takes, wherever it is named.
+#[test]
+fn every_dotted_config_key_the_docs_name_is_the_schemas() {
+    let dir = temp_dir();
+    let keys: std::collections::BTreeSet<String> = schema_keys(dir.path())
+        .into_keys()
+        .map(|(section, key)| match section.as_str() {
+            "" => key,
+            s => format!("{s}.{key}"),
+        })
+        .collect();
+    let sections: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .filter_map(|k| k.split_once('.'))
+        .map(|(s, _)| s)
+        .collect();
+    // Files, not keys: `server.pem`, `acl.rs`.
+    let files = [
+        "pem", "key", "csr", "crt", "der", "toml", "md", "rs", "meta", "snap",
+    ];
+    // Kafka's, named beside skiff's.
+    let kafka = ["share.auto.offset.reset"];
+    let mut problems = Vec::new();
+    for file in ["README.md".to_owned()].into_iter().chain(
+        std::fs::read_dir(repo().join("docs"))
+            .expect("docs/")
+            .map(|e| {
+                format!(
+                    "docs/{}",
+                    e.expect("an entry").file_name().to_string_lossy()
+                )
+            })
+            .filter(|f| f.ends_with(".md")),
+    ) {
+        for span in code_spans(&read(&file)) {
+            let Some((section, rest)) = span.split_once('.') else {
+                continue;
+            };
+            let dotted = span
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.');
+            let last = rest.rsplit('.').next().unwrap_or(rest);
+            if dotted
+                && sections.contains(section)
+                && !files.contains(&last)
+                && !kafka.contains(&span.as_str())
+                && !keys.contains(&span)
+            {
+                problems.push(format!("{file}: `{span}` is no config key"));
+            }
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
