@@ -204,7 +204,7 @@ pub struct CleanerStats {
 pub(super) struct FullRings {
     storage: crate::storage::Storage,
     /// (topic, partition) → the high watermark at which a pass over the
-    /// full ring freed nothing. A full ring takes no writes, so while it
+    /// full ring found nothing to merge. A full ring takes no writes, so while it
     /// stays full the watermark stays; once it moves (the ring grew,
     /// was compacted, or was made again) the verdict no longer applies.
     verdicts: std::sync::Mutex<foldhash::HashMap<(String, u32), u64>>,
@@ -243,7 +243,7 @@ impl FullRings {
     }
 
     /// After a pass of the cleaner over a partition's ring: whether it
-    /// left the ring full, having freed nothing, at `hw`.
+    /// found the ring full and nothing to merge, at `hw`.
     fn judged(&self, topic: &str, partition: u32, full_of_live_data: Option<u64>) {
         let mut verdicts = self.lock();
         match full_of_live_data {
@@ -257,6 +257,15 @@ impl FullRings {
     }
 }
 
+/// Whether a compaction shows that nothing in the ring may go (if it is
+/// full): only a pass over every closed segment that found nothing to
+/// merge. One that merged freed no slot when it merged one segment
+/// (dropping its dead records), but the next merges that with the ones
+/// after it.
+pub(super) fn full_of_live_data(r: &CompactionReport) -> bool {
+    r.segments_merged == 0 && !r.held_back
+}
+
 /// What one compaction of a partition did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactionReport {
@@ -266,6 +275,9 @@ pub struct CompactionReport {
     pub bytes_before: u64,
     pub bytes_after: u64,
     pub records_removed: u64,
+    /// Closed segments were left out: their batches are past what the
+    /// producers' snapshot covers yet (some still in flight).
+    pub held_back: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -607,6 +619,7 @@ impl super::Broker {
             report.segments_merged = report.segments_merged.max(pass.segments_merged);
             report.segments_freed += pass.segments_freed;
             report.records_removed += pass.records_removed;
+            report.held_back |= pass.held_back;
             if report.bytes_before == 0 {
                 report.bytes_before = pass.bytes_before;
             }
@@ -638,8 +651,13 @@ impl super::Broker {
             .filter(|s| !s.active && s.next_offset <= covered)
             .copied()
             .collect();
+        let held_back = segs.iter().any(|s| !s.active && s.next_offset > covered);
+        let nothing = CompactionReport {
+            held_back,
+            ..CompactionReport::default()
+        };
         let Some(first) = closed.first().copied() else {
-            return Ok(CompactionReport::default());
+            return Ok(nothing);
         };
         let segment_bytes = self.storage_segment_bytes(id)?;
         let room = segment_bytes - crate::storage::BLOCK_BYTES as u64;
@@ -670,7 +688,7 @@ impl super::Broker {
             count += 1;
         }
         if count == 0 || (count == 1 && removed_total == 0) {
-            return Ok(CompactionReport::default());
+            return Ok(nothing);
         }
         // 3. Write the merge in chunks, then swap it in.
         let last_end = closed[count - 1].next_offset;
@@ -727,6 +745,7 @@ impl super::Broker {
             bytes_before: in_total,
             bytes_after: kept_total,
             records_removed: removed_total,
+            held_back,
         })
     }
 
@@ -816,14 +835,11 @@ impl super::Broker {
                 if idle.get(&(topic.clone(), p)) == Some(&end) {
                     continue;
                 }
-                let r = self.compact_partition(&topic, p).await;
-                let left_full = match &r {
-                    Ok(r) if r.segments_freed == 0 => self.ring_full_at(&topic, p).await,
-                    _ => None,
-                };
-                self.full_rings.judged(&topic, p, left_full);
+                let r = self.clean_one(&topic, p).await;
                 match r {
-                    Ok(r) if r.segments_merged > 0 => {
+                    // Held back by batches in flight: they settle within
+                    // a flush, and the pass is owed once they have.
+                    Ok(r) if r.segments_merged > 0 || r.held_back => {
                         busy = true;
                         idle.remove(&(topic.clone(), p));
                         log::debug!("{topic}/{p}: {r:?}");
@@ -855,6 +871,22 @@ impl super::Broker {
                 return;
             }
         }
+    }
+
+    /// A compaction by the cleaner, and its verdict on the ring: whether
+    /// what fills it is all live ([`FullRings`]).
+    pub(super) async fn clean_one(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<CompactionReport, BrokerError> {
+        let r = self.compact_partition(topic, partition).await;
+        let left_full = match &r {
+            Ok(r) if full_of_live_data(r) => self.ring_full_at(topic, partition).await,
+            _ => None,
+        };
+        self.full_rings.judged(topic, partition, left_full);
+        r
     }
 
     /// The partition's high watermark if its ring has no free segment.

@@ -342,3 +342,94 @@ fn a_producers_dedup_state_survives_its_batches_compacted_away() {
     block_on(async { w.b().produce("c", 0, mine(5, 2).into()).await?.await })
         .expect("the next sequence is taken");
 }
+
+/// A compacted ring that refused a write is answered as behind the
+/// cleaner (retried) until a pass of the cleaner over the whole ring finds
+/// nothing to merge; only then as full of live data. A producer of one
+/// key is never told its ring is full of live data.
+#[test]
+fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
+    let rig = Rig::fault(12);
+    let b = Broker::open(rig.open(), options(&rig)).expect("broker opens");
+    let spec = TopicSpec {
+        partitions: Some(1),
+        segment_bytes: Some(64 * 1024),
+        segments: Some(4),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    for topic in ["one", "all"] {
+        block_on(b.create_topic(topic, &spec)).expect("create");
+    }
+    // Ten records of 600 B, keyed by `key(i)`.
+    let put = |topic: &str, key: &dyn Fn(u64) -> Vec<u8>, seq: u64| {
+        let mut bb = BatchBuilder::new();
+        for i in 0..10 {
+            let v = value_of(seq * 10 + i, 600);
+            bb.push_record(1_000, Some(&key(seq * 10 + i)), Some(&v), &[]);
+        }
+        let batch = bb.finish(ProducerStamp::NONE);
+        block_on(async { b.produce(topic, 0, batch.into()).await?.await })
+    };
+    let behind = |e: &BrokerError| matches!(e, BrokerError::CompactionBehind { .. });
+
+    // One key: the ring fills before any pass.
+    let one = |_: u64| b"k".to_vec();
+    let mut seq = 0;
+    let e = loop {
+        seq += 1;
+        if let Err(e) = put("one", &one, seq) {
+            break e;
+        }
+    };
+    assert!(behind(&e), "{e}");
+    let mut passes = 0;
+    while let Err(e) = put("one", &one, seq) {
+        assert!(behind(&e), "after {passes} pass(es): {e}");
+        passes += 1;
+        assert!(passes <= 4, "the cleaner made no room");
+        block_on(b.clean_one("one", 0)).expect("compaction");
+    }
+
+    // Every key new: behind until a pass finds nothing to merge.
+    let all = |i: u64| format!("key-{i}").into_bytes();
+    let mut seq = 0;
+    let e = loop {
+        seq += 1;
+        if let Err(e) = put("all", &all, seq) {
+            break e;
+        }
+    };
+    assert!(behind(&e), "{e}");
+    for _ in 0..4 {
+        if block_on(b.clean_one("all", 0))
+            .expect("compaction")
+            .segments_merged
+            == 0
+        {
+            break;
+        }
+    }
+    let e = put("all", &all, seq).expect_err("a ring of latest values");
+    assert!(matches!(e, BrokerError::RingFullOfLiveData { .. }), "{e}");
+}
+
+/// The verdict's rule: a pass that merged (even one segment, freeing no
+/// slot) or left segments out says nothing about the ring.
+#[test]
+fn only_a_whole_pass_that_merged_nothing_says_the_ring_is_live() {
+    use cleaner::CompactionReport as R;
+    let merged_one = R {
+        segments_merged: 1,
+        segments_freed: 0,
+        records_removed: 286,
+        ..R::default()
+    };
+    let held_back = R {
+        held_back: true,
+        ..R::default()
+    };
+    assert!(!cleaner::full_of_live_data(&merged_one));
+    assert!(!cleaner::full_of_live_data(&held_back));
+    assert!(cleaner::full_of_live_data(&R::default()));
+}
