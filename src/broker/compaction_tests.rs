@@ -372,17 +372,21 @@ fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
         block_on(async { b.produce(topic, 0, batch.into()).await?.await })
     };
     let behind = |e: &BrokerError| matches!(e, BrokerError::CompactionBehind { .. });
+    // Puts until the ring refuses one, before any pass of the cleaner:
+    // that one's number, and it is refused as behind.
+    let fill = |topic: &str, key: &dyn Fn(u64) -> Vec<u8>| -> u64 {
+        for seq in 1.. {
+            if let Err(e) = put(topic, key, seq) {
+                assert!(behind(&e), "{e}");
+                return seq;
+            }
+        }
+        unreachable!()
+    };
 
     // One key: the ring fills before any pass.
     let one = |_: u64| b"k".to_vec();
-    let mut seq = 0;
-    let e = loop {
-        seq += 1;
-        if let Err(e) = put("one", &one, seq) {
-            break e;
-        }
-    };
-    assert!(behind(&e), "{e}");
+    let seq = fill("one", &one);
     let mut passes = 0;
     while let Err(e) = put("one", &one, seq) {
         assert!(behind(&e), "after {passes} pass(es): {e}");
@@ -393,14 +397,7 @@ fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
 
     // Every key new: behind until a pass finds nothing to merge.
     let all = |i: u64| format!("key-{i}").into_bytes();
-    let mut seq = 0;
-    let e = loop {
-        seq += 1;
-        if let Err(e) = put("all", &all, seq) {
-            break e;
-        }
-    };
-    assert!(behind(&e), "{e}");
+    let seq = fill("all", &all);
     for _ in 0..4 {
         if block_on(b.clean_one("all", 0))
             .expect("compaction")
