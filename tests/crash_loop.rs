@@ -483,7 +483,7 @@ fn crash_loop(disk: Disk) {
     // Free the local check's maps before the upstream one builds its own.
     drop(served);
     watchdog.step("reading upstream");
-    let (upstream, older, held) = check_upstream(&tansu, read, &b);
+    let (upstream, older, held) = check_upstream(&tansu, read, &b, &watchdog);
     // The one line scripts/soak prints.
     println!(
         "{line}; upstream holds {upstream} once ({older} older than the local log, \
@@ -709,7 +709,15 @@ fn check_log(
 /// transactional ones it holds with no commit or abort marker. Upstream is
 /// read by the checker's own reader (`upstream::for_each_committed_raw`),
 /// not skiff's, and past the broker's last stable offset.
-fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usize, usize, usize) {
+/// Tells `watchdog` how far it got every `UPSTREAM_PROGRESS_RECORDS`:
+/// reading millions of records back from Tansu on a busy machine takes
+/// longer than a step may, and it is progress, not a hang.
+fn check_upstream(
+    tansu: &upstream::Tansu,
+    local: Vec<Seen>,
+    b: &Broker,
+    watchdog: &Watchdog,
+) -> (usize, usize, usize) {
     let client = skiff::mirror::kafka::KafkaClient::new(
         skiff::mirror::kafka::KafkaConfig::new(&tansu.addr()).expect("bootstrap"),
     )
@@ -728,7 +736,7 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
     // while it makes progress.
     let mut deadline = Instant::now() + Duration::from_secs(120);
     let mut had = 0;
-    loop {
+    for pass in 1.. {
         for (_, slots) in want.values_mut() {
             slots.iter_mut().for_each(|s| s.1 = 0);
         }
@@ -762,6 +770,11 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
             slot.1 += 1;
             assert_eq!(slot.1, 1, "{at:?} duplicated upstream");
             found += 1;
+            if found % UPSTREAM_PROGRESS_RECORDS == 0 {
+                watchdog.step(format!(
+                    "reading upstream: pass {pass}, {found} of {total} records found"
+                ));
+            }
         });
         if found == total {
             return (found, older, held.iter().sum());
@@ -787,7 +800,10 @@ fn check_upstream(tansu: &upstream::Tansu, local: Vec<Seen>, b: &Broker) -> (usi
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    unreachable!("the passes end by returning or panicking")
 }
+
+const UPSTREAM_PROGRESS_RECORDS: usize = 100_000;
 
 /// Each upstream partition's last stable offset and high watermark: a
 /// read_committed reader stops at the first.
