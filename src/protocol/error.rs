@@ -113,13 +113,15 @@ pub enum ErrorCode {
     // ------------------------------------------- compaction (issue 19)
     /// A record the topic cannot take: on a compacted topic, a record
     /// without a key (the topic keeps the latest record per key). Not
-    /// retriable: the message names the record.
+    /// retriable: the message names the record. Since protocol version 2;
+    /// a version 1 client gets `invalid_batch`.
     InvalidRecord = 24,
     /// A compacted topic's ring holds nothing but latest values (and
     /// tombstones not yet expired): writing on would lose one. Not
     /// retriable as is: delete keys (tombstones), or grow the ring
     /// (`skiff topics alter --segments`). Also the answer to a shrink of
-    /// such a ring below the segments its data fills.
+    /// such a ring below the segments its data fills. Since protocol
+    /// version 2; a version 1 client gets `invalid_request`.
     RingFullOfLiveData = 25,
     // 26..=29 are left to other features; the group codes take 30..=39.
     /// `describe`, `delete` or a reset for a group that has no members
@@ -290,6 +292,52 @@ impl ErrorCode {
             Self::ConcurrentTransactions => "concurrent_transactions",
             Self::TooManyTransactionalIds => "too_many_transactional_ids",
             Self::TooManyAbortedTransactions => "too_many_aborted_transactions",
+        }
+    }
+
+    /// The protocol version that defines the code: a client of an older
+    /// one is sent another in its place ([`for_version`](super::for_version)).
+    pub fn since_version(self) -> u16 {
+        match self {
+            Self::UpstreamBacklogFull
+            | Self::InvalidRecord
+            | Self::RingFullOfLiveData
+            | Self::UnknownGroup
+            | Self::UnknownMemberId
+            | Self::IllegalGeneration
+            | Self::RebalanceInProgress
+            | Self::NotOwner
+            | Self::GroupNotEmpty => 2,
+            Self::InvalidTxnState | Self::ShareLockLost => 3,
+            Self::TooManyGroups
+            | Self::TooManyMembers
+            | Self::ConcurrentTransactions
+            | Self::TooManyTransactionalIds
+            | Self::TooManyAbortedTransactions
+            | Self::TooManySharePartitions => 4,
+            Self::None
+            | Self::UnknownTopic
+            | Self::UnknownPartition
+            | Self::TopicExists
+            | Self::InvalidRequest
+            | Self::FrameTooLarge
+            | Self::MalformedFrame
+            | Self::UnsupportedVersion
+            | Self::StorageFull
+            | Self::StorageFailed
+            | Self::PartitionQuarantined
+            | Self::OffsetOutOfRange
+            | Self::InvalidBatch
+            | Self::BatchTooLarge
+            | Self::NotAuthorized
+            | Self::TooManyTopics
+            | Self::TooManyPartitions
+            | Self::TooManyConnections
+            | Self::FencedProducer
+            | Self::OutOfOrderSequence
+            | Self::DuplicateSequence
+            | Self::ShuttingDown
+            | Self::Internal => 1,
         }
     }
 

@@ -34,7 +34,8 @@ pub use types::*;
 ///
 /// - 1: topics, produce, fetch, offsets, idempotent producers.
 /// - 2: consumer groups (operations 20..=39), the mirror's (40..=49),
-///   compaction and topic changes (50..=52).
+///   compaction and topic changes (50..=52); error codes 23..=25 and
+///   30..=35 ([`ErrorCode::since_version`]).
 /// - 3: transactions (operations 60..=69, fetch isolation) and share groups
 ///   (operations 70..=79, docs/queues.md).
 /// - 4: the coordinators' refusals at their limits as their own codes
@@ -67,26 +68,28 @@ const _: () = assert!(
 /// client hitting the wrong port), and is cut off before it costs memory.
 pub const HELLO_FRAME_BYTES_MAX: u32 = 4 * 1024;
 
-/// `body` as a client of protocol `version` may be sent it: before
-/// version 2 there is no `upstream_backlog_full`, and such a client gets
-/// `storage_full` (also retriable, with the same meaning to it); before
-/// version 4 the coordinators' refusals at their limits are
-/// `invalid_request`, as they were then. Mapped wherever a code is: an
-/// error answer, a produce result's per partition, a share ack's per ack.
+/// `body` as a client of protocol `version` may be sent it: a code of a
+/// later version ([`ErrorCode::since_version`]) becomes one the client knows
+/// and treats alike. Before version 2 there is no `upstream_backlog_full`,
+/// and such a client gets `storage_full` (also retriable, with the same
+/// meaning to it), nor compaction's codes: a keyless record on a compacted
+/// topic is `invalid_batch` (the batch's records are refused) and a ring
+/// full of live data `invalid_request` (neither is retriable).
+/// Before version 4 the coordinators' refusals at their limits are
+/// `invalid_request`, as they were then; so is any other code of a later
+/// version. Mapped wherever a code is: an error answer, a produce result's
+/// per partition, a share ack's per ack.
 pub fn for_version(mut body: ResponseBody, version: u16) -> ResponseBody {
-    if version >= 4 {
+    if version >= PROTOCOL_VERSION_MAX {
         return body;
     }
     let old = |code: &mut ErrorCode| {
-        *code = match *code {
-            ErrorCode::UpstreamBacklogFull if version < 2 => ErrorCode::StorageFull,
-            ErrorCode::ConcurrentTransactions
-            | ErrorCode::TooManyTransactionalIds
-            | ErrorCode::TooManyGroups
-            | ErrorCode::TooManyMembers
-            | ErrorCode::TooManyAbortedTransactions
-            | ErrorCode::TooManySharePartitions => ErrorCode::InvalidRequest,
-            c => c,
+        if code.since_version() > version {
+            *code = match *code {
+                ErrorCode::UpstreamBacklogFull => ErrorCode::StorageFull,
+                ErrorCode::InvalidRecord => ErrorCode::InvalidBatch,
+                _ => ErrorCode::InvalidRequest,
+            }
         }
     };
     match &mut body {

@@ -2275,8 +2275,8 @@ fn mirror_messages_round_trip_and_version_1_clients_get_storage_full() {
 
 /// The coordinators' refusals at their limits have their own codes from
 /// version 4 (those a slot soon frees for retriable); a version 3 client
-/// gets `invalid_request`, as before, in an error answer and in a produce
-/// result alike.
+/// gets `invalid_request`, as before, in an error answer, a produce result
+/// and a share ack alike.
 #[test]
 fn coordinator_refusals_are_invalid_request_before_version_4() {
     assert!(ErrorCode::ConcurrentTransactions.is_retriable());
@@ -2293,32 +2293,11 @@ fn coordinator_refusals_are_invalid_request_before_version_4() {
         ErrorCode::TooManyAbortedTransactions,
         ErrorCode::TooManySharePartitions,
     ] {
-        let error = ResponseBody::Error(ErrorResponse {
-            code,
-            message: "refused".into(),
-        });
-        let produce = ResponseBody::Produce(ProduceResponse {
-            throttle_ms: None,
-            partitions: vec![ProducePartitionResult {
-                topic: "t".into(),
-                partition: 0,
-                error: code,
-                base_offset: 0,
-                last_offset: 0,
-                duplicate_records: 0,
-                message: Some("refused".into()),
-            }],
-        });
-        assert_eq!(crate::protocol::for_version(error.clone(), 4), error);
-        assert_eq!(crate::protocol::for_version(produce.clone(), 4), produce);
-        let ResponseBody::Error(e) = crate::protocol::for_version(error, 3) else {
-            unreachable!()
-        };
-        assert_eq!(e.code, ErrorCode::InvalidRequest);
-        let ResponseBody::Produce(p) = crate::protocol::for_version(produce, 3) else {
-            unreachable!()
-        };
-        assert_eq!(p.partitions[0].error, ErrorCode::InvalidRequest);
+        for body in answers_carrying(code) {
+            assert_eq!(crate::protocol::for_version(body.clone(), 4), body);
+            let v3 = crate::protocol::for_version(body, 3);
+            assert_eq!(codes_in(&v3), [ErrorCode::InvalidRequest], "{code}");
+        }
     }
 }
 
@@ -2348,6 +2327,88 @@ fn share_ack_results_are_mapped_for_older_versions() {
             ErrorCode::InvalidRequest,
         ]
     );
+}
+
+/// An answer of each shape `for_version` maps: an error answer, a
+/// produce result and a share ack, each carrying `code`.
+fn answers_carrying(code: ErrorCode) -> [ResponseBody; 3] {
+    [
+        ResponseBody::Error(ErrorResponse {
+            code,
+            message: "refused".into(),
+        }),
+        ResponseBody::Produce(ProduceResponse {
+            throttle_ms: None,
+            partitions: vec![ProducePartitionResult {
+                topic: "t".into(),
+                partition: 0,
+                error: code,
+                base_offset: 0,
+                last_offset: 0,
+                duplicate_records: 0,
+                message: Some("refused".into()),
+            }],
+        }),
+        ResponseBody::ShareAck(ShareAckResponse {
+            results: vec![code],
+        }),
+    ]
+}
+
+/// The codes an answer carries, whichever of the mapped shapes it is.
+fn codes_in(body: &ResponseBody) -> Vec<ErrorCode> {
+    match body {
+        ResponseBody::Error(e) => vec![e.code],
+        ResponseBody::Produce(p) => p.partitions.iter().map(|r| r.error).collect(),
+        ResponseBody::ShareAck(a) => a.results.clone(),
+        _ => unreachable!(),
+    }
+}
+
+/// Compaction came with version 2, and its codes with it: a version 1
+/// client producing to a compacted topic (another client made it) is
+/// refused with codes it knows and does not retry: a keyless record is
+/// `invalid_batch`, a ring full of live data `invalid_request`.
+#[test]
+fn compaction_codes_are_version_1_codes_for_a_version_1_client() {
+    for (code, old) in [
+        (ErrorCode::InvalidRecord, ErrorCode::InvalidBatch),
+        (ErrorCode::RingFullOfLiveData, ErrorCode::InvalidRequest),
+    ] {
+        assert_eq!(code.since_version(), 2);
+        assert!(!old.is_retriable());
+        for body in answers_carrying(code) {
+            assert_eq!(crate::protocol::for_version(body.clone(), 2), body);
+            let v1 = crate::protocol::for_version(body, 1);
+            assert_eq!(codes_in(&v1), [old], "{code} at version 1");
+        }
+    }
+}
+
+/// The promise of docs/protocol.md ("Version negotiation"): whatever code
+/// an answer carries, a client is sent one its version defines, the same
+/// code when it does, and never a retriable one in place of one it must
+/// not retry.
+#[test]
+fn every_code_is_sent_as_one_the_version_defines() {
+    for code in ErrorCode::ALL {
+        for version in PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX {
+            for body in answers_carrying(code) {
+                let sent = codes_in(&crate::protocol::for_version(body, version))[0];
+                assert!(
+                    sent.since_version() <= version,
+                    "{code} is sent as {sent} at version {version}"
+                );
+                if code.since_version() <= version {
+                    assert_eq!(sent, code, "at version {version}");
+                }
+                assert!(
+                    code.is_retriable() || !sent.is_retriable(),
+                    "{code} is sent as retriable {sent} at version {version}"
+                );
+            }
+        }
+    }
 }
 
 /// Share groups' operations (70..=75) are in the samples, so their bytes
