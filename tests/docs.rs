@@ -457,15 +457,20 @@ fn every_config_key_is_documented_with_its_default() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// `skiff PATH --help`'s subcommands and long options.
-fn help_of(path: &[&str]) -> (Vec<String>, Vec<String>) {
+/// What `skiff PATH --help` prints.
+fn help_text(path: &[&str]) -> String {
     let o = skiff_command()
         .args(path)
         .arg("--help")
         .output()
         .expect("running skiff");
     assert_ok(&o);
-    let help = stdout(&o);
+    stdout(&o)
+}
+
+/// `skiff PATH --help`'s subcommands and long options.
+fn help_of(path: &[&str]) -> (Vec<String>, Vec<String>) {
+    let help = help_text(path);
     let section = |name: &str| -> Vec<String> {
         help.lines()
             .skip_while(|l| *l != name)
@@ -488,6 +493,39 @@ fn help_of(path: &[&str]) -> (Vec<String>, Vec<String>) {
         .map(|w| w.trim_end_matches(',').to_owned())
         .collect();
     (commands, options)
+}
+
+/// The long options of `skiff PATH --help` that have no text of their own
+/// (only a `[default: ...]`, or nothing).
+fn options_without_help(path: &[&str]) -> Vec<String> {
+    let help = help_text(path);
+    let mut texts: Vec<(String, String)> = Vec::new();
+    let section = help.lines().skip_while(|l| *l != "Options:").skip(1);
+    for line in section.take_while(|l| !l.is_empty()) {
+        let line = line.trim_start();
+        // clap puts the text after two spaces, or on the lines below.
+        let (flags, text) = line.split_once("  ").unwrap_or((line, ""));
+        match flags.split_whitespace().find(|w| w.starts_with("--")) {
+            Some(option) if line.starts_with('-') => texts.push((option.into(), text.into())),
+            _ => texts.last_mut().expect("option first").1 += line,
+        }
+    }
+    texts
+        .into_iter()
+        .filter(|(_, text)| text.trim().is_empty() || text.trim().starts_with('['))
+        .map(|(option, _)| option.trim_end_matches(',').to_owned())
+        .collect()
+}
+
+/// Each option of these commands says what it does in `--help`.
+#[test]
+fn these_commands_options_have_help() {
+    let missing: Vec<_> = [&["bench", "group"][..], &["dlq", "replay"]]
+        .into_iter()
+        .map(|path| (path.join(" "), options_without_help(path)))
+        .filter(|(_, options)| !options.is_empty())
+        .collect();
+    assert!(missing.is_empty(), "options without help: {missing:?}");
 }
 
 /// Every command path `skiff --help` leads to, with its long options.

@@ -503,6 +503,8 @@ pub enum DlqCommand {
     /// their skiff.dlq.* headers; each is replayed once, also across runs.
     Replay {
         topic: String,
+        /// The dead-letter topic, when not TOPIC.dlq (a
+        /// [[share.overrides]] dead_letter_topic).
         #[arg(long, value_name = "NAME")]
         dead_letter_topic: Option<String>,
         /// Replay at most this many records (default: all).
@@ -656,8 +658,10 @@ pub struct BenchTxnArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchGroupArgs {
+    /// The bench topic: deleted if it exists, made anew, deleted at the end.
     #[arg(long, default_value = "skiff-bench-group", value_parser = topic_name)]
     pub topic: String,
+    /// Partitions of the bench topic, shared out among the members.
     #[arg(long, default_value_t = 8)]
     pub partitions: u32,
     /// Members of the group (threads of this process, a connection each).
@@ -681,6 +685,7 @@ pub struct BenchGroupArgs {
     /// Concurrent committers in the commit-rate phase.
     #[arg(long, default_value_t = 64)]
     pub committers: u32,
+    /// How long the commit-rate phase lasts (after the producer's).
     #[arg(long, default_value_t = 5)]
     pub commit_seconds: u64,
     /// The broker's metrics endpoint, to count offsets-log writes per commit.
