@@ -204,9 +204,9 @@ pub struct CleanerStats {
 pub(super) struct FullRings {
     storage: crate::storage::Storage,
     /// (topic, partition) → the high watermark at which a pass over the
-    /// full ring found nothing to merge. A full ring takes no writes, so while it
-    /// stays full the watermark stays; once it moves (the ring grew,
-    /// was compacted, or was made again) the verdict no longer applies.
+    /// full ring found nothing to merge. A full ring takes no writes, so
+    /// while it stays full the watermark stays; once it moves (the ring
+    /// grew, or was compacted) the verdict no longer applies.
     verdicts: std::sync::Mutex<foldhash::HashMap<(String, u32), u64>>,
     /// Wakes the cleaner when a ring without a verdict refuses a write.
     refused: event_listener::Event,
@@ -823,9 +823,9 @@ impl super::Broker {
             let rolled = self.storage.roll_listener();
             let made_compacted = self.cleanup_changed.listen();
             let refused = self.full_rings.refused.listen();
-            // A pass that compacted, or failed, is followed by another in
-            // `interval`; otherwise only a roll or a newly compacted topic
-            // can make work.
+            // A pass that compacted, failed or was held back is followed
+            // by another in `interval`; otherwise only a roll, a newly
+            // compacted topic or a full ring's refusal can make work.
             let mut busy = false;
             for (topic, p) in self.partitions_to_clean().await {
                 if stopping.is_triggered() {
