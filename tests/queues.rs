@@ -895,9 +895,10 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     let pid = replay.id() as i32;
     // SAFETY: a signal to the replay this test spawned, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    // Sent while the first is still pending, the second would merge with it.
+    // Sent before the first's handler has run, the second would merge
+    // with it or race it.
     wait_until(WAIT, "the replay to take the first SIGTERM", || {
-        !sigterm_pending(pid)
+        !sigterm_in_flight(pid)
     });
     // SAFETY: as above; the replay is still running (its leave waits).
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -909,15 +910,24 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     drop(first);
 }
 
-/// Whether a SIGTERM sent to `pid` is pending, not yet taken by a handler.
-fn sigterm_pending(pid: i32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// Whether a SIGTERM sent to `pid` is still on its way: pending, or taken
+/// by a thread whose handler has not returned (the signal is blocked while
+/// its handler runs). Pending alone is not enough: a second signal sent
+/// while the first handler has yet to set the stop flag is taken by another
+/// thread, finds the flag unset, and only sets it too.
+fn sigterm_in_flight(pid: i32) -> bool {
     let bit = 1u64 << (libc::SIGTERM - 1);
-    status.lines().any(|l| {
-        ["ShdPnd:", "SigPnd:"].iter().any(|k| {
-            l.strip_prefix(k)
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .is_some_and(|m| m & bit != 0)
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    tasks.iter().any(|task| {
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        status.lines().any(|l| {
+            ["ShdPnd:", "SigPnd:", "SigBlk:"].iter().any(|k| {
+                l.strip_prefix(k)
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                    .is_some_and(|m| m & bit != 0)
+            })
         })
     })
 }
