@@ -68,13 +68,16 @@ impl Origin {
     }
 }
 
-/// One parsed layer: its origin, text (for line numbers) and table.
+/// One parsed layer: its origin, spans (for line numbers) and table.
 struct Layer {
     origin: Origin,
-    text: String,
     /// The span-preserving parse, used to find the line of a dotted key.
     doc: toml_edit::ImDocument<String>,
     table: toml::Table,
+    /// Byte offsets of the text's newlines: a key's line is a binary
+    /// search, not a count from the start per key (that count was half of
+    /// parsing the embedded default).
+    newlines: Vec<usize>,
 }
 
 impl Layer {
@@ -98,11 +101,12 @@ impl Layer {
                 ConfigErrorKind::Syntax(e.message().to_string()),
             )
         })?;
+        let newlines = newline_offsets(doc.raw());
         let layer = Layer {
             origin,
-            text,
             doc,
             table,
+            newlines,
         };
         layer.check_keys()?;
         Ok(layer)
@@ -132,14 +136,14 @@ impl Layer {
                 let line = table
                     .get_key_value(key)
                     .and_then(|(k, _)| k.span())
-                    .map(|s| line_of(&self.text, s.start));
+                    .map(|s| self.line(s.start));
                 if !known.iter().any(|k| k.path == path) {
                     let mut err = ConfigError::new(
                         self.origin.name(),
                         line,
                         ConfigErrorKind::UnknownKey(path.clone()),
                     );
-                    err.did_you_mean = did_you_mean(&path, &known);
+                    err.did_you_mean = did_you_mean(&path, known);
                     problems.push(err);
                     continue;
                 }
@@ -182,12 +186,16 @@ impl Layer {
         }
     }
 
+    /// 1-based line number of a byte offset, as [`line_of`].
+    fn line(&self, offset: usize) -> usize {
+        self.newlines.partition_point(|&n| n < offset) + 1
+    }
+
     /// The line of a dotted key in this layer, if the layer sets it. A part
     /// may index an array of tables as serde names it (`mirror.rules[1]`);
     /// a key an element leaves to its default gives the element's line.
     fn line_of_key(&self, dotted: &str) -> Option<Option<usize>> {
-        let line =
-            |span: Option<std::ops::Range<usize>>| span.map(|s| line_of(&self.text, s.start));
+        let line = |span: Option<std::ops::Range<usize>>| span.map(|s| self.line(s.start));
         let mut table: &dyn toml_edit::TableLike = self.doc.as_table();
         // The line of the innermost array element walked into, if any.
         let mut element = None;
@@ -261,8 +269,14 @@ fn did_you_mean(path: &str, known: &[KnownKey]) -> Option<String> {
 }
 
 /// The schema's keys: every key of the embedded default (which names them
-/// all) plus `profile`, which the default leaves unset.
-fn known_keys() -> Vec<KnownKey> {
+/// all) plus `profile`, which the default leaves unset. Walked once: every
+/// layer of every load checks against them.
+fn known_keys() -> &'static [KnownKey] {
+    static KNOWN: std::sync::OnceLock<Vec<KnownKey>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(walk_known_keys)
+}
+
+fn walk_known_keys() -> Vec<KnownKey> {
     fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<KnownKey>) {
         for (key, value) in table {
             let path = if prefix.is_empty() {
@@ -294,6 +308,14 @@ fn known_keys() -> Vec<KnownKey> {
         walk("", &table, &mut out);
     }
     out
+}
+
+/// Byte offsets of `text`'s newlines.
+fn newline_offsets(text: &str) -> Vec<usize> {
+    text.bytes()
+        .enumerate()
+        .filter_map(|(i, b)| (b == b'\n').then_some(i))
+        .collect()
 }
 
 /// 1-based line number of a byte offset.
