@@ -283,7 +283,12 @@ impl Index {
             if h.is_control() || in_aborted_range(&aborted, &h) {
                 dropped = true;
             } else {
-                keep.push((at, at + len));
+                // A run of kept batches is one range: a list per run between
+                // drops, not per batch.
+                match keep.last_mut() {
+                    Some((_, end)) if *end == at => *end = at + len,
+                    _ => keep.push((at, at + len)),
+                }
             }
             next_offset = Some(h.next_offset());
             at += len;
@@ -355,6 +360,32 @@ mod tests {
         let f = ix.filter("t", 0, log.into(), 4);
         assert_eq!(f.next_offset, Some(4));
         assert_eq!(crate::batch::count_records(&f.records), 2);
+    }
+
+    #[test]
+    fn runs_of_kept_batches_around_a_dropped_one_are_kept_whole_and_in_order() {
+        let ix = Index::default();
+        // 0, 1: pid 8; 2: pid 7 (aborted); 3: its marker; 4, 5: pid 8.
+        let kept = [0, 1, 4, 5].map(|base| batch(base, 8, false));
+        let mut log = Vec::new();
+        log.extend(&kept[0]);
+        log.extend(&kept[1]);
+        log.extend(batch(2, 7, false));
+        log.extend(batch(3, NO, true));
+        log.extend(&kept[2]);
+        log.extend(&kept[3]);
+        ix.add_aborted(
+            "t",
+            0,
+            Aborted {
+                producer_id: 7,
+                first: 2,
+                marker: 3,
+            },
+        );
+        let f = ix.filter("t", 0, log.into(), 6);
+        assert_eq!(f.next_offset, Some(6));
+        assert_eq!(f.records, kept.concat());
     }
 
     #[test]
