@@ -318,6 +318,18 @@ fn newline_offsets(text: &str) -> Vec<usize> {
         .collect()
 }
 
+/// The embedded default's layer, parsed once: every load starts from it
+/// (the config fuzz target loads it once a run). A parse
+/// that fails is not kept, and fails each load alike.
+fn embedded_layer() -> Result<&'static Layer, ConfigError> {
+    static EMBEDDED: std::sync::OnceLock<Layer> = std::sync::OnceLock::new();
+    if let Some(layer) = EMBEDDED.get() {
+        return Ok(layer);
+    }
+    let layer = Layer::parse(Origin::Embedded, DEFAULT_TOML.to_string())?;
+    Ok(EMBEDDED.get_or_init(|| layer))
+}
+
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
@@ -389,7 +401,7 @@ impl Config {
         file: Option<(PathBuf, String)>,
         profile: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let mut layers = vec![Layer::parse(Origin::Embedded, DEFAULT_TOML.to_string())?];
+        let embedded = embedded_layer()?;
         let file = match file {
             Some((path, text)) => Some(Layer::parse(Origin::File(path), text)?),
             None => None,
@@ -399,7 +411,7 @@ impl Config {
             .and_then(|f| f.table.get("profile"))
             .and_then(|v| v.as_str().map(str::to_string));
         let profile_name = profile.map(str::to_string).or(from_file);
-        if let Some(name) = &profile_name {
+        let profile_layer = if let Some(name) = &profile_name {
             let text = profile_text(name).ok_or_else(|| {
                 let origin = file
                     .as_ref()
@@ -411,12 +423,17 @@ impl Config {
                     .flatten();
                 ConfigError::new(origin, line, ConfigErrorKind::UnknownProfile(name.clone()))
             })?;
-            layers.push(Layer::parse(
+            Some(Layer::parse(
                 Origin::Profile(name.clone()),
                 text.to_string(),
-            )?);
-        }
-        layers.extend(file);
+            )?)
+        } else {
+            None
+        };
+        let layers: Vec<&Layer> = std::iter::once(embedded)
+            .chain(&profile_layer)
+            .chain(&file)
+            .collect();
 
         let mut merged = toml::Table::new();
         for layer in &layers {
@@ -542,7 +559,7 @@ impl Default for Config {
 /// value is fine on its own and the conflict comes from a value the user
 /// changed elsewhere (`storage.max_batch_bytes` raised past the frame size
 /// the default or the profile sets): name the user's top layer, no line.
-fn locate(layers: &[Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
+fn locate(layers: &[&Layer], key: &str, kind: ConfigErrorKind) -> ConfigError {
     let top = layers.last().map(|l| l.origin.name()).unwrap_or_default();
     let top_index = layers.len().saturating_sub(1);
     for (i, layer) in layers.iter().enumerate().rev() {
