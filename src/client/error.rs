@@ -37,6 +37,16 @@ pub enum ClientError {
         after: std::time::Duration,
         last: Arc<ClientError>,
     },
+    /// A group member's join did not settle into a generation within
+    /// `after` (its retry timeout plus its rebalance timeout): the broker
+    /// kept answering with retriable errors (`last`), kept fencing it, or
+    /// kept starting new rebalances (`last` is None). Polling again tries
+    /// anew.
+    GroupUnsettled {
+        group: String,
+        after: std::time::Duration,
+        last: Option<Arc<ClientError>>,
+    },
     /// The connection closed while the request was in flight or queued.
     Disconnected,
     /// The address is neither `host:port` nor a Unix socket path.
@@ -133,6 +143,17 @@ impl std::fmt::Display for ClientError {
                 "timed out after {} s; last error: {last}",
                 after.as_secs_f64()
             ),
+            Self::GroupUnsettled { group, after, last } => {
+                write!(
+                    f,
+                    "group '{group}' did not settle within {} s; ",
+                    after.as_secs_f64()
+                )?;
+                match last {
+                    Some(last) => write!(f, "last error: {last}"),
+                    None => f.write_str("the broker kept starting new rebalances"),
+                }
+            }
             Self::Disconnected => f.write_str("connection lost"),
             Self::InvalidAddress(a) => write!(
                 f,

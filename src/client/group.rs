@@ -291,10 +291,36 @@ impl GroupConsumer {
         result
     }
 
+    /// How long one `poll` may try to settle into a generation before it
+    /// returns [`ClientError::GroupUnsettled`]: the patience for retriable
+    /// errors plus one rebalance's wait for the other members. A join in
+    /// flight is not cut short; only another round is not started.
+    fn settle_timeout(&self) -> Duration {
+        self.config
+            .consumer
+            .retry_timeout
+            .saturating_add(self.config.max_poll_interval)
+    }
+
     async fn join_until_settled(&mut self) -> Result<(), ClientError> {
         let started = Instant::now();
         let mut attempts = 0u32;
+        // Why the last round did not settle (None: a new rebalance began).
+        let mut last: Option<ClientError> = None;
+        let mut rounds = 0u32;
         loop {
+            rounds += 1;
+            if rounds > 1 {
+                let after = self.settle_timeout();
+                if started.elapsed() >= after {
+                    lock(&self.shared).rejoin = true;
+                    return Err(ClientError::GroupUnsettled {
+                        group: self.config.group.clone(),
+                        after,
+                        last: last.map(std::sync::Arc::new),
+                    });
+                }
+            }
             let member_id = {
                 let mut m = lock(&self.shared);
                 m.rejoin = false;
@@ -328,6 +354,7 @@ impl GroupConsumer {
                     );
                     self.lose_all();
                     lock(&self.shared).member_id = None;
+                    last = Some(e);
                     continue;
                 }
                 Err(e)
@@ -343,6 +370,7 @@ impl GroupConsumer {
                         self.config.consumer.retry_backoff_max,
                     ))
                     .await;
+                    last = Some(e);
                     continue;
                 }
                 Err(e) => {
@@ -371,6 +399,7 @@ impl GroupConsumer {
                         self.lose_all();
                         lock(&self.shared).member_id = None;
                     }
+                    last = Some(e);
                     continue;
                 }
                 Err(e) => {
@@ -423,6 +452,7 @@ impl GroupConsumer {
             if !lock(&self.shared).rejoin {
                 return Ok(());
             }
+            last = None;
         }
     }
 
@@ -566,6 +596,128 @@ async fn heartbeat_loop(client: Client, config: GroupConfig, shared: Arc<Mutex<M
                 }
             }
             Err(e) => log::debug!("group {}: heartbeat failed: {e}", config.group),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::fake_peer::{answer, hello, read_request};
+    use crate::protocol::SyncGroupResponse;
+    use crate::protocol::{ErrorResponse, JoinGroupResponse, RequestBody, ResponseBody};
+
+    /// How a peer answers a round of join and sync that does not settle.
+    #[derive(Clone, Copy, Debug)]
+    enum Unsettled {
+        /// Join refused: the member is not known.
+        JoinUnknownMember,
+        /// Join answered, sync refused: a rebalance is under way.
+        SyncRebalancing,
+        /// Join and sync answered, but the sync says to join again.
+        SyncAsksRejoin,
+    }
+
+    fn refusal(code: ErrorCode) -> ResponseBody {
+        ResponseBody::Error(ErrorResponse {
+            code,
+            message: format!("refused: {code}"),
+        })
+    }
+
+    /// A peer that answers `rounds` join rounds as `how`, then refuses
+    /// every join as an invalid request, so a member that never gives up
+    /// ends with that refusal rather than hanging the test. It sends the
+    /// name of each request it reads to the receiver.
+    fn unsettling_peer(
+        how: Unsettled,
+        rounds: usize,
+    ) -> (String, std::sync::mpsc::Receiver<&'static str>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut joins = 0;
+            while let Some(request) = read_request(&mut s, &mut buf) {
+                let _ = tx.send(request.body.name());
+                let body = match request.body {
+                    RequestBody::Hello(_) => hello("unsettling peer"),
+                    RequestBody::JoinGroup(_) => {
+                        joins += 1;
+                        match how {
+                            _ if joins > rounds => refusal(ErrorCode::InvalidRequest),
+                            Unsettled::JoinUnknownMember => refusal(ErrorCode::UnknownMemberId),
+                            _ => ResponseBody::JoinGroup(JoinGroupResponse {
+                                member_id: "m".into(),
+                                generation: joins as u32,
+                                assignor: "range".into(),
+                                members: 1,
+                            }),
+                        }
+                    }
+                    RequestBody::SyncGroup(_) => match how {
+                        Unsettled::SyncRebalancing => refusal(ErrorCode::RebalanceInProgress),
+                        _ => ResponseBody::SyncGroup(SyncGroupResponse {
+                            assignment: Vec::new(),
+                            rejoin: true,
+                        }),
+                    },
+                    other => panic!("unexpected {}", other.name()),
+                };
+                answer(&mut s, request.correlation_id, body);
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A member whose joins never settle (refused as unknown, its syncs
+    /// refused for a rebalance, or told to join again each time) gives up
+    /// once its settle timeout is spent, saying why, instead of joining
+    /// again for ever. With a zero timeout it gives up after one round.
+    #[test]
+    fn a_join_that_never_settles_gives_up_at_its_settle_timeout() {
+        for (how, last, names) in [
+            (
+                Unsettled::JoinUnknownMember,
+                Some(ErrorCode::UnknownMemberId),
+                &["hello", "join_group"][..],
+            ),
+            (
+                Unsettled::SyncRebalancing,
+                Some(ErrorCode::RebalanceInProgress),
+                &["hello", "join_group", "sync_group"][..],
+            ),
+            (
+                Unsettled::SyncAsksRejoin,
+                None,
+                &["hello", "join_group", "sync_group"][..],
+            ),
+        ] {
+            let (addr, seen) = unsettling_peer(how, 1000);
+            let mut config = GroupConfig::new("g", &["t"]);
+            config.consumer.retry_timeout = Duration::ZERO;
+            config.max_poll_interval = Duration::ZERO;
+            config.heartbeat_interval = Duration::from_secs(3600);
+            let got = smol::block_on(async {
+                let mut member = GroupConsumer::connect(&addr, config).await.unwrap();
+                member.poll().await
+            });
+            match got {
+                Err(ClientError::GroupUnsettled {
+                    group,
+                    after,
+                    last: got_last,
+                }) => {
+                    assert_eq!(group, "g");
+                    assert_eq!(after, Duration::ZERO);
+                    assert_eq!(got_last.and_then(|e| e.code()), last, "{how:?}");
+                }
+                other => panic!("{how:?}: {other:?}"),
+            }
+            let got: Vec<&str> = seen.try_iter().collect();
+            assert_eq!(got, names, "{how:?}");
         }
     }
 }
