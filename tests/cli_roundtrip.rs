@@ -676,6 +676,29 @@ fn produce_gives_up_on_a_silent_broker_at_its_retry_timeout() {
     drop(silent);
 }
 
+/// A client command that does not end is killed at the harness's limit,
+/// and the test fails saying so, with what the command printed, instead
+/// of hanging until nextest ends it with nothing said.
+#[test]
+fn a_client_command_that_does_not_end_fails_the_test_with_its_output() {
+    let closed = ClosedPort::new();
+    let hung = std::panic::catch_unwind(|| {
+        run_cli_within(
+            &["produce", "t", "--retry-timeout-ms", "3600000", "v"],
+            &closed.addr,
+            None,
+            Duration::from_secs(2),
+        )
+    })
+    .expect_err("a command retrying for an hour outlasts the limit");
+    let said = hung.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        said.contains("skiff produce t --retry-timeout-ms 3600000 v did not finish within 2s")
+            && said.contains(&format!("cannot connect to {}", closed.addr)),
+        "{said}"
+    );
+}
+
 /// A record dropped by a topic's message-id window is counted on stderr,
 /// unless --quiet.
 #[test]

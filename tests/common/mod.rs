@@ -495,6 +495,24 @@ fn split_extra(extra: &str) -> (String, String) {
 }
 
 pub fn run_cli(args: &[&str], broker: &str, stdin: Option<&[u8]>) -> Output {
+    run_cli_within(args, broker, stdin, cli_limit())
+}
+
+/// How long a client command may run before [`run_cli`] ends it: far
+/// above any test's command, below nextest's end of a hung test, so a
+/// hang fails with the command's output instead of nothing said.
+pub fn cli_limit() -> Duration {
+    Duration::from_secs(if emulated() { 600 } else { 300 })
+}
+
+/// As [`run_cli`], but a command still running after `limit` is killed,
+/// and the test panics with where its threads waited and its output.
+pub fn run_cli_within(
+    args: &[&str],
+    broker: &str,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Output {
     let mut cmd = skiff_command();
     cmd.args(args).arg("--broker").arg(broker);
     cmd.stdin(if stdin.is_some() {
@@ -512,7 +530,46 @@ pub fn run_cli(args: &[&str], broker: &str, stdin: Option<&[u8]>) -> Output {
             let _ = s.write_all(&input);
         });
     }
-    child.wait_with_output().expect("waiting for skiff")
+    // Read as it comes, so a full pipe never stalls the command.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let mut nap = Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for skiff") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let threads = watchdog::report(child.id());
+            let _ = child.kill();
+            let reaped = watchdog::reap_killed(&mut child, reap_limit());
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!(
+                "skiff {} did not finish within {limit:?}; killed{}\n{threads}stdout:\n{}\nstderr:\n{}",
+                args.join(" "),
+                reaped.err().map_or(String::new(), |e| format!(" ({e})")),
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err),
+            );
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Runs the binary with exactly these arguments (no --broker).
