@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    assert_fails, assert_ok, json_lines, skiff_command, stderr, stdout, wait_until, Broker,
-    RawConn, INTERNAL_TOPICS_DISK_BYTES,
+    assert_fails, assert_ok, json_lines, sigterm_taken, skiff_command, stderr, stdout, wait_until,
+    Broker, RawConn, INTERNAL_TOPICS_DISK_BYTES,
 };
 use skiff::client::{Client, Producer, ProducerConfig};
 use skiff::protocol::{
@@ -1025,4 +1025,23 @@ fn topics_that_take_the_offsets_topic_s_slot_are_reported_at_start_up() {
     assert!(!log.contains("server.max_partitions"), "{log}");
     commit_refused_and_the_rest_serves(&b, &["too_many_topics", "server.max_topics 4"]);
     assert_eq!(listed(&b), ["a", "b"]);
+}
+
+/// A second SIGTERM while `skiff consume --group` commits and leaves after
+/// the first (on a broker that does not answer) ends it at once with 130.
+/// Before, it was ignored: the member waited out the client's timeouts and
+/// then exited 0.
+#[test]
+fn a_second_sigterm_ends_a_leaving_group_member_at_once() {
+    let b = Broker::start("");
+    create(&b, "t", "1");
+    let mut m = Member::start(&b, "t", "g", &[]);
+    wait_stable(&b, "g", 1, 1);
+    // Its commit and leave, after the first signal, get no answer.
+    b.pause();
+    let pid = m.child.as_ref().expect("running").id() as i32;
+    sigterm_taken(pid, WAIT);
+    let code = m.signal(libc::SIGTERM);
+    b.resume();
+    assert_eq!(code, Some(130));
 }

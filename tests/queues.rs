@@ -11,7 +11,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_fails, assert_ok, emulated, skiff_command, stdout, wait_until, Broker, RawConn,
+    assert_fails, assert_ok, emulated, sigterm_taken, skiff_command, stdout, wait_until, Broker,
+    RawConn,
 };
 use skiff::client::{Client, Outcome, ShareConfig, ShareConsumer};
 use skiff::protocol::{ErrorCode, RequestBody, ShareFetchRequest};
@@ -893,14 +894,9 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     // Its leave, after the first signal, gets no answer.
     b.pause();
     let pid = replay.id() as i32;
-    // SAFETY: a signal to the replay this test spawned, not yet reaped.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    // Sent before the first's handler has run, the second would merge
-    // with it or race it.
-    wait_until(WAIT, "the replay to take the first SIGTERM", || {
-        !sigterm_in_flight(pid)
-    });
-    // SAFETY: as above; the replay is still running (its leave waits).
+    sigterm_taken(pid, WAIT);
+    // SAFETY: a signal to the replay this test spawned, not yet reaped
+    // (its leave waits).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = exit_status(replay, || {
         format!("the second SIGTERM did not end the replay: {}", read())
@@ -910,26 +906,39 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     drop(first);
 }
 
-/// Whether a SIGTERM sent to `pid` is still on its way: pending, or taken
-/// by a thread whose handler has not returned (the signal is blocked while
-/// its handler runs). Pending alone is not enough: a second signal sent
-/// while the first handler has yet to set the stop flag is taken by another
-/// thread, finds the flag unset, and only sets it too.
-fn sigterm_in_flight(pid: i32) -> bool {
-    let bit = 1u64 << (libc::SIGTERM - 1);
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default();
-    tasks.iter().any(|task| {
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        status.lines().any(|l| {
-            ["ShdPnd:", "SigPnd:", "SigBlk:"].iter().any(|k| {
-                l.strip_prefix(k)
-                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                    .is_some_and(|m| m & bit != 0)
-            })
-        })
-    })
+/// A second SIGTERM while a worker stops after the first (its command
+/// ended, its release and leave on a broker that does not answer) ends it
+/// at once with 130. Before, it was ignored: the worker waited out the
+/// client's timeouts and then exited 0.
+#[test]
+fn a_second_sigterm_ends_a_stopping_worker_at_once() {
+    let b = Broker::start("[share]\nlock_ms = 3600000\n");
+    create(&b, "t", 1);
+    produce(&b, "t", &["r1".to_owned()]);
+    let started = b.dir.path().join("started");
+    // The pid written is the sleep's: the shell execs it.
+    let script = format!("echo $$ > {}; exec sleep 60", started.display());
+    let err = b.dir.path().join("worker.stderr");
+    let w = worker_logged(&b, "t", "g", &script, &err);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    wait_until(WAIT, "the worker to run its command", || {
+        !lines(&started).is_empty()
+    });
+    let command: i32 = lines(&started)[0].parse().expect("a pid");
+    b.pause();
+    let pid = w.id() as i32;
+    sigterm_taken(pid, WAIT);
+    // SAFETY: signal 0 sends nothing; it asks whether the process exists.
+    let gone = || unsafe { libc::kill(command, 0) } != 0;
+    // Now the worker waits on the broker, releasing the record.
+    wait_until(WAIT, "the first SIGTERM to end the command", gone);
+    // SAFETY: a signal to the worker this test spawned, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = exit_status(w, || {
+        format!("the second SIGTERM did not end the worker: {}", read())
+    });
+    b.resume();
+    assert_eq!(status.code(), Some(130), "{}", read());
 }
 
 #[test]

@@ -46,7 +46,9 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     if let Err(code) = check_broker(&args.broker.broker) {
         return code;
     }
-    let stop = match super::stop_flag() {
+    // A second signal ends it at once: a clean stop's commit and leave
+    // wait for a broker that may not answer.
+    let stop = match super::stop_flag_or_quit() {
         Ok(s) => s,
         Err(code) => return code,
     };

@@ -62,44 +62,25 @@ pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// A flag SIGINT and SIGTERM set, for a long-running command to stop
-/// cleanly at: a group member leaves its group, a queue worker gives its
-/// record back.
-pub(crate) fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode> {
-    stop_flag_with(false)
-}
-
 /// Exit status of a command ended by a second stop signal, as a shell
 /// reports one ended by SIGINT.
 pub const EXIT_SIGNALLED: i32 = 130;
 
-/// As [`stop_flag`], but a second signal, once the first has set the flag,
-/// ends the process at once ([`EXIT_SIGNALLED`]): for a command whose clean
-/// stop may wait long on a broker that does not answer (the client's
-/// timeouts), which the user then need not wait out nor SIGKILL.
+/// A flag SIGINT and SIGTERM set, for a long-running command to stop
+/// cleanly at: a group member leaves its group, a queue worker gives its
+/// record back. A second signal, once the first has set the flag, ends
+/// the process at once ([`EXIT_SIGNALLED`]): a clean stop may wait long on
+/// a broker that does not answer (the client's timeouts), which the user
+/// then need not wait out nor SIGKILL.
 pub(crate) fn stop_flag_or_quit() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode>
 {
-    stop_flag_with(true)
-}
-
-fn stop_flag_with(
-    quit_on_second: bool,
-) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // Before the flag's handler: the first signal finds the flag unset
         // and only sets it; a later one finds it set and exits.
-        let quit = || -> std::io::Result<()> {
-            if quit_on_second {
-                signal_hook::flag::register_conditional_shutdown(
-                    sig,
-                    EXIT_SIGNALLED,
-                    stop.clone(),
-                )?;
-            }
-            Ok(())
-        };
-        if let Err(e) = quit().and_then(|()| signal_hook::flag::register(sig, stop.clone())) {
+        let quit =
+            signal_hook::flag::register_conditional_shutdown(sig, EXIT_SIGNALLED, stop.clone());
+        if let Err(e) = quit.and_then(|_| signal_hook::flag::register(sig, stop.clone())) {
             return Err(fail(
                 EXIT_RUNTIME,
                 format!("cannot install signal handlers: {e}"),

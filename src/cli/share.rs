@@ -57,8 +57,10 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
     }
     // SIGTERM or SIGINT: the command in hand is stopped and its record
     // released for another worker at once, rather than left locked (and
-    // the command left running) until lock_ms.
-    let stop = match super::stop_flag() {
+    // the command left running) until lock_ms. A second signal ends the
+    // worker at once: its release and leave wait for a broker that may
+    // not answer.
+    let stop = match super::stop_flag_or_quit() {
         Ok(s) => s,
         Err(code) => return code,
     };
