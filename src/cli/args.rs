@@ -110,6 +110,7 @@ pub enum TopicsCommand {
     /// Create a topic with a preallocated ring per partition.
     Create {
         name: String,
+        /// Partitions (default: the broker's topic_defaults.partitions).
         #[arg(long)]
         partitions: Option<u32>,
         /// Size of each segment file (multiple of 4096).
@@ -317,6 +318,10 @@ pub struct ConsumeArgs {
     /// a terminal.
     #[arg(long, short)]
     pub follow: bool,
+    /// text: each record's value on a line. json: one object a line with
+    /// "topic", "partition", "offset", "timestamp", "key", "value" and
+    /// "headers" (bytes that are not UTF-8 as base64, said by the
+    /// "*_encoding" fields).
     #[arg(long, value_enum, default_value = "text")]
     pub format: OutputFormat,
     /// read_committed: a transaction's records once it commits, never an
@@ -416,6 +421,8 @@ pub struct TxnArgs {
 pub enum TxnCommand {
     /// List transactional ids: state, producer id and epoch, partitions.
     List {
+        /// json: an array of {"id", "state", "producer_id",
+        /// "producer_epoch", "transaction_timeout_ms", "partitions"}.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
@@ -431,6 +438,9 @@ pub enum GroupsCommand {
     /// Show a group's members, assignment and committed offsets with lag.
     Describe {
         group: String,
+        /// json: one object with "state", "generation", "members" (each
+        /// with its "assignment") and "offsets" ("committed", "log_end",
+        /// "lag" per partition).
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]
@@ -440,6 +450,7 @@ pub enum GroupsCommand {
     /// refused while the group has members.
     ResetOffsets {
         group: String,
+        /// The topic whose partitions get the new offsets.
         #[arg(long)]
         topic: String,
         /// earliest | latest | OFFSET | @UNIX_MS
@@ -462,6 +473,8 @@ pub enum ShareGroupsCommand {
     /// List share groups: topics, share partitions, records in flight,
     /// active members.
     List {
+        /// json: an array of {"group", "topics", "partitions",
+        /// "in_flight", "members"}.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]
@@ -471,6 +484,9 @@ pub enum ShareGroupsCommand {
     /// acquired, awaiting redelivery, delivery counts) and its members.
     Describe {
         group: String,
+        /// json: one object with "members" and, per partition, its window
+        /// ("start", "next", "acquired", "awaiting_redelivery", ...) and
+        /// its records in flight.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]
@@ -494,6 +510,9 @@ pub enum DlqCommand {
         /// [[share.overrides]] dead_letter_topic).
         #[arg(long, value_name = "NAME")]
         dead_letter_topic: Option<String>,
+        /// json: one object a line, as `skiff consume --format json`
+        /// prints a record, with "dlq": where it came from (topic,
+        /// partition, offset), its delivery count and the error.
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]
@@ -520,6 +539,8 @@ pub enum MirrorCommand {
     /// The link to upstream Kafka and each rule's backlog, bytes at risk,
     /// forwarded and dropped records.
     Status {
+        /// json: one object with "link", "last_error" and "rules", each
+        /// rule's counters ("backlog_records", "bytes_at_risk", ...).
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
         #[command(flatten)]
@@ -564,6 +585,7 @@ pub struct BenchHandshakeArgs {
     /// --hold-ms, for measuring the broker's memory per connection.
     #[arg(long, default_value_t = 0)]
     pub hold: u32,
+    /// How long --hold connections are held open.
     #[arg(long, default_value_t = 5_000)]
     pub hold_ms: u64,
     #[command(flatten)]
@@ -605,8 +627,10 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchShareArgs {
+    /// The bench topic: deleted if it exists, made anew, deleted at the end.
     #[arg(long, default_value = "skiff-bench-share", value_parser = topic_name)]
     pub topic: String,
+    /// Partitions of the bench topic; every worker takes from all of them.
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
     /// Workers of the share group (threads of this process, a connection
@@ -632,8 +656,10 @@ pub struct BenchShareArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchTxnArgs {
+    /// The bench topic: deleted if it exists and made anew.
     #[arg(long, default_value = "skiff-bench-txn", value_parser = topic_name)]
     pub topic: String,
+    /// Partitions of the bench topic.
     #[arg(long, default_value_t = 1)]
     pub partitions: u32,
     /// Records each mode writes.
@@ -746,6 +772,7 @@ pub struct BenchSyncArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchProduceArgs {
+    /// Records to send in all, shared out among the producers.
     #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
     /// Record value size in bytes.
@@ -761,6 +788,8 @@ pub struct BenchProduceArgs {
     /// always | interval:MS | never (for the bench topic).
     #[arg(long, default_value = "always")]
     pub fsync: String,
+    /// The bench topic: deleted if it exists, made anew, deleted at the
+    /// end (see --keep and --existing-topic).
     #[arg(long, default_value = "skiff-bench", value_parser = topic_name)]
     pub topic: String,
     /// Segments of 64 MiB in the bench topic's ring: more to keep a
@@ -857,6 +886,8 @@ impl BenchProduceArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchConsumeArgs {
+    /// The topic read, from its earliest offset (`skiff bench produce
+    /// --keep` leaves one behind).
     #[arg(long, default_value = "skiff-bench", value_parser = topic_name)]
     pub topic: String,
     /// Stop after this many records (default: everything up to the latest offset).
