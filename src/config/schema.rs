@@ -1099,10 +1099,11 @@ impl Config {
             0,
             TAIL_BUFFER_BYTES_LIMIT,
         )?;
+        // Room for one key: a smaller map holds none.
         check_range(
             "compaction.key_map_bytes",
             self.compaction.key_map_bytes,
-            0,
+            crate::broker::cleaner::KEY_MAP_ENTRY_BYTES,
             KEY_MAP_BYTES_LIMIT,
         )?;
         check(

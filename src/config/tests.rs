@@ -1175,3 +1175,31 @@ fn errors_in_every_list_of_tables_name_the_line_of_their_element() {
         assert_eq!(err.line, Some(line), "{text}: {err}");
     }
 }
+
+/// A key map without room for one key is refused, naming the key and the
+/// least it takes (one key's entry); before, 0 was accepted, and the
+/// cleaner quietly used a one-key map.
+#[test]
+fn a_key_map_without_room_for_one_key_is_refused() {
+    let least = crate::broker::cleaner::KEY_MAP_ENTRY_BYTES;
+    for bytes in [0, least - 1] {
+        let err = load_text(
+            "k.toml",
+            &format!("[compaction]\nkey_map_bytes = {bytes}\n"),
+        )
+        .expect_err("a key map without room for a key");
+        assert!(
+            matches!(
+                &err.kind,
+                ConfigErrorKind::Invalid { key: "compaction.key_map_bytes", reason }
+                    if reason.contains(&format!("{bytes} is out of range {least}..="))
+            ),
+            "{err}"
+        );
+    }
+    load_text(
+        "k.toml",
+        &format!("[compaction]\nkey_map_bytes = {least}\n"),
+    )
+    .expect("room for one key");
+}
