@@ -906,25 +906,34 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     drop(first);
 }
 
+/// A broker with a record in topic t, and a worker of group g whose
+/// command for it sleeps an hour (ignoring SIGTERM if `deaf`): the broker,
+/// the worker, the command's pid (its shell execs the sleep) and the
+/// worker's stderr file, once the command runs.
+fn worker_in_a_sleep(deaf: bool) -> (Broker, Child, i32, std::path::PathBuf) {
+    let b = Broker::start("[share]\nlock_ms = 3600000\n");
+    create(&b, "t", 1);
+    produce(&b, "t", &["r1".to_owned()]);
+    let started = b.dir.path().join("started");
+    let trap = if deaf { "trap '' TERM; " } else { "" };
+    let script = format!("{trap}echo $$ > {}; exec sleep 3600", started.display());
+    let err = b.dir.path().join("worker.stderr");
+    let w = worker_logged(&b, "t", "g", &script, &err);
+    wait_until(WAIT, "the worker to run its command", || {
+        !lines(&started).is_empty()
+    });
+    let command = lines(&started)[0].parse().expect("a pid");
+    (b, w, command, err)
+}
+
 /// A second SIGTERM while a worker stops after the first (its command
 /// ended, its release and leave on a broker that does not answer) ends it
 /// at once with 130. Before, it was ignored: the worker waited out the
 /// client's timeouts and then exited 0.
 #[test]
 fn a_second_sigterm_ends_a_stopping_worker_at_once() {
-    let b = Broker::start("[share]\nlock_ms = 3600000\n");
-    create(&b, "t", 1);
-    produce(&b, "t", &["r1".to_owned()]);
-    let started = b.dir.path().join("started");
-    // The pid written is the sleep's: the shell execs it.
-    let script = format!("echo $$ > {}; exec sleep 60", started.display());
-    let err = b.dir.path().join("worker.stderr");
-    let w = worker_logged(&b, "t", "g", &script, &err);
+    let (b, w, command, err) = worker_in_a_sleep(false);
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
-    wait_until(WAIT, "the worker to run its command", || {
-        !lines(&started).is_empty()
-    });
-    let command: i32 = lines(&started)[0].parse().expect("a pid");
     b.pause();
     let pid = w.id() as i32;
     sigterm_taken(pid, WAIT);
@@ -938,6 +947,41 @@ fn a_second_sigterm_ends_a_stopping_worker_at_once() {
         format!("the second SIGTERM did not end the worker: {}", read())
     });
     b.resume();
+    assert_eq!(status.code(), Some(130), "{}", read());
+}
+
+/// A second SIGTERM while a worker waits for its command to heed the first
+/// (this one ignores SIGTERM) ends the worker at once with 130 and takes
+/// the command with it: SIGKILL to its process group, which no terminal's
+/// Ctrl-C reaches. Before, the command outlived the worker.
+#[test]
+fn a_second_sigterm_takes_a_command_ignoring_the_first_with_the_worker() {
+    let (_b, w, command, err) = worker_in_a_sleep(true);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    let pid = w.id() as i32;
+    // The worker now gives the command 5 s to go before its SIGKILL.
+    sigterm_taken(pid, WAIT);
+    // SAFETY: a signal to the worker this test spawned, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = exit_status(w, || {
+        format!("the second SIGTERM did not end the worker: {}", read())
+    });
+    // Gone, or a zombie its new parent has yet to reap.
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{command}/stat")).map_or(true, |s| {
+            s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while !gone() {
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on the command's group, to leave nothing
+            // behind; it is still there, so the id is its own.
+            unsafe { libc::kill(-command, libc::SIGKILL) };
+            panic!("the command outlived the worker ({status}): {}", read());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(status.code(), Some(130), "{}", read());
 }
 

@@ -66,20 +66,42 @@ pub(crate) fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 /// reports one ended by SIGINT.
 pub const EXIT_SIGNALLED: i32 = 130;
 
+/// The process group of the command a queue worker runs now (0: none).
+/// A second stop signal SIGKILLs it before the worker exits: the command
+/// runs in a group of its own, which a terminal's Ctrl-C does not reach,
+/// and would otherwise outlive the worker.
+pub(crate) static COMMAND_GROUP: std::sync::atomic::AtomicI32 =
+    std::sync::atomic::AtomicI32::new(0);
+
 /// A flag SIGINT and SIGTERM set, for a long-running command to stop
 /// cleanly at: a group member leaves its group, a queue worker gives its
 /// record back. A second signal, once the first has set the flag, ends
 /// the process at once ([`EXIT_SIGNALLED`]): a clean stop may wait long on
 /// a broker that does not answer (the client's timeouts), which the user
-/// then need not wait out nor SIGKILL.
+/// then need not wait out nor SIGKILL. [`COMMAND_GROUP`] goes first.
 pub(crate) fn stop_flag_or_quit() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode>
 {
+    use std::sync::atomic::Ordering::SeqCst;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // Before the flag's handler: the first signal finds the flag unset
         // and only sets it; a later one finds it set and exits.
-        let quit =
-            signal_hook::flag::register_conditional_shutdown(sig, EXIT_SIGNALLED, stop.clone());
+        let set = stop.clone();
+        let quit = move || {
+            if set.load(SeqCst) {
+                let group = COMMAND_GROUP.load(SeqCst);
+                if group > 0 {
+                    // SAFETY: kill(2) touches no memory of ours; the group
+                    // is a command's whose leader is not yet reaped (the
+                    // worker forgets it first), so its id is not reused.
+                    unsafe { libc::kill(-group, libc::SIGKILL) };
+                }
+                signal_hook::low_level::exit(EXIT_SIGNALLED);
+            }
+        };
+        // SAFETY: the action is async-signal-safe: atomic loads, kill(2)
+        // and _exit(2); it neither allocates nor locks.
+        let quit = unsafe { signal_hook::low_level::register(sig, quit) };
         if let Err(e) = quit.and_then(|_| signal_hook::flag::register(sig, stop.clone())) {
             return Err(fail(
                 EXIT_RUNTIME,

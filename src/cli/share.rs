@@ -239,8 +239,13 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord, stop: &AtomicBool) -> Outco
         let _ = stdin.write_all(r.value.as_deref().map_or(&[][..], |v| &v[..]));
     }
     let pid = child.id();
+    super::COMMAND_GROUP.store(pid as i32, Ordering::SeqCst);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Forgotten before it is reaped: until then its id, and so its
+        // group's, cannot be reused for a process a quit would SIGKILL.
+        wait_unreaped(pid);
+        super::COMMAND_GROUP.store(0, Ordering::SeqCst);
         let _ = done_tx.send(child.wait());
     });
     let status = loop {
@@ -256,6 +261,26 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord, stop: &AtomicBool) -> Outco
         }
     };
     outcome_of(status)
+}
+
+/// Waits for the child `pid` to exit, leaving it to be reaped.
+fn wait_unreaped(pid: u32) {
+    loop {
+        // SAFETY: siginfo_t is plain data, zeroes a valid value; waitid(2)
+        // writes only into it, and WNOWAIT leaves the child unreaped.
+        let r = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    }
 }
 
 /// SIGTERM to the command's process group, SIGKILL if it is still there
