@@ -37,6 +37,11 @@ use crate::batch;
 /// The scratch file's name in the partition's directory.
 pub(super) const SCRATCH_FILE: &str = "compact.tmp";
 
+/// The segment file the last compaction replaced, kept as the next one's
+/// scratch file: its blocks are room the next compaction needs, and on a
+/// full disk there is no other.
+pub(super) const SPARE_FILE: &str = "compact.spare";
+
 /// The largest chunk a `compact_write` takes, and so the longest a produce
 /// waits behind one (a 64 KiB write).
 pub const COMPACT_WRITE_BYTES_MAX: usize = 64 * 1024;
@@ -135,12 +140,21 @@ impl Engine {
         let last_slot = p.ring.slot(count - 1);
         let path = p.dir.join(SCRATCH_FILE);
         let _ = self.ctx.io.remove(&path);
-        let file = self.ctx.io.open(&path, true)?;
-        if let Err(e) = self.ctx.io.allocate(file, p.cfg.segment_bytes) {
-            self.ctx.io.close(file);
-            let _ = self.ctx.io.remove(&path);
-            return Err(e.into());
-        }
+        // The spare's old batches behind the new data end below where the
+        // new segment ends (it held the last merge's last segment, and a
+        // merge now ends at or past that merge's end), so a scan takes them
+        // for an earlier lap's, never for data (docs/format.md).
+        let file = if self.ctx.io.rename(&p.dir.join(SPARE_FILE), &path).is_ok() {
+            self.ctx.io.open(&path, false)?
+        } else {
+            let file = self.ctx.io.open(&path, true)?;
+            if let Err(e) = self.ctx.io.allocate(file, p.cfg.segment_bytes) {
+                self.ctx.io.close(file);
+                let _ = self.ctx.io.remove(&path);
+                return Err(e.into());
+            }
+            file
+        };
         let mut buf = match AlignedBuf::new(compact_buffer_bytes(self.ctx.cfg.max_batch_bytes)) {
             Ok(b) => b,
             Err(_) => {
@@ -283,10 +297,22 @@ impl Engine {
             return Err(e.into());
         }
         let target = seg_path(&p.dir, p.file_nos[s.last_slot] as usize);
-        if let Err(e) = self.ctx.io.rename(&scratch_path, &target) {
-            abort(&mut self.ctx, s.file);
-            return Err(e.into());
-        }
+        // An exchange, not a rename: the replaced segment's file stays, as
+        // the next compaction's scratch file (`SPARE_FILE`).
+        let swapped = match self.ctx.io.exchange(&scratch_path, &target) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                self.ctx.io.rename(&scratch_path, &target).map(|()| false)
+            }
+            Err(e) => Err(e),
+        };
+        let kept_old = match swapped {
+            Ok(kept) => kept,
+            Err(e) => {
+                abort(&mut self.ctx, s.file);
+                return Err(e.into());
+            }
+        };
         // From here the compaction has happened, whatever else fails.
         let old = std::mem::replace(&mut p.files[s.last_slot], s.file);
         self.ctx.close(old);
@@ -323,6 +349,12 @@ impl Engine {
         if let Err(e) = dir_synced {
             p.fail(&e, &self.ctx.shared.stats);
             return Err(p.refuse_writes().expect("failed"));
+        }
+        // Only after the exchange is durable: a spare must never be a file
+        // the ring may still name after a power cut. Not renamed (a crash
+        // here), start-up removes it as an unfinished scratch file.
+        if kept_old {
+            let _ = self.ctx.io.rename(&scratch_path, &p.dir.join(SPARE_FILE));
         }
         Ok(())
     }

@@ -1282,6 +1282,8 @@ impl Engine {
     /// the error says why the directory is still there.
     pub(super) fn remove_dir(&mut self, dir: &Path, segments: usize) -> io::Result<()> {
         let _ = std::fs::remove_file(dir.join(PARTITION_META));
+        // A test backend's files are not in the directory.
+        let _ = self.ctx.io.remove(&dir.join(super::compact::SPARE_FILE));
         if segments > 0 {
             for slot in 0..segments {
                 let _ = self.ctx.io.remove(&seg_path(dir, slot));

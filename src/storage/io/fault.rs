@@ -646,6 +646,29 @@ impl IoBackend for FaultBackend {
         Ok(())
     }
 
+    /// Atomic and durable at once, as `rename`.
+    fn exchange(&mut self, a: &Path, b: &Path) -> io::Result<()> {
+        let mut st = self.disk.lock();
+        if st.crashed {
+            return Err(crashed_error());
+        }
+        if !(st.files.contains_key(a) && st.files.contains_key(b)) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        let fa = st.files.remove(a).expect("present");
+        let fb = st.files.insert(b.to_path_buf(), fa).expect("present");
+        st.files.insert(a.to_path_buf(), fb);
+        drop(st);
+        for h in self.handles.iter_mut().flatten() {
+            if h == a {
+                *h = b.to_path_buf();
+            } else if h == b {
+                *h = a.to_path_buf();
+            }
+        }
+        Ok(())
+    }
+
     fn remove(&mut self, path: &Path) -> io::Result<()> {
         let mut st = self.disk.lock();
         if st.crashed {

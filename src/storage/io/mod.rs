@@ -225,6 +225,51 @@ pub trait IoBackend: Send + 'static {
     fn rename(&mut self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
     }
+
+    /// Swaps the files `a` and `b` name, atomically ([`exchange`]); open
+    /// handles keep their file. `ErrorKind::Unsupported` where the file
+    /// system cannot. The caller fsyncs the directory after.
+    fn exchange(&mut self, a: &Path, b: &Path) -> io::Result<()> {
+        exchange(a, b)
+    }
+}
+
+/// Swaps two files' names atomically (renameat2 `RENAME_EXCHANGE`): each
+/// path names the other's file afterwards, and no moment has either path
+/// missing. `ErrorKind::Unsupported` where the kernel or the file system
+/// has no exchange (Linux before 3.15; vfat, some FUSE and network file
+/// systems).
+pub(crate) fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // The raw syscall: glibc wraps renameat2 only since 2.28, older than
+    // some boards' userland.
+    // SAFETY: both paths are NUL-terminated and outlive the call; the
+    // kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+            Err(io::Error::new(io::ErrorKind::Unsupported, e))
+        }
+        _ => Err(e),
+    }
 }
 
 /// fsync of a directory on the real file system: the backends' own
