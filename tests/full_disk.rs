@@ -44,29 +44,39 @@ fn fill_up(dir: &Path) -> PathBuf {
     path
 }
 
-const SMALL_RING: [&str; 4] = ["--segment-bytes", "65536", "--segments", "2"];
-
-#[test]
-fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
+/// Runs `test` on a broker whose data directory is an 8 MiB tmpfs
+/// (skipped, with a note, where it cannot be mounted); unmounts it after.
+fn on_small_disk(config: &str, test: impl FnOnce(&mut Broker, &Path)) {
     let dir = temp_dir();
     let data = dir.path().join("data");
     let Some(_fs) = Tmpfs::mount(&data, 8 << 20) else {
         eprintln!("cannot mount a tmpfs here (needs root); skipped");
         return;
     };
-    let mut b = Broker::start_in(dir, "");
+    let mut b = Broker::start_in(dir, config);
+    test(&mut b, &data);
+}
+
+const SMALL_RING: [&str; 4] = ["--segment-bytes", "65536", "--segments", "2"];
+
+#[test]
+fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
+    on_small_disk("", typed_errors_and_no_restart_loop);
+}
+
+fn typed_errors_and_no_restart_loop(b: &mut Broker, data: &Path) {
     let create = |b: &Broker, topic: &str, ring: &[&str]| {
         let mut args = vec!["topics", "create", topic];
         args.extend_from_slice(ring);
         b.cli(&args)
     };
-    assert_ok(&create(&b, "a", &SMALL_RING));
+    assert_ok(&create(b, "a", &SMALL_RING));
     assert_ok(&b.cli(&["produce", "a", "before"]));
 
     // A ring larger than the disk: refused, saying why; nothing left half
     // made.
     let o = create(
-        &b,
+        b,
         "huge",
         &["--segment-bytes", "4194304", "--segments", "4"],
     );
@@ -75,10 +85,10 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
     assert!(err.contains("storage_full"), "{err}");
     assert!(!data.join("topics/huge/0/partition.meta").exists());
 
-    let filler = fill_up(&data);
+    let filler = fill_up(data);
     // A new topic needs room for its ring and metadata: the same typed
     // error.
-    let o = create(&b, "b", &SMALL_RING);
+    let o = create(b, "b", &SMALL_RING);
     assert!(!o.status.success(), "created a topic on a full disk");
     let err = stderr(&o);
     assert!(err.contains("storage_full"), "{err}");
@@ -93,7 +103,7 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
         let j: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
         (j["segments"].clone(), j["retention_ms"].clone())
     };
-    let ring_before = ring_of_a(&b);
+    let ring_before = ring_of_a(b);
     for alter in [["--segments", "4"], ["--retention-ms", "60000"]] {
         let o = b.cli(&["topics", "alter", "a", alter[0], alter[1]]);
         assert!(!o.status.success(), "altered on a full disk: {alter:?}");
@@ -104,7 +114,7 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
                 && err.contains("the disk is full"),
             "{err}"
         );
-        assert_eq!(ring_of_a(&b), ring_before, "{alter:?}");
+        assert_eq!(ring_of_a(b), ring_before, "{alter:?}");
     }
 
     // A stop and a start on the full disk (its checkpoints and snapshots
@@ -114,7 +124,7 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
     let o = b.cli(&["consume", "a", "--count", "2", "--timeout-ms", "10000"]);
     assert_ok(&o);
     assert_eq!(stdout(&o), "before\nwhile-full\n");
-    assert_eq!(ring_of_a(&b), ring_before, "after the restart");
+    assert_eq!(ring_of_a(b), ring_before, "after the restart");
     // A new idempotent producer needs its id reserved durably first: on
     // the full disk it is refused as such.
     let o = b.cli(&["produce", "a", "after-restart", "--retry-timeout-ms", "500"]);
@@ -123,8 +133,95 @@ fn a_full_disk_gives_typed_errors_and_no_restart_loop() {
 
     // Room again: what was refused now works.
     std::fs::remove_file(&filler).expect("remove filler");
-    assert_ok(&create(&b, "b", &SMALL_RING));
+    assert_ok(&create(b, "b", &SMALL_RING));
     assert_ok(&b.cli(&["produce", "a", "after-restart"]));
     assert_ok(&b.cli(&["produce", "b", "room"]));
+    b.stop();
+}
+
+/// A compacted topic whose ring fills while the disk is full: the cleaner
+/// must still merge (its scratch segment and the producers' snapshot it
+/// writes first live in room reserved before the disk filled), so the
+/// producer is held back (`storage_full`, retried) and then goes on, and
+/// the key's latest value is the last one written.
+#[test]
+fn a_full_compacted_ring_on_a_full_disk_is_compacted_and_takes_writes_again() {
+    on_small_disk(
+        "[compaction]\nmax_bytes_per_sec = 0\n",
+        full_compacted_ring_is_compacted,
+    );
+}
+
+fn full_compacted_ring_is_compacted(b: &mut Broker, data: &Path) {
+    let ring = ["--segment-bytes", "65536", "--segments", "4"];
+    let create = [
+        &["topics", "create", "state", "--cleanup", "compact"][..],
+        &ring,
+    ]
+    .concat();
+    assert_ok(&b.cli(&create));
+    // One compaction while there is room: what it keeps for the next ones
+    // is in place before the disk fills.
+    let values = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| format!("{i:06}-{}\n", "x".repeat(200)))
+            .collect()
+    };
+    let o = b.cli_stdin(
+        &["produce", "state", "--key", "only"],
+        Some(values(0, 500).as_bytes()),
+    );
+    assert_ok(&o);
+    assert_ok(&b.cli(&["topics", "compact", "state", "--wait"]));
+
+    let filler = fill_up(data);
+    // About 420 KB of one key: the 256 KiB ring fills several times over,
+    // and only the cleaner makes room.
+    let o = b.cli_stdin(
+        &[
+            "produce",
+            "state",
+            "--key",
+            "only",
+            "--retry-timeout-ms",
+            "20000",
+        ],
+        Some(values(500, 2000).as_bytes()),
+    );
+    let cleaner_log: Vec<String> = b
+        .log()
+        .lines()
+        .filter(|l| l.contains("compact") || l.contains("space"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        o.status.success(),
+        "{}\nbroker log: {cleaner_log:#?}",
+        stderr(&o).lines().last().unwrap_or_default()
+    );
+    let last = |b: &Broker| {
+        let o = b.cli(&[
+            "consume",
+            "state",
+            "--from",
+            "earliest",
+            "--timeout-ms",
+            "2000",
+        ]);
+        assert_ok(&o);
+        stdout(&o).lines().last().map(str::to_owned)
+    };
+    let want = values(2499, 1);
+    assert_eq!(
+        last(b).as_deref(),
+        Some(want.trim_end()),
+        "the latest value"
+    );
+    // What the cleaner keeps between compactions does not disturb a
+    // restart on the full disk.
+    assert_eq!(b.stop(), Some(0), "{}", b.log());
+    b.restart();
+    assert_eq!(last(b).as_deref(), Some(want.trim_end()), "after a restart");
+    std::fs::remove_file(&filler).expect("remove filler");
     b.stop();
 }

@@ -518,15 +518,15 @@ impl super::Broker {
         // are known only once acknowledged): a pipelining producer's last
         // few, in the newest closed segment after a roll; they complete
         // within an fsync, so wait a little for them.
-        let closed_end = self
+        let closed_ends: Vec<u64> = self
             .storage
             .segments(&id)
             .await?
             .iter()
             .filter(|s| !s.active)
             .map(|s| s.next_offset)
-            .max()
-            .unwrap_or(0);
+            .collect();
+        let closed_end = closed_ends.iter().copied().max().unwrap_or(0);
         for _ in 0..SNAPSHOT_WAIT_ROUNDS {
             let hw = self.storage.offsets(&id)?.high_watermark;
             if self.producers.snapshot_would_cover(topic, partition, hw) >= closed_end {
@@ -539,13 +539,14 @@ impl super::Broker {
         // an SD card) held the network thread, and every connection on it,
         // at each compaction. A snapshot renamed in place but not synced
         // fails it as before: compaction may then drop batches only a
-        // snapshot that a power loss can undo covers.
+        // snapshot that a power loss can undo covers. None is written when
+        // the one on disk lets as much merge (a held-back pass's return).
         let covered = {
             let (producers, topic) = (self.producers.clone(), topic.to_owned());
             crate::offload::run(move || {
                 #[cfg(test)]
                 super::hold_meta_write(&producers.snapshot_path(&topic, partition));
-                producers.snapshot(&topic, partition, hw)
+                producers.snapshot_for_compaction(&topic, partition, hw, &closed_ends)
             })
             .await
             .map_err(crate::storage::StorageError::Meta)?

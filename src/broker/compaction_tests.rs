@@ -343,6 +343,48 @@ fn a_producers_dedup_state_survives_its_batches_compacted_away() {
         .expect("the next sequence is taken");
 }
 
+/// A pass held back by a batch in flight comes back every 200 ms: with
+/// nothing new to record, it writes no producer snapshot (each one is 2 to
+/// 4 flushes of an SD card).
+#[test]
+fn a_held_back_pass_with_nothing_new_writes_no_snapshot() {
+    let mut w = run(Vec::new());
+    let (producer_id, producer_epoch) = block_on(w.b().init_producer(None)).unwrap();
+    w.put(&[(0, 400)]);
+    let hw = w.b().offsets("c", 0).unwrap().high_watermark;
+    // A batch submitted at `hw` whose outcome has not come back: every
+    // segment that closes after it is held back until it does.
+    let mut bb = BatchBuilder::new();
+    bb.push(1_000, Some(b"k"), &[1; 10], &[]);
+    let batch = bb.finish(ProducerStamp {
+        producer_id,
+        producer_epoch,
+        base_sequence: 0,
+    });
+    let header = BatchIter::new(&batch).next().unwrap().unwrap().header;
+    let producers::Check::Accept(_ticket) = w.b().producers.check("c", 0, &header, hw) else {
+        panic!("the batch is accepted");
+    };
+    // Two segments close.
+    for _ in 0..60 {
+        w.put(&[(0, 400), (1, 400), (2, 400), (3, 400), (4, 400), (9, 400)]);
+    }
+    let segments = block_on(w.b().storage.segments(&PartitionId::new("c", 0))).unwrap();
+    assert!(segments.iter().filter(|s| !s.active).count() >= 2);
+    let r = block_on(w.b().compact_partition("c", 0)).expect("compaction");
+    assert!(r.held_back, "{r:?}");
+    let written = w.b().producers.snapshots_written();
+    for _ in 0..3 {
+        let r = block_on(w.b().compact_partition("c", 0)).expect("compaction");
+        assert!(r.held_back, "{r:?}");
+    }
+    assert_eq!(
+        w.b().producers.snapshots_written(),
+        written,
+        "passes with nothing new wrote snapshots"
+    );
+}
+
 /// A compacted ring that refused a write is answered as behind the
 /// cleaner (retried) until a pass of the cleaner over the whole ring finds
 /// nothing to merge; only then as full of live data. A producer of one

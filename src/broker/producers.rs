@@ -379,6 +379,9 @@ struct Counters {
     duplicate_records: AtomicU64,
     fenced: AtomicU64,
     out_of_order: AtomicU64,
+    /// Snapshot file writes, failed ones included (each 2 to 4 flushes on
+    /// an SD card).
+    snapshots_written: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -496,6 +499,10 @@ pub struct Producers {
     /// Partitions written by idempotent producers since their last
     /// snapshot: the periodic task snapshots only these (SD card wear).
     dirty: Mutex<foldhash::HashSet<(Arc<str>, u32)>>,
+    /// How far each partition's snapshot file covers, as last written or
+    /// loaded. Held across a write: one writer of a file (and of its
+    /// spare) at a time.
+    on_disk: Mutex<foldhash::HashMap<(Arc<str>, u32), u64>>,
     counters: Counters,
 }
 
@@ -547,6 +554,7 @@ impl Producers {
             left_table: Mutex::new(foldhash::HashMap::default()),
             sweep_due_ms,
             dirty: Mutex::new(foldhash::HashSet::default()),
+            on_disk: Mutex::new(foldhash::HashMap::default()),
             counters: Counters::default(),
         })
     }
@@ -1289,7 +1297,14 @@ impl Producers {
             }
             table.insert(key, e);
         }
+        drop(table);
+        self.on_disk_lock()
+            .insert((topic.into(), partition), snap.covers_to);
         snap.covers_to.max(earliest)
+    }
+
+    fn on_disk_lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<(Arc<str>, u32), u64>> {
+        self.on_disk.lock().expect("snapshot files lock")
     }
 
     /// Writes a partition's snapshot. `hw` is the high watermark read
@@ -1298,6 +1313,46 @@ impl Producers {
     /// which case its offset is at least its `hw_at_submit`. So the
     /// snapshot covers up to the smaller of the two, which it returns.
     pub fn snapshot(&self, topic: &str, partition: u32, hw: u64) -> Result<u64, MetaError> {
+        let mut on_disk = self.on_disk_lock();
+        self.write_snapshot(&mut on_disk, topic, partition, hw)
+    }
+
+    /// A snapshot for a compaction, which may merge only closed segments
+    /// (ending at `closed_ends`) below what the snapshot on disk covers.
+    /// Written only when it lets more of them merge than the one on disk
+    /// does; else that one's cover is returned, nothing written. A pass
+    /// held back by batches in flight comes back every 200 ms, and would
+    /// otherwise write the same snapshot each time (2 to 4 flushes on an
+    /// SD card).
+    pub fn snapshot_for_compaction(
+        &self,
+        topic: &str,
+        partition: u32,
+        hw: u64,
+        closed_ends: &[u64],
+    ) -> Result<u64, MetaError> {
+        let mut on_disk = self.on_disk_lock();
+        if let Some(&have) = on_disk.get(&(Arc::<str>::from(topic), partition)) {
+            let would = self.snapshot_would_cover(topic, partition, hw);
+            if !closed_ends.iter().any(|&e| have < e && e <= would) {
+                return Ok(have);
+            }
+        }
+        self.write_snapshot(&mut on_disk, topic, partition, hw)
+    }
+
+    /// Snapshot file writes since start-up, failed ones included.
+    pub fn snapshots_written(&self) -> u64 {
+        self.counters.snapshots_written.load(Ordering::Relaxed)
+    }
+
+    fn write_snapshot(
+        &self,
+        on_disk: &mut foldhash::HashMap<(Arc<str>, u32), u64>,
+        topic: &str,
+        partition: u32,
+        hw: u64,
+    ) -> Result<u64, MetaError> {
         let snap = {
             let table = self.table.lock().expect("producer table lock");
             let covers_to = Self::covers_to(&table, topic, partition, hw);
@@ -1319,8 +1374,23 @@ impl Producers {
             PartitionSnapshot { covers_to, entries }
         };
         std::fs::create_dir_all(&self.snapshot_dir).map_err(MetaError::Io)?;
-        meta::write_atomic(&self.snapshot_path(topic, partition), &snap)?;
-        Ok(snap.covers_to)
+        let key = (Arc::<str>::from(topic), partition);
+        // Written in room kept from the last write: a compaction on a full
+        // disk writes one before it frees anything.
+        let written = meta::write_atomic_reserved(&self.snapshot_path(topic, partition), &snap);
+        bump(&self.counters.snapshots_written, 1);
+        match written {
+            Ok(()) => {
+                on_disk.insert(key, snap.covers_to);
+                Ok(snap.covers_to)
+            }
+            // The file may hold either content now.
+            Err(e @ MetaError::Unsynced(_)) => {
+                on_disk.remove(&key);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// How far a snapshot taken now with high watermark `hw` would cover
@@ -1355,11 +1425,15 @@ impl Producers {
                 }
                 keep
             });
+        let mut on_disk = self.on_disk_lock();
+        on_disk.remove(&(Arc::<str>::from(topic), partition));
         let path = self.snapshot_path(topic, partition);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("cannot delete {}: {e}", path.display()),
+        for path in [meta::spare_path(&path), path] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot delete {}: {e}", path.display()),
+            }
         }
     }
 

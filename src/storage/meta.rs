@@ -161,6 +161,125 @@ pub fn write_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), M
         .map_err(MetaError::Unsynced)
 }
 
+/// The file [`write_atomic_reserved`] keeps beside `path`: the room its
+/// next write goes into.
+pub fn spare_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".spare");
+    path.with_file_name(name)
+}
+
+/// Room kept in a spare for a file of `len` bytes: twice its size (it
+/// may grow between writes), in whole 4 KiB blocks.
+fn spare_room(len: usize) -> u64 {
+    (len as u64 * 2).max(1).div_ceil(4096) * 4096
+}
+
+/// [`write_atomic`] that needs no new room on the disk once the file has
+/// been written: for a file that must be writable on a full disk (the
+/// producers' snapshot a compaction writes before it frees segments).
+///
+/// The new content goes into the spare file [`spare_path`] (rewritten in
+/// place, so into blocks it already has), is fsynced, and the spare is
+/// exchanged with `path` (renameat2 `RENAME_EXCHANGE`, atomic as a rename)
+/// before the directory is fsynced. `path` then holds the new content and
+/// the spare the old, whose blocks are the next write's room; topped up
+/// (fallocate, beyond its end) to twice the file's size while the disk has
+/// room. A power cut at any point leaves `path` whole, old or new, as
+/// with [`write_atomic`]; the spare's content is never read. Where the
+/// file system cannot exchange (vfat, some FUSE), a plain rename: the old
+/// content's blocks are freed, and the spare is made anew after the write.
+pub fn write_atomic_reserved<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), MetaError> {
+    use std::os::unix::fs::FileExt;
+    let out = envelope(value)?;
+    let spare = spare_path(path);
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&spare)
+        .and_then(|f| {
+            f.write_all_at(&out, 0)?;
+            if f.metadata()?.len() > out.len() as u64 {
+                f.set_len(out.len() as u64)?;
+            }
+            f.sync_all()
+        });
+    // A failed write keeps the spare: its blocks are still the room the
+    // next write needs.
+    written?;
+    match super::io::exchange(&spare, path) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::Unsupported
+            ) =>
+        {
+            // The first write (no `path` yet), or no exchange here.
+            fs::rename(&spare, path)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let synced = File::open(dir.unwrap_or(Path::new("."))).and_then(|d| d.sync_all());
+    #[cfg(test)]
+    let synced = synced.and_then(|()| {
+        let mut failing = FAIL_DIR_SYNC.lock().expect("fail dir sync lock");
+        match failing.iter().position(|p| p == path) {
+            Some(i) => {
+                failing.remove(i);
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            None => Ok(()),
+        }
+    });
+    if let Err(e) = synced {
+        // A power cut may yet undo the exchange and make the spare `path`
+        // again: never write it in place. The next write makes a new one.
+        let _ = fs::remove_file(&spare);
+        return Err(MetaError::Unsynced(e));
+    }
+    reserve_spare(&spare, spare_room(out.len()));
+    Ok(())
+}
+
+/// Makes sure the spare has `room` bytes of blocks, without changing its
+/// size (its content does not matter). Best effort: without room on the
+/// disk, or without fallocate, the next write has what the spare has.
+fn reserve_spare(spare: &Path, room: u64) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(f) = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(spare)
+    else {
+        return;
+    };
+    // Already there: no call, so no journal work on an SD card.
+    if f.metadata().is_ok_and(|m| m.blocks() * 512 >= room) {
+        return;
+    }
+    // SAFETY: the descriptor is open for writing for the whole call.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            room as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "{}: cannot reserve {room} bytes: {}",
+            spare.display(),
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// A [`write_atomic`] of `path` done but for its directory sync
 /// ([`MetaError::Unsynced`]) counts as written: the file holds the new
 /// content, which a restart loads, so its writer goes on with it (rolling
@@ -296,6 +415,35 @@ mod tests {
         write_atomic(&p, &w).unwrap();
         assert_eq!(read::<Sample>(&p).unwrap(), Some(w));
         assert!(!tmp_path(&p).exists());
+    }
+
+    /// Each write replaces the file whole and keeps the old one's blocks
+    /// as the spare the next goes into; a failed directory sync drops the
+    /// spare (a power cut could make it the file again).
+    #[test]
+    fn a_reserved_write_replaces_the_file_and_keeps_a_spare() {
+        let dir = crate::storage::test_dir();
+        let p = dir.path().join("x.meta");
+        for a in 0..3 {
+            let v = Sample {
+                a,
+                b: "x".repeat(a as usize * 100),
+            };
+            write_atomic_reserved(&p, &v).unwrap();
+            assert_eq!(read::<Sample>(&p).unwrap(), Some(v));
+            assert!(spare_path(&p).exists(), "write {a}");
+        }
+        FAIL_DIR_SYNC.lock().unwrap().push(p.clone());
+        let v = Sample {
+            a: 9,
+            b: "n".into(),
+        };
+        assert!(matches!(
+            write_atomic_reserved(&p, &v),
+            Err(MetaError::Unsynced(_))
+        ));
+        assert_eq!(read::<Sample>(&p).unwrap(), Some(v));
+        assert!(!spare_path(&p).exists());
     }
 
     /// Writes an old value to `p`; gives it back with a new one to write.
