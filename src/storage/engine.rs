@@ -27,6 +27,7 @@ use super::readbuf::ReadBuf;
 use super::recovery::{
     checkpoint_path, checkpoint_written, overwrite_checkpoints, write_checkpoint, Checkpoint,
 };
+use super::syncpool::{self, SyncPool};
 use super::{
     meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
     StorageConfig, StorageError, STATE_OK,
@@ -51,8 +52,6 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
 /// The checkpoint refresh's thread starts a thread per checkpoint and
 /// collects what they did: little stack.
 const CHECKPOINT_REFRESH_STACK_BYTES: usize = 128 * 1024;
-/// A create's syncs: fdatasyncs, fsyncs and one small metadata file.
-const CREATE_SYNC_STACK_BYTES: usize = 256 * 1024;
 /// `interval:<ms>` gathers appends for at most this long (or `ms`, if
 /// shorter) before writing and acking them: a few large writes instead of
 /// one partial-sector rewrite per record, at a bounded ack latency even
@@ -346,12 +345,14 @@ pub(super) struct Engine {
     creating: Vec<Creating>,
     /// Creates whose files are written, being synced off this thread.
     create_syncs: Vec<CreateSync>,
+    /// The threads those syncs run on.
+    sync_pool: SyncPool,
 }
 
 /// Work on a thread of its own, so that the storage thread goes on serving
 /// appends and fetches meanwhile: the thread rings the doorbell when it is
 /// done, and the storage thread takes the outcome in (a checkpoint
-/// refresh, a create's syncs).
+/// refresh; a create's syncs go to [`SyncPool`]).
 struct Offloaded<T> {
     thread: std::thread::JoinHandle<T>,
     /// Set, and the doorbell rung, once the work is done.
@@ -385,7 +386,7 @@ impl<T: Send + 'static> Offloaded<T> {
 }
 
 /// A create whose files and first segment are written, its partition made
-/// but not yet registered, while a thread syncs what it wrote: its
+/// but not yet registered, while [`SyncPool`] syncs what it wrote: its
 /// segment files, then its directory, `partition.meta` and the entries
 /// above. Each of those is 20 to 100 ms on an SD card's timings, and on
 /// the storage thread they held every other partition's acks
@@ -394,7 +395,7 @@ impl<T: Send + 'static> Offloaded<T> {
 struct CreateSync {
     c: Creating,
     part: Part,
-    job: Offloaded<Result<(), StorageError>>,
+    job: syncpool::Pending<Result<(), StorageError>>,
 }
 
 /// A refresh of checkpoints on a thread of its own (`Engine::housekeeping`).
@@ -463,6 +464,7 @@ pub(crate) fn start(
                 tails_made: 0,
                 next_retention_check: now,
                 group,
+                sync_pool: SyncPool::new(&bell),
                 bell,
                 checkpointing: None,
                 reads,
@@ -1205,18 +1207,16 @@ impl Engine {
             }
             Ok(())
         };
-        match Offloaded::start("skiff-create", CREATE_SYNC_STACK_BYTES, &self.bell, work) {
-            Ok(job) => self.create_syncs.push(CreateSync { c, part, job }),
-            Err(e) => {
-                self.give_tail(part.tail.buf);
-                self.create_failed(c, e.into());
-            }
-        }
+        let job = self.sync_pool.run(work);
+        self.create_syncs.push(CreateSync { c, part, job });
     }
 
     /// Answers each create whose syncs are done (with `wait`, every one:
     /// a shutdown's, which fails them all, leaving nothing).
     fn reap_create_syncs(&mut self, shutting_down: bool) {
+        if shutting_down {
+            self.sync_pool.close();
+        }
         let mut i = 0;
         while i < self.create_syncs.len() {
             if !shutting_down && !self.create_syncs[i].job.is_done() {
@@ -1225,9 +1225,8 @@ impl Engine {
             }
             let CreateSync { c, mut part, job } = self.create_syncs.remove(i);
             let res = job
-                .thread
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("create sync thread panicked").into()));
+                .take()
+                .unwrap_or_else(|| Err(io::Error::other("a create's syncs panicked").into()));
             match res {
                 Ok(()) if !shutting_down => {
                     part.synced_elsewhere(self.ctx.cfg.clock.now());

@@ -53,6 +53,7 @@ mod read;
 mod readbuf;
 mod recovery;
 mod resize;
+mod syncpool;
 
 pub use crate::bufpool::BatchBuf;
 pub use clock::{Clock, ManualClock};

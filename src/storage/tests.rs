@@ -3996,6 +3996,67 @@ fn a_shutdown_during_a_create_s_syncs_leaves_nothing_or_all() {
     }
 }
 
+/// Threads of this process named as the create syncs' are (nextest runs
+/// each test in a process of its own).
+fn create_sync_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == super::syncpool::THREAD_NAME)
+        .count()
+}
+
+/// A create of many partitions syncs them on a bounded number of threads:
+/// one thread per partition started 64 for a 64-partition create, each
+/// with its stack, on a board of 512 MiB. The syncs are held, so every
+/// partition's are waiting at once.
+#[test]
+fn a_create_of_many_partitions_syncs_on_few_threads() {
+    use futures_lite::future::poll_once;
+    const PARTITIONS: u32 = 24;
+    for (name, rig) in rigs() {
+        let cfg = StorageConfig {
+            max_partitions: 64,
+            ..rig.cfg()
+        };
+        let held = cfg.create_sync_held.clone();
+        let s = rig.open_with(cfg).unwrap();
+        let a = pid("a", 0);
+        block_on(s.create_partition(a.clone(), small_cfg())).unwrap();
+        held.store(true, Ordering::Release);
+        let mut creates: Vec<_> = (0..PARTITIONS)
+            .map(|p| Box::pin(s.create_partition(pid("many", p), small_cfg())))
+            .collect();
+        for c in &mut creates {
+            assert!(block_on(poll_once(c)).is_none(), "{name}");
+        }
+        // Answered once the storage thread has handed every create's
+        // syncs over.
+        block_on(s.append(&a, make_batch(1, 10, 1, 0))).expect(name);
+        let threads = create_sync_threads();
+        assert!(
+            (1..=super::syncpool::SYNC_THREADS).contains(&threads),
+            "{name}: {threads} threads syncing {PARTITIONS} partitions"
+        );
+        held.store(false, Ordering::Release);
+        for c in creates {
+            block_on(c).expect(name);
+        }
+        s.shutdown().unwrap();
+        assert_eq!(create_sync_threads(), 0, "{name}: after the shutdown");
+        let s = rig
+            .open_with(StorageConfig {
+                max_partitions: 64,
+                ..rig.cfg()
+            })
+            .unwrap();
+        for p in 0..PARTITIONS {
+            block_on(s.append(&pid("many", p), make_batch(1, 10, 2, 0))).expect(name);
+        }
+        s.shutdown().unwrap();
+    }
+}
+
 /// A create a shutdown cuts short is answered so and leaves nothing: the
 /// id can be created after the restart.
 #[test]
