@@ -1177,6 +1177,21 @@ impl Engine {
             cfg: c.cfg.clone(),
         };
         let dir = c.dir.clone();
+        let (sync_dir, id) = (self.ctx.io.detached_sync_dir(), c.id.clone());
+        let dir_no_space = no_space_at_create(&c.id, &c.cfg);
+        // Says which directory; ENOSPC as the files' does.
+        let dir_synced = move |d: &Path| {
+            sync_dir(d).map_err(|e| match dir_no_space(e) {
+                StorageError::Io(e) => StorageError::Io(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "partition {id}: fsync of {} at its create: {e}",
+                        d.display()
+                    ),
+                )),
+                e => e,
+            })
+        };
         #[cfg(test)]
         let held = self.ctx.cfg.create_sync_held.clone();
         let work = move || -> Result<(), StorageError> {
@@ -1192,7 +1207,7 @@ impl Engine {
             for sync in syncs {
                 sync().map_err(&no_space)?;
             }
-            super::io::sync_dir(&dir)?;
+            dir_synced(&dir)?;
             // A partition.meta renamed in place but not synced
             // (`MetaError::Unsynced`) fails the create like any other
             // error: `create_failed` removes the directory, meta file
@@ -1200,9 +1215,9 @@ impl Engine {
             meta::write_atomic(&dir.join(PARTITION_META), &meta)?;
             // The new directory entries themselves.
             if let Some(topic_dir) = dir.parent() {
-                super::io::sync_dir(topic_dir)?;
+                dir_synced(topic_dir)?;
                 if let Some(topics) = topic_dir.parent() {
-                    super::io::sync_dir(topics)?;
+                    dir_synced(topics)?;
                 }
             }
             Ok(())

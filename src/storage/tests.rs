@@ -4057,6 +4057,57 @@ fn a_create_of_many_partitions_syncs_on_few_threads() {
     }
 }
 
+/// A directory fsync that fails at a create (on the fault disk: the
+/// partition's directory, before `partition.meta` is written, or the
+/// topic's, after) refuses the create with an error naming the directory,
+/// ENOSPC as a full disk, and leaves nothing: no directory, no partition,
+/// now or after a restart; the id is created once the disk is healthy.
+/// The syncs made off the storage thread went around the backend, so a
+/// fault test could not fail them.
+#[test]
+fn a_create_whose_directory_fsync_fails_is_refused_and_leaves_nothing() {
+    let cases = [
+        ("topics/t/0", libc::EIO),
+        ("topics/t", libc::EIO),
+        ("topics/t/0", libc::ENOSPC),
+    ];
+    for (dir, errno) in cases {
+        let rig = Rig::fault(11);
+        let disk = rig.disk().unwrap().clone();
+        let s = rig.open();
+        let id = pid("t", 0);
+        let part_dir = rig.dir.path().join("topics/t/0");
+        disk.set_plan(FaultPlan {
+            fail_dir_syncs_of: Some(dir),
+            errno,
+            ..FaultPlan::default()
+        });
+        let err = block_on(s.create_partition(id.clone(), small_cfg())).unwrap_err();
+        match (&err, errno) {
+            (StorageError::Io(e), libc::EIO) => {
+                let text = e.to_string();
+                let failed = rig.dir.path().join(dir);
+                assert!(text.contains(&*failed.to_string_lossy()), "{dir}: {text}");
+            }
+            (StorageError::InsufficientSpace { partition, .. }, libc::ENOSPC) => {
+                assert_eq!(partition, &id)
+            }
+            _ => panic!("{dir}, errno {errno}: {err:?}"),
+        }
+        assert!(disk.faults_injected() > 0, "{dir}");
+        assert!(!part_dir.exists(), "{dir}: the partition directory stayed");
+        assert!(s.offsets(&id).is_err(), "{dir}");
+        s.shutdown().unwrap();
+        disk.set_plan(FaultPlan::default());
+        let s = rig.open();
+        assert!(s.offsets(&id).is_err(), "{dir}: after a restart");
+        assert!(s.unloaded().is_empty(), "{dir}: {:?}", s.unloaded());
+        block_on(s.create_partition(id.clone(), small_cfg())).expect(dir);
+        block_on(s.append(&id, make_batch(2, 10, 1, 0))).expect(dir);
+        s.shutdown().unwrap();
+    }
+}
+
 /// A create a shutdown cuts short is answered so and leaves nothing: the
 /// id can be created after the restart.
 #[test]

@@ -36,6 +36,9 @@ pub struct FaultPlan {
     /// Fail every write to a file whose path contains this (one topic's
     /// files, say `__skiff_txn`), the rest of the disk being healthy.
     pub fail_writes_to: Option<&'static str>,
+    /// Fail every fsync of a directory whose path ends with this (say
+    /// `topics/t/0`, a partition's, or `topics/t`, its topic's).
+    pub fail_dir_syncs_of: Option<&'static str>,
     /// The errno injected failures carry: `libc::EIO` or `libc::ENOSPC`.
     pub errno: i32,
     /// Total bytes `allocate` may reserve over all files; None = unlimited.
@@ -392,6 +395,20 @@ fn flush(disk: &FaultDisk, path: &Path, limit: Option<usize>) -> io::Result<()> 
     Ok(())
 }
 
+/// Directories live on the real file system (see the module docs): only
+/// a crash and the plan's failures are modelled.
+fn sync_dir(disk: &FaultDisk, dir: &Path) -> io::Result<()> {
+    let mut st = disk.lock();
+    if st.crashed {
+        return Err(crashed_error());
+    }
+    let fail = st.plan.fail_dir_syncs_of;
+    if fail.is_some_and(|f| dir.ends_with(f)) {
+        return Err(st.injected());
+    }
+    Ok(())
+}
+
 impl IoBackend for FaultBackend {
     fn buffered_io(&self) -> bool {
         self.disk.lock().plan.direct_io_refused
@@ -618,11 +635,13 @@ impl IoBackend for FaultBackend {
         Ok(Some(Box::new(move || flush(&disk, &path, None))))
     }
 
-    fn sync_dir(&mut self, _dir: &Path) -> io::Result<()> {
-        if self.disk.lock().crashed {
-            return Err(crashed_error());
-        }
-        Ok(())
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        sync_dir(&self.disk, dir)
+    }
+
+    fn detached_sync_dir(&self) -> super::DetachedSyncDir {
+        let disk = self.disk.clone();
+        Box::new(move |dir| sync_dir(&disk, dir))
     }
 
     /// Atomic and durable at once (a simplification: a real rename needs

@@ -180,6 +180,12 @@ pub trait IoBackend: Send + 'static {
         Ok(None)
     }
 
+    /// [`IoBackend::sync_dir`] that another thread makes (a create's
+    /// directories, `Engine::create_sync`).
+    fn detached_sync_dir(&self) -> DetachedSyncDir {
+        Box::new(sync_dir)
+    }
+
     /// Starts an fdatasync of each file and may return before it is done,
     /// so the caller can write its next group meanwhile (pipelined group
     /// commit). It covers the writes completed before the call. At most one
@@ -286,6 +292,10 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// An fdatasync made away from the storage thread
 /// ([`IoBackend::detached_sync`]).
 pub type DetachedSync = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
+/// A directory's fsync made away from the storage thread
+/// ([`IoBackend::detached_sync_dir`]).
+pub type DetachedSyncDir = Box<dyn Fn(&Path) -> io::Result<()> + Send>;
 
 /// Background reads a backend keeps apart (`read_start` slots): one per
 /// reader whose next window is read ahead.
