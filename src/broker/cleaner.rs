@@ -820,6 +820,11 @@ impl super::Broker {
         // Partitions where the last run found nothing to do, and their end
         // then: not read again until more is written.
         let mut idle: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        // A partition whose compaction keeps failing (a damaged disk) is
+        // retried every `interval`: a line a minute says so, not one a try.
+        let failures = super::quiet_log::QuietLog::new(|(t, p): &(String, u32)| {
+            format!("{t}/{p}: compaction failed")
+        });
         loop {
             let rolled = self.storage.roll_listener();
             let made_compacted = self.cleanup_changed.listen();
@@ -851,7 +856,9 @@ impl super::Broker {
                     Err(BrokerError::ShuttingDown) => return,
                     Err(e) => {
                         busy = true;
-                        log::warn!("{topic}/{p}: compaction failed: {e}");
+                        if let Some(tail) = failures.due(&(topic.clone(), p)) {
+                            log::warn!("{topic}/{p}: compaction failed: {e}{tail}");
+                        }
                     }
                 }
             }

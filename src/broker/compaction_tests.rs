@@ -385,14 +385,10 @@ fn a_held_back_pass_with_nothing_new_writes_no_snapshot() {
     );
 }
 
-/// A compacted ring that refused a write is answered as behind the
-/// cleaner (retried) until a pass of the cleaner over the whole ring finds
-/// nothing to merge; only then as full of live data. A producer of one
-/// key is never told its ring is full of live data.
-#[test]
-fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
-    let rig = Rig::fault(12);
-    let b = Broker::open(rig.open(), options(&rig)).expect("broker opens");
+/// A broker on `rig` with `topics`, each one partition compacted in a
+/// ring of 4 segments of 64 KiB.
+fn broker_with_compacted(rig: &Rig, topics: &[&str]) -> Arc<Broker> {
+    let b = Broker::open(rig.open(), options(rig)).expect("broker opens");
     let spec = TopicSpec {
         partitions: Some(1),
         segment_bytes: Some(64 * 1024),
@@ -400,9 +396,20 @@ fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
         cleanup: Some(CleanupPolicy::Compact),
         ..TopicSpec::default()
     };
-    for topic in ["one", "all"] {
+    for topic in topics {
         block_on(b.create_topic(topic, &spec)).expect("create");
     }
+    b
+}
+
+/// A compacted ring that refused a write is answered as behind the
+/// cleaner (retried) until a pass of the cleaner over the whole ring finds
+/// nothing to merge; only then as full of live data. A producer of one
+/// key is never told its ring is full of live data.
+#[test]
+fn a_full_ring_is_full_of_live_data_only_once_a_pass_finds_nothing_to_merge() {
+    let rig = Rig::fault(12);
+    let b = broker_with_compacted(&rig, &["one", "all"]);
     // Ten records of 600 B, keyed by `key(i)`.
     let put = |topic: &str, key: &dyn Fn(u64) -> Vec<u8>, seq: u64| {
         let mut bb = BatchBuilder::new();
@@ -471,4 +478,46 @@ fn only_a_whole_pass_that_merged_nothing_says_the_ring_is_live() {
     assert!(!cleaner::full_of_live_data(&merged_one));
     assert!(!cleaner::full_of_live_data(&held_back));
     assert!(cleaner::full_of_live_data(&R::default()));
+}
+
+/// The cleaner retries a partition whose compaction fails every
+/// `interval`; on a disk that keeps failing it says so once a minute, not
+/// once a try.
+#[test]
+fn a_compaction_that_keeps_failing_is_logged_once_a_minute() {
+    super::share::tests::capture_warnings();
+    let rig = Rig::fault(13);
+    let disk = rig.disk().expect("fault rig").clone();
+    let b = broker_with_compacted(&rig, &["k"]);
+    // One key over and over: two closed segments of dead values, which
+    // the cleaner takes up as soon as it runs.
+    for seq in 0..2 * 64 * 1024 / 600 {
+        let mut bb = BatchBuilder::new();
+        bb.push_record(1_000, Some(b"k"), Some(&value_of(seq, 600)), &[]);
+        let batch = bb.finish(ProducerStamp::NONE);
+        block_on(async { b.produce("k", 0, batch.into()).await?.await }).expect("put");
+    }
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some("compact.tmp"),
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+    let cleaner = std::thread::spawn({
+        let b = b.clone();
+        move || block_on(b.run_cleaner(std::time::Duration::from_millis(5)))
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while disk.faults_injected() < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cleaner did not retry"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    b.begin_stop();
+    cleaner.join().expect("the cleaner ends");
+    let logged = super::share::tests::warnings(&["k/0", "compaction failed"]);
+    assert_eq!(logged.len(), 1, "{logged:#?}");
+    disk.set_plan(FaultPlan::default());
+    b.close().expect("closed");
 }
