@@ -30,6 +30,8 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Member {
     child: Option<Child>,
     lines: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The file its stderr goes to.
+    stderr: std::path::PathBuf,
 }
 
 impl Member {
@@ -44,6 +46,9 @@ impl Member {
         session_ms: &str,
         extra: &[&str],
     ) -> Member {
+        static MEMBERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MEMBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr = b.dir.path().join(format!("member-{n}.stderr"));
         let mut cmd = skiff_command();
         cmd.args(["consume", topic, "--group", group, "--format", "json"])
             .args(["--session-timeout-ms", session_ms, "--from", "earliest"])
@@ -51,7 +56,7 @@ impl Member {
             .args(["--broker", &b.tcp])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(&stderr).expect("a stderr file"));
         let mut child = cmd.spawn().expect("spawning skiff consume --group");
         let out = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -66,6 +71,7 @@ impl Member {
         Member {
             child: Some(child),
             lines,
+            stderr,
         }
     }
 
@@ -1040,7 +1046,7 @@ fn a_second_sigterm_ends_a_leaving_group_member_at_once() {
     // Its commit and leave, after the first signal, get no answer.
     b.pause();
     let pid = m.child.as_ref().expect("running").id() as i32;
-    sigterm_taken(pid, WAIT);
+    sigterm_taken(pid, &m.stderr, WAIT);
     let code = m.signal(libc::SIGTERM);
     b.resume();
     assert_eq!(code, Some(130));

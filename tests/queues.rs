@@ -894,7 +894,7 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     // Its leave, after the first signal, gets no answer.
     b.pause();
     let pid = replay.id() as i32;
-    sigterm_taken(pid, WAIT);
+    sigterm_taken(pid, &err, WAIT);
     // SAFETY: a signal to the replay this test spawned, not yet reaped
     // (its leave waits).
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -936,7 +936,7 @@ fn a_second_sigterm_ends_a_stopping_worker_at_once() {
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     b.pause();
     let pid = w.id() as i32;
-    sigterm_taken(pid, WAIT);
+    sigterm_taken(pid, &err, WAIT);
     // SAFETY: signal 0 sends nothing; it asks whether the process exists.
     let gone = || unsafe { libc::kill(command, 0) } != 0;
     // Now the worker waits on the broker, releasing the record.
@@ -960,7 +960,7 @@ fn a_second_sigterm_takes_a_command_ignoring_the_first_with_the_worker() {
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     let pid = w.id() as i32;
     // The worker now gives the command 5 s to go before its SIGKILL.
-    sigterm_taken(pid, WAIT);
+    sigterm_taken(pid, &err, WAIT);
     // SAFETY: a signal to the worker this test spawned, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = exit_status(w, || {

@@ -73,22 +73,27 @@ pub const EXIT_SIGNALLED: i32 = 130;
 pub(crate) static COMMAND_GROUP: std::sync::atomic::AtomicI32 =
     std::sync::atomic::AtomicI32::new(0);
 
+/// What the first stop signal prints (to stderr, from its handler): the
+/// user learns the stop is under way and how to cut it short.
+pub const STOPPING: &str = "skiff: stopping; a second SIGINT or SIGTERM quits at once\n";
+
 /// A flag SIGINT and SIGTERM set, for a long-running command to stop
 /// cleanly at: a group member leaves its group, a queue worker gives its
-/// record back. A second signal, once the first has set the flag, ends
-/// the process at once ([`EXIT_SIGNALLED`]): a clean stop may wait long on
-/// a broker that does not answer (the client's timeouts), which the user
-/// then need not wait out nor SIGKILL. [`COMMAND_GROUP`] goes first.
+/// record back. A second signal ends the process at once
+/// ([`EXIT_SIGNALLED`]): a clean stop may wait long on a broker that does
+/// not answer (the client's timeouts), which the user then need not wait
+/// out nor SIGKILL. [`COMMAND_GROUP`] goes first.
 pub(crate) fn stop_flag_or_quit() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, ExitCode>
 {
     use std::sync::atomic::Ordering::SeqCst;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // Before the flag's handler: the first signal finds the flag unset
-        // and only sets it; a later one finds it set and exits.
+        // One swap decides which signal is the first, even for two taken
+        // at once by two threads: a load, then a separate set, let both
+        // find the flag unset and neither quit.
         let set = stop.clone();
-        let quit = move || {
-            if set.load(SeqCst) {
+        let action = move || {
+            if set.swap(true, SeqCst) {
                 let group = COMMAND_GROUP.load(SeqCst);
                 if group > 0 {
                     // SAFETY: kill(2) touches no memory of ours; the group
@@ -98,11 +103,13 @@ pub(crate) fn stop_flag_or_quit() -> Result<std::sync::Arc<std::sync::atomic::At
                 }
                 signal_hook::low_level::exit(EXIT_SIGNALLED);
             }
+            // SAFETY: write(2) of a static buffer to stderr; a short or
+            // failed write loses only the notice.
+            unsafe { libc::write(2, STOPPING.as_ptr().cast(), STOPPING.len()) };
         };
-        // SAFETY: the action is async-signal-safe: atomic loads, kill(2)
-        // and _exit(2); it neither allocates nor locks.
-        let quit = unsafe { signal_hook::low_level::register(sig, quit) };
-        if let Err(e) = quit.and_then(|_| signal_hook::flag::register(sig, stop.clone())) {
+        // SAFETY: the action is async-signal-safe: atomics, write(2),
+        // kill(2) and _exit(2); it neither allocates nor locks.
+        if let Err(e) = unsafe { signal_hook::low_level::register(sig, action) } {
             return Err(fail(
                 EXIT_RUNTIME,
                 format!("cannot install signal handlers: {e}"),

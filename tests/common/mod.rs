@@ -623,36 +623,18 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// Whether a SIGTERM sent to `pid` is still on its way: pending, or taken
-/// by a thread whose handler has not returned (the signal is blocked while
-/// its handler runs). Pending alone is not enough: a second signal sent
-/// while the first handler has yet to set the stop flag is taken by another
-/// thread, finds the flag unset, and only sets it too.
-pub fn sigterm_in_flight(pid: i32) -> bool {
-    let bit = 1u64 << (libc::SIGTERM - 1);
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default();
-    tasks.iter().any(|task| {
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        status.lines().any(|l| {
-            ["ShdPnd:", "SigPnd:", "SigBlk:"].iter().any(|k| {
-                l.strip_prefix(k)
-                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                    .is_some_and(|m| m & bit != 0)
-            })
-        })
-    })
-}
-
 /// Sends SIGTERM to `pid` (a child of the test, not yet reaped) and waits
-/// until its handler has run, so that a second one is a second signal to
-/// the process, not merged with the first nor racing it.
+/// until its handler has run, which it says on stderr (`stderr`, a file):
+/// a second signal is then a second to the process, neither merged with
+/// the first while pending nor taken before it. The process's own word,
+/// not /proc: under qemu-user the guest's handler runs after the host's,
+/// and qemu's threads block signals of their own.
 #[track_caller]
-pub fn sigterm_taken(pid: i32, timeout: Duration) {
+pub fn sigterm_taken(pid: i32, stderr: &Path, timeout: Duration) {
     unsafe_kill(pid as u32, libc::SIGTERM);
+    let notice = skiff::cli::STOPPING.trim_end();
     wait_until(timeout, "the process to take the SIGTERM", || {
-        !sigterm_in_flight(pid)
+        std::fs::read_to_string(stderr).is_ok_and(|s| s.contains(notice))
     });
 }
 
