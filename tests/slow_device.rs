@@ -268,3 +268,55 @@ fn serve() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A create writes each partition's first segment, which on a slow card
+/// can outlast the CLI's wait. The CLI says so and where to look, and the
+/// broker finishes the create all the same: a retry would only be told
+/// the topic exists.
+#[test]
+fn a_create_that_outlasts_the_cli_s_wait_says_so_and_still_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 4 MiB at 2 MiB/s: the first segment's pre-write takes 2 s at least,
+    // four times the CLI's wait below, however fast the host.
+    let device = SlowDevice {
+        write_bytes_per_s: 2 * 1024 * 1024,
+        flush_ms: (5, 5),
+    };
+    let Some(fs) = LazyFs::mount_slow(&dir.path().join("base"), &dir.path().join("mnt"), device)
+    else {
+        return;
+    };
+    let b = common::Broker::start_on(fs.mountpoint.join("data"), "");
+    let create = [
+        "topics",
+        "create",
+        "slow",
+        "--segment-bytes",
+        "4194304",
+        "--timeout-ms",
+        "500",
+    ];
+    let out = b.cli(&create);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no answer to the create of slow within 0.5 s")
+            && stderr.contains("`skiff topics describe slow`"),
+        "{stderr}"
+    );
+    let deadline = Instant::now() + common::cli_limit();
+    loop {
+        let out = b.cli(&["topics", "describe", "slow"]);
+        if out.status.success() {
+            assert!(common::stdout(&out).contains("partition 0:"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the create never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = b.cli(&create);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists"),
+        "{again:?}"
+    );
+}

@@ -143,6 +143,12 @@ pub enum TopicsCommand {
         /// On a compacted topic, how long a tombstone stays (default: a day).
         #[arg(long)]
         tombstone_retention_ms: Option<u64>,
+        /// How long to wait for the broker's answer. A create writes each
+        /// partition's first segment: on an SD card, about a minute for 64
+        /// partitions of 16 MiB segments. A create that outlasts it still
+        /// finishes on the broker.
+        #[arg(long, value_name = "MS", default_value_t = 300_000)]
+        timeout_ms: u64,
         #[command(flatten)]
         broker: BrokerArg,
     },

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 
 use crate::client::{
-    Address, Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery, OffsetReset,
-    Producer, ProducerConfig, RetryHook, StartFrom,
+    Address, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Delivery,
+    OffsetReset, Producer, ProducerConfig, RetryHook, StartFrom,
 };
 use crate::config::human;
 use crate::protocol::{CreateTopicRequest, ErrorCode, OffsetSpec, TopicConfig};
@@ -41,9 +41,13 @@ pub(super) fn check_topic_name(name: &str) -> Result<(), ExitCode> {
 }
 
 pub(super) fn connect(broker: &BrokerArg) -> Result<Client, ExitCode> {
+    connect_with(broker, broker.client_config())
+}
+
+fn connect_with(broker: &BrokerArg, config: ClientConfig) -> Result<Client, ExitCode> {
     let addr = &broker.broker;
     check_broker(addr)?;
-    smol::block_on(Client::connect_with(addr, broker.client_config()))
+    smol::block_on(Client::connect_with(addr, config))
         .map_err(|e| fail(exit_code_for(&e), connect_error(addr, &e)))
 }
 
@@ -190,7 +194,16 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
     if let Err(code) = name.map_or(Ok(()), |n| check_topic_name(n)) {
         return code;
     }
-    let client = match connect(&broker) {
+    let mut config = broker.client_config();
+    let mut waits_for_create = None;
+    if let TopicsCommand::Create {
+        name, timeout_ms, ..
+    } = &command
+    {
+        config.request_timeout = Duration::from_millis((*timeout_ms).max(1));
+        waits_for_create = Some((name.clone(), config.request_timeout));
+    }
+    let client = match connect_with(&broker, config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -360,9 +373,19 @@ pub fn topics(command: TopicsCommand) -> ExitCode {
         }
         Ok(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(exit_code_for(&e), e),
+    match (result, waits_for_create) {
+        (Ok(()), _) => ExitCode::SUCCESS,
+        // The broker goes on with a create the client stopped waiting for:
+        // a retry would be refused as a topic that exists.
+        (Err(ClientError::Timeout), Some((name, waited))) => fail(
+            EXIT_RUNTIME,
+            format!(
+                "no answer to the create of {name} within {} s (--timeout-ms); the broker \
+                 may still be creating it: `skiff topics describe {name}` shows it once made",
+                waited.as_secs_f64()
+            ),
+        ),
+        (Err(e), _) => fail(exit_code_for(&e), e),
     }
 }
 
