@@ -446,6 +446,43 @@ fn a_refusal_found_later_names_the_refused_line() {
     );
 }
 
+/// `skiff produce` of `values` to `topic`, one line each `pause` apart,
+/// from a thread: input that keeps arriving while a test acts.
+struct Trickle {
+    producer: std::process::Child,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Trickle {
+    fn start(b: &Broker, topic: &str, values: &[String], pause: Duration) -> Trickle {
+        let mut producer = skiff_command()
+            .args(["produce", topic, "--broker", &b.tcp])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = producer.stdin.take().unwrap();
+        let lines = values.to_vec();
+        let writer = std::thread::spawn(move || {
+            for v in lines {
+                writeln!(stdin, "{v}").unwrap();
+                stdin.flush().unwrap();
+                std::thread::sleep(pause);
+            }
+        });
+        Trickle { producer, writer }
+    }
+
+    /// Waits until every value is written and acknowledged.
+    fn finish(mut self) {
+        self.writer.join().unwrap();
+        assert!(
+            self.producer.wait().unwrap().success(),
+            "skiff produce failed"
+        );
+    }
+}
+
 /// `skiff txn --consume`: a group member copies `ctp-in` to `ctp-out`,
 /// each poll in one transaction with the group's offsets, and is killed
 /// with SIGKILL at random points while input keeps arriving. At the end
@@ -516,27 +553,12 @@ fn consume_transform_produce_is_exactly_once_across_kill_9s() {
         // Input trickles in while it runs, so it copies in many small
         // transactions and the kill lands in any of their steps.
         let values: Vec<String> = (0..per_round).map(|i| format!("in-{round}-{i}")).collect();
-        let mut producer = skiff_command()
-            .args(["produce", "ctp-in", "--broker", &b.tcp])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = producer.stdin.take().unwrap();
-        let lines = values.clone();
-        let writer = std::thread::spawn(move || {
-            for v in lines {
-                writeln!(stdin, "{v}").unwrap();
-                stdin.flush().unwrap();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
+        let input = Trickle::start(&b, "ctp-in", &values, Duration::from_millis(5));
         produced.extend(values);
         std::thread::sleep(rng.between_ms(0, kill_max_ms));
         child.kill().unwrap();
         child.wait().unwrap();
-        writer.join().unwrap();
-        assert!(producer.wait().unwrap().success(), "skiff produce failed");
+        input.finish();
     }
     // Runs to the end of the input: until the group has nothing left.
     let idle_ms = if emulated() { "5000" } else { "1000" };
@@ -940,4 +962,130 @@ fn ending_a_transaction_that_sent_nothing_asks_the_broker_nothing() {
         assert_ok(&o);
     }
     assert_eq!(txn_state(&b, "empty"), "empty");
+}
+
+/// How long a `skiff txn --consume` may take to act on a signal before a
+/// test calls it hung.
+fn signal_wait() -> Duration {
+    Duration::from_secs(if emulated() { 240 } else { 30 })
+}
+
+/// `skiff txn --id st --consume st-in --group st --to st-out`.
+fn pipe_command(b: &Broker, extra: &[&str]) -> std::process::Command {
+    let mut cmd = skiff_command();
+    cmd.args(["txn", "--id", "st", "--consume", "st-in", "--group", "st"])
+        .args(["--to", "st-out", "--from", "earliest", "--broker", &b.tcp])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// [`pipe_command`] started, and the file its stderr goes to.
+fn start_pipe(b: &Broker) -> (std::process::Child, std::path::PathBuf) {
+    let err = b.dir.path().join("pipe.stderr");
+    let child = pipe_command(b, &[])
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    (child, err)
+}
+
+/// The exit status of `child`; kills it and panics with `what` if it has
+/// not exited within [`signal_wait`].
+fn exit_code(mut child: std::process::Child, what: impl Fn() -> String) -> Option<i32> {
+    let deadline = Instant::now() + signal_wait();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{}", what());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM stops `skiff txn --consume` at a clean point while input
+/// arrives: exit 0, no transaction left open, and the next run copies the
+/// rest, so OUT holds every input record once and G's offsets are at
+/// IN's end. Before, it had no handler: the signal killed it.
+#[test]
+fn sigterm_stops_consume_transform_produce_between_transactions() {
+    let b = Broker::start("");
+    for t in ["st-in", "st-out"] {
+        assert_ok(&b.cli(&["topics", "create", t, "--partitions", "2"]));
+    }
+    let (child, err) = start_pipe(&b);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    let pid = child.id() as i32;
+    // Input keeps arriving across the signal, so it may land mid-copy.
+    let produced: Vec<String> = (0..300).map(|i| format!("in-{i}")).collect();
+    let input = Trickle::start(&b, "st-in", &produced, Duration::from_millis(2));
+    wait_until(signal_wait(), "the first records copied", || {
+        !read_all(&b, "st-out", "read_committed").is_empty()
+    });
+    sigterm_taken(pid, &err, signal_wait());
+    let code = exit_code(child, || format!("SIGTERM did not stop it: {}", read()));
+    assert_eq!(code, Some(0), "{}", read());
+    assert!(
+        read().contains("record(s) copied from st-in to st-out (stopped)"),
+        "{}",
+        read()
+    );
+    input.finish();
+    // No transaction left open for the broker's timeout to end.
+    assert_ne!(txn_state(&b, "st"), "ongoing", "{:?}", txn_list(&b));
+    let o = pipe_command(&b, &["--timeout-ms", "1000"])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let mut out = read_all(&b, "st-out", "read_committed");
+    out.sort();
+    let mut want = produced;
+    want.sort();
+    assert_eq!(out, want, "not exactly once");
+    let o = b.cli(&["groups", "describe", "st", "--format", "json"]);
+    assert_ok(&o);
+    let d: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    for p in d["offsets"].as_array().unwrap() {
+        if p["topic"] == "st-in" {
+            assert_eq!(p["committed"], p["log_end"], "{d}");
+        }
+    }
+}
+
+/// A second SIGTERM while `skiff txn --consume` waits on a broker that
+/// does not answer (here, before its transactional id is initialised)
+/// ends it at once with 130.
+#[test]
+fn a_second_sigterm_ends_a_waiting_consume_transform_produce_at_once() {
+    let b = Broker::start("");
+    for t in ["st-in", "st-out"] {
+        assert_ok(&b.cli(&["topics", "create", t]));
+    }
+    b.pause();
+    let (child, err) = start_pipe(&b);
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    let pid = child.id() as i32;
+    // Its handlers are in place before it connects: a socket says so.
+    wait_until(signal_wait(), "the run to connect", || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+        })
+    });
+    sigterm_taken(pid, &err, signal_wait());
+    // SAFETY: a signal to the run this test spawned, not yet reaped (it
+    // waits on the broker).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = exit_code(child, || {
+        format!("the second SIGTERM did not end it: {}", read())
+    });
+    b.resume();
+    assert_eq!(code, Some(130), "{}", read());
 }

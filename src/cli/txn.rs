@@ -173,12 +173,17 @@ enum Fail {
     Stdin(std::io::Error),
 }
 
+/// How often a stop signal is looked for while a poll is waiting.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
 /// `skiff txn --consume IN --group G --to OUT`: each poll's records are
 /// copied to OUT in one transaction that also commits G's offsets past
 /// them, so after any crash every record of IN is in OUT exactly once for
 /// read_committed readers. Any error ends the run (the open transaction
 /// is aborted, by this process or by the next one with the same id) and a
-/// new run starts again at the group's committed offsets.
+/// new run starts again at the group's committed offsets. SIGINT or
+/// SIGTERM stops it between transactions: a poll copied in full is
+/// committed first, one copied in part is aborted; then it exits 0.
 fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
     let (Some(input), Some(group), Some(output)) = (&args.consume, &args.group, &args.to) else {
         return fail(EXIT_USAGE, "txn: --consume needs --group and --to");
@@ -195,6 +200,12 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
                 format!("txn: --from {other}: use earliest or latest"),
             )
         }
+    };
+    // As `consume --group`: the first signal stops at a clean point, a
+    // second ends it at once (a broker that does not answer).
+    let stop = match super::stop_flag_or_quit() {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let client = match connect(&args.broker) {
         Ok(c) => c,
@@ -226,15 +237,27 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
     let result: Result<u64, ClientError> = smol::block_on(async {
         let mut member = GroupConsumer::new(client, cfg);
         let mut copied = 0u64;
         let mut last_record = Instant::now();
         loop {
-            if args.count.is_some_and(|c| copied >= c) {
+            if stopped() || args.count.is_some_and(|c| copied >= c) {
                 return Ok(copied);
             }
-            let records = member.poll().await?;
+            let polled = futures_lite::future::or(async { Some(member.poll().await) }, async {
+                while !stopped() {
+                    smol::Timer::after(SIGNAL_CHECK).await;
+                }
+                None
+            })
+            .await;
+            // Stopped while polling: no transaction is open.
+            let Some(records) = polled else {
+                return Ok(copied);
+            };
+            let records = records?;
             if records.is_empty() {
                 // Idle time counts once the member is in the group: a join
                 // that takes long (a rebalance, a loaded machine) is not idle.
@@ -252,6 +275,13 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
             last_record = Instant::now();
             let mut next: BTreeMap<(&str, u32), u64> = BTreeMap::new();
             for r in &records {
+                if stopped() {
+                    // Part of the poll is in the transaction: committing
+                    // it with offsets past the whole poll would lose the
+                    // rest. Aborted, the next run copies the poll again.
+                    producer.abort().await?;
+                    return Ok(copied);
+                }
                 let headers: Vec<(&str, &[u8])> = r
                     .headers
                     .iter()
@@ -278,7 +308,10 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
     });
     match result {
         Ok(n) => {
-            eprintln!("txn {id}: {n} record(s) copied from {input} to {output}");
+            // A fully copied poll was committed before the stop; no
+            // transaction is left open.
+            let how = if stopped() { " (stopped)" } else { "" };
+            eprintln!("txn {id}: {n} record(s) copied from {input} to {output}{how}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(
