@@ -933,12 +933,15 @@ fn topics_that_leave_no_room_for_the_offsets_topic_are_reported_at_start_up() {
 }
 
 /// A group commit on topic "a" (3 records in partition 0) is refused with
-/// `wants` in its message, and reading the records without a group works.
+/// `wants` in its message, after the records are printed: a stop that
+/// could not commit (75); reading the records without a group works.
 fn commit_refused_and_the_rest_serves(b: &Broker, wants: &[&str]) {
     let o = b.cli(&[
         "consume", "a", "--group", "g", "--from", "earliest", "--count", "3",
     ]);
-    assert_fails(&o, 1, wants);
+    let not_committed = ["offsets not committed", "re-reads from the last commit"];
+    assert_fails(&o, 75, &[wants, &not_committed[..]].concat());
+    assert_eq!(stdout(&o).lines().count(), 3);
     let o = b.cli(&["consume", "a", "--partition", "0", "--timeout-ms", "1000"]);
     assert_ok(&o);
     assert_eq!(stdout(&o).lines().count(), 3);
@@ -1050,4 +1053,83 @@ fn a_second_sigterm_ends_a_leaving_group_member_at_once() {
     let code = m.signal(libc::SIGTERM);
     b.resume();
     assert_eq!(code, Some(130));
+}
+
+/// Whether a thread of `pid` is blocked writing to a full pipe.
+fn writing_to_a_pipe(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write"))
+        })
+    })
+}
+
+/// `consume --group` stopped by SIGTERM while its broker does not answer
+/// (SIGSTOPped) cannot commit what it printed since its last commit: it
+/// says so, and that the next member prints those records again, and
+/// exits 75. Before, it exited 1 with a bare "timed out", as for a failure.
+#[test]
+fn a_stop_that_cannot_commit_says_so_and_exits_75() {
+    use std::io::Read as _;
+    let b = Broker::start("");
+    create(&b, "t", "1");
+    // More than its stdout pipe holds, as JSON lines.
+    produce(&b, "t", 0, 3000);
+    let err = b.dir.path().join("member.stderr");
+    let mut child = skiff_command()
+        .args(["consume", "t", "--group", "g", "--format", "json"])
+        .args(["--session-timeout-ms", SESSION_MS, "--from", "earliest"])
+        .args(["--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    // A full pipe: it waits to print the rest of a poll, whose first
+    // records are printed and not committed (it commits between polls).
+    let pid = child.id() as i32;
+    wait_until(WAIT, "the member to block writing to stdout", || {
+        writing_to_a_pipe(pid)
+    });
+    b.pause();
+    sigterm_taken(pid, &err, WAIT);
+    // It prints the rest of the poll, then stops and commits.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s.lines().count() as u64
+    });
+    // The client's request timeout (30 s) is what it waits out.
+    let deadline = std::time::Instant::now() + 4 * WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            b.resume();
+            panic!("the member did not stop: {}", read());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    b.resume();
+    let printed = reader.join().unwrap();
+    let said = read();
+    assert_eq!(status.code(), Some(75), "{said}");
+    assert!(
+        said.contains("skiff: consume t --group g: stopped; offsets not committed: the broker did not answer the commit in time; the next member re-reads from the last commit"),
+        "{said}"
+    );
+    // As said: the last commit is short of what was printed. (A group
+    // that never committed is gone with its member's session.)
+    let o = b.cli(&["groups", "describe", "g", "--format", "json"]);
+    let at = if stderr(&o).contains("unknown group") {
+        0
+    } else {
+        committed(&b, "g").get(&0).copied().unwrap_or(0)
+    };
+    assert!(at < printed, "committed {at} of {printed} printed");
 }

@@ -140,15 +140,32 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
         let _ = out.flush();
         // Commit what was printed and leave, also after an error.
         let closed = member.close().await;
-        read.and(closed)
+        (read, closed)
     });
+    let what = format!("consume {} --group {group}", args.topic);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        // A clean stop, but what was printed since the last commit will
+        // be printed again: said so, with a status of its own.
+        (Ok(()), Err(e)) => fail(
+            super::EXIT_UNCOMMITTED,
+            format!("{what}: stopped; {}", not_committed(&e)),
+        ),
+        (Err(e), Ok(())) => fail(exit_code_for(&e), format!("{what}: {e}")),
+        (Err(e), Err(c)) => fail(
             exit_code_for(&e),
-            format!("consume {} --group {group}: {e}", args.topic),
+            format!("{what}: {e}; {}", not_committed(&c)),
         ),
     }
+}
+
+/// Why a member's last commit failed, and what that means for the records.
+fn not_committed(e: &ClientError) -> String {
+    let why = match e {
+        ClientError::Timeout => "the broker did not answer the commit in time".to_owned(),
+        e => e.to_string(),
+    };
+    format!("offsets not committed: {why}; the next member re-reads from the last commit")
 }
 
 pub fn groups(command: GroupsCommand) -> ExitCode {

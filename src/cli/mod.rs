@@ -1,5 +1,6 @@
 //! The command implementations behind `main.rs`. Each returns the process
-//! exit status: 0 success, 1 runtime error, 2 usage or configuration error.
+//! exit status: 0 success, 1 runtime error, 2 usage or configuration error
+//! (and [`EXIT_UNCOMMITTED`], [`EXIT_SIGNALLED`] where they apply).
 //! Errors go to stderr as one line that names the problem.
 
 // Command output through these, not `println!`: a closed pipe
@@ -43,6 +44,10 @@ use crate::config::Config;
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
+/// `consume --group` stopped cleanly but could not commit what it printed
+/// since its last commit (a broker that does not answer): the next member
+/// prints those records again. EX_TEMPFAIL: running again is the remedy.
+pub const EXIT_UNCOMMITTED: u8 = 75;
 
 /// Writes command output to stdout; exits 0 when the reader has gone (a
 /// broken pipe), 1 on any other write error.

@@ -511,14 +511,17 @@ impl GroupConsumer {
     }
 
     /// Commits what was consumed and leaves the group (a static member
-    /// keeps its place until its session times out).
+    /// keeps its place until its session times out). A commit the broker
+    /// did not answer in time is not followed by a leave, which would wait
+    /// as long again: the session timeout frees the partitions.
     pub async fn close(mut self) -> Result<(), ClientError> {
         if let Some(t) = self.heartbeat.take() {
             t.cancel().await;
         }
         let committed = self.commit().await;
         if let Some((member, _)) = self.membership() {
-            if self.config.instance_id.is_none() {
+            let silent = matches!(committed, Err(ClientError::Timeout));
+            if self.config.instance_id.is_none() && !silent {
                 if let Err(e) = self.client.leave_group(&self.config.group, &member).await {
                     log::debug!("group {}: leave failed: {e}", self.config.group);
                 }
