@@ -654,6 +654,12 @@ pub(crate) fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration 
     base.saturating_mul(factor).min(max)
 }
 
+/// [`backoff`] times a random factor in [0.5, 1): clients that failed
+/// together (a broker's restart) do not all come back together.
+pub(crate) fn backoff_jittered(attempts: u32, base: Duration, max: Duration) -> Duration {
+    backoff(attempts, base, max).mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1090,6 +1096,17 @@ mod tests {
         }
         // 100 expected each; a fixed start puts all 400 on one.
         assert!(first.iter().all(|&n| n >= 50), "{first:?}");
+    }
+
+    #[test]
+    fn a_jittered_backoff_is_between_half_and_all_of_the_backoff() {
+        for n in 1..8 {
+            let full = backoff(n, 100 * MS, 1000 * MS);
+            for _ in 0..100 {
+                let b = backoff_jittered(n, 100 * MS, 1000 * MS);
+                assert!(b >= full / 2 && b < full, "{n}: {b:?} of {full:?}");
+            }
+        }
     }
 
     #[test]

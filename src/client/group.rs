@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use smol::Timer;
 
-use super::accumulator::backoff;
+use super::accumulator::{backoff, backoff_jittered};
 use super::client::{Client, ClientConfig};
 use super::consumer::{Consumer, ConsumerConfig, ConsumerRecord, StartFrom};
 use super::error::ClientError;
@@ -305,6 +305,11 @@ impl GroupConsumer {
     async fn join_until_settled(&mut self) -> Result<(), ClientError> {
         let started = Instant::now();
         let mut attempts = 0u32;
+        // Syncs refused in a row: the first joins again at once (a new
+        // rebalance began, and the join waits at the broker for it); the
+        // next ones back off, so a broker that keeps refusing is not
+        // asked as fast as it answers.
+        let mut sync_failures = 0u32;
         // Why the last round did not settle (None: a new rebalance began).
         let mut last: Option<ClientError> = None;
         let mut rounds = 0u32;
@@ -399,6 +404,15 @@ impl GroupConsumer {
                         self.lose_all();
                         lock(&self.shared).member_id = None;
                     }
+                    sync_failures += 1;
+                    if sync_failures > 1 {
+                        Timer::after(backoff_jittered(
+                            sync_failures - 1,
+                            self.config.consumer.retry_backoff,
+                            self.config.consumer.retry_backoff_max,
+                        ))
+                        .await;
+                    }
                     last = Some(e);
                     continue;
                 }
@@ -407,6 +421,7 @@ impl GroupConsumer {
                     return Err(e);
                 }
             };
+            sync_failures = 0;
             let new: BTreeSet<TopicPartition> = synced
                 .assignment
                 .into_iter()
@@ -722,5 +737,34 @@ mod tests {
             let got: Vec<&str> = seen.try_iter().collect();
             assert_eq!(got, names, "{how:?}");
         }
+    }
+
+    /// A member whose syncs are refused again and again backs off between
+    /// its joins (after the first refusal, which may be a rebalance that
+    /// just began): in a second, with a 100 ms base doubling per refusal,
+    /// at most 6 joins (at 0, 0, 50, 150, 350 and 750 ms at the earliest:
+    /// the jitter only lengthens a wait's lower half). Before, it joined
+    /// again at once, as fast as the broker answered.
+    #[test]
+    fn a_member_whose_syncs_keep_failing_backs_off_between_joins() {
+        let (addr, seen) = unsettling_peer(Unsettled::SyncRebalancing, usize::MAX);
+        let mut config = GroupConfig::new("g", &["t"]);
+        config.consumer.retry_backoff = Duration::from_millis(100);
+        config.consumer.retry_backoff_max = Duration::from_secs(1);
+        // It keeps trying for the whole window.
+        config.consumer.retry_timeout = Duration::from_secs(3600);
+        config.max_poll_interval = Duration::from_secs(3600);
+        config.heartbeat_interval = Duration::from_secs(3600);
+        let gave_up = smol::block_on(async {
+            let mut member = GroupConsumer::connect(&addr, config).await.unwrap();
+            futures_lite::future::or(async { Some(member.poll().await) }, async {
+                Timer::after(Duration::from_secs(1)).await;
+                None
+            })
+            .await
+        });
+        assert!(gave_up.is_none(), "{gave_up:?}");
+        let joins = seen.try_iter().filter(|&n| n == "join_group").count();
+        assert!(joins <= 6, "{joins} joins in a second");
     }
 }
