@@ -906,14 +906,15 @@ fn a_second_sigterm_ends_a_finishing_dlq_replay_at_once() {
     drop(first);
 }
 
-/// A broker with a record in topic t, and a worker of group g whose
-/// command for it sleeps an hour (ignoring SIGTERM if `deaf`): the broker,
-/// the worker, the command's pid (its shell execs the sleep) and the
-/// worker's stderr file, once the command runs.
-fn worker_in_a_sleep(deaf: bool) -> (Broker, Child, i32, std::path::PathBuf) {
+/// A broker with the record `value` in topic t, and a worker of group g
+/// whose command for it sleeps an hour, not reading its input (ignoring
+/// SIGTERM if `deaf`): the broker, the worker, the command's pid (its
+/// shell execs the sleep) and the worker's stderr file, once the command
+/// runs.
+fn worker_in_a_sleep(deaf: bool, value: &str) -> (Broker, Child, i32, std::path::PathBuf) {
     let b = Broker::start("[share]\nlock_ms = 3600000\n");
     create(&b, "t", 1);
-    produce(&b, "t", &["r1".to_owned()]);
+    produce(&b, "t", &[value.to_owned()]);
     let started = b.dir.path().join("started");
     let trap = if deaf { "trap '' TERM; " } else { "" };
     let script = format!("{trap}echo $$ > {}; exec sleep 3600", started.display());
@@ -932,7 +933,7 @@ fn worker_in_a_sleep(deaf: bool) -> (Broker, Child, i32, std::path::PathBuf) {
 /// client's timeouts and then exited 0.
 #[test]
 fn a_second_sigterm_ends_a_stopping_worker_at_once() {
-    let (b, w, command, err) = worker_in_a_sleep(false);
+    let (b, w, command, err) = worker_in_a_sleep(false, "r1");
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     b.pause();
     let pid = w.id() as i32;
@@ -956,7 +957,20 @@ fn a_second_sigterm_ends_a_stopping_worker_at_once() {
 /// Ctrl-C reaches. Before, the command outlived the worker.
 #[test]
 fn a_second_sigterm_takes_a_command_ignoring_the_first_with_the_worker() {
-    let (_b, w, command, err) = worker_in_a_sleep(true);
+    a_second_sigterm_takes_a_deaf_command_along("r1");
+}
+
+/// As above, for a command that does not read a record larger than the
+/// pipe: the worker knows the command's group from its start, not only
+/// once the record is written. Before, it was blocked writing, and the
+/// second signal left the command behind.
+#[test]
+fn a_second_sigterm_takes_a_command_not_reading_its_record_along() {
+    a_second_sigterm_takes_a_deaf_command_along(&"x".repeat(100 * 1024));
+}
+
+fn a_second_sigterm_takes_a_deaf_command_along(value: &str) {
+    let (_b, w, command, err) = worker_in_a_sleep(true, value);
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     let pid = w.id() as i32;
     // The worker now gives the command 5 s to go before its SIGKILL.
@@ -966,7 +980,28 @@ fn a_second_sigterm_takes_a_command_ignoring_the_first_with_the_worker() {
     let status = exit_status(w, || {
         format!("the second SIGTERM did not end the worker: {}", read())
     });
-    // Gone, or a zombie its new parent has yet to reap.
+    command_gone(command, || format!("({status}) {}", read()));
+    assert_eq!(status.code(), Some(130), "{}", read());
+}
+
+/// A first SIGTERM stops a worker whose command does not read a record
+/// larger than the pipe: the command gets SIGTERM and goes, the record is
+/// released, the worker exits 0. Before, the worker was blocked writing
+/// the record and did not stop.
+#[test]
+fn sigterm_stops_a_worker_whose_command_does_not_read_its_record() {
+    let (_b, w, command, err) = worker_in_a_sleep(false, &"x".repeat(100 * 1024));
+    let read = || std::fs::read_to_string(&err).unwrap_or_default();
+    sigterm_taken(w.id() as i32, &err, WAIT);
+    let status = exit_status(w, || format!("SIGTERM did not stop the worker: {}", read()));
+    command_gone(command, || format!("({status}) {}", read()));
+    assert_eq!(status.code(), Some(0), "{}", read());
+}
+
+/// Waits until the process `command` is gone (or a zombie its new parent
+/// has yet to reap); SIGKILLs its group and panics with `said` if it
+/// stays.
+fn command_gone(command: i32, said: impl Fn() -> String) {
     let gone = || {
         std::fs::read_to_string(format!("/proc/{command}/stat")).map_or(true, |s| {
             s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
@@ -978,11 +1013,10 @@ fn a_second_sigterm_takes_a_command_ignoring_the_first_with_the_worker() {
             // SAFETY: kill(2) on the command's group, to leave nothing
             // behind; it is still there, so the id is its own.
             unsafe { libc::kill(-command, libc::SIGKILL) };
-            panic!("the command outlived the worker ({status}): {}", read());
+            panic!("the command outlived the worker {}", said());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(status.code(), Some(130), "{}", read());
 }
 
 #[test]

@@ -234,11 +234,10 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord, stop: &AtomicBool) -> Outco
             };
         }
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input closes the pipe: fine.
-        let _ = stdin.write_all(r.value.as_deref().map_or(&[][..], |v| &v[..]));
-    }
+    let stdin = child.stdin.take();
     let pid = child.id();
+    // Known from the start: a quit while its input is being written (a
+    // command that does not read it) still takes it along.
     super::COMMAND_GROUP.store(pid as i32, Ordering::SeqCst);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -248,6 +247,16 @@ fn run_exec(cmd: &str, topic: &str, r: &ShareRecord, stop: &AtomicBool) -> Outco
         super::COMMAND_GROUP.store(0, Ordering::SeqCst);
         let _ = done_tx.send(child.wait());
     });
+    if let Some(mut stdin) = stdin {
+        // Written off this thread: a command that does not read a value
+        // larger than the pipe would block it, and a stop with it. The
+        // write ends once the command and all it started have exited.
+        let value = r.value.clone();
+        std::thread::spawn(move || {
+            // A command that does not read its input closes the pipe: fine.
+            let _ = stdin.write_all(value.as_deref().map_or(&[][..], |v| &v[..]));
+        });
+    }
     let status = loop {
         match done_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(status) => break status,
