@@ -83,6 +83,13 @@ fn typed_errors_and_no_restart_loop(b: &mut Broker, data: &Path) {
     assert!(!o.status.success(), "a 16 MiB ring on an 8 MiB disk");
     let err = stderr(&o);
     assert!(err.contains("storage_full"), "{err}");
+    // Said as a topic not created, naming the partition, not as bare I/O.
+    assert!(
+        err.contains("topic 'huge' was not created: its partition 0 could not be created")
+            && err.contains("nothing of the topic was kept")
+            && err.contains("the disk is full"),
+        "{err}"
+    );
     assert!(!data.join("topics/huge/0/partition.meta").exists());
 
     let filler = fill_up(data);

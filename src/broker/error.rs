@@ -152,6 +152,19 @@ pub enum BrokerError {
         file: &'static str,
         error: Arc<StorageError>,
     },
+    /// A topic create could not make partition `partition` (`error`: I/O,
+    /// a full disk): what was made of the topic is removed again, except
+    /// `left`, partitions that could not be removed (the broker removes
+    /// them at the next create of the topic, or its next start), and the
+    /// table entry if it could not be rewritten (`table_error`: the next
+    /// start completes the create).
+    PartitionNotCreated {
+        topic: String,
+        partition: u32,
+        error: Arc<StorageError>,
+        left: Vec<(u32, Arc<StorageError>)>,
+        table_error: Option<Arc<StorageError>>,
+    },
     /// A topic alter could not change `failed` (a partition, or a file:
     /// `topics.meta`, `cleanup.meta`): what it had changed is put back,
     /// so the topic runs, and a restart loads, its old settings. Except
@@ -319,13 +332,44 @@ impl std::fmt::Display for BrokerError {
                     "topic '{topic}' was not created: {file} (in the broker's data_dir) could not \
                      be written ({error}), and nothing of the topic was kept"
                 )?;
-                if disk_full(error) {
-                    write!(
-                        f,
-                        "; the disk is full: free space on it, then create the topic again"
-                    )?;
+                create_again_when_full(f, error)
+            }
+            Self::PartitionNotCreated {
+                topic,
+                partition,
+                error,
+                left,
+                table_error,
+            } => {
+                write!(
+                    f,
+                    "topic '{topic}' was not created: its partition {partition} could not be \
+                     created ({error}), and "
+                )?;
+                if left.is_empty() && table_error.is_none() {
+                    write!(f, "nothing of the topic was kept")?;
+                } else {
+                    write!(f, "not all of what was made could be removed")?;
+                    for (p, e) in left {
+                        write!(f, "; partition {p} stays ({e})")?;
+                    }
+                    if !left.is_empty() {
+                        write!(
+                            f,
+                            ", which the broker removes when '{topic}' is created again and \
+                             at its next start"
+                        )?;
+                    }
+                    if let Some(e) = table_error {
+                        let file = super::TOPICS_META_FILE;
+                        write!(
+                            f,
+                            "; {file} still lists the topic ({e}): the next start creates it, \
+                             to be deleted then"
+                        )?;
+                    }
                 }
-                Ok(())
+                create_again_when_full(f, error)
             }
             Self::TopicNotAltered {
                 topic,
@@ -458,6 +502,7 @@ impl std::error::Error for BrokerError {
             Self::InvalidBatch(e) => Some(e),
             Self::NoSpace(e) | Self::Storage(e) => Some(&**e),
             Self::TopicNotCreated { error, .. }
+            | Self::PartitionNotCreated { error, .. }
             | Self::TopicNotAltered { error, .. }
             | Self::TopicAlterIncomplete { error, .. } => Some(&**error),
             _ => None,
@@ -475,6 +520,20 @@ impl From<BatchError> for BrokerError {
     fn from(e: BatchError) -> Self {
         Self::InvalidBatch(e)
     }
+}
+
+/// The advice ending a create's refusal on a full disk.
+fn create_again_when_full(
+    f: &mut std::fmt::Formatter<'_>,
+    error: &StorageError,
+) -> std::fmt::Result {
+    if disk_full(error) {
+        write!(
+            f,
+            "; the disk is full: free space on it, then create the topic again"
+        )?;
+    }
+    Ok(())
 }
 
 /// Whether `e` is the disk running out of space (a write's ENOSPC, or a
@@ -508,6 +567,7 @@ impl BrokerError {
         match self {
             Self::NoSpace(_) => true,
             Self::TopicNotCreated { error, .. }
+            | Self::PartitionNotCreated { error, .. }
             | Self::TopicNotAltered { error, .. }
             | Self::TopicAlterIncomplete { error, .. } => disk_full(error),
             // Only what a full disk explains: a directory that could not

@@ -1585,8 +1585,21 @@ impl Broker {
             {
                 // Roll back what was made so a failed create (a full disk, say)
                 // leaves nothing behind; the error is the one the client sees.
-                self.rollback_create(&admin, name, p, &mut table).await;
-                return Err(BrokerError::creating_unlisted(name, e));
+                let (left, table_error) = self.rollback_create(&admin, name, p, &mut table).await;
+                return Err(match BrokerError::creating_unlisted(name, e) {
+                    // I/O: worded as a topic not created, as the
+                    // settings' and table's failures are.
+                    BrokerError::Storage(error) | BrokerError::NoSpace(error) => {
+                        BrokerError::PartitionNotCreated {
+                            topic: name.to_owned(),
+                            partition: p,
+                            error,
+                            left,
+                            table_error,
+                        }
+                    }
+                    e => e,
+                });
             }
             if hold {
                 // Before the topic is visible to producers.
@@ -1605,13 +1618,18 @@ impl Broker {
         Ok(meta)
     }
 
+    /// Removes the `made` partitions of a topic not created after all, and
+    /// its entries; the partitions that could not be removed, and the
+    /// table's write error if the table still lists it.
     async fn rollback_create(
         &self,
         admin: &Admin<'_>,
         name: &str,
         made: u32,
         table: &mut BTreeMap<String, TopicMeta>,
-    ) {
+    ) -> (Vec<(u32, Arc<StorageError>)>, Option<Arc<StorageError>>) {
+        let mut left = Vec::new();
+        let mut table_error = None;
         for p in 0..made {
             let id = PartitionId {
                 topic: name.into(),
@@ -1619,13 +1637,16 @@ impl Broker {
             };
             if let Err(e) = self.storage.delete_partition(&id).await {
                 log::error!("rolling back topic {name}: cannot delete {id}: {e}");
+                left.push((p, Arc::new(e)));
             }
         }
         table.remove(name);
         if let Err(e) = write_meta(admin, &self.meta_path, table.clone()).await {
             log::error!("rolling back topic {name}: cannot rewrite the topic table: {e}");
+            table_error = Some(Arc::new(StorageError::Meta(e)));
         }
         self.unset_settings(admin, name).await;
+        (left, table_error)
     }
 
     /// Takes a topic not created after all out of the settings files. One

@@ -1044,36 +1044,54 @@ fn a_table_written_but_not_synced_is_the_one_the_broker_runs() {
 }
 
 /// A topic create whose partition 1's directory cannot be synced (an
-/// fsync error on the card, injected on the fault disk) is refused with
-/// an error naming the directory, and nothing of the topic stays: not
-/// listed, no partition directory, none after a restart; the same create
-/// succeeds once the disk is healthy.
+/// fsync error on the card, or ENOSPC, injected on the fault disk) is
+/// refused with an error that says the topic was not created, names the
+/// partition, the directory (or the full disk) and that nothing was kept,
+/// and nothing of the topic stays: not listed, no partition directory,
+/// none after a restart; the same create succeeds once the disk is
+/// healthy. The error was storage's own, bare ("storage I/O: ...").
 #[test]
 fn a_topic_create_whose_directory_fsync_fails_leaves_nothing() {
-    let rig = Rig::fault(41);
-    let disk = rig.disk().expect("fault disk").clone();
-    let b = open(rig.open(), &rig);
-    let spec = TopicSpec {
-        partitions: Some(2),
-        ..TopicSpec::default()
-    };
-    disk.set_plan(FaultPlan {
-        fail_dir_syncs_of: Some("topics/t/1"),
-        ..FaultPlan::default()
-    });
-    let e = block_on(b.create_topic("t", &spec)).expect_err("refused");
-    let text = e.to_string();
-    let dir = rig.dir.path().join("topics/t/1");
-    assert!(text.contains(&*dir.to_string_lossy()), "{text}");
-    assert!(!e.is_disk_full(), "{e:?}");
-    assert!(b.topic("t").is_err(), "listed after a failed create");
-    assert!(!rig.dir.path().join("topics/t").exists(), "{text}");
-    b.close().expect("close");
-    drop(b);
-    disk.set_plan(FaultPlan::default());
-    let b = open(rig.open(), &rig);
-    assert!(b.topic("t").is_err(), "listed after a restart");
-    create(&b, "t", spec);
-    assert_eq!(b.topic("t").expect("created").partitions, 2);
-    b.close().expect("close");
+    for errno in [libc::EIO, libc::ENOSPC] {
+        let rig = Rig::fault(41);
+        let disk = rig.disk().expect("fault disk").clone();
+        let b = open(rig.open(), &rig);
+        let spec = TopicSpec {
+            partitions: Some(2),
+            ..TopicSpec::default()
+        };
+        disk.set_plan(FaultPlan {
+            fail_dir_syncs_of: Some("topics/t/1"),
+            errno,
+            ..FaultPlan::default()
+        });
+        let e = block_on(b.create_topic("t", &spec)).expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("topic 't' was not created: its partition 1 could not be created (")
+                && text.contains("), and nothing of the topic was kept"),
+            "{text}"
+        );
+        if errno == libc::ENOSPC {
+            assert!(e.is_disk_full(), "{e:?}");
+            assert!(
+                text.ends_with("; the disk is full: free space on it, then create the topic again"),
+                "{text}"
+            );
+        } else {
+            let dir = rig.dir.path().join("topics/t/1");
+            assert!(text.contains(&*dir.to_string_lossy()), "{text}");
+            assert!(!e.is_disk_full(), "{e:?}");
+        }
+        assert!(b.topic("t").is_err(), "listed after a failed create");
+        assert!(!rig.dir.path().join("topics/t").exists(), "{text}");
+        b.close().expect("close");
+        drop(b);
+        disk.set_plan(FaultPlan::default());
+        let b = open(rig.open(), &rig);
+        assert!(b.topic("t").is_err(), "listed after a restart");
+        create(&b, "t", spec);
+        assert_eq!(b.topic("t").expect("created").partitions, 2);
+        b.close().expect("close");
+    }
 }
