@@ -1089,3 +1089,70 @@ fn a_second_sigterm_ends_a_waiting_consume_transform_produce_at_once() {
     b.resume();
     assert_eq!(code, Some(130), "{}", read());
 }
+
+/// A second `skiff txn --consume` member takes a partition from the
+/// first. The group's offsets are committed only inside transactions, so
+/// the first must not commit on giving the partition up: for a partition
+/// the group had no offset for when it got it, that commit was its start
+/// position, which rewound the group and had the second member copy again
+/// everything the first had copied.
+#[test]
+fn a_partition_moving_between_consume_transform_produce_members_is_copied_once() {
+    let b = Broker::start("");
+    for t in ["mv-in", "mv-out"] {
+        assert_ok(&b.cli(&["topics", "create", t, "--partitions", "2"]));
+    }
+    let mut want = Vec::new();
+    let produce = |want: &mut Vec<String>, round: &str| {
+        for p in ["0", "1"] {
+            let values: Vec<String> = (0..50).map(|i| format!("{round}-p{p}-{i}")).collect();
+            let o = b.cli_stdin(
+                &["produce", "mv-in", "--partition", p],
+                Some(format!("{}\n", values.join("\n")).as_bytes()),
+            );
+            assert_ok(&o);
+            want.extend(values);
+        }
+    };
+    let member = |id: &str| {
+        let err = b.dir.path().join(format!("{id}.stderr"));
+        let child = skiff_command()
+            .args(["txn", "--id", id, "--consume", "mv-in", "--group", "mv"])
+            .args(["--to", "mv-out", "--from", "earliest", "--broker", &b.tcp])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        (child, err)
+    };
+    let copied = |n: usize| {
+        wait_until(signal_wait(), &format!("{n} records copied"), || {
+            read_all(&b, "mv-out", "read_committed").len() >= n
+        })
+    };
+    produce(&mut want, "first");
+    let (a, a_err) = member("a");
+    copied(100);
+    let (second, second_err) = member("b");
+    // Each member holds one partition once the move is done.
+    wait_until(signal_wait(), "the partition moved", || {
+        let o = b.cli(&["groups", "describe", "mv", "--format", "json"]);
+        let d: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap_or_default();
+        let held = |m: &serde_json::Value| m["assignment"].as_array().map_or(0, Vec::len);
+        d["members"]
+            .as_array()
+            .is_some_and(|ms| ms.len() == 2 && ms.iter().all(|m| held(m) == 1))
+    });
+    produce(&mut want, "second");
+    copied(200);
+    for (child, err) in [(a, a_err), (second, second_err)] {
+        sigterm_taken(child.id() as i32, &err, signal_wait());
+        let read = || std::fs::read_to_string(&err).unwrap_or_default();
+        assert_eq!(exit_code(child, read), Some(0), "{}", read());
+    }
+    let mut out = read_all(&b, "mv-out", "read_committed");
+    out.sort();
+    want.sort();
+    assert_eq!(out, want, "not exactly once");
+}

@@ -219,9 +219,12 @@ fn pipe(args: &TxnArgs, id: &str) -> ExitCode {
     cfg.instance_id = Some(id.to_owned());
     cfg.session_timeout = session_timeout;
     cfg.heartbeat_interval = (session_timeout / 5).max(Duration::from_millis(50));
-    // Offsets are committed only inside transactions.
+    // Offsets are committed only inside transactions: not even a revoke
+    // commits, which for a partition the group had no offset for would
+    // rewind it to where this member started.
     cfg.auto_commit_interval = None;
     cfg.mark_on_poll = false;
+    cfg.commits_offsets = false;
     cfg.start_from = start_from;
     cfg.client_name = Some(format!(
         "skiff-cli/{} txn pid {}",

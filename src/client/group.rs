@@ -52,6 +52,12 @@ pub struct GroupConfig {
     pub auto_commit_interval: Option<Duration>,
     /// Whether `poll` marks every record it hands out as consumed.
     pub mark_on_poll: bool,
+    /// Whether the member commits offsets itself: on `commit`, on the
+    /// auto-commit interval, before giving a partition up and on `close`.
+    /// False for an application that commits them elsewhere (inside
+    /// transactions, with `add_txn_offsets`): any commit of the member's
+    /// own, even of where it started, would write over those.
+    pub commits_offsets: bool,
     /// Where a partition with no committed offset starts.
     pub start_from: StartFrom,
     /// For `groups describe`.
@@ -74,6 +80,7 @@ impl GroupConfig {
             max_poll_interval: Duration::from_secs(60),
             auto_commit_interval: Some(Duration::from_secs(5)),
             mark_on_poll: true,
+            commits_offsets: true,
             start_from: StartFrom::Latest,
             client_name: Some(concat!("skiff-client/", env!("CARGO_PKG_VERSION")).to_string()),
             consumer: ConsumerConfig::default(),
@@ -232,6 +239,9 @@ impl GroupConsumer {
 
     async fn commit_partitions(&mut self, parts: &[TopicPartition]) -> Result<(), ClientError> {
         self.last_commit = Instant::now();
+        if !self.config.commits_offsets {
+            return Ok(());
+        }
         let Some((member, generation)) = self.membership() else {
             return Ok(());
         };
