@@ -153,13 +153,21 @@ fn typed_errors_and_no_restart_loop(b: &mut Broker, data: &Path) {
 /// the key's latest value is the last one written.
 #[test]
 fn a_full_compacted_ring_on_a_full_disk_is_compacted_and_takes_writes_again() {
-    on_small_disk(
-        "[compaction]\nmax_bytes_per_sec = 0\n",
-        full_compacted_ring_is_compacted,
-    );
+    on_small_disk("[compaction]\nmax_bytes_per_sec = 0\n", |b, data| {
+        full_compacted_ring_is_compacted(b, data, true)
+    });
 }
 
-fn full_compacted_ring_is_compacted(b: &mut Broker, data: &Path) {
+/// The same with the disk full before the topic's first compaction: the
+/// room that one writes into was reserved with the ring.
+#[test]
+fn a_compacted_topics_first_compaction_on_a_full_disk_takes_no_new_room() {
+    on_small_disk("[compaction]\nmax_bytes_per_sec = 0\n", |b, data| {
+        full_compacted_ring_is_compacted(b, data, false)
+    });
+}
+
+fn full_compacted_ring_is_compacted(b: &mut Broker, data: &Path, compact_first: bool) {
     let ring = ["--segment-bytes", "65536", "--segments", "4"];
     let create = [
         &["topics", "create", "state", "--cleanup", "compact"][..],
@@ -167,21 +175,31 @@ fn full_compacted_ring_is_compacted(b: &mut Broker, data: &Path) {
     ]
     .concat();
     assert_ok(&b.cli(&create));
-    // One compaction while there is room: what it keeps for the next ones
-    // is in place before the disk fills.
     let values = |from: usize, n: usize| -> String {
         (from..from + n)
             .map(|i| format!("{i:06}-{}\n", "x".repeat(200)))
             .collect()
     };
-    let o = b.cli_stdin(
-        &["produce", "state", "--key", "only"],
-        Some(values(0, 500).as_bytes()),
-    );
-    assert_ok(&o);
-    assert_ok(&b.cli(&["topics", "compact", "state", "--wait"]));
-
-    let filler = fill_up(data);
+    let filler = if compact_first {
+        // One compaction while there is room: what it keeps for the next
+        // ones is in place before the disk fills.
+        let o = b.cli_stdin(
+            &["produce", "state", "--key", "only"],
+            Some(values(0, 500).as_bytes()),
+        );
+        assert_ok(&o);
+        assert_ok(&b.cli(&["topics", "compact", "state", "--wait"]));
+        fill_up(data)
+    } else {
+        // One record (the producer's id is reserved with room), then full
+        // before a segment closes, so before any compaction.
+        let o = b.cli_stdin(
+            &["produce", "state", "--key", "only"],
+            Some(values(0, 1).as_bytes()),
+        );
+        assert_ok(&o);
+        fill_up(data)
+    };
     // About 420 KB of one key: the 256 KiB ring fills several times over,
     // and only the cleaner makes room.
     let o = b.cli_stdin(

@@ -521,3 +521,123 @@ fn a_compaction_that_keeps_failing_is_logged_once_a_minute() {
     disk.set_plan(FaultPlan::default());
     b.close().expect("closed");
 }
+
+/// Fills the fault disk: no file can be made or grown from here on.
+fn fill_disk(disk: &crate::storage::io::fault::FaultDisk) {
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(disk.allocated_bytes()),
+        ..FaultPlan::default()
+    });
+}
+
+/// The path of partition 0's compaction spare on the fault disk, if any.
+fn spare_of(
+    disk: &crate::storage::io::fault::FaultDisk,
+    topic: &str,
+) -> Option<std::path::PathBuf> {
+    disk.file_paths()
+        .into_iter()
+        .find(|p| p.ends_with(format!("{topic}/0/compact.spare")))
+}
+
+/// One key put over and over until the ring refuses a put (only a
+/// compaction makes room); then one compaction, on the full disk, must
+/// free slots and the refused put go in.
+fn one_compaction_makes_room(b: &Broker, topic: &str) {
+    let put = |seq: u64| {
+        let mut bb = BatchBuilder::new();
+        bb.push_record(1_000, Some(b"k"), Some(&value_of(seq, 600)), &[]);
+        let batch = bb.finish(ProducerStamp::NONE);
+        block_on(async { b.produce(topic, 0, batch.into()).await?.await })
+    };
+    let mut seq = 0;
+    while put(seq).is_ok() {
+        seq += 1;
+        assert!(seq < 10_000, "the ring never filled");
+    }
+    let report = block_on(b.clean_one(topic, 0)).expect("a compaction on the full disk");
+    assert!(report.segments_freed > 0, "{report:?}");
+    put(seq).expect("the put the full ring refused");
+}
+
+/// A compacted topic's create reserves the segment its compactions write
+/// into: on a disk full before any compaction ran, the first one still
+/// merges and the ring takes writes again.
+#[test]
+fn a_compacted_topics_first_compaction_needs_no_free_room() {
+    let rig = Rig::fault(14);
+    let disk = rig.disk().expect("fault rig").clone();
+    let b = broker_with_compacted(&rig, &["k"]);
+    assert!(spare_of(&disk, "k").is_some(), "{:?}", disk.file_paths());
+    fill_disk(&disk);
+    one_compaction_makes_room(&b, "k");
+    disk.set_plan(FaultPlan::default());
+    b.close().expect("closed");
+}
+
+/// So does an alter that makes a topic compacted; one back to a plain
+/// ring gives the segment back (the disk budget no longer counts it).
+#[test]
+fn an_alter_to_compacted_reserves_the_first_compactions_room() {
+    let rig = Rig::fault(15);
+    let disk = rig.disk().expect("fault rig").clone();
+    let b = Broker::open(rig.open(), options(&rig)).expect("broker opens");
+    let spec = TopicSpec {
+        partitions: Some(1),
+        segment_bytes: Some(64 * 1024),
+        segments: Some(4),
+        ..TopicSpec::default()
+    };
+    block_on(b.create_topic("k", &spec)).expect("create");
+    assert!(spare_of(&disk, "k").is_none(), "a plain ring has no spare");
+    let alter = |policy| TopicAlter {
+        cleanup: Some(policy),
+        ..TopicAlter::default()
+    };
+    block_on(b.alter_topic("k", &alter(CleanupPolicy::Compact))).expect("alter");
+    assert!(spare_of(&disk, "k").is_some(), "{:?}", disk.file_paths());
+    fill_disk(&disk);
+    one_compaction_makes_room(&b, "k");
+    disk.set_plan(FaultPlan::default());
+    block_on(b.alter_topic("k", &alter(CleanupPolicy::Delete))).expect("alter back");
+    assert!(spare_of(&disk, "k").is_none(), "{:?}", disk.file_paths());
+    b.close().expect("closed");
+}
+
+/// A compacted partition without a spare (made before spares were
+/// reserved at create) gets one at start-up; on a disk with no room for
+/// it, start-up says so once and goes on.
+#[test]
+fn start_up_reserves_a_missing_spare_where_there_is_room() {
+    super::share::tests::capture_warnings();
+    let rig = Rig::fault(16);
+    let disk = rig.disk().expect("fault rig").clone();
+    let b = broker_with_compacted(&rig, &["nospare", "roomless"]);
+    b.close().expect("closed");
+    drop(b);
+    for topic in ["nospare", "roomless"] {
+        let spare = spare_of(&disk, topic).expect("reserved at create");
+        assert!(disk.remove_file(&spare));
+    }
+
+    // Room for one spare: the first partition start-up comes to takes it.
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(disk.allocated_bytes() + 64 * 1024),
+        ..FaultPlan::default()
+    });
+    let b = Broker::open(rig.open(), options(&rig)).expect("opens on a full disk");
+    let (with, without): (Vec<_>, Vec<_>) = ["nospare", "roomless"]
+        .into_iter()
+        .partition(|t| spare_of(&disk, t).is_some());
+    assert_eq!(
+        (with.len(), without.len()),
+        (1, 1),
+        "{:?}",
+        disk.file_paths()
+    );
+    let logged =
+        super::share::tests::warnings(&["lack the room a compaction writes into", without[0]]);
+    assert_eq!(logged.len(), 1, "{logged:#?}");
+    one_compaction_makes_room(&b, with[0]);
+    b.close().expect("closed");
+}

@@ -654,6 +654,9 @@ impl Broker {
         broker.leftovers = smol::block_on(async {
             let leftovers = broker.reconcile().await?;
             broker.recover_producers().await?;
+            // After the producers' table is rebuilt: it may write their
+            // snapshots.
+            broker.reconcile_spares().await;
             broker.recover_msgid_windows().await?;
             Ok::<_, BrokerError>(leftovers)
         })?;
@@ -1235,8 +1238,9 @@ impl Broker {
                 }
                 if !on_disk.iter().any(|(d, _)| *d == id) {
                     log::warn!("creating partition {id}: topic creation was interrupted");
+                    let spare = self.cleanup_config(topic).policy.compacts();
                     self.storage
-                        .create_partition(id, meta.config.clone())
+                        .create_partition_spared(id, meta.config.clone(), spare)
                         .await?;
                 }
             }
@@ -1245,6 +1249,40 @@ impl Broker {
             self.keep_grown_ring(&topic, segments, &set_aside).await?;
         }
         Ok(leftovers)
+    }
+
+    /// Gives every compacted partition its compaction spare (one from
+    /// before spares were reserved at create has none, nor one whose disk
+    /// was full when an alter was cut short), and takes back those of
+    /// partitions no longer compacted. Start-up goes on without a spare
+    /// the disk has no room for: that partition's next compaction needs a
+    /// segment of free room, as before.
+    async fn reconcile_spares(&self) {
+        let mut no_room = Vec::new();
+        for (id, _) in self.storage.partitions() {
+            let keep = self.cleanup_config(&id.topic).policy.compacts();
+            let snapshot = self.producers.snapshot_path(&id.topic, id.partition);
+            let written = snapshot.exists() && meta::spare_path(&snapshot).exists();
+            let reserved = match self.storage.set_spare(&id, keep).await {
+                Ok(()) if keep && !written => self.reserve_snapshot_room(&id.topic, id.partition),
+                r => r,
+            };
+            match reserved {
+                // Takes no writes: needs no room.
+                Ok(()) | Err(StorageError::Quarantined(_)) => {}
+                Err(e) if error::disk_full(&e) => no_room.push(id),
+                Err(e) => log::warn!("partition {id}: the room its compactions need: {e}"),
+            }
+        }
+        if let Some(first) = no_room.first() {
+            log::warn!(
+                "{} compacted partition(s) ({first}{}) lack the room a compaction writes into (a \
+                 segment, the producers' snapshot) and the disk has none to reserve: each one's \
+                 next compaction needs free room",
+                no_room.len(),
+                if no_room.len() > 1 { ", ..." } else { "" }
+            );
+        }
     }
 
     /// Completes the ring size of an alter a crash cut short whose grown
@@ -1578,9 +1616,13 @@ impl Broker {
                 topic: name.into(),
                 partition: p,
             };
+            // A compacted topic's disk counts a segment per partition
+            // for its compactions: reserved now, so that even the first
+            // makes room on a full disk.
+            let compacts = cleanup.policy.compacts();
             if let Err(e) = self
                 .storage
-                .create_partition(id.clone(), meta.config.clone())
+                .create_partition_spared(id.clone(), meta.config.clone(), compacts)
                 .await
             {
                 // Roll back what was made so a failed create (a full disk, say)
@@ -1600,6 +1642,12 @@ impl Broker {
                     }
                     e => e,
                 });
+            }
+            if compacts {
+                if let Err(e) = self.reserve_snapshot_room(name, p) {
+                    self.rollback_create(&admin, name, p + 1, &mut table).await;
+                    return Err(BrokerError::creating_unlisted(name, e));
+                }
             }
             if hold {
                 // Before the topic is visible to producers.
@@ -1639,6 +1687,7 @@ impl Broker {
                 log::error!("rolling back topic {name}: cannot delete {id}: {e}");
                 left.push((p, Arc::new(e)));
             }
+            self.producers.forget_partition(name, p);
         }
         table.remove(name);
         if let Err(e) = write_meta(admin, &self.meta_path, table.clone()).await {
@@ -1926,6 +1975,29 @@ impl Broker {
                 max: self.limits.disk_budget_bytes,
             });
         }
+        // Compacted from now on: each partition's compaction spare (which
+        // the disk budget counted above) first, as a create reserves it,
+        // so that the first compaction makes room on a full disk too.
+        if cleanup.policy.compacts() && !old_cleanup.policy.compacts() {
+            for p in 0..after.partitions {
+                let id = PartitionId::new(name, p);
+                let reserved = match self.storage.set_spare(&id, true).await {
+                    Ok(()) => self.reserve_snapshot_room(name, p),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = reserved {
+                    self.release_spares(name, p + 1).await;
+                    log::warn!("topic {name} not altered: partition {p}'s compaction spare: {e}");
+                    return Err(BrokerError::TopicNotAltered {
+                        topic: name.to_owned(),
+                        failed: AlterStep::Partition(p),
+                        error: Arc::new(e),
+                        unrestored: Vec::new(),
+                        dropped: Vec::new(),
+                    });
+                }
+            }
+        }
         // What a shrink drops cannot be put back: the answer says so.
         let mut dropped = Vec::new();
         for p in 0..after.partitions {
@@ -1986,12 +2058,43 @@ impl Broker {
                 .await);
         }
         *self.topics.write().expect("topic table lock") = table;
+        if old_cleanup.policy.compacts() && !cleanup.policy.compacts() {
+            // No longer counted in the disk budget.
+            self.release_spares(name, after.partitions).await;
+        }
         log::info!(
             "altered topic {name}: {}, cleanup {}",
             after.config,
             cleanup.policy
         );
         Ok(after)
+    }
+
+    /// Writes a compacted partition's producers' snapshot while the disk
+    /// has room: a compaction writes one before it frees segments, into
+    /// the room the last write kept (`meta::write_atomic_reserved`), which
+    /// the first has only if one was written before.
+    fn reserve_snapshot_room(&self, topic: &str, partition: u32) -> Result<(), StorageError> {
+        let hw = self
+            .storage
+            .offsets(&PartitionId::new(topic, partition))?
+            .high_watermark;
+        self.producers
+            .snapshot(topic, partition, hw)
+            .map(|_| ())
+            .map_err(StorageError::Meta)
+    }
+
+    /// Gives back the compaction spares of partitions `0..n` of a topic
+    /// not compacted (as far as it can: one left is taken back at the next
+    /// start).
+    async fn release_spares(&self, name: &str, n: u32) {
+        for p in 0..n {
+            let id = PartitionId::new(name, p);
+            if let Err(e) = self.storage.set_spare(&id, false).await {
+                log::warn!("partition {id}: its compaction spare stays until the next start: {e}");
+            }
+        }
     }
 
     /// Puts partitions `0..n` of a topic whose alter failed at `failed`
@@ -2023,6 +2126,10 @@ impl Broker {
                 );
                 unrestored.push((p, Arc::new(e)));
             }
+        }
+        if !self.cleanup_config(name).policy.compacts() {
+            // Reserved by an alter to a compacted topic that did not take.
+            self.release_spares(name, before.partitions).await;
         }
         if matches!(failed, AlterStep::Partition(_)) && unrestored.is_empty() && dropped.is_empty()
         {

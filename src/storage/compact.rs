@@ -369,6 +369,94 @@ impl Engine {
             let _ = self.ctx.io.remove(&p.dir.join(SCRATCH_FILE));
         }
     }
+
+    /// Reserves the compaction spare of a partition being created, in
+    /// `dir` with its ring; the handle is kept to sync it with the ring.
+    pub(super) fn create_spare(
+        &mut self,
+        id: &PartitionId,
+        cfg: &super::PartitionConfig,
+        dir: &std::path::Path,
+        spare: &mut Option<FileHandle>,
+    ) -> Result<(), StorageError> {
+        let f = self.ctx.io.open(&dir.join(SPARE_FILE), true)?;
+        *spare = Some(f);
+        self.ctx
+            .allocate(f, cfg.segment_bytes)
+            .map_err(|e| no_room_for_spare(id, cfg, e))?;
+        Ok(())
+    }
+
+    /// See `Storage::set_spare`. Synced here (file and directory): only
+    /// an alter and start-up reserve one after the create.
+    pub(super) fn set_spare(&mut self, id: &PartitionId, keep: bool) -> Result<(), StorageError> {
+        let p = self
+            .parts
+            .get(id)
+            .ok_or_else(|| self.ctx.shared.not_loaded(id))?;
+        let path = p.dir.join(SPARE_FILE);
+        if !keep {
+            return match self.ctx.io.remove(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            };
+        }
+        // The scratch file in use is the spare, or becomes it.
+        if p.compaction.is_some() || p.refuse_writes().is_some() {
+            return Ok(());
+        }
+        let cfg = p.cfg.clone();
+        match self.ctx.io.open(&path, false) {
+            Ok(f) => {
+                // One a crash cut short in its allocation gets the rest;
+                // a whole one costs nothing. Not written over where there
+                // is no fallocate: a spare found is one reserved before.
+                let topped = match self.ctx.io.allocate(f, cfg.segment_bytes) {
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                    r => r,
+                };
+                let synced = topped.and_then(|()| self.ctx.io.sync(f));
+                self.ctx.io.close(f);
+                synced.map_err(|e| no_room_for_spare(id, &cfg, e))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = self.ctx.io.open(&path, true)?;
+                let made = self
+                    .ctx
+                    .allocate(f, cfg.segment_bytes)
+                    .and_then(|_| self.ctx.io.sync(f));
+                self.ctx.io.close(f);
+                let dir = path.parent().expect("a partition directory");
+                if let Err(e) = made.and_then(|()| self.ctx.io.sync_dir(dir)) {
+                    let _ = self.ctx.io.remove(&path);
+                    return Err(no_room_for_spare(id, &cfg, e));
+                }
+                log::info!(
+                    "partition {id}: reserved {} bytes for its compactions ({SPARE_FILE})",
+                    cfg.segment_bytes
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// ENOSPC reserving a spare: the disk cannot hold the partition's ring and
+/// the segment its compactions write.
+fn no_room_for_spare(
+    id: &PartitionId,
+    cfg: &super::PartitionConfig,
+    e: std::io::Error,
+) -> StorageError {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        StorageError::InsufficientSpace {
+            partition: id.clone(),
+            bytes: cfg.ring_bytes().saturating_add(cfg.segment_bytes),
+        }
+    } else {
+        e.into()
+    }
 }
 
 /// Writes the scratch buffer's whole blocks and keeps the partial last one

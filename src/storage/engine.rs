@@ -114,6 +114,8 @@ pub(crate) enum Cmd {
     Create {
         id: PartitionId,
         cfg: PartitionConfig,
+        /// Reserve the compaction spare too (`Storage::set_spare`).
+        spare: bool,
         reply: Reply<()>,
     },
     Delete {
@@ -170,6 +172,12 @@ pub(crate) enum Cmd {
         id: PartitionId,
         reply: Reply<()>,
     },
+    /// See `Storage::set_spare`.
+    Spare {
+        id: PartitionId,
+        keep: bool,
+        reply: Reply<()>,
+    },
     /// Live topic changes (issue 19): see `Storage::alter_partition`.
     Alter {
         id: PartitionId,
@@ -211,6 +219,9 @@ pub(super) struct Creating {
     cfg: PartitionConfig,
     dir: PathBuf,
     files: Vec<FileHandle>,
+    /// The compaction spare reserved with the ring, if asked for: synced
+    /// with it, then closed (a compaction opens it by name).
+    spare: Option<FileHandle>,
     /// How far slot 0 is zeroed.
     zeroed_to: u64,
     reply: Reply<()>,
@@ -815,9 +826,14 @@ impl Engine {
 
     pub(super) fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Create { id, cfg, reply } => {
+            Cmd::Create {
+                id,
+                cfg,
+                spare,
+                reply,
+            } => {
                 self.finish_inflight();
-                self.create(id, cfg, reply);
+                self.create(id, cfg, spare, reply);
             }
             Cmd::Delete { id, reply } => {
                 self.finish_inflight();
@@ -890,6 +906,10 @@ impl Engine {
             Cmd::CompactAbort { id, reply } => {
                 self.compact_abort(&id);
                 let _ = reply.try_send(Ok(()));
+            }
+            Cmd::Spare { id, keep, reply } => {
+                self.finish_inflight();
+                let _ = reply.try_send(self.set_spare(&id, keep));
             }
             Cmd::Alter { id, cfg, reply } => {
                 self.finish_inflight();
@@ -995,21 +1015,35 @@ impl Engine {
     /// first segment to pre-write is then taken a chunk per turn
     /// ([`Engine::create_step`]), and the create is answered once it is
     /// done.
-    pub(super) fn create(&mut self, id: PartitionId, cfg: PartitionConfig, reply: Reply<()>) {
+    pub(super) fn create(
+        &mut self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+        spare: bool,
+        reply: Reply<()>,
+    ) {
         let dir = part_dir(&self.ctx.cfg.data_dir, &id);
         if let Err(e) = self.create_check(&id, &cfg, &dir) {
             let _ = reply.try_send(Err(e));
             return;
         }
         let mut files = Vec::with_capacity(cfg.segments as usize);
+        let mut spare_file = None;
         let made = std::fs::create_dir_all(&dir)
             .map_err(StorageError::from)
-            .and_then(|()| self.create_files(&id, &cfg, &dir, &mut files));
+            .and_then(|()| self.create_files(&id, &cfg, &dir, &mut files))
+            .and_then(|zeroed| {
+                if spare {
+                    self.create_spare(&id, &cfg, &dir, &mut spare_file)?;
+                }
+                Ok(zeroed)
+            });
         let c = Creating {
             id,
             cfg,
             dir,
             files,
+            spare: spare_file,
             zeroed_to: 0,
             reply,
         };
@@ -1155,8 +1189,8 @@ impl Engine {
     /// [`Engine::reap_create_syncs`] answers the create once they are done.
     fn create_sync(&mut self, c: Creating, part: Part) {
         let no_space = no_space_at_create(&c.id, &c.cfg);
-        let mut syncs = Vec::with_capacity(c.files.len());
-        for &f in &c.files {
+        let mut syncs = Vec::with_capacity(c.files.len() + 1);
+        for &f in c.files.iter().chain(&c.spare) {
             // A backend that cannot sync from another thread syncs here.
             let res = match self.ctx.io.detached_sync(f) {
                 Ok(Some(sync)) => {
@@ -1244,6 +1278,9 @@ impl Engine {
                 .unwrap_or_else(|| Err(io::Error::other("a create's syncs panicked").into()));
             match res {
                 Ok(()) if !shutting_down => {
+                    if let Some(f) = c.spare {
+                        self.ctx.close(f);
+                    }
                     part.synced_elsewhere(self.ctx.cfg.clock.now());
                     log::info!("created partition {}: {}", c.id, c.cfg);
                     self.register(part);
@@ -1260,7 +1297,7 @@ impl Engine {
     /// A create that failed with `e`: what it made is removed, and it is
     /// answered with `e`.
     fn create_failed(&mut self, c: Creating, e: StorageError) {
-        for &f in &c.files {
+        for &f in c.files.iter().chain(&c.spare) {
             self.ctx.close(f);
         }
         self.remove_dir_or_warn(&c.dir, c.cfg.segments as usize);

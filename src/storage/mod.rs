@@ -1215,9 +1215,38 @@ impl Storage {
         id: PartitionId,
         cfg: PartitionConfig,
     ) -> Result<(), StorageError> {
+        self.create_partition_spared(id, cfg, false).await
+    }
+
+    /// As [`Storage::create_partition`]; with `spare`, a compacted
+    /// partition's, it also reserves the segment its first compaction
+    /// writes into (see [`Storage::set_spare`]), or is not created.
+    pub async fn create_partition_spared(
+        &self,
+        id: PartitionId,
+        cfg: PartitionConfig,
+        spare: bool,
+    ) -> Result<(), StorageError> {
         validate_topic_name(&id.topic)?;
         cfg.validate()?;
-        self.call(|reply| engine::Cmd::Create { id, cfg, reply })
+        self.call(|reply| engine::Cmd::Create {
+            id,
+            cfg,
+            spare,
+            reply,
+        })
+        .await
+    }
+
+    /// Reserves (`keep`) or gives back a partition's compaction spare: the
+    /// preallocated segment file a compaction writes into, so that even a
+    /// partition's first compaction needs no free room (on a full disk,
+    /// only compaction makes room in a compacted ring). Reserving keeps a
+    /// spare there already (topping up its allocation); a compaction in
+    /// progress holds it, and leaves it back when it ends.
+    pub async fn set_spare(&self, id: &PartitionId, keep: bool) -> Result<(), StorageError> {
+        let id = id.clone();
+        self.call(|reply| engine::Cmd::Spare { id, keep, reply })
             .await
     }
 

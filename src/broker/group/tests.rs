@@ -476,7 +476,7 @@ fn an_offsets_topic_that_cannot_be_made_is_logged_once_a_minute() {
 }
 
 /// An offsets log whose ring is full and whose compaction cannot be done
-/// (no room on the disk for its scratch segment) fails at every commit,
+/// (every write of its scratch segment fails) fails at every commit,
 /// each asking for a compaction: the failed compaction is logged once a
 /// minute, not once for each.
 #[test]
@@ -488,9 +488,10 @@ fn an_offsets_log_compaction_that_keeps_failing_is_logged_once_a_minute() {
     let disk = rig.disk().expect("fault rig").clone();
     let c = open(&rig);
     block_on(c.commit("g", None, vec![(tp(0), 0, None)])).expect("the log is made");
-    // The ring is allocated whole: it is written on, but nothing new fits.
+    // Not a full disk: a compaction's room is reserved with the ring.
     disk.set_plan(FaultPlan {
-        capacity_bytes: Some(disk.allocated_bytes()),
+        fail_writes_to: Some("compact.tmp"),
+        errno: libc::EIO,
         ..FaultPlan::default()
     });
     let failed = ["offsets log", "compaction failed"];

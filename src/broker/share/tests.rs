@@ -1019,8 +1019,8 @@ fn a_share_log_that_keeps_failing_is_logged_once_a_minute() {
     c.broker().close().expect("closed");
 }
 
-/// A share log whose ring is full and whose compaction cannot be done (no
-/// room on the disk for its scratch segment) fails at every write, each
+/// A share log whose ring is full and whose compaction cannot be done
+/// (every write of its scratch segment fails) fails at every write, each
 /// asking for a compaction: the failed compaction is logged once a
 /// minute, not once for each.
 #[test]
@@ -1043,9 +1043,10 @@ fn a_share_log_compaction_that_keeps_failing_is_logged_once_a_minute() {
     );
     fill(c.broker(), "t", records as usize);
     assert_eq!(take(&c, "t", "w", records).len(), records as usize);
-    // The ring is allocated whole: it is written on, but nothing new fits.
+    // Not a full disk: a compaction's room is reserved with the ring.
     disk.set_plan(FaultPlan {
-        capacity_bytes: Some(disk.allocated_bytes()),
+        fail_writes_to: Some("compact.tmp"),
+        errno: libc::EIO,
         ..FaultPlan::default()
     });
     let failed = ["share log", "compaction failed"];

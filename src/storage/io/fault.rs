@@ -261,6 +261,12 @@ impl FaultDisk {
         true
     }
 
+    /// Removes a file between runs (one an older version never made, or
+    /// an operator deleted). False when it does not exist.
+    pub fn remove_file(&self, path: &Path) -> bool {
+        self.lock().files.remove(path).is_some()
+    }
+
     /// The current bytes of a file (for checks in tests).
     pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
         self.lock().files.get(path).map(|f| f.data.clone())
