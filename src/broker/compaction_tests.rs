@@ -480,6 +480,26 @@ fn only_a_whole_pass_that_merged_nothing_says_the_ring_is_live() {
     assert!(cleaner::full_of_live_data(&R::default()));
 }
 
+/// One key over and over: two closed segments of dead values, which the
+/// cleaner takes up as soon as it runs; then every write of a merge fails.
+fn dead_values_failing_to_merge(
+    b: &Broker,
+    topic: &str,
+    disk: &crate::storage::io::fault::FaultDisk,
+) {
+    for seq in 0..2 * 64 * 1024 / 600 {
+        let mut bb = BatchBuilder::new();
+        bb.push_record(1_000, Some(b"k"), Some(&value_of(seq, 600)), &[]);
+        let batch = bb.finish(ProducerStamp::NONE);
+        block_on(async { b.produce(topic, 0, batch.into()).await?.await }).expect("put");
+    }
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some("compact.tmp"),
+        errno: libc::EIO,
+        ..FaultPlan::default()
+    });
+}
+
 /// The cleaner retries a partition whose compaction fails every
 /// `interval`; on a disk that keeps failing it says so once a minute, not
 /// once a try.
@@ -489,19 +509,7 @@ fn a_compaction_that_keeps_failing_is_logged_once_a_minute() {
     let rig = Rig::fault(13);
     let disk = rig.disk().expect("fault rig").clone();
     let b = broker_with_compacted(&rig, &["k"]);
-    // One key over and over: two closed segments of dead values, which
-    // the cleaner takes up as soon as it runs.
-    for seq in 0..2 * 64 * 1024 / 600 {
-        let mut bb = BatchBuilder::new();
-        bb.push_record(1_000, Some(b"k"), Some(&value_of(seq, 600)), &[]);
-        let batch = bb.finish(ProducerStamp::NONE);
-        block_on(async { b.produce("k", 0, batch.into()).await?.await }).expect("put");
-    }
-    disk.set_plan(FaultPlan {
-        fail_writes_to: Some("compact.tmp"),
-        errno: libc::EIO,
-        ..FaultPlan::default()
-    });
+    dead_values_failing_to_merge(&b, "k", &disk);
     let cleaner = std::thread::spawn({
         let b = b.clone();
         move || block_on(b.run_cleaner(std::time::Duration::from_millis(5)))
@@ -639,5 +647,22 @@ fn start_up_reserves_a_missing_spare_where_there_is_room() {
         super::share::tests::warnings(&["lack the room a compaction writes into", without[0]]);
     assert_eq!(logged.len(), 1, "{logged:#?}");
     one_compaction_makes_room(&b, with[0]);
+    b.close().expect("closed");
+}
+
+/// A merge that fails (a write error here) keeps its scratch file as the
+/// spare: the next merge needs no new room, even once another writer has
+/// filled the disk.
+#[test]
+fn a_failed_merge_leaves_its_room_to_the_next() {
+    let rig = Rig::fault(17);
+    let disk = rig.disk().expect("fault rig").clone();
+    let b = broker_with_compacted(&rig, &["k"]);
+    dead_values_failing_to_merge(&b, "k", &disk);
+    block_on(b.clean_one("k", 0)).expect_err("its writes fail");
+    assert!(spare_of(&disk, "k").is_some(), "{:?}", disk.file_paths());
+    fill_disk(&disk);
+    one_compaction_makes_room(&b, "k");
+    disk.set_plan(FaultPlan::default());
     b.close().expect("closed");
 }

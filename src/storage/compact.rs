@@ -10,8 +10,8 @@
 //! segment it covers, and the kept batches at their original offsets (gaps
 //! where records went). It is fdatasynced before the rename. After a crash:
 //!
-//! - before the rename, the ring is as it was, and start-up removes the
-//!   scratch file: the state before the compaction;
+//! - before the rename, the ring is as it was, and start-up keeps the
+//!   scratch file as the spare: the state before the compaction;
 //! - after it, the `k`-th slot holds the compacted segment. Walking the
 //!   ring backwards from the active segment, recovery stops at the first
 //!   slot whose base offset is not below its successor's: the `k - 1`
@@ -140,10 +140,9 @@ impl Engine {
         let last_slot = p.ring.slot(count - 1);
         let path = p.dir.join(SCRATCH_FILE);
         let _ = self.ctx.io.remove(&path);
-        // The spare's old batches behind the new data end below where the
-        // new segment ends (it held the last merge's last segment, and a
-        // merge now ends at or past that merge's end), so a scan takes them
-        // for an earlier lap's, never for data (docs/format.md).
+        // The spare's old bytes behind the new data are never scanned: the
+        // commit ends the data with its end mark (zeros), whatever offsets
+        // they hold (the spare may be an unfinished merge's scratch file).
         let file = if self.ctx.io.rename(&p.dir.join(SPARE_FILE), &path).is_ok() {
             self.ctx.io.open(&path, false)?
         } else {
@@ -159,7 +158,7 @@ impl Engine {
             Ok(b) => b,
             Err(_) => {
                 self.ctx.io.close(file);
-                let _ = self.ctx.io.remove(&path);
+                keep_as_spare(&mut self.ctx, &p.dir);
                 return Err(StorageError::InvalidConfig(
                     "the compaction buffer is not allocatable",
                 ));
@@ -260,7 +259,7 @@ impl Engine {
         let scratch_path = p.dir.join(SCRATCH_FILE);
         let abort = |ctx: &mut super::engine::Ctx, file| {
             ctx.io.close(file);
-            let _ = ctx.io.remove(&scratch_path);
+            keep_as_spare(ctx, &p.dir);
         };
         if s.seg.next_offset != s.end_offset {
             abort(&mut self.ctx, s.file);
@@ -280,8 +279,18 @@ impl Engine {
             return Err(StorageError::CompactionMoved(id.clone()));
         }
         // The rest: the partial block, zeros to the next unit and one unit
-        // more (the end mark recovery looks for), within the segment.
+        // more (the end mark recovery looks for), within the segment. The
+        // whole mark, always: behind it are the scratch file's old bytes,
+        // which may hold batches above this segment's end (a spare that
+        // was an unfinished merge's scratch file), and a scan must never
+        // reach them.
         let unit = p.tail.unit;
+        if (s.len / unit + 2) * unit > s.buf.len() {
+            if let Err(e) = flush_full_blocks(&mut self.ctx, &mut s) {
+                abort(&mut self.ctx, s.file);
+                return Err(e);
+            }
+        }
         let end = ((s.len / unit + 1) * unit + unit)
             .min(s.buf.len())
             .min((p.cfg.segment_bytes - s.file_off) as usize);
@@ -352,21 +361,22 @@ impl Engine {
         }
         // Only after the exchange is durable: a spare must never be a file
         // the ring may still name after a power cut. Not renamed (a crash
-        // here), start-up removes it as an unfinished scratch file.
+        // here), start-up makes it the spare.
         if kept_old {
             let _ = self.ctx.io.rename(&scratch_path, &p.dir.join(SPARE_FILE));
         }
         Ok(())
     }
 
-    /// Drops a compaction in progress, if any, and its scratch file.
+    /// Drops a compaction in progress, if any; its scratch file is the
+    /// spare again.
     pub(super) fn compact_abort(&mut self, id: &PartitionId) {
         let Some(p) = self.parts.get_mut(id) else {
             return;
         };
         if let Some(s) = p.compaction.take() {
             self.ctx.io.close(s.file);
-            let _ = self.ctx.io.remove(&p.dir.join(SCRATCH_FILE));
+            keep_as_spare(&mut self.ctx, &p.dir);
         }
     }
 
@@ -440,6 +450,25 @@ impl Engine {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Keeps the scratch file of a merge that did not happen as the spare:
+/// whole and allocated, and never named by the ring (it was not swapped
+/// in), so its blocks are the next merge's room; removed, the next merge
+/// on a full disk would find none. Its content does not matter (see
+/// `compact_begin`). One there already is kept instead.
+pub(super) fn keep_as_spare(ctx: &mut super::engine::Ctx, dir: &std::path::Path) -> bool {
+    let (scratch, spare) = (dir.join(SCRATCH_FILE), dir.join(SPARE_FILE));
+    if let Ok(f) = ctx.io.open(&spare, false) {
+        ctx.io.close(f);
+        let _ = ctx.io.remove(&scratch);
+        return false;
+    }
+    if ctx.io.rename(&scratch, &spare).is_ok() {
+        return true;
+    }
+    let _ = ctx.io.remove(&scratch);
+    false
 }
 
 /// ENOSPC reserving a spare: the disk cannot hold the partition's ring and

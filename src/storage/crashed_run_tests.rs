@@ -316,3 +316,139 @@ fn a_crashed_runs_batch_in_the_slot_it_rolled_into_is_erased() {
     );
     s.shutdown().unwrap();
 }
+
+/// Merges the ring's oldest segment into itself (every batch kept), as
+/// the cleaner would with nothing to drop.
+fn merge_oldest(s: &Storage, id: &PartitionId) -> Result<(), StorageError> {
+    let oldest = block_on(s.segments(id))?[0];
+    block_on(s.compact_begin(id, oldest.epoch, 1))?;
+    let mut chunk = Vec::new();
+    for b in super::tests::read_all(s, id, oldest.base_offset) {
+        let h = crate::batch::parse_header(&b).expect("a stored batch");
+        if h.next_offset() > oldest.next_offset {
+            break;
+        }
+        if chunk.len() + b.len() > super::compact_write_bytes_max(s.max_batch_bytes()) {
+            block_on(s.compact_write(id, std::mem::take(&mut chunk)))?;
+        }
+        chunk.extend_from_slice(&b);
+    }
+    block_on(s.compact_write(id, chunk))?;
+    block_on(s.compact_commit(id))
+}
+
+/// A merge cut short by a crash (kill -9 or power) leaves its scratch
+/// file, the partition's spare until the merge took it: start-up keeps it
+/// as the spare, so the next merge on a disk that is full by then needs
+/// no new room.
+#[test]
+fn a_merge_cut_short_by_a_crash_leaves_its_room_to_the_next() {
+    let rig = Rig::fault(31);
+    let disk = rig.disk().expect("fault rig").clone();
+    let id = pid("k", 0);
+    let cfg = PartitionConfig {
+        segments: 4,
+        overflow: OverflowPolicy::Reject,
+        ..small_cfg()
+    };
+    let s = rig.open();
+    block_on(s.create_partition_spared(id.clone(), cfg, true)).expect("create");
+    // Two closed segments and then some.
+    for seq in 0..2 * 64 * 1024 / LEN as i32 + 4 {
+        block_on(s.append(&id, batch_of(1, seq))).expect("append");
+    }
+    let oldest = block_on(s.segments(&id)).expect("segments")[0];
+    block_on(s.compact_begin(&id, oldest.epoch, 1)).expect("begin");
+    disk.crash();
+    drop(s);
+    disk.restart();
+
+    let s = rig.open();
+    let names: Vec<_> = disk.file_paths();
+    assert!(
+        names.iter().any(|p| p.ends_with("k/0/compact.spare"))
+            && !names.iter().any(|p| p.ends_with("k/0/compact.tmp")),
+        "{names:#?}"
+    );
+    // Whatever room start-up freed, another writer has taken.
+    disk.set_plan(FaultPlan {
+        capacity_bytes: Some(disk.allocated_bytes()),
+        ..FaultPlan::default()
+    });
+    merge_oldest(&s, &id).expect("a merge on the full disk");
+    assert_eq!(s.stats().compactions, 1);
+    disk.set_plan(FaultPlan::default());
+}
+
+/// A merge's data ends with its whole end mark, even where it ends on the
+/// last byte of the compaction buffer: behind it in the scratch file are
+/// whatever bytes it held, and a spare that was an unfinished merge's
+/// scratch file holds batches above the new segment's end, which a scan
+/// would take for data after a gap.
+#[test]
+fn a_merges_end_mark_hides_what_its_scratch_file_held() {
+    let rig = Rig::fault(32);
+    let id = pid("k", 0);
+    let cfg = PartitionConfig {
+        segment_bytes: 256 * 1024,
+        segments: 4,
+        overflow: OverflowPolicy::Reject,
+        ..small_cfg()
+    };
+    let s = rig.open();
+    block_on(s.create_partition_spared(id.clone(), cfg, true)).expect("create");
+    let mut seq = 0;
+    while block_on(s.segments(&id)).expect("segments").len() < 3 {
+        block_on(s.append(&id, batch_of(1, seq))).expect("append");
+        seq += 1;
+    }
+    let segs = block_on(s.segments(&id)).expect("segments");
+    let (first, second) = (segs[0], segs[1]);
+    let batches = |from: u64, to: u64| -> Vec<Vec<u8>> {
+        super::tests::read_all(&s, &id, from)
+            .into_iter()
+            .filter(|b| {
+                let h = crate::batch::parse_header(b).expect("a stored batch");
+                h.base_offset >= from && h.next_offset() <= to
+            })
+            .collect()
+    };
+    let write = |bs: &[Vec<u8>]| {
+        for chunk in bs.chunks(64) {
+            block_on(s.compact_write(&id, chunk.concat())).expect("compact write");
+        }
+    };
+    // A merge of the first two segments that kept only the second's
+    // batches, given up: the spare holds them from byte 4096 on.
+    block_on(s.compact_begin(&id, first.epoch, 2)).expect("begin");
+    write(&batches(second.base_offset, second.next_offset));
+    block_on(s.compact_abort(&id)).expect("abort");
+    // A merge of the first segment keeping its last batches, as many as
+    // end its data on the buffer's last byte: there the spare holds one of
+    // the second segment's batches.
+    let kept = (super::compact_buffer_bytes(s.max_batch_bytes()) - 4096) / LEN;
+    let all = batches(first.base_offset, first.next_offset);
+    assert!(all.len() >= kept && second.next_offset - second.base_offset > kept as u64);
+    block_on(s.compact_begin(&id, first.epoch, 1)).expect("begin");
+    write(&all[all.len() - kept..]);
+    block_on(s.compact_commit(&id)).expect("commit");
+    let offsets = |s: &Storage| -> Vec<u64> {
+        super::tests::read_all(s, &id, 0)
+            .iter()
+            .map(|b| crate::batch::parse_header(b).expect("a batch").base_offset)
+            .collect()
+    };
+    let want = offsets(&s);
+    assert_eq!(want.first(), Some(&(first.next_offset - kept as u64)));
+    s.shutdown().expect("shutdown");
+    drop(s);
+
+    let s = rig.open();
+    let quarantined: Vec<_> = s
+        .recovery_report()
+        .into_iter()
+        .filter_map(|r| r.quarantine)
+        .collect();
+    assert!(quarantined.is_empty(), "{quarantined:?}");
+    assert_eq!(offsets(&s), want);
+}

@@ -836,10 +836,30 @@ impl Engine {
         set_aside: Option<QuarantineReason>,
     ) -> Result<(Part, RecoveryReport), StorageError> {
         let mut cfg = cfg;
-        // A compaction cut short before its rename: the ring never saw it.
+        // A compaction cut short before its exchange (the ring never saw
+        // it), or after it but before its old segment became the spare:
+        // either way a file the ring does not name, and the room the next
+        // merge writes into. Once the directory is synced: the exchange a
+        // kill cut short may not be durable yet, and until it is, a power
+        // cut could make the file a segment again.
         let scratch = dir.join(super::compact::SCRATCH_FILE);
-        if self.ctx.io.remove(&scratch).is_ok() {
-            log::info!("partition {id}: removed an unfinished compaction's scratch file");
+        if let Ok(f) = self.ctx.io.open(&scratch, false) {
+            self.ctx.io.close(f);
+            let spare = dir.join(super::compact::SPARE_FILE);
+            if !super::compact::keep_as_spare(&mut self.ctx, &dir) {
+                log::info!("partition {id}: removed an unfinished compaction's scratch file");
+            } else if let Err(e) = self.ctx.io.sync_dir(&dir) {
+                let _ = self.ctx.io.remove(&spare);
+                log::warn!(
+                    "partition {id}: an unfinished compaction's scratch file removed, not kept \
+                     for the next one: the directory's sync failed ({e})"
+                );
+            } else {
+                log::info!(
+                    "partition {id}: an unfinished compaction's scratch file is kept as {}",
+                    spare.display()
+                );
+            }
         }
         let file_nos = self.ring_layout(&id, &mut cfg, &dir)?;
         let n = file_nos.len();
