@@ -13,24 +13,33 @@ use std::process::Command;
 
 use common::*;
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
+/// A tmpfs mounted for the test on a temp directory of its own, unmounted
+/// when dropped and only then the directory removed: removed first, the
+/// removal stopped at the busy mount point and left the directory behind
+/// (`e2e-*` under the target's tmp, one a run).
+struct Tmpfs {
+    at: PathBuf,
+    /// Dropped after `drop` has unmounted.
+    dir: tempfile::TempDir,
+}
 
 impl Tmpfs {
-    fn mount(at: &Path, bytes: u64) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).ok()?;
+    fn mount(bytes: u64) -> Option<Tmpfs> {
+        let dir = temp_dir();
+        let at = dir.path().join("data");
+        std::fs::create_dir_all(&at).ok()?;
         let o = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(at)
+            .arg(&at)
             .output()
             .ok()?;
-        o.status.success().then(|| Tmpfs(at.to_path_buf()))
+        o.status.success().then_some(Tmpfs { at, dir })
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
     }
 }
 
@@ -47,14 +56,18 @@ fn fill_up(dir: &Path) -> PathBuf {
 /// Runs `test` on a broker whose data directory is an 8 MiB tmpfs
 /// (skipped, with a note, where it cannot be mounted); unmounts it after.
 fn on_small_disk(config: &str, test: impl FnOnce(&mut Broker, &Path)) {
-    let dir = temp_dir();
-    let data = dir.path().join("data");
-    let Some(_fs) = Tmpfs::mount(&data, 8 << 20) else {
+    let Some(fs) = Tmpfs::mount(8 << 20) else {
         eprintln!("cannot mount a tmpfs here (needs root); skipped");
         return;
     };
-    let mut b = Broker::start_in(dir, config);
-    test(&mut b, &data);
+    // Dropped before `fs`, a panic's unwinding too: the broker is killed
+    // before the file system goes.
+    let mut b = Broker::start_on(fs.at.clone(), config);
+    test(&mut b, &fs.at);
+    drop(b);
+    let dir = fs.dir.path().to_path_buf();
+    drop(fs);
+    assert!(!dir.exists(), "{} is left behind", dir.display());
 }
 
 const SMALL_RING: [&str; 4] = ["--segment-bytes", "65536", "--segments", "2"];
