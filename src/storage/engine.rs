@@ -24,9 +24,7 @@ use super::part::{
 };
 use super::read::Ahead;
 use super::readbuf::ReadBuf;
-use super::recovery::{
-    checkpoint_path, checkpoint_written, overwrite_checkpoints, write_checkpoint, Checkpoint,
-};
+use super::recovery::{checkpoint_path, checkpoint_written, write_checkpoint, Checkpoint};
 use super::syncpool::{self, SyncPool};
 use super::{
     meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
@@ -34,7 +32,9 @@ use super::{
 };
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(test)]
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,6 @@ pub const INDEX_INTERVAL_BYTES: u64 = 32 * 1024;
 /// refresh rewrites the file in place and fdatasyncs it, off the storage
 /// thread.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 1000;
-/// The checkpoint refresh's thread starts a thread per checkpoint and
-/// collects what they did: little stack.
-const CHECKPOINT_REFRESH_STACK_BYTES: usize = 128 * 1024;
 /// `interval:<ms>` gathers appends for at most this long (or `ms`, if
 /// shorter) before writing and acking them: a few large writes instead of
 /// one partial-sector rewrite per record, at a bounded ack latency even
@@ -358,42 +355,8 @@ pub(super) struct Engine {
     create_syncs: Vec<CreateSync>,
     /// The threads those syncs run on.
     sync_pool: SyncPool,
-}
-
-/// Work on a thread of its own, so that the storage thread goes on serving
-/// appends and fetches meanwhile: the thread rings the doorbell when it is
-/// done, and the storage thread takes the outcome in (a checkpoint
-/// refresh; a create's syncs go to [`SyncPool`]).
-struct Offloaded<T> {
-    thread: std::thread::JoinHandle<T>,
-    /// Set, and the doorbell rung, once the work is done.
-    done: Arc<AtomicBool>,
-}
-
-impl<T: Send + 'static> Offloaded<T> {
-    fn start(
-        name: &str,
-        stack_bytes: usize,
-        bell: &Arc<Doorbell>,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> io::Result<Offloaded<T>> {
-        let done = Arc::new(AtomicBool::new(false));
-        let (bell, finished) = (bell.clone(), done.clone());
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .stack_size(stack_bytes)
-            .spawn(move || {
-                let out = work();
-                finished.store(true, Ordering::Release);
-                bell.ring();
-                out
-            })?;
-        Ok(Offloaded { thread, done })
-    }
-
-    fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
+    /// The threads checkpoint refreshes run on.
+    checkpoint_pool: SyncPool,
 }
 
 /// A create whose files and first segment are written, its partition made
@@ -409,16 +372,27 @@ struct CreateSync {
     job: syncpool::Pending<Result<(), StorageError>>,
 }
 
-/// A refresh of checkpoints on a thread of its own (`Engine::housekeeping`).
-/// On the storage thread, each refresh stalled every append for its
-/// fdatasyncs: on an SD card's timings, 20 partitions' refresh once a
-/// second held the slowest 1% of acks at 6 to 7 times the device's p99
-/// flush instead of 3 to 4 (docs/performance.md, "checkpoints off the
-/// storage thread").
+/// A refresh of checkpoints on the checkpoint pool's threads
+/// (`Engine::housekeeping`). On the storage thread, each refresh stalled
+/// every append for its fdatasyncs: on an SD card's timings, 20
+/// partitions' refresh once a second held the slowest 1% of acks at 6 to 7
+/// times the device's p99 flush instead of 3 to 4 (docs/performance.md,
+/// "checkpoints off the storage thread").
 struct CheckpointRefresh {
-    /// Each partition's checkpoint being written.
-    writes: Vec<(PartitionId, Checkpoint)>,
-    job: Offloaded<Vec<Result<(), super::meta::MetaError>>>,
+    writes: Vec<CheckpointWrite>,
+}
+
+/// A partition's checkpoint being written.
+type CheckpointWrite = (
+    PartitionId,
+    Checkpoint,
+    syncpool::Pending<Result<(), super::meta::MetaError>>,
+);
+
+impl CheckpointRefresh {
+    fn is_done(&self) -> bool {
+        self.writes.iter().all(|(_, _, w)| w.is_done())
+    }
 }
 
 /// The read buffer (and each read-ahead spare): a whole max-size batch, at
@@ -460,6 +434,12 @@ pub(crate) fn start(
             };
             let now = cfg.clock.now();
             let group = SyncGroup::new(now, cfg.fanin_producers_max);
+            #[cfg_attr(not(test), allow(unused_mut))]
+            let mut checkpoint_pool = SyncPool::new(&bell, syncpool::CHECKPOINTS);
+            #[cfg(test)]
+            {
+                checkpoint_pool.spawn_fails = cfg.checkpoint_spawn_fails.clone();
+            }
             let mut engine = Engine {
                 ctx: Ctx {
                     rbuf: ReadBuf::new(rbuf, spares),
@@ -475,7 +455,8 @@ pub(crate) fn start(
                 tails_made: 0,
                 next_retention_check: now,
                 group,
-                sync_pool: SyncPool::new(&bell),
+                sync_pool: SyncPool::new(&bell, syncpool::CREATE),
+                checkpoint_pool,
                 bell,
                 checkpointing: None,
                 reads,
@@ -668,7 +649,7 @@ impl Engine {
                     || !reads.is_empty()
                     || rx.is_closed()
                     || clock.moved_since(generation)
-                    || refresh.as_ref().is_some_and(|r| r.job.is_done())
+                    || refresh.as_ref().is_some_and(CheckpointRefresh::is_done)
                     || syncs.iter().any(|c| c.job.is_done())
             });
         }
@@ -1555,41 +1536,32 @@ impl Engine {
                 .any(|p| moved(p) && now >= p.last_checkpoint + interval);
         if due && self.checkpointing.is_none() {
             // Every checkpoint that moved goes with the one that is due, so
-            // that their flushes are shared (`overwrite_checkpoints`) and
-            // stay in step from then on. Each claims what is durable now.
-            let mut writes = Vec::new();
+            // that their flushes are shared (in flight together on the
+            // pool's threads, `syncpool::CHECKPOINTS`) and stay in step
+            // from then on. Each claims what is durable now.
             let mut files = Vec::new();
             for p in self.parts.values_mut().filter(|p| moved(p)) {
                 p.last_checkpoint = now;
-                writes.push((p.id.clone(), p.durable));
-                files.push((checkpoint_path(p), p.durable));
+                files.push((p.id.clone(), p.durable, checkpoint_path(p)));
             }
-            #[cfg(test)]
-            let spawn_fails = self.ctx.cfg.checkpoint_spawn_fails.load(Ordering::Relaxed);
-            #[cfg(not(test))]
-            let spawn_fails = false;
-            let started = if spawn_fails {
-                Err(io::Error::from(io::ErrorKind::WouldBlock))
-            } else {
-                Offloaded::start(
-                    "skiff-checkpoints",
-                    CHECKPOINT_REFRESH_STACK_BYTES,
-                    &self.bell,
-                    move || overwrite_checkpoints(&files),
-                )
-            };
-            match started {
-                Ok(job) => self.checkpointing = Some(CheckpointRefresh { writes, job }),
-                // Logged as each one's failed write, and tried again at
-                // the next refresh.
-                Err(e) => {
-                    for (id, ck) in writes {
+            let mut writes = Vec::with_capacity(files.len());
+            for (id, ck, path) in files {
+                match self
+                    .checkpoint_pool
+                    .try_run(move || super::meta::overwrite(&path, &ck))
+                {
+                    Ok(w) => writes.push((id, ck, w)),
+                    // No thread (EAGAIN, on a board out of memory or
+                    // threads): logged as a failed write, and tried again
+                    // at the next refresh.
+                    Err(e) => {
                         let p = self.parts.get_mut(&id).expect("listed above");
-                        let err =
-                            super::meta::MetaError::Io(io::Error::new(e.kind(), e.to_string()));
-                        checkpoint_written(p, ck, Err(err));
+                        checkpoint_written(p, ck, Err(super::meta::MetaError::Io(e)));
                     }
                 }
+            }
+            if !writes.is_empty() {
+                self.checkpointing = Some(CheckpointRefresh { writes });
             }
         }
     }
@@ -1599,15 +1571,14 @@ impl Engine {
     /// partition made again under its name must not get the old one's
     /// checkpoint) and before a clean shutdown's checkpoints are written.
     fn reap_checkpoints(&mut self, wait: bool) {
-        let Some(r) = self.checkpointing.take_if(|r| wait || r.job.is_done()) else {
+        let Some(r) = self.checkpointing.take_if(|r| wait || r.is_done()) else {
             return;
         };
-        let written = r.job.thread.join().unwrap_or_default();
-        let mut written = written.into_iter();
-        for (id, ck) in r.writes {
-            let res = written.next().unwrap_or_else(|| {
+        for (id, ck, w) in r.writes {
+            w.wait();
+            let res = w.take().unwrap_or_else(|| {
                 Err(super::meta::MetaError::Io(io::Error::other(
-                    "checkpoint refresh thread panicked",
+                    "a checkpoint write panicked",
                 )))
             });
             if let Some(p) = self.parts.get_mut(&id) {
@@ -1624,6 +1595,7 @@ impl Engine {
         }
         self.reap_create_syncs(true);
         self.reap_checkpoints(true);
+        self.checkpoint_pool.close();
         self.commit_round(true, &|| false);
         self.finish_inflight();
         let ids: Vec<PartitionId> = self.parts.keys().cloned().collect();

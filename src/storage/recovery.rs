@@ -1471,56 +1471,10 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Rewrites at most this many checkpoints at once, a thread each.
-const CHECKPOINTS_AT_ONCE: usize = 16;
-
 /// The path of a partition's checkpoint.
 pub(super) fn checkpoint_path(p: &Part) -> PathBuf {
     p.dir.join(CHECKPOINT_META)
 }
-
-/// Rewrites each checkpoint in place (`meta::overwrite`), on threads of
-/// their own: their fdatasyncs are then in flight together, and the block
-/// layer serves flushes asked for while one runs with one flush after it.
-/// One after another, each partition's rewrite cost the device a flush of
-/// its own, which on an SD card doubled the flushes of a light load over
-/// many partitions (docs/performance.md, "many partitions on one card").
-/// A thread that cannot be started counts as a failed write: logged, and
-/// tried again at the next refresh. Runs off the storage thread
-/// (`Engine::housekeeping`).
-pub(super) fn overwrite_checkpoints(
-    files: &[(PathBuf, Checkpoint)],
-) -> Vec<Result<(), meta::MetaError>> {
-    if let [(path, ck)] = files {
-        return vec![meta::overwrite(path, ck)];
-    }
-    let mut written = Vec::with_capacity(files.len());
-    for chunk in files.chunks(CHECKPOINTS_AT_ONCE) {
-        std::thread::scope(|scope| {
-            let started: Vec<_> = chunk
-                .iter()
-                .map(|(path, ck)| {
-                    std::thread::Builder::new()
-                        .name("skiff-checkpoint".into())
-                        .stack_size(CHECKPOINT_THREAD_STACK_BYTES)
-                        .spawn_scoped(scope, move || meta::overwrite(path, ck))
-                })
-                .collect();
-            written.extend(started.into_iter().map(|t| match t {
-                Ok(thread) => thread.join().unwrap_or_else(|_| {
-                    Err(meta::MetaError::Io(io::Error::other(
-                        "checkpoint thread panicked",
-                    )))
-                }),
-                Err(e) => Err(meta::MetaError::Io(e)),
-            }));
-        });
-    }
-    written
-}
-
-/// A checkpoint's rewrite needs little stack: an open, a write, a flush.
-const CHECKPOINT_THREAD_STACK_BYTES: usize = 64 * 1024;
 
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next
 /// refresh. A running partition's is rewritten in place: a failed write

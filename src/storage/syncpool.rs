@@ -1,13 +1,17 @@
-//! The threads a topic create's syncs run on, off the storage thread
-//! (`Engine::create_sync`): at most [`SYNC_THREADS`], whatever the number
-//! of partitions being made.
+//! The threads the storage thread hands its syncs to, so that it goes on
+//! serving appends and fetches meanwhile: a pool per kind of work, each of
+//! at most a few threads whatever the number of partitions (a topic
+//! create's syncs, `Engine::create_sync`: [`CREATE`]; the checkpoint
+//! refresh, `Engine::housekeeping`: [`CHECKPOINTS`]).
 //!
 //! A thread per partition started 64 threads for a 64-partition create,
-//! each with its stack, on a board of 512 MiB whose cores start a thread
-//! slowly. The threads here are started as work comes in while none is
-//! idle, and live until the storage thread ends: an idle one waits on a
-//! condition variable and never wakes. Work runs in the order handed
-//! over; each piece rings the storage thread's doorbell when done.
+//! and a thread per refresh plus one per checkpoint (65 for 64
+//! partitions, once a second while data flows), each with its stack, on a
+//! board of 512 MiB whose cores start a thread slowly. The threads here
+//! are started as work comes in while none is idle, and live until the
+//! storage thread ends: an idle one waits on a condition variable and
+//! never wakes. Work runs in the order handed over; each piece rings the
+//! storage thread's doorbell when done.
 
 use super::doorbell::Doorbell;
 use std::collections::VecDeque;
@@ -16,14 +20,37 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// At most this many threads: a create's syncs go on while another's wait
-/// on the device, and its flushes share the file system's journal commits.
-pub(super) const SYNC_THREADS: usize = 2;
-/// Fdatasyncs, fsyncs and one small metadata file.
-const STACK_BYTES: usize = 256 * 1024;
-/// As `/proc/PID/task/*/comm` shows it.
-pub(super) const THREAD_NAME: &str = "skiff-create";
-const _: () = assert!(THREAD_NAME.len() <= 15, "Linux keeps 15 bytes of a name");
+/// A pool's threads: how many at most, their name and stack.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Spec {
+    /// As `/proc/PID/task/*/comm` shows it.
+    pub(super) name: &'static str,
+    pub(super) threads: usize,
+    stack_bytes: usize,
+}
+
+/// A create's syncs: fdatasyncs, fsyncs and one small metadata file. Two
+/// threads: a create's syncs go on while another's wait on the device,
+/// and its flushes share the file system's journal commits.
+pub(super) const CREATE: Spec = Spec {
+    name: "skiff-create",
+    threads: 2,
+    stack_bytes: 256 * 1024,
+};
+
+/// Checkpoint rewrites (an open, a write, an fdatasync each), up to 16 at
+/// once: their fdatasyncs are then in flight together, and the block
+/// layer serves flushes asked for while one runs with one flush after it.
+/// One after another, each partition's rewrite cost the device a flush of
+/// its own, which on an SD card doubled the flushes of a light load over
+/// many partitions (docs/performance.md, "many partitions on one card").
+pub(super) const CHECKPOINTS: Spec = Spec {
+    name: "skiff-checkpt",
+    threads: 16,
+    stack_bytes: 64 * 1024,
+};
+
+const _: () = assert!(CREATE.name.len() <= 15 && CHECKPOINTS.name.len() <= 15);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -53,6 +80,10 @@ pub(super) struct SyncPool {
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
     bell: Arc<Doorbell>,
+    spec: Spec,
+    /// Tests: no thread can be started (EAGAIN).
+    #[cfg(test)]
+    pub(super) spawn_fails: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Work handed to the pool: its outcome once done (`None` if it panicked).
@@ -61,11 +92,20 @@ pub(super) struct Pending<T>(Arc<Outcome<T>>);
 struct Outcome<T> {
     done: AtomicBool,
     out: Mutex<Option<Option<T>>>,
+    finished: Condvar,
 }
 
 impl<T> Pending<T> {
     pub(super) fn is_done(&self) -> bool {
         self.0.done.load(Ordering::Acquire)
+    }
+
+    /// Waits until the work is done.
+    pub(super) fn wait(&self) {
+        let mut out = self.0.out.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.is_done() {
+            out = self.0.finished.wait(out).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// The outcome, once [`Pending::is_done`] (or the pool is closed).
@@ -76,47 +116,80 @@ impl<T> Pending<T> {
 }
 
 impl SyncPool {
-    pub(super) fn new(bell: &Arc<Doorbell>) -> SyncPool {
+    pub(super) fn new(bell: &Arc<Doorbell>, spec: Spec) -> SyncPool {
         SyncPool {
             shared: Arc::default(),
             threads: Vec::new(),
             bell: bell.clone(),
+            spec,
+            #[cfg(test)]
+            spawn_fails: Arc::default(),
         }
     }
 
     /// Runs `work` on a pool thread, starting one if none is idle and
-    /// fewer than [`SYNC_THREADS`] run. If no thread can be started and
+    /// fewer than the spec's threads run. If no thread can be started and
     /// none runs, `work` runs here: slower, never lost.
     pub(super) fn run<T: Send + 'static>(
         &mut self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Pending<T> {
+        let (job, pending) = self.job(work);
+        if let Err((e, job)) = self.hand_over(job) {
+            log::warn!(
+                "cannot start {} ({e}): its work runs on the storage thread",
+                self.spec.name
+            );
+            job();
+        }
+        pending
+    }
+
+    /// As [`SyncPool::run`], but work no thread can take is refused, not
+    /// run here: what is tried again later anyway (a checkpoint) is not
+    /// worth holding every append for its flush.
+    pub(super) fn try_run<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<Pending<T>> {
+        let (job, pending) = self.job(work);
+        self.hand_over(job).map_err(|(e, _)| e)?;
+        Ok(pending)
+    }
+
+    fn job<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> (Job, Pending<T>) {
         let slot = Arc::new(Outcome {
             done: AtomicBool::new(false),
             out: Mutex::new(None),
+            finished: Condvar::new(),
         });
         let job: Job = Box::new({
             let (slot, bell) = (slot.clone(), self.bell.clone());
             move || {
                 // Caught so that the thread goes on with the next job.
                 let out = std::panic::catch_unwind(AssertUnwindSafe(work)).ok();
-                *slot.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+                let mut held = slot.out.lock().unwrap_or_else(|e| e.into_inner());
+                *held = Some(out);
                 slot.done.store(true, Ordering::Release);
+                drop(held);
+                slot.finished.notify_all();
                 bell.ring();
             }
         });
+        (job, Pending(slot))
+    }
+
+    /// Queues `job` for the pool's threads, starting one if none is idle
+    /// and there is room; handed back if no thread runs nor can start.
+    fn hand_over(&mut self, job: Job) -> Result<(), (io::Error, Job)> {
         let mut q = self.shared.lock();
-        if q.idle == 0 && self.threads.len() < SYNC_THREADS {
+        if q.idle == 0 && self.threads.len() < self.spec.threads {
             match self.spawn() {
                 Ok(t) => self.threads.push(t),
-                Err(e) if self.threads.is_empty() => {
-                    drop(q);
-                    log::warn!(
-                        "cannot start {THREAD_NAME} ({e}): a create syncs on the storage thread"
-                    );
-                    job();
-                    return Pending(slot);
-                }
+                Err(e) if self.threads.is_empty() => return Err((e, job)),
                 // The running ones take it.
                 Err(_) => {}
             }
@@ -124,14 +197,18 @@ impl SyncPool {
         q.jobs.push_back(job);
         drop(q);
         self.shared.work.notify_one();
-        Pending(slot)
+        Ok(())
     }
 
     fn spawn(&self) -> io::Result<std::thread::JoinHandle<()>> {
+        #[cfg(test)]
+        if self.spawn_fails.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
         let shared = self.shared.clone();
         std::thread::Builder::new()
-            .name(THREAD_NAME.into())
-            .stack_size(STACK_BYTES)
+            .name(self.spec.name.into())
+            .stack_size(self.spec.stack_bytes)
             .spawn(move || serve(&shared))
     }
 

@@ -4002,8 +4002,91 @@ fn create_sync_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim_end() == super::syncpool::THREAD_NAME)
+        .filter(|comm| comm.trim_end() == super::syncpool::CREATE.name)
         .count()
+}
+
+/// The ids of this process's threads named `name`.
+fn threads_named(name: &str) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            (comm.trim_end() == name).then(|| t.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+/// Checkpoint refreshes run on the checkpoint pool's threads, started once
+/// and kept until the shutdown: after a 64-partition create, refresh after
+/// refresh of every partition's checkpoint runs on the same few threads.
+/// A thread per refresh, which started one per checkpoint, started 65
+/// threads a second for 64 partitions while data flowed.
+#[test]
+fn checkpoint_refreshes_start_no_thread_each() {
+    use super::recovery::Checkpoint;
+    use super::syncpool::{CHECKPOINTS, CREATE};
+    const PARTITIONS: u32 = 64;
+    let rig = Rig::fault(24);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig
+        .open_with(StorageConfig {
+            clock,
+            max_partitions: PARTITIONS as usize,
+            ..rig.cfg()
+        })
+        .unwrap();
+    let ids: Vec<_> = (0..PARTITIONS).map(|p| pid("many", p)).collect();
+    for id in &ids {
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    }
+    let creating = threads_named(CREATE.name).len();
+    assert!((1..=CREATE.threads).contains(&creating), "{creating}");
+    let checkpointed = |s: &Storage| -> Vec<Option<u64>> {
+        ids.iter()
+            .map(|id| {
+                let path = rig
+                    .dir
+                    .path()
+                    .join(format!("topics/many/{}/checkpoint.meta", id.partition));
+                // Rewritten in place: a read during the write may find it
+                // short, which is "not yet" here.
+                let ck = meta::read::<Checkpoint>(&path).ok().flatten();
+                ck.map(|c| c.next_offset)
+                    .filter(|&n| n == s.offsets(id).unwrap().high_watermark)
+            })
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..3 {
+        for id in &ids {
+            block_on(s.append(id, make_batch(1, 10, round, 0))).unwrap();
+        }
+        let want: Vec<_> = ids
+            .iter()
+            .map(|id| Some(s.offsets(id).unwrap().high_watermark))
+            .collect();
+        time.advance(std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS));
+        eventually("every checkpoint refreshed", want, || checkpointed(&s));
+        let now = threads_named(CHECKPOINTS.name);
+        assert!(
+            !now.is_empty(),
+            "round {round}: the pool's threads are kept"
+        );
+        seen.extend(now);
+        assert!(
+            seen.len() <= CHECKPOINTS.threads,
+            "round {round}: {} threads have written checkpoints",
+            seen.len()
+        );
+    }
+    assert_eq!(threads_named(CREATE.name).len(), creating);
+    s.shutdown().unwrap();
+    assert!(
+        threads_named(CHECKPOINTS.name).is_empty(),
+        "after the shutdown"
+    );
 }
 
 /// A create of many partitions syncs them on a bounded number of threads:
@@ -4035,7 +4118,7 @@ fn a_create_of_many_partitions_syncs_on_few_threads() {
         block_on(s.append(&a, make_batch(1, 10, 1, 0))).expect(name);
         let threads = create_sync_threads();
         assert!(
-            (1..=super::syncpool::SYNC_THREADS).contains(&threads),
+            (1..=super::syncpool::CREATE.threads).contains(&threads),
             "{name}: {threads} threads syncing {PARTITIONS} partitions"
         );
         held.store(false, Ordering::Release);
