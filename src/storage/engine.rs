@@ -972,6 +972,7 @@ impl Engine {
             durable: Checkpoint::default(),
             checkpointed: Checkpoint::default(),
             last_checkpoint: self.ctx.cfg.clock.now(),
+            checkpoint_quiet: None,
             state: PartState::Ok,
             shared,
             prewrite_next: None,

@@ -237,6 +237,10 @@ pub(super) struct Part {
     /// What `checkpoint.meta` holds, and when it was written.
     pub(super) checkpointed: Checkpoint,
     pub(super) last_checkpoint: Instant,
+    /// When a failed checkpoint write was last logged, and the failures
+    /// since not logged: a full disk fails every refresh (once a second
+    /// while the partition is written), which is one line a minute.
+    pub(super) checkpoint_quiet: Option<(Instant, u64)>,
     pub(super) state: PartState,
     pub(super) shared: Arc<PartShared>,
     /// Background pre-writing of the ring after creation: the next slot and

@@ -1490,8 +1490,8 @@ pub(super) fn write_checkpoint(p: &mut Part, ck: Checkpoint, now: Instant) {
     } else {
         meta::overwrite(&path, &ck)
     };
-    checkpoint_written(p, ck, written);
     p.last_checkpoint = now;
+    checkpoint_written(p, ck, written);
 }
 
 /// What a rewrite of `ck` left: the partition's checkpoint as it now is on
@@ -1504,7 +1504,32 @@ pub(super) fn checkpoint_written(
     // A clean shutdown's, renamed in place but not synced, is the one on
     // disk (`overwrite` never fails that way).
     match meta::unsynced_is_written(&checkpoint_path(p), written) {
-        Ok(()) => p.checkpointed = ck,
-        Err(e) => log::warn!("partition {}: checkpoint write failed ({e})", p.id),
+        Ok(()) => {
+            p.checkpointed = ck;
+            p.checkpoint_quiet = None;
+        }
+        Err(e) => {
+            // The refresh set `last_checkpoint` to its start: the storage
+            // clock's now.
+            let now = p.last_checkpoint;
+            match &mut p.checkpoint_quiet {
+                Some((at, quiet)) if now.saturating_duration_since(*at) < CHECKPOINT_WARN_EVERY => {
+                    *quiet += 1;
+                }
+                last => {
+                    let quiet = last.map_or(0, |(_, n)| n);
+                    *last = Some((now, 0));
+                    let more = if quiet > 0 {
+                        format!(" ({quiet} more not logged since)")
+                    } else {
+                        String::new()
+                    };
+                    log::warn!("partition {}: checkpoint write failed ({e}){more}", p.id);
+                }
+            }
+        }
     }
 }
+
+/// How often a partition's failing checkpoint writes are logged.
+const CHECKPOINT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);

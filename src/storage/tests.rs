@@ -1051,6 +1051,55 @@ fn the_checkpoint_follows_the_log_once_a_second() {
     s.shutdown().unwrap();
 }
 
+/// A checkpoint that cannot be written (on a full disk, every refresh
+/// fails, once a second while the partition is written) is logged once a
+/// minute, with a count of the failures not logged.
+#[test]
+fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
+    use super::recovery::Checkpoint;
+    use crate::broker::share::tests::{capture_warnings, warnings};
+    capture_warnings();
+    let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+    let rig = Rig::fault(16);
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let s = rig.open_with(StorageConfig { clock, ..rig.cfg() }).unwrap();
+    let (bad, good) = (pid("ckbad", 0), pid("ckgood", 0));
+    for id in [&bad, &good] {
+        block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    }
+    // A directory where the file goes: every write of it fails.
+    std::fs::create_dir(rig.dir.path().join("topics/ckbad/0/checkpoint.meta")).unwrap();
+    // The good partition's checkpoint is written in the same refresh: it
+    // shows that refresh done, so no two rounds share one.
+    let path = rig.dir.path().join("topics/ckgood/0/checkpoint.meta");
+    let read = || {
+        meta::read::<Checkpoint>(&path)
+            .ok()
+            .flatten()
+            .map(|c| c.next_offset)
+    };
+    let failed = || warnings(&["partition ckbad/0: checkpoint write failed"]);
+    let round = |tag: u64| {
+        fill(&s, &bad, 1, tag);
+        fill(&s, &good, 1, tag);
+        time.advance(interval);
+        let hw = s.offsets(&good).unwrap().high_watermark;
+        eventually("the refresh", Some(hw), read);
+    };
+    for r in 0..5 {
+        round(r * 10);
+    }
+    eventually("the first failure logged", 1, || failed().len());
+    time.advance(std::time::Duration::from_secs(60));
+    round(100);
+    // The fifth round's failure is taken in before the next refresh
+    // starts, and this one's before the shutdown ends.
+    s.shutdown().unwrap();
+    let lines = failed();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines[1].contains("(4 more not logged since)"), "{lines:#?}");
+}
+
 /// When one partition's checkpoint is due, every other one whose durable
 /// point moved is rewritten with it, so that their fdatasyncs run together
 /// and share the device's flushes.
