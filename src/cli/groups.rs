@@ -161,11 +161,14 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
 
 /// Why a member's last commit failed, and what that means for the records.
 fn not_committed(e: &ClientError) -> String {
-    let why = match e {
-        ClientError::Timeout => "the broker did not answer the commit in time".to_owned(),
-        e => e.to_string(),
-    };
-    format!("offsets not committed: {why}; the next member re-reads from the last commit")
+    match e {
+        // Sent and not answered: a broker that was only slow (stopped,
+        // swapping) may still take it when it goes on.
+        ClientError::Timeout => "offsets maybe not committed: the broker did not answer the \
+             commit in time; the next member re-reads from the last commit it took"
+            .to_owned(),
+        e => format!("offsets not committed: {e}; the next member re-reads from the last commit"),
+    }
 }
 
 pub fn groups(command: GroupsCommand) -> ExitCode {
