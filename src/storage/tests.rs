@@ -1013,11 +1013,20 @@ fn eventually<T: PartialEq + std::fmt::Debug>(what: &str, want: T, read: impl Fn
     }
 }
 
+/// The next offset a partition's checkpoint at `path` claims, if one is
+/// there whole: rewritten in place, a read during the write may find it
+/// short, which is "not yet" (recovery reads it the same way).
+fn checkpoint_next_offset(path: &std::path::Path) -> Option<u64> {
+    meta::read::<super::recovery::Checkpoint>(path)
+        .ok()
+        .flatten()
+        .map(|c| c.next_offset)
+}
+
 /// While data flows, the checkpoint (recovery's hint) is refreshed once
 /// per CHECKPOINT_INTERVAL_MS, not per commit: it costs three fsyncs.
 #[test]
 fn the_checkpoint_follows_the_log_once_a_second() {
-    use super::recovery::Checkpoint;
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
     let rig = Rig::fault(15);
     let (clock, time) = Clock::manual(1_700_000_000_000);
@@ -1027,12 +1036,7 @@ fn the_checkpoint_follows_the_log_once_a_second() {
     let path = rig.dir.path().join("topics/ck/0/checkpoint.meta");
     // Rewritten in place: a read during the write may find it short, which
     // is "not yet" here (recovery reads it the same way).
-    let read = || {
-        meta::read::<Checkpoint>(&path)
-            .ok()
-            .flatten()
-            .map(|c| c.next_offset)
-    };
+    let read = || checkpoint_next_offset(&path);
     fill(&s, &id, 5, 0);
     let hw = s.offsets(&id).unwrap().high_watermark;
     time.advance(interval - std::time::Duration::from_millis(1));
@@ -1056,7 +1060,6 @@ fn the_checkpoint_follows_the_log_once_a_second() {
 /// minute, with a count of the failures not logged.
 #[test]
 fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
-    use super::recovery::Checkpoint;
     use crate::broker::share::tests::{capture_warnings, warnings};
     capture_warnings();
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
@@ -1072,12 +1075,7 @@ fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
     // The good partition's checkpoint is written in the same refresh: it
     // shows that refresh done, so no two rounds share one.
     let path = rig.dir.path().join("topics/ckgood/0/checkpoint.meta");
-    let read = || {
-        meta::read::<Checkpoint>(&path)
-            .ok()
-            .flatten()
-            .map(|c| c.next_offset)
-    };
+    let read = || checkpoint_next_offset(&path);
     let failed = || warnings(&["partition ckbad/0: checkpoint write failed"]);
     let round = |tag: u64| {
         fill(&s, &bad, 1, tag);
@@ -1105,7 +1103,6 @@ fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
 /// and share the device's flushes.
 #[test]
 fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
-    use super::recovery::Checkpoint;
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
     let rig = Rig::fault(17);
     let (clock, time) = Clock::manual(1_700_000_000_000);
@@ -1116,10 +1113,7 @@ fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
             .path()
             .join(format!("topics/{topic}/0/checkpoint.meta"));
         // Rewritten in place: a read during the write may find it short.
-        meta::read::<Checkpoint>(&path)
-            .ok()
-            .flatten()
-            .map(|c| c.next_offset)
+        checkpoint_next_offset(&path)
     };
     let (early, late) = (pid("early", 0), pid("late", 0));
     block_on(s.create_partition(early.clone(), small_cfg())).unwrap();
@@ -1183,7 +1177,6 @@ fn a_failed_checkpoint_in_a_batch_leaves_the_others_and_is_tried_again() {
 /// write: appends go on being acked, and the refresh is tried again.
 #[test]
 fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
-    use super::recovery::Checkpoint;
     let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
     let rig = Rig::fault(22);
     let (clock, time) = Clock::manual(1_700_000_000_000);
@@ -1200,12 +1193,7 @@ fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
     let path = rig.dir.path().join("topics/nothread/0/checkpoint.meta");
     // A checkpoint is rewritten in place: a read during the write may find
     // it short, which is "not yet" here (recovery reads it the same way).
-    let read = || {
-        meta::read::<Checkpoint>(&path)
-            .ok()
-            .flatten()
-            .map(|c| c.next_offset)
-    };
+    let read = || checkpoint_next_offset(&path);
     fill(&s, &id, 3, 0);
     let hw = s.offsets(&id).unwrap().high_watermark;
     // Returns once the engine has run at the new time: the refresh failed.
