@@ -1064,6 +1064,47 @@ fn writing_to_a_pipe(pid: i32) -> bool {
     })
 }
 
+/// `consume t --group g` printing JSON lines into a pipe, its stderr into
+/// `err`.
+fn spawn_piped_member(b: &Broker, err: &std::path::Path) -> Child {
+    skiff_command()
+        .args(["consume", "t", "--group", "g", "--format", "json"])
+        .args(["--session-timeout-ms", SESSION_MS, "--from", "earliest"])
+        .args(["--broker", &b.tcp])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// How `child` exited, if within `limit`; else it is killed.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The offset `group` committed on partition 0; 0 for none (a group that
+/// never committed is gone with its member's session).
+fn committed_on_0_or_none(b: &Broker, group: &str) -> u64 {
+    let o = b.cli(&["groups", "describe", group, "--format", "json"]);
+    if stderr(&o).contains("unknown group") {
+        0
+    } else {
+        committed(b, group).get(&0).copied().unwrap_or(0)
+    }
+}
+
 /// `consume --group` stopped by SIGTERM while its broker does not answer
 /// (SIGSTOPped) cannot commit what it printed since its last commit: it
 /// says so, and that the next member prints those records again, and
@@ -1076,15 +1117,7 @@ fn a_stop_that_cannot_commit_says_so_and_exits_75() {
     // More than its stdout pipe holds, as JSON lines.
     produce(&b, "t", 0, 3000);
     let err = b.dir.path().join("member.stderr");
-    let mut child = skiff_command()
-        .args(["consume", "t", "--group", "g", "--format", "json"])
-        .args(["--session-timeout-ms", SESSION_MS, "--from", "earliest"])
-        .args(["--broker", &b.tcp])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped_member(&b, &err);
     let mut out = child.stdout.take().unwrap();
     let read = || std::fs::read_to_string(&err).unwrap_or_default();
     // A full pipe: it waits to print the rest of a poll, whose first
@@ -1102,18 +1135,9 @@ fn a_stop_that_cannot_commit_says_so_and_exits_75() {
         s.lines().count() as u64
     });
     // The client's request timeout (30 s) is what it waits out.
-    let deadline = std::time::Instant::now() + 4 * WAIT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            b.resume();
-            panic!("the member did not stop: {}", read());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = exit_within(&mut child, 4 * WAIT) else {
+        b.resume();
+        panic!("the member did not stop: {}", read());
     };
     // The unanswered commit waits unread in the broker's socket: resumed,
     // the broker could still take it (under qemu it did). Killed while
@@ -1130,11 +1154,35 @@ fn a_stop_that_cannot_commit_says_so_and_exits_75() {
     );
     // As said: the last commit is short of what was printed. (A group
     // that never committed is gone with its member's session.)
-    let o = b.cli(&["groups", "describe", "g", "--format", "json"]);
-    let at = if stderr(&o).contains("unknown group") {
-        0
-    } else {
-        committed(&b, "g").get(&0).copied().unwrap_or(0)
-    };
+    let at = committed_on_0_or_none(&b, "g");
     assert!(at < printed, "committed {at} of {printed} printed");
+}
+
+/// `consume --group` whose reader goes away mid-poll commits only records
+/// whose bytes it flushed to stdout. Before, each record was marked as soon
+/// as it went into the buffered stdout, and the close after the failed
+/// write committed the ones still in the buffer and the rest of the poll
+/// before them: the next member skipped records nobody read.
+#[test]
+fn a_member_whose_stdout_closes_commits_only_what_reached_it() {
+    use std::io::Read as _;
+    let b = Broker::start("");
+    create(&b, "t", "1");
+    // One poll of JSON lines several times what a pipe holds (64 KiB), so
+    // a write fails once the reader is gone.
+    produce(&b, "t", 0, 3000);
+    let err = b.dir.path().join("member.stderr");
+    let mut child = spawn_piped_member(&b, &err);
+    let mut out = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 16 * 1024];
+    out.read_exact(&mut got).unwrap();
+    // Complete lines only: a record cut short was not read either.
+    let read = got.iter().filter(|&&c| c == b'\n').count() as u64;
+    drop(out);
+    let status = exit_within(&mut child, WAIT);
+    let said = std::fs::read_to_string(&err).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("the member did not stop: {said}"));
+    assert_eq!(status.code(), Some(0), "{said}");
+    let at = committed_on_0_or_none(&b, "g");
+    assert!(at <= read, "committed {at} with {read} records read");
 }

@@ -113,7 +113,8 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
                     continue;
                 }
                 last_record = Instant::now();
-                for r in records {
+                let mut printed = 0;
+                for r in &records {
                     if args.count.is_some_and(|c| seen >= c) {
                         break;
                     }
@@ -121,18 +122,24 @@ pub fn consume(args: ConsumeArgs) -> ExitCode {
                         OutputFormat::Text => {
                             out.write_all(&r.value).and_then(|()| out.write_all(b"\n"))
                         }
-                        OutputFormat::Json => writeln!(out, "{}", record_json(&r)),
+                        OutputFormat::Json => writeln!(out, "{}", record_json(r)),
                     };
                     if written.is_err() {
                         // stdout closed (a pipe into `head`): stop quietly.
+                        // Nothing of this poll is marked: which of its
+                        // records got out before the error is not known.
                         return Ok(());
                     }
                     seen += 1;
-                    member.mark_consumed(&r.topic, r.partition, r.offset);
+                    printed += 1;
                 }
-                // Printed before it is committed.
+                // Marked (so committed) only once flushed: a record still
+                // in the buffer when stdout closes was never printed.
                 if out.flush().is_err() {
                     return Ok(());
+                }
+                for r in &records[..printed] {
+                    member.mark_consumed(&r.topic, r.partition, r.offset);
                 }
             }
         }
