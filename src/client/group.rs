@@ -312,6 +312,19 @@ impl GroupConsumer {
             .saturating_add(self.config.max_poll_interval)
     }
 
+    /// Before the join after `refusals` refusals in a row: none after the
+    /// first, then the jittered retry backoff.
+    async fn back_off_after_refusals(&self, refusals: u32) {
+        if refusals > 1 {
+            Timer::after(backoff_jittered(
+                refusals - 1,
+                self.config.consumer.retry_backoff,
+                self.config.consumer.retry_backoff_max,
+            ))
+            .await;
+        }
+    }
+
     async fn join_until_settled(&mut self) -> Result<(), ClientError> {
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -320,6 +333,10 @@ impl GroupConsumer {
         // next ones back off, so a broker that keeps refusing is not
         // asked as fast as it answers.
         let mut sync_failures = 0u32;
+        // Joins refused as an unknown member in a row: the same, as the
+        // next join has no member id; a broker that refuses that as well
+        // is not asked as fast as it answers either.
+        let mut unknown_refusals = 0u32;
         // Why the last round did not settle (None: a new rebalance began).
         let mut last: Option<ClientError> = None;
         let mut rounds = 0u32;
@@ -369,6 +386,8 @@ impl GroupConsumer {
                     );
                     self.lose_all();
                     lock(&self.shared).member_id = None;
+                    unknown_refusals += 1;
+                    self.back_off_after_refusals(unknown_refusals).await;
                     last = Some(e);
                     continue;
                 }
@@ -393,6 +412,7 @@ impl GroupConsumer {
                     return Err(e);
                 }
             };
+            unknown_refusals = 0;
             {
                 let mut m = lock(&self.shared);
                 m.member_id = Some(joined.member_id.clone());
@@ -415,14 +435,7 @@ impl GroupConsumer {
                         lock(&self.shared).member_id = None;
                     }
                     sync_failures += 1;
-                    if sync_failures > 1 {
-                        Timer::after(backoff_jittered(
-                            sync_failures - 1,
-                            self.config.consumer.retry_backoff,
-                            self.config.consumer.retry_backoff_max,
-                        ))
-                        .await;
-                    }
+                    self.back_off_after_refusals(sync_failures).await;
                     last = Some(e);
                     continue;
                 }
@@ -749,15 +762,10 @@ mod tests {
         }
     }
 
-    /// A member whose syncs are refused again and again backs off between
-    /// its joins (after the first refusal, which may be a rebalance that
-    /// just began): in a second, with a 100 ms base doubling per refusal,
-    /// at most 6 joins (at 0, 0, 50, 150, 350 and 750 ms at the earliest:
-    /// the jitter only lengthens a wait's lower half). Before, it joined
-    /// again at once, as fast as the broker answered.
-    #[test]
-    fn a_member_whose_syncs_keep_failing_backs_off_between_joins() {
-        let (addr, seen) = unsettling_peer(Unsettled::SyncRebalancing, usize::MAX);
+    /// How many joins a member answered `how` by the peer every round
+    /// sends in a second, with a 100 ms base backoff doubling per refusal.
+    fn joins_in_a_second(how: Unsettled) -> usize {
+        let (addr, seen) = unsettling_peer(how, usize::MAX);
         let mut config = GroupConfig::new("g", &["t"]);
         config.consumer.retry_backoff = Duration::from_millis(100);
         config.consumer.retry_backoff_max = Duration::from_secs(1);
@@ -773,8 +781,29 @@ mod tests {
             })
             .await
         });
-        assert!(gave_up.is_none(), "{gave_up:?}");
-        let joins = seen.try_iter().filter(|&n| n == "join_group").count();
+        assert!(gave_up.is_none(), "{how:?}: {gave_up:?}");
+        seen.try_iter().filter(|&n| n == "join_group").count()
+    }
+
+    /// A member whose syncs are refused again and again backs off between
+    /// its joins (after the first refusal, which may be a rebalance that
+    /// just began): in a second, at most 6 joins (at 0, 0, 50, 150, 350 and
+    /// 750 ms at the earliest: the jitter only lengthens a wait's lower
+    /// half). Before, it joined again at once, as fast as the broker
+    /// answered.
+    #[test]
+    fn a_member_whose_syncs_keep_failing_backs_off_between_joins() {
+        let joins = joins_in_a_second(Unsettled::SyncRebalancing);
+        assert!(joins <= 6, "{joins} joins in a second");
+    }
+
+    /// The same for joins refused as an unknown member: the first joins
+    /// again at once (without its member id, which is what it was refused
+    /// for), the next ones back off. Before, a broker that kept refusing
+    /// was asked as fast as it answered.
+    #[test]
+    fn a_member_whose_joins_are_refused_as_unknown_backs_off_between_them() {
+        let joins = joins_in_a_second(Unsettled::JoinUnknownMember);
         assert!(joins <= 6, "{joins} joins in a second");
     }
 }
