@@ -356,6 +356,120 @@ fn schema_keys(dir: &Path) -> std::collections::BTreeMap<(String, String), toml:
     keys
 }
 
+/// A field no config struct has.
+const UNKNOWN_FIELD: &str = "no_such_field";
+
+/// Every field an element of a list of tables takes, and a table inside
+/// one (`mirror.rules.aggregate`), as `(section, field)`: the schema names
+/// them all when it refuses an unknown field. Unlike the effective config,
+/// this has the optional fields an element leaves out while unset.
+fn list_element_fields(dir: &Path) -> std::collections::BTreeSet<(String, String)> {
+    let every: toml::Table = toml::from_str(EVERY_LIST_OF_TABLES).expect("EVERY_LIST_OF_TABLES");
+    let mut sections = Vec::new();
+    element_tables(&every, &mut Vec::new(), false, &mut sections);
+    let mut out = std::collections::BTreeSet::new();
+    for path in sections {
+        let section = path.join(".");
+        let mut config = every.clone();
+        element_at(&mut config, &path).insert(UNKNOWN_FIELD.into(), toml::Value::from(0));
+        let text = toml::to_string(&config).expect("a config as TOML");
+        let said = stderr(&run_check(&dir.join("unknown.toml"), &text));
+        let expected = said
+            .split_once(&format!("unknown field `{UNKNOWN_FIELD}`, expected "))
+            .unwrap_or_else(|| panic!("[{section}] refuses an unknown field: {said}"))
+            .1;
+        let expected = expected.lines().next().unwrap_or_default();
+        let expected = expected.split(" (line").next().unwrap_or_default();
+        for field in expected.split('`').skip(1).step_by(2) {
+            out.insert((section.clone(), field.to_owned()));
+        }
+    }
+    assert!(!out.is_empty(), "no list of tables in EVERY_LIST_OF_TABLES");
+    out
+}
+
+/// The lists of tables the default config has (empty) that
+/// EVERY_LIST_OF_TABLES gives no element: their elements' fields would go
+/// unchecked. A list takes tables where the schema refuses an unknown
+/// field in one.
+fn lists_of_tables_left_out(
+    dir: &Path,
+    defaults: &std::collections::BTreeMap<(String, String), toml::Value>,
+) -> Vec<String> {
+    let every: toml::Table = toml::from_str(EVERY_LIST_OF_TABLES).expect("EVERY_LIST_OF_TABLES");
+    let mut out = Vec::new();
+    for ((section, key), value) in defaults {
+        if value.as_array().is_none_or(|a| !a.is_empty()) {
+            continue;
+        }
+        let list = format!("{key} = [{{ {UNKNOWN_FIELD} = 0 }}]\n");
+        let text = match section.as_str() {
+            "" => list,
+            s => format!("[{s}]\n{list}"),
+        };
+        let said = stderr(&run_check(&dir.join("list.toml"), &text));
+        let takes_tables = said.contains(&format!("unknown field `{UNKNOWN_FIELD}`"));
+        let path: Vec<&str> = section.split('.').filter(|s| !s.is_empty()).collect();
+        let given = path
+            .iter()
+            .try_fold(&every, |t, p| t.get(*p)?.as_table())
+            .and_then(|t| t.get(key)?.as_array())
+            .is_some_and(|a| !a.is_empty());
+        if takes_tables && !given {
+            out.push(
+                format!("{section}.{key}")
+                    .trim_start_matches('.')
+                    .to_owned(),
+            );
+        }
+    }
+    out
+}
+
+/// The paths of the elements of the lists of tables in `table` (of the
+/// first element of each) and of the tables inside them.
+fn element_tables(
+    table: &toml::Table,
+    path: &mut Vec<String>,
+    in_element: bool,
+    out: &mut Vec<Vec<String>>,
+) {
+    for (key, value) in table {
+        path.push(key.clone());
+        match value {
+            toml::Value::Array(items) => {
+                if let Some(toml::Value::Table(first)) = items.first() {
+                    out.push(path.clone());
+                    element_tables(first, path, true, out);
+                }
+            }
+            toml::Value::Table(inner) => {
+                if in_element {
+                    out.push(path.clone());
+                }
+                element_tables(inner, path, in_element, out);
+            }
+            _ => {}
+        }
+        path.pop();
+    }
+}
+
+/// The table at `path` (a list's first element where it names a list).
+fn element_at<'a>(table: &'a mut toml::Table, path: &[String]) -> &'a mut toml::Table {
+    let Some((first, rest)) = path.split_first() else {
+        return table;
+    };
+    let inner = match table.get_mut(first) {
+        Some(toml::Value::Array(items)) => items.first_mut(),
+        other => other,
+    };
+    match inner {
+        Some(toml::Value::Table(t)) => element_at(t, rest),
+        _ => panic!("no table at {first}"),
+    }
+}
+
 /// What `skiff config check` prints for `text`, as TOML (the budgets are
 /// comments).
 fn effective_config(dir: &Path, text: &str) -> toml::Table {
@@ -401,7 +515,9 @@ fn documented_keys(doc: &str) -> std::collections::BTreeMap<(String, String), (S
 /// default the embedded default really has, and every key documented
 /// there is one the schema takes. The keys come from the effective
 /// config `skiff config check` prints (the config structs, serialized),
-/// so a new key fails this until it is documented.
+/// and the fields of list elements from the schema's refusal of an unknown
+/// one (an optional field is left out of the effective config while
+/// unset), so a new key fails this until it is documented.
 #[test]
 fn every_config_key_is_documented_with_its_default() {
     let doc = read("docs/configuration.md");
@@ -410,6 +526,15 @@ fn every_config_key_is_documented_with_its_default() {
     let mut defaults = std::collections::BTreeMap::new();
     config_keys("", &effective_config(dir.path(), ""), &mut defaults);
     let keys = schema_keys(dir.path());
+    // A list's element may also be documented in the list's own row.
+    let in_list_row = |section: &str, key: &str| {
+        let (parent, list) = section.rsplit_once('.').unwrap_or(("", section));
+        documented
+            .get(&(parent.to_owned(), list.to_owned()))
+            .is_some_and(|(_, meaning)| {
+                meaning.contains(&format!("`{key}`")) || meaning.contains(&format!("`{key} ="))
+            })
+    };
     let mut problems = Vec::new();
     for ((section, key), value) in &keys {
         let dotted = if section.is_empty() {
@@ -417,15 +542,9 @@ fn every_config_key_is_documented_with_its_default() {
         } else {
             format!("{section}.{key}")
         };
-        let (parent, list) = section.rsplit_once('.').unwrap_or(("", section));
-        let in_list_row = documented
-            .get(&(parent.to_owned(), list.to_owned()))
-            .is_some_and(|(_, meaning)| {
-                meaning.contains(&format!("`{key}`")) || meaning.contains(&format!("`{key} ="))
-            });
         let Some((default, _)) = documented.get(&(section.clone(), key.clone())) else {
             // A section has its own heading, not a row.
-            if !in_list_row && !value.is_table() {
+            if !in_list_row(section, key) && !value.is_table() {
                 problems.push(format!("{dotted} is not documented"));
             }
             continue;
@@ -447,8 +566,22 @@ fn every_config_key_is_documented_with_its_default() {
             ));
         }
     }
+    // The fields of list elements the effective config leaves out while
+    // unset (optional ones EVERY_LIST_OF_TABLES does not set), of every
+    // list of tables there is.
+    let fields = list_element_fields(dir.path());
+    for list in lists_of_tables_left_out(dir.path(), &defaults) {
+        problems.push(format!("EVERY_LIST_OF_TABLES has no element of {list}"));
+    }
+    for (section, key) in &fields {
+        let at = (section.clone(), key.clone());
+        if !keys.contains_key(&at) && !documented.contains_key(&at) && !in_list_row(section, key) {
+            problems.push(format!("{section}.{key} is not documented"));
+        }
+    }
     for (section, key) in documented.keys() {
-        if !keys.contains_key(&(section.clone(), key.clone())) {
+        let at = (section.clone(), key.clone());
+        if !keys.contains_key(&at) && !fields.contains(&at) {
             problems.push(format!(
                 "docs/configuration.md documents [{section}] {key}, which the schema does not take"
             ));
