@@ -263,3 +263,72 @@ fn full_compacted_ring_is_compacted(b: &mut Broker, data: &Path, compact_first: 
     std::fs::remove_file(&filler).expect("remove filler");
     b.stop();
 }
+
+/// Bytes free on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let o = Command::new("stat")
+        .args(["-f", "-c", "%a %S"])
+        .arg(dir)
+        .output()
+        .expect("stat -f");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut n = out
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().expect("a number"));
+    n.next().expect("blocks free") * n.next().expect("block size")
+}
+
+/// A compacted topic's create reserves the room its first compaction
+/// writes the producers' snapshot into (a page beside the snapshot), or
+/// is refused: on a disk with room for all of the create but that page
+/// it succeeded without it, and that compaction then failed on the full
+/// disk. Freed a page at a time from full, the first create that
+/// succeeds has the room, and each one refused before it left the disk's
+/// free space as it found it.
+#[test]
+fn a_compacted_create_has_its_snapshot_room_or_is_refused() {
+    on_small_disk("", |b, data| {
+        let create = [
+            &["topics", "create", "c", "--cleanup", "compact"][..],
+            &SMALL_RING,
+        ]
+        .concat();
+        // The broker's own files a first create makes (the topic table,
+        // the settings files) are there before the disk is full.
+        assert_ok(&b.cli(&create));
+        assert_ok(&b.cli(&["topics", "delete", "c"]));
+        let filler = fill_up(data);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .expect("filler");
+        let page = 4096;
+        // Short of the ring and the compaction's segment by a few pages.
+        let ring = 3 * 65536;
+        let mut len = f.metadata().expect("filler").len() / page * page - (ring - 4 * page);
+        let mut refused = 0;
+        loop {
+            f.set_len(len).expect("truncate");
+            let before = free_bytes(data);
+            let o = b.cli(&create);
+            if o.status.success() {
+                break;
+            }
+            assert!(stderr(&o).contains("storage_full"), "{}", stderr(&o));
+            assert_eq!(free_bytes(data), before, "a refused create kept room");
+            refused += 1;
+            assert!(refused < 64, "not created with 256 KiB more free");
+            len -= page;
+        }
+        assert!(refused >= 4, "created without the ring's room");
+        let spare = data.join("producer-state/c-0.snap.spare");
+        let blocks = std::os::unix::fs::MetadataExt::blocks(
+            &std::fs::metadata(&spare).expect("the snapshot's spare"),
+        );
+        assert!(
+            blocks * 512 >= page,
+            "{}: {blocks} blocks after {refused} refused",
+            spare.display()
+        );
+    });
+}

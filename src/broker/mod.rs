@@ -1261,10 +1261,15 @@ impl Broker {
         let mut no_room = Vec::new();
         for (id, _) in self.storage.partitions() {
             let keep = self.cleanup_config(&id.topic).policy.compacts();
-            let snapshot = self.producers.snapshot_path(&id.topic, id.partition);
-            let written = snapshot.exists() && meta::spare_path(&snapshot).exists();
+            // A spare that exists may still lack its room (made while the
+            // disk was full): topped up too.
+            let written = self
+                .producers
+                .snapshot_path(&id.topic, id.partition)
+                .is_file();
             let reserved = match self.storage.set_spare(&id, keep).await {
-                Ok(()) if keep && !written => self.reserve_snapshot_room(&id.topic, id.partition),
+                Ok(()) if keep && written => self.snapshot_room(&id.topic, id.partition),
+                Ok(()) if keep => self.reserve_snapshot_room(&id.topic, id.partition),
                 r => r,
             };
             match reserved {
@@ -2073,7 +2078,10 @@ impl Broker {
     /// Writes a compacted partition's producers' snapshot while the disk
     /// has room: a compaction writes one before it frees segments, into
     /// the room the last write kept (`meta::write_atomic_reserved`), which
-    /// the first has only if one was written before.
+    /// the first has only if one was written before. That write keeps the
+    /// room only while the disk has it, so the room is made sure of after:
+    /// without it, the error (the write alone succeeded on a disk with a
+    /// page free, and the first compaction on a full disk then failed).
     fn reserve_snapshot_room(&self, topic: &str, partition: u32) -> Result<(), StorageError> {
         let hw = self
             .storage
@@ -2081,8 +2089,15 @@ impl Broker {
             .high_watermark;
         self.producers
             .snapshot(topic, partition, hw)
-            .map(|_| ())
-            .map_err(StorageError::Meta)
+            .map_err(StorageError::Meta)?;
+        self.snapshot_room(topic, partition)
+    }
+
+    /// The room a partition's next producers' snapshot is written into,
+    /// topped up if it lacks some.
+    fn snapshot_room(&self, topic: &str, partition: u32) -> Result<(), StorageError> {
+        meta::reserve_room(&self.producers.snapshot_path(topic, partition))
+            .map_err(|e| StorageError::Meta(meta::MetaError::Io(e)))
     }
 
     /// Gives back the compaction spares of partitions `0..n` of a topic

@@ -1095,3 +1095,58 @@ fn a_topic_create_whose_directory_fsync_fails_leaves_nothing() {
         b.close().expect("close");
     }
 }
+
+/// The names in `dir`, sorted (none if it is missing).
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A compacted topic's create writes each partition's producers' snapshot
+/// and makes sure of the room the next one goes into, which a compaction
+/// on a full disk writes. With a directory where partition 1's snapshot
+/// goes, the write exchanged it into the spare's place (renameat2 takes a
+/// directory as well as a file) and the create succeeded without that
+/// room. Now the create is refused and keeps nothing, the directory stays
+/// where it was; once it is gone the create succeeds, with the room.
+#[test]
+fn a_compacted_create_that_cannot_reserve_its_snapshot_room_is_refused() {
+    let rig = Rig::fault(44);
+    let b = open(rig.open(), &rig);
+    let state = rig.dir.path().join("producer-state");
+    let in_the_way = state.join("t-1.snap");
+    std::fs::create_dir_all(&in_the_way).expect("mkdir");
+    let spec = TopicSpec {
+        partitions: Some(2),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    let refused = block_on(b.create_topic("t", &spec));
+    assert!(refused.is_err(), "created: {refused:?}");
+    assert!(b.topic("t").is_err(), "listed after a failed create");
+    assert!(
+        !b.storage()
+            .partitions()
+            .iter()
+            .any(|(id, _)| &*id.topic == "t"),
+        "a partition stays"
+    );
+    assert!(!rig.dir.path().join("topics/t").exists());
+    assert_eq!(names_in(&state), ["t-1.snap"]);
+    assert!(in_the_way.is_dir(), "moved");
+
+    std::fs::remove_dir(&in_the_way).expect("rmdir");
+    create(&b, "t", spec);
+    for p in 0..2 {
+        let spare = state.join(format!("t-{p}.snap.spare"));
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&spare).unwrap());
+        assert!(blocks * 512 >= 4096, "{}: {blocks} blocks", spare.display());
+    }
+    b.close().expect("close");
+}

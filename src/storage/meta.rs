@@ -208,6 +208,11 @@ pub fn write_atomic_reserved<T: serde::Serialize>(path: &Path, value: &T) -> Res
     // A failed write keeps the spare: its blocks are still the room the
     // next write needs.
     written?;
+    // Only a file is exchanged: a directory at `path` would become the
+    // spare, and the write would look done with no room kept.
+    if fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(MetaError::Io(io::Error::from_raw_os_error(libc::EISDIR)));
+    }
     match super::io::exchange(&spare, path) {
         Ok(()) => {}
         Err(e)
@@ -240,27 +245,44 @@ pub fn write_atomic_reserved<T: serde::Serialize>(path: &Path, value: &T) -> Res
         let _ = fs::remove_file(&spare);
         return Err(MetaError::Unsynced(e));
     }
-    reserve_spare(&spare, spare_room(out.len()));
+    // Best effort: without room on the disk the next write has what the
+    // spare has ([`reserve_room`] tells).
+    if let Err(e) = reserve_spare(&spare, spare_room(out.len())) {
+        log::debug!("{}: cannot keep its room: {e}", spare.display());
+    }
     Ok(())
 }
 
+/// Makes sure the spare beside `path` holds the room the next
+/// [`write_atomic_reserved`] of `path` writes into, which that write's own
+/// top-up does only while the disk has room: for a caller that must know
+/// (a compacted partition's create). An error if it cannot: a full disk,
+/// or something other than files at the two paths. Where the file system
+/// has no fallocate, what the spare has.
+pub fn reserve_room(path: &Path) -> io::Result<()> {
+    let m = fs::metadata(path)?;
+    if !m.is_file() {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
+    }
+    match reserve_spare(&spare_path(path), spare_room(m.len() as usize)) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        r => r,
+    }
+}
+
 /// Makes sure the spare has `room` bytes of blocks, without changing its
-/// size (its content does not matter). Best effort: without room on the
-/// disk, or without fallocate, the next write has what the spare has.
-fn reserve_spare(spare: &Path, room: u64) {
+/// size (its content does not matter).
+fn reserve_spare(spare: &Path, room: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    let Ok(f) = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .open(spare)
-    else {
-        return;
-    };
+        .open(spare)?;
     // Already there: no call, so no journal work on an SD card.
-    if f.metadata().is_ok_and(|m| m.blocks() * 512 >= room) {
-        return;
+    if f.metadata()?.blocks() * 512 >= room {
+        return Ok(());
     }
     // SAFETY: the descriptor is open for writing for the whole call.
     let rc = unsafe {
@@ -272,12 +294,9 @@ fn reserve_spare(spare: &Path, room: u64) {
         )
     };
     if rc != 0 {
-        log::debug!(
-            "{}: cannot reserve {room} bytes: {}",
-            spare.display(),
-            io::Error::last_os_error()
-        );
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// A [`write_atomic`] of `path` done but for its directory sync
