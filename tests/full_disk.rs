@@ -307,6 +307,7 @@ fn a_compacted_create_has_its_snapshot_room_or_is_refused() {
         let ring = 3 * 65536;
         let mut len = f.metadata().expect("filler").len() / page * page - (ring - 4 * page);
         let mut refused = 0;
+        let mut last = String::new();
         loop {
             f.set_len(len).expect("truncate");
             let before = free_bytes(data);
@@ -314,13 +315,21 @@ fn a_compacted_create_has_its_snapshot_room_or_is_refused() {
             if o.status.success() {
                 break;
             }
-            assert!(stderr(&o).contains("storage_full"), "{}", stderr(&o));
+            last = stderr(&o);
+            assert!(last.contains("storage_full"), "{last}");
             assert_eq!(free_bytes(data), before, "a refused create kept room");
             refused += 1;
             assert!(refused < 64, "not created with 256 KiB more free");
             len -= page;
         }
         assert!(refused >= 4, "created without the ring's room");
+        // The page short: said as the create's other failures are.
+        assert!(
+            last.contains("topic 'c' was not created: its partition 0's room for compaction could not be reserved (")
+                && last.contains("nothing of the topic was kept")
+                && last.contains("the disk is full"),
+            "{last}"
+        );
         let spare = data.join("producer-state/c-0.snap.spare");
         let blocks = std::os::unix::fs::MetadataExt::blocks(
             &std::fs::metadata(&spare).expect("the snapshot's spare"),

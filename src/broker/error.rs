@@ -157,10 +157,13 @@ pub enum BrokerError {
     /// `left`, partitions that could not be removed (the broker removes
     /// them at the next create of the topic, or its next start), and the
     /// table entry if it could not be rewritten (`table_error`: the next
-    /// start completes the create).
+    /// start completes the create). With `compaction_room`, the partition
+    /// was made but the room a compacted partition's first compaction
+    /// writes into (the producers' snapshot's) could not be reserved.
     PartitionNotCreated {
         topic: String,
         partition: u32,
+        compaction_room: bool,
         error: Arc<StorageError>,
         left: Vec<(u32, Arc<StorageError>)>,
         table_error: Option<Arc<StorageError>>,
@@ -337,15 +340,24 @@ impl std::fmt::Display for BrokerError {
             Self::PartitionNotCreated {
                 topic,
                 partition,
+                compaction_room,
                 error,
                 left,
                 table_error,
             } => {
-                write!(
-                    f,
-                    "topic '{topic}' was not created: its partition {partition} could not be \
-                     created ({error}), and "
-                )?;
+                if *compaction_room {
+                    write!(
+                        f,
+                        "topic '{topic}' was not created: its partition {partition}'s room for \
+                         compaction could not be reserved ({error}), and "
+                    )?;
+                } else {
+                    write!(
+                        f,
+                        "topic '{topic}' was not created: its partition {partition} could not \
+                         be created ({error}), and "
+                    )?;
+                }
                 if left.is_empty() && table_error.is_none() {
                     write!(f, "nothing of the topic was kept")?;
                 } else {
@@ -543,9 +555,17 @@ pub(crate) fn disk_full(e: &StorageError) -> bool {
     match e {
         StorageError::Io(io) => enospc(io),
         StorageError::InsufficientSpace { .. } => true,
-        StorageError::Meta(
-            crate::storage::meta::MetaError::Io(io) | crate::storage::meta::MetaError::Unsynced(io),
-        ) => enospc(io),
+        StorageError::Meta(m) => meta_full(m),
+        _ => false,
+    }
+}
+
+/// [`disk_full`] for a metadata file's error, also one that names its file.
+fn meta_full(e: &crate::storage::meta::MetaError) -> bool {
+    use crate::storage::meta::MetaError;
+    match e {
+        MetaError::Io(io) | MetaError::Unsynced(io) => io.raw_os_error() == Some(libc::ENOSPC),
+        MetaError::File { error, .. } => meta_full(error),
         _ => false,
     }
 }

@@ -1640,6 +1640,7 @@ impl Broker {
                         BrokerError::PartitionNotCreated {
                             topic: name.to_owned(),
                             partition: p,
+                            compaction_room: false,
                             error,
                             left,
                             table_error,
@@ -1650,8 +1651,16 @@ impl Broker {
             }
             if compacts {
                 if let Err(e) = self.reserve_snapshot_room(name, p) {
-                    self.rollback_create(&admin, name, p + 1, &mut table).await;
-                    return Err(BrokerError::creating_unlisted(name, e));
+                    let (left, table_error) =
+                        self.rollback_create(&admin, name, p + 1, &mut table).await;
+                    return Err(BrokerError::PartitionNotCreated {
+                        topic: name.to_owned(),
+                        partition: p,
+                        compaction_room: true,
+                        error: Arc::new(e),
+                        left,
+                        table_error,
+                    });
                 }
             }
             if hold {
@@ -2089,7 +2098,7 @@ impl Broker {
             .high_watermark;
         self.producers
             .snapshot(topic, partition, hw)
-            .map_err(StorageError::Meta)?;
+            .map_err(|e| self.in_snapshot_file(topic, partition, e))?;
         self.snapshot_room(topic, partition)
     }
 
@@ -2097,7 +2106,15 @@ impl Broker {
     /// topped up if it lacks some.
     fn snapshot_room(&self, topic: &str, partition: u32) -> Result<(), StorageError> {
         meta::reserve_room(&self.producers.snapshot_path(topic, partition))
-            .map_err(|e| StorageError::Meta(meta::MetaError::Io(e)))
+            .map_err(|e| self.in_snapshot_file(topic, partition, meta::MetaError::Io(e)))
+    }
+
+    /// A snapshot's error, naming the file: what an operator looks at.
+    fn in_snapshot_file(&self, topic: &str, partition: u32, e: meta::MetaError) -> StorageError {
+        StorageError::Meta(meta::MetaError::File {
+            path: self.producers.snapshot_path(topic, partition),
+            error: Box::new(e),
+        })
     }
 
     /// Gives back the compaction spares of partitions `0..n` of a topic

@@ -1150,3 +1150,31 @@ fn a_compacted_create_that_cannot_reserve_its_snapshot_room_is_refused() {
     }
     b.close().expect("close");
 }
+
+/// The snapshot room's failure is said as the partition's is: the topic
+/// was not created, which partition, why, and what was kept. It was
+/// storage's bare error, and the rollback's report of what stayed was
+/// dropped.
+#[test]
+fn a_create_refused_for_its_snapshot_room_says_the_topic_was_not_created() {
+    let rig = Rig::fault(45);
+    let b = open(rig.open(), &rig);
+    std::fs::create_dir_all(rig.dir.path().join("producer-state/t-1.snap")).expect("mkdir");
+    let spec = TopicSpec {
+        partitions: Some(2),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    };
+    let e = block_on(b.create_topic("t", &spec)).expect_err("refused");
+    let text = e.to_string();
+    assert!(
+        text.starts_with(
+            "topic 't' was not created: its partition 1's room for compaction could not be \
+             reserved ("
+        ) && text.ends_with("), and nothing of the topic was kept"),
+        "{text}"
+    );
+    assert!(text.contains("producer-state/t-1.snap: "), "{text}");
+    assert!(!e.is_disk_full(), "{e:?}");
+    b.close().expect("close");
+}
