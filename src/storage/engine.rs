@@ -24,7 +24,9 @@ use super::part::{
 };
 use super::read::Ahead;
 use super::readbuf::ReadBuf;
-use super::recovery::{checkpoint_path, checkpoint_written, write_checkpoint, Checkpoint};
+use super::recovery::{
+    checkpoint_path, checkpoint_path_in, checkpoint_written, write_checkpoint, Checkpoint,
+};
 use super::syncpool::{self, SyncPool};
 use super::{
     meta, Durability, PartShared, PartitionConfig, PartitionId, Reply, Shared, StatsInner,
@@ -369,6 +371,8 @@ pub(super) struct Engine {
 struct CreateSync {
     c: Creating,
     part: Part,
+    /// The checkpoint the syncs write.
+    checkpoint: Checkpoint,
     job: syncpool::Pending<Result<(), StorageError>>,
 }
 
@@ -1193,6 +1197,7 @@ impl Engine {
             cfg: c.cfg.clone(),
         };
         let dir = c.dir.clone();
+        let checkpoint = part.end_checkpoint();
         let (sync_dir, id) = (self.ctx.io.detached_sync_dir(), c.id.clone());
         let dir_no_space = no_space_at_create(&c.id, &c.cfg);
         // Says which directory; ENOSPC as the files' does.
@@ -1224,6 +1229,11 @@ impl Engine {
                 sync().map_err(&no_space)?;
             }
             dir_synced(&dir)?;
+            // The first checkpoint now, while the create has room: the
+            // refreshes rewrite it in place and need none. Left to the
+            // first refresh, a disk that filled before it never had one
+            // (recovery then scans the whole log at each start).
+            meta::overwrite(&checkpoint_path_in(&dir), &checkpoint)?;
             // A partition.meta renamed in place but not synced
             // (`MetaError::Unsynced`) fails the create like any other
             // error: `create_failed` removes the directory, meta file
@@ -1239,7 +1249,12 @@ impl Engine {
             Ok(())
         };
         let job = self.sync_pool.run(work);
-        self.create_syncs.push(CreateSync { c, part, job });
+        self.create_syncs.push(CreateSync {
+            c,
+            part,
+            checkpoint,
+            job,
+        });
     }
 
     /// Answers each create whose syncs are done (with `wait`, every one:
@@ -1254,7 +1269,12 @@ impl Engine {
                 i += 1;
                 continue;
             }
-            let CreateSync { c, mut part, job } = self.create_syncs.remove(i);
+            let CreateSync {
+                c,
+                mut part,
+                checkpoint,
+                job,
+            } = self.create_syncs.remove(i);
             let res = job
                 .take()
                 .unwrap_or_else(|| Err(io::Error::other("a create's syncs panicked").into()));
@@ -1264,6 +1284,7 @@ impl Engine {
                         self.ctx.close(f);
                     }
                     part.synced_elsewhere(self.ctx.cfg.clock.now());
+                    part.checkpointed = checkpoint;
                     log::info!("created partition {}: {}", c.id, c.cfg);
                     self.register(part);
                     let _ = c.reply.try_send(Ok(()));

@@ -1440,9 +1440,14 @@ fn magic_finder() -> &'static memchr::memmem::Finder<'static> {
 /// Before the first append after a clean start: the clean shutdown's
 /// checkpoint must stop saying "nothing was written after me" before
 /// anything is, or a crash in the next second would leave batches past the
-/// end that recovery skips erasing (see `erase_crashed_run`). Rewritten as
-/// not clean, or, if that fails (a full disk), removed (recovery is correct
-/// without one); refused only if neither works.
+/// end that recovery skips erasing (see `erase_crashed_run`). Replaced as
+/// not clean; if that fails (a full disk: the new file needs a block),
+/// overwritten in place, fdatasynced before the append as the replacement
+/// is (torn by a crash, it fails its check, and recovery does without
+/// it), so that the file keeps its block for the refreshes; else removed
+/// (recovery is correct without one, but scans the whole log, and on a
+/// full disk no refresh could write it again); refused only if none
+/// works.
 pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
     let path = p.dir.join(CHECKPOINT_META);
     let ck = Checkpoint {
@@ -1452,7 +1457,9 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
     // One renamed in place but not synced says "not clean" as well as a
     // synced one; removing it instead would be a directory change no more
     // durable, and would lose what it says was durable.
-    match meta::unsynced_is_written(&path, meta::write_atomic(&path, &ck)) {
+    let written = meta::unsynced_is_written(&path, meta::write_atomic(&path, &ck))
+        .or_else(|e| meta::overwrite(&path, &ck).map_err(|_| e));
+    match written {
         Ok(()) => p.checkpointed = ck,
         Err(e) => {
             log::warn!(
@@ -1473,7 +1480,12 @@ pub(super) fn unmark_clean(p: &mut Part) -> Result<(), StorageError> {
 
 /// The path of a partition's checkpoint.
 pub(super) fn checkpoint_path(p: &Part) -> PathBuf {
-    p.dir.join(CHECKPOINT_META)
+    checkpoint_path_in(&p.dir)
+}
+
+/// The path of the checkpoint of the partition in `dir`.
+pub(super) fn checkpoint_path_in(dir: &Path) -> PathBuf {
+    dir.join(CHECKPOINT_META)
 }
 
 /// Replaces `checkpoint.meta` with `ck`; `now` is when, for the next

@@ -1040,7 +1040,7 @@ fn the_checkpoint_follows_the_log_once_a_second() {
     fill(&s, &id, 5, 0);
     let hw = s.offsets(&id).unwrap().high_watermark;
     time.advance(interval - std::time::Duration::from_millis(1));
-    assert_eq!(read(), None, "not yet");
+    assert_eq!(read(), Some(0), "not yet: the create's");
     time.advance(std::time::Duration::from_millis(1));
     eventually("due", Some(hw), read);
     fill(&s, &id, 5, 10);
@@ -1071,7 +1071,9 @@ fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
     }
     // A directory where the file goes: every write of it fails.
-    std::fs::create_dir(rig.dir.path().join("topics/ckbad/0/checkpoint.meta")).unwrap();
+    let bad_path = rig.dir.path().join("topics/ckbad/0/checkpoint.meta");
+    std::fs::remove_file(&bad_path).unwrap();
+    std::fs::create_dir(bad_path).unwrap();
     // The good partition's checkpoint is written in the same refresh: it
     // shows that refresh done, so no two rounds share one.
     let path = rig.dir.path().join("topics/ckgood/0/checkpoint.meta");
@@ -1096,6 +1098,124 @@ fn a_checkpoint_that_keeps_failing_is_logged_once_a_minute() {
     let lines = failed();
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(lines[1].contains("(4 more not logged since)"), "{lines:#?}");
+}
+
+/// A tmpfs mounted for a test on a directory of its own (root only):
+/// a full disk for real. Unmounted when dropped.
+pub(crate) struct Tmpfs {
+    pub(crate) at: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub(crate) fn mount(bytes: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let at = dir.path().join("data");
+        std::fs::create_dir(&at).ok()?;
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&at)
+            .output()
+            .ok()?;
+        o.status.success().then_some(Tmpfs { at, _dir: dir })
+    }
+
+    /// Writes a file until the file system is full.
+    pub(crate) fn fill_up(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.at.join("filler")).expect("filler");
+        let chunk = vec![0xa5u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+/// A 4 MiB tmpfs and a real-files rig to open storage on it with
+/// [`open_on`]; none where no tmpfs can be mounted (the test is skipped,
+/// with a note).
+fn on_small_tmpfs() -> Option<(Tmpfs, Rig)> {
+    let Some(fs) = Tmpfs::mount(4 << 20) else {
+        eprintln!("cannot mount a tmpfs here (needs root); skipped");
+        return None;
+    };
+    Some((fs, Rig::files(pwrite_backend)))
+}
+
+/// Storage on `fs`, on a clock the test moves.
+fn open_on(fs: &Tmpfs, rig: &Rig) -> (Storage, Arc<ManualClock>) {
+    let (clock, time) = Clock::manual(1_700_000_000_000);
+    let cfg = StorageConfig {
+        clock,
+        data_dir: fs.at.clone(),
+        ..rig.cfg()
+    };
+    (rig.open_with(cfg).unwrap(), time)
+}
+
+/// Lets the checkpoint refresh of `ck/0` on `fs` come due, and waits for
+/// it to claim the log's end.
+fn refreshed(fs: &Tmpfs, s: &Storage, time: &ManualClock) {
+    let path = fs.at.join("topics/ck/0/checkpoint.meta");
+    time.advance(std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS));
+    let hw = s.offsets(&pid("ck", 0)).unwrap().high_watermark;
+    eventually("refreshed on the full disk", Some(hw), || {
+        checkpoint_next_offset(&path)
+    });
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.at)
+            .status();
+    }
+}
+
+/// A partition's checkpoint is written at its create, so that it has its
+/// room from the start: the refreshes rewrite it in place and need none.
+/// Written first by the first refresh, a second after the create, it was
+/// never written if the disk filled before that, and every start then
+/// scanned the whole log.
+#[test]
+fn a_checkpoint_is_refreshed_on_a_disk_full_since_the_create() {
+    let Some((fs, rig)) = on_small_tmpfs() else {
+        return;
+    };
+    let (s, time) = open_on(&fs, &rig);
+    let id = pid("ck", 0);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    fs.fill_up();
+    for round in 0..2 {
+        fill(&s, &id, 5, round * 10);
+        refreshed(&fs, &s, &time);
+    }
+    s.shutdown().unwrap();
+}
+
+/// After a clean restart on a disk that filled meanwhile, the first
+/// append's clearing of the clean flag cannot replace the checkpoint (the
+/// new file needs a block): it is overwritten in place, and the refreshes
+/// go on rewriting it. It was removed instead, giving its block to
+/// whatever filled the disk, and no refresh could write it again while the
+/// disk was full.
+#[test]
+fn a_clean_checkpoint_cleared_on_a_full_disk_is_kept_and_refreshed() {
+    let Some((fs, rig)) = on_small_tmpfs() else {
+        return;
+    };
+    let id = pid("ck", 0);
+    let (s, _) = open_on(&fs, &rig);
+    block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
+    fill(&s, &id, 3, 0);
+    s.shutdown().unwrap();
+    fs.fill_up();
+    let (s, time) = open_on(&fs, &rig);
+    fill(&s, &id, 3, 10);
+    // Whatever fills the disk takes a block a removed checkpoint gave back.
+    fs.fill_up();
+    refreshed(&fs, &s, &time);
+    s.shutdown().unwrap();
 }
 
 /// When one partition's checkpoint is due, every other one whose durable
@@ -1123,7 +1243,11 @@ fn checkpoints_that_moved_are_rewritten_with_the_one_due() {
     fill(&s, &early, 3, 0);
     fill(&s, &late, 4, 10);
     time.advance(interval / 2 - std::time::Duration::from_millis(1));
-    assert_eq!((read("early"), read("late")), (None, None), "none due yet");
+    assert_eq!(
+        (read("early"), read("late")),
+        (Some(0), Some(0)),
+        "none due yet: the creates'"
+    );
     time.advance(std::time::Duration::from_millis(1));
     let hw = |id: &PartitionId| s.offsets(id).unwrap().high_watermark;
     eventually("due", Some(hw(&early)), || read("early"));
@@ -1157,6 +1281,7 @@ fn a_failed_checkpoint_in_a_batch_leaves_the_others_and_is_tried_again() {
         block_on(s.create_partition(id.clone(), small_cfg())).unwrap();
     }
     // A directory where the file goes: its rewrite fails (EISDIR).
+    std::fs::remove_file(path("bad")).unwrap();
     std::fs::create_dir(path("bad")).unwrap();
     fill(&s, &good, 3, 0);
     fill(&s, &bad, 4, 10);
@@ -1198,7 +1323,7 @@ fn a_checkpoint_refresh_whose_thread_cannot_start_is_tried_again() {
     let hw = s.offsets(&id).unwrap().high_watermark;
     // Returns once the engine has run at the new time: the refresh failed.
     time.advance(interval);
-    assert!(!path.exists(), "no thread: not written");
+    assert_eq!(read(), Some(0), "no thread: not written");
     // Nothing appended since: only a retry writes it.
     fails.store(false, std::sync::atomic::Ordering::Relaxed);
     time.advance(interval);
