@@ -8,10 +8,13 @@
 //! and a thread per refresh plus one per checkpoint (65 for 64
 //! partitions, once a second while data flows), each with its stack, on a
 //! board of 512 MiB whose cores start a thread slowly. The threads here
-//! are started as work comes in while none is idle, and live until the
-//! storage thread ends: an idle one waits on a condition variable and
-//! never wakes. Work runs in the order handed over; each piece rings the
-//! storage thread's doorbell when done.
+//! are started as work comes in while none is idle. An idle one waits on
+//! a condition variable, and ends once it has waited [`IDLE_EXIT`] for
+//! work (kept for good, an idle broker that had refreshed many
+//! checkpoints kept 16 threads asleep): it wakes for that once, not
+//! periodically, and the next work starts a thread again. Work runs in
+//! the order handed over; each piece rings the storage thread's doorbell
+//! when done.
 
 use super::doorbell::Doorbell;
 use std::collections::VecDeque;
@@ -19,6 +22,11 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long a pool thread waits for work before it ends: longer than the
+/// checkpoint refresh's second, so that a steady load keeps its threads.
+pub(super) const IDLE_EXIT: Duration = Duration::from_secs(10);
 
 /// A pool's threads: how many at most, their name and stack.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +35,8 @@ pub(super) struct Spec {
     pub(super) name: &'static str,
     pub(super) threads: usize,
     stack_bytes: usize,
+    /// An idle thread ends after this.
+    idle_exit: Duration,
 }
 
 /// A create's syncs: fdatasyncs, fsyncs and one small metadata file. Two
@@ -36,6 +46,7 @@ pub(super) const CREATE: Spec = Spec {
     name: "skiff-create",
     threads: 2,
     stack_bytes: 256 * 1024,
+    idle_exit: IDLE_EXIT,
 };
 
 /// Checkpoint rewrites (an open, a write, an fdatasync each), up to 16 at
@@ -48,6 +59,7 @@ pub(super) const CHECKPOINTS: Spec = Spec {
     name: "skiff-checkpt",
     threads: 16,
     stack_bytes: 64 * 1024,
+    idle_exit: IDLE_EXIT,
 };
 
 const _: () = assert!(CREATE.name.len() <= 15 && CHECKPOINTS.name.len() <= 15);
@@ -59,6 +71,8 @@ struct Queue {
     jobs: VecDeque<Job>,
     /// Threads waiting for a job.
     idle: usize,
+    /// Threads started and not yet ended (an idle one ends).
+    running: usize,
     /// The storage thread is ending: the threads run what is queued, then
     /// end.
     closing: bool,
@@ -78,6 +92,7 @@ impl Shared {
 
 pub(super) struct SyncPool {
     shared: Arc<Shared>,
+    /// Those started; some may have ended idle (dropped at the next start).
     threads: Vec<std::thread::JoinHandle<()>>,
     bell: Arc<Doorbell>,
     spec: Spec,
@@ -186,10 +201,14 @@ impl SyncPool {
     /// and there is room; handed back if no thread runs nor can start.
     fn hand_over(&mut self, job: Job) -> Result<(), (io::Error, Job)> {
         let mut q = self.shared.lock();
-        if q.idle == 0 && self.threads.len() < self.spec.threads {
+        if q.idle == 0 && q.running < self.spec.threads {
+            self.threads.retain(|t| !t.is_finished());
             match self.spawn() {
-                Ok(t) => self.threads.push(t),
-                Err(e) if self.threads.is_empty() => return Err((e, job)),
+                Ok(t) => {
+                    self.threads.push(t);
+                    q.running += 1;
+                }
+                Err(e) if q.running == 0 => return Err((e, job)),
                 // The running ones take it.
                 Err(_) => {}
             }
@@ -205,11 +224,11 @@ impl SyncPool {
         if self.spawn_fails.load(Ordering::Relaxed) {
             return Err(io::Error::from(io::ErrorKind::WouldBlock));
         }
-        let shared = self.shared.clone();
+        let (shared, idle_exit) = (self.shared.clone(), self.spec.idle_exit);
         std::thread::Builder::new()
             .name(self.spec.name.into())
             .stack_size(self.spec.stack_bytes)
-            .spawn(move || serve(&shared))
+            .spawn(move || serve(&shared, idle_exit))
     }
 
     /// Waits for everything handed over to be done, and the threads to end.
@@ -231,7 +250,7 @@ impl Drop for SyncPool {
     }
 }
 
-fn serve(shared: &Shared) {
+fn serve(shared: &Shared, idle_exit: Duration) {
     loop {
         let mut q = shared.lock();
         let job = loop {
@@ -239,13 +258,92 @@ fn serve(shared: &Shared) {
                 break job;
             }
             if q.closing {
+                q.running -= 1;
                 return;
             }
             q.idle += 1;
-            q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner());
+            let (held, waited) = shared
+                .work
+                .wait_timeout(q, idle_exit)
+                .unwrap_or_else(|e| e.into_inner());
+            q = held;
             q.idle -= 1;
+            // Ended under the lock, with the queue empty: work handed over
+            // while this thread counted as idle is in the queue, and this
+            // thread takes it before it may end.
+            if waited.timed_out() && q.jobs.is_empty() && !q.closing {
+                q.running -= 1;
+                return;
+            }
         };
         drop(q);
         job();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const NAME: &str = "skiff-pooltest";
+
+    /// This process's threads named [`NAME`] (nextest runs each test in a
+    /// process of its own).
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == NAME)
+            .count()
+    }
+
+    /// Waits, up to a bound no busy machine reaches, for `want` threads.
+    fn threads_become(want: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while threads() != want {
+            assert!(Instant::now() < deadline, "{what}: {} threads", threads());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Threads that have been idle a while end (an idle broker kept 16
+    /// checkpoint threads asleep for good), and work that comes after is
+    /// run all the same, on a thread started for it.
+    #[test]
+    fn idle_threads_end_and_work_after_starts_one() {
+        let bell = Arc::new(Doorbell::new().expect("doorbell"));
+        let spec = Spec {
+            name: NAME,
+            threads: 4,
+            stack_bytes: 64 * 1024,
+            idle_exit: Duration::from_millis(50),
+        };
+        let mut pool = SyncPool::new(&bell, spec);
+        // Four jobs held at once: four threads.
+        let gate = Arc::new(std::sync::Barrier::new(5));
+        let held: Vec<_> = (0..4)
+            .map(|i| {
+                let gate = gate.clone();
+                pool.run(move || {
+                    gate.wait();
+                    i
+                })
+            })
+            .collect();
+        threads_become(4, "four held");
+        gate.wait();
+        for (i, p) in held.into_iter().enumerate() {
+            p.wait();
+            assert_eq!(p.take(), Some(i));
+        }
+        threads_become(0, "idle");
+        for round in 0..3 {
+            let p = pool.run(move || round);
+            p.wait();
+            assert_eq!(p.take(), Some(round));
+        }
+        pool.close();
+        assert_eq!(threads(), 0, "after close");
     }
 }

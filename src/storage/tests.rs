@@ -4181,7 +4181,7 @@ fn threads_named(name: &str) -> std::collections::BTreeSet<String> {
 }
 
 /// Checkpoint refreshes run on the checkpoint pool's threads, started once
-/// and kept until the shutdown: after a 64-partition create, refresh after
+/// and kept while work comes: after a 64-partition create, refresh after
 /// refresh of every partition's checkpoint runs on the same few threads.
 /// A thread per refresh, which started one per checkpoint, started 65
 /// threads a second for 64 partitions while data flowed.
@@ -4243,7 +4243,8 @@ fn checkpoint_refreshes_start_no_thread_each() {
             seen.len()
         );
     }
-    assert_eq!(threads_named(CREATE.name).len(), creating);
+    // None started (one idle past `syncpool::IDLE_EXIT` may have ended).
+    assert!(threads_named(CREATE.name).len() <= creating);
     s.shutdown().unwrap();
     assert!(
         threads_named(CHECKPOINTS.name).is_empty(),
