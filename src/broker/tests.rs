@@ -1096,6 +1096,15 @@ fn a_topic_create_whose_directory_fsync_fails_leaves_nothing() {
     }
 }
 
+/// A compacted topic of `partitions`.
+fn compacted(partitions: u32) -> TopicSpec {
+    TopicSpec {
+        partitions: Some(partitions),
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicSpec::default()
+    }
+}
+
 /// The names in `dir`, sorted (none if it is missing).
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -1122,11 +1131,7 @@ fn a_compacted_create_that_cannot_reserve_its_snapshot_room_is_refused() {
     let state = rig.dir.path().join("producer-state");
     let in_the_way = state.join("t-1.snap");
     std::fs::create_dir_all(&in_the_way).expect("mkdir");
-    let spec = TopicSpec {
-        partitions: Some(2),
-        cleanup: Some(CleanupPolicy::Compact),
-        ..TopicSpec::default()
-    };
+    let spec = compacted(2);
     let refused = block_on(b.create_topic("t", &spec));
     assert!(refused.is_err(), "created: {refused:?}");
     assert!(b.topic("t").is_err(), "listed after a failed create");
@@ -1160,11 +1165,7 @@ fn a_create_refused_for_its_snapshot_room_says_the_topic_was_not_created() {
     let rig = Rig::fault(45);
     let b = open(rig.open(), &rig);
     std::fs::create_dir_all(rig.dir.path().join("producer-state/t-1.snap")).expect("mkdir");
-    let spec = TopicSpec {
-        partitions: Some(2),
-        cleanup: Some(CleanupPolicy::Compact),
-        ..TopicSpec::default()
-    };
+    let spec = compacted(2);
     let e = block_on(b.create_topic("t", &spec)).expect_err("refused");
     let text = e.to_string();
     assert!(
@@ -1176,5 +1177,55 @@ fn a_create_refused_for_its_snapshot_room_says_the_topic_was_not_created() {
     );
     assert!(text.contains("producer-state/t-1.snap: "), "{text}");
     assert!(!e.is_disk_full(), "{e:?}");
+    b.close().expect("close");
+}
+
+/// Blocks a file at `path` holds.
+fn blocks_of(path: &std::path::Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).expect("metadata"))
+}
+
+/// An alter to compacted reserves the snapshot's room as a create does:
+/// with a directory where partition 0's snapshot goes (the topic had
+/// none yet), it succeeded without it. Now it is refused, and the topic
+/// stays as it was.
+#[test]
+fn an_alter_to_compacted_that_cannot_reserve_its_snapshot_room_is_refused() {
+    let rig = Rig::fault(46);
+    let b = open(rig.open(), &rig);
+    create(&b, "t", TopicSpec::default());
+    let in_the_way = rig.dir.path().join("producer-state/t-0.snap");
+    std::fs::create_dir_all(&in_the_way).expect("mkdir");
+    let compact = TopicAlter {
+        cleanup: Some(CleanupPolicy::Compact),
+        ..TopicAlter::default()
+    };
+    let refused = block_on(b.alter_topic("t", &compact));
+    assert!(refused.is_err(), "altered: {refused:?}");
+    assert!(!b.cleanup_config("t").policy.compacts());
+    assert!(in_the_way.is_dir(), "moved");
+    std::fs::remove_dir(&in_the_way).expect("rmdir");
+    block_on(b.alter_topic("t", &compact)).expect("altered");
+    let spare = rig.dir.path().join("producer-state/t-0.snap.spare");
+    assert!(blocks_of(&spare) * 512 >= 4096, "{}", blocks_of(&spare));
+    b.close().expect("close");
+}
+
+/// A compacted partition whose snapshot's spare is there without its room
+/// (made while the disk was full) gets the room at the next start: only a
+/// spare that was missing was made before.
+#[test]
+fn start_up_gives_a_snapshot_spare_without_room_its_room() {
+    let rig = Rig::fault(47);
+    let b = open(rig.open(), &rig);
+    create(&b, "c", compacted(1));
+    b.close().expect("close");
+    drop(b);
+    let spare = rig.dir.path().join("producer-state/c-0.snap.spare");
+    std::fs::remove_file(&spare).expect("rm");
+    std::fs::File::create(&spare).expect("an empty spare");
+    assert_eq!(blocks_of(&spare), 0);
+    let b = open(rig.open(), &rig);
+    assert!(blocks_of(&spare) * 512 >= 4096, "{}", blocks_of(&spare));
     b.close().expect("close");
 }
