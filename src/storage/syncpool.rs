@@ -92,7 +92,7 @@ impl Shared {
 
 pub(super) struct SyncPool {
     shared: Arc<Shared>,
-    /// Those started; some may have ended idle (dropped at the next start).
+    /// Those started; some may have ended idle (joined at the next start).
     threads: Vec<std::thread::JoinHandle<()>>,
     bell: Arc<Doorbell>,
     spec: Spec,
@@ -202,7 +202,15 @@ impl SyncPool {
     fn hand_over(&mut self, job: Job) -> Result<(), (io::Error, Job)> {
         let mut q = self.shared.lock();
         if q.idle == 0 && q.running < self.spec.threads {
-            self.threads.retain(|t| !t.is_finished());
+            // Those that ended idle: joined (at once), so that none is
+            // left for the kernel to reap.
+            let (ended, live) = std::mem::take(&mut self.threads)
+                .into_iter()
+                .partition::<Vec<_>, _>(|t| t.is_finished());
+            self.threads = live;
+            for t in ended {
+                let _ = t.join();
+            }
             match self.spawn() {
                 Ok(t) => {
                     self.threads.push(t);
@@ -344,6 +352,6 @@ mod tests {
             assert_eq!(p.take(), Some(round));
         }
         pool.close();
-        assert_eq!(threads(), 0, "after close");
+        threads_become(0, "after close");
     }
 }
