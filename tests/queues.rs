@@ -1545,3 +1545,40 @@ fn a_dead_letter_write_that_keeps_failing_is_retried_slowly_and_logged_once() {
     assert_eq!(log.matches(line).count(), 1, "{log}");
     assert_eq!(log.matches("dead-letter write").count(), 1, "{log}");
 }
+
+/// A transaction's commit marker takes an offset in the partition but is
+/// the broker's, not a record (docs/transactions.md): a share group must
+/// step over it as a consumer does, not hand it to a worker.
+#[test]
+fn a_share_group_never_delivers_a_transaction_marker() {
+    let b = Broker::start("");
+    create(&b, "q", 1);
+    for v in ["c1", "c2"] {
+        let line = format!("q\t{v}\n");
+        assert_ok(&b.cli_stdin(&["txn", "--id", "w1"], Some(line.as_bytes())));
+    }
+    produce(&b, "q", &["p1".to_owned()]);
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "q", from_earliest(100, 200));
+        let got = take(&w, 3).await;
+        let seen: Vec<(u64, String)> = got
+            .iter()
+            .map(|r| {
+                let v = r.value.clone().map(|v| v.to_vec()).unwrap_or_default();
+                (r.offset, String::from_utf8_lossy(&v).into_owned())
+            })
+            .collect();
+        // Each commit's marker follows its record: offsets 1 and 3.
+        assert_eq!(
+            seen,
+            [
+                (0, "c1".to_owned()),
+                (2, "c2".to_owned()),
+                (4, "p1".to_owned())
+            ]
+        );
+        accept(&w, &got).await;
+        assert!(w.poll().await.expect("poll").is_empty(), "nothing more");
+    });
+}

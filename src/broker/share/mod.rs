@@ -1109,7 +1109,7 @@ impl ShareCoordinator {
                 Err(BrokerError::OffsetOutOfRange { .. }) => return ok(out, changed),
                 Err(e) => return failed(out, changed, e.into()),
             };
-            let (placed, end) = match super::decode_records(&fetched.records) {
+            let (placed, end) = match share_records(&fetched.records) {
                 Ok(r) => r,
                 Err(e) => return failed(out, changed, e.into()),
             };
@@ -1216,7 +1216,7 @@ impl ShareCoordinator {
                 }
                 Err(e) => return Err(e),
             };
-            let (placed, end) = super::decode_records(&fetched.records)?;
+            let (placed, end) = share_records(&fetched.records)?;
             // Past a gap with nothing after it (damage skipped, compaction).
             let end = end.max(fetched.next_offset.unwrap_or(0));
             if end <= o {
@@ -1816,6 +1816,23 @@ async fn any_of(listeners: Vec<event_listener::EventListener>) {
         std::task::Poll::Pending
     })
     .await;
+}
+
+/// The records a share group delivers from `bytes`, and the offset after
+/// its last batch. A transaction marker (a control batch) takes an offset
+/// but is the broker's, not a record (docs/transactions.md): it is
+/// stepped over, as consumers do, never handed to a worker.
+fn share_records(bytes: &[u8]) -> Result<(Vec<super::Placed<'_>>, u64), BrokerError> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    for view in crate::batch::BatchIter::new(bytes) {
+        let view = view?;
+        if !view.header.is_control() {
+            out.extend(super::decode_records(view.bytes)?.0);
+        }
+        next = view.header.next_offset();
+    }
+    Ok((out, next))
 }
 
 fn owned(
