@@ -201,6 +201,9 @@ impl ShareCoordinator {
                             *held.entry(member.to_string()).or_default() += 1;
                             ("acquired", Some(member.to_string()))
                         }
+                        // Rejected before a restart: on its way to the
+                        // dead-letter topic, not awaiting redelivery.
+                        RecState::Available { .. } if r.dead => ("dead_lettering", None),
                         RecState::Available { .. } => {
                             d.available += 1;
                             ("available", None)

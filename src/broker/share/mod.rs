@@ -403,6 +403,10 @@ struct InFlight {
     deliveries: u32,
     /// The last worker's reason, for the dead-letter record.
     error: Option<String>,
+    /// Rejected: it goes to the dead-letter topic, never back to a
+    /// worker. Written before the dead-letter record, so a crash in
+    /// between sends it there again after the restart.
+    dead: bool,
 }
 
 #[derive(Debug, Default)]
@@ -451,6 +455,9 @@ struct StateKey {
 }
 
 /// The written state: offsets in the window are deltas from `start`.
+/// Followed, when a record is rejected and not yet done, by the list of
+/// their deltas (`Vec<u64>`): a broker that predates it reads the state
+/// without it, as one that lost them to a crash.
 #[derive(Serialize, Deserialize)]
 struct StateValue {
     start: u64,
@@ -480,7 +487,17 @@ fn encode_value(sp: &SharePartition) -> Vec<u8> {
             .map(|(&o, r)| (o - sp.start, r.deliveries, r.state == RecState::Done))
             .collect(),
     };
-    postcard::to_allocvec(&v).expect("postcard encodes to a Vec")
+    let mut out = postcard::to_allocvec(&v).expect("postcard encodes to a Vec");
+    let dead: Vec<u64> = sp
+        .records
+        .iter()
+        .filter(|(_, r)| r.dead && r.state != RecState::Done)
+        .map(|(&o, _)| o - sp.start)
+        .collect();
+    if !dead.is_empty() {
+        out.extend(postcard::to_allocvec(&dead).expect("postcard encodes to a Vec"));
+    }
+    out
 }
 
 /// The share partition a share-log record holds; None for another
@@ -495,7 +512,15 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<(SpKey, Option<SharePartiti
     if value.is_empty() {
         return Some((key, None));
     }
-    let v: StateValue = postcard::from_bytes(value).ok()?;
+    let (v, rest): (StateValue, _) = postcard::take_from_bytes(value).ok()?;
+    let dead: BTreeSet<u64> = if rest.is_empty() {
+        BTreeSet::new()
+    } else {
+        postcard::from_bytes::<Vec<u64>>(rest)
+            .ok()?
+            .into_iter()
+            .collect()
+    };
     let records = v
         .records
         .into_iter()
@@ -511,6 +536,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<(SpKey, Option<SharePartiti
                     state,
                     deliveries,
                     error: None,
+                    dead: !done && dead.contains(&d),
                 },
             )
         })
@@ -1028,7 +1054,9 @@ impl ShareCoordinator {
                     break;
                 }
                 if let RecState::Available { not_before } = r.state {
-                    if not_before.is_none_or(|t| t <= now) && r.deliveries < settings.max_deliveries
+                    if not_before.is_none_or(|t| t <= now)
+                        && r.deliveries < settings.max_deliveries
+                        && !r.dead
                     {
                         r.state = RecState::Acquired {
                             member: member.clone(),
@@ -1143,6 +1171,7 @@ impl ShareCoordinator {
                             },
                             deliveries: 1,
                             error: None,
+                            dead: false,
                         },
                     );
                     out.push(d);
@@ -1287,6 +1316,10 @@ impl ShareCoordinator {
         // dead-letter topic.
         let mut dying_acks = Vec::new();
         let mut released = false;
+        let mut rejected = false;
+        // The records rejected as they were: put back if the reject is
+        // not written before their dead-letter write.
+        let mut undo_rejects: Vec<(SpKey, u64, InFlight)> = Vec::new();
         // The records accepted or released as they were: put back if the
         // state is not written, so the worker's retry finds its lock.
         let mut undo: Vec<(SpKey, u64, InFlight)> = Vec::new();
@@ -1350,7 +1383,12 @@ impl ShareCoordinator {
                         });
                     }
                     AckKind::Reject => {
+                        undo_rejects.push((key.clone(), a.offset, r.clone()));
+                        // Below max_deliveries, the reject itself must be
+                        // durable before the dead-letter write.
+                        rejected |= r.deliveries < settings.max_deliveries;
                         r.state = RecState::Dying;
+                        r.dead = true;
                         dying_acks.push(results.len());
                         dying.push(Dying {
                             key: key.clone(),
@@ -1366,6 +1404,13 @@ impl ShareCoordinator {
         }
         if released {
             self.changed.notify(usize::MAX);
+        }
+        if rejected {
+            if let Err(e) = self.write(dirty.iter().cloned().collect()).await {
+                undo.extend(undo_rejects);
+                self.unack(undo);
+                return Err(e);
+            }
         }
         if !dying.is_empty() {
             let keys: Vec<SpKey> = dying.iter().map(|d| d.key.clone()).collect();
@@ -1399,7 +1444,10 @@ impl ShareCoordinator {
                 .get_mut(&key)
                 .and_then(|sp| sp.records.get_mut(&offset))
             {
-                if matches!(r.state, RecState::Done | RecState::Available { .. }) {
+                if matches!(
+                    r.state,
+                    RecState::Done | RecState::Available { .. } | RecState::Dying
+                ) {
                     *r = before;
                 }
             }
@@ -1443,6 +1491,8 @@ impl ShareCoordinator {
                 if let Some(r) = sp.records.get_mut(&d.offset) {
                     if r.state == RecState::Dying {
                         r.state = if failed {
+                            // Back to the workers, as before the reject.
+                            r.dead = false;
                             RecState::Available { not_before: None }
                         } else {
                             RecState::Done
@@ -1632,18 +1682,25 @@ impl ShareCoordinator {
                         RecState::Dying | RecState::Done => continue,
                     };
                     if dead_letter
-                        && r.deliveries >= max
+                        && (r.deliveries >= max || r.dead)
                         && (expired || matches!(r.state, RecState::Available { .. }))
                     {
                         r.state = RecState::Dying;
+                        // A reject cut short by a restart (its reason was
+                        // not kept).
+                        let error = if r.dead {
+                            "rejected".to_owned()
+                        } else {
+                            format!(
+                                "max_deliveries ({max}) reached: {}",
+                                r.error.as_deref().unwrap_or("lock expired")
+                            )
+                        };
                         dying.push(Dying {
                             key: key.clone(),
                             offset: o,
                             deliveries: r.deliveries,
-                            error: format!(
-                                "max_deliveries ({max}) reached: {}",
-                                r.error.as_deref().unwrap_or("lock expired")
-                            ),
+                            error,
                         });
                     } else if expired {
                         r.state = RecState::Available { not_before: None };

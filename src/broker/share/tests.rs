@@ -61,14 +61,19 @@ fn the_default_share_config_is_the_embedded_default_configs() {
     );
 }
 
+/// An empty window `[start, next)`.
+fn window_of(start: u64, next: u64) -> SharePartition {
+    SharePartition {
+        start,
+        next,
+        ..SharePartition::default()
+    }
+}
+
 #[test]
 fn a_state_reads_back_with_locks_gone_and_counts_kept() {
     let member: Arc<str> = "m".into();
-    let mut sp = SharePartition {
-        start: 100,
-        next: 105,
-        ..SharePartition::default()
-    };
+    let mut sp = window_of(100, 105);
     let states = [
         RecState::Done,
         RecState::Acquired {
@@ -85,6 +90,7 @@ fn a_state_reads_back_with_locks_gone_and_counts_kept() {
                 state,
                 deliveries: i as u32 + 1,
                 error: None,
+                dead: false,
             },
         );
     }
@@ -109,6 +115,36 @@ fn a_state_reads_back_with_locks_gone_and_counts_kept() {
     assert_eq!(got, [(101, 2, true), (102, 3, true), (103, 4, true)]);
 }
 
+/// A rejected record not yet done reads back rejected; a broker that
+/// predates the mark reads the rest of the state as before.
+#[test]
+fn a_rejected_record_reads_back_rejected_and_an_older_broker_reads_the_rest() {
+    let mut sp = window_of(10, 12);
+    for (o, dead) in [(10, true), (11, false)] {
+        let state = RecState::Available { not_before: None };
+        let (deliveries, error) = (1, None);
+        let r = InFlight {
+            state,
+            deliveries,
+            error,
+            dead,
+        };
+        sp.records.insert(o, r);
+    }
+    let value = encode_value(&sp);
+    let key = ("g".to_owned(), "t".to_owned(), 0);
+    let (_, back) = decode_record(&encode_key(&key), &value).expect("decodes");
+    let dead: Vec<bool> = back
+        .expect("a state")
+        .records
+        .values()
+        .map(|r| r.dead)
+        .collect();
+    assert_eq!(dead, [true, false]);
+    let old: StateValue = postcard::from_bytes(&value).expect("an older broker decodes");
+    assert_eq!(old.records, [(0, 1, false), (1, 1, false)]);
+}
+
 #[test]
 fn another_versions_record_is_skipped_and_an_empty_value_deletes() {
     let key = ("g".to_owned(), "t".to_owned(), 0);
@@ -120,11 +156,7 @@ fn another_versions_record_is_skipped_and_an_empty_value_deletes() {
 
 #[test]
 fn all_done_moves_start_to_next() {
-    let mut sp = SharePartition {
-        start: 7,
-        next: 10,
-        ..SharePartition::default()
-    };
+    let mut sp = window_of(7, 10);
     for o in 7..10 {
         sp.records.insert(
             o,
@@ -132,6 +164,7 @@ fn all_done_moves_start_to_next() {
                 state: RecState::Done,
                 deliveries: 1,
                 error: None,
+                dead: false,
             },
         );
     }
@@ -1122,5 +1155,65 @@ fn an_unreadable_partition_does_not_hold_back_another_s_dead_letters() {
     );
     assert_eq!(dead_letter_after("u"), Some(false));
     assert_eq!(c.stats().lost, 0);
+    c.broker().close().expect("closed");
+}
+
+/// A reject whose dead-letter record is written but whose done mark is
+/// not (power is lost in between: here the acknowledgement's last write,
+/// the share log's, fails, then the power): after the restart the record
+/// goes to the dead-letter topic again (docs/queues.md, "Write, then
+/// acknowledge"), not back to a worker, which would process a record its
+/// worker rejected and the dead-letter topic holds.
+#[test]
+fn a_reject_cut_short_by_a_restart_goes_to_the_dead_letter_topic_again() {
+    use crate::storage::io::fault::FaultPlan;
+    let rig = Rig::fault(22);
+    let disk = rig.disk().expect("fault rig").clone();
+    let reject = |offset| Ack {
+        partition: 0,
+        offset,
+        kind: AckKind::Reject,
+        error: Some("bad record".into()),
+    };
+    {
+        let c = open(&rig, ShareConfig::default());
+        create(c.broker(), "t.dlq");
+        fill(c.broker(), "t", 3);
+        assert_eq!(take(&c, "t", "w", 3).len(), 3);
+        // The disk writes a reject takes, the last being the share log's.
+        let before = disk.writes();
+        let results = block_on(c.acknowledge("g", "t", "w", vec![reject(2)])).expect("ack");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let last = disk.writes() - before;
+        disk.set_plan(FaultPlan {
+            fail_write_nth: Some(disk.writes() + last),
+            errno: libc::EIO,
+            ..FaultPlan::default()
+        });
+        assert!(block_on(c.acknowledge("g", "t", "w", vec![reject(0)])).is_err());
+        let dlq = c.broker().offsets("t.dlq", 0).expect("t.dlq");
+        assert_eq!(dlq.high_watermark, 2, "offset 0's dead letter is written");
+        // Power lost: the failed write's bytes (some may have reached the
+        // media) are not durable.
+        disk.crash_dropping_unsynced();
+        // Fails on the crashed disk, but lets the data directory go.
+        let _ = c.broker().close();
+    }
+    disk.set_plan(FaultPlan::default());
+    disk.restart();
+    let c = open(&rig, ShareConfig::default());
+    let got: Vec<_> = take(&c, "t", "w", 10)
+        .iter()
+        .map(|d| (d.offset, d.delivery_count))
+        .collect();
+    assert_eq!(got, [(1, 2)], "the rejected record is not delivered again");
+    block_on(c.expire());
+    let dlq = c.broker().offsets("t.dlq", 0).expect("t.dlq");
+    assert_eq!(dlq.high_watermark, 3, "written again, at least once");
+    assert_eq!(
+        window(&c, "t", 0),
+        [(1, 2, true), (2, 1, false)],
+        "offset 0 is done"
+    );
     c.broker().close().expect("closed");
 }
