@@ -1582,3 +1582,35 @@ fn a_share_group_never_delivers_a_transaction_marker() {
         assert!(w.poll().await.expect("poll").is_empty(), "nothing more");
     });
 }
+
+/// A dead-lettered tombstone (a record without a value) is replayed as a
+/// tombstone, as the dead-letter topic holds it, not as an empty value:
+/// on a compacted topic one deletes its key, the other keeps it.
+#[test]
+fn dlq_replay_publishes_a_tombstone_back_as_a_tombstone() {
+    let b = Broker::start("");
+    create(&b, "kv", 1);
+    assert_ok(&b.cli(&["produce", "kv", "--key", "k1", "--tombstone"]));
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let w = ShareConsumer::new(client, "g", "kv", from_earliest(10, 200));
+        let got = take(&w, 1).await;
+        assert!(got[0].value.is_none(), "a tombstone");
+        let reason = "cannot delete".to_owned();
+        let codes = w
+            .ack(&[(0, got[0].offset, Outcome::Reject { reason })])
+            .await
+            .expect("reject");
+        assert_eq!(codes, [ErrorCode::None]);
+    });
+    assert_eq!(dlq_list(&b, "kv").len(), 1);
+    assert_ok(&b.cli(&["dlq", "replay", "kv"]));
+    smol::block_on(async {
+        let client = Client::connect(&b.tcp).await.expect("connect");
+        let r = ShareConsumer::new(client, "h", "kv", from_earliest(10, 200));
+        let got = take(&r, 2).await;
+        let key = got[1].key.clone().map(|k| k.to_vec());
+        assert_eq!(key.as_deref(), Some(&b"k1"[..]));
+        assert!(got[1].value.is_none(), "replayed: {:?}", got[1].value);
+    });
+}

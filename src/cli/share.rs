@@ -584,8 +584,9 @@ async fn replay_into(
                 .filter(|h| !h.name.starts_with(DLQ_HEADER_PREFIX))
                 .map(|h| (h.name.as_str(), &h.value[..]))
                 .collect();
-            let value = r.value.as_deref().map_or(&[][..], |v| &v[..]);
-            let d = producer.send(&to, r.key.as_deref().map(|k| &k[..]), value, &headers);
+            // A tombstone stays one: an empty value would keep its key.
+            let value = r.value.as_deref().map(|v| &v[..]);
+            let d = producer.send_copy(&to, r.key.as_deref().map(|k| &k[..]), value, &headers);
             sends.push((r.partition, r.offset, to, d));
         }
         producer.flush().await;

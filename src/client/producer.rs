@@ -428,6 +428,19 @@ impl Producer {
             .unwrap_or_else(Delivery::failed)
     }
 
+    /// As [`send`](Self::send), the value optional: a record copied as
+    /// it is, a tombstone (no value) staying one, headers and all.
+    pub fn send_copy(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Delivery {
+        self.enqueue(topic, None, key, value, headers)
+            .unwrap_or_else(Delivery::failed)
+    }
+
     /// As [`send`](Self::send), to a chosen partition.
     pub fn send_to(
         &self,
