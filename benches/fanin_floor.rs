@@ -26,33 +26,19 @@
 //! `cargo bench --bench fanin_floor`; `SKIFF_FANIN_CONNECTIONS` (default
 //! 1000) and `SKIFF_FANIN_REQUESTS` (default 300000) set the shape.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use common::{env, thread_cpu};
+
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 const REQUEST: usize = 130;
 const ANSWER: usize = 40;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// This thread's CPU time so far.
-fn thread_cpu() -> Duration {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
 
 struct Epoll(i32);
 

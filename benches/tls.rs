@@ -21,9 +21,13 @@
 //! frame. `cargo bench --bench tls`; `SKIFF_TLS_BENCH_MB` (default 256)
 //! sets the data per figure.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
+
+use common::thread_cpu;
 
 use ring::aead;
 use rustls::crypto::ring::cipher_suite as cs;
@@ -37,17 +41,6 @@ use rustls::{
 const RECORD: usize = 16 * 1024;
 const WRITE: usize = 64 * 1024;
 
-/// This thread's CPU time so far.
-fn cpu() -> Duration {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
 fn megabytes() -> usize {
     std::env::var("SKIFF_TLS_BENCH_MB")
         .ok()
@@ -60,7 +53,7 @@ fn ring_ms_per_mb(alg: &'static aead::Algorithm, bytes: usize) -> f64 {
     let key = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &vec![7; alg.key_len()]).unwrap());
     let mut record = vec![0x5a; RECORD];
     let records = bytes / RECORD;
-    let start = cpu();
+    let start = thread_cpu();
     for i in 0..records {
         let nonce = |i: usize| {
             let mut n = [0u8; aead::NONCE_LEN];
@@ -77,7 +70,7 @@ fn ring_ms_per_mb(alg: &'static aead::Algorithm, bytes: usize) -> f64 {
         let n = plain.len();
         record.truncate(n);
     }
-    (cpu() - start).as_secs_f64() * 1e3 / ((records * RECORD) as f64 / 1e6)
+    (thread_cpu() - start).as_secs_f64() * 1e3 / ((records * RECORD) as f64 / 1e6)
 }
 
 /// Replaces `wire`'s contents with everything `c` has to send.
@@ -150,12 +143,12 @@ fn rustls_ms_per_mb(suite: SupportedCipherSuite, bytes: usize) -> f64 {
     assert_eq!(c.negotiated_cipher_suite(), Some(suite));
     let chunk = vec![0x5a; WRITE];
     let writes = bytes / WRITE;
-    let start = cpu();
+    let start = thread_cpu();
     for _ in 0..writes {
         c.writer().write_all(&chunk).unwrap();
         pump(&mut c, &mut s, &mut wire);
     }
-    (cpu() - start).as_secs_f64() * 1e3 / ((writes * WRITE) as f64 / 1e6)
+    (thread_cpu() - start).as_secs_f64() * 1e3 / ((writes * WRITE) as f64 / 1e6)
 }
 
 /// A server on rustls's unbuffered API, its ciphertext in its own buffer
@@ -276,7 +269,7 @@ fn receive_ms_per_mb(
     for w in 0..writes {
         c.writer().write_all(&chunk).unwrap();
         take_tls(&mut c, &mut wire);
-        let start = cpu();
+        let start = thread_cpu();
         let mut rd = &wire[..];
         while !rd.is_empty() {
             s.read_tls(&mut rd).unwrap();
@@ -291,14 +284,14 @@ fn receive_ms_per_mb(
                 }
             }
         }
-        buffered += cpu() - start;
+        buffered += thread_cpu() - start;
 
         cu.writer().write_all(&chunk).unwrap();
         take_tls(&mut cu, &mut wire);
         back.clear();
-        let start = cpu();
+        let start = thread_cpu();
         u.receive(&wire, &mut back, &mut frame, &mut at);
-        unbuffered += cpu() - start;
+        unbuffered += thread_cpu() - start;
 
         for r in 0..WRITE / RECORD {
             let nonce = || {
@@ -310,12 +303,12 @@ fn receive_ms_per_mb(
             record.extend_from_slice(&chunk[..RECORD]);
             key.seal_in_place_append_tag(nonce(), aead::Aad::empty(), &mut record)
                 .unwrap();
-            let start = cpu();
+            let start = thread_cpu();
             let plain = key
                 .open_in_place(nonce(), aead::Aad::empty(), &mut record)
                 .unwrap();
             copy_wrapping(plain, &mut frame, &mut at);
-            floor += cpu() - start;
+            floor += thread_cpu() - start;
         }
     }
     let per_mb = |d: Duration| d.as_secs_f64() * 1e3 / mb;
