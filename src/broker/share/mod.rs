@@ -72,8 +72,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// expiry) and by the end of another fetch's read; this catches what
 /// nothing announces (a release's delay running out).
 const POLL: Duration = Duration::from_millis(20);
-/// A partition whose dead-letter write failed is not tried again sooner:
-/// the expiry pass runs every [`TICK`] while a record is locked.
+/// A partition whose dead-letter write failed is tried again after this:
+/// the expiry pass runs every [`TICK`] while a record is locked, and is
+/// woken for it when none is.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 /// Bytes read from a partition per step.
 const READ_BYTES: usize = 256 * 1024;
@@ -1655,9 +1656,21 @@ impl ShareCoordinator {
                 drop(wake);
                 smol::Timer::after(TICK).await;
             } else {
-                crate::broker::sleep_unless(wake, crate::broker::IDLE_TIMERS).await;
+                crate::broker::sleep_unless(wake, self.idle_wait(Instant::now())).await;
             }
         }
+    }
+
+    /// How long the timers sleep with no record locked: until a failed
+    /// dead-letter write is due again ([`DEAD_LETTER_RETRY`]; nothing
+    /// locked, it waited the idle timers' 10 s), else the idle timers'.
+    fn idle_wait(&self, now: Instant) -> Duration {
+        self.lock()
+            .values()
+            .filter_map(|sp| sp.dead_letter_after)
+            .filter(|&t| t > now)
+            .map(|t| t - now)
+            .fold(crate::broker::IDLE_TIMERS, Duration::min)
     }
 
     /// One expiry pass. Returns whether a record is still locked.

@@ -1154,6 +1154,19 @@ fn an_unreadable_partition_does_not_hold_back_another_s_dead_letters() {
         "t/0 is tried again later"
     );
     assert_eq!(dead_letter_after("u"), Some(false));
+    // Nothing is locked, yet the timers wake for t/0's retry, not after
+    // the idle timers' 10 s.
+    let now = Instant::now();
+    assert!(
+        c.idle_wait(now) <= DEAD_LETTER_RETRY,
+        "{:?}",
+        c.idle_wait(now)
+    );
+    assert_eq!(
+        c.idle_wait(now + DEAD_LETTER_RETRY),
+        crate::broker::IDLE_TIMERS,
+        "once due, the pass tries it and sets the next retry"
+    );
     assert_eq!(c.stats().lost, 0);
     c.broker().close().expect("closed");
 }
