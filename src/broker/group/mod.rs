@@ -31,7 +31,9 @@
 //! commit queued while the previous write was in flight and writes them
 //! as one batch: one fsync for all of them. A commit is answered only once
 //! its write is durable, and only then becomes visible. The log is read
-//! back at start-up (last record per key wins; an empty value deletes).
+//! back at start-up (last record per key wins; an empty value deletes);
+//! their expiry counts from then at the earliest, as membership is not
+//! kept.
 //!
 //! The topic is compacted (`cleanup = "compact"`): its ring never
 //! overwrites a key's latest commit, and the cleaner drops the older ones
@@ -572,6 +574,11 @@ impl Coordinator {
         let started = Instant::now();
         let mut records = 0u64;
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        // Membership is not kept across a restart, nor when a group
+        // emptied: any group may have had members until the broker
+        // stopped, however old its last commit (an idle member does not
+        // commit again), so each counts as emptied now.
+        let started_ms = now_ms();
         super::replay_log(&self.broker, OFFSETS_TOPIC, |_, _, key, value| {
             records += 1;
             let Some((group, tp, commit)) = decode_record(key, value) else {
@@ -581,7 +588,7 @@ impl Coordinator {
                 Some(c) => {
                     let g = groups
                         .entry(group)
-                        .or_insert_with(|| Group::new(c.commit_ms));
+                        .or_insert_with(|| Group::new(started_ms));
                     g.empty_since_ms = g.empty_since_ms.max(c.commit_ms);
                     g.offsets.insert(tp, c);
                 }

@@ -12,6 +12,11 @@ fn open(rig: &Rig) -> Arc<Coordinator> {
 
 /// A coordinator that keeps `max_members` members of all groups together.
 fn open_with(rig: &Rig, max_members: usize) -> Arc<Coordinator> {
+    open_retaining(rig, max_members, 60_000)
+}
+
+/// A coordinator whose empty groups' offsets expire after `retention_ms`.
+fn open_retaining(rig: &Rig, max_members: usize, retention_ms: u64) -> Arc<Coordinator> {
     let broker = Broker::open(
         rig.open(),
         BrokerOptions {
@@ -42,7 +47,7 @@ fn open_with(rig: &Rig, max_members: usize) -> Arc<Coordinator> {
     let c = Coordinator::open(
         broker,
         GroupsConfig {
-            offsets_retention_ms: 60_000,
+            offsets_retention_ms: retention_ms,
             session_timeout_ms_min: 100,
             session_timeout_ms_max: 60_000,
             max_groups: 8,
@@ -231,6 +236,35 @@ fn commits_are_durable_batched_and_expire_when_the_group_stays_empty() {
     drop(c);
     let c = open(&rig);
     assert!(c.committed("g", None).is_empty());
+}
+
+/// Membership lives in memory: a group whose members were there until
+/// the broker stopped emptied at the restart, whatever the age of its
+/// last commit (an idle member does not commit again), so its offsets
+/// are kept `offsets_retention_ms` from the restart, not from that commit.
+#[test]
+fn a_restart_does_not_expire_the_offsets_of_a_group_that_had_members() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    let retention = 300;
+    {
+        let c = open_retaining(&rig, 8, retention);
+        let a = block_on(c.join(spec(None, &BTreeSet::new()))).unwrap();
+        c.sync("g", &a.member_id, 1).unwrap();
+        block_on(c.commit("g", Some((&a.member_id, 1)), vec![(tp(0), 5, None)])).unwrap();
+        // The member stays, idle, past the retention of its last commit.
+        std::thread::sleep(Duration::from_millis(retention + 100));
+        c.heartbeat("g", &a.member_id, 1).unwrap();
+        block_on(c.tick(Instant::now(), now_ms()));
+        assert_eq!(c.committed("g", None).len(), 1, "kept while it has members");
+        c.broker.close().unwrap();
+    }
+    // Taken before the restart: the first tick after it comes no sooner.
+    let restarted_ms = now_ms();
+    let c = open_retaining(&rig, 8, retention);
+    block_on(c.tick(Instant::now(), restarted_ms));
+    let got = c.committed("g", None);
+    assert_eq!(got.len(), 1, "expired at the restart: {got:?}");
+    assert_eq!(got[0].1.offset, 5);
 }
 
 #[test]
