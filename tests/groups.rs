@@ -801,10 +801,10 @@ fn consume_once(b: &Broker, topic: &str, group: &str) -> Vec<u64> {
 }
 
 /// A committed offset past the log's end (stored before reset-offsets
-/// kept offsets inside the log, or left by a topic deleted and made again)
-/// sends the member back to the earliest record, and it commits from
-/// there: without that it printed the same records on every run, and
-/// skipped the ones written later below the old offset.
+/// kept offsets inside the log) sends the member back to the earliest
+/// record, and it commits from there: without that it printed the same
+/// records on every run, and skipped the ones written later below the
+/// old offset.
 #[test]
 fn a_member_whose_committed_offset_is_past_the_end_commits_from_where_it_was_reset() {
     let b = Broker::start("");
@@ -826,7 +826,8 @@ fn a_member_whose_committed_offset_is_past_the_end_commits_from_where_it_was_res
     produce(&b, "t", 3, 2);
     assert_eq!(consume_once(&b, "t", "g"), vec![3, 4], "nothing skipped");
 
-    // The topic deleted and made again: the group's offset (5) stays.
+    // The topic deleted and made again: the group's offset (5) goes with
+    // it, and the member starts at --from.
     assert_ok(&b.cli(&["topics", "delete", "t"]));
     create(&b, "t", "1");
     produce(&b, "t", 0, 2);
@@ -834,6 +835,23 @@ fn a_member_whose_committed_offset_is_past_the_end_commits_from_where_it_was_res
     assert_eq!(committed(&b, "g")[&0], 2);
     produce(&b, "t", 2, 4);
     assert_eq!(consume_once(&b, "t", "g"), vec![2, 3, 4, 5]);
+}
+
+/// A topic deleted and made again by the name is a new log: the group's
+/// offsets of the old one are deleted with it, so a member reads the new
+/// one from `--from`, not from an old offset that the new log has passed
+/// by the time the member comes (which skipped the records below it).
+#[test]
+fn a_topic_deleted_and_made_again_is_not_read_from_the_old_topic_s_offsets() {
+    let b = Broker::start("");
+    create(&b, "t", "1");
+    produce(&b, "t", 0, 5);
+    assert_eq!(consume_once(&b, "t", "g"), vec![0, 1, 2, 3, 4]);
+    assert_eq!(committed(&b, "g")[&0], 5);
+    assert_ok(&b.cli(&["topics", "delete", "t"]));
+    create(&b, "t", "1");
+    produce(&b, "t", 0, 8);
+    assert_eq!(consume_once(&b, "t", "g"), (0..8).collect::<Vec<u64>>());
 }
 
 #[test]

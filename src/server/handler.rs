@@ -394,6 +394,11 @@ pub(crate) async fn delete_topic(ctx: &Ctx, identity: &str, name: &str) -> Respo
         if let Err(e) = ctx.share.forget_topic(name).await {
             log::warn!("topic {name} deleted, but not its share state yet: {e}");
         }
+        // Likewise the groups' offsets, so a group reads a topic made
+        // again by this name from its start, not from the old offsets.
+        if let Err(e) = ctx.groups.forget_topic(name).await {
+            log::warn!("topic {name} deleted, but not the groups' offsets of it: {e}");
+        }
     }
     match deleted {
         Ok(()) => ResponseBody::DeleteTopic(DeleteTopicResponse {}),

@@ -1229,6 +1229,31 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Deletes every group's offsets of `topic` (durably), once the topic
+    /// is deleted: one made again by the name is a new log, which the old
+    /// offsets do not point into; a member reading it from one the new
+    /// log had passed would skip the records below it.
+    pub async fn forget_topic(&self, topic: &str) -> Result<(), GroupError> {
+        let doomed: Vec<(String, Vec<Tp>)> = self
+            .lock()
+            .iter()
+            .filter_map(|(name, g)| {
+                let tps: Vec<Tp> = g
+                    .offsets
+                    .keys()
+                    .filter(|(t, _)| t == topic)
+                    .cloned()
+                    .collect();
+                (!tps.is_empty()).then(|| (name.clone(), tps))
+            })
+            .collect();
+        for (group, tps) in doomed {
+            self.write(group, tps.into_iter().map(|tp| (tp, None)).collect(), None)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub fn list(&self) -> Vec<GroupListing> {
         self.lock()
             .iter()

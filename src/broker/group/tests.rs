@@ -267,6 +267,25 @@ fn a_restart_does_not_expire_the_offsets_of_a_group_that_had_members() {
     assert_eq!(got[0].1.offset, 5);
 }
 
+/// A topic made again by the name is a new log: the offsets of the
+/// deleted one go, and stay gone after a restart.
+#[test]
+fn a_deleted_topic_s_offsets_are_forgotten_durably() {
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    {
+        let c = open(&rig);
+        block_on(c.commit("g", None, vec![(tp(0), 3, None), (tp(1), 4, None)])).unwrap();
+        block_on(c.broker.delete_topic("t")).unwrap();
+        block_on(c.forget_topic("t")).unwrap();
+        assert!(c.committed("g", None).is_empty());
+        assert!(matches!(c.describe("g"), Err(GroupError::UnknownGroup(_))));
+        c.broker.close().unwrap();
+    }
+    // Made again by `open`.
+    let c = open(&rig);
+    assert!(c.committed("g", None).is_empty());
+}
+
 #[test]
 fn a_static_member_back_within_its_session_gets_its_partitions_without_a_rebalance() {
     let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
