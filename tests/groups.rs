@@ -660,22 +660,30 @@ impl skiff::client::RebalanceListener for Revoked {
     }
 }
 
+/// A library member of group g reading `topic` from the start, which
+/// commits only when told and leaves after `max_poll_interval` without a
+/// poll.
+fn manual_member(topic: &str, max_poll_interval: Duration) -> skiff::client::GroupConfig {
+    let mut cfg = skiff::client::GroupConfig::new("g", &[topic]);
+    cfg.start_from = skiff::client::StartFrom::Earliest;
+    cfg.auto_commit_interval = None;
+    cfg.session_timeout = Duration::from_secs(10);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.max_poll_interval = max_poll_interval;
+    cfg.consumer.max_wait = Duration::from_millis(100);
+    cfg
+}
+
 #[test]
 fn the_library_member_commits_only_what_is_marked_and_leaves_when_it_stops_polling() {
     let b = Broker::start("");
     create(&b, "t2", "2");
     produce(&b, "t2", 0, 20);
     smol::block_on(async {
-        let mut cfg = skiff::client::GroupConfig::new("g", &["t2"]);
-        cfg.start_from = skiff::client::StartFrom::Earliest;
-        cfg.mark_on_poll = false;
-        cfg.auto_commit_interval = None;
-        cfg.session_timeout = Duration::from_secs(10);
-        cfg.heartbeat_interval = Duration::from_millis(100);
         // Longer than a `skiff groups describe` takes on a busy machine,
         // so the checks below do not themselves make the member leave.
-        cfg.max_poll_interval = Duration::from_millis(2000);
-        cfg.consumer.max_wait = Duration::from_millis(100);
+        let mut cfg = manual_member("t2", Duration::from_millis(2000));
+        cfg.mark_on_poll = false;
         let mut m = skiff::client::GroupConsumer::connect(&b.tcp, cfg)
             .await
             .unwrap();
@@ -739,6 +747,36 @@ fn the_library_member_commits_only_what_is_marked_and_leaves_when_it_stops_polli
             again.extend(m.poll().await.unwrap());
         }
         m.close().await.unwrap();
+    });
+}
+
+/// A member that left the group for want of polls holds nothing: a
+/// commit of what it consumed before is refused, not answered OK with
+/// nothing committed (after which `skiff consume --group` exited 0 and
+/// the next member printed the same records again).
+#[test]
+fn a_commit_after_the_member_left_for_want_of_polls_is_refused() {
+    let b = Broker::start("");
+    create(&b, "t1", "1");
+    produce(&b, "t1", 0, 5);
+    smol::block_on(async {
+        let cfg = manual_member("t1", Duration::from_millis(500));
+        let mut m = skiff::client::GroupConsumer::connect(&b.tcp, cfg)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            assert!(std::time::Instant::now() < deadline, "read {}", got.len());
+            got.extend(m.poll().await.unwrap());
+        }
+        wait_until(WAIT, "the idle member leaves the group", || {
+            m.membership().is_none()
+        });
+        let e = m.commit().await.expect_err("nothing was committed");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownMemberId), "{e}");
+        let e = m.close().await.expect_err("nothing was committed");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownMemberId), "{e}");
     });
 }
 

@@ -242,9 +242,7 @@ impl GroupConsumer {
         if !self.config.commits_offsets {
             return Ok(());
         }
-        let Some((member, generation)) = self.membership() else {
-            return Ok(());
-        };
+        let membership = self.membership();
         let offsets: Vec<OffsetCommitPartition> = parts
             .iter()
             .filter_map(|tp| {
@@ -260,6 +258,18 @@ impl GroupConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
+        // Out of the group (it left for want of polls) with what it
+        // consumed not committed: the next owner reads it again, which
+        // the caller must hear of, not an OK.
+        let Some((member, generation)) = membership else {
+            return Err(ClientError::server(
+                ErrorCode::UnknownMemberId,
+                format!(
+                    "group {}: not a member (it left the group); nothing committed",
+                    self.config.group
+                ),
+            ));
+        };
         let done: Vec<(TopicPartition, u64)> = offsets
             .iter()
             .map(|o| ((o.topic.clone(), o.partition), o.offset))
