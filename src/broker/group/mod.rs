@@ -1221,8 +1221,13 @@ impl Coordinator {
             None,
         )
         .await?;
+        // Only what the delete wrote is gone: a commit acknowledged since
+        // (a reset, a transaction's offsets) stays, as in the log.
         let mut groups = self.lock();
-        if groups.get(group).is_some_and(|g| g.members.is_empty()) {
+        if groups
+            .get(group)
+            .is_some_and(|g| g.members.is_empty() && g.offsets.is_empty())
+        {
             groups.remove(group);
         }
         log::info!("group {group} deleted");

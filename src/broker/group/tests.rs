@@ -17,6 +17,14 @@ fn open_with(rig: &Rig, max_members: usize) -> Arc<Coordinator> {
 
 /// A coordinator whose empty groups' offsets expire after `retention_ms`.
 fn open_retaining(rig: &Rig, max_members: usize, retention_ms: u64) -> Arc<Coordinator> {
+    let c = open_without_log(rig, max_members, retention_ms);
+    smol::spawn(c.clone().run_log()).detach();
+    c
+}
+
+/// A coordinator whose offsets-log writes are made by the test, one at a
+/// time ([`serve_one`]).
+fn open_without_log(rig: &Rig, max_members: usize, retention_ms: u64) -> Arc<Coordinator> {
     let broker = Broker::open(
         rig.open(),
         BrokerOptions {
@@ -44,7 +52,7 @@ fn open_retaining(rig: &Rig, max_members: usize, retention_ms: u64) -> Arc<Coord
         };
         block_on(broker.create_topic("t", &spec)).expect("create");
     }
-    let c = Coordinator::open(
+    Coordinator::open(
         broker,
         GroupsConfig {
             offsets_retention_ms: retention_ms,
@@ -56,9 +64,18 @@ fn open_retaining(rig: &Rig, max_members: usize, retention_ms: u64) -> Arc<Coord
             max_metadata: OFFSET_METADATA_BYTES_MAX,
         },
     )
-    .expect("coordinator opens");
-    smol::spawn(c.clone().run_log()).detach();
-    c
+    .expect("coordinator opens")
+}
+
+/// Writes and applies the first queued write and answers it, as
+/// [`Coordinator::run_log`] does.
+fn serve_one(c: &Coordinator) {
+    block_on(async {
+        let p = c.queued.recv().await.unwrap();
+        c.write_round(std::slice::from_ref(&p)).await.unwrap();
+        apply(&mut c.lock(), &p.group, &p.entries);
+        p.done.try_send(Ok(())).unwrap();
+    });
 }
 
 fn spec(member_id: Option<&str>, owned: &BTreeSet<Tp>) -> JoinSpec {
@@ -284,6 +301,39 @@ fn a_deleted_topic_s_offsets_are_forgotten_durably() {
     // Made again by `open`.
     let c = open(&rig);
     assert!(c.committed("g", None).is_empty());
+}
+
+/// A commit acknowledged while a delete of its (memberless) group was
+/// being written is kept: the delete takes only what it deleted.
+#[test]
+fn a_delete_keeps_a_commit_acknowledged_after_its_write() {
+    use futures_lite::future::poll_once;
+    let rig = Rig::files(|| Box::new(crate::storage::io::pwrite::PwriteBackend::new()));
+    {
+        let c = open_without_log(&rig, 8, 60_000);
+        let mut first = Box::pin(c.commit("g", None, vec![(tp(0), 1, None)]));
+        assert!(block_on(poll_once(&mut first)).is_none(), "queued");
+        serve_one(&c);
+        block_on(first).unwrap();
+        let mut delete = Box::pin(c.delete("g"));
+        assert!(block_on(poll_once(&mut delete)).is_none(), "queued");
+        // An operator's reset (or a transaction's offsets) right after.
+        let mut reset = Box::pin(c.commit("g", None, vec![(tp(1), 7, None)]));
+        assert!(block_on(poll_once(&mut reset)).is_none(), "queued");
+        serve_one(&c);
+        serve_one(&c);
+        block_on(reset).unwrap();
+        block_on(delete).unwrap();
+        let got: Vec<(Tp, u64)> = c
+            .committed("g", None)
+            .into_iter()
+            .map(|(tp, c)| (tp, c.offset))
+            .collect();
+        assert_eq!(got, vec![(tp(1), 7)], "the acknowledged reset");
+        c.broker.close().unwrap();
+    }
+    let c = open(&rig);
+    assert_eq!(c.committed("g", None).len(), 1, "and after a restart");
 }
 
 #[test]
