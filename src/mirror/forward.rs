@@ -8,7 +8,9 @@
 //!    per source partition it advances (key `gateway/topic/partition`,
 //!    value the last source offset it covers, decimal; an aggregate rule
 //!    adds its window state, [`Checkpoint`]) to the compacted checkpoint
-//!    topic. Records and cursor commit or abort together.
+//!    topic. Records and cursor commit or abort together. A deleted
+//!    topic's checkpoints get a tombstone: one created again under the
+//!    name starts at offset 0.
 //! 2. Every session starts with InitProducerId under the transactional id,
 //!    which aborts whatever transaction an earlier session (or process)
 //!    left open, and then reads the checkpoints back with read_committed,
@@ -25,7 +27,7 @@
 //!
 //! [`CommittedFilter`]: super::kafka::CommittedFilter
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -351,6 +353,11 @@ pub struct Forwarder {
     agg_checkpoints: HashMap<(String, u32), Checkpoint>,
     /// Per rule, when a malformed value was last logged.
     malformed_logged: Vec<Option<std::time::Instant>>,
+    /// Source partitions whose topic was deleted: the next transaction
+    /// clears their checkpoints upstream (a tombstone), so that a topic
+    /// created again under the name, which starts at offset 0, is not
+    /// taken for one already upstream up to the old checkpoint.
+    resets: BTreeSet<(String, u32)>,
 }
 
 impl Forwarder {
@@ -393,6 +400,7 @@ impl Forwarder {
             aggs: HashMap::new(),
             agg_checkpoints: HashMap::new(),
             malformed_logged: vec![None; rules],
+            resets: BTreeSet::new(),
         }
     }
 
@@ -497,6 +505,27 @@ impl Forwarder {
             .map_err(kafka("initialising the transactional producer"))?;
         self.ensure_checkpoint_topic(&client).await?;
         (self.checkpoints, self.agg_checkpoints) = self.read_checkpoints(&client).await?;
+        // Checkpoints of topics deleted since (also before a restart, with
+        // the tombstone not committed): a topic created under the name
+        // later starts at offset 0. Not keys no local topic could have
+        // (`gw/x/t/0` of a gateway `gw/x` reads as topic `x/t` to `gw`).
+        let topics = self.broker.topics();
+        let stale_key = |(t, p): &(String, u32)| {
+            crate::broker::validate_topic_name(t).is_ok()
+                && topics.get(t).is_none_or(|m| *p >= m.partitions)
+        };
+        let stale: Vec<(String, u32)> = self
+            .checkpoints
+            .keys()
+            .chain(self.agg_checkpoints.keys())
+            .filter(|key| stale_key(key))
+            .cloned()
+            .collect();
+        self.resets.extend(stale);
+        for key in &self.resets {
+            self.checkpoints.remove(key);
+            self.agg_checkpoints.remove(key);
+        }
         // Windows folded in a transaction that may not have committed.
         self.aggs.clear();
         self.target_partitions.clear();
@@ -616,7 +645,15 @@ impl Forwarder {
                 .await
                 .map_err(kafka("reading the checkpoint topic"))?;
             for record in records {
-                let (Some(key), Some(value)) = (&record.key, &record.value) else {
+                let Some(key) = &record.key else {
+                    continue;
+                };
+                let Some(value) = &record.value else {
+                    // A deleted topic's checkpoint.
+                    if let Some(key) = parse_checkpoint_key(key, &prefix) {
+                        out.remove(&key);
+                        states.remove(&key);
+                    }
                     continue;
                 };
                 let Some((topic, partition, last, state)) = parse_checkpoint(key, value, &prefix)
@@ -638,9 +675,15 @@ impl Forwarder {
     /// since, partitions added), drops those of deleted topics.
     fn refresh_sources(&mut self) {
         let topics = self.broker.topics();
-        self.cursors
-            .retain(|(t, p), _| topics.get(t).is_some_and(|meta| *p < meta.partitions));
-        self.aggs.retain(|key, _| self.cursors.contains_key(key));
+        let gone: Vec<(String, u32)> = self
+            .cursors
+            .keys()
+            .filter(|(t, p)| topics.get(t).is_none_or(|meta| *p >= meta.partitions))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.forget(key);
+        }
         for (name, meta) in &topics {
             let Some(rule) = self
                 .settings
@@ -675,6 +718,18 @@ impl Forwarder {
                     },
                 );
             }
+        }
+    }
+
+    /// A source partition that is gone (its topic deleted): its cursor,
+    /// windows and checkpoint, which a tombstone clears upstream too.
+    fn forget(&mut self, key: (String, u32)) {
+        self.cursors.remove(&key);
+        self.aggs.remove(&key);
+        self.agg_checkpoints.remove(&key);
+        // Before the checkpoints are read, whether there is one is unknown.
+        if self.checkpoints.remove(&key).is_some() || !self.checkpoints_read {
+            self.resets.insert(key);
         }
     }
 
@@ -816,7 +871,7 @@ impl Forwarder {
             .filter(|(_, c)| !self.status.paused(c.rule))
             .map(|(key, c)| (key.clone(), c.next))
             .collect();
-        if positions.is_empty() {
+        if positions.is_empty() && self.resets.is_empty() {
             return Ok(false);
         }
         let gateway = self.settings.gateway.clone();
@@ -848,6 +903,11 @@ impl Forwarder {
             } = self.read_round(client, &active, budget, first).await?;
             for key in &gone {
                 positions.remove(key);
+                // Deleted: its tombstone, not this transaction's
+                // checkpoint, says where it is.
+                if self.resets.contains(key) {
+                    advances.remove(key);
+                }
             }
             if read.is_empty() {
                 break;
@@ -944,7 +1004,14 @@ impl Forwarder {
                 break;
             }
         }
-        if advances.is_empty() {
+        // Taken now: `refresh_sources` adds to it between transactions.
+        let resets: Vec<(String, u32)> = self
+            .resets
+            .iter()
+            .filter(|key| !advances.contains_key(*key))
+            .cloned()
+            .collect();
+        if advances.is_empty() && resets.is_empty() {
             return Ok(false);
         }
 
@@ -964,17 +1031,20 @@ impl Forwarder {
                 value = format!("{value} {}", state.encode());
                 states.push((a.key.clone(), state));
             }
-            let partition = partition_for_key(key.as_bytes(), checkpoint_partitions) as i32;
-            checkpoints
-                .entry(partition)
-                .or_default()
-                .push(&RecordRef {
-                    key: Some(key.as_bytes()),
-                    value: Some(value.as_bytes()),
-                    timestamp_ms: now,
-                    headers: &[],
-                })
-                .map_err(|e| kafka("encoding checkpoints")(KafkaError::Records(e)))?;
+            push_checkpoint(
+                &mut checkpoints,
+                checkpoint_partitions,
+                &key,
+                Some(value.as_bytes()),
+                now,
+            )?;
+        }
+        for source in &resets {
+            let key = checkpoint_key(&gateway, source);
+            push_checkpoint(&mut checkpoints, checkpoint_partitions, &key, None, now)?;
+        }
+        if !producer.in_transaction() {
+            producer.begin().map_err(kafka("beginning a transaction"))?;
         }
         let checkpoint_bytes: u64 = checkpoints.values().map(|b| b.encoded_bytes() as u64).sum();
         // Small; charged without a wait, the next round pays for them.
@@ -1006,7 +1076,13 @@ impl Forwarder {
         }
 
         self.agg_checkpoints.extend(states);
+        for key in &resets {
+            self.resets.remove(key);
+        }
         for (rule, a) in advances.into_values() {
+            // A checkpoint of the topic created again replaces the
+            // deleted one's.
+            self.resets.remove(&a.key);
             if let Some(agg) = self.aggs.get_mut(&a.key) {
                 let c = std::mem::take(&mut agg.counts);
                 self.status.update_rule(rule, |r| {
@@ -1146,7 +1222,7 @@ impl Forwarder {
                     continue;
                 }
                 Err(BrokerError::UnknownTopic(_) | BrokerError::UnknownPartition { .. }) => {
-                    self.cursors.remove(&key);
+                    self.forget(key.clone());
                     round.gone.push(key);
                     continue;
                 }
@@ -1460,6 +1536,13 @@ fn encoded(builders: &BTreeMap<(String, i32), Vec<BatchBuilder>>) -> u64 {
         .sum()
 }
 
+/// `gateway/topic/partition` → (topic, partition) for this gateway's keys.
+fn parse_checkpoint_key(key: &[u8], prefix: &str) -> Option<(String, u32)> {
+    let key = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    let (topic, partition) = key.rsplit_once('/')?;
+    Some((topic.to_owned(), partition.parse().ok()?))
+}
+
 /// `gateway/topic/partition` → `last offset` for this gateway's keys; an
 /// aggregate rule's state follows the offset after a space.
 fn parse_checkpoint<'v>(
@@ -1467,15 +1550,13 @@ fn parse_checkpoint<'v>(
     value: &'v [u8],
     prefix: &str,
 ) -> Option<(String, u32, u64, Option<&'v str>)> {
-    let key = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
-    let (topic, partition) = key.rsplit_once('/')?;
-    let partition = partition.parse().ok()?;
+    let (topic, partition) = parse_checkpoint_key(key, prefix)?;
     let value = std::str::from_utf8(value).ok()?;
     let (last, state) = match value.split_once(' ') {
         Some((last, state)) => (last, Some(state)),
         None => (value, None),
     };
-    Some((topic.to_owned(), partition, last.parse().ok()?, state))
+    Some((topic, partition, last.parse().ok()?, state))
 }
 
 /// Murmur2 of the key, or the source partition's number (modulo).
@@ -1489,6 +1570,28 @@ fn upstream_partition(
         (Partitioner::Murmur2, Some(k)) => partition_for_key(k, partitions.unsigned_abs()) as i32,
         _ => (source_partition % partitions.unsigned_abs()) as i32,
     }
+}
+
+/// Adds a checkpoint record (`None`: a tombstone) to the batch for its
+/// partition of the checkpoint topic.
+fn push_checkpoint(
+    checkpoints: &mut BTreeMap<i32, BatchBuilder>,
+    partitions: u32,
+    key: &str,
+    value: Option<&[u8]>,
+    now: i64,
+) -> Result<(), Failure> {
+    let partition = partition_for_key(key.as_bytes(), partitions) as i32;
+    checkpoints
+        .entry(partition)
+        .or_default()
+        .push(&RecordRef {
+            key: Some(key.as_bytes()),
+            value,
+            timestamp_ms: now,
+            headers: &[],
+        })
+        .map_err(|e| kafka("encoding checkpoints")(KafkaError::Records(e)))
 }
 
 /// Adds `record` to the batches for one upstream partition, starting a new
