@@ -45,8 +45,9 @@ use super::kafka::{
 use super::pace::{self, Admit, Claim, Pace, Shares};
 use super::status::{Link, MirrorStatus};
 
-/// A batch is closed at this many encoded bytes and the next one started:
-/// well under Kafka's default `message.max.bytes` (1 MB).
+/// A batch is closed before a record that would take it past this many
+/// encoded bytes: well under Kafka's default `message.max.bytes` (1 MB).
+/// Only a single larger record makes a larger batch.
 const UPSTREAM_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// While the link is down, the backlog figures are refreshed this often.
 const DOWN_REFRESH: Duration = Duration::from_secs(1);
@@ -1572,6 +1573,19 @@ fn upstream_partition(
     }
 }
 
+/// At least the bytes `record` takes in a batch: its fields, and each
+/// varint at its longest (a varlong is 10 bytes, a varint 5).
+fn record_bytes_max(record: &RecordRef<'_>) -> usize {
+    let len = |b: Option<&[u8]>| 5 + b.map_or(0, <[u8]>::len);
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|h| len(Some(h.key.as_bytes())) + len(h.value))
+        .sum();
+    // Length, attributes, timestamp delta, offset delta, header count.
+    5 + 1 + 10 + 5 + len(record.key) + len(record.value) + 5 + headers
+}
+
 /// Adds a checkpoint record (`None`: a tombstone) to the batch for its
 /// partition of the checkpoint topic.
 fn push_checkpoint(
@@ -1603,10 +1617,12 @@ fn push_upstream(
     record: &RecordRef<'_>,
 ) -> Result<(), Failure> {
     let list = builders.entry((target.to_owned(), partition)).or_default();
-    if list
-        .last()
-        .is_none_or(|b| b.encoded_bytes() >= UPSTREAM_BATCH_BYTES_MAX)
-    {
+    // Before the record, not after: a batch just under the limit plus a
+    // large record (local batches go up to `storage.max_batch_bytes`)
+    // could pass upstream's `message.max.bytes`, refused every time.
+    if list.last().is_none_or(|b| {
+        !b.is_empty() && b.encoded_bytes() + record_bytes_max(record) > UPSTREAM_BATCH_BYTES_MAX
+    }) {
         list.push(BatchBuilder::new());
     }
     let builder = list.last_mut().expect("pushed above");
@@ -1657,6 +1673,38 @@ mod tests {
         assert_eq!(parse_checkpoint(b"gw-1/t/0", b"1", "gw-17/"), None);
         assert_eq!(parse_checkpoint(b"gw-17/t/x", b"1", "gw-17/"), None);
         assert_eq!(parse_checkpoint(b"gw-17/t/0", b"-1", "gw-17/"), None);
+    }
+
+    #[test]
+    fn upstream_batches_stay_under_the_limit_unless_one_record_is_larger() {
+        let mut builders = BTreeMap::new();
+        let big = vec![7u8; 200 * 1024];
+        let huge = vec![7u8; UPSTREAM_BATCH_BYTES_MAX + 1];
+        let headers = [HeaderRef {
+            key: "skiff.offset",
+            value: Some(b"1"),
+        }];
+        for value in [&big, &big, &big, &huge, &big] {
+            let record = RecordRef {
+                key: Some(b"k"),
+                value: Some(value),
+                timestamp_ms: 1,
+                headers: &headers,
+            };
+            push_upstream(&mut builders, "t", 0, &record).unwrap();
+        }
+        let list = &builders[&("t".to_owned(), 0)];
+        assert_eq!(
+            list.iter().map(BatchBuilder::len).collect::<Vec<_>>(),
+            [1; 5]
+        );
+        for (i, b) in list.iter().enumerate() {
+            assert!(
+                i == 3 || b.encoded_bytes() <= UPSTREAM_BATCH_BYTES_MAX,
+                "batch {i}: {} bytes",
+                b.encoded_bytes()
+            );
+        }
     }
 
     #[test]
