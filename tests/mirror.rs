@@ -1190,3 +1190,41 @@ fn after_an_outage_the_higher_priority_drains_first_under_the_cap() {
         "{text}"
     );
 }
+
+/// A link too slow to carry a whole round (`batch_bytes`) within
+/// `request_timeout_ms` still drains a backlog.
+#[test]
+fn a_link_slower_than_a_round_per_request_timeout_still_drains() {
+    let up = Upstream::start();
+    let b = Broker::start(&mirror_toml(
+        &up.bootstrap(),
+        "gw-slow",
+        "batch_bytes = 1048576\nrequest_timeout_ms = 2000",
+        &[("s", "slow.t", "{topic}")],
+    ));
+    create(&b, "slow.t", 1);
+    // At most 64 KiB per 250 ms each way: a 1 MiB round takes 4 s.
+    up.proxy.set_delay(Duration::from_millis(250));
+    let producer = blocking_producer(&b.tcp);
+    let value = vec![b'v'; 1024];
+    let deliveries: Vec<_> = (0..2048)
+        .map(|_| producer.send_to("slow.t", 0, None, &value, &[]))
+        .collect();
+    producer.flush();
+    for d in deliveries {
+        skiff::client::blocking::wait(d).expect("local produce acked");
+    }
+    // About 50 s here; without the fix, never (every attempt timed out).
+    let deadline = Instant::now() + scaled(Duration::from_secs(240));
+    loop {
+        let s = status_json(&b);
+        if s["rules"][0]["forwarded_records"] == 2048 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never drained: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    up.proxy.set_delay(Duration::ZERO);
+    let all = read_upstream(&up.client(), "slow.t");
+    assert_eq!(all.len(), 2048);
+}

@@ -64,6 +64,9 @@ const TRANSACTION_OPEN_MAX: Duration = Duration::from_secs(1);
 /// says when it went down before there is data to send.
 const IDLE_PROBE: Duration = Duration::from_secs(5);
 
+/// The smallest round a slow link shrinks rounds to (see `round_cap`).
+const ROUND_CAP_MIN: u64 = 16 * 1024;
+
 /// At most one malformed-value line per aggregate rule this often.
 const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -213,6 +216,11 @@ impl Failure {
         matches!(self, Self::Kafka { error, .. } if error.is_fenced())
     }
 
+    /// Records sent got no answer in time (or their link was lost).
+    fn is_send_timeout(&self) -> bool {
+        matches!(self, Self::Kafka { error, during: "sending records" } if error.is_outcome_unknown())
+    }
+
     /// The kind of failure: the log says when it changes, not when only
     /// its details do (a refused connect reads "reset" one time and
     /// "closed" the next).
@@ -359,6 +367,12 @@ pub struct Forwarder {
     /// created again under the name, which starts at offset 0, is not
     /// taken for one already upstream up to the old checkpoint.
     resets: BTreeSet<(String, u32)>,
+    /// Local bytes a round may read, at most `batch_bytes`: halved when
+    /// sending timed out, so that a link too slow to carry a whole round
+    /// within `request_timeout_ms` still makes progress instead of timing
+    /// out the same round on every attempt; regrown by an eighth per
+    /// committed transaction.
+    round_cap: u64,
 }
 
 impl Forwarder {
@@ -375,6 +389,7 @@ impl Forwarder {
             .map(|r| r.aggregate.as_ref().map(|a| Arc::new(Spec::from_config(a))))
             .collect();
         let rules = settings.rules.len();
+        let settings_batch_bytes = settings.batch_bytes as u64;
         let pace = Pace::new(
             settings.max_bytes_per_s,
             settings.batch_bytes as u64,
@@ -402,6 +417,7 @@ impl Forwarder {
             agg_checkpoints: HashMap::new(),
             malformed_logged: vec![None; rules],
             resets: BTreeSet::new(),
+            round_cap: settings_batch_bytes,
         }
     }
 
@@ -421,6 +437,9 @@ impl Forwarder {
         while !self.stopping.is_triggered() {
             let result = self.session().await;
             let Err(failure) = result else { return };
+            if failure.is_send_timeout() {
+                self.round_cap = (self.round_cap / 2).max(ROUND_CAP_MIN);
+            }
             if std::mem::take(&mut self.lost_transaction) {
                 self.status.transaction_ended(false);
                 if let Some(m) = &self.metrics {
@@ -895,6 +914,7 @@ impl Forwarder {
             let Some(budget) = self.pace.round_budget(first, std::time::Instant::now()) else {
                 break; // throttled: commit, and wait before the next one
             };
+            let budget = budget.min(self.round_cap);
             let active = self.plan_round(&positions, budget);
             let Round {
                 builders,
@@ -1069,6 +1089,8 @@ impl Forwarder {
             .await
             .map_err(kafka("committing a transaction"))?;
         self.status.transaction_ended(true);
+        self.round_cap =
+            (self.round_cap + self.round_cap / 8).min(self.settings.batch_bytes as u64);
         if let Some(m) = &self.metrics {
             m.mirror_transaction(true);
             for (_, a) in advances.values() {
