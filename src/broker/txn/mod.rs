@@ -317,7 +317,8 @@ pub struct TxnState {
     /// The records of an ended transaction whose log write failed: its
     /// markers are written, so only these are retried (by the timers),
     /// and written before any later record of the id, which would
-    /// otherwise stand in for them.
+    /// otherwise stand in for them. Or a commit's decision whose write
+    /// failed, written before its markers.
     unwritten: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
@@ -904,9 +905,14 @@ impl Coordinator {
         match (st.rec.phase, commit) {
             (Phase::Ongoing, true) => {
                 st.rec.phase = Phase::PrepareCommit;
-                if let Err(e) = self.write_log(vec![self.stamped(&mut st)]).await {
-                    // Not known to be durable: a retry writes it again.
-                    st.rec.phase = Phase::Ongoing;
+                let decision = self.stamped(&mut st);
+                if let Err(e) = self.write_log(vec![decision.clone()]).await {
+                    // In doubt: a failed write or fsync may have reached
+                    // the log all the same, and a restart would commit.
+                    // So nothing may abort it now (an end, its timeout):
+                    // the decision is written again (the retry of this
+                    // end, the timers), and only then its markers.
+                    st.unwritten = Some(vec![decision]);
                     return Err(e);
                 }
                 self.complete_commit(&mut st).await
@@ -1230,11 +1236,12 @@ impl Coordinator {
         self.write_unwritten(st).await
     }
 
-    /// Writes the id's records kept from a failed write, if any.
+    /// Writes the id's records kept from a failed write, if any: an
+    /// ended transaction's, or a commit's decision (still prepared).
     async fn write_unwritten(&self, st: &mut TxnState) -> Result<(), TxnError> {
         if let Some(records) = &st.unwritten {
             self.write_log(records.clone()).await.map_err(|e| match e {
-                TxnError::Broker(error) => TxnError::Unrecorded {
+                TxnError::Broker(error) if !is_open(st.rec.phase) => TxnError::Unrecorded {
                     id: st.id.clone(),
                     committed: st.rec.phase == Phase::CompleteCommit,
                     error,

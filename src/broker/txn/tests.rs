@@ -270,12 +270,18 @@ fn add_offsets_checks_the_group_id_as_the_group_coordinator_does() {
 /// Reads `topic`/0 read_committed from its start to its end: the records
 /// it shows.
 fn committed_records(c: &Coordinator, topic: &str) -> usize {
+    committed_records_from(c, topic, 0).0
+}
+
+/// Reads `topic`/0 read_committed from `at` as far as it may: the records
+/// it shows, and where its reader continues.
+fn committed_records_from(c: &Coordinator, topic: &str, mut at: u64) -> (usize, u64) {
     let limits = FetchLimits {
         min_bytes: 1,
         max_wait: Duration::ZERO,
         max_bytes: 1 << 20,
     };
-    let (mut at, mut shown) = (0, 0);
+    let mut shown = 0;
     loop {
         let parts = [FetchPartition {
             topic,
@@ -289,7 +295,7 @@ fn committed_records(c: &Coordinator, topic: &str) -> usize {
         shown += placed.len();
         match f.next_offset {
             Some(next) if next > at => at = next,
-            _ => return shown,
+            _ => return (shown, at),
         }
     }
 }
@@ -891,6 +897,50 @@ fn an_end_with_no_transaction_open_is_refused_but_its_retry_is_not() {
     refused(
         block_on(c.end("a", pid, epoch, false)),
         "a new instance's abort",
+    );
+    c.broker().close().expect("close");
+}
+
+/// A commit whose decision record fails to be made durable (its fsync
+/// fails) may have reached the log all the same: the transaction is in
+/// doubt, so it must not be aborted (by the producer or its timeout)
+/// while the log may still say commit. Here every write the log took
+/// survives the crash that follows: readers must see the transaction
+/// one way only, before and after.
+#[test]
+fn a_commit_whose_decision_may_be_durable_is_never_aborted() {
+    let rig = Rig::fault(42);
+    let disk = rig.disk().expect("fault rig").clone();
+    let (clock, c) = open_with_d(&rig);
+    let (pid, epoch) = block_on(c.init("a", 1_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
+
+    disk.set_plan(FaultPlan {
+        sync_error_per_million: 1_000_000,
+        ..FaultPlan::default()
+    });
+    block_on(c.end("a", pid, epoch, true)).expect_err("the decision's fsync fails");
+    disk.set_plan(FaultPlan::default());
+    // Neither the producer's abort nor its timeout may end it now.
+    let _ = block_on(c.end("a", pid, epoch, false));
+    clock.advance_ms(2_000);
+    block_on(c.timer_pass());
+    let (seen_before, at) = committed_records_from(&c, "d", 0);
+
+    // What the failed fsync had written reached the media after all.
+    disk.crash_keeping(|_, _, len| 0..len);
+    c.broker().begin_stop();
+    drop(c);
+    disk.restart();
+    let c = open_with_clock(&rig, clock);
+    // A reader that went on from where it was sees the commit.
+    let (seen_after, _) = committed_records_from(&c, "d", at);
+    assert_eq!(committed_records(&c, "d"), 1, "committed, as the log says");
+    assert_eq!(
+        (seen_before, seen_after),
+        (0, 1),
+        "held back while in doubt, then shown: not passed over as aborted"
     );
     c.broker().close().expect("close");
 }
