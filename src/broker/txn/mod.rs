@@ -1195,6 +1195,10 @@ impl Coordinator {
             .await?;
         let mut entries = Vec::with_capacity(markers.len() + 1);
         for ((t, p, first), marker) in st.rec.partitions.iter().zip(&markers) {
+            // Deleted with its records: nothing of it to skip.
+            let Some(marker) = marker else {
+                continue;
+            };
             self.index().add_aborted(
                 t,
                 *p,
@@ -1355,14 +1359,17 @@ impl Coordinator {
         st.left_open = false;
     }
 
-    /// One marker per partition, written together; their offsets.
+    /// One marker per partition, written together; their offsets, `None`
+    /// for a partition whose topic was deleted (its records went with it,
+    /// and a marker that cannot be written must not keep the transaction
+    /// from ending in the others).
     async fn write_markers(
         &self,
         partitions: &[(String, u32, u64)],
         pid: u64,
         epoch: u16,
         kind: u8,
-    ) -> Result<Vec<u64>, TxnError> {
+    ) -> Result<Vec<Option<u64>>, TxnError> {
         let ts = now_ms(&self.broker) as i64;
         let key = marker_key(kind);
         let value = marker_value(pid, epoch);
@@ -1370,18 +1377,27 @@ impl Coordinator {
         {
             let mut group = self.broker.produce_group();
             for (t, p, _) in partitions {
+                if let Err(BrokerError::UnknownTopic(_) | BrokerError::UnknownPartition { .. }) =
+                    self.broker.partition_id(t, *p)
+                {
+                    acks.push(None);
+                    continue;
+                }
                 let mut b = BatchBuilder::new();
                 b.push(ts, Some(&key), &value, &[]);
-                acks.push(
+                acks.push(Some(
                     group
                         .produce_marker(t, *p, BatchBuf::from(b.finish_control()))
                         .await?,
-                );
+                ));
             }
         }
         let mut out = Vec::with_capacity(acks.len());
         for a in acks {
-            out.push(a.await?.base_offset);
+            out.push(match a {
+                Some(a) => Some(a.await?.base_offset),
+                None => None,
+            });
         }
         Ok(out)
     }

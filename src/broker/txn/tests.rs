@@ -901,6 +901,47 @@ fn an_end_with_no_transaction_open_is_refused_but_its_retry_is_not() {
     c.broker().close().expect("close");
 }
 
+/// A topic deleted while a transaction holds one of its partitions takes
+/// that partition's records with it: the transaction still ends, commit
+/// or abort, in the partitions left, and readers of those move on rather
+/// than wait behind it for good.
+#[test]
+fn a_transaction_ends_after_a_topic_it_wrote_is_deleted() {
+    let rig = Rig::fault(41);
+    let c = open(&rig);
+    create_d(&c);
+    let spec = TopicSpec {
+        partitions: Some(1),
+        ..TopicSpec::default()
+    };
+    for (id, commit) in [("c", true), ("a", false)] {
+        block_on(c.broker().create_topic("e", &spec)).expect("create");
+        let (pid, epoch) = block_on(c.init(id, 60_000)).expect("init");
+        for topic in ["d", "e"] {
+            let gate = block_on(c.gate(pid, epoch, topic, 0)).expect("gate");
+            produce_gated(&c, topic, gate, (pid, epoch, 0));
+        }
+        block_on(c.broker().delete_topic("e")).expect("delete");
+        block_on(c.end(id, pid, epoch, commit)).expect("the end");
+        let (lso, hwm, _) = read_committed(&c);
+        assert_eq!(lso, hwm, "{id}: d's readers move on");
+        assert_eq!(
+            phase(&c, id),
+            if commit {
+                "complete_commit"
+            } else {
+                "complete_abort"
+            }
+        );
+    }
+    assert_eq!(
+        committed_records(&c, "d"),
+        1,
+        "the commit's record, not the abort's"
+    );
+    c.broker().close().expect("close");
+}
+
 /// A commit whose decision record fails to be made durable (its fsync
 /// fails) may have reached the log all the same: the transaction is in
 /// doubt, so it must not be aborted (by the producer or its timeout)
