@@ -1156,3 +1156,23 @@ fn a_partition_moving_between_consume_transform_produce_members_is_copied_once()
     want.sort();
     assert_eq!(out, want, "not exactly once");
 }
+
+/// A topic deleted and created again by its name after a transaction
+/// aborted there: the same transactional id (same producer id) commits
+/// into the new topic from offset 0, and read_committed readers see it,
+/// also after a restart (the delete dropped the old topic's aborted
+/// ranges durably).
+#[test]
+fn a_topic_created_again_shows_a_commit_where_the_old_one_had_an_abort() {
+    let mut b = Broker::start("");
+    let create = |b: &Broker| assert_ok(&b.cli(&["topics", "create", "t", "--partitions", "1"]));
+    create(&b);
+    assert_ok(&b.cli_stdin(&["txn", "--id", "w", "--abort"], Some(b"t\taborted\n")));
+    assert_ok(&b.cli(&["topics", "delete", "t"]));
+    create(&b);
+    assert_ok(&b.cli_stdin(&["txn", "--id", "w"], Some(b"t\tcommitted\n")));
+    assert_eq!(read_all(&b, "t", "read_committed"), ["committed"]);
+    assert_eq!(b.stop(), Some(0));
+    b.restart();
+    assert_eq!(read_all(&b, "t", "read_committed"), ["committed"]);
+}

@@ -399,6 +399,11 @@ pub(crate) async fn delete_topic(ctx: &Ctx, identity: &str, name: &str) -> Respo
         if let Err(e) = ctx.groups.forget_topic(name).await {
             log::warn!("topic {name} deleted, but not the groups' offsets of it: {e}");
         }
+        // So are its aborted transactions' ranges, which would hide the
+        // records of a topic made again by the name.
+        if let Err(e) = ctx.txns.forget_topic(name).await {
+            log::warn!("topic {name} deleted, but not its aborted transactions yet: {e}");
+        }
     }
     match deleted {
         Ok(()) => ResponseBody::DeleteTopic(DeleteTopicResponse {}),

@@ -447,6 +447,10 @@ impl Coordinator {
                         txns.insert(id, (rec, ts));
                     }
                 }
+                // A deleted topic's range.
+                Ok(LogKey::Aborted(t, p, marker)) if v.is_empty() => {
+                    aborted.remove(&(t, p, marker));
+                }
                 Ok(LogKey::Aborted(t, p, marker)) => {
                     if let Ok(a) = postcard::from_bytes::<AbortedRecord>(v) {
                         aborted.insert((t, p, marker), a);
@@ -996,6 +1000,30 @@ impl Coordinator {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Forgets the aborted ranges of a deleted topic, durably (a tombstone
+    /// for each): a topic made again by that name starts at offset 0, where
+    /// the same producer ids (a transactional id keeps its own) write
+    /// again, and an old range would hide their committed records.
+    pub async fn forget_topic(&self, topic: &str) -> Result<(), TxnError> {
+        let gone: Vec<(String, u32, Aborted)> = self
+            .index()
+            .all_aborted()
+            .into_iter()
+            .filter(|(t, ..)| t == topic)
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for (t, p, _) in &gone {
+            self.index().forget_below(t, *p, u64::MAX);
+        }
+        let tombstones = gone
+            .into_iter()
+            .map(|(t, p, a)| (encode(&LogKey::Aborted(t, p, a.marker)), Vec::new()))
+            .collect();
+        self.write_log(tombstones).await
     }
 
     /// Aborted ranges kept for read_committed readers, over all partitions.

@@ -985,3 +985,31 @@ fn a_commit_whose_decision_may_be_durable_is_never_aborted() {
     );
     c.broker().close().expect("close");
 }
+
+/// A topic deleted and made again by the same name starts with no aborted
+/// ranges: a transaction aborted in the old one hides nothing of the new
+/// one, where the same producer id (its transactional id's) writes again
+/// from offset 0. Also after a restart.
+#[test]
+fn a_topic_made_again_keeps_no_aborted_range_of_the_old_one() {
+    let rig = Rig::fault(43);
+    let c = open(&rig);
+    create_d(&c);
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
+    block_on(c.end("a", pid, epoch, false)).expect("abort");
+    // As the server's delete does.
+    block_on(c.broker().delete_topic("d")).expect("delete");
+    block_on(c.forget_topic("d")).expect("forget its ranges");
+    create_d(&c);
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(&c, "d", gate, (pid, epoch, 0));
+    block_on(c.end("a", pid, epoch, true)).expect("commit");
+    assert_eq!(committed_records(&c, "d"), 1, "the new topic's commit");
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(&rig);
+    assert_eq!(committed_records(&c, "d"), 1, "after a restart");
+    c.broker().close().expect("close");
+}
