@@ -382,6 +382,9 @@ pub struct Coordinator {
     timers: event_listener::Event,
     /// Ids whose timer work keeps failing, logged once a minute.
     timer_failures: QuietLog<String>,
+    /// Tombstones for aborted ranges of topics found deleted at the load,
+    /// written at recovery.
+    gone_ranges: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
     pub stats: TxnStats,
 }
 
@@ -415,6 +418,7 @@ impl Coordinator {
             log_queue: Mutex::new(Vec::new()),
             timers: event_listener::Event::new(),
             timer_failures: QuietLog::new(|id| format!("transaction {id}: timer work failed")),
+            gone_ranges: Mutex::new(Vec::new()),
             stats: TxnStats::default(),
         };
         smol::block_on(c.load())?;
@@ -460,9 +464,18 @@ impl Coordinator {
             }
         })
         .await?;
+        let mut gone = Vec::new();
         for ((t, p, marker), a) in aborted {
-            let Ok(o) = self.broker.offsets(&t, p) else {
-                continue;
+            let o = match self.broker.offsets(&t, p) {
+                Ok(o) => o,
+                // Deleted, and its ranges' tombstones never written: they
+                // are written at recovery, or a topic made again by the
+                // name would load the ranges at a later start.
+                Err(BrokerError::UnknownTopic(_) | BrokerError::UnknownPartition { .. }) => {
+                    gone.push((encode(&LogKey::Aborted(t, p, marker)), Vec::new()));
+                    continue;
+                }
+                Err(_) => continue,
             };
             if marker >= o.earliest {
                 self.index().add_aborted(
@@ -546,6 +559,7 @@ impl Coordinator {
                 .insert(pid, entry);
         }
         self.open.store(pending, Ordering::Relaxed);
+        *self.gone_ranges.lock().expect("txn lock") = gone;
         log::info!(
             "transactions loaded: {} id(s), {pending} to complete, in {:?}",
             self.by_id.lock().expect("txn lock").len(),
@@ -559,6 +573,12 @@ impl Coordinator {
     /// before [`Coordinator::run_timers`] matters; a failure is retried by
     /// the timer (the transaction stays open and its partitions held).
     pub async fn recover(self: Arc<Self>) {
+        let gone = std::mem::take(&mut *self.gone_ranges.lock().expect("txn lock"));
+        if !gone.is_empty() {
+            if let Err(e) = self.write_log(gone).await {
+                log::warn!("transaction log: deleted topics' aborted ranges not dropped: {e}");
+            }
+        }
         let entries = self.entries();
         for e in entries {
             let mut st = e.lock_arc().await;

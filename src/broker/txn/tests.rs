@@ -986,6 +986,28 @@ fn a_commit_whose_decision_may_be_durable_is_never_aborted() {
     c.broker().close().expect("close");
 }
 
+/// A transaction of id "a" (initialised again) of one record to "d"/0,
+/// ended as `commit` says.
+fn one_record_in_d(c: &Coordinator, commit: bool) {
+    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
+    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
+    produce_gated(c, "d", gate, (pid, epoch, 0));
+    block_on(c.end("a", pid, epoch, commit)).expect("the end");
+}
+
+/// Commits one record to a "d" made again, and reads it read_committed,
+/// then after a clean restart.
+fn commit_in_d_made_again(rig: &Rig, c: Arc<Coordinator>) {
+    create_d(&c);
+    one_record_in_d(&c, true);
+    assert_eq!(committed_records(&c, "d"), 1, "the new topic's commit");
+    c.broker().close().expect("close");
+    drop(c);
+    let c = open(rig);
+    assert_eq!(committed_records(&c, "d"), 1, "after a restart");
+    c.broker().close().expect("close");
+}
+
 /// A topic deleted and made again by the same name starts with no aborted
 /// ranges: a transaction aborted in the old one hides nothing of the new
 /// one, where the same producer id (its transactional id's) writes again
@@ -995,21 +1017,34 @@ fn a_topic_made_again_keeps_no_aborted_range_of_the_old_one() {
     let rig = Rig::fault(43);
     let c = open(&rig);
     create_d(&c);
-    let (pid, epoch) = block_on(c.init("a", 60_000)).expect("init");
-    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
-    produce_gated(&c, "d", gate, (pid, epoch, 0));
-    block_on(c.end("a", pid, epoch, false)).expect("abort");
+    one_record_in_d(&c, false);
     // As the server's delete does.
     block_on(c.broker().delete_topic("d")).expect("delete");
     block_on(c.forget_topic("d")).expect("forget its ranges");
-    create_d(&c);
-    let gate = block_on(c.gate(pid, epoch, "d", 0)).expect("gate");
-    produce_gated(&c, "d", gate, (pid, epoch, 0));
-    block_on(c.end("a", pid, epoch, true)).expect("commit");
-    assert_eq!(committed_records(&c, "d"), 1, "the new topic's commit");
-    c.broker().close().expect("close");
-    drop(c);
+    commit_in_d_made_again(&rig, c);
+}
+
+/// A delete whose tombstones for the topic's aborted ranges never reach
+/// the log (its write fails, then a crash) leaves the ranges there: the
+/// next start finds their topic gone and drops them durably, so a topic
+/// made again by the name later does not load them back at a restart.
+#[test]
+fn aborted_ranges_of_a_topic_gone_at_start_up_stay_gone() {
+    let rig = Rig::fault(44);
+    let disk = rig.disk().expect("fault rig").clone();
     let c = open(&rig);
-    assert_eq!(committed_records(&c, "d"), 1, "after a restart");
-    c.broker().close().expect("close");
+    create_d(&c);
+    one_record_in_d(&c, false);
+    block_on(c.broker().delete_topic("d")).expect("delete");
+    disk.set_plan(FaultPlan {
+        fail_writes_to: Some(TXN_TOPIC),
+        ..FaultPlan::default()
+    });
+    block_on(c.forget_topic("d")).expect_err("the tombstones are not written");
+    disk.set_plan(FaultPlan::default());
+    disk.crash_dropping_unsynced();
+    c.broker().begin_stop();
+    drop(c);
+    disk.restart();
+    commit_in_d_made_again(&rig, open(&rig));
 }
